@@ -1,0 +1,305 @@
+"""Public ops of streamssm (DESIGN §2) with input validation and backend dispatch.
+
+    selective_scan   Mamba-1 scan          u, delta, z (b, d, l); B, C (b, n, l) | (b, g, n, l)
+    ssd_scan         Mamba-2 chunked SSD   x, z (b, l, h, p); dt (b, l, h); B, C (b, l, g, n)
+    causal_conv1d    depthwise causal conv x (b, d, l); weight (d, w)
+    *_step           one time step, updating a state pool in place at ``state_indices``
+
+Dispatch (``backend="auto"``): CUDA tensors -> Triton kernels; CPU tensors -> the fast
+PyTorch path. ``backend="triton"`` on CPU runs the same kernels in Triton's interpreter
+when ``TRITON_INTERPRET=1`` (how the tests check them) and raises otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from streamssm.errors import ConfigError, ShapeError
+from streamssm.kernels._common import (
+    Backend,
+    check_divisible,
+    check_positive_length,
+    check_tensor,
+    choose_backend,
+)
+
+FP32 = (torch.float32,)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _check_groups(op: str, name: str, M: torch.Tensor, channels: int) -> None:
+    """B/C of rank 4 carry groups on dim 1; channels must split evenly over them."""
+    if M.dim() == 4:
+        check_divisible(op, f"{name} groups", channels, M.shape[1])
+
+
+# ----------------------------------------------------------------------------- Mamba-1 scan
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    initial_state: torch.Tensor | None = None,
+    return_final_state: bool = False,
+    backend: Backend = "auto",
+):
+    """Mamba-1 selective scan (see ``mamba1/reference.py`` for the recurrence).
+
+    u, delta, z: (b, d, l); A: (d, n) fp32; B, C: (b, n, l) or (b, g, n, l); D, delta_bias: (d,)
+    fp32; initial_state: (b, d, n) fp32. Returns y (b, d, l) [, final_state (b, d, n) fp32].
+    """
+    op = "selective_scan"
+    check_tensor(op, "u", u, (None, None, None))
+    b, d, l = u.shape
+    check_positive_length(op, "u", l)
+    check_tensor(op, "delta", delta, (b, d, l), device=u.device)
+    check_tensor(op, "A", A, (d, None), FP32, device=u.device)
+    n = A.shape[1]
+    bc_shape = (b, n, l) if B.dim() == 3 else (b, None, n, l)
+    check_tensor(op, "B", B, bc_shape, device=u.device)
+    _check_groups(op, "B", B, d)
+    check_tensor(op, "C", C, (b, n, l) if C.dim() == 3 else (b, None, n, l), device=u.device)
+    _check_groups(op, "C", C, d)
+    check_tensor(op, "D", D, (d,), FP32, device=u.device, optional=True)
+    check_tensor(op, "z", z, (b, d, l), device=u.device, optional=True)
+    check_tensor(op, "delta_bias", delta_bias, (d,), FP32, device=u.device, optional=True)
+    check_tensor(op, "initial_state", initial_state, (b, d, n), FP32, device=u.device, optional=True)
+    if choose_backend(op, backend, u.device) == "triton":
+        from streamssm.kernels.mamba1.scan import selective_scan_triton as impl
+    else:
+        from streamssm.kernels.mamba1.reference import selective_scan_ref as impl
+    return impl(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                initial_state=initial_state, return_final_state=return_final_state)
+
+
+# ----------------------------------------------------------------------------- Mamba-2 SSD
+
+
+def ssd_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int = 256,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    initial_state: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    return_final_state: bool = False,
+    backend: Backend = "auto",
+):
+    """Mamba-2 SSD scan (see ``ssd/reference.py`` for the recurrence).
+
+    x, z: (b, l, h, p); dt: (b, l, h); A: (h,) fp32; B, C: (b, l, g, n); D: (h,) or (h, p) fp32;
+    dt_bias: (h,) fp32; initial_state: (b, h, p, n) fp32, or (num_seqs, h, p, n) with
+    ``cu_seqlens`` (num_seqs + 1,) int (then b must be 1). Returns y (b, l, h, p) [, final_state].
+    """
+    op = "ssd_scan"
+    check_tensor(op, "x", x, (None, None, None, None))
+    b, l, h, p = x.shape
+    check_positive_length(op, "x", l)
+    check_tensor(op, "dt", dt, (b, l, h), device=x.device)
+    check_tensor(op, "A", A, (h,), FP32, device=x.device)
+    check_tensor(op, "B", B, (b, l, None, None), device=x.device)
+    g, n = B.shape[2], B.shape[3]
+    check_divisible(op, "heads", h, g)
+    check_tensor(op, "C", C, (b, l, g, n), device=x.device)
+    if D is not None:
+        check_tensor(op, "D", D, (h,) if D.dim() == 1 else (h, p), FP32, device=x.device)
+    check_tensor(op, "z", z, (b, l, h, p), device=x.device, optional=True)
+    check_tensor(op, "dt_bias", dt_bias, (h,), FP32, device=x.device, optional=True)
+    if chunk_size <= 0:
+        raise ConfigError(f"{op}: chunk_size must be positive, got {chunk_size}")
+    rows = b
+    if cu_seqlens is not None:
+        check_tensor(op, "cu_seqlens", cu_seqlens, (None,), INDEX_DTYPES, device=x.device)
+        if b != 1:
+            raise ShapeError(f"{op}: packed sequences (cu_seqlens) need batch 1, got batch {b}")
+        bounds = cu_seqlens.tolist()
+        if bounds[0] != 0 or bounds[-1] != l or any(e < s for s, e in zip(bounds[:-1], bounds[1:])):
+            raise ShapeError(f"{op}: cu_seqlens must rise from 0 to the length {l}, got {bounds}")
+        rows = len(bounds) - 1
+    check_tensor(op, "initial_state", initial_state, (rows, h, p, n), FP32, device=x.device, optional=True)
+    if choose_backend(op, backend, x.device) == "triton":
+        from streamssm.kernels.ssd.combined import ssd_scan_triton as impl
+    else:
+        from streamssm.kernels.ssd.reference import ssd_scan_ref as impl
+    return impl(x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                initial_state=initial_state, cu_seqlens=cu_seqlens, return_final_state=return_final_state)
+
+
+# ----------------------------------------------------------------------------- causal conv1d
+
+
+def causal_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+    activation: str | None = "silu",
+    return_final_state: bool = False,
+    backend: Backend = "auto",
+):
+    """Causal depthwise conv1d. x (b, d, l); weight (d, w), 2 <= w <= 4; bias (d,);
+    initial_state (b, d, w-1). Returns y (b, d, l) [, final_state (b, d, w-1)]."""
+    op = "causal_conv1d"
+    check_tensor(op, "x", x, (None, None, None))
+    b, d, l = x.shape
+    check_positive_length(op, "x", l)
+    check_tensor(op, "weight", weight, (d, None), device=x.device)
+    w = weight.shape[1]
+    if not 2 <= w <= 4:
+        raise ShapeError(f"{op}: weight width must be 2..4, got {w}")
+    check_tensor(op, "bias", bias, (d,), device=x.device, optional=True)
+    check_tensor(op, "initial_state", initial_state, (b, d, w - 1), device=x.device, optional=True)
+    if activation not in (None, "silu"):
+        raise ShapeError(f"{op}: activation must be None or 'silu', got {activation!r}")
+    if choose_backend(op, backend, x.device) == "triton":
+        from streamssm.kernels.conv1d.conv import causal_conv1d_triton as impl
+    else:
+        from streamssm.kernels.conv1d.reference import causal_conv1d_ref as impl
+    return impl(x, weight, bias=bias, initial_state=initial_state, activation=activation,
+                return_final_state=return_final_state)
+
+
+# ----------------------------------------------------------------------------- single steps
+
+
+def _pool_rows(op: str, pool: torch.Tensor, batch: int, state_indices: torch.Tensor | None) -> torch.Tensor:
+    if state_indices is None:
+        if pool.shape[0] != batch:
+            raise ShapeError(f"{op}: state has {pool.shape[0]} rows but the input batch is {batch}; pass state_indices")
+        return torch.arange(batch, device=pool.device)
+    check_tensor(op, "state_indices", state_indices, (batch,), INDEX_DTYPES, device=pool.device)
+    return state_indices.long()
+
+
+def _update_pool(pool: torch.Tensor, rows: torch.Tensor, new_rows: torch.Tensor) -> None:
+    pool.index_copy_(0, rows, new_rows.to(pool.dtype))
+
+
+def conv1d_step(
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = "silu",
+    state_indices: torch.Tensor | None = None,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """One conv step; **updates ``conv_state`` (pool, d, w-1) in place** at ``state_indices``.
+
+    x (b, d); weight (d, w); state_indices (b,) int rows of the pool (default 0..b-1).
+    Returns y (b, d)."""
+    op = "conv1d_step"
+    check_tensor(op, "x", x, (None, None))
+    b, d = x.shape
+    check_tensor(op, "weight", weight, (d, None), device=x.device)
+    check_tensor(op, "conv_state", conv_state, (None, d, weight.shape[1] - 1), device=x.device)
+    rows = _pool_rows(op, conv_state, b, state_indices)
+    if choose_backend(op, backend, x.device) == "triton":
+        from streamssm.kernels.conv1d.step import conv1d_step_triton
+
+        return conv1d_step_triton(x, conv_state, weight, bias, activation, rows)
+    from streamssm.kernels.conv1d.reference import conv1d_step_ref
+
+    y, new = conv1d_step_ref(conv_state.index_select(0, rows), x, weight, bias, activation)
+    _update_pool(conv_state, rows, new)
+    return y
+
+
+def selective_scan_step(
+    ssm_state: torch.Tensor,
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    state_indices: torch.Tensor | None = None,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """One Mamba-1 step; **updates ``ssm_state`` (pool, d, n) fp32 in place** at ``state_indices``.
+
+    u, delta, z (b, d); B, C (b, n) or (b, g, n). Returns y (b, d)."""
+    op = "selective_scan_step"
+    check_tensor(op, "u", u, (None, None))
+    b, d = u.shape
+    check_tensor(op, "A", A, (d, None), FP32, device=u.device)
+    n = A.shape[1]
+    check_tensor(op, "ssm_state", ssm_state, (None, d, n), FP32, device=u.device)
+    check_tensor(op, "delta", delta, (b, d), device=u.device)
+    check_tensor(op, "B", B, (b, n) if B.dim() == 2 else (b, None, n), device=u.device)
+    check_tensor(op, "C", C, (b, n) if C.dim() == 2 else (b, None, n), device=u.device)
+    rows = _pool_rows(op, ssm_state, b, state_indices)
+    if choose_backend(op, backend, u.device) == "triton":
+        from streamssm.kernels.mamba1.step import selective_scan_step_triton
+
+        return selective_scan_step_triton(ssm_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rows)
+    from streamssm.kernels.mamba1.reference import selective_scan_step_ref
+
+    y, new = selective_scan_step_ref(ssm_state.index_select(0, rows), u, delta, A, B, C, D, z,
+                                     delta_bias, delta_softplus)
+    _update_pool(ssm_state, rows, new)
+    return y
+
+
+def ssd_step(
+    ssm_state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    state_indices: torch.Tensor | None = None,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """One Mamba-2 step; **updates ``ssm_state`` (pool, h, p, n) fp32 in place** at ``state_indices``.
+
+    x, z (b, h, p); dt (b, h); B, C (b, g, n). Returns y (b, h, p)."""
+    op = "ssd_step"
+    check_tensor(op, "x", x, (None, None, None))
+    b, h, p = x.shape
+    check_tensor(op, "B", B, (b, None, None), device=x.device)
+    n = B.shape[2]
+    check_tensor(op, "C", C, (b, B.shape[1], n), device=x.device)
+    check_tensor(op, "ssm_state", ssm_state, (None, h, p, n), FP32, device=x.device)
+    check_tensor(op, "dt", dt, (b, h), device=x.device)
+    check_tensor(op, "A", A, (h,), FP32, device=x.device)
+    rows = _pool_rows(op, ssm_state, b, state_indices)
+    if choose_backend(op, backend, x.device) == "triton":
+        from streamssm.kernels.ssd.step import ssd_step_triton
+
+        return ssd_step_triton(ssm_state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, rows)
+    from streamssm.kernels.ssd.reference import ssd_step_ref
+
+    y, new = ssd_step_ref(ssm_state.index_select(0, rows), x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    _update_pool(ssm_state, rows, new)
+    return y
+
+
+__all__ = [
+    "causal_conv1d",
+    "conv1d_step",
+    "selective_scan",
+    "selective_scan_step",
+    "ssd_scan",
+    "ssd_step",
+]

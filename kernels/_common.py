@@ -1,0 +1,93 @@
+"""Shared guards and helpers for the kernels: input validation, backend choice, autotune configs."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Literal, Sequence
+
+import torch
+
+from streamssm.errors import ConfigError, ShapeError
+
+Backend = Literal["auto", "triton", "reference"]
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+log = logging.getLogger(__name__)
+_logged_choices: set[tuple[str, str]] = set()
+
+
+def interpreting() -> bool:
+    """True when Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_can_run(device: torch.device) -> bool:
+    return device.type == "cuda" or interpreting()
+
+
+def choose_backend(op: str, backend: Backend, device: torch.device) -> Literal["triton", "reference"]:
+    """Resolve ``backend`` for a call on ``device``.
+
+    ``auto`` picks Triton on CUDA and the fast PyTorch path on CPU (kernel tests ask for
+    ``triton`` explicitly under ``TRITON_INTERPRET=1``). Asking for ``triton`` where it
+    cannot run raises instead of silently falling back.
+    """
+    if backend == "auto":
+        choice = "triton" if device.type == "cuda" else "reference"
+        if (op, choice) not in _logged_choices:
+            _logged_choices.add((op, choice))
+            log.info("%s: using the %s backend on %s", op, choice, device.type)
+        return choice
+    if backend == "triton":
+        if not triton_can_run(device):
+            raise ConfigError(
+                f"{op}: backend='triton' needs a CUDA tensor or TRITON_INTERPRET=1, got device {device}"
+            )
+        return "triton"
+    if backend == "reference":
+        return "reference"
+    raise ConfigError(f"{op}: backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+
+
+def autotune_configs(configs: Sequence, interpret_config=None) -> list:
+    """The autotune config list; a single config when interpreting (the interpreter cannot tune)."""
+    if interpreting():
+        return [interpret_config if interpret_config is not None else configs[0]]
+    return list(configs)
+
+
+def check_tensor(
+    op: str,
+    name: str,
+    t: torch.Tensor | None,
+    shape: Sequence[int | None],
+    dtypes: Sequence[torch.dtype] = FLOAT_DTYPES,
+    device: torch.device | None = None,
+    optional: bool = False,
+) -> None:
+    """Raise ``ShapeError`` naming ``name`` unless ``t`` has ``shape`` (None = any size)."""
+    if t is None:
+        if optional:
+            return
+        raise ShapeError(f"{op}: {name} is required")
+    if not isinstance(t, torch.Tensor):
+        raise ShapeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+    if t.dim() != len(shape) or any(s is not None and s != ts for s, ts in zip(shape, t.shape)):
+        raise ShapeError(f"{op}: {name} must have shape {want}, got {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise ShapeError(f"{op}: {name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+    if device is not None and t.device != device:
+        raise ShapeError(f"{op}: {name} is on {t.device}, expected {device} like the other inputs")
+
+
+def check_positive_length(op: str, name: str, length: int) -> None:
+    if length <= 0:
+        raise ShapeError(f"{op}: {name} has length 0; feed at least one time step")
+
+
+def check_divisible(op: str, what: str, total: int, groups: int) -> None:
+    if groups <= 0 or total % groups != 0:
+        raise ShapeError(f"{op}: {what}: {total} is not divisible by the number of groups {groups}")

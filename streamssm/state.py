@@ -1,0 +1,81 @@
+"""Constant-size recurrent state of a model.
+
+Shapes (per layer):
+    conv: (batch, conv_dim, d_conv - 1)   the last d_conv-1 inputs of the causal conv
+    ssm:  fp32; Mamba-1 (batch, d_inner, d_state); Mamba-2 (batch, heads, headdim, d_state)
+
+``ModelState`` is a tuple of ``LayerState`` (one per layer). Both are plain pytrees, so
+they pass through ``torch.compile`` and ``torch.export`` unregistered. The size never
+depends on how much of a stream has been seen.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from streamssm.errors import StateError
+
+
+class LayerState(NamedTuple):
+    conv: torch.Tensor
+    ssm: torch.Tensor
+
+
+ModelState = tuple[LayerState, ...]
+
+
+def state_nbytes(state: ModelState) -> int:
+    """Bytes held by a model state (all layers, all streams in the batch)."""
+    return sum(t.numel() * t.element_size() for layer in state for t in layer)
+
+
+def state_batch_size(state: ModelState) -> int:
+    return int(state[0].conv.shape[0])
+
+
+def select_streams(state: ModelState, index: torch.Tensor) -> ModelState:
+    """Rows ``index`` (batch',) of every tensor of ``state`` (a copy)."""
+    return tuple(LayerState(*(t.index_select(0, index) for t in layer)) for layer in state)
+
+
+def write_streams(pool: ModelState, index: torch.Tensor, values: ModelState) -> None:
+    """In place: ``pool[...][index] = values[...]`` for every tensor."""
+    for pool_layer, value_layer in zip(pool, values, strict=True):
+        for p, v in zip(pool_layer, value_layer, strict=True):
+            p.index_copy_(0, index, v.to(p.dtype))
+
+
+def state_to_bytes(state: ModelState, metadata: dict[str, str] | None = None) -> bytes:
+    """Serialize a state with safetensors (tensors are copied to CPU)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for i, layer in enumerate(state):
+        for field, t in zip(LayerState._fields, layer):
+            tensors[f"layer{i}.{field}"] = t.detach().to("cpu").contiguous()
+    meta = {"num_layers": str(len(state))}
+    meta.update(metadata or {})
+    return st_save(tensors, metadata=meta)
+
+
+def state_from_bytes(data: bytes, device: torch.device | str = "cpu") -> ModelState:
+    """Inverse of :func:`state_to_bytes`; raises ``StateError`` on malformed input."""
+    try:
+        tensors = st_load(data)
+    except Exception as exc:  # safetensors raises its own error types
+        raise StateError(f"state bytes are not a valid safetensors blob: {exc}") from exc
+    layers = []
+    i = 0
+    while f"layer{i}.conv" in tensors:
+        try:
+            layers.append(
+                LayerState(*(tensors[f"layer{i}.{f}"].to(device) for f in LayerState._fields))
+            )
+        except KeyError as exc:
+            raise StateError(f"state bytes miss tensor {exc}") from exc
+        i += 1
+    if not layers or len(tensors) != 2 * len(layers):
+        raise StateError(f"state bytes hold {len(tensors)} tensors, not a model state")
+    return tuple(layers)

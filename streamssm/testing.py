@@ -1,0 +1,60 @@
+"""Per-dtype tolerances and the one ``assert_close`` used by every kernel and parity test."""
+
+from __future__ import annotations
+
+import torch
+
+#: (rtol, atol) per dtype of the *inputs* of the computation under test.
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (3e-4, 1e-3),
+    torch.float16: (5e-3, 1e-2),
+    torch.bfloat16: (1e-2, 5e-2),
+}
+
+#: Tight tolerance for parity of execution modes (full == chunked == step) in fp32.
+PARITY_FP32 = (1e-5, 1e-5)
+
+
+def tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    """(rtol, atol) for computations whose inputs are ``dtype``."""
+    if dtype not in TOLERANCES:
+        raise KeyError(f"no tolerance for dtype {dtype}")
+    return TOLERANCES[dtype]
+
+
+def assert_close(
+    name: str,
+    expected: torch.Tensor,
+    actual: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+    rtol: float | None = None,
+    atol: float | None = None,
+) -> None:
+    """Compare ``actual`` against ``expected`` in fp64 with the tolerance of ``dtype``.
+
+    The error message names the quantity, the largest absolute and relative error and
+    where it occurred, so a failing gradient check says which gradient broke.
+    """
+    d_rtol, d_atol = tolerance(dtype)
+    rtol = d_rtol if rtol is None else rtol
+    atol = d_atol if atol is None else atol
+    if expected.shape != actual.shape:
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    e = expected.detach().to("cpu", torch.float64)
+    a = actual.detach().to("cpu", torch.float64)
+    if not torch.isfinite(a).all() and torch.isfinite(e).all():
+        raise AssertionError(f"{name}: non-finite values in result")
+    diff = (a - e).abs()
+    bound = atol + rtol * e.abs()
+    bad = diff > bound
+    if bad.any():
+        idx = int(torch.argmax((diff - bound).flatten()))
+        where = tuple(int(i) for i in torch.unravel_index(torch.tensor(idx), diff.shape))
+        max_abs = float(diff.max())
+        rel = float((diff / e.abs().clamp_min(1e-12)).flatten()[idx])
+        raise AssertionError(
+            f"{name}: {int(bad.sum())}/{bad.numel()} elements out of tolerance "
+            f"(rtol={rtol}, atol={atol}); max abs err {max_abs:.3e}; worst at {where}: "
+            f"expected {float(e[where]):.6g}, got {float(a[where]):.6g} (rel {rel:.3e})"
+        )
