@@ -1,0 +1,107 @@
+"""Mamba-2 block (SSD) with a carried conv + SSM state.
+
+Shape legend: b batch, l length, d d_model, e d_inner = expand * d_model, h heads = e / p,
+p headdim, g ngroups, n d_state, w d_conv, cd conv channels = e + 2 g n.
+
+    [z, xBC, dt] = in_proj(u)               (b, l, e + cd + h)
+    xBC   = silu(causal_conv1d(xBC))        conv state (b, cd, w-1) carried
+    [x, B, C] = xBC                         x (b, l, h, p); B, C (b, l, g, n)
+    y     = ssd_scan(x, dt, A, B, C, D)     ssm state (b, h, p, n) fp32 carried
+    out   = out_proj(RMSNorm(y * silu(z)))
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from streamssm.errors import ConfigError
+from streamssm.kernels import causal_conv1d, conv1d_step, ssd_scan, ssd_step
+from streamssm.layers._init import dt_bias_init
+from streamssm.layers.norm import GatedRMSNorm
+from streamssm.state import LayerState
+
+
+class Mamba2Block(nn.Module):
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 64,
+        d_conv: int = 4,
+        expand: int = 2,
+        headdim: int = 32,
+        ngroups: int = 1,
+        chunk_size: int = 64,
+        norm_eps: float = 1e-5,
+    ):
+        super().__init__()
+        self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
+        self.d_inner = expand * d_model
+        if self.d_inner % headdim:
+            raise ConfigError(f"Mamba2Block: d_inner={self.d_inner} (expand*d_model) is not divisible by headdim={headdim}")
+        self.headdim, self.nheads, self.ngroups, self.chunk_size = headdim, self.d_inner // headdim, ngroups, chunk_size
+        if self.nheads % ngroups:
+            raise ConfigError(f"Mamba2Block: heads={self.nheads} not divisible by ngroups={ngroups}")
+        e, h, g, n = self.d_inner, self.nheads, ngroups, d_state
+        self.conv_dim = e + 2 * g * n
+        self.in_proj = nn.Linear(d_model, e + self.conv_dim + h, bias=False)
+        bound = d_conv**-0.5
+        self.conv_weight = nn.Parameter(torch.empty(self.conv_dim, d_conv).uniform_(-bound, bound))
+        self.conv_bias = nn.Parameter(torch.zeros(self.conv_dim))
+        self.dt_bias = nn.Parameter(dt_bias_init(h))
+        self.A_log = nn.Parameter(torch.log(torch.empty(h).uniform_(1, 16)))
+        self.D = nn.Parameter(torch.ones(h))
+        self.norm = GatedRMSNorm(e, eps=norm_eps)
+        self.out_proj = nn.Linear(e, d_model, bias=False)
+
+    def init_state(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> LayerState:
+        return LayerState(
+            conv=torch.zeros(batch, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype),
+            ssm=torch.zeros(batch, self.nheads, self.headdim, self.d_state, device=device, dtype=torch.float32),
+        )
+
+    def _split(self, zxbcdt: torch.Tensor):
+        e, cd = self.d_inner, self.conv_dim
+        return zxbcdt.split([e, cd, self.nheads], dim=-1)  # z, xBC, dt
+
+    def _split_xbc(self, xbc: torch.Tensor):
+        """xBC (..., cd) -> x (..., h, p), B (..., g, n), C (..., g, n)."""
+        e, gn = self.d_inner, self.ngroups * self.d_state
+        x, B, C = xbc.split([e, gn, gn], dim=-1)
+        lead = xbc.shape[:-1]
+        return (
+            x.reshape(*lead, self.nheads, self.headdim),
+            B.reshape(*lead, self.ngroups, self.d_state),
+            C.reshape(*lead, self.ngroups, self.d_state),
+        )
+
+    def forward(self, u: torch.Tensor, state: LayerState | None = None) -> tuple[torch.Tensor, LayerState]:
+        """u (b, l, d) -> (y (b, l, d), new state)."""
+        b, l, _ = u.shape
+        if state is None:
+            state = self.init_state(b, u.device, u.dtype)
+        z, xbc, dt = self._split(self.in_proj(u))
+        xbc, conv_state = causal_conv1d(
+            xbc.transpose(1, 2), self.conv_weight, self.conv_bias, initial_state=state.conv.to(xbc.dtype),
+            activation="silu", return_final_state=True,
+        )  # (b, cd, l)
+        x, B, C = self._split_xbc(xbc.transpose(1, 2))
+        y, ssm_state = ssd_scan(
+            x, dt, -torch.exp(self.A_log.float()), B, C, chunk_size=self.chunk_size, D=self.D.float(),
+            dt_bias=self.dt_bias.float(), dt_softplus=True, initial_state=state.ssm, return_final_state=True,
+        )  # (b, l, h, p)
+        y = self.norm(y.reshape(b, l, self.d_inner), z)
+        return self.out_proj(y), LayerState(conv_state, ssm_state)
+
+    def step(self, u_t: torch.Tensor, state: LayerState) -> tuple[torch.Tensor, LayerState]:
+        """u_t (b, d) -> (y_t (b, d), new state); ``state`` is not modified."""
+        conv, ssm = state.conv.clone(), state.ssm.clone()
+        z, xbc, dt = self._split(self.in_proj(u_t))
+        xbc = conv1d_step(xbc, conv, self.conv_weight, self.conv_bias, activation="silu")
+        x, B, C = self._split_xbc(xbc)
+        y = ssd_step(
+            ssm, x, dt, -torch.exp(self.A_log.float()), B, C, D=self.D.float(),
+            dt_bias=self.dt_bias.float(), dt_softplus=True,
+        )  # (b, h, p)
+        y = self.norm(y.reshape(u_t.shape[0], self.d_inner), z)
+        return self.out_proj(y), LayerState(conv, ssm)

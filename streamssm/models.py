@@ -1,0 +1,223 @@
+"""Backbone (a stack of residual SSM blocks) and the full model with its input and output heads.
+
+Shape legend: b batch, l length, d d_model, c input channels, o output size.
+
+    tokens (b, l) long  --Embedding-->  (b, l, d)
+    values (b, l, c)    --Linear----->  (b, l, d)
+    Backbone: x = x + block(RMSNorm(x)) for each layer, then a final RMSNorm
+    head: Linear (b, l, d) -> (b, l, o)   logits (lm / classifier) or values (regression)
+
+Every module offers ``forward(x, state=None) -> (y, state)``, ``step(x_t, state) -> (y_t,
+state)`` and ``init_state(batch, device, dtype)``; the three modes agree (tests/test_parity.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from streamssm.errors import ConfigError, ShapeError, StateError
+from streamssm.layers import Mamba2Block, MambaBlock, RMSNorm
+from streamssm.state import LayerState, ModelState
+
+BlockType = Literal["mamba", "mamba2"]
+InputKind = Literal["tokens", "continuous"]
+HeadKind = Literal["lm", "regression", "classifier"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a model (saved beside every checkpoint)."""
+
+    block: BlockType = "mamba2"
+    d_model: int = 128
+    n_layers: int = 4
+    d_state: int | None = None  # default: 16 for mamba, 64 for mamba2
+    d_conv: int = 4
+    expand: int = 2
+    headdim: int = 32
+    ngroups: int = 1
+    chunk_size: int = 64
+    dt_rank: int | None = None
+    input_kind: InputKind = "tokens"
+    vocab_size: int = 0  # tokens in
+    input_dim: int = 0  # channels in (continuous)
+    head: HeadKind = "lm"
+    output_dim: int = 0  # vocab (lm), channels (regression), classes (classifier); 0 = vocab_size for lm
+    norm_eps: float = 1e-5
+    checkpoint_layers: bool = False
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.block not in ("mamba", "mamba2"):
+            problems.append(f"block must be 'mamba' or 'mamba2', got {self.block!r}")
+        if self.input_kind not in ("tokens", "continuous"):
+            problems.append(f"input_kind must be 'tokens' or 'continuous', got {self.input_kind!r}")
+        if self.head not in ("lm", "regression", "classifier"):
+            problems.append(f"head must be 'lm', 'regression' or 'classifier', got {self.head!r}")
+        for name in ("d_model", "n_layers", "expand", "headdim", "ngroups", "chunk_size"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if not 2 <= self.d_conv <= 4:
+            problems.append(f"d_conv must be 2..4, got {self.d_conv}")
+        if self.input_kind == "tokens" and self.vocab_size <= 0:
+            problems.append("input_kind='tokens' needs vocab_size > 0")
+        if self.input_kind == "continuous" and self.input_dim <= 0:
+            problems.append("input_kind='continuous' needs input_dim > 0")
+        if self.head != "lm" and self.output_dim <= 0:
+            problems.append(f"head={self.head!r} needs output_dim > 0")
+        if self.head == "lm" and self.output_dim <= 0 and self.vocab_size <= 0:
+            problems.append("head='lm' needs output_dim or vocab_size > 0")
+        if self.block == "mamba2" and (self.expand * self.d_model) % self.headdim:
+            problems.append(f"expand*d_model={self.expand * self.d_model} must be divisible by headdim={self.headdim}")
+        if problems:
+            raise ConfigError("invalid ModelConfig: " + "; ".join(problems))
+
+    @property
+    def resolved_d_state(self) -> int:
+        return self.d_state if self.d_state is not None else (16 if self.block == "mamba" else 64)
+
+    @property
+    def resolved_output_dim(self) -> int:
+        return self.output_dim if self.output_dim > 0 else self.vocab_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown ModelConfig keys {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+def make_block(cfg: ModelConfig) -> nn.Module:
+    if cfg.block == "mamba":
+        return MambaBlock(cfg.d_model, cfg.resolved_d_state, cfg.d_conv, cfg.expand, cfg.dt_rank)
+    return Mamba2Block(cfg.d_model, cfg.resolved_d_state, cfg.d_conv, cfg.expand, cfg.headdim, cfg.ngroups,
+                       cfg.chunk_size, cfg.norm_eps)
+
+
+class ResidualBlock(nn.Module):
+    """x -> x + mixer(RMSNorm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = make_block(cfg)
+
+    def init_state(self, batch: int, device=None, dtype=torch.float32) -> LayerState:
+        return self.mixer.init_state(batch, device, dtype)
+
+    def forward(self, x: torch.Tensor, state: LayerState | None = None) -> tuple[torch.Tensor, LayerState]:
+        y, state = self.mixer(self.norm(x), state)
+        return x + y, state
+
+    def step(self, x_t: torch.Tensor, state: LayerState) -> tuple[torch.Tensor, LayerState]:
+        y, state = self.mixer.step(self.norm(x_t), state)
+        return x_t + y, state
+
+
+class Backbone(nn.Module):
+    """N residual blocks and a final norm over (b, l, d) features."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.layers = nn.ModuleList(ResidualBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
+
+    def init_state(self, batch: int, device=None, dtype=torch.float32) -> ModelState:
+        return tuple(layer.init_state(batch, device, dtype) for layer in self.layers)
+
+    def _check_state(self, state: ModelState, batch: int) -> None:
+        if len(state) != len(self.layers):
+            raise StateError(f"state has {len(state)} layers, the model has {len(self.layers)}")
+        for i, (layer_state, ref) in enumerate(zip(state, self.init_state(1, "meta"))):
+            for field, t, r in zip(LayerState._fields, layer_state, ref):
+                if t.shape[0] != batch or t.shape[1:] != r.shape[1:]:
+                    raise StateError(
+                        f"layer {i} {field} state has shape {tuple(t.shape)}, expected "
+                        f"({batch}, {', '.join(map(str, r.shape[1:]))}) for batch {batch}"
+                    )
+
+    def forward(self, x: torch.Tensor, state: ModelState | None = None) -> tuple[torch.Tensor, ModelState]:
+        """x (b, l, d) -> (features (b, l, d), new state)."""
+        if x.dim() != 3 or x.shape[1] == 0:
+            raise ShapeError(f"Backbone.forward: x must be (batch, length>0, d_model), got {tuple(x.shape)}")
+        if state is None:
+            state = self.init_state(x.shape[0], x.device, x.dtype)
+        self._check_state(state, x.shape[0])
+        new_state = []
+        for layer, layer_state in zip(self.layers, state):
+            if self.cfg.checkpoint_layers and self.training and torch.is_grad_enabled():
+                x, s = checkpoint(layer, x, layer_state, use_reentrant=False)
+            else:
+                x, s = layer(x, layer_state)
+            new_state.append(s)
+        return self.norm_f(x), tuple(new_state)
+
+    def step(self, x_t: torch.Tensor, state: ModelState) -> tuple[torch.Tensor, ModelState]:
+        """x_t (b, d) -> (features (b, d), new state)."""
+        if x_t.dim() != 2:
+            raise ShapeError(f"Backbone.step: x_t must be (batch, d_model), got {tuple(x_t.shape)}")
+        self._check_state(state, x_t.shape[0])
+        new_state = []
+        for layer, layer_state in zip(self.layers, state):
+            x_t, s = layer.step(x_t, layer_state)
+            new_state.append(s)
+        return self.norm_f(x_t), tuple(new_state)
+
+
+class SSMModel(nn.Module):
+    """Input encoder -> Backbone -> head. Inputs: tokens (b, l) long or values (b, l, c)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.input_kind == "tokens":
+            self.encoder: nn.Module = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        else:
+            self.encoder = nn.Linear(cfg.input_dim, cfg.d_model)
+        self.backbone = Backbone(cfg)
+        self.head = nn.Linear(cfg.d_model, cfg.resolved_output_dim)
+
+    def init_state(self, batch: int, device=None, dtype: torch.dtype = torch.float32) -> ModelState:
+        return self.backbone.init_state(batch, device, dtype)
+
+    def _encode(self, x: torch.Tensor, time_dims: int) -> torch.Tensor:
+        """Validate and embed inputs with ``time_dims`` leading (batch[, time]) dims."""
+        cfg = self.cfg
+        if cfg.input_kind == "tokens":
+            if x.dim() != time_dims or x.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+                want = "(batch, length)" if time_dims == 2 else "(batch,)"
+                raise ShapeError(f"token inputs must be an integer tensor {want}, got {x.dtype} {tuple(x.shape)}")
+            if x.numel() and (int(x.min()) < 0 or int(x.max()) >= cfg.vocab_size):
+                raise ShapeError(f"token ids must lie in [0, {cfg.vocab_size}), got [{int(x.min())}, {int(x.max())}]")
+            return self.encoder(x.long())
+        if x.dim() != time_dims + 1 or x.shape[-1] != cfg.input_dim or not x.is_floating_point():
+            want = "(batch, length, channels)" if time_dims == 2 else "(batch, channels)"
+            raise ShapeError(
+                f"continuous inputs must be a float tensor {want} with {cfg.input_dim} channels, "
+                f"got {x.dtype} {tuple(x.shape)}"
+            )
+        return self.encoder(x.to(self.encoder.weight.dtype))
+
+    def forward(self, x: torch.Tensor, state: ModelState | None = None) -> tuple[torch.Tensor, ModelState]:
+        """x (b, l) tokens or (b, l, c) values -> (outputs (b, l, o), new state)."""
+        if x.dim() < 2 or x.shape[1] == 0:
+            raise ShapeError(f"inputs need a non-empty time axis (batch, length, ...), got {tuple(x.shape)}")
+        h, state = self.backbone(self._encode(x, 2), state)
+        return self.head(h), state
+
+    def step(self, x_t: torch.Tensor, state: ModelState) -> tuple[torch.Tensor, ModelState]:
+        """x_t (b,) tokens or (b, c) values -> (outputs (b, o), new state)."""
+        h, state = self.backbone.step(self._encode(x_t, 1), state)
+        return self.head(h), state
