@@ -1,0 +1,94 @@
+"""Load and save models for serving: one file holds weights, model config and serving metadata.
+
+Two formats load with :func:`load_for_serving`:
+- ``*.safetensors`` written by :func:`export_safetensors` (weights + metadata JSON strings);
+- Lightning ``*.ckpt`` written by the training tasks; loaded with ``weights_only=True`` (no
+  unpickling of arbitrary objects). The task stores ``checkpoint["streamssm"] =
+  {"config": ModelConfig dict, "serving": metadata dict}`` and keeps the model at ``self.model``.
+
+Serving metadata (JSON) says how to turn raw stream data into model inputs: kind, tokenizer
+or mu-law settings, sample rate, channels, normalization statistics, head semantics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_model
+
+from streamssm.errors import ConfigError, DataFormatError
+from streamssm.models import ModelConfig, SSMModel
+
+FORMAT_VERSION = "1"
+
+
+@dataclass
+class ServingBundle:
+    """A model ready to run plus what the service needs to feed it."""
+
+    model: SSMModel
+    config: ModelConfig
+    serving: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str = ""  # sha256 of config + weights: identifies the model in outputs/resume tokens
+
+
+def model_fingerprint(model: SSMModel) -> str:
+    digest = hashlib.sha256(json.dumps(model.cfg.to_dict(), sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def export_safetensors(model: SSMModel, path: str | Path, serving: dict[str, Any] | None = None) -> Path:
+    """Write weights + config + serving metadata to one ``.safetensors`` file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {
+        "format": "streamssm",
+        "format_version": FORMAT_VERSION,
+        "config": json.dumps(model.cfg.to_dict()),
+        "serving": json.dumps(serving or {}),
+    }
+    save_model(model, str(path), metadata=metadata)
+    return path
+
+
+def _bundle(config: dict, state_dict: dict[str, torch.Tensor], serving: dict, device) -> ServingBundle:
+    cfg = ModelConfig.from_dict(config)
+    model = SSMModel(cfg)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        raise DataFormatError(f"checkpoint weights do not fit the config: missing {missing}, unexpected {unexpected}")
+    model.to(device).eval()
+    return ServingBundle(model, cfg, serving, model_fingerprint(model))
+
+
+def load_for_serving(path: str | Path, device: torch.device | str = "cpu") -> ServingBundle:
+    """Load a ``.safetensors`` export or a Lightning ``.ckpt`` of a streamssm task."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != "streamssm":
+                raise DataFormatError(f"{path} is a safetensors file but not a streamssm export (no streamssm metadata)")
+            state_dict = {k: f.get_tensor(k) for k in f.keys()}
+        return _bundle(json.loads(meta["config"]), state_dict, json.loads(meta.get("serving", "{}")), device)
+    try:
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise DataFormatError(f"cannot load checkpoint {path} safely (weights_only): {exc}") from exc
+    if not isinstance(ckpt, dict) or "streamssm" not in ckpt or "state_dict" not in ckpt:
+        raise ConfigError(f"{path} is not a streamssm training checkpoint (no 'streamssm' entry)")
+    prefix = "model."
+    state_dict = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    info = ckpt["streamssm"]
+    return _bundle(info["config"], state_dict, info.get("serving", {}), device)
