@@ -124,6 +124,10 @@ class ResidualBlock(nn.Module):
         y, state = self.mixer.step(self.norm(x_t), state)
         return x_t + y, state
 
+    def step_pool(self, x_t: torch.Tensor, pool: LayerState, state_indices: torch.Tensor) -> torch.Tensor:
+        """x_t (b, d) -> (b, d); updates ``pool`` rows ``state_indices`` (b,) in place."""
+        return x_t + self.mixer.step_pool(self.norm(x_t), pool, state_indices)
+
 
 class Backbone(nn.Module):
     """N residual blocks and a final norm over (b, l, d) features."""
@@ -175,6 +179,17 @@ class Backbone(nn.Module):
             new_state.append(s)
         return self.norm_f(x_t), tuple(new_state)
 
+    def step_pool(self, x_t: torch.Tensor, pool: ModelState, state_indices: torch.Tensor) -> torch.Tensor:
+        """x_t (b, d) -> features (b, d); **updates the state pool** (capacity rows) in place at
+        rows ``state_indices`` (b,) int64, leaving the other rows untouched."""
+        if x_t.dim() != 2:
+            raise ShapeError(f"Backbone.step_pool: x_t must be (batch, d_model), got {tuple(x_t.shape)}")
+        if len(pool) != len(self.layers):
+            raise StateError(f"state pool has {len(pool)} layers, the model has {len(self.layers)}")
+        for layer, layer_pool in zip(self.layers, pool):
+            x_t = layer.step_pool(x_t, layer_pool, state_indices)
+        return self.norm_f(x_t)
+
 
 class SSMModel(nn.Module):
     """Input encoder -> Backbone -> head. Inputs: tokens (b, l) long or values (b, l, c)."""
@@ -221,3 +236,8 @@ class SSMModel(nn.Module):
         """x_t (b,) tokens or (b, c) values -> (outputs (b, o), new state)."""
         h, state = self.backbone.step(self._encode(x_t, 1), state)
         return self.head(h), state
+
+    def step_pool(self, x_t: torch.Tensor, pool: ModelState, state_indices: torch.Tensor) -> torch.Tensor:
+        """x_t (b,) tokens or (b, c) values -> outputs (b, o); **updates the state pool in place**
+        at rows ``state_indices`` (b,) int64 (see :meth:`Backbone.step_pool`)."""
+        return self.head(self.backbone.step_pool(self._encode(x_t, 1), pool, state_indices))

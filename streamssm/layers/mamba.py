@@ -82,12 +82,17 @@ class MambaBlock(nn.Module):
 
     def step(self, u_t: torch.Tensor, state: LayerState) -> tuple[torch.Tensor, LayerState]:
         """u_t (b, d) -> (y_t (b, d), new state); ``state`` is not modified."""
-        conv, ssm = state.conv.clone(), state.ssm.clone()
+        new_state = LayerState(state.conv.clone(), state.ssm.clone())
+        return self.step_pool(u_t, new_state), new_state
+
+    def step_pool(self, u_t: torch.Tensor, pool: LayerState, state_indices: torch.Tensor | None = None) -> torch.Tensor:
+        """u_t (b, d) -> y_t (b, d); **updates ``pool`` in place** at rows ``state_indices`` (b,)
+        (default 0..b-1): the state-pool step of the service, no state copy."""
         x, z = self.in_proj(u_t).chunk(2, dim=-1)  # (b, e)
-        x = conv1d_step(x, conv, self.conv_weight, self.conv_bias, activation="silu")
+        x = conv1d_step(x, pool.conv, self.conv_weight, self.conv_bias, activation="silu", state_indices=state_indices)
         dt, B, C = self._scan_inputs(x)
         y = selective_scan_step(
-            ssm, x, dt, -torch.exp(self.A_log.float()), B, C, D=self.D.float(), z=z,
-            delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+            pool.ssm, x, dt, -torch.exp(self.A_log.float()), B, C, D=self.D.float(), z=z,
+            delta_bias=self.dt_proj.bias.float(), delta_softplus=True, state_indices=state_indices,
         )
-        return self.out_proj(y), LayerState(conv, ssm)
+        return self.out_proj(y)

@@ -95,13 +95,19 @@ class Mamba2Block(nn.Module):
 
     def step(self, u_t: torch.Tensor, state: LayerState) -> tuple[torch.Tensor, LayerState]:
         """u_t (b, d) -> (y_t (b, d), new state); ``state`` is not modified."""
-        conv, ssm = state.conv.clone(), state.ssm.clone()
+        new_state = LayerState(state.conv.clone(), state.ssm.clone())
+        return self.step_pool(u_t, new_state), new_state
+
+    def step_pool(self, u_t: torch.Tensor, pool: LayerState, state_indices: torch.Tensor | None = None) -> torch.Tensor:
+        """u_t (b, d) -> y_t (b, d); **updates ``pool`` in place** at rows ``state_indices`` (b,)
+        (default 0..b-1): the state-pool step of the service, no state copy."""
         z, xbc, dt = self._split(self.in_proj(u_t))
-        xbc = conv1d_step(xbc, conv, self.conv_weight, self.conv_bias, activation="silu")
+        xbc = conv1d_step(xbc, pool.conv, self.conv_weight, self.conv_bias, activation="silu",
+                          state_indices=state_indices)
         x, B, C = self._split_xbc(xbc)
         y = ssd_step(
-            ssm, x, dt, -torch.exp(self.A_log.float()), B, C, D=self.D.float(),
-            dt_bias=self.dt_bias.float(), dt_softplus=True,
+            pool.ssm, x, dt, -torch.exp(self.A_log.float()), B, C, D=self.D.float(),
+            dt_bias=self.dt_bias.float(), dt_softplus=True, state_indices=state_indices,
         )  # (b, h, p)
         y = self.norm(y.reshape(u_t.shape[0], self.d_inner), z)
-        return self.out_proj(y), LayerState(conv, ssm)
+        return self.out_proj(y)

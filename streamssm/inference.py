@@ -1,0 +1,286 @@
+"""Streamer: run one model over many live streams chunk by chunk, carrying each stream's state.
+
+All streams' recurrent states live in one preallocated pool (a ``ModelState`` of ``capacity``
+rows on the device); a stream owns one row from :meth:`Streamer.open` to :meth:`Streamer.close`.
+
+API (the service codes against it)::
+
+    s = Streamer(model, capacity, device="cpu", dtype=torch.float32)
+    sid = s.open()                          # StateError("pool full ...") at capacity
+    r = s.feed(sid, chunk)                  # ChunkResult for exactly the new samples
+    rs = s.feed_many({sid: chunk, ...})     # one batched computation for all streams
+    blob = s.snapshot(sid)                  # safetensors bytes: state + last outputs + fingerprint
+    sid2 = s.restore(blob)                  # StateError for a snapshot of another model
+    s.close(sid); s.live                    # frees the row; number of open streams
+
+Chunks: tokens ``(l,)`` integer for token models; values ``(l, c)`` float for continuous
+models (``(l,)`` float is accepted when c == 1). ``l`` may be 0.
+
+``ChunkResult.outputs`` ``(l, o)`` fp32 on CPU, per head:
+    lm          log-probabilities of the NEXT token after each new token
+    regression  next-value forecast after each new sample (model units)
+    classifier  running class probabilities after each new sample
+``ChunkResult.scores`` ``(l,)`` (lm only): log p(x_t | x_<t) of each new token under the
+previous step's prediction (the stream's first token under a uniform prior).
+
+Batching without a per-stream Python loop: the chunks of one call are padded into a
+(streams, max length) tensor and cut at the distinct chunk lengths; every round runs the
+streams still active over one common segment [a, b). A length-1 segment goes through the
+model's pool step (``step_pool``: the step kernels update pool rows in place at
+``state_indices``); a longer one through ``model.forward`` with the initial state gathered
+from the pool (``select_streams``) and the final state written back (``write_streams``). The
+outputs equal the offline full forward over each stream's concatenated chunks (to fp32
+tolerance; tests/test_streamer.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from streamssm.checkpoint import model_fingerprint
+from streamssm.errors import ConfigError, ShapeError, StateError
+from streamssm.models import SSMModel
+from streamssm.state import LayerState, ModelState, select_streams, write_streams
+
+SNAPSHOT_FORMAT = "streamssm-stream-snapshot-1"
+TOKEN_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
+
+
+@dataclass
+class ChunkResult:
+    """Outputs for exactly the samples of one fed chunk (see the module docstring)."""
+
+    outputs: torch.Tensor  # (l, o) fp32 CPU
+    scores: torch.Tensor | None  # (l,) fp32 CPU, token lm only
+
+
+class Streamer:
+    """Many streams through one model over a preallocated state pool (module docstring).
+
+    The model is moved to ``device``/``dtype`` (in place, as ``nn.Module.to`` does) and put in
+    eval mode. Not thread-safe: one engine thread calls it.
+    """
+
+    def __init__(self, model: SSMModel, capacity: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        if not isinstance(model, SSMModel):
+            raise ConfigError(f"Streamer needs an SSMModel, got {type(model).__name__}")
+        if capacity <= 0:
+            raise ConfigError(f"Streamer capacity must be positive, got {capacity}")
+        if not dtype.is_floating_point:
+            raise ConfigError(f"Streamer dtype must be a float dtype, got {dtype}")
+        self.device, self.dtype, self.capacity = torch.device(device), dtype, capacity
+        self.model = model.to(device=self.device, dtype=dtype).eval()
+        self.cfg = model.cfg
+        self.fingerprint = model_fingerprint(self.model)
+        self.out_dim = self.cfg.resolved_output_dim
+        self.pool: ModelState = self.model.init_state(capacity, self.device, dtype)
+        # per row: the last outputs (lm: log-probs of the next token; scores the next chunk's first token)
+        self.last_output = torch.empty(capacity, self.out_dim, device=self.device, dtype=torch.float32)
+        self._slot: dict[int, int] = {}  # stream id -> pool row
+        self._free = list(range(capacity - 1, -1, -1))  # pop() hands out low rows first
+        self._next_id = 0
+
+    # ------------------------------------------------------------------ stream lifecycle
+
+    @property
+    def live(self) -> int:
+        """Number of open streams."""
+        return len(self._slot)
+
+    def open(self) -> int:
+        """Start a stream from the zero state; returns its id."""
+        if not self._free:
+            raise StateError(f"pool full: all {self.capacity} stream slots are in use; close a stream first")
+        row = self._free.pop()
+        self._reset_row(row)
+        sid = self._next_id
+        self._next_id += 1
+        self._slot[sid] = row
+        return sid
+
+    def close(self, stream_id: int) -> None:
+        """Free the stream's pool row for reuse."""
+        self._free.append(self._row(stream_id))
+        del self._slot[stream_id]
+
+    def _row(self, stream_id: int) -> int:
+        try:
+            return self._slot[stream_id]
+        except (KeyError, TypeError):
+            raise StateError(f"unknown stream id {stream_id!r} (never opened, or closed); {self.live} streams live") from None
+
+    def _reset_row(self, row: int) -> None:
+        for layer in self.pool:
+            for t in layer:
+                t[row].zero_()
+        # lm: uniform prior for the first token; other heads: nothing seen yet
+        fill = -math.log(self.out_dim) if self.cfg.head == "lm" else 0.0
+        self.last_output[row].fill_(fill)
+
+    # ------------------------------------------------------------------ snapshots
+
+    def snapshot(self, stream_id: int) -> bytes:
+        """Safetensors bytes of the stream's state, its last outputs and the model fingerprint."""
+        row = torch.tensor([self._row(stream_id)], device=self.device)
+        tensors = {"last_output": self.last_output.index_select(0, row)[0].cpu().contiguous()}
+        for i, layer in enumerate(select_streams(self.pool, row)):
+            for field, t in zip(LayerState._fields, layer):
+                tensors[f"layer{i}.{field}"] = t[0].cpu().contiguous()
+        meta = {"format": SNAPSHOT_FORMAT, "fingerprint": self.fingerprint, "num_layers": str(len(self.pool))}
+        return st_save(tensors, metadata=meta)
+
+    def restore(self, data: bytes) -> int:
+        """Open a stream that continues exactly where the snapshot ``data`` left off."""
+        meta = _safetensors_metadata(data)
+        if meta.get("format") != SNAPSHOT_FORMAT:
+            raise StateError(f"not a stream snapshot (format {meta.get('format')!r}, expected {SNAPSHOT_FORMAT!r})")
+        if meta.get("fingerprint") != self.fingerprint:
+            raise StateError(
+                f"snapshot belongs to model {meta.get('fingerprint')!r}, this streamer runs model {self.fingerprint!r}"
+            )
+        try:
+            tensors = st_load(data)
+        except Exception as exc:  # safetensors raises its own error types
+            raise StateError(f"snapshot is not a valid safetensors blob: {exc}") from exc
+        expected = {"last_output": self.last_output[0]}
+        for i, layer in enumerate(self.pool):
+            for field, t in zip(LayerState._fields, layer):
+                expected[f"layer{i}.{field}"] = t[0]
+        if set(tensors) != set(expected):
+            raise StateError(f"snapshot holds tensors {sorted(tensors)}, expected {sorted(expected)}")
+        for name, ref in expected.items():
+            if tensors[name].shape != ref.shape:
+                raise StateError(f"snapshot {name} has shape {tuple(tensors[name].shape)}, expected {tuple(ref.shape)}")
+        sid = self.open()
+        row = self._slot[sid]
+        self.last_output[row] = tensors["last_output"].to(self.device, torch.float32)
+        for i, layer in enumerate(self.pool):
+            for field, t in zip(LayerState._fields, layer):
+                t[row] = tensors[f"layer{i}.{field}"].to(self.device, t.dtype)
+        return sid
+
+    # ------------------------------------------------------------------ feeding
+
+    def feed(self, stream_id: int, chunk: torch.Tensor) -> ChunkResult:
+        """Run one stream's chunk; see :meth:`feed_many`."""
+        return self.feed_many({stream_id: chunk})[stream_id]
+
+    @torch.no_grad()
+    def feed_many(self, chunks: dict[int, torch.Tensor]) -> dict[int, ChunkResult]:
+        """Run the chunks of several streams as one batched computation.
+
+        All chunks are validated before any state changes, so one bad chunk leaves every
+        stream untouched. Returns ``{stream_id: ChunkResult}``.
+        """
+        if not chunks:
+            return {}
+        ids = list(chunks)
+        rows = [self._row(sid) for sid in ids]
+        xs = [self._check_chunk(sid, chunks[sid]) for sid in ids]
+        lengths = torch.tensor([x.shape[0] for x in xs])
+        x = torch.nn.utils.rnn.pad_sequence(xs, batch_first=True)  # (b, L) tokens | (b, L, c) values
+        if self.cfg.input_kind == "tokens" and x.numel():
+            self._check_token_range(ids, xs, x)
+        x = x.to(self.device)
+        slots = torch.tensor(rows, device=self.device, dtype=torch.long)
+        b, L = len(ids), x.shape[1]
+        y = torch.zeros(b, L, self.out_dim, device=self.device, dtype=torch.float32)
+        if L:
+            self._run_segments(x, lengths, slots, y)
+        outputs, scores = self._finish(x, lengths, slots, y)
+        lens = lengths.tolist()
+        outputs = outputs.cpu()
+        scores = None if scores is None else scores.cpu()
+        return {
+            sid: ChunkResult(outputs[i, : lens[i]], None if scores is None else scores[i, : lens[i]])
+            for i, sid in enumerate(ids)
+        }
+
+    def _run_segments(self, x: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor, y: torch.Tensor) -> None:
+        """Fill raw model outputs y (b, L, o) by rounds over the distinct chunk lengths."""
+        start = 0
+        for end in sorted(set(lengths.tolist()) - {0}):
+            active = (lengths >= end).nonzero().flatten().to(self.device)  # streams with samples in [start, end)
+            rows = slots.index_select(0, active)
+            if end - start == 1:  # step kernels on the pool, in place
+                y[active, start] = self.model.step_pool(x[active, start], self.pool, rows).float()
+            else:  # chunked forward from the gathered states
+                out, new_state = self.model(x[active, start:end], select_streams(self.pool, rows))
+                write_streams(self.pool, rows, new_state)
+                y[active, start:end] = out.float()
+            start = end
+
+    def _finish(self, x: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor, y: torch.Tensor):
+        """Head-specific outputs (b, L, o) and lm scores (b, L); updates ``last_output``."""
+        head = self.cfg.head
+        if head == "lm":
+            out = F.log_softmax(y, dim=-1)
+        elif head == "classifier":
+            out = F.softmax(y, dim=-1)
+        else:
+            out = y
+        scores = None
+        if head == "lm" and self.cfg.input_kind == "tokens":
+            prev = torch.cat([self.last_output.index_select(0, slots).unsqueeze(1), out[:, :-1]], dim=1)
+            scores = prev.gather(-1, x.long().unsqueeze(-1)).squeeze(-1)  # (b, L)
+        fed = (lengths > 0).nonzero().flatten()
+        if len(fed):
+            last = out[fed.to(self.device), (lengths[fed] - 1).to(self.device)]  # (b', o)
+            self.last_output.index_copy_(0, slots.index_select(0, fed.to(self.device)), last)
+        return out, scores
+
+    # ------------------------------------------------------------------ validation
+
+    def _check_chunk(self, sid: int, chunk) -> torch.Tensor:
+        """One chunk -> (l,) long tokens or (l, c) values in the model dtype (on its own device)."""
+        cfg = self.cfg
+        if not isinstance(chunk, torch.Tensor):
+            raise ShapeError(f"stream {sid}: chunk must be a torch.Tensor, got {type(chunk).__name__}")
+        if cfg.input_kind == "tokens":
+            if chunk.dtype not in TOKEN_DTYPES or chunk.dim() != 1:
+                raise ShapeError(
+                    f"stream {sid}: token chunk must be an integer tensor (length,), got {chunk.dtype} {tuple(chunk.shape)}"
+                )
+            return chunk.long()
+        c = cfg.input_dim
+        if not chunk.is_floating_point():
+            raise ShapeError(f"stream {sid}: value chunk must be a float tensor (length, {c}), got {chunk.dtype}")
+        if chunk.dim() == 1 and c == 1:
+            chunk = chunk.unsqueeze(-1)
+        if chunk.dim() != 2 or chunk.shape[1] != c:
+            raise ShapeError(
+                f"stream {sid}: value chunk must have shape (length, {c}) ({c} channels), got {tuple(chunk.shape)}"
+            )
+        return chunk.to(self.dtype)
+
+    def _check_token_range(self, ids: list[int], xs: list[torch.Tensor], x: torch.Tensor) -> None:
+        vocab = self.cfg.vocab_size
+        if int(x.min()) >= 0 and int(x.max()) < vocab:
+            return
+        for sid, chunk in zip(ids, xs):
+            if chunk.numel() and (int(chunk.min()) < 0 or int(chunk.max()) >= vocab):
+                raise ShapeError(
+                    f"stream {sid}: token ids must lie in [0, {vocab}), got [{int(chunk.min())}, {int(chunk.max())}]"
+                )
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of safetensors bytes (the JSON header after its u64 length)."""
+    try:
+        (n,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + n])
+        meta = header.get("__metadata__") or {}
+    except Exception as exc:
+        raise StateError(f"snapshot is not a valid safetensors blob: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise StateError("snapshot safetensors metadata is not a string map")
+    return meta

@@ -1,0 +1,216 @@
+"""Streamer: chunked, interleaved, batched streaming equals the offline full forward per stream."""
+
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from streamssm.errors import ConfigError, ShapeError, StateError
+from streamssm.inference import ChunkResult, Streamer
+from streamssm.models import ModelConfig, SSMModel
+from streamssm.testing import PARITY_FP32, assert_close
+
+VOCAB, CHANNELS, OUT = 5, 3, 2
+HEADS = {
+    "lm": dict(input_kind="tokens", vocab_size=VOCAB, head="lm"),
+    "regression": dict(input_kind="continuous", input_dim=CHANNELS, head="regression", output_dim=OUT),
+    "classifier": dict(input_kind="continuous", input_dim=CHANNELS, head="classifier", output_dim=4),
+}
+
+
+def tiny_model(block: str, head: str, seed: int = 1) -> SSMModel:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(block=block, d_model=16, n_layers=2, d_state=8, headdim=8, chunk_size=4, **HEADS[head])
+    return SSMModel(cfg).eval()
+
+
+def make_stream(model: SSMModel, length: int, gen: torch.Generator) -> torch.Tensor:
+    if model.cfg.input_kind == "tokens":
+        return torch.randint(0, VOCAB, (length,), generator=gen)
+    return torch.randn(length, CHANNELS, generator=gen)
+
+
+def offline(model: SSMModel, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What the streamer must produce for the whole stream x: (outputs (l, o), scores (l,) | None)."""
+    with torch.no_grad():
+        y, _ = model(x.unsqueeze(0))
+    y = y[0].float()
+    head = model.cfg.head
+    if head == "regression":
+        return y, None
+    if head == "classifier":
+        return F.softmax(y, -1), None
+    logp = F.log_softmax(y, -1)
+    prev = torch.cat([torch.full((1, VOCAB), -math.log(VOCAB)), logp[:-1]])
+    return logp, prev.gather(-1, x.unsqueeze(-1)).squeeze(-1)
+
+
+def random_cuts(length: int, rng: random.Random) -> list[tuple[int, int]]:
+    """Chunk bounds covering [0, length) with lengths 0, 1 and longer mixed."""
+    bounds, pos = [], 0
+    while pos < length:
+        n = rng.choice([0, 1, 1, 2, 3, 5, 8])
+        bounds.append((pos, min(length, pos + n)))
+        pos = min(length, pos + n)
+    return bounds
+
+
+def collect(results: list[ChunkResult]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    outs = torch.cat([r.outputs for r in results])
+    scores = None if results[0].scores is None else torch.cat([r.scores for r in results])
+    return outs, scores
+
+
+def check_stream(name: str, model: SSMModel, x: torch.Tensor, results: list[ChunkResult]) -> None:
+    want_out, want_scores = offline(model, x)
+    got_out, got_scores = collect(results)
+    rtol, atol = PARITY_FP32
+    assert got_out.dtype == torch.float32 and got_out.device.type == "cpu"
+    assert_close(f"{name} outputs", want_out, got_out, rtol=rtol, atol=atol)
+    if want_scores is None:
+        assert got_scores is None
+    else:
+        assert_close(f"{name} scores", want_scores, got_scores, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("head", list(HEADS))
+@pytest.mark.parametrize("block", ["mamba", "mamba2"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_interleaved_random_chunks_equal_offline(block, head, seed):
+    model = tiny_model(block, head)
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    streamer = Streamer(model, capacity=4)
+    xs = {streamer.open(): make_stream(model, rng.randint(1, 19), gen) for _ in range(3)}
+    plans = {sid: random_cuts(len(x), rng) for sid, x in xs.items()}
+    results: dict[int, list[ChunkResult]] = {sid: [] for sid in xs}
+    while any(plans.values()):
+        # a random subset of the streams with chunks left goes into each batched call
+        ready = [sid for sid, plan in plans.items() if plan]
+        batch = rng.sample(ready, rng.randint(1, len(ready)))
+        chunks = {}
+        for sid in batch:
+            s, e = plans[sid].pop(0)
+            chunks[sid] = xs[sid][s:e]
+        for sid, r in streamer.feed_many(chunks).items():
+            assert r.outputs.shape[0] == chunks[sid].shape[0]
+            results[sid].append(r)
+    for sid, x in xs.items():
+        check_stream(f"{block}/{head} stream {sid}", model, x, results[sid])
+
+
+@pytest.mark.parametrize("block", ["mamba", "mamba2"])
+def test_snapshot_restore_continues_identically(block):
+    model = tiny_model(block, "lm")
+    gen = torch.Generator().manual_seed(3)
+    x = make_stream(model, 17, gen)
+    a = Streamer(model, capacity=2)
+    sid = a.open()
+    first = [a.feed(sid, x[:6]), a.feed(sid, x[6:7])]
+    blob = a.snapshot(sid)
+    assert isinstance(blob, bytes)
+    b = Streamer(tiny_model(block, "lm"), capacity=3)  # "after a restart": a fresh streamer, same weights
+    b.open()  # occupy row 0 so the restored stream lands on another row
+    rid = b.restore(blob)
+    rest_a = [a.feed(sid, x[7:8]), a.feed(sid, x[8:])]
+    rest_b = [b.feed(rid, x[7:8]), b.feed(rid, x[8:])]
+    for ra, rb in zip(rest_a, rest_b):
+        assert torch.equal(ra.outputs, rb.outputs) and torch.equal(ra.scores, rb.scores)
+    check_stream(f"{block} restored", model, x, first + rest_b)
+
+
+def test_snapshot_of_another_model_is_refused():
+    a = Streamer(tiny_model("mamba2", "regression", seed=1), capacity=1)
+    b = Streamer(tiny_model("mamba2", "regression", seed=2), capacity=1)
+    blob = a.snapshot(a.open())
+    with pytest.raises(StateError, match="belongs to model"):
+        b.restore(blob)
+    with pytest.raises(StateError, match="safetensors"):
+        b.restore(b"not a snapshot")
+    assert b.live == 0
+
+
+def test_pool_full_and_close_frees_the_slot():
+    model = tiny_model("mamba", "regression")
+    gen = torch.Generator().manual_seed(4)
+    streamer = Streamer(model, capacity=2)
+    s0, s1 = streamer.open(), streamer.open()
+    streamer.feed(s0, make_stream(model, 5, gen))
+    with pytest.raises(StateError, match="pool full"):
+        streamer.open()
+    streamer.close(s0)
+    assert streamer.live == 1
+    s2 = streamer.open()  # reuses s0's row, which must start from the zero state again
+    assert s2 not in (s0, s1)
+    x = make_stream(model, 6, gen)
+    check_stream("reused slot", model, x, [streamer.feed(s2, x[:2]), streamer.feed(s2, x[2:])])
+    with pytest.raises(StateError, match="unknown stream id"):
+        streamer.feed(s0, x)
+    with pytest.raises(StateError, match="unknown stream id"):
+        streamer.close(s0)
+
+
+def test_bad_chunks_raise_and_leave_other_streams_untouched():
+    model = tiny_model("mamba2", "regression")
+    gen = torch.Generator().manual_seed(5)
+    streamer = Streamer(model, capacity=3)
+    good, other = streamer.open(), streamer.open()
+    x = make_stream(model, 9, gen)
+    first = streamer.feed(good, x[:4])
+    bad_chunks = [
+        (torch.randn(3, CHANNELS + 1), "3 channels"),
+        (torch.randint(0, 3, (3, CHANNELS)), "float"),
+        (torch.randn(2, 3, CHANNELS), "shape"),
+        ([1.0, 2.0], "torch.Tensor"),
+    ]
+    for chunk, msg in bad_chunks:
+        with pytest.raises(ShapeError, match=msg):
+            streamer.feed_many({good: x[4:6], other: chunk})
+    with pytest.raises(StateError, match="unknown stream id 99"):
+        streamer.feed_many({good: x[4:6], 99: x[:1]})
+    check_stream("after errors", model, x, [first, streamer.feed(good, x[4:])])
+
+
+def test_token_and_single_channel_chunks():
+    lm = Streamer(tiny_model("mamba", "lm"), capacity=1)
+    sid = lm.open()
+    with pytest.raises(ShapeError, match=r"token ids must lie in \[0, 5\)"):
+        lm.feed(sid, torch.tensor([1, 7]))
+    with pytest.raises(ShapeError, match="integer"):
+        lm.feed(sid, torch.randn(3))
+    empty = lm.feed(sid, torch.zeros(0, dtype=torch.long))
+    assert empty.outputs.shape == (0, VOCAB) and empty.scores.shape == (0,)
+    torch.manual_seed(0)
+    cfg = ModelConfig(block="mamba2", d_model=16, n_layers=1, d_state=8, headdim=8, input_kind="continuous",
+                      input_dim=1, head="regression", output_dim=1)
+    model = SSMModel(cfg).eval()
+    mono = Streamer(model, capacity=1)
+    x = torch.randn(7)
+    check_stream("(l,) chunk", model, x.unsqueeze(-1), [mono.feed(mono.open(), x)])
+
+
+def test_bad_construction():
+    model = tiny_model("mamba", "regression")
+    with pytest.raises(ConfigError, match="capacity"):
+        Streamer(model, capacity=0)
+    with pytest.raises(ConfigError, match="SSMModel"):
+        Streamer(torch.nn.Linear(2, 2), capacity=1)
+
+
+@pytest.mark.parametrize("block", ["mamba", "mamba2"])
+def test_step_pool_touches_only_its_rows(block):
+    model = tiny_model(block, "regression")
+    pool = tuple(s._replace(conv=torch.randn_like(s.conv), ssm=torch.randn_like(s.ssm))
+                 for s in model.init_state(5))
+    before = [t.clone() for layer in pool for t in layer]
+    rows = torch.tensor([3, 0])
+    x_t = torch.randn(2, CHANNELS)
+    with torch.no_grad():
+        want, new = model.step(x_t, tuple(s._replace(conv=s.conv[rows], ssm=s.ssm[rows]) for s in pool))
+        y = model.step_pool(x_t, pool, rows)
+    assert_close("step_pool output", want, y, rtol=PARITY_FP32[0], atol=PARITY_FP32[1])
+    after = [t for layer in pool for t in layer]
+    for b, a, n in zip(before, after, [t for layer in new for t in layer]):
+        assert torch.equal(a[[1, 2, 4]], b[[1, 2, 4]])
+        assert torch.equal(a[rows], n)
