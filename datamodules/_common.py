@@ -1,0 +1,199 @@
+"""Pieces shared by the datamodules: file resolution, split arithmetic, the epoch-keyed
+sampler behind seeded random windows, and the DataLoader boilerplate.
+
+Random windows are reproducible and differ per epoch without any state in the workers: the
+train sampler yields integer *keys* ``epoch * n + i`` (shuffled), and a dataset derives its
+window from ``numpy.random.default_rng([seed, key])``. Lightning calls ``set_epoch`` on the
+sampler (also through its ``DistributedSamplerWrapper``), so every rank and worker sees the
+same key stream and each key maps to one window.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from streamssm.errors import ConfigError, DataFormatError
+
+
+def resolve_files(spec: str | Sequence[str], what: str, suffixes: Sequence[str]) -> list[Path]:
+    """Expand a folder, a glob pattern, one path or a list of them into a sorted file list.
+
+    A folder contributes its files ending in one of ``suffixes`` (case-insensitive, not
+    recursive). Raises ``DataFormatError`` naming the path when a path does not exist or a
+    pattern/folder matches nothing.
+    """
+    items = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    if not items:
+        raise ConfigError(f"{what}: expected at least one path, got an empty list")
+    out: list[Path] = []
+    lowered = tuple(s.lower() for s in suffixes)
+    for item in items:
+        item = str(item)
+        p = Path(item).expanduser()
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.is_file() and f.name.lower().endswith(lowered))
+            if not found:
+                raise DataFormatError(f"{what}: folder {str(p)!r} holds no files ending in {list(suffixes)}")
+            out.extend(found)
+        elif any(ch in item for ch in "*?["):
+            found = sorted(Path(f) for f in glob.glob(str(p)) if Path(f).is_file())
+            if not found:
+                raise DataFormatError(f"{what}: pattern {item!r} matches no files")
+            out.extend(found)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise DataFormatError(f"{what}: file {str(p)!r} does not exist")
+    return out
+
+
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
+    """Validate split fractions: each in [0, 1) and together leaving room for training."""
+    for name, v in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= v < 1.0:
+            raise ConfigError(f"{name}: expected a fraction in [0, 1), got {v}")
+    if val_fraction + test_fraction >= 1.0:
+        raise ConfigError(
+            f"val_fraction + test_fraction: expected < 1 so that a training split remains, "
+            f"got {val_fraction} + {test_fraction}"
+        )
+
+
+def split_points(length: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
+    """Cut ``[0, length)`` into train ``[0, a)``, val ``[a, b)``, test ``[b, length)``."""
+    b = length - int(round(length * test_fraction))
+    a = b - int(round(length * val_fraction))
+    return max(a, 0), max(b, 0)
+
+
+def check_positive(name: str, value: int, minimum: int = 1) -> None:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+
+
+def tile_starts(lo: int, hi: int, need: int, step: int) -> list[int]:
+    """Starts of non-overlapping (by ``step``) spans of ``need`` items inside ``[lo, hi)``."""
+    if hi - lo < need:
+        return []
+    return list(range(lo, hi - need + 1, step))
+
+
+def evenly_spaced(items: list, limit: int | None) -> list:
+    """At most ``limit`` items spread evenly over ``items`` (all of them when ``limit`` is None)."""
+    if limit is None or len(items) <= limit:
+        return items
+    idx = np.linspace(0, len(items) - 1, num=limit).round().astype(np.int64)
+    return [items[i] for i in idx]
+
+
+class EpochKeySampler(Sampler[int]):
+    """Yields ``num_samples`` keys per epoch: a seeded permutation of ``epoch*n .. epoch*n+n-1``.
+
+    Datasets map a key to a window with ``default_rng([seed, key])``, so windows are fresh
+    every epoch yet identical across runs, workers and ranks.
+    """
+
+    def __init__(self, num_samples: int, seed: int = 0) -> None:
+        self.num_samples = int(num_samples)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        base = self.epoch * self.num_samples
+        return iter((base + torch.randperm(self.num_samples, generator=g)).tolist())
+
+
+class LazyHandleMixin:
+    """Opens a file handle on first use in each process and never pickles it.
+
+    A handle opened before a DataLoader forks would share one file offset between workers;
+    the pid check reopens it in every worker (fork or spawn alike).
+    """
+
+    _handle_obj: Any = None
+    _handle_pid: int | None = None
+
+    def _open_handle(self) -> Any:  # pragma: no cover - implemented by subclasses
+        raise NotImplementedError
+
+    def handle(self) -> Any:
+        pid = os.getpid()
+        if self._handle_obj is None or self._handle_pid != pid:
+            self._handle_obj = self._open_handle()
+            self._handle_pid = pid
+        return self._handle_obj
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_handle_obj"] = None
+        state["_handle_pid"] = None
+        return state
+
+
+class BaseDataModule(pl.LightningDataModule):
+    """DataLoader plumbing shared by the streamssm datamodules."""
+
+    def __init__(self, batch_size: int, num_workers: int, pin_memory: bool, seed: int) -> None:
+        super().__init__()
+        check_positive("batch_size", batch_size)
+        check_positive("num_workers", num_workers, minimum=0)
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.pin_memory = bool(pin_memory)
+        self.seed = int(seed)
+        self._datasets: dict[str, Dataset] = {}
+
+    def _dataset(self, split: str) -> Dataset:
+        if not self._datasets:
+            self.setup("fit")
+        ds = self._datasets.get(split)
+        if ds is None:
+            raise ConfigError(
+                f"{type(self).__name__}: no {split!r} split is configured "
+                f"(set its fraction, chromosomes or files); available: {sorted(self._datasets)}"
+            )
+        return ds
+
+    def _loader(self, split: str, sampler: Sampler | None = None, shuffle: bool = False) -> DataLoader:
+        ds = self._dataset(split)
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            shuffle=shuffle if sampler is None else False,
+            generator=generator,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            drop_last=False,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved into Lightning checkpoints: the serving metadata of this datamodule."""
+        return {"serving_metadata": self.serving_metadata()}
+
+    def serving_metadata(self) -> dict[str, Any]:  # pragma: no cover - implemented by subclasses
+        raise NotImplementedError

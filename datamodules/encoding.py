@@ -1,0 +1,362 @@
+"""Raw data <-> model input encodings, shared by training, serving and zarr inference.
+
+No Lightning import: the websocket service and ``streamssm infer`` use this module to turn raw
+samples or bases into model inputs exactly the way the datamodules did during training.
+
+Shape legend: l time steps, c channels.
+
+- DNA: ``encode_bases("ACGTN")`` -> LongTensor (l,) with A,C,G,T -> 0..3 and N (and every IUPAC
+  ambiguity code) -> 4; lowercase (soft-masked repeats) is accepted. ``reverse_complement``
+  flips the last axis and swaps A<->T, C<->G.
+- Audio: 8-bit mu-law (``mu_law_encode``: float in [-1, 1] -> LongTensor 0..255) or float.
+- Sensors: ``Normalizer(mean, std)`` per channel, fitted on the training split.
+- ``encoder_from_metadata(serving_metadata)`` / ``decoder_from_metadata`` rebuild the raw ->
+  model-input and model-output -> raw conversions from a checkpoint's serving metadata.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torchaudio.functional as AF
+
+from streamssm.errors import ConfigError, DataFormatError, ShapeError
+
+__all__ = [
+    "DNA_ALPHABET",
+    "DNA_VOCAB_SIZE",
+    "N_TOKEN",
+    "encode_bases",
+    "decode_bases",
+    "reverse_complement",
+    "mu_law_encode",
+    "mu_law_decode",
+    "pcm_to_float",
+    "Normalizer",
+    "encoder_from_metadata",
+    "decoder_from_metadata",
+]
+
+DNA_ALPHABET = "ACGTN"
+DNA_VOCAB_SIZE = len(DNA_ALPHABET)
+N_TOKEN = 4
+_IUPAC_AMBIGUOUS = "NRYSWKMBDHV"
+_INVALID = 255
+
+# Byte -> token lookup table; 255 marks characters that are not bases.
+_BASE_LUT = np.full(256, _INVALID, dtype=np.uint8)
+for _i, _b in enumerate("ACGT"):
+    _BASE_LUT[ord(_b)] = _i
+    _BASE_LUT[ord(_b.lower())] = _i
+for _b in _IUPAC_AMBIGUOUS:
+    _BASE_LUT[ord(_b)] = N_TOKEN
+    _BASE_LUT[ord(_b.lower())] = N_TOKEN
+_BASE_LUT.setflags(write=False)
+
+_RC_TABLE = torch.tensor([3, 2, 1, 0, 4], dtype=torch.long)
+
+
+def encode_bases(text: str | bytes) -> torch.Tensor:
+    """Encode a DNA string into tokens.
+
+    Args:
+        text: bases ``ACGT`` (any case) plus ``N`` and IUPAC ambiguity codes (-> N).
+    Returns:
+        LongTensor (l,) with values in 0..4.
+    Raises:
+        DataFormatError naming the first invalid character and its 0-based position.
+    """
+    if isinstance(text, str):
+        try:
+            raw = text.encode("ascii")
+        except UnicodeEncodeError as exc:
+            raise DataFormatError(
+                f"invalid DNA character {text[exc.start]!r} at position {exc.start}: "
+                f"expected one of ACGTN (any case) or an IUPAC ambiguity code"
+            ) from None
+    elif isinstance(text, (bytes, bytearray, memoryview)):
+        raw = bytes(text)
+    else:
+        raise DataFormatError(f"encode_bases: expected str or bytes, got {type(text).__name__}")
+    codes = _BASE_LUT[np.frombuffer(raw, dtype=np.uint8)]
+    bad = np.flatnonzero(codes == _INVALID)
+    if bad.size:
+        pos = int(bad[0])
+        raise DataFormatError(
+            f"invalid DNA character {chr(raw[pos])!r} at position {pos}: "
+            f"expected one of ACGTN (any case) or an IUPAC ambiguity code"
+        )
+    return torch.from_numpy(codes.astype(np.int64))
+
+
+def decode_bases(tokens: torch.Tensor | Sequence[int]) -> str:
+    """Inverse of ``encode_bases`` for a 1-D token sequence (upper case, ambiguity -> ``N``)."""
+    t = torch.as_tensor(tokens)
+    if t.dim() != 1:
+        raise ShapeError(f"decode_bases: expected a 1-D token tensor (l,), got shape {tuple(t.shape)}")
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= DNA_VOCAB_SIZE):
+        raise DataFormatError(
+            f"decode_bases: tokens must lie in 0..{DNA_VOCAB_SIZE - 1}, got range "
+            f"{int(t.min())}..{int(t.max())}"
+        )
+    lut = np.frombuffer(DNA_ALPHABET.encode("ascii"), dtype=np.uint8)
+    return lut[t.cpu().numpy().astype(np.int64)].tobytes().decode("ascii")
+
+
+def reverse_complement(tokens: torch.Tensor) -> torch.Tensor:
+    """Reverse complement of token sequences along the last axis: (..., l) -> (..., l)."""
+    if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise ShapeError(f"reverse_complement: expected integer tokens, got dtype {tokens.dtype}")
+    table = _RC_TABLE.to(tokens.device)
+    return table[tokens.flip(-1).long()].to(tokens.dtype)
+
+
+def _check_channels(channels: int) -> None:
+    if not isinstance(channels, int) or isinstance(channels, bool) or not 2 <= channels <= 65536:
+        raise ConfigError(f"quantization channels: expected an integer in 2..65536, got {channels!r}")
+
+
+def mu_law_encode(wave: torch.Tensor, channels: int = 256) -> torch.Tensor:
+    """Mu-law quantize a float waveform.
+
+    Args:
+        wave: float tensor of any shape, nominally in [-1, 1]; values outside are clipped
+            (as an audio converter would), NaN/inf raise ``DataFormatError``.
+        channels: number of quantization levels (256 = 8-bit, SaShiMi-style).
+    Returns:
+        LongTensor of the same shape with values in 0..channels-1.
+    """
+    _check_channels(channels)
+    if not torch.is_floating_point(wave):
+        raise DataFormatError(f"mu_law_encode: expected a float waveform in [-1, 1], got dtype {wave.dtype}")
+    if not bool(torch.isfinite(wave).all()):
+        raise DataFormatError("mu_law_encode: waveform contains NaN or infinite samples")
+    return AF.mu_law_encoding(wave.clamp(-1.0, 1.0), channels)
+
+
+def mu_law_decode(tokens: torch.Tensor, channels: int = 256) -> torch.Tensor:
+    """Inverse of ``mu_law_encode``: LongTensor in 0..channels-1 -> float32 in [-1, 1]."""
+    _check_channels(channels)
+    if torch.is_floating_point(tokens):
+        raise DataFormatError(f"mu_law_decode: expected integer tokens, got dtype {tokens.dtype}")
+    return AF.mu_law_decoding(tokens.to(torch.float32), channels)
+
+
+def pcm_to_float(samples: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """Integer PCM (int8/int16/int32/uint8) or float samples -> float32 in [-1, 1] (same shape)."""
+    arr = samples if isinstance(samples, torch.Tensor) else torch.as_tensor(np.asarray(samples))
+    if torch.is_floating_point(arr):
+        return arr.to(torch.float32)
+    scale = {torch.int16: 32768.0, torch.int32: 2147483648.0, torch.int8: 128.0}.get(arr.dtype)
+    if arr.dtype == torch.uint8:
+        return (arr.to(torch.float32) - 128.0) / 128.0
+    if scale is None:
+        raise DataFormatError(f"audio samples: unsupported dtype {arr.dtype} (expected float or int PCM)")
+    return arr.to(torch.float32) / scale
+
+
+class Normalizer:
+    """Per-channel affine normalization ``(x - mean) / std`` over the last axis.
+
+    ``mean`` and ``std`` have shape (c,); ``apply``/``invert`` accept (..., c) tensors and keep
+    their dtype and device.
+    """
+
+    def __init__(self, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor) -> None:
+        m = torch.as_tensor(mean, dtype=torch.float64).flatten()
+        s = torch.as_tensor(std, dtype=torch.float64).flatten()
+        if m.shape != s.shape or m.numel() == 0:
+            raise ConfigError(f"Normalizer: mean and std must be non-empty and of equal length, got {m.numel()} and {s.numel()}")
+        if not bool(torch.isfinite(m).all() & torch.isfinite(s).all()):
+            raise ConfigError("Normalizer: mean/std contain NaN or infinite values")
+        if bool((s <= 0).any()):
+            raise ConfigError(f"Normalizer: std must be positive, got {s.tolist()}")
+        self.mean = m
+        self.std = s
+
+    @property
+    def channels(self) -> int:
+        return int(self.mean.numel())
+
+    @classmethod
+    def fit(cls, values: np.ndarray | torch.Tensor, min_std: float = 1e-6) -> Normalizer:
+        """Statistics of (n, c) values (float64 accumulation); a constant channel gets std 1."""
+        arr = np.asarray(values, dtype=np.float64)
+        if arr.ndim != 2 or arr.shape[0] == 0:
+            raise ShapeError(f"Normalizer.fit: expected (n, c) values with n > 0, got shape {arr.shape}")
+        mean = arr.mean(axis=0)
+        std = arr.std(axis=0)
+        std = np.where(std < min_std, 1.0, std)
+        return cls(mean, std)
+
+    def _check(self, x: torch.Tensor) -> None:
+        if x.shape[-1:] != (self.channels,):
+            raise ShapeError(f"Normalizer: expected (..., {self.channels}) values, got shape {tuple(x.shape)}")
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., c) raw values -> normalized values (float dtype of ``x``, float32 for ints)."""
+        x = torch.as_tensor(x)
+        self._check(x)
+        dtype = x.dtype if torch.is_floating_point(x) else torch.float32
+        return ((x.to(torch.float64) - self.mean.to(x.device)) / self.std.to(x.device)).to(dtype)
+
+    def invert(self, y: torch.Tensor) -> torch.Tensor:
+        """(..., c) normalized values -> raw units."""
+        y = torch.as_tensor(y)
+        self._check(y)
+        dtype = y.dtype if torch.is_floating_point(y) else torch.float32
+        return (y.to(torch.float64) * self.std.to(y.device) + self.mean.to(y.device)).to(dtype)
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {"mean": [float(v) for v in self.mean], "std": [float(v) for v in self.std]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Normalizer:
+        try:
+            return cls(d["mean"], d["std"])
+        except KeyError as exc:
+            raise ConfigError(f"Normalizer.from_dict: missing key {exc.args[0]!r}") from None
+
+    def __repr__(self) -> str:
+        return f"Normalizer(mean={self.mean.tolist()}, std={self.std.tolist()})"
+
+
+# ----------------------------------------------------------------------------------------------
+# serving metadata -> encoders / decoders
+
+
+def _as_2d_samples(raw: Any, channels: int, what: str) -> torch.Tensor:
+    """raw (l,) or (l, c) samples -> float32 (l, c)."""
+    x = pcm_to_float(raw)
+    if x.dim() == 1:
+        x = x[:, None]
+    if x.dim() != 2:
+        raise ShapeError(f"{what}: expected samples of shape (l,) or (l, c), got {tuple(x.shape)}")
+    if x.shape[1] != channels:
+        raise ShapeError(f"{what}: expected {channels} channel(s), got {x.shape[1]} (shape {tuple(x.shape)})")
+    if not bool(torch.isfinite(x).all()):
+        raise DataFormatError(f"{what}: samples contain NaN or infinite values")
+    return x
+
+
+class DnaEncoder:
+    """str/bytes of bases -> LongTensor (l,)."""
+
+    def __call__(self, raw: str | bytes) -> torch.Tensor:
+        return encode_bases(raw)
+
+
+class AudioEncoder:
+    """Audio samples (l,) or (l, c) float in [-1, 1] or int PCM -> model input.
+
+    mu-law: LongTensor (l,) (mono, mixed down if needed); float: FloatTensor (l, c). Pass
+    ``sample_rate`` when the raw audio was recorded at another rate: it is resampled first.
+    """
+
+    def __init__(self, sample_rate: int, encoding: str, channels: int, quantization_channels: int, mono: bool) -> None:
+        if encoding not in ("mu_law", "float"):
+            raise ConfigError(f"audio metadata: encoding must be 'mu_law' or 'float', got {encoding!r}")
+        self.sample_rate = int(sample_rate)
+        self.encoding = encoding
+        self.channels = int(channels)
+        self.quantization_channels = int(quantization_channels)
+        self.mono = bool(mono)
+
+    def __call__(self, raw: Any, sample_rate: int | None = None) -> torch.Tensor:
+        x = pcm_to_float(raw)
+        if x.dim() == 1:
+            x = x[:, None]
+        if x.dim() != 2:
+            raise ShapeError(f"audio input: expected samples of shape (l,) or (l, c), got {tuple(x.shape)}")
+        if self.mono and x.shape[1] > 1:
+            x = x.mean(dim=1, keepdim=True)
+        x = _as_2d_samples(x, self.channels, "audio input")
+        if sample_rate is not None and int(sample_rate) != self.sample_rate:
+            x = AF.resample(x.T.contiguous(), int(sample_rate), self.sample_rate).T.contiguous()
+        if self.encoding == "mu_law":
+            return mu_law_encode(x[:, 0], self.quantization_channels)
+        return x
+
+
+class SensorEncoder:
+    """Sensor rows (l, c) in raw units -> normalized FloatTensor (l, c)."""
+
+    def __init__(self, normalizer: Normalizer, names: Sequence[str]) -> None:
+        self.normalizer = normalizer
+        self.names = list(names)
+
+    def __call__(self, raw: Any) -> torch.Tensor:
+        x = _as_2d_samples(raw, self.normalizer.channels, f"sensor input (channels {self.names})")
+        return self.normalizer.apply(x)
+
+
+def _require(meta: Mapping[str, Any], *keys: str) -> None:
+    missing = [k for k in keys if k not in meta]
+    if missing:
+        raise ConfigError(f"serving metadata for modality {meta.get('modality')!r} lacks {missing}")
+
+
+def encoder_from_metadata(meta: Mapping[str, Any]) -> Callable[..., torch.Tensor]:
+    """Raw-input encoder for a checkpoint's ``serving_metadata``.
+
+    - ``{"modality": "dna", ...}``: str/bytes -> LongTensor (l,)
+    - ``{"modality": "audio", "encoding": "mu_law"|"float", ...}``: samples (l,) | (l, c) ->
+      LongTensor (l,) or FloatTensor (l, c); optional ``sample_rate=`` keyword resamples.
+    - ``{"modality": "sensor", "channels": [...], "mean": [...], "std": [...]}``: (l, c) -> (l, c).
+    Add a leading batch axis before calling the model.
+    """
+    if not isinstance(meta, Mapping) or "modality" not in meta:
+        raise ConfigError(f"serving metadata must be a mapping with a 'modality' key, got {meta!r}")
+    modality = meta["modality"]
+    if modality == "dna":
+        alphabet = meta.get("alphabet", DNA_ALPHABET)
+        if alphabet != DNA_ALPHABET:
+            raise ConfigError(f"dna metadata: alphabet {alphabet!r} is not supported (expected {DNA_ALPHABET!r})")
+        return DnaEncoder()
+    if modality == "audio":
+        _require(meta, "sample_rate", "encoding")
+        return AudioEncoder(
+            sample_rate=meta["sample_rate"],
+            encoding=meta["encoding"],
+            channels=int(meta.get("channels", 1)),
+            quantization_channels=int(meta.get("quantization_channels", 256)),
+            mono=bool(meta.get("mono", True)),
+        )
+    if modality == "sensor":
+        _require(meta, "channels", "mean", "std")
+        norm = Normalizer(meta["mean"], meta["std"])
+        if len(meta["channels"]) != norm.channels:
+            raise ConfigError(
+                f"sensor metadata: {len(meta['channels'])} channel names but {norm.channels} mean/std values"
+            )
+        return SensorEncoder(norm, meta["channels"])
+    raise ConfigError(f"serving metadata: unknown modality {modality!r} (expected 'dna', 'audio' or 'sensor')")
+
+
+def decoder_from_metadata(meta: Mapping[str, Any]) -> Callable[[torch.Tensor], Any]:
+    """Model-output decoder for a checkpoint's ``serving_metadata``.
+
+    - dna: predicted token ids (l,) -> str of bases.
+    - audio mu-law: predicted token ids (...,) -> float samples in [-1, 1]; audio float:
+      identity (already samples).
+    - sensor regression: normalized predictions (..., c) -> raw units; sensor classification
+      (``"task": "classification"``): class ids -> class labels (list).
+    """
+    encoder = encoder_from_metadata(meta)
+    modality = meta["modality"]
+    if modality == "dna":
+        return decode_bases
+    if modality == "audio":
+        if meta["encoding"] == "mu_law":
+            q = int(meta.get("quantization_channels", 256))
+            return lambda tokens: mu_law_decode(tokens, q)
+        return lambda values: values
+    if meta.get("task") == "classification":
+        classes = list(meta.get("classes", []))
+        if not classes:
+            raise ConfigError("sensor classification metadata lacks 'classes'")
+        return lambda ids: [classes[int(i)] for i in torch.as_tensor(ids).flatten()]
+    return encoder.normalizer.invert  # type: ignore[union-attr]
