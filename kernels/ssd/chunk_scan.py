@@ -1,0 +1,127 @@
+"""SSD stage 4: outputs of each chunk from the state entering it plus the in-chunk (causal) part.
+
+Shape legend: L packed tokens, H heads, G groups, P headdim, N dstate, T chunks, Q chunk_size.
+
+Per chunk and head, for steps t of the chunk, with S_in the state entering the chunk::
+
+    y_t = exp(Acs_t) * S_in C_t + sum_{s <= t} (C_t . B_s) exp(Acs_t - Acs_s) dt_s x_s + D * x_t
+    out_t = y_t * silu(z_t)                                        (when z is given)
+
+The ungated ``y`` is kept for the gate's backward when z is given.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from streamssm.kernels._common import autotune_configs
+from streamssm.kernels.ssd.chunk_state import dot_precision
+from streamssm.kernels.ssd.chunks import ChunkLayout
+
+_CONFIGS = [
+    triton.Config({"BLOCK_T": bt}, num_warps=w, num_stages=s)
+    for bt, w, s in [(64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 8, 2), (32, 4, 3)]
+]
+
+
+@triton.autotune(configs=autotune_configs(_CONFIGS, triton.Config({"BLOCK_T": 16})), key=["P", "N", "CHUNK", "HAS_Z", "DOT_PREC"])
+@triton.jit
+def _chunk_scan_fwd_kernel(
+    # pointers
+    p_x,  # (L, H, P)
+    p_B, p_C,  # (L, G, N)
+    p_z,  # (L, H, P) or dummy
+    p_D,  # (H,) or (H, P) fp32, or dummy
+    p_dt_out, p_dA_cs,  # (T, H, Q) fp32
+    p_states,  # (T, H, P, N) fp32 states entering each chunk
+    p_y,  # (L, H, P) out: ungated output
+    p_out,  # (L, H, P) out: gated output (when HAS_Z)
+    p_cstart, p_clen,
+    # dimensions
+    H, P, N, heads_per_group,
+    # strides
+    s_x_l, s_x_h, s_x_p, s_b_l, s_b_g, s_b_n, s_c_l, s_c_g, s_c_n, s_z_l, s_z_h, s_z_p,
+    # meta-parameters
+    CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    i_c, i_h, i_tp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    num_pb = tl.cdiv(P, BLOCK_P)
+    i_t, i_p = i_tp // num_pb, i_tp % num_pb
+    clen = tl.load(p_clen + i_c)
+    t0 = i_t * BLOCK_T
+    if t0 >= clen:
+        return
+    start = tl.load(p_cstart + i_c)
+    i_g = i_h // heads_per_group
+    base = (i_c.to(tl.int64) * H + i_h) * CHUNK
+    o_t = t0 + tl.arange(0, BLOCK_T)
+    o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    o_n = tl.arange(0, BLOCK_N)
+    m_t, m_p, m_n = o_t < clen, o_p < P, o_n < N
+    tok_t = start + o_t
+    b_acs_t = tl.load(p_dA_cs + base + o_t, mask=m_t, other=0.0)
+    b_C = tl.load(p_C + tok_t[:, None] * s_c_l + i_g * s_c_g + o_n[None, :] * s_c_n,
+                  mask=m_t[:, None] & m_n[None, :], other=0.0)  # (BLOCK_T, BLOCK_N)
+    # state entering the chunk, transposed: (BLOCK_N, BLOCK_P)
+    b_S = tl.load(p_states + ((i_c.to(tl.int64) * H + i_h) * P + o_p[None, :]) * N + o_n[:, None],
+                  mask=m_n[:, None] & m_p[None, :], other=0.0)
+    acc = tl.dot(b_C.to(tl.float32), b_S, input_precision=DOT_PREC) * tl.exp(b_acs_t)[:, None]
+    for s0 in range(0, tl.minimum(t0 + BLOCK_T, clen), BLOCK_T):
+        o_s = s0 + tl.arange(0, BLOCK_T)
+        m_s = o_s < clen
+        tok_s = start + o_s
+        b_Bt = tl.load(p_B + tok_s[None, :] * s_b_l + i_g * s_b_g + o_n[:, None] * s_b_n,
+                       mask=m_n[:, None] & m_s[None, :], other=0.0)  # (BLOCK_N, BLOCK_T)
+        b_cb = tl.dot(b_C, b_Bt, input_precision=DOT_PREC)  # (BLOCK_T, BLOCK_T) rows t, cols s
+        b_acs_s = tl.load(p_dA_cs + base + o_s, mask=m_s, other=0.0)
+        b_dt_s = tl.load(p_dt_out + base + o_s, mask=m_s, other=0.0)
+        causal = (o_t[:, None] >= o_s[None, :]) & m_s[None, :]
+        b_cb *= tl.exp(tl.where(causal, b_acs_t[:, None] - b_acs_s[None, :], float("-inf"))) * b_dt_s[None, :]
+        b_x = tl.load(p_x + tok_s[:, None] * s_x_l + i_h * s_x_h + o_p[None, :] * s_x_p,
+                      mask=m_s[:, None] & m_p[None, :], other=0.0)  # (BLOCK_T, BLOCK_P)
+        acc += tl.dot(b_cb.to(b_x.dtype), b_x, input_precision=DOT_PREC)
+    m_tp = m_t[:, None] & m_p[None, :]
+    if HAS_D:
+        b_xt = tl.load(p_x + tok_t[:, None] * s_x_l + i_h * s_x_h + o_p[None, :] * s_x_p, mask=m_tp, other=0.0)
+        if D_PER_P:
+            b_D = tl.load(p_D + i_h * P + o_p, mask=m_p, other=0.0)[None, :]
+        else:
+            b_D = tl.load(p_D + i_h)
+        acc += b_xt.to(tl.float32) * b_D
+    o_y = tok_t[:, None] * (H * P) + i_h * P + o_p[None, :]
+    tl.store(p_y + o_y, acc.to(p_y.dtype.element_ty), mask=m_tp)
+    if HAS_Z:
+        b_z = tl.load(p_z + tok_t[:, None] * s_z_l + i_h * s_z_h + o_p[None, :] * s_z_p, mask=m_tp, other=0.0)
+        b_z = b_z.to(tl.float32)
+        tl.store(p_out + o_y, (acc * b_z * tl.sigmoid(b_z)).to(p_out.dtype.element_ty), mask=m_tp)
+
+
+def _chunk_scan_fwd(x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, z: torch.Tensor | None,
+                    D: torch.Tensor | None, dt_out: torch.Tensor, dA_cs: torch.Tensor, states: torch.Tensor,
+                    layout: ChunkLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (y ungated, out gated) (L, H, P) in x's dtype; ``out is y`` without z."""
+    L, H, P = x.shape
+    G, N = B.shape[1], B.shape[2]
+    y = torch.empty(L, H, P, device=x.device, dtype=x.dtype)
+    out = torch.empty_like(y) if z is not None else y
+    block_p = max(16, min(64, triton.next_power_of_2(P)))
+    block_n = max(16, triton.next_power_of_2(N))
+
+    def grid(meta):
+        return (layout.num_chunks, H, triton.cdiv(layout.chunk_size, meta["BLOCK_T"]) * triton.cdiv(P, block_p))
+
+    zz = z if z is not None else x
+    _chunk_scan_fwd_kernel[grid](
+        x, B, C, zz, D if D is not None else dt_out, dt_out, dA_cs, states, y, out,
+        layout.starts, layout.lengths,
+        H, P, N, H // G,
+        x.stride(0), x.stride(1), x.stride(2), B.stride(0), B.stride(1), B.stride(2),
+        C.stride(0), C.stride(1), C.stride(2), zz.stride(0), zz.stride(1), zz.stride(2),
+        CHUNK=layout.chunk_size, BLOCK_P=block_p, BLOCK_N=block_n,
+        HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, HAS_Z=z is not None,
+        DOT_PREC=dot_precision(x.dtype),
+    )
+    return y, out

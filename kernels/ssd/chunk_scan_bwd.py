@@ -1,0 +1,229 @@
+"""SSD backward of the chunk outputs and chunk states: gradients of C, of x and B, of dt and Acs.
+
+Shape legend: L packed tokens, H heads, G groups, P headdim, N dstate, T chunks, Q chunk_size.
+Inputs per chunk c and head: dy (gradient of the ungated output), S_in = state entering the
+chunk, dS = gradient of the state leaving it (from the state-passing backward). With
+decay_ts = exp(Acs_t - Acs_s) for s <= t and M_ts = (C_t . B_s) decay_ts dt_s (dy_t . x_s)::
+
+    dC_t   = exp(Acs_t) dy_t S_in + sum_{s <= t} decay_ts dt_s (dy_t . x_s) B_s
+    dx_s   = dt_s [sum_{t >= s} (C_t . B_s) decay_ts dy_t + exp(Acs_last - Acs_s) dS B_s] + D dy_s
+    dB_s   = dt_s [sum_{t >= s} decay_ts (dy_t . x_s) C_t + exp(Acs_last - Acs_s) x_s dS]
+    ddt_s  = x_s . dx_s (without D) / dt_s                       (the dt * x products)
+    dAcs_t = dy_t . (exp(Acs_t) S_in C_t) + sum_s M_ts - sum_t' M_t's - W_t,
+             W_s = exp(Acs_last - Acs_s) dt_s <dS, x_s B_s^T>,  and dAcs_last += sum_s W_s
+
+dC and dB sum over the heads of their group, so each program owns one group and loops over
+its heads. The dC kernel writes dAcs; the dx kernel, launched after it, adds its part.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from streamssm.kernels._common import interpreting
+from streamssm.kernels.ssd.chunk_state import dot_precision
+from streamssm.kernels.ssd.chunks import ChunkLayout
+
+
+@triton.jit
+def _chunk_scan_bwd_dc_kernel(
+    # pointers
+    p_x,  # (L, H, P)
+    p_B, p_C,  # (L, G, N)
+    p_dy,  # (L, H, P) gradient of the ungated output
+    p_dt_out, p_dA_cs,  # (T, H, Q) fp32
+    p_states,  # (T, H, P, N) fp32 states entering each chunk
+    p_dC,  # (L, G, N) out, contiguous
+    p_ddA_cs,  # (T, H, Q) fp32 out: dAcs (in-chunk and S_in parts)
+    p_cstart, p_clen,
+    # dimensions
+    H, G, P, N, heads_per_group,
+    # strides
+    s_x_l, s_x_h, s_x_p, s_b_l, s_b_g, s_b_n, s_c_l, s_c_g, s_c_n, s_dy_l, s_dy_h, s_dy_p,
+    # meta-parameters
+    CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    i_c, i_g, i_t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    clen = tl.load(p_clen + i_c)
+    t0 = i_t * BLOCK_T
+    if t0 >= clen:
+        return
+    start = tl.load(p_cstart + i_c)
+    o_t = t0 + tl.arange(0, BLOCK_T)
+    o_p = tl.arange(0, BLOCK_P)
+    o_n = tl.arange(0, BLOCK_N)
+    m_t, m_p, m_n = o_t < clen, o_p < P, o_n < N
+    tok_t = start + o_t
+    m_tn = m_t[:, None] & m_n[None, :]
+    b_C = tl.load(p_C + tok_t[:, None] * s_c_l + i_g * s_c_g + o_n[None, :] * s_c_n, mask=m_tn, other=0.0)
+    acc_dC = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for hh in range(0, heads_per_group):
+        i_h = i_g * heads_per_group + hh
+        base = (i_c.to(tl.int64) * H + i_h) * CHUNK
+        b_acs_t = tl.load(p_dA_cs + base + o_t, mask=m_t, other=0.0)
+        b_dy = tl.load(p_dy + tok_t[:, None] * s_dy_l + i_h * s_dy_h + o_p[None, :] * s_dy_p,
+                       mask=m_t[:, None] & m_p[None, :], other=0.0)  # (BLOCK_T, BLOCK_P)
+        b_S = tl.load(p_states + ((i_c.to(tl.int64) * H + i_h) * P + o_p[:, None]) * N + o_n[None, :],
+                      mask=m_p[:, None] & m_n[None, :], other=0.0)  # (BLOCK_P, BLOCK_N)
+        b_dcs = tl.dot(b_dy.to(tl.float32), b_S, input_precision=DOT_PREC) * tl.exp(b_acs_t)[:, None]
+        b_dacs = tl.sum(b_dcs * b_C.to(tl.float32), axis=1)
+        acc_dC += b_dcs
+        for s0 in range(0, tl.minimum(t0 + BLOCK_T, clen), BLOCK_T):
+            o_s = s0 + tl.arange(0, BLOCK_T)
+            m_s = o_s < clen
+            tok_s = start + o_s
+            b_xt = tl.load(p_x + tok_s[None, :] * s_x_l + i_h * s_x_h + o_p[:, None] * s_x_p,
+                           mask=m_p[:, None] & m_s[None, :], other=0.0)  # (BLOCK_P, BLOCK_T)
+            b_dyx = tl.dot(b_dy, b_xt.to(b_dy.dtype), input_precision=DOT_PREC)  # (t, s)
+            b_acs_s = tl.load(p_dA_cs + base + o_s, mask=m_s, other=0.0)
+            b_dt_s = tl.load(p_dt_out + base + o_s, mask=m_s, other=0.0)
+            causal = (o_t[:, None] >= o_s[None, :]) & m_s[None, :]
+            b_k = b_dyx * tl.exp(tl.where(causal, b_acs_t[:, None] - b_acs_s[None, :], float("-inf")))
+            b_k *= b_dt_s[None, :]
+            b_Bs = tl.load(p_B + tok_s[:, None] * s_b_l + i_g * s_b_g + o_n[None, :] * s_b_n,
+                           mask=m_s[:, None] & m_n[None, :], other=0.0)  # (BLOCK_T, BLOCK_N)
+            acc_dC += tl.dot(b_k.to(b_Bs.dtype), b_Bs, input_precision=DOT_PREC)
+            b_cb = tl.dot(b_C, tl.trans(b_Bs.to(b_C.dtype)), input_precision=DOT_PREC)  # (t, s)
+            b_dacs += tl.sum(b_k * b_cb, axis=1)
+        tl.store(p_ddA_cs + base + o_t, b_dacs, mask=m_t)
+    tl.store(p_dC + tok_t[:, None] * (G * N) + i_g * N + o_n[None, :], acc_dC.to(p_dC.dtype.element_ty), mask=m_tn)
+
+
+@triton.jit
+def _chunk_scan_bwd_dx_kernel(
+    # pointers
+    p_x,  # (L, H, P)
+    p_B, p_C,  # (L, G, N)
+    p_dy,  # (L, H, P) gradient of the ungated output
+    p_D,  # (H,) or (H, P) fp32, or dummy
+    p_dt_out, p_dA_cs,  # (T, H, Q) fp32
+    p_dstates,  # (T, H, P, N) fp32 gradient of the state leaving each chunk
+    p_dx,  # (L, H, P) out, contiguous
+    p_dB,  # (L, G, N) out, contiguous
+    p_ddA_cs,  # (T, H, Q) fp32 in/out: adds the s-indexed dAcs terms
+    p_ddt,  # (T, H, Q) fp32 out: gradient of dt through the dt * x products
+    p_ddA_last,  # (T, H) fp32, accumulated atomically
+    p_dD_part,  # (T * num_sb, H, P) fp32 out: partial sums of dy * x
+    p_cstart, p_clen,
+    # dimensions
+    H, G, P, N, heads_per_group,
+    # strides
+    s_x_l, s_x_h, s_x_p, s_b_l, s_b_g, s_b_n, s_c_l, s_c_g, s_c_n, s_dy_l, s_dy_h, s_dy_p,
+    # meta-parameters
+    CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_D: tl.constexpr, D_PER_P: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    i_c, i_g, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    clen = tl.load(p_clen + i_c)
+    s0 = i_s * BLOCK_T
+    if s0 >= clen:
+        return
+    start = tl.load(p_cstart + i_c)
+    o_s = s0 + tl.arange(0, BLOCK_T)
+    o_p = tl.arange(0, BLOCK_P)
+    o_n = tl.arange(0, BLOCK_N)
+    m_s, m_p, m_n = o_s < clen, o_p < P, o_n < N
+    tok_s = start + o_s
+    m_sn = m_s[:, None] & m_n[None, :]
+    m_sp = m_s[:, None] & m_p[None, :]
+    b_B = tl.load(p_B + tok_s[:, None] * s_b_l + i_g * s_b_g + o_n[None, :] * s_b_n, mask=m_sn, other=0.0)
+    acc_dB = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for hh in range(0, heads_per_group):
+        i_h = i_g * heads_per_group + hh
+        base = (i_c.to(tl.int64) * H + i_h) * CHUNK
+        b_acs_s = tl.load(p_dA_cs + base + o_s, mask=m_s, other=0.0)
+        b_dt_s = tl.load(p_dt_out + base + o_s, mask=m_s, other=0.0)
+        a_last = tl.load(p_dA_cs + base + clen - 1)
+        b_x = tl.load(p_x + tok_s[:, None] * s_x_l + i_h * s_x_h + o_p[None, :] * s_x_p, mask=m_sp, other=0.0)
+        b_dS = tl.load(p_dstates + ((i_c.to(tl.int64) * H + i_h) * P + o_p[:, None]) * N + o_n[None, :],
+                       mask=m_p[:, None] & m_n[None, :], other=0.0)  # (BLOCK_P, BLOCK_N)
+        b_wl = tl.exp(tl.where(m_s, a_last - b_acs_s, float("-inf")))
+        acc_dx = tl.dot(b_B.to(tl.float32), tl.trans(b_dS), input_precision=DOT_PREC) * b_wl[:, None]
+        acc_dB += tl.dot(b_x.to(tl.float32), b_dS, input_precision=DOT_PREC) * (b_wl * b_dt_s)[:, None]
+        b_w = b_dt_s * tl.sum(b_x.to(tl.float32) * acc_dx, axis=1)
+        b_dacs = -b_w
+        for t0 in range(s0, clen, BLOCK_T):
+            o_t = t0 + tl.arange(0, BLOCK_T)
+            m_t = o_t < clen
+            tok_t = start + o_t
+            b_dy = tl.load(p_dy + tok_t[:, None] * s_dy_l + i_h * s_dy_h + o_p[None, :] * s_dy_p,
+                           mask=m_t[:, None] & m_p[None, :], other=0.0)  # (BLOCK_T, BLOCK_P)
+            b_C = tl.load(p_C + tok_t[:, None] * s_c_l + i_g * s_c_g + o_n[None, :] * s_c_n,
+                          mask=m_t[:, None] & m_n[None, :], other=0.0)  # (BLOCK_T, BLOCK_N)
+            b_acs_t = tl.load(p_dA_cs + base + o_t, mask=m_t, other=0.0)
+            causal = (o_t[None, :] >= o_s[:, None]) & m_t[None, :]
+            b_decay = tl.exp(tl.where(causal, b_acs_t[None, :] - b_acs_s[:, None], float("-inf")))  # (s, t)
+            b_g = tl.dot(b_B, tl.trans(b_C.to(b_B.dtype)), input_precision=DOT_PREC) * b_decay
+            acc_dx += tl.dot(b_g.to(b_dy.dtype), b_dy, input_precision=DOT_PREC)
+            b_dyx = tl.dot(b_x.to(b_dy.dtype), tl.trans(b_dy), input_precision=DOT_PREC)  # (s, t)
+            b_hm = b_dyx * b_decay * b_dt_s[:, None]
+            acc_dB += tl.dot(b_hm.to(b_C.dtype), b_C, input_precision=DOT_PREC)
+            b_dacs -= tl.sum(b_g * b_dyx, axis=1) * b_dt_s
+        tl.store(p_ddt + base + o_s, tl.sum(acc_dx * b_x.to(tl.float32), axis=1), mask=m_s)
+        b_dx = acc_dx * b_dt_s[:, None]
+        if HAS_D:
+            b_dys = tl.load(p_dy + tok_s[:, None] * s_dy_l + i_h * s_dy_h + o_p[None, :] * s_dy_p,
+                            mask=m_sp, other=0.0).to(tl.float32)
+            if D_PER_P:
+                b_dx += b_dys * tl.load(p_D + i_h * P + o_p, mask=m_p, other=0.0)[None, :]
+            else:
+                b_dx += b_dys * tl.load(p_D + i_h)
+            o_part = ((i_c.to(tl.int64) * tl.num_programs(2) + i_s) * H + i_h) * P + o_p
+            tl.store(p_dD_part + o_part, tl.sum(b_dys * b_x.to(tl.float32), axis=0), mask=m_p)
+        tl.store(p_dx + tok_s[:, None] * (H * P) + i_h * P + o_p[None, :], b_dx.to(p_dx.dtype.element_ty), mask=m_sp)
+        b_prev = tl.load(p_ddA_cs + base + o_s, mask=m_s, other=0.0)
+        tl.store(p_ddA_cs + base + o_s, b_prev + b_dacs, mask=m_s)
+        tl.atomic_add(p_ddA_last + i_c.to(tl.int64) * H + i_h, tl.sum(b_w))
+    tl.store(p_dB + tok_s[:, None] * (G * N) + i_g * N + o_n[None, :], acc_dB.to(p_dB.dtype.element_ty), mask=m_sn)
+
+
+def _blocks(P: int, N: int, chunk_size: int) -> tuple[int, int, int]:
+    block_t = 16 if interpreting() else min(64, max(16, triton.next_power_of_2(chunk_size)))
+    return block_t, max(16, triton.next_power_of_2(P)), max(16, triton.next_power_of_2(N))
+
+
+def _chunk_scan_bwd(x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, dy: torch.Tensor, D: torch.Tensor | None,
+                    dt_out: torch.Tensor, dA_cs: torch.Tensor, prev_states: torch.Tensor, dstates: torch.Tensor,
+                    ddA_last: torch.Tensor, layout: ChunkLayout):
+    """Gradients of the in-chunk part and of the chunk states.
+
+    x, dy (L, H, P); B, C (L, G, N). Returns (dx, dB, dC, ddA_cs (T, H, Q), ddt_direct (T, H, Q),
+    dD or None); ``ddA_last`` (T, H) gets the chunk-end terms added in place.
+    """
+    L, H, P = x.shape
+    G, N = B.shape[1], B.shape[2]
+    block_t, block_p, block_n = _blocks(P, N, layout.chunk_size)
+    num_tb = triton.cdiv(layout.chunk_size, block_t)
+    T, Q = layout.num_chunks, layout.chunk_size
+    dx = torch.empty(L, H, P, device=x.device, dtype=x.dtype)
+    dB = torch.empty(L, G, N, device=x.device, dtype=B.dtype)
+    dC = torch.empty(L, G, N, device=x.device, dtype=C.dtype)
+    ddA_cs = torch.empty(T, H, Q, device=x.device, dtype=torch.float32)
+    ddt = torch.empty_like(ddA_cs)
+    dD_part = torch.zeros(T * num_tb, H, P, device=x.device, dtype=torch.float32) if D is not None else ddt
+    prec = dot_precision(x.dtype)
+    strides = (x.stride(0), x.stride(1), x.stride(2), B.stride(0), B.stride(1), B.stride(2),
+               C.stride(0), C.stride(1), C.stride(2), dy.stride(0), dy.stride(1), dy.stride(2))
+    warps = 4 if N <= 64 else 8
+    _chunk_scan_bwd_dc_kernel[(T, G, num_tb)](
+        x, B, C, dy, dt_out, dA_cs, prev_states, dC, ddA_cs, layout.starts, layout.lengths,
+        H, G, P, N, H // G, *strides,
+        CHUNK=Q, BLOCK_T=block_t, BLOCK_P=block_p, BLOCK_N=block_n, DOT_PREC=prec, num_warps=warps,
+    )
+    _chunk_scan_bwd_dx_kernel[(T, G, num_tb)](
+        x, B, C, dy, D if D is not None else ddt, dt_out, dA_cs, dstates, dx, dB, ddA_cs, ddt, ddA_last, dD_part,
+        layout.starts, layout.lengths,
+        H, G, P, N, H // G, *strides,
+        CHUNK=Q, BLOCK_T=block_t, BLOCK_P=block_p, BLOCK_N=block_n,
+        HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, DOT_PREC=prec, num_warps=warps,
+    )
+    dD = None
+    if D is not None:
+        dD = dD_part.sum(0)  # (H, P)
+        if D.dim() == 1:
+            dD = dD.sum(-1)
+    return dx, dB, dC, ddA_cs, ddt, dD
+

@@ -1,0 +1,105 @@
+"""Mamba-2 SSD chunked scan in Triton: autograd Function and the entry point ``ssd_scan_triton``.
+
+Shape legend: b batch, l length, h heads, p headdim, g groups, n dstate; L = b*l packed
+tokens, T chunks, S sequences (b rows, or len(cu_seqlens) - 1 packed sequences).
+
+Forward: chunk_cumsum (dt, in-chunk decay cumsum) -> chunk_state (each chunk's own state)
+-> state_passing (states entering each chunk, final states) -> chunk_scan (outputs).
+Backward recomputes nothing large: it keeps the per-chunk entering states (T, h, p, n) fp32
+and the (T, h, Q) dt/decay tables, so memory is O(L*h*p + T*h*p*n), never O(L*h*p*n).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from streamssm.kernels.ssd.chunk_cumsum import _chunk_cumsum_bwd, _chunk_cumsum_fwd
+from streamssm.kernels.ssd.chunk_scan import _chunk_scan_fwd
+from streamssm.kernels.ssd.chunk_scan_bwd import _chunk_scan_bwd
+from streamssm.kernels.ssd.chunk_state import _chunk_state_fwd
+from streamssm.kernels.ssd.chunks import chunk_layout
+from streamssm.kernels.ssd.state_passing import _state_passing_bwd, _state_passing_fwd
+
+
+def _packed(t: torch.Tensor | None) -> torch.Tensor | None:
+    """(b, l, ...) -> (b*l, ...) as a view where possible; last dim made unit-stride."""
+    if t is None:
+        return None
+    t = t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class SSDScanFn(torch.autograd.Function):
+    """Autograd of the chunked SSD scan; see :func:`ssd_scan_triton` for the arguments."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size, dt_softplus, cu_seqlens):
+        b, l, h, p = x.shape
+        layout = chunk_layout(b, l, chunk_size, cu_seqlens, x.device)
+        x2, dt2, B2, C2, z2 = (_packed(t) for t in (x, dt, B, C, z))  # (L, h, p), (L, h), (L, g, n)
+        D2 = D.contiguous() if D is not None else None
+        init = initial_state.float().contiguous() if initial_state is not None else None
+        dt_out, dA_cs = _chunk_cumsum_fwd(dt2, A.contiguous(), dt_bias, dt_softplus, layout)  # (T, h, Q)
+        states = _chunk_state_fwd(x2, B2, dt_out, dA_cs, layout)  # (T, h, p, n)
+        final = _state_passing_fwd(states, dA_cs, init, layout)  # states: entering each chunk now
+        y, out = _chunk_scan_fwd(x2, B2, C2, z2, D2, dt_out, dA_cs, states, layout)  # (L, h, p)
+        ctx.save_for_backward(x2, dt2, A, B2, C2, D2, z2, dt_bias, dt_out, dA_cs, states,
+                              y if z is not None else None)
+        ctx.layout, ctx.dt_softplus = layout, dt_softplus
+        ctx.shapes = (x.shape, dt.shape, B.shape, C.shape)
+        ctx.has_init = initial_state is not None
+        return out.view(b, l, h, p), final
+
+    @staticmethod
+    def backward(ctx, dout, dfinal):
+        x2, dt2, A, B2, C2, D2, z2, dt_bias, dt_out, dA_cs, prev_states, y = ctx.saved_tensors
+        layout = ctx.layout
+        x_shape, dt_shape, B_shape, C_shape = ctx.shapes
+        L, h, p = x2.shape
+        dout = dout.reshape(L, h, p)
+        dz = None
+        if z2 is not None:
+            zf, df = z2.float(), dout.float()
+            sig = torch.sigmoid(zf)
+            dz = (df * y.float() * sig * (1 + zf * (1 - sig))).to(z2.dtype).view(x_shape)
+            dy = (df * zf * sig).to(dout.dtype)
+        else:
+            dy = dout if dout.stride(-1) == 1 else dout.contiguous()
+        dstates = _chunk_state_fwd(dy, C2, dt_out, dA_cs, layout, for_bwd=True)  # (T, h, p, n)
+        ddA_last = torch.zeros(layout.num_chunks, h, device=x2.device, dtype=torch.float32)
+        dinit = _state_passing_bwd(dstates, prev_states, dA_cs, dfinal.float() if dfinal is not None else None,
+                                   ctx.has_init, ddA_last, layout)
+        dx, dB, dC, ddA_cs, ddt_direct, dD = _chunk_scan_bwd(
+            x2, B2, C2, dy, D2, dt_out, dA_cs, prev_states, dstates, ddA_last, layout)
+        ddt, dA, ddt_bias = _chunk_cumsum_bwd(ddA_cs, ddA_last, ddt_direct, dt2, A, dt_bias, ctx.dt_softplus,
+                                              dt_out, layout)
+        return (dx.view(x_shape), ddt.view(dt_shape), dA, dB.view(B_shape), dC.view(C_shape), dD, dz,
+                ddt_bias, dinit, None, None, None)
+
+
+def ssd_scan_triton(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int = 256,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    initial_state: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    return_final_state: bool = False,
+):
+    """Mamba-2 SSD scan (semantics of ``ssd/reference.py``), differentiable in every tensor input.
+
+    x, z: (b, l, h, p); dt: (b, l, h); A: (h,) fp32; B, C: (b, l, g, n); D: (h,) or (h, p) fp32;
+    dt_bias: (h,) fp32; initial_state: (b, h, p, n) fp32, or (num_seqs, h, p, n) with
+    ``cu_seqlens`` (num_seqs + 1,) int (batch 1). Inputs are validated by
+    ``streamssm.kernels.ssd_scan``. Returns y (b, l, h, p) in x's dtype [, final_state fp32
+    shaped like initial_state].
+    """
+    y, final = SSDScanFn.apply(x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size, dt_softplus, cu_seqlens)
+    return (y, final) if return_final_state else y

@@ -1,0 +1,138 @@
+"""SSD stage 3: carry the state across the chunks of each sequence, forward and backward.
+
+Shape legend: H heads, P headdim, N dstate, T chunks, S sequences.
+
+Forward, per sequence, from its initial state (zeros when absent), in place over ``states``::
+
+    S_in[c]  = S                                  (state entering chunk c, overwrites states[c])
+    S        = exp(Acs_last[c]) * S + states[c]
+    final    = S after the sequence's last chunk
+
+Backward, from the final state's gradient, in place over ``dstates`` (which holds the
+per-chunk ``sum_t exp(Acs_t) dy_t C_t^T``)::
+
+    dS_out[c]       = dS                          (gradient of the state leaving chunk c)
+    dAcs_last[c]   += exp(Acs_last[c]) * <dS, S_in[c]>
+    dS              = exp(Acs_last[c]) * dS + dstates[c]
+    d initial_state = dS after the sequence's first chunk
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from streamssm.kernels.ssd.chunks import ChunkLayout
+
+
+@triton.jit
+def _state_passing_fwd_kernel(
+    # pointers
+    p_states,  # (T, H, P*N) fp32 in: chunk states, out: states entering each chunk
+    p_init,  # (S, H, P*N) fp32 or dummy
+    p_final,  # (S, H, P*N) fp32 out
+    p_dA_cs,  # (T, H, Q) fp32
+    p_clen,  # (T,) int32
+    p_seqoff,  # (S + 1,) int32
+    # dimensions
+    H, PN,
+    # meta-parameters
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, HAS_INIT: tl.constexpr,
+):
+    i_b, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o = i_b * BLOCK + tl.arange(0, BLOCK)
+    m = o < PN
+    o_seq = (i_s.to(tl.int64) * H + i_h) * PN + o
+    if HAS_INIT:
+        b_s = tl.load(p_init + o_seq, mask=m, other=0.0)
+    else:
+        b_s = tl.zeros((BLOCK,), dtype=tl.float32)
+    c0 = tl.load(p_seqoff + i_s).to(tl.int64)
+    c1 = tl.load(p_seqoff + i_s + 1).to(tl.int64)
+    for c in range(c0, c1):
+        clen = tl.load(p_clen + c)
+        a_last = tl.load(p_dA_cs + (c * H + i_h) * CHUNK + clen - 1)
+        ptr = p_states + (c * H + i_h) * PN + o
+        b_cs = tl.load(ptr, mask=m, other=0.0)
+        tl.store(ptr, b_s, mask=m)
+        b_s = tl.exp(a_last) * b_s + b_cs
+    tl.store(p_final + o_seq, b_s, mask=m)
+
+
+@triton.jit
+def _state_passing_bwd_kernel(
+    # pointers
+    p_dstates,  # (T, H, P*N) fp32 in: per-chunk output gradients, out: gradient of each chunk's end state
+    p_prev,  # (T, H, P*N) fp32 states entering each chunk
+    p_dfinal,  # (S, H, P*N) fp32 or dummy
+    p_dinit,  # (S, H, P*N) fp32 out or dummy
+    p_ddA_last,  # (T, H) fp32, accumulated atomically
+    p_dA_cs, p_clen, p_seqoff,
+    # dimensions
+    H, PN,
+    # meta-parameters
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, HAS_DFINAL: tl.constexpr, HAS_DINIT: tl.constexpr,
+):
+    i_b, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o = i_b * BLOCK + tl.arange(0, BLOCK)
+    m = o < PN
+    o_seq = (i_s.to(tl.int64) * H + i_h) * PN + o
+    if HAS_DFINAL:
+        b_ds = tl.load(p_dfinal + o_seq, mask=m, other=0.0)
+    else:
+        b_ds = tl.zeros((BLOCK,), dtype=tl.float32)
+    c0 = tl.load(p_seqoff + i_s).to(tl.int64)
+    c1 = tl.load(p_seqoff + i_s + 1).to(tl.int64)
+    for i in range(0, c1 - c0):
+        c = c1 - 1 - i
+        clen = tl.load(p_clen + c)
+        decay = tl.exp(tl.load(p_dA_cs + (c * H + i_h) * CHUNK + clen - 1))
+        o_c = (c * H + i_h) * PN + o
+        b_dcs = tl.load(p_dstates + o_c, mask=m, other=0.0)
+        b_prev = tl.load(p_prev + o_c, mask=m, other=0.0)
+        tl.store(p_dstates + o_c, b_ds, mask=m)
+        tl.atomic_add(p_ddA_last + c * H + i_h, decay * tl.sum(b_ds * b_prev))
+        b_ds = decay * b_ds + b_dcs
+    if HAS_DINIT:
+        tl.store(p_dinit + o_seq, b_ds, mask=m)
+
+
+def _grid(PN: int, H: int, S: int) -> tuple[int, tuple[int, int, int]]:
+    block = min(1024, max(16, triton.next_power_of_2(PN)))
+    return block, (triton.cdiv(PN, block), H, S)
+
+
+def _state_passing_fwd(states: torch.Tensor, dA_cs: torch.Tensor, initial_state: torch.Tensor | None,
+                       layout: ChunkLayout) -> torch.Tensor:
+    """states (T, H, P, N) fp32, rewritten in place to the states entering each chunk.
+
+    Returns the final state of each sequence (S, H, P, N) fp32.
+    """
+    T, H, P, N = states.shape
+    final = torch.empty(layout.num_seqs, H, P, N, device=states.device, dtype=torch.float32)
+    init = initial_state.contiguous() if initial_state is not None else None
+    block, grid = _grid(P * N, H, layout.num_seqs)
+    _state_passing_fwd_kernel[grid](
+        states, init if init is not None else final, final, dA_cs, layout.lengths, layout.seq_offsets,
+        H, P * N, CHUNK=layout.chunk_size, BLOCK=block, HAS_INIT=init is not None, num_warps=4,
+    )
+    return final
+
+
+def _state_passing_bwd(dstates: torch.Tensor, prev_states: torch.Tensor, dA_cs: torch.Tensor,
+                       dfinal: torch.Tensor | None, need_dinit: bool, ddA_last: torch.Tensor,
+                       layout: ChunkLayout) -> torch.Tensor | None:
+    """Rewrite ``dstates`` (T, H, P, N) in place to the gradients of each chunk's end state,
+    add the chunk-end decay gradients into ``ddA_last`` (T, H), return d initial_state or None."""
+    T, H, P, N = dstates.shape
+    dinit = torch.empty(layout.num_seqs, H, P, N, device=dstates.device, dtype=torch.float32) if need_dinit else None
+    dfin = dfinal.contiguous() if dfinal is not None else None
+    block, grid = _grid(P * N, H, layout.num_seqs)
+    _state_passing_bwd_kernel[grid](
+        dstates, prev_states, dfin if dfin is not None else dstates, dinit if dinit is not None else dstates,
+        ddA_last, dA_cs, layout.lengths, layout.seq_offsets,
+        H, P * N, CHUNK=layout.chunk_size, BLOCK=block,
+        HAS_DFINAL=dfin is not None, HAS_DINIT=dinit is not None, num_warps=4,
+    )
+    return dinit
