@@ -53,7 +53,7 @@ def _configs() -> list:
         for bd in (4, 8, 16)
         for w in (4, 8)
     ]
-    return autotune_configs(configs, triton.Config({"BLOCK_D": 4}, num_warps=1, num_stages=1))
+    return autotune_configs(configs, triton.Config({"BLOCK_D": 8}, num_warps=1, num_stages=1))
 
 
 def _prune_by_group(configs, named_args, **kwargs):
