@@ -63,9 +63,10 @@ def export_safetensors(model: SSMModel, path: str | Path, serving: dict[str, Any
 def _bundle(config: dict, state_dict: dict[str, torch.Tensor], serving: dict, device) -> ServingBundle:
     cfg = ModelConfig.from_dict(config)
     model = SSMModel(cfg)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    if missing or unexpected:
-        raise DataFormatError(f"checkpoint weights do not fit the config: missing {missing}, unexpected {unexpected}")
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:  # missing/unexpected keys and shape mismatches, all listed by torch
+        raise DataFormatError(f"checkpoint weights do not fit the config: {exc}") from exc
     model.to(device).eval()
     return ServingBundle(model, cfg, serving, model_fingerprint(model))
 

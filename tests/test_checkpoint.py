@@ -1,0 +1,73 @@
+"""Serving bundles: safetensors export and Lightning-style .ckpt load to the same model."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from streamssm.checkpoint import export_safetensors, load_for_serving, model_fingerprint
+from streamssm.errors import ConfigError, DataFormatError
+from streamssm.models import ModelConfig, SSMModel
+
+CFG = ModelConfig(block="mamba", d_model=16, n_layers=2, d_state=4, input_kind="continuous", input_dim=2,
+                  head="regression", output_dim=2)
+SERVING = {"modality": "sensor", "channels": ["a", "b"], "mean": [0.0, 1.0], "std": [1.0, 2.0]}
+
+
+def outputs(model: SSMModel) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.linspace(-1, 1, 2 * 9).reshape(1, 9, 2))[0]
+
+
+def test_safetensors_export_round_trip(tmp_path):
+    model = SSMModel(CFG).eval()
+    bundle = load_for_serving(export_safetensors(model, tmp_path / "m.safetensors", SERVING))
+    assert bundle.config == CFG and bundle.serving == SERVING
+    assert bundle.fingerprint == model_fingerprint(model)
+    assert torch.equal(outputs(bundle.model), outputs(model))
+
+
+def test_lightning_checkpoint_loads_model_prefix(tmp_path):
+    model = SSMModel(CFG).eval()
+    ckpt = {
+        "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()} | {"other.weight": torch.ones(1)},
+        "streamssm": {"config": CFG.to_dict(), "serving": SERVING},
+    }
+    torch.save(ckpt, tmp_path / "m.ckpt")
+    bundle = load_for_serving(tmp_path / "m.ckpt")
+    assert torch.equal(outputs(bundle.model), outputs(model))
+
+
+def test_fingerprint_changes_with_weights():
+    a, b = SSMModel(CFG), SSMModel(CFG)
+    assert model_fingerprint(a) != model_fingerprint(b)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(DataFormatError, match="nope.ckpt"):
+        load_for_serving(tmp_path / "nope.ckpt")
+
+
+def test_foreign_safetensors_is_refused(tmp_path):
+    save_file({"w": torch.zeros(2)}, tmp_path / "x.safetensors")
+    with pytest.raises(DataFormatError, match="not a streamssm export"):
+        load_for_serving(tmp_path / "x.safetensors")
+
+
+def test_checkpoint_without_streamssm_entry_is_refused(tmp_path):
+    torch.save({"state_dict": {}}, tmp_path / "plain.ckpt")
+    with pytest.raises(ConfigError, match="not a streamssm training checkpoint"):
+        load_for_serving(tmp_path / "plain.ckpt")
+
+
+def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
+    path = export_safetensors(SSMModel(CFG), tmp_path / "m.safetensors")
+    other = json.dumps(ModelConfig(**(CFG.to_dict() | {"d_model": 8})).to_dict())
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, tmp_path / "bad.safetensors", metadata={"format": "streamssm", "config": other})
+    with pytest.raises(DataFormatError, match="do not fit the config"):
+        load_for_serving(tmp_path / "bad.safetensors")
