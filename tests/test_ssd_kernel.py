@@ -1,0 +1,213 @@
+"""Triton SSD (Mamba-2) chunked scan vs the sequential reference (CPU: TRITON_INTERPRET=1, fp32).
+
+Gradients are checked by backpropagating ``(y * dy).sum() + (hT * dhT).sum()``, so the final
+state's gradient path (and through it the initial state's) is covered. GPU tests (bf16/fp32,
+realistic sizes) compare against the chunked reference in float64.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from streamssm.errors import ShapeError
+from streamssm.kernels import ssd_scan
+from streamssm.kernels.ssd.chunked_ref import ssd_chunked_ref
+from streamssm.kernels.ssd.reference import ssd_scan_ref
+from streamssm.testing import assert_close
+
+GRAD_NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")
+
+
+def _inputs(b, l, h, p, g, n, *, D=None, z=False, bias=False, init=False, rows=None, device="cpu",
+            dtype=torch.float32, softplus=True):
+    """Random SSD inputs; dt is raw (softplus'd in the op) unless ``softplus`` is False."""
+    rows = b if rows is None else rows
+    kw = dict(device=device, dtype=dtype)
+    t = {
+        "x": torch.randn(b, l, h, p, **kw),
+        "dt": (torch.randn(b, l, h, **kw) - 1.0) if softplus else torch.rand(b, l, h, **kw) * 0.5 + 0.05,
+        "A": -(torch.rand(h, device=device) * 2 + 0.2),
+        "B": torch.randn(b, l, g, n, **kw),
+        "C": torch.randn(b, l, g, n, **kw),
+        "D": None if D is None else torch.randn(*((h,) if D == "h" else (h, p)), device=device),
+        "z": torch.randn(b, l, h, p, **kw) if z else None,
+        "dt_bias": torch.randn(h, device=device) * 0.5 if bias else None,
+        "initial_state": torch.randn(rows, h, p, n, device=device) if init else None,
+    }
+    return t
+
+
+def _run(backend, t, chunk_size, softplus=True, cu_seqlens=None, seed=1):
+    """Forward + backward; returns {"y", "final", "d<name>"...}."""
+    leaves = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in t.items()}
+    y, final = ssd_scan(
+        leaves["x"], leaves["dt"], leaves["A"], leaves["B"], leaves["C"], chunk_size=chunk_size,
+        D=leaves["D"], z=leaves["z"], dt_bias=leaves["dt_bias"], dt_softplus=softplus,
+        initial_state=leaves["initial_state"], cu_seqlens=cu_seqlens, return_final_state=True, backend=backend,
+    )
+    gen = torch.Generator(device=y.device).manual_seed(seed)
+    dy = torch.randn(y.shape, generator=gen, device=y.device, dtype=y.dtype)
+    dh = torch.randn(final.shape, generator=gen, device=y.device, dtype=final.dtype)
+    ((y * dy).sum() + (final * dh).sum()).backward()
+    out = {"y": y.detach(), "final": final.detach()}
+    out.update({f"d{k}": v.grad for k, v in leaves.items() if v is not None})
+    return out
+
+
+def _compare(ref, got, dtype=torch.float32):
+    assert set(ref) == set(got)
+    for name in ref:
+        assert got[name] is not None, f"{name}: no gradient"
+        assert_close(name, ref[name], got[name], dtype)
+
+
+CASES = {
+    # id: (b, l, h, p, g, n, chunk, options)
+    "B2-T37-H4-P8-G2-N8-Q16-Dhp-z-bias-h0": (2, 37, 4, 8, 2, 8, 16, dict(D="hp", z=True, bias=True, init=True)),
+    "B1-T1-H2-P4-G1-N4-Q16-Dh": (1, 1, 2, 4, 1, 4, 16, dict(D="h")),
+    "B2-T50-H2-P16-G1-N16-Q32-Dh-h0-nosoftplus": (2, 50, 2, 16, 1, 16, 32, dict(D="h", init=True, softplus=False)),
+    "B1-T53-H3-P5-G3-N6-Q24-h0": (1, 53, 3, 5, 3, 6, 24, dict(init=True)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_matches_reference(case):
+    b, l, h, p, g, n, q, opts = CASES[case]
+    softplus = opts.pop("softplus", True)
+    t = _inputs(b, l, h, p, g, n, softplus=softplus, **opts)
+    _compare(_run("reference", t, q, softplus), _run("triton", t, q, softplus))
+
+
+def test_non_contiguous_inputs():
+    b, l, h, p, g, n = 2, 21, 2, 8, 1, 8
+    t = _inputs(b, l, h, p, g, n, D="h", init=True)
+    want = _run("reference", t, 16)
+    t["x"] = t["x"].transpose(2, 3).contiguous().transpose(2, 3)  # (b, l, h, p) with p strided
+    t["B"] = torch.cat([t["B"], torch.randn_like(t["B"])], dim=-1)[..., :n]  # row stride 2n
+    t["dt"] = t["dt"].transpose(0, 1).contiguous().transpose(0, 1)  # batch not outermost
+    assert not (t["x"].is_contiguous() or t["B"].is_contiguous() or t["dt"].is_contiguous())
+    _compare(want, _run("triton", t, 16))
+
+
+def test_packed_sequences_match_reference():
+    """Packed rows with an empty sequence, a 1-step one and lengths that do not fill chunks."""
+    bounds = [0, 5, 5, 6, 30, 47]
+    h, p, g, n = 2, 8, 1, 8
+    t = _inputs(1, bounds[-1], h, p, g, n, D="h", z=True, bias=True, init=True, rows=len(bounds) - 1)
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    _compare(_run("reference", t, 16, cu_seqlens=cu), _run("triton", t, 16, cu_seqlens=cu))
+
+
+def test_packed_equals_each_alone():
+    bounds = [0, 11, 40]
+    h, p, g, n = 2, 8, 1, 8
+    t = _inputs(1, bounds[-1], h, p, g, n, D="h", init=True, rows=2)
+    cu = torch.tensor(bounds, dtype=torch.int64)
+    y, final = ssd_scan(t["x"], t["dt"], t["A"], t["B"], t["C"], chunk_size=16, D=t["D"], dt_softplus=True,
+                        initial_state=t["initial_state"], cu_seqlens=cu, return_final_state=True, backend="triton")
+    for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+        y_i, f_i = ssd_scan(t["x"][:, s:e], t["dt"][:, s:e], t["A"], t["B"][:, s:e], t["C"][:, s:e], chunk_size=16,
+                            D=t["D"], dt_softplus=True, initial_state=t["initial_state"][i:i + 1],
+                            return_final_state=True, backend="triton")
+        assert_close(f"y[seq {i}]", y_i, y[:, s:e], rtol=1e-5, atol=1e-5)
+        assert_close(f"final[seq {i}]", f_i, final[i:i + 1], rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_calls_carrying_state_equal_one_call():
+    b, l, h, p, g, n = 2, 40, 2, 8, 1, 8
+    t = _inputs(b, l, h, p, g, n, D="h", z=True, bias=True, init=True)
+    kw = dict(chunk_size=16, D=t["D"], dt_bias=t["dt_bias"], dt_softplus=True, return_final_state=True,
+              backend="triton")
+    y, final = ssd_scan(t["x"], t["dt"], t["A"], t["B"], t["C"], z=t["z"], initial_state=t["initial_state"], **kw)
+    state, ys = t["initial_state"], []
+    for s, e in [(0, 13), (13, 29), (29, 40)]:
+        y_i, state = ssd_scan(t["x"][:, s:e], t["dt"][:, s:e], t["A"], t["B"][:, s:e], t["C"][:, s:e],
+                              z=t["z"][:, s:e], initial_state=state, **kw)
+        ys.append(y_i)
+    assert_close("y chunked", y, torch.cat(ys, dim=1), rtol=1e-5, atol=1e-5)
+    assert_close("final chunked", final, state, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_torch_reference_matches_sequential():
+    t = _inputs(2, 45, 4, 6, 2, 5, D="hp", z=True, bias=True, init=True)
+    kw = dict(D=t["D"], z=t["z"], dt_bias=t["dt_bias"], dt_softplus=True, initial_state=t["initial_state"],
+              return_final_state=True)
+    y0, f0 = ssd_scan_ref(t["x"], t["dt"], t["A"], t["B"], t["C"], **kw)
+    for seg in (None, 2):
+        y1, f1 = ssd_chunked_ref(t["x"], t["dt"], t["A"], t["B"], t["C"], chunk_size=16, segment_chunks=seg, **kw)
+        assert_close("y", y0, y1)
+        assert_close("final", f0, f1)
+
+
+def test_bad_inputs_raise_shape_error():
+    t = _inputs(2, 8, 4, 4, 2, 4)
+    x, dt, A, B, C = t["x"], t["dt"], t["A"], t["B"], t["C"]
+    with pytest.raises(ShapeError, match="dt"):
+        ssd_scan(x, dt[:, :5], A, B, C, backend="triton")
+    with pytest.raises(ShapeError, match="heads"):
+        ssd_scan(x, dt, A, torch.randn(2, 8, 3, 4), torch.randn(2, 8, 3, 4), backend="triton")
+    with pytest.raises(ShapeError, match="initial_state"):
+        ssd_scan(x, dt, A, B, C, initial_state=torch.randn(1, 4, 4, 4), backend="triton")
+    with pytest.raises(ShapeError, match="batch 1"):
+        ssd_scan(x, dt, A, B, C, cu_seqlens=torch.tensor([0, 8]), backend="triton")
+    with pytest.raises(ShapeError, match="cu_seqlens"):
+        ssd_scan(x[:1], dt[:1], A, B[:1], C[:1], cu_seqlens=torch.tensor([0, 3, 7]), backend="triton")
+    with pytest.raises(ShapeError, match="D"):
+        ssd_scan(x, dt, A, B, C, D=torch.randn(4, 3), backend="triton")
+
+
+# ----------------------------------------------------------------------------- GPU (H100)
+
+
+def _rel_err(ref: torch.Tensor, got: torch.Tensor) -> float:
+    ref, got = ref.double(), got.double()
+    return float((got - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+GPU_CASES = {
+    "B2-T4096-H8-P64-G1-N128": (2, 4096, 8, 64, 1, 128),
+    "B1-T3000-H8-P64-G2-N64-short-chunk": (1, 3000, 8, 64, 2, 64),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("case", list(GPU_CASES), ids=list(GPU_CASES))
+def test_gpu_matches_float64(case, dtype):
+    """Outputs, final states and every gradient vs the float64 chunked reference (relative L2)."""
+    b, l, h, p, g, n = GPU_CASES[case]
+    t = _inputs(b, l, h, p, g, n, D="h", z=True, bias=True, init=True, device="cuda", dtype=dtype)
+    got = _run("triton", t, 256)
+    leaves = {k: (v.detach().double().requires_grad_() if v is not None else None) for k, v in t.items()}
+    y, final = ssd_chunked_ref(leaves["x"], leaves["dt"], leaves["A"], leaves["B"], leaves["C"], chunk_size=256,
+                               D=leaves["D"], z=leaves["z"], dt_bias=leaves["dt_bias"], dt_softplus=True,
+                               initial_state=leaves["initial_state"], return_final_state=True,
+                               compute_dtype=torch.float64)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    dy = torch.randn(y.shape, generator=gen, device="cuda", dtype=dtype).double()
+    dh = torch.randn(final.shape, generator=gen, device="cuda", dtype=torch.float32).double()
+    ((y * dy).sum() + (final * dh).sum()).backward()
+    ref = {"y": y, "final": final}
+    ref.update({f"d{k}": v.grad for k, v in leaves.items() if v is not None})
+    bound = 1e-4 if dtype == torch.float32 else 2e-2
+    errs = {k: _rel_err(ref[k], got[k]) for k in ref}
+    bad = {k: e for k, e in errs.items() if not e < bound}
+    assert not bad, f"relative L2 errors over {bound}: {bad} (all: {errs})"
+
+
+@pytest.mark.gpu
+def test_gpu_packed_matches_reference():
+    bounds = [0, 700, 701, 2300, 2300, 4000]
+    t = _inputs(1, bounds[-1], 4, 64, 1, 64, D="h", bias=True, init=True, rows=len(bounds) - 1, device="cuda")
+    cu = torch.tensor(bounds, dtype=torch.int32, device="cuda")
+    got = _run("triton", t, 256, cu_seqlens=cu)
+    for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if e == s:
+            assert_close(f"final[{i}] (empty)", t["initial_state"][i], got["final"][i], rtol=0, atol=0)
+            continue
+        y, f = ssd_chunked_ref(t["x"][:, s:e], t["dt"][:, s:e], t["A"], t["B"][:, s:e], t["C"][:, s:e], 256,
+                               D=t["D"], dt_bias=t["dt_bias"], dt_softplus=True,
+                               initial_state=t["initial_state"][i:i + 1], return_final_state=True,
+                               compute_dtype=torch.float64)
+        assert _rel_err(y, got["y"][:, s:e]) < 1e-4 and _rel_err(f, got["final"][i:i + 1]) < 1e-4
