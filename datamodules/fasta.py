@@ -1,0 +1,449 @@
+"""DNA windows from FASTA files (pyfaidx) for next-base language modelling.
+
+Shape legend: b batch, l window (model input length). Each sample reads ``l + 1`` bases and
+returns ``{"inputs": (l,) long, "targets": (l,) long, "mask": (l,) bool}`` with tokens
+A,C,G,T,N -> 0..4 (``encoding.encode_bases``; lowercase soft-masked bases are their upper-case
+tokens) and ``mask`` false where the target is N (when ``mask_n``).
+
+Windows come from one or more FASTA files, either
+
+- random (train): a fresh seeded window every epoch, drawn from the training regions with
+  probability proportional to their usable length, re-drawn (up to 10 times) while its N
+  fraction exceeds ``max_n_fraction``; val/test tile their regions without overlap; or
+- a BED file: each row (``chrom start end [name score strand]``, 0-based half-open) is one
+  window, resized around its centre to ``l + 1`` bases and clamped to the chromosome; rows on
+  the ``-`` strand are reverse-complemented.
+
+Splits never share a base: whole chromosomes (``val_chroms``/``test_chroms``) or, per
+chromosome, the last ``val_fraction + test_fraction`` of its length (train | val | test).
+BED windows that straddle a split boundary are dropped. Reverse-complement augmentation
+(``rc_prob``) applies to training only. Each worker process opens its own pyfaidx handles.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyfaidx
+import torch
+from torch.utils.data import Dataset
+
+from streamssm.datamodules._common import (
+    BaseDataModule,
+    EpochKeySampler,
+    LazyHandleMixin,
+    check_fractions,
+    check_positive,
+    evenly_spaced,
+    resolve_files,
+    split_points,
+    tile_starts,
+)
+from streamssm.datamodules.encoding import DNA_ALPHABET, DNA_VOCAB_SIZE, N_TOKEN, encode_bases, reverse_complement
+from streamssm.errors import ConfigError, DataFormatError
+
+log = logging.getLogger(__name__)
+
+FASTA_SUFFIXES = (".fa", ".fasta", ".fna", ".fas", ".fa.gz", ".fasta.gz", ".fna.gz")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Region:
+    """Half-open span ``[start, end)`` of chromosome ``chrom`` in FASTA file number ``file``."""
+
+    file: int
+    chrom: str
+    start: int
+    end: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class Window:
+    """One fixed window (``end - start == l + 1`` bases); ``minus`` reads the reverse strand."""
+
+    file: int
+    chrom: str
+    start: int
+    end: int
+    minus: bool = False
+
+
+def open_fasta(path: str | Path, build_index: bool = True) -> pyfaidx.Fasta:
+    """Open a FASTA file with pyfaidx (building ``path.fai`` if missing or stale).
+
+    Raises ``DataFormatError`` naming the file for a missing file, non-FASTA or binary content,
+    inconsistent line lengths, duplicate names, or an index that cannot be written.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(f"FASTA file {str(path)!r} does not exist")
+    with open(path, "rb") as fh:
+        head = fh.read(4096)
+    if head[:2] == b"\x1f\x8b":
+        raise DataFormatError(f"FASTA file {str(path)!r} is gzip-compressed; decompress it (gzip -d) and retry")
+    if b"\x00" in head:
+        raise DataFormatError(f"FASTA file {str(path)!r} is not a text FASTA file (binary content)")
+    try:
+        return pyfaidx.Fasta(
+            str(path),
+            as_raw=True,
+            sequence_always_upper=False,
+            strict_bounds=True,
+            rebuild=build_index,
+            build_index=build_index,
+        )
+    except UnicodeDecodeError:
+        raise DataFormatError(
+            f"FASTA file {str(path)!r} is not a text FASTA file (binary content; compressed files must be "
+            f"decompressed first)"
+        ) from None
+    except pyfaidx.FastaIndexingError as exc:
+        raise DataFormatError(f"FASTA file {str(path)!r} is malformed: {exc}") from None
+    except pyfaidx.IndexNotFoundError as exc:
+        raise DataFormatError(f"FASTA index of {str(path)!r} is missing: {exc}") from None
+    except PermissionError as exc:
+        raise DataFormatError(
+            f"cannot build the index {str(path)}.fai ({exc}); make the folder writable or run "
+            f"`samtools faidx {path}` where you can"
+        ) from None
+    except ValueError as exc:  # duplicate record names and similar content problems
+        raise DataFormatError(f"FASTA file {str(path)!r} cannot be indexed: {exc}") from None
+
+
+class FastaReader(LazyHandleMixin):
+    """Reads base spans from several FASTA files through per-process pyfaidx handles."""
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self.paths = [str(p) for p in paths]
+
+    def _open_handle(self) -> list[pyfaidx.Fasta]:
+        return [open_fasta(p, build_index=False) for p in self.paths]
+
+    def read(self, file: int, chrom: str, start: int, end: int, minus: bool = False) -> torch.Tensor:
+        """Tokens (end - start,) of ``[start, end)``; reverse complement when ``minus``."""
+        try:
+            text = self.handle()[file][chrom][start:end]
+        except pyfaidx.FetchError as exc:
+            raise DataFormatError(f"{self.paths[file]}: cannot read {chrom}:{start}-{end}: {exc}") from None
+        try:
+            tokens = encode_bases(text)
+        except DataFormatError as exc:
+            raise DataFormatError(f"{self.paths[file]}: {chrom}:{start}-{end}: {exc}") from None
+        if tokens.numel() != end - start:
+            raise DataFormatError(
+                f"{self.paths[file]}: {chrom}:{start}-{end} returned {tokens.numel()} bases; "
+                f"the .fai index may be stale (delete it to rebuild)"
+            )
+        return reverse_complement(tokens) if minus else tokens
+
+
+def lm_sample(tokens: torch.Tensor, mask_n: bool) -> dict[str, torch.Tensor]:
+    """(l+1,) tokens -> next-token sample ``{"inputs", "targets", "mask"}`` of length l."""
+    targets = tokens[1:]
+    mask = targets != N_TOKEN if mask_n else torch.ones_like(targets, dtype=torch.bool)
+    return {"inputs": tokens[:-1], "targets": targets, "mask": mask}
+
+
+class RandomWindowDataset(Dataset):
+    """Key -> a random window of ``window + 1`` bases from ``regions`` (see ``EpochKeySampler``)."""
+
+    def __init__(
+        self,
+        reader: FastaReader,
+        regions: list[Region],
+        window: int,
+        num_samples: int,
+        seed: int,
+        rc_prob: float,
+        max_n_fraction: float,
+        mask_n: bool,
+        max_tries: int = 10,
+    ) -> None:
+        self.reader = reader
+        self.regions = [r for r in regions if r.length >= window + 1]
+        if not self.regions:
+            longest = max((r.length for r in regions), default=0)
+            raise ConfigError(
+                f"window={window}: every training region is shorter than window + 1 bases "
+                f"(longest {longest}); use a smaller window"
+            )
+        positions = np.array([r.length - window for r in self.regions], dtype=np.float64)
+        self.cum = np.cumsum(positions / positions.sum())
+        self.window = window
+        self.num_samples = num_samples
+        self.seed = seed
+        self.rc_prob = rc_prob
+        self.max_n_fraction = max_n_fraction
+        self.mask_n = mask_n
+        self.max_tries = max_tries
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def draw(self, key: int) -> tuple[Window, torch.Tensor]:
+        """The window for ``key`` and its tokens (forward strand), re-drawn while too N-rich."""
+        rng = np.random.default_rng([self.seed, int(key)])
+        for _ in range(self.max_tries):
+            r = self.regions[min(int(np.searchsorted(self.cum, rng.random(), side="right")), len(self.regions) - 1)]
+            start = r.start + int(rng.integers(0, r.length - self.window))
+            tokens = self.reader.read(r.file, r.chrom, start, start + self.window + 1)
+            if float((tokens == N_TOKEN).float().mean()) <= self.max_n_fraction:
+                break
+        minus = bool(rng.random() < self.rc_prob)
+        return Window(r.file, r.chrom, start, start + self.window + 1, minus), tokens
+
+    def __getitem__(self, key: int) -> dict[str, torch.Tensor]:
+        win, tokens = self.draw(key)
+        return lm_sample(reverse_complement(tokens) if win.minus else tokens, self.mask_n)
+
+
+class FixedWindowDataset(Dataset):
+    """Index (or epoch key, taken modulo the size) -> one of a fixed list of windows.
+
+    With ``rc_prob > 0`` (training on BED windows) the strand is flipped at random per key.
+    """
+
+    def __init__(self, reader: FastaReader, windows: list[Window], mask_n: bool, rc_prob: float = 0.0, seed: int = 0) -> None:
+        self.reader = reader
+        self.windows = windows
+        self.mask_n = mask_n
+        self.rc_prob = rc_prob
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, key: int) -> dict[str, torch.Tensor]:
+        win = self.windows[int(key) % len(self.windows)]
+        minus = win.minus
+        if self.rc_prob > 0 and np.random.default_rng([self.seed, int(key)]).random() < self.rc_prob:
+            minus = not minus
+        tokens = self.reader.read(win.file, win.chrom, win.start, win.end, minus)
+        return lm_sample(tokens, self.mask_n)
+
+
+def read_bed(path: str | Path) -> list[tuple[str, int, int, bool, int]]:
+    """Rows ``(chrom, start, end, minus_strand, line_number)`` of a BED file (0-based, half-open)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(f"BED file {str(path)!r} does not exist")
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip() or line.startswith(("#", "track", "browser")):
+                continue
+            fields = line.rstrip("\n").split("\t") if "\t" in line else line.split()
+            if len(fields) < 3:
+                raise DataFormatError(f"{path}:{lineno}: expected at least 3 columns (chrom start end), got {line.strip()!r}")
+            try:
+                start, end = int(fields[1]), int(fields[2])
+            except ValueError:
+                raise DataFormatError(f"{path}:{lineno}: start/end must be integers, got {fields[1]!r}, {fields[2]!r}") from None
+            if start < 0 or end <= start:
+                raise DataFormatError(f"{path}:{lineno}: expected 0 <= start < end, got {start}, {end}")
+            minus = len(fields) >= 6 and fields[5].strip() == "-"
+            rows.append((fields[0], start, end, minus, lineno))
+    if not rows:
+        raise DataFormatError(f"BED file {str(path)!r} holds no intervals")
+    return rows
+
+
+class FastaDataModule(BaseDataModule):
+    """Next-base LM windows (vocab 5: A,C,G,T,N) over FASTA files.
+
+    Args:
+        fasta: a FASTA file, folder, glob or list of them (plain text; ``.fai`` built if missing).
+        window: model input length l (each sample reads l + 1 bases).
+        bed: optional BED file of windows (replaces random windows; see module docstring).
+        chroms: use only these chromosomes (default: all).
+        val_chroms / test_chroms: hold out whole chromosomes (then fractions are ignored).
+        val_fraction / test_fraction: otherwise hold out the tail of every chromosome.
+        samples_per_epoch: random training windows per epoch.
+        eval_windows: at most this many val/test windows (evenly spread; None = all).
+        rc_prob: probability of reverse-complementing a training window.
+        max_n_fraction: re-draw random training windows with more N than this.
+        mask_n: mask targets that are N out of the loss.
+    """
+
+    def __init__(
+        self,
+        fasta: str | list[str],
+        window: int = 1024,
+        bed: str | None = None,
+        chroms: list[str] | None = None,
+        val_chroms: list[str] | None = None,
+        test_chroms: list[str] | None = None,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.0,
+        samples_per_epoch: int = 1024,
+        eval_windows: int | None = 64,
+        rc_prob: float = 0.5,
+        max_n_fraction: float = 0.5,
+        mask_n: bool = True,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size, num_workers, pin_memory, seed)
+        check_positive("window", window)
+        check_positive("samples_per_epoch", samples_per_epoch)
+        if eval_windows is not None:
+            check_positive("eval_windows", eval_windows)
+        if not val_chroms and not test_chroms:
+            check_fractions(val_fraction, test_fraction)
+        for name, p in (("rc_prob", rc_prob), ("max_n_fraction", max_n_fraction)):
+            if not 0.0 <= p <= 1.0:
+                raise ConfigError(f"{name}: expected a probability in [0, 1], got {p}")
+        self.save_hyperparameters(logger=False)
+        self.fasta = fasta
+        self.window = int(window)
+        self.bed = bed
+        self.chroms = list(chroms) if chroms else None
+        self.val_chroms = list(val_chroms or [])
+        self.test_chroms = list(test_chroms or [])
+        self.val_fraction = float(val_fraction)
+        self.test_fraction = float(test_fraction)
+        self.samples_per_epoch = int(samples_per_epoch)
+        self.eval_windows = eval_windows
+        self.rc_prob = float(rc_prob)
+        self.max_n_fraction = float(max_n_fraction)
+        self.mask_n = bool(mask_n)
+        self.files: list[Path] = []
+        self.chrom_lengths: list[tuple[int, str, int]] = []  # (file, chrom, length)
+        self.split_regions: dict[str, list[Region]] = {}
+
+    # ------------------------------------------------------------------ metadata
+    def model_io(self) -> dict[str, Any]:
+        return {"input_kind": "tokens", "vocab_size": DNA_VOCAB_SIZE, "head": "lm", "output_dim": DNA_VOCAB_SIZE}
+
+    def serving_metadata(self) -> dict[str, Any]:
+        return {"modality": "dna", "alphabet": DNA_ALPHABET, "window": self.window, "mask_n": self.mask_n}
+
+    # ------------------------------------------------------------------ setup
+    def _index(self) -> None:
+        self.files = resolve_files(self.fasta, "fasta", FASTA_SUFFIXES)
+        lengths = []
+        for i, path in enumerate(self.files):
+            fa = open_fasta(path)
+            try:
+                lengths.extend((i, name, len(fa.faidx.index[name])) for name in fa.keys())
+            finally:
+                fa.close()
+        names = {c for _, c, _ in lengths}
+        wanted = {"chroms": self.chroms or [], "val_chroms": self.val_chroms, "test_chroms": self.test_chroms}
+        for arg, chroms in wanted.items():
+            unknown = [c for c in chroms if c not in names]
+            if unknown:
+                shown = sorted(names)[:20]
+                raise ConfigError(f"{arg}: chromosome(s) {unknown} not found in the FASTA files; available: {shown}")
+        both = set(self.val_chroms) & set(self.test_chroms)
+        if both:
+            raise ConfigError(f"val_chroms and test_chroms share {sorted(both)}: splits must not overlap")
+        if self.chroms:
+            keep = set(self.chroms) | set(self.val_chroms) | set(self.test_chroms)
+            lengths = [t for t in lengths if t[1] in keep]
+        self.chrom_lengths = lengths
+
+    def _split(self) -> dict[str, list[Region]]:
+        out: dict[str, list[Region]] = {s: [] for s in SPLITS}
+        by_chrom = bool(self.val_chroms or self.test_chroms)
+        for file, chrom, length in self.chrom_lengths:
+            if by_chrom:
+                split = "val" if chrom in self.val_chroms else "test" if chrom in self.test_chroms else "train"
+                out[split].append(Region(file, chrom, 0, length))
+                continue
+            a, b = split_points(length, self.val_fraction, self.test_fraction)
+            for split, lo, hi in (("train", 0, a), ("val", a, b), ("test", b, length)):
+                if hi > lo:
+                    out[split].append(Region(file, chrom, lo, hi))
+        return out
+
+    def _bed_windows(self, regions: dict[str, list[Region]]) -> dict[str, list[Window]]:
+        need = self.window + 1
+        first_file: dict[str, tuple[int, int]] = {}
+        for file, chrom, length in self.chrom_lengths:
+            first_file.setdefault(chrom, (file, length))
+        out: dict[str, list[Window]] = {s: [] for s in SPLITS}
+        dropped = 0
+        for chrom, start, end, minus, lineno in read_bed(self.bed):  # type: ignore[arg-type]
+            if chrom not in first_file:
+                raise DataFormatError(f"{self.bed}:{lineno}: chromosome {chrom!r} is not in the FASTA files")
+            file, length = first_file[chrom]
+            if end > length:
+                raise DataFormatError(f"{self.bed}:{lineno}: end {end} is past the end of {chrom} (length {length})")
+            if length < need:
+                dropped += 1
+                continue
+            s = min(max((start + end) // 2 - need // 2, 0), length - need)
+            home = [
+                split
+                for split in SPLITS
+                for r in regions[split]
+                if r.file == file and r.chrom == chrom and r.start <= s and s + need <= r.end
+            ]
+            if not home:
+                dropped += 1
+                continue
+            out[home[0]].append(Window(file, chrom, s, s + need, minus))
+        if dropped:
+            log.info("BED %s: %d window(s) dropped (straddle a split boundary or chromosome too short)", self.bed, dropped)
+        return out
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._datasets:
+            return
+        self._index()
+        self.split_regions = self._split()
+        reader = FastaReader(self.files)
+        need = self.window + 1
+        if self.bed is not None:
+            windows = self._bed_windows(self.split_regions)
+            if not windows["train"]:
+                raise ConfigError(f"bed={self.bed!r}: no BED window falls inside the training split")
+            self._datasets["train"] = FixedWindowDataset(reader, windows["train"], self.mask_n, self.rc_prob, self.seed)
+        else:
+            windows = {
+                split: [
+                    Window(r.file, r.chrom, s, s + need)
+                    for r in self.split_regions[split]
+                    for s in tile_starts(r.start, r.end, need, need)
+                ]
+                for split in ("val", "test")
+            }
+            self._datasets["train"] = RandomWindowDataset(
+                reader,
+                self.split_regions["train"],
+                self.window,
+                self.samples_per_epoch,
+                self.seed,
+                self.rc_prob,
+                self.max_n_fraction,
+                self.mask_n,
+            )
+        for split in ("val", "test"):
+            chosen = evenly_spaced(windows[split], self.eval_windows)
+            if chosen:
+                self._datasets[split] = FixedWindowDataset(reader, chosen, self.mask_n)
+            elif self.split_regions[split]:
+                log.warning("%s split has no window of %d bases (regions too short)", split, need)
+
+    def train_dataloader(self):  # noqa: ANN201 - DataLoader
+        ds = self._dataset("train")
+        n = self.samples_per_epoch if isinstance(ds, RandomWindowDataset) else len(ds)
+        return self._loader("train", sampler=EpochKeySampler(n, self.seed))
+
+    def predict_dataloader(self):  # noqa: ANN201 - DataLoader
+        """The test windows when a test split exists, else the validation windows."""
+        self._dataset("train")  # runs setup if needed
+        return self._loader("test" if "test" in self._datasets else "val")

@@ -1,0 +1,221 @@
+"""FastaDataModule on tiny generated genomes: windows, splits, RC, N handling, BED, errors."""
+
+import os
+
+import pytest
+import torch
+
+from streamssm.datamodules import FastaDataModule, synthetic
+from streamssm.datamodules.encoding import decode_bases, encode_bases, reverse_complement
+from streamssm.errors import ConfigError, DataFormatError
+
+
+def parse_fasta(path) -> dict[str, str]:
+    """Independent plain-Python FASTA parser (the oracle)."""
+    seqs: dict[str, list[str]] = {}
+    name = None
+    for line in open(path):
+        line = line.strip()
+        if line.startswith(">"):
+            name = line[1:].split()[0]
+            seqs[name] = []
+        elif line:
+            seqs[name].append(line)
+    return {k: "".join(v) for k, v in seqs.items()}
+
+
+@pytest.fixture(scope="module")
+def genome(tmp_path_factory):
+    path = synthetic.write_fasta(tmp_path_factory.mktemp("dna") / "genome.fa", n_chrom=3, length=3000, seed=0)
+    return path, parse_fasta(path)
+
+
+def make(path, **kw):
+    kw.setdefault("window", 64)
+    kw.setdefault("batch_size", 4)
+    kw.setdefault("samples_per_epoch", 16)
+    dm = FastaDataModule(str(path), **kw)
+    dm.setup("fit")
+    return dm
+
+
+def test_batches_are_next_token_pairs_of_real_windows(genome):
+    path, seqs = genome
+    dm = make(path, rc_prob=0.0)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["inputs"].shape == (4, 64) and batch["inputs"].dtype == torch.long
+    assert batch["targets"].shape == (4, 64) and batch["mask"].dtype == torch.bool
+    assert torch.equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
+    assert int(batch["inputs"].max()) <= 4
+    ds = dm._dataset("train")
+    keys = list(dm.train_dataloader().sampler)[:4]
+    for row, key in enumerate(keys):
+        win, _ = ds.draw(key)
+        expected = encode_bases(seqs[win.chrom][win.start : win.end])
+        assert torch.equal(batch["inputs"][row], expected[:-1])
+        assert torch.equal(batch["targets"][row], expected[1:])
+    assert dm.model_io() == {"input_kind": "tokens", "vocab_size": 5, "head": "lm", "output_dim": 5}
+    assert dm.serving_metadata()["alphabet"] == "ACGTN"
+
+
+def test_random_windows_are_seeded_and_change_per_epoch(genome):
+    path, _ = genome
+    a, b = make(path, seed=1), make(path, seed=1)
+    la, lb = a.train_dataloader(), b.train_dataloader()
+    first = next(iter(la))["inputs"]
+    assert torch.equal(first, next(iter(lb))["inputs"])
+    la.sampler.set_epoch(1)
+    assert not torch.equal(first, next(iter(la))["inputs"])
+    other = make(path, seed=2)
+    assert not torch.equal(first, next(iter(other.train_dataloader()))["inputs"])
+
+
+def test_fraction_split_does_not_leak(genome):
+    path, _ = genome
+    dm = make(path, val_fraction=0.2, test_fraction=0.1, eval_windows=None)
+    # per chromosome of 3000: train [0, 2100), val [2100, 2700), test [2700, 3000)
+    for r in dm.split_regions["train"]:
+        assert (r.start, r.end) == (0, 2100)
+    ds = dm._dataset("train")
+    for key in range(200):
+        win, _ = ds.draw(key)
+        assert 0 <= win.start and win.end <= 2100 and win.end - win.start == 65
+    for split, lo, hi in (("val", 2100, 2700), ("test", 2700, 3000)):
+        wins = dm._dataset(split).windows
+        assert wins and all(lo <= w.start and w.end <= hi for w in wins)
+        assert len(wins) == 3 * ((hi - lo) // 65)
+    assert len(dm.val_dataloader().dataset) == len(dm._dataset("val"))
+
+
+def test_chromosome_split_and_unknown_chromosome(genome):
+    path, _ = genome
+    dm = make(path, val_chroms=["chr2"], test_chroms=["chr3"])
+    assert {r.chrom for r in dm.split_regions["train"]} == {"chr1"}
+    assert {w.chrom for w in dm._dataset("val").windows} == {"chr2"}
+    assert {w.chrom for w in dm._dataset("test").windows} == {"chr3"}
+    assert all(dm._dataset("train").draw(k)[0].chrom == "chr1" for k in range(50))
+    with pytest.raises(ConfigError, match="chrX"):
+        make(path, val_chroms=["chrX"])
+    with pytest.raises(ConfigError, match="overlap"):
+        make(path, val_chroms=["chr2"], test_chroms=["chr2"])
+
+
+def test_reverse_complement_augmentation(genome):
+    path, seqs = genome
+    dm = make(path, rc_prob=1.0)
+    ds = dm._dataset("train")
+    for key in range(5):
+        win, _ = ds.draw(key)
+        assert win.minus
+        fwd = encode_bases(seqs[win.chrom][win.start : win.end])
+        sample = ds[key]
+        assert torch.equal(sample["inputs"], reverse_complement(fwd)[:-1])
+    # evaluation windows are never flipped
+    val = dm._dataset("val")
+    w = val.windows[0]
+    assert torch.equal(val[0]["inputs"], encode_bases(seqs[w.chrom][w.start : w.end])[:-1])
+    half = make(path, rc_prob=0.5)
+    flips = [half._dataset("train").draw(k)[0].minus for k in range(200)]
+    assert 60 < sum(flips) < 140
+
+
+def test_n_targets_masked_and_n_rich_windows_redrawn(tmp_path):
+    path = tmp_path / "gappy.fa"
+    # chr1: 200 ACGT, 600 N, 200 ACGT (soft-masked half)
+    path.write_text(">chr1\n" + "ACGT" * 50 + "N" * 600 + "acgt" * 25 + "ACGT" * 25 + "\n")
+    dm = make(path, window=32, val_fraction=0.0, max_n_fraction=0.0, samples_per_epoch=64)
+    ds = dm._dataset("train")
+    for key in range(64):
+        s = ds[key]
+        assert int((s["inputs"] == 4).sum()) == 0
+    keep = make(path, window=32, val_fraction=0.0, max_n_fraction=1.0, mask_n=True, rc_prob=0.0)
+    seen_n = False
+    for key in range(64):
+        s = keep._dataset("train")[key]
+        assert torch.equal(s["mask"], s["targets"] != 4)
+        seen_n |= bool((~s["mask"]).any())
+    assert seen_n
+    nomask = make(path, window=32, val_fraction=0.0, max_n_fraction=1.0, mask_n=False)
+    assert bool(nomask._dataset("train")[0]["mask"].all())
+
+
+def test_bed_windows_centre_strand_and_split(genome, tmp_path):
+    path, seqs = genome
+    bed = synthetic.write_bed(
+        tmp_path / "w.bed",
+        [
+            ("chr1", 100, 200, "a", 0, "+"),
+            ("chr2", 500, 520, "b", 0, "-"),
+            ("chr1", 2380, 2420),  # straddles the train/val boundary at 2400: dropped
+            ("chr1", 2600, 2610),  # inside val
+            ("chr3", 0, 10),  # clamped at the chromosome start
+        ],
+    )
+    dm = make(path, bed=str(bed), val_fraction=0.2, rc_prob=0.0)
+    train = dm._dataset("train").windows
+    assert [(w.chrom, w.start, w.end, w.minus) for w in train] == [
+        ("chr1", 150 - 32, 150 + 33, False),
+        ("chr2", 510 - 32, 510 + 33, True),
+        ("chr3", 0, 65, False),
+    ]
+    assert [(w.chrom, w.start) for w in dm._dataset("val").windows] == [("chr1", 2605 - 32)]
+    minus = dm._dataset("train")[1]
+    assert decode_bases(minus["inputs"]) == decode_bases(reverse_complement(encode_bases(seqs["chr2"][478:543])))[:-1]
+    bad = synthetic.write_bed(tmp_path / "bad.bed", [("chrZ", 0, 10)])
+    with pytest.raises(DataFormatError, match="chrZ"):
+        make(path, bed=str(bad))
+    junk = tmp_path / "junk.bed"
+    junk.write_text("chr1\tten\t20\n")
+    with pytest.raises(DataFormatError, match="junk.bed:1"):
+        make(path, bed=str(junk))
+
+
+def test_missing_index_is_built(genome, tmp_path):
+    src, _ = genome
+    path = tmp_path / "copy.fa"
+    path.write_text(src.read_text())
+    assert not os.path.exists(str(path) + ".fai")
+    dm = make(path)
+    assert os.path.exists(str(path) + ".fai")
+    assert next(iter(dm.train_dataloader()))["inputs"].shape == (4, 64)
+
+
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (b"hello world\nthis is not fasta\n", "malformed"),
+        (b">c1\nACGT\nACGTAC\nAC\n", "malformed"),
+        (bytes(range(256)) * 8, "not a text FASTA"),
+        (b">c1\nACGT\n>c1\nACGT\n", "Duplicate"),
+        (b"\x1f\x8b\x08\x00gzipped", "gzip"),
+    ],
+    ids=["text", "ragged", "binary", "duplicate", "gzip"],
+)
+def test_bad_files_raise_clear_errors(tmp_path, content, match):
+    path = tmp_path / "bad.fa"
+    path.write_bytes(content)
+    with pytest.raises(DataFormatError, match=match) as exc:
+        make(path)
+    assert "bad.fa" in str(exc.value)
+
+
+def test_missing_file_and_invalid_base(tmp_path):
+    with pytest.raises(DataFormatError, match="does not exist"):
+        make(tmp_path / "nope.fa")
+    path = tmp_path / "rna.fa"
+    path.write_text(">r1\n" + "ACGU" * 40 + "\n")
+    dm = make(path, window=16, val_fraction=0.0)
+    with pytest.raises(DataFormatError, match=r"rna\.fa.*r1.*'U'"):
+        dm._dataset("train")[0]
+    with pytest.raises(ConfigError, match="window"):
+        make(path, window=500, val_fraction=0.0)
+
+
+def test_two_workers_give_the_same_batches(genome):
+    path, _ = genome
+    serial = make(path, num_workers=0, samples_per_epoch=12)
+    parallel = make(path, num_workers=2, samples_per_epoch=12)
+    a = [b["inputs"] for b in serial.train_dataloader()]
+    b = [b["inputs"] for b in parallel.train_dataloader()]
+    assert len(a) == len(b) == 3
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
