@@ -56,19 +56,6 @@ def _configs() -> list:
     return autotune_configs(configs, triton.Config({"BLOCK_D": 8}, num_warps=1, num_stages=1))
 
 
-def _prune_by_group(configs, named_args, **kwargs):
-    """Keep configs whose channel block never straddles two groups of B/C."""
-    dpg, groups = named_args["dim_per_group"], named_args["groups"]
-    kept = [c for c in configs if groups == 1 or dpg % c.kwargs["BLOCK_D"] == 0]
-    if kept:
-        return kept
-    bd = dpg & -dpg  # largest power of two dividing dim_per_group
-    return [triton.Config({"BLOCK_D": min(bd, 16)}, num_warps=4, num_stages=1)]
-
-
-_PRUNE = {"early_config_prune": _prune_by_group}
-
-
 # ----------------------------------------------------------------------------- shared jit helpers
 
 
@@ -76,6 +63,17 @@ _PRUNE = {"early_config_prune": _prune_by_group}
 def _affine_combine(a1, b1, a2, b2):
     """Compose h -> a1 h + b1 then h -> a2 h + b2 (also right-to-left when scanned in reverse)."""
     return a1 * a2, b1 * a2 + b2
+
+
+@triton.jit
+def _program_channels(dim_per_group, groups, BLOCK_D: tl.constexpr):
+    """Grid axis 0 runs over (batch, group), axis 1 over channel blocks inside the group.
+
+    Returns batch index (int64), group index, channel offsets (BLOCK_D,) and their mask."""
+    pid_bg = tl.program_id(0)
+    o_j = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    grp = pid_bg % groups
+    return (pid_bg // groups).to(tl.int64), grp, grp * dim_per_group + o_j, o_j < dim_per_group
 
 
 @triton.jit
@@ -113,7 +111,7 @@ def _chunk_states(dt, u, A, Bt, h0):
 # ----------------------------------------------------------------------------- kernels
 
 
-@triton.autotune(configs=_configs(), key=["dim", "dstate", "REVERSE"], prune_configs_by=_PRUNE)
+@triton.autotune(configs=_configs(), key=["dim", "dstate", "REVERSE"])
 @triton.jit
 def _selective_scan_chunk_state_kernel(
     # pointers: w = u (forward) or dy (backward); M = B (forward) or C (backward)
@@ -132,14 +130,10 @@ def _selective_scan_chunk_state_kernel(
     Backward (REVERSE=True): q_start = sum_t exp(A cum_t) C_t dy_t silu(z_t) (adjoint at start).
     Writes loc (b, S, d, n) fp32 and dsum (b, S, d) fp32.
     """
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1)
+    pid_b, grp, o_d, m_d = _program_channels(dim_per_group, groups, BLOCK_D)
     pid_s = tl.program_id(2)
-    o_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    m_d = o_d < dim
     o_n = tl.arange(0, N_PAD)
     m_n = o_n < dstate
-    grp = (pid_d * BLOCK_D) // dim_per_group
     A = tl.load(p_A + o_d[:, None] * s_Ad + o_n[None, :] * s_An, mask=m_d[:, None] & m_n[None, :], other=0.0)
     p_w += pid_b * s_wb
     p_delta += pid_b * s_db
@@ -217,7 +211,7 @@ def _selective_scan_state_passing_kernel(
         tl.store(p_io + (base + dst) * dim * dstate + o_dn, h, mask=m_dn)
 
 
-@triton.autotune(configs=_configs(), key=["dim", "dstate", "HAS_Z"], prune_configs_by=_PRUNE)
+@triton.autotune(configs=_configs(), key=["dim", "dstate", "HAS_Z"])
 @triton.jit
 def _selective_scan_fwd_kernel(
     # pointers
@@ -236,16 +230,12 @@ def _selective_scan_fwd_kernel(
     seg (b, S, d, n) start states; ckpt (b, n_chunks, d, n) state at every chunk start
     (written when STORE_CKPT); final (b, d, n) written by the last segment.
     """
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1)
+    pid_b, grp, o_d, m_d = _program_channels(dim_per_group, groups, BLOCK_D)
     pid_s = tl.program_id(2)
-    o_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    m_d = o_d < dim
     o_n = tl.arange(0, N_PAD)
     m_n = o_n < dstate
     m_dn = m_d[:, None] & m_n[None, :]
     o_dn = o_d[:, None] * dstate + o_n[None, :]
-    grp = (pid_d * BLOCK_D) // dim_per_group
     A = tl.load(p_A + o_d[:, None] * s_Ad + o_n[None, :] * s_An, mask=m_dn, other=0.0)
     if HAS_D:
         Dv = tl.load(p_D + o_d, mask=m_d, other=0.0)
@@ -283,7 +273,7 @@ def _selective_scan_fwd_kernel(
         tl.store(p_final + pid_b * dim * dstate + o_dn, h, mask=m_dn)
 
 
-@triton.autotune(configs=_configs(), key=["dim", "dstate", "HAS_Z"], prune_configs_by=_PRUNE,
+@triton.autotune(configs=_configs(), key=["dim", "dstate", "HAS_Z"],
                  reset_to_zero=["p_dA", "p_dB", "p_dC", "p_dD", "p_dbias"])
 @triton.jit
 def _selective_scan_bwd_kernel(
@@ -304,16 +294,12 @@ def _selective_scan_bwd_kernel(
     """Gradients of one (batch, channel block, segment), walking its chunks in reverse.
 
     qend (b, S, d, n): adjoint dL/dh at the segment's end coming from later steps."""
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1)
+    pid_b, grp, o_d, m_d = _program_channels(dim_per_group, groups, BLOCK_D)
     pid_s = tl.program_id(2)
-    o_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    m_d = o_d < dim
     o_n = tl.arange(0, N_PAD)
     m_n = o_n < dstate
     m_dn = m_d[:, None] & m_n[None, :]
     o_dn = o_d[:, None] * dstate + o_n[None, :]
-    grp = (pid_d * BLOCK_D) // dim_per_group
     A = tl.load(p_A + o_d[:, None] * s_Ad + o_n[None, :] * s_An, mask=m_dn, other=0.0)
     if HAS_D:
         Dv = tl.load(p_D + o_d, mask=m_d, other=0.0)
@@ -412,8 +398,9 @@ def _num_segments(batch: int, dim: int, n_chunks: int, device: torch.device) -> 
     return max(1, min(n_chunks, triton.cdiv(PROGRAMS_PER_SM * sms, programs), 65535))
 
 
-def _grid3(batch: int, dim: int, segments: int):
-    return lambda meta: (batch, triton.cdiv(dim, meta["BLOCK_D"]), segments)
+def _grid3(batch: int, groups: int, dim: int, segments: int):
+    """(batch x groups, channel blocks per group, segments)."""
+    return lambda meta: (batch * groups, triton.cdiv(dim // groups, meta["BLOCK_D"]), segments)
 
 
 def _pass_grid(batch: int, dim: int):
@@ -451,7 +438,7 @@ def _selective_scan_fwd(u, delta, A, B4, C4, D, z, delta_bias, softplus, h0, sto
     if S > 1:
         loc = torch.empty(b, S, d, n, **f32)
         dsum = torch.empty(b, S, d, **f32)
-        _selective_scan_chunk_state_kernel[_grid3(b, d, S)](
+        _selective_scan_chunk_state_kernel[_grid3(b, g, d, S)](
             u, delta, A, B4, zz, delta_bias, loc, dsum, *dims,
             *strides_udz, *A.stride(), *_bc_strides(B4),
             HAS_Z=False, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, REVERSE=False,
@@ -463,7 +450,7 @@ def _selective_scan_fwd(u, delta, A, B4, C4, D, z, delta_bias, softplus, h0, sto
     y = torch.empty(b, d, l, device=u.device, dtype=u.dtype)
     final = torch.empty(b, d, n, **f32)
     ckpt = torch.empty(b, n_chunks, d, n, **f32) if store_ckpt else final
-    _selective_scan_fwd_kernel[_grid3(b, d, S)](
+    _selective_scan_fwd_kernel[_grid3(b, g, d, S)](
         u, delta, A, B4, C4, D, zz, delta_bias, seg, y, ckpt, final, *dims,
         *strides_udz, *A.stride(), *_bc_strides(B4), *_bc_strides(C4),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
@@ -490,7 +477,7 @@ def _selective_scan_bwd(dy, dfinal, u, delta, A, B4, C4, D, z, delta_bias, softp
     if S > 1:
         loc = torch.empty(b, S, d, n, **f32)
         dsum = torch.empty(b, S, d, **f32)
-        _selective_scan_chunk_state_kernel[_grid3(b, d, S)](
+        _selective_scan_chunk_state_kernel[_grid3(b, g, d, S)](
             dy, delta, A, C4, zz, delta_bias, loc, dsum, *dims,
             *dy.stride(), *delta.stride(), *zz.stride(), *A.stride(), *_bc_strides(C4),
             HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, REVERSE=True,
@@ -508,7 +495,7 @@ def _selective_scan_bwd(dy, dfinal, u, delta, A, B4, C4, D, z, delta_bias, softp
     dD = torch.zeros(d, **f32)
     dbias = torch.zeros(d, **f32)
     dh0 = torch.empty(b, d, n, **f32)
-    _selective_scan_bwd_kernel[_grid3(b, d, S)](
+    _selective_scan_bwd_kernel[_grid3(b, g, d, S)](
         u, delta, A, B4, C4, D, zz, delta_bias, ckpt, dy, qend,
         du, ddelta, dz, dA, dB4, dC4, dD, dbias, dh0, *dims,
         *strides_udz, *A.stride(), *_bc_strides(B4), *_bc_strides(C4),
