@@ -1,0 +1,116 @@
+"""Shared benchmark plumbing: shape registry, timing (eager and CUDA-graph replay), peak memory,
+a markdown table with ratios, and the GPU/commit tag of a run.
+
+Timing uses ``triton.testing.do_bench`` (median, L2 flushed between calls). Graph timing
+captures one call in a CUDA graph after warm-up (so autotuning is done) and times replays:
+GPU time without launch overhead. Ratios are peer time / our time (> 1: we are faster).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+# name -> sizes (shared/BENCHMARKS.md)
+SSD_SHAPES: dict[str, dict[str, int]] = {
+    "S1": dict(batch=8, length=4096, heads=24, headdim=64, dstate=128),
+    "S2": dict(batch=2, length=16384, heads=32, headdim=64, dstate=128),
+    "S3": dict(batch=1, length=1_048_576, heads=8, headdim=64, dstate=64),
+}
+MAMBA1_SHAPES: dict[str, dict[str, int]] = {
+    "M1": dict(batch=8, dim=1536, length=4096, dstate=16),
+    "M2": dict(batch=2, dim=2048, length=16384, dstate=16),
+    "M3": dict(batch=1, dim=512, length=1_048_576, dstate=16),
+}
+
+
+def run_tag() -> str:
+    """'<GPU name> · torch x · triton y · commit abc1234[+dirty]'."""
+    import triton
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        commit += "+dirty" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return f"{gpu} · torch {torch.__version__} · triton {triton.__version__} · commit {commit}"
+
+
+def time_eager(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> float:
+    """Median ms of ``fn()`` launched from Python."""
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def time_graph(fn: Callable[[], object], warmup_calls: int = 3, rep: int = 100) -> float:
+    """Median ms of one replay of ``fn`` captured in a CUDA graph (run ``warmup_calls`` first)."""
+    from triton.testing import do_bench
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup_calls):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    ms = float(do_bench(graph.replay, warmup=10, rep=rep, return_mode="median"))
+    del graph
+    return ms
+
+
+def peak_memory_gib(fn: Callable[[], object]) -> float:
+    """Peak memory allocated during ``fn()`` above what was allocated before it, in GiB."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+@dataclass
+class Table:
+    """Rows of measurements; ``ratio_of`` columns get 'peer / ours' ratios against ``ours``."""
+
+    columns: list[str]
+    ratio_of: list[str] = field(default_factory=list)
+    ours: str = "ours"
+    rows: list[dict] = field(default_factory=list)
+
+    def add(self, **row) -> None:
+        self.rows.append(row)
+
+    def markdown(self) -> str:
+        cols = list(self.columns) + [f"{c} ratio" for c in self.ratio_of]
+        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for row in self.rows:
+            base = next((r for r in self.rows if r.get("shape") == row.get("shape") and r.get("kernel") == self.ours),
+                        None)
+            cells = [_fmt(row.get(c)) for c in self.columns]
+            for c in self.ratio_of:
+                mine, theirs = (base or {}).get(c), row.get(c)
+                cells.append(f"{theirs / mine:.2f}x" if isinstance(mine, float) and isinstance(theirs, float)
+                             and mine > 0 else "–")
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
+    return str(v)
