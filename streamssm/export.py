@@ -1,0 +1,49 @@
+"""``streamssm export``: turn a training checkpoint into one ``.safetensors`` file for serving.
+
+    streamssm export --checkpoint runs/dna_tiny/version_0/checkpoints/last.ckpt --output dna.safetensors
+
+The file holds the weights, the ModelConfig and the serving metadata (tokenizer, sample
+rate, normalization statistics, task); ``streamssm serve`` and ``streamssm infer`` load it
+like the checkpoint itself, without unpickling anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from streamssm.checkpoint import export_safetensors, load_for_serving
+from streamssm.errors import ConfigError, StreamSSMError
+
+log = logging.getLogger(__name__)
+
+
+def export_checkpoint(checkpoint: str | Path, output: str | Path, overwrite: bool = False) -> tuple[Path, str]:
+    """Load ``checkpoint`` (Lightning ``.ckpt`` or ``.safetensors``) and write ``output``.
+
+    Returns ``(output path, model fingerprint)``. Refuses to overwrite unless ``overwrite``.
+    """
+    output = Path(output)
+    if output.suffix != ".safetensors":
+        raise ConfigError(f"--output: expected a path ending in .safetensors, got {str(output)!r}")
+    if output.exists() and not overwrite:
+        raise ConfigError(f"--output: {str(output)!r} exists; pass --overwrite to replace it")
+    bundle = load_for_serving(checkpoint, device="cpu")
+    export_safetensors(bundle.model, output, serving=bundle.serving)
+    return output, bundle.fingerprint
+
+
+def main(argv: list[str] | None = None, prog: str = "streamssm export") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="Lightning .ckpt written by `streamssm fit`")
+    parser.add_argument("--output", required=True, help="destination .safetensors file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    args = parser.parse_args(argv)
+    try:
+        path, fingerprint = export_checkpoint(args.checkpoint, args.output, args.overwrite)
+    except StreamSSMError as exc:
+        print(f"{prog}: error: {exc}")
+        return 2
+    print(f"wrote {path} (model fingerprint {fingerprint})")
+    return 0

@@ -1,0 +1,223 @@
+"""Tasks on plain tensors: losses/metrics by hand, config completion from model_io(),
+optimizer groups and schedule, checkpoint -> load_for_serving -> same outputs, export, plots."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from streamssm.checkpoint import load_for_serving
+from streamssm.errors import ConfigError, DataFormatError, ShapeError
+from streamssm.export import export_checkpoint
+from streamssm.export import main as export_main
+from streamssm.plots import plot_training_curve, read_metrics
+from streamssm.tasks import Forecaster, SequenceClassifier, TokenLM, warmup_cosine
+
+TINY = dict(d_model=16, n_layers=1, headdim=8, d_state=8, chunk_size=8, warmup_steps=2)
+
+
+class PeriodicTokens(pl.LightningDataModule):
+    """Tokens 0,1,2,3,0,1,... (vocab 5): next token is fully predictable."""
+
+    def __init__(self, length: int = 16, batch_size: int = 4, n: int = 16) -> None:
+        super().__init__()
+        self.length, self.batch_size, self.n = length, batch_size, n
+
+    def model_io(self) -> dict:
+        return {"input_kind": "tokens", "vocab_size": 5, "head": "lm"}
+
+    def serving_metadata(self) -> dict:
+        return {"kind": "dna", "alphabet": "ACGTN"}
+
+    def _loader(self, offset: int) -> DataLoader:
+        seq = torch.arange(4096) % 4
+        items = [{"inputs": seq[i : i + self.length], "targets": seq[i + 1 : i + self.length + 1]}
+                 for i in range(offset, offset + self.n)]
+        return DataLoader(items, batch_size=self.batch_size)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(0)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(1000)
+
+
+def _trainer(tmp_path, **kw) -> pl.Trainer:
+    kw.setdefault("max_steps", 3)
+    return pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      enable_checkpointing=False,
+                      default_root_dir=tmp_path, limit_val_batches=1, num_sanity_val_steps=0, **kw)
+
+
+def test_warmup_cosine_schedule():
+    assert warmup_cosine(0, 4, 20, 0.1) == pytest.approx(0.25)
+    assert warmup_cosine(3, 4, 20, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(4, 4, 20, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(12, 4, 20, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert warmup_cosine(20, 4, 20, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine(500, 4, 20, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine(500, 4, None, 0.1) == 1.0
+
+
+def test_token_lm_metrics_by_hand():
+    task = TokenLM(**TINY)
+    logits = torch.randn(2, 5, 7)
+    targets = torch.randint(0, 7, (2, 5))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    m = task._metrics(logits, targets, mask)
+    nll = -torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
+    assert m["loss"].item() == pytest.approx(nll[mask].mean().item(), rel=1e-5)
+    assert m["bpt"].item() == pytest.approx(m["loss"].item() / math.log(2), rel=1e-6)
+    assert m["acc"].item() == pytest.approx((logits.argmax(-1) == targets)[mask].float().mean().item())
+    with pytest.raises(ShapeError, match="targets"):
+        task._metrics(logits, targets.float(), None)
+
+
+def test_forecaster_horizon_alignment():
+    task = Forecaster(horizon=3, **TINY)
+    series = torch.randn(2, 9, 2)  # x_0 .. x_8
+    targets = series[:, 1:]  # (2, 8, 2): value after each of the 8 input steps
+    b, l, k = targets.shape
+    perfect = torch.zeros(b, l, 3, k)
+    for j in range(3):
+        perfect[:, : l - j, j] = targets[:, j:]  # prediction j at step t = x_{t+1+j}
+    m = task._metrics(perfect.view(b, l, 3 * k), targets, None)
+    assert m["loss"].item() == pytest.approx(0.0, abs=1e-7) and m["mae"].item() == pytest.approx(0.0, abs=1e-7)
+    shifted = perfect.clone()
+    shifted[:, :, 2] += 1.0  # the horizon-3 prediction is off by exactly 1 everywhere it is scored
+    m = task._metrics(shifted.view(b, l, 3 * k), targets, None)
+    assert m["mse_h3"].item() == pytest.approx(1.0, rel=1e-6)
+    assert m["mse"].item() == pytest.approx(1.0 / 3, rel=1e-6)
+    with pytest.raises(ShapeError, match="horizon 3"):
+        task._metrics(perfect.view(b, l, 3 * k), targets[..., :1], None)
+
+
+def test_classifier_last_valid_step_and_per_step_labels():
+    task = SequenceClassifier(**TINY)
+    logits = torch.zeros(2, 4, 3)
+    logits[0, 1, 2] = 10.0  # row 0: last valid step is 1 -> class 2
+    logits[0, 3, 0] = 10.0  # (masked out)
+    logits[1, 3, 1] = 10.0  # row 1: last step 3 -> class 1
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    m = task._metrics(logits, torch.tensor([2, 1]), mask)
+    assert m["acc"].item() == 1.0 and m["loss"].item() < 1e-3
+    m = task._metrics(logits, torch.tensor([0, 1]), mask)
+    assert m["acc"].item() == 0.5
+    per_step = task._metrics(logits, torch.full((2, 4), 1), None)
+    assert per_step["acc"].item() == pytest.approx(1 / 8)
+    with pytest.raises(ShapeError, match="labels"):
+        task._metrics(logits, torch.zeros(3, dtype=torch.long), None)
+
+
+def test_config_completed_from_model_io_and_conflicts_named():
+    cfg = TokenLM(**TINY).model_config({"input_kind": "tokens", "vocab_size": 5})
+    assert (cfg.vocab_size, cfg.head, cfg.resolved_output_dim, cfg.d_model) == (5, "lm", 5, 16)
+    cfg = Forecaster(horizon=4, **TINY).model_config({"input_kind": "continuous", "input_dim": 3, "output_dim": 2})
+    assert (cfg.input_dim, cfg.output_dim, cfg.head) == (3, 8, "regression")
+    with pytest.raises(ConfigError, match="vocab_size"):
+        TokenLM(vocab_size=4, **TINY).model_config({"input_kind": "tokens", "vocab_size": 5})
+    with pytest.raises(ConfigError, match="head"):
+        Forecaster(**TINY).model_config({"input_kind": "tokens", "vocab_size": 5, "head": "lm"})
+    with pytest.raises(ConfigError, match="input_kind"):
+        TokenLM(**TINY).model_config(None)
+    with pytest.raises(ConfigError, match="not ModelConfig fields"):
+        TokenLM(**TINY).model_config({"input_kind": "tokens", "vocab_size": 5, "vocab": "ACGT"})
+    with pytest.raises(ConfigError, match="lr"):
+        TokenLM(lr=-1.0)
+    with pytest.raises(ConfigError, match="headdim"):
+        TokenLM(**{**TINY, "headdim": 7}).model_config({"input_kind": "tokens", "vocab_size": 5})
+
+
+def test_optimizer_groups_and_warmup():
+    task = TokenLM(vocab_size=5, input_kind="tokens", weight_decay=0.5, lr=1e-2, max_steps=10, **TINY)
+    task.build_model()
+    conf = task.configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    decay = {id(p) for p in opt.param_groups[0]["params"]}
+    names = {n for n, p in task.model.named_parameters() if id(p) in decay}
+    assert opt.param_groups[0]["weight_decay"] == 0.5 and opt.param_groups[1]["weight_decay"] == 0.0
+    assert not any(n.endswith(("A_log", ".D", "dt_bias", "bias")) or "norm" in n for n in names)
+    assert any(n.endswith("in_proj.weight") for n in names)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.5)  # warmup step 0 of 2
+    for _ in range(10):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3)  # min_lr_ratio 0.1 at max_steps
+
+
+@pytest.mark.parametrize("block", ["mamba", "mamba2"])
+def test_fit_checkpoint_serving_and_export_round_trip(tmp_path, block):
+    task = TokenLM(block=block, lr=3e-3, **TINY)
+    trainer = _trainer(tmp_path)
+    trainer.fit(task, datamodule=PeriodicTokens())
+    assert task.model.cfg.vocab_size == 5  # completed from the datamodule
+    ckpt = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(ckpt)
+
+    x = (torch.arange(23) % 4)[None]
+    task.eval()
+    with torch.no_grad():
+        expected = task(x)
+        bundle = load_for_serving(ckpt)
+        torch.testing.assert_close(bundle.model(x)[0], expected, rtol=0, atol=0)
+        assert bundle.serving["alphabet"] == "ACGTN" and bundle.serving["task"]["name"] == "TokenLM"
+        assert bundle.config.block == block
+
+        reloaded = TokenLM.load_from_checkpoint(ckpt, map_location="cpu").eval()
+        torch.testing.assert_close(reloaded(x), expected, rtol=0, atol=0)
+        assert reloaded.serving_metadata["alphabet"] == "ACGTN"
+
+        out, fingerprint = export_checkpoint(ckpt, tmp_path / "m.safetensors")
+        exported = load_for_serving(out)
+        torch.testing.assert_close(exported.model(x)[0], expected, rtol=0, atol=0)
+        assert exported.fingerprint == fingerprint == bundle.fingerprint
+        assert exported.serving == bundle.serving
+
+
+def test_resume_rejects_a_different_architecture(tmp_path):
+    task = TokenLM(**TINY)
+    trainer = _trainer(tmp_path, max_steps=1)
+    trainer.fit(task, datamodule=PeriodicTokens())
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    wider = TokenLM(**{**TINY, "d_model": 24})
+    with pytest.raises(ConfigError, match="d_model"):
+        _trainer(tmp_path, max_steps=2).fit(wider, datamodule=PeriodicTokens(), ckpt_path=tmp_path / "a.ckpt")
+
+
+def test_export_cli_errors(tmp_path, capsys):
+    assert export_main(["--checkpoint", str(tmp_path / "nope.ckpt"), "--output", str(tmp_path / "x.safetensors")]) == 2
+    assert "does not exist" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="safetensors"):
+        export_checkpoint(tmp_path / "nope.ckpt", tmp_path / "x.bin")
+
+
+def test_forecaster_and_classifier_fit_on_plain_loaders(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 12, 2, generator=g)
+    reg = [{"inputs": x[i, :-1], "targets": x[i, 1:]} for i in range(8)]
+    task = Forecaster(horizon=2, input_kind="continuous", input_dim=2, output_dim=2, **TINY)
+    _trainer(tmp_path, max_steps=2).fit(task, DataLoader(reg, batch_size=4))
+    assert task.model.cfg.output_dim == 4
+    cls = [{"inputs": x[i], "targets": torch.tensor(i % 3)} for i in range(8)]
+    clf = SequenceClassifier(input_kind="continuous", input_dim=2, output_dim=3, **TINY)
+    trainer = _trainer(tmp_path, max_steps=2)
+    trainer.fit(clf, DataLoader(cls, batch_size=4), DataLoader(cls, batch_size=4))
+    assert {"val/loss", "val/acc"} <= set(trainer.callback_metrics)
+
+
+def test_training_curve_png(tmp_path):
+    csv_path = tmp_path / "metrics.csv"
+    rows = ["epoch,step,lr,train/loss,val/loss"] + [f"0,{s},0.001,{2.0 / (s + 1)}," for s in range(10)]
+    rows.append("0,9,,,0.4")
+    csv_path.write_text("\n".join(rows) + "\n")
+    series = read_metrics(csv_path)
+    assert len(series["train/loss"]) == 10 and series["val/loss"] == [(9, 0.4)]
+    png = plot_training_curve(csv_path, tmp_path / "curve.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "empty.csv").write_text("epoch,step,lr\n0,1,0.1\n")
+    with pytest.raises(DataFormatError, match="no loss column"):
+        plot_training_curve(tmp_path / "empty.csv", tmp_path / "e.png")
