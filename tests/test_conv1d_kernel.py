@@ -1,0 +1,119 @@
+"""Triton causal depthwise conv1d against the reference: outputs, final conv state, grads.
+
+Each case backpropagates (y * dy).sum() + (final * dfinal).sum(); lengths shorter than w-1
+exercise the path where the final state still holds part of the initial state.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from streamssm.errors import ShapeError
+from streamssm.kernels import causal_conv1d
+from streamssm.kernels.conv1d.reference import causal_conv1d_ref
+from streamssm.testing import assert_close
+
+
+def make_inputs(b, d, l, w, bias=True, init=True, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype).requires_grad_()
+
+    return dict(x=rnd(b, d, l), weight=rnd(d, w), bias=rnd(d) if bias else None,
+                initial_state=rnd(b, d, w - 1) if init else None)
+
+
+def run(fn, inputs, activation="silu", seed=1):
+    y, final = fn(**inputs, activation=activation, return_final_state=True)
+    g = torch.Generator().manual_seed(seed)
+    dy = torch.randn(y.shape, generator=g).to(y)
+    dfinal = torch.randn(final.shape, generator=g).to(final)
+    leaves = {k: v for k, v in inputs.items() if v is not None}
+    grads = torch.autograd.grad((y * dy).sum() + (final * dfinal).sum(), list(leaves.values()))
+    return y, final, dict(zip(leaves, grads))
+
+
+def triton_conv(**kw):
+    return causal_conv1d(**kw, backend="triton")
+
+
+def check(inputs, activation="silu", dtype=torch.float32):
+    ours = run(triton_conv, inputs, activation)
+    ref = run(causal_conv1d_ref, {k: (None if v is None else v.detach().double().requires_grad_())
+                                  for k, v in inputs.items()}, activation)
+    assert_close("y", ref[0], ours[0], dtype)
+    assert_close("final_state", ref[1], ours[1], dtype)
+    for name in ours[2]:
+        assert_close(f"d{name}", ref[2][name], ours[2][name], dtype)
+
+
+CASES = {
+    # id: (b, d, l, w, bias, init, activation)
+    "B2-D5-L37-W4-bias-init-silu": (2, 5, 37, 4, True, True, "silu"),
+    "B1-D3-L1-W4-init": (1, 3, 1, 4, False, True, "silu"),
+    "B1-D4-L2-W3-bias-init-linear": (1, 4, 2, 3, True, True, None),
+    "B2-D9-L7-W2-plain": (2, 9, 7, 2, False, False, "silu"),
+    "B1-D4-L1-W3-noinit": (1, 4, 1, 3, True, False, None),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_matches_reference(case):
+    b, d, l, w, bias, init, activation = CASES[case]
+    check(make_inputs(b, d, l, w, bias, init), activation)
+
+
+def test_chunked_calls_carrying_state_equal_one_call():
+    inputs = make_inputs(2, 5, 30, 4, seed=3)
+    y_full, s_full, g_full = run(triton_conv, inputs)
+
+    def chunked(x, weight, bias, initial_state, activation, return_final_state):
+        state, ys = initial_state, []
+        for s, e in ((0, 1), (1, 3), (3, 19), (19, 30)):
+            y, state = triton_conv(x=x[..., s:e], weight=weight, bias=bias, initial_state=state,
+                                   activation=activation, return_final_state=True)
+            ys.append(y)
+        return torch.cat(ys, dim=-1), state
+
+    y_ch, s_ch, g_ch = run(chunked, inputs)
+    assert_close("chunked y", y_full, y_ch, rtol=1e-5, atol=1e-5)
+    assert_close("chunked final_state", s_full, s_ch, rtol=1e-6, atol=1e-6)
+    for name in g_full:
+        assert_close(f"chunked d{name}", g_full[name], g_ch[name], rtol=1e-5, atol=1e-5)
+
+
+def test_non_contiguous_inputs():
+    b, d, l, w = 2, 6, 25, 4
+    g = torch.Generator().manual_seed(4)
+    inputs = dict(
+        x=torch.randn(b, l, d, generator=g).transpose(1, 2).requires_grad_(),  # (b, d, l) view
+        weight=torch.randn(w, d, generator=g).t().requires_grad_(),  # (d, w) view
+        bias=torch.randn(d, generator=g).requires_grad_(),
+        initial_state=torch.randn(b, w - 1, d, generator=g).transpose(1, 2).requires_grad_(),
+    )
+    assert not inputs["x"].is_contiguous() and not inputs["weight"].is_contiguous()
+    check(inputs)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(weight=torch.randn(4, 5)), "width must be 2..4"),
+    (dict(weight=torch.randn(3, 4)), "weight must have shape"),
+    (dict(initial_state=torch.randn(1, 4, 2)), "initial_state must have shape"),
+    (dict(activation="relu"), "activation"),
+    (dict(x=torch.randn(1, 4, 0)), "length 0"),
+])
+def test_bad_input_raises_shape_error(bad, message):
+    inputs = {k: (None if v is None else v.detach()) for k, v in make_inputs(1, 4, 8, 4).items()}
+    activation = bad.pop("activation", "silu")
+    inputs.update(bad)
+    with pytest.raises(ShapeError, match=message):
+        causal_conv1d(**inputs, activation=activation, backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("w", [2, 3, 4])
+def test_gpu_realistic_sizes(dtype, w):
+    check(make_inputs(4, 1536, 2049, w, dtype=dtype, device="cuda", seed=w), dtype=dtype)
