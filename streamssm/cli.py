@@ -15,6 +15,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("streamssm.info", "show versions, devices and which kernel backends run here"),
     "serve": ("streamssm.service.server", "serve a checkpoint over websockets to many concurrent streams"),
     "stream": ("streamssm.service.client", "stream a WAV/CSV/FASTA file to a running server and save the results"),
+    "serve": ("streamssm.service.server", "serve a checkpoint over websockets to many concurrent streams"),
+    "stream": ("streamssm.service.client", "stream a WAV/CSV/FASTA file to a running server and save the results"),
     "infer": ("streamssm.infer_cli", "run a checkpoint over zarr arrays (chunked, resumable, multi-device)"),
     "fit": ("streamssm.train_cli", "train a recipe: streamssm fit --config recipes/dna_tiny.yaml"),
     "validate": ("streamssm.train_cli", "evaluate a checkpoint on the validation split of a recipe"),

@@ -1,0 +1,375 @@
+"""Python client for the streaming service, and the ``streamssm stream FILE`` command.
+
+Library use::
+
+    async with StreamClient(url, format="f32le", sample_rate=16000, channels=1, token=T) as s:
+        for chunk in chunks:                  # (l, c) float arrays, or str of bases for "text"
+            await s.send(chunk)               # waits while `window` chunks are unanswered
+        summary = await s.end()               # every result has arrived by then
+    s.results                                 # list of Result (seq order): outputs (n, o), scores (n,)
+
+The client keeps every unanswered chunk; if the connection drops (or the server restarts,
+close 1012) it reconnects with its resume token, gets the missed results replayed and resends
+the chunks the server had not computed, so the results equal those of an uninterrupted stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from streamssm.errors import DataFormatError, ProtocolError
+
+from .protocol import (
+    NORMAL_CLOSURE,
+    PROTOCOL_VERSION,
+    SERVICE_RESTART,
+    TRY_AGAIN_LATER,
+    Result,
+    decode_result,
+)
+
+log = logging.getLogger(__name__)
+_RETRYABLE = {SERVICE_RESTART, TRY_AGAIN_LATER, 1001, 1006, 1011}
+
+
+class ServerError(ProtocolError):
+    """The server answered with an error message (``code`` = its close code)."""
+
+
+@dataclass
+class _Pending:
+    seq: int
+    frame: str | bytes
+    sent_at: float = field(default_factory=time.perf_counter)
+
+
+class StreamClient:
+    """One stream to a ``streamssm serve`` server (see the module docstring)."""
+
+    def __init__(self, url: str, *, format: str, sample_rate: int | None = None, channels: int = 1,
+                 token: str | None = None, results: str = "json", include: tuple[str, ...] = ("outputs", "scores"),
+                 window: int = 8, reconnect: int = 5, resume: str | None = None, open_timeout: float = 10.0):
+        self.url, self.token, self.window, self.reconnect = url, token, window, reconnect
+        self.start_msg: dict[str, Any] = {"type": "start", "version": PROTOCOL_VERSION, "format": format,
+                                          "channels": channels, "results": results, "include": list(include)}
+        if sample_rate is not None:
+            self.start_msg["sample_rate"] = sample_rate
+        self.format = format
+        self.resume_token = resume
+        self.open_timeout = open_timeout
+        self.ready: dict[str, Any] = {}
+        self.results: list[Result] = []
+        self.latencies: list[float] = []  # seconds from sending a chunk to receiving its result
+        self._ws: ClientConnection | None = None
+        self._pending: dict[int, _Pending] = {}
+        self._next_seq = 0
+        self._last_seq = -1
+        self._reader: asyncio.Task | None = None
+        self._space = asyncio.Condition()
+        self._summary: asyncio.Future | None = None
+        self._error: BaseException | None = None
+        self.reconnects = 0
+
+    # -- connection ------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> StreamClient:
+        await self._connect()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def _connect(self) -> None:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
+        self._ws = await connect(self.url, additional_headers=headers, open_timeout=self.open_timeout,
+                                 compression=None, max_size=None)
+        start = dict(self.start_msg)
+        if self.resume_token:
+            start.update(resume=self.resume_token, ack=self._last_seq)
+        await self._ws.send(json.dumps(start))
+        reply = json.loads(await asyncio.wait_for(self._ws.recv(), self.open_timeout))
+        if reply.get("type") == "error":
+            raise ServerError(reply.get("message", ""), int(reply.get("code", 1008)), reply.get("reason", "error"))
+        if reply.get("type") != "ready":
+            raise ProtocolError(f"expected a ready message, got {reply!r}", 1008, "bad_ready")
+        self.ready = reply
+        self.resume_token = reply["resume"]
+        self.window = min(self.window, int(reply.get("queue_depth", self.window)))
+        server_next = int(reply["next_seq"])
+        if self._next_seq == 0 and server_next:  # a new client object resuming a stream by token
+            self._next_seq, self._last_seq = server_next, server_next - 1
+        self._reader = asyncio.get_running_loop().create_task(self._read(self._ws))
+        for seq in sorted(self._pending):  # resend what the server has not computed
+            if seq >= server_next:
+                await self._ws.send(self._pending[seq].frame)
+
+    async def _read(self, ws: ClientConnection) -> None:
+        try:
+            async for message in ws:
+                item = decode_result(message)
+                if isinstance(item, Result):
+                    self._on_result(item)
+                elif item.get("type") == "summary":
+                    if self._summary is not None and not self._summary.done():
+                        self._summary.set_result(item)
+                elif item.get("type") == "error":
+                    self._error = ServerError(item.get("message", ""), int(item.get("code", 1011)), item.get("reason", ""))
+        except ConnectionClosed:
+            pass
+        async with self._space:
+            self._space.notify_all()
+
+    def _on_result(self, r: Result) -> None:
+        if r.seq <= self._last_seq:
+            return  # a replay of something we hold
+        if r.seq != self._last_seq + 1:
+            self._error = ProtocolError(f"result {r.seq} arrived after {self._last_seq}: results were lost",
+                                        1011, "lost_results")
+        self._last_seq = r.seq
+        p = self._pending.pop(r.seq, None)
+        if p is not None:
+            self.latencies.append(time.perf_counter() - p.sent_at)
+        self.results.append(r)
+        asyncio.get_running_loop().create_task(self._notify())
+
+    async def _notify(self) -> None:
+        async with self._space:
+            self._space.notify_all()
+
+    async def _recover(self) -> None:
+        """The connection is gone without a normal close: reconnect and resume, or raise."""
+        ws = self._ws
+        code = None if ws is None or ws.close_code is None else ws.close_code
+        if self._error is not None and not (isinstance(self._error, ServerError) and self._error.code in _RETRYABLE):
+            raise self._error
+        if code == NORMAL_CLOSURE or self.resume_token is None:
+            raise ProtocolError(f"connection closed (code {code})", code or 1006, "closed")
+        for attempt in range(self.reconnect):
+            await asyncio.sleep(min(2.0, 0.05 * 2**attempt))
+            try:
+                self._error = None
+                await self._connect()
+                self.reconnects += 1
+                log.info("resumed stream at chunk %s after close code %s", self.ready.get("next_seq"), code)
+                return
+            except ServerError as exc:
+                if exc.code not in _RETRYABLE:
+                    raise
+            except (OSError, ConnectionClosed, InvalidStatus, asyncio.TimeoutError):
+                continue
+        raise ProtocolError(f"could not resume the stream after {self.reconnect} attempts", 1006, "resume_failed")
+
+    # -- streaming -------------------------------------------------------------------------------
+
+    def _frame(self, chunk: np.ndarray | str | bytes) -> str | bytes:
+        if self.format == "text":
+            if not isinstance(chunk, str):
+                raise DataFormatError(f"text streams send str chunks of bases, got {type(chunk).__name__}")
+            return chunk
+        if isinstance(chunk, bytes):
+            return chunk
+        a = np.asarray(chunk)
+        if self.format == "s16le":
+            if a.dtype != np.int16:
+                a = np.clip(np.round(a.astype(np.float64) * 32768.0), -32768, 32767)
+            return a.astype("<i2").tobytes()
+        return a.astype("<f4").tobytes()
+
+    async def send(self, chunk: np.ndarray | str | bytes) -> int:
+        """Send one chunk ((l, c) or (l,) samples, or a str of bases); returns its seq."""
+        frame = self._frame(chunk)
+        while True:
+            if self._error is not None and not (isinstance(self._error, ServerError) and self._error.code in _RETRYABLE):
+                raise self._error
+            async with self._space:
+                await self._space.wait_for(lambda: len(self._pending) < self.window or self._reader.done())
+            if self._reader.done():
+                await self._recover()
+                continue
+            break
+        seq = self._next_seq
+        self._next_seq += 1
+        self._pending[seq] = _Pending(seq, frame)
+        try:
+            await self._ws.send(frame)
+        except ConnectionClosed:
+            pass  # the reader notices; the frame is resent after resume
+        return seq
+
+    async def end(self, timeout: float = 60.0) -> dict[str, Any]:
+        """Wait for every result, send ``end`` and return the server's summary."""
+        async with asyncio.timeout(timeout):
+            while True:
+                async with self._space:
+                    await self._space.wait_for(lambda: not self._pending or self._reader.done())
+                if self._reader.done():
+                    await self._recover()
+                    continue
+                self._summary = asyncio.get_running_loop().create_future()
+                try:
+                    await self._ws.send(json.dumps({"type": "end"}))
+                except ConnectionClosed:
+                    await self._recover()
+                    continue
+                await asyncio.wait([self._summary, self._reader], return_when=asyncio.FIRST_COMPLETED)
+                if self._summary.done():
+                    return self._summary.result()
+                await self._recover()
+
+    async def close(self) -> None:
+        if self._ws is not None:
+            await self._ws.close()
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)
+
+    # -- results ---------------------------------------------------------------------------------
+
+    def outputs(self) -> np.ndarray | None:
+        """All outputs so far, concatenated in time: (samples, o)."""
+        parts = [r.outputs for r in self.results if r.outputs is not None]
+        return np.concatenate(parts) if parts else None
+
+    def scores(self) -> np.ndarray | None:
+        parts = [r.scores for r in self.results if r.scores is not None]
+        return np.concatenate(parts) if parts else None
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".aiff", ".aif")
+FASTA_SUFFIXES = (".fa", ".fasta", ".fna", ".fas")
+
+
+@dataclass
+class Source:
+    """A file read for streaming: samples (l, c) float32 or a str of bases, and its stream settings."""
+
+    data: np.ndarray | str
+    format: str
+    sample_rate: int | None
+    channels: int
+
+    def chunks(self, size: int) -> Iterator[np.ndarray | str]:
+        for i in range(0, len(self.data), size):
+            yield self.data[i : i + size]
+
+
+def read_source(path: str | Path, *, record: str | None = None, columns: list[str] | None = None,
+                sample_rate: int | None = None, fmt: str | None = None) -> Source:
+    """WAV/FLAC (soundfile), CSV (polars; numeric columns or ``columns``) or FASTA (pyfaidx;
+    the first record or ``record``) -> :class:`Source`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(f"{str(path)!r} is not a file")
+    suffix = path.suffix.lower()
+    if suffix in AUDIO_SUFFIXES:
+        import soundfile as sf
+
+        samples, rate = sf.read(str(path), dtype="float32", always_2d=True)  # (l, c)
+        return Source(samples, fmt or "f32le", int(rate), int(samples.shape[1]))
+    if suffix == ".csv":
+        import polars as pl
+
+        frame = pl.read_csv(path)
+        names = columns or [n for n, t in frame.schema.items() if t.is_numeric()]
+        missing = [n for n in names if n not in frame.columns]
+        if missing or not names:
+            raise DataFormatError(f"{path}: columns {missing or names} not found; the file has {frame.columns}")
+        values = frame.select(names).to_numpy().astype(np.float32)  # (l, c)
+        return Source(values, "f32le", sample_rate, len(names))
+    if suffix in FASTA_SUFFIXES:
+        import pyfaidx
+
+        fasta = pyfaidx.Fasta(str(path), as_raw=True, read_ahead=1 << 16)
+        name = record or next(iter(fasta.keys()), None)
+        if name is None or name not in fasta:
+            raise DataFormatError(f"{path}: record {name!r} not found; it holds {list(fasta.keys())[:10]}")
+        return Source(str(fasta[name][:]), "text", sample_rate, 1)
+    raise DataFormatError(f"{path}: unsupported file type {suffix!r}; expected audio {AUDIO_SUFFIXES}, .csv or FASTA {FASTA_SUFFIXES}")
+
+
+async def stream_source(source: Source, url: str, *, chunk: int, token: str | None = None, realtime: bool = False,
+                        results: str = "json", include: tuple[str, ...] = ("outputs", "scores"),
+                        progress: Any = None) -> tuple[StreamClient, dict[str, Any]]:
+    """Stream a whole source in chunks of ``chunk`` samples; returns the client (results) and summary.
+
+    ``realtime`` paces chunks at the source's sample rate; ``progress(samples_sent)`` is called
+    after each chunk."""
+    client = StreamClient(url, format=source.format, sample_rate=source.sample_rate, channels=source.channels,
+                          token=token, results=results, include=include)
+    async with client:
+        t0, sent = time.perf_counter(), 0
+        for piece in source.chunks(chunk):
+            await client.send(piece)
+            sent += len(piece)
+            if progress is not None:
+                progress(sent)
+            if realtime and source.sample_rate:
+                delay = t0 + sent / source.sample_rate - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+        summary = await client.end()
+    return client, summary
+
+
+def _stream_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Stream a WAV/CSV/FASTA file to a streamssm server and "
+                                "print or save the per-step results.")
+    p.add_argument("file", help="audio (.wav/.flac), .csv (numeric columns) or FASTA")
+    p.add_argument("--url", default="ws://127.0.0.1:8765/")
+    p.add_argument("--token", default=None, help="bearer token (or set STREAMSSM_TOKEN)")
+    p.add_argument("--chunk", type=int, default=None, help="samples per chunk (default: 20 ms of audio, else 256)")
+    p.add_argument("--chunk-ms", type=float, default=20.0, help="chunk length for files with a sample rate")
+    p.add_argument("--realtime", action="store_true", help="send at the file's sample rate instead of at full speed")
+    p.add_argument("--sample-rate", type=int, default=None, help="sample rate of a CSV (rows per second)")
+    p.add_argument("--columns", default=None, help="comma-separated CSV columns (default: all numeric)")
+    p.add_argument("--record", default=None, help="FASTA record (default: the first)")
+    p.add_argument("--s16", action="store_true", help="send audio as s16le instead of f32le (half the bytes)")
+    p.add_argument("--scores-only", action="store_true", help="ask only for per-step scores (token LMs)")
+    p.add_argument("--out", default=None, help="save outputs/scores to this .npz")
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = "streamssm stream") -> int:
+    import os
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    args = _stream_parser(prog).parse_args(argv)
+    source = read_source(args.file, record=args.record, sample_rate=args.sample_rate,
+                         columns=args.columns.split(",") if args.columns else None,
+                         fmt="s16le" if args.s16 else None)
+    chunk = args.chunk or (max(1, int(source.sample_rate * args.chunk_ms / 1000)) if source.sample_rate else 256)
+    include = ("scores",) if args.scores_only else ("outputs", "scores")
+    console = Console(stderr=True)
+    with Progress(TextColumn("[bold]streaming"), BarColumn(), TextColumn("{task.completed}/{task.total} samples"),
+                  TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("stream", total=len(source.data))
+        client, summary = asyncio.run(stream_source(
+            source, args.url, chunk=chunk, token=args.token or os.environ.get("STREAMSSM_TOKEN"),
+            realtime=args.realtime, results="binary", include=include,
+            progress=lambda n: bar.update(task, completed=n),
+        ))
+    lat = np.array(client.latencies) * 1000 if client.latencies else np.zeros(1)
+    summary["client"] = {"chunks": len(client.results), "reconnects": client.reconnects,
+                         "latency_ms_p50": round(float(np.percentile(lat, 50)), 3),
+                         "latency_ms_p99": round(float(np.percentile(lat, 99)), 3)}
+    if args.out:
+        arrays = {k: v for k, v in (("outputs", client.outputs()), ("scores", client.scores())) if v is not None}
+        np.savez(args.out, **arrays)
+        summary["saved"] = args.out
+    print(json.dumps(summary, indent=2))
+    return 0

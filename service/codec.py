@@ -1,0 +1,82 @@
+"""Frames <-> model tensors for one loaded checkpoint, from its serving metadata.
+
+The checkpoint's serving metadata (``ServingBundle.serving``) says what raw data the model was
+trained on (``streamssm.datamodules.encoding``): ``dna`` models take text streams of bases,
+``audio`` models f32le/s16le samples at their sample rate (mu-law tokens or floats), ``sensor``
+models f32le rows in raw units (normalized here). Regression outputs go back to raw units.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from streamssm.checkpoint import ServingBundle
+from streamssm.datamodules.encoding import decoder_from_metadata, encoder_from_metadata
+from streamssm.errors import ConfigError, DataFormatError, ProtocolError, ShapeError
+
+from .protocol import INVALID_DATA, IUPAC_ALPHABET, NanPolicy, Start, StreamSpec, decode_bases, decode_samples
+
+
+@dataclass
+class ModelCodec:
+    """What one checkpoint accepts (``spec``) and how frames become model chunks."""
+
+    spec: StreamSpec
+    head: str
+    output_dim: int
+    modality: str
+    classes: list[str]
+    _encode: Callable[..., torch.Tensor]
+    _postprocess: Callable[[torch.Tensor], torch.Tensor] | None
+
+    @classmethod
+    def from_bundle(cls, bundle: ServingBundle) -> ModelCodec:
+        meta: dict[str, Any] = dict(bundle.serving or {})
+        cfg = bundle.config
+        if "modality" not in meta:
+            raise ConfigError(
+                "checkpoint has no serving metadata ('modality' dna|audio|sensor); export it with "
+                "export_safetensors(model, path, serving={...}) or train it with a streamssm task"
+            )
+        encode = encoder_from_metadata(meta)
+        modality = meta["modality"]
+        if modality == "dna":
+            spec = StreamSpec(formats=("text",), alphabet=IUPAC_ALPHABET)
+        elif modality == "audio":
+            mono = bool(meta.get("mono", True))
+            spec = StreamSpec(formats=("f32le", "s16le"), sample_rate=int(meta["sample_rate"]),
+                              channels=None if mono else int(meta.get("channels", 1)))
+        else:  # sensor (encoder_from_metadata rejected anything else)
+            rate = meta.get("sample_rate")
+            spec = StreamSpec(formats=("f32le",), sample_rate=None if rate is None else int(rate),
+                              channels=len(meta["channels"]))
+        post = None
+        if cfg.head == "regression" and (modality == "sensor" or meta.get("encoding") == "float"):
+            post = decoder_from_metadata(meta)
+        return cls(spec, cfg.head, cfg.resolved_output_dim, modality, [str(c) for c in meta.get("classes", [])],
+                   encode, post)
+
+    def chunk_from_frame(self, frame: str | bytes, start: Start, nan_policy: NanPolicy) -> torch.Tensor:
+        """A data frame -> model input: tokens (l,) long or values (l, c) float32.
+
+        Raises ProtocolError (1003/1007) for frames that do not fit the stream."""
+        if isinstance(frame, str):
+            bases = decode_bases(frame, self.spec.alphabet)
+            raw: Any = bases
+        else:
+            raw = decode_samples(frame, start, nan_policy)  # (l, c) float32
+        try:
+            return self._encode(raw)
+        except (DataFormatError, ShapeError) as exc:
+            raise ProtocolError(f"frame does not fit this model: {exc}", INVALID_DATA, "bad_samples") from None
+
+    def postprocess(self, outputs: torch.Tensor) -> np.ndarray:
+        """Model outputs (l, o) -> float32 numpy in the units the client sees."""
+        if self._postprocess is not None:
+            outputs = self._postprocess(outputs)
+        return outputs.to(torch.float32).numpy()

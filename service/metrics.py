@@ -1,0 +1,51 @@
+"""Prometheus metrics of one server (its own registry, so several servers in one process
+- as in tests - do not collide). Served as text on ``GET /metrics``."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+class ServiceMetrics:
+    """Counters and histograms updated by the server and the scheduler (event loop only)."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.live_streams = Gauge("streamssm_live_streams", "Streams open right now", registry=r)
+        self.connections = Counter("streamssm_connections", "Websocket connections accepted", registry=r)
+        self.chunks = Counter("streamssm_chunks", "Chunks answered (rate() gives chunks/s)", registry=r)
+        self.samples = Counter("streamssm_samples", "Samples answered", registry=r)
+        self.batches = Counter("streamssm_batches", "Batched model calls", registry=r)
+        self.batch_streams = Histogram("streamssm_batch_streams", "Streams per batched model call",
+                                       buckets=_BATCH_BUCKETS, registry=r)
+        self.batch_seconds = Histogram("streamssm_batch_seconds", "Wall time of one batched model call",
+                                       buckets=_LATENCY_BUCKETS, registry=r)
+        self.chunk_latency = Histogram("streamssm_chunk_latency_seconds",
+                                       "From receiving a chunk to its result being ready",
+                                       buckets=_LATENCY_BUCKETS, registry=r)
+        self.rejected = Counter("streamssm_rejected", "Rejected connections, frames and streams by reason",
+                                ["reason"], registry=r)
+        self.resumed = Counter("streamssm_resumed_streams", "Streams resumed from a token", registry=r)
+
+    def observe_batch(self, streams: int, samples: int, seconds: float) -> None:
+        self.batches.inc()
+        self.batch_streams.observe(streams)
+        self.batch_seconds.observe(seconds)
+        self.samples.inc(samples)
+
+    def observe_chunk(self, latency_s: float) -> None:
+        self.chunks.inc()
+        self.chunk_latency.observe(latency_s)
+
+    def reject(self, reason: str) -> None:
+        self.rejected.labels(reason=reason).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

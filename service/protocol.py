@@ -1,0 +1,324 @@
+"""The streaming wire protocol, version 1 (documented with examples in service/PROTOCOL.md).
+
+Client -> server:
+    text   {"type": "start", "version": 1, "format": "f32le"|"s16le"|"text",
+            "sample_rate": int, "channels": int, "resume": token?, "ack": int?,
+            "results": "json"|"binary"?, "include": ["outputs", "scores"]?}
+    binary little-endian samples, channels interleaved (f32le: 4 bytes, s16le: 2 bytes each)
+    text   bases "ACGTN..." (format "text" only; any frame starting with "{" is a control message)
+    text   {"type": "end"}
+Server -> client:
+    {"type": "ready", ...}              once, after start (carries the resume token)
+    {"type": "result", "seq", "start", "n", "outputs": [[o floats] x n], "scores": [n floats]}
+        or a binary result frame (``results: "binary"``, layout in :data:`RESULT_HEADER`)
+    {"type": "summary", ...}            after end, then close 1000
+    {"type": "error", "code", "reason", "message"}  then close with ``code``
+
+Shape legend: l samples in a frame, c channels, o model output width.
+
+Everything here is pure parsing/encoding: no I/O, no model. Errors are
+:class:`~streamssm.errors.ProtocolError` carrying the websocket close code to answer with.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from streamssm.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+FORMATS = ("f32le", "s16le", "text")
+SAMPLE_BYTES = {"f32le": 4, "s16le": 2}
+RESULT_ENCODINGS = ("json", "binary")
+INCLUDE_FIELDS = ("outputs", "scores")
+DNA_ALPHABET = "ACGTN"
+IUPAC_ALPHABET = "ACGTNRYSWKMBDHV"  # ambiguity codes are read as N by the DNA encoder
+JSON_DECIMALS = 6  # JSON results are rounded to this many decimals; binary results are exact fp32
+
+# close codes (RFC 6455 / IANA), named as websockets.frames.CloseCode names them
+NORMAL_CLOSURE = 1000
+UNSUPPORTED_DATA = 1003
+INVALID_DATA = 1007
+POLICY_VIOLATION = 1008
+MESSAGE_TOO_BIG = 1009
+INTERNAL_ERROR = 1011
+SERVICE_RESTART = 1012
+TRY_AGAIN_LATER = 1013
+
+#: binary result frame: magic b"SSR1", seq u32, start u64 (sample offset), n u32, o u32,
+#: flags u32 (bit 0: outputs present, bit 1: scores present); then n*o f32le outputs
+#: (row-major, sample by sample), then n f32le scores.
+RESULT_HEADER = struct.Struct("<4sIQIII")
+RESULT_MAGIC = b"SSR1"
+_HAS_OUTPUTS, _HAS_SCORES = 1, 2
+
+Format = Literal["f32le", "s16le", "text"]
+NanPolicy = Literal["reject", "zero"]
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """What the loaded model accepts: allowed formats, sample rate and channel count
+    (None: any), the base alphabet for ``text`` streams."""
+
+    formats: tuple[str, ...]
+    sample_rate: int | None = None
+    channels: int | None = None
+    alphabet: str = IUPAC_ALPHABET
+
+
+@dataclass(frozen=True)
+class Start:
+    """A validated ``start`` message."""
+
+    format: Format
+    sample_rate: int | None
+    channels: int
+    resume: str | None = None
+    ack: int = -1  # last result seq the client holds (resume replays seq > ack)
+    results: Literal["json", "binary"] = "json"
+    include: tuple[str, ...] = INCLUDE_FIELDS
+    version: int = PROTOCOL_VERSION
+
+
+@dataclass
+class Result:
+    """One decoded result (client side): outputs (n, o) and scores (n,) as float32 arrays."""
+
+    seq: int
+    start: int
+    outputs: np.ndarray | None
+    scores: np.ndarray | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        if self.outputs is not None:
+            return int(self.outputs.shape[0])
+        return 0 if self.scores is None else int(self.scores.shape[0])
+
+
+# ---------------------------------------------------------------------------- client -> server
+
+
+def parse_control(text: str) -> dict[str, Any]:
+    """A JSON control message -> dict with a string ``type``; ProtocolError 1007/1008 otherwise."""
+    try:
+        msg = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ProtocolError(f"control message is not valid JSON: {exc}", INVALID_DATA, "bad_json") from None
+    if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
+        raise ProtocolError(
+            'control message must be a JSON object with a string "type", got ' + _preview(text),
+            POLICY_VIOLATION, "bad_message",
+        )
+    return msg
+
+
+def parse_start(msg: dict[str, Any], spec: StreamSpec) -> Start:
+    """Validate a ``start`` message against the protocol and what the model accepts."""
+    if msg.get("type") != "start":
+        raise ProtocolError(f'the first message must be {{"type": "start", ...}}, got type {msg.get("type")!r}',
+                            POLICY_VIOLATION, "bad_start")
+    known = {"type", "version", "format", "sample_rate", "channels", "resume", "ack", "results", "include"}
+    unknown = sorted(set(msg) - known)
+    if unknown:
+        raise ProtocolError(f"start: unknown fields {unknown}; expected some of {sorted(known)}",
+                            POLICY_VIOLATION, "bad_start")
+    version = msg.get("version", PROTOCOL_VERSION)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"start: protocol version {version!r} is not supported; this server speaks {PROTOCOL_VERSION}",
+                            POLICY_VIOLATION, "bad_version")
+    fmt = msg.get("format")
+    if fmt not in FORMATS:
+        raise ProtocolError(f"start: format must be one of {list(FORMATS)}, got {fmt!r}", UNSUPPORTED_DATA, "bad_format")
+    if fmt not in spec.formats:
+        raise ProtocolError(f"start: this model accepts formats {list(spec.formats)}, got {fmt!r}",
+                            UNSUPPORTED_DATA, "bad_format")
+    channels = _int_field(msg, "channels", 1, minimum=1)
+    sample_rate = msg.get("sample_rate")
+    if sample_rate is not None or (fmt != "text" and spec.sample_rate is not None):
+        sample_rate = _int_field(msg, "sample_rate", None, minimum=1)
+    if fmt == "text":
+        if channels != 1:
+            raise ProtocolError(f"start: text streams have 1 channel, got channels={channels}", POLICY_VIOLATION, "bad_channels")
+    else:
+        if spec.sample_rate is not None and sample_rate != spec.sample_rate:
+            raise ProtocolError(f"start: this model runs at sample_rate {spec.sample_rate} Hz, got {sample_rate}",
+                                POLICY_VIOLATION, "bad_sample_rate")
+        if spec.channels is not None and channels != spec.channels:
+            raise ProtocolError(f"start: this model takes {spec.channels} channel(s), got channels={channels}",
+                                POLICY_VIOLATION, "bad_channels")
+    resume = msg.get("resume")
+    if resume is not None and (not isinstance(resume, str) or not 16 <= len(resume) <= 128):
+        raise ProtocolError("start: resume must be the token string a ready message gave", POLICY_VIOLATION, "bad_resume")
+    ack = _int_field(msg, "ack", -1, minimum=-1)
+    results = msg.get("results", "json")
+    if results not in RESULT_ENCODINGS:
+        raise ProtocolError(f"start: results must be one of {list(RESULT_ENCODINGS)}, got {results!r}",
+                            POLICY_VIOLATION, "bad_start")
+    include = msg.get("include", list(INCLUDE_FIELDS))
+    if not isinstance(include, list) or not all(f in INCLUDE_FIELDS for f in include):
+        raise ProtocolError(f"start: include must be a list drawn from {list(INCLUDE_FIELDS)}, got {include!r}",
+                            POLICY_VIOLATION, "bad_start")
+    return Start(fmt, sample_rate, channels, resume, ack, results, tuple(f for f in INCLUDE_FIELDS if f in include), version)
+
+
+def decode_samples(data: bytes, start: Start, nan_policy: NanPolicy = "reject") -> np.ndarray:
+    """A binary frame -> float32 samples (l, c). s16le is scaled to [-1, 1) by 1/32768.
+
+    Non-finite f32 samples raise ProtocolError 1007 (``nan_policy="reject"``) or become 0.
+    """
+    if start.format == "text":
+        raise ProtocolError("binary frame in a text stream: send bases as text frames", UNSUPPORTED_DATA, "binary_in_text")
+    width = SAMPLE_BYTES[start.format] * start.channels
+    if not data:
+        raise ProtocolError("empty binary frame", INVALID_DATA, "empty_frame")
+    if len(data) % width:
+        raise ProtocolError(
+            f"binary frame of {len(data)} bytes is not a whole number of {start.format} samples "
+            f"x {start.channels} channel(s) ({width} bytes each)", INVALID_DATA, "partial_sample",
+        )
+    if start.format == "s16le":
+        x = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
+    else:
+        x = np.frombuffer(data, dtype="<f4").astype(np.float32)
+        finite = np.isfinite(x)
+        if not finite.all():
+            if nan_policy == "reject":
+                bad = int((~finite).sum())
+                raise ProtocolError(f"frame holds {bad} NaN/inf sample value(s); this server rejects them",
+                                    INVALID_DATA, "non_finite")
+            x = np.where(finite, x, np.float32(0.0))
+    return x.reshape(-1, start.channels)  # (l, c)
+
+
+def decode_bases(text: str, alphabet: str = IUPAC_ALPHABET) -> str:
+    """A text frame of bases -> the same bases upper-cased; ProtocolError 1007 on other characters."""
+    if not text:
+        raise ProtocolError("empty text frame", INVALID_DATA, "empty_frame")
+    upper = text.upper()
+    bad = set(upper) - set(alphabet)
+    if bad:
+        shown = "".join(sorted(bad))[:20]
+        raise ProtocolError(f"text frame holds characters outside {alphabet}: {shown!r}", INVALID_DATA, "bad_bases")
+    return upper
+
+
+# ---------------------------------------------------------------------------- server -> client
+
+
+def dumps(msg: dict[str, Any]) -> str:
+    """Compact JSON for a server message."""
+    return json.dumps(msg, separators=(",", ":"), allow_nan=False)
+
+
+def ready_message(*, token: str, model: str, head: str, output_dim: int, next_seq: int, samples: int,
+                  resumed: bool, start: Start, queue_depth: int) -> str:
+    return dumps({
+        "type": "ready", "version": PROTOCOL_VERSION, "resume": token, "model": model, "head": head,
+        "output_dim": output_dim, "next_seq": next_seq, "samples": samples, "resumed": resumed,
+        "queue_depth": queue_depth,
+        "format": start.format, "sample_rate": start.sample_rate, "channels": start.channels,
+        "results": start.results, "include": list(start.include),
+    })
+
+
+def error_message(exc: ProtocolError) -> str:
+    return dumps({"type": "error", "code": exc.code, "reason": exc.reason, "message": str(exc)})
+
+
+def close_reason(exc: ProtocolError) -> str:
+    """The close frame's reason: at most 123 bytes of UTF-8."""
+    return exc.reason.encode()[:123].decode(errors="ignore")
+
+
+def _rounded(a: np.ndarray) -> list:
+    """fp32 array -> nested lists of short floats (JSON_DECIMALS); non-finite values become null."""
+    r = np.round(a.astype(np.float64), JSON_DECIMALS)
+    if np.isfinite(r).all():
+        return r.tolist()
+    return _nan_to_none(r.tolist())
+
+
+def _nan_to_none(v):
+    if isinstance(v, list):
+        return [_nan_to_none(u) for u in v]
+    return v if math.isfinite(v) else None
+
+
+def encode_result(seq: int, start_sample: int, outputs: np.ndarray, scores: np.ndarray | None,
+                  start: Start) -> str | bytes:
+    """One chunk's result as a JSON text message or a binary frame (``start.results``).
+
+    outputs (n, o) float32; scores (n,) float32 or None (heads without scores).
+    """
+    want_out = "outputs" in start.include
+    want_scores = "scores" in start.include and scores is not None
+    n = int(outputs.shape[0])
+    if start.results == "binary":
+        flags = (_HAS_OUTPUTS if want_out else 0) | (_HAS_SCORES if want_scores else 0)
+        parts = [RESULT_HEADER.pack(RESULT_MAGIC, seq, start_sample, n, int(outputs.shape[1]), flags)]
+        if want_out:
+            parts.append(np.ascontiguousarray(outputs, dtype="<f4").tobytes())
+        if want_scores:
+            parts.append(np.ascontiguousarray(scores, dtype="<f4").tobytes())
+        return b"".join(parts)
+    msg: dict[str, Any] = {"type": "result", "seq": seq, "start": start_sample, "n": n}
+    if want_out:
+        msg["outputs"] = _rounded(outputs)
+    if want_scores:
+        msg["scores"] = _rounded(scores)
+    return dumps(msg)
+
+
+def decode_result(message: str | bytes) -> Result | dict[str, Any]:
+    """Client side: a server message -> :class:`Result` (result messages) or the parsed dict."""
+    if isinstance(message, (bytes, bytearray, memoryview)):
+        data = bytes(message)
+        if len(data) < RESULT_HEADER.size or data[:4] != RESULT_MAGIC:
+            raise ProtocolError("binary message is not a result frame (bad magic)", INVALID_DATA, "bad_result")
+        _, seq, start_sample, n, o, flags = RESULT_HEADER.unpack_from(data)
+        off = RESULT_HEADER.size
+        outputs = scores = None
+        expected = off + (n * o * 4 if flags & _HAS_OUTPUTS else 0) + (n * 4 if flags & _HAS_SCORES else 0)
+        if len(data) != expected:
+            raise ProtocolError(f"result frame has {len(data)} bytes, its header says {expected}", INVALID_DATA, "bad_result")
+        if flags & _HAS_OUTPUTS:
+            outputs = np.frombuffer(data, dtype="<f4", count=n * o, offset=off).reshape(n, o)
+            off += n * o * 4
+        if flags & _HAS_SCORES:
+            scores = np.frombuffer(data, dtype="<f4", count=n, offset=off)
+        return Result(seq, start_sample, outputs, scores)
+    msg = json.loads(message)
+    if msg.get("type") != "result":
+        return msg
+    outputs = msg.get("outputs")
+    scores = msg.get("scores")
+    return Result(
+        int(msg["seq"]), int(msg["start"]),
+        None if outputs is None else np.asarray(outputs, dtype=np.float32).reshape(int(msg["n"]), -1),
+        None if scores is None else np.asarray(scores, dtype=np.float32),
+    )
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _int_field(msg: dict[str, Any], name: str, default: int | None, minimum: int) -> int:
+    value = msg.get(name, default)
+    if value is None:
+        raise ProtocolError(f"start: {name} is required", POLICY_VIOLATION, f"bad_{name}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or value > 2**31:
+        raise ProtocolError(f"start: {name} must be an integer >= {minimum}, got {value!r}", POLICY_VIOLATION, f"bad_{name}")
+    return value
+
+
+def _preview(text: str, limit: int = 60) -> str:
+    return repr(text[:limit] + ("..." if len(text) > limit else ""))

@@ -1,0 +1,386 @@
+"""The websocket service end to end: a real server on a free loopback port, real websockets clients.
+
+Streamed outputs must equal each stream's offline full forward; bad clients get the right
+error and close code while good streams go on; resume after a disconnect and after a server
+restart (state dir) gives the uninterrupted outputs; auth, health and metrics.
+"""
+
+import asyncio
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from streamssm.checkpoint import export_safetensors, load_for_serving
+from streamssm.datamodules.encoding import Normalizer, encode_bases
+from streamssm.models import ModelConfig, SSMModel
+from streamssm.service.client import StreamClient, stream_source, read_source
+from streamssm.service.server import ServeConfig, StreamServer
+
+pytestmark = pytest.mark.timeout(60)
+
+SENSOR_META = {"modality": "sensor", "channels": ["a", "b", "c"], "mean": [1.0, -2.0, 0.5], "std": [2.0, 0.5, 3.0]}
+TIMEOUT = 20.0
+
+
+def _export(tmp, name, cfg, serving, seed):
+    torch.manual_seed(seed)
+    model = SSMModel(cfg).eval()
+    return export_safetensors(model, tmp / f"{name}.safetensors", serving=serving)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ckpt")
+    small = dict(d_model=16, n_layers=2, d_state=8, headdim=8, chunk_size=4)
+    return {
+        "dna": _export(tmp, "dna", ModelConfig(block="mamba2", input_kind="tokens", vocab_size=5, head="lm", **small),
+                       {"modality": "dna"}, 1),
+        "dna_other": _export(tmp, "dna2", ModelConfig(block="mamba2", input_kind="tokens", vocab_size=5, head="lm", **small),
+                             {"modality": "dna"}, 2),
+        "sensor": _export(tmp, "sensor", ModelConfig(block="mamba", input_kind="continuous", input_dim=3,
+                                                     head="regression", output_dim=3, **small), SENSOR_META, 3),
+    }
+
+
+def offline_dna(path, bases: str):
+    """Offline full forward of a DNA LM: log-probs of the next token (l, 5) and scores (l,)."""
+    model = load_for_serving(path).model
+    x = encode_bases(bases)
+    with torch.no_grad():
+        y, _ = model(x.unsqueeze(0))
+    logp = F.log_softmax(y[0].float(), -1)
+    prev = torch.cat([torch.full((1, 5), -math.log(5)), logp[:-1]])
+    return logp.numpy(), prev.gather(-1, x.unsqueeze(-1)).squeeze(-1).numpy()
+
+
+def offline_sensor(path, values: np.ndarray) -> np.ndarray:
+    """Forecasts in raw units: invert(model(normalize(values)))."""
+    model = load_for_serving(path).model
+    norm = Normalizer(SENSOR_META["mean"], SENSOR_META["std"])
+    with torch.no_grad():
+        y, _ = model(norm.apply(torch.from_numpy(values)).unsqueeze(0))
+    return norm.invert(y[0]).numpy()
+
+
+def random_bases(n: int, seed: int) -> str:
+    rng = random.Random(seed)
+    return "".join(rng.choice("ACGTN") for _ in range(n))
+
+
+def random_cuts(n: int, seed: int, sizes=(1, 2, 3, 5, 8, 13)) -> list[tuple[int, int]]:
+    rng, out, pos = random.Random(seed), [], 0
+    while pos < n:
+        k = rng.choice(sizes)
+        out.append((pos, min(n, pos + k)))
+        pos += k
+    return out
+
+
+def server(path, **kw) -> StreamServer:
+    kw.setdefault("port", 0)
+    kw.setdefault("ping_interval", None)
+    return StreamServer(load_for_serving(path), ServeConfig(**kw))
+
+
+async def stream_dna(url, bases, seed, **kw):
+    async with StreamClient(url, format="text", **kw) as c:
+        for a, b in random_cuts(len(bases), seed):
+            await c.send(bases[a:b])
+        summary = await c.end(timeout=TIMEOUT)
+    return c, summary
+
+
+async def expect_error(url, messages, code, headers=None):
+    """Send ``messages`` on a fresh connection; expect an error message and close ``code``."""
+    async with connect(url, additional_headers=headers, open_timeout=TIMEOUT) as ws:
+        got = None
+        try:
+            for m in messages:
+                await ws.send(m)
+            async with asyncio.timeout(TIMEOUT):
+                async for reply in ws:
+                    if isinstance(reply, str) and json.loads(reply).get("type") == "error":
+                        got = json.loads(reply)
+        except ConnectionClosed:
+            pass
+        await ws.wait_closed()
+    assert ws.close_code == code, (ws.close_code, ws.close_reason, got)
+    assert got is not None and got["code"] == code and got["message"], got
+    return got
+
+
+def _http_get(url, headers=None):
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
+            return r.status, r.headers.get("Content-Type"), r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("Content-Type"), e.read().decode()
+
+
+async def http_get(url, headers=None):
+    """GET in a thread: the server shares this test's event loop."""
+    return await asyncio.to_thread(_http_get, url, headers)
+
+
+# ---------------------------------------------------------------------------------------- tests
+
+
+async def test_concurrent_streams_equal_offline_forward(ckpts):
+    n_clients = 6
+    async with server(ckpts["dna"], max_streams=8) as srv:
+        seqs = [random_bases(40 + 7 * i, seed=i) for i in range(n_clients)]
+        runs = await asyncio.gather(*(stream_dna(srv.url, s, seed=100 + i) for i, s in enumerate(seqs)))
+        batches, chunks = srv.scheduler.batches, sum(len(c.results) for c, _ in runs)
+    for bases, (client, summary) in zip(seqs, runs):
+        logp, scores = offline_dna(ckpts["dna"], bases)
+        np.testing.assert_allclose(client.outputs(), logp, atol=2e-5, rtol=0)
+        np.testing.assert_allclose(client.scores(), scores, atol=2e-5, rtol=0)
+        assert [r.seq for r in client.results] == list(range(len(client.results)))
+        assert summary["samples"] == len(bases) and summary["chunks"] == len(client.results)
+        assert summary["log_likelihood"] == pytest.approx(float(scores.astype(np.float64).sum()), abs=1e-3)
+    assert batches < chunks  # chunks of several streams shared model calls
+
+
+async def test_sensor_regression_binary_results_in_raw_units(ckpts):
+    values = np.random.default_rng(0).normal(size=(37, 3)).astype(np.float32) * 2 + 1
+    async with server(ckpts["sensor"]) as srv:
+        async with StreamClient(srv.url, format="f32le", channels=3, results="binary") as c:
+            for a, b in random_cuts(len(values), 5):
+                await c.send(values[a:b])
+            summary = await c.end(timeout=TIMEOUT)
+    expected = offline_sensor(ckpts["sensor"], values)
+    np.testing.assert_allclose(c.outputs(), expected, rtol=1e-4, atol=1e-4)
+    assert c.scores() is None
+    np.testing.assert_allclose(summary["forecast"], expected[-1], rtol=1e-4, atol=1e-4)
+
+
+async def test_bad_clients_get_errors_while_good_streams_continue(ckpts):
+    bases = random_bases(120, seed=7)
+    async with server(ckpts["sensor"], max_frame_bytes=4096, idle_timeout=1.0) as sensor_srv, \
+               server(ckpts["dna"], max_frame_bytes=4096) as srv:
+        good = asyncio.create_task(stream_dna(srv.url, bases, seed=8))
+        start = json.dumps({"type": "start", "format": "text"})
+        sstart = json.dumps({"type": "start", "format": "f32le", "channels": 3})
+        cases = [
+            (srv.url, [b"\x00\x01"], 1003),  # binary before start
+            (srv.url, ["{not json"], 1007),
+            (srv.url, ['{"type": "hello"}'], 1008),
+            (srv.url, [json.dumps({"type": "start", "format": "text", "version": 99})], 1008),
+            (srv.url, [json.dumps({"type": "start", "format": "mp3"})], 1003),
+            (srv.url, [json.dumps({"type": "start", "format": "f32le", "channels": 1})], 1003),  # DNA model: text only
+            (srv.url, [start, "ACGTXQ"], 1007),
+            (srv.url, [start, b"ACGT"], 1003),
+            (srv.url, [start, "A" * 5000], 1009),
+            (srv.url, [start, '{"type": "reset"}'], 1008),
+            (srv.url, [json.dumps({"type": "start", "format": "text", "resume": "x" * 43})], 1008),
+            (sensor_srv.url, [json.dumps({"type": "start", "format": "f32le", "channels": 2})], 1008),
+            (sensor_srv.url, [sstart, b"\x00" * 10], 1007),  # not a whole number of 3-channel f32 samples
+            (sensor_srv.url, [sstart, np.array([[0, np.nan, 1]], "<f4").tobytes()], 1007),
+            (sensor_srv.url, [sstart, "ACGT"], 1003),
+            (sensor_srv.url, [sstart], 1008),  # idle timeout
+        ]
+        results = await asyncio.gather(*(expect_error(u, m, code) for u, m, code in cases))
+        assert [r["code"] for r in results] == [c for _, _, c in cases]
+        # abrupt disconnects in the middle of streams
+        for _ in range(3):
+            ws = await connect(srv.url)
+            await ws.send(start)
+            await ws.recv()
+            await ws.send("ACGT" * 10)
+            ws.transport.abort()
+        client, _ = await good
+        assert (await http_get(f"http://127.0.0.1:{srv.port}/healthz"))[0] == 200
+        _, _, metrics = await http_get(f"http://127.0.0.1:{srv.port}/metrics")
+    logp, scores = offline_dna(ckpts["dna"], bases)
+    np.testing.assert_allclose(client.outputs(), logp, atol=2e-5, rtol=0)
+    np.testing.assert_allclose(client.scores(), scores, atol=2e-5, rtol=0)
+    assert 'streamssm_rejected_total{reason="bad_bases"} 1.0' in metrics
+
+
+async def test_fuzzed_messages_never_break_the_server(ckpts):
+    rng = random.Random(11)
+    start = json.dumps({"type": "start", "format": "text"})
+    junk = [b"", b"\xff" * 7, "", "{", "[]", "null", '{"type": 3}', '{"type": "end"}', "acgtn" * 3,
+            "ACGT\u00e9", '{"type": "start", "format": "text"}', "{}" * 50, "N" * 3000, b"\x00" * 5000]
+
+    async def bad_client(i):
+        msgs = [start] if rng.random() < 0.5 else []
+        msgs += [rng.choice(junk) for _ in range(rng.randint(1, 4))]
+        try:
+            async with connect(srv.url, open_timeout=TIMEOUT) as ws:
+                for m in msgs:
+                    await ws.send(m)
+                if rng.random() < 0.3:
+                    ws.transport.abort()
+                    return None
+                try:
+                    async with asyncio.timeout(0.3):  # valid junk leaves the stream open: hang up then
+                        async for _ in ws:
+                            pass
+                except TimeoutError:
+                    return None
+            return ws.close_code
+        except ConnectionClosed as exc:
+            return exc.rcvd.code if exc.rcvd else None
+
+    bases = random_bases(200, seed=3)
+    async with server(ckpts["dna"], max_frame_bytes=4096, max_streams=64) as srv:
+        good = asyncio.create_task(stream_dna(srv.url, bases, seed=4))
+        codes = []
+        for batch in range(10):
+            codes += await asyncio.gather(*(bad_client(batch * 20 + i) for i in range(20)))
+        client, _ = await good
+        assert (await http_get(f"http://127.0.0.1:{srv.port}/healthz"))[0] == 200
+    assert set(codes) <= {None, 1000, 1003, 1007, 1008, 1009}, sorted(set(codes), key=str)
+    logp, _ = offline_dna(ckpts["dna"], bases)
+    np.testing.assert_allclose(client.outputs(), logp, atol=2e-5, rtol=0)
+
+
+async def test_too_many_streams_is_try_again_later(ckpts):
+    async with server(ckpts["dna"], max_streams=2) as srv:
+        start = json.dumps({"type": "start", "format": "text"})
+        held = [await connect(srv.url) for _ in range(2)]
+        for ws in held:
+            await ws.send(start)
+            assert json.loads(await ws.recv())["type"] == "ready"
+        got = await expect_error(srv.url, [start], 1013)
+        assert got["reason"] == "too_many_streams"
+        for ws in held:
+            await ws.close()
+
+
+async def test_health_metrics_and_auth(ckpts):
+    async with server(ckpts["dna"], token="s3cret") as srv:
+        base = f"http://127.0.0.1:{srv.port}"
+        status, _, body = await http_get(base + "/healthz")
+        assert status == 200 and json.loads(body)["status"] == "ok"
+        assert (await http_get(base + "/metrics"))[0] == 401
+        with pytest.raises(InvalidStatus) as err:
+            async with connect(srv.url):
+                pass
+        assert err.value.response.status_code == 401
+        with pytest.raises(InvalidStatus) as err:
+            async with connect(srv.url, additional_headers={"Authorization": "Bearer wrong"}):
+                pass
+        assert err.value.response.status_code == 401
+        client, _ = await stream_dna(srv.url, "ACGTACGTNN", seed=1, token="s3cret")
+        assert len(client.outputs()) == 10
+        status, ctype, text = await http_get(base + "/metrics", {"Authorization": "Bearer s3cret"})
+        assert status == 200 and ctype.startswith("text/plain")
+        assert "streamssm_chunks_total" in text and 'streamssm_rejected_total{reason="unauthorized"} 3.0' in text
+        assert (await http_get(base + "/nope", {"Authorization": "Bearer s3cret"}))[0] == 404
+
+
+async def test_resume_after_disconnect_equals_uninterrupted(ckpts):
+    bases = random_bases(150, seed=21)
+    cuts = random_cuts(len(bases), 22)
+    async with server(ckpts["dna"]) as srv:
+        async with StreamClient(srv.url, format="text", window=4) as c:
+            for i, (a, b) in enumerate(cuts):
+                await c.send(bases[a:b])
+                if i in (5, 20):  # the network drops with chunks in flight
+                    c._ws.transport.abort()
+            await c.end(timeout=TIMEOUT)
+        resumed = srv.metrics.resumed._value.get()
+    assert c.reconnects == 2 and resumed == 2
+    logp, scores = offline_dna(ckpts["dna"], bases)
+    np.testing.assert_allclose(c.outputs(), logp, atol=2e-5, rtol=0)
+    np.testing.assert_allclose(c.scores(), scores, atol=2e-5, rtol=0)
+
+
+async def test_resume_after_server_restart_with_state_dir(ckpts, tmp_path):
+    bases = random_bases(90, seed=31)
+    cuts = random_cuts(len(bases), 32)
+    state = tmp_path / "state"
+    async with server(ckpts["dna"], state_dir=str(state), token="t0k") as first:
+        c = StreamClient(first.url, format="text", token="t0k", reconnect=8)
+        await c.__aenter__()
+        for a, b in cuts[: len(cuts) // 2]:
+            await c.send(bases[a:b])
+    # first server is gone (closed streams with 1012 and wrote them to the state dir)
+    assert len(list(state.glob("*.json"))) == 1
+    token = c.resume_token
+    async with server(ckpts["dna_other"], state_dir=str(state), token="t0k") as other:  # another model: refused
+        got = await expect_error(other.url, [json.dumps({"type": "start", "format": "text", "resume": token})], 1008,
+                                 headers={"Authorization": "Bearer t0k"})
+        assert got["reason"] == "bad_resume"
+    async with server(ckpts["dna"], state_dir=str(state), token="t0k") as second:
+        c.url = second.url
+        for a, b in cuts[len(cuts) // 2 :]:
+            await c.send(bases[a:b])
+        await c.end(timeout=TIMEOUT)
+        await c.close()
+    assert c.reconnects >= 1
+    logp, scores = offline_dna(ckpts["dna"], bases)
+    np.testing.assert_allclose(c.outputs(), logp, atol=2e-5, rtol=0)
+    np.testing.assert_allclose(c.scores(), scores, atol=2e-5, rtol=0)
+
+
+async def test_resume_token_is_bound_to_its_bearer_token(ckpts):
+    async with server(ckpts["dna"], token="alice") as srv:
+        async with StreamClient(srv.url, format="text", token="alice") as c:
+            await c.send("ACGT")
+            c._ws.transport.abort()
+            await asyncio.sleep(0.05)
+        token = c.resume_token
+    # the same token presented with another bearer token (server restarted with it) is unknown
+    async with server(ckpts["dna"], token="mallory") as srv:
+        await expect_error(srv.url, [json.dumps({"type": "start", "format": "text", "resume": token})], 1008,
+                           headers={"Authorization": "Bearer mallory"})
+
+
+async def test_stream_cli_library_on_fasta(ckpts, tmp_path):
+    bases = random_bases(70, seed=41)
+    fasta = tmp_path / "x.fa"
+    fasta.write_text(">chrT test\n" + "\n".join(bases[i : i + 30] for i in range(0, 70, 30)) + "\n")
+    source = read_source(fasta)
+    assert source.format == "text" and source.data == bases
+    async with server(ckpts["dna"]) as srv:
+        client, summary = await stream_source(source, srv.url, chunk=16, results="binary")
+        out = tmp_path / "r.npz"
+        from streamssm.service.client import main as stream_main
+
+        rc = await asyncio.to_thread(stream_main, [str(fasta), "--url", srv.url, "--chunk", "9", "--out", str(out)])
+    assert rc == 0
+    logp, scores = offline_dna(ckpts["dna"], bases)
+    np.testing.assert_allclose(client.outputs(), logp, rtol=1e-5, atol=1e-5)
+    saved = np.load(out)
+    np.testing.assert_allclose(saved["outputs"], logp, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(saved["scores"], scores, rtol=1e-5, atol=1e-5)
+    assert summary["samples"] == 70
+
+
+def test_serve_cli_sigterm_is_graceful(ckpts):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamssm.cli", "serve", "--checkpoint", str(ckpts["dna"]), "--port", "0"],
+        stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        port = None
+        for line in proc.stderr:
+            if "listening on ws://" in line:
+                port = int(line.split("listening on ws://127.0.0.1:")[1].split("/")[0])
+                break
+        assert port, "server did not start"
+        status, _, body = _http_get(f"http://127.0.0.1:{port}/healthz")
+        assert status == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
