@@ -5,9 +5,15 @@
     causal_conv1d    depthwise causal conv x (b, d, l); weight (d, w)
     *_step           one time step, updating a state pool in place at ``state_indices``
 
-Dispatch (``backend="auto"``): CUDA tensors -> Triton kernels; CPU tensors -> the fast
-PyTorch path. ``backend="triton"`` on CPU runs the same kernels in Triton's interpreter
-when ``TRITON_INTERPRET=1`` (how the tests check them) and raises otherwise.
+Backends:
+    "triton"     the Triton kernels; on CPU only in Triton's interpreter (``TRITON_INTERPRET=1``,
+                 how the tests check them), otherwise it raises
+    "torch"      the chunked pure-PyTorch paths (``mamba1/chunked_torch.py``,
+                 ``ssd/chunked_torch.py``; conv1d is ``F.conv1d``): the fast CPU path
+    "reference"  the sequential references, the spec (slow)
+    "auto"       CUDA tensors -> "triton"; CPU tensors -> "torch"
+The one-step ops have no separate fast path: "torch" and "reference" both run the
+vectorized single-step references.
 """
 
 from __future__ import annotations
@@ -71,8 +77,11 @@ def selective_scan(
     check_tensor(op, "z", z, (b, d, l), device=u.device, optional=True)
     check_tensor(op, "delta_bias", delta_bias, (d,), FP32, device=u.device, optional=True)
     check_tensor(op, "initial_state", initial_state, (b, d, n), FP32, device=u.device, optional=True)
-    if choose_backend(op, backend, u.device) == "triton":
+    choice = choose_backend(op, backend, u.device)
+    if choice == "triton":
         from streamssm.kernels.mamba1.scan import selective_scan_triton as impl
+    elif choice == "torch":
+        from streamssm.kernels.mamba1.chunked_torch import selective_scan_chunked as impl
     else:
         from streamssm.kernels.mamba1.reference import selective_scan_ref as impl
     return impl(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
@@ -130,8 +139,11 @@ def ssd_scan(
             raise ShapeError(f"{op}: cu_seqlens must rise from 0 to the length {l}, got {bounds}")
         rows = len(bounds) - 1
     check_tensor(op, "initial_state", initial_state, (rows, h, p, n), FP32, device=x.device, optional=True)
-    if choose_backend(op, backend, x.device) == "triton":
+    choice = choose_backend(op, backend, x.device)
+    if choice == "triton":
         from streamssm.kernels.ssd.combined import ssd_scan_triton as impl
+    elif choice == "torch":
+        from streamssm.kernels.ssd.chunked_torch import ssd_scan_chunked as impl
     else:
         from streamssm.kernels.ssd.reference import ssd_scan_ref as impl
     return impl(x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
@@ -166,7 +178,7 @@ def causal_conv1d(
         raise ShapeError(f"{op}: activation must be None or 'silu', got {activation!r}")
     if choose_backend(op, backend, x.device) == "triton":
         from streamssm.kernels.conv1d.conv import causal_conv1d_triton as impl
-    else:
+    else:  # "torch" and "reference": the reference is already one F.conv1d call
         from streamssm.kernels.conv1d.reference import causal_conv1d_ref as impl
     return impl(x, weight, bias=bias, initial_state=initial_state, activation=activation,
                 return_final_state=return_final_state)

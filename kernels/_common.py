@@ -10,7 +10,11 @@ import torch
 
 from streamssm.errors import ConfigError, ShapeError
 
-Backend = Literal["auto", "triton", "reference"]
+#: ``auto``: Triton on CUDA, ``torch`` on CPU; ``triton``: the Triton kernels (CUDA, or CPU under
+#: ``TRITON_INTERPRET=1``); ``torch``: the chunked pure-PyTorch paths (any device);
+#: ``reference``: the sequential references (the spec; slow).
+Backend = Literal["auto", "triton", "torch", "reference"]
+Resolved = Literal["triton", "torch", "reference"]
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 log = logging.getLogger(__name__)
@@ -26,15 +30,15 @@ def triton_can_run(device: torch.device) -> bool:
     return device.type == "cuda" or interpreting()
 
 
-def choose_backend(op: str, backend: Backend, device: torch.device) -> Literal["triton", "reference"]:
+def choose_backend(op: str, backend: Backend, device: torch.device) -> Resolved:
     """Resolve ``backend`` for a call on ``device``.
 
-    ``auto`` picks Triton on CUDA and the fast PyTorch path on CPU (kernel tests ask for
-    ``triton`` explicitly under ``TRITON_INTERPRET=1``). Asking for ``triton`` where it
-    cannot run raises instead of silently falling back.
+    ``auto`` picks Triton on CUDA and the chunked PyTorch path (``torch``) elsewhere (kernel
+    tests ask for ``triton`` explicitly under ``TRITON_INTERPRET=1``). Asking for ``triton``
+    where it cannot run raises instead of silently falling back.
     """
     if backend == "auto":
-        choice = "triton" if device.type == "cuda" else "reference"
+        choice: Resolved = "triton" if device.type == "cuda" else "torch"
         if (op, choice) not in _logged_choices:
             _logged_choices.add((op, choice))
             log.info("%s: using the %s backend on %s", op, choice, device.type)
@@ -45,9 +49,9 @@ def choose_backend(op: str, backend: Backend, device: torch.device) -> Literal["
                 f"{op}: backend='triton' needs a CUDA tensor or TRITON_INTERPRET=1, got device {device}"
             )
         return "triton"
-    if backend == "reference":
-        return "reference"
-    raise ConfigError(f"{op}: backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+    if backend in ("torch", "reference"):
+        return backend
+    raise ConfigError(f"{op}: backend must be 'auto', 'triton', 'torch' or 'reference', got {backend!r}")
 
 
 def autotune_configs(configs: Sequence, interpret_config=None) -> list:

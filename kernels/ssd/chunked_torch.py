@@ -1,0 +1,145 @@
+"""Chunked Mamba-2 SSD scan in plain PyTorch (the fast CPU path): the standard SSD algorithm.
+
+Shape legend:
+    b batch, l length, h heads = g * q, g groups of B/C, q heads per group, p headdim,
+    n dstate, c chunks in a block, t = i = j steps in a chunk (``chunk_size``)
+
+Same recurrence as ``reference.py`` (per head a scalar decay a_t = dt_t A, fp32 math):
+    S_t = exp(a_t) S_{t-1} + dt_t x_t B_t^T,    y_t = S_t C_t + D x_t  [* silu(z_t)]
+
+With Lc the cumulative log-decay inside a chunk and X_j = dt_j x_j, one chunk is
+    y_i  = sum_{j<=i} (C_i . B_j) exp(Lc_i - Lc_j) X_j      intra-chunk quadratic form
+         + exp(Lc_i) C_i S_0                                 contribution of the carried state
+    S_t' = exp(Lc_last) S_0 + sum_j exp(Lc_last - Lc_j) X_j B_j^T   state passed on
+The quadratic and state terms are batched matmuls over all chunks of a block; only the state
+passing loops over chunks. Blocks bound memory to about ``_BLOCK_ELEMENTS`` values of the
+(b, h, c, t, t) decay matrix. A partial last chunk is padded with dt = 0 (decay 1, no input),
+which leaves the state unchanged. With ``cu_seqlens`` each packed sequence runs from its own
+initial state. Autograd differentiates every input, ``initial_state`` included.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+#: Upper bound on the elements of one block's (b, h, c, t, t) decay matrix.
+_BLOCK_ELEMENTS = 1 << 22
+
+
+def _scan_block(
+    X: torch.Tensor, a: torch.Tensor, B: torch.Tensor, C: torch.Tensor, state: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block of whole chunks, fp32.
+
+    X (b, c, t, g, q, p) = dt * x; a (b, c, t, g, q) = dt * A; B, C (b, c, t, g, n);
+    state (b, g, q, p, n). Returns y (b, c, t, g, q, p) without the D term, and the state
+    after the block.
+    """
+    t = X.shape[2]
+    Lc = a.permute(0, 3, 4, 1, 2).cumsum(-1)  # (b, g, q, c, t)
+    causal = torch.ones(t, t, dtype=torch.bool, device=X.device).tril()
+    seg = (Lc[..., :, None] - Lc[..., None, :]).masked_fill(~causal, float("-inf"))  # (b, g, q, c, i, j)
+    CB = torch.einsum("bcign,bcjgn->bgcij", C, B)  # (b, g, c, i, j)
+    M = CB[:, :, None] * torch.exp(seg)  # (b, g, q, c, i, j)
+    y = torch.einsum("bgqcij,bcjgqp->bcigqp", M, X)  # intra-chunk
+    to_end = torch.exp(Lc[..., -1:] - Lc)  # (b, g, q, c, t): decay from step j to the chunk end
+    chunk_states = torch.einsum("bcjgqp,bgqcj,bcjgn->bcgqpn", X, to_end, B)  # (b, c, g, q, p, n)
+    chunk_decay = torch.exp(Lc[..., -1])  # (b, g, q, c)
+    starts = []
+    for k in range(X.shape[1]):  # sequential state passing across chunks
+        starts.append(state)
+        state = chunk_decay[..., k, None, None] * state + chunk_states[:, k]
+    S0 = torch.stack(starts, dim=1)  # (b, c, g, q, p, n): state entering each chunk
+    y_off = torch.einsum("bcign,bcgqpn->bcigqp", C, S0) * torch.exp(Lc).permute(0, 3, 4, 1, 2)[..., None]
+    return y + y_off, state
+
+
+def _ssd_rows(
+    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+    state: torch.Tensor, chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (b, l, h, p); dt (b, l, h) fp32 after bias/softplus; B, C (b, l, g, n);
+    state (b, h, p, n) fp32. Returns y (b, l, h, p) fp32 (no D/z) and the final state."""
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    q = h // g
+    t = min(chunk_size, l)
+    chunks = -(-l // t)
+    pad = chunks * t - l
+    X = F.pad(x.float() * dt[..., None], (0, 0, 0, 0, 0, pad))  # (b, l', h, p); padded steps carry no input
+    a = F.pad(dt * A, (0, 0, 0, pad))  # (b, l', h); log-decay 0 on padded steps
+    Bf = F.pad(B.float(), (0, 0, 0, 0, 0, pad)).reshape(b, chunks, t, g, n)
+    Cf = F.pad(C.float(), (0, 0, 0, 0, 0, pad)).reshape(b, chunks, t, g, n)
+    X = X.reshape(b, chunks, t, g, q, p)
+    a = a.reshape(b, chunks, t, g, q)
+    state = state.reshape(b, g, q, p, n)
+    per_block = max(1, _BLOCK_ELEMENTS // (b * h * t * t))  # chunks per block
+    ys = []
+    for c0 in range(0, chunks, per_block):
+        c1 = min(c0 + per_block, chunks)
+        y, state = _scan_block(X[:, c0:c1], a[:, c0:c1], Bf[:, c0:c1], Cf[:, c0:c1], state)
+        ys.append(y)
+    y = torch.cat(ys, dim=1).reshape(b, chunks * t, h, p)[:, :l]
+    return y, state.reshape(b, h, p, n)
+
+
+def ssd_scan_chunked(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int = 256,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    initial_state: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    return_final_state: bool = False,
+):
+    """SSD scan by the chunked algorithm (same contract as ``ssd_scan_ref``).
+
+    x, z: (b, l, h, p); dt: (b, l, h); A: (h,); B, C: (b, l, g, n); D: (h,) or (h, p);
+    initial_state: (b, h, p, n), or (num_seqs, h, p, n) with ``cu_seqlens`` (num_seqs+1,)
+    (then b == 1). Returns y (b, l, h, p) in x.dtype [, final_state like initial_state, fp32].
+    """
+    b, l, h, p = x.shape
+    n = B.shape[-1]
+    dtf = dt.float()
+    if dt_bias is not None:
+        dtf = dtf + dt_bias.float()
+    if dt_softplus:
+        dtf = F.softplus(dtf)
+    Af = A.float()
+    if cu_seqlens is None:
+        state = (
+            initial_state.float()
+            if initial_state is not None
+            else torch.zeros(b, h, p, n, device=x.device, dtype=torch.float32)
+        )
+        y, final = _ssd_rows(x, dtf, Af, B, C, state, chunk_size)
+    else:
+        bounds = [int(v) for v in cu_seqlens.tolist()]
+        ys, finals = [], []
+        for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+            state = (
+                initial_state[i : i + 1].float()
+                if initial_state is not None
+                else torch.zeros(1, h, p, n, device=x.device, dtype=torch.float32)
+            )
+            if e == s:  # an empty sequence passes its initial state through
+                finals.append(state)
+                continue
+            y_i, state = _ssd_rows(x[:, s:e], dtf[:, s:e], Af, B[:, s:e], C[:, s:e], state, chunk_size)
+            ys.append(y_i)
+            finals.append(state)
+        y, final = torch.cat(ys, dim=1), torch.cat(finals, dim=0)
+    if D is not None:
+        Df = D.float()
+        y = y + x.float() * (Df[:, None] if Df.dim() == 1 else Df)
+    if z is not None:
+        y = y * F.silu(z.float())
+    y = y.to(x.dtype)
+    return (y, final) if return_final_state else y
