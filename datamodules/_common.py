@@ -95,6 +95,36 @@ def evenly_spaced(items: list, limit: int | None) -> list:
     return [items[i] for i in idx]
 
 
+class SpanSampler:
+    """Uniform random placement of a span of ``need`` items over several ranges.
+
+    A range of length n offers ``n - need + 1`` start positions; ranges are picked with
+    probability proportional to that count, so every valid start is equally likely. Ranges
+    shorter than ``need`` are ignored; ``eligible`` lists the indices of the others.
+    """
+
+    def __init__(self, lengths: Sequence[int], need: int) -> None:
+        self.need = int(need)
+        self._lengths = [int(n) for n in lengths]
+        self.eligible = [i for i, n in enumerate(lengths) if n >= need]
+        if not self.eligible:
+            raise ConfigError(
+                f"span of {need} items: every range is shorter (longest {max(lengths, default=0)}); "
+                f"use a shorter window/crop"
+            )
+        counts = np.array([lengths[i] - need + 1 for i in self.eligible], dtype=np.float64)
+        self._cum = np.cumsum(counts / counts.sum())
+
+    def draw(self, rng: np.random.Generator) -> tuple[int, int]:
+        """``(range index, offset of the span start inside that range)``."""
+        j = min(int(np.searchsorted(self._cum, rng.random(), side="right")), len(self.eligible) - 1)
+        i = self.eligible[j]
+        return i, int(rng.integers(0, self._n(i)))
+
+    def _n(self, i: int) -> int:
+        return self._lengths[i] - self.need + 1
+
+
 class EpochKeySampler(Sampler[int]):
     """Yields ``num_samples`` keys per epoch: a seeded permutation of ``epoch*n .. epoch*n+n-1``.
 

@@ -37,6 +37,7 @@ from streamssm.datamodules._common import (
     BaseDataModule,
     EpochKeySampler,
     LazyHandleMixin,
+    SpanSampler,
     check_fractions,
     check_positive,
     evenly_spaced,
@@ -170,15 +171,15 @@ class RandomWindowDataset(Dataset):
         max_tries: int = 10,
     ) -> None:
         self.reader = reader
-        self.regions = [r for r in regions if r.length >= window + 1]
-        if not self.regions:
+        self.regions = regions
+        try:
+            self.spans = SpanSampler([r.length for r in regions], window + 1)
+        except ConfigError:
             longest = max((r.length for r in regions), default=0)
             raise ConfigError(
                 f"window={window}: every training region is shorter than window + 1 bases "
                 f"(longest {longest}); use a smaller window"
-            )
-        positions = np.array([r.length - window for r in self.regions], dtype=np.float64)
-        self.cum = np.cumsum(positions / positions.sum())
+            ) from None
         self.window = window
         self.num_samples = num_samples
         self.seed = seed
@@ -194,8 +195,9 @@ class RandomWindowDataset(Dataset):
         """The window for ``key`` and its tokens (forward strand), re-drawn while too N-rich."""
         rng = np.random.default_rng([self.seed, int(key)])
         for _ in range(self.max_tries):
-            r = self.regions[min(int(np.searchsorted(self.cum, rng.random(), side="right")), len(self.regions) - 1)]
-            start = r.start + int(rng.integers(0, r.length - self.window))
+            i, offset = self.spans.draw(rng)
+            r = self.regions[i]
+            start = r.start + offset
             tokens = self.reader.read(r.file, r.chrom, start, start + self.window + 1)
             if float((tokens == N_TOKEN).float().mean()) <= self.max_n_fraction:
                 break
