@@ -35,18 +35,20 @@ def _chunk_scan_bwd_dc_kernel(
     p_dy,  # (L, H, P) gradient of the ungated output
     p_dt_out, p_dA_cs,  # (T, H, Q) fp32
     p_states,  # (T, H, P, N) fp32 states entering each chunk
-    p_dC,  # (L, G, N) out, contiguous
+    p_dC,  # (L, G, N) out, contiguous (fp32 and zeroed when ATOMIC)
     p_ddA_cs,  # (T, H, Q) fp32 out: dAcs (in-chunk and S_in parts)
     p_cstart, p_clen,
     # dimensions
-    H, G, P, N, heads_per_group,
+    H, G, P, N, heads_per_group, heads_per_prog,
     # strides
     s_x_l, s_x_h, s_x_p, s_b_l, s_b_g, s_b_n, s_c_l, s_c_g, s_c_n, s_dy_l, s_dy_h, s_dy_p,
     # meta-parameters
     CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, ATOMIC: tl.constexpr,
 ):
-    i_c, i_g, i_t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c, i_gs, i_t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    num_split = heads_per_group // heads_per_prog
+    i_g, i_split = i_gs // num_split, i_gs % num_split
     clen = tl.load(p_clen + i_c)
     t0 = i_t * BLOCK_T
     if t0 >= clen:
@@ -60,8 +62,8 @@ def _chunk_scan_bwd_dc_kernel(
     m_tn = m_t[:, None] & m_n[None, :]
     b_C = tl.load(p_C + tok_t[:, None] * s_c_l + i_g * s_c_g + o_n[None, :] * s_c_n, mask=m_tn, other=0.0)
     acc_dC = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-    for hh in range(0, heads_per_group):
-        i_h = i_g * heads_per_group + hh
+    for hh in range(0, heads_per_prog):
+        i_h = i_g * heads_per_group + i_split * heads_per_prog + hh
         base = (i_c.to(tl.int64) * H + i_h) * CHUNK
         b_acs_t = tl.load(p_dA_cs + base + o_t, mask=m_t, other=0.0)
         b_dy = tl.load(p_dy + tok_t[:, None] * s_dy_l + i_h * s_dy_h + o_p[None, :] * s_dy_p,
@@ -89,7 +91,11 @@ def _chunk_scan_bwd_dc_kernel(
             b_cb = tl.dot(b_C, tl.trans(b_Bs.to(b_C.dtype)), input_precision=DOT_PREC)  # (t, s)
             b_dacs += tl.sum(b_k * b_cb, axis=1)
         tl.store(p_ddA_cs + base + o_t, b_dacs, mask=m_t)
-    tl.store(p_dC + tok_t[:, None] * (G * N) + i_g * N + o_n[None, :], acc_dC.to(p_dC.dtype.element_ty), mask=m_tn)
+    o_dC = tok_t[:, None] * (G * N) + i_g * N + o_n[None, :]
+    if ATOMIC:  # several programs share this group's heads
+        tl.atomic_add(p_dC + o_dC, acc_dC, mask=m_tn)
+    else:
+        tl.store(p_dC + o_dC, acc_dC.to(p_dC.dtype.element_ty), mask=m_tn)
 
 
 @triton.jit
@@ -102,21 +108,23 @@ def _chunk_scan_bwd_dx_kernel(
     p_dt_out, p_dA_cs,  # (T, H, Q) fp32
     p_dstates,  # (T, H, P, N) fp32 gradient of the state leaving each chunk
     p_dx,  # (L, H, P) out, contiguous
-    p_dB,  # (L, G, N) out, contiguous
+    p_dB,  # (L, G, N) out, contiguous (fp32 and zeroed when ATOMIC)
     p_ddA_cs,  # (T, H, Q) fp32 in/out: adds the s-indexed dAcs terms
     p_ddt,  # (T, H, Q) fp32 out: gradient of dt through the dt * x products
     p_ddA_last,  # (T, H) fp32, accumulated atomically
     p_dD_part,  # (T * num_sb, H, P) fp32 out: partial sums of dy * x
     p_cstart, p_clen,
     # dimensions
-    H, G, P, N, heads_per_group,
+    H, G, P, N, heads_per_group, heads_per_prog,
     # strides
     s_x_l, s_x_h, s_x_p, s_b_l, s_b_g, s_b_n, s_c_l, s_c_g, s_c_n, s_dy_l, s_dy_h, s_dy_p,
     # meta-parameters
     CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_D: tl.constexpr, D_PER_P: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_D: tl.constexpr, D_PER_P: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC: tl.constexpr,
 ):
-    i_c, i_g, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c, i_gs, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    num_split = heads_per_group // heads_per_prog
+    i_g, i_split = i_gs // num_split, i_gs % num_split
     clen = tl.load(p_clen + i_c)
     s0 = i_s * BLOCK_T
     if s0 >= clen:
@@ -131,8 +139,8 @@ def _chunk_scan_bwd_dx_kernel(
     m_sp = m_s[:, None] & m_p[None, :]
     b_B = tl.load(p_B + tok_s[:, None] * s_b_l + i_g * s_b_g + o_n[None, :] * s_b_n, mask=m_sn, other=0.0)
     acc_dB = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-    for hh in range(0, heads_per_group):
-        i_h = i_g * heads_per_group + hh
+    for hh in range(0, heads_per_prog):
+        i_h = i_g * heads_per_group + i_split * heads_per_prog + hh
         base = (i_c.to(tl.int64) * H + i_h) * CHUNK
         b_acs_s = tl.load(p_dA_cs + base + o_s, mask=m_s, other=0.0)
         b_dt_s = tl.load(p_dt_out + base + o_s, mask=m_s, other=0.0)
@@ -177,12 +185,30 @@ def _chunk_scan_bwd_dx_kernel(
         b_prev = tl.load(p_ddA_cs + base + o_s, mask=m_s, other=0.0)
         tl.store(p_ddA_cs + base + o_s, b_prev + b_dacs, mask=m_s)
         tl.atomic_add(p_ddA_last + i_c.to(tl.int64) * H + i_h, tl.sum(b_w))
-    tl.store(p_dB + tok_s[:, None] * (G * N) + i_g * N + o_n[None, :], acc_dB.to(p_dB.dtype.element_ty), mask=m_sn)
+    o_dB = tok_s[:, None] * (G * N) + i_g * N + o_n[None, :]
+    if ATOMIC:  # several programs share this group's heads
+        tl.atomic_add(p_dB + o_dB, acc_dB, mask=m_sn)
+    else:
+        tl.store(p_dB + o_dB, acc_dB.to(p_dB.dtype.element_ty), mask=m_sn)
 
 
 def _blocks(P: int, N: int, chunk_size: int) -> tuple[int, int, int]:
     block_t = 16 if interpreting() else min(64, max(16, triton.next_power_of_2(chunk_size)))
     return block_t, max(16, triton.next_power_of_2(P)), max(16, triton.next_power_of_2(N))
+
+
+def _heads_per_program(heads_per_group: int, programs: int, target: int = 2048) -> int:
+    """Heads one program loops over: all of its group's, unless that leaves fewer than ``target``
+    programs; then the largest divisor that reaches it (dB/dC then summed with atomics)."""
+    if interpreting():
+        return max(1, heads_per_group // 2) if heads_per_group % 2 == 0 else heads_per_group
+    best = 1
+    for d in range(heads_per_group, 0, -1):
+        if heads_per_group % d == 0:
+            best = d
+            if programs * (heads_per_group // d) >= target:
+                return d
+    return best
 
 
 def _chunk_scan_bwd(x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, dy: torch.Tensor, D: torch.Tensor | None,
@@ -198,9 +224,16 @@ def _chunk_scan_bwd(x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, dy: torch
     block_t, block_p, block_n = _blocks(P, N, layout.chunk_size)
     num_tb = triton.cdiv(layout.chunk_size, block_t)
     T, Q = layout.num_chunks, layout.chunk_size
+    heads_per_group = H // G
+    heads_per_prog = _heads_per_program(heads_per_group, T * G * num_tb)
+    atomic = heads_per_prog < heads_per_group
     dx = torch.empty(L, H, P, device=x.device, dtype=x.dtype)
-    dB = torch.empty(L, G, N, device=x.device, dtype=B.dtype)
-    dC = torch.empty(L, G, N, device=x.device, dtype=C.dtype)
+    if atomic:
+        dB = torch.zeros(L, G, N, device=x.device, dtype=torch.float32)
+        dC = torch.zeros(L, G, N, device=x.device, dtype=torch.float32)
+    else:
+        dB = torch.empty(L, G, N, device=x.device, dtype=B.dtype)
+        dC = torch.empty(L, G, N, device=x.device, dtype=C.dtype)
     ddA_cs = torch.empty(T, H, Q, device=x.device, dtype=torch.float32)
     ddt = torch.empty_like(ddA_cs)
     dD_part = torch.zeros(T * num_tb, H, P, device=x.device, dtype=torch.float32) if D is not None else ddt
@@ -208,18 +241,20 @@ def _chunk_scan_bwd(x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, dy: torch
     strides = (x.stride(0), x.stride(1), x.stride(2), B.stride(0), B.stride(1), B.stride(2),
                C.stride(0), C.stride(1), C.stride(2), dy.stride(0), dy.stride(1), dy.stride(2))
     warps = 4 if N <= 64 else 8
-    _chunk_scan_bwd_dc_kernel[(T, G, num_tb)](
+    _chunk_scan_bwd_dc_kernel[(T, G * (heads_per_group // heads_per_prog), num_tb)](
         x, B, C, dy, dt_out, dA_cs, prev_states, dC, ddA_cs, layout.starts, layout.lengths,
-        H, G, P, N, H // G, *strides,
-        CHUNK=Q, BLOCK_T=block_t, BLOCK_P=block_p, BLOCK_N=block_n, DOT_PREC=prec, num_warps=warps,
+        H, G, P, N, heads_per_group, heads_per_prog, *strides,
+        CHUNK=Q, BLOCK_T=block_t, BLOCK_P=block_p, BLOCK_N=block_n, DOT_PREC=prec, ATOMIC=atomic, num_warps=warps,
     )
-    _chunk_scan_bwd_dx_kernel[(T, G, num_tb)](
+    _chunk_scan_bwd_dx_kernel[(T, G * (heads_per_group // heads_per_prog), num_tb)](
         x, B, C, dy, D if D is not None else ddt, dt_out, dA_cs, dstates, dx, dB, ddA_cs, ddt, ddA_last, dD_part,
         layout.starts, layout.lengths,
-        H, G, P, N, H // G, *strides,
+        H, G, P, N, heads_per_group, heads_per_prog, *strides,
         CHUNK=Q, BLOCK_T=block_t, BLOCK_P=block_p, BLOCK_N=block_n,
-        HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, DOT_PREC=prec, num_warps=warps,
+        HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, DOT_PREC=prec, ATOMIC=atomic, num_warps=warps,
     )
+    if atomic:
+        dB, dC = dB.to(B.dtype), dC.to(C.dtype)
     dD = None
     if D is not None:
         dD = dD_part.sum(0)  # (H, P)
