@@ -169,3 +169,24 @@ def test_mamba1_and_conv_step_bf16_gpu():
     conv_pool = torch.randn(128, d, 3, generator=g).cuda().to(bf)
     run_both(conv1d_step, conv_pool, rows, bf, x=torch.randn(b, d, generator=g).cuda().to(bf),
              weight=torch.randn(d, 4, generator=g).cuda(), bias=torch.randn(d, generator=g).cuda())
+
+
+@pytest.mark.parametrize("block_p", [2, 16])
+def test_ssd_step_headdim_tiles(block_p):
+    """Other headdim tiles than the default (partial last tile at p=6; whole p in one tile)."""
+    from streamssm.kernels.ssd.reference import ssd_step_ref
+    from streamssm.kernels.ssd.step import ssd_step_triton
+
+    dev, h, p, n, b = device(), 2, 6, 4, 2
+    g = torch.Generator().manual_seed(block_p)
+    pool = torch.randn(POOL, h, p, n, generator=g).to(dev)
+    rows = torch.tensor([3, 1], device=dev)
+    args = [torch.randn(b, h, p, generator=g).to(dev), torch.rand(b, h, generator=g).to(dev),
+            -torch.rand(h, generator=g).to(dev), torch.randn(b, 1, n, generator=g).to(dev),
+            torch.randn(b, 1, n, generator=g).to(dev), torch.randn(h, p, generator=g).to(dev), None, None]
+    y_ref, new_ref = ssd_step_ref(pool[rows], *args[:5], D=args[5])
+    out = pool.clone()
+    y = ssd_step_triton(out, *args, False, rows, block_p=block_p)
+    assert_close("ssd tile y", y_ref, y)
+    assert_close("ssd tile state", new_ref, out[rows])
+    assert torch.equal(out[[0, 2, 4, 5]], pool[[0, 2, 4, 5]])

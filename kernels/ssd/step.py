@@ -68,9 +68,12 @@ def _ssd_step_kernel(
     tl.store(p_y + i * s_yb + hd * s_yh + o_p * s_yp, b_y.to(p_y.dtype.element_ty), mask=m_p)
 
 
-def _block_p(p: int, n: int) -> int:
-    """Headdim rows per program: about 1024 state elements (4 KiB fp32) per program."""
-    return max(1, min(triton.next_power_of_2(p), 1024 // triton.next_power_of_2(n)))
+def _block_p(p: int, n: int, streams_x_heads: int) -> int:
+    """Headdim rows per program: 1024 state elements (4 KiB fp32) per program, 2048 once there
+    are >= 1024 (stream, head) pairs. Measured on the H100 (H24 P64 N128, graph, µs/call:
+    BLOCK_P 8 vs 16): 8 streams 4.38 vs 4.55; 64: 36.6 vs 36.6; 256: 150.8 vs 149.0; 512: 300.0 vs 294.1."""
+    elements = 2048 if streams_x_heads >= 1024 else 1024
+    return max(1, min(triton.next_power_of_2(p), elements // triton.next_power_of_2(n)))
 
 
 def ssd_step_triton(
@@ -96,7 +99,7 @@ def ssd_step_triton(
     if b == 0:
         return y
     block_n = triton.next_power_of_2(n)
-    block_p = block_p or _block_p(p, n)
+    block_p = block_p or _block_p(p, n, b * h)
     if D is not None:
         s_D = (D.stride(0), 0) if D.dim() == 1 else (D.stride(0), D.stride(1))
     else:
