@@ -1,0 +1,334 @@
+"""Windows over multichannel sensor tables (CSV or Parquet, read with a polars lazy scan).
+
+Shape legend: b batch, l window length (rows), c feature channels.
+
+A table holds one long series, or many series in long format (a ``series_column`` such as a
+device id; several files without one count as one series each). Rows are sorted by
+``time_column`` (within each series) when given. Each series is split by time into
+train | val | test; normalization mean/std come from the training rows only and travel in
+``serving_metadata`` (so serving normalizes raw rows identically).
+
+- ``task="forecast"``: ``{"inputs": (l, c) float, "targets": (l, c) float}``, the targets being
+  the inputs shifted one step ahead (next-step prediction of every channel).
+- ``task="classification"``: ``{"inputs": (l, c) float, "targets": () long}``; a window's class
+  is the ``label_column`` value at its last row (per-series labels work the same way).
+
+Missing values (null or NaN) raise a ``DataFormatError`` naming the column (``missing="error"``)
+or are filled per series by linear interpolation and edge filling (``missing="fill"``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import polars as pl
+import torch
+from torch.utils.data import Dataset
+
+from streamssm.datamodules._common import (
+    BaseDataModule,
+    check_fractions,
+    check_positive,
+    resolve_files,
+    split_points,
+    tile_starts,
+)
+from streamssm.datamodules.encoding import Normalizer
+from streamssm.errors import ConfigError, DataFormatError
+
+log = logging.getLogger(__name__)
+
+TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
+_FILE_COLUMN = "__streamssm_file"
+_ROW_COLUMN = "__streamssm_row"
+
+
+def scan_table(path: Path) -> pl.LazyFrame:
+    """Lazy scan of one CSV or Parquet file (by suffix); schema problems raise ``DataFormatError``."""
+    try:
+        if path.suffix.lower() == ".csv":
+            lf = pl.scan_csv(path, try_parse_dates=True, infer_schema_length=10_000)
+        else:
+            lf = pl.scan_parquet(path)
+        lf.collect_schema()
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise DataFormatError(f"table {str(path)!r} cannot be read: {exc}") from None
+    return lf
+
+
+class WindowDataset(Dataset):
+    """Index -> window starting at row ``starts[index]`` of the (normalized) value array."""
+
+    def __init__(self, values: np.ndarray, starts: list[int], window: int, labels: np.ndarray | None) -> None:
+        self.values = values  # (rows, c) float32
+        self.starts = starts
+        self.window = window
+        self.labels = labels  # (rows,) int64 class ids, or None for forecasting
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        s = self.starts[int(index)]
+        if self.labels is None:
+            x = torch.from_numpy(self.values[s : s + self.window + 1])  # (l+1, c)
+            return {"inputs": x[:-1], "targets": x[1:]}
+        x = torch.from_numpy(self.values[s : s + self.window])  # (l, c)
+        return {"inputs": x, "targets": torch.tensor(int(self.labels[s + self.window - 1]), dtype=torch.long)}
+
+
+class SensorDataModule(BaseDataModule):
+    """Forecasting or window classification over CSV/Parquet sensor tables.
+
+    Args:
+        path: a CSV/Parquet file, folder, glob, or list of them (same columns in every file).
+        columns: feature columns (default: every numeric column other than time/series/label).
+        time_column: sort rows by this column (within each series); None keeps file order.
+        series_column: column naming the series of each row (long format).
+        label_column: class label per row (required for ``task="classification"``).
+        task: "forecast" (next step, regression) or "classification" (label of each window).
+        window: rows per model input (l). stride: rows between window starts (default l).
+        val_fraction / test_fraction: tail share of every series held out (by time).
+        missing: "error" on null/NaN features, or "fill" (interpolate per series).
+        normalize: standardize features with train-split mean/std.
+    """
+
+    def __init__(
+        self,
+        path: str | list[str],
+        columns: list[str] | None = None,
+        time_column: str | None = None,
+        series_column: str | None = None,
+        label_column: str | None = None,
+        task: Literal["forecast", "classification"] = "forecast",
+        window: int = 128,
+        stride: int | None = None,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        missing: Literal["error", "fill"] = "error",
+        normalize: bool = True,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size, num_workers, pin_memory, seed)
+        problems = []
+        if task not in ("forecast", "classification"):
+            problems.append(f"task must be 'forecast' or 'classification', got {task!r}")
+        if task == "classification" and not label_column:
+            problems.append("task='classification' needs label_column")
+        if missing not in ("error", "fill"):
+            problems.append(f"missing must be 'error' or 'fill', got {missing!r}")
+        special = [c for c in (time_column, series_column, label_column) if c]
+        if len(set(special)) != len(special):
+            problems.append(f"time_column, series_column and label_column must differ, got {special}")
+        if columns is not None and (not columns or set(columns) & set(special)):
+            problems.append(f"columns must be a non-empty list without the time/series/label columns, got {columns}")
+        if problems:
+            raise ConfigError("SensorDataModule: " + "; ".join(problems))
+        check_positive("window", window)
+        if stride is not None:
+            check_positive("stride", stride)
+        check_fractions(val_fraction, test_fraction)
+        self.save_hyperparameters(logger=False)
+        self.path = path
+        self.columns = list(columns) if columns is not None else None
+        self.time_column = time_column
+        self.series_column = series_column
+        self.label_column = label_column
+        self.task = task
+        self.window = int(window)
+        self.stride = int(stride) if stride is not None else int(window)
+        self.val_fraction = float(val_fraction)
+        self.test_fraction = float(test_fraction)
+        self.missing = missing
+        self.normalize = bool(normalize)
+        self.feature_names: list[str] = []
+        self.classes: list[Any] = []
+        self.normalizer: Normalizer | None = None
+        self.values: np.ndarray | None = None  # (rows, c) float32, normalized
+        self.label_ids: np.ndarray | None = None  # (rows,) int64
+        self.series_bounds: list[tuple[int, int]] = []  # row range of each series
+        self.split_rows: dict[str, list[tuple[int, int]]] = {}
+        self._source = str(path)
+
+    # ------------------------------------------------------------------ metadata
+    def model_io(self) -> dict[str, Any]:
+        self._ensure_loaded()
+        c = len(self.feature_names)
+        if self.task == "classification":
+            return {"input_kind": "continuous", "input_dim": c, "head": "classifier", "output_dim": len(self.classes)}
+        return {"input_kind": "continuous", "input_dim": c, "head": "regression", "output_dim": c}
+
+    def serving_metadata(self) -> dict[str, Any]:
+        self._ensure_loaded()
+        assert self.normalizer is not None  # set by _load
+        meta: dict[str, Any] = {
+            "modality": "sensor",
+            "channels": list(self.feature_names),
+            **self.normalizer.to_dict(),
+            "task": self.task,
+            "window": self.window,
+            "time_column": self.time_column,
+        }
+        if self.task == "classification":
+            meta["classes"] = list(self.classes)
+        return meta
+
+    # ------------------------------------------------------------------ loading
+    def _ensure_loaded(self) -> None:
+        if self.values is None:
+            self._load()
+
+    def _scan(self) -> tuple[pl.LazyFrame, str | None]:
+        """All files as one lazy frame (with a file column when several files lack a series column)."""
+        paths = resolve_files(self.path, "path", TABLE_SUFFIXES)
+        frames = [scan_table(p) for p in paths]
+        schemas = [f.collect_schema() for f in frames]
+        names0 = list(schemas[0].names())
+        for p, s in zip(paths[1:], schemas[1:]):
+            if list(s.names()) != names0:
+                raise DataFormatError(
+                    f"table {str(p)!r} has columns {list(s.names())}, but {str(paths[0])!r} has {names0}"
+                )
+        self._source = ", ".join(str(p) for p in paths[:3]) + (" ..." if len(paths) > 3 else "")
+        series = self.series_column
+        if len(frames) > 1 and series is None:
+            frames = [f.with_columns(pl.lit(i).alias(_FILE_COLUMN)) for i, f in enumerate(frames)]
+            series = _FILE_COLUMN
+        try:
+            lf = pl.concat(frames, how="vertical_relaxed") if len(frames) > 1 else frames[0]
+        except pl.exceptions.PolarsError as exc:
+            raise DataFormatError(f"tables {self._source} cannot be combined: {exc}") from None
+        return lf, series
+
+    def _select_features(self, schema: pl.Schema) -> list[str]:
+        available = list(schema.names())
+        for role, col in (("time_column", self.time_column), ("series_column", self.series_column), ("label_column", self.label_column)):
+            if col is not None and col not in schema:
+                raise DataFormatError(f"{role} {col!r} not found in {self._source}; available columns: {available}")
+        special = {self.time_column, self.series_column, self.label_column, _FILE_COLUMN}
+        if self.columns is None:
+            features = [n for n, d in schema.items() if n not in special and d.is_numeric()]
+            if not features:
+                raise DataFormatError(f"no numeric feature column in {self._source}; columns: {dict(schema)}")
+            return features
+        missing = [c for c in self.columns if c not in schema]
+        if missing:
+            raise DataFormatError(f"column(s) {missing} not found in {self._source}; available columns: {available}")
+        bad = {c: str(schema[c]) for c in self.columns if not schema[c].is_numeric()}
+        if bad:
+            raise DataFormatError(f"feature column(s) must be numeric, got {bad} in {self._source}")
+        return list(self.columns)
+
+    def _collect(self) -> tuple[pl.DataFrame, str | None]:
+        lf, series = self._scan()
+        schema = lf.collect_schema()
+        self.feature_names = self._select_features(schema)
+        keep = [c for c in (series, self.time_column) if c] + self.feature_names
+        keep += [self.label_column] if self.label_column else []
+        lf = lf.select(keep).with_row_index(_ROW_COLUMN)
+        order = [c for c in (series, self.time_column) if c]
+        if order:
+            lf = lf.sort(order + [_ROW_COLUMN])  # stable: ties keep file order
+        lf = lf.with_columns([pl.col(c).cast(pl.Float64).fill_nan(None) for c in self.feature_names])
+        try:
+            df = lf.collect()
+        except pl.exceptions.PolarsError as exc:
+            raise DataFormatError(f"cannot read {self._source}: {exc}") from None
+        if df.height == 0:
+            raise DataFormatError(f"{self._source} holds no rows")
+        return df, series
+
+    def _handle_missing(self, df: pl.DataFrame, series: str | None) -> pl.DataFrame:
+        for col in [c for c in (self.time_column, self.label_column) if c]:
+            nulls = df[col].null_count()
+            if nulls:
+                raise DataFormatError(f"column {col!r} has {nulls} missing value(s) in {self._source}")
+        counts = {c: df[c].null_count() for c in self.feature_names}
+        holes = {c: n for c, n in counts.items() if n}
+        if not holes:
+            return df
+        if self.missing == "error":
+            first = {c: int(df[_ROW_COLUMN].filter(df[c].is_null())[0]) for c in holes}
+            raise DataFormatError(
+                f"missing values (null/NaN) in {self._source}: counts {holes}, first at source row {first}; "
+                f"set missing='fill' to interpolate them"
+            )
+        fill = [pl.col(c).interpolate().forward_fill().backward_fill() for c in holes]
+        df = df.with_columns([f.over(series) for f in fill] if series else fill)
+        empty = [c for c in holes if df[c].null_count()]
+        if empty:
+            raise DataFormatError(f"column(s) {empty} have no values at all in some series of {self._source}")
+        log.info("filled missing values: %s", holes)
+        return df
+
+    def _load(self) -> None:
+        df, series = self._collect()
+        df = self._handle_missing(df, series)
+        raw = df.select(self.feature_names).to_numpy(order="c").astype(np.float32)  # (rows, c)
+        if not np.isfinite(raw).all():
+            cols = [self.feature_names[j] for j in np.flatnonzero(~np.isfinite(raw).all(axis=0))]
+            raise DataFormatError(f"column(s) {cols} of {self._source} contain infinite values")
+        if series is not None:
+            sid = df[series].to_numpy()
+            cuts = np.flatnonzero(sid[1:] != sid[:-1]) + 1
+            edges = [0, *cuts.tolist(), df.height]
+        else:
+            edges = [0, df.height]
+        self.series_bounds = list(zip(edges[:-1], edges[1:]))
+        self.split_rows = {"train": [], "val": [], "test": []}
+        for lo, hi in self.series_bounds:
+            a, b = split_points(hi - lo, self.val_fraction, self.test_fraction)
+            for split, s, e in (("train", lo, lo + a), ("val", lo + a, lo + b), ("test", lo + b, hi)):
+                if e > s:
+                    self.split_rows[split].append((s, e))
+        train = np.concatenate([raw[s:e] for s, e in self.split_rows["train"]]) if self.split_rows["train"] else raw[:0]
+        if len(train) == 0:
+            raise ConfigError(f"no training rows: the series are too short for the val/test fractions ({self._source})")
+        if self.normalize:
+            self.normalizer = Normalizer.fit(train)
+            self.values = self.normalizer.apply(torch.from_numpy(raw)).numpy()
+        else:
+            c = raw.shape[1]
+            self.normalizer = Normalizer([0.0] * c, [1.0] * c)
+            self.values = raw
+        if self.label_column:
+            labels = df[self.label_column]
+            self.classes = labels.unique().sort().to_list()
+            lookup = {v: i for i, v in enumerate(self.classes)}
+            self.label_ids = np.array([lookup[v] for v in labels.to_list()], dtype=np.int64)
+        if self.task != "classification":
+            self.label_ids = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._datasets:
+            return
+        self._ensure_loaded()
+        assert self.values is not None  # set by _load
+        need = self.window + 1 if self.task == "forecast" else self.window
+        labels = self.label_ids if self.task == "classification" else None
+        for split in ("train", "val", "test"):
+            starts = [s for lo, hi in self.split_rows[split] for s in tile_starts(lo, hi, need, self.stride)]
+            if starts:
+                self._datasets[split] = WindowDataset(self.values, starts, self.window, labels)
+            elif split == "train":
+                longest = max((hi - lo for lo, hi in self.split_rows["train"]), default=0)
+                raise ConfigError(
+                    f"window={self.window}: no training window fits (needs {need} rows, the longest training "
+                    f"span has {longest}); use a smaller window or more data"
+                )
+            elif self.split_rows[split]:
+                log.warning("%s split has no window of %d rows", split, need)
+
+    def train_dataloader(self):  # noqa: ANN201 - DataLoader
+        return self._loader("train", shuffle=True)
+
+    def predict_dataloader(self):  # noqa: ANN201 - DataLoader
+        """The test windows when a test split exists, else the validation windows."""
+        self._dataset("train")
+        return self._loader("test" if "test" in self._datasets else "val")

@@ -1,0 +1,149 @@
+"""SensorDataModule on tiny generated tables: windows, splits, normalization, sorting, errors."""
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from streamssm.datamodules import SensorDataModule, synthetic
+from streamssm.datamodules.encoding import encoder_from_metadata
+from streamssm.errors import ConfigError, DataFormatError
+
+FEATURES = ["ch0", "ch1", "ch2"]
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sensor")
+    csv = synthetic.write_sensor_table(folder / "s.csv", rows=600, channels=3, seed=0, label=True)
+    return csv, pl.read_csv(csv)
+
+
+def make(path, **kw):
+    kw.setdefault("window", 32)
+    kw.setdefault("batch_size", 8)
+    kw.setdefault("val_fraction", 0.2)
+    kw.setdefault("test_fraction", 0.1)
+    dm = SensorDataModule(str(path), **kw)
+    dm.setup("fit")
+    return dm
+
+
+def test_forecast_windows_are_normalized_rows_shifted_by_one(table):
+    path, df = table
+    dm = make(path, time_column="timestamp", stride=16)
+    raw = df.select(FEATURES).to_numpy().astype(np.float64)
+    train = raw[:420]  # 600 rows: train [0, 420), val [420, 540), test [540, 600)
+    mean, std = train.mean(0), train.std(0)
+    assert np.allclose(dm.normalizer.mean.numpy(), mean) and np.allclose(dm.normalizer.std.numpy(), std)
+    assert not np.allclose(raw.mean(0), mean, atol=1e-3)  # full-table stats would differ: train only
+    ds = dm._dataset("train")
+    assert ds.starts == list(range(0, 420 - 33 + 1, 16))
+    sample = ds[3]
+    expected = torch.tensor((raw[48:81] - mean) / std, dtype=torch.float32)
+    assert torch.allclose(sample["inputs"], expected[:-1], atol=1e-5)
+    assert torch.allclose(sample["targets"], expected[1:], atol=1e-5)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["inputs"].shape == (8, 32, 3) and batch["targets"].shape == (8, 32, 3)
+    assert torch.equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
+    assert dm.model_io() == {"input_kind": "continuous", "input_dim": 3, "head": "regression", "output_dim": 3}
+    meta = dm.serving_metadata()
+    assert meta["channels"] == FEATURES and meta["task"] == "forecast"
+    served = encoder_from_metadata(meta)(raw[48:80].astype(np.float32))
+    assert torch.allclose(served, sample["inputs"], atol=1e-5)
+
+
+def test_splits_by_time_do_not_leak(table):
+    path, _ = table
+    dm = make(path, stride=8)
+    for split, lo, hi in (("train", 0, 420), ("val", 420, 540), ("test", 540, 600)):
+        starts = dm._dataset(split).starts
+        assert starts and all(lo <= s and s + 33 <= hi for s in starts)
+    loader = dm.train_dataloader()  # Lightning iterates one loader per epoch
+    orders = [[tuple(row) for b in loader for row in b["inputs"][:, 0].tolist()] for _ in range(2)]
+    assert sorted(orders[0]) == sorted(orders[1]) and orders[0] != orders[1]  # reshuffled each epoch
+
+
+def test_timestamp_sort_restores_order(tmp_path, table):
+    path, _ = table
+    shuffled = synthetic.write_sensor_table(tmp_path / "shuf.parquet", rows=600, channels=3, seed=0, label=True,
+                                            format="parquet", shuffle_rows=True)  # fmt: skip
+    a = make(path, time_column="timestamp")
+    b = make(shuffled, time_column="timestamp")
+    assert np.allclose(a.values, b.values, atol=1e-5)
+    unsorted = make(shuffled)
+    assert not np.allclose(a.values, unsorted.values, atol=1e-3)
+
+
+def test_classification_labels_last_row_of_window(table):
+    path, df = table
+    dm = make(path, task="classification", label_column="label", time_column="timestamp", stride=20)
+    assert dm.classes == ["regime_0", "regime_1", "regime_2"]
+    assert dm.model_io() == {"input_kind": "continuous", "input_dim": 3, "head": "classifier", "output_dim": 3}
+    labels = df["label"].to_list()
+    ds = dm._dataset("train")
+    for i in range(len(ds)):
+        s = ds.starts[i]
+        sample = ds[i]
+        assert sample["inputs"].shape == (32, 3)
+        assert dm.classes[int(sample["targets"])] == labels[s + 31]
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["targets"].shape == (8,) and batch["targets"].dtype == torch.long
+    assert dm.serving_metadata()["classes"] == ["regime_0", "regime_1", "regime_2"]
+    with pytest.raises(ConfigError, match="label_column"):
+        SensorDataModule(str(path), task="classification")
+
+
+def test_long_format_series_and_multiple_files(tmp_path):
+    long = synthetic.write_sensor_table(tmp_path / "long.csv", rows=200, channels=2, seed=1, n_series=3, shuffle_rows=True)
+    dm = make(long, series_column="series_id", time_column="timestamp", window=16, stride=4)
+    assert dm.series_bounds == [(0, 200), (200, 400), (400, 600)]
+    for split in ("train", "val", "test"):
+        for s in dm._dataset(split).starts:
+            end = s + 17
+            assert any(lo <= s and end <= hi for lo, hi in dm.split_rows[split])
+    assert dm.split_rows["val"] == [(140, 180), (340, 380), (540, 580)]
+    for k in range(2):
+        synthetic.write_sensor_table(tmp_path / "many" / f"part{k}.parquet", rows=100, channels=2, seed=k, format="parquet")
+    multi = make(tmp_path / "many", time_column="timestamp", window=16, val_fraction=0.2, test_fraction=0.0)
+    assert multi.series_bounds == [(0, 100), (100, 200)]
+    assert multi.feature_names == ["ch0", "ch1"]
+
+
+def test_missing_values_error_or_fill(tmp_path):
+    path = synthetic.write_sensor_table(tmp_path / "holes.parquet", rows=300, channels=2, seed=2, format="parquet",
+                                        missing_fraction=0.05)  # fmt: skip
+    with pytest.raises(DataFormatError, match=r"missing values.*'ch0'.*missing='fill'"):
+        make(path)
+    dm = make(path, missing="fill", normalize=False)
+    assert np.isfinite(dm.values).all()
+    raw = pl.read_parquet(path)["ch0"].to_numpy()
+    idx = np.arange(len(raw))
+    ok = ~np.isnan(raw)
+    interior = (idx > idx[ok][0]) & (idx < idx[ok][-1])
+    expected = np.interp(idx, idx[ok], raw[ok])
+    assert np.allclose(dm.values[interior, 0], expected[interior], atol=1e-4)
+    nan_csv = tmp_path / "nan.csv"
+    nan_csv.write_text("a,b\n" + "\n".join(f"{i},{'NaN' if i == 7 else i * 2}" for i in range(50)) + "\n")
+    with pytest.raises(DataFormatError, match=r"'b'.*source row \{'b': 7\}"):
+        make(nan_csv, window=8)
+
+
+def test_clear_errors_for_columns_and_files(tmp_path, table):
+    path, _ = table
+    with pytest.raises(DataFormatError, match=r"'pressure'.*available columns"):
+        make(path, columns=["ch0", "pressure"])
+    with pytest.raises(DataFormatError, match="time_column 'time'"):
+        make(path, time_column="time")
+    with pytest.raises(DataFormatError, match=r"numeric.*'label'"):
+        make(path, columns=["ch0", "label"])
+    only = make(path, columns=["ch2", "ch0"])
+    assert only.feature_names == ["ch2", "ch0"] and only.model_io()["input_dim"] == 2
+    with pytest.raises(DataFormatError, match="does not exist"):
+        make(tmp_path / "none.csv")
+    corrupt = tmp_path / "bad.parquet"
+    corrupt.write_text("not parquet at all")
+    with pytest.raises(DataFormatError, match="bad.parquet"):
+        make(corrupt)
+    with pytest.raises(ConfigError, match="window"):
+        make(path, window=500)
