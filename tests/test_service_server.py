@@ -384,3 +384,101 @@ def test_serve_cli_sigterm_is_graceful(ckpts):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# ------------------------------------------------------------------------------ the scheduler alone
+
+
+def _streamer(path, capacity=4):
+    from streamssm.inference import Streamer
+
+    return Streamer(load_for_serving(path).model, capacity)
+
+
+async def _open(sched, sent, name):
+    def deliver(chunk, result, message):
+        sent.append((name, chunk.seq, result.outputs.shape[0]))
+
+    def on_error(exc):
+        sent.append((name, "error", type(exc).__name__))
+
+    return await sched.open(lambda c, r: "msg", deliver, on_error)
+
+
+async def test_scheduler_batches_all_pending_streams_into_one_call(ckpts):
+    from streamssm.service.scheduler import Chunk, Scheduler
+
+    streamer = _streamer(ckpts["dna"])
+    calls = []
+    real = streamer.feed_many
+    streamer.feed_many = lambda chunks: (calls.append(sorted(len(v) for v in chunks.values())), real(chunks))[1]
+    sched, sent = Scheduler(streamer, queue_depth=4), []
+    await sched.start()
+    try:
+        sids = [await _open(sched, sent, i) for i in range(3)]
+        for k, sid in enumerate(sids):  # all queued before the engine runs
+            await sched.submit(sid, Chunk(0, 0, torch.tensor([0, 1, 2][: k + 1])))
+            await sched.submit(sid, Chunk(1, k + 1, torch.tensor([3])))
+        async with asyncio.timeout(TIMEOUT):
+            while len(sent) < 6:
+                await asyncio.sleep(0.01)
+    finally:
+        await sched.stop()
+    # one model call for 3 streams, each stream's two chunks concatenated in time
+    assert calls == [[2, 3, 4]]
+    assert sorted(sent) == sorted([(i, s, n) for i in range(3) for s, n in ((0, i + 1), (1, 1))])
+
+
+async def test_backpressure_slows_only_the_stream_that_does_not_drain(ckpts):
+    from streamssm.service.scheduler import Chunk, Scheduler
+
+    sched, sent = Scheduler(_streamer(ckpts["dna"]), queue_depth=2), []
+    await sched.start()
+    try:
+        slow, fast = await _open(sched, sent, "slow"), await _open(sched, sent, "fast")
+        # "slow" never has its results sent (done() never called): after queue_depth chunks it blocks
+        await sched.submit(slow, Chunk(0, 0, torch.tensor([1])))
+        await sched.submit(slow, Chunk(1, 1, torch.tensor([2])))
+        blocked = asyncio.create_task(sched.submit(slow, Chunk(2, 2, torch.tensor([3]))))
+        # meanwhile "fast" streams 20 chunks, releasing each slot as its result is "sent"
+        for i in range(20):
+            await sched.submit(fast, Chunk(i, i, torch.tensor([i % 5])))
+            async with asyncio.timeout(TIMEOUT):
+                while sum(1 for s in sent if s[0] == "fast") <= i:
+                    await asyncio.sleep(0.001)
+            sched.done(fast)
+        assert not blocked.done()
+        sched.done(slow)  # the client finally reads one result: one slot frees
+        async with asyncio.timeout(TIMEOUT):
+            await blocked
+            while sum(1 for s in sent if s[0] == "slow") < 3:
+                await asyncio.sleep(0.001)
+    finally:
+        await sched.stop()
+    assert [s[1] for s in sent if s[0] == "slow"] == [0, 1, 2]
+
+
+async def test_a_failing_stream_does_not_take_others_down(ckpts):
+    from streamssm.service.scheduler import Chunk, Scheduler
+
+    streamer = _streamer(ckpts["dna"])
+    sched, sent = Scheduler(streamer, queue_depth=4), []
+    await sched.start()
+    try:
+        good, bad = await _open(sched, sent, "good"), await _open(sched, sent, "bad")
+        real = streamer.feed_many
+
+        def flaky(chunks):  # the model call fails whenever the "bad" stream is in it
+            if bad in chunks:
+                raise RuntimeError("device fault")
+            return real(chunks)
+
+        streamer.feed_many = flaky
+        await sched.submit(good, Chunk(0, 0, torch.tensor([1, 2])))
+        await sched.submit(bad, Chunk(0, 0, torch.tensor([3])))
+        async with asyncio.timeout(TIMEOUT):
+            while len(sent) < 2:
+                await asyncio.sleep(0.01)
+    finally:
+        await sched.stop()
+    assert sorted(sent, key=str) == sorted([("good", 0, 2), ("bad", "error", "RuntimeError")], key=str)
