@@ -102,7 +102,7 @@ class Scheduler:
             except asyncio.CancelledError:
                 pass
             self._task = None
-        self._executor.shutdown(wait=True)
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
 
     async def _call(self, fn: Callable, *args):
         """Run ``fn(*args)`` in the worker thread (after any compute already submitted)."""

@@ -155,12 +155,22 @@ class _Session:
     # -- the connection ----------------------------------------------------------------------
 
     async def _send_loop(self) -> None:
-        while True:
-            message = await self.outbox.get()
-            try:
-                await self.ws.send(message)
-            finally:
-                self.server.scheduler.done(self.sid)
+        try:
+            while True:
+                message = await self.outbox.get()
+                try:
+                    await self.ws.send(message)
+                finally:
+                    self.server.scheduler.done(self.sid)
+        except ConnectionClosed:  # free the queue so a handler blocked in submit() wakes up
+            self._disconnect()
+
+    def _disconnect(self) -> None:
+        """No more sending: results from now on only go to the replay buffer."""
+        self.connected = False
+        while not self.outbox.empty():
+            self.outbox.get_nowait()
+            self.server.scheduler.done(self.sid)
 
     async def run(self) -> None:
         """Receive frames until ``end`` (then summary + close 1000) or an error/close."""
@@ -217,14 +227,11 @@ class _Session:
 
     async def close(self) -> None:
         """Connection over: stop sending; park the stream for resume unless it ended."""
-        self.connected = False
         if self.sender is not None:
             self.sender.cancel()
             with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
                 await self.sender
-        while not self.outbox.empty():  # unsent results stay in the replay buffer
-            self.outbox.get_nowait()
-            self.server.scheduler.done(self.sid)
+        self._disconnect()  # unsent results stay in the replay buffer
         if self.sid < 0 or self.ended:
             return
         store = self.server.store

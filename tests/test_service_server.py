@@ -24,7 +24,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from streamssm.checkpoint import export_safetensors, load_for_serving
-from streamssm.datamodules.encoding import Normalizer, encode_bases
+from streamssm.datamodules.encoding import Normalizer, encode_bases, mu_law_encode
 from streamssm.models import ModelConfig, SSMModel
 from streamssm.service.client import StreamClient, stream_source, read_source
 from streamssm.service.server import ServeConfig, StreamServer
@@ -50,6 +50,8 @@ def ckpts(tmp_path_factory):
                        {"modality": "dna"}, 1),
         "dna_other": _export(tmp, "dna2", ModelConfig(block="mamba2", input_kind="tokens", vocab_size=5, head="lm", **small),
                              {"modality": "dna"}, 2),
+        "audio": _export(tmp, "audio", ModelConfig(block="mamba", input_kind="tokens", vocab_size=256, head="lm", **small),
+                         {"modality": "audio", "sample_rate": 8000, "encoding": "mu_law"}, 4),
         "sensor": _export(tmp, "sensor", ModelConfig(block="mamba", input_kind="continuous", input_dim=3,
                                                      head="regression", output_dim=3, **small), SENSOR_META, 3),
     }
@@ -166,6 +168,26 @@ async def test_sensor_regression_binary_results_in_raw_units(ckpts):
     np.testing.assert_allclose(c.outputs(), expected, rtol=1e-4, atol=1e-4)
     assert c.scores() is None
     np.testing.assert_allclose(summary["forecast"], expected[-1], rtol=1e-4, atol=1e-4)
+
+
+async def test_audio_s16le_mu_law_scores_only(ckpts):
+    rng = np.random.default_rng(1)
+    pcm = (np.sin(np.arange(60) / 3.0) * 20000 + rng.normal(size=60) * 500).astype(np.int16)
+    async with server(ckpts["audio"]) as srv:
+        await expect_error(srv.url, [json.dumps({"type": "start", "format": "s16le", "sample_rate": 16000})], 1008)
+        async with StreamClient(srv.url, format="s16le", sample_rate=8000, results="binary", include=("scores",)) as c:
+            for a, b in random_cuts(len(pcm), 9):
+                await c.send(pcm[a:b])
+            summary = await c.end(timeout=TIMEOUT)
+    tokens = mu_law_encode(torch.from_numpy(pcm.astype(np.float32) / 32768.0))
+    model = load_for_serving(ckpts["audio"]).model
+    with torch.no_grad():
+        logp = F.log_softmax(model(tokens.unsqueeze(0))[0][0].float(), -1)
+    prev = torch.cat([torch.full((1, 256), -math.log(256)), logp[:-1]])
+    expected = prev.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).numpy()
+    assert c.outputs() is None
+    np.testing.assert_allclose(c.scores(), expected, rtol=1e-5, atol=1e-5)
+    assert summary["bits_per_token"] == pytest.approx(-expected.astype(np.float64).mean() / math.log(2), rel=1e-4)
 
 
 async def test_bad_clients_get_errors_while_good_streams_continue(ckpts):
