@@ -1,0 +1,443 @@
+"""Batch inference over zarr v3 arrays: chunked in time with carried state, resumable,
+distributed over devices with Lightning ``Trainer.predict`` (DESIGN §6).
+
+Shape legend: s series, t time steps, c channels, o model outputs per step, b series in one
+group (``batch_series``), l steps in one chunk (``chunk_steps``).
+
+Data flow per rank::
+
+    ZarrDataModule (datamodules/zarr.py): this rank's units -> (array, group, chunk) items,
+        read chunk-aligned and encoded in a DataLoader worker (reads overlap compute)
+    ZarrPredictor.predict_step: y, state = model(x (b, l[, c]), state of the previous chunk)
+    ZarrPredictionWriter (a BasePredictionWriter): in a background thread, writes y into the
+        output array, then saves the unit's resume record (state + next chunk) atomically
+
+Output: a zarr group with one float32 array per input array, ``(s, t, o)`` (or ``(t, o)`` for an
+input without a series axis), chunks ``(1, input time chunk, o)``, zstd, NaN fill; its attributes
+``streamssm`` record the model fingerprint, config, serving metadata, input and run settings,
+``streamssm_complete`` is set once every unit is done.
+
+Resume: a unit's record ``<output>/<array>/streamssm_resume/group-<g>.safetensors`` holds the
+state after its last finished chunk and (metadata) the index of the next chunk. It is written
+with an atomic rename only after that chunk's data is fully written, so a killed job restarted
+with the same command recomputes at most the chunks after the last record, from the same state,
+and writes the same bytes. The final record keeps each series' final state. Every series lives
+in its own output chunks and every unit on one rank, so ranks never write the same chunk; the
+computation of a unit does not depend on the rank or the number of devices.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import zarr
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from zarr.codecs import ZstdCodec
+
+from streamssm.checkpoint import ServingBundle, load_for_serving
+from streamssm.datamodules.encoding import encoder_from_metadata
+from streamssm.datamodules.zarr import InputArray, Unit, ZarrDataModule, open_inputs
+from streamssm.errors import ConfigError, DataFormatError, ShapeError, StateError
+from streamssm.models import ModelConfig, SSMModel
+from streamssm.state import LayerState, ModelState, state_from_bytes, state_to_bytes
+
+log = logging.getLogger(__name__)
+
+FORMAT = "streamssm-infer-1"
+RESUME_DIR = "streamssm_resume"
+DEFAULT_CHUNK_STEPS = 65536
+
+
+# ------------------------------------------------------------------------------- raw -> model
+
+
+class BatchEncoder:
+    """Raw samples ``(b, l, c)`` (or token ids ``(b, l)``) -> model input for a checkpoint.
+
+    With a ``modality`` in the serving metadata the training encoding is applied row by row
+    (``encoder_from_metadata``; DNA arrays hold token ids 0..4 already); without, continuous
+    models take the values as float32 and token models the integers as ids.
+    """
+
+    def __init__(self, cfg: ModelConfig, serving: dict[str, Any]) -> None:
+        self.cfg = cfg
+        self.modality = serving.get("modality")
+        self._row = None
+        self.channels: int | None = cfg.input_dim if cfg.input_kind == "continuous" else None
+        if self.modality is not None:
+            row = encoder_from_metadata(serving)
+            if self.modality == "audio":
+                self._row = row
+                self.channels = None if serving.get("mono", True) else int(serving.get("channels", 1))
+            elif self.modality == "sensor":
+                self._row = row
+                self.channels = len(serving["channels"])
+        self.has_channels = self.modality in ("audio", "sensor") or (
+            self.modality is None and cfg.input_kind == "continuous"
+        )
+
+    def check(self, inp: InputArray) -> None:
+        """Raise before any work when ``inp`` cannot feed this model (channels, dtype)."""
+        if self.channels is not None and inp.n_channels != self.channels:
+            raise ShapeError(
+                f"input array {inp.store!r}: the model reads {self.channels} channel(s), the array has "
+                f"{inp.n_channels} along axis {inp.layout.channel_axis} (shape {inp.shape})"
+            )
+        if self.cfg.input_kind == "tokens" and self._row is None and np.dtype(inp.dtype).kind not in "iu":
+            raise DataFormatError(f"input array {inp.store!r}: token models need integer ids, got {inp.dtype}")
+
+    def __call__(self, raw: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(raw)
+        if self._row is not None:
+            return torch.stack([self._row(x[i]) for i in range(x.shape[0])])
+        if self.cfg.input_kind == "tokens":
+            if x.is_floating_point():
+                raise DataFormatError(f"token ids must be integers, got {x.dtype}")
+            return x.long()
+        return x.float()
+
+
+# --------------------------------------------------------------------------- output + resume
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+@dataclass
+class OutputPlan:
+    """What the output group holds for one run (shared by every rank)."""
+
+    path: Path
+    inputs: list[InputArray]
+    bundle_info: dict[str, Any]  # fingerprint, config, serving
+    chunk_steps: int
+    batch_series: int
+    out_dim: int
+
+    def attrs(self, inp: InputArray) -> dict[str, Any]:
+        return _jsonable({
+            "format": FORMAT,
+            **self.bundle_info,
+            "input": inp.describe(),
+            "chunk_steps": self.chunk_steps,
+            "batch_series": self.batch_series,
+            "output": {"head": self.bundle_info["config"]["head"], "dim": self.out_dim,
+                       "dims": self.dims(inp)},
+        })
+
+    def dims(self, inp: InputArray) -> list[str]:
+        return (["series"] if inp.layout.series_axis is not None else []) + ["time", "output"]
+
+    def shape(self, inp: InputArray) -> tuple[int, ...]:
+        lead = (inp.n_series,) if inp.layout.series_axis is not None else ()
+        return (*lead, inp.n_steps, self.out_dim)
+
+    def chunks(self, inp: InputArray) -> tuple[int, ...]:
+        lead = (1,) if inp.layout.series_axis is not None else ()
+        return (*lead, min(inp.time_chunk, inp.n_steps), self.out_dim)
+
+    def check_existing(self, overwrite: bool) -> None:
+        """Refuse to continue an output made by another model or with other settings."""
+        if overwrite or not self.path.exists():
+            return
+        try:
+            root = zarr.open_group(str(self.path), mode="r")
+        except Exception as exc:
+            raise DataFormatError(
+                f"output {str(self.path)!r} exists and is not a zarr group ({exc}); pass --overwrite to replace it"
+            ) from exc
+        for inp in self.inputs:
+            if inp.name not in root:
+                continue
+            have = dict(root[inp.name].attrs).get("streamssm")
+            want = self.attrs(inp)
+            if have != want:
+                diff = sorted(k for k in set(want) | set(have or {}) if (have or {}).get(k) != want.get(k))
+                raise ConfigError(
+                    f"output array {str(self.path / inp.name)!r} was made by another model or with other "
+                    f"settings (differs in {diff}); pass --overwrite to replace it, or use another --output"
+                )
+
+    def create(self, overwrite: bool) -> None:
+        """Create (or reopen) the output arrays; rank 0 only."""
+        if overwrite and self.path.exists():
+            shutil.rmtree(self.path)
+        root = zarr.open_group(str(self.path), mode="a")
+        for inp in self.inputs:
+            if inp.name in root:
+                for stale in (self.path / inp.name).rglob("*.partial"):  # left by a killed write
+                    stale.unlink()
+                continue
+            root.create_array(
+                inp.name, shape=self.shape(inp), chunks=self.chunks(inp), dtype="float32",
+                fill_value=float("nan"), compressors=ZstdCodec(level=3), dimension_names=self.dims(inp),
+                attributes={"streamssm": self.attrs(inp)},
+            )
+
+    def record_path(self, unit: Unit) -> Path:
+        return self.path / self.inputs[unit.array].name / RESUME_DIR / f"group-{unit.group:06d}.safetensors"
+
+
+class ResumeRecords:
+    """Per-unit resume records: the state after the last finished chunk + its index."""
+
+    def __init__(self, plan: OutputPlan, fingerprint: str) -> None:
+        self.plan = plan
+        self.fingerprint = fingerprint
+
+    def _read(self, unit: Unit) -> tuple[int, bytes] | None:
+        path = self.plan.record_path(unit)
+        if not path.exists():
+            return None
+        data = path.read_bytes()
+        try:  # safetensors layout: u64 header length, JSON header (with __metadata__), tensors
+            header_len = int.from_bytes(data[:8], "little")
+            meta = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise StateError(f"resume record {str(path)!r} is corrupt: {exc}") from exc
+        if meta.get("fingerprint") != self.fingerprint:
+            raise StateError(
+                f"resume record {str(path)!r} belongs to model {meta.get('fingerprint')!r}, "
+                f"not {self.fingerprint!r}; pass --overwrite"
+            )
+        return int(meta["next_chunk"]), data
+
+    def start_chunk(self, unit: Unit) -> int:
+        rec = self._read(unit)
+        return 0 if rec is None else rec[0]
+
+    def load_state(self, unit: Unit, chunk: int, device: torch.device) -> ModelState:
+        rec = self._read(unit)
+        if rec is None or rec[0] != chunk:
+            raise StateError(
+                f"unit {unit.key}: chunk {chunk} needs the state after chunk {chunk - 1}, but the resume "
+                f"record says {'nothing' if rec is None else f'next chunk {rec[0]}'}"
+            )
+        return state_from_bytes(rec[1], device)
+
+    def save(self, unit: Unit, next_chunk: int, state: ModelState) -> None:
+        path = self.plan.record_path(unit)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        blob = state_to_bytes(state, {"fingerprint": self.fingerprint, "next_chunk": str(next_chunk),
+                                      "n_chunks": str(unit.n_chunks), "series": f"{unit.s0}:{unit.s1}"})
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        with open(tmp, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- Lightning parts
+
+
+class ZarrPredictor(pl.LightningModule):
+    """Runs the model over one chunk, continuing the state of the unit's previous chunk."""
+
+    def __init__(self, model: SSMModel, units: Sequence[Unit], records: ResumeRecords) -> None:
+        super().__init__()
+        self.model = model
+        self.units = {u.key: u for u in units}
+        self.records = records
+        self._carry: tuple[tuple[int, int], int, ModelState] | None = None  # (unit key, next chunk, state)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int = 0) -> dict[str, Any]:
+        key, k = (int(batch["array"]), int(batch["group"])), int(batch["chunk"])
+        if self._carry is not None and self._carry[:2] == (key, k):
+            state = self._carry[2]
+        elif k == 0:
+            state = None
+        else:
+            state = self.records.load_state(self.units[key], k, self.device)
+        y, state = self.model(batch["x"], state)
+        self._carry = (key, k + 1, state)
+        return {"y": y, "state": state}
+
+
+class _BackgroundIO:
+    """One writer thread, at most ``depth`` jobs queued; errors surface on the next call."""
+
+    def __init__(self, depth: int = 2) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zarr-write")
+        self.pending: list[Future] = []
+        self.depth = depth
+
+    def submit(self, fn, *args) -> None:
+        self._reap(block=len(self.pending) >= self.depth)
+        self.pending.append(self.pool.submit(fn, *args))
+
+    def _reap(self, block: bool) -> None:
+        while self.pending and (block or self.pending[0].done()):
+            fut = self.pending.pop(0)
+            fut.result()
+            block = False
+
+    def flush(self) -> None:
+        while self.pending:
+            self.pending.pop(0).result()
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self.pool.shutdown(wait=True)
+
+
+class ZarrPredictionWriter(BasePredictionWriter):
+    """Writes each chunk's outputs into the zarr output, then the unit's resume record.
+
+    Rank 0 creates or reopens the output in ``setup`` (the others wait at a barrier).
+    """
+
+    def __init__(self, plan: OutputPlan, records: ResumeRecords, units: Sequence[Unit], overwrite: bool) -> None:
+        super().__init__(write_interval="batch")
+        self.plan = plan
+        self.records = records
+        self.units = {u.key: u for u in units}
+        self.overwrite = overwrite
+        self._arrays: list[zarr.Array] = []
+        self._io: _BackgroundIO | None = None
+        self.chunks_written = 0
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.is_global_zero:
+            self.plan.create(self.overwrite)
+        trainer.strategy.barrier("zarr-output-created")
+        root = zarr.open_group(str(self.plan.path), mode="r+")
+        self._arrays = [root[inp.name] for inp in self.plan.inputs]
+        self._io = _BackgroundIO()
+
+    def _write(self, unit: Unit, chunk: int, t0: int, y: np.ndarray, state: ModelState) -> None:
+        arr = self._arrays[unit.array]
+        if self.plan.inputs[unit.array].layout.series_axis is None:
+            arr[t0 : t0 + y.shape[1]] = y[0]
+        else:
+            arr[unit.s0 : unit.s1, t0 : t0 + y.shape[1]] = y
+        self.records.save(unit, chunk + 1, state)
+        self.chunks_written += 1
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
+                           dataloader_idx=0) -> None:
+        unit = self.units[(int(batch["array"]), int(batch["group"]))]
+        y = prediction["y"].detach().float().cpu().numpy()
+        state = tuple(LayerState(*(t.detach().cpu() for t in layer)) for layer in prediction["state"])
+        assert self._io is not None
+        self._io.submit(self._write, unit, int(batch["chunk"]), int(batch["t0"]), y, state)
+
+    def on_predict_epoch_end(self, trainer, pl_module) -> None:
+        if self._io is not None:
+            self._io.flush()
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        trainer.strategy.barrier("zarr-output-done")
+        if trainer.is_global_zero:
+            for arr in self._arrays:
+                arr.attrs["streamssm_complete"] = True
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._io is not None:
+            io, self._io = self._io, None
+            io.close()
+
+
+# ------------------------------------------------------------------------------------- entry
+
+
+@dataclass
+class InferenceResult:
+    """What one process did (rank 0's numbers under several devices)."""
+
+    output: Path
+    arrays: list[str]
+    steps: int  # series steps computed by this process
+    seconds: float
+    chunks: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def default_chunk_steps(inputs: Sequence[InputArray]) -> int:
+    """The smallest multiple of every input's time chunk that is >= DEFAULT_CHUNK_STEPS (or
+    covers the longest input)."""
+    base = math.lcm(*(inp.time_chunk for inp in inputs))
+    want = min(DEFAULT_CHUNK_STEPS, max(inp.n_steps for inp in inputs))
+    return base * max(1, -(-want // base))
+
+
+def prepare(
+    bundle: ServingBundle,
+    input: str | Path,
+    output: str | Path,
+    *,
+    time_axis: int | None = None,
+    channel_axis: int | None = None,
+    series_axis: int | None = None,
+    chunk_steps: int | None = None,
+    batch_series: int = 8,
+    num_workers: int = 1,
+    overwrite: bool = False,
+) -> tuple[ZarrDataModule, ZarrPredictor, ZarrPredictionWriter]:
+    """Validate everything (nothing is written) and build the datamodule, module and writer."""
+    encoder = BatchEncoder(bundle.config, bundle.serving)
+    inputs = open_inputs(input, encoder.has_channels, time_axis, channel_axis, series_axis)
+    for inp in inputs:
+        encoder.check(inp)
+    steps = chunk_steps if chunk_steps is not None else default_chunk_steps(inputs)
+    out_path = Path(output).expanduser()
+    if out_path.resolve() == Path(input).expanduser().resolve():
+        raise ConfigError(f"--output {str(output)!r} must differ from --input")
+    plan = OutputPlan(
+        out_path, inputs,
+        {"model_fingerprint": bundle.fingerprint, "config": bundle.config.to_dict(), "serving": bundle.serving},
+        int(steps), int(batch_series), bundle.config.resolved_output_dim,
+    )
+    records = ResumeRecords(plan, bundle.fingerprint)
+    datamodule = ZarrDataModule(inputs, encoder, plan.chunk_steps, plan.batch_series,
+                                start_chunk=records.start_chunk, num_workers=num_workers)
+    plan.check_existing(overwrite)
+    module = ZarrPredictor(bundle.model, datamodule.units, records)
+    writer = ZarrPredictionWriter(plan, records, datamodule.units, overwrite)
+    return datamodule, module, writer
+
+
+def run_inference(
+    checkpoint: str | Path,
+    input: str | Path,
+    output: str | Path,
+    *,
+    devices: int = 1,
+    accelerator: str = "auto",
+    callbacks: Sequence[Callback] = (),
+    **options: Any,
+) -> InferenceResult:
+    """Run a checkpoint over zarr input(s) and write/continue the zarr output.
+
+    ``options``: ``time_axis``, ``channel_axis``, ``series_axis``, ``chunk_steps``,
+    ``batch_series``, ``num_workers``, ``overwrite`` (see :func:`prepare`). ``devices > 1``
+    runs Lightning DDP (one process per device, gloo on CPU) with the units split over ranks.
+    """
+    bundle = load_for_serving(checkpoint, "cpu")
+    datamodule, module, writer = prepare(bundle, input, output, **options)
+    trainer = pl.Trainer(
+        accelerator=accelerator, devices=devices, strategy="ddp" if devices > 1 else "auto",
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        use_distributed_sampler=False, callbacks=[writer, *callbacks],
+    )
+    start = time.perf_counter()
+    trainer.predict(module, datamodule=datamodule, return_predictions=False)
+    seconds = time.perf_counter() - start
+    return InferenceResult(writer.plan.path, [inp.name for inp in writer.plan.inputs],
+                           datamodule.planned_steps, seconds, writer.chunks_written)

@@ -1,0 +1,332 @@
+"""``streamssm infer`` over zarr v3 arrays: equality with the offline forward, resume after a
+failure or SIGKILL (byte-identical), refusal of foreign outputs, bad inputs, the rank split, and
+a 2-process DDP (gloo) run identical to a 1-process run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from streamssm.checkpoint import export_safetensors
+from streamssm.datamodules.zarr import InputArray, UnitChunkSampler, assign_units, make_units, resolve_layout
+from streamssm.errors import ConfigError, DataFormatError, ShapeError, StateError
+from streamssm.models import ModelConfig, SSMModel
+from streamssm.testing import assert_close
+from streamssm.zarr_infer import RESUME_DIR, ResumeRecords, run_inference
+
+warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _continuous_model(tmp_path: Path, block: str = "mamba2", seed: int = 0, channels: int = 3) -> tuple[SSMModel, Path]:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(block=block, d_model=16, n_layers=2, input_kind="continuous", input_dim=channels,
+                      head="regression", output_dim=2, headdim=8, chunk_size=16)
+    model = SSMModel(cfg).eval()
+    path = export_safetensors(model, tmp_path / f"{block}-{seed}.safetensors")
+    return model, path
+
+
+def _write(path: Path, data: np.ndarray, chunks: tuple[int, ...], **kw) -> Path:
+    arr = zarr.create_array(str(path), shape=data.shape, chunks=chunks, dtype=data.dtype, **kw)
+    arr[...] = data
+    return path
+
+
+def _offline(model: SSMModel, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        inp = torch.from_numpy(x)
+        y, _ = model(inp.float() if inp.is_floating_point() else inp.long())
+    return y.numpy()
+
+
+def _store_bytes(root: Path) -> dict[str, bytes]:
+    """Every file of an output store; resume records decoded (safetensors orders its metadata
+    map arbitrarily, so their file bytes vary while tensors and metadata are equal)."""
+    files = {}
+    for p in sorted(root.rglob("*")):
+        if not p.is_file() or p.name.endswith(".partial"):
+            continue
+        data = p.read_bytes()
+        if p.suffix == ".safetensors":
+            header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+            meta = sorted(header.pop("__metadata__").items())
+            data = json.dumps([meta, sorted(header.items())]).encode() + data[8 + int.from_bytes(data[:8], "little"):]
+        files[str(p.relative_to(root))] = data
+    return files
+
+
+def _series(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- correctness
+
+
+@pytest.mark.parametrize("block", ["mamba", "mamba2"])
+def test_outputs_equal_offline_forward(tmp_path, block):
+    """5 series x 300 steps (partial last group and chunk): output == full forward per series."""
+    model, ckpt = _continuous_model(tmp_path, block)
+    x = _series(np.random.default_rng(1), (5, 300, 3))
+    _write(tmp_path / "in.zarr", x, (1, 64, 3), dimension_names=("series", "time", "channel"))
+    res = run_inference(ckpt, tmp_path / "in.zarr", tmp_path / "out.zarr", chunk_steps=128, batch_series=2,
+                        num_workers=0, accelerator="cpu")
+    out = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")["in"]
+    assert out.shape == (5, 300, 2) and out.chunks == (1, 64, 2)
+    assert res.steps == 5 * 300 and res.chunks == 3 * 3
+    assert_close("zarr infer vs offline", torch.from_numpy(_offline(model, x)), torch.from_numpy(out[:]), torch.float32)
+    attrs = dict(out.attrs)
+    assert attrs["streamssm_complete"] is True
+    meta = attrs["streamssm"]
+    assert meta["config"]["block"] == block and meta["input"]["shape"] == [5, 300, 3]
+    assert meta["model_fingerprint"] and meta["chunk_steps"] == 128 and meta["batch_series"] == 2
+    assert out.metadata.dimension_names == ("series", "time", "output")
+    assert "zstd" in str(out.compressors).lower()
+
+
+def test_group_of_arrays_with_other_axis_order_and_sensor_encoding(tmp_path):
+    """A group with a (c, t) array and an (s, c, t) array; sensor normalization applied."""
+    model, _ = _continuous_model(tmp_path, "mamba2", channels=2)
+    mean, std = [1.0, -2.0], [2.0, 0.5]
+    ckpt = export_safetensors(model, tmp_path / "sensor.safetensors",
+                              serving={"modality": "sensor", "channels": ["a", "b"], "mean": mean, "std": std})
+    rng = np.random.default_rng(2)
+    a = _series(rng, (2, 200))  # (c, t)
+    b = _series(rng, (3, 2, 200))  # (s, c, t)
+    root = zarr.open_group(str(tmp_path / "in.zarr"), mode="w")
+    root.create_array("a", shape=a.shape, chunks=(2, 50), dtype="float32")[...] = a
+    root.create_array("b", shape=b.shape, chunks=(1, 2, 50), dtype="float32")[...] = b
+    run_inference(ckpt, tmp_path / "in.zarr", tmp_path / "out.zarr", time_axis=-1, channel_axis=-2,
+                  chunk_steps=100, batch_series=2, num_workers=1, accelerator="cpu")
+    out = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")
+    norm = lambda v: (v - np.array(mean, np.float32)) / np.array(std, np.float32)  # noqa: E731
+    ref_a = _offline(model, norm(a.T[None]))[0]
+    ref_b = _offline(model, norm(b.transpose(0, 2, 1)))
+    assert out["a"].shape == (200, 2) and out["b"].shape == (3, 200, 2)
+    assert_close("group array a", torch.from_numpy(ref_a), torch.from_numpy(out["a"][:]), torch.float32)
+    assert_close("group array b", torch.from_numpy(ref_b), torch.from_numpy(out["b"][:]), torch.float32)
+
+
+def test_dna_token_array(tmp_path):
+    """Token ids (s, t) int8 with DNA serving metadata -> lm logits equal to the full forward."""
+    torch.manual_seed(3)
+    cfg = ModelConfig(block="mamba", d_model=16, n_layers=2, input_kind="tokens", vocab_size=5, head="lm")
+    model = SSMModel(cfg).eval()
+    ckpt = export_safetensors(model, tmp_path / "dna.safetensors", serving={"modality": "dna"})
+    tok = np.random.default_rng(3).integers(0, 5, size=(3, 160)).astype(np.int8)
+    _write(tmp_path / "genome.zarr", tok, (1, 32))
+    run_inference(ckpt, tmp_path / "genome.zarr", tmp_path / "out.zarr", chunk_steps=64, batch_series=2,
+                  num_workers=0, accelerator="cpu")
+    out = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")["genome"]
+    assert out.shape == (3, 160, 5)
+    assert_close("dna logits", torch.from_numpy(_offline(model, tok)), torch.from_numpy(out[:]), torch.float32)
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def _clean_and_failing_runs(tmp_path, monkeypatch, fail_at: list[int]) -> tuple[dict, dict]:
+    model, ckpt = _continuous_model(tmp_path)
+    x = _series(np.random.default_rng(4), (3, 256, 3))
+    _write(tmp_path / "in.zarr", x, (1, 32, 3))
+    opts = dict(chunk_steps=64, batch_series=2, num_workers=0, accelerator="cpu")
+    run_inference(ckpt, tmp_path / "in.zarr", tmp_path / "clean.zarr", **opts)
+    original = ResumeRecords.save
+    calls = {"n": 0, "fail": None}
+
+    def flaky_save(self, unit, next_chunk, state):
+        calls["n"] += 1
+        if calls["n"] == calls["fail"]:  # the chunk's data is written, its record is not
+            raise RuntimeError(f"injected failure at record {calls['n']}")
+        return original(self, unit, next_chunk, state)
+
+    monkeypatch.setattr(ResumeRecords, "save", flaky_save)
+    for k in fail_at:
+        calls["n"], calls["fail"] = 0, k
+        with pytest.raises(RuntimeError, match="injected failure"):
+            run_inference(ckpt, tmp_path / "in.zarr", tmp_path / "resumed.zarr", **opts)
+    calls["fail"] = None
+    run_inference(ckpt, tmp_path / "in.zarr", tmp_path / "resumed.zarr", **opts)
+    return _store_bytes(tmp_path / "clean.zarr"), _store_bytes(tmp_path / "resumed.zarr")
+
+
+def test_resume_after_failures_is_byte_identical(tmp_path, monkeypatch):
+    """Fail after 3 records, then 1 (first chunk of the resumed run), then finish: same bytes."""
+    clean, resumed = _clean_and_failing_runs(tmp_path, monkeypatch, fail_at=[3, 1, 2])
+    assert any(RESUME_DIR in k for k in clean) and any("/c/" in k for k in clean)
+    assert clean.keys() == resumed.keys()
+    assert [k for k in clean if clean[k] != resumed[k]] == []
+
+
+def _cli(ckpt: Path, inp: Path, out: Path, chunk_steps: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "streamssm.cli", "infer", "--checkpoint", str(ckpt), "--input", str(inp),
+            "--output", str(out), "--chunk-steps", str(chunk_steps), "--batch-series", "2", "--accelerator", "cpu",
+            "--num-workers", "0", "--no-progress", *extra]
+
+
+_ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+
+
+def test_sigkill_resume_is_byte_identical(tmp_path):
+    """SIGKILL the CLI twice at random points after some chunks; rerunning the same command
+    (here in-process, same arguments) gives the bytes of an uninterrupted run."""
+    _, ckpt = _continuous_model(tmp_path)
+    x = _series(np.random.default_rng(5), (4, 1024, 3))
+    _write(tmp_path / "in.zarr", x, (1, 32, 3))
+    opts = dict(chunk_steps=32, batch_series=2, num_workers=0, accelerator="cpu")
+    run_inference(ckpt, tmp_path / "in.zarr", tmp_path / "clean.zarr", **opts)
+    records = tmp_path / "killed.zarr" / "in" / RESUME_DIR
+    rng = np.random.default_rng(6)
+    progress = []
+    for _ in range(2):
+        proc = subprocess.Popen(_cli(ckpt, tmp_path / "in.zarr", tmp_path / "killed.zarr", 32), env=_ENV,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        seen = _records_written(records)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and _records_written(records) <= seen:
+            time.sleep(0.005)
+        time.sleep(float(rng.uniform(0.0, 0.2)))
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL, "the job ended before it could be killed"
+        progress.append(_records_written(records))
+    assert 0 < progress[-1] < 2 * 32, progress  # killed mid-way
+    run_inference(ckpt, tmp_path / "in.zarr", tmp_path / "killed.zarr", **opts)
+    clean, killed = _store_bytes(tmp_path / "clean.zarr"), _store_bytes(tmp_path / "killed.zarr")
+    assert clean.keys() == killed.keys()
+    assert [k for k in clean if clean[k] != killed[k]] == []
+
+
+def _records_written(records: Path) -> int:
+    """Chunks finished according to the resume records (sum of next_chunk over units)."""
+    total = 0
+    for p in records.glob("*.safetensors"):
+        data = p.read_bytes()
+        total += int(json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"]["next_chunk"])
+    return total
+
+
+def test_refuses_output_of_another_model_unless_overwrite(tmp_path):
+    model_a, ckpt_a = _continuous_model(tmp_path, seed=0)
+    model_b, ckpt_b = _continuous_model(tmp_path, seed=1)
+    x = _series(np.random.default_rng(7), (2, 64, 3))
+    _write(tmp_path / "in.zarr", x, (1, 32, 3))
+    opts = dict(chunk_steps=32, batch_series=2, num_workers=0, accelerator="cpu")
+    run_inference(ckpt_a, tmp_path / "in.zarr", tmp_path / "out.zarr", **opts)
+    with pytest.raises(ConfigError, match="another model.*model_fingerprint.*--overwrite"):
+        run_inference(ckpt_b, tmp_path / "in.zarr", tmp_path / "out.zarr", **opts)
+    with pytest.raises(ConfigError, match="chunk_steps"):
+        run_inference(ckpt_a, tmp_path / "in.zarr", tmp_path / "out.zarr", **{**opts, "chunk_steps": 64})
+    run_inference(ckpt_b, tmp_path / "in.zarr", tmp_path / "out.zarr", overwrite=True, **opts)
+    out = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")["in"][:]
+    assert_close("overwritten by model b", torch.from_numpy(_offline(model_b, x)), torch.from_numpy(out), torch.float32)
+
+
+# -------------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_raise_and_write_nothing(tmp_path):
+    _, ckpt = _continuous_model(tmp_path)
+    x = _series(np.random.default_rng(8), (2, 64, 3))
+    _write(tmp_path / "in.zarr", x, (1, 32, 3))
+    _write(tmp_path / "four.zarr", _series(np.random.default_rng(9), (2, 64, 4)), (1, 32, 4))
+    _write(tmp_path / "text.zarr", np.array([["a"] * 64] * 2), (1, 32))
+    out = tmp_path / "out.zarr"
+    opts = dict(num_workers=0, accelerator="cpu")
+    cases = [
+        (tmp_path / "missing.zarr", {}, DataFormatError, "does not exist"),
+        (tmp_path / "in.zarr" / "nope", {}, DataFormatError, "does not exist"),
+        (tmp_path / "four.zarr", {}, ShapeError, "3 channel.*4"),
+        (tmp_path / "text.zarr", {}, DataFormatError, "not numeric"),
+        (tmp_path / "in.zarr", {"time_axis": 3}, ShapeError, "time axis 3 is out of range"),
+        (tmp_path / "in.zarr", {"chunk_steps": 48}, ConfigError, "multiple of the time chunk 32"),
+    ]
+    for spec, kw, err, match in cases:
+        with pytest.raises(err, match=match):
+            run_inference(ckpt, spec, out, **opts, **kw)
+        assert not out.exists(), f"{spec} {kw}: output was written"
+    torch.manual_seed(0)
+    tok_cfg = ModelConfig(block="mamba", d_model=16, n_layers=1, input_kind="tokens", vocab_size=5, head="lm")
+    tok_ckpt = export_safetensors(SSMModel(tok_cfg), tmp_path / "tok.safetensors")
+    _write(tmp_path / "floats.zarr", _series(np.random.default_rng(10), (2, 64)), (1, 32))
+    with pytest.raises(DataFormatError, match="integer dtype"):
+        run_inference(tok_ckpt, tmp_path / "floats.zarr", out, **opts)
+    assert not out.exists()
+
+
+def test_cli_reports_errors(tmp_path, capsys):
+    from streamssm.cli import main
+
+    _, ckpt = _continuous_model(tmp_path)
+    code = main(["infer", "--checkpoint", str(ckpt), "--input", str(tmp_path / "x.zarr"), "--output",
+                 str(tmp_path / "o.zarr")])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------ distribution
+
+
+def test_rank_split_and_sampler():
+    inputs = _inputs_from_shapes([((7, 100, 2), 10), ((3, 40, 2), 10)])
+    units = make_units(inputs, chunk_steps=20, batch_series=2)
+    assert [(u.array, u.group, u.s0, u.s1, u.n_chunks) for u in units][:5] == [
+        (0, 0, 0, 2, 5), (0, 1, 2, 4, 5), (0, 2, 4, 6, 5), (0, 3, 6, 7, 5), (1, 0, 0, 2, 2)]
+    for world in (1, 2, 3, 8):
+        split = assign_units(units, inputs, world)
+        flat = [u for rank in split for u in rank]
+        assert sorted(u.key for u in flat) == sorted(u.key for u in units)  # each unit exactly once
+        assert split == assign_units(units, inputs, world)  # the same on every rank
+        loads = [sum((u.s1 - u.s0) * inputs[u.array].n_steps for u in r) for r in split]
+        assert max(loads) - min(loads) <= 2 * 100  # within one unit of work
+    sampler = UnitChunkSampler(units[:2], start_chunk=lambda u: 3 if u.group == 0 else 0)
+    assert list(sampler) == [(0, 0, 3), (0, 0, 4)] + [(0, 1, k) for k in range(5)]
+    assert len(sampler) == 7
+    with pytest.raises(DataFormatError, match="outside"):
+        UnitChunkSampler(units[:1], start_chunk=lambda u: 9)
+
+
+def _inputs_from_shapes(specs):
+    return [InputArray(f"a{i}", f"/nonexistent/a{i}", shape, "float32", resolve_layout(shape, "x", True), tc)
+            for i, (shape, tc) in enumerate(specs)]
+
+
+def test_resume_record_of_other_model_is_refused(tmp_path):
+    _, ckpt = _continuous_model(tmp_path)
+    x = _series(np.random.default_rng(11), (2, 64, 3))
+    _write(tmp_path / "in.zarr", x, (1, 32, 3))
+    run_inference(ckpt, tmp_path / "in.zarr", tmp_path / "out.zarr", chunk_steps=32, num_workers=0, accelerator="cpu")
+    from streamssm.checkpoint import load_for_serving
+    from streamssm.zarr_infer import prepare
+
+    bundle = load_for_serving(ckpt)
+    dm, module, writer = prepare(bundle, tmp_path / "in.zarr", tmp_path / "out.zarr", chunk_steps=32, num_workers=0)
+    assert module.records.start_chunk(dm.units[0]) == 2  # finished: next chunk == n_chunks
+    other = ResumeRecords(writer.plan, "0" * 16)
+    with pytest.raises(StateError, match="belongs to model"):
+        other.start_chunk(dm.units[0])
+
+
+def test_ddp_two_processes_equal_one(tmp_path):
+    """CPU DDP (gloo, 2 ranks launched by Lightning from the CLI) writes the same bytes as a
+    1-process run."""
+    _, ckpt = _continuous_model(tmp_path)
+    x = _series(np.random.default_rng(12), (5, 128, 3))
+    _write(tmp_path / "in.zarr", x, (1, 32, 3))
+    run_inference(ckpt, tmp_path / "in.zarr", tmp_path / "one.zarr", chunk_steps=64, batch_series=2,
+                  num_workers=0, accelerator="cpu")
+    two = subprocess.run(_cli(ckpt, tmp_path / "in.zarr", tmp_path / "two.zarr", 64, "--devices", "2"), env=_ENV,
+                         capture_output=True, text=True, timeout=240)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = _store_bytes(tmp_path / "one.zarr"), _store_bytes(tmp_path / "two.zarr")
+    assert a.keys() == b.keys() and len([k for k in a if RESUME_DIR in k]) == 3
+    assert [k for k in a if a[k] != b[k]] == []
