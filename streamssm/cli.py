@@ -13,9 +13,6 @@ import sys
 #: name -> (module, one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("streamssm.info", "show versions, devices and which kernel backends run here"),
-    "infer": ("streamssm.infer_cli", "run a checkpoint over zarr arrays (chunked, resumable, multi-device)"),
-    "serve": ("streamssm.service.server", "serve a checkpoint over websockets to many concurrent streams"),
-    "stream": ("streamssm.service.client", "stream a WAV/CSV/FASTA file to a running server and save the results"),
     "serve": ("streamssm.service.server", "serve a checkpoint over websockets to many concurrent streams"),
     "stream": ("streamssm.service.client", "stream a WAV/CSV/FASTA file to a running server and save the results"),
     "infer": ("streamssm.infer_cli", "run a checkpoint over zarr arrays (chunked, resumable, multi-device)"),
