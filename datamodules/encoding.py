@@ -30,6 +30,7 @@ __all__ = [
     "DNA_VOCAB_SIZE",
     "N_TOKEN",
     "encode_bases",
+    "base_codes",
     "decode_bases",
     "reverse_complement",
     "mu_law_encode",
@@ -57,18 +58,11 @@ for _b in _IUPAC_AMBIGUOUS:
 _BASE_LUT.setflags(write=False)
 
 _RC_TABLE = torch.tensor([3, 2, 1, 0, 4], dtype=torch.long)
+_RC_NP = np.array([3, 2, 1, 0, 4], dtype=np.uint8)
 
 
-def encode_bases(text: str | bytes) -> torch.Tensor:
-    """Encode a DNA string into tokens.
-
-    Args:
-        text: bases ``ACGT`` (any case) plus ``N`` and IUPAC ambiguity codes (-> N).
-    Returns:
-        LongTensor (l,) with values in 0..4.
-    Raises:
-        DataFormatError naming the first invalid character and its 0-based position.
-    """
+def base_codes(text: str | bytes) -> np.ndarray:
+    """Like ``encode_bases`` but returns a numpy uint8 array (l,) (fast path for data loaders)."""
     if isinstance(text, str):
         try:
             raw = text.encode("ascii")
@@ -89,7 +83,20 @@ def encode_bases(text: str | bytes) -> torch.Tensor:
             f"invalid DNA character {chr(raw[pos])!r} at position {pos}: "
             f"expected one of ACGTN (any case) or an IUPAC ambiguity code"
         )
-    return torch.from_numpy(codes.astype(np.int64))
+    return codes
+
+
+def encode_bases(text: str | bytes) -> torch.Tensor:
+    """Encode a DNA string into tokens.
+
+    Args:
+        text: bases ``ACGT`` (any case) plus ``N`` and IUPAC ambiguity codes (-> N).
+    Returns:
+        LongTensor (l,) with values in 0..4.
+    Raises:
+        DataFormatError naming the first invalid character and its 0-based position.
+    """
+    return torch.from_numpy(base_codes(text).astype(np.int64))
 
 
 def decode_bases(tokens: torch.Tensor | Sequence[int]) -> str:
@@ -106,8 +113,15 @@ def decode_bases(tokens: torch.Tensor | Sequence[int]) -> str:
     return lut[t.cpu().numpy().astype(np.int64)].tobytes().decode("ascii")
 
 
-def reverse_complement(tokens: torch.Tensor) -> torch.Tensor:
-    """Reverse complement of token sequences along the last axis: (..., l) -> (..., l)."""
+def reverse_complement(tokens: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+    """Reverse complement of token sequences along the last axis: (..., l) -> (..., l).
+
+    Accepts a torch tensor or a numpy array of integer tokens and returns the same kind.
+    """
+    if isinstance(tokens, np.ndarray):
+        if tokens.dtype.kind not in "iu":
+            raise ShapeError(f"reverse_complement: expected integer tokens, got dtype {tokens.dtype}")
+        return _RC_NP[tokens[..., ::-1]].astype(tokens.dtype)
     if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise ShapeError(f"reverse_complement: expected integer tokens, got dtype {tokens.dtype}")
     table = _RC_TABLE.to(tokens.device)

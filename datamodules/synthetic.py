@@ -57,39 +57,56 @@ class _GenomeModel:
         self.repeats = [_BASES[rng.integers(0, 4, size=int(rng.integers(40, 120)))] for _ in range(3)]
         self.tandem_units = [_BASES[rng.integers(0, 4, size=int(rng.integers(2, 7)))] for _ in range(3)]
 
-    def background(self, n: int, rng: np.random.Generator) -> np.ndarray:
-        u = rng.random(n)
-        out = np.empty(n, dtype=np.uint8)
-        a, b = int(rng.integers(0, 4)), int(rng.integers(0, 4))
-        cum = self.cum
-        for i in range(n):
-            c = int(np.searchsorted(cum[a * 4 + b], u[i], side="right"))
-            c = min(c, 3)
-            out[i] = c
+    def background(self, lengths: list[int], rng: np.random.Generator) -> list[np.ndarray]:
+        """Independent Markov segments of the given lengths, simulated together (vectorized)."""
+        if not lengths:
+            return []
+        n, width = len(lengths), max(lengths)
+        out = np.empty((n, width), dtype=np.uint8)
+        a = rng.integers(0, 4, size=n)
+        b = rng.integers(0, 4, size=n)
+        u = rng.random((n, width))
+        for i in range(width):
+            cum = self.cum[a * 4 + b]  # (n, 4)
+            c = np.minimum((u[:, i : i + 1] > cum).sum(axis=1), 3)
+            out[:, i] = c
             a, b = b, c
-        return _BASES[out]
+        return [_BASES[out[k, :m]] for k, m in enumerate(lengths)]
 
     def chromosome(self, length: int, rng: np.random.Generator) -> np.ndarray:
-        parts: list[np.ndarray] = []
+        parts: list[np.ndarray | int] = []  # ints are placeholders for background segments
+        bg_lengths: list[int] = []
         total = 0
         while total < length:
-            kind = rng.choice(5, p=[0.45, 0.25, 0.15, 0.12, 0.03])
-            if kind == 0:  # background
-                seg = self.background(int(rng.integers(30, 200)), rng)
-            elif kind == 1:  # planted motif
-                seg = self.motifs[int(rng.integers(0, len(self.motifs)))].copy()
-            elif kind == 2:  # interspersed repeat copy with ~3% point mutations
-                seg = self.repeats[int(rng.integers(0, len(self.repeats)))].copy()
-                mut = rng.random(seg.size) < 0.03
-                seg[mut] = _BASES[rng.integers(0, 4, size=int(mut.sum()))]
-            elif kind == 3:  # soft-masked tandem repeat
-                unit = self.tandem_units[int(rng.integers(0, len(self.tandem_units)))]
-                seg = np.tile(unit, int(rng.integers(4, 15))) + np.uint8(32)  # lowercase
-            else:  # assembly gap
-                seg = np.full(int(rng.integers(10, 60)), ord("N"), dtype=np.uint8)
-            parts.append(seg)
-            total += seg.size
-        return np.concatenate(parts)[:length]
+            # draw the plan of the next block of segments in bulk (numpy calls are per block)
+            m = max(16, (length - total) // 40)
+            kinds = rng.choice(5, size=m, p=[0.45, 0.25, 0.15, 0.12, 0.03]).tolist()
+            which = rng.integers(0, 3, size=m).tolist()
+            sizes = rng.integers(30, 200, size=m).tolist()
+            copies = rng.integers(4, 15, size=m).tolist()
+            gaps = rng.integers(10, 60, size=m).tolist()
+            for j, kind in enumerate(kinds):
+                if total >= length:
+                    break
+                if kind == 0:  # background, generated below in one vectorized pass
+                    parts.append(len(bg_lengths))
+                    bg_lengths.append(sizes[j])
+                    total += sizes[j]
+                    continue
+                if kind == 1:  # planted motif
+                    seg = self.motifs[(which[j] + j) % len(self.motifs)]
+                elif kind == 2:  # interspersed repeat copy with ~3% point mutations
+                    seg = self.repeats[which[j]].copy()
+                    mut = np.flatnonzero(rng.random(seg.size) < 0.03)
+                    seg[mut] = _BASES[rng.integers(0, 4, size=mut.size)]
+                elif kind == 3:  # soft-masked tandem repeat
+                    seg = np.tile(self.tandem_units[which[j]], copies[j]) + np.uint8(32)  # lowercase
+                else:  # assembly gap
+                    seg = np.full(gaps[j], ord("N"), dtype=np.uint8)
+                parts.append(seg)
+                total += seg.size
+        background = self.background(bg_lengths, rng)
+        return np.concatenate([background[p] if isinstance(p, int) else p for p in parts])[:length]
 
 
 def dna_sequence(length: int, seed: int = 0, genome_seed: int | None = None) -> str:

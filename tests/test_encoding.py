@@ -58,6 +58,8 @@ def test_reverse_complement_matches_string_definition():
     assert rc.shape == (2, 5)
     assert decode_bases(rc[1]) == "CGTNN"
     assert torch.equal(reverse_complement(rc), batch)  # involution
+    as_numpy = reverse_complement(batch.numpy().astype("uint8"))  # the loaders' numpy path
+    assert as_numpy.dtype == "uint8" and (as_numpy == rc.numpy()).all()
 
 
 def test_mu_law_roundtrip_error_is_small_and_monotone():
