@@ -236,7 +236,7 @@ def sensor_series(
     base_w = sys_rng.uniform(0.04, 0.25, size=k)  # radians per step
     coupling = sys_rng.normal(0.0, 0.02, size=(2 * k, 2 * k))
     mixing = np.eye(2 * k)[:, :channels] + sys_rng.normal(0.0, 0.3, size=(2 * k, channels))
-    scales = np.linspace(1.0, 1.9, n_regimes)
+    scales = np.linspace(1.0, 2.5, n_regimes)
 
     def transition(regime: int) -> np.ndarray:
         a = np.zeros((2 * k, 2 * k))

@@ -219,3 +219,36 @@ def test_two_workers_give_the_same_batches(genome):
     b = [b["inputs"] for b in parallel.train_dataloader()]
     assert len(a) == len(b) == 3
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_lightning_trainer_reseeds_each_epoch_and_checkpoints_metadata(genome, tmp_path):
+    import lightning.pytorch as pl
+
+    class Probe(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.seen = []
+
+        def training_step(self, batch, batch_idx):
+            self.seen.append((self.current_epoch, batch["inputs"].clone()))
+            return (self.w * batch["inputs"].float().mean()).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    path, _ = genome
+    dm = FastaDataModule(str(path), window=32, samples_per_epoch=8, batch_size=4)
+    probe = Probe()
+    trainer = pl.Trainer(
+        max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, limit_val_batches=0, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(probe, datamodule=dm)
+    first = torch.cat([x for e, x in probe.seen if e == 0])
+    second = torch.cat([x for e, x in probe.seen if e == 1])
+    assert first.shape == second.shape == (8, 32)
+    assert not torch.equal(first, second)  # Lightning's set_epoch reached the sampler
+    trainer.save_checkpoint(tmp_path / "probe.ckpt")
+    ckpt = torch.load(tmp_path / "probe.ckpt", weights_only=False)
+    assert ckpt["FastaDataModule"]["serving_metadata"] == dm.serving_metadata()
