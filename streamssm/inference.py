@@ -66,7 +66,9 @@ class Streamer:
     """Many streams through one model over a preallocated state pool (module docstring).
 
     The model is moved to ``device``/``dtype`` (in place, as ``nn.Module.to`` does) and put in
-    eval mode. Not thread-safe: one engine thread calls it.
+    eval mode. ``fingerprint`` identifies the weights as given (``checkpoint.model_fingerprint``),
+    so snapshots move between streamers of the same model. Not thread-safe: one engine thread
+    calls it.
     """
 
     def __init__(self, model: SSMModel, capacity: int, device: torch.device | str = "cpu",
@@ -78,9 +80,10 @@ class Streamer:
         if not dtype.is_floating_point:
             raise ConfigError(f"Streamer dtype must be a float dtype, got {dtype}")
         self.device, self.dtype, self.capacity = torch.device(device), dtype, capacity
+        # the fingerprint of the weights as given (== ServingBundle.fingerprint), before any cast
+        self.fingerprint = model_fingerprint(model)
         self.model = model.to(device=self.device, dtype=dtype).eval()
         self.cfg = model.cfg
-        self.fingerprint = model_fingerprint(self.model)
         self.out_dim = self.cfg.resolved_output_dim
         self.pool: ModelState = self.model.init_state(capacity, self.device, dtype)
         # per row: the last outputs (lm: log-probs of the next token; scores the next chunk's first token)
