@@ -76,6 +76,7 @@ def split_points(length: int, val_fraction: float, test_fraction: float) -> tupl
 
 
 def check_positive(name: str, value: int, minimum: int = 1) -> None:
+    """Raise ``ConfigError`` unless ``value`` is an integer >= ``minimum``."""
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
         raise ConfigError(f"{name}: expected an integer >= {minimum}, got {value!r}")
 

@@ -106,8 +106,7 @@ def decode_bases(tokens: torch.Tensor | Sequence[int]) -> str:
         raise ShapeError(f"decode_bases: expected a 1-D token tensor (l,), got shape {tuple(t.shape)}")
     if t.numel() and (int(t.min()) < 0 or int(t.max()) >= DNA_VOCAB_SIZE):
         raise DataFormatError(
-            f"decode_bases: tokens must lie in 0..{DNA_VOCAB_SIZE - 1}, got range "
-            f"{int(t.min())}..{int(t.max())}"
+            f"decode_bases: tokens must lie in 0..{DNA_VOCAB_SIZE - 1}, got range {int(t.min())}..{int(t.max())}"
         )
     lut = np.frombuffer(DNA_ALPHABET.encode("ascii"), dtype=np.uint8)
     return lut[t.cpu().numpy().astype(np.int64)].tobytes().decode("ascii")
@@ -183,7 +182,9 @@ class Normalizer:
         m = torch.as_tensor(mean, dtype=torch.float64).flatten()
         s = torch.as_tensor(std, dtype=torch.float64).flatten()
         if m.shape != s.shape or m.numel() == 0:
-            raise ConfigError(f"Normalizer: mean and std must be non-empty and of equal length, got {m.numel()} and {s.numel()}")
+            raise ConfigError(
+                f"Normalizer: mean and std must be non-empty and of equal length, got {m.numel()} and {s.numel()}"
+            )
         if not bool(torch.isfinite(m).all() & torch.isfinite(s).all()):
             raise ConfigError("Normalizer: mean/std contain NaN or infinite values")
         if bool((s <= 0).any()):

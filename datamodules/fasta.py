@@ -222,7 +222,9 @@ class FixedWindowDataset(Dataset):
     With ``rc_prob > 0`` (training on BED windows) the strand is flipped at random per key.
     """
 
-    def __init__(self, reader: FastaReader, windows: list[Window], mask_n: bool, rc_prob: float = 0.0, seed: int = 0) -> None:
+    def __init__(
+        self, reader: FastaReader, windows: list[Window], mask_n: bool, rc_prob: float = 0.0, seed: int = 0
+    ) -> None:
         self.reader = reader
         self.windows = windows
         self.mask_n = mask_n
@@ -253,11 +255,15 @@ def read_bed(path: str | Path) -> list[tuple[str, int, int, bool, int]]:
                 continue
             fields = line.rstrip("\n").split("\t") if "\t" in line else line.split()
             if len(fields) < 3:
-                raise DataFormatError(f"{path}:{lineno}: expected at least 3 columns (chrom start end), got {line.strip()!r}")
+                raise DataFormatError(
+                    f"{path}:{lineno}: expected at least 3 columns (chrom start end), got {line.strip()!r}"
+                )
             try:
                 start, end = int(fields[1]), int(fields[2])
             except ValueError:
-                raise DataFormatError(f"{path}:{lineno}: start/end must be integers, got {fields[1]!r}, {fields[2]!r}") from None
+                raise DataFormatError(
+                    f"{path}:{lineno}: start/end must be integers, got {fields[1]!r}, {fields[2]!r}"
+                ) from None
             if start < 0 or end <= start:
                 raise DataFormatError(f"{path}:{lineno}: expected 0 <= start < end, got {start}, {end}")
             minus = len(fields) >= 6 and fields[5].strip() == "-"
@@ -406,7 +412,9 @@ class FastaDataModule(BaseDataModule):
                 continue
             out[home[0]].append(Window(file, chrom, s, s + need, minus))
         if dropped:
-            log.info("BED %s: %d window(s) dropped (straddle a split boundary or chromosome too short)", self.bed, dropped)
+            log.info(
+                "BED %s: %d window(s) dropped (straddle a split boundary or chromosome too short)", self.bed, dropped
+            )
         return out
 
     def setup(self, stage: str | None = None) -> None:

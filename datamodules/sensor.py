@@ -190,7 +190,7 @@ class SensorDataModule(BaseDataModule):
         frames = [scan_table(p) for p in paths]
         schemas = [f.collect_schema() for f in frames]
         names0 = list(schemas[0].names())
-        for p, s in zip(paths[1:], schemas[1:]):
+        for p, s in zip(paths[1:], schemas[1:], strict=True):
             if list(s.names()) != names0:
                 raise DataFormatError(
                     f"table {str(p)!r} has columns {list(s.names())}, but {str(paths[0])!r} has {names0}"
@@ -208,7 +208,11 @@ class SensorDataModule(BaseDataModule):
 
     def _select_features(self, schema: pl.Schema) -> list[str]:
         available = list(schema.names())
-        for role, col in (("time_column", self.time_column), ("series_column", self.series_column), ("label_column", self.label_column)):
+        for role, col in (
+            ("time_column", self.time_column),
+            ("series_column", self.series_column),
+            ("label_column", self.label_column),
+        ):
             if col is not None and col not in schema:
                 raise DataFormatError(f"{role} {col!r} not found in {self._source}; available columns: {available}")
         special = {self.time_column, self.series_column, self.label_column, _FILE_COLUMN}
@@ -280,7 +284,7 @@ class SensorDataModule(BaseDataModule):
             edges = [0, *cuts.tolist(), df.height]
         else:
             edges = [0, df.height]
-        self.series_bounds = list(zip(edges[:-1], edges[1:]))
+        self.series_bounds = list(zip(edges[:-1], edges[1:], strict=True))
         self.split_rows = {"train": [], "val": [], "test": []}
         for lo, hi in self.series_bounds:
             a, b = split_points(hi - lo, self.val_fraction, self.test_fraction)

@@ -120,9 +120,7 @@ def dna_sequence(length: int, seed: int = 0, genome_seed: int | None = None) -> 
     return model.chromosome(length, np.random.default_rng([int(seed), 1])).tobytes().decode("ascii")
 
 
-def write_fasta(
-    path: str | Path, n_chrom: int = 3, length: int = 20_000, seed: int = 0, line_width: int = 60
-) -> Path:
+def write_fasta(path: str | Path, n_chrom: int = 3, length: int = 20_000, seed: int = 0, line_width: int = 60) -> Path:
     """Write ``n_chrom`` chromosomes ``chr1..chrN`` of ``length`` bases each (same species).
 
     Lines are ``line_width`` characters; headers carry a description after the name

@@ -198,7 +198,8 @@ class WaveformDataModule(BaseDataModule):
         return {"input_kind": "continuous", "input_dim": c, "head": "regression", "output_dim": c}
 
     def serving_metadata(self) -> dict[str, Any]:
-        self._ensure_loaded()
+        if self.sample_rate is None or self.encoding == "float":
+            self._ensure_loaded()  # the rate / channel count come from the files
         meta: dict[str, Any] = {
             "modality": "audio",
             "sample_rate": int(self.sample_rate),  # type: ignore[arg-type]
@@ -239,7 +240,7 @@ class WaveformDataModule(BaseDataModule):
         if self.encoding == "float":
             counts = {a.shape[1] for a in audio}
             if len(counts) > 1:
-                detail = ", ".join(f"{p.name}: {a.shape[1]}" for p, a in zip(self.paths, audio))
+                detail = ", ".join(f"{p.name}: {a.shape[1]}" for p, a in zip(self.paths, audio, strict=True))
                 raise DataFormatError(f"audio files have different channel counts ({detail}); set mono=True")
             self.channels = counts.pop()
         self.audio = audio

@@ -8,6 +8,7 @@ import torch
 from streamssm.datamodules import FastaDataModule, synthetic
 from streamssm.datamodules.encoding import decode_bases, encode_bases, reverse_complement
 from streamssm.errors import ConfigError, DataFormatError
+from streamssm.models import ModelConfig
 
 
 def parse_fasta(path) -> dict[str, str]:
@@ -55,6 +56,7 @@ def test_batches_are_next_token_pairs_of_real_windows(genome):
         assert torch.equal(batch["inputs"][row], expected[:-1])
         assert torch.equal(batch["targets"][row], expected[1:])
     assert dm.model_io() == {"input_kind": "tokens", "vocab_size": 5, "head": "lm", "output_dim": 5}
+    ModelConfig(**dm.model_io())  # the contract: model_io gives valid ModelConfig fields
     assert dm.serving_metadata()["alphabet"] == "ACGTN"
 
 
@@ -218,7 +220,7 @@ def test_two_workers_give_the_same_batches(genome):
     a = [b["inputs"] for b in serial.train_dataloader()]
     b = [b["inputs"] for b in parallel.train_dataloader()]
     assert len(a) == len(b) == 3
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def test_lightning_trainer_reseeds_each_epoch_and_checkpoints_metadata(genome, tmp_path):

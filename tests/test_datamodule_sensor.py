@@ -8,6 +8,7 @@ import torch
 from streamssm.datamodules import SensorDataModule, synthetic
 from streamssm.datamodules.encoding import encoder_from_metadata
 from streamssm.errors import ConfigError, DataFormatError
+from streamssm.models import ModelConfig
 
 FEATURES = ["ch0", "ch1", "ch2"]
 
@@ -80,6 +81,7 @@ def test_classification_labels_last_row_of_window(table):
     dm = make(path, task="classification", label_column="label", time_column="timestamp", stride=20)
     assert dm.classes == ["regime_0", "regime_1", "regime_2"]
     assert dm.model_io() == {"input_kind": "continuous", "input_dim": 3, "head": "classifier", "output_dim": 3}
+    ModelConfig(**dm.model_io())
     labels = df["label"].to_list()
     ds = dm._dataset("train")
     for i in range(len(ds)):
@@ -95,7 +97,9 @@ def test_classification_labels_last_row_of_window(table):
 
 
 def test_long_format_series_and_multiple_files(tmp_path):
-    long = synthetic.write_sensor_table(tmp_path / "long.csv", rows=200, channels=2, seed=1, n_series=3, shuffle_rows=True)
+    long = synthetic.write_sensor_table(
+        tmp_path / "long.csv", rows=200, channels=2, seed=1, n_series=3, shuffle_rows=True
+    )
     dm = make(long, series_column="series_id", time_column="timestamp", window=16, stride=4)
     assert dm.series_bounds == [(0, 200), (200, 400), (400, 600)]
     for split in ("train", "val", "test"):
@@ -104,7 +108,9 @@ def test_long_format_series_and_multiple_files(tmp_path):
             assert any(lo <= s and end <= hi for lo, hi in dm.split_rows[split])
     assert dm.split_rows["val"] == [(140, 180), (340, 380), (540, 580)]
     for k in range(2):
-        synthetic.write_sensor_table(tmp_path / "many" / f"part{k}.parquet", rows=100, channels=2, seed=k, format="parquet")
+        synthetic.write_sensor_table(
+            tmp_path / "many" / f"part{k}.parquet", rows=100, channels=2, seed=k, format="parquet"
+        )
     multi = make(tmp_path / "many", time_column="timestamp", window=16, val_fraction=0.2, test_fraction=0.0)
     assert multi.series_bounds == [(0, 100), (100, 200)]
     assert multi.feature_names == ["ch0", "ch1"]

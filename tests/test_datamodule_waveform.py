@@ -9,6 +9,7 @@ import torchaudio.functional as AF
 from streamssm.datamodules import WaveformDataModule, synthetic
 from streamssm.datamodules.encoding import encoder_from_metadata, mu_law_encode
 from streamssm.errors import ConfigError, DataFormatError
+from streamssm.models import ModelConfig
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +69,7 @@ def test_float_stereo_forecast_and_mono_mixdown(tmp_path):
     assert batch["inputs"].shape == (4, 64, 2) and batch["inputs"].dtype == torch.float32
     assert torch.equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
     assert dm.model_io() == {"input_kind": "continuous", "input_dim": 2, "head": "regression", "output_dim": 2}
+    ModelConfig(**dm.model_io())
     assert dm.serving_metadata()["encoding"] == "float"
     mono = make([str(p) for p in paths], encoding="float", mono=True, crop=64, val_fraction=0.0)
     stereo, _ = sf.read(paths[0], dtype="float32", always_2d=True)

@@ -211,5 +211,7 @@ def test_synthetic_data_is_learnable():
         assert (r2 > 0.9).all(), (kind, r2)
     # sensor regimes differ in their dynamics (what window classification learns)
     values, regime = synthetic.sensor_series(3000, 2, seed=0)
-    crossings = [np.mean(np.diff(np.sign(values[regime == r, 0] - values[regime == r, 0].mean())) != 0) for r in range(3)]
+    crossings = [
+        np.mean(np.diff(np.sign(values[regime == r, 0] - values[regime == r, 0].mean())) != 0) for r in range(3)
+    ]
     assert crossings[0] < crossings[2]
