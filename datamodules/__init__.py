@@ -1,4 +1,4 @@
-"""Datamodules for DNA (FASTA), waveform (audio files) and sensor (CSV/Parquet) data.
+"""Datamodules for DNA (FASTA), waveform (audio files), sensor (CSV/Parquet) and zarr data.
 
 Batches are dicts ``{"inputs", "targets"[, "mask"]}``; every datamodule exposes
 ``model_io()`` (the ModelConfig fields its data implies) and ``serving_metadata()`` (what
@@ -17,6 +17,7 @@ _LAZY = {
     "FastaDataModule": "streamssm.datamodules.fasta",
     "WaveformDataModule": "streamssm.datamodules.waveform",
     "SensorDataModule": "streamssm.datamodules.sensor",
+    "ZarrDataModule": "streamssm.datamodules.zarr",
     "BaseDataModule": "streamssm.datamodules._common",
 }
 

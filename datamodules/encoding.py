@@ -358,7 +358,7 @@ def decoder_from_metadata(meta: Mapping[str, Any]) -> Callable[[torch.Tensor], A
     - audio mu-law: predicted token ids (...,) -> float samples in [-1, 1]; audio float:
       identity (already samples).
     - sensor regression: normalized predictions (..., c) -> raw units; sensor classification
-      (``"task": "classification"``): class ids -> class labels (list).
+      (metadata with ``"classes"``): class ids -> class labels (list).
     """
     encoder = encoder_from_metadata(meta)
     modality = meta["modality"]
@@ -369,7 +369,9 @@ def decoder_from_metadata(meta: Mapping[str, Any]) -> Callable[[torch.Tensor], A
             q = int(meta.get("quantization_channels", 256))
             return lambda tokens: mu_law_decode(tokens, q)
         return lambda values: values
-    if meta.get("task") == "classification":
+    task = meta.get("task")  # a task may record {"name": ..., "head": ...} here
+    head = task.get("head") if isinstance(task, Mapping) else None
+    if "classes" in meta or head == "classifier" or task == "classification":
         classes = list(meta.get("classes", []))
         if not classes:
             raise ConfigError("sensor classification metadata lacks 'classes'")

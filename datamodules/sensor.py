@@ -171,7 +171,6 @@ class SensorDataModule(BaseDataModule):
             "modality": "sensor",
             "channels": list(self.feature_names),
             **self.normalizer.to_dict(),
-            "task": self.task,
             "window": self.window,
             "time_column": self.time_column,
         }

@@ -49,7 +49,7 @@ def test_forecast_windows_are_normalized_rows_shifted_by_one(table):
     assert torch.equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
     assert dm.model_io() == {"input_kind": "continuous", "input_dim": 3, "head": "regression", "output_dim": 3}
     meta = dm.serving_metadata()
-    assert meta["channels"] == FEATURES and meta["task"] == "forecast"
+    assert meta["channels"] == FEATURES and "classes" not in meta
     served = encoder_from_metadata(meta)(raw[48:80].astype(np.float32))
     assert torch.allclose(served, sample["inputs"], atol=1e-5)
 

@@ -148,8 +148,12 @@ def test_encoder_from_metadata_sensor_uses_saved_stats():
         enc(np.zeros((4, 3), dtype=np.float32))
     with pytest.raises(DataFormatError, match="NaN"):
         enc(np.array([[np.nan, 0.0]]))
-    cls_meta = dict(meta, task="classification", classes=["idle", "walk"])
+    cls_meta = dict(meta, classes=["idle", "walk"])
     assert decoder_from_metadata(cls_meta)(torch.tensor([1, 0])) == ["walk", "idle"]
+    with pytest.raises(ConfigError, match="classes"):  # a task recorded a classifier head
+        decoder_from_metadata(dict(meta, task={"name": "SequenceClassifier", "head": "classifier"}))
+    forecaster = dict(meta, task={"name": "Forecaster", "head": "regression"})
+    assert torch.allclose(decoder_from_metadata(forecaster)(out), torch.tensor([[1.0, -1.0], [3.0, 7.0]]))
 
 
 def test_encoding_module_does_not_import_lightning():
