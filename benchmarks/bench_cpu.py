@@ -1,0 +1,180 @@
+"""CPU benchmark of the chunked PyTorch Mamba-1 path against mamba.py and the sequential reference.
+
+    python benchmarks/bench_cpu.py [--shapes C1,C2,C3] [--model] [--threads 2] [--repeats 3] [--no-verify]
+
+Providers (same process, same fp32 tensors; ``torch.set_num_threads(--threads)``):
+    ours     ``selective_scan(..., backend="torch")``: the chunked scan (kernels/mamba1/chunked_torch.py)
+    mambapy  mamba.py 1.2 ``MambaBlock.selective_scan``: softplus(delta + bias), Blelloch ``pscan``
+             over (b, l, d, n) (its training path on CPU), inputs pre-transposed to its layout
+    ref      ``selective_scan(..., backend="reference")``: the sequential loop (forward only, and
+             only on shapes marked small: it is slow)
+Op: delta_softplus with delta_bias, D, no z, no initial state (mamba.py's scan has none); A is the
+S4D-real init -(1..n). ``--model`` adds a training step (forward + backward) of a 2-layer
+d_model-64 Mamba-1 backbone, ours vs mamba.py's ``Mamba`` with the same sizes.
+
+Times are the median of ``--repeats`` runs after one warm-up, providers interleaved per repeat
+(this machine's load drifts); tokens/s = batch * length / time; ratio = peer ms / our ms
+(> 1: ours is faster). Peak memory is not reported (no CPU allocator statistics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import Table, run_tag  # noqa: E402
+
+from streamssm.kernels import selective_scan  # noqa: E402
+from streamssm.testing import assert_close  # noqa: E402
+
+# name -> sizes; "ref": also time the sequential reference (forward)
+CPU_SHAPES: dict[str, dict[str, int]] = {
+    "C1": dict(batch=1, dim=128, length=1024, dstate=16, ref=1),
+    "C2": dict(batch=4, dim=256, length=512, dstate=16, ref=0),
+    "C3": dict(batch=1, dim=512, length=2048, dstate=16, ref=0),
+}
+
+
+def _inputs(batch: int, dim: int, length: int, dstate: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return dict(
+        u=torch.randn(batch, dim, length, generator=g),
+        delta=torch.randn(batch, dim, length, generator=g) * 0.5,
+        A=-torch.arange(1, dstate + 1, dtype=torch.float32).repeat(dim, 1),
+        B=torch.randn(batch, dstate, length, generator=g),
+        C=torch.randn(batch, dstate, length, generator=g),
+        D=torch.ones(dim),
+        delta_bias=torch.log(torch.expm1(torch.full((dim,), 0.01))),  # softplus(bias) = 0.01
+    )
+
+
+def _ours(t: dict, backend: str = "torch") -> torch.Tensor:
+    return selective_scan(t["u"], t["delta"], t["A"], t["B"], t["C"], D=t["D"], delta_bias=t["delta_bias"],
+                          delta_softplus=True, backend=backend)
+
+
+def _mambapy_layout(t: dict) -> dict:
+    """mamba.py wants x, delta (b, l, d) and B, C (b, l, n)."""
+    out = {k: v.transpose(1, 2).contiguous() for k, v in t.items() if k in ("u", "delta", "B", "C")}
+    out.update(A=t["A"], D=t["D"], delta_bias=t["delta_bias"])
+    return out
+
+
+def _mambapy(m: dict) -> torch.Tensor:
+    from mambapy.mamba import MambaBlock
+
+    delta = F.softplus(m["delta"] + m["delta_bias"])  # as MambaBlock.ssm does before its scan
+    return MambaBlock.selective_scan(None, m["u"], delta, m["A"], m["B"], m["C"], m["D"])  # (b, l, d)
+
+
+def _fwd_bwd(fn: Callable[[dict], torch.Tensor], t: dict) -> Callable[[], None]:
+    leaves = {k: (v.clone().requires_grad_(True) if k in ("u", "delta", "B", "C") else v) for k, v in t.items()}
+
+    def run() -> None:
+        for v in leaves.values():
+            v.grad = None
+        fn(leaves).square().mean().backward()
+    return run
+
+
+def _median_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    for fn in fns.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench_op(shapes: list[str], repeats: int, verify: bool) -> Table:
+    table = Table(["shape", "kernel", "fwd ms", "fwd+bwd ms", "fwd tokens/s", "fwd+bwd tokens/s"],
+                  ratio_of=["fwd ms", "fwd+bwd ms"])
+    for name in shapes:
+        s = CPU_SHAPES[name]
+        t = _inputs(s["batch"], s["dim"], s["length"], s["dstate"])
+        m = _mambapy_layout(t)
+        label = f"{name} b{s['batch']} d{s['dim']} l{s['length']} n{s['dstate']}"
+        with torch.no_grad():
+            if verify:
+                ours = _ours(t)
+                assert_close(f"{name} ours vs mambapy", _mambapy(m).transpose(1, 2), ours)
+                if s["ref"]:
+                    assert_close(f"{name} ours vs reference", _ours(t, "reference"), ours)
+            fwd = {"ours": lambda: _ours(t), "mambapy": lambda: _mambapy(m)}
+            if s["ref"]:
+                fwd["ref"] = lambda: _ours(t, "reference")
+            fwd_ms = _median_ms(fwd, repeats)
+        both_ms = _median_ms({"ours": _fwd_bwd(_ours, t), "mambapy": _fwd_bwd(_mambapy, m)}, repeats)
+        tokens = s["batch"] * s["length"]
+        for kernel in fwd:
+            table.add(shape=label, kernel=kernel, **{
+                "fwd ms": fwd_ms[kernel], "fwd+bwd ms": both_ms.get(kernel),
+                "fwd tokens/s": tokens / fwd_ms[kernel] * 1e3,
+                "fwd+bwd tokens/s": tokens / both_ms[kernel] * 1e3 if kernel in both_ms else None,
+            })
+    return table
+
+
+def bench_model(repeats: int, batch: int = 8, length: int = 1024) -> Table:
+    """Forward + backward of a 2-layer d_model-64 d_state-16 Mamba-1 backbone (the first CPU row
+    of shared/BENCHMARKS.md, without the optimizer step)."""
+    from mambapy.mamba import Mamba, MambaConfig
+
+    from streamssm.models import Backbone, ModelConfig
+
+    ours = Backbone(ModelConfig(block="mamba", d_model=64, n_layers=2, d_state=16, input_kind="continuous",
+                                input_dim=1, head="regression", output_dim=1))
+    peer = Mamba(MambaConfig(d_model=64, n_layers=2, d_state=16))
+    x = torch.randn(batch, length, 64)
+
+    def train_step(model: torch.nn.Module, unpack: bool) -> Callable[[], None]:
+        def run() -> None:
+            model.zero_grad(set_to_none=True)
+            y = model(x)
+            (y[0] if unpack else y).square().mean().backward()
+        return run
+
+    ms = _median_ms({"ours": train_step(ours, True), "mambapy": train_step(peer, False)}, repeats)
+    table = Table(["shape", "kernel", "fwd+bwd ms", "tokens/s"], ratio_of=["fwd+bwd ms"])
+    for kernel, v in ms.items():
+        table.add(shape=f"backbone d64 x2 layers, {batch}x{length}", kernel=kernel,
+                  **{"fwd+bwd ms": v, "tokens/s": batch * length / v * 1e3})
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default=",".join(CPU_SHAPES), help="comma-separated names of CPU_SHAPES")
+    parser.add_argument("--model", action="store_true", help="also time a backbone training step")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-verify", dest="verify", action="store_false")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    shapes = [s for s in args.shapes.split(",") if s]
+    unknown = [s for s in shapes if s not in CPU_SHAPES]
+    if unknown:
+        parser.error(f"unknown shapes {unknown}; known: {sorted(CPU_SHAPES)}")
+    print(f"# CPU selective scan (Mamba-1), fp32 · {run_tag()} · {args.threads} threads · "
+          f"{os.cpu_count()} cores · median of {args.repeats}")
+    print(bench_op(shapes, args.repeats, args.verify).markdown())
+    if args.model:
+        print()
+        print(bench_model(args.repeats).markdown())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
