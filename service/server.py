@@ -455,6 +455,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--resume-ttl", type=float, default=d.resume_ttl, help="seconds a disconnected stream is kept")
     p.add_argument("--state-dir", default=None, help="persist parked streams here (survive a restart)")
     p.add_argument("--nan-policy", default=d.nan_policy, choices=("reject", "zero"))
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads for the model (default: torch's)")
     p.add_argument("--certfile", default=None, help="TLS certificate (PEM)")
     p.add_argument("--keyfile", default=None, help="TLS private key (PEM)")
     return p
@@ -486,6 +487,8 @@ def main(argv: list[str] | None = None, prog: str = "streamssm serve") -> int:
     )
     if not Path(args.checkpoint).is_file():
         raise ConfigError(f"--checkpoint {args.checkpoint!r} is not a file")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     bundle = load_for_serving(args.checkpoint, args.device)
     log.info("loaded %s in %.2f s", args.checkpoint, time.perf_counter() - t0)

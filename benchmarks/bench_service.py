@@ -1,0 +1,266 @@
+"""Load test of ``streamssm serve`` over loopback: N concurrent clients streaming audio in real time.
+
+    python benchmarks/bench_service.py [--model tiny|d512] [--device cpu|cuda] [--clients 1,4,16,64]
+                                       [--seconds 3] [--chunk-ms 20] [--client-procs 1] [--max-wall 60]
+
+A mu-law audio LM (16 kHz, 8-bit tokens) is exported to a temporary file and served by
+``streamssm serve`` in a subprocess (its own Python, so clients and server don't share a
+GIL). Each client sends s16le chunks of ``chunk-ms`` on a real-time schedule (start times
+staggered over one chunk period) and asks for binary per-step scores. Chunk latency is
+send -> result receipt; "slip" is how far the sends fell behind the real-time schedule
+(backpressure from a server that cannot keep up). N is kept real time when p99 latency
+<= 50 ms and slip <= 2 chunk periods. The sweep stops at the first N that is not kept
+or when the wall-clock budget runs out. Models: tiny (Mamba-2, 2 layers, d_model 32) for CPU,
+d512 (Mamba-2, 4 layers, d_model 512) for the H100.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+MODELS = {
+    "tiny": dict(block="mamba2", d_model=32, n_layers=2, d_state=16, headdim=16, chunk_size=64),
+    "d512": dict(block="mamba2", d_model=512, n_layers=4, d_state=64, headdim=64, chunk_size=64),
+}
+P99_TARGET_MS = 50.0
+
+
+def export_model(name: str, sample_rate: int, path: Path) -> Path:
+    import torch
+
+    from streamssm.checkpoint import export_safetensors
+    from streamssm.models import ModelConfig, SSMModel
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(input_kind="tokens", vocab_size=256, head="lm", **MODELS[name])
+    return export_safetensors(SSMModel(cfg), path, serving={"modality": "audio", "sample_rate": sample_rate,
+                                                            "encoding": "mu_law"})
+
+
+def start_server(ckpt: Path, args) -> tuple[subprocess.Popen, int, list[str]]:
+    """``streamssm serve`` on a free port; returns the process, its port and its (live) log lines."""
+    cmd = [sys.executable, "-m", "streamssm.cli", "serve", "--checkpoint", str(ckpt), "--port", "0",
+           "--device", args.device, "--dtype", args.dtype, "--max-streams", str(max(args.clients)),
+           "--queue-depth", "4", "--idle-timeout", "60", "--resume-ttl", "0"]
+    if args.server_threads:
+        cmd += ["--threads", str(args.server_threads)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    lines: list[str] = []
+    port = None
+    deadline = time.time() + 120
+    for line in proc.stderr:
+        lines.append(line)
+        m = re.search(r"listening on ws://[\d.]+:(\d+)/", line)
+        if m:
+            port = int(m.group(1))
+            break
+        if time.time() > deadline:
+            break
+    if port is None:
+        proc.kill()
+        raise RuntimeError("server did not start:\n" + "".join(lines))
+    threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()  # keep the pipe drained
+    return proc, port, lines
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The server's /metrics as {sample name: value} (unlabelled samples only)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#") and "{" not in line:
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def engine_only(ckpt: Path, args) -> list[dict]:
+    """The Streamer alone (no websockets): one feed_many of N streams x one chunk, median of 5."""
+    import torch
+
+    from streamssm.checkpoint import load_for_serving
+    from streamssm.inference import Streamer
+
+    if args.server_threads:
+        torch.set_num_threads(args.server_threads)
+    chunk = int(args.sample_rate * args.chunk_ms / 1000)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    streamer = Streamer(load_for_serving(ckpt, args.device).model, max(args.clients), args.device, dtype)
+    ids = [streamer.open() for _ in range(max(args.clients))]
+    rows = []
+    for n in args.clients:
+        batch = {i: torch.randint(0, 256, (chunk,)) for i in ids[:n]}
+        times = []
+        for _ in range(7):
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            streamer.feed_many(batch)  # returns CPU tensors: synchronizes
+            times.append(time.perf_counter() - t0)
+        t = float(np.median(times[2:]))
+        rows.append({"clients": n, "ms": t * 1000, "rt_streams": n * chunk / args.sample_rate / t})
+    return rows
+
+
+async def one_client(url: str, seconds: float, chunk: int, rate: int, offset: float, rng: random.Random) -> dict:
+    from streamssm.service.client import StreamClient
+
+    period = chunk / rate
+    n_chunks = max(1, int(seconds / period))
+    t = np.arange(n_chunks * chunk) / rate
+    pcm = (np.sin(2 * np.pi * rng.uniform(100, 1000) * t) * 12000).astype(np.int16)
+    slip, first = 0.0, time.time()
+    async with StreamClient(url, format="s16le", sample_rate=rate, results="binary", include=("scores",),
+                            window=4) as c:
+        await asyncio.sleep(offset)
+        t0, first = time.perf_counter(), time.time()
+        for k in range(n_chunks):
+            due = t0 + k * period
+            now = time.perf_counter()
+            if due > now:
+                await asyncio.sleep(due - now)
+            else:
+                slip = max(slip, now - due)
+            await c.send(pcm[k * chunk : (k + 1) * chunk])
+        await c.end(timeout=120)
+    return {"latencies": c.latencies[3:], "chunks": len(c.results), "slip": slip, "first": first, "last": time.time()}
+
+
+def client_proc(url: str, n: int, seconds: float, chunk: int, rate: int, seed: int, out: mp.Queue) -> None:
+    async def run():
+        rng = random.Random(seed)
+        period = chunk / rate
+        return await asyncio.gather(*(one_client(url, seconds, chunk, rate, rng.uniform(0, period), rng)
+                                      for _ in range(n)), return_exceptions=True)
+
+    results = asyncio.run(run())
+    out.put([r if isinstance(r, dict) else {"error": repr(r)} for r in results])
+
+
+def measure(url: str, n: int, args) -> dict:
+    chunk = int(args.sample_rate * args.chunk_ms / 1000)
+    procs = min(args.client_procs, n)
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    workers = [ctx.Process(target=client_proc, args=(url, n // procs + (i < n % procs), args.seconds, chunk,
+                                                     args.sample_rate, 1000 * n + i, q)) for i in range(procs)]
+    t0 = time.perf_counter()
+    for w in workers:
+        w.start()
+    results = [r for _ in workers for r in q.get(timeout=args.seconds * 4 + 180)]
+    for w in workers:
+        w.join()
+    wall = time.perf_counter() - t0
+    errors = [r["error"] for r in results if "error" in r]
+    ok = [r for r in results if "error" not in r]
+    lat = np.concatenate([np.asarray(r["latencies"]) for r in ok]) * 1000 if ok else np.array([np.nan])
+    chunks = sum(r["chunks"] for r in ok)
+    slip = max((r["slip"] for r in ok), default=float("nan")) * 1000
+    p99 = float(np.percentile(lat, 99))
+    span = (max(r["last"] for r in ok) - min(r["first"] for r in ok)) if ok else float("nan")
+    kept = not errors and p99 <= P99_TARGET_MS and slip <= 2 * args.chunk_ms
+    return {"clients": n, "chunks": chunks, "p50_ms": float(np.percentile(lat, 50)), "p99_ms": p99,
+            "max_ms": float(lat.max()), "slip_ms": slip, "samples_per_s": chunks * chunk / span,
+            "wall_s": wall, "kept": kept, "errors": len(errors), "first_error": errors[0] if errors else ""}
+
+
+def sweep(ckpt: Path, args, t_start: float) -> list[dict]:
+    """Start the server, measure every N (until not kept or out of wall time), stop the server."""
+    proc, port, _ = start_server(ckpt, args)
+    url = f"ws://127.0.0.1:{port}/"
+    rows = []
+    try:
+        measure(url, 1, argparse.Namespace(**{**vars(args), "seconds": 1.0, "client_procs": 1}))  # warm-up
+        for n in args.clients:
+            if time.perf_counter() - t_start + args.seconds + 10 > args.max_wall:
+                print(f"(wall budget of {args.max_wall:g} s reached before N={n})", flush=True)
+                break
+            before = scrape(port)
+            row = measure(url, n, args)
+            after = scrape(port)
+            d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+            batches = max(d.get("streamssm_batches_total", 0.0), 1.0)
+            row.update(batch_ms=1000 * d.get("streamssm_batch_seconds_sum", 0.0) / batches,
+                       streams_per_batch=d.get("streamssm_batch_streams_sum", 0.0) / batches,
+                       samples_per_batch=d.get("streamssm_samples_total", 0.0) / batches)
+            rows.append(row)
+            print(f"N={n}: p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms, slip {row['slip_ms']:.1f} ms, "
+                  f"kept={row['kept']} {row['first_error']}", flush=True)
+            if not row["kept"] and not args.all:
+                break
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(MODELS), default="tiny")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--clients", default="1,4,16,64", help="comma-separated N values (ascending)")
+    p.add_argument("--seconds", type=float, default=3.0, help="stream length per client")
+    p.add_argument("--chunk-ms", type=float, default=20.0)
+    p.add_argument("--sample-rate", type=int, default=16000)
+    p.add_argument("--client-procs", type=int, default=1, help="client processes (spread the client load)")
+    p.add_argument("--server-threads", type=int, default=None, help="torch threads of the server process")
+    p.add_argument("--max-wall", type=float, default=60.0, help="stop the sweep after this many seconds")
+    p.add_argument("--engine-only", action="store_true", help="also time Streamer.feed_many alone, in-process")
+    p.add_argument("--all", action="store_true", help="keep sweeping after the first N that is not real time")
+    args = p.parse_args(argv)
+    args.clients = sorted(int(c) for c in args.clients.split(","))
+
+    import torch
+
+    from streamssm.service.client import StreamClient  # noqa: F401 (fail early if the service is missing)
+
+    tag = (torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)")
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = export_model(args.model, args.sample_rate, Path(tmp) / "model.safetensors")
+        rows = sweep(ckpt, args, t_start)
+        engine = engine_only(ckpt, args) if args.engine_only else []
+    print(f"\nservice load: model {args.model} ({args.dtype}) on {tag}; {args.chunk_ms:g} ms chunks at "
+          f"{args.sample_rate} Hz, {args.seconds:g} s per client, {args.client_procs} client process(es)")
+    print("| clients | chunks | p50 ms | p99 ms | max ms | send slip ms | samples/s | x real time | kept "
+          "| server batch ms | streams/batch | samples/batch |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        xrt = r["samples_per_s"] / (r["clients"] * args.sample_rate)
+        print(f"| {r['clients']} | {r['chunks']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['max_ms']:.1f} | "
+              f"{r['slip_ms']:.1f} | {r['samples_per_s']:.0f} | {xrt:.2f} | {'yes' if r['kept'] else 'no'} | "
+              f"{r['batch_ms']:.1f} | {r['streams_per_batch']:.1f} | {r['samples_per_batch']:.0f} |")
+    if args.engine_only:
+        print("\nengine alone (Streamer.feed_many, one chunk per stream, no websockets):")
+        print("| streams | ms per call | real-time streams this rate sustains |")
+        print("|---|---|---|")
+        for r in engine:
+            print(f"| {r['clients']} | {r['ms']:.2f} | {r['rt_streams']:.0f} |")
+    kept = [r["clients"] for r in rows if r["kept"]]
+    print(f"\nlargest N kept real time (p99 <= {P99_TARGET_MS:g} ms): {max(kept) if kept else 'none'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
