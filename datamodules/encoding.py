@@ -357,7 +357,8 @@ def decoder_from_metadata(meta: Mapping[str, Any]) -> Callable[[torch.Tensor], A
     - dna: predicted token ids (l,) -> str of bases.
     - audio mu-law: predicted token ids (...,) -> float samples in [-1, 1]; audio float:
       identity (already samples).
-    - sensor regression: normalized predictions (..., c) -> raw units; sensor classification
+    - sensor regression: normalized predictions (..., c) -> raw units (``(..., t)`` when the
+      metadata lists forecast ``"targets"``, a subset of the channels); sensor classification
       (metadata with ``"classes"``): class ids -> class labels (list).
     """
     encoder = encoder_from_metadata(meta)
@@ -376,4 +377,13 @@ def decoder_from_metadata(meta: Mapping[str, Any]) -> Callable[[torch.Tensor], A
         if not classes:
             raise ConfigError("sensor classification metadata lacks 'classes'")
         return lambda ids: [classes[int(i)] for i in torch.as_tensor(ids).flatten()]
-    return encoder.normalizer.invert  # type: ignore[union-attr]
+    norm = encoder.normalizer  # type: ignore[union-attr]
+    targets = meta.get("targets")
+    if targets is not None:  # the model forecasts a subset of the input channels
+        names = list(meta["channels"])
+        unknown = [t for t in targets if t not in names]
+        if unknown:
+            raise ConfigError(f"sensor metadata: targets {unknown} are not among the channels {names}")
+        idx = [names.index(t) for t in targets]
+        norm = Normalizer(norm.mean[idx], norm.std[idx])
+    return norm.invert

@@ -8,8 +8,9 @@ device id; several files without one count as one series each). Rows are sorted 
 train | val | test; normalization mean/std come from the training rows only and travel in
 ``serving_metadata`` (so serving normalizes raw rows identically).
 
-- ``task="forecast"``: ``{"inputs": (l, c) float, "targets": (l, c) float}``, the targets being
-  the inputs shifted one step ahead (next-step prediction of every channel).
+- ``task="forecast"``: ``{"inputs": (l, c) float, "targets": (l, t) float}``, the targets being
+  the inputs shifted one step ahead (next-step prediction of every channel, or of the
+  ``target_columns`` subset of t channels).
 - ``task="classification"``: ``{"inputs": (l, c) float, "targets": () long}``; a window's class
   is the ``label_column`` value at its last row (per-series labels work the same way).
 
@@ -62,11 +63,19 @@ def scan_table(path: Path) -> pl.LazyFrame:
 class WindowDataset(Dataset):
     """Index -> window starting at row ``starts[index]`` of the (normalized) value array."""
 
-    def __init__(self, values: np.ndarray, starts: list[int], window: int, labels: np.ndarray | None) -> None:
+    def __init__(
+        self,
+        values: np.ndarray,
+        starts: list[int],
+        window: int,
+        labels: np.ndarray | None,
+        target_index: list[int] | None = None,
+    ) -> None:
         self.values = values  # (rows, c) float32
         self.starts = starts
         self.window = window
         self.labels = labels  # (rows,) int64 class ids, or None for forecasting
+        self.target_index = target_index  # forecast only these channels (None: all)
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -74,8 +83,9 @@ class WindowDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         s = self.starts[int(index)]
         if self.labels is None:
-            x = torch.from_numpy(self.values[s : s + self.window + 1])  # (l+1, c)
-            return {"inputs": x[:-1], "targets": x[1:]}
+            x = self.values[s : s + self.window + 1]  # (l+1, c)
+            y = x[1:] if self.target_index is None else x[1:, self.target_index]  # (l, t)
+            return {"inputs": torch.from_numpy(x[:-1]), "targets": torch.from_numpy(np.ascontiguousarray(y))}
         x = torch.from_numpy(self.values[s : s + self.window])  # (l, c)
         return {"inputs": x, "targets": torch.tensor(int(self.labels[s + self.window - 1]), dtype=torch.long)}
 
@@ -86,6 +96,7 @@ class SensorDataModule(BaseDataModule):
     Args:
         path: a CSV/Parquet file, folder, glob, or list of them (same columns in every file).
         columns: feature columns (default: every numeric column other than time/series/label).
+        target_columns: forecast only these feature columns (default: all features).
         time_column: sort rows by this column (within each series); None keeps file order.
         series_column: column naming the series of each row (long format).
         label_column: class label per row (required for ``task="classification"``).
@@ -100,6 +111,7 @@ class SensorDataModule(BaseDataModule):
         self,
         path: str | list[str],
         columns: list[str] | None = None,
+        target_columns: list[str] | None = None,
         time_column: str | None = None,
         series_column: str | None = None,
         label_column: str | None = None,
@@ -128,6 +140,8 @@ class SensorDataModule(BaseDataModule):
             problems.append(f"time_column, series_column and label_column must differ, got {special}")
         if columns is not None and (not columns or set(columns) & set(special)):
             problems.append(f"columns must be a non-empty list without the time/series/label columns, got {columns}")
+        if target_columns is not None and (task != "forecast" or not target_columns):
+            problems.append(f"target_columns applies to task='forecast' and must be non-empty, got {target_columns}")
         if problems:
             raise ConfigError("SensorDataModule: " + "; ".join(problems))
         check_positive("window", window)
@@ -137,6 +151,8 @@ class SensorDataModule(BaseDataModule):
         self.save_hyperparameters(logger=False)
         self.path = path
         self.columns = list(columns) if columns is not None else None
+        self.target_columns = list(target_columns) if target_columns is not None else None
+        self.target_index: list[int] | None = None
         self.time_column = time_column
         self.series_column = series_column
         self.label_column = label_column
@@ -162,7 +178,8 @@ class SensorDataModule(BaseDataModule):
         c = len(self.feature_names)
         if self.task == "classification":
             return {"input_kind": "continuous", "input_dim": c, "head": "classifier", "output_dim": len(self.classes)}
-        return {"input_kind": "continuous", "input_dim": c, "head": "regression", "output_dim": c}
+        t = c if self.target_index is None else len(self.target_index)
+        return {"input_kind": "continuous", "input_dim": c, "head": "regression", "output_dim": t}
 
     def serving_metadata(self) -> dict[str, Any]:
         self._ensure_loaded()
@@ -176,6 +193,8 @@ class SensorDataModule(BaseDataModule):
         }
         if self.task == "classification":
             meta["classes"] = list(self.classes)
+        if self.target_columns is not None:
+            meta["targets"] = list(self.target_columns)
         return meta
 
     # ------------------------------------------------------------------ loading
@@ -232,6 +251,14 @@ class SensorDataModule(BaseDataModule):
         lf, series = self._scan()
         schema = lf.collect_schema()
         self.feature_names = self._select_features(schema)
+        if self.target_columns is not None:
+            stray = [c for c in self.target_columns if c not in self.feature_names]
+            if stray:
+                raise ConfigError(
+                    f"target_columns {stray} must be among the feature columns {self.feature_names} "
+                    f"(targets are the next values of input channels)"
+                )
+            self.target_index = [self.feature_names.index(c) for c in self.target_columns]
         keep = [c for c in (series, self.time_column) if c] + self.feature_names
         keep += [self.label_column] if self.label_column else []
         lf = lf.select(keep).with_row_index(_ROW_COLUMN)
@@ -318,7 +345,7 @@ class SensorDataModule(BaseDataModule):
         for split in ("train", "val", "test"):
             starts = [s for lo, hi in self.split_rows[split] for s in tile_starts(lo, hi, need, self.stride)]
             if starts:
-                self._datasets[split] = WindowDataset(self.values, starts, self.window, labels)
+                self._datasets[split] = WindowDataset(self.values, starts, self.window, labels, self.target_index)
             elif split == "train":
                 longest = max((hi - lo for lo, hi in self.split_rows["train"]), default=0)
                 raise ConfigError(

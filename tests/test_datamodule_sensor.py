@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from streamssm.datamodules import SensorDataModule, synthetic
-from streamssm.datamodules.encoding import encoder_from_metadata
+from streamssm.datamodules.encoding import decoder_from_metadata, encoder_from_metadata
 from streamssm.errors import ConfigError, DataFormatError
 from streamssm.models import ModelConfig
 
@@ -153,3 +153,22 @@ def test_clear_errors_for_columns_and_files(tmp_path, table):
         make(corrupt)
     with pytest.raises(ConfigError, match="window"):
         make(path, window=500)
+
+
+def test_forecast_subset_of_channels(table):
+    path, df = table
+    dm = make(path, time_column="timestamp", target_columns=["ch2", "ch0"], stride=16)
+    assert dm.model_io() == {"input_kind": "continuous", "input_dim": 3, "head": "regression", "output_dim": 2}
+    sample = dm._dataset("train")[2]
+    assert sample["inputs"].shape == (32, 3) and sample["targets"].shape == (32, 2)
+    assert torch.equal(sample["targets"], torch.from_numpy(dm.values[33:65][:, [2, 0]]))  # window at row 32
+    assert torch.equal(sample["targets"][:-1], sample["inputs"][1:, [2, 0]])
+    meta = dm.serving_metadata()
+    assert meta["targets"] == ["ch2", "ch0"]
+    raw = decoder_from_metadata(meta)(sample["targets"])  # back to raw units of ch2, ch0
+    expected = df.select(["ch2", "ch0"]).to_numpy()[33:65]
+    assert np.allclose(raw.numpy(), expected, atol=1e-4)
+    with pytest.raises(ConfigError, match="among the feature columns"):
+        make(path, columns=["ch0", "ch1"], target_columns=["ch2"])
+    with pytest.raises(ConfigError, match="target_columns"):
+        SensorDataModule(str(path), task="classification", label_column="label", target_columns=["ch0"])
