@@ -103,9 +103,8 @@ class CropDataset(Dataset):
 
     def __getitem__(self, key: int) -> dict[str, torch.Tensor]:
         file, start = self.locate(key)
-        piece = torch.from_numpy(np.ascontiguousarray(self.audio[file][start : start + self.crop + 1]))
-        if self.tokens:
-            piece = piece.long()  # (l+1,)
+        piece = self.audio[file][start : start + self.crop + 1]  # (l+1,) tokens or (l+1, c) floats
+        piece = torch.from_numpy(piece.astype(np.int64) if self.tokens else np.ascontiguousarray(piece))
         return {"inputs": piece[:-1], "targets": piece[1:]}
 
 
