@@ -77,7 +77,7 @@ class StreamClient:
         self._next_seq = 0
         self._last_seq = -1
         self._reader: asyncio.Task | None = None
-        self._space = asyncio.Condition()
+        self._changed = asyncio.Event()  # set whenever a result arrives or the reader stops
         self._summary: asyncio.Future | None = None
         self._error: BaseException | None = None
         self.reconnects = 0
@@ -128,8 +128,7 @@ class StreamClient:
                     self._error = ServerError(item.get("message", ""), int(item.get("code", 1011)), item.get("reason", ""))
         except ConnectionClosed:
             pass
-        async with self._space:
-            self._space.notify_all()
+        self._changed.set()
 
     def _on_result(self, r: Result) -> None:
         if r.seq <= self._last_seq:
@@ -142,11 +141,12 @@ class StreamClient:
         if p is not None:
             self.latencies.append(time.perf_counter() - p.sent_at)
         self.results.append(r)
-        asyncio.get_running_loop().create_task(self._notify())
+        self._changed.set()
 
-    async def _notify(self) -> None:
-        async with self._space:
-            self._space.notify_all()
+    async def _wait_until(self, condition) -> None:
+        while not condition():
+            self._changed.clear()
+            await self._changed.wait()
 
     async def _recover(self) -> None:
         """The connection is gone without a normal close: reconnect and resume, or raise."""
@@ -193,8 +193,7 @@ class StreamClient:
         while True:
             if self._error is not None and not (isinstance(self._error, ServerError) and self._error.code in _RETRYABLE):
                 raise self._error
-            async with self._space:
-                await self._space.wait_for(lambda: len(self._pending) < self.window or self._reader.done())
+            await self._wait_until(lambda: len(self._pending) < self.window or self._reader.done())
             if self._reader.done():
                 await self._recover()
                 continue
@@ -212,8 +211,7 @@ class StreamClient:
         """Wait for every result, send ``end`` and return the server's summary."""
         async with asyncio.timeout(timeout):
             while True:
-                async with self._space:
-                    await self._space.wait_for(lambda: not self._pending or self._reader.done())
+                await self._wait_until(lambda: not self._pending or self._reader.done())
                 if self._reader.done():
                     await self._recover()
                     continue

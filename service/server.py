@@ -137,7 +137,7 @@ class _Session:
         self.done_samples = chunk.start + chunk.n
         if result.scores is not None:
             self.stats["log_likelihood"] += float(result.scores.double().sum())
-        if chunk.n:
+        if chunk.n and self.server.codec.head != "lm":  # the summary's last forecast / probabilities
             self.stats["last"] = self.server.codec.postprocess(result.outputs[-1:])[0].tolist()
         self.replay.append((chunk.seq, message))
         if self.connected:
