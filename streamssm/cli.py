@@ -12,6 +12,7 @@ import sys
 
 #: name -> (module, one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("streamssm.demo", "train, serve, stream and batch-infer a tiny model on built-in data, with plots"),
     "info": ("streamssm.info", "show versions, devices and which kernel backends run here"),
     "serve": ("streamssm.service.server", "serve a checkpoint over websockets to many concurrent streams"),
     "stream": ("streamssm.service.client", "stream a WAV/CSV/FASTA file to a running server and save the results"),

@@ -1,0 +1,35 @@
+"""The README's two commands cannot rot: CI runs the test command verbatim, and the demo
+command's parts exist and are wired (the demo itself runs in tests/test_demo.py)."""
+
+import re
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def readme_commands() -> list[str]:
+    block = re.search(r"```bash\n(.*?)```", README, re.S)
+    assert block, "README lost its first bash block (the two commands)"
+    return [line for line in block.group(1).splitlines() if line and not line.startswith("#")]
+
+
+def test_readme_opens_with_two_commands():
+    commands = readme_commands()
+    assert len(commands) == 2, commands
+    assert commands[0] == "pip install -e . && streamssm demo"
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    test_command = readme_commands()[1]
+    assert "pytest" in test_command
+    assert test_command in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def test_demo_command_is_installed():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["scripts"]["streamssm"] == "streamssm.cli:main"
+    from streamssm.cli import COMMANDS
+
+    assert "demo" in COMMANDS
