@@ -146,12 +146,12 @@ def test_bad_input_raises_shape_error(bad, message):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("segments", [None, 4], ids=["auto", "seg4"])
-def test_gpu_realistic_sizes(dtype, segments):
-    """b2 d256 l1000 n16, groups 2: kernel vs the reference in fp64 on the same inputs."""
+@pytest.mark.parametrize("dtype, segments, chunk", [(torch.float32, None, None), (torch.bfloat16, 4, 32)],
+                         ids=["fp32-auto", "bf16-seg4-T32"])
+def test_gpu_realistic_sizes(dtype, segments, chunk):
+    """b2 d256 l1000 n16, groups 2, z, D, bias, h0: kernel vs the reference on the same inputs."""
     inputs = make_inputs(2, 256, 1000, 16, groups=2, dtype=dtype, device="cuda", seed=11)
-    check_against_reference(inputs, dtype=dtype, segments=segments)
+    check_against_reference(inputs, dtype=dtype, segments=segments, chunk=chunk)
 
 
 @pytest.mark.gpu
@@ -165,4 +165,4 @@ def test_gpu_bf16_error_within_twice_reference_error():
     for name, ours, exact, refb in (("y", y, ref[0], own[0]), ("final", h, ref[1], own[1])):
         err = (ours.double() - exact).norm() / exact.norm()
         ref_err = (refb.double() - exact).norm() / exact.norm()
-        assert err <= 2 * ref_err + 1e-6, f"{name}: error {err:.3e} > 2 x reference error {ref_err:.3e}"
+        assert err <= 2 * ref_err + 1e-5, f"{name}: error {err:.3e} > 2 x reference error {ref_err:.3e}"

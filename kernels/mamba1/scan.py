@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from streamssm.errors import ConfigError
 from streamssm.kernels._common import autotune_configs, interpreting
 
 #: Chunk length T on the GPU (checkpoint interval) and in the interpreter (small tests).
@@ -50,8 +51,7 @@ PROGRAMS_PER_SM = 4
 def _configs() -> list:
     configs = [
         triton.Config({"BLOCK_D": bd}, num_warps=w, num_stages=1)
-        for bd in (4, 8, 16)
-        for w in (4, 8)
+        for bd, w in ((2, 2), (4, 4), (8, 4), (8, 8), (16, 8))
     ]
     return autotune_configs(configs, triton.Config({"BLOCK_D": 8}, num_warps=1, num_stages=1))
 
@@ -92,26 +92,34 @@ def _load_dt(p_delta, p_bias, o_d, m_d, o_t, m_t, s_dd, s_dl,
 
 @triton.jit
 def _load_bc(p_M, o_n, m_n, o_t, m_t, s_n, s_l):
-    """B or C tile as (T, N_PAD) fp32, zero where masked."""
-    m = m_t[:, None] & m_n[None, :]
-    return tl.load(p_M + o_n[None, :] * s_n + o_t[:, None] * s_l, mask=m, other=0.0).to(tl.float32)
+    """B or C tile as (N_PAD, T) fp32, zero where masked."""
+    m = m_n[:, None] & m_t[None, :]
+    return tl.load(p_M + o_n[:, None] * s_n + o_t[None, :] * s_l, mask=m, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _chunk_states(dt, u, A, Bt, h0):
-    """States h_t of one chunk (BLOCK_D, T, N_PAD) from its start state h0 (BLOCK_D, N_PAD).
+def _load_A(p_A, o_d, m_d, o_n, m_n, s_Ad, s_An):
+    """A (BLOCK_D, N_PAD) fp32 and A * log2(e) (exponentials are taken with exp2)."""
+    A = tl.load(p_A + o_d[:, None] * s_Ad + o_n[None, :] * s_An, mask=m_d[:, None] & m_n[None, :], other=0.0)
+    return A, A * 1.4426950408889634
 
+
+@triton.jit
+def _chunk_states(dt, u, A2, Bt, h0):
+    """States h_t of one chunk (BLOCK_D, N_PAD, T) from its start state h0 (BLOCK_D, N_PAD).
+
+    Time is the last (fastest) axis, so each thread scans a run of consecutive steps.
     Also returns x = exp(dt A) and b = dt u B, the coefficients of h_t = x_t h_{t-1} + b_t."""
-    x = tl.exp(dt[:, :, None] * A[:, None, :])
-    bb = (dt * u)[:, :, None] * Bt[None, :, :]
-    xs, bs = tl.associative_scan((x, bb), axis=1, combine_fn=_affine_combine)
-    return bs + xs * h0[:, None, :], x, bb
+    x = tl.exp2(dt[:, None, :] * A2[:, :, None])
+    bb = (dt * u)[:, None, :] * Bt[None, :, :]
+    xs, bs = tl.associative_scan((x, bb), axis=2, combine_fn=_affine_combine)
+    return bs + xs * h0[:, :, None], x, bb
 
 
 # ----------------------------------------------------------------------------- kernels
 
 
-@triton.autotune(configs=_configs(), key=["dim", "dstate", "REVERSE"])
+@triton.autotune(configs=_configs(), key=["dim", "dstate", "T", "REVERSE"])
 @triton.jit
 def _selective_scan_chunk_state_kernel(
     # pointers: w = u (forward) or dy (backward); M = B (forward) or C (backward)
@@ -134,7 +142,7 @@ def _selective_scan_chunk_state_kernel(
     pid_s = tl.program_id(2)
     o_n = tl.arange(0, N_PAD)
     m_n = o_n < dstate
-    A = tl.load(p_A + o_d[:, None] * s_Ad + o_n[None, :] * s_An, mask=m_d[:, None] & m_n[None, :], other=0.0)
+    A, A2 = _load_A(p_A, o_d, m_d, o_n, m_n, s_Ad, s_An)
     p_w += pid_b * s_wb
     p_delta += pid_b * s_db
     p_z += pid_b * s_zb
@@ -165,8 +173,8 @@ def _selective_scan_chunk_state_kernel(
             e = cum
         else:
             e = s_tile[:, None] - cum
-        tile = tl.sum(tl.exp(e[:, :, None] * A[:, None, :]) * w[:, :, None] * Mt[None, :, :], axis=1)
-        acc = tl.exp(s_tile[:, None] * A) * acc + tile
+        tile = tl.sum(tl.exp2(e[:, None, :] * A2[:, :, None]) * w[:, None, :] * Mt[None, :, :], axis=2)
+        acc = tl.exp2(s_tile[:, None] * A2) * acc + tile
         tot += s_tile
     o_seg = pid_b * n_segments + pid_s
     m_dn = m_d[:, None] & m_n[None, :]
@@ -190,8 +198,9 @@ def _selective_scan_state_passing_kernel(
     o_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     m_d = o_d < dim
     o_n = tl.arange(0, N_PAD)
-    m_dn = m_d[:, None] & (o_n < dstate)[None, :]
-    A = tl.load(p_A + o_d[:, None] * s_Ad + o_n[None, :] * s_An, mask=m_dn, other=0.0)
+    m_n = o_n < dstate
+    m_dn = m_d[:, None] & m_n[None, :]
+    A, A2 = _load_A(p_A, o_d, m_d, o_n, m_n, s_Ad, s_An)
     o_dn = o_d[:, None] * dstate + o_n[None, :]
     base = pid_b * n_segments
     if REVERSE:
@@ -207,11 +216,11 @@ def _selective_scan_state_passing_kernel(
             dst = i
         dsum = tl.load(p_dsum + (base + src) * dim + o_d, mask=m_d, other=0.0)
         loc = tl.load(p_loc + (base + src) * dim * dstate + o_dn, mask=m_dn, other=0.0)
-        h = tl.exp(dsum[:, None] * A) * h + loc
+        h = tl.exp2(dsum[:, None] * A2) * h + loc
         tl.store(p_io + (base + dst) * dim * dstate + o_dn, h, mask=m_dn)
 
 
-@triton.autotune(configs=_configs(), key=["dim", "dstate", "HAS_Z"])
+@triton.autotune(configs=_configs(), key=["dim", "dstate", "T", "HAS_Z"])
 @triton.jit
 def _selective_scan_fwd_kernel(
     # pointers
@@ -236,7 +245,7 @@ def _selective_scan_fwd_kernel(
     m_n = o_n < dstate
     m_dn = m_d[:, None] & m_n[None, :]
     o_dn = o_d[:, None] * dstate + o_n[None, :]
-    A = tl.load(p_A + o_d[:, None] * s_Ad + o_n[None, :] * s_An, mask=m_dn, other=0.0)
+    A, A2 = _load_A(p_A, o_d, m_d, o_n, m_n, s_Ad, s_An)
     if HAS_D:
         Dv = tl.load(p_D + o_d, mask=m_d, other=0.0)
     p_u += pid_b * s_ub
@@ -259,8 +268,8 @@ def _selective_scan_fwd_kernel(
         u = tl.load(p_u + o_d[:, None] * s_ud + o_t[None, :] * s_ul, mask=m, other=0.0).to(tl.float32)
         Bt = _load_bc(p_B, o_n, m_n, o_t, m_t, s_Bn, s_Bl)
         Ct = _load_bc(p_C, o_n, m_n, o_t, m_t, s_Cn, s_Cl)
-        hs, _, _ = _chunk_states(dt, u, A, Bt, h)
-        y = tl.sum(hs * Ct[None, :, :], axis=2)
+        hs, _, _ = _chunk_states(dt, u, A2, Bt, h)
+        y = tl.sum(hs * Ct[None, :, :], axis=1)
         if HAS_D:
             y += Dv[:, None] * u
         if HAS_Z:
@@ -268,12 +277,12 @@ def _selective_scan_fwd_kernel(
             y = y * z * tl.sigmoid(z)
         tl.store(p_y + o_d[:, None] * length + o_t[None, :], y.to(p_y.dtype.element_ty), mask=m)
         # masked steps have x = 1, b = 0, so the last column is the state after the last valid step
-        h = tl.sum(tl.where((o_tt == T - 1)[None, :, None], hs, 0.0), axis=1)
+        h = tl.sum(tl.where((o_tt == T - 1)[None, None, :], hs, 0.0), axis=2)
     if pid_s == n_segments - 1:
         tl.store(p_final + pid_b * dim * dstate + o_dn, h, mask=m_dn)
 
 
-@triton.autotune(configs=_configs(), key=["dim", "dstate", "HAS_Z"],
+@triton.autotune(configs=_configs(), key=["dim", "dstate", "T", "HAS_Z"],
                  reset_to_zero=["p_dA", "p_dB", "p_dC", "p_dD", "p_dbias"])
 @triton.jit
 def _selective_scan_bwd_kernel(
@@ -300,7 +309,7 @@ def _selective_scan_bwd_kernel(
     m_n = o_n < dstate
     m_dn = m_d[:, None] & m_n[None, :]
     o_dn = o_d[:, None] * dstate + o_n[None, :]
-    A = tl.load(p_A + o_d[:, None] * s_Ad + o_n[None, :] * s_An, mask=m_dn, other=0.0)
+    A, A2 = _load_A(p_A, o_d, m_d, o_n, m_n, s_Ad, s_An)
     if HAS_D:
         Dv = tl.load(p_D + o_d, mask=m_d, other=0.0)
     p_u += pid_b * s_ub
@@ -334,12 +343,12 @@ def _selective_scan_bwd_kernel(
         Bt = _load_bc(p_B, o_n, m_n, o_t, m_t, s_Bn, s_Bl)
         Ct = _load_bc(p_C, o_n, m_n, o_t, m_t, s_Cn, s_Cl)
         h0 = tl.load(p_ckpt + (pid_b * n_chunks + c) * dim * dstate + o_dn, mask=m_dn, other=0.0)
-        hs, x, bb = _chunk_states(dt, u, A, Bt, h0)
+        hs, x, bb = _chunk_states(dt, u, A2, Bt, h0)
         dy = tl.load(p_dy + o_dt, mask=m, other=0.0).to(tl.float32)
         if HAS_Z:
             z = tl.load(p_z + o_d[:, None] * s_zd + o_t[None, :] * s_zl, mask=m, other=0.0).to(tl.float32)
             sz = tl.sigmoid(z)
-            y_pre = tl.sum(hs * Ct[None, :, :], axis=2)
+            y_pre = tl.sum(hs * Ct[None, :, :], axis=1)
             if HAS_D:
                 y_pre += Dv[:, None] * u
             dz = dy * y_pre * sz * (1.0 + z * (1.0 - sz))
@@ -348,14 +357,14 @@ def _selective_scan_bwd_kernel(
         else:
             dye = dy
         # adjoint g_t = C_t dye_t + x_{t+1} g_{t+1}, with q entering after the chunk's last step
-        x_next = tl.exp(dt_next[:, :, None] * A[:, None, :])
-        ga, gv = tl.associative_scan((x_next, dye[:, :, None] * Ct[None, :, :]), axis=1,
+        x_next = tl.exp2(dt_next[:, None, :] * A2[:, :, None])
+        ga, gv = tl.associative_scan((x_next, dye[:, None, :] * Ct[None, :, :]), axis=2,
                                      combine_fn=_affine_combine, reverse=True)
-        g = gv + ga * q[:, None, :]
+        g = gv + ga * q[:, :, None]
         g_xh = g * (hs - bb)  # g_t * x_t h_{t-1}
-        dA_acc += tl.sum(g_xh * dt[:, :, None], axis=1)
-        gB = tl.sum(g * Bt[None, :, :], axis=2)
-        ddt = tl.sum(g_xh * A[:, None, :], axis=2) + u * gB
+        dA_acc += tl.sum(g_xh * dt[:, None, :], axis=2)
+        gB = tl.sum(g * Bt[None, :, :], axis=1)
+        ddt = tl.sum(g_xh * A[:, :, None], axis=1) + u * gB
         du = dt * gB
         if HAS_D:
             du += Dv[:, None] * dye
@@ -366,13 +375,13 @@ def _selective_scan_bwd_kernel(
         dbias_acc += tl.sum(ddt, axis=1)
         tl.store(p_du + o_dt, du.to(p_du.dtype.element_ty), mask=m)
         tl.store(p_ddelta + o_dt, ddt.to(p_ddelta.dtype.element_ty), mask=m)
-        m_tn2 = m_t[:, None] & m_n[None, :]
-        o_tn = p_dBC + o_n[None, :] * length + o_t[:, None]
-        dBt = tl.sum(g * (dt * u)[:, :, None], axis=0)
+        m_tn2 = m_n[:, None] & m_t[None, :]
+        o_tn = p_dBC + o_n[:, None] * length + o_t[None, :]
+        dBt = tl.sum(g * (dt * u)[:, None, :], axis=0)
         tl.atomic_add(p_dB + o_tn, dBt, mask=m_tn2, sem="relaxed")
-        dCt = tl.sum(hs * dye[:, :, None], axis=0)
+        dCt = tl.sum(hs * dye[:, None, :], axis=0)
         tl.atomic_add(p_dC + o_tn, dCt, mask=m_tn2, sem="relaxed")
-        q = tl.sum(tl.where((o_tt == 0)[None, :, None], x * g, 0.0), axis=1)
+        q = tl.sum(tl.where((o_tt == 0)[None, None, :], x * g, 0.0), axis=2)
     tl.atomic_add(p_dA + o_d[:, None] * dstate + o_n[None, :], dA_acc, mask=m_dn, sem="relaxed")
     if HAS_D:
         tl.atomic_add(p_dD + o_d, dD_acc, mask=m_d, sem="relaxed")
@@ -385,7 +394,11 @@ def _selective_scan_bwd_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _chunk_len() -> int:
+def _chunk_len(chunk: int | None) -> int:
+    if chunk is not None:
+        if chunk < 2 or chunk & (chunk - 1):
+            raise ConfigError(f"selective_scan: chunk must be a power of two >= 2, got {chunk}")
+        return chunk
     return CHUNK_INTERPRET if interpreting() else CHUNK_GPU
 
 
@@ -421,9 +434,8 @@ def _dims(u: torch.Tensor, A: torch.Tensor, B4: torch.Tensor, T: int, segments: 
     return b, d, l, A.shape[1], g, n_chunks, cps, triton.cdiv(n_chunks, cps)
 
 
-def _selective_scan_fwd(u, delta, A, B4, C4, D, z, delta_bias, softplus, h0, store_ckpt, segments=None):
+def _selective_scan_fwd(u, delta, A, B4, C4, D, z, delta_bias, softplus, h0, store_ckpt, segments, T):
     """Launch the forward passes. Returns y (b, d, l), final (b, d, n), ckpt (b, l/T, d, n) | None, S."""
-    T = _chunk_len()
     b, d, l, n, g, n_chunks, cps, S = _dims(u, A, B4, T, segments)
     n_pad = triton.next_power_of_2(n)
     f32 = dict(device=u.device, dtype=torch.float32)
@@ -459,9 +471,8 @@ def _selective_scan_fwd(u, delta, A, B4, C4, D, z, delta_bias, softplus, h0, sto
     return y, final, (ckpt if store_ckpt else None), S
 
 
-def _selective_scan_bwd(dy, dfinal, u, delta, A, B4, C4, D, z, delta_bias, softplus, ckpt, segments):
+def _selective_scan_bwd(dy, dfinal, u, delta, A, B4, C4, D, z, delta_bias, softplus, ckpt, segments, T):
     """Launch the backward passes. Returns du, ddelta, dA, dB4, dC4, dD, dz, dbias, dh0."""
-    T = _chunk_len()
     b, d, l, n, g, n_chunks, cps, S = _dims(u, A, B4, T, segments)
     n_pad = triton.next_power_of_2(n)
     f32 = dict(device=u.device, dtype=torch.float32)
@@ -517,7 +528,7 @@ class SelectiveScanFn(torch.autograd.Function):
     """Selective scan with gradients for u, delta, A, B, C, D, z, delta_bias and initial_state."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, segments):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, segments, chunk):
         B4, C4 = _as_groups(B), _as_groups(C)
         if B4.shape[1] != C4.shape[1]:
             # one group count per program: repeat both to the least common multiple (divides d)
@@ -526,10 +537,10 @@ class SelectiveScanFn(torch.autograd.Function):
             C4 = C4.repeat_interleave(g // C4.shape[1], dim=1)
         needs_grad = any(ctx.needs_input_grad)
         y, final, ckpt, S = _selective_scan_fwd(u, delta, A, B4, C4, D, z, delta_bias, delta_softplus,
-                                                initial_state, needs_grad, segments)
+                                                initial_state, needs_grad, segments, chunk)
         if needs_grad:
             ctx.save_for_backward(u, delta, A, B4, C4, D, z, delta_bias, ckpt)
-            ctx.softplus, ctx.segments = delta_softplus, S
+            ctx.softplus, ctx.segments, ctx.chunk = delta_softplus, S, chunk
             ctx.b_shape, ctx.c_shape = B.shape, C.shape
             ctx.has_h0 = initial_state is not None
         ctx.set_materialize_grads(False)
@@ -541,12 +552,12 @@ class SelectiveScanFn(torch.autograd.Function):
         if dy is None:
             dy = torch.zeros_like(u)
         du, ddelta, dA, dB4, dC4, dD, dz, dbias, dh0 = _selective_scan_bwd(
-            dy, dfinal, u, delta, A, B4, C4, D, z, delta_bias, ctx.softplus, ckpt, ctx.segments)
+            dy, dfinal, u, delta, A, B4, C4, D, z, delta_bias, ctx.softplus, ckpt, ctx.segments, ctx.chunk)
         dB = _ungroup(dB4, ctx.b_shape).to(B4.dtype)
         dC = _ungroup(dC4, ctx.c_shape).to(C4.dtype)
         return (du, ddelta, dA, dB, dC,
                 dD if D is not None else None, dz, dbias if delta_bias is not None else None,
-                None, dh0 if ctx.has_h0 else None, None)
+                None, dh0 if ctx.has_h0 else None, None, None)
 
 
 def _ungroup(dM4: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -572,14 +583,16 @@ def selective_scan_triton(
     initial_state: torch.Tensor | None = None,
     return_final_state: bool = False,
     segments: int | None = None,
+    chunk: int | None = None,
 ):
     """Selective scan on the Triton kernels (inputs validated by ``streamssm.kernels.selective_scan``).
 
     u, delta, z: (b, d, l) fp32/fp16/bf16; A: (d, n) fp32; B, C: (b, n, l) or (b, g, n, l);
     D, delta_bias: (d,) fp32; initial_state: (b, d, n) fp32. ``segments`` forces the number of
-    time segments run in parallel (default: chosen from the GPU size).
+    time segments run in parallel (default: chosen from the GPU size); ``chunk`` the chunk
+    length T, a power of two (default 64 on the GPU, 16 in the interpreter).
     Returns y (b, d, l) in u.dtype [, final_state (b, d, n) fp32].
     """
     y, final = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
-                                     initial_state, segments)
+                                     initial_state, segments, _chunk_len(chunk))
     return (y, final) if return_final_state else y
