@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "test": ("streamssm.train_cli", "evaluate a checkpoint on the test split of a recipe"),
     "predict": ("streamssm.train_cli", "run a trained model over a recipe's predict data"),
     "export": ("streamssm.export", "write a training checkpoint as one .safetensors file for serving"),
+    "make-data": ("streamssm.make_data", "write the generated data the tiny recipes train on (runs/data/)"),
 }
 
 
