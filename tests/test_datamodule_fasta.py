@@ -35,7 +35,7 @@ def make(path, **kw):
     kw.setdefault("window", 64)
     kw.setdefault("batch_size", 4)
     kw.setdefault("samples_per_epoch", 16)
-    dm = FastaDataModule(str(path), **kw)
+    dm = FastaDataModule(path if isinstance(path, list) else str(path), **kw)
     dm.setup("fit")
     return dm
 
@@ -254,3 +254,21 @@ def test_lightning_trainer_reseeds_each_epoch_and_checkpoints_metadata(genome, t
     trainer.save_checkpoint(tmp_path / "probe.ckpt")
     ckpt = torch.load(tmp_path / "probe.ckpt", weights_only=False)
     assert ckpt["FastaDataModule"]["serving_metadata"] == dm.serving_metadata()
+
+
+def test_several_fasta_files_and_chromosome_subset(tmp_path):
+    a = synthetic.write_fasta(tmp_path / "g" / "a.fa", n_chrom=2, length=800, seed=1)
+    b = synthetic.write_fasta(tmp_path / "g" / "b.fasta", n_chrom=1, length=800, seed=2)
+    seqs = [parse_fasta(a), parse_fasta(b)]
+    dm = make(tmp_path / "g", window=32, val_fraction=0.25, rc_prob=0.0)  # a folder of FASTA files
+    assert [p.name for p in dm.files] == ["a.fa", "b.fasta"]
+    ds = dm._dataset("train")
+    drawn = set()
+    for key in range(100):
+        win, _ = ds.draw(key)
+        drawn.add((win.file, win.chrom))
+        expected = encode_bases(seqs[win.file][win.chrom][win.start : win.end])
+        assert torch.equal(ds[key]["inputs"], expected[:-1])
+    assert drawn == {(0, "chr1"), (0, "chr2"), (1, "chr1")}  # same name in two files stays apart
+    only = make([str(a), str(b)], window=32, chroms=["chr2"], val_fraction=0.25)
+    assert {(r.file, r.chrom) for r in only.split_regions["train"]} == {(0, "chr2")}
