@@ -12,7 +12,8 @@ Windows come from one or more FASTA files, either
   fraction exceeds ``max_n_fraction``; val/test tile their regions without overlap; or
 - a BED file: each row (``chrom start end [name score strand]``, 0-based half-open) is one
   window, resized around its centre to ``l + 1`` bases and clamped to the chromosome; rows on
-  the ``-`` strand are reverse-complemented.
+  the ``-`` strand are reverse-complemented. With several FASTA files, a BED chromosome name
+  refers to the first file that holds it.
 
 Splits never share a base: whole chromosomes (``val_chroms``/``test_chroms``) or, per
 chromosome, the last ``val_fraction + test_fraction`` of its length (train | val | test).
