@@ -127,8 +127,8 @@ def with_grads(t: dict, names) -> tuple[dict, list[torch.Tensor]]:
 
 
 def _rel(ref: torch.Tensor, got: torch.Tensor) -> float:
-    ref, got = ref.double(), got.double()
-    return float((got - ref).norm() / ref.norm().clamp_min(1e-300))
+    ref, got = ref.detach().double(), got.detach().double()
+    return float((got - ref).norm() / ref.norm().clamp_min(1e-300)) if ref.numel() else 0.0
 
 
 def ref64(t, segment=None, perturb: tuple[str, torch.Tensor] | None = None):
@@ -238,8 +238,9 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default="S1,S2,S3")
     ap.add_argument("--peers", default="mamba,fla")
     ap.add_argument("--no-verify", action="store_true")
+    ap.add_argument("--verify-shapes", default=None, help="verify only these shapes (default: all timed)")
     ap.add_argument("--no-eager", action="store_true")
-    ap.add_argument("--profile", action="store_true", help="print our per-kernel GPU times")
+    ap.add_argument("--profile", default="", help="shapes whose per-kernel GPU times of ours to print")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     providers = {"ours": (ours, lambda t: t)}
@@ -257,11 +258,11 @@ def main(argv=None) -> int:
         shape = SSD_SHAPES[s]
         t = make_inputs(shape)
         tokens = shape["batch"] * shape["length"]
-        if not args.no_verify:
+        if not args.no_verify and (args.verify_shapes is None or s in args.verify_shapes.split(",")):
             for line in verify(s, t, providers):
                 print(line, flush=True)
                 notes.append(line)
-        if args.profile:
+        if s in args.profile.split(","):
             print(profile(s, t), flush=True)
         for pname, (run, prep) in providers.items():
             pt = prep(t)

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from streamssm.kernels.ssd.chunks import ChunkLayout
 
-SOFTPLUS_THRESHOLD = 20.0  # same as torch.nn.functional.softplus
+SOFTPLUS_THRESHOLD = tl.constexpr(20.0)  # same as torch.nn.functional.softplus
 
 
 @triton.jit

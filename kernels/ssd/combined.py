@@ -67,9 +67,8 @@ class SSDScanFn(torch.autograd.Function):
         else:
             dy = dout if dout.stride(-1) == 1 else dout.contiguous()
         dstates = _chunk_state_fwd(dy, C2, dt_out, dA_cs, layout, for_bwd=True)  # (T, h, p, n)
-        ddA_last = torch.zeros(layout.num_chunks, h, device=x2.device, dtype=torch.float32)
-        dinit = _state_passing_bwd(dstates, prev_states, dA_cs, dfinal.float() if dfinal is not None else None,
-                                   ctx.has_init, ddA_last, layout)
+        ddA_last, dinit = _state_passing_bwd(dstates, prev_states, dA_cs,
+                                             dfinal.float() if dfinal is not None else None, ctx.has_init, layout)
         dx, dB, dC, ddA_cs, ddt_direct, dD = _chunk_scan_bwd(
             x2, B2, C2, dy, D2, dt_out, dA_cs, prev_states, dstates, ddA_last, layout)
         ddt, dA, ddt_bias = _chunk_cumsum_bwd(ddA_cs, ddA_last, ddt_direct, dt2, A, dt_bias, ctx.dt_softplus,

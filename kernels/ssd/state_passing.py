@@ -27,6 +27,15 @@ from streamssm.kernels.ssd.chunks import ChunkLayout
 
 
 @triton.jit
+def _chunk_decay_and_block(p_blocks, p_dA_cs, p_clen, c, valid, i_h, o, m, H, PN, CHUNK: tl.constexpr):
+    """(exp(Acs_last) of chunk c, block ``o`` of p_blocks[c, i_h]); zeros where not ``valid``."""
+    clen = tl.load(p_clen + c, mask=valid, other=1)
+    a_last = tl.load(p_dA_cs + (c * H + i_h) * CHUNK + clen - 1, mask=valid, other=0.0)
+    b_blk = tl.load(p_blocks + (c * H + i_h) * PN + o, mask=m & valid, other=0.0)
+    return tl.exp(a_last), b_blk
+
+
+@triton.jit
 def _state_passing_fwd_kernel(
     # pointers
     p_states,  # (T, H, P*N) fp32 in: chunk states, out: states entering each chunk
@@ -50,13 +59,14 @@ def _state_passing_fwd_kernel(
         b_s = tl.zeros((BLOCK,), dtype=tl.float32)
     c0 = tl.load(p_seqoff + i_s).to(tl.int64)
     c1 = tl.load(p_seqoff + i_s + 1).to(tl.int64)
+    # loads run one chunk ahead of the carried state (they do not depend on it)
+    b_decay, b_cs = _chunk_decay_and_block(p_states, p_dA_cs, p_clen, c0, c0 < c1, i_h, o, m, H, PN, CHUNK)
     for c in range(c0, c1):
-        clen = tl.load(p_clen + c)
-        a_last = tl.load(p_dA_cs + (c * H + i_h) * CHUNK + clen - 1)
-        ptr = p_states + (c * H + i_h) * PN + o
-        b_cs = tl.load(ptr, mask=m, other=0.0)
-        tl.store(ptr, b_s, mask=m)
-        b_s = tl.exp(a_last) * b_s + b_cs
+        b_decay_n, b_cs_n = _chunk_decay_and_block(p_states, p_dA_cs, p_clen, c + 1, c + 1 < c1, i_h, o, m, H, PN,
+                                                   CHUNK)
+        tl.store(p_states + (c * H + i_h) * PN + o, b_s, mask=m)
+        b_s = b_decay * b_s + b_cs
+        b_decay, b_cs = b_decay_n, b_cs_n
     tl.store(p_final + o_seq, b_s, mask=m)
 
 
@@ -67,7 +77,7 @@ def _state_passing_bwd_kernel(
     p_prev,  # (T, H, P*N) fp32 states entering each chunk
     p_dfinal,  # (S, H, P*N) fp32 or dummy
     p_dinit,  # (S, H, P*N) fp32 out or dummy
-    p_ddA_last,  # (T, H) fp32, accumulated atomically
+    p_ddA_part,  # (T, H, NB) fp32 out: per-block parts of the chunk-end decay gradient
     p_dA_cs, p_clen, p_seqoff,
     # dimensions
     H, PN,
@@ -84,16 +94,20 @@ def _state_passing_bwd_kernel(
         b_ds = tl.zeros((BLOCK,), dtype=tl.float32)
     c0 = tl.load(p_seqoff + i_s).to(tl.int64)
     c1 = tl.load(p_seqoff + i_s + 1).to(tl.int64)
+    num_b = tl.num_programs(0)
+    c = c1 - 1
+    b_decay, b_dcs = _chunk_decay_and_block(p_dstates, p_dA_cs, p_clen, c, c >= c0, i_h, o, m, H, PN, CHUNK)
+    b_prev = tl.load(p_prev + (c * H + i_h) * PN + o, mask=m & (c >= c0), other=0.0)
     for i in range(0, c1 - c0):
         c = c1 - 1 - i
-        clen = tl.load(p_clen + c)
-        decay = tl.exp(tl.load(p_dA_cs + (c * H + i_h) * CHUNK + clen - 1))
-        o_c = (c * H + i_h) * PN + o
-        b_dcs = tl.load(p_dstates + o_c, mask=m, other=0.0)
-        b_prev = tl.load(p_prev + o_c, mask=m, other=0.0)
-        tl.store(p_dstates + o_c, b_ds, mask=m)
-        tl.atomic_add(p_ddA_last + c * H + i_h, decay * tl.sum(b_ds * b_prev))
-        b_ds = decay * b_ds + b_dcs
+        # loads run one chunk ahead (behind, in time) of the carried gradient
+        b_decay_n, b_dcs_n = _chunk_decay_and_block(p_dstates, p_dA_cs, p_clen, c - 1, c - 1 >= c0, i_h, o, m,
+                                                    H, PN, CHUNK)
+        b_prev_n = tl.load(p_prev + ((c - 1) * H + i_h) * PN + o, mask=m & (c - 1 >= c0), other=0.0)
+        tl.store(p_dstates + (c * H + i_h) * PN + o, b_ds, mask=m)
+        tl.store(p_ddA_part + (c * H + i_h) * num_b + i_b, b_decay * tl.sum(b_ds * b_prev))
+        b_ds = b_decay * b_ds + b_dcs
+        b_decay, b_dcs, b_prev = b_decay_n, b_dcs_n, b_prev_n
     if HAS_DINIT:
         tl.store(p_dinit + o_seq, b_ds, mask=m)
 
@@ -121,18 +135,21 @@ def _state_passing_fwd(states: torch.Tensor, dA_cs: torch.Tensor, initial_state:
 
 
 def _state_passing_bwd(dstates: torch.Tensor, prev_states: torch.Tensor, dA_cs: torch.Tensor,
-                       dfinal: torch.Tensor | None, need_dinit: bool, ddA_last: torch.Tensor,
-                       layout: ChunkLayout) -> torch.Tensor | None:
-    """Rewrite ``dstates`` (T, H, P, N) in place to the gradients of each chunk's end state,
-    add the chunk-end decay gradients into ``ddA_last`` (T, H), return d initial_state or None."""
+                       dfinal: torch.Tensor | None, need_dinit: bool,
+                       layout: ChunkLayout) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rewrite ``dstates`` (T, H, P, N) in place to the gradients of each chunk's end state.
+
+    Returns (gradient of each chunk's end decay cumsum (T, H) fp32, d initial_state or None).
+    """
     T, H, P, N = dstates.shape
     dinit = torch.empty(layout.num_seqs, H, P, N, device=dstates.device, dtype=torch.float32) if need_dinit else None
     dfin = dfinal.contiguous() if dfinal is not None else None
     block, grid = _grid(P * N, H, layout.num_seqs)
+    ddA_part = torch.zeros(T, H, grid[0], device=dstates.device, dtype=torch.float32)
     _state_passing_bwd_kernel[grid](
         dstates, prev_states, dfin if dfin is not None else dstates, dinit if dinit is not None else dstates,
-        ddA_last, dA_cs, layout.lengths, layout.seq_offsets,
+        ddA_part, dA_cs, layout.lengths, layout.seq_offsets,
         H, P * N, CHUNK=layout.chunk_size, BLOCK=block,
         HAS_DFINAL=dfin is not None, HAS_DINIT=dinit is not None, num_warps=4,
     )
-    return dinit
+    return ddA_part.sum(-1), dinit
