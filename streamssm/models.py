@@ -5,6 +5,8 @@ Shape legend: b batch, l length, d d_model, c input channels, o output size.
     tokens (b, l) long  --Embedding-->  (b, l, d)
     values (b, l, c)    --Linear----->  (b, l, d)
     Backbone: x = x + block(RMSNorm(x)) for each layer, then a final RMSNorm
+              (block: the SSM block, or sliding-window attention on the layers picked by
+              ``attention_every`` / ``layer_pattern``: a hybrid, its state still bounded)
     head: Linear (b, l, d) -> (b, l, o)   logits (lm / classifier) or values (regression)
 
 Every module offers ``forward(x, state=None) -> (y, state)``, ``step(x_t, state) -> (y_t,
@@ -23,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from streamssm.errors import ConfigError, ShapeError, StateError
 from streamssm.layers import Mamba2Block, MambaBlock, RMSNorm
+from streamssm.layers.attention import SlidingWindowAttention
 from streamssm.state import LayerState, ModelState
 
 BlockType = Literal["mamba", "mamba2"]
@@ -51,9 +54,15 @@ class ModelConfig:
     output_dim: int = 0  # vocab (lm), channels (regression), classes (classifier); 0 = vocab_size for lm
     norm_eps: float = 1e-5
     checkpoint_layers: bool = False
+    # hybrids: layers k, 2k, ... (1-based) are sliding-window attention; 0 = pure SSM
+    attention_every: int = 0
+    layer_pattern: str = ""  # or one letter per layer: "m" SSM block, "a" attention (e.g. "mmma")
+    attention_heads: int = 4
+    attention_window: int = 1024  # keys attended per query (itself included) = ring-buffer size
 
     def __post_init__(self) -> None:
         problems = []
+        problems += self._hybrid_problems()
         if self.block not in ("mamba", "mamba2"):
             problems.append(f"block must be 'mamba' or 'mamba2', got {self.block!r}")
         if self.input_kind not in ("tokens", "continuous"):
@@ -78,6 +87,34 @@ class ModelConfig:
         if problems:
             raise ConfigError("invalid ModelConfig: " + "; ".join(problems))
 
+    def _hybrid_problems(self) -> list[str]:
+        problems = []
+        if self.attention_every < 0:
+            problems.append(f"attention_every must be >= 0, got {self.attention_every}")
+        if self.layer_pattern:
+            if self.attention_every:
+                problems.append("set either attention_every or layer_pattern, not both")
+            if len(self.layer_pattern) != self.n_layers or set(self.layer_pattern) - {"m", "a"}:
+                problems.append(f"layer_pattern must be {self.n_layers} letters of 'm' (SSM) / 'a' (attention), "
+                                f"got {self.layer_pattern!r}")
+        if self.attention_every or "a" in self.layer_pattern:
+            if self.attention_heads <= 0 or self.d_model % self.attention_heads:
+                problems.append(f"d_model={self.d_model} must be divisible by attention_heads={self.attention_heads}")
+            elif (self.d_model // self.attention_heads) % 2:
+                problems.append(f"attention head size d_model/attention_heads={self.d_model // self.attention_heads} "
+                                "must be even (rotary positions)")
+            if self.attention_window <= 0:
+                problems.append(f"attention_window must be positive, got {self.attention_window}")
+        return problems
+
+    @property
+    def layer_kinds(self) -> tuple[str, ...]:
+        """'ssm' or 'attention' for each layer."""
+        if self.layer_pattern:
+            return tuple("attention" if c == "a" else "ssm" for c in self.layer_pattern)
+        k = self.attention_every
+        return tuple("attention" if k and (i + 1) % k == 0 else "ssm" for i in range(self.n_layers))
+
     @property
     def resolved_d_state(self) -> int:
         return self.d_state if self.d_state is not None else (16 if self.block == "mamba" else 64)
@@ -98,7 +135,9 @@ class ModelConfig:
         return cls(**data)
 
 
-def make_block(cfg: ModelConfig) -> nn.Module:
+def make_block(cfg: ModelConfig, kind: str = "ssm") -> nn.Module:
+    if kind == "attention":
+        return SlidingWindowAttention(cfg.d_model, cfg.attention_heads, cfg.attention_window)
     if cfg.block == "mamba":
         return MambaBlock(cfg.d_model, cfg.resolved_d_state, cfg.d_conv, cfg.expand, cfg.dt_rank)
     return Mamba2Block(cfg.d_model, cfg.resolved_d_state, cfg.d_conv, cfg.expand, cfg.headdim, cfg.ngroups,
@@ -108,10 +147,10 @@ def make_block(cfg: ModelConfig) -> nn.Module:
 class ResidualBlock(nn.Module):
     """x -> x + mixer(RMSNorm(x))."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, kind: str = "ssm"):
         super().__init__()
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mixer = make_block(cfg)
+        self.mixer = make_block(cfg, kind)
 
     def init_state(self, batch: int, device=None, dtype=torch.float32) -> LayerState:
         return self.mixer.init_state(batch, device, dtype)
@@ -135,7 +174,7 @@ class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.layers = nn.ModuleList(ResidualBlock(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(ResidualBlock(cfg, kind) for kind in cfg.layer_kinds)
         self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
 
     def init_state(self, batch: int, device=None, dtype=torch.float32) -> ModelState:

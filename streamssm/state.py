@@ -3,6 +3,10 @@
 Shapes (per layer):
     conv: (batch, conv_dim, d_conv - 1)   the last d_conv-1 inputs of the causal conv
     ssm:  fp32; Mamba-1 (batch, d_inner, d_state); Mamba-2 (batch, heads, headdim, d_state)
+Sliding-window attention layers of hybrids (``streamssm/layers/attention.py``) use the same
+two fields, so pools, snapshots and serialization treat every layer alike:
+    conv: (batch, 1) int64                 steps seen (the next position)
+    ssm:  fp32 (batch, 2, heads, window, head_dim)   ring buffer of the last keys and values
 
 ``ModelState`` is a tuple of ``LayerState`` (one per layer). Both are plain pytrees, so
 they pass through ``torch.compile`` and ``torch.export`` unregistered. The size never
