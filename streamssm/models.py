@@ -24,11 +24,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from streamssm.errors import ConfigError, ShapeError, StateError
-from streamssm.layers import Mamba2Block, MambaBlock, RMSNorm
+from streamssm.layers import Mamba2Block, Mamba3Block, MambaBlock, RMSNorm
 from streamssm.layers.attention import SlidingWindowAttention
 from streamssm.state import LayerState, ModelState
 
-BlockType = Literal["mamba", "mamba2"]
+BlockType = Literal["mamba", "mamba2", "mamba3"]
 InputKind = Literal["tokens", "continuous"]
 HeadKind = Literal["lm", "regression", "classifier"]
 
@@ -40,7 +40,7 @@ class ModelConfig:
     block: BlockType = "mamba2"
     d_model: int = 128
     n_layers: int = 4
-    d_state: int | None = None  # default: 16 for mamba, 64 for mamba2
+    d_state: int | None = None  # default: 16 for mamba, 64 for mamba2, 32 for mamba3
     d_conv: int = 4
     expand: int = 2
     headdim: int = 32
@@ -63,8 +63,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         problems = []
         problems += self._hybrid_problems()
-        if self.block not in ("mamba", "mamba2"):
-            problems.append(f"block must be 'mamba' or 'mamba2', got {self.block!r}")
+        if self.block not in ("mamba", "mamba2", "mamba3"):
+            problems.append(f"block must be 'mamba', 'mamba2' or 'mamba3', got {self.block!r}")
         if self.input_kind not in ("tokens", "continuous"):
             problems.append(f"input_kind must be 'tokens' or 'continuous', got {self.input_kind!r}")
         if self.head not in ("lm", "regression", "classifier"):
@@ -82,7 +82,9 @@ class ModelConfig:
             problems.append(f"head={self.head!r} needs output_dim > 0")
         if self.head == "lm" and self.output_dim <= 0 and self.vocab_size <= 0:
             problems.append("head='lm' needs output_dim or vocab_size > 0")
-        if self.block == "mamba2" and (self.expand * self.d_model) % self.headdim:
+        if self.block == "mamba3" and self.resolved_d_state % 2:
+            problems.append(f"block='mamba3' needs an even d_state (complex pairs), got {self.resolved_d_state}")
+        if self.block in ("mamba2", "mamba3") and (self.expand * self.d_model) % self.headdim:
             problems.append(f"expand*d_model={self.expand * self.d_model} must be divisible by headdim={self.headdim}")
         if problems:
             raise ConfigError("invalid ModelConfig: " + "; ".join(problems))
@@ -117,7 +119,7 @@ class ModelConfig:
 
     @property
     def resolved_d_state(self) -> int:
-        return self.d_state if self.d_state is not None else (16 if self.block == "mamba" else 64)
+        return self.d_state if self.d_state is not None else {"mamba": 16, "mamba2": 64}.get(self.block, 32)
 
     @property
     def resolved_output_dim(self) -> int:
@@ -140,6 +142,9 @@ def make_block(cfg: ModelConfig, kind: str = "ssm") -> nn.Module:
         return SlidingWindowAttention(cfg.d_model, cfg.attention_heads, cfg.attention_window)
     if cfg.block == "mamba":
         return MambaBlock(cfg.d_model, cfg.resolved_d_state, cfg.d_conv, cfg.expand, cfg.dt_rank)
+    if cfg.block == "mamba3":
+        return Mamba3Block(cfg.d_model, cfg.resolved_d_state, cfg.expand, cfg.headdim, cfg.ngroups, cfg.chunk_size,
+                           cfg.norm_eps)
     return Mamba2Block(cfg.d_model, cfg.resolved_d_state, cfg.d_conv, cfg.expand, cfg.headdim, cfg.ngroups,
                        cfg.chunk_size, cfg.norm_eps)
 

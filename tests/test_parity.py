@@ -41,7 +41,7 @@ def assert_states_close(name, expected, actual, rtol, atol):
         assert_close(f"{name} layer{i}.ssm", e.ssm, a.ssm, rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("block", ["mamba", "mamba2"])
+@pytest.mark.parametrize("block", ["mamba", "mamba2", "mamba3"])
 @given(cuts=st.lists(st.integers(1, LENGTH - 1), max_size=5, unique=True).map(sorted))
 def test_full_equals_chunked(block, cuts):
     model = tiny_model(block)
@@ -54,7 +54,7 @@ def test_full_equals_chunked(block, cuts):
     assert_states_close(f"{block} chunked", full_state, chunked_state, rtol, atol)
 
 
-@pytest.mark.parametrize("block", ["mamba", "mamba2"])
+@pytest.mark.parametrize("block", ["mamba", "mamba2", "mamba3"])
 @pytest.mark.parametrize("input_kind", ["continuous", "tokens"])
 def test_full_equals_step(block, input_kind):
     overrides = {} if input_kind == "continuous" else dict(input_kind="tokens", vocab_size=5, head="lm", output_dim=0)
@@ -68,7 +68,7 @@ def test_full_equals_step(block, input_kind):
     assert_states_close(f"{block} step", full_state, step_state, rtol, atol)
 
 
-@pytest.mark.parametrize("block", ["mamba", "mamba2"])
+@pytest.mark.parametrize("block", ["mamba", "mamba2", "mamba3"])
 def test_three_modes_agree_in_bf16(block):
     model = tiny_model(block, dtype=torch.bfloat16)
     x = torch.randn(2, LENGTH, 3, dtype=torch.bfloat16)
@@ -80,7 +80,7 @@ def test_three_modes_agree_in_bf16(block):
     assert_close(f"{block} bf16 step", full, stepped, dtype=torch.bfloat16)
 
 
-@pytest.mark.parametrize("block", ["mamba", "mamba2"])
+@pytest.mark.parametrize("block", ["mamba", "mamba2", "mamba3"])
 def test_parity_catches_a_broken_state(block):
     """The parity check is not vacuous: dropping the SSM state between chunks breaks it."""
     model = tiny_model(block)
@@ -94,7 +94,7 @@ def test_parity_catches_a_broken_state(block):
         assert_close("broken", full, torch.cat([first, second], 1), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("block", ["mamba", "mamba2"])
+@pytest.mark.parametrize("block", ["mamba", "mamba2", "mamba3"])
 def test_state_size_is_constant(block):
     model = tiny_model(block)
     with torch.no_grad():
