@@ -70,7 +70,7 @@ class ArrayLayout:
 def resolve_layout(
     shape: Sequence[int],
     path: str,
-    has_channels: bool,
+    has_channels: bool | None,
     time_axis: int | None = None,
     channel_axis: int | None = None,
     series_axis: int | None = None,
@@ -80,8 +80,9 @@ def resolve_layout(
 
     Explicit axes win; then zarr ``dimension_names`` (``time``, ``channel``, ``series`` and
     synonyms); then the defaults: with channels ``(t, c)`` / ``(s, t, c)``, without
-    ``(t,)`` / ``(s, t)``. Every axis must be accounted for; raises ``ShapeError`` naming the
-    array otherwise.
+    ``(t,)`` / ``(s, t)``; ``has_channels=None`` (mono audio may lack the axis) reads a 1-D array
+    as ``(t,)`` and otherwise like ``True``. Every axis must be accounted for; raises
+    ``ShapeError`` naming the array otherwise.
     """
     ndim = len(shape)
     if ndim == 0:
@@ -89,11 +90,12 @@ def resolve_layout(
     roles: dict[str, int | None] = {
         "t": _axis(time_axis, ndim, "time axis", path) if time_axis is not None else _named_axis(dimension_names, _TIME_NAMES),
         "c": _axis(channel_axis, ndim, "channel axis", path) if channel_axis is not None
-        else (_named_axis(dimension_names, _CHANNEL_NAMES) if has_channels else None),
+        else (_named_axis(dimension_names, _CHANNEL_NAMES) if has_channels is not False else None),
         "s": _axis(series_axis, ndim, "series axis", path) if series_axis is not None else _named_axis(dimension_names, _SERIES_NAMES),
     }
     # default axis order by rank: (t, c) / (s, t, c) with channels, (t,) / (s, t) without
-    template = {True: {2: "tc", 3: "stc"}, False: {1: "t", 2: "st"}}[has_channels].get(ndim, "")
+    templates = {True: {2: "tc", 3: "stc"}, False: {1: "t", 2: "st"}, None: {1: "t", 2: "tc", 3: "stc"}}
+    template = templates[has_channels].get(ndim, "")
     for pos, role in enumerate(template):
         if roles[role] is None:
             free = [a for a in range(ndim) if a not in roles.values()]
@@ -125,6 +127,7 @@ class InputArray:
     dtype: str
     layout: ArrayLayout
     time_chunk: int  # zarr chunk length along time
+    sample_rate: float | None = None  # the array's ``sample_rate`` attribute, if any
 
     @property
     def n_series(self) -> int:
@@ -140,7 +143,7 @@ class InputArray:
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "path": self.store, "shape": list(self.shape), "dtype": self.dtype,
-                "time_chunk": self.time_chunk, **self.layout.to_dict()}
+                "time_chunk": self.time_chunk, "sample_rate": self.sample_rate, **self.layout.to_dict()}
 
     def read(self, array: zarr.Array, s0: int, s1: int, t0: int, t1: int) -> np.ndarray:
         """Series ``[s0, s1)``, steps ``[t0, t1)`` of ``array`` as (b, l, c) or (b, l)."""
@@ -159,7 +162,7 @@ class InputArray:
 
 def open_inputs(
     spec: str | Path,
-    has_channels: bool,
+    has_channels: bool | None,
     time_axis: int | None = None,
     channel_axis: int | None = None,
     series_axis: int | None = None,
@@ -188,16 +191,18 @@ def open_inputs(
     for name, store, arr in pairs:
         where = f"input array {store!r}"
         dtype = np.dtype(arr.dtype)
-        if has_channels and dtype.kind not in "fiu":
+        if has_channels is not False and dtype.kind not in "fiu":
             raise DataFormatError(f"{where}: dtype {dtype} is not numeric (expected float or int samples)")
-        if not has_channels and dtype.kind not in "iu":
+        if has_channels is False and dtype.kind not in "iu":
             raise DataFormatError(f"{where}: dtype {dtype} cannot hold token ids (expected an integer dtype)")
         names = getattr(arr.metadata, "dimension_names", None)
         layout = resolve_layout(arr.shape, where, has_channels, time_axis, channel_axis, series_axis, names)
         time_chunk = int(arr.chunks[layout.time_axis])
         if int(arr.shape[layout.time_axis]) == 0:
             raise ShapeError(f"{where}: the time axis ({layout.time_axis}) is empty")
-        inputs.append(InputArray(name, store, tuple(int(n) for n in arr.shape), str(dtype), layout, time_chunk))
+        rate = dict(arr.attrs).get("sample_rate")
+        inputs.append(InputArray(name, store, tuple(int(n) for n in arr.shape), str(dtype), layout, time_chunk,
+                                 None if rate is None else float(rate)))
     return inputs
 
 

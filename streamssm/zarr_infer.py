@@ -76,6 +76,7 @@ class BatchEncoder:
         self.cfg = cfg
         self.modality = serving.get("modality")
         self._row = None
+        self.sample_rate = serving.get("sample_rate") if self.modality == "audio" else None
         self.channels: int | None = cfg.input_dim if cfg.input_kind == "continuous" else None
         if self.modality is not None:
             row = encoder_from_metadata(serving)
@@ -85,8 +86,10 @@ class BatchEncoder:
             elif self.modality == "sensor":
                 self._row = row
                 self.channels = len(serving["channels"])
-        self.has_channels = self.modality in ("audio", "sensor") or (
-            self.modality is None and cfg.input_kind == "continuous"
+        # True: a channel axis is required; None: optional (mono audio); False: token ids
+        self.has_channels: bool | None = (
+            None if self.modality == "audio" and self.channels is None
+            else self.modality in ("audio", "sensor") or (self.modality is None and cfg.input_kind == "continuous")
         )
 
     def check(self, inp: InputArray) -> None:
@@ -95,6 +98,11 @@ class BatchEncoder:
             raise ShapeError(
                 f"input array {inp.store!r}: the model reads {self.channels} channel(s), the array has "
                 f"{inp.n_channels} along axis {inp.layout.channel_axis} (shape {inp.shape})"
+            )
+        if self.sample_rate is not None and inp.sample_rate is not None and inp.sample_rate != self.sample_rate:
+            raise ConfigError(
+                f"input array {inp.store!r}: sample_rate {inp.sample_rate:g} Hz, the model was trained at "
+                f"{self.sample_rate:g} Hz; resample the array first (chunked resampling would not be exact)"
             )
         if self.cfg.input_kind == "tokens" and self._row is None and np.dtype(inp.dtype).kind not in "iu":
             raise DataFormatError(f"input array {inp.store!r}: token models need integer ids, got {inp.dtype}")
@@ -335,7 +343,8 @@ class ZarrPredictionWriter(BasePredictionWriter):
         unit = self.units[(int(batch["array"]), int(batch["group"]))]
         y = prediction["y"].detach().float().cpu().numpy()
         state = tuple(LayerState(*(t.detach().cpu() for t in layer)) for layer in prediction["state"])
-        assert self._io is not None
+        if self._io is None:
+            raise StateError("ZarrPredictionWriter: write before setup (no output opened)")
         self._io.submit(self._write, unit, int(batch["chunk"]), int(batch["t0"]), y, state)
 
     def on_predict_epoch_end(self, trainer, pl_module) -> None:

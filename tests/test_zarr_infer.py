@@ -133,6 +133,30 @@ def test_dna_token_array(tmp_path):
     assert_close("dna logits", torch.from_numpy(_offline(model, tok)), torch.from_numpy(out[:]), torch.float32)
 
 
+def test_mono_audio_mu_law(tmp_path):
+    """A 1-D float recording (t,) into a mu-law token model; a foreign sample rate is refused."""
+    from streamssm.datamodules.encoding import mu_law_encode
+
+    torch.manual_seed(4)
+    cfg = ModelConfig(block="mamba2", d_model=16, n_layers=1, input_kind="tokens", vocab_size=256, head="lm",
+                      headdim=8, chunk_size=16)
+    model = SSMModel(cfg).eval()
+    ckpt = export_safetensors(model, tmp_path / "audio.safetensors",
+                              serving={"modality": "audio", "sample_rate": 8000, "encoding": "mu_law"})
+    wave = (0.5 * np.sin(np.arange(192) / 5.0)).astype(np.float32)
+    _write(tmp_path / "rec.zarr", wave, (64,), attributes={"sample_rate": 8000})
+    run_inference(ckpt, tmp_path / "rec.zarr", tmp_path / "out.zarr", chunk_steps=64, num_workers=0,
+                  accelerator="cpu")
+    out = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")["rec"]
+    ref = _offline(model, mu_law_encode(torch.from_numpy(wave), 256)[None].numpy())[0]
+    assert out.shape == (192, 256)
+    assert_close("mu-law logits", torch.from_numpy(ref), torch.from_numpy(out[:]), torch.float32)
+    _write(tmp_path / "rec16k.zarr", wave, (64,), attributes={"sample_rate": 16000})
+    with pytest.raises(ConfigError, match="sample_rate 16000 Hz.*8000 Hz"):
+        run_inference(ckpt, tmp_path / "rec16k.zarr", tmp_path / "out16k.zarr", num_workers=0, accelerator="cpu")
+    assert not (tmp_path / "out16k.zarr").exists()
+
+
 # ----------------------------------------------------------------------------- resume
 
 
