@@ -273,8 +273,8 @@ class SSMTask(pl.LightningModule):
                 no_decay.append(p)
         hp = self.hparams
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        fused = all(p.is_cuda for p in decay + no_decay)
-        opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), fused=fused or None)
+        # not fused: Lightning's gradient clipping under AMP refuses fused optimizers
+        opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
         total = hp.max_steps
         if total is None and self._trainer is not None:
             est = self.trainer.estimated_stepping_batches
