@@ -230,7 +230,12 @@ def profile(shape_name: str, t: dict) -> str:
             torch.autograd.grad(ours(leaves), params, dy)
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=48)
-    return f"{shape_name} profile of ours fwd+bwd (3 steps):\n{table}"
+    from streamssm.kernels.ssd import chunk_scan, chunk_scan_bwd, chunk_state
+
+    tuned = [chunk_state._chunk_state_fwd_kernel, chunk_scan._chunk_scan_fwd_kernel,
+             chunk_scan_bwd._chunk_scan_bwd_dc_kernel, chunk_scan_bwd._chunk_scan_bwd_dx_kernel]
+    chosen = "; ".join(f"{k.base_fn.__name__}: {getattr(k, 'best_config', None)}" for k in tuned)
+    return f"{shape_name} profile of ours fwd+bwd (3 steps):\n{table}\nautotuned: {chosen}"
 
 
 def main(argv=None) -> int:

@@ -22,11 +22,22 @@ import torch
 import triton
 import triton.language as tl
 
-from streamssm.kernels._common import interpreting
+from streamssm.kernels._common import autotune_configs, interpreting
 from streamssm.kernels.ssd.chunk_state import dot_precision
 from streamssm.kernels.ssd.chunks import ChunkLayout
 
 
+# 32-row tiles with 8 warps do not spill on sm_90 at N <= 128 (ptxas -v); the others trade spills
+# for two blocks per SM. Autotuning reruns the kernels: the accumulated outputs are restored.
+_CONFIGS = [
+    triton.Config({"BLOCK_T": bt}, num_warps=w, num_stages=s) for bt, w, s in [(32, 8, 2), (32, 4, 2), (64, 8, 2)]
+]
+_MIN_BLOCK_T = 16 if interpreting() else 32
+_KEY = ["H", "P", "N", "CHUNK", "heads_per_prog", "DOT_PREC", "ATOMIC"]
+
+
+@triton.autotune(configs=autotune_configs(_CONFIGS, triton.Config({"BLOCK_T": 16})), key=_KEY,
+                 restore_value=["p_dC"])
 @triton.jit
 def _chunk_scan_bwd_dc_kernel(
     # pointers
@@ -98,6 +109,8 @@ def _chunk_scan_bwd_dc_kernel(
         tl.store(p_dC + o_dC, acc_dC.to(p_dC.dtype.element_ty), mask=m_tn)
 
 
+@triton.autotune(configs=autotune_configs(_CONFIGS, triton.Config({"BLOCK_T": 16})), key=_KEY,
+                 restore_value=["p_ddA_cs", "p_ddA_last", "p_dB"], reset_to_zero=["p_dD_part"])
 @triton.jit
 def _chunk_scan_bwd_dx_kernel(
     # pointers
@@ -193,10 +206,6 @@ def _chunk_scan_bwd_dx_kernel(
         tl.store(p_dB + o_dB, acc_dB.to(p_dB.dtype.element_ty), mask=m_sn)
 
 
-def _blocks(P: int, N: int, chunk_size: int) -> tuple[int, int, int]:
-    # 32 x (P=64, N<=128) tiles with 8 warps: no register spills on sm_90 (ptxas -v)
-    block_t = 16 if interpreting() else min(32, max(16, triton.next_power_of_2(chunk_size)))
-    return block_t, max(16, triton.next_power_of_2(P)), max(16, triton.next_power_of_2(N))
 
 
 def _heads_per_program(heads_per_group: int, programs: int, target: int = 2048) -> int:
@@ -223,9 +232,9 @@ def _chunk_scan_bwd(x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, dy: torch
     """
     L, H, P = x.shape
     G, N = B.shape[1], B.shape[2]
-    block_t, block_p, block_n = _blocks(P, N, layout.chunk_size)
-    num_tb = triton.cdiv(layout.chunk_size, block_t)
+    block_p, block_n = max(16, triton.next_power_of_2(P)), max(16, triton.next_power_of_2(N))
     T, Q = layout.num_chunks, layout.chunk_size
+    num_tb = triton.cdiv(Q, _MIN_BLOCK_T)  # most row blocks of any config
     heads_per_group = H // G
     heads_per_prog = _heads_per_program(heads_per_group, T * G * num_tb)
     atomic = heads_per_prog < heads_per_group
@@ -242,18 +251,21 @@ def _chunk_scan_bwd(x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, dy: torch
     prec = dot_precision(x.dtype)
     strides = (x.stride(0), x.stride(1), x.stride(2), B.stride(0), B.stride(1), B.stride(2),
                C.stride(0), C.stride(1), C.stride(2), dy.stride(0), dy.stride(1), dy.stride(2))
-    warps = 8
-    _chunk_scan_bwd_dc_kernel[(T, G * (heads_per_group // heads_per_prog), num_tb)](
+
+    def grid(meta):
+        return (T, G * (heads_per_group // heads_per_prog), triton.cdiv(Q, meta["BLOCK_T"]))
+
+    _chunk_scan_bwd_dc_kernel[grid](
         x, B, C, dy, dt_out, dA_cs, prev_states, dC, ddA_cs, layout.starts, layout.lengths,
         H, G, P, N, heads_per_group, heads_per_prog, *strides,
-        CHUNK=Q, BLOCK_T=block_t, BLOCK_P=block_p, BLOCK_N=block_n, DOT_PREC=prec, ATOMIC=atomic, num_warps=warps,
+        CHUNK=Q, BLOCK_P=block_p, BLOCK_N=block_n, DOT_PREC=prec, ATOMIC=atomic,
     )
-    _chunk_scan_bwd_dx_kernel[(T, G * (heads_per_group // heads_per_prog), num_tb)](
+    _chunk_scan_bwd_dx_kernel[grid](
         x, B, C, dy, D if D is not None else ddt, dt_out, dA_cs, dstates, dx, dB, ddA_cs, ddt, ddA_last, dD_part,
         layout.starts, layout.lengths,
         H, G, P, N, heads_per_group, heads_per_prog, *strides,
-        CHUNK=Q, BLOCK_T=block_t, BLOCK_P=block_p, BLOCK_N=block_n,
-        HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, DOT_PREC=prec, ATOMIC=atomic, num_warps=warps,
+        CHUNK=Q, BLOCK_P=block_p, BLOCK_N=block_n,
+        HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, DOT_PREC=prec, ATOMIC=atomic,
     )
     if atomic:
         dB, dC = dB.to(B.dtype), dC.to(C.dtype)
