@@ -11,7 +11,9 @@ fall below log(5) = 1.609 nats). After ``--warmup`` steps (Triton compilation, a
 it times ``--steps`` optimizer steps with CUDA-synchronized wall clocks around each step and
 reports ms/step, steps/s, tokens/s, the peak memory allocated during training (weights,
 optimizer state and activations included) and the loss at the first and last step.
-Configs that would start after ``--budget-s`` seconds are skipped (and say so).
+Every step is printed to stderr as it ends (flushed), so a run cut short still tells; past
+``--budget-s`` seconds the running config stops after its current step and the rest are
+skipped (and say so). Through a pipe use ``grep --line-buffered``/``tee`` so nothing is held back.
 """
 
 from __future__ import annotations
@@ -59,8 +61,8 @@ class MotifTokens(Dataset):
 class StepTimer(pl.Callback):
     """Synchronized wall time and loss of every training step; peak memory after warm-up."""
 
-    def __init__(self, warmup: int) -> None:
-        self.warmup = warmup
+    def __init__(self, warmup: int, deadline: float, label: str) -> None:
+        self.warmup, self.deadline, self.label = warmup, deadline, label
         self.times: list[float] = []
         self.losses: list[float] = []
         self._t0 = 0.0
@@ -77,9 +79,13 @@ class StepTimer(pl.Callback):
         self.times.append(time.perf_counter() - self._t0)
         self.losses.append(float(outputs["loss"]))
         self.peak_gib = torch.cuda.max_memory_allocated() / 2**30
+        print(f"  {self.label} step {batch_idx}: {1e3 * self.times[-1]:.1f} ms, loss {self.losses[-1]:.4f}, "
+              f"peak {self.peak_gib:.2f} GiB", file=sys.stderr, flush=True)
+        if time.perf_counter() > self.deadline:  # out of time: stop after this step, report what ran
+            trainer.should_stop = True
 
 
-def run_config(block: str, length: int, batch: int, args: argparse.Namespace) -> dict:
+def run_config(block: str, length: int, batch: int, args: argparse.Namespace, deadline: float) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     pl.seed_everything(0, verbose=False)
@@ -89,7 +95,7 @@ def run_config(block: str, length: int, batch: int, args: argparse.Namespace) ->
         headdim=64, chunk_size=256, checkpoint_layers=not args.no_checkpoint, input_kind="tokens",
         vocab_size=VOCAB, lr=args.lr, warmup_steps=2, max_steps=total, weight_decay=0.1,
     )
-    timer = StepTimer(args.warmup)
+    timer = StepTimer(args.warmup, deadline, f"{block}:{length}:{batch}")
     trainer = pl.Trainer(
         accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=total, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -99,20 +105,20 @@ def run_config(block: str, length: int, batch: int, args: argparse.Namespace) ->
     t_start = time.perf_counter()
     trainer.fit(task, data)
     wall = time.perf_counter() - t_start
-    timed = timer.times[args.warmup :]
+    timed = timer.times[args.warmup :] or timer.times[-1:]  # stopped early: the last step
     ms = 1e3 * sorted(timed)[len(timed) // 2]  # median
     return {
         "block": block, "length": length, "batch": batch,
         "params M": sum(p.numel() for p in task.model.parameters()) / 1e6,
         "ms/step": ms, "steps/s": 1e3 / ms, "tokens/s": batch * length * 1e3 / ms,
         "peak GiB": timer.peak_gib, "loss first": timer.losses[0], "loss last": timer.losses[-1],
-        "wall s": wall,
+        "timed steps": len(timer.times[args.warmup :]), "wall s": wall,
     }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", default="mamba2:1048576:1,mamba2:8192:8,mamba2:131072:1,mamba:1048576:1",
+    parser.add_argument("--configs", default="mamba2:8192:8,mamba2:131072:1,mamba2:1048576:1,mamba:1048576:1",
                         help="comma-separated block:length:batch")
     parser.add_argument("--d-model", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
@@ -121,14 +127,15 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps (compile, autotune)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--no-checkpoint", action="store_true", help="disable per-layer gradient checkpointing")
-    parser.add_argument("--budget-s", type=float, default=170.0, help="skip configs starting after this")
+    parser.add_argument("--budget-s", type=float, default=170.0,
+                        help="stop the running config after the step that crosses this; skip the rest")
     parser.add_argument("--out", default=None, help="also write the markdown table here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_train needs a CUDA GPU", file=sys.stderr)
         return 2
     cols = ["block", "length", "batch", "params M", "ms/step", "steps/s", "tokens/s", "peak GiB",
-            "loss first", "loss last", "wall s"]
+            "loss first", "loss last", "timed steps", "wall s"]
     table = Table(cols)
     start = time.perf_counter()
     for spec in args.configs.split(","):
@@ -137,7 +144,7 @@ def main() -> int:
             print(f"skipped {spec}: past the {args.budget_s:.0f} s budget", flush=True)
             continue
         try:
-            row = run_config(block, int(length), int(batch), args)
+            row = run_config(block, int(length), int(batch), args, start + args.budget_s)
         except torch.OutOfMemoryError as exc:
             print(f"{spec}: out of memory: {str(exc).splitlines()[0]}", flush=True)
             continue
