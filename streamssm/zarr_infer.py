@@ -207,35 +207,46 @@ class ResumeRecords:
         self.plan = plan
         self.fingerprint = fingerprint
 
-    def _read(self, unit: Unit) -> tuple[int, bytes] | None:
+    def _next_chunk(self, unit: Unit, data: bytes) -> int:
+        """The record's next chunk from its safetensors header (u64 length + JSON)."""
         path = self.plan.record_path(unit)
-        if not path.exists():
-            return None
-        data = path.read_bytes()
-        try:  # safetensors layout: u64 header length, JSON header (with __metadata__), tensors
+        try:
             header_len = int.from_bytes(data[:8], "little")
             meta = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise StateError(f"resume record {str(path)!r} is corrupt: {exc}") from exc
+            next_chunk = int(meta["next_chunk"])
+        except (ValueError, KeyError, UnicodeDecodeError) as exc:
+            raise StateError(f"resume record {str(path)!r} is corrupt: {exc!r}") from exc
         if meta.get("fingerprint") != self.fingerprint:
             raise StateError(
                 f"resume record {str(path)!r} belongs to model {meta.get('fingerprint')!r}, "
                 f"not {self.fingerprint!r}; pass --overwrite"
             )
-        return int(meta["next_chunk"]), data
+        return next_chunk
 
     def start_chunk(self, unit: Unit) -> int:
-        rec = self._read(unit)
-        return 0 if rec is None else rec[0]
+        """First chunk of ``unit`` still to compute (0 without a record; reads the header only)."""
+        path = self.plan.record_path(unit)
+        if not path.exists():
+            return 0
+        with open(path, "rb") as f:
+            head = f.read(8)
+            data = head + f.read(int.from_bytes(head, "little")) if len(head) == 8 else head
+        return self._next_chunk(unit, data)
 
     def load_state(self, unit: Unit, chunk: int, device: torch.device) -> ModelState:
-        rec = self._read(unit)
-        if rec is None or rec[0] != chunk:
+        """The state after chunk ``chunk - 1`` of ``unit`` (its record must say ``chunk`` is next)."""
+        path = self.plan.record_path(unit)
+        data = path.read_bytes() if path.exists() else None
+        have = None if data is None else self._next_chunk(unit, data)
+        if have != chunk:
             raise StateError(
                 f"unit {unit.key}: chunk {chunk} needs the state after chunk {chunk - 1}, but the resume "
-                f"record says {'nothing' if rec is None else f'next chunk {rec[0]}'}"
+                f"record says {'nothing' if have is None else f'next chunk {have}'}"
             )
-        return state_from_bytes(rec[1], device)
+        return state_from_bytes(data, device)
+
+    def all_done(self, units: Sequence[Unit]) -> bool:
+        return all(self.start_chunk(u) == u.n_chunks for u in units)
 
     def save(self, unit: Unit, next_chunk: int, state: ModelState) -> None:
         path = self.plan.record_path(unit)
@@ -308,7 +319,10 @@ class _BackgroundIO:
 class ZarrPredictionWriter(BasePredictionWriter):
     """Writes each chunk's outputs into the zarr output, then the unit's resume record.
 
-    Rank 0 creates or reopens the output in ``setup`` (the others wait at a barrier).
+    Rank 0 creates or reopens the output in ``setup`` (the others wait at a barrier). An array
+    is marked complete by whichever rank sees all its units' records finished (at setup or after
+    its own last write): no end barrier, since Lightning skips the predict hooks of a rank left
+    without work.
     """
 
     def __init__(self, plan: OutputPlan, records: ResumeRecords, units: Sequence[Unit], overwrite: bool) -> None:
@@ -328,6 +342,14 @@ class ZarrPredictionWriter(BasePredictionWriter):
         root = zarr.open_group(str(self.plan.path), mode="r+")
         self._arrays = [root[inp.name] for inp in self.plan.inputs]
         self._io = _BackgroundIO()
+        if trainer.is_global_zero:
+            self._mark_complete()
+
+    def _mark_complete(self) -> None:
+        for a, arr in enumerate(self._arrays):
+            if not arr.attrs.get("streamssm_complete") and self.records.all_done(
+                    [u for u in self.units.values() if u.array == a]):
+                arr.attrs["streamssm_complete"] = True
 
     def _write(self, unit: Unit, chunk: int, t0: int, y: np.ndarray, state: ModelState) -> None:
         arr = self._arrays[unit.array]
@@ -352,10 +374,9 @@ class ZarrPredictionWriter(BasePredictionWriter):
             self._io.flush()
 
     def on_predict_end(self, trainer, pl_module) -> None:
-        trainer.strategy.barrier("zarr-output-done")
-        if trainer.is_global_zero:
-            for arr in self._arrays:
-                arr.attrs["streamssm_complete"] = True
+        if self._io is not None:
+            self._io.flush()
+        self._mark_complete()
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if self._io is not None:

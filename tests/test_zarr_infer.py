@@ -247,6 +247,9 @@ def test_refuses_output_of_another_model_unless_overwrite(tmp_path):
     _write(tmp_path / "in.zarr", x, (1, 32, 3))
     opts = dict(chunk_steps=32, batch_series=2, num_workers=0, accelerator="cpu")
     run_inference(ckpt_a, tmp_path / "in.zarr", tmp_path / "out.zarr", **opts)
+    before = _store_bytes(tmp_path / "out.zarr")
+    again = run_inference(ckpt_a, tmp_path / "in.zarr", tmp_path / "out.zarr", **opts)  # finished: no work
+    assert (again.steps, again.chunks) == (0, 0) and _store_bytes(tmp_path / "out.zarr") == before
     with pytest.raises(ConfigError, match="another model.*model_fingerprint.*--overwrite"):
         run_inference(ckpt_b, tmp_path / "in.zarr", tmp_path / "out.zarr", **opts)
     with pytest.raises(ConfigError, match="chunk_steps"):
@@ -340,17 +343,33 @@ def test_resume_record_of_other_model_is_refused(tmp_path):
         other.start_chunk(dm.units[0])
 
 
-def test_ddp_two_processes_equal_one(tmp_path):
-    """CPU DDP (gloo, 2 ranks launched by Lightning from the CLI) writes the same bytes as a
-    1-process run."""
+def test_ddp_two_processes_equal_one(tmp_path, monkeypatch):
+    """CPU DDP (gloo, 2 ranks launched by Lightning from the CLI) resuming a failed 1-process
+    run writes the same bytes as an uninterrupted 1-process run. Units (2, 2, 1 series) go
+    rank 0: {0, 2}, rank 1: {1}; the failed run finished units 0 and 1, so rank 1 has no work
+    (Lightning skips its predict hooks: nothing may wait for it) and rank 0 redoes unit 2."""
     _, ckpt = _continuous_model(tmp_path)
     x = _series(np.random.default_rng(12), (5, 128, 3))
     _write(tmp_path / "in.zarr", x, (1, 32, 3))
-    run_inference(ckpt, tmp_path / "in.zarr", tmp_path / "one.zarr", chunk_steps=64, batch_series=2,
-                  num_workers=0, accelerator="cpu")
+    opts = dict(chunk_steps=64, batch_series=2, num_workers=0, accelerator="cpu")
+    run_inference(ckpt, tmp_path / "in.zarr", tmp_path / "one.zarr", **opts)
+    original, calls = ResumeRecords.save, {"n": 0}
+
+    def failing_save(self, unit, next_chunk, state):
+        calls["n"] += 1
+        if calls["n"] == 5:  # unit 2, chunk 0: data written, record not
+            raise RuntimeError("injected failure")
+        return original(self, unit, next_chunk, state)
+
+    monkeypatch.setattr(ResumeRecords, "save", failing_save)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run_inference(ckpt, tmp_path / "in.zarr", tmp_path / "two.zarr", **opts)
+    monkeypatch.setattr(ResumeRecords, "save", original)
+    assert _records_written(tmp_path / "two.zarr" / "in" / RESUME_DIR) == 4
     two = subprocess.run(_cli(ckpt, tmp_path / "in.zarr", tmp_path / "two.zarr", 64, "--devices", "2"), env=_ENV,
                          capture_output=True, text=True, timeout=240)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = _store_bytes(tmp_path / "one.zarr"), _store_bytes(tmp_path / "two.zarr")
     assert a.keys() == b.keys() and len([k for k in a if RESUME_DIR in k]) == 3
     assert [k for k in a if a[k] != b[k]] == []
+    assert zarr.open_array(str(tmp_path / "two.zarr" / "in"), mode="r").attrs["streamssm_complete"] is True
