@@ -26,7 +26,8 @@ _CONFIGS = [
 ]
 
 
-@triton.autotune(configs=autotune_configs(_CONFIGS, triton.Config({"BLOCK_T": 16})), key=["P", "N", "CHUNK", "HAS_Z", "DOT_PREC"])
+@triton.autotune(configs=autotune_configs(_CONFIGS, triton.Config({"BLOCK_T": 16})),
+                 key=["P", "N", "CHUNK", "HAS_Z", "DOT_PREC"])
 @triton.jit
 def _chunk_scan_fwd_kernel(
     # pointers

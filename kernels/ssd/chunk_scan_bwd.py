@@ -12,8 +12,10 @@ decay_ts = exp(Acs_t - Acs_s) for s <= t and M_ts = (C_t . B_s) decay_ts dt_s (d
     dAcs_t = dy_t . (exp(Acs_t) S_in C_t) + sum_s M_ts - sum_t' M_t's - W_t,
              W_s = exp(Acs_last - Acs_s) dt_s <dS, x_s B_s^T>,  and dAcs_last += sum_s W_s
 
-dC and dB sum over the heads of their group, so each program owns one group and loops over
-its heads. The dC kernel writes dAcs; the dx kernel, launched after it, adds its part.
+dC and dB sum over the heads of their group: each program loops over some of its group's
+heads and, where a group's heads are split over several programs (to fill the GPU), adds
+into an fp32 buffer with atomics. The dC kernel writes dAcs; the dx kernel, launched after
+it, adds its part.
 """
 
 from __future__ import annotations

@@ -29,7 +29,8 @@ _CONFIGS = [
 ]
 
 
-@triton.autotune(configs=autotune_configs(_CONFIGS, triton.Config({"BLOCK_K": 16})), key=["P", "N", "CHUNK", "FOR_BWD", "DOT_PREC"])
+@triton.autotune(configs=autotune_configs(_CONFIGS, triton.Config({"BLOCK_K": 16})),
+                 key=["P", "N", "CHUNK", "FOR_BWD", "DOT_PREC"])
 @triton.jit
 def _chunk_state_fwd_kernel(
     # pointers
