@@ -504,3 +504,26 @@ async def test_a_failing_stream_does_not_take_others_down(ckpts):
     finally:
         await sched.stop()
     assert sorted(sent, key=str) == sorted([("good", 0, 2), ("bad", "error", "RuntimeError")], key=str)
+
+
+def test_read_source_wav_and_csv(tmp_path):
+    import soundfile as sf
+
+    from streamssm.errors import DataFormatError
+
+    wav = tmp_path / "a.wav"
+    sf.write(wav, np.zeros((100, 2), np.float32) + 0.25, 8000)
+    src = read_source(wav)
+    assert (src.format, src.sample_rate, src.channels, src.data.shape) == ("f32le", 8000, 2, (100, 2))
+    assert [len(c) for c in src.chunks(40)] == [40, 40, 20]
+    csv = tmp_path / "s.csv"
+    csv.write_text("t,name,a,b\n0,x,1.5,2\n1,y,2.5,3\n")
+    src = read_source(csv, columns=["a", "b"], sample_rate=10)
+    assert (src.format, src.channels, src.sample_rate) == ("f32le", 2, 10)
+    np.testing.assert_array_equal(src.data, [[1.5, 2.0], [2.5, 3.0]])
+    assert read_source(csv).channels == 3  # numeric columns t, a, b
+    with pytest.raises(DataFormatError, match="columns"):
+        read_source(csv, columns=["nope"])
+    (tmp_path / "x.txt").write_text("x")
+    with pytest.raises(DataFormatError, match="unsupported"):
+        read_source(tmp_path / "x.txt")
