@@ -68,12 +68,16 @@ def test_tiny_recipe_learns_and_its_checkpoint_serves(name, tmp_path, monkeypatc
              "--trainer.enable_model_summary", "false"]
 
     before = _run("validate", recipe, short).trainer.callback_metrics["val/loss"].item()
-    fit = _run("fit", recipe, [*short, "--trainer.max_steps", str(STEPS), "--trainer.val_check_interval", str(STEPS)])
+    extra_ckpt = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.dirpath", "ckpts",
+                  "--trainer.callbacks.every_n_train_steps", str(STEPS)]
+    fit = _run("fit", recipe, [*short, "--trainer.max_steps", str(STEPS), "--trainer.val_check_interval", str(STEPS),
+                               *extra_ckpt])
     after = fit.trainer.callback_metrics["val/loss"].item()
     assert after < 0.95 * before, f"{name}: validation loss {before:.4f} -> {after:.4f} did not go down"
 
     log_dir = Path(fit.trainer.log_dir)
     assert (log_dir / "config.yaml").is_file() and (log_dir / "training_curve.png").is_file()
+    assert "dirpath: ckpts" in (tmp_path / "ckpts" / "config.yaml").read_text()  # beside explicit checkpoints
     ckpt = fit.trainer.checkpoint_callback.last_model_path
     assert ckpt and Path(ckpt).is_file()
 
