@@ -56,6 +56,7 @@ def start_server(ckpt: Path, args) -> tuple[subprocess.Popen, int, list[str]]:
     cmd = [sys.executable, "-m", "streamssm.cli", "serve", "--checkpoint", str(ckpt), "--port", "0",
            "--device", args.device, "--dtype", args.dtype, "--max-streams", str(max(args.clients)),
            "--queue-depth", "4", "--idle-timeout", "60", "--resume-ttl", "0"]
+    cmd += ["--batching", args.batching]
     if args.server_threads:
         cmd += ["--threads", str(args.server_threads)]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
@@ -224,6 +225,7 @@ def main(argv=None) -> int:
     p.add_argument("--chunk-ms", type=float, default=20.0)
     p.add_argument("--sample-rate", type=int, default=16000)
     p.add_argument("--client-procs", type=int, default=1, help="client processes (spread the client load)")
+    p.add_argument("--batching", default="uniform", choices=("uniform", "greedy"), help="server batching policy")
     p.add_argument("--server-threads", type=int, default=None, help="torch threads of the server process")
     p.add_argument("--max-wall", type=float, default=60.0, help="stop the sweep after this many seconds")
     p.add_argument("--engine-only", action="store_true", help="also time Streamer.feed_many alone, in-process")
@@ -241,8 +243,8 @@ def main(argv=None) -> int:
         ckpt = export_model(args.model, args.sample_rate, Path(tmp) / "model.safetensors")
         rows = sweep(ckpt, args, t_start)
         engine = engine_only(ckpt, args) if args.engine_only else []
-    print(f"\nservice load: model {args.model} ({args.dtype}) on {tag}; {args.chunk_ms:g} ms chunks at "
-          f"{args.sample_rate} Hz, {args.seconds:g} s per client, {args.client_procs} client process(es)")
+    print(f"\nservice load: model {args.model} ({args.dtype}, {args.batching} batching) on {tag}; "
+          f"{args.chunk_ms:g} ms chunks at {args.sample_rate} Hz, {args.seconds:g} s per client, {args.client_procs} client process(es)")
     print("| clients | chunks | p50 ms | p99 ms | max ms | send slip ms | samples/s | x real time | kept "
           "| server batch ms | streams/batch | samples/batch |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -71,13 +71,18 @@ class _Stream:
 class Scheduler:
     """Batches all live streams of one :class:`~streamssm.inference.Streamer`.
 
+    ``batching`` picks how many pending chunks per stream one call takes (:meth:`_gather`).
     ``metrics`` (optional) receives ``observe_batch(streams, samples, seconds)`` and
     ``observe_chunk(latency_s)`` calls on the event loop.
     """
 
-    def __init__(self, streamer: Streamer, queue_depth: int = 8, metrics: Any = None):
+    def __init__(self, streamer: Streamer, queue_depth: int = 8, metrics: Any = None,
+                 batching: str = "uniform"):
         if queue_depth < 1:
             raise ConfigError(f"queue_depth must be >= 1, got {queue_depth}")
+        if batching not in ("uniform", "greedy"):
+            raise ConfigError(f"batching must be 'uniform' or 'greedy', got {batching!r}")
+        self.batching = batching
         self.streamer = streamer
         self.queue_depth = queue_depth
         self.metrics = metrics
@@ -177,11 +182,7 @@ class Scheduler:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            batch: dict[int, tuple[list[Chunk], Encoder]] = {}
-            for sid, stream in self._streams.items():
-                if stream.pending and not stream.closing:
-                    batch[sid] = (list(stream.pending), stream.encode)
-                    stream.pending.clear()
+            batch = self._gather()
             if not batch:
                 continue
             t0 = time.perf_counter()
@@ -200,6 +201,26 @@ class Scheduler:
                 self.metrics.observe_batch(len(batch), sum(c.n for cs, _ in batch.values() for c in cs),
                                            time.perf_counter() - t0)
             self._deliver(batch, outcome)
+
+    def _gather(self) -> dict[int, tuple[list[Chunk], Encoder]]:
+        """Take the pending chunks of every ready stream.
+
+        ``greedy``: all of each stream's pending chunks (concatenated in time). ``uniform``: the
+        same number k of chunks from every stream (k = the smallest backlog; the rest waits for
+        the next call), so that streams sending equal chunk sizes give equal lengths, which the
+        Streamer runs in one round instead of one round per distinct length.
+        """
+        ready = [(sid, s) for sid, s in self._streams.items() if s.pending and not s.closing]
+        if not ready:
+            return {}
+        k = min(len(s.pending) for _, s in ready) if self.batching == "uniform" else None
+        batch: dict[int, tuple[list[Chunk], Encoder]] = {}
+        for sid, stream in ready:
+            take = len(stream.pending) if k is None else k
+            batch[sid] = ([stream.pending.popleft() for _ in range(take)], stream.encode)
+            if stream.pending:
+                self._wakeup.set()  # leftovers go in the next call
+        return batch
 
     def _compute(self, batch: dict[int, tuple[list[Chunk], Encoder]]) -> dict[int, list[tuple[ChunkResult, str | bytes]]]:
         """Worker thread: one feed_many over all streams (several chunks of one stream are

@@ -81,6 +81,7 @@ class ServeConfig:
     certfile: str | None = None
     keyfile: str | None = None
     ping_interval: float | None = 20.0
+    batching: str = "uniform"  # see Scheduler._gather
 
     def __post_init__(self) -> None:
         problems = []
@@ -96,6 +97,8 @@ class ServeConfig:
             problems.append(f"resume_ttl must be >= 0, got {self.resume_ttl}")
         if self.nan_policy not in ("reject", "zero"):
             problems.append(f"nan_policy must be 'reject' or 'zero', got {self.nan_policy!r}")
+        if self.batching not in ("uniform", "greedy"):
+            problems.append(f"batching must be 'uniform' or 'greedy', got {self.batching!r}")
         if self.dtype not in DTYPES:
             problems.append(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if (self.certfile is None) != (self.keyfile is None):
@@ -256,7 +259,7 @@ class StreamServer:
         self.metrics = ServiceMetrics()
         self.store = ResumeStore(self.config.resume_ttl, self.config.state_dir)
         self.streamer = Streamer(bundle.model, self.config.max_streams, self.config.device, DTYPES[self.config.dtype])
-        self.scheduler = Scheduler(self.streamer, self.config.queue_depth, self.metrics)
+        self.scheduler = Scheduler(self.streamer, self.config.queue_depth, self.metrics, self.config.batching)
         self._server: Server | None = None
         self._live: dict[str, _Session] = {}  # resume token -> live session
         self._sweeper: asyncio.Task | None = None
@@ -455,6 +458,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--resume-ttl", type=float, default=d.resume_ttl, help="seconds a disconnected stream is kept")
     p.add_argument("--state-dir", default=None, help="persist parked streams here (survive a restart)")
     p.add_argument("--nan-policy", default=d.nan_policy, choices=("reject", "zero"))
+    p.add_argument("--batching", default=d.batching, choices=("uniform", "greedy"),
+                   help="chunks per stream per model call: equal counts (uniform) or all pending (greedy)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads for the model (default: torch's)")
     p.add_argument("--certfile", default=None, help="TLS certificate (PEM)")
     p.add_argument("--keyfile", default=None, help="TLS private key (PEM)")
@@ -483,7 +488,7 @@ def main(argv: list[str] | None = None, prog: str = "streamssm serve") -> int:
         token=args.token or os.environ.get("STREAMSSM_TOKEN") or None, max_streams=args.max_streams,
         max_frame_bytes=args.max_frame_bytes, idle_timeout=args.idle_timeout, queue_depth=args.queue_depth,
         resume_ttl=args.resume_ttl, state_dir=args.state_dir, nan_policy=args.nan_policy,
-        certfile=args.certfile, keyfile=args.keyfile,
+        certfile=args.certfile, keyfile=args.keyfile, batching=args.batching,
     )
     if not Path(args.checkpoint).is_file():
         raise ConfigError(f"--checkpoint {args.checkpoint!r} is not a file")

@@ -427,28 +427,31 @@ async def _open(sched, sent, name):
     return await sched.open(lambda c, r: "msg", deliver, on_error)
 
 
-async def test_scheduler_batches_all_pending_streams_into_one_call(ckpts):
+@pytest.mark.parametrize("batching, expected_calls", [
+    ("greedy", [[2, 3, 4]]),  # one call: every stream's pending chunks concatenated in time
+    ("uniform", [[2, 2, 2], [1, 1], [1]]),  # equal chunk counts per call: one length per call
+])
+async def test_scheduler_batches_all_pending_streams_into_one_call(ckpts, batching, expected_calls):
     from streamssm.service.scheduler import Chunk, Scheduler
 
     streamer = _streamer(ckpts["dna"])
     calls = []
     real = streamer.feed_many
     streamer.feed_many = lambda chunks: (calls.append(sorted(len(v) for v in chunks.values())), real(chunks))[1]
-    sched, sent = Scheduler(streamer, queue_depth=4), []
+    sched, sent = Scheduler(streamer, queue_depth=4, batching=batching), []
     await sched.start()
     try:
         sids = [await _open(sched, sent, i) for i in range(3)]
-        for k, sid in enumerate(sids):  # all queued before the engine runs
-            await sched.submit(sid, Chunk(0, 0, torch.tensor([0, 1, 2][: k + 1])))
-            await sched.submit(sid, Chunk(1, k + 1, torch.tensor([3])))
+        for k, sid in enumerate(sids):  # all queued before the engine runs: stream k has k+2 one-token chunks
+            for seq in range(k + 2):
+                await sched.submit(sid, Chunk(seq, seq, torch.tensor([seq % 5])))
         async with asyncio.timeout(TIMEOUT):
-            while len(sent) < 6:
+            while len(sent) < 9:
                 await asyncio.sleep(0.01)
     finally:
         await sched.stop()
-    # one model call for 3 streams, each stream's two chunks concatenated in time
-    assert calls == [[2, 3, 4]]
-    assert sorted(sent) == sorted([(i, s, n) for i in range(3) for s, n in ((0, i + 1), (1, 1))])
+    assert calls == expected_calls
+    assert sorted(sent) == sorted([(i, s, 1) for i in range(3) for s in range(i + 2)])
 
 
 async def test_backpressure_slows_only_the_stream_that_does_not_drain(ckpts):
