@@ -101,7 +101,7 @@ def run_config(block: str, length: int, batch: int, args: argparse.Namespace, de
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=0, gradient_clip_val=1.0, callbacks=[timer],
     )
-    data = DataLoader(MotifTokens(length, total * batch), batch_size=batch, num_workers=2)
+    data = DataLoader(MotifTokens(length, total * batch), batch_size=batch, num_workers=0)  # no fork after CUDA init
     t_start = time.perf_counter()
     trainer.fit(task, data)
     wall = time.perf_counter() - t_start
