@@ -50,7 +50,7 @@ class Size:
 
 
 FULL = Size(train_steps=300, held_out=3000, chunk=100, data_scale=4)
-QUICK = Size(train_steps=12, held_out=400, chunk=50, data_scale=1)
+QUICK = Size(train_steps=20, held_out=400, chunk=50, data_scale=1)
 MODEL = dict(block="mamba2", d_model=48, n_layers=2, d_state=16, headdim=16, chunk_size=64,
              lr=3e-3, warmup_steps=10, weight_decay=0.01)
 
@@ -211,9 +211,12 @@ def run_task(name: str, out_root: Path, size: Size, accelerator: str, progress) 
     """The five demo steps for one task; returns its summary row."""
     from streamssm.checkpoint import load_for_serving
 
+    import lightning.pytorch as pl
+
     out_dir = out_root / name
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    pl.seed_everything(0, verbose=False)
     prepared = _prepare(name, out_dir / "data", size)
     ckpt, metrics_csv = train(prepared, out_dir, size, accelerator)
     bundle = load_for_serving(ckpt, "cpu")
