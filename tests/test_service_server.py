@@ -352,17 +352,21 @@ async def test_resume_after_server_restart_with_state_dir(ckpts, tmp_path):
     np.testing.assert_allclose(c.scores(), scores, atol=2e-5, rtol=0)
 
 
-async def test_resume_token_is_bound_to_its_bearer_token(ckpts):
-    async with server(ckpts["dna"], token="alice") as srv:
+async def test_resume_token_is_bound_to_its_bearer_token(ckpts, tmp_path):
+    state = str(tmp_path / "state")
+    async with server(ckpts["dna"], token="alice", state_dir=state) as srv:
         async with StreamClient(srv.url, format="text", token="alice") as c:
             await c.send("ACGT")
-            c._ws.transport.abort()
-            await asyncio.sleep(0.05)
-        token = c.resume_token
-    # the same token presented with another bearer token (server restarted with it) is unknown
-    async with server(ckpts["dna"], token="mallory") as srv:
-        await expect_error(srv.url, [json.dumps({"type": "start", "format": "text", "resume": token})], 1008,
-                           headers={"Authorization": "Bearer mallory"})
+            await c._wait_until(lambda: not c._pending)
+    token = c.resume_token  # the client hung up without "end": the stream was parked in the state dir
+    start = json.dumps({"type": "start", "format": "text", "resume": token, "ack": 0})
+    async with server(ckpts["dna"], token="mallory", state_dir=state) as srv:  # another bearer: unknown token
+        await expect_error(srv.url, [start], 1008, headers={"Authorization": "Bearer mallory"})
+    async with server(ckpts["dna"], token="alice", state_dir=state) as srv:  # its own bearer: resumes
+        async with connect(srv.url, additional_headers={"Authorization": "Bearer alice"}) as ws:
+            await ws.send(start)
+            ready = json.loads(await ws.recv())
+    assert ready["type"] == "ready" and ready["resumed"] and ready["next_seq"] == 1 and ready["samples"] == 4
 
 
 async def test_stream_cli_library_on_fasta(ckpts, tmp_path):
