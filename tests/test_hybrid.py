@@ -84,7 +84,7 @@ def test_hybrid_config_errors(overrides, message):
 
 
 @pytest.mark.parametrize("block", ["mamba", "mamba2"])
-@settings(max_examples=8)
+@settings(max_examples=5)
 @given(cuts=st.lists(st.integers(1, LENGTH - 1), max_size=5, unique=True).map(sorted))
 def test_hybrid_full_equals_chunked(block, cuts):
     model = tiny_hybrid(block)
