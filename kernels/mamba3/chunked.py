@@ -60,9 +60,13 @@ def mamba3_scan_chunked(
     x_prev = torch.cat([x_prev0[:, None], xf[:, :-1]], dim=1)  # x_{t-1}
     alpha = torch.exp(dtf * A.float())  # (b, l, h)
     common = dict(chunk_size=chunk_size, return_final_state=True, backend=backend)
-    y1, s1 = ssd_scan(lamf[..., None] * xf, dtf, A.float(), B_rot, C_rot, initial_state=initial_state, **common)
-    y2, s2 = ssd_scan(((1 - lamf) * alpha)[..., None] * x_prev, dtf, A.float(), B_prev, C_rot, **common)
-    y = y1 + y2
+    # scan operands in the input dtype (bf16 in training, as for SSD); angles, dt and states stay fp32
+    cdt = x.dtype
+    y1, s1 = ssd_scan((lamf[..., None] * xf).to(cdt), dtf, A.float(), B_rot.to(cdt), C_rot.to(cdt),
+                      initial_state=initial_state, **common)
+    y2, s2 = ssd_scan((((1 - lamf) * alpha)[..., None] * x_prev).to(cdt), dtf, A.float(), B_prev.to(cdt),
+                      C_rot.to(cdt), **common)
+    y = y1.float() + y2.float()
     if D is not None:
         y = y + (D.float()[:, None] if D.dim() == 1 else D.float()) * xf
     if z is not None:
