@@ -431,18 +431,23 @@ def infer(args: argparse.Namespace) -> int:
     rows = []
     for n in devices:
         wall, done, pred, _ = _run_infer(_infer_cmd(ckpt, work / "in.zarr", work / f"out{n}.zarr", n, args), env)
-        rows.append((n, wall, done, pred))
-    base_wall, base_pred = rows[0][1], rows[0][3]
+        rows.append((str(n), f"out{n}.zarr", wall, done, pred))
+    if args.fresh_autotune:  # every process autotunes anew: may another kernel config change the bytes?
+        n = args.fresh_autotune
+        fresh = {k: v for k, v in env.items() if k != "TRITON_CACHE_AUTOTUNING"}
+        wall, done, pred, _ = _run_infer(_infer_cmd(ckpt, work / "in.zarr", work / f"fresh{n}.zarr", n, args), fresh)
+        rows.append((f"{n} (autotuned per process, timing incl. tuning)", f"fresh{n}.zarr", wall, done, pred))
+    base_wall, base_pred = rows[0][2], rows[0][4]
     total_steps = series * steps
     all_same = True
-    for n, wall, done, pred in rows:
+    for i, (n, out, wall, done, pred) in enumerate(rows):
         if done != total_steps:
             print(f"devices {n}: the ranks report {done} series steps, expected {total_steps}", file=sys.stderr)
             all_same = False
-        if n == devices[0]:
+        if i == 0:
             same = "reference"
         else:
-            arrays_eq, files_eq, detail = compare_outputs(work / f"out{devices[0]}.zarr", work / f"out{n}.zarr")
+            arrays_eq, files_eq, detail = compare_outputs(work / rows[0][1], work / out)
             same = f"arrays {'identical' if arrays_eq else 'DIFFER'}, files {'identical' if files_eq else 'differ'} ({detail})"
             all_same &= arrays_eq
         table.add(**{"devices": n, "series x steps x ch": f"{series} x {steps} x {args.channels}", "wall s (CLI)": wall,
@@ -475,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", default="ddp2,fsdp2", help="restore: runs whose checkpoints to load")
     p.add_argument("--png", default=None, help="report: where to save the loss curves")
     p.add_argument("--devices-list", default="1,2", help="infer: device counts, the first is the reference")
+    p.add_argument("--fresh-autotune", type=int, default=0,
+                   help="infer: one more run on this many devices, each process autotuning anew (0: none)")
     p.add_argument("--series", type=int, default=16, help="infer: series in the store")
     p.add_argument("--steps-per-series", dest="steps_infer", type=int, default=262_144, help="infer: time steps")
     p.add_argument("--channels", type=int, default=4)
