@@ -107,15 +107,27 @@ def test_bad_inputs_name_the_argument():
         mamba3_scan(**(inputs | dict(initial_carry=torch.zeros(2, 3))))
 
 
+BF16_INPUTS = ("x", "B", "C", "theta", "z")
+# bf16 SSD operands: the gradients of theta and dt reach the angle through dB~, dC~ (rounded to
+# bf16 by the SSD backward) dotted with the rotated B, C and summed back over the whole call
+# (reverse cumsum of the angle), which cancels a lot; measured on the H100 at l=2048: 5.7e-2
+# (theta) and 3.2e-2 (dt), every other output and gradient under 5e-3.
+ANGLE_GRADS_BF16 = {"dtheta": 1e-1, "ddt": 1e-1}
+
+
 @pytest.mark.gpu
-def test_gpu_triton_matches_reference_fp32():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpu_triton_matches_reference(dtype):
     """CUDA (Triton SSD, chunk 256) vs the sequential fp32 reference at a realistic size: outputs,
-    final state and carry, and every gradient, by relative L2 error."""
+    final state and carry, and every gradient, by relative L2 error. bf16: x, B, C, theta, z in
+    bf16 (the reference runs the same rounded values in fp32)."""
     inputs = {k: v.cuda() for k, v in make_inputs(b=2, l=2048, h=8, p=64, g=1, n=64, seed=3).items()}
-    ref_out, ref_grads = run_with_grads(mamba3_scan_ref, inputs)
+    inputs = {k: v.to(dtype) if k in BF16_INPUTS else v for k, v in inputs.items()}
+    ref_out, ref_grads = run_with_grads(mamba3_scan_ref, {k: v.float() for k, v in inputs.items()})
     out, grads = run_with_grads(lambda **kw: mamba3_scan(**kw, chunk_size=256, backend="triton"), inputs)
     expected = dict(zip(("y", "final_state", "final_carry"), ref_out)) | {f"d{k}": v for k, v in ref_grads.items()}
     actual = dict(zip(("y", "final_state", "final_carry"), out)) | {f"d{k}": v for k, v in grads.items()}
-    errs = {k: ((actual[k] - v).norm() / v.norm().clamp_min(1e-30)).item() for k, v in expected.items()}
-    bad = {k: e for k, e in errs.items() if not e < 1e-4}
-    assert not bad, f"relative L2 errors over 1e-4: {bad} (all: {errs})"
+    errs = {k: ((actual[k].float() - v).norm() / v.norm().clamp_min(1e-30)).item() for k, v in expected.items()}
+    bounds = {k: 1e-4 for k in errs} if dtype == torch.float32 else {k: 2e-2 for k in errs} | ANGLE_GRADS_BF16
+    bad = {k: e for k, e in errs.items() if not e < bounds[k]}
+    assert not bad, f"relative L2 errors over {bounds}: {bad} (all: {errs})"
