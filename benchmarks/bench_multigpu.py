@@ -80,8 +80,8 @@ def _rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
 
 
-def run_name(strategy: str, devices: int) -> str:
-    return "1gpu" if devices == 1 else f"{strategy}{devices}"
+def run_name(strategy: str, devices: int, keep_strategy: bool = False) -> str:
+    return "1gpu" if devices == 1 and not keep_strategy else f"{strategy}{devices}"
 
 
 # ----------------------------------------------------------------------------------- data
@@ -173,7 +173,7 @@ def train(args: argparse.Namespace) -> int:
     from streamssm.train_cli import StreamSSMCLI
 
     work = Path(args.workdir)
-    name = run_name(args.strategy, args.devices)
+    name = run_name(args.strategy, args.devices, args.keep_strategy)
     out = work / name
     out.mkdir(parents=True, exist_ok=True)
     genome = ensure_genome(work / "genome.fa", args.genome_length)
@@ -198,12 +198,12 @@ def train(args: argparse.Namespace) -> int:
         "--data.init_args.batch_size", str(args.batch),
         "--data.init_args.num_workers", str(args.num_workers),
     ]
-    if args.devices == 1:
+    if args.devices == 1 and not args.keep_strategy:
         overrides += ["--trainer.strategy", "auto"]
     if args.smoke:
         overrides += [
             "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
-            "--trainer.strategy", "ddp" if args.devices > 1 else "auto",
+            "--trainer.strategy", "ddp" if args.devices > 1 or args.keep_strategy else "auto",
             "--model.init_args.d_model", "32", "--model.init_args.n_layers", "2", "--model.init_args.d_state", "16",
             "--model.init_args.headdim", "16", "--model.init_args.chunk_size", "32",
             "--data.init_args.window", "256", "--data.init_args.eval_windows", "4", "--data.init_args.pin_memory", "false",
@@ -236,7 +236,7 @@ def train(args: argparse.Namespace) -> int:
     per_gpu = probe.tokens_per_step * steps_timed / seconds
     cfg = cli.model.model.cfg
     result = {
-        "run": name, "strategy": "single device" if args.devices == 1 else args.strategy, "devices": args.devices,
+        "run": name, "strategy": "single device" if name == "1gpu" else args.strategy, "devices": args.devices,
         "gpu": torch.cuda.get_device_name() if _cuda() else "cpu", "recipe": str(RECIPES[args.strategy].relative_to(ROOT)),
         "model": f"{cfg.block} {cfg.n_layers}x{cfg.d_model} d_state {cfg.resolved_d_state}",
         "params_M": _count_params(cfg) / 1e6,
@@ -295,12 +295,13 @@ def report(args: argparse.Namespace) -> int:
     from _harness import Table, run_tag
 
     work = Path(args.workdir)
-    results = [json.loads(p.read_text()) for name in ("1gpu", "ddp2", "fsdp2", "ddp4", "fsdp4", "ddp8", "fsdp8")
+    names = ("1gpu", "ddp1", "fsdp1", "ddp2", "fsdp2", "ddp4", "fsdp4", "ddp8", "fsdp8")
+    results = [json.loads(p.read_text()) for name in names
                if (p := work / name / "result.json").exists()]
     if not results:
         print(f"no result.json under {work}", file=sys.stderr)
         return 1
-    base = next((r for r in results if r["devices"] == 1), None)
+    base = next((r for r in results if r["run"] == "1gpu"), None)
     table = Table(["run", "GPUs", "strategy", "batch/GPU x window", "ms/step median", "ms/step mean",
                    "tokens/s per GPU", "tokens/s total", "scaling eff.", "peak GiB (max rank)", "loss first",
                    "loss last"])
@@ -471,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny model on CPU (gloo): checks the plumbing")
     p.add_argument("--strategy", choices=sorted(RECIPES), default="ddp", help="train: which recipe")
     p.add_argument("--devices", type=int, default=2, help="train: GPUs (1 = single-device baseline)")
+    p.add_argument("--keep-strategy", action="store_true",
+                   help="train: keep the recipe's DDP/FSDP strategy with --devices 1 (a 1-process group)")
     p.add_argument("--steps", type=int, default=40, help="train: timed optimizer steps")
     p.add_argument("--warmup", type=int, default=10, help="train: untimed first steps (compile, autotune)")
     p.add_argument("--batch", type=int, default=8, help="train: windows per GPU per step")
