@@ -22,6 +22,9 @@ models (``(l,)`` float is accepted when c == 1). ``l`` may be 0.
     classifier  running class probabilities after each new sample
 ``ChunkResult.scores`` ``(l,)`` (lm only): log p(x_t | x_<t) of each new token under the
 previous step's prediction (the stream's first token under a uniform prior).
+``feed_many(chunks, outputs=False)`` (or a set of stream ids) skips ``outputs`` (None) for the
+other streams: their scores are gathered on the device (logit of x_t minus the logsumexp of the
+previous step's logits) and only (l,) floats per stream reach the CPU, never (l, o).
 
 Batching without a per-stream Python loop: the chunks of one call are padded into a
 (streams, max length) tensor and cut at the distinct chunk lengths; every round runs the
@@ -29,6 +32,9 @@ streams still active over one common segment [a, b). A length-1 segment goes thr
 model's pool step (``step_pool``: the step kernels update pool rows in place at
 ``state_indices``); a longer one through ``model.forward`` with the initial state gathered
 from the pool (``select_streams``) and the final state written back (``write_streams``). The
+model is driven through its encoder / backbone / head directly: the Streamer has validated
+the chunks (token range on the CPU), so ``SSMModel._encode``'s device-syncing checks are
+skipped. When every stream of a round is active the round writes no index-scattered copy. The
 outputs equal the offline full forward over each stream's concatenated chunks (to fp32
 tolerance; tests/test_streamer.py).
 """
@@ -38,6 +44,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -58,7 +65,7 @@ TOKEN_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 class ChunkResult:
     """Outputs for exactly the samples of one fed chunk (see the module docstring)."""
 
-    outputs: torch.Tensor  # (l, o) fp32 CPU
+    outputs: torch.Tensor | None  # (l, o) fp32 CPU; None when not asked for (feed_many(outputs=...))
     scores: torch.Tensor | None  # (l,) fp32 CPU, token lm only
 
 
@@ -178,68 +185,108 @@ class Streamer:
         return self.feed_many({stream_id: chunk})[stream_id]
 
     @torch.no_grad()
-    def feed_many(self, chunks: dict[int, torch.Tensor]) -> dict[int, ChunkResult]:
+    def feed_many(self, chunks: dict[int, torch.Tensor],
+                  outputs: bool | Collection[int] = True) -> dict[int, ChunkResult]:
         """Run the chunks of several streams as one batched computation.
 
         All chunks are validated before any state changes, so one bad chunk leaves every
-        stream untouched. Returns ``{stream_id: ChunkResult}``.
+        stream untouched. ``outputs``: the streams whose ``ChunkResult.outputs`` are built
+        (True: all; False: none; or a collection of stream ids); the others get ``outputs=None``
+        and cost no (l, o) distribution on the CPU (their scores and state are the same).
+        Returns ``{stream_id: ChunkResult}``.
         """
         if not chunks:
             return {}
         ids = list(chunks)
         rows = [self._row(sid) for sid in ids]
         xs = [self._check_chunk(sid, chunks[sid]) for sid in ids]
-        lengths = torch.tensor([x.shape[0] for x in xs])
-        x = torch.nn.utils.rnn.pad_sequence(xs, batch_first=True)  # (b, L) tokens | (b, L, c) values
+        lens = [x.shape[0] for x in xs]
+        if len(set(lens)) == 1:  # equal lengths (uniform batching): no padding
+            x = torch.stack(xs)
+        else:
+            x = torch.nn.utils.rnn.pad_sequence(xs, batch_first=True)  # (b, L) tokens | (b, L, c) values
         if self.cfg.input_kind == "tokens" and x.numel():
             self._check_token_range(ids, xs, x)
         x = x.to(self.device)
         slots = torch.tensor(rows, device=self.device, dtype=torch.long)
-        b, L = len(ids), x.shape[1]
-        y = torch.zeros(b, L, self.out_dim, device=self.device, dtype=torch.float32)
-        if L:
-            self._run_segments(x, lengths, slots, y)
-        outputs, scores = self._finish(x, lengths, slots, y)
-        lens = lengths.tolist()
-        outputs = outputs.cpu()
+        want = [outputs is True or (outputs is not False and sid in outputs) for sid in ids]
+        y = self._run_segments(x, lens, slots)  # (b, L, o) raw fp32
+        out, scores = self._finish(x, lens, slots, y, any(want))
+        if out is not None:
+            keep = [i for i, w in enumerate(want) if w]
+            out = out.cpu() if len(keep) == len(ids) else out[torch.tensor(keep, device=self.device)].cpu()
+            out_of = dict(zip(keep, out))
         scores = None if scores is None else scores.cpu()
         return {
-            sid: ChunkResult(outputs[i, : lens[i]], None if scores is None else scores[i, : lens[i]])
+            sid: ChunkResult(out_of[i][: lens[i]] if want[i] else None,
+                             None if scores is None else scores[i, : lens[i]])
             for i, sid in enumerate(ids)
         }
 
-    def _run_segments(self, x: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor, y: torch.Tensor) -> None:
-        """Fill raw model outputs y (b, L, o) by rounds over the distinct chunk lengths."""
-        start = 0
-        for end in sorted(set(lengths.tolist()) - {0}):
-            active = (lengths >= end).nonzero().flatten().to(self.device)  # streams with samples in [start, end)
-            rows = slots.index_select(0, active)
-            if end - start == 1:  # step kernels on the pool, in place
-                y[active, start] = self.model.step_pool(x[active, start], self.pool, rows).float()
-            else:  # chunked forward from the gathered states
-                out, new_state = self.model(x[active, start:end], select_streams(self.pool, rows))
-                write_streams(self.pool, rows, new_state)
-                y[active, start:end] = out.float()
-            start = end
+    def _model_out(self, x: torch.Tensor, state, rows: torch.Tensor) -> torch.Tensor:
+        """Raw model outputs (b, l, o) for validated inputs x (b, l[, c]) from ``state`` (a
+        gathered ModelState; the new state is written to pool ``rows``), or, with ``state`` None
+        and l == 1, through the in-place pool step."""
+        m = self.model
+        h = m.encoder(x) if self.cfg.input_kind == "tokens" else m.encoder(x.to(m.encoder.weight.dtype))
+        if state is None:
+            return m.head(m.backbone.step_pool(h[:, 0], self.pool, rows)).unsqueeze(1)
+        h, new_state = m.backbone(h, state)
+        write_streams(self.pool, rows, new_state)
+        return m.head(h)
 
-    def _finish(self, x: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor, y: torch.Tensor):
-        """Head-specific outputs (b, L, o) and lm scores (b, L); updates ``last_output``."""
+    def _run_segments(self, x: torch.Tensor, lens: list[int], slots: torch.Tensor) -> torch.Tensor:
+        """Raw fp32 model outputs y (b, L, o), by rounds over the distinct chunk lengths (rows
+        past a stream's length are zero)."""
+        b, L = len(lens), x.shape[1]
+        y = None
+        start = 0
+        for end in sorted(set(lens) - {0}):
+            live = [i for i, n in enumerate(lens) if n >= end]  # streams with samples in [start, end)
+            every = len(live) == b
+            active = None if every else torch.tensor(live, device=self.device)
+            rows = slots if every else slots.index_select(0, active)
+            xa = x[:, start:end] if every else x[active, start:end]
+            state = None if end - start == 1 else select_streams(self.pool, rows)
+            out = self._model_out(xa, state, rows).float()
+            if every and start == 0 and end == L:  # one round over everything: no copy
+                return out
+            if y is None:
+                y = torch.zeros(b, L, self.out_dim, device=self.device, dtype=torch.float32)
+            if every:
+                y[:, start:end] = out
+            else:
+                y[active, start:end] = out
+            start = end
+        if y is None:
+            y = torch.zeros(b, L, self.out_dim, device=self.device, dtype=torch.float32)
+        return y
+
+    def _finish(self, x: torch.Tensor, lens: list[int], slots: torch.Tensor, y: torch.Tensor, want: bool):
+        """Head outputs (b, L, o) (None unless ``want``) and lm scores (b, L) or None; updates
+        ``last_output`` with each fed stream's last outputs."""
         head = self.cfg.head
-        if head == "lm":
-            out = F.log_softmax(y, dim=-1)
-        elif head == "classifier":
-            out = F.softmax(y, dim=-1)
-        else:
-            out = y
+        fed = [i for i, n in enumerate(lens) if n]
+        last = None
+        if fed:  # raw y at each fed stream's last sample, (b', o)
+            every = len(fed) == len(lens) and len(set(lens)) == 1
+            last = y[:, -1] if every else y[torch.tensor(fed, device=self.device),
+                                            torch.tensor([lens[i] - 1 for i in fed], device=self.device)]
         scores = None
-        if head == "lm" and self.cfg.input_kind == "tokens":
-            prev = torch.cat([self.last_output.index_select(0, slots).unsqueeze(1), out[:, :-1]], dim=1)
-            scores = prev.gather(-1, x.long().unsqueeze(-1)).squeeze(-1)  # (b, L)
-        fed = (lengths > 0).nonzero().flatten()
-        if len(fed):
-            last = out[fed.to(self.device), (lengths[fed] - 1).to(self.device)]  # (b', o)
-            self.last_output.index_copy_(0, slots.index_select(0, fed.to(self.device)), last)
-        return out, scores
+        if head == "lm" and self.cfg.input_kind == "tokens" and not y.shape[1]:
+            scores = y.new_zeros(y.shape[0], 0)
+        elif head == "lm" and self.cfg.input_kind == "tokens":
+            # log p(x_t | x_<t): logit of x_t at step t-1 minus that step's logsumexp
+            prev_logp = self.last_output.index_select(0, slots)  # (b, o) log-probs
+            first = prev_logp.gather(-1, x[:, :1]).squeeze(-1)  # (b,)
+            prev = y[:, :-1]
+            rest = prev.gather(-1, x[:, 1:].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(prev, dim=-1)
+            scores = torch.cat([first.unsqueeze(1), rest], dim=1)  # (b, L)
+        if last is not None:
+            self.last_output.index_copy_(0, slots if len(fed) == len(lens) else
+                                         slots.index_select(0, torch.tensor(fed, device=self.device)),
+                                         _head_output(head, last))
+        return (_head_output(head, y) if want else None), scores
 
     # ------------------------------------------------------------------ validation
 
@@ -274,6 +321,15 @@ class Streamer:
                 raise ShapeError(
                     f"stream {sid}: token ids must lie in [0, {vocab}), got [{int(chunk.min())}, {int(chunk.max())}]"
                 )
+
+
+def _head_output(head: str, y: torch.Tensor) -> torch.Tensor:
+    """Raw fp32 model outputs (..., o) -> what ChunkResult.outputs holds for ``head``."""
+    if head == "lm":
+        return F.log_softmax(y, dim=-1)
+    if head == "classifier":
+        return F.softmax(y, dim=-1)
+    return y
 
 
 def _safetensors_metadata(data: bytes) -> dict[str, str]:

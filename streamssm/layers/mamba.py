@@ -19,11 +19,12 @@ import torch
 from torch import nn
 
 from streamssm.kernels import causal_conv1d, conv1d_step, selective_scan, selective_scan_step
+from streamssm.layers._derived import Fp32Params
 from streamssm.layers._init import dt_bias_init
 from streamssm.state import LayerState
 
 
-class MambaBlock(nn.Module):
+class MambaBlock(Fp32Params, nn.Module):
     def __init__(
         self,
         d_model: int,
@@ -74,8 +75,9 @@ class MambaBlock(nn.Module):
         )  # (b, e, l)
         dt, B, C = self._scan_inputs(x.transpose(1, 2))  # (b, l, e), (b, l, n), (b, l, n)
         y, ssm_state = selective_scan(
-            x, dt.transpose(1, 2), -torch.exp(self.A_log.float()), B.transpose(1, 2), C.transpose(1, 2),
-            D=self.D.float(), z=z.transpose(1, 2), delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+            x, dt.transpose(1, 2), self._A(), B.transpose(1, 2), C.transpose(1, 2),
+            D=self._fp32("D", self.D), z=z.transpose(1, 2), delta_bias=self._fp32("dt_bias", self.dt_proj.bias),
+            delta_softplus=True,
             initial_state=state.ssm, return_final_state=True,
         )  # (b, e, l)
         return self.out_proj(y.transpose(1, 2)), LayerState(conv_state, ssm_state)
@@ -92,7 +94,7 @@ class MambaBlock(nn.Module):
         x = conv1d_step(x, pool.conv, self.conv_weight, self.conv_bias, activation="silu", state_indices=state_indices)
         dt, B, C = self._scan_inputs(x)
         y = selective_scan_step(
-            pool.ssm, x, dt, -torch.exp(self.A_log.float()), B, C, D=self.D.float(), z=z,
-            delta_bias=self.dt_proj.bias.float(), delta_softplus=True, state_indices=state_indices,
+            pool.ssm, x, dt, self._A(), B, C, D=self._fp32("D", self.D), z=z,
+            delta_bias=self._fp32("dt_bias", self.dt_proj.bias), delta_softplus=True, state_indices=state_indices,
         )
         return self.out_proj(y)

@@ -17,12 +17,13 @@ from torch import nn
 
 from streamssm.errors import ConfigError
 from streamssm.kernels import causal_conv1d, conv1d_step, ssd_scan, ssd_step
+from streamssm.layers._derived import Fp32Params
 from streamssm.layers._init import dt_bias_init
 from streamssm.layers.norm import GatedRMSNorm
 from streamssm.state import LayerState
 
 
-class Mamba2Block(nn.Module):
+class Mamba2Block(Fp32Params, nn.Module):
     def __init__(
         self,
         d_model: int,
@@ -87,8 +88,9 @@ class Mamba2Block(nn.Module):
         )  # (b, cd, l)
         x, B, C = self._split_xbc(xbc.transpose(1, 2))
         y, ssm_state = ssd_scan(
-            x, dt, -torch.exp(self.A_log.float()), B, C, chunk_size=self.chunk_size, D=self.D.float(),
-            dt_bias=self.dt_bias.float(), dt_softplus=True, initial_state=state.ssm, return_final_state=True,
+            x, dt, self._A(), B, C, chunk_size=self.chunk_size, D=self._fp32("D", self.D),
+            dt_bias=self._fp32("dt_bias", self.dt_bias), dt_softplus=True, initial_state=state.ssm,
+            return_final_state=True,
         )  # (b, l, h, p)
         y = self.norm(y.reshape(b, l, self.d_inner), z)
         return self.out_proj(y), LayerState(conv_state, ssm_state)
@@ -106,8 +108,8 @@ class Mamba2Block(nn.Module):
                           state_indices=state_indices)
         x, B, C = self._split_xbc(xbc)
         y = ssd_step(
-            pool.ssm, x, dt, -torch.exp(self.A_log.float()), B, C, D=self.D.float(),
-            dt_bias=self.dt_bias.float(), dt_softplus=True, state_indices=state_indices,
+            pool.ssm, x, dt, self._A(), B, C, D=self._fp32("D", self.D),
+            dt_bias=self._fp32("dt_bias", self.dt_bias), dt_softplus=True, state_indices=state_indices,
         )  # (b, h, p)
         y = self.norm(y.reshape(u_t.shape[0], self.d_inner), z)
         return self.out_proj(y)

@@ -32,12 +32,13 @@ from torch import nn
 
 from streamssm.errors import ConfigError
 from streamssm.kernels.mamba3 import mamba3_scan, mamba3_step
+from streamssm.layers._derived import Fp32Params
 from streamssm.layers._init import dt_bias_init
 from streamssm.layers.norm import GatedRMSNorm, RMSNorm
 from streamssm.state import LayerState
 
 
-class Mamba3Block(nn.Module):
+class Mamba3Block(Fp32Params, nn.Module):
     def __init__(
         self,
         d_model: int,
@@ -84,7 +85,7 @@ class Mamba3Block(nn.Module):
         g, n, h, p = self.ngroups, self.d_state, self.nheads, self.headdim
         B = self.B_norm(B.reshape(*lead, g, n)) + self.B_bias
         C = self.C_norm(C.reshape(*lead, g, n)) + self.C_bias
-        dt = F.softplus(dt.float() + self.dt_bias.float())
+        dt = F.softplus(dt.float() + self._fp32("dt_bias", self.dt_bias))
         return (z.reshape(*lead, h, p), x.reshape(*lead, h, p), B, C, dt, torch.sigmoid(lam.float()),
                 theta.reshape(*lead, g, n // 2))
 
@@ -98,7 +99,7 @@ class Mamba3Block(nn.Module):
             state = self.init_state(u.shape[0], u.device)
         z, x, B, C, dt, lam, theta = self._project(u)
         y, ssm, carry = mamba3_scan(
-            x, dt, -torch.exp(self.A_log.float()), B, C, lam, theta, D=self.D.float(),
+            x, dt, self._A(), B, C, lam, theta, D=self._fp32("D", self.D),
             initial_state=state.ssm, initial_carry=state.conv[..., 0], return_final_state=True,
             chunk_size=self.chunk_size,
         )  # (b, l, h, p)
@@ -112,6 +113,6 @@ class Mamba3Block(nn.Module):
     def step_pool(self, u_t: torch.Tensor, pool: LayerState, state_indices: torch.Tensor | None = None) -> torch.Tensor:
         """u_t (b, d) -> y_t (b, d); **updates ``pool`` in place** at rows ``state_indices``."""
         z, x, B, C, dt, lam, theta = self._project(u_t)
-        y = mamba3_step(pool.ssm, pool.conv[..., 0], x, dt, -torch.exp(self.A_log.float()), B, C, lam, theta,
-                        D=self.D.float(), state_indices=state_indices)
+        y = mamba3_step(pool.ssm, pool.conv[..., 0], x, dt, self._A(), B, C, lam, theta,
+                        D=self._fp32("D", self.D), state_indices=state_indices)
         return self._finish(y, z)
