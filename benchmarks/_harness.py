@@ -8,6 +8,7 @@ GPU time without launch overhead. Ratios are peer time / our time (> 1: we are f
 
 from __future__ import annotations
 
+import os
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ MAMBA1_SHAPES: dict[str, dict[str, int]] = {
 
 
 def run_tag() -> str:
-    """'<GPU name> · torch x · triton y · commit abc1234[+dirty]'."""
+    """'<GPU name> · torch x · triton y · commit abc1234[+dirty]' (``STREAMSSM_COMMIT`` without git)."""
     import triton
 
     root = Path(__file__).resolve().parent.parent
@@ -39,8 +40,8 @@ def run_tag() -> str:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                capture_output=True, text=True).stdout.strip()
         commit += "+dirty" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    except (OSError, subprocess.CalledProcessError):  # e.g. a copy of the tree without .git
+        commit = os.environ.get("STREAMSSM_COMMIT", "unknown")
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return f"{gpu} · torch {torch.__version__} · triton {triton.__version__} · commit {commit}"
 
