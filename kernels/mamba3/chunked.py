@@ -21,6 +21,8 @@ B and C become per head (the angle depends on each head's dt): groups = heads in
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -53,7 +55,10 @@ def mamba3_scan_chunked(
     if initial_carry is None:
         initial_carry = x.new_zeros(b, h * p + g * n, dtype=torch.float32)
     x_prev0, B_prev0 = split_carry(initial_carry.float(), h, p, g, n)
-    angle = torch.cumsum(dtf[..., None] * theta.float().repeat_interleave(rep, 2), dim=1)  # (b, l, h, n/2)
+    # Theta in float64, reduced mod 2 pi: in fp32 a Theta of 1e4 rad (a few thousand steps at
+    # angles near pi) is off by ~1e-3 rad, and the relative angles Theta_t - Theta_s with it
+    step_angle = dtf[..., None] * theta.float().repeat_interleave(rep, 2)
+    angle = torch.cumsum(step_angle.double(), dim=1).remainder(2 * math.pi).float()  # (b, l, h, n/2)
     B_rot = rotate_pairs(B.float().repeat_interleave(rep, 2), -angle)  # (b, l, h, n)
     C_rot = rotate_pairs(C.float().repeat_interleave(rep, 2), -angle)
     B_prev = torch.cat([B_prev0.repeat_interleave(rep, 1)[:, None], B_rot[:, :-1]], dim=1)  # B~_{t-1}
