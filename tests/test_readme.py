@@ -33,3 +33,15 @@ def test_demo_command_is_installed():
     from streamssm.cli import COMMANDS
 
     assert "demo" in COMMANDS
+
+
+def test_readme_state_example_runs():
+    block = re.search(r"## The recurrent state\n\n```python\n(.*?)```", README, re.S)
+    assert block, "README lost its recurrent-state example"
+    exec(compile(block.group(1), "README.md", "exec"), {})
+
+
+def test_readme_links_exist():
+    for target in re.findall(r"\]\(([^)#]+)\)", README):
+        if not target.startswith("http"):
+            assert (ROOT / target).exists(), f"README links to missing {target}"
