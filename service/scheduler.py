@@ -64,6 +64,7 @@ class _Stream:
     deliver: Deliver
     on_error: OnError
     slots: asyncio.Semaphore
+    outputs: bool = True  # False: the client wants scores only (ChunkResult.outputs None)
     pending: deque[Chunk] = field(default_factory=deque)
     closing: bool = False
 
@@ -117,12 +118,14 @@ class Scheduler:
     def live(self) -> int:
         return len(self._streams)
 
-    async def open(self, encode: Encoder, deliver: Deliver, on_error: OnError, snapshot: bytes | None = None) -> int:
+    async def open(self, encode: Encoder, deliver: Deliver, on_error: OnError, snapshot: bytes | None = None,
+                   outputs: bool = True) -> int:
         """Open a stream (from ``snapshot`` when given); StateError when the pool is full or the
-        snapshot belongs to another model."""
+        snapshot belongs to another model. ``outputs=False``: its results carry scores only
+        (``Streamer.feed_many(outputs=...)``: no (l, o) distribution leaves the device)."""
         fn, args = (self.streamer.open, ()) if snapshot is None else (self.streamer.restore, (snapshot,))
         sid = await self._call(fn, *args)
-        self._streams[sid] = _Stream(sid, encode, deliver, on_error, asyncio.Semaphore(self.queue_depth))
+        self._streams[sid] = _Stream(sid, encode, deliver, on_error, asyncio.Semaphore(self.queue_depth), outputs)
         return sid
 
     async def submit(self, sid: int, chunk: Chunk) -> None:
@@ -226,12 +229,17 @@ class Scheduler:
         """Worker thread: one feed_many over all streams (several chunks of one stream are
         concatenated in time), then split and encode each chunk's result."""
         joined = {sid: cs[0].x if len(cs) == 1 else torch.cat([c.x for c in cs]) for sid, (cs, _) in batch.items()}
-        results = self.streamer.feed_many(joined)
+        want = {sid for sid in batch if (s := self._streams.get(sid)) is None or s.outputs}
+        if len(want) == len(batch):
+            results = self.streamer.feed_many(joined)
+        else:  # some clients want scores only: no (l, o) distributions for them
+            results = self.streamer.feed_many(joined, outputs=want)
         out: dict[int, list[tuple[ChunkResult, str | bytes]]] = {}
         for sid, (chunks, encode) in batch.items():
             res, pos, items = results[sid], 0, []
             for c in chunks:
-                part = ChunkResult(res.outputs[pos : pos + c.n], None if res.scores is None else res.scores[pos : pos + c.n])
+                part = ChunkResult(None if res.outputs is None else res.outputs[pos : pos + c.n],
+                                   None if res.scores is None else res.scores[pos : pos + c.n])
                 items.append((part, encode(c, part)))
                 pos += c.n
             out[sid] = items

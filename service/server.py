@@ -26,6 +26,7 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -131,7 +132,10 @@ class _Session:
 
     def encode(self, chunk: Chunk, result: ChunkResult) -> str | bytes:
         """Worker thread: one chunk's result -> its wire message."""
-        outputs = self.server.codec.postprocess(result.outputs)
+        if result.outputs is None:  # scores only: encode_result reads just the shape (n, o)
+            outputs = np.broadcast_to(np.float32(0), (chunk.n, self.server.streamer.out_dim))
+        else:
+            outputs = self.server.codec.postprocess(result.outputs)
         scores = None if result.scores is None else result.scores.numpy()
         return encode_result(chunk.seq, chunk.start, outputs, scores, self.start)
 
@@ -352,6 +356,12 @@ class StreamServer:
 
     # -- websocket -------------------------------------------------------------------------------
 
+    def _needs_outputs(self, start: Start) -> bool:
+        """Whether the stream's results need ChunkResult.outputs: False only for a token lm whose
+        client asked for scores alone (the Streamer then copies no (n, o) distribution)."""
+        cfg = self.streamer.cfg
+        return "outputs" in start.include or cfg.head != "lm" or cfg.input_kind != "tokens"
+
     async def _recv(self, ws: ServerConnection) -> str | bytes:
         try:
             async with asyncio.timeout(self.config.idle_timeout):
@@ -416,7 +426,8 @@ class StreamServer:
         session = _Session(self, ws, start, token, self._owner, parked)
         try:
             session.sid = await self.scheduler.open(session.encode, session.deliver, session.on_error,
-                                                    None if parked is None else parked.snapshot)
+                                                    None if parked is None else parked.snapshot,
+                                                    outputs=self._needs_outputs(start))
         except StateError as exc:
             if parked is not None:  # put it back: the right server (or a freer moment) may resume it
                 self.store.park(token, parked, renew=False)

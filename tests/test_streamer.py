@@ -239,3 +239,67 @@ def test_streamer_on_gpu_matches_offline(block):
         got_out, got_scores = collect(results[sid])
         assert_close(f"{block} gpu stream {sid} outputs", want_out, got_out)
         assert_close(f"{block} gpu stream {sid} scores", want_scores, got_scores)
+
+
+@pytest.mark.parametrize("block", ["mamba", "mamba2", "mamba3"])
+def test_scores_only_equals_full_path(block):
+    """feed_many(outputs=False | ids): the same scores and states as the full path, outputs None
+    for the streams not asked; equal and unequal chunk lengths, empty chunks, one-sample rounds."""
+    model = tiny_model(block, "lm")
+    rng, gen = random.Random(5), torch.Generator().manual_seed(5)
+    full, lean = Streamer(model, capacity=3), Streamer(tiny_model(block, "lm"), capacity=3)
+    ids = [full.open() for _ in range(3)]
+    assert [lean.open() for _ in range(3)] == ids
+    xs = {sid: make_stream(model, 24, gen) for sid in ids}
+    pos = dict.fromkeys(ids, 0)
+    results: dict[int, list[ChunkResult]] = {sid: [] for sid in ids}
+    for call in range(8):
+        equal = call % 2 == 0
+        n = {sid: (2 if equal else rng.choice([0, 1, 3])) for sid in ids}
+        chunks = {sid: xs[sid][pos[sid] : pos[sid] + n[sid]] for sid in ids}
+        asked = [False, {ids[0]}, set(), {ids[1], ids[2]}][call % 4]
+        want, got = full.feed_many(chunks), lean.feed_many(chunks, outputs=asked)
+        for sid in ids:
+            pos[sid] += n[sid]
+            assert got[sid].scores.shape == (n[sid],)
+            assert_close(f"{block} stream {sid} call {call} scores", want[sid].scores, got[sid].scores,
+                         rtol=1e-5, atol=1e-5)
+            if asked is not False and sid in asked:
+                assert torch.equal(got[sid].outputs, want[sid].outputs)
+            else:
+                assert got[sid].outputs is None
+            results[sid].append(want[sid])
+    for sid in ids:  # the full path itself still equals the offline forward
+        check_stream(f"{block} full stream {sid}", model, xs[sid][: pos[sid]], results[sid])
+        assert_close(f"{block} stream {sid} last_output", full.last_output[full._slot[sid]],
+                     lean.last_output[lean._slot[sid]], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("block", ["mamba", "mamba2", "mamba3"])
+def test_cached_fp32_params_follow_weight_changes(block):
+    """The blocks' cached A = -exp(A_log) / fp32 casts track load_state_dict, in-place updates and
+    dtype moves, and are bypassed (gradients flow) while autograd records."""
+    model = tiny_model(block, "lm", seed=1)
+    mixer = model.backbone.layers[0].mixer
+    with torch.no_grad():
+        a0 = mixer._A()
+        assert mixer._A() is a0  # cached while nothing changed
+    sd = tiny_model(block, "lm", seed=2).state_dict()
+    sd["backbone.layers.0.mixer.A_log"] = sd["backbone.layers.0.mixer.A_log"] + 0.25  # mamba's init is fixed
+    model.load_state_dict(sd)
+    with torch.no_grad():
+        assert torch.equal(mixer._A(), -torch.exp(mixer.A_log.float()))
+        assert not torch.equal(mixer._A(), a0)
+        mixer.A_log.add_(0.5)  # an optimizer-style in-place update
+        assert torch.equal(mixer._A(), -torch.exp(mixer.A_log.float()))
+    model.to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(mixer._A(), -torch.exp(mixer.A_log.float()))
+        assert mixer._fp32("D", mixer.D).dtype == torch.float32
+        assert torch.equal(mixer._fp32("D", mixer.D), mixer.D.float())
+    model.to(torch.float32)
+    with torch.no_grad():
+        assert torch.equal(mixer._A(), -torch.exp(mixer.A_log.float()))
+        assert mixer._fp32("D", mixer.D) is mixer.D  # fp32 already: no copy
+    mixer._A().sum().backward()
+    assert mixer.A_log.grad is not None and torch.allclose(mixer.A_log.grad, -torch.exp(mixer.A_log.detach()))
