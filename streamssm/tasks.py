@@ -88,6 +88,10 @@ class SSMTask(pl.LightningModule):
         headdim: Mamba-2 head size (expand * d_model must be divisible by it).
         ngroups: Mamba-2 B/C groups.
         chunk_size: Mamba-2 SSD chunk length.
+        attention_every: make every k-th layer sliding-window attention (a hybrid); 0 = none.
+        layer_pattern: or one letter per layer, ``m`` SSM block / ``a`` attention (e.g. ``mmma``).
+        attention_heads: heads of the attention layers (d_model must divide evenly).
+        attention_window: keys each attention query sees (the bounded ring-buffer state).
         checkpoint_layers: recompute each layer in backward (gradient checkpointing) to save
             activation memory on very long sequences.
         input_kind: ``tokens`` or ``continuous``; None takes it from the datamodule.
@@ -117,6 +121,10 @@ class SSMTask(pl.LightningModule):
         headdim: int = 32,
         ngroups: int = 1,
         chunk_size: int = 64,
+        attention_every: int = 0,
+        layer_pattern: str = "",
+        attention_heads: int = 4,
+        attention_window: int = 1024,
         checkpoint_layers: bool = False,
         input_kind: InputKind | None = None,
         vocab_size: int | None = None,
@@ -147,7 +155,8 @@ class SSMTask(pl.LightningModule):
         self._arch = {
             "block": block, "d_model": d_model, "n_layers": n_layers, "d_state": d_state, "d_conv": d_conv,
             "expand": expand, "headdim": headdim, "ngroups": ngroups, "chunk_size": chunk_size,
-            "checkpoint_layers": checkpoint_layers,
+            "checkpoint_layers": checkpoint_layers, "attention_every": attention_every,
+            "layer_pattern": layer_pattern, "attention_heads": attention_heads, "attention_window": attention_window,
         }
         self._explicit_io = {
             k: v for k, v in zip(_IO_FIELDS, (input_kind, vocab_size, input_dim, output_dim)) if v is not None

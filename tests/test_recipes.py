@@ -19,6 +19,8 @@ ALL = sorted(RECIPES.glob("*.yaml"))
 #: tiny recipe -> (make-data kind, test overrides that keep it short)
 TINY = {
     "dna_tiny": ("dna", ["--data.init_args.window", "128"]),
+    "dna_hybrid_tiny": ("dna", ["--data.init_args.window", "128"]),
+    "dna_mamba3_tiny": ("dna", ["--data.init_args.window", "128"]),
     "waveform_tiny": ("waveform", ["--data.init_args.crop", "128"]),
     "sensor_tiny": ("sensor", []),
 }
