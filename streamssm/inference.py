@@ -276,12 +276,13 @@ class Streamer:
         if head == "lm" and self.cfg.input_kind == "tokens" and not y.shape[1]:
             scores = y.new_zeros(y.shape[0], 0)
         elif head == "lm" and self.cfg.input_kind == "tokens":
-            # log p(x_t | x_<t): logit of x_t at step t-1 minus that step's logsumexp
-            prev_logp = self.last_output.index_select(0, slots)  # (b, o) log-probs
-            first = prev_logp.gather(-1, x[:, :1]).squeeze(-1)  # (b,)
-            prev = y[:, :-1]
-            rest = prev.gather(-1, x[:, 1:].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(prev, dim=-1)
-            scores = torch.cat([first.unsqueeze(1), rest], dim=1)  # (b, L)
+            # the first token under the stored log-probs; the others: log p(x_t | x_<t) = logit of
+            # x_t at step t-1 minus that step's logsumexp (no (b, L, o) log-softmax built)
+            scores = self.last_output.index_select(0, slots).gather(-1, x[:, :1])  # (b, 1)
+            if y.shape[1] > 1:
+                prev = y[:, :-1]
+                rest = prev.gather(-1, x[:, 1:].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(prev, dim=-1)
+                scores = torch.cat([scores, rest], dim=1)  # (b, L)
         if last is not None:
             self.last_output.index_copy_(0, slots if len(fed) == len(lens) else
                                          slots.index_select(0, torch.tensor(fed, device=self.device)),
@@ -314,7 +315,8 @@ class Streamer:
 
     def _check_token_range(self, ids: list[int], xs: list[torch.Tensor], x: torch.Tensor) -> None:
         vocab = self.cfg.vocab_size
-        if int(x.min()) >= 0 and int(x.max()) < vocab:
+        lo, hi = torch.aminmax(x)  # x is still on the CPU: no device sync
+        if int(lo) >= 0 and int(hi) < vocab:
             return
         for sid, chunk in zip(ids, xs):
             if chunk.numel() and (int(chunk.min()) < 0 or int(chunk.max()) >= vocab):

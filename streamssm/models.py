@@ -188,13 +188,22 @@ class Backbone(nn.Module):
     def _check_state(self, state: ModelState, batch: int) -> None:
         if len(state) != len(self.layers):
             raise StateError(f"state has {len(state)} layers, the model has {len(self.layers)}")
-        for i, (layer_state, ref) in enumerate(zip(state, self.init_state(1, "meta"))):
+        for i, (layer_state, ref) in enumerate(zip(state, self._state_shapes())):
             for field, t, r in zip(LayerState._fields, layer_state, ref):
-                if t.shape[0] != batch or t.shape[1:] != r.shape[1:]:
+                if t.shape[0] != batch or t.shape[1:] != r:
                     raise StateError(
                         f"layer {i} {field} state has shape {tuple(t.shape)}, expected "
-                        f"({batch}, {', '.join(map(str, r.shape[1:]))}) for batch {batch}"
+                        f"({batch}, {', '.join(map(str, r))}) for batch {batch}"
                     )
+
+    def _state_shapes(self) -> tuple[tuple[torch.Size, ...], ...]:
+        """Per layer, the state tensors' shapes after the batch dim (computed once: the blocks'
+        sizes are fixed at construction)."""
+        shapes = self.__dict__.get("_state_shapes_cache")
+        if shapes is None:
+            shapes = tuple(tuple(t.shape[1:] for t in ls) for ls in self.init_state(1, "meta"))
+            self.__dict__["_state_shapes_cache"] = shapes
+        return shapes
 
     def forward(self, x: torch.Tensor, state: ModelState | None = None) -> tuple[torch.Tensor, ModelState]:
         """x (b, l, d) -> (features (b, l, d), new state)."""
