@@ -416,7 +416,7 @@ def infer(args: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
     devices = [int(d) for d in args.devices_list.split(",")]
     chunk = 65536 if not args.smoke else 1024
-    series, steps = (args.series, args.steps) if not args.smoke else (4, 4096)
+    series, steps = (args.series, args.steps) if not args.smoke else (2 * args.batch_series, 4096)  # a unit per rank
     mb = write_store(work / "in.zarr", series, steps, args.channels, min(chunk, steps))
     write_store(work / "warm.zarr", args.batch_series, min(chunk, steps), args.channels, min(chunk, steps), seed=1)
     torch.manual_seed(0)
