@@ -58,3 +58,33 @@ def assert_close(
             f"(rtol={rtol}, atol={atol}); max abs err {max_abs:.3e}; worst at {where}: "
             f"expected {float(e[where]):.6g}, got {float(a[where]):.6g} (rel {rel:.3e})"
         )
+
+
+def run_in_chunks(model, x: torch.Tensor, cuts: list[int]):
+    """Run ``model`` over ``x`` (b, l, ...) split at time indices ``cuts``, carrying the state;
+    returns (outputs concatenated in time, final state)."""
+    state, outs = None, []
+    for start, end in zip([0, *cuts], [*cuts, x.shape[1]]):
+        y, state = model(x[:, start:end], state)
+        outs.append(y)
+    return torch.cat(outs, dim=1), state
+
+
+def run_step_by_step(model, x: torch.Tensor, state=None):
+    """Run ``model.step`` over every time step of ``x`` (b, l, ...) from ``state`` (zeros when
+    None); returns (outputs stacked in time, final state)."""
+    if state is None:
+        state = model.init_state(x.shape[0], x.device, next(model.parameters()).dtype)
+    outs = []
+    for t in range(x.shape[1]):
+        y, state = model.step(x[:, t], state)
+        outs.append(y)
+    return torch.stack(outs, dim=1), state
+
+
+def assert_states_close(name: str, expected, actual, rtol: float | None = None, atol: float | None = None) -> None:
+    """``assert_close`` on every tensor of two ModelStates (same dtypes, same layer count)."""
+    for i, (e, a) in enumerate(zip(expected, actual, strict=True)):
+        for field, et, at in zip(type(e)._fields, e, a):
+            assert et.dtype == at.dtype, f"{name} layer{i}.{field}: dtype {at.dtype}, expected {et.dtype}"
+            assert_close(f"{name} layer{i}.{field}", et, at, rtol=rtol, atol=atol)

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from streamssm.models import ModelConfig, SSMModel
-from streamssm.testing import PARITY_FP32, assert_close
+from streamssm.testing import PARITY_FP32, assert_close, assert_states_close, run_in_chunks, run_step_by_step
 
 LENGTH = 23
 
@@ -19,28 +19,6 @@ def tiny_model(block: str, dtype=torch.float32, **overrides) -> SSMModel:
     return SSMModel(ModelConfig(**cfg)).to(dtype).eval()
 
 
-def run_chunks(model, x, cuts):
-    state, outs = None, []
-    for s, e in zip([0, *cuts], [*cuts, x.shape[1]]):
-        y, state = model(x[:, s:e], state)
-        outs.append(y)
-    return torch.cat(outs, dim=1), state
-
-
-def run_steps(model, x):
-    state, outs = model.init_state(x.shape[0], x.device, next(model.parameters()).dtype), []
-    for t in range(x.shape[1]):
-        y, state = model.step(x[:, t], state)
-        outs.append(y)
-    return torch.stack(outs, dim=1), state
-
-
-def assert_states_close(name, expected, actual, rtol, atol):
-    for i, (e, a) in enumerate(zip(expected, actual)):
-        assert_close(f"{name} layer{i}.conv", e.conv, a.conv, rtol=rtol, atol=atol)
-        assert_close(f"{name} layer{i}.ssm", e.ssm, a.ssm, rtol=rtol, atol=atol)
-
-
 @pytest.mark.parametrize("block", ["mamba", "mamba2", "mamba3"])
 @given(cuts=st.lists(st.integers(1, LENGTH - 1), max_size=5, unique=True).map(sorted))
 def test_full_equals_chunked(block, cuts):
@@ -48,7 +26,7 @@ def test_full_equals_chunked(block, cuts):
     x = torch.randn(2, LENGTH, 3, generator=torch.Generator().manual_seed(len(cuts)))
     with torch.no_grad():
         full, full_state = model(x)
-        chunked, chunked_state = run_chunks(model, x, cuts)
+        chunked, chunked_state = run_in_chunks(model, x, cuts)
     rtol, atol = PARITY_FP32
     assert_close(f"{block} chunked output {cuts}", full, chunked, rtol=rtol, atol=atol)
     assert_states_close(f"{block} chunked", full_state, chunked_state, rtol, atol)
@@ -62,7 +40,7 @@ def test_full_equals_step(block, input_kind):
     x = torch.randn(2, LENGTH, 3) if input_kind == "continuous" else torch.randint(0, 5, (2, LENGTH))
     with torch.no_grad():
         full, full_state = model(x)
-        stepped, step_state = run_steps(model, x)
+        stepped, step_state = run_step_by_step(model, x)
     rtol, atol = PARITY_FP32
     assert_close(f"{block} step output", full, stepped, rtol=rtol, atol=atol)
     assert_states_close(f"{block} step", full_state, step_state, rtol, atol)
@@ -74,8 +52,8 @@ def test_three_modes_agree_in_bf16(block):
     x = torch.randn(2, LENGTH, 3, dtype=torch.bfloat16)
     with torch.no_grad():
         full, _ = model(x)
-        chunked, _ = run_chunks(model, x, [5, 6, 17])
-        stepped, _ = run_steps(model, x)
+        chunked, _ = run_in_chunks(model, x, [5, 6, 17])
+        stepped, _ = run_step_by_step(model, x)
     assert_close(f"{block} bf16 chunked", full, chunked, dtype=torch.bfloat16)
     assert_close(f"{block} bf16 step", full, stepped, dtype=torch.bfloat16)
 
