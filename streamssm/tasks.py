@@ -34,6 +34,7 @@ from typing import Any, ClassVar, Literal
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from streamssm.errors import ConfigError, ShapeError
 from streamssm.models import BlockType, HeadKind, InputKind, ModelConfig, SSMModel
@@ -73,6 +74,28 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
         mask = mask.unsqueeze(-1)
     weights = mask.expand_as(values).to(values.dtype)
     return (values * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+#: wrapper prefixes that FSDP and activation checkpointing insert into parameter names
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter name with the FSDP / checkpoint wrapper prefixes removed."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def weight_decay_names(model: nn.Module) -> frozenset[str]:
+    """Names of the parameters that get weight decay: matrices (>= 2-D), except ``A_log`` and
+    biases (Mamba-3's ``B_bias``/``C_bias`` are 2-D).
+
+    Decided once on the unwrapped model, because FSDP later hands out flattened 1-D shards
+    whose shapes no longer tell matrices from vectors."""
+    return frozenset(
+        name for name, p in model.named_parameters() if p.dim() >= 2 and not name.endswith(("A_log", "bias"))
+    )
 
 
 class SSMTask(pl.LightningModule):
@@ -215,6 +238,7 @@ class SSMTask(pl.LightningModule):
                 raise ConfigError(f"the existing model's config {self.model.cfg} differs from {cfg}")
             return self.model
         self.model = SSMModel(cfg)
+        self._decay_names = weight_decay_names(self.model)
         return self.model
 
     def _datamodule(self) -> pl.LightningDataModule | None:
@@ -271,15 +295,10 @@ class SSMTask(pl.LightningModule):
     # ---------------------------------------------------------------- optimization
     def configure_optimizers(self) -> dict[str, Any]:
         model = self._require_model()
-        no_decay_names = ("A_log", "D", "dt_bias")
         decay, no_decay = [], []
         for name, p in model.named_parameters():
-            if not p.requires_grad:
-                continue
-            if p.dim() >= 2 and name.rsplit(".", 1)[-1] not in no_decay_names:
-                decay.append(p)
-            else:
-                no_decay.append(p)
+            if p.requires_grad:
+                (decay if unwrapped_name(name) in self._decay_names else no_decay).append(p)
         hp = self.hparams
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         # not fused: Lightning's gradient clipping under AMP refuses fused optimizers

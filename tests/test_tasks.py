@@ -149,6 +149,23 @@ def test_optimizer_groups_and_warmup():
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-3)  # min_lr_ratio 0.1 at max_steps
 
 
+def test_weight_decay_groups_follow_names_through_wrappers():
+    """FSDP / activation-checkpoint wrappers insert prefixes into parameter names (and FSDP
+    flattens shapes): decay is decided by the unwrapped name, not by the shape."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    task = TokenLM(block="mamba3", vocab_size=5, input_kind="tokens", weight_decay=0.5, **TINY)
+    model = task.build_model()
+    assert not any(n.endswith(("B_bias", "C_bias", "A_log")) for n in task._decay_names)
+    model.backbone.layers[0] = checkpoint_wrapper(model.backbone.layers[0])
+    opt = task.configure_optimizers()["optimizer"]
+    decay = {id(p) for p in opt.param_groups[0]["params"]}
+    wrapped = dict(model.named_parameters())
+    name = "backbone.layers.0._checkpoint_wrapped_module.mixer.in_proj.weight"
+    assert name in wrapped and id(wrapped[name]) in decay
+    assert len(decay) == len(task._decay_names)
+
+
 @pytest.mark.parametrize("block", ["mamba", "mamba2"])
 def test_fit_checkpoint_serving_and_export_round_trip(tmp_path, block):
     task = TokenLM(block=block, lr=3e-3, **TINY)
