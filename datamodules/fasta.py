@@ -418,6 +418,12 @@ class FastaDataModule(BaseDataModule):
             )
         return out
 
+    def prepare_data(self) -> None:
+        """Build missing ``.fai`` indexes once (Lightning runs this on one process per node
+        before ``setup``, so DDP ranks never race to write the same index)."""
+        for path in resolve_files(self.fasta, "fasta", FASTA_SUFFIXES):
+            open_fasta(path).close()
+
     def setup(self, stage: str | None = None) -> None:
         if self._datasets:
             return

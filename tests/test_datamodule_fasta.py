@@ -182,6 +182,15 @@ def test_missing_index_is_built(genome, tmp_path):
     assert next(iter(dm.train_dataloader()))["inputs"].shape == (4, 64)
 
 
+def test_prepare_data_builds_the_index_before_setup(genome, tmp_path):
+    src, _ = genome
+    path = tmp_path / "fresh.fa"
+    path.write_text(src.read_text())
+    dm = FastaDataModule(str(path), window=64)
+    dm.prepare_data()  # what Lightning runs once per node, before any rank's setup
+    assert os.path.getsize(str(path) + ".fai") > 0
+
+
 @pytest.mark.parametrize(
     "content,match",
     [
