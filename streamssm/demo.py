@@ -137,15 +137,15 @@ def offline(bundle, prepared: Prepared) -> tuple[torch.Tensor, np.ndarray, np.nd
     Returns raw model outputs (t, o), the outputs in the units the service sends, and (token
     models) log p(x_t | x_<t) per step as the service scores them."""
     from streamssm.datamodules.encoding import encoder_from_metadata
+    from streamssm.inference import head_output
     from streamssm.service.codec import ModelCodec
 
     x = encoder_from_metadata(bundle.serving)(prepared.held_out)
     with torch.no_grad():
         raw = bundle.model(x[None])[0][0].float()  # (t, o)
-    head = bundle.config.head
-    sent = torch.log_softmax(raw, -1) if head == "lm" else torch.softmax(raw, -1) if head == "classifier" else raw
+    sent = head_output(bundle.config.head, raw)
     scores = None
-    if head == "lm":
+    if bundle.config.head == "lm":
         prior = torch.full((1, sent.shape[1]), -math.log(sent.shape[1]))
         scores = torch.cat([prior, sent[:-1]]).gather(1, x.long()[:, None])[:, 0].numpy()
     return raw, ModelCodec.from_bundle(bundle).postprocess(sent), scores

@@ -286,8 +286,8 @@ class Streamer:
         if last is not None:
             self.last_output.index_copy_(0, slots if len(fed) == len(lens) else
                                          slots.index_select(0, torch.tensor(fed, device=self.device)),
-                                         _head_output(head, last))
-        return (_head_output(head, y) if want else None), scores
+                                         head_output(head, last))
+        return (head_output(head, y) if want else None), scores
 
     # ------------------------------------------------------------------ validation
 
@@ -325,7 +325,7 @@ class Streamer:
                 )
 
 
-def _head_output(head: str, y: torch.Tensor) -> torch.Tensor:
+def head_output(head: str, y: torch.Tensor) -> torch.Tensor:
     """Raw fp32 model outputs (..., o) -> what ChunkResult.outputs holds for ``head``."""
     if head == "lm":
         return F.log_softmax(y, dim=-1)
