@@ -1,6 +1,7 @@
 """CPU benchmark of the chunked PyTorch Mamba-1 path against mamba.py and the sequential reference.
 
     python benchmarks/bench_cpu.py [--shapes C1,C2,C3] [--model] [--threads 2] [--repeats 3] [--no-verify]
+    python benchmarks/bench_cpu.py --suite targets [--configs T1,T2,T3] [--threads 2] [--repeats 3]
 
 Providers (same process, same fp32 tensors; ``torch.set_num_threads(--threads)``):
     ours     ``selective_scan(..., backend="torch")``: the chunked scan (kernels/mamba1/chunked_torch.py)
@@ -11,6 +12,17 @@ Providers (same process, same fp32 tensors; ``torch.set_num_threads(--threads)``
 Op: delta_softplus with delta_bias, D, no z, no initial state (mamba.py's scan has none); A is the
 S4D-real init -(1..n). ``--model`` adds a training step (forward + backward) of a 2-layer
 d_model-64 Mamba-1 backbone, ours vs mamba.py's ``Mamba`` with the same sizes.
+
+``--suite targets``: issue 3's CPU targets (shared/BENCHMARKS.md, "CPU"), one table. Per config
+(TARGET_CONFIGS) and block type (mamba, mamba2) one training step = forward + backward + AdamW of
+ours (``SSMModel`` with continuous inputs of d_model channels and a regression head of d_model
+outputs: one d×d linear more at each end than the peer) vs mamba.py's ``Mamba`` (residual blocks
+only, (b, l, d) in and out, no final norm), loss = mean square of the output, same d_model,
+layers, d_state 16, expand 2, d_conv 4. mamba.py's ``Mamba2`` imports mamba_ssm's Triton kernels
+at module load and cannot run on a CPU, so the Mamba-2 rows' peer is mamba.py's (Mamba-1) model of
+the same sizes, as in BENCHMARKS.md (headdim 32 for ours). Streaming: d128 x 4 layers, 64 streams,
+no grad: ours ``SSMModel.step_pool`` over a 64-row state pool, mamba.py ``Mamba.step`` with its
+per-layer (h, conv inputs) caches; stream-steps/s = 64 / time of one step.
 
 Times are the median of ``--repeats`` runs after one warm-up, providers interleaved per repeat
 (this machine's load drifts); tokens/s = batch * length / time; ratio = peer ms / our ms
@@ -154,15 +166,119 @@ def bench_model(repeats: int, batch: int = 8, length: int = 1024) -> Table:
     return table
 
 
+# name -> (d_model, n_layers, batch, length) of the training rows of shared/BENCHMARKS.md "CPU"
+TARGET_CONFIGS: dict[str, tuple[int, int, int, int]] = {
+    "T1": (64, 2, 8, 1024),
+    "T2": (128, 4, 4, 2048),
+    "T3": (256, 4, 1, 8192),
+}
+#: tokens/s (or stream-steps/s) ratio over mamba.py that issue 3 asks for
+TARGET_RATIO = {"mamba": 3.0, "mamba2": 5.0, "stream": 10.0}
+
+
+def _our_model(block: str, d_model: int, n_layers: int) -> torch.nn.Module:
+    from streamssm.models import ModelConfig, SSMModel
+
+    return SSMModel(ModelConfig(block=block, d_model=d_model, n_layers=n_layers, d_state=16, expand=2, d_conv=4,
+                                input_kind="continuous", input_dim=d_model, head="regression",
+                                output_dim=d_model))
+
+
+def _peer_model(d_model: int, n_layers: int) -> torch.nn.Module:
+    from mambapy.mamba import Mamba, MambaConfig
+
+    return Mamba(MambaConfig(d_model=d_model, n_layers=n_layers, d_state=16, expand_factor=2, d_conv=4))
+
+
+def _train_step(model: torch.nn.Module, x: torch.Tensor, unpack: bool) -> Callable[[], None]:
+    """One forward + backward + AdamW step of ``model`` on ``x`` (b, l, d), loss = mean(y^2)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def run() -> None:
+        opt.zero_grad(set_to_none=True)
+        y = model(x)
+        (y[0] if unpack else y).square().mean().backward()
+        opt.step()
+    return run
+
+
+def _verdict(ratio: float, target: float) -> tuple[str, str, str]:
+    return f"{ratio:.2f}x", f"{target:g}x", "yes" if ratio >= target else "no"
+
+
+def bench_targets(configs: list[str], repeats: int, streams: int = 64) -> Table:
+    table = Table(["config", "block", "provider", "ms/step", "tokens/s", "ratio", "target", "met"])
+    for name in configs:
+        d_model, n_layers, batch, length = TARGET_CONFIGS[name]
+        x = torch.randn(batch, length, d_model, generator=torch.Generator().manual_seed(0))
+        fns = {"mambapy": _train_step(_peer_model(d_model, n_layers), x, False)}
+        for block in ("mamba", "mamba2"):
+            fns[block] = _train_step(_our_model(block, d_model, n_layers), x, True)
+        ms = _median_ms(fns, repeats)
+        label = f"{name} d{d_model} x{n_layers} n16, {batch}x{length}"
+        tokens = batch * length
+        table.add(config=label, block="mamba (peer)", provider="mamba.py Mamba",
+                  **{"ms/step": ms["mambapy"], "tokens/s": tokens / ms["mambapy"] * 1e3})
+        for block in ("mamba", "mamba2"):
+            ratio, target, met = _verdict(ms["mambapy"] / ms[block], TARGET_RATIO[block])
+            table.add(config=label, block=block, provider="ours (torch)", ratio=ratio, target=target, met=met,
+                      **{"ms/step": ms[block], "tokens/s": tokens / ms[block] * 1e3})
+    d_model, n_layers = 128, 4
+    ms = _median_ms(_stream_fns(d_model, n_layers, streams), max(repeats, 20))
+    label = f"stream d{d_model} x{n_layers}, {streams} streams (stream-steps/s)"
+    table.add(config=label, block="mamba (peer)", provider="mamba.py Mamba.step",
+              **{"ms/step": ms["mambapy"], "tokens/s": streams / ms["mambapy"] * 1e3})
+    for block in ("mamba", "mamba2"):
+        ratio, target, met = _verdict(ms["mambapy"] / ms[block], TARGET_RATIO["stream"])
+        table.add(config=label, block=block, provider="ours SSMModel.step_pool", ratio=ratio, target=target, met=met,
+                  **{"ms/step": ms[block], "tokens/s": streams / ms[block] * 1e3})
+    return table
+
+
+def _stream_fns(d_model: int, n_layers: int, streams: int) -> dict[str, Callable[[], object]]:
+    """One recurrent step of ``streams`` streams, no grad: mamba.py and ours (both blocks)."""
+    g = torch.Generator().manual_seed(0)
+    x_t = torch.randn(streams, d_model, generator=g)
+    peer = _peer_model(d_model, n_layers).eval()
+    cfg = peer.config
+    caches = [(torch.zeros(streams, cfg.d_inner, cfg.d_state), torch.zeros(streams, cfg.d_inner, cfg.d_conv - 1))
+              for _ in range(n_layers)]
+
+    @torch.no_grad()
+    def peer_step() -> None:
+        nonlocal caches
+        _, caches = peer.step(x_t, caches)
+
+    fns: dict[str, Callable[[], object]] = {"mambapy": peer_step}
+    rows = torch.arange(streams)
+    for block in ("mamba", "mamba2"):
+        model = _our_model(block, d_model, n_layers).eval()
+        pool = model.init_state(streams)
+        fns[block] = torch.no_grad()(lambda model=model, pool=pool: model.step_pool(x_t, pool, rows))
+    return fns
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default=",".join(CPU_SHAPES), help="comma-separated names of CPU_SHAPES")
+    parser.add_argument("--suite", choices=["op", "targets"], default="op",
+                        help="op: the scan op (and --model); targets: issue 3's model-level CPU targets")
+    parser.add_argument("--configs", default=",".join(TARGET_CONFIGS), help="comma-separated TARGET_CONFIGS (targets)")
     parser.add_argument("--model", action="store_true", help="also time a backbone training step")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-verify", dest="verify", action="store_false")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.suite == "targets":
+        configs = [c for c in args.configs.split(",") if c]
+        unknown = [c for c in configs if c not in TARGET_CONFIGS]
+        if unknown:
+            parser.error(f"unknown configs {unknown}; known: {sorted(TARGET_CONFIGS)}")
+        print(f"# CPU targets (issue 3): training fwd+bwd+AdamW and streaming, fp32 · {run_tag()} · "
+              f"{args.threads} threads · {os.cpu_count()} cores · median of {args.repeats}")
+        print(bench_targets(configs, args.repeats).markdown())
+        return 0
     shapes = [s for s in args.shapes.split(",") if s]
     unknown = [s for s in shapes if s not in CPU_SHAPES]
     if unknown:
