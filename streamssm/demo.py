@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from streamssm.errors import StreamSSMError
+from streamssm.errors import ConfigError, StreamSSMError
 
 TASK_NAMES = ("sensor", "dna", "audio")
 AUDIO_RATE = 8000
@@ -92,7 +92,7 @@ def _prepare(name: str, data_dir: Path, size: Size) -> Prepared:
         held = synthetic.make_held_out_signal("audio", size.held_out, seed=1, sample_rate=AUDIO_RATE)
         held = np.asarray(held, np.float32)
         return Prepared(dm, TokenLM(**MODEL, max_steps=steps), held, "f32le", held[:, None])
-    raise ValueError(f"unknown demo task {name!r}; choose from {TASK_NAMES}")
+    raise ConfigError(f"unknown demo task {name!r}; choose from {TASK_NAMES}")
 
 
 # ------------------------------------------------------------------------------------ steps
