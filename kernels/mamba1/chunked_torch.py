@@ -62,9 +62,10 @@ class _ChunkedScanFn(torch.autograd.Function):
         h, start = h0, 0
         while start < l:
             end = start + _piece_length(dt[..., start:min(start + chunk_size, l)], a_abs_max)
-            sl = slice(start, end)
-            hs, growth = _piece_states(dt[..., sl], A, du[..., None, sl] * B[:, :, None, :, sl], h)
-            ys.append((hs * C[:, :, None, :, sl]).sum(3))
+            # contiguous piece slices: broadcast products of strided slices are ~5x slower on CPU
+            dt_p, du_p, B_p, C_p = (t[..., start:end].contiguous() for t in (dt, du, B, C))
+            hs, growth = _piece_states(dt_p, A, du_p[..., None, :] * B_p[:, :, None], h)
+            ys.append((hs * C_p[:, :, None]).sum(3))
             bounds.append((start, end))
             states += [hs, growth]
             h = hs[..., -1]
@@ -84,7 +85,8 @@ class _ChunkedScanFn(torch.autograd.Function):
             start, end = ctx.bounds[i]
             sl, hs, growth = slice(start, end), states[2 * i], states[2 * i + 1]
             h_start = states[2 * i - 2][..., -1] if i else h0  # (b, g, e, n)
-            dhs = dy[..., None, sl] * C[:, :, None, :, sl]  # (b, g, e, n, t)
+            dt_p, du_p, B_p, C_p, dy_p = (t[..., sl].contiguous() for t in (dt, du, B, C, dy))
+            dhs = dy_p[..., None, :] * C_p[:, :, None]  # (b, g, e, n, t)
             dhs[..., -1] += carry
             # R_t = lambda_t exp(Lc_t) = sum_{s>=t} dhs_s exp(Lc_s), lambda = dL/dh: a true reverse
             # cumsum ("total - cumsum" cancels, and exp(-Lc) would amplify the error)
@@ -101,10 +103,10 @@ class _ChunkedScanFn(torch.autograd.Function):
                 d_ld[..., 0] *= h_start
             carry = R[..., 0]  # dL/dh at the piece's start = lambda_0 decay_0
             d_dt[..., sl] = (d_ld * A).sum(3)
-            d_A += (d_ld * dt[..., None, sl]).sum((0, 4))[..., None]
-            d_du[..., sl] = (lam * B[:, :, None, :, sl]).sum(3)
-            d_B[..., sl] = (lam * du[..., None, sl]).sum(2)
-            d_C[..., sl] = (dy[..., None, sl] * hs).sum(2)
+            d_A += (d_ld * dt_p[..., None, :]).sum((0, 4))[..., None]
+            d_du[..., sl] = (lam * B_p[:, :, None]).sum(3)
+            d_B[..., sl] = (lam * du_p[..., None, :]).sum(2)
+            d_C[..., sl] = (dy_p[..., None, :] * hs).sum(2)
         return d_dt, d_du, d_A, d_B, d_C, carry, None
 
 
