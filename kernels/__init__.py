@@ -22,15 +22,16 @@ import torch
 
 from streamssm.errors import ConfigError, ShapeError
 from streamssm.kernels._common import (
+    INDEX_DTYPES,
     Backend,
     check_divisible,
     check_positive_length,
     check_tensor,
     choose_backend,
+    pool_rows,
 )
 
 FP32 = (torch.float32,)
-INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def _check_groups(op: str, name: str, M: torch.Tensor, channels: int) -> None:
@@ -187,15 +188,6 @@ def causal_conv1d(
 # ----------------------------------------------------------------------------- single steps
 
 
-def _pool_rows(op: str, pool: torch.Tensor, batch: int, state_indices: torch.Tensor | None) -> torch.Tensor:
-    if state_indices is None:
-        if pool.shape[0] != batch:
-            raise ShapeError(f"{op}: state has {pool.shape[0]} rows but the input batch is {batch}; pass state_indices")
-        return torch.arange(batch, device=pool.device)
-    check_tensor(op, "state_indices", state_indices, (batch,), INDEX_DTYPES, device=pool.device)
-    return state_indices.long()
-
-
 def _update_pool(pool: torch.Tensor, rows: torch.Tensor, new_rows: torch.Tensor) -> None:
     pool.index_copy_(0, rows, new_rows.to(pool.dtype))
 
@@ -218,7 +210,7 @@ def conv1d_step(
     b, d = x.shape
     check_tensor(op, "weight", weight, (d, None), device=x.device)
     check_tensor(op, "conv_state", conv_state, (None, d, weight.shape[1] - 1), device=x.device)
-    rows = _pool_rows(op, conv_state, b, state_indices)
+    rows = pool_rows(op, conv_state, b, state_indices)
     if choose_backend(op, backend, x.device) == "triton":
         from streamssm.kernels.conv1d.step import conv1d_step_triton
 
@@ -256,7 +248,7 @@ def selective_scan_step(
     check_tensor(op, "delta", delta, (b, d), device=u.device)
     check_tensor(op, "B", B, (b, n) if B.dim() == 2 else (b, None, n), device=u.device)
     check_tensor(op, "C", C, (b, n) if C.dim() == 2 else (b, None, n), device=u.device)
-    rows = _pool_rows(op, ssm_state, b, state_indices)
+    rows = pool_rows(op, ssm_state, b, state_indices)
     if choose_backend(op, backend, u.device) == "triton":
         from streamssm.kernels.mamba1.step import selective_scan_step_triton
 
@@ -295,7 +287,7 @@ def ssd_step(
     check_tensor(op, "ssm_state", ssm_state, (None, h, p, n), FP32, device=x.device)
     check_tensor(op, "dt", dt, (b, h), device=x.device)
     check_tensor(op, "A", A, (h,), FP32, device=x.device)
-    rows = _pool_rows(op, ssm_state, b, state_indices)
+    rows = pool_rows(op, ssm_state, b, state_indices)
     if choose_backend(op, backend, x.device) == "triton":
         from streamssm.kernels.ssd.step import ssd_step_triton
 

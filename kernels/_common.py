@@ -16,6 +16,7 @@ from streamssm.errors import ConfigError, ShapeError
 Backend = Literal["auto", "triton", "torch", "reference"]
 Resolved = Literal["triton", "torch", "reference"]
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int32, torch.int64)
 
 log = logging.getLogger(__name__)
 _logged_choices: set[tuple[str, str]] = set()
@@ -95,3 +96,14 @@ def check_positive_length(op: str, name: str, length: int) -> None:
 def check_divisible(op: str, what: str, total: int, groups: int) -> None:
     if groups <= 0 or total % groups != 0:
         raise ShapeError(f"{op}: {what}: {total} is not divisible by the number of groups {groups}")
+
+
+def pool_rows(op: str, pool: torch.Tensor, batch: int, state_indices: torch.Tensor | None) -> torch.Tensor:
+    """The pool rows (batch,) int64 a step updates: ``state_indices``, or 0..batch-1 when the
+    pool holds exactly one row per batch element."""
+    if state_indices is None:
+        if pool.shape[0] != batch:
+            raise ShapeError(f"{op}: state has {pool.shape[0]} rows but the input batch is {batch}; pass state_indices")
+        return torch.arange(batch, device=pool.device)
+    check_tensor(op, "state_indices", state_indices, (batch,), INDEX_DTYPES, device=pool.device)
+    return state_indices.long()

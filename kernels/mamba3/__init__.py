@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from streamssm.errors import ShapeError
-from streamssm.kernels._common import Backend, check_positive_length, check_tensor, choose_backend
+from streamssm.kernels._common import Backend, check_positive_length, check_tensor, choose_backend, pool_rows
 
 FP32 = (torch.float32,)
 
@@ -106,13 +106,7 @@ def mamba3_step(
     for name, pool in (("ssm_state", ssm_state), ("carry", carry)):
         if not pool.is_contiguous():
             raise ShapeError(f"{op}: {name} must be contiguous (it is updated in place)")
-    if state_indices is None:
-        if ssm_state.shape[0] != b:
-            raise ShapeError(f"{op}: state has {ssm_state.shape[0]} rows but the input batch is {b}; pass state_indices")
-        rows = torch.arange(b, device=x.device)
-    else:
-        check_tensor(op, "state_indices", state_indices, (b,), (torch.int32, torch.int64), device=x.device)
-        rows = state_indices.long()
+    rows = pool_rows(op, ssm_state, b, state_indices)
     if choose_backend(op, backend, x.device) == "triton":
         from streamssm.kernels.mamba3.step import mamba3_step_triton
 
