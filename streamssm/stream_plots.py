@@ -25,6 +25,16 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, title: str, out_png: str | Path) -> Path:
+    """Title, tighten, write the PNG and free the figure."""
+    fig.suptitle(title)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
 def plot_forecast(signal: np.ndarray, forecast: np.ndarray, out_png: str | Path, title: str = "",
                   max_channels: int = 3) -> Path:
     """Each channel's signal and the one-step-ahead forecast streamed by the model."""
@@ -44,12 +54,7 @@ def plot_forecast(signal: np.ndarray, forecast: np.ndarray, out_png: str | Path,
         ax.set_ylabel(f"channel {ch}")
     axes[0][0].legend(loc="upper right", fontsize=8)
     axes[-1][0].set_xlabel("step")
-    fig.suptitle(title)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return _save(plt, fig, title, out_png)
 
 
 def plot_surprisal(surprisal_bits: np.ndarray, out_png: str | Path, title: str = "",
@@ -75,9 +80,4 @@ def plot_surprisal(surprisal_bits: np.ndarray, out_png: str | Path, title: str =
     ax.set_ylabel("bits")
     ax.set_xlabel("step")
     ax.legend(loc="upper right", fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return _save(plt, fig, title, out_png)
