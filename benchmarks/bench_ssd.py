@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import types
 from pathlib import Path
 
 import torch
@@ -27,30 +26,20 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import SSD_SHAPES, Table, peak_memory_gib, run_tag, time_eager, time_graph  # noqa: E402
+from _peers import PEERS, import_mamba_ssm, stub_package  # noqa: E402
 
 from streamssm.kernels import ssd_scan  # noqa: E402
 from streamssm.kernels.ssd.chunked_ref import ssd_chunked_ref  # noqa: E402
 
 CHUNK = 256
 NAMES = ("x", "dt", "A", "B", "C", "D", "dt_bias")
-PEERS = Path(__file__).resolve().parent.parent / ".peers"
 
 
 # ----------------------------------------------------------------------------- peers
 
 
-def _stub_package(name: str, path: Path, **attrs) -> None:
-    """Make ``name`` importable as a bare package at ``path`` without running its __init__."""
-    mod = types.ModuleType(name)
-    mod.__path__ = [str(path)]
-    mod.__dict__.update(attrs)
-    sys.modules[name] = mod
-
-
 def load_mamba():
-    src = next(PEERS.glob("mamba_ssm-*"))
-    sys.path.insert(0, str(src))
-    _stub_package("mamba_ssm", src / "mamba_ssm")  # its __init__ imports the CUDA extension
+    import_mamba_ssm()
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
     return mamba_chunk_scan_combined
@@ -59,8 +48,8 @@ def load_mamba():
 def load_fla():
     sys.path.insert(0, str(PEERS / "fla"))
     version = next((PEERS / "fla").glob("fla_core-*.dist-info")).name.split("-")[1].removesuffix(".dist")
-    _stub_package("fla", PEERS / "fla" / "fla", __version__=version)
-    _stub_package("fla.ops", PEERS / "fla" / "fla" / "ops")
+    stub_package("fla", PEERS / "fla" / "fla", __version__=version)
+    stub_package("fla.ops", PEERS / "fla" / "fla" / "ops")
     import fla.ops.common.chunk_o as chunk_o
     from fla.ops.simple_gla.chunk import chunk_simple_gla
 

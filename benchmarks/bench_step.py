@@ -16,7 +16,9 @@ rows' state bytes: the read+write memory floor). Each is timed eager (a loop of 
 overhead included) and replayed from a CUDA graph of 20 calls (GPU time alone): µs per call,
 median of 5 repeats after warm-up, L2 not flushed. Ratios > 1 mean we are faster.
 ``--model`` adds a whole-model step (4-layer d_model 512 Mamba-2, our ``step_pool``) eager,
-in one CUDA graph, and through ``Streamer.feed_many`` with one-sample chunks.
+in one CUDA graph, and through ``Streamer.feed_many`` with one-sample chunks, next to the same
+model (same weights) stacked from mamba-ssm ``Mamba2`` modules with their ``step``
+(``benchmarks/_peers.py``; needs einops and the sdist under .peers/).
 """
 
 from __future__ import annotations
@@ -236,6 +238,24 @@ def bench_kernels(batches: list[int], do_verify: bool, sweep: bool) -> None:
             print(f"| {b} | " + " | ".join(cells) + " |", flush=True)
 
 
+def _peer_model(model):
+    """The same model stacked from mamba-ssm ``Mamba2`` modules with our weights, or None."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    try:
+        from _peers import PeerMamba2Model
+
+        cfg = model.cfg
+        peer = PeerMamba2Model(cfg.d_model, cfg.n_layers, cfg.d_state, cfg.headdim, cfg.expand, cfg.d_conv,
+                               cfg.chunk_size, input_dim=cfg.input_dim, output_dim=cfg.output_dim)
+    except (ImportError, StopIteration) as exc:  # the peer is optional: its columns stay empty
+        print(f"# peer model (mamba-ssm Mamba2) not importable ({exc!r}); peer columns empty")
+        return None
+    return peer.to("cuda", BF16).load_from(model).eval()
+
+
 def bench_model(batches: list[int]) -> None:
     from streamssm.inference import Streamer
     from streamssm.models import ModelConfig, SSMModel
@@ -244,23 +264,50 @@ def bench_model(batches: list[int]) -> None:
                       input_kind="continuous", input_dim=1, head="regression", output_dim=1)
     torch.manual_seed(0)
     model = SSMModel(cfg).to("cuda", BF16).eval()
-    print("\n## Whole-model step (4-layer d_model 512 Mamba-2, heads 16 x 64, dstate 128, bf16): µs per step\n")
-    print("| streams | step_pool eager | step_pool graph | Streamer.feed_many eager | stream-steps/s (graph) |")
-    print("|---|---|---|---|---|")
+    peer = _peer_model(model)
+    print("\n## Whole-model step (4-layer d_model 512 Mamba-2, heads 16 x 64, dstate 128, bf16, fp32 SSM state): "
+          "µs per step\n")
+    print("Peer: the same model (our weights) stacked from mamba-ssm `Mamba2` modules, its `step` on contiguous "
+          "per-stream states (no pool indexing).\n")
+    print("| streams | ours eager | ours graph | peer eager | peer graph | peer/ours eager | peer/ours graph "
+          "| Streamer.feed_many eager | stream-steps/s (ours graph) | max abs diff 16 steps |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for b in batches:
         pool = model.init_state(2 * b, "cuda", BF16)
         rows = torch.randperm(2 * b, device="cuda")[:b]
         x = torch.randn(b, 1, device="cuda", dtype=BF16)
+        t = {}
+        diff = None
         with torch.no_grad():
             fn = lambda: model.step_pool(x, pool, rows)
-            eager, graph = time_eager(fn), time_graph(fn)
+            t["ours_e"], t["ours_g"] = time_eager(fn), time_graph(fn)
+            if peer is not None:
+                states = peer.init_states(b)
+                pfn = lambda: peer.step(x, states)
+                t["peer_e"], t["peer_g"] = time_eager(pfn), time_graph(pfn)
+                diff = _step_diff(model, peer, b)
         streamer = Streamer(model, capacity=b, device="cuda", dtype=BF16)
         ids = [streamer.open() for _ in range(b)]
         chunks = {sid: torch.randn(1, 1) for sid in ids}
         feed = time_eager(lambda: streamer.feed_many(chunks))
-        print(f"| {b} | {fmt(eager)} | {fmt(graph)} | {fmt(feed)} | {b / graph * 1e6:,.0f} |", flush=True)
+        print(f"| {b} | {fmt(t['ours_e'])} | {fmt(t['ours_g'])} | {fmt(t.get('peer_e'))} | {fmt(t.get('peer_g'))} "
+              f"| {ratio(t.get('peer_e'), t['ours_e'])} | {ratio(t.get('peer_g'), t['ours_g'])} | {fmt(feed)} "
+              f"| {b / t['ours_g'] * 1e6:,.0f} | {'–' if diff is None else f'{diff:.2e}'} |", flush=True)
         del pool, streamer
         torch.cuda.empty_cache()
+
+
+@torch.no_grad()
+def _step_diff(model, peer, b: int, steps: int = 16) -> float:
+    """Max |ours - peer| of the outputs over ``steps`` steps of ``b`` streams from zero states."""
+    pool = model.init_state(b, "cuda", BF16)
+    rows = torch.arange(b, device="cuda")
+    states = peer.init_states(b)
+    worst = 0.0
+    for _ in range(steps):
+        x = torch.randn(b, 1, device="cuda", dtype=BF16)
+        worst = max(worst, float((model.step_pool(x, pool, rows).float() - peer.step(x, states).float()).abs().max()))
+    return worst
 
 
 def main() -> None:
@@ -269,6 +316,7 @@ def main() -> None:
     parser.add_argument("--no-verify", action="store_true")
     parser.add_argument("--sweep", action="store_true", help="also sweep ssd_step's headdim tile")
     parser.add_argument("--model", action="store_true", help="also time a whole-model step")
+    parser.add_argument("--no-kernels", action="store_true", help="skip the kernel table")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_step needs a CUDA device")
@@ -281,7 +329,8 @@ def main() -> None:
 
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} "
           f"| commit {os.environ.get('STREAMSSM_COMMIT', commit) or '?'}")
-    bench_kernels(batches, not args.no_verify, args.sweep)
+    if not args.no_kernels:
+        bench_kernels(batches, not args.no_verify, args.sweep)
     if args.model:
         bench_model(batches)
 

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import Table, run_tag  # noqa: E402
 
+from streamssm.plots import plot_training_curve  # noqa: E402
 from streamssm.tasks import TokenLM  # noqa: E402
 
 VOCAB = 5
@@ -85,7 +86,9 @@ class StepTimer(pl.Callback):
             trainer.should_stop = True
 
 
-def run_config(block: str, length: int, batch: int, args: argparse.Namespace, deadline: float) -> dict:
+def run_config(block: str, length: int, batch: int, args: argparse.Namespace,
+               deadline: float) -> tuple[dict, list[float]]:
+    """One config's table row and its loss at every step."""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     pl.seed_everything(0, verbose=False)
@@ -113,7 +116,19 @@ def run_config(block: str, length: int, batch: int, args: argparse.Namespace, de
         "ms/step": ms, "steps/s": 1e3 / ms, "tokens/s": batch * length * 1e3 / ms,
         "peak GiB": timer.peak_gib, "loss first": timer.losses[0], "loss last": timer.losses[-1],
         "timed steps": len(timer.times[args.warmup :]), "wall s": wall,
-    }
+    }, timer.losses
+
+
+def plot_losses(curves: dict[str, list[float]], png: Path, title: str) -> Path:
+    """Write the per-step losses as a metrics CSV (column '<config> loss') and plot it."""
+    steps = max(len(v) for v in curves.values())
+    csv_path = png.with_suffix(".csv")
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with csv_path.open("w") as f:
+        f.write(",".join(["step"] + [f"{spec} loss" for spec in curves]) + "\n")
+        for i in range(steps):
+            f.write(",".join([str(i)] + [f"{v[i]:.6f}" if i < len(v) else "" for v in curves.values()]) + "\n")
+    return plot_training_curve(csv_path, png, title)
 
 
 def main() -> int:
@@ -130,6 +145,7 @@ def main() -> int:
     parser.add_argument("--budget-s", type=float, default=170.0,
                         help="stop the running config after the step that crosses this; skip the rest")
     parser.add_argument("--out", default=None, help="also write the markdown table here")
+    parser.add_argument("--plot", default=None, help="PNG of every config's loss per step (CSV beside it)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_train needs a CUDA GPU", file=sys.stderr)
@@ -137,6 +153,7 @@ def main() -> int:
     cols = ["block", "length", "batch", "params M", "ms/step", "steps/s", "tokens/s", "peak GiB",
             "loss first", "loss last", "timed steps", "wall s"]
     table = Table(cols)
+    curves: dict[str, list[float]] = {}
     start = time.perf_counter()
     for spec in args.configs.split(","):
         block, length, batch = spec.split(":")
@@ -144,7 +161,7 @@ def main() -> int:
             print(f"skipped {spec}: past the {args.budget_s:.0f} s budget", flush=True)
             continue
         try:
-            row = run_config(block, int(length), int(batch), args, start + args.budget_s)
+            row, curves[spec] = run_config(block, int(length), int(batch), args, start + args.budget_s)
         except torch.OutOfMemoryError as exc:
             print(f"{spec}: out of memory: {str(exc).splitlines()[0]}", flush=True)
             continue
@@ -157,6 +174,8 @@ def main() -> int:
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
+    if args.plot and curves:
+        plot_losses(curves, Path(args.plot), f"TokenLM d_model {args.d_model} x {args.layers}, bf16-mixed")
     if any(math.isnan(r["loss last"]) or r["loss last"] >= r["loss first"] for r in table.rows):
         print("WARNING: loss did not go down in some config", flush=True)
     return 0

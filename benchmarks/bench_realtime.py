@@ -1,0 +1,100 @@
+"""How many live 16 kHz streams one GPU keeps up with: ``Streamer.feed_many`` of N x 20 ms chunks.
+
+    python benchmarks/bench_realtime.py [--streams 64,128,256,512,1024,2048] [--chunk-ms 20]
+                                        [--sample-rate 16000] [--dtype bfloat16] [--out table.md]
+
+The model is the 4-layer d_model 512 Mamba-2 of the whole-model step benchmark (heads 16 x 64,
+d_state 128) as a mu-law audio LM (256 tokens), in ``--dtype``. Each call feeds every one of N
+open streams one chunk of ``sample_rate * chunk_ms / 1000`` tokens through the chunked path
+(state gathered from the pool, model forward, state written back) and returns per-token
+scores only (``outputs=False``: what the service computes for clients that do not ask for
+distributions). N streams are real time when one call takes at most ``chunk_ms``. Also timed:
+the bare model forward over the same (N, chunk) tokens from a zero state (the compute the
+engine cannot avoid), as ms, tokens/s and TFLOP/s of the matmuls (2 x matmul weights per token).
+Times are medians of ``--calls`` calls after 2 warm-up calls, synchronized wall clock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import Table, run_tag  # noqa: E402
+
+from streamssm.inference import Streamer  # noqa: E402
+from streamssm.models import ModelConfig, SSMModel  # noqa: E402
+
+CONFIG = dict(block="mamba2", d_model=512, n_layers=4, d_state=128, headdim=64, expand=2, chunk_size=64,
+              input_kind="tokens", vocab_size=256, head="lm")
+
+
+def timed_ms(fn, calls: int) -> float:
+    """Median synchronized wall-clock ms of ``fn()`` after two warm-up calls."""
+    times = []
+    for i in range(calls + 2):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def matmul_flops_per_token(model: SSMModel) -> float:
+    """2 x the weights of every Linear (encoder lookup and conv excluded)."""
+    return 2.0 * sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--streams", default="64,128,256,512,1024,2048")
+    parser.add_argument("--chunk-ms", type=float, default=20.0)
+    parser.add_argument("--sample-rate", type=int, default=16000)
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--calls", type=int, default=7)
+    parser.add_argument("--out", default=None, help="also write the markdown table here")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_realtime needs a CUDA GPU", file=sys.stderr)
+        return 2
+    dtype = getattr(torch, args.dtype)
+    chunk = int(args.sample_rate * args.chunk_ms / 1000)
+    torch.manual_seed(0)
+    model = SSMModel(ModelConfig(**CONFIG))
+    flops = matmul_flops_per_token(model)
+    table = Table(["streams", "feed_many ms", "real time", "stream capacity", "forward ms", "engine overhead",
+                   "forward Mtok/s", "forward TFLOP/s"])
+    kept = 0
+    for n in (int(s) for s in args.streams.split(",")):
+        streamer = Streamer(model, capacity=n, device="cuda", dtype=dtype)
+        chunks = {streamer.open(): torch.randint(0, 256, (chunk,)) for _ in range(n)}
+        feed = timed_ms(lambda: streamer.feed_many(chunks, outputs=False), args.calls)
+        x = torch.stack(list(chunks.values())).cuda()
+        with torch.no_grad():
+            fwd = timed_ms(lambda: streamer.model(x), args.calls)
+        kept = n if feed <= args.chunk_ms else kept
+        table.add(**{"streams": n, "feed_many ms": feed, "real time": "yes" if feed <= args.chunk_ms else "no",
+                     "stream capacity": round(n * args.chunk_ms / feed), "forward ms": fwd,
+                     "engine overhead": f"{feed / fwd:.2f}x", "forward Mtok/s": n * chunk / fwd / 1e3,
+                     "forward TFLOP/s": n * chunk * flops / fwd / 1e9})
+        print(f"N={n}: feed_many {feed:.2f} ms, forward {fwd:.2f} ms", flush=True)
+        del streamer, x
+        torch.cuda.empty_cache()
+    text = (f"{run_tag()}\n4-layer d_model 512 Mamba-2 mu-law LM ({args.dtype}), {args.sample_rate} Hz streams fed "
+            f"{args.chunk_ms:g} ms chunks ({chunk} tokens), scores only; stream capacity = N x chunk / call time. "
+            f"Largest N kept real time: {kept}.\n\n" + table.markdown())
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
