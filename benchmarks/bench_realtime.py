@@ -4,7 +4,7 @@
                                         [--sample-rate 16000] [--dtype bfloat16] [--out table.md]
 
 The model is the 4-layer d_model 512 Mamba-2 of the whole-model step benchmark (heads 16 x 64,
-d_state 128) as a mu-law audio LM (256 tokens), in ``--dtype``. Each call feeds every one of N
+d_state 128, SSD chunk 256) as a mu-law audio LM (256 tokens), in ``--dtype``. Each call feeds every one of N
 open streams one chunk of ``sample_rate * chunk_ms / 1000`` tokens through the chunked path
 (state gathered from the pool, model forward, state written back) and returns per-token
 scores only (``outputs=False``: what the service computes for clients that do not ask for
@@ -30,7 +30,7 @@ from _harness import Table, run_tag  # noqa: E402
 from streamssm.inference import Streamer  # noqa: E402
 from streamssm.models import ModelConfig, SSMModel  # noqa: E402
 
-CONFIG = dict(block="mamba2", d_model=512, n_layers=4, d_state=128, headdim=64, expand=2, chunk_size=64,
+CONFIG = dict(block="mamba2", d_model=512, n_layers=4, d_state=128, headdim=64, expand=2, chunk_size=256,
               input_kind="tokens", vocab_size=256, head="lm")
 
 

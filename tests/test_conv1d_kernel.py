@@ -25,11 +25,14 @@ def make_inputs(b, d, l, w, bias=True, init=True, dtype=torch.float32, device="c
                 initial_state=rnd(b, d, w - 1) if init else None)
 
 
-def run(fn, inputs, activation="silu", seed=1):
+def run(fn, inputs, activation="silu", seed=1, cotangent_dtype=torch.float32):
+    """Outputs and gradients of (y * dy).sum() + (final * dfinal).sum(). The cotangents are drawn
+    in ``cotangent_dtype`` first (bf16 runs get bf16 dy; the float64 reference must see the same
+    values, or its dweight differs by the rounding of dy summed over b * l terms)."""
     y, final = fn(**inputs, activation=activation, return_final_state=True)
     g = torch.Generator().manual_seed(seed)
-    dy = torch.randn(y.shape, generator=g).to(y)
-    dfinal = torch.randn(final.shape, generator=g).to(final)
+    dy = torch.randn(y.shape, generator=g).to(cotangent_dtype).to(y)
+    dfinal = torch.randn(final.shape, generator=g).to(cotangent_dtype).to(final)
     leaves = {k: v for k, v in inputs.items() if v is not None}
     grads = torch.autograd.grad((y * dy).sum() + (final * dfinal).sum(), list(leaves.values()))
     return y, final, dict(zip(leaves, grads))
@@ -40,9 +43,9 @@ def triton_conv(**kw):
 
 
 def check(inputs, activation="silu", dtype=torch.float32):
-    ours = run(triton_conv, inputs, activation)
+    ours = run(triton_conv, inputs, activation, cotangent_dtype=dtype)
     ref = run(causal_conv1d_ref, {k: (None if v is None else v.detach().double().requires_grad_())
-                                  for k, v in inputs.items()}, activation)
+                                  for k, v in inputs.items()}, activation, cotangent_dtype=dtype)
     assert_close("y", ref[0], ours[0], dtype)
     assert_close("final_state", ref[1], ours[1], dtype)
     for name in ours[2]:
@@ -95,6 +98,27 @@ def test_non_contiguous_inputs():
     )
     assert not inputs["x"].is_contiguous() and not inputs["weight"].is_contiguous()
     check(inputs)
+
+
+def test_channel_last_input_gives_channel_last_output_and_gradient():
+    """A transposed (b, l, d) slice (how the blocks pass in_proj outputs) comes back in the same
+    memory order, so the block reads y as a contiguous (b, l, d) view; a strided dy is read as is."""
+    b, d, l, w = 2, 6, 19, 3
+    g = torch.Generator().manual_seed(6)
+    proj = torch.randn(b, l, d + 5, generator=g).requires_grad_()
+    x = proj[..., 2 : 2 + d].transpose(1, 2)  # (b, d, l), channels fastest, not dense
+    weight, bias = torch.randn(d, w, generator=g), torch.randn(d, generator=g)
+    y = triton_conv(x=x, weight=weight, bias=bias, activation="silu")
+    assert y.transpose(1, 2).is_contiguous()
+    y_ref = causal_conv1d_ref(x.detach().double(), weight.double(), bias.double(), activation="silu")
+    assert_close("channel-last y", y_ref, y, torch.float32)
+    dy = torch.randn(b, d, l, generator=g)
+    (dx,) = torch.autograd.grad(y, proj, dy[:, :, :].transpose(1, 2).contiguous().transpose(1, 2))
+    x64 = x.detach().double().requires_grad_()
+    (dx_ref,) = torch.autograd.grad(causal_conv1d_ref(x64, weight.double(), bias.double(), activation="silu"),
+                                    x64, dy.double())
+    assert_close("channel-last dx", dx_ref, dx[..., 2 : 2 + d].transpose(1, 2), torch.float32)
+    assert torch.count_nonzero(dx[..., :2]) == 0 and torch.count_nonzero(dx[..., 2 + d :]) == 0
 
 
 @pytest.mark.parametrize("bad, message", [

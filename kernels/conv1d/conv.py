@@ -10,6 +10,7 @@ Backward, with dpre_s = dy_s * act'(pre_s) (pre recomputed, never stored):
     dxpad[p] = sum_k weight[:, k] * dpre[p - k]  (+ d final[p - l] for the last w-1 positions)
     dx_t = dxpad[t + w - 1];  d initial_state_j = dxpad[j];  dweight_k = sum dpre_s xpad[s + k]
 Programs own (batch, BLOCK_D channels, BLOCK_L steps); dweight/dbias are summed with fp32 atomics.
+Any strides in and out: y and dx are laid out like x (``_empty_in_layout_of``).
 """
 
 from __future__ import annotations
@@ -56,11 +57,11 @@ def _pre(p_x, p_init, p_w, p_bias, o_d, m_d, s, length, s_xd, s_xl, s_id, s_il, 
 
 
 @triton.jit
-def _dpre(p_x, p_init, p_w, p_bias, p_dy, o_d, m_d, s, length, s_xd, s_xl, s_id, s_il, s_wd, s_wk,
+def _dpre(p_x, p_init, p_w, p_bias, p_dy, o_d, m_d, s, length, s_xd, s_xl, s_id, s_il, s_wd, s_wk, s_gd, s_gl,
           W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
     """dL/dpre at output positions s (P,) -> (BLOCK_D, P) fp32, 0 outside [0, length)."""
     m = m_d[:, None] & ((s >= 0) & (s < length))[None, :]
-    dy = tl.load(p_dy + o_d[:, None] * length + s[None, :], mask=m, other=0.0).to(tl.float32)
+    dy = tl.load(p_dy + o_d[:, None] * s_gd + s[None, :] * s_gl, mask=m, other=0.0).to(tl.float32)
     if SILU:
         pre = _pre(p_x, p_init, p_w, p_bias, o_d, m_d, s, length, s_xd, s_xl, s_id, s_il, s_wd, s_wk,
                    W, HAS_INIT, HAS_BIAS)
@@ -71,7 +72,7 @@ def _dpre(p_x, p_init, p_w, p_bias, p_dy, o_d, m_d, s, length, s_xd, s_xl, s_id,
 
 @triton.jit
 def _dxpad(p_x, p_init, p_w, p_bias, p_dy, p_dfinal, o_d, m_d, p, length,
-           s_xd, s_xl, s_id, s_il, s_wd, s_wk,
+           s_xd, s_xl, s_id, s_il, s_wd, s_wk, s_gd, s_gl,
            W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
            HAS_DFINAL: tl.constexpr):
     """dL/dxpad at positions p (P,) -> (BLOCK_D, P) fp32."""
@@ -79,7 +80,7 @@ def _dxpad(p_x, p_init, p_w, p_bias, p_dy, p_dfinal, o_d, m_d, p, length,
     for k in tl.static_range(W):
         wk = tl.load(p_w + o_d * s_wd + k * s_wk, mask=m_d, other=0.0).to(tl.float32)
         acc += wk[:, None] * _dpre(p_x, p_init, p_w, p_bias, p_dy, o_d, m_d, p - k, length,
-                                   s_xd, s_xl, s_id, s_il, s_wd, s_wk, W, HAS_INIT, HAS_BIAS, SILU)
+                                   s_xd, s_xl, s_id, s_il, s_wd, s_wk, s_gd, s_gl, W, HAS_INIT, HAS_BIAS, SILU)
     if HAS_DFINAL:
         j = p - length
         mf = m_d[:, None] & ((j >= 0) & (j < W - 1))[None, :]
@@ -90,12 +91,12 @@ def _dxpad(p_x, p_init, p_w, p_bias, p_dy, p_dfinal, o_d, m_d, p, length,
 @triton.autotune(configs=_configs(), key=["dim", "W"])
 @triton.jit
 def _causal_conv1d_fwd_kernel(
-    # pointers: x (b, d, l); init (b, d, w-1); weight (d, w); bias (d,); y contiguous (b, d, l)
+    # pointers: x (b, d, l); init (b, d, w-1); weight (d, w); bias (d,); y (b, d, l)
     p_x, p_init, p_w, p_bias, p_y,
     # dimensions
     length, dim,
     # strides
-    s_xb, s_xd, s_xl, s_ib, s_id, s_il, s_wd, s_wk,
+    s_xb, s_xd, s_xl, s_ib, s_id, s_il, s_wd, s_wk, s_yb, s_yd, s_yl,
     # meta
     W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
@@ -106,26 +107,26 @@ def _causal_conv1d_fwd_kernel(
     s = tl.program_id(2).to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)
     p_x += pid_b * s_xb
     p_init += pid_b * s_ib
-    p_y += pid_b * dim * length
+    p_y += pid_b * s_yb
     pre = _pre(p_x, p_init, p_w, p_bias, o_d, m_d, s, length, s_xd, s_xl, s_id, s_il, s_wd, s_wk,
                W, HAS_INIT, HAS_BIAS)
     if SILU:
         pre = pre * tl.sigmoid(pre)
     m = m_d[:, None] & (s < length)[None, :]
-    tl.store(p_y + o_d[:, None] * length + s[None, :], pre.to(p_y.dtype.element_ty), mask=m)
+    tl.store(p_y + o_d[:, None] * s_yd + s[None, :] * s_yl, pre.to(p_y.dtype.element_ty), mask=m)
 
 
 @triton.autotune(configs=_configs(), key=["dim", "W"], reset_to_zero=["p_dw", "p_dbias"])
 @triton.jit
 def _causal_conv1d_bwd_kernel(
-    # pointers: inputs as in the forward; dy contiguous (b, d, l); dfinal contiguous (b, d, w-1)
+    # pointers: inputs as in the forward; dy (b, d, l); dfinal contiguous (b, d, w-1)
     p_x, p_init, p_w, p_bias, p_dy, p_dfinal,
-    # outputs: dx contiguous (b, d, l); dinit contiguous (b, d, w-1); dw (d, w), dbias (d,) fp32
+    # outputs: dx (b, d, l); dinit contiguous (b, d, w-1); dw (d, w), dbias (d,) fp32
     p_dx, p_dinit, p_dw, p_dbias,
     # dimensions
     length, dim,
     # strides
-    s_xb, s_xd, s_xl, s_ib, s_id, s_il, s_wd, s_wk,
+    s_xb, s_xd, s_xl, s_ib, s_id, s_il, s_wd, s_wk, s_gb, s_gd, s_gl, s_dxb, s_dxd, s_dxl,
     # meta
     W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
     HAS_DFINAL: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
@@ -138,11 +139,11 @@ def _causal_conv1d_bwd_kernel(
     m = m_d[:, None] & (s < length)[None, :]
     p_x += pid_b * s_xb
     p_init += pid_b * s_ib
-    p_dy += pid_b * dim * length
-    p_dx += pid_b * dim * length
+    p_dy += pid_b * s_gb
+    p_dx += pid_b * s_dxb
     p_dfinal += pid_b * dim * (W - 1)
     p_dinit += pid_b * dim * (W - 1)
-    args = (s_xd, s_xl, s_id, s_il, s_wd, s_wk)
+    args = (s_xd, s_xl, s_id, s_il, s_wd, s_wk, s_gd, s_gl)
     # weight and bias gradients from this tile's dpre
     dpre = _dpre(p_x, p_init, p_w, p_bias, p_dy, o_d, m_d, s, length, *args, W, HAS_INIT, HAS_BIAS, SILU)
     for k in tl.static_range(W):
@@ -153,7 +154,7 @@ def _causal_conv1d_bwd_kernel(
     # input gradient at xpad positions s + w - 1 (= x positions s)
     dx = _dxpad(p_x, p_init, p_w, p_bias, p_dy, p_dfinal, o_d, m_d, s + (W - 1), length, *args,
                 W, HAS_INIT, HAS_BIAS, SILU, HAS_DFINAL)
-    tl.store(p_dx + o_d[:, None] * length + s[None, :], dx.to(p_dx.dtype.element_ty), mask=m)
+    tl.store(p_dx + o_d[:, None] * s_dxd + s[None, :] * s_dxl, dx.to(p_dx.dtype.element_ty), mask=m)
     if HAS_INIT:
         if pid_l == 0:
             j = tl.arange(0, 4).to(tl.int64)
@@ -165,6 +166,16 @@ def _causal_conv1d_bwd_kernel(
 
 def _grid(b: int, d: int, l: int):
     return lambda meta: (b, triton.cdiv(d, meta["BLOCK_D"]), triton.cdiv(l, meta["BLOCK_L"]))
+
+
+def _empty_in_layout_of(x: torch.Tensor) -> torch.Tensor:
+    """An empty (b, d, l) tensor in x's memory order: channel-last when x is a transposed
+    (b, l, d) view (channels its fastest axis, as Mamba blocks hand over in_proj slices), else
+    contiguous. The block then reads the result back as a (b, l, d) view without a copy."""
+    b, d, l = x.shape
+    if x.stride(1) == 1 and x.stride(2) != 1:
+        return torch.empty(b, l, d, device=x.device, dtype=x.dtype).transpose(1, 2)
+    return torch.empty(b, d, l, device=x.device, dtype=x.dtype)
 
 
 def _final_state(x: torch.Tensor, init: torch.Tensor | None, w: int) -> torch.Tensor:
@@ -187,9 +198,9 @@ class CausalConv1dFn(torch.autograd.Function):
         b, d, l = x.shape
         w = weight.shape[1]
         init = initial_state if initial_state is not None else x  # placeholder pointer when absent
-        y = torch.empty(b, d, l, device=x.device, dtype=x.dtype)
+        y = _empty_in_layout_of(x)
         _causal_conv1d_fwd_kernel[_grid(b, d, l)](
-            x, init, weight, bias, y, l, d, *x.stride(), *init.stride()[:3], *weight.stride(),
+            x, init, weight, bias, y, l, d, *x.stride(), *init.stride()[:3], *weight.stride(), *y.stride(),
             W=w, HAS_INIT=initial_state is not None, HAS_BIAS=bias is not None, SILU=activation == "silu",
         )
         final = _final_state(x, initial_state, w)
@@ -203,16 +214,16 @@ class CausalConv1dFn(torch.autograd.Function):
         x, weight, bias, initial_state = ctx.saved_tensors
         b, d, l = x.shape
         w = weight.shape[1]
-        dy = torch.zeros_like(x) if dy is None else dy.contiguous()
+        dy = torch.zeros_like(x) if dy is None else dy
         dfinal = None if dfinal is None else dfinal.contiguous()
         init = initial_state if initial_state is not None else x
-        dx = torch.empty(b, d, l, device=x.device, dtype=x.dtype)
+        dx = _empty_in_layout_of(x)
         dinit = torch.empty(b, d, w - 1, device=x.device, dtype=init.dtype) if initial_state is not None else dx
         dw = torch.zeros(d, w, device=x.device, dtype=torch.float32)
         dbias = torch.zeros(d, device=x.device, dtype=torch.float32)
         _causal_conv1d_bwd_kernel[_grid(b, d, l)](
             x, init, weight, bias, dy, dfinal if dfinal is not None else dy,
-            dx, dinit, dw, dbias, l, d, *x.stride(), *init.stride()[:3], *weight.stride(),
+            dx, dinit, dw, dbias, l, d, *x.stride(), *init.stride()[:3], *weight.stride(), *dy.stride(), *dx.stride(),
             W=w, HAS_INIT=initial_state is not None, HAS_BIAS=bias is not None, SILU=ctx.silu,
             HAS_DFINAL=dfinal is not None,
         )
