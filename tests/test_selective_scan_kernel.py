@@ -86,6 +86,13 @@ def test_time_segments_match_reference(segments):
     check_against_reference(make_inputs(1, 4, 50, 3, seed=3), segments=segments)
 
 
+@pytest.mark.parametrize("segments", [1, 2])
+def test_half_precision_inputs_match_reference(segments):
+    """16-bit u/delta/z: the forward walks 8 steps per tile (fp32: 4), over several tiles per chunk."""
+    inputs = make_inputs(2, 4, 45, 3, dtype=torch.float16, seed=13)
+    check_against_reference(inputs, dtype=torch.float16, segments=segments, chunk=16)
+
+
 def test_chunked_calls_carrying_state_equal_one_call():
     inputs = make_inputs(2, 4, 40, 3, z=True, seed=5)
     y_full, h_full, g_full = run(lambda **a: selective_scan(**a, backend="triton"), inputs)

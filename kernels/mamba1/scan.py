@@ -2,34 +2,43 @@
 
 Shape legend:
     b batch, d dim (channels), l length, n dstate (padded to N_PAD), g groups of B/C,
-    T chunk length (time tile), c chunk index, S segments (time ranges run by separate programs)
+    T chunk length (checkpoint interval), TT / TB steps per tile, S segments (time ranges run
+    by separate programs)
 
 Recurrence (see ``reference.py``), per channel and state index, fp32:
     dt_t = softplus(delta_t + delta_bias);  x_t = exp(dt_t A);  b_t = dt_t u_t B_t
     h_t  = x_t h_{t-1} + b_t;  y_t = C_t . h_t + D u_t;  y_t *= silu(z_t)
 
-Work split. A program owns (batch, BLOCK_D channels, one segment of whole chunks) and keeps
-the (BLOCK_D, n) state in registers. Inside a chunk the T steps are combined in parallel by
-an associative scan over the affine maps h -> x h + b; chunks follow each other serially.
-When batch x channel blocks alone cannot fill the GPU (long sequences at batch 1), time is
-also split into S segments: each segment's local end state is computed from zero
-(``_selective_scan_chunk_state_kernel``), a short serial pass over segments gives every
-segment its true start state (``_selective_scan_state_passing_kernel``), and then all
-segments run the output pass in parallel (``_selective_scan_fwd_kernel``).
+Work split: time per thread. A program is one warp (or two) owning (batch, 32 channels, one
+segment of whole chunks); each thread owns one channel and its n states in registers and
+walks time step after step, as the CUDA kernel's threads do. u, delta, z come in (32, TT)
+tiles, TT consecutive steps per thread (one 16-byte load; TT = 8 for 16-bit inputs), loaded a
+tile ahead; inside a tile the steps are unrolled and a step's column is a register read
+(``_column``). B and C are copied once per call into fp32 rows (b, g, l, N_PAD), so that a
+step's B_t is one contiguous row every thread reads. Sums over n (y) stay in-thread.
+When batch x channel blocks cannot give every SM sub-partition a warp (long sequences at
+small batch), time is also split into S segments: each segment's local end state is
+computed from zero (the forward kernel with STATE_ONLY), a short serial pass over segments
+gives every segment its true start state (``_selective_scan_state_passing_kernel``), and then
+all segments run the output pass in parallel.
 
 Backward never stores the (b, d, l, n) expansion. The forward saves the state at the start
 of every chunk (b, l/T, d, n) fp32 = 4n/T bytes per (b, d, l) element. The backward walks the
-chunks in reverse, recomputes the chunk's states from its checkpoint, and runs the adjoint
-recurrence  g_t = C_t dy_t + x_{t+1} g_{t+1}  as a reverse associative scan. The adjoint
-carried between chunks is q = dL/dh_{start-1} = x_0 g_0; at t = 0 it is the gradient of the
-initial state. Segments of the backward use the same three passes in reverse time.
-dB, dC (summed over channels) and dA, dD, d(delta_bias) (summed over batch and time) are
-accumulated with fp32 atomics.
+chunks in reverse; per chunk it walks forward from the checkpoint leaving the state at every
+TB-step tile start in a per-program scratch, then per tile in reverse recomputes the TB
+states (kept in registers) and steps the adjoint  g_t = C_t dye_t + x_{t+1} g_{t+1}  back
+through them. The adjoint carried between steps is q = dL/dh_{t-1} = x_t g_t; at t = 0 it is
+the gradient of the initial state. Backward segments get their end adjoint from the reverse
+passes ``_selective_scan_adjoint_state_kernel`` + state passing. dB_t, dC_t (summed over the
+warp's channels by shuffles) and dA, dD, d(delta_bias) are accumulated with fp32 atomics.
 
-Performance note (H100, Triton 3.6): ``tl.associative_scan`` lays the scanned time axis one
-step per lane (sizePerThread 1 along T, checked in the TTGIR), so each chunk's scan costs
-log2(T) rounds of warp shuffles (~15 shuffles per exp2 at T=64) and, at T=64 with 4 warps, a
-cross-warp pass through shared memory. That, not memory traffic, bounds these kernels today.
+Performance note (H100 80GB HBM3, Triton 3.6, 2026-11-26; bf16, no z, CUDA graph): fwd / fwd+bwd
+M1 1.57 / 9.10 ms (the former associative-scan kernels: 3.38 / 15.0), M2 2.69 / 12.8 (5.98 /
+22.5), M3 23.6 / 97.5 (54.6 / 200). The SASS is near one issue slot per exp2 (~135 instructions
+per step and warp for 16 exp2 in the forward), yet a step takes ~750 cycles: with one warp per
+SM sub-partition the latency of the per-step B/C row loads (L2, one step of lookahead) is not
+hidden. The backward's reverse tiles spend ~40 % of their instructions on the shuffle sums of
+dB_t, dC_t over the warp's 32 channels.
 """
 
 from __future__ import annotations
@@ -46,8 +55,9 @@ from streamssm.kernels._common import autotune_configs, interpreting
 #: Chunk length T on the GPU (checkpoint interval) and in the interpreter (small tests).
 CHUNK_GPU = 64
 CHUNK_INTERPRET = 16
-#: Programs per SM the launcher aims for before it splits time into segments.
-PROGRAMS_PER_SM = 4
+#: One-warp programs per SM the launchers aim for before they split time into segments: one per
+#: SM sub-partition (a warp walking time keeps its sub-partition's exponential unit busy).
+WARPS_PER_SM = 4
 
 
 # ----------------------------------------------------------------------------- config helpers
@@ -61,13 +71,18 @@ def _configs() -> list:
     return autotune_configs(configs, triton.Config({"BLOCK_D": 8}, num_warps=1, num_stages=1))
 
 
+def _bwd_configs() -> list:
+    """One channel per thread, one warp: the per-step sums over channels stay warp shuffles."""
+    return autotune_configs([triton.Config({"BLOCK_D": 32}, num_warps=1, num_stages=1)])
+
+
+def _fwd_configs() -> list:
+    """One channel per thread (BLOCK_D = 32 x warps), the n states of a channel in its registers."""
+    configs = [triton.Config({"BLOCK_D": 32 * w}, num_warps=w, num_stages=1) for w in (1, 2)]
+    return autotune_configs(configs, configs[0])
+
+
 # ----------------------------------------------------------------------------- shared jit helpers
-
-
-@triton.jit
-def _affine_combine(a1, b1, a2, b2):
-    """Compose h -> a1 h + b1 then h -> a2 h + b2 (also right-to-left when scanned in reverse)."""
-    return a1 * a2, b1 * a2 + b2
 
 
 @triton.jit
@@ -82,6 +97,21 @@ def _program_channels(dim_per_group, groups, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _program_slot(dim_per_group, BLOCK_D: tl.constexpr):
+    """Linear id (int64) of the program's (batch x group, channel block)."""
+    return tl.program_id(0).to(tl.int64) * tl.cdiv(dim_per_group, BLOCK_D) + tl.program_id(1)
+
+
+@triton.jit
+def _dt(raw, m, SOFTPLUS: tl.constexpr):
+    """dt of a (BLOCK_D, T) tile from delta + delta_bias (fp32), 0 where ~m."""
+    dt = raw
+    if SOFTPLUS:  # log(1 + e^raw) on the exp2/log2 units (libdevice's log is a long polynomial)
+        dt = tl.where(raw > 20.0, raw, 0.6931471805599453 * tl.log2(1.0 + tl.exp2(raw * 1.4426950408889634)))
+    return tl.where(m, dt, 0.0)
+
+
+@triton.jit
 def _load_dt(p_delta, p_bias, o_d, m_d, o_t, m_t, s_dd, s_dl,
              HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """delta tile (BLOCK_D, T) -> (dt fp32 with 0 where masked, pre-softplus value)."""
@@ -89,10 +119,14 @@ def _load_dt(p_delta, p_bias, o_d, m_d, o_t, m_t, s_dd, s_dl,
     raw = tl.load(p_delta + o_d[:, None] * s_dd + o_t[None, :] * s_dl, mask=m, other=0.0).to(tl.float32)
     if HAS_BIAS:
         raw += tl.load(p_bias + o_d, mask=m_d, other=0.0).to(tl.float32)[:, None]
-    dt = raw
-    if SOFTPLUS:
-        dt = tl.where(raw > 20.0, raw, tl.log(1.0 + tl.exp(raw)))
-    return tl.where(m, dt, 0.0), raw
+    return _dt(raw, m, SOFTPLUS), raw
+
+
+@triton.jit
+def _column(X, o_tt, j: tl.constexpr):
+    """Column j (R,) of a (R, TT) tile. The tiles are loaded TT consecutive steps per thread, so
+    the select and the sum with -0.0 (x + -0.0 == x) fold away to a register read."""
+    return tl.sum(tl.where(o_tt[None, :] == j, X, -0.0), axis=1)
 
 
 @triton.jit
@@ -109,38 +143,24 @@ def _load_A(p_A, o_d, m_d, o_n, m_n, s_Ad, s_An):
     return A, A * 1.4426950408889634
 
 
-@triton.jit
-def _chunk_states(dt, u, A2, Bt, h0):
-    """States h_t of one chunk (BLOCK_D, N_PAD, T) from its start state h0 (BLOCK_D, N_PAD).
-
-    Time is the last (fastest) axis, so each thread scans a run of consecutive steps.
-    Also returns x = exp(dt A) and b = dt u B, the coefficients of h_t = x_t h_{t-1} + b_t."""
-    x = tl.exp2(dt[:, None, :] * A2[:, :, None])
-    bb = (dt * u)[:, None, :] * Bt[None, :, :]
-    xs, bs = tl.associative_scan((x, bb), axis=2, combine_fn=_affine_combine)
-    return bs + xs * h0[:, :, None], x, bb
-
-
 # ----------------------------------------------------------------------------- kernels
 
 
-@triton.autotune(configs=_configs(), key=["dim", "dstate", "T", "REVERSE"])
+@triton.autotune(configs=_configs(), key=["dim", "dstate", "T", "HAS_Z"])
 @triton.jit
-def _selective_scan_chunk_state_kernel(
-    # pointers: w = u (forward) or dy (backward); M = B (forward) or C (backward)
-    p_w, p_delta, p_A, p_M, p_z, p_bias, p_loc, p_dsum,
+def _selective_scan_adjoint_state_kernel(
+    p_dy, p_delta, p_A, p_C, p_z, p_bias, p_loc, p_dsum,
     # dimensions
     length, dim, dstate, dim_per_group, groups, n_chunks, chunks_per_seg, n_segments,
-    # strides: w, delta, z are (b, d, l); A (d, n); M (b, g, n, l)
+    # strides: dy, delta, z are (b, d, l); A (d, n); C (b, g, n, l)
     s_wb, s_wd, s_wl, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_Ad, s_An, s_Mb, s_Mg, s_Mn, s_Ml,
     # meta
-    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     T: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Local state of one segment started from zero, and the segment's sum of dt.
+    """Backward segments: adjoint at a segment's start from zero after it, and its sum of dt.
 
-    Forward (REVERSE=False): h_end = sum_t exp(A (S - cum_t)) dt_t u_t B_t (state at the end).
-    Backward (REVERSE=True): q_start = sum_t exp(A cum_t) C_t dy_t silu(z_t) (adjoint at start).
+    q_start = sum_t exp(A cum_t) C_t dy_t silu(z_t), cum_t = dt summed up to t inside the segment.
     Writes loc (b, S, d, n) fp32 and dsum (b, S, d) fp32.
     """
     pid_b, grp, o_d, m_d = _program_channels(dim_per_group, groups, BLOCK_D)
@@ -148,37 +168,28 @@ def _selective_scan_chunk_state_kernel(
     o_n = tl.arange(0, N_PAD)
     m_n = o_n < dstate
     A, A2 = _load_A(p_A, o_d, m_d, o_n, m_n, s_Ad, s_An)
-    p_w += pid_b * s_wb
+    p_dy += pid_b * s_wb
     p_delta += pid_b * s_db
     p_z += pid_b * s_zb
-    p_M += pid_b * s_Mb + grp * s_Mg
+    p_C += pid_b * s_Mb + grp * s_Mg
     c0 = pid_s * chunks_per_seg
     c1 = tl.minimum(c0 + chunks_per_seg, n_chunks)
     acc = tl.zeros((BLOCK_D, N_PAD), dtype=tl.float32)
     tot = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for i in range(0, c1 - c0):
-        if REVERSE:
-            c = c1 - 1 - i
-        else:
-            c = c0 + i
+        c = c1 - 1 - i
         o_t = c * T + tl.arange(0, T).to(tl.int64)
         m_t = o_t < length
         m = m_d[:, None] & m_t[None, :]
         dt, _ = _load_dt(p_delta, p_bias, o_d, m_d, o_t, m_t, s_dd, s_dl, HAS_BIAS, SOFTPLUS)
-        w = tl.load(p_w + o_d[:, None] * s_wd + o_t[None, :] * s_wl, mask=m, other=0.0).to(tl.float32)
+        w = tl.load(p_dy + o_d[:, None] * s_wd + o_t[None, :] * s_wl, mask=m, other=0.0).to(tl.float32)
         if HAS_Z:
             z = tl.load(p_z + o_d[:, None] * s_zd + o_t[None, :] * s_zl, mask=m, other=0.0).to(tl.float32)
             w = w * z * tl.sigmoid(z)
-        if not REVERSE:
-            w = w * dt
-        Mt = _load_bc(p_M, o_n, m_n, o_t, m_t, s_Mn, s_Ml)
+        Ct = _load_bc(p_C, o_n, m_n, o_t, m_t, s_Mn, s_Ml)
         cum = tl.cumsum(dt, axis=1)
         s_tile = tl.sum(dt, axis=1)
-        if REVERSE:
-            e = cum
-        else:
-            e = s_tile[:, None] - cum
-        tile = tl.sum(tl.exp2(e[:, None, :] * A2[:, :, None]) * w[:, None, :] * Mt[None, :, :], axis=2)
+        tile = tl.sum(tl.exp2(cum[:, None, :] * A2[:, :, None]) * w[:, None, :] * Ct[None, :, :], axis=2)
         acc = tl.exp2(s_tile[:, None] * A2) * acc + tile
         tot += s_tile
     o_seg = pid_b * n_segments + pid_s
@@ -225,24 +236,29 @@ def _selective_scan_state_passing_kernel(
         tl.store(p_io + (base + dst) * dim * dstate + o_dn, h, mask=m_dn)
 
 
-@triton.autotune(configs=_configs(), key=["dim", "dstate", "T", "HAS_Z"])
+@triton.autotune(configs=_fwd_configs(), key=["dim", "dstate", "T", "TT", "HAS_Z", "STATE_ONLY"])
 @triton.jit
 def _selective_scan_fwd_kernel(
-    # pointers
-    p_u, p_delta, p_A, p_B, p_C, p_D, p_z, p_bias, p_seg, p_y, p_ckpt, p_final,
+    # pointers: B, C are the fp32 row copies (b, g, rows, N_PAD), one contiguous row per step
+    p_u, p_delta, p_A, p_B, p_C, p_D, p_z, p_bias, p_seg, p_y, p_ckpt, p_out, p_dsum,
     # dimensions
     length, dim, dstate, dim_per_group, groups, n_chunks, chunks_per_seg, n_segments,
-    # strides: u, delta, z (b, d, l); A (d, n); B, C (b, g, n, l). y is contiguous (b, d, l)
-    s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_Ad, s_An,
-    s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl,
+    # strides: u, delta, z (b, d, l); A (d, n); rows (b, g). y is contiguous (b, d, l)
+    s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_Ad, s_An, s_Rb, s_Rg,
     # meta
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    STORE_CKPT: tl.constexpr, T: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    STATE_ONLY: tl.constexpr, STORE_CKPT: tl.constexpr,
+    T: tl.constexpr, TT: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Output pass: y for one (batch, channel block, segment) from the segment's start state.
+    """Walk one (batch, channel block, segment) through time, one step after the other.
 
-    seg (b, S, d, n) start states; ckpt (b, n_chunks, d, n) state at every chunk start
-    (written when STORE_CKPT); final (b, d, n) written by the last segment.
+    Each thread owns a channel and its N_PAD states. Time goes by tiles of TT steps: the
+    (BLOCK_D, TT) tiles of u, delta (and z) are loaded one tile ahead, TT contiguous steps per
+    thread; inside a tile the TT steps are unrolled, each reading one row of B (and C) loaded a
+    step ahead. Output pass (STATE_ONLY=False): y from the segment's start state seg (b, S, d, n),
+    the state at every chunk start into ckpt (b, n_chunks, d, n) when STORE_CKPT, the final state
+    (b, d, n) into out by the last segment. STATE_ONLY: the segment's end state from zero into
+    out = loc (b, S, d, n) and its sum of dt into dsum (b, S, d).
     """
     pid_b, grp, o_d, m_d = _program_channels(dim_per_group, groups, BLOCK_D)
     pid_s = tl.program_id(2)
@@ -253,61 +269,103 @@ def _selective_scan_fwd_kernel(
     A, A2 = _load_A(p_A, o_d, m_d, o_n, m_n, s_Ad, s_An)
     if HAS_D:
         Dv = tl.load(p_D + o_d, mask=m_d, other=0.0)
-    p_u += pid_b * s_ub
-    p_delta += pid_b * s_db
-    p_z += pid_b * s_zb
-    p_B += pid_b * s_Bb + grp * s_Bg
-    p_C += pid_b * s_Cb + grp * s_Cg
-    p_y += pid_b * dim * length
-    h = tl.load(p_seg + (pid_b * n_segments + pid_s) * dim * dstate + o_dn, mask=m_dn, other=0.0)
+    if HAS_BIAS:
+        bias = tl.load(p_bias + o_d, mask=m_d, other=0.0)
+    o_seg = pid_b * n_segments + pid_s
     c0 = pid_s * chunks_per_seg
     c1 = tl.minimum(c0 + chunks_per_seg, n_chunks)
-    o_tt = tl.arange(0, T).to(tl.int64)
+    t0 = c0.to(tl.int64) * T
+    p_u += pid_b * s_ub + o_d[:, None] * s_ud
+    p_delta += pid_b * s_db + o_d[:, None] * s_dd
+    p_z += pid_b * s_zb + o_d[:, None] * s_zd
+    p_y += pid_b * dim * length + o_d[:, None] * length
+    p_B += pid_b * s_Rb + grp * s_Rg + t0 * N_PAD
+    p_C += pid_b * s_Rb + grp * s_Rg + t0 * N_PAD
+    if STATE_ONLY:
+        h = tl.zeros((BLOCK_D, N_PAD), dtype=tl.float32)
+        tot = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    else:
+        h = tl.load(p_seg + o_seg * dim * dstate + o_dn, mask=m_dn, other=0.0)
+    o_tt = tl.arange(0, TT)
+    m_nx = m_d[:, None] & (t0 + o_tt < length)[None, :]
+    u_nx = tl.load(p_u + (t0 + o_tt)[None, :] * s_ul, mask=m_nx, other=0.0)
+    dl_nx = tl.load(p_delta + (t0 + o_tt)[None, :] * s_dl, mask=m_nx, other=0.0)
+    B_nx = tl.load(p_B + o_n)
+    if not STATE_ONLY:
+        C_nx = tl.load(p_C + o_n)
+        if HAS_Z:
+            z_nx = tl.load(p_z + (t0 + o_tt)[None, :] * s_zl, mask=m_nx, other=0.0)
     for c in range(c0, c1):
         if STORE_CKPT:
             tl.store(p_ckpt + (pid_b * n_chunks + c) * dim * dstate + o_dn, h, mask=m_dn)
-        o_t = c * T + o_tt
-        m_t = o_t < length
-        m = m_d[:, None] & m_t[None, :]
-        dt, _ = _load_dt(p_delta, p_bias, o_d, m_d, o_t, m_t, s_dd, s_dl, HAS_BIAS, SOFTPLUS)
-        u = tl.load(p_u + o_d[:, None] * s_ud + o_t[None, :] * s_ul, mask=m, other=0.0).to(tl.float32)
-        Bt = _load_bc(p_B, o_n, m_n, o_t, m_t, s_Bn, s_Bl)
-        Ct = _load_bc(p_C, o_n, m_n, o_t, m_t, s_Cn, s_Cl)
-        hs, _, _ = _chunk_states(dt, u, A2, Bt, h)
-        y = tl.sum(hs * Ct[None, :, :], axis=1)
-        if HAS_D:
-            y += Dv[:, None] * u
-        if HAS_Z:
-            z = tl.load(p_z + o_d[:, None] * s_zd + o_t[None, :] * s_zl, mask=m, other=0.0).to(tl.float32)
-            y = y * z * tl.sigmoid(z)
-        tl.store(p_y + o_d[:, None] * length + o_t[None, :], y.to(p_y.dtype.element_ty), mask=m)
-        # masked steps have x = 1, b = 0, so the last column is the state after the last valid step
-        h = tl.sum(tl.where((o_tt == T - 1)[None, None, :], hs, 0.0), axis=2)
-    if pid_s == n_segments - 1:
-        tl.store(p_final + pid_b * dim * dstate + o_dn, h, mask=m_dn)
+        for k in range(T // TT):
+            o_t = t0 + ((c - c0) * T + k * TT) + o_tt
+            m = m_d[:, None] & (o_t < length)[None, :]
+            m_nx = m_d[:, None] & (o_t + TT < length)[None, :]
+            u = u_nx.to(tl.float32)
+            raw = dl_nx.to(tl.float32)
+            u_nx = tl.load(p_u + (o_t + TT)[None, :] * s_ul, mask=m_nx, other=0.0)
+            dl_nx = tl.load(p_delta + (o_t + TT)[None, :] * s_dl, mask=m_nx, other=0.0)
+            if HAS_BIAS:
+                raw += bias[:, None]
+            dt = _dt(raw, m, SOFTPLUS)
+            du = dt * u
+            Y = tl.zeros((BLOCK_D, TT), dtype=tl.float32)
+            for j in tl.static_range(TT):
+                # masked steps have dt = 0: x = 1, b = 0, so h passes through unchanged
+                Bj = B_nx
+                p_B += N_PAD
+                B_nx = tl.load(p_B + o_n)
+                dtj = _column(dt, o_tt, j)
+                h = tl.exp2(dtj[:, None] * A2) * h + _column(du, o_tt, j)[:, None] * Bj[None, :]
+                if not STATE_ONLY:
+                    Cj = C_nx
+                    p_C += N_PAD
+                    C_nx = tl.load(p_C + o_n)
+                    Y = tl.where(o_tt[None, :] == j, tl.sum(h * Cj[None, :], axis=1)[:, None], Y)
+            if STATE_ONLY:
+                tot += tl.sum(dt, axis=1)
+            else:
+                if HAS_D:
+                    Y += Dv[:, None] * u
+                if HAS_Z:
+                    z = z_nx.to(tl.float32)
+                    z_nx = tl.load(p_z + (o_t + TT)[None, :] * s_zl, mask=m_nx, other=0.0)
+                    Y = Y * z * tl.sigmoid(z)
+                tl.store(p_y + o_t[None, :], Y.to(p_y.dtype.element_ty), mask=m)
+    if STATE_ONLY:
+        tl.store(p_out + o_seg * dim * dstate + o_dn, h, mask=m_dn)
+        tl.store(p_dsum + o_seg * dim + o_d, tot, mask=m_d)
+    elif pid_s == n_segments - 1:
+        tl.store(p_out + pid_b * dim * dstate + o_dn, h, mask=m_dn)
 
 
-@triton.autotune(configs=_configs(), key=["dim", "dstate", "T", "HAS_Z"],
+@triton.autotune(configs=_bwd_configs(), key=["dim", "dstate", "T", "TT", "TB", "HAS_Z"],
                  reset_to_zero=["p_dA", "p_dB", "p_dC", "p_dD", "p_dbias"])
 @triton.jit
 def _selective_scan_bwd_kernel(
-    # pointers: inputs
-    p_u, p_delta, p_A, p_B, p_C, p_D, p_z, p_bias, p_ckpt, p_dy, p_qend,
-    # pointers: outputs (du, ddelta, dz contiguous (b, d, l); dB, dC fp32 (b, g, n, l); dA (d, n),
-    # dD, dbias (d,) fp32 accumulated atomically; dh0 (b, d, n) fp32)
+    # pointers: inputs (B, C: fp32 rows (b, g, rows, N_PAD) as in the forward)
+    p_u, p_delta, p_A, p_B, p_C, p_D, p_z, p_bias, p_ckpt, p_dy, p_qend, p_scratch,
+    # pointers: outputs (du, ddelta, dz contiguous (b, d, l); dB, dC fp32 rows like B, C; dA (d, n),
+    # dD, dbias (d,) fp32, all accumulated atomically; dh0 (b, d, n) fp32)
     p_du, p_ddelta, p_dz, p_dA, p_dB, p_dC, p_dD, p_dbias, p_dh0,
     # dimensions
     length, dim, dstate, dim_per_group, groups, n_chunks, chunks_per_seg, n_segments,
     # strides (dy is contiguous (b, d, l))
-    s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_Ad, s_An,
-    s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl,
+    s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_Ad, s_An, s_Rb, s_Rg,
     # meta
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    T: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    T: tl.constexpr, TT: tl.constexpr, TB: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Gradients of one (batch, channel block, segment), walking its chunks in reverse.
+    """Gradients of one (batch, channel block, segment), one channel per thread, chunks in reverse.
 
-    qend (b, S, d, n): adjoint dL/dh at the segment's end coming from later steps."""
+    Per chunk: walk forward from its checkpoint, leaving the state at every TB-step tile start in
+    scratch (b, S, T/TB, d, N_PAD); then per tile in reverse: recompute its TB states (kept in
+    registers) and step the adjoint g_t = C_t dye_t + x_{t+1} g_{t+1} back through them. q, the
+    adjoint entering a step from the later ones, is dL/d(initial state) at the end of segment 0.
+    qend (b, S, d, n): the adjoint after the segment's last step. dB, dC rows are summed over
+    the block's channels, then added atomically.
+    """
     pid_b, grp, o_d, m_d = _program_channels(dim_per_group, groups, BLOCK_D)
     pid_s = tl.program_id(2)
     o_n = tl.arange(0, N_PAD)
@@ -317,76 +375,136 @@ def _selective_scan_bwd_kernel(
     A, A2 = _load_A(p_A, o_d, m_d, o_n, m_n, s_Ad, s_An)
     if HAS_D:
         Dv = tl.load(p_D + o_d, mask=m_d, other=0.0)
-    p_u += pid_b * s_ub
-    p_delta += pid_b * s_db
-    p_z += pid_b * s_zb
-    p_B += pid_b * s_Bb + grp * s_Bg
-    p_C += pid_b * s_Cb + grp * s_Cg
-    p_dy += pid_b * dim * length
-    p_du += pid_b * dim * length
-    p_ddelta += pid_b * dim * length
-    p_dz += pid_b * dim * length
-    p_dBC = (pid_b * groups + grp) * dstate * length
-    q = tl.load(p_qend + (pid_b * n_segments + pid_s) * dim * dstate + o_dn, mask=m_dn, other=0.0)
+    if HAS_BIAS:
+        bias = tl.load(p_bias + o_d, mask=m_d, other=0.0)
+    o_seg = pid_b * n_segments + pid_s
+    c0 = pid_s * chunks_per_seg
+    c1 = tl.minimum(c0 + chunks_per_seg, n_chunks)
+    t0 = c0.to(tl.int64) * T
+    p_u += pid_b * s_ub + o_d[:, None] * s_ud
+    p_delta += pid_b * s_db + o_d[:, None] * s_dd
+    p_z += pid_b * s_zb + o_d[:, None] * s_zd
+    o_dl = pid_b * dim * length + o_d[:, None] * length
+    p_dy += o_dl
+    p_du += o_dl
+    p_ddelta += o_dl
+    p_dz += o_dl
+    o_rows = pid_b * s_Rb + grp * s_Rg
+    p_B += o_rows
+    p_C += o_rows
+    p_dB += o_rows
+    p_dC += o_rows
+    # scratch (programs, T/TB, BLOCK_D, N_PAD), a slot per program; the n index is permuted
+    # (5 n mod N_PAD) so that no axis looks contiguous and the state keeps its layout
+    o_perm = o_d[:, None] * 0 + tl.arange(0, BLOCK_D)[:, None] * N_PAD + (o_n * 5 % N_PAD)[None, :]
+    p_scratch += ((_program_slot(dim_per_group, BLOCK_D) * n_segments + pid_s) * (T // TB)) * (BLOCK_D * N_PAD) + o_perm
+    q = tl.load(p_qend + o_seg * dim * dstate + o_dn, mask=m_dn, other=0.0)
     dA_acc = tl.zeros((BLOCK_D, N_PAD), dtype=tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    c0 = pid_s * chunks_per_seg
-    c1 = tl.minimum(c0 + chunks_per_seg, n_chunks)
-    o_tt = tl.arange(0, T).to(tl.int64)
+    o_tb = tl.arange(0, TB)
+    o_tt = tl.arange(0, TT)
+    # loads one tile ahead: u, delta by TT steps forward (the chunk walks), dy, z by TB steps backward
+    o_nx = t0 + (c1 - 1 - c0) * T + o_tt
+    m_nx = m_d[:, None] & (o_nx < length)[None, :]
+    u_nx = tl.load(p_u + o_nx[None, :] * s_ul, mask=m_nx, other=0.0)
+    dl_nx = tl.load(p_delta + o_nx[None, :] * s_dl, mask=m_nx, other=0.0)
+    o_nb = t0 + (c1 - c0) * T - TB + o_tb
+    m_nb = m_d[:, None] & (o_nb < length)[None, :]
+    dy_nx = tl.load(p_dy + o_nb[None, :], mask=m_nb, other=0.0)
+    if HAS_Z:
+        z_nx = tl.load(p_z + o_nb[None, :] * s_zl, mask=m_nb, other=0.0)
     for i in range(0, c1 - c0):
         c = c1 - 1 - i
-        o_t = c * T + o_tt
-        m_t = o_t < length
-        m = m_d[:, None] & m_t[None, :]
-        o_dt = o_d[:, None] * length + o_t[None, :]
-        dt, raw = _load_dt(p_delta, p_bias, o_d, m_d, o_t, m_t, s_dd, s_dl, HAS_BIAS, SOFTPLUS)
-        # dt of the next step inside this chunk (0 at the chunk's last step, so x_next = 1 there)
-        m_tn = (o_tt < T - 1) & (o_t + 1 < length)
-        dt_next, _ = _load_dt(p_delta, p_bias, o_d, m_d, o_t + 1, m_tn, s_dd, s_dl, HAS_BIAS, SOFTPLUS)
-        u = tl.load(p_u + o_d[:, None] * s_ud + o_t[None, :] * s_ul, mask=m, other=0.0).to(tl.float32)
-        Bt = _load_bc(p_B, o_n, m_n, o_t, m_t, s_Bn, s_Bl)
-        Ct = _load_bc(p_C, o_n, m_n, o_t, m_t, s_Cn, s_Cl)
-        h0 = tl.load(p_ckpt + (pid_b * n_chunks + c) * dim * dstate + o_dn, mask=m_dn, other=0.0)
-        hs, x, bb = _chunk_states(dt, u, A2, Bt, h0)
-        dy = tl.load(p_dy + o_dt, mask=m, other=0.0).to(tl.float32)
-        if HAS_Z:
-            z = tl.load(p_z + o_d[:, None] * s_zd + o_t[None, :] * s_zl, mask=m, other=0.0).to(tl.float32)
-            sz = tl.sigmoid(z)
-            y_pre = tl.sum(hs * Ct[None, :, :], axis=1)
+        tc = t0 + (c - c0) * T
+        # forward over the chunk: the state at each TB-step tile start into scratch
+        h = tl.load(p_ckpt + (pid_b * n_chunks + c) * dim * dstate + o_dn, mask=m_dn, other=0.0)
+        for k in range(T // TT):
+            o_t = tc + k * TT + o_tt
+            m = m_d[:, None] & (o_t < length)[None, :]
+            u = u_nx.to(tl.float32)
+            raw = dl_nx.to(tl.float32)
+            # next: this chunk's next tile, after its last one the previous chunk's first
+            o_nx = tl.where(k < T // TT - 1, o_t + TT, o_t - (T + (T - TT)))
+            m_nx = m_d[:, None] & ((o_nx >= t0) & (o_nx < length))[None, :]
+            u_nx = tl.load(p_u + o_nx[None, :] * s_ul, mask=m_nx, other=0.0)
+            dl_nx = tl.load(p_delta + o_nx[None, :] * s_dl, mask=m_nx, other=0.0)
+            if HAS_BIAS:
+                raw += bias[:, None]
+            dt = _dt(raw, m, SOFTPLUS)
+            du = dt * u
+            for j in tl.static_range(TT):
+                if j % TB == 0:
+                    tl.store(p_scratch + (k * (TT // TB) + j // TB) * (BLOCK_D * N_PAD), h)
+                Bj = tl.load(p_B + (tc + k * TT + j) * N_PAD + o_n)
+                h = tl.exp2(_column(dt, o_tt, j)[:, None] * A2) * h + _column(du, o_tt, j)[:, None] * Bj[None, :]
+        # tiles in reverse: recompute the tile's states, then step the adjoint back through them
+        for kk in range(T // TB):
+            k = T // TB - 1 - kk
+            ts = tc + k * TB
+            o_t = ts + o_tb
+            m = m_d[:, None] & (o_t < length)[None, :]
+            u = tl.load(p_u + o_t[None, :] * s_ul, mask=m, other=0.0).to(tl.float32)
+            raw = tl.load(p_delta + o_t[None, :] * s_dl, mask=m, other=0.0).to(tl.float32)
+            dy = dy_nx.to(tl.float32)
+            m_nb = m_d[:, None] & ((o_t - TB >= t0) & (o_t - TB < length))[None, :]
+            dy_nx = tl.load(p_dy + (o_t - TB)[None, :], mask=m_nb, other=0.0)
+            if HAS_BIAS:
+                raw += bias[:, None]
+            dt = _dt(raw, m, SOFTPLUS)
+            du = dt * u
+            if HAS_Z:
+                z = z_nx.to(tl.float32)
+                z_nx = tl.load(p_z + (o_t - TB)[None, :] * s_zl, mask=m_nb, other=0.0)
+                sz = tl.sigmoid(z)
+                dye = dy * z * sz
+            else:
+                dye = dy
+            h = tl.load(p_scratch + k * (BLOCK_D * N_PAD))
+            H = ()  # the tile's states and decays, kept in registers
+            X = ()
+            for j in tl.static_range(TB):
+                Bj = tl.load(p_B + (ts + j) * N_PAD + o_n)
+                x = tl.exp2(_column(dt, o_tb, j)[:, None] * A2)
+                h = x * h + _column(du, o_tb, j)[:, None] * Bj[None, :]
+                H = H + (h,)
+                X = X + (x,)
+            DU = tl.zeros((BLOCK_D, TB), dtype=tl.float32)
+            DDT = tl.zeros((BLOCK_D, TB), dtype=tl.float32)
+            YP = tl.zeros((BLOCK_D, TB), dtype=tl.float32)
+            for j in tl.static_range(TB - 1, -1, -1):
+                hj = H[j]
+                Bj = tl.load(p_B + (ts + j) * N_PAD + o_n)
+                Cj = tl.load(p_C + (ts + j) * N_PAD + o_n)
+                dtj = _column(dt, o_tb, j)
+                duj = _column(du, o_tb, j)
+                dyej = _column(dye, o_tb, j)
+                g = dyej[:, None] * Cj[None, :] + q
+                gxh = g * (hj - duj[:, None] * Bj[None, :])  # g_t x_t h_{t-1}
+                dA_acc += gxh * dtj[:, None]
+                gB = tl.sum(g * Bj[None, :], axis=1)
+                ddt = 0.6931471805599453 * tl.sum(gxh * A2, axis=1) + _column(u, o_tb, j) * gB  # A = A2 ln 2
+                DDT = tl.where(o_tb[None, :] == j, ddt[:, None], DDT)
+                DU = tl.where(o_tb[None, :] == j, (dtj * gB)[:, None], DU)
+                if HAS_Z:
+                    YP = tl.where(o_tb[None, :] == j, tl.sum(hj * Cj[None, :], axis=1)[:, None], YP)
+                tl.atomic_add(p_dB + (ts + j) * N_PAD + o_n, tl.sum(g * duj[:, None], axis=0), sem="relaxed")
+                tl.atomic_add(p_dC + (ts + j) * N_PAD + o_n, tl.sum(hj * dyej[:, None], axis=0), sem="relaxed")
+                q = X[j] * g
             if HAS_D:
-                y_pre += Dv[:, None] * u
-            dz = dy * y_pre * sz * (1.0 + z * (1.0 - sz))
-            tl.store(p_dz + o_dt, dz.to(p_dz.dtype.element_ty), mask=m)
-            dye = dy * z * sz
-        else:
-            dye = dy
-        # adjoint g_t = C_t dye_t + x_{t+1} g_{t+1}, with q entering after the chunk's last step
-        x_next = tl.exp2(dt_next[:, None, :] * A2[:, :, None])
-        ga, gv = tl.associative_scan((x_next, dye[:, None, :] * Ct[None, :, :]), axis=2,
-                                     combine_fn=_affine_combine, reverse=True)
-        g = gv + ga * q[:, :, None]
-        g_xh = g * (hs - bb)  # g_t * x_t h_{t-1}
-        dA_acc += tl.sum(g_xh * dt[:, None, :], axis=2)
-        gB = tl.sum(g * Bt[None, :, :], axis=1)
-        ddt = tl.sum(g_xh * A[:, :, None], axis=1) + u * gB
-        du = dt * gB
-        if HAS_D:
-            du += Dv[:, None] * dye
-            dD_acc += tl.sum(dye * u, axis=1)
-        if SOFTPLUS:
-            ddt = ddt * tl.sigmoid(raw)
-        ddt = tl.where(m, ddt, 0.0)
-        dbias_acc += tl.sum(ddt, axis=1)
-        tl.store(p_du + o_dt, du.to(p_du.dtype.element_ty), mask=m)
-        tl.store(p_ddelta + o_dt, ddt.to(p_ddelta.dtype.element_ty), mask=m)
-        m_tn2 = m_n[:, None] & m_t[None, :]
-        o_tn = p_dBC + o_n[:, None] * length + o_t[None, :]
-        dBt = tl.sum(g * (dt * u)[:, None, :], axis=0)
-        tl.atomic_add(p_dB + o_tn, dBt, mask=m_tn2, sem="relaxed")
-        dCt = tl.sum(hs * dye[:, None, :], axis=0)
-        tl.atomic_add(p_dC + o_tn, dCt, mask=m_tn2, sem="relaxed")
-        q = tl.sum(tl.where((o_tt == 0)[None, None, :], x * g, 0.0), axis=2)
+                DU += Dv[:, None] * dye
+                dD_acc += tl.sum(dye * u, axis=1)
+            if HAS_Z:
+                if HAS_D:
+                    YP += Dv[:, None] * u
+                dz = dy * YP * sz * (1.0 + z * (1.0 - sz))
+                tl.store(p_dz + o_t[None, :], dz.to(p_dz.dtype.element_ty), mask=m)
+            if SOFTPLUS:
+                DDT = DDT * tl.sigmoid(raw)
+            DDT = tl.where(m, DDT, 0.0)
+            dbias_acc += tl.sum(DDT, axis=1)
+            tl.store(p_du + o_t[None, :], DU.to(p_du.dtype.element_ty), mask=m)
+            tl.store(p_ddelta + o_t[None, :], DDT.to(p_ddelta.dtype.element_ty), mask=m)
     tl.atomic_add(p_dA + o_d[:, None] * dstate + o_n[None, :], dA_acc, mask=m_dn, sem="relaxed")
     if HAS_D:
         tl.atomic_add(p_dD + o_d, dD_acc, mask=m_d, sem="relaxed")
@@ -407,13 +525,14 @@ def _chunk_len(chunk: int | None) -> int:
     return CHUNK_INTERPRET if interpreting() else CHUNK_GPU
 
 
-def _num_segments(batch: int, dim: int, n_chunks: int, device: torch.device) -> int:
+def _num_segments(batch: int, dim: int, n_chunks: int, device: torch.device,
+                  channels_per_program: int, programs_per_sm: int) -> int:
     """Split time into segments only when batch x channel blocks cannot fill the GPU."""
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    programs = batch * triton.cdiv(dim, 8)
-    return max(1, min(n_chunks, triton.cdiv(PROGRAMS_PER_SM * sms, programs), 65535))
+    programs = batch * triton.cdiv(dim, channels_per_program)
+    return max(1, min(n_chunks, programs_per_sm * sms // programs, 65535))
 
 
 def _grid3(batch: int, groups: int, dim: int, segments: int):
@@ -429,21 +548,43 @@ def _bc_strides(M: torch.Tensor) -> tuple[int, int, int, int]:
     return tuple(M.stride())  # (b, g, n, l)
 
 
-def _dims(u: torch.Tensor, A: torch.Tensor, B4: torch.Tensor, T: int, segments: int | None):
+def _dims(u: torch.Tensor, A: torch.Tensor, B4: torch.Tensor, T: int, segments: int):
     b, d, l = u.shape
-    g = B4.shape[1]
     n_chunks = triton.cdiv(l, T)
-    if segments is None:
-        segments = _num_segments(b, d, n_chunks, u.device)
     cps = triton.cdiv(n_chunks, max(1, min(segments, n_chunks)))
-    return b, d, l, A.shape[1], g, n_chunks, cps, triton.cdiv(n_chunks, cps)
+    return b, d, l, A.shape[1], B4.shape[1], n_chunks, cps, triton.cdiv(n_chunks, cps)
+
+
+def _tile(T: int, *tensors: torch.Tensor | None) -> int:
+    """Steps per tile of the forward walks: one 16-byte load of u / delta / z per thread and tile."""
+    return min(T, 16 // max(t.element_size() for t in tensors if t is not None))
+
+
+def _bc_rows(M4: torch.Tensor, rows: int, n_pad: int) -> torch.Tensor:
+    """B or C (b, g, n, l) -> fp32 (b, g, rows, n_pad), zero past n and l: one contiguous row per step."""
+    b, g, n, l = M4.shape
+    out = torch.empty(b, g, rows, n_pad, device=M4.device, dtype=torch.float32)
+    out[:, :, :l, :n] = M4.transpose(2, 3)
+    out[:, :, l:] = 0
+    if n_pad > n:
+        out[..., n:] = 0
+    return out
 
 
 def _selective_scan_fwd(u, delta, A, B4, C4, D, z, delta_bias, softplus, h0, store_ckpt, segments, T):
-    """Launch the forward passes. Returns y (b, d, l), final (b, d, n), ckpt (b, l/T, d, n) | None, S."""
+    """Launch the forward passes. Returns y (b, d, l), final (b, d, n), ckpt (b, l/T, d, n) | None.
+
+    ``segments`` None: one time segment per channel block unless they cannot fill the GPU (one
+    warp per SM sub-partition: a warp's sequential walk keeps its exponential unit busy)."""
+    b, d, l = u.shape
+    if segments is None:
+        segments = _num_segments(b, d, triton.cdiv(l, T), u.device, 32, WARPS_PER_SM)
     b, d, l, n, g, n_chunks, cps, S = _dims(u, A, B4, T, segments)
     n_pad = triton.next_power_of_2(n)
+    TT = _tile(T, u, delta, z)
     f32 = dict(device=u.device, dtype=torch.float32)
+    rows = n_chunks * T + 1  # the walk reads one row ahead
+    Br, Cr = _bc_rows(B4, rows, n_pad), _bc_rows(C4, rows, n_pad)
     seg = torch.empty(b, S, d, n, **f32)
     if h0 is None:
         seg[:, 0].zero_()
@@ -451,15 +592,15 @@ def _selective_scan_fwd(u, delta, A, B4, C4, D, z, delta_bias, softplus, h0, sto
         seg[:, 0].copy_(h0)
     zz = z if z is not None else u
     dims = (l, d, n, d // g, g, n_chunks, cps, S)
-    strides_udz = (*u.stride(), *delta.stride(), *zz.stride())
+    args = (*dims, *u.stride(), *delta.stride(), *zz.stride(), *A.stride(), *Br.stride()[:2])
+    meta = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+                SOFTPLUS=softplus, T=T, TT=TT, N_PAD=n_pad)
     if S > 1:
         loc = torch.empty(b, S, d, n, **f32)
         dsum = torch.empty(b, S, d, **f32)
-        _selective_scan_chunk_state_kernel[_grid3(b, g, d, S)](
-            u, delta, A, B4, zz, delta_bias, loc, dsum, *dims,
-            *strides_udz, *A.stride(), *_bc_strides(B4),
-            HAS_Z=False, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, REVERSE=False,
-            T=T, N_PAD=n_pad,
+        _selective_scan_fwd_kernel[_grid3(b, g, d, S)](
+            u, delta, A, Br, Cr, D, zz, delta_bias, seg, u, seg, loc, dsum, *args,
+            STATE_ONLY=True, STORE_CKPT=False, **meta,
         )
         _selective_scan_state_passing_kernel[_pass_grid(b, d)](
             seg, loc, dsum, A, d, n, S, *A.stride(), REVERSE=False, N_PAD=n_pad, BLOCK_D=16,
@@ -468,23 +609,24 @@ def _selective_scan_fwd(u, delta, A, B4, C4, D, z, delta_bias, softplus, h0, sto
     final = torch.empty(b, d, n, **f32)
     ckpt = torch.empty(b, n_chunks, d, n, **f32) if store_ckpt else final
     _selective_scan_fwd_kernel[_grid3(b, g, d, S)](
-        u, delta, A, B4, C4, D, zz, delta_bias, seg, y, ckpt, final, *dims,
-        *strides_udz, *A.stride(), *_bc_strides(B4), *_bc_strides(C4),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
-        STORE_CKPT=store_ckpt, T=T, N_PAD=n_pad,
+        u, delta, A, Br, Cr, D, zz, delta_bias, seg, y, ckpt, final, final, *args,
+        STATE_ONLY=False, STORE_CKPT=store_ckpt, **meta,
     )
-    return y, final, (ckpt if store_ckpt else None), S
+    return y, final, (ckpt if store_ckpt else None)
 
 
 def _selective_scan_bwd(dy, dfinal, u, delta, A, B4, C4, D, z, delta_bias, softplus, ckpt, segments, T):
     """Launch the backward passes. Returns du, ddelta, dA, dB4, dC4, dD, dz, dbias, dh0."""
+    b, d, l = u.shape
+    if segments is None:
+        segments = _num_segments(b, d, triton.cdiv(l, T), u.device, 32, WARPS_PER_SM)
     b, d, l, n, g, n_chunks, cps, S = _dims(u, A, B4, T, segments)
     n_pad = triton.next_power_of_2(n)
+    TB = min(T, 2)  # steps whose states the reverse walk keeps in registers
     f32 = dict(device=u.device, dtype=torch.float32)
     dy = dy.contiguous()
     zz = z if z is not None else u
     dims = (l, d, n, d // g, g, n_chunks, cps, S)
-    strides_udz = (*u.stride(), *delta.stride(), *zz.stride())
     qend = torch.empty(b, S, d, n, **f32)
     if dfinal is None:
         qend[:, S - 1].zero_()
@@ -493,31 +635,36 @@ def _selective_scan_bwd(dy, dfinal, u, delta, A, B4, C4, D, z, delta_bias, softp
     if S > 1:
         loc = torch.empty(b, S, d, n, **f32)
         dsum = torch.empty(b, S, d, **f32)
-        _selective_scan_chunk_state_kernel[_grid3(b, g, d, S)](
+        _selective_scan_adjoint_state_kernel[_grid3(b, g, d, S)](
             dy, delta, A, C4, zz, delta_bias, loc, dsum, *dims,
             *dy.stride(), *delta.stride(), *zz.stride(), *A.stride(), *_bc_strides(C4),
-            HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, REVERSE=True,
+            HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
             T=T, N_PAD=n_pad,
         )
         _selective_scan_state_passing_kernel[_pass_grid(b, d)](
             qend, loc, dsum, A, d, n, S, *A.stride(), REVERSE=True, N_PAD=n_pad, BLOCK_D=16,
         )
+    rows = n_chunks * T + 1
+    Br, Cr = _bc_rows(B4, rows, n_pad), _bc_rows(C4, rows, n_pad)
+    scratch = torch.empty(b * g * triton.cdiv(d // g, 32) * S * (T // TB) * 32 * n_pad, **f32)
     du = torch.empty(b, d, l, device=u.device, dtype=u.dtype)
     ddelta = torch.empty(b, d, l, device=u.device, dtype=delta.dtype)
     dz = torch.empty(b, d, l, device=u.device, dtype=z.dtype) if z is not None else du
     dA = torch.zeros(d, n, **f32)
-    dB4 = torch.zeros(b, g, n, l, **f32)
-    dC4 = torch.zeros(b, C4.shape[1], n, l, **f32)
+    dBr = torch.zeros_like(Br)
+    dCr = torch.zeros_like(Cr)
     dD = torch.zeros(d, **f32)
     dbias = torch.zeros(d, **f32)
     dh0 = torch.empty(b, d, n, **f32)
     _selective_scan_bwd_kernel[_grid3(b, g, d, S)](
-        u, delta, A, B4, C4, D, zz, delta_bias, ckpt, dy, qend,
-        du, ddelta, dz, dA, dB4, dC4, dD, dbias, dh0, *dims,
-        *strides_udz, *A.stride(), *_bc_strides(B4), *_bc_strides(C4),
+        u, delta, A, Br, Cr, D, zz, delta_bias, ckpt, dy, qend, scratch,
+        du, ddelta, dz, dA, dBr, dCr, dD, dbias, dh0, *dims,
+        *u.stride(), *delta.stride(), *zz.stride(), *A.stride(), *Br.stride()[:2],
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
-        T=T, N_PAD=n_pad,
+        T=T, TT=_tile(T, u, delta, z), TB=TB, N_PAD=n_pad,
     )
+    dB4 = dBr[:, :, :l, :n].transpose(2, 3)
+    dC4 = dCr[:, :, :l, :n].transpose(2, 3)
     return du, ddelta, dA, dB4, dC4, dD, (dz if z is not None else None), dbias, dh0
 
 
@@ -541,11 +688,11 @@ class SelectiveScanFn(torch.autograd.Function):
             B4 = B4.repeat_interleave(g // B4.shape[1], dim=1)
             C4 = C4.repeat_interleave(g // C4.shape[1], dim=1)
         needs_grad = any(ctx.needs_input_grad)
-        y, final, ckpt, S = _selective_scan_fwd(u, delta, A, B4, C4, D, z, delta_bias, delta_softplus,
-                                                initial_state, needs_grad, segments, chunk)
+        y, final, ckpt = _selective_scan_fwd(u, delta, A, B4, C4, D, z, delta_bias, delta_softplus,
+                                             initial_state, needs_grad, segments, chunk)
         if needs_grad:
             ctx.save_for_backward(u, delta, A, B4, C4, D, z, delta_bias, ckpt)
-            ctx.softplus, ctx.segments, ctx.chunk = delta_softplus, S, chunk
+            ctx.softplus, ctx.segments, ctx.chunk = delta_softplus, segments, chunk
             ctx.b_shape, ctx.c_shape = B.shape, C.shape
             ctx.has_h0 = initial_state is not None
         ctx.set_materialize_grads(False)
