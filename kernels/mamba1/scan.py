@@ -37,8 +37,11 @@ M1 1.57 / 9.10 ms (the former associative-scan kernels: 3.38 / 15.0), M2 2.69 / 
 22.5), M3 23.6 / 97.5 (54.6 / 200). The SASS is near one issue slot per exp2 (~135 instructions
 per step and warp for 16 exp2 in the forward), yet a step takes ~750 cycles: with one warp per
 SM sub-partition the latency of the per-step B/C row loads (L2, one step of lookahead) is not
-hidden. The backward's reverse tiles spend ~40 % of their instructions on the shuffle sums of
-dB_t, dC_t over the warp's 32 channels.
+hidden. Measured next step (same GPU, not yet in this file: its GPU tests did not finish): a
+``prefetch.global.L1`` of the next tile's B/C rows halves the forward (M1 1.59 -> 0.80 ms,
+fwd+bwd 9.14 -> 8.51). The backward (~7.5 ms at M1, ~3600 cycles per step against ~820
+instructions) is latency-bound the same way, and its reverse tiles spend ~40 % of their
+instructions on the shuffle sums of dB_t, dC_t over the warp's 32 channels.
 """
 
 from __future__ import annotations
