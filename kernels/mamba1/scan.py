@@ -399,7 +399,7 @@ def _selective_scan_bwd_kernel(
     p_dC += o_rows
     # scratch (programs, T/TB, BLOCK_D, N_PAD), a slot per program; the n index is permuted
     # (5 n mod N_PAD) so that no axis looks contiguous and the state keeps its layout
-    o_perm = o_d[:, None] * 0 + tl.arange(0, BLOCK_D)[:, None] * N_PAD + (o_n * 5 % N_PAD)[None, :]
+    o_perm = tl.arange(0, BLOCK_D)[:, None] * N_PAD + (o_n * 5 % N_PAD)[None, :]
     p_scratch += ((_program_slot(dim_per_group, BLOCK_D) * n_segments + pid_s) * (T // TB)) * (BLOCK_D * N_PAD) + o_perm
     q = tl.load(p_qend + o_seg * dim * dstate + o_dn, mask=m_dn, other=0.0)
     dA_acc = tl.zeros((BLOCK_D, N_PAD), dtype=tl.float32)
