@@ -46,6 +46,13 @@ def run_tag() -> str:
     return f"{gpu} · torch {torch.__version__} · triton {triton.__version__} · commit {commit}"
 
 
+def report(text: str, out: str | None) -> None:
+    """Print a run's result text and, with ``out``, also write it (plus a newline) to that file."""
+    print(text, flush=True)
+    if out:
+        Path(out).write_text(text + "\n")
+
+
 def time_eager(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> float:
     """Median ms of ``fn()`` launched from Python."""
     from triton.testing import do_bench

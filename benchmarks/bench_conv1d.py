@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import MAMBA1_SHAPES, Table, peak_memory_gib, run_tag, time_eager, time_graph  # noqa: E402
+from _harness import MAMBA1_SHAPES, Table, peak_memory_gib, report, run_tag, time_eager, time_graph  # noqa: E402
 
 from streamssm.kernels import causal_conv1d  # noqa: E402
 from streamssm.kernels.conv1d.reference import causal_conv1d_ref  # noqa: E402
@@ -107,9 +107,7 @@ def main() -> int:
             print(table.rows[-1], flush=True)
     text = (f"{run_tag()}\ncausal depthwise conv1d width {args.width} + SiLU, bf16 x, fp32 weight/bias; "
             f"ratio = PyTorch time / ours (> 1: ours faster)\n\n" + table.markdown())
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    report(text, args.out)
     return 0
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import Table, run_tag  # noqa: E402
+from _harness import Table, report, run_tag  # noqa: E402
 
 from streamssm.inference import Streamer  # noqa: E402
 from streamssm.models import ModelConfig, SSMModel  # noqa: E402
@@ -90,9 +90,7 @@ def main() -> int:
     text = (f"{run_tag()}\n4-layer d_model 512 Mamba-2 mu-law LM ({args.dtype}), {args.sample_rate} Hz streams fed "
             f"{args.chunk_ms:g} ms chunks ({chunk} tokens), scores only; stream capacity = N x chunk / call time. "
             f"Largest N kept real time: {kept}.\n\n" + table.markdown())
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    report(text, args.out)
     return 0
 
 

@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import Table, run_tag  # noqa: E402
+from _harness import Table, report, run_tag  # noqa: E402
 
 from streamssm.plots import plot_training_curve  # noqa: E402
 from streamssm.tasks import TokenLM  # noqa: E402
@@ -171,9 +171,7 @@ def main() -> int:
     text = (f"{tag}\nTokenLM d_model {args.d_model} x {args.layers} layers, bf16-mixed, "
             f"checkpoint_layers={not args.no_checkpoint}, median of {args.steps} steps after {args.warmup}\n\n"
             + table.markdown())
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    report(text, args.out)
     if args.plot and curves:
         plot_losses(curves, Path(args.plot), f"TokenLM d_model {args.d_model} x {args.layers}, bf16-mixed")
     if any(math.isnan(r["loss last"]) or r["loss last"] >= r["loss first"] for r in table.rows):

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import Table, run_tag  # noqa: E402
+from _harness import Table, report, run_tag  # noqa: E402
 from _peers import PeerMamba2Model  # noqa: E402
 from bench_train import VOCAB, MotifTokens  # noqa: E402
 
@@ -113,9 +113,7 @@ def main() -> int:
     text = (f"{run_tag()}\nMamba-2 LM d_model {args.d_model} x {args.layers} layers, length {args.length}, batch "
             f"{args.batch}, bf16 autocast, no checkpointing; median of {args.rounds} x {args.steps} steps\n\n"
             + table.markdown())
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    report(text, args.out)
     return 0
 
 
