@@ -50,12 +50,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from streamssm.checkpoint import model_fingerprint
 from streamssm.errors import ConfigError, ShapeError, StateError
 from streamssm.models import SSMModel
-from streamssm.state import LayerState, ModelState, select_streams, write_streams
+from streamssm.state import LayerState, ModelState, save_reproducible, select_streams, write_streams
 
 SNAPSHOT_FORMAT = "streamssm-stream-snapshot-1"
 TOKEN_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
@@ -146,7 +145,7 @@ class Streamer:
             for field, t in zip(LayerState._fields, layer):
                 tensors[f"layer{i}.{field}"] = t[0].cpu().contiguous()
         meta = {"format": SNAPSHOT_FORMAT, "fingerprint": self.fingerprint, "num_layers": str(len(self.pool))}
-        return st_save(tensors, metadata=meta)
+        return save_reproducible(tensors, meta)
 
     def restore(self, data: bytes) -> int:
         """Open a stream that continues exactly where the snapshot ``data`` left off."""

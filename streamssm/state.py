@@ -15,6 +15,8 @@ depends on how much of a stream has been seen.
 
 from __future__ import annotations
 
+import json
+import struct
 from typing import NamedTuple
 
 import torch
@@ -53,15 +55,29 @@ def write_streams(pool: ModelState, index: torch.Tensor, values: ModelState) -> 
             p.index_copy_(0, index, v.to(p.dtype))
 
 
+def save_reproducible(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """``safetensors.torch.save`` with its JSON header rewritten with sorted keys.
+
+    safetensors writes the header's maps in hash order, so equal inputs gave different bytes
+    from call to call. Only the header moves (data offsets are relative to the end of the
+    header); it stays space-padded to a multiple of 8 bytes as the format requires."""
+    blob = st_save(tensors, metadata=metadata)
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.dumps(json.loads(blob[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return struct.pack("<Q", len(header)) + header + blob[8 + n :]
+
+
 def state_to_bytes(state: ModelState, metadata: dict[str, str] | None = None) -> bytes:
-    """Serialize a state with safetensors (tensors are copied to CPU)."""
+    """Serialize a state with safetensors (tensors are copied to CPU); equal states and metadata
+    give equal bytes."""
     tensors: dict[str, torch.Tensor] = {}
     for i, layer in enumerate(state):
         for field, t in zip(LayerState._fields, layer):
             tensors[f"layer{i}.{field}"] = t.detach().to("cpu").contiguous()
     meta = {"num_layers": str(len(state))}
     meta.update(metadata or {})
-    return st_save(tensors, metadata=meta)
+    return save_reproducible(tensors, meta)
 
 
 def state_from_bytes(data: bytes, device: torch.device | str = "cpu") -> ModelState:

@@ -46,6 +46,21 @@ def test_bytes_round_trip_is_exact():
             assert torch.equal(a, b)
 
 
+def test_equal_states_give_equal_bytes():
+    """Snapshots and resume records can be compared and deduplicated by their bytes (safetensors
+    alone writes its header maps in hash order)."""
+    state = random_state(2, layers=3)
+    meta = {f"key{i}": str(i) for i in range(8)}
+    blobs = {state_to_bytes(state, meta) for _ in range(10)}
+    blobs.add(state_to_bytes(tuple(LayerState(*(t.clone() for t in layer)) for layer in state),
+                             dict(reversed(meta.items()))))
+    assert len(blobs) == 1
+    blob = blobs.pop()
+    assert int.from_bytes(blob[:8], "little") % 8 == 0
+    back = state_from_bytes(blob)
+    assert all(torch.equal(a, b) for layer, other in zip(state, back) for a, b in zip(layer, other))
+
+
 @pytest.mark.parametrize("blob", [b"", b"not safetensors at all", b"\x00" * 64])
 def test_malformed_bytes_raise_state_error(blob):
     with pytest.raises(StateError, match="safetensors"):
