@@ -25,7 +25,9 @@ class RMSNorm(nn.Module):
 
 
 class GatedRMSNorm(RMSNorm):
-    """(y, z) (..., d) -> RMSNorm(y * silu(z)): Mamba-2's output norm (gate before norm), in y.dtype."""
+    """(y, z) (..., d) -> RMSNorm(y * silu(z)): Mamba-2's output norm (gate before norm), in y.dtype.
 
-    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return super().forward(y * F.silu(z.to(y.dtype)))
+    ``z=None``: y arrives already gated (the step kernels apply silu(z) in their epilogue)."""
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(y if z is None else y * F.silu(z.to(y.dtype)))
