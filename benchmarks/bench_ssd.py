@@ -29,7 +29,7 @@ from _harness import SSD_SHAPES, Table, peak_memory_gib, run_tag, time_eager, ti
 from _peers import PEERS, import_mamba_ssm, stub_package  # noqa: E402
 
 from streamssm.kernels import ssd_scan  # noqa: E402
-from streamssm.kernels.ssd.chunked_ref import ssd_chunked_ref  # noqa: E402
+from streamssm.kernels.ssd.chunked_torch import ssd_scan_chunked  # noqa: E402
 
 CHUNK = 256
 NAMES = ("x", "dt", "A", "B", "C", "D", "dt_bias")
@@ -120,25 +120,25 @@ def _rel(ref: torch.Tensor, got: torch.Tensor) -> float:
     return float((got - ref).norm() / ref.norm().clamp_min(1e-300)) if ref.numel() else 0.0
 
 
-def ref64(t, segment=None, perturb: tuple[str, torch.Tensor] | None = None):
+def ref64(t, no_grad: bool = False, perturb: tuple[str, torch.Tensor] | None = None):
+    """Our chunked path in float64 (its blocks bound the memory of the (t, t) decay matrices)."""
     tt = {k: v.double() for k, v in t.items()}
     if perturb is not None:
         tt[perturb[0]] = tt[perturb[0]] + perturb[1]
-    with torch.no_grad() if segment else torch.enable_grad():
-        return ssd_chunked_ref(tt["x"], tt["dt"], tt["A"], tt["B"], tt["C"], CHUNK, D=tt["D"], dt_bias=tt["dt_bias"],
-                               dt_softplus=True, compute_dtype=torch.float64, segment_chunks=segment)
+    with torch.no_grad() if no_grad else torch.enable_grad():
+        return ssd_scan_chunked(tt["x"], tt["dt"], tt["A"], tt["B"], tt["C"], CHUNK, D=tt["D"], dt_bias=tt["dt_bias"],
+                                dt_softplus=True)
 
 
 def verify(name: str, t: dict, providers: dict) -> list[str]:
     """Errors vs float64: our y and gradients; the peers' y."""
     lines = []
     big = t["x"].numel() > 2**28
-    segment = 64 if big else None
     leaves, grads_of = with_grads(t, NAMES)
     y = ours(leaves)
     dy = torch.randn_like(y)
     grads = dict(zip(NAMES, torch.autograd.grad(y, grads_of, dy)))
-    y64 = ref64(t, segment).detach()
+    y64 = ref64(t, no_grad=big).detach()
     lines.append(f"{name} ours y rel-L2 err vs float64: {_rel(y64, y):.2e}")
     for pname, (run, prep) in providers.items():
         if pname == "ours":
@@ -154,9 +154,8 @@ def verify(name: str, t: dict, providers: dict) -> list[str]:
     del y64
     if not big:
         leaves64 = {k: v.detach().double().requires_grad_() for k, v in t.items()}
-        y64 = ssd_chunked_ref(leaves64["x"], leaves64["dt"], leaves64["A"], leaves64["B"], leaves64["C"], CHUNK,
-                              D=leaves64["D"], dt_bias=leaves64["dt_bias"], dt_softplus=True,
-                              compute_dtype=torch.float64)
+        y64 = ssd_scan_chunked(leaves64["x"], leaves64["dt"], leaves64["A"], leaves64["B"], leaves64["C"], CHUNK,
+                               D=leaves64["D"], dt_bias=leaves64["dt_bias"], dt_softplus=True)
         g64 = torch.autograd.grad(y64, [leaves64[k] for k in NAMES], dy.double())
         errs = ", ".join(f"d{k} {_rel(r, grads[k]):.2e}" for k, r in zip(NAMES, g64))
         lines.append(f"{name} ours grads rel-L2 err vs float64 autograd: {errs}")
@@ -167,8 +166,8 @@ def verify(name: str, t: dict, providers: dict) -> list[str]:
         for k in NAMES:
             v = torch.randn_like(t[k], dtype=torch.float64)
             eps = 1e-5 * float(t[k].double().norm() / v.norm())
-            fp = float((ref64(t, segment, (k, eps * v)) * dyd).sum())
-            fm = float((ref64(t, segment, (k, -eps * v)) * dyd).sum())
+            fp = float((ref64(t, True, (k, eps * v)) * dyd).sum())
+            fm = float((ref64(t, True, (k, -eps * v)) * dyd).sum())
             fd = (fp - fm) / (2 * eps)
             an = float((grads[k].double() * v).sum())
             errs.append(f"d{k} {abs(an - fd) / max(abs(fd), 1e-300):.2e}")

@@ -12,7 +12,7 @@ import torch
 
 from streamssm.errors import ShapeError
 from streamssm.kernels import ssd_scan
-from streamssm.kernels.ssd.chunked_ref import ssd_chunked_ref
+from streamssm.kernels.ssd.chunked_torch import ssd_scan_chunked
 from streamssm.kernels.ssd.reference import ssd_scan_ref
 from streamssm.testing import assert_close
 
@@ -130,15 +130,21 @@ def test_chunked_calls_carrying_state_equal_one_call():
     assert_close("final chunked", final, state, rtol=1e-5, atol=1e-5)
 
 
-def test_chunked_torch_reference_matches_sequential():
+def test_chunked_float64_reference_matches_sequential():
+    """The GPU tests' accurate reference: the chunked path in float64 (bf16 inputs promoted)."""
     t = _inputs(2, 45, 4, 6, 2, 5, D="hp", z=True, bias=True, init=True)
-    kw = dict(D=t["D"], z=t["z"], dt_bias=t["dt_bias"], dt_softplus=True, initial_state=t["initial_state"],
+    t64 = {k: v.double() for k, v in t.items()}
+    kw = dict(D=t64["D"], z=t64["z"], dt_bias=t64["dt_bias"], dt_softplus=True, initial_state=t64["initial_state"],
               return_final_state=True)
-    y0, f0 = ssd_scan_ref(t["x"], t["dt"], t["A"], t["B"], t["C"], **kw)
-    for seg in (None, 2):
-        y1, f1 = ssd_chunked_ref(t["x"], t["dt"], t["A"], t["B"], t["C"], chunk_size=16, segment_chunks=seg, **kw)
-        assert_close("y", y0, y1)
-        assert_close("final", f0, f1)
+    y0, f0 = ssd_scan_ref(t64["x"], t64["dt"], t64["A"], t64["B"], t64["C"], **kw)
+    y1, f1 = ssd_scan_chunked(t64["x"], t64["dt"], t64["A"], t64["B"], t64["C"], chunk_size=16, **kw)
+    assert y1.dtype == f1.dtype == torch.float64
+    assert_close("y", y0, y1, torch.float64)
+    assert_close("final", f0, f1, torch.float64)
+    kw16 = {k: (v.bfloat16() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    y2 = ssd_scan_chunked(*(t64[k].bfloat16() for k in ("x", "dt", "A", "B", "C")), chunk_size=16,
+                          compute_dtype=torch.float64, **{**kw16, "return_final_state": False})
+    assert y2.dtype == torch.float64
 
 
 def test_bad_inputs_raise_shape_error():
@@ -181,7 +187,7 @@ def test_gpu_matches_float64(case, dtype):
     t = _inputs(b, l, h, p, g, n, D="h", z=True, bias=True, init=True, device="cuda", dtype=dtype)
     got = _run("triton", t, 256)
     leaves = {k: (v.detach().double().requires_grad_() if v is not None else None) for k, v in t.items()}
-    y, final = ssd_chunked_ref(leaves["x"], leaves["dt"], leaves["A"], leaves["B"], leaves["C"], chunk_size=256,
+    y, final = ssd_scan_chunked(leaves["x"], leaves["dt"], leaves["A"], leaves["B"], leaves["C"], chunk_size=256,
                                D=leaves["D"], z=leaves["z"], dt_bias=leaves["dt_bias"], dt_softplus=True,
                                initial_state=leaves["initial_state"], return_final_state=True,
                                compute_dtype=torch.float64)
@@ -207,7 +213,7 @@ def test_gpu_packed_matches_reference():
         if e == s:
             assert_close(f"final[{i}] (empty)", t["initial_state"][i], got["final"][i], rtol=0, atol=0)
             continue
-        y, f = ssd_chunked_ref(t["x"][:, s:e], t["dt"][:, s:e], t["A"], t["B"][:, s:e], t["C"][:, s:e], 256,
+        y, f = ssd_scan_chunked(t["x"][:, s:e], t["dt"][:, s:e], t["A"], t["B"][:, s:e], t["C"][:, s:e], 256,
                                D=t["D"], dt_bias=t["dt_bias"], dt_softplus=True,
                                initial_state=t["initial_state"][i:i + 1], return_final_state=True,
                                compute_dtype=torch.float64)

@@ -1,10 +1,12 @@
-"""Chunked Mamba-2 SSD scan in plain PyTorch (the fast CPU path): the standard SSD algorithm.
+"""Chunked Mamba-2 SSD scan in plain PyTorch: the standard SSD algorithm. It is the fast CPU path
+(fp32 math) and, with ``compute_dtype=torch.float64``, the accurate reference of the GPU tests and
+benchmarks at sizes where the sequential loop is too slow (S3: a million steps).
 
 Shape legend:
     b batch, l length, h heads = g * q, g groups of B/C, q heads per group, p headdim,
     n dstate, c chunks in a block, t = i = j steps in a chunk (``chunk_size``)
 
-Same recurrence as ``reference.py`` (per head a scalar decay a_t = dt_t A, fp32 math):
+Same recurrence as ``reference.py`` (per head a scalar decay a_t = dt_t A):
     S_t = exp(a_t) S_{t-1} + dt_t x_t B_t^T,    y_t = S_t C_t + D x_t  [* silu(z_t)]
 
 With Lc the cumulative log-decay inside a chunk and X_j = dt_j x_j, one chunk is
@@ -30,7 +32,7 @@ _BLOCK_ELEMENTS = 1 << 22
 def _scan_block(
     X: torch.Tensor, a: torch.Tensor, B: torch.Tensor, C: torch.Tensor, state: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One block of whole chunks, fp32.
+    """One block of whole chunks, in the compute dtype of its inputs.
 
     X (b, c, t, g, q, p) = dt * x; a (b, c, t, g, q) = dt * A; B, C (b, c, t, g, n);
     state (b, g, q, p, n). Returns y (b, c, t, g, q, p) without the D term, and the state
@@ -59,18 +61,19 @@ def _ssd_rows(
     x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
     state: torch.Tensor, chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (b, l, h, p); dt (b, l, h) fp32 after bias/softplus; B, C (b, l, g, n);
-    state (b, h, p, n) fp32. Returns y (b, l, h, p) fp32 (no D/z) and the final state."""
+    """x (b, l, h, p); dt (b, l, h) after bias/softplus and state (b, h, p, n), both in the compute
+    dtype; B, C (b, l, g, n). Returns y (b, l, h, p) in the compute dtype (no D/z) and the final state."""
+    cd = dt.dtype
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     q = h // g
     t = min(chunk_size, l)
     chunks = -(-l // t)
     pad = chunks * t - l
-    X = F.pad(x.float() * dt[..., None], (0, 0, 0, 0, 0, pad))  # (b, l', h, p); padded steps carry no input
+    X = F.pad(x.to(cd) * dt[..., None], (0, 0, 0, 0, 0, pad))  # (b, l', h, p); padded steps carry no input
     a = F.pad(dt * A, (0, 0, 0, pad))  # (b, l', h); log-decay 0 on padded steps
-    Bf = F.pad(B.float(), (0, 0, 0, 0, 0, pad)).reshape(b, chunks, t, g, n)
-    Cf = F.pad(C.float(), (0, 0, 0, 0, 0, pad)).reshape(b, chunks, t, g, n)
+    Bf = F.pad(B.to(cd), (0, 0, 0, 0, 0, pad)).reshape(b, chunks, t, g, n)
+    Cf = F.pad(C.to(cd), (0, 0, 0, 0, 0, pad)).reshape(b, chunks, t, g, n)
     X = X.reshape(b, chunks, t, g, q, p)
     a = a.reshape(b, chunks, t, g, q)
     state = state.reshape(b, g, q, p, n)
@@ -98,26 +101,30 @@ def ssd_scan_chunked(
     initial_state: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     return_final_state: bool = False,
+    compute_dtype: torch.dtype | None = None,
 ):
     """SSD scan by the chunked algorithm (same contract as ``ssd_scan_ref``).
 
     x, z: (b, l, h, p); dt: (b, l, h); A: (h,); B, C: (b, l, g, n); D: (h,) or (h, p);
     initial_state: (b, h, p, n), or (num_seqs, h, p, n) with ``cu_seqlens`` (num_seqs+1,)
-    (then b == 1). Returns y (b, l, h, p) in x.dtype [, final_state like initial_state, fp32].
+    (then b == 1). The math runs in ``compute_dtype`` (default fp32, float64 for float64 x).
+    Returns y (b, l, h, p) in x.dtype, or in ``compute_dtype`` when it is given
+    [, final_state like initial_state in the compute dtype].
     """
     b, l, h, p = x.shape
     n = B.shape[-1]
-    dtf = dt.float()
+    cd = compute_dtype or torch.promote_types(x.dtype, torch.float32)
+    dtf = dt.to(cd)
     if dt_bias is not None:
-        dtf = dtf + dt_bias.float()
+        dtf = dtf + dt_bias.to(cd)
     if dt_softplus:
         dtf = F.softplus(dtf)
-    Af = A.float()
+    Af = A.to(cd)
     if cu_seqlens is None:
         state = (
-            initial_state.float()
+            initial_state.to(cd)
             if initial_state is not None
-            else torch.zeros(b, h, p, n, device=x.device, dtype=torch.float32)
+            else torch.zeros(b, h, p, n, device=x.device, dtype=cd)
         )
         y, final = _ssd_rows(x, dtf, Af, B, C, state, chunk_size)
     else:
@@ -125,9 +132,9 @@ def ssd_scan_chunked(
         ys, finals = [], []
         for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
             state = (
-                initial_state[i : i + 1].float()
+                initial_state[i : i + 1].to(cd)
                 if initial_state is not None
-                else torch.zeros(1, h, p, n, device=x.device, dtype=torch.float32)
+                else torch.zeros(1, h, p, n, device=x.device, dtype=cd)
             )
             if e == s:  # an empty sequence passes its initial state through
                 finals.append(state)
@@ -137,9 +144,9 @@ def ssd_scan_chunked(
             finals.append(state)
         y, final = torch.cat(ys, dim=1), torch.cat(finals, dim=0)
     if D is not None:
-        Df = D.float()
-        y = y + x.float() * (Df[:, None] if Df.dim() == 1 else Df)
+        Df = D.to(cd)
+        y = y + x.to(cd) * (Df[:, None] if Df.dim() == 1 else Df)
     if z is not None:
-        y = y * F.silu(z.float())
-    y = y.to(x.dtype)
+        y = y * F.silu(z.to(cd))
+    y = y.to(compute_dtype or x.dtype)
     return (y, final) if return_final_state else y

@@ -33,24 +33,27 @@ def ssd_step_ref(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One time step. state (b, h, p, n) fp32; x, z (b, h, p); dt (b, h); B, C (b, g, n).
 
-    Returns ``(y (b, h, p) in x.dtype, new_state (b, h, p, n) fp32)``; ``state`` is untouched.
+    The math runs in fp32, or in float64 when x or state is float64 (an exact reference).
+    Returns ``(y (b, h, p) in x.dtype, new_state (b, h, p, n) in that compute dtype)``;
+    ``state`` is untouched.
     """
     h = x.shape[1]
-    xf, dtf = x.float(), dt.float()
+    cd = torch.promote_types(torch.promote_types(x.dtype, state.dtype), torch.float32)
+    xf, dtf = x.to(cd), dt.to(cd)
     if dt_bias is not None:
-        dtf = dtf + dt_bias.float()
+        dtf = dtf + dt_bias.to(cd)
     if dt_softplus:
         dtf = F.softplus(dtf)
-    Bh = B.float().repeat_interleave(h // B.shape[1], dim=1)  # (b, h, n)
-    Ch = C.float().repeat_interleave(h // C.shape[1], dim=1)  # (b, h, n)
-    dA = torch.exp(dtf * A.float())  # (b, h)
-    new_state = state.float() * dA[..., None, None] + (dtf[..., None] * xf)[..., None] * Bh[:, :, None, :]
+    Bh = B.to(cd).repeat_interleave(h // B.shape[1], dim=1)  # (b, h, n)
+    Ch = C.to(cd).repeat_interleave(h // C.shape[1], dim=1)  # (b, h, n)
+    dA = torch.exp(dtf * A.to(cd))  # (b, h)
+    new_state = state.to(cd) * dA[..., None, None] + (dtf[..., None] * xf)[..., None] * Bh[:, :, None, :]
     y = (new_state * Ch[:, :, None, :]).sum(-1)  # (b, h, p)
     if D is not None:
-        Df = D.float()
+        Df = D.to(cd)
         y = y + xf * (Df[:, None] if Df.dim() == 1 else Df)
     if z is not None:
-        y = y * F.silu(z.float())
+        y = y * F.silu(z.to(cd))
     return y.to(x.dtype), new_state
 
 
@@ -86,15 +89,16 @@ def ssd_scan_ref(
 
     x, z: (b, l, h, p); dt: (b, l, h); A: (h,); B, C: (b, l, g, n); D: (h,) or (h, p);
     initial_state: (b, h, p, n), or (num_seqs, h, p, n) with ``cu_seqlens`` (num_seqs+1,).
-    Returns y (b, l, h, p) [, final_state: same layout as initial_state, fp32].
+    Returns y (b, l, h, p) [, final_state: same layout as initial_state, fp32 (float64 for float64 x)].
     """
     b, l, h, p = x.shape
     n = B.shape[-1]
+    cd = torch.promote_types(x.dtype, torch.float32)
     if cu_seqlens is None:
         state = (
-            initial_state.float()
+            initial_state.to(cd)
             if initial_state is not None
-            else torch.zeros(b, h, p, n, device=x.device, dtype=torch.float32)
+            else torch.zeros(b, h, p, n, device=x.device, dtype=cd)
         )
         y, state = _ssd_scan_rows(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state)
         return (y, state) if return_final_state else y
@@ -102,9 +106,9 @@ def ssd_scan_ref(
     ys, finals = [], []
     for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
         state = (
-            initial_state[i : i + 1].float()
+            initial_state[i : i + 1].to(cd)
             if initial_state is not None
-            else torch.zeros(1, h, p, n, device=x.device, dtype=torch.float32)
+            else torch.zeros(1, h, p, n, device=x.device, dtype=cd)
         )
         y_i, state = _ssd_scan_rows(
             x[:, s:e], dt[:, s:e], A, B[:, s:e], C[:, s:e], D,
