@@ -46,7 +46,7 @@ def run_tag() -> str:
     return f"{gpu} · torch {torch.__version__} · triton {triton.__version__} · commit {commit}"
 
 
-def report(text: str, out: str | None) -> None:
+def report(text: str, out: str | Path | None) -> None:
     """Print a run's result text and, with ``out``, also write it (plus a newline) to that file."""
     print(text, flush=True)
     if out:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import MAMBA1_SHAPES, Table, peak_memory_gib, run_tag, time_eager, time_graph  # noqa: E402
+from _harness import MAMBA1_SHAPES, Table, peak_memory_gib, report, run_tag, time_eager, time_graph  # noqa: E402
 
 from streamssm.kernels import selective_scan  # noqa: E402
 from streamssm.kernels.mamba1.reference import selective_scan_ref  # noqa: E402
@@ -332,9 +332,7 @@ def main(argv=None) -> int:
         del t
         torch.cuda.empty_cache()
     text = "\n".join([table.markdown(), "", *(f"- {n}" for n in notes)])
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    report(text, args.out)
     return 0
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import SSD_SHAPES, Table, peak_memory_gib, run_tag, time_eager, time_graph  # noqa: E402
+from _harness import SSD_SHAPES, Table, peak_memory_gib, report, run_tag, time_eager, time_graph  # noqa: E402
 from _peers import PEERS, import_mamba_ssm, stub_package  # noqa: E402
 
 from streamssm.kernels import ssd_scan  # noqa: E402
@@ -266,9 +266,7 @@ def main(argv=None) -> int:
         del t
         torch.cuda.empty_cache()
     text = "\n".join([table.markdown(), "", *(f"- {n}" for n in notes)])
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    report(text, args.out)
     return 0
 
 
