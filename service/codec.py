@@ -3,12 +3,14 @@
 The checkpoint's serving metadata (``ServingBundle.serving``) says what raw data the model was
 trained on (``streamssm.datamodules.encoding``): ``dna`` models take text streams of bases,
 ``audio`` models f32le/s16le samples at their sample rate (mu-law tokens or floats), ``sensor``
-models f32le rows in raw units (normalized here). Regression outputs go back to raw units.
+models f32le rows in raw units (normalized here). Regression outputs go back to raw units: a
+forecaster's o = h * k outputs per step are read as h horizon steps of k forecast channels, each
+de-normalized per channel (float audio is modeled in raw units and passes unchanged).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,7 +59,7 @@ class ModelCodec:
                               channels=len(meta["channels"]))
         post = None
         if cfg.head == "regression" and (modality == "sensor" or meta.get("encoding") == "float"):
-            post = decoder_from_metadata(meta)
+            post = _forecast_decoder(meta, cfg.resolved_output_dim)
         return cls(spec, cfg.head, cfg.resolved_output_dim, modality, [str(c) for c in meta.get("classes", [])],
                    encode, post)
 
@@ -80,3 +82,27 @@ class ModelCodec:
         if self._postprocess is not None:
             outputs = self._postprocess(outputs)
         return outputs.to(torch.float32).numpy()
+
+
+def _forecast_decoder(meta: Mapping[str, Any], output_dim: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Regression outputs (..., o) -> raw units (..., o), o = horizon h x forecast channels k.
+
+    Raises ConfigError at load time when o does not split into the metadata's h x k."""
+    task = meta.get("task") if isinstance(meta.get("task"), Mapping) else {}
+    horizon = int(task.get("horizon", 1))
+    if meta["modality"] == "sensor":
+        k = len(meta.get("targets") or meta["channels"])
+    else:  # float audio: one forecast per modeled channel
+        k = int(meta.get("channels", 1))
+    if output_dim != horizon * k:
+        raise ConfigError(
+            f"serving metadata: the model gives {output_dim} outputs per step, but horizon {horizon} x "
+            f"{k} forecast channel(s) = {horizon * k}"
+        )
+    invert = decoder_from_metadata(meta)  # (..., k) -> (..., k)
+
+    def decode(outputs: torch.Tensor) -> torch.Tensor:
+        per_step = outputs.reshape(*outputs.shape[:-1], horizon, k)  # (..., h, k)
+        return invert(per_step).reshape(outputs.shape)
+
+    return decode

@@ -1,0 +1,52 @@
+"""The service codec reads every head's outputs back in the units a client sees.
+
+Regression (issue 18): a multi-horizon forecaster (o = h * k outputs per step) was
+de-normalized with a k-value normalizer and failed its first chunk.
+"""
+
+import pytest
+import torch
+
+from streamssm.checkpoint import ServingBundle
+from streamssm.errors import ConfigError
+from streamssm.models import ModelConfig, SSMModel
+from streamssm.service.codec import ModelCodec
+
+SMALL = dict(d_model=16, n_layers=1, d_state=8, headdim=8, chunk_size=4)
+SENSOR = {"modality": "sensor", "channels": ["a", "b", "c"], "mean": [1.0, -2.0, 0.5], "std": [2.0, 0.5, 3.0]}
+
+
+def _bundle(serving, **io) -> ServingBundle:
+    cfg = ModelConfig(block="mamba2", **io, **SMALL)
+    return ServingBundle(SSMModel(cfg), cfg, serving)
+
+
+@pytest.mark.parametrize("targets", [None, ["c", "a"]])
+def test_multi_horizon_forecast_is_denormalized_per_step_and_channel(targets):
+    serving = {**SENSOR, "task": {"name": "Forecaster", "head": "regression", "horizon": 4}}
+    idx = [0, 1, 2] if targets is None else [2, 0]
+    if targets is not None:
+        serving["targets"] = targets
+    k = len(idx)
+    codec = ModelCodec.from_bundle(_bundle(serving, input_kind="continuous", input_dim=3, head="regression",
+                                           output_dim=4 * k))
+    y = torch.randn(7, 4 * k)
+    mean = torch.tensor([SENSOR["mean"][i] for i in idx])
+    std = torch.tensor([SENSOR["std"][i] for i in idx])
+    expected = (y.view(7, 4, k) * std + mean).view(7, 4 * k)
+    torch.testing.assert_close(torch.from_numpy(codec.postprocess(y)), expected)
+
+
+def test_outputs_that_do_not_split_into_horizon_by_channels_are_refused_at_load():
+    serving = {**SENSOR, "task": {"name": "Forecaster", "head": "regression", "horizon": 4}}
+    with pytest.raises(ConfigError, match="horizon 4 x 3 forecast channel"):
+        ModelCodec.from_bundle(_bundle(serving, input_kind="continuous", input_dim=3, head="regression", output_dim=6))
+
+
+def test_float_audio_forecasts_pass_unchanged():
+    serving = {"modality": "audio", "sample_rate": 8000, "encoding": "float", "channels": 1,
+               "task": {"name": "Forecaster", "head": "regression", "horizon": 2}}
+    codec = ModelCodec.from_bundle(_bundle(serving, input_kind="continuous", input_dim=1, head="regression",
+                                           output_dim=2))
+    y = torch.randn(5, 2)
+    torch.testing.assert_close(torch.from_numpy(codec.postprocess(y)), y)
