@@ -17,7 +17,7 @@ Shape legend: l time steps, c channels.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -29,6 +29,8 @@ __all__ = [
     "DNA_ALPHABET",
     "DNA_VOCAB_SIZE",
     "N_TOKEN",
+    "IUPAC_AMBIGUOUS",
+    "BASE_LUT",
     "encode_bases",
     "base_codes",
     "decode_bases",
@@ -44,24 +46,30 @@ __all__ = [
 DNA_ALPHABET = "ACGTN"
 DNA_VOCAB_SIZE = len(DNA_ALPHABET)
 N_TOKEN = 4
-_IUPAC_AMBIGUOUS = "NRYSWKMBDHV"
+#: IUPAC ambiguity codes other than N; read as N (token 4) unless a strict option refuses them.
+IUPAC_AMBIGUOUS = "RYSWKMBDHV"
 _INVALID = 255
 
-# Byte -> token lookup table; 255 marks characters that are not bases.
-_BASE_LUT = np.full(256, _INVALID, dtype=np.uint8)
+#: Byte -> token lookup table (read-only); 255 marks bytes that are not bases.
+BASE_LUT = np.full(256, _INVALID, dtype=np.uint8)
 for _i, _b in enumerate("ACGT"):
-    _BASE_LUT[ord(_b)] = _i
-    _BASE_LUT[ord(_b.lower())] = _i
-for _b in _IUPAC_AMBIGUOUS:
-    _BASE_LUT[ord(_b)] = N_TOKEN
-    _BASE_LUT[ord(_b.lower())] = N_TOKEN
-_BASE_LUT.setflags(write=False)
+    BASE_LUT[ord(_b)] = _i
+    BASE_LUT[ord(_b.lower())] = _i
+for _b in "N" + IUPAC_AMBIGUOUS:
+    BASE_LUT[ord(_b)] = N_TOKEN
+    BASE_LUT[ord(_b.lower())] = N_TOKEN
+BASE_LUT.setflags(write=False)
+_STRICT_LUT = BASE_LUT.copy()  # ambiguity codes other than N marked invalid
+for _b in IUPAC_AMBIGUOUS:
+    _STRICT_LUT[ord(_b)] = _INVALID
+    _STRICT_LUT[ord(_b.lower())] = _INVALID
+_STRICT_LUT.setflags(write=False)
 
 _RC_TABLE = torch.tensor([3, 2, 1, 0, 4], dtype=torch.long)
 _RC_NP = np.array([3, 2, 1, 0, 4], dtype=np.uint8)
 
 
-def base_codes(text: str | bytes) -> np.ndarray:
+def base_codes(text: str | bytes, ambiguous_as_n: bool = True) -> np.ndarray:
     """Like ``encode_bases`` but returns a numpy uint8 array (l,) (fast path for data loaders)."""
     if isinstance(text, str):
         try:
@@ -75,28 +83,29 @@ def base_codes(text: str | bytes) -> np.ndarray:
         raw = bytes(text)
     else:
         raise DataFormatError(f"encode_bases: expected str or bytes, got {type(text).__name__}")
-    codes = _BASE_LUT[np.frombuffer(raw, dtype=np.uint8)]
+    codes = (BASE_LUT if ambiguous_as_n else _STRICT_LUT)[np.frombuffer(raw, dtype=np.uint8)]
     bad = np.flatnonzero(codes == _INVALID)
     if bad.size:
         pos = int(bad[0])
+        allowed = "or an IUPAC ambiguity code" if ambiguous_as_n else "(ambiguity codes are refused)"
         raise DataFormatError(
-            f"invalid DNA character {chr(raw[pos])!r} at position {pos}: "
-            f"expected one of ACGTN (any case) or an IUPAC ambiguity code"
+            f"invalid DNA character {chr(raw[pos])!r} at position {pos}: expected one of ACGTN (any case) {allowed}"
         )
     return codes
 
 
-def encode_bases(text: str | bytes) -> torch.Tensor:
+def encode_bases(text: str | bytes, ambiguous_as_n: bool = True) -> torch.Tensor:
     """Encode a DNA string into tokens.
 
     Args:
         text: bases ``ACGT`` (any case) plus ``N`` and IUPAC ambiguity codes (-> N).
+        ambiguous_as_n: False refuses the ambiguity codes ``RYSWKMBDHV`` (N stays valid).
     Returns:
         LongTensor (l,) with values in 0..4.
     Raises:
         DataFormatError naming the first invalid character and its 0-based position.
     """
-    return torch.from_numpy(base_codes(text).astype(np.int64))
+    return torch.from_numpy(base_codes(text, ambiguous_as_n).astype(np.int64))
 
 
 def decode_bases(tokens: torch.Tensor | Sequence[int]) -> str:
@@ -243,9 +252,8 @@ class Normalizer:
 # serving metadata -> encoders / decoders
 
 
-def _as_2d_samples(raw: Any, channels: int, what: str) -> torch.Tensor:
-    """raw (l,) or (l, c) samples -> float32 (l, c)."""
-    x = pcm_to_float(raw)
+def _as_2d_samples(x: torch.Tensor, channels: int, what: str) -> torch.Tensor:
+    """float samples (l,) or (l, c) -> (l, c), checked for channels and finite values."""
     if x.dim() == 1:
         x = x[:, None]
     if x.dim() != 2:
@@ -258,10 +266,13 @@ def _as_2d_samples(raw: Any, channels: int, what: str) -> torch.Tensor:
 
 
 class DnaEncoder:
-    """str/bytes of bases -> LongTensor (l,)."""
+    """str/bytes of bases -> LongTensor (l,); ``ambiguous_as_n=False`` refuses ``RYSWKMBDHV``."""
+
+    def __init__(self, ambiguous_as_n: bool = True) -> None:
+        self.ambiguous_as_n = bool(ambiguous_as_n)
 
     def __call__(self, raw: str | bytes) -> torch.Tensor:
-        return encode_bases(raw)
+        return encode_bases(raw, self.ambiguous_as_n)
 
 
 class AudioEncoder:
@@ -287,7 +298,7 @@ class AudioEncoder:
         if x.dim() != 2:
             raise ShapeError(f"audio input: expected samples of shape (l,) or (l, c), got {tuple(x.shape)}")
         if self.mono and x.shape[1] > 1:
-            x = x.mean(dim=1, keepdim=True)
+            x = x.mean(dim=1, keepdim=True)  # as the waveform datamodule mixed its training files
         x = _as_2d_samples(x, self.channels, "audio input")
         if sample_rate is not None and int(sample_rate) != self.sample_rate:
             x = AF.resample(x.T.contiguous(), int(sample_rate), self.sample_rate).T.contiguous()
@@ -296,16 +307,37 @@ class AudioEncoder:
         return x
 
 
-class SensorEncoder:
-    """Sensor rows (l, c) in raw units -> normalized FloatTensor (l, c)."""
+SensorIntegers = Literal["error", "values", "pcm"]
 
-    def __init__(self, normalizer: Normalizer, names: Sequence[str]) -> None:
+
+class SensorEncoder:
+    """Sensor rows (l, c) in raw units -> normalized FloatTensor (l, c).
+
+    Float rows are raw units. Integer rows are ambiguous (counts in the training units, or PCM
+    scaled to [-1, 1]?) and are refused unless ``integers`` says how to read them: ``"values"``
+    takes them at face value (as the sensor datamodule reads integer table columns),
+    ``"pcm"`` divides by the dtype's full scale like audio (``pcm_to_float``).
+    """
+
+    def __init__(self, normalizer: Normalizer, names: Sequence[str], integers: SensorIntegers = "error") -> None:
+        if integers not in ("error", "values", "pcm"):
+            raise ConfigError(f"sensor integers: expected 'error', 'values' or 'pcm', got {integers!r}")
         self.normalizer = normalizer
         self.names = list(names)
+        self.integers = integers
 
     def __call__(self, raw: Any) -> torch.Tensor:
-        x = _as_2d_samples(raw, self.normalizer.channels, f"sensor input (channels {self.names})")
-        return self.normalizer.apply(x)
+        x = raw if isinstance(raw, torch.Tensor) else torch.as_tensor(np.asarray(raw))
+        what = f"sensor input (channels {self.names})"
+        if not torch.is_floating_point(x):
+            if self.integers == "error":
+                raise DataFormatError(
+                    f"{what}: integer samples ({x.dtype}) are ambiguous: give float values in the training "
+                    f"units, or say how to read integers (integers='values' as raw units, 'pcm' scaled to [-1, 1])"
+                )
+            x = x.to(torch.float64) if self.integers == "values" else pcm_to_float(x)  # float64: exact
+            return self.normalizer.apply(_as_2d_samples(x, self.normalizer.channels, what)).to(torch.float32)
+        return self.normalizer.apply(_as_2d_samples(x, self.normalizer.channels, what))
 
 
 def _require(meta: Mapping[str, Any], *keys: str) -> None:
@@ -314,13 +346,14 @@ def _require(meta: Mapping[str, Any], *keys: str) -> None:
         raise ConfigError(f"serving metadata for modality {meta.get('modality')!r} lacks {missing}")
 
 
-def encoder_from_metadata(meta: Mapping[str, Any]) -> Callable[..., torch.Tensor]:
+def encoder_from_metadata(meta: Mapping[str, Any], sensor_integers: SensorIntegers = "error") -> Callable[..., torch.Tensor]:
     """Raw-input encoder for a checkpoint's ``serving_metadata``.
 
     - ``{"modality": "dna", ...}``: str/bytes -> LongTensor (l,)
     - ``{"modality": "audio", "encoding": "mu_law"|"float", ...}``: samples (l,) | (l, c) ->
       LongTensor (l,) or FloatTensor (l, c); optional ``sample_rate=`` keyword resamples.
-    - ``{"modality": "sensor", "channels": [...], "mean": [...], "std": [...]}``: (l, c) -> (l, c).
+    - ``{"modality": "sensor", "channels": [...], "mean": [...], "std": [...]}``: (l, c) -> (l, c);
+      integer samples as ``sensor_integers`` says (``SensorEncoder``; refused by default).
     Add a leading batch axis before calling the model.
     """
     if not isinstance(meta, Mapping) or "modality" not in meta:
@@ -347,7 +380,7 @@ def encoder_from_metadata(meta: Mapping[str, Any]) -> Callable[..., torch.Tensor
             raise ConfigError(
                 f"sensor metadata: {len(meta['channels'])} channel names but {norm.channels} mean/std values"
             )
-        return SensorEncoder(norm, meta["channels"])
+        return SensorEncoder(norm, meta["channels"], sensor_integers)
     raise ConfigError(f"serving metadata: unknown modality {modality!r} (expected 'dna', 'audio' or 'sensor')")
 
 

@@ -219,3 +219,22 @@ def test_synthetic_data_is_learnable():
         np.mean(np.diff(np.sign(values[regime == r, 0] - values[regime == r, 0].mean())) != 0) for r in range(3)
     ]
     assert crossings[0] < crossings[2]
+
+
+def test_sensor_encoder_refuses_integers_unless_told_how_to_read_them():
+    """int16 rows were silently divided by 32768 (PCM scaling) for a sensor model."""
+    meta = {"modality": "sensor", "channels": ["a", "b"], "mean": [100.0, 0.0], "std": [10.0, 1.0]}
+    counts = np.array([[110, 1], [90, -2]], dtype=np.int16)
+    with pytest.raises(DataFormatError, match=r"integer samples \(torch.int16\) are ambiguous.*'values'.*'pcm'"):
+        encoder_from_metadata(meta)(counts)
+    values = encoder_from_metadata(meta, sensor_integers="values")(counts)
+    assert values.dtype == torch.float32 and values.tolist() == [[1.0, 1.0], [-1.0, -2.0]]
+    pcm = encoder_from_metadata(meta, sensor_integers="pcm")(counts)
+    assert torch.allclose(pcm, (pcm_to_float(counts).double() - torch.tensor([100.0, 0.0])).float() / torch.tensor([10.0, 1.0]))
+
+
+def test_strict_bases_refuse_ambiguity_codes_but_keep_n():
+    assert encode_bases("ACGTN", ambiguous_as_n=False).tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(DataFormatError, match=r"'r' at position 2.*ambiguity codes are refused"):
+        encode_bases("ACrT", ambiguous_as_n=False)
+    assert encode_bases("ACrT").tolist() == [0, 1, 4, 3]
