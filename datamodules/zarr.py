@@ -18,22 +18,31 @@ rank's ``(array, group, chunk)`` items in order, starting where the unit's saved
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 import zarr
 from torch.utils.data import DataLoader, Dataset, Sampler
+from zarr.core.sync import sync
 
 from streamssm.datamodules._common import LazyHandleMixin, check_positive
 from streamssm.errors import ConfigError, DataFormatError, ShapeError
 
 log = logging.getLogger(__name__)
+
+#: What to do with a storage chunk missing from an input store: "error" (default; a deleted or
+#: never-written chunk is a damaged input) or "fill" (read the array's fill value, as zarr does:
+#: right for arrays written with ``write_empty_chunks=False``, which skips all-fill chunks).
+MissingChunks = Literal["error", "fill"]
 
 _TIME_NAMES = ("time", "t", "step", "steps", "sample", "samples", "position")
 _CHANNEL_NAMES = ("channel", "channels", "c", "feature", "features")
@@ -145,19 +154,98 @@ class InputArray:
         return {"name": self.name, "path": self.store, "shape": list(self.shape), "dtype": self.dtype,
                 "time_chunk": self.time_chunk, "sample_rate": self.sample_rate, **self.layout.to_dict()}
 
-    def read(self, array: zarr.Array, s0: int, s1: int, t0: int, t1: int) -> np.ndarray:
-        """Series ``[s0, s1)``, steps ``[t0, t1)`` of ``array`` as (b, l, c) or (b, l)."""
-        index: list[Any] = [slice(None)] * len(self.shape)
+    def _region(self, s0: int, s1: int, t0: int, t1: int) -> list[slice]:
+        index = [slice(0, n) for n in self.shape]
         index[self.layout.time_axis] = slice(t0, t1)
         if self.layout.series_axis is not None:
             index[self.layout.series_axis] = slice(s0, s1)
-        raw = np.asarray(array[tuple(index)])
+        return index
+
+    def _storage_keys(self, array: zarr.Array, region: Sequence[slice]) -> list[tuple[str, list[slice]]]:
+        """Store keys (chunks, or shards when sharded) covering ``region``, each with its region."""
+        unit = array.shards or array.chunks
+        grid = [range(r.start // u, -(-r.stop // u)) for r, u in zip(region, unit)]
+        out = []
+        for coords in itertools.product(*grid):
+            key = array.metadata.encode_chunk_key(coords)
+            out.append((key, [slice(c * u, min((c + 1) * u, n)) for c, u, n in zip(coords, unit, self.shape)]))
+        return out
+
+    def _where(self, region: Sequence[slice]) -> str:
+        t = region[self.layout.time_axis]
+        where = f"time steps {t.start}..{t.stop - 1}"
+        if self.layout.series_axis is not None:
+            s = region[self.layout.series_axis]
+            where = f"series {s.start}..{s.stop - 1}, {where}"
+        return where
+
+    def check_chunks(self, array: zarr.Array, region: Sequence[slice]) -> None:
+        """Raise ``DataFormatError`` naming the first storage chunk of ``region`` that is absent
+        from the store (zarr would read it as the fill value)."""
+        keys = self._storage_keys(array, region)
+
+        async def present() -> list[bool]:
+            return list(await asyncio.gather(*((array.store_path / key).exists() for key, _ in keys)))
+
+        missing = [(k, r) for (k, r), ok in zip(keys, sync(present())) if not ok]
+        if missing:
+            key, r = missing[0]
+            raise DataFormatError(
+                f"input array {self.store!r}: chunk {key!r} ({self._where(r)}) is missing from the store "
+                f"({len(missing)} of {len(keys)} chunks of this read); zarr would read it as the fill value "
+                f"{array.fill_value!r}. Restore the chunk, or, if the array was written with "
+                f"write_empty_chunks=False (all-fill chunks are not stored), pass --missing-chunks fill"
+            )
+
+    def _decode(self, array: zarr.Array, region: Sequence[slice]) -> np.ndarray:
+        try:
+            return np.asarray(array[tuple(region)])
+        except Exception as exc:  # codecs raise many types for damaged bytes; find the chunk
+            for key, r in self._storage_keys(array, region):
+                try:
+                    array[tuple(r)]
+                except Exception as inner:
+                    raise DataFormatError(
+                        f"input array {self.store!r}: chunk {key!r} ({self._where(r)}) cannot be decoded "
+                        f"({type(inner).__name__}: {inner}); the store is damaged there"
+                    ) from inner
+            raise DataFormatError(f"input array {self.store!r}: cannot read {self._where(region)}: {exc}") from exc
+
+    def read(self, array: zarr.Array, s0: int, s1: int, t0: int, t1: int,
+             missing_chunks: MissingChunks = "error") -> np.ndarray:
+        """Series ``[s0, s1)``, steps ``[t0, t1)`` of ``array`` as (b, l, c) or (b, l).
+
+        Raises ``DataFormatError`` naming the chunk when a chunk is absent (``missing_chunks=
+        "error"``) or cannot be decoded, and naming series, time index and channel of the first
+        NaN/infinite value.
+        """
+        region = self._region(s0, s1, t0, t1)
+        if missing_chunks == "error":
+            self.check_chunks(array, region)
+        raw = self._decode(array, region)
         src = [self.layout.series_axis, self.layout.time_axis, self.layout.channel_axis]
         src = [a for a in src if a is not None]
         out = np.moveaxis(raw, src, list(range(len(src))))
         if self.layout.series_axis is None:
             out = out[None]
-        return np.ascontiguousarray(out)
+        out = np.ascontiguousarray(out)
+        if out.dtype.kind == "f" and not np.isfinite(out).all():
+            self._raise_non_finite(out, s0, t0)
+        return out
+
+    def _raise_non_finite(self, out: np.ndarray, s0: int, t0: int) -> None:
+        bad = ~np.isfinite(out)
+        first = np.argwhere(bad)[0]  # (b, l[, c])
+        where = f"time index {t0 + int(first[1])}"
+        if self.layout.series_axis is not None:
+            where = f"series {s0 + int(first[0])}, {where}"
+        if self.layout.channel_axis is not None:
+            where += f", channel {int(first[2])}"
+        value = out[tuple(first)]
+        raise DataFormatError(
+            f"input array {self.store!r}: {value} at {where} ({int(bad.sum())} non-finite value(s) in series "
+            f"{s0}..{s0 + out.shape[0] - 1}, steps {t0}..{t0 + out.shape[1] - 1}); fill or drop them before inference"
+        )
 
 
 def open_inputs(
@@ -175,6 +263,7 @@ def open_inputs(
     path = Path(spec).expanduser()
     if not path.exists():
         raise DataFormatError(f"input {str(spec)!r} does not exist")
+    path = path.resolve()  # one identity for ./in.zarr, in.zarr and /abs/in.zarr (resume compares it)
     try:
         node = zarr.open(str(path), mode="r")
     except Exception as exc:  # zarr raises several types for a non-zarr folder
@@ -272,6 +361,12 @@ class UnitChunkSampler(Sampler[tuple[int, int, int]]):
                 yield (u.array, u.group, k)
 
 
+def _ignore_sigterm(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM to the main process (which finishes its chunk and stops
+    them); a worker killed by a group-wide SIGTERM would fail the run instead."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 #: Turns raw samples (b, l, c) or (b, l) into the model input tensor of the same batch/time.
 RawEncoder = Callable[[np.ndarray], torch.Tensor]
 
@@ -284,11 +379,12 @@ class ZarrChunkDataset(LazyHandleMixin, Dataset):
     """
 
     def __init__(self, inputs: Sequence[InputArray], units: Sequence[Unit], chunk_steps: int,
-                 encoder: RawEncoder) -> None:
+                 encoder: RawEncoder, missing_chunks: MissingChunks = "error") -> None:
         self.inputs = list(inputs)
         self.units = {u.key: u for u in units}
         self.chunk_steps = int(chunk_steps)
         self.encoder = encoder
+        self.missing_chunks = missing_chunks
 
     def _open_handle(self) -> list[zarr.Array]:
         return [zarr.open_array(inp.store, mode="r") for inp in self.inputs]
@@ -302,7 +398,7 @@ class ZarrChunkDataset(LazyHandleMixin, Dataset):
         inp = self.inputs[a]
         t0 = k * self.chunk_steps
         t1 = min(t0 + self.chunk_steps, inp.n_steps)
-        raw = inp.read(self.handle()[a], unit.s0, unit.s1, t0, t1)
+        raw = inp.read(self.handle()[a], unit.s0, unit.s1, t0, t1, self.missing_chunks)
         return {"x": self.encoder(raw), "array": a, "group": g, "chunk": k, "t0": t0}
 
 
@@ -316,10 +412,13 @@ class ZarrDataModule(pl.LightningDataModule):
         batch_series: series computed together (one unit).
         start_chunk: first unfinished chunk of a unit (resume); default 0.
         num_workers: DataLoader workers; >= 1 reads the next chunks while the model computes.
+            Workers ignore SIGTERM: the main process decides when to stop (and stops them).
+        missing_chunks: a chunk absent from an input store is an error, or reads as fill.
     """
 
     def __init__(self, inputs: Sequence[InputArray], encoder: RawEncoder, chunk_steps: int, batch_series: int,
-                 start_chunk: Callable[[Unit], int] | None = None, num_workers: int = 1) -> None:
+                 start_chunk: Callable[[Unit], int] | None = None, num_workers: int = 1,
+                 missing_chunks: MissingChunks = "error") -> None:
         super().__init__()
         check_positive("chunk_steps", chunk_steps)
         check_positive("batch_series", batch_series)
@@ -335,9 +434,21 @@ class ZarrDataModule(pl.LightningDataModule):
         self.chunk_steps = int(chunk_steps)
         self.batch_series = int(batch_series)
         self.start_chunk = start_chunk or (lambda unit: 0)
+        if missing_chunks not in ("error", "fill"):
+            raise ConfigError(f"missing_chunks: expected 'error' or 'fill', got {missing_chunks!r}")
         self.num_workers = int(num_workers)
+        self.missing_chunks = missing_chunks
         self.units = make_units(self.inputs, self.chunk_steps, self.batch_series)
         self.planned_steps = 0  # series steps this rank will compute (set by predict_dataloader)
+
+    def remaining_steps(self, units: Sequence[Unit], from_start: bool = False) -> int:
+        """Series steps of ``units`` not finished yet (``start_chunk`` says where each resumes;
+        ``from_start``: all of them)."""
+        return sum(
+            (u.s1 - u.s0) * max(0, self.inputs[u.array].n_steps - (0 if from_start else int(self.start_chunk(u)))
+                                * self.chunk_steps)
+            for u in units
+        )
 
     def rank_units(self, rank: int, world_size: int) -> list[Unit]:
         return assign_units(self.units, self.inputs, world_size)[rank]
@@ -346,13 +457,10 @@ class ZarrDataModule(pl.LightningDataModule):
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._trainer_attached() else (0, 1)
         units = self.rank_units(rank, world)
         sampler = UnitChunkSampler(units, self.start_chunk)
-        self.planned_steps = sum(
-            (u.s1 - u.s0) * max(0, self.inputs[u.array].n_steps - k * self.chunk_steps)
-            for u, k in zip(sampler.units, sampler.starts)
-        )
-        dataset = ZarrChunkDataset(self.inputs, units, self.chunk_steps, self.encoder)
+        self.planned_steps = self.remaining_steps(units)
+        dataset = ZarrChunkDataset(self.inputs, units, self.chunk_steps, self.encoder, self.missing_chunks)
         return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=self.num_workers,
-                          prefetch_factor=2 if self.num_workers else None,
+                          prefetch_factor=2 if self.num_workers else None, worker_init_fn=_ignore_sigterm,
                           pin_memory=torch.cuda.is_available())
 
     def _trainer_attached(self) -> bool:

@@ -6,15 +6,20 @@ Examples::
     streamssm infer --checkpoint last.ckpt --input store.zarr/audio --output out.zarr \\
         --time-axis 1 --channel-axis 2 --series-axis 0 --batch-series 16 --devices 4
 
-Rerunning the same command after an interruption continues where it stopped (the result is
-byte-identical to an uninterrupted run); an output made by another model or with other settings
-is refused unless ``--overwrite``.
+Rerunning the same command after an interruption (SIGTERM stops after the current chunk,
+exit status 143) continues where it stopped (the result is byte-identical to an uninterrupted
+run); rerunning a finished job says so and computes nothing. An output made by another model or
+with other settings is refused unless ``--overwrite``, which replaces only an output written by
+this command (never another folder). An input chunk missing from its store is an error unless
+``--missing-chunks fill``; integer arrays into a sensor model need ``--integer-input``. With
+several devices only rank 0 reports, with the total of all ranks.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import warnings
 
@@ -64,7 +69,14 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--devices", type=int, default=1, help="devices (processes) to spread the series over")
     p.add_argument("--accelerator", default="auto", help="auto | cpu | gpu")
     p.add_argument("--num-workers", type=int, default=1, help="reader processes (>= 1 reads ahead while computing)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output instead of continuing it")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output of this command instead of continuing it")
+    p.add_argument("--integer-input", choices=("error", "values", "pcm"), default="error",
+                   help="integer arrays into a sensor model: refuse (default), read as raw units, or as PCM "
+                        "scaled to [-1, 1]")
+    p.add_argument("--missing-chunks", choices=("error", "fill"), default="error",
+                   help="an input chunk absent from its store: error (default) or read zarr's fill value "
+                        "(arrays written with write_empty_chunks=False)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -82,14 +94,26 @@ def main(argv: list[str] | None = None, prog: str = "streamssm infer") -> int:
             callbacks=[StepsProgress(disable=True if args.no_progress else None)],
             time_axis=args.time_axis, channel_axis=args.channel_axis, series_axis=args.series_axis,
             chunk_steps=args.chunk_steps, batch_series=args.batch_series, num_workers=args.num_workers,
-            overwrite=args.overwrite,
+            overwrite=args.overwrite, integer_input=args.integer_input, missing_chunks=args.missing_chunks,
         )
     except StreamSSMError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+    arrays = ", ".join(result.arrays)
+    if result.status == "interrupted":
+        if result.rank == 0:
+            print(f"{prog}: stopped by SIGTERM; finished chunks are kept in {result.output}; rerun the same "
+                  f"command to resume", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    if result.rank != 0:  # DDP: rank 0 reports for everyone
+        return 0
+    if result.status == "complete":
+        log.info("%s (%s) is already complete: nothing to do (--overwrite recomputes it)", result.output, arrays)
+        return 0
     rate = result.steps / result.seconds if result.seconds > 0 else float("nan")
-    log.info("wrote %s (%s): %d series steps in %.1f s (%.0f steps/s)", result.output,
-             ", ".join(result.arrays), result.steps, result.seconds, rate)
+    devices = f" on {result.world_size} devices" if result.world_size > 1 else ""
+    log.info("wrote %s (%s): %d series steps in %.1f s (%.0f steps/s)%s", result.output, arrays, result.steps,
+             result.seconds, rate, devices)
     return 0
 
 

@@ -48,8 +48,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from zarr.codecs import ZstdCodec
 
 from streamssm.checkpoint import ServingBundle, load_for_serving
-from streamssm.datamodules.encoding import encoder_from_metadata
-from streamssm.datamodules.zarr import InputArray, Unit, ZarrDataModule, open_inputs
+from streamssm.datamodules.encoding import SensorIntegers, encoder_from_metadata
+from streamssm.datamodules.zarr import InputArray, MissingChunks, Unit, ZarrDataModule, open_inputs
 from streamssm.errors import ConfigError, DataFormatError, ShapeError, StateError
 from streamssm.models import ModelConfig, SSMModel
 from streamssm.state import LayerState, ModelState, state_from_bytes, state_to_bytes
@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "streamssm-infer-1"
 RESUME_DIR = "streamssm_resume"
+ROOT_MARK = "streamssm_output"  # root group attribute: this folder was written by streamssm infer
 DEFAULT_CHUNK_STEPS = 65536
 
 
@@ -69,17 +70,21 @@ class BatchEncoder:
 
     With a ``modality`` in the serving metadata the training encoding is applied row by row
     (``encoder_from_metadata``; DNA arrays hold token ids 0..4 already); without, continuous
-    models take the values as float32 and token models the integers as ids.
+    models take the values as float32 and token models the integers as ids. Integer arrays
+    into a sensor model are refused unless ``integer_input`` says how to read them ("values":
+    raw units; "pcm": scaled to [-1, 1]); integer audio is PCM (divided by the dtype's full scale,
+    as soundfile reads it).
     """
 
-    def __init__(self, cfg: ModelConfig, serving: dict[str, Any]) -> None:
+    def __init__(self, cfg: ModelConfig, serving: dict[str, Any], integer_input: SensorIntegers = "error") -> None:
         self.cfg = cfg
         self.modality = serving.get("modality")
+        self.integer_input = integer_input
         self._row = None
         self.sample_rate = serving.get("sample_rate") if self.modality == "audio" else None
         self.channels: int | None = cfg.input_dim if cfg.input_kind == "continuous" else None
         if self.modality is not None:
-            row = encoder_from_metadata(serving)
+            row = encoder_from_metadata(serving, sensor_integers=integer_input)
             if self.modality == "audio":
                 self._row = row
                 self.channels = None if serving.get("mono", True) else int(serving.get("channels", 1))
@@ -106,6 +111,21 @@ class BatchEncoder:
             )
         if self.cfg.input_kind == "tokens" and self._row is None and np.dtype(inp.dtype).kind not in "iu":
             raise DataFormatError(f"input array {inp.store!r}: token models need integer ids, got {inp.dtype}")
+        if self.integer_read(inp) == "error":
+            raise ConfigError(
+                f"input array {inp.store!r}: {inp.dtype} samples for a sensor model; integers are not scaled "
+                f"silently: pass --integer-input values (raw units, as training read integer table columns) "
+                f"or --integer-input pcm (divided by the dtype's full scale to [-1, 1])"
+            )
+        if self.modality == "audio" and self.channels is None and (inp.n_channels or 1) > 1:
+            log.warning("input array %s: %d channels mixed down to mono for this mono audio model (as in training)",
+                        inp.store, inp.n_channels)
+
+    def integer_read(self, inp: InputArray) -> SensorIntegers | None:
+        """How integer samples of ``inp`` are read by a sensor model (None: not applicable)."""
+        if self.modality != "sensor" or np.dtype(inp.dtype).kind not in "iu":
+            return None
+        return self.integer_input
 
     def __call__(self, raw: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(raw)
@@ -135,11 +155,14 @@ class OutputPlan:
     chunk_steps: int
     batch_series: int
     out_dim: int
+    integer_input: dict[str, str] = field(default_factory=dict)  # array name -> how integers were read
 
     def attrs(self, inp: InputArray) -> dict[str, Any]:
+        read = {"integer_input": self.integer_input[inp.name]} if inp.name in self.integer_input else {}
         return _jsonable({
             "format": FORMAT,
             **self.bundle_info,
+            **read,
             "input": inp.describe(),
             "chunk_steps": self.chunk_steps,
             "batch_series": self.batch_series,
@@ -158,16 +181,42 @@ class OutputPlan:
         lead = (1,) if inp.layout.series_axis is not None else ()
         return (*lead, min(inp.time_chunk, inp.n_steps), self.out_dim)
 
-    def check_existing(self, overwrite: bool) -> None:
-        """Refuse to continue an output made by another model or with other settings."""
-        if overwrite or not self.path.exists():
-            return
+    def _ours(self) -> list[str]:
+        """Entries of the existing output folder, all written by ``streamssm infer``.
+
+        An empty folder has none. Raises ``DataFormatError`` when the path is a file, not a
+        zarr group, or holds anything else: such a folder is never written into or removed,
+        and the message does not suggest ``--overwrite``.
+        """
+        leave = "choose another --output; it is left untouched (--overwrite replaces only outputs of streamssm infer)"
+        if not self.path.is_dir():
+            raise DataFormatError(f"output {str(self.path)!r} exists and is not a folder; {leave}")
+        entries = sorted(p.name for p in self.path.iterdir())
+        if not entries:
+            return []
         try:
             root = zarr.open_group(str(self.path), mode="r")
-        except Exception as exc:
+        except Exception as exc:  # zarr raises several types for a non-zarr folder
             raise DataFormatError(
-                f"output {str(self.path)!r} exists and is not a zarr group ({exc}); pass --overwrite to replace it"
+                f"output {str(self.path)!r} exists and is not a zarr group ({type(exc).__name__}); {leave}"
             ) from exc
+        marked = dict(root.attrs).get(ROOT_MARK) == FORMAT
+        ours = {name for name, arr in root.arrays() if dict(arr.attrs).get("streamssm", {}).get("format") == FORMAT}
+        foreign = [e for e in entries if e != "zarr.json" and e not in ours]
+        if foreign or not (marked or ours):
+            shown = foreign[:5] + (["..."] if len(foreign) > 5 else [])
+            raise DataFormatError(
+                f"output {str(self.path)!r} is a zarr group not written by streamssm infer"
+                f"{f' (it holds {shown})' if foreign else ''}; {leave}"
+            )
+        return entries
+
+    def check_existing(self, overwrite: bool) -> None:
+        """Refuse an output that is not ours, or (without ``overwrite``) one made by another
+        model or with other settings."""
+        if not self.path.exists() or not self._ours() or overwrite:
+            return
+        root = zarr.open_group(str(self.path), mode="r")
         for inp in self.inputs:
             if inp.name not in root:
                 continue
@@ -181,10 +230,15 @@ class OutputPlan:
                 )
 
     def create(self, overwrite: bool) -> None:
-        """Create (or reopen) the output arrays; rank 0 only."""
+        """Create (or reopen) the output arrays; rank 0 only. ``overwrite`` removes only the
+        entries :meth:`_ours` recognizes (never the folder or anything else in it)."""
         if overwrite and self.path.exists():
-            shutil.rmtree(self.path)
+            for name in self._ours():
+                target = self.path / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
         root = zarr.open_group(str(self.path), mode="a")
+        if dict(root.attrs).get(ROOT_MARK) != FORMAT:
+            root.attrs[ROOT_MARK] = FORMAT
         for inp in self.inputs:
             if inp.name in root:
                 for stale in (self.path / inp.name).rglob("*.partial"):  # left by a killed write
@@ -195,6 +249,14 @@ class OutputPlan:
                 fill_value=float("nan"), compressors=ZstdCodec(level=3), dimension_names=self.dims(inp),
                 attributes={"streamssm": self.attrs(inp)},
             )
+
+    def mark_complete(self, records: ResumeRecords, units: Sequence[Unit]) -> None:
+        """Set ``streamssm_complete`` on every array whose units' records are all finished."""
+        root = zarr.open_group(str(self.path), mode="r+")
+        for a, inp in enumerate(self.inputs):
+            arr = root[inp.name]
+            if not arr.attrs.get("streamssm_complete") and records.all_done([u for u in units if u.array == a]):
+                arr.attrs["streamssm_complete"] = True
 
     def record_path(self, unit: Unit) -> Path:
         return self.path / self.inputs[unit.array].name / RESUME_DIR / f"group-{unit.group:06d}.safetensors"
@@ -316,8 +378,15 @@ class _BackgroundIO:
             self.pool.shutdown(wait=True)
 
 
+class Interrupted(Exception):
+    """SIGTERM stopped the run after a finished chunk (its writes are flushed in ``teardown``)."""
+
+
 class ZarrPredictionWriter(BasePredictionWriter):
     """Writes each chunk's outputs into the zarr output, then the unit's resume record.
+
+    On SIGTERM it stops after the current chunk: the queued writes finish (``teardown``), so
+    every record on disk is complete and a rerun resumes there.
 
     Rank 0 creates or reopens the output in ``setup`` (the others wait at a barrier). An array
     is marked complete by whichever rank sees all its units' records finished (at setup or after
@@ -343,13 +412,7 @@ class ZarrPredictionWriter(BasePredictionWriter):
         self._arrays = [root[inp.name] for inp in self.plan.inputs]
         self._io = _BackgroundIO()
         if trainer.is_global_zero:
-            self._mark_complete()
-
-    def _mark_complete(self) -> None:
-        for a, arr in enumerate(self._arrays):
-            if not arr.attrs.get("streamssm_complete") and self.records.all_done(
-                    [u for u in self.units.values() if u.array == a]):
-                arr.attrs["streamssm_complete"] = True
+            self.plan.mark_complete(self.records, list(self.units.values()))
 
     def _write(self, unit: Unit, chunk: int, t0: int, y: np.ndarray, state: ModelState) -> None:
         arr = self._arrays[unit.array]
@@ -368,6 +431,8 @@ class ZarrPredictionWriter(BasePredictionWriter):
         if self._io is None:
             raise StateError("ZarrPredictionWriter: write before setup (no output opened)")
         self._io.submit(self._write, unit, int(batch["chunk"]), int(batch["t0"]), y, state)
+        if trainer.received_sigterm:  # Lightning's handler only sets the flag; its predict loop never looks
+            raise Interrupted(f"stopped by SIGTERM after chunk {int(batch['chunk'])} of unit {unit.key}")
 
     def on_predict_epoch_end(self, trainer, pl_module) -> None:
         if self._io is not None:
@@ -376,7 +441,7 @@ class ZarrPredictionWriter(BasePredictionWriter):
     def on_predict_end(self, trainer, pl_module) -> None:
         if self._io is not None:
             self._io.flush()
-        self._mark_complete()
+        self.plan.mark_complete(self.records, list(self.units.values()))
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if self._io is not None:
@@ -389,13 +454,20 @@ class ZarrPredictionWriter(BasePredictionWriter):
 
 @dataclass
 class InferenceResult:
-    """What one process did (rank 0's numbers under several devices)."""
+    """What a run did, as seen by one process (``rank``); totals cover every rank.
+
+    ``status``: "done" (this run finished the output), "complete" (it was finished already:
+    nothing computed) or "interrupted" (SIGTERM; rerun the same command to resume).
+    """
 
     output: Path
     arrays: list[str]
-    steps: int  # series steps computed by this process
+    steps: int  # series steps this run set out to compute, over all ranks
     seconds: float
-    chunks: int
+    chunks: int  # chunks written by this process
+    status: str = "done"
+    rank: int = 0
+    world_size: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -419,9 +491,16 @@ def prepare(
     batch_series: int = 8,
     num_workers: int = 1,
     overwrite: bool = False,
+    integer_input: SensorIntegers = "error",
+    missing_chunks: MissingChunks = "error",
 ) -> tuple[ZarrDataModule, ZarrPredictor, ZarrPredictionWriter]:
-    """Validate everything (nothing is written) and build the datamodule, module and writer."""
-    encoder = BatchEncoder(bundle.config, bundle.serving)
+    """Validate everything (nothing is written) and build the datamodule, module and writer.
+
+    ``integer_input``: how a sensor model reads integer arrays ("error", "values", "pcm"; see
+    ``BatchEncoder``). ``missing_chunks``: "error" on an input chunk absent from its store, or
+    "fill" (zarr's fill value, for arrays written with ``write_empty_chunks=False``).
+    """
+    encoder = BatchEncoder(bundle.config, bundle.serving, integer_input)
     inputs = open_inputs(input, encoder.has_channels, time_axis, channel_axis, series_axis)
     for inp in inputs:
         encoder.check(inp)
@@ -433,10 +512,12 @@ def prepare(
         out_path, inputs,
         {"model_fingerprint": bundle.fingerprint, "config": bundle.config.to_dict(), "serving": bundle.serving},
         int(steps), int(batch_series), bundle.config.resolved_output_dim,
+        {inp.name: read for inp in inputs if (read := encoder.integer_read(inp)) is not None},
     )
     records = ResumeRecords(plan, bundle.fingerprint)
     datamodule = ZarrDataModule(inputs, encoder, plan.chunk_steps, plan.batch_series,
-                                start_chunk=records.start_chunk, num_workers=num_workers)
+                                start_chunk=records.start_chunk, num_workers=num_workers,
+                                missing_chunks=missing_chunks)
     plan.check_existing(overwrite)
     module = ZarrPredictor(bundle.model, datamodule.units, records)
     writer = ZarrPredictionWriter(plan, records, datamodule.units, overwrite)
@@ -456,18 +537,32 @@ def run_inference(
     """Run a checkpoint over zarr input(s) and write/continue the zarr output.
 
     ``options``: ``time_axis``, ``channel_axis``, ``series_axis``, ``chunk_steps``,
-    ``batch_series``, ``num_workers``, ``overwrite`` (see :func:`prepare`). ``devices > 1``
-    runs Lightning DDP (one process per device, gloo on CPU) with the units split over ranks.
+    ``batch_series``, ``num_workers``, ``overwrite``, ``integer_input``, ``missing_chunks``
+    (see :func:`prepare`). ``devices > 1`` runs Lightning DDP (one process per device, gloo on
+    CPU) with the units split over ranks. An output that is complete already is left as it is
+    (``status="complete"``, no Trainer started); SIGTERM stops after the current chunk
+    (``status="interrupted"``) and a rerun resumes.
     """
     bundle = load_for_serving(checkpoint, "cpu")
     datamodule, module, writer = prepare(bundle, input, output, **options)
+    names = [inp.name for inp in writer.plan.inputs]
+    overwrite = bool(options.get("overwrite"))
+    todo = datamodule.remaining_steps(datamodule.units, from_start=overwrite)  # all ranks, from the records
+    if todo == 0:
+        writer.plan.mark_complete(writer.records, datamodule.units)
+        return InferenceResult(writer.plan.path, names, 0, 0.0, 0, status="complete")
     trainer = pl.Trainer(
         accelerator=accelerator, devices=devices, strategy="ddp" if devices > 1 else "auto",
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         use_distributed_sampler=False, callbacks=[writer, *callbacks],
     )
     start = time.perf_counter()
-    trainer.predict(module, datamodule=datamodule, return_predictions=False)
+    status = "done"
+    try:
+        trainer.predict(module, datamodule=datamodule, return_predictions=False)
+    except Interrupted as exc:
+        log.info("%s", exc)
+        status = "interrupted"
     seconds = time.perf_counter() - start
-    return InferenceResult(writer.plan.path, [inp.name for inp in writer.plan.inputs],
-                           datamodule.planned_steps, seconds, writer.chunks_written)
+    return InferenceResult(writer.plan.path, names, todo, seconds, writer.chunks_written, status=status,
+                           rank=trainer.global_rank, world_size=trainer.world_size)
