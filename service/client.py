@@ -1,8 +1,9 @@
 """Python client for the streaming service, and the ``streamssm stream FILE`` command.
 
-Library use::
+Library use (``model_settings(path)`` reads the format, sample rate and channels a model file
+takes; or pass them yourself: ``format="f32le", sample_rate=16000, channels=1``)::
 
-    async with StreamClient(url, format="f32le", sample_rate=16000, channels=1, token=T) as s:
+    async with StreamClient(url, **model_settings("model.safetensors"), token=T) as s:
         for chunk in chunks:                  # (l, c) float arrays, or str of bases for "text"
             await s.send(chunk)               # waits while `window` chunks are unanswered
         summary = await s.end()               # every result has arrived by then
@@ -29,8 +30,10 @@ import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from streamssm.checkpoint import read_model_file
 from streamssm.errors import DataFormatError, ProtocolError
 
+from .codec import stream_settings
 from .protocol import (
     NORMAL_CLOSURE,
     PROTOCOL_VERSION,
@@ -41,7 +44,16 @@ from .protocol import (
 )
 
 log = logging.getLogger(__name__)
-_RETRYABLE = {SERVICE_RESTART, TRY_AGAIN_LATER, 1001, 1006, 1011}
+#: error messages after which the client reconnects and resumes; any other error message (a bad
+#: frame, a failed model call) is the server's answer and is raised with its text. Connections
+#: that close without an error message (1001, 1006, 1011 crash, 1012 restart) are resumed too.
+_RETRYABLE = {SERVICE_RESTART, TRY_AGAIN_LATER}
+
+
+def model_settings(model: str | Path) -> dict[str, Any]:
+    """``format``, ``sample_rate`` and ``channels`` a stream to a model file carries (its serving
+    metadata, read without loading the weights): ``StreamClient(url, **model_settings(path))``."""
+    return stream_settings(read_model_file(model).serving)
 
 
 class ServerError(ProtocolError):

@@ -47,16 +47,7 @@ class ModelCodec:
             )
         encode = encoder_from_metadata(meta)
         modality = meta["modality"]
-        if modality == "dna":
-            spec = StreamSpec(formats=("text",), alphabet=IUPAC_ALPHABET)
-        elif modality == "audio":
-            mono = bool(meta.get("mono", True))
-            spec = StreamSpec(formats=("f32le", "s16le"), sample_rate=int(meta["sample_rate"]),
-                              channels=None if mono else int(meta.get("channels", 1)))
-        else:  # sensor (encoder_from_metadata rejected anything else)
-            rate = meta.get("sample_rate")
-            spec = StreamSpec(formats=("f32le",), sample_rate=None if rate is None else int(rate),
-                              channels=len(meta["channels"]))
+        spec = stream_spec(meta)
         post = None
         if cfg.head == "regression" and (modality == "sensor" or meta.get("encoding") == "float"):
             post = _forecast_decoder(meta, cfg.resolved_output_dim)
@@ -82,6 +73,29 @@ class ModelCodec:
         if self._postprocess is not None:
             outputs = self._postprocess(outputs)
         return outputs.to(torch.float32).numpy()
+
+
+def stream_spec(meta: Mapping[str, Any]) -> StreamSpec:
+    """What a stream to a model with serving metadata ``meta`` may send (formats, rate, channels)."""
+    modality = meta.get("modality")
+    if modality == "dna":
+        return StreamSpec(formats=("text",), alphabet=IUPAC_ALPHABET)
+    if modality == "audio":
+        mono = bool(meta.get("mono", True))
+        return StreamSpec(formats=("f32le", "s16le"), sample_rate=int(meta["sample_rate"]),
+                          channels=None if mono else int(meta.get("channels", 1)))
+    if modality == "sensor":
+        rate = meta.get("sample_rate")
+        return StreamSpec(formats=("f32le",), sample_rate=None if rate is None else int(rate),
+                          channels=len(meta["channels"]))
+    raise ConfigError(f"serving metadata: unknown modality {modality!r} (expected 'dna', 'audio' or 'sensor')")
+
+
+def stream_settings(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``start`` settings a client sends to this model: ``format``, ``sample_rate``, ``channels``
+    (mono audio: 1 channel; the server also mixes down more)."""
+    spec = stream_spec(meta)
+    return {"format": spec.formats[0], "sample_rate": spec.sample_rate, "channels": spec.channels or 1}
 
 
 def _forecast_decoder(meta: Mapping[str, Any], output_dim: int) -> Callable[[torch.Tensor], torch.Tensor]:

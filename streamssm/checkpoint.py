@@ -36,6 +36,7 @@ class ServingBundle:
     config: ModelConfig
     serving: dict[str, Any] = field(default_factory=dict)
     fingerprint: str = ""  # sha256 of config + weights: identifies the model in outputs/resume tokens
+    versions: dict[str, str] = field(default_factory=dict)  # package versions that wrote the file
 
 
 def model_fingerprint(model: SSMModel) -> str:
@@ -46,8 +47,9 @@ def model_fingerprint(model: SSMModel) -> str:
     return digest.hexdigest()[:16]
 
 
-def export_safetensors(model: SSMModel, path: str | Path, serving: dict[str, Any] | None = None) -> Path:
-    """Write weights + config + serving metadata to one ``.safetensors`` file."""
+def export_safetensors(model: SSMModel, path: str | Path, serving: dict[str, Any] | None = None,
+                       versions: dict[str, str] | None = None) -> Path:
+    """Write weights + config + serving metadata (+ the versions that trained it) to one ``.safetensors`` file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {
@@ -56,33 +58,47 @@ def export_safetensors(model: SSMModel, path: str | Path, serving: dict[str, Any
         "config": json.dumps(model.cfg.to_dict()),
         "serving": json.dumps(serving or {}),
     }
+    if versions:
+        metadata["versions"] = json.dumps(versions)
     save_model(model, str(path), metadata=metadata)
     return path
 
 
-def _bundle(config: dict, state_dict: dict[str, torch.Tensor], serving: dict, device) -> ServingBundle:
-    cfg = ModelConfig.from_dict(config)
-    model = SSMModel(cfg)
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as exc:  # missing/unexpected keys and shape mismatches, all listed by torch
-        raise DataFormatError(f"checkpoint weights do not fit the config: {exc}") from exc
-    model.to(device).eval()
-    return ServingBundle(model, cfg, serving, model_fingerprint(model))
+@dataclass
+class ModelFile:
+    """What a model file holds, read without building the model.
+
+    ``kind``: ``safetensors`` | ``ckpt``; ``versions``: the package versions that wrote it
+    (empty when the file does not record them); ``state_dict`` only when asked for."""
+
+    path: Path
+    kind: str
+    config: dict[str, Any]
+    serving: dict[str, Any]
+    versions: dict[str, str]
+    state_dict: dict[str, torch.Tensor] | None = None
 
 
-def load_for_serving(path: str | Path, device: torch.device | str = "cpu") -> ServingBundle:
-    """Load a ``.safetensors`` export or a Lightning ``.ckpt`` of a streamssm task."""
+def read_model_file(path: str | Path, weights: bool = False) -> ModelFile:
+    """Read a ``.safetensors`` export or a Lightning ``.ckpt`` of a streamssm task.
+
+    ``weights=False`` reads a safetensors file's header only. Raises DataFormatError/ConfigError
+    naming the file when it is missing or not a streamssm model file."""
     path = Path(path)
     if not path.is_file():
-        raise DataFormatError(f"checkpoint {str(path)!r} does not exist or is not a file")
+        raise DataFormatError(f"model file {str(path)!r} does not exist or is not a file")
     if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != "streamssm":
-                raise DataFormatError(f"{path} is a safetensors file but not a streamssm export (no streamssm metadata)")
-            state_dict = {k: f.get_tensor(k) for k in f.keys()}
-        return _bundle(json.loads(meta["config"]), state_dict, json.loads(meta.get("serving", "{}")), device)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != "streamssm":
+                    raise DataFormatError(
+                        f"{path} is a safetensors file but not a streamssm export (no streamssm metadata)")
+                state_dict = {k: f.get_tensor(k) for k in f.keys()} if weights else None
+        except (OSError, ValueError) as exc:  # safetensors' header errors
+            raise DataFormatError(f"cannot read {path} as safetensors: {exc}") from None
+        return ModelFile(path, "safetensors", json.loads(meta["config"]), json.loads(meta.get("serving", "{}")),
+                         json.loads(meta.get("versions", "{}")), state_dict)
     try:
         ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -92,4 +108,18 @@ def load_for_serving(path: str | Path, device: torch.device | str = "cpu") -> Se
     prefix = "model."
     state_dict = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     info = ckpt["streamssm"]
-    return _bundle(info["config"], state_dict, info.get("serving", {}), device)
+    return ModelFile(path, "ckpt", info["config"], info.get("serving", {}), dict(info.get("versions", {})),
+                     state_dict if weights else None)
+
+
+def load_for_serving(path: str | Path, device: torch.device | str = "cpu") -> ServingBundle:
+    """Load a ``.safetensors`` export or a Lightning ``.ckpt`` of a streamssm task."""
+    f = read_model_file(path, weights=True)
+    cfg = ModelConfig.from_dict(f.config)
+    model = SSMModel(cfg)
+    try:
+        model.load_state_dict(f.state_dict, strict=True)
+    except RuntimeError as exc:  # missing/unexpected keys and shape mismatches, all listed by torch
+        raise DataFormatError(f"checkpoint weights do not fit the config: {exc}") from exc
+    model.to(device).eval()
+    return ServingBundle(model, cfg, f.serving, model_fingerprint(model), f.versions)

@@ -30,7 +30,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, overwrite: boo
     if output.exists() and not overwrite:
         raise ConfigError(f"--output: {str(output)!r} exists; pass --overwrite to replace it")
     bundle = load_for_serving(checkpoint, device="cpu")
-    export_safetensors(bundle.model, output, serving=bundle.serving)
+    export_safetensors(bundle.model, output, serving=bundle.serving, versions=bundle.versions)
     return output, bundle.fingerprint
 
 
