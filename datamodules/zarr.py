@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from zarr.core.sync import sync
 
 from streamssm.datamodules._common import LazyHandleMixin, check_positive
-from streamssm.errors import ConfigError, DataFormatError, ShapeError
+from streamssm.errors import ConfigError, DataFormatError, ShapeError, StreamSSMError
 
 log = logging.getLogger(__name__)
 
@@ -190,10 +190,11 @@ class InputArray:
         missing = [(k, r) for (k, r), ok in zip(keys, sync(present())) if not ok]
         if missing:
             key, r = missing[0]
+            fill = getattr(array.fill_value, "item", lambda: array.fill_value)()
             raise DataFormatError(
                 f"input array {self.store!r}: chunk {key!r} ({self._where(r)}) is missing from the store "
                 f"({len(missing)} of {len(keys)} chunks of this read); zarr would read it as the fill value "
-                f"{array.fill_value!r}. Restore the chunk, or, if the array was written with "
+                f"{fill!r}. Restore the chunk, or, if the array was written with "
                 f"write_empty_chunks=False (all-fill chunks are not stored), pass --missing-chunks fill"
             )
 
@@ -374,8 +375,9 @@ RawEncoder = Callable[[np.ndarray], torch.Tensor]
 class ZarrChunkDataset(LazyHandleMixin, Dataset):
     """Map-style dataset over ``(array, group, chunk)`` keys -> one encoded time chunk.
 
-    Item: ``{"x": model input (b, l[, c]), "array", "group", "chunk", "t0"}``. Arrays open
-    lazily in each process (DataLoader workers reopen them).
+    Item: ``{"x": model input (b, l[, c]), "array", "group", "chunk", "t0"}``, or ``"error"``
+    (a ``StreamSSMError`` that the consumer raises) in place of ``"x"`` when the chunk cannot be
+    read. Arrays open lazily in each process (DataLoader workers reopen them).
     """
 
     def __init__(self, inputs: Sequence[InputArray], units: Sequence[Unit], chunk_steps: int,
@@ -398,8 +400,13 @@ class ZarrChunkDataset(LazyHandleMixin, Dataset):
         inp = self.inputs[a]
         t0 = k * self.chunk_steps
         t1 = min(t0 + self.chunk_steps, inp.n_steps)
-        raw = inp.read(self.handle()[a], unit.s0, unit.s1, t0, t1, self.missing_chunks)
-        return {"x": self.encoder(raw), "array": a, "group": g, "chunk": k, "t0": t0}
+        item: dict[str, Any] = {"array": a, "group": g, "chunk": k, "t0": t0}
+        try:
+            raw = inp.read(self.handle()[a], unit.s0, unit.s1, t0, t1, self.missing_chunks)
+            item["x"] = self.encoder(raw)
+        except StreamSSMError as exc:  # carried to the main process as it is (a DataLoader worker
+            item["error"] = exc        # would re-raise it wrapped in its traceback text)
+        return item
 
 
 class ZarrDataModule(pl.LightningDataModule):

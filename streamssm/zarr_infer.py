@@ -337,6 +337,8 @@ class ZarrPredictor(pl.LightningModule):
         self._carry: tuple[tuple[int, int], int, ModelState] | None = None  # (unit key, next chunk, state)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int = 0) -> dict[str, Any]:
+        if "error" in batch:  # the chunk could not be read (ZarrChunkDataset)
+            raise batch["error"]
         key, k = (int(batch["array"]), int(batch["group"])), int(batch["chunk"])
         if self._carry is not None and self._carry[:2] == (key, k):
             state = self._carry[2]

@@ -373,3 +373,156 @@ def test_ddp_two_processes_equal_one(tmp_path, monkeypatch):
     assert a.keys() == b.keys() and len([k for k in a if RESUME_DIR in k]) == 3
     assert [k for k in a if a[k] != b[k]] == []
     assert zarr.open_array(str(tmp_path / "two.zarr" / "in"), mode="r").attrs["streamssm_complete"] is True
+
+
+# ------------------------------------------------------------------ hardening (issue 17 item 8)
+
+
+def _sensor_ckpt(tmp_path: Path) -> tuple[SSMModel, Path, list[float], list[float]]:
+    model, _ = _continuous_model(tmp_path, "mamba2", channels=2)
+    mean, std = [100.0, -20.0], [10.0, 4.0]
+    ckpt = export_safetensors(model, tmp_path / "sensor.safetensors",
+                              serving={"modality": "sensor", "channels": ["a", "b"], "mean": mean, "std": std})
+    return model, ckpt, mean, std
+
+
+def test_sensor_model_refuses_integer_array_unless_told_how_to_read_it(tmp_path):
+    """int16 counts into a sensor model were divided by 32768 without a word."""
+    model, ckpt, mean, std = _sensor_ckpt(tmp_path)
+    counts = np.random.default_rng(20).integers(60, 140, size=(2, 96, 2)).astype(np.int16)
+    _write(tmp_path / "adc.zarr", counts, (1, 32, 2))
+    opts = dict(chunk_steps=32, num_workers=0, accelerator="cpu")
+    with pytest.raises(ConfigError, match=r"int16 samples for a sensor model.*--integer-input values.*pcm"):
+        run_inference(ckpt, tmp_path / "adc.zarr", tmp_path / "out.zarr", **opts)
+    assert not (tmp_path / "out.zarr").exists()
+    run_inference(ckpt, tmp_path / "adc.zarr", tmp_path / "out.zarr", integer_input="values", **opts)
+    out = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")["adc"]
+    ref = _offline(model, ((counts - np.array(mean)) / np.array(std)).astype(np.float32))
+    assert_close("int16 read as values", torch.from_numpy(ref), torch.from_numpy(out[:]), torch.float32)
+    assert dict(out.attrs)["streamssm"]["integer_input"] == "values"
+    with pytest.raises(ConfigError, match="integer_input"):  # resuming with another reading is refused
+        run_inference(ckpt, tmp_path / "adc.zarr", tmp_path / "out.zarr", integer_input="pcm", **opts)
+
+
+def test_overwrite_never_removes_a_folder_it_did_not_write(tmp_path):
+    """--overwrite wiped any directory, and the refusal told the user to pass it."""
+    _, ckpt = _continuous_model(tmp_path)
+    _write(tmp_path / "in.zarr", _series(np.random.default_rng(21), (2, 64, 3)), (1, 32, 3))
+    opts = dict(chunk_steps=32, num_workers=0, accelerator="cpu")
+    plain = tmp_path / "results"
+    plain.mkdir()
+    (plain / "thesis.tex").write_text("years of work")
+    theirs = zarr.open_group(str(tmp_path / "theirs.zarr"), mode="w")
+    theirs.create_array("raw", shape=(4,), dtype="int8")
+    (tmp_path / "a_file").write_text("x")
+    for target, match in ((plain, "not a zarr group"), (tmp_path / "theirs.zarr", r"not written by streamssm infer.*raw"),
+                          (tmp_path / "a_file", "not a folder")):
+        for overwrite in (False, True):
+            with pytest.raises(DataFormatError, match=match) as exc:
+                run_inference(ckpt, tmp_path / "in.zarr", target, overwrite=overwrite, **opts)
+            assert "pass --overwrite" not in str(exc.value) and "left untouched" in str(exc.value)
+    assert (plain / "thesis.tex").read_text() == "years of work" and sorted(p.name for p in plain.iterdir()) == ["thesis.tex"]
+    assert "raw" in zarr.open_group(str(tmp_path / "theirs.zarr"), mode="r")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run_inference(ckpt, tmp_path / "in.zarr", empty, **opts)  # an empty folder is fine to write into
+    run_inference(ckpt, tmp_path / "in.zarr", empty, overwrite=True, **opts)  # ours now: replaced
+    assert dict(zarr.open_group(str(empty), mode="r")["in"].attrs)["streamssm_complete"] is True
+    (empty / "notes.txt").write_text("added later")  # ours plus something else: refused, nothing removed
+    with pytest.raises(DataFormatError, match=r"notes.txt"):
+        run_inference(ckpt, tmp_path / "in.zarr", empty, overwrite=True, **opts)
+    assert (empty / "notes.txt").exists() and (empty / "in").is_dir()
+
+
+def test_deleted_input_chunk_is_an_error_not_zeros(tmp_path):
+    _, ckpt = _continuous_model(tmp_path)
+    _write(tmp_path / "in.zarr", _series(np.random.default_rng(22), (2, 128, 3)), (1, 32, 3))
+    (tmp_path / "in.zarr" / "c" / "1" / "2" / "0").unlink()  # series 1, steps 64..95
+    opts = dict(chunk_steps=64, batch_series=2, num_workers=1, accelerator="cpu")
+    with pytest.raises(DataFormatError, match=r"in.zarr'.*chunk 'c/1/2/0' \(series 1..1, time steps 64..95\) is "
+                                              r"missing.*fill value 0.0.*--missing-chunks fill") as exc:
+        run_inference(ckpt, tmp_path / "in.zarr", tmp_path / "out.zarr", **opts)
+    assert "Traceback" not in str(exc.value)  # raised as it is, not wrapped by the DataLoader worker
+    res = run_inference(ckpt, tmp_path / "in.zarr", tmp_path / "out.zarr", missing_chunks="fill", **opts)
+    assert res.status == "done"
+
+
+def test_corrupt_chunk_names_array_and_chunk(tmp_path):
+    _, ckpt = _continuous_model(tmp_path)
+    _write(tmp_path / "in.zarr", _series(np.random.default_rng(23), (2, 128, 3)), (1, 32, 3))
+    chunk = tmp_path / "in.zarr" / "c" / "0" / "3" / "0"
+    chunk.write_bytes(b"\x28\xb5\x2f\xfd" + b"garbage" * 5)  # a zstd magic number, then junk
+    with pytest.raises(DataFormatError, match=r"in.zarr'.*chunk 'c/0/3/0' \(series 0..0, time steps 96..127\) "
+                                              r"cannot be decoded"):
+        run_inference(ckpt, tmp_path / "in.zarr", tmp_path / "out.zarr", chunk_steps=64, num_workers=0,
+                      accelerator="cpu")
+
+
+def test_nan_error_says_series_time_and_channel(tmp_path):
+    _, ckpt = _continuous_model(tmp_path)
+    x = _series(np.random.default_rng(24), (3, 128, 3))
+    x[2, 77, 1] = np.nan
+    _write(tmp_path / "in.zarr", x, (1, 32, 3))
+    with pytest.raises(DataFormatError, match=r"nan at series 2, time index 77, channel 1"):
+        run_inference(ckpt, tmp_path / "in.zarr", tmp_path / "out.zarr", chunk_steps=64, batch_series=2,
+                      num_workers=0, accelerator="cpu")
+
+
+def test_relative_and_absolute_input_paths_resume_the_same_job(tmp_path, monkeypatch):
+    _, ckpt = _continuous_model(tmp_path)
+    x = _series(np.random.default_rng(25), (2, 128, 3))
+    _write(tmp_path / "in.zarr", x, (1, 32, 3))
+    opts = dict(chunk_steps=32, batch_series=1, num_workers=0, accelerator="cpu")
+    run_inference(ckpt, tmp_path / "in.zarr", tmp_path / "clean.zarr", **opts)
+    monkeypatch.chdir(tmp_path)
+    original, calls = ResumeRecords.save, {"n": 0}
+
+    def failing_save(self, unit, next_chunk, state):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected failure")
+        return original(self, unit, next_chunk, state)
+
+    monkeypatch.setattr(ResumeRecords, "save", failing_save)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run_inference(ckpt, "in.zarr", "out.zarr", **opts)  # relative
+    monkeypatch.setattr(ResumeRecords, "save", original)
+    done = _records_written(tmp_path / "out.zarr" / "in" / RESUME_DIR)
+    assert 0 < done < 8
+    res = run_inference(ckpt, tmp_path / "in.zarr", tmp_path / "out.zarr", **opts)  # absolute: resumes
+    assert res.status == "done" and res.steps == 2 * 128 - 32 * done
+    clean, out = _store_bytes(tmp_path / "clean.zarr"), _store_bytes(tmp_path / "out.zarr")
+    assert clean.keys() == out.keys() and [k for k in clean if clean[k] != out[k]] == []
+
+
+# ------------------------------------------------------------------ the CLI (issue 18)
+
+
+def test_sigterm_stops_cleanly_and_the_rerun_resumes_then_says_complete(tmp_path):
+    """`streamssm infer` ignored SIGTERM (Lightning's handler only sets a flag); a rerun of a
+    finished job printed `wrote ... 0 series steps`."""
+    _, ckpt = _continuous_model(tmp_path)
+    x = _series(np.random.default_rng(26), (2, 4096, 3))
+    _write(tmp_path / "in.zarr", x, (1, 32, 3))
+    opts = dict(chunk_steps=32, batch_series=2, num_workers=0, accelerator="cpu")
+    run_inference(ckpt, tmp_path / "in.zarr", tmp_path / "clean.zarr", **opts)
+    records = tmp_path / "out.zarr" / "in" / RESUME_DIR
+    cmd = _cli(ckpt, tmp_path / "in.zarr", tmp_path / "out.zarr", 32, "--num-workers", "1")
+    proc = subprocess.Popen(cmd, env=_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and _records_written(records) < 2:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopped by SIGTERM" in err and "rerun the same command to resume" in err and "Traceback" not in err
+    done = _records_written(records)
+    assert 2 <= done < 128  # stopped early, finished chunks kept
+    assert not zarr.open_array(str(tmp_path / "out.zarr" / "in"), mode="r").attrs.get("streamssm_complete")
+    res = run_inference(ckpt, tmp_path / "in.zarr", tmp_path / "out.zarr", **opts)
+    assert res.status == "done" and res.steps == 2 * 4096 - 2 * 32 * done
+    clean, out = _store_bytes(tmp_path / "clean.zarr"), _store_bytes(tmp_path / "out.zarr")
+    assert clean.keys() == out.keys() and [k for k in clean if clean[k] != out[k]] == []
+    again = subprocess.run(cmd, env=_ENV, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "is already complete: nothing to do" in again.stderr and "wrote" not in again.stderr
