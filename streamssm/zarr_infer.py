@@ -332,6 +332,8 @@ class ZarrPredictor(pl.LightningModule):
     def __init__(self, model: SSMModel, units: Sequence[Unit], records: ResumeRecords) -> None:
         super().__init__()
         self.model = model
+        # a rank left without work (all its units finished) has an empty loader: not an error
+        self.allow_zero_length_dataloader_with_multiple_devices = True
         self.units = {u.key: u for u in units}
         self.records = records
         self._carry: tuple[tuple[int, int], int, ModelState] | None = None  # (unit key, next chunk, state)

@@ -369,10 +369,17 @@ def test_ddp_two_processes_equal_one(tmp_path, monkeypatch):
     two = subprocess.run(_cli(ckpt, tmp_path / "in.zarr", tmp_path / "two.zarr", 64, "--devices", "2"), env=_ENV,
                          capture_output=True, text=True, timeout=240)
     assert two.returncode == 0, two.stderr[-3000:]
+    # one report, by rank 0, with the total of both ranks; the idle rank does not fail
+    assert two.stderr.count("wrote ") == 1 and "128 series steps" in two.stderr and "on 2 devices" in two.stderr
+    assert "Traceback" not in two.stderr and "zero length" not in two.stderr, two.stderr[-3000:]
     a, b = _store_bytes(tmp_path / "one.zarr"), _store_bytes(tmp_path / "two.zarr")
     assert a.keys() == b.keys() and len([k for k in a if RESUME_DIR in k]) == 3
     assert [k for k in a if a[k] != b[k]] == []
     assert zarr.open_array(str(tmp_path / "two.zarr" / "in"), mode="r").attrs["streamssm_complete"] is True
+    fresh = subprocess.run(_cli(ckpt, tmp_path / "in.zarr", tmp_path / "fresh.zarr", 64, "--devices", "2"), env=_ENV,
+                           capture_output=True, text=True, timeout=240)  # both ranks work: still one line
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert fresh.stderr.count("wrote ") == 1 and f"{5 * 128} series steps" in fresh.stderr, fresh.stderr[-3000:]
 
 
 # ------------------------------------------------------------------ hardening (issue 17 item 8)
