@@ -19,15 +19,25 @@ Splits never share a base: whole chromosomes (``val_chroms``/``test_chroms``) or
 chromosome, the last ``val_fraction + test_fraction`` of its length (train | val | test).
 BED windows that straddle a split boundary are dropped. Reverse-complement augmentation
 (``rc_prob``) applies to training only. Each worker process opens its own pyfaidx handles.
+
+Files on disk: pyfaidx writes an index ``<fasta>.fai`` beside each FASTA file that lacks one
+(or whose index is older than the file); it is logged once when written and reused after. The
+folder must be writable, or index the file where you can (``samtools faidx``).
+
+Validation: ``setup`` reads every record in use once, in blocks through a byte lookup table
+(``validate_fasta``), so a character that is not a base fails before training starts, naming
+the file, record and position. IUPAC ambiguity codes (``RYSWKMBDHV``) are read as N with a
+warning giving their counts, or refused with ``iupac="error"``.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyfaidx
@@ -46,13 +56,80 @@ from streamssm.datamodules._common import (
     split_points,
     tile_starts,
 )
-from streamssm.datamodules.encoding import DNA_ALPHABET, DNA_VOCAB_SIZE, N_TOKEN, base_codes, reverse_complement
+from streamssm.datamodules.encoding import (
+    BASE_LUT,
+    DNA_ALPHABET,
+    DNA_VOCAB_SIZE,
+    IUPAC_AMBIGUOUS,
+    N_TOKEN,
+    base_codes,
+    reverse_complement,
+)
 from streamssm.errors import ConfigError, DataFormatError
 
 log = logging.getLogger(__name__)
 
 FASTA_SUFFIXES = (".fa", ".fasta", ".fna", ".fas", ".fa.gz", ".fasta.gz", ".fna.gz")
 SPLITS = ("train", "val", "test")
+VALIDATE_BLOCK = 1 << 24  # bytes read per step by validate_fasta
+
+_AMBIGUOUS_BYTES = np.array(sorted({ord(c) for c in IUPAC_AMBIGUOUS + IUPAC_AMBIGUOUS.lower()}), dtype=np.int64)
+_LINE_BYTES = (ord("\n"), ord("\r"))
+
+
+def _invalid_table(ambiguous_as_n: bool) -> np.ndarray:
+    """bool (256,): bytes not allowed inside a record's sequence lines."""
+    bad = BASE_LUT == 255
+    bad[list(_LINE_BYTES)] = False
+    if not ambiguous_as_n:
+        bad[_AMBIGUOUS_BYTES] = True
+    return bad
+
+
+def validate_fasta(
+    path: str | Path, fasta: pyfaidx.Fasta, names: Sequence[str], ambiguous_as_n: bool = True
+) -> Counter[str]:
+    """Check every base of records ``names`` once; return the IUPAC ambiguity-code counts.
+
+    Streams each record's bytes (located by the ``.fai`` index) in blocks of
+    ``VALIDATE_BLOCK``: one ``np.bincount`` per block counts all byte values, so the check
+    costs one pass over the file. Raises ``DataFormatError`` naming the file, record, 0-based
+    position and line of the first character that is not a base (nor an allowed ambiguity code).
+    """
+    bad_table = _invalid_table(ambiguous_as_n)
+    bad_bytes = np.flatnonzero(bad_table)
+    counts = np.zeros(256, dtype=np.int64)
+    buf = bytearray(VALIDATE_BLOCK)
+    with open(path, "rb") as fh:
+        for name in names:
+            rec = fasta.faidx.index[name]
+            lenc, lenb = int(rec.lenc), int(rec.lenb)
+            total = (rec.rlen // lenc) * lenb + rec.rlen % lenc if lenc else 0  # bytes of sequence lines
+            fh.seek(rec.offset)
+            done = 0
+            while done < total:
+                n = fh.readinto(memoryview(buf)[: min(VALIDATE_BLOCK, total - done)])
+                if not n:
+                    raise DataFormatError(f"FASTA file {str(path)!r}: record {name!r} ends early; delete the stale "
+                                          f"{path}.fai to rebuild it")
+                block = np.frombuffer(buf, dtype=np.uint8, count=n)
+                seen = np.bincount(block, minlength=256)
+                if seen[bad_bytes].any():
+                    i = done + int(np.flatnonzero(bad_table[block])[0])
+                    char = chr(buf[i - done])
+                    what = "an IUPAC ambiguity code (iupac='error')" if not ambiguous_as_n and char in (
+                        IUPAC_AMBIGUOUS + IUPAC_AMBIGUOUS.lower()) else "not a base"
+                    raise DataFormatError(
+                        f"FASTA file {str(path)!r}: record {name!r}: invalid character {char!r} ({what}) at position "
+                        f"{(i // lenb) * lenc + i % lenb} (0-based; line {i // lenb + 1} of the record); expected "
+                        f"ACGTN (any case){' or an IUPAC ambiguity code' if ambiguous_as_n else ''}"
+                    )
+                counts += seen
+                done += n
+    found: Counter[str] = Counter()
+    for b in _AMBIGUOUS_BYTES[counts[_AMBIGUOUS_BYTES] > 0]:
+        found[chr(b).upper()] += int(counts[b])
+    return found
 
 
 @dataclass(frozen=True)
@@ -81,7 +158,7 @@ class Window:
 
 
 def open_fasta(path: str | Path, build_index: bool = True) -> pyfaidx.Fasta:
-    """Open a FASTA file with pyfaidx (building ``path.fai`` if missing or stale).
+    """Open a FASTA file with pyfaidx (building ``path.fai`` if missing or stale; logged).
 
     Raises ``DataFormatError`` naming the file for a missing file, non-FASTA or binary content,
     inconsistent line lengths, duplicate names, or an index that cannot be written.
@@ -95,8 +172,10 @@ def open_fasta(path: str | Path, build_index: bool = True) -> pyfaidx.Fasta:
         raise DataFormatError(f"FASTA file {str(path)!r} is gzip-compressed; decompress it (gzip -d) and retry")
     if b"\x00" in head:
         raise DataFormatError(f"FASTA file {str(path)!r} is not a text FASTA file (binary content)")
+    fai = Path(f"{path}.fai")
+    before = fai.stat().st_mtime_ns if fai.exists() else None
     try:
-        return pyfaidx.Fasta(
+        fasta = pyfaidx.Fasta(
             str(path),
             as_raw=True,
             sequence_always_upper=False,
@@ -120,6 +199,9 @@ def open_fasta(path: str | Path, build_index: bool = True) -> pyfaidx.Fasta:
         ) from None
     except ValueError as exc:  # duplicate record names and similar content problems
         raise DataFormatError(f"FASTA file {str(path)!r} cannot be indexed: {exc}") from None
+    if fai.exists() and fai.stat().st_mtime_ns != before:
+        log.info("wrote the FASTA index %s beside %s (pyfaidx; reused while the FASTA is unchanged)", fai, path)
+    return fasta
 
 
 class FastaReader(LazyHandleMixin):
@@ -289,6 +371,8 @@ class FastaDataModule(BaseDataModule):
         rc_prob: probability of reverse-complementing a training window.
         max_n_fraction: re-draw random training windows with more N than this.
         mask_n: mask targets that are N out of the loss.
+        iupac: "as_n" reads the ambiguity codes RYSWKMBDHV as N (a warning gives their counts);
+            "error" refuses them (setup names the first one).
     """
 
     def __init__(
@@ -306,6 +390,7 @@ class FastaDataModule(BaseDataModule):
         rc_prob: float = 0.5,
         max_n_fraction: float = 0.5,
         mask_n: bool = True,
+        iupac: Literal["as_n", "error"] = "as_n",
         batch_size: int = 8,
         num_workers: int = 0,
         pin_memory: bool = False,
@@ -318,6 +403,8 @@ class FastaDataModule(BaseDataModule):
             check_positive("eval_windows", eval_windows)
         if not val_chroms and not test_chroms:
             check_fractions(val_fraction, test_fraction)
+        if iupac not in ("as_n", "error"):
+            raise ConfigError(f"iupac: expected 'as_n' or 'error', got {iupac!r}")
         for name, p in (("rc_prob", rc_prob), ("max_n_fraction", max_n_fraction)):
             if not 0.0 <= p <= 1.0:
                 raise ConfigError(f"{name}: expected a probability in [0, 1], got {p}")
@@ -335,6 +422,7 @@ class FastaDataModule(BaseDataModule):
         self.rc_prob = float(rc_prob)
         self.max_n_fraction = float(max_n_fraction)
         self.mask_n = bool(mask_n)
+        self.iupac = iupac
         self.files: list[Path] = []
         self.chrom_lengths: list[tuple[int, str, int]] = []  # (file, chrom, length)
         self.split_regions: dict[str, list[Region]] = {}
@@ -370,6 +458,20 @@ class FastaDataModule(BaseDataModule):
             keep = set(self.chroms) | set(self.val_chroms) | set(self.test_chroms)
             lengths = [t for t in lengths if t[1] in keep]
         self.chrom_lengths = lengths
+        self._validate()
+
+    def _validate(self) -> None:
+        """Every base of the records in use, once, before any window is drawn (see module doc)."""
+        for i, path in enumerate(self.files):
+            names = [c for f, c, _ in self.chrom_lengths if f == i]
+            fa = open_fasta(path, build_index=False)
+            try:
+                found = validate_fasta(path, fa, names, ambiguous_as_n=self.iupac == "as_n")
+            finally:
+                fa.close()
+            if found:
+                log.warning("FASTA %s: %d IUPAC ambiguity code(s) read as N (%s); set iupac='error' to refuse them",
+                            path, sum(found.values()), ", ".join(f"{k}: {v}" for k, v in sorted(found.items())))
 
     def _split(self) -> dict[str, list[Region]]:
         out: dict[str, list[Region]] = {s: [] for s in SPLITS}

@@ -215,9 +215,9 @@ def test_missing_file_and_invalid_base(tmp_path):
         make(tmp_path / "nope.fa")
     path = tmp_path / "rna.fa"
     path.write_text(">r1\n" + "ACGU" * 40 + "\n")
-    dm = make(path, window=16, val_fraction=0.0)
-    with pytest.raises(DataFormatError, match=r"rna\.fa.*r1.*'U'"):
-        dm._dataset("train")[0]
+    with pytest.raises(DataFormatError, match=r"rna\.fa.*r1.*'U'"):  # at setup, before any window
+        make(path, window=16, val_fraction=0.0)
+    path.write_text(">r1\n" + "ACGT" * 40 + "\n")
     with pytest.raises(ConfigError, match="window"):
         make(path, window=500, val_fraction=0.0)
 
@@ -281,3 +281,57 @@ def test_several_fasta_files_and_chromosome_subset(tmp_path):
     assert drawn == {(0, "chr1"), (0, "chr2"), (1, "chr1")}  # same name in two files stays apart
     only = make([str(a), str(b)], window=32, chroms=["chr2"], val_fraction=0.25)
     assert {(r.file, r.chrom) for r in only.split_regions["train"]} == {(0, "chr2")}
+
+
+def _write_lines(path, records: dict[str, str], width: int = 60) -> None:
+    with open(path, "w") as fh:
+        for name, seq in records.items():
+            fh.write(f">{name} description\n")
+            fh.writelines(seq[i : i + width] + "\n" for i in range(0, len(seq), width))
+
+
+@pytest.mark.parametrize("block", [1 << 24, 7], ids=["one-block", "7-byte-blocks"])
+def test_invalid_base_found_at_setup_with_record_and_position(tmp_path, monkeypatch, block):
+    """A bad character was found only when a window holding it was sampled (hours into a run)."""
+    import streamssm.datamodules.fasta as fasta_mod
+
+    monkeypatch.setattr(fasta_mod, "VALIDATE_BLOCK", block)
+    seq = "ACGT" * 500
+    bad = seq[:1234] + "." + seq[1235:]
+    _write_lines(tmp_path / "g.fa", {"chr1": seq, "chr2": bad})
+    with pytest.raises(DataFormatError, match=r"g\.fa.*record 'chr2'.*'\.' \(not a base\) at position 1234 "
+                                              r"\(0-based; line 21 of the record\)"):
+        FastaDataModule(str(tmp_path / "g.fa"), window=16).setup("fit")
+    dm = FastaDataModule(str(tmp_path / "g.fa"), window=16, chroms=["chr1"])  # records not in use are not read
+    dm.setup("fit")
+    assert dm.chrom_lengths == [(0, "chr1", 2000)]
+
+
+def test_iupac_codes_warn_with_counts_or_are_refused(tmp_path, caplog):
+    seq = "ACGT" * 100
+    _write_lines(tmp_path / "g.fa", {"c1": seq[:50] + "RRy" + seq[53:], "c2": seq[:300] + "k" + seq[301:]})
+    with caplog.at_level("WARNING", logger="streamssm.datamodules.fasta"):
+        dm = FastaDataModule(str(tmp_path / "g.fa"), window=16)
+        dm.setup("fit")
+    warned = [r.getMessage() for r in caplog.records if "ambiguity" in r.getMessage()]
+    assert len(warned) == 1 and "4 IUPAC ambiguity code(s) read as N (K: 1, R: 2, Y: 1)" in warned[0]
+    with pytest.raises(DataFormatError, match=r"record 'c1'.*'R' \(an IUPAC ambiguity code.*position 50"):
+        FastaDataModule(str(tmp_path / "g.fa"), window=16, iupac="error").setup("fit")
+    _write_lines(tmp_path / "clean.fa", {"c1": seq})
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="streamssm.datamodules.fasta"):
+        FastaDataModule(str(tmp_path / "clean.fa"), window=16, iupac="error").setup("fit")
+    assert not caplog.records
+
+
+def test_fai_index_written_beside_the_fasta_is_logged_once(genome, tmp_path, caplog):
+    src, _ = genome
+    path = tmp_path / "mine.fa"
+    path.write_text(src.read_text())
+    with caplog.at_level("INFO", logger="streamssm.datamodules.fasta"):
+        dm = FastaDataModule(str(path), window=64)
+        dm.prepare_data()
+        dm.setup("fit")
+        FastaDataModule(str(path), window=64).setup("fit")
+    wrote = [r.getMessage() for r in caplog.records if "FASTA index" in r.getMessage()]
+    assert wrote == [f"wrote the FASTA index {path}.fai beside {path} (pyfaidx; reused while the FASTA is unchanged)"]
