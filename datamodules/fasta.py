@@ -118,7 +118,8 @@ def validate_fasta(
                         _raise_invalid(path, name, chr(block[i - done]), (i // lenb) * lenc + i % lenb,
                                        i // lenb + 1, ambiguous_as_n)
                     seen = np.bincount(np.frombuffer(rest, dtype=np.uint8), minlength=256)
-                    found.update({chr(b).upper(): int(seen[b]) for b in np.flatnonzero(seen)})
+                    for b in np.flatnonzero(seen):
+                        found[chr(b).upper()] += int(seen[b])
                 done += len(block)
     return found
 

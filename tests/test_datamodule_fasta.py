@@ -309,7 +309,7 @@ def test_invalid_base_found_at_setup_with_record_and_position(tmp_path, monkeypa
 
 def test_iupac_codes_warn_with_counts_or_are_refused(tmp_path, caplog):
     seq = "ACGT" * 100
-    _write_lines(tmp_path / "g.fa", {"c1": seq[:50] + "RRy" + seq[53:], "c2": seq[:300] + "k" + seq[301:]})
+    _write_lines(tmp_path / "g.fa", {"c1": seq[:50] + "Rry" + seq[53:], "c2": seq[:300] + "k" + seq[301:]})
     with caplog.at_level("WARNING", logger="streamssm.datamodules.fasta"):
         dm = FastaDataModule(str(tmp_path / "g.fa"), window=16)
         dm.setup("fit")
