@@ -31,7 +31,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from streamssm.checkpoint import read_model_file
-from streamssm.errors import DataFormatError, ProtocolError
+from streamssm.errors import ConfigError, DataFormatError, ProtocolError, StreamSSMError
 
 from .codec import stream_settings
 from .protocol import (
@@ -60,6 +60,17 @@ class ServerError(ProtocolError):
     """The server answered with an error message (``code`` = its close code)."""
 
 
+def check_url(url: str) -> None:
+    """Raise ConfigError unless ``url`` is a websocket URL (ws:// or wss://)."""
+    if not url.startswith(("ws://", "wss://")):
+        raise ConfigError(f"url {url!r} is not a websocket URL: use ws://HOST:PORT/ (wss:// with TLS), "
+                          f"e.g. ws://127.0.0.1:8765/")
+
+
+class ServerUnreachable(StreamSSMError, ConnectionError):
+    """No server answers at the URL (connection refused, unknown host, timeout)."""
+
+
 @dataclass
 class _Pending:
     seq: int
@@ -73,6 +84,7 @@ class StreamClient:
     def __init__(self, url: str, *, format: str, sample_rate: int | None = None, channels: int = 1,
                  token: str | None = None, results: str = "json", include: tuple[str, ...] = ("outputs", "scores"),
                  window: int = 8, reconnect: int = 5, resume: str | None = None, open_timeout: float = 10.0):
+        check_url(url)
         self.url, self.token, self.window, self.reconnect = url, token, window, reconnect
         self.start_msg: dict[str, Any] = {"type": "start", "version": PROTOCOL_VERSION, "format": format,
                                           "channels": channels, "results": results, "include": list(include)}
@@ -97,7 +109,12 @@ class StreamClient:
     # -- connection ------------------------------------------------------------------------------
 
     async def __aenter__(self) -> StreamClient:
-        await self._connect()
+        try:
+            await self._connect()
+        except OSError as exc:  # refused, unknown host, TimeoutError
+            why = "connection refused" if isinstance(exc, ConnectionRefusedError) else str(exc) or type(exc).__name__
+            raise ServerUnreachable(f"no server at {self.url} ({why}); start one with "
+                                    f"`streamssm serve --checkpoint MODEL`") from exc
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -336,16 +353,17 @@ async def stream_source(source: Source, url: str, *, chunk: int, token: str | No
 
 def _stream_parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Stream a WAV/CSV/FASTA file to a streamssm server and "
-                                "print or save the per-step results.")
+                                "print or save the per-step results.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("file", help="audio (.wav/.flac), .csv (numeric columns) or FASTA")
-    p.add_argument("--url", default="ws://127.0.0.1:8765/")
+    p.add_argument("--url", default="ws://127.0.0.1:8765/", help="the server (`streamssm serve`)")
     p.add_argument("--token", default=None, help="bearer token (or set STREAMSSM_TOKEN)")
-    p.add_argument("--chunk", type=int, default=None, help="samples per chunk (default: 20 ms of audio, else 256)")
+    p.add_argument("--chunk", type=int, default=None, help="samples per chunk (None: --chunk-ms of audio, else 256)")
     p.add_argument("--chunk-ms", type=float, default=20.0, help="chunk length for files with a sample rate")
     p.add_argument("--realtime", action="store_true", help="send at the file's sample rate instead of at full speed")
     p.add_argument("--sample-rate", type=int, default=None, help="sample rate of a CSV (rows per second)")
-    p.add_argument("--columns", default=None, help="comma-separated CSV columns (default: all numeric)")
-    p.add_argument("--record", default=None, help="FASTA record (default: the first)")
+    p.add_argument("--columns", default=None, help="comma-separated CSV columns (None: all numeric)")
+    p.add_argument("--record", default=None, help="FASTA record (None: the first)")
     p.add_argument("--s16", action="store_true", help="send audio as s16le instead of f32le (half the bytes)")
     p.add_argument("--scores-only", action="store_true", help="ask only for per-step scores (token LMs)")
     p.add_argument("--out", default=None, help="save outputs/scores to this .npz")
@@ -359,6 +377,7 @@ def main(argv: list[str] | None = None, prog: str = "streamssm stream") -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     args = _stream_parser(prog).parse_args(argv)
+    check_url(args.url)
     source = read_source(args.file, record=args.record, sample_rate=args.sample_rate,
                          columns=args.columns.split(",") if args.columns else None,
                          fmt="s16le" if args.s16 else None)

@@ -454,48 +454,64 @@ class StreamServer:
 
 def _parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Serve a streamssm checkpoint over websockets "
-                                "(protocol: service/PROTOCOL.md).")
+                                "(protocol: service/PROTOCOL.md).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = ServeConfig()
     p.add_argument("--checkpoint", required=True, help="model .safetensors export or Lightning .ckpt")
-    p.add_argument("--host", default=d.host, help="interface to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=d.port)
-    p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default=d.dtype, choices=sorted(DTYPES))
+    p.add_argument("--host", default=d.host, help="interface to bind (127.0.0.1: loopback only)")
+    p.add_argument("--port", type=int, default=d.port, help="TCP port (0: any free port)")
+    p.add_argument("--device", default="auto", help="auto (cuda when present, else cpu), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default=d.dtype, choices=sorted(DTYPES), help="model compute dtype")
     p.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' (or set STREAMSSM_TOKEN)")
     p.add_argument("--max-streams", type=int, default=d.max_streams, help="concurrent streams (state pool size)")
-    p.add_argument("--max-frame-bytes", type=int, default=d.max_frame_bytes)
+    p.add_argument("--max-frame-bytes", type=int, default=d.max_frame_bytes, help="largest data frame accepted")
     p.add_argument("--idle-timeout", type=float, default=d.idle_timeout, help="seconds without a message")
     p.add_argument("--queue-depth", type=int, default=d.queue_depth, help="unanswered chunks per stream")
     p.add_argument("--resume-ttl", type=float, default=d.resume_ttl, help="seconds a disconnected stream is kept")
     p.add_argument("--state-dir", default=None, help="persist parked streams here (survive a restart)")
-    p.add_argument("--nan-policy", default=d.nan_policy, choices=("reject", "zero"))
+    p.add_argument("--nan-policy", default=d.nan_policy, choices=("reject", "zero"), help="NaN/inf samples")
     p.add_argument("--batching", default=d.batching, choices=("uniform", "greedy"),
                    help="chunks per stream per model call: equal counts (uniform) or all pending (greedy)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads for the model (default: torch's)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads for the model (None: torch's)")
     p.add_argument("--certfile", default=None, help="TLS certificate (PEM)")
     p.add_argument("--keyfile", default=None, help="TLS private key (PEM)")
     return p
 
 
 async def serve_until_signal(bundle: ServingBundle, config: ServeConfig) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    """Run until SIGTERM or SIGINT, then shut down gracefully. A port in use is a ConfigError."""
+    import errno
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with StreamServer(bundle, config) as server:
-        log.info("listening on %s (model %s, %s %s); GET /healthz and /metrics on the same port",
-                 server.url, bundle.fingerprint, server.codec.modality, server.codec.head)
+    server = StreamServer(bundle, config)
+    try:
+        await server.start()
+    except OSError as exc:
+        await server.stop()
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(f"port {config.port} is in use; pick another with --port") from exc
+        raise
+    try:
+        log.info("listening on %s (model %s, %s %s, %s); GET /healthz and /metrics on the same port",
+                 server.url, bundle.fingerprint, server.codec.modality, server.codec.head, config.device)
         await stop.wait()
         log.info("signal received: shutting down")
+    finally:
+        await server.stop()
 
 
 def main(argv: list[str] | None = None, prog: str = "streamssm serve") -> int:
     import os
 
+    from streamssm.checkpoint import resolve_device
+
     args = _parser(prog).parse_args(argv)
+    device = str(resolve_device(args.device))
     config = ServeConfig(
-        host=args.host, port=args.port, device=args.device, dtype=args.dtype,
+        host=args.host, port=args.port, device=device, dtype=args.dtype,
         token=args.token or os.environ.get("STREAMSSM_TOKEN") or None, max_streams=args.max_streams,
         max_frame_bytes=args.max_frame_bytes, idle_timeout=args.idle_timeout, queue_depth=args.queue_depth,
         resume_ttl=args.resume_ttl, state_dir=args.state_dir, nan_policy=args.nan_policy,
@@ -506,7 +522,7 @@ def main(argv: list[str] | None = None, prog: str = "streamssm serve") -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    bundle = load_for_serving(args.checkpoint, args.device)
+    bundle = load_for_serving(args.checkpoint, device)
     log.info("loaded %s in %.2f s", args.checkpoint, time.perf_counter() - t0)
     asyncio.run(serve_until_signal(bundle, config))
     return 0

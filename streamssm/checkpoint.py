@@ -112,6 +112,25 @@ def read_model_file(path: str | Path, weights: bool = False) -> ModelFile:
                      state_dict if weights else None)
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> ``cuda`` when a CUDA device is present, else ``cpu``; other names as torch reads
+    them. Raises ConfigError for a CUDA device this machine does not have."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"device {name!r} is not a device name (auto, cpu, cuda, cuda:1, ...): {exc}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"device {name!r}: no CUDA device is available on this machine; "
+                              f"use --device cpu, or --device auto (cuda when present, else cpu)")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"device {name!r}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+    return device
+
+
 def load_for_serving(path: str | Path, device: torch.device | str = "cpu") -> ServingBundle:
     """Load a ``.safetensors`` export or a Lightning ``.ckpt`` of a streamssm task."""
     f = read_model_file(path, weights=True)

@@ -1,14 +1,22 @@
 """The ``streamssm`` command: one entry point that dispatches to subcommands.
 
 Each subcommand lives in its own module exposing ``main(argv: list[str]) -> int``; this file
-only routes. Training subcommands (fit/validate/test/predict) go to LightningCLI.
+routes and holds the one error path: a :class:`StreamSSMError` or a common OS error (missing
+file, connection refused, ...) raised by any command, also when wrapped by LightningCLI or
+jsonargparse, prints one line ``streamssm <command>: error: <message>`` and exits 2 (usage or
+configuration: :class:`ConfigError`) or 1 (anything else); ``--debug`` anywhere on the command
+line shows the traceback instead. Training subcommands
+(fit/validate/test/predict) go to LightningCLI.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import sys
+
+from streamssm.errors import ConfigError, StreamSSMError
 
 #: name -> (module, one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -36,12 +44,41 @@ def _usage() -> str:
         "commands:",
     ]
     lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "Run `streamssm <command> --help` for the options of a command."]
+    lines += ["", "options:", "  --debug  show the traceback of an error instead of one line",
+              "", "Run `streamssm <command> --help` for the options of a command."]
     return "\n".join(lines)
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The StreamSSMError or OSError behind ``exc`` (LightningCLI and jsonargparse wrap
+    instantiation errors in ValueErrors), else ``exc`` itself."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, (StreamSSMError, OSError)):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return exc
+
+
+def describe_error(exc: BaseException) -> tuple[str, int] | None:
+    """(one-line message, exit code) for the errors a user can fix; None for a bug (traceback)."""
+    cause = _root_cause(exc)
+    if isinstance(cause, StreamSSMError):
+        return " ".join(str(cause).split()), 2 if isinstance(cause, ConfigError) else 1
+    if isinstance(cause, OSError):
+        if cause.errno == errno.EADDRINUSE:
+            return f"{cause.strerror or cause}; pick another port with --port", 2
+        where = f": {cause.filename}" if cause.filename else ""
+        return f"{cause.strerror or cause}{where}", 1
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
@@ -55,8 +92,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"streamssm: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest, prog=f"streamssm {name}") or 0)
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+        return int(module.main(rest, prog=f"streamssm {name}") or 0)
+    except KeyboardInterrupt:
+        print(f"streamssm {name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        described = None if debug else describe_error(exc)
+        if described is None:
+            raise
+        message, code = described
+        print(f"streamssm {name}: error: {message} (--debug shows the traceback)", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 
 from streamssm.checkpoint import export_safetensors, load_for_serving
-from streamssm.errors import ConfigError, StreamSSMError
+from streamssm.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +40,6 @@ def main(argv: list[str] | None = None, prog: str = "streamssm export") -> int:
     parser.add_argument("--output", required=True, help="destination .safetensors file")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     args = parser.parse_args(argv)
-    try:
-        path, fingerprint = export_checkpoint(args.checkpoint, args.output, args.overwrite)
-    except StreamSSMError as exc:
-        print(f"{prog}: error: {exc}")
-        return 2
+    path, fingerprint = export_checkpoint(args.checkpoint, args.output, args.overwrite)
     print(f"wrote {path} (model fingerprint {fingerprint})")
     return 0

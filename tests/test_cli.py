@@ -1,8 +1,13 @@
-"""The `streamssm` entry point: help lists every command, each command's --help works."""
+"""The `streamssm` entry point: help lists every command, each command's --help works (with
+defaults), and every command's errors go through one path: one line, a hint, exit 2 or 1."""
+
+from pathlib import Path
 
 import pytest
 
 from streamssm.cli import COMMANDS, main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_help_lists_every_command(capsys):
@@ -23,3 +28,124 @@ def test_every_command_has_help(name, capsys):
         main([name, "--help"])
     assert info.value.code == 0
     assert "usage" in capsys.readouterr().out.lower()
+
+
+# ------------------------------------------------------------------ one error path (issue 18)
+
+import logging  # noqa: E402
+import socket  # noqa: E402
+
+import torch  # noqa: E402
+
+from streamssm.checkpoint import export_safetensors  # noqa: E402
+from streamssm.errors import DataFormatError  # noqa: E402
+from streamssm.models import ModelConfig, SSMModel  # noqa: E402
+
+SENSOR = {"modality": "sensor", "channels": ["a", "b"], "mean": [0.0, 1.0], "std": [1.0, 2.0],
+          "task": {"name": "Forecaster", "head": "regression", "horizon": 2}}
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    cfg = ModelConfig(block="mamba2", input_kind="continuous", input_dim=2, head="regression", output_dim=4,
+                      d_model=16, n_layers=1, d_state=8, headdim=8, chunk_size=4)
+    return export_safetensors(SSMModel(cfg), tmp_path_factory.mktemp("m") / "m.safetensors", serving=SENSOR)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _one_error_line(capsys, command: str) -> str:
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.startswith(f"streamssm {command}: error: ")]
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    return lines[0]
+
+
+def test_missing_file_is_one_line(capsys, tmp_path):
+    assert main(["export", "--checkpoint", str(tmp_path / "nope.ckpt"), "--output", str(tmp_path / "x.safetensors")]) == 1
+    assert "nope.ckpt" in _one_error_line(capsys, "export")
+
+
+def test_config_error_exits_2(capsys, model_file, tmp_path):
+    assert main(["export", "--checkpoint", str(model_file), "--output", str(tmp_path / "x.bin")]) == 2
+    assert "ending in .safetensors" in _one_error_line(capsys, "export")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(DataFormatError):
+        main(["--debug", "export", "--checkpoint", str(tmp_path / "nope.ckpt"), "--output", str(tmp_path / "x.safetensors")])
+
+
+def test_serve_port_in_use(capsys, model_file):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--checkpoint", str(model_file), "--port", str(port), "--device", "cpu"]) == 2
+    assert _one_error_line(capsys, "serve").endswith(f"port {port} is in use; pick another with --port "
+                                                     "(--debug shows the traceback)")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_serve_cuda_without_a_gpu(capsys, model_file):
+    assert main(["serve", "--checkpoint", str(model_file), "--device", "cuda"]) == 2
+    assert "no CUDA device is available" in _one_error_line(capsys, "serve")
+
+
+def test_stream_without_a_server(capsys, tmp_path):
+    csv = tmp_path / "x.csv"
+    csv.write_text("a,b\n1,2\n3,4\n")
+    url = f"ws://127.0.0.1:{_free_port()}/"
+    assert main(["stream", str(csv), "--url", url]) == 1
+    line = _one_error_line(capsys, "stream")
+    assert f"no server at {url}" in line and "streamssm serve" in line
+
+
+def test_stream_http_url_hints_ws(capsys, tmp_path):
+    assert main(["stream", str(tmp_path / "x.csv"), "--url", "http://127.0.0.1:8765/"]) == 2
+    assert "use ws://" in _one_error_line(capsys, "stream")
+
+
+def _logs_to_this_stderr(monkeypatch) -> None:
+    """Console log handlers (Lightning's; the one cli.main installs) keep the sys.stderr of the
+    moment they were made, an earlier test's closed capture: point them at this test's."""
+    import sys
+
+    import lightning  # noqa: F401 - installs its handler
+
+    for name in ("", "lightning"):
+        for handler in logging.getLogger(name).handlers:
+            if type(handler) is logging.StreamHandler:
+                monkeypatch.setattr(handler, "stream", sys.stderr)
+
+
+def test_fit_missing_fasta_is_one_line(capsys, tmp_path, monkeypatch):
+    _logs_to_this_stderr(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    recipe = str(ROOT / "recipes" / "dna_tiny.yaml")
+    assert main(["fit", "--config", recipe, "--data.init_args.fasta", "nope.fa", "--trainer.logger", "false"]) == 1
+    assert "nope.fa" in _one_error_line(capsys, "fit")
+
+
+def test_fit_instantiation_error_is_unwrapped(capsys, tmp_path, monkeypatch):
+    _logs_to_this_stderr(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    recipe = str(ROOT / "recipes" / "dna_tiny.yaml")
+    assert main(["fit", "--config", recipe, "--model.init_args.warmup_steps", "-3"]) == 2
+    assert _one_error_line(capsys, "fit").startswith("streamssm fit: error: TokenLM: warmup_steps must be >= 0")
+
+
+@pytest.mark.parametrize("command, shown", [
+    ("serve", ["(default: 8765)", "(default: auto)", "(default: 127.0.0.1)", "(default: 64)"]),
+    ("stream", ["(default: ws://127.0.0.1:8765/)", "(default: 20.0)"]),
+])
+def test_help_shows_defaults(command, shown, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for text in shown:
+        assert text in out
