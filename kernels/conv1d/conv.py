@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from streamssm.kernels._common import autotune_configs
+from streamssm.kernels._triton import silu, silu_grad
 
 
 def _configs() -> list:
@@ -65,8 +66,7 @@ def _dpre(p_x, p_init, p_w, p_bias, p_dy, o_d, m_d, s, length, s_xd, s_xl, s_id,
     if SILU:
         pre = _pre(p_x, p_init, p_w, p_bias, o_d, m_d, s, length, s_xd, s_xl, s_id, s_il, s_wd, s_wk,
                    W, HAS_INIT, HAS_BIAS)
-        sg = tl.sigmoid(pre)
-        dy = dy * sg * (1.0 + pre * (1.0 - sg))
+        dy = dy * silu_grad(pre)
     return dy
 
 
@@ -111,7 +111,7 @@ def _causal_conv1d_fwd_kernel(
     pre = _pre(p_x, p_init, p_w, p_bias, o_d, m_d, s, length, s_xd, s_xl, s_id, s_il, s_wd, s_wk,
                W, HAS_INIT, HAS_BIAS)
     if SILU:
-        pre = pre * tl.sigmoid(pre)
+        pre = silu(pre)
     m = m_d[:, None] & (s < length)[None, :]
     tl.store(p_y + o_d[:, None] * s_yd + s[None, :] * s_yl, pre.to(p_y.dtype.element_ty), mask=m)
 

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from streamssm.kernels._triton import silu
+
 
 @triton.jit
 def _conv1d_step_kernel(
@@ -48,7 +50,7 @@ def _conv1d_step_kernel(
     acc += b_x.to(tl.float32) * tl.load(p_w + o_d * s_wd + (W - 1) * s_ww, mask=m_d, other=0.0).to(tl.float32)
     tl.store(p_s + (W - 2) * s_sw, b_x.to(p_state.dtype.element_ty), mask=m_d)
     if SILU:
-        acc = acc * tl.sigmoid(acc)
+        acc = silu(acc)
     tl.store(p_y + i * s_yb + o_d * s_yd, acc.to(p_y.dtype.element_ty), mask=m_d)
 
 

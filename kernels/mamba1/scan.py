@@ -54,6 +54,7 @@ import triton.language as tl
 
 from streamssm.errors import ConfigError
 from streamssm.kernels._common import autotune_configs, interpreting
+from streamssm.kernels._triton import LN2, LOG2E, silu, silu_grad, softplus, softplus_grad
 
 #: Chunk length T on the GPU (checkpoint interval) and in the interpreter (small tests).
 CHUNK_GPU = 64
@@ -109,8 +110,8 @@ def _program_slot(dim_per_group, BLOCK_D: tl.constexpr):
 def _dt(raw, m, SOFTPLUS: tl.constexpr):
     """dt of a (BLOCK_D, T) tile from delta + delta_bias (fp32), 0 where ~m."""
     dt = raw
-    if SOFTPLUS:  # log(1 + e^raw) on the exp2/log2 units (libdevice's log is a long polynomial)
-        dt = tl.where(raw > 20.0, raw, 0.6931471805599453 * tl.log2(1.0 + tl.exp2(raw * 1.4426950408889634)))
+    if SOFTPLUS:
+        dt = softplus(raw)
     return tl.where(m, dt, 0.0)
 
 
@@ -140,10 +141,42 @@ def _load_bc(p_M, o_n, m_n, o_t, m_t, s_n, s_l):
 
 
 @triton.jit
-def _load_A(p_A, o_d, m_d, o_n, m_n, s_Ad, s_An):
-    """A (BLOCK_D, N_PAD) fp32 and A * log2(e) (exponentials are taken with exp2)."""
-    A = tl.load(p_A + o_d[:, None] * s_Ad + o_n[None, :] * s_An, mask=m_d[:, None] & m_n[None, :], other=0.0)
-    return A, A * 1.4426950408889634
+def _load_A2(p_A, o_d, o_n, m_dn, s_Ad, s_An):
+    """A * log2(e) (BLOCK_D, N_PAD) fp32, 0 where ~m_dn (exponentials are taken with exp2)."""
+    return tl.load(p_A + o_d[:, None] * s_Ad + o_n[None, :] * s_An, mask=m_dn, other=0.0) * LOG2E
+
+
+@triton.jit
+def _program_segment(dim_per_group, groups, dstate, n_chunks, chunks_per_seg, n_segments,
+                     T: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Where a (batch x group, channel block, segment) program works (grid as in ``_grid3``).
+
+    Returns batch (int64), group, segment; channels o_d (BLOCK_D,), their mask m_d; states o_n
+    (N_PAD,); the (BLOCK_D, N_PAD) tile's mask m_dn and offsets o_dn into a (d, n) state; the
+    segment's row o_seg of (b, S) arrays, its chunks [c0, c1) and its first step t0 (int64)."""
+    pid_b, grp, o_d, m_d = _program_channels(dim_per_group, groups, BLOCK_D)
+    pid_s = tl.program_id(2)
+    o_n = tl.arange(0, N_PAD)
+    m_dn = m_d[:, None] & (o_n < dstate)[None, :]
+    c0 = pid_s * chunks_per_seg
+    c1 = tl.minimum(c0 + chunks_per_seg, n_chunks)
+    return (pid_b, grp, pid_s, o_d, m_d, o_n, m_dn, o_d[:, None] * dstate + o_n[None, :],
+            pid_b * n_segments + pid_s, c0, c1, c0.to(tl.int64) * T)
+
+
+@triton.jit
+def _channel_params(p_A, p_D, p_bias, o_d, m_d, o_n, m_dn, s_Ad, s_An,
+                    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The block's A * log2(e) (BLOCK_D, N_PAD), D and delta_bias (BLOCK_D,) fp32 (zeros when absent)."""
+    if HAS_D:
+        Dv = tl.load(p_D + o_d, mask=m_d, other=0.0)
+    else:
+        Dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(p_bias + o_d, mask=m_d, other=0.0)
+    else:
+        bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    return _load_A2(p_A, o_d, o_n, m_dn, s_Ad, s_An), Dv, bias
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -166,17 +199,14 @@ def _selective_scan_adjoint_state_kernel(
     q_start = sum_t exp(A cum_t) C_t dy_t silu(z_t), cum_t = dt summed up to t inside the segment.
     Writes loc (b, S, d, n) fp32 and dsum (b, S, d) fp32.
     """
-    pid_b, grp, o_d, m_d = _program_channels(dim_per_group, groups, BLOCK_D)
-    pid_s = tl.program_id(2)
-    o_n = tl.arange(0, N_PAD)
+    pid_b, grp, pid_s, o_d, m_d, o_n, m_dn, o_dn, o_seg, c0, c1, _ = _program_segment(
+        dim_per_group, groups, dstate, n_chunks, chunks_per_seg, n_segments, T, N_PAD, BLOCK_D)
     m_n = o_n < dstate
-    A, A2 = _load_A(p_A, o_d, m_d, o_n, m_n, s_Ad, s_An)
+    A2 = _load_A2(p_A, o_d, o_n, m_dn, s_Ad, s_An)
     p_dy += pid_b * s_wb
     p_delta += pid_b * s_db
     p_z += pid_b * s_zb
     p_C += pid_b * s_Mb + grp * s_Mg
-    c0 = pid_s * chunks_per_seg
-    c1 = tl.minimum(c0 + chunks_per_seg, n_chunks)
     acc = tl.zeros((BLOCK_D, N_PAD), dtype=tl.float32)
     tot = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for i in range(0, c1 - c0):
@@ -188,16 +218,14 @@ def _selective_scan_adjoint_state_kernel(
         w = tl.load(p_dy + o_d[:, None] * s_wd + o_t[None, :] * s_wl, mask=m, other=0.0).to(tl.float32)
         if HAS_Z:
             z = tl.load(p_z + o_d[:, None] * s_zd + o_t[None, :] * s_zl, mask=m, other=0.0).to(tl.float32)
-            w = w * z * tl.sigmoid(z)
+            w = w * silu(z)
         Ct = _load_bc(p_C, o_n, m_n, o_t, m_t, s_Mn, s_Ml)
         cum = tl.cumsum(dt, axis=1)
         s_tile = tl.sum(dt, axis=1)
         tile = tl.sum(tl.exp2(cum[:, None, :] * A2[:, :, None]) * w[:, None, :] * Ct[None, :, :], axis=2)
         acc = tl.exp2(s_tile[:, None] * A2) * acc + tile
         tot += s_tile
-    o_seg = pid_b * n_segments + pid_s
-    m_dn = m_d[:, None] & m_n[None, :]
-    tl.store(p_loc + (o_seg * dim + o_d[:, None]) * dstate + o_n[None, :], acc, mask=m_dn)
+    tl.store(p_loc + o_seg * dim * dstate + o_dn, acc, mask=m_dn)
     tl.store(p_dsum + o_seg * dim + o_d, tot, mask=m_d)
 
 
@@ -219,7 +247,7 @@ def _selective_scan_state_passing_kernel(
     o_n = tl.arange(0, N_PAD)
     m_n = o_n < dstate
     m_dn = m_d[:, None] & m_n[None, :]
-    A, A2 = _load_A(p_A, o_d, m_d, o_n, m_n, s_Ad, s_An)
+    A2 = _load_A2(p_A, o_d, o_n, m_dn, s_Ad, s_An)
     o_dn = o_d[:, None] * dstate + o_n[None, :]
     base = pid_b * n_segments
     if REVERSE:
@@ -263,21 +291,9 @@ def _selective_scan_fwd_kernel(
     (b, d, n) into out by the last segment. STATE_ONLY: the segment's end state from zero into
     out = loc (b, S, d, n) and its sum of dt into dsum (b, S, d).
     """
-    pid_b, grp, o_d, m_d = _program_channels(dim_per_group, groups, BLOCK_D)
-    pid_s = tl.program_id(2)
-    o_n = tl.arange(0, N_PAD)
-    m_n = o_n < dstate
-    m_dn = m_d[:, None] & m_n[None, :]
-    o_dn = o_d[:, None] * dstate + o_n[None, :]
-    A, A2 = _load_A(p_A, o_d, m_d, o_n, m_n, s_Ad, s_An)
-    if HAS_D:
-        Dv = tl.load(p_D + o_d, mask=m_d, other=0.0)
-    if HAS_BIAS:
-        bias = tl.load(p_bias + o_d, mask=m_d, other=0.0)
-    o_seg = pid_b * n_segments + pid_s
-    c0 = pid_s * chunks_per_seg
-    c1 = tl.minimum(c0 + chunks_per_seg, n_chunks)
-    t0 = c0.to(tl.int64) * T
+    pid_b, grp, pid_s, o_d, m_d, o_n, m_dn, o_dn, o_seg, c0, c1, t0 = _program_segment(
+        dim_per_group, groups, dstate, n_chunks, chunks_per_seg, n_segments, T, N_PAD, BLOCK_D)
+    A2, Dv, bias = _channel_params(p_A, p_D, p_bias, o_d, m_d, o_n, m_dn, s_Ad, s_An, HAS_D, HAS_BIAS, BLOCK_D)
     p_u += pid_b * s_ub + o_d[:, None] * s_ud
     p_delta += pid_b * s_db + o_d[:, None] * s_dd
     p_z += pid_b * s_zb + o_d[:, None] * s_zd
@@ -334,7 +350,7 @@ def _selective_scan_fwd_kernel(
                 if HAS_Z:
                     z = z_nx.to(tl.float32)
                     z_nx = tl.load(p_z + (o_t + TT)[None, :] * s_zl, mask=m_nx, other=0.0)
-                    Y = Y * z * tl.sigmoid(z)
+                    Y = Y * silu(z)
                 tl.store(p_y + o_t[None, :], Y.to(p_y.dtype.element_ty), mask=m)
     if STATE_ONLY:
         tl.store(p_out + o_seg * dim * dstate + o_dn, h, mask=m_dn)
@@ -369,21 +385,9 @@ def _selective_scan_bwd_kernel(
     qend (b, S, d, n): the adjoint after the segment's last step. dB, dC rows are summed over
     the block's channels, then added atomically.
     """
-    pid_b, grp, o_d, m_d = _program_channels(dim_per_group, groups, BLOCK_D)
-    pid_s = tl.program_id(2)
-    o_n = tl.arange(0, N_PAD)
-    m_n = o_n < dstate
-    m_dn = m_d[:, None] & m_n[None, :]
-    o_dn = o_d[:, None] * dstate + o_n[None, :]
-    A, A2 = _load_A(p_A, o_d, m_d, o_n, m_n, s_Ad, s_An)
-    if HAS_D:
-        Dv = tl.load(p_D + o_d, mask=m_d, other=0.0)
-    if HAS_BIAS:
-        bias = tl.load(p_bias + o_d, mask=m_d, other=0.0)
-    o_seg = pid_b * n_segments + pid_s
-    c0 = pid_s * chunks_per_seg
-    c1 = tl.minimum(c0 + chunks_per_seg, n_chunks)
-    t0 = c0.to(tl.int64) * T
+    pid_b, grp, pid_s, o_d, m_d, o_n, m_dn, o_dn, o_seg, c0, c1, t0 = _program_segment(
+        dim_per_group, groups, dstate, n_chunks, chunks_per_seg, n_segments, T, N_PAD, BLOCK_D)
+    A2, Dv, bias = _channel_params(p_A, p_D, p_bias, o_d, m_d, o_n, m_dn, s_Ad, s_An, HAS_D, HAS_BIAS, BLOCK_D)
     p_u += pid_b * s_ub + o_d[:, None] * s_ud
     p_delta += pid_b * s_db + o_d[:, None] * s_dd
     p_z += pid_b * s_zb + o_d[:, None] * s_zd
@@ -459,8 +463,7 @@ def _selective_scan_bwd_kernel(
             if HAS_Z:
                 z = z_nx.to(tl.float32)
                 z_nx = tl.load(p_z + (o_t - TB)[None, :] * s_zl, mask=m_nb, other=0.0)
-                sz = tl.sigmoid(z)
-                dye = dy * z * sz
+                dye = dy * silu(z)
             else:
                 dye = dy
             h = tl.load(p_scratch + k * (BLOCK_D * N_PAD))
@@ -486,7 +489,7 @@ def _selective_scan_bwd_kernel(
                 gxh = g * (hj - duj[:, None] * Bj[None, :])  # g_t x_t h_{t-1}
                 dA_acc += gxh * dtj[:, None]
                 gB = tl.sum(g * Bj[None, :], axis=1)
-                ddt = 0.6931471805599453 * tl.sum(gxh * A2, axis=1) + _column(u, o_tb, j) * gB  # A = A2 ln 2
+                ddt = LN2 * tl.sum(gxh * A2, axis=1) + _column(u, o_tb, j) * gB  # A = A2 ln 2
                 DDT = tl.where(o_tb[None, :] == j, ddt[:, None], DDT)
                 DU = tl.where(o_tb[None, :] == j, (dtj * gB)[:, None], DU)
                 if HAS_Z:
@@ -500,10 +503,10 @@ def _selective_scan_bwd_kernel(
             if HAS_Z:
                 if HAS_D:
                     YP += Dv[:, None] * u
-                dz = dy * YP * sz * (1.0 + z * (1.0 - sz))
+                dz = dy * YP * silu_grad(z)
                 tl.store(p_dz + o_t[None, :], dz.to(p_dz.dtype.element_ty), mask=m)
             if SOFTPLUS:
-                DDT = DDT * tl.sigmoid(raw)
+                DDT = DDT * softplus_grad(raw)
             DDT = tl.where(m, DDT, 0.0)
             dbias_acc += tl.sum(DDT, axis=1)
             tl.store(p_du + o_t[None, :], DU.to(p_du.dtype.element_ty), mask=m)

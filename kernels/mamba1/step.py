@@ -17,16 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def softplus(x):
-    """torch's softplus (threshold 20): x above 20, log1p(exp(x)) below (log1p accurate for
-    small exp(x) by Goldberg's trick log(1+e) * e / ((1+e) - 1))."""
-    e = tl.exp(tl.minimum(x, 20.0))
-    one_e = 1.0 + e
-    tiny = one_e == 1.0
-    log1p_e = tl.where(tiny, e, tl.log(one_e) * (e / tl.where(tiny, 1.0, one_e - 1.0)))
-    return tl.where(x <= 20.0, log1p_e, x)
+from streamssm.kernels._triton import silu, softplus
 
 
 @triton.jit
@@ -72,7 +63,7 @@ def _selective_scan_step_kernel(
         b_y += b_u * tl.load(p_D + o_d, mask=m_d, other=0.0).to(tl.float32)
     if HAS_Z:
         b_z = tl.load(p_z + i * s_zb + o_d * s_zd, mask=m_d, other=0.0).to(tl.float32)
-        b_y *= b_z * tl.sigmoid(b_z)
+        b_y *= silu(b_z)
     tl.store(p_y + i * s_yb + o_d * s_yd, b_y.to(p_y.dtype.element_ty), mask=m_d)
 
 

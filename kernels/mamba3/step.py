@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from streamssm.kernels._triton import silu
+
 
 @triton.jit
 def _mamba3_step_kernel(
@@ -73,7 +75,7 @@ def _mamba3_step_kernel(
         b_y += tl.load(p_D + i_h * P + o_p, mask=m_p, other=0.0) * b_x
     if HAS_Z:
         b_z = tl.load(p_z + (i_b * H + i_h) * P + o_p, mask=m_p, other=0.0).to(tl.float32)
-        b_y = b_y * b_z * tl.sigmoid(b_z)
+        b_y = b_y * silu(b_z)
     tl.store(p_y + (i_b * H + i_h) * P + o_p, b_y.to(p_y.dtype.element_ty), mask=m_p)
 
 

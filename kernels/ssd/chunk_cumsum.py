@@ -14,9 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from streamssm.kernels._triton import softplus, softplus_grad
 from streamssm.kernels.ssd.chunks import ChunkLayout
-
-SOFTPLUS_THRESHOLD = tl.constexpr(20.0)  # same as torch.nn.functional.softplus
 
 
 @triton.jit
@@ -49,7 +48,7 @@ def _chunk_cumsum_fwd_kernel(
     if HAS_DT_BIAS:
         b_dt += tl.load(p_dt_bias + o_h, mask=m_h, other=0.0)[None, :]
     if DT_SOFTPLUS:
-        b_dt = tl.where(b_dt <= SOFTPLUS_THRESHOLD, tl.log(1.0 + tl.exp(b_dt)), b_dt)
+        b_dt = softplus(b_dt)
     b_dt = tl.where(m, b_dt, 0.0)
     b_A = tl.load(p_A + o_h, mask=m_h, other=0.0)
     b_cs = tl.cumsum(b_dt * b_A[None, :], axis=0)
@@ -103,7 +102,7 @@ def _chunk_cumsum_bwd_kernel(
         b_raw = b_raw.to(tl.float32)
         if HAS_DT_BIAS:
             b_raw += tl.load(p_dt_bias + o_h, mask=m_h, other=0.0)[None, :]
-        b_ddt *= tl.where(b_raw <= SOFTPLUS_THRESHOLD, tl.sigmoid(b_raw), 1.0)
+        b_ddt *= softplus_grad(b_raw)
     b_ddt = tl.where(m, b_ddt, 0.0)
     tl.store(p_ddt + (start + o_q)[:, None] * s_ddt_l + o_h[None, :] * s_ddt_h,
              b_ddt.to(p_ddt.dtype.element_ty), mask=m)

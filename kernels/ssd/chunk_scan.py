@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from streamssm.kernels._common import autotune_configs
+from streamssm.kernels._triton import silu
 from streamssm.kernels.ssd.chunk_state import dot_precision
 from streamssm.kernels.ssd.chunks import ChunkLayout
 
@@ -98,7 +99,7 @@ def _chunk_scan_fwd_kernel(
     if HAS_Z:
         b_z = tl.load(p_z + tok_t[:, None] * s_z_l + i_h * s_z_h + o_p[None, :] * s_z_p, mask=m_tp, other=0.0)
         b_z = b_z.to(tl.float32)
-        tl.store(p_out + o_y, (acc * b_z * tl.sigmoid(b_z)).to(p_out.dtype.element_ty), mask=m_tp)
+        tl.store(p_out + o_y, (acc * silu(b_z)).to(p_out.dtype.element_ty), mask=m_tp)
 
 
 def _chunk_scan_fwd(x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, z: torch.Tensor | None,

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from streamssm.kernels.mamba1.step import softplus
+from streamssm.kernels._triton import silu, softplus
 
 
 @triton.jit
@@ -64,7 +64,7 @@ def _ssd_step_kernel(
         b_y += b_x * tl.load(p_D + hd * s_Dh + o_p * s_Dp, mask=m_p, other=0.0).to(tl.float32)
     if HAS_Z:
         b_z = tl.load(p_z + i * s_zb + hd * s_zh + o_p * s_zp, mask=m_p, other=0.0).to(tl.float32)
-        b_y *= b_z * tl.sigmoid(b_z)
+        b_y *= silu(b_z)
     tl.store(p_y + i * s_yb + hd * s_yh + o_p * s_yp, b_y.to(p_y.dtype.element_ty), mask=m_p)
 
 

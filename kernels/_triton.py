@@ -1,0 +1,49 @@
+"""Elementwise ``@triton.jit`` helpers shared by the kernels, one of each (fp32 in, fp32 out).
+
+    softplus(x)       torch's softplus (beta 1, threshold 20): x above 20, log(1 + e^x) below
+    softplus_grad(x)  its derivative: sigmoid(x) up to 20, 1 above
+    silu(x)           x * sigmoid(x)
+    silu_grad(x)      its derivative: sigmoid(x) (1 + x (1 - sigmoid(x)))
+    LOG2E, LN2        for exponentials taken as exp2(x * LOG2E) and logs as LN2 * log2(x)
+
+Exponentials and logs go through exp2/log2: on NVIDIA GPUs these are single hardware
+instructions, while ``tl.log`` is libdevice's long polynomial (see ``mamba1/scan.py``).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+SOFTPLUS_THRESHOLD = tl.constexpr(20.0)  # torch.nn.functional.softplus's default
+
+
+@triton.jit
+def softplus(x):
+    """x above 20, else log1p(e^x). log1p keeps its relative accuracy for tiny e^x by Goldberg's
+    trick log(u) * e / (u - 1), u = 1 + e rounded (the plain log(1 + e) is 0 below x ~ -17)."""
+    e = tl.exp2(tl.minimum(x, SOFTPLUS_THRESHOLD) * LOG2E)
+    u = 1.0 + e
+    tiny = u == 1.0
+    log1p_e = tl.where(tiny, e, LN2 * tl.log2(u) * (e / tl.where(tiny, 1.0, u - 1.0)))
+    return tl.where(x <= SOFTPLUS_THRESHOLD, log1p_e, x)
+
+
+@triton.jit
+def softplus_grad(x):
+    """d softplus / dx, matching the threshold of :func:`softplus`."""
+    return tl.where(x <= SOFTPLUS_THRESHOLD, tl.sigmoid(x), 1.0)
+
+
+@triton.jit
+def silu(x):
+    return x * tl.sigmoid(x)
+
+
+@triton.jit
+def silu_grad(x):
+    """d silu / dx."""
+    s = tl.sigmoid(x)
+    return s * (1.0 + x * (1.0 - s))
