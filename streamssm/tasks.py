@@ -37,9 +37,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from streamssm.errors import ConfigError, ShapeError
+from streamssm.lightning_ui import quiet_lightning, use_streamssm_callbacks
 from streamssm.models import BlockType, HeadKind, InputKind, ModelConfig, SSMModel
 
 log = logging.getLogger(__name__)
+quiet_lightning()  # every process that trains or predicts with a task (see streamssm.lightning_ui)
 
 Batch = Mapping[str, torch.Tensor]
 _CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(ModelConfig))
@@ -291,6 +293,15 @@ class SSMTask(pl.LightningModule):
         serving = dict(info.get("serving", {}))
         serving.pop("task", None)
         self.serving_metadata = serving
+
+    # ---------------------------------------------------------------- trainer output
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """Swap Lightning's default progress bar and model summary for streamssm's in place
+        (step-counting bar, one-line summary; ``streamssm.lightning_ui``); adds nothing, so
+        Lightning has no callbacks to report as overridden."""
+        if self._trainer is not None:
+            use_streamssm_callbacks(self.trainer)
+        return []
 
     # ---------------------------------------------------------------- optimization
     def configure_optimizers(self) -> dict[str, Any]:

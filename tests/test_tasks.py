@@ -206,8 +206,14 @@ def test_resume_rejects_a_different_architecture(tmp_path):
 
 
 def test_export_cli_errors(tmp_path, capsys):
-    assert export_main(["--checkpoint", str(tmp_path / "nope.ckpt"), "--output", str(tmp_path / "x.safetensors")]) == 2
-    assert "does not exist" in capsys.readouterr().out
+    from streamssm.cli import main as cli_main
+
+    args = ["export", "--checkpoint", str(tmp_path / "nope.ckpt"), "--output", str(tmp_path / "x.safetensors")]
+    assert cli_main(args) == 1  # the one error path of the streamssm command: one line, no traceback
+    err = capsys.readouterr().err
+    assert "streamssm export: error:" in err and "does not exist" in err and "Traceback" not in err
+    with pytest.raises(DataFormatError, match="does not exist"):
+        export_main(args[1:])
     with pytest.raises(ConfigError, match="safetensors"):
         export_checkpoint(tmp_path / "nope.ckpt", tmp_path / "x.bin")
 
@@ -238,3 +244,56 @@ def test_training_curve_png(tmp_path):
     (tmp_path / "empty.csv").write_text("epoch,step,lr\n0,1,0.1\n")
     with pytest.raises(DataFormatError, match="no loss column"):
         plot_training_curve(tmp_path / "empty.csv", tmp_path / "e.png")
+
+
+# ------------------------------------------------------------------ what a training run prints
+
+_FIT_SCRIPT = """
+import logging, sys
+sys.path.insert(0, sys.argv[2])
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")  # as the CLI does
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import CSVLogger
+from streamssm.tasks import TokenLM
+from test_tasks import TINY, PeriodicTokens
+trainer = pl.Trainer(accelerator="cpu", max_steps=5, logger=CSVLogger(sys.argv[1]), default_root_dir=sys.argv[1],
+                     limit_val_batches=1, num_sanity_val_steps=0, log_every_n_steps=1)
+trainer.fit(TokenLM(**TINY), datamodule=PeriodicTokens(n=8, batch_size=4))  # 2 batches/epoch: 3 epochs
+"""
+
+
+def test_fit_output_is_quiet_and_counts_steps(tmp_path):
+    """A default Trainer (rich bar, model summary, checkpointing, CSV logger) bounded by max_steps,
+    in a fresh process with every warning shown: no tips, FLOPs 0, v_num, deprecation or
+    `Epoch 2/-2`; the bar counts the 5 steps across 3 epochs; the summary is one line."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONWARNINGS": "default", "COLUMNS": "120"}
+    done = subprocess.run([sys.executable, "-c", _FIT_SCRIPT, str(tmp_path), os.path.dirname(__file__)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    for noise in ("Tip:", "FLOPs", "v_num", "deprecated", "LeafSpec", "Warning"):
+        assert noise not in out, f"{noise!r} in the output of a fit:\n{out}"
+    assert not re.search(r"Epoch \d+/-\d", out), out
+    assert re.search(r"Epoch 2 · step\s.*\b5/5\b", out), out
+    assert re.search(r"model: [\d.]+ ?\w* parameters \([\d.]+ ?\w* trainable", out), out
+
+
+def test_only_lightnings_default_bar_and_summary_are_replaced(tmp_path):
+    from lightning.pytorch.callbacks import ModelSummary, ProgressBar, RichModelSummary, TQDMProgressBar
+
+    from streamssm.lightning_ui import ParameterSummary, StepProgressBar, use_streamssm_callbacks
+
+    default = pl.Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path)
+    use_streamssm_callbacks(default)
+    assert isinstance(default.progress_bar_callback, StepProgressBar)
+    assert [type(c) for c in default.callbacks if isinstance(c, ModelSummary)] == [ParameterSummary]
+    chosen = pl.Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path,
+                        callbacks=[TQDMProgressBar(), RichModelSummary(max_depth=2)])
+    use_streamssm_callbacks(chosen)
+    assert [type(c) for c in chosen.callbacks if isinstance(c, (ProgressBar, ModelSummary))] \
+        == [TQDMProgressBar, RichModelSummary]
