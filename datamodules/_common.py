@@ -11,6 +11,7 @@ same key stream and each key maps to one window.
 from __future__ import annotations
 
 import glob
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -22,6 +23,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from streamssm.errors import ConfigError, DataFormatError
+
+log = logging.getLogger(__name__)
+
+SPLIT_NAMES = {"train": "training", "val": "validation", "test": "test"}
 
 
 def resolve_files(spec: str | Sequence[str], what: str, suffixes: Sequence[str]) -> list[Path]:
@@ -189,11 +194,19 @@ class BaseDataModule(pl.LightningDataModule):
         self.pin_memory = bool(pin_memory)
         self.seed = int(seed)
         self._datasets: dict[str, Dataset] = {}
+        self._unusable: dict[str, str] = {}  # split -> why it has no sample although configured
+
+    def _split_unusable(self, split: str, why: str) -> None:
+        """Record (and log) why a configured split yields no sample; asking for it raises that."""
+        self._unusable[split] = why
+        log.warning("%s", why)
 
     def _dataset(self, split: str) -> Dataset:
         if not self._datasets:
             self.setup("fit")
         ds = self._datasets.get(split)
+        if ds is None and split in self._unusable:
+            raise ConfigError(f"{type(self).__name__}: {self._unusable[split]}")
         if ds is None:
             raise ConfigError(
                 f"{type(self).__name__}: no {split!r} split is configured "
@@ -228,3 +241,11 @@ class BaseDataModule(pl.LightningDataModule):
 
     def serving_metadata(self) -> dict[str, Any]:  # pragma: no cover - implemented by subclasses
         raise NotImplementedError
+
+
+def span_too_short(split: str, longest: int, need: int, unit: str, knob: str, fraction: float) -> str:
+    """The message for a split whose longest span cannot hold one window."""
+    return (
+        f"the {SPLIT_NAMES[split]} span of {longest} {unit} is shorter than the {need} {unit} one window needs; "
+        f"lower {knob} or raise {split}_fraction (now {fraction})"
+    )

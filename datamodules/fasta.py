@@ -53,6 +53,7 @@ from streamssm.datamodules._common import (
     check_positive,
     evenly_spaced,
     resolve_files,
+    span_too_short,
     split_points,
     tile_starts,
 )
@@ -563,7 +564,9 @@ class FastaDataModule(BaseDataModule):
             if chosen:
                 self._datasets[split] = FixedWindowDataset(reader, chosen, self.mask_n)
             elif self.split_regions[split]:
-                log.warning("%s split has no window of %d bases (regions too short)", split, need)
+                longest = max(r.length for r in self.split_regions[split])
+                fraction = self.val_fraction if split == "val" else self.test_fraction
+                self._split_unusable(split, span_too_short(split, longest, need, "bases", "window", fraction))
 
     def train_dataloader(self):  # noqa: ANN201 - DataLoader
         ds = self._dataset("train")

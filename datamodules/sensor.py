@@ -20,6 +20,7 @@ or are filled per series by linear interpolation and edge filling (``missing="fi
 
 from __future__ import annotations
 
+import csv
 import logging
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +35,7 @@ from streamssm.datamodules._common import (
     check_fractions,
     check_positive,
     resolve_files,
+    span_too_short,
     split_points,
     tile_starts,
 )
@@ -48,9 +50,16 @@ _ROW_COLUMN = "__streamssm_row"
 
 
 def scan_table(path: Path) -> pl.LazyFrame:
-    """Lazy scan of one CSV or Parquet file (by suffix); schema problems raise ``DataFormatError``."""
+    """Lazy scan of one CSV or Parquet file (by suffix); schema problems raise ``DataFormatError``.
+
+    A CSV is checked first (``check_csv_rows``): every row has the header's field count and
+    there is at least one data row.
+    """
     try:
         if path.suffix.lower() == ".csv":
+            with open(path, "rb") as fh:
+                header = fh.readline()
+            check_csv_rows(path, len(next(csv.reader([header.decode("utf-8", "replace")]), [])))
             lf = pl.scan_csv(path, try_parse_dates=True, infer_schema_length=10_000)
         else:
             lf = pl.scan_parquet(path)
@@ -58,6 +67,98 @@ def scan_table(path: Path) -> pl.LazyFrame:
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise DataFormatError(f"table {str(path)!r} cannot be read: {exc}") from None
     return lf
+
+
+def _ragged(path: Path, line: int, fields: int, expected: int) -> DataFormatError:
+    return DataFormatError(
+        f"table {str(path)!r}: row {line - 1} (file line {line}) has {fields} field(s), the header has {expected}; "
+        f"fix or remove that row"
+    )
+
+
+def check_csv_rows(path: Path, expected: int, block: int = 1 << 24) -> None:
+    """Raise ``DataFormatError`` naming the first row whose field count differs from the
+    header's (polars would drop extra fields of unread columns and read missing ones as null),
+    or saying that the file has a header but no data rows. Blank lines are skipped.
+
+    Files without quote characters are checked in blocks with numpy (separators per line); a
+    file with quotes goes through Python's ``csv`` module (fields may hold separators/newlines).
+    """
+    with open(path, "rb") as fh:
+        fh.readline()  # header
+        line, rows, carry = 1, 0, b""
+        while chunk := fh.read(block):
+            if b'"' in chunk:
+                return _check_csv_quoted(path, expected)
+            data = carry + chunk
+            cut = data.rfind(b"\n") + 1
+            carry = data[cut:]
+            rows, line = _check_lines(path, np.frombuffer(data[:cut], dtype=np.uint8), expected, rows, line)
+        if carry:
+            rows, line = _check_lines(path, np.frombuffer(carry + b"\n", dtype=np.uint8), expected, rows, line)
+    if rows == 0:
+        raise DataFormatError(f"table {str(path)!r} has a header but no data rows")
+
+
+def _check_lines(path: Path, data: np.ndarray, expected: int, rows: int, line: int) -> tuple[int, int]:
+    """Field counts of the complete lines in ``data`` (which ends with a newline)."""
+    ends = np.flatnonzero(data == ord("\n"))
+    commas = np.concatenate([[0], np.cumsum(data == ord(","))[ends]])
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    length = ends - starts - (data[np.maximum(ends - 1, 0)] == ord("\r"))  # bytes before \r\n or \n
+    fields = np.diff(commas) + 1
+    blank = length == 0
+    bad = np.flatnonzero(~blank & (fields != expected))
+    if bad.size:
+        raise _ragged(path, line + 1 + int(bad[0]), int(fields[bad[0]]), expected)
+    return rows + int((~blank).sum()), line + ends.size
+
+
+def _check_csv_quoted(path: Path, expected: int) -> None:
+    rows = 0
+    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+        reader = csv.reader(fh)
+        next(reader, None)
+        for fields in reader:
+            if not fields:
+                continue
+            if len(fields) != expected:
+                raise _ragged(path, reader.line_num, len(fields), expected)
+            rows += 1
+    if rows == 0:
+        raise DataFormatError(f"table {str(path)!r} has a header but no data rows")
+
+
+def numeric_text_columns(lf: pl.LazyFrame, path: Path, keep_text: set[str | None]) -> pl.LazyFrame:
+    """Cast text columns that hold numbers (``nan``/``inf`` spelled out, a stray space, ...) to
+    Float64; a column mixing numbers and other text raises ``DataFormatError`` naming the row,
+    column and value. Columns without any number, and ``keep_text``, stay text."""
+    schema = lf.collect_schema()
+    text = [c for c, d in schema.items() if d == pl.String and c not in keep_text]
+    if not text:
+        return lf
+    num = {c: pl.col(c).str.strip_chars().cast(pl.Float64, strict=False) for c in text}
+    given = {c: pl.col(c).str.strip_chars().fill_null("") != "" for c in text}
+    stats = lf.select(
+        [num[c].is_not_null().sum().alias(f"{c}\0num") for c in text]
+        + [given[c].sum().alias(f"{c}\0given") for c in text]
+    ).collect().row(0, named=True)
+    casts = []
+    for c in text:
+        n_num, n_given = stats[f"{c}\0num"], stats[f"{c}\0given"]
+        if n_num == 0:
+            continue
+        if n_num < n_given:
+            row, value = (
+                lf.with_row_index(_ROW_COLUMN).filter(given[c] & num[c].is_null())
+                .select(_ROW_COLUMN, c).head(1).collect().row(0)
+            )
+            raise DataFormatError(
+                f"table {str(path)!r}: column {c!r}, row {row + 1} (file line {row + 2}): {value!r} is not a number "
+                f"({n_num} other value(s) of the column are); fix the value, or leave the cell empty to mark it missing"
+            )
+        casts.append(num[c].alias(c))
+    return lf.with_columns(casts) if casts else lf
 
 
 class WindowDataset(Dataset):
@@ -205,7 +306,8 @@ class SensorDataModule(BaseDataModule):
     def _scan(self) -> tuple[pl.LazyFrame, str | None]:
         """All files as one lazy frame (with a file column when several files lack a series column)."""
         paths = resolve_files(self.path, "path", TABLE_SUFFIXES)
-        frames = [scan_table(p) for p in paths]
+        keep_text = {self.time_column, self.series_column, self.label_column}
+        frames = [numeric_text_columns(scan_table(p), p, keep_text) for p in paths]
         schemas = [f.collect_schema() for f in frames]
         names0 = list(schemas[0].names())
         for p, s in zip(paths[1:], schemas[1:], strict=True):
@@ -284,10 +386,11 @@ class SensorDataModule(BaseDataModule):
         if not holes:
             return df
         if self.missing == "error":
-            first = {c: int(df[_ROW_COLUMN].filter(df[c].is_null())[0]) for c in holes}
+            first = {c: int(df[_ROW_COLUMN].filter(df[c].is_null())[0]) + 1 for c in holes}
             raise DataFormatError(
-                f"missing values (null/NaN) in {self._source}: counts {holes}, first at source row {first}; "
-                f"set missing='fill' to interpolate them"
+                f"missing values (empty, null, NaN or 'nan') in {self._source}: counts {holes}, first at data row "
+                f"{first} (1-based, the files in order; a CSV's file line is the row + 1); set missing='fill' to "
+                f"interpolate them"
             )
         fill = [pl.col(c).interpolate().forward_fill().backward_fill() for c in holes]
         df = df.with_columns([f.over(series) for f in fill] if series else fill)
@@ -352,8 +455,13 @@ class SensorDataModule(BaseDataModule):
                     f"window={self.window}: no training window fits (needs {need} rows, the longest training "
                     f"span has {longest}); use a smaller window or more data"
                 )
-            elif self.split_rows[split]:
-                log.warning("%s split has no window of %d rows", split, need)
+            elif self.split_rows[split] or self._fraction(split) > 0:
+                longest = max((hi - lo for lo, hi in self.split_rows[split]), default=0)
+                self._split_unusable(split, span_too_short(split, longest, need, "rows", "window",
+                                                           self._fraction(split)))
+
+    def _fraction(self, split: str) -> float:
+        return {"val": self.val_fraction, "test": self.test_fraction}.get(split, 0.0)
 
     def train_dataloader(self):  # noqa: ANN201 - DataLoader
         return self._loader("train", shuffle=True)

@@ -37,6 +37,7 @@ from streamssm.datamodules._common import (
     check_positive,
     evenly_spaced,
     resolve_files,
+    span_too_short,
     split_points,
     tile_starts,
 )
@@ -292,7 +293,9 @@ class WaveformDataModule(BaseDataModule):
             if spans:
                 self._datasets[split] = CropDataset(self.audio, self.crop, tokens, spans=spans)
             elif self.split_ranges[split]:
-                log.warning("%s split has no crop of %d samples (audio too short)", split, need)
+                longest = max(hi - lo for _, lo, hi in self.split_ranges[split])
+                fraction = self.val_fraction if split == "val" else self.test_fraction
+                self._split_unusable(split, span_too_short(split, longest, need, "samples", "crop", fraction))
 
     def train_dataloader(self):  # noqa: ANN201 - DataLoader
         self._dataset("train")

@@ -131,7 +131,7 @@ def test_missing_values_error_or_fill(tmp_path):
     assert np.allclose(dm.values[interior, 0], expected[interior], atol=1e-4)
     nan_csv = tmp_path / "nan.csv"
     nan_csv.write_text("a,b\n" + "\n".join(f"{i},{'NaN' if i == 7 else i * 2}" for i in range(50)) + "\n")
-    with pytest.raises(DataFormatError, match=r"'b'.*source row \{'b': 7\}"):
+    with pytest.raises(DataFormatError, match=r"'b'.*data row \{'b': 8\} \(1-based"):
         make(nan_csv, window=8)
 
 
@@ -172,3 +172,51 @@ def test_forecast_subset_of_channels(table):
         make(path, columns=["ch0", "ch1"], target_columns=["ch2"])
     with pytest.raises(ConfigError, match="target_columns"):
         SensorDataModule(str(path), task="classification", label_column="label", target_columns=["ch0"])
+
+
+def _rows(n: int, bad: dict[int, str] | None = None) -> str:
+    bad = bad or {}
+    return "".join(bad.get(i, f"{i},{np.sin(i / 5):.4f}") + "\n" for i in range(n))
+
+
+@pytest.mark.parametrize("columns", [None, ["a"]], ids=["all-columns", "column-subset"])
+def test_row_with_extra_fields_is_refused_naming_the_row(tmp_path, columns):
+    """polars dropped the extra field when the column was not read (the row was accepted)."""
+    path = tmp_path / "extra.csv"
+    path.write_text("a,b\n" + _rows(100, {60: "60,0.5,9"}))
+    with pytest.raises(DataFormatError, match=r"extra.csv'.*row 61 \(file line 62\) has 3 field\(s\), the header has 2"):
+        make(path, window=8, columns=columns)
+    quoted = tmp_path / "quoted.csv"  # quotes: the csv-module path (a quoted separator is one field)
+    quoted.write_text('a,b\n"1,5",2\n' + _rows(40, {30: "30,1,2"}))
+    with pytest.raises(DataFormatError, match=r"row 32 \(file line 33\) has 3 field"):
+        make(quoted, window=8, columns=columns)
+
+
+def test_header_only_csv_says_there_are_no_data_rows(tmp_path):
+    path = tmp_path / "empty.csv"
+    path.write_text("timestamp,a,b\n")
+    with pytest.raises(DataFormatError, match=r"empty.csv' has a header but no data rows"):
+        make(path, window=8, time_column="timestamp")
+
+
+def test_nan_text_and_unparsable_values_name_row_and_column(tmp_path):
+    """A 'nan' cell made polars read the column as text: it was silently dropped from the features."""
+    path = tmp_path / "nan.csv"
+    path.write_text("a,b\n" + _rows(100, {42: "nan,0.5"}))
+    with pytest.raises(DataFormatError, match=r"missing values.*'a': 1\}, first at data row \{'a': 43\}"):
+        make(path, window=8)
+    assert make(path, window=8, missing="fill").feature_names == ["a", "b"]
+    junk = tmp_path / "junk.csv"
+    junk.write_text("a,b\n" + _rows(100, {57: "57,1.2.3"}))
+    with pytest.raises(DataFormatError, match=r"junk.csv'.*column 'b', row 58 \(file line 59\): '1.2.3' is not a number"):
+        make(junk, window=8)
+
+
+def test_split_too_short_for_the_window_names_the_real_cause(tmp_path):
+    """recipes/sensor.yaml on a short table: 'no val split is configured' although val_fraction was set."""
+    path = tmp_path / "short.csv"
+    path.write_text("a,b\n" + _rows(300))
+    dm = make(path, window=64, val_fraction=0.1, test_fraction=0.0)
+    with pytest.raises(ConfigError, match=r"validation span of 30 rows is shorter than the 65 rows one window needs; "
+                                          r"lower window or raise val_fraction \(now 0.1\)"):
+        dm.val_dataloader()
