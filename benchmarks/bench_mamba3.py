@@ -27,8 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import SSD_SHAPES, peak_memory_gib, run_tag, time_eager  # noqa: E402
 
-from streamssm.kernels import ssd_scan  # noqa: E402
-from streamssm.kernels.mamba3 import mamba3_scan  # noqa: E402
+from streamssm.kernels import mamba3_scan, ssd_scan  # noqa: E402
 from streamssm.layers import Mamba2Block, Mamba3Block  # noqa: E402
 
 CHUNK = 256

@@ -3,6 +3,8 @@
     selective_scan   Mamba-1 scan          u, delta, z (b, d, l); B, C (b, n, l) | (b, g, n, l)
     ssd_scan         Mamba-2 chunked SSD   x, z (b, l, h, p); dt (b, l, h); B, C (b, l, g, n)
     causal_conv1d    depthwise causal conv x (b, d, l); weight (d, w)
+    mamba3_scan      Mamba-3 (trapezoid,   x, z (b, l, h, p); dt, lam (b, l, h); B, C (b, l, g, n);
+                     rotating state)       theta (b, l, g, n/2)
     *_step           one time step, updating a state pool in place at ``state_indices``
 
 Backends:
@@ -13,7 +15,8 @@ Backends:
     "reference"  the sequential references, the spec (slow)
     "auto"       CUDA tensors -> "triton"; CPU tensors -> "torch"
 The one-step ops have no separate fast path: "torch" and "reference" both run the
-vectorized single-step references.
+vectorized single-step references. mamba3_scan's "torch" and "triton" both run
+``mamba3/chunked.py`` (two ssd_scan calls on that backend).
 """
 
 from __future__ import annotations
@@ -38,6 +41,17 @@ def _check_groups(op: str, name: str, M: torch.Tensor, channels: int) -> None:
     """B/C of rank 4 carry groups on dim 1; channels must split evenly over them."""
     if M.dim() == 4:
         check_divisible(op, f"{name} groups", channels, M.shape[1])
+
+
+def _check_D(op: str, D: torch.Tensor | None, h: int, p: int, device: torch.device) -> None:
+    """The skip weight of the head ops: (h,) or (h, p) fp32, optional."""
+    if D is not None:
+        check_tensor(op, "D", D, (h,) if D.dim() == 1 else (h, p), FP32, device=device)
+
+
+def _check_chunk_size(op: str, chunk_size: int) -> None:
+    if chunk_size <= 0:
+        raise ConfigError(f"{op}: chunk_size must be positive, got {chunk_size}")
 
 
 # ----------------------------------------------------------------------------- Mamba-1 scan
@@ -113,6 +127,11 @@ def ssd_scan(
     x, z: (b, l, h, p); dt: (b, l, h); A: (h,) fp32; B, C: (b, l, g, n); D: (h,) or (h, p) fp32;
     dt_bias: (h,) fp32; initial_state: (b, h, p, n) fp32, or (num_seqs, h, p, n) with
     ``cu_seqlens`` (num_seqs + 1,) int (then b must be 1). Returns y (b, l, h, p) [, final_state].
+
+    ``chunk_size`` (tokens per chunk) changes results only by rounding. Its default 256 is the
+    API of DESIGN §2 and mamba_ssm's: on the GPU long chunks make the serial state passing
+    between chunks cheap. The models' blocks always pass ``ModelConfig.chunk_size`` (64, sized
+    for short streaming chunks), so this default serves direct calls only.
     """
     op = "ssd_scan"
     check_tensor(op, "x", x, (None, None, None, None))
@@ -124,12 +143,10 @@ def ssd_scan(
     g, n = B.shape[2], B.shape[3]
     check_divisible(op, "heads", h, g)
     check_tensor(op, "C", C, (b, l, g, n), device=x.device)
-    if D is not None:
-        check_tensor(op, "D", D, (h,) if D.dim() == 1 else (h, p), FP32, device=x.device)
+    _check_D(op, D, h, p, x.device)
     check_tensor(op, "z", z, (b, l, h, p), device=x.device, optional=True)
     check_tensor(op, "dt_bias", dt_bias, (h,), FP32, device=x.device, optional=True)
-    if chunk_size <= 0:
-        raise ConfigError(f"{op}: chunk_size must be positive, got {chunk_size}")
+    _check_chunk_size(op, chunk_size)
     rows = b
     if cu_seqlens is not None:
         check_tensor(op, "cu_seqlens", cu_seqlens, (None,), INDEX_DTYPES, device=x.device)
@@ -299,9 +316,120 @@ def ssd_step(
     return y
 
 
+# ----------------------------------------------------------------------------- Mamba-3
+
+
+def _check_mamba3(op: str, x_shape: tuple, B: torch.Tensor, C: torch.Tensor, theta: torch.Tensor, A: torch.Tensor,
+                  D: torch.Tensor | None, device: torch.device) -> tuple[int, int]:
+    """Checks shared by scan and step (B/C/theta carry the time dim or not); returns (g, n)."""
+    h, p = x_shape[-2], x_shape[-1]
+    lead = x_shape[:-2]
+    check_tensor(op, "B", B, (*lead, None, None), device=device)
+    g, n = B.shape[-2], B.shape[-1]
+    check_divisible(op, "heads", h, g)
+    if n % 2:
+        raise ShapeError(f"{op}: d_state n={n} must be even (pairs form the complex state)")
+    check_tensor(op, "C", C, (*lead, g, n), device=device)
+    check_tensor(op, "theta", theta, (*lead, g, n // 2), device=device)
+    check_tensor(op, "A", A, (h,), FP32, device=device)
+    _check_D(op, D, h, p, device)
+    return g, n
+
+
+def mamba3_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    lam: torch.Tensor,
+    theta: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+    initial_carry: torch.Tensor | None = None,
+    return_final_state: bool = False,
+    chunk_size: int = 64,
+    backend: Backend = "auto",
+):
+    """Mamba-3 over a chunk (see ``mamba3/reference.py`` for the recurrence).
+
+    x, z (b, l, h, p); dt, lam (b, l, h) with dt > 0 (softplus applied by the caller), lam in
+    [0, 1]; A (h,) fp32; B, C (b, l, g, n), n even; theta (b, l, g, n/2) rad per unit dt;
+    D (h,) or (h, p) fp32; initial_state (b, h, p, n) fp32; initial_carry (b, h*p + g*n) fp32.
+    ``chunk_size`` is the chunk of the two inner ssd_scan calls (64, as ``ModelConfig``).
+    Returns y (b, l, h, p) [, final_state (b, h, p, n), final_carry (b, h*p + g*n)]."""
+    op = "mamba3_scan"
+    check_tensor(op, "x", x, (None, None, None, None))
+    b, l, h, p = x.shape
+    check_positive_length(op, "x", l)
+    g, n = _check_mamba3(op, x.shape, B, C, theta, A, D, x.device)
+    check_tensor(op, "dt", dt, (b, l, h), device=x.device)
+    check_tensor(op, "lam", lam, (b, l, h), device=x.device)
+    check_tensor(op, "z", z, (b, l, h, p), device=x.device, optional=True)
+    check_tensor(op, "initial_state", initial_state, (b, h, p, n), FP32, device=x.device, optional=True)
+    check_tensor(op, "initial_carry", initial_carry, (b, h * p + g * n), FP32, device=x.device, optional=True)
+    _check_chunk_size(op, chunk_size)
+    args = (x, dt, A, B, C, lam, theta, D, z, initial_state, initial_carry, return_final_state)
+    resolved = choose_backend(op, backend, x.device)
+    if resolved == "reference":
+        from streamssm.kernels.mamba3.reference import mamba3_scan_ref
+
+        return mamba3_scan_ref(*args)
+    from streamssm.kernels.mamba3.chunked import mamba3_scan_chunked
+
+    return mamba3_scan_chunked(*args, chunk_size=chunk_size, backend=resolved)
+
+
+def mamba3_step(
+    ssm_state: torch.Tensor,
+    carry: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    lam: torch.Tensor,
+    theta: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    state_indices: torch.Tensor | None = None,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """One step; **updates ``ssm_state`` (pool, h, p, n) and ``carry`` (pool, h*p + g*n) in
+    place** at ``state_indices`` (b,) (default 0..b-1). x, z (b, h, p); dt, lam (b, h);
+    B, C (b, g, n); theta (b, g, n/2). Returns y (b, h, p)."""
+    op = "mamba3_step"
+    check_tensor(op, "x", x, (None, None, None))
+    b, h, p = x.shape
+    g, n = _check_mamba3(op, x.shape, B, C, theta, A, D, x.device)
+    check_tensor(op, "dt", dt, (b, h), device=x.device)
+    check_tensor(op, "lam", lam, (b, h), device=x.device)
+    check_tensor(op, "z", z, (b, h, p), device=x.device, optional=True)
+    check_tensor(op, "ssm_state", ssm_state, (None, h, p, n), FP32, device=x.device)
+    check_tensor(op, "carry", carry, (ssm_state.shape[0], h * p + g * n), FP32, device=x.device)
+    for name, pool in (("ssm_state", ssm_state), ("carry", carry)):
+        if not pool.is_contiguous():
+            raise ShapeError(f"{op}: {name} must be contiguous (it is updated in place)")
+    rows = pool_rows(op, ssm_state, b, state_indices)
+    if choose_backend(op, backend, x.device) == "triton":
+        from streamssm.kernels.mamba3.step import mamba3_step_triton
+
+        return mamba3_step_triton(ssm_state, carry, x, dt, A, B, C, lam, theta, D, z, rows)
+    from streamssm.kernels.mamba3.reference import mamba3_step_ref
+
+    y, new_state, new_carry = mamba3_step_ref(ssm_state.index_select(0, rows), carry.index_select(0, rows), x, dt, A,
+                                              B, C, lam, theta, D, z)
+    _update_pool(ssm_state, rows, new_state)
+    _update_pool(carry, rows, new_carry)
+    return y
+
+
 __all__ = [
     "causal_conv1d",
     "conv1d_step",
+    "mamba3_scan",
+    "mamba3_step",
     "selective_scan",
     "selective_scan_step",
     "ssd_scan",

@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from streamssm.errors import ShapeError
-from streamssm.kernels import ssd_scan
-from streamssm.kernels.mamba3 import mamba3_scan, mamba3_step
+from streamssm.kernels import mamba3_scan, mamba3_step, ssd_scan
 from streamssm.kernels.mamba3.reference import mamba3_scan_ref, mamba3_step_ref
 from streamssm.testing import assert_close
 

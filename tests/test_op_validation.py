@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from streamssm.errors import ConfigError, ShapeError
-from streamssm.kernels import causal_conv1d, selective_scan, ssd_scan, ssd_step
+from streamssm.kernels import causal_conv1d, mamba3_scan, mamba3_step, selective_scan, ssd_scan, ssd_step
 
 
 def mamba1_inputs(b=1, d=4, n=3, l=5):
@@ -50,6 +50,36 @@ def test_ssd_scan_names_the_bad_argument(change, needle):
 def test_ssd_scan_rejects_bad_chunk_size():
     with pytest.raises(ConfigError, match="chunk_size"):
         ssd_scan(**ssd_inputs(), chunk_size=0)
+
+
+def mamba3_inputs(b=1, l=6, h=2, p=3, g=1, n=4):
+    return ssd_inputs(b, l, h, p, g, n) | dict(lam=torch.rand(b, l, h), theta=torch.randn(b, l, g, n // 2))
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (dict(B=torch.randn(1, 6, 3, 4), C=torch.randn(1, 6, 3, 4), theta=torch.randn(1, 6, 3, 2)),
+         "mamba3_scan: heads: 2 is not divisible"),  # the same check and words as ssd_scan's
+        (dict(D=torch.rand(2, 4)), "mamba3_scan: D must have shape"),
+        (dict(lam=torch.rand(1, 6, 3)), "mamba3_scan: lam must have shape"),
+    ],
+)
+def test_mamba3_scan_names_the_bad_argument(change, needle):
+    with pytest.raises(ShapeError, match=needle):
+        mamba3_scan(**(mamba3_inputs() | change))
+
+
+def test_mamba3_scan_names_itself_for_a_bad_chunk_size():
+    """The chunk size went unchecked to the inner ssd_scan, whose error named the wrong op."""
+    with pytest.raises(ConfigError, match="mamba3_scan: chunk_size must be positive"):
+        mamba3_scan(**mamba3_inputs(), chunk_size=0)
+
+
+def test_mamba3_step_checks_the_carry_pool():
+    t = {k: v[:, 0] for k, v in mamba3_inputs(b=2).items() if k != "A"}
+    with pytest.raises(ShapeError, match="mamba3_step: carry must have shape"):
+        mamba3_step(torch.zeros(2, 2, 3, 4), torch.zeros(2, 5), A=-torch.rand(2), **t)
 
 
 def test_causal_conv1d_checks_width_and_activation():

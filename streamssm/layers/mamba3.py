@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from streamssm.errors import ConfigError
-from streamssm.kernels.mamba3 import mamba3_scan, mamba3_step
+from streamssm.kernels import mamba3_scan, mamba3_step
 from streamssm.layers._derived import Fp32Params
 from streamssm.layers._init import dt_bias_init
 from streamssm.layers.norm import GatedRMSNorm, RMSNorm
