@@ -3,7 +3,7 @@
 Shape legend: b batch, l crop (model input length), c channels.
 
 Files are decoded with soundfile (WAV, FLAC, OGG, MP3, AIFF, ...; not ``torchaudio.load``),
-optionally mixed down to mono, brought to ``sample_rate`` (``torchaudio.functional.resample``
+optionally mixed down to mono (with a warning; ``on_multichannel="error"`` refuses instead), brought to ``sample_rate`` (``torchaudio.functional.resample``
 or a ``DataFormatError`` when ``on_rate_mismatch="error"``) and kept in memory, already
 encoded (1 byte per sample for 8-bit mu-law). Each sample is a crop of ``l + 1`` samples:
 
@@ -118,6 +118,8 @@ class WaveformDataModule(BaseDataModule):
         encoding: "mu_law" (tokens, vocab ``quantization_channels``) or "float".
         quantization_channels: mu-law levels (256 = 8-bit).
         mono: mix all channels down to one (required for mu_law).
+        on_multichannel: with ``mono``, "mix" multichannel files down (a warning names how
+            many) or "error" to refuse them.
         on_rate_mismatch: "resample" files at another rate, or "error".
         crop: model input length l in samples (each sample reads l + 1).
         split_by: "file" (whole files per split) or "time" (every file cut train|val|test).
@@ -133,6 +135,7 @@ class WaveformDataModule(BaseDataModule):
         encoding: Literal["mu_law", "float"] = "mu_law",
         quantization_channels: int = 256,
         mono: bool = True,
+        on_multichannel: Literal["mix", "error"] = "mix",
         on_rate_mismatch: Literal["resample", "error"] = "resample",
         crop: int = 4096,
         split_by: Literal["file", "time"] = "file",
@@ -149,6 +152,8 @@ class WaveformDataModule(BaseDataModule):
         problems = []
         if encoding not in ("mu_law", "float"):
             problems.append(f"encoding must be 'mu_law' or 'float', got {encoding!r}")
+        if on_multichannel not in ("mix", "error"):
+            problems.append(f"on_multichannel must be 'mix' or 'error', got {on_multichannel!r}")
         if on_rate_mismatch not in ("resample", "error"):
             problems.append(f"on_rate_mismatch must be 'resample' or 'error', got {on_rate_mismatch!r}")
         if split_by not in ("file", "time"):
@@ -172,6 +177,7 @@ class WaveformDataModule(BaseDataModule):
         self.encoding = encoding
         self.quantization_channels = int(quantization_channels)
         self.mono = bool(mono)
+        self.on_multichannel = on_multichannel
         self.on_rate_mismatch = on_rate_mismatch
         self.crop = int(crop)
         self.split_by = split_by
@@ -216,6 +222,12 @@ class WaveformDataModule(BaseDataModule):
     def _decode(self, path: Path) -> np.ndarray:
         data, rate = read_audio(path)  # (frames, channels)
         if self.mono and data.shape[1] > 1:
+            if self.on_multichannel == "error":
+                raise DataFormatError(
+                    f"audio file {str(path)!r} has {data.shape[1]} channels and the model is mono; mix it down "
+                    f"yourself, set on_multichannel='mix', or use mono=False with encoding='float'"
+                )
+            self._mixed.append((path, data.shape[1]))
             data = data.mean(axis=1, keepdims=True)
         if self.sample_rate is None:
             self.sample_rate = rate
@@ -236,7 +248,12 @@ class WaveformDataModule(BaseDataModule):
 
     def _load(self) -> None:
         self.paths = resolve_files(self.files, "files", AUDIO_SUFFIXES)
+        self._mixed: list[tuple[Path, int]] = []
         audio = [self._decode(p) for p in self.paths]
+        if self._mixed:
+            path, channels = self._mixed[0]
+            log.warning("mixed %d multichannel audio file(s) down to mono (first: %s, %d channels); set "
+                        "on_multichannel='error' to refuse them", len(self._mixed), path, channels)
         if self.encoding == "float":
             counts = {a.shape[1] for a in audio}
             if len(counts) > 1:

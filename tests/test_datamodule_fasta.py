@@ -335,3 +335,12 @@ def test_fai_index_written_beside_the_fasta_is_logged_once(genome, tmp_path, cap
         FastaDataModule(str(path), window=64).setup("fit")
     wrote = [r.getMessage() for r in caplog.records if "FASTA index" in r.getMessage()]
     assert wrote == [f"wrote the FASTA index {path}.fai beside {path} (pyfaidx; reused while the FASTA is unchanged)"]
+
+
+def test_validation_split_too_short_for_the_window_names_the_cause(tmp_path):
+    _write_lines(tmp_path / "g.fa", {"c1": "ACGT" * 250})  # 1000 bases: val tail of 100
+    dm = FastaDataModule(str(tmp_path / "g.fa"), window=200, val_fraction=0.1)
+    dm.setup("fit")
+    with pytest.raises(ConfigError, match=r"validation span of 100 bases is shorter than the 201 bases one window "
+                                          r"needs; lower window or raise val_fraction \(now 0.1\)"):
+        dm.val_dataloader()

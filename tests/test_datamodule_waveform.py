@@ -130,3 +130,22 @@ def test_unreadable_and_missing_files(tmp_path, clips):
         make(str(silent))
     with pytest.raises(ConfigError, match="crop"):
         make(str(clips / "clip_000.wav"), crop=5000, val_fraction=0.0)
+
+
+def test_stereo_mixed_to_mono_is_said_or_refused(tmp_path, caplog):
+    """Stereo files were mixed down to mono without a word."""
+    paths = synthetic.write_wav_folder(tmp_path, n_files=2, seconds=0.1, sample_rate=8000, seed=1, channels=2)
+    files = [str(p) for p in paths]
+    with caplog.at_level("WARNING", logger="streamssm.datamodules.waveform"):
+        make(files, crop=64, val_fraction=0.0)
+    said = [r.getMessage() for r in caplog.records if "mono" in r.getMessage()]
+    assert len(said) == 1 and f"mixed 2 multichannel audio file(s) down to mono (first: {paths[0]}, 2 channels)" in said[0]
+    with pytest.raises(DataFormatError, match=r"has 2 channels and the model is mono.*on_multichannel='mix'"):
+        make(files, crop=64, val_fraction=0.0, on_multichannel="error")
+
+
+def test_validation_split_too_short_for_the_crop_names_the_cause(clips):
+    dm = make(str(clips), crop=600, split_by="time", val_fraction=0.1)  # 2000 samples: val spans of 200
+    with pytest.raises(ConfigError, match=r"validation span of 200 samples is shorter than the 601 samples one window "
+                                          r"needs; lower crop or raise val_fraction"):
+        dm.val_dataloader()
