@@ -32,6 +32,7 @@ class ServiceMetrics:
                                        buckets=_LATENCY_BUCKETS, registry=r)
         self.rejected = Counter("streamssm_rejected", "Rejected connections, frames and streams by reason",
                                 ["reason"], registry=r)
+        self.parked_streams = Gauge("streamssm_parked_streams", "Disconnected streams kept for resume", registry=r)
         self.resumed = Counter("streamssm_resumed_streams", "Streams resumed from a token", registry=r)
 
     def observe_batch(self, streams: int, samples: int, seconds: float) -> None:

@@ -40,6 +40,10 @@ INCLUDE_FIELDS = ("outputs", "scores")
 DNA_ALPHABET = "ACGTN"
 IUPAC_ALPHABET = "ACGTNRYSWKMBDHV"  # ambiguity codes are read as N by the DNA encoder
 JSON_DECIMALS = 6  # JSON results are rounded to this many decimals; binary results are exact fp32
+MAX_CHANNELS = 256  # interleaved channels a start may declare
+#: bytes one result value counts for against the result limit (JSON: a rounded number and a comma,
+#: a fixed upper estimate; binary: one float32)
+RESULT_VALUE_BYTES = {"json": 16, "binary": 4}
 
 # close codes (RFC 6455 / IANA), named as websockets.frames.CloseCode names them
 NORMAL_CLOSURE = 1000
@@ -50,6 +54,7 @@ MESSAGE_TOO_BIG = 1009
 INTERNAL_ERROR = 1011
 SERVICE_RESTART = 1012
 TRY_AGAIN_LATER = 1013
+STREAM_LOST = 4410  # application code: the token was ours, its state is gone; start a new stream
 
 #: binary result frame: magic b"SSR1", seq u32, start u64 (sample offset), n u32, o u32,
 #: flags u32 (bit 0: outputs present, bit 1: scores present); then n*o f32le outputs
@@ -111,7 +116,7 @@ def parse_control(text: str) -> dict[str, Any]:
     """A JSON control message -> dict with a string ``type``; ProtocolError 1007/1008 otherwise."""
     try:
         msg = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # ValueError: also integers over int_max_str_digits
         raise ProtocolError(f"control message is not valid JSON: {exc}", INVALID_DATA, "bad_json") from None
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
         raise ProtocolError(
@@ -132,7 +137,7 @@ def parse_start(msg: dict[str, Any], spec: StreamSpec) -> Start:
         raise ProtocolError(f"start: unknown fields {unknown}; expected some of {sorted(known)}",
                             POLICY_VIOLATION, "bad_start")
     version = msg.get("version", PROTOCOL_VERSION)
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:  # 1.0 and true are not 1
         raise ProtocolError(f"start: protocol version {version!r} is not supported; this server speaks {PROTOCOL_VERSION}",
                             POLICY_VIOLATION, "bad_version")
     fmt = msg.get("format")
@@ -141,7 +146,7 @@ def parse_start(msg: dict[str, Any], spec: StreamSpec) -> Start:
     if fmt not in spec.formats:
         raise ProtocolError(f"start: this model accepts formats {list(spec.formats)}, got {fmt!r}",
                             UNSUPPORTED_DATA, "bad_format")
-    channels = _int_field(msg, "channels", 1, minimum=1)
+    channels = _int_field(msg, "channels", 1, minimum=1, maximum=MAX_CHANNELS)
     sample_rate = msg.get("sample_rate")
     if sample_rate is not None or (fmt != "text" and spec.sample_rate is not None):
         sample_rate = _int_field(msg, "sample_rate", None, minimum=1)
@@ -200,15 +205,24 @@ def decode_samples(data: bytes, start: Start, nan_policy: NanPolicy = "reject") 
 
 
 def decode_bases(text: str, alphabet: str = IUPAC_ALPHABET) -> str:
-    """A text frame of bases -> the same bases upper-cased; ProtocolError 1007 on other characters."""
+    """A text frame of bases -> the same bases upper-cased; ProtocolError 1007 on other characters.
+
+    Characters are checked before any case mapping, against the ASCII letters of ``alphabet``
+    in either case: Unicode case mapping can change lengths (``ß`` -> ``SS``, ``ﬆ`` -> ``ST``) or
+    map other letters onto bases (``ſ`` -> ``S``), so only one character = one base holds."""
     if not text:
         raise ProtocolError("empty text frame", INVALID_DATA, "empty_frame")
-    upper = text.upper()
-    bad = set(upper) - set(alphabet)
+    bad = set(text) - _case_alphabet(alphabet)
     if bad:
         shown = "".join(sorted(bad))[:20]
         raise ProtocolError(f"text frame holds characters outside {alphabet}: {shown!r}", INVALID_DATA, "bad_bases")
-    return upper
+    return text.upper()
+
+
+def _case_alphabet(alphabet: str) -> frozenset[str]:
+    """The ASCII letters of ``alphabet`` in upper and lower case."""
+    letters = [ch for ch in alphabet if ch.isascii()]
+    return frozenset(letters + [ch.lower() for ch in letters])
 
 
 # ---------------------------------------------------------------------------- server -> client
@@ -253,29 +267,59 @@ def _nan_to_none(v):
     return v if math.isfinite(v) else None
 
 
+def result_bytes(n: int, o: int, has_scores: bool, start: Start) -> int:
+    """What a result of n samples counts against the result limit: n x (o outputs if included,
+    + 1 score if included and the head has scores) x RESULT_VALUE_BYTES[start.results]."""
+    values = (o if "outputs" in start.include else 0) + (1 if has_scores and "scores" in start.include else 0)
+    return n * values * RESULT_VALUE_BYTES[start.results]
+
+
+@dataclass
+class ResultPiece:
+    """The encoded outputs/scores of consecutive samples of one chunk (see :func:`join_result`)."""
+
+    n: int
+    outputs: str | bytes | None  # JSON: rows without the enclosing brackets; binary: f32le bytes
+    scores: str | bytes | None
+
+
+def result_piece(outputs: np.ndarray, scores: np.ndarray | None, start: Start) -> ResultPiece:
+    """Encode the results of some consecutive samples: outputs (k, o) float32, scores (k,) or None."""
+    def enc(a: np.ndarray) -> str | bytes:
+        if start.results == "binary":
+            return np.ascontiguousarray(a, dtype="<f4").tobytes()
+        return dumps(_rounded(a))[1:-1]
+
+    want_scores = "scores" in start.include and scores is not None
+    return ResultPiece(int(outputs.shape[0]), enc(outputs) if "outputs" in start.include else None,
+                       enc(scores) if want_scores else None)
+
+
+def join_result(seq: int, start_sample: int, o: int, pieces: list[ResultPiece], start: Start) -> str | bytes:
+    """The pieces of one chunk, in order -> its JSON text message or binary frame."""
+    n = sum(p.n for p in pieces)
+    outs = [p.outputs for p in pieces if p.outputs is not None]
+    scores = [p.scores for p in pieces if p.scores is not None]
+    has_out, has_scores = bool(pieces) and len(outs) == len(pieces), bool(pieces) and len(scores) == len(pieces)
+    if start.results == "binary":
+        flags = (_HAS_OUTPUTS if has_out else 0) | (_HAS_SCORES if has_scores else 0)
+        head = RESULT_HEADER.pack(RESULT_MAGIC, seq, start_sample, n, o, flags)
+        return b"".join([head, *(outs if has_out else []), *(scores if has_scores else [])])  # type: ignore[list-item]
+    text = dumps({"type": "result", "seq": seq, "start": start_sample, "n": n})[:-1]
+    if has_out:
+        text += ',"outputs":[' + ",".join(s for s in outs if s) + "]"  # type: ignore[misc]
+    if has_scores:
+        text += ',"scores":[' + ",".join(s for s in scores if s) + "]"  # type: ignore[misc]
+    return text + "}"
+
+
 def encode_result(seq: int, start_sample: int, outputs: np.ndarray, scores: np.ndarray | None,
                   start: Start) -> str | bytes:
     """One chunk's result as a JSON text message or a binary frame (``start.results``).
 
     outputs (n, o) float32; scores (n,) float32 or None (heads without scores).
     """
-    want_out = "outputs" in start.include
-    want_scores = "scores" in start.include and scores is not None
-    n = int(outputs.shape[0])
-    if start.results == "binary":
-        flags = (_HAS_OUTPUTS if want_out else 0) | (_HAS_SCORES if want_scores else 0)
-        parts = [RESULT_HEADER.pack(RESULT_MAGIC, seq, start_sample, n, int(outputs.shape[1]), flags)]
-        if want_out:
-            parts.append(np.ascontiguousarray(outputs, dtype="<f4").tobytes())
-        if want_scores:
-            parts.append(np.ascontiguousarray(scores, dtype="<f4").tobytes())
-        return b"".join(parts)
-    msg: dict[str, Any] = {"type": "result", "seq": seq, "start": start_sample, "n": n}
-    if want_out:
-        msg["outputs"] = _rounded(outputs)
-    if want_scores:
-        msg["scores"] = _rounded(scores)
-    return dumps(msg)
+    return join_result(seq, start_sample, int(outputs.shape[1]), [result_piece(outputs, scores, start)], start)
 
 
 def decode_result(message: str | bytes) -> Result | dict[str, Any]:
@@ -311,12 +355,14 @@ def decode_result(message: str | bytes) -> Result | dict[str, Any]:
 # ---------------------------------------------------------------------------- helpers
 
 
-def _int_field(msg: dict[str, Any], name: str, default: int | None, minimum: int) -> int:
+def _int_field(msg: dict[str, Any], name: str, default: int | None, minimum: int,
+               maximum: int = 2**31 - 1) -> int:
     value = msg.get(name, default)
     if value is None:
         raise ProtocolError(f"start: {name} is required", POLICY_VIOLATION, f"bad_{name}")
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or value > 2**31:
-        raise ProtocolError(f"start: {name} must be an integer >= {minimum}, got {value!r}", POLICY_VIOLATION, f"bad_{name}")
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise ProtocolError(f"start: {name} must be an integer from {minimum} to {maximum}, got {_preview(repr(value))}",
+                            POLICY_VIOLATION, f"bad_{name}")
     return value
 
 

@@ -1,15 +1,23 @@
 """Parked streams: a disconnected stream's state snapshot, kept for ``ttl`` seconds so the client
 can resume it with its token; optionally persisted to a directory so that a restarted server
-(same checkpoint) resumes it too.
+(same checkpoint) resumes it too, and written ahead while the stream is live so a crash loses
+at most one write-ahead interval.
 
-Tokens are ``secrets.token_urlsafe(32)`` (256 random bits) and bound to the bearer token that
-created the stream (only its SHA-256 is stored). Files are named by the SHA-256 of the resume
-token, so nothing a client sends is used as a path. A token is consumed when its stream resumes.
+Tokens are 16 random bytes plus a 16-byte HMAC-SHA256 tag over them and the owner (the SHA-256
+of the bearer token that created the stream), keyed by a secret kept in the state dir (file
+mode 0600) or in memory. The tag tells a token this server (or its predecessor with the same
+state dir) issued, whose state is gone (``stream_lost``), from one it never issued
+(``bad_resume``). Files are named by the SHA-256 of the token, so nothing a client sends is
+used as a path; they are written atomically (temporary file + rename) with mode 0600, since
+LM scores reveal the input. Parked streams are capped in count and bytes (oldest evicted).
+Every method does file I/O: the server calls them through ``asyncio.to_thread``; a lock makes
+them safe to call from several threads.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
 import json
@@ -17,6 +25,7 @@ import logging
 import os
 import re
 import secrets
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,11 +33,13 @@ from typing import Any
 
 from streamssm.errors import ConfigError, ProtocolError
 
-from .protocol import POLICY_VIOLATION
+from .protocol import POLICY_VIOLATION, STREAM_LOST
 
 log = logging.getLogger(__name__)
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
 FILE_FORMAT = "streamssm-parked-stream-1"
+_KEY_FILE = "resume.key"
+_RANDOM_BYTES = _TAG_BYTES = 16
 
 
 def owner_of(bearer: str | None) -> str:
@@ -36,22 +47,22 @@ def owner_of(bearer: str | None) -> str:
     return "" if not bearer else hashlib.sha256(bearer.encode()).hexdigest()
 
 
-def new_token() -> str:
-    return secrets.token_urlsafe(32)
-
-
 @dataclass
 class Parked:
-    """A stream between connections."""
+    """A stream between connections (or a live stream's write-ahead copy)."""
 
     snapshot: bytes  # Streamer.snapshot bytes
     owner: str
-    settings: dict[str, Any]  # format, sample_rate, channels of the original start
+    settings: dict[str, Any]  # format, sample_rate, channels, results, include of the original start
     next_seq: int  # seq of the first chunk not in the snapshot
     samples: int  # samples in the snapshot
     stats: dict[str, Any]  # summary accumulators
     replay: list[tuple[int, str | bytes]] = field(default_factory=list)  # last results (seq, message)
     expires: float = 0.0  # time.time() after which the token is void
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.snapshot) + sum(len(m) for _, m in self.replay)
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -74,16 +85,36 @@ class Parked:
 
 
 class ResumeStore:
-    """Parked streams by token, in memory and (with ``state_dir``) on disk."""
+    """Parked streams by token, in memory and (with ``state_dir``) on disk.
 
-    def __init__(self, ttl: float, state_dir: str | Path | None = None):
+    At most ``max_parked`` streams and ``max_bytes`` bytes (snapshots + replay buffers) are
+    kept in memory; parking beyond that evicts the oldest (memory and file).
+    """
+
+    def __init__(self, ttl: float, state_dir: str | Path | None = None, max_parked: int = 1024,
+                 max_bytes: int = 1 << 30):
         if ttl < 0:
             raise ConfigError(f"resume_ttl must be >= 0 seconds, got {ttl}")
-        self.ttl = ttl
+        if max_parked < 1 or max_bytes < 1:
+            raise ConfigError(f"parked-stream caps must be >= 1, got {max_parked} streams, {max_bytes} bytes")
+        self.ttl, self.max_parked, self.max_bytes = ttl, max_parked, max_bytes
         self.state_dir = None if state_dir is None else Path(state_dir)
-        if self.state_dir is not None:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-        self._parked: dict[str, Parked] = {}
+        self._lock = threading.RLock()
+        self._parked: dict[str, Parked] = {}  # insertion order = parking order (oldest first)
+        self._bytes = 0
+        self._key = self._load_key()
+
+    def _load_key(self) -> bytes:
+        if self.state_dir is None:
+            return secrets.token_bytes(32)
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = self.state_dir / _KEY_FILE
+        if not path.is_file():
+            _write_private(path, secrets.token_bytes(32))
+        key = path.read_bytes()
+        if len(key) != 32:
+            raise ConfigError(f"{path} is not a 32-byte resume key; delete it to start afresh")
+        return key
 
     @property
     def enabled(self) -> bool:
@@ -91,6 +122,33 @@ class ResumeStore:
 
     def __len__(self) -> int:
         return len(self._parked)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by parked streams in memory."""
+        return self._bytes
+
+    # -- tokens ----------------------------------------------------------------------------
+
+    def _tag(self, random_part: bytes, owner: str) -> bytes:
+        return hmac.new(self._key, random_part + owner.encode(), hashlib.sha256).digest()[:_TAG_BYTES]
+
+    def new_token(self, owner: str) -> str:
+        """A fresh resume token bound to ``owner`` (43 URL-safe characters)."""
+        r = secrets.token_bytes(_RANDOM_BYTES)
+        return base64.urlsafe_b64encode(r + self._tag(r, owner)).rstrip(b"=").decode()
+
+    def issued(self, token: str, owner: str) -> bool:
+        """Whether this store's key issued ``token`` for ``owner``."""
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        except (binascii.Error, ValueError):
+            return False
+        if len(raw) != _RANDOM_BYTES + _TAG_BYTES:
+            return False
+        return hmac.compare_digest(raw[_RANDOM_BYTES:], self._tag(raw[:_RANDOM_BYTES], owner))
+
+    # -- parking ---------------------------------------------------------------------------
 
     def _path(self, token: str) -> Path:
         assert self.state_dir is not None
@@ -101,31 +159,60 @@ class ResumeStore:
         puts back a stream that failed to resume, keeping its expiry time."""
         if not self.enabled:
             return
-        if renew or not parked.expires:
-            parked.expires = time.time() + self.ttl
-        self._parked[token] = parked
-        if self.state_dir is not None:
-            path = self._path(token)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(parked.to_json())
-            os.replace(tmp, path)  # atomic: a crash never leaves half a file under the real name
+        with self._lock:
+            if renew or not parked.expires:
+                parked.expires = time.time() + self.ttl
+            self._drop_memory(token)
+            self._parked[token] = parked
+            self._bytes += parked.nbytes
+            self._write(token, parked)
+            while len(self._parked) > self.max_parked or self._bytes > self.max_bytes:
+                oldest = next(iter(self._parked))
+                log.info("parked-stream cap reached (%d streams, %d bytes): evicting the oldest",
+                         len(self._parked), self._bytes)
+                self.forget(oldest)
+
+    def write_ahead(self, token: str, parked: Parked) -> None:
+        """Write a live stream's state to ``state_dir`` only (what a crash leaves to resume)."""
+        if not self.enabled or self.state_dir is None:
+            return
+        parked.expires = time.time() + self.ttl
+        with self._lock:
+            self._write(token, parked)
+
+    def _write(self, token: str, parked: Parked) -> None:
+        if self.state_dir is None:
+            return
+        path = self._path(token)
+        tmp = path.with_suffix(".tmp")
+        _write_private(tmp, parked.to_json().encode())
+        os.utime(tmp, (parked.expires, parked.expires))  # mtime = expiry: sweep needs no parsing
+        os.replace(tmp, path)  # atomic: a crash never leaves half a file under the real name
 
     def take(self, token: str, owner: str) -> Parked:
-        """Remove and return the parked stream; ProtocolError 1008 when the token is unknown,
-        expired or was created with another bearer token (the message does not say which)."""
+        """Remove and return the parked stream. Its file stays until the stream is parked or
+        written ahead again, or :meth:`forget` (so a crash right after a resume loses nothing).
+
+        ProtocolError 1008 ``bad_resume`` when the token is malformed, was not issued here or
+        belongs to another bearer token (the message does not say which); ``STREAM_LOST``
+        (4410, ``stream_lost``) when it was issued here but its state is gone (expired,
+        evicted, or the server died before writing it)."""
         unknown = ProtocolError("resume token is unknown or expired", POLICY_VIOLATION, "bad_resume")
-        if not _TOKEN_RE.match(token):
+        if not _TOKEN_RE.match(token) or not self.issued(token, owner):
             raise unknown
-        parked = self._parked.get(token)
-        if parked is None and self.state_dir is not None:
-            parked = self._load(token)
-        if parked is None or parked.expires < time.time():
-            self._forget(token)
-            raise unknown
-        if not hmac.compare_digest(parked.owner, owner):
-            raise unknown
-        self._forget(token)
-        return parked
+        with self._lock:
+            parked = self._parked.get(token)
+            if parked is None and self.state_dir is not None:
+                parked = self._load(token)
+            if parked is None or parked.expires < time.time():
+                self.forget(token)
+                raise ProtocolError("the stream of this resume token is lost (expired, evicted or not yet "
+                                    "saved when the server stopped); start a new stream and send its data "
+                                    "from the beginning", STREAM_LOST, "stream_lost")
+            if not hmac.compare_digest(parked.owner, owner):
+                raise unknown
+            self._drop_memory(token)
+            return parked
 
     def _load(self, token: str) -> Parked | None:
         path = self._path(token)
@@ -137,23 +224,42 @@ class ResumeStore:
             log.warning("ignoring unreadable parked stream %s: %s", path.name, exc)
             return None
 
-    def _forget(self, token: str) -> None:
-        self._parked.pop(token, None)
-        if self.state_dir is not None:
-            self._path(token).unlink(missing_ok=True)
+    def _drop_memory(self, token: str) -> None:
+        gone = self._parked.pop(token, None)
+        if gone is not None:
+            self._bytes -= gone.nbytes
+
+    def forget(self, token: str) -> None:
+        """Drop the stream of ``token`` from memory and disk (it ended, failed or expired)."""
+        with self._lock:
+            self._drop_memory(token)
+            if self.state_dir is not None:
+                self._path(token).unlink(missing_ok=True)
 
     def sweep(self) -> int:
         """Drop expired streams (memory and disk); returns how many went."""
         now = time.time()
-        gone = [t for t, p in self._parked.items() if p.expires < now]
-        for t in gone:
-            self._forget(t)
-        if self.state_dir is not None:
-            for path in self.state_dir.glob("*.json"):
-                try:
-                    if json.loads(path.read_text()).get("expires", 0) < now:
-                        path.unlink(missing_ok=True)
-                        gone.append(path.name)
-                except (OSError, ValueError):
-                    continue
-        return len(gone)
+        with self._lock:
+            gone = [t for t, p in self._parked.items() if p.expires < now]
+            for t in gone:
+                self.forget(t)
+            count = len(gone)
+            if self.state_dir is not None:
+                for path in self.state_dir.glob("*.json"):
+                    try:
+                        if path.stat().st_mtime < now:
+                            path.unlink(missing_ok=True)
+                            count += 1
+                    except OSError:
+                        continue
+        return count
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to a new file readable by this user only (mode 0600)."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())

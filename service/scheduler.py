@@ -1,20 +1,25 @@
-"""The engine: one loop that batches the pending chunks of all live streams into one
+"""The engine: one loop that batches the pending work of all live streams into one
 ``Streamer.feed_many`` call, run in a single worker thread (model compute never runs on the
 event loop; the Streamer is touched by that one thread only, so it needs no lock).
 
 Per stream::
 
     submit(sid, chunk) --(bounded: waits while queue_depth chunks are unanswered)--> pending
-    engine: take every stream's pending chunks -> concatenate per stream -> feed_many (thread)
-            -> split per chunk -> encode (thread) -> deliver(chunk, result, message) (loop)
+    engine: take at most ``slice_samples`` samples of every stream's pending chunks (a large
+            chunk is cut into slices computed in successive calls, interleaved with the other
+            streams) -> feed_many (thread) -> encoder.part(slice) (thread)
+            -> when a chunk's last slice is done: encoder.finish(chunk, parts) (thread)
+            -> deliver(chunk, message) (loop)
     the connection's sender sends the message, then calls done(sid) to free one queue slot
 
-A chunk holds its queue slot from ``submit`` until its result has been sent, so a client that
-sends faster than the model runs, or reads results slower than they come, is slowed (its
-handler stops reading, TCP pushes back); the engine itself never waits on any client, so a
-slow or dead client never delays the others. Lifecycle calls (open, restore, snapshot, close)
-go through the same single-thread executor, so they are ordered after any compute already
-submitted: a snapshot taken after a disconnect includes every chunk that was computed.
+Each model call does bounded work per stream (``slice_samples``), encoding included, so one
+stream's large frame never holds the others (or lifecycle calls such as opening a stream)
+for longer than one bounded call. A chunk holds its queue slot from ``submit`` until its
+result has been sent, so a client that sends faster than the model runs, or reads results
+slower than they come, is slowed; the engine itself never waits on any client. Lifecycle calls
+(open, restore, snapshot, close) go through the same single-thread executor, so they are
+ordered after any compute already submitted; ``close`` first lets the engine finish a chunk
+it has started, so a snapshot always lies on a chunk boundary.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -44,46 +49,71 @@ class Chunk:
     start: int  # sample offset of x[0] in the stream
     x: torch.Tensor
     received: float = field(default_factory=time.perf_counter)
+    taken: int = 0  # samples handed to the engine so far (event loop)
+    parts: list[Any] = field(default_factory=list)  # encoded slices so far (worker thread)
 
     @property
     def n(self) -> int:
         return int(self.x.shape[0])
 
 
-#: encode(chunk, result) -> wire message; runs in the worker thread
-Encoder = Callable[[Chunk, ChunkResult], "str | bytes"]
-#: deliver(chunk, result, message) on the event loop; error(exc) when the stream's compute failed
-Deliver = Callable[[Chunk, ChunkResult, "str | bytes"], None]
+class Encoder(Protocol):
+    """How one stream's results become wire messages (both methods run in the worker thread)."""
+
+    def part(self, chunk: Chunk, result: ChunkResult) -> Any:
+        """One computed slice of ``chunk`` -> an encoded piece."""
+
+    def finish(self, chunk: Chunk, parts: list[Any]) -> Any:
+        """All pieces of ``chunk``, in order -> the chunk's message (handed to ``deliver``)."""
+
+
+#: deliver(chunk, message) on the event loop; error(exc) when the stream's compute failed
+Deliver = Callable[[Chunk, Any], None]
 OnError = Callable[[BaseException], None]
+#: one engine call's work for one stream: (chunk, first sample, end sample) slices, in order
+Pieces = list[tuple[Chunk, int, int]]
 
 
 @dataclass
 class _Stream:
     sid: int
-    encode: Encoder
+    encoder: Encoder
     deliver: Deliver
     on_error: OnError
     slots: asyncio.Semaphore
     outputs: bool = True  # False: the client wants scores only (ChunkResult.outputs None)
     pending: deque[Chunk] = field(default_factory=deque)
     closing: bool = False
+    failed: bool = False
+    progress: asyncio.Event = field(default_factory=asyncio.Event)  # set after each delivery
+    computed: tuple[int, int] = (0, 0)  # (chunks, samples) whose results exist (worker thread)
+    partial: bool = False  # a chunk is computed only in part (worker thread)
+
+    @property
+    def backlog(self) -> int:
+        """Samples pending and not yet handed to the engine."""
+        return sum(c.n for c in self.pending) - (self.pending[0].taken if self.pending else 0)
 
 
 class Scheduler:
     """Batches all live streams of one :class:`~streamssm.inference.Streamer`.
 
-    ``batching`` picks how many pending chunks per stream one call takes (:meth:`_gather`).
+    ``slice_samples`` bounds the samples one stream contributes to one model call.
+    ``batching`` picks how many pending samples per stream one call takes (:meth:`_gather`).
     ``metrics`` (optional) receives ``observe_batch(streams, samples, seconds)`` and
     ``observe_chunk(latency_s)`` calls on the event loop.
     """
 
     def __init__(self, streamer: Streamer, queue_depth: int = 8, metrics: Any = None,
-                 batching: str = "uniform"):
+                 batching: str = "uniform", slice_samples: int = 4096):
         if queue_depth < 1:
             raise ConfigError(f"queue_depth must be >= 1, got {queue_depth}")
         if batching not in ("uniform", "greedy"):
             raise ConfigError(f"batching must be 'uniform' or 'greedy', got {batching!r}")
+        if slice_samples < 1:
+            raise ConfigError(f"slice_samples must be >= 1, got {slice_samples}")
         self.batching = batching
+        self.slice_samples = slice_samples
         self.streamer = streamer
         self.queue_depth = queue_depth
         self.metrics = metrics
@@ -118,21 +148,33 @@ class Scheduler:
     def live(self) -> int:
         return len(self._streams)
 
-    async def open(self, encode: Encoder, deliver: Deliver, on_error: OnError, snapshot: bytes | None = None,
+    async def open(self, encoder: Encoder, deliver: Deliver, on_error: OnError, snapshot: bytes | None = None,
                    outputs: bool = True) -> int:
         """Open a stream (from ``snapshot`` when given); StateError when the pool is full or the
         snapshot belongs to another model. ``outputs=False``: its results carry scores only
-        (``Streamer.feed_many(outputs=...)``: no (l, o) distribution leaves the device)."""
+        (``Streamer.feed_many(outputs=...)``: no (l, o) distribution leaves the device).
+
+        Cancellation-safe: if the caller is cancelled while the row is being opened, the row
+        is closed again as soon as the worker has opened it (no leaked pool slot)."""
         fn, args = (self.streamer.open, ()) if snapshot is None else (self.streamer.restore, (snapshot,))
-        sid = await self._call(fn, *args)
-        self._streams[sid] = _Stream(sid, encode, deliver, on_error, asyncio.Semaphore(self.queue_depth), outputs)
+        future = asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        try:
+            sid = await asyncio.shield(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(self._close_orphan)
+            raise
+        self._streams[sid] = _Stream(sid, encoder, deliver, on_error, asyncio.Semaphore(self.queue_depth), outputs)
         return sid
+
+    def _close_orphan(self, future: asyncio.Future) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self._executor.submit(self.streamer.close, future.result())
 
     async def submit(self, sid: int, chunk: Chunk) -> None:
         """Queue one chunk; waits while the stream already has ``queue_depth`` unanswered chunks."""
         stream = self._get(sid)
         await stream.slots.acquire()
-        if stream.closing:  # closed while we waited
+        if stream.closing or stream.failed:  # closed while we waited
             stream.slots.release()
             raise StateError(f"stream {sid} is closing")
         stream.pending.append(chunk)
@@ -144,6 +186,11 @@ class Scheduler:
         if stream is not None:
             stream.slots.release()
 
+    def unanswered(self, sid: int) -> int:
+        """Chunks of ``sid`` submitted whose results are not sent yet (0 for unknown streams)."""
+        stream = self._streams.get(sid)
+        return 0 if stream is None else self.queue_depth - stream.slots._value
+
     async def drain(self, sid: int) -> None:
         """Wait until every submitted chunk of ``sid`` has been answered and sent."""
         stream = self._get(sid)
@@ -153,25 +200,44 @@ class Scheduler:
             stream.slots.release()
 
     async def close(self, sid: int, snapshot: bool = False) -> bytes | None:
-        """Drop the stream's not-yet-computed chunks, wait for its in-flight compute, then
-        (optionally) snapshot its state and free its pool row. Returns the snapshot bytes."""
+        """Drop the stream's not-yet-started chunks, let the engine finish a chunk it has
+        started, then (optionally) snapshot its state and free its pool row. Returns the
+        snapshot bytes (state at the end of the last chunk delivered)."""
         stream = self._streams.get(sid)
         if stream is None:
             return None
         stream.closing = True
-        dropped = len(stream.pending)
-        stream.pending.clear()
-        for _ in range(dropped):
-            stream.slots.release()
-        blob = await self._call(self._snapshot_and_close, sid, snapshot)
-        self._streams.pop(sid, None)
-        return blob
+        try:
+            keep = 1 if stream.pending and stream.pending[0].taken and not stream.failed else 0
+            while len(stream.pending) > keep:
+                stream.pending.pop()
+                stream.slots.release()
+            while stream.pending and not stream.failed:
+                stream.progress.clear()
+                self._wakeup.set()
+                await stream.progress.wait()
+            return await self._call(self._snapshot_and_close, sid, snapshot and not stream.failed)
+        finally:
+            self._streams.pop(sid, None)
 
     def _snapshot_and_close(self, sid: int, snapshot: bool) -> bytes | None:
         try:
             return self.streamer.snapshot(sid) if snapshot else None
         finally:
             self.streamer.close(sid)
+
+    async def checkpoint(self, sid: int) -> tuple[bytes, int, int] | None:
+        """A snapshot of a live stream with the (chunks, samples) it covers, taken between two
+        model calls; None when the stream is gone or in the middle of a chunk."""
+        if sid not in self._streams:
+            return None
+        return await self._call(self._checkpoint, sid)
+
+    def _checkpoint(self, sid: int) -> tuple[bytes, int, int] | None:
+        stream = self._streams.get(sid)
+        if stream is None or stream.partial or stream.failed:
+            return None
+        return (self.streamer.snapshot(sid), *stream.computed)
 
     def _get(self, sid: int) -> _Stream:
         try:
@@ -194,70 +260,98 @@ class Scheduler:
             except Exception:  # noqa: BLE001 - never let the engine die; isolate per stream below
                 log.exception("batched compute failed for %d streams; retrying them one by one", len(batch))
                 outcome = {}
-                for sid, item in batch.items():
+                for sid, pieces in batch.items():
                     try:
-                        outcome.update(await self._call(self._compute, {sid: item}))
+                        outcome.update(await self._call(self._compute, {sid: pieces}))
                     except Exception as exc:  # noqa: BLE001
                         outcome[sid] = exc
             self.batches += 1
             if self.metrics is not None:
-                self.metrics.observe_batch(len(batch), sum(c.n for cs, _ in batch.values() for c in cs),
+                self.metrics.observe_batch(len(batch), sum(b - a for ps in batch.values() for _, a, b in ps),
                                            time.perf_counter() - t0)
             self._deliver(batch, outcome)
 
-    def _gather(self) -> dict[int, tuple[list[Chunk], Encoder]]:
-        """Take the pending chunks of every ready stream.
+    def _gather(self) -> dict[int, Pieces]:
+        """Take at most ``slice_samples`` pending samples of every ready stream.
 
-        ``greedy``: all of each stream's pending chunks (concatenated in time). ``uniform``: the
-        same number k of chunks from every stream (k = the smallest backlog; the rest waits for
-        the next call), so that streams sending equal chunk sizes give equal lengths, which the
-        Streamer runs in one round instead of one round per distinct length.
+        ``greedy``: up to ``slice_samples`` of each stream's backlog (whole chunks, the last one
+        possibly cut). ``uniform``: the same number of samples L from every stream (L = the
+        smallest backlog, at most ``slice_samples``; the rest waits for the next call), so the
+        Streamer runs all streams in one round instead of one round per distinct length.
+        A closing stream only gets the rest of a chunk already started.
         """
-        ready = [(sid, s) for sid, s in self._streams.items() if s.pending and not s.closing]
+        ready = [s for s in self._streams.values()
+                 if s.pending and not s.failed and (not s.closing or s.pending[0].taken)]
         if not ready:
             return {}
-        k = min(len(s.pending) for _, s in ready) if self.batching == "uniform" else None
-        batch: dict[int, tuple[list[Chunk], Encoder]] = {}
-        for sid, stream in ready:
-            take = len(stream.pending) if k is None else k
-            batch[sid] = ([stream.pending.popleft() for _ in range(take)], stream.encode)
-            if stream.pending:
+        budget = self.slice_samples
+        if self.batching == "uniform":
+            budget = min(budget, min(s.backlog for s in ready))
+        batch: dict[int, Pieces] = {}
+        for stream in ready:
+            pieces, left = [], budget
+            for chunk in stream.pending:
+                if left <= 0 or (stream.closing and pieces):
+                    break
+                take = min(left, chunk.n - chunk.taken)
+                pieces.append((chunk, chunk.taken, chunk.taken + take))
+                chunk.taken += take
+                left -= take
+            while stream.pending and stream.pending[0].taken == stream.pending[0].n:
+                stream.pending.popleft()
+            batch[stream.sid] = pieces
+            if stream.pending and not stream.closing:
                 self._wakeup.set()  # leftovers go in the next call
         return batch
 
-    def _compute(self, batch: dict[int, tuple[list[Chunk], Encoder]]) -> dict[int, list[tuple[ChunkResult, str | bytes]]]:
-        """Worker thread: one feed_many over all streams (several chunks of one stream are
-        concatenated in time), then split and encode each chunk's result."""
-        joined = {sid: cs[0].x if len(cs) == 1 else torch.cat([c.x for c in cs]) for sid, (cs, _) in batch.items()}
+    def _compute(self, batch: dict[int, Pieces]) -> dict[int, list[tuple[Chunk, Any]]]:
+        """Worker thread: one feed_many over all streams (a stream's slices are concatenated in
+        time), then encode each slice and finish each chunk whose last slice this was."""
+        joined = {sid: torch.cat([c.x[a:b] for c, a, b in pieces]) if len(pieces) > 1
+                  else pieces[0][0].x[pieces[0][1] : pieces[0][2]] for sid, pieces in batch.items()}
         want = {sid for sid in batch if (s := self._streams.get(sid)) is None or s.outputs}
         if len(want) == len(batch):
             results = self.streamer.feed_many(joined)
         else:  # some clients want scores only: no (l, o) distributions for them
             results = self.streamer.feed_many(joined, outputs=want)
-        out: dict[int, list[tuple[ChunkResult, str | bytes]]] = {}
-        for sid, (chunks, encode) in batch.items():
-            res, pos, items = results[sid], 0, []
-            for c in chunks:
-                part = ChunkResult(None if res.outputs is None else res.outputs[pos : pos + c.n],
-                                   None if res.scores is None else res.scores[pos : pos + c.n])
-                items.append((part, encode(c, part)))
-                pos += c.n
-            out[sid] = items
+        out: dict[int, list[tuple[Chunk, Any]]] = {}
+        for sid, pieces in batch.items():
+            stream, res, pos, finished = self._streams.get(sid), results[sid], 0, []
+            for chunk, a, b in pieces:
+                n = b - a
+                part = ChunkResult(None if res.outputs is None else res.outputs[pos : pos + n],
+                                   None if res.scores is None else res.scores[pos : pos + n])
+                pos += n
+                if stream is None:
+                    continue
+                chunk.parts.append(stream.encoder.part(chunk, part))
+                stream.partial = b < chunk.n
+                if not stream.partial:
+                    finished.append((chunk, stream.encoder.finish(chunk, chunk.parts)))
+                    chunk.parts = []
+                    stream.computed = (chunk.seq + 1, chunk.start + chunk.n)
+            out[sid] = finished
         return out
 
-    def _deliver(self, batch: dict[int, tuple[list[Chunk], Encoder]], outcome: dict[int, Any]) -> None:
+    def _deliver(self, batch: dict[int, Pieces], outcome: dict[int, Any]) -> None:
         now = time.perf_counter()
-        for sid, (chunks, _) in batch.items():
+        for sid, pieces in batch.items():
             stream = self._streams.get(sid)
             if stream is None:
                 continue
             got = outcome.get(sid)
             if isinstance(got, BaseException) or got is None:
-                for _ in chunks:
+                stream.failed = True
+                for _ in [c for c, _, b in pieces if b == c.n]:  # left pending: released below
                     stream.slots.release()
+                while stream.pending:  # nothing more will be computed for this stream
+                    stream.pending.pop()
+                    stream.slots.release()
+                stream.progress.set()
                 stream.on_error(got if got is not None else RuntimeError("no result"))
                 continue
-            for chunk, (result, message) in zip(chunks, got):
+            for chunk, message in got:
                 if self.metrics is not None:
                     self.metrics.observe_chunk(now - chunk.received)
-                stream.deliver(chunk, result, message)
+                stream.deliver(chunk, message)
+            stream.progress.set()

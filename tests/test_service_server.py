@@ -421,14 +421,24 @@ def _streamer(path, capacity=4):
     return Streamer(load_for_serving(path).model, capacity)
 
 
+class _CountingEncoder:
+    """Scheduler encoder for tests: a chunk's message is its number of output rows."""
+
+    def part(self, chunk, result):
+        return result.outputs.shape[0]
+
+    def finish(self, chunk, parts):
+        return sum(parts)
+
+
 async def _open(sched, sent, name):
-    def deliver(chunk, result, message):
-        sent.append((name, chunk.seq, result.outputs.shape[0]))
+    def deliver(chunk, rows):
+        sent.append((name, chunk.seq, rows))
 
     def on_error(exc):
         sent.append((name, "error", type(exc).__name__))
 
-    return await sched.open(lambda c, r: "msg", deliver, on_error)
+    return await sched.open(_CountingEncoder(), deliver, on_error)
 
 
 @pytest.mark.parametrize("batching, expected_calls", [
