@@ -195,14 +195,16 @@ def plots(name: str, prepared: Prepared, streamed: np.ndarray, scores: np.ndarra
     from streamssm.plots import plot_training_curve
     from streamssm.stream_plots import plot_forecast, plot_surprisal
 
-    pngs = [plot_training_curve(metrics_csv, out_dir / "training_curve.png", title=f"{name}: training")]
+    task = type(prepared.module).__name__
+    pngs = [plot_training_curve(metrics_csv, out_dir / "training_curve.png", title=f"demo {name} · {task}: training")]
     if name == "sensor":
         pngs.append(plot_forecast(prepared.held_out, streamed, out_dir / "stream.png",
                                   title="sensor: held-out signal and the forecast streamed over the websocket"))
     else:
-        signal = prepared.held_out if name == "audio" else None
-        pngs.append(plot_surprisal(-scores / math.log(2), out_dir / "stream.png", signal=signal,
+        audio = name == "audio"
+        pngs.append(plot_surprisal(-scores / math.log(2), out_dir / "stream.png", signal=prepared.held_out if audio else None,
                                    uniform_bits=math.log2(streamed.shape[1]),
+                                   sample_rate=AUDIO_RATE if audio else None, step_unit="sample" if audio else "base",
                                    title=f"{name}: surprisal of the held-out stream, as streamed"))
     return pngs
 

@@ -42,3 +42,30 @@ def test_demo_cli_summary_table(tmp_path, capsys):
 def test_console_script_lists_demo():
     result = subprocess.run([sys.executable, "-m", "streamssm", "--help"], capture_output=True, text=True, check=True)
     assert "demo" in result.stdout
+
+
+def test_forecast_figure_zooms_and_splits_channels():
+    from streamssm.stream_plots import forecast_figure
+
+    signal = np.random.default_rng(0).normal(size=(1000, 5)).astype(np.float32)
+    fig = forecast_figure(signal, signal, title="t", zoom=200)
+    assert len(fig.axes) == 3  # one panel per channel, at most 3
+    assert [ax.get_ylabel() for ax in fig.axes] == ["channel 0", "channel 1", "channel 2"]
+    x = fig.axes[0].get_lines()[0].get_xdata()
+    assert len(x) == 200 and x[0] == 800 and x[-1] == 999
+    assert fig.axes[-1].get_xlabel() == "step (last 200 of 1000 steps, first 3 of 5 channels)"
+    audio = forecast_figure(signal[:, 0], signal[:, 0], zoom=None, sample_rate=8000)
+    assert audio.axes[-1].get_xlabel() == "time (s) (all 1000 steps)"
+    assert audio.axes[0].get_lines()[0].get_xdata()[-1] == pytest.approx(999 / 8000)
+
+
+def test_surprisal_figure_units():
+    from streamssm.stream_plots import surprisal_figure
+
+    bits = np.full(800, 7.5)
+    fig = surprisal_figure(bits, signal=np.zeros(800), uniform_bits=8.0, sample_rate=8000, step_unit="sample")
+    signal_ax, bits_ax = fig.axes
+    assert bits_ax.get_xlabel() == "time (s)" and bits_ax.get_ylabel() == "surprisal (bits per sample)"
+    assert bits_ax.get_lines()[0].get_xdata()[-1] == pytest.approx(799 / 8000)
+    dna = surprisal_figure(bits, step_unit="base")
+    assert dna.axes[0].get_xlabel() == "base" and dna.axes[0].get_ylabel() == "surprisal (bits per base)"

@@ -297,3 +297,35 @@ def test_only_lightnings_default_bar_and_summary_are_replaced(tmp_path):
     use_streamssm_callbacks(chosen)
     assert [type(c) for c in chosen.callbacks if isinstance(c, (ProgressBar, ModelSummary))] \
         == [TQDMProgressBar, RichModelSummary]
+
+
+def _metrics_dir(tmp_path, header: str, rows: list[str], task: str | None):
+    log_dir = tmp_path / "runs" / "sensor_tiny" / "version_3"
+    log_dir.mkdir(parents=True)
+    (log_dir / "metrics.csv").write_text("\n".join([header, *rows]) + "\n")
+    if task:
+        (log_dir / "config.yaml").write_text(f"model:\n  class_path: streamssm.tasks.{task}\n  init_args: {{}}\n")
+    return log_dir / "metrics.csv"
+
+
+def test_training_curve_title_names_run_and_task_and_axes_state_units(tmp_path):
+    from streamssm.plots import training_curve_figure
+
+    lm = _metrics_dir(tmp_path / "lm", "epoch,step,lr,train/loss,train/bpt,val/loss,val/bpt",
+                      [f"0,{s},0.001,{math.log(2) * 2},2.0,," for s in range(5)] + ["0,4,,,,0.693,1.0"], "TokenLM")
+    fig = training_curve_figure(lm)
+    loss_ax, lr_ax = fig.axes
+    assert loss_ax.get_title() == "sensor_tiny · TokenLM (version_3)"  # not "version_3"
+    assert loss_ax.get_ylabel() == "cross-entropy (bits per token)"
+    assert sorted(line.get_label() for line in loss_ax.get_lines()) == ["train/bpt", "val/bpt"]
+    assert lr_ax.get_ylabel() == "learning rate" and lr_ax.get_xlabel() == "optimizer step"
+
+    clf = _metrics_dir(tmp_path / "clf", "epoch,step,train/loss,train/acc", ["0,1,1.3862944,0.5"], None)
+    fig = training_curve_figure(clf)
+    assert fig.axes[0].get_title() == "sensor_tiny (version_3)"
+    assert fig.axes[0].get_ylabel() == "cross-entropy (bits)"
+    assert fig.axes[0].get_lines()[0].get_ydata()[0] == pytest.approx(2.0)  # nats -> bits
+
+    fc = _metrics_dir(tmp_path / "fc", "epoch,step,train/loss,train/mse,train/mae", ["0,1,0.5,0.5,0.6"], "Forecaster")
+    assert training_curve_figure(fc).axes[0].get_ylabel().startswith("mean squared error")
+    assert training_curve_figure(fc, title="mine").axes[0].get_title() == "mine"
