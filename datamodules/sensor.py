@@ -129,12 +129,15 @@ def _check_csv_quoted(path: Path, expected: int) -> None:
         raise DataFormatError(f"table {str(path)!r} has a header but no data rows")
 
 
-def numeric_text_columns(lf: pl.LazyFrame, path: Path, keep_text: set[str | None]) -> pl.LazyFrame:
+def numeric_text_columns(
+    lf: pl.LazyFrame, path: Path, keep_text: set[str | None], only: list[str] | None = None
+) -> pl.LazyFrame:
     """Cast text columns that hold numbers (``nan``/``inf`` spelled out, a stray space, ...) to
     Float64; a column mixing numbers and other text raises ``DataFormatError`` naming the row,
-    column and value. Columns without any number, and ``keep_text``, stay text."""
+    column and value. Columns without any number, and ``keep_text``, stay text; with ``only``
+    (the chosen feature columns) no other column is looked at."""
     schema = lf.collect_schema()
-    text = [c for c, d in schema.items() if d == pl.String and c not in keep_text]
+    text = [c for c, d in schema.items() if d == pl.String and c not in keep_text and (only is None or c in only)]
     if not text:
         return lf
     num = {c: pl.col(c).str.strip_chars().cast(pl.Float64, strict=False) for c in text}
@@ -155,7 +158,8 @@ def numeric_text_columns(lf: pl.LazyFrame, path: Path, keep_text: set[str | None
             )
             raise DataFormatError(
                 f"table {str(path)!r}: column {c!r}, row {row + 1} (file line {row + 2}): {value!r} is not a number "
-                f"({n_num} other value(s) of the column are); fix the value, or leave the cell empty to mark it missing"
+                f"({n_num} other value(s) of the column are); fix the value, leave the cell empty to mark it "
+                f"missing, or choose the feature columns with `columns`"
             )
         casts.append(num[c].alias(c))
     return lf.with_columns(casts) if casts else lf
@@ -307,7 +311,7 @@ class SensorDataModule(BaseDataModule):
         """All files as one lazy frame (with a file column when several files lack a series column)."""
         paths = resolve_files(self.path, "path", TABLE_SUFFIXES)
         keep_text = {self.time_column, self.series_column, self.label_column}
-        frames = [numeric_text_columns(scan_table(p), p, keep_text) for p in paths]
+        frames = [numeric_text_columns(scan_table(p), p, keep_text, self.columns) for p in paths]
         schemas = [f.collect_schema() for f in frames]
         names0 = list(schemas[0].names())
         for p, s in zip(paths[1:], schemas[1:], strict=True):

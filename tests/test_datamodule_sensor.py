@@ -210,6 +210,7 @@ def test_nan_text_and_unparsable_values_name_row_and_column(tmp_path):
     junk.write_text("a,b\n" + _rows(100, {57: "57,1.2.3"}))
     with pytest.raises(DataFormatError, match=r"junk.csv'.*column 'b', row 58 \(file line 59\): '1.2.3' is not a number"):
         make(junk, window=8)
+    assert make(junk, window=8, columns=["a"]).feature_names == ["a"]  # a column not chosen is not read
 
 
 def test_split_too_short_for_the_window_names_the_real_cause(tmp_path):
