@@ -19,6 +19,21 @@ from streamssm.kernels.ssd.chunks import ChunkLayout
 
 
 @triton.jit
+def _chunk_program(p_cstart, p_clen, H, CHUNK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Grid (chunks, head blocks). Returns the chunk index (int64), its first token and length,
+    steps o_q (BLOCK_Q,), heads o_h (BLOCK_H,) and their mask m_h, the (BLOCK_Q, BLOCK_H) mask m
+    of valid (step, head) pairs and their offsets o_buf into the (T, H, Q) buffers."""
+    i_c = tl.program_id(0).to(tl.int64)
+    o_q = tl.arange(0, BLOCK_Q)
+    o_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    m_h = o_h < H
+    clen = tl.load(p_clen + i_c)
+    m = (o_q < clen)[:, None] & m_h[None, :]
+    o_buf = i_c * H * CHUNK + o_h[None, :] * CHUNK + o_q[:, None]
+    return i_c, tl.load(p_cstart + i_c), clen, o_q, o_h, m_h, m, o_buf
+
+
+@triton.jit
 def _chunk_cumsum_fwd_kernel(
     # pointers
     p_dt,  # (L, H) raw step sizes
@@ -36,13 +51,7 @@ def _chunk_cumsum_fwd_kernel(
     CHUNK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_H: tl.constexpr,
     HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
 ):
-    i_c, i_hb = tl.program_id(0), tl.program_id(1)
-    start = tl.load(p_cstart + i_c)
-    clen = tl.load(p_clen + i_c)
-    o_q = tl.arange(0, BLOCK_Q)
-    o_h = i_hb * BLOCK_H + tl.arange(0, BLOCK_H)
-    m_h = o_h < H
-    m = (o_q < clen)[:, None] & m_h[None, :]
+    i_c, start, clen, o_q, o_h, m_h, m, o_buf = _chunk_program(p_cstart, p_clen, H, CHUNK, BLOCK_Q, BLOCK_H)
     b_dt = tl.load(p_dt + (start + o_q)[:, None] * s_dt_l + o_h[None, :] * s_dt_h, mask=m, other=0.0)
     b_dt = b_dt.to(tl.float32)
     if HAS_DT_BIAS:
@@ -52,7 +61,6 @@ def _chunk_cumsum_fwd_kernel(
     b_dt = tl.where(m, b_dt, 0.0)
     b_A = tl.load(p_A + o_h, mask=m_h, other=0.0)
     b_cs = tl.cumsum(b_dt * b_A[None, :], axis=0)
-    o_buf = i_c.to(tl.int64) * H * CHUNK + o_h[None, :] * CHUNK + o_q[:, None]
     m_buf = (o_q < CHUNK)[:, None] & m_h[None, :]
     tl.store(p_dt_out + o_buf, b_dt, mask=m_buf)
     tl.store(p_dA_cs + o_buf, b_cs, mask=m_buf)
@@ -80,23 +88,16 @@ def _chunk_cumsum_bwd_kernel(
     CHUNK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_H: tl.constexpr,
     HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
 ):
-    i_c, i_hb = tl.program_id(0), tl.program_id(1)
-    start = tl.load(p_cstart + i_c)
-    clen = tl.load(p_clen + i_c)
-    o_q = tl.arange(0, BLOCK_Q)
-    o_h = i_hb * BLOCK_H + tl.arange(0, BLOCK_H)
-    m_h = o_h < H
-    m = (o_q < clen)[:, None] & m_h[None, :]
-    o_buf = i_c.to(tl.int64) * H * CHUNK + o_h[None, :] * CHUNK + o_q[:, None]
+    i_c, start, clen, o_q, o_h, m_h, m, o_buf = _chunk_program(p_cstart, p_clen, H, CHUNK, BLOCK_Q, BLOCK_H)
     b_dacs = tl.load(p_ddA_cs + o_buf, mask=m, other=0.0)
-    b_last = tl.load(p_ddA_last + i_c.to(tl.int64) * H + o_h, mask=m_h, other=0.0)
+    b_last = tl.load(p_ddA_last + i_c * H + o_h, mask=m_h, other=0.0)
     b_dacs += tl.where(o_q[:, None] == clen - 1, b_last[None, :], 0.0)
     # d(dt_s * A) = sum_{t >= s} dAcs_t: reverse cumsum inside the chunk
     b_da = tl.cumsum(b_dacs, axis=0, reverse=True)
     b_A = tl.load(p_A + o_h, mask=m_h, other=0.0)
     b_dtp = tl.load(p_dt_out + o_buf, mask=m, other=0.0)
     b_ddt = tl.load(p_ddt_in + o_buf, mask=m, other=0.0) + b_A[None, :] * b_da
-    tl.store(p_dA_part + i_c.to(tl.int64) * H + o_h, tl.sum(b_dtp * b_da, axis=0), mask=m_h)
+    tl.store(p_dA_part + i_c * H + o_h, tl.sum(b_dtp * b_da, axis=0), mask=m_h)
     if DT_SOFTPLUS:
         b_raw = tl.load(p_dt + (start + o_q)[:, None] * s_dt_l + o_h[None, :] * s_dt_h, mask=m, other=0.0)
         b_raw = b_raw.to(tl.float32)
@@ -107,7 +108,7 @@ def _chunk_cumsum_bwd_kernel(
     tl.store(p_ddt + (start + o_q)[:, None] * s_ddt_l + o_h[None, :] * s_ddt_h,
              b_ddt.to(p_ddt.dtype.element_ty), mask=m)
     if HAS_DT_BIAS:
-        tl.store(p_dbias_part + i_c.to(tl.int64) * H + o_h, tl.sum(b_ddt, axis=0), mask=m_h)
+        tl.store(p_dbias_part + i_c * H + o_h, tl.sum(b_ddt, axis=0), mask=m_h)
 
 
 def _blocks(layout: ChunkLayout, H: int) -> tuple[int, int, tuple[int, int]]:

@@ -36,6 +36,25 @@ def _chunk_decay_and_block(p_blocks, p_dA_cs, p_clen, c, valid, i_h, o, m, H, PN
 
 
 @triton.jit
+def _sequence_program(p_edge, p_seqoff, H, PN, BLOCK: tl.constexpr, HAS_EDGE: tl.constexpr):
+    """Grid (blocks of P*N, heads, sequences). Returns the head, the block's offsets o (BLOCK,)
+    and mask m, its offsets o_seq into (S, H, P*N) arrays, the sequence's edge state from
+    p_edge (initial state forward, final-state gradient backward; zeros unless HAS_EDGE) and the
+    sequence's chunks [c0, c1) (int64)."""
+    i_h, i_s = tl.program_id(1), tl.program_id(2)
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = o < PN
+    o_seq = (i_s.to(tl.int64) * H + i_h) * PN + o
+    if HAS_EDGE:
+        b_edge = tl.load(p_edge + o_seq, mask=m, other=0.0)
+    else:
+        b_edge = tl.zeros((BLOCK,), dtype=tl.float32)
+    c0 = tl.load(p_seqoff + i_s).to(tl.int64)
+    c1 = tl.load(p_seqoff + i_s + 1).to(tl.int64)
+    return i_h, o, m, o_seq, b_edge, c0, c1
+
+
+@triton.jit
 def _state_passing_fwd_kernel(
     # pointers
     p_states,  # (T, H, P*N) fp32 in: chunk states, out: states entering each chunk
@@ -49,16 +68,7 @@ def _state_passing_fwd_kernel(
     # meta-parameters
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, HAS_INIT: tl.constexpr,
 ):
-    i_b, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    o = i_b * BLOCK + tl.arange(0, BLOCK)
-    m = o < PN
-    o_seq = (i_s.to(tl.int64) * H + i_h) * PN + o
-    if HAS_INIT:
-        b_s = tl.load(p_init + o_seq, mask=m, other=0.0)
-    else:
-        b_s = tl.zeros((BLOCK,), dtype=tl.float32)
-    c0 = tl.load(p_seqoff + i_s).to(tl.int64)
-    c1 = tl.load(p_seqoff + i_s + 1).to(tl.int64)
+    i_h, o, m, o_seq, b_s, c0, c1 = _sequence_program(p_init, p_seqoff, H, PN, BLOCK, HAS_INIT)
     # loads run one chunk ahead of the carried state (they do not depend on it)
     b_decay, b_cs = _chunk_decay_and_block(p_states, p_dA_cs, p_clen, c0, c0 < c1, i_h, o, m, H, PN, CHUNK)
     for c in range(c0, c1):
@@ -84,17 +94,8 @@ def _state_passing_bwd_kernel(
     # meta-parameters
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, HAS_DFINAL: tl.constexpr, HAS_DINIT: tl.constexpr,
 ):
-    i_b, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    o = i_b * BLOCK + tl.arange(0, BLOCK)
-    m = o < PN
-    o_seq = (i_s.to(tl.int64) * H + i_h) * PN + o
-    if HAS_DFINAL:
-        b_ds = tl.load(p_dfinal + o_seq, mask=m, other=0.0)
-    else:
-        b_ds = tl.zeros((BLOCK,), dtype=tl.float32)
-    c0 = tl.load(p_seqoff + i_s).to(tl.int64)
-    c1 = tl.load(p_seqoff + i_s + 1).to(tl.int64)
-    num_b = tl.num_programs(0)
+    i_h, o, m, o_seq, b_ds, c0, c1 = _sequence_program(p_dfinal, p_seqoff, H, PN, BLOCK, HAS_DFINAL)
+    i_b, num_b = tl.program_id(0), tl.num_programs(0)
     c = c1 - 1
     b_decay, b_dcs = _chunk_decay_and_block(p_dstates, p_dA_cs, p_clen, c, c >= c0, i_h, o, m, H, PN, CHUNK)
     b_prev = tl.load(p_prev + (c * H + i_h) * PN + o, mask=m & (c >= c0), other=0.0)
