@@ -38,6 +38,25 @@ _MIN_BLOCK_T = 16 if interpreting() else 32
 _KEY = ["H", "P", "N", "CHUNK", "heads_per_prog", "DOT_PREC", "ATOMIC"]
 
 
+@triton.jit
+def _bwd_program(p_cstart, p_clen, P, N, heads_per_group, heads_per_prog,
+                 BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid (chunks, groups x head splits, BLOCK_T-step blocks of a chunk). Returns the chunk, its
+    length and first token, the group, the first of the program's heads, the block's first step
+    (past the chunk's end when the program has nothing to do), steps o_t (BLOCK_T,) and their
+    mask, o_p (BLOCK_P,), m_p, o_n (BLOCK_N,), m_n."""
+    i_c = tl.program_id(0)
+    num_split = heads_per_group // heads_per_prog
+    i_g, i_split = tl.program_id(1) // num_split, tl.program_id(1) % num_split
+    clen = tl.load(p_clen + i_c)
+    t0 = tl.program_id(2) * BLOCK_T
+    o_t = t0 + tl.arange(0, BLOCK_T)
+    o_p = tl.arange(0, BLOCK_P)
+    o_n = tl.arange(0, BLOCK_N)
+    return (i_c, clen, tl.load(p_cstart + i_c), i_g, i_g * heads_per_group + i_split * heads_per_prog, t0,
+            o_t, o_t < clen, o_p, o_p < P, o_n, o_n < N)
+
+
 @triton.autotune(configs=autotune_configs(_CONFIGS, triton.Config({"BLOCK_T": 16})), key=_KEY,
                  restore_value=["p_dC"])
 @triton.jit
@@ -59,24 +78,16 @@ def _chunk_scan_bwd_dc_kernel(
     CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PREC: tl.constexpr, ATOMIC: tl.constexpr,
 ):
-    i_c, i_gs, i_t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    num_split = heads_per_group // heads_per_prog
-    i_g, i_split = i_gs // num_split, i_gs % num_split
-    clen = tl.load(p_clen + i_c)
-    t0 = i_t * BLOCK_T
+    i_c, clen, start, i_g, h0, t0, o_t, m_t, o_p, m_p, o_n, m_n = _bwd_program(
+        p_cstart, p_clen, P, N, heads_per_group, heads_per_prog, BLOCK_T, BLOCK_P, BLOCK_N)
     if t0 >= clen:
         return
-    start = tl.load(p_cstart + i_c)
-    o_t = t0 + tl.arange(0, BLOCK_T)
-    o_p = tl.arange(0, BLOCK_P)
-    o_n = tl.arange(0, BLOCK_N)
-    m_t, m_p, m_n = o_t < clen, o_p < P, o_n < N
     tok_t = start + o_t
     m_tn = m_t[:, None] & m_n[None, :]
     b_C = tl.load(p_C + tok_t[:, None] * s_c_l + i_g * s_c_g + o_n[None, :] * s_c_n, mask=m_tn, other=0.0)
     acc_dC = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     for hh in range(0, heads_per_prog):
-        i_h = i_g * heads_per_group + i_split * heads_per_prog + hh
+        i_h = h0 + hh
         base = (i_c.to(tl.int64) * H + i_h) * CHUNK
         b_acs_t = tl.load(p_dA_cs + base + o_t, mask=m_t, other=0.0)
         b_dy = tl.load(p_dy + tok_t[:, None] * s_dy_l + i_h * s_dy_h + o_p[None, :] * s_dy_p,
@@ -137,25 +148,17 @@ def _chunk_scan_bwd_dx_kernel(
     CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_D: tl.constexpr, D_PER_P: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC: tl.constexpr,
 ):
-    i_c, i_gs, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    num_split = heads_per_group // heads_per_prog
-    i_g, i_split = i_gs // num_split, i_gs % num_split
-    clen = tl.load(p_clen + i_c)
-    s0 = i_s * BLOCK_T
+    i_c, clen, start, i_g, h0, s0, o_s, m_s, o_p, m_p, o_n, m_n = _bwd_program(
+        p_cstart, p_clen, P, N, heads_per_group, heads_per_prog, BLOCK_T, BLOCK_P, BLOCK_N)
     if s0 >= clen:
         return
-    start = tl.load(p_cstart + i_c)
-    o_s = s0 + tl.arange(0, BLOCK_T)
-    o_p = tl.arange(0, BLOCK_P)
-    o_n = tl.arange(0, BLOCK_N)
-    m_s, m_p, m_n = o_s < clen, o_p < P, o_n < N
     tok_s = start + o_s
     m_sn = m_s[:, None] & m_n[None, :]
     m_sp = m_s[:, None] & m_p[None, :]
     b_B = tl.load(p_B + tok_s[:, None] * s_b_l + i_g * s_b_g + o_n[None, :] * s_b_n, mask=m_sn, other=0.0)
     acc_dB = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     for hh in range(0, heads_per_prog):
-        i_h = i_g * heads_per_group + i_split * heads_per_prog + hh
+        i_h = h0 + hh
         base = (i_c.to(tl.int64) * H + i_h) * CHUNK
         b_acs_s = tl.load(p_dA_cs + base + o_s, mask=m_s, other=0.0)
         b_dt_s = tl.load(p_dt_out + base + o_s, mask=m_s, other=0.0)
@@ -195,7 +198,7 @@ def _chunk_scan_bwd_dx_kernel(
                 b_dx += b_dys * tl.load(p_D + i_h * P + o_p, mask=m_p, other=0.0)[None, :]
             else:
                 b_dx += b_dys * tl.load(p_D + i_h)
-            o_part = ((i_c.to(tl.int64) * tl.num_programs(2) + i_s) * H + i_h) * P + o_p
+            o_part = ((i_c.to(tl.int64) * tl.num_programs(2) + tl.program_id(2)) * H + i_h) * P + o_p
             tl.store(p_dD_part + o_part, tl.sum(b_dys * b_x.to(tl.float32), axis=0), mask=m_p)
         tl.store(p_dx + tok_s[:, None] * (H * P) + i_h * P + o_p[None, :], b_dx.to(p_dx.dtype.element_ty), mask=m_sp)
         b_prev = tl.load(p_ddA_cs + base + o_s, mask=m_s, other=0.0)
