@@ -129,3 +129,40 @@ def test_json_results_are_valid_json_even_for_non_finite_outputs():
 def test_error_message_shape():
     msg = json.loads(error_message(ProtocolError("too big", 1009, "frame_too_big")))
     assert msg == {"type": "error", "code": 1009, "reason": "frame_too_big", "message": "too big"}
+
+
+@pytest.mark.parametrize("text", ["\u00df", "AC\u017fGT", "\ufb06", "ACGT\u0131", "\uff21CGT"])
+def test_decode_bases_refuses_letters_that_case_map_onto_bases(text):
+    # ß -> "SS" (2 bases from 1 character), ſ -> S, ﬆ -> ST, dotless ı -> I, fullwidth Ａ -> Ａ
+    assert code_of(decode_bases, text) == 1007
+
+
+def test_decode_bases_accepts_both_ascii_cases():
+    assert decode_bases("acgtnRYacGT") == "ACGTNRYACGT"
+
+
+@pytest.mark.parametrize("msg", [
+    {"type": "start", "format": "text", "version": 1.0},
+    {"type": "start", "format": "text", "version": True},
+    {"type": "start", "format": "s16le", "sample_rate": 16000, "channels": 2**31},
+    {"type": "start", "format": "s16le", "sample_rate": 16000, "channels": 257},
+    {"type": "start", "format": "s16le", "sample_rate": 2**31},
+])
+def test_parse_start_refuses_non_integer_versions_and_huge_counts(msg):
+    spec = StreamSpec(formats=("text", "s16le"), sample_rate=None, channels=None)
+    assert code_of(parse_start, msg, spec) == 1008
+
+
+def test_huge_json_integer_is_invalid_data_not_a_crash():
+    assert code_of(parse_control, '{"type": "start", "ack": ' + "9" * 5000 + "}") == 1007
+
+
+def test_result_pieces_join_to_the_whole_result():
+    from streamssm.service.protocol import join_result, result_piece
+
+    rng = np.random.default_rng(0)
+    outputs, scores = rng.normal(size=(9, 3)).astype(np.float32), rng.normal(size=9).astype(np.float32)
+    for results in ("json", "binary"):
+        start = Start("text", None, 1, results=results)
+        pieces = [result_piece(outputs[a:b], scores[a:b], start) for a, b in [(0, 4), (4, 5), (5, 9)]]
+        assert join_result(3, 11, 3, pieces, start) == encode_result(3, 11, outputs, scores, start)

@@ -1,0 +1,407 @@
+"""The service under hostile and unlucky clients (issue 17): each attack runs in a bounded loop
+on loopback while a canary stream checks that its results stay exact. Ordering/fairness is
+checked structurally (what the engine has or has not finished when something arrives), never by
+wall-clock bounds (those are in benchmarks/bench_abuse.py)."""
+
+import asyncio
+import json
+import math
+import os
+import random
+import stat
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from streamssm.checkpoint import export_safetensors, load_for_serving
+from streamssm.datamodules.encoding import encode_bases
+from streamssm.errors import ConfigError
+from streamssm.models import ModelConfig, SSMModel
+from streamssm.service.client import StreamClient
+from streamssm.service.server import ServeConfig, StreamServer
+
+pytestmark = pytest.mark.timeout(90)
+TIMEOUT = 30.0
+START = json.dumps({"type": "start", "format": "text"})
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ckpt")
+    small = dict(d_model=16, n_layers=2, d_state=8, headdim=8, chunk_size=4)
+    out = {}
+    for name, cfg, serving, seed in [
+        ("dna", ModelConfig(block="mamba2", input_kind="tokens", vocab_size=5, head="lm", **small), {"modality": "dna"}, 1),
+        ("audio", ModelConfig(block="mamba", input_kind="tokens", vocab_size=256, head="lm", **small),
+         {"modality": "audio", "sample_rate": 8000, "encoding": "mu_law"}, 4),
+    ]:
+        torch.manual_seed(seed)
+        out[name] = export_safetensors(SSMModel(cfg).eval(), tmp / f"{name}.safetensors", serving=serving)
+    return out
+
+
+def server(path, **kw) -> StreamServer:
+    kw.setdefault("port", 0)
+    kw.setdefault("ping_interval", None)
+    return StreamServer(load_for_serving(path), ServeConfig(**kw))
+
+
+def bases(n: int, seed: int) -> str:
+    rng = random.Random(seed)
+    return "".join(rng.choice("ACGTN") for _ in range(n))
+
+
+def offline_dna(path, text: str):
+    """Offline full forward: next-token log-probs (l, 5) and scores (l,)."""
+    model = load_for_serving(path).model
+    x = encode_bases(text)
+    with torch.no_grad():
+        logp = F.log_softmax(model(x.unsqueeze(0))[0][0].float(), -1)
+    prev = torch.cat([torch.full((1, 5), -math.log(5)), logp[:-1]])
+    return logp.numpy(), prev.gather(-1, x.unsqueeze(-1)).squeeze(-1).numpy()
+
+
+async def canary(url, text, step=7, **kw):
+    async with StreamClient(url, format="text", **kw) as c:
+        for i in range(0, len(text), step):
+            await c.send(text[i : i + step])
+        summary = await c.end(timeout=TIMEOUT)
+    return c, summary
+
+
+def assert_exact(path, c, text):
+    logp, scores = offline_dna(path, text)
+    np.testing.assert_allclose(c.outputs(), logp, atol=2e-5, rtol=0)
+    np.testing.assert_allclose(c.scores(), scores, atol=2e-5, rtol=0)
+
+
+async def until(condition, what):
+    async with asyncio.timeout(TIMEOUT):
+        while not condition():
+            await asyncio.sleep(0.005)
+
+
+async def error_of(ws):
+    """Read until the server closes; returns (its error message or None, close code)."""
+    got = None
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            async for reply in ws:
+                if isinstance(reply, str) and json.loads(reply).get("type") == "error":
+                    got = json.loads(reply)
+    except ConnectionClosed:
+        pass
+    await ws.wait_closed()
+    return got, ws.close_code
+
+
+def big_chunk(srv):
+    """The chunk the engine is slicing right now (None when there is none)."""
+    for s in srv.scheduler._streams.values():
+        if s.pending and 0 < s.pending[0].taken:
+            return s.pending[0]
+    return None
+
+
+# ----------------------------------------------------------------------------- 1. slot leak
+
+
+async def test_clients_that_abort_around_ready_or_mid_frame_leak_no_slot(ckpts):
+    text = bases(90, 1)
+    async with server(ckpts["dna"], max_streams=3, slice_samples=16) as srv:
+        busy = await connect(srv.url)  # keeps the engine busy so opens wait behind compute
+        await busy.send(json.dumps({"type": "start", "format": "text", "include": ["scores"]}))
+        await busy.recv()
+        for i in range(24):
+            await until(lambda: srv.scheduler.live <= 2, "a slot")  # never true if slots leak
+            ws = await connect(srv.url)
+            await ws.send(START)
+            if i % 3 == 1:  # got ready, dropped with a frame in flight
+                await ws.recv()
+                await ws.send("ACGT" * 50)
+            elif i % 3 == 2:  # dropped in the middle of a frame's bytes
+                await ws.recv()
+                ws.transport.write(b"\x81\x7e\x10\x00ACGT")  # a 4096-byte text frame header + 4 bytes
+            if i % 4 == 0:
+                await busy.send("ACGT" * 500)
+            ws.transport.abort()
+        await busy.close()
+        await until(lambda: srv.scheduler.live == 0 and srv.streamer.live == 0, "slots freed")
+        c, _ = await canary(srv.url, text)
+        assert srv.scheduler.live == 0 and srv.streamer.live == 0
+    assert_exact(ckpts["dna"], c, text)
+
+
+async def test_open_cancelled_while_the_worker_opens_the_row_frees_it(ckpts):
+    from streamssm.service.scheduler import Scheduler
+
+    streamer = load_for_serving(ckpts["dna"]).model
+    from streamssm.inference import Streamer
+
+    sched = Scheduler(Streamer(streamer, 2))
+    await sched.start()
+    try:
+        sched._executor.submit(lambda: __import__("time").sleep(0.2))  # the worker is busy
+        task = asyncio.create_task(sched.open(None, None, None))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await sched._call(lambda: None)  # after the open and its clean-up
+        await sched._call(lambda: None)
+    finally:
+        await sched.stop()
+    assert sched.streamer.live == 0 and sched.live == 0
+
+
+# ----------------------------------------------------------------------------- 2. one client stalls all
+
+
+async def test_a_large_frame_is_sliced_and_interleaved_with_other_streams(ckpts):
+    text = bases(60, 2)
+    async with server(ckpts["dna"], slice_samples=32, max_frame_bytes=1 << 16) as srv:
+        attacker = await connect(srv.url, max_size=None)
+        await attacker.send(json.dumps({"type": "start", "format": "text", "include": ["scores"]}))
+        await attacker.recv()
+        big = bases(20000, 3)
+        await attacker.send(big)
+        await until(lambda: big_chunk(srv) is not None, "big frame started")
+        chunk = big_chunk(srv)
+        # a new client gets ready, and a canary gets all its results, while the big frame is still being computed
+        newcomer = await connect(srv.url)
+        await newcomer.send(START)
+        assert json.loads(await newcomer.recv())["type"] == "ready"
+        assert chunk.taken < chunk.n
+        c, _ = await canary(srv.url, text)
+        assert chunk.taken < chunk.n, "the canary waited for the whole big frame"
+        await newcomer.close()
+        result = json.loads(await asyncio.wait_for(attacker.recv(), TIMEOUT))
+        await attacker.close()
+    assert_exact(ckpts["dna"], c, text)
+    _, scores = offline_dna(ckpts["dna"], big)
+    np.testing.assert_allclose(result["scores"], scores, atol=2e-5)
+
+
+async def test_idle_timeout_does_not_count_the_servers_backlog_and_end_waits(ckpts):
+    big = bases(6000, 4)
+    async with server(ckpts["dna"], slice_samples=8, idle_timeout=0.3, max_frame_bytes=1 << 16) as srv:
+        async with connect(srv.url, max_size=None) as ws:
+            await ws.send(json.dumps({"type": "start", "format": "text", "include": ["scores"]}))
+            await ws.recv()
+            await ws.send(big)
+            await ws.send(big[:100])
+            await ws.send(json.dumps({"type": "end"}))
+            replies = [json.loads(m) async for m in ws]
+        assert srv.scheduler.batches > 100  # the backlog lasted many model calls (many idle timeouts)
+    assert [r["type"] for r in replies] == ["result", "result", "summary"]
+    assert replies[-1]["samples"] == 6100
+
+
+async def test_engine_errors_reach_the_client_with_their_reason_also_on_resume(ckpts):
+    async with server(ckpts["dna"]) as srv:
+        real = srv.streamer.feed_many
+
+        def flaky(chunks, outputs=True):
+            if any(len(x) == 13 for x in chunks.values()):
+                raise RuntimeError("device fault 42")
+            return real(chunks, outputs)
+
+        srv.streamer.feed_many = flaky
+        ws = await connect(srv.url)
+        await ws.send(START)
+        token = json.loads(await ws.recv())["resume"]
+        await ws.send("A" * 13)
+        got, code = await error_of(ws)
+        assert code == 1011 and "device fault 42" in got["message"]
+        ws = await connect(srv.url)
+        await ws.send(json.dumps({"type": "start", "format": "text", "resume": token}))
+        got, code = await error_of(ws)
+    assert code == 1011 and got["reason"] == "stream_failed" and "device fault 42" in got["message"]
+
+
+# ----------------------------------------------------------------------------- 3. output amplification
+
+
+async def test_result_size_limit_refuses_amplifying_frames_and_scores_only_passes(ckpts):
+    pcm = (np.sin(np.arange(2000) / 5) * 9000).astype("<i2").tobytes()
+    start = {"type": "start", "format": "s16le", "sample_rate": 8000}
+    async with server(ckpts["audio"], max_result_bytes=1 << 20) as srv:  # 2000 x 257 x 16 B > 1 MiB
+        async with connect(srv.url) as ws:
+            await ws.send(json.dumps(start))
+            await ws.recv()
+            await ws.send(pcm)
+            got, code = await error_of(ws)
+        assert code == 1009 and got["reason"] == "result_too_big" and "scores" in got["message"]
+        async with connect(srv.url) as ws:
+            await ws.send(json.dumps({**start, "include": ["scores"]}))
+            await ws.recv()
+            await ws.send(pcm)
+            result = json.loads(await ws.recv())
+    assert result["n"] == 2000 and len(result["scores"]) == 2000 and "outputs" not in result
+
+
+# ----------------------------------------------------------------------------- 4. crash safety
+
+
+async def test_write_ahead_survives_a_crash_and_a_resumed_file_is_kept(ckpts, tmp_path):
+    text = bases(80, 5)
+    state = tmp_path / "state"
+    first = server(ckpts["dna"], state_dir=str(state), write_ahead_interval=3600)
+    await first.start()
+    try:
+        c = StreamClient(first.url, format="text", reconnect=0)
+        await c.__aenter__()
+        for i in range(0, 40, 8):
+            await c.send(text[i : i + 8])
+        await c._wait_until(lambda: not c._pending)
+        await first.write_ahead()
+        files = list(state.glob("*.json"))
+        assert len(files) == 1 and stat.S_IMODE(files[0].stat().st_mode) == 0o600
+        assert stat.S_IMODE((state / "resume.key").stat().st_mode) == 0o600
+        # "crash": the first server never parks; a second one on the same state dir resumes from the write-ahead
+        async with server(ckpts["dna"], state_dir=str(state)) as second:
+            ws = await connect(second.url)
+            await ws.send(json.dumps({"type": "start", "format": "text", "resume": c.resume_token, "ack": 4}))
+            ready = json.loads(await ws.recv())
+            assert ready["resumed"] and ready["next_seq"] == 5 and ready["samples"] == 40
+            assert files[0].exists()  # live again, not yet re-written: a second crash must not lose it
+            for i in range(40, 80, 8):
+                await ws.send(text[i : i + 8])
+            await ws.send(json.dumps({"type": "end"}))
+            replies = [json.loads(m) async for m in ws]
+        assert not files[0].exists()  # ended: gone
+    finally:
+        c._ws.transport.abort()
+        await first.stop()
+    results = c.results + [r for r in replies if r["type"] == "result"]
+    logp, scores = offline_dna(ckpts["dna"], text)
+    got = np.concatenate([np.asarray(r.scores if hasattr(r, "scores") else r["scores"]) for r in results])
+    np.testing.assert_allclose(got, scores, atol=2e-5)
+    assert replies[-1]["samples"] == 80
+
+
+async def test_lost_stream_is_told_apart_from_an_invalid_token(ckpts, tmp_path):
+    async with server(ckpts["dna"], state_dir=str(tmp_path)) as srv:
+        ws = await connect(srv.url)
+        await ws.send(START)
+        token = json.loads(await ws.recv())["resume"]
+        ws.transport.abort()  # no result yet: nothing to park
+        await until(lambda: srv.scheduler.live == 0, "closed")
+        codes = []
+        for t in (token, token[:-2] + ("AA" if token[-2:] != "AA" else "BB")):
+            ws = await connect(srv.url)
+            await ws.send(json.dumps({"type": "start", "format": "text", "resume": t}))
+            got, code = await error_of(ws)
+            codes.append((code, got["reason"]))
+    assert codes == [(4410, "stream_lost"), (1008, "bad_resume")]
+
+
+# ----------------------------------------------------------------------------- 5. parked streams
+
+
+async def test_parked_streams_are_capped_and_protocol_errors_are_not_parked(ckpts, tmp_path):
+    async with server(ckpts["dna"], state_dir=str(tmp_path), max_parked=3) as srv:
+        for i in range(7):
+            ws = await connect(srv.url)
+            await ws.send(START)
+            await ws.recv()
+            await ws.send("ACGT")
+            await ws.recv()
+            if i == 6:
+                await ws.send("ACGU")  # a protocol error: that stream is not parked
+                await error_of(ws)
+            else:
+                ws.transport.abort()
+            await until(lambda: srv.scheduler.live == 0, "closed")
+        assert len(srv.store) == 3
+    files = list(tmp_path.glob("*.json"))
+    assert len(files) == 3 and all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files)
+
+
+# ----------------------------------------------------------------------------- 7. the rest
+
+
+async def test_sent_beyond_queue_depth_survives_a_restart(ckpts, tmp_path):
+    text = bases(40 * 3, 6)
+    async with server(ckpts["dna"], state_dir=str(tmp_path), queue_depth=2) as srv:
+        ws = await connect(srv.url, max_queue=2)
+        await ws.send(START)
+        token = json.loads(await ws.recv())["resume"]
+        for i in range(40):  # never reads: results pile up in buffers
+            await ws.send(text[3 * i : 3 * i + 3])
+        await until(lambda: srv.scheduler.unanswered(next(iter(srv.scheduler._streams))) == 0
+                    and srv._live[token].done_seq == 40, "all computed")
+        await srv.stop()  # SIGTERM: 1012, parked
+        got = []
+        with pytest.raises(ConnectionClosed):
+            while True:
+                got.append(json.loads(await ws.recv()))
+    async with server(ckpts["dna"], state_dir=str(tmp_path), queue_depth=2) as srv:
+        ack = got[-1]["seq"] if got else -1
+        async with connect(srv.url) as ws:
+            await ws.send(json.dumps({"type": "start", "format": "text", "resume": token, "ack": ack}))
+            assert json.loads(await ws.recv())["next_seq"] == 40
+            while len(got) < 40:
+                got.append(json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT)))
+    assert [r["seq"] for r in got] == list(range(40))
+    _, scores = offline_dna(ckpts["dna"], text)
+    np.testing.assert_allclose(np.concatenate([r["scores"] for r in got]), scores, atol=2e-5)
+
+
+async def test_concurrent_resumes_and_changed_encoding(ckpts):
+    async with server(ckpts["dna"]) as srv:
+        ws = await connect(srv.url)
+        await ws.send(START)
+        token = json.loads(await ws.recv())["resume"]
+        await ws.send("ACGT")
+        await ws.recv()
+        ws.transport.abort()
+        await until(lambda: len(srv.store) == 1, "parked")
+        resume = json.dumps({"type": "start", "format": "text", "resume": token, "ack": 0})
+        conns = [await connect(srv.url) for _ in range(4)]
+        await asyncio.gather(*(c.send(resume) for c in conns))
+        replies = [json.loads(await c.recv()) for c in conns]
+        kinds = sorted((r["type"], r.get("code")) for r in replies)
+        assert kinds == [("error", 1013)] * 3 + [("ready", None)], kinds
+        for c in conns:
+            await c.close()
+        await until(lambda: len(srv.store) == 1 and not srv._live, "parked again")
+        ws = await connect(srv.url)
+        await ws.send(json.dumps({"type": "start", "format": "text", "resume": token, "results": "binary"}))
+        got, code = await error_of(ws)
+    assert code == 1008 and got["reason"] == "resume_mismatch" and "results" in got["message"]
+
+
+async def test_hostile_headers_and_numbers(ckpts):
+    async with server(ckpts["dna"], token="s3cret") as srv:
+        with pytest.raises(InvalidStatus) as err:
+            async with connect(srv.url, additional_headers=[("Authorization", "Bearer s3cret"),
+                                                            ("Authorization", "Bearer s3cret")]):
+                pass
+        assert err.value.response.status_code == 400
+        auth = {"Authorization": "Bearer s3cret"}
+        for start, code in [('{"type": "start", "format": "text", "ack": ' + "9" * 5000 + "}", 1007),
+                            (json.dumps({"type": "start", "format": "text", "version": 1.0}), 1008),
+                            (json.dumps({"type": "start", "format": "text", "version": True}), 1008),
+                            (json.dumps({"type": "start", "format": "text", "channels": 2**31}), 1008)]:
+            async with connect(srv.url, additional_headers=auth) as ws:
+                await ws.send(start)
+                got, got_code = await error_of(ws)
+            assert got_code == code and got["code"] == code, (start[:60], got)
+
+
+def test_empty_token_is_refused_and_public_host_without_token_warns(ckpts, caplog):
+    with pytest.raises(ConfigError, match="token is empty"):
+        ServeConfig(token="")
+
+    async def run():
+        async with server(ckpts["dna"], host="0.0.0.0"):
+            pass
+
+    with caplog.at_level("WARNING", logger="streamssm.service.server"):
+        asyncio.run(run())
+    assert any("without --token" in r.getMessage() for r in caplog.records)
