@@ -4,6 +4,7 @@ a 2-process DDP (gloo) run identical to a 1-process run."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -343,6 +344,22 @@ def test_resume_record_of_other_model_is_refused(tmp_path):
         other.start_chunk(dm.units[0])
 
 
+@contextlib.contextmanager
+def _record_fails_at(monkeypatch, n: int):
+    """Inside: the ``n``-th resume record of the run fails to save (its chunk's data is written)."""
+    original, calls = ResumeRecords.save, {"n": 0}
+
+    def failing_save(self, unit, next_chunk, state):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise RuntimeError("injected failure")
+        return original(self, unit, next_chunk, state)
+
+    with monkeypatch.context() as m:
+        m.setattr(ResumeRecords, "save", failing_save)
+        yield
+
+
 def test_ddp_two_processes_equal_one(tmp_path, monkeypatch):
     """CPU DDP (gloo, 2 ranks launched by Lightning from the CLI) resuming a failed 1-process
     run writes the same bytes as an uninterrupted 1-process run. Units (2, 2, 1 series) go
@@ -353,18 +370,8 @@ def test_ddp_two_processes_equal_one(tmp_path, monkeypatch):
     _write(tmp_path / "in.zarr", x, (1, 32, 3))
     opts = dict(chunk_steps=64, batch_series=2, num_workers=0, accelerator="cpu")
     run_inference(ckpt, tmp_path / "in.zarr", tmp_path / "one.zarr", **opts)
-    original, calls = ResumeRecords.save, {"n": 0}
-
-    def failing_save(self, unit, next_chunk, state):
-        calls["n"] += 1
-        if calls["n"] == 5:  # unit 2, chunk 0: data written, record not
-            raise RuntimeError("injected failure")
-        return original(self, unit, next_chunk, state)
-
-    monkeypatch.setattr(ResumeRecords, "save", failing_save)
-    with pytest.raises(RuntimeError, match="injected failure"):
-        run_inference(ckpt, tmp_path / "in.zarr", tmp_path / "two.zarr", **opts)
-    monkeypatch.setattr(ResumeRecords, "save", original)
+    with _record_fails_at(monkeypatch, 5), pytest.raises(RuntimeError, match="injected failure"):
+        run_inference(ckpt, tmp_path / "in.zarr", tmp_path / "two.zarr", **opts)  # unit 2, chunk 0: no record
     assert _records_written(tmp_path / "two.zarr" / "in" / RESUME_DIR) == 4
     two = subprocess.run(_cli(ckpt, tmp_path / "in.zarr", tmp_path / "two.zarr", 64, "--devices", "2"), env=_ENV,
                          capture_output=True, text=True, timeout=240)
@@ -482,18 +489,8 @@ def test_relative_and_absolute_input_paths_resume_the_same_job(tmp_path, monkeyp
     opts = dict(chunk_steps=32, batch_series=1, num_workers=0, accelerator="cpu")
     run_inference(ckpt, tmp_path / "in.zarr", tmp_path / "clean.zarr", **opts)
     monkeypatch.chdir(tmp_path)
-    original, calls = ResumeRecords.save, {"n": 0}
-
-    def failing_save(self, unit, next_chunk, state):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("injected failure")
-        return original(self, unit, next_chunk, state)
-
-    monkeypatch.setattr(ResumeRecords, "save", failing_save)
-    with pytest.raises(RuntimeError, match="injected failure"):
+    with _record_fails_at(monkeypatch, 3), pytest.raises(RuntimeError, match="injected failure"):
         run_inference(ckpt, "in.zarr", "out.zarr", **opts)  # relative
-    monkeypatch.setattr(ResumeRecords, "save", original)
     done = _records_written(tmp_path / "out.zarr" / "in" / RESUME_DIR)
     assert 0 < done < 8
     res = run_inference(ckpt, tmp_path / "in.zarr", tmp_path / "out.zarr", **opts)  # absolute: resumes
