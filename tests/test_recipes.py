@@ -96,3 +96,32 @@ def test_tiny_recipe_learns_and_its_checkpoint_serves(name, tmp_path, monkeypatc
     assert bundle.serving == {**fit.datamodule.serving_metadata(), "task": fit.model._task_metadata()}
     assert export_main(["--checkpoint", ckpt, "--output", str(tmp_path / "m.safetensors")]) == 0
     assert load_for_serving(tmp_path / "m.safetensors").fingerprint == bundle.fingerprint
+
+
+def _readme_cpu_commands() -> list[list[str]]:
+    readme = (RECIPES.parent / "README.md").read_text()
+    block = re.search(r"on a CPU \(here on the generated data\)[^\n]*\n\n```bash\n(.*?)```", readme, re.S)
+    assert block, "README lost its commands for the full recipes on a CPU"
+    return [line.split() for line in block.group(1).splitlines() if line.strip()]
+
+
+def test_every_recipe_uses_a_gpu_only_when_there_is_one():
+    for recipe in ALL:
+        assert re.search(r"^  accelerator: auto$", recipe.read_text(), re.M), recipe.name
+
+
+@pytest.mark.parametrize("command", _readme_cpu_commands(), ids=lambda c: Path(c[3]).stem)
+def test_full_recipe_runs_on_cpu_with_the_readme_overrides(command, tmp_path, monkeypatch):
+    """The README's CPU command of each full recipe, on generated data, with the model shrunk and
+    2 steps (one validation) so that it takes seconds: everything else as the README says."""
+    assert command[:3] == ["streamssm", "fit", "--config"]
+    monkeypatch.chdir(tmp_path)
+    make_data(Path(command[3]).stem)  # dna | waveform | sensor: the recipe's name is its data kind
+    small = ["--model.init_args.d_model", "32", "--model.init_args.n_layers", "1", "--model.init_args.d_state", "16",
+             "--model.init_args.headdim", "16", "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
+             "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    cli = build_cli("fit", ["--config", str(RECIPES.parent / command[3]), *command[4:], *small])
+    assert cli.trainer.global_step == 2 and "val/loss" in cli.trainer.callback_metrics
+    if not torch.cuda.is_available():
+        assert cli.trainer.accelerator.__class__.__name__ == "CPUAccelerator"
