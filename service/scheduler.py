@@ -82,6 +82,7 @@ class _Stream:
     on_error: OnError
     slots: asyncio.Semaphore
     outputs: bool = True  # False: the client wants scores only (ChunkResult.outputs None)
+    slice_samples: int = 1024  # this stream's samples per model call
     pending: deque[Chunk] = field(default_factory=deque)
     closing: bool = False
     failed: bool = False
@@ -105,7 +106,7 @@ class Scheduler:
     """
 
     def __init__(self, streamer: Streamer, queue_depth: int = 8, metrics: Any = None,
-                 batching: str = "uniform", slice_samples: int = 4096):
+                 batching: str = "uniform", slice_samples: int = 1024):
         if queue_depth < 1:
             raise ConfigError(f"queue_depth must be >= 1, got {queue_depth}")
         if batching not in ("uniform", "greedy"):
@@ -149,10 +150,12 @@ class Scheduler:
         return len(self._streams)
 
     async def open(self, encoder: Encoder, deliver: Deliver, on_error: OnError, snapshot: bytes | None = None,
-                   outputs: bool = True) -> int:
+                   outputs: bool = True, slice_samples: int | None = None) -> int:
         """Open a stream (from ``snapshot`` when given); StateError when the pool is full or the
         snapshot belongs to another model. ``outputs=False``: its results carry scores only
         (``Streamer.feed_many(outputs=...)``: no (l, o) distribution leaves the device).
+        ``slice_samples``: a smaller per-call bound for this stream (e.g. when each of its samples
+        costs many result values to encode); at most the scheduler's.
 
         Cancellation-safe: if the caller is cancelled while the row is being opened, the row
         is closed again as soon as the worker has opened it (no leaked pool slot)."""
@@ -163,7 +166,9 @@ class Scheduler:
         except asyncio.CancelledError:
             future.add_done_callback(self._close_orphan)
             raise
-        self._streams[sid] = _Stream(sid, encoder, deliver, on_error, asyncio.Semaphore(self.queue_depth), outputs)
+        limit = self.slice_samples if slice_samples is None else max(1, min(slice_samples, self.slice_samples))
+        self._streams[sid] = _Stream(sid, encoder, deliver, on_error, asyncio.Semaphore(self.queue_depth), outputs,
+                                     limit)
         return sid
 
     def _close_orphan(self, future: asyncio.Future) -> None:
@@ -289,7 +294,7 @@ class Scheduler:
             budget = min(budget, min(s.backlog for s in ready))
         batch: dict[int, Pieces] = {}
         for stream in ready:
-            pieces, left = [], budget
+            pieces, left = [], min(budget, stream.slice_samples)
             for chunk in stream.pending:
                 if left <= 0 or (stream.closing and pieces):
                     break

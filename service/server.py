@@ -50,6 +50,7 @@ from .protocol import (
     MESSAGE_TOO_BIG,
     NORMAL_CLOSURE,
     POLICY_VIOLATION,
+    RESULT_VALUE_BYTES,
     SERVICE_RESTART,
     TRY_AGAIN_LATER,
     UNSUPPORTED_DATA,
@@ -73,6 +74,8 @@ STREAM_PATHS = ("/", "/stream")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _PARKED_REASONS = ("idle_timeout",)  # protocol errors after which a stream is still parked
 _FAILED_KEPT = 1024  # failed streams remembered (their resume gets the failure, not "unknown")
+_VALUES_PER_SLICE_SAMPLE = 16  # a stream's slice holds at most slice_samples x this many result values
+_THREAD_DECODE_BYTES = 1 << 16  # frames at least this big are decoded off the event loop
 
 
 @dataclass
@@ -88,7 +91,7 @@ class ServeConfig:
     max_frame_bytes: int = 1 << 20
     max_result_bytes: int = 16 << 20  # one frame's result (protocol.result_bytes)
     replay_bytes: int = 16 << 20  # unacknowledged results kept per stream for resume
-    slice_samples: int = 4096  # samples of one stream per model call
+    slice_samples: int = 1024  # samples of one stream per model call
     idle_timeout: float = 60.0
     queue_depth: int = 8
     resume_ttl: float = 300.0
@@ -292,7 +295,10 @@ class _Session:
             if isinstance(message, str) and self.start.format != "text":
                 raise ProtocolError("text frame in a binary stream: text frames carry JSON control messages only",
                                     UNSUPPORTED_DATA, "text_in_binary")
-            x = codec.chunk_from_frame(message, self.start, cfg.nan_policy)  # type: ignore[arg-type]
+            if size >= _THREAD_DECODE_BYTES:
+                x = await asyncio.to_thread(codec.chunk_from_frame, message, self.start, cfg.nan_policy)
+            else:
+                x = codec.chunk_from_frame(message, self.start, cfg.nan_policy)  # type: ignore[arg-type]
             n = int(x.shape[0])
             out_bytes = result_bytes(n, codec.output_dim, scored, self.start)
             if out_bytes > cfg.max_result_bytes:
@@ -532,6 +538,15 @@ class StreamServer:
         cfg = self.streamer.cfg
         return "outputs" in start.include or cfg.head != "lm" or cfg.input_kind != "tokens"
 
+    def _slice_samples(self, start: Start) -> int:
+        """Samples of this stream per model call: ``slice_samples``, fewer when each sample has
+        more than 16 result values to compute and encode (a 256-way LM's JSON outputs)."""
+        cfg = self.streamer.cfg
+        scored = cfg.head == "lm" and cfg.input_kind == "tokens"
+        values = result_bytes(1, self.codec.output_dim, scored, start) // RESULT_VALUE_BYTES[start.results]
+        budget = self.config.slice_samples * _VALUES_PER_SLICE_SAMPLE
+        return max(1, min(self.config.slice_samples, budget // max(1, values)))
+
     async def _recv(self, ws: ServerConnection, session: _Session | None = None) -> str | bytes:
         """The next message; ProtocolError 1008 ``idle_timeout`` after ``idle_timeout`` seconds
         without a message or a result sent, not counting time the server owes results."""
@@ -647,7 +662,8 @@ class StreamServer:
         try:
             session.sid = await self.scheduler.open(session, session.deliver, session.on_error,
                                                     None if parked is None else parked.snapshot,
-                                                    outputs=self._needs_outputs(start))
+                                                    outputs=self._needs_outputs(start),
+                                                    slice_samples=self._slice_samples(start))
         except StateError as exc:
             if parked is not None:  # put it back: the right server (or a freer moment) may resume it
                 await asyncio.to_thread(self.store.park, token, parked, False)

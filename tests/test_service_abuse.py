@@ -127,7 +127,7 @@ async def test_clients_that_abort_around_ready_or_mid_frame_leak_no_slot(ckpts):
                 await ws.recv()
                 ws.transport.write(b"\x81\x7e\x10\x00ACGT")  # a 4096-byte text frame header + 4 bytes
             if i % 4 == 0:
-                await busy.send("ACGT" * 500)
+                await busy.send("ACGT" * 100)
             ws.transport.abort()
         await busy.close()
         await until(lambda: srv.scheduler.live == 0 and srv.streamer.live == 0, "slots freed")
@@ -163,11 +163,11 @@ async def test_open_cancelled_while_the_worker_opens_the_row_frees_it(ckpts):
 
 async def test_a_large_frame_is_sliced_and_interleaved_with_other_streams(ckpts):
     text = bases(60, 2)
-    async with server(ckpts["dna"], slice_samples=32, max_frame_bytes=1 << 16) as srv:
+    async with server(ckpts["dna"], slice_samples=16, max_frame_bytes=1 << 16) as srv:
         attacker = await connect(srv.url, max_size=None)
         await attacker.send(json.dumps({"type": "start", "format": "text", "include": ["scores"]}))
         await attacker.recv()
-        big = bases(20000, 3)
+        big = bases(4000, 3)
         await attacker.send(big)
         await until(lambda: big_chunk(srv) is not None, "big frame started")
         chunk = big_chunk(srv)
