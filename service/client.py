@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from streamssm.checkpoint import read_model_file
 from streamssm.errors import ConfigError, DataFormatError, ProtocolError, StreamSSMError
@@ -115,6 +115,15 @@ class StreamClient:
             why = "connection refused" if isinstance(exc, ConnectionRefusedError) else str(exc) or type(exc).__name__
             raise ServerUnreachable(f"no server at {self.url} ({why}); start one with "
                                     f"`streamssm serve --checkpoint MODEL`") from exc
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            if status == 401:
+                raise ConfigError(f"the server at {self.url} wants a bearer token (HTTP 401): pass its token "
+                                  f"(--token or STREAMSSM_TOKEN)") from exc
+            raise ServerUnreachable(f"{self.url} refused the websocket connection (HTTP {status}): "
+                                    f"{exc.response.body.decode(errors='replace').strip()}") from exc
+        except InvalidHandshake as exc:
+            raise ServerUnreachable(f"{self.url} is not a streamssm server: {exc}") from exc
         return self
 
     async def __aexit__(self, *exc) -> None:

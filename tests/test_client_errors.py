@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from streamssm.checkpoint import ServingBundle
-from streamssm.errors import ShapeError
+from streamssm.errors import ConfigError, ShapeError
 from streamssm.models import ModelConfig, SSMModel
 from streamssm.service.client import ServerError, ServerUnreachable, StreamClient
 from streamssm.service.server import ServeConfig, StreamServer
@@ -50,4 +50,15 @@ def test_no_server_names_the_url_and_how_to_start_one():
             pass
 
     with pytest.raises(ServerUnreachable, match=r"no server at ws://127.0.0.1:9/ .*streamssm serve"):
+        asyncio.run(run())
+
+
+@pytest.mark.timeout(60)
+def test_a_missing_token_is_one_clear_error():
+    async def run() -> None:
+        async with StreamServer(_bundle(), ServeConfig(port=0, token="s3cret")) as server:
+            async with StreamClient(server.url, format="f32le", channels=2):
+                pass
+
+    with pytest.raises(ConfigError, match="wants a bearer token .*--token or STREAMSSM_TOKEN"):
         asyncio.run(run())
