@@ -405,3 +405,38 @@ def test_empty_token_is_refused_and_public_host_without_token_warns(ckpts, caplo
     with caplog.at_level("WARNING", logger="streamssm.service.server"):
         asyncio.run(run())
     assert any("without --token" in r.getMessage() for r in caplog.records)
+
+
+async def test_ack_trims_the_replay_buffer_and_a_too_old_ack_is_refused_not_skipped(ckpts):
+    async with server(ckpts["dna"], replay_bytes=1) as srv:  # keeps only the newest result
+        ws = await connect(srv.url)
+        await ws.send(START)
+        token = json.loads(await ws.recv())["resume"]
+        for i in range(3):
+            await ws.send("ACGT")
+            await ws.recv()
+        ws.transport.abort()
+        await until(lambda: len(srv.store) == 1, "parked")
+        replies = []
+        for ack in (0, 1):  # results 1 is gone (over replay_bytes): refused; from 2 on: replayed
+            async with connect(srv.url) as ws:
+                await ws.send(json.dumps({"type": "start", "format": "text", "resume": token, "ack": ack}))
+                replies.append(json.loads(await ws.recv()))
+                if replies[-1]["type"] == "ready":
+                    replies.append(json.loads(await ws.recv()))
+                    await ws.send(json.dumps({"type": "ack", "seq": 2}))
+                    await ws.send("ACGT")
+                    replies.append(json.loads(await ws.recv()))
+            await until(lambda: len(srv.store) == 1 and not srv._live, "parked again")
+        assert [seq for seq, _ in srv.store._parked[token].replay] == [3]  # acked 2 is gone
+    assert replies[0]["reason"] == "results_lost" and "1..1" in replies[0]["message"]
+    assert [r.get("seq") for r in replies[1:]] == [None, 2, 3]
+
+
+async def test_streams_with_many_result_values_get_smaller_slices(ckpts):
+    from streamssm.service.protocol import Start
+
+    async with server(ckpts["audio"], slice_samples=1024) as srv:
+        json_out, scores = Start("s16le", 8000, 1), Start("s16le", 8000, 1, include=("scores",))
+        binary = Start("s16le", 8000, 1, results="binary")
+        assert (srv._slice_samples(json_out), srv._slice_samples(scores), srv._slice_samples(binary)) == (63, 1024, 63)
