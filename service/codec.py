@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from streamssm.checkpoint import ServingBundle
-from streamssm.datamodules.encoding import decoder_from_metadata, encoder_from_metadata
+from streamssm.datamodules.encoding import DNA_VOCAB_SIZE, decoder_from_metadata, encoder_from_metadata
 from streamssm.errors import ConfigError, DataFormatError, ProtocolError, ShapeError
+from streamssm.models import ModelConfig
 
 from .protocol import INVALID_DATA, IUPAC_ALPHABET, NanPolicy, Start, StreamSpec, decode_bases, decode_samples
 
@@ -48,6 +49,7 @@ class ModelCodec:
         encode = encoder_from_metadata(meta)
         modality = meta["modality"]
         spec = stream_spec(meta)
+        _check_model_fits(cfg, meta)
         post = None
         if cfg.head == "regression" and (modality == "sensor" or meta.get("encoding") == "float"):
             post = _forecast_decoder(meta, cfg.resolved_output_dim)
@@ -96,6 +98,27 @@ def stream_settings(meta: Mapping[str, Any]) -> dict[str, Any]:
     (mono audio: 1 channel; the server also mixes down more)."""
     spec = stream_spec(meta)
     return {"format": spec.formats[0], "sample_rate": spec.sample_rate, "channels": spec.channels or 1}
+
+
+def _check_model_fits(cfg: ModelConfig, meta: Mapping[str, Any]) -> None:
+    """Raise ConfigError at load time when the model's inputs/outputs disagree with its serving
+    metadata (the encoder's tokens or channels, the classes), instead of failing every chunk."""
+    modality, problems = meta["modality"], []
+    if modality == "dna" or meta.get("encoding") == "mu_law":
+        vocab = DNA_VOCAB_SIZE if modality == "dna" else int(meta.get("quantization_channels", 256))
+        if cfg.input_kind != "tokens" or cfg.vocab_size != vocab:
+            problems.append(f"the encoder gives tokens 0..{vocab - 1} but the model reads "
+                            f"{cfg.input_kind} input (vocab_size {cfg.vocab_size})")
+    else:
+        channels = len(meta["channels"]) if modality == "sensor" else int(meta.get("channels", 1))
+        if cfg.input_kind != "continuous" or cfg.input_dim != channels:
+            problems.append(f"the encoder gives {channels} channel(s) per step but the model reads "
+                            f"{cfg.input_kind} input (input_dim {cfg.input_dim})")
+    classes = meta.get("classes") or []
+    if cfg.head == "classifier" and classes and cfg.resolved_output_dim != len(classes):
+        problems.append(f"{len(classes)} class names but {cfg.resolved_output_dim} classifier outputs")
+    if problems:
+        raise ConfigError("the model does not fit its serving metadata: " + "; ".join(problems))
 
 
 def _forecast_decoder(meta: Mapping[str, Any], output_dim: int) -> Callable[[torch.Tensor], torch.Tensor]:

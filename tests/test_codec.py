@@ -50,3 +50,16 @@ def test_float_audio_forecasts_pass_unchanged():
                                            output_dim=2))
     y = torch.randn(5, 2)
     torch.testing.assert_close(torch.from_numpy(codec.postprocess(y)), y)
+
+
+@pytest.mark.parametrize("serving, io, problem", [
+    ({"modality": "dna"}, dict(input_kind="tokens", vocab_size=4, head="lm"), "tokens 0..4"),
+    ({"modality": "audio", "sample_rate": 8000, "encoding": "mu_law", "quantization_channels": 256},
+     dict(input_kind="tokens", vocab_size=16, head="lm"), "tokens 0..255"),
+    ({**SENSOR}, dict(input_kind="continuous", input_dim=2, head="regression", output_dim=3), "3 channel"),
+    ({**SENSOR, "classes": ["idle", "walk"]}, dict(input_kind="continuous", input_dim=3, head="classifier",
+                                                   output_dim=3), "2 class names but 3"),
+])
+def test_a_model_that_does_not_fit_its_metadata_is_refused_at_load(serving, io, problem):
+    with pytest.raises(ConfigError, match=problem):
+        ModelCodec.from_bundle(_bundle(serving, **io))
