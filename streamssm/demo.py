@@ -12,6 +12,9 @@ For each task (sensor forecasting, DNA language model, 8-bit mu-law audio langua
 5. save plots (training curve; the streamed signal with the model's per-step forecast or
    surprisal) and print a summary table, including how the model compares to a no-model
    baseline on the held-out signal.
+
+Each stage prints one line (``task 2 of 3 (dna): training 300 steps · 41 s elapsed``), so a
+slow or shared machine shows where the demo is.
 """
 
 from __future__ import annotations
@@ -209,8 +212,10 @@ def plots(name: str, prepared: Prepared, streamed: np.ndarray, scores: np.ndarra
     return pngs
 
 
-def run_task(name: str, out_root: Path, size: Size, accelerator: str, progress) -> dict[str, Any]:
-    """The five demo steps for one task; returns its summary row."""
+def run_task(name: str, out_root: Path, size: Size, accelerator: str, progress,
+             on_stage: Callable[[str], None] = lambda stage: None) -> dict[str, Any]:
+    """The five demo steps for one task; returns its summary row. ``on_stage(description)`` is
+    called as each stage starts (the CLI prints it)."""
     from streamssm.checkpoint import load_for_serving
 
     import lightning.pytorch as pl
@@ -219,11 +224,14 @@ def run_task(name: str, out_root: Path, size: Size, accelerator: str, progress) 
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     pl.seed_everything(0, verbose=False)
+    on_stage("generating data")
     prepared = _prepare(name, out_dir / "data", size)
+    on_stage(f"training {size.train_steps} steps")
     ckpt, metrics_csv = train(prepared, out_dir, size, accelerator)
     bundle = load_for_serving(ckpt, "cpu")
 
     n_chunks = math.ceil(len(prepared.held_out) / size.chunk)
+    on_stage(f"streaming {n_chunks} chunks through the websocket service")
     bar = progress.add_task(f"{name}: streaming {n_chunks} chunks", total=n_chunks)
     streamed, scores, summary, latencies = asyncio.run(
         _stream(bundle, prepared.held_out, prepared.stream_format, size.chunk, lambda: progress.advance(bar)))
@@ -231,9 +239,11 @@ def run_task(name: str, out_root: Path, size: Size, accelerator: str, progress) 
     diff = max_difference(f"{name} streamed outputs", sent, streamed)
     if offline_scores is not None:
         diff = max(diff, max_difference(f"{name} streamed scores", offline_scores, scores))
+    on_stage("zarr batch inference")
     zarr_out = zarr_inference(ckpt, prepared.zarr_input, out_dir, chunk_steps=max(64, size.held_out // 4))
     zarr_diff = max_difference(f"{name} zarr outputs", raw.numpy(), zarr_out)
     metric, model_value, base_value = baseline(name, prepared, streamed, scores, bundle.config.resolved_output_dim)
+    on_stage("plots")
     pngs = plots(name, prepared, streamed, scores, metrics_csv, out_dir)
     return {
         "task": name, "checkpoint": ckpt, "metric": metric, "model": model_value, "baseline": base_value,
@@ -270,11 +280,19 @@ def main(argv: list[str] | None = None, prog: str = "streamssm demo") -> int:
     out_root = Path(args.out).resolve()
     console = Console()
     rows = []
+    started = time.perf_counter()
+
+    def announcer(k: int, name: str) -> Callable[[str], None]:
+        def on_stage(stage: str) -> None:
+            console.print(f"task {k} of {len(names)} ({name}): {stage} · {time.perf_counter() - started:.0f} s elapsed",
+                          highlight=False, soft_wrap=True)
+        return on_stage
+
     with Progress(console=console, transient=True) as progress:
-        for name in names:
+        for k, name in enumerate(names, 1):
             console.rule(f"demo: {name}")
             try:
-                rows.append(run_task(name, out_root, size, args.accelerator, progress))
+                rows.append(run_task(name, out_root, size, args.accelerator, progress, announcer(k, name)))
             except DemoParityError as exc:
                 console.print(f"[bold red]parity check failed[/]: {exc}")
                 return 1
@@ -285,6 +303,7 @@ def main(argv: list[str] | None = None, prog: str = "streamssm demo") -> int:
         table.add_row(r["task"], f"{r['model']:.4g}", f"{r['baseline']:.4g}", f"{r['stream_diff']:.1e}",
                       f"{r['zarr_diff']:.1e}", f"{r['p50_ms']:.1f}", f"{r['seconds']:.0f}")
     console.print(table)
+    console.print(f"{len(rows)} task(s) in {time.perf_counter() - started:.0f} s", highlight=False)
     console.print("model / no model: the held-out metric of the trained model and of a no-model baseline; "
                   "stream diff / zarr diff: max |difference| of the websocket stream and of zarr inference "
                   "from one offline forward pass; p50 ms: median chunk round trip over the websocket.")

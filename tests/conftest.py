@@ -29,3 +29,13 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_lightning():
+    """The run-time filters of ``streamssm.lightning_ui`` (installed when ``streamssm.tasks`` is
+    imported) inside every test: pytest restores the warning filters after collection and after
+    each test, so an import-time filter would not last."""
+    from streamssm.lightning_ui import quiet_lightning
+
+    quiet_lightning()

@@ -1,5 +1,6 @@
 """`streamssm demo --quick` end to end: train, serve, stream, zarr, plots; parity asserted."""
 
+import re
 import subprocess
 import sys
 
@@ -37,6 +38,14 @@ def test_demo_cli_summary_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "streamssm demo" in out and "stream diff" in out
     assert (tmp_path / "sensor" / "stream.png").is_file()
+    # one progress line per stage, in order, with the time since the demo started
+    stages = re.findall(r"task 1 of 1 \(sensor\): (.+?) · \d+ s elapsed", out)
+    assert stages == ["generating data", f"training {QUICK.train_steps} steps",
+                      f"streaming {-(-QUICK.held_out // QUICK.chunk)} chunks through the websocket service",
+                      "zarr batch inference", "plots"]
+    # Lightning's bar counts steps of max_steps; no `Epoch k/-2`, no v_num
+    assert f"{QUICK.train_steps}/{QUICK.train_steps}" in out and "· step" in out
+    assert not re.search(r"Epoch \d+/-\d", out) and "v_num" not in out
 
 
 def test_console_script_lists_demo():

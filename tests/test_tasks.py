@@ -223,7 +223,7 @@ def test_forecaster_and_classifier_fit_on_plain_loaders(tmp_path):
     x = torch.randn(8, 12, 2, generator=g)
     reg = [{"inputs": x[i, :-1], "targets": x[i, 1:]} for i in range(8)]
     task = Forecaster(horizon=2, input_kind="continuous", input_dim=2, output_dim=2, **TINY)
-    _trainer(tmp_path, max_steps=2).fit(task, DataLoader(reg, batch_size=4))
+    _trainer(tmp_path, max_steps=2).fit(task, DataLoader(reg, batch_size=4), DataLoader(reg, batch_size=4))
     assert task.model.cfg.output_dim == 4
     cls = [{"inputs": x[i], "targets": torch.tensor(i % 3)} for i in range(8)]
     clf = SequenceClassifier(input_kind="continuous", input_dim=2, output_dim=3, **TINY)
