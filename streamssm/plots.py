@@ -6,7 +6,7 @@ validation (per epoch) curves with their unit on the axis, in bits like the rest
 
 - language models (``*/bpt`` logged): cross-entropy in bits per token;
 - other cross-entropy losses (classifiers, ``*/acc`` logged): the nats of ``*/loss`` / ln 2 = bits;
-- forecasters (``*/mse`` logged): the loss, named as the mean squared or absolute error;
+- forecasters (``*/mse`` logged): the loss, named MSE or MAE (of the targets as trained);
 - anything else: ``loss``, unit unknown.
 
 A learning-rate panel follows when ``lr`` was logged. The default title names the run and the
@@ -57,11 +57,11 @@ def loss_curves(series: Series) -> tuple[Series, str]:
     losses = {k: v for k, v in series.items() if k.endswith("loss")}
     if any(k.endswith("/acc") for k in series):
         return {k: [(s, v / math.log(2.0)) for s, v in pts] for k, pts in losses.items()}, "cross-entropy (bits)"
-    for kind, label in (("mse", "mean squared error"), ("mae", "mean absolute error")):
+    for kind, label in (("mse", "MSE"), ("mae", "MAE")):
         for key, points in losses.items():
             twin = series.get(key[: -len("loss")] + kind)
             if twin and dict(twin) == dict(points):
-                return losses, f"{label} of the (training) targets"
+                return losses, f"{label} (training targets)"
     return losses, "loss (unit not recorded)"
 
 

@@ -327,5 +327,5 @@ def test_training_curve_title_names_run_and_task_and_axes_state_units(tmp_path):
     assert fig.axes[0].get_lines()[0].get_ydata()[0] == pytest.approx(2.0)  # nats -> bits
 
     fc = _metrics_dir(tmp_path / "fc", "epoch,step,train/loss,train/mse,train/mae", ["0,1,0.5,0.5,0.6"], "Forecaster")
-    assert training_curve_figure(fc).axes[0].get_ylabel().startswith("mean squared error")
+    assert training_curve_figure(fc).axes[0].get_ylabel() == "MSE (training targets)"
     assert training_curve_figure(fc, title="mine").axes[0].get_title() == "mine"
