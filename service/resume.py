@@ -244,8 +244,8 @@ class ResumeStore:
             for t in gone:
                 self.forget(t)
             count = len(gone)
-            if self.state_dir is not None:
-                for path in self.state_dir.glob("*.json"):
+            if self.state_dir is not None:  # (a *.tmp is a write cut short by a crash)
+                for path in [*self.state_dir.glob("*.json"), *self.state_dir.glob("*.tmp")]:
                     try:
                         if path.stat().st_mtime < now:
                             path.unlink(missing_ok=True)

@@ -83,12 +83,19 @@ class _Stream:
     slots: asyncio.Semaphore
     outputs: bool = True  # False: the client wants scores only (ChunkResult.outputs None)
     slice_samples: int = 1024  # this stream's samples per model call
+    unanswered: int = 0  # chunks submitted whose results are not sent (or dropped) yet
     pending: deque[Chunk] = field(default_factory=deque)
     closing: bool = False
     failed: bool = False
     progress: asyncio.Event = field(default_factory=asyncio.Event)  # set after each delivery
     computed: tuple[int, int] = (0, 0)  # (chunks, samples) whose results exist (worker thread)
     partial: bool = False  # a chunk is computed only in part (worker thread)
+
+    def answered(self, chunks: int = 1) -> None:
+        """``chunks`` results were sent or dropped: free their queue slots."""
+        self.unanswered -= chunks
+        for _ in range(chunks):
+            self.slots.release()
 
     @property
     def backlog(self) -> int:
@@ -182,6 +189,7 @@ class Scheduler:
         if stream.closing or stream.failed:  # closed while we waited
             stream.slots.release()
             raise StateError(f"stream {sid} is closing")
+        stream.unanswered += 1
         stream.pending.append(chunk)
         self._wakeup.set()
 
@@ -189,12 +197,12 @@ class Scheduler:
         """The result of one chunk of ``sid`` was sent (or dropped): free its queue slot."""
         stream = self._streams.get(sid)
         if stream is not None:
-            stream.slots.release()
+            stream.answered()
 
     def unanswered(self, sid: int) -> int:
         """Chunks of ``sid`` submitted whose results are not sent yet (0 for unknown streams)."""
         stream = self._streams.get(sid)
-        return 0 if stream is None else self.queue_depth - stream.slots._value
+        return 0 if stream is None else stream.unanswered
 
     async def drain(self, sid: int) -> None:
         """Wait until every submitted chunk of ``sid`` has been answered and sent."""
@@ -216,7 +224,7 @@ class Scheduler:
             keep = 1 if stream.pending and stream.pending[0].taken and not stream.failed else 0
             while len(stream.pending) > keep:
                 stream.pending.pop()
-                stream.slots.release()
+                stream.answered()
             while stream.pending and not stream.failed:
                 stream.progress.clear()
                 self._wakeup.set()
@@ -347,11 +355,9 @@ class Scheduler:
             got = outcome.get(sid)
             if isinstance(got, BaseException) or got is None:
                 stream.failed = True
-                for _ in [c for c, _, b in pieces if b == c.n]:  # left pending: released below
-                    stream.slots.release()
-                while stream.pending:  # nothing more will be computed for this stream
-                    stream.pending.pop()
-                    stream.slots.release()
+                stream.answered(sum(1 for c, _, b in pieces if b == c.n))  # the others are still pending
+                stream.answered(len(stream.pending))  # nothing more will be computed for this stream
+                stream.pending.clear()
                 stream.progress.set()
                 stream.on_error(got if got is not None else RuntimeError("no result"))
                 continue

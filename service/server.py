@@ -374,7 +374,7 @@ class _Session:
 
     async def write_ahead(self) -> None:
         """Write this live stream's state to the state dir (between two model calls)."""
-        if self.ended or self.failure is not None or self.done_seq == self.written_seq:
+        if self.ended or self.failure is not None or self.done_seq in (0, self.written_seq):
             return
         got = await self.server.scheduler.checkpoint(self.sid)
         if got is None or got[1] != self.done_seq or self.ended:
