@@ -20,7 +20,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import report, run_tag  # noqa: E402
 
-from streamssm.datamodules.encoding import base_codes  # noqa: E402
+from streamssm.encoding import base_codes  # noqa: E402
 from streamssm.datamodules.fasta import open_fasta, validate_fasta  # noqa: E402
 
 

@@ -57,7 +57,7 @@ from streamssm.datamodules._common import (
     split_points,
     tile_starts,
 )
-from streamssm.datamodules.encoding import (
+from streamssm.encoding import (
     BASE_LUT,
     DNA_ALPHABET,
     DNA_VOCAB_SIZE,

@@ -39,7 +39,7 @@ from streamssm.datamodules._common import (
     split_points,
     tile_starts,
 )
-from streamssm.datamodules.encoding import Normalizer
+from streamssm.encoding import Normalizer
 from streamssm.errors import ConfigError, DataFormatError
 
 log = logging.getLogger(__name__)

@@ -41,7 +41,7 @@ from streamssm.datamodules._common import (
     split_points,
     tile_starts,
 )
-from streamssm.datamodules.encoding import mu_law_encode
+from streamssm.encoding import mu_law_encode
 from streamssm.errors import ConfigError, DataFormatError
 
 log = logging.getLogger(__name__)

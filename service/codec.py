@@ -1,7 +1,7 @@
 """Frames <-> model tensors for one loaded checkpoint, from its serving metadata.
 
 The checkpoint's serving metadata (``ServingBundle.serving``) says what raw data the model was
-trained on (``streamssm.datamodules.encoding``): ``dna`` models take text streams of bases,
+trained on (``streamssm.encoding``): ``dna`` models take text streams of bases,
 ``audio`` models f32le/s16le samples at their sample rate (mu-law tokens or floats), ``sensor``
 models f32le rows in raw units (normalized here). Regression outputs go back to raw units: a
 forecaster's o = h * k outputs per step are read as h horizon steps of k forecast channels, each
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from streamssm.checkpoint import ServingBundle
-from streamssm.datamodules.encoding import DNA_VOCAB_SIZE, decoder_from_metadata, encoder_from_metadata
+from streamssm.encoding import DNA_VOCAB_SIZE, decoder_from_metadata, encoder_from_metadata
 from streamssm.errors import ConfigError, DataFormatError, ProtocolError, ShapeError
 from streamssm.models import ModelConfig
 

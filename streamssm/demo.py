@@ -72,7 +72,7 @@ class Prepared:
 def _prepare(name: str, data_dir: Path, size: Size) -> Prepared:
     from streamssm.datamodules import FastaDataModule, SensorDataModule, WaveformDataModule
     from streamssm.datamodules import synthetic
-    from streamssm.datamodules.encoding import encode_bases
+    from streamssm.encoding import encode_bases
     from streamssm.tasks import Forecaster, TokenLM
 
     steps = size.train_steps
@@ -139,7 +139,7 @@ def offline(bundle, prepared: Prepared) -> tuple[torch.Tensor, np.ndarray, np.nd
 
     Returns raw model outputs (t, o), the outputs in the units the service sends, and (token
     models) log p(x_t | x_<t) per step as the service scores them."""
-    from streamssm.datamodules.encoding import encoder_from_metadata
+    from streamssm.encoding import encoder_from_metadata
     from streamssm.inference import head_output
     from streamssm.service.codec import ModelCodec
 

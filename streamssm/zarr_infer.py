@@ -48,7 +48,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from zarr.codecs import ZstdCodec
 
 from streamssm.checkpoint import ServingBundle, load_for_serving
-from streamssm.datamodules.encoding import SensorIntegers, encoder_from_metadata
+from streamssm.encoding import SensorIntegers, encoder_from_metadata
 from streamssm.datamodules.zarr import InputArray, MissingChunks, Unit, ZarrDataModule, open_inputs
 from streamssm.errors import ConfigError, DataFormatError, ShapeError, StateError
 from streamssm.models import ModelConfig, SSMModel

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from streamssm.datamodules import FastaDataModule, synthetic
-from streamssm.datamodules.encoding import decode_bases, encode_bases, reverse_complement
+from streamssm.encoding import decode_bases, encode_bases, reverse_complement
 from streamssm.errors import ConfigError, DataFormatError
 from streamssm.models import ModelConfig
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from streamssm.datamodules import SensorDataModule, synthetic
-from streamssm.datamodules.encoding import decoder_from_metadata, encoder_from_metadata
+from streamssm.encoding import decoder_from_metadata, encoder_from_metadata
 from streamssm.errors import ConfigError, DataFormatError
 from streamssm.models import ModelConfig
 

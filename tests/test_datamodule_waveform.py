@@ -7,7 +7,7 @@ import torch
 import torchaudio.functional as AF
 
 from streamssm.datamodules import WaveformDataModule, synthetic
-from streamssm.datamodules.encoding import encoder_from_metadata, mu_law_encode
+from streamssm.encoding import encoder_from_metadata, mu_law_encode
 from streamssm.errors import ConfigError, DataFormatError
 from streamssm.models import ModelConfig
 

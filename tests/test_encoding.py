@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from streamssm.datamodules import synthetic
-from streamssm.datamodules.encoding import (
+from streamssm.encoding import (
     DNA_ALPHABET,
     Normalizer,
     decode_bases,
@@ -158,7 +158,7 @@ def test_encoder_from_metadata_sensor_uses_saved_stats():
 
 def test_encoding_module_does_not_import_lightning():
     code = (
-        "import sys, streamssm.datamodules.encoding as e; "
+        "import sys, streamssm.encoding as e; "
         "assert 'lightning' not in sys.modules and 'lightning.pytorch' not in sys.modules, 'lightning imported'; "
         "assert e.encode_bases('A').tolist() == [0]"
     )

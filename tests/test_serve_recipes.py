@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from streamssm.checkpoint import load_for_serving
-from streamssm.datamodules.encoding import Normalizer, encoder_from_metadata
+from streamssm.encoding import Normalizer, encoder_from_metadata
 from streamssm.export import main as export_main
 from streamssm.inference import head_output
 from streamssm.make_data import make_data

@@ -18,7 +18,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from streamssm.checkpoint import export_safetensors, load_for_serving
-from streamssm.datamodules.encoding import encode_bases
+from streamssm.encoding import encode_bases
 from streamssm.errors import ConfigError
 from streamssm.models import ModelConfig, SSMModel
 from streamssm.service.client import StreamClient

@@ -24,7 +24,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from streamssm.checkpoint import export_safetensors, load_for_serving
-from streamssm.datamodules.encoding import Normalizer, encode_bases, mu_law_encode
+from streamssm.encoding import Normalizer, encode_bases, mu_law_encode
 from streamssm.models import ModelConfig, SSMModel
 from streamssm.service.client import StreamClient, stream_source, read_source
 from streamssm.service.server import ServeConfig, StreamServer
