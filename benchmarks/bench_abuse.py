@@ -1,7 +1,8 @@
 """The service under attack (issue 17): a well-behaved canary stream beside hostile clients.
 
     python benchmarks/bench_abuse.py [--model tiny|d512] [--device cpu|cuda] [--canary-chunks 100]
-                                     [--attack-frames 4] [--cycles 2000] [--kills 3] [--out FILE]
+                                     [--slice-samples 1024] [--attack-seconds 5] [--cycles 2000]
+                                     [--kills 3] [--crash-chunks 400] [--write-ahead 1] [--out FILE]
 
 ``streamssm serve`` runs a mu-law audio LM (8 kHz) in a subprocess (its own GIL; its RSS read
 from /proc). Measured, each against its target in the issue:
@@ -208,7 +209,7 @@ async def crash_resume(ckpt: Path, args, state: Path, table: Table) -> None:
     """Stream chunks; SIGKILL the server at random points; restart and resume with raw messages."""
     from websockets.asyncio.client import connect
 
-    total = args.canary_chunks
+    total = args.crash_chunks
     data = [pcm(CHUNK * total, 7)[2 * CHUNK * i : 2 * CHUNK * (i + 1)] for i in range(total)]
     rng, results, token, seq = random.Random(0), {}, None, 0
     kills, recomputed, lost, proc = 0, 0, 0, None
@@ -228,7 +229,7 @@ async def crash_resume(ckpt: Path, args, state: Path, table: Table) -> None:
                 token, seq = ready["resume"], ready["next_seq"]
                 recomputed += max(0, ack + 1 - seq)
                 if kills < args.kills:  # SIGKILL at a random moment while chunks flow
-                    asyncio.get_running_loop().call_later(rng.uniform(0.3, 3 * args.write_ahead), proc.kill)
+                    asyncio.get_running_loop().call_later(rng.uniform(0.3, 2.0), proc.kill)
                     kills += 1
                 while seq < total:
                     await ws.send(data[seq])
@@ -297,6 +298,7 @@ def main() -> None:
     p.add_argument("--slice-samples", type=int, default=1024, help="server --slice-samples")
     p.add_argument("--canary-chunks", type=int, default=100)
     p.add_argument("--attack-seconds", type=float, default=5.0)
+    p.add_argument("--crash-chunks", type=int, default=400, help="20 ms chunks of the SIGKILL stream")
     p.add_argument("--cycles", type=int, default=2000)
     p.add_argument("--kills", type=int, default=3)
     p.add_argument("--write-ahead", type=float, default=1.0, help="server --write-ahead-interval")

@@ -584,8 +584,9 @@ class StreamServer:
         """Send the JSON error, then close with its code."""
         self.metrics.reject(exc.reason)
         log.info("closing connection with %d (%s): %s", exc.code, exc.reason, exc)
-        with contextlib.suppress(ConnectionClosed):
-            await ws.send(error_message(exc))
+        with contextlib.suppress(ConnectionClosed, TimeoutError):  # a client that does not read
+            async with asyncio.timeout(self.config.idle_timeout):
+                await ws.send(error_message(exc))
         with contextlib.suppress(ConnectionClosed):
             await ws.close(exc.code, close_reason(exc))
 
@@ -602,7 +603,12 @@ class StreamServer:
                 raise ProtocolError("start message too big", MESSAGE_TOO_BIG, "frame_too_big")
             start = parse_start(parse_control(first), self.codec.spec)
             session, resumed = await self._open(ws, start)  # registered: freed in finally, whatever happens
-            await session.greet(start.ack, resumed)
+            try:
+                async with asyncio.timeout(self.config.idle_timeout):
+                    await session.greet(start.ack, resumed)
+            except TimeoutError:
+                raise ProtocolError("the client did not read ready (or its replayed results)", POLICY_VIOLATION,
+                                    "idle_timeout") from None
             await session.run()
         except ProtocolError as exc:
             park = exc.reason in _PARKED_REASONS
