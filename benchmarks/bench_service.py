@@ -47,7 +47,7 @@ def export_model(name: str, sample_rate: int, path: Path) -> Path:
 
     torch.manual_seed(0)
     cfg = ModelConfig(input_kind="tokens", vocab_size=256, head="lm", **MODELS[name])
-    return export_safetensors(SSMModel(cfg), path, serving={"modality": "audio", "sample_rate": sample_rate,
+    return export_safetensors(SSMModel(cfg), path, spec={"modality": "audio", "sample_rate": sample_rate,
                                                             "encoding": "mu_law"})
 
 

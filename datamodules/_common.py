@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from streamssm.errors import ConfigError, DataFormatError
+from streamssm.serving import ServingSpec
 
 log = logging.getLogger(__name__)
 
@@ -235,11 +236,8 @@ class BaseDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
 
-    def state_dict(self) -> dict[str, Any]:
-        """Saved into Lightning checkpoints: the serving metadata of this datamodule."""
-        return {"serving_metadata": self.serving_metadata()}
-
-    def serving_metadata(self) -> dict[str, Any]:  # pragma: no cover - implemented by subclasses
+    def serving_spec(self) -> ServingSpec:  # pragma: no cover - implemented by subclasses
+        """The serving contract of this data (the task completes it and saves it once)."""
         raise NotImplementedError
 
 

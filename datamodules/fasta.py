@@ -67,6 +67,7 @@ from streamssm.encoding import (
     reverse_complement,
 )
 from streamssm.errors import ConfigError, DataFormatError
+from streamssm.serving import ServingSpec
 
 log = logging.getLogger(__name__)
 
@@ -433,8 +434,9 @@ class FastaDataModule(BaseDataModule):
     def model_io(self) -> dict[str, Any]:
         return {"input_kind": "tokens", "vocab_size": DNA_VOCAB_SIZE, "head": "lm", "output_dim": DNA_VOCAB_SIZE}
 
-    def serving_metadata(self) -> dict[str, Any]:
-        return {"modality": "dna", "alphabet": DNA_ALPHABET, "window": self.window, "mask_n": self.mask_n}
+    def serving_spec(self) -> ServingSpec:
+        return ServingSpec(modality="dna", encoding="bases", alphabet=DNA_ALPHABET, window=self.window,
+                           ambiguous_as_n=self.iupac == "as_n", options=(("mask_n", self.mask_n),))
 
     # ------------------------------------------------------------------ setup
     def _index(self) -> None:

@@ -6,7 +6,7 @@ A table holds one long series, or many series in long format (a ``series_column`
 device id; several files without one count as one series each). Rows are sorted by
 ``time_column`` (within each series) when given. Each series is split by time into
 train | val | test; normalization mean/std come from the training rows only and travel in
-``serving_metadata`` (so serving normalizes raw rows identically).
+``serving_spec()`` (so serving normalizes raw rows identically).
 
 - ``task="forecast"``: ``{"inputs": (l, c) float, "targets": (l, t) float}``, the targets being
   the inputs shifted one step ahead (next-step prediction of every channel, or of the
@@ -41,6 +41,7 @@ from streamssm.datamodules._common import (
 )
 from streamssm.encoding import Normalizer
 from streamssm.errors import ConfigError, DataFormatError
+from streamssm.serving import ServingSpec
 
 log = logging.getLogger(__name__)
 
@@ -286,21 +287,17 @@ class SensorDataModule(BaseDataModule):
         t = c if self.target_index is None else len(self.target_index)
         return {"input_kind": "continuous", "input_dim": c, "head": "regression", "output_dim": t}
 
-    def serving_metadata(self) -> dict[str, Any]:
+    def serving_spec(self) -> ServingSpec:
         self._ensure_loaded()
         assert self.normalizer is not None  # set by _load
-        meta: dict[str, Any] = {
-            "modality": "sensor",
-            "channels": list(self.feature_names),
-            **self.normalizer.to_dict(),
-            "window": self.window,
-            "time_column": self.time_column,
-        }
-        if self.task == "classification":
-            meta["classes"] = list(self.classes)
-        if self.target_columns is not None:
-            meta["targets"] = list(self.target_columns)
-        return meta
+        stats = self.normalizer.to_dict()
+        return ServingSpec(
+            modality="sensor", encoding="float", channels=len(self.feature_names),
+            channel_names=tuple(self.feature_names), mean=tuple(stats["mean"]), std=tuple(stats["std"]),
+            targets=tuple(self.target_columns or ()),
+            classes=tuple(self.classes) if self.task == "classification" else (),
+            window=self.window, options=(("time_column", self.time_column),) if self.time_column else (),
+        )
 
     # ------------------------------------------------------------------ loading
     def _ensure_loaded(self) -> None:

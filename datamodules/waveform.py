@@ -43,6 +43,7 @@ from streamssm.datamodules._common import (
 )
 from streamssm.encoding import mu_law_encode
 from streamssm.errors import ConfigError, DataFormatError
+from streamssm.serving import ServingSpec
 
 log = logging.getLogger(__name__)
 
@@ -203,20 +204,14 @@ class WaveformDataModule(BaseDataModule):
         c = self.channels
         return {"input_kind": "continuous", "input_dim": c, "head": "regression", "output_dim": c}
 
-    def serving_metadata(self) -> dict[str, Any]:
+    def serving_spec(self) -> ServingSpec:
         if self.sample_rate is None or self.encoding == "float":
             self._ensure_loaded()  # the rate / channel count come from the files
-        meta: dict[str, Any] = {
-            "modality": "audio",
-            "sample_rate": int(self.sample_rate),  # type: ignore[arg-type]
-            "encoding": self.encoding,
-            "channels": self.channels,
-            "mono": self.mono,
-            "crop": self.crop,
-        }
-        if self.encoding == "mu_law":
-            meta["quantization_channels"] = self.quantization_channels
-        return meta
+        return ServingSpec(
+            modality="audio", encoding=self.encoding, sample_rate=int(self.sample_rate),  # type: ignore[arg-type]
+            channels=self.channels, mono=self.mono, quantization_channels=self.quantization_channels,
+            window=self.crop, options=(("crop", self.crop),),
+        )
 
     # ------------------------------------------------------------------ loading
     def _decode(self, path: Path) -> np.ndarray:

@@ -33,7 +33,6 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from streamssm.checkpoint import read_model_file
 from streamssm.errors import ConfigError, DataFormatError, ProtocolError, StreamSSMError
 
-from .codec import stream_settings
 from .protocol import (
     NORMAL_CLOSURE,
     PROTOCOL_VERSION,
@@ -52,8 +51,11 @@ _RETRYABLE = {SERVICE_RESTART, TRY_AGAIN_LATER}
 
 def model_settings(model: str | Path) -> dict[str, Any]:
     """``format``, ``sample_rate`` and ``channels`` a stream to a model file carries (its serving
-    metadata, read without loading the weights): ``StreamClient(url, **model_settings(path))``."""
-    return stream_settings(read_model_file(model).serving)
+    spec, read without loading the weights): ``StreamClient(url, **model_settings(path))``."""
+    spec = read_model_file(model).spec
+    if spec is None:
+        raise ConfigError(f"model file {str(model)!r} has no serving spec: pass format, sample_rate and channels")
+    return spec.stream_start()
 
 
 class ServerError(ProtocolError):

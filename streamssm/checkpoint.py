@@ -1,20 +1,25 @@
-"""Load and save models for serving: one file holds weights, model config and serving metadata.
+"""Every model file streamssm writes or reads: weights, model config, serving spec, versions.
 
-Two formats load with :func:`load_for_serving`:
-- ``*.safetensors`` written by :func:`export_safetensors` (weights + metadata JSON strings);
-- Lightning ``*.ckpt`` written by the training tasks; loaded with ``weights_only=True`` (no
-  unpickling of arbitrary objects). The task stores ``checkpoint["streamssm"] =
-  {"config": ModelConfig dict, "serving": metadata dict}`` and keeps the model at ``self.model``.
+Two formats load with :func:`load_for_serving` (and :func:`read_model_file`, which can skip
+the weights):
+- ``*.safetensors`` written by :func:`export_safetensors`: weights + string metadata
+  ``format``, ``format_version``, ``config`` (ModelConfig JSON), ``serving``
+  (:class:`~streamssm.serving.ServingSpec` JSON), ``versions``;
+- Lightning ``*.ckpt`` written by the training tasks, which store :func:`training_record`
+  under ``checkpoint["streamssm"]`` and keep the model at ``self.model``; loaded with
+  ``weights_only=True`` (no unpickling of arbitrary objects).
 
-Serving metadata (JSON) says how to turn raw stream data into model inputs: kind, tokenizer
-or mu-law settings, sample rate, channels, normalization statistics, head semantics.
+Files written before the typed spec (untyped serving dicts) still load: ``ServingSpec.from_dict``
+reads both layouts.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +29,11 @@ from safetensors.torch import save_model
 
 from streamssm.errors import ConfigError, DataFormatError
 from streamssm.models import ModelConfig, SSMModel
+from streamssm.serving import ServingSpec
 
 FORMAT_VERSION = "1"
+#: key of the streamssm record inside a Lightning checkpoint dict
+CKPT_KEY = "streamssm"
 
 
 @dataclass
@@ -34,7 +42,7 @@ class ServingBundle:
 
     model: SSMModel
     config: ModelConfig
-    serving: dict[str, Any] = field(default_factory=dict)
+    spec: ServingSpec | None = None  # None: the file says nothing about raw data (bare export)
     fingerprint: str = ""  # sha256 of config + weights: identifies the model in outputs/resume tokens
     versions: dict[str, str] = field(default_factory=dict)  # package versions that wrote the file
 
@@ -47,19 +55,65 @@ def model_fingerprint(model: SSMModel) -> str:
     return digest.hexdigest()[:16]
 
 
-def export_safetensors(model: SSMModel, path: str | Path, serving: dict[str, Any] | None = None,
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that shape a model file (recorded in every file written)."""
+    out = {}
+    for name in ("streamssm", "torch", "lightning"):
+        try:
+            out[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def as_spec(spec: ServingSpec | Mapping[str, Any] | None) -> ServingSpec | None:
+    """A ServingSpec from a spec, its dict form (either layout) or nothing (None / empty dict)."""
+    if spec is None or isinstance(spec, ServingSpec):
+        return spec
+    return ServingSpec.from_dict(spec) if spec else None
+
+
+def training_record(cfg: ModelConfig, spec: ServingSpec | None) -> dict[str, Any]:
+    """What a training task stores under ``checkpoint[CKPT_KEY]``."""
+    return {"config": cfg.to_dict(), "serving": spec.to_dict() if spec else {}, "versions": package_versions()}
+
+
+@dataclass
+class TrainingRecord:
+    """:func:`training_record` read back: the flat ModelConfig dict, the spec, the versions."""
+
+    config: dict[str, Any]
+    spec: ServingSpec | None
+    versions: dict[str, str]
+
+
+def read_training_record(checkpoint: Mapping[str, Any], where: str = "checkpoint") -> TrainingRecord:
+    """Read ``checkpoint[CKPT_KEY]``; ConfigError when it is missing or malformed."""
+    info = checkpoint.get(CKPT_KEY) if isinstance(checkpoint, Mapping) else None
+    if not isinstance(info, Mapping) or "config" not in info:
+        raise ConfigError(f"{where} has no {CKPT_KEY!r} record: it was not written by a streamssm task")
+    return TrainingRecord(dict(info["config"]), as_spec(info.get("serving")), dict(info.get("versions", {})))
+
+
+def export_safetensors(model: SSMModel, path: str | Path, spec: ServingSpec | Mapping[str, Any] | None = None,
                        versions: dict[str, str] | None = None) -> Path:
-    """Write weights + config + serving metadata (+ the versions that trained it) to one ``.safetensors`` file."""
+    """Write weights + config + serving spec + versions to one ``.safetensors`` file.
+
+    ``spec`` may be a ServingSpec or its dict form; it is validated against the model here
+    (ConfigError), so a file that cannot be served is never written. ``versions``: the
+    packages that trained the model (default: the ones running now)."""
+    spec = as_spec(spec)
+    if spec is not None:
+        spec = spec.for_model(model.cfg)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {
         "format": "streamssm",
         "format_version": FORMAT_VERSION,
         "config": json.dumps(model.cfg.to_dict()),
-        "serving": json.dumps(serving or {}),
+        "serving": spec.to_json() if spec else "{}",
+        "versions": json.dumps(versions or package_versions()),
     }
-    if versions:
-        metadata["versions"] = json.dumps(versions)
     save_model(model, str(path), metadata=metadata)
     return path
 
@@ -74,7 +128,7 @@ class ModelFile:
     path: Path
     kind: str
     config: dict[str, Any]
-    serving: dict[str, Any]
+    spec: ServingSpec | None
     versions: dict[str, str]
     state_dict: dict[str, torch.Tensor] | None = None
 
@@ -97,19 +151,18 @@ def read_model_file(path: str | Path, weights: bool = False) -> ModelFile:
                 state_dict = {k: f.get_tensor(k) for k in f.keys()} if weights else None
         except (OSError, ValueError) as exc:  # safetensors' header errors
             raise DataFormatError(f"cannot read {path} as safetensors: {exc}") from None
-        return ModelFile(path, "safetensors", json.loads(meta["config"]), json.loads(meta.get("serving", "{}")),
+        return ModelFile(path, "safetensors", json.loads(meta["config"]), as_spec(json.loads(meta.get("serving", "{}"))),
                          json.loads(meta.get("versions", "{}")), state_dict)
     try:
         ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise DataFormatError(f"cannot load checkpoint {path} safely (weights_only): {exc}") from exc
-    if not isinstance(ckpt, dict) or "streamssm" not in ckpt or "state_dict" not in ckpt:
-        raise ConfigError(f"{path} is not a streamssm training checkpoint (no 'streamssm' entry)")
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ConfigError(f"{path} is not a Lightning checkpoint of a streamssm task (no state_dict)")
+    record = read_training_record(ckpt, where=str(path))
     prefix = "model."
     state_dict = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    info = ckpt["streamssm"]
-    return ModelFile(path, "ckpt", info["config"], info.get("serving", {}), dict(info.get("versions", {})),
-                     state_dict if weights else None)
+    return ModelFile(path, "ckpt", record.config, record.spec, record.versions, state_dict if weights else None)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -140,5 +193,6 @@ def load_for_serving(path: str | Path, device: torch.device | str = "cpu") -> Se
         model.load_state_dict(f.state_dict, strict=True)
     except RuntimeError as exc:  # missing/unexpected keys and shape mismatches, all listed by torch
         raise DataFormatError(f"checkpoint weights do not fit the config: {exc}") from exc
+    spec = f.spec.for_model(cfg) if f.spec is not None else None
     model.to(device).eval()
-    return ServingBundle(model, cfg, f.serving, model_fingerprint(model), f.versions)
+    return ServingBundle(model, cfg, spec, model_fingerprint(model), f.versions)

@@ -124,7 +124,7 @@ async def _stream(bundle, held: np.ndarray | str, fmt: str, chunk: int, on_chunk
     from streamssm.service.server import ServeConfig, StreamServer
 
     async with StreamServer(bundle, ServeConfig(host="127.0.0.1", port=0, max_streams=4)) as server:
-        rate = bundle.serving.get("sample_rate") if fmt != "text" else None
+        rate = bundle.spec.sample_rate if fmt != "text" else None
         channels = 1 if isinstance(held, str) or np.ndim(held) == 1 else int(np.shape(held)[1])
         async with StreamClient(server.url, format=fmt, sample_rate=rate, channels=channels) as client:
             for start in range(0, len(held), chunk):
@@ -139,11 +139,10 @@ def offline(bundle, prepared: Prepared) -> tuple[torch.Tensor, np.ndarray, np.nd
 
     Returns raw model outputs (t, o), the outputs in the units the service sends, and (token
     models) log p(x_t | x_<t) per step as the service scores them."""
-    from streamssm.encoding import encoder_from_metadata
     from streamssm.inference import head_output
     from streamssm.service.codec import ModelCodec
 
-    x = encoder_from_metadata(bundle.serving)(prepared.held_out)
+    x = bundle.spec.encoder()(prepared.held_out)
     with torch.no_grad():
         raw = bundle.model(x[None])[0][0].float()  # (t, o)
     sent = head_output(bundle.config.head, raw)

@@ -10,13 +10,13 @@ Shape legend: l time steps, c channels.
   flips the last axis and swaps A<->T, C<->G.
 - Audio: 8-bit mu-law (``mu_law_encode``: float in [-1, 1] -> LongTensor 0..255) or float.
 - Sensors: ``Normalizer(mean, std)`` per channel, fitted on the training split.
-- ``encoder_from_metadata(serving_metadata)`` / ``decoder_from_metadata`` rebuild the raw ->
-  model-input and model-output -> raw conversions from a checkpoint's serving metadata.
+- ``DnaEncoder`` / ``AudioEncoder`` / ``SensorEncoder``: raw data -> model input, built by
+  :meth:`streamssm.serving.ServingSpec.encoder` from a model file's serving spec.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -39,8 +39,9 @@ __all__ = [
     "mu_law_decode",
     "pcm_to_float",
     "Normalizer",
-    "encoder_from_metadata",
-    "decoder_from_metadata",
+    "DnaEncoder",
+    "AudioEncoder",
+    "SensorEncoder",
 ]
 
 DNA_ALPHABET = "ACGTN"
@@ -338,85 +339,3 @@ class SensorEncoder:
             x = x.to(torch.float64) if self.integers == "values" else pcm_to_float(x)  # float64: exact
             return self.normalizer.apply(_as_2d_samples(x, self.normalizer.channels, what)).to(torch.float32)
         return self.normalizer.apply(_as_2d_samples(x, self.normalizer.channels, what))
-
-
-def _require(meta: Mapping[str, Any], *keys: str) -> None:
-    missing = [k for k in keys if k not in meta]
-    if missing:
-        raise ConfigError(f"serving metadata for modality {meta.get('modality')!r} lacks {missing}")
-
-
-def encoder_from_metadata(meta: Mapping[str, Any], sensor_integers: SensorIntegers = "error") -> Callable[..., torch.Tensor]:
-    """Raw-input encoder for a checkpoint's ``serving_metadata``.
-
-    - ``{"modality": "dna", ...}``: str/bytes -> LongTensor (l,)
-    - ``{"modality": "audio", "encoding": "mu_law"|"float", ...}``: samples (l,) | (l, c) ->
-      LongTensor (l,) or FloatTensor (l, c); optional ``sample_rate=`` keyword resamples.
-    - ``{"modality": "sensor", "channels": [...], "mean": [...], "std": [...]}``: (l, c) -> (l, c);
-      integer samples as ``sensor_integers`` says (``SensorEncoder``; refused by default).
-    Add a leading batch axis before calling the model.
-    """
-    if not isinstance(meta, Mapping) or "modality" not in meta:
-        raise ConfigError(f"serving metadata must be a mapping with a 'modality' key, got {meta!r}")
-    modality = meta["modality"]
-    if modality == "dna":
-        alphabet = meta.get("alphabet", DNA_ALPHABET)
-        if alphabet != DNA_ALPHABET:
-            raise ConfigError(f"dna metadata: alphabet {alphabet!r} is not supported (expected {DNA_ALPHABET!r})")
-        return DnaEncoder()
-    if modality == "audio":
-        _require(meta, "sample_rate", "encoding")
-        return AudioEncoder(
-            sample_rate=meta["sample_rate"],
-            encoding=meta["encoding"],
-            channels=int(meta.get("channels", 1)),
-            quantization_channels=int(meta.get("quantization_channels", 256)),
-            mono=bool(meta.get("mono", True)),
-        )
-    if modality == "sensor":
-        _require(meta, "channels", "mean", "std")
-        norm = Normalizer(meta["mean"], meta["std"])
-        if len(meta["channels"]) != norm.channels:
-            raise ConfigError(
-                f"sensor metadata: {len(meta['channels'])} channel names but {norm.channels} mean/std values"
-            )
-        return SensorEncoder(norm, meta["channels"], sensor_integers)
-    raise ConfigError(f"serving metadata: unknown modality {modality!r} (expected 'dna', 'audio' or 'sensor')")
-
-
-def decoder_from_metadata(meta: Mapping[str, Any]) -> Callable[[torch.Tensor], Any]:
-    """Model-output decoder for a checkpoint's ``serving_metadata``.
-
-    - dna: predicted token ids (l,) -> str of bases.
-    - audio mu-law: predicted token ids (...,) -> float samples in [-1, 1]; audio float:
-      identity (already samples).
-    - sensor regression: normalized predictions (..., c) -> raw units (``(..., t)`` when the
-      metadata lists forecast ``"targets"``, a subset of the channels); sensor classification
-      (metadata with ``"classes"``): class ids -> class labels (list).
-    """
-    encoder = encoder_from_metadata(meta)
-    modality = meta["modality"]
-    if modality == "dna":
-        return decode_bases
-    if modality == "audio":
-        if meta["encoding"] == "mu_law":
-            q = int(meta.get("quantization_channels", 256))
-            return lambda tokens: mu_law_decode(tokens, q)
-        return lambda values: values
-    task = meta.get("task")  # a task may record {"name": ..., "head": ...} here
-    head = task.get("head") if isinstance(task, Mapping) else None
-    if "classes" in meta or head == "classifier" or task == "classification":
-        classes = list(meta.get("classes", []))
-        if not classes:
-            raise ConfigError("sensor classification metadata lacks 'classes'")
-        return lambda ids: [classes[int(i)] for i in torch.as_tensor(ids).flatten()]
-    norm = encoder.normalizer  # type: ignore[union-attr]
-    targets = meta.get("targets")
-    if targets is not None:  # the model forecasts a subset of the input channels
-        names = list(meta["channels"])
-        unknown = [t for t in targets if t not in names]
-        if unknown:
-            raise ConfigError(f"sensor metadata: targets {unknown} are not among the channels {names}")
-        idx = [names.index(t) for t in targets]
-        norm = Normalizer(norm.mean[idx], norm.std[idx])
-    return norm.invert

@@ -2,7 +2,7 @@
 
     streamssm export --checkpoint runs/dna_tiny/version_0/checkpoints/last.ckpt --output dna.safetensors
 
-The file holds the weights, the ModelConfig and the serving metadata (tokenizer, sample
+The file holds the weights, the ModelConfig and the serving spec (tokenizer, sample
 rate, normalization statistics, task); ``streamssm serve`` and ``streamssm infer`` load it
 like the checkpoint itself, without unpickling anything.
 """
@@ -30,7 +30,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, overwrite: boo
     if output.exists() and not overwrite:
         raise ConfigError(f"--output: {str(output)!r} exists; pass --overwrite to replace it")
     bundle = load_for_serving(checkpoint, device="cpu")
-    export_safetensors(bundle.model, output, serving=bundle.serving, versions=bundle.versions)
+    export_safetensors(bundle.model, output, spec=bundle.spec, versions=bundle.versions)
     return output, bundle.fingerprint
 
 

@@ -20,9 +20,6 @@ import torch
 
 from streamssm.checkpoint import load_for_serving
 
-_ENCODING = {"dna": "bases (ACGTN tokens)", "sensor": "float (normalized per channel)"}
-
-
 def environment() -> dict[str, str]:
     """Versions, the device and the kernel backend each op would use on this machine."""
     import triton
@@ -52,38 +49,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _serving_card(meta: Mapping[str, Any]) -> dict[str, Any]:
-    """What a client needs to know: modality, task/head, encoding, rate, channels, classes, horizon."""
-    from streamssm.service.codec import stream_settings
-
-    task = meta.get("task") if isinstance(meta.get("task"), Mapping) else {}
-    modality = meta.get("modality")
-    card: dict[str, Any] = {
-        "modality": modality,
-        "task": task.get("name"),
-        "head": task.get("head"),
-        "encoding": _ENCODING.get(modality, meta.get("encoding")),
-        "sample_rate": meta.get("sample_rate"),
-    }
-    if modality == "sensor":
-        card["channels"] = list(meta.get("channels", []))
-        if task.get("head") == "regression":
-            card["targets"] = list(meta.get("targets") or meta.get("channels", []))
-    elif modality == "audio":
-        card["channels"] = int(meta.get("channels", 1))
-        card["mono"] = bool(meta.get("mono", True))
-        if meta.get("encoding") == "mu_law":
-            card["quantization_channels"] = int(meta.get("quantization_channels", 256))
-    if meta.get("classes"):
-        card["classes"] = list(meta["classes"])
-    if "horizon" in task:
-        card["horizon"] = int(task["horizon"])
-    if meta.get("window") is not None:
-        card["training_window"] = meta["window"]
-    card["stream"] = stream_settings(meta) if modality else None
-    return card
-
-
 def model_card(path: str | Path) -> dict[str, Any]:
     """A model file's card: what it is, what it serves, its size and identity (JSON-able)."""
     path = Path(path)
@@ -96,7 +61,7 @@ def model_card(path: str | Path) -> dict[str, Any]:
         "fingerprint": bundle.fingerprint,
         "parameters": sum(p.numel() for p in bundle.model.parameters()),
         "config": bundle.config.to_dict(),
-        "serving": _serving_card(bundle.serving),
+        "serving": None if bundle.spec is None else {**bundle.spec.to_dict(), "stream": bundle.spec.stream_start()},
         "written_by": dict(bundle.versions),
     }
 

@@ -18,8 +18,9 @@ Tasks:
 The model is built in :meth:`SSMTask.configure_model`, once the trainer's datamodule can say
 what its data looks like (``datamodule.model_io()``: input_kind, vocab_size / input_dim,
 output_dim ...), so recipes never repeat vocabulary sizes or channel counts. Values given to
-the task explicitly must agree with the data. Checkpoints carry
-``checkpoint["streamssm"] = {"config", "serving", "versions"}``, which is all
+the task explicitly must agree with the data. The datamodule's ``serving_spec()``, completed
+by the task's head (:meth:`SSMTask.complete_spec`), is saved in every checkpoint through
+:func:`streamssm.checkpoint.training_record`, which is all
 :func:`streamssm.checkpoint.load_for_serving` needs.
 """
 
@@ -36,9 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from streamssm.checkpoint import CKPT_KEY, read_training_record, training_record
 from streamssm.errors import ConfigError, ShapeError
 from streamssm.lightning_ui import quiet_lightning, use_streamssm_callbacks
 from streamssm.models import BlockType, HeadKind, InputKind, ModelConfig, SSMModel
+from streamssm.serving import ServingSpec
 
 log = logging.getLogger(__name__)
 quiet_lightning()  # every process that trains or predicts with a task (see streamssm.lightning_ui)
@@ -47,14 +50,6 @@ Batch = Mapping[str, torch.Tensor]
 _CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(ModelConfig))
 #: ModelConfig fields a datamodule may imply (``model_io()``) and the task may also set.
 _IO_FIELDS = ("input_kind", "vocab_size", "input_dim", "output_dim")
-
-
-def _versions() -> dict[str, str]:
-    import lightning
-
-    from streamssm import __version__
-
-    return {"streamssm": str(__version__), "torch": str(torch.__version__), "lightning": str(lightning.__version__)}
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int | None, min_lr_ratio: float) -> float:
@@ -187,18 +182,24 @@ class SSMTask(pl.LightningModule):
             k: v for k, v in zip(_IO_FIELDS, (input_kind, vocab_size, input_dim, output_dim)) if v is not None
         }
         self.model: SSMModel | None = None
-        #: JSON metadata saved for serving (tokenizer, sample rate, normalization stats ...);
-        #: taken from the datamodule when there is one.
-        self.serving_metadata: dict[str, Any] = {}
+        #: the serving contract saved with the model (taken from the datamodule, completed by
+        #: :meth:`complete_spec`); None without a datamodule that has ``serving_spec()``.
+        self.serving_spec: ServingSpec | None = None
 
     # ---------------------------------------------------------------- model building
     def _head_io(self, io: dict[str, Any]) -> dict[str, Any]:
         """Turn the data's per-step output size into the head size (Forecaster: * horizon)."""
         return io
 
-    def _task_metadata(self) -> dict[str, Any]:
-        """What a server needs to read this task's outputs (saved under serving["task"])."""
-        return {"name": type(self).__name__, "head": self.head_kind}
+    def complete_spec(self, spec: ServingSpec) -> ServingSpec:
+        """The datamodule's spec completed by what this task trains (name, head; subclasses add
+        their output semantics)."""
+        return spec.with_task(task=type(self).__name__, head=self.head_kind)
+
+    def _take_spec(self) -> None:
+        dm = self._datamodule()
+        if dm is not None and hasattr(dm, "serving_spec"):
+            self.serving_spec = self.complete_spec(dm.serving_spec())
 
     def model_config(self, data_io: Mapping[str, Any] | None = None) -> ModelConfig:
         """The ModelConfig from this task's arguments completed by ``data_io``
@@ -259,8 +260,7 @@ class SSMTask(pl.LightningModule):
             return
         dm = self._datamodule()
         data_io = dm.model_io() if dm is not None and hasattr(dm, "model_io") else None
-        if dm is not None and hasattr(dm, "serving_metadata"):
-            self.serving_metadata = dict(dm.serving_metadata())
+        self._take_spec()
         self.build_model(data_io)
 
     def _require_model(self) -> SSMModel:
@@ -274,25 +274,18 @@ class SSMTask(pl.LightningModule):
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         model = self._require_model()
-        dm = self._datamodule()
-        if dm is not None and hasattr(dm, "serving_metadata"):
-            self.serving_metadata = dict(dm.serving_metadata())
-        serving = {**self.serving_metadata, "task": self._task_metadata()}
-        checkpoint["streamssm"] = {"config": model.cfg.to_dict(), "serving": serving, "versions": _versions()}
+        self._take_spec()
+        checkpoint[CKPT_KEY] = training_record(model.cfg, self.serving_spec)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        info = checkpoint.get("streamssm")
-        if info is None:
-            raise ConfigError("checkpoint has no 'streamssm' entry: it was not written by a streamssm task")
-        cfg = ModelConfig.from_dict(info["config"])
+        record = read_training_record(checkpoint)
+        cfg = ModelConfig.from_dict(record.config)
         if self.model is None:
             self.model = SSMModel(cfg)
         elif self.model.cfg != cfg:
             diff = {k: (v, getattr(self.model.cfg, k)) for k, v in cfg.to_dict().items() if getattr(self.model.cfg, k) != v}
             raise ConfigError(f"checkpoint config differs from the model built for this run (checkpoint, run): {diff}")
-        serving = dict(info.get("serving", {}))
-        serving.pop("task", None)
-        self.serving_metadata = serving
+        self.serving_spec = record.spec
 
     # ---------------------------------------------------------------- trainer output
     def configure_callbacks(self) -> list[pl.Callback]:
@@ -423,8 +416,8 @@ class Forecaster(SSMTask):
             io = {**io, "output_dim": io["output_dim"] * self.horizon}
         return io
 
-    def _task_metadata(self):
-        return {**super()._task_metadata(), "horizon": self.horizon}
+    def complete_spec(self, spec: ServingSpec) -> ServingSpec:
+        return spec.with_task(task=type(self).__name__, head=self.head_kind, horizon=self.horizon)
 
     def _metrics(self, outputs, targets, mask):
         b, l, o = outputs.shape
@@ -436,7 +429,7 @@ class Forecaster(SSMTask):
             )
         pred = outputs.float().view(b, l, self.horizon, -1)  # (b, l, h, k)
         targets = targets.float()
-        sq, ab, counts = [], [], []
+        sq, ab = [], []
         for j in range(min(self.horizon, l)):
             err = pred[:, : l - j, j] - targets[:, j:]  # (b, l-j, k)
             m = mask[:, j:] if mask is not None else None
@@ -469,8 +462,8 @@ class SequenceClassifier(SSMTask):
         super().__init__(**kwargs)
         self.pool = pool
 
-    def _task_metadata(self):
-        return {**super()._task_metadata(), "pool": self.pool}
+    def complete_spec(self, spec: ServingSpec) -> ServingSpec:
+        return spec.with_task(task=type(self).__name__, head=self.head_kind, pool=self.pool)
 
     def pooled_logits(self, outputs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """outputs (b, l, o) -> (b, o) by the configured pooling over valid steps."""

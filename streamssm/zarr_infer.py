@@ -14,7 +14,7 @@ Data flow per rank::
 
 Output: a zarr group with one float32 array per input array, ``(s, t, o)`` (or ``(t, o)`` for an
 input without a series axis), chunks ``(1, input time chunk, o)``, zstd, NaN fill; its attributes
-``streamssm`` record the model fingerprint, config, serving metadata, input and run settings,
+``streamssm`` record the model fingerprint, config, serving spec, input and run settings,
 ``streamssm_complete`` is set once every unit is done.
 
 Resume: a unit's record ``<output>/<array>/streamssm_resume/group-<g>.safetensors`` holds the
@@ -48,10 +48,11 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from zarr.codecs import ZstdCodec
 
 from streamssm.checkpoint import ServingBundle, load_for_serving
-from streamssm.encoding import SensorIntegers, encoder_from_metadata
+from streamssm.encoding import SensorIntegers
 from streamssm.datamodules.zarr import InputArray, MissingChunks, Unit, ZarrDataModule, open_inputs
 from streamssm.errors import ConfigError, DataFormatError, ShapeError, StateError
 from streamssm.models import ModelConfig, SSMModel
+from streamssm.serving import ServingSpec
 from streamssm.state import LayerState, ModelState, state_from_bytes, state_to_bytes
 
 log = logging.getLogger(__name__)
@@ -68,29 +69,24 @@ DEFAULT_CHUNK_STEPS = 65536
 class BatchEncoder:
     """Raw samples ``(b, l, c)`` (or token ids ``(b, l)``) -> model input for a checkpoint.
 
-    With a ``modality`` in the serving metadata the training encoding is applied row by row
-    (``encoder_from_metadata``; DNA arrays hold token ids 0..4 already); without, continuous
+    With a serving spec the training encoding is applied row by row (``ServingSpec.encoder``;
+    DNA arrays hold token ids 0..4 already); without, continuous
     models take the values as float32 and token models the integers as ids. Integer arrays
     into a sensor model are refused unless ``integer_input`` says how to read them ("values":
     raw units; "pcm": scaled to [-1, 1]); integer audio is PCM (divided by the dtype's full scale,
     as soundfile reads it).
     """
 
-    def __init__(self, cfg: ModelConfig, serving: dict[str, Any], integer_input: SensorIntegers = "error") -> None:
+    def __init__(self, cfg: ModelConfig, spec: ServingSpec | None, integer_input: SensorIntegers = "error") -> None:
         self.cfg = cfg
-        self.modality = serving.get("modality")
+        self.modality = spec.modality if spec is not None else None
         self.integer_input = integer_input
         self._row = None
-        self.sample_rate = serving.get("sample_rate") if self.modality == "audio" else None
+        self.sample_rate = spec.sample_rate if self.modality == "audio" else None
         self.channels: int | None = cfg.input_dim if cfg.input_kind == "continuous" else None
-        if self.modality is not None:
-            row = encoder_from_metadata(serving, sensor_integers=integer_input)
-            if self.modality == "audio":
-                self._row = row
-                self.channels = None if serving.get("mono", True) else int(serving.get("channels", 1))
-            elif self.modality == "sensor":
-                self._row = row
-                self.channels = len(serving["channels"])
+        if spec is not None and spec.modality != "dna":
+            self._row = spec.encoder(sensor_integers=integer_input)
+            self.channels = spec.stream_channels
         # True: a channel axis is required; None: optional (mono audio); False: token ids
         self.has_channels: bool | None = (
             None if self.modality == "audio" and self.channels is None
@@ -504,7 +500,7 @@ def prepare(
     ``BatchEncoder``). ``missing_chunks``: "error" on an input chunk absent from its store, or
     "fill" (zarr's fill value, for arrays written with ``write_empty_chunks=False``).
     """
-    encoder = BatchEncoder(bundle.config, bundle.serving, integer_input)
+    encoder = BatchEncoder(bundle.config, bundle.spec, integer_input)
     inputs = open_inputs(input, encoder.has_channels, time_axis, channel_axis, series_axis)
     for inp in inputs:
         encoder.check(inp)
@@ -514,7 +510,7 @@ def prepare(
         raise ConfigError(f"--output {str(output)!r} must differ from --input")
     plan = OutputPlan(
         out_path, inputs,
-        {"model_fingerprint": bundle.fingerprint, "config": bundle.config.to_dict(), "serving": bundle.serving},
+        {"model_fingerprint": bundle.fingerprint, "config": bundle.config.to_dict(), "serving": bundle.spec.to_dict() if bundle.spec else {}},
         int(steps), int(batch_series), bundle.config.resolved_output_dim,
         {inp.name: read for inp in inputs if (read := encoder.integer_read(inp)) is not None},
     )

@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 from streamssm.checkpoint import export_safetensors, load_for_serving, model_fingerprint
 from streamssm.errors import ConfigError, DataFormatError
 from streamssm.models import ModelConfig, SSMModel
+from streamssm.serving import ServingSpec
 
 CFG = ModelConfig(block="mamba", d_model=16, n_layers=2, d_state=4, input_kind="continuous", input_dim=2,
                   head="regression", output_dim=2)
@@ -23,7 +24,8 @@ def outputs(model: SSMModel) -> torch.Tensor:
 def test_safetensors_export_round_trip(tmp_path):
     model = SSMModel(CFG).eval()
     bundle = load_for_serving(export_safetensors(model, tmp_path / "m.safetensors", SERVING))
-    assert bundle.config == CFG and bundle.serving == SERVING
+    assert bundle.config == CFG and bundle.spec == ServingSpec.from_dict(SERVING).for_model(CFG)
+    assert bundle.spec.head == "regression"  # a spec without a task gets the model's head
     assert bundle.fingerprint == model_fingerprint(model)
     assert torch.equal(outputs(bundle.model), outputs(model))
 
@@ -35,8 +37,9 @@ def test_lightning_checkpoint_loads_model_prefix(tmp_path):
         "streamssm": {"config": CFG.to_dict(), "serving": SERVING},
     }
     torch.save(ckpt, tmp_path / "m.ckpt")
-    bundle = load_for_serving(tmp_path / "m.ckpt")
+    bundle = load_for_serving(tmp_path / "m.ckpt")  # the untyped serving dict of files written before 2026-12-04
     assert torch.equal(outputs(bundle.model), outputs(model))
+    assert bundle.spec == ServingSpec.from_dict(SERVING).for_model(CFG) and bundle.spec.channel_names == ("a", "b")
 
 
 def test_fingerprint_changes_with_weights():
@@ -57,7 +60,7 @@ def test_foreign_safetensors_is_refused(tmp_path):
 
 def test_checkpoint_without_streamssm_entry_is_refused(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "plain.ckpt")
-    with pytest.raises(ConfigError, match="not a streamssm training checkpoint"):
+    with pytest.raises(ConfigError, match="not written by a streamssm task"):
         load_for_serving(tmp_path / "plain.ckpt")
 
 

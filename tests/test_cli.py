@@ -49,7 +49,7 @@ SENSOR = {"modality": "sensor", "channels": ["a", "b"], "mean": [0.0, 1.0], "std
 def model_file(tmp_path_factory):
     cfg = ModelConfig(block="mamba2", input_kind="continuous", input_dim=2, head="regression", output_dim=4,
                       d_model=16, n_layers=1, d_state=8, headdim=8, chunk_size=4)
-    return export_safetensors(SSMModel(cfg), tmp_path_factory.mktemp("m") / "m.safetensors", serving=SENSOR)
+    return export_safetensors(SSMModel(cfg), tmp_path_factory.mktemp("m") / "m.safetensors", spec=SENSOR)
 
 
 def _free_port() -> int:

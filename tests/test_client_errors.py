@@ -13,6 +13,7 @@ import torch
 from streamssm.checkpoint import ServingBundle
 from streamssm.errors import ConfigError, ShapeError
 from streamssm.models import ModelConfig, SSMModel
+from streamssm.serving import ServingSpec
 from streamssm.service.client import ServerError, ServerUnreachable, StreamClient
 from streamssm.service.server import ServeConfig, StreamServer
 
@@ -22,7 +23,7 @@ SENSOR = {"modality": "sensor", "channels": ["a", "b"], "mean": [0.0, 0.0], "std
 def _bundle() -> ServingBundle:
     cfg = ModelConfig(block="mamba2", input_kind="continuous", input_dim=2, head="regression", output_dim=2,
                       d_model=16, n_layers=1, d_state=8, headdim=8, chunk_size=4)
-    return ServingBundle(SSMModel(cfg).eval(), cfg, SENSOR, "f" * 16)
+    return ServingBundle(SSMModel(cfg).eval(), cfg, ServingSpec.from_dict(SENSOR), "f" * 16)
 
 
 @pytest.mark.timeout(60)

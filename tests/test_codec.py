@@ -10,6 +10,7 @@ import torch
 from streamssm.checkpoint import ServingBundle
 from streamssm.errors import ConfigError
 from streamssm.models import ModelConfig, SSMModel
+from streamssm.serving import ServingSpec
 from streamssm.service.codec import ModelCodec
 
 SMALL = dict(d_model=16, n_layers=1, d_state=8, headdim=8, chunk_size=4)
@@ -18,7 +19,7 @@ SENSOR = {"modality": "sensor", "channels": ["a", "b", "c"], "mean": [1.0, -2.0,
 
 def _bundle(serving, **io) -> ServingBundle:
     cfg = ModelConfig(block="mamba2", **io, **SMALL)
-    return ServingBundle(SSMModel(cfg), cfg, serving)
+    return ServingBundle(SSMModel(cfg), cfg, ServingSpec.from_dict(serving))
 
 
 @pytest.mark.parametrize("targets", [None, ["c", "a"]])

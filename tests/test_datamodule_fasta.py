@@ -57,7 +57,7 @@ def test_batches_are_next_token_pairs_of_real_windows(genome):
         assert torch.equal(batch["targets"][row], expected[1:])
     assert dm.model_io() == {"input_kind": "tokens", "vocab_size": 5, "head": "lm", "output_dim": 5}
     ModelConfig(**dm.model_io())  # the contract: model_io gives valid ModelConfig fields
-    assert dm.serving_metadata()["alphabet"] == "ACGTN"
+    assert dm.serving_spec().alphabet == "ACGTN"
 
 
 def test_random_windows_are_seeded_and_change_per_epoch(genome):
@@ -262,7 +262,7 @@ def test_lightning_trainer_reseeds_each_epoch_and_checkpoints_metadata(genome, t
     assert not torch.equal(first, second)  # Lightning's set_epoch reached the sampler
     trainer.save_checkpoint(tmp_path / "probe.ckpt")
     ckpt = torch.load(tmp_path / "probe.ckpt", weights_only=False)
-    assert ckpt["FastaDataModule"]["serving_metadata"] == dm.serving_metadata()
+    assert not ckpt.get("FastaDataModule")  # the serving spec is stored once, by the task (streamssm.checkpoint)
 
 
 def test_several_fasta_files_and_chromosome_subset(tmp_path):

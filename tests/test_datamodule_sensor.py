@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from streamssm.datamodules import SensorDataModule, synthetic
-from streamssm.encoding import decoder_from_metadata, encoder_from_metadata
 from streamssm.errors import ConfigError, DataFormatError
 from streamssm.models import ModelConfig
 
@@ -48,9 +47,9 @@ def test_forecast_windows_are_normalized_rows_shifted_by_one(table):
     assert batch["inputs"].shape == (8, 32, 3) and batch["targets"].shape == (8, 32, 3)
     assert torch.equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
     assert dm.model_io() == {"input_kind": "continuous", "input_dim": 3, "head": "regression", "output_dim": 3}
-    meta = dm.serving_metadata()
-    assert meta["channels"] == FEATURES and "classes" not in meta
-    served = encoder_from_metadata(meta)(raw[48:80].astype(np.float32))
+    spec = dm.serving_spec()
+    assert list(spec.channel_names) == FEATURES and spec.classes == ()
+    served = spec.encoder()(raw[48:80].astype(np.float32))
     assert torch.allclose(served, sample["inputs"], atol=1e-5)
 
 
@@ -91,7 +90,7 @@ def test_classification_labels_last_row_of_window(table):
         assert dm.classes[int(sample["targets"])] == labels[s + 31]
     batch = next(iter(dm.train_dataloader()))
     assert batch["targets"].shape == (8,) and batch["targets"].dtype == torch.long
-    assert dm.serving_metadata()["classes"] == ["regime_0", "regime_1", "regime_2"]
+    assert dm.serving_spec().classes == ("regime_0", "regime_1", "regime_2")
     with pytest.raises(ConfigError, match="label_column"):
         SensorDataModule(str(path), task="classification")
 
@@ -163,9 +162,9 @@ def test_forecast_subset_of_channels(table):
     assert sample["inputs"].shape == (32, 3) and sample["targets"].shape == (32, 2)
     assert torch.equal(sample["targets"], torch.from_numpy(dm.values[33:65][:, [2, 0]]))  # window at row 32
     assert torch.equal(sample["targets"][:-1], sample["inputs"][1:, [2, 0]])
-    meta = dm.serving_metadata()
-    assert meta["targets"] == ["ch2", "ch0"]
-    raw = decoder_from_metadata(meta)(sample["targets"])  # back to raw units of ch2, ch0
+    spec = dm.serving_spec().with_task(task="Forecaster", head="regression")
+    assert spec.targets == ("ch2", "ch0")
+    raw = spec.output_decoder()(sample["targets"])  # back to raw units of ch2, ch0
     expected = df.select(["ch2", "ch0"]).to_numpy()[33:65]
     assert np.allclose(raw.numpy(), expected, atol=1e-4)
     with pytest.raises(ConfigError, match="among the feature columns"):

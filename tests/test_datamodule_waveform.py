@@ -7,7 +7,7 @@ import torch
 import torchaudio.functional as AF
 
 from streamssm.datamodules import WaveformDataModule, synthetic
-from streamssm.encoding import encoder_from_metadata, mu_law_encode
+from streamssm.encoding import mu_law_encode
 from streamssm.errors import ConfigError, DataFormatError
 from streamssm.models import ModelConfig
 
@@ -44,12 +44,12 @@ def test_mu_law_crops_match_decoded_audio(clips):
         assert torch.equal(batch["inputs"][row], expected[:-1])
         assert torch.equal(batch["targets"][row], expected[1:])
     assert dm.model_io() == {"input_kind": "tokens", "vocab_size": 256, "head": "lm", "output_dim": 256}
-    meta = dm.serving_metadata()
-    assert meta["encoding"] == "mu_law" and meta["sample_rate"] == 8000 and meta["quantization_channels"] == 256
+    spec = dm.serving_spec()
+    assert (spec.encoding, spec.sample_rate, spec.quantization_channels) == ("mu_law", 8000, 256)
     # serving encodes raw samples exactly like training did
     file, start = ds.locate(keys[0])
     wave, _ = sf.read(dm.paths[file], dtype="float32")
-    served = encoder_from_metadata(meta)(wave[start : start + 128])
+    served = spec.encoder()(wave[start : start + 128])
     assert torch.equal(served, batch["inputs"][0])
 
 
@@ -71,7 +71,7 @@ def test_float_stereo_forecast_and_mono_mixdown(tmp_path):
     assert torch.equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
     assert dm.model_io() == {"input_kind": "continuous", "input_dim": 2, "head": "regression", "output_dim": 2}
     ModelConfig(**dm.model_io())
-    assert dm.serving_metadata()["encoding"] == "float"
+    assert dm.serving_spec().encoding == "float"
     mono = make([str(p) for p in paths], encoding="float", mono=True, crop=64, val_fraction=0.0)
     stereo, _ = sf.read(paths[0], dtype="float32", always_2d=True)
     assert mono.audio[0].shape == (stereo.shape[0], 1)
@@ -93,7 +93,7 @@ def test_rate_mismatch_resample_or_refuse(tmp_path):
     with pytest.raises(DataFormatError, match=r"16000 Hz, expected 8000 Hz"):
         make(files, on_rate_mismatch="error", crop=32, val_fraction=0.0)
     adopt = make(files[::-1], sample_rate=None, encoding="float", crop=32, val_fraction=0.0)
-    assert adopt.serving_metadata()["sample_rate"] == 16000 and adopt.audio[1].shape == (1600, 1)
+    assert adopt.serving_spec().sample_rate == 16000 and adopt.audio[1].shape == (1600, 1)
 
 
 def test_file_split_and_time_split_do_not_leak(clips):

@@ -97,7 +97,7 @@ def test_ddp_two_cpu_processes_keep_ranks_in_sync_and_checkpoint_serves(tmp_path
     served = bundle.model.state_dict()
     for name, value in final[0].items():
         torch.testing.assert_close(served[name], value, rtol=0, atol=0, msg=name)
-    assert bundle.serving["modality"] == "dna" and bundle.serving["task"]["name"] == "TokenLM"
+    assert bundle.spec.modality == "dna" and bundle.spec.task == "TokenLM"
     tokens = torch.randint(0, 5, (1, 32))
     y, _ = bundle.model(tokens)
     assert y.shape == (1, 32, 5) and torch.isfinite(y).all()

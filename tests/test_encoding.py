@@ -12,9 +12,7 @@ from streamssm.encoding import (
     DNA_ALPHABET,
     Normalizer,
     decode_bases,
-    decoder_from_metadata,
     encode_bases,
-    encoder_from_metadata,
     mu_law_decode,
     mu_law_encode,
     pcm_to_float,
@@ -109,53 +107,6 @@ def test_normalizer_fit_apply_invert_and_serialise():
         Normalizer.from_dict({"mean": [0.0]})
 
 
-def test_encoder_from_metadata_dna_and_errors():
-    enc = encoder_from_metadata({"modality": "dna", "alphabet": "ACGTN"})
-    assert enc("ACGTn").tolist() == [0, 1, 2, 3, 4]
-    assert decoder_from_metadata({"modality": "dna"})(torch.tensor([3, 2])) == "TG"
-    with pytest.raises(ConfigError, match="modality"):
-        encoder_from_metadata({"modality": "video"})
-    with pytest.raises(ConfigError, match="sample_rate"):
-        encoder_from_metadata({"modality": "audio", "encoding": "mu_law"})
-
-
-def test_encoder_from_metadata_audio_mu_law_float_and_resample():
-    meta = {"modality": "audio", "sample_rate": 8000, "encoding": "mu_law", "quantization_channels": 256}
-    enc = encoder_from_metadata(meta)
-    wave = torch.sin(torch.arange(800) * 0.05) * 0.5
-    assert torch.equal(enc(wave), mu_law_encode(wave))
-    assert torch.equal(enc(wave.numpy()), mu_law_encode(wave))
-    pcm = (wave.numpy() * 32767).astype(np.int16)
-    assert (enc(pcm) - mu_law_encode(wave)).abs().max() <= 1
-    stereo = torch.stack([wave, wave], dim=1)  # (l, 2) mixed down to mono
-    assert torch.equal(enc(stereo), mu_law_encode(wave))
-    up = enc(wave, sample_rate=4000)  # resampled 4 kHz -> 8 kHz: twice the samples
-    assert up.shape == (1600,)
-    dec = decoder_from_metadata(meta)
-    assert float((dec(enc(wave)) - wave).abs().max()) < 0.02
-    fenc = encoder_from_metadata({"modality": "audio", "sample_rate": 8000, "encoding": "float"})
-    out = fenc(wave)
-    assert out.shape == (800, 1) and out.dtype == torch.float32
-
-
-def test_encoder_from_metadata_sensor_uses_saved_stats():
-    meta = {"modality": "sensor", "channels": ["a", "b"], "mean": [1.0, -1.0], "std": [2.0, 4.0]}
-    enc = encoder_from_metadata(meta)
-    out = enc(np.array([[1.0, -1.0], [3.0, 7.0]], dtype=np.float32))
-    assert torch.allclose(out, torch.tensor([[0.0, 0.0], [1.0, 2.0]]))
-    assert torch.allclose(decoder_from_metadata(meta)(out), torch.tensor([[1.0, -1.0], [3.0, 7.0]]))
-    with pytest.raises(ShapeError, match="2 channel"):
-        enc(np.zeros((4, 3), dtype=np.float32))
-    with pytest.raises(DataFormatError, match="NaN"):
-        enc(np.array([[np.nan, 0.0]]))
-    cls_meta = dict(meta, classes=["idle", "walk"])
-    assert decoder_from_metadata(cls_meta)(torch.tensor([1, 0])) == ["walk", "idle"]
-    with pytest.raises(ConfigError, match="classes"):  # a task recorded a classifier head
-        decoder_from_metadata(dict(meta, task={"name": "SequenceClassifier", "head": "classifier"}))
-    forecaster = dict(meta, task={"name": "Forecaster", "head": "regression"})
-    assert torch.allclose(decoder_from_metadata(forecaster)(out), torch.tensor([[1.0, -1.0], [3.0, 7.0]]))
-
-
 def test_encoding_module_does_not_import_lightning():
     code = (
         "import sys, streamssm.encoding as e; "
@@ -219,18 +170,6 @@ def test_synthetic_data_is_learnable():
         np.mean(np.diff(np.sign(values[regime == r, 0] - values[regime == r, 0].mean())) != 0) for r in range(3)
     ]
     assert crossings[0] < crossings[2]
-
-
-def test_sensor_encoder_refuses_integers_unless_told_how_to_read_them():
-    """int16 rows were silently divided by 32768 (PCM scaling) for a sensor model."""
-    meta = {"modality": "sensor", "channels": ["a", "b"], "mean": [100.0, 0.0], "std": [10.0, 1.0]}
-    counts = np.array([[110, 1], [90, -2]], dtype=np.int16)
-    with pytest.raises(DataFormatError, match=r"integer samples \(torch.int16\) are ambiguous.*'values'.*'pcm'"):
-        encoder_from_metadata(meta)(counts)
-    values = encoder_from_metadata(meta, sensor_integers="values")(counts)
-    assert values.dtype == torch.float32 and values.tolist() == [[1.0, 1.0], [-1.0, -2.0]]
-    pcm = encoder_from_metadata(meta, sensor_integers="pcm")(counts)
-    assert torch.allclose(pcm, (pcm_to_float(counts).double() - torch.tensor([100.0, 0.0])).float() / torch.tensor([10.0, 1.0]))
 
 
 def test_strict_bases_refuse_ambiguity_codes_but_keep_n():

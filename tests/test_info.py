@@ -26,7 +26,7 @@ def model():
 @pytest.fixture(params=["safetensors", "ckpt"])
 def model_file(request, model, tmp_path):
     if request.param == "safetensors":
-        return export_safetensors(model, tmp_path / "m.safetensors", serving=SERVING, versions=VERSIONS)
+        return export_safetensors(model, tmp_path / "m.safetensors", spec=SERVING, versions=VERSIONS)
     path = tmp_path / "last.ckpt"  # the layout streamssm tasks write
     torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
                 "streamssm": {"config": model.cfg.to_dict(), "serving": SERVING, "versions": VERSIONS}}, path)
@@ -50,7 +50,7 @@ def test_model_card_json(model_file, capsys):
     assert card["written_by"] == VERSIONS
     s = card["serving"]
     assert (s["modality"], s["head"], s["horizon"], s["targets"]) == ("sensor", "regression", 5, ["rpm"])
-    assert s["channels"] == ["temp", "flow", "rpm"]
+    assert s["channel_names"] == ["temp", "flow", "rpm"]
     assert s["stream"] == {"format": "f32le", "sample_rate": None, "channels": 3}
 
 

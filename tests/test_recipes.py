@@ -93,7 +93,7 @@ def test_tiny_recipe_learns_and_its_checkpoint_serves(name, tmp_path, monkeypatc
     model = fit.model.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(bundle.model(batch["inputs"])[0], model(batch["inputs"])[0], rtol=0, atol=0)
-    assert bundle.serving == {**fit.datamodule.serving_metadata(), "task": fit.model._task_metadata()}
+    assert bundle.spec == fit.model.complete_spec(fit.datamodule.serving_spec())
     assert export_main(["--checkpoint", ckpt, "--output", str(tmp_path / "m.safetensors")]) == 0
     assert load_for_serving(tmp_path / "m.safetensors").fingerprint == bundle.fingerprint
 

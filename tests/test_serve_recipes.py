@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from streamssm.checkpoint import load_for_serving
-from streamssm.encoding import Normalizer, encoder_from_metadata
+from streamssm.encoding import Normalizer
 from streamssm.export import main as export_main
 from streamssm.inference import head_output
 from streamssm.make_data import make_data
@@ -124,7 +124,7 @@ def offline(t: Trained) -> tuple[np.ndarray, np.ndarray | None]:
 
     Returns outputs (l, o) and, for language models, log p(x_t | x_<t) per step."""
     bundle = load_for_serving(t.model)
-    x = encoder_from_metadata(bundle.serving)(t.held_out)
+    x = bundle.spec.encoder()(t.held_out)
     with torch.no_grad():
         y = head_output(bundle.config.head, bundle.model(x[None])[0][0].float())  # (l, o)
     scores = None

@@ -40,7 +40,7 @@ def ckpts(tmp_path_factory):
          {"modality": "audio", "sample_rate": 8000, "encoding": "mu_law"}, 4),
     ]:
         torch.manual_seed(seed)
-        out[name] = export_safetensors(SSMModel(cfg).eval(), tmp / f"{name}.safetensors", serving=serving)
+        out[name] = export_safetensors(SSMModel(cfg).eval(), tmp / f"{name}.safetensors", spec=serving)
     return out
 
 

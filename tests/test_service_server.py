@@ -38,7 +38,7 @@ TIMEOUT = 20.0
 def _export(tmp, name, cfg, serving, seed):
     torch.manual_seed(seed)
     model = SSMModel(cfg).eval()
-    return export_safetensors(model, tmp / f"{name}.safetensors", serving=serving)
+    return export_safetensors(model, tmp / f"{name}.safetensors", spec=serving)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from streamssm.errors import ConfigError, DataFormatError, ShapeError
 from streamssm.export import export_checkpoint
 from streamssm.export import main as export_main
 from streamssm.plots import plot_training_curve, read_metrics
+from streamssm.serving import ServingSpec
 from streamssm.tasks import Forecaster, SequenceClassifier, TokenLM, warmup_cosine
 
 TINY = dict(d_model=16, n_layers=1, headdim=8, d_state=8, chunk_size=8, warmup_steps=2)
@@ -30,8 +31,8 @@ class PeriodicTokens(pl.LightningDataModule):
     def model_io(self) -> dict:
         return {"input_kind": "tokens", "vocab_size": 5, "head": "lm"}
 
-    def serving_metadata(self) -> dict:
-        return {"kind": "dna", "alphabet": "ACGTN"}
+    def serving_spec(self) -> ServingSpec:
+        return ServingSpec(modality="dna", encoding="bases")
 
     def _loader(self, offset: int) -> DataLoader:
         seq = torch.arange(4096) % 4
@@ -152,7 +153,9 @@ def test_optimizer_groups_and_warmup():
 def test_weight_decay_groups_follow_names_through_wrappers():
     """FSDP / activation-checkpoint wrappers insert prefixes into parameter names (and FSDP
     flattens shapes): decay is decided by the unwrapped name, not by the shape."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        checkpoint_wrapper,
+    )
 
     task = TokenLM(block="mamba3", vocab_size=5, input_kind="tokens", weight_decay=0.5, **TINY)
     model = task.build_model()
@@ -181,18 +184,18 @@ def test_fit_checkpoint_serving_and_export_round_trip(tmp_path, block):
         expected = task(x)
         bundle = load_for_serving(ckpt)
         torch.testing.assert_close(bundle.model(x)[0], expected, rtol=0, atol=0)
-        assert bundle.serving["alphabet"] == "ACGTN" and bundle.serving["task"]["name"] == "TokenLM"
+        assert bundle.spec == ServingSpec(modality="dna", encoding="bases", task="TokenLM", head="lm")
         assert bundle.config.block == block
 
         reloaded = TokenLM.load_from_checkpoint(ckpt, map_location="cpu").eval()
         torch.testing.assert_close(reloaded(x), expected, rtol=0, atol=0)
-        assert reloaded.serving_metadata["alphabet"] == "ACGTN"
+        assert reloaded.serving_spec == bundle.spec
 
         out, fingerprint = export_checkpoint(ckpt, tmp_path / "m.safetensors")
         exported = load_for_serving(out)
         torch.testing.assert_close(exported.model(x)[0], expected, rtol=0, atol=0)
         assert exported.fingerprint == fingerprint == bundle.fingerprint
-        assert exported.serving == bundle.serving
+        assert exported.spec == bundle.spec
 
 
 def test_resume_rejects_a_different_architecture(tmp_path):
@@ -255,6 +258,7 @@ logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(messag
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import CSVLogger
 from streamssm.tasks import TokenLM
+from streamssm.serving import ServingSpec
 from test_tasks import TINY, PeriodicTokens
 trainer = pl.Trainer(accelerator="cpu", max_steps=5, logger=CSVLogger(sys.argv[1]), default_root_dir=sys.argv[1],
                      limit_val_batches=1, num_sanity_val_steps=0, log_every_n_steps=1)
@@ -284,9 +288,18 @@ def test_fit_output_is_quiet_and_counts_steps(tmp_path):
 
 
 def test_only_lightnings_default_bar_and_summary_are_replaced(tmp_path):
-    from lightning.pytorch.callbacks import ModelSummary, ProgressBar, RichModelSummary, TQDMProgressBar
+    from lightning.pytorch.callbacks import (
+        ModelSummary,
+        ProgressBar,
+        RichModelSummary,
+        TQDMProgressBar,
+    )
 
-    from streamssm.lightning_ui import ParameterSummary, StepProgressBar, use_streamssm_callbacks
+    from streamssm.lightning_ui import (
+        ParameterSummary,
+        StepProgressBar,
+        use_streamssm_callbacks,
+    )
 
     default = pl.Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path)
     use_streamssm_callbacks(default)

@@ -101,7 +101,7 @@ def test_group_of_arrays_with_other_axis_order_and_sensor_encoding(tmp_path):
     model, _ = _continuous_model(tmp_path, "mamba2", channels=2)
     mean, std = [1.0, -2.0], [2.0, 0.5]
     ckpt = export_safetensors(model, tmp_path / "sensor.safetensors",
-                              serving={"modality": "sensor", "channels": ["a", "b"], "mean": mean, "std": std})
+                              spec={"modality": "sensor", "channels": ["a", "b"], "mean": mean, "std": std})
     rng = np.random.default_rng(2)
     a = _series(rng, (2, 200))  # (c, t)
     b = _series(rng, (3, 2, 200))  # (s, c, t)
@@ -124,7 +124,7 @@ def test_dna_token_array(tmp_path):
     torch.manual_seed(3)
     cfg = ModelConfig(block="mamba", d_model=16, n_layers=2, input_kind="tokens", vocab_size=5, head="lm")
     model = SSMModel(cfg).eval()
-    ckpt = export_safetensors(model, tmp_path / "dna.safetensors", serving={"modality": "dna"})
+    ckpt = export_safetensors(model, tmp_path / "dna.safetensors", spec={"modality": "dna"})
     tok = np.random.default_rng(3).integers(0, 5, size=(3, 160)).astype(np.int8)
     _write(tmp_path / "genome.zarr", tok, (1, 32))
     run_inference(ckpt, tmp_path / "genome.zarr", tmp_path / "out.zarr", chunk_steps=64, batch_series=2,
@@ -136,14 +136,14 @@ def test_dna_token_array(tmp_path):
 
 def test_mono_audio_mu_law(tmp_path):
     """A 1-D float recording (t,) into a mu-law token model; a foreign sample rate is refused."""
-    from streamssm.datamodules.encoding import mu_law_encode
+    from streamssm.encoding import mu_law_encode
 
     torch.manual_seed(4)
     cfg = ModelConfig(block="mamba2", d_model=16, n_layers=1, input_kind="tokens", vocab_size=256, head="lm",
                       headdim=8, chunk_size=16)
     model = SSMModel(cfg).eval()
     ckpt = export_safetensors(model, tmp_path / "audio.safetensors",
-                              serving={"modality": "audio", "sample_rate": 8000, "encoding": "mu_law"})
+                              spec={"modality": "audio", "sample_rate": 8000, "encoding": "mu_law"})
     wave = (0.5 * np.sin(np.arange(192) / 5.0)).astype(np.float32)
     _write(tmp_path / "rec.zarr", wave, (64,), attributes={"sample_rate": 8000})
     run_inference(ckpt, tmp_path / "rec.zarr", tmp_path / "out.zarr", chunk_steps=64, num_workers=0,
@@ -396,7 +396,7 @@ def _sensor_ckpt(tmp_path: Path) -> tuple[SSMModel, Path, list[float], list[floa
     model, _ = _continuous_model(tmp_path, "mamba2", channels=2)
     mean, std = [100.0, -20.0], [10.0, 4.0]
     ckpt = export_safetensors(model, tmp_path / "sensor.safetensors",
-                              serving={"modality": "sensor", "channels": ["a", "b"], "mean": mean, "std": std})
+                              spec={"modality": "sensor", "channels": ["a", "b"], "mean": mean, "std": std})
     return model, ckpt, mean, std
 
 
