@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"streamssm: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # `import lightning` gives the "lightning" logger its own console handler: print its lines once
+    logging.getLogger("lightning").propagate = False
     try:
         module = importlib.import_module(COMMANDS[name][0])
         return int(module.main(rest, prog=f"streamssm {name}") or 0)

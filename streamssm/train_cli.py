@@ -107,7 +107,5 @@ def main(argv: list[str] | None = None, prog: str = "streamssm fit") -> int:
     if subcommand not in SUBCOMMANDS:
         print(f"{prog}: not a training subcommand; expected one of {SUBCOMMANDS}", file=sys.stderr)
         return 2
-    # `import lightning` gives the "lightning" logger its own console handler: don't print twice
-    logging.getLogger("lightning").propagate = False
     build_cli(subcommand, list(sys.argv[1:] if argv is None else argv))
     return 0

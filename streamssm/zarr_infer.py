@@ -51,6 +51,7 @@ from streamssm.checkpoint import ServingBundle, load_for_serving
 from streamssm.encoding import SensorIntegers
 from streamssm.datamodules.zarr import InputArray, MissingChunks, Unit, ZarrDataModule, open_inputs
 from streamssm.errors import ConfigError, DataFormatError, ShapeError, StateError
+from streamssm.lightning_ui import quiet_lightning
 from streamssm.models import ModelConfig, SSMModel
 from streamssm.serving import ServingSpec
 from streamssm.state import LayerState, ModelState, state_from_bytes, state_to_bytes
@@ -551,6 +552,7 @@ def run_inference(
     if todo == 0:
         writer.plan.mark_complete(writer.records, datamodule.units)
         return InferenceResult(writer.plan.path, names, 0, 0.0, 0, status="complete")
+    quiet_lightning()
     trainer = pl.Trainer(
         accelerator=accelerator, devices=devices, strategy="ddp" if devices > 1 else "auto",
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
