@@ -1,7 +1,7 @@
 """The service under attack (issue 17): a well-behaved canary stream beside hostile clients.
 
     python benchmarks/bench_abuse.py [--model tiny|d512] [--device cpu|cuda] [--canary-chunks 100]
-                                     [--slice-samples 1024] [--attack-seconds 5] [--cycles 2000]
+                                     [--slice-samples 256] [--attack-seconds 5] [--cycles 2000]
                                      [--kills 3] [--crash-chunks 400] [--write-ahead 1] [--out FILE]
 
 ``streamssm serve`` runs a mu-law audio LM (8 kHz) in a subprocess (its own GIL; its RSS read
@@ -295,7 +295,7 @@ def main() -> None:
     p.add_argument("--model", default="tiny", choices=("tiny", "d512"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="server torch threads")
-    p.add_argument("--slice-samples", type=int, default=1024, help="server --slice-samples")
+    p.add_argument("--slice-samples", type=int, default=256, help="server --slice-samples")
     p.add_argument("--canary-chunks", type=int, default=100)
     p.add_argument("--attack-seconds", type=float, default=5.0)
     p.add_argument("--crash-chunks", type=int, default=400, help="20 ms chunks of the SIGKILL stream")

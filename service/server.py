@@ -91,7 +91,7 @@ class ServeConfig:
     max_frame_bytes: int = 1 << 20
     max_result_bytes: int = 16 << 20  # one frame's result (protocol.result_bytes)
     replay_bytes: int = 16 << 20  # unacknowledged results kept per stream for resume
-    slice_samples: int = 1024  # samples of one stream per model call
+    slice_samples: int = 256  # samples of one stream per model call (bench_abuse: canary p99 vs slice)
     idle_timeout: float = 60.0
     queue_depth: int = 8
     resume_ttl: float = 300.0
