@@ -29,6 +29,7 @@ from _harness import SSD_SHAPES, peak_memory_gib, run_tag, time_eager  # noqa: E
 
 from streamssm.kernels import mamba3_scan, ssd_scan  # noqa: E402
 from streamssm.layers import Mamba2Block, Mamba3Block  # noqa: E402
+from streamssm.models import ArchConfig  # noqa: E402
 
 CHUNK = 256
 EXPAND = 2
@@ -38,8 +39,9 @@ def build_layers(shape: dict[str, int], device: torch.device) -> dict[str, torch
     """Both blocks at the shape's width: d_inner = heads * headdim, d_model = d_inner / 2."""
     d_model = shape["heads"] * shape["headdim"] // EXPAND
     torch.manual_seed(0)
-    kw = dict(d_state=shape["dstate"], expand=EXPAND, headdim=shape["headdim"], chunk_size=CHUNK)
-    return {"mamba2": Mamba2Block(d_model, **kw).to(device), "mamba3": Mamba3Block(d_model, **kw).to(device)}
+    kw = dict(d_model=d_model, d_state=shape["dstate"], expand=EXPAND, headdim=shape["headdim"], chunk_size=CHUNK)
+    return {"mamba2": Mamba2Block(ArchConfig(block="mamba2", **kw)).to(device),
+            "mamba3": Mamba3Block(ArchConfig(block="mamba3", **kw)).to(device)}
 
 
 def layer_fns(block: torch.nn.Module, u: torch.Tensor) -> tuple[Callable[[], object], Callable[[], object]]:

@@ -204,8 +204,9 @@ def train(args: argparse.Namespace) -> int:
         overrides += [
             "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
             "--trainer.strategy", "ddp" if args.devices > 1 or args.keep_strategy else "auto",
-            "--model.init_args.d_model", "32", "--model.init_args.n_layers", "2", "--model.init_args.d_state", "16",
-            "--model.init_args.headdim", "16", "--model.init_args.chunk_size", "32",
+            "--model.init_args.arch.d_model", "32", "--model.init_args.arch.n_layers", "2",
+            "--model.init_args.arch.d_state", "16", "--model.init_args.arch.headdim", "16",
+            "--model.init_args.arch.chunk_size", "32",
             "--data.init_args.window", "256", "--data.init_args.eval_windows", "4", "--data.init_args.pin_memory", "false",
         ]
     if args.window:

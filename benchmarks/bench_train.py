@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import Table, report, run_tag  # noqa: E402
 
 from streamssm.plots import plot_training_curve  # noqa: E402
+from streamssm.models import ArchConfig  # noqa: E402
 from streamssm.tasks import TokenLM  # noqa: E402
 
 VOCAB = 5
@@ -93,11 +94,11 @@ def run_config(block: str, length: int, batch: int, args: argparse.Namespace,
     torch.cuda.reset_peak_memory_stats()
     pl.seed_everything(0, verbose=False)
     total = args.warmup + args.steps
-    task = TokenLM(
-        block=block, d_model=args.d_model, n_layers=args.layers, d_state=args.d_state if block == "mamba2" else 16,
-        headdim=64, chunk_size=256, checkpoint_layers=not args.no_checkpoint, input_kind="tokens",
-        vocab_size=VOCAB, lr=args.lr, warmup_steps=2, max_steps=total, weight_decay=0.1,
-    )
+    arch = ArchConfig(block=block, d_model=args.d_model, n_layers=args.layers,
+                      d_state=args.d_state if block == "mamba2" else 16, headdim=64, chunk_size=256,
+                      checkpoint_layers=not args.no_checkpoint)
+    task = TokenLM(arch, input_kind="tokens", vocab_size=VOCAB, lr=args.lr, warmup_steps=2, max_steps=total,
+                   weight_decay=0.1)
     timer = StepTimer(args.warmup, deadline, f"{block}:{length}:{batch}")
     trainer = pl.Trainer(
         accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=total, logger=False,

@@ -54,8 +54,9 @@ class Size:
 
 FULL = Size(train_steps=300, held_out=3000, chunk=100, data_scale=4)
 QUICK = Size(train_steps=20, held_out=400, chunk=50, data_scale=1)
-MODEL = dict(block="mamba2", d_model=48, n_layers=2, d_state=16, headdim=16, chunk_size=64,
-             lr=3e-3, warmup_steps=10, weight_decay=0.01)
+#: every demo task's architecture (``streamssm.models.ArchConfig`` fields) and optimizer settings
+ARCH = dict(block="mamba2", d_model=48, n_layers=2, d_state=16, headdim=16, chunk_size=64)
+OPTIMIZER = dict(lr=3e-3, warmup_steps=10, weight_decay=0.01)
 
 
 @dataclass
@@ -73,20 +74,22 @@ def _prepare(name: str, data_dir: Path, size: Size) -> Prepared:
     from streamssm.datamodules import FastaDataModule, SensorDataModule, WaveformDataModule
     from streamssm.datamodules import synthetic
     from streamssm.encoding import encode_bases
+    from streamssm.models import ArchConfig
     from streamssm.tasks import Forecaster, TokenLM
 
     steps = size.train_steps
+    task_args = dict(arch=ArchConfig(**ARCH), max_steps=steps, **OPTIMIZER)
     if name == "sensor":
         table = synthetic.write_sensor_table(data_dir / "sensors.csv", rows=1500 * size.data_scale, channels=3)
         dm = SensorDataModule(str(table), time_column="timestamp", window=128, stride=32, batch_size=16)
         held = synthetic.make_held_out_signal("sensor", size.held_out, seed=1, channels=3).astype(np.float32)
-        return Prepared(dm, Forecaster(**MODEL, max_steps=steps), held, "f32le", held)
+        return Prepared(dm, Forecaster(**task_args), held, "f32le", held)
     if name == "dna":
         fasta = synthetic.write_fasta(data_dir / "genome.fa", n_chrom=3, length=4000 * size.data_scale)
         dm = FastaDataModule(str(fasta), window=256, val_chroms=["chr3"], samples_per_epoch=16 * steps,
                              eval_windows=16, batch_size=16)
         held = synthetic.make_held_out_signal("dna", size.held_out, seed=1)
-        return Prepared(dm, TokenLM(**MODEL, max_steps=steps), held, "text", encode_bases(held).numpy())
+        return Prepared(dm, TokenLM(**task_args), held, "text", encode_bases(held).numpy())
     if name == "audio":
         folder = data_dir / "wav"
         synthetic.write_wav_folder(folder, n_files=2 + 2 * size.data_scale, seconds=1.0, sample_rate=AUDIO_RATE)
@@ -94,7 +97,7 @@ def _prepare(name: str, data_dir: Path, size: Size) -> Prepared:
                                 samples_per_epoch=16 * steps, eval_crops=16, batch_size=16)
         held = synthetic.make_held_out_signal("audio", size.held_out, seed=1, sample_rate=AUDIO_RATE)
         held = np.asarray(held, np.float32)
-        return Prepared(dm, TokenLM(**MODEL, max_steps=steps), held, "f32le", held[:, None])
+        return Prepared(dm, TokenLM(**task_args), held, "f32le", held[:, None])
     raise ConfigError(f"unknown demo task {name!r}; choose from {TASK_NAMES}")
 
 

@@ -16,8 +16,10 @@ state)`` and ``init_state(batch, device, dtype)``; the three modes agree (tests/
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import torch
 from torch import nn
@@ -33,61 +35,91 @@ InputKind = Literal["tokens", "continuous"]
 HeadKind = Literal["lm", "regression", "classifier"]
 
 
+#: every block type's default d_state (ArchConfig.d_state None)
+_DEFAULT_D_STATE: dict[str, int] = {"mamba": 16, "mamba2": 64, "mamba3": 32}
+
+
 @dataclass(frozen=True)
-class ModelConfig:
-    """Everything needed to rebuild a model (saved beside every checkpoint)."""
+class ArchConfig:
+    """The architecture of the backbone, declared once: recipes nest it as
+    ``model.init_args.arch``, the blocks are built from it, :class:`ModelConfig` extends it with
+    the input and output fields. Invalid values raise one ConfigError listing every problem.
+
+    Args:
+        block: mixer type: ``mamba`` (selective scan), ``mamba2`` (SSD) or ``mamba3``.
+        d_model: width of the residual stream.
+        n_layers: number of residual blocks.
+        d_state: SSM state size per channel (mamba) or head; None picks 16 (mamba), 64 (mamba2)
+            or 32 (mamba3, must be even).
+        d_conv: causal conv width, 2..4 (mamba, mamba2).
+        expand: inner width d_inner = expand * d_model.
+        headdim: head size of mamba2/mamba3; d_inner must be divisible by it.
+        ngroups: B/C groups of mamba2/mamba3; the heads (d_inner / headdim) must be divisible by it.
+        chunk_size: chunk length of the mamba2/mamba3 chunked scan.
+        dt_rank: rank of the Mamba-1 dt projection; None = ceil(d_model / 16).
+        norm_eps: epsilon of the RMS norms.
+        checkpoint_layers: recompute each layer in backward (gradient checkpointing) to save
+            activation memory on very long sequences.
+        attention_every: make layers k, 2k, ... (1-based) sliding-window attention (a hybrid);
+            0 = pure SSM.
+        layer_pattern: or one letter per layer, ``m`` SSM block / ``a`` attention (e.g. ``mmma``).
+        attention_heads: heads of the attention layers (d_model / attention_heads must be even).
+        attention_window: keys each attention query sees, itself included (the ring-buffer size).
+    """
 
     block: BlockType = "mamba2"
     d_model: int = 128
     n_layers: int = 4
-    d_state: int | None = None  # default: 16 for mamba, 64 for mamba2, 32 for mamba3
+    d_state: int | None = None
     d_conv: int = 4
     expand: int = 2
     headdim: int = 32
     ngroups: int = 1
     chunk_size: int = 64
     dt_rank: int | None = None
-    input_kind: InputKind = "tokens"
-    vocab_size: int = 0  # tokens in
-    input_dim: int = 0  # channels in (continuous)
-    head: HeadKind = "lm"
-    output_dim: int = 0  # vocab (lm), channels (regression), classes (classifier); 0 = vocab_size for lm
     norm_eps: float = 1e-5
     checkpoint_layers: bool = False
-    # hybrids: layers k, 2k, ... (1-based) are sliding-window attention; 0 = pure SSM
     attention_every: int = 0
-    layer_pattern: str = ""  # or one letter per layer: "m" SSM block, "a" attention (e.g. "mmma")
+    layer_pattern: str = ""
     attention_heads: int = 4
-    attention_window: int = 1024  # keys attended per query (itself included) = ring-buffer size
+    attention_window: int = 1024
 
     def __post_init__(self) -> None:
-        problems = []
-        problems += self._hybrid_problems()
-        if self.block not in ("mamba", "mamba2", "mamba3"):
-            problems.append(f"block must be 'mamba', 'mamba2' or 'mamba3', got {self.block!r}")
-        if self.input_kind not in ("tokens", "continuous"):
-            problems.append(f"input_kind must be 'tokens' or 'continuous', got {self.input_kind!r}")
-        if self.head not in ("lm", "regression", "classifier"):
-            problems.append(f"head must be 'lm', 'regression' or 'classifier', got {self.head!r}")
-        for name in ("d_model", "n_layers", "expand", "headdim", "ngroups", "chunk_size"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        problems = self._problems()
+        if problems:
+            raise ConfigError(f"invalid {type(self).__name__}: " + "; ".join(problems))
+
+    def _problems(self) -> list[str]:
+        """Every invalid field, described (subclasses add theirs)."""
+        problems = self._size_problems()
+        if self.block not in _DEFAULT_D_STATE:
+            problems.insert(0, f"block must be 'mamba', 'mamba2' or 'mamba3', got {self.block!r}")
+        elif not problems:  # the shapes derived from valid sizes
+            problems = self._block_problems()
+        return problems + self._hybrid_problems()
+
+    def _size_problems(self) -> list[str]:
+        problems = [f"{name} must be positive, got {getattr(self, name)}"
+                    for name in ("d_model", "n_layers", "expand", "headdim", "ngroups", "chunk_size", "norm_eps")
+                    if getattr(self, name) <= 0]
+        problems += [f"{name} must be positive or None, got {getattr(self, name)}"
+                     for name in ("d_state", "dt_rank") if getattr(self, name) is not None and getattr(self, name) <= 0]
         if not 2 <= self.d_conv <= 4:
             problems.append(f"d_conv must be 2..4, got {self.d_conv}")
-        if self.input_kind == "tokens" and self.vocab_size <= 0:
-            problems.append("input_kind='tokens' needs vocab_size > 0")
-        if self.input_kind == "continuous" and self.input_dim <= 0:
-            problems.append("input_kind='continuous' needs input_dim > 0")
-        if self.head != "lm" and self.output_dim <= 0:
-            problems.append(f"head={self.head!r} needs output_dim > 0")
-        if self.head == "lm" and self.output_dim <= 0 and self.vocab_size <= 0:
-            problems.append("head='lm' needs output_dim or vocab_size > 0")
+        return problems
+
+    def _block_problems(self) -> list[str]:
+        """The shapes the mamba2/mamba3 heads need (the blocks rely on them)."""
+        problems = []
         if self.block == "mamba3" and self.resolved_d_state % 2:
             problems.append(f"block='mamba3' needs an even d_state (complex pairs), got {self.resolved_d_state}")
-        if self.block in ("mamba2", "mamba3") and (self.expand * self.d_model) % self.headdim:
-            problems.append(f"expand*d_model={self.expand * self.d_model} must be divisible by headdim={self.headdim}")
-        if problems:
-            raise ConfigError("invalid ModelConfig: " + "; ".join(problems))
+        if self.block in ("mamba2", "mamba3"):
+            if self.d_inner % self.headdim:
+                problems.append(f"expand*d_model={self.d_inner} must be divisible by headdim={self.headdim}")
+            elif self.nheads % self.ngroups:
+                problems.append(f"heads=expand*d_model/headdim={self.nheads} must be divisible by "
+                                f"ngroups={self.ngroups}")
+        return problems
 
     def _hybrid_problems(self) -> list[str]:
         problems = []
@@ -119,34 +151,96 @@ class ModelConfig:
 
     @property
     def resolved_d_state(self) -> int:
-        return self.d_state if self.d_state is not None else {"mamba": 16, "mamba2": 64}.get(self.block, 32)
+        return self.d_state if self.d_state is not None else _DEFAULT_D_STATE[self.block]
+
+    @property
+    def d_inner(self) -> int:
+        """Inner width of the SSM blocks: expand * d_model."""
+        return self.expand * self.d_model
+
+    @property
+    def nheads(self) -> int:
+        """Heads of the mamba2/mamba3 blocks: d_inner / headdim."""
+        return self.d_inner // self.headdim
+
+    @property
+    def resolved_dt_rank(self) -> int:
+        return self.dt_rank if self.dt_rank is not None else math.ceil(self.d_model / 16)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat JSON-able dict of every field (what checkpoints and exports store)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Self:
+        """Read :meth:`to_dict` output; unknown keys raise ConfigError."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown {cls.__name__} keys {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class ModelConfig(ArchConfig):
+    """Everything needed to rebuild a model (saved, flat, in every checkpoint and export): the
+    architecture (:class:`ArchConfig`) and the input and output.
+
+    Args:
+        input_kind: ``tokens`` (ids, embedded) or ``continuous`` (values, linearly projected).
+        vocab_size: token vocabulary (tokens in).
+        input_dim: channels in (continuous).
+        head: ``lm`` (next-token logits), ``regression`` (values) or ``classifier`` (logits).
+        output_dim: head size per step: vocab (lm), channels (regression), classes
+            (classifier); 0 = vocab_size for lm.
+    """
+
+    input_kind: InputKind = "tokens"
+    vocab_size: int = 0
+    input_dim: int = 0
+    head: HeadKind = "lm"
+    output_dim: int = 0
+
+    @classmethod
+    def of(cls, arch: ArchConfig, **io: Any) -> ModelConfig:
+        """The ModelConfig of ``arch`` with the input/output fields ``io``."""
+        return cls(**arch.to_dict(), **io)
+
+    @property
+    def arch(self) -> ArchConfig:
+        """The architecture part."""
+        return ArchConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ArchConfig)})
+
+    def _problems(self) -> list[str]:
+        problems = super()._problems()
+        if self.input_kind not in ("tokens", "continuous"):
+            problems.append(f"input_kind must be 'tokens' or 'continuous', got {self.input_kind!r}")
+        if self.head not in ("lm", "regression", "classifier"):
+            problems.append(f"head must be 'lm', 'regression' or 'classifier', got {self.head!r}")
+        if self.input_kind == "tokens" and self.vocab_size <= 0:
+            problems.append("input_kind='tokens' needs vocab_size > 0")
+        if self.input_kind == "continuous" and self.input_dim <= 0:
+            problems.append("input_kind='continuous' needs input_dim > 0")
+        if self.head != "lm" and self.output_dim <= 0:
+            problems.append(f"head={self.head!r} needs output_dim > 0")
+        if self.head == "lm" and self.output_dim <= 0 and self.vocab_size <= 0:
+            problems.append("head='lm' needs output_dim or vocab_size > 0")
+        return problems
 
     @property
     def resolved_output_dim(self) -> int:
         return self.output_dim if self.output_dim > 0 else self.vocab_size
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown ModelConfig keys {unknown}; known: {sorted(known)}")
-        return cls(**data)
+#: the mixer of each layer kind / block type; each takes the config
+_MIXERS: dict[str, type[nn.Module]] = {
+    "attention": SlidingWindowAttention, "mamba": MambaBlock, "mamba2": Mamba2Block, "mamba3": Mamba3Block,
+}
 
 
-def make_block(cfg: ModelConfig, kind: str = "ssm") -> nn.Module:
-    if kind == "attention":
-        return SlidingWindowAttention(cfg.d_model, cfg.attention_heads, cfg.attention_window)
-    if cfg.block == "mamba":
-        return MambaBlock(cfg.d_model, cfg.resolved_d_state, cfg.d_conv, cfg.expand, cfg.dt_rank)
-    if cfg.block == "mamba3":
-        return Mamba3Block(cfg.d_model, cfg.resolved_d_state, cfg.expand, cfg.headdim, cfg.ngroups, cfg.chunk_size,
-                           cfg.norm_eps)
-    return Mamba2Block(cfg.d_model, cfg.resolved_d_state, cfg.d_conv, cfg.expand, cfg.headdim, cfg.ngroups,
-                       cfg.chunk_size, cfg.norm_eps)
+def make_block(cfg: ArchConfig, kind: str = "ssm") -> nn.Module:
+    """The mixer of one layer: ``kind`` 'attention' or 'ssm' (the config's block type)."""
+    return _MIXERS[cfg.block if kind == "ssm" else kind](cfg)
 
 
 class ResidualBlock(nn.Module):

@@ -40,7 +40,7 @@ from torch import nn
 from streamssm.checkpoint import CKPT_KEY, read_training_record, training_record
 from streamssm.errors import ConfigError, ShapeError
 from streamssm.lightning_ui import quiet_lightning, use_streamssm_callbacks
-from streamssm.models import BlockType, HeadKind, InputKind, ModelConfig, SSMModel
+from streamssm.models import ArchConfig, HeadKind, InputKind, ModelConfig, SSMModel
 from streamssm.serving import ServingSpec
 
 log = logging.getLogger(__name__)
@@ -99,21 +99,8 @@ class SSMTask(pl.LightningModule):
     """Shared parts of the streamssm tasks: model building, AdamW + warmup/cosine, checkpoints.
 
     Args:
-        block: mixer type, ``mamba`` (selective scan) or ``mamba2`` (SSD).
-        d_model: width of the residual stream.
-        n_layers: number of residual blocks.
-        d_state: SSM state size per channel/head; None picks 16 (mamba) or 64 (mamba2).
-        d_conv: causal conv width (2..4).
-        expand: inner width = expand * d_model.
-        headdim: Mamba-2 head size (expand * d_model must be divisible by it).
-        ngroups: Mamba-2 B/C groups.
-        chunk_size: Mamba-2 SSD chunk length.
-        attention_every: make every k-th layer sliding-window attention (a hybrid); 0 = none.
-        layer_pattern: or one letter per layer, ``m`` SSM block / ``a`` attention (e.g. ``mmma``).
-        attention_heads: heads of the attention layers (d_model must divide evenly).
-        attention_window: keys each attention query sees (the bounded ring-buffer state).
-        checkpoint_layers: recompute each layer in backward (gradient checkpointing) to save
-            activation memory on very long sequences.
+        arch: the architecture (:class:`~streamssm.models.ArchConfig`, which documents each
+            field); recipes nest it as ``model.init_args.arch: {block: mamba2, d_model: 128, ...}``.
         input_kind: ``tokens`` or ``continuous``; None takes it from the datamodule.
         vocab_size: token vocabulary; None takes it from the datamodule.
         input_dim: input channels of continuous data; None takes it from the datamodule.
@@ -132,20 +119,7 @@ class SSMTask(pl.LightningModule):
 
     def __init__(
         self,
-        block: BlockType = "mamba2",
-        d_model: int = 128,
-        n_layers: int = 4,
-        d_state: int | None = None,
-        d_conv: int = 4,
-        expand: int = 2,
-        headdim: int = 32,
-        ngroups: int = 1,
-        chunk_size: int = 64,
-        attention_every: int = 0,
-        layer_pattern: str = "",
-        attention_heads: int = 4,
-        attention_window: int = 1024,
-        checkpoint_layers: bool = False,
+        arch: ArchConfig = ArchConfig(),
         input_kind: InputKind | None = None,
         vocab_size: int | None = None,
         input_dim: int | None = None,
@@ -158,7 +132,11 @@ class SSMTask(pl.LightningModule):
         min_lr_ratio: float = 0.1,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        if isinstance(arch, Mapping):  # load_from_checkpoint passes the saved hparams' dict back
+            arch = ArchConfig.from_dict(arch)
+        # hparams hold the architecture as a plain dict: checkpoints stay loadable with weights_only
+        self.save_hyperparameters(ignore=["arch"])
+        self.save_hyperparameters({"arch": arch.to_dict()})
         problems = []
         if lr <= 0:
             problems.append(f"lr must be > 0, got {lr}")
@@ -172,12 +150,8 @@ class SSMTask(pl.LightningModule):
             problems.append(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
         if problems:
             raise ConfigError(f"{type(self).__name__}: " + "; ".join(problems))
-        self._arch = {
-            "block": block, "d_model": d_model, "n_layers": n_layers, "d_state": d_state, "d_conv": d_conv,
-            "expand": expand, "headdim": headdim, "ngroups": ngroups, "chunk_size": chunk_size,
-            "checkpoint_layers": checkpoint_layers, "attention_every": attention_every,
-            "layer_pattern": layer_pattern, "attention_heads": attention_heads, "attention_window": attention_window,
-        }
+        #: the architecture of the model this task builds
+        self.arch = arch
         self._explicit_io = {
             k: v for k, v in zip(_IO_FIELDS, (input_kind, vocab_size, input_dim, output_dim)) if v is not None
         }
@@ -222,16 +196,17 @@ class SSMTask(pl.LightningModule):
                     f"drop {key} from the model arguments"
                 )
             io[key] = value
-        arch_conflicts = sorted(k for k in io if k in self._arch and io[k] != self._arch[k])
+        arch = self.arch.to_dict()
+        arch_conflicts = sorted(k for k in io if k in arch and io[k] != arch[k])
         if arch_conflicts:
             raise ConfigError(f"model_io() sets architecture fields {arch_conflicts}; datamodules may only set {_IO_FIELDS}")
-        io = self._head_io(io)
+        io = self._head_io({k: v for k, v in io.items() if k not in arch})
         if "input_kind" not in io:
             raise ConfigError(
                 f"{type(self).__name__}: input_kind is unknown: pass input_kind (and vocab_size or input_dim, "
                 f"output_dim) to the task, or train with a datamodule that has model_io()"
             )
-        return ModelConfig(**self._arch, **io, head=self.head_kind)
+        return ModelConfig.of(self.arch, **io, head=self.head_kind)
 
     def build_model(self, data_io: Mapping[str, Any] | None = None) -> SSMModel:
         """Create ``self.model`` (no-op when it exists and agrees with ``data_io``)."""

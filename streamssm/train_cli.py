@@ -1,13 +1,16 @@
 """``streamssm fit|validate|test|predict``: LightningCLI over the streamssm tasks and datamodules.
 
     streamssm fit --config recipes/dna_tiny.yaml
-    streamssm fit --config recipes/dna.yaml --model.init_args.d_model 512 --trainer.max_steps 1000
+    streamssm fit --config recipes/dna.yaml --model.init_args.arch.d_model 512 --trainer.max_steps 1000
     streamssm fit --config recipes/dna.yaml --print_config      # the fully resolved YAML
     streamssm validate --config recipes/dna.yaml --ckpt_path runs/dna/checkpoints/last.ckpt
 
 ``model`` is any :class:`streamssm.tasks.SSMTask` (``TokenLM``, ``Forecaster``,
 ``SequenceClassifier``) and ``data`` any LightningDataModule, both chosen by ``class_path``
-in the recipe. The model's input/output sizes come from the datamodule (``model_io()``).
+in the recipe. The architecture is nested (``model.init_args.arch``, a
+:class:`streamssm.models.ArchConfig`); the model's input/output sizes come from the datamodule
+(``model_io()``). Architecture keys given the old, flat way (``model.init_args.d_model``) are
+refused with one error saying where they moved (:func:`reject_moved_keys`).
 
 Defaults added here: a CSVLogger under ``runs/`` (``metrics.csv``), the resolved config saved
 as ``config.yaml`` in the log directory and beside the checkpoints of every ModelCheckpoint
@@ -16,21 +19,74 @@ with an explicit ``dirpath``, and, after ``fit``, ``training_curve.png`` in the 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 
+from streamssm.errors import ConfigError
+from streamssm.models import ArchConfig
 from streamssm.tasks import SSMTask
 
 log = logging.getLogger(__name__)
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+#: the task arguments that moved into ``model.init_args.arch`` (issue 20)
+_ARCH_FIELDS = frozenset(f.name for f in dataclasses.fields(ArchConfig))
+_MODEL_OPTION = re.compile(r"--model\.((?:init_args\.)?)(\w+)")
+
+
+def _moved_in_model_section(section: Any, prefix: str) -> list[str]:
+    """'<prefix>init_args.d_model moved to <prefix>init_args.arch.d_model' for every flat
+    architecture key of a ``model`` config section (``prefix`` 'model.', or '' for a --model file)."""
+    if not isinstance(section, dict):
+        return []
+    init_args = section.get("init_args")
+    places = [(f"{prefix}init_args.", init_args if isinstance(init_args, dict) else {}), (prefix, section)]
+    return [f"{where}{key} moved to {where}arch.{key}" for where, keys in places for key in keys if key in _ARCH_FIELDS]
+
+
+def _moved_in_file(path: str, section: str | None) -> list[str]:
+    """The moved keys of a config file (its ``model`` section, or the whole file for ``--model``);
+    nothing for a file that does not exist or is not YAML (LightningCLI reports those)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return []
+    if section is not None:
+        data = data.get(section) if isinstance(data, dict) else None
+    moved = _moved_in_model_section(data, "model." if section else "")
+    return [f"{m} (in {path})" for m in moved]
+
+
+def reject_moved_keys(argv: Sequence[str]) -> None:
+    """Raise one ConfigError naming every architecture key given the old, flat way: in the
+    files of ``--config`` / ``--model`` and as ``--model.init_args.<field>`` options. Since
+    issue 20 they live under ``model.init_args.arch`` (:class:`streamssm.models.ArchConfig`)."""
+    moved: list[str] = []
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if not eq:
+            value = argv[i + 1] if i + 1 < len(argv) else ""
+        option = _MODEL_OPTION.fullmatch(name)
+        if name in ("--config", "-c"):
+            moved += _moved_in_file(value, "model")
+        elif name == "--model" and value.endswith((".yaml", ".yml", ".json")):
+            moved += _moved_in_file(value, None)
+        elif option and option.group(2) in _ARCH_FIELDS:
+            moved.append(f"{name} moved to --model.{option.group(1)}arch.{option.group(2)}")
+    if moved:
+        raise ConfigError("the architecture arguments are nested under arch now: " + "; ".join(moved))
 
 
 class SaveConfigBesideCheckpoints(SaveConfigCallback):
@@ -78,6 +134,7 @@ class StreamSSMCLI(LightningCLI):
 
 def build_cli(subcommand: str, argv: list[str]) -> StreamSSMCLI:
     """Parse ``[subcommand, *argv]``, instantiate the trainer, model and data, and run."""
+    reject_moved_keys(argv)
     trainer_defaults: dict[str, Any] = {
         "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
     }

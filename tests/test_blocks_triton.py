@@ -14,11 +14,12 @@ import torch
 
 import streamssm.kernels as kernels
 from streamssm.layers import Mamba2Block, MambaBlock
+from streamssm.models import ArchConfig
 from streamssm.testing import assert_close
 
 BLOCKS = {
-    "mamba": lambda: MambaBlock(d_model=8, d_state=4, d_conv=4),
-    "mamba2": lambda: Mamba2Block(d_model=8, d_state=4, d_conv=3, headdim=4, chunk_size=8),
+    "mamba": lambda: MambaBlock(ArchConfig(block="mamba", d_model=8, d_state=4, d_conv=4)),
+    "mamba2": lambda: Mamba2Block(ArchConfig(d_model=8, d_state=4, d_conv=3, headdim=4, chunk_size=8)),
 }
 
 

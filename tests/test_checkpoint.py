@@ -74,3 +74,33 @@ def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
     save_file(tensors, tmp_path / "bad.safetensors", metadata={"format": "streamssm", "config": other})
     with pytest.raises(DataFormatError, match="do not fit the config"):
         load_for_serving(tmp_path / "bad.safetensors")
+
+
+#: ``ModelConfig(...).to_dict()`` as written into checkpoints and exports before the architecture
+#: became ArchConfig (issue 20): the same flat keys, in the order of the former single dataclass.
+FLAT_CONFIG_BEFORE_ISSUE_20 = {
+    "block": "mamba2", "d_model": 16, "n_layers": 2, "d_state": 8, "d_conv": 4, "expand": 2, "headdim": 8,
+    "ngroups": 1, "chunk_size": 8, "dt_rank": None, "input_kind": "continuous", "vocab_size": 0, "input_dim": 2,
+    "head": "regression", "output_dim": 2, "norm_eps": 1e-05, "checkpoint_layers": False, "attention_every": 2,
+    "layer_pattern": "", "attention_heads": 2, "attention_window": 4,
+}
+
+
+def test_checkpoint_with_the_flat_config_of_before_issue_20_loads(tmp_path):
+    """A LightningCLI checkpoint written before the architecture was nested: flat hparams, flat
+    config. It serves the same model, with the same fingerprint (same config keys and values)."""
+    cfg = ModelConfig.from_dict(FLAT_CONFIG_BEFORE_ISSUE_20)
+    assert cfg.to_dict() == FLAT_CONFIG_BEFORE_ISSUE_20 and cfg.layer_kinds == ("ssm", "attention")
+    model = SSMModel(cfg).eval()
+    hparams = {"_class_path": "streamssm.tasks.Forecaster", "horizon": 1, "block": "mamba2", "d_model": 16,
+               "n_layers": 2, "d_state": 8, "headdim": 8, "chunk_size": 8, "lr": 0.005,
+               "_instantiator": "lightning.pytorch.cli.instantiate_module"}
+    ckpt = {
+        "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+        "hyper_parameters": hparams,
+        "streamssm": {"config": FLAT_CONFIG_BEFORE_ISSUE_20, "serving": SERVING, "versions": {"streamssm": "0.1.0"}},
+    }
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    bundle = load_for_serving(tmp_path / "old.ckpt")
+    assert bundle.config == cfg and bundle.fingerprint == model_fingerprint(model)
+    assert torch.equal(outputs(bundle.model), outputs(model))

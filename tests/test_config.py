@@ -1,9 +1,13 @@
-"""ModelConfig validation collects every problem and names the field."""
+"""ModelConfig / ArchConfig: validation collects every problem and names the field; blocks are
+built from the config (old flat checkpoint configs: tests/test_checkpoint.py)."""
+
+import dataclasses
 
 import pytest
 
 from streamssm.errors import ConfigError
-from streamssm.models import ModelConfig
+from streamssm.layers import Mamba2Block, Mamba3Block, MambaBlock
+from streamssm.models import ArchConfig, ModelConfig
 
 
 def test_all_problems_reported_together():
@@ -30,3 +34,29 @@ def test_defaults_resolve_per_block():
     assert ModelConfig(block="mamba", vocab_size=5).resolved_d_state == 16
     assert ModelConfig(block="mamba2", vocab_size=5).resolved_d_state == 64
     assert ModelConfig(vocab_size=5).resolved_output_dim == 5
+
+
+def test_heads_must_divide_into_groups():
+    """Checked by the config (once), not only when a block is built."""
+    with pytest.raises(ConfigError, match="divisible by ngroups=3"):
+        ArchConfig(block="mamba3", d_model=32, headdim=16, ngroups=3)
+
+
+def test_architecture_is_declared_once_and_splits_off():
+    arch = ArchConfig(block="mamba", d_model=24, dt_rank=3)
+    cfg = ModelConfig.of(arch, vocab_size=5)
+    assert cfg.arch == arch and (cfg.d_model, cfg.vocab_size, cfg.resolved_dt_rank) == (24, 5, 3)
+    arch_fields = {f.name for f in dataclasses.fields(ArchConfig)}
+    assert set(cfg.to_dict()) - arch_fields == {"input_kind", "vocab_size", "input_dim", "head", "output_dim"}
+    assert ArchConfig.from_dict(arch.to_dict()) == arch
+    with pytest.raises(ConfigError, match="invalid ArchConfig: d_model must be positive"):
+        ArchConfig(d_model=-1)
+
+
+def test_blocks_are_built_from_the_config():
+    arch = ArchConfig(d_model=16, d_state=8, headdim=8, ngroups=2, chunk_size=8, norm_eps=1e-3)
+    block = Mamba2Block(arch)
+    assert (block.nheads, block.ngroups, block.d_state, block.chunk_size, block.norm.eps) == (4, 2, 8, 8, 1e-3)
+    assert MambaBlock(dataclasses.replace(arch, block="mamba")).dt_rank == 1  # ceil(16 / 16)
+    assert Mamba3Block(dataclasses.replace(arch, block="mamba3")).init_state(2).ssm.shape == (2, 4, 8, 8)
+

@@ -32,6 +32,7 @@ def _worker(out: Path) -> None:
     from safetensors.torch import save_file
 
     from streamssm.datamodules import FastaDataModule
+    from streamssm.models import ArchConfig
     from streamssm.tasks import TokenLM
 
     torch.set_num_threads(1)
@@ -57,7 +58,7 @@ def _worker(out: Path) -> None:
     pl.seed_everything(0, verbose=False)
     data = FastaDataModule(fasta=str(out / "genome.fa"), window=64, val_chroms=["chr3"], samples_per_epoch=64,
                            eval_windows=2, batch_size=2, num_workers=0)
-    task = TokenLM(block="mamba2", d_model=16, n_layers=2, d_state=8, headdim=8, chunk_size=16, lr=1e-2,
+    task = TokenLM(ArchConfig(block="mamba2", d_model=16, n_layers=2, d_state=8, headdim=8, chunk_size=16), lr=1e-2,
                    warmup_steps=0)
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=STEPS, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from streamssm.errors import ConfigError
 from streamssm.layers.attention import SlidingWindowAttention
-from streamssm.models import ModelConfig, SSMModel
+from streamssm.models import ArchConfig, ModelConfig, SSMModel
 from streamssm.state import (
     LayerState,
     select_streams,
@@ -30,6 +30,12 @@ def tiny_hybrid(block: str = "mamba2", dtype=torch.float32, **overrides) -> SSMM
     cfg.update(overrides)
     torch.manual_seed(1)
     return SSMModel(ModelConfig(**cfg)).to(dtype).eval()
+
+
+def attention_layer(window: int) -> SlidingWindowAttention:
+    """One attention layer of width 8, 2 heads, in eval mode."""
+    cfg = ArchConfig(d_model=8, n_layers=1, headdim=8, layer_pattern="a", attention_heads=2, attention_window=window)
+    return SlidingWindowAttention(cfg).eval()
 
 
 def test_layer_kinds_from_config():
@@ -100,7 +106,7 @@ def test_attention_query_blocks_and_rows_at_different_positions():
     """Query blocks smaller than the chunk give the same result, and rows of one batch may sit
     at different stream positions (as in a service pool)."""
     torch.manual_seed(0)
-    layer = SlidingWindowAttention(8, heads=2, window=4).eval()
+    layer = attention_layer(window=4)
     a, b = torch.randn(1, 9, 8), torch.randn(1, 3, 8)
     nxt = torch.randn(2, 7, 8)
     with torch.no_grad():
@@ -122,7 +128,7 @@ def test_attention_query_blocks_and_rows_at_different_positions():
 def test_attention_window_forgets_older_inputs():
     """Through attention alone, the output at t >= window ignores inputs before t - window + 1."""
     torch.manual_seed(0)
-    layer = SlidingWindowAttention(8, heads=2, window=WINDOW).eval()
+    layer = attention_layer(window=WINDOW)
     x = torch.randn(1, 12, 8)
     x2 = x.clone()
     x2[:, 0] += 5.0

@@ -56,6 +56,42 @@ def test_bad_config_names_the_field(capsys):
     assert main(["--config", recipe], prog="streamssm train") == 2
 
 
+OLD_FLAT_RECIPE = """\
+model:
+  class_path: streamssm.tasks.TokenLM
+  init_args:
+    block: mamba2
+    d_model: 32
+    lr: 0.005
+data:
+  class_path: streamssm.datamodules.FastaDataModule
+  init_args: {fasta: runs/data/genome.fa}
+"""
+
+
+@pytest.mark.parametrize("where", ["file", "option", "option="])
+def test_old_flat_architecture_keys_say_where_they_moved(where, tmp_path, capsys):
+    """Recipes written before the architecture was nested (issue 20): one error line naming
+    each moved key and its new place, from a config file and from the command line."""
+    from streamssm.cli import main as cli_main
+
+    if where == "file":
+        (tmp_path / "old.yaml").write_text(OLD_FLAT_RECIPE)
+        argv = ["--config", str(tmp_path / "old.yaml")]
+        moved = ["model.init_args.block moved to model.init_args.arch.block",
+                 "model.init_args.d_model moved to model.init_args.arch.d_model"]
+    else:
+        option = ["--model.init_args.d_model=64"] if where == "option=" else ["--model.init_args.d_model", "64"]
+        argv = ["--config", str(RECIPES / "dna_tiny.yaml"), *option, "--print_config"]
+        moved = ["--model.init_args.d_model moved to --model.init_args.arch.d_model"]
+    assert cli_main(["fit", *argv]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("streamssm fit: error:"), captured.err
+    assert all(m in lines[0] for m in moved) and "lr" not in lines[0].split("error:")[1], lines[0]
+    assert captured.out == ""
+
+
 def _run(sub: str, recipe: str, extra: list[str]):
     return build_cli(sub, ["--config", recipe, *extra])
 
@@ -94,6 +130,7 @@ def test_tiny_recipe_learns_and_its_checkpoint_serves(name, tmp_path, monkeypatc
     with torch.no_grad():
         torch.testing.assert_close(bundle.model(batch["inputs"])[0], model(batch["inputs"])[0], rtol=0, atol=0)
     assert bundle.spec == fit.model.complete_spec(fit.datamodule.serving_spec())
+    assert type(fit.model).load_from_checkpoint(ckpt).arch == fit.model.arch  # through the CLI's hparams
     assert export_main(["--checkpoint", ckpt, "--output", str(tmp_path / "m.safetensors")]) == 0
     assert load_for_serving(tmp_path / "m.safetensors").fingerprint == bundle.fingerprint
 
@@ -117,8 +154,9 @@ def test_full_recipe_runs_on_cpu_with_the_readme_overrides(command, tmp_path, mo
     assert command[:3] == ["streamssm", "fit", "--config"]
     monkeypatch.chdir(tmp_path)
     make_data(Path(command[3]).stem)  # dna | waveform | sensor: the recipe's name is its data kind
-    small = ["--model.init_args.d_model", "32", "--model.init_args.n_layers", "1", "--model.init_args.d_state", "16",
-             "--model.init_args.headdim", "16", "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
+    small = ["--model.init_args.arch.d_model", "32", "--model.init_args.arch.n_layers", "1",
+             "--model.init_args.arch.d_state", "16", "--model.init_args.arch.headdim", "16",
+             "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
              "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
     cli = build_cli("fit", ["--config", str(RECIPES.parent / command[3]), *command[4:], *small])

@@ -3,6 +3,7 @@ optimizer groups and schedule, checkpoint -> load_for_serving -> same outputs, e
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import lightning.pytorch as pl
@@ -14,11 +15,18 @@ from streamssm.checkpoint import load_for_serving
 from streamssm.errors import ConfigError, DataFormatError, ShapeError
 from streamssm.export import export_checkpoint
 from streamssm.export import main as export_main
+from streamssm.models import ArchConfig
 from streamssm.plots import plot_training_curve, read_metrics
 from streamssm.serving import ServingSpec
 from streamssm.tasks import Forecaster, SequenceClassifier, TokenLM, warmup_cosine
 
-TINY = dict(d_model=16, n_layers=1, headdim=8, d_state=8, chunk_size=8, warmup_steps=2)
+ARCH = ArchConfig(d_model=16, n_layers=1, headdim=8, d_state=8, chunk_size=8)
+TINY = dict(arch=ARCH, warmup_steps=2)
+
+
+def tiny(**arch) -> dict:
+    """TINY with some architecture fields changed."""
+    return {**TINY, "arch": dataclasses.replace(ARCH, **arch)}
 
 
 class PeriodicTokens(pl.LightningDataModule):
@@ -130,7 +138,11 @@ def test_config_completed_from_model_io_and_conflicts_named():
     with pytest.raises(ConfigError, match="lr"):
         TokenLM(lr=-1.0)
     with pytest.raises(ConfigError, match="headdim"):
-        TokenLM(**{**TINY, "headdim": 7}).model_config({"input_kind": "tokens", "vocab_size": 5})
+        TokenLM(**tiny(headdim=7))
+    with pytest.raises(ConfigError, match=r"model_io\(\) sets architecture fields \['d_model'\]"):
+        TokenLM(**TINY).model_config({"input_kind": "tokens", "vocab_size": 5, "d_model": 99})
+    same = TokenLM(**TINY).model_config({"input_kind": "tokens", "vocab_size": 5, "d_model": 16})
+    assert same.arch == ARCH  # a datamodule repeating the architecture's own value is fine
 
 
 def test_optimizer_groups_and_warmup():
@@ -157,7 +169,7 @@ def test_weight_decay_groups_follow_names_through_wrappers():
         checkpoint_wrapper,
     )
 
-    task = TokenLM(block="mamba3", vocab_size=5, input_kind="tokens", weight_decay=0.5, **TINY)
+    task = TokenLM(vocab_size=5, input_kind="tokens", weight_decay=0.5, **tiny(block="mamba3"))
     model = task.build_model()
     assert not any(n.endswith(("B_bias", "C_bias", "A_log")) for n in task._decay_names)
     model.backbone.layers[0] = checkpoint_wrapper(model.backbone.layers[0])
@@ -171,7 +183,7 @@ def test_weight_decay_groups_follow_names_through_wrappers():
 
 @pytest.mark.parametrize("block", ["mamba", "mamba2"])
 def test_fit_checkpoint_serving_and_export_round_trip(tmp_path, block):
-    task = TokenLM(block=block, lr=3e-3, **TINY)
+    task = TokenLM(lr=3e-3, **tiny(block=block))
     trainer = _trainer(tmp_path)
     trainer.fit(task, datamodule=PeriodicTokens())
     assert task.model.cfg.vocab_size == 5  # completed from the datamodule
@@ -189,6 +201,7 @@ def test_fit_checkpoint_serving_and_export_round_trip(tmp_path, block):
 
         reloaded = TokenLM.load_from_checkpoint(ckpt, map_location="cpu").eval()
         torch.testing.assert_close(reloaded(x), expected, rtol=0, atol=0)
+        assert reloaded.arch == task.arch and reloaded.hparams.arch == task.arch.to_dict()
         assert reloaded.serving_spec == bundle.spec
 
         out, fingerprint = export_checkpoint(ckpt, tmp_path / "m.safetensors")
@@ -203,7 +216,7 @@ def test_resume_rejects_a_different_architecture(tmp_path):
     trainer = _trainer(tmp_path, max_steps=1)
     trainer.fit(task, datamodule=PeriodicTokens())
     trainer.save_checkpoint(tmp_path / "a.ckpt")
-    wider = TokenLM(**{**TINY, "d_model": 24})
+    wider = TokenLM(**tiny(d_model=24))
     with pytest.raises(ConfigError, match="d_model"):
         _trainer(tmp_path, max_steps=2).fit(wider, datamodule=PeriodicTokens(), ckpt_path=tmp_path / "a.ckpt")
 
@@ -226,8 +239,12 @@ def test_forecaster_and_classifier_fit_on_plain_loaders(tmp_path):
     x = torch.randn(8, 12, 2, generator=g)
     reg = [{"inputs": x[i, :-1], "targets": x[i, 1:]} for i in range(8)]
     task = Forecaster(horizon=2, input_kind="continuous", input_dim=2, output_dim=2, **TINY)
-    _trainer(tmp_path, max_steps=2).fit(task, DataLoader(reg, batch_size=4), DataLoader(reg, batch_size=4))
+    trainer = _trainer(tmp_path, max_steps=2)
+    trainer.fit(task, DataLoader(reg, batch_size=4), DataLoader(reg, batch_size=4))
     assert task.model.cfg.output_dim == 4
+    trainer.save_checkpoint(tmp_path / "f.ckpt")
+    reloaded = Forecaster.load_from_checkpoint(tmp_path / "f.ckpt", weights_only=True)  # hparams: plain data
+    assert (reloaded.arch, reloaded.horizon, reloaded.model.cfg) == (ARCH, 2, task.model.cfg)
     cls = [{"inputs": x[i], "targets": torch.tensor(i % 3)} for i in range(8)]
     clf = SequenceClassifier(input_kind="continuous", input_dim=2, output_dim=3, **TINY)
     trainer = _trainer(tmp_path, max_steps=2)

@@ -20,13 +20,16 @@ one slot and attends over the ring. Rows of a batch may sit at different positio
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from streamssm.errors import ConfigError
 from streamssm.state import LayerState
+
+if TYPE_CHECKING:
+    from streamssm.models import ArchConfig
 
 
 def rotary(x: torch.Tensor, pos: torch.Tensor, base: float) -> torch.Tensor:
@@ -43,15 +46,12 @@ def rotary(x: torch.Tensor, pos: torch.Tensor, base: float) -> torch.Tensor:
 
 
 class SlidingWindowAttention(nn.Module):
-    def __init__(self, d_model: int, heads: int, window: int, rope_base: float = 10000.0, block_size: int = 256):
+    def __init__(self, cfg: ArchConfig, rope_base: float = 10000.0, block_size: int = 256):
+        """``cfg``: d_model, attention_heads, attention_window (checked by the config);
+        ``block_size``: queries per block of the chunked forward (memory bound)."""
         super().__init__()
-        if heads <= 0 or d_model % heads:
-            raise ConfigError(f"SlidingWindowAttention: d_model={d_model} is not divisible by heads={heads}")
-        if (d_model // heads) % 2:
-            raise ConfigError(f"SlidingWindowAttention: head_dim={d_model // heads} must be even for rotary positions")
-        if window <= 0:
-            raise ConfigError(f"SlidingWindowAttention: window must be positive, got {window}")
-        self.d_model, self.heads, self.head_dim, self.window = d_model, heads, d_model // heads, window
+        d_model, heads = cfg.d_model, cfg.attention_heads
+        self.d_model, self.heads, self.head_dim, self.window = d_model, heads, d_model // heads, cfg.attention_window
         self.rope_base, self.block_size = rope_base, max(1, block_size)
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)

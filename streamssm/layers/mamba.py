@@ -14,6 +14,7 @@ r dt_rank, w d_conv.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -23,20 +24,19 @@ from streamssm.layers._derived import Fp32Params
 from streamssm.layers._init import dt_bias_init
 from streamssm.state import LayerState
 
+if TYPE_CHECKING:
+    from streamssm.models import ArchConfig
+
 
 class MambaBlock(Fp32Params, nn.Module):
-    def __init__(
-        self,
-        d_model: int,
-        d_state: int = 16,
-        d_conv: int = 4,
-        expand: int = 2,
-        dt_rank: int | None = None,
-    ):
+    """Mamba-1 mixer of ``cfg.d_model`` channels (``cfg``: d_state, d_conv, expand, dt_rank)."""
+
+    def __init__(self, cfg: ArchConfig):
         super().__init__()
+        d_model, d_state, d_conv = cfg.d_model, cfg.resolved_d_state, cfg.d_conv
         self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
-        self.d_inner = expand * d_model
-        self.dt_rank = dt_rank or math.ceil(d_model / 16)
+        self.d_inner = cfg.d_inner
+        self.dt_rank = cfg.resolved_dt_rank
         e, n = self.d_inner, d_state
         self.in_proj = nn.Linear(d_model, 2 * e, bias=False)
         self.conv_weight = nn.Parameter(torch.empty(e, d_conv).uniform_(-1 / math.sqrt(d_conv), 1 / math.sqrt(d_conv)))

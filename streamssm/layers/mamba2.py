@@ -12,37 +12,31 @@ p headdim, g ngroups, n d_state, w d_conv, cd conv channels = e + 2 g n.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from streamssm.errors import ConfigError
 from streamssm.kernels import causal_conv1d, conv1d_step, ssd_scan, ssd_step
 from streamssm.layers._derived import Fp32Params
 from streamssm.layers._init import dt_bias_init
 from streamssm.layers.norm import GatedRMSNorm
 from streamssm.state import LayerState
 
+if TYPE_CHECKING:
+    from streamssm.models import ArchConfig
+
 
 class Mamba2Block(Fp32Params, nn.Module):
-    def __init__(
-        self,
-        d_model: int,
-        d_state: int = 64,
-        d_conv: int = 4,
-        expand: int = 2,
-        headdim: int = 32,
-        ngroups: int = 1,
-        chunk_size: int = 64,
-        norm_eps: float = 1e-5,
-    ):
+    """Mamba-2 mixer of ``cfg.d_model`` channels (``cfg``: d_state, d_conv, expand, headdim,
+    ngroups, chunk_size, norm_eps; their divisibility is checked by the config)."""
+
+    def __init__(self, cfg: ArchConfig):
         super().__init__()
+        d_model, d_state, d_conv, ngroups = cfg.d_model, cfg.resolved_d_state, cfg.d_conv, cfg.ngroups
         self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
-        self.d_inner = expand * d_model
-        if self.d_inner % headdim:
-            raise ConfigError(f"Mamba2Block: d_inner={self.d_inner} (expand*d_model) is not divisible by headdim={headdim}")
-        self.headdim, self.nheads, self.ngroups, self.chunk_size = headdim, self.d_inner // headdim, ngroups, chunk_size
-        if self.nheads % ngroups:
-            raise ConfigError(f"Mamba2Block: heads={self.nheads} not divisible by ngroups={ngroups}")
+        self.d_inner = cfg.d_inner
+        self.headdim, self.nheads, self.ngroups, self.chunk_size = cfg.headdim, cfg.nheads, ngroups, cfg.chunk_size
         e, h, g, n = self.d_inner, self.nheads, ngroups, d_state
         self.conv_dim = e + 2 * g * n
         self.in_proj = nn.Linear(d_model, e + self.conv_dim + h, bias=False)
@@ -52,7 +46,7 @@ class Mamba2Block(Fp32Params, nn.Module):
         self.dt_bias = nn.Parameter(dt_bias_init(h))
         self.A_log = nn.Parameter(torch.log(torch.empty(h).uniform_(1, 16)))
         self.D = nn.Parameter(torch.ones(h))
-        self.norm = GatedRMSNorm(e, eps=norm_eps)
+        self.norm = GatedRMSNorm(e, eps=cfg.norm_eps)
         self.out_proj = nn.Linear(e, d_model, bias=False)
 
     def init_state(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> LayerState:

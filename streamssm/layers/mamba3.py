@@ -26,39 +26,33 @@ carry holds the previous step's x and B (what the trapezoid needs; the analogue 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from streamssm.errors import ConfigError
 from streamssm.kernels import mamba3_scan, mamba3_step
 from streamssm.layers._derived import Fp32Params
 from streamssm.layers._init import dt_bias_init
 from streamssm.layers.norm import GatedRMSNorm, RMSNorm
 from streamssm.state import LayerState
 
+if TYPE_CHECKING:
+    from streamssm.models import ArchConfig
+
 
 class Mamba3Block(Fp32Params, nn.Module):
-    def __init__(
-        self,
-        d_model: int,
-        d_state: int = 32,
-        expand: int = 2,
-        headdim: int = 32,
-        ngroups: int = 1,
-        chunk_size: int = 64,
-        norm_eps: float = 1e-5,
-    ):
+    """Mamba-3 mixer of ``cfg.d_model`` channels (``cfg``: d_state (even), expand, headdim,
+    ngroups, chunk_size, norm_eps; their divisibility is checked by the config)."""
+
+    def __init__(self, cfg: ArchConfig):
         super().__init__()
+        d_model, d_state, headdim, ngroups = cfg.d_model, cfg.resolved_d_state, cfg.headdim, cfg.ngroups
+        norm_eps = cfg.norm_eps
         self.d_model, self.d_state = d_model, d_state
-        self.d_inner = expand * d_model
-        if self.d_inner % headdim:
-            raise ConfigError(f"Mamba3Block: d_inner={self.d_inner} (expand*d_model) is not divisible by headdim={headdim}")
-        if d_state % 2:
-            raise ConfigError(f"Mamba3Block: d_state={d_state} must be even (pairs form the complex state)")
-        self.headdim, self.nheads, self.ngroups, self.chunk_size = headdim, self.d_inner // headdim, ngroups, chunk_size
-        if self.nheads % ngroups:
-            raise ConfigError(f"Mamba3Block: heads={self.nheads} not divisible by ngroups={ngroups}")
+        self.d_inner = cfg.d_inner
+        self.headdim, self.nheads, self.ngroups, self.chunk_size = headdim, cfg.nheads, ngroups, cfg.chunk_size
         e, h, g, n = self.d_inner, self.nheads, ngroups, d_state
         self.sizes = [e, e, g * n, g * n, h, h, g * n // 2]  # z, x, B, C, dt, lam, theta
         self.in_proj = nn.Linear(d_model, sum(self.sizes), bias=False)
