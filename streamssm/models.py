@@ -11,6 +11,10 @@ Shape legend: b batch, l length, d d_model, c input channels, o output size.
 
 Every module offers ``forward(x, state=None) -> (y, state)``, ``step(x_t, state) -> (y_t,
 state)`` and ``init_state(batch, device, dtype)``; the three modes agree (tests/test_parity.py).
+
+Configuration: :class:`ArchConfig` declares the architecture once and validates it (the blocks
+and the attention layer are built from it and trust its shapes); :class:`ModelConfig` adds the
+input and output and is what checkpoints store, as one flat dict.
 """
 
 from __future__ import annotations
@@ -203,13 +207,13 @@ class ModelConfig(ArchConfig):
 
     @classmethod
     def of(cls, arch: ArchConfig, **io: Any) -> ModelConfig:
-        """The ModelConfig of ``arch`` with the input/output fields ``io``."""
-        return cls(**arch.to_dict(), **io)
+        """The ModelConfig of the architecture of ``arch`` with the input/output fields ``io``."""
+        return cls(**_arch_fields(arch), **io)
 
     @property
     def arch(self) -> ArchConfig:
         """The architecture part."""
-        return ArchConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ArchConfig)})
+        return ArchConfig(**_arch_fields(self))
 
     def _problems(self) -> list[str]:
         problems = super()._problems()
@@ -230,6 +234,11 @@ class ModelConfig(ArchConfig):
     @property
     def resolved_output_dim(self) -> int:
         return self.output_dim if self.output_dim > 0 else self.vocab_size
+
+
+def _arch_fields(cfg: ArchConfig) -> dict[str, Any]:
+    """The ArchConfig fields of ``cfg`` (also of a ModelConfig) by name."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ArchConfig)}
 
 
 #: the mixer of each layer kind / block type; each takes the config

@@ -134,6 +134,9 @@ class SSMTask(pl.LightningModule):
         super().__init__()
         if isinstance(arch, Mapping):  # load_from_checkpoint passes the saved hparams' dict back
             arch = ArchConfig.from_dict(arch)
+        if isinstance(arch, ModelConfig):
+            raise ConfigError(f"{type(self).__name__}: arch takes an ArchConfig (pass cfg.arch); the input/output "
+                              "fields of a ModelConfig come from the datamodule or the task's own arguments")
         # hparams hold the architecture as a plain dict: checkpoints stay loadable with weights_only
         self.save_hyperparameters(ignore=["arch"])
         self.save_hyperparameters({"arch": arch.to_dict()})

@@ -49,6 +49,7 @@ def test_architecture_is_declared_once_and_splits_off():
     arch_fields = {f.name for f in dataclasses.fields(ArchConfig)}
     assert set(cfg.to_dict()) - arch_fields == {"input_kind", "vocab_size", "input_dim", "head", "output_dim"}
     assert ArchConfig.from_dict(arch.to_dict()) == arch
+    assert ModelConfig.of(cfg, vocab_size=7).vocab_size == 7  # of() takes only the architecture of a ModelConfig
     with pytest.raises(ConfigError, match="invalid ArchConfig: d_model must be positive"):
         ArchConfig(d_model=-1)
 

@@ -15,7 +15,7 @@ from streamssm.checkpoint import load_for_serving
 from streamssm.errors import ConfigError, DataFormatError, ShapeError
 from streamssm.export import export_checkpoint
 from streamssm.export import main as export_main
-from streamssm.models import ArchConfig
+from streamssm.models import ArchConfig, ModelConfig
 from streamssm.plots import plot_training_curve, read_metrics
 from streamssm.serving import ServingSpec
 from streamssm.tasks import Forecaster, SequenceClassifier, TokenLM, warmup_cosine
@@ -143,6 +143,9 @@ def test_config_completed_from_model_io_and_conflicts_named():
         TokenLM(**TINY).model_config({"input_kind": "tokens", "vocab_size": 5, "d_model": 99})
     same = TokenLM(**TINY).model_config({"input_kind": "tokens", "vocab_size": 5, "d_model": 16})
     assert same.arch == ARCH  # a datamodule repeating the architecture's own value is fine
+    with pytest.raises(ConfigError, match=r"arch takes an ArchConfig \(pass cfg.arch\)"):
+        TokenLM(ModelConfig.of(ARCH, vocab_size=5))
+    assert TokenLM(ModelConfig.of(ARCH, vocab_size=5).arch).arch == ARCH
 
 
 def test_optimizer_groups_and_warmup():
