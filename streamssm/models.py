@@ -236,9 +236,13 @@ class ModelConfig(ArchConfig):
         return self.output_dim if self.output_dim > 0 else self.vocab_size
 
 
+#: names of the architecture fields (what recipes nest under ``arch``)
+ARCH_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ArchConfig))
+
+
 def _arch_fields(cfg: ArchConfig) -> dict[str, Any]:
     """The ArchConfig fields of ``cfg`` (also of a ModelConfig) by name."""
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ArchConfig)}
+    return {name: getattr(cfg, name) for name in ARCH_FIELDS}
 
 
 #: the mixer of each layer kind / block type; each takes the config

@@ -27,10 +27,12 @@ by the task's head (:meth:`SSMTask.complete_spec`), is saved in every checkpoint
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import math
 from collections.abc import Mapping
-from typing import Any, ClassVar, Literal
+from pathlib import Path
+from typing import IO, Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -40,7 +42,7 @@ from torch import nn
 from streamssm.checkpoint import CKPT_KEY, read_training_record, training_record
 from streamssm.errors import ConfigError, ShapeError
 from streamssm.lightning_ui import quiet_lightning, use_streamssm_callbacks
-from streamssm.models import ArchConfig, HeadKind, InputKind, ModelConfig, SSMModel
+from streamssm.models import ARCH_FIELDS, ArchConfig, HeadKind, InputKind, ModelConfig, SSMModel
 from streamssm.serving import ServingSpec
 
 log = logging.getLogger(__name__)
@@ -250,6 +252,25 @@ class SSMTask(pl.LightningModule):
         return self.model
 
     # ---------------------------------------------------------------- checkpoints
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | Path | IO[bytes], *args: Any, **kwargs: Any) -> SSMTask:
+        """Lightning's loader, also for checkpoints written before the architecture was nested:
+        their flat hyperparameters (``d_model=...``) are moved under ``arch`` first."""
+        if not isinstance(checkpoint_path, (str, Path)):
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        ckpt = torch.load(str(checkpoint_path), map_location="cpu", weights_only=kwargs.get("weights_only") is not False)
+        hparams = ckpt.get(cls.CHECKPOINT_HYPER_PARAMS_KEY) or {}
+        flat = {k: hparams[k] for k in ARCH_FIELDS if k in hparams}
+        if not flat:
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        ckpt[cls.CHECKPOINT_HYPER_PARAMS_KEY] = {
+            **{k: v for k, v in hparams.items() if k not in flat}, "arch": {**dict(hparams.get("arch") or {}), **flat},
+        }
+        buffer = io.BytesIO()
+        torch.save(ckpt, buffer)
+        buffer.seek(0)
+        return super().load_from_checkpoint(buffer, *args, **kwargs)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         model = self._require_model()
         self._take_spec()

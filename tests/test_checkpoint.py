@@ -104,3 +104,22 @@ def test_checkpoint_with_the_flat_config_of_before_issue_20_loads(tmp_path):
     bundle = load_for_serving(tmp_path / "old.ckpt")
     assert bundle.config == cfg and bundle.fingerprint == model_fingerprint(model)
     assert torch.equal(outputs(bundle.model), outputs(model))
+
+
+def test_task_checkpoint_with_flat_hparams_of_before_issue_20_reloads_as_a_task(tmp_path):
+    """``Forecaster.load_from_checkpoint`` of a checkpoint whose hparams hold the architecture
+    flat (``d_model=...``) raised TypeError after the nesting; the loader moves them under arch."""
+    from streamssm.tasks import Forecaster
+
+    cfg = ModelConfig.from_dict(FLAT_CONFIG_BEFORE_ISSUE_20)
+    task = Forecaster(arch=cfg.arch, input_kind="continuous", input_dim=2, output_dim=2)
+    task.build_model()
+    hparams = {"horizon": 1, "block": "mamba2", "d_model": 16, "n_layers": 2, "d_state": 8, "headdim": 8,
+               "chunk_size": 8, "attention_every": 2, "attention_heads": 2, "attention_window": 4, "lr": 0.005,
+               "input_kind": "continuous", "input_dim": 2, "output_dim": 2}
+    ckpt = {"state_dict": task.state_dict(), "hyper_parameters": hparams, "pytorch-lightning_version": "2.6.0",
+            "streamssm": {"config": FLAT_CONFIG_BEFORE_ISSUE_20, "serving": SERVING}}
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    reloaded = Forecaster.load_from_checkpoint(tmp_path / "old.ckpt", weights_only=True).eval()
+    assert reloaded.arch == cfg.arch and reloaded.hparams.lr == 0.005
+    assert torch.equal(outputs(reloaded.model), outputs(task.model.eval()))
