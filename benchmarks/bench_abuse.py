@@ -198,7 +198,7 @@ async def abort_cycles(url: str, port: int, state: Path, args, table: Table) -> 
     while time.time() < deadline and scrape(port).get("streamssm_live_streams", 1) > 0:
         await asyncio.sleep(0.1)
     live = scrape(port).get("streamssm_live_streams")
-    files = list(state.glob("*.json"))
+    files = list(state.glob("*.safetensors"))
     table.add(measure=f"{args.cycles} connect/abort cycles ({rate:.0f}/s): live streams after",
               value=f"{live:.0f}", target="0")
     table.add(measure="  state-dir files / MB after", value=f"{len(files)} / {sum(f.stat().st_size for f in files) / 1e6:.2f}",

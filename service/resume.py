@@ -7,8 +7,11 @@ Tokens are 16 random bytes plus a 16-byte HMAC-SHA256 tag over them and the owne
 of the bearer token that created the stream), keyed by a secret kept in the state dir (file
 mode 0600) or in memory. The tag tells a token this server (or its predecessor with the same
 state dir) issued, whose state is gone (``stream_lost``), from one it never issued
-(``bad_resume``). Files are named by the SHA-256 of the token, so nothing a client sends is
-used as a path; they are written atomically (temporary file + rename) with mode 0600, since
+(``bad_resume``). A stream's file ``<sha256 of token>.safetensors`` is one state record
+(``streamssm.state``): the Streamer snapshot's tensors and metadata, the replay buffer as
+uint8 tensors and the other fields as JSON (metadata ``parked``); ``.json`` files of servers
+before 2026-12-05 still load. Files are named by the SHA-256 of the token, so nothing a client
+sends is used as a path; they are written atomically (temporary file + rename) with mode 0600, since
 LM scores reveal the input. Parked streams are capped in count and bytes (oldest evicted).
 Every method does file I/O: the server calls them through ``asyncio.to_thread``; a lock makes
 them safe to call from several threads.
@@ -31,7 +34,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from streamssm.errors import ConfigError, ProtocolError
+import torch
+
+from streamssm.errors import ConfigError, ProtocolError, StateError
+from streamssm.state import read_state_record, state_to_bytes
 
 from .protocol import POLICY_VIOLATION, STREAM_LOST
 
@@ -40,6 +46,7 @@ _TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
 FILE_FORMAT = "streamssm-parked-stream-1"
 _KEY_FILE = "resume.key"
 _RANDOM_BYTES = _TAG_BYTES = 16
+_REPLAY = "replay."  # extra tensors of a parked-stream file: the replayed messages, in order
 
 
 def owner_of(bearer: str | None) -> str:
@@ -64,24 +71,55 @@ class Parked:
     def nbytes(self) -> int:
         return len(self.snapshot) + sum(len(m) for _, m in self.replay)
 
-    def to_json(self) -> str:
-        d = asdict(self)
-        d["format"] = FILE_FORMAT
-        d["snapshot"] = base64.b64encode(self.snapshot).decode()
-        d["replay"] = [
-            {"seq": s, "b64": base64.b64encode(m).decode()} if isinstance(m, bytes) else {"seq": s, "text": m}
-            for s, m in self.replay
-        ]
-        return json.dumps(d)
+    def to_bytes(self) -> bytes:
+        """The file form: the snapshot's state record (``state_to_bytes``) with the replayed
+        messages as extra uint8 tensors ``replay.<i>`` and the other fields as JSON in metadata
+        ``parked``. Equal streams give equal bytes."""
+        record = read_state_record(self.snapshot)
+        tensors = dict(record.tensors)
+        kinds = []
+        for i, (seq, message) in enumerate(self.replay):
+            tensors[f"{_REPLAY}{i}"] = _replay_tensor(message)
+            kinds.append([seq, "bytes" if isinstance(message, bytes) else "text"])
+        fields = {k: v for k, v in asdict(self).items() if k not in ("snapshot", "replay")}
+        meta = dict(record.metadata, parked=json.dumps({"format": FILE_FORMAT, **fields, "replay": kinds}))
+        return state_to_bytes(record.state, meta, tensors)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Parked:
+        """Inverse of :meth:`to_bytes` (``snapshot`` comes back byte for byte)."""
+        record = read_state_record(data)
+        meta = dict(record.metadata)
+        fields = json.loads(meta.pop("parked", "{}"))
+        if fields.pop("format", None) != FILE_FORMAT:
+            raise StateError(f"not a parked-stream file (metadata parked.format is not {FILE_FORMAT!r})")
+        tensors = dict(record.tensors)
+        replay = [(seq, _replay_message(tensors.pop(f"{_REPLAY}{i}"), kind))
+                  for i, (seq, kind) in enumerate(fields.pop("replay"))]
+        snapshot = state_to_bytes(record.state, meta, tensors)
+        return cls(snapshot=snapshot, replay=replay, **fields)
 
     @classmethod
     def from_json(cls, text: str) -> Parked:
+        """A parked-stream file of the JSON form written before 2026-12-05 (base64 snapshot), so
+        streams parked by an older server still resume after an upgrade."""
         d = json.loads(text)
         if d.pop("format", None) != FILE_FORMAT:
             raise ValueError("not a parked-stream file")
         d["snapshot"] = base64.b64decode(d["snapshot"])
         d["replay"] = [(r["seq"], base64.b64decode(r["b64"]) if "b64" in r else r["text"]) for r in d["replay"]]
         return cls(**d)
+
+
+def _replay_tensor(message: str | bytes) -> torch.Tensor:
+    """A result message as a (bytes,) uint8 tensor (text as UTF-8)."""
+    raw = message if isinstance(message, bytes) else message.encode()
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+
+
+def _replay_message(t: torch.Tensor, kind: str) -> str | bytes:
+    raw = t.numpy().tobytes()
+    return raw if kind == "bytes" else raw.decode()
 
 
 class ResumeStore:
@@ -150,9 +188,10 @@ class ResumeStore:
 
     # -- parking ---------------------------------------------------------------------------
 
-    def _path(self, token: str) -> Path:
+    def _path(self, token: str, suffix: str = ".safetensors") -> Path:
+        """The token's file (``.json``: the form written before 2026-12-05)."""
         assert self.state_dir is not None
-        return self.state_dir / (hashlib.sha256(token.encode()).hexdigest() + ".json")
+        return self.state_dir / (hashlib.sha256(token.encode()).hexdigest() + suffix)
 
     def park(self, token: str, parked: Parked, renew: bool = True) -> None:
         """Keep ``parked`` for ``ttl`` seconds (and write it to ``state_dir``); ``renew=False``
@@ -185,9 +224,10 @@ class ResumeStore:
             return
         path = self._path(token)
         tmp = path.with_suffix(".tmp")
-        _write_private(tmp, parked.to_json().encode())
+        _write_private(tmp, parked.to_bytes())
         os.utime(tmp, (parked.expires, parked.expires))  # mtime = expiry: sweep needs no parsing
         os.replace(tmp, path)  # atomic: a crash never leaves half a file under the real name
+        self._path(token, ".json").unlink(missing_ok=True)  # an older server's file of this stream
 
     def take(self, token: str, owner: str) -> Parked:
         """Remove and return the parked stream. Its file stays until the stream is parked or
@@ -215,14 +255,14 @@ class ResumeStore:
             return parked
 
     def _load(self, token: str) -> Parked | None:
-        path = self._path(token)
-        if not path.is_file():
-            return None
-        try:
-            return Parked.from_json(path.read_text())
-        except (ValueError, KeyError, TypeError) as exc:
-            log.warning("ignoring unreadable parked stream %s: %s", path.name, exc)
-            return None
+        for path, read in ((self._path(token), lambda p: Parked.from_bytes(p.read_bytes())),
+                           (self._path(token, ".json"), lambda p: Parked.from_json(p.read_text()))):
+            if path.is_file():
+                try:
+                    return read(path)
+                except (StateError, ValueError, KeyError, TypeError) as exc:
+                    log.warning("ignoring unreadable parked stream %s: %s", path.name, exc)
+        return None
 
     def _drop_memory(self, token: str) -> None:
         gone = self._parked.pop(token, None)
@@ -235,6 +275,7 @@ class ResumeStore:
             self._drop_memory(token)
             if self.state_dir is not None:
                 self._path(token).unlink(missing_ok=True)
+                self._path(token, ".json").unlink(missing_ok=True)
 
     def sweep(self) -> int:
         """Drop expired streams (memory and disk); returns how many went."""
@@ -245,7 +286,8 @@ class ResumeStore:
                 self.forget(t)
             count = len(gone)
             if self.state_dir is not None:  # (a *.tmp is a write cut short by a crash)
-                for path in [*self.state_dir.glob("*.json"), *self.state_dir.glob("*.tmp")]:
+                for path in [*self.state_dir.glob("*.safetensors"), *self.state_dir.glob("*.json"),
+                             *self.state_dir.glob("*.tmp")]:
                     try:
                         if path.stat().st_mtime < now:
                             path.unlink(missing_ok=True)

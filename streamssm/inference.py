@@ -41,20 +41,25 @@ tolerance; tests/test_streamer.py).
 
 from __future__ import annotations
 
-import json
 import math
-import struct
 from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load as st_load
 
 from streamssm.checkpoint import model_fingerprint
 from streamssm.errors import ConfigError, ShapeError, StateError
 from streamssm.models import SSMModel
-from streamssm.state import LayerState, ModelState, save_reproducible, select_streams, write_streams
+from streamssm.state import (
+    LayerState,
+    ModelState,
+    read_state_metadata,
+    read_state_record,
+    select_streams,
+    state_to_bytes,
+    write_streams,
+)
 
 SNAPSHOT_FORMAT = "streamssm-stream-snapshot-1"
 TOKEN_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
@@ -138,28 +143,26 @@ class Streamer:
     # ------------------------------------------------------------------ snapshots
 
     def snapshot(self, stream_id: int) -> bytes:
-        """Safetensors bytes of the stream's state, its last outputs and the model fingerprint."""
+        """``state_to_bytes`` of the stream's state (no batch axis), its ``last_output`` and
+        metadata ``format`` / ``fingerprint``."""
         row = torch.tensor([self._row(stream_id)], device=self.device)
-        tensors = {"last_output": self.last_output.index_select(0, row)[0].cpu().contiguous()}
-        for i, layer in enumerate(select_streams(self.pool, row)):
-            for field, t in zip(LayerState._fields, layer):
-                tensors[f"layer{i}.{field}"] = t[0].cpu().contiguous()
-        meta = {"format": SNAPSHOT_FORMAT, "fingerprint": self.fingerprint, "num_layers": str(len(self.pool))}
-        return save_reproducible(tensors, meta)
+        state = tuple(LayerState(*(t[0] for t in layer)) for layer in select_streams(self.pool, row))
+        return state_to_bytes(state, {"format": SNAPSHOT_FORMAT, "fingerprint": self.fingerprint},
+                              {"last_output": self.last_output.index_select(0, row)[0]})
 
     def restore(self, data: bytes) -> int:
         """Open a stream that continues exactly where the snapshot ``data`` left off."""
-        meta = _safetensors_metadata(data)
+        meta = read_state_metadata(data)
         if meta.get("format") != SNAPSHOT_FORMAT:
             raise StateError(f"not a stream snapshot (format {meta.get('format')!r}, expected {SNAPSHOT_FORMAT!r})")
         if meta.get("fingerprint") != self.fingerprint:
             raise StateError(
                 f"snapshot belongs to model {meta.get('fingerprint')!r}, this streamer runs model {self.fingerprint!r}"
             )
-        try:
-            tensors = st_load(data)
-        except Exception as exc:  # safetensors raises its own error types
-            raise StateError(f"snapshot is not a valid safetensors blob: {exc}") from exc
+        record = read_state_record(data, self.device)
+        tensors = dict(record.tensors)
+        for i, layer in enumerate(record.state):
+            tensors.update({f"layer{i}.{field}": t for field, t in zip(LayerState._fields, layer)})
         expected = {"last_output": self.last_output[0]}
         for i, layer in enumerate(self.pool):
             for field, t in zip(LayerState._fields, layer):
@@ -171,10 +174,10 @@ class Streamer:
                 raise StateError(f"snapshot {name} has shape {tuple(tensors[name].shape)}, expected {tuple(ref.shape)}")
         sid = self.open()
         row = self._slot[sid]
-        self.last_output[row] = tensors["last_output"].to(self.device, torch.float32)
+        self.last_output[row] = tensors["last_output"].to(torch.float32)
         for i, layer in enumerate(self.pool):
             for field, t in zip(LayerState._fields, layer):
-                t[row] = tensors[f"layer{i}.{field}"].to(self.device, t.dtype)
+                t[row] = tensors[f"layer{i}.{field}"].to(t.dtype)
         return sid
 
     # ------------------------------------------------------------------ feeding
@@ -332,15 +335,3 @@ def head_output(head: str, y: torch.Tensor) -> torch.Tensor:
         return F.softmax(y, dim=-1)
     return y
 
-
-def _safetensors_metadata(data: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of safetensors bytes (the JSON header after its u64 length)."""
-    try:
-        (n,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8 : 8 + n])
-        meta = header.get("__metadata__") or {}
-    except Exception as exc:
-        raise StateError(f"snapshot is not a valid safetensors blob: {exc}") from exc
-    if not isinstance(meta, dict):
-        raise StateError("snapshot safetensors metadata is not a string map")
-    return meta

@@ -16,6 +16,7 @@ depends on how much of a stream has been seen.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from typing import NamedTuple
 
@@ -68,10 +69,26 @@ def save_reproducible(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     return struct.pack("<Q", len(header)) + header + blob[8 + n :]
 
 
-def state_to_bytes(state: ModelState, metadata: dict[str, str] | None = None) -> bytes:
-    """Serialize a state with safetensors (tensors are copied to CPU); equal states and metadata
-    give equal bytes."""
+class StateRecord(NamedTuple):
+    """What one serialized state holds: the state, named extra tensors (e.g. the Streamer's
+    ``last_output``) and string metadata (``num_layers`` included)."""
+
+    state: ModelState
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+
+
+def state_to_bytes(state: ModelState, metadata: dict[str, str] | None = None,
+                   extra_tensors: dict[str, torch.Tensor] | None = None) -> bytes:
+    """Serialize a state with safetensors (tensors are copied to CPU); equal inputs give equal
+    bytes. Layer ``i`` is stored as ``layer{i}.conv`` / ``layer{i}.ssm`` with whatever shape the
+    tensors have (the Streamer stores one stream without its batch axis); ``extra_tensors``
+    (names not starting with ``layer``) ride along; metadata gets ``num_layers``."""
     tensors: dict[str, torch.Tensor] = {}
+    for name, t in (extra_tensors or {}).items():
+        if name.startswith("layer"):
+            raise StateError(f"extra tensor name {name!r} collides with the layer tensors (layer<i>.<field>)")
+        tensors[name] = t.detach().to("cpu").contiguous()
     for i, layer in enumerate(state):
         for field, t in zip(LayerState._fields, layer):
             tensors[f"layer{i}.{field}"] = t.detach().to("cpu").contiguous()
@@ -80,22 +97,55 @@ def state_to_bytes(state: ModelState, metadata: dict[str, str] | None = None) ->
     return save_reproducible(tensors, meta)
 
 
-def state_from_bytes(data: bytes, device: torch.device | str = "cpu") -> ModelState:
-    """Inverse of :func:`state_to_bytes`; raises ``StateError`` on malformed input."""
+def read_state_metadata(source: bytes | str | os.PathLike[str]) -> dict[str, str]:
+    """The string metadata of state bytes (or of a state file, reading its header only); no
+    tensor is loaded. ``StateError`` when the header is truncated, not JSON or not a map of
+    strings."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+    else:
+        with open(source, "rb") as f:
+            head = f.read(8)
+            data = head + f.read(int.from_bytes(head, "little")) if len(head) == 8 else head
+    if len(data) < 8:
+        raise StateError(f"state bytes are not a valid safetensors blob: {len(data)} bytes, no header length")
+    (n,) = struct.unpack("<Q", data[:8])
+    if len(data) < 8 + n:
+        raise StateError(f"state bytes are not a valid safetensors blob: header of {n} bytes, "
+                         f"only {len(data) - 8} present (truncated)")
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise StateError(f"state bytes are not a valid safetensors blob: header is not JSON ({exc})") from exc
+    meta = header.get("__metadata__", {}) if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise StateError(f"state bytes are not a valid safetensors blob: metadata is not a map of strings: {meta!r}")
+    return meta
+
+
+def read_state_record(data: bytes, device: torch.device | str = "cpu") -> StateRecord:
+    """Inverse of :func:`state_to_bytes`; ``StateError`` on malformed input."""
+    metadata = read_state_metadata(data)
     try:
         tensors = st_load(data)
     except Exception as exc:  # safetensors raises its own error types
         raise StateError(f"state bytes are not a valid safetensors blob: {exc}") from exc
     layers = []
-    i = 0
-    while f"layer{i}.conv" in tensors:
+    while f"layer{len(layers)}.conv" in tensors or f"layer{len(layers)}.ssm" in tensors:
+        i = len(layers)
         try:
-            layers.append(
-                LayerState(*(tensors[f"layer{i}.{f}"].to(device) for f in LayerState._fields))
-            )
+            layers.append(LayerState(*(tensors.pop(f"layer{i}.{f}").to(device) for f in LayerState._fields)))
         except KeyError as exc:
             raise StateError(f"state bytes miss tensor {exc}") from exc
-        i += 1
-    if not layers or len(tensors) != 2 * len(layers):
-        raise StateError(f"state bytes hold {len(tensors)} tensors, not a model state")
-    return tuple(layers)
+    stray = sorted(k for k in tensors if k.startswith("layer"))
+    if not layers or stray:
+        raise StateError(f"state bytes hold no model state (layer0..layer<n-1> conv/ssm); layer tensors: {stray}")
+    return StateRecord(tuple(layers), {k: t.to(device) for k, t in tensors.items()}, metadata)
+
+
+def state_from_bytes(data: bytes, device: torch.device | str = "cpu") -> ModelState:
+    """The state of bytes written by :func:`state_to_bytes` without extra tensors."""
+    record = read_state_record(data, device)
+    if record.tensors:
+        raise StateError(f"state bytes hold tensors {sorted(record.tensors)} besides the model state")
+    return record.state

@@ -54,7 +54,7 @@ from streamssm.errors import ConfigError, DataFormatError, ShapeError, StateErro
 from streamssm.lightning_ui import quiet_lightning
 from streamssm.models import ModelConfig, SSMModel
 from streamssm.serving import ServingSpec
-from streamssm.state import LayerState, ModelState, state_from_bytes, state_to_bytes
+from streamssm.state import LayerState, ModelState, read_state_metadata, state_from_bytes, state_to_bytes
 
 log = logging.getLogger(__name__)
 
@@ -266,14 +266,13 @@ class ResumeRecords:
         self.plan = plan
         self.fingerprint = fingerprint
 
-    def _next_chunk(self, unit: Unit, data: bytes) -> int:
-        """The record's next chunk from its safetensors header (u64 length + JSON)."""
+    def _next_chunk(self, unit: Unit, source: bytes | Path) -> int:
+        """The next chunk named by a record (its bytes, or its file: header only)."""
         path = self.plan.record_path(unit)
         try:
-            header_len = int.from_bytes(data[:8], "little")
-            meta = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
+            meta = read_state_metadata(source)
             next_chunk = int(meta["next_chunk"])
-        except (ValueError, KeyError, UnicodeDecodeError) as exc:
+        except (StateError, ValueError, KeyError) as exc:
             raise StateError(f"resume record {str(path)!r} is corrupt: {exc!r}") from exc
         if meta.get("fingerprint") != self.fingerprint:
             raise StateError(
@@ -285,12 +284,7 @@ class ResumeRecords:
     def start_chunk(self, unit: Unit) -> int:
         """First chunk of ``unit`` still to compute (0 without a record; reads the header only)."""
         path = self.plan.record_path(unit)
-        if not path.exists():
-            return 0
-        with open(path, "rb") as f:
-            head = f.read(8)
-            data = head + f.read(int.from_bytes(head, "little")) if len(head) == 8 else head
-        return self._next_chunk(unit, data)
+        return self._next_chunk(unit, path) if path.exists() else 0
 
     def load_state(self, unit: Unit, chunk: int, device: torch.device) -> ModelState:
         """The state after chunk ``chunk - 1`` of ``unit`` (its record must say ``chunk`` is next)."""
@@ -302,7 +296,10 @@ class ResumeRecords:
                 f"unit {unit.key}: chunk {chunk} needs the state after chunk {chunk - 1}, but the resume "
                 f"record says {'nothing' if have is None else f'next chunk {have}'}"
             )
-        return state_from_bytes(data, device)
+        try:
+            return state_from_bytes(data, device)
+        except StateError as exc:
+            raise StateError(f"resume record {str(path)!r} is corrupt: {exc}") from exc
 
     def all_done(self, units: Sequence[Unit]) -> bool:
         return all(self.start_chunk(u) == u.n_chunks for u in units)

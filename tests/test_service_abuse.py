@@ -259,7 +259,7 @@ async def test_write_ahead_survives_a_crash_and_a_resumed_file_is_kept(ckpts, tm
             await c.send(text[i : i + 8])
         await c._wait_until(lambda: not c._pending)
         await first.write_ahead()
-        files = list(state.glob("*.json"))
+        files = list(state.glob("*.safetensors"))
         assert len(files) == 1 and stat.S_IMODE(files[0].stat().st_mode) == 0o600
         assert stat.S_IMODE((state / "resume.key").stat().st_mode) == 0o600
         # "crash": the first server never parks; a second one on the same state dir resumes from the write-ahead
@@ -318,7 +318,7 @@ async def test_parked_streams_are_capped_and_protocol_errors_are_not_parked(ckpt
                 ws.transport.abort()
             await until(lambda: srv.scheduler.live == 0, "closed")
         assert len(srv.store) == 3
-    files = list(tmp_path.glob("*.json"))
+    files = list(tmp_path.glob("*.safetensors"))
     assert len(files) == 3 and all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files)
 
 

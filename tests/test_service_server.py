@@ -334,7 +334,7 @@ async def test_resume_after_server_restart_with_state_dir(ckpts, tmp_path):
         for a, b in cuts[: len(cuts) // 2]:
             await c.send(bases[a:b])
     # first server is gone (closed streams with 1012 and wrote them to the state dir)
-    assert len(list(state.glob("*.json"))) == 1
+    assert len(list(state.glob("*.safetensors"))) == 1
     token = c.resume_token
     async with server(ckpts["dna_other"], state_dir=str(state), token="t0k") as other:  # another model: refused
         got = await expect_error(other.url, [json.dumps({"type": "start", "format": "text", "resume": token})], 1008,
