@@ -170,7 +170,7 @@ def _count_params(cfg) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
-    from streamssm.train_cli import StreamSSMCLI
+    from streamssm.commands.fit import StreamSSMCLI
 
     work = Path(args.workdir)
     name = run_name(args.strategy, args.devices, args.keep_strategy)

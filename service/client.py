@@ -1,4 +1,5 @@
-"""Python client for the streaming service, and the ``streamssm stream FILE`` command.
+"""Python client for the streaming service (files: ``service/sources.py``; the command:
+``streamssm.commands.stream``).
 
 Library use (``model_settings(path)`` reads the format, sample rate and channels a model file
 takes; or pass them yourself: ``format="f32le", sample_rate=16000, channels=1``)::
@@ -16,12 +17,10 @@ the chunks the server had not computed, so the results equal those of an uninter
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -282,134 +281,3 @@ class StreamClient:
     def scores(self) -> np.ndarray | None:
         parts = [r.scores for r in self.results if r.scores is not None]
         return np.concatenate(parts) if parts else None
-
-
-# ------------------------------------------------------------------------------------------- CLI
-
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".aiff", ".aif")
-FASTA_SUFFIXES = (".fa", ".fasta", ".fna", ".fas")
-
-
-@dataclass
-class Source:
-    """A file read for streaming: samples (l, c) float32 or a str of bases, and its stream settings."""
-
-    data: np.ndarray | str
-    format: str
-    sample_rate: int | None
-    channels: int
-
-    def chunks(self, size: int) -> Iterator[np.ndarray | str]:
-        for i in range(0, len(self.data), size):
-            yield self.data[i : i + size]
-
-
-def read_source(path: str | Path, *, record: str | None = None, columns: list[str] | None = None,
-                sample_rate: int | None = None, fmt: str | None = None) -> Source:
-    """WAV/FLAC (soundfile), CSV (polars; numeric columns or ``columns``) or FASTA (pyfaidx;
-    the first record or ``record``) -> :class:`Source`."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataFormatError(f"{str(path)!r} is not a file")
-    suffix = path.suffix.lower()
-    if suffix in AUDIO_SUFFIXES:
-        import soundfile as sf
-
-        samples, rate = sf.read(str(path), dtype="float32", always_2d=True)  # (l, c)
-        return Source(samples, fmt or "f32le", int(rate), int(samples.shape[1]))
-    if suffix == ".csv":
-        import polars as pl
-
-        frame = pl.read_csv(path)
-        names = columns or [n for n, t in frame.schema.items() if t.is_numeric()]
-        missing = [n for n in names if n not in frame.columns]
-        if missing or not names:
-            raise DataFormatError(f"{path}: columns {missing or names} not found; the file has {frame.columns}")
-        values = frame.select(names).to_numpy().astype(np.float32)  # (l, c)
-        return Source(values, "f32le", sample_rate, len(names))
-    if suffix in FASTA_SUFFIXES:
-        import pyfaidx
-
-        fasta = pyfaidx.Fasta(str(path), as_raw=True, read_ahead=1 << 16)
-        name = record or next(iter(fasta.keys()), None)
-        if name is None or name not in fasta:
-            raise DataFormatError(f"{path}: record {name!r} not found; it holds {list(fasta.keys())[:10]}")
-        return Source(str(fasta[name][:]), "text", sample_rate, 1)
-    raise DataFormatError(f"{path}: unsupported file type {suffix!r}; expected audio {AUDIO_SUFFIXES}, .csv or FASTA {FASTA_SUFFIXES}")
-
-
-async def stream_source(source: Source, url: str, *, chunk: int, token: str | None = None, realtime: bool = False,
-                        results: str = "json", include: tuple[str, ...] = ("outputs", "scores"),
-                        progress: Any = None) -> tuple[StreamClient, dict[str, Any]]:
-    """Stream a whole source in chunks of ``chunk`` samples; returns the client (results) and summary.
-
-    ``realtime`` paces chunks at the source's sample rate; ``progress(samples_sent)`` is called
-    after each chunk."""
-    client = StreamClient(url, format=source.format, sample_rate=source.sample_rate, channels=source.channels,
-                          token=token, results=results, include=include)
-    async with client:
-        t0, sent = time.perf_counter(), 0
-        for piece in source.chunks(chunk):
-            await client.send(piece)
-            sent += len(piece)
-            if progress is not None:
-                progress(sent)
-            if realtime and source.sample_rate:
-                delay = t0 + sent / source.sample_rate - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-        summary = await client.end()
-    return client, summary
-
-
-def _stream_parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Stream a WAV/CSV/FASTA file to a streamssm server and "
-                                "print or save the per-step results.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("file", help="audio (.wav/.flac), .csv (numeric columns) or FASTA")
-    p.add_argument("--url", default="ws://127.0.0.1:8765/", help="the server (`streamssm serve`)")
-    p.add_argument("--token", default=None, help="bearer token (or set STREAMSSM_TOKEN)")
-    p.add_argument("--chunk", type=int, default=None, help="samples per chunk (None: --chunk-ms of audio, else 256)")
-    p.add_argument("--chunk-ms", type=float, default=20.0, help="chunk length for files with a sample rate")
-    p.add_argument("--realtime", action="store_true", help="send at the file's sample rate instead of at full speed")
-    p.add_argument("--sample-rate", type=int, default=None, help="sample rate of a CSV (rows per second)")
-    p.add_argument("--columns", default=None, help="comma-separated CSV columns (None: all numeric)")
-    p.add_argument("--record", default=None, help="FASTA record (None: the first)")
-    p.add_argument("--s16", action="store_true", help="send audio as s16le instead of f32le (half the bytes)")
-    p.add_argument("--scores-only", action="store_true", help="ask only for per-step scores (token LMs)")
-    p.add_argument("--out", default=None, help="save outputs/scores to this .npz")
-    return p
-
-
-def main(argv: list[str] | None = None, prog: str = "streamssm stream") -> int:
-    import os
-
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    args = _stream_parser(prog).parse_args(argv)
-    check_url(args.url)
-    source = read_source(args.file, record=args.record, sample_rate=args.sample_rate,
-                         columns=args.columns.split(",") if args.columns else None,
-                         fmt="s16le" if args.s16 else None)
-    chunk = args.chunk or (max(1, int(source.sample_rate * args.chunk_ms / 1000)) if source.sample_rate else 256)
-    include = ("scores",) if args.scores_only else ("outputs", "scores")
-    console = Console(stderr=True)
-    with Progress(TextColumn("[bold]streaming"), BarColumn(), TextColumn("{task.completed}/{task.total} samples"),
-                  TimeElapsedColumn(), console=console) as bar:
-        task = bar.add_task("stream", total=len(source.data))
-        client, summary = asyncio.run(stream_source(
-            source, args.url, chunk=chunk, token=args.token or os.environ.get("STREAMSSM_TOKEN"),
-            realtime=args.realtime, results="binary", include=include,
-            progress=lambda n: bar.update(task, completed=n),
-        ))
-    lat = np.array(client.latencies) * 1000 if client.latencies else np.zeros(1)
-    summary["client"] = {"chunks": len(client.results), "reconnects": client.reconnects,
-                         "latency_ms_p50": round(float(np.percentile(lat, 50)), 3),
-                         "latency_ms_p99": round(float(np.percentile(lat, 99)), 3)}
-    if args.out:
-        arrays = {k: v for k, v in (("outputs", client.outputs()), ("scores", client.scores())) if v is not None}
-        np.savez(args.out, **arrays)
-        summary["saved"] = args.out
-    print(json.dumps(summary, indent=2))
-    return 0

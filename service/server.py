@@ -1,4 +1,4 @@
-"""``streamssm serve``: a websockets (17, asyncio) server running one checkpoint in recurrent
+"""The websockets (17, asyncio) server behind ``streamssm serve``, running one checkpoint in recurrent
 mode for many concurrent streams (DESIGN §5; wire protocol in service/PROTOCOL.md).
 
 One connection = one stream. The handler only parses, validates, encodes and enqueues; the
@@ -14,122 +14,59 @@ SIGTERM/SIGINT shut down gracefully: open streams are closed with 1012 and parke
 resume them with their token, on this server or on the next one started with the same
 checkpoint and state dir. Parked streams are capped in count and bytes; their file I/O runs
 off the event loop.
+
+Settings: :class:`~streamssm.service.config.ServeConfig`; one stream:
+:class:`~streamssm.service.session.Session`; the command: ``streamssm.commands.serve``.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import hmac
 import ipaddress
 import logging
-import signal
 import ssl
 import time
-from collections import OrderedDict, deque
-from dataclasses import dataclass
+from collections import OrderedDict
 from http import HTTPStatus
-from pathlib import Path
-from typing import Any
 
-import numpy as np
-import torch
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from streamssm.checkpoint import ServingBundle, load_for_serving
-from streamssm.errors import ConfigError, ProtocolError, StateError
-from streamssm.inference import ChunkResult, Streamer
+from streamssm.checkpoint import ServingBundle
+from streamssm.errors import ProtocolError, StateError
+from streamssm.inference import Streamer
 
 from .codec import ModelCodec
+from .config import DTYPES, ServeConfig
 from .metrics import ServiceMetrics
 from .protocol import (
     INTERNAL_ERROR,
     MESSAGE_TOO_BIG,
-    NORMAL_CLOSURE,
     POLICY_VIOLATION,
     RESULT_VALUE_BYTES,
     SERVICE_RESTART,
     TRY_AGAIN_LATER,
     UNSUPPORTED_DATA,
-    ResultPiece,
     Start,
     close_reason,
     dumps,
     error_message,
-    join_result,
     parse_control,
     parse_start,
-    ready_message,
     result_bytes,
-    result_piece,
 )
 from .resume import Parked, ResumeStore, owner_of
-from .scheduler import Chunk, Scheduler
+from .scheduler import Scheduler
+from .session import Session, resume_settings
 
 log = logging.getLogger(__name__)
 STREAM_PATHS = ("/", "/stream")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _PARKED_REASONS = ("idle_timeout",)  # protocol errors after which a stream is still parked
 _FAILED_KEPT = 1024  # failed streams remembered (their resume gets the failure, not "unknown")
 _VALUES_PER_SLICE_SAMPLE = 16  # a stream's slice holds at most slice_samples x this many result values
-_THREAD_DECODE_BYTES = 1 << 16  # frames at least this big are decoded off the event loop
-
-
-@dataclass
-class ServeConfig:
-    """Server settings (the ``streamssm serve`` options)."""
-
-    host: str = "127.0.0.1"
-    port: int = 8765
-    device: str = "cpu"
-    dtype: str = "float32"
-    token: str | None = None  # bearer token; None = no auth ("" is refused)
-    max_streams: int = 64
-    max_frame_bytes: int = 1 << 20
-    max_result_bytes: int = 16 << 20  # one frame's result (protocol.result_bytes)
-    replay_bytes: int = 16 << 20  # unacknowledged results kept per stream for resume
-    slice_samples: int = 256  # samples of one stream per model call (bench_abuse: canary p99 vs slice)
-    idle_timeout: float = 60.0
-    queue_depth: int = 8
-    resume_ttl: float = 300.0
-    state_dir: str | None = None
-    write_ahead_interval: float = 5.0  # seconds between write-aheads of live streams (state_dir)
-    max_parked: int = 1024
-    max_parked_bytes: int = 1 << 30
-    nan_policy: str = "reject"
-    certfile: str | None = None
-    keyfile: str | None = None
-    ping_interval: float | None = 20.0
-    batching: str = "uniform"  # see Scheduler._gather
-
-    def __post_init__(self) -> None:
-        problems = []
-        positive = {"max_streams": 1, "max_frame_bytes": 64, "max_result_bytes": 1024, "replay_bytes": 0,
-                    "slice_samples": 1, "queue_depth": 1, "max_parked": 1, "max_parked_bytes": 1}
-        for name, least in positive.items():
-            if getattr(self, name) < least:
-                problems.append(f"{name} must be >= {least}, got {getattr(self, name)}")
-        if self.idle_timeout <= 0:
-            problems.append(f"idle_timeout must be > 0 seconds, got {self.idle_timeout}")
-        if self.resume_ttl < 0:
-            problems.append(f"resume_ttl must be >= 0, got {self.resume_ttl}")
-        if self.write_ahead_interval <= 0:
-            problems.append(f"write_ahead_interval must be > 0 seconds, got {self.write_ahead_interval}")
-        if self.token is not None and not self.token.strip():
-            problems.append("token is empty: give a real bearer token, or none to run without auth")
-        if self.nan_policy not in ("reject", "zero"):
-            problems.append(f"nan_policy must be 'reject' or 'zero', got {self.nan_policy!r}")
-        if self.batching not in ("uniform", "greedy"):
-            problems.append(f"batching must be 'uniform' or 'greedy', got {self.batching!r}")
-        if self.dtype not in DTYPES:
-            problems.append(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if (self.certfile is None) != (self.keyfile is None):
-            problems.append("TLS needs both certfile and keyfile")
-        if problems:
-            raise ConfigError("invalid server settings: " + "; ".join(problems))
 
 
 def _loopback(host: str) -> bool:
@@ -141,261 +78,12 @@ def _loopback(host: str) -> bool:
         return False
 
 
-class _Session:
-    """One live stream on one connection: counters, the sender task, the replay buffer.
-
-    Also the stream's :class:`~streamssm.service.scheduler.Encoder` (``part``/``finish`` run
-    in the engine thread)."""
-
-    def __init__(self, server: StreamServer, ws: ServerConnection, start: Start, token: str,
-                 owner: str, parked: Parked | None):
-        self.server, self.ws, self.start, self.token, self.owner = server, ws, start, token, owner
-        self.sid = -1
-        self.next_seq = parked.next_seq if parked else 0  # seq of the next frame received
-        self.samples_in = parked.samples if parked else 0  # sample offset of the next frame
-        self.done_seq = self.next_seq  # chunks whose results exist
-        self.done_samples = self.samples_in
-        self.stats: dict[str, Any] = dict(parked.stats) if parked else {"log_likelihood": 0.0, "last": None}
-        self.replay: deque[tuple[int, str | bytes]] = deque(parked.replay if parked else ())
-        self.replay_size = sum(len(m) for _, m in self.replay)
-        self.outbox: asyncio.Queue[str | bytes] = asyncio.Queue()
-        self.connected = True
-        self.ended = False
-        self.failure: BaseException | None = None
-        self.failed = asyncio.Event()
-        self.sender: asyncio.Task | None = None
-        self.last_activity = time.monotonic()  # last message received or result sent
-        self.send_started: float | None = None  # monotonic time of the send in progress
-        self.written_seq = -1  # done_seq of the last write-ahead
-
-    # -- called by the scheduler (engine thread) ---------------------------------------------
-
-    def part(self, chunk: Chunk, result: ChunkResult) -> tuple[ResultPiece, float, list | None]:
-        """One slice's results -> (encoded piece, sum of its scores, its last output row)."""
-        codec, n = self.server.codec, (chunk.n if result.scores is None else int(result.scores.shape[0]))
-        if result.outputs is None:  # scores only: result_piece reads just the shape (n, o)
-            outputs = np.broadcast_to(np.float32(0), (n, self.server.streamer.out_dim))
-        else:
-            outputs = codec.postprocess(result.outputs)
-        scores = None if result.scores is None else result.scores.numpy()
-        score_sum = 0.0 if scores is None else float(scores.astype(np.float64).sum())
-        last = outputs[-1].tolist() if codec.head != "lm" and len(outputs) else None
-        return result_piece(outputs, scores, self.start), score_sum, last
-
-    def finish(self, chunk: Chunk, parts: list) -> tuple[str | bytes, float, list | None]:
-        """All slices of a chunk -> (its wire message, sum of its scores, its last output row)."""
-        message = join_result(chunk.seq, chunk.start, self.server.streamer.out_dim, [p for p, _, _ in parts], self.start)
-        return message, sum(s for _, s, _ in parts), parts[-1][2] if parts else None
-
-    # -- called by the scheduler (event loop) ------------------------------------------------
-
-    def deliver(self, chunk: Chunk, done: tuple[str | bytes, float, list | None]) -> None:
-        message, score_sum, last = done
-        self.done_seq = chunk.seq + 1
-        self.done_samples = chunk.start + chunk.n
-        self.stats["log_likelihood"] += score_sum
-        if last is not None:  # the summary's last forecast / probabilities
-            self.stats["last"] = last
-        self.replay.append((chunk.seq, message))
-        self.replay_size += len(message)
-        limit = self.server.config.replay_bytes
-        while self.replay_size > limit and len(self.replay) > 1:
-            self.replay_size -= len(self.replay.popleft()[1])
-        if self.connected:
-            self.outbox.put_nowait(message)
-        else:
-            self.server.scheduler.done(self.sid)
-
-    def acknowledge(self, seq: int) -> None:
-        """The client holds every result up to ``seq``: they need no replay."""
-        while self.replay and self.replay[0][0] <= seq:
-            self.replay_size -= len(self.replay.popleft()[1])
-
-    def on_error(self, exc: BaseException) -> None:
-        log.error("stream %s: model call failed: %s", self.sid, exc)
-        self.failure = exc
-        self.server.remember_failure(self.token, exc)
-        self.failed.set()  # wakes the handler, which closes the connection with the real reason
-
-    def failure_error(self) -> ProtocolError:
-        exc = self.failure
-        return ProtocolError(f"the model call failed for this stream: {type(exc).__name__}: {exc}",
-                             INTERNAL_ERROR, "internal_error")
-
-    # -- the connection ----------------------------------------------------------------------
-
-    def owed(self) -> bool:
-        """Whether the server still owes this client results (its silence is then not idleness)."""
-        return self.sid >= 0 and self.server.scheduler.unanswered(self.sid) > 0
-
-    def check_reading(self) -> None:
-        """ProtocolError 1008 when one result has waited more than idle_timeout to be sent."""
-        idle = self.server.config.idle_timeout
-        if self.send_started is not None and time.monotonic() - self.send_started > idle:
-            raise ProtocolError(f"the client has not read its results for {idle:g} s", POLICY_VIOLATION,
-                                "idle_timeout")
-
-    async def _send_loop(self) -> None:
-        try:
-            while True:
-                message = await self.outbox.get()
-                self.send_started = time.monotonic()
-                try:
-                    await self.ws.send(message)
-                finally:
-                    self.send_started = None
-                    self.last_activity = time.monotonic()
-                    self.server.scheduler.done(self.sid)
-        except ConnectionClosed:  # free the queue so a handler blocked in submit() wakes up
-            self._disconnect()
-
-    def _disconnect(self) -> None:
-        """No more sending: results from now on only go to the replay buffer."""
-        self.connected = False
-        while not self.outbox.empty():
-            self.outbox.get_nowait()
-            self.server.scheduler.done(self.sid)
-
-    async def greet(self, ack: int, resumed: bool) -> None:
-        """Send ``ready``, then replay the results after ``ack``; start the sender."""
-        srv = self.server
-        await self.ws.send(ready_message(token=self.token, model=srv.bundle.fingerprint, head=srv.codec.head,
-                                         output_dim=srv.codec.output_dim, next_seq=self.next_seq,
-                                         samples=self.samples_in, resumed=resumed, start=self.start,
-                                         queue_depth=srv.config.queue_depth))
-        for seq, message in list(self.replay):
-            if seq > ack:
-                await self.ws.send(message)
-        self.last_activity = time.monotonic()
-        self.sender = asyncio.get_running_loop().create_task(self._send_loop())
-
-    async def run(self) -> None:
-        """Receive frames until ``end`` (then summary + close 1000) or an error/close."""
-        cfg, codec, sched = self.server.config, self.server.codec, self.server.scheduler
-        scored = self.server.streamer.cfg.head == "lm" and self.server.streamer.cfg.input_kind == "tokens"
-        while True:
-            message = await self.server._recv(self.ws, self)
-            self.last_activity = time.monotonic()
-            if self.failure is not None:
-                raise self.failure_error()
-            size = len(message)
-            if size > cfg.max_frame_bytes:
-                raise ProtocolError(f"frame of {size} bytes exceeds the limit of {cfg.max_frame_bytes} bytes",
-                                    MESSAGE_TOO_BIG, "frame_too_big")
-            if isinstance(message, str) and message.startswith("{"):
-                msg = parse_control(message)
-                if msg["type"] == "end":
-                    await self._end()
-                    return
-                if msg["type"] == "ack" and type(msg.get("seq")) is int:
-                    self.acknowledge(msg["seq"])
-                    continue
-                raise ProtocolError(f'unexpected control message {_short(msg)} (expected "end", '
-                                    '{"type": "ack", "seq": int} or data)', POLICY_VIOLATION, "bad_message")
-            if isinstance(message, str) and self.start.format != "text":
-                raise ProtocolError("text frame in a binary stream: text frames carry JSON control messages only",
-                                    UNSUPPORTED_DATA, "text_in_binary")
-            if size >= _THREAD_DECODE_BYTES:
-                x = await asyncio.to_thread(codec.chunk_from_frame, message, self.start, cfg.nan_policy)
-            else:
-                x = codec.chunk_from_frame(message, self.start, cfg.nan_policy)  # type: ignore[arg-type]
-            n = int(x.shape[0])
-            out_bytes = result_bytes(n, codec.output_dim, scored, self.start)
-            if out_bytes > cfg.max_result_bytes:
-                raise ProtocolError(
-                    f"a frame of {n} samples gives {out_bytes} bytes of {self.start.results} results "
-                    f"(limit {cfg.max_result_bytes}); send smaller frames, or ask for include: [\"scores\"] "
-                    f"or results: \"binary\"", MESSAGE_TOO_BIG, "result_too_big")
-            chunk = Chunk(self.next_seq, self.samples_in, x)
-            self.next_seq += 1
-            self.samples_in += chunk.n
-            try:
-                await sched.submit(self.sid, chunk)
-            except StateError:
-                if self.failure is not None:
-                    raise self.failure_error() from None
-                raise
-
-    async def _end(self) -> None:
-        """Wait for every answer to be sent (however long the server's own backlog takes; only
-        a client that stops reading its results is timed out), then summary and close 1000."""
-        sched = self.server.scheduler
-        drain = asyncio.ensure_future(sched.drain(self.sid))
-        try:
-            while not drain.done():
-                await asyncio.wait({drain}, timeout=min(1.0, self.server.config.idle_timeout))
-                if self.failure is not None:
-                    raise self.failure_error()
-                self.check_reading()
-        finally:
-            drain.cancel()
-        self.ended = True
-        await sched.close(self.sid)
-        await self.ws.send(dumps(self.summary()))
-        await self.ws.close(NORMAL_CLOSURE, "end")
-
-    def summary(self) -> dict[str, Any]:
-        head, codec = self.server.codec.head, self.server.codec
-        out: dict[str, Any] = {"type": "summary", "chunks": self.done_seq, "samples": self.done_samples}
-        last = self.stats.get("last")
-        if head == "lm" and self.done_samples:
-            ll = self.stats["log_likelihood"]
-            out.update(log_likelihood=ll, bits_per_token=-ll / self.done_samples / 0.6931471805599453)
-        elif head == "classifier" and last is not None:
-            label = max(range(len(last)), key=last.__getitem__)
-            out.update(probabilities=last, label=codec.classes[label] if label < len(codec.classes) else label)
-        elif head == "regression" and last is not None:
-            out.update(forecast=last)
-        return out
-
-    def parked(self, snapshot: bytes) -> Parked:
-        s = self.start
-        return Parked(snapshot, self.owner, _settings(s), self.done_seq, self.done_samples, dict(self.stats),
-                      list(self.replay))
-
-    async def close(self, park: bool = True) -> None:
-        """Connection over: stop sending; free the stream's pool row; park the stream for
-        resume unless it ended, failed, broke the protocol or never got a result."""
-        if self.sender is not None:
-            self.sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
-                await self.sender
-        self._disconnect()  # unsent results stay in the replay buffer
-        if self.sid < 0:
-            return
-        store = self.server.store
-        keep = park and store.enabled and self.failure is None and not self.ended
-        blob = await self.server.scheduler.close(self.sid, snapshot=keep)
-        if keep and blob is not None and self.done_seq > 0:
-            await asyncio.to_thread(store.park, self.token, self.parked(blob))
-            log.info("stream %s parked at chunk %d (%d samples)", self.sid, self.done_seq, self.done_samples)
-        elif store.enabled:
-            await asyncio.to_thread(store.forget, self.token)
-
-    async def write_ahead(self) -> None:
-        """Write this live stream's state to the state dir (between two model calls)."""
-        if self.ended or self.failure is not None or self.done_seq in (0, self.written_seq):
-            return
-        got = await self.server.scheduler.checkpoint(self.sid)
-        if got is None or got[1] != self.done_seq or self.ended:
-            return  # in the middle of a chunk or closing: the next round writes it
-        await asyncio.to_thread(self.server.store.write_ahead, self.token, self.parked(got[0]))
-        self.written_seq = got[1]
-
-
-def _settings(start: Start) -> dict[str, Any]:
-    """What a resume must repeat: the stream's input settings and its results encoding."""
-    return {"format": start.format, "sample_rate": start.sample_rate, "channels": start.channels,
-            "results": start.results, "include": list(start.include)}
-
-
-def _short(msg: dict[str, Any]) -> str:
-    text = dumps(msg)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 class StreamServer:
-    """The service around one loaded model. ``async with StreamServer(bundle, cfg) as s:``."""
+    """The service around one loaded model. ``async with StreamServer(bundle, cfg) as s:``.
+
+    Its sessions see it as a :class:`~streamssm.service.session.SessionHost`: ``config``,
+    ``bundle``, ``codec``, ``streamer``, ``scheduler``, ``store``, :meth:`receive` and
+    :meth:`remember_failure`."""
 
     def __init__(self, bundle: ServingBundle, config: ServeConfig | None = None):
         self.config = config or ServeConfig()
@@ -407,7 +95,7 @@ class StreamServer:
         self.streamer = Streamer(bundle.model, cfg.max_streams, cfg.device, DTYPES[cfg.dtype])
         self.scheduler = Scheduler(self.streamer, cfg.queue_depth, self.metrics, cfg.batching, cfg.slice_samples)
         self._server: Server | None = None
-        self._live: dict[str, _Session] = {}  # resume token -> live session
+        self._live: dict[str, Session] = {}  # resume token -> live session
         self._resuming: set[str] = set()  # tokens being resumed right now
         self._failed: OrderedDict[str, str] = OrderedDict()  # token -> why its stream failed
         self._tasks: list[asyncio.Task] = []
@@ -547,7 +235,7 @@ class StreamServer:
         budget = self.config.slice_samples * _VALUES_PER_SLICE_SAMPLE
         return max(1, min(self.config.slice_samples, budget // max(1, values)))
 
-    async def _recv(self, ws: ServerConnection, session: _Session | None = None) -> str | bytes:
+    async def receive(self, ws: ServerConnection, session: Session | None = None) -> str | bytes:
         """The next message; ProtocolError 1008 ``idle_timeout`` after ``idle_timeout`` seconds
         without a message or a result sent, not counting time the server owes results."""
         idle = self.config.idle_timeout
@@ -592,10 +280,10 @@ class StreamServer:
 
     async def _handler(self, ws: ServerConnection) -> None:
         self.metrics.connections.inc()
-        session: _Session | None = None
+        session: Session | None = None
         park = True
         try:
-            first = await self._recv(ws)
+            first = await self.receive(ws)
             if not isinstance(first, str):
                 raise ProtocolError('the first message must be a JSON text {"type": "start", ...}, got a binary frame',
                                     UNSUPPORTED_DATA, "bad_start")
@@ -626,7 +314,7 @@ class StreamServer:
                     self._live.pop(session.token, None)
                     self.metrics.live_streams.set(self.scheduler.live)
 
-    async def _open(self, ws: ServerConnection, start: Start) -> tuple[_Session, bool]:
+    async def _open(self, ws: ServerConnection, start: Start) -> tuple[Session, bool]:
         """Open a new stream or resume a parked one; returns it registered (``greet`` sends
         ``ready``) and whether it was resumed."""
         if self.scheduler.live >= self.config.max_streams:
@@ -643,7 +331,7 @@ class StreamServer:
         self._resuming.add(token)
         try:
             parked = await asyncio.to_thread(self.store.take, token, self._owner)
-            settings = _settings(start)
+            settings = resume_settings(start)
             differ = {k: (parked.settings[k], v) for k, v in settings.items() if parked.settings.get(k, v) != v}
             lowest = parked.replay[0][0] if parked.replay else parked.next_seq
             problem = None
@@ -663,8 +351,8 @@ class StreamServer:
         self.metrics.resumed.inc()
         return session, True
 
-    async def _register(self, ws: ServerConnection, start: Start, token: str, parked: Parked | None) -> _Session:
-        session = _Session(self, ws, start, token, self._owner, parked)
+    async def _register(self, ws: ServerConnection, start: Start, token: str, parked: Parked | None) -> Session:
+        session = Session(self, ws, start, token, self._owner, parked)
         try:
             session.sid = await self.scheduler.open(session, session.deliver, session.on_error,
                                                     None if parked is None else parked.snapshot,
@@ -680,92 +368,3 @@ class StreamServer:
         self._live[token] = session
         self.metrics.live_streams.set(self.scheduler.live)
         return session
-
-
-# ------------------------------------------------------------------------------------------- CLI
-
-
-def _parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Serve a streamssm checkpoint over websockets "
-                                "(protocol: service/PROTOCOL.md).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d = ServeConfig()
-    p.add_argument("--checkpoint", required=True, help="model .safetensors export or Lightning .ckpt")
-    p.add_argument("--host", default=d.host, help="interface to bind (127.0.0.1: loopback only)")
-    p.add_argument("--port", type=int, default=d.port, help="TCP port (0: any free port)")
-    p.add_argument("--device", default="auto", help="auto (cuda when present, else cpu), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default=d.dtype, choices=sorted(DTYPES), help="model compute dtype")
-    p.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' (or set STREAMSSM_TOKEN)")
-    p.add_argument("--max-streams", type=int, default=d.max_streams, help="concurrent streams (state pool size)")
-    p.add_argument("--max-frame-bytes", type=int, default=d.max_frame_bytes, help="largest data frame accepted")
-    p.add_argument("--idle-timeout", type=float, default=d.idle_timeout, help="seconds without a message")
-    p.add_argument("--queue-depth", type=int, default=d.queue_depth, help="unanswered chunks per stream")
-    p.add_argument("--resume-ttl", type=float, default=d.resume_ttl, help="seconds a disconnected stream is kept")
-    p.add_argument("--state-dir", default=None, help="persist parked streams here (survive a restart)")
-    p.add_argument("--write-ahead-interval", type=float, default=d.write_ahead_interval,
-                   help="seconds between writes of live streams to --state-dir (a crash loses at most this)")
-    p.add_argument("--max-parked", type=int, default=d.max_parked, help="parked streams kept (oldest evicted)")
-    p.add_argument("--max-parked-bytes", type=int, default=d.max_parked_bytes, help="bytes of parked streams kept")
-    p.add_argument("--max-result-bytes", type=int, default=d.max_result_bytes, help="largest result of one frame")
-    p.add_argument("--replay-bytes", type=int, default=d.replay_bytes, help="unacknowledged results kept per stream")
-    p.add_argument("--slice-samples", type=int, default=d.slice_samples, help="samples of one stream per model call")
-    p.add_argument("--nan-policy", default=d.nan_policy, choices=("reject", "zero"), help="NaN/inf samples")
-    p.add_argument("--batching", default=d.batching, choices=("uniform", "greedy"),
-                   help="chunks per stream per model call: equal counts (uniform) or all pending (greedy)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads for the model (None: torch's)")
-    p.add_argument("--certfile", default=None, help="TLS certificate (PEM)")
-    p.add_argument("--keyfile", default=None, help="TLS private key (PEM)")
-    return p
-
-
-async def serve_until_signal(bundle: ServingBundle, config: ServeConfig) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully. A port in use is a ConfigError."""
-    import errno
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    server = StreamServer(bundle, config)
-    try:
-        await server.start()
-    except OSError as exc:
-        await server.stop()
-        if exc.errno == errno.EADDRINUSE:
-            raise ConfigError(f"port {config.port} is in use; pick another with --port") from exc
-        raise
-    try:
-        log.info("listening on %s (model %s, %s %s, %s); GET /healthz and /metrics on the same port",
-                 server.url, bundle.fingerprint, server.codec.modality, server.codec.head, config.device)
-        await stop.wait()
-        log.info("signal received: shutting down")
-    finally:
-        await server.stop()
-
-
-def main(argv: list[str] | None = None, prog: str = "streamssm serve") -> int:
-    import os
-
-    from streamssm.checkpoint import resolve_device
-
-    args = _parser(prog).parse_args(argv)
-    device = str(resolve_device(args.device))
-    config = ServeConfig(
-        host=args.host, port=args.port, device=device, dtype=args.dtype,
-        token=args.token if args.token is not None else os.environ.get("STREAMSSM_TOKEN") or None, max_streams=args.max_streams,
-        max_frame_bytes=args.max_frame_bytes, idle_timeout=args.idle_timeout, queue_depth=args.queue_depth,
-        resume_ttl=args.resume_ttl, state_dir=args.state_dir, nan_policy=args.nan_policy,
-        certfile=args.certfile, keyfile=args.keyfile, batching=args.batching,
-        write_ahead_interval=args.write_ahead_interval, max_parked=args.max_parked,
-        max_parked_bytes=args.max_parked_bytes, max_result_bytes=args.max_result_bytes,
-        replay_bytes=args.replay_bytes, slice_samples=args.slice_samples,
-    )
-    if not Path(args.checkpoint).is_file():
-        raise ConfigError(f"--checkpoint {args.checkpoint!r} is not a file")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
-    bundle = load_for_serving(args.checkpoint, device)
-    log.info("loaded %s in %.2f s", args.checkpoint, time.perf_counter() - t0)
-    asyncio.run(serve_until_signal(bundle, config))
-    return 0

@@ -1,12 +1,14 @@
 """The ``streamssm`` command: one entry point that dispatches to subcommands.
 
-Each subcommand lives in its own module exposing ``main(argv: list[str]) -> int``; this file
-routes and holds the one error path: a :class:`StreamSSMError` or a common OS error (missing
-file, connection refused, ...) raised by any command, also when wrapped by LightningCLI or
-jsonargparse, prints one line ``streamssm <command>: error: <message>`` and exits 2 (usage or
+Each command lives in its own module of :mod:`streamssm.commands` exposing
+``main(argv: list[str], prog: str) -> int``; this file routes (``COMMANDS``) and holds the
+one error path (no command catches errors itself): a :class:`StreamSSMError` or a common OS
+error (missing file, connection refused, ...) raised by any command, also when wrapped by
+LightningCLI or jsonargparse, prints one line ``streamssm <command>: error: <message>`` and exits 2 (usage or
 configuration: :class:`ConfigError`) or 1 (anything else); ``--debug`` anywhere on the command
-line shows the traceback instead. Training subcommands
-(fit/validate/test/predict) go to LightningCLI.
+line shows the traceback instead. A bad option or config file is a ConfigError too
+(``streamssm.commands.parsing``). Training subcommands (fit/validate/test/predict) go to
+LightningCLI (``streamssm.commands.fit``).
 """
 
 from __future__ import annotations
@@ -18,19 +20,20 @@ import sys
 
 from streamssm.errors import ConfigError, StreamSSMError
 
-#: name -> (module, one-line help). Modules are imported only when their command runs.
+#: name -> (module under streamssm.commands, one-line help); imported only when its command runs.
+#: A new command is a module in streamssm/commands/ with ``main(argv, prog) -> int`` and a row here.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("streamssm.demo", "train, serve, stream and batch-infer a tiny model on built-in data, with plots"),
-    "info": ("streamssm.info", "show versions, devices and which kernel backends run here"),
-    "serve": ("streamssm.service.server", "serve a checkpoint over websockets to many concurrent streams"),
-    "stream": ("streamssm.service.client", "stream a WAV/CSV/FASTA file to a running server and save the results"),
-    "infer": ("streamssm.infer_cli", "run a checkpoint over zarr arrays (chunked, resumable, multi-device)"),
-    "fit": ("streamssm.train_cli", "train a recipe: streamssm fit --config recipes/dna_tiny.yaml"),
-    "validate": ("streamssm.train_cli", "evaluate a checkpoint on the validation split of a recipe"),
-    "test": ("streamssm.train_cli", "evaluate a checkpoint on the test split of a recipe"),
-    "predict": ("streamssm.train_cli", "run a trained model over a recipe's predict data"),
-    "export": ("streamssm.export", "write a training checkpoint as one .safetensors file for serving"),
-    "make-data": ("streamssm.make_data", "write the generated data the tiny recipes train on (runs/data/)"),
+    "demo": ("demo", "train, serve, stream and batch-infer a tiny model on built-in data, with plots"),
+    "info": ("info", "show versions, devices and which kernel backends run here"),
+    "serve": ("serve", "serve a checkpoint over websockets to many concurrent streams"),
+    "stream": ("stream", "stream a WAV/CSV/FASTA file to a running server and save the results"),
+    "infer": ("infer", "run a checkpoint over zarr arrays (chunked, resumable, multi-device)"),
+    "fit": ("fit", "train a recipe: streamssm fit --config recipes/dna_tiny.yaml"),
+    "validate": ("fit", "evaluate a checkpoint on the validation split of a recipe"),
+    "test": ("fit", "evaluate a checkpoint on the test split of a recipe"),
+    "predict": ("fit", "run a trained model over a recipe's predict data"),
+    "export": ("export", "write a training checkpoint as one .safetensors file for serving"),
+    "make-data": ("make_data", "write the generated data the tiny recipes train on (runs/data/)"),
 }
 
 
@@ -95,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     # `import lightning` gives the "lightning" logger its own console handler: print its lines once
     logging.getLogger("lightning").propagate = False
     try:
-        module = importlib.import_module(COMMANDS[name][0])
+        module = importlib.import_module(f"streamssm.commands.{COMMANDS[name][0]}")
         return int(module.main(rest, prog=f"streamssm {name}") or 0)
     except KeyboardInterrupt:
         print(f"streamssm {name}: interrupted", file=sys.stderr)

@@ -14,14 +14,13 @@ For each task (sensor forecasting, DNA language model, 8-bit mu-law audio langua
    baseline on the held-out signal.
 
 Each stage prints one line (``task 2 of 3 (dna): training 300 steps · 41 s elapsed``), so a
-slow or shared machine shows where the demo is.
+slow or shared machine shows where the demo is. This module is the pipeline (library code);
+the command's options and printing are in ``streamssm.commands.demo``.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import logging
 import math
 import time
 from collections.abc import Callable
@@ -253,64 +252,3 @@ def run_task(name: str, out_root: Path, size: Size, accelerator: str, progress,
         "p50_ms": 1000 * float(np.median(latencies)) if latencies else float("nan"),
         "seconds": time.perf_counter() - started, "plots": pngs, "summary": summary,
     }
-
-
-# -------------------------------------------------------------------------------------- CLI
-
-
-def _parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    p.add_argument("--task", choices=(*TASK_NAMES, "all"), default="all", help="which demo to run (default: all)")
-    p.add_argument("--out", default="demo_out", help="output folder (default: ./demo_out)")
-    p.add_argument("--quick", action="store_true", help="a few training steps and a short stream (CI)")
-    p.add_argument("--accelerator", default="auto", help="Lightning accelerator for training (auto|cpu|gpu)")
-    return p
-
-
-def main(argv: list[str] | None = None, prog: str = "streamssm demo") -> int:
-    from rich.console import Console
-    from rich.progress import Progress
-    from rich.table import Table
-
-    args = _parser(prog).parse_args(argv)
-    import lightning.pytorch  # noqa: F401  (configures its loggers on import; quieted below)
-
-    for noisy in ("websockets", "lightning", "lightning.pytorch", "streamssm.service"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    size = QUICK if args.quick else FULL
-    names = TASK_NAMES if args.task == "all" else (args.task,)
-    out_root = Path(args.out).resolve()
-    console = Console()
-    rows = []
-    started = time.perf_counter()
-
-    def announcer(k: int, name: str) -> Callable[[str], None]:
-        def on_stage(stage: str) -> None:
-            console.print(f"task {k} of {len(names)} ({name}): {stage} · {time.perf_counter() - started:.0f} s elapsed",
-                          highlight=False, soft_wrap=True)
-        return on_stage
-
-    with Progress(console=console, transient=True) as progress:
-        for k, name in enumerate(names, 1):
-            console.rule(f"demo: {name}")
-            try:
-                rows.append(run_task(name, out_root, size, args.accelerator, progress, announcer(k, name)))
-            except DemoParityError as exc:
-                console.print(f"[bold red]parity check failed[/]: {exc}")
-                return 1
-    table = Table(title="streamssm demo (held-out signal)")
-    for col in ("task", "model", "no model", "stream diff", "zarr diff", "p50 ms", "s"):
-        table.add_column(col, justify="left" if col == "task" else "right")
-    for r in rows:
-        table.add_row(r["task"], f"{r['model']:.4g}", f"{r['baseline']:.4g}", f"{r['stream_diff']:.1e}",
-                      f"{r['zarr_diff']:.1e}", f"{r['p50_ms']:.1f}", f"{r['seconds']:.0f}")
-    console.print(table)
-    console.print(f"{len(rows)} task(s) in {time.perf_counter() - started:.0f} s", highlight=False)
-    console.print("model / no model: the held-out metric of the trained model and of a no-model baseline; "
-                  "stream diff / zarr diff: max |difference| of the websocket stream and of zarr inference "
-                  "from one offline forward pass; p50 ms: median chunk round trip over the websocket.")
-    for r in rows:
-        console.print(f"{r['task']}: {r['metric']}; checkpoint {r['checkpoint']}")
-        for png in r["plots"]:
-            console.print(f"  plot {png}")
-    return 0

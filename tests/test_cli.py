@@ -140,7 +140,8 @@ def test_fit_instantiation_error_is_unwrapped(capsys, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("command, shown", [
-    ("serve", ["(default: 8765)", "(default: auto)", "(default: 127.0.0.1)", "(default: 64)"]),
+    ("serve", ["default: 8765)", "default: auto)", "default: 127.0.0.1)", "default: 64)", "default: 256)"]),
+    ("infer", ["default: 8)", "default: auto)", "default: error)"]),
     ("stream", ["(default: ws://127.0.0.1:8765/)", "(default: 20.0)"]),
 ])
 def test_help_shows_defaults(command, shown, capsys):
@@ -149,3 +150,114 @@ def test_help_shows_defaults(command, shown, capsys):
     out = " ".join(capsys.readouterr().out.split())
     for text in shown:
         assert text in out
+
+
+# ------------------------------------------------- commands together, config files (issue 20)
+
+import dataclasses  # noqa: E402
+
+import yaml  # noqa: E402
+
+from streamssm.commands.infer import InferConfig  # noqa: E402
+from streamssm.commands.infer import build_parser as infer_parser  # noqa: E402
+from streamssm.commands.parsing import build, option_name, parse  # noqa: E402
+from streamssm.commands.serve import build_parser as serve_parser  # noqa: E402
+from streamssm.errors import ConfigError  # noqa: E402
+from streamssm.service.config import ServeConfig  # noqa: E402
+
+
+def _print_config(capsys, argv: list[str]) -> dict:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_serve_print_config_round_trips_through_config(capsys, tmp_path, model_file):
+    flags = ["--checkpoint", str(model_file), "--max-streams", "7", "--write-ahead-interval", "2.5",
+             "--nan-policy", "zero", "--token", "s3cret", "--slice-samples", "64"]
+    printed = _print_config(capsys, ["serve", *flags, "--print_config"])
+    assert printed["max_streams"] == 7 and printed["write_ahead_interval"] == 2.5 and printed["checkpoint"] == str(model_file)
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(printed))
+    from_flags = build(ServeConfig, parse(serve_parser("streamssm serve"), flags))
+    from_file = build(ServeConfig, parse(serve_parser("streamssm serve"), ["--config", str(path)]))
+    assert from_file == from_flags
+    assert _print_config(capsys, ["serve", "--config", str(path), "--print_config"]) == printed
+    later = parse(serve_parser("streamssm serve"), ["--config", str(path), "--max-streams", "9"])
+    assert later.max_streams == 9 and later.nan_policy == "zero"  # options after --config override it
+
+
+def test_every_serve_setting_is_an_option_with_todays_name(capsys):
+    """One declaration (ServeConfig): each field is a dashed option, e.g. --max-streams."""
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(ServeConfig):
+        assert option_name(f.name) in out
+    for flag in ("--checkpoint", "--threads", "--config", "--print_config"):
+        assert flag in out
+
+
+def test_infer_print_config_round_trips_through_config(capsys, tmp_path):
+    flags = ["--checkpoint", "m.safetensors", "--input", "in.zarr", "--output", "out.zarr", "--time-axis", "1",
+             "--overwrite", "--missing-chunks", "fill"]
+    printed = _print_config(capsys, ["infer", *flags, "--print_config"])
+    assert printed["overwrite"] is True and printed["time_axis"] == 1 and printed["no_progress"] is False
+    path = tmp_path / "infer.yaml"
+    path.write_text(yaml.safe_dump(printed))
+    got = build(InferConfig, parse(infer_parser("streamssm infer"), ["--config", str(path)]))
+    assert got == build(InferConfig, parse(infer_parser("streamssm infer"), flags))
+    assert got.missing_chunks == "fill" and got.overwrite is True
+
+
+def test_serve_settings_are_checked_once_whether_from_flags_or_file(capsys, model_file, tmp_path):
+    path = tmp_path / "serve.yaml"
+    path.write_text(f"checkpoint: {model_file}\nmax_streams: 0\n")
+    assert main(["serve", "--config", str(path)]) == 2
+    assert "max_streams must be >= 1, got 0" in _one_error_line(capsys, "serve")
+
+
+@pytest.mark.parametrize("argv", [
+    ["serve", "--checkpoint", "m.safetensors", "--max-streams", "many"],
+    ["serve", "--checkpoint", "m.safetensors", "--no-such-option", "1"],
+    ["serve", "--checkpoint", "m.safetensors", "--nan-policy", "ignore"],
+    ["infer", "--checkpoint", "m", "--input", "i", "--output", "o", "--integer-input", "maybe"],
+    ["infer", "--checkpoint", "m"],
+    ["export", "--checkpoint", "m", "--output", "o.safetensors", "--frobnicate"],
+    ["stream", "x.csv", "--chunk", "big"],
+    ["make-data", "everything"],
+    ["info", "--jsn"],
+    ["demo", "--task", "chess"],
+])
+def test_a_bad_option_is_one_error_line(argv, capsys):
+    assert main(argv) == 2
+    line = _one_error_line(capsys, argv[0])
+    assert line.endswith(f"see streamssm {argv[0]} --help (--debug shows the traceback)")
+    assert "usage:" not in capsys.readouterr().err
+
+
+def test_fit_bad_option_is_one_error_line(capsys):
+    assert main(["fit", "--config", str(ROOT / "recipes" / "dna_tiny.yaml"), "--trainer.max_steps", "x"]) == 2
+    assert "trainer.max_steps" in _one_error_line(capsys, "fit")
+
+
+@pytest.mark.parametrize("text, says", [("max_streams: [1, 2\n", "Problems parsing config"),
+                                         ("checkpoint: m\nmax_stream: 3\n", "'max_stream' is not accepted")])
+def test_bad_config_file_is_one_error_line(text, says, capsys, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    assert main(["serve", "--config", str(path)]) == 2
+    assert says in _one_error_line(capsys, "serve")
+
+
+def test_infer_errors_go_through_the_one_error_path(capsys, tmp_path):
+    """infer used to catch StreamSSMError itself (its own line, no --debug hint, exit 2 for any error)."""
+    assert main(["infer", "--checkpoint", str(tmp_path / "nope.safetensors"), "--input", str(tmp_path / "in.zarr"),
+                 "--output", str(tmp_path / "out.zarr"), "--no-progress"]) == 1
+    assert "nope.safetensors" in _one_error_line(capsys, "infer")
+
+
+def test_parse_turns_argument_errors_into_config_errors():
+    with pytest.raises(ConfigError, match="--port|port"):
+        parse(serve_parser("streamssm serve"), ["--checkpoint", "m", "--port", "eighty"])

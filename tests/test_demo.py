@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from rich.progress import Progress
 
-from streamssm.demo import QUICK, DemoParityError, main, max_difference, run_task
+from streamssm.commands.demo import main
+from streamssm.demo import QUICK, DemoParityError, max_difference, run_task
 
 
 @pytest.mark.parametrize("task", ["sensor", "dna", "audio"])

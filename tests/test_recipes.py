@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from streamssm.checkpoint import load_for_serving
-from streamssm.export import main as export_main
-from streamssm.make_data import make_data
-from streamssm.train_cli import build_cli, main
+from streamssm.commands.export import main as export_main
+from streamssm.commands.fit import build_cli, main
+from streamssm.commands.make_data import make_data
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 ALL = sorted(RECIPES.glob("*.yaml"))

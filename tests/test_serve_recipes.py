@@ -21,13 +21,15 @@ import pytest
 import torch
 
 from streamssm.checkpoint import load_for_serving
+from streamssm.commands.export import main as export_main
+from streamssm.commands.fit import build_cli
+from streamssm.commands.make_data import make_data
 from streamssm.encoding import Normalizer
-from streamssm.export import main as export_main
 from streamssm.inference import head_output
-from streamssm.make_data import make_data
-from streamssm.service.client import StreamClient, model_settings, read_source
-from streamssm.service.server import ServeConfig, StreamServer
-from streamssm.train_cli import build_cli
+from streamssm.service.client import StreamClient, model_settings
+from streamssm.service.config import ServeConfig
+from streamssm.service.server import StreamServer
+from streamssm.service.sources import read_source
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"

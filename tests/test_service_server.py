@@ -26,7 +26,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from streamssm.checkpoint import export_safetensors, load_for_serving
 from streamssm.encoding import Normalizer, encode_bases, mu_law_encode
 from streamssm.models import ModelConfig, SSMModel
-from streamssm.service.client import StreamClient, stream_source, read_source
+from streamssm.service.client import StreamClient
+from streamssm.service.sources import read_source, stream_source
 from streamssm.service.server import ServeConfig, StreamServer
 
 pytestmark = pytest.mark.timeout(60)
@@ -378,7 +379,7 @@ async def test_stream_cli_library_on_fasta(ckpts, tmp_path):
     async with server(ckpts["dna"]) as srv:
         client, summary = await stream_source(source, srv.url, chunk=16, results="binary")
         out = tmp_path / "r.npz"
-        from streamssm.service.client import main as stream_main
+        from streamssm.commands.stream import main as stream_main
 
         rc = await asyncio.to_thread(stream_main, [str(fasta), "--url", srv.url, "--chunk", "9", "--out", str(out)])
     assert rc == 0

@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader
 
 from streamssm.checkpoint import load_for_serving
 from streamssm.errors import ConfigError, DataFormatError, ShapeError
-from streamssm.export import export_checkpoint
-from streamssm.export import main as export_main
+from streamssm.commands.export import export_checkpoint
+from streamssm.commands.export import main as export_main
 from streamssm.models import ArchConfig, ModelConfig
 from streamssm.plots import plot_training_curve, read_metrics
 from streamssm.serving import ServingSpec

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 
 from streamssm.checkpoint import load_for_serving
+from streamssm.commands.parsing import ArgumentParser
+
 
 def environment() -> dict[str, str]:
     """Versions, the device and the kernel backend each op would use on this machine."""
@@ -78,7 +80,7 @@ def _print_rows(rows: Mapping[str, Any], indent: str = "") -> None:
 
 
 def main(argv: list[str], prog: str = "streamssm info") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("file", nargs="?", default=None,
                         help="model file (.safetensors export or Lightning .ckpt); none: this machine")

@@ -19,6 +19,7 @@ with an explicit ``dirpath``, and, after ``fit``, ``training_curve.png`` in the 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 import os
@@ -153,16 +154,19 @@ def build_cli(subcommand: str, argv: list[str]) -> StreamSSMCLI:
             save_config_kwargs={"overwrite": True},
             trainer_defaults=trainer_defaults,
             auto_configure_optimizers=False,
+            # a bad option or config raises (one line from streamssm.cli) instead of printing usage
+            parser_kwargs={"prog": "streamssm", "exit_on_error": False, subcommand: {"exit_on_error": False}},
         )
+    except argparse.ArgumentError as exc:
+        raise ConfigError(f"{exc}; see streamssm {subcommand} --help") from exc
     finally:
         sys.argv = saved
 
 
-def main(argv: list[str] | None = None, prog: str = "streamssm fit") -> int:
+def main(argv: list[str], prog: str = "streamssm fit") -> int:
     """Entry point of ``streamssm fit|validate|test|predict``; the subcommand is the last word of ``prog``."""
     subcommand = prog.split()[-1]
     if subcommand not in SUBCOMMANDS:
-        print(f"{prog}: not a training subcommand; expected one of {SUBCOMMANDS}", file=sys.stderr)
-        return 2
-    build_cli(subcommand, list(sys.argv[1:] if argv is None else argv))
+        raise ConfigError(f"{prog}: not a training subcommand; expected one of {SUBCOMMANDS}")
+    build_cli(subcommand, list(argv))
     return 0

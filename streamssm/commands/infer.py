@@ -13,20 +13,26 @@ with other settings is refused unless ``--overwrite``, which replaces only an ou
 this command (never another folder). An input chunk missing from its store is an error unless
 ``--missing-chunks fill``; integer arrays into a sensor model need ``--integer-input``. With
 several devices only rank 0 reports, with the total of all ranks.
+
+The options are the fields of :class:`InferConfig`; ``--print_config`` writes them as YAML for
+``--config FILE`` (later options override the file).
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import logging
 import signal
 import sys
 import warnings
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
+import jsonargparse
 from lightning.pytorch.callbacks import Callback
 from tqdm.auto import tqdm
 
-from streamssm.errors import StreamSSMError
+from streamssm.commands.parsing import add_fields, build, config_parser, parse
 
 log = logging.getLogger(__name__)
 
@@ -55,50 +61,55 @@ class StepsProgress(Callback):
             self.bar = None
 
 
-def build_parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="model: .safetensors export or Lightning .ckpt")
-    p.add_argument("--input", required=True, help="zarr array or group (all its arrays): in.zarr or in.zarr/path")
-    p.add_argument("--output", required=True, help="zarr group to write (one array per input array)")
-    p.add_argument("--time-axis", type=int, default=None, help="axis of time steps (default: from dimension_names or layout)")
-    p.add_argument("--channel-axis", type=int, default=None, help="axis of channels (continuous inputs)")
-    p.add_argument("--series-axis", type=int, default=None, help="axis of series (many recordings of equal length)")
-    p.add_argument("--chunk-steps", type=int, default=None,
-                   help="time steps per model call, a multiple of the input's zarr time chunk (default: >= 65536)")
-    p.add_argument("--batch-series", type=int, default=8, help="series computed together (memory ~ chunk x batch)")
-    p.add_argument("--devices", type=int, default=1, help="devices (processes) to spread the series over")
-    p.add_argument("--accelerator", default="auto", help="auto | cpu | gpu")
-    p.add_argument("--num-workers", type=int, default=1, help="reader processes (>= 1 reads ahead while computing)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing output of this command instead of continuing it")
-    p.add_argument("--integer-input", choices=("error", "values", "pcm"), default="error",
-                   help="integer arrays into a sensor model: refuse (default), read as raw units, or as PCM "
-                        "scaled to [-1, 1]")
-    p.add_argument("--missing-chunks", choices=("error", "fill"), default="error",
-                   help="an input chunk absent from its store: error (default) or read zarr's fill value "
-                        "(arrays written with write_empty_chunks=False)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
+def _option(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
 
 
-def main(argv: list[str] | None = None, prog: str = "streamssm infer") -> int:
-    args = build_parser(prog).parse_args(argv)
+def _required(help: str) -> Any:
+    return field(metadata={"help": help})
+
+
+@dataclass
+class InferConfig:
+    """The ``streamssm infer`` options (``time_axis`` -> ``--time-axis``; the keys of ``--config``)."""
+
+    checkpoint: str = _required("model: .safetensors export or Lightning .ckpt")
+    input: str = _required("zarr array or group (all its arrays): in.zarr or in.zarr/path")
+    output: str = _required("zarr group to write (one array per input array)")
+    time_axis: int | None = _option(None, "axis of time steps (null: from dimension_names or layout)")
+    channel_axis: int | None = _option(None, "axis of channels (continuous inputs)")
+    series_axis: int | None = _option(None, "axis of series (many recordings of equal length)")
+    chunk_steps: int | None = _option(None, "time steps per model call, a multiple of the input's zarr time chunk "
+                                            "(null: >= 65536)")
+    batch_series: int = _option(8, "series computed together (memory ~ chunk x batch)")
+    devices: int = _option(1, "devices (processes) to spread the series over")
+    accelerator: str = _option("auto", "auto | cpu | gpu")
+    num_workers: int = _option(1, "reader processes (>= 1 reads ahead while computing)")
+    overwrite: bool = _option(False, "replace an existing output of this command instead of continuing it")
+    integer_input: Literal["error", "values", "pcm"] = _option(
+        "error", "integer arrays into a sensor model: refuse, read as raw units, or as PCM scaled to [-1, 1]")
+    missing_chunks: Literal["error", "fill"] = _option(
+        "error", "an input chunk absent from its store: error, or read zarr's fill value "
+                 "(arrays written with write_empty_chunks=False)")
+    no_progress: bool = _option(False, "no progress bar")
+
+
+def build_parser(prog: str) -> jsonargparse.ArgumentParser:
+    parser = config_parser(prog, __doc__)
+    add_fields(parser, InferConfig)
+    return parser
+
+
+def main(argv: list[str], prog: str = "streamssm infer") -> int:
+    cfg = build(InferConfig, parse(build_parser(prog), argv))
     from streamssm.zarr_infer import run_inference
 
     # Lightning cannot infer batch indices from our per-chunk items; the writer does not need them.
     warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
-    try:
-        result = run_inference(
-            args.checkpoint, args.input, args.output,
-            devices=args.devices, accelerator=args.accelerator,
-            callbacks=[StepsProgress(disable=True if args.no_progress else None)],
-            time_axis=args.time_axis, channel_axis=args.channel_axis, series_axis=args.series_axis,
-            chunk_steps=args.chunk_steps, batch_series=args.batch_series, num_workers=args.num_workers,
-            overwrite=args.overwrite, integer_input=args.integer_input, missing_chunks=args.missing_chunks,
-        )
-    except StreamSSMError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
+    options = {k: v for k, v in dataclasses.asdict(cfg).items()
+               if k not in ("checkpoint", "input", "output", "devices", "accelerator", "no_progress")}
+    result = run_inference(cfg.checkpoint, cfg.input, cfg.output, devices=cfg.devices, accelerator=cfg.accelerator,
+                           callbacks=[StepsProgress(disable=True if cfg.no_progress else None)], **options)
     arrays = ", ".join(result.arrays)
     if result.status == "interrupted":
         if result.rank == 0:

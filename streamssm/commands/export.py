@@ -9,11 +9,11 @@ like the checkpoint itself, without unpickling anything.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
 from streamssm.checkpoint import export_safetensors, load_for_serving
+from streamssm.commands.parsing import ArgumentParser
 from streamssm.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -34,8 +34,8 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, overwrite: boo
     return output, bundle.fingerprint
 
 
-def main(argv: list[str] | None = None, prog: str = "streamssm export") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+def main(argv: list[str], prog: str = "streamssm export") -> int:
+    parser = ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="Lightning .ckpt written by `streamssm fit`")
     parser.add_argument("--output", required=True, help="destination .safetensors file")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")

@@ -10,10 +10,10 @@ audio clips; coupled-oscillator sensor series with labelled regimes. Nothing is 
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from streamssm.errors import StreamSSMError
+from streamssm.commands.parsing import ArgumentParser
+from streamssm.errors import ConfigError
 
 KINDS = ("dna", "waveform", "sensor")
 DEFAULT_OUT = "runs/data"
@@ -34,19 +34,15 @@ def make_data(kind: str, out: str | Path = DEFAULT_OUT, seed: int = 0) -> Path:
         return target
     if kind == "sensor":
         return synthetic.write_sensor_table(target, rows=6000, channels=4, seed=seed, label=True)
-    raise StreamSSMError(f"kind: expected one of {KINDS} or 'all', got {kind!r}")
+    raise ConfigError(f"kind: expected one of {KINDS} or 'all', got {kind!r}")
 
 
-def main(argv: list[str] | None = None, prog: str = "streamssm make-data") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+def main(argv: list[str], prog: str = "streamssm make-data") -> int:
+    parser = ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("kind", choices=[*KINDS, "all"], help="which data set to write")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
     parser.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
     args = parser.parse_args(argv)
-    try:
-        for kind in KINDS if args.kind == "all" else (args.kind,):
-            print(f"{kind}: {make_data(kind, args.out, args.seed)}")
-    except StreamSSMError as exc:
-        print(f"{prog}: error: {exc}")
-        return 2
+    for kind in KINDS if args.kind == "all" else (args.kind,):
+        print(f"{kind}: {make_data(kind, args.out, args.seed)}")
     return 0

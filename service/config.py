@@ -1,0 +1,81 @@
+"""``ServeConfig``: the settings of one server, declared once.
+
+Each field is also a ``streamssm serve`` option (``max_streams`` -> ``--max-streams``) and a
+key of a ``serve --config`` YAML file: ``streamssm.commands.serve`` builds its parser from these
+fields, their types and their ``help``. Validated in ``__post_init__`` (one ConfigError naming
+every problem), so a server built from Python gets the same checks as one built from the CLI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from streamssm.errors import ConfigError
+
+#: the ``dtype`` choices and the torch dtype of each
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _option(default: Any, help: str) -> Any:
+    """A field with its ``--help`` text (read by the serve command's parser)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ServeConfig:
+    """Server settings (the ``streamssm serve`` options; sizes in bytes, times in seconds)."""
+
+    host: str = _option("127.0.0.1", "interface to bind (127.0.0.1: loopback only)")
+    port: int = _option(8765, "TCP port (0: any free port)")
+    device: str = _option("cpu", "cpu, cuda, cuda:1, ... (the serve command also takes auto: cuda when present)")
+    dtype: Literal["float32", "bfloat16", "float16"] = _option("float32", "model compute dtype")
+    token: str | None = _option(None, "require 'Authorization: Bearer TOKEN' (or set STREAMSSM_TOKEN); "
+                                      "null: no auth ('' is refused)")
+    max_streams: int = _option(64, "concurrent streams (state pool size)")
+    max_frame_bytes: int = _option(1 << 20, "largest data frame accepted")
+    max_result_bytes: int = _option(16 << 20, "largest result of one frame (protocol.result_bytes)")
+    replay_bytes: int = _option(16 << 20, "unacknowledged results kept per stream for resume")
+    slice_samples: int = _option(256, "samples of one stream per model call (bench_abuse: canary p99 vs slice)")
+    idle_timeout: float = _option(60.0, "seconds without a message")
+    queue_depth: int = _option(8, "unanswered chunks per stream")
+    resume_ttl: float = _option(300.0, "seconds a disconnected stream is kept")
+    state_dir: str | None = _option(None, "persist parked streams here (survive a restart)")
+    write_ahead_interval: float = _option(5.0, "seconds between writes of live streams to --state-dir "
+                                               "(a crash loses at most this)")
+    max_parked: int = _option(1024, "parked streams kept (oldest evicted)")
+    max_parked_bytes: int = _option(1 << 30, "bytes of parked streams kept")
+    nan_policy: Literal["reject", "zero"] = _option("reject", "NaN/inf samples: refuse the frame, or read them as 0")
+    certfile: str | None = _option(None, "TLS certificate (PEM)")
+    keyfile: str | None = _option(None, "TLS private key (PEM)")
+    ping_interval: float | None = _option(20.0, "seconds between websocket pings (null: none)")
+    batching: Literal["uniform", "greedy"] = _option(
+        "uniform", "chunks per stream per model call: equal counts (uniform) or all pending (greedy)")
+
+    def __post_init__(self) -> None:
+        problems = []
+        positive = {"max_streams": 1, "max_frame_bytes": 64, "max_result_bytes": 1024, "replay_bytes": 0,
+                    "slice_samples": 1, "queue_depth": 1, "max_parked": 1, "max_parked_bytes": 1}
+        for name, least in positive.items():
+            if getattr(self, name) < least:
+                problems.append(f"{name} must be >= {least}, got {getattr(self, name)}")
+        if self.idle_timeout <= 0:
+            problems.append(f"idle_timeout must be > 0 seconds, got {self.idle_timeout}")
+        if self.resume_ttl < 0:
+            problems.append(f"resume_ttl must be >= 0, got {self.resume_ttl}")
+        if self.write_ahead_interval <= 0:
+            problems.append(f"write_ahead_interval must be > 0 seconds, got {self.write_ahead_interval}")
+        if self.token is not None and not self.token.strip():
+            problems.append("token is empty: give a real bearer token, or none to run without auth")
+        if self.nan_policy not in ("reject", "zero"):
+            problems.append(f"nan_policy must be 'reject' or 'zero', got {self.nan_policy!r}")
+        if self.batching not in ("uniform", "greedy"):
+            problems.append(f"batching must be 'uniform' or 'greedy', got {self.batching!r}")
+        if self.dtype not in DTYPES:
+            problems.append(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if (self.certfile is None) != (self.keyfile is None):
+            problems.append("TLS needs both certfile and keyfile")
+        if problems:
+            raise ConfigError("invalid server settings: " + "; ".join(problems))

@@ -1,0 +1,318 @@
+"""One live stream on one connection (:class:`Session`): its counters, sender task and replay
+buffer; it is also the stream's scheduler ``Encoder``. It reaches the server only through
+:class:`SessionHost`, the small interface :class:`~streamssm.service.server.StreamServer`
+offers its sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from typing import Any, Protocol
+
+import numpy as np
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from streamssm.checkpoint import ServingBundle
+from streamssm.errors import ProtocolError, StateError
+from streamssm.inference import ChunkResult, Streamer
+
+from .codec import ModelCodec
+from .config import ServeConfig
+from .protocol import (
+    INTERNAL_ERROR,
+    MESSAGE_TOO_BIG,
+    NORMAL_CLOSURE,
+    POLICY_VIOLATION,
+    UNSUPPORTED_DATA,
+    ResultPiece,
+    Start,
+    dumps,
+    join_result,
+    parse_control,
+    ready_message,
+    result_bytes,
+    result_piece,
+)
+from .resume import Parked, ResumeStore
+from .scheduler import Chunk, Scheduler
+
+log = logging.getLogger(__name__)
+_THREAD_DECODE_BYTES = 1 << 16  # frames at least this big are decoded off the event loop
+
+
+class SessionHost(Protocol):
+    """What a session uses of its server: the loaded model and its settings, the shared
+    scheduler and resume store, and two calls."""
+
+    config: ServeConfig
+    bundle: ServingBundle
+    codec: ModelCodec
+    streamer: Streamer
+    scheduler: Scheduler
+    store: ResumeStore
+
+    async def receive(self, ws: ServerConnection, session: Session | None = None) -> str | bytes:
+        """The next message of ``ws`` (ProtocolError ``idle_timeout`` when none comes)."""
+        ...
+
+    def remember_failure(self, token: str, exc: BaseException) -> None:
+        """Record why the stream of ``token`` failed (its resume is refused with that reason)."""
+        ...
+
+
+class Session:
+    """One live stream on one connection: counters, the sender task, the replay buffer.
+
+    Also the stream's :class:`~streamssm.service.scheduler.Encoder` (``part``/``finish`` run
+    in the engine thread)."""
+
+    def __init__(self, server: SessionHost, ws: ServerConnection, start: Start, token: str,
+                 owner: str, parked: Parked | None):
+        self.server, self.ws, self.start, self.token, self.owner = server, ws, start, token, owner
+        self.sid = -1
+        self.next_seq = parked.next_seq if parked else 0  # seq of the next frame received
+        self.samples_in = parked.samples if parked else 0  # sample offset of the next frame
+        self.done_seq = self.next_seq  # chunks whose results exist
+        self.done_samples = self.samples_in
+        self.stats: dict[str, Any] = dict(parked.stats) if parked else {"log_likelihood": 0.0, "last": None}
+        self.replay: deque[tuple[int, str | bytes]] = deque(parked.replay if parked else ())
+        self.replay_size = sum(len(m) for _, m in self.replay)
+        self.outbox: asyncio.Queue[str | bytes] = asyncio.Queue()
+        self.connected = True
+        self.ended = False
+        self.failure: BaseException | None = None
+        self.failed = asyncio.Event()
+        self.sender: asyncio.Task | None = None
+        self.last_activity = time.monotonic()  # last message received or result sent
+        self.send_started: float | None = None  # monotonic time of the send in progress
+        self.written_seq = -1  # done_seq of the last write-ahead
+
+    # -- called by the scheduler (engine thread) ---------------------------------------------
+
+    def part(self, chunk: Chunk, result: ChunkResult) -> tuple[ResultPiece, float, list | None]:
+        """One slice's results -> (encoded piece, sum of its scores, its last output row)."""
+        codec, n = self.server.codec, (chunk.n if result.scores is None else int(result.scores.shape[0]))
+        if result.outputs is None:  # scores only: result_piece reads just the shape (n, o)
+            outputs = np.broadcast_to(np.float32(0), (n, self.server.streamer.out_dim))
+        else:
+            outputs = codec.postprocess(result.outputs)
+        scores = None if result.scores is None else result.scores.numpy()
+        score_sum = 0.0 if scores is None else float(scores.astype(np.float64).sum())
+        last = outputs[-1].tolist() if codec.head != "lm" and len(outputs) else None
+        return result_piece(outputs, scores, self.start), score_sum, last
+
+    def finish(self, chunk: Chunk, parts: list) -> tuple[str | bytes, float, list | None]:
+        """All slices of a chunk -> (its wire message, sum of its scores, its last output row)."""
+        message = join_result(chunk.seq, chunk.start, self.server.streamer.out_dim, [p for p, _, _ in parts], self.start)
+        return message, sum(s for _, s, _ in parts), parts[-1][2] if parts else None
+
+    # -- called by the scheduler (event loop) ------------------------------------------------
+
+    def deliver(self, chunk: Chunk, done: tuple[str | bytes, float, list | None]) -> None:
+        message, score_sum, last = done
+        self.done_seq = chunk.seq + 1
+        self.done_samples = chunk.start + chunk.n
+        self.stats["log_likelihood"] += score_sum
+        if last is not None:  # the summary's last forecast / probabilities
+            self.stats["last"] = last
+        self.replay.append((chunk.seq, message))
+        self.replay_size += len(message)
+        limit = self.server.config.replay_bytes
+        while self.replay_size > limit and len(self.replay) > 1:
+            self.replay_size -= len(self.replay.popleft()[1])
+        if self.connected:
+            self.outbox.put_nowait(message)
+        else:
+            self.server.scheduler.done(self.sid)
+
+    def acknowledge(self, seq: int) -> None:
+        """The client holds every result up to ``seq``: they need no replay."""
+        while self.replay and self.replay[0][0] <= seq:
+            self.replay_size -= len(self.replay.popleft()[1])
+
+    def on_error(self, exc: BaseException) -> None:
+        log.error("stream %s: model call failed: %s", self.sid, exc)
+        self.failure = exc
+        self.server.remember_failure(self.token, exc)
+        self.failed.set()  # wakes the handler, which closes the connection with the real reason
+
+    def failure_error(self) -> ProtocolError:
+        exc = self.failure
+        return ProtocolError(f"the model call failed for this stream: {type(exc).__name__}: {exc}",
+                             INTERNAL_ERROR, "internal_error")
+
+    # -- the connection ----------------------------------------------------------------------
+
+    def owed(self) -> bool:
+        """Whether the server still owes this client results (its silence is then not idleness)."""
+        return self.sid >= 0 and self.server.scheduler.unanswered(self.sid) > 0
+
+    def check_reading(self) -> None:
+        """ProtocolError 1008 when one result has waited more than idle_timeout to be sent."""
+        idle = self.server.config.idle_timeout
+        if self.send_started is not None and time.monotonic() - self.send_started > idle:
+            raise ProtocolError(f"the client has not read its results for {idle:g} s", POLICY_VIOLATION,
+                                "idle_timeout")
+
+    async def _send_loop(self) -> None:
+        try:
+            while True:
+                message = await self.outbox.get()
+                self.send_started = time.monotonic()
+                try:
+                    await self.ws.send(message)
+                finally:
+                    self.send_started = None
+                    self.last_activity = time.monotonic()
+                    self.server.scheduler.done(self.sid)
+        except ConnectionClosed:  # free the queue so a handler blocked in submit() wakes up
+            self._disconnect()
+
+    def _disconnect(self) -> None:
+        """No more sending: results from now on only go to the replay buffer."""
+        self.connected = False
+        while not self.outbox.empty():
+            self.outbox.get_nowait()
+            self.server.scheduler.done(self.sid)
+
+    async def greet(self, ack: int, resumed: bool) -> None:
+        """Send ``ready``, then replay the results after ``ack``; start the sender."""
+        srv = self.server
+        await self.ws.send(ready_message(token=self.token, model=srv.bundle.fingerprint, head=srv.codec.head,
+                                         output_dim=srv.codec.output_dim, next_seq=self.next_seq,
+                                         samples=self.samples_in, resumed=resumed, start=self.start,
+                                         queue_depth=srv.config.queue_depth))
+        for seq, message in list(self.replay):
+            if seq > ack:
+                await self.ws.send(message)
+        self.last_activity = time.monotonic()
+        self.sender = asyncio.get_running_loop().create_task(self._send_loop())
+
+    async def run(self) -> None:
+        """Receive frames until ``end`` (then summary + close 1000) or an error/close."""
+        cfg, codec, sched = self.server.config, self.server.codec, self.server.scheduler
+        scored = self.server.streamer.cfg.head == "lm" and self.server.streamer.cfg.input_kind == "tokens"
+        while True:
+            message = await self.server.receive(self.ws, self)
+            self.last_activity = time.monotonic()
+            if self.failure is not None:
+                raise self.failure_error()
+            size = len(message)
+            if size > cfg.max_frame_bytes:
+                raise ProtocolError(f"frame of {size} bytes exceeds the limit of {cfg.max_frame_bytes} bytes",
+                                    MESSAGE_TOO_BIG, "frame_too_big")
+            if isinstance(message, str) and message.startswith("{"):
+                msg = parse_control(message)
+                if msg["type"] == "end":
+                    await self._end()
+                    return
+                if msg["type"] == "ack" and type(msg.get("seq")) is int:
+                    self.acknowledge(msg["seq"])
+                    continue
+                raise ProtocolError(f'unexpected control message {_short(msg)} (expected "end", '
+                                    '{"type": "ack", "seq": int} or data)', POLICY_VIOLATION, "bad_message")
+            if isinstance(message, str) and self.start.format != "text":
+                raise ProtocolError("text frame in a binary stream: text frames carry JSON control messages only",
+                                    UNSUPPORTED_DATA, "text_in_binary")
+            if size >= _THREAD_DECODE_BYTES:
+                x = await asyncio.to_thread(codec.chunk_from_frame, message, self.start, cfg.nan_policy)
+            else:
+                x = codec.chunk_from_frame(message, self.start, cfg.nan_policy)  # type: ignore[arg-type]
+            n = int(x.shape[0])
+            out_bytes = result_bytes(n, codec.output_dim, scored, self.start)
+            if out_bytes > cfg.max_result_bytes:
+                raise ProtocolError(
+                    f"a frame of {n} samples gives {out_bytes} bytes of {self.start.results} results "
+                    f"(limit {cfg.max_result_bytes}); send smaller frames, or ask for include: [\"scores\"] "
+                    f"or results: \"binary\"", MESSAGE_TOO_BIG, "result_too_big")
+            chunk = Chunk(self.next_seq, self.samples_in, x)
+            self.next_seq += 1
+            self.samples_in += chunk.n
+            try:
+                await sched.submit(self.sid, chunk)
+            except StateError:
+                if self.failure is not None:
+                    raise self.failure_error() from None
+                raise
+
+    async def _end(self) -> None:
+        """Wait for every answer to be sent (however long the server's own backlog takes; only
+        a client that stops reading its results is timed out), then summary and close 1000."""
+        sched = self.server.scheduler
+        drain = asyncio.ensure_future(sched.drain(self.sid))
+        try:
+            while not drain.done():
+                await asyncio.wait({drain}, timeout=min(1.0, self.server.config.idle_timeout))
+                if self.failure is not None:
+                    raise self.failure_error()
+                self.check_reading()
+        finally:
+            drain.cancel()
+        self.ended = True
+        await sched.close(self.sid)
+        await self.ws.send(dumps(self.summary()))
+        await self.ws.close(NORMAL_CLOSURE, "end")
+
+    def summary(self) -> dict[str, Any]:
+        head, codec = self.server.codec.head, self.server.codec
+        out: dict[str, Any] = {"type": "summary", "chunks": self.done_seq, "samples": self.done_samples}
+        last = self.stats.get("last")
+        if head == "lm" and self.done_samples:
+            ll = self.stats["log_likelihood"]
+            out.update(log_likelihood=ll, bits_per_token=-ll / self.done_samples / 0.6931471805599453)
+        elif head == "classifier" and last is not None:
+            label = max(range(len(last)), key=last.__getitem__)
+            out.update(probabilities=last, label=codec.classes[label] if label < len(codec.classes) else label)
+        elif head == "regression" and last is not None:
+            out.update(forecast=last)
+        return out
+
+    def parked(self, snapshot: bytes) -> Parked:
+        s = self.start
+        return Parked(snapshot, self.owner, resume_settings(s), self.done_seq, self.done_samples, dict(self.stats),
+                      list(self.replay))
+
+    async def close(self, park: bool = True) -> None:
+        """Connection over: stop sending; free the stream's pool row; park the stream for
+        resume unless it ended, failed, broke the protocol or never got a result."""
+        if self.sender is not None:
+            self.sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+                await self.sender
+        self._disconnect()  # unsent results stay in the replay buffer
+        if self.sid < 0:
+            return
+        store = self.server.store
+        keep = park and store.enabled and self.failure is None and not self.ended
+        blob = await self.server.scheduler.close(self.sid, snapshot=keep)
+        if keep and blob is not None and self.done_seq > 0:
+            await asyncio.to_thread(store.park, self.token, self.parked(blob))
+            log.info("stream %s parked at chunk %d (%d samples)", self.sid, self.done_seq, self.done_samples)
+        elif store.enabled:
+            await asyncio.to_thread(store.forget, self.token)
+
+    async def write_ahead(self) -> None:
+        """Write this live stream's state to the state dir (between two model calls)."""
+        if self.ended or self.failure is not None or self.done_seq in (0, self.written_seq):
+            return
+        got = await self.server.scheduler.checkpoint(self.sid)
+        if got is None or got[1] != self.done_seq or self.ended:
+            return  # in the middle of a chunk or closing: the next round writes it
+        await asyncio.to_thread(self.server.store.write_ahead, self.token, self.parked(got[0]))
+        self.written_seq = got[1]
+
+
+def resume_settings(start: Start) -> dict[str, Any]:
+    """What a resume must repeat: the stream's input settings and its results encoding."""
+    return {"format": start.format, "sample_rate": start.sample_rate, "channels": start.channels,
+            "results": start.results, "include": list(start.include)}
+
+
+def _short(msg: dict[str, Any]) -> str:
+    text = dumps(msg)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -1,0 +1,79 @@
+"""``streamssm serve``: serve a checkpoint over websockets to many concurrent streams.
+
+    streamssm serve --checkpoint model.safetensors --port 8765
+    streamssm serve --checkpoint model.safetensors --max-streams 256 --print_config > serve.yaml
+    streamssm serve --config serve.yaml --port 9000     # later options override the file
+
+The options are the fields of :class:`~streamssm.service.config.ServeConfig` (``--max-streams``
+here, ``max_streams`` in a config file) plus ``--checkpoint`` and ``--threads``. Runs until
+SIGTERM or SIGINT, then shuts down gracefully (streams parked for resume). Wire protocol:
+service/PROTOCOL.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import jsonargparse
+
+from streamssm.checkpoint import ServingBundle, load_for_serving, resolve_device
+from streamssm.commands.parsing import add_fields, build, config_parser, parse
+from streamssm.errors import ConfigError
+from streamssm.service.config import ServeConfig
+from streamssm.service.server import StreamServer
+
+log = logging.getLogger(__name__)
+
+
+def build_parser(prog: str) -> jsonargparse.ArgumentParser:
+    parser = config_parser(prog, "Serve a streamssm checkpoint over websockets (protocol: service/PROTOCOL.md).")
+    parser.add_argument("--checkpoint", type=str, required=True, help="model .safetensors export or Lightning .ckpt")
+    parser.add_argument("--threads", type=int | None, default=None, help="torch CPU threads for the model (null: torch's)")
+    add_fields(parser, ServeConfig, defaults={"device": "auto"})
+    return parser
+
+
+async def serve_until_signal(bundle: ServingBundle, config: ServeConfig) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully. A port in use is a ConfigError."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server = StreamServer(bundle, config)
+    try:
+        await server.start()
+    except OSError as exc:
+        await server.stop()
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(f"port {config.port} is in use; pick another with --port") from exc
+        raise
+    try:
+        log.info("listening on %s (model %s, %s %s, %s); GET /healthz and /metrics on the same port",
+                 server.url, bundle.fingerprint, server.codec.modality, server.codec.head, config.device)
+        await stop.wait()
+        log.info("signal received: shutting down")
+    finally:
+        await server.stop()
+
+
+def main(argv: list[str], prog: str = "streamssm serve") -> int:
+    args = parse(build_parser(prog), argv)
+    config = build(ServeConfig, args, device=str(resolve_device(args.device)),
+                   token=args.token if args.token is not None else os.environ.get("STREAMSSM_TOKEN") or None)
+    if not Path(args.checkpoint).is_file():
+        raise ConfigError(f"--checkpoint {args.checkpoint!r} is not a file")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    bundle = load_for_serving(args.checkpoint, config.device)
+    log.info("loaded %s in %.2f s", args.checkpoint, time.perf_counter() - t0)
+    asyncio.run(serve_until_signal(bundle, config))
+    return 0
