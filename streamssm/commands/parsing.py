@@ -30,9 +30,14 @@ class ArgumentParser(argparse.ArgumentParser):
         raise ConfigError(f"{message}; see {self.prog} --help")
 
 
+class _HelpFormatter(jsonargparse.DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """jsonargparse's help (types and defaults) with the description printed as written."""
+
+
 def config_parser(prog: str, description: str) -> jsonargparse.ArgumentParser:
     """A jsonargparse parser with ``--config FILE`` (YAML, keys as ``--print_config`` writes them)."""
-    parser = jsonargparse.ArgumentParser(prog=prog, description=description, exit_on_error=False, default_env=False)
+    parser = jsonargparse.ArgumentParser(prog=prog, description=description, exit_on_error=False, default_env=False,
+                                         formatter_class=_HelpFormatter)
     parser.add_argument("--config", action=jsonargparse.ActionConfigFile,
                         help="YAML file of these options (write one with --print_config); later options override it")
     return parser
