@@ -10,9 +10,13 @@ takes; or pass them yourself: ``format="f32le", sample_rate=16000, channels=1``)
         summary = await s.end()               # every result has arrived by then
     s.results                                 # list of Result (seq order): outputs (n, o), scores (n,)
 
-The client keeps every unanswered chunk; if the connection drops (or the server restarts,
-close 1012) it reconnects with its resume token, gets the missed results replayed and resends
-the chunks the server had not computed, so the results equal those of an uninterrupted stream.
+The client keeps every unanswered chunk, and, when the server writes streams ahead to disk
+(``ready.saved_seq``), every answered chunk after the last one the server says is saved; if
+the connection drops (or the server restarts with 1012, or crashes and comes back on its state
+dir) it reconnects with its resume token, gets the missed results replayed and resends the
+chunks the server had not computed (results it already holds are not added twice), so the
+results equal those of an uninterrupted stream. A stream the server lost (4410 ``stream_lost``)
+is started again from its first chunk when the client still holds them all.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from .protocol import (
     NORMAL_CLOSURE,
     PROTOCOL_VERSION,
     SERVICE_RESTART,
+    STREAM_LOST,
     TRY_AGAIN_LATER,
     Result,
     decode_result,
@@ -98,7 +103,12 @@ class StreamClient:
         self.results: list[Result] = []
         self.latencies: list[float] = []  # seconds from sending a chunk to receiving its result
         self._ws: ClientConnection | None = None
-        self._pending: dict[int, _Pending] = {}
+        self._pending: dict[int, _Pending] = {}  # unanswered chunks by seq
+        self._answered: dict[int, _Pending] = {}  # answered, not yet saved by the server (its write-ahead)
+        self._keep_answered = False  # the server announced write-ahead (ready.saved_seq)
+        self._saved_seq = -1  # last chunk the server says is on disk
+        self._acked = -1  # last result seq acknowledged to the server
+        self._from_start = resume is None  # this object sent the stream from its first chunk
         self._next_seq = 0
         self._last_seq = -1
         self._reader: asyncio.Task | None = None
@@ -143,16 +153,25 @@ class StreamClient:
             raise ServerError(reply.get("message", ""), int(reply.get("code", 1008)), reply.get("reason", "error"))
         if reply.get("type") != "ready":
             raise ProtocolError(f"expected a ready message, got {reply!r}", 1008, "bad_ready")
-        self.ready = reply
-        self.resume_token = reply["resume"]
-        self.window = min(self.window, int(reply.get("queue_depth", self.window)))
         server_next = int(reply["next_seq"])
         if self._next_seq == 0 and server_next:  # a new client object resuming a stream by token
             self._next_seq, self._last_seq = server_next, server_next - 1
+        held = {**self._answered, **self._pending}
+        missing = [seq for seq in range(server_next, self._next_seq) if seq not in held]
+        if missing:
+            await self._ws.close()
+            raise ProtocolError(f"the server resumed the stream at chunk {server_next}, but this client no longer "
+                                f"holds chunks {missing[0]}..{missing[-1]} (dropped as saved or answered); "
+                                f"send the stream again from the start", 1011, "chunks_missing")
+        self.ready = reply
+        self.resume_token = reply["resume"]
+        self.window = min(self.window, int(reply.get("queue_depth", self.window)))
+        self._keep_answered = reply.get("saved_seq") is not None
+        self._acked = self._last_seq if reply.get("resumed") else -1
+        self._saved(int(reply["saved_seq"]) if self._keep_answered else self._last_seq)
         self._reader = asyncio.get_running_loop().create_task(self._read(self._ws))
-        for seq in sorted(self._pending):  # resend what the server has not computed
-            if seq >= server_next:
-                await self._ws.send(self._pending[seq].frame)
+        for seq in range(server_next, self._next_seq):  # resend what the server has not computed
+            await self._ws.send(held[seq].frame)
 
     async def _read(self, ws: ClientConnection) -> None:
         try:
@@ -160,6 +179,9 @@ class StreamClient:
                 item = decode_result(message)
                 if isinstance(item, Result):
                     self._on_result(item)
+                elif item.get("type") == "saved":
+                    self._saved(int(item["seq"]))
+                    self._changed.set()
                 elif item.get("type") == "summary":
                     if self._summary is not None and not self._summary.done():
                         self._summary.set_result(item)
@@ -179,8 +201,28 @@ class StreamClient:
         p = self._pending.pop(r.seq, None)
         if p is not None:
             self.latencies.append(time.perf_counter() - p.sent_at)
+            if self._keep_answered and r.seq > self._saved_seq:
+                self._answered[r.seq] = p
         self.results.append(r)
         self._changed.set()
+
+    def _saved(self, seq: int) -> None:
+        """The server holds the stream's state after chunk ``seq`` on disk: drop the chunks up to it."""
+        self._saved_seq = max(self._saved_seq, seq)
+        for s in [s for s in self._answered if s <= self._saved_seq]:
+            del self._answered[s]
+
+    def _restart(self) -> None:
+        """After 4410 ``stream_lost``: the next connection starts the stream again from chunk 0,
+        if this client still holds every chunk (results it holds are not added twice)."""
+        held = {**self._answered, **self._pending}
+        if not self._from_start or any(seq not in held for seq in range(self._next_seq)):
+            raise ServerError("the server lost this stream (4410 stream_lost: expired, evicted, or the server "
+                              "stopped before saving it) and this client no longer holds its first chunks "
+                              "(the server had saved them); send the stream again from the start",
+                              STREAM_LOST, "stream_lost")
+        log.info("stream lost by the server: starting it again from chunk 0 (%d chunks)", self._next_seq)
+        self.resume_token = None
 
     async def _wait_until(self, condition) -> None:
         while not condition():
@@ -204,7 +246,9 @@ class StreamClient:
                 log.info("resumed stream at chunk %s after close code %s", self.ready.get("next_seq"), code)
                 return
             except ServerError as exc:
-                if exc.code not in _RETRYABLE:
+                if exc.code == STREAM_LOST:
+                    self._restart()
+                elif exc.code not in _RETRYABLE:
                     raise
             except (OSError, ConnectionClosed, InvalidStatus, asyncio.TimeoutError):
                 continue
@@ -241,6 +285,9 @@ class StreamClient:
         self._next_seq += 1
         self._pending[seq] = _Pending(seq, frame)
         try:
+            if self._last_seq - self._acked >= self.window:  # lets the server trim its replay buffer
+                await self._ws.send(json.dumps({"type": "ack", "seq": self._last_seq}))
+                self._acked = self._last_seq
             await self._ws.send(frame)
         except ConnectionClosed:
             pass  # the reader notices; the frame is resent after resume

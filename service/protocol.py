@@ -234,11 +234,12 @@ def dumps(msg: dict[str, Any]) -> str:
 
 
 def ready_message(*, token: str, model: str, head: str, output_dim: int, next_seq: int, samples: int,
-                  resumed: bool, start: Start, queue_depth: int) -> str:
+                  resumed: bool, start: Start, queue_depth: int, saved_seq: int | None = None) -> str:
+    """``saved_seq``: the last chunk whose state is on disk (-1: none yet), None without write-ahead."""
     return dumps({
         "type": "ready", "version": PROTOCOL_VERSION, "resume": token, "model": model, "head": head,
         "output_dim": output_dim, "next_seq": next_seq, "samples": samples, "resumed": resumed,
-        "queue_depth": queue_depth,
+        "queue_depth": queue_depth, "saved_seq": saved_seq,
         "format": start.format, "sample_rate": start.sample_rate, "channels": start.channels,
         "results": start.results, "include": list(start.include),
     })

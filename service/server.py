@@ -38,6 +38,7 @@ from websockets.http11 import Request, Response
 from streamssm.checkpoint import ServingBundle
 from streamssm.errors import ProtocolError, StateError
 from streamssm.inference import Streamer
+from streamssm.state import read_state_metadata
 
 from .codec import ModelCodec
 from .config import DTYPES, ServeConfig
@@ -335,7 +336,11 @@ class StreamServer:
             differ = {k: (parked.settings[k], v) for k, v in settings.items() if parked.settings.get(k, v) != v}
             lowest = parked.replay[0][0] if parked.replay else parked.next_seq
             problem = None
-            if differ:
+            model = read_state_metadata(parked.snapshot).get("fingerprint")
+            if model != self.bundle.fingerprint:  # before results_lost: the replay is another model's
+                problem = ProtocolError(f"resume: the stream belongs to model {model!r}, this server runs model "
+                                        f"{self.bundle.fingerprint!r}", POLICY_VIOLATION, "bad_resume")
+            elif differ:
                 problem = ProtocolError(f"resume: the stream was started with other settings (was, now): {differ}",
                                         POLICY_VIOLATION, "resume_mismatch")
             elif start.ack + 1 < min(lowest, parked.next_seq):

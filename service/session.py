@@ -169,7 +169,8 @@ class Session:
                 finally:
                     self.send_started = None
                     self.last_activity = time.monotonic()
-                    self.server.scheduler.done(self.sid)
+                    if not isinstance(message, _Notice):
+                        self.server.scheduler.done(self.sid)
         except ConnectionClosed:  # free the queue so a handler blocked in submit() wakes up
             self._disconnect()
 
@@ -177,16 +178,18 @@ class Session:
         """No more sending: results from now on only go to the replay buffer."""
         self.connected = False
         while not self.outbox.empty():
-            self.outbox.get_nowait()
-            self.server.scheduler.done(self.sid)
+            if not isinstance(self.outbox.get_nowait(), _Notice):
+                self.server.scheduler.done(self.sid)
 
     async def greet(self, ack: int, resumed: bool) -> None:
         """Send ``ready``, then replay the results after ``ack``; start the sender."""
         srv = self.server
+        durable = srv.store.enabled and srv.store.state_dir is not None  # parked and written-ahead files
         await self.ws.send(ready_message(token=self.token, model=srv.bundle.fingerprint, head=srv.codec.head,
                                          output_dim=srv.codec.output_dim, next_seq=self.next_seq,
                                          samples=self.samples_in, resumed=resumed, start=self.start,
-                                         queue_depth=srv.config.queue_depth))
+                                         queue_depth=srv.config.queue_depth,
+                                         saved_seq=self.next_seq - 1 if durable else None))
         for seq, message in list(self.replay):
             if seq > ack:
                 await self.ws.send(message)
@@ -305,6 +308,12 @@ class Session:
             return  # in the middle of a chunk or closing: the next round writes it
         await asyncio.to_thread(self.server.store.write_ahead, self.token, self.parked(got[0]))
         self.written_seq = got[1]
+        if self.connected:  # after the results it covers: the client may drop those chunks
+            self.outbox.put_nowait(_Notice(dumps({"type": "saved", "seq": got[1] - 1})))
+
+
+class _Notice(str):
+    """An outbox message that answers no chunk (``saved``): sending it frees no queue slot."""
 
 
 def resume_settings(start: Start) -> dict[str, Any]:
