@@ -89,6 +89,14 @@ async def timed_ready(url: str) -> float:
         return (time.perf_counter() - t0) * 1e3
 
 
+async def recv_result(ws) -> str | bytes:
+    """The next message that is not a ``saved`` notice (sent after each write-ahead, --state-dir)."""
+    while True:
+        msg = await ws.recv()
+        if not (isinstance(msg, str) and json.loads(msg).get("type") == "saved"):
+            return msg
+
+
 async def canary(url: str, chunks: int) -> list[float]:
     """Send ``chunks`` 20 ms chunks one at a time; per-chunk latency in ms."""
     from websockets.asyncio.client import connect
@@ -100,7 +108,7 @@ async def canary(url: str, chunks: int) -> list[float]:
         for i in range(chunks):
             t0 = time.perf_counter()
             await ws.send(data[2 * CHUNK * i : 2 * CHUNK * (i + 1)])
-            await ws.recv()
+            await recv_result(ws)
             out.append((time.perf_counter() - t0) * 1e3)
         await ws.send(json.dumps({"type": "end"}))
         async for _ in ws:
@@ -122,7 +130,7 @@ async def attacker(url: str, frame: bytes, stop: asyncio.Event, **start) -> int:
                 await ws.send(frame)
                 inflight += 1
             try:
-                reply = await asyncio.wait_for(ws.recv(), 1.0)
+                reply = await asyncio.wait_for(recv_result(ws), 1.0)
             except TimeoutError:
                 continue
             if isinstance(reply, str) and json.loads(reply).get("type") == "error":
@@ -234,7 +242,7 @@ async def crash_resume(ckpt: Path, args, state: Path, table: Table) -> None:
                 while seq < total:
                     await ws.send(data[seq])
                     while True:  # replays first, then this chunk's result
-                        msg = await ws.recv()
+                        msg = await recv_result(ws)
                         r = int.from_bytes(msg[4:8], "little")
                         results[r] = np.frombuffer(msg[28:], "<f4").copy()
                         if r == seq:
@@ -258,7 +266,7 @@ async def crash_resume(ckpt: Path, args, state: Path, table: Table) -> None:
             ref = []
             for i in range(total):
                 await ws.send(data[i])
-                ref.append(np.frombuffer((await ws.recv())[28:], "<f4"))
+                ref.append(np.frombuffer((await recv_result(ws))[28:], "<f4"))
     finally:
         ref_proc.terminate()
         ref_proc.wait(timeout=60)
