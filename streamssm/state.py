@@ -11,6 +11,13 @@ two fields, so pools, snapshots and serialization treat every layer alike:
 ``ModelState`` is a tuple of ``LayerState`` (one per layer). Both are plain pytrees, so
 they pass through ``torch.compile`` and ``torch.export`` unregistered. The size never
 depends on how much of a stream has been seen.
+
+One serialized form for every saved state (Streamer snapshots, the service's parked and
+written-ahead streams, zarr resume records): :func:`state_to_bytes` writes reproducible
+safetensors (tensors ``layer<i>.conv`` / ``layer<i>.ssm``, named extra tensors, string
+metadata with ``num_layers``); :func:`read_state_record` reads it back as a
+:class:`StateRecord`; :func:`read_state_metadata` is the one reader of its metadata (header
+only, no tensors).
 """
 
 from __future__ import annotations
