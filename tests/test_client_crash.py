@@ -5,7 +5,7 @@ first write-ahead (4410) is started again from its first chunk; one lost after t
 saved chunks is a clear error."""
 
 import asyncio
-import math
+import itertools
 import os
 import random
 import re
@@ -20,13 +20,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-
-from streamssm.checkpoint import export_safetensors, load_for_serving
-from streamssm.encoding import encode_bases
-from streamssm.models import ModelConfig, SSMModel
 from streamssm.service.client import ServerError, StreamClient
 from streamssm.service.protocol import STREAM_LOST
+from test_service_server import offline_dna
+
+from streamssm.checkpoint import export_safetensors
+from streamssm.models import ModelConfig, SSMModel
 
 pytestmark = pytest.mark.timeout(120)
 TIMEOUT = 30.0
@@ -96,21 +95,11 @@ def serve(ckpt, tmp_path):
         s.stop()
 
 
-def offline_scores(ckpt: Path, bases: str) -> tuple[np.ndarray, np.ndarray]:
-    model = load_for_serving(ckpt).model
-    x = encode_bases(bases)
-    with torch.no_grad():
-        y, _ = model(x.unsqueeze(0))
-    logp = F.log_softmax(y[0].float(), -1)
-    prev = torch.cat([torch.full((1, 5), -math.log(5)), logp[:-1]])
-    return logp.numpy(), prev.gather(-1, x.unsqueeze(-1)).squeeze(-1).numpy()
-
-
 def chunks_of(n: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     text = "".join(rng.choice("ACGTN") for _ in range(n))
     cuts = [0, *sorted(rng.sample(range(1, n), n // 6)), n]
-    return [text[a:b] for a, b in zip(cuts, cuts[1:])]
+    return [text[a:b] for a, b in itertools.pairwise(cuts)]
 
 
 async def send_answered(c: StreamClient, chunk: str) -> None:
@@ -126,7 +115,7 @@ async def wait_saved(c: StreamClient, seq: int) -> None:
 
 def assert_uninterrupted(ckpt: Path, c: StreamClient, chunks: list[str]) -> None:
     assert [r.seq for r in c.results] == list(range(len(chunks)))
-    logp, scores = offline_scores(ckpt, "".join(chunks))
+    logp, scores = offline_dna(ckpt, "".join(chunks))
     np.testing.assert_allclose(c.outputs(), logp, atol=2e-5, rtol=0)
     np.testing.assert_allclose(c.scores(), scores, atol=2e-5, rtol=0)
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from streamssm.service.resume import FILE_FORMAT, Parked, ResumeStore, owner_of
 
 from streamssm.errors import StateError
 from streamssm.inference import SNAPSHOT_FORMAT, Streamer
 from streamssm.models import ModelConfig, SSMModel
-from streamssm.service.resume import FILE_FORMAT, Parked, ResumeStore, owner_of
 from streamssm.state import (
     LayerState,
     read_state_metadata,
