@@ -11,8 +11,19 @@ train | val | test; normalization mean/std come from the training rows only and 
 - ``task="forecast"``: ``{"inputs": (l, c) float, "targets": (l, t) float}``, the targets being
   the inputs shifted one step ahead (next-step prediction of every channel, or of the
   ``target_columns`` subset of t channels).
-- ``task="classification"``: ``{"inputs": (l, c) float, "targets": () long}``; a window's class
-  is the ``label_column`` value at its last row (per-series labels work the same way).
+- ``task="classification"``: ``{"inputs": (l, c) float, "targets": () long, "mask": (l,) bool}``;
+  a window's class is the ``label_column`` value at its last valid row (per-series labels work
+  the same way). Series of any length are used: a span shorter than the window is one window
+  padded at the end (zeros, ``mask`` False; a causal model's valid steps do not see the padding,
+  and ``SequenceClassifier`` reads its decision at the last valid step or pools the valid
+  steps), and a span whose tail the stride misses gets one more window ending at its last row.
+  ``window`` at least the longest series makes every series exactly one sample.
+
+Evaluation files: ``val_path`` / ``test_path`` (same columns as ``path``) are that split,
+instead of the tail fraction of every series; normalization and classes still come from the
+training rows. Without validation (``val_fraction=0``, no ``val_path``) the val loader is empty
+and Lightning skips validation. UCR/UEA ``.ts`` files (``ts_format``) are read like tables with
+columns ``series``, ``step``, ``dim_0``.., ``label`` (the defaults of the three column roles).
 
 Missing values (null or NaN) raise a ``DataFormatError`` naming the column (``missing="error"``)
 or are filled per series by linear interpolation and edge filling (``missing="fill"``).
@@ -30,6 +41,7 @@ import polars as pl
 import torch
 from torch.utils.data import Dataset
 
+from streamssm.datamodules import ts_format
 from streamssm.datamodules._common import (
     BaseDataModule,
     check_fractions,
@@ -45,7 +57,7 @@ from streamssm.serving import ServingSpec
 
 log = logging.getLogger(__name__)
 
-TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
+TABLE_SUFFIXES = (".csv", ".parquet", ".pq", ".ts")
 _FILE_COLUMN = "__streamssm_file"
 _ROW_COLUMN = "__streamssm_row"
 
@@ -56,6 +68,8 @@ def scan_table(path: Path) -> pl.LazyFrame:
     A CSV is checked first (``check_csv_rows``): every row has the header's field count and
     there is at least one data row.
     """
+    if path.suffix.lower() == ".ts":
+        return ts_format.ts_table(path).lazy()
     try:
         if path.suffix.lower() == ".csv":
             with open(path, "rb") as fh:
@@ -167,7 +181,11 @@ def numeric_text_columns(
 
 
 class WindowDataset(Dataset):
-    """Index -> window starting at row ``starts[index]`` of the (normalized) value array."""
+    """Index -> window starting at row ``starts[index]`` of the (normalized) value array.
+
+    Classification windows hold ``lengths[index]`` valid rows (default: ``window``), padded to
+    ``window`` with zeros and a False ``mask``.
+    """
 
     def __init__(
         self,
@@ -176,12 +194,14 @@ class WindowDataset(Dataset):
         window: int,
         labels: np.ndarray | None,
         target_index: list[int] | None = None,
+        lengths: list[int] | None = None,
     ) -> None:
         self.values = values  # (rows, c) float32
         self.starts = starts
         self.window = window
         self.labels = labels  # (rows,) int64 class ids, or None for forecasting
         self.target_index = target_index  # forecast only these channels (None: all)
+        self.lengths = lengths if lengths is not None else [window] * len(starts)
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -192,8 +212,37 @@ class WindowDataset(Dataset):
             x = self.values[s : s + self.window + 1]  # (l+1, c)
             y = x[1:] if self.target_index is None else x[1:, self.target_index]  # (l, t)
             return {"inputs": torch.from_numpy(x[:-1]), "targets": torch.from_numpy(np.ascontiguousarray(y))}
-        x = torch.from_numpy(self.values[s : s + self.window])  # (l, c)
-        return {"inputs": x, "targets": torch.tensor(int(self.labels[s + self.window - 1]), dtype=torch.long)}
+        n = self.lengths[int(index)]
+        x = torch.zeros(self.window, self.values.shape[1])  # (l, c)
+        x[:n] = torch.from_numpy(self.values[s : s + n])
+        mask = torch.arange(self.window) < n
+        return {"inputs": x, "targets": torch.tensor(int(self.labels[s + n - 1]), dtype=torch.long), "mask": mask}
+
+
+
+def classification_windows(spans: list[tuple[int, int]], window: int, stride: int) -> tuple[list[int], list[int]]:
+    """Window starts and valid lengths covering every span: a span shorter than ``window`` is one
+    window of its length; a longer one is tiled by ``stride`` plus a window ending at its last row
+    when the tiling misses it (so every series' last label is used)."""
+    starts: list[int] = []
+    lengths: list[int] = []
+    for lo, hi in spans:
+        if hi - lo < window:
+            starts.append(lo)
+            lengths.append(hi - lo)
+            continue
+        tiled = tile_starts(lo, hi, window, stride)
+        if tiled[-1] + window < hi:
+            tiled.append(hi - window)
+        starts += tiled
+        lengths += [window] * len(tiled)
+    return starts, lengths
+
+
+def _is_ts(path: str | list[str]) -> bool:
+    """Whether ``path`` names ``.ts`` files (by suffix; a folder is not looked into)."""
+    items = [path] if isinstance(path, (str, Path)) else list(path)
+    return bool(items) and all(str(p).lower().endswith(".ts") for p in items)
 
 
 class SensorDataModule(BaseDataModule):
@@ -208,7 +257,9 @@ class SensorDataModule(BaseDataModule):
         label_column: class label per row (required for ``task="classification"``).
         task: "forecast" (next step, regression) or "classification" (label of each window).
         window: rows per model input (l). stride: rows between window starts (default l).
-        val_fraction / test_fraction: tail share of every series held out (by time).
+        val_fraction / test_fraction: tail share of every series held out (by time); ignored for
+            a split given as a file.
+        val_path / test_path: held-out file(s) (same columns as ``path``) for that split.
         missing: "error" on null/NaN features, or "fill" (interpolate per series).
         normalize: standardize features with train-split mean/std.
     """
@@ -226,6 +277,8 @@ class SensorDataModule(BaseDataModule):
         stride: int | None = None,
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
+        val_path: str | list[str] | None = None,
+        test_path: str | list[str] | None = None,
         missing: Literal["error", "fill"] = "error",
         normalize: bool = True,
         batch_size: int = 32,
@@ -234,6 +287,10 @@ class SensorDataModule(BaseDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(batch_size, num_workers, pin_memory, seed)
+        if _is_ts(path):  # the long table of a .ts file has fixed column names
+            series_column = series_column or ts_format.SERIES_COLUMN
+            time_column = time_column or ts_format.STEP_COLUMN
+            label_column = label_column or (ts_format.LABEL_COLUMN if task == "classification" else None)
         problems = []
         if task not in ("forecast", "classification"):
             problems.append(f"task must be 'forecast' or 'classification', got {task!r}")
@@ -253,7 +310,12 @@ class SensorDataModule(BaseDataModule):
         check_positive("window", window)
         if stride is not None:
             check_positive("stride", stride)
+        self.paths = {"val": val_path, "test": test_path}
+        val_fraction = 0.0 if val_path is not None else val_fraction
+        test_fraction = 0.0 if test_path is not None else test_fraction
         check_fractions(val_fraction, test_fraction)
+        if stride is not None and stride > window:
+            log.warning("stride=%d > window=%d: the rows between windows are never used", stride, window)
         self.save_hyperparameters(logger=False)
         self.path = path
         self.columns = list(columns) if columns is not None else None
@@ -304,9 +366,9 @@ class SensorDataModule(BaseDataModule):
         if self.values is None:
             self._load()
 
-    def _scan(self) -> tuple[pl.LazyFrame, str | None]:
+    def _scan(self, spec: str | list[str], what: str) -> tuple[pl.LazyFrame, str | None]:
         """All files as one lazy frame (with a file column when several files lack a series column)."""
-        paths = resolve_files(self.path, "path", TABLE_SUFFIXES)
+        paths = resolve_files(spec, what, TABLE_SUFFIXES)
         keep_text = {self.time_column, self.series_column, self.label_column}
         frames = [numeric_text_columns(scan_table(p), p, keep_text, self.columns) for p in paths]
         schemas = [f.collect_schema() for f in frames]
@@ -350,10 +412,14 @@ class SensorDataModule(BaseDataModule):
             raise DataFormatError(f"feature column(s) must be numeric, got {bad} in {self._source}")
         return list(self.columns)
 
-    def _collect(self) -> tuple[pl.DataFrame, str | None]:
-        lf, series = self._scan()
+    def _collect(self, spec: str | list[str], what: str) -> tuple[pl.DataFrame, str | None]:
+        lf, series = self._scan(spec, what)
         schema = lf.collect_schema()
-        self.feature_names = self._select_features(schema)
+        features = self._select_features(schema)
+        if self.feature_names and features != self.feature_names:
+            raise DataFormatError(f"{what} {self._source} has feature columns {features}, the training file "
+                                  f"{self.feature_names}; pass the same columns (or set `columns`)")
+        self.feature_names = features
         if self.target_columns is not None:
             stray = [c for c in self.target_columns if c not in self.feature_names]
             if stray:
@@ -401,8 +467,9 @@ class SensorDataModule(BaseDataModule):
         log.info("filled missing values: %s", holes)
         return df
 
-    def _load(self) -> None:
-        df, series = self._collect()
+    def _read(self, spec: str | list[str], what: str) -> tuple[pl.DataFrame, np.ndarray, list[tuple[int, int]]]:
+        """One table: its frame, feature values (rows, c) float32 raw, and the row range of each series."""
+        df, series = self._collect(spec, what)
         df = self._handle_missing(df, series)
         raw = df.select(self.feature_names).to_numpy(order="c").astype(np.float32)  # (rows, c)
         if not np.isfinite(raw).all():
@@ -414,7 +481,10 @@ class SensorDataModule(BaseDataModule):
             edges = [0, *cuts.tolist(), df.height]
         else:
             edges = [0, df.height]
-        self.series_bounds = list(zip(edges[:-1], edges[1:], strict=True))
+        return df, raw, list(zip(edges[:-1], edges[1:], strict=True))
+
+    def _load(self) -> None:
+        df, raw, self.series_bounds = self._read(self.path, "path")
         self.split_rows = {"train": [], "val": [], "test": []}
         for lo, hi in self.series_bounds:
             a, b = split_points(hi - lo, self.val_fraction, self.test_fraction)
@@ -424,6 +494,20 @@ class SensorDataModule(BaseDataModule):
         train = np.concatenate([raw[s:e] for s, e in self.split_rows["train"]]) if self.split_rows["train"] else raw[:0]
         if len(train) == 0:
             raise ConfigError(f"no training rows: the series are too short for the val/test fractions ({self._source})")
+        classify = self.task == "classification"
+        if classify:
+            assert self.label_column is not None  # checked in __init__
+            self.classes = df[self.label_column].unique().sort().to_list()
+        raws, ids = [raw], [self._label_ids(df) if classify else None]
+        for split, spec in self.paths.items():
+            if spec is None:
+                continue
+            held_df, held_raw, bounds = self._read(spec, f"{split}_path")
+            offset = sum(len(r) for r in raws)
+            self.split_rows[split] = [(lo + offset, hi + offset) for lo, hi in bounds]
+            raws.append(held_raw)
+            ids.append(self._label_ids(held_df) if classify else None)
+        raw = np.concatenate(raws) if len(raws) > 1 else raw
         if self.normalize:
             self.normalizer = Normalizer.fit(train)
             self.values = self.normalizer.apply(torch.from_numpy(raw)).numpy()
@@ -431,25 +515,41 @@ class SensorDataModule(BaseDataModule):
             c = raw.shape[1]
             self.normalizer = Normalizer([0.0] * c, [1.0] * c)
             self.values = raw
-        if self.label_column:
-            labels = df[self.label_column]
-            self.classes = labels.unique().sort().to_list()
-            lookup = {v: i for i, v in enumerate(self.classes)}
-            self.label_ids = np.array([lookup[v] for v in labels.to_list()], dtype=np.int64)
-        if self.task != "classification":
-            self.label_ids = None
+        self.label_ids = np.concatenate(ids) if classify else None
+
+    def _label_ids(self, df: pl.DataFrame) -> np.ndarray:
+        """Class ids (rows,) int64 of the label column of the table just read; a class absent
+        from ``path`` raises."""
+        labels = df[self.label_column]
+        lookup = {v: i for i, v in enumerate(self.classes)}
+        unknown = sorted({v for v in labels.unique().to_list() if v not in lookup}, key=str)
+        if unknown:
+            raise DataFormatError(
+                f"{self._source}: label(s) {unknown[:5]} do not occur in the training file(s) (classes {self.classes})"
+            )
+        return np.array([lookup[v] for v in labels.to_list()], dtype=np.int64)
 
     def setup(self, stage: str | None = None) -> None:
         if self._datasets:
             return
         self._ensure_loaded()
         assert self.values is not None  # set by _load
-        need = self.window + 1 if self.task == "forecast" else self.window
-        labels = self.label_ids if self.task == "classification" else None
+        classify = self.task == "classification"
+        need = self.window if classify else self.window + 1
         for split in ("train", "val", "test"):
-            starts = [s for lo, hi in self.split_rows[split] for s in tile_starts(lo, hi, need, self.stride)]
+            spans = self.split_rows[split]
+            if classify:
+                starts, lengths = classification_windows(spans, self.window, self.stride)
+            else:
+                starts, lengths = [s for lo, hi in spans for s in tile_starts(lo, hi, need, self.stride)], None
+                short = sum(hi - lo < need for lo, hi in spans)
+                if short and starts:
+                    log.warning("%s split: %d of %d series are shorter than the %d rows a window needs and are not "
+                                "used; lower window to use them", split, short, len(spans), need)
             if starts:
-                self._datasets[split] = WindowDataset(self.values, starts, self.window, labels, self.target_index)
+                self._datasets[split] = WindowDataset(
+                    self.values, starts, self.window, self.label_ids, self.target_index, lengths
+                )
             elif split == "train":
                 longest = max((hi - lo for lo, hi in self.split_rows["train"]), default=0)
                 raise ConfigError(
@@ -460,6 +560,12 @@ class SensorDataModule(BaseDataModule):
                 longest = max((hi - lo for lo, hi in self.split_rows[split]), default=0)
                 self._split_unusable(split, span_too_short(split, longest, need, "rows", "window",
                                                            self._fraction(split)))
+
+    def val_dataloader(self):  # noqa: ANN201 - DataLoader
+        """The validation windows; an empty list (Lightning skips validation) when none is configured."""
+        if self.paths["val"] is None and self.val_fraction == 0:
+            return []
+        return self._loader("val")
 
     def _fraction(self, split: str) -> float:
         return {"val": self.val_fraction, "test": self.test_fraction}.get(split, 0.0)

@@ -220,3 +220,113 @@ def test_split_too_short_for_the_window_names_the_real_cause(tmp_path):
     with pytest.raises(ConfigError, match=r"validation span of 30 rows is shorter than the 65 rows one window needs; "
                                           r"lower window or raise val_fraction \(now 0.1\)"):
         dm.val_dataloader()
+
+
+# --------------------------------------------------------------- held-out files, any length
+def write_labeled_series(path, lengths, seed=0):
+    """Long table (series_id, t, a, b, label): each series' label is the sign of its mean of ``a``."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for i, n in enumerate(lengths):
+        sign = 1.0 if i % 2 == 0 else -1.0
+        a = rng.normal(sign, 1.0, n)
+        frames.append(pl.DataFrame({"series_id": [f"s{i}"] * n, "t": np.arange(n), "a": a,
+                                    "b": rng.normal(0.0, 1.0, n), "label": ["pos" if sign > 0 else "neg"] * n}))
+    pl.concat(frames).write_csv(path)
+    return path
+
+
+def labeled(path, **kw):
+    kw.setdefault("task", "classification")
+    return make(path, series_column="series_id", time_column="t", label_column="label", **kw)
+
+
+def test_test_path_is_the_test_split_and_scores_as_by_hand(tmp_path):
+    from lightning.pytorch import Trainer
+
+    from streamssm.models import ArchConfig
+    from streamssm.tasks import SequenceClassifier
+
+    train = write_labeled_series(tmp_path / "train.csv", [40] * 6, seed=0)
+    test = write_labeled_series(tmp_path / "test.csv", [40, 25, 40, 12, 40], seed=1)
+    dm = labeled(train, window=40, test_path=str(test), val_fraction=0.0, test_fraction=0.0)
+    assert sorted(dm._datasets) == ["test", "train"] and len(dm._dataset("test")) == 5
+    assert dm.val_dataloader() == []
+    torch.manual_seed(0)
+    task = SequenceClassifier(arch=ArchConfig(d_model=16, n_layers=1, headdim=8, d_state=8, chunk_size=8),
+                              input_kind="continuous", input_dim=2, output_dim=2)
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      enable_checkpointing=False, default_root_dir=tmp_path)
+    acc = trainer.test(task, datamodule=dm, verbose=False)[0]["test/acc"]
+    # by hand: train-file statistics, each held-out series whole, decision at its last row
+    tr, te = pl.read_csv(train), pl.read_csv(test)
+    raw = tr.select("a", "b").to_numpy()
+    mean, std = raw.mean(0), raw.std(0)
+    right = 0
+    task.eval()
+    for (sid,), rows in te.group_by(["series_id"], maintain_order=True):
+        x = torch.tensor((rows.select("a", "b").to_numpy() - mean) / std, dtype=torch.float32)[None]
+        with torch.no_grad():
+            pred = task(x)[0, -1].argmax().item()
+        right += dm.classes[pred] == rows["label"][0]
+    assert acc == pytest.approx(right / 5, abs=1e-6)
+
+
+def test_validation_left_out_trains_without_limit_val_batches(tmp_path):
+    from lightning.pytorch import Trainer
+
+    from streamssm.models import ArchConfig
+    from streamssm.tasks import SequenceClassifier
+
+    train = write_labeled_series(tmp_path / "train.csv", [30] * 4)
+    dm = labeled(train, window=16, val_fraction=0.0, test_fraction=0.0)
+    task = SequenceClassifier(arch=ArchConfig(d_model=16, n_layers=1, headdim=8, d_state=8, chunk_size=8),
+                              input_kind="continuous", input_dim=2, output_dim=2)
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      enable_checkpointing=False, default_root_dir=tmp_path, max_steps=2)
+    trainer.fit(task, datamodule=dm)
+    assert trainer.global_step == 2 and not any(k.startswith("val/") for k in trainer.callback_metrics)
+
+
+def test_held_out_labels_unknown_to_training_are_refused(tmp_path):
+    train = write_labeled_series(tmp_path / "train.csv", [20, 20])
+    test = tmp_path / "test.csv"
+    test.write_text("series_id,t,a,b,label\nx,0,1.0,2.0,other\n")
+    with pytest.raises(DataFormatError, match=r"test.csv.*label\(s\) \['other'\] do not occur in the training"):
+        labeled(train, window=8, test_path=str(test), val_fraction=0.0)
+
+
+def test_every_series_of_unequal_length_is_used(tmp_path):
+    """270 series of 20..80 rows, window 64: before, only the series of >= 64 rows gave windows
+    (one series of 270 in the report), silently. Now short series are padded windows (mask)."""
+    lengths = [20 + (i * 7) % 61 for i in range(270)]
+    path = write_labeled_series(tmp_path / "many.csv", lengths, seed=3)
+    dm = labeled(path, window=64, val_fraction=0.0, test_fraction=0.0)
+    ds = dm._dataset("train")
+    first_row = {lo: i for i, (lo, hi) in enumerate(dm.series_bounds)}
+    used = set()
+    labels = pl.read_csv(path).sort("series_id", "t", maintain_order=True)
+    for i in range(len(ds)):
+        item = ds[i]
+        n = int(item["mask"].sum())
+        assert item["mask"][:n].all() and not item["mask"][n:].any() and (item["inputs"][n:] == 0).all()
+        s = ds.starts[i]
+        series = [k for k, (lo, hi) in enumerate(dm.series_bounds) if lo <= s < hi][0]
+        lo, hi = dm.series_bounds[series]
+        assert n == min(64, hi - lo) and s + n == hi or n == 64
+        assert dm.classes[int(item["targets"])] == labels["label"][s + n - 1]
+        used.add(series)
+    assert len(used) == 270 == len(first_row)
+    # every series' last row ends some window (its label is read at its true last step)
+    ends = {s + n for s, n in zip(ds.starts, ds.lengths, strict=True)}
+    assert all(hi in ends for _, hi in dm.series_bounds)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["mask"].dtype == torch.bool and batch["mask"].shape == (8, 64)
+
+
+def test_forecast_windows_dropping_series_warn_naming_how_many(tmp_path, caplog):
+    path = write_labeled_series(tmp_path / "f.csv", [10, 50, 12, 60])
+    with caplog.at_level("WARNING"):
+        make(path, series_column="series_id", time_column="t", columns=["a", "b"], window=32,
+             val_fraction=0.0, test_fraction=0.0)
+    assert "train split: 2 of 4 series are shorter than the 33 rows" in caplog.text
