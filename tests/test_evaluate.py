@@ -1,0 +1,72 @@
+"""Early classification: running decisions read after a share of each series."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from streamssm.errors import ConfigError
+from streamssm.evaluate import early_classification_curve, running_probabilities
+from streamssm.models import ArchConfig
+from streamssm.tasks import SequenceClassifier
+
+
+def running_sum(inputs: torch.Tensor) -> torch.Tensor:
+    """(1, l, c) -> (1, l, 2) logits [s, -s], s the running sum of channel 0: class 0 when positive."""
+    s = inputs[..., 0].cumsum(-1)
+    return torch.stack([s, -s], -1)
+
+
+def needs_the_whole_series(n: int, seed: int = 0) -> tuple[list[np.ndarray], list[int]]:
+    """Unequal-length series: noise, then a drift of +-1 per step over the last fifth, which
+    decides the sign of the total (the label: 0 positive, 1 negative)."""
+    rng = np.random.default_rng(seed)
+    series, labels = [], []
+    for i in range(n):
+        length = int(rng.integers(60, 140))
+        x = rng.normal(0.0, 1.0, (length, 2))
+        tail = length // 5
+        x[-tail:, 0] += 1.0 if i % 2 == 0 else -1.0
+        series.append(x)
+        labels.append(0 if x[:, 0].sum() > 0 else 1)
+    return series, labels
+
+
+def test_curve_rises_to_the_full_series_answer(tmp_path):
+    series, labels = needs_the_whole_series(300)
+    curve = early_classification_curve(running_sum, series, labels)
+    assert curve.fractions[0] == pytest.approx(0.05) and curve.fractions[-1] == 1.0 and curve.n_series == 300
+    assert curve.accuracy[-1] == 1.0  # the running sum at the last step is the label by construction
+    assert curve.accuracy[curve.fractions <= 0.5].max() < 0.75  # the first half says little
+    assert (np.diff(curve.accuracy[curve.fractions >= 0.8]) >= 0).all()
+    # by hand at 50%: the sign of the sum of the first ceil(l/2) steps
+    half = np.mean([(x[: math.ceil(len(x) / 2), 0].sum() <= 0) == y for x, y in zip(series, labels, strict=True)])
+    assert curve.accuracy[9] == pytest.approx(half)
+    lines = curve.table().splitlines()
+    assert lines[0].split() == ["seen", "accuracy"] and lines[-1].split() == ["100%", "1.0000"]
+    png = curve.plot(tmp_path / "early.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("pool", ["last", "mean"])
+def test_full_series_decision_is_the_classifiers_pooled_decision(pool):
+    torch.manual_seed(0)
+    task = SequenceClassifier(pool=pool, arch=ArchConfig(d_model=16, n_layers=1, headdim=8, d_state=8, chunk_size=8),
+                              input_kind="continuous", input_dim=2, output_dim=3).eval()
+    task.configure_model()
+    series, _ = needs_the_whole_series(6, seed=1)
+    with torch.no_grad():
+        pooled = [task.pooled_logits(task(torch.tensor(x, dtype=torch.float32)[None]), None)[0] for x in series]
+    probs = [running_probabilities(task, x, pool)[-1] for x in series]
+    for p, logits in zip(probs, pooled, strict=True):
+        assert np.allclose(p, torch.softmax(logits, -1).numpy(), atol=1e-5)
+    labels = [int(lg.argmax()) for lg in pooled]
+    assert early_classification_curve(task, series, labels, fractions=[1.0]).accuracy.tolist() == [1.0]
+
+
+def test_bad_arguments_are_config_errors():
+    with pytest.raises(ConfigError, match="one label per series"):
+        early_classification_curve(running_sum, [np.zeros((3, 1))], [0, 1])
+    with pytest.raises(ConfigError, match=r"fractions must be in \(0, 1\]"):
+        early_classification_curve(running_sum, [np.zeros((3, 1))], [0], fractions=[0.0, 0.5])
