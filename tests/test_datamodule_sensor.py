@@ -311,7 +311,7 @@ def test_every_series_of_unequal_length_is_used(tmp_path):
         n = int(item["mask"].sum())
         assert item["mask"][:n].all() and not item["mask"][n:].any() and (item["inputs"][n:] == 0).all()
         s = ds.starts[i]
-        series = [k for k, (lo, hi) in enumerate(dm.series_bounds) if lo <= s < hi][0]
+        series = next(k for k, (lo, hi) in enumerate(dm.series_bounds) if lo <= s < hi)
         lo, hi = dm.series_bounds[series]
         assert n == min(64, hi - lo) and s + n == hi or n == 64
         assert dm.classes[int(item["targets"])] == labels["label"][s + n - 1]

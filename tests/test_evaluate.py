@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from streamssm.errors import ConfigError
-from streamssm.evaluate import early_classification_curve, running_probabilities
+from streamssm.evaluate import ClassificationReport, ReportCallback, early_classification_curve, running_probabilities
 from streamssm.models import ArchConfig
 from streamssm.tasks import SequenceClassifier
 
@@ -70,3 +70,35 @@ def test_bad_arguments_are_config_errors():
         early_classification_curve(running_sum, [np.zeros((3, 1))], [0, 1])
     with pytest.raises(ConfigError, match=r"fractions must be in \(0, 1\]"):
         early_classification_curve(running_sum, [np.zeros((3, 1))], [0], fractions=[0.0, 0.5])
+
+
+def test_classification_report_by_hand(tmp_path):
+    report = ClassificationReport.of([0, 0, 0, 1, 1, 2], [0, 0, 1, 1, 2, 2], ["a", "b", "c"])
+    assert report.confusion.tolist() == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
+    lines = report.text().splitlines()
+    # class a: precision 2/2, recall 2/3, f1 0.8; b: 1/2, 1/2, 0.5; c: 1/2, 1/1, 2/3
+    assert lines[1].split() == ["a", "1.0000", "0.6667", "0.8000", "3"]
+    assert lines[2].split() == ["b", "0.5000", "0.5000", "0.5000", "2"]
+    assert lines[3].split() == ["c", "0.5000", "1.0000", "0.6667", "1"]
+    assert lines[4].split()[:2] == ["accuracy", "0.6667"] and report.accuracy == pytest.approx(4 / 6)
+    assert report.plot_confusion(tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_callback_matches_the_test_accuracy(tmp_path):
+    from lightning.pytorch import Trainer
+    from test_datamodule_sensor import labeled, write_labeled_series
+
+    train = write_labeled_series(tmp_path / "train.csv", [30] * 4)
+    test = write_labeled_series(tmp_path / "test.csv", [30, 12, 45, 7, 20, 30], seed=5)
+    dm = labeled(train, window=16, test_path=str(test), val_fraction=0.0, test_fraction=0.0)
+    torch.manual_seed(1)
+    task = SequenceClassifier(arch=ArchConfig(d_model=16, n_layers=1, headdim=8, d_state=8, chunk_size=8),
+                              input_kind="continuous", input_dim=2, output_dim=2)
+    callback = ReportCallback(out_dir=str(tmp_path / "report"))
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      enable_checkpointing=False, default_root_dir=tmp_path, callbacks=[callback])
+    acc = trainer.test(task, datamodule=dm, verbose=False)[0]["test/acc"]
+    assert callback.report.classes == ("neg", "pos") and callback.report.confusion.sum() == len(dm._dataset("test"))
+    assert callback.report.accuracy == pytest.approx(acc, abs=1e-6)
+    assert (tmp_path / "report" / "report.txt").read_text() == callback.report.text() + "\n"
+    assert (tmp_path / "report" / "confusion.png").exists()
