@@ -55,10 +55,7 @@ CASES = {
     # the other heads and options the tasks and datamodules produce
     "sensor_targets": Case("sensor_tiny", "sensor", ("--data.init_args.window", "64",
                                                      "--data.init_args.target_columns", "[ch3, ch1]")),
-    "sensor_classifier": Case("sensor_tiny", "sensor", ("--model", "streamssm.tasks.SequenceClassifier",
-                                                        "--data.init_args.task", "classification",
-                                                        "--data.init_args.label_column", "label",
-                                                        "--data.init_args.window", "64")),
+    "sensor_classify_tiny": Case("sensor_classify_tiny", "sensor", ("--data.init_args.window", "64")),
     "waveform_float_horizon": Case("waveform_tiny", "waveform", ("--model", "streamssm.tasks.Forecaster",
                                                                  "--model.init_args.horizon", "3",
                                                                  "--data.init_args.encoding", "float",
