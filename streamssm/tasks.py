@@ -447,6 +447,8 @@ class SequenceClassifier(SSMTask):
     ``targets`` (b,) long: one label per sequence, scored on the logits of the last valid step
     (``pool="last"``, what a stream sees as its running answer) or their mean over valid steps
     (``pool="mean"``). ``targets`` (b, l) long: one label per step, scored at every valid step.
+    Series shorter than the window arrive padded at the end with ``mask`` False there
+    (``SensorDataModule``), so "last" is each series' true last step.
 
     Args:
         pool: ``last`` or ``mean`` (sequence labels only).
