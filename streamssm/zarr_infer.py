@@ -348,16 +348,29 @@ class ZarrPredictor(pl.LightningModule):
 
 
 class _BackgroundIO:
-    """One writer thread, at most ``depth`` jobs queued; errors surface on the next call."""
+    """One writer thread, at most ``depth`` jobs queued; errors surface on the next call.
+
+    After a job fails, the jobs queued behind it do not run: a later chunk's resume record must
+    never be saved after an earlier chunk's write failed (it would mark that chunk done)."""
 
     def __init__(self, depth: int = 2) -> None:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zarr-write")
         self.pending: list[Future] = []
         self.depth = depth
+        self.failed = False  # set by the writer thread; jobs run one at a time, in order
 
     def submit(self, fn, *args) -> None:
         self._reap(block=len(self.pending) >= self.depth)
-        self.pending.append(self.pool.submit(fn, *args))
+        self.pending.append(self.pool.submit(self._run, fn, *args))
+
+    def _run(self, fn, *args) -> None:
+        if self.failed:
+            raise StateError("zarr write skipped: an earlier chunk's write failed")
+        try:
+            fn(*args)
+        except BaseException:
+            self.failed = True
+            raise
 
     def _reap(self, block: bool) -> None:
         while self.pending and (block or self.pending[0].done()):

@@ -531,3 +531,25 @@ def test_sigterm_stops_cleanly_and_the_rerun_resumes_then_says_complete(tmp_path
     again = subprocess.run(cmd, env=_ENV, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "is already complete: nothing to do" in again.stderr and "wrote" not in again.stderr
+
+
+def test_writes_queued_behind_a_failed_write_do_not_run():
+    """A later chunk's record was saved after an earlier chunk's write had failed (so a rerun
+    skipped past it; flaky 'DID NOT RAISE' in test_resume_after_failures_is_byte_identical)."""
+    import threading
+
+    from streamssm.zarr_infer import _BackgroundIO
+
+    gate, ran = threading.Event(), []
+
+    def failing() -> None:
+        gate.wait(10)
+        raise OSError("disk full")
+
+    io = _BackgroundIO(depth=2)
+    io.submit(failing)
+    io.submit(ran.append, "chunk 2 record")  # queued behind the failing write
+    gate.set()
+    with pytest.raises(OSError, match="disk full"):
+        io.close()
+    assert ran == []
