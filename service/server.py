@@ -324,11 +324,11 @@ class StreamServer:
         token = start.resume
         if token is None:
             return await self._register(ws, start, self.store.new_token(self._owner), None), False
+        if token in self._failed:  # first: its old connection may still be closing (not yet off _live)
+            raise ProtocolError(f"this stream failed: {self._failed[token]}", INTERNAL_ERROR, "stream_failed")
         if token in self._live or token in self._resuming:
             raise ProtocolError("this stream is live on another connection (or being resumed); try again shortly",
                                 TRY_AGAIN_LATER, "stream_busy")
-        if token in self._failed:
-            raise ProtocolError(f"this stream failed: {self._failed[token]}", INTERNAL_ERROR, "stream_failed")
         self._resuming.add(token)
         try:
             parked = await asyncio.to_thread(self.store.take, token, self._owner)
