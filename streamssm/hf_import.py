@@ -1,0 +1,159 @@
+"""Import pretrained Mamba / Mamba-2 language models from a local folder into :class:`SSMModel`.
+
+Layouts read (config.json + model.safetensors or pytorch_model.bin, never the network):
+
+* transformers ``MambaForCausalLM`` (model_type ``mamba``) and ``Mamba2ForCausalLM`` (``mamba2``);
+* mamba-ssm ``MambaLMHeadModel`` (config with ``d_model``/``n_layer``/``ssm_cfg``; Mamba-1 only).
+
+Mapping (per layer N): ``conv1d.weight`` (e, 1, w) -> ``conv_weight`` (e, w); ``conv1d.bias`` ->
+``conv_bias``; every other mixer tensor keeps its name; the LM head has no bias in the source so
+ours is zero; a missing ``lm_head.weight`` (tied embeddings) is the embedding. The vocabulary is
+the embedding's row count (mamba-ssm pads it to ``pad_vocab_size_multiple``; the padded ids are
+kept). ``residual_in_fp32``: the residual stream stays in the activation dtype here (identical in
+fp32). Time-step limits and dt init values are training-only and ignored.
+
+Not representable (refused): biases in in_proj/out_proj (``use_bias``), a conv without bias, a
+Mamba-2 gated norm over groups (``ngroups`` > 1: ours normalizes the whole d_inner), a Mamba-2
+``norm_before_gate``/no-``rmsnorm`` mixer, non-RMS norms.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from streamssm.errors import ConfigError, DataFormatError, ShapeError
+from streamssm.models import ModelConfig, SSMModel
+
+DNA_VOCAB_SIZE = 5
+
+
+@dataclass(frozen=True)
+class ImportedModel:
+    """The model, its config, and where it came from (``layout``: transformers-mamba/-mamba2 or mamba-ssm)."""
+
+    model: SSMModel
+    config: ModelConfig
+    layout: str
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise DataFormatError(f"{folder}: no config.json (need config.json + model.safetensors or pytorch_model.bin)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataFormatError(f"{path}: not JSON ({exc})") from exc
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    st, pt = folder / "model.safetensors", folder / "pytorch_model.bin"
+    if st.is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(st))
+    if pt.is_file():
+        return torch.load(pt, map_location="cpu", weights_only=True)
+    raise DataFormatError(f"{folder}: no model.safetensors or pytorch_model.bin")
+
+
+def _refuse(cond: bool, what: str) -> None:
+    if cond:
+        raise ConfigError(f"cannot import: {what}")
+
+
+def _hf_config(cfg: dict[str, Any], vocab: int) -> ModelConfig:
+    """ModelConfig of a transformers Mamba / Mamba-2 config.json."""
+    kind = cfg["model_type"]
+    _refuse(bool(cfg.get("use_bias", False)), "use_bias=true (in_proj/out_proj biases) is not representable")
+    _refuse(not cfg.get("use_conv_bias", True), "use_conv_bias=false is not representable")
+    _refuse(cfg.get("hidden_act", "silu") != "silu", f"hidden_act={cfg.get('hidden_act')!r} (only silu)")
+    common = {"d_model": cfg["hidden_size"], "n_layers": cfg["num_hidden_layers"], "d_state": cfg["state_size"],
+                  "d_conv": cfg["conv_kernel"], "norm_eps": cfg.get("layer_norm_epsilon", 1e-5), "vocab_size": vocab}
+    if kind == "mamba":
+        dt_rank = cfg.get("time_step_rank", "auto")
+        dt_rank = math.ceil(cfg["hidden_size"] / 16) if dt_rank == "auto" else int(dt_rank)
+        expand = cfg.get("intermediate_size", cfg["expand"] * cfg["hidden_size"]) / cfg["hidden_size"]
+        _refuse(expand != int(expand), "intermediate_size not a multiple of hidden_size")
+        return ModelConfig(block="mamba", expand=int(expand), dt_rank=dt_rank, **common)
+    _refuse(cfg.get("n_groups", 1) != 1, f"Mamba-2 n_groups={cfg.get('n_groups')} (our gated norm spans all of d_inner)")
+    _refuse(not cfg.get("rms_norm", True) or cfg.get("norm_before_gate", False), "Mamba-2 norm_before_gate / no rms_norm")
+    expand = cfg["expand"]
+    _refuse(cfg["num_heads"] * cfg["head_dim"] != expand * cfg["hidden_size"],
+            f"num_heads*head_dim={cfg['num_heads'] * cfg['head_dim']} != expand*hidden_size={expand * cfg['hidden_size']}")
+    return ModelConfig(block="mamba2", expand=expand, headdim=cfg["head_dim"], ngroups=1,
+                       chunk_size=cfg.get("chunk_size", 256), **common)
+
+
+def _ssm_config(cfg: dict[str, Any], vocab: int) -> ModelConfig:
+    """ModelConfig of a mamba-ssm MambaLMHeadModel config.json (Mamba-1 mixers only)."""
+    ssm = cfg.get("ssm_cfg") or {}
+    _refuse(ssm.get("layer", "Mamba1") != "Mamba1", f"mamba-ssm ssm_cfg.layer={ssm.get('layer')!r} (only Mamba1)")
+    _refuse(not cfg.get("rms_norm", True), "rms_norm=false (LayerNorm) is not representable")
+    _refuse(bool(cfg.get("attn_layer_idx")), "attention layers (attn_layer_idx) are not importable")
+    _refuse(bool(ssm.get("bias", False)) or not ssm.get("conv_bias", True), "ssm_cfg bias / conv_bias not representable")
+    dt_rank = ssm.get("dt_rank", "auto")
+    return ModelConfig(block="mamba", d_model=cfg["d_model"], n_layers=cfg["n_layer"], d_state=ssm.get("d_state", 16),
+                       d_conv=ssm.get("d_conv", 4), expand=ssm.get("expand", 2), vocab_size=vocab,
+                       dt_rank=math.ceil(cfg["d_model"] / 16) if dt_rank == "auto" else int(dt_rank), norm_eps=1e-5)
+
+
+def _layout(cfg: dict[str, Any], folder: Path) -> str:
+    if cfg.get("model_type") in ("mamba", "mamba2"):
+        return f"transformers-{cfg['model_type']}"
+    if "model_type" not in cfg and "d_model" in cfg and "n_layer" in cfg:
+        return "mamba-ssm"
+    raise ConfigError(f"{folder}: not a Mamba / Mamba-2 language model (model_type={cfg.get('model_type')!r}, "
+                      f"architectures={cfg.get('architectures')!r})")
+
+
+def _our_name(name: str) -> str:
+    """Our parameter name for a source tensor name (both layouts)."""
+    name = name.replace("backbone.embeddings.weight", "encoder.weight").replace("backbone.embedding.weight", "encoder.weight")
+    name = name.replace("lm_head.weight", "head.weight")
+    return name.replace("mixer.conv1d.weight", "mixer.conv_weight").replace("mixer.conv1d.bias", "mixer.conv_bias")
+
+
+def convert_state_dict(weights: dict[str, torch.Tensor], model: SSMModel) -> dict[str, torch.Tensor]:
+    """Source tensors -> our state dict (ShapeError listing every tensor that does not map)."""
+    ours = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    problems = []
+    for name, t in weights.items():
+        key = _our_name(name)
+        if key.endswith("conv_weight") and t.dim() == 3:
+            t = t[:, 0, :]
+        if key not in ours:
+            problems.append(f"{name}: no such parameter here (got shape {tuple(t.shape)})")
+        elif ours[key].shape != t.shape:
+            problems.append(f"{name}: expected shape {tuple(ours[key].shape)}, got {tuple(t.shape)}")
+        else:
+            out[key] = t.to(ours[key].dtype)
+    out.setdefault("head.weight", out.get("encoder.weight"))  # tied embeddings
+    out["head.bias"] = torch.zeros_like(ours["head.bias"])
+    problems += [f"{k}: missing (expected shape {tuple(v.shape)})" for k, v in ours.items()
+                 if out.get(k) is None]
+    if problems:
+        raise ShapeError("cannot import weights:\n  " + "\n  ".join(problems))
+    return out
+
+
+def import_pretrained(folder: str | Path) -> ImportedModel:
+    """Load a local transformers Mamba/Mamba-2 or mamba-ssm folder into an :class:`SSMModel` (eval mode)."""
+    folder = Path(folder)
+    cfg = _read_config(folder)
+    layout = _layout(cfg, folder)
+    weights = _read_weights(folder)
+    emb = weights.get("backbone.embeddings.weight", weights.get("backbone.embedding.weight"))
+    if emb is None:
+        raise ShapeError(f"{folder}: no embedding tensor (backbone.embeddings.weight / backbone.embedding.weight)")
+    config = (_ssm_config if layout == "mamba-ssm" else _hf_config)(cfg, emb.shape[0])
+    model = SSMModel(config)
+    model.load_state_dict(convert_state_dict(weights, model))
+    return ImportedModel(model.eval(), config, layout)

@@ -1,0 +1,118 @@
+"""hf_import: transformers Mamba / Mamba-2 and mamba-ssm folders -> SSMModel with the same logits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from streamssm.errors import ConfigError, DataFormatError, ShapeError
+from streamssm.hf_import import import_pretrained
+from streamssm.inference import Streamer
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, LENGTH = 37, 21
+
+
+def _hf_model(kind: str):
+    torch.manual_seed(0)
+    common = {"vocab_size": VOCAB, "hidden_size": 16, "num_hidden_layers": 2, "state_size": 8, "expand": 2}
+    if kind == "mamba":
+        model = transformers.MambaForCausalLM(transformers.MambaConfig(**common))
+    else:
+        model = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(
+            **common, num_heads=4, head_dim=8, n_groups=1, chunk_size=8))
+    with torch.no_grad():  # non-trivial norms and D so a wrong mapping shows
+        for name, p in model.named_parameters():
+            if name.endswith(("norm.weight", "norm_f.weight", ".D")):
+                p.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+@pytest.fixture(params=["mamba", "mamba2"])
+def saved(request, tmp_path):
+    hf = _hf_model(request.param)
+    hf.save_pretrained(tmp_path)
+    tokens = torch.randint(0, VOCAB, (2, LENGTH), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(tokens).logits
+    return tmp_path, tokens, ref
+
+
+@torch.no_grad()
+def test_full_chunked_and_step_match_transformers(saved):
+    folder, tokens, ref = saved
+    model = import_pretrained(folder).model
+    full, _ = model(tokens)
+    assert (full - ref).abs().max() <= 1e-4
+    state, parts = None, []
+    for chunk in tokens.split(8, dim=1):
+        out, state = model(chunk, state)
+        parts.append(out)
+    assert (torch.cat(parts, 1) - ref).abs().max() <= 1e-4
+    state, steps = model.init_state(2), []
+    for t in range(LENGTH):
+        out, state = model.step(tokens[:, t], state)
+        steps.append(out)
+    assert (torch.stack(steps, 1) - ref).abs().max() <= 1e-4
+
+
+@torch.no_grad()
+def test_imported_model_streams_like_offline(saved):
+    folder, tokens, ref = saved
+    streamer = Streamer(import_pretrained(folder).model, capacity=2)
+    sid = streamer.open()
+    outs = [streamer.feed(sid, chunk).outputs for chunk in tokens[0].split(5)]
+    assert (torch.cat(outs) - ref[0].log_softmax(-1)).abs().max() <= 1e-4
+
+
+@torch.no_grad()
+def test_mamba_ssm_layout_with_padded_vocab(tmp_path):
+    hf = _hf_model("mamba")
+    weights = {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in hf.state_dict().items()}
+    weights.pop("lm_head.weight", None)  # tie_embeddings
+    torch.save(weights, tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps({
+        "d_model": 16, "n_layer": 2, "vocab_size": 33, "pad_vocab_size_multiple": 37, "rms_norm": True,
+        "residual_in_fp32": True, "fused_add_norm": True, "tie_embeddings": True,
+        "ssm_cfg": {"d_state": 8, "d_conv": 4, "expand": 2}}))
+    imported = import_pretrained(tmp_path)
+    tokens = torch.randint(0, 33, (1, LENGTH))
+    assert imported.layout == "mamba-ssm" and imported.config.vocab_size == VOCAB
+    assert (imported.model(tokens)[0] - hf(tokens).logits).abs().max() <= 1e-4
+
+
+def test_foreign_architecture_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ConfigError, match="model_type='gpt2'.*GPT2LMHeadModel"):
+        import_pretrained(tmp_path)
+
+
+def test_missing_files_refused(tmp_path):
+    with pytest.raises(DataFormatError, match="no config.json"):
+        import_pretrained(tmp_path)
+    _hf_model("mamba").config.to_json_file(tmp_path / "config.json")
+    with pytest.raises(DataFormatError, match="no model.safetensors or pytorch_model.bin"):
+        import_pretrained(tmp_path)
+
+
+def test_shape_mismatch_names_the_tensor(tmp_path):
+    hf = _hf_model("mamba")
+    weights = dict(hf.state_dict())
+    weights["backbone.layers.1.mixer.x_proj.weight"] = torch.zeros(3, 32)
+    torch.save(weights, tmp_path / "pytorch_model.bin")
+    hf.config.to_json_file(tmp_path / "config.json")
+    with pytest.raises(ShapeError, match=r"layers\.1\.mixer\.x_proj\.weight: expected shape \(17, 32\), got \(3, 32\)"):
+        import_pretrained(tmp_path)
+
+
+def test_mamba2_groups_refused(tmp_path):
+    hf = _hf_model("mamba2")
+    hf.save_pretrained(tmp_path)
+    cfg = hf.config
+    cfg.n_groups = 2
+    cfg.to_json_file(tmp_path / "config.json")
+    with pytest.raises(ConfigError, match="n_groups=2"):
+        import_pretrained(tmp_path)
