@@ -28,18 +28,21 @@ from typing import Any
 import torch
 
 from streamssm.errors import ConfigError, DataFormatError, ShapeError
+from streamssm.encoding import DNA_VOCAB_SIZE
 from streamssm.models import ModelConfig, SSMModel
-
-DNA_VOCAB_SIZE = 5
+from streamssm.serving import ServingSpec
 
 
 @dataclass(frozen=True)
 class ImportedModel:
-    """The model, its config, and where it came from (``layout``: transformers-mamba/-mamba2 or mamba-ssm)."""
+    """The model, its config, where it came from (``layout``: transformers-mamba/-mamba2 or
+    mamba-ssm) and its serving spec: ``dna`` when the vocabulary has our DNA size (5: A C G T N),
+    else None (the model still runs on token ids through SSMModel / the Streamer)."""
 
     model: SSMModel
     config: ModelConfig
     layout: str
+    spec: ServingSpec | None
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
@@ -156,4 +159,5 @@ def import_pretrained(folder: str | Path) -> ImportedModel:
     config = (_ssm_config if layout == "mamba-ssm" else _hf_config)(cfg, emb.shape[0])
     model = SSMModel(config)
     model.load_state_dict(convert_state_dict(weights, model))
-    return ImportedModel(model.eval(), config, layout)
+    spec = ServingSpec(modality="dna", encoding="bases", head="lm") if config.vocab_size == DNA_VOCAB_SIZE else None
+    return ImportedModel(model.eval(), config, layout, spec)

@@ -80,7 +80,7 @@ def test_mamba_ssm_layout_with_padded_vocab(tmp_path):
         "ssm_cfg": {"d_state": 8, "d_conv": 4, "expand": 2}}))
     imported = import_pretrained(tmp_path)
     tokens = torch.randint(0, 33, (1, LENGTH))
-    assert imported.layout == "mamba-ssm" and imported.config.vocab_size == VOCAB
+    assert imported.layout == "mamba-ssm" and imported.config.vocab_size == VOCAB and imported.spec is None
     assert (imported.model(tokens)[0] - hf(tokens).logits).abs().max() <= 1e-4
 
 
@@ -116,3 +116,10 @@ def test_mamba2_groups_refused(tmp_path):
     cfg.to_json_file(tmp_path / "config.json")
     with pytest.raises(ConfigError, match="n_groups=2"):
         import_pretrained(tmp_path)
+
+
+def test_dna_vocabulary_gets_a_dna_spec(tmp_path):
+    transformers.MambaForCausalLM(transformers.MambaConfig(
+        vocab_size=5, hidden_size=16, num_hidden_layers=1, state_size=8)).save_pretrained(tmp_path)
+    spec = import_pretrained(tmp_path).spec
+    assert spec is not None and spec.modality == "dna" and spec.alphabet == "ACGTN"
