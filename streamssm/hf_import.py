@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from streamssm.errors import ConfigError, DataFormatError, ShapeError
 from streamssm.encoding import DNA_VOCAB_SIZE
+from streamssm.errors import ConfigError, DataFormatError, ShapeError
 from streamssm.models import ModelConfig, SSMModel
 from streamssm.serving import ServingSpec
 
