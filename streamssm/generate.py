@@ -1,8 +1,8 @@
 """Autoregressive sampling from a token LM (:class:`SSMModel` with an ``lm`` head).
 
 The prompt is prefilled through the chunked forward (one call, carrying the recurrent state),
-then every new token is one ``step`` of the whole batch of samples: the cost per token is
-constant, whatever the length so far.
+once (batch 1; its state then copied to every sample), then every new token is one ``step`` of the
+whole batch of samples: the cost per token is constant, whatever the length so far.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 
 from streamssm.errors import ConfigError, ShapeError
 from streamssm.models import SSMModel
+from streamssm.state import select_streams
 
 
 @dataclass(frozen=True)
@@ -65,9 +66,11 @@ def generate(model: SSMModel, prompt: torch.Tensor, length: int, samples: int = 
     device = next(model.parameters()).device
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     model = model.eval()
-    logits, state = model(prompt.to(device).long().expand(samples, -1))
+    logits, state = model(prompt.to(device).long()[None])
+    rows = torch.zeros(samples, dtype=torch.long, device=device)
+    state = select_streams(state, rows)
     tokens = torch.empty(samples, length, dtype=torch.long, device=device)
-    nxt = sample_next(logits[:, -1], sampling, generator)
+    nxt = sample_next(logits[:, -1].expand(samples, -1), sampling, generator)
     for t in range(length):
         tokens[:, t] = nxt
         if t + 1 < length:
