@@ -33,6 +33,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "test": ("fit", "evaluate a checkpoint on the test split of a recipe"),
     "predict": ("fit", "run a trained model over a recipe's predict data"),
     "export": ("export", "write a training checkpoint as one .safetensors file for serving"),
+    "import": ("import_weights", "convert a local pretrained Mamba / Mamba-2 folder to a .safetensors model"),
+    "generate": ("generate", "sample continuations of a prompt from a token language model"),
     "make-data": ("make_data", "write the generated data the tiny recipes train on (runs/data/)"),
 }
 

@@ -123,3 +123,32 @@ def test_dna_vocabulary_gets_a_dna_spec(tmp_path):
         vocab_size=5, hidden_size=16, num_hidden_layers=1, state_size=8)).save_pretrained(tmp_path)
     spec = import_pretrained(tmp_path).spec
     assert spec is not None and spec.modality == "dna" and spec.alphabet == "ACGTN"
+
+
+def test_cli_import_then_generate(saved, tmp_path, capsys):
+    import numpy as np
+
+    from streamssm.cli import main
+
+    folder, tokens, ref = saved
+    model_file = tmp_path / "m.safetensors"
+    assert main(["import", str(folder), "--output", str(model_file)]) == 0
+    ids = tmp_path / "ids.npy"
+    prompt = ",".join(str(t) for t in tokens[0, :5].tolist())
+    assert main(["generate", "--checkpoint", str(model_file), "--prompt", prompt, "--length", "3",
+                 "--temperature", "0", "--samples", "2", "--output", str(ids)]) == 0
+    out = np.load(ids)
+    assert out.shape == (2, 3) and out[0, 0] == ref[0, 4].argmax().item()
+
+
+def test_cli_generate_dna_writes_fasta(tmp_path):
+    from streamssm.cli import main
+
+    transformers.MambaForCausalLM(transformers.MambaConfig(
+        vocab_size=5, hidden_size=16, num_hidden_layers=1, state_size=8)).save_pretrained(tmp_path / "hf")
+    assert main(["import", str(tmp_path / "hf"), "--output", str(tmp_path / "d.safetensors")]) == 0
+    fasta = tmp_path / "g.fasta"
+    assert main(["generate", "--checkpoint", str(tmp_path / "d.safetensors"), "--prompt", "ACGT", "--length", "7",
+                 "--samples", "2", "--seed", "1", "--top-k", "3", "--output", str(fasta)]) == 0
+    lines = fasta.read_text().splitlines()
+    assert lines[0] == ">sample_0" and lines[2] == ">sample_1" and len(lines[1]) == 7 and set(lines[1]) <= set("ACGTN")
