@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import importlib
 import logging
+import os
 import sys
 
 from streamssm.errors import ConfigError, StreamSSMError
@@ -105,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"streamssm {name}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`streamssm info M | head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141
     except Exception as exc:
         described = None if debug else describe_error(exc)
         if described is None:

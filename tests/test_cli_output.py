@@ -33,3 +33,13 @@ def test_infer_prints_each_line_once_without_tips(tmp_path):
     assert sum("GPU available" in line for line in lines) == 1, run.stderr
     assert sum("wrote" in line for line in lines) == 1, run.stderr
     assert not any("Tip" in line or "LeafSpec" in line for line in lines), run.stderr
+
+
+def test_output_cut_short_by_the_reader_is_not_an_error(tmp_path):
+    """`streamssm info MODEL | head` printed 'error: Broken pipe' (issue 18 README walk)."""
+    cfg = ModelConfig(block="mamba2", d_model=16, n_layers=1, d_state=8, headdim=8, chunk_size=4,
+                      input_kind="tokens", vocab_size=5, head="lm")
+    model = export_safetensors(SSMModel(cfg), tmp_path / "m.safetensors", spec={"modality": "dna"})
+    run = subprocess.run(f"{sys.executable} -m streamssm info {model} | true", shell=True,  # reader gone first
+                         capture_output=True, text=True, timeout=120)
+    assert "error" not in run.stderr and "Traceback" not in run.stderr, run.stderr
