@@ -6,7 +6,6 @@ wall-clock bounds (those are in benchmarks/bench_abuse.py)."""
 import asyncio
 import json
 import math
-import os
 import random
 import stat
 
@@ -23,6 +22,7 @@ from streamssm.errors import ConfigError
 from streamssm.models import ModelConfig, SSMModel
 from streamssm.service.client import StreamClient
 from streamssm.service.server import ServeConfig, StreamServer
+from test_service_server import read_error
 
 pytestmark = pytest.mark.timeout(90)
 TIMEOUT = 30.0
@@ -87,16 +87,7 @@ async def until(condition, what):
 
 async def error_of(ws):
     """Read until the server closes; returns (its error message or None, close code)."""
-    got = None
-    try:
-        async with asyncio.timeout(TIMEOUT):
-            async for reply in ws:
-                if isinstance(reply, str) and json.loads(reply).get("type") == "error":
-                    got = json.loads(reply)
-    except ConnectionClosed:
-        pass
-    await ws.wait_closed()
-    return got, ws.close_code
+    return await read_error(ws, TIMEOUT)
 
 
 def big_chunk(srv):

@@ -106,20 +106,29 @@ async def stream_dna(url, bases, seed, **kw):
     return c, summary
 
 
+async def read_error(ws, timeout: float = TIMEOUT):
+    """Read until the server closes; returns (its error message or None, close code)."""
+    got = None
+    try:
+        async with asyncio.timeout(timeout):
+            async for reply in ws:
+                if isinstance(reply, str) and json.loads(reply).get("type") == "error":
+                    got = json.loads(reply)
+    except ConnectionClosed:
+        pass
+    await ws.wait_closed()
+    return got, ws.close_code
+
+
 async def expect_error(url, messages, code, headers=None):
     """Send ``messages`` on a fresh connection; expect an error message and close ``code``."""
     async with connect(url, additional_headers=headers, open_timeout=TIMEOUT) as ws:
-        got = None
         try:
             for m in messages:
                 await ws.send(m)
-            async with asyncio.timeout(TIMEOUT):
-                async for reply in ws:
-                    if isinstance(reply, str) and json.loads(reply).get("type") == "error":
-                        got = json.loads(reply)
         except ConnectionClosed:
             pass
-        await ws.wait_closed()
+        got, _ = await read_error(ws)
     assert ws.close_code == code, (ws.close_code, ws.close_reason, got)
     assert got is not None and got["code"] == code and got["message"], got
     return got
