@@ -20,7 +20,6 @@ with an explicit ``dirpath``, and, after ``fit``, ``training_curve.png`` in the 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import re
@@ -36,14 +35,13 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 
 from streamssm.errors import ConfigError
-from streamssm.models import ArchConfig
+from streamssm.models import ARCH_FIELDS
 from streamssm.tasks import SSMTask
 
 log = logging.getLogger(__name__)
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 #: the task arguments that moved into ``model.init_args.arch`` (issue 20)
-_ARCH_FIELDS = frozenset(f.name for f in dataclasses.fields(ArchConfig))
 _MODEL_OPTION = re.compile(r"--model\.((?:init_args\.)?)(\w+)")
 
 
@@ -54,7 +52,7 @@ def _moved_in_model_section(section: Any, prefix: str) -> list[str]:
         return []
     init_args = section.get("init_args")
     places = [(f"{prefix}init_args.", init_args if isinstance(init_args, dict) else {}), (prefix, section)]
-    return [f"{where}{key} moved to {where}arch.{key}" for where, keys in places for key in keys if key in _ARCH_FIELDS]
+    return [f"{where}{key} moved to {where}arch.{key}" for where, keys in places for key in keys if key in ARCH_FIELDS]
 
 
 def _moved_in_file(path: str, section: str | None) -> list[str]:
@@ -84,7 +82,7 @@ def reject_moved_keys(argv: Sequence[str]) -> None:
             moved += _moved_in_file(value, "model")
         elif name == "--model" and value.endswith((".yaml", ".yml", ".json")):
             moved += _moved_in_file(value, None)
-        elif option and option.group(2) in _ARCH_FIELDS:
+        elif option and option.group(2) in ARCH_FIELDS:
             moved.append(f"{name} moved to --model.{option.group(1)}arch.{option.group(2)}")
     if moved:
         raise ConfigError("the architecture arguments are nested under arch now: " + "; ".join(moved))
