@@ -215,9 +215,7 @@ class ServingSpec:
     def output_decoder(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """Model outputs (..., o) -> user units (..., o): forecasts de-normalized per channel
         and horizon step (o = h * k); other heads' outputs are returned unchanged."""
-        if self.head != "regression" or self.modality == "dna" or self.encoding == "mu_law":
-            return lambda outputs: outputs
-        if self.modality == "audio":  # float audio is modeled in raw units
+        if self.head != "regression" or self.modality != "sensor":  # float audio is modeled in raw units
             return lambda outputs: outputs
         idx = [self.channel_names.index(name) for name in self.forecast_channels]
         norm = Normalizer([self.mean[i] for i in idx], [self.std[i] for i in idx])
