@@ -258,7 +258,9 @@ class SSMTask(pl.LightningModule):
         their flat hyperparameters (``d_model=...``) are moved under ``arch`` first."""
         if not isinstance(checkpoint_path, (str, Path)):
             return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
-        ckpt = torch.load(str(checkpoint_path), map_location="cpu", weights_only=kwargs.get("weights_only") is not False)
+        # memory-mapped: only the hparams are looked at here; Lightning reads the file itself after
+        ckpt = torch.load(str(checkpoint_path), map_location="cpu", mmap=True,
+                          weights_only=kwargs.get("weights_only") is not False)
         hparams = ckpt.get(cls.CHECKPOINT_HYPER_PARAMS_KEY) or {}
         flat = {k: hparams[k] for k in ARCH_FIELDS if k in hparams}
         if not flat:
