@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from streamssm.encoding import DNA_ALPHABET, IUPAC_AMBIGUOUS
 from streamssm.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
@@ -37,8 +38,8 @@ FORMATS = ("f32le", "s16le", "text")
 SAMPLE_BYTES = {"f32le": 4, "s16le": 2}
 RESULT_ENCODINGS = ("json", "binary")
 INCLUDE_FIELDS = ("outputs", "scores")
-DNA_ALPHABET = "ACGTN"
-IUPAC_ALPHABET = "ACGTNRYSWKMBDHV"  # ambiguity codes are read as N by the DNA encoder
+#: every base letter a DNA model may read (ambiguity codes -> N); a model's own set is ServingSpec.accepted_bases
+IUPAC_ALPHABET = DNA_ALPHABET + IUPAC_AMBIGUOUS
 JSON_DECIMALS = 6  # JSON results are rounded to this many decimals; binary results are exact fp32
 MAX_CHANNELS = 256  # interleaved channels a start may declare
 #: bytes one result value counts for against the result limit (JSON: a rounded number and a comma,
