@@ -15,6 +15,13 @@ fp32). Time-step limits and dt init values are training-only and ignored.
 Not representable (refused): biases in in_proj/out_proj (``use_bias``), a conv without bias, a
 Mamba-2 gated norm over groups (``ngroups`` > 1: ours normalizes the whole d_inner), a Mamba-2
 ``norm_before_gate``/no-``rmsnorm`` mixer, non-RMS norms.
+
+The name and config-field tables (:data:`TOP_LEVEL_NAMES`, :data:`MIXER_NAMES`,
+:data:`HF_FIELDS`, :data:`HF_MAMBA2_FIELDS`) are the one mapping between the layouts;
+:mod:`streamssm.hf_export` reads them the other way. Folders written by
+``streamssm export --format hf`` also carry the serving spec (config key
+:data:`SERVING_KEY`), or, for a model transformers cannot represent, are in the ``streamssm``
+layout (config ``model_type: streamssm`` + our own ``model.safetensors``); both import here.
 """
 
 from __future__ import annotations
@@ -27,10 +34,24 @@ from typing import Any
 
 import torch
 
+from streamssm.checkpoint import as_spec, load_for_serving
 from streamssm.encoding import DNA_VOCAB_SIZE
 from streamssm.errors import ConfigError, DataFormatError, ShapeError
 from streamssm.models import ModelConfig, SSMModel
 from streamssm.serving import ServingSpec
+
+#: transformers tensor name -> ours, for the tensors outside the layers (mamba-ssm: see _SSM_ALIASES)
+TOP_LEVEL_NAMES = {"backbone.embeddings.weight": "encoder.weight", "lm_head.weight": "head.weight"}
+#: transformers mixer tensor suffix -> ours (the other mixer and norm tensors keep their names)
+MIXER_NAMES = {"mixer.conv1d.weight": "mixer.conv_weight", "mixer.conv1d.bias": "mixer.conv_bias"}
+_SSM_ALIASES = {"backbone.embedding.weight": "backbone.embeddings.weight"}  # mamba-ssm -> transformers
+#: (transformers config field, ModelConfig field), both Mamba and Mamba-2
+HF_FIELDS = (("hidden_size", "d_model"), ("num_hidden_layers", "n_layers"), ("state_size", "d_state"),
+             ("conv_kernel", "d_conv"), ("layer_norm_epsilon", "norm_eps"), ("expand", "expand"))
+#: (transformers config field, ModelConfig field), Mamba-2 only
+HF_MAMBA2_FIELDS = (("head_dim", "headdim"), ("n_groups", "ngroups"), ("chunk_size", "chunk_size"))
+#: config.json key under which ``streamssm export --format hf`` keeps the serving spec
+SERVING_KEY = "streamssm_serving"
 
 
 @dataclass(frozen=True)
@@ -77,8 +98,9 @@ def _hf_config(cfg: dict[str, Any], vocab: int) -> ModelConfig:
     _refuse(bool(cfg.get("use_bias", False)), "use_bias=true (in_proj/out_proj biases) is not representable")
     _refuse(not cfg.get("use_conv_bias", True), "use_conv_bias=false is not representable")
     _refuse(cfg.get("hidden_act", "silu") != "silu", f"hidden_act={cfg.get('hidden_act')!r} (only silu)")
-    common = {"d_model": cfg["hidden_size"], "n_layers": cfg["num_hidden_layers"], "d_state": cfg["state_size"],
-                  "d_conv": cfg["conv_kernel"], "norm_eps": cfg.get("layer_norm_epsilon", 1e-5), "vocab_size": vocab}
+    defaults = {"layer_norm_epsilon": 1e-5, "expand": 2, "chunk_size": 256}
+    common = {ours: cfg.get(hf, defaults.get(hf)) for hf, ours in HF_FIELDS if hf != "expand"}
+    common["vocab_size"] = vocab
     if kind == "mamba":
         dt_rank = cfg.get("time_step_rank", "auto")
         dt_rank = math.ceil(cfg["hidden_size"] / 16) if dt_rank == "auto" else int(dt_rank)
@@ -90,8 +112,8 @@ def _hf_config(cfg: dict[str, Any], vocab: int) -> ModelConfig:
     expand = cfg["expand"]
     _refuse(cfg["num_heads"] * cfg["head_dim"] != expand * cfg["hidden_size"],
             f"num_heads*head_dim={cfg['num_heads'] * cfg['head_dim']} != expand*hidden_size={expand * cfg['hidden_size']}")
-    return ModelConfig(block="mamba2", expand=expand, headdim=cfg["head_dim"], ngroups=1,
-                       chunk_size=cfg.get("chunk_size", 256), **common)
+    common.update({ours: cfg.get(hf, defaults.get(hf)) for hf, ours in HF_MAMBA2_FIELDS})
+    return ModelConfig(block="mamba2", expand=expand, **common)
 
 
 def _ssm_config(cfg: dict[str, Any], vocab: int) -> ModelConfig:
@@ -108,6 +130,8 @@ def _ssm_config(cfg: dict[str, Any], vocab: int) -> ModelConfig:
 
 
 def _layout(cfg: dict[str, Any], folder: Path) -> str:
+    if cfg.get("model_type") == "streamssm":
+        return "streamssm"
     if cfg.get("model_type") in ("mamba", "mamba2"):
         return f"transformers-{cfg['model_type']}"
     if "model_type" not in cfg and "d_model" in cfg and "n_layer" in cfg:
@@ -116,11 +140,23 @@ def _layout(cfg: dict[str, Any], folder: Path) -> str:
                       f"architectures={cfg.get('architectures')!r})")
 
 
-def _our_name(name: str) -> str:
-    """Our parameter name for a source tensor name (both layouts)."""
-    name = name.replace("backbone.embeddings.weight", "encoder.weight").replace("backbone.embedding.weight", "encoder.weight")
-    name = name.replace("lm_head.weight", "head.weight")
-    return name.replace("mixer.conv1d.weight", "mixer.conv_weight").replace("mixer.conv1d.bias", "mixer.conv_bias")
+def _rename(name: str, top: dict[str, str], mixer: dict[str, str]) -> str:
+    if name in top:
+        return top[name]
+    for src, dst in mixer.items():
+        if name.endswith(src):
+            return name[: -len(src)] + dst
+    return name
+
+
+def our_name(name: str) -> str:
+    """Our parameter name for a transformers or mamba-ssm tensor name."""
+    return _rename(_SSM_ALIASES.get(name, name), TOP_LEVEL_NAMES, MIXER_NAMES)
+
+
+def hf_name(name: str) -> str:
+    """The transformers tensor name for one of our parameter names (inverse of :func:`our_name`)."""
+    return _rename(name, {v: k for k, v in TOP_LEVEL_NAMES.items()}, {v: k for k, v in MIXER_NAMES.items()})
 
 
 def convert_state_dict(weights: dict[str, torch.Tensor], model: SSMModel) -> dict[str, torch.Tensor]:
@@ -129,7 +165,7 @@ def convert_state_dict(weights: dict[str, torch.Tensor], model: SSMModel) -> dic
     out: dict[str, torch.Tensor] = {}
     problems = []
     for name, t in weights.items():
-        key = _our_name(name)
+        key = our_name(name)
         if key.endswith("conv_weight") and t.dim() == 3:
             t = t[:, 0, :]
         if key not in ours:
@@ -152,6 +188,9 @@ def import_pretrained(folder: str | Path) -> ImportedModel:
     folder = Path(folder)
     cfg = _read_config(folder)
     layout = _layout(cfg, folder)
+    if layout == "streamssm":
+        bundle = load_for_serving(folder / "model.safetensors")
+        return ImportedModel(bundle.model, bundle.config, layout, bundle.spec)
     weights = _read_weights(folder)
     emb = weights.get("backbone.embeddings.weight", weights.get("backbone.embedding.weight"))
     if emb is None:
@@ -159,5 +198,11 @@ def import_pretrained(folder: str | Path) -> ImportedModel:
     config = (_ssm_config if layout == "mamba-ssm" else _hf_config)(cfg, emb.shape[0])
     model = SSMModel(config)
     model.load_state_dict(convert_state_dict(weights, model))
-    spec = ServingSpec(modality="dna", encoding="bases", head="lm") if config.vocab_size == DNA_VOCAB_SIZE else None
-    return ImportedModel(model.eval(), config, layout, spec)
+    return ImportedModel(model.eval(), config, layout, _spec(cfg, config))
+
+
+def _spec(cfg: dict[str, Any], config: ModelConfig) -> ServingSpec | None:
+    """The serving spec a streamssm export stored in config.json, else dna for a 5-token vocabulary."""
+    if cfg.get(SERVING_KEY):
+        return as_spec(cfg[SERVING_KEY]).for_model(config)
+    return ServingSpec(modality="dna", encoding="bases", head="lm") if config.vocab_size == DNA_VOCAB_SIZE else None

@@ -5,6 +5,11 @@
 The file holds the weights, the ModelConfig and the serving spec (tokenizer, sample
 rate, normalization statistics, task); ``streamssm serve`` and ``streamssm infer`` load it
 like the checkpoint itself, without unpickling anything.
+
+    streamssm export --checkpoint last.ckpt --format hf --output my-model/ --license apache-2.0
+
+``--format hf`` writes a folder to upload to the Hugging Face Hub as is (config.json,
+model.safetensors, README.md model card; see :mod:`streamssm.hf_export`).
 """
 
 from __future__ import annotations
@@ -37,9 +42,18 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, overwrite: boo
 def main(argv: list[str], prog: str = "streamssm export") -> int:
     parser = ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="Lightning .ckpt written by `streamssm fit`")
-    parser.add_argument("--output", required=True, help="destination .safetensors file")
+    parser.add_argument("--output", required=True, help="destination .safetensors file (hf: a folder)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    parser.add_argument("--format", choices=("safetensors", "hf"), default="safetensors",
+                        help="safetensors: one streamssm file; hf: a Hugging Face Hub folder")
+    parser.add_argument("--license", help="hf: the weights' license for the model card (e.g. apache-2.0)")
     args = parser.parse_args(argv)
+    if args.format == "hf":
+        from streamssm.hf_export import export_hf
+
+        done = export_hf(args.checkpoint, args.output, args.license or "", args.overwrite)
+        print(f"wrote {done.folder} ({done.layout} layout: config.json, model.safetensors, README.md)")
+        return 0
     path, fingerprint = export_checkpoint(args.checkpoint, args.output, args.overwrite)
     print(f"wrote {path} (model fingerprint {fingerprint})")
     return 0
