@@ -130,16 +130,16 @@ def model_card(bundle: ServingBundle, license: str, layout: str, reasons: list[s
     params = sum(p.numel() for p in bundle.model.parameters())
     task = (spec.task if spec and spec.task else "unknown task") + f" ({cfg.head} head)"
     lines = ["---", *front, "---", "", f"# {name}", "",
-             f"A streaming state-space model ({cfg.block}, {cfg.n_layers} layers, d_model {cfg.d_model}, "
+             (f"A streaming state-space model ({cfg.block}, {cfg.n_layers} layers, d_model {cfg.d_model}, "
              f"d_state {cfg.resolved_d_state}, {params:,} parameters) exported by streamssm. "
-             "Its recurrent state has a constant size, so it runs over streams of any length.", "",
+             "Its recurrent state has a constant size, so it runs over streams of any length."), "",
              "## Task", "", f"- task: {task}; modality: {modality}", *_io_lines(cfg, spec), "",
              "## Training data", "", *_data_lines(spec, facts), "",
              "## Metrics", "", *_metric_lines(facts), "",
              "## Intended use and limits", "",
-             f"Research and engineering use on {modality} data like the training data above: scoring, "
+             (f"Research and engineering use on {modality} data like the training data above: scoring, "
              "streaming inference and generation with streamssm. It was not evaluated beyond the metrics "
-             "listed; check it on your own data before relying on it.", "",
+             "listed; check it on your own data before relying on it."), "",
              "## Stream it with streamssm", "", "```bash", "pip install streamssm",
              "streamssm import . --output model.safetensors      # this folder -> a streamssm model file",
              "streamssm serve --checkpoint model.safetensors     # websocket service, many streams",
