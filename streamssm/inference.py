@@ -5,7 +5,7 @@ rows on the device); a stream owns one row from :meth:`Streamer.open` to :meth:`
 
 API (the service codes against it)::
 
-    s = Streamer(model, capacity, device="cpu", dtype=torch.float32)
+    s = Streamer(model, capacity, device="cpu", dtype=torch.float32, engine="auto")
     sid = s.open()                          # StateError("pool full ...") at capacity
     r = s.feed(sid, chunk)                  # ChunkResult for exactly the new samples
     rs = s.feed_many({sid: chunk, ...})     # one batched computation for all streams
@@ -31,10 +31,12 @@ Batching without a per-stream Python loop: the chunks of one call are padded int
 streams still active over one common segment [a, b). A length-1 segment goes through the
 model's pool step (``step_pool``: the step kernels update pool rows in place at
 ``state_indices``); a longer one through ``model.forward`` with the initial state gathered
-from the pool (``select_streams``) and the final state written back (``write_streams``). The
-model is driven through its encoder / backbone / head directly: the Streamer has validated
-the chunks (token range on the CPU), so ``SSMModel._encode``'s device-syncing checks are
-skipped. When every stream of a round is active the round writes no index-scattered copy. The
+from the pool (``select_streams``) and the final state written back (``write_streams``). Each
+round is one call of the engine (``streamssm.engine``): ``eager`` launches the kernels from
+Python, ``graphs`` (``engine="auto"`` on CUDA) replays CUDA graphs captured per (stream bucket,
+segment length) (``streamssm.cuda_graphs``); the outputs are the same. The model is driven
+through its encoder / backbone / head directly: the Streamer has validated the chunks (token
+range on the CPU), so ``SSMModel._encode``'s device-syncing checks are skipped. When every stream of a round is active the round writes no index-scattered copy. The
 outputs equal the offline full forward over each stream's concatenated chunks (to fp32
 tolerance; tests/test_streamer.py).
 """
@@ -49,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from streamssm.checkpoint import model_fingerprint
+from streamssm.engine import make_calls, resolve_engine
 from streamssm.errors import ConfigError, ShapeError, StateError
 from streamssm.models import SSMModel
 from streamssm.state import (
@@ -58,7 +61,6 @@ from streamssm.state import (
     read_state_record,
     select_streams,
     state_to_bytes,
-    write_streams,
 )
 
 SNAPSHOT_FORMAT = "streamssm-stream-snapshot-1"
@@ -83,7 +85,7 @@ class Streamer:
     """
 
     def __init__(self, model: SSMModel, capacity: int, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, engine: str = "auto"):
         if not isinstance(model, SSMModel):
             raise ConfigError(f"Streamer needs an SSMModel, got {type(model).__name__}")
         if capacity <= 0:
@@ -96,12 +98,20 @@ class Streamer:
         self.model = model.to(device=self.device, dtype=dtype).eval()
         self.cfg = model.cfg
         self.out_dim = self.cfg.resolved_output_dim
-        self.pool: ModelState = self.model.init_state(capacity, self.device, dtype)
+        self.engine = resolve_engine(engine, self.device)
+        # one more row than streams: the scratch row that the padding of fixed-shape calls writes
+        self.pool: ModelState = self.model.init_state(capacity + 1, self.device, dtype)
+        self._calls = make_calls(self.engine, self.model, self.pool, capacity)
         # per row: the last outputs (lm: log-probs of the next token; scores the next chunk's first token)
         self.last_output = torch.empty(capacity, self.out_dim, device=self.device, dtype=torch.float32)
         self._slot: dict[int, int] = {}  # stream id -> pool row
         self._free = list(range(capacity - 1, -1, -1))  # pop() hands out low rows first
         self._next_id = 0
+
+    def capture(self) -> float:
+        """Engine ``graphs``: capture every CUDA graph now rather than at first use (the
+        server's start-up); returns the seconds spent (0 for other engines)."""
+        return self._calls.prepare() if self.engine == "graphs" else 0.0
 
     # ------------------------------------------------------------------ stream lifecycle
 
@@ -225,18 +235,6 @@ class Streamer:
             for i, sid in enumerate(ids)
         }
 
-    def _model_out(self, x: torch.Tensor, state, rows: torch.Tensor) -> torch.Tensor:
-        """Raw model outputs (b, l, o) for validated inputs x (b, l[, c]) from ``state`` (a
-        gathered ModelState; the new state is written to pool ``rows``), or, with ``state`` None
-        and l == 1, through the in-place pool step."""
-        m = self.model
-        h = m.encoder(x) if self.cfg.input_kind == "tokens" else m.encoder(x.to(m.encoder.weight.dtype))
-        if state is None:
-            return m.head(m.backbone.step_pool(h[:, 0], self.pool, rows)).unsqueeze(1)
-        h, new_state = m.backbone(h, state)
-        write_streams(self.pool, rows, new_state)
-        return m.head(h)
-
     def _run_segments(self, x: torch.Tensor, lens: list[int], slots: torch.Tensor) -> torch.Tensor:
         """Raw fp32 model outputs y (b, L, o), by rounds over the distinct chunk lengths (rows
         past a stream's length are zero)."""
@@ -249,8 +247,7 @@ class Streamer:
             active = None if every else torch.tensor(live, device=self.device)
             rows = slots if every else slots.index_select(0, active)
             xa = x[:, start:end] if every else x[active, start:end]
-            state = None if end - start == 1 else select_streams(self.pool, rows)
-            out = self._model_out(xa, state, rows).float()
+            out = self._calls(xa, rows).float()
             if every and start == 0 and end == L:  # one round over everything: no copy
                 return out
             if y is None:

@@ -1,0 +1,70 @@
+"""The Streamer's model call over its state pool, and the eager way to run it.
+
+One call takes validated inputs ``x`` of ``b`` streams over a common segment of ``l`` samples
+(tokens (b, l) long, or values (b, l, c) in the model dtype) and the pool rows ``rows`` (b,)
+int64 of those streams, returns the raw head outputs (b, l, o) in the model dtype, and leaves
+each stream's new state in its pool row. ``l == 1`` goes through the in-place pool step
+(``Backbone.step_pool``); a longer segment through the chunked forward, the initial state
+gathered from the pool (``select_streams``) and the final state written back
+(``write_streams``).
+
+Engines (``Streamer(engine=...)``):
+    eager     :class:`EagerCalls`, this module: every call launches its kernels from Python
+    graphs    ``streamssm.cuda_graphs.GraphedCalls``: CUDA-graph replays of fixed-shape calls
+              (``streamssm.bucketed``: streams padded to buckets, segments cut to set lengths)
+Every engine gives the same outputs and states as ``eager`` (tests/test_engines.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from streamssm.errors import ConfigError
+from streamssm.models import SSMModel
+from streamssm.state import ModelState, select_streams, write_streams
+
+
+class EagerCalls:
+    """The model call run eagerly (module docstring); ``pool`` is the Streamer's state pool."""
+
+    name = "eager"
+
+    def __init__(self, model: SSMModel, pool: ModelState):
+        self.model, self.pool = model, pool
+        self._tokens = model.cfg.input_kind == "tokens"
+
+    def __call__(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """x (b, l[, c]) validated inputs, rows (b,) pool rows -> raw outputs (b, l, o)."""
+        return self.run(x, rows)
+
+    def run(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The call itself, launched op by op (what a graph captures)."""
+        m = self.model
+        h = m.encoder(x) if self._tokens else m.encoder(x.to(m.encoder.weight.dtype))
+        if x.shape[1] == 1:
+            return m.head(m.backbone.step_pool(h[:, 0], self.pool, rows)).unsqueeze(1)
+        h, new_state = m.backbone(h, select_streams(self.pool, rows))
+        write_streams(self.pool, rows, new_state)
+        return m.head(h)
+
+
+ENGINES = ("auto", "eager", "graphs")
+
+
+def resolve_engine(engine: str, device: torch.device) -> str:
+    """``auto`` -> ``graphs`` on CUDA, ``eager`` elsewhere; others are checked and kept."""
+    if engine not in ENGINES:
+        raise ConfigError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
+    if engine == "auto":
+        return "graphs" if device.type == "cuda" else "eager"
+    return engine
+
+
+def make_calls(engine: str, model: SSMModel, pool: ModelState, capacity: int) -> EagerCalls:
+    """The model call of a resolved ``engine`` over ``pool`` (``capacity`` stream rows; engines
+    of fixed-shape calls need one more, the scratch row)."""
+    if engine == "graphs":
+        from streamssm.cuda_graphs import GraphedCalls
+
+        return GraphedCalls(model, pool, capacity)
+    return EagerCalls(model, pool)
