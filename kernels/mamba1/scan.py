@@ -37,9 +37,11 @@ M1 1.57 / 9.10 ms (the former associative-scan kernels: 3.38 / 15.0), M2 2.69 / 
 22.5), M3 23.6 / 97.5 (54.6 / 200). The SASS is near one issue slot per exp2 (~135 instructions
 per step and warp for 16 exp2 in the forward), yet a step takes ~750 cycles: with one warp per
 SM sub-partition the latency of the per-step B/C row loads (L2, one step of lookahead) is not
-hidden. Measured next step (same GPU, not yet in this file: its GPU tests did not finish): a
-``prefetch.global.L1`` of the next tile's B/C rows halves the forward (M1 1.59 -> 0.80 ms,
-fwd+bwd 9.14 -> 8.51). The backward (~7.5 ms at M1, ~3600 cycles per step against ~820
+hidden. Hence the ``prefetch.global.L1`` hints (``prefetch_l1``, left out in the interpreter):
+the forward fetches the next tile's B/C rows while it walks the current one (an earlier patch
+of the same idea, same GPU: M1 fwd 1.59 -> 0.80 ms, fwd+bwd 9.14 -> 8.51); the backward fetches a
+chunk's B and C rows when it starts the chunk and each reverse tile's rows again a few tiles
+ahead (not yet measured). The backward (~7.5 ms at M1, ~3600 cycles per step against ~820
 instructions) is latency-bound the same way, and its reverse tiles spend ~40 % of their
 instructions on the shuffle sums of dB_t, dC_t over the warp's 32 channels.
 """
@@ -54,7 +56,7 @@ import triton.language as tl
 
 from streamssm.errors import ConfigError
 from streamssm.kernels._common import autotune_configs, interpreting
-from streamssm.kernels._triton import LN2, LOG2E, silu, silu_grad, softplus, softplus_grad
+from streamssm.kernels._triton import LN2, LOG2E, prefetch_l1, silu, silu_grad, softplus, softplus_grad
 
 #: Chunk length T on the GPU (checkpoint interval) and in the interpreter (small tests).
 CHUNK_GPU = 64
@@ -62,6 +64,8 @@ CHUNK_INTERPRET = 16
 #: One-warp programs per SM the launchers aim for before they split time into segments: one per
 #: SM sub-partition (a warp walking time keeps its sub-partition's exponential unit busy).
 WARPS_PER_SM = 4
+#: The backward's reverse tiles prefetch the B/C rows of the tile this many tiles ahead into L1.
+BWD_PREFETCH_TILES = 4
 
 
 # ----------------------------------------------------------------------------- config helpers
@@ -286,9 +290,9 @@ def _selective_scan_fwd_kernel(
     Each thread owns a channel and its N_PAD states. Time goes by tiles of TT steps: the
     (BLOCK_D, TT) tiles of u, delta (and z) are loaded one tile ahead, TT contiguous steps per
     thread; inside a tile the TT steps are unrolled, each reading one row of B (and C) loaded a
-    step ahead. Output pass (STATE_ONLY=False): y from the segment's start state seg (b, S, d, n),
-    the state at every chunk start into ckpt (b, n_chunks, d, n) when STORE_CKPT, the final state
-    (b, d, n) into out by the last segment. STATE_ONLY: the segment's end state from zero into
+    step ahead from L1, where the previous tile prefetched them. Output pass (STATE_ONLY=False):
+    y from the segment's start state seg (b, S, d, n), the state at every chunk start into ckpt
+    (b, n_chunks, d, n) when STORE_CKPT, the final state (b, d, n) into out by the last segment. STATE_ONLY: the segment's end state from zero into
     out = loc (b, S, d, n) and its sum of dt into dsum (b, S, d).
     """
     pid_b, grp, pid_s, o_d, m_d, o_n, m_dn, o_dn, o_seg, c0, c1, t0 = _program_segment(
@@ -318,6 +322,10 @@ def _selective_scan_fwd_kernel(
         if STORE_CKPT:
             tl.store(p_ckpt + (pid_b * n_chunks + c) * dim * dstate + o_dn, h, mask=m_dn)
         for k in range(T // TT):
+            # p_B, p_C point at this tile's first row: the next tile's rows into L1 meanwhile
+            prefetch_l1(p_B + TT * N_PAD, TT * N_PAD, (TT * N_PAD + 31) // 32)
+            if not STATE_ONLY:
+                prefetch_l1(p_C + TT * N_PAD, TT * N_PAD, (TT * N_PAD + 31) // 32)
             o_t = t0 + ((c - c0) * T + k * TT) + o_tt
             m = m_d[:, None] & (o_t < length)[None, :]
             m_nx = m_d[:, None] & (o_t + TT < length)[None, :]
@@ -374,7 +382,8 @@ def _selective_scan_bwd_kernel(
     s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_Ad, s_An, s_Rb, s_Rg,
     # meta
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    T: tl.constexpr, TT: tl.constexpr, TB: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    T: tl.constexpr, TT: tl.constexpr, TB: tl.constexpr, N_PAD: tl.constexpr, PF_AHEAD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Gradients of one (batch, channel block, segment), one channel per thread, chunks in reverse.
 
@@ -424,7 +433,10 @@ def _selective_scan_bwd_kernel(
     for i in range(0, c1 - c0):
         c = c1 - 1 - i
         tc = t0 + (c - c0) * T
-        # forward over the chunk: the state at each TB-step tile start into scratch
+        # forward over the chunk: the state at each TB-step tile start into scratch. The chunk's
+        # B and C rows into L1 first (the walk reads B right away, the reverse tiles C after it)
+        prefetch_l1(p_B + tc * N_PAD, T * N_PAD, (T * N_PAD + 31) // 32)
+        prefetch_l1(p_C + tc * N_PAD, T * N_PAD, (T * N_PAD + 31) // 32)
         h = tl.load(p_ckpt + (pid_b * n_chunks + c) * dim * dstate + o_dn, mask=m_dn, other=0.0)
         for k in range(T // TT):
             o_t = tc + k * TT + o_tt
@@ -449,6 +461,11 @@ def _selective_scan_bwd_kernel(
         for kk in range(T // TB):
             k = T // TB - 1 - kk
             ts = tc + k * TB
+            # rows of the tile PF_AHEAD tiles on (earlier in time; past the chunk start that is the
+            # next chunk's, also read next) back into L1 in case the walk's traffic evicted them
+            ts_pf = tl.maximum(ts - PF_AHEAD * TB, 0) * N_PAD
+            prefetch_l1(p_B + ts_pf, TB * N_PAD, (TB * N_PAD + 31) // 32)
+            prefetch_l1(p_C + ts_pf, TB * N_PAD, (TB * N_PAD + 31) // 32)
             o_t = ts + o_tb
             m = m_d[:, None] & (o_t < length)[None, :]
             u = tl.load(p_u + o_t[None, :] * s_ul, mask=m, other=0.0).to(tl.float32)
@@ -589,7 +606,7 @@ def _selective_scan_fwd(u, delta, A, B4, C4, D, z, delta_bias, softplus, h0, sto
     n_pad = triton.next_power_of_2(n)
     TT = _tile(T, u, delta, z)
     f32 = dict(device=u.device, dtype=torch.float32)
-    rows = n_chunks * T + 1  # the walk reads one row ahead
+    rows = n_chunks * T + T  # the walk reads one row ahead and prefetches a tile (TT <= T rows) ahead
     Br, Cr = _bc_rows(B4, rows, n_pad), _bc_rows(C4, rows, n_pad)
     seg = torch.empty(b, S, d, n, **f32)
     if h0 is None:
@@ -667,7 +684,7 @@ def _selective_scan_bwd(dy, dfinal, u, delta, A, B4, C4, D, z, delta_bias, softp
         du, ddelta, dz, dA, dBr, dCr, dD, dbias, dh0, *dims,
         *u.stride(), *delta.stride(), *zz.stride(), *A.stride(), *Br.stride()[:2],
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
-        T=T, TT=_tile(T, u, delta, z), TB=TB, N_PAD=n_pad,
+        T=T, TT=_tile(T, u, delta, z), TB=TB, N_PAD=n_pad, PF_AHEAD=BWD_PREFETCH_TILES,
     )
     dB4 = dBr[:, :, :l, :n].transpose(2, 3)
     dC4 = dCr[:, :, :l, :n].transpose(2, 3)
