@@ -40,6 +40,7 @@ from streamssm.errors import ProtocolError, StateError
 from streamssm.inference import Streamer
 from streamssm.state import read_state_metadata
 
+from . import static
 from .codec import ModelCodec
 from .config import DTYPES, ServeConfig
 from .metrics import ServiceMetrics
@@ -117,7 +118,7 @@ class StreamServer:
         self._server = await serve(
             self._handler, cfg.host, cfg.port, process_request=self._process_request,
             max_size=2 * cfg.max_frame_bytes, compression=None, ping_interval=cfg.ping_interval,
-            ping_timeout=cfg.ping_interval, ssl=ssl_ctx,
+            ping_timeout=cfg.ping_interval, ssl=ssl_ctx, select_subprotocol=static.select_subprotocol,
         )
         loop = asyncio.get_running_loop()
         if self.store.enabled:
@@ -184,7 +185,7 @@ class StreamServer:
     def _authorized(self, request: Request) -> bool:
         if self.config.token is None:
             return True
-        got = request.headers.get_all("Authorization")
+        got = request.headers.get_all("Authorization") or static.subprotocol_bearer(request)  # browsers: subprotocol
         if len(got) != 1:
             return False
         return hmac.compare_digest(got[0].encode(), f"Bearer {self.config.token}".encode())
@@ -194,6 +195,8 @@ class StreamServer:
         if request.method != "GET":
             self.metrics.reject("http_method")
             return conn.respond(HTTPStatus.METHOD_NOT_ALLOWED, "only GET\n")
+        if (page := static.page_response(conn, request)) is not None:  # the browser client (no token)
+            return page
         if path == "/healthz":
             body = dumps({"status": "ok", "model": self.bundle.fingerprint, "head": self.codec.head,
                           "live_streams": self.scheduler.live, "max_streams": self.config.max_streams,
@@ -214,6 +217,8 @@ class StreamServer:
             del response.headers["Content-Type"]
             response.headers["Content-Type"] = self.metrics.content_type
             return response
+        if path == static.MODEL_PATH:
+            return static.model_response(conn, self.bundle, self.codec)
         if path not in STREAM_PATHS:
             self.metrics.reject("not_found")
             return conn.respond(HTTPStatus.NOT_FOUND, f"no such path; streams connect to {STREAM_PATHS[0]}\n")
