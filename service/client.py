@@ -17,6 +17,13 @@ dir) it reconnects with its resume token, gets the missed results replayed and r
 chunks the server had not computed (results it already holds are not added twice), so the
 results equal those of an uninterrupted stream. A stream the server lost (4410 ``stream_lost``)
 is started again from its first chunk when the client still holds them all.
+
+``await s.reset()`` sets the stream's state back to zero (as for a new stream; it takes a seq,
+and its result is marked ``Result.reset``). A model whose rate differs from the stream's
+``sample_rate`` gets resampled input (results then count model-rate samples, ``ready``'s
+``model_sample_rate``; a frame may get a result of n = 0 and the end one more result);
+:func:`server_sample_rate` asks a server for its model's rate, to resample on the client
+instead. ``ssl``: an ``ssl.SSLContext`` for wss:// (e.g. one trusting a self-signed certificate).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl as ssl_lib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,9 +97,10 @@ class StreamClient:
 
     def __init__(self, url: str, *, format: str, sample_rate: int | None = None, channels: int = 1,
                  token: str | None = None, results: str = "json", include: tuple[str, ...] = ("outputs", "scores"),
-                 window: int = 8, reconnect: int = 5, resume: str | None = None, open_timeout: float = 10.0):
+                 window: int = 8, reconnect: int = 5, resume: str | None = None, open_timeout: float = 10.0,
+                 ssl: ssl_lib.SSLContext | None = None):
         check_url(url)
-        self.url, self.token, self.window, self.reconnect = url, token, window, reconnect
+        self.url, self.token, self.window, self.reconnect, self.ssl = url, token, window, reconnect, ssl
         self.start_msg: dict[str, Any] = {"type": "start", "version": PROTOCOL_VERSION, "format": format,
                                           "channels": channels, "results": results, "include": list(include)}
         if sample_rate is not None:
@@ -122,6 +131,10 @@ class StreamClient:
     async def __aenter__(self) -> StreamClient:
         try:
             await self._connect()
+        except ssl_lib.SSLCertVerificationError as exc:
+            raise ConfigError(f"the TLS certificate of {self.url} is not trusted ({exc.verify_message}): trust its "
+                              f"CA or self-signed certificate (ssl=ssl.create_default_context(cafile=...), "
+                              f"streamssm stream --cafile)") from exc
         except OSError as exc:  # refused, unknown host, TimeoutError
             why = "connection refused" if isinstance(exc, ConnectionRefusedError) else str(exc) or type(exc).__name__
             raise ServerUnreachable(f"no server at {self.url} ({why}); start one with "
@@ -143,7 +156,7 @@ class StreamClient:
     async def _connect(self) -> None:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
         self._ws = await connect(self.url, additional_headers=headers, open_timeout=self.open_timeout,
-                                 compression=None, max_size=None)
+                                 compression=None, max_size=None, ssl=self.ssl)
         start = dict(self.start_msg)
         if self.resume_token:
             start.update(resume=self.resume_token, ack=self._last_seq)
@@ -272,7 +285,15 @@ class StreamClient:
 
     async def send(self, chunk: np.ndarray | str | bytes) -> int:
         """Send one chunk ((l, c) or (l,) samples, or a str of bases); returns its seq."""
-        frame = self._frame(chunk)
+        return await self._send(self._frame(chunk))
+
+    async def reset(self) -> int:
+        """Set the stream's state back to zero (the samples sent from now on are read as a new
+        stream's); returns the reset's seq (its result has ``reset`` set)."""
+        return await self._send(json.dumps({"type": "reset"}))
+
+    async def _send(self, frame: str | bytes) -> int:
+        """Send a frame that takes a seq (data or a reset), kept until answered (and saved)."""
         while True:
             if self._error is not None and not (isinstance(self._error, ServerError) and self._error.code in _RETRYABLE):
                 raise self._error
@@ -328,3 +349,12 @@ class StreamClient:
     def scores(self) -> np.ndarray | None:
         parts = [r.scores for r in self.results if r.scores is not None]
         return np.concatenate(parts) if parts else None
+
+
+async def server_sample_rate(url: str, *, format: str, sample_rate: int, channels: int = 1, token: str | None = None,
+                             ssl: ssl_lib.SSLContext | None = None) -> int | None:
+    """The sample rate of the server's model (None: it has none), read from the ``ready`` of a
+    stream opened and closed at once (it sends no data, so the server keeps nothing)."""
+    async with StreamClient(url, format=format, sample_rate=sample_rate, channels=channels, token=token,
+                            reconnect=0, ssl=ssl) as probe:
+        return probe.ready.get("model_sample_rate")

@@ -1,9 +1,11 @@
 """Frames <-> model tensors for one loaded model, from its serving spec.
 
 The model file's :class:`~streamssm.serving.ServingSpec` says what raw data the model was
-trained on: ``dna`` models take text streams of bases, ``audio`` models f32le/s16le samples at
-their sample rate (mu-law tokens or floats), ``sensor`` models f32le rows in raw units
-(normalized by the spec's encoder). Forecasts go back to raw units through the spec's
+trained on: ``dna`` models take text streams of bases, ``audio`` models f32le/s16le/mulaw8
+samples (mu-law tokens or floats; any channel count mixed down by the mean when the model is
+mono; any sample rate, resampled by the stream's :class:`~streamssm.service.resample.StreamResampler`
+after the mix-down), ``sensor`` models f32le rows in raw units at their rate (normalized by
+the spec's encoder). Forecasts go back to raw units through the spec's
 output decoder (o = h * k outputs per step, de-normalized per horizon step and channel).
 """
 
@@ -21,6 +23,7 @@ from streamssm.errors import ConfigError, DataFormatError, ProtocolError, ShapeE
 from streamssm.serving import ServingSpec
 
 from .protocol import INVALID_DATA, NanPolicy, Start, StreamSpec, decode_bases, decode_samples
+from .resample import StreamResampler
 
 
 @dataclass
@@ -48,15 +51,37 @@ class ModelCodec:
         return cls(stream_spec(serving), cfg.head, cfg.resolved_output_dim, serving.modality, list(serving.classes),
                    serving.encoder(), serving.output_decoder())
 
-    def chunk_from_frame(self, frame: str | bytes, start: Start, nan_policy: NanPolicy) -> torch.Tensor:
-        """A data frame -> model input: tokens (l,) long or values (l, c) float32.
+    def downmix(self, start: Start) -> str | None:
+        """How the stream's channels become the model's: ``"mean"`` (a mono model, more than one
+        channel sent), else None."""
+        return "mean" if self.spec.channels is None and self.modality == "audio" and start.channels > 1 else None
+
+    def resampler(self, start: Start) -> StreamResampler | None:
+        """A stream's resampler when its rate differs from the model's (after the mix-down), else None."""
+        if start.format == "text" or start.sample_rate in (None, self.spec.sample_rate):
+            return None
+        assert self.spec.sample_rate is not None and start.sample_rate is not None  # parse_start checked
+        return StreamResampler(start.sample_rate, self.spec.sample_rate, 1 if self.downmix(start) else start.channels)
+
+    def chunk_from_frame(self, frame: str | bytes, start: Start, nan_policy: NanPolicy,
+                         resampler: StreamResampler | None = None) -> torch.Tensor | None:
+        """A data frame -> model input: tokens (l,) long or values (l, c) float32; None when the
+        stream's ``resampler`` holds back all of the frame's samples (they come with a later one).
 
         Raises ProtocolError (1003/1007) for frames that do not fit the stream."""
         if isinstance(frame, str):
-            bases = decode_bases(frame, self.spec.alphabet)
-            raw: Any = bases
-        else:
-            raw = decode_samples(frame, start, nan_policy)  # (l, c) float32
+            return self.encode(decode_bases(frame, self.spec.alphabet))
+        x = decode_samples(frame, start, nan_policy)  # (l, c) float32
+        if self.downmix(start):
+            x = torch.from_numpy(x).mean(dim=1, keepdim=True).numpy()  # (l, 1), as AudioEncoder mixes
+        if resampler is not None:
+            x = resampler(x)
+            if not len(x):
+                return None
+        return self.encode(x)
+
+    def encode(self, raw: Any) -> torch.Tensor:
+        """Bases (str) or samples (l, c) float32 at the model's rate -> model input."""
         try:
             return self._encode(raw)
         except (DataFormatError, ShapeError) as exc:
@@ -69,5 +94,6 @@ class ModelCodec:
 
 def stream_spec(serving: ServingSpec) -> StreamSpec:
     """What a stream to a model with this serving spec may send (formats, rate, channels, bases)."""
-    return StreamSpec(formats=serving.stream_formats, sample_rate=serving.sample_rate,
-                      channels=serving.stream_channels, alphabet=serving.accepted_bases)
+    audio = serving.modality == "audio"  # audio also takes G.711 mu-law bytes, and any rate (resampled)
+    return StreamSpec(formats=serving.stream_formats + (("mulaw8",) if audio else ()), sample_rate=serving.sample_rate,
+                      channels=serving.stream_channels, alphabet=serving.accepted_bases, resample=audio)

@@ -1,16 +1,19 @@
 """The streaming wire protocol, version 1 (documented with examples in service/PROTOCOL.md).
 
 Client -> server:
-    text   {"type": "start", "version": 1, "format": "f32le"|"s16le"|"text",
+    text   {"type": "start", "version": 1, "format": "f32le"|"s16le"|"mulaw8"|"text",
             "sample_rate": int, "channels": int, "resume": token?, "ack": int?,
             "results": "json"|"binary"?, "include": ["outputs", "scores"]?}
-    binary little-endian samples, channels interleaved (f32le: 4 bytes, s16le: 2 bytes each)
+    binary samples, channels interleaved (f32le: 4 bytes, s16le: 2 bytes little-endian,
+           mulaw8: 1 byte G.711 mu-law)
     text   bases "ACGTN..." (format "text" only; any frame starting with "{" is a control message)
-    text   {"type": "end"}
+    text   {"type": "ping", "id"?} | {"type": "reset"} | {"type": "ack", "seq"} | {"type": "end"}
 Server -> client:
     {"type": "ready", ...}              once, after start (carries the resume token)
     {"type": "result", "seq", "start", "n", "outputs": [[o floats] x n], "scores": [n floats]}
-        or a binary result frame (``results: "binary"``, layout in :data:`RESULT_HEADER`)
+        or a binary result frame (``results: "binary"``, layout in :data:`RESULT_HEADER`);
+        a reset's answer carries "reset": true (binary: flag bit 2)
+    {"type": "pong", "id"?}             answers a ping
     {"type": "summary", ...}            after end, then close 1000
     {"type": "error", "code", "reason", "message"}  then close with ``code``
 
@@ -25,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -34,8 +37,11 @@ from streamssm.encoding import DNA_ALPHABET, IUPAC_AMBIGUOUS
 from streamssm.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
-FORMATS = ("f32le", "s16le", "text")
-SAMPLE_BYTES = {"f32le": 4, "s16le": 2}
+FORMATS = ("f32le", "s16le", "mulaw8", "text")
+SAMPLE_BYTES = {"f32le": 4, "s16le": 2, "mulaw8": 1}
+#: input sample rates a resampled stream may declare (Hz)
+RESAMPLE_RATES = (1000, 768000)
+PING_ID_CHARS = 64  # longest string id a ping may carry (echoed in its pong)
 RESULT_ENCODINGS = ("json", "binary")
 INCLUDE_FIELDS = ("outputs", "scores")
 #: every base letter a DNA model may read (ambiguity codes -> N); a model's own set is ServingSpec.accepted_bases
@@ -62,21 +68,24 @@ STREAM_LOST = 4410  # application code: the token was ours, its state is gone; s
 #: (row-major, sample by sample), then n f32le scores.
 RESULT_HEADER = struct.Struct("<4sIQIII")
 RESULT_MAGIC = b"SSR1"
-_HAS_OUTPUTS, _HAS_SCORES = 1, 2
+_HAS_OUTPUTS, _HAS_SCORES, _RESET = 1, 2, 4
 
-Format = Literal["f32le", "s16le", "text"]
+Format = Literal["f32le", "s16le", "mulaw8", "text"]
 NanPolicy = Literal["reject", "zero"]
 
 
 @dataclass(frozen=True)
 class StreamSpec:
     """What the loaded model accepts: allowed formats, sample rate and channel count
-    (None: any), the base alphabet for ``text`` streams."""
+    (None: any, mixed down to mono by the mean), the base alphabet for ``text`` streams;
+    ``resample``: any input rate in :data:`RESAMPLE_RATES` is accepted (the server resamples
+    to ``sample_rate``), else the rate must equal the model's."""
 
     formats: tuple[str, ...]
     sample_rate: int | None = None
     channels: int | None = None
     alphabet: str = IUPAC_ALPHABET
+    resample: bool = False
 
 
 @dataclass(frozen=True)
@@ -101,7 +110,7 @@ class Result:
     start: int
     outputs: np.ndarray | None
     scores: np.ndarray | None
-    extra: dict[str, Any] = field(default_factory=dict)
+    reset: bool = False  # the answer to a reset: the stream's state is zero after it
 
     @property
     def n(self) -> int:
@@ -156,8 +165,14 @@ def parse_start(msg: dict[str, Any], spec: StreamSpec) -> Start:
             raise ProtocolError(f"start: text streams have 1 channel, got channels={channels}", POLICY_VIOLATION, "bad_channels")
     else:
         if spec.sample_rate is not None and sample_rate != spec.sample_rate:
-            raise ProtocolError(f"start: this model runs at sample_rate {spec.sample_rate} Hz, got {sample_rate}",
-                                POLICY_VIOLATION, "bad_sample_rate")
+            low, high = RESAMPLE_RATES
+            if not spec.resample:
+                raise ProtocolError(f"start: this model runs at sample_rate {spec.sample_rate} Hz, got {sample_rate}",
+                                    POLICY_VIOLATION, "bad_sample_rate")
+            if not low <= sample_rate <= high:
+                raise ProtocolError(f"start: sample_rate {sample_rate} Hz is outside {low}..{high} Hz, the rates "
+                                    f"this server resamples to the model's {spec.sample_rate} Hz",
+                                    POLICY_VIOLATION, "bad_sample_rate")
         if spec.channels is not None and channels != spec.channels:
             raise ProtocolError(f"start: this model takes {spec.channels} channel(s), got channels={channels}",
                                 POLICY_VIOLATION, "bad_channels")
@@ -176,8 +191,34 @@ def parse_start(msg: dict[str, Any], spec: StreamSpec) -> Start:
     return Start(fmt, sample_rate, channels, resume, ack, results, tuple(f for f in INCLUDE_FIELDS if f in include), version)
 
 
+def parse_ping(msg: dict[str, Any]) -> str:
+    """A ``ping`` control message -> its ``pong`` answer (echoing ``id``: an int or a string of
+    at most PING_ID_CHARS characters); ProtocolError 1008 ``bad_message`` otherwise."""
+    extra = sorted(set(msg) - {"type", "id"})
+    ping_id = msg.get("id")
+    if extra or not (ping_id is None or type(ping_id) is int
+                     or (isinstance(ping_id, str) and len(ping_id) <= PING_ID_CHARS)):
+        raise ProtocolError(f'ping: expected {{"type": "ping"}} with an optional "id" (an integer or a string of '
+                            f'at most {PING_ID_CHARS} characters), got {_preview(repr(msg))}',
+                            POLICY_VIOLATION, "bad_message")
+    return dumps({"type": "pong"} if ping_id is None else {"type": "pong", "id": ping_id})
+
+
+def _g711_mulaw_table() -> np.ndarray:
+    """The ITU-T G.711 mu-law expansion of every code byte 0..255 -> linear PCM (256,) int16
+    in -32124..32124 (the code is stored inverted: 0xFF and 0x7F are 0, 0x00 is -32124)."""
+    u = ~np.arange(256, dtype=np.int32) & 0xFF
+    magnitude = (((u & 0x0F) << 3) + 0x84) << ((u & 0x70) >> 4)
+    return np.where(u & 0x80, 0x84 - magnitude, magnitude - 0x84).astype(np.int16)
+
+
+#: G.711 mu-law code byte -> float32 sample (linear PCM / 32768, like s16le)
+MULAW8_TO_FLOAT = _g711_mulaw_table().astype(np.float32) / np.float32(32768.0)
+
+
 def decode_samples(data: bytes, start: Start, nan_policy: NanPolicy = "reject") -> np.ndarray:
-    """A binary frame -> float32 samples (l, c). s16le is scaled to [-1, 1) by 1/32768.
+    """A binary frame -> float32 samples (l, c). s16le is scaled to [-1, 1) by 1/32768; mulaw8
+    bytes are G.711 mu-law codes, expanded to linear PCM and scaled the same way.
 
     Non-finite f32 samples raise ProtocolError 1007 (``nan_policy="reject"``) or become 0.
     """
@@ -193,6 +234,8 @@ def decode_samples(data: bytes, start: Start, nan_policy: NanPolicy = "reject") 
         )
     if start.format == "s16le":
         x = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
+    elif start.format == "mulaw8":
+        x = MULAW8_TO_FLOAT[np.frombuffer(data, dtype=np.uint8)]
     else:
         x = np.frombuffer(data, dtype="<f4").astype(np.float32)
         finite = np.isfinite(x)
@@ -235,14 +278,20 @@ def dumps(msg: dict[str, Any]) -> str:
 
 
 def ready_message(*, token: str, model: str, head: str, output_dim: int, next_seq: int, samples: int,
-                  resumed: bool, start: Start, queue_depth: int, saved_seq: int | None = None) -> str:
-    """``saved_seq``: the last chunk whose state is on disk (-1: none yet), None without write-ahead."""
+                  resumed: bool, start: Start, queue_depth: int, saved_seq: int | None = None,
+                  model_sample_rate: int | None = None, downmix: str | None = None) -> str:
+    """``saved_seq``: the last chunk whose state is on disk (-1: none yet), None without write-ahead.
+    ``model_sample_rate``: the rate results are counted in (the server resamples when it differs
+    from ``start.sample_rate``); ``downmix``: how channels become the model's one (``"mean"``)."""
     return dumps({
         "type": "ready", "version": PROTOCOL_VERSION, "resume": token, "model": model, "head": head,
         "output_dim": output_dim, "next_seq": next_seq, "samples": samples, "resumed": resumed,
         "queue_depth": queue_depth, "saved_seq": saved_seq,
         "format": start.format, "sample_rate": start.sample_rate, "channels": start.channels,
         "results": start.results, "include": list(start.include),
+        "model_sample_rate": model_sample_rate,
+        "resample": model_sample_rate is not None and start.sample_rate not in (None, model_sample_rate),
+        "downmix": downmix,
     })
 
 
@@ -297,17 +346,19 @@ def result_piece(outputs: np.ndarray, scores: np.ndarray | None, start: Start) -
                        enc(scores) if want_scores else None)
 
 
-def join_result(seq: int, start_sample: int, o: int, pieces: list[ResultPiece], start: Start) -> str | bytes:
-    """The pieces of one chunk, in order -> its JSON text message or binary frame."""
+def join_result(seq: int, start_sample: int, o: int, pieces: list[ResultPiece], start: Start,
+                reset: bool = False) -> str | bytes:
+    """The pieces of one chunk, in order -> its JSON text message or binary frame (no pieces:
+    a result of n = 0 samples, without outputs or scores). ``reset``: it answers a reset."""
     n = sum(p.n for p in pieces)
     outs = [p.outputs for p in pieces if p.outputs is not None]
     scores = [p.scores for p in pieces if p.scores is not None]
     has_out, has_scores = bool(pieces) and len(outs) == len(pieces), bool(pieces) and len(scores) == len(pieces)
     if start.results == "binary":
-        flags = (_HAS_OUTPUTS if has_out else 0) | (_HAS_SCORES if has_scores else 0)
+        flags = (_HAS_OUTPUTS if has_out else 0) | (_HAS_SCORES if has_scores else 0) | (_RESET if reset else 0)
         head = RESULT_HEADER.pack(RESULT_MAGIC, seq, start_sample, n, o, flags)
         return b"".join([head, *(outs if has_out else []), *(scores if has_scores else [])])  # type: ignore[list-item]
-    text = dumps({"type": "result", "seq": seq, "start": start_sample, "n": n})[:-1]
+    text = dumps({"type": "result", "seq": seq, "start": start_sample, "n": n, **({"reset": True} if reset else {})})[:-1]
     if has_out:
         text += ',"outputs":[' + ",".join(s for s in outs if s) + "]"  # type: ignore[misc]
     if has_scores:
@@ -341,7 +392,7 @@ def decode_result(message: str | bytes) -> Result | dict[str, Any]:
             off += n * o * 4
         if flags & _HAS_SCORES:
             scores = np.frombuffer(data, dtype="<f4", count=n, offset=off)
-        return Result(seq, start_sample, outputs, scores)
+        return Result(seq, start_sample, outputs, scores, bool(flags & _RESET))
     msg = json.loads(message)
     if msg.get("type") != "result":
         return msg
@@ -351,6 +402,7 @@ def decode_result(message: str | bytes) -> Result | dict[str, Any]:
         int(msg["seq"]), int(msg["start"]),
         None if outputs is None else np.asarray(outputs, dtype=np.float32).reshape(int(msg["n"]), -1),
         None if scores is None else np.asarray(scores, dtype=np.float32),
+        msg.get("reset") is True,
     )
 
 

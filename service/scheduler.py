@@ -212,6 +212,22 @@ class Scheduler:
         for _ in range(self.queue_depth):
             stream.slots.release()
 
+    async def reset(self, sid: int, computed: int) -> int:
+        """Zero the state of ``sid`` (its pool row closed and opened again, between two model
+        calls), which must have no chunk pending; the stream then counts ``computed`` chunks.
+        Returns the stream's new id."""
+        stream = self._get(sid)
+        if stream.pending or stream.failed:
+            raise StateError(f"stream {sid} cannot be reset with chunks pending or after a failure")
+        new = await self._call(self._reopen, sid)
+        self._streams[new] = self._streams.pop(sid)
+        stream.sid, stream.computed = new, (computed, stream.computed[1])
+        return new
+
+    def _reopen(self, sid: int) -> int:
+        self.streamer.close(sid)
+        return self.streamer.open()  # the row just freed, zeroed
+
     async def close(self, sid: int, snapshot: bool = False) -> bytes | None:
         """Drop the stream's not-yet-started chunks, let the engine finish a chunk it has
         started, then (optionally) snapshot its state and free its pool row. Returns the

@@ -2,6 +2,14 @@
 buffer; it is also the stream's scheduler ``Encoder``. It reaches the server only through
 :class:`SessionHost`, the small interface :class:`~streamssm.service.server.StreamServer`
 offers its sessions.
+
+Every data frame and every ``reset`` takes the next seq and gets exactly one result, in
+order. Most go through the scheduler; a frame whose samples the stream's resampler holds back
+(n = 0) and a reset with nothing to compute are answered here, once every earlier seq is
+(:meth:`Session._answer_here`). A reset zeroes the stream's pool row between two model calls
+(after the samples the resampler still held are computed in the reset's own result). Streams
+the server resamples are neither parked nor written ahead (the resampler's filter state is
+not serializable): their resume token gives 4410 ``stream_lost``.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from collections import deque
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
@@ -34,6 +43,7 @@ from .protocol import (
     dumps,
     join_result,
     parse_control,
+    parse_ping,
     ready_message,
     result_bytes,
     result_piece,
@@ -82,7 +92,12 @@ class Session:
         self.stats: dict[str, Any] = dict(parked.stats) if parked else {"log_likelihood": 0.0, "last": None}
         self.replay: deque[tuple[int, str | bytes]] = deque(parked.replay if parked else ())
         self.replay_size = sum(len(m) for _, m in self.replay)
-        self.outbox: asyncio.Queue[str | bytes] = asyncio.Queue()
+        self.resampler = server.codec.resampler(start)
+        self.resets: set[int] = set()  # seqs of resets in progress (their results are marked)
+        self.resetting = False  # no write-ahead while a reset is between its result and the zeroing
+        self.progress = asyncio.Event()  # set whenever done_seq grows
+        #: (message, whether sending it answers a chunk of the scheduler and frees a queue slot)
+        self.outbox: asyncio.Queue[tuple[str | bytes, bool]] = asyncio.Queue()
         self.connected = True
         self.ended = False
         self.failure: BaseException | None = None
@@ -108,26 +123,33 @@ class Session:
 
     def finish(self, chunk: Chunk, parts: list) -> tuple[str | bytes, float, list | None]:
         """All slices of a chunk -> (its wire message, sum of its scores, its last output row)."""
-        message = join_result(chunk.seq, chunk.start, self.server.streamer.out_dim, [p for p, _, _ in parts], self.start)
+        message = join_result(chunk.seq, chunk.start, self.server.streamer.out_dim, [p for p, _, _ in parts], self.start,
+                              reset=chunk.seq in self.resets)
         return message, sum(s for _, s, _ in parts), parts[-1][2] if parts else None
 
     # -- called by the scheduler (event loop) ------------------------------------------------
 
     def deliver(self, chunk: Chunk, done: tuple[str | bytes, float, list | None]) -> None:
         message, score_sum, last = done
-        self.done_seq = chunk.seq + 1
         self.done_samples = chunk.start + chunk.n
         self.stats["log_likelihood"] += score_sum
         if last is not None:  # the summary's last forecast / probabilities
             self.stats["last"] = last
-        self.replay.append((chunk.seq, message))
+        self._answered(chunk.seq, message, slot=True)
+
+    def _answered(self, seq: int, message: str | bytes, slot: bool) -> None:
+        """The result of ``seq`` exists: keep it for replay and send it. ``slot``: it answers a
+        scheduler chunk, whose queue slot its sending (or dropping) frees."""
+        self.done_seq = seq + 1
+        self.progress.set()
+        self.replay.append((seq, message))
         self.replay_size += len(message)
         limit = self.server.config.replay_bytes
         while self.replay_size > limit and len(self.replay) > 1:
             self.replay_size -= len(self.replay.popleft()[1])
         if self.connected:
-            self.outbox.put_nowait(message)
-        else:
+            self.outbox.put_nowait((message, slot))
+        elif slot:
             self.server.scheduler.done(self.sid)
 
     def acknowledge(self, seq: int) -> None:
@@ -162,15 +184,16 @@ class Session:
     async def _send_loop(self) -> None:
         try:
             while True:
-                message = await self.outbox.get()
+                message, slot = await self.outbox.get()
                 self.send_started = time.monotonic()
                 try:
                     await self.ws.send(message)
                 finally:
                     self.send_started = None
                     self.last_activity = time.monotonic()
-                    if not isinstance(message, _Notice):
+                    if slot:
                         self.server.scheduler.done(self.sid)
+                    self.outbox.task_done()
         except ConnectionClosed:  # free the queue so a handler blocked in submit() wakes up
             self._disconnect()
 
@@ -178,28 +201,35 @@ class Session:
         """No more sending: results from now on only go to the replay buffer."""
         self.connected = False
         while not self.outbox.empty():
-            if not isinstance(self.outbox.get_nowait(), _Notice):
+            if self.outbox.get_nowait()[1]:
                 self.server.scheduler.done(self.sid)
+            self.outbox.task_done()
 
     async def greet(self, ack: int, resumed: bool) -> None:
         """Send ``ready``, then replay the results after ``ack``; start the sender."""
         srv = self.server
-        durable = srv.store.enabled and srv.store.state_dir is not None  # parked and written-ahead files
+        durable = self.resumable and srv.store.state_dir is not None  # parked and written-ahead files
         await self.ws.send(ready_message(token=self.token, model=srv.bundle.fingerprint, head=srv.codec.head,
                                          output_dim=srv.codec.output_dim, next_seq=self.next_seq,
                                          samples=self.samples_in, resumed=resumed, start=self.start,
                                          queue_depth=srv.config.queue_depth,
-                                         saved_seq=self.next_seq - 1 if durable else None))
+                                         saved_seq=self.next_seq - 1 if durable else None,
+                                         model_sample_rate=srv.codec.spec.sample_rate,
+                                         downmix=srv.codec.downmix(self.start)))
         for seq, message in list(self.replay):
             if seq > ack:
                 await self.ws.send(message)
         self.last_activity = time.monotonic()
         self.sender = asyncio.get_running_loop().create_task(self._send_loop())
 
+    @property
+    def resumable(self) -> bool:
+        """Whether the stream is parked on disconnect and written ahead (not when resampled)."""
+        return self.server.store.enabled and self.resampler is None
+
     async def run(self) -> None:
         """Receive frames until ``end`` (then summary + close 1000) or an error/close."""
-        cfg, codec, sched = self.server.config, self.server.codec, self.server.scheduler
-        scored = self.server.streamer.cfg.head == "lm" and self.server.streamer.cfg.input_kind == "tokens"
+        cfg, codec = self.server.config, self.server.codec
         while True:
             message = await self.server.receive(self.ws, self)
             self.last_activity = time.monotonic()
@@ -210,52 +240,124 @@ class Session:
                 raise ProtocolError(f"frame of {size} bytes exceeds the limit of {cfg.max_frame_bytes} bytes",
                                     MESSAGE_TOO_BIG, "frame_too_big")
             if isinstance(message, str) and message.startswith("{"):
-                msg = parse_control(message)
-                if msg["type"] == "end":
-                    await self._end()
+                if await self._control(parse_control(message)):
                     return
-                if msg["type"] == "ack" and type(msg.get("seq")) is int:
-                    self.acknowledge(msg["seq"])
-                    continue
-                raise ProtocolError(f'unexpected control message {_short(msg)} (expected "end", '
-                                    '{"type": "ack", "seq": int} or data)', POLICY_VIOLATION, "bad_message")
+                continue
             if isinstance(message, str) and self.start.format != "text":
                 raise ProtocolError("text frame in a binary stream: text frames carry JSON control messages only",
                                     UNSUPPORTED_DATA, "text_in_binary")
+            args = (message, self.start, cfg.nan_policy, self.resampler)
             if size >= _THREAD_DECODE_BYTES:
-                x = await asyncio.to_thread(codec.chunk_from_frame, message, self.start, cfg.nan_policy)
+                x = await asyncio.to_thread(codec.chunk_from_frame, *args)
             else:
-                x = codec.chunk_from_frame(message, self.start, cfg.nan_policy)  # type: ignore[arg-type]
-            n = int(x.shape[0])
-            out_bytes = result_bytes(n, codec.output_dim, scored, self.start)
-            if out_bytes > cfg.max_result_bytes:
-                raise ProtocolError(
-                    f"a frame of {n} samples gives {out_bytes} bytes of {self.start.results} results "
-                    f"(limit {cfg.max_result_bytes}); send smaller frames, or ask for include: [\"scores\"] "
-                    f"or results: \"binary\"", MESSAGE_TOO_BIG, "result_too_big")
-            chunk = Chunk(self.next_seq, self.samples_in, x)
-            self.next_seq += 1
-            self.samples_in += chunk.n
+                x = codec.chunk_from_frame(*args)  # type: ignore[arg-type]
+            if x is None:  # the resampler holds all of its samples: a result of n = 0
+                await self._answer_here(self._take_seq())
+            else:
+                await self._submit(x)
+
+    async def _control(self, msg: dict[str, Any]) -> bool:
+        """Act on a control message; True after ``end`` (the stream is over)."""
+        kind = msg["type"]
+        if kind == "end":
+            await self._end()
+            return True
+        if kind == "ack" and type(msg.get("seq")) is int:
+            self.acknowledge(msg["seq"])
+        elif kind == "ping":
+            if self.connected:
+                self.outbox.put_nowait((parse_ping(msg), False))
+        elif kind == "reset" and set(msg) == {"type"}:
+            await self._reset()
+        else:
+            raise ProtocolError(f'unexpected control message {_short(msg)} (expected {{"type": "end"}}, '
+                                '{"type": "ack", "seq": int}, {"type": "ping", "id"?}, {"type": "reset"} or data)',
+                                POLICY_VIOLATION, "bad_message")
+        return False
+
+    def _take_seq(self) -> int:
+        self.next_seq += 1
+        return self.next_seq - 1
+
+    async def _submit(self, x: torch.Tensor) -> None:
+        """Queue model input x (the stream's next ``seq``) for the engine."""
+        codec = self.server.codec
+        scored = self.server.streamer.cfg.head == "lm" and self.server.streamer.cfg.input_kind == "tokens"
+        n, limit = int(x.shape[0]), self.server.config.max_result_bytes
+        out_bytes = result_bytes(n, codec.output_dim, scored, self.start)
+        if out_bytes > limit:
+            raise ProtocolError(
+                f"a frame of {n} samples gives {out_bytes} bytes of {self.start.results} results "
+                f"(limit {limit}); send smaller frames, or ask for include: [\"scores\"] "
+                f"or results: \"binary\"", MESSAGE_TOO_BIG, "result_too_big")
+        chunk = Chunk(self._take_seq(), self.samples_in, x)
+        self.samples_in += chunk.n
+        try:
+            await self.server.scheduler.submit(self.sid, chunk)
+        except StateError:
+            if self.failure is not None:
+                raise self.failure_error() from None
+            raise
+
+    async def _caught_up(self, seq: int) -> None:
+        """Wait until every seq before ``seq`` has its result (ProtocolError if the stream fails)."""
+        while self.done_seq < seq:
+            self.progress.clear()
+            waits = {asyncio.ensure_future(self.progress.wait()), asyncio.ensure_future(self.failed.wait())}
             try:
-                await sched.submit(self.sid, chunk)
-            except StateError:
-                if self.failure is not None:
-                    raise self.failure_error() from None
-                raise
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+            if self.failure is not None:
+                raise self.failure_error()
+
+    async def _answer_here(self, seq: int, reset: bool = False) -> None:
+        """Answer ``seq`` with a result of no samples, after every earlier result."""
+        await self._caught_up(seq)
+        self._answered(seq, join_result(seq, self.samples_in, self.server.streamer.out_dim, [], self.start, reset),
+                       slot=False)
+
+    async def _reset(self) -> None:
+        """The state back to zero, as for a new stream; the reset takes the next seq. A resampled
+        stream's held samples are flushed and computed first, in the reset's result."""
+        seq = self.next_seq
+        self.resets.add(seq)
+        self.resetting = True
+        try:
+            tail = None if self.resampler is None else self.resampler.flush()
+            if tail is not None and len(tail):
+                await self._submit(self.server.codec.encode(tail))  # takes seq: computed before the zeroing
+                await self._caught_up(seq + 1)
+            else:
+                self._take_seq()
+                await self._caught_up(seq)
+            self.sid = await self.server.scheduler.reset(self.sid, seq + 1)
+            if self.done_seq == seq:
+                await self._answer_here(seq, reset=True)
+        finally:
+            self.resets.discard(seq)
+            self.resetting = False
 
     async def _end(self) -> None:
         """Wait for every answer to be sent (however long the server's own backlog takes; only
-        a client that stops reading its results is timed out), then summary and close 1000."""
+        a client that stops reading its results is timed out), then summary and close 1000. A
+        resampled stream's last samples (those its resampler held) get one more result first."""
         sched = self.server.scheduler
-        drain = asyncio.ensure_future(sched.drain(self.sid))
-        try:
-            while not drain.done():
-                await asyncio.wait({drain}, timeout=min(1.0, self.server.config.idle_timeout))
-                if self.failure is not None:
-                    raise self.failure_error()
-                self.check_reading()
-        finally:
-            drain.cancel()
+        if self.resampler is not None:
+            tail = self.resampler.flush()
+            if len(tail):
+                await self._submit(self.server.codec.encode(tail))
+        for waiting in (sched.drain(self.sid), self.outbox.join()):  # every result computed, then sent
+            task = asyncio.ensure_future(waiting)
+            try:
+                while not task.done():
+                    await asyncio.wait({task}, timeout=min(1.0, self.server.config.idle_timeout))
+                    if self.failure is not None:
+                        raise self.failure_error()
+                    self.check_reading()
+            finally:
+                task.cancel()
         self.ended = True
         await sched.close(self.sid)
         await self.ws.send(dumps(self.summary()))
@@ -291,7 +393,7 @@ class Session:
         if self.sid < 0:
             return
         store = self.server.store
-        keep = park and store.enabled and self.failure is None and not self.ended
+        keep = park and self.resumable and self.failure is None and not self.ended
         blob = await self.server.scheduler.close(self.sid, snapshot=keep)
         if keep and blob is not None and self.done_seq > 0:
             await asyncio.to_thread(store.park, self.token, self.parked(blob))
@@ -301,19 +403,16 @@ class Session:
 
     async def write_ahead(self) -> None:
         """Write this live stream's state to the state dir (between two model calls)."""
-        if self.ended or self.failure is not None or self.done_seq in (0, self.written_seq):
+        if (self.ended or self.failure is not None or self.done_seq in (0, self.written_seq) or self.resetting
+                or not self.resumable):
             return
         got = await self.server.scheduler.checkpoint(self.sid)
-        if got is None or got[1] != self.done_seq or self.ended:
-            return  # in the middle of a chunk or closing: the next round writes it
+        if got is None or got[1] != self.done_seq or self.ended or self.resetting:
+            return  # in the middle of a chunk, a reset or closing: the next round writes it
         await asyncio.to_thread(self.server.store.write_ahead, self.token, self.parked(got[0]))
         self.written_seq = got[1]
         if self.connected:  # after the results it covers: the client may drop those chunks
-            self.outbox.put_nowait(_Notice(dumps({"type": "saved", "seq": got[1] - 1})))
-
-
-class _Notice(str):
-    """An outbox message that answers no chunk (``saved``): sending it frees no queue slot."""
+            self.outbox.put_nowait((dumps({"type": "saved", "seq": got[1] - 1}), False))
 
 
 def resume_settings(start: Start) -> dict[str, Any]:

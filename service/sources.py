@@ -72,13 +72,13 @@ def read_source(path: str | Path, *, record: str | None = None, columns: list[st
 
 async def stream_source(source: Source, url: str, *, chunk: int, token: str | None = None, realtime: bool = False,
                         results: str = "json", include: tuple[str, ...] = ("outputs", "scores"),
-                        progress: Any = None) -> tuple[StreamClient, dict[str, Any]]:
+                        progress: Any = None, ssl: Any = None) -> tuple[StreamClient, dict[str, Any]]:
     """Stream a whole source in chunks of ``chunk`` samples; returns the client (results) and summary.
 
     ``realtime`` paces chunks at the source's sample rate; ``progress(samples_sent)`` is called
-    after each chunk."""
+    after each chunk; ``ssl``: the client's ``ssl.SSLContext`` for wss://."""
     client = StreamClient(url, format=source.format, sample_rate=source.sample_rate, channels=source.channels,
-                          token=token, results=results, include=include)
+                          token=token, results=results, include=include, ssl=ssl)
     async with client:
         t0, sent = time.perf_counter(), 0
         for piece in source.chunks(chunk):

@@ -184,7 +184,7 @@ async def test_audio_s16le_mu_law_scores_only(ckpts):
     rng = np.random.default_rng(1)
     pcm = (np.sin(np.arange(60) / 3.0) * 20000 + rng.normal(size=60) * 500).astype(np.int16)
     async with server(ckpts["audio"]) as srv:
-        await expect_error(srv.url, [json.dumps({"type": "start", "format": "s16le", "sample_rate": 16000})], 1008)
+        await expect_error(srv.url, [json.dumps({"type": "start", "format": "s16le", "sample_rate": 999})], 1008)
         async with StreamClient(srv.url, format="s16le", sample_rate=8000, results="binary", include=("scores",)) as c:
             for a, b in random_cuts(len(pcm), 9):
                 await c.send(pcm[a:b])
@@ -217,7 +217,7 @@ async def test_bad_clients_get_errors_while_good_streams_continue(ckpts):
             (srv.url, [start, "ACGTXQ"], 1007),
             (srv.url, [start, b"ACGT"], 1003),
             (srv.url, [start, "A" * 5000], 1009),
-            (srv.url, [start, '{"type": "reset"}'], 1008),
+            (srv.url, [start, '{"type": "rewind"}'], 1008),
             (srv.url, [json.dumps({"type": "start", "format": "text", "resume": "x" * 43})], 1008),
             (sensor_srv.url, [json.dumps({"type": "start", "format": "f32le", "channels": 2})], 1008),
             (sensor_srv.url, [sstart, b"\x00" * 10], 1007),  # not a whole number of 3-channel f32 samples
