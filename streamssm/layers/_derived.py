@@ -23,8 +23,8 @@ _CACHE_ATTR = "_streamssm_fp32_cache"
 
 def cached_fp32(module: nn.Module, key: str, fn: Callable[[], torch.Tensor], *sources: torch.Tensor) -> torch.Tensor:
     """``fn()`` (a pure function of ``sources``), reused from ``module``'s cache when valid."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
-        return fn()
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in sources)):
+        return fn()  # compiled: traced into the graph (a few fused ops), no cache lookup to break it
     cache: dict = module.__dict__.setdefault(_CACHE_ATTR, {})
     hit = cache.get(key)
     if hit is not None:
