@@ -5,6 +5,8 @@
     causal_conv1d    depthwise causal conv x (b, d, l); weight (d, w)
     mamba3_scan      Mamba-3 (trapezoid,   x, z (b, l, h, p); dt, lam (b, l, h); B, C (b, l, g, n);
                      rotating state)       theta (b, l, g, n/2)
+    add_rms_norm     x + y and RMSNorm of  x, y (b, d); weight (d,)  (the step's layer epilogue)
+                     the sum, one pass
     *_step           one time step, updating a state pool in place at ``state_indices``
 
 Backends:
@@ -425,7 +427,36 @@ def mamba3_step(
     return y
 
 
+# ----------------------------------------------------------------------------- residual add + RMSNorm
+
+
+def add_rms_norm(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    backend: Backend = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """h = x + y and RMSNorm(h) * weight in one pass (the step's layer epilogue).
+
+    x, y (b, d); weight (d,). Returns (h, normed), both (b, d) in x.dtype. Forward-only kernel:
+    calls that record gradients run the reference (``norm/reference.py``)."""
+    op = "add_rms_norm"
+    check_tensor(op, "x", x, (None, None))
+    check_tensor(op, "y", y, tuple(x.shape), device=x.device)
+    check_tensor(op, "weight", weight, (x.shape[1],), device=x.device)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, y, weight))
+    if choose_backend(op, backend, x.device) == "triton" and not grad:
+        from streamssm.kernels.norm.add_rms_norm import add_rms_norm_triton
+
+        return add_rms_norm_triton(x, y, weight, eps)
+    from streamssm.kernels.norm.reference import add_rms_norm_ref
+
+    return add_rms_norm_ref(x, y, weight, eps)
+
+
 __all__ = [
+    "add_rms_norm",
     "causal_conv1d",
     "conv1d_step",
     "mamba3_scan",

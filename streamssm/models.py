@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from streamssm.errors import ConfigError, ShapeError, StateError
+from streamssm.kernels import add_rms_norm
 from streamssm.layers import Mamba2Block, Mamba3Block, MambaBlock, RMSNorm
 from streamssm.layers.attention import SlidingWindowAttention
 from streamssm.state import LayerState, ModelState
@@ -346,9 +347,13 @@ class Backbone(nn.Module):
             raise ShapeError(f"Backbone.step_pool: x_t must be (batch, d_model), got {tuple(x_t.shape)}")
         if len(pool) != len(self.layers):
             raise StateError(f"state pool has {len(pool)} layers, the model has {len(self.layers)}")
-        for layer, layer_pool in zip(self.layers, pool):
-            x_t = layer.step_pool(x_t, layer_pool, state_indices)
-        return self.norm_f(x_t)
+        # each layer's residual add and the next norm (or the final one) in one fused launch
+        normed = self.layers[0].norm(x_t)
+        next_norms = [layer.norm for layer in self.layers[1:]] + [self.norm_f]
+        for layer, layer_pool, norm in zip(self.layers, pool, next_norms):
+            y = layer.mixer.step_pool(normed, layer_pool, state_indices)
+            x_t, normed = add_rms_norm(x_t, y, norm.weight, norm.eps)
+        return normed
 
 
 class SSMModel(nn.Module):
