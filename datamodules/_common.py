@@ -13,7 +13,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -215,12 +215,17 @@ class BaseDataModule(pl.LightningDataModule):
             )
         return ds
 
-    def _loader(self, split: str, sampler: Sampler | None = None, shuffle: bool = False) -> DataLoader:
+    #: how samples become a batch (None: torch's default stacking)
+    collate_fn: Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]] | None = None
+
+    def _loader(
+        self, split: str, sampler: Sampler | None = None, shuffle: bool = False, batch_size: int | None = None
+    ) -> DataLoader:
         ds = self._dataset(split)
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         return DataLoader(
             ds,
-            batch_size=self.batch_size,
+            batch_size=self.batch_size if batch_size is None else batch_size,
             sampler=sampler,
             shuffle=shuffle if sampler is None else False,
             generator=generator,
@@ -228,6 +233,7 @@ class BaseDataModule(pl.LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
             drop_last=False,
+            collate_fn=self.collate_fn,
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -239,6 +245,25 @@ class BaseDataModule(pl.LightningDataModule):
     def serving_spec(self) -> ServingSpec:  # pragma: no cover - implemented by subclasses
         """The serving contract of this data (the task completes it and saves it once)."""
         raise NotImplementedError
+
+
+def pad_batch(samples: list[dict[str, torch.Tensor]], pad_value: int = 0) -> dict[str, torch.Tensor]:
+    """Samples of unequal length -> one batch padded at the end to the longest.
+
+    Each sample holds ``inputs`` (n, ...), ``mask`` (n,) bool and ``targets`` () (one label);
+    inputs are padded with ``pad_value``, the mask with False (the causal model's valid steps
+    never see the padding; ``SequenceClassifier`` reads its decision at the last valid step).
+    Returns ``inputs`` (b, l, ...), ``mask`` (b, l), ``targets`` (b,).
+    """
+    longest = max(int(s["inputs"].shape[0]) for s in samples)
+    first = samples[0]["inputs"]
+    inputs = first.new_full((len(samples), longest, *first.shape[1:]), pad_value)
+    mask = torch.zeros(len(samples), longest, dtype=torch.bool)
+    for i, s in enumerate(samples):
+        n = int(s["inputs"].shape[0])
+        inputs[i, :n] = s["inputs"]
+        mask[i, :n] = s["mask"]
+    return {"inputs": inputs, "mask": mask, "targets": torch.stack([s["targets"] for s in samples])}
 
 
 def span_too_short(split: str, longest: int, need: int, unit: str, knob: str, fraction: float) -> str:

@@ -15,6 +15,11 @@ Windows come from one or more FASTA files, either
   the ``-`` strand are reverse-complemented. With several FASTA files, a BED chromosome name
   refers to the first file that holds it.
 
+Whole-sequence evaluation (``whole_eval``): val/test are then each held-out region in one
+sample (a whole held-out chromosome, or the held-out tail of each one), batch size 1, tokens
+kept as uint8; ``TokenLM`` runs sequences longer than its ``eval_chunk`` in chunks with the
+state carried over, so ``test/bpt`` is the bits per base of every held-out base in one pass.
+
 Splits never share a base: whole chromosomes (``val_chroms``/``test_chroms``) or, per
 chromosome, the last ``val_fraction + test_fraction`` of its length (train | val | test).
 BED windows that straddle a split boundary are dropped. Reverse-complement augmentation
@@ -302,6 +307,25 @@ class RandomWindowDataset(Dataset):
         return lm_sample(reverse_complement(tokens) if win.minus else tokens, self.mask_n)
 
 
+class RegionDataset(Dataset):
+    """Index -> one whole region as a next-token sample: ``inputs``/``targets`` (n - 1,) uint8
+    (both views of one read), ``mask`` (n - 1,) bool."""
+
+    def __init__(self, reader: FastaReader, regions: list[Region], mask_n: bool) -> None:
+        self.reader = reader
+        self.regions = regions
+        self.mask_n = mask_n
+
+    def __len__(self) -> int:
+        return len(self.regions)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        r = self.regions[int(index)]
+        tokens = torch.from_numpy(self.reader.read(r.file, r.chrom, r.start, r.end))  # (n,) uint8
+        mask = tokens[1:] != N_TOKEN if self.mask_n else torch.ones(r.length - 1, dtype=torch.bool)
+        return {"inputs": tokens[:-1], "targets": tokens[1:], "mask": mask}
+
+
 class FixedWindowDataset(Dataset):
     """Index (or epoch key, taken modulo the size) -> one of a fixed list of windows.
 
@@ -329,8 +353,10 @@ class FixedWindowDataset(Dataset):
         return lm_sample(tokens, self.mask_n)
 
 
-def read_bed(path: str | Path) -> list[tuple[str, int, int, bool, int]]:
-    """Rows ``(chrom, start, end, minus_strand, line_number)`` of a BED file (0-based, half-open)."""
+def read_bed_fields(path: str | Path, min_fields: int = 3) -> list[tuple[list[str], int]]:
+    """``(fields, line_number)`` of every interval line of a BED file (tab- or space-separated;
+    blank, ``#``, ``track`` and ``browser`` lines skipped), checking ``0 <= start < end`` and at
+    least ``min_fields`` columns. Raises ``DataFormatError`` naming the file and line."""
     path = Path(path)
     if not path.is_file():
         raise DataFormatError(f"BED file {str(path)!r} does not exist")
@@ -340,9 +366,10 @@ def read_bed(path: str | Path) -> list[tuple[str, int, int, bool, int]]:
             if not line.strip() or line.startswith(("#", "track", "browser")):
                 continue
             fields = line.rstrip("\n").split("\t") if "\t" in line else line.split()
-            if len(fields) < 3:
+            if len(fields) < min_fields:
                 raise DataFormatError(
-                    f"{path}:{lineno}: expected at least 3 columns (chrom start end), got {line.strip()!r}"
+                    f"{path}:{lineno}: expected at least {min_fields} columns (chrom start end ...), "
+                    f"got {line.strip()!r}"
                 )
             try:
                 start, end = int(fields[1]), int(fields[2])
@@ -352,11 +379,18 @@ def read_bed(path: str | Path) -> list[tuple[str, int, int, bool, int]]:
                 ) from None
             if start < 0 or end <= start:
                 raise DataFormatError(f"{path}:{lineno}: expected 0 <= start < end, got {start}, {end}")
-            minus = len(fields) >= 6 and fields[5].strip() == "-"
-            rows.append((fields[0], start, end, minus, lineno))
+            rows.append((fields, lineno))
     if not rows:
         raise DataFormatError(f"BED file {str(path)!r} holds no intervals")
     return rows
+
+
+def read_bed(path: str | Path) -> list[tuple[str, int, int, bool, int]]:
+    """Rows ``(chrom, start, end, minus_strand, line_number)`` of a BED file (0-based, half-open)."""
+    return [
+        (f[0], int(f[1]), int(f[2]), len(f) >= 6 and f[5].strip() == "-", lineno)
+        for f, lineno in read_bed_fields(path)
+    ]
 
 
 class FastaDataModule(BaseDataModule):
@@ -371,6 +405,8 @@ class FastaDataModule(BaseDataModule):
         val_fraction / test_fraction: otherwise hold out the tail of every chromosome.
         samples_per_epoch: random training windows per epoch.
         eval_windows: at most this many val/test windows (evenly spread; None = all).
+        whole_eval: val/test score each held-out region whole, in one pass (batch size 1;
+            see the module docstring) instead of windows; ``eval_windows`` then does not apply.
         rc_prob: probability of reverse-complementing a training window.
         max_n_fraction: re-draw random training windows with more N than this.
         mask_n: mask targets that are N out of the loss.
@@ -390,6 +426,7 @@ class FastaDataModule(BaseDataModule):
         test_fraction: float = 0.0,
         samples_per_epoch: int = 1024,
         eval_windows: int | None = 64,
+        whole_eval: bool = False,
         rc_prob: float = 0.5,
         max_n_fraction: float = 0.5,
         mask_n: bool = True,
@@ -422,6 +459,7 @@ class FastaDataModule(BaseDataModule):
         self.test_fraction = float(test_fraction)
         self.samples_per_epoch = int(samples_per_epoch)
         self.eval_windows = eval_windows
+        self.whole_eval = bool(whole_eval)
         self.rc_prob = float(rc_prob)
         self.max_n_fraction = float(max_n_fraction)
         self.mask_n = bool(mask_n)
@@ -562,6 +600,10 @@ class FastaDataModule(BaseDataModule):
                 self.mask_n,
             )
         for split in ("val", "test"):
+            regions = [r for r in self.split_regions[split] if r.length >= 2]
+            if self.whole_eval and regions:
+                self._datasets[split] = RegionDataset(reader, regions, self.mask_n)
+                continue
             chosen = evenly_spaced(windows[split], self.eval_windows)
             if chosen:
                 self._datasets[split] = FixedWindowDataset(reader, chosen, self.mask_n)
@@ -574,6 +616,11 @@ class FastaDataModule(BaseDataModule):
         ds = self._dataset("train")
         n = self.samples_per_epoch if isinstance(ds, RandomWindowDataset) else len(ds)
         return self._loader("train", sampler=EpochKeySampler(n, self.seed))
+
+    def _loader(self, split: str, sampler=None, shuffle: bool = False, batch_size: int | None = None):  # noqa: ANN001, ANN202
+        """Whole regions (``whole_eval``) go one per batch: their lengths differ."""
+        whole = isinstance(self._dataset(split), RegionDataset)
+        return super()._loader(split, sampler, shuffle, batch_size=1 if whole else batch_size)
 
     def predict_dataloader(self):  # noqa: ANN201 - DataLoader
         """The test windows when a test split exists, else the validation windows."""

@@ -2,6 +2,8 @@
 
 - ``write_fasta``: chromosomes from an order-2 Markov background with planted motifs, copies
   of a few interspersed repeat families, soft-masked (lowercase) tandem repeats and N gaps.
+- ``write_motif_sequences``: labeled DNA records of varying length for classification: the label
+  says whether a fixed motif occurs (on either strand) anywhere in the sequence.
 - ``write_wav_folder``: harmonic tones, chirps and amplitude-modulated tones (with a little
   noise) that a tiny model can predict sample by sample.
 - ``write_sensor_table``: coupled damped oscillators driven by noise, observed through a
@@ -26,6 +28,8 @@ __all__ = [
     "dna_sequence",
     "write_fasta",
     "write_bed",
+    "motif_sequences",
+    "write_motif_sequences",
     "audio_signal",
     "write_wav_folder",
     "sensor_series",
@@ -148,6 +152,67 @@ def write_bed(path: str | Path, intervals: list[tuple]) -> Path:
         for row in intervals:
             fh.write("\t".join(str(v) for v in row) + "\n")
     return path
+
+
+MOTIF = "TATAAGC"  # the motif of ``motif_sequences`` (not its own reverse complement)
+_COMPLEMENT = bytes.maketrans(b"ACGT", b"TGCA")
+
+
+def _rc_text(seq: str) -> str:
+    return seq.translate(_COMPLEMENT)[::-1]
+
+
+def motif_sequences(
+    n: int, min_length: int = 60, max_length: int = 200, seed: int = 0, motif: str = MOTIF
+) -> list[tuple[str, str]]:
+    """``n`` labeled sequences ``(bases, label)``: label ``motif`` when ``motif`` occurs on either
+    strand (planted once at a random place and strand), ``none`` when it occurs nowhere; about
+    half of each. Lengths are uniform in ``[min_length, max_length]``; the background is the
+    order-2 Markov model of ``write_fasta`` (species 0), with chance occurrences removed."""
+    n = _check_int("n", n, 1)
+    min_length = _check_int("min_length", min_length, len(motif))
+    max_length = _check_int("max_length", max_length, min_length)
+    rng = np.random.default_rng([int(seed), 8])
+    genome = _GenomeModel(np.random.default_rng([0, 0]))
+    lengths = rng.integers(min_length, max_length + 1, size=n).tolist()
+    out = []
+    for length, bg in zip(lengths, genome.background(lengths, rng), strict=True):
+        seq = bg.tobytes().decode("ascii")
+        for site in (motif, _rc_text(motif)):  # remove chance occurrences (mutate their first base)
+            while (k := seq.find(site)) >= 0:
+                seq = seq[:k] + ("A" if site[0] != "A" else "C") + seq[k + 1 :]
+        if rng.random() < 0.5:
+            site = motif if rng.random() < 0.5 else _rc_text(motif)
+            at = int(rng.integers(0, length - len(motif) + 1))
+            seq = seq[:at] + site + seq[at + len(motif) :]
+            out.append((seq, "motif"))
+        else:
+            out.append((seq, "none"))
+    return out
+
+
+def write_motif_sequences(
+    folder: str | Path, n_train: int = 400, n_test: int = 200, min_length: int = 60, max_length: int = 200,
+    seed: int = 0,
+) -> dict[str, Path]:
+    """Write ``sequences.fa`` (records ``train_0..``, ``test_0..``) and the label tables
+    ``train_labels.csv`` / ``test_labels.csv`` (columns ``name,label``) of ``motif_sequences``
+    into ``folder``; returns ``{"fasta", "train", "test"}`` paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"fasta": folder / "sequences.fa", "train": folder / "train_labels.csv", "test": folder / "test_labels.csv"}
+    parts = {"train": motif_sequences(n_train, min_length, max_length, seed),
+             "test": motif_sequences(n_test, min_length, max_length, seed + 1)}
+    with open(paths["fasta"], "w", encoding="ascii") as fa:
+        for split, items in parts.items():
+            with open(paths[split], "w", encoding="ascii") as table:
+                table.write("name,label\n")
+                for i, (seq, label) in enumerate(items):
+                    fa.write(f">{split}_{i}\n")
+                    for k in range(0, len(seq), 60):
+                        fa.write(seq[k : k + 60] + "\n")
+                    table.write(f"{split}_{i},{label}\n")
+    return paths
 
 
 # ----------------------------------------------------------------------------------------------

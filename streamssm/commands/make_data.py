@@ -15,15 +15,15 @@ from pathlib import Path
 from streamssm.commands.parsing import ArgumentParser
 from streamssm.errors import ConfigError
 
-KINDS = ("dna", "waveform", "sensor")
+KINDS = ("dna", "waveform", "sensor", "dna_labels")
 DEFAULT_OUT = "runs/data"
 
 #: what each kind writes under the output folder (the tiny recipes read these paths)
-FILES = {"dna": "genome.fa", "waveform": "audio", "sensor": "sensors.csv"}
+FILES = {"dna": "genome.fa", "waveform": "audio", "sensor": "sensors.csv", "dna_labels": "dna_labels"}
 
 
 def make_data(kind: str, out: str | Path = DEFAULT_OUT, seed: int = 0) -> Path:
-    """Write the tiny data set ``kind`` (dna | waveform | sensor) under ``out``; returns its path."""
+    """Write the tiny data set ``kind`` (dna | waveform | sensor | dna_labels) under ``out``; returns its path."""
     from streamssm.datamodules import synthetic
 
     target = Path(out) / FILES[kind]
@@ -34,6 +34,9 @@ def make_data(kind: str, out: str | Path = DEFAULT_OUT, seed: int = 0) -> Path:
         return target
     if kind == "sensor":
         return synthetic.write_sensor_table(target, rows=6000, channels=4, seed=seed, label=True)
+    if kind == "dna_labels":  # sequences.fa + train_labels.csv / test_labels.csv (motif present or not)
+        synthetic.write_motif_sequences(target, seed=seed)
+        return target
     raise ConfigError(f"kind: expected one of {KINDS} or 'all', got {kind!r}")
 
 
