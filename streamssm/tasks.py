@@ -339,14 +339,18 @@ class SSMTask(pl.LightningModule):
         """Return at least ``loss``; every entry is logged as ``<stage>/<name>``."""
         raise NotImplementedError
 
+    def _log_metrics(self, metrics: dict[str, torch.Tensor], stage: str, weight: int) -> None:
+        """Log every metric as ``<stage>/<name>``; epoch values are means weighted by ``weight``."""
+        on_step = stage == "train"
+        for name, value in metrics.items():
+            self.log(f"{stage}/{name}", value.detach(), prog_bar=name == "loss", on_step=on_step,
+                     on_epoch=not on_step, batch_size=weight)
+
     def _shared_step(self, batch: Batch, stage: str) -> torch.Tensor:
         inputs, targets, mask = self._unpack(batch)
         outputs = self(inputs)
         metrics = self._metrics(outputs, targets, mask)
-        on_step = stage == "train"
-        for name, value in metrics.items():
-            self.log(f"{stage}/{name}", value.detach(), prog_bar=name == "loss", on_step=on_step,
-                     on_epoch=not on_step, batch_size=inputs.shape[0])
+        self._log_metrics(metrics, stage, inputs.shape[0])
         return metrics["loss"]
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
@@ -370,10 +374,61 @@ class TokenLM(SSMTask):
     """Next-token language model over tokens (DNA bases, mu-law audio).
 
     ``targets`` (b, l) long hold the next token of every position. Loss: cross-entropy in
-    nats/token; ``bpt`` = loss / ln 2 (bits per token); ``acc`` = top-1 accuracy.
+    nats/token; ``bpt`` = loss / ln 2 (bits per token); ``acc`` = top-1 accuracy. Validation
+    and test values are means over every counted token (batches weighted by their counted
+    tokens), so a whole held-out sequence (``FastaDataModule(whole_eval=True)``) gives its
+    bits per base.
+
+    Args:
+        eval_chunk: validation/test sequences longer than this many tokens run chunk by chunk
+            with the recurrent state carried over (:meth:`chunked_scores`): the same scores as
+            one pass, in bounded memory.
+        arch, **kwargs: architecture and optimizer arguments of :class:`SSMTask`.
     """
 
     head_kind: ClassVar[HeadKind] = "lm"
+
+    def __init__(self, arch: ArchConfig = ArchConfig(), eval_chunk: int = 65536, **kwargs: Any) -> None:
+        if eval_chunk < 1:
+            raise ConfigError(f"eval_chunk must be >= 1, got {eval_chunk}")
+        super().__init__(arch, **kwargs)
+        self.eval_chunk = int(eval_chunk)
+
+    def chunked_scores(
+        self, inputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(nll sum in nats, correct top-1 count, counted tokens) over (b, l) sequences, run in
+        chunks of ``eval_chunk`` steps with the state carried from chunk to chunk."""
+        model = self._require_model()
+        state, nll, hits, count = None, inputs.new_zeros((), dtype=torch.float64), 0, 0
+        for s in range(0, inputs.shape[1], self.eval_chunk):
+            e = min(s + self.eval_chunk, inputs.shape[1])
+            logits, state = model(inputs[:, s:e], state)  # (b, e - s, v)
+            y = targets[:, s:e].long()
+            m = torch.ones_like(y, dtype=torch.bool) if mask is None else mask[:, s:e]
+            step_nll = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")  # (b, e - s)
+            nll = nll + step_nll[m].double().sum()
+            hits += int((logits.argmax(-1) == y)[m].sum())
+            count += int(m.sum())
+        return nll, torch.tensor(hits, device=inputs.device), count
+
+    def _eval_step(self, batch: Batch, stage: str) -> torch.Tensor:
+        inputs, targets, mask = self._unpack(batch)
+        if inputs.shape[1] <= self.eval_chunk:
+            metrics = self._metrics(self(inputs), targets, mask)
+            count = int(mask.sum()) if mask is not None else targets.numel()
+        else:
+            nll, hits, count = self.chunked_scores(inputs, targets, mask)
+            loss = (nll / max(count, 1)).float()
+            metrics = {"loss": loss, "bpt": loss / math.log(2.0), "acc": hits.float() / max(count, 1)}
+        self._log_metrics(metrics, stage, max(count, 1))
+        return metrics["loss"]
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        return self._eval_step(batch, "test")
 
     def _metrics(self, outputs, targets, mask):
         if targets.shape != outputs.shape[:2] or targets.is_floating_point():

@@ -344,3 +344,43 @@ def test_validation_split_too_short_for_the_window_names_the_cause(tmp_path):
     with pytest.raises(ConfigError, match=r"validation span of 100 bases is shorter than the 201 bases one window "
                                           r"needs; lower window or raise val_fraction \(now 0.1\)"):
         dm.val_dataloader()
+
+
+def test_whole_eval_bits_per_base_of_a_held_out_chromosome_in_one_pass(genome):
+    """streamssm test with whole_eval: one sample per held-out chromosome, run in chunks with the
+    state carried; test/bpt equals the windowed scores with carried state summed by hand, and the
+    full forward over the whole (short) chromosome."""
+    import math
+
+    import lightning.pytorch as pl
+    import torch.nn.functional as F
+
+    from streamssm.models import ArchConfig
+    from streamssm.tasks import TokenLM
+
+    path, seqs = genome
+    dm = make(path, val_chroms=["chr2"], test_chroms=["chr3"], whole_eval=True, batch_size=4)
+    batches = list(dm.test_dataloader())
+    tokens = encode_bases(seqs["chr3"])
+    assert len(batches) == 1 and torch.equal(batches[0]["inputs"][0].long(), tokens[:-1])
+    torch.manual_seed(0)
+    chunk = 700  # does not divide the 2999 scored bases
+    task = TokenLM(arch=ArchConfig(d_model=16, n_layers=2, headdim=8, d_state=8, chunk_size=16), eval_chunk=chunk)
+    model = task.build_model(dm.model_io()).eval()
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                         enable_model_summary=False)
+    bpt = trainer.test(task, datamodule=dm, verbose=False)[0]["test/bpt"]
+
+    x, y = tokens[:-1][None], tokens[1:]
+    counted = y != 4  # N targets are masked (mask_n)
+    state, nll = None, 0.0
+    with torch.no_grad():
+        for s in range(0, x.shape[1], chunk):
+            logits, state = model(x[:, s : s + chunk], state)
+            step = F.cross_entropy(logits[0], y[s : s + chunk], reduction="none")
+            nll += float(step[counted[s : s + chunk]].sum())
+        full = F.cross_entropy(model(x)[0][0], y, reduction="none")[counted].sum().item()
+    n = int(counted.sum())
+    assert bpt == pytest.approx(nll / n / math.log(2), rel=1e-5)
+    assert bpt == pytest.approx(full / n / math.log(2), rel=1e-4)
+    assert dm.test_dataloader().batch_size == 1 and len(list(dm.val_dataloader())) == 1
