@@ -59,6 +59,9 @@ CASES = {
     "B1-D4-L2-W3-bias-init-linear": (1, 4, 2, 3, True, True, None),
     "B2-D9-L7-W2-plain": (2, 9, 7, 2, False, False, "silu"),
     "B1-D4-L1-W3-noinit": (1, 4, 1, 3, True, False, None),
+    # the backward walks 8-step tiles in 16-step segments under the interpreter: 5 segments here
+    "B2-D3-L70-W3-bias-init-silu": (2, 3, 70, 3, True, True, "silu"),
+    "B1-D5-L33-W4-init-linear": (1, 5, 33, 4, False, True, None),
 }
 
 

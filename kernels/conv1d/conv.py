@@ -8,9 +8,17 @@ With xpad = concat(initial_state, x) along time (the state holds the previous w-
     final state = xpad[l .. l+w-2]
 Backward, with dpre_s = dy_s * act'(pre_s) (pre recomputed, never stored):
     dxpad[p] = sum_k weight[:, k] * dpre[p - k]  (+ d final[p - l] for the last w-1 positions)
-    dx_t = dxpad[t + w - 1];  d initial_state_j = dxpad[j];  dweight_k = sum dpre_s xpad[s + k]
-Programs own (batch, BLOCK_D channels, BLOCK_L steps); dweight/dbias are summed with fp32 atomics.
-Any strides in and out: y and dx are laid out like x (``_empty_in_layout_of``).
+    dx_t = dxpad[t + w - 1] = sum_j weight[:, w-1-j] * dpre[t + j]
+    d initial_state_j = dxpad[j];  dweight_k = sum_s dpre_s xpad[s + k];  dbias = sum_s dpre_s
+Forward programs own (batch, BLOCK_D channels, BLOCK_L steps). A backward program owns (batch,
+BLOCK_D channels, one segment of time) and walks its BLOCK_L-step tiles from the last to the
+first: each tile's pre and dpre are computed once, dx takes dpre at t + j from the tile itself
+(``tl.gather`` along time) and, past its end, from the first columns of the tile after it (the
+previous iteration's, kept in registers). dweight/dbias are summed per program into a partial
+buffer (b x segments, 5, d) that the launcher reduces (no atomics).
+Any strides in and out: y and dx are laid out like x (``_empty_in_layout_of``). Autotuning keys
+on the layout: time-contiguous x tiles long in time, channel-last x (how the Mamba blocks pass
+their in_proj slices) wide in channels, so both read whole lines.
 """
 
 from __future__ import annotations
@@ -19,16 +27,22 @@ import torch
 import triton
 import triton.language as tl
 
-from streamssm.kernels._common import autotune_configs
+from streamssm.kernels._common import autotune_configs, interpreting
 from streamssm.kernels._triton import silu, silu_grad
 
 
+#: (BLOCK_D, BLOCK_L, warps): long in time for time-contiguous x, wide in channels for channel-last x.
+_TILES = ((16, 128, 4), (32, 64, 4), (8, 256, 4), (32, 128, 8), (8, 128, 4), (16, 64, 4),
+          (64, 32, 4), (128, 16, 4), (128, 32, 8), (256, 16, 8), (64, 16, 4), (128, 8, 4))
+#: Backward segments are a multiple of every BLOCK_L (interpreter: 8-step tiles, 16-step segments).
+SEGMENT_UNIT = 8 if interpreting() else max(bl for _, bl, _ in _TILES)
+#: Backward programs per SM the segment length aims for (each walks its tiles one after the other).
+PROGRAMS_PER_SM = 8
+
+
 def _configs() -> list:
-    configs = [
-        triton.Config({"BLOCK_D": bd, "BLOCK_L": bl}, num_warps=4)
-        for bd, bl in ((16, 128), (32, 64), (8, 256), (32, 128))
-    ]
-    return autotune_configs(configs, triton.Config({"BLOCK_D": 8, "BLOCK_L": 32}, num_warps=1))
+    configs = [triton.Config({"BLOCK_D": bd, "BLOCK_L": bl}, num_warps=w) for bd, bl, w in _TILES]
+    return autotune_configs(configs, triton.Config({"BLOCK_D": 8, "BLOCK_L": 8}, num_warps=1))
 
 
 @triton.jit
@@ -45,50 +59,60 @@ def _load_xpad(p_x, p_init, o_d, m_d, p, length, s_xd, s_xl, s_id, s_il,
 
 
 @triton.jit
+def _tap(p_w, o_d, m_d, k, s_wd, s_wk):
+    """weight[:, k] for channels o_d -> (BLOCK_D,) fp32."""
+    return tl.load(p_w + o_d * s_wd + k * s_wk, mask=m_d, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _pre(p_x, p_init, p_w, p_bias, o_d, m_d, s, length, s_xd, s_xl, s_id, s_il, s_wd, s_wk,
          W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Pre-activation at output positions s (P,) -> (BLOCK_D, P) fp32."""
+    """Pre-activation at output positions s (P,) -> ((BLOCK_D, P) fp32, the W windows
+    xpad[s + k] (BLOCK_D, P) fp32 it summed)."""
     acc = tl.zeros((o_d.shape[0], s.shape[0]), dtype=tl.float32)
+    X = ()
     for k in tl.static_range(W):
-        wk = tl.load(p_w + o_d * s_wd + k * s_wk, mask=m_d, other=0.0).to(tl.float32)
-        acc += wk[:, None] * _load_xpad(p_x, p_init, o_d, m_d, s + k, length, s_xd, s_xl, s_id, s_il, W, HAS_INIT)
+        xk = _load_xpad(p_x, p_init, o_d, m_d, s + k, length, s_xd, s_xl, s_id, s_il, W, HAS_INIT)
+        acc += _tap(p_w, o_d, m_d, k, s_wd, s_wk)[:, None] * xk
+        X = X + (xk,)
     if HAS_BIAS:
         acc += tl.load(p_bias + o_d, mask=m_d, other=0.0).to(tl.float32)[:, None]
-    return acc
+    return acc, X
 
 
 @triton.jit
 def _dpre(p_x, p_init, p_w, p_bias, p_dy, o_d, m_d, s, length, s_xd, s_xl, s_id, s_il, s_wd, s_wk, s_gd, s_gl,
           W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
-    """dL/dpre at output positions s (P,) -> (BLOCK_D, P) fp32, 0 outside [0, length)."""
+    """dL/dpre at output positions s (P,) -> ((BLOCK_D, P) fp32, 0 outside [0, length); the
+    windows xpad[s + k] of ``_pre``, loaded only when SILU)."""
     m = m_d[:, None] & ((s >= 0) & (s < length))[None, :]
     dy = tl.load(p_dy + o_d[:, None] * s_gd + s[None, :] * s_gl, mask=m, other=0.0).to(tl.float32)
+    X = ()
     if SILU:
-        pre = _pre(p_x, p_init, p_w, p_bias, o_d, m_d, s, length, s_xd, s_xl, s_id, s_il, s_wd, s_wk,
-                   W, HAS_INIT, HAS_BIAS)
+        pre, X = _pre(p_x, p_init, p_w, p_bias, o_d, m_d, s, length, s_xd, s_xl, s_id, s_il, s_wd, s_wk,
+                      W, HAS_INIT, HAS_BIAS)
         dy = dy * silu_grad(pre)
-    return dy
+    return dy, X
 
 
 @triton.jit
-def _dxpad(p_x, p_init, p_w, p_bias, p_dy, p_dfinal, o_d, m_d, p, length,
-           s_xd, s_xl, s_id, s_il, s_wd, s_wk, s_gd, s_gl,
-           W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-           HAS_DFINAL: tl.constexpr):
-    """dL/dxpad at positions p (P,) -> (BLOCK_D, P) fp32."""
-    acc = tl.zeros((o_d.shape[0], p.shape[0]), dtype=tl.float32)
-    for k in tl.static_range(W):
-        wk = tl.load(p_w + o_d * s_wd + k * s_wk, mask=m_d, other=0.0).to(tl.float32)
-        acc += wk[:, None] * _dpre(p_x, p_init, p_w, p_bias, p_dy, o_d, m_d, p - k, length,
-                                   s_xd, s_xl, s_id, s_il, s_wd, s_wk, s_gd, s_gl, W, HAS_INIT, HAS_BIAS, SILU)
-    if HAS_DFINAL:
-        j = p - length
-        mf = m_d[:, None] & ((j >= 0) & (j < W - 1))[None, :]
-        acc += tl.load(p_dfinal + o_d[:, None] * (W - 1) + j[None, :], mask=mf, other=0.0).to(tl.float32)
-    return acc
+def _columns(src, idx, BLOCK_D: tl.constexpr):
+    """src (BLOCK_D, P) gathered along time at column indices idx (Q,) -> (BLOCK_D, Q)."""
+    return tl.gather(src, tl.broadcast_to(idx[None, :], (BLOCK_D, idx.shape[0])), axis=1)
 
 
-@triton.autotune(configs=_configs(), key=["dim", "W"])
+@triton.jit
+def _ahead(cur, nxt, o_l, j: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+    """cur (BLOCK_D, BLOCK_L) shifted j < BLOCK_L steps back in time: column i holds cur[:, i + j],
+    and past the tile's end nxt[:, i + j - BLOCK_L] (nxt: the tile after, same shape; gathers
+    from a narrower tile trip an assertion of Triton 3.6's thread-locality pass on the GPU)."""
+    i = o_l + j
+    inside = _columns(cur, tl.minimum(i, BLOCK_L - 1), BLOCK_D)
+    after = _columns(nxt, tl.maximum(i - BLOCK_L, 0), BLOCK_D)
+    return tl.where((i < BLOCK_L)[None, :], inside, after)
+
+
+@triton.autotune(configs=_configs(), key=["dim", "W", "CHANNEL_LAST"])
 @triton.jit
 def _causal_conv1d_fwd_kernel(
     # pointers: x (b, d, l); init (b, d, w-1); weight (d, w); bias (d,); y (b, d, l)
@@ -97,9 +121,9 @@ def _causal_conv1d_fwd_kernel(
     length, dim,
     # strides
     s_xb, s_xd, s_xl, s_ib, s_id, s_il, s_wd, s_wk, s_yb, s_yd, s_yl,
-    # meta
+    # meta (CHANNEL_LAST: x's channels are its fastest axis; only a tuning key)
     W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+    CHANNEL_LAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     o_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -108,35 +132,43 @@ def _causal_conv1d_fwd_kernel(
     p_x += pid_b * s_xb
     p_init += pid_b * s_ib
     p_y += pid_b * s_yb
-    pre = _pre(p_x, p_init, p_w, p_bias, o_d, m_d, s, length, s_xd, s_xl, s_id, s_il, s_wd, s_wk,
-               W, HAS_INIT, HAS_BIAS)
+    pre, _ = _pre(p_x, p_init, p_w, p_bias, o_d, m_d, s, length, s_xd, s_xl, s_id, s_il, s_wd, s_wk,
+                  W, HAS_INIT, HAS_BIAS)
     if SILU:
         pre = silu(pre)
     m = m_d[:, None] & (s < length)[None, :]
     tl.store(p_y + o_d[:, None] * s_yd + s[None, :] * s_yl, pre.to(p_y.dtype.element_ty), mask=m)
 
 
-@triton.autotune(configs=_configs(), key=["dim", "W"], reset_to_zero=["p_dw", "p_dbias"])
+@triton.autotune(configs=_configs(), key=["dim", "W", "CHANNEL_LAST"])
 @triton.jit
 def _causal_conv1d_bwd_kernel(
     # pointers: inputs as in the forward; dy (b, d, l); dfinal contiguous (b, d, w-1)
     p_x, p_init, p_w, p_bias, p_dy, p_dfinal,
-    # outputs: dx (b, d, l); dinit contiguous (b, d, w-1); dw (d, w), dbias (d,) fp32
-    p_dx, p_dinit, p_dw, p_dbias,
-    # dimensions
-    length, dim,
+    # outputs: dx (b, d, l); dinit contiguous (b, d, w-1); part (b x segments, 5, d) fp32: per
+    # program the sums over its steps of dweight[:, k] (rows k < w) and dbias (row 4)
+    p_dx, p_dinit, p_part,
+    # dimensions: seg_len steps per segment, a multiple of BLOCK_L
+    length, dim, seg_len,
     # strides
     s_xb, s_xd, s_xl, s_ib, s_id, s_il, s_wd, s_wk, s_gb, s_gd, s_gl, s_dxb, s_dxd, s_dxl,
     # meta
     W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-    HAS_DFINAL: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+    HAS_DFINAL: tl.constexpr, CHANNEL_LAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
+    """Gradients of one (batch, channel block, segment), its tiles from the last to the first.
+
+    Per tile: pre and dpre once; dweight/dbias partials from the same windows; dx from dpre
+    shifted 0..w-1 steps (``_ahead``), past the tile's end reading ``nxt``, the later tile's dpre
+    (before the segment's last tile: its first w-1 columns computed from the inputs). Segment 0
+    ends with d initial_state from the dpre of the sequence's first tile.
+    """
     pid_b = tl.program_id(0).to(tl.int64)
-    pid_l = tl.program_id(2)
+    pid_s = tl.program_id(2)
     o_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     m_d = o_d < dim
-    s = pid_l.to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)
-    m = m_d[:, None] & (s < length)[None, :]
+    o_l = tl.arange(0, BLOCK_L)
+    o_w = tl.arange(0, 4)  # taps, w <= 4
     p_x += pid_b * s_xb
     p_init += pid_b * s_ib
     p_dy += pid_b * s_gb
@@ -144,28 +176,101 @@ def _causal_conv1d_bwd_kernel(
     p_dfinal += pid_b * dim * (W - 1)
     p_dinit += pid_b * dim * (W - 1)
     args = (s_xd, s_xl, s_id, s_il, s_wd, s_wk, s_gd, s_gl)
-    # weight and bias gradients from this tile's dpre
-    dpre = _dpre(p_x, p_init, p_w, p_bias, p_dy, o_d, m_d, s, length, *args, W, HAS_INIT, HAS_BIAS, SILU)
-    for k in tl.static_range(W):
-        xk = _load_xpad(p_x, p_init, o_d, m_d, s + k, length, s_xd, s_xl, s_id, s_il, W, HAS_INIT)
-        tl.atomic_add(p_dw + o_d * W + k, tl.sum(dpre * xk, axis=1), mask=m_d, sem="relaxed")
-    if HAS_BIAS:
-        tl.atomic_add(p_dbias + o_d, tl.sum(dpre, axis=1), mask=m_d, sem="relaxed")
-    # input gradient at xpad positions s + w - 1 (= x positions s)
-    dx = _dxpad(p_x, p_init, p_w, p_bias, p_dy, p_dfinal, o_d, m_d, s + (W - 1), length, *args,
-                W, HAS_INIT, HAS_BIAS, SILU, HAS_DFINAL)
-    tl.store(p_dx + o_d[:, None] * s_dxd + s[None, :] * s_dxl, dx.to(p_dx.dtype.element_ty), mask=m)
+    s0 = pid_s.to(tl.int64) * seg_len
+    n_tiles = tl.cdiv(tl.minimum(seg_len, length - s0), BLOCK_L)
+    s_end = s0 + n_tiles * BLOCK_L
+    # the first w-1 columns of the tile after the segment (the rest repeat its column w-2)
+    nxt, _ = _dpre(p_x, p_init, p_w, p_bias, p_dy, o_d, m_d, s_end + tl.minimum(o_l, W - 2), length, *args,
+                   W, HAS_INIT, HAS_BIAS, SILU)
+    acc_w = tl.zeros((BLOCK_D, 4), dtype=tl.float32)  # column k: dweight[:, k]
+    acc_b = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for i in range(n_tiles):
+        s = s_end - (i + 1) * BLOCK_L + o_l
+        m = m_d[:, None] & (s < length)[None, :]
+        dy = tl.load(p_dy + o_d[:, None] * s_gd + s[None, :] * s_gl, mask=m, other=0.0).to(tl.float32)
+        pre, X = _pre(p_x, p_init, p_w, p_bias, o_d, m_d, s, length, s_xd, s_xl, s_id, s_il, s_wd, s_wk,
+                      W, HAS_INIT, HAS_BIAS)
+        dpre = dy * silu_grad(pre) if SILU else dy
+        for k in tl.static_range(W):
+            acc_w += tl.where(o_w[None, :] == k, tl.sum(dpre * X[k], axis=1)[:, None], 0.0)
+        acc_b += tl.sum(dpre, axis=1)
+        dx = _tap(p_w, o_d, m_d, W - 1, s_wd, s_wk)[:, None] * dpre
+        for j in tl.static_range(1, W):
+            dx += _tap(p_w, o_d, m_d, W - 1 - j, s_wd, s_wk)[:, None] * _ahead(dpre, nxt, o_l, j, BLOCK_D, BLOCK_L)
+        if HAS_DFINAL:  # the last w-1 inputs are the final state
+            jf = s + (W - 1) - length
+            mf = m_d[:, None] & ((jf >= 0) & (jf < W - 1))[None, :]
+            dx += tl.load(p_dfinal + o_d[:, None] * (W - 1) + jf[None, :], mask=mf, other=0.0).to(tl.float32)
+        tl.store(p_dx + o_d[:, None] * s_dxd + s[None, :] * s_dxl, dx.to(p_dx.dtype.element_ty), mask=m)
+        nxt = dpre
+    p_part += (pid_b * tl.num_programs(2) + pid_s) * 5 * dim + o_d
+    tl.store(p_part[:, None] + o_w[None, :] * dim, acc_w, mask=m_d[:, None] & (o_w < W)[None, :])
+    tl.store(p_part + 4 * dim, acc_b, mask=m_d)
     if HAS_INIT:
-        if pid_l == 0:
-            j = tl.arange(0, 4).to(tl.int64)
-            di = _dxpad(p_x, p_init, p_w, p_bias, p_dy, p_dfinal, o_d, m_d, j, length, *args,
-                        W, HAS_INIT, HAS_BIAS, SILU, HAS_DFINAL)
-            mi = m_d[:, None] & (j < W - 1)[None, :]
-            tl.store(p_dinit + o_d[:, None] * (W - 1) + j[None, :], di.to(p_dinit.dtype.element_ty), mask=mi)
+        if pid_s == 0:  # d initial_state_j = dxpad[j] = sum_{k <= j} weight[:, k] dpre[j - k] (+ dfinal)
+            di = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)  # columns j < w-1 are kept
+            for k in tl.static_range(W - 1):
+                back = _columns(nxt, tl.maximum(o_l - k, 0), BLOCK_D)
+                di += tl.where((o_l >= k)[None, :], _tap(p_w, o_d, m_d, k, s_wd, s_wk)[:, None] * back, 0.0)
+            if HAS_DFINAL:  # sequences shorter than w-1 keep part of the initial state in the final one
+                jf = o_l - length
+                mf = m_d[:, None] & ((jf >= 0) & (jf < W - 1))[None, :]
+                di += tl.load(p_dfinal + o_d[:, None] * (W - 1) + jf[None, :], mask=mf, other=0.0).to(tl.float32)
+            mi = m_d[:, None] & (o_l < W - 1)[None, :]
+            tl.store(p_dinit + o_d[:, None] * (W - 1) + o_l[None, :], di.to(p_dinit.dtype.element_ty), mask=mi)
 
 
 def _grid(b: int, d: int, l: int):
     return lambda meta: (b, triton.cdiv(d, meta["BLOCK_D"]), triton.cdiv(l, meta["BLOCK_L"]))
+
+
+def _channel_last(x: torch.Tensor) -> bool:
+    """x (b, d, l) is a transposed (b, l, d) view: channels are its fastest axis."""
+    return x.stride(1) == 1 and x.stride(2) != 1
+
+
+def _segment_len(b: int, d: int, l: int, device: torch.device) -> int:
+    """Steps per backward program: a multiple of SEGMENT_UNIT, as long as the GPU allows while
+    still giving it ~PROGRAMS_PER_SM programs of 64 channels (the interpreter: two 8-step tiles,
+    so small tests cross tiles and segments)."""
+    if device.type != "cuda":
+        return 2 * SEGMENT_UNIT
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    segments = max(1, PROGRAMS_PER_SM * sms // (b * triton.cdiv(d, 64)))
+    return SEGMENT_UNIT * triton.cdiv(triton.cdiv(l, segments), SEGMENT_UNIT)
+
+
+def _causal_conv1d_fwd(x, weight, bias, initial_state, silu: bool) -> torch.Tensor:
+    """Launch the forward. Returns y (b, d, l) in x's memory order and dtype."""
+    b, d, l = x.shape
+    init = initial_state if initial_state is not None else x  # placeholder pointer when absent
+    y = _empty_in_layout_of(x)
+    _causal_conv1d_fwd_kernel[_grid(b, d, l)](
+        x, init, weight, bias, y, l, d, *x.stride(), *init.stride()[:3], *weight.stride(), *y.stride(),
+        W=weight.shape[1], HAS_INIT=initial_state is not None, HAS_BIAS=bias is not None, SILU=silu,
+        CHANNEL_LAST=_channel_last(x),
+    )
+    return y
+
+
+def _causal_conv1d_bwd(dy, dfinal, x, weight, bias, initial_state, silu: bool):
+    """Launch the backward. dfinal (b, d, w-1) contiguous or None. Returns dx (b, d, l) in x's
+    memory order, dweight (d, w) fp32, dbias (d,) fp32, dinit (b, d, w-1) or None."""
+    b, d, l = x.shape
+    w = weight.shape[1]
+    init = initial_state if initial_state is not None else x
+    dx = _empty_in_layout_of(x)
+    dinit = torch.empty(b, d, w - 1, device=x.device, dtype=init.dtype) if initial_state is not None else dx
+    seg_len = _segment_len(b, d, l, x.device)
+    part = torch.empty(b * triton.cdiv(l, seg_len), 5, d, device=x.device, dtype=torch.float32)
+    _causal_conv1d_bwd_kernel[lambda meta: (b, triton.cdiv(d, meta["BLOCK_D"]), triton.cdiv(l, seg_len))](
+        x, init, weight, bias, dy, dfinal if dfinal is not None else dy,
+        dx, dinit, part, l, d, seg_len, *x.stride(), *init.stride()[:3], *weight.stride(), *dy.stride(), *dx.stride(),
+        W=w, HAS_INIT=initial_state is not None, HAS_BIAS=bias is not None, SILU=silu,
+        HAS_DFINAL=dfinal is not None, CHANNEL_LAST=_channel_last(x),
+    )
+    dwb = part.sum(0)  # (5, d)
+    return dx, dwb[:w].t(), dwb[4], (dinit if initial_state is not None else None)
 
 
 def _empty_in_layout_of(x: torch.Tensor) -> torch.Tensor:
@@ -173,7 +278,7 @@ def _empty_in_layout_of(x: torch.Tensor) -> torch.Tensor:
     (b, l, d) view (channels its fastest axis, as Mamba blocks hand over in_proj slices), else
     contiguous. The block then reads the result back as a (b, l, d) view without a copy."""
     b, d, l = x.shape
-    if x.stride(1) == 1 and x.stride(2) != 1:
+    if _channel_last(x):
         return torch.empty(b, l, d, device=x.device, dtype=x.dtype).transpose(1, 2)
     return torch.empty(b, d, l, device=x.device, dtype=x.dtype)
 
@@ -195,15 +300,8 @@ class CausalConv1dFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, initial_state, activation):
-        b, d, l = x.shape
-        w = weight.shape[1]
-        init = initial_state if initial_state is not None else x  # placeholder pointer when absent
-        y = _empty_in_layout_of(x)
-        _causal_conv1d_fwd_kernel[_grid(b, d, l)](
-            x, init, weight, bias, y, l, d, *x.stride(), *init.stride()[:3], *weight.stride(), *y.stride(),
-            W=w, HAS_INIT=initial_state is not None, HAS_BIAS=bias is not None, SILU=activation == "silu",
-        )
-        final = _final_state(x, initial_state, w)
+        y = _causal_conv1d_fwd(x, weight, bias, initial_state, activation == "silu")
+        final = _final_state(x, initial_state, weight.shape[1])
         ctx.save_for_backward(x, weight, bias, initial_state)
         ctx.silu = activation == "silu"
         ctx.set_materialize_grads(False)
@@ -212,23 +310,10 @@ class CausalConv1dFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dfinal):
         x, weight, bias, initial_state = ctx.saved_tensors
-        b, d, l = x.shape
-        w = weight.shape[1]
         dy = torch.zeros_like(x) if dy is None else dy
         dfinal = None if dfinal is None else dfinal.contiguous()
-        init = initial_state if initial_state is not None else x
-        dx = _empty_in_layout_of(x)
-        dinit = torch.empty(b, d, w - 1, device=x.device, dtype=init.dtype) if initial_state is not None else dx
-        dw = torch.zeros(d, w, device=x.device, dtype=torch.float32)
-        dbias = torch.zeros(d, device=x.device, dtype=torch.float32)
-        _causal_conv1d_bwd_kernel[_grid(b, d, l)](
-            x, init, weight, bias, dy, dfinal if dfinal is not None else dy,
-            dx, dinit, dw, dbias, l, d, *x.stride(), *init.stride()[:3], *weight.stride(), *dy.stride(), *dx.stride(),
-            W=w, HAS_INIT=initial_state is not None, HAS_BIAS=bias is not None, SILU=ctx.silu,
-            HAS_DFINAL=dfinal is not None,
-        )
-        return (dx, dw.to(weight.dtype), dbias.to(bias.dtype) if bias is not None else None,
-                dinit if initial_state is not None else None, None)
+        dx, dw, dbias, dinit = _causal_conv1d_bwd(dy, dfinal, x, weight, bias, initial_state, ctx.silu)
+        return (dx, dw.to(weight.dtype), dbias.to(bias.dtype) if bias is not None else None, dinit, None)
 
 
 def causal_conv1d_triton(
