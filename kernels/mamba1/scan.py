@@ -292,8 +292,9 @@ def _selective_scan_fwd_kernel(
     thread; inside a tile the TT steps are unrolled, each reading one row of B (and C) loaded a
     step ahead from L1, where the previous tile prefetched them. Output pass (STATE_ONLY=False):
     y from the segment's start state seg (b, S, d, n), the state at every chunk start into ckpt
-    (b, n_chunks, d, n) when STORE_CKPT, the final state (b, d, n) into out by the last segment. STATE_ONLY: the segment's end state from zero into
-    out = loc (b, S, d, n) and its sum of dt into dsum (b, S, d).
+    (b, n_chunks, d, n) when STORE_CKPT, the final state (b, d, n) into out by the last segment.
+    STATE_ONLY: the segment's end state from zero into out = loc (b, S, d, n) and its sum of dt
+    into dsum (b, S, d).
     """
     pid_b, grp, pid_s, o_d, m_d, o_n, m_dn, o_dn, o_seg, c0, c1, t0 = _program_segment(
         dim_per_group, groups, dstate, n_chunks, chunks_per_seg, n_segments, T, N_PAD, BLOCK_D)
