@@ -277,6 +277,10 @@ class StreamClient:
         if isinstance(chunk, bytes):
             return chunk
         a = np.asarray(chunk)
+        if self.format == "mulaw8":
+            if a.dtype != np.uint8:
+                raise DataFormatError(f"mulaw8 streams send G.711 mu-law code bytes (bytes or uint8 arrays), got {a.dtype}")
+            return a.tobytes()
         if self.format == "s16le":
             if a.dtype != np.int16:
                 a = np.clip(np.round(a.astype(np.float64) * 32768.0), -32768, 32767)

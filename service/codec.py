@@ -22,7 +22,14 @@ from streamssm.checkpoint import ServingBundle
 from streamssm.errors import ConfigError, DataFormatError, ProtocolError, ShapeError
 from streamssm.serving import ServingSpec
 
-from .protocol import INVALID_DATA, NanPolicy, Start, StreamSpec, decode_bases, decode_samples
+from .protocol import (
+    INVALID_DATA,
+    NanPolicy,
+    Start,
+    StreamSpec,
+    decode_bases,
+    decode_samples,
+)
 from .resample import StreamResampler
 
 

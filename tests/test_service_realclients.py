@@ -8,12 +8,10 @@ tolerance (OUT_ATOL).
 """
 
 import asyncio
-import contextlib
 import datetime
 import ipaddress
 import json
 import math
-import random
 import shutil
 import ssl
 
@@ -22,17 +20,16 @@ import pytest
 import soundfile as sf
 import torch
 import torch.nn.functional as F
+from test_service_server import random_cuts, read_error, server
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
 
 from streamssm.checkpoint import export_safetensors, load_for_serving
 from streamssm.encoding import encode_bases, mu_law_encode
-from streamssm.errors import ConfigError
+from streamssm.errors import ConfigError, DataFormatError
 from streamssm.models import ModelConfig, SSMModel
 from streamssm.service.client import StreamClient, server_sample_rate
 from streamssm.service.protocol import MULAW8_TO_FLOAT
 from streamssm.service.resample import StreamResampler, resample
-from streamssm.service.server import ServeConfig, StreamServer
 
 pytestmark = pytest.mark.timeout(90)
 TIMEOUT = 20.0
@@ -61,19 +58,9 @@ def ckpts(tmp_path_factory):
     }
 
 
-def server(path, **kw) -> StreamServer:
-    kw.setdefault("port", 0)
-    kw.setdefault("ping_interval", None)
-    return StreamServer(load_for_serving(path), ServeConfig(**kw))
-
-
 def cuts(n: int, seed: int, sizes=(1, 7, 50, 160, 441, 882, 2000)) -> list[tuple[int, int]]:
-    rng, out, pos = random.Random(seed), [], 0
-    while pos < n:
-        k = rng.choice(sizes)
-        out.append((pos, min(n, pos + k)))
-        pos += k
-    return out
+    """Random frame boundaries over n samples, from single samples to 45 ms at 44.1 kHz."""
+    return random_cuts(n, seed, sizes)
 
 
 def tone(n: int, rate: int, channels: int = 1, seed: int = 0) -> np.ndarray:
@@ -100,18 +87,6 @@ def offline_lm(path, tokens: torch.Tensor, vocab: int) -> tuple[np.ndarray, np.n
     return logp.numpy(), prev.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).numpy()
 
 
-async def read_error(ws) -> tuple[dict | None, int | None]:
-    """Read until the server closes: (its error message or None, the close code)."""
-    got = None
-    with contextlib.suppress(ConnectionClosed):
-        async with asyncio.timeout(TIMEOUT):
-            async for reply in ws:
-                if isinstance(reply, str) and json.loads(reply).get("type") == "error":
-                    got = json.loads(reply)
-    await ws.wait_closed()
-    return got, ws.close_code
-
-
 # ------------------------------------------------------------------------------ G.711 mu-law
 
 
@@ -130,8 +105,10 @@ async def test_mulaw8_stream_equals_offline_forward_of_decoded_audio(ckpts):
     async with server(ckpts["mulaw"]) as srv:
         async with StreamClient(srv.url, format="mulaw8", sample_rate=8000, include=("scores",)) as c:
             assert c.ready["format"] == "mulaw8" and c.ready["resample"] is False
-            for a, b in cuts(len(codes), 6, sizes=(1, 3, 20, 64)):
-                await c.send(codes[a:b].tobytes())
+            with pytest.raises(DataFormatError, match="mu-law code bytes"):  # floats are not G.711 codes
+                await c.send(np.zeros(4, np.float32))
+            for i, (a, b) in enumerate(cuts(len(codes), 6, sizes=(1, 3, 20, 64))):
+                await c.send(codes[a:b] if i % 2 else codes[a:b].tobytes())  # uint8 arrays or bytes
             summary = await c.end(timeout=TIMEOUT)
     tokens = mu_law_encode(torch.from_numpy(MULAW8_TO_FLOAT[codes]))
     _, scores = offline_lm(ckpts["mulaw"], tokens, 256)
@@ -339,7 +316,7 @@ def self_signed(tmp_path) -> tuple[str, str]:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=1))
