@@ -32,16 +32,18 @@ from streamssm.kernels._triton import silu, silu_grad
 
 
 #: (BLOCK_D, BLOCK_L, warps): long in time for time-contiguous x, wide in channels for channel-last x.
-_TILES = ((16, 128, 4), (32, 64, 4), (8, 256, 4), (32, 128, 8), (8, 128, 4), (16, 64, 4),
-          (64, 32, 4), (128, 16, 4), (128, 32, 8), (256, 16, 8), (64, 16, 4), (128, 8, 4))
+_FWD_TILES = ((16, 128, 4), (8, 128, 4), (16, 64, 4), (32, 64, 4), (64, 32, 4), (64, 16, 4), (128, 16, 4),
+              (128, 8, 4))
+#: The backward keeps ~8 tiles live: at most 8 elements per thread, or it spills (sm_90, Triton 3.6).
+_BWD_TILES = ((8, 128, 4), (16, 64, 4), (16, 128, 8), (32, 32, 4), (64, 16, 4), (128, 8, 4), (128, 16, 8))
 #: Backward segments are a multiple of every BLOCK_L (interpreter: 8-step tiles, 16-step segments).
-SEGMENT_UNIT = 8 if interpreting() else max(bl for _, bl, _ in _TILES)
+SEGMENT_UNIT = 8 if interpreting() else max(bl for _, bl, _ in _BWD_TILES)
 #: Backward programs per SM the segment length aims for (each walks its tiles one after the other).
 PROGRAMS_PER_SM = 8
 
 
-def _configs() -> list:
-    configs = [triton.Config({"BLOCK_D": bd, "BLOCK_L": bl}, num_warps=w) for bd, bl, w in _TILES]
+def _configs(tiles) -> list:
+    configs = [triton.Config({"BLOCK_D": bd, "BLOCK_L": bl}, num_warps=w) for bd, bl, w in tiles]
     return autotune_configs(configs, triton.Config({"BLOCK_D": 8, "BLOCK_L": 8}, num_warps=1))
 
 
@@ -112,7 +114,7 @@ def _ahead(cur, nxt, o_l, j: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.co
     return tl.where((i < BLOCK_L)[None, :], inside, after)
 
 
-@triton.autotune(configs=_configs(), key=["dim", "W", "CHANNEL_LAST"])
+@triton.autotune(configs=_configs(_FWD_TILES), key=["dim", "W", "CHANNEL_LAST"])
 @triton.jit
 def _causal_conv1d_fwd_kernel(
     # pointers: x (b, d, l); init (b, d, w-1); weight (d, w); bias (d,); y (b, d, l)
@@ -140,7 +142,7 @@ def _causal_conv1d_fwd_kernel(
     tl.store(p_y + o_d[:, None] * s_yd + s[None, :] * s_yl, pre.to(p_y.dtype.element_ty), mask=m)
 
 
-@triton.autotune(configs=_configs(), key=["dim", "W", "CHANNEL_LAST"])
+@triton.autotune(configs=_configs(_BWD_TILES), key=["dim", "W", "CHANNEL_LAST"])
 @triton.jit
 def _causal_conv1d_bwd_kernel(
     # pointers: inputs as in the forward; dy (b, d, l); dfinal contiguous (b, d, w-1)
