@@ -4,7 +4,8 @@ Run on a GPU (mamba-ssm's sdist unpacked under .peers/, its extension built on f
 sm_90 only; mambapy and einops importable):
 
     python benchmarks/bench_selective_scan.py [--shapes M1,M2,M3] [--peers mamba,mambapy,reference]
-                                              [--no-verify] [--out results.md]
+                                              [--no-verify] [--no-t32] [--old path/to/earlier/scan.py]
+                                              [--out results.md]
 
 Shapes M1-M3 of shared/BENCHMARKS.md: bf16 u, delta, B, C (b, n, l); fp32 A = -(1..n) per
 channel, D, delta_bias (inverse softplus of dt in [1e-3, 0.1]); delta_softplus; no z, no
@@ -15,12 +16,14 @@ reference (forward, M1 only) eager. Peak memory is that of forward+backward. ``-
 checks our output and final state against a float64 chunked scan (M3: with an initial state,
 plus the backward against a run split into other time segments and directional derivatives of
 A, delta_bias and the initial state by float64 central differences), and our gradients against
-mamba-ssm's where it is built.
+mamba-ssm's where it is built. ``--old`` also times the ``selective_scan_triton`` of an earlier
+scan.py (e.g. written out by ``git show REV:kernels/mamba1/scan.py``) on the same tensors.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import sys
@@ -114,6 +117,15 @@ def ours(t):
 def ours_chunk32(t):
     return selective_scan_triton(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], delta_bias=t["delta_bias"],
                                  delta_softplus=True, chunk=32)
+
+
+def load_old(path: str):
+    """A runner for the ``selective_scan_triton`` of an earlier scan.py, called like ``ours``."""
+    spec = importlib.util.spec_from_file_location("scan_old", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return lambda t: mod.selective_scan_triton(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"],
+                                               delta_bias=t["delta_bias"], delta_softplus=True)
 
 
 def reference(t):
@@ -253,6 +265,18 @@ def verify(name: str, t: dict, mamba_fn, fd_inputs: list[str]) -> list[str]:
     return lines
 
 
+def compare_old(name: str, t: dict, old) -> str:
+    """Ours vs the earlier kernel on the same inputs: output and gradients, relative L2."""
+    dy = torch.randn_like(t["u"])
+    res = []
+    for run in (ours, old):
+        leaves, params = with_grads(t, NAMES)
+        y = run(leaves)
+        res.append((y.detach(), *torch.autograd.grad(y, params, dy)))
+    errs = ", ".join(f"{k} {_rel(a, b):.1e}" for k, a, b in zip(("y", *(f"d{n}" for n in NAMES)), *res))
+    return f"{name} ours vs the old kernel, rel-L2: {errs}"
+
+
 # ----------------------------------------------------------------------------- timing
 
 
@@ -291,6 +315,8 @@ def main(argv=None) -> int:
     ap.add_argument("--peers", default="mamba,mambapy,reference")
     ap.add_argument("--no-verify", action="store_true")
     ap.add_argument("--fd-inputs", default="A,delta_bias,h0", help="M3 directional-derivative checks")
+    ap.add_argument("--no-t32", action="store_true", help="leave out our kernel at chunk length 32")
+    ap.add_argument("--old", default=None, help="an earlier scan.py to time beside ours")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     notes = [run_tag()]
@@ -300,6 +326,7 @@ def main(argv=None) -> int:
             mamba_fn = load_mamba_cuda()
         except Exception as e:  # report, keep measuring the others
             notes.append(f"mamba-ssm CUDA extension unavailable: {type(e).__name__}: {str(e)[:200]}")
+    old = load_old(args.old) if args.old else None
     table = Table(
         columns=["shape", "kernel", "fwd ms graph", "fwd ms eager", "fwd+bwd ms graph", "fwd+bwd ms eager",
                  "Mtok/s fwd+bwd", "peak GiB fwd+bwd", "fwd x floor", "fwd+bwd x floor"],
@@ -318,8 +345,14 @@ def main(argv=None) -> int:
                 notes.append(line)
         measure(table, s, "ours", ours, t, tokens, floor)
         print(table.rows[-1], flush=True)
-        measure(table, s, "ours T=32", ours_chunk32, t, tokens, floor)
-        print(table.rows[-1], flush=True)
+        if not args.no_t32:
+            measure(table, s, "ours T=32", ours_chunk32, t, tokens, floor)
+            print(table.rows[-1], flush=True)
+        if old is not None:
+            notes.append(compare_old(s, t, old))
+            print(notes[-1], flush=True)
+            measure(table, s, "old Triton", old, t, tokens, floor)
+            print(table.rows[-1], flush=True)
         if mamba_fn is not None:
             measure(table, s, "mamba-ssm CUDA", mamba_run(mamba_fn), t, tokens, floor)
             print(table.rows[-1], flush=True)
