@@ -1,13 +1,28 @@
-"""generate: seeded reproducibility, top-k/top-p filtering, greedy == argmax rollout."""
+"""generate: seeded reproducibility, top-k/top-p filtering, greedy == argmax rollout; Streamer-level
+generation == model level; sensor rollout == feeding the model its own outputs by hand; audio."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 
-from streamssm.errors import ConfigError, ShapeError
-from streamssm.generate import SamplingConfig, filter_logits, generate, sample_next
+from streamssm.encoding import mu_law_encode
+from streamssm.errors import ConfigError, ShapeError, StateError
+from streamssm.generate import (
+    SamplingConfig,
+    continue_audio,
+    filter_logits,
+    forecast,
+    generate,
+    generate_streams,
+    rollout,
+    sample_next,
+)
+from streamssm.inference import Streamer
 from streamssm.models import ModelConfig, SSMModel
+from streamssm.serving import ServingSpec
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +70,95 @@ def test_bad_arguments_refused(model):
                                       head="regression", output_dim=2))
     with pytest.raises(ConfigError, match="token LM"):
         generate(regression, PROMPT, 3)
+
+
+def test_top_k_and_top_p_together_draw_from_the_trimmed_set():
+    logits = torch.log(torch.tensor([[0.4, 0.3, 0.15, 0.1, 0.05]]))
+    # top-3 renormalized: 0.47, 0.35, 0.18; top_p 0.8 keeps the first two (0.47 < 0.8 <= 0.82)
+    draws = sample_next(logits.expand(20000, -1), SamplingConfig(top_k=3, top_p=0.8), torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=5).float() / len(draws)
+    assert freq[2:].sum() == 0 and abs(freq[0] - 4 / 7) < 0.02
+
+
+def test_prompt_outside_the_vocabulary_refused(model):
+    with pytest.raises(ShapeError, match=r"\[0, 11\), got \[1, 11\]"):
+        generate(model, torch.tensor([1, 11]), 3)
+
+
+@pytest.mark.parametrize("block", ["mamba", "mamba2"])
+def test_streamer_generation_equals_model_generation(block):
+    torch.manual_seed(0)
+    lm = SSMModel(ModelConfig(block=block, d_model=16, n_layers=2, vocab_size=11, headdim=8, chunk_size=4)).eval()
+    greedy = SamplingConfig(temperature=0)
+    streamer = Streamer(lm, capacity=5)
+    other = streamer.open()  # a live stream the generation must not disturb
+    streamer.feed(other, torch.tensor([3, 3, 3]))
+    before = streamer.snapshot(other)
+    prompts = [PROMPT, PROMPT[:1], PROMPT[2:]]
+    out = generate_streams(streamer, prompts, 9, greedy)
+    for p, row in zip(prompts, out):
+        assert torch.equal(row, generate(lm, p, 9, sampling=greedy)[0])
+    assert streamer.live == 1 and streamer.snapshot(other) == before
+    sampled = generate_streams(streamer, [PROMPT] * 3, 9, SamplingConfig(top_k=4), seed=5)
+    assert torch.equal(sampled, generate(lm, PROMPT, 9, 3, SamplingConfig(top_k=4), seed=5))
+    with pytest.raises(StateError, match="pool full"):
+        generate_streams(streamer, [PROMPT] * 5, 2)
+    assert streamer.live == 1  # the streams opened before the refusal are closed again
+
+
+SENSOR = ServingSpec(modality="sensor", encoding="float", head="regression", channels=2,
+                     channel_names=("temp", "load"), mean=(20.0, -3.0), std=(4.0, 0.5), horizon=2)
+
+
+@pytest.fixture(scope="module")
+def forecaster() -> SSMModel:
+    torch.manual_seed(0)
+    return SSMModel(ModelConfig(block="mamba2", d_model=16, n_layers=2, headdim=8, chunk_size=4,
+                                input_kind="continuous", input_dim=2, head="regression", output_dim=4)).eval()
+
+
+@torch.no_grad()
+def test_rollout_equals_feeding_the_model_its_own_outputs_by_hand(forecaster):
+    history = torch.randn(2, 7, 2)
+    out = rollout(forecaster, history, 6)
+    state = forecaster.init_state(2)
+    for t in range(7):
+        y, state = forecaster.step(history[:, t], state)
+    expected = []
+    for _ in range(6):
+        expected.append(y)
+        y, state = forecaster.step(y[:, :2], state)
+    assert out.shape == (2, 6, 4) and (out - torch.stack(expected, 1)).abs().max() <= 1e-5
+
+
+def test_forecast_is_the_rollout_de_normalized(forecaster):
+    raw = torch.tensor([[21.0, -3.5], [19.0, -2.0], [24.0, -3.0]], dtype=torch.float64)
+    got = forecast(forecaster, SENSOR, raw, 4)
+    normalized = ((raw - torch.tensor([20.0, -3.0])) / torch.tensor([4.0, 0.5])).float()
+    model_units = rollout(forecaster, normalized, 4)[0, :, :2]
+    assert got.shape == (4, 2)
+    assert torch.allclose(got.double(), model_units.double() * torch.tensor([4.0, 0.5]) + torch.tensor([20.0, -3.0]), atol=1e-5)
+    subset = dataclasses.replace(SENSOR, targets=("temp",), horizon=4)
+    with pytest.raises(ConfigError, match=r"forecasts \['temp'\] of \['temp', 'load'\]"):
+        forecast(forecaster, subset, raw, 2)
+
+
+def test_rollout_refuses_token_models(model):
+    with pytest.raises(ConfigError, match="continuous regression"):
+        rollout(model, torch.zeros(3, 1), 2)
+
+
+AUDIO = ServingSpec(modality="audio", encoding="mu_law", head="lm", sample_rate=8000, quantization_channels=16)
+
+
+def test_audio_continuation_resamples_encodes_and_is_seeded():
+    torch.manual_seed(0)
+    lm = SSMModel(ModelConfig(block="mamba", d_model=16, n_layers=1, vocab_size=16)).eval()
+    wave = torch.sin(torch.linspace(0, 60, 1600))[:, None].repeat(1, 2) * 0.5  # 0.1 s stereo at 16 kHz
+    prompt, new = continue_audio(lm, AUDIO, wave, 16000, 40, samples=3, sampling=SamplingConfig(top_k=5), seed=2)
+    assert prompt.shape == (800,) and new.shape == (3, 40) and new.abs().max() <= 1
+    assert torch.equal(mu_law_encode(prompt, 16), AUDIO.encoder()(wave, sample_rate=16000))
+    again = continue_audio(lm, AUDIO, wave, 16000, 40, samples=3, sampling=SamplingConfig(top_k=5), seed=2)[1]
+    assert torch.equal(new, again)
+    with pytest.raises(ConfigError, match="mu-law audio LM"):
+        continue_audio(lm, ServingSpec(modality="dna", encoding="bases"), wave, 16000, 4)
