@@ -162,3 +162,46 @@ def test_audio_continuation_resamples_encodes_and_is_seeded():
     assert torch.equal(new, again)
     with pytest.raises(ConfigError, match="mu-law audio LM"):
         continue_audio(lm, ServingSpec(modality="dna", encoding="bases"), wave, 16000, 4)
+
+
+def test_cli_audio_writes_wavs_at_the_model_rate_and_a_plot(tmp_path, capsys):
+    import soundfile as sf
+
+    from streamssm.checkpoint import export_safetensors
+    from streamssm.cli import main
+
+    torch.manual_seed(0)
+    export_safetensors(SSMModel(ModelConfig(block="mamba", d_model=16, n_layers=1, vocab_size=16)),
+                       tmp_path / "a.safetensors", spec=AUDIO)
+    sf.write(tmp_path / "p.wav", (0.5 * torch.randn(1600, 2).clamp(-1, 1)).numpy(), 16000)
+    args = ["generate", "--checkpoint", str(tmp_path / "a.safetensors"), "--prompt", str(tmp_path / "p.wav"),
+            "--length", "40", "--samples", "2", "--seed", "3", "--output", str(tmp_path / "c.wav")]
+    assert main(args) == 0
+    for i in range(2):
+        info = sf.info(tmp_path / f"c_{i}.wav")
+        assert (info.samplerate, info.channels, info.frames) == (8000, 1, 800 + 40)
+    assert (tmp_path / "c.png").stat().st_size > 0 and "2 WAV file(s)" in capsys.readouterr().out
+    first = sf.read(tmp_path / "c_0.wav")[0]
+    assert main(args) == 0 and (sf.read(tmp_path / "c_0.wav")[0] == first).all()  # seeded
+
+
+def test_cli_sensor_rollout_table_equals_forecast(forecaster, tmp_path, capsys):
+    import polars as pl
+
+    from streamssm.checkpoint import export_safetensors
+    from streamssm.cli import main
+
+    export_safetensors(forecaster, tmp_path / "s.safetensors", spec=SENSOR)
+    history = pl.DataFrame({"time": range(6), "load": [-3.0, -2.5, -3.2, -2.9, -3.1, -3.0],
+                            "temp": [20.0, 21.0, 19.5, 22.0, 20.5, 21.5]})
+    history.write_csv(tmp_path / "h.csv")
+    assert main(["generate", "--checkpoint", str(tmp_path / "s.safetensors"), "--prompt", str(tmp_path / "h.csv"),
+                 "--length", "5", "--output", str(tmp_path / "f.parquet")]) == 0
+    table = pl.read_parquet(tmp_path / "f.parquet")
+    raw = torch.tensor(history.select("temp", "load").to_numpy())
+    assert table.columns == ["step", "temp", "load"] and table["step"].to_list() == [1, 2, 3, 4, 5]
+    assert torch.allclose(torch.tensor(table.select("temp", "load").to_numpy()), forecast(forecaster, SENSOR, raw, 5).double())
+    assert (tmp_path / "f.png").stat().st_size > 0
+    assert main(["generate", "--checkpoint", str(tmp_path / "s.safetensors"), "--prompt", str(tmp_path / "h.csv"),
+                 "--length", "5", "--samples", "2", "--output", str(tmp_path / "f.csv")]) != 0
+    assert "deterministic" in capsys.readouterr().err

@@ -1,0 +1,140 @@
+"""Files in and out of ``streamssm generate``: WAV prompts and continuations, sensor tables, plots.
+
+Shape legend: l prompt / history steps, n samples, t new steps, c channels.
+
+- :func:`read_wav` / :func:`write_wav`: soundfile, float32 (l, c) / (l,) in [-1, 1].
+- :func:`read_history` / :func:`write_forecast`: CSV or Parquet (by suffix) through polars; the
+  history's columns are the model's channel names.
+- :func:`audio_figure` / :func:`rollout_figure`: the prompt and what the model made of it (matplotlib,
+  no pyplot), written with ``save_figure`` (stream_plots' PNG writer).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from streamssm.errors import ConfigError, DataFormatError
+from streamssm.stream_plots import _save as save_figure  # noqa: F401 (re-exported: one writer of PNGs)
+from streamssm.stream_plots import time_axis
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+TABLE_SUFFIXES = (".csv", ".parquet")
+
+
+def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
+    """A WAV/FLAC file -> (samples (l, c) float32 in [-1, 1], sample rate in Hz)."""
+    import soundfile as sf
+
+    try:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except (RuntimeError, sf.LibsndfileError) as exc:
+        raise DataFormatError(f"cannot read {path} as audio: {exc}") from None
+    if data.shape[0] == 0:
+        raise DataFormatError(f"{path}: no audio samples")
+    return data, int(rate)
+
+
+def write_wav(path: str | Path, wave: np.ndarray, sample_rate: int) -> Path:
+    """wave (l,) or (l, c) float in [-1, 1] -> 16-bit PCM WAV at ``sample_rate`` Hz (clipped)."""
+    import soundfile as sf
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), np.clip(np.asarray(wave, np.float32), -1.0, 1.0), int(sample_rate), subtype="PCM_16")
+    return path
+
+
+def _table_kind(path: Path, what: str) -> str:
+    if path.suffix not in TABLE_SUFFIXES:
+        raise ConfigError(f"{what}: expected a .csv or .parquet file, got {str(path)!r}")
+    return path.suffix[1:]
+
+
+def read_history(path: str | Path, channels: tuple[str, ...]) -> np.ndarray:
+    """The ``channels`` columns of a CSV/Parquet table -> (l, c) float64 rows (nulls refused)."""
+    import polars as pl
+
+    path = Path(path)
+    kind = _table_kind(path, "--prompt")
+    if not path.is_file():
+        raise DataFormatError(f"--prompt: {str(path)!r} does not exist")
+    frame = pl.read_csv(path) if kind == "csv" else pl.read_parquet(path)
+    missing = [c for c in channels if c not in frame.columns]
+    if missing:
+        raise DataFormatError(f"{path}: the model reads columns {list(channels)}; missing {missing} "
+                              f"(the table has {frame.columns})")
+    try:
+        rows = frame.select([pl.col(c).cast(pl.Float64) for c in channels]).to_numpy()
+    except pl.exceptions.PolarsError as exc:
+        raise DataFormatError(f"{path}: columns {list(channels)} are not numeric: {exc}") from None
+    if rows.shape[0] == 0 or not np.isfinite(rows).all():
+        raise DataFormatError(f"{path}: the history must have at least one row and no missing/NaN values")
+    return rows
+
+
+def write_forecast(path: str | Path, forecast: np.ndarray, channels: tuple[str, ...]) -> Path:
+    """forecast (t, c) -> a table with ``step`` (1..t steps after the history) and one column per channel."""
+    import polars as pl
+
+    path = Path(path)
+    kind = _table_kind(path, "--output")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame = pl.DataFrame({"step": np.arange(1, forecast.shape[0] + 1),
+                          **{name: forecast[:, i] for i, name in enumerate(channels)}})
+    frame.write_csv(path) if kind == "csv" else frame.write_parquet(path)
+    return path
+
+
+def audio_figure(prompt: np.ndarray, continuations: np.ndarray, sample_rate: int, title: str = "",
+                 max_samples: int = 4) -> Figure:
+    """prompt (l,) then each continuation (n, t), one panel per sample (at most ``max_samples``)."""
+    from matplotlib.figure import Figure
+
+    n = min(continuations.shape[0], max_samples)
+    fig = Figure(figsize=(9, 1.8 * n + 0.9))
+    axes = fig.subplots(n, 1, sharex=True, squeeze=False)
+    l, t = prompt.shape[0], continuations.shape[1]
+    x_prompt, label = time_axis(l, 0, sample_rate)
+    x_new, _ = time_axis(t, l, sample_rate)
+    for i in range(n):
+        ax = axes[i][0]
+        ax.plot(x_prompt, prompt, color="0.35", linewidth=0.6, label="prompt")
+        ax.plot(x_new, continuations[i], color="tab:blue", linewidth=0.6, label="generated")
+        ax.axvline(x_new[0], color="tab:red", linewidth=0.8, linestyle="--")
+        ax.set_ylabel(f"sample {i}")
+        ax.set_ylim(-1.05, 1.05)
+    axes[0][0].legend(loc="upper right", fontsize=8)
+    axes[-1][0].set_xlabel(label)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def rollout_figure(history: np.ndarray, forecast: np.ndarray, channels: tuple[str, ...], title: str = "",
+                   sample_rate: float | None = None, max_channels: int = 4) -> Figure:
+    """history (l, c) and the rollout (t, c) after it, one panel per channel (at most ``max_channels``)."""
+    from matplotlib.figure import Figure
+
+    c = min(len(channels), max_channels)
+    fig = Figure(figsize=(9, 1.9 * c + 0.9))
+    axes = fig.subplots(c, 1, sharex=True, squeeze=False)
+    l, t = history.shape[0], forecast.shape[0]
+    x_hist, label = time_axis(l, 0, sample_rate)
+    x_new, _ = time_axis(t, l, sample_rate)
+    for i in range(c):
+        ax = axes[i][0]
+        ax.plot(x_hist, history[:, i], color="0.35", linewidth=1.0, label="history")
+        ax.plot(x_new, forecast[:, i], color="tab:orange", linewidth=1.0, label="rollout (own predictions fed back)")
+        ax.set_ylabel(channels[i])
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(loc="upper left", fontsize=8)
+    axes[-1][0].set_xlabel(label)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
