@@ -170,7 +170,6 @@ def _causal_conv1d_bwd_kernel(
     o_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     m_d = o_d < dim
     o_l = tl.arange(0, BLOCK_L)
-    o_w = tl.arange(0, 4)  # taps, w <= 4
     p_x += pid_b * s_xb
     p_init += pid_b * s_ib
     p_dy += pid_b * s_gb
@@ -184,8 +183,12 @@ def _causal_conv1d_bwd_kernel(
     # the first w-1 columns of the tile after the segment (the rest repeat its column w-2)
     nxt, _ = _dpre(p_x, p_init, p_w, p_bias, p_dy, o_d, m_d, s_end + tl.minimum(o_l, W - 2), length, *args,
                    W, HAS_INIT, HAS_BIAS, SILU)
-    acc_w = tl.zeros((BLOCK_D, 4), dtype=tl.float32)  # column k: dweight[:, k]
-    acc_b = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    # dweight[:, k] and dbias terms summed elementwise over the tiles, over time once at the end
+    acc_w0 = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+    acc_w1 = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+    acc_w2 = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+    acc_w3 = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
     for i in range(n_tiles):
         s = s_end - (i + 1) * BLOCK_L + o_l
         m = m_d[:, None] & (s < length)[None, :]
@@ -193,9 +196,13 @@ def _causal_conv1d_bwd_kernel(
         pre, X = _pre(p_x, p_init, p_w, p_bias, o_d, m_d, s, length, s_xd, s_xl, s_id, s_il, s_wd, s_wk,
                       W, HAS_INIT, HAS_BIAS)
         dpre = dy * silu_grad(pre) if SILU else dy
-        for k in tl.static_range(W):
-            acc_w += tl.where(o_w[None, :] == k, tl.sum(dpre * X[k], axis=1)[:, None], 0.0)
-        acc_b += tl.sum(dpre, axis=1)
+        acc_w0 += dpre * X[0]
+        acc_w1 += dpre * X[1]
+        if W > 2:
+            acc_w2 += dpre * X[2]
+        if W > 3:
+            acc_w3 += dpre * X[3]
+        acc_b += dpre
         dx = _tap(p_w, o_d, m_d, W - 1, s_wd, s_wk)[:, None] * dpre
         for j in tl.static_range(1, W):
             dx += _tap(p_w, o_d, m_d, W - 1 - j, s_wd, s_wk)[:, None] * _ahead(dpre, nxt, o_l, j, BLOCK_D, BLOCK_L)
@@ -206,8 +213,13 @@ def _causal_conv1d_bwd_kernel(
         tl.store(p_dx + o_d[:, None] * s_dxd + s[None, :] * s_dxl, dx.to(p_dx.dtype.element_ty), mask=m)
         nxt = dpre
     p_part += (pid_b * tl.num_programs(2) + pid_s) * 5 * dim + o_d
-    tl.store(p_part[:, None] + o_w[None, :] * dim, acc_w, mask=m_d[:, None] & (o_w < W)[None, :])
-    tl.store(p_part + 4 * dim, acc_b, mask=m_d)
+    tl.store(p_part, tl.sum(acc_w0, axis=1), mask=m_d)
+    tl.store(p_part + dim, tl.sum(acc_w1, axis=1), mask=m_d)
+    if W > 2:
+        tl.store(p_part + 2 * dim, tl.sum(acc_w2, axis=1), mask=m_d)
+    if W > 3:
+        tl.store(p_part + 3 * dim, tl.sum(acc_w3, axis=1), mask=m_d)
+    tl.store(p_part + 4 * dim, tl.sum(acc_b, axis=1), mask=m_d)
     if HAS_INIT:
         if pid_s == 0:  # d initial_state_j = dxpad[j] = sum_{k <= j} weight[:, k] dpre[j - k] (+ dfinal)
             di = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)  # columns j < w-1 are kept
