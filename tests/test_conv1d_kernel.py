@@ -143,3 +143,12 @@ def test_bad_input_raises_shape_error(bad, message):
 @pytest.mark.parametrize("dtype, w", [(torch.float32, 4), (torch.bfloat16, 3)], ids=["fp32-W4", "bf16-W3"])
 def test_gpu_realistic_sizes(dtype, w):
     check(make_inputs(4, 1536, 2049, w, dtype=dtype, device="cuda", seed=w), dtype=dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_channel_last_realistic_sizes():
+    """The blocks' layout (a transposed (b, l, d) in_proj slice, tuned with channel-wide tiles of
+    its own) at a Mamba-2 conv's width, bf16, with the conv state in and out."""
+    inputs = make_inputs(2, 1792, 2049, 4, dtype=torch.bfloat16, device="cuda", seed=7)
+    inputs["x"] = inputs["x"].detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    check(inputs, dtype=torch.bfloat16)
