@@ -102,3 +102,74 @@ def test_report_callback_matches_the_test_accuracy(tmp_path):
     assert callback.report.accuracy == pytest.approx(acc, abs=1e-6)
     assert (tmp_path / "report" / "report.txt").read_text() == callback.report.text() + "\n"
     assert (tmp_path / "report" / "confusion.png").exists()
+
+
+# ------------------------------------------------------------------ forecasting protocol
+def _forecaster(horizon: int, targets: int = 2):
+    from streamssm.tasks import Forecaster
+
+    torch.manual_seed(0)
+    task = Forecaster(horizon=horizon, arch=ArchConfig(d_model=16, n_layers=1, headdim=8, d_state=8, chunk_size=8))
+    return task, task.build_model({"input_kind": "continuous", "input_dim": 2, "output_dim": targets}).eval()
+
+
+def _by_hand(model, values, origins, lookback, horizons, horizon, method):
+    """The protocol written out: each forecast recomputed from scratch by full forwards over the
+    growing sequence (no carried state), errors averaged per origin with plain loops."""
+    sums = {h: [0.0, 0.0, 0] for h in horizons}
+    for t, end in origins:
+        seq = torch.from_numpy(values[t - lookback:t])
+        preds: list[np.ndarray] = []
+        while len(preds) < max(horizons):
+            with torch.no_grad():
+                y = model(seq[None])[0][0, -1].view(horizon, -1).numpy()  # (h, k)
+            preds += list(y)
+            if method == "direct":
+                break
+            seq = torch.cat([seq, torch.from_numpy(y)])
+        for h in horizons:
+            if t + h <= end:
+                err = np.stack(preds[:h]) - values[t:t + h]
+                sums[h][0] += float((err ** 2).mean())
+                sums[h][1] += float(np.abs(err).mean())
+                sums[h][2] += 1
+    return {h: (s / n, a / n, n) for h, (s, a, n) in sums.items()}
+
+
+@pytest.mark.parametrize("horizon, method", [(1, "rollout"), (3, "rollout"), (7, "direct")])
+def test_forecast_protocol_equals_a_hand_computation(horizon, method, tmp_path):
+    from streamssm.evaluate import forecast_origins, forecast_protocol
+
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(70, 2)).cumsum(0).astype(np.float32) / 5  # (rows, c), two series
+    spans, starts = [(20, 40), (55, 70)], [0, 45]  # test rows of series [0, 40) and [45, 70)
+    lookback, horizons = 8, (7, 4)
+    _, model = _forecaster(horizon)
+    report = forecast_protocol(model, values, spans, starts, horizon, lookback, horizons, stride=2, method="auto",
+                               batch_size=3)
+    assert report.method == method and report.horizons == (4, 7)
+    origins = forecast_origins(spans, starts, lookback, 4, 2)
+    # every origin has its look-back inside its series and at least the shortest horizon inside the span
+    assert origins == [(t, 40) for t in range(20, 37, 2)] + [(t, 70) for t in range(55, 67, 2)]
+    expected = _by_hand(model, values, origins, lookback, (4, 7), horizon, method)
+    for j, h in enumerate((4, 7)):
+        mse, mae, n = expected[h]
+        assert report.origins[j] == n
+        assert report.mse[j] == pytest.approx(mse, rel=1e-4) and report.mae[j] == pytest.approx(mae, rel=1e-4)
+    json_path, png = report.write(tmp_path)
+    assert png.read_bytes()[:4] == b"\x89PNG" and '"mse"' in json_path.read_text()
+    assert report.table().splitlines()[2].split()[0] == "4"
+
+
+def test_forecast_protocol_refusals():
+    from streamssm.evaluate import forecast_protocol
+
+    values = np.zeros((30, 2), np.float32)
+    _, model = _forecaster(2)
+    with pytest.raises(ConfigError, match="direct forecasts need the head's horizon"):
+        forecast_protocol(model, values, [(10, 30)], [0], 2, 4, (5,), method="direct")
+    with pytest.raises(ConfigError, match="no forecast origin"):
+        forecast_protocol(model, values, [(10, 30)], [10], 2, 16, (8,))
+    _, one_channel = _forecaster(2, targets=1)
+    with pytest.raises(ConfigError, match="forecasts 1 of 2 input channels"):
+        forecast_protocol(one_channel, values, [(10, 30)], [0], 2, 4, (5,), method="rollout", target_index=[1])
