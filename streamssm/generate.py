@@ -134,12 +134,13 @@ def generate(model: SSMModel, prompt: torch.Tensor, length: int, samples: int = 
     # called directly, without SSMModel's per-call range check (a host sync per token)
     h, state = model.backbone(model.encoder(prompt.to(device)[None]))
     first = model.head(h[:, -1])  # (1, v): the head only where a token is drawn
-    state = select_streams(state, torch.zeros(samples, dtype=torch.long, device=device))
+    # the prompt state copied to every sample: a pool of `samples` rows that each step updates in
+    # place (step_pool: no per-step copy of the state, unlike step)
+    pool = select_streams(state, torch.zeros(samples, dtype=torch.long, device=device))
+    rows = torch.arange(samples, device=device)
 
     def step(nxt: torch.Tensor) -> torch.Tensor:
-        nonlocal state
-        h_t, state = model.backbone.step(model.encoder(nxt), state)
-        return model.head(h_t)
+        return model.head(model.backbone.step_pool(model.encoder(nxt), pool, rows))
 
     return _sample_loop(first.expand(samples, -1), step, length, sampling, _generator(seed, device))
 
