@@ -11,6 +11,7 @@ const $ = (id) => document.getElementById(id);
 const CHUNK_SECONDS = 0.02; // 20 ms frames
 const SENSOR_FRAME_ROWS = 64; // rows per frame of a sensor file without a sample rate
 const DNA_FRAME_BASES = 256;
+const PLOT_SECONDS = 10; // seconds of a live microphone's results the plot spans
 const LN2 = Math.log(2);
 const sleep = (ms) => new Promise((wake) => setTimeout(wake, ms));
 
@@ -97,13 +98,13 @@ function fail(err) {
   setStatus("error", err.message);
 }
 
-async function openStream(token, fields) {
+/** Open the stream (start -> ready); the plot spans `shown` result samples. */
+async function openStream(token, fields, shown) {
   const info = app.info;
   app.view = viewOf(info);
   const start = { type: "start", version: 1, ...fields, results: "binary", include: app.view.include };
   app.stream = new Stream(token, start, { result: onResult, event: onEvent, closed: onClosed });
   app.ready = await app.stream.open();
-  const shown = info.sample_rate ? info.sample_rate * 10 : 20000; // 10 s of model-rate samples
   app.plot = new Plot($("plot"), app.view.names, { shown, unit: app.view.unit, range: app.view.range });
   return app.stream;
 }
@@ -149,7 +150,9 @@ async function beginAudio(token, kind, seconds) {
     source.connect(ctx.destination); // heard while it streams
     source.onended = () => app.stop();
   }
-  const stream = await openStream(token, { format: "f32le", sample_rate: ctx.sampleRate, channels: 1 });
+  const span = Math.min(seconds, kind === "mic" ? PLOT_SECONDS : source.buffer.duration);
+  const shown = Math.max(1, Math.round(span * app.info.sample_rate)); // results come at the model's rate
+  const stream = await openStream(token, { format: "f32le", sample_rate: ctx.sampleRate, channels: 1 }, shown);
   const limit = Number.isFinite(seconds) ? Math.round(seconds * ctx.sampleRate) : Infinity;
   let total = 0;
   capture.port.onmessage = (event) => {
@@ -208,7 +211,8 @@ async function beginFile(token, seconds) {
     fields = { format: "f32le", channels: info.channels, ...(info.sample_rate ? { sample_rate: info.sample_rate } : {}) };
   }
   app.rate = info.sample_rate;
-  const stream = await openStream(token, fields);
+  const shown = frames.reduce((total, f) => total + f.length, 0) / (info.modality === "dna" ? 1 : info.channels);
+  const stream = await openStream(token, fields, Math.max(1, shown));
   let stopped = false;
   app.stop = () => (stopped = true);
   setStatus("streaming", `${file.name}: ${frames.length} frames` + (info.sample_rate ? " in real time" : ""));

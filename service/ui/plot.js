@@ -1,5 +1,5 @@
-// A scrolling per-sample plot on a canvas: each pixel column holds the mean of `perColumn`
-// consecutive samples of every series (k series), the newest column on the right.
+// A scrolling per-sample plot on a canvas: each column holds the mean of `perColumn` consecutive
+// samples of every series (k series), the newest column on the right; `shown` samples span the plot.
 const COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"];
 const MARGIN = 48; // px left of the plot for the axis labels
 
@@ -14,8 +14,10 @@ export class Plot {
     this.names = names;
     this.unit = unit;
     this.range = range;
-    this.width = Math.max(1, canvas.width - MARGIN);
-    this.perColumn = Math.max(1, Math.round(shown / this.width));
+    const width = Math.max(1, canvas.width - MARGIN);
+    this.perColumn = Math.max(1, Math.round(shown / width));
+    this.slots = Math.max(1, Math.min(width, Math.ceil(shown / this.perColumn))); // columns across the plot
+    this.step = width / this.slots; // px per column
     this.columns = names.map(() => []); // per series, at most `width` column means
     this.sums = new Float64Array(names.length);
     this.count = 0;
@@ -31,7 +33,7 @@ export class Plot {
         for (let j = 0; j < k; j++) {
           const column = this.columns[j];
           column.push(this.sums[j] / this.count);
-          if (column.length > this.width) column.shift();
+          if (column.length > this.slots) column.shift();
           this.sums[j] = 0;
         }
         this.count = 0;
@@ -70,13 +72,13 @@ export class Plot {
     g.fillText(hi.toPrecision(3), 2, 14);
     g.fillText(lo.toPrecision(3), 2, h - 18);
     g.fillText(this.unit, 2, h / 2);
-    g.fillText(`${this.perColumn} samples per pixel, ${this.samples} samples so far`, MARGIN + 4, h - 3);
+    g.fillText(`${this.perColumn} samples per column, ${this.samples} samples so far`, MARGIN + 4, h - 3);
     this.columns.forEach((column, j) => {
       const color = COLORS[j % COLORS.length];
       g.strokeStyle = color;
       g.beginPath();
-      const x0 = w - column.length;
-      column.forEach((v, i) => (i ? g.lineTo(x0 + i, y(v)) : g.moveTo(x0 + i, y(v))));
+      const x = (i) => w - 1 - (column.length - 1 - i) * this.step;
+      column.forEach((v, i) => (i ? g.lineTo(x(i), y(v)) : g.moveTo(x(i), y(v))));
       g.stroke();
       g.fillStyle = color;
       const last = column.length ? ` ${column[column.length - 1].toPrecision(3)}` : "";
