@@ -40,7 +40,7 @@ def choose_backend(op: str, backend: Backend, device: torch.device) -> Resolved:
     """
     if backend == "auto":
         choice: Resolved = "triton" if device.type == "cuda" else "torch"
-        if (op, choice) not in _logged_choices:
+        if not torch.compiler.is_compiling() and (op, choice) not in _logged_choices:  # no log in traced code
             _logged_choices.add((op, choice))
             log.info("%s: using the %s backend on %s", op, choice, device.type)
         return choice

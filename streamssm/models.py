@@ -379,7 +379,9 @@ class SSMModel(nn.Module):
             if x.dim() != time_dims or x.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
                 want = "(batch, length)" if time_dims == 2 else "(batch,)"
                 raise ShapeError(f"token inputs must be an integer tensor {want}, got {x.dtype} {tuple(x.shape)}")
-            if x.numel() and (int(x.min()) < 0 or int(x.max()) >= cfg.vocab_size):
+            # a data-dependent check (a host sync): skipped while torch.compile / export traces
+            # (the embedding lookup still rejects out-of-range ids)
+            if not torch.compiler.is_compiling() and x.numel() and (int(x.min()) < 0 or int(x.max()) >= cfg.vocab_size):
                 raise ShapeError(f"token ids must lie in [0, {cfg.vocab_size}), got [{int(x.min())}, {int(x.max())}]")
             return self.encoder(x.long())
         if x.dim() != time_dims + 1 or x.shape[-1] != cfg.input_dim or not x.is_floating_point():

@@ -35,6 +35,8 @@ import torch.nn.functional as F
 #: Largest |sum of delta*A| inside one piece: exp(±60) keeps x * exp(-Lc), its running sum and
 #: the gradients far from fp32 overflow (exp(88)).
 LOG_DECAY_LIMIT = 60.0
+#: Steps per piece of the traced path (:func:`_scan_fixed_pieces`), used under torch.compile/export.
+TRACED_PIECE = 16
 
 
 def _piece_length(dt: torch.Tensor, a_abs_max: torch.Tensor) -> int:
@@ -126,6 +128,45 @@ def _cumsum_last(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).cumsum(-1).view(x.shape)
 
 
+def _segsum(a: torch.Tensor) -> torch.Tensor:
+    """a (..., t) -> (..., t, t): [i, j] = sum_{j < k <= i} a_k for j <= i, -inf above the
+    diagonal. A masked cumsum (no difference of two long cumsums, so no cancellation)."""
+    t = a.shape[-1]
+    rep = a[..., None, :].expand(*a.shape, t).transpose(-1, -2)  # [i, j] = a_i
+    below = torch.ones(t, t, dtype=torch.bool, device=a.device).tril(-1)
+    seg = rep.masked_fill(~below, 0).cumsum(-2)
+    return seg.masked_fill(~torch.ones(t, t, dtype=torch.bool, device=a.device).tril(), float("-inf"))
+
+
+def _scan_fixed_pieces(dt: torch.Tensor, du: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                       h0: torch.Tensor, piece: int = TRACED_PIECE) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recurrence of :class:`_ChunkedScanFn` (same inputs and outputs) without a
+    data-dependent piece length or host sync, for torch.compile / torch.export to trace.
+
+    Time is cut into K pieces of ``piece`` steps (zero-padded: dt 0 keeps the state). Inside a
+    piece, h_t = sum_{s<=t} exp(segsum(a)_{t,s}) x_s with a = delta A, x = delta B u; the pieces'
+    end states are joined by the same segsum over the K piece decays. Every exponent is <= 0, so
+    nothing overflows whatever the decays. Memory O(b·d·n·l·piece); autograd does the backward.
+    """
+    b, g, e, l = dt.shape
+    n = A.shape[2]
+    k = -(-l // piece)
+    pad = k * piece - l
+    dt, du, B, C = (F.pad(t, (0, pad)) for t in (dt, du, B, C))
+    dtp = dt.reshape(b, g, e, 1, k, piece)  # (b, g, e, 1, K, P)
+    a = dtp * A[..., None]  # (b, g, e, n, K, P): log-decay of each step
+    x = du.reshape(b, g, e, 1, k, piece) * B.reshape(b, g, 1, n, k, piece)  # (b, g, e, n, K, P)
+    h_loc = (torch.exp(_segsum(a)) * x[..., None, :]).sum(-1)  # (b, g, e, n, K, P): from a zero state
+    lc = a.cumsum(-1)  # (b, g, e, n, K, P): log-decay since the piece's start
+    ltot = lc[..., -1]  # (b, g, e, n, K)
+    h_end = (torch.exp(_segsum(ltot)) * h_loc[..., -1][..., None, :]).sum(-1)
+    h_end = h_end + torch.exp(ltot.cumsum(-1)) * h0[..., None]  # (b, g, e, n, K): state after each piece
+    h_start = torch.cat([h0[..., None], h_end[..., :-1]], dim=-1)  # (b, g, e, n, K)
+    hs = h_loc + torch.exp(lc) * h_start[..., None]  # (b, g, e, n, K, P)
+    y = (hs * C.reshape(b, g, 1, n, k, piece)).sum(3).reshape(b, g, e, k * piece)[..., :l]
+    return y, h_end[..., -1]
+
+
 def selective_scan_chunked(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -156,8 +197,8 @@ def selective_scan_chunked(
     dt = delta.float()
     if delta_bias is not None:
         dt = dt + delta_bias.float()[:, None]
-    if delta_softplus:
-        dt = F.softplus(dt)
+    if delta_softplus:  # contiguous: softplus_backward's fake and CPU kernels disagree on the
+        dt = F.softplus(dt.contiguous())  # strides of a channel-last dt (breaks compiled backward)
     uf = u.float()
     dt_g = dt.reshape(b, g, e, l)  # (b, g, e, l)
     du_g = (dt * uf).reshape(b, g, e, l)  # (b, g, e, l)
@@ -167,7 +208,10 @@ def selective_scan_chunked(
         if initial_state is not None
         else u.new_zeros(b, g, e, n, dtype=torch.float32)
     )
-    y, h = _ChunkedScanFn.apply(dt_g, du_g, A_g, Bg, Cg, h, chunk_size)
+    if torch.compiler.is_compiling():  # traced: no data-dependent piece length
+        y, h = _scan_fixed_pieces(dt_g, du_g, A_g, Bg, Cg, h)
+    else:
+        y, h = _ChunkedScanFn.apply(dt_g, du_g, A_g, Bg, Cg, h, chunk_size)
     y = y.reshape(b, d, l)
     if D is not None:
         y = y + uf * D.float()[:, None]
