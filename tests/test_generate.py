@@ -205,3 +205,14 @@ def test_cli_sensor_rollout_table_equals_forecast(forecaster, tmp_path, capsys):
     assert main(["generate", "--checkpoint", str(tmp_path / "s.safetensors"), "--prompt", str(tmp_path / "h.csv"),
                  "--length", "5", "--samples", "2", "--output", str(tmp_path / "f.csv")]) != 0
     assert "deterministic" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block", ["mamba", "mamba2"])
+def test_streamer_generation_on_cuda_equals_model_generation(block):
+    torch.manual_seed(0)
+    lm = SSMModel(ModelConfig(block=block, d_model=64, n_layers=2, vocab_size=11, headdim=16)).eval().cuda()
+    greedy = SamplingConfig(temperature=0)
+    expected = generate(lm, PROMPT, 32, 4, greedy)
+    out = generate_streams(Streamer(lm, capacity=8, device="cuda"), [PROMPT] * 4, 32, greedy)
+    assert torch.equal(out, expected.cpu())
