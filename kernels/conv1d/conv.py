@@ -162,7 +162,7 @@ def _causal_conv1d_bwd_kernel(
 
     Per tile: pre and dpre once; dweight/dbias partials from the same windows; dx from dpre
     shifted 0..w-1 steps (``_ahead``), past the tile's end reading ``nxt``, the later tile's dpre
-    (before the segment's last tile: its first w-1 columns computed from the inputs). Segment 0
+    (before the segment's last tile: a tile holding the w-1 steps after the segment). Segment 0
     ends with d initial_state from the dpre of the sequence's first tile.
     """
     pid_b = tl.program_id(0).to(tl.int64)
@@ -180,9 +180,13 @@ def _causal_conv1d_bwd_kernel(
     s0 = pid_s.to(tl.int64) * seg_len
     n_tiles = tl.cdiv(tl.minimum(seg_len, length - s0), BLOCK_L)
     s_end = s0 + n_tiles * BLOCK_L
-    # the first w-1 columns of the tile after the segment (the rest repeat its column w-2)
-    nxt, _ = _dpre(p_x, p_init, p_w, p_bias, p_dy, o_d, m_d, s_end + tl.minimum(o_l, W - 2), length, *args,
-                   W, HAS_INIT, HAS_BIAS, SILU)
+    # dpre of the first w-1 steps after the segment, as columns of an otherwise zero tile
+    o_4 = tl.arange(0, 4)
+    after, _ = _dpre(p_x, p_init, p_w, p_bias, p_dy, o_d, m_d, s_end + o_4, length, *args, W, HAS_INIT, HAS_BIAS, SILU)
+    nxt = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+    for j in tl.static_range(W - 1):
+        col = tl.sum(tl.where((o_4 == j)[None, :], after, 0.0), axis=1)
+        nxt = tl.where((o_l == j)[None, :], col[:, None], nxt)
     # dweight[:, k] and dbias terms summed elementwise over the tiles, over time once at the end
     acc_w0 = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
     acc_w1 = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
