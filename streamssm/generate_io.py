@@ -90,51 +90,46 @@ def write_forecast(path: str | Path, forecast: np.ndarray, channels: tuple[str, 
     return path
 
 
-def audio_figure(prompt: np.ndarray, continuations: np.ndarray, sample_rate: int, title: str = "",
-                 max_samples: int = 4) -> Figure:
-    """prompt (l,) then each continuation (n, t), one panel per sample (at most ``max_samples``)."""
+def continuation_figure(before: np.ndarray, after: np.ndarray, panels: tuple[str, ...], labels: tuple[str, str],
+                        title: str = "", sample_rate: float | None = None, audio: bool = False) -> Figure:
+    """One panel per column: before (l, p) (prompt / history) then after (t, p) (generated / rollout),
+    a dashed line where the model took over; ``audio`` fixes the y range to [-1, 1]."""
     from matplotlib.figure import Figure
 
-    n = min(continuations.shape[0], max_samples)
-    fig = Figure(figsize=(9, 1.8 * n + 0.9))
-    axes = fig.subplots(n, 1, sharex=True, squeeze=False)
-    l, t = prompt.shape[0], continuations.shape[1]
-    x_prompt, label = time_axis(l, 0, sample_rate)
-    x_new, _ = time_axis(t, l, sample_rate)
-    for i in range(n):
+    p = len(panels)
+    fig = Figure(figsize=(9, 1.9 * p + 0.9))
+    axes = fig.subplots(p, 1, sharex=True, squeeze=False)
+    x_before, xlabel = time_axis(before.shape[0], 0, sample_rate)
+    x_after, _ = time_axis(after.shape[0], before.shape[0], sample_rate)
+    width = 0.6 if audio else 1.0
+    for i, name in enumerate(panels):
         ax = axes[i][0]
-        ax.plot(x_prompt, prompt, color="0.35", linewidth=0.6, label="prompt")
-        ax.plot(x_new, continuations[i], color="tab:blue", linewidth=0.6, label="generated")
-        ax.axvline(x_new[0], color="tab:red", linewidth=0.8, linestyle="--")
-        ax.set_ylabel(f"sample {i}")
-        ax.set_ylim(-1.05, 1.05)
-    axes[0][0].legend(loc="upper right", fontsize=8)
-    axes[-1][0].set_xlabel(label)
+        ax.plot(x_before, before[:, i], color="0.35", linewidth=width, label=labels[0])
+        ax.plot(x_after, after[:, i], color="tab:blue", linewidth=width, label=labels[1])
+        ax.axvline(x_after[0], color="tab:red", linewidth=0.8, linestyle="--")
+        ax.set_ylabel(name)
+        if audio:
+            ax.set_ylim(-1.05, 1.05)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(loc="upper left", fontsize=8)
+    axes[-1][0].set_xlabel(xlabel)
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def audio_figure(prompt: np.ndarray, continuations: np.ndarray, sample_rate: int, title: str = "",
+                 max_samples: int = 4) -> Figure:
+    """prompt (l,) then each continuation (n, t), one panel per sample (at most ``max_samples``)."""
+    n = min(continuations.shape[0], max_samples)
+    return continuation_figure(np.repeat(prompt[:, None], n, axis=1), continuations[:n].T,
+                               tuple(f"sample {i}" for i in range(n)), ("prompt", "generated"), title,
+                               sample_rate, audio=True)
 
 
 def rollout_figure(history: np.ndarray, forecast: np.ndarray, channels: tuple[str, ...], title: str = "",
                    sample_rate: float | None = None, max_channels: int = 4) -> Figure:
     """history (l, c) and the rollout (t, c) after it, one panel per channel (at most ``max_channels``)."""
-    from matplotlib.figure import Figure
-
     c = min(len(channels), max_channels)
-    fig = Figure(figsize=(9, 1.9 * c + 0.9))
-    axes = fig.subplots(c, 1, sharex=True, squeeze=False)
-    l, t = history.shape[0], forecast.shape[0]
-    x_hist, label = time_axis(l, 0, sample_rate)
-    x_new, _ = time_axis(t, l, sample_rate)
-    for i in range(c):
-        ax = axes[i][0]
-        ax.plot(x_hist, history[:, i], color="0.35", linewidth=1.0, label="history")
-        ax.plot(x_new, forecast[:, i], color="tab:orange", linewidth=1.0, label="rollout (own predictions fed back)")
-        ax.set_ylabel(channels[i])
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(loc="upper left", fontsize=8)
-    axes[-1][0].set_xlabel(label)
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
-
+    return continuation_figure(history[:, :c], forecast[:, :c], tuple(channels[:c]),
+                               ("history", "rollout (own predictions fed back)"), title, sample_rate)
