@@ -218,7 +218,7 @@ class StreamServer:
             response.headers["Content-Type"] = self.metrics.content_type
             return response
         if path == static.MODEL_PATH:
-            return static.model_response(conn, self.bundle, self.codec)
+            return static.model_response(conn, self.bundle, self.codec, self.config.idle_timeout)
         if path not in STREAM_PATHS:
             self.metrics.reject("not_found")
             return conn.respond(HTTPStatus.NOT_FOUND, f"no such path; streams connect to {STREAM_PATHS[0]}\n")

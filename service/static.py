@@ -80,8 +80,9 @@ def page_response(conn: ServerConnection, request: Request) -> Response | None:
     return _typed(conn, _read(name), UI_FILES[name])
 
 
-def model_info(bundle: ServingBundle, codec: ModelCodec) -> dict[str, Any]:
-    """The model facts the page builds its ``start`` from and labels its plot with."""
+def model_info(bundle: ServingBundle, codec: ModelCodec, idle_timeout: float) -> dict[str, Any]:
+    """The model facts the page builds its ``start`` from and labels its plot with, and the
+    server's ``idle_timeout`` (s; the page pings more often than that while paused)."""
     assert bundle.spec is not None  # ModelCodec.from_bundle refused a bundle without one
     spec = bundle.spec.for_model(bundle.config)
     return {
@@ -89,13 +90,13 @@ def model_info(bundle: ServingBundle, codec: ModelCodec) -> dict[str, Any]:
         "formats": list(codec.spec.formats), "sample_rate": codec.spec.sample_rate,
         "channels": codec.spec.channels, "output_names": spec.output_names(),
         "classes": codec.classes, "horizon": spec.horizon,
-        "channel_names": list(spec.channel_names),
+        "channel_names": list(spec.channel_names), "idle_timeout": idle_timeout,
     }
 
 
-def model_response(conn: ServerConnection, bundle: ServingBundle, codec: ModelCodec) -> Response:
+def model_response(conn: ServerConnection, bundle: ServingBundle, codec: ModelCodec, idle_timeout: float) -> Response:
     """``GET /ui/model.json`` (:func:`model_info` as JSON)."""
-    return _typed(conn, json.dumps(model_info(bundle, codec)) + "\n", "application/json")
+    return _typed(conn, json.dumps(model_info(bundle, codec, idle_timeout)) + "\n", "application/json")
 
 
 def subprotocol_bearer(request: Request) -> list[str]:

@@ -215,9 +215,8 @@ needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not in
                                    "chromium); the real-browser tests need it (.ci/run installs it)")
 
 
-async def run_page(page: DevTools, port: int, button: str, seconds: str = "", upload=None) -> tuple[dict, bytes]:
-    """Open the page, fill in the token (and the stop-after seconds, the file to upload), press
-    ``button`` and wait until the stream is done; returns the page's dump() and a screenshot."""
+async def open_page(page: DevTools, port: int, seconds: str = "", upload=None) -> None:
+    """Open the page; fill in the token, the stop-after seconds and the file to upload."""
     await page.call("Page.navigate", url=f"http://127.0.0.1:{port}/ui")
     await page.wait_for("document.readyState === 'complete' && window.streamssm?.status === 'idle'", 30)
     if upload is not None:
@@ -225,18 +224,29 @@ async def run_page(page: DevTools, port: int, button: str, seconds: str = "", up
         node = (await page.call("DOM.querySelector", nodeId=root, selector="#file"))["nodeId"]
         await page.call("DOM.setFileInputFiles", files=[str(upload)], nodeId=node)
     await page.evaluate(f"document.getElementById('token').value = {json.dumps(TOKEN)};"
-                        f"document.getElementById('seconds').value = {json.dumps(seconds)};"
-                        f"document.getElementById({json.dumps(button)}).click()")
+                        f"document.getElementById('seconds').value = {json.dumps(seconds)}")
+
+
+async def finished(page: DevTools) -> dict:
+    """Wait until the page's stream is done; its dump(), checked for results in order, every sample once."""
     try:
         await page.wait_for("['done', 'error'].includes(window.streamssm.status)", PAGE_TIMEOUT)
     except TimeoutError:
         state = await page.evaluate("[window.streamssm.status, document.getElementById('status').textContent]")
         raise AssertionError(f"the page did not finish in {PAGE_TIMEOUT} s: {state}") from None
     got = await page.evaluate("window.streamssm.dump()")
-    shot = await page.call("Page.captureScreenshot", format="png")
     assert got["status"] == "done", got["error"]
     assert got["seqs"] == list(range(len(got["seqs"])))  # results in order
     assert got["starts"] == [sum(got["ns"][:i]) for i in range(len(got["ns"]))]  # every sample once
+    return got
+
+
+async def run_page(page: DevTools, port: int, button: str, seconds: str = "", upload=None) -> tuple[dict, bytes]:
+    """Open the page, press ``button``, wait until the stream is done; its dump() and a screenshot."""
+    await open_page(page, port, seconds, upload)
+    await page.evaluate(f"document.getElementById({json.dumps(button)}).click()")
+    got = await finished(page)
+    shot = await page.call("Page.captureScreenshot", format="png")
     return got, base64.b64decode(shot["data"])
 
 
@@ -245,20 +255,50 @@ async def test_browser_microphone_results_equal_offline_forward(tmp_path):
     fake_audio = tmp_path / "tone.wav"
     write_tone(fake_audio)
     ckpt = export_audio_lm(tmp_path, MODEL_RATE)
-    async with chromium(tmp_path, fake_audio) as page:
-        async with StreamServer(load_for_serving(ckpt), ServeConfig(port=0, token=TOKEN, ping_interval=None)) as srv:
-            got, png = await run_page(page, srv.port, "mic", str(SECONDS))
+    cfg = ServeConfig(port=0, token=TOKEN, ping_interval=None)
+    async with chromium(tmp_path, fake_audio) as page, StreamServer(load_for_serving(ckpt), cfg) as srv:
+        got, png = await run_page(page, srv.port, "mic", str(SECONDS))
     (tmp_path / "browser.png").write_bytes(png)
+    assert len(floats(got["sent"])) == round(SECONDS * got["rate"])
+    assert_lm_results(ckpt, got)
+
+
+def assert_lm_results(ckpt, got: dict) -> None:
+    """The page's LM scores equal the offline forward of what it sent, resampled at once."""
     rate = got["rate"]
     sent = floats(got["sent"])
-    assert rate != MODEL_RATE and got["ready"]["sample_rate"] == rate
-    assert len(sent) == round(SECONDS * rate) == sum(got["chunks"])
+    assert rate != MODEL_RATE and got["ready"]["sample_rate"] == rate and len(sent) == sum(got["chunks"])
     assert abs(dominant_hz(sent, rate) - TONE_HZ) < 5  # the fake microphone's file, not silence
     expected = offline_scores(ckpt, resample(sent[:, None], rate, MODEL_RATE)[:, 0])  # the whole recording at once
     assert len(got["seqs"]) == len(got["chunks"]) + 1  # one result per frame, one for the resampler's flushed tail
     scores = floats(got["scores"])
     assert got["summary"]["samples"] == len(scores) == len(expected)
     np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_chromium
+async def test_browser_paused_stream_pings_past_three_idle_timeouts(tmp_path):
+    fake_audio = tmp_path / "tone.wav"
+    write_tone(fake_audio)
+    ckpt = export_audio_lm(tmp_path, MODEL_RATE)
+    idle = 1.5
+    cfg = ServeConfig(port=0, token=TOKEN, ping_interval=None, idle_timeout=idle)
+    async with chromium(tmp_path, fake_audio) as page, StreamServer(load_for_serving(ckpt), cfg) as srv:
+        await open_page(page, srv.port)
+        await page.evaluate("document.getElementById('mic').click()")
+        await page.wait_for("window.streamssm.results.length > 2", PAGE_TIMEOUT)
+        await page.evaluate("document.getElementById('pause').click()")
+        await page.wait_for("window.streamssm.status === 'paused'", 10)
+        await page.wait_for("window.streamssm.stream.answered === window.streamssm.stream.sent", PAGE_TIMEOUT)
+        await asyncio.sleep(3.5 * idle)  # nothing owed, nothing sent but the page's pings
+        assert await page.evaluate("[window.streamssm.status, window.streamssm.pongs >= 3]") == ["paused", True]
+        await page.evaluate("document.getElementById('pause').click()")
+        sent = await page.evaluate("window.streamssm.sent.length")
+        await page.wait_for(f"window.streamssm.sent.length > {sent} + 2", 30)  # streaming again
+        await page.evaluate("document.getElementById('stop').click()")
+        got = await finished(page)
+    assert got["pongs"] >= 3
+    assert_lm_results(ckpt, got)  # paused audio is dropped: what was sent, gap and all, is answered
 
 
 @needs_chromium
@@ -272,10 +312,10 @@ async def test_browser_sensor_csv_upload_class_probabilities(tmp_path):
     values = (np.random.default_rng(4).normal(size=(300, 3)) * 2 + 1).astype(np.float32)
     csv = tmp_path / "series.csv"
     csv.write_text("a,b,c\n" + "".join(",".join(f"{v:.9g}" for v in row) + "\n" for row in values))
-    async with chromium(tmp_path, None) as page:
-        async with StreamServer(load_for_serving(ckpt), ServeConfig(port=0, token=TOKEN, ping_interval=None)) as srv:
-            got, png = await run_page(page, srv.port, "play", upload=csv)
-            label = await page.evaluate("document.getElementById('label').textContent")
+    cfg = ServeConfig(port=0, token=TOKEN, ping_interval=None)
+    async with chromium(tmp_path, None) as page, StreamServer(load_for_serving(ckpt), cfg) as srv:
+        got, png = await run_page(page, srv.port, "play", upload=csv)
+        label = await page.evaluate("document.getElementById('label').textContent")
     (tmp_path / "browser_classifier.png").write_bytes(png)
     np.testing.assert_array_equal(floats(got["sent"]).reshape(-1, 3), values)  # the CSV, exactly
     assert len(got["seqs"]) == len(got["chunks"]) and got["summary"]["label"] in spec["classes"]

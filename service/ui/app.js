@@ -4,7 +4,7 @@
 // (LM), forecast (regression) or class probabilities (classifier). What was sent and received
 // stays on window.streamssm; its dump() gives it as base64 float32 (read by tests).
 import { Plot } from "./plot.js";
-import { PING_MS, Stream } from "./stream.js";
+import { Stream } from "./stream.js";
 import { floatsBase64 } from "./wire.js";
 
 const $ = (id) => document.getElementById(id);
@@ -103,7 +103,7 @@ async function openStream(token, fields, shown) {
   const info = app.info;
   app.view = viewOf(info);
   const start = { type: "start", version: 1, ...fields, results: "binary", include: app.view.include };
-  app.stream = new Stream(token, start, { result: onResult, event: onEvent, closed: onClosed });
+  app.stream = new Stream(token, start, { result: onResult, event: onEvent, closed: onClosed }, info.idle_timeout);
   app.ready = await app.stream.open();
   app.plot = new Plot($("plot"), app.view.names, { shown, unit: app.view.unit, range: app.view.range });
   return app.stream;
@@ -249,7 +249,7 @@ async function begin(kind) {
 function togglePause() {
   app.paused = !app.paused;
   app.stream.pause(app.paused);
-  setStatus(app.paused ? "paused" : "streaming", app.paused ? `pinging every ${PING_MS / 1000} s` : "");
+  setStatus(app.paused ? "paused" : "streaming", app.paused ? `pinging every ${(app.stream.pingMs / 1000).toFixed(1)} s` : "");
 }
 
 $("mic").addEventListener("click", () => begin("mic"));

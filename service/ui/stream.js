@@ -3,15 +3,17 @@
 // summary. window() waits while ready.queue_depth frames are unanswered.
 import { bearerProtocols, decodeResult, streamUrl } from "./wire.js";
 
-export const PING_MS = 10000;
+const MAX_PING_MS = 10000;
 
 export class Stream {
   /**
    * @param token bearer token ("" for none), sent as a subprotocol
    * @param start the start message (an object)
    * @param handlers {result(r), event(msg), closed(code, message)} (message: null after a summary)
+   * @param idleTimeout the server's idle timeout (s): paused, the stream pings 3 times as often
    */
-  constructor(token, start, handlers) {
+  constructor(token, start, handlers, idleTimeout) {
+    this.pingMs = Math.min(MAX_PING_MS, (idleTimeout * 1000) / 3);
     this.token = token;
     this.start = start;
     this.handlers = handlers;
@@ -80,10 +82,10 @@ export class Stream {
     }
   }
 
-  /** Paused: a {"type": "ping"} every PING_MS keeps the server's idle timer from closing the stream. */
+  /** Paused: a {"type": "ping"} every pingMs keeps the server's idle timer from closing the stream. */
   pause(paused) {
     clearInterval(this.pinger);
-    this.pinger = paused ? setInterval(() => this.isOpen && this.ws.send('{"type":"ping"}'), PING_MS) : null;
+    this.pinger = paused ? setInterval(() => this.isOpen && this.ws.send('{"type":"ping"}'), this.pingMs) : null;
   }
 
   /** Send end; resolves with the summary (after every result). */
