@@ -28,6 +28,7 @@ from streamssm.models import ModelConfig, SSMModel
 from streamssm.service import static
 from streamssm.service.resample import resample
 from streamssm.service.server import ServeConfig, StreamServer
+from test_service_realclients import self_signed
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -183,6 +184,7 @@ async def chromium(tmp_path, fake_audio):
     proc = await asyncio.create_subprocess_exec(
         CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--mute-audio",
         "--remote-debugging-port=0", f"--user-data-dir={tmp_path / 'profile'}", *mic,
+        "--ignore-certificate-errors",  # the https test's certificate is self-signed, made at test time
         "--autoplay-policy=no-user-gesture-required", "about:blank",
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     try:
@@ -215,9 +217,9 @@ needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not in
                                    "chromium); the real-browser tests need it (.ci/run installs it)")
 
 
-async def open_page(page: DevTools, port: int, seconds: str = "", upload=None) -> None:
+async def open_page(page: DevTools, port: int, seconds: str = "", upload=None, scheme: str = "http") -> None:
     """Open the page; fill in the token, the stop-after seconds and the file to upload."""
-    await page.call("Page.navigate", url=f"http://127.0.0.1:{port}/ui")
+    await page.call("Page.navigate", url=f"{scheme}://127.0.0.1:{port}/ui")
     await page.wait_for("document.readyState === 'complete' && window.streamssm?.status === 'idle'", 30)
     if upload is not None:
         root = (await page.call("DOM.getDocument"))["root"]["nodeId"]
@@ -241,9 +243,10 @@ async def finished(page: DevTools) -> dict:
     return got
 
 
-async def run_page(page: DevTools, port: int, button: str, seconds: str = "", upload=None) -> tuple[dict, bytes]:
+async def run_page(page: DevTools, port: int, button: str, seconds: str = "", upload=None,
+                   scheme: str = "http") -> tuple[dict, bytes]:
     """Open the page, press ``button``, wait until the stream is done; its dump() and a screenshot."""
-    await open_page(page, port, seconds, upload)
+    await open_page(page, port, seconds, upload, scheme)
     await page.evaluate(f"document.getElementById({json.dumps(button)}).click()")
     got = await finished(page)
     shot = await page.call("Page.captureScreenshot", format="png")
@@ -302,7 +305,8 @@ async def test_browser_paused_stream_pings_past_three_idle_timeouts(tmp_path):
 
 
 @needs_chromium
-async def test_browser_sensor_csv_upload_class_probabilities(tmp_path):
+@pytest.mark.parametrize("scheme", ["http", "https"])
+async def test_browser_sensor_csv_upload_class_probabilities(tmp_path, scheme):
     torch.manual_seed(3)
     cfg = ModelConfig(block="mamba", input_kind="continuous", input_dim=3, head="classifier", output_dim=3,
                       d_model=16, n_layers=2, d_state=8, headdim=8, chunk_size=4)
@@ -312,10 +316,13 @@ async def test_browser_sensor_csv_upload_class_probabilities(tmp_path):
     values = (np.random.default_rng(4).normal(size=(300, 3)) * 2 + 1).astype(np.float32)
     csv = tmp_path / "series.csv"
     csv.write_text("a,b,c\n" + "".join(",".join(f"{v:.9g}" for v in row) + "\n" for row in values))
-    cfg = ServeConfig(port=0, token=TOKEN, ping_interval=None)
+    tls = dict(zip(("certfile", "keyfile"), self_signed(tmp_path))) if scheme == "https" else {}
+    cfg = ServeConfig(port=0, token=TOKEN, ping_interval=None, **tls)
     async with chromium(tmp_path, None) as page, StreamServer(load_for_serving(ckpt), cfg) as srv:
-        got, png = await run_page(page, srv.port, "play", upload=csv)
+        got, png = await run_page(page, srv.port, "play", upload=csv, scheme=scheme)
         label = await page.evaluate("document.getElementById('label').textContent")
+        ws_url, port = await page.evaluate("window.streamssm.stream.ws.url"), srv.port
+    assert ws_url == f"{'wss' if tls else 'ws'}://127.0.0.1:{port}/stream"  # wss for a page loaded over https
     (tmp_path / "browser_classifier.png").write_bytes(png)
     np.testing.assert_array_equal(floats(got["sent"]).reshape(-1, 3), values)  # the CSV, exactly
     assert len(got["seqs"]) == len(got["chunks"]) and got["summary"]["label"] in spec["classes"]
