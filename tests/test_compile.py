@@ -153,3 +153,122 @@ def test_inductor_training_and_step_match_eager():
         y0, _ = model.step(x[:, 0], state)
         y1, _ = torch.compile(model.step, fullgraph=True, backend="inductor")(x[:, 0], state)
     assert_close("inductor step", y0, y1, torch.float32)
+
+
+# ----------------------------------------------------------------------------- Triton paths as ops
+
+
+def scan_inputs(requires_grad: bool = True) -> dict[str, dict]:
+    """Tiny fp32 inputs of the two scans (odd lengths, several chunks, an initial state)."""
+    b, d, n, l = 2, 8, 4, 11
+    h, p = 2, 4
+
+    def leaf(*shape, scale=1.0):
+        return (torch.randn(*shape) * scale).requires_grad_(requires_grad)
+
+    def negative(*shape):  # A: decays in (-1.5, -0.5)
+        return (-torch.rand(*shape) - 0.5).requires_grad_(requires_grad)
+
+    return {
+        "selective_scan": dict(u=leaf(b, d, l), delta=leaf(b, d, l, scale=0.5), A=negative(d, n), B=leaf(b, n, l),
+                               C=leaf(b, n, l), D=leaf(d), z=leaf(b, d, l), delta_bias=leaf(d, scale=0.1),
+                               delta_softplus=True, initial_state=leaf(b, d, n), return_final_state=True),
+        "ssd_scan": dict(x=leaf(b, l, h, p), dt=leaf(b, l, h, scale=0.5), A=negative(h),
+                         B=leaf(b, l, 1, n), C=leaf(b, l, 1, n), chunk_size=4, D=leaf(h), z=leaf(b, l, h, p),
+                         dt_bias=leaf(h, scale=0.1), dt_softplus=True, initial_state=leaf(b, h, p, n),
+                         return_final_state=True),
+        # x channel-last, as the blocks hand it over (a transposed slice of in_proj's output)
+        "causal_conv1d": dict(x=leaf(b, l, d).transpose(1, 2), weight=leaf(d, 4, scale=0.5), bias=leaf(d),
+                              initial_state=leaf(b, d, 3), activation="silu", return_final_state=True),
+    }
+
+
+@pytest.mark.parametrize("op_name", ["selective_scan", "ssd_scan", "causal_conv1d"])
+def test_triton_scan_op_compiles_fullgraph_in_the_interpreter(op_name):
+    """The registered Triton scan (run by Triton's CPU interpreter) inside a fullgraph compile:
+    outputs, final state and every input's gradient equal the uncompiled op."""
+    import streamssm.kernels as K
+
+    op = getattr(K, op_name)
+    kwargs = scan_inputs()[op_name]
+    leaves = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+
+    def run(fn):
+        y, final = fn(**kwargs, backend="triton")
+        w = torch.linspace(-1, 1, y.numel()).view(y.shape)
+        grads = torch.autograd.grad((y * w).sum() + final.square().sum(), list(leaves.values()))
+        return y.detach(), final.detach(), grads
+
+    eager, compiled = run(op), run(torch.compile(op, fullgraph=True, backend="aot_eager"))
+    assert_close("y", eager[0], compiled[0], torch.float32)
+    assert_close("final", eager[1], compiled[1], torch.float32)
+    for name, a, b in zip(leaves, eager[2], compiled[2]):
+        assert_close(f"grad {name}", a, b, torch.float32)
+
+
+def test_triton_step_ops_compile_fullgraph_in_the_interpreter():
+    """Backbone.step_pool on the Triton step ops (in-place pool updates declared as mutations)
+    compiled fullgraph equals eager, pool included."""
+    import streamssm.kernels as K
+
+    model = tiny_model("mamba2").eval()
+    pool_e = random_state(model, 4)
+    pool_c = tuple(type(ls)(*(t.clone() for t in ls)) for ls in pool_e)
+    rows = torch.tensor([3, 0])
+    x_t = torch.randn(2, 16)
+
+    def step_pool(x, pool):  # the block's step on the Triton ops, as the service's GPU path runs it
+        mixer = model.backbone.layers[0].mixer
+        z, xbc, dt = mixer._split(mixer.in_proj(x))
+        xbc = K.conv1d_step(xbc, pool.conv, mixer.conv_weight, mixer.conv_bias, state_indices=rows, backend="triton")
+        xs, B, C = mixer._split_xbc(xbc)
+        return K.ssd_step(pool.ssm, xs, dt, mixer._A(), B, C, D=mixer.D, z=z.reshape(xs.shape),
+                          dt_bias=mixer.dt_bias, dt_softplus=True, state_indices=rows, backend="triton")
+
+    with torch.no_grad():
+        y0 = step_pool(x_t, pool_e[0])
+        y1 = torch.compile(step_pool, fullgraph=True, backend="aot_eager")(x_t, pool_c[0])
+    assert_close("step y", y0, y1, torch.float32)
+    for name, a, b in zip(("conv", "ssm"), pool_e[0], pool_c[0]):
+        assert_close(f"pool {name}", a, b, torch.float32)
+
+
+@pytest.mark.parametrize("op_name", ["selective_scan", "ssd_scan", "causal_conv1d"])
+def test_triton_scan_ops_pass_opcheck(op_name):
+    """Schema, fake implementation (shapes/dtypes/strides), autograd registration and AOT
+    dispatch of the forward op, checked by torch.library.opcheck in the interpreter."""
+    import streamssm.kernels.library as lib
+
+    kw = scan_inputs()[op_name]
+    if op_name == "selective_scan":
+        B4, C4 = kw["B"].unsqueeze(1), kw["C"].unsqueeze(1)
+        args = (kw["u"], kw["delta"], kw["A"], B4, C4, kw["D"], kw["z"], kw["delta_bias"], True,
+                kw["initial_state"], True, None, 16)
+        op = lib.selective_scan_fwd
+    elif op_name == "causal_conv1d":
+        args = (kw["x"], kw["weight"], kw["bias"], kw["initial_state"], True)
+        op = lib.causal_conv1d_fwd
+    else:
+        args = (kw["x"], kw["dt"], kw["A"], kw["B"], kw["C"], kw["D"], kw["z"], kw["dt_bias"], kw["initial_state"],
+                4, True, None)
+        op = lib.ssd_scan_fwd
+    torch.library.opcheck(op, args)
+
+
+def test_triton_step_ops_pass_opcheck():
+    import streamssm.kernels.library as lib
+
+    b, pool, d, n, h, p = 2, 3, 8, 4, 2, 4
+    rows = torch.tensor([2, 0])
+    torch.library.opcheck(lib.conv1d_step, (torch.randn(b, d), torch.randn(pool, d, 3), torch.randn(d, 4),
+                                            torch.randn(d), True, rows))
+    torch.library.opcheck(lib.selective_scan_step, (torch.randn(pool, d, n), torch.randn(b, d), torch.rand(b, d),
+                                                    -torch.rand(d, n), torch.randn(b, n), torch.randn(b, n),
+                                                    torch.randn(d), torch.randn(b, d), torch.randn(d), True, rows))
+    torch.library.opcheck(lib.ssd_step, (torch.randn(pool, h, p, n), torch.randn(b, h, p), torch.rand(b, h),
+                                         -torch.rand(h), torch.randn(b, 1, n), torch.randn(b, 1, n), torch.randn(h),
+                                         torch.randn(b, h, p), torch.randn(h), True, rows))
+    torch.library.opcheck(lib.mamba3_step, (torch.randn(pool, h, p, n), torch.randn(pool, h * p + n),
+                                            torch.randn(b, h, p), torch.rand(b, h), -torch.rand(h),
+                                            torch.randn(b, 1, n), torch.randn(b, 1, n), torch.rand(b, h),
+                                            torch.randn(b, 1, n // 2), torch.randn(h), torch.randn(b, h, p), rows))

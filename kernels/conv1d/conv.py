@@ -313,27 +313,6 @@ def _final_state(x: torch.Tensor, init: torch.Tensor | None, w: int) -> torch.Te
     return out
 
 
-class CausalConv1dFn(torch.autograd.Function):
-    """Causal depthwise conv1d with gradients for x, weight, bias and initial_state."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, initial_state, activation):
-        y = _causal_conv1d_fwd(x, weight, bias, initial_state, activation == "silu")
-        final = _final_state(x, initial_state, weight.shape[1])
-        ctx.save_for_backward(x, weight, bias, initial_state)
-        ctx.silu = activation == "silu"
-        ctx.set_materialize_grads(False)
-        return y, final
-
-    @staticmethod
-    def backward(ctx, dy, dfinal):
-        x, weight, bias, initial_state = ctx.saved_tensors
-        dy = torch.zeros_like(x) if dy is None else dy
-        dfinal = None if dfinal is None else dfinal.contiguous()
-        dx, dw, dbias, dinit = _causal_conv1d_bwd(dy, dfinal, x, weight, bias, initial_state, ctx.silu)
-        return (dx, dw.to(weight.dtype), dbias.to(bias.dtype) if bias is not None else None, dinit, None)
-
-
 def causal_conv1d_triton(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -347,5 +326,7 @@ def causal_conv1d_triton(
     x (b, d, l); weight (d, w), 2 <= w <= 4; bias (d,); initial_state (b, d, w-1).
     Returns y (b, d, l) in x.dtype [, final_state (b, d, w-1) in x.dtype].
     """
-    y, final = CausalConv1dFn.apply(x, weight, bias, initial_state, activation)
+    from streamssm.kernels.library import causal_conv1d_fwd  # the registered op (imports this module)
+
+    y, final = causal_conv1d_fwd(x, weight, bias, initial_state, activation == "silu")
     return (y, final) if return_final_state else y

@@ -48,7 +48,6 @@ instructions on the shuffle sums of dB_t, dC_t over the warp's 32 channels.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
@@ -692,58 +691,12 @@ def _selective_scan_bwd(dy, dfinal, u, delta, A, B4, C4, D, z, delta_bias, softp
     return du, ddelta, dA, dB4, dC4, dD, (dz if z is not None else None), dbias, dh0
 
 
-# ----------------------------------------------------------------------------- autograd
+# ----------------------------------------------------------------------------- entry point
 
 
 def _as_groups(M: torch.Tensor) -> torch.Tensor:
     """B/C (b, n, l) -> (b, 1, n, l) view; (b, g, n, l) unchanged."""
     return M.unsqueeze(1) if M.dim() == 3 else M
-
-
-class SelectiveScanFn(torch.autograd.Function):
-    """Selective scan with gradients for u, delta, A, B, C, D, z, delta_bias and initial_state."""
-
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, segments, chunk):
-        B4, C4 = _as_groups(B), _as_groups(C)
-        if B4.shape[1] != C4.shape[1]:
-            # one group count per program: repeat both to the least common multiple (divides d)
-            g = math.lcm(B4.shape[1], C4.shape[1])
-            B4 = B4.repeat_interleave(g // B4.shape[1], dim=1)
-            C4 = C4.repeat_interleave(g // C4.shape[1], dim=1)
-        needs_grad = any(ctx.needs_input_grad)
-        y, final, ckpt = _selective_scan_fwd(u, delta, A, B4, C4, D, z, delta_bias, delta_softplus,
-                                             initial_state, needs_grad, segments, chunk)
-        if needs_grad:
-            ctx.save_for_backward(u, delta, A, B4, C4, D, z, delta_bias, ckpt)
-            ctx.softplus, ctx.segments, ctx.chunk = delta_softplus, segments, chunk
-            ctx.b_shape, ctx.c_shape = B.shape, C.shape
-            ctx.has_h0 = initial_state is not None
-        ctx.set_materialize_grads(False)
-        return y, final
-
-    @staticmethod
-    def backward(ctx, dy, dfinal):
-        u, delta, A, B4, C4, D, z, delta_bias, ckpt = ctx.saved_tensors
-        if dy is None:
-            dy = torch.zeros_like(u)
-        du, ddelta, dA, dB4, dC4, dD, dz, dbias, dh0 = _selective_scan_bwd(
-            dy, dfinal, u, delta, A, B4, C4, D, z, delta_bias, ctx.softplus, ckpt, ctx.segments, ctx.chunk)
-        dB = _ungroup(dB4, ctx.b_shape).to(B4.dtype)
-        dC = _ungroup(dC4, ctx.c_shape).to(C4.dtype)
-        return (du, ddelta, dA, dB, dC,
-                dD if D is not None else None, dz, dbias if delta_bias is not None else None,
-                None, dh0 if ctx.has_h0 else None, None, None)
-
-
-def _ungroup(dM4: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Sum a broadcast group axis back and restore the caller's (b, n, l) or (b, g, n, l) shape."""
-    if len(shape) == 3:
-        return dM4.sum(1)  # (b, g, n, l) -> (b, n, l)
-    g = shape[1]
-    if dM4.shape[1] != g:
-        dM4 = dM4.unflatten(1, (g, dM4.shape[1] // g)).sum(2)  # (b, g, r, n, l) -> (b, g, n, l)
-    return dM4
 
 
 def selective_scan_triton(
@@ -769,6 +722,8 @@ def selective_scan_triton(
     length T, a power of two (default 64 on the GPU, 16 in the interpreter).
     Returns y (b, d, l) in u.dtype [, final_state (b, d, n) fp32].
     """
-    y, final = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
-                                     initial_state, segments, _chunk_len(chunk))
+    from streamssm.kernels.library import selective_scan_op  # the registered op (imports this module)
+
+    y, final = selective_scan_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, segments,
+                                 _chunk_len(chunk))
     return (y, final) if return_final_state else y

@@ -1,4 +1,5 @@
-"""Mamba-2 SSD chunked scan in Triton: autograd Function and the entry point ``ssd_scan_triton``.
+"""Mamba-2 SSD chunked scan in Triton: forward/backward launch sequences (registered as the
+``streamssm::ssd_scan_*`` ops in ``kernels/library.py``) and the entry point ``ssd_scan_triton``.
 
 Shape legend: b batch, l length, h heads, p headdim, g groups, n dstate; L = b*l packed
 tokens, T chunks, S sequences (b rows, or len(cu_seqlens) - 1 packed sequences).
@@ -30,51 +31,49 @@ def _packed(t: torch.Tensor | None) -> torch.Tensor | None:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-class SSDScanFn(torch.autograd.Function):
-    """Autograd of the chunked SSD scan; see :func:`ssd_scan_triton` for the arguments."""
+def _ssd_scan_fwd(x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size, dt_softplus, cu_seqlens):
+    """Forward launches. Returns out (b, l, h, p) gated, final (S, h, p, n) fp32 and what the
+    backward keeps: dt_out, dA_cs (T, h, Q) fp32, the states entering each chunk (T, h, p, n)
+    fp32, and the ungated y (L, h, p) when z is given (else None)."""
+    b, l, h, p = x.shape
+    layout = chunk_layout(b, l, chunk_size, cu_seqlens, x.device)
+    x2, dt2, B2, C2, z2 = (_packed(t) for t in (x, dt, B, C, z))  # (L, h, p), (L, h), (L, g, n)
+    D2 = D.contiguous() if D is not None else None
+    init = initial_state.float().contiguous() if initial_state is not None else None
+    dt_out, dA_cs = _chunk_cumsum_fwd(dt2, A.contiguous(), dt_bias, dt_softplus, layout)  # (T, h, Q)
+    states = _chunk_state_fwd(x2, B2, dt_out, dA_cs, layout)  # (T, h, p, n)
+    final = _state_passing_fwd(states, dA_cs, init, layout)  # states: entering each chunk now
+    y, out = _chunk_scan_fwd(x2, B2, C2, z2, D2, dt_out, dA_cs, states, layout)  # (L, h, p)
+    return out.view(b, l, h, p), final, dt_out, dA_cs, states, (y if z is not None else None)
 
-    @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size, dt_softplus, cu_seqlens):
-        b, l, h, p = x.shape
-        layout = chunk_layout(b, l, chunk_size, cu_seqlens, x.device)
-        x2, dt2, B2, C2, z2 = (_packed(t) for t in (x, dt, B, C, z))  # (L, h, p), (L, h), (L, g, n)
-        D2 = D.contiguous() if D is not None else None
-        init = initial_state.float().contiguous() if initial_state is not None else None
-        dt_out, dA_cs = _chunk_cumsum_fwd(dt2, A.contiguous(), dt_bias, dt_softplus, layout)  # (T, h, Q)
-        states = _chunk_state_fwd(x2, B2, dt_out, dA_cs, layout)  # (T, h, p, n)
-        final = _state_passing_fwd(states, dA_cs, init, layout)  # states: entering each chunk now
-        y, out = _chunk_scan_fwd(x2, B2, C2, z2, D2, dt_out, dA_cs, states, layout)  # (L, h, p)
-        ctx.save_for_backward(x2, dt2, A, B2, C2, D2, z2, dt_bias, dt_out, dA_cs, states,
-                              y if z is not None else None)
-        ctx.layout, ctx.dt_softplus = layout, dt_softplus
-        ctx.shapes = (x.shape, dt.shape, B.shape, C.shape)
-        ctx.has_init = initial_state is not None
-        return out.view(b, l, h, p), final
 
-    @staticmethod
-    def backward(ctx, dout, dfinal):
-        x2, dt2, A, B2, C2, D2, z2, dt_bias, dt_out, dA_cs, prev_states, y = ctx.saved_tensors
-        layout = ctx.layout
-        x_shape, dt_shape, B_shape, C_shape = ctx.shapes
-        L, h, p = x2.shape
-        dout = dout.reshape(L, h, p)
-        dz = None
-        if z2 is not None:
-            zf, df = z2.float(), dout.float()
-            sig = torch.sigmoid(zf)
-            dz = (df * y.float() * sig * (1 + zf * (1 - sig))).to(z2.dtype).view(x_shape)
-            dy = (df * zf * sig).to(dout.dtype)
-        else:
-            dy = dout if dout.stride(-1) == 1 else dout.contiguous()
-        dstates = _chunk_state_fwd(dy, C2, dt_out, dA_cs, layout, for_bwd=True)  # (T, h, p, n)
-        ddA_last, dinit = _state_passing_bwd(dstates, prev_states, dA_cs,
-                                             dfinal.float() if dfinal is not None else None, ctx.has_init, layout)
-        dx, dB, dC, ddA_cs, ddt_direct, dD = _chunk_scan_bwd(
-            x2, B2, C2, dy, D2, dt_out, dA_cs, prev_states, dstates, ddA_last, layout)
-        ddt, dA, ddt_bias = _chunk_cumsum_bwd(ddA_cs, ddA_last, ddt_direct, dt2, A, dt_bias, ctx.dt_softplus,
-                                              dt_out, layout)
-        return (dx.view(x_shape), ddt.view(dt_shape), dA, dB.view(B_shape), dC.view(C_shape), dD, dz,
-                ddt_bias, dinit, None, None, None)
+def _ssd_scan_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_out, dA_cs, prev_states, y, chunk_size,
+                  dt_softplus, cu_seqlens, has_init):
+    """Backward launches from the forward's kept tensors. Returns dx, ddt, dA, dB, dC, dD, dz,
+    ddt_bias, dinit shaped like their inputs (dz, dinit None without z, initial state)."""
+    b, l, h, p = x.shape
+    layout = chunk_layout(b, l, chunk_size, cu_seqlens, x.device)
+    x2, dt2, B2, C2, z2 = (_packed(t) for t in (x, dt, B, C, z))
+    D2 = D.contiguous() if D is not None else None
+    L = x2.shape[0]
+    dout = dout.reshape(L, h, p)
+    dz = None
+    if z2 is not None:
+        zf, df = z2.float(), dout.float()
+        sig = torch.sigmoid(zf)
+        dz = (df * y.float() * sig * (1 + zf * (1 - sig))).to(z2.dtype).view(x.shape)
+        dy = (df * zf * sig).to(dout.dtype)
+    else:
+        dy = dout if dout.stride(-1) == 1 else dout.contiguous()
+    dstates = _chunk_state_fwd(dy, C2, dt_out, dA_cs, layout, for_bwd=True)  # (T, h, p, n)
+    ddA_last, dinit = _state_passing_bwd(dstates, prev_states, dA_cs,
+                                         dfinal.float() if dfinal is not None else None, has_init, layout)
+    dx, dB, dC, ddA_cs, ddt_direct, dD = _chunk_scan_bwd(
+        x2, B2, C2, dy, D2, dt_out, dA_cs, prev_states, dstates, ddA_last, layout)
+    ddt, dA, ddt_bias = _chunk_cumsum_bwd(ddA_cs, ddA_last, ddt_direct, dt2, A, dt_bias, dt_softplus,
+                                          dt_out, layout)
+    return (dx.view(x.shape), ddt.view(dt.shape), dA, dB.view(B.shape), dC.view(C.shape), dD, dz,
+            ddt_bias, dinit)
 
 
 def ssd_scan_triton(
@@ -100,5 +99,7 @@ def ssd_scan_triton(
     ``streamssm.kernels.ssd_scan``. Returns y (b, l, h, p) in x's dtype [, final_state fp32
     shaped like initial_state].
     """
-    y, final = SSDScanFn.apply(x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size, dt_softplus, cu_seqlens)
+    from streamssm.kernels.library import ssd_scan_op
+
+    y, final = ssd_scan_op(x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size, dt_softplus, cu_seqlens)
     return (y, final) if return_final_state else y
