@@ -29,6 +29,7 @@ from streamssm.service import static
 from streamssm.service.resample import resample
 from streamssm.service.server import ServeConfig, StreamServer
 from test_service_realclients import self_signed
+from test_service_server import offline_dna, random_bases
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -333,3 +334,31 @@ async def test_browser_sensor_csv_upload_class_probabilities(tmp_path, scheme):
     outputs = floats(got["outputs"]).reshape(-1, 3)
     np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=1e-5)
     assert label.startswith(f"label: {spec['classes'][int(expected[-1].argmax())]} ")
+
+
+@needs_chromium
+async def test_browser_audio_file_upload_equals_offline_forward(tmp_path):
+    clip = tmp_path / "clip.wav"
+    write_tone(clip, rate=22050, seconds=0.5)  # decoded to the browser's rate, played and streamed through the worklet
+    ckpt = export_audio_lm(tmp_path, MODEL_RATE)
+    cfg = ServeConfig(port=0, token=TOKEN, ping_interval=None)
+    async with chromium(tmp_path, None) as page, StreamServer(load_for_serving(ckpt), cfg) as srv:
+        got, _ = await run_page(page, srv.port, "play", upload=clip)
+    assert len(floats(got["sent"])) >= round(0.5 * got["rate"])  # the whole clip (and the worklet's last quantum)
+    assert_lm_results(ckpt, got)
+
+
+@needs_chromium
+async def test_browser_fasta_upload_to_a_dna_model(tmp_path):
+    torch.manual_seed(5)
+    cfg = ModelConfig(block="mamba2", input_kind="tokens", vocab_size=5, head="lm", d_model=16, n_layers=2, d_state=8,
+                      headdim=8, chunk_size=4)
+    ckpt = export_safetensors(SSMModel(cfg).eval(), tmp_path / "dna.safetensors", spec={"modality": "dna"})
+    bases = random_bases(700, seed=6)
+    fasta = tmp_path / "seq.fa"
+    fasta.write_text(">chr_test\n" + "\n".join(bases[i:i + 60] for i in range(0, len(bases), 60)) + "\n")
+    serve_cfg = ServeConfig(port=0, token=TOKEN, ping_interval=None)
+    async with chromium(tmp_path, None) as page, StreamServer(load_for_serving(ckpt), serve_cfg) as srv:
+        got, _ = await run_page(page, srv.port, "play", upload=fasta)
+    assert got["sent"] == bases and got["ns"] == [256, 256, 188]
+    np.testing.assert_allclose(floats(got["scores"]), offline_dna(ckpt, bases)[1], rtol=1e-5, atol=2e-5)
