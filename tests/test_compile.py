@@ -272,3 +272,52 @@ def test_triton_step_ops_pass_opcheck():
                                             torch.randn(b, h, p), torch.rand(b, h), -torch.rand(h),
                                             torch.randn(b, 1, n), torch.randn(b, 1, n), torch.rand(b, h),
                                             torch.randn(b, 1, n // 2), torch.randn(h), torch.randn(b, h, p), rows))
+
+
+def test_triton_scan_op_exports_as_one_node():
+    """torch.export carries the registered op: the exported graph holds one ssd_scan_fwd node
+    (not a trace of its launches) and runs to the same result."""
+    import streamssm.kernels as K
+
+    kw = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in scan_inputs(False)["ssd_scan"].items()}
+    tensors = {k: v for k, v in kw.items() if isinstance(v, torch.Tensor)}
+
+    class Scan(torch.nn.Module):
+        def forward(self, **t):
+            return K.ssd_scan(**{**kw, **t}, backend="triton")
+
+    exported = torch.export.export(Scan(), (), tensors)
+    targets = [str(node.target) for node in exported.graph.nodes if node.op == "call_function"]
+    assert targets.count("streamssm.ssd_scan_fwd.default") == 1, targets
+    for name, a, b in zip(("y", "final"), Scan()(**tensors), exported.module()(**tensors)):
+        assert_close(name, a, b, torch.float32)
+
+
+# ----------------------------------------------------------------------------- GPU: Triton ops under inductor
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_cuda_inductor_fullgraph_on_triton_kernels(arch):
+    """On CUDA the blocks run the registered Triton ops: a fullgraph inductor compile of training
+    fwd+bwd, Backbone.step and step_pool equals eager."""
+    model = tiny_model(arch, "cuda")
+    x = torch.randint(0, 5, (2, 37), device="cuda")
+    state = random_state(model, 2, "cuda")
+    eager = train_step(model, x, state)
+    assert_same_run(eager, train_step(model, x, state, torch.compile(model, fullgraph=True)))
+    model.eval()
+    x_t = torch.randn(2, 16, device="cuda")
+    rows = torch.tensor([3, 0], device="cuda")
+    pool_e = random_state(model, 4, "cuda")
+    pool_c = tuple(type(ls)(*(t.clone() for t in ls)) for ls in pool_e)
+    with torch.no_grad():
+        y0, s0 = model.backbone.step(x_t, state)
+        y1, s1 = torch.compile(model.backbone.step, fullgraph=True)(x_t, state)
+        p0 = model.backbone.step_pool(x_t, pool_e, rows)
+        p1 = torch.compile(model.backbone.step_pool, fullgraph=True)(x_t, pool_c, rows)
+    assert_close("step", y0, y1, torch.float32)
+    assert_close("step_pool", p0, p1, torch.float32)
+    for a, b in zip(s0 + pool_e, s1 + pool_c):
+        for ta, tb in zip(a, b):
+            assert_close("state", ta, tb, torch.float32)
