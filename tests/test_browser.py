@@ -1,9 +1,12 @@
 """The browser client: the page and files ``streamssm serve`` answers over plain HTTP, token auth
 through the websocket subprotocol (browsers cannot set headers), and a real browser: headless
-Chromium (driven over the DevTools protocol with the ``websockets`` package) opens the page,
-streams its fake microphone (a WAV made here) and every result the page received must equal the
-offline forward of the samples it sent, after the same resampling. Skipped without Chromium
-(Debian: ``apt-get install chromium``; .ci/run installs it).
+Chromium (driven over the DevTools protocol with the ``websockets`` package) opens the page and
+streams its fake microphone (a WAV made here), an audio clip, a sensor CSV (over http and https)
+or a FASTA; every result the page received must equal the offline forward of what it sent (audio:
+resampled at once from the browser's rate to the model's), and a paused stream must outlive
+three idle timeouts on the page's pings. Skipped without Chromium (Debian: ``apt-get install
+chromium``; .ci/run installs it). Screenshots go to the test's tmp dir (docs/browser_client.png
+is one of the microphone test's).
 """
 
 import asyncio
