@@ -24,6 +24,7 @@ TINY = {
     "dna_mamba3_tiny": ("dna", ["--data.init_args.window", "128"]),
     "waveform_tiny": ("waveform", ["--data.init_args.crop", "128"]),
     "sensor_tiny": ("sensor", []),
+    "sensor_forecast_tiny": ("sensor", []),
 }
 STEPS = 12
 

@@ -56,6 +56,8 @@ CASES = {
     "sensor_targets": Case("sensor_tiny", "sensor", ("--data.init_args.window", "64",
                                                      "--data.init_args.target_columns", "[ch3, ch1]")),
     "sensor_classify_tiny": Case("sensor_classify_tiny", "sensor", ("--data.init_args.window", "64")),
+    "sensor_forecast_tiny": Case("sensor_forecast_tiny", "sensor", ("--data.init_args.window", "64")),
+    "dna_classify_tiny": Case("dna_classify_tiny", "dna_labels"),
     "waveform_float_horizon": Case("waveform_tiny", "waveform", ("--model", "streamssm.tasks.Forecaster",
                                                                  "--model.init_args.horizon", "3",
                                                                  "--data.init_args.encoding", "float",
@@ -83,6 +85,9 @@ def _held_out(fit) -> tuple[np.ndarray | str, Normalizer | None]:
         region = dm.split_regions["val"][0]
         bases = read_source(dm.files[region.file], record=region.chrom).data
         return bases[region.start:region.start + HELD_OUT], None
+    if name == "DnaLabelsDataModule":  # one whole held-out record
+        item = dm.split_items["test"][0]
+        return read_source(dm.files[item.file], record=item.chrom).data[item.start:item.end], None
     if name == "WaveformDataModule":
         file, lo, _ = dm.split_ranges["val"][0]
         return np.asarray(dm.audio[file][lo:lo + HELD_OUT], np.float32), None
