@@ -45,7 +45,8 @@ UI_FILES = {
 _SECURITY_HEADERS = {
     "Cache-Control": "no-cache",
     "X-Content-Type-Options": "nosniff",
-    "Content-Security-Policy": "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:",
+    "Content-Security-Policy": "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; "
+                               "frame-ancestors 'none'",  # no framing: the page asks for the microphone
 }
 
 

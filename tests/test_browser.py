@@ -309,14 +309,14 @@ async def test_browser_paused_stream_pings_past_three_idle_timeouts(tmp_path):
 
 
 @needs_chromium
-@pytest.mark.parametrize("scheme", ["http", "https"])
-async def test_browser_sensor_csv_upload_class_probabilities(tmp_path, scheme):
+@pytest.mark.parametrize(("scheme", "head"), [("http", "classifier"), ("https", "regression")])
+async def test_browser_sensor_csv_upload(tmp_path, scheme, head):
     torch.manual_seed(3)
-    cfg = ModelConfig(block="mamba", input_kind="continuous", input_dim=3, head="classifier", output_dim=3,
-                      d_model=16, n_layers=2, d_state=8, headdim=8, chunk_size=4)
+    cfg = ModelConfig(block="mamba", input_kind="continuous", input_dim=3, head=head, output_dim=3, d_model=16,
+                      n_layers=2, d_state=8, headdim=8, chunk_size=4)
     spec = {"modality": "sensor", "channels": ["a", "b", "c"], "mean": [1.0, -2.0, 0.5], "std": [2.0, 0.5, 3.0],
-            "classes": ["rest", "walk", "run"]}
-    ckpt = export_safetensors(SSMModel(cfg).eval(), tmp_path / "classifier.safetensors", spec=spec)
+            "classes": ["rest", "walk", "run"] if head == "classifier" else []}
+    ckpt = export_safetensors(SSMModel(cfg).eval(), tmp_path / f"{head}.safetensors", spec=spec)
     values = (np.random.default_rng(4).normal(size=(300, 3)) * 2 + 1).astype(np.float32)
     csv = tmp_path / "series.csv"
     csv.write_text("a,b,c\n" + "".join(",".join(f"{v:.9g}" for v in row) + "\n" for row in values))
@@ -327,16 +327,18 @@ async def test_browser_sensor_csv_upload_class_probabilities(tmp_path, scheme):
         label = await page.evaluate("document.getElementById('label').textContent")
         ws_url, port = await page.evaluate("window.streamssm.stream.ws.url"), srv.port
     assert ws_url == f"{'wss' if tls else 'ws'}://127.0.0.1:{port}/stream"  # wss for a page loaded over https
-    (tmp_path / "browser_classifier.png").write_bytes(png)
+    (tmp_path / f"browser_{head}.png").write_bytes(png)
     np.testing.assert_array_equal(floats(got["sent"]).reshape(-1, 3), values)  # the CSV, exactly
-    assert len(got["seqs"]) == len(got["chunks"]) and got["summary"]["label"] in spec["classes"]
+    assert len(got["seqs"]) == len(got["chunks"])
     bundle = load_for_serving(ckpt)
     with torch.no_grad():
         y, _ = bundle.model(bundle.spec.encoder()(torch.from_numpy(values)).unsqueeze(0))
-    expected = F.softmax(y[0].float(), -1).numpy()
-    outputs = floats(got["outputs"]).reshape(-1, 3)
-    np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=1e-5)
-    assert label.startswith(f"label: {spec['classes'][int(expected[-1].argmax())]} ")
+    if head == "classifier":
+        expected = F.softmax(y[0].float(), -1).numpy()
+        assert label.startswith(f"label: {spec['classes'][int(expected[-1].argmax())]} ")
+    else:
+        expected = bundle.spec.output_decoder()(y[0].float()).numpy()  # forecasts in raw units
+    np.testing.assert_allclose(floats(got["outputs"]).reshape(-1, 3), expected, rtol=1e-5, atol=1e-5)
 
 
 @needs_chromium
