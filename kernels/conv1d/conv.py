@@ -86,13 +86,12 @@ def _pre(p_x, p_init, p_w, p_bias, o_d, m_d, s, length, s_xd, s_xl, s_id, s_il, 
 def _dpre(p_x, p_init, p_w, p_bias, p_dy, o_d, m_d, s, length, s_xd, s_xl, s_id, s_il, s_wd, s_wk, s_gd, s_gl,
           W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
     """dL/dpre at output positions s (P,) -> ((BLOCK_D, P) fp32, 0 outside [0, length); the
-    windows xpad[s + k] of ``_pre``, loaded only when SILU)."""
+    windows xpad[s + k] of ``_pre``)."""
     m = m_d[:, None] & ((s >= 0) & (s < length))[None, :]
     dy = tl.load(p_dy + o_d[:, None] * s_gd + s[None, :] * s_gl, mask=m, other=0.0).to(tl.float32)
-    X = ()
+    pre, X = _pre(p_x, p_init, p_w, p_bias, o_d, m_d, s, length, s_xd, s_xl, s_id, s_il, s_wd, s_wk,
+                  W, HAS_INIT, HAS_BIAS)
     if SILU:
-        pre, X = _pre(p_x, p_init, p_w, p_bias, o_d, m_d, s, length, s_xd, s_xl, s_id, s_il, s_wd, s_wk,
-                      W, HAS_INIT, HAS_BIAS)
         dy = dy * silu_grad(pre)
     return dy, X
 
@@ -196,10 +195,7 @@ def _causal_conv1d_bwd_kernel(
     for i in range(n_tiles):
         s = s_end - (i + 1) * BLOCK_L + o_l
         m = m_d[:, None] & (s < length)[None, :]
-        dy = tl.load(p_dy + o_d[:, None] * s_gd + s[None, :] * s_gl, mask=m, other=0.0).to(tl.float32)
-        pre, X = _pre(p_x, p_init, p_w, p_bias, o_d, m_d, s, length, s_xd, s_xl, s_id, s_il, s_wd, s_wk,
-                      W, HAS_INIT, HAS_BIAS)
-        dpre = dy * silu_grad(pre) if SILU else dy
+        dpre, X = _dpre(p_x, p_init, p_w, p_bias, p_dy, o_d, m_d, s, length, *args, W, HAS_INIT, HAS_BIAS, SILU)
         acc_w0 += dpre * X[0]
         acc_w1 += dpre * X[1]
         if W > 2:
