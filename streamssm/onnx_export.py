@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -200,9 +201,20 @@ def to_onnx(program: torch.export.ExportedProgram, graph: dict[str, Any], metada
         output_names=[t["name"] for t in graph["outputs"]], dynamo=True, verbose=False,
     )
     proto = onnx_program.model_proto
+    _name_batch_axis(proto.graph)
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(metadata, sort_keys=True)
     return proto
+
+
+def _name_batch_axis(graph) -> None:
+    """Call the dynamic batch axis ``batch`` everywhere in an ONNX graph (the exporter names it
+    after its internal symbol, e.g. ``s28``, for some models)."""
+    symbols = {vi.type.tensor_type.shape.dim[0].dim_param for vi in graph.input} - {"", "batch"}
+    for vi in (*graph.input, *graph.output, *graph.value_info):
+        for dim in vi.type.tensor_type.shape.dim:
+            if dim.dim_param in symbols:
+                dim.dim_param = "batch"
 
 
 @dataclass
@@ -218,13 +230,21 @@ class OnnxExport:
 def export_onnx(source: SSMModel | ServingBundle, folder: str | Path, chunk_length: int = 64, chunk_batch: int = 1,
                 spec: ServingSpec | None = None, overwrite: bool = False) -> OnnxExport:
     """Write ``step.onnx``, ``chunk.onnx``, ``step.pt2``, ``chunk.pt2`` and ``streamssm.json``
-    into ``folder`` for a model (or a loaded bundle, whose spec/fingerprint/versions are kept).
+    into ``folder`` for a model and its serving ``spec``, or for a loaded bundle (its spec,
+    fingerprint and versions are kept).
 
     Refuses (ConfigError) a folder holding files unless ``overwrite``, a non-float32 model and a
     non-positive ``chunk_length`` or ``chunk_batch``."""
-    import onnx  # the optional [export] extra; imported here so the rest of streamssm runs without it
-
-    bundle = source if isinstance(source, ServingBundle) else ServingBundle(source, source.cfg, spec)
+    try:  # the optional [export] extra; imported here so the rest of streamssm runs without it
+        import onnx
+        import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
+    except ImportError as exc:
+        raise ConfigError(f"ONNX export needs the export extra ({exc.name} is missing): "
+                          "pip install 'streamssm[export]'") from exc
+    if isinstance(source, ServingBundle):
+        bundle = source
+    else:  # a spec is validated against the model like export_safetensors does (ConfigError)
+        bundle = ServingBundle(source, source.cfg, spec.for_model(source.cfg) if spec is not None else None)
     model = bundle.model
     _check_float32(model)
     shapes = graph_shapes(chunk_length, chunk_batch)
@@ -243,7 +263,9 @@ def export_onnx(source: SSMModel | ServingBundle, folder: str | Path, chunk_leng
             log.info("exporting the %s graph", kind)
             program = export_program(model, shapes[kind])
             program_paths[kind] = folder / f"{kind}.pt2"
-            torch.export.save(program, program_paths[kind])
+            with warnings.catch_warnings():  # torch 2.11's own pickling of the tree spec warns (FutureWarning)
+                warnings.filterwarnings("ignore", "`isinstance\\(treespec, LeafSpec\\)` is deprecated", FutureWarning)
+                torch.export.save(program, program_paths[kind])
             onnx_paths[kind] = folder / meta["graphs"][kind]["file"]
             onnx.save(to_onnx(program, meta["graphs"][kind], meta), onnx_paths[kind])
     finally:

@@ -10,6 +10,13 @@ like the checkpoint itself, without unpickling anything.
 
 ``--format hf`` writes a folder to upload to the Hugging Face Hub as is (config.json,
 model.safetensors, README.md model card; see :mod:`streamssm.hf_export`).
+
+    streamssm export --checkpoint last.ckpt --format onnx --output my-model-onnx/ --chunk-length 64
+
+``--format onnx`` writes a folder with the recurrent step and a fixed-length chunk as ONNX
+graphs (step.onnx, chunk.onnx), their torch.export programs (.pt2) and streamssm.json (the
+state layout, config and serving spec); ONNX Runtime runs them without torch (see
+:mod:`streamssm.onnx_export`). Needs the ``export`` extra (onnx, onnxscript, onnxruntime).
 """
 
 from __future__ import annotations
@@ -44,10 +51,20 @@ def main(argv: list[str], prog: str = "streamssm export") -> int:
     parser.add_argument("--checkpoint", required=True, help="Lightning .ckpt written by `streamssm fit`")
     parser.add_argument("--output", required=True, help="destination .safetensors file (hf: a folder)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    parser.add_argument("--format", choices=("safetensors", "hf"), default="safetensors",
-                        help="safetensors: one streamssm file; hf: a Hugging Face Hub folder")
+    parser.add_argument("--format", choices=("safetensors", "hf", "onnx"), default="safetensors",
+                        help="safetensors: one streamssm file; hf: a Hugging Face Hub folder; "
+                             "onnx: a folder of step/chunk graphs")
     parser.add_argument("--license", help="hf: the weights' license for the model card (e.g. apache-2.0)")
+    parser.add_argument("--chunk-length", type=int, default=64, help="onnx: time steps of the chunk graph")
+    parser.add_argument("--chunk-batch", type=int, default=1, help="onnx: streams of the chunk graph (the step's is dynamic)")
     args = parser.parse_args(argv)
+    if args.format == "onnx":
+        from streamssm.onnx_export import export_onnx
+
+        done = export_onnx(load_for_serving(args.checkpoint), args.output, args.chunk_length, args.chunk_batch,
+                           overwrite=args.overwrite)
+        print(f"wrote {done.folder} (step.onnx, chunk.onnx, step.pt2, chunk.pt2, {done.manifest.name})")
+        return 0
     if args.format == "hf":
         from streamssm.hf_export import export_hf
 

@@ -39,7 +39,10 @@ def rotary(x: torch.Tensor, pos: torch.Tensor, base: float) -> torch.Tensor:
     """
     half = x.shape[-1] // 2
     inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float64) / half)  # (k/2,)
-    ang = torch.remainder(pos.double()[..., None] * inv_freq, 2 * math.pi)  # (b, l, k/2)
+    # 2π as an fp64 tensor: the ONNX exporter turns a Python float operand into an fp32 constant,
+    # which shifted exported angles by ~pos * 3e-8 rad (1e-2 at position 1e6)
+    two_pi = torch.tensor(2 * math.pi, dtype=torch.float64, device=x.device)
+    ang = torch.remainder(pos.double()[..., None] * inv_freq, two_pi)  # (b, l, k/2)
     cos, sin = ang.cos().float()[:, None], ang.sin().float()[:, None]  # (b, 1, l, k/2)
     x1, x2 = x.float().split(half, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
