@@ -20,9 +20,8 @@ are written as JSON into each ONNX file's metadata (key ``streamssm``) and besid
 (``streamssm.json``), so a client needs nothing else.
 
 The graphs trace the models' CPU path: the pure-PyTorch math of the kernels (the single-step
-references for ``step``; the chunked scans, or the sequential references where a chunked
-path is not traceable, for ``chunk``); no Triton kernel and no custom op is in them. Only
-float32 models export.
+references for ``step``; the chunked scans for ``chunk``, Mamba-1's on fixed pieces while
+traced); no Triton kernel and no custom op is in them. Only float32 models on the CPU export.
 """
 
 from __future__ import annotations
@@ -136,7 +135,11 @@ class ChunkGraph(StepGraph):
         return (y, *flatten_state(new))
 
 
-def _check_float32(model: SSMModel) -> None:
+def _check_exportable(model: SSMModel) -> None:
+    """CPU float32 models only: on CUDA the blocks would call the Triton ops, which ONNX lacks."""
+    devices = sorted({p.device.type for p in model.parameters()} - {"cpu"})
+    if devices:
+        raise ConfigError(f"export traces the CPU path; this model is on {', '.join(devices)} (export model.cpu())")
     dtypes = sorted({_dtype_name(p.dtype) for p in model.parameters()} - {"float32"})
     if dtypes:
         raise ConfigError(f"export supports float32 models only; this one has {', '.join(dtypes)} parameters "
@@ -156,7 +159,7 @@ def export_program(model: SSMModel, shape: GraphShape) -> torch.export.ExportedP
     """``torch.export`` the step or chunk graph of ``model`` with the sizes of ``shape``."""
     if shape.kind not in GRAPHS:
         raise ConfigError(f"graph must be one of {GRAPHS}, got {shape.kind!r}")
-    _check_float32(model)
+    _check_exportable(model)
     graph = (StepGraph if shape.kind == "step" else ChunkGraph)(model).eval()
     inputs = example_inputs(model, shape)
     dynamic = None
@@ -246,7 +249,7 @@ def export_onnx(source: SSMModel | ServingBundle, folder: str | Path, chunk_leng
     else:  # a spec is validated against the model like export_safetensors does (ConfigError)
         bundle = ServingBundle(source, source.cfg, spec.for_model(source.cfg) if spec is not None else None)
     model = bundle.model
-    _check_float32(model)
+    _check_exportable(model)
     shapes = graph_shapes(chunk_length, chunk_batch)
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():

@@ -153,9 +153,11 @@ def test_export_refusals(tmp_path):
         export_onnx(model, tmp_path / "a", chunk_length=0)
     with pytest.raises(ConfigError, match="float32 models only; this one has float16"):
         export_onnx(_model("mamba2").half(), tmp_path / "b")
+    with pytest.raises(ConfigError, match="traces the CPU path; this model is on meta"):
+        export_onnx(_model("mamba2").to("meta"), tmp_path / "d")
     with pytest.raises(ConfigError, match="encoder gives tokens"):  # a spec that does not fit the model
         export_onnx(_model("mamba-values"), tmp_path / "c", spec=ServingSpec(modality="dna", encoding="bases"))
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+    assert not any((tmp_path / name).exists() for name in "abcd")
 
 
 def test_cli_refuses_an_unknown_format(tmp_path, capsys):
