@@ -261,16 +261,16 @@ def export_onnx(source: SSMModel | ServingBundle, folder: str | Path, chunk_leng
     was_training = model.training
     model.eval()
     try:
-        onnx_paths, program_paths = {}, {}
-        for kind in GRAPHS:
-            log.info("exporting the %s graph", kind)
-            program = export_program(model, shapes[kind])
-            program_paths[kind] = folder / f"{kind}.pt2"
-            with warnings.catch_warnings():  # torch 2.11's own pickling of the tree spec warns (FutureWarning)
-                warnings.filterwarnings("ignore", "`isinstance\\(treespec, LeafSpec\\)` is deprecated", FutureWarning)
+        with warnings.catch_warnings():  # torch 2.11 pickles its own tree specs the deprecated way
+            warnings.filterwarnings("ignore", "`isinstance\\(treespec, LeafSpec\\)` is deprecated", FutureWarning)
+            onnx_paths, program_paths = {}, {}
+            for kind in GRAPHS:
+                log.info("exporting the %s graph", kind)
+                program = export_program(model, shapes[kind])
+                program_paths[kind] = folder / f"{kind}.pt2"
                 torch.export.save(program, program_paths[kind])
-            onnx_paths[kind] = folder / meta["graphs"][kind]["file"]
-            onnx.save(to_onnx(program, meta["graphs"][kind], meta), onnx_paths[kind])
+                onnx_paths[kind] = folder / meta["graphs"][kind]["file"]
+                onnx.save(to_onnx(program, meta["graphs"][kind], meta), onnx_paths[kind])
     finally:
         model.train(was_training)
     manifest_path = folder / MANIFEST_FILE
