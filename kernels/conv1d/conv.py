@@ -31,20 +31,31 @@ from streamssm.kernels._common import autotune_configs, interpreting
 from streamssm.kernels._triton import silu, silu_grad
 
 
-#: (BLOCK_D, BLOCK_L, warps): long in time for time-contiguous x, wide in channels for channel-last x.
-_FWD_TILES = ((16, 128, 4), (8, 128, 4), (16, 64, 4), (32, 64, 4), (64, 32, 4), (64, 16, 4), (128, 16, 4),
-              (128, 8, 4))
+#: (BLOCK_D, BLOCK_L, warps) by layout (CHANNEL_LAST): long in time for time-contiguous x, wide in
+#: channels for channel-last x, so that loads read whole lines.
+_FWD_TILES = {False: ((16, 128, 4), (8, 128, 4), (16, 64, 4), (32, 64, 4)),
+              True: ((64, 32, 4), (64, 16, 4), (128, 16, 4), (128, 8, 4))}
 #: The backward keeps ~8 tiles live: at most 8 elements per thread, or it spills (sm_90, Triton 3.6).
-_BWD_TILES = ((8, 128, 4), (16, 64, 4), (16, 128, 8), (32, 32, 4), (64, 16, 4), (128, 8, 4), (128, 16, 8))
+_BWD_TILES = {False: ((8, 128, 4), (16, 64, 4), (16, 128, 8), (32, 32, 4)),
+              True: ((32, 32, 4), (64, 16, 4), (128, 8, 4), (128, 16, 8))}
 #: Backward segments are a multiple of every BLOCK_L (interpreter: 8-step tiles, 16-step segments).
-SEGMENT_UNIT = 8 if interpreting() else max(bl for _, bl, _ in _BWD_TILES)
+SEGMENT_UNIT = 8 if interpreting() else max(bl for tiles in _BWD_TILES.values() for _, bl, _ in tiles)
 #: Backward programs per SM the segment length aims for (each walks its tiles one after the other).
 PROGRAMS_PER_SM = 8
 
 
-def _configs(tiles) -> list:
-    configs = [triton.Config({"BLOCK_D": bd, "BLOCK_L": bl}, num_warps=w) for bd, bl, w in tiles]
-    return autotune_configs(configs, triton.Config({"BLOCK_D": 8, "BLOCK_L": 8}, num_warps=1))
+def _tuning(tiles: dict) -> dict:
+    """``triton.autotune`` arguments: the configs of both layouts, a launch trying only those of
+    its own (CHANNEL_LAST, also a key); one small config in the interpreter."""
+    by_layout = {cl: [triton.Config({"BLOCK_D": bd, "BLOCK_L": bl}, num_warps=w) for bd, bl, w in t]
+                 for cl, t in tiles.items()}
+
+    def prune(configs, named_args, **kwargs):
+        return by_layout[bool(kwargs["CHANNEL_LAST"])]
+
+    configs = autotune_configs(by_layout[False] + by_layout[True],
+                               triton.Config({"BLOCK_D": 8, "BLOCK_L": 8}, num_warps=1))
+    return {"configs": configs, "key": ["dim", "W", "CHANNEL_LAST"], "prune_configs_by": {"early_config_prune": prune}}
 
 
 @triton.jit
@@ -113,7 +124,7 @@ def _ahead(cur, nxt, o_l, j: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.co
     return tl.where((i < BLOCK_L)[None, :], inside, after)
 
 
-@triton.autotune(configs=_configs(_FWD_TILES), key=["dim", "W", "CHANNEL_LAST"])
+@triton.autotune(**_tuning(_FWD_TILES))
 @triton.jit
 def _causal_conv1d_fwd_kernel(
     # pointers: x (b, d, l); init (b, d, w-1); weight (d, w); bias (d,); y (b, d, l)
@@ -122,7 +133,7 @@ def _causal_conv1d_fwd_kernel(
     length, dim,
     # strides
     s_xb, s_xd, s_xl, s_ib, s_id, s_il, s_wd, s_wk, s_yb, s_yd, s_yl,
-    # meta (CHANNEL_LAST: x's channels are its fastest axis; only a tuning key)
+    # meta (CHANNEL_LAST: x's channels are its fastest axis; it picks the tiles tried when tuning)
     W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
     CHANNEL_LAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
@@ -141,7 +152,7 @@ def _causal_conv1d_fwd_kernel(
     tl.store(p_y + o_d[:, None] * s_yd + s[None, :] * s_yl, pre.to(p_y.dtype.element_ty), mask=m)
 
 
-@triton.autotune(configs=_configs(_BWD_TILES), key=["dim", "W", "CHANNEL_LAST"])
+@triton.autotune(**_tuning(_BWD_TILES))
 @triton.jit
 def _causal_conv1d_bwd_kernel(
     # pointers: inputs as in the forward; dy (b, d, l); dfinal contiguous (b, d, w-1)
