@@ -1,7 +1,7 @@
 """Generation throughput: ``streamssm.generate`` (model level), ``generate_streams`` (through a
 Streamer) and transformers' ``generate``, same weights, same device.
 
-    python benchmarks/bench_generate.py [--samples 1,64] [--new 64] [--d-model 256] [--layers 4] [--device cpu|cuda]
+    python benchmarks/bench_generate.py [--samples 1,64] [--new 64] [--d-model 256] [--layers 4] [--device cpu|cuda] [--threads N]
 
 A random transformers ``MambaForCausalLM`` (vocab 256) is saved to a temporary folder and
 imported with ``streamssm.hf_import``; all three then sample ``--new`` tokens after a 32-token
@@ -48,7 +48,11 @@ def main() -> None:
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="CPU intra-op threads (0: torch's default); 1 is steadier on a shared machine")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     counts = [int(s) for s in args.samples.split(",")]
     torch.manual_seed(0)
