@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session for the conv1d and Mamba-1 scan kernels (issue 25): GPU tests, then benchmarks.
 #
-#     bash benchmarks/gpu_kernels_session.sh            # under 6 min on an H100/H200 (limits 110+110+130 s)
+#     bash benchmarks/gpu_kernels_session.sh            # under 6 min on an H100/H200 (limits 50+90+70+40+100 s)
 #     MAMBA=1 bash benchmarks/gpu_kernels_session.sh    # + mamba-ssm's CUDA scan (builds it: ~4 min more)
 #
 # Run from the repository root with streamssm importable (pip install -e . or PYTHONPATH). The
@@ -28,21 +28,23 @@ old_conv=(); old_scan=()
 [ -s "$OLD_DIR/scan.py" ] && old_scan=(--old "$OLD_DIR/scan.py")
 peers=none
 [ "${MAMBA:-0}" = 1 ] && peers=mamba
-scan_limit=$([ "${MAMBA:-0}" = 1 ] && echo 390 || echo 130)
+scan_limit=$([ "${MAMBA:-0}" = 1 ] && echo 370 || echo 100)
 
-echo "== GPU tests: conv1d and Mamba-1 scan kernels vs float64 references"
-timeout 110 python -m pytest -q -p no:randomly -m gpu tests/test_conv1d_kernel.py tests/test_selective_scan_kernel.py \
-    2>&1 | tail -n 15 | tee "$OUT/tests.txt"
+echo "== GPU tests: conv1d and Mamba-1 scan kernels vs float64 references (first calls compile and tune)"
+timeout 50 python -m pytest -q -p no:randomly -m gpu tests/test_conv1d_kernel.py 2>&1 | tail -n 15 | tee "$OUT/tests.txt"
+timeout 90 python -m pytest -q -p no:randomly -m gpu tests/test_selective_scan_kernel.py 2>&1 | tail -n 15 \
+    | tee -a "$OUT/tests.txt"
 
-echo "== conv1d: ours vs the old kernel vs cuDNN, BENCHMARKS.md shapes, both layouts"
-timeout 110 python benchmarks/bench_conv1d.py --shapes M1,M2,M3,S1 --layouts time,channel-last \
-    "${old_conv[@]}" --out "$OUT/conv1d.md"
+echo "== conv1d: ours vs the old kernel vs cuDNN, BENCHMARKS.md shapes; channel-last (the blocks' layout) at M1, S1"
+timeout 70 python benchmarks/bench_conv1d.py --shapes M1,M2,M3,S1 "${old_conv[@]}" --out "$OUT/conv1d.md"
+timeout 40 python benchmarks/bench_conv1d.py --shapes M1,S1 --layouts channel-last "${old_conv[@]}" \
+    --out "$OUT/conv1d_channel_last.md"
 
 echo "== Mamba-1 selective scan: ours vs the old kernel (and mamba-ssm CUDA with MAMBA=1), M1/M2"
 timeout "$scan_limit" python benchmarks/bench_selective_scan.py --shapes M1,M2 --peers "$peers" --no-t32 \
     "${old_scan[@]}" --out "$OUT/scan.md"
 
 echo; echo "================ summary ================"
-for f in tests.txt conv1d.md scan.md; do
+for f in tests.txt conv1d.md conv1d_channel_last.md scan.md; do
     echo "--- $f"; cat "$OUT/$f" 2>/dev/null || echo "(missing: that part failed or ran out of time)"
 done
