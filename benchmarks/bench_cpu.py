@@ -1,7 +1,7 @@
 """CPU benchmark of the chunked PyTorch Mamba-1 path against mamba.py and the sequential reference.
 
     python benchmarks/bench_cpu.py [--shapes C1,C2,C3] [--model] [--threads 2] [--repeats 3] [--no-verify]
-    python benchmarks/bench_cpu.py --suite targets [--configs T1,T2,T3] [--threads 2] [--repeats 3]
+    python benchmarks/bench_cpu.py --suite targets [--configs T1,T2,T3] [--threads 2] [--repeats 3] [--fixed-shape]
 
 Providers (same process, same fp32 tensors; ``torch.set_num_threads(--threads)``):
     ours     ``selective_scan(..., backend="torch")``: the chunked scan (kernels/mamba1/chunked_torch.py)
@@ -21,8 +21,11 @@ only, (b, l, d) in and out, no final norm), loss = mean square of the output, sa
 layers, d_state 16, expand 2, d_conv 4. mamba.py's ``Mamba2`` imports mamba_ssm's Triton kernels
 at module load and cannot run on a CPU, so the Mamba-2 rows' peer is mamba.py's (Mamba-1) model of
 the same sizes, as in BENCHMARKS.md (headdim 32 for ours). Streaming: d128 x 4 layers, 64 streams,
-no grad: ours ``SSMModel.step_pool`` over a 64-row state pool, mamba.py ``Mamba.step`` with its
-per-layer (h, conv inputs) caches; stream-steps/s = 64 / time of one step.
+no grad: ours ``SSMModel.step_pool`` over a 64-row state pool, and the Streamer's engines'
+one-step call (``EagerCalls``; ``CompiledCalls``: torch.compile, inductor C++, symbolic shapes;
+``--fixed-shape``: also compiled for this one shape), which add the encoder and head linears;
+mamba.py ``Mamba.step`` with its per-layer (h, conv inputs) caches; stream-steps/s = 64 / time
+of one step; "compile s" is the compiled rows' first call. ``--configs ''`` times streaming only.
 
 Times are the median of ``--repeats`` runs after one warm-up, providers interleaved per repeat
 (this machine's load drifts); tokens/s = batch * length / time; ratio = peer ms / our ms
@@ -45,6 +48,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import Table, run_tag  # noqa: E402
 
+from streamssm.compiled_cpu import CompiledCalls  # noqa: E402
+from streamssm.engine import EagerCalls  # noqa: E402
 from streamssm.kernels import selective_scan  # noqa: E402
 from streamssm.testing import assert_close  # noqa: E402
 
@@ -206,8 +211,8 @@ def _verdict(ratio: float, target: float) -> tuple[str, str, str]:
     return f"{ratio:.2f}x", f"{target:g}x", "yes" if ratio >= target else "no"
 
 
-def bench_targets(configs: list[str], repeats: int, streams: int = 64) -> Table:
-    table = Table(["config", "block", "provider", "ms/step", "tokens/s", "ratio", "target", "met"])
+def bench_targets(configs: list[str], repeats: int, fixed_shape: bool, streams: int = 64) -> Table:
+    table = Table(["config", "block", "provider", "ms/step", "tokens/s", "ratio", "target", "met", "compile s"])
     for name in configs:
         d_model, n_layers, batch, length = TARGET_CONFIGS[name]
         x = torch.randn(batch, length, d_model, generator=torch.Generator().manual_seed(0))
@@ -224,19 +229,26 @@ def bench_targets(configs: list[str], repeats: int, streams: int = 64) -> Table:
             table.add(config=label, block=block, provider="ours (torch)", ratio=ratio, target=target, met=met,
                       **{"ms/step": ms[block], "tokens/s": tokens / ms[block] * 1e3})
     d_model, n_layers = 128, 4
-    ms = _median_ms(_stream_fns(d_model, n_layers, streams), max(repeats, 20))
+    fns, compile_s = _stream_fns(d_model, n_layers, streams, fixed_shape)
+    ms = _median_ms(fns, max(repeats, 20))
     label = f"stream d{d_model} x{n_layers}, {streams} streams (stream-steps/s)"
     table.add(config=label, block="mamba (peer)", provider="mamba.py Mamba.step",
               **{"ms/step": ms["mambapy"], "tokens/s": streams / ms["mambapy"] * 1e3})
-    for block in ("mamba", "mamba2"):
-        ratio, target, met = _verdict(ms["mambapy"] / ms[block], TARGET_RATIO["stream"])
-        table.add(config=label, block=block, provider="ours SSMModel.step_pool", ratio=ratio, target=target, met=met,
-                  **{"ms/step": ms[block], "tokens/s": streams / ms[block] * 1e3})
+    for name in fns:
+        if name == "mambapy":
+            continue
+        block, _, provider = name.partition(" ")
+        ratio, target, met = _verdict(ms["mambapy"] / ms[name], TARGET_RATIO["stream"])
+        table.add(config=label, block=block, provider=provider, ratio=ratio, target=target, met=met,
+                  **{"ms/step": ms[name], "tokens/s": streams / ms[name] * 1e3, "compile s": compile_s.get(name)})
     return table
 
 
-def _stream_fns(d_model: int, n_layers: int, streams: int) -> dict[str, Callable[[], object]]:
-    """One recurrent step of ``streams`` streams, no grad: mamba.py and ours (both blocks)."""
+def _stream_fns(d_model: int, n_layers: int, streams: int,
+                fixed_shape: bool) -> tuple[dict[str, Callable[[], object]], dict[str, float]]:
+    """One recurrent step of ``streams`` streams, no grad: mamba.py and ours (both blocks: the
+    bare ``SSMModel.step_pool``, and the Streamer's engines, which add the encoder and head
+    linears), {name: fn} and the compile seconds of the compiled ones (their first call)."""
     g = torch.Generator().manual_seed(0)
     x_t = torch.randn(streams, d_model, generator=g)
     peer = _peer_model(d_model, n_layers).eval()
@@ -250,12 +262,24 @@ def _stream_fns(d_model: int, n_layers: int, streams: int) -> dict[str, Callable
         _, caches = peer.step(x_t, caches)
 
     fns: dict[str, Callable[[], object]] = {"mambapy": peer_step}
-    rows = torch.arange(streams)
+    compile_s: dict[str, float] = {}
+    rows, x = torch.arange(streams), x_t[:, None]  # x (b, 1, d): the engines' one-step segment
     for block in ("mamba", "mamba2"):
         model = _our_model(block, d_model, n_layers).eval()
-        pool = model.init_state(streams)
-        fns[block] = torch.no_grad()(lambda model=model, pool=pool: model.step_pool(x_t, pool, rows))
-    return fns
+        pool = model.init_state(streams + 1)  # + the engines' scratch row
+        fns[f"{block} ours SSMModel.step_pool"] = torch.no_grad()(
+            lambda model=model, pool=pool: model.step_pool(x_t, pool, rows))
+        engines = {"eager": EagerCalls(model, pool), "compiled": CompiledCalls(model, pool, streams)}
+        if fixed_shape:  # one program for exactly this shape (what a per-(bucket, length) engine compiles)
+            engines["compiled fixed-shape"] = torch.compile(engines["eager"].run, dynamic=False)
+        for kind, call in engines.items():
+            name = f"{block} engine {kind}"
+            fns[name] = torch.no_grad()(lambda call=call: call(x, rows))
+            if kind.startswith("compiled"):
+                t0 = time.perf_counter()
+                fns[name]()
+                compile_s[name] = time.perf_counter() - t0
+    return fns, compile_s
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="op: the scan op (and --model); targets: issue 3's model-level CPU targets")
     parser.add_argument("--configs", default=",".join(TARGET_CONFIGS), help="comma-separated TARGET_CONFIGS (targets)")
     parser.add_argument("--model", action="store_true", help="also time a backbone training step")
+    parser.add_argument("--fixed-shape", action="store_true",
+                        help="targets: also time the step compiled for its one shape (dynamic=False)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-verify", dest="verify", action="store_false")
@@ -277,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown configs {unknown}; known: {sorted(TARGET_CONFIGS)}")
         print(f"# CPU targets (issue 3): training fwd+bwd+AdamW and streaming, fp32 · {run_tag()} · "
               f"{args.threads} threads · {os.cpu_count()} cores · median of {args.repeats}")
-        print(bench_targets(configs, args.repeats).markdown())
+        print(bench_targets(configs, args.repeats, args.fixed_shape).markdown())
         return 0
     shapes = [s for s in args.shapes.split(",") if s]
     unknown = [s for s in shapes if s not in CPU_SHAPES]

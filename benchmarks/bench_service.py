@@ -2,6 +2,7 @@
 
     python benchmarks/bench_service.py [--model tiny|d512] [--device cpu|cuda] [--clients 1,4,16,64]
                                        [--seconds 3] [--chunk-ms 20] [--client-procs 1] [--max-wall 60]
+                                       [--engine auto|eager|graphs|compiled] [--prepare]
 
 A mu-law audio LM (16 kHz, 8-bit tokens) is exported to a temporary file and served by
 ``streamssm serve`` in a subprocess (its own Python, so clients and server don't share a
@@ -11,7 +12,9 @@ send -> result receipt; "slip" is how far the sends fell behind the real-time sc
 (backpressure from a server that cannot keep up). N is kept real time when p99 latency
 <= 50 ms and slip <= 2 chunk periods. The sweep stops at the first N that is not kept
 or when the wall-clock budget runs out. Models: tiny (Mamba-2, 2 layers, d_model 32) for CPU,
-d512 (Mamba-2, 4 layers, d_model 512) for the H100.
+d512 (Mamba-2, 4 layers, d_model 512) for the H100, demo (the demo's audio model: Mamba-2, 2
+layers, d_model 48) for CPU. ``--engine compiled --prepare`` compiles before the server listens
+(the start-up seconds are printed).
 """
 
 from __future__ import annotations
@@ -39,6 +42,15 @@ MODELS = {
 P99_TARGET_MS = 50.0
 
 
+def model_arch(name: str) -> dict:
+    """The architecture of a MODELS entry, or of ``demo``: the demo's audio model (streamssm.demo)."""
+    if name == "demo":
+        from streamssm.demo import ARCH
+
+        return ARCH
+    return MODELS[name]
+
+
 def export_model(name: str, sample_rate: int, path: Path) -> Path:
     import torch
 
@@ -46,7 +58,7 @@ def export_model(name: str, sample_rate: int, path: Path) -> Path:
     from streamssm.models import ModelConfig, SSMModel
 
     torch.manual_seed(0)
-    cfg = ModelConfig(input_kind="tokens", vocab_size=256, head="lm", **MODELS[name])
+    cfg = ModelConfig(input_kind="tokens", vocab_size=256, head="lm", **model_arch(name))
     return export_safetensors(SSMModel(cfg), path, spec={"modality": "audio", "sample_rate": sample_rate,
                                                             "encoding": "mu_law"})
 
@@ -56,13 +68,13 @@ def start_server(ckpt: Path, args) -> tuple[subprocess.Popen, int, list[str]]:
     cmd = [sys.executable, "-m", "streamssm.cli", "serve", "--checkpoint", str(ckpt), "--port", "0",
            "--device", args.device, "--dtype", args.dtype, "--max-streams", str(max(args.clients)),
            "--queue-depth", "4", "--idle-timeout", "60", "--resume-ttl", "0"]
-    cmd += ["--batching", args.batching]
+    cmd += ["--batching", args.batching, "--engine", args.engine, "--prepare", str(args.prepare).lower()]
     if args.server_threads:
         cmd += ["--threads", str(args.server_threads)]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     lines: list[str] = []
     port = None
-    deadline = time.time() + 120
+    deadline = time.time() + (900 if args.prepare else 120)  # compiling at start-up takes minutes
     for line in proc.stderr:
         lines.append(line)
         m = re.search(r"listening on ws://[\d.]+:(\d+)/", line)
@@ -103,7 +115,9 @@ def engine_only(ckpt: Path, args) -> list[dict]:
         torch.set_num_threads(args.server_threads)
     chunk = int(args.sample_rate * args.chunk_ms / 1000)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    streamer = Streamer(load_for_serving(ckpt, args.device).model, max(args.clients), args.device, dtype)
+    streamer = Streamer(load_for_serving(ckpt, args.device).model, max(args.clients), args.device, dtype, args.engine)
+    if args.prepare:
+        streamer.capture()
     ids = [streamer.open() for _ in range(max(args.clients))]
     rows = []
     for n in args.clients:
@@ -184,7 +198,10 @@ def measure(url: str, n: int, args) -> dict:
 
 def sweep(ckpt: Path, args, t_start: float) -> list[dict]:
     """Start the server, measure every N (until not kept or out of wall time), stop the server."""
-    proc, port, _ = start_server(ckpt, args)
+    proc, port, lines = start_server(ckpt, args)
+    prepared = [line.strip() for line in lines if "prepared in" in line]
+    if prepared:
+        print(f"server start-up: {prepared[0]}", flush=True)
     url = f"ws://127.0.0.1:{port}/"
     rows = []
     try:
@@ -217,7 +234,7 @@ def sweep(ckpt: Path, args, t_start: float) -> list[dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=sorted(MODELS), default="tiny")
+    p.add_argument("--model", choices=[*sorted(MODELS), "demo"], default="tiny")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--clients", default="1,4,16,64", help="comma-separated N values (ascending)")
@@ -227,6 +244,10 @@ def main(argv=None) -> int:
     p.add_argument("--client-procs", type=int, default=1, help="client processes (spread the client load)")
     p.add_argument("--batching", default="uniform", choices=("uniform", "greedy"), help="server batching policy")
     p.add_argument("--server-threads", type=int, default=None, help="torch threads of the server process")
+    p.add_argument("--engine", default="auto", choices=("auto", "eager", "graphs", "compiled"),
+                   help="the server's engine (serve --engine)")
+    p.add_argument("--prepare", action="store_true",
+                   help="serve --prepare: graphs captured / programs compiled before listening")
     p.add_argument("--max-wall", type=float, default=60.0, help="stop the sweep after this many seconds")
     p.add_argument("--engine-only", action="store_true", help="also time Streamer.feed_many alone, in-process")
     p.add_argument("--all", action="store_true", help="keep sweeping after the first N that is not real time")
@@ -243,7 +264,8 @@ def main(argv=None) -> int:
         ckpt = export_model(args.model, args.sample_rate, Path(tmp) / "model.safetensors")
         rows = sweep(ckpt, args, t_start)
         engine = engine_only(ckpt, args) if args.engine_only else []
-    print(f"\nservice load: model {args.model} ({args.dtype}, {args.batching} batching) on {tag}; "
+    print(f"\nservice load: model {args.model} ({args.dtype}, {args.batching} batching, engine {args.engine}"
+          f"{' prepared' if args.prepare else ''}, {args.server_threads or 'default'} threads) on {tag}; "
           f"{args.chunk_ms:g} ms chunks at {args.sample_rate} Hz, {args.seconds:g} s per client, {args.client_procs} client process(es)")
     print("| clients | chunks | p50 ms | p99 ms | max ms | send slip ms | samples/s | x real time | kept "
           "| server batch ms | streams/batch | samples/batch |")

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import torch
 
+from streamssm.engine import ENGINES
 from streamssm.errors import ConfigError
 
 #: the ``dtype`` choices and the torch dtype of each
@@ -53,6 +54,11 @@ class ServeConfig:
     ping_interval: float | None = _option(20.0, "seconds between websocket pings (null: none)")
     batching: Literal["uniform", "greedy"] = _option(
         "uniform", "chunks per stream per model call: equal counts (uniform) or all pending (greedy)")
+    engine: Literal["auto", "eager", "graphs", "compiled"] = _option(
+        "auto", "model calls: auto (graphs on CUDA, else eager), eager, graphs (CUDA graphs), "
+                "compiled (CPU, torch.compile; eager with a warning when no C++ compiler works)")
+    prepare: bool = _option(False, "capture the CUDA graphs / compile the programs at start-up, "
+                                   "not at the first calls (start-up takes longer)")
 
     def __post_init__(self) -> None:
         problems = []
@@ -73,6 +79,8 @@ class ServeConfig:
             problems.append(f"nan_policy must be 'reject' or 'zero', got {self.nan_policy!r}")
         if self.batching not in ("uniform", "greedy"):
             problems.append(f"batching must be 'uniform' or 'greedy', got {self.batching!r}")
+        if self.engine not in ENGINES:
+            problems.append(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.dtype not in DTYPES:
             problems.append(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if (self.certfile is None) != (self.keyfile is None):

@@ -94,7 +94,7 @@ class StreamServer:
         self.codec = ModelCodec.from_bundle(bundle)
         self.metrics = ServiceMetrics()
         self.store = ResumeStore(cfg.resume_ttl, cfg.state_dir, cfg.max_parked, cfg.max_parked_bytes)
-        self.streamer = Streamer(bundle.model, cfg.max_streams, cfg.device, DTYPES[cfg.dtype])
+        self.streamer = Streamer(bundle.model, cfg.max_streams, cfg.device, DTYPES[cfg.dtype], cfg.engine)
         self.scheduler = Scheduler(self.streamer, cfg.queue_depth, self.metrics, cfg.batching, cfg.slice_samples)
         self._server: Server | None = None
         self._live: dict[str, Session] = {}  # resume token -> live session
@@ -110,6 +110,8 @@ class StreamServer:
         if cfg.token is None and not _loopback(cfg.host):
             log.warning("serving on %s without --token: anyone who reaches this port can stream "
                         "(and read the scores); set --token and TLS", cfg.host)
+        if cfg.prepare:  # before the engine thread starts: nothing else calls the Streamer yet
+            log.info("engine %s prepared in %.1f s", self.streamer.engine, self.streamer.capture())
         await self.scheduler.start()
         ssl_ctx = None
         if cfg.certfile:

@@ -12,6 +12,8 @@ Engines (``Streamer(engine=...)``):
     eager     :class:`EagerCalls`, this module: every call launches its kernels from Python
     graphs    ``streamssm.cuda_graphs.GraphedCalls``: CUDA-graph replays of fixed-shape calls
               (``streamssm.bucketed``: streams padded to buckets, segments cut to set lengths)
+    compiled  ``streamssm.compiled_cpu.CompiledCalls`` (CPU): the call compiled by inductor's C++
+              backend for symbolic shapes; ``eager`` (with a warning) when no C++ compiler works
 Every engine gives the same outputs and states as ``eager`` (tests/test_engines.py).
 """
 
@@ -37,6 +39,10 @@ class EagerCalls:
         """x (b, l[, c]) validated inputs, rows (b,) pool rows -> raw outputs (b, l, o)."""
         return self.run(x, rows)
 
+    def prepare(self) -> float:
+        """Make the engine's programs now rather than at first use; returns seconds (none here)."""
+        return 0.0
+
     def run(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """The call itself, launched op by op (what a graph captures)."""
         m = self.model
@@ -48,15 +54,22 @@ class EagerCalls:
         return m.head(h)
 
 
-ENGINES = ("auto", "eager", "graphs")
+ENGINES = ("auto", "eager", "graphs", "compiled")
 
 
 def resolve_engine(engine: str, device: torch.device) -> str:
-    """``auto`` -> ``graphs`` on CUDA, ``eager`` elsewhere; others are checked and kept."""
+    """``auto`` -> ``graphs`` on CUDA, ``eager`` elsewhere; ``compiled`` (CPU only) -> ``eager``
+    with a logged warning when no C++ compiler works; others are checked and kept."""
     if engine not in ENGINES:
         raise ConfigError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
     if engine == "auto":
         return "graphs" if device.type == "cuda" else "eager"
+    if engine == "compiled":
+        if device.type != "cpu":
+            raise ConfigError(f"engine 'compiled' runs on the CPU, the model is on {device} (use 'graphs')")
+        from streamssm.compiled_cpu import compiled_available
+
+        return "compiled" if compiled_available() else "eager"
     return engine
 
 
@@ -67,4 +80,8 @@ def make_calls(engine: str, model: SSMModel, pool: ModelState, capacity: int) ->
         from streamssm.cuda_graphs import GraphedCalls
 
         return GraphedCalls(model, pool, capacity)
+    if engine == "compiled":
+        from streamssm.compiled_cpu import CompiledCalls
+
+        return CompiledCalls(model, pool, capacity)
     return EagerCalls(model, pool)

@@ -109,9 +109,10 @@ class Streamer:
         self._next_id = 0
 
     def capture(self) -> float:
-        """Engine ``graphs``: capture every CUDA graph now rather than at first use (the
-        server's start-up); returns the seconds spent (0 for other engines)."""
-        return self._calls.prepare() if self.engine == "graphs" else 0.0
+        """Prepare the engine's programs now rather than at first use (the server's start-up):
+        ``graphs`` captures every CUDA graph, ``compiled`` compiles its usual shapes; returns
+        the seconds spent (0 for ``eager``)."""
+        return self._calls.prepare()
 
     # ------------------------------------------------------------------ stream lifecycle
 

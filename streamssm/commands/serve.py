@@ -34,7 +34,10 @@ log = logging.getLogger(__name__)
 def build_parser(prog: str) -> jsonargparse.ArgumentParser:
     parser = config_parser(prog, "Serve a streamssm checkpoint over websockets (protocol: service/PROTOCOL.md).")
     parser.add_argument("--checkpoint", type=str, required=True, help="model .safetensors export or Lightning .ckpt")
-    parser.add_argument("--threads", type=int | None, default=None, help="torch CPU threads for the model (null: torch's)")
+    parser.add_argument("--threads", type=int | None, default=None,
+                        help="torch CPU threads of the model calls (null: torch's, one per core); on a host "
+                             "shared with other work, the cores left to the model (oversubscribed OpenMP "
+                             "threads stall each other)")
     add_fields(parser, ServeConfig, defaults={"device": "auto"})
     return parser
 

@@ -1,0 +1,100 @@
+"""The compiled CPU engine (streamssm.compiled_cpu): outputs, scores and carried states equal the
+eager engine's across random chunkings and stream churn, for Mamba, Mamba-2 and a hybrid;
+compiling up front touches no stream; without a C++ compiler the Streamer warns and runs eager."""
+
+import logging
+
+import pytest
+import torch
+from test_engines import assert_same, run_churn, tiny
+
+from streamssm.compiled_cpu import CompiledCalls, compiler_problem
+from streamssm.engine import resolve_engine
+from streamssm.errors import ConfigError
+from streamssm.inference import Streamer
+from streamssm.testing import PARITY_FP32, assert_close
+
+needs_compiler = pytest.mark.skipif(compiler_problem() is not None, reason=f"no C++ compiler: {compiler_problem()}")
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles from scratch (no graphs or recompile counts left by another model)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def compiled_graphs() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+@needs_compiler
+@pytest.mark.parametrize("name", ["mamba-lm", "mamba2-lm", "hybrid-classifier"])
+def test_compiled_equals_eager_under_churn(name):
+    eager = Streamer(tiny(name), capacity=4)
+    compiled = Streamer(tiny(name), capacity=4, engine="compiled")
+    assert isinstance(compiled._calls, CompiledCalls)
+    assert_same(run_churn(eager, seed=5, rounds=10), run_churn(compiled, seed=5, rounds=10))
+    assert compiled_graphs() > 0, "nothing was compiled: the calls ran eagerly"
+    rtol, atol = PARITY_FP32
+    for i, (want, got) in enumerate(zip(eager.pool, compiled.pool)):  # the carried states, stream rows
+        for field, a, b in zip(want._fields, want, got):
+            assert_close(f"layer {i} {field}", a[:4], b[:4], rtol=rtol, atol=atol)
+
+
+@needs_compiler
+def test_prepare_at_start_changes_no_result():
+    """Compiling up front (a live stream in the pool) runs on the scratch row only."""
+    plain = Streamer(tiny("mamba2-regression"), capacity=3, engine="compiled")
+    first = run_churn(plain, seed=6, rounds=5)
+    early = Streamer(tiny("mamba2-regression"), capacity=3, engine="compiled")
+    sid = early.open()
+    early.feed(sid, torch.randn(5, 3))
+    state_before = [t.clone() for layer in early.pool for t in layer]
+    assert early.capture() > 0
+    rows = early.capacity  # every stream row: the scratch row (index capacity) may change
+    assert all(torch.equal(a[:rows], b[:rows]) for a, b in zip(state_before, (t for layer in early.pool for t in layer)))
+    early.close(sid)
+    assert_same(first, run_churn(early, seed=6, rounds=5))
+
+
+def compiler(path: str):
+    """Inductor's C++ compiler set to ``path`` while the block runs."""
+    from torch._inductor import config
+
+    return config.patch({"cpp.cxx": (path,)})
+
+
+def test_missing_compiler_falls_back_to_eager_with_a_warning(caplog):
+    with compiler("/nonexistent/bin/g++"):
+        assert "no working C++ compiler" in compiler_problem()
+        with caplog.at_level(logging.WARNING, logger="streamssm.compiled_cpu"):
+            streamer = Streamer(tiny("mamba-lm"), capacity=2, engine="compiled")
+    assert streamer.engine == "eager" and not isinstance(streamer._calls, CompiledCalls)
+    assert "falls back to 'eager'" in caplog.text and "/nonexistent/bin/g++" in caplog.text
+    sid = streamer.open()
+    assert streamer.feed(sid, torch.tensor([1, 2, 3])).outputs.shape == (3, 5)
+
+
+def test_broken_compiler_is_named(tmp_path):
+    """A compiler that runs but cannot build a library is refused with its own message."""
+    fake = tmp_path / "g++"
+    fake.write_text("#!/bin/sh\n[ \"$1\" = --version ] && exit 0\necho 'cc1plus: fatal error' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    with compiler(str(fake)):
+        problem = compiler_problem()
+    assert problem is not None and "cannot build a shared library" in problem and "cc1plus" in problem
+
+
+def test_compiled_engine_is_for_the_cpu():
+    with pytest.raises(ConfigError, match="runs on the CPU"):
+        resolve_engine("compiled", torch.device("cuda"))
+
+
+def test_serve_config_checks_the_engine():
+    from streamssm.service.config import ServeConfig
+
+    assert ServeConfig(engine="compiled", prepare=True).engine == "compiled"
+    with pytest.raises(ConfigError, match="engine must be one of auto, eager, graphs, compiled"):
+        ServeConfig(engine="turbo")
