@@ -19,6 +19,10 @@ Backends:
 The one-step ops have no separate fast path: "torch" and "reference" both run the
 vectorized single-step references. mamba3_scan's "torch" and "triton" both run
 ``mamba3/chunked.py`` (two ssd_scan calls on that backend).
+
+torch.compile / torch.export: the Triton paths are registered ``streamssm::`` ops
+(``kernels/library.py``), one graph node each; "torch" and "reference" are traced as plain
+PyTorch (no host sync, no logging while tracing).
 """
 
 from __future__ import annotations
@@ -231,9 +235,11 @@ def conv1d_step(
     check_tensor(op, "conv_state", conv_state, (None, d, weight.shape[1] - 1), device=x.device)
     rows = pool_rows(op, conv_state, b, state_indices)
     if choose_backend(op, backend, x.device) == "triton":
-        from streamssm.kernels.library import conv1d_step as op
-
-        return op(x, conv_state, weight, bias, activation == "silu", rows)
+        if torch.compiler.is_compiling():  # the registered op: one graph node, its pool mutation declared
+            from streamssm.kernels.library import conv1d_step as impl
+        else:  # the launcher (same arguments): an op's Python dispatch costs several step kernels
+            from streamssm.kernels.conv1d.step import conv1d_step_triton as impl
+        return impl(x, conv_state, weight, bias, activation, rows)
     from streamssm.kernels.conv1d.reference import conv1d_step_ref
 
     y, new = conv1d_step_ref(conv_state.index_select(0, rows), x, weight, bias, activation)
@@ -269,9 +275,11 @@ def selective_scan_step(
     check_tensor(op, "C", C, (b, n) if C.dim() == 2 else (b, None, n), device=u.device)
     rows = pool_rows(op, ssm_state, b, state_indices)
     if choose_backend(op, backend, u.device) == "triton":
-        from streamssm.kernels.library import selective_scan_step as op
-
-        return op(ssm_state, u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), rows)
+        if torch.compiler.is_compiling():  # see conv1d_step
+            from streamssm.kernels.library import selective_scan_step as impl
+        else:  # the launcher
+            from streamssm.kernels.mamba1.step import selective_scan_step_triton as impl
+        return impl(ssm_state, u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), rows)
     from streamssm.kernels.mamba1.reference import selective_scan_step_ref
 
     y, new = selective_scan_step_ref(ssm_state.index_select(0, rows), u, delta, A, B, C, D, z,
@@ -308,9 +316,11 @@ def ssd_step(
     check_tensor(op, "A", A, (h,), FP32, device=x.device)
     rows = pool_rows(op, ssm_state, b, state_indices)
     if choose_backend(op, backend, x.device) == "triton":
-        from streamssm.kernels.library import ssd_step as op
-
-        return op(ssm_state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus), rows)
+        if torch.compiler.is_compiling():  # see conv1d_step
+            from streamssm.kernels.library import ssd_step as impl
+        else:  # the launcher
+            from streamssm.kernels.ssd.step import ssd_step_triton as impl
+        return impl(ssm_state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus), rows)
     from streamssm.kernels.ssd.reference import ssd_step_ref
 
     y, new = ssd_step_ref(ssm_state.index_select(0, rows), x, dt, A, B, C, D, z, dt_bias, dt_softplus)
@@ -415,9 +425,11 @@ def mamba3_step(
             raise ShapeError(f"{op}: {name} must be contiguous (it is updated in place)")
     rows = pool_rows(op, ssm_state, b, state_indices)
     if choose_backend(op, backend, x.device) == "triton":
-        from streamssm.kernels.library import mamba3_step as op
-
-        return op(ssm_state, carry, x, dt, A, B, C, lam, theta, D, z, rows)
+        if torch.compiler.is_compiling():  # see conv1d_step
+            from streamssm.kernels.library import mamba3_step as impl
+        else:  # the launcher
+            from streamssm.kernels.mamba3.step import mamba3_step_triton as impl
+        return impl(ssm_state, carry, x, dt, A, B, C, lam, theta, D, z, rows)
     from streamssm.kernels.mamba3.reference import mamba3_step_ref
 
     y, new_state, new_carry = mamba3_step_ref(ssm_state.index_select(0, rows), carry.index_select(0, rows), x, dt, A,

@@ -16,6 +16,9 @@ registered autograd formula whose backward is itself an op. The pure-PyTorch bac
 mamba3_scan has no op of its own: on the Triton backend it is two ssd_scan ops and PyTorch
 glue (mamba3/chunked.py). Op outputs cannot be None: an absent output is an empty (0,) tensor.
 The Python wrappers (``*_op``) take and return what the modules' ``*_triton`` functions do.
+The step ops take the arguments of their ``*_step_triton`` launchers; ``streamssm.kernels``
+calls them only while torch.compile/export traces (eager calls the launcher: a custom op's
+Python dispatch costs tens of µs, several times a step kernel).
 """
 
 from __future__ import annotations
@@ -251,10 +254,10 @@ register_autograd("streamssm::causal_conv1d_fwd", _conv_backward, setup_context=
 
 
 @custom_op("streamssm::conv1d_step", mutates_args=("conv_state",))
-def conv1d_step(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None, silu: bool,
+def conv1d_step(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None,
                 rows: Tensor) -> Tensor:
     """x (b, d) -> y (b, d); conv_state (P, d, w-1) updated in place at rows (b,) int64."""
-    return conv1d_step_triton(x, conv_state, weight, bias, "silu" if silu else None, rows)
+    return conv1d_step_triton(x, conv_state, weight, bias, activation, rows)
 
 
 @custom_op("streamssm::selective_scan_step", mutates_args=("ssm_state",))
