@@ -173,3 +173,25 @@ def test_forecast_protocol_refusals():
     _, one_channel = _forecaster(2, targets=1)
     with pytest.raises(ConfigError, match="forecasts 1 of 2 input channels"):
         forecast_protocol(one_channel, values, [(10, 30)], [0], 2, 4, (5,), method="rollout", target_index=[1])
+
+
+def test_forecast_callback_scores_the_test_rows_after_streamssm_test(tmp_path):
+    """ForecastCallback after Trainer.test: the protocol over the datamodule's test span, its
+    look-backs reaching back into the rows before it (same series), files written."""
+    import lightning.pytorch as pl
+
+    from streamssm.datamodules import SensorDataModule, synthetic
+    from streamssm.evaluate import ForecastCallback, forecast_protocol
+
+    path = synthetic.write_sensor_table(tmp_path / "s.csv", rows=200, channels=2, seed=0)
+    dm = SensorDataModule(str(path), time_column="timestamp", window=16, val_fraction=0.0, test_fraction=0.2,
+                          batch_size=4)
+    task, model = _forecaster(2)
+    callback = ForecastCallback(lookback=50, horizons=[6, 3], stride=5, out_dir=str(tmp_path / "out"))
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                         enable_model_summary=False, callbacks=[callback])
+    trainer.test(task, datamodule=dm, verbose=False)
+    assert dm.split_rows["test"] == [(160, 200)]  # a 40-row test span: 50-row look-backs start in training rows
+    expected = forecast_protocol(model, dm.values, [(160, 200)], [0], 2, 50, (3, 6), stride=5)
+    assert callback.report == expected and expected.method == "rollout" and expected.origins == (8, 7)
+    assert (tmp_path / "out" / "forecast.json").is_file() and (tmp_path / "out" / "forecast.png").is_file()
