@@ -5,27 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_datamodule_fasta import parse_fasta  # the plain-Python FASTA oracle
+
 from streamssm.datamodules import synthetic
 from streamssm.datamodules.dna_labels import DnaLabelsDataModule
-
 from streamssm.encoding import encode_bases, reverse_complement
 from streamssm.errors import ConfigError, DataFormatError
 from streamssm.models import ArchConfig
 from streamssm.tasks import SequenceClassifier
-
-
-def parse_fasta(path) -> dict[str, str]:
-    """Plain-Python FASTA parser (the oracle)."""
-    seqs: dict[str, list[str]] = {}
-    name = None
-    for line in open(path):
-        line = line.strip()
-        if line.startswith(">"):
-            name = line[1:].split()[0]
-            seqs[name] = []
-        elif line:
-            seqs[name].append(line)
-    return {k: "".join(v) for k, v in seqs.items()}
 
 
 @pytest.fixture(scope="module")
