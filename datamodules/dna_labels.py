@@ -314,12 +314,6 @@ class DnaLabelsDataModule(BaseDataModule):
         log.info("labeled sequences: %s; classes %s",
                  ", ".join(f"{s} {len(v)}" for s, v in self.split_items.items()), self.classes)
 
-    def counts(self, split: str) -> dict[str, int]:
-        """Sequences per class in ``split``."""
-        self._ensure_loaded()
-        labels = [i.label for i in self.split_items.get(split, [])]
-        return {c: labels.count(c) for c in self.classes}
-
     def train_dataloader(self):
         return self._loader("train", sampler=EpochKeySampler(len(self._dataset("train")), self.seed))
 
