@@ -74,7 +74,7 @@ def start_server(ckpt: Path, args) -> tuple[subprocess.Popen, int, list[str]]:
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     lines: list[str] = []
     port = None
-    deadline = time.time() + (900 if args.prepare else 120)  # compiling at start-up takes minutes
+    deadline = time.time() + (3600 if args.prepare else 120)  # compiling at start-up: minutes, loaded: more
     for line in proc.stderr:
         lines.append(line)
         m = re.search(r"listening on ws://[\d.]+:(\d+)/", line)

@@ -92,12 +92,15 @@ class CompiledCalls(EagerCalls):
     def __call__(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """x (b, l[, c]), rows (b,) -> raw outputs (b, l, o) (a new tensor)."""
         # b and l symbolic from the first call on (1 stays specialized); the pool's sizes stay
-        # static, so no size of it is ever unified with b (torch's "duck sizing")
+        # static, so no size of it is ever unified with b (torch's "duck sizing"); contiguous
+        # inputs, so a round's strided slice of the padded batch reuses the same program
+        x, rows = x.contiguous(), rows.contiguous()
         torch._dynamo.maybe_mark_dynamic(x, 0)
         torch._dynamo.maybe_mark_dynamic(x, 1)
         torch._dynamo.maybe_mark_dynamic(rows, 0)
         return self._compiled(x, rows)
 
+    @torch.no_grad()  # as the Streamer calls: a program compiled with grad mode on is another one
     def prepare(self) -> float:
         """Compile the :data:`PREPARE_LENGTHS` segments, for one stream and for several, now
         rather than at first use (all on the scratch row); returns seconds."""
