@@ -185,18 +185,23 @@ from streamssm.kernels.mamba1 import scan
 half = {"p_u", "p_delta", "p_z", "p_y", "p_du", "p_ddelta", "p_dz", "p_dy"}
 base = dict(HAS_D=True, HAS_Z=False, HAS_BIAS=True, SOFTPLUS=True, T=64, TT=8, N_PAD=16, BLOCK_D=32,
             s_ul=1, s_dl=1, s_zl=1, s_An=1)
-for kernel, meta in ((scan._selective_scan_fwd_kernel, dict(STATE_ONLY=False, STORE_CKPT=True)),
-                     (scan._selective_scan_bwd_kernel, dict(TB=2, PF_AHEAD=scan.BWD_PREFETCH_TILES))):
-    fn, consts = kernel.fn, {**base, **meta}
+for kernel, meta, prefetch in (
+        (scan._selective_scan_fwd_kernel, dict(STATE_ONLY=False, STORE_CKPT=True), True),
+        (scan._selective_scan_bwd_kernel, dict(TB=2, PF_AHEAD=scan.BWD_PREFETCH_TILES), True),
+        # the kernels of long sequences (several segments per channel), no prefetch of their own
+        (scan._selective_scan_adjoint_state_kernel, {}, False),
+        (scan._selective_scan_state_passing_kernel, dict(REVERSE=True), False)):
+    fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel  # the JITFunction
+    consts = {a: v for a, v in {**base, **meta}.items() if a in fn.arg_names}
     sig = {a: "constexpr" if a in consts else ("*bf16" if a in half else "*fp32") if a.startswith("p_") else "i32"
            for a in fn.arg_names}
     binary = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
-    assert "prefetch.global.L1" in binary.asm["ptx"], fn.__name__
+    assert ("prefetch.global.L1" in binary.asm["ptx"]) == prefetch, fn.__name__
 """
 
 
 def test_kernels_compile_for_sm90_with_l1_prefetch():
-    """Forward and backward compile to sm_90 binaries with their B/C row prefetches in the PTX
+    """Every scan kernel compiles to an sm_90 binary, forward and backward with their B/C row prefetches in the PTX
     (no GPU needed: Triton cross-compiles with its bundled ptxas). The interpreter leaves the
     inline-PTX prefetch out, so only this checks it."""
     import os

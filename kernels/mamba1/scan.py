@@ -202,7 +202,7 @@ def _selective_scan_adjoint_state_kernel(
     q_start = sum_t exp(A cum_t) C_t dy_t silu(z_t), cum_t = dt summed up to t inside the segment.
     Writes loc (b, S, d, n) fp32 and dsum (b, S, d) fp32.
     """
-    pid_b, grp, pid_s, o_d, m_d, o_n, m_dn, o_dn, o_seg, c0, c1, _ = _program_segment(
+    pid_b, grp, pid_s, o_d, m_d, o_n, m_dn, o_dn, o_seg, c0, c1, t0 = _program_segment(
         dim_per_group, groups, dstate, n_chunks, chunks_per_seg, n_segments, T, N_PAD, BLOCK_D)
     m_n = o_n < dstate
     A2 = _load_A2(p_A, o_d, o_n, m_dn, s_Ad, s_An)
@@ -217,7 +217,7 @@ def _selective_scan_adjoint_state_kernel(
         o_t = c * T + tl.arange(0, T).to(tl.int64)
         m_t = o_t < length
         m = m_d[:, None] & m_t[None, :]
-        dt, _ = _load_dt(p_delta, p_bias, o_d, m_d, o_t, m_t, s_dd, s_dl, HAS_BIAS, SOFTPLUS)
+        dt = _load_dt(p_delta, p_bias, o_d, m_d, o_t, m_t, s_dd, s_dl, HAS_BIAS, SOFTPLUS)[0]
         w = tl.load(p_dy + o_d[:, None] * s_wd + o_t[None, :] * s_wl, mask=m, other=0.0).to(tl.float32)
         if HAS_Z:
             z = tl.load(p_z + o_d[:, None] * s_zd + o_t[None, :] * s_zl, mask=m, other=0.0).to(tl.float32)
