@@ -11,9 +11,12 @@ A call of ``b`` streams over ``l`` samples is served by programs for (bucket ``B
 * ``L``: ``l`` is cut greedily into the lengths, powers of two up to ``max_length`` plus the
   ``extra_lengths`` a deployment sends most (e.g. 160 / 320 / 640 samples = 10 / 20 / 40 ms at
   16 kHz): l = 320 -> one program run; l = 300 -> 256 + 32 + 8 + 4. The pieces are exact: each
-  carries the state through the pool to the next, as the chunked forward does. A segment
-  longer than the longest length runs eagerly, as one call (its launch cost is small against
-  its compute).
+  carries the state through the pool to the next, as the chunked forward does.
+* A call too big for the programs runs eagerly, as one call (its launch cost is small against
+  its compute): a segment longer than the longest length, or more than ``max_tokens`` tokens
+  per program (B x L). The token bound caps the memory the programs hold (a captured graph
+  keeps its activations: 600 streams x 640 samples of a 4 x d512 model ran an 80 GB card out
+  of memory) and the time :meth:`prepare` takes.
 
 Static buffers are shared by every program: x (B_max, L_max[, c]), rows (B_max,), y (B_max,
 L_max, o). Programs are made at their first call, or all up front with :meth:`prepare`. This
@@ -61,10 +64,13 @@ class BucketedCalls(EagerCalls):
     name = "bucketed"
 
     def __init__(self, model: SSMModel, pool: ModelState, capacity: int, max_length: int = 512,
-                 extra_lengths: tuple[int, ...] = (160, 320, 640)):
+                 extra_lengths: tuple[int, ...] = (160, 320, 640), max_tokens: int = 65536):
         super().__init__(model, pool)
         if max_length < 1 or any(n < 1 for n in extra_lengths):
             raise ConfigError(f"segment lengths must be positive, got max_length={max_length}, extra={extra_lengths}")
+        if max_tokens < capacity:
+            raise ConfigError(f"max_tokens ({max_tokens}) must cover one step of every stream (capacity {capacity})")
+        self.max_tokens = max_tokens
         device = next(model.parameters()).device
         self.scratch = capacity
         self.buckets = power_buckets(capacity)
@@ -83,10 +89,11 @@ class BucketedCalls(EagerCalls):
     def __call__(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """x (b, l[, c]), rows (b,) -> raw outputs (b, l, o) (a new tensor, never the buffer)."""
         b, length = x.shape[:2]
-        if length > self.lengths[-1]:  # long segments: launch cost is small against the compute
-            return self.run(x, rows)
         bucket = next(n for n in self.buckets if n >= b)
-        pieces = split_length(length, self.lengths)
+        lengths = self.lengths_for(bucket)
+        if length > lengths[-1]:  # big calls: launch cost is small against the compute
+            return self.run(x, rows)
+        pieces = split_length(length, lengths)
         self.rows[:b].copy_(rows)
         self.rows[b:bucket].fill_(self.scratch)
         if len(pieces) == 1:
@@ -107,6 +114,10 @@ class BucketedCalls(EagerCalls):
         program = self.programs.get((bucket, length)) or self._prepare(bucket, length)
         program()
 
+    def lengths_for(self, bucket: int) -> list[int]:
+        """The segment lengths with a program for ``bucket`` streams (within ``max_tokens``)."""
+        return [n for n in self.lengths if bucket * n <= self.max_tokens]
+
     def _views(self, bucket: int, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.x[:bucket, :length], self.rows[:bucket], self.y[:bucket, :length]
 
@@ -125,8 +136,8 @@ class BucketedCalls(EagerCalls):
     def prepare(self) -> float:
         """Make every (bucket, length) program now rather than at first use; returns seconds."""
         t0 = time.perf_counter()
-        for length in self.lengths:
-            for bucket in self.buckets:
+        for bucket in self.buckets:
+            for length in self.lengths_for(bucket):
                 if (bucket, length) not in self.programs:
                     self._prepare(bucket, length)
         return time.perf_counter() - t0
