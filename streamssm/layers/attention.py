@@ -39,9 +39,14 @@ def rotary(x: torch.Tensor, pos: torch.Tensor, base: float) -> torch.Tensor:
     """
     half = x.shape[-1] // 2
     inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float64) / half)  # (k/2,)
-    # 2π as an fp64 tensor: the ONNX exporter turns a Python float operand into an fp32 constant,
-    # which shifted exported angles by ~pos * 3e-8 rad (1e-2 at position 1e6)
-    two_pi = torch.tensor(2 * math.pi, dtype=torch.float64, device=x.device)
+    # 2π as an fp64 tensor constant: the ONNX exporter turns a Python float operand (also a fill
+    # value) into an fp32 constant, which shifted exported angles by ~pos * 3e-8 rad (1e-2 at
+    # position 1e6). On CUDA it is filled on the device instead: a copy from host memory cannot
+    # be captured in a CUDA graph (and exports run on the CPU)
+    if x.is_cuda:
+        two_pi = torch.full((), 2 * math.pi, dtype=torch.float64, device=x.device)
+    else:
+        two_pi = torch.tensor(2 * math.pi, dtype=torch.float64)
     ang = torch.remainder(pos.double()[..., None] * inv_freq, two_pi)  # (b, l, k/2)
     cos, sin = ang.cos().float()[:, None], ang.sin().float()[:, None]  # (b, 1, l, k/2)
     x1, x2 = x.float().split(half, dim=-1)
