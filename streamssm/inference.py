@@ -225,16 +225,15 @@ class Streamer:
         want = [outputs is True or (outputs is not False and sid in outputs) for sid in ids]
         y = self._run_segments(x, lens, slots)  # (b, L, o) raw fp32
         out, scores = self._finish(x, lens, slots, y, any(want))
+        # per-stream views: unbind once, and cut rows to their lengths only where they differ
+        cut = (lambda t, n: t) if len(set(lens)) == 1 else (lambda t, n: t[:n])
+        out_of: dict[int, torch.Tensor] = {}
         if out is not None:
             keep = [i for i, w in enumerate(want) if w]
             out = out.cpu() if len(keep) == len(ids) else out[torch.tensor(keep, device=self.device)].cpu()
-            out_of = dict(zip(keep, out))
-        scores = None if scores is None else scores.cpu()
-        return {
-            sid: ChunkResult(out_of[i][: lens[i]] if want[i] else None,
-                             None if scores is None else scores[i, : lens[i]])
-            for i, sid in enumerate(ids)
-        }
+            out_of = {i: cut(row, lens[i]) for i, row in zip(keep, out.unbind(0))}
+        score_rows = [None] * len(ids) if scores is None else [cut(row, n) for row, n in zip(scores.cpu().unbind(0), lens)]
+        return {sid: ChunkResult(out_of.get(i), score_rows[i]) for i, sid in enumerate(ids)}
 
     def _run_segments(self, x: torch.Tensor, lens: list[int], slots: torch.Tensor) -> torch.Tensor:
         """Raw fp32 model outputs y (b, L, o), by rounds over the distinct chunk lengths (rows
