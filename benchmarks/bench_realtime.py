@@ -12,6 +12,8 @@ distributions). N streams are real time when one call takes at most ``chunk_ms``
 the bare model forward over the same (N, chunk) tokens from a zero state (the compute the
 engine cannot avoid), as ms, tokens/s and TFLOP/s of the matmuls (2 x matmul weights per token).
 Times are medians of ``--calls`` calls after 2 warm-up calls, synchronized wall clock.
+``--profile``: also the GPU kernels of the forward at the largest N (torch.profiler, 3 calls),
+by total GPU time: what bounds the stream count.
 """
 
 from __future__ import annotations
@@ -52,6 +54,19 @@ def matmul_flops_per_token(model: SSMModel) -> float:
     return 2.0 * sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
+def kernel_profile(fn, calls: int = 3, top: int = 15) -> str:
+    """torch.profiler's table of the GPU kernels of ``calls`` runs of ``fn``, by total GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--streams", default="64,128,256,512,1024,2048")
@@ -61,6 +76,7 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=7)
     parser.add_argument("--engines", default="eager,graphs", help="Streamer engines to time, in one run")
     parser.add_argument("--out", default=None, help="also write the markdown table here")
+    parser.add_argument("--profile", action="store_true", help="also profile the forward's kernels at the largest N")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_realtime needs a CUDA GPU", file=sys.stderr)
@@ -89,11 +105,16 @@ def main() -> int:
                          "engine / forward": f"{feed / fwd:.2f}x", "capture s": capture_s,
                          "forward Mtok/s": n * chunk / fwd / 1e3, "forward TFLOP/s": n * chunk * flops / fwd / 1e9})
             print(f"N={n} {engine}: feed_many {feed:.2f} ms, forward {fwd:.2f} ms, capture {capture_s:.1f} s", flush=True)
-            del streamer, x
+            del streamer
             torch.cuda.empty_cache()
+    profiled = ""
+    if args.profile:
+        with torch.no_grad():
+            profiled = (f"\n\nGPU kernels of 3 forwards of {n} x {chunk} tokens (torch.profiler):\n\n"
+                        + kernel_profile(lambda: model.to("cuda", dtype)(x)))
     text = (f"{run_tag()}\n4-layer d_model 512 Mamba-2 mu-law LM ({args.dtype}), {args.sample_rate} Hz streams fed "
             f"{args.chunk_ms:g} ms chunks ({chunk} tokens), scores only; stream capacity = N x chunk / call time. "
-            f"Largest N kept real time: {kept}.\n\n" + table.markdown())
+            f"Largest N kept real time: {kept}.\n\n" + table.markdown() + profiled)
     report(text, args.out)
     return 0
 
