@@ -34,7 +34,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,8 +164,22 @@ class OutputPlan:
             "chunk_steps": self.chunk_steps,
             "batch_series": self.batch_series,
             "output": {"head": self.bundle_info["config"]["head"], "dim": self.out_dim,
-                       "dims": self.dims(inp)},
+                       "dims": self.dims(inp), **self.values},
         })
+
+    @property
+    def values(self) -> dict[str, Any]:
+        """What the output values are (``values``) and, with a serving spec, one name per
+        output column (``names``): forecasts in the data's units, as the service returns them."""
+        spec = ServingSpec.from_dict(self.bundle_info["serving"]) if self.bundle_info["serving"] else None
+        head = self.bundle_info["config"]["head"]
+        if head in ("lm", "classifier"):
+            kind = "logits"
+        elif spec is not None and spec.modality == "sensor":
+            kind = "forecasts in the data's units (de-normalized per channel)"
+        else:
+            kind = "model outputs"
+        return {"values": kind, **({"names": spec.output_names()} if spec is not None else {})}
 
     def dims(self, inp: InputArray) -> list[str]:
         return (["series"] if inp.layout.series_axis is not None else []) + ["time", "output"]
@@ -405,9 +419,11 @@ class ZarrPredictionWriter(BasePredictionWriter):
     without work.
     """
 
-    def __init__(self, plan: OutputPlan, records: ResumeRecords, units: Sequence[Unit], overwrite: bool) -> None:
+    def __init__(self, plan: OutputPlan, records: ResumeRecords, units: Sequence[Unit], overwrite: bool,
+                 decode: Callable[[torch.Tensor], torch.Tensor] = lambda y: y) -> None:
         super().__init__(write_interval="batch")
         self.plan = plan
+        self.decode = decode  # model outputs (..., o) -> the units a user sees (ServingSpec.output_decoder)
         self.records = records
         self.units = {u.key: u for u in units}
         self.overwrite = overwrite
@@ -437,7 +453,7 @@ class ZarrPredictionWriter(BasePredictionWriter):
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
                            dataloader_idx=0) -> None:
         unit = self.units[(int(batch["array"]), int(batch["group"]))]
-        y = prediction["y"].detach().float().cpu().numpy()
+        y = self.decode(prediction["y"].detach().float().cpu()).numpy()
         state = tuple(LayerState(*(t.detach().cpu() for t in layer)) for layer in prediction["state"])
         if self._io is None:
             raise StateError("ZarrPredictionWriter: write before setup (no output opened)")
@@ -531,7 +547,8 @@ def prepare(
                                 missing_chunks=missing_chunks)
     plan.check_existing(overwrite)
     module = ZarrPredictor(bundle.model, datamodule.units, records)
-    writer = ZarrPredictionWriter(plan, records, datamodule.units, overwrite)
+    decode = bundle.spec.output_decoder() if bundle.spec is not None else (lambda y: y)
+    writer = ZarrPredictionWriter(plan, records, datamodule.units, overwrite, decode)
     return datamodule, module, writer
 
 

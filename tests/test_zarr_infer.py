@@ -111,10 +111,14 @@ def test_group_of_arrays_with_other_axis_order_and_sensor_encoding(tmp_path):
     run_inference(ckpt, tmp_path / "in.zarr", tmp_path / "out.zarr", time_axis=-1, channel_axis=-2,
                   chunk_steps=100, batch_series=2, num_workers=1, accelerator="cpu")
     out = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")
-    norm = lambda v: (v - np.array(mean, np.float32)) / np.array(std, np.float32)  # noqa: E731
-    ref_a = _offline(model, norm(a.T[None]))[0]
-    ref_b = _offline(model, norm(b.transpose(0, 2, 1)))
+    m, sd = np.array(mean, np.float32), np.array(std, np.float32)
+    # inputs normalized as in training; forecasts (horizon 1 of channels a, b) back in the data's
+    # units, as the service returns them (infer wrote normalized forecasts before)
+    ref_a = _offline(model, ((a.T - m) / sd)[None])[0] * sd + m
+    ref_b = _offline(model, (b.transpose(0, 2, 1) - m) / sd) * sd + m
     assert out["a"].shape == (200, 2) and out["b"].shape == (3, 200, 2)
+    assert out["a"].attrs["streamssm"]["output"]["names"] == ["a@t+1", "b@t+1"]
+    assert out["a"].attrs["streamssm"]["output"]["values"].startswith("forecasts in the data's units")
     assert_close("group array a", torch.from_numpy(ref_a), torch.from_numpy(out["a"][:]), torch.float32)
     assert_close("group array b", torch.from_numpy(ref_b), torch.from_numpy(out["b"][:]), torch.float32)
 
@@ -412,7 +416,8 @@ def test_sensor_model_refuses_integer_array_unless_told_how_to_read_it(tmp_path)
     assert not (tmp_path / "out.zarr").exists()
     run_inference(ckpt, tmp_path / "adc.zarr", tmp_path / "out.zarr", integer_input="values", **opts)
     out = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")["adc"]
-    ref = _offline(model, ((counts - np.array(mean)) / np.array(std)).astype(np.float32))
+    m, sd = np.array(mean, np.float32), np.array(std, np.float32)
+    ref = _offline(model, ((counts - m) / sd).astype(np.float32)) * sd + m  # forecasts in the data's units
     assert_close("int16 read as values", torch.from_numpy(ref), torch.from_numpy(out[:]), torch.float32)
     assert dict(out.attrs)["streamssm"]["integer_input"] == "values"
     with pytest.raises(ConfigError, match="integer_input"):  # resuming with another reading is refused
