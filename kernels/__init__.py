@@ -16,7 +16,9 @@ Backends:
                  ``ssd/chunked_torch.py``; conv1d is ``F.conv1d``): the fast CPU path
     "reference"  the sequential references, the spec (slow)
     "auto"       CUDA tensors -> "triton"; CPU tensors -> "torch"
-The one-step ops have no separate fast path: "torch" and "reference" both run the
+The one-step ops' "torch" is the in-place CPU steps (``*/step_cpu.py``: the pool's slice
+updated in place when the rows are consecutive, else one gather and one scatter); "reference"
+and any traced call (torch.compile / torch.export fuse the functional references) run the
 vectorized single-step references. mamba3_scan's "torch" and "triton" both run
 ``mamba3/chunked.py`` (two ssd_scan calls on that backend).
 
@@ -215,6 +217,42 @@ def _update_pool(pool: torch.Tensor, rows: torch.Tensor, new_rows: torch.Tensor)
     pool.index_copy_(0, rows, new_rows.to(pool.dtype))
 
 
+def _first_of_run(pool: torch.Tensor, rows: torch.Tensor, given: bool) -> int | None:
+    """The first row when ``rows`` (b,) are consecutive (s, s+1, ..., s+b-1) inside a contiguous
+    pool, so the pool's slice can be updated in place; else None. Checked on host tensors only
+    (a device tensor would sync)."""
+    if not pool.is_contiguous():
+        return None
+    if not given:  # pool_rows' default 0..b-1
+        return 0
+    if rows.device.type != "cpu":
+        return None
+    b = rows.shape[0]
+    values = rows.tolist()
+    start = values[0]
+    fits = 0 <= start and start + b <= pool.shape[0]
+    return start if fits and values == list(range(start, start + b)) else None
+
+
+def _step_in_place(pool: torch.Tensor, rows: torch.Tensor, given: bool, step) -> torch.Tensor:
+    """Runs ``step(block)``, which updates ``block`` (the pool's rows ``rows``) in place and
+    returns y: on the pool's slice when the rows are consecutive, else on one gathered copy
+    scattered back once."""
+    start = _first_of_run(pool, rows, given)
+    if start is not None:
+        return step(pool[start:start + rows.shape[0]])
+    block = pool.index_select(0, rows)
+    y = step(block)
+    pool.index_copy_(0, rows, block)
+    return y
+
+
+def _use_reference(backend: Backend) -> bool:
+    """The one-step ops' "reference" backend, and any traced call (torch.compile / export: the
+    functional reference is what those graphs fuse), run the references; else the CPU steps."""
+    return backend == "reference" or torch.compiler.is_compiling()
+
+
 def conv1d_step(
     x: torch.Tensor,
     conv_state: torch.Tensor,
@@ -240,11 +278,16 @@ def conv1d_step(
         else:  # the launcher (same arguments): an op's Python dispatch costs several step kernels
             from streamssm.kernels.conv1d.step import conv1d_step_triton as impl
         return impl(x, conv_state, weight, bias, activation, rows)
-    from streamssm.kernels.conv1d.reference import conv1d_step_ref
+    if _use_reference(backend):
+        from streamssm.kernels.conv1d.reference import conv1d_step_ref
 
-    y, new = conv1d_step_ref(conv_state.index_select(0, rows), x, weight, bias, activation)
-    _update_pool(conv_state, rows, new)
-    return y
+        y, new = conv1d_step_ref(conv_state.index_select(0, rows), x, weight, bias, activation)
+        _update_pool(conv_state, rows, new)
+        return y
+    from streamssm.kernels.conv1d.step_cpu import conv1d_step_cpu
+
+    return _step_in_place(conv_state, rows, state_indices is not None,
+                          lambda block: conv1d_step_cpu(block, x, weight, bias, activation))
 
 
 def selective_scan_step(
@@ -280,12 +323,17 @@ def selective_scan_step(
         else:  # the launcher
             from streamssm.kernels.mamba1.step import selective_scan_step_triton as impl
         return impl(ssm_state, u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), rows)
-    from streamssm.kernels.mamba1.reference import selective_scan_step_ref
+    if _use_reference(backend):
+        from streamssm.kernels.mamba1.reference import selective_scan_step_ref
 
-    y, new = selective_scan_step_ref(ssm_state.index_select(0, rows), u, delta, A, B, C, D, z,
-                                     delta_bias, delta_softplus)
-    _update_pool(ssm_state, rows, new)
-    return y
+        y, new = selective_scan_step_ref(ssm_state.index_select(0, rows), u, delta, A, B, C, D, z,
+                                         delta_bias, delta_softplus)
+        _update_pool(ssm_state, rows, new)
+        return y
+    from streamssm.kernels.mamba1.step_cpu import selective_scan_step_cpu
+
+    return _step_in_place(ssm_state, rows, state_indices is not None, lambda block: selective_scan_step_cpu(
+        block, u, delta, A, B, C, D, z, delta_bias, delta_softplus))
 
 
 def ssd_step(
@@ -321,11 +369,16 @@ def ssd_step(
         else:  # the launcher
             from streamssm.kernels.ssd.step import ssd_step_triton as impl
         return impl(ssm_state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus), rows)
-    from streamssm.kernels.ssd.reference import ssd_step_ref
+    if _use_reference(backend):
+        from streamssm.kernels.ssd.reference import ssd_step_ref
 
-    y, new = ssd_step_ref(ssm_state.index_select(0, rows), x, dt, A, B, C, D, z, dt_bias, dt_softplus)
-    _update_pool(ssm_state, rows, new)
-    return y
+        y, new = ssd_step_ref(ssm_state.index_select(0, rows), x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+        _update_pool(ssm_state, rows, new)
+        return y
+    from streamssm.kernels.ssd.step_cpu import ssd_step_cpu
+
+    return _step_in_place(ssm_state, rows, state_indices is not None, lambda block: ssd_step_cpu(
+        block, x, dt, A, B, C, D, z, dt_bias, dt_softplus))
 
 
 # ----------------------------------------------------------------------------- Mamba-3
