@@ -78,8 +78,9 @@ def check_tensor(
         raise ShapeError(f"{op}: {name} is required")
     if not isinstance(t, torch.Tensor):
         raise ShapeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
     if t.dim() != len(shape) or any(s is not None and s != ts for s, ts in zip(shape, t.shape)):
+        # the message only on failure: str() of a traced symbolic size breaks torch.compile's graph
+        want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
         raise ShapeError(f"{op}: {name} must have shape {want}, got {tuple(t.shape)}")
     if t.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)

@@ -1,20 +1,25 @@
 """Compiled CPU model calls (``Streamer(engine="compiled")``): the Streamer's call
-(``streamssm.engine.EagerCalls.run``) compiled by ``torch.compile`` with inductor's C++ backend.
+(``streamssm.engine.EagerCalls.run``) compiled whole (``fullgraph``) by ``torch.compile`` with
+inductor's C++ backend.
 
-One compiled program serves every call: the stream count ``b`` and the segment length ``l``
-are symbolic (marked dynamic; the pool's sizes stay fixed), so a server whose batches change size every call compiles a
-handful of graphs (b or l == 1 are specialized by torch: the pool step, one stream), not one
-per (bucket, length) as the CUDA graphs do (on two loaded cores one fixed-shape compile costs
-tens of seconds and buys little more: benchmarks/README.md, CPU). Traced whole, a layer's pool
-step (in_proj, conv step, SSM step, gate, out_proj, residual + norm) becomes a few fused C++
-loops instead of ~20 eager ops; the pool rows are updated in place as in the eager call.
+The stream count ``b`` and the segment length ``l`` are symbolic (marked dynamic; the pool's
+sizes stay fixed), so a server whose batches change size every call runs a bounded set of
+programs, not one per (bucket, length) as the CUDA graphs do. A program covers a range of shapes:
+torch specializes a size of 1 (so one stream runs as two, the second on the scratch row; l == 1
+is the pool step), the SSD's chunked scan one per chunk count and per "fills its last chunk", a
+conv backend per range of b: for the demo's audio model (chunk 64) and l <= 256, 9 programs per
+range of b. Traced whole, a layer's pool step (in_proj, conv step, SSM step, gate, out_proj,
+residual + norm) becomes a few fused C++ loops instead of ~20 eager ops; the pool rows are
+updated in place as in the eager call.
 
 The C++ toolchain is checked once per process (:func:`compiler_problem`: inductor's compiler
 must build a shared library); without one, ``resolve_engine`` logs a warning naming the reason
 and the Streamer runs ``eager``. Compiling happens at the first call of each new kind of shape,
-or up front (``Streamer.capture``, ``streamssm serve --prepare``), on the pool's scratch row so
-no stream's state is touched. Outputs and states equal the eager engine's to fp32 tolerance
-(tests/test_compiled_cpu.py).
+or up front (``Streamer.capture``, ``streamssm serve --prepare``: every program a call of up to
+the pool's streams x :data:`PREPARE_MAX` samples needs, on the pool's scratch row so no stream's
+state is touched). After that, nothing compiles: a call no program covers runs eagerly (logged
+once) rather than stalling the caller for a compile (issue 19: 69 s in a server's hot path).
+Outputs and states equal the eager engine's to fp32 tolerance (tests/test_compiled_cpu.py).
 """
 
 from __future__ import annotations
@@ -34,9 +39,12 @@ from streamssm.state import ModelState
 
 log = logging.getLogger(__name__)
 
-#: segment lengths compiled by :meth:`CompiledCalls.prepare`: the pool step and a symbolic length
-#: (the service's usual slice, ServeConfig.slice_samples; any l >= 2 then runs the same program)
-PREPARE_LENGTHS = (1, 256)
+#: :meth:`CompiledCalls.prepare` covers segments of 1..PREPARE_MAX samples (the service's slice,
+#: ServeConfig.slice_samples); a longer one after prepare runs eagerly unless it shares a program
+PREPARE_MAX = 256
+#: programs one CompiledCalls may compile (torch's default, 8, is fewer than the kinds of shape:
+#: the SSD compiles two per chunk count, times the stream counts that change a conv backend)
+RECOMPILE_LIMIT = 256
 _PROBE_SOURCE = '#include <cmath>\nextern "C" double streamssm_probe(double x) { return std::exp(x); }\n'
 
 
@@ -70,6 +78,15 @@ def _probe(search: tuple[str | None, ...]) -> str | None:
     return None
 
 
+def widths(capacity: int) -> list[int]:
+    """Stream counts :meth:`CompiledCalls.prepare` runs: 2, 4, 8, ... below ``capacity``, and
+    ``capacity`` (at least 2)."""
+    out = [2]
+    while out[-1] * 2 < capacity:
+        out.append(out[-1] * 2)
+    return out + [capacity] if capacity > 2 else out
+
+
 def compiled_available() -> bool:
     """True when the ``compiled`` engine can run here; else logs a warning naming the reason."""
     problem = compiler_problem()
@@ -80,39 +97,88 @@ def compiled_available() -> bool:
 
 class CompiledCalls(EagerCalls):
     """The model call compiled once for symbolic shapes (module docstring). ``capacity`` is the
-    pool's scratch row (the pool holds ``capacity + 1`` rows), where :meth:`prepare` runs."""
+    pool's scratch row (the pool holds ``capacity + 1`` rows), where :meth:`prepare` runs and
+    where a one-stream call's padding row goes."""
 
     name = "compiled"
 
     def __init__(self, model: SSMModel, pool: ModelState, capacity: int):
         super().__init__(model, pool)
         self.scratch = capacity
-        self._compiled = torch.compile(self.run)
+        self.capacity = capacity
+        # one graph for the whole call: a guard fails (and a fallback runs) before anything ran
+        self._compiled = torch.compile(self.run, fullgraph=True)
+        self._prepared = False  # after prepare(): never compile again (eager fallback instead)
+        self._fell_back = False
 
     def __call__(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """x (b, l[, c]), rows (b,) -> raw outputs (b, l, o) (a new tensor)."""
-        # b and l symbolic from the first call on (1 stays specialized); the pool's sizes stay
-        # static, so no size of it is ever unified with b (torch's "duck sizing"); contiguous
-        # inputs, so a round's strided slice of the padded batch reuses the same program
-        x, rows = x.contiguous(), rows.contiguous()
+        b = x.shape[0]
+        if b == 1:  # torch specializes a size of 1: one stream runs as two, the second on the scratch row
+            x = torch.cat([x, x.new_zeros(x.shape)])
+            rows = torch.cat([rows, rows.new_full((1,), self.scratch)])
+        y = self._call(x.contiguous(), rows.contiguous())
+        return y[:b] if b == 1 else y
+
+    def _call(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The compiled program for b >= 2 streams; after :meth:`prepare`, a shape it did not
+        cover runs eagerly (logged once) instead of compiling in the caller's hot path."""
+        # b and l symbolic (l == 1 is the pool step); the pool's sizes stay static, so no size of
+        # it is ever unified with b (torch's "duck sizing"); contiguous inputs, so a round's
+        # strided slice of the padded batch reuses the same program
         torch._dynamo.maybe_mark_dynamic(x, 0)
         torch._dynamo.maybe_mark_dynamic(x, 1)
         torch._dynamo.maybe_mark_dynamic(rows, 0)
-        return self._compiled(x, rows)
+        if not self._prepared:  # compiling on demand: one program per kind of shape (module docstring)
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                return self._compiled(x, rows)
+        try:
+            with torch.compiler.set_stance("fail_on_recompile"):
+                return self._compiled(x, rows)
+        except RuntimeError as err:
+            if "fail_on_recompile" not in str(err):
+                raise
+            if not self._fell_back:
+                self._fell_back = True
+                log.warning("compiled engine: a call of %d streams x %d samples needs a new program; it and "
+                            "any like it run eagerly (no compiling while serving): %s",
+                            x.shape[0], x.shape[1], str(err).splitlines()[0])
+            return self.run(x, rows)
 
     @torch.no_grad()  # as the Streamer calls: a program compiled with grad mode on is another one
     def prepare(self) -> float:
-        """Compile the :data:`PREPARE_LENGTHS` segments, for one stream and for several, now
-        rather than at first use (all on the scratch row); returns seconds."""
+        """Compile now every program that a call of 2..capacity streams (one stream runs as two)
+        over 1..:data:`PREPARE_MAX` samples needs, all on the scratch row; later calls never
+        compile (:meth:`_call`). Returns seconds.
+
+        Lengths share a program unless a kernel branches on them (the SSD's chunk count, a
+        length that fills its last chunk): one call per length at 2 streams compiles each such
+        class of lengths; then each wider stream count of :func:`widths` runs the first and last
+        length of every class (a kernel may also branch on the stream count: conv backends, the
+        SSD's blocks)."""
         t0 = time.perf_counter()
-        m = self.model
-        device = next(m.parameters()).device
-        for b in (1, 2):
-            rows = torch.full((b,), self.scratch, dtype=torch.long, device=device)
-            for length in PREPARE_LENGTHS:
-                if self._tokens:
-                    x = torch.zeros(b, length, dtype=torch.long, device=device)
-                else:
-                    x = torch.zeros(b, length, m.cfg.input_dim, dtype=m.encoder.weight.dtype, device=device)
-                self._compiled(x, rows)
+        starts = [length for length in range(1, PREPARE_MAX + 1) if self._compiles(2, length)]
+        edges = sorted({*starts, *(s - 1 for s in starts[1:]), PREPARE_MAX})
+        for b in widths(self.capacity)[1:]:
+            for length in edges:
+                self._compiles(b, length)
+        self._prepared = True
         return time.perf_counter() - t0
+
+    def _compiles(self, b: int, length: int) -> bool:
+        """Run one call of ``b`` streams x ``length`` zero samples on the scratch row; True when
+        it compiled a new program."""
+        before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        self._call(self._zeros(b, length), torch.full((b,), self.scratch, dtype=torch.long, device=self._device))
+        return torch._dynamo.utils.counters["stats"]["unique_graphs"] > before
+
+    @property
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _zeros(self, b: int, length: int) -> torch.Tensor:
+        """Inputs x (b, length[, c]) of the model's kind, all zero."""
+        if self._tokens:
+            return torch.zeros(b, length, dtype=torch.long, device=self._device)
+        m = self.model
+        return torch.zeros(b, length, m.cfg.input_dim, dtype=m.encoder.weight.dtype, device=self._device)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from test_engines import assert_same, run_churn, tiny
 
+from streamssm import compiled_cpu
 from streamssm.compiled_cpu import CompiledCalls, compiler_problem
 from streamssm.engine import resolve_engine
 from streamssm.errors import ConfigError
@@ -59,6 +60,41 @@ def test_prepare_at_start_changes_no_result():
     plain.close(sid)
     early.close(sid)
     assert_same(run_churn(plain, seed=6, rounds=5), run_churn(early, seed=6, rounds=5))
+
+
+def serve_like(streamer: Streamer, shapes: list[tuple[int, int]], seed: int) -> list:
+    """Feed (streams, samples) rounds as the service's uniform batching does: the same length for
+    every stream of a call, 1..3 of 3 live streams; returns (stream id, outputs, scores) per stream."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = [streamer.open() for _ in range(3)]
+    seen = []
+    for b, length in shapes:
+        chunks = {sid: torch.randint(0, streamer.cfg.vocab_size, (length,), generator=gen) for sid in ids[:b]}
+        seen += [(sid, r.outputs, r.scores) for sid, r in sorted(streamer.feed_many(chunks).items())]
+    for sid in ids:
+        streamer.close(sid)
+    return seen
+
+
+@needs_compiler
+@pytest.mark.slow  # inductor's C++ compile of ~5 programs
+def test_after_prepare_no_call_compiles(monkeypatch, caplog):
+    """Issue 19: a served call of a shape the prepared programs missed compiled in the hot path
+    (69 s). After prepare, no call of 1..capacity streams x 1..PREPARE_MAX samples compiles, and a
+    longer one runs eagerly (logged once) instead of compiling; outputs equal eager's."""
+    monkeypatch.setattr(compiled_cpu, "PREPARE_MAX", 8)  # chunk_size 4: lengths 1, 2-3, 4, 5-7, 8
+    eager = Streamer(tiny("mamba2-lm"), capacity=3)
+    compiled = Streamer(tiny("mamba2-lm"), capacity=3, engine="compiled")
+    assert compiled.capture() > 0
+    graphs = compiled_graphs()
+    shapes = [(b, n) for b in (1, 2, 3) for n in (1, 8, 6, 3, 2, 5, 4, 7)] + [(2, 1), (1, 6)]
+    assert_same(serve_like(eager, shapes, seed=1), serve_like(compiled, shapes, seed=1))
+    assert compiled_graphs() == graphs, "a call after prepare compiled a new program"
+    with caplog.at_level(logging.WARNING, logger="streamssm.compiled_cpu"):
+        longer = [(3, 9), (2, 13), (1, 9)]  # 3 chunks and more: no program prepared
+        assert_same(serve_like(eager, longer, seed=2), serve_like(compiled, longer, seed=2))
+    assert compiled_graphs() == graphs, "a call after prepare compiled a new program"
+    assert caplog.text.count("run eagerly") == 1 and "3 streams x 9 samples" in caplog.text
 
 
 def compiler(path: str):

@@ -78,6 +78,9 @@ def _ssd_rows(
     a = a.reshape(b, chunks, t, g, q)
     state = state.reshape(b, g, q, p, n)
     per_block = max(1, _BLOCK_ELEMENTS // (b * h * t * t))  # chunks per block
+    if chunks <= per_block:  # one block: no range() over symbolic sizes (a compiled call stays symbolic in b, l)
+        y, state = _scan_block(X, a, Bf, Cf, state)
+        return y.reshape(b, chunks * t, h, p)[:, :l], state.reshape(b, h, p, n)
     ys = []
     for c0 in range(0, chunks, per_block):
         c1 = min(c0 + per_block, chunks)
