@@ -8,8 +8,8 @@ starts later) and the gather/scatter path (permuted, a subset, a non-contiguous 
 
 import pytest
 import torch
-
 from streamssm.kernels import conv1d_step, selective_scan_step, ssd_step
+
 from streamssm.testing import PARITY_FP32, assert_close
 
 POOL = 7
@@ -121,8 +121,8 @@ def test_non_contiguous_pool_takes_the_gather_path():
     wide = torch.randn(POOL, d, 2 * n, generator=g)
     pool = wide[..., ::2]
     assert not pool.is_contiguous()
-    args = dict(u=torch.randn(b, d, generator=g), delta=torch.rand(b, d, generator=g),
-                A=-torch.rand(d, n, generator=g), B=torch.randn(b, n, generator=g), C=torch.randn(b, n, generator=g))
+    args = {"u": torch.randn(b, d, generator=g), "delta": torch.rand(b, d, generator=g),
+            "A": -torch.rand(d, n, generator=g), "B": torch.randn(b, n, generator=g), "C": torch.randn(b, n, generator=g)}
     expected = pool.clone()
     y_ref = selective_scan_step(expected, **args, state_indices=torch.tensor([1, 2, 3]), backend="reference")
     y = selective_scan_step(pool, **args, state_indices=torch.tensor([1, 2, 3]), backend="torch")
@@ -164,7 +164,7 @@ class _Calls(torch.overrides.TorchFunctionMode):
 def test_consecutive_rows_update_the_pool_slice_without_gather(monkeypatch, rows, gathers):
     """backend "auto" on the CPU runs the fast step (not the reference), on the pool's slice
     for consecutive rows and through one gather + one scatter otherwise."""
-    import streamssm.kernels.mamba1.reference as reference
+    from streamssm.kernels.mamba1 import reference
 
     def no_reference(*args, **kwargs):
         raise AssertionError("the reference step ran")
