@@ -45,8 +45,9 @@ def test_compiled_equals_eager_under_churn(name):
 
 
 @needs_compiler
-def test_prepare_at_start_changes_no_result():
+def test_prepare_at_start_changes_no_result(monkeypatch):
     """Compiling up front (a live stream in the pool) runs on the scratch row only."""
+    monkeypatch.setattr(compiled_cpu, "PREPARE_MAX", 8)  # chunk_size 4: 256 lengths are ~130 programs
     plain = Streamer(tiny("mamba2-regression"), capacity=3, engine="compiled")
     early = Streamer(tiny("mamba2-regression"), capacity=3, engine="compiled")
     chunk = torch.randn(5, 3)
