@@ -243,7 +243,7 @@ def _step_in_place(pool: torch.Tensor, rows: torch.Tensor, given: bool, step) ->
         return step(pool[start:start + rows.shape[0]])
     block = pool.index_select(0, rows)
     y = step(block)
-    pool.index_copy_(0, rows, block)
+    _update_pool(pool, rows, block)
     return y
 
 
