@@ -163,3 +163,21 @@ def test_capture_at_start_changes_no_result():
         streamer.close(sid)
     first = run_churn(plain, seed=6, rounds=5)
     assert_same(first, run_churn(early, seed=6, rounds=5))
+
+
+@pytest.mark.gpu
+def test_prepare_memory_does_not_grow_with_the_number_of_programs():
+    """Preparing every program holds about what the largest one needs: warm-ups share one side
+    stream and the graphs one pool (a stream per warm-up ran a 140 GB card out of memory)."""
+    streamer = Streamer(tiny("mamba2-lm"), capacity=16, device="cuda", engine="graphs")
+    calls = streamer._calls
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_reserved()
+    largest = calls.buckets[-1], calls.lengths_for(calls.buckets[-1])[-1]
+    calls._prepare(*largest)
+    one = torch.cuda.memory_reserved() - base
+    streamer.capture()
+    every = torch.cuda.memory_reserved() - base
+    assert len(calls.programs) > 30
+    assert every <= 2 * one + 16 * 2**20, f"{len(calls.programs)} programs hold {every / 2**20:.0f} MiB, the largest {one / 2**20:.0f} MiB"
