@@ -13,7 +13,9 @@ the bare model forward over the same (N, chunk) tokens from a zero state (the co
 engine cannot avoid), as ms, tokens/s and TFLOP/s of the matmuls (2 x matmul weights per token).
 Times are medians of ``--calls`` calls after 2 warm-up calls, synchronized wall clock.
 ``--profile``: also the GPU kernels of the forward at the largest N (torch.profiler, 3 calls),
-by total GPU time: what bounds the stream count.
+by total GPU time: what bounds the stream count. ``--ssd-chunks 256,128,64``: also the forward at
+the largest N with each SSD chunk length (the result is the same for any chunk length; a 320-token
+call pads its last chunk of 256 to full size).
 """
 
 from __future__ import annotations
@@ -67,6 +69,25 @@ def kernel_profile(fn, calls: int = 3, top: int = 15) -> str:
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70)
 
 
+def ssd_chunk_table(model: SSMModel, x: torch.Tensor, args) -> Table:
+    """Forward ms over ``x`` (N, chunk) with every SSD layer set to each of ``--ssd-chunks``."""
+    table = Table(["SSD chunk", "forward ms", "max abs diff vs model's chunk"])
+    layers = [m for m in model.modules() if hasattr(m, "chunk_size")]
+    own = layers[0].chunk_size
+    with torch.no_grad():
+        ref = model(x).float()
+        for size in (int(s) for s in args.ssd_chunks.split(",")):
+            for layer in layers:
+                layer.chunk_size = size
+            ms = timed_ms(lambda: model(x), args.calls)
+            diff = (model(x).float() - ref).abs().max().item()
+            table.add(**{"SSD chunk": size, "forward ms": ms, "max abs diff vs model's chunk": f"{diff:.2e}"})
+            print(f"SSD chunk {size}: forward {ms:.2f} ms", flush=True)
+    for layer in layers:
+        layer.chunk_size = own
+    return table
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--streams", default="64,128,256,512,1024,2048")
@@ -77,6 +98,7 @@ def main() -> int:
     parser.add_argument("--engines", default="eager,graphs", help="Streamer engines to time, in one run")
     parser.add_argument("--out", default=None, help="also write the markdown table here")
     parser.add_argument("--profile", action="store_true", help="also profile the forward's kernels at the largest N")
+    parser.add_argument("--ssd-chunks", default="", help="also time the forward at the largest N per SSD chunk length")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_realtime needs a CUDA GPU", file=sys.stderr)
@@ -112,6 +134,8 @@ def main() -> int:
         with torch.no_grad():
             profiled = (f"\n\nGPU kernels of 3 forwards of {n} x {chunk} tokens (torch.profiler):\n\n"
                         + kernel_profile(lambda: model.to("cuda", dtype)(x)))
+    if args.ssd_chunks:
+        profiled += "\n\n" + ssd_chunk_table(model.to("cuda", dtype), x, args).markdown()
     text = (f"{run_tag()}\n4-layer d_model 512 Mamba-2 mu-law LM ({args.dtype}), {args.sample_rate} Hz streams fed "
             f"{args.chunk_ms:g} ms chunks ({chunk} tokens), scores only; stream capacity = N x chunk / call time. "
             f"Largest N kept real time: {kept}.\n\n" + table.markdown() + profiled)
