@@ -12,6 +12,9 @@ import torch
 
 from streamssm.errors import ShapeError
 from streamssm.kernels import ssd_scan
+from streamssm.kernels.ssd import combined
+from streamssm.kernels.ssd.bmm_chunk import _chunk_cb_fwd, chunk_cb_ref
+from streamssm.kernels.ssd.chunks import chunk_layout
 from streamssm.kernels.ssd.chunked_torch import ssd_scan_chunked
 from streamssm.kernels.ssd.reference import ssd_scan_ref
 from streamssm.testing import assert_close
@@ -145,6 +148,55 @@ def test_chunked_float64_reference_matches_sequential():
     y2 = ssd_scan_chunked(*(t64[k].bfloat16() for k in ("x", "dt", "A", "B", "C")), chunk_size=16,
                           compute_dtype=torch.float64, **{**kw16, "return_final_state": False})
     assert y2.dtype == torch.float64
+
+
+def _causal_valid(layout) -> torch.Tensor:
+    """(T, 1, Q, Q) bool: the entries of CB the kernel defines (s <= t < the chunk's length)."""
+    q = torch.arange(layout.chunk_size)
+    inside = q[None, :] < layout.lengths.long()[:, None]  # (T, Q)
+    return (torch.tril(torch.ones(len(q), len(q), dtype=torch.bool)) & inside[:, :, None] & inside[:, None, :])[:, None]
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
+def test_chunk_cb_matches_reference(packed):
+    """C_t . B_s per chunk and group: partial chunks, a chunk not a multiple of the tile, N over
+    several K blocks (not a power of two), several groups, non-contiguous B."""
+    g, n, q = 2, 21, 24
+    if packed:
+        cu = torch.tensor([0, 5, 5, 6, 30, 77])
+        layout = chunk_layout(1, 77, q, cu, torch.device("cpu"))
+        L = 77
+    else:
+        layout, L = chunk_layout(2, 53, q, None, torch.device("cpu")), 2 * 53
+    C = torch.randn(L, g, n)
+    B = torch.randn(L, g, 2 * n)[..., ::2]  # (L, g, n) with element stride 2
+    valid = _causal_valid(layout).expand(-1, g, -1, -1)
+    ref = chunk_cb_ref(C, B, layout)
+    got = _chunk_cb_fwd(C, B, layout, torch.float32)
+    assert got.shape == ref.shape == (layout.num_chunks, g, q, q) and got.dtype == torch.float32
+    assert_close("CB", ref[valid], got[valid])
+    assert (ref[~valid] == 0).all()
+    # half-width products for low-precision runs (fp16 here: the interpreter misreads bf16 loads)
+    got16 = _chunk_cb_fwd(C.half(), B.half(), layout, torch.float16)
+    assert got16.dtype == torch.float16
+    assert_close("CB fp16", ref[valid], got16[valid], torch.float16)
+
+
+def test_scans_read_only_the_causal_products(monkeypatch):
+    """Forward and backward give the reference's results when every CB entry the kernel leaves
+    unspecified (above the diagonal, past a chunk's length) is NaN: the readers mask them."""
+    real = combined._chunk_cb_fwd
+
+    def poisoned(C, B, layout, dtype):
+        cb = real(C, B, layout, dtype)
+        return cb.masked_fill(~_causal_valid(layout).to(cb.device), float("nan"))
+
+    bounds = [0, 5, 6, 30, 47]
+    t = _inputs(1, bounds[-1], 4, 8, 2, 8, D="h", z=True, bias=True, init=True, rows=len(bounds) - 1)
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    want = _run("reference", t, 16, cu_seqlens=cu)
+    monkeypatch.setattr(combined, "_chunk_cb_fwd", poisoned)
+    _compare(want, _run("triton", t, 16, cu_seqlens=cu))
 
 
 def test_bad_inputs_raise_shape_error():

@@ -7,7 +7,9 @@ Per chunk and head, for steps t of the chunk, with S_in the state entering the c
     y_t = exp(Acs_t) * S_in C_t + sum_{s <= t} (C_t . B_s) exp(Acs_t - Acs_s) dt_s x_s + D * x_t
     out_t = y_t * silu(z_t)                                        (when z is given)
 
-The ungated ``y`` is kept for the gate's backward when z is given.
+The products C_t . B_s come precomputed per chunk and group (``bmm_chunk.py``, CB (T, G, Q, Q));
+this kernel reads their causal part and applies the decay, dt and the mask. The ungated ``y``
+is kept for the gate's backward when z is given.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ _CONFIGS = [
 def _chunk_scan_fwd_kernel(
     # pointers
     p_x,  # (L, H, P)
-    p_B, p_C,  # (L, G, N)
+    p_C,  # (L, G, N)
+    p_cb,  # (T, G, Q, Q) C_t . B_s, causal part (bmm_chunk.py)
     p_z,  # (L, H, P) or dummy
     p_D,  # (H,) or (H, P) fp32, or dummy
     p_dt_out, p_dA_cs,  # (T, H, Q) fp32
@@ -42,9 +45,9 @@ def _chunk_scan_fwd_kernel(
     p_out,  # (L, H, P) out: gated output (when HAS_Z)
     p_cstart, p_clen,
     # dimensions
-    H, P, N, heads_per_group,
+    H, G, P, N, heads_per_group,
     # strides
-    s_x_l, s_x_h, s_x_p, s_b_l, s_b_g, s_b_n, s_c_l, s_c_g, s_c_n, s_z_l, s_z_h, s_z_p,
+    s_x_l, s_x_h, s_x_p, s_c_l, s_c_g, s_c_n, s_z_l, s_z_h, s_z_p,
     # meta-parameters
     CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -72,16 +75,15 @@ def _chunk_scan_fwd_kernel(
                   mask=m_n[:, None] & m_p[None, :], other=0.0)
     # state in the inputs' dtype for the product (bf16 runs: like the peers; fp32 runs: exact)
     acc = tl.dot(b_C, b_S.to(b_C.dtype), input_precision=DOT_PREC) * tl.exp(b_acs_t)[:, None]
+    p_cb_c = p_cb + (i_c.to(tl.int64) * G + i_g) * CHUNK * CHUNK + o_t[:, None] * CHUNK  # rows t
     for s0 in range(0, tl.minimum(t0 + BLOCK_T, clen), BLOCK_T):
         o_s = s0 + tl.arange(0, BLOCK_T)
         m_s = o_s < clen
         tok_s = start + o_s
-        b_Bt = tl.load(p_B + tok_s[None, :] * s_b_l + i_g * s_b_g + o_n[:, None] * s_b_n,
-                       mask=m_n[:, None] & m_s[None, :], other=0.0)  # (BLOCK_N, BLOCK_T)
-        b_cb = tl.dot(b_C, b_Bt, input_precision=DOT_PREC)  # (BLOCK_T, BLOCK_T) rows t, cols s
+        causal = (o_t[:, None] >= o_s[None, :]) & m_s[None, :]
+        b_cb = tl.load(p_cb_c + o_s[None, :], mask=causal & m_t[:, None], other=0.0).to(tl.float32)  # (t, s)
         b_acs_s = tl.load(p_dA_cs + base + o_s, mask=m_s, other=0.0)
         b_dt_s = tl.load(p_dt_out + base + o_s, mask=m_s, other=0.0)
-        causal = (o_t[:, None] >= o_s[None, :]) & m_s[None, :]
         b_cb *= tl.exp(tl.where(causal, b_acs_t[:, None] - b_acs_s[None, :], float("-inf"))) * b_dt_s[None, :]
         b_x = tl.load(p_x + tok_s[:, None] * s_x_l + i_h * s_x_h + o_p[None, :] * s_x_p,
                       mask=m_s[:, None] & m_p[None, :], other=0.0)  # (BLOCK_T, BLOCK_P)
@@ -102,12 +104,13 @@ def _chunk_scan_fwd_kernel(
         tl.store(p_out + o_y, (acc * silu(b_z)).to(p_out.dtype.element_ty), mask=m_tp)
 
 
-def _chunk_scan_fwd(x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, z: torch.Tensor | None,
+def _chunk_scan_fwd(x: torch.Tensor, C: torch.Tensor, cb: torch.Tensor, z: torch.Tensor | None,
                     D: torch.Tensor | None, dt_out: torch.Tensor, dA_cs: torch.Tensor, states: torch.Tensor,
                     layout: ChunkLayout) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (y ungated, out gated) (L, H, P) in x's dtype; ``out is y`` without z."""
+    """x, z (L, H, P); C (L, G, N); cb (T, G, Q, Q) from ``_chunk_cb_fwd``. Returns (y ungated,
+    out gated) (L, H, P) in x's dtype; ``out is y`` without z."""
     L, H, P = x.shape
-    G, N = B.shape[1], B.shape[2]
+    G, N = C.shape[1], C.shape[2]
     y = torch.empty(L, H, P, device=x.device, dtype=x.dtype)
     out = torch.empty_like(y) if z is not None else y
     block_p = max(16, min(64, triton.next_power_of_2(P)))
@@ -118,10 +121,10 @@ def _chunk_scan_fwd(x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, z: torch.
 
     zz = z if z is not None else x
     _chunk_scan_fwd_kernel[grid](
-        x, B, C, zz, D if D is not None else dt_out, dt_out, dA_cs, states, y, out,
+        x, C, cb, zz, D if D is not None else dt_out, dt_out, dA_cs, states, y, out,
         layout.starts, layout.lengths,
-        H, P, N, H // G,
-        x.stride(0), x.stride(1), x.stride(2), B.stride(0), B.stride(1), B.stride(2),
+        H, G, P, N, H // G,
+        x.stride(0), x.stride(1), x.stride(2),
         C.stride(0), C.stride(1), C.stride(2), zz.stride(0), zz.stride(1), zz.stride(2),
         CHUNK=layout.chunk_size, BLOCK_P=block_p, BLOCK_N=block_n,
         HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, HAS_Z=z is not None,

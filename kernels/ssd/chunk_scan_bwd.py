@@ -12,7 +12,9 @@ decay_ts = exp(Acs_t - Acs_s) for s <= t and M_ts = (C_t . B_s) decay_ts dt_s (d
     dAcs_t = dy_t . (exp(Acs_t) S_in C_t) + sum_s M_ts - sum_t' M_t's - W_t,
              W_s = exp(Acs_last - Acs_s) dt_s <dS, x_s B_s^T>,  and dAcs_last += sum_s W_s
 
-dC and dB sum over the heads of their group: each program loops over some of its group's
+The products C_t . B_s are read from the per-chunk, per-group CB (T, G, Q, Q) of ``bmm_chunk.py``
+(recomputed for the backward by that one small kernel, so nothing O(L*G*Q) is kept between the
+passes). dC and dB sum over the heads of their group: each program loops over some of its group's
 heads and, where a group's heads are split over several programs (to fill the GPU), adds
 into an fp32 buffer with atomics. The dC kernel writes dAcs; the dx kernel, launched after
 it, adds its part.
@@ -67,6 +69,7 @@ def _chunk_scan_bwd_dc_kernel(
     p_dy,  # (L, H, P) gradient of the ungated output
     p_dt_out, p_dA_cs,  # (T, H, Q) fp32
     p_states,  # (T, H, P, N) fp32 states entering each chunk
+    p_cb,  # (T, G, Q, Q) C_t . B_s, causal part (bmm_chunk.py)
     p_dC,  # (L, G, N) out, contiguous (fp32 and zeroed when ATOMIC)
     p_ddA_cs,  # (T, H, Q) fp32 out: dAcs (in-chunk and S_in parts)
     p_cstart, p_clen,
@@ -85,6 +88,7 @@ def _chunk_scan_bwd_dc_kernel(
     tok_t = start + o_t
     m_tn = m_t[:, None] & m_n[None, :]
     b_C = tl.load(p_C + tok_t[:, None] * s_c_l + i_g * s_c_g + o_n[None, :] * s_c_n, mask=m_tn, other=0.0)
+    p_cb_c = p_cb + (i_c.to(tl.int64) * G + i_g) * CHUNK * CHUNK + o_t[:, None] * CHUNK  # rows t
     acc_dC = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     for hh in range(0, heads_per_prog):
         i_h = h0 + hh
@@ -112,8 +116,8 @@ def _chunk_scan_bwd_dc_kernel(
             b_Bs = tl.load(p_B + tok_s[:, None] * s_b_l + i_g * s_b_g + o_n[None, :] * s_b_n,
                            mask=m_s[:, None] & m_n[None, :], other=0.0)  # (BLOCK_T, BLOCK_N)
             acc_dC += tl.dot(b_k.to(b_Bs.dtype), b_Bs, input_precision=DOT_PREC)
-            b_cb = tl.dot(b_C, tl.trans(b_Bs.to(b_C.dtype)), input_precision=DOT_PREC)  # (t, s)
-            b_dacs += tl.sum(b_k * b_cb, axis=1)
+            b_cb = tl.load(p_cb_c + o_s[None, :], mask=causal & m_t[:, None], other=0.0)  # (t, s)
+            b_dacs += tl.sum(b_k * b_cb.to(tl.float32), axis=1)
         tl.store(p_ddA_cs + base + o_t, b_dacs, mask=m_t)
     o_dC = tok_t[:, None] * (G * N) + i_g * N + o_n[None, :]
     if ATOMIC:  # several programs share this group's heads
@@ -133,6 +137,7 @@ def _chunk_scan_bwd_dx_kernel(
     p_D,  # (H,) or (H, P) fp32, or dummy
     p_dt_out, p_dA_cs,  # (T, H, Q) fp32
     p_dstates,  # (T, H, P, N) fp32 gradient of the state leaving each chunk
+    p_cb,  # (T, G, Q, Q) C_t . B_s, causal part (bmm_chunk.py)
     p_dx,  # (L, H, P) out, contiguous
     p_dB,  # (L, G, N) out, contiguous (fp32 and zeroed when ATOMIC)
     p_ddA_cs,  # (T, H, Q) fp32 in/out: adds the s-indexed dAcs terms
@@ -156,6 +161,7 @@ def _chunk_scan_bwd_dx_kernel(
     m_sn = m_s[:, None] & m_n[None, :]
     m_sp = m_s[:, None] & m_p[None, :]
     b_B = tl.load(p_B + tok_s[:, None] * s_b_l + i_g * s_b_g + o_n[None, :] * s_b_n, mask=m_sn, other=0.0)
+    p_cb_c = p_cb + (i_c.to(tl.int64) * G + i_g) * CHUNK * CHUNK + o_s[:, None]  # columns s
     acc_dB = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     for hh in range(0, heads_per_prog):
         i_h = h0 + hh
@@ -183,7 +189,8 @@ def _chunk_scan_bwd_dx_kernel(
             b_acs_t = tl.load(p_dA_cs + base + o_t, mask=m_t, other=0.0)
             causal = (o_t[None, :] >= o_s[:, None]) & m_t[None, :]
             b_decay = tl.exp(tl.where(causal, b_acs_t[None, :] - b_acs_s[:, None], float("-inf")))  # (s, t)
-            b_g = tl.dot(b_B, tl.trans(b_C.to(b_B.dtype)), input_precision=DOT_PREC) * b_decay
+            b_cbt = tl.load(p_cb_c + o_t[None, :] * CHUNK, mask=causal & m_s[:, None], other=0.0)  # (s, t)
+            b_g = b_cbt.to(tl.float32) * b_decay
             acc_dx += tl.dot(b_g.to(b_dy.dtype), b_dy, input_precision=DOT_PREC)
             b_dyx = tl.dot(b_x.to(b_dy.dtype), tl.trans(b_dy), input_precision=DOT_PREC)  # (s, t)
             b_hm = b_dyx * b_decay * b_dt_s[:, None]
@@ -227,13 +234,13 @@ def _heads_per_program(heads_per_group: int, programs: int, target: int = 2048) 
     return best
 
 
-def _chunk_scan_bwd(x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, dy: torch.Tensor, D: torch.Tensor | None,
-                    dt_out: torch.Tensor, dA_cs: torch.Tensor, prev_states: torch.Tensor, dstates: torch.Tensor,
-                    ddA_last: torch.Tensor, layout: ChunkLayout):
+def _chunk_scan_bwd(x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, cb: torch.Tensor, dy: torch.Tensor,
+                    D: torch.Tensor | None, dt_out: torch.Tensor, dA_cs: torch.Tensor, prev_states: torch.Tensor,
+                    dstates: torch.Tensor, ddA_last: torch.Tensor, layout: ChunkLayout):
     """Gradients of the in-chunk part and of the chunk states.
 
-    x, dy (L, H, P); B, C (L, G, N). Returns (dx, dB, dC, ddA_cs (T, H, Q), ddt_direct (T, H, Q),
-    dD or None); ``ddA_last`` (T, H) gets the chunk-end terms added in place.
+    x, dy (L, H, P); B, C (L, G, N); cb (T, G, Q, Q) from ``_chunk_cb_fwd``. Returns (dx, dB, dC,
+    ddA_cs (T, H, Q), ddt_direct (T, H, Q), dD or None); ``ddA_last`` (T, H) gets the chunk-end terms added in place.
     """
     L, H, P = x.shape
     G, N = B.shape[1], B.shape[2]
@@ -261,12 +268,12 @@ def _chunk_scan_bwd(x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, dy: torch
         return (T, G * (heads_per_group // heads_per_prog), triton.cdiv(Q, meta["BLOCK_T"]))
 
     _chunk_scan_bwd_dc_kernel[grid](
-        x, B, C, dy, dt_out, dA_cs, prev_states, dC, ddA_cs, layout.starts, layout.lengths,
+        x, B, C, dy, dt_out, dA_cs, prev_states, cb, dC, ddA_cs, layout.starts, layout.lengths,
         H, G, P, N, heads_per_group, heads_per_prog, *strides,
         CHUNK=Q, BLOCK_P=block_p, BLOCK_N=block_n, DOT_PREC=prec, ATOMIC=atomic,
     )
     _chunk_scan_bwd_dx_kernel[grid](
-        x, B, C, dy, D if D is not None else ddt, dt_out, dA_cs, dstates, dx, dB, ddA_cs, ddt, ddA_last, dD_part,
+        x, B, C, dy, D if D is not None else ddt, dt_out, dA_cs, dstates, cb, dx, dB, ddA_cs, ddt, ddA_last, dD_part,
         layout.starts, layout.lengths,
         H, G, P, N, heads_per_group, heads_per_prog, *strides,
         CHUNK=Q, BLOCK_P=block_p, BLOCK_N=block_n,

@@ -5,9 +5,11 @@ Shape legend: b batch, l length, h heads, p headdim, g groups, n dstate; L = b*l
 tokens, T chunks, S sequences (b rows, or len(cu_seqlens) - 1 packed sequences).
 
 Forward: chunk_cumsum (dt, in-chunk decay cumsum) -> chunk_state (each chunk's own state)
--> state_passing (states entering each chunk, final states) -> chunk_scan (outputs).
-Backward recomputes nothing large: it keeps the per-chunk entering states (T, h, p, n) fp32
-and the (T, h, Q) dt/decay tables, so memory is O(L*h*p + T*h*p*n), never O(L*h*p*n).
+-> state_passing (states entering each chunk, final states) -> bmm_chunk (C_t . B_s once per
+chunk and group, (T, g, Q, Q)) -> chunk_scan (outputs, reading those products per head).
+Backward keeps the per-chunk entering states (T, h, p, n) fp32 and the (T, h, Q) dt/decay
+tables, so memory is O(L*h*p + T*h*p*n), never O(L*h*p*n); it recomputes the products
+C_t . B_s (one small kernel) rather than keeping them between the passes.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from streamssm.kernels.ssd.bmm_chunk import _chunk_cb_fwd
 from streamssm.kernels.ssd.chunk_cumsum import _chunk_cumsum_bwd, _chunk_cumsum_fwd
 from streamssm.kernels.ssd.chunk_scan import _chunk_scan_fwd
 from streamssm.kernels.ssd.chunk_scan_bwd import _chunk_scan_bwd
@@ -43,7 +46,8 @@ def _ssd_scan_fwd(x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size, dt_s
     dt_out, dA_cs = _chunk_cumsum_fwd(dt2, A.contiguous(), dt_bias, dt_softplus, layout)  # (T, h, Q)
     states = _chunk_state_fwd(x2, B2, dt_out, dA_cs, layout)  # (T, h, p, n)
     final = _state_passing_fwd(states, dA_cs, init, layout)  # states: entering each chunk now
-    y, out = _chunk_scan_fwd(x2, B2, C2, z2, D2, dt_out, dA_cs, states, layout)  # (L, h, p)
+    cb = _chunk_cb_fwd(C2, B2, layout, x.dtype)  # (T, g, Q, Q)
+    y, out = _chunk_scan_fwd(x2, C2, cb, z2, D2, dt_out, dA_cs, states, layout)  # (L, h, p)
     return out.view(b, l, h, p), final, dt_out, dA_cs, states, (y if z is not None else None)
 
 
@@ -68,8 +72,9 @@ def _ssd_scan_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_out, dA_cs, pr
     dstates = _chunk_state_fwd(dy, C2, dt_out, dA_cs, layout, for_bwd=True)  # (T, h, p, n)
     ddA_last, dinit = _state_passing_bwd(dstates, prev_states, dA_cs,
                                          dfinal.float() if dfinal is not None else None, has_init, layout)
+    cb = _chunk_cb_fwd(C2, B2, layout, x.dtype)  # (T, g, Q, Q)
     dx, dB, dC, ddA_cs, ddt_direct, dD = _chunk_scan_bwd(
-        x2, B2, C2, dy, D2, dt_out, dA_cs, prev_states, dstates, ddA_last, layout)
+        x2, B2, C2, cb, dy, D2, dt_out, dA_cs, prev_states, dstates, ddA_last, layout)
     ddt, dA, ddt_bias = _chunk_cumsum_bwd(ddA_cs, ddA_last, ddt_direct, dt2, A, dt_bias, dt_softplus,
                                           dt_out, layout)
     return (dx.view(x.shape), ddt.view(dt.shape), dA, dB.view(B.shape), dC.view(C.shape), dD, dz,
