@@ -216,6 +216,46 @@ def test_bad_inputs_raise_shape_error():
         ssd_scan(x, dt, A, B, C, D=torch.randn(4, 3), backend="triton")
 
 
+SM90_COMPILE = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from streamssm.kernels.ssd import bmm_chunk, chunk_scan, chunk_scan_bwd
+
+SHAPE = dict(CHUNK=256, BLOCK_P=64, BLOCK_N=128, HAS_D=True, D_PER_P=False, HAS_Z=True)  # realtime / S1-S3 sizes
+HALF = {"p_x", "p_B", "p_C", "p_z", "p_y", "p_out", "p_dy", "p_dx", "p_cb", "p_dB", "p_dC"}
+INT = {"p_cstart": "*i64", "p_clen": "*i32"}
+for kernel, variants in (
+        (bmm_chunk._chunk_cb_fwd_kernel, [{}]),
+        (chunk_scan._chunk_scan_fwd_kernel, [{}]),
+        (chunk_scan_bwd._chunk_scan_bwd_dc_kernel, [dict(ATOMIC=False), dict(ATOMIC=True)]),
+        (chunk_scan_bwd._chunk_scan_bwd_dx_kernel, [dict(ATOMIC=False), dict(ATOMIC=True)])):
+    fn = kernel.fn  # the JITFunction under the autotuner
+    for cfg in kernel.configs:  # every config autotuning may pick: one that fails to compile is silently dropped
+        for half, prec, meta in [("*bf16", "tf32", v) for v in variants] + [("*fp32", "ieee", variants[0])]:
+            consts = {a: v for a, v in {**SHAPE, **meta, **cfg.kwargs, "DOT_PREC": prec}.items() if a in fn.arg_names}
+            fp32_out = {"p_dB", "p_dC"} if meta.get("ATOMIC") else set()  # atomics accumulate in fp32
+            sig = {a: "constexpr" if a in consts else INT.get(a) or (
+                   (half if a in HALF - fp32_out else "*fp32") if a.startswith("p_") else "i32") for a in fn.arg_names}
+            binary = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                                    options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+            assert binary.metadata.shared <= 227 * 1024, (fn.__name__, cfg, half, binary.metadata.shared)
+"""
+
+
+def test_kernels_compile_for_sm90():
+    """The chunk-scan kernels and the C.B kernel they read compile to sm_90 binaries in every
+    autotune config, bf16 and fp32, within the H100's shared memory (no GPU needed: Triton
+    cross-compiles with its bundled ptxas; the interpreter runs none of the GPU pipeline)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, "-c", SM90_COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 # ----------------------------------------------------------------------------- GPU (H100)
 
 
