@@ -31,7 +31,16 @@ from __future__ import annotations
 
 import torch
 
-from streamssm.errors import ConfigError, ShapeError
+from streamssm.errors import ShapeError
+from streamssm.kernels._checks import (
+    FP32,
+    check_chunk_size,
+    check_conv_options,
+    check_groups,
+    check_mamba1_options,
+    check_mamba3,
+    check_ssd_options,
+)
 from streamssm.kernels._common import (
     INDEX_DTYPES,
     Backend,
@@ -41,26 +50,6 @@ from streamssm.kernels._common import (
     choose_backend,
     pool_rows,
 )
-
-FP32 = (torch.float32,)
-
-
-def _check_groups(op: str, name: str, M: torch.Tensor, channels: int) -> None:
-    """B/C of rank 4 carry groups on dim 1; channels must split evenly over them."""
-    if M.dim() == 4:
-        check_divisible(op, f"{name} groups", channels, M.shape[1])
-
-
-def _check_D(op: str, D: torch.Tensor | None, h: int, p: int, device: torch.device) -> None:
-    """The skip weight of the head ops: (h,) or (h, p) fp32, optional."""
-    if D is not None:
-        check_tensor(op, "D", D, (h,) if D.dim() == 1 else (h, p), FP32, device=device)
-
-
-def _check_chunk_size(op: str, chunk_size: int) -> None:
-    if chunk_size <= 0:
-        raise ConfigError(f"{op}: chunk_size must be positive, got {chunk_size}")
-
 
 # ----------------------------------------------------------------------------- Mamba-1 scan
 
@@ -93,12 +82,10 @@ def selective_scan(
     n = A.shape[1]
     bc_shape = (b, n, l) if B.dim() == 3 else (b, None, n, l)
     check_tensor(op, "B", B, bc_shape, device=u.device)
-    _check_groups(op, "B", B, d)
+    check_groups(op, "B", B, d, 4)
     check_tensor(op, "C", C, (b, n, l) if C.dim() == 3 else (b, None, n, l), device=u.device)
-    _check_groups(op, "C", C, d)
-    check_tensor(op, "D", D, (d,), FP32, device=u.device, optional=True)
-    check_tensor(op, "z", z, (b, d, l), device=u.device, optional=True)
-    check_tensor(op, "delta_bias", delta_bias, (d,), FP32, device=u.device, optional=True)
+    check_groups(op, "C", C, d, 4)
+    check_mamba1_options(op, D, z, delta_bias, (b, d, l), u.device)
     check_tensor(op, "initial_state", initial_state, (b, d, n), FP32, device=u.device, optional=True)
     choice = choose_backend(op, backend, u.device)
     if choice == "triton":
@@ -151,10 +138,8 @@ def ssd_scan(
     g, n = B.shape[2], B.shape[3]
     check_divisible(op, "heads", h, g)
     check_tensor(op, "C", C, (b, l, g, n), device=x.device)
-    _check_D(op, D, h, p, x.device)
-    check_tensor(op, "z", z, (b, l, h, p), device=x.device, optional=True)
-    check_tensor(op, "dt_bias", dt_bias, (h,), FP32, device=x.device, optional=True)
-    _check_chunk_size(op, chunk_size)
+    check_ssd_options(op, D, z, dt_bias, (b, l, h, p), x.device)
+    check_chunk_size(op, chunk_size)
     rows = b
     if cu_seqlens is not None:
         check_tensor(op, "cu_seqlens", cu_seqlens, (None,), INDEX_DTYPES, device=x.device)
@@ -196,12 +181,9 @@ def causal_conv1d(
     check_positive_length(op, "x", l)
     check_tensor(op, "weight", weight, (d, None), device=x.device)
     w = weight.shape[1]
-    if not 2 <= w <= 4:
-        raise ShapeError(f"{op}: weight width must be 2..4, got {w}")
+    check_conv_options(op, w, activation)
     check_tensor(op, "bias", bias, (d,), device=x.device, optional=True)
     check_tensor(op, "initial_state", initial_state, (b, d, w - 1), device=x.device, optional=True)
-    if activation not in (None, "silu"):
-        raise ShapeError(f"{op}: activation must be None or 'silu', got {activation!r}")
     if choose_backend(op, backend, x.device) == "triton":
         from streamssm.kernels.conv1d.conv import causal_conv1d_triton as impl
     else:  # "torch" and "reference": the reference is already one F.conv1d call
@@ -270,6 +252,8 @@ def conv1d_step(
     check_tensor(op, "x", x, (None, None))
     b, d = x.shape
     check_tensor(op, "weight", weight, (d, None), device=x.device)
+    check_conv_options(op, weight.shape[1], activation)
+    check_tensor(op, "bias", bias, (d,), device=x.device, optional=True)
     check_tensor(op, "conv_state", conv_state, (None, d, weight.shape[1] - 1), device=x.device)
     rows = pool_rows(op, conv_state, b, state_indices)
     if choose_backend(op, backend, x.device) == "triton":
@@ -315,7 +299,10 @@ def selective_scan_step(
     check_tensor(op, "ssm_state", ssm_state, (None, d, n), FP32, device=u.device)
     check_tensor(op, "delta", delta, (b, d), device=u.device)
     check_tensor(op, "B", B, (b, n) if B.dim() == 2 else (b, None, n), device=u.device)
+    check_groups(op, "B", B, d, 3)
     check_tensor(op, "C", C, (b, n) if C.dim() == 2 else (b, None, n), device=u.device)
+    check_groups(op, "C", C, d, 3)
+    check_mamba1_options(op, D, z, delta_bias, (b, d), u.device)
     rows = pool_rows(op, ssm_state, b, state_indices)
     if choose_backend(op, backend, u.device) == "triton":
         if torch.compiler.is_compiling():  # see conv1d_step
@@ -357,11 +344,13 @@ def ssd_step(
     check_tensor(op, "x", x, (None, None, None))
     b, h, p = x.shape
     check_tensor(op, "B", B, (b, None, None), device=x.device)
-    n = B.shape[2]
-    check_tensor(op, "C", C, (b, B.shape[1], n), device=x.device)
+    g, n = B.shape[1], B.shape[2]
+    check_divisible(op, "heads", h, g)
+    check_tensor(op, "C", C, (b, g, n), device=x.device)
     check_tensor(op, "ssm_state", ssm_state, (None, h, p, n), FP32, device=x.device)
     check_tensor(op, "dt", dt, (b, h), device=x.device)
     check_tensor(op, "A", A, (h,), FP32, device=x.device)
+    check_ssd_options(op, D, z, dt_bias, (b, h, p), x.device)
     rows = pool_rows(op, ssm_state, b, state_indices)
     if choose_backend(op, backend, x.device) == "triton":
         if torch.compiler.is_compiling():  # see conv1d_step
@@ -382,23 +371,6 @@ def ssd_step(
 
 
 # ----------------------------------------------------------------------------- Mamba-3
-
-
-def _check_mamba3(op: str, x_shape: tuple, B: torch.Tensor, C: torch.Tensor, theta: torch.Tensor, A: torch.Tensor,
-                  D: torch.Tensor | None, device: torch.device) -> tuple[int, int]:
-    """Checks shared by scan and step (B/C/theta carry the time dim or not); returns (g, n)."""
-    h, p = x_shape[-2], x_shape[-1]
-    lead = x_shape[:-2]
-    check_tensor(op, "B", B, (*lead, None, None), device=device)
-    g, n = B.shape[-2], B.shape[-1]
-    check_divisible(op, "heads", h, g)
-    if n % 2:
-        raise ShapeError(f"{op}: d_state n={n} must be even (pairs form the complex state)")
-    check_tensor(op, "C", C, (*lead, g, n), device=device)
-    check_tensor(op, "theta", theta, (*lead, g, n // 2), device=device)
-    check_tensor(op, "A", A, (h,), FP32, device=device)
-    _check_D(op, D, h, p, device)
-    return g, n
 
 
 def mamba3_scan(
@@ -428,13 +400,13 @@ def mamba3_scan(
     check_tensor(op, "x", x, (None, None, None, None))
     b, l, h, p = x.shape
     check_positive_length(op, "x", l)
-    g, n = _check_mamba3(op, x.shape, B, C, theta, A, D, x.device)
+    g, n = check_mamba3(op, x.shape, B, C, theta, A, D, x.device)
     check_tensor(op, "dt", dt, (b, l, h), device=x.device)
     check_tensor(op, "lam", lam, (b, l, h), device=x.device)
     check_tensor(op, "z", z, (b, l, h, p), device=x.device, optional=True)
     check_tensor(op, "initial_state", initial_state, (b, h, p, n), FP32, device=x.device, optional=True)
     check_tensor(op, "initial_carry", initial_carry, (b, h * p + g * n), FP32, device=x.device, optional=True)
-    _check_chunk_size(op, chunk_size)
+    check_chunk_size(op, chunk_size)
     args = (x, dt, A, B, C, lam, theta, D, z, initial_state, initial_carry, return_final_state)
     resolved = choose_backend(op, backend, x.device)
     if resolved == "reference":
@@ -467,7 +439,7 @@ def mamba3_step(
     op = "mamba3_step"
     check_tensor(op, "x", x, (None, None, None))
     b, h, p = x.shape
-    g, n = _check_mamba3(op, x.shape, B, C, theta, A, D, x.device)
+    g, n = check_mamba3(op, x.shape, B, C, theta, A, D, x.device)
     check_tensor(op, "dt", dt, (b, h), device=x.device)
     check_tensor(op, "lam", lam, (b, h), device=x.device)
     check_tensor(op, "z", z, (b, h, p), device=x.device, optional=True)

@@ -4,7 +4,16 @@ import pytest
 import torch
 
 from streamssm.errors import ConfigError, ShapeError
-from streamssm.kernels import causal_conv1d, mamba3_scan, mamba3_step, selective_scan, ssd_scan, ssd_step
+from streamssm.kernels import (
+    causal_conv1d,
+    conv1d_step,
+    mamba3_scan,
+    mamba3_step,
+    selective_scan,
+    selective_scan_step,
+    ssd_scan,
+    ssd_step,
+)
 
 
 def mamba1_inputs(b=1, d=4, n=3, l=5):
@@ -101,3 +110,81 @@ def test_triton_backend_refuses_when_it_cannot_run(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ConfigError, match="triton"):
         causal_conv1d(torch.randn(1, 4, 7), torch.randn(4, 3), backend="triton")
+
+
+def mamba1_step_inputs(b=2, d=4, n=3, g=None):
+    bc = (b, n) if g is None else (b, g, n)
+    return dict(ssm_state=torch.zeros(b, d, n), u=torch.randn(b, d), delta=torch.rand(b, d), A=-torch.rand(d, n),
+                B=torch.randn(bc), C=torch.randn(bc))
+
+
+def ssd_step_inputs(b=2, h=2, p=3, g=1, n=4):
+    return dict(ssm_state=torch.zeros(b, h, p, n), x=torch.randn(b, h, p), dt=torch.rand(b, h), A=-torch.rand(h),
+                B=torch.randn(b, g, n), C=torch.randn(b, g, n))
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (dict(D=torch.ones(5)), "selective_scan_step: D must have shape \\(4\\)"),
+        (dict(D=torch.ones(1)), "selective_scan_step: D must have shape"),  # broadcast silently before
+        (dict(D=torch.ones(4, dtype=torch.float64)), "selective_scan_step: D must have dtype"),
+        (dict(z=torch.randn(2, 5)), "selective_scan_step: z must have shape \\(2, 4\\)"),
+        (dict(z=torch.randn(1, 4)), "selective_scan_step: z must have shape"),
+        (dict(delta_bias=torch.zeros(3)), "selective_scan_step: delta_bias must have shape \\(4\\)"),
+        (dict(delta_bias=torch.zeros(4, dtype=torch.float16)), "selective_scan_step: delta_bias must have dtype"),
+        (dict(B=torch.randn(2, 3, 3), C=torch.randn(2, 3, 3)), "selective_scan_step: B groups: 4 is not divisible"),
+    ],
+)
+def test_selective_scan_step_names_the_bad_argument(change, needle, backend):
+    """The step took wrongly shaped D / z / delta_bias / groups to an indexing error deep inside
+    (or broadcast them silently); now the same checks and words as selective_scan's."""
+    with pytest.raises(ShapeError, match=needle):
+        selective_scan_step(**(mamba1_step_inputs() | change), backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (dict(D=torch.ones(3)), "ssd_step: D must have shape \\(2\\)"),
+        (dict(D=torch.ones(2, 4)), "ssd_step: D must have shape \\(2, 3\\)"),
+        (dict(D=torch.ones(1)), "ssd_step: D must have shape"),  # broadcast silently before
+        (dict(D=torch.ones(2, dtype=torch.float64)), "ssd_step: D must have dtype"),
+        (dict(z=torch.randn(2, 2, 1)), "ssd_step: z must have shape \\(2, 2, 3\\)"),
+        (dict(z=torch.randn(2, 6)), "ssd_step: z must have shape"),
+        (dict(dt_bias=torch.zeros(1)), "ssd_step: dt_bias must have shape \\(2\\)"),
+        (dict(dt_bias=torch.zeros(2, dtype=torch.bfloat16)), "ssd_step: dt_bias must have dtype"),
+        (dict(B=torch.randn(2, 3, 4), C=torch.randn(2, 3, 4)), "ssd_step: heads: 2 is not divisible"),
+    ],
+)
+def test_ssd_step_names_the_bad_argument(change, needle, backend):
+    """As selective_scan_step: ssd_scan's checks of D / z / dt_bias / groups, reused."""
+    with pytest.raises(ShapeError, match=needle):
+        ssd_step(**(ssd_step_inputs() | change), backend=backend)
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (dict(bias=torch.zeros(3)), "conv1d_step: bias must have shape \\(4\\)"),
+        (dict(weight=torch.randn(4, 6), conv_state=torch.zeros(2, 4, 5)), "conv1d_step: weight width must be 2..4"),
+        (dict(activation="gelu"), "conv1d_step: activation"),
+    ],
+)
+def test_conv1d_step_names_the_bad_argument(change, needle):
+    args = dict(x=torch.randn(2, 4), conv_state=torch.zeros(2, 4, 2), weight=torch.randn(4, 3)) | change
+    with pytest.raises(ShapeError, match=needle):
+        conv1d_step(**args, backend="torch")
+
+
+@pytest.mark.parametrize("op, inputs", [(selective_scan_step, mamba1_step_inputs(g=2)), (ssd_step, ssd_step_inputs(g=2))])
+def test_step_ops_accept_their_documented_optional_shapes(op, inputs):
+    """Grouped B/C and every optional tensor of the right shape pass (D (h, p) for ssd_step)."""
+    if op is ssd_step:
+        extra = dict(D=torch.ones(2, 3), z=torch.randn(2, 2, 3), dt_bias=torch.zeros(2))
+    else:
+        extra = dict(D=torch.ones(4), z=torch.randn(2, 4), delta_bias=torch.zeros(4))
+    y = op(**inputs, **extra, backend="torch")
+    assert y.shape == inputs["u" if op is selective_scan_step else "x"].shape
