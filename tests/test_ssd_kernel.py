@@ -151,10 +151,10 @@ def test_chunked_float64_reference_matches_sequential():
 
 
 def _causal_valid(layout) -> torch.Tensor:
-    """(T, 1, Q, Q) bool: the entries of CB the kernel defines (s <= t < the chunk's length)."""
-    q = torch.arange(layout.chunk_size)
+    """(T, Q, Q) bool: the entries of CB the kernel defines (s <= t < the chunk's length)."""
+    q = torch.arange(layout.chunk_size, device=layout.lengths.device)
     inside = q[None, :] < layout.lengths.long()[:, None]  # (T, Q)
-    return (torch.tril(torch.ones(len(q), len(q), dtype=torch.bool)) & inside[:, :, None] & inside[:, None, :])[:, None]
+    return (q[:, None] >= q[None, :]) & inside[:, :, None] & inside[:, None, :]
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
@@ -170,7 +170,7 @@ def test_chunk_cb_matches_reference(packed):
         layout, L = chunk_layout(2, 53, q, None, torch.device("cpu")), 2 * 53
     C = torch.randn(L, g, n)
     B = torch.randn(L, g, 2 * n)[..., ::2]  # (L, g, n) with element stride 2
-    valid = _causal_valid(layout).expand(-1, g, -1, -1)
+    valid = _causal_valid(layout)[:, None].expand(-1, g, -1, -1)
     ref = chunk_cb_ref(C, B, layout)
     got = _chunk_cb_fwd(C, B, layout, torch.float32)
     assert got.shape == ref.shape == (layout.num_chunks, g, q, q) and got.dtype == torch.float32
@@ -189,7 +189,7 @@ def test_scans_read_only_the_causal_products(monkeypatch):
 
     def poisoned(C, B, layout, dtype):
         cb = real(C, B, layout, dtype)
-        return cb.masked_fill(~_causal_valid(layout).to(cb.device), float("nan"))
+        return cb.masked_fill(~_causal_valid(layout)[:, None], float("nan"))
 
     bounds = [0, 5, 6, 30, 47]
     t = _inputs(1, bounds[-1], 4, 8, 2, 8, D="h", z=True, bias=True, init=True, rows=len(bounds) - 1)
@@ -267,6 +267,7 @@ def _rel_err(ref: torch.Tensor, got: torch.Tensor) -> float:
 GPU_CASES = {
     "B2-T4096-H8-P64-G1-N128": (2, 4096, 8, 64, 1, 128),
     "B1-T3000-H8-P64-G2-N64-short-chunk": (1, 3000, 8, 64, 2, 64),
+    "B8-T320-H16-P64-G1-N128-realtime": (8, 320, 16, 64, 1, 128),  # 320-token rows: chunks of 256 and 64
 }
 
 
@@ -310,3 +311,18 @@ def test_gpu_packed_matches_reference():
                                initial_state=t["initial_state"][i:i + 1], return_final_state=True,
                                compute_dtype=torch.float64)
         assert _rel_err(y, got["y"][:, s:e]) < 1e-4 and _rel_err(f, got["final"][i:i + 1]) < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("chunk", [64, 256])
+def test_gpu_chunk_cb_matches_reference(chunk, dtype):
+    """The autotuned C.B kernel at the models' and the benchmarks' chunk sizes (partial last chunks)."""
+    layout = chunk_layout(3, 700, chunk, None, torch.device("cuda"))
+    C, B = (torch.randn(3 * 700, 2, 128, device="cuda", dtype=dtype) for _ in range(2))
+    valid = _causal_valid(layout)[:, None].expand(-1, 2, -1, -1)
+    ref = chunk_cb_ref(C.double(), B.double(), layout)
+    got = _chunk_cb_fwd(C, B, layout, dtype)
+    assert got.dtype == dtype
+    assert_close("CB", ref[valid], got[valid], dtype)
+
