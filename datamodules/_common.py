@@ -15,7 +15,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import numpy as np
@@ -196,6 +196,19 @@ class BaseDataModule(pl.LightningDataModule):
         self.seed = int(seed)
         self._datasets: dict[str, Dataset] = {}
         self._unusable: dict[str, str] = {}  # split -> why it has no sample although configured
+
+    #: the ``__init__`` arguments that name input files (a path, folder, pattern or list of
+    #: them) -> the suffixes a folder's files must end in; :meth:`check_inputs` resolves them
+    input_files: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    def check_inputs(self) -> None:
+        """Raise the ``DataFormatError`` that ``setup`` would for an input path that does not
+        exist (or a folder or pattern matching no file), reading no data: ``streamssm fit``
+        calls this before the Trainer starts."""
+        for name, suffixes in self.input_files.items():
+            spec = self.hparams.get(name)
+            if spec is not None:
+                resolve_files(spec, name, suffixes)
 
     def _split_unusable(self, split: str, why: str) -> None:
         """Record (and log) why a configured split yields no sample; asking for it raises that."""

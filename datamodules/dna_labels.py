@@ -50,7 +50,7 @@ from streamssm.datamodules.fasta import (
     read_bed_fields,
     validate_fasta,
 )
-from streamssm.datamodules.sensor import scan_table
+from streamssm.datamodules.sensor import TABLE_SUFFIXES, scan_table
 from torch.utils.data import Dataset
 
 from streamssm.encoding import DNA_ALPHABET, DNA_VOCAB_SIZE, N_TOKEN, reverse_complement
@@ -130,6 +130,8 @@ class DnaLabelsDataModule(BaseDataModule):
     """
 
     collate_fn = staticmethod(_dna_pad)
+    input_files = {"fasta": FASTA_SUFFIXES,
+                   **dict.fromkeys(("labels", "bed", "val_path", "test_path"), (*TABLE_SUFFIXES, ".bed"))}
 
     def __init__(
         self,

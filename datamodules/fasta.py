@@ -414,6 +414,8 @@ class FastaDataModule(BaseDataModule):
             "error" refuses them (setup names the first one).
     """
 
+    input_files = {"fasta": FASTA_SUFFIXES, "bed": (".bed",)}
+
     def __init__(
         self,
         fasta: str | list[str],

@@ -264,6 +264,8 @@ class SensorDataModule(BaseDataModule):
         normalize: standardize features with train-split mean/std.
     """
 
+    input_files = {"path": TABLE_SUFFIXES, "val_path": TABLE_SUFFIXES, "test_path": TABLE_SUFFIXES}
+
     def __init__(
         self,
         path: str | list[str],

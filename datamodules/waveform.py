@@ -129,6 +129,8 @@ class WaveformDataModule(BaseDataModule):
         eval_crops: at most this many val/test crops (evenly spread; None = all).
     """
 
+    input_files = {"files": AUDIO_SUFFIXES}
+
     def __init__(
         self,
         files: str | list[str],

@@ -139,6 +139,67 @@ def test_fit_instantiation_error_is_unwrapped(capsys, tmp_path, monkeypatch):
     assert _one_error_line(capsys, "fit").startswith("streamssm fit: error: TokenLM: warmup_steps must be >= 0")
 
 
+@pytest.mark.parametrize("flags, code, says", [
+    (["--data.init_args.fasta", "nope.fa"], 1, "fasta: file 'nope.fa' does not exist"),
+    (["--model.init_args.arch.d_model", "-4"], 2, "d_model must be positive, got -4"),
+    (["--model.init_args.arch.layer_pattern", "mx"], 2, "layer_pattern"),
+    (["--data.init_args.window", "0"], 2, "window: expected an integer >= 1, got 0"),
+])
+def test_fit_config_error_comes_before_any_lightning_output(flags, code, says, capsys, tmp_path, monkeypatch):
+    """A bad model, data or file fails with the one error line before LightningCLI seeds
+    ("Seed set to 0") and before the Trainer reports its devices ("GPU available: ...")."""
+    _logs_to_this_stderr(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    recipe = str(ROOT / "recipes" / "dna_tiny.yaml")
+    assert main(["fit", "--config", recipe, *flags, "--trainer.logger", "false"]) == code
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("streamssm fit: error: ")]
+    assert len(lines) == 1 and says in lines[0], err
+    assert "Seed set" not in err and "GPU available" not in err, err
+
+
+def test_fit_still_seeds_before_the_trainer(tmp_path, monkeypatch):
+    """The seed moved from right after parsing to just before the Trainer: it is still set
+    (and recorded in the config that is saved) before anything trains."""
+    import torch
+
+    from streamssm.commands.fit import StreamSSMCLI, build_cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "g.fa").write_text(">chr1\nACGT\n")
+    monkeypatch.setattr(StreamSSMCLI, "_run_subcommand", lambda self, subcommand: None)
+    torch.manual_seed(7)
+    cli = build_cli("fit", ["--config", str(ROOT / "recipes" / "dna_tiny.yaml"), "--data.init_args.fasta", "g.fa",
+                            "--seed_everything", "1234", "--trainer.logger", "false"])
+    assert torch.initial_seed() == 1234 and cli.config["fit"]["seed_everything"] == 1234
+    assert cli.trainer is not None and cli.model.model is None  # weights come later, in configure_model
+
+
+@pytest.mark.parametrize("cls, args, missing", [
+    ("FastaDataModule", {"fasta": "g.fa", "bed": "nope.bed"}, "bed: file 'nope.bed'"),
+    ("SensorDataModule", {"path": "t.csv", "val_path": ["t.csv", "nope.csv"]}, "val_path: file 'nope.csv'"),
+    ("WaveformDataModule", {"files": "nope/*.wav"}, "files: pattern 'nope/*.wav' matches no files"),
+    ("DnaLabelsDataModule", {"fasta": "g.fa", "labels": "nope.csv"}, "labels: file 'nope.csv'"),
+])
+def test_datamodules_check_their_input_files_without_reading_them(cls, args, missing, tmp_path, monkeypatch):
+    """check_inputs (what fit runs before the Trainer) names the missing path of every file
+    argument, and passes once it exists (the files stay empty: nothing is read)."""
+    import streamssm.datamodules as dms
+    from streamssm.datamodules.dna_labels import DnaLabelsDataModule
+    from streamssm.errors import DataFormatError
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("g.fa", "t.csv"):
+        (tmp_path / name).touch()
+    dm = (DnaLabelsDataModule if cls == "DnaLabelsDataModule" else getattr(dms, cls))(**args)
+    with pytest.raises(DataFormatError, match=missing.replace("*", r"\*")):
+        dm.check_inputs()
+    (tmp_path / "nope").mkdir()
+    for name in ("nope.bed", "nope.csv", "nope/a.wav"):
+        (tmp_path / name).touch()
+    dm.check_inputs()
+
+
 @pytest.mark.parametrize("command, shown", [
     ("serve", ["default: 8765)", "default: auto)", "default: 127.0.0.1)", "default: 64)", "default: 256)"]),
     ("infer", ["default: 8)", "default: auto)", "default: error)"]),

@@ -34,6 +34,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 
+from streamssm.datamodules import BaseDataModule
 from streamssm.errors import ConfigError
 from streamssm.models import ARCH_FIELDS
 from streamssm.tasks import SSMTask
@@ -104,7 +105,25 @@ class SaveConfigBesideCheckpoints(SaveConfigCallback):
 
 
 class StreamSSMCLI(LightningCLI):
-    """LightningCLI with the streamssm defaults (see the module docstring)."""
+    """LightningCLI with the streamssm defaults (see the module docstring).
+
+    A bad config fails before any Lightning output: the model and data are instantiated (their
+    arguments checked, the architecture included) and the data's input files checked before
+    the seed is set and the Trainer built. LightningCLI seeds right after parsing; nothing
+    before the Trainer draws random numbers (the task builds its weights in
+    ``configure_model``, inside ``fit``), so seeding just before the Trainer seeds the same run.
+    """
+
+    def _set_seed(self) -> None:
+        """Deferred to :meth:`instantiate_trainer` (lightning 2.6 calls this hook after parsing,
+        and its "Seed set" line came before a model or data error)."""
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        """Check the data's input files, then seed and build the Trainer (which logs its devices)."""
+        if isinstance(self.datamodule, BaseDataModule):
+            self.datamodule.check_inputs()
+        super()._set_seed()
+        return super().instantiate_trainer(**kwargs)
 
     def after_fit(self) -> None:
         trainer = self.trainer
