@@ -180,6 +180,10 @@ def test_chunk_cb_matches_reference(packed):
     got16 = _chunk_cb_fwd(C.half(), B.half(), layout, torch.float16)
     assert got16.dtype == torch.float16
     assert_close("CB fp16", ref[valid], got16[valid], torch.float16)
+    # the backward's: half-width inputs, fp32 products
+    got32 = _chunk_cb_fwd(C.half(), B.half(), layout, torch.float32)
+    assert got32.dtype == torch.float32
+    assert_close("CB fp16 -> fp32", chunk_cb_ref(C.half(), B.half(), layout)[valid], got32[valid])
 
 
 def test_scans_read_only_the_causal_products(monkeypatch):
@@ -223,20 +227,20 @@ from triton.compiler import ASTSource
 from streamssm.kernels.ssd import bmm_chunk, chunk_scan, chunk_scan_bwd
 
 SHAPE = dict(CHUNK=256, BLOCK_P=64, BLOCK_N=128, HAS_D=True, D_PER_P=False, HAS_Z=True)  # realtime / S1-S3 sizes
-HALF = {"p_x", "p_B", "p_C", "p_z", "p_y", "p_out", "p_dy", "p_dx", "p_cb", "p_dB", "p_dC"}
 INT = {"p_cstart": "*i64", "p_clen": "*i32"}
+BWD = {"p_cb", "p_states", "p_dstates", "p_dt_out", "p_dA_cs", "p_D", "p_ddA_cs", "p_ddt", "p_ddA_last", "p_dD_part"}
+# per kernel: (meta-parameters, the pointers that stay fp32 in a bf16 run); the backward reads an fp32 CB
 for kernel, variants in (
-        (bmm_chunk._chunk_cb_fwd_kernel, [{}]),
-        (chunk_scan._chunk_scan_fwd_kernel, [{}]),
-        (chunk_scan_bwd._chunk_scan_bwd_dc_kernel, [dict(ATOMIC=False), dict(ATOMIC=True)]),
-        (chunk_scan_bwd._chunk_scan_bwd_dx_kernel, [dict(ATOMIC=False), dict(ATOMIC=True)])):
+        (bmm_chunk._chunk_cb_fwd_kernel, [({}, set()), ({}, {"p_cb"})]),
+        (chunk_scan._chunk_scan_fwd_kernel, [({}, {"p_D", "p_dt_out", "p_dA_cs", "p_states"})]),
+        (chunk_scan_bwd._chunk_scan_bwd_dc_kernel, [(dict(ATOMIC=False), BWD), (dict(ATOMIC=True), BWD | {"p_dC"})]),
+        (chunk_scan_bwd._chunk_scan_bwd_dx_kernel, [(dict(ATOMIC=False), BWD), (dict(ATOMIC=True), BWD | {"p_dB"})])):
     fn = kernel.fn  # the JITFunction under the autotuner
     for cfg in kernel.configs:  # every config autotuning may pick: one that fails to compile is silently dropped
-        for half, prec, meta in [("*bf16", "tf32", v) for v in variants] + [("*fp32", "ieee", variants[0])]:
+        for half, prec, (meta, fp32) in [("*bf16", "tf32", v) for v in variants] + [("*fp32", "ieee", variants[0])]:
             consts = {a: v for a, v in {**SHAPE, **meta, **cfg.kwargs, "DOT_PREC": prec}.items() if a in fn.arg_names}
-            fp32_out = {"p_dB", "p_dC"} if meta.get("ATOMIC") else set()  # atomics accumulate in fp32
             sig = {a: "constexpr" if a in consts else INT.get(a) or (
-                   (half if a in HALF - fp32_out else "*fp32") if a.startswith("p_") else "i32") for a in fn.arg_names}
+                   ("*fp32" if a in fp32 else half) if a.startswith("p_") else "i32") for a in fn.arg_names}
             binary = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
                                     options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
             assert binary.metadata.shared <= 227 * 1024, (fn.__name__, cfg, half, binary.metadata.shared)

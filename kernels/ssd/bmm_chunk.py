@@ -73,9 +73,9 @@ def _chunk_cb_fwd_kernel(
 
 
 def _chunk_cb_fwd(C: torch.Tensor, B: torch.Tensor, layout: ChunkLayout, dtype: torch.dtype) -> torch.Tensor:
-    """C, B (L, G, N) -> CB (T, G, Q, Q) in ``dtype`` (fp32 accumulation; causal part only, see
-    the module docstring). The scan passes x's dtype: bf16/fp16 runs store half-width products,
-    fp32 runs exact ones."""
+    """C, B (L, G, N) -> CB (T, G, Q, Q) in ``dtype`` (fp32 accumulation, exact products of fp32
+    inputs; causal part only, see the module docstring). The forward stores x's dtype (half-width
+    products in bf16/fp16 runs); the backward recomputes them in fp32."""
     G, N = C.shape[1], C.shape[2]
     T, Q = layout.num_chunks, layout.chunk_size
     cb = torch.empty(T, G, Q, Q, device=C.device, dtype=dtype)
@@ -87,7 +87,7 @@ def _chunk_cb_fwd(C: torch.Tensor, B: torch.Tensor, layout: ChunkLayout, dtype: 
         C, B, cb, layout.starts, layout.lengths,
         G, N,
         C.stride(0), C.stride(1), C.stride(2), B.stride(0), B.stride(1), B.stride(2),
-        CHUNK=Q, DOT_PREC=dot_precision(dtype),
+        CHUNK=Q, DOT_PREC=dot_precision(C.dtype),
     )
     return cb
 

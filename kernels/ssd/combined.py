@@ -9,7 +9,8 @@ Forward: chunk_cumsum (dt, in-chunk decay cumsum) -> chunk_state (each chunk's o
 chunk and group, (T, g, Q, Q)) -> chunk_scan (outputs, reading those products per head).
 Backward keeps the per-chunk entering states (T, h, p, n) fp32 and the (T, h, Q) dt/decay
 tables, so memory is O(L*h*p + T*h*p*n), never O(L*h*p*n); it recomputes the products
-C_t . B_s (one small kernel) rather than keeping them between the passes.
+C_t . B_s (one small kernel) rather than keeping them between the passes, in fp32 (the forward
+stores them in x's dtype).
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def _ssd_scan_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_out, dA_cs, pr
     dstates = _chunk_state_fwd(dy, C2, dt_out, dA_cs, layout, for_bwd=True)  # (T, h, p, n)
     ddA_last, dinit = _state_passing_bwd(dstates, prev_states, dA_cs,
                                          dfinal.float() if dfinal is not None else None, has_init, layout)
-    cb = _chunk_cb_fwd(C2, B2, layout, x.dtype)  # (T, g, Q, Q)
+    cb = _chunk_cb_fwd(C2, B2, layout, torch.float32)  # (T, g, Q, Q): fp32 keeps dA accurate in bf16 runs
     dx, dB, dC, ddA_cs, ddt_direct, dD = _chunk_scan_bwd(
         x2, B2, C2, cb, dy, D2, dt_out, dA_cs, prev_states, dstates, ddA_last, layout)
     ddt, dA, ddt_bias = _chunk_cumsum_bwd(ddA_cs, ddA_last, ddt_direct, dt2, A, dt_bias, dt_softplus,
