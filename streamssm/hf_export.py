@@ -8,9 +8,10 @@ The folder holds ``config.json``, ``model.safetensors`` and a model card ``READM
   ``MambaForCausalLM.from_pretrained(folder)`` gives our logits. config.json also keeps the
   serving spec (key ``streamssm_serving``) so ``streamssm import`` gets it back.
 * **streamssm layout** (everything else: sensor / classifier heads, mamba3, hybrids, a Mamba-2
-  with groups, an LM head with a bias): ``config.json`` with ``model_type: streamssm``, the
-  reasons transformers cannot load it, and our own ``model.safetensors`` (weights + config +
-  spec, :func:`~streamssm.checkpoint.export_safetensors`); ``streamssm import`` reads it.
+  gated norm per group (``norm_groups`` > 1), an LM head with a bias): ``config.json`` with
+  ``model_type: streamssm``, the reasons transformers cannot load it, and our own
+  ``model.safetensors`` (weights + config + spec, :func:`~streamssm.checkpoint.export_safetensors`);
+  ``streamssm import`` reads it.
 
 The model card states only what the file records: the task and data from the serving spec and
 the training checkpoint (datamodule arguments, epoch, step, the checkpoint callback's monitored
@@ -56,8 +57,9 @@ def transformers_blockers(model: SSMModel) -> list[str]:
                    f"{cfg.resolved_output_dim} outputs for vocabulary {cfg.vocab_size})")
     if "attention" in cfg.layer_kinds:
         why.append("hybrid attention layers")
-    if cfg.block == "mamba2" and cfg.ngroups != 1:
-        why.append(f"Mamba-2 ngroups={cfg.ngroups} (transformers normalizes the gate per group, we over all of d_inner)")
+    if cfg.norm_groups != 1:
+        why.append(f"Mamba-2 norm_groups={cfg.norm_groups} (transformers' Mamba2 normalizes the gate over all of "
+                   "d_inner, whatever n_groups)")
     bias = getattr(model.head, "bias", None)
     if bias is not None and bool(bias.detach().abs().max() > 0):
         why.append("the LM head has a (non-zero) bias; transformers' lm_head has none")

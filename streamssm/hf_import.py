@@ -3,7 +3,7 @@
 Layouts read (config.json + model.safetensors or pytorch_model.bin, never the network):
 
 * transformers ``MambaForCausalLM`` (model_type ``mamba``) and ``Mamba2ForCausalLM`` (``mamba2``);
-* mamba-ssm ``MambaLMHeadModel`` (config with ``d_model``/``n_layer``/``ssm_cfg``; Mamba-1 only).
+* mamba-ssm ``MambaLMHeadModel`` (config with ``d_model``/``n_layer``/``ssm_cfg``; Mamba1 or Mamba2 mixers).
 
 Mapping (per layer N): ``conv1d.weight`` (e, 1, w) -> ``conv_weight`` (e, w); ``conv1d.bias`` ->
 ``conv_bias``; every other mixer tensor keeps its name; the LM head has no bias in the source so
@@ -12,9 +12,14 @@ the embedding's row count (mamba-ssm pads it to ``pad_vocab_size_multiple``; the
 kept). ``residual_in_fp32``: the residual stream stays in the activation dtype here (identical in
 fp32). Time-step limits and dt init values are training-only and ignored.
 
+Mamba-2 groups (``n_groups`` > 1): B and C come per group (``ngroups``), but transformers'
+Mamba2 normalizes the gated output over all of d_inner whatever ``n_groups`` (its
+``MambaRMSNormGated``; only its CUDA training kernel normalizes per group, as mamba-ssm does), so
+the import keeps ``norm_groups`` 1 and gives transformers' logits. mamba-ssm folders get
+``norm_groups = ngroups``: their per-group norm, as trained.
+
 Not representable (refused): biases in in_proj/out_proj (``use_bias``), a conv without bias, a
-Mamba-2 gated norm over groups (``ngroups`` > 1: ours normalizes the whole d_inner), a Mamba-2
-``norm_before_gate``/no-``rmsnorm`` mixer, non-RMS norms.
+Mamba-2 ``norm_before_gate``/no-``rmsnorm`` mixer, non-RMS norms.
 
 The name and config-field tables (:data:`TOP_LEVEL_NAMES`, :data:`MIXER_NAMES`,
 :data:`HF_FIELDS`, :data:`HF_MAMBA2_FIELDS`) are the one mapping between the layouts;
@@ -107,7 +112,6 @@ def _hf_config(cfg: dict[str, Any], vocab: int) -> ModelConfig:
         expand = cfg.get("intermediate_size", cfg["expand"] * cfg["hidden_size"]) / cfg["hidden_size"]
         _refuse(expand != int(expand), "intermediate_size not a multiple of hidden_size")
         return ModelConfig(block="mamba", expand=int(expand), dt_rank=dt_rank, **common)
-    _refuse(cfg.get("n_groups", 1) != 1, f"Mamba-2 n_groups={cfg.get('n_groups')} (our gated norm spans all of d_inner)")
     _refuse(not cfg.get("rms_norm", True) or cfg.get("norm_before_gate", False), "Mamba-2 norm_before_gate / no rms_norm")
     expand = cfg["expand"]
     _refuse(cfg["num_heads"] * cfg["head_dim"] != expand * cfg["hidden_size"],
@@ -117,16 +121,30 @@ def _hf_config(cfg: dict[str, Any], vocab: int) -> ModelConfig:
 
 
 def _ssm_config(cfg: dict[str, Any], vocab: int) -> ModelConfig:
-    """ModelConfig of a mamba-ssm MambaLMHeadModel config.json (Mamba-1 mixers only)."""
+    """ModelConfig of a mamba-ssm MambaLMHeadModel config.json (Mamba1 or Mamba2 mixers, the
+    defaults of mamba-ssm's modules; its Mamba2 normalizes the gate per group: norm_groups = ngroups)."""
     ssm = cfg.get("ssm_cfg") or {}
-    _refuse(ssm.get("layer", "Mamba1") != "Mamba1", f"mamba-ssm ssm_cfg.layer={ssm.get('layer')!r} (only Mamba1)")
+    layer = ssm.get("layer", "Mamba1")
+    _refuse(layer not in ("Mamba1", "Mamba2"), f"mamba-ssm ssm_cfg.layer={layer!r} (only Mamba1, Mamba2)")
     _refuse(not cfg.get("rms_norm", True), "rms_norm=false (LayerNorm) is not representable")
     _refuse(bool(cfg.get("attn_layer_idx")), "attention layers (attn_layer_idx) are not importable")
+    _refuse(bool(cfg.get("d_intermediate", 0)), "MLP layers (d_intermediate > 0) are not importable")
     _refuse(bool(ssm.get("bias", False)) or not ssm.get("conv_bias", True), "ssm_cfg bias / conv_bias not representable")
+    common = {"d_model": cfg["d_model"], "n_layers": cfg["n_layer"], "d_conv": ssm.get("d_conv", 4),
+              "expand": ssm.get("expand", 2), "vocab_size": vocab, "norm_eps": 1e-5}
+    if layer == "Mamba2":
+        _refuse(not ssm.get("rmsnorm", True) or ssm.get("norm_before_gate", False),
+                "Mamba2 norm_before_gate / no rmsnorm")
+        _refuse(bool(ssm.get("D_has_hdim", False)), "Mamba2 D_has_hdim (a D per channel)")
+        d_ssm = ssm.get("d_ssm")
+        _refuse(d_ssm is not None and d_ssm != common["expand"] * cfg["d_model"],
+                f"Mamba2 d_ssm={d_ssm} (a gated MLP part)")
+        ngroups = ssm.get("ngroups", 1)
+        return ModelConfig(block="mamba2", d_state=ssm.get("d_state", 128), headdim=ssm.get("headdim", 64),
+                           ngroups=ngroups, norm_groups=ngroups, chunk_size=ssm.get("chunk_size", 256), **common)
     dt_rank = ssm.get("dt_rank", "auto")
-    return ModelConfig(block="mamba", d_model=cfg["d_model"], n_layers=cfg["n_layer"], d_state=ssm.get("d_state", 16),
-                       d_conv=ssm.get("d_conv", 4), expand=ssm.get("expand", 2), vocab_size=vocab,
-                       dt_rank=math.ceil(cfg["d_model"] / 16) if dt_rank == "auto" else int(dt_rank), norm_eps=1e-5)
+    return ModelConfig(block="mamba", d_state=ssm.get("d_state", 16),
+                       dt_rank=math.ceil(cfg["d_model"] / 16) if dt_rank == "auto" else int(dt_rank), **common)
 
 
 def _layout(cfg: dict[str, Any], folder: Path) -> str:

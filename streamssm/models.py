@@ -40,6 +40,9 @@ InputKind = Literal["tokens", "continuous"]
 HeadKind = Literal["lm", "regression", "classifier"]
 
 
+#: fields added after models were saved -> the default that keeps those models unchanged
+#: (``to_dict`` leaves them out at it; ``from_dict`` fills it in)
+_LATER_FIELDS: dict[str, Any] = {"norm_groups": 1}
 #: every block type's default d_state (ArchConfig.d_state None)
 _DEFAULT_D_STATE: dict[str, int] = {"mamba": 16, "mamba2": 64, "mamba3": 32}
 
@@ -60,6 +63,9 @@ class ArchConfig:
         expand: inner width d_inner = expand * d_model.
         headdim: head size of mamba2/mamba3; d_inner must be divisible by it.
         ngroups: B/C groups of mamba2/mamba3; the heads (d_inner / headdim) must be divisible by it.
+        norm_groups: groups of the mamba2 gated output norm, each d_inner / norm_groups channels
+            normalized by its own RMS: 1 (all of d_inner, as transformers' Mamba2), or ngroups
+            for mamba-ssm's Mamba2 (which normalizes per B/C group).
         chunk_size: chunk length of the mamba2/mamba3 chunked scan.
         dt_rank: rank of the Mamba-1 dt projection; None = ceil(d_model / 16).
         norm_eps: epsilon of the RMS norms.
@@ -80,6 +86,7 @@ class ArchConfig:
     expand: int = 2
     headdim: int = 32
     ngroups: int = 1
+    norm_groups: int = 1
     chunk_size: int = 64
     dt_rank: int | None = None
     norm_eps: float = 1e-5
@@ -105,7 +112,8 @@ class ArchConfig:
 
     def _size_problems(self) -> list[str]:
         problems = [f"{name} must be positive, got {getattr(self, name)}"
-                    for name in ("d_model", "n_layers", "expand", "headdim", "ngroups", "chunk_size", "norm_eps")
+                    for name in ("d_model", "n_layers", "expand", "headdim", "ngroups", "norm_groups", "chunk_size",
+                                 "norm_eps")
                     if getattr(self, name) <= 0]
         problems += [f"{name} must be positive or None, got {getattr(self, name)}"
                      for name in ("d_state", "dt_rank") if getattr(self, name) is not None and getattr(self, name) <= 0]
@@ -124,6 +132,11 @@ class ArchConfig:
             elif self.nheads % self.ngroups:
                 problems.append(f"heads=expand*d_model/headdim={self.nheads} must be divisible by "
                                 f"ngroups={self.ngroups}")
+        if self.norm_groups != 1:
+            if self.block != "mamba2":
+                problems.append(f"norm_groups={self.norm_groups} applies to block='mamba2' only")
+            elif self.d_inner % self.norm_groups:
+                problems.append(f"expand*d_model={self.d_inner} must be divisible by norm_groups={self.norm_groups}")
         return problems
 
     def _hybrid_problems(self) -> list[str]:
@@ -173,8 +186,10 @@ class ArchConfig:
         return self.dt_rank if self.dt_rank is not None else math.ceil(self.d_model / 16)
 
     def to_dict(self) -> dict[str, Any]:
-        """Flat JSON-able dict of every field (what checkpoints and exports store)."""
-        return dataclasses.asdict(self)
+        """Flat JSON-able dict of every field (what checkpoints and exports store), less the
+        fields of :data:`_LATER_FIELDS` at their defaults: a model that does not use them keeps
+        the config, and so the fingerprint, it had before they existed."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in _LATER_FIELDS or v != _LATER_FIELDS[k]}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Self:

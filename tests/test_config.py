@@ -61,3 +61,17 @@ def test_blocks_are_built_from_the_config():
     assert MambaBlock(dataclasses.replace(arch, block="mamba")).dt_rank == 1  # ceil(16 / 16)
     assert Mamba3Block(dataclasses.replace(arch, block="mamba3")).init_state(2).ssm.shape == (2, 4, 8, 8)
 
+
+
+def test_norm_groups_is_checked_and_reaches_the_mamba2_norm():
+    with pytest.raises(ConfigError, match="expand\\*d_model=32 must be divisible by norm_groups=3"):
+        ArchConfig(d_model=16, headdim=8, norm_groups=3)
+    with pytest.raises(ConfigError, match="norm_groups=2 applies to block='mamba2' only"):
+        ArchConfig(block="mamba", d_model=16, norm_groups=2)
+    with pytest.raises(ConfigError, match="norm_groups must be positive"):
+        ArchConfig(norm_groups=0)
+    assert Mamba2Block(ArchConfig(d_model=16, headdim=8, ngroups=2, norm_groups=2)).norm.groups == 2
+    assert Mamba2Block(ArchConfig(d_model=16, headdim=8, ngroups=2)).norm.groups == 1  # today's models unchanged
+    grouped = ArchConfig(d_model=16, headdim=8, ngroups=2, norm_groups=2)
+    assert ArchConfig.from_dict(grouped.to_dict()) == grouped
+    assert "norm_groups" not in ArchConfig().to_dict()  # saved configs (and fingerprints) of today's models stay

@@ -46,16 +46,19 @@ def _fake_ckpt(model: SSMModel, spec: ServingSpec, path) -> None:
 TOKENS = torch.randint(0, VOCAB, (2, 19), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("block", ["mamba", "mamba2"])
+@pytest.mark.parametrize("block, extra", [("mamba", {}), ("mamba2", {}), ("mamba2", {"ngroups": 2})])
 @torch.no_grad()
-def test_transformers_loads_the_folder_with_our_logits(block, tmp_path):
-    model = _model(block)
+def test_transformers_loads_the_folder_with_our_logits(block, extra, tmp_path):
+    """Mamba-2 B/C groups too: transformers' Mamba2 normalizes the gate over all of d_inner, as
+    ours does with norm_groups 1, and config.json carries n_groups."""
+    model = _model(block, **extra)
     export_safetensors(model, tmp_path / "m.safetensors", spec=DNA)
     done = export_hf(tmp_path / "m.safetensors", tmp_path / "hub", license="apache-2.0")
     assert done.layout == "transformers" and done.reasons == ()
     assert sorted(p.name for p in done.folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     cls = transformers.MambaForCausalLM if block == "mamba" else transformers.Mamba2ForCausalLM
     hf = cls.from_pretrained(done.folder).eval()
+    assert getattr(hf.config, "n_groups", 1) == model.cfg.ngroups
     ours, _ = model(TOKENS)
     assert (hf(TOKENS).logits - ours).abs().max() <= 1e-4
     back = import_pretrained(done.folder)  # round trip: export -> import equal
@@ -76,6 +79,17 @@ def test_unrepresentable_models_get_the_streamssm_layout_and_round_trip(tmp_path
     back = import_pretrained(done.folder)
     assert back.layout == "streamssm" and back.spec == DNA
     assert torch.equal(back.model(TOKENS)[0], model(TOKENS)[0])
+
+
+@torch.no_grad()
+def test_a_norm_per_group_gets_the_streamssm_layout_and_round_trips(tmp_path):
+    model = _model("mamba2", ngroups=2, norm_groups=2)
+    export_safetensors(model, tmp_path / "m.safetensors", spec=DNA)
+    done = export_hf(tmp_path / "m.safetensors", tmp_path / "hub", license="mit")
+    assert done.layout == "streamssm" and done.reasons == (
+        "Mamba-2 norm_groups=2 (transformers' Mamba2 normalizes the gate over all of d_inner, whatever n_groups)",)
+    back = import_pretrained(done.folder)
+    assert back.config == model.cfg and torch.equal(back.model(TOKENS)[0], model(TOKENS)[0])
 
 
 def test_blockers_name_each_reason(tmp_path):

@@ -17,13 +17,14 @@ VOCAB, LENGTH = 37, 21
 
 
 def _hf_model(kind: str):
+    """kind: mamba, mamba2, or mamba2-groups (n_groups=2)."""
     torch.manual_seed(0)
     common = {"vocab_size": VOCAB, "hidden_size": 16, "num_hidden_layers": 2, "state_size": 8, "expand": 2}
     if kind == "mamba":
         model = transformers.MambaForCausalLM(transformers.MambaConfig(**common))
     else:
         model = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(
-            **common, num_heads=4, head_dim=8, n_groups=1, chunk_size=8))
+            **common, num_heads=4, head_dim=8, n_groups=2 if kind == "mamba2-groups" else 1, chunk_size=8))
     with torch.no_grad():  # non-trivial norms and D so a wrong mapping shows
         for name, p in model.named_parameters():
             if name.endswith(("norm.weight", "norm_f.weight", ".D")):
@@ -31,7 +32,7 @@ def _hf_model(kind: str):
     return model.eval()
 
 
-@pytest.fixture(params=["mamba", "mamba2"])
+@pytest.fixture(params=["mamba", "mamba2", "mamba2-groups"])
 def saved(request, tmp_path):
     hf = _hf_model(request.param)
     hf.save_pretrained(tmp_path)
@@ -42,9 +43,8 @@ def saved(request, tmp_path):
 
 
 @torch.no_grad()
-def test_full_chunked_and_step_match_transformers(saved):
-    folder, tokens, ref = saved
-    model = import_pretrained(folder).model
+def _assert_modes_match(model, tokens: torch.Tensor, ref: torch.Tensor) -> None:
+    """Full forward, 8-token chunks carrying the state, and one step at a time all give ``ref``."""
     full, _ = model(tokens)
     assert (full - ref).abs().max() <= 1e-4
     state, parts = None, []
@@ -57,6 +57,15 @@ def test_full_chunked_and_step_match_transformers(saved):
         out, state = model.step(tokens[:, t], state)
         steps.append(out)
     assert (torch.stack(steps, 1) - ref).abs().max() <= 1e-4
+
+
+def test_full_chunked_and_step_match_transformers(saved):
+    folder, tokens, ref = saved
+    imported = import_pretrained(folder)
+    groups = json.loads((folder / "config.json").read_text()).get("n_groups", 1)
+    # B/C per group; the gated norm over all of d_inner, as transformers' Mamba2 computes it
+    assert (imported.config.ngroups, imported.config.norm_groups) == (groups, 1)
+    _assert_modes_match(imported.model, tokens, ref)
 
 
 @torch.no_grad()
@@ -108,13 +117,48 @@ def test_shape_mismatch_names_the_tensor(tmp_path):
         import_pretrained(tmp_path)
 
 
-def test_mamba2_groups_refused(tmp_path):
-    hf = _hf_model("mamba2")
-    hf.save_pretrained(tmp_path)
-    cfg = hf.config
-    cfg.n_groups = 2
-    cfg.to_json_file(tmp_path / "config.json")
-    with pytest.raises(ConfigError, match="n_groups=2"):
+def _group_norm_forward(norm, groups: int):
+    """mamba-ssm's gated RMSNorm (norm_before_gate=False, group_size = d / groups) in place of
+    transformers' one over all channels: RMS of y * silu(z) over each group, then the weight."""
+    def forward(hidden_states, gate=None):
+        x = hidden_states.float() * torch.nn.functional.silu(gate.float())
+        x = x.unflatten(-1, (groups, -1))
+        x = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)).flatten(-2)
+        return norm.weight * x.to(hidden_states.dtype)
+    return forward
+
+
+@torch.no_grad()
+def test_mamba_ssm_mamba2_layout_normalizes_per_group(tmp_path, monkeypatch):
+    """A mamba-ssm Mamba2 folder with ngroups=2 imports with its per-group gated norm
+    (norm_groups=2): the logits of the same network with mamba-ssm's norm, in every mode."""
+    hf = _hf_model("mamba2-groups")
+    weights = {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in hf.state_dict().items()}
+    torch.save(weights, tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps({
+        "d_model": 16, "n_layer": 2, "vocab_size": VOCAB, "d_intermediate": 0, "rms_norm": True,
+        "tie_embeddings": False,
+        "ssm_cfg": {"layer": "Mamba2", "d_state": 8, "headdim": 8, "ngroups": 2, "chunk_size": 8}}))
+    tokens = torch.randint(0, VOCAB, (2, LENGTH), generator=torch.Generator().manual_seed(1))
+    whole_norm = hf(tokens).logits
+    for layer in hf.backbone.layers:
+        monkeypatch.setattr(layer.mixer.norm, "forward", _group_norm_forward(layer.mixer.norm, 2))
+    ref = hf(tokens).logits
+    assert (ref - whole_norm).abs().max() > 1e-2  # the two norms differ on this model
+    imported = import_pretrained(tmp_path)
+    assert imported.layout == "mamba-ssm" and (imported.config.ngroups, imported.config.norm_groups) == (2, 2)
+    _assert_modes_match(imported.model, tokens, ref)
+    streamer = Streamer(imported.model, capacity=2)  # the service's pool step (in-place CPU steps)
+    sid = streamer.open()
+    outs = [streamer.feed(sid, chunk).outputs for chunk in tokens[1].split(5)]
+    assert (torch.cat(outs) - ref[1].log_softmax(-1)).abs().max() <= 1e-4
+
+
+def test_mamba_ssm_mamba2_refusals(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({
+        "d_model": 16, "n_layer": 2, "vocab_size": VOCAB, "ssm_cfg": {"layer": "Mamba2", "norm_before_gate": True}}))
+    torch.save({"backbone.embedding.weight": torch.zeros(VOCAB, 16)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ConfigError, match="norm_before_gate"):
         import_pretrained(tmp_path)
 
 

@@ -33,6 +33,7 @@ _TINY = {"d_model": 16, "n_layers": 2, "d_state": 8, "headdim": 8, "chunk_size":
 CASES = {
     "mamba-values": {"block": "mamba", "input_kind": "continuous", "input_dim": 3, "head": "regression", "output_dim": 2},
     "mamba2": {"block": "mamba2", "vocab_size": 5},
+    "mamba2-norm-groups": {"block": "mamba2", "vocab_size": 5, "ngroups": 2, "norm_groups": 2},
     "mamba3": {"block": "mamba3", "vocab_size": 5},
     "hybrid-mamba2-attention": {"block": "mamba2", "layer_pattern": "ma", "vocab_size": 5},
 }

@@ -7,7 +7,8 @@ p headdim, g ngroups, n d_state, w d_conv, cd conv channels = e + 2 g n.
     xBC   = silu(causal_conv1d(xBC))        conv state (b, cd, w-1) carried
     [x, B, C] = xBC                         x (b, l, h, p); B, C (b, l, g, n)
     y     = ssd_scan(x, dt, A, B, C, D)     ssm state (b, h, p, n) fp32 carried
-    out   = out_proj(RMSNorm(y * silu(z)))
+    out   = out_proj(RMSNorm(y * silu(z)))    RMS over all e channels, or over each of
+                                            cfg.norm_groups runs of e / norm_groups
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 
 class Mamba2Block(Fp32Params, nn.Module):
     """Mamba-2 mixer of ``cfg.d_model`` channels (``cfg``: d_state, d_conv, expand, headdim,
-    ngroups, chunk_size, norm_eps; their divisibility is checked by the config)."""
+    ngroups, norm_groups, chunk_size, norm_eps; their divisibility is checked by the config)."""
 
     def __init__(self, cfg: ArchConfig):
         super().__init__()
@@ -46,7 +47,7 @@ class Mamba2Block(Fp32Params, nn.Module):
         self.dt_bias = nn.Parameter(dt_bias_init(h))
         self.A_log = nn.Parameter(torch.log(torch.empty(h).uniform_(1, 16)))
         self.D = nn.Parameter(torch.ones(h))
-        self.norm = GatedRMSNorm(e, eps=cfg.norm_eps)
+        self.norm = GatedRMSNorm(e, eps=cfg.norm_eps, groups=cfg.norm_groups)
         self.out_proj = nn.Linear(e, d_model, bias=False)
 
     def init_state(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> LayerState:

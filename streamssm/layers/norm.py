@@ -1,4 +1,4 @@
-"""RMSNorm and the gated RMSNorm of Mamba-2 (norm(y * silu(z))).
+"""RMSNorm and the gated RMSNorm of Mamba-2 (norm(y * silu(z)), over all channels or per group).
 
 Both run through ``F.rms_norm`` (one fused kernel forward and one backward on CUDA, statistics
 in fp32 whatever the input dtype), with the weight cast to the input's dtype: bf16 activations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from streamssm.errors import ConfigError
 
 
 class RMSNorm(nn.Module):
@@ -27,7 +29,20 @@ class RMSNorm(nn.Module):
 class GatedRMSNorm(RMSNorm):
     """(y, z) (..., d) -> RMSNorm(y * silu(z)): Mamba-2's output norm (gate before norm), in y.dtype.
 
+    ``groups`` > 1: each of the ``groups`` runs of d / groups channels is divided by its own
+    rms (mamba-ssm's ``group_size = d / ngroups``), then all d are scaled by ``weight``.
     ``z=None``: y arrives already gated (the step kernels apply silu(z) in their epilogue)."""
 
+    def __init__(self, d: int, eps: float = 1e-5, groups: int = 1):
+        super().__init__(d, eps)
+        if groups <= 0 or d % groups:
+            raise ConfigError(f"GatedRMSNorm: {d} channels do not split into {groups} groups")
+        self.groups = groups
+
     def forward(self, y: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
-        return super().forward(y if z is None else y * F.silu(z.to(y.dtype)))
+        gated = y if z is None else y * F.silu(z.to(y.dtype))
+        if self.groups == 1:
+            return super().forward(gated)
+        size = gated.shape[-1] // self.groups
+        normed = F.rms_norm(gated.unflatten(-1, (self.groups, size)), (size,), None, self.eps)  # (..., groups, size)
+        return normed.flatten(-2) * self.weight.to(gated.dtype)
