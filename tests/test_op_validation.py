@@ -179,7 +179,8 @@ def test_conv1d_step_names_the_bad_argument(change, needle):
         conv1d_step(**args, backend="torch")
 
 
-@pytest.mark.parametrize("op, inputs", [(selective_scan_step, mamba1_step_inputs(g=2)), (ssd_step, ssd_step_inputs(g=2))])
+@pytest.mark.parametrize("op, inputs", [(selective_scan_step, mamba1_step_inputs(g=2)),
+                                        (ssd_step, ssd_step_inputs(g=2))])
 def test_step_ops_accept_their_documented_optional_shapes(op, inputs):
     """Grouped B/C and every optional tensor of the right shape pass (D (h, p) for ssd_step)."""
     if op is ssd_step:
