@@ -75,12 +75,12 @@ def ssd_chunk_table(model: SSMModel, x: torch.Tensor, args) -> Table:
     layers = [m for m in model.modules() if hasattr(m, "chunk_size")]
     own = layers[0].chunk_size
     with torch.no_grad():
-        ref = model(x).float()
+        ref = model(x)[0].float()
         for size in (int(s) for s in args.ssd_chunks.split(",")):
             for layer in layers:
                 layer.chunk_size = size
             ms = timed_ms(lambda: model(x), args.calls)
-            diff = (model(x).float() - ref).abs().max().item()
+            diff = (model(x)[0].float() - ref).abs().max().item()
             table.add(**{"SSD chunk": size, "forward ms": ms, "max abs diff vs model's chunk": f"{diff:.2e}"})
             print(f"SSD chunk {size}: forward {ms:.2f} ms", flush=True)
     for layer in layers:

@@ -133,6 +133,7 @@ class BucketedCalls(EagerCalls):
         x, rows, y = self._views(bucket, length)
         return lambda: y.copy_(self.run(x, rows))
 
+    @torch.no_grad()  # as the Streamer calls: under grad mode the pool's writes kept every activation
     def prepare(self) -> float:
         """Make every (bucket, length) program now rather than at first use; returns seconds."""
         t0 = time.perf_counter()

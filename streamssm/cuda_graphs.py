@@ -4,8 +4,7 @@ The fixed-shape programs of ``streamssm.bucketed`` (stream buckets, segment leng
 buffers, padding on the pool's scratch row) captured as CUDA graphs: a steady-state call is,
 per segment piece, two device copies in and one replay; the outputs stay on the device. The
 graphs share one memory pool (one thread replays them, one at a time), and the warm-up runs one
-side stream (a new stream per program strands its cached blocks: ~100 programs of the 4 x d512
-LM filled a 140 GB card at ``serve --prepare``). A (bucket, length) pair
+side stream (a new stream per program strands its cached blocks). A (bucket, length) pair
 is captured at its first call, after one eager run that writes only the scratch row (so that
 Triton autotunes and allocates outside the capture), or all up front (``Streamer.capture``,
 what ``streamssm serve`` does at start-up). Outputs and states equal the eager engine's

@@ -119,6 +119,26 @@ def test_bucketed_token_budget_bounds_programs():
         BucketedCalls(streamer.model, streamer.pool, 5, max_tokens=4)
 
 
+def test_prepare_at_start_keeps_no_autograd_history():
+    """``Streamer.capture`` (the server's start-up) is called outside the Streamer's no_grad:
+    the programs' runs must not record autograd history into the pool (under grad mode every
+    prepared program's activations stayed alive through the pool's grad_fn: serve --prepare of
+    the 4 x d512 LM ran an 80 GB card out of memory)."""
+    class RunWhenMade(BucketedCalls):  # as the graphs engine: making a program runs it (warm-up, capture)
+        def make_program(self, bucket, length):
+            program = super().make_program(bucket, length)
+            program()
+            return program
+
+    streamer = Streamer(tiny("mamba2-lm"), capacity=3)
+    streamer._calls = RunWhenMade(streamer.model, streamer.pool, streamer.capacity, max_length=4, extra_lengths=())
+    assert torch.is_grad_enabled()
+    assert streamer.capture() >= 0 and streamer._calls.programs
+    for layer in streamer.pool:
+        for t in layer:
+            assert t.grad_fn is None and not t.requires_grad
+
+
 def test_scratch_row_is_not_a_stream_row():
     streamer = Streamer(tiny("mamba-lm"), capacity=2)
     assert streamer.pool[0].ssm.shape[0] == 3
