@@ -14,7 +14,9 @@ send -> result receipt; "slip" is how far the sends fell behind the real-time sc
 or when the wall-clock budget runs out. Models: tiny (Mamba-2, 2 layers, d_model 32) for CPU,
 d512 (Mamba-2, 4 layers, d_model 512) for the H100, demo (the demo's audio model: Mamba-2, 2
 layers, d_model 48) for CPU. ``--engine compiled --prepare`` compiles before the server listens
-(the start-up seconds are printed).
+(the start-up seconds are printed). "loop CPU" / "other threads CPU" are the busy shares of
+the server's event-loop thread and of all its other threads (engine, torch pools) (CPU seconds / wall seconds, from /proc): a loop near
+100 % means the websocket side, not the model, limits N.
 """
 
 from __future__ import annotations
@@ -101,6 +103,26 @@ def scrape(port: int) -> dict[str, float]:
         if line and not line.startswith("#") and "{" not in line:
             name, value = line.rsplit(" ", 1)
             out[name] = float(value)
+    return out
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds used so far by the server's threads (Linux /proc; empty elsewhere): ``loop``
+    (the main thread: the event loop with websockets, decoding and sending) and ``workers``
+    (every other thread: the engine's model calls and result encoding, torch's pools)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    out = {"loop": 0.0, "workers": 0.0}
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return {}
+    for task in tasks:
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+        out["loop" if int(task.name) == pid else "workers"] += (int(fields[11]) + int(fields[12])) / tick
     return out
 
 
@@ -211,14 +233,18 @@ def sweep(ckpt: Path, args) -> list[dict]:
             if time.perf_counter() - t_start + args.seconds + 10 > args.max_wall:
                 print(f"(wall budget of {args.max_wall:g} s reached before N={n})", flush=True)
                 break
-            before = scrape(port)
+            before, cpu_before = scrape(port), thread_cpu(proc.pid)
             row = measure(url, n, args)
-            after = scrape(port)
+            after, cpu_after = scrape(port), thread_cpu(proc.pid)
+            cpu = {k: cpu_after[k] - cpu_before.get(k, 0.0) for k in cpu_after}
             d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
             batches = max(d.get("streamssm_batches_total", 0.0), 1.0)
             row.update(batch_ms=1000 * d.get("streamssm_batch_seconds_sum", 0.0) / batches,
                        streams_per_batch=d.get("streamssm_batch_streams_sum", 0.0) / batches,
-                       samples_per_batch=d.get("streamssm_samples_total", 0.0) / batches)
+                       samples_per_batch=d.get("streamssm_samples_total", 0.0) / batches,
+                       loop_busy=cpu.get("loop", float("nan")) / row["wall_s"],
+                       workers_busy=cpu.get("workers", float("nan")) / row["wall_s"],
+                       loop_us_per_chunk=1e6 * cpu.get("loop", float("nan")) / max(row["chunks"], 1))
             rows.append(row)
             print(f"N={n}: p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms, slip {row['slip_ms']:.1f} ms, "
                   f"kept={row['kept']} {row['first_error']}", flush=True)
@@ -268,13 +294,14 @@ def main(argv=None) -> int:
           f"{' prepared' if args.prepare else ''}, {args.server_threads or 'default'} threads) on {tag}; "
           f"{args.chunk_ms:g} ms chunks at {args.sample_rate} Hz, {args.seconds:g} s per client, {args.client_procs} client process(es)")
     print("| clients | chunks | p50 ms | p99 ms | max ms | send slip ms | samples/s | x real time | kept "
-          "| server batch ms | streams/batch | samples/batch |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| server batch ms | streams/batch | samples/batch | loop CPU | other threads CPU | loop CPU us/chunk |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         xrt = r["samples_per_s"] / (r["clients"] * args.sample_rate)
         print(f"| {r['clients']} | {r['chunks']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['max_ms']:.1f} | "
               f"{r['slip_ms']:.1f} | {r['samples_per_s']:.0f} | {xrt:.2f} | {'yes' if r['kept'] else 'no'} | "
-              f"{r['batch_ms']:.1f} | {r['streams_per_batch']:.1f} | {r['samples_per_batch']:.0f} |")
+              f"{r['batch_ms']:.1f} | {r['streams_per_batch']:.1f} | {r['samples_per_batch']:.0f} | "
+              f"{r['loop_busy']:.0%} | {r['workers_busy']:.0%} | {r['loop_us_per_chunk']:.0f} |")
     if args.engine_only:
         print("\nengine alone (Streamer.feed_many, one chunk per stream, no websockets):")
         print("| streams | ms per call | real-time streams this rate sustains |")

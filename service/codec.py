@@ -12,7 +12,7 @@ output decoder (o = h * k outputs per step, de-normalized per horizon step and c
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,10 +23,12 @@ from streamssm.errors import ConfigError, DataFormatError, ProtocolError, ShapeE
 from streamssm.serving import ServingSpec
 
 from .protocol import (
+    CODE_DTYPES,
     INVALID_DATA,
     NanPolicy,
     Start,
     StreamSpec,
+    check_frame,
     decode_bases,
     decode_samples,
 )
@@ -44,6 +46,8 @@ class ModelCodec:
     classes: list[str]
     _encode: Callable[..., torch.Tensor]
     _postprocess: Callable[[torch.Tensor], torch.Tensor]
+    #: format -> model input of every sample code (see _code_table)
+    _code_tables: dict[str, np.ndarray] = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
     def from_bundle(cls, bundle: ServingBundle) -> ModelCodec:
@@ -78,6 +82,9 @@ class ModelCodec:
         Raises ProtocolError (1003/1007) for frames that do not fit the stream."""
         if isinstance(frame, str):
             return self.encode(decode_bases(frame, self.spec.alphabet))
+        if self.modality == "audio" and start.format in CODE_DTYPES and start.channels == 1 and resampler is None:
+            check_frame(frame, start)  # one lookup per sample: the event loop's cheapest path
+            return torch.from_numpy(self._code_table(start)[np.frombuffer(frame, CODE_DTYPES[start.format])])
         x = decode_samples(frame, start, nan_policy)  # (l, c) float32
         if self.downmix(start):
             x = torch.from_numpy(x).mean(dim=1, keepdim=True).numpy()  # (l, 1), as AudioEncoder mixes
@@ -86,6 +93,19 @@ class ModelCodec:
             if not len(x):
                 return None
         return self.encode(x)
+
+    def _code_table(self, start: Start) -> np.ndarray:
+        """The model input of every code of a mono s16le / mulaw8 sample, indexed by the code read
+        as an unsigned integer: (65536,) / (256,) tokens, or (codes, 1) float values. Computed once
+        per format by ``decode_samples`` + ``encode`` themselves, so a lookup equals them exactly
+        (the audio encoder maps each mono sample on its own)."""
+        table = self._code_tables.get(start.format)
+        if table is None:
+            dtype = CODE_DTYPES[start.format]
+            codes = np.arange(1 << (8 * dtype.itemsize), dtype=np.int64).astype(dtype)
+            table = self.encode(decode_samples(codes.tobytes(), start)).numpy()
+            self._code_tables[start.format] = table
+        return table
 
     def encode(self, raw: Any) -> torch.Tensor:
         """Bases (str) or samples (l, c) float32 at the model's rate -> model input."""

@@ -216,12 +216,9 @@ def _g711_mulaw_table() -> np.ndarray:
 MULAW8_TO_FLOAT = _g711_mulaw_table().astype(np.float32) / np.float32(32768.0)
 
 
-def decode_samples(data: bytes, start: Start, nan_policy: NanPolicy = "reject") -> np.ndarray:
-    """A binary frame -> float32 samples (l, c). s16le is scaled to [-1, 1) by 1/32768; mulaw8
-    bytes are G.711 mu-law codes, expanded to linear PCM and scaled the same way.
-
-    Non-finite f32 samples raise ProtocolError 1007 (``nan_policy="reject"``) or become 0.
-    """
+def check_frame(data: bytes, start: Start) -> None:
+    """ProtocolError unless ``data`` is a non-empty binary frame of whole samples of ``start``'s
+    format and channel count."""
     if start.format == "text":
         raise ProtocolError("binary frame in a text stream: send bases as text frames", UNSUPPORTED_DATA, "binary_in_text")
     width = SAMPLE_BYTES[start.format] * start.channels
@@ -232,6 +229,19 @@ def decode_samples(data: bytes, start: Start, nan_policy: NanPolicy = "reject") 
             f"binary frame of {len(data)} bytes is not a whole number of {start.format} samples "
             f"x {start.channels} channel(s) ({width} bytes each)", INVALID_DATA, "partial_sample",
         )
+
+
+#: formats whose every sample is one of a few codes (read as unsigned little-endian integers)
+CODE_DTYPES = {"s16le": np.dtype("<u2"), "mulaw8": np.dtype(np.uint8)}
+
+
+def decode_samples(data: bytes, start: Start, nan_policy: NanPolicy = "reject") -> np.ndarray:
+    """A binary frame -> float32 samples (l, c). s16le is scaled to [-1, 1) by 1/32768; mulaw8
+    bytes are G.711 mu-law codes, expanded to linear PCM and scaled the same way.
+
+    Non-finite f32 samples raise ProtocolError 1007 (``nan_policy="reject"``) or become 0.
+    """
+    check_frame(data, start)
     if start.format == "s16le":
         x = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
     elif start.format == "mulaw8":
