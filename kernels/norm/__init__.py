@@ -1,1 +1,31 @@
-"""Residual add fused with the next RMSNorm (the recurrent step's per-layer epilogue)."""
+"""Fused norm kernels: the residual add with the next RMSNorm (the recurrent step's per-layer
+epilogue) and Mamba-2's gated RMSNorm (the chunked forward's output norm), and the latter's
+dispatch (Triton imported only when its kernel runs)."""
+
+from __future__ import annotations
+
+import torch
+
+from streamssm.errors import ShapeError
+from streamssm.kernels._common import Backend, choose_backend
+from streamssm.kernels.norm.reference import gated_rms_norm_ref
+
+
+def gated_rms_norm(y: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor, eps: float, groups: int = 1,
+                   backend: Backend = "auto") -> torch.Tensor:
+    """RMSNorm(y * silu(z)) * weight over all d channels or per group: y, z (..., d); weight (d,);
+    d divisible by ``groups``. Returns (..., d) in y.dtype. The kernel runs for a gate z on the
+    "triton" backend ("auto": CUDA) without gradients; otherwise the reference."""
+    op = "gated_rms_norm"
+    d = y.shape[-1]
+    if z is not None and z.shape != y.shape:
+        raise ShapeError(f"{op}: z must have y's shape {tuple(y.shape)}, got {tuple(z.shape)}")
+    if weight.shape != (d,) or groups <= 0 or d % groups:
+        raise ShapeError(f"{op}: weight must have shape ({d},) and {d} channels split into {groups} groups, "
+                         f"got weight {tuple(weight.shape)}")
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (y, z, weight))
+    if z is None or grad or torch.compiler.is_compiling() or choose_backend(op, backend, y.device) != "triton":
+        return gated_rms_norm_ref(y, z, weight, eps, groups)
+    from streamssm.kernels.norm.gated_rms_norm import gated_rms_norm_triton  # imports Triton
+
+    return gated_rms_norm_triton(y, z, weight, eps, groups)

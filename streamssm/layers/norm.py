@@ -2,7 +2,9 @@
 
 Both run through ``F.rms_norm`` (one fused kernel forward and one backward on CUDA, statistics
 in fp32 whatever the input dtype), with the weight cast to the input's dtype: bf16 activations
-stay bf16 and nothing of (..., d) size is stored in fp32 for the backward.
+stay bf16 and nothing of (..., d) size is stored in fp32 for the backward. Without gradients on
+CUDA the gated norm is one Triton kernel (``kernels/norm/gated_rms_norm.py``: gate, product and
+norm in one pass instead of three launches).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from streamssm.errors import ConfigError
+from streamssm.kernels.norm import gated_rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -40,9 +43,4 @@ class GatedRMSNorm(RMSNorm):
         self.groups = groups
 
     def forward(self, y: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
-        gated = y if z is None else y * F.silu(z.to(y.dtype))
-        if self.groups == 1:
-            return super().forward(gated)
-        size = gated.shape[-1] // self.groups
-        normed = F.rms_norm(gated.unflatten(-1, (self.groups, size)), (size,), None, self.eps)  # (..., groups, size)
-        return normed.flatten(-2) * self.weight.to(gated.dtype)
+        return gated_rms_norm(y, z, self.weight, self.eps, self.groups)
