@@ -14,9 +14,10 @@ send -> result receipt; "slip" is how far the sends fell behind the real-time sc
 or when the wall-clock budget runs out. Models: tiny (Mamba-2, 2 layers, d_model 32) for CPU,
 d512 (Mamba-2, 4 layers, d_model 512) for the H100, demo (the demo's audio model: Mamba-2, 2
 layers, d_model 48) for CPU. ``--engine compiled --prepare`` compiles before the server listens
-(the start-up seconds are printed). "loop CPU" / "other threads CPU" are the busy shares of
-the server's event-loop thread and of all its other threads (engine, torch pools) (CPU seconds / wall seconds, from /proc): a loop near
-100 % means the websocket side, not the model, limits N.
+(the start-up seconds are printed). "loop CPU" / "other threads CPU" are the busy shares
+(CPU seconds / wall seconds, from /proc) of the server's event-loop thread and of all its other
+threads (engine, torch pools): a loop near 100 % means the websocket side, not the model,
+limits N.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def start_server(ckpt: Path, args) -> tuple[subprocess.Popen, int, list[str]]:
     cmd = [sys.executable, "-m", "streamssm.cli", "serve", "--checkpoint", str(ckpt), "--port", "0",
            "--device", args.device, "--dtype", args.dtype, "--max-streams", str(max(args.clients)),
            "--queue-depth", "4", "--idle-timeout", "60", "--resume-ttl", "0"]
-    cmd += ["--batching", args.batching, "--engine", args.engine, "--prepare", str(args.prepare).lower()]
+    cmd += ["--batching", args.batching, "--engine", args.engine, "--prepare", str(args.prepare).lower(),
+            "--event-loop", args.event_loop, "--slice-samples", str(args.slice_samples)]
     if args.server_threads:
         cmd += ["--threads", str(args.server_threads)]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
@@ -270,6 +272,8 @@ def main(argv=None) -> int:
     p.add_argument("--sample-rate", type=int, default=16000)
     p.add_argument("--client-procs", type=int, default=1, help="client processes (spread the client load)")
     p.add_argument("--batching", default="uniform", choices=("uniform", "greedy"), help="server batching policy")
+    p.add_argument("--event-loop", default="auto", choices=("auto", "asyncio", "uvloop"), help="serve --event-loop")
+    p.add_argument("--slice-samples", type=int, default=640, help="serve --slice-samples")
     p.add_argument("--server-threads", type=int, default=None, help="torch threads of the server process")
     p.add_argument("--engine", default="auto", choices=("auto", "eager", "graphs", "compiled"),
                    help="the server's engine (serve --engine)")
@@ -291,7 +295,7 @@ def main(argv=None) -> int:
         rows = sweep(ckpt, args)
         engine = engine_only(ckpt, args) if args.engine_only else []
     print(f"\nservice load: model {args.model} ({args.dtype}, {args.batching} batching, engine {args.engine}"
-          f"{' prepared' if args.prepare else ''}, {args.server_threads or 'default'} threads) on {tag}; "
+          f"{' prepared' if args.prepare else ''}, {args.event_loop} event loop, {args.server_threads or 'default'} threads) on {tag}; "
           f"{args.chunk_ms:g} ms chunks at {args.sample_rate} Hz, {args.seconds:g} s per client, {args.client_procs} client process(es)")
     print("| clients | chunks | p50 ms | p99 ms | max ms | send slip ms | samples/s | x real time | kept "
           "| server batch ms | streams/batch | samples/batch | loop CPU | other threads CPU | loop CPU us/chunk |")

@@ -82,7 +82,7 @@ class _Stream:
     on_error: OnError
     slots: asyncio.Semaphore
     outputs: bool = True  # False: the client wants scores only (ChunkResult.outputs None)
-    slice_samples: int = 256  # this stream's samples per model call
+    slice_samples: int = 640  # this stream's samples per model call
     unanswered: int = 0  # chunks submitted whose results are not sent (or dropped) yet
     pending: deque[Chunk] = field(default_factory=deque)
     closing: bool = False
@@ -113,7 +113,7 @@ class Scheduler:
     """
 
     def __init__(self, streamer: Streamer, queue_depth: int = 8, metrics: Any = None,
-                 batching: str = "uniform", slice_samples: int = 256):
+                 batching: str = "uniform", slice_samples: int = 640):
         if queue_depth < 1:
             raise ConfigError(f"queue_depth must be >= 1, got {queue_depth}")
         if batching not in ("uniform", "greedy"):

@@ -201,7 +201,7 @@ def test_datamodules_check_their_input_files_without_reading_them(cls, args, mis
 
 
 @pytest.mark.parametrize("command, shown", [
-    ("serve", ["default: 8765)", "default: auto)", "default: 127.0.0.1)", "default: 64)", "default: 256)"]),
+    ("serve", ["default: 8765)", "default: auto)", "default: 127.0.0.1)", "default: 64)", "default: 640)"]),
     ("infer", ["default: 8)", "default: auto)", "default: error)"]),
     ("stream", ["(default: ws://127.0.0.1:8765/)", "(default: 20.0)"]),
 ])
@@ -322,3 +322,18 @@ def test_infer_errors_go_through_the_one_error_path(capsys, tmp_path):
 def test_parse_turns_argument_errors_into_config_errors():
     with pytest.raises(ConfigError, match="--port|port"):
         parse(serve_parser("streamssm serve"), ["--checkpoint", "m", "--port", "eighty"])
+
+
+def test_event_loop_choice(monkeypatch):
+    import asyncio
+    import sys
+
+    from streamssm.commands.serve import event_loop_factory
+
+    assert event_loop_factory("asyncio") is asyncio.new_event_loop
+    with pytest.raises(ConfigError, match="--event-loop must be one of"):
+        event_loop_factory("trio")
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if not installed: import fails
+    assert event_loop_factory("auto") is asyncio.new_event_loop
+    with pytest.raises(ConfigError, match="uvloop is not installed"):
+        event_loop_factory("uvloop")

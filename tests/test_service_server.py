@@ -400,10 +400,12 @@ async def test_stream_cli_library_on_fasta(ckpts, tmp_path):
     assert summary["samples"] == 70
 
 
-def test_serve_cli_sigterm_is_graceful(ckpts):
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
+def test_serve_cli_sigterm_is_graceful(ckpts, event_loop):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamssm.cli", "serve", "--checkpoint", str(ckpts["dna"]), "--port", "0"],
+        [sys.executable, "-m", "streamssm.cli", "serve", "--checkpoint", str(ckpts["dna"]), "--port", "0",
+         "--event-loop", event_loop],
         stderr=subprocess.PIPE, text=True, env=env,
     )
     try:
@@ -411,10 +413,14 @@ def test_serve_cli_sigterm_is_graceful(ckpts):
         for line in proc.stderr:
             if "listening on ws://" in line:
                 port = int(line.split("listening on ws://127.0.0.1:")[1].split("/")[0])
+                assert f"{event_loop} event loop" in line
                 break
         assert port, "server did not start"
         status, _, body = _http_get(f"http://127.0.0.1:{port}/healthz")
         assert status == 200
+        bases = random_bases(50, 3)
+        client, _ = asyncio.run(stream_dna(f"ws://127.0.0.1:{port}/", bases, 4))
+        np.testing.assert_allclose(client.scores(), offline_dna(ckpts["dna"], bases)[1], atol=2e-5, rtol=0)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
@@ -476,6 +482,33 @@ async def test_scheduler_batches_all_pending_streams_into_one_call(ckpts, batchi
         await sched.stop()
     assert calls == expected_calls
     assert sorted(sent) == sorted([(i, s, 1) for i in range(3) for s in range(i + 2)])
+
+
+async def test_default_settings_run_a_20_ms_frame_of_every_stream_in_one_call(ckpts):
+    """Regression (GPU service sweep, 128 clients at 0.36x real time): with 256-sample slices every
+    20 ms frame at 16 kHz (320 samples) took two model calls (256 + 64), and streams caught between
+    the two dragged every call down to their 64-sample leftovers."""
+    from streamssm.service.config import ServeConfig
+    from streamssm.service.scheduler import Chunk, Scheduler
+
+    streamer = _streamer(ckpts["dna"])
+    calls = []
+    real = streamer.feed_many
+    streamer.feed_many = lambda chunks: (calls.append(sorted(len(v) for v in chunks.values())), real(chunks))[1]
+    sched, sent = Scheduler(streamer, slice_samples=ServeConfig().slice_samples), []
+    await sched.start()
+    try:
+        sids = [await _open(sched, sent, i) for i in range(3)]
+        for rnd in range(2):
+            for sid in sids:
+                await sched.submit(sid, Chunk(rnd, 320 * rnd, torch.randint(0, 5, (320,))))
+            async with asyncio.timeout(TIMEOUT):
+                while len(sent) < 3 * (rnd + 1):
+                    await asyncio.sleep(0.01)
+    finally:
+        await sched.stop()
+    assert all(n == 320 for call in calls for n in call) and sum(len(c) for c in calls) == 6
+    assert sorted(sent) == sorted([(i, s, 320) for i in range(3) for s in range(2)])
 
 
 async def test_backpressure_slows_only_the_stream_that_does_not_drain(ckpts):

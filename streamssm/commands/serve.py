@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jsonargparse
@@ -38,8 +39,31 @@ def build_parser(prog: str) -> jsonargparse.ArgumentParser:
                         help="torch CPU threads of the model calls (null: torch's, one per core); on a host "
                              "shared with other work, the cores left to the model (oversubscribed OpenMP "
                              "threads stall each other)")
+    parser.add_argument("--event-loop", type=str, default="auto", choices=EVENT_LOOPS,
+                        help="the server's event loop: uvloop (its C loop halves the websocket side's CPU per "
+                             "frame), asyncio, or auto (uvloop when installed)")
     add_fields(parser, ServeConfig, defaults={"device": "auto"})
     return parser
+
+
+EVENT_LOOPS = ("auto", "asyncio", "uvloop")
+
+
+def event_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    """``--event-loop`` -> the loop factory for ``asyncio.Runner``. ``uvloop`` when it
+    is not installed is a ConfigError; ``auto`` falls back to asyncio's own loop."""
+    if name not in EVENT_LOOPS:
+        raise ConfigError(f"--event-loop must be one of {', '.join(EVENT_LOOPS)}, got {name!r}")
+    if name != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if name == "uvloop":
+                raise ConfigError("--event-loop uvloop: uvloop is not installed (pip install uvloop), "
+                                  "or use --event-loop asyncio") from None
+        else:
+            return uvloop.new_event_loop
+    return asyncio.new_event_loop
 
 
 async def serve_until_signal(bundle: ServingBundle, config: ServeConfig) -> None:
@@ -57,12 +81,18 @@ async def serve_until_signal(bundle: ServingBundle, config: ServeConfig) -> None
             raise ConfigError(f"port {config.port} is in use; pick another with --port") from exc
         raise
     try:
-        log.info("listening on %s (model %s, %s %s, %s); GET /healthz and /metrics on the same port",
-                 server.url, bundle.fingerprint, server.codec.modality, server.codec.head, config.device)
+        log.info("listening on %s (model %s, %s %s, %s, %s event loop); GET /healthz and /metrics on the same port",
+                 server.url, bundle.fingerprint, server.codec.modality, server.codec.head, config.device,
+                 loop_name(loop))
         await stop.wait()
         log.info("signal received: shutting down")
     finally:
         await server.stop()
+
+
+def loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    """"uvloop" or "asyncio" (what the start-up log says)."""
+    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
 
 
 def main(argv: list[str], prog: str = "streamssm serve") -> int:
@@ -71,6 +101,7 @@ def main(argv: list[str], prog: str = "streamssm serve") -> int:
                    token=args.token if args.token is not None else os.environ.get("STREAMSSM_TOKEN") or None)
     if not Path(args.checkpoint).is_file():
         raise ConfigError(f"--checkpoint {args.checkpoint!r} is not a file")
+    loop_factory = event_loop_factory(args.event_loop)
     if args.threads:
         import torch
 
@@ -78,5 +109,6 @@ def main(argv: list[str], prog: str = "streamssm serve") -> int:
     t0 = time.perf_counter()
     bundle = load_for_serving(args.checkpoint, config.device)
     log.info("loaded %s in %.2f s", args.checkpoint, time.perf_counter() - t0)
-    asyncio.run(serve_until_signal(bundle, config))
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(serve_until_signal(bundle, config))
     return 0
