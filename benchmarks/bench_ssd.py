@@ -17,6 +17,7 @@ and reports the peers' forward error for context.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 from pathlib import Path
@@ -203,27 +204,39 @@ def measure(table: Table, shape_name: str, kernel: str, run, t: dict, names, tok
     torch.cuda.empty_cache()
 
 
-def profile(shape_name: str, t: dict) -> str:
-    """Per-kernel GPU time of our forward+backward (torch profiler, 3 steps after warm-up)."""
+def _kernel_table(step, rows: int = 14) -> str:
+    """Per-kernel GPU time of 3 calls of ``step`` (torch profiler, after 2 warm-up calls)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    leaves, params = with_grads(t, NAMES)
-    dy = torch.randn_like(ours(leaves))
     for _ in range(2):
-        torch.autograd.grad(ours(leaves), params, dy)
+        step()
     torch.cuda.synchronize()
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
-            torch.autograd.grad(ours(leaves), params, dy)
+            step()
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=48)
-    from streamssm.kernels.ssd import chunk_scan, chunk_scan_bwd, chunk_state
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=48)
 
-    tuned = [chunk_state._chunk_state_fwd_kernel, chunk_scan._chunk_scan_fwd_kernel,
+
+def profile(shape_name: str, t: dict, providers: dict) -> str:
+    """Per-kernel GPU times: the forward of every provider (kernel by kernel against the peers),
+    then our forward+backward; and the configs our autotuned kernels chose."""
+    parts = []
+    for pname, (run, prep) in providers.items():
+        pt = prep(t)
+        with torch.no_grad():
+            parts.append(f"{shape_name} profile of {pname} forward (3 calls):\n{_kernel_table(functools.partial(run, pt), 10)}")
+    leaves, params = with_grads(t, NAMES)
+    dy = torch.randn_like(ours(leaves))
+    parts.append(f"{shape_name} profile of ours fwd+bwd (3 steps):\n"
+                 f"{_kernel_table(lambda: torch.autograd.grad(ours(leaves), params, dy))}")
+    from streamssm.kernels.ssd import bmm_chunk, chunk_scan, chunk_scan_bwd, chunk_state
+
+    tuned = [bmm_chunk._chunk_cb_fwd_kernel, chunk_state._chunk_state_fwd_kernel, chunk_scan._chunk_scan_fwd_kernel,
              chunk_scan_bwd._chunk_scan_bwd_dc_kernel, chunk_scan_bwd._chunk_scan_bwd_dx_kernel]
     chosen = "; ".join(f"{k.base_fn.__name__}: {getattr(k, 'best_config', None)}" for k in tuned)
-    return f"{shape_name} profile of ours fwd+bwd (3 steps):\n{table}\nautotuned: {chosen}"
+    return "\n".join([*parts, f"autotuned: {chosen}"])
 
 
 def main(argv=None) -> int:
@@ -233,7 +246,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-verify", action="store_true")
     ap.add_argument("--verify-shapes", default=None, help="verify only these shapes (default: all timed)")
     ap.add_argument("--no-eager", action="store_true")
-    ap.add_argument("--profile", default="", help="shapes whose per-kernel GPU times of ours to print")
+    ap.add_argument("--profile", default="", help="shapes whose per-kernel GPU times to print (every provider's forward, our fwd+bwd)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     providers = {"ours": (ours, lambda t: t)}
@@ -256,7 +269,7 @@ def main(argv=None) -> int:
                 print(line, flush=True)
                 notes.append(line)
         if s in args.profile.split(","):
-            print(profile(s, t), flush=True)
+            print(profile(s, t, providers), flush=True)
         for pname, (run, prep) in providers.items():
             pt = prep(t)
             names = ("q", "k", "v", "g") if pname == "fla" else NAMES
