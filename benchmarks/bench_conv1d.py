@@ -1,11 +1,13 @@
 """Causal depthwise conv1d + SiLU: ours (Triton) vs PyTorch ``F.conv1d`` (cuDNN) (GPU).
 
-    python benchmarks/bench_conv1d.py [--shapes M1,M2,M3,S1] [--width 4] [--layouts time,channel-last]
-                                      [--old path/to/earlier/conv.py] [--no-cudnn] [--out table.md]
+    python benchmarks/bench_conv1d.py [--shapes M1,M2,M3,S1,R1] [--width 4] [--layouts time,channel-last]
+                                      [--state] [--old path/to/earlier/conv.py] [--no-cudnn] [--out table.md]
 
 The conv of a Mamba block: x (b, d, l) bf16, weight (d, w) and bias (d,) fp32, SiLU. Shapes:
 the (batch, channels, length) of M1-M3 of shared/BENCHMARKS.md (channels = d_inner) and S1
-(channels = the Mamba-2 conv's d_inner + 2 d_state = 1536 + 256). The PyTorch baseline is what
+(channels = the Mamba-2 conv's d_inner + 2 d_state = 1536 + 256) and R1, the serving call of the
+4 x d512 Mamba-2 LM (256 streams x 320 tokens, 1024 + 256 channels; run it with ``--layouts
+channel-last --state``, the block's layout and its carried conv state). The PyTorch baseline is what
 a Mamba block without a conv kernel runs: ``silu(F.conv1d(x, weight[:, None], bias,
 padding=w-1, groups=d)[..., :l])`` (cuDNN, bf16). mamba-ssm's CUDA ``causal_conv1d`` is a
 separate package and is not built here. Each is timed forward and forward+backward (gradients
@@ -14,8 +16,10 @@ forward+backward; "% of floor" compares our forward with the copy-bandwidth floo
 x and writing y; "bwd / fwd" is (fwd+bwd - fwd) / fwd from the graph times. Outputs and
 gradients of each are checked against the float64 reference. Layouts: ``time`` is a contiguous
 (b, d, l) x, ``channel-last`` a transposed (b, l, d) tensor, as the Mamba blocks pass their
-in_proj slices (dy in the same layout). ``--old`` times the ``causal_conv1d_triton`` of an
-earlier conv.py beside ours (e.g. written out by ``git show REV:kernels/conv1d/conv.py``).
+in_proj slices (dy in the same layout). ``--old`` times the forward launcher of an earlier
+conv.py beside ours (e.g. written out by ``git show REV:kernels/conv1d/conv.py``; forward only:
+its op registration would run today's launcher).
+``--state``: every call takes an initial conv state (b, d, w-1) and returns the final one.
 """
 
 from __future__ import annotations
@@ -37,25 +41,46 @@ from streamssm.testing import assert_close  # noqa: E402
 
 SHAPES = {name: (s["batch"], s["dim"], s["length"]) for name, s in MAMBA1_SHAPES.items()}
 SHAPES["S1"] = (8, 1536 + 256, 4096)
+SHAPES["R1"] = (256, 1024 + 256, 320)
 COPY_TBPS = 3.0  # H100 device-to-device copy, read + write (BENCHMARKS.md)
 
 
-def ours(x, weight, bias):
-    return causal_conv1d(x, weight, bias, activation="silu", backend="triton")
+def ours(x, weight, bias, init=None):
+    """y, or (y, final state) given an initial state ``init``."""
+    return causal_conv1d(x, weight, bias, initial_state=init, activation="silu", return_final_state=init is not None,
+                         backend="triton")
 
 
-def cudnn(x, weight, bias):
+def cudnn(x, weight, bias, init=None):
     w = weight.shape[1]
-    return F.silu(F.conv1d(x, weight.to(x.dtype)[:, None], bias.to(x.dtype), padding=w - 1,
-                           groups=x.shape[1])[..., : x.shape[-1]])
+    if init is None:
+        return F.silu(F.conv1d(x, weight.to(x.dtype)[:, None], bias.to(x.dtype), padding=w - 1,
+                               groups=x.shape[1])[..., : x.shape[-1]])
+    xpad = torch.cat([init, x], dim=-1)
+    y = F.silu(F.conv1d(xpad, weight.to(x.dtype)[:, None], bias.to(x.dtype), groups=x.shape[1]))
+    return y, xpad[..., -(w - 1):]
 
 
 def load_old(path: str):
-    """``causal_conv1d_triton`` of an earlier conv.py (run with silu, like ``ours``)."""
+    """The forward launcher of an earlier conv.py, called directly (its ``causal_conv1d_triton``
+    goes through the registered op, which runs today's launcher): forward only, with silu."""
     spec = importlib.util.spec_from_file_location("conv1d_old", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return lambda x, weight, bias: mod.causal_conv1d_triton(x, weight, bias, activation="silu")
+
+    def fwd(x, weight, bias, init=None):
+        out = mod._causal_conv1d_fwd(x, weight, bias, init, True)  # y, or (y, final) since 2026-12-05
+        y = out[0] if isinstance(out, tuple) else out
+        if init is None:
+            return y
+        return y, out[1] if isinstance(out, tuple) else mod._final_state(x, init, weight.shape[1])
+
+    return fwd
+
+
+def first(out):
+    """y of a conv's output (y, or (y, final state))."""
+    return out[0] if isinstance(out, tuple) else out
 
 
 def empty_in(layout: str, b: int, d: int, l: int, **kw) -> torch.Tensor:
@@ -72,16 +97,18 @@ def make_inputs(b: int, d: int, l: int, w: int, layout: str) -> tuple[torch.Tens
     return x, weight, bias
 
 
-def check(name: str, fn, x, weight, bias) -> float:
-    """Output and gradients vs the float64 reference; returns the output's max abs error."""
+def check(name: str, fn, x, weight, bias, init=None, grads: bool = True) -> float:
+    """Output and (``grads``) gradients vs the float64 reference; returns the output's max abs error."""
     leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias)]  # clone keeps the layout
     ref_leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
-    y = fn(*leaves)
-    y_ref = causal_conv1d_ref(*ref_leaves, activation="silu")
+    y = first(fn(*leaves, init))
+    y_ref = causal_conv1d_ref(*ref_leaves, initial_state=None if init is None else init.double(), activation="silu")
+    assert_close(f"{name} y", y_ref, y, torch.bfloat16)
+    if not grads:
+        return float((y.double() - y_ref).abs().max().detach())
     dy = torch.randn_like(y)
     y.backward(dy)
     y_ref.backward(dy.double())
-    assert_close(f"{name} y", y_ref, y, torch.bfloat16)
     for label, got, want in zip(("dx", "dweight", "dbias"), leaves, ref_leaves):
         assert_close(f"{name} {label}", want.grad, got.grad, torch.bfloat16)
     return float((y.double() - y_ref).abs().max())
@@ -92,6 +119,7 @@ def main() -> int:
     parser.add_argument("--shapes", default="M1,M2,M3,S1")
     parser.add_argument("--width", type=int, default=4)
     parser.add_argument("--layouts", default="time", help="comma list of time, channel-last")
+    parser.add_argument("--state", action="store_true", help="calls carry a conv state in and out")
     parser.add_argument("--old", default=None, help="an earlier conv.py to time beside ours")
     parser.add_argument("--no-cudnn", action="store_true", help="leave out the cuDNN baseline")
     parser.add_argument("--out", default=None, help="also write the markdown table here")
@@ -102,15 +130,17 @@ def main() -> int:
     table = Table(["shape", "kernel", "fwd eager ms", "fwd graph ms", "fwd+bwd eager ms", "fwd+bwd graph ms",
                    "bwd / fwd", "peak GiB", "fwd % of floor", "max abs err"],
                   ratio_of=["fwd graph ms", "fwd+bwd graph ms"])
-    kernels = [("ours", ours)] + ([("old Triton", load_old(args.old))] if args.old else [])
-    kernels += [] if args.no_cudnn else [("cudnn F.conv1d", cudnn)]
+    # (name, conv, has a backward)
+    kernels = [("ours", ours, True)] + ([("old Triton (fwd only)", load_old(args.old), False)] if args.old else [])
+    kernels += [] if args.no_cudnn else [("cudnn F.conv1d", cudnn, True)]
     for shape, layout in ((s, lay) for lay in args.layouts.split(",") for s in args.shapes.split(",")):
         b, d, l = SHAPES[shape]
         x, weight, bias = make_inputs(b, d, l, args.width, layout)
+        init = torch.randn(b, d, args.width - 1, device="cuda", dtype=x.dtype) if args.state else None
         floor_ms = 2 * 2 * b * d * l / COPY_TBPS / 1e9
-        for kernel, fn in kernels:
+        for kernel, fn, has_bwd in kernels:
             try:
-                err = check(f"{shape} {kernel}", fn, x, weight, bias) if l <= 16384 else None
+                err = check(f"{shape} {kernel}", fn, x, weight, bias, init, has_bwd) if l <= 16384 else None
             except AssertionError as exc:  # reported, and the timings still run
                 print(f"CHECK FAILED {shape} {kernel}: {exc}", flush=True)
                 err = None
@@ -119,15 +149,18 @@ def main() -> int:
 
             def fwd(fn=fn):
                 with torch.no_grad():
-                    return fn(x, weight, bias)
+                    return fn(x, weight, bias, init)
 
             def fwd_bwd(fn=fn, leaves=leaves, dy=dy):
-                torch.autograd.grad(fn(*leaves), leaves, dy)
+                torch.autograd.grad(first(fn(*leaves, init)), leaves, dy)
 
-            fg, fbg = time_graph(fwd), time_graph(fwd_bwd)
-            table.add(shape=f"{shape} {b}x{d}x{l} {layout}", kernel=kernel, **{
-                "fwd eager ms": time_eager(fwd), "fwd graph ms": fg, "fwd+bwd eager ms": time_eager(fwd_bwd),
-                "fwd+bwd graph ms": fbg, "bwd / fwd": (fbg - fg) / fg, "peak GiB": peak_memory_gib(fwd_bwd),
+            fg = time_graph(fwd)
+            fbg = time_graph(fwd_bwd) if has_bwd else None
+            table.add(shape=f"{shape} {b}x{d}x{l} {layout}{' state' if args.state else ''}", kernel=kernel, **{
+                "fwd eager ms": time_eager(fwd), "fwd graph ms": fg,
+                "fwd+bwd eager ms": time_eager(fwd_bwd) if has_bwd else None, "fwd+bwd graph ms": fbg,
+                "bwd / fwd": (fbg - fg) / fg if has_bwd else None,
+                "peak GiB": peak_memory_gib(fwd_bwd) if has_bwd else None,
                 "fwd % of floor": f"{100 * floor_ms / fg:.0f} %", "max abs err": err})
             print(table.rows[-1], flush=True)
     text = (f"{run_tag()}\ncausal depthwise conv1d width {args.width} + SiLU, bf16 x, fp32 weight/bias; "

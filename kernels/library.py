@@ -28,7 +28,7 @@ import math
 import torch
 from torch.library import custom_op, register_autograd, register_fake
 
-from streamssm.kernels.conv1d.conv import _causal_conv1d_bwd, _causal_conv1d_fwd, _empty_in_layout_of, _final_state
+from streamssm.kernels.conv1d.conv import _causal_conv1d_bwd, _causal_conv1d_fwd, _empty_in_layout_of
 from streamssm.kernels.conv1d.step import conv1d_step_triton
 from streamssm.kernels.mamba1.scan import _as_groups, _selective_scan_bwd, _selective_scan_fwd
 from streamssm.kernels.mamba1.step import selective_scan_step_triton
@@ -207,8 +207,7 @@ def ssd_scan_op(x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size, dt_sof
 def causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, initial_state: Tensor | None,
                       silu: bool) -> tuple[Tensor, Tensor]:
     """x (b, d, l) -> y (b, d, l) in x's memory order, final state (b, d, w-1) in x.dtype."""
-    return (_causal_conv1d_fwd(x, weight, bias, initial_state, silu),
-            _final_state(x, initial_state, weight.shape[1]))
+    return _causal_conv1d_fwd(x, weight, bias, initial_state, silu)
 
 
 @register_fake("streamssm::causal_conv1d_fwd")

@@ -65,14 +65,24 @@ CASES = {
 }
 
 
+def channel_last(inputs: dict) -> dict:
+    """The same inputs with x a transposed (b, l, d) tensor (how the blocks pass in_proj slices)."""
+    x = inputs["x"].detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    return {**inputs, "x": x}
+
+
+@pytest.mark.parametrize("layout", ["time", "channel-last"])
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_matches_reference(case):
+def test_matches_reference(case, layout):
     b, d, l, w, bias, init, activation = CASES[case]
-    check(make_inputs(b, d, l, w, bias, init), activation)
+    inputs = make_inputs(b, d, l, w, bias, init)
+    check(channel_last(inputs) if layout == "channel-last" else inputs, activation)
 
 
-def test_chunked_calls_carrying_state_equal_one_call():
+@pytest.mark.parametrize("layout", ["time", "channel-last"])
+def test_chunked_calls_carrying_state_equal_one_call(layout):
     inputs = make_inputs(2, 5, 30, 4, seed=3)
+    inputs = channel_last(inputs) if layout == "channel-last" else inputs
     y_full, s_full, g_full = run(triton_conv, inputs)
 
     def chunked(x, weight, bias, initial_state, activation, return_final_state):
@@ -160,6 +170,17 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from streamssm.kernels.conv1d.conv import _causal_conv1d_bwd_kernel as kernel
 
+from streamssm.kernels.conv1d.conv import _causal_conv1d_fwd_cl_kernel, _causal_conv1d_fwd_kernel
+
+half = {"p_x", "p_init", "p_y", "p_final"}
+for fwd, strides, (bd, bl) in ((_causal_conv1d_fwd_kernel.fn, ("s_xl", "s_yl"), (16, 128)),
+                               (_causal_conv1d_fwd_cl_kernel.fn, ("s_xd", "s_yd"), (256, 32))):
+    consts = dict(W=4, HAS_INIT=True, HAS_BIAS=True, SILU=True, BLOCK_D=bd, BLOCK_L=bl, s_wk=1,
+                  **dict.fromkeys(strides, 1))
+    sig = {a: "constexpr" if a in consts else ("*bf16" if a in half else "*fp32") if a.startswith("p_") else "i32"
+           for a in fwd.arg_names}
+    triton.compile(ASTSource(fwd, sig, consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
+
 fn = kernel.fn
 for channel_last, (bd, bl) in ((False, (8, 128)), (True, (128, 8))):
     consts = dict(W=4, HAS_INIT=True, HAS_BIAS=True, SILU=True, HAS_DFINAL=True, CHANNEL_LAST=channel_last,
@@ -172,10 +193,10 @@ for channel_last, (bd, bl) in ((False, (8, 128)), (True, (128, 8))):
 """
 
 
-def test_backward_compiles_for_sm90():
-    """The backward's gathers along time compile to an sm_90 binary (no GPU needed: Triton
-    cross-compiles with its bundled ptxas). Gathering from a tile narrower than the output trips
-    an assertion of Triton 3.6's GPU pipeline that the interpreter never runs."""
+def test_kernels_compile_for_sm90():
+    """Both forwards and the backward's gathers along time compile to sm_90 binaries (no GPU
+    needed: Triton cross-compiles with its bundled ptxas). Gathering from a tile narrower than the
+    output trips an assertion of Triton 3.6's GPU pipeline that the interpreter never runs."""
     import os
     import subprocess
     import sys

@@ -10,15 +10,18 @@ Backward, with dpre_s = dy_s * act'(pre_s) (pre recomputed, never stored):
     dxpad[p] = sum_k weight[:, k] * dpre[p - k]  (+ d final[p - l] for the last w-1 positions)
     dx_t = dxpad[t + w - 1] = sum_j weight[:, w-1-j] * dpre[t + j]
     d initial_state_j = dxpad[j];  dweight_k = sum_s dpre_s xpad[s + k];  dbias = sum_s dpre_s
-Forward programs own (batch, BLOCK_D channels, BLOCK_L steps). A backward program owns (batch,
+Forward programs own (batch, BLOCK_D channels, BLOCK_L steps): on time-contiguous x they load
+the w shifted windows as tiles; on channel-last x (how the Mamba blocks pass their in_proj
+slices) they load each row of BLOCK_D contiguous channels once and slide the window along time
+in registers, and the last program in time writes the final state. A backward program owns (batch,
 BLOCK_D channels, one segment of time) and walks its BLOCK_L-step tiles from the last to the
 first: each tile's pre and dpre are computed once, dx takes dpre at t + j from the tile itself
 (``tl.gather`` along time) and, past its end, from the first columns of the tile after it (the
 previous iteration's, kept in registers). dweight/dbias are summed per program into a partial
 buffer (b x segments, 5, d) that the launcher reduces (no atomics).
-Any strides in and out: y and dx are laid out like x (``_empty_in_layout_of``). Autotuning keys
-on the layout: time-contiguous x tiles long in time, channel-last x (how the Mamba blocks pass
-their in_proj slices) wide in channels, so both read whole lines.
+Any strides in and out: y and dx are laid out like x (``_empty_in_layout_of``). The backward's
+autotuning keys on the layout: time-contiguous x tiles long in time, channel-last x wide in
+channels, so both read whole lines.
 """
 
 from __future__ import annotations
@@ -31,10 +34,11 @@ from streamssm.kernels._common import autotune_configs, interpreting
 from streamssm.kernels._triton import silu, silu_grad
 
 
-#: (BLOCK_D, BLOCK_L, warps) by layout (CHANNEL_LAST): long in time for time-contiguous x, wide in
-#: channels for channel-last x, so that loads read whole lines.
-_FWD_TILES = {False: ((16, 128, 4), (8, 128, 4), (16, 64, 4), (32, 64, 4)),
-              True: ((64, 32, 4), (64, 16, 4), (128, 16, 4), (128, 8, 4))}
+#: (BLOCK_D, BLOCK_L, warps) of the time-contiguous forward: long in time, so loads read whole lines.
+_FWD_TILES = ((16, 128, 4), (8, 128, 4), (16, 64, 4), (32, 64, 4))
+#: (BLOCK_D, BLOCK_L, warps) of the channel-last forward: a row of BLOCK_D channels holds 8 per
+#: thread (16-byte bf16 loads) or 4; all BLOCK_L rows are loaded before the first is summed.
+_FWD_CL_TILES = ((256, 16, 1), (256, 32, 1), (512, 16, 2), (512, 32, 2), (1024, 16, 4), (128, 32, 1), (256, 64, 2))
 #: The backward keeps ~8 tiles live: at most 8 elements per thread, or it spills (sm_90, Triton 3.6).
 _BWD_TILES = {False: ((8, 128, 4), (16, 64, 4), (16, 128, 8), (32, 32, 4)),
               True: ((32, 32, 4), (64, 16, 4), (128, 8, 4), (128, 16, 8))}
@@ -124,7 +128,14 @@ def _ahead(cur, nxt, o_l, j: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.co
     return tl.where((i < BLOCK_L)[None, :], inside, after)
 
 
-@triton.autotune(**_tuning(_FWD_TILES))
+def _configs(tiles, interpret_tile) -> list:
+    """Autotune configs of (BLOCK_D, BLOCK_L, warps) tiles; ``interpret_tile`` alone in the interpreter."""
+    bd, bl = interpret_tile
+    return autotune_configs([triton.Config({"BLOCK_D": d, "BLOCK_L": l}, num_warps=w) for d, l, w in tiles],
+                            triton.Config({"BLOCK_D": bd, "BLOCK_L": bl}, num_warps=1))
+
+
+@triton.autotune(configs=_configs(_FWD_TILES, (8, 8)), key=["dim", "W"])
 @triton.jit
 def _causal_conv1d_fwd_kernel(
     # pointers: x (b, d, l); init (b, d, w-1); weight (d, w); bias (d,); y (b, d, l)
@@ -133,10 +144,11 @@ def _causal_conv1d_fwd_kernel(
     length, dim,
     # strides
     s_xb, s_xd, s_xl, s_ib, s_id, s_il, s_wd, s_wk, s_yb, s_yd, s_yl,
-    # meta (CHANNEL_LAST: x's channels are its fastest axis; it picks the tiles tried when tuning)
+    # meta
     W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-    CHANNEL_LAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
+    """Time-contiguous x: (BLOCK_D, BLOCK_L) tiles, the W shifted windows loaded as tiles."""
     pid_b = tl.program_id(0).to(tl.int64)
     o_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     m_d = o_d < dim
@@ -150,6 +162,87 @@ def _causal_conv1d_fwd_kernel(
         pre = silu(pre)
     m = m_d[:, None] & (s < length)[None, :]
     tl.store(p_y + o_d[:, None] * s_yd + s[None, :] * s_yl, pre.to(p_y.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _xpad_row(p_x, p_init, q, length, m_d, s_xl, s_il, W: tl.constexpr, HAS_INIT: tl.constexpr):
+    """xpad[q] at the scalar position q (int64) for the channels of the pointer rows p_x, p_init
+    -> (BLOCK_D,) fp32 (0 outside)."""
+    t = q - (W - 1)
+    v = tl.load(p_x + t * s_xl, mask=m_d & (t >= 0) & (t < length), other=0.0).to(tl.float32)
+    if HAS_INIT:
+        v += tl.load(p_init + q * s_il, mask=m_d & (q < W - 1), other=0.0).to(tl.float32)
+    return v
+
+
+@triton.autotune(configs=_configs(_FWD_CL_TILES, (8, 4)), key=["dim", "W"])
+@triton.jit
+def _causal_conv1d_fwd_cl_kernel(
+    # pointers: x (b, d, l) channel-last; init (b, d, w-1); weight (d, w); bias (d,); y (b, d, l)
+    # channel-last; final (b, d, w-1) contiguous
+    p_x, p_init, p_w, p_bias, p_y, p_final,
+    # dimensions
+    length, dim,
+    # strides
+    s_xb, s_xd, s_xl, s_ib, s_id, s_il, s_wd, s_wk, s_yb, s_yd, s_yl,
+    # meta
+    W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """Channel-last x: a program reads its BLOCK_L rows of BLOCK_D contiguous channels once (all
+    loads issued up front), the W-1 rows before them (from x, or the initial state at the start),
+    and slides the window along time in registers. The last program in time also writes the final
+    state xpad[l .. l+w-2] (no separate copy)."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    o_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_d = o_d < dim
+    s0 = tl.program_id(2).to(tl.int64) * BLOCK_L
+    p_x += pid_b * s_xb + o_d * s_xd
+    p_init += pid_b * s_ib + o_d * s_id
+    p_y += pid_b * s_yb + o_d * s_yd
+    rows = ()
+    for i in tl.static_range(BLOCK_L):
+        rows = rows + (tl.load(p_x + (s0 + i) * s_xl, mask=m_d & (s0 + i < length), other=0.0),)
+    # r1, r2, r3: the inputs 1, 2, 3 steps before the current one (xpad[t + w - 2 - j])
+    r1 = _xpad_row(p_x, p_init, s0 + W - 2, length, m_d, s_xl, s_il, W, HAS_INIT)
+    r2 = tl.zeros_like(r1)
+    r3 = tl.zeros_like(r1)
+    if W > 2:
+        r2 = _xpad_row(p_x, p_init, s0 + W - 3, length, m_d, s_xl, s_il, W, HAS_INIT)
+    if W > 3:
+        r3 = _xpad_row(p_x, p_init, s0, length, m_d, s_xl, s_il, W, HAS_INIT)
+    w_last = _tap(p_w, o_d, m_d, W - 1, s_wd, s_wk)
+    w_1 = _tap(p_w, o_d, m_d, W - 2, s_wd, s_wk)
+    w_2 = tl.zeros_like(w_1)
+    w_3 = tl.zeros_like(w_1)
+    if W > 2:
+        w_2 = _tap(p_w, o_d, m_d, W - 3, s_wd, s_wk)
+    if W > 3:
+        w_3 = _tap(p_w, o_d, m_d, W - 4, s_wd, s_wk)
+    if HAS_BIAS:
+        bias = tl.load(p_bias + o_d, mask=m_d, other=0.0).to(tl.float32)
+    for i in tl.static_range(BLOCK_L):
+        cur = rows[i].to(tl.float32)
+        acc = tl.zeros_like(cur)  # taps summed oldest first, as the time-contiguous kernel sums
+        if W > 3:
+            acc += w_3 * r3
+        if W > 2:
+            acc += w_2 * r2
+        acc += w_1 * r1
+        acc += w_last * cur
+        if HAS_BIAS:
+            acc += bias
+        if SILU:
+            acc = silu(acc)
+        tl.store(p_y + (s0 + i) * s_yl, acc.to(p_y.dtype.element_ty), mask=m_d & (s0 + i < length))
+        r3 = r2
+        r2 = r1
+        r1 = cur
+    if tl.program_id(2) == tl.num_programs(2) - 1:
+        p_f = p_final + pid_b * dim * (W - 1) + o_d * (W - 1)
+        for j in tl.static_range(W - 1):
+            v = _xpad_row(p_x, p_init, length + j, length, m_d, s_xl, s_il, W, HAS_INIT)
+            tl.store(p_f + j, v.to(p_final.dtype.element_ty), mask=m_d)
 
 
 @triton.autotune(**_tuning(_BWD_TILES))
@@ -265,17 +358,21 @@ def _segment_len(b: int, d: int, l: int, device: torch.device) -> int:
     return SEGMENT_UNIT * triton.cdiv(triton.cdiv(l, segments), SEGMENT_UNIT)
 
 
-def _causal_conv1d_fwd(x, weight, bias, initial_state, silu: bool) -> torch.Tensor:
-    """Launch the forward. Returns y (b, d, l) in x's memory order and dtype."""
+def _causal_conv1d_fwd(x, weight, bias, initial_state, silu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward. Returns y (b, d, l) in x's memory order and dtype, and the final state
+    (b, d, w-1) contiguous in x.dtype (written by the channel-last kernel itself)."""
     b, d, l = x.shape
+    w = weight.shape[1]
     init = initial_state if initial_state is not None else x  # placeholder pointer when absent
     y = _empty_in_layout_of(x)
-    _causal_conv1d_fwd_kernel[_grid(b, d, l)](
-        x, init, weight, bias, y, l, d, *x.stride(), *init.stride()[:3], *weight.stride(), *y.stride(),
-        W=weight.shape[1], HAS_INIT=initial_state is not None, HAS_BIAS=bias is not None, SILU=silu,
-        CHANNEL_LAST=_channel_last(x),
-    )
-    return y
+    args = (l, d, *x.stride(), *init.stride()[:3], *weight.stride(), *y.stride())
+    meta = dict(W=w, HAS_INIT=initial_state is not None, HAS_BIAS=bias is not None, SILU=silu)
+    if _channel_last(x):
+        final = x.new_empty(b, d, w - 1)
+        _causal_conv1d_fwd_cl_kernel[_grid(b, d, l)](x, init, weight, bias, y, final, *args, **meta)
+        return y, final
+    _causal_conv1d_fwd_kernel[_grid(b, d, l)](x, init, weight, bias, y, *args, **meta)
+    return y, _final_state(x, initial_state, w)
 
 
 def _causal_conv1d_bwd(dy, dfinal, x, weight, bias, initial_state, silu: bool):
