@@ -38,7 +38,8 @@ from streamssm.kernels._triton import silu, silu_grad
 _FWD_TILES = ((16, 128, 4), (8, 128, 4), (16, 64, 4), (32, 64, 4))
 #: (BLOCK_D, BLOCK_L, warps) of the channel-last forward: a row of BLOCK_D channels holds 8 per
 #: thread (16-byte bf16 loads) or 4; all BLOCK_L rows are loaded before the first is summed.
-_FWD_CL_TILES = ((256, 16, 1), (256, 32, 1), (512, 16, 2), (512, 32, 2), (1024, 16, 4), (128, 32, 1), (256, 64, 2))
+_FWD_CL_TILES = ((256, 16, 1), (256, 32, 1), (512, 16, 2), (512, 32, 2), (1024, 16, 4), (128, 16, 1), (128, 32, 1),
+                 (256, 64, 2))
 #: The backward keeps ~8 tiles live: at most 8 elements per thread, or it spills (sm_90, Triton 3.6).
 _BWD_TILES = {False: ((8, 128, 4), (16, 64, 4), (16, 128, 8), (32, 32, 4)),
               True: ((32, 32, 4), (64, 16, 4), (128, 8, 4), (128, 16, 8))}
