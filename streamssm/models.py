@@ -336,13 +336,20 @@ class Backbone(nn.Module):
             state = self.init_state(x.shape[0], x.device, x.dtype)
         self._check_state(state, x.shape[0])
         new_state = []
-        for layer, layer_state in zip(self.layers, state):
-            if self.cfg.checkpoint_layers and self.training and torch.is_grad_enabled():
+        if self.cfg.checkpoint_layers and self.training and torch.is_grad_enabled():
+            for layer, layer_state in zip(self.layers, state):
                 x, s = checkpoint(layer, x, layer_state, use_reentrant=False)
-            else:
-                x, s = layer(x, layer_state)
+                new_state.append(s)
+            return self.norm_f(x), tuple(new_state)
+        # as step_pool: each residual add and the next norm in one launch (the kernel without gradients)
+        normed = self.layers[0].norm(x)
+        next_norms = [layer.norm for layer in self.layers[1:]] + [self.norm_f]
+        for layer, layer_state, norm in zip(self.layers, state, next_norms):
+            y, s = layer.mixer(normed, layer_state)
+            h, normed = add_rms_norm(x.reshape(-1, x.shape[-1]), y.reshape(-1, x.shape[-1]), norm.weight, norm.eps)
+            x, normed = h.view(x.shape), normed.view(x.shape)
             new_state.append(s)
-        return self.norm_f(x), tuple(new_state)
+        return normed, tuple(new_state)
 
     def step(self, x_t: torch.Tensor, state: ModelState) -> tuple[torch.Tensor, ModelState]:
         """x_t (b, d) -> (features (b, d), new state)."""

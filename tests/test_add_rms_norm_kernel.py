@@ -86,3 +86,33 @@ def test_kernel_on_gpu(dtype):
     h_ref, out_ref = add_rms_norm_ref(x.double(), y.double(), w.double(), 1e-5)
     close("h", h_ref.to(dtype).float(), h.float(), dtype)
     close("normed", out_ref.float(), out.float(), dtype)
+
+
+def _forward_pair(block: str, device: str, dtype: torch.dtype):
+    """Backbone.forward (fused add + next norm) and the residual blocks run one by one, no gradients."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(block=block, d_model=64, n_layers=3, d_state=16, headdim=16, vocab_size=5)
+    bb = SSMModel(cfg).to(device=device, dtype=dtype).eval().backbone
+    x = torch.randn(2, 24, 64, device=device, dtype=dtype)
+    state = bb.init_state(2, device, dtype)
+    with torch.no_grad():
+        fused, fused_state = bb(x, state)
+        h, states = x, []
+        for layer, layer_state in zip(bb.layers, state):
+            h, s = layer(h, layer_state)
+            states.append(s)
+        return (fused, fused_state), (bb.norm_f(h), tuple(states))
+
+
+@pytest.mark.parametrize("block", ["mamba", "mamba2"])
+def test_fused_forward_equals_residual_blocks(block):
+    (fused, fused_state), (plain, plain_state) = _forward_pair(block, "cpu", torch.float32)
+    close("forward features", plain, fused, torch.float32)
+    for got, want in zip(fused_state, plain_state):
+        close("forward ssm state", want.ssm, got.ssm, torch.float32)
+
+
+@pytest.mark.gpu
+def test_fused_forward_on_gpu():
+    (fused, _), (plain, _) = _forward_pair("mamba2", "cuda", torch.bfloat16)
+    close("gpu forward features", plain.float(), fused.float(), torch.bfloat16)
