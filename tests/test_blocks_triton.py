@@ -59,3 +59,32 @@ def test_block_through_triton_kernels_equals_torch_path(name, monkeypatch):
         assert_close(f"{name} final state {i}", s_want, s_got, torch.float32)
     for key in want[2]:
         assert_close(f"{name} d{key}", want[2][key], got[2][key], torch.float32)
+
+
+def test_mamba2_serving_forward_through_triton_kernels_equals_torch_path(monkeypatch):
+    """Without gradients (the service's chunked forward) the Mamba-2 block also runs the gated norm
+    kernel, and the conv's channel-last forward writes the final conv state itself."""
+    import streamssm.kernels.norm as norm_kernels
+
+    torch.manual_seed(1)
+    block = Mamba2Block(ArchConfig(d_model=16, d_state=8, d_conv=4, headdim=8, chunk_size=8, norm_groups=2))
+    with torch.no_grad():
+        block.norm.weight.uniform_(0.5, 1.5)
+        u = torch.randn(3, 19, 16)
+        state = type(block.init_state(3))(*(torch.randn_like(s) * 0.3 for s in block.init_state(3)))
+        want = block(u, state)
+        used = set()
+        for module in (kernels, norm_kernels):
+            resolve = module.choose_backend
+
+            def to_triton(op, backend, device, resolve=resolve):
+                choice = resolve(op, "triton" if backend == "auto" else backend, device)
+                used.add((op, choice))
+                return choice
+
+            monkeypatch.setattr(module, "choose_backend", to_triton)
+        got = block(u, state)
+    assert {("causal_conv1d", "triton"), ("ssd_scan", "triton"), ("gated_rms_norm", "triton")} <= used, used
+    assert_close("mamba2 serving y", want[0], got[0], torch.float32)
+    for i, (s_want, s_got) in enumerate(zip(want[1], got[1])):
+        assert_close(f"mamba2 serving final state {i}", s_want, s_got, torch.float32)
