@@ -40,7 +40,8 @@ import numpy as np
 
 MODELS = {
     "tiny": dict(block="mamba2", d_model=32, n_layers=2, d_state=16, headdim=16, chunk_size=64),
-    "d512": dict(block="mamba2", d_model=512, n_layers=4, d_state=64, headdim=64, chunk_size=64),
+    # the 4 x d512 mu-law LM of bench_realtime.py (same shape: engine and service numbers compare)
+    "d512": dict(block="mamba2", d_model=512, n_layers=4, d_state=128, headdim=64, expand=2, chunk_size=256),
 }
 P99_TARGET_MS = 50.0
 
@@ -129,7 +130,8 @@ def thread_cpu(pid: int) -> dict[str, float]:
 
 
 def engine_only(ckpt: Path, args) -> list[dict]:
-    """The Streamer alone (no websockets): one feed_many of N streams x one chunk, median of 5."""
+    """The Streamer alone (no websockets), as the server calls it (scores only): one feed_many of N
+    streams x one chunk and of N streams x two chunks (a server behind by one chunk), median of 5."""
     import torch
 
     from streamssm.checkpoint import load_for_serving
@@ -145,16 +147,18 @@ def engine_only(ckpt: Path, args) -> list[dict]:
     ids = [streamer.open() for _ in range(max(args.clients))]
     rows = []
     for n in args.clients:
-        batch = {i: torch.randint(0, 256, (chunk,)) for i in ids[:n]}
-        times = []
-        for _ in range(7):
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            streamer.feed_many(batch)  # returns CPU tensors: synchronizes
-            times.append(time.perf_counter() - t0)
-        t = float(np.median(times[2:]))
-        rows.append({"clients": n, "ms": t * 1000, "rt_streams": n * chunk / args.sample_rate / t})
+        for chunks in (1, 2):
+            batch = {i: torch.randint(0, 256, (chunks * chunk,)) for i in ids[:n]}
+            times = []
+            for _ in range(7):
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                streamer.feed_many(batch, outputs=False)  # returns CPU tensors: synchronizes
+                times.append(time.perf_counter() - t0)
+            t = float(np.median(times[2:]))
+            rows.append({"clients": n, "samples": chunks * chunk, "ms": t * 1000,
+                         "rt_streams": n * chunks * chunk / args.sample_rate / t})
     return rows
 
 
@@ -244,6 +248,8 @@ def sweep(ckpt: Path, args) -> list[dict]:
             row.update(batch_ms=1000 * d.get("streamssm_batch_seconds_sum", 0.0) / batches,
                        streams_per_batch=d.get("streamssm_batch_streams_sum", 0.0) / batches,
                        samples_per_batch=d.get("streamssm_samples_total", 0.0) / batches,
+                       model_ms=1000 * d.get("streamssm_model_seconds_total", 0.0) / batches,
+                       encode_ms=1000 * d.get("streamssm_encode_seconds_total", 0.0) / batches,
                        loop_busy=cpu.get("loop", float("nan")) / row["wall_s"],
                        workers_busy=cpu.get("workers", float("nan")) / row["wall_s"],
                        loop_us_per_chunk=1e6 * cpu.get("loop", float("nan")) / max(row["chunks"], 1))
@@ -298,20 +304,21 @@ def main(argv=None) -> int:
           f"{' prepared' if args.prepare else ''}, {args.event_loop} event loop, {args.server_threads or 'default'} threads) on {tag}; "
           f"{args.chunk_ms:g} ms chunks at {args.sample_rate} Hz, {args.seconds:g} s per client, {args.client_procs} client process(es)")
     print("| clients | chunks | p50 ms | p99 ms | max ms | send slip ms | samples/s | x real time | kept "
-          "| server batch ms | streams/batch | samples/batch | loop CPU | other threads CPU | loop CPU us/chunk |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| server batch ms | model ms | encode ms | streams/batch | samples/batch | loop CPU | other threads CPU "
+          "| loop CPU us/chunk |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         xrt = r["samples_per_s"] / (r["clients"] * args.sample_rate)
         print(f"| {r['clients']} | {r['chunks']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['max_ms']:.1f} | "
               f"{r['slip_ms']:.1f} | {r['samples_per_s']:.0f} | {xrt:.2f} | {'yes' if r['kept'] else 'no'} | "
-              f"{r['batch_ms']:.1f} | {r['streams_per_batch']:.1f} | {r['samples_per_batch']:.0f} | "
+              f"{r['batch_ms']:.1f} | {r['model_ms']:.1f} | {r['encode_ms']:.1f} | {r['streams_per_batch']:.1f} | {r['samples_per_batch']:.0f} | "
               f"{r['loop_busy']:.0%} | {r['workers_busy']:.0%} | {r['loop_us_per_chunk']:.0f} |")
     if args.engine_only:
-        print("\nengine alone (Streamer.feed_many, one chunk per stream, no websockets):")
-        print("| streams | ms per call | real-time streams this rate sustains |")
-        print("|---|---|---|")
+        print("\nengine alone (Streamer.feed_many as the server calls it, scores only, no websockets):")
+        print("| streams | samples per stream | ms per call | real-time streams this rate sustains |")
+        print("|---|---|---|---|")
         for r in engine:
-            print(f"| {r['clients']} | {r['ms']:.2f} | {r['rt_streams']:.0f} |")
+            print(f"| {r['clients']} | {r['samples']} | {r['ms']:.2f} | {r['rt_streams']:.0f} |")
     kept = [r["clients"] for r in rows if r["kept"]]
     print(f"\nlargest N kept real time (p99 <= {P99_TARGET_MS:g} ms): {max(kept) if kept else 'none'}")
     return 0

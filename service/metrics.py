@@ -27,6 +27,10 @@ class ServiceMetrics:
                                        buckets=_BATCH_BUCKETS, registry=r)
         self.batch_seconds = Histogram("streamssm_batch_seconds", "Wall time of one batched model call",
                                        buckets=_LATENCY_BUCKETS, registry=r)
+        self.model_seconds = Counter("streamssm_model_seconds", "Engine-thread seconds in model calls "
+                                     "(Streamer.feed_many, device sync included)", registry=r)
+        self.encode_seconds = Counter("streamssm_encode_seconds", "Engine-thread seconds turning results into "
+                                      "wire messages", registry=r)
         self.chunk_latency = Histogram("streamssm_chunk_latency_seconds",
                                        "From receiving a chunk to its result being ready",
                                        buckets=_LATENCY_BUCKETS, registry=r)
@@ -35,11 +39,16 @@ class ServiceMetrics:
         self.parked_streams = Gauge("streamssm_parked_streams", "Disconnected streams kept for resume", registry=r)
         self.resumed = Counter("streamssm_resumed_streams", "Streams resumed from a token", registry=r)
 
-    def observe_batch(self, streams: int, samples: int, seconds: float) -> None:
+    def observe_batch(self, streams: int, samples: int, seconds: float, model_seconds: float = 0.0,
+                      encode_seconds: float = 0.0) -> None:
+        """One batched call: its wall time ``seconds`` (event loop to event loop) and, within it,
+        the engine thread's ``model_seconds`` and ``encode_seconds`` (the rest: hand-offs)."""
         self.batches.inc()
         self.batch_streams.observe(streams)
         self.batch_seconds.observe(seconds)
         self.samples.inc(samples)
+        self.model_seconds.inc(model_seconds)
+        self.encode_seconds.inc(encode_seconds)
 
     def observe_chunk(self, latency_s: float) -> None:
         self.chunks.inc()

@@ -284,20 +284,21 @@ class Scheduler:
             if not batch:
                 continue
             t0 = time.perf_counter()
+            timing = [0.0, 0.0]  # engine-thread seconds: model calls, encoding
             try:
-                outcome = await self._call(self._compute, batch)
+                outcome = await self._call(self._compute, batch, timing)
             except Exception:  # noqa: BLE001 - never let the engine die; isolate per stream below
                 log.exception("batched compute failed for %d streams; retrying them one by one", len(batch))
                 outcome = {}
                 for sid, pieces in batch.items():
                     try:
-                        outcome.update(await self._call(self._compute, {sid: pieces}))
+                        outcome.update(await self._call(self._compute, {sid: pieces}, timing))
                     except Exception as exc:  # noqa: BLE001
                         outcome[sid] = exc
             self.batches += 1
             if self.metrics is not None:
                 self.metrics.observe_batch(len(batch), sum(b - a for ps in batch.values() for _, a, b in ps),
-                                           time.perf_counter() - t0)
+                                           time.perf_counter() - t0, *timing)
             self._deliver(batch, outcome)
 
     def _gather(self) -> dict[int, Pieces]:
@@ -333,9 +334,11 @@ class Scheduler:
                 self._wakeup.set()  # leftovers go in the next call
         return batch
 
-    def _compute(self, batch: dict[int, Pieces]) -> dict[int, list[tuple[Chunk, Any]]]:
+    def _compute(self, batch: dict[int, Pieces], timing: list[float]) -> dict[int, list[tuple[Chunk, Any]]]:
         """Worker thread: one feed_many over all streams (a stream's slices are concatenated in
-        time), then encode each slice and finish each chunk whose last slice this was."""
+        time), then encode each slice and finish each chunk whose last slice this was. Adds the
+        seconds of the model call and of the encoding to ``timing`` [model, encode]."""
+        t0 = time.perf_counter()
         joined = {sid: torch.cat([c.x[a:b] for c, a, b in pieces]) if len(pieces) > 1
                   else pieces[0][0].x[pieces[0][1] : pieces[0][2]] for sid, pieces in batch.items()}
         want = {sid for sid in batch if (s := self._streams.get(sid)) is None or s.outputs}
@@ -343,6 +346,7 @@ class Scheduler:
             results = self.streamer.feed_many(joined)
         else:  # some clients want scores only: no (l, o) distributions for them
             results = self.streamer.feed_many(joined, outputs=want)
+        t1 = time.perf_counter()
         out: dict[int, list[tuple[Chunk, Any]]] = {}
         for sid, pieces in batch.items():
             stream, res, pos, finished = self._streams.get(sid), results[sid], 0, []
@@ -360,6 +364,8 @@ class Scheduler:
                     chunk.parts = []
                     stream.computed = (chunk.seq + 1, chunk.start + chunk.n)
             out[sid] = finished
+        timing[0] += t1 - t0
+        timing[1] += time.perf_counter() - t1
         return out
 
     def _deliver(self, batch: dict[int, Pieces], outcome: dict[int, Any]) -> None:

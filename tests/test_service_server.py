@@ -314,6 +314,12 @@ async def test_health_metrics_and_auth(ckpts):
         status, ctype, text = await http_get(base + "/metrics", {"Authorization": "Bearer s3cret"})
         assert status == 200 and ctype.startswith("text/plain")
         assert "streamssm_chunks_total" in text and 'streamssm_rejected_total{reason="unauthorized"} 3.0' in text
+        value = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("streamssm_")}
+        # the engine thread's model and encoding seconds lie within the batches' wall time
+        assert 0 < value["streamssm_model_seconds_total"]
+        assert 0 < value["streamssm_encode_seconds_total"]
+        assert value["streamssm_model_seconds_total"] + value["streamssm_encode_seconds_total"] \
+            <= value["streamssm_batch_seconds_sum"]
         assert (await http_get(base + "/nope", {"Authorization": "Bearer s3cret"}))[0] == 404
 
 
