@@ -164,6 +164,23 @@ def test_gpu_channel_last_realistic_sizes():
     check(inputs, dtype=torch.bfloat16)
 
 
+
+@pytest.mark.gpu
+def test_gpu_channel_last_sequence_longer_than_the_grid_axis():
+    """Over 65535 time blocks of every channel-last forward tile (the grid's y/z axes stop there;
+    time runs along x)."""
+    b, d, l, w = 1, 64, (1 << 20) + 77, 4
+    g = torch.Generator(device="cuda").manual_seed(8)
+    x = torch.randn(b, l, d, device="cuda", generator=g, dtype=torch.bfloat16).transpose(1, 2)
+    weight, bias = torch.randn(d, w, device="cuda", generator=g), torch.randn(d, device="cuda", generator=g)
+    init = torch.randn(b, d, w - 1, device="cuda", generator=g, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y, final = triton_conv(x=x, weight=weight, bias=bias, initial_state=init, return_final_state=True)
+    y_ref, final_ref = causal_conv1d_ref(x.double(), weight.double(), bias.double(), init.double(),
+                                         return_final_state=True)
+    assert_close("long y", y_ref, y, torch.bfloat16)
+    assert torch.equal(final, final_ref.to(final.dtype))
+
 SM90_COMPILE = """
 import triton
 from triton.backends.compiler import GPUTarget

@@ -193,11 +193,12 @@ def _causal_conv1d_fwd_cl_kernel(
     """Channel-last x: a program reads its BLOCK_L rows of BLOCK_D contiguous channels once (all
     loads issued up front), the W-1 rows before them (from x, or the initial state at the start),
     and slides the window along time in registers. The last program in time also writes the final
-    state xpad[l .. l+w-2] (no separate copy)."""
-    pid_b = tl.program_id(0).to(tl.int64)
+    state xpad[l .. l+w-2] (no separate copy). Grid (time blocks, channel blocks, batch): time
+    first, so long sequences fit the grid and neighbours share their w-1 boundary rows in L2."""
+    pid_b = tl.program_id(2).to(tl.int64)
     o_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     m_d = o_d < dim
-    s0 = tl.program_id(2).to(tl.int64) * BLOCK_L
+    s0 = tl.program_id(0).to(tl.int64) * BLOCK_L
     p_x += pid_b * s_xb + o_d * s_xd
     p_init += pid_b * s_ib + o_d * s_id
     p_y += pid_b * s_yb + o_d * s_yd
@@ -239,7 +240,7 @@ def _causal_conv1d_fwd_cl_kernel(
         r3 = r2
         r2 = r1
         r1 = cur
-    if tl.program_id(2) == tl.num_programs(2) - 1:
+    if tl.program_id(0) == tl.num_programs(0) - 1:
         p_f = p_final + pid_b * dim * (W - 1) + o_d * (W - 1)
         for j in tl.static_range(W - 1):
             v = _xpad_row(p_x, p_init, length + j, length, m_d, s_xl, s_il, W, HAS_INIT)
@@ -343,6 +344,10 @@ def _grid(b: int, d: int, l: int):
     return lambda meta: (b, triton.cdiv(d, meta["BLOCK_D"]), triton.cdiv(l, meta["BLOCK_L"]))
 
 
+def _grid_time_first(b: int, d: int, l: int):
+    return lambda meta: (triton.cdiv(l, meta["BLOCK_L"]), triton.cdiv(d, meta["BLOCK_D"]), b)
+
+
 def _channel_last(x: torch.Tensor) -> bool:
     """x (b, d, l) is a transposed (b, l, d) view: channels are its fastest axis."""
     return x.stride(1) == 1 and x.stride(2) != 1
@@ -370,7 +375,7 @@ def _causal_conv1d_fwd(x, weight, bias, initial_state, silu: bool) -> tuple[torc
     meta = dict(W=w, HAS_INIT=initial_state is not None, HAS_BIAS=bias is not None, SILU=silu)
     if _channel_last(x):
         final = x.new_empty(b, d, w - 1)
-        _causal_conv1d_fwd_cl_kernel[_grid(b, d, l)](x, init, weight, bias, y, final, *args, **meta)
+        _causal_conv1d_fwd_cl_kernel[_grid_time_first(b, d, l)](x, init, weight, bias, y, final, *args, **meta)
         return y, final
     _causal_conv1d_fwd_kernel[_grid(b, d, l)](x, init, weight, bias, y, *args, **meta)
     return y, _final_state(x, initial_state, w)

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 
-def add_rms_norm_ref(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm_ref(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x, y (b, d); weight (d,) -> (h = x + y, RMSNorm(h) * weight), both (b, d) in x.dtype."""
     h = x + y
     return h, F.rms_norm(h, weight.shape, weight.to(h.dtype), eps)
