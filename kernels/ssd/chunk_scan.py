@@ -23,17 +23,17 @@ from streamssm.kernels._triton import silu
 from streamssm.kernels.ssd.chunk_state import dot_precision
 from streamssm.kernels.ssd.chunks import ChunkLayout
 
-#: (BLOCK_T output rows, BLOCK_S source steps per in-chunk step, warps, stages). Row tiles of 64+
+#: (BLOCK_T output rows, BLOCK_I source steps per inner-loop tile, warps, stages). Row tiles of 64+
 #: feed Hopper's warpgroup MMA (m64); the S1 forward with 32 x 32 tiles ran at half mamba-ssm's speed.
 _CONFIGS = [
-    triton.Config({"BLOCK_T": bt, "BLOCK_S": bs}, num_warps=w, num_stages=st)
+    triton.Config({"BLOCK_T": bt, "BLOCK_I": bs}, num_warps=w, num_stages=st)
     for bt, bs, w, st in [(64, 64, 4, 2), (64, 32, 4, 3), (64, 64, 8, 2), (128, 64, 8, 2), (128, 32, 8, 3),
                           (32, 32, 4, 2)]
 ]
 
 
 # interpreter: row and source tiles of different sizes, so the tests cover both orders of the two
-@triton.autotune(configs=autotune_configs(_CONFIGS, triton.Config({"BLOCK_T": 16, "BLOCK_S": 32})),
+@triton.autotune(configs=autotune_configs(_CONFIGS, triton.Config({"BLOCK_T": 16, "BLOCK_I": 32})),
                  key=["P", "N", "CHUNK", "HAS_Z", "DOT_PREC"])
 @triton.jit
 def _chunk_scan_fwd_kernel(
@@ -53,7 +53,7 @@ def _chunk_scan_fwd_kernel(
     # strides
     s_x_l, s_x_h, s_x_p, s_c_l, s_c_g, s_c_n, s_z_l, s_z_h, s_z_p,
     # meta-parameters
-    CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     i_c, i_h, i_tp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -80,8 +80,8 @@ def _chunk_scan_fwd_kernel(
     # state in the inputs' dtype for the product (bf16 runs: like the peers; fp32 runs: exact)
     acc = tl.dot(b_C, b_S.to(b_C.dtype), input_precision=DOT_PREC) * tl.exp(b_acs_t)[:, None]
     p_cb_c = p_cb + (i_c.to(tl.int64) * G + i_g) * CHUNK * CHUNK + o_t[:, None] * CHUNK  # rows t
-    for s0 in range(0, tl.minimum(t0 + BLOCK_T, clen), BLOCK_S):
-        o_s = s0 + tl.arange(0, BLOCK_S)
+    for s0 in range(0, tl.minimum(t0 + BLOCK_T, clen), BLOCK_I):
+        o_s = s0 + tl.arange(0, BLOCK_I)
         m_s = o_s < clen
         tok_s = start + o_s
         causal = (o_t[:, None] >= o_s[None, :]) & m_s[None, :]
@@ -90,7 +90,7 @@ def _chunk_scan_fwd_kernel(
         b_dt_s = tl.load(p_dt_out + base + o_s, mask=m_s, other=0.0)
         b_cb *= tl.exp(tl.where(causal, b_acs_t[:, None] - b_acs_s[None, :], float("-inf"))) * b_dt_s[None, :]
         b_x = tl.load(p_x + tok_s[:, None] * s_x_l + i_h * s_x_h + o_p[None, :] * s_x_p,
-                      mask=m_s[:, None] & m_p[None, :], other=0.0)  # (BLOCK_S, BLOCK_P)
+                      mask=m_s[:, None] & m_p[None, :], other=0.0)  # (BLOCK_I, BLOCK_P)
         acc += tl.dot(b_cb.to(b_x.dtype), b_x, input_precision=DOT_PREC)
     m_tp = m_t[:, None] & m_p[None, :]
     if HAS_D:

@@ -31,11 +31,15 @@ from streamssm.kernels.ssd.chunk_state import dot_precision
 from streamssm.kernels.ssd.chunks import ChunkLayout
 
 
-# 32-row tiles with 8 warps do not spill on sm_90 at N <= 128 (ptxas -v); the others trade spills
-# for two blocks per SM. Autotuning reruns the kernels: the accumulated outputs are restored.
+# (BLOCK_T rows of the program, BLOCK_I steps per inner-loop tile, warps, stages). 32-row tiles with
+# 8 warps do not spill on sm_90 at N <= 128 (ptxas -v); the others trade spills for two blocks per
+# SM; 64 rows feed Hopper's m64 warpgroup MMA. Autotuning reruns the kernels: the accumulated
+# outputs are restored. Interpreter: unequal tiles, so the tests cover both orders.
 _CONFIGS = [
-    triton.Config({"BLOCK_T": bt}, num_warps=w, num_stages=s) for bt, w, s in [(32, 8, 2), (32, 4, 2), (64, 8, 2)]
+    triton.Config({"BLOCK_T": bt, "BLOCK_I": bi}, num_warps=w, num_stages=s)
+    for bt, bi, w, s in [(32, 32, 8, 2), (32, 32, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2)]
 ]
+_INTERPRET_CONFIG = triton.Config({"BLOCK_T": 16, "BLOCK_I": 32})
 _MIN_BLOCK_T = 16 if interpreting() else 32
 _KEY = ["H", "P", "N", "CHUNK", "heads_per_prog", "DOT_PREC", "ATOMIC"]
 
@@ -59,7 +63,7 @@ def _bwd_program(p_cstart, p_clen, P, N, heads_per_group, heads_per_prog,
             o_t, o_t < clen, o_p, o_p < P, o_n, o_n < N)
 
 
-@triton.autotune(configs=autotune_configs(_CONFIGS, triton.Config({"BLOCK_T": 16})), key=_KEY,
+@triton.autotune(configs=autotune_configs(_CONFIGS, _INTERPRET_CONFIG), key=_KEY,
                  restore_value=["p_dC"])
 @triton.jit
 def _chunk_scan_bwd_dc_kernel(
@@ -78,7 +82,7 @@ def _chunk_scan_bwd_dc_kernel(
     # strides
     s_x_l, s_x_h, s_x_p, s_b_l, s_b_g, s_b_n, s_c_l, s_c_g, s_c_n, s_dy_l, s_dy_h, s_dy_p,
     # meta-parameters
-    CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PREC: tl.constexpr, ATOMIC: tl.constexpr,
 ):
     i_c, clen, start, i_g, h0, t0, o_t, m_t, o_p, m_p, o_n, m_n = _bwd_program(
@@ -101,12 +105,12 @@ def _chunk_scan_bwd_dc_kernel(
         b_dcs = tl.dot(b_dy, b_S.to(b_dy.dtype), input_precision=DOT_PREC) * tl.exp(b_acs_t)[:, None]
         b_dacs = tl.sum(b_dcs * b_C.to(tl.float32), axis=1)
         acc_dC += b_dcs
-        for s0 in range(0, tl.minimum(t0 + BLOCK_T, clen), BLOCK_T):
-            o_s = s0 + tl.arange(0, BLOCK_T)
+        for s0 in range(0, tl.minimum(t0 + BLOCK_T, clen), BLOCK_I):
+            o_s = s0 + tl.arange(0, BLOCK_I)
             m_s = o_s < clen
             tok_s = start + o_s
             b_xt = tl.load(p_x + tok_s[None, :] * s_x_l + i_h * s_x_h + o_p[:, None] * s_x_p,
-                           mask=m_p[:, None] & m_s[None, :], other=0.0)  # (BLOCK_P, BLOCK_T)
+                           mask=m_p[:, None] & m_s[None, :], other=0.0)  # (BLOCK_P, BLOCK_I)
             b_dyx = tl.dot(b_dy, b_xt.to(b_dy.dtype), input_precision=DOT_PREC)  # (t, s)
             b_acs_s = tl.load(p_dA_cs + base + o_s, mask=m_s, other=0.0)
             b_dt_s = tl.load(p_dt_out + base + o_s, mask=m_s, other=0.0)
@@ -114,7 +118,7 @@ def _chunk_scan_bwd_dc_kernel(
             b_k = b_dyx * tl.exp(tl.where(causal, b_acs_t[:, None] - b_acs_s[None, :], float("-inf")))
             b_k *= b_dt_s[None, :]
             b_Bs = tl.load(p_B + tok_s[:, None] * s_b_l + i_g * s_b_g + o_n[None, :] * s_b_n,
-                           mask=m_s[:, None] & m_n[None, :], other=0.0)  # (BLOCK_T, BLOCK_N)
+                           mask=m_s[:, None] & m_n[None, :], other=0.0)  # (BLOCK_I, BLOCK_N)
             acc_dC += tl.dot(b_k.to(b_Bs.dtype), b_Bs, input_precision=DOT_PREC)
             b_cb = tl.load(p_cb_c + o_s[None, :], mask=causal & m_t[:, None], other=0.0)  # (t, s)
             b_dacs += tl.sum(b_k * b_cb.to(tl.float32), axis=1)
@@ -126,7 +130,7 @@ def _chunk_scan_bwd_dc_kernel(
         tl.store(p_dC + o_dC, acc_dC.to(p_dC.dtype.element_ty), mask=m_tn)
 
 
-@triton.autotune(configs=autotune_configs(_CONFIGS, triton.Config({"BLOCK_T": 16})), key=_KEY,
+@triton.autotune(configs=autotune_configs(_CONFIGS, _INTERPRET_CONFIG), key=_KEY,
                  restore_value=["p_ddA_cs", "p_ddA_last", "p_dB"], reset_to_zero=["p_dD_part"])
 @triton.jit
 def _chunk_scan_bwd_dx_kernel(
@@ -150,7 +154,7 @@ def _chunk_scan_bwd_dx_kernel(
     # strides
     s_x_l, s_x_h, s_x_p, s_b_l, s_b_g, s_b_n, s_c_l, s_c_g, s_c_n, s_dy_l, s_dy_h, s_dy_p,
     # meta-parameters
-    CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_D: tl.constexpr, D_PER_P: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC: tl.constexpr,
 ):
     i_c, clen, start, i_g, h0, s0, o_s, m_s, o_p, m_p, o_n, m_n = _bwd_program(
@@ -178,14 +182,14 @@ def _chunk_scan_bwd_dx_kernel(
         acc_dB += tl.dot(b_x.to(b_dS.dtype), b_dS, input_precision=DOT_PREC) * (b_wl * b_dt_s)[:, None]
         b_w = b_dt_s * tl.sum(b_x.to(tl.float32) * acc_dx, axis=1)
         b_dacs = -b_w
-        for t0 in range(s0, clen, BLOCK_T):
-            o_t = t0 + tl.arange(0, BLOCK_T)
+        for t0 in range(s0, clen, BLOCK_I):
+            o_t = t0 + tl.arange(0, BLOCK_I)
             m_t = o_t < clen
             tok_t = start + o_t
             b_dy = tl.load(p_dy + tok_t[:, None] * s_dy_l + i_h * s_dy_h + o_p[None, :] * s_dy_p,
-                           mask=m_t[:, None] & m_p[None, :], other=0.0)  # (BLOCK_T, BLOCK_P)
+                           mask=m_t[:, None] & m_p[None, :], other=0.0)  # (BLOCK_I, BLOCK_P)
             b_C = tl.load(p_C + tok_t[:, None] * s_c_l + i_g * s_c_g + o_n[None, :] * s_c_n,
-                          mask=m_t[:, None] & m_n[None, :], other=0.0)  # (BLOCK_T, BLOCK_N)
+                          mask=m_t[:, None] & m_n[None, :], other=0.0)  # (BLOCK_I, BLOCK_N)
             b_acs_t = tl.load(p_dA_cs + base + o_t, mask=m_t, other=0.0)
             causal = (o_t[None, :] >= o_s[:, None]) & m_t[None, :]
             b_decay = tl.exp(tl.where(causal, b_acs_t[None, :] - b_acs_s[:, None], float("-inf")))  # (s, t)
