@@ -12,11 +12,13 @@ A call of ``b`` streams over ``l`` samples is served by programs for (bucket ``B
   ``extra_lengths`` a deployment sends most (e.g. 160 / 320 / 640 samples = 10 / 20 / 40 ms at
   16 kHz): l = 320 -> one program run; l = 300 -> 256 + 32 + 8 + 4. The pieces are exact: each
   carries the state through the pool to the next, as the chunked forward does.
-* A call too big for the programs runs eagerly, as one call (its launch cost is small against
-  its compute): a segment longer than the longest length, or more than ``max_tokens`` tokens
-  per program (B x L). The token bound caps the memory the programs hold (a captured graph
-  keeps its activations: 600 streams x 640 samples of a 4 x d512 model ran an 80 GB card out
-  of memory) and the time :meth:`prepare` takes.
+* A call too big for the programs runs eagerly, as one call: a segment longer than the longest
+  length, or more than ``max_tokens`` tokens per program (B x L). The token bound caps the
+  memory the programs' shared pool holds (about the largest program's activations) and the time
+  :meth:`prepare` takes. The default covers 384 streams x 640 samples: the server never hands
+  a stream more than its slice (640 samples by default) per call, so its calls all replay
+  programs (an eager call dispatches hundreds of launches from Python, competing with the event
+  loop for the GIL).
 
 Static buffers are shared by every program: x (B_max, L_max[, c]), rows (B_max,), y (B_max,
 L_max, o). Programs are made at their first call, or all up front with :meth:`prepare`. This
@@ -64,7 +66,7 @@ class BucketedCalls(EagerCalls):
     name = "bucketed"
 
     def __init__(self, model: SSMModel, pool: ModelState, capacity: int, max_length: int = 512,
-                 extra_lengths: tuple[int, ...] = (160, 320, 640), max_tokens: int = 65536):
+                 extra_lengths: tuple[int, ...] = (160, 320, 640), max_tokens: int = 384 * 640):
         super().__init__(model, pool)
         if max_length < 1 or any(n < 1 for n in extra_lengths):
             raise ConfigError(f"segment lengths must be positive, got max_length={max_length}, extra={extra_lengths}")

@@ -119,6 +119,20 @@ def test_bucketed_token_budget_bounds_programs():
         BucketedCalls(streamer.model, streamer.pool, 5, max_tokens=4)
 
 
+def test_server_calls_replay_programs_by_default():
+    """Regression (GPU service sweep): with the old 65,536-token bound, a server call of 76 streams
+    x 640 samples (two 20 ms chunks, a slice) had no program at bucket 128 and ran eagerly,
+    dispatching every launch from Python beside the event loop. Every default-slice call of up
+    to 384 streams now has its program."""
+    from streamssm.service.config import ServeConfig
+
+    streamer = Streamer(tiny("mamba2-lm"), capacity=384)
+    calls = BucketedCalls(streamer.model, streamer.pool, 384)
+    slice_samples = ServeConfig().slice_samples
+    for bucket in calls.buckets:
+        assert slice_samples in calls.lengths_for(bucket), bucket
+
+
 def test_prepare_at_start_keeps_no_autograd_history():
     """``Streamer.capture`` (the server's start-up) is called outside the Streamer's no_grad:
     the programs' runs must not record autograd history into the pool (under grad mode every
