@@ -332,9 +332,10 @@ class Backbone(nn.Module):
         """x (b, l, d) -> (features (b, l, d), new state)."""
         if x.dim() != 3 or x.shape[1] == 0:
             raise ShapeError(f"Backbone.forward: x must be (batch, length>0, d_model), got {tuple(x.shape)}")
-        if state is None:
-            state = self.init_state(x.shape[0], x.device, x.dtype)
-        self._check_state(state, x.shape[0])
+        if state is None:  # each block starts from zeros itself (Mamba-2: no zero tensors at all)
+            state = (None,) * len(self.layers)
+        else:
+            self._check_state(state, x.shape[0])
         new_state = []
         if self.cfg.checkpoint_layers and self.training and torch.is_grad_enabled():
             for layer, layer_state in zip(self.layers, state):

@@ -88,3 +88,25 @@ def test_mamba2_serving_forward_through_triton_kernels_equals_torch_path(monkeyp
     assert_close("mamba2 serving y", want[0], got[0], torch.float32)
     for i, (s_want, s_got) in enumerate(zip(want[1], got[1])):
         assert_close(f"mamba2 serving final state {i}", s_want, s_got, torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_mamba2_without_state_equals_zero_state(backend, monkeypatch):
+    """state None (training, a stream's first call): the kernels start from zeros themselves,
+    as from an explicit zero state; the Backbone hands each block None."""
+    from streamssm.models import ModelConfig, SSMModel
+
+    if backend == "triton":
+        resolve = kernels.choose_backend
+        monkeypatch.setattr(kernels, "choose_backend", lambda op, b, device: resolve(op, "triton", device))
+    torch.manual_seed(2)
+    model = SSMModel(ModelConfig(block="mamba2", d_model=16, n_layers=2, d_state=8, headdim=8, chunk_size=8,
+                                 vocab_size=5)).eval()
+    x = torch.randn(2, 13, 16)
+    with torch.no_grad():
+        got, got_state = model.backbone(x)
+        want, want_state = model.backbone(x, model.backbone.init_state(2))
+    assert_close("features", want, got, torch.float32)
+    for g_layer, w_layer in zip(got_state, want_state):
+        for g, w in zip(g_layer, w_layer):
+            assert_close("state", w, g, torch.float32)

@@ -72,20 +72,20 @@ class Mamba2Block(Fp32Params, nn.Module):
         )
 
     def forward(self, u: torch.Tensor, state: LayerState | None = None) -> tuple[torch.Tensor, LayerState]:
-        """u (b, l, d) -> (y (b, l, d), new state)."""
+        """u (b, l, d) -> (y (b, l, d), new state); ``state`` None: zero states (the kernels'
+        default: no zero tensors written and read)."""
         b, l, _ = u.shape
-        if state is None:
-            state = self.init_state(b, u.device, u.dtype)
         z, xbc, dt = self._split(self.in_proj(u))
         xbc, conv_state = causal_conv1d(
-            xbc.transpose(1, 2), self.conv_weight, self.conv_bias, initial_state=state.conv.to(xbc.dtype),
-            activation="silu", return_final_state=True,
+            xbc.transpose(1, 2), self.conv_weight, self.conv_bias,
+            initial_state=None if state is None else state.conv.to(xbc.dtype), activation="silu",
+            return_final_state=True,
         )  # (b, cd, l)
         x, B, C = self._split_xbc(xbc.transpose(1, 2))
         y, ssm_state = ssd_scan(
             x, dt, self._A(), B, C, chunk_size=self.chunk_size, D=self._fp32("D", self.D),
-            dt_bias=self._fp32("dt_bias", self.dt_bias), dt_softplus=True, initial_state=state.ssm,
-            return_final_state=True,
+            dt_bias=self._fp32("dt_bias", self.dt_bias), dt_softplus=True,
+            initial_state=None if state is None else state.ssm, return_final_state=True,
         )  # (b, l, h, p)
         y = self.norm(y.reshape(b, l, self.d_inner), z)
         return self.out_proj(y), LayerState(conv_state, ssm_state)
