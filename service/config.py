@@ -54,6 +54,9 @@ class ServeConfig:
     certfile: str | None = _option(None, "TLS certificate (PEM)")
     keyfile: str | None = _option(None, "TLS private key (PEM)")
     ping_interval: float | None = _option(20.0, "seconds between websocket pings (null: none)")
+    batch_wait: float = _option(0.0, "seconds the idle engine may wait for streams with nothing pending "
+                                     "before a model call (0: never); on a CPU, where a call's fixed cost "
+                                     "dominates, a few ms let staggered streams share one call")
     batching: Literal["uniform", "greedy"] = _option(
         "uniform", "chunks per stream per model call: equal counts (uniform) or all pending (greedy)")
     engine: Literal["auto", "eager", "graphs", "compiled"] = _option(
@@ -73,6 +76,8 @@ class ServeConfig:
             problems.append(f"idle_timeout must be > 0 seconds, got {self.idle_timeout}")
         if self.resume_ttl < 0:
             problems.append(f"resume_ttl must be >= 0, got {self.resume_ttl}")
+        if not self.batch_wait >= 0:
+            problems.append(f"batch_wait must be >= 0 seconds, got {self.batch_wait}")
         if self.write_ahead_interval <= 0:
             problems.append(f"write_ahead_interval must be > 0 seconds, got {self.write_ahead_interval}")
         if self.token is not None and not self.token.strip():

@@ -108,14 +108,19 @@ class Scheduler:
 
     ``slice_samples`` bounds the samples one stream contributes to one model call.
     ``batching`` picks how many pending samples per stream one call takes (:meth:`_gather`).
+    ``batch_wait`` (seconds): how long the idle engine may wait for the streams that have
+    nothing pending before it calls the model (:meth:`_wait_for_more`; 0: it never waits).
     ``metrics`` (optional) receives ``observe_batch(streams, samples, seconds)`` and
     ``observe_chunk(latency_s)`` calls on the event loop.
     """
 
     def __init__(self, streamer: Streamer, queue_depth: int = 8, metrics: Any = None,
-                 batching: str = "uniform", slice_samples: int = 640):
+                 batching: str = "uniform", slice_samples: int = 640, batch_wait: float = 0.0):
         if queue_depth < 1:
             raise ConfigError(f"queue_depth must be >= 1, got {queue_depth}")
+        if not batch_wait >= 0:
+            raise ConfigError(f"batch_wait must be >= 0 seconds, got {batch_wait}")
+        self.batch_wait = batch_wait
         if batching not in ("uniform", "greedy"):
             raise ConfigError(f"batching must be 'uniform' or 'greedy', got {batching!r}")
         if slice_samples < 1:
@@ -280,6 +285,8 @@ class Scheduler:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
+            if self.batch_wait > 0:
+                await self._wait_for_more()
             batch = self._gather()
             if not batch:
                 continue
@@ -300,6 +307,23 @@ class Scheduler:
                 self.metrics.observe_batch(len(batch), sum(b - a for ps in batch.values() for _, a, b in ps),
                                            time.perf_counter() - t0, *timing)
             self._deliver(batch, outcome)
+
+    async def _wait_for_more(self) -> None:
+        """Wait up to ``batch_wait`` seconds until every live stream has samples pending, so that
+        streams whose chunks arrive staggered share one model call: where a call's fixed cost
+        dominates (a small model on a CPU), one call of N streams costs far less than N calls."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.batch_wait
+        while any(not s.pending for s in self._streams.values() if not (s.closing or s.failed)):
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            try:
+                async with asyncio.timeout(left):
+                    await self._wakeup.wait()
+            except TimeoutError:
+                return
+            self._wakeup.clear()
 
     def _gather(self) -> dict[int, Pieces]:
         """Take at most ``slice_samples`` pending samples of every ready stream.

@@ -95,7 +95,8 @@ class StreamServer:
         self.metrics = ServiceMetrics()
         self.store = ResumeStore(cfg.resume_ttl, cfg.state_dir, cfg.max_parked, cfg.max_parked_bytes)
         self.streamer = Streamer(bundle.model, cfg.max_streams, cfg.device, DTYPES[cfg.dtype], cfg.engine)
-        self.scheduler = Scheduler(self.streamer, cfg.queue_depth, self.metrics, cfg.batching, cfg.slice_samples)
+        self.scheduler = Scheduler(self.streamer, cfg.queue_depth, self.metrics, cfg.batching, cfg.slice_samples,
+                                   cfg.batch_wait)
         self._server: Server | None = None
         self._live: dict[str, Session] = {}  # resume token -> live session
         self._resuming: set[str] = set()  # tokens being resumed right now

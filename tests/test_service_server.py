@@ -517,6 +517,41 @@ async def test_default_settings_run_a_20_ms_frame_of_every_stream_in_one_call(ck
     assert sorted(sent) == sorted([(i, s, 320) for i in range(3) for s in range(2)])
 
 
+async def test_batch_wait_lets_staggered_streams_share_one_call(ckpts):
+    """serve --batch-wait: the idle engine waits for the streams with nothing pending, so chunks
+    that arrive a little apart go in one model call (without it: one call per arrival)."""
+    from streamssm.service.scheduler import Chunk, Scheduler
+
+    streamer = _streamer(ckpts["dna"])
+    calls = []
+    real = streamer.feed_many
+    streamer.feed_many = lambda chunks: (calls.append(sorted(chunks)), real(chunks))[1]
+    sched, sent = Scheduler(streamer, batch_wait=5.0), []
+    await sched.start()
+    try:
+        sids = [await _open(sched, sent, i) for i in range(3)]
+        for sid in sids:  # staggered arrivals, well inside the window
+            await sched.submit(sid, Chunk(0, 0, torch.randint(0, 5, (8,))))
+            await asyncio.sleep(0.05)
+        async with asyncio.timeout(TIMEOUT):
+            while len(sent) < 3:
+                await asyncio.sleep(0.01)
+    finally:
+        await sched.stop()
+    assert calls == [sorted(sids)]
+
+
+def test_batch_wait_must_not_be_negative():
+    from streamssm.errors import ConfigError
+    from streamssm.service.config import ServeConfig
+    from streamssm.service.scheduler import Scheduler
+
+    with pytest.raises(ConfigError, match="batch_wait must be >= 0"):
+        ServeConfig(batch_wait=-0.001)
+    with pytest.raises(ConfigError, match="batch_wait must be >= 0"):
+        Scheduler(None, batch_wait=float("nan"))
+
+
 async def test_backpressure_slows_only_the_stream_that_does_not_drain(ckpts):
     from streamssm.service.scheduler import Chunk, Scheduler
 
