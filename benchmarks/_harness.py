@@ -16,6 +16,9 @@ from typing import Callable
 
 import torch
 
+#: H100 device-to-device copy bandwidth, read + write, TB/s (BENCHMARKS.md): the byte floors
+COPY_TBPS = 3.0
+
 # name -> sizes (shared/BENCHMARKS.md)
 SSD_SHAPES: dict[str, dict[str, int]] = {
     "S1": dict(batch=8, length=4096, heads=24, headdim=64, dstate=128),

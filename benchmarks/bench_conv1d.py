@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import MAMBA1_SHAPES, Table, peak_memory_gib, report, run_tag, time_eager, time_graph  # noqa: E402
+from _harness import COPY_TBPS, MAMBA1_SHAPES, Table, peak_memory_gib, report, run_tag, time_eager, time_graph  # noqa: E402
 
 from streamssm.kernels import causal_conv1d  # noqa: E402
 from streamssm.kernels.conv1d.reference import causal_conv1d_ref  # noqa: E402
@@ -42,7 +42,6 @@ from streamssm.testing import assert_close  # noqa: E402
 SHAPES = {name: (s["batch"], s["dim"], s["length"]) for name, s in MAMBA1_SHAPES.items()}
 SHAPES["S1"] = (8, 1536 + 256, 4096)
 SHAPES["R1"] = (256, 1024 + 256, 320)
-COPY_TBPS = 3.0  # H100 device-to-device copy, read + write (BENCHMARKS.md)
 
 
 def ours(x, weight, bias, init=None):

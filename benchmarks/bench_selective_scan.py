@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import MAMBA1_SHAPES, Table, peak_memory_gib, report, run_tag, time_eager, time_graph  # noqa: E402
+from _harness import COPY_TBPS, MAMBA1_SHAPES, Table, peak_memory_gib, report, run_tag, time_eager, time_graph  # noqa: E402
 
 from streamssm.kernels import selective_scan  # noqa: E402
 from streamssm.kernels.mamba1.reference import selective_scan_ref  # noqa: E402
@@ -42,7 +42,6 @@ from streamssm.kernels.mamba1.scan import selective_scan_triton  # noqa: E402
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "delta_bias")
 PEERS = Path(__file__).resolve().parent.parent / ".peers"
-COPY_TBPS = 3.0  # H100 device-to-device copy, read + write (BENCHMARKS.md)
 
 
 # ----------------------------------------------------------------------------- peers

@@ -9,6 +9,8 @@ dt_softplus, one group, chunk 256, no z. fla runs the same recurrence as simple 
 q = C, k = B, v = x * dt, g = dt * A (per-head copies of B/C; D * x added outside; the
 preparation is not timed). Each provider is timed forward and forward+backward (gradients of
 every input), eager and replayed from a CUDA graph; peak memory is that of forward+backward.
+"fwd TFLOP/s" counts the forward's matmul FLOPs (``forward_cost``), "fwd x floor" divides its time
+by the least bytes it must move at the copy bandwidth (_harness.COPY_TBPS).
 ``--verify`` (default) checks our outputs and gradients against a float64 chunked reference
 (S3: outputs plus directional derivatives of each input by central differences in float64)
 and reports the peers' forward error for context.
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import SSD_SHAPES, Table, peak_memory_gib, report, run_tag, time_eager, time_graph  # noqa: E402
+from _harness import COPY_TBPS, SSD_SHAPES, Table, peak_memory_gib, report, run_tag, time_eager, time_graph  # noqa: E402
 from _peers import PEERS, import_mamba_ssm, stub_package  # noqa: E402
 
 from streamssm.kernels import ssd_scan  # noqa: E402
@@ -180,11 +182,23 @@ def verify(name: str, t: dict, providers: dict) -> list[str]:
 # ----------------------------------------------------------------------------- timing
 
 
+def forward_cost(shape: dict[str, int], groups: int = 1) -> tuple[float, float]:
+    """(FLOPs, least bytes) of one SSD forward at chunk CHUNK: per token and head the chunk's state
+    (B x^T: 2PN), its read (C S: 2PN) and the causal in-chunk product (about PQ), per token and
+    group C.B^T (about NQ); bytes: x, dt, B, C read and y written once, in bf16."""
+    tokens, h, p, n = shape["batch"] * shape["length"], shape["heads"], shape["headdim"], shape["dstate"]
+    flops = tokens * (h * (4 * p * n + p * CHUNK) + groups * n * CHUNK)
+    return flops, tokens * 2 * (2 * h * p + h + 2 * groups * n)
+
+
 def measure(table: Table, shape_name: str, kernel: str, run, t: dict, names, tokens: int, eager: bool) -> None:
     row = {"shape": shape_name, "kernel": kernel}
+    flops, nbytes = forward_cost(SSD_SHAPES[shape_name])
     try:
         with torch.no_grad():
             row["fwd ms graph"] = time_graph(lambda: run(t))
+            row["fwd TFLOP/s"] = flops / row["fwd ms graph"] / 1e9
+            row["fwd x floor"] = row["fwd ms graph"] / (nbytes / COPY_TBPS / 1e9)
             if eager:
                 row["fwd ms eager"] = time_eager(lambda: run(t))
         leaves, params = with_grads(t, names)
@@ -255,8 +269,8 @@ def main(argv=None) -> int:
     if "fla" in args.peers:
         providers["fla"] = (fla(load_fla()), fla_inputs)
     table = Table(
-        columns=["shape", "kernel", "fwd ms graph", "fwd ms eager", "fwd+bwd ms graph", "fwd+bwd ms eager",
-                 "Mtok/s fwd+bwd", "peak GiB fwd+bwd"],
+        columns=["shape", "kernel", "fwd ms graph", "fwd TFLOP/s", "fwd x floor", "fwd ms eager", "fwd+bwd ms graph",
+                 "fwd+bwd ms eager", "Mtok/s fwd+bwd", "peak GiB fwd+bwd"],
         ratio_of=["fwd ms graph", "fwd ms eager", "fwd+bwd ms graph", "fwd+bwd ms eager", "peak GiB fwd+bwd"],
     )
     notes = [run_tag()]
