@@ -15,9 +15,9 @@ or when the wall-clock budget runs out. Models: tiny (Mamba-2, 2 layers, d_model
 d512 (Mamba-2, 4 layers, d_model 512) for the H100, demo (the demo's audio model: Mamba-2, 2
 layers, d_model 48) for CPU. ``--engine compiled --prepare`` compiles before the server listens
 (the start-up seconds are printed). "loop CPU" / "other threads CPU" are the busy shares
-(CPU seconds / wall seconds, from /proc) of the server's event-loop thread and of all its other
-threads (engine, torch pools): a loop near 100 % means the websocket side, not the model,
-limits N.
+(CPU seconds, from /proc, over the seconds the clients streamed) of the server's event-loop
+thread and of all its other threads (engine, torch pools): a loop near 100 % means the
+websocket side, not the model, limits N.
 """
 
 from __future__ import annotations
@@ -222,7 +222,7 @@ def measure(url: str, n: int, args) -> dict:
     kept = not errors and p99 <= P99_TARGET_MS and slip <= 2 * args.chunk_ms
     return {"clients": n, "chunks": chunks, "p50_ms": float(np.percentile(lat, 50)), "p99_ms": p99,
             "max_ms": float(lat.max()), "slip_ms": slip, "samples_per_s": chunks * chunk / span,
-            "wall_s": wall, "kept": kept, "errors": len(errors), "first_error": errors[0] if errors else ""}
+            "wall_s": wall, "span_s": span, "kept": kept, "errors": len(errors), "first_error": errors[0] if errors else ""}
 
 
 def sweep(ckpt: Path, args) -> list[dict]:
@@ -251,8 +251,8 @@ def sweep(ckpt: Path, args) -> list[dict]:
                        samples_per_batch=d.get("streamssm_samples_total", 0.0) / batches,
                        model_ms=1000 * d.get("streamssm_model_seconds_total", 0.0) / batches,
                        encode_ms=1000 * d.get("streamssm_encode_seconds_total", 0.0) / batches,
-                       loop_busy=cpu.get("loop", float("nan")) / row["wall_s"],
-                       workers_busy=cpu.get("workers", float("nan")) / row["wall_s"],
+                       loop_busy=cpu.get("loop", float("nan")) / row["span_s"],
+                       workers_busy=cpu.get("workers", float("nan")) / row["span_s"],
                        loop_us_per_chunk=1e6 * cpu.get("loop", float("nan")) / max(row["chunks"], 1))
             rows.append(row)
             print(f"N={n}: p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms, slip {row['slip_ms']:.1f} ms, "

@@ -76,8 +76,9 @@ class ServeConfig:
             problems.append(f"idle_timeout must be > 0 seconds, got {self.idle_timeout}")
         if self.resume_ttl < 0:
             problems.append(f"resume_ttl must be >= 0, got {self.resume_ttl}")
-        if not self.batch_wait >= 0:
-            problems.append(f"batch_wait must be >= 0 seconds, got {self.batch_wait}")
+        if not 0 <= self.batch_wait <= 1:
+            problems.append(f"batch_wait must be 0..1 seconds (every stream waits it whenever one pauses), "
+                            f"got {self.batch_wait}")
         if self.write_ahead_interval <= 0:
             problems.append(f"write_ahead_interval must be > 0 seconds, got {self.write_ahead_interval}")
         if self.token is not None and not self.token.strip():

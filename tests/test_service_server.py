@@ -546,8 +546,10 @@ def test_batch_wait_must_not_be_negative():
     from streamssm.service.config import ServeConfig
     from streamssm.service.scheduler import Scheduler
 
-    with pytest.raises(ConfigError, match="batch_wait must be >= 0"):
+    with pytest.raises(ConfigError, match="batch_wait must be 0..1 seconds"):
         ServeConfig(batch_wait=-0.001)
+    with pytest.raises(ConfigError, match="batch_wait must be 0..1 seconds"):
+        ServeConfig(batch_wait=5)  # a paused client would stall every other stream this long
     with pytest.raises(ConfigError, match="batch_wait must be >= 0"):
         Scheduler(None, batch_wait=float("nan"))
 
