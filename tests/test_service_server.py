@@ -541,7 +541,7 @@ async def test_batch_wait_lets_staggered_streams_share_one_call(ckpts):
     assert calls == [sorted(sids)]
 
 
-def test_batch_wait_must_not_be_negative():
+def test_batch_wait_is_bounded():
     from streamssm.errors import ConfigError
     from streamssm.service.config import ServeConfig
     from streamssm.service.scheduler import Scheduler
