@@ -27,7 +27,6 @@ import hmac
 import ipaddress
 import logging
 import ssl
-import time
 from collections import OrderedDict
 from http import HTTPStatus
 
@@ -84,8 +83,7 @@ class StreamServer:
     """The service around one loaded model. ``async with StreamServer(bundle, cfg) as s:``.
 
     Its sessions see it as a :class:`~streamssm.service.session.SessionHost`: ``config``,
-    ``bundle``, ``codec``, ``streamer``, ``scheduler``, ``store``, :meth:`receive` and
-    :meth:`remember_failure`."""
+    ``bundle``, ``codec``, ``streamer``, ``scheduler``, ``store`` and :meth:`remember_failure`."""
 
     def __init__(self, bundle: ServingBundle, config: ServeConfig | None = None):
         self.config = config or ServeConfig()
@@ -244,38 +242,16 @@ class StreamServer:
         budget = self.config.slice_samples * _VALUES_PER_SLICE_SAMPLE
         return max(1, min(self.config.slice_samples, budget // max(1, values)))
 
-    async def receive(self, ws: ServerConnection, session: Session | None = None) -> str | bytes:
-        """The next message; ProtocolError 1008 ``idle_timeout`` after ``idle_timeout`` seconds
-        without a message or a result sent, not counting time the server owes results."""
+    async def receive(self, ws: ServerConnection) -> str | bytes:
+        """A new connection's first message; ProtocolError 1008 ``idle_timeout`` after
+        ``idle_timeout`` seconds without one (a stream's later messages:
+        :meth:`~streamssm.service.session.Session.receive`)."""
         idle = self.config.idle_timeout
-        since = time.monotonic() if session is None else session.last_activity
-        task = asyncio.ensure_future(ws.recv())  # cancelling recv() loses no message
-        failed = asyncio.ensure_future(session.failed.wait()) if session is not None else None
         try:
-            while True:
-                left = idle - (time.monotonic() - since)
-                if left > 0:
-                    await asyncio.wait({task} if failed is None else {task, failed}, timeout=left,
-                                       return_when=asyncio.FIRST_COMPLETED)
-                    if session is not None and session.failure is not None:
-                        raise session.failure_error()
-                    if task.done():
-                        return task.result()
-                    continue
-                if session is None:
-                    break
-                session.check_reading()
-                if session.owed():  # waiting on the server's backlog: look again in a second
-                    since = time.monotonic() - idle + min(1.0, idle)
-                    continue
-                since = session.last_activity
-                if time.monotonic() - since >= idle:
-                    break
-        finally:
-            task.cancel()
-            if failed is not None:
-                failed.cancel()
-        raise ProtocolError(f"no message for {idle:g} s", POLICY_VIOLATION, "idle_timeout")
+            async with asyncio.timeout(idle):
+                return await ws.recv()
+        except TimeoutError:
+            raise ProtocolError(f"no message for {idle:g} s", POLICY_VIOLATION, "idle_timeout") from None
 
     async def _fail(self, ws: ServerConnection, exc: ProtocolError) -> None:
         """Send the JSON error, then close with its code."""

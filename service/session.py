@@ -57,7 +57,7 @@ _THREAD_DECODE_BYTES = 1 << 16  # frames at least this big are decoded off the e
 
 class SessionHost(Protocol):
     """What a session uses of its server: the loaded model and its settings, the shared
-    scheduler and resume store, and two calls."""
+    scheduler and resume store, and one call."""
 
     config: ServeConfig
     bundle: ServingBundle
@@ -65,10 +65,6 @@ class SessionHost(Protocol):
     streamer: Streamer
     scheduler: Scheduler
     store: ResumeStore
-
-    async def receive(self, ws: ServerConnection, session: Session | None = None) -> str | bytes:
-        """The next message of ``ws`` (ProtocolError ``idle_timeout`` when none comes)."""
-        ...
 
     def remember_failure(self, token: str, exc: BaseException) -> None:
         """Record why the stream of ``token`` failed (its resume is refused with that reason)."""
@@ -103,6 +99,9 @@ class Session:
         self.failure: BaseException | None = None
         self.failed = asyncio.Event()
         self.sender: asyncio.Task | None = None
+        self._reader: asyncio.Task | None = None  # the handler's task while it waits in receive()
+        self._interrupt: ProtocolError | None = None  # why the watchdog cancelled that wait
+        self._watchdog: asyncio.TimerHandle | None = None  # the idle timer (armed by receive())
         self.last_activity = time.monotonic()  # last message received or result sent
         self.send_started: float | None = None  # monotonic time of the send in progress
         self.written_seq = -1  # done_seq of the last write-ahead
@@ -161,7 +160,8 @@ class Session:
         log.error("stream %s: model call failed: %s", self.sid, exc)
         self.failure = exc
         self.server.remember_failure(self.token, exc)
-        self.failed.set()  # wakes the handler, which closes the connection with the real reason
+        self.failed.set()  # wakes _caught_up
+        self._interrupt_reader(self.failure_error())  # the handler closes the connection with the real reason
 
     def failure_error(self) -> ProtocolError:
         exc = self.failure
@@ -180,6 +180,62 @@ class Session:
         if self.send_started is not None and time.monotonic() - self.send_started > idle:
             raise ProtocolError(f"the client has not read its results for {idle:g} s", POLICY_VIOLATION,
                                 "idle_timeout")
+
+    async def receive(self) -> str | bytes:
+        """The client's next message, awaited in the handler's own task (no task or timer per
+        frame). ProtocolError 1008 ``idle_timeout`` after ``idle_timeout`` seconds without a
+        message or a result sent, not counting time the server owes results (the watchdog,
+        :meth:`_check_idle`); the stream's failure as soon as its model call fails, even while
+        the client sends nothing (:meth:`on_error` interrupts the wait)."""
+        if self.failure is not None:
+            raise self.failure_error()
+        if self._watchdog is None:
+            self._watch(self.last_activity + self.server.config.idle_timeout)
+        task = self._reader = asyncio.current_task()
+        assert task is not None
+        cancelling = task.cancelling()
+        try:
+            return await self.ws.recv()  # cancelling recv() loses no message
+        except asyncio.CancelledError:
+            why, self._interrupt = self._interrupt, None
+            if why is None or task.uncancel() > cancelling:  # (also) cancelled by someone else
+                raise
+            if self.failure is not None:
+                raise self.failure_error() from None
+            raise why from None
+        finally:
+            self._reader = None
+
+    def _interrupt_reader(self, why: ProtocolError) -> None:
+        """End the handler's wait in :meth:`receive` with ``why`` (nothing when it is not waiting)."""
+        if self._reader is not None and self._interrupt is None:
+            self._interrupt = why
+            self._reader.cancel()
+
+    def _watch(self, at: float) -> None:
+        """Arm the idle timer for monotonic time ``at`` (seconds)."""
+        self._watchdog = asyncio.get_running_loop().call_later(max(0.0, at - time.monotonic()), self._check_idle)
+
+    def _check_idle(self) -> None:
+        """The idle timer: while the handler waits for the client, time it out once it has been
+        ``idle_timeout`` seconds since the last message or result sent (looking again every
+        second while the server owes it results), or once a result has waited that long to be
+        sent; re-armed for the next possible expiry. Not waiting: disarmed (receive() arms it)."""
+        self._watchdog = None
+        if self._reader is None:
+            return
+        idle, now = self.server.config.idle_timeout, time.monotonic()
+        try:
+            self.check_reading()
+        except ProtocolError as exc:
+            self._interrupt_reader(exc)
+            return
+        if self.owed():  # waiting on the server's backlog: look again in a second
+            self._watch(now + min(1.0, idle))
+        elif now - self.last_activity < idle:
+            self._watch(self.last_activity + idle)
+        else:
+            self._interrupt_reader(ProtocolError(f"no message for {idle:g} s", POLICY_VIOLATION, "idle_timeout"))
 
     async def _send_loop(self) -> None:
         try:
@@ -231,10 +287,8 @@ class Session:
         """Receive frames until ``end`` (then summary + close 1000) or an error/close."""
         cfg, codec = self.server.config, self.server.codec
         while True:
-            message = await self.server.receive(self.ws, self)
+            message = await self.receive()
             self.last_activity = time.monotonic()
-            if self.failure is not None:
-                raise self.failure_error()
             size = len(message)
             if size > cfg.max_frame_bytes:
                 raise ProtocolError(f"frame of {size} bytes exceeds the limit of {cfg.max_frame_bytes} bytes",
@@ -385,6 +439,9 @@ class Session:
     async def close(self, park: bool = True) -> None:
         """Connection over: stop sending; free the stream's pool row; park the stream for
         resume unless it ended, failed, broke the protocol or never got a result."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if self.sender is not None:
             self.sender.cancel()
             with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
