@@ -7,6 +7,7 @@ import asyncio
 import json
 import math
 import random
+import socket
 import stat
 
 import numpy as np
@@ -190,6 +191,25 @@ async def test_idle_timeout_does_not_count_the_servers_backlog_and_end_waits(ckp
         assert srv.scheduler.batches > 100  # the backlog lasted many model calls (many idle timeouts)
     assert [r["type"] for r in replies] == ["result", "result", "summary"]
     assert replies[-1]["samples"] == 6100
+
+
+async def test_a_client_that_stops_reading_its_results_is_timed_out(ckpts):
+    """The server owes this client results, so its silence is no idleness; but a result that
+    has waited idle_timeout to be sent (the client reads nothing) ends the stream with 1008."""
+    async with server(ckpts["dna"], idle_timeout=0.5) as srv:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", srv.port))
+        async with connect(srv.url, sock=sock, max_queue=1, max_size=None) as ws:
+            await ws.send(START)
+            await ws.recv()
+            (session,) = srv._live.values()  # small kernel buffers: the server's send soon waits
+            session.ws.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            for seed in range(6):  # ~100 kB of JSON results each, fewer chunks than queue_depth
+                await ws.send(bases(2000, seed))
+            await until(lambda: 'reason="idle_timeout"} 1.0' in srv.metrics.render().decode(), "the timeout")
+            got, code = await error_of(ws)
+    assert code == 1008 and got["reason"] == "idle_timeout" and "has not read its results" in got["message"]
 
 
 async def test_engine_errors_reach_the_client_with_their_reason_also_on_resume(ckpts):
