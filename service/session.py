@@ -89,6 +89,8 @@ class Session:
         self.replay: deque[tuple[int, str | bytes]] = deque(parked.replay if parked else ())
         self.replay_size = sum(len(m) for _, m in self.replay)
         self.resampler = server.codec.resampler(start)
+        scored = server.streamer.cfg.head == "lm" and server.streamer.cfg.input_kind == "tokens"
+        self._sample_result_bytes = result_bytes(1, server.codec.output_dim, scored, start)  # per sample: linear
         self.resets: set[int] = set()  # seqs of resets in progress (their results are marked)
         self.resetting = False  # no write-ahead while a reset is between its result and the zeroing
         self.progress = asyncio.Event()  # set whenever done_seq grows
@@ -238,18 +240,19 @@ class Session:
             self._interrupt_reader(ProtocolError(f"no message for {idle:g} s", POLICY_VIOLATION, "idle_timeout"))
 
     async def _send_loop(self) -> None:
+        get, send, done, task_done = self.outbox.get, self.ws.send, self.server.scheduler.done, self.outbox.task_done
         try:
             while True:
-                message, slot = await self.outbox.get()
+                message, slot = await get()
                 self.send_started = time.monotonic()
                 try:
-                    await self.ws.send(message)
+                    await send(message)
                 finally:
                     self.send_started = None
                     self.last_activity = time.monotonic()
                     if slot:
-                        self.server.scheduler.done(self.sid)
-                    self.outbox.task_done()
+                        done(self.sid)
+                    task_done()
         except ConnectionClosed:  # free the queue so a handler blocked in submit() wakes up
             self._disconnect()
 
@@ -335,10 +338,8 @@ class Session:
 
     async def _submit(self, x: torch.Tensor) -> None:
         """Queue model input x (the stream's next ``seq``) for the engine."""
-        codec = self.server.codec
-        scored = self.server.streamer.cfg.head == "lm" and self.server.streamer.cfg.input_kind == "tokens"
         n, limit = int(x.shape[0]), self.server.config.max_result_bytes
-        out_bytes = result_bytes(n, codec.output_dim, scored, self.start)
+        out_bytes = n * self._sample_result_bytes
         if out_bytes > limit:
             raise ProtocolError(
                 f"a frame of {n} samples gives {out_bytes} bytes of {self.start.results} results "
