@@ -20,6 +20,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import jsonargparse
 
@@ -39,7 +40,7 @@ def build_parser(prog: str) -> jsonargparse.ArgumentParser:
                         help="torch CPU threads of the model calls (null: torch's, one per core); on a host "
                              "shared with other work, the cores left to the model (oversubscribed OpenMP "
                              "threads stall each other)")
-    parser.add_argument("--event-loop", type=str, default="auto", choices=EVENT_LOOPS,
+    parser.add_argument("--event-loop", type=Literal[EVENT_LOOPS], default="auto",
                         help="the server's event loop: uvloop (its C loop: ~15-20 % less CPU per frame in bench_service "
                              "on a 2-core CPU), asyncio, or auto (uvloop when installed)")
     add_fields(parser, ServeConfig, defaults={"device": "auto"})
