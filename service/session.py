@@ -19,7 +19,8 @@ import contextlib
 import logging
 import time
 from collections import deque
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -52,6 +53,7 @@ from .resume import Parked, ResumeStore
 from .scheduler import Chunk, Scheduler
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 _THREAD_DECODE_BYTES = 1 << 16  # frames at least this big are decoded off the event loop
 
 
@@ -189,6 +191,12 @@ class Session:
         message or a result sent, not counting time the server owes results (the watchdog,
         :meth:`_check_idle`); the stream's failure as soon as its model call fails, even while
         the client sends nothing (:meth:`on_error` interrupts the wait)."""
+        return await self._watched(self.ws.recv)  # cancelling recv() loses no message
+
+    async def _watched(self, wait: Callable[[], Awaitable[T]]) -> T:
+        """``await wait()`` in the handler's task under the idle watchdog, interrupted by the
+        stream's failure (:meth:`receive`; also a submit waiting for a queue slot, which a client
+        that reads no results would otherwise hold forever)."""
         if self.failure is not None:
             raise self.failure_error()
         if self._watchdog is None:
@@ -197,7 +205,7 @@ class Session:
         assert task is not None
         cancelling = task.cancelling()
         try:
-            return await self.ws.recv()  # cancelling recv() loses no message
+            return await wait()
         except asyncio.CancelledError:
             why, self._interrupt = self._interrupt, None
             if why is None or task.uncancel() > cancelling:  # (also) cancelled by someone else
@@ -348,10 +356,13 @@ class Session:
         chunk = Chunk(self._take_seq(), self.samples_in, x)
         self.samples_in += chunk.n
         try:
-            await self.server.scheduler.submit(self.sid, chunk)
+            await self._watched(lambda: self.server.scheduler.submit(self.sid, chunk))
         except StateError:
             if self.failure is not None:
                 raise self.failure_error() from None
+            raise
+        except (ProtocolError, asyncio.CancelledError):  # interrupted before it was queued: not taken
+            self.next_seq, self.samples_in = chunk.seq, chunk.start
             raise
 
     async def _caught_up(self, seq: int) -> None:

@@ -212,6 +212,27 @@ async def test_a_client_that_stops_reading_its_results_is_timed_out(ckpts):
     assert code == 1008 and got["reason"] == "idle_timeout" and "has not read its results" in got["message"]
 
 
+async def test_a_client_that_sends_on_without_reading_is_timed_out(ckpts):
+    """Regression: past queue_depth unanswered chunks the handler waits in submit() for a queue
+    slot that only a sent result frees; the idle watchdog watched receive() alone, so a client
+    that kept sending and never read held its stream (and a pool row) until a keepalive ping, or
+    forever without pings. The wait for a slot is watched too."""
+    async with server(ckpts["dna"], idle_timeout=0.5, queue_depth=2) as srv:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", srv.port))
+        async with connect(srv.url, sock=sock, max_queue=1, max_size=None) as ws:
+            await ws.send(START)
+            await ws.recv()
+            (session,) = srv._live.values()
+            session.ws.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            for seed in range(6):  # more chunks than queue_depth: the handler ends up waiting in submit()
+                await ws.send(bases(2000, seed))
+            await until(lambda: 'reason="idle_timeout"} 1.0' in srv.metrics.render().decode(), "the timeout")
+            got, code = await error_of(ws)
+    assert code == 1008 and got["reason"] == "idle_timeout" and "has not read its results" in got["message"]
+
+
 async def test_engine_errors_reach_the_client_with_their_reason_also_on_resume(ckpts):
     async with server(ckpts["dna"]) as srv:
         real = srv.streamer.feed_many
