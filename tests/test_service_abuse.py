@@ -233,6 +233,28 @@ async def test_a_client_that_sends_on_without_reading_is_timed_out(ckpts):
     assert code == 1008 and got["reason"] == "idle_timeout" and "has not read its results" in got["message"]
 
 
+async def test_a_resumed_client_that_reads_none_of_its_replay_is_timed_out(ckpts):
+    """A client that resumes and reads none of its replay (more than the kernel buffers hold)
+    does not hold the connection: the greeting is bounded by idle_timeout (it had no test)."""
+    async with server(ckpts["dna"], idle_timeout=0.5) as srv:
+        async with connect(srv.url, max_size=None) as ws:
+            await ws.send(START)
+            token = json.loads(await ws.recv())["resume"]
+            for seed in range(60):  # ~100 kB of JSON results each (more than the kernel buffers), none acknowledged
+                await ws.send(bases(2000, seed))
+                await ws.recv()
+            ws.transport.abort()  # parked: the 60 results wait in its replay buffer
+        await until(lambda: len(srv.store) == 1, "the park")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", srv.port))
+        async with connect(srv.url, sock=sock, max_queue=1, max_size=None) as ws:
+            await ws.send(json.dumps({"type": "start", "format": "text", "resume": token, "ack": -1}))
+            await until(lambda: 'reason="idle_timeout"} 1.0' in srv.metrics.render().decode(), "the timeout")
+            got, code = await error_of(ws)
+    assert code == 1008 and got["reason"] == "idle_timeout" and "did not read ready" in got["message"]
+
+
 async def test_engine_errors_reach_the_client_with_their_reason_also_on_resume(ckpts):
     async with server(ckpts["dna"]) as srv:
         real = srv.streamer.feed_many
