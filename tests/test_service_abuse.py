@@ -193,44 +193,41 @@ async def test_idle_timeout_does_not_count_the_servers_backlog_and_end_waits(ckp
     assert replies[-1]["samples"] == 6100
 
 
-async def test_a_client_that_stops_reading_its_results_is_timed_out(ckpts):
+def slow_reader(srv):
+    """A client connection whose kernel receive buffer holds 4 kB: reading nothing, it soon
+    makes the server's sends wait."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", srv.port))
+    return connect(srv.url, sock=sock, max_queue=1, max_size=None)
+
+
+async def timed_out(srv, ws) -> dict:
+    """Wait for the server's idle_timeout close of ``ws``; returns its error message (code 1008)."""
+    await until(lambda: 'reason="idle_timeout"} 1.0' in srv.metrics.render().decode(), "the timeout")
+    got, code = await error_of(ws)
+    assert code == 1008 and got["reason"] == "idle_timeout"
+    return got
+
+
+@pytest.mark.parametrize("queue_depth", [8, 2], ids=["waiting-for-a-frame", "waiting-for-a-queue-slot"])
+async def test_a_client_that_stops_reading_its_results_is_timed_out(ckpts, queue_depth):
     """The server owes this client results, so its silence is no idleness; but a result that
-    has waited idle_timeout to be sent (the client reads nothing) ends the stream with 1008."""
-    async with server(ckpts["dna"], idle_timeout=0.5) as srv:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", srv.port))
-        async with connect(srv.url, sock=sock, max_queue=1, max_size=None) as ws:
+    has waited idle_timeout to be sent (the client reads nothing) ends the stream with 1008,
+    whether the handler waits for the client's next frame or (regression) for a queue slot:
+    past queue_depth unanswered chunks it waits in submit() for a slot only a sent result frees,
+    and the idle watchdog watched receive() alone, so a client that kept sending and never read
+    held its stream and pool row until a keepalive ping, or forever without pings."""
+    async with server(ckpts["dna"], idle_timeout=0.5, queue_depth=queue_depth) as srv:
+        async with slow_reader(srv) as ws:
             await ws.send(START)
             await ws.recv()
             (session,) = srv._live.values()  # small kernel buffers: the server's send soon waits
             session.ws.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-            for seed in range(6):  # ~100 kB of JSON results each, fewer chunks than queue_depth
+            for seed in range(6):  # ~100 kB of JSON results each
                 await ws.send(bases(2000, seed))
-            await until(lambda: 'reason="idle_timeout"} 1.0' in srv.metrics.render().decode(), "the timeout")
-            got, code = await error_of(ws)
-    assert code == 1008 and got["reason"] == "idle_timeout" and "has not read its results" in got["message"]
-
-
-async def test_a_client_that_sends_on_without_reading_is_timed_out(ckpts):
-    """Regression: past queue_depth unanswered chunks the handler waits in submit() for a queue
-    slot that only a sent result frees; the idle watchdog watched receive() alone, so a client
-    that kept sending and never read held its stream (and a pool row) until a keepalive ping, or
-    forever without pings. The wait for a slot is watched too."""
-    async with server(ckpts["dna"], idle_timeout=0.5, queue_depth=2) as srv:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", srv.port))
-        async with connect(srv.url, sock=sock, max_queue=1, max_size=None) as ws:
-            await ws.send(START)
-            await ws.recv()
-            (session,) = srv._live.values()
-            session.ws.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-            for seed in range(6):  # more chunks than queue_depth: the handler ends up waiting in submit()
-                await ws.send(bases(2000, seed))
-            await until(lambda: 'reason="idle_timeout"} 1.0' in srv.metrics.render().decode(), "the timeout")
-            got, code = await error_of(ws)
-    assert code == 1008 and got["reason"] == "idle_timeout" and "has not read its results" in got["message"]
+            got = await timed_out(srv, ws)
+    assert "has not read its results" in got["message"]
 
 
 async def test_a_resumed_client_that_reads_none_of_its_replay_is_timed_out(ckpts):
@@ -240,19 +237,15 @@ async def test_a_resumed_client_that_reads_none_of_its_replay_is_timed_out(ckpts
         async with connect(srv.url, max_size=None) as ws:
             await ws.send(START)
             token = json.loads(await ws.recv())["resume"]
-            for seed in range(60):  # ~100 kB of JSON results each (more than the kernel buffers), none acknowledged
+            for seed in range(60):  # ~100 kB of JSON results each, all read, none acknowledged
                 await ws.send(bases(2000, seed))
                 await ws.recv()
             ws.transport.abort()  # parked: the 60 results wait in its replay buffer
         await until(lambda: len(srv.store) == 1, "the park")
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", srv.port))
-        async with connect(srv.url, sock=sock, max_queue=1, max_size=None) as ws:
+        async with slow_reader(srv) as ws:
             await ws.send(json.dumps({"type": "start", "format": "text", "resume": token, "ack": -1}))
-            await until(lambda: 'reason="idle_timeout"} 1.0' in srv.metrics.render().decode(), "the timeout")
-            got, code = await error_of(ws)
-    assert code == 1008 and got["reason"] == "idle_timeout" and "did not read ready" in got["message"]
+            got = await timed_out(srv, ws)
+    assert "did not read ready" in got["message"]
 
 
 async def test_engine_errors_reach_the_client_with_their_reason_also_on_resume(ckpts):
