@@ -225,6 +225,16 @@ def measure(url: str, n: int, args) -> dict:
             "wall_s": wall, "span_s": span, "kept": kept, "errors": len(errors), "first_error": errors[0] if errors else ""}
 
 
+def limit(row: dict) -> str:
+    """What held an N that was not kept: the thread busy >= 80 % of the streaming time (the event
+    loop's CPU, or the engine's batches), else neither (GIL hand-offs, the clients)."""
+    if row["kept"]:
+        return "–"
+    if row["loop_busy"] >= max(0.8, row["engine_busy"]):
+        return "event loop"
+    return "engine" if row["engine_busy"] >= 0.8 else "neither >= 80 %"
+
+
 def sweep(ckpt: Path, args) -> list[dict]:
     """Start the server, measure every N (until not kept or out of wall time), stop the server."""
     proc, port, lines = start_server(ckpt, args)
@@ -249,6 +259,7 @@ def sweep(ckpt: Path, args) -> list[dict]:
             row.update(batch_ms=1000 * d.get("streamssm_batch_seconds_sum", 0.0) / batches,
                        streams_per_batch=d.get("streamssm_batch_streams_sum", 0.0) / batches,
                        samples_per_batch=d.get("streamssm_samples_total", 0.0) / batches,
+                       engine_busy=d.get("streamssm_batch_seconds_sum", 0.0) / row["span_s"],
                        model_ms=1000 * d.get("streamssm_model_seconds_total", 0.0) / batches,
                        encode_ms=1000 * d.get("streamssm_encode_seconds_total", 0.0) / batches,
                        loop_busy=cpu.get("loop", float("nan")) / row["span_s"],
@@ -307,14 +318,15 @@ def main(argv=None) -> int:
           f"{args.chunk_ms:g} ms chunks at {args.sample_rate} Hz, {args.seconds:g} s per client, {args.client_procs} client process(es)")
     print("| clients | chunks | p50 ms | p99 ms | max ms | send slip ms | samples/s | x real time | kept "
           "| server batch ms | model ms | encode ms | streams/batch | samples/batch | loop CPU | other threads CPU "
-          "| loop CPU us/chunk |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| loop CPU us/chunk | engine busy | limit |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         xrt = r["samples_per_s"] / (r["clients"] * args.sample_rate)
         print(f"| {r['clients']} | {r['chunks']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['max_ms']:.1f} | "
               f"{r['slip_ms']:.1f} | {r['samples_per_s']:.0f} | {xrt:.2f} | {'yes' if r['kept'] else 'no'} | "
               f"{r['batch_ms']:.1f} | {r['model_ms']:.1f} | {r['encode_ms']:.1f} | {r['streams_per_batch']:.1f} | {r['samples_per_batch']:.0f} | "
-              f"{r['loop_busy']:.0%} | {r['workers_busy']:.0%} | {r['loop_us_per_chunk']:.0f} |")
+              f"{r['loop_busy']:.0%} | {r['workers_busy']:.0%} | {r['loop_us_per_chunk']:.0f} | "
+              f"{r['engine_busy']:.0%} | {limit(r)} |")
     if args.engine_only:
         print("\nengine alone (Streamer.feed_many as the server calls it, scores only, no websockets):")
         print("| streams | samples per stream | ms per call | real-time streams this rate sustains |")
