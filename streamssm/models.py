@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Self
 
@@ -342,15 +342,26 @@ class Backbone(nn.Module):
                 x, s = checkpoint(layer, x, layer_state, use_reentrant=False)
                 new_state.append(s)
             return self.norm_f(x), tuple(new_state)
-        # as step_pool: each residual add and the next norm in one launch (the kernel without gradients)
+
+        def mix(i: int, normed: torch.Tensor) -> torch.Tensor:
+            y, s = self.layers[i].mixer(normed, state[i])
+            new_state.append(s)
+            return y
+
+        return self._fused_residuals(x, mix), tuple(new_state)
+
+    def _fused_residuals(self, x: torch.Tensor, mix: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """x (..., d) through every block, ``mix(i, normed)`` being block i's mixer output; each
+        residual add and the next norm (or the final one) in one add_rms_norm launch (the kernel
+        without gradients). Returns the final normed features (..., d)."""
+        d = x.shape[-1]
         normed = self.layers[0].norm(x)
         next_norms = [layer.norm for layer in self.layers[1:]] + [self.norm_f]
-        for layer, layer_state, norm in zip(self.layers, state, next_norms):
-            y, s = layer.mixer(normed, layer_state)
-            h, normed = add_rms_norm(x.reshape(-1, x.shape[-1]), y.reshape(-1, x.shape[-1]), norm.weight, norm.eps)
+        for i, norm in enumerate(next_norms):
+            y = mix(i, normed)
+            h, normed = add_rms_norm(x.reshape(-1, d), y.reshape(-1, d), norm.weight, norm.eps)
             x, normed = h.view(x.shape), normed.view(x.shape)
-            new_state.append(s)
-        return normed, tuple(new_state)
+        return normed
 
     def step(self, x_t: torch.Tensor, state: ModelState) -> tuple[torch.Tensor, ModelState]:
         """x_t (b, d) -> (features (b, d), new state)."""
@@ -370,13 +381,8 @@ class Backbone(nn.Module):
             raise ShapeError(f"Backbone.step_pool: x_t must be (batch, d_model), got {tuple(x_t.shape)}")
         if len(pool) != len(self.layers):
             raise StateError(f"state pool has {len(pool)} layers, the model has {len(self.layers)}")
-        # each layer's residual add and the next norm (or the final one) in one fused launch
-        normed = self.layers[0].norm(x_t)
-        next_norms = [layer.norm for layer in self.layers[1:]] + [self.norm_f]
-        for layer, layer_pool, norm in zip(self.layers, pool, next_norms):
-            y = layer.mixer.step_pool(normed, layer_pool, state_indices)
-            x_t, normed = add_rms_norm(x_t, y, norm.weight, norm.eps)
-        return normed
+        return self._fused_residuals(x_t, lambda i, normed: self.layers[i].mixer.step_pool(normed, pool[i],
+                                                                                        state_indices))
 
 
 class SSMModel(nn.Module):
