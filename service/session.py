@@ -103,9 +103,9 @@ class Session:
         self.failure: BaseException | None = None
         self.failed = asyncio.Event()
         self.sender: asyncio.Task | None = None
-        self._reader: asyncio.Task | None = None  # the handler's task while it waits in receive()
+        self._reader: asyncio.Task | None = None  # the handler's task while it waits in _watched()
         self._interrupt: ProtocolError | None = None  # why the watchdog cancelled that wait
-        self._watchdog: asyncio.TimerHandle | None = None  # the idle timer (armed by receive())
+        self._watchdog: asyncio.TimerHandle | None = None  # the idle timer (armed by _watched())
         self.last_activity = time.monotonic()  # last message received or result sent
         self.send_started: float | None = None  # monotonic time of the send in progress
         self.written_seq = -1  # done_seq of the last write-ahead
@@ -217,7 +217,7 @@ class Session:
             self._reader = None
 
     def _interrupt_reader(self, why: ProtocolError) -> None:
-        """End the handler's wait in :meth:`receive` with ``why`` (nothing when it is not waiting)."""
+        """End the handler's wait in :meth:`_watched` with ``why`` (nothing when it is not waiting)."""
         if self._reader is not None and self._interrupt is None:
             self._interrupt = why
             self._reader.cancel()
@@ -230,7 +230,7 @@ class Session:
         """The idle timer: while the handler waits for the client, time it out once it has been
         ``idle_timeout`` seconds since the last message or result sent (looking again every
         second while the server owes it results), or once a result has waited that long to be
-        sent; re-armed for the next possible expiry. Not waiting: disarmed (receive() arms it)."""
+        sent; re-armed for the next possible expiry. Not waiting: disarmed (_watched() arms it)."""
         self._watchdog = None
         if self._reader is None:
             return
