@@ -182,42 +182,44 @@ def test_gpu_channel_last_sequence_longer_than_the_grid_axis():
     assert torch.equal(final, final_ref.to(final.dtype))
 
 SM90_COMPILE = """
+import sys
+
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from streamssm.kernels.conv1d.conv import _causal_conv1d_bwd_kernel as kernel
 
-from streamssm.kernels.conv1d.conv import _causal_conv1d_fwd_cl_kernel, _causal_conv1d_fwd_kernel
+from streamssm.kernels.conv1d import conv
 
-half = {"p_x", "p_init", "p_y", "p_final"}
-for fwd, strides, (bd, bl) in ((_causal_conv1d_fwd_kernel.fn, ("s_xl", "s_yl"), (16, 128)),
-                               (_causal_conv1d_fwd_cl_kernel.fn, ("s_xd", "s_yd"), (256, 32))):
-    consts = dict(W=4, HAS_INIT=True, HAS_BIAS=True, SILU=True, BLOCK_D=bd, BLOCK_L=bl, s_wk=1,
-                  **dict.fromkeys(strides, 1))
-    sig = {a: "constexpr" if a in consts else ("*bf16" if a in half else "*fp32") if a.startswith("p_") else "i32"
-           for a in fwd.arg_names}
-    triton.compile(ASTSource(fwd, sig, consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
-
+kernel, unit_strides = getattr(conv, sys.argv[1]), sys.argv[2].split(",")
 fn = kernel.fn
-for channel_last, (bd, bl) in ((False, (8, 128)), (True, (128, 8))):
-    consts = dict(W=4, HAS_INIT=True, HAS_BIAS=True, SILU=True, HAS_DFINAL=True, CHANNEL_LAST=channel_last,
-                  BLOCK_D=bd, BLOCK_L=bl, s_wk=1, **({"s_xd": 1, "s_gd": 1, "s_dxd": 1} if channel_last else
-                                                    {"s_xl": 1, "s_gl": 1, "s_dxl": 1}))
-    half = {"p_x", "p_init", "p_dy", "p_dfinal", "p_dx", "p_dinit"}
+half = {"p_x", "p_init", "p_y", "p_final", "p_dy", "p_dfinal", "p_dx", "p_dinit"}
+for config in kernel.configs:
+    consts = dict(W=4, HAS_INIT=True, HAS_BIAS=True, SILU=True, HAS_DFINAL=True, s_wk=1, **config.kwargs,
+                  **dict.fromkeys(unit_strides, 1))
+    consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     sig = {a: "constexpr" if a in consts else ("*bf16" if a in half else "*fp32") if a.startswith("p_") else "i32"
            for a in fn.arg_names}
-    triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": config.num_warps})
 """
 
 
-def test_kernels_compile_for_sm90():
-    """Both forwards and the backward's gathers along time compile to sm_90 binaries (no GPU
-    needed: Triton cross-compiles with its bundled ptxas). Gathering from a tile narrower than the
-    output trips an assertion of Triton 3.6's GPU pipeline that the interpreter never runs."""
+@pytest.mark.parametrize("kernel, unit_strides", [
+    ("_causal_conv1d_fwd_kernel", "s_xl,s_yl"),
+    ("_causal_conv1d_fwd_cl_kernel", "s_xd,s_yd"),
+    ("_causal_conv1d_bwd_kernel", "s_xl,s_gl,s_dxl"),
+    ("_causal_conv1d_bwd_cl_kernel", "s_xd,s_gd,s_dxd"),
+])
+def test_kernels_compile_for_sm90(kernel, unit_strides):
+    """Every autotune config of each kernel compiles to an sm_90 binary (no GPU needed: Triton
+    cross-compiles with its bundled ptxas), bf16 in and out, width 4, every feature on. Gathering
+    from a tile narrower than the output trips an assertion of Triton 3.6's GPU pipeline that the
+    interpreter never runs; so can a config's register use."""
     import os
     import subprocess
     import sys
 
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    done = subprocess.run([sys.executable, "-c", SM90_COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-c", SM90_COMPILE, kernel, unit_strides], env=env, capture_output=True,
+                          text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -14,14 +14,18 @@ Forward programs own (batch, BLOCK_D channels, BLOCK_L steps): on time-contiguou
 the w shifted windows as tiles; on channel-last x (how the Mamba blocks pass their in_proj
 slices) they load each row of BLOCK_D contiguous channels once and slide the window along time
 in registers, and the last program in time writes the final state. A backward program owns (batch,
-BLOCK_D channels, one segment of time) and walks its BLOCK_L-step tiles from the last to the
-first: each tile's pre and dpre are computed once, dx takes dpre at t + j from the tile itself
-(``tl.gather`` along time) and, past its end, from the first columns of the tile after it (the
-previous iteration's, kept in registers). dweight/dbias are summed per program into a partial
-buffer (b x segments, 5, d) that the launcher reduces (no atomics).
-Any strides in and out: y and dx are laid out like x (``_empty_in_layout_of``). The backward's
-autotuning keys on the layout: time-contiguous x tiles long in time, channel-last x wide in
-channels, so both read whole lines.
+BLOCK_D channels, one segment of time). On time-contiguous x it walks its BLOCK_L-step tiles from
+the last to the first: each tile's pre and dpre are computed once, dx takes dpre at t + j from the
+tile itself (``tl.gather`` along time) and, past its end, from the first columns of the tile after
+it (the previous iteration's, kept in registers). On channel-last x it walks its rows from the
+first to the last like the forward (each row of x and dy loaded once, the last w-1 rows of x and
+of dpre kept in registers) and finishes dxpad[t] = dx_{t-w+1} at step t, w-1 steps late: w-1
+extra steps past the segment complete its last rows, and segment 0's first w-1 steps give d
+initial_state. Either way dweight/dbias are summed per program into a partial buffer
+(b x segments, 5, d) that the launcher reduces with one sum (no atomics).
+Any strides in and out: y and dx are laid out like x (``_empty_in_layout_of``); the tiles of the
+time-contiguous kernels are long in time, those of the channel-last ones wide in channels, so
+both read whole lines.
 """
 
 from __future__ import annotations
@@ -40,27 +44,19 @@ _FWD_TILES = ((16, 128, 4), (8, 128, 4), (16, 64, 4), (32, 64, 4))
 #: thread (16-byte bf16 loads) or 4; all BLOCK_L rows are loaded before the first is summed.
 _FWD_CL_TILES = ((256, 16, 1), (256, 32, 1), (512, 16, 2), (512, 32, 2), (1024, 16, 4), (128, 16, 1), (128, 32, 1),
                  (256, 64, 2))
-#: The backward keeps ~8 tiles live: at most 8 elements per thread, or it spills (sm_90, Triton 3.6).
-_BWD_TILES = {False: ((8, 128, 4), (16, 64, 4), (16, 128, 8), (32, 32, 4)),
-              True: ((32, 32, 4), (64, 16, 4), (128, 8, 4), (128, 16, 8))}
+#: (BLOCK_D, BLOCK_L, warps) of the time-contiguous backward: it keeps ~8 tiles live, so at most 8
+#: elements per thread, or it spills (sm_90, Triton 3.6).
+_BWD_TILES = ((8, 128, 4), (16, 64, 4), (16, 128, 8), (32, 32, 4))
+#: (BLOCK_D, BLOCK_L, warps) of the channel-last backward: rows of BLOCK_D channels, 2 per thread
+#: (~170 registers on sm_90, Triton 3.6) or 4 (255, a few spilled bytes); a tile's BLOCK_L rows of
+#: x and dy are loaded before the first is used (16-step tiles of 4 per thread spill more).
+_BWD_CL_TILES = ((64, 16, 1), (128, 16, 2), (256, 16, 4), (128, 16, 1), (64, 8, 1), (128, 8, 2))
 #: Backward segments are a multiple of every BLOCK_L (interpreter: 8-step tiles, 16-step segments).
-SEGMENT_UNIT = 8 if interpreting() else max(bl for tiles in _BWD_TILES.values() for _, bl, _ in tiles)
-#: Backward programs per SM the segment length aims for (each walks its tiles one after the other).
-PROGRAMS_PER_SM = 8
-
-
-def _tuning(tiles: dict) -> dict:
-    """``triton.autotune`` arguments: the configs of both layouts, a launch trying only those of
-    its own (CHANNEL_LAST, also a key); one small config in the interpreter."""
-    by_layout = {cl: [triton.Config({"BLOCK_D": bd, "BLOCK_L": bl}, num_warps=w) for bd, bl, w in t]
-                 for cl, t in tiles.items()}
-
-    def prune(configs, named_args, **kwargs):
-        return by_layout[bool(kwargs["CHANNEL_LAST"])]
-
-    configs = autotune_configs(by_layout[False] + by_layout[True],
-                               triton.Config({"BLOCK_D": 8, "BLOCK_L": 8}, num_warps=1))
-    return {"configs": configs, "key": ["dim", "W", "CHANNEL_LAST"], "prune_configs_by": {"early_config_prune": prune}}
+SEGMENT_UNIT = 8 if interpreting() else max(bl for _, bl, _ in _BWD_TILES + _BWD_CL_TILES)
+#: Backward programs per SM the segment length aims for (each walks its tiles one after the other),
+#: by layout (channel-last?): programs of 64 channels, 4 or 8 warps (time-contiguous) or 1 warp and up
+#: (channel-last).
+PROGRAMS_PER_SM = {False: 8, True: 16}
 
 
 @triton.jit
@@ -247,7 +243,7 @@ def _causal_conv1d_fwd_cl_kernel(
             tl.store(p_f + j, v.to(p_final.dtype.element_ty), mask=m_d)
 
 
-@triton.autotune(**_tuning(_BWD_TILES))
+@triton.autotune(configs=_configs(_BWD_TILES, (8, 8)), key=["dim", "W"])
 @triton.jit
 def _causal_conv1d_bwd_kernel(
     # pointers: inputs as in the forward; dy (b, d, l); dfinal contiguous (b, d, w-1)
@@ -261,9 +257,10 @@ def _causal_conv1d_bwd_kernel(
     s_xb, s_xd, s_xl, s_ib, s_id, s_il, s_wd, s_wk, s_gb, s_gd, s_gl, s_dxb, s_dxd, s_dxl,
     # meta
     W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-    HAS_DFINAL: tl.constexpr, CHANNEL_LAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+    HAS_DFINAL: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    """Gradients of one (batch, channel block, segment), its tiles from the last to the first.
+    """Time-contiguous x: gradients of one (batch, channel block, segment), its tiles from the last
+    to the first.
 
     Per tile: pre and dpre once; dweight/dbias partials from the same windows; dx from dpre
     shifted 0..w-1 steps (``_ahead``), past the tile's end reading ``nxt``, the later tile's dpre
@@ -340,6 +337,180 @@ def _causal_conv1d_bwd_kernel(
             tl.store(p_dinit + o_d[:, None] * (W - 1) + o_l[None, :], di.to(p_dinit.dtype.element_ty), mask=mi)
 
 
+@triton.jit
+def _lag(j: tl.constexpr, v0, v1, v2, v3):
+    """v_j for a constexpr j in 0..3 (the rows 0..3 steps back, or the taps 0..3)."""
+    if j == 0:
+        return v0
+    elif j == 1:
+        return v1
+    elif j == 2:
+        return v2
+    else:
+        return v3
+
+
+@triton.jit
+def _bwd_cl_step(x_t, dy_t, r1, r2, r3, d1, d2, d3, k0, k1, k2, k3, bias,
+                 W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
+    """One step t of the channel-last backward, all (BLOCK_D,) fp32: x_t, dy_t the rows at t (0 past
+    the end), r_j = x_{t-j} and d_j = dpre_{t-j}, k_k = weight[:, k] (0 for k >= w).
+    Returns (dpre_t, dxpad[t] = sum_k weight[:, k] dpre_{t-k} = dx_{t-w+1} before d final)."""
+    pre = tl.zeros_like(x_t)
+    for k in tl.static_range(W):  # taps oldest first, as the forwards sum
+        pre += _lag(k, k0, k1, k2, k3) * _lag(W - 1 - k, x_t, r1, r2, r3)
+    if HAS_BIAS:
+        pre += bias
+    dpre = dy_t
+    if SILU:
+        dpre = dy_t * silu_grad(pre)
+    dxp = k0 * dpre
+    for k in tl.static_range(1, W):
+        dxp += _lag(k, k0, k1, k2, k3) * _lag(k, dpre, d1, d2, d3)
+    return dpre, dxp
+
+
+@triton.jit
+def _store_dxpad(p_dx, p_dinit, dxp, f0, f1, f2, t, s0, s_end, length, m_d, s_dxl,
+                 W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DFINAL: tl.constexpr, MAY_INIT: tl.constexpr):
+    """Write dxpad[t] (BLOCK_D,) fp32 plus d final[t - l] (f_j = d final[:, j], registers): as dx
+    row t-w+1 where the program owns it (s0 <= t-w+1 < s_end), and (MAY_INIT: a tile's first w-1
+    steps) as d initial_state[t] for t < w-1 (segment 0's first steps)."""
+    if HAS_DFINAL:  # the last w-1 inputs are the final state
+        for j in tl.static_range(W - 1):
+            dxp += tl.where(t - length == j, _lag(j, f0, f1, f2, f2), 0.0)
+    u = t - (W - 1)
+    tl.store(p_dx + u * s_dxl, dxp.to(p_dx.dtype.element_ty), mask=m_d & (u >= s0) & (u < s_end))
+    if HAS_INIT and MAY_INIT:
+        tl.store(p_dinit + t, dxp.to(p_dinit.dtype.element_ty), mask=m_d & (t < W - 1))
+
+
+@triton.autotune(configs=_configs(_BWD_CL_TILES, (8, 8)), key=["dim", "W"])
+@triton.jit
+def _causal_conv1d_bwd_cl_kernel(
+    # pointers: inputs as in the forward, x and dy (b, d, l) channel-last; dfinal contiguous (b, d, w-1)
+    p_x, p_init, p_w, p_bias, p_dy, p_dfinal,
+    # outputs: dx (b, d, l) channel-last; dinit contiguous (b, d, w-1); part (b x segments, 5, d)
+    # fp32: per program the sums over its steps of dweight[:, k] (rows k < w) and dbias (row 4)
+    p_dx, p_dinit, p_part,
+    # dimensions: seg_len steps per segment, a multiple of BLOCK_L
+    length, dim, seg_len,
+    # strides
+    s_xb, s_xd, s_xl, s_ib, s_id, s_il, s_wd, s_wk, s_gb, s_gd, s_gl, s_dxb, s_dxd, s_dxl,
+    # meta
+    W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    HAS_DFINAL: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """Channel-last x: gradients of one (segment, channel block, batch), rows first to last.
+
+    Per tile all BLOCK_L rows of x and dy are loaded up front (each row of BLOCK_D contiguous
+    channels once); per step pre and dpre once, the dweight/dbias terms from the same rows, and
+    dxpad[t] from dpre_t and the w-1 previous dpre (registers) stored as dx row t-w+1. The w-1
+    steps after the segment's tiles finish its last rows (their dpre counted by the next segment).
+    Grid (segments, channel blocks, batch).
+    """
+    pid_s = tl.program_id(0)
+    o_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    pid_b = tl.program_id(2).to(tl.int64)
+    m_d = o_d < dim
+    p_x += pid_b * s_xb + o_d * s_xd
+    p_init += pid_b * s_ib + o_d * s_id
+    p_dy += pid_b * s_gb + o_d * s_gd
+    p_dx += pid_b * s_dxb + o_d * s_dxd
+    p_dfinal += pid_b * dim * (W - 1) + o_d * (W - 1)
+    p_dinit += pid_b * dim * (W - 1) + o_d * (W - 1)
+    f0 = tl.zeros((BLOCK_D,), dtype=tl.float32)  # d final[:, j]
+    f1 = tl.zeros_like(f0)
+    f2 = tl.zeros_like(f0)
+    if HAS_DFINAL:
+        f0 = tl.load(p_dfinal, mask=m_d, other=0.0).to(tl.float32)
+        if W > 2:
+            f1 = tl.load(p_dfinal + 1, mask=m_d, other=0.0).to(tl.float32)
+        if W > 3:
+            f2 = tl.load(p_dfinal + 2, mask=m_d, other=0.0).to(tl.float32)
+    s0 = pid_s.to(tl.int64) * seg_len
+    s_end = tl.minimum(s0 + seg_len, length)
+    k0 = _tap(p_w, o_d, m_d, 0, s_wd, s_wk)
+    k1 = _tap(p_w, o_d, m_d, 1, s_wd, s_wk)
+    k2 = tl.zeros_like(k0)
+    k3 = tl.zeros_like(k0)
+    if W > 2:
+        k2 = _tap(p_w, o_d, m_d, 2, s_wd, s_wk)
+    if W > 3:
+        k3 = _tap(p_w, o_d, m_d, 3, s_wd, s_wk)
+    bias = tl.zeros_like(k0)
+    if HAS_BIAS:
+        bias = tl.load(p_bias + o_d, mask=m_d, other=0.0).to(tl.float32)
+    # r_j = x_{s0-j} (xpad[s0 + w-1-j]: the initial state before the sequence); d_j = dpre_{s0-j}:
+    # 0 at the sequence's start, unknown (its dx rows not ours) before a later segment
+    r1 = _xpad_row(p_x, p_init, s0 + W - 2, length, m_d, s_xl, s_il, W, HAS_INIT)
+    r2 = tl.zeros_like(r1)
+    r3 = tl.zeros_like(r1)
+    if W > 2:
+        r2 = _xpad_row(p_x, p_init, s0 + W - 3, length, m_d, s_xl, s_il, W, HAS_INIT)
+    if W > 3:
+        r3 = _xpad_row(p_x, p_init, s0, length, m_d, s_xl, s_il, W, HAS_INIT)
+    d1 = tl.zeros_like(r1)
+    d2 = tl.zeros_like(r1)
+    d3 = tl.zeros_like(r1)
+    # dweight[:, k] (a_k) and dbias (a_b) of this program's steps
+    a0 = tl.zeros_like(r1)
+    a1 = tl.zeros_like(r1)
+    a2 = tl.zeros_like(r1)
+    a3 = tl.zeros_like(r1)
+    a_b = tl.zeros_like(r1)
+    n_tiles = tl.cdiv(s_end - s0, BLOCK_L)
+    for i in range(n_tiles):
+        t0 = s0 + i * BLOCK_L
+        xs = ()
+        gs = ()
+        for j in tl.static_range(BLOCK_L):
+            m = m_d & (t0 + j < length)
+            xs = xs + (tl.load(p_x + (t0 + j) * s_xl, mask=m, other=0.0),)
+            gs = gs + (tl.load(p_dy + (t0 + j) * s_gl, mask=m, other=0.0),)
+        for j in tl.static_range(BLOCK_L):
+            x_t = xs[j].to(tl.float32)
+            dpre, dxp = _bwd_cl_step(x_t, gs[j].to(tl.float32), r1, r2, r3, d1, d2, d3, k0, k1, k2, k3, bias,
+                                     W, HAS_BIAS, SILU)
+            a0 += dpre * _lag(W - 1, x_t, r1, r2, r3)
+            a1 += dpre * _lag(W - 2, x_t, r1, r2, r3)
+            if W > 2:
+                a2 += dpre * _lag(W - 3, x_t, r1, r2, r3)
+            if W > 3:
+                a3 += dpre * x_t  # xpad[t + 3] for w = 4
+            a_b += dpre
+            _store_dxpad(p_dx, p_dinit, dxp, f0, f1, f2, t0 + j, s0, s_end, length, m_d, s_dxl, W, HAS_INIT, HAS_DFINAL,
+                         j < W - 1)
+            r3 = r2
+            r2 = r1
+            r1 = x_t
+            d3 = d2
+            d2 = d1
+            d1 = dpre
+    t_tail = s0 + n_tiles * BLOCK_L
+    for j in tl.static_range(W - 1):  # the w-1 steps after the tiles: their dpre, not their dweight
+        m = m_d & (t_tail + j < length)
+        x_t = tl.load(p_x + (t_tail + j) * s_xl, mask=m, other=0.0).to(tl.float32)
+        dy_t = tl.load(p_dy + (t_tail + j) * s_gl, mask=m, other=0.0).to(tl.float32)
+        dpre, dxp = _bwd_cl_step(x_t, dy_t, r1, r2, r3, d1, d2, d3, k0, k1, k2, k3, bias, W, HAS_BIAS, SILU)
+        _store_dxpad(p_dx, p_dinit, dxp, f0, f1, f2, t_tail + j, s0, s_end, length, m_d, s_dxl, W, HAS_INIT,
+                     HAS_DFINAL, False)
+        r3 = r2
+        r2 = r1
+        r1 = x_t
+        d3 = d2
+        d2 = d1
+        d1 = dpre
+    p_part += (pid_b * tl.num_programs(0) + pid_s) * 5 * dim + o_d
+    tl.store(p_part, a0, mask=m_d)
+    tl.store(p_part + dim, a1, mask=m_d)
+    if W > 2:
+        tl.store(p_part + 2 * dim, a2, mask=m_d)
+    if W > 3:
+        tl.store(p_part + 3 * dim, a3, mask=m_d)
+    tl.store(p_part + 4 * dim, a_b, mask=m_d)
+
+
 def _grid(b: int, d: int, l: int):
     return lambda meta: (b, triton.cdiv(d, meta["BLOCK_D"]), triton.cdiv(l, meta["BLOCK_L"]))
 
@@ -353,14 +524,14 @@ def _channel_last(x: torch.Tensor) -> bool:
     return x.stride(1) == 1 and x.stride(2) != 1
 
 
-def _segment_len(b: int, d: int, l: int, device: torch.device) -> int:
+def _segment_len(b: int, d: int, l: int, device: torch.device, channel_last: bool) -> int:
     """Steps per backward program: a multiple of SEGMENT_UNIT, as long as the GPU allows while
     still giving it ~PROGRAMS_PER_SM programs of 64 channels (the interpreter: two 8-step tiles,
     so small tests cross tiles and segments)."""
     if device.type != "cuda":
         return 2 * SEGMENT_UNIT
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    segments = max(1, PROGRAMS_PER_SM * sms // (b * triton.cdiv(d, 64)))
+    segments = max(1, PROGRAMS_PER_SM[channel_last] * sms // (b * triton.cdiv(d, 64)))
     return SEGMENT_UNIT * triton.cdiv(triton.cdiv(l, segments), SEGMENT_UNIT)
 
 
@@ -389,14 +560,18 @@ def _causal_conv1d_bwd(dy, dfinal, x, weight, bias, initial_state, silu: bool):
     init = initial_state if initial_state is not None else x
     dx = _empty_in_layout_of(x)
     dinit = torch.empty(b, d, w - 1, device=x.device, dtype=init.dtype) if initial_state is not None else dx
-    seg_len = _segment_len(b, d, l, x.device)
-    part = torch.empty(b * triton.cdiv(l, seg_len), 5, d, device=x.device, dtype=torch.float32)
-    _causal_conv1d_bwd_kernel[lambda meta: (b, triton.cdiv(d, meta["BLOCK_D"]), triton.cdiv(l, seg_len))](
-        x, init, weight, bias, dy, dfinal if dfinal is not None else dy,
-        dx, dinit, part, l, d, seg_len, *x.stride(), *init.stride()[:3], *weight.stride(), *dy.stride(), *dx.stride(),
-        W=w, HAS_INIT=initial_state is not None, HAS_BIAS=bias is not None, SILU=silu,
-        HAS_DFINAL=dfinal is not None, CHANNEL_LAST=_channel_last(x),
-    )
+    channel_last = _channel_last(x)
+    seg_len = _segment_len(b, d, l, x.device, channel_last)
+    n_seg = triton.cdiv(l, seg_len)
+    part = torch.empty(b * n_seg, 5, d, device=x.device, dtype=torch.float32)
+    args = (x, init, weight, bias, dy, dfinal if dfinal is not None else dy, dx, dinit, part, l, d, seg_len,
+            *x.stride(), *init.stride()[:3], *weight.stride(), *dy.stride(), *dx.stride())
+    meta = dict(W=w, HAS_INIT=initial_state is not None, HAS_BIAS=bias is not None, SILU=silu,
+                HAS_DFINAL=dfinal is not None)
+    if channel_last:
+        _causal_conv1d_bwd_cl_kernel[lambda meta: (n_seg, triton.cdiv(d, meta["BLOCK_D"]), b)](*args, **meta)
+    else:
+        _causal_conv1d_bwd_kernel[lambda meta: (b, triton.cdiv(d, meta["BLOCK_D"]), n_seg)](*args, **meta)
     dwb = part.sum(0)  # (5, d)
     return dx, dwb[:w].t(), dwb[4], (dinit if initial_state is not None else None)
 
