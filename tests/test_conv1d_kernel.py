@@ -25,13 +25,17 @@ def make_inputs(b, d, l, w, bias=True, init=True, dtype=torch.float32, device="c
                 initial_state=rnd(b, d, w - 1) if init else None)
 
 
-def run(fn, inputs, activation="silu", seed=1, cotangent_dtype=torch.float32):
+def run(fn, inputs, activation="silu", seed=1, cotangent_dtype=torch.float32, dy_layout="like y"):
     """Outputs and gradients of (y * dy).sum() + (final * dfinal).sum(). The cotangents are drawn
     in ``cotangent_dtype`` first (bf16 runs get bf16 dy; the float64 reference must see the same
-    values, or its dweight differs by the rounding of dy summed over b * l terms)."""
+    values, or its dweight differs by the rounding of dy summed over b * l terms). dy is laid out
+    like y (what a consumer of y's (b, l, d) view hands back) or, with ``dy_layout="time"``,
+    time-contiguous whatever y's layout."""
     y, final = fn(**inputs, activation=activation, return_final_state=True)
     g = torch.Generator().manual_seed(seed)
     dy = torch.randn(y.shape, generator=g).to(cotangent_dtype).to(y)
+    if dy_layout == "like y":
+        dy = torch.empty_like(y).copy_(dy)  # empty_like keeps y's strides
     dfinal = torch.randn(final.shape, generator=g).to(cotangent_dtype).to(final)
     leaves = {k: v for k, v in inputs.items() if v is not None}
     grads = torch.autograd.grad((y * dy).sum() + (final * dfinal).sum(), list(leaves.values()))
@@ -42,8 +46,8 @@ def triton_conv(**kw):
     return causal_conv1d(**kw, backend="triton")
 
 
-def check(inputs, activation="silu", dtype=torch.float32):
-    ours = run(triton_conv, inputs, activation, cotangent_dtype=dtype)
+def check(inputs, activation="silu", dtype=torch.float32, dy_layout="like y"):
+    ours = run(triton_conv, inputs, activation, cotangent_dtype=dtype, dy_layout=dy_layout)
     ref = run(causal_conv1d_ref, {k: (None if v is None else v.detach().double().requires_grad_())
                                   for k, v in inputs.items()}, activation, cotangent_dtype=dtype)
     assert_close("y", ref[0], ours[0], dtype)
@@ -62,6 +66,11 @@ CASES = {
     # the backward walks 8-step tiles in 16-step segments under the interpreter: 5 segments here
     "B2-D3-L70-W3-bias-init-silu": (2, 3, 70, 3, True, True, "silu"),
     "B1-D5-L33-W4-init-linear": (1, 5, 33, 4, False, True, None),
+    # segment ends (16 steps): exactly two segments; a last segment of one step; l < w with a bias
+    "B2-D6-L32-W4-bias-init-silu": (2, 6, 32, 4, True, True, "silu"),
+    "B1-D7-L17-W3-init-linear": (1, 7, 17, 3, False, True, None),
+    "B2-D4-L3-W4-bias-silu": (2, 4, 3, 4, True, False, "silu"),
+    "B1-D10-L5-W2-bias-init-silu": (1, 10, 5, 2, True, True, "silu"),
 }
 
 
@@ -77,6 +86,50 @@ def test_matches_reference(case, layout):
     b, d, l, w, bias, init, activation = CASES[case]
     inputs = make_inputs(b, d, l, w, bias, init)
     check(channel_last(inputs) if layout == "channel-last" else inputs, activation)
+
+
+@pytest.mark.parametrize("layout", ["time", "channel-last"])
+def test_dy_in_the_other_layout(layout):
+    """dy need not share x's memory order (a consumer may hand back any strides): channel-last x
+    with a time-contiguous dy, time-contiguous x with a channel-last dy."""
+    inputs = make_inputs(2, 5, 37, 4, seed=9)
+    dy = torch.randn(2, 5, 37, generator=torch.Generator().manual_seed(10))
+    if layout == "channel-last":
+        inputs = channel_last(inputs)
+    else:
+        dy = dy.transpose(1, 2).contiguous().transpose(1, 2)
+    assert (dy.stride(1) == 1) != (inputs["x"].stride(1) == 1)
+    ours = torch.autograd.grad(triton_conv(**inputs, activation="silu"), list(inputs.values()), dy)
+    leaves = {k: v.detach().double().requires_grad_() for k, v in inputs.items()}
+    ref = torch.autograd.grad(causal_conv1d_ref(**leaves, activation="silu"), list(leaves.values()), dy.double())
+    for name, want, got in zip(inputs, ref, ours):
+        assert_close(f"d{name}", want, got)
+
+
+@pytest.mark.parametrize("layout", ["time", "channel-last"])
+@pytest.mark.parametrize("init", [True, False], ids=["init", "noinit"])
+def test_backward_launcher_without_final_state_gradient(layout, init):
+    """The launcher with dfinal=None (the HAS_DFINAL=False kernels; the op always passes one) gives
+    the gradients of (y * dy).sum() alone."""
+    from streamssm.kernels.conv1d.conv import _causal_conv1d_bwd
+
+    inputs = make_inputs(2, 5, 21, 4, init=init, seed=11)
+    inputs = channel_last(inputs) if layout == "channel-last" else inputs
+    x, weight, bias, init_state = (inputs[k] for k in ("x", "weight", "bias", "initial_state"))
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(12))
+    leaves = {k: v.detach().double().requires_grad_() for k, v in inputs.items() if v is not None}
+    y_ref = causal_conv1d_ref(**leaves, activation="silu")
+    ref = dict(zip(leaves, torch.autograd.grad(y_ref, list(leaves.values()), dy.double())))
+    dx, dweight, dbias, dinit = _causal_conv1d_bwd(torch.empty_like(x).copy_(dy), None, x.detach(), weight.detach(),
+                                                   bias.detach(), None if init_state is None else init_state.detach(),
+                                                   True)
+    assert_close("dx", ref["x"], dx)
+    assert_close("dweight", ref["weight"], dweight)
+    assert_close("dbias", ref["bias"], dbias)
+    if init:
+        assert_close("dinitial_state", ref["initial_state"], dinit)
+    else:
+        assert dinit is None
 
 
 @pytest.mark.parametrize("layout", ["time", "channel-last"])
@@ -159,10 +212,34 @@ def test_gpu_realistic_sizes(dtype, w):
 def test_gpu_channel_last_realistic_sizes():
     """The blocks' layout (a transposed (b, l, d) in_proj slice, tuned with channel-wide tiles of
     its own) at a Mamba-2 conv's width, bf16, with the conv state in and out."""
-    inputs = make_inputs(2, 1792, 2049, 4, dtype=torch.bfloat16, device="cuda", seed=7)
-    inputs["x"] = inputs["x"].detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
-    check(inputs, dtype=torch.bfloat16)
+    check(channel_last(make_inputs(2, 1792, 2049, 4, dtype=torch.bfloat16, device="cuda", seed=7)),
+          dtype=torch.bfloat16)
 
+
+@pytest.mark.gpu
+def test_gpu_serving_shape_channel_last():
+    """The serving call (384 streams x 320 tokens, 1280 channels: the 4 x d512 Mamba-2 LM's conv)
+    in the blocks' layout, bf16, conv state in and out: one backward segment per program, 20 tiles."""
+    check(channel_last(make_inputs(384, 1280, 320, 4, dtype=torch.bfloat16, device="cuda", seed=13)),
+          dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["time", "channel-last"])
+def test_gpu_long_sequence(layout):
+    """b=2, l=65,536, d=1536 bf16: many backward segments per sequence, each walking many tiles."""
+    inputs = make_inputs(2, 1536, 65536, 4, dtype=torch.bfloat16, device="cuda", seed=14)
+    check(channel_last(inputs) if layout == "channel-last" else inputs, dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["time", "channel-last"])
+def test_gpu_backward_past_the_grid_axis(layout):
+    """A sequence of 2^20 + 77 steps, forward and backward, bf16, W=4, with state: over 65,535 time
+    blocks of the channel-last forward's 16-step tiles (time runs along the grid's x axis); the
+    backwards' segments stay few (~PROGRAMS_PER_SM per SM), each walking thousands of steps."""
+    inputs = make_inputs(1, 64, (1 << 20) + 77, 4, dtype=torch.bfloat16, device="cuda", seed=15)
+    check(channel_last(inputs) if layout == "channel-last" else inputs, dtype=torch.bfloat16)
 
 
 @pytest.mark.gpu
