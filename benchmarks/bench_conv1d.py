@@ -1,31 +1,36 @@
 """Causal depthwise conv1d + SiLU: ours (Triton) vs PyTorch ``F.conv1d`` (cuDNN) (GPU).
 
-    python benchmarks/bench_conv1d.py [--shapes M1,M2,M3,S1,R1] [--width 4] [--layouts time,channel-last]
+    python benchmarks/bench_conv1d.py [--shapes M1,M2,M3,S1,R1,R2,L1] [--width 4] [--layouts time,channel-last]
                                       [--state] [--old path/to/earlier/conv.py] [--no-cudnn] [--out table.md]
 
 The conv of a Mamba block: x (b, d, l) bf16, weight (d, w) and bias (d,) fp32, SiLU. Shapes:
 the (batch, channels, length) of M1-M3 of shared/BENCHMARKS.md (channels = d_inner) and S1
-(channels = the Mamba-2 conv's d_inner + 2 d_state = 1536 + 256) and R1, the serving call of the
-4 x d512 Mamba-2 LM (256 streams x 320 tokens, 1024 + 256 channels; run it with ``--layouts
-channel-last --state``, the block's layout and its carried conv state). The PyTorch baseline is what
-a Mamba block without a conv kernel runs: ``silu(F.conv1d(x, weight[:, None], bias,
-padding=w-1, groups=d)[..., :l])`` (cuDNN, bf16). mamba-ssm's CUDA ``causal_conv1d`` is a
-separate package and is not built here. Each is timed forward and forward+backward (gradients
-of x, weight, bias), eager and replayed from a CUDA graph; peak memory is that of
-forward+backward; "% of floor" compares our forward with the copy-bandwidth floor of reading
-x and writing y; "bwd / fwd" is (fwd+bwd - fwd) / fwd from the graph times. Outputs and
-gradients of each are checked against the float64 reference. Layouts: ``time`` is a contiguous
-(b, d, l) x, ``channel-last`` a transposed (b, l, d) tensor, as the Mamba blocks pass their
-in_proj slices (dy in the same layout). ``--old`` times the forward launcher of an earlier
-conv.py beside ours (e.g. written out by ``git show REV:kernels/conv1d/conv.py``; forward only:
-its op registration would run today's launcher).
-``--state``: every call takes an initial conv state (b, d, w-1) and returns the final one.
+(channels = the Mamba-2 conv's d_inner + 2 d_state = 1536 + 256); R1 and R2, the serving calls of
+the 4 x d512 Mamba-2 LM (256 or 384 streams x 320 tokens, 1024 + 256 channels; run them with
+``--layouts channel-last --state``, the block's layout and its carried conv state); L1, one long
+pair of sequences (2 x 1536 x 65,536). The PyTorch baseline is what a Mamba block without a conv
+kernel runs: ``silu(F.conv1d(x, weight[:, None], bias, padding=w-1, groups=d)[..., :l])`` (cuDNN,
+bf16). mamba-ssm's CUDA ``causal_conv1d`` is a separate package and is not built here. Each is
+timed forward and forward+backward (gradients of x, weight, bias), eager and replayed from a CUDA
+graph; peak memory is that of forward+backward. "bwd graph ms" times our backward launcher alone
+(dy given; the old kernel's too), for cuDNN it is fwd+bwd - fwd; "bwd / fwd" divides it by the
+forward. "fwd x floor" and "bwd x floor" are multiples of the copy-bandwidth floor of their bytes
+(forward: read x, write y; backward: read x and dy, write dx; bf16). Outputs and gradients of
+each are checked against the float64 reference (up to 16,384 steps). Layouts (default both):
+``time`` is a contiguous (b, d, l) x, ``channel-last`` a transposed (b, l, d) tensor, as the
+Mamba blocks pass their in_proj slices (dy in the same layout). ``--old`` times the launchers of
+an earlier conv.py beside ours (e.g. written out by ``git show REV:kernels/conv1d/conv.py``;
+called directly, as its op registration would run today's launchers): forward, and backward where
+its ``_causal_conv1d_bwd`` takes today's arguments.
+``--state``: every call takes an initial conv state (b, d, w-1) and returns the final one (the
+backward launchers then get a d final state too).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import sys
 from pathlib import Path
 
@@ -36,12 +41,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import COPY_TBPS, MAMBA1_SHAPES, Table, peak_memory_gib, report, run_tag, time_eager, time_graph  # noqa: E402
 
 from streamssm.kernels import causal_conv1d  # noqa: E402
+from streamssm.kernels.conv1d.conv import _causal_conv1d_bwd  # noqa: E402
 from streamssm.kernels.conv1d.reference import causal_conv1d_ref  # noqa: E402
 from streamssm.testing import assert_close  # noqa: E402
 
 SHAPES = {name: (s["batch"], s["dim"], s["length"]) for name, s in MAMBA1_SHAPES.items()}
 SHAPES["S1"] = (8, 1536 + 256, 4096)
 SHAPES["R1"] = (256, 1024 + 256, 320)
+SHAPES["R2"] = (384, 1024 + 256, 320)
+SHAPES["L1"] = (2, 1536, 65536)
 
 
 def ours(x, weight, bias, init=None):
@@ -61,8 +69,9 @@ def cudnn(x, weight, bias, init=None):
 
 
 def load_old(path: str):
-    """The forward launcher of an earlier conv.py, called directly (its ``causal_conv1d_triton``
-    goes through the registered op, which runs today's launcher): forward only, with silu."""
+    """The launchers of an earlier conv.py, called directly (its ``causal_conv1d_triton`` goes
+    through the registered op, which runs today's launcher): (forward with silu, backward
+    launcher or None where its signature differs from today's)."""
     spec = importlib.util.spec_from_file_location("conv1d_old", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -74,7 +83,10 @@ def load_old(path: str):
             return y
         return y, out[1] if isinstance(out, tuple) else mod._final_state(x, init, weight.shape[1])
 
-    return fwd
+    bwd = getattr(mod, "_causal_conv1d_bwd", None)
+    params = list(inspect.signature(bwd).parameters) if bwd is not None else []
+    same = params == list(inspect.signature(_causal_conv1d_bwd).parameters)
+    return fwd, bwd if same else None
 
 
 def first(out):
@@ -117,7 +129,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="M1,M2,M3,S1")
     parser.add_argument("--width", type=int, default=4)
-    parser.add_argument("--layouts", default="time", help="comma list of time, channel-last")
+    parser.add_argument("--layouts", default="time,channel-last", help="comma list of time, channel-last")
     parser.add_argument("--state", action="store_true", help="calls carry a conv state in and out")
     parser.add_argument("--old", default=None, help="an earlier conv.py to time beside ours")
     parser.add_argument("--no-cudnn", action="store_true", help="leave out the cuDNN baseline")
@@ -127,19 +139,24 @@ def main() -> int:
         print("bench_conv1d needs a CUDA GPU", file=sys.stderr)
         return 2
     table = Table(["shape", "kernel", "fwd eager ms", "fwd graph ms", "fwd+bwd eager ms", "fwd+bwd graph ms",
-                   "bwd / fwd", "peak GiB", "fwd % of floor", "max abs err"],
-                  ratio_of=["fwd graph ms", "fwd+bwd graph ms"])
-    # (name, conv, has a backward)
-    kernels = [("ours", ours, True)] + ([("old Triton (fwd only)", load_old(args.old), False)] if args.old else [])
-    kernels += [] if args.no_cudnn else [("cudnn F.conv1d", cudnn, True)]
+                   "bwd graph ms", "bwd / fwd", "fwd x floor", "bwd x floor", "peak GiB", "max abs err"],
+                  ratio_of=["fwd graph ms", "fwd+bwd graph ms", "bwd graph ms"])
+    # (name, forward, backward through autograd, backward launcher or None)
+    kernels = [("ours", ours, True, _causal_conv1d_bwd)]
+    if args.old:
+        old_fwd, old_bwd = load_old(args.old)
+        kernels.append(("old Triton" if old_bwd else "old Triton (fwd only)", old_fwd, False, old_bwd))
+    kernels += [] if args.no_cudnn else [("cudnn F.conv1d", cudnn, True, None)]
     for shape, layout in ((s, lay) for lay in args.layouts.split(",") for s in args.shapes.split(",")):
         b, d, l = SHAPES[shape]
         x, weight, bias = make_inputs(b, d, l, args.width, layout)
         init = torch.randn(b, d, args.width - 1, device="cuda", dtype=x.dtype) if args.state else None
-        floor_ms = 2 * 2 * b * d * l / COPY_TBPS / 1e9
-        for kernel, fn, has_bwd in kernels:
+        dfinal = torch.randn(b, d, args.width - 1, device="cuda", dtype=x.dtype) if args.state else None
+        floor_ms = 2 * 2 * b * d * l / COPY_TBPS / 1e9  # bf16 x read, y written
+        for kernel, fn, autograd, bwd in kernels:
+            has_bwd = autograd or bwd is not None
             try:
-                err = check(f"{shape} {kernel}", fn, x, weight, bias, init, has_bwd) if l <= 16384 else None
+                err = check(f"{shape} {kernel}", fn, x, weight, bias, init, autograd) if l <= 16384 else None
             except AssertionError as exc:  # reported, and the timings still run
                 print(f"CHECK FAILED {shape} {kernel}: {exc}", flush=True)
                 err = None
@@ -150,20 +167,28 @@ def main() -> int:
                 with torch.no_grad():
                     return fn(x, weight, bias, init)
 
-            def fwd_bwd(fn=fn, leaves=leaves, dy=dy):
-                torch.autograd.grad(first(fn(*leaves, init)), leaves, dy)
+            def bwd_alone(bwd=bwd, dy=dy):
+                return bwd(dy, dfinal, x, weight, bias, init, True)
+
+            def fwd_bwd(fn=fn, leaves=leaves, dy=dy, autograd=autograd, bwd=bwd):
+                if autograd:
+                    torch.autograd.grad(first(fn(*leaves, init)), leaves, dy)
+                else:
+                    fwd(fn)
+                    bwd_alone(bwd, dy)
 
             fg = time_graph(fwd)
             fbg = time_graph(fwd_bwd) if has_bwd else None
+            bg = time_graph(bwd_alone) if bwd is not None else (fbg - fg if has_bwd else None)
             table.add(shape=f"{shape} {b}x{d}x{l} {layout}{' state' if args.state else ''}", kernel=kernel, **{
                 "fwd eager ms": time_eager(fwd), "fwd graph ms": fg,
                 "fwd+bwd eager ms": time_eager(fwd_bwd) if has_bwd else None, "fwd+bwd graph ms": fbg,
-                "bwd / fwd": (fbg - fg) / fg if has_bwd else None,
-                "peak GiB": peak_memory_gib(fwd_bwd) if has_bwd else None,
-                "fwd % of floor": f"{100 * floor_ms / fg:.0f} %", "max abs err": err})
+                "bwd graph ms": bg, "bwd / fwd": bg / fg if has_bwd else None,
+                "fwd x floor": fg / floor_ms, "bwd x floor": bg / (1.5 * floor_ms) if has_bwd else None,
+                "peak GiB": peak_memory_gib(fwd_bwd) if has_bwd else None, "max abs err": err})
             print(table.rows[-1], flush=True)
     text = (f"{run_tag()}\ncausal depthwise conv1d width {args.width} + SiLU, bf16 x, fp32 weight/bias; "
-            f"ratio = PyTorch time / ours (> 1: ours faster)\n\n" + table.markdown())
+            f"ratio = other time / ours (> 1: ours faster)\n\n" + table.markdown())
     report(text, args.out)
     return 0
 
