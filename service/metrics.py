@@ -37,6 +37,8 @@ class ServiceMetrics:
         self.rejected = Counter("streamssm_rejected", "Rejected connections, frames and streams by reason",
                                 ["reason"], registry=r)
         self.parked_streams = Gauge("streamssm_parked_streams", "Disconnected streams kept for resume", registry=r)
+        self.worker_streams = Counter("streamssm_worker_streams", "Streams opened (or resumed) through each "
+                                      "worker process of serve --workers", ["worker"], registry=r)
         self.resumed = Counter("streamssm_resumed_streams", "Streams resumed from a token", registry=r)
 
     def observe_batch(self, streams: int, samples: int, seconds: float, model_seconds: float = 0.0,
@@ -49,6 +51,12 @@ class ServiceMetrics:
         self.samples.inc(samples)
         self.model_seconds.inc(model_seconds)
         self.encode_seconds.inc(encode_seconds)
+
+    def connection(self) -> None:
+        self.connections.inc()
+
+    def resume(self) -> None:
+        self.resumed.inc()
 
     def observe_chunk(self, latency_s: float) -> None:
         self.chunks.inc()

@@ -122,6 +122,32 @@ def _replay_message(t: torch.Tensor, kind: str) -> str | bytes:
     return raw if kind == "bytes" else raw.decode()
 
 
+class TokenMint:
+    """Makes and checks resume tokens with one 32-byte key (a store's; a ``serve --workers``
+    worker gets the engine process's, so its tokens resume anywhere)."""
+
+    def __init__(self, key: bytes):
+        self.key = key
+
+    def _tag(self, random_part: bytes, owner: str) -> bytes:
+        return hmac.new(self.key, random_part + owner.encode(), hashlib.sha256).digest()[:_TAG_BYTES]
+
+    def new_token(self, owner: str) -> str:
+        """A fresh resume token bound to ``owner`` (43 URL-safe characters)."""
+        r = secrets.token_bytes(_RANDOM_BYTES)
+        return base64.urlsafe_b64encode(r + self._tag(r, owner)).rstrip(b"=").decode()
+
+    def issued(self, token: str, owner: str) -> bool:
+        """Whether this key issued ``token`` for ``owner``."""
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        except (binascii.Error, ValueError):
+            return False
+        if len(raw) != _RANDOM_BYTES + _TAG_BYTES:
+            return False
+        return hmac.compare_digest(raw[_RANDOM_BYTES:], self._tag(raw[:_RANDOM_BYTES], owner))
+
+
 class ResumeStore:
     """Parked streams by token, in memory and (with ``state_dir``) on disk.
 
@@ -140,7 +166,7 @@ class ResumeStore:
         self._lock = threading.RLock()
         self._parked: dict[str, Parked] = {}  # insertion order = parking order (oldest first)
         self._bytes = 0
-        self._key = self._load_key()
+        self.mint = TokenMint(self._load_key())
 
     def _load_key(self) -> bytes:
         if self.state_dir is None:
@@ -166,25 +192,11 @@ class ResumeStore:
         """Bytes held by parked streams in memory."""
         return self._bytes
 
-    # -- tokens ----------------------------------------------------------------------------
-
-    def _tag(self, random_part: bytes, owner: str) -> bytes:
-        return hmac.new(self._key, random_part + owner.encode(), hashlib.sha256).digest()[:_TAG_BYTES]
-
     def new_token(self, owner: str) -> str:
-        """A fresh resume token bound to ``owner`` (43 URL-safe characters)."""
-        r = secrets.token_bytes(_RANDOM_BYTES)
-        return base64.urlsafe_b64encode(r + self._tag(r, owner)).rstrip(b"=").decode()
+        return self.mint.new_token(owner)
 
     def issued(self, token: str, owner: str) -> bool:
-        """Whether this store's key issued ``token`` for ``owner``."""
-        try:
-            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        except (binascii.Error, ValueError):
-            return False
-        if len(raw) != _RANDOM_BYTES + _TAG_BYTES:
-            return False
-        return hmac.compare_digest(raw[_RANDOM_BYTES:], self._tag(raw[:_RANDOM_BYTES], owner))
+        return self.mint.issued(token, owner)
 
     # -- parking ---------------------------------------------------------------------------
 

@@ -74,28 +74,48 @@ OnError = Callable[[BaseException], None]
 Pieces = list[tuple[Chunk, int, int]]
 
 
+class QueueSlots:
+    """One stream's queue: at most ``depth`` chunks unanswered (submitted, result not yet sent
+    or dropped). ``acquire`` waits for a free slot; ``answered`` frees slots."""
+
+    def __init__(self, depth: int):
+        self.depth = depth
+        self.unanswered = 0
+        self._free = asyncio.Semaphore(depth)
+
+    async def acquire(self) -> None:
+        await self._free.acquire()
+        self.unanswered += 1
+
+    def answered(self, chunks: int = 1) -> None:
+        """``chunks`` results were sent or dropped (or never queued): free their slots."""
+        self.unanswered -= chunks
+        for _ in range(chunks):
+            self._free.release()
+
+    async def drain(self) -> None:
+        """Wait until every chunk submitted so far has been answered."""
+        for _ in range(self.depth):
+            await self._free.acquire()
+        for _ in range(self.depth):
+            self._free.release()
+
+
 @dataclass
 class _Stream:
     sid: int
     encoder: Encoder
     deliver: Deliver
     on_error: OnError
-    slots: asyncio.Semaphore
+    slots: QueueSlots
     outputs: bool = True  # False: the client wants scores only (ChunkResult.outputs None)
     slice_samples: int = 640  # this stream's samples per model call
-    unanswered: int = 0  # chunks submitted whose results are not sent (or dropped) yet
     pending: deque[Chunk] = field(default_factory=deque)
     closing: bool = False
     failed: bool = False
     progress: asyncio.Event = field(default_factory=asyncio.Event)  # set after each delivery
     computed: tuple[int, int] = (0, 0)  # (chunks, samples) whose results exist (worker thread)
     partial: bool = False  # a chunk is computed only in part (worker thread)
-
-    def answered(self, chunks: int = 1) -> None:
-        """``chunks`` results were sent or dropped: free their queue slots."""
-        self.unanswered -= chunks
-        for _ in range(chunks):
-            self.slots.release()
 
     @property
     def backlog(self) -> int:
@@ -179,7 +199,7 @@ class Scheduler:
             future.add_done_callback(self._close_orphan)
             raise
         limit = self.slice_samples if slice_samples is None else max(1, min(slice_samples, self.slice_samples))
-        self._streams[sid] = _Stream(sid, encoder, deliver, on_error, asyncio.Semaphore(self.queue_depth), outputs,
+        self._streams[sid] = _Stream(sid, encoder, deliver, on_error, QueueSlots(self.queue_depth), outputs,
                                      limit)
         return sid
 
@@ -192,9 +212,8 @@ class Scheduler:
         stream = self._get(sid)
         await stream.slots.acquire()
         if stream.closing or stream.failed:  # closed while we waited
-            stream.slots.release()
+            stream.slots.answered()
             raise StateError(f"stream {sid} is closing")
-        stream.unanswered += 1
         stream.pending.append(chunk)
         self._wakeup.set()
 
@@ -202,20 +221,16 @@ class Scheduler:
         """The result of one chunk of ``sid`` was sent (or dropped): free its queue slot."""
         stream = self._streams.get(sid)
         if stream is not None:
-            stream.answered()
+            stream.slots.answered()
 
     def unanswered(self, sid: int) -> int:
         """Chunks of ``sid`` submitted whose results are not sent yet (0 for unknown streams)."""
         stream = self._streams.get(sid)
-        return 0 if stream is None else stream.unanswered
+        return 0 if stream is None else stream.slots.unanswered
 
     async def drain(self, sid: int) -> None:
         """Wait until every submitted chunk of ``sid`` has been answered and sent."""
-        stream = self._get(sid)
-        for _ in range(self.queue_depth):
-            await stream.slots.acquire()
-        for _ in range(self.queue_depth):
-            stream.slots.release()
+        await self._get(sid).slots.drain()
 
     async def reset(self, sid: int, computed: int) -> int:
         """Zero the state of ``sid`` (its pool row closed and opened again, between two model
@@ -245,7 +260,7 @@ class Scheduler:
             keep = 1 if stream.pending and stream.pending[0].taken and not stream.failed else 0
             while len(stream.pending) > keep:
                 stream.pending.pop()
-                stream.answered()
+                stream.slots.answered()
             while stream.pending and not stream.failed:
                 stream.progress.clear()
                 self._wakeup.set()
@@ -401,8 +416,8 @@ class Scheduler:
             got = outcome.get(sid)
             if isinstance(got, BaseException) or got is None:
                 stream.failed = True
-                stream.answered(sum(1 for c, _, b in pieces if b == c.n))  # the others are still pending
-                stream.answered(len(stream.pending))  # nothing more will be computed for this stream
+                stream.slots.answered(sum(1 for c, _, b in pieces if b == c.n))  # the others are still pending
+                stream.slots.answered(len(stream.pending))  # nothing more will be computed for this stream
                 stream.pending.clear()
                 stream.progress.set()
                 stream.on_error(got if got is not None else RuntimeError("no result"))

@@ -27,7 +27,6 @@ import hmac
 import ipaddress
 import logging
 import ssl
-from collections import OrderedDict
 from http import HTTPStatus
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -36,13 +35,12 @@ from websockets.http11 import Request, Response
 
 from streamssm.checkpoint import ServingBundle
 from streamssm.errors import ProtocolError, StateError
-from streamssm.inference import Streamer
 from streamssm.state import read_state_metadata
 
 from . import static
+from .backend import LocalBackend
 from .codec import ModelCodec
-from .config import DTYPES, ServeConfig
-from .metrics import ServiceMetrics
+from .config import ServeConfig
 from .protocol import (
     INTERNAL_ERROR,
     MESSAGE_TOO_BIG,
@@ -59,14 +57,12 @@ from .protocol import (
     parse_start,
     result_bytes,
 )
-from .resume import Parked, ResumeStore, owner_of
-from .scheduler import Scheduler
+from .resume import Parked, owner_of
 from .session import Session, resume_settings
 
 log = logging.getLogger(__name__)
 STREAM_PATHS = ("/", "/stream")
 _PARKED_REASONS = ("idle_timeout",)  # protocol errors after which a stream is still parked
-_FAILED_KEPT = 1024  # failed streams remembered (their resume gets the failure, not "unknown")
 _VALUES_PER_SLICE_SAMPLE = 16  # a stream's slice holds at most slice_samples x this many result values
 
 
@@ -82,23 +78,25 @@ def _loopback(host: str) -> bool:
 class StreamServer:
     """The service around one loaded model. ``async with StreamServer(bundle, cfg) as s:``.
 
+    ``backend``: what runs the streams (default: a :class:`~streamssm.service.backend.LocalBackend`
+    with the model in this process; a ``serve --workers`` worker passes its link to the engine
+    process, and ``reuse_port`` so that all workers listen on one port).
     Its sessions see it as a :class:`~streamssm.service.session.SessionHost`: ``config``,
-    ``bundle``, ``codec``, ``streamer``, ``scheduler``, ``store`` and :meth:`remember_failure`."""
+    ``bundle``, ``codec``, ``scheduler``, ``store`` and :meth:`remember_failure`."""
 
-    def __init__(self, bundle: ServingBundle, config: ServeConfig | None = None):
+    def __init__(self, bundle: ServingBundle, config: ServeConfig | None = None, backend=None,
+                 reuse_port: bool = False):
         self.config = config or ServeConfig()
         cfg = self.config
         self.bundle = bundle
         self.codec = ModelCodec.from_bundle(bundle)
-        self.metrics = ServiceMetrics()
-        self.store = ResumeStore(cfg.resume_ttl, cfg.state_dir, cfg.max_parked, cfg.max_parked_bytes)
-        self.streamer = Streamer(bundle.model, cfg.max_streams, cfg.device, DTYPES[cfg.dtype], cfg.engine)
-        self.scheduler = Scheduler(self.streamer, cfg.queue_depth, self.metrics, cfg.batching, cfg.slice_samples,
-                                   cfg.batch_wait)
+        self.backend = LocalBackend(bundle, cfg) if backend is None else backend
+        self.metrics, self.store, self.scheduler = self.backend.metrics, self.backend.store, self.backend.scheduler
+        self.streamer = self.backend.streamer  # None in a worker process
+        self.tokens = self.backend.tokens
+        self._reuse_port = reuse_port
         self._server: Server | None = None
-        self._live: dict[str, Session] = {}  # resume token -> live session
-        self._resuming: set[str] = set()  # tokens being resumed right now
-        self._failed: OrderedDict[str, str] = OrderedDict()  # token -> why its stream failed
+        self._live: dict[str, Session] = {}  # resume token -> live session (of this process)
         self._tasks: list[asyncio.Task] = []
         self._owner = owner_of(cfg.token)
 
@@ -109,9 +107,7 @@ class StreamServer:
         if cfg.token is None and not _loopback(cfg.host):
             log.warning("serving on %s without --token: anyone who reaches this port can stream "
                         "(and read the scores); set --token and TLS", cfg.host)
-        if cfg.prepare:  # before the engine thread starts: nothing else calls the Streamer yet
-            log.info("engine %s prepared in %.1f s", self.streamer.engine, self.streamer.capture())
-        await self.scheduler.start()
+        await self.backend.start()
         ssl_ctx = None
         if cfg.certfile:
             ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -120,6 +116,7 @@ class StreamServer:
             self._handler, cfg.host, cfg.port, process_request=self._process_request,
             max_size=2 * cfg.max_frame_bytes, compression=None, ping_interval=cfg.ping_interval,
             ping_timeout=cfg.ping_interval, ssl=ssl_ctx, select_subprotocol=static.select_subprotocol,
+            reuse_port=self._reuse_port,
         )
         loop = asyncio.get_running_loop()
         if self.store.enabled:
@@ -139,7 +136,7 @@ class StreamServer:
             self._server.close(code=SERVICE_RESTART, reason="server restart; resume with your token")
             await self._server.wait_closed()
             self._server = None
-        await self.scheduler.stop()
+        await self.backend.stop()
 
     async def __aenter__(self) -> StreamServer:
         await self.start()
@@ -177,9 +174,7 @@ class StreamServer:
                 log.error("write-ahead of stream %s failed: %s", session.sid, exc)
 
     def remember_failure(self, token: str, exc: BaseException) -> None:
-        self._failed[token] = f"{type(exc).__name__}: {exc}"
-        while len(self._failed) > _FAILED_KEPT:
-            self._failed.popitem(last=False)
+        self.tokens.fail(token, f"{type(exc).__name__}: {exc}")
 
     # -- HTTP ------------------------------------------------------------------------------------
 
@@ -191,7 +186,7 @@ class StreamServer:
             return False
         return hmac.compare_digest(got[0].encode(), f"Bearer {self.config.token}".encode())
 
-    def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+    async def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
         if request.method != "GET":
             self.metrics.reject("http_method")
@@ -199,9 +194,10 @@ class StreamServer:
         if (page := static.page_response(conn, request)) is not None:  # the browser client (no token)
             return page
         if path == "/healthz":
+            live, parked = await self.backend.counts()
             body = dumps({"status": "ok", "model": self.bundle.fingerprint, "head": self.codec.head,
-                          "live_streams": self.scheduler.live, "max_streams": self.config.max_streams,
-                          "parked_streams": len(self.store)})
+                          "live_streams": live, "max_streams": self.config.max_streams,
+                          "parked_streams": parked})
             return conn.respond(HTTPStatus.OK, body + "\n")
         if len(request.headers.get_all("Authorization")) > 1:
             self.metrics.reject("bad_request")
@@ -212,9 +208,7 @@ class StreamServer:
             response.headers["WWW-Authenticate"] = 'Bearer realm="streamssm"'
             return response
         if path == "/metrics":
-            self.metrics.live_streams.set(self.scheduler.live)
-            self.metrics.parked_streams.set(len(self.store))
-            response = conn.respond(HTTPStatus.OK, self.metrics.render().decode())
+            response = conn.respond(HTTPStatus.OK, (await self.backend.metrics_text()).decode())
             del response.headers["Content-Type"]
             response.headers["Content-Type"] = self.metrics.content_type
             return response
@@ -230,13 +224,13 @@ class StreamServer:
     def _needs_outputs(self, start: Start) -> bool:
         """Whether the stream's results need ChunkResult.outputs: False only for a token lm whose
         client asked for scores alone (the Streamer then copies no (n, o) distribution)."""
-        cfg = self.streamer.cfg
+        cfg = self.bundle.config
         return "outputs" in start.include or cfg.head != "lm" or cfg.input_kind != "tokens"
 
     def _slice_samples(self, start: Start) -> int:
         """Samples of this stream per model call: ``slice_samples``, fewer when each sample has
         more than 16 result values to compute and encode (a 256-way LM's JSON outputs)."""
-        cfg = self.streamer.cfg
+        cfg = self.bundle.config
         scored = cfg.head == "lm" and cfg.input_kind == "tokens"
         values = result_bytes(1, self.codec.output_dim, scored, start) // RESULT_VALUE_BYTES[start.results]
         budget = self.config.slice_samples * _VALUES_PER_SLICE_SAMPLE
@@ -264,7 +258,7 @@ class StreamServer:
             await ws.close(exc.code, close_reason(exc))
 
     async def _handler(self, ws: ServerConnection) -> None:
-        self.metrics.connections.inc()
+        self.metrics.connection()
         session: Session | None = None
         park = True
         try:
@@ -297,7 +291,7 @@ class StreamServer:
                     await session.close(park)
                 finally:
                     self._live.pop(session.token, None)
-                    self.metrics.live_streams.set(self.scheduler.live)
+                    self.tokens.release(session.token)
 
     async def _open(self, ws: ServerConnection, start: Start) -> tuple[Session, bool]:
         """Open a new stream or resume a parked one; returns it registered (``greet`` sends
@@ -305,16 +299,11 @@ class StreamServer:
         if self.scheduler.live >= self.config.max_streams:
             raise ProtocolError(f"server is at its limit of {self.config.max_streams} streams; try again later",
                                 TRY_AGAIN_LATER, "too_many_streams")
-        token = start.resume
-        if token is None:
-            return await self._register(ws, start, self.store.new_token(self._owner), None), False
-        if token in self._failed:  # first: its old connection may still be closing (not yet off _live)
-            raise ProtocolError(f"this stream failed: {self._failed[token]}", INTERNAL_ERROR, "stream_failed")
-        if token in self._live or token in self._resuming:
-            raise ProtocolError("this stream is live on another connection (or being resumed); try again shortly",
-                                TRY_AGAIN_LATER, "stream_busy")
-        self._resuming.add(token)
+        token = start.resume or self.store.new_token(self._owner)
+        await self.tokens.claim(token)  # released when the handler ends (or below, if this fails)
         try:
+            if start.resume is None:
+                return await self._register(ws, start, token, None), False
             parked = await asyncio.to_thread(self.store.take, token, self._owner)
             settings = resume_settings(start)
             differ = {k: (parked.settings[k], v) for k, v in settings.items() if parked.settings.get(k, v) != v}
@@ -335,9 +324,10 @@ class StreamServer:
                 await asyncio.to_thread(self.store.park, token, parked, False)
                 raise problem
             session = await self._register(ws, start, token, parked)
-        finally:
-            self._resuming.discard(token)
-        self.metrics.resumed.inc()
+        except BaseException:
+            self.tokens.release(token)
+            raise
+        self.metrics.resume()
         return session, True
 
     async def _register(self, ws: ServerConnection, start: Start, token: str, parked: Parked | None) -> Session:
@@ -355,5 +345,4 @@ class StreamServer:
             raise ProtocolError(f"server is at its limit of {self.config.max_streams} streams; try again later",
                                 TRY_AGAIN_LATER, "too_many_streams") from None
         self._live[token] = session
-        self.metrics.live_streams.set(self.scheduler.live)
         return session

@@ -29,7 +29,7 @@ from websockets.exceptions import ConnectionClosed
 
 from streamssm.checkpoint import ServingBundle
 from streamssm.errors import ProtocolError, StateError
-from streamssm.inference import ChunkResult, Streamer
+from streamssm.inference import ChunkResult
 
 from .codec import ModelCodec
 from .config import ServeConfig
@@ -64,7 +64,6 @@ class SessionHost(Protocol):
     config: ServeConfig
     bundle: ServingBundle
     codec: ModelCodec
-    streamer: Streamer
     scheduler: Scheduler
     store: ResumeStore
 
@@ -91,7 +90,7 @@ class Session:
         self.replay: deque[tuple[int, str | bytes]] = deque(parked.replay if parked else ())
         self.replay_size = sum(len(m) for _, m in self.replay)
         self.resampler = server.codec.resampler(start)
-        scored = server.streamer.cfg.head == "lm" and server.streamer.cfg.input_kind == "tokens"
+        scored = server.bundle.config.head == "lm" and server.bundle.config.input_kind == "tokens"
         self._sample_result_bytes = result_bytes(1, server.codec.output_dim, scored, start)  # per sample: linear
         self.resets: set[int] = set()  # seqs of resets in progress (their results are marked)
         self.resetting = False  # no write-ahead while a reset is between its result and the zeroing
@@ -116,7 +115,7 @@ class Session:
         """One slice's results -> (encoded piece, sum of its scores, its last output row)."""
         codec, n = self.server.codec, (chunk.n if result.scores is None else int(result.scores.shape[0]))
         if result.outputs is None:  # scores only: result_piece reads just the shape (n, o)
-            outputs = np.broadcast_to(np.float32(0), (n, self.server.streamer.out_dim))
+            outputs = np.broadcast_to(np.float32(0), (n, self.server.codec.output_dim))
         else:
             outputs = codec.postprocess(result.outputs)
         scores = None if result.scores is None else result.scores.numpy()
@@ -126,7 +125,7 @@ class Session:
 
     def finish(self, chunk: Chunk, parts: list) -> tuple[str | bytes, float, list | None]:
         """All slices of a chunk -> (its wire message, sum of its scores, its last output row)."""
-        message = join_result(chunk.seq, chunk.start, self.server.streamer.out_dim, [p for p, _, _ in parts], self.start,
+        message = join_result(chunk.seq, chunk.start, self.server.codec.output_dim, [p for p, _, _ in parts], self.start,
                               reset=chunk.seq in self.resets)
         return message, sum(s for _, s, _ in parts), parts[-1][2] if parts else None
 
@@ -381,7 +380,7 @@ class Session:
     async def _answer_here(self, seq: int, reset: bool = False) -> None:
         """Answer ``seq`` with a result of no samples, after every earlier result."""
         await self._caught_up(seq)
-        self._answered(seq, join_result(seq, self.samples_in, self.server.streamer.out_dim, [], self.start, reset),
+        self._answered(seq, join_result(seq, self.samples_in, self.server.codec.output_dim, [], self.start, reset),
                        slot=False)
 
     async def _reset(self) -> None:

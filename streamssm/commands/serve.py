@@ -28,6 +28,7 @@ from streamssm.checkpoint import ServingBundle, load_for_serving, resolve_device
 from streamssm.commands.parsing import add_fields, build, config_parser, parse
 from streamssm.errors import ConfigError
 from streamssm.service.config import ServeConfig
+from streamssm.service.multiprocess import MultiProcessServer
 from streamssm.service.server import StreamServer
 
 log = logging.getLogger(__name__)
@@ -67,13 +68,15 @@ def event_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
     return asyncio.new_event_loop
 
 
-async def serve_until_signal(bundle: ServingBundle, config: ServeConfig) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully. A port in use is a ConfigError."""
+async def serve_until_signal(bundle: ServingBundle, config: ServeConfig, event_loop: str = "auto") -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully. A port in use is a ConfigError.
+    ``config.workers`` > 1: this process runs the engine and starts that many websocket workers
+    (their loop: ``event_loop``)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    server = StreamServer(bundle, config)
+    server = MultiProcessServer(bundle, config, event_loop) if config.workers > 1 else StreamServer(bundle, config)
     try:
         await server.start()
     except OSError as exc:
@@ -111,5 +114,5 @@ def main(argv: list[str], prog: str = "streamssm serve") -> int:
     bundle = load_for_serving(args.checkpoint, config.device)
     log.info("loaded %s in %.2f s", args.checkpoint, time.perf_counter() - t0)
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(serve_until_signal(bundle, config))
+        runner.run(serve_until_signal(bundle, config, args.event_loop))
     return 0

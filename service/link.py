@@ -1,0 +1,136 @@
+"""The link between the engine process and one worker process of ``serve --workers N``.
+
+Messages are tuples; every message queued (:meth:`Link.send`) during one event-loop iteration
+goes out in one write: a batch, pickled and length-prefixed, over a socketpair the engine
+process made for that worker (nothing else can connect to it; both ends are this package's
+own processes). :meth:`Link.call` sends ``("call", id, op, args)`` and awaits the matching
+``("reply", id, value, error)``; errors travel as :func:`error_tuple` and are raised again on
+the caller's side with their type, message, close code and reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+import socket
+import struct
+from collections.abc import AsyncIterator
+from typing import Any
+
+from streamssm.errors import ProtocolError, StateError
+
+_HEADER = struct.Struct("!Q")  # bytes of the pickled batch that follows
+
+
+class LinkClosed(ConnectionError):
+    """The process at the other end of the link is gone."""
+
+
+def error_tuple(exc: BaseException) -> tuple:
+    """An exception as a picklable tuple (:func:`raise_error` raises it again)."""
+    if isinstance(exc, ProtocolError):
+        return ("protocol", str(exc), exc.code, exc.reason)
+    if isinstance(exc, StateError):
+        return ("state", str(exc))
+    return ("other", f"{type(exc).__name__}: {exc}")
+
+
+def raise_error(error: tuple) -> None:
+    kind, message = error[0], error[1]
+    if kind == "protocol":
+        raise ProtocolError(message, error[2], error[3])
+    if kind == "state":
+        raise StateError(message)
+    raise RuntimeError(message)
+
+
+class Link:
+    """One end of a worker link: batched sends, request/reply calls, a message iterator."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self._reader, self._writer = reader, writer
+        self._out: list[tuple] = []
+        self._calls: dict[int, asyncio.Future] = {}
+        self._next_call = 0
+        self.closed = False
+
+    @classmethod
+    async def over(cls, sock: socket.socket) -> Link:
+        """A link over a connected stream socket (one end of a socketpair)."""
+        reader, writer = await asyncio.open_connection(sock=sock)
+        return cls(reader, writer)
+
+    def send(self, *message: Any) -> None:
+        """Queue one message; it leaves with the others queued in this loop iteration. Nothing
+        is sent once the link is closed (the other end is gone: nobody would read it)."""
+        if self.closed:
+            return
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._out.append(message)
+
+    def _flush(self) -> None:
+        batch, self._out = self._out, []
+        if batch and not self.closed:
+            data = pickle.dumps(batch, protocol=5)
+            self._writer.write(_HEADER.pack(len(data)) + data)
+
+    async def call(self, op: str, *args: Any) -> Any:
+        """Ask the other end to run ``op(*args)``; its value, or its error raised here
+        (LinkClosed when the link ends first)."""
+        if self.closed:
+            raise LinkClosed(f"link closed before {op}")
+        rid, self._next_call = self._next_call, self._next_call + 1
+        future = asyncio.get_running_loop().create_future()
+        self._calls[rid] = future
+        self.send("call", rid, op, args)
+        try:
+            return await future
+        finally:
+            self._calls.pop(rid, None)
+
+    def reply(self, rid: int, value: Any = None, error: tuple | None = None) -> None:
+        self.send("reply", rid, value, error)
+
+    async def messages(self) -> AsyncIterator[tuple]:
+        """Every message but replies (those resolve their calls), in order, until the other
+        end closes; then pending calls raise LinkClosed."""
+        try:
+            while True:
+                try:
+                    (size,) = _HEADER.unpack(await self._reader.readexactly(_HEADER.size))
+                    batch = pickle.loads(await self._reader.readexactly(size))
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                for message in batch:
+                    if message[0] == "reply":
+                        self._resolve(*message[1:])
+                    else:
+                        yield message
+        finally:
+            self.closed = True
+            for future in self._calls.values():
+                if not future.done():
+                    future.set_exception(LinkClosed("the other process closed the link"))
+
+    def _resolve(self, rid: int, value: Any, error: tuple | None) -> None:
+        future = self._calls.get(rid)
+        if future is None or future.done():
+            return
+        if error is None:
+            future.set_result(value)
+        else:
+            try:
+                raise_error(error)
+            except Exception as exc:  # noqa: BLE001 - handed to the caller
+                future.set_exception(exc)
+
+    async def close(self) -> None:
+        """Send what is queued, then close (the other end's messages() ends)."""
+        self._flush()
+        self.closed = True
+        self._writer.close()
+        try:
+            await self._writer.wait_closed()
+        except ConnectionError:
+            pass

@@ -1,0 +1,263 @@
+"""A ``serve --workers N`` worker's view of the engine process: the same calls a
+:class:`~streamssm.service.server.StreamServer` makes on its
+:class:`~streamssm.service.backend.LocalBackend`, sent over the worker's
+:class:`~streamssm.service.link.Link` (engine side: :mod:`streamssm.service.multiprocess`).
+
+- :class:`RemoteScheduler`: streams are opened, fed, reset, checkpointed and closed in the
+  engine process's Scheduler; each stream's queue slots (backpressure) are kept here, and a
+  finished chunk's raw results (outputs, scores) come back to be encoded in this process, so
+  the engine thread only computes.
+- :class:`RemoteStore`: parked streams live in the engine process (a stream parked by one
+  worker resumes on any other); tokens are made here with the engine's key.
+- :class:`RemoteTokens`: token claims and failures, kept once in the engine process.
+- :class:`ForwardedMetrics`: this worker's counters, added to the engine's one registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from streamssm.errors import StateError
+from streamssm.inference import ChunkResult
+
+from .link import Link, LinkClosed
+from .metrics import ServiceMetrics
+from .resume import Parked, TokenMint
+from .scheduler import Chunk, Deliver, Encoder, OnError, QueueSlots
+
+
+@dataclass
+class _RemoteStream:
+    encoder: Encoder
+    deliver: Deliver
+    on_error: OnError
+    slots: QueueSlots
+    waiting: dict[int, Chunk] = field(default_factory=dict)  # seq -> chunk sent, result not back yet
+    closing: bool = False
+    failed: bool = False
+
+
+def remote_exception(name: str, message: str) -> Exception:
+    """The engine's exception as the worker raises it: same type name, same message."""
+    return type(name, (RuntimeError,), {})(message)
+
+
+class RemoteScheduler:
+    """The :class:`~streamssm.service.scheduler.Scheduler` interface over a link. Stream ids
+    are this worker's keys (a reset keeps its key; the engine maps keys to pool rows)."""
+
+    def __init__(self, link: Link, queue_depth: int):
+        self.link, self.queue_depth = link, queue_depth
+        self.live = 0  # live streams of the whole server, as of the engine's last message
+        self._streams: dict[int, _RemoteStream] = {}
+        self._next_key = 0
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def open(self, encoder: Encoder, deliver: Deliver, on_error: OnError, snapshot: bytes | None = None,
+                   outputs: bool = True, slice_samples: int | None = None) -> int:
+        key, self._next_key = self._next_key, self._next_key + 1
+        call = asyncio.ensure_future(self.link.call("open", key, snapshot, outputs, slice_samples))
+        try:
+            await asyncio.shield(call)
+        except asyncio.CancelledError:  # the engine still opens it: close it once it has
+            call.add_done_callback(lambda c: c.cancelled() or c.exception() or self.link.send("discard", key))
+            raise
+        self._streams[key] = _RemoteStream(encoder, deliver, on_error, QueueSlots(self.queue_depth))
+        return key
+
+    def _get(self, key: int) -> _RemoteStream:
+        try:
+            return self._streams[key]
+        except KeyError:
+            raise StateError(f"unknown stream id {key}") from None
+
+    async def submit(self, key: int, chunk: Chunk) -> None:
+        stream = self._get(key)
+        await stream.slots.acquire()
+        if stream.closing or stream.failed:
+            stream.slots.answered()
+            raise StateError(f"stream {key} is closing")
+        stream.waiting[chunk.seq] = chunk
+        self.link.send("submit", key, chunk.seq, chunk.start, chunk.x.numpy(), chunk.received)
+
+    def done(self, key: int) -> None:
+        stream = self._streams.get(key)
+        if stream is not None:
+            stream.slots.answered()
+
+    def unanswered(self, key: int) -> int:
+        stream = self._streams.get(key)
+        return 0 if stream is None else stream.slots.unanswered
+
+    async def drain(self, key: int) -> None:
+        await self._get(key).slots.drain()
+
+    async def reset(self, key: int, computed: int) -> int:
+        stream = self._get(key)
+        if stream.waiting or stream.failed:
+            raise StateError(f"stream {key} cannot be reset with chunks pending or after a failure")
+        await self.link.call("reset", key, computed)
+        return key
+
+    async def close(self, key: int, snapshot: bool = False) -> bytes | None:
+        stream = self._streams.get(key)
+        if stream is None:
+            return None
+        stream.closing = True
+        try:
+            return await self.link.call("close", key, snapshot and not stream.failed)
+        except LinkClosed:
+            return None
+        finally:
+            self._streams.pop(key, None)
+            stream.slots.answered(len(stream.waiting))  # never computed: wake a submit waiting for a slot
+            stream.waiting.clear()
+
+    async def checkpoint(self, key: int) -> tuple[bytes, int, int] | None:
+        if key not in self._streams:
+            return None
+        return await self.link.call("checkpoint", key)
+
+    # -- messages from the engine ---------------------------------------------------------
+
+    def result(self, key: int, seq: int, outputs: np.ndarray | None, scores: np.ndarray | None) -> None:
+        """One chunk's results: encode them here (as the engine thread would) and deliver."""
+        stream = self._streams.get(key)
+        chunk = None if stream is None else stream.waiting.pop(seq, None)
+        if stream is None or chunk is None:
+            return
+        res = ChunkResult(None if outputs is None else torch.from_numpy(outputs),
+                          None if scores is None else torch.from_numpy(scores))
+        try:
+            message = stream.encoder.finish(chunk, [stream.encoder.part(chunk, res)])
+        except Exception as exc:  # noqa: BLE001 - this stream fails, the others go on (as in the engine)
+            stream.slots.answered()
+            self._failed(stream, exc)
+            return
+        stream.deliver(chunk, message)
+
+    def error(self, key: int, name: str, message: str) -> None:
+        """The engine's model call failed for this stream."""
+        stream = self._streams.get(key)
+        if stream is not None:
+            self._failed(stream, remote_exception(name, message))
+
+    def _failed(self, stream: _RemoteStream, exc: BaseException) -> None:
+        stream.failed = True
+        stream.slots.answered(len(stream.waiting))  # nothing more will be computed for this stream
+        stream.waiting.clear()
+        stream.on_error(exc)
+
+    def engine_lost(self) -> None:
+        """The link ended: every stream fails (their clients get the reason)."""
+        for stream in list(self._streams.values()):
+            if not stream.failed:
+                self._failed(stream, LinkClosed("the engine process is gone"))
+
+
+class RemoteStore:
+    """The ResumeStore calls a server makes (from threads, via ``asyncio.to_thread``), run by
+    the engine process's store; ``new_token`` runs here, with the engine's key."""
+
+    def __init__(self, link: Link, loop: asyncio.AbstractEventLoop, key: bytes, ttl: float,
+                 state_dir: str | None):
+        self.link, self._loop = link, loop
+        self.mint = TokenMint(key)
+        self.ttl = ttl
+        self.state_dir = None if state_dir is None else Path(state_dir)
+
+    @property
+    def enabled(self) -> bool:
+        return self.ttl > 0
+
+    def new_token(self, owner: str) -> str:
+        return self.mint.new_token(owner)
+
+    def _call(self, op: str, *args: Any) -> Any:
+        """Run on a worker thread: the engine's answer (its error raised here)."""
+        return asyncio.run_coroutine_threadsafe(self.link.call(op, *args), self._loop).result()
+
+    def park(self, token: str, parked: Parked, renew: bool = True) -> None:
+        self._call("park", token, parked, renew)
+
+    def take(self, token: str, owner: str) -> Parked:
+        return self._call("take", token, owner)
+
+    def forget(self, token: str) -> None:
+        self._call("forget", token)
+
+    def write_ahead(self, token: str, parked: Parked) -> None:
+        self._call("write_ahead", token, parked)
+
+    def sweep(self) -> int:
+        return self._call("sweep")
+
+
+class RemoteTokens:
+    """:class:`~streamssm.service.tokens.StreamTokens` of the engine process."""
+
+    def __init__(self, link: Link):
+        self.link = link
+
+    async def claim(self, token: str) -> None:
+        await self.link.call("claim", token)
+
+    def release(self, token: str) -> None:
+        self.link.send("release", token)
+
+    def fail(self, token: str, why: str) -> None:
+        self.link.send("fail", token, why)
+
+
+class ForwardedMetrics:
+    """The server's counter calls, counted in the engine process's registry."""
+
+    content_type = ServiceMetrics.content_type
+
+    def __init__(self, link: Link):
+        self.link = link
+
+    def connection(self) -> None:
+        self.link.send("count", "connection")
+
+    def resume(self) -> None:
+        self.link.send("count", "resume")
+
+    def reject(self, reason: str) -> None:
+        self.link.send("count", "reject", reason)
+
+
+class WorkerBackend:
+    """A worker's :class:`~streamssm.service.backend.LocalBackend` stand-in (no model here)."""
+
+    streamer = None
+
+    def __init__(self, link: Link, store: RemoteStore, queue_depth: int):
+        self.link = link
+        self.scheduler = RemoteScheduler(link, queue_depth)
+        self.store = store
+        self.tokens = RemoteTokens(link)
+        self.metrics = ForwardedMetrics(link)
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def counts(self) -> tuple[int, int]:
+        return tuple(await self.link.call("counts"))
+
+    async def metrics_text(self) -> bytes:
+        return await self.link.call("metrics")

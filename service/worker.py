@@ -1,0 +1,85 @@
+"""``python -m streamssm.service.worker FD LOOP``: one websocket front-end process of
+``serve --workers N``, started by the engine process (:mod:`streamssm.service.multiprocess`)
+with its end of a socketpair as file descriptor FD and the event loop LOOP to run.
+
+It runs a :class:`~streamssm.service.server.StreamServer` on a
+:class:`~streamssm.service.remote.WorkerBackend` (no model here: the hello message brings the
+settings, the model's description, the resume key and the log level), listening with
+SO_REUSEPORT on the engine's port. It stops when the engine says ``stop`` (its streams are
+parked through the engine first) or when the link ends (the engine is gone: its streams fail).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import sys
+
+import torch
+
+from streamssm.commands.serve import event_loop_factory
+
+from .config import ServeConfig
+from .link import Link
+from .remote import RemoteStore, WorkerBackend
+from .server import StreamServer
+
+log = logging.getLogger(__name__)
+
+
+async def run_worker(sock: socket.socket) -> None:
+    link = await Link.over(sock)
+    messages = link.messages()
+    _, index, settings, bundle, key, level = await anext(messages)  # the hello
+    logging.basicConfig(level=level, format=f"%(asctime)s worker {index} %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(1)  # codecs only: the model runs in the engine process
+    cfg = ServeConfig(**settings)
+    store = RemoteStore(link, asyncio.get_running_loop(), key, cfg.resume_ttl, cfg.state_dir)
+    backend = WorkerBackend(link, store, cfg.queue_depth)
+    server = StreamServer(bundle, cfg, backend, reuse_port=True)
+    stop = asyncio.Event()
+
+    async def pump() -> None:
+        """The engine's messages, for as long as the link lives (replies resolve calls inside)."""
+        scheduler = backend.scheduler
+        async for message in messages:
+            kind = message[0]
+            if kind == "result":
+                scheduler.result(*message[1:])
+            elif kind == "error":
+                scheduler.error(*message[1:])
+            elif kind == "live":
+                scheduler.live = message[1]
+            elif kind == "stop":
+                stop.set()
+        scheduler.engine_lost()
+        stop.set()
+
+    reader = asyncio.get_running_loop().create_task(pump())
+    try:
+        await server.start()
+    except OSError as exc:
+        link.send("failed", f"cannot listen on {cfg.host}:{cfg.port}: {exc}")
+        await link.close()
+        raise
+    link.send("listening", server.port)
+    log.debug("listening on %s", server.url)
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()  # closes its streams with 1012: parked through the engine (link still up)
+        await link.close()
+        reader.cancel()
+
+
+def main(argv: list[str]) -> int:
+    fd, loop_name = int(argv[0]), argv[1]
+    sock = socket.socket(fileno=fd)
+    with asyncio.Runner(loop_factory=event_loop_factory(loop_name)) as runner:
+        runner.run(run_worker(sock))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,173 @@
+"""``serve --workers N``: one engine process, N websocket worker processes on one port.
+
+Streams through any worker equal the offline forward and share the engine's model calls; a
+stream resumes on whichever worker its reconnection lands on; a killed worker loses only its
+own streams (a canary on another worker stays exact) and is started again; health and metrics
+count the whole server; the CLI shuts down on SIGTERM with every stream parked, and a new
+server resumes them.
+"""
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from test_service_server import _export, _http_get, http_get, offline_dna, random_bases, random_cuts, stream_dna
+from websockets.asyncio.client import connect
+
+from streamssm.checkpoint import load_for_serving
+from streamssm.models import ModelConfig
+from streamssm.service.client import StreamClient
+from streamssm.service.config import ServeConfig
+from streamssm.service.multiprocess import MultiProcessServer
+
+pytestmark = pytest.mark.timeout(120)
+TIMEOUT = 30.0
+
+
+@pytest.fixture(scope="module")
+def dna(tmp_path_factory):
+    small = dict(d_model=16, n_layers=2, d_state=8, headdim=8, chunk_size=4)
+    cfg = ModelConfig(block="mamba2", input_kind="tokens", vocab_size=5, head="lm", **small)
+    return _export(tmp_path_factory.mktemp("ckpt"), "dna", cfg, {"modality": "dna"}, 1)
+
+
+def workers(path, n=2, **kw) -> MultiProcessServer:
+    kw.setdefault("port", 0)
+    kw.setdefault("ping_interval", None)
+    return MultiProcessServer(load_for_serving(path), ServeConfig(workers=n, **kw))
+
+
+def assert_exact(path, bases, client):
+    logp, scores = offline_dna(path, bases)
+    np.testing.assert_allclose(client.outputs(), logp, atol=2e-5, rtol=0)
+    np.testing.assert_allclose(client.scores(), scores, atol=2e-5, rtol=0)
+    assert [r.seq for r in client.results] == list(range(len(client.results)))
+
+
+def per_worker(metrics_text: str) -> dict[str, float]:
+    """streamssm_worker_streams_total by worker index."""
+    return {m[1]: float(m[2]) for m in re.finditer(r'streamssm_worker_streams_total\{worker="(\d+)"\} (\S+)',
+                                                    metrics_text)}
+
+
+async def test_streams_through_workers_equal_offline_forward(dna):
+    async with workers(dna, max_streams=20) as srv:
+        seqs = [random_bases(20 + 3 * i, seed=i) for i in range(16)]
+        runs = await asyncio.gather(*(stream_dna(srv.url, s, seed=50 + i) for i, s in enumerate(seqs)))
+        status, _, text = await http_get(srv.url.replace("ws://", "http://") + "metrics")
+        health = json.loads((await http_get(srv.url.replace("ws://", "http://") + "healthz"))[2])
+        batches = srv.scheduler.batches
+    for bases, (client, summary) in zip(seqs, runs):
+        assert_exact(dna, bases, client)
+        assert summary["samples"] == len(bases)
+    assert batches < sum(len(c.results) for c, _ in runs)  # streams of both workers shared model calls
+    assert status == 200 and set(per_worker(text)) == {"0", "1"}  # the kernel spread the connections
+    assert sum(per_worker(text).values()) == 16
+    assert re.search(r"^streamssm_connections_total 16\.0$", text, re.M), text  # counted by both workers
+    assert health["live_streams"] == 0 and health["max_streams"] == 20
+
+
+async def test_a_stream_resumes_on_whichever_worker_it_reconnects_to(dna):
+    bases = random_bases(240, seed=7)
+    cuts = random_cuts(len(bases), 8)
+    aborts = set(range(1, len(cuts) - 1, 3))  # >= 14 dropped connections: both workers see this stream
+    async with workers(dna) as srv:
+        async with StreamClient(srv.url, format="text", window=4, reconnect=4) as c:
+            for i, (a, b) in enumerate(cuts):
+                await c.send(bases[a:b])
+                if i in aborts:
+                    c._ws.transport.abort()
+            await c.end(timeout=TIMEOUT)
+        text = (await http_get(srv.url.replace("ws://", "http://") + "metrics"))[2]
+    assert c.reconnects >= 14
+    assert set(per_worker(text)) == {"0", "1"}  # one stream, opened on both workers
+    assert_exact(dna, bases, c)
+
+
+async def test_a_killed_worker_loses_only_its_streams_and_comes_back(dna):
+    bases = random_bases(80, seed=11)
+    async with workers(dna) as srv:
+        canary = StreamClient(srv.url, format="text", reconnect=0)
+        await canary.__aenter__()
+        await canary.send(bases[:20])
+        home = next(i for i, w in srv.workers.items() if w.relays)
+        victims = []
+        while not any(w.relays for i, w in srv.workers.items() if i != home):  # a stream on the other worker
+            victims.append(StreamClient(srv.url, format="text", reconnect=0))
+            await victims[-1].__aenter__()
+            await victims[-1].send("ACGT")
+        other = next(i for i in srv.workers if i != home)
+        dead = srv.workers[other].process
+        dead.send_signal(signal.SIGKILL)
+        for a in range(20, 80, 10):  # the canary goes on meanwhile
+            await canary.send(bases[a : a + 10])
+        await canary.end(timeout=TIMEOUT)
+        await canary.close()
+        async with asyncio.timeout(TIMEOUT):
+            while other not in srv.workers or not srv.workers[other].listening.done() or srv.scheduler.live > \
+                    len(victims) - 1:
+                await asyncio.sleep(0.05)
+        assert srv.workers[other].process.pid != dead.pid  # started again
+        assert srv.scheduler.live == len(victims) - 1  # the dead worker's one stream freed its pool row
+        after, _ = await stream_dna(srv.url, random_bases(30, seed=12), seed=13)  # still serving
+        for v in victims:
+            await v.close()
+    assert_exact(dna, bases, canary)
+    assert after.results
+
+
+def _serve(path, *args):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamssm.cli", "serve", "--checkpoint", str(path), "--port", "0", "--workers", "2",
+         "--ping-interval", "null", *args], stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    for line in proc.stderr:
+        if "workers listening on ws://" in line:
+            return proc, int(line.split("listening on ws://127.0.0.1:")[1].split("/")[0])
+    proc.kill()
+    raise AssertionError("server did not start")
+
+
+def test_serve_cli_workers_sigterm_parks_streams_for_the_next_server(dna, tmp_path):
+    bases = random_bases(60, seed=21)
+    state = str(tmp_path / "state")
+    first, port = _serve(dna, "--state-dir", state)
+    try:
+        assert _http_get(f"http://127.0.0.1:{port}/healthz")[0] == 200
+
+        async def first_half():
+            c = StreamClient(f"ws://127.0.0.1:{port}/", format="text", reconnect=20)
+            await c.__aenter__()
+            await c.send(bases[:30])
+            await c._wait_until(lambda: not c._pending)
+            return c
+
+        loop = asyncio.new_event_loop()
+        client = loop.run_until_complete(first_half())
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=60) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+    second, port2 = _serve(dna, "--state-dir", state)
+    try:
+        async def second_half():
+            client.url = f"ws://127.0.0.1:{port2}/"
+            await client.send(bases[30:])
+            await client.end(timeout=TIMEOUT)
+            await client.close()
+
+        loop.run_until_complete(second_half())
+        loop.close()
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(timeout=60) == 0
+    finally:
+        if second.poll() is None:
+            second.kill()
+    assert client.reconnects >= 1
+    assert_exact(dna, bases, client)
