@@ -17,7 +17,9 @@ layers, d_model 48) for CPU. ``--engine compiled --prepare`` compiles before the
 (the start-up seconds are printed). "loop CPU" / "other threads CPU" are the busy shares
 (CPU seconds, from /proc, over the seconds the clients streamed) of the server's event-loop
 thread and of all its other threads (engine, torch pools): a loop near 100 % means the
-websocket side, not the model, limits N.
+websocket side, not the model, limits N. ``--workers N`` runs ``serve --workers N``: "loop CPU"
+is then the busiest worker's loop (us/chunk: all workers' loops together) and "engine loop CPU"
+the engine process's loop (the worker links' traffic).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from pathlib import Path
 import numpy as np
 
 MODELS = {
+    # next to no compute: what the service itself costs per chunk (event loops, links, codecs)
+    "nano": dict(block="mamba2", d_model=8, n_layers=1, d_state=8, headdim=4, chunk_size=64),
     "tiny": dict(block="mamba2", d_model=32, n_layers=2, d_state=16, headdim=16, chunk_size=64),
     # the 4 x d512 mu-law LM of bench_realtime.py (same shape: engine and service numbers compare)
     "d512": dict(block="mamba2", d_model=512, n_layers=4, d_state=128, headdim=64, expand=2, chunk_size=256),
@@ -74,7 +78,7 @@ def start_server(ckpt: Path, args) -> tuple[subprocess.Popen, int, list[str]]:
            "--queue-depth", "4", "--idle-timeout", "60", "--resume-ttl", "0"]
     cmd += ["--batching", args.batching, "--engine", args.engine, "--prepare", str(args.prepare).lower(),
             "--event-loop", args.event_loop, "--slice-samples", str(args.slice_samples),
-            "--batch-wait", str(args.batch_wait)]
+            "--batch-wait", str(args.batch_wait), "--workers", str(args.workers)]
     if args.server_threads:
         cmd += ["--threads", str(args.server_threads)]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
@@ -83,7 +87,7 @@ def start_server(ckpt: Path, args) -> tuple[subprocess.Popen, int, list[str]]:
     deadline = time.time() + (3600 if args.prepare else 120)  # compiling at start-up: minutes, loaded: more
     for line in proc.stderr:
         lines.append(line)
-        m = re.search(r"listening on ws://[\d.]+:(\d+)/", line)
+        m = re.search(r"listening on ws://[\d.]+:(\d+)/", line) if "worker " not in line else None
         if m:
             port = int(m.group(1))
             break
@@ -107,6 +111,28 @@ def scrape(port: int) -> dict[str, float]:
         if line and not line.startswith("#") and "{" not in line:
             name, value = line.rsplit(" ", 1)
             out[name] = float(value)
+    return out
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux /proc): a ``--workers`` server's workers."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        if int(text[text.rindex(")") + 2 :].split()[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def server_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds so far: ``loop`` / ``workers`` of the server process (:func:`thread_cpu`) and,
+    per worker process of ``--workers``, its event loop as ``front<pid>``."""
+    out = thread_cpu(pid)
+    for child in children(pid):
+        out[f"front{child}"] = thread_cpu(child).get("loop", 0.0)
     return out
 
 
@@ -230,9 +256,16 @@ def limit(row: dict) -> str:
     loop's CPU, or the engine's batches), else neither (GIL hand-offs, the clients)."""
     if row["kept"]:
         return "–"
-    if row["loop_busy"] >= max(0.8, row["engine_busy"]):
+    if max(row["loop_busy"], row["engine_loop_busy"] or 0.0) >= max(0.8, row["engine_busy"]):
         return "event loop"
     return "engine" if row["engine_busy"] >= 0.8 else "neither >= 80 %"
+
+
+def engine_loop_cell(row: dict) -> str:
+    """``--workers``: the engine process's loop, busy share (CPU us per chunk); else "–"."""
+    if row["engine_loop_busy"] is None:
+        return "–"
+    return f"{row['engine_loop_busy']:.0%} ({row['engine_loop_us_per_chunk']:.0f})"
 
 
 def sweep(ckpt: Path, args) -> list[dict]:
@@ -250,10 +283,11 @@ def sweep(ckpt: Path, args) -> list[dict]:
             if time.perf_counter() - t_start + args.seconds + 10 > args.max_wall:
                 print(f"(wall budget of {args.max_wall:g} s reached before N={n})", flush=True)
                 break
-            before, cpu_before = scrape(port), thread_cpu(proc.pid)
+            before, cpu_before = scrape(port), server_cpu(proc.pid)
             row = measure(url, n, args)
-            after, cpu_after = scrape(port), thread_cpu(proc.pid)
+            after, cpu_after = scrape(port), server_cpu(proc.pid)
             cpu = {k: cpu_after[k] - cpu_before.get(k, 0.0) for k in cpu_after}
+            fronts = [v for k, v in cpu.items() if k.startswith("front")] or [cpu.get("loop", float("nan"))]
             d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
             batches = max(d.get("streamssm_batches_total", 0.0), 1.0)
             row.update(batch_ms=1000 * d.get("streamssm_batch_seconds_sum", 0.0) / batches,
@@ -262,9 +296,11 @@ def sweep(ckpt: Path, args) -> list[dict]:
                        engine_busy=d.get("streamssm_batch_seconds_sum", 0.0) / row["span_s"],
                        model_ms=1000 * d.get("streamssm_model_seconds_total", 0.0) / batches,
                        encode_ms=1000 * d.get("streamssm_encode_seconds_total", 0.0) / batches,
-                       loop_busy=cpu.get("loop", float("nan")) / row["span_s"],
+                       loop_busy=max(fronts) / row["span_s"],
+                       engine_loop_busy=cpu.get("loop", float("nan")) / row["span_s"] if args.workers > 1 else None,
+                       engine_loop_us_per_chunk=1e6 * cpu.get("loop", float("nan")) / max(row["chunks"], 1),
                        workers_busy=cpu.get("workers", float("nan")) / row["span_s"],
-                       loop_us_per_chunk=1e6 * cpu.get("loop", float("nan")) / max(row["chunks"], 1))
+                       loop_us_per_chunk=1e6 * sum(fronts) / max(row["chunks"], 1))
             rows.append(row)
             print(f"N={n}: p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms, slip {row['slip_ms']:.1f} ms, "
                   f"kept={row['kept']} {row['first_error']}", flush=True)
@@ -300,6 +336,7 @@ def main(argv=None) -> int:
                    help="serve --prepare: graphs captured / programs compiled before listening")
     p.add_argument("--max-wall", type=float, default=60.0, help="stop the sweep after this many seconds (server start-up not counted)")
     p.add_argument("--engine-only", action="store_true", help="also time Streamer.feed_many alone, in-process")
+    p.add_argument("--workers", type=int, default=1, help="serve --workers (websocket front-end processes)")
     p.add_argument("--all", action="store_true", help="keep sweeping after the first N that is not real time")
     args = p.parse_args(argv)
     args.clients = sorted(int(c) for c in args.clients.split(","))
@@ -314,18 +351,19 @@ def main(argv=None) -> int:
         rows = sweep(ckpt, args)
         engine = engine_only(ckpt, args) if args.engine_only else []
     print(f"\nservice load: model {args.model} ({args.dtype}, {args.batching} batching, engine {args.engine}"
-          f"{' prepared' if args.prepare else ''}, {args.event_loop} event loop, {args.server_threads or 'default'} threads) on {tag}; "
+          f"{' prepared' if args.prepare else ''}, {args.event_loop} event loop, {args.server_threads or 'default'} threads, {args.workers} worker(s)) on {tag}; "
           f"{args.chunk_ms:g} ms chunks at {args.sample_rate} Hz, {args.seconds:g} s per client, {args.client_procs} client process(es)")
     print("| clients | chunks | p50 ms | p99 ms | max ms | send slip ms | samples/s | x real time | kept "
           "| server batch ms | model ms | encode ms | streams/batch | samples/batch | loop CPU | other threads CPU "
-          "| loop CPU us/chunk | engine busy | limit |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| loop CPU us/chunk | engine loop CPU (us/chunk) | engine busy | limit |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         xrt = r["samples_per_s"] / (r["clients"] * args.sample_rate)
         print(f"| {r['clients']} | {r['chunks']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['max_ms']:.1f} | "
               f"{r['slip_ms']:.1f} | {r['samples_per_s']:.0f} | {xrt:.2f} | {'yes' if r['kept'] else 'no'} | "
               f"{r['batch_ms']:.1f} | {r['model_ms']:.1f} | {r['encode_ms']:.1f} | {r['streams_per_batch']:.1f} | {r['samples_per_batch']:.0f} | "
               f"{r['loop_busy']:.0%} | {r['workers_busy']:.0%} | {r['loop_us_per_chunk']:.0f} | "
+              f"{engine_loop_cell(r)} | "
               f"{r['engine_busy']:.0%} | {limit(r)} |")
     if args.engine_only:
         print("\nengine alone (Streamer.feed_many as the server calls it, scores only, no websockets):")

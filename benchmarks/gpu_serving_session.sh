@@ -2,7 +2,7 @@
 # One GPU session for the serving path and the SSD kernels (issues 19 and 25): GPU tests, then
 # benchmarks, each part under its own time limit (one that overruns leaves the others' tables).
 #
-#     bash benchmarks/gpu_serving_session.sh     # about 10 min on an H100 (limits below), tables in $OUT
+#     bash benchmarks/gpu_serving_session.sh     # about 14 min on an H100 (limits below), tables in $OUT
 #
 # Run from the repository root with streamssm importable and the peers under .peers/ (mamba-ssm
 # sdist, fla-core wheel). First calls of the SSD kernels autotune their configs: the limits allow it.
@@ -28,6 +28,10 @@ timeout 120 python benchmarks/bench_realtime.py --streams 384,512 --calls 5 --en
 echo "== service: websocket clients at real-time pace (12 client processes), and the engine as it calls it"
 timeout 200 python benchmarks/bench_service.py --model d512 --device cuda --dtype bfloat16 --engine graphs --prepare \
     --clients 64,128,192 --client-procs 12 --seconds 3 --max-wall 150 --all --engine-only | tee "$OUT/service.md"
+
+echo "== service with 4 websocket worker processes (serve --workers 4): where one event loop stopped (~130)"
+timeout 240 python benchmarks/bench_service.py --model d512 --device cuda --dtype bfloat16 --engine graphs --prepare \
+    --workers 4 --clients 128,256,384 --client-procs 12 --seconds 3 --max-wall 200 --all | tee "$OUT/service_workers.md"
 
 echo "== conv1d at the serving shape (channel-last, carried state) vs cuDNN"
 timeout 90 python benchmarks/bench_conv1d.py --shapes R1 --layouts channel-last --state --out "$OUT/conv1d.md"
