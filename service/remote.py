@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,13 +24,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from streamssm.errors import StateError
+from streamssm.errors import ProtocolError, StateError
 from streamssm.inference import ChunkResult
 
 from .link import Link, LinkClosed
 from .metrics import ServiceMetrics
+from .protocol import SERVICE_RESTART
 from .resume import Parked, TokenMint
 from .scheduler import Chunk, Deliver, Encoder, OnError, QueueSlots
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -160,10 +164,13 @@ class RemoteScheduler:
         stream.on_error(exc)
 
     def engine_lost(self) -> None:
-        """The link ended: every stream fails (their clients get the reason)."""
+        """The link ended (the engine process died): every stream ends with 1012, as after a
+        server crash: its client resumes from the last write-ahead on the next server."""
+        gone = ProtocolError("the engine process is gone; resume with your token (from the last write-ahead, "
+                             "with --state-dir)", SERVICE_RESTART, "service_restart")
         for stream in list(self._streams.values()):
             if not stream.failed:
-                self._failed(stream, LinkClosed("the engine process is gone"))
+                self._failed(stream, gone)
 
 
 class RemoteStore:
@@ -188,17 +195,24 @@ class RemoteStore:
         """Run on a worker thread: the engine's answer (its error raised here)."""
         return asyncio.run_coroutine_threadsafe(self.link.call(op, *args), self._loop).result()
 
+    def _call_unless_gone(self, op: str, *args: Any) -> None:
+        """A call that is moot once the engine is gone (nothing is left to park or forget)."""
+        try:
+            self._call(op, *args)
+        except LinkClosed:
+            log.warning("%s: the engine process is gone", op)
+
     def park(self, token: str, parked: Parked, renew: bool = True) -> None:
-        self._call("park", token, parked, renew)
+        self._call_unless_gone("park", token, parked, renew)
 
     def take(self, token: str, owner: str) -> Parked:
         return self._call("take", token, owner)
 
     def forget(self, token: str) -> None:
-        self._call("forget", token)
+        self._call_unless_gone("forget", token)
 
     def write_ahead(self, token: str, parked: Parked) -> None:
-        self._call("write_ahead", token, parked)
+        self._call_unless_gone("write_ahead", token, parked)
 
     def sweep(self) -> int:
         return self._call("sweep")

@@ -167,7 +167,11 @@ class Session:
         self._interrupt_reader(self.failure_error())  # the handler closes the connection with the real reason
 
     def failure_error(self) -> ProtocolError:
+        """Why the stream failed, as the handler closes with it: a model call's exception as
+        1011, a ProtocolError (e.g. a worker's engine gone: 1012) as it is."""
         exc = self.failure
+        if isinstance(exc, ProtocolError):
+            return exc
         return ProtocolError(f"the model call failed for this stream: {type(exc).__name__}: {exc}",
                              INTERNAL_ERROR, "internal_error")
 

@@ -14,10 +14,20 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
-from test_service_server import _export, _http_get, http_get, offline_dna, random_bases, random_cuts, stream_dna
+from test_service_server import (
+    _export,
+    _http_get,
+    http_get,
+    offline_dna,
+    random_bases,
+    random_cuts,
+    read_error,
+    stream_dna,
+)
 from websockets.asyncio.client import connect
 
 from streamssm.checkpoint import load_for_serving
@@ -122,6 +132,56 @@ async def test_a_killed_worker_loses_only_its_streams_and_comes_back(dna):
     assert after.results
 
 
+async def test_hostile_clients_and_a_failing_stream_leave_the_canary_exact(dna):
+    bases = random_bases(100, seed=31)
+    start = json.dumps({"type": "start", "format": "text"})
+    async with workers(dna, max_frame_bytes=4096) as srv:
+        real = srv.backend.streamer.feed_many
+
+        def flaky(chunks, outputs=True):  # the engine fails every call with a 13-base chunk in it
+            if any(len(x) == 13 for x in chunks.values()):
+                raise RuntimeError("device fault 42")
+            return real(chunks, outputs)
+
+        srv.backend.streamer.feed_many = flaky
+
+        async def attack(messages) -> tuple[dict, int, str]:
+            async with connect(srv.url) as ws:
+                await ws.send(start)
+                token = json.loads(await ws.recv())["resume"]
+                for m in messages:
+                    await ws.send(m)
+                got, code = await read_error(ws, TIMEOUT)
+            return got, code, token
+
+        async def attackers():
+            failed = await attack(["A" * 13])
+            assert failed[1] == 1011 and "device fault 42" in failed[0]["message"]
+            resumes = []
+            for _ in range(6):  # refused on whichever worker: the failure is known to the engine
+                async with connect(srv.url) as ws:
+                    await ws.send(json.dumps({"type": "start", "format": "text", "resume": failed[2]}))
+                    resumes.append(await read_error(ws, TIMEOUT))
+            assert all(code == 1011 and got["reason"] == "stream_failed" for got, code in resumes), resumes
+            assert (await attack([b"\x00\x01"]))[1] == 1003  # binary in a text stream
+            assert (await attack(["A" * 5000]))[1] == 1009  # over max_frame_bytes
+            assert (await attack(['{"type": "nope"}']))[1] == 1008
+
+        async def canary():
+            async with StreamClient(srv.url, format="text") as c:
+                for a in range(0, len(bases), 10):
+                    await c.send(bases[a : a + 10])
+                    await asyncio.sleep(0.01)
+                await c.end(timeout=TIMEOUT)
+            return c
+
+        _, client = await asyncio.gather(attackers(), canary())
+        async with asyncio.timeout(TIMEOUT):
+            while srv.scheduler.live:
+                await asyncio.sleep(0.02)
+    assert_exact(dna, bases, client)
+
+
 def _serve(path, *args):
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamssm.cli", "serve", "--checkpoint", str(path), "--port", "0", "--workers", "2",
@@ -167,6 +227,72 @@ def test_serve_cli_workers_sigterm_parks_streams_for_the_next_server(dna, tmp_pa
         second.send_signal(signal.SIGTERM)
         assert second.wait(timeout=60) == 0
     finally:
+        if second.poll() is None:
+            second.kill()
+    assert client.reconnects >= 1
+    assert_exact(dna, bases, client)
+
+
+def _stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat after the command name (state, ppid, ...); None when gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()
+
+
+def _alive(pid: int) -> bool:
+    stat = _stat(pid)
+    return stat is not None and stat[0] != "Z"
+
+
+def _workers_of(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (Linux /proc)."""
+    return [int(e.name) for e in os.scandir("/proc") if e.name.isdigit()
+            and (stat := _stat(int(e.name))) is not None and int(stat[1]) == pid and stat[0] != "Z"]
+
+
+def test_a_crashed_engine_takes_its_workers_down_and_streams_resume_from_the_write_ahead(dna, tmp_path):
+    bases = random_bases(60, seed=41)
+    state = str(tmp_path / "state")
+    first, port = _serve(dna, "--state-dir", state, "--write-ahead-interval", "0.2")
+    fronts = _workers_of(first.pid)
+    loop = asyncio.new_event_loop()
+    try:
+        assert len(fronts) == 2
+
+        async def first_half():
+            c = StreamClient(f"ws://127.0.0.1:{port}/", format="text", reconnect=20)
+            await c.__aenter__()
+            await c.send(bases[:30])
+            await c._wait_until(lambda: not c._pending and c._saved_seq >= 0)  # answered and written ahead
+            return c
+
+        client = loop.run_until_complete(first_half())
+        first.kill()  # SIGKILL: no parking, no goodbye
+        first.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while any(_alive(p) for p in fronts):
+            assert time.monotonic() < deadline, "workers outlived their engine"
+            time.sleep(0.05)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    second, port2 = _serve(dna, "--state-dir", state)
+    try:
+        async def second_half():
+            client.url = f"ws://127.0.0.1:{port2}/"
+            await client.send(bases[30:])
+            await client.end(timeout=TIMEOUT)
+            await client.close()
+
+        loop.run_until_complete(second_half())
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(timeout=60) == 0
+    finally:
+        loop.close()
         if second.poll() is None:
             second.kill()
     assert client.reconnects >= 1
