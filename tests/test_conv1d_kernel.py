@@ -276,8 +276,9 @@ for config in kernel.configs:
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     sig = {a: "constexpr" if a in consts else ("*bf16" if a in half else "*fp32") if a.startswith("p_") else "i32"
            for a in fn.arg_names}
+    cap = {"maxnreg": config.maxnreg} if config.maxnreg else {}
     triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
-                   options={"num_warps": config.num_warps})
+                   options={"num_warps": config.num_warps, **cap})
 """
 
 

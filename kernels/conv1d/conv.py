@@ -47,12 +47,14 @@ _FWD_CL_TILES = ((256, 16, 1), (256, 32, 1), (512, 16, 2), (512, 32, 2), (1024, 
 #: (BLOCK_D, BLOCK_L, warps) of the time-contiguous backward: it keeps ~8 tiles live, so at most 8
 #: elements per thread, or it spills (sm_90, Triton 3.6).
 _BWD_TILES = ((8, 128, 4), (16, 64, 4), (16, 128, 8), (32, 32, 4))
-#: (BLOCK_D, BLOCK_L, warps) of the channel-last backward: rows of BLOCK_D channels, 2 per thread
-#: (~170 registers on sm_90, Triton 3.6) or 4 (255, a few spilled bytes); a tile's BLOCK_L rows of
-#: x and dy are loaded before the first is used (16-step tiles of 4 per thread spill more).
-_BWD_CL_TILES = ((64, 16, 1), (128, 16, 2), (256, 16, 4), (128, 16, 1), (64, 8, 1), (128, 8, 2))
+#: (BLOCK_D, BLOCK_L, warps[, register cap]) of the channel-last backward: rows of BLOCK_D channels,
+#: 2 per thread (~250 registers on sm_90, Triton 3.6; capped at 168: 12 warps per SM instead of 8,
+#: ~30 bytes spilled) or 4 (255); a tile's BLOCK_L rows of x and dy are loaded before the first is
+#: used (32-row tiles spill).
+_BWD_CL_TILES = ((64, 16, 1), (128, 16, 2), (256, 16, 4), (128, 16, 1), (64, 8, 1), (128, 8, 2), (64, 16, 1, 168),
+                 (128, 16, 2, 168))
 #: Backward segments are a multiple of every BLOCK_L (interpreter: 8-step tiles, 16-step segments).
-SEGMENT_UNIT = 8 if interpreting() else max(bl for _, bl, _ in _BWD_TILES + _BWD_CL_TILES)
+SEGMENT_UNIT = 8 if interpreting() else max(t[1] for t in _BWD_TILES + _BWD_CL_TILES)
 #: Backward programs per SM the segment length aims for (each walks its tiles one after the other),
 #: by layout (channel-last?): programs of 64 channels, 4 or 8 warps (time-contiguous) or 1 warp and up
 #: (channel-last).
@@ -126,9 +128,11 @@ def _ahead(cur, nxt, o_l, j: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.co
 
 
 def _configs(tiles, interpret_tile) -> list:
-    """Autotune configs of (BLOCK_D, BLOCK_L, warps) tiles; ``interpret_tile`` alone in the interpreter."""
+    """Autotune configs of (BLOCK_D, BLOCK_L, warps[, register cap]) tiles; ``interpret_tile`` alone
+    in the interpreter."""
     bd, bl = interpret_tile
-    return autotune_configs([triton.Config({"BLOCK_D": d, "BLOCK_L": l}, num_warps=w) for d, l, w in tiles],
+    return autotune_configs([triton.Config({"BLOCK_D": t[0], "BLOCK_L": t[1]}, num_warps=t[2],
+                                           maxnreg=t[3] if len(t) > 3 else None) for t in tiles],
                             triton.Config({"BLOCK_D": bd, "BLOCK_L": bl}, num_warps=1))
 
 
@@ -371,18 +375,66 @@ def _bwd_cl_step(x_t, dy_t, r1, r2, r3, d1, d2, d3, k0, k1, k2, k3, bias,
 
 
 @triton.jit
-def _store_dxpad(p_dx, p_dinit, dxp, f0, f1, f2, t, s0, s_end, length, m_d, s_dxl,
-                 W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DFINAL: tl.constexpr, MAY_INIT: tl.constexpr):
-    """Write dxpad[t] (BLOCK_D,) fp32 plus d final[t - l] (f_j = d final[:, j], registers): as dx
-    row t-w+1 where the program owns it (s0 <= t-w+1 < s_end), and (MAY_INIT: a tile's first w-1
-    steps) as d initial_state[t] for t < w-1 (segment 0's first steps)."""
-    if HAS_DFINAL:  # the last w-1 inputs are the final state
-        for j in tl.static_range(W - 1):
-            dxp += tl.where(t - length == j, _lag(j, f0, f1, f2, f2), 0.0)
-    u = t - (W - 1)
-    tl.store(p_dx + u * s_dxl, dxp.to(p_dx.dtype.element_ty), mask=m_d & (u >= s0) & (u < s_end))
-    if HAS_INIT and MAY_INIT:
-        tl.store(p_dinit + t, dxp.to(p_dinit.dtype.element_ty), mask=m_d & (t < W - 1))
+def _bwd_cl_rows(p_x, p_dy, p_dx, p_dinit, t0, s0, s_end, length, carry, taps, fin, bias, m_d, s_xl, s_gl, s_dxl,
+                 N: tl.constexpr, MASKED: tl.constexpr, W: tl.constexpr, HAS_INIT: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_DFINAL: tl.constexpr):
+    """N steps of the channel-last backward from row t0 (int64) of the segment [s0, s_end), the N
+    rows of x and dy loaded first.
+
+    carry = (r1, r2, r3, d1, d2, d3, a0, a1, a2, a3, a_b): x and dpre 1..3 steps back, dweight[:, k]
+    and dbias sums; taps = weight[:, 0..3]; fin = d final[:, 0..2]; all (BLOCK_D,) fp32. Returns
+    the carry after step N-1. Step j writes dxpad[t0 + j] as dx row t0 + j - (w-1) from the
+    segment's start on and, at t0 = 0, d initial_state[j] for j < w-1. Unmasked: whole tiles inside
+    the segment. MASKED (the steps after them): rows from l on are 0 and take d final, only rows
+    before s_end count in dweight/dbias, and dx rows only up to s_end. Row tests are on int32
+    offsets from t0.
+    """
+    j_lo = tl.maximum(s0 - t0 + (W - 1), 0).to(tl.int32)  # w-1 in the segment's first tile, else 0
+    n_len = tl.minimum(length - t0, N + W).to(tl.int32)  # rows j >= n_len are past the sequence
+    n_acc = tl.maximum(tl.minimum(s_end - t0, N + W), -W).to(tl.int32)  # rows j >= n_acc: the next segment's
+    at_start = t0 == 0
+    r1, r2, r3, d1, d2, d3, a0, a1, a2, a3, a_b = carry
+    k0, k1, k2, k3 = taps
+    f0, f1, f2 = fin
+    p_x += t0 * s_xl
+    p_dy += t0 * s_gl
+    p_dx += (t0 - (W - 1)) * s_dxl
+    xs = ()
+    gs = ()
+    for j in tl.static_range(N):
+        m = m_d & (j < n_len) if MASKED else m_d
+        xs = xs + (tl.load(p_x + j * s_xl, mask=m, other=0.0),)
+        gs = gs + (tl.load(p_dy + j * s_gl, mask=m, other=0.0),)
+    for j in tl.static_range(N):
+        x_t = xs[j].to(tl.float32)
+        dpre, dxp = _bwd_cl_step(x_t, gs[j].to(tl.float32), r1, r2, r3, d1, d2, d3, k0, k1, k2, k3, bias,
+                                 W, HAS_BIAS, SILU)
+        own = tl.where(j < n_acc, dpre, 0.0) if MASKED else dpre  # later rows: the next segment's
+        a0 += own * _lag(W - 1, x_t, r1, r2, r3)
+        a1 += own * _lag(W - 2, x_t, r1, r2, r3)
+        if W > 2:
+            a2 += own * _lag(W - 3, x_t, r1, r2, r3)
+        if W > 3:
+            a3 += own * x_t  # xpad[t + 3] for w = 4
+        a_b += own
+        if MASKED and HAS_DFINAL:  # the last w-1 inputs are the final state
+            for i in tl.static_range(W - 1):
+                dxp += tl.where(j - n_len == i, _lag(i, f0, f1, f2, f2), 0.0)
+        m = m_d
+        if j < W - 1:
+            m = m & (j >= j_lo)
+        if MASKED:
+            m = m & (j - (W - 1) < n_acc)
+        tl.store(p_dx + j * s_dxl, dxp.to(p_dx.dtype.element_ty), mask=m)
+        if HAS_INIT and j < W - 1:
+            tl.store(p_dinit + j, dxp.to(p_dinit.dtype.element_ty), mask=m_d & at_start)
+        r3 = r2
+        r2 = r1
+        r1 = x_t
+        d3 = d2
+        d2 = d1
+        d1 = dpre
+    return r1, r2, r3, d1, d2, d3, a0, a1, a2, a3, a_b
 
 
 @triton.autotune(configs=_configs(_BWD_CL_TILES, (8, 8)), key=["dim", "W"])
@@ -403,10 +455,10 @@ def _causal_conv1d_bwd_cl_kernel(
 ):
     """Channel-last x: gradients of one (segment, channel block, batch), rows first to last.
 
-    Per tile all BLOCK_L rows of x and dy are loaded up front (each row of BLOCK_D contiguous
-    channels once); per step pre and dpre once, the dweight/dbias terms from the same rows, and
-    dxpad[t] from dpre_t and the w-1 previous dpre (registers) stored as dx row t-w+1. The w-1
-    steps after the segment's tiles finish its last rows (their dpre counted by the next segment).
+    Per step pre and dpre once, the dweight/dbias terms from the same rows, and dxpad[t] from dpre_t
+    and the w-1 previous dpre (registers) stored as dx row t-w+1 (``_bwd_cl_rows``): the segment's
+    whole BLOCK_L-row tiles without row masks, then its partial tile (the sequence's end) and the
+    w-1 steps after it, which finish its last rows (their dpre counted by the next segment).
     Grid (segments, channel blocks, batch).
     """
     pid_s = tl.program_id(0)
@@ -419,88 +471,39 @@ def _causal_conv1d_bwd_cl_kernel(
     p_dx += pid_b * s_dxb + o_d * s_dxd
     p_dfinal += pid_b * dim * (W - 1) + o_d * (W - 1)
     p_dinit += pid_b * dim * (W - 1) + o_d * (W - 1)
-    f0 = tl.zeros((BLOCK_D,), dtype=tl.float32)  # d final[:, j]
-    f1 = tl.zeros_like(f0)
-    f2 = tl.zeros_like(f0)
-    if HAS_DFINAL:
-        f0 = tl.load(p_dfinal, mask=m_d, other=0.0).to(tl.float32)
-        if W > 2:
-            f1 = tl.load(p_dfinal + 1, mask=m_d, other=0.0).to(tl.float32)
-        if W > 3:
-            f2 = tl.load(p_dfinal + 2, mask=m_d, other=0.0).to(tl.float32)
     s0 = pid_s.to(tl.int64) * seg_len
     s_end = tl.minimum(s0 + seg_len, length)
-    k0 = _tap(p_w, o_d, m_d, 0, s_wd, s_wk)
-    k1 = _tap(p_w, o_d, m_d, 1, s_wd, s_wk)
-    k2 = tl.zeros_like(k0)
-    k3 = tl.zeros_like(k0)
-    if W > 2:
-        k2 = _tap(p_w, o_d, m_d, 2, s_wd, s_wk)
-    if W > 3:
-        k3 = _tap(p_w, o_d, m_d, 3, s_wd, s_wk)
-    bias = tl.zeros_like(k0)
-    if HAS_BIAS:
-        bias = tl.load(p_bias + o_d, mask=m_d, other=0.0).to(tl.float32)
+    zero = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    taps = (_tap(p_w, o_d, m_d, 0, s_wd, s_wk), _tap(p_w, o_d, m_d, 1, s_wd, s_wk),
+            _tap(p_w, o_d, m_d, 2, s_wd, s_wk) if W > 2 else zero, _tap(p_w, o_d, m_d, 3, s_wd, s_wk) if W > 3 else zero)
+    fin = (zero, zero, zero)
+    if HAS_DFINAL:
+        fin = (tl.load(p_dfinal, mask=m_d, other=0.0).to(tl.float32),
+               tl.load(p_dfinal + 1, mask=m_d & (W > 2), other=0.0).to(tl.float32),
+               tl.load(p_dfinal + 2, mask=m_d & (W > 3), other=0.0).to(tl.float32))
+    bias = tl.load(p_bias + o_d, mask=m_d, other=0.0).to(tl.float32) if HAS_BIAS else zero
     # r_j = x_{s0-j} (xpad[s0 + w-1-j]: the initial state before the sequence); d_j = dpre_{s0-j}:
     # 0 at the sequence's start, unknown (its dx rows not ours) before a later segment
     r1 = _xpad_row(p_x, p_init, s0 + W - 2, length, m_d, s_xl, s_il, W, HAS_INIT)
-    r2 = tl.zeros_like(r1)
-    r3 = tl.zeros_like(r1)
-    if W > 2:
-        r2 = _xpad_row(p_x, p_init, s0 + W - 3, length, m_d, s_xl, s_il, W, HAS_INIT)
-    if W > 3:
-        r3 = _xpad_row(p_x, p_init, s0, length, m_d, s_xl, s_il, W, HAS_INIT)
-    d1 = tl.zeros_like(r1)
-    d2 = tl.zeros_like(r1)
-    d3 = tl.zeros_like(r1)
-    # dweight[:, k] (a_k) and dbias (a_b) of this program's steps
-    a0 = tl.zeros_like(r1)
-    a1 = tl.zeros_like(r1)
-    a2 = tl.zeros_like(r1)
-    a3 = tl.zeros_like(r1)
-    a_b = tl.zeros_like(r1)
-    n_tiles = tl.cdiv(s_end - s0, BLOCK_L)
-    for i in range(n_tiles):
-        t0 = s0 + i * BLOCK_L
-        xs = ()
-        gs = ()
-        for j in tl.static_range(BLOCK_L):
-            m = m_d & (t0 + j < length)
-            xs = xs + (tl.load(p_x + (t0 + j) * s_xl, mask=m, other=0.0),)
-            gs = gs + (tl.load(p_dy + (t0 + j) * s_gl, mask=m, other=0.0),)
-        for j in tl.static_range(BLOCK_L):
-            x_t = xs[j].to(tl.float32)
-            dpre, dxp = _bwd_cl_step(x_t, gs[j].to(tl.float32), r1, r2, r3, d1, d2, d3, k0, k1, k2, k3, bias,
-                                     W, HAS_BIAS, SILU)
-            a0 += dpre * _lag(W - 1, x_t, r1, r2, r3)
-            a1 += dpre * _lag(W - 2, x_t, r1, r2, r3)
-            if W > 2:
-                a2 += dpre * _lag(W - 3, x_t, r1, r2, r3)
-            if W > 3:
-                a3 += dpre * x_t  # xpad[t + 3] for w = 4
-            a_b += dpre
-            _store_dxpad(p_dx, p_dinit, dxp, f0, f1, f2, t0 + j, s0, s_end, length, m_d, s_dxl, W, HAS_INIT, HAS_DFINAL,
-                         j < W - 1)
-            r3 = r2
-            r2 = r1
-            r1 = x_t
-            d3 = d2
-            d2 = d1
-            d1 = dpre
-    t_tail = s0 + n_tiles * BLOCK_L
-    for j in tl.static_range(W - 1):  # the w-1 steps after the tiles: their dpre, not their dweight
-        m = m_d & (t_tail + j < length)
-        x_t = tl.load(p_x + (t_tail + j) * s_xl, mask=m, other=0.0).to(tl.float32)
-        dy_t = tl.load(p_dy + (t_tail + j) * s_gl, mask=m, other=0.0).to(tl.float32)
-        dpre, dxp = _bwd_cl_step(x_t, dy_t, r1, r2, r3, d1, d2, d3, k0, k1, k2, k3, bias, W, HAS_BIAS, SILU)
-        _store_dxpad(p_dx, p_dinit, dxp, f0, f1, f2, t_tail + j, s0, s_end, length, m_d, s_dxl, W, HAS_INIT,
-                     HAS_DFINAL, False)
-        r3 = r2
-        r2 = r1
-        r1 = x_t
-        d3 = d2
-        d2 = d1
-        d1 = dpre
+    r2 = _xpad_row(p_x, p_init, s0 + W - 3, length, m_d, s_xl, s_il, W, HAS_INIT) if W > 2 else zero
+    r3 = _xpad_row(p_x, p_init, s0, length, m_d, s_xl, s_il, W, HAS_INIT) if W > 3 else zero
+    carry = (r1, r2, r3, zero, zero, zero, zero, zero, zero, zero, zero)
+    n_full = (s_end - s0) // BLOCK_L
+    args = (taps, fin, bias, m_d, s_xl, s_gl, s_dxl)
+    for i in range(n_full):
+        carry = _bwd_cl_rows(p_x, p_dy, p_dx, p_dinit, s0 + i * BLOCK_L, s0, s_end, length, carry, *args,
+                             N=BLOCK_L, MASKED=False, W=W, HAS_INIT=HAS_INIT, HAS_BIAS=HAS_BIAS, SILU=SILU,
+                             HAS_DFINAL=HAS_DFINAL)
+    t0 = s0 + n_full * BLOCK_L
+    if t0 < s_end:  # a partial tile: the sequence ends inside it
+        carry = _bwd_cl_rows(p_x, p_dy, p_dx, p_dinit, t0, s0, s_end, length, carry, *args,
+                             N=BLOCK_L, MASKED=True, W=W, HAS_INIT=HAS_INIT, HAS_BIAS=HAS_BIAS, SILU=SILU,
+                             HAS_DFINAL=HAS_DFINAL)
+        t0 += BLOCK_L
+    carry = _bwd_cl_rows(p_x, p_dy, p_dx, p_dinit, t0, s0, s_end, length, carry, *args,  # the w-1 steps after
+                         N=W - 1, MASKED=True, W=W, HAS_INIT=HAS_INIT, HAS_BIAS=HAS_BIAS, SILU=SILU,
+                         HAS_DFINAL=HAS_DFINAL)
+    a0, a1, a2, a3, a_b = carry[6], carry[7], carry[8], carry[9], carry[10]
     p_part += (pid_b * tl.num_programs(0) + pid_s) * 5 * dim + o_d
     tl.store(p_part, a0, mask=m_d)
     tl.store(p_part + dim, a1, mask=m_d)
