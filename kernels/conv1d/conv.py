@@ -247,6 +247,19 @@ def _causal_conv1d_fwd_cl_kernel(
             tl.store(p_f + j, v.to(p_final.dtype.element_ty), mask=m_d)
 
 
+@triton.jit
+def _store_partials(p_part, dim, m_d, a0, a1, a2, a3, a_b, W: tl.constexpr):
+    """One program's dweight[:, k] sums a_k (k < w) and dbias sum a_b, (BLOCK_D,) fp32, into its
+    (5, d) rows of the partial buffer (p_part at row 0, its channels)."""
+    tl.store(p_part, a0, mask=m_d)
+    tl.store(p_part + dim, a1, mask=m_d)
+    if W > 2:
+        tl.store(p_part + 2 * dim, a2, mask=m_d)
+    if W > 3:
+        tl.store(p_part + 3 * dim, a3, mask=m_d)
+    tl.store(p_part + 4 * dim, a_b, mask=m_d)
+
+
 @triton.autotune(configs=_configs(_BWD_TILES, (8, 8)), key=["dim", "W"])
 @triton.jit
 def _causal_conv1d_bwd_kernel(
@@ -319,14 +332,8 @@ def _causal_conv1d_bwd_kernel(
             dx += tl.load(p_dfinal + o_d[:, None] * (W - 1) + jf[None, :], mask=mf, other=0.0).to(tl.float32)
         tl.store(p_dx + o_d[:, None] * s_dxd + s[None, :] * s_dxl, dx.to(p_dx.dtype.element_ty), mask=m)
         nxt = dpre
-    p_part += (pid_b * tl.num_programs(2) + pid_s) * 5 * dim + o_d
-    tl.store(p_part, tl.sum(acc_w0, axis=1), mask=m_d)
-    tl.store(p_part + dim, tl.sum(acc_w1, axis=1), mask=m_d)
-    if W > 2:
-        tl.store(p_part + 2 * dim, tl.sum(acc_w2, axis=1), mask=m_d)
-    if W > 3:
-        tl.store(p_part + 3 * dim, tl.sum(acc_w3, axis=1), mask=m_d)
-    tl.store(p_part + 4 * dim, tl.sum(acc_b, axis=1), mask=m_d)
+    _store_partials(p_part + (pid_b * tl.num_programs(2) + pid_s) * 5 * dim + o_d, dim, m_d, tl.sum(acc_w0, axis=1),
+                    tl.sum(acc_w1, axis=1), tl.sum(acc_w2, axis=1), tl.sum(acc_w3, axis=1), tl.sum(acc_b, axis=1), W)
     if HAS_INIT:
         if pid_s == 0:  # d initial_state_j = dxpad[j] = sum_{k <= j} weight[:, k] dpre[j - k] (+ dfinal)
             di = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)  # columns j < w-1 are kept
@@ -503,15 +510,8 @@ def _causal_conv1d_bwd_cl_kernel(
     carry = _bwd_cl_rows(p_x, p_dy, p_dx, p_dinit, t0, s0, s_end, length, carry, *args,  # the w-1 steps after
                          N=W - 1, MASKED=True, W=W, HAS_INIT=HAS_INIT, HAS_BIAS=HAS_BIAS, SILU=SILU,
                          HAS_DFINAL=HAS_DFINAL)
-    a0, a1, a2, a3, a_b = carry[6], carry[7], carry[8], carry[9], carry[10]
-    p_part += (pid_b * tl.num_programs(0) + pid_s) * 5 * dim + o_d
-    tl.store(p_part, a0, mask=m_d)
-    tl.store(p_part + dim, a1, mask=m_d)
-    if W > 2:
-        tl.store(p_part + 2 * dim, a2, mask=m_d)
-    if W > 3:
-        tl.store(p_part + 3 * dim, a3, mask=m_d)
-    tl.store(p_part + 4 * dim, a_b, mask=m_d)
+    _store_partials(p_part + (pid_b * tl.num_programs(0) + pid_s) * 5 * dim + o_d, dim, m_d, carry[6], carry[7],
+                    carry[8], carry[9], carry[10], W)
 
 
 def _grid(b: int, d: int, l: int):
