@@ -18,9 +18,11 @@ import time
 
 import numpy as np
 import pytest
+from streamssm.service.client import StreamClient
+from streamssm.service.config import ServeConfig
+from streamssm.service.multiprocess import MultiProcessServer
 from test_service_server import (
     _export,
-    _http_get,
     http_get,
     offline_dna,
     random_bases,
@@ -32,9 +34,6 @@ from websockets.asyncio.client import connect
 
 from streamssm.checkpoint import load_for_serving
 from streamssm.models import ModelConfig
-from streamssm.service.client import StreamClient
-from streamssm.service.config import ServeConfig
-from streamssm.service.multiprocess import MultiProcessServer
 
 pytestmark = pytest.mark.timeout(120)
 TIMEOUT = 30.0
@@ -193,44 +192,52 @@ def _serve(path, *args):
     raise AssertionError("server did not start")
 
 
-def test_serve_cli_workers_sigterm_parks_streams_for_the_next_server(dna, tmp_path):
-    bases = random_bases(60, seed=21)
-    state = str(tmp_path / "state")
-    first, port = _serve(dna, "--state-dir", state)
+def _across_two_servers(path, bases: str, state: str, stop_first, *first_args: str,
+                        written_ahead: bool = False) -> StreamClient:
+    """Stream the first 30 bases to a ``serve --workers 2`` process (state dir ``state``), stop it
+    with ``stop_first(process)`` once they are answered (and, ``written_ahead``, saved), start a
+    second server on the same state dir and send the rest there; returns the client."""
+    loop = asyncio.new_event_loop()
+    first, port = _serve(path, "--state-dir", state, *first_args)
     try:
-        assert _http_get(f"http://127.0.0.1:{port}/healthz")[0] == 200
-
         async def first_half():
             c = StreamClient(f"ws://127.0.0.1:{port}/", format="text", reconnect=20)
             await c.__aenter__()
             await c.send(bases[:30])
-            await c._wait_until(lambda: not c._pending)
+            await c._wait_until(lambda: not c._pending and (c._saved_seq >= 0 or not written_ahead))
             return c
 
-        loop = asyncio.new_event_loop()
         client = loop.run_until_complete(first_half())
-        first.send_signal(signal.SIGTERM)
-        assert first.wait(timeout=60) == 0
+        stop_first(first)
+        second, port2 = _serve(path, "--state-dir", state)
+        try:
+            async def second_half():
+                client.url = f"ws://127.0.0.1:{port2}/"
+                await client.send(bases[30:])
+                await client.end(timeout=TIMEOUT)
+                await client.close()
+
+            loop.run_until_complete(second_half())
+            second.send_signal(signal.SIGTERM)
+            assert second.wait(timeout=60) == 0
+        finally:
+            if second.poll() is None:
+                second.kill()
     finally:
+        loop.close()
         if first.poll() is None:
             first.kill()
-    second, port2 = _serve(dna, "--state-dir", state)
-    try:
-        async def second_half():
-            client.url = f"ws://127.0.0.1:{port2}/"
-            await client.send(bases[30:])
-            await client.end(timeout=TIMEOUT)
-            await client.close()
-
-        loop.run_until_complete(second_half())
-        loop.close()
-        second.send_signal(signal.SIGTERM)
-        assert second.wait(timeout=60) == 0
-    finally:
-        if second.poll() is None:
-            second.kill()
     assert client.reconnects >= 1
-    assert_exact(dna, bases, client)
+    return client
+
+
+def test_serve_cli_workers_sigterm_parks_streams_for_the_next_server(dna, tmp_path):
+    def sigterm(first):
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=60) == 0
+
+    bases = random_bases(60, seed=21)
+    assert_exact(dna, bases, _across_two_servers(dna, bases, str(tmp_path / "state"), sigterm))
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -255,45 +262,17 @@ def _workers_of(pid: int) -> list[int]:
 
 
 def test_a_crashed_engine_takes_its_workers_down_and_streams_resume_from_the_write_ahead(dna, tmp_path):
-    bases = random_bases(60, seed=41)
-    state = str(tmp_path / "state")
-    first, port = _serve(dna, "--state-dir", state, "--write-ahead-interval", "0.2")
-    fronts = _workers_of(first.pid)
-    loop = asyncio.new_event_loop()
-    try:
+    def crash(first):
+        fronts = _workers_of(first.pid)
         assert len(fronts) == 2
-
-        async def first_half():
-            c = StreamClient(f"ws://127.0.0.1:{port}/", format="text", reconnect=20)
-            await c.__aenter__()
-            await c.send(bases[:30])
-            await c._wait_until(lambda: not c._pending and c._saved_seq >= 0)  # answered and written ahead
-            return c
-
-        client = loop.run_until_complete(first_half())
         first.kill()  # SIGKILL: no parking, no goodbye
         first.wait(timeout=10)
         deadline = time.monotonic() + 30
         while any(_alive(p) for p in fronts):
             assert time.monotonic() < deadline, "workers outlived their engine"
             time.sleep(0.05)
-    finally:
-        if first.poll() is None:
-            first.kill()
-    second, port2 = _serve(dna, "--state-dir", state)
-    try:
-        async def second_half():
-            client.url = f"ws://127.0.0.1:{port2}/"
-            await client.send(bases[30:])
-            await client.end(timeout=TIMEOUT)
-            await client.close()
 
-        loop.run_until_complete(second_half())
-        second.send_signal(signal.SIGTERM)
-        assert second.wait(timeout=60) == 0
-    finally:
-        loop.close()
-        if second.poll() is None:
-            second.kill()
-    assert client.reconnects >= 1
+    bases = random_bases(60, seed=41)
+    client = _across_two_servers(dna, bases, str(tmp_path / "state"), crash, "--write-ahead-interval", "0.2",
+                                 written_ahead=True)
     assert_exact(dna, bases, client)
