@@ -556,14 +556,17 @@ def _causal_conv1d_fwd(x, weight, bias, initial_state, silu: bool) -> tuple[torc
 
 
 def _causal_conv1d_bwd(dy, dfinal, x, weight, bias, initial_state, silu: bool):
-    """Launch the backward. dfinal (b, d, w-1) contiguous or None. Returns dx (b, d, l) in x's
-    memory order, dweight (d, w) fp32, dbias (d,) fp32, dinit (b, d, w-1) or None."""
+    """Launch the backward. dy (b, d, l) any strides (copied into x's memory order if its fastest
+    axis differs); dfinal (b, d, w-1) contiguous or None. Returns dx (b, d, l) in x's memory order,
+    dweight (d, w) fp32, dbias (d,) fp32, dinit (b, d, w-1) or None."""
     b, d, l = x.shape
     w = weight.shape[1]
     init = initial_state if initial_state is not None else x
     dx = _empty_in_layout_of(x)
     dinit = torch.empty(b, d, w - 1, device=x.device, dtype=init.dtype) if initial_state is not None else dx
     channel_last = _channel_last(x)
+    if dy.stride(1 if channel_last else 2) != 1:  # dy in x's memory order, so the kernel reads whole lines
+        dy = torch.empty_like(dx, dtype=dy.dtype).copy_(dy)
     seg_len = _segment_len(b, d, l, x.device, channel_last)
     n_seg = triton.cdiv(l, seg_len)
     part = torch.empty(b * n_seg, 5, d, device=x.device, dtype=torch.float32)
