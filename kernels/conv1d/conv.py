@@ -56,9 +56,10 @@ _BWD_CL_TILES = ((64, 16, 1), (128, 16, 2), (256, 16, 4), (128, 16, 1), (64, 8, 
 #: Backward segments are a multiple of every BLOCK_L (interpreter: 8-step tiles, 16-step segments).
 SEGMENT_UNIT = 8 if interpreting() else max(t[1] for t in _BWD_TILES + _BWD_CL_TILES)
 #: Backward programs per SM the segment length aims for (each walks its tiles one after the other),
-#: by layout (channel-last?): programs of 64 channels, 4 or 8 warps (time-contiguous) or 1 warp and up
-#: (channel-last).
-PROGRAMS_PER_SM = {False: 8, True: 16}
+#: counted in programs of 64 channels, by layout (channel-last?): 8 of the time-contiguous kernel's
+#: 4-8 warps; 32 of the channel-last one's single warps (8-12 fit an SM at ~170-250 registers, so
+#: ~3 waves of them: a short last wave costs less than with 16, and segments stay >= 128 steps).
+PROGRAMS_PER_SM = {False: 8, True: 32}
 
 
 @triton.jit
