@@ -25,6 +25,9 @@ echo "== engine: real-time 16 kHz streams, SSD chunk 256 vs 512 for the 320-toke
 timeout 120 python benchmarks/bench_realtime.py --streams 384,512 --calls 5 --engines graphs --ssd-chunks 256,512 \
     --profile --out "$OUT/realtime.md"
 
+echo "== engine host cost per call without the model (what runs serially with the GPU), 256-1024 streams"
+timeout 60 python benchmarks/bench_engine_host.py --device cuda --streams 256,512,1024 | tee "$OUT/engine_host.md"
+
 echo "== service: websocket clients at real-time pace (12 client processes), and the engine as it calls it"
 timeout 200 python benchmarks/bench_service.py --model d512 --device cuda --dtype bfloat16 --engine graphs --prepare \
     --clients 64,128,192 --client-procs 12 --seconds 3 --max-wall 150 --all --engine-only | tee "$OUT/service.md"

@@ -58,6 +58,8 @@ class _Relay:
                 None if result.scores is None else result.scores.numpy())
 
     def finish(self, chunk: Chunk, parts: list) -> tuple[np.ndarray | None, np.ndarray | None]:
+        if len(parts) == 1:
+            return parts[0]
         return tuple(None if p[0] is None else (p[0] if len(p) == 1 else np.concatenate(p))  # type: ignore[return-value]
                      for p in ([q[i] for q in parts] for i in (0, 1)))
 

@@ -51,10 +51,15 @@ class Chunk:
     received: float = field(default_factory=time.perf_counter)
     taken: int = 0  # samples handed to the engine so far (event loop)
     parts: list[Any] = field(default_factory=list)  # encoded slices so far (worker thread)
+    n: int = field(init=False)  # samples in x
 
-    @property
-    def n(self) -> int:
-        return int(self.x.shape[0])
+    def __post_init__(self) -> None:
+        self.n = int(self.x.shape[0])
+
+
+def _piece(chunk: Chunk, a: int, b: int) -> torch.Tensor:
+    """Samples [a, b) of a chunk's input (the tensor itself when that is all of it)."""
+    return chunk.x if a == 0 and b == chunk.n else chunk.x[a:b]
 
 
 class Encoder(Protocol):
@@ -378,8 +383,8 @@ class Scheduler:
         time), then encode each slice and finish each chunk whose last slice this was. Adds the
         seconds of the model call and of the encoding to ``timing`` [model, encode]."""
         t0 = time.perf_counter()
-        joined = {sid: torch.cat([c.x[a:b] for c, a, b in pieces]) if len(pieces) > 1
-                  else pieces[0][0].x[pieces[0][1] : pieces[0][2]] for sid, pieces in batch.items()}
+        joined = {sid: torch.cat([c.x[a:b] for c, a, b in pieces]) if len(pieces) > 1 else _piece(*pieces[0])
+                  for sid, pieces in batch.items()}
         want = {sid for sid in batch if (s := self._streams.get(sid)) is None or s.outputs}
         if len(want) == len(batch):
             results = self.streamer.feed_many(joined)
@@ -391,8 +396,11 @@ class Scheduler:
             stream, res, pos, finished = self._streams.get(sid), results[sid], 0, []
             for chunk, a, b in pieces:
                 n = b - a
-                part = ChunkResult(None if res.outputs is None else res.outputs[pos : pos + n],
-                                   None if res.scores is None else res.scores[pos : pos + n])
+                if len(pieces) == 1:  # the call's whole result (no slicing: ~2 us a stream)
+                    part = res
+                else:
+                    part = ChunkResult(None if res.outputs is None else res.outputs[pos : pos + n],
+                                       None if res.scores is None else res.scores[pos : pos + n])
                 pos += n
                 if stream is None:
                     continue

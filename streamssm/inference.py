@@ -300,7 +300,7 @@ class Streamer:
                 raise ShapeError(
                     f"stream {sid}: token chunk must be an integer tensor (length,), got {chunk.dtype} {tuple(chunk.shape)}"
                 )
-            return chunk.long()
+            return chunk if chunk.dtype == torch.long else chunk.long()
         c = cfg.input_dim
         if not chunk.is_floating_point():
             raise ShapeError(f"stream {sid}: value chunk must be a float tensor (length, {c}), got {chunk.dtype}")
