@@ -2,7 +2,7 @@
 
     python benchmarks/bench_conv1d.py [--shapes M1,M2,M3,S1,R1,R2,L1] [--width 4] [--layouts time,channel-last]
                                       [--state] [--old path/to/earlier/conv.py] [--no-cudnn] [--out table.md]
-                                      [--cl-programs-per-sm N]
+                                      [--programs-per-sm N]
 
 The conv of a Mamba block: x (b, d, l) bf16, weight (d, w) and bias (d,) fp32, SiLU. Shapes:
 the (batch, channels, length) of M1-M3 of shared/BENCHMARKS.md (channels = d_inner) and S1
@@ -24,9 +24,9 @@ an earlier conv.py beside ours (e.g. written out by ``git show REV:kernels/conv1
 called directly, as its op registration would run today's launchers): forward, and backward where
 its ``_causal_conv1d_bwd`` takes today's arguments.
 ``--state``: every call takes an initial conv state (b, d, w-1) and returns the final one (the
-backward launchers then get a d final state too). ``--cl-programs-per-sm``: the channel-last
-backward's segment length aims for this many 64-channel programs per SM instead of
-``conv.PROGRAMS_PER_SM[True]`` (more: shorter segments, a shorter last wave, more partial sums).
+backward launchers then get a d final state too). ``--programs-per-sm``: the backward's segment
+length aims for this many 64-channel programs per SM instead of ``conv.PROGRAMS_PER_SM`` (more:
+shorter segments, a shorter last wave, more partial sums).
 """
 
 from __future__ import annotations
@@ -138,11 +138,11 @@ def main() -> int:
     parser.add_argument("--old", default=None, help="an earlier conv.py to time beside ours")
     parser.add_argument("--no-cudnn", action="store_true", help="leave out the cuDNN baseline")
     parser.add_argument("--out", default=None, help="also write the markdown table here")
-    parser.add_argument("--cl-programs-per-sm", type=int, default=None,
-                        help="segment length target of the channel-last backward (programs of 64 channels per SM)")
+    parser.add_argument("--programs-per-sm", type=int, default=None,
+                        help="segment length target of the backward (programs of 64 channels per SM)")
     args = parser.parse_args()
-    if args.cl_programs_per_sm:
-        conv.PROGRAMS_PER_SM[True] = args.cl_programs_per_sm
+    if args.programs_per_sm:
+        conv.PROGRAMS_PER_SM = args.programs_per_sm
     if not torch.cuda.is_available():
         print("bench_conv1d needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -196,7 +196,7 @@ def main() -> int:
                 "peak GiB": peak_memory_gib(fwd_bwd) if has_bwd else None, "max abs err": err})
             print(table.rows[-1], flush=True)
     text = (f"{run_tag()}\ncausal depthwise conv1d width {args.width} + SiLU, bf16 x, fp32 weight/bias; "
-            f"channel-last backward segments for {conv.PROGRAMS_PER_SM[True]} programs of 64 channels per SM; "
+            f"backward segments for {conv.PROGRAMS_PER_SM} programs of 64 channels per SM; "
             f"ratio = other time / ours (> 1: ours faster)\n\n" + table.markdown())
     report(text, args.out)
     return 0

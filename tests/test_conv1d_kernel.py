@@ -63,11 +63,11 @@ CASES = {
     "B1-D4-L2-W3-bias-init-linear": (1, 4, 2, 3, True, True, None),
     "B2-D9-L7-W2-plain": (2, 9, 7, 2, False, False, "silu"),
     "B1-D4-L1-W3-noinit": (1, 4, 1, 3, True, False, None),
-    # the backward walks 8-step tiles in 16-step segments under the interpreter: 5 segments here
+    # the backward walks 16-step tiles in 32-step segments under the interpreter: 3 segments here
     "B2-D3-L70-W3-bias-init-silu": (2, 3, 70, 3, True, True, "silu"),
     "B1-D5-L33-W4-init-linear": (1, 5, 33, 4, False, True, None),
-    # segment ends (16 steps): exactly two segments; a last segment of one step; l < w with a bias
-    "B2-D6-L32-W4-bias-init-silu": (2, 6, 32, 4, True, True, "silu"),
+    # segment ends (32 steps): exactly two segments of two whole tiles; a partial tile after a whole one; l < w
+    "B2-D6-L64-W4-bias-init-silu": (2, 6, 64, 4, True, True, "silu"),
     "B1-D7-L17-W3-init-linear": (1, 7, 17, 3, False, True, None),
     "B2-D4-L3-W4-bias-silu": (2, 4, 3, 4, True, False, "silu"),
     "B1-D10-L5-W2-bias-init-silu": (1, 10, 5, 2, True, True, "silu"),
@@ -270,34 +270,40 @@ from streamssm.kernels.conv1d import conv
 kernel, unit_strides = getattr(conv, sys.argv[1]), sys.argv[2].split(",")
 fn = kernel.fn
 half = {"p_x", "p_init", "p_y", "p_final", "p_dy", "p_dfinal", "p_dx", "p_dinit"}
-for config in kernel.configs:
+channel_last = {} if len(sys.argv) < 4 else {"CHANNEL_LAST": sys.argv[3] == "channel-last"}
+configs = conv._configs(conv._BWD_TILES[channel_last["CHANNEL_LAST"]], (8, 8)) if channel_last else kernel.configs
+for config in configs:
     consts = dict(W=4, HAS_INIT=True, HAS_BIAS=True, SILU=True, HAS_DFINAL=True, s_wk=1, **config.kwargs,
-                  **dict.fromkeys(unit_strides, 1))
+                  **channel_last, **dict.fromkeys(unit_strides, 1))
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     sig = {a: "constexpr" if a in consts else ("*bf16" if a in half else "*fp32") if a.startswith("p_") else "i32"
            for a in fn.arg_names}
     cap = {"maxnreg": config.maxnreg} if config.maxnreg else {}
-    triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
-                   options={"num_warps": config.num_warps, **cap})
+    aligned = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in sig.items() if t != "constexpr"}
+    # all multiples of 16 (the vector loads of the benchmarks), and for one config strides as they come
+    for attrs in (aligned, None) if config is configs[0] else (aligned,):
+        triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": config.num_warps, **cap})
 """
 
 
-@pytest.mark.parametrize("kernel, unit_strides", [
-    ("_causal_conv1d_fwd_kernel", "s_xl,s_yl"),
-    ("_causal_conv1d_fwd_cl_kernel", "s_xd,s_yd"),
-    ("_causal_conv1d_bwd_kernel", "s_xl,s_gl,s_dxl"),
-    ("_causal_conv1d_bwd_cl_kernel", "s_xd,s_gd,s_dxd"),
+@pytest.mark.slow  # ~30 compiles: minutes on a busy 2-core CPU
+@pytest.mark.parametrize("kernel, unit_strides, layout", [
+    ("_causal_conv1d_fwd_kernel", "s_xl,s_yl", ""),
+    ("_causal_conv1d_fwd_cl_kernel", "s_xd,s_yd", ""),
+    ("_causal_conv1d_bwd_kernel", "s_xl,s_gl,s_dxl", "time"),
+    ("_causal_conv1d_bwd_kernel", "s_xd,s_gd,s_dxd", "channel-last"),
 ])
-def test_kernels_compile_for_sm90(kernel, unit_strides):
-    """Every autotune config of each kernel compiles to an sm_90 binary (no GPU needed: Triton
-    cross-compiles with its bundled ptxas), bf16 in and out, width 4, every feature on. Gathering
-    from a tile narrower than the output trips an assertion of Triton 3.6's GPU pipeline that the
-    interpreter never runs; so can a config's register use."""
+def test_kernels_compile_for_sm90(kernel, unit_strides, layout):
+    """Every autotune config of each kernel (the backward: of each layout) compiles to an sm_90
+    binary (no GPU needed: Triton cross-compiles with its bundled ptxas), bf16 in and out, width 4,
+    every feature on: the GPU pipeline runs passes the interpreter never does (layouts of the
+    time-contiguous backward's splits and joins, register allocation of the unrolled steps)."""
     import os
     import subprocess
     import sys
 
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    done = subprocess.run([sys.executable, "-c", SM90_COMPILE, kernel, unit_strides], env=env, capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-c", SM90_COMPILE, kernel, unit_strides, *([layout] if layout else [])],
+                          env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]

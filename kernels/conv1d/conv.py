@@ -13,19 +13,20 @@ Backward, with dpre_s = dy_s * act'(pre_s) (pre recomputed, never stored):
 Forward programs own (batch, BLOCK_D channels, BLOCK_L steps): on time-contiguous x they load
 the w shifted windows as tiles; on channel-last x (how the Mamba blocks pass their in_proj
 slices) they load each row of BLOCK_D contiguous channels once and slide the window along time
-in registers, and the last program in time writes the final state. A backward program owns (batch,
-BLOCK_D channels, one segment of time). On time-contiguous x it walks its BLOCK_L-step tiles from
-the last to the first: each tile's pre and dpre are computed once, dx takes dpre at t + j from the
-tile itself (``tl.gather`` along time) and, past its end, from the first columns of the tile after
-it (the previous iteration's, kept in registers). On channel-last x it walks its rows from the
-first to the last like the forward (each row of x and dy loaded once, the last w-1 rows of x and
-of dpre kept in registers) and finishes dxpad[t] = dx_{t-w+1} at step t, w-1 steps late: w-1
-extra steps past the segment complete its last rows, and segment 0's first w-1 steps give d
-initial_state. Either way dweight/dbias are summed per program into a partial buffer
+in registers, and the last program in time writes the final state.
+A backward program owns (one segment of time, BLOCK_D channels, batch) and walks its steps from
+the first to the last, like the channel-last forward: per step pre and dpre once, the
+dweight/dbias terms from the same inputs, and dxpad[t] = dx_{t-w+1} from dpre_t and the w-1
+previous dpre kept in registers, so dx comes w-1 steps late: the w-1 steps after the segment
+finish its last rows, and segment 0's first w-1 steps give d initial_state. Channel-last x is read
+a row of BLOCK_D contiguous channels at a time, time-contiguous x as (BLOCK_D, 8) tiles, each
+thread loading 8 steps of a channel (16 bytes of bf16) and splitting them into steps in registers
+(its dx rows stored as a tile one tile late). Each input byte is read
+once (plus w-1 rows per segment); dweight/dbias are summed per program into a partial buffer
 (b x segments, 5, d) that the launcher reduces with one sum (no atomics).
-Any strides in and out: y and dx are laid out like x (``_empty_in_layout_of``); the tiles of the
-time-contiguous kernels are long in time, those of the channel-last ones wide in channels, so
-both read whole lines.
+Any strides in and out: y and dx are laid out like x (``_empty_in_layout_of``; dy is read in x's
+order); the tiles of the time-contiguous kernels are long in time, those of the channel-last ones
+wide in channels, so both read whole lines.
 """
 
 from __future__ import annotations
@@ -44,22 +45,23 @@ _FWD_TILES = ((16, 128, 4), (8, 128, 4), (16, 64, 4), (32, 64, 4))
 #: thread (16-byte bf16 loads) or 4; all BLOCK_L rows are loaded before the first is summed.
 _FWD_CL_TILES = ((256, 16, 1), (256, 32, 1), (512, 16, 2), (512, 32, 2), (1024, 16, 4), (128, 16, 1), (128, 32, 1),
                  (256, 64, 2))
-#: (BLOCK_D, BLOCK_L, warps) of the time-contiguous backward: it keeps ~8 tiles live, so at most 8
-#: elements per thread, or it spills (sm_90, Triton 3.6).
-_BWD_TILES = ((8, 128, 4), (16, 64, 4), (16, 128, 8), (32, 32, 4))
-#: (BLOCK_D, BLOCK_L, warps[, register cap]) of the channel-last backward: rows of BLOCK_D channels,
-#: 2 per thread (~250 registers on sm_90, Triton 3.6; capped at 168: 12 warps per SM instead of 8,
-#: ~30 bytes spilled) or 4 (255); a tile's BLOCK_L rows of x and dy are loaded before the first is
-#: used (32-row tiles spill).
-_BWD_CL_TILES = ((64, 16, 1), (128, 16, 2), (256, 16, 4), (128, 16, 1), (64, 8, 1), (128, 8, 2), (64, 16, 1, 168),
-                 (128, 16, 2, 168))
-#: Backward segments are a multiple of every BLOCK_L (interpreter: 8-step tiles, 16-step segments).
-SEGMENT_UNIT = 8 if interpreting() else max(t[1] for t in _BWD_TILES + _BWD_CL_TILES)
+#: (BLOCK_D, BLOCK_L, warps[, register cap]) of the backward by layout (channel-last?).
+#: Time-contiguous: 8-step tiles (a thread loads 8 steps of a channel, 16 bytes of bf16, and splits
+#: them in registers: ~60 registers on sm_90, Triton 3.6), 1 or 2 channels per thread, BLOCK_L / 8
+#: of them per loop step (16: the whole 32-byte sector of a channel). Channel-last: rows of BLOCK_D
+#: channels, 2 per thread (~250 registers; capped at 168: 12 warps per SM instead of 8, ~30 bytes
+#: spilled) or 4 (255); a tile's BLOCK_L rows of x and dy are loaded before the first is used
+#: (32-row tiles spill).
+_BWD_TILES = {False: ((64, 8, 2), (64, 16, 2), (128, 16, 4), (32, 16, 1), (64, 16, 1), (128, 16, 2)),
+              True: ((64, 16, 1), (128, 16, 2), (256, 16, 4), (128, 16, 1), (64, 8, 1), (128, 8, 2), (64, 16, 1, 168),
+                     (128, 16, 2, 168))}
+#: Backward segments are a multiple of every BLOCK_L (interpreter: 16-step tiles, the time-contiguous
+#: ones two 8-step halves, in 32-step segments).
+SEGMENT_UNIT = 16 if interpreting() else max(t[1] for tiles in _BWD_TILES.values() for t in tiles)
 #: Backward programs per SM the segment length aims for (each walks its tiles one after the other),
-#: counted in programs of 64 channels, by layout (channel-last?): 8 of the time-contiguous kernel's
-#: 4-8 warps; 32 of the channel-last one's single warps (8-12 fit an SM at ~170-250 registers, so
-#: ~3 waves of them: a short last wave costs less than with 16, and segments stay >= 128 steps).
-PROGRAMS_PER_SM = {False: 8, True: 32}
+#: counted in programs of 64 channels (~8-12 resident per SM: ~3 waves of them, so a short last
+#: wave costs less; segments stay >= 16 steps).
+PROGRAMS_PER_SM = 32
 
 
 @triton.jit
@@ -84,48 +86,15 @@ def _tap(p_w, o_d, m_d, k, s_wd, s_wk):
 @triton.jit
 def _pre(p_x, p_init, p_w, p_bias, o_d, m_d, s, length, s_xd, s_xl, s_id, s_il, s_wd, s_wk,
          W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Pre-activation at output positions s (P,) -> ((BLOCK_D, P) fp32, the W windows
-    xpad[s + k] (BLOCK_D, P) fp32 it summed)."""
+    """Pre-activation at output positions s (P,) -> (BLOCK_D, P) fp32, from the W windows
+    xpad[s + k] loaded as tiles."""
     acc = tl.zeros((o_d.shape[0], s.shape[0]), dtype=tl.float32)
-    X = ()
     for k in tl.static_range(W):
         xk = _load_xpad(p_x, p_init, o_d, m_d, s + k, length, s_xd, s_xl, s_id, s_il, W, HAS_INIT)
         acc += _tap(p_w, o_d, m_d, k, s_wd, s_wk)[:, None] * xk
-        X = X + (xk,)
     if HAS_BIAS:
         acc += tl.load(p_bias + o_d, mask=m_d, other=0.0).to(tl.float32)[:, None]
-    return acc, X
-
-
-@triton.jit
-def _dpre(p_x, p_init, p_w, p_bias, p_dy, o_d, m_d, s, length, s_xd, s_xl, s_id, s_il, s_wd, s_wk, s_gd, s_gl,
-          W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
-    """dL/dpre at output positions s (P,) -> ((BLOCK_D, P) fp32, 0 outside [0, length); the
-    windows xpad[s + k] of ``_pre``)."""
-    m = m_d[:, None] & ((s >= 0) & (s < length))[None, :]
-    dy = tl.load(p_dy + o_d[:, None] * s_gd + s[None, :] * s_gl, mask=m, other=0.0).to(tl.float32)
-    pre, X = _pre(p_x, p_init, p_w, p_bias, o_d, m_d, s, length, s_xd, s_xl, s_id, s_il, s_wd, s_wk,
-                  W, HAS_INIT, HAS_BIAS)
-    if SILU:
-        dy = dy * silu_grad(pre)
-    return dy, X
-
-
-@triton.jit
-def _columns(src, idx, BLOCK_D: tl.constexpr):
-    """src (BLOCK_D, P) gathered along time at column indices idx (Q,) -> (BLOCK_D, Q)."""
-    return tl.gather(src, tl.broadcast_to(idx[None, :], (BLOCK_D, idx.shape[0])), axis=1)
-
-
-@triton.jit
-def _ahead(cur, nxt, o_l, j: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
-    """cur (BLOCK_D, BLOCK_L) shifted j < BLOCK_L steps back in time: column i holds cur[:, i + j],
-    and past the tile's end nxt[:, i + j - BLOCK_L] (nxt: the tile after, same shape; gathers
-    from a narrower tile trip an assertion of Triton 3.6's thread-locality pass on the GPU)."""
-    i = o_l + j
-    inside = _columns(cur, tl.minimum(i, BLOCK_L - 1), BLOCK_D)
-    after = _columns(nxt, tl.maximum(i - BLOCK_L, 0), BLOCK_D)
-    return tl.where((i < BLOCK_L)[None, :], inside, after)
+    return acc
 
 
 def _configs(tiles, interpret_tile) -> list:
@@ -135,6 +104,19 @@ def _configs(tiles, interpret_tile) -> list:
     return autotune_configs([triton.Config({"BLOCK_D": t[0], "BLOCK_L": t[1]}, num_warps=t[2],
                                            maxnreg=t[3] if len(t) > 3 else None) for t in tiles],
                             triton.Config({"BLOCK_D": bd, "BLOCK_L": bl}, num_warps=1))
+
+
+def _tuning(tiles: dict) -> dict:
+    """``triton.autotune`` arguments for the configs of both layouts (``tiles`` by CHANNEL_LAST), a
+    launch trying only those of its own (CHANNEL_LAST is also a key); one 8-channel 16-step config
+    in the interpreter."""
+    by_layout = {cl: _configs(t, (8, 16)) for cl, t in tiles.items()}
+
+    def prune(configs, named_args, **kwargs):
+        return by_layout[bool(kwargs["CHANNEL_LAST"])]
+
+    return {"configs": _configs(tiles[False] + tiles[True], (8, 16)), "key": ["dim", "W", "CHANNEL_LAST"],
+            "prune_configs_by": {"early_config_prune": prune}}
 
 
 @triton.autotune(configs=_configs(_FWD_TILES, (8, 8)), key=["dim", "W"])
@@ -158,8 +140,8 @@ def _causal_conv1d_fwd_kernel(
     p_x += pid_b * s_xb
     p_init += pid_b * s_ib
     p_y += pid_b * s_yb
-    pre, _ = _pre(p_x, p_init, p_w, p_bias, o_d, m_d, s, length, s_xd, s_xl, s_id, s_il, s_wd, s_wk,
-                  W, HAS_INIT, HAS_BIAS)
+    pre = _pre(p_x, p_init, p_w, p_bias, o_d, m_d, s, length, s_xd, s_xl, s_id, s_il, s_wd, s_wk,
+               W, HAS_INIT, HAS_BIAS)
     if SILU:
         pre = silu(pre)
     m = m_d[:, None] & (s < length)[None, :]
@@ -261,94 +243,6 @@ def _store_partials(p_part, dim, m_d, a0, a1, a2, a3, a_b, W: tl.constexpr):
     tl.store(p_part + 4 * dim, a_b, mask=m_d)
 
 
-@triton.autotune(configs=_configs(_BWD_TILES, (8, 8)), key=["dim", "W"])
-@triton.jit
-def _causal_conv1d_bwd_kernel(
-    # pointers: inputs as in the forward; dy (b, d, l); dfinal contiguous (b, d, w-1)
-    p_x, p_init, p_w, p_bias, p_dy, p_dfinal,
-    # outputs: dx (b, d, l); dinit contiguous (b, d, w-1); part (b x segments, 5, d) fp32: per
-    # program the sums over its steps of dweight[:, k] (rows k < w) and dbias (row 4)
-    p_dx, p_dinit, p_part,
-    # dimensions: seg_len steps per segment, a multiple of BLOCK_L
-    length, dim, seg_len,
-    # strides
-    s_xb, s_xd, s_xl, s_ib, s_id, s_il, s_wd, s_wk, s_gb, s_gd, s_gl, s_dxb, s_dxd, s_dxl,
-    # meta
-    W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-    HAS_DFINAL: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
-):
-    """Time-contiguous x: gradients of one (batch, channel block, segment), its tiles from the last
-    to the first.
-
-    Per tile: pre and dpre once; dweight/dbias partials from the same windows; dx from dpre
-    shifted 0..w-1 steps (``_ahead``), past the tile's end reading ``nxt``, the later tile's dpre
-    (before the segment's last tile: a tile holding the w-1 steps after the segment). Segment 0
-    ends with d initial_state from the dpre of the sequence's first tile.
-    """
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_s = tl.program_id(2)
-    o_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    m_d = o_d < dim
-    o_l = tl.arange(0, BLOCK_L)
-    p_x += pid_b * s_xb
-    p_init += pid_b * s_ib
-    p_dy += pid_b * s_gb
-    p_dx += pid_b * s_dxb
-    p_dfinal += pid_b * dim * (W - 1)
-    p_dinit += pid_b * dim * (W - 1)
-    args = (s_xd, s_xl, s_id, s_il, s_wd, s_wk, s_gd, s_gl)
-    s0 = pid_s.to(tl.int64) * seg_len
-    n_tiles = tl.cdiv(tl.minimum(seg_len, length - s0), BLOCK_L)
-    s_end = s0 + n_tiles * BLOCK_L
-    # dpre of the first w-1 steps after the segment, as columns of an otherwise zero tile
-    o_4 = tl.arange(0, 4)
-    after, _ = _dpre(p_x, p_init, p_w, p_bias, p_dy, o_d, m_d, s_end + o_4, length, *args, W, HAS_INIT, HAS_BIAS, SILU)
-    nxt = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
-    for j in tl.static_range(W - 1):
-        col = tl.sum(tl.where((o_4 == j)[None, :], after, 0.0), axis=1)
-        nxt = tl.where((o_l == j)[None, :], col[:, None], nxt)
-    # dweight[:, k] and dbias terms summed elementwise over the tiles, over time once at the end
-    acc_w0 = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
-    acc_w1 = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
-    acc_w2 = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
-    acc_w3 = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
-    acc_b = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
-    for i in range(n_tiles):
-        s = s_end - (i + 1) * BLOCK_L + o_l
-        m = m_d[:, None] & (s < length)[None, :]
-        dpre, X = _dpre(p_x, p_init, p_w, p_bias, p_dy, o_d, m_d, s, length, *args, W, HAS_INIT, HAS_BIAS, SILU)
-        acc_w0 += dpre * X[0]
-        acc_w1 += dpre * X[1]
-        if W > 2:
-            acc_w2 += dpre * X[2]
-        if W > 3:
-            acc_w3 += dpre * X[3]
-        acc_b += dpre
-        dx = _tap(p_w, o_d, m_d, W - 1, s_wd, s_wk)[:, None] * dpre
-        for j in tl.static_range(1, W):
-            dx += _tap(p_w, o_d, m_d, W - 1 - j, s_wd, s_wk)[:, None] * _ahead(dpre, nxt, o_l, j, BLOCK_D, BLOCK_L)
-        if HAS_DFINAL:  # the last w-1 inputs are the final state
-            jf = s + (W - 1) - length
-            mf = m_d[:, None] & ((jf >= 0) & (jf < W - 1))[None, :]
-            dx += tl.load(p_dfinal + o_d[:, None] * (W - 1) + jf[None, :], mask=mf, other=0.0).to(tl.float32)
-        tl.store(p_dx + o_d[:, None] * s_dxd + s[None, :] * s_dxl, dx.to(p_dx.dtype.element_ty), mask=m)
-        nxt = dpre
-    _store_partials(p_part + (pid_b * tl.num_programs(2) + pid_s) * 5 * dim + o_d, dim, m_d, tl.sum(acc_w0, axis=1),
-                    tl.sum(acc_w1, axis=1), tl.sum(acc_w2, axis=1), tl.sum(acc_w3, axis=1), tl.sum(acc_b, axis=1), W)
-    if HAS_INIT:
-        if pid_s == 0:  # d initial_state_j = dxpad[j] = sum_{k <= j} weight[:, k] dpre[j - k] (+ dfinal)
-            di = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)  # columns j < w-1 are kept
-            for k in tl.static_range(W - 1):
-                back = _columns(nxt, tl.maximum(o_l - k, 0), BLOCK_D)
-                di += tl.where((o_l >= k)[None, :], _tap(p_w, o_d, m_d, k, s_wd, s_wk)[:, None] * back, 0.0)
-            if HAS_DFINAL:  # sequences shorter than w-1 keep part of the initial state in the final one
-                jf = o_l - length
-                mf = m_d[:, None] & ((jf >= 0) & (jf < W - 1))[None, :]
-                di += tl.load(p_dfinal + o_d[:, None] * (W - 1) + jf[None, :], mask=mf, other=0.0).to(tl.float32)
-            mi = m_d[:, None] & (o_l < W - 1)[None, :]
-            tl.store(p_dinit + o_d[:, None] * (W - 1) + o_l[None, :], di.to(p_dinit.dtype.element_ty), mask=mi)
-
-
 @triton.jit
 def _lag(j: tl.constexpr, v0, v1, v2, v3):
     """v_j for a constexpr j in 0..3 (the rows 0..3 steps back, or the taps 0..3)."""
@@ -363,11 +257,18 @@ def _lag(j: tl.constexpr, v0, v1, v2, v3):
 
 
 @triton.jit
-def _bwd_cl_step(x_t, dy_t, r1, r2, r3, d1, d2, d3, k0, k1, k2, k3, bias,
-                 W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
-    """One step t of the channel-last backward, all (BLOCK_D,) fp32: x_t, dy_t the rows at t (0 past
-    the end), r_j = x_{t-j} and d_j = dpre_{t-j}, k_k = weight[:, k] (0 for k >= w).
-    Returns (dpre_t, dxpad[t] = sum_k weight[:, k] dpre_{t-k} = dx_{t-w+1} before d final)."""
+def _bwd_step(x_t, dy_t, j: tl.constexpr, carry, taps, fin, bias, n_len, n_acc, MASKED: tl.constexpr,
+              W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_DFINAL: tl.constexpr):
+    """Step j of a block from row t0: x_t, dy_t the rows at t = t0 + j, (BLOCK_D,) fp32 (0 past the end).
+
+    carry = (r1, r2, r3, d1, d2, d3, a0, a1, a2, a3, a_b): r_i = x_{t-i}, d_i = dpre_{t-i}, the
+    dweight[:, k] and dbias sums; taps = weight[:, 0..3] (0 for k >= w); fin = d final[:, 0..2].
+    MASKED: only steps j < n_acc count in dweight/dbias (later ones: the next segment's) and
+    d final[j - n_len] is added (n_len = l - t0). Returns (dxpad[t] = sum_k weight[:, k] dpre_{t-k}
+    (+ d final) = dx_{t-w+1}, the carry after the step).
+    """
+    r1, r2, r3, d1, d2, d3, a0, a1, a2, a3, a_b = carry
+    k0, k1, k2, k3 = taps
     pre = tl.zeros_like(x_t)
     for k in tl.static_range(W):  # taps oldest first, as the forwards sum
         pre += _lag(k, k0, k1, k2, k3) * _lag(W - 1 - k, x_t, r1, r2, r3)
@@ -379,31 +280,41 @@ def _bwd_cl_step(x_t, dy_t, r1, r2, r3, d1, d2, d3, k0, k1, k2, k3, bias,
     dxp = k0 * dpre
     for k in tl.static_range(1, W):
         dxp += _lag(k, k0, k1, k2, k3) * _lag(k, dpre, d1, d2, d3)
-    return dpre, dxp
+    own = tl.where(j < n_acc, dpre, 0.0) if MASKED else dpre
+    a0 += own * _lag(W - 1, x_t, r1, r2, r3)
+    a1 += own * _lag(W - 2, x_t, r1, r2, r3)
+    if W > 2:
+        a2 += own * _lag(W - 3, x_t, r1, r2, r3)
+    if W > 3:
+        a3 += own * x_t  # xpad[t + 3] for w = 4
+    a_b += own
+    if MASKED and HAS_DFINAL:  # the last w-1 inputs are the final state
+        f0, f1, f2 = fin
+        for i in tl.static_range(W - 1):
+            dxp += tl.where(j - n_len == i, _lag(i, f0, f1, f2, f2), 0.0)
+    return dxp, (x_t, r1, r2, dpre, d1, d2, a0, a1, a2, a3, a_b)
+
+
+@triton.jit
+def _block_bounds(t0, s_end, length, N: tl.constexpr, W: tl.constexpr):
+    """int32 offsets from row t0 of a block of N steps: (n_len, n_acc): rows from n_len = l - t0 on
+    are past the sequence, rows from n_acc = s_end - t0 on are the next segment's (both clamped)."""
+    n_len = tl.minimum(length - t0, N + W).to(tl.int32)
+    n_acc = tl.maximum(tl.minimum(s_end - t0, N + W), -W).to(tl.int32)
+    return n_len, n_acc
 
 
 @triton.jit
 def _bwd_cl_rows(p_x, p_dy, p_dx, p_dinit, t0, s0, s_end, length, carry, taps, fin, bias, m_d, s_xl, s_gl, s_dxl,
                  N: tl.constexpr, MASKED: tl.constexpr, W: tl.constexpr, HAS_INIT: tl.constexpr,
                  HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_DFINAL: tl.constexpr):
-    """N steps of the channel-last backward from row t0 (int64) of the segment [s0, s_end), the N
-    rows of x and dy loaded first.
-
-    carry = (r1, r2, r3, d1, d2, d3, a0, a1, a2, a3, a_b): x and dpre 1..3 steps back, dweight[:, k]
-    and dbias sums; taps = weight[:, 0..3]; fin = d final[:, 0..2]; all (BLOCK_D,) fp32. Returns
-    the carry after step N-1. Step j writes dxpad[t0 + j] as dx row t0 + j - (w-1) from the
-    segment's start on and, at t0 = 0, d initial_state[j] for j < w-1. Unmasked: whole tiles inside
-    the segment. MASKED (the steps after them): rows from l on are 0 and take d final, only rows
-    before s_end count in dweight/dbias, and dx rows only up to s_end. Row tests are on int32
-    offsets from t0.
-    """
+    """Channel-last x: N steps from row t0 (int64) of the segment [s0, s_end), its N rows of x and
+    dy (BLOCK_D contiguous channels each) loaded first. Step j writes dxpad[t0 + j] as dx row
+    t0 + j - (w-1) from the segment's start on (and, MASKED, up to s_end) and, at t0 = 0, d
+    initial_state[j] for j < w-1. Unmasked: whole tiles inside the segment; MASKED: the steps after
+    them (rows from l on read as 0). Returns the carry (``_bwd_step``)."""
     j_lo = tl.maximum(s0 - t0 + (W - 1), 0).to(tl.int32)  # w-1 in the segment's first tile, else 0
-    n_len = tl.minimum(length - t0, N + W).to(tl.int32)  # rows j >= n_len are past the sequence
-    n_acc = tl.maximum(tl.minimum(s_end - t0, N + W), -W).to(tl.int32)  # rows j >= n_acc: the next segment's
-    at_start = t0 == 0
-    r1, r2, r3, d1, d2, d3, a0, a1, a2, a3, a_b = carry
-    k0, k1, k2, k3 = taps
-    f0, f1, f2 = fin
+    n_len, n_acc = _block_bounds(t0, s_end, length, N, W)
     p_x += t0 * s_xl
     p_dy += t0 * s_gl
     p_dx += (t0 - (W - 1)) * s_dxl
@@ -414,20 +325,8 @@ def _bwd_cl_rows(p_x, p_dy, p_dx, p_dinit, t0, s0, s_end, length, carry, taps, f
         xs = xs + (tl.load(p_x + j * s_xl, mask=m, other=0.0),)
         gs = gs + (tl.load(p_dy + j * s_gl, mask=m, other=0.0),)
     for j in tl.static_range(N):
-        x_t = xs[j].to(tl.float32)
-        dpre, dxp = _bwd_cl_step(x_t, gs[j].to(tl.float32), r1, r2, r3, d1, d2, d3, k0, k1, k2, k3, bias,
-                                 W, HAS_BIAS, SILU)
-        own = tl.where(j < n_acc, dpre, 0.0) if MASKED else dpre  # later rows: the next segment's
-        a0 += own * _lag(W - 1, x_t, r1, r2, r3)
-        a1 += own * _lag(W - 2, x_t, r1, r2, r3)
-        if W > 2:
-            a2 += own * _lag(W - 3, x_t, r1, r2, r3)
-        if W > 3:
-            a3 += own * x_t  # xpad[t + 3] for w = 4
-        a_b += own
-        if MASKED and HAS_DFINAL:  # the last w-1 inputs are the final state
-            for i in tl.static_range(W - 1):
-                dxp += tl.where(j - n_len == i, _lag(i, f0, f1, f2, f2), 0.0)
+        dxp, carry = _bwd_step(xs[j].to(tl.float32), gs[j].to(tl.float32), j, carry, taps, fin, bias, n_len, n_acc,
+                               MASKED, W, HAS_BIAS, SILU, HAS_DFINAL)
         m = m_d
         if j < W - 1:
             m = m & (j >= j_lo)
@@ -435,23 +334,85 @@ def _bwd_cl_rows(p_x, p_dy, p_dx, p_dinit, t0, s0, s_end, length, carry, taps, f
             m = m & (j - (W - 1) < n_acc)
         tl.store(p_dx + j * s_dxl, dxp.to(p_dx.dtype.element_ty), mask=m)
         if HAS_INIT and j < W - 1:
-            tl.store(p_dinit + j, dxp.to(p_dinit.dtype.element_ty), mask=m_d & at_start)
-        r3 = r2
-        r2 = r1
-        r1 = x_t
-        d3 = d2
-        d2 = d1
-        d1 = dpre
-    return r1, r2, r3, d1, d2, d3, a0, a1, a2, a3, a_b
+            tl.store(p_dinit + j, dxp.to(p_dinit.dtype.element_ty), mask=m_d & (t0 == 0))
+    return carry
 
 
-@triton.autotune(configs=_configs(_BWD_CL_TILES, (8, 8)), key=["dim", "W"])
 @triton.jit
-def _causal_conv1d_bwd_cl_kernel(
-    # pointers: inputs as in the forward, x and dy (b, d, l) channel-last; dfinal contiguous (b, d, w-1)
+def _halves(t, BLOCK_D: tl.constexpr, n: tl.constexpr):
+    """(BLOCK_D, n) -> its first and its last n/2 steps, (BLOCK_D, n/2) each: register moves where
+    a thread holds a channel's n steps (one 16-byte bf16 load of 8)."""
+    return tl.split(tl.permute(tl.reshape(t, (BLOCK_D, 2, n // 2)), (0, 2, 1)))
+
+
+@triton.jit
+def _cat(a, b, BLOCK_D: tl.constexpr, n: tl.constexpr):
+    """(BLOCK_D, n/2) twice -> (BLOCK_D, n), a's steps first (the inverse of ``_halves``)."""
+    return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (BLOCK_D, n))
+
+
+@triton.jit
+def _columns8(t, BLOCK_D: tl.constexpr):
+    """(BLOCK_D, 8) -> its 8 steps (BLOCK_D,) in time order."""
+    a, b = _halves(t, BLOCK_D, 8)
+    a0, a1 = _halves(a, BLOCK_D, 4)
+    b0, b1 = _halves(b, BLOCK_D, 4)
+    c0, c1 = tl.split(a0)
+    c2, c3 = tl.split(a1)
+    c4, c5 = tl.split(b0)
+    c6, c7 = tl.split(b1)
+    return c0, c1, c2, c3, c4, c5, c6, c7
+
+
+@triton.jit
+def _tile8(c, BLOCK_D: tl.constexpr):
+    """8 steps (BLOCK_D,) in time order -> (BLOCK_D, 8) (the inverse of ``_columns8``)."""
+    lo = _cat(tl.join(c[0], c[1]), tl.join(c[2], c[3]), BLOCK_D, 4)
+    hi = _cat(tl.join(c[4], c[5]), tl.join(c[6], c[7]), BLOCK_D, 4)
+    return _cat(lo, hi, BLOCK_D, 8)
+
+
+@triton.jit
+def _bwd_time_tile(p_x, p_dy, p_dx, p_dinit, t0, s0, s_end, length, carry, pend, taps, fin, bias, m_d, s_xl, s_gl,
+                   s_dxl, MASKED: tl.constexpr, W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   SILU: tl.constexpr, HAS_DFINAL: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Time-contiguous x: the 8 steps from row t0 (int64, a multiple of 8) of the segment [s0,
+    s_end), x and dy loaded as (BLOCK_D, 8) tiles and split into their steps. The dx rows
+    [t0 - 8, t0) of the segment are stored as one tile: dxpad steps w-1..7 of the tile before
+    (pend, 9-w of them) and 0..w-2 of this one. d initial_state at t0 = 0; MASKED as in
+    ``_bwd_cl_rows``. Returns (carry, pend of this tile)."""
+    o_l = tl.arange(0, 8)
+    m = m_d[:, None] & ((t0 + o_l) < length)[None, :] if MASKED else m_d[:, None]
+    xs = _columns8(tl.load((p_x + t0 * s_xl)[:, None] + o_l[None, :] * s_xl, mask=m, other=0.0), BLOCK_D)
+    gs = _columns8(tl.load((p_dy + t0 * s_gl)[:, None] + o_l[None, :] * s_gl, mask=m, other=0.0), BLOCK_D)
+    n_len, n_acc = _block_bounds(t0, s_end, length, 8, W)
+    dxps = ()
+    for j in tl.static_range(8):
+        dxp, carry = _bwd_step(xs[j].to(tl.float32), gs[j].to(tl.float32), j, carry, taps, fin, bias, n_len, n_acc,
+                               MASKED, W, HAS_BIAS, SILU, HAS_DFINAL)
+        dxps = dxps + (dxp,)
+        if HAS_INIT and j < W - 1:
+            tl.store(p_dinit + j, dxp.to(p_dinit.dtype.element_ty), mask=m_d & (t0 == 0))
+    rows = ()
+    for j in tl.static_range(8):
+        rows = rows + ((pend[j] if j < 9 - W else dxps[j - (9 - W)]),)
+    u = t0 - 8 + o_l
+    mu = m_d[:, None] & ((u >= s0) & (u < s_end))[None, :]
+    tl.store((p_dx + (t0 - 8) * s_dxl)[:, None] + o_l[None, :] * s_dxl, _tile8(rows, BLOCK_D).to(p_dx.dtype.element_ty),
+             mask=mu)
+    pend = ()
+    for j in tl.static_range(9 - W):
+        pend = pend + (dxps[j + W - 1],)
+    return carry, pend
+
+
+@triton.autotune(**_tuning(_BWD_TILES))
+@triton.jit
+def _causal_conv1d_bwd_kernel(
+    # pointers: inputs as in the forward; dy (b, d, l); dfinal contiguous (b, d, w-1)
     p_x, p_init, p_w, p_bias, p_dy, p_dfinal,
-    # outputs: dx (b, d, l) channel-last; dinit contiguous (b, d, w-1); part (b x segments, 5, d)
-    # fp32: per program the sums over its steps of dweight[:, k] (rows k < w) and dbias (row 4)
+    # outputs: dx (b, d, l); dinit contiguous (b, d, w-1); part (b x segments, 5, d) fp32: per
+    # program the sums over its steps of dweight[:, k] (rows k < w) and dbias (row 4)
     p_dx, p_dinit, p_part,
     # dimensions: seg_len steps per segment, a multiple of BLOCK_L
     length, dim, seg_len,
@@ -459,16 +420,16 @@ def _causal_conv1d_bwd_cl_kernel(
     s_xb, s_xd, s_xl, s_ib, s_id, s_il, s_wd, s_wk, s_gb, s_gd, s_gl, s_dxb, s_dxd, s_dxl,
     # meta
     W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-    HAS_DFINAL: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+    HAS_DFINAL: tl.constexpr, CHANNEL_LAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    """Channel-last x: gradients of one (segment, channel block, batch), rows first to last.
-
-    Per step pre and dpre once, the dweight/dbias terms from the same rows, and dxpad[t] from dpre_t
-    and the w-1 previous dpre (registers) stored as dx row t-w+1 (``_bwd_cl_rows``): the segment's
-    whole BLOCK_L-row tiles without row masks, then its partial tile (the sequence's end) and the
-    w-1 steps after it, which finish its last rows (their dpre counted by the next segment).
-    Grid (segments, channel blocks, batch).
+    """Gradients of one (segment, channel block, batch), steps first to last (``_bwd_step``): the
+    segment's whole BLOCK_L-step tiles without row masks, then its partial tile (the sequence's
+    end) and the steps after it, which finish its last dx rows (their dpre counted by the next
+    segment). Channel-last x: rows of BLOCK_D channels (``_bwd_cl_rows``); time-contiguous x:
+    8-step tiles split into steps (``_bwd_time_tile``), BLOCK_L / 8 of them per tile. Grid
+    (segments, channel blocks, batch).
     """
+    tl.static_assert(CHANNEL_LAST or BLOCK_L % 8 == 0)
     pid_s = tl.program_id(0)
     o_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -483,34 +444,53 @@ def _causal_conv1d_bwd_cl_kernel(
     s_end = tl.minimum(s0 + seg_len, length)
     zero = tl.zeros((BLOCK_D,), dtype=tl.float32)
     taps = (_tap(p_w, o_d, m_d, 0, s_wd, s_wk), _tap(p_w, o_d, m_d, 1, s_wd, s_wk),
-            _tap(p_w, o_d, m_d, 2, s_wd, s_wk) if W > 2 else zero, _tap(p_w, o_d, m_d, 3, s_wd, s_wk) if W > 3 else zero)
+            _tap(p_w, o_d, m_d, 2, s_wd, s_wk) if W > 2 else zero,
+            _tap(p_w, o_d, m_d, 3, s_wd, s_wk) if W > 3 else zero)
     fin = (zero, zero, zero)
     if HAS_DFINAL:
         fin = (tl.load(p_dfinal, mask=m_d, other=0.0).to(tl.float32),
                tl.load(p_dfinal + 1, mask=m_d & (W > 2), other=0.0).to(tl.float32),
                tl.load(p_dfinal + 2, mask=m_d & (W > 3), other=0.0).to(tl.float32))
     bias = tl.load(p_bias + o_d, mask=m_d, other=0.0).to(tl.float32) if HAS_BIAS else zero
-    # r_j = x_{s0-j} (xpad[s0 + w-1-j]: the initial state before the sequence); d_j = dpre_{s0-j}:
+    # r_i = x_{s0-i} (xpad[s0 + w-1-i]: the initial state before the sequence); d_i = dpre_{s0-i}:
     # 0 at the sequence's start, unknown (its dx rows not ours) before a later segment
     r1 = _xpad_row(p_x, p_init, s0 + W - 2, length, m_d, s_xl, s_il, W, HAS_INIT)
     r2 = _xpad_row(p_x, p_init, s0 + W - 3, length, m_d, s_xl, s_il, W, HAS_INIT) if W > 2 else zero
     r3 = _xpad_row(p_x, p_init, s0, length, m_d, s_xl, s_il, W, HAS_INIT) if W > 3 else zero
     carry = (r1, r2, r3, zero, zero, zero, zero, zero, zero, zero, zero)
-    n_full = (s_end - s0) // BLOCK_L
+    pend = ()  # time-contiguous: dxpad steps w-1..7 of the last tile, its dx rows not yet stored
+    for _ in tl.static_range(9 - W):
+        pend = pend + (zero,)
     args = (taps, fin, bias, m_d, s_xl, s_gl, s_dxl)
+    n_full = (s_end - s0) // BLOCK_L
     for i in range(n_full):
-        carry = _bwd_cl_rows(p_x, p_dy, p_dx, p_dinit, s0 + i * BLOCK_L, s0, s_end, length, carry, *args,
-                             N=BLOCK_L, MASKED=False, W=W, HAS_INIT=HAS_INIT, HAS_BIAS=HAS_BIAS, SILU=SILU,
-                             HAS_DFINAL=HAS_DFINAL)
+        t0 = s0 + i * BLOCK_L
+        if CHANNEL_LAST:
+            carry = _bwd_cl_rows(p_x, p_dy, p_dx, p_dinit, t0, s0, s_end, length, carry, *args, N=BLOCK_L, MASKED=False,
+                                 W=W, HAS_INIT=HAS_INIT, HAS_BIAS=HAS_BIAS, SILU=SILU, HAS_DFINAL=HAS_DFINAL)
+        else:
+            for h in tl.static_range(0, BLOCK_L, 8):
+                carry, pend = _bwd_time_tile(p_x, p_dy, p_dx, p_dinit, t0 + h, s0, s_end, length, carry, pend, *args,
+                                             MASKED=False, W=W, HAS_INIT=HAS_INIT, HAS_BIAS=HAS_BIAS, SILU=SILU,
+                                             HAS_DFINAL=HAS_DFINAL, BLOCK_D=BLOCK_D)
     t0 = s0 + n_full * BLOCK_L
     if t0 < s_end:  # a partial tile: the sequence ends inside it
-        carry = _bwd_cl_rows(p_x, p_dy, p_dx, p_dinit, t0, s0, s_end, length, carry, *args,
-                             N=BLOCK_L, MASKED=True, W=W, HAS_INIT=HAS_INIT, HAS_BIAS=HAS_BIAS, SILU=SILU,
-                             HAS_DFINAL=HAS_DFINAL)
+        if CHANNEL_LAST:
+            carry = _bwd_cl_rows(p_x, p_dy, p_dx, p_dinit, t0, s0, s_end, length, carry, *args, N=BLOCK_L, MASKED=True,
+                                 W=W, HAS_INIT=HAS_INIT, HAS_BIAS=HAS_BIAS, SILU=SILU, HAS_DFINAL=HAS_DFINAL)
+        else:
+            for h in tl.static_range(0, BLOCK_L, 8):
+                carry, pend = _bwd_time_tile(p_x, p_dy, p_dx, p_dinit, t0 + h, s0, s_end, length, carry, pend, *args,
+                                             MASKED=True, W=W, HAS_INIT=HAS_INIT, HAS_BIAS=HAS_BIAS, SILU=SILU,
+                                             HAS_DFINAL=HAS_DFINAL, BLOCK_D=BLOCK_D)
         t0 += BLOCK_L
-    carry = _bwd_cl_rows(p_x, p_dy, p_dx, p_dinit, t0, s0, s_end, length, carry, *args,  # the w-1 steps after
-                         N=W - 1, MASKED=True, W=W, HAS_INIT=HAS_INIT, HAS_BIAS=HAS_BIAS, SILU=SILU,
-                         HAS_DFINAL=HAS_DFINAL)
+    if CHANNEL_LAST:  # the w-1 steps after: the segment's last dx rows
+        carry = _bwd_cl_rows(p_x, p_dy, p_dx, p_dinit, t0, s0, s_end, length, carry, *args, N=W - 1, MASKED=True,
+                             W=W, HAS_INIT=HAS_INIT, HAS_BIAS=HAS_BIAS, SILU=SILU, HAS_DFINAL=HAS_DFINAL)
+    else:  # a tile after: stores the last tile's dx rows
+        carry, pend = _bwd_time_tile(p_x, p_dy, p_dx, p_dinit, t0, s0, s_end, length, carry, pend, *args,
+                                     MASKED=True, W=W, HAS_INIT=HAS_INIT, HAS_BIAS=HAS_BIAS, SILU=SILU,
+                                     HAS_DFINAL=HAS_DFINAL, BLOCK_D=BLOCK_D)
     _store_partials(p_part + (pid_b * tl.num_programs(0) + pid_s) * 5 * dim + o_d, dim, m_d, carry[6], carry[7],
                     carry[8], carry[9], carry[10], W)
 
@@ -528,14 +508,14 @@ def _channel_last(x: torch.Tensor) -> bool:
     return x.stride(1) == 1 and x.stride(2) != 1
 
 
-def _segment_len(b: int, d: int, l: int, device: torch.device, channel_last: bool) -> int:
+def _segment_len(b: int, d: int, l: int, device: torch.device) -> int:
     """Steps per backward program: a multiple of SEGMENT_UNIT, as long as the GPU allows while
-    still giving it ~PROGRAMS_PER_SM programs of 64 channels (the interpreter: two 8-step tiles,
+    still giving it ~PROGRAMS_PER_SM programs of 64 channels (the interpreter: two 16-step tiles,
     so small tests cross tiles and segments)."""
     if device.type != "cuda":
         return 2 * SEGMENT_UNIT
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    segments = max(1, PROGRAMS_PER_SM[channel_last] * sms // (b * triton.cdiv(d, 64)))
+    segments = max(1, PROGRAMS_PER_SM * sms // (b * triton.cdiv(d, 64)))
     return SEGMENT_UNIT * triton.cdiv(triton.cdiv(l, segments), SEGMENT_UNIT)
 
 
@@ -568,17 +548,15 @@ def _causal_conv1d_bwd(dy, dfinal, x, weight, bias, initial_state, silu: bool):
     channel_last = _channel_last(x)
     if dy.stride(1 if channel_last else 2) != 1:  # dy in x's memory order, so the kernel reads whole lines
         dy = torch.empty_like(dx, dtype=dy.dtype).copy_(dy)
-    seg_len = _segment_len(b, d, l, x.device, channel_last)
+    seg_len = _segment_len(b, d, l, x.device)
     n_seg = triton.cdiv(l, seg_len)
     part = torch.empty(b * n_seg, 5, d, device=x.device, dtype=torch.float32)
-    args = (x, init, weight, bias, dy, dfinal if dfinal is not None else dy, dx, dinit, part, l, d, seg_len,
-            *x.stride(), *init.stride()[:3], *weight.stride(), *dy.stride(), *dx.stride())
-    meta = dict(W=w, HAS_INIT=initial_state is not None, HAS_BIAS=bias is not None, SILU=silu,
-                HAS_DFINAL=dfinal is not None)
-    if channel_last:
-        _causal_conv1d_bwd_cl_kernel[lambda meta: (n_seg, triton.cdiv(d, meta["BLOCK_D"]), b)](*args, **meta)
-    else:
-        _causal_conv1d_bwd_kernel[lambda meta: (b, triton.cdiv(d, meta["BLOCK_D"]), n_seg)](*args, **meta)
+    _causal_conv1d_bwd_kernel[lambda meta: (n_seg, triton.cdiv(d, meta["BLOCK_D"]), b)](
+        x, init, weight, bias, dy, dfinal if dfinal is not None else dy, dx, dinit, part, l, d, seg_len,
+        *x.stride(), *init.stride()[:3], *weight.stride(), *dy.stride(), *dx.stride(),
+        W=w, HAS_INIT=initial_state is not None, HAS_BIAS=bias is not None, SILU=silu,
+        HAS_DFINAL=dfinal is not None, CHANNEL_LAST=channel_last,
+    )
     dwb = part.sum(0)  # (5, d)
     return dx, dwb[:w].t(), dwb[4], (dinit if initial_state is not None else None)
 
