@@ -17,7 +17,7 @@ graph; peak memory is that of forward+backward. "bwd graph ms" times our backwar
 (dy given; the old kernel's too), for cuDNN it is fwd+bwd - fwd; "bwd / fwd" divides it by the
 forward. "fwd x floor" and "bwd x floor" are multiples of the copy-bandwidth floor of their bytes
 (forward: read x, write y; backward: read x and dy, write dx; bf16). Outputs and gradients of
-each are checked against the float64 reference (up to 16,384 steps). Layouts (default both):
+each are checked against the float64 reference (up to 16,384 steps). Layouts (default time):
 ``time`` is a contiguous (b, d, l) x, ``channel-last`` a transposed (b, l, d) tensor, as the
 Mamba blocks pass their in_proj slices (dy in the same layout). ``--old`` times the launchers of
 an earlier conv.py beside ours (e.g. written out by ``git show REV:kernels/conv1d/conv.py``;
@@ -133,7 +133,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="M1,M2,M3,S1")
     parser.add_argument("--width", type=int, default=4)
-    parser.add_argument("--layouts", default="time,channel-last", help="comma list of time, channel-last")
+    parser.add_argument("--layouts", default="time", help="comma list of time, channel-last")
     parser.add_argument("--state", action="store_true", help="calls carry a conv state in and out")
     parser.add_argument("--old", default=None, help="an earlier conv.py to time beside ours")
     parser.add_argument("--no-cudnn", action="store_true", help="leave out the cuDNN baseline")
