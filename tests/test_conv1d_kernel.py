@@ -243,6 +243,35 @@ def test_gpu_backward_past_the_grid_axis(layout):
 
 
 @pytest.mark.gpu
+def test_gpu_time_layout_offsets_past_int32():
+    """Time-contiguous x whose channel offsets c * l pass 2^31 elements (d=2112, l=2^20, bf16: 4.4 GB
+    a tensor), forward and backward with state: the last channels' outputs and gradients against
+    the float64 reference of those channels alone (channels are independent). int32 channel offsets
+    wrapped there (in the time-contiguous forward and backward before 2026-12-05 evening)."""
+    b, d, l, w, k = 1, 2112, 1 << 20, 4, 8
+    g = torch.Generator(device="cuda").manual_seed(16)
+
+    def rnd(*shape, dtype=torch.bfloat16):
+        return torch.randn(*shape, device="cuda", generator=g, dtype=dtype)
+
+    inputs = dict(x=rnd(b, d, l), weight=rnd(d, w, dtype=torch.float32), bias=rnd(d, dtype=torch.float32),
+                  initial_state=rnd(b, d, w - 1))
+    inputs = {name: v.requires_grad_() for name, v in inputs.items()}
+    y, final = triton_conv(**inputs, activation="silu", return_final_state=True)
+    dy, dfinal = rnd(b, d, l), rnd(b, d, w - 1)
+    grads = torch.autograd.grad((y, final), list(inputs.values()), (dy, dfinal))
+    last = {name: v.detach()[..., -k:, :] if v.dim() == 3 else v.detach()[-k:] for name, v in inputs.items()}
+    ref_in = {name: v.double().requires_grad_() for name, v in last.items()}
+    y_ref, final_ref = causal_conv1d_ref(**ref_in, activation="silu", return_final_state=True)
+    ref_grads = torch.autograd.grad((y_ref, final_ref), list(ref_in.values()),
+                                    (dy[:, -k:].double(), dfinal[:, -k:].double()))
+    assert_close("y", y_ref, y[:, -k:], torch.bfloat16)
+    assert_close("final_state", final_ref, final[:, -k:], torch.bfloat16)
+    for name, want, got in zip(inputs, ref_grads, grads):
+        assert_close(f"d{name}", want, got[:, -k:] if got.dim() == 3 else got[-k:], torch.bfloat16)
+
+
+@pytest.mark.gpu
 def test_gpu_channel_last_sequence_longer_than_the_grid_axis():
     """Over 65535 time blocks of every channel-last forward tile (the grid's y/z axes stop there;
     time runs along x)."""

@@ -70,7 +70,7 @@ def _load_xpad(p_x, p_init, o_d, m_d, p, length, s_xd, s_xl, s_id, s_il,
     """xpad at positions p (P,) int64 for channels o_d -> (BLOCK_D, P) fp32 (0 outside)."""
     t = p - (W - 1)
     m = m_d[:, None] & ((t >= 0) & (t < length))[None, :]
-    v = tl.load(p_x + o_d[:, None] * s_xd + t[None, :] * s_xl, mask=m, other=0.0).to(tl.float32)
+    v = tl.load(p_x + o_d[:, None].to(tl.int64) * s_xd + t[None, :] * s_xl, mask=m, other=0.0).to(tl.float32)
     if HAS_INIT:
         mi = m_d[:, None] & ((p >= 0) & (p < W - 1))[None, :]
         v += tl.load(p_init + o_d[:, None] * s_id + p[None, :] * s_il, mask=mi, other=0.0).to(tl.float32)
@@ -145,7 +145,7 @@ def _causal_conv1d_fwd_kernel(
     if SILU:
         pre = silu(pre)
     m = m_d[:, None] & (s < length)[None, :]
-    tl.store(p_y + o_d[:, None] * s_yd + s[None, :] * s_yl, pre.to(p_y.dtype.element_ty), mask=m)
+    tl.store(p_y + o_d[:, None].to(tl.int64) * s_yd + s[None, :] * s_yl, pre.to(p_y.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -434,10 +434,11 @@ def _causal_conv1d_bwd_kernel(
     o_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     pid_b = tl.program_id(2).to(tl.int64)
     m_d = o_d < dim
-    p_x += pid_b * s_xb + o_d * s_xd
+    o_d64 = o_d.to(tl.int64)  # time-contiguous: channel strides of l, d * l may pass 2^31
+    p_x += pid_b * s_xb + o_d64 * s_xd
     p_init += pid_b * s_ib + o_d * s_id
-    p_dy += pid_b * s_gb + o_d * s_gd
-    p_dx += pid_b * s_dxb + o_d * s_dxd
+    p_dy += pid_b * s_gb + o_d64 * s_gd
+    p_dx += pid_b * s_dxb + o_d64 * s_dxd
     p_dfinal += pid_b * dim * (W - 1) + o_d * (W - 1)
     p_dinit += pid_b * dim * (W - 1) + o_d * (W - 1)
     s0 = pid_s.to(tl.int64) * seg_len
