@@ -30,6 +30,10 @@ from streamssm.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+#: the ONNX exporter's loggers: INFO for every rewrite and folded constant (~180 lines an export),
+#: and torch's notes on optional torchvision ops; the CLI logs at INFO, so only their warnings show
+ONNX_EXPORTER_LOGGERS = {"onnxscript": logging.WARNING, "onnx_ir": logging.WARNING, "torch.onnx": logging.ERROR}
+
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, overwrite: bool = False) -> tuple[Path, str]:
     """Load ``checkpoint`` (Lightning ``.ckpt`` or ``.safetensors``) and write ``output``.
@@ -49,7 +53,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, overwrite: boo
 def main(argv: list[str], prog: str = "streamssm export") -> int:
     parser = ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="Lightning .ckpt written by `streamssm fit`")
-    parser.add_argument("--output", required=True, help="destination .safetensors file (hf: a folder)")
+    parser.add_argument("--output", required=True, help="destination .safetensors file (hf, onnx: a folder)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.add_argument("--format", choices=("safetensors", "hf", "onnx"), default="safetensors",
                         help="safetensors: one streamssm file; hf: a Hugging Face Hub folder; "
@@ -61,6 +65,8 @@ def main(argv: list[str], prog: str = "streamssm export") -> int:
     if args.format == "onnx":
         from streamssm.onnx_export import export_onnx
 
+        for name, level in ONNX_EXPORTER_LOGGERS.items():
+            logging.getLogger(name).setLevel(level)
         done = export_onnx(load_for_serving(args.checkpoint), args.output, args.chunk_length, args.chunk_batch,
                            overwrite=args.overwrite)
         print(f"wrote {done.folder} (step.onnx, chunk.onnx, step.pt2, chunk.pt2, {done.manifest.name})")
