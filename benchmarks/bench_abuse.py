@@ -39,6 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import Table, report, run_tag  # noqa: E402
+from _procs import rss_mb  # noqa: E402
 from bench_service import export_model, scrape  # noqa: E402
 
 RATE, CHUNK = 8000, 160  # 20 ms chunks
@@ -48,26 +49,20 @@ def start_server(ckpt: Path, args, state: Path) -> tuple[subprocess.Popen, int]:
     cmd = [sys.executable, "-m", "streamssm.cli", "serve", "--checkpoint", str(ckpt), "--port", "0",
            "--device", args.device, "--max-streams", "8", "--queue-depth", "4", "--state-dir", str(state),
            "--write-ahead-interval", str(args.write_ahead), "--max-parked", "64", "--idle-timeout", "30"]
-    cmd += ["--slice-samples", str(args.slice_samples)]
+    cmd += ["--slice-samples", str(args.slice_samples), "--workers", str(args.workers)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     deadline, lines = time.time() + 120, []
     for line in proc.stderr:
         lines.append(line)
-        if m := re.search(r"listening on ws://[\d.]+:(\d+)/", line):
+        if "worker " not in line and (m := re.search(r"listening on ws://[\d.]+:(\d+)/", line)):
             threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
             return proc, int(m.group(1))
         if time.time() > deadline:
             break
     proc.kill()
     raise RuntimeError("server did not start:\n" + "".join(lines))
-
-
-def rss_mb(pid: int) -> tuple[float, float]:
-    """(current, peak) resident set of ``pid`` in MB."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
 def pcm(n: int, seed: int) -> bytes:
@@ -304,6 +299,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="server torch threads")
     p.add_argument("--slice-samples", type=int, default=256, help="server --slice-samples")
+    p.add_argument("--workers", type=int, default=1, help="server --workers (RSS: all its processes)")
     p.add_argument("--canary-chunks", type=int, default=100)
     p.add_argument("--attack-seconds", type=float, default=5.0)
     p.add_argument("--crash-chunks", type=int, default=400, help="20 ms chunks of the SIGKILL stream")

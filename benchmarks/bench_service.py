@@ -40,6 +40,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _procs import child_processes, thread_cpu  # noqa: E402
+
 MODELS = {
     # next to no compute: what the service itself costs per chunk (event loops, links, codecs)
     "nano": dict(block="mamba2", d_model=8, n_layers=1, d_state=8, headdim=4, chunk_size=64),
@@ -114,45 +117,12 @@ def scrape(port: int) -> dict[str, float]:
     return out
 
 
-def children(pid: int) -> list[int]:
-    """The processes whose parent is ``pid`` (Linux /proc): a ``--workers`` server's workers."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        if int(text[text.rindex(")") + 2 :].split()[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
-
-
 def server_cpu(pid: int) -> dict[str, float]:
     """CPU seconds so far: ``loop`` / ``workers`` of the server process (:func:`thread_cpu`) and,
     per worker process of ``--workers``, its event loop as ``front<pid>``."""
     out = thread_cpu(pid)
-    for child in children(pid):
+    for child in child_processes(pid):
         out[f"front{child}"] = thread_cpu(child).get("loop", 0.0)
-    return out
-
-
-def thread_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds used so far by the server's threads (Linux /proc; empty elsewhere): ``loop``
-    (the main thread: the event loop with websockets, decoding and sending) and ``workers``
-    (every other thread: the engine's model calls and result encoding, torch's pools)."""
-    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    out = {"loop": 0.0, "workers": 0.0}
-    try:
-        tasks = list(Path(f"/proc/{pid}/task").iterdir())
-    except OSError:
-        return {}
-    for task in tasks:
-        try:
-            stat = (task / "stat").read_text()
-        except OSError:  # the thread ended meanwhile
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
-        out["loop" if int(task.name) == pid else "workers"] += (int(fields[11]) + int(fields[12])) / tick
     return out
 
 

@@ -54,17 +54,15 @@ class _Relay:
         self.sid = -1
 
     def part(self, chunk: Chunk, result: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """One model call's slice of the chunk: its raw (outputs, scores), encoded in the worker."""
         return (None if result.outputs is None else result.outputs.numpy(),
                 None if result.scores is None else result.scores.numpy())
 
-    def finish(self, chunk: Chunk, parts: list) -> tuple[np.ndarray | None, np.ndarray | None]:
-        if len(parts) == 1:
-            return parts[0]
-        return tuple(None if p[0] is None else (p[0] if len(p) == 1 else np.concatenate(p))  # type: ignore[return-value]
-                     for p in ([q[i] for q in parts] for i in (0, 1)))
+    def finish(self, chunk: Chunk, parts: list) -> list:
+        return parts
 
-    def deliver(self, chunk: Chunk, message: tuple) -> None:
-        self.link.send("result", self.key, chunk.seq, *message)
+    def deliver(self, chunk: Chunk, slices: list) -> None:
+        self.link.send("result", self.key, chunk.seq, slices)
         self.scheduler.done(self.sid)  # the worker holds the stream's real queue slot until it sends
 
     def on_error(self, exc: BaseException) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,9 @@ class _RemoteStream:
     on_error: OnError
     slots: QueueSlots
     waiting: dict[int, Chunk] = field(default_factory=dict)  # seq -> chunk sent, result not back yet
+    #: results back, being encoded slice by slice, oldest first: (chunk, raw slices left, encoded slices)
+    encoding: deque[tuple[Chunk, list, list]] = field(default_factory=deque)
+    encoded: asyncio.Event = field(default_factory=asyncio.Event)  # set while ``encoding`` is empty
     closing: bool = False
     failed: bool = False
 
@@ -120,13 +124,15 @@ class RemoteScheduler:
             return None
         stream.closing = True
         try:
-            return await self.link.call("close", key, snapshot and not stream.failed)
+            blob = await self.link.call("close", key, snapshot and not stream.failed)
+            while stream.encoding and not stream.failed:  # the snapshot covers them: deliver them first
+                await stream.encoded.wait()
+            return blob
         except LinkClosed:
             return None
         finally:
             self._streams.pop(key, None)
-            stream.slots.answered(len(stream.waiting))  # never computed: wake a submit waiting for a slot
-            stream.waiting.clear()
+            self._drop(stream)
 
     async def checkpoint(self, key: int) -> tuple[bytes, int, int] | None:
         if key not in self._streams:
@@ -135,21 +141,42 @@ class RemoteScheduler:
 
     # -- messages from the engine ---------------------------------------------------------
 
-    def result(self, key: int, seq: int, outputs: np.ndarray | None, scores: np.ndarray | None) -> None:
-        """One chunk's results: encode them here (as the engine thread would) and deliver."""
+    def result(self, key: int, seq: int, slices: list[tuple[np.ndarray | None, np.ndarray | None]]) -> None:
+        """One chunk's results, as the engine computed them (one (outputs, scores) pair per model
+        call): encoded here slice by slice, then delivered, in order."""
         stream = self._streams.get(key)
         chunk = None if stream is None else stream.waiting.pop(seq, None)
         if stream is None or chunk is None:
             return
+        stream.encoding.append((chunk, list(slices), []))
+        stream.encoded.clear()
+        if len(stream.encoding) == 1:
+            self._encode(stream)
+
+    def _encode(self, stream: _RemoteStream) -> None:
+        """Encode the next slice of the oldest result (delivered after its last one); one slice
+        per event-loop turn, so a chunk of many slices (a large frame) holds this worker's loop
+        no longer than the engine thread's encoding of one slice would (the other streams' I/O
+        goes on in between)."""
+        if not stream.encoding or stream.failed:
+            return
+        chunk, raw, done = stream.encoding[0]
+        outputs, scores = raw.pop(0)
         res = ChunkResult(None if outputs is None else torch.from_numpy(outputs),
                           None if scores is None else torch.from_numpy(scores))
         try:
-            message = stream.encoder.finish(chunk, [stream.encoder.part(chunk, res)])
+            done.append(stream.encoder.part(chunk, res))
+            message = None if raw else stream.encoder.finish(chunk, done)
         except Exception as exc:  # noqa: BLE001 - this stream fails, the others go on (as in the engine)
-            stream.slots.answered()
             self._failed(stream, exc)
             return
-        stream.deliver(chunk, message)
+        if message is not None:
+            stream.encoding.popleft()
+            stream.deliver(chunk, message)
+        if stream.encoding:
+            asyncio.get_running_loop().call_soon(self._encode, stream)
+        else:
+            stream.encoded.set()
 
     def error(self, key: int, name: str, message: str) -> None:
         """The engine's model call failed for this stream."""
@@ -159,9 +186,16 @@ class RemoteScheduler:
 
     def _failed(self, stream: _RemoteStream, exc: BaseException) -> None:
         stream.failed = True
-        stream.slots.answered(len(stream.waiting))  # nothing more will be computed for this stream
-        stream.waiting.clear()
+        self._drop(stream)  # nothing more will be computed or delivered for this stream
         stream.on_error(exc)
+
+    def _drop(self, stream: _RemoteStream) -> None:
+        """Free the queue slots of every chunk whose result will not be delivered (a submit
+        waiting for a slot wakes up)."""
+        stream.slots.answered(len(stream.waiting) + len(stream.encoding))
+        stream.waiting.clear()
+        stream.encoding.clear()
+        stream.encoded.set()
 
     def engine_lost(self) -> None:
         """The link ended (the engine process died): every stream ends with 1012, as after a

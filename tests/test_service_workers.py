@@ -17,6 +17,7 @@ import sys
 import time
 
 import numpy as np
+import torch
 import pytest
 from streamssm.service.client import StreamClient
 from streamssm.service.config import ServeConfig
@@ -33,6 +34,7 @@ from test_service_server import (
 from websockets.asyncio.client import connect
 
 from streamssm.checkpoint import load_for_serving
+from streamssm.encoding import encode_bases
 from streamssm.models import ModelConfig
 
 pytestmark = pytest.mark.timeout(120)
@@ -132,13 +134,15 @@ async def test_a_killed_worker_loses_only_its_streams_and_comes_back(dna):
 
 
 async def test_hostile_clients_and_a_failing_stream_leave_the_canary_exact(dna):
-    bases = random_bases(100, seed=31)
+    bases = random_bases(100, seed=31).replace("N", "A")  # the canary sends no N
     start = json.dumps({"type": "start", "format": "text"})
     async with workers(dna, max_frame_bytes=4096) as srv:
         real = srv.backend.streamer.feed_many
 
-        def flaky(chunks, outputs=True):  # the engine fails every call with a 13-base chunk in it
-            if any(len(x) == 13 for x in chunks.values()):
+        poison = int(encode_bases("N")[0])
+
+        def flaky(chunks, outputs=True):  # the engine fails every call with an N (the attacker's) in it
+            if any(bool((x == poison).any()) for x in chunks.values()):
                 raise RuntimeError("device fault 42")
             return real(chunks, outputs)
 
@@ -154,7 +158,7 @@ async def test_hostile_clients_and_a_failing_stream_leave_the_canary_exact(dna):
             return got, code, token
 
         async def attackers():
-            failed = await attack(["A" * 13])
+            failed = await attack(["N" * 13])
             assert failed[1] == 1011 and "device fault 42" in failed[0]["message"]
             resumes = []
             for _ in range(6):  # refused on whichever worker: the failure is known to the engine
@@ -276,3 +280,70 @@ def test_a_crashed_engine_takes_its_workers_down_and_streams_resume_from_the_wri
     client = _across_two_servers(dna, bases, str(tmp_path / "state"), crash, "--write-ahead-interval", "0.2",
                                  written_ahead=True)
     assert_exact(dna, bases, client)
+
+
+# ------------------------------------------------------------------ the worker's side of the link, alone
+
+
+class _Link:
+    """A link whose calls answer at once, recording what was sent."""
+
+    def __init__(self):
+        self.sent = []
+
+    def send(self, *message):
+        self.sent.append(message)
+
+    async def call(self, op, *args):
+        self.sent.append((op, *args))
+        return b"snapshot" if op == "close" else None
+
+
+class _Encoder:
+    def __init__(self, log, name):
+        self.log, self.name = log, name
+
+    def part(self, chunk, result):
+        self.log.append((self.name, "part", chunk.seq, int(result.scores.shape[0])))
+        return int(result.scores.shape[0])
+
+    def finish(self, chunk, parts):
+        return sum(parts)
+
+
+async def test_a_worker_encodes_a_large_result_one_slice_per_loop_turn_and_delivers_in_order():
+    from streamssm.service.remote import RemoteScheduler
+    from streamssm.service.scheduler import Chunk
+
+    log, delivered = [], []
+    sched = RemoteScheduler(_Link(), queue_depth=4)
+    keys = {}
+    for name in ("big", "small"):
+        keys[name] = await sched.open(_Encoder(log, name), lambda c, m, n=name: delivered.append((n, c.seq, m)),
+                                      lambda exc: None)
+    for seq in (0, 1):
+        await sched.submit(keys["big"], Chunk(seq, 0, torch.zeros(6 if seq == 0 else 2, dtype=torch.long)))
+    await sched.submit(keys["small"], Chunk(0, 0, torch.zeros(2, dtype=torch.long)))
+    slice_ = (None, np.zeros(2, np.float32))
+    sched.result(keys["big"], 0, [slice_, slice_, slice_])  # a 6-sample chunk computed in 3 model calls
+    sched.result(keys["big"], 1, [slice_])  # the next chunk of the same stream: after chunk 0
+    sched.result(keys["small"], 0, [slice_])  # another stream: not held by the big one
+    assert log == [("big", "part", 0, 2), ("small", "part", 0, 2)] and delivered == [("small", 0, 2)]
+    for _ in range(4):
+        await asyncio.sleep(0)
+    assert delivered == [("small", 0, 2), ("big", 0, 6), ("big", 1, 2)]
+    assert sched.unanswered(keys["big"]) == 2  # slots stay taken until the results are sent (done())
+
+
+async def test_a_worker_closes_a_stream_only_after_delivering_what_its_snapshot_covers():
+    from streamssm.service.remote import RemoteScheduler
+    from streamssm.service.scheduler import Chunk
+
+    log, delivered = [], []
+    sched = RemoteScheduler(_Link(), queue_depth=4)
+    key = await sched.open(_Encoder(log, "s"), lambda c, m: delivered.append((c.seq, m)), lambda exc: None)
+    await sched.submit(key, Chunk(0, 0, torch.zeros(6, dtype=torch.long)))
+    sched.result(key, 0, [(None, np.zeros(3, np.float32))] * 2)
+    assert not delivered
+    assert await sched.close(key, snapshot=True) == b"snapshot"
+    assert delivered == [(0, 6)]  # encoded and delivered before close returned
