@@ -406,6 +406,24 @@ def _bwd_time_tile(p_x, p_dy, p_dx, p_dinit, t0, s0, s_end, length, carry, pend,
     return carry, pend
 
 
+@triton.jit
+def _bwd_steps(p_x, p_dy, p_dx, p_dinit, t0, s0, s_end, length, carry, pend, taps, fin, bias, m_d, s_xl, s_gl, s_dxl,
+               N: tl.constexpr, MASKED: tl.constexpr, CHANNEL_LAST: tl.constexpr, W: tl.constexpr,
+               HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_DFINAL: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """N steps from row t0 in x's layout: N rows (``_bwd_cl_rows``) or N / 8 tiles of 8 steps
+    (``_bwd_time_tile``). Returns (carry, pend)."""
+    if CHANNEL_LAST:
+        carry = _bwd_cl_rows(p_x, p_dy, p_dx, p_dinit, t0, s0, s_end, length, carry, taps, fin, bias, m_d, s_xl, s_gl,
+                             s_dxl, N, MASKED, W, HAS_INIT, HAS_BIAS, SILU, HAS_DFINAL)
+    else:
+        for h in tl.static_range(0, N, 8):
+            carry, pend = _bwd_time_tile(p_x, p_dy, p_dx, p_dinit, t0 + h, s0, s_end, length, carry, pend, taps, fin,
+                                         bias, m_d, s_xl, s_gl, s_dxl, MASKED, W, HAS_INIT, HAS_BIAS, SILU, HAS_DFINAL,
+                                         BLOCK_D)
+    return carry, pend
+
+
 @triton.autotune(**_tuning(_BWD_TILES))
 @triton.jit
 def _causal_conv1d_bwd_kernel(
@@ -465,33 +483,18 @@ def _causal_conv1d_bwd_kernel(
     args = (taps, fin, bias, m_d, s_xl, s_gl, s_dxl)
     n_full = (s_end - s0) // BLOCK_L
     for i in range(n_full):
-        t0 = s0 + i * BLOCK_L
-        if CHANNEL_LAST:
-            carry = _bwd_cl_rows(p_x, p_dy, p_dx, p_dinit, t0, s0, s_end, length, carry, *args, N=BLOCK_L, MASKED=False,
-                                 W=W, HAS_INIT=HAS_INIT, HAS_BIAS=HAS_BIAS, SILU=SILU, HAS_DFINAL=HAS_DFINAL)
-        else:
-            for h in tl.static_range(0, BLOCK_L, 8):
-                carry, pend = _bwd_time_tile(p_x, p_dy, p_dx, p_dinit, t0 + h, s0, s_end, length, carry, pend, *args,
-                                             MASKED=False, W=W, HAS_INIT=HAS_INIT, HAS_BIAS=HAS_BIAS, SILU=SILU,
-                                             HAS_DFINAL=HAS_DFINAL, BLOCK_D=BLOCK_D)
+        carry, pend = _bwd_steps(p_x, p_dy, p_dx, p_dinit, s0 + i * BLOCK_L, s0, s_end, length, carry, pend, *args,
+                                 BLOCK_L, False, CHANNEL_LAST, W, HAS_INIT, HAS_BIAS, SILU, HAS_DFINAL, BLOCK_D)
     t0 = s0 + n_full * BLOCK_L
     if t0 < s_end:  # a partial tile: the sequence ends inside it
-        if CHANNEL_LAST:
-            carry = _bwd_cl_rows(p_x, p_dy, p_dx, p_dinit, t0, s0, s_end, length, carry, *args, N=BLOCK_L, MASKED=True,
-                                 W=W, HAS_INIT=HAS_INIT, HAS_BIAS=HAS_BIAS, SILU=SILU, HAS_DFINAL=HAS_DFINAL)
-        else:
-            for h in tl.static_range(0, BLOCK_L, 8):
-                carry, pend = _bwd_time_tile(p_x, p_dy, p_dx, p_dinit, t0 + h, s0, s_end, length, carry, pend, *args,
-                                             MASKED=True, W=W, HAS_INIT=HAS_INIT, HAS_BIAS=HAS_BIAS, SILU=SILU,
-                                             HAS_DFINAL=HAS_DFINAL, BLOCK_D=BLOCK_D)
+        carry, pend = _bwd_steps(p_x, p_dy, p_dx, p_dinit, t0, s0, s_end, length, carry, pend, *args,
+                                 BLOCK_L, True, CHANNEL_LAST, W, HAS_INIT, HAS_BIAS, SILU, HAS_DFINAL, BLOCK_D)
         t0 += BLOCK_L
-    if CHANNEL_LAST:  # the w-1 steps after: the segment's last dx rows
-        carry = _bwd_cl_rows(p_x, p_dy, p_dx, p_dinit, t0, s0, s_end, length, carry, *args, N=W - 1, MASKED=True,
-                             W=W, HAS_INIT=HAS_INIT, HAS_BIAS=HAS_BIAS, SILU=SILU, HAS_DFINAL=HAS_DFINAL)
-    else:  # a tile after: stores the last tile's dx rows
-        carry, pend = _bwd_time_tile(p_x, p_dy, p_dx, p_dinit, t0, s0, s_end, length, carry, pend, *args,
-                                     MASKED=True, W=W, HAS_INIT=HAS_INIT, HAS_BIAS=HAS_BIAS, SILU=SILU,
-                                     HAS_DFINAL=HAS_DFINAL, BLOCK_D=BLOCK_D)
+    # the steps after: the segment's last dx rows (channel-last: w-1 rows; time-contiguous: a tile,
+    # which stores the tile before)
+    carry, pend = _bwd_steps(p_x, p_dy, p_dx, p_dinit, t0, s0, s_end, length, carry, pend, *args,
+                             W - 1 if CHANNEL_LAST else 8, True, CHANNEL_LAST, W, HAS_INIT, HAS_BIAS, SILU, HAS_DFINAL,
+                             BLOCK_D)
     _store_partials(p_part + (pid_b * tl.num_programs(0) + pid_s) * 5 * dim + o_d, dim, m_d, carry[6], carry[7],
                     carry[8], carry[9], carry[10], W)
 
