@@ -125,7 +125,7 @@ class RemoteScheduler:
         stream.closing = True
         try:
             blob = await self.link.call("close", key, snapshot and not stream.failed)
-            while stream.encoding and not stream.failed:  # the snapshot covers them: deliver them first
+            while snapshot and stream.encoding and not stream.failed:  # the snapshot covers them: deliver first
                 await stream.encoded.wait()
             return blob
         except LinkClosed:

@@ -254,15 +254,16 @@ class Scheduler:
         return self.streamer.open()  # the row just freed, zeroed
 
     async def close(self, sid: int, snapshot: bool = False) -> bytes | None:
-        """Drop the stream's not-yet-started chunks, let the engine finish a chunk it has
-        started, then (optionally) snapshot its state and free its pool row. Returns the
-        snapshot bytes (state at the end of the last chunk delivered)."""
+        """Drop the stream's not-yet-started chunks and free its pool row. With ``snapshot``,
+        first let the engine finish a chunk it has started and return the snapshot bytes (state
+        at the end of the last chunk delivered); without, drop that chunk too (a large frame of
+        a client that is gone costs no more model calls)."""
         stream = self._streams.get(sid)
         if stream is None:
             return None
         stream.closing = True
         try:
-            keep = 1 if stream.pending and stream.pending[0].taken and not stream.failed else 0
+            keep = 1 if snapshot and stream.pending and stream.pending[0].taken and not stream.failed else 0
             while len(stream.pending) > keep:
                 stream.pending.pop()
                 stream.slots.answered()

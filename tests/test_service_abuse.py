@@ -180,6 +180,25 @@ async def test_a_large_frame_is_sliced_and_interleaved_with_other_streams(ckpts)
     np.testing.assert_allclose(result["scores"], scores, atol=2e-5)
 
 
+@pytest.mark.parametrize("parked", [False, True])
+async def test_a_gone_clients_started_frame_is_finished_only_when_its_stream_is_parked(ckpts, parked):
+    async with server(ckpts["dna"], slice_samples=16, max_frame_bytes=1 << 16, resume_ttl=300 if parked else 0) as srv:
+        ws = await connect(srv.url, max_size=None)
+        await ws.send(json.dumps({"type": "start", "format": "text", "include": ["scores"]}))
+        await ws.recv()
+        await ws.send("ACGT")  # one result: a stream worth parking
+        await ws.recv()
+        await ws.send(bases(4000, 5))
+        await until(lambda: big_chunk(srv) is not None, "big frame started")
+        chunk = big_chunk(srv)
+        ws.transport.abort()
+        await until(lambda: srv.scheduler.live == 0, "closed")
+        done_when_closed = chunk.taken
+        await until(lambda: len(srv.store) == int(parked), "parked")
+    # parked: its snapshot lies on a chunk boundary (the frame computed to its end); not: abandoned
+    assert (done_when_closed == chunk.n) == parked, (done_when_closed, chunk.n)
+
+
 async def test_idle_timeout_does_not_count_the_servers_backlog_and_end_waits(ckpts):
     big = bases(6000, 4)
     async with server(ckpts["dna"], slice_samples=8, idle_timeout=0.3, max_frame_bytes=1 << 16) as srv:
