@@ -133,6 +133,26 @@ async def test_a_killed_worker_loses_only_its_streams_and_comes_back(dna):
     assert after.results
 
 
+async def test_max_streams_holds_across_workers(dna):
+    start = json.dumps({"type": "start", "format": "text"})
+    async with workers(dna, max_streams=3) as srv:
+        conns = [await connect(srv.url) for _ in range(6)]
+        for ws in conns:
+            await ws.send(start)
+        got = [json.loads(await ws.recv()) for ws in conns]
+        ready = [ws for ws, g in zip(conns, got) if g["type"] == "ready"]
+        refused = [g for g in got if g["type"] == "error"]
+        assert len(ready) == 3 and srv.scheduler.live == 3
+        assert all(g["code"] == 1013 and g["reason"] == "too_many_streams" for g in refused) and len(refused) == 3
+        for ws in conns:
+            await ws.close()
+        async with asyncio.timeout(TIMEOUT):
+            while srv.scheduler.live:
+                await asyncio.sleep(0.02)
+        client, _ = await stream_dna(srv.url, random_bases(20, seed=3), seed=4)  # the rows came back
+    assert client.results
+
+
 async def test_hostile_clients_and_a_failing_stream_leave_the_canary_exact(dna):
     bases = random_bases(100, seed=31).replace("N", "A")  # the canary sends no N
     start = json.dumps({"type": "start", "format": "text"})
