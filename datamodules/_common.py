@@ -243,7 +243,7 @@ class BaseDataModule(pl.LightningDataModule):
             shuffle=shuffle if sampler is None else False,
             generator=generator,
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),  # no GPU: nothing to pin for (torch warns)
             persistent_workers=self.num_workers > 0,
             drop_last=False,
             collate_fn=self.collate_fn,

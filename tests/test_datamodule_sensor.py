@@ -53,6 +53,16 @@ def test_forecast_windows_are_normalized_rows_shifted_by_one(table):
     assert torch.allclose(served, sample["inputs"], atol=1e-5)
 
 
+@pytest.mark.parametrize("cuda", [False, True])
+def test_pin_memory_only_where_a_gpu_can_use_it(table, monkeypatch, cuda):
+    """The full recipes ask for pinned memory (sized for a GPU); on a CPU-only host the loaders
+    do not pin, or torch warns 'no accelerator is found' for every loader of a CPU run."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    dm = make(table[0], pin_memory=True)
+    assert dm.train_dataloader().pin_memory is cuda and dm.val_dataloader().pin_memory is cuda
+    assert make(table[0], pin_memory=False).train_dataloader().pin_memory is False
+
+
 def test_splits_by_time_do_not_leak(table):
     path, _ = table
     dm = make(path, stride=8)
