@@ -100,9 +100,10 @@ def test_mulaw8_decoding_matches_g711_code_points():
     np.testing.assert_array_equal(pcm[0x80:], -pcm[:0x80])  # sign-symmetric
 
 
-async def test_mulaw8_stream_equals_offline_forward_of_decoded_audio(ckpts):
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_mulaw8_stream_equals_offline_forward_of_decoded_audio(ckpts, workers):
     codes = np.random.default_rng(5).integers(0, 256, 300).astype(np.uint8)
-    async with server(ckpts["mulaw"]) as srv:
+    async with server(ckpts["mulaw"], workers=workers) as srv:
         async with StreamClient(srv.url, format="mulaw8", sample_rate=8000, include=("scores",)) as c:
             assert c.ready["format"] == "mulaw8" and c.ready["resample"] is False
             with pytest.raises(DataFormatError, match="mu-law code bytes"):  # floats are not G.711 codes
@@ -140,9 +141,10 @@ async def _stream_audio(url, x: np.ndarray, rate: int, seed: int, **kw) -> tuple
     return c, summary
 
 
-async def test_44k_client_results_equal_offline_forward_of_the_recording_resampled_at_once(ckpts):
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_44k_client_results_equal_offline_forward_of_the_recording_resampled_at_once(ckpts, workers):
     x = tone(44100, 44100)  # 1 s
-    async with server(ckpts["float"]) as srv:
+    async with server(ckpts["float"], workers=workers) as srv:
         c, summary = await _stream_audio(srv.url, x, 44100, seed=7, results="binary")
     ready = c.ready
     assert (ready["sample_rate"], ready["model_sample_rate"], ready["resample"]) == (44100, 8000, True)
@@ -209,9 +211,10 @@ async def test_ping_keeps_a_silent_connection_alive_past_three_idle_timeouts(ckp
     assert code == 1008 and got["reason"] == "idle_timeout"
 
 
-async def test_reset_equals_a_fresh_stream_and_seq_continues(ckpts):
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_reset_equals_a_fresh_stream_and_seq_continues(ckpts, workers):
     first, second = "ACGTTGCAAC" * 3, "GGATCCNATT" * 2
-    async with server(ckpts["dna"]) as srv:
+    async with server(ckpts["dna"], workers=workers) as srv:
         for results in ("json", "binary"):
             async with StreamClient(srv.url, format="text", results=results) as c:
                 for a, b in cuts(len(first), 1, sizes=(1, 4, 9)):
@@ -331,10 +334,11 @@ def self_signed(tmp_path) -> tuple[str, str]:
     return str(cert_path), str(key_path)
 
 
-async def test_tls_round_trip_with_a_self_signed_certificate(ckpts, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_tls_round_trip_with_a_self_signed_certificate(ckpts, tmp_path, workers):
     cert, key = self_signed(tmp_path)
     bases = "ACGTNACGGT" * 4
-    async with server(ckpts["dna"], certfile=cert, keyfile=key) as srv:
+    async with server(ckpts["dna"], certfile=cert, keyfile=key, workers=workers) as srv:
         assert srv.url.startswith("wss://")
         trusting = ssl.create_default_context(cafile=cert)
         async with StreamClient(srv.url, format="text", ssl=trusting) as c:

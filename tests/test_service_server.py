@@ -28,6 +28,7 @@ from streamssm.encoding import Normalizer, encode_bases, mu_law_encode
 from streamssm.models import ModelConfig, SSMModel
 from streamssm.service.client import StreamClient
 from streamssm.service.sources import read_source, stream_source
+from streamssm.service.multiprocess import MultiProcessServer
 from streamssm.service.server import ServeConfig, StreamServer
 
 pytestmark = pytest.mark.timeout(60)
@@ -92,10 +93,12 @@ def random_cuts(n: int, seed: int, sizes=(1, 2, 3, 5, 8, 13)) -> list[tuple[int,
     return out
 
 
-def server(path, **kw) -> StreamServer:
+def server(path, **kw) -> StreamServer | MultiProcessServer:
+    """A server on a free port (``workers=N``: N worker processes and the engine here)."""
     kw.setdefault("port", 0)
     kw.setdefault("ping_interval", None)
-    return StreamServer(load_for_serving(path), ServeConfig(**kw))
+    cfg = ServeConfig(**kw)
+    return StreamServer(load_for_serving(path), cfg) if cfg.workers == 1 else MultiProcessServer(load_for_serving(path), cfg)
 
 
 async def stream_dna(url, bases, seed, **kw):
