@@ -204,6 +204,7 @@ def test_datamodules_check_their_input_files_without_reading_them(cls, args, mis
     ("serve", ["default: 8765)", "default: auto)", "default: 127.0.0.1)", "default: 64)", "default: 640)"]),
     ("infer", ["default: 8)", "default: auto)", "default: error)"]),
     ("stream", ["(default: ws://127.0.0.1:8765/)", "(default: 20.0)"]),
+    ("generate", ["(token LMs) (default: 1)", "greedy (default: 1.0)", "off (default: 0)", "random seed"]),
 ])
 def test_help_shows_defaults(command, shown, capsys):
     with pytest.raises(SystemExit):

@@ -113,11 +113,13 @@ def main(argv: list[str], prog: str = "streamssm generate") -> int:
     parser.add_argument("--prompt", required=True,
                         help="DNA bases, comma-separated token ids, a WAV file (audio) or a CSV/Parquet history (sensor)")
     parser.add_argument("--length", type=int, required=True, help="new tokens / samples / forecast steps")
-    parser.add_argument("--samples", type=int, default=1, help="samples drawn (token LMs)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
-    parser.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--samples", type=int, default=1, help="samples drawn (token LMs) (default: 1)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature, 0 = greedy (default: 1.0)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens, 0 = off (default: 0)")
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="sample within this probability mass (nucleus), 1.0 = off (default: 1.0)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="random seed: the same seed draws the same samples (default: none, a new draw each run)")
     parser.add_argument("--output", required=True, help=".fasta (DNA), .npy (token ids), .wav (audio), "
                                                           ".csv/.parquet (sensor); plots go beside it as .png")
     args = parser.parse_args(argv)
