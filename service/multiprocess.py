@@ -135,8 +135,12 @@ class MultiProcessServer:
     async def start(self) -> None:
         """Prepare the engine, then start the workers and wait until each listens."""
         await self.backend.start()
-        self._placeholder, self.port = reserve_port(self.config.host, self.config.port)
-        await asyncio.gather(*(self._spawn(i) for i in range(self.config.workers)))
+        try:
+            self._placeholder, self.port = reserve_port(self.config.host, self.config.port)
+            await asyncio.gather(*(self._spawn(i) for i in range(self.config.workers)))
+        except BaseException:
+            await self.stop()  # the workers that did start, and the engine thread
+            raise
         log.info("%d workers listening on %s (engine in process %s)", self.config.workers, self.url,
                  os.getpid())
 
@@ -227,6 +231,9 @@ class MultiProcessServer:
             await self._gone(worker)
 
     async def _gone(self, worker: _Worker) -> None:
+        """A worker's link ended: close its streams, release its tokens, reap it; start it again
+        if it had been serving (one that failed to start is the starter's to retry)."""
+        was_serving = worker.listening.done() and worker.listening.exception() is None
         if not worker.listening.done():
             worker.listening.set_exception(ConfigError(f"worker {worker.index} exited before listening"))
         for key in list(worker.relays):
@@ -236,7 +243,7 @@ class MultiProcessServer:
             self.tokens.release(token)
         worker.claims.clear()
         code = await worker.process.wait()
-        if self.workers.get(worker.index) is worker and not self._stopping:
+        if self.workers.get(worker.index) is worker and was_serving and not self._stopping:
             log.error("worker %d exited (code %s): its connections are lost; starting it again", worker.index, code)
             self.workers.pop(worker.index)
             task = asyncio.get_running_loop().create_task(self._respawn(worker.index))

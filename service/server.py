@@ -34,7 +34,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from streamssm.checkpoint import ServingBundle
-from streamssm.errors import ProtocolError, StateError
+from streamssm.errors import ConfigError, ProtocolError, StateError
 from streamssm.state import read_state_metadata
 
 from . import static
@@ -111,7 +111,11 @@ class StreamServer:
         ssl_ctx = None
         if cfg.certfile:
             ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            ssl_ctx.load_cert_chain(cfg.certfile, cfg.keyfile)
+            try:
+                ssl_ctx.load_cert_chain(cfg.certfile, cfg.keyfile)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"TLS: cannot load certfile {cfg.certfile!r} with keyfile {cfg.keyfile!r}: "
+                                  f"{exc}") from exc
         self._server = await serve(
             self._handler, cfg.host, cfg.port, process_request=self._process_request,
             max_size=2 * cfg.max_frame_bytes, compression=None, ping_interval=cfg.ping_interval,

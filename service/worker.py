@@ -19,6 +19,7 @@ import sys
 import torch
 
 from streamssm.commands.serve import event_loop_factory
+from streamssm.errors import ConfigError
 
 from .config import ServeConfig
 from .link import Link
@@ -28,7 +29,8 @@ from .server import StreamServer
 log = logging.getLogger(__name__)
 
 
-async def run_worker(sock: socket.socket) -> None:
+async def run_worker(sock: socket.socket) -> bool:
+    """Serve until stopped; False when the server could not start (the engine was told why)."""
     link = await Link.over(sock)
     messages = link.messages()
     _, index, settings, bundle, key, level = await anext(messages)  # the hello
@@ -59,10 +61,11 @@ async def run_worker(sock: socket.socket) -> None:
     reader = asyncio.get_running_loop().create_task(pump())
     try:
         await server.start()
-    except OSError as exc:
-        link.send("failed", f"cannot listen on {cfg.host}:{cfg.port}: {exc}")
+    except (OSError, ConfigError) as exc:  # the engine says why (and exits or retries)
+        link.send("failed", f"could not start serving on {cfg.host}:{cfg.port}: {exc}")
+        await server.stop()
         await link.close()
-        raise
+        return False
     link.send("listening", server.port)
     log.debug("listening on %s", server.url)
     try:
@@ -71,14 +74,14 @@ async def run_worker(sock: socket.socket) -> None:
         await server.stop()  # closes its streams with 1012: parked through the engine (link still up)
         await link.close()
         reader.cancel()
+    return True
 
 
 def main(argv: list[str]) -> int:
     fd, loop_name = int(argv[0]), argv[1]
     sock = socket.socket(fileno=fd)
     with asyncio.Runner(loop_factory=event_loop_factory(loop_name)) as runner:
-        runner.run(run_worker(sock))
-    return 0
+        return 0 if runner.run(run_worker(sock)) else 1
 
 
 if __name__ == "__main__":

@@ -29,12 +29,14 @@ from test_service_server import (
     random_bases,
     random_cuts,
     read_error,
+    server,
     stream_dna,
 )
 from websockets.asyncio.client import connect
 
 from streamssm.checkpoint import load_for_serving
 from streamssm.encoding import encode_bases
+from streamssm.errors import ConfigError
 from streamssm.models import ModelConfig
 
 pytestmark = pytest.mark.timeout(120)
@@ -131,6 +133,30 @@ async def test_a_killed_worker_loses_only_its_streams_and_comes_back(dna):
             await v.close()
     assert_exact(dna, bases, canary)
     assert after.results
+
+
+async def test_a_server_that_cannot_start_says_why_and_leaves_nothing_running(dna, tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        srv = workers(dna, port=taken.getsockname()[1])
+        with pytest.raises(OSError):  # the port is in use (serve: a ConfigError saying so)
+            await srv.start()
+    assert not srv.workers and srv.scheduler._task is None
+    tls = dict(certfile=str(tmp_path / "missing.pem"), keyfile=str(tmp_path / "missing.key"))
+    one = server(dna, **tls)
+    with pytest.raises(ConfigError, match="TLS: cannot load certfile .*missing.pem"):
+        await one.start()
+    await one.stop()
+    srv = workers(dna, **tls)
+    with pytest.raises(ConfigError, match="worker .*could not start serving.*TLS: cannot load certfile .*missing.pem"):
+        await srv.start()
+    assert srv.scheduler._task is None
+    async with asyncio.timeout(TIMEOUT):  # the workers that failed are gone
+        while any(w.process.returncode is None for w in srv.workers.values()):
+            await asyncio.sleep(0.05)
 
 
 async def test_max_streams_holds_across_workers(dna):

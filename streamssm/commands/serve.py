@@ -79,9 +79,9 @@ async def serve_until_signal(bundle: ServingBundle, config: ServeConfig, event_l
     server = MultiProcessServer(bundle, config, event_loop) if config.workers > 1 else StreamServer(bundle, config)
     try:
         await server.start()
-    except OSError as exc:
+    except BaseException as exc:
         await server.stop()
-        if exc.errno == errno.EADDRINUSE:
+        if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
             raise ConfigError(f"port {config.port} is in use; pick another with --port") from exc
         raise
     try:
