@@ -25,7 +25,7 @@ from streamssm.errors import ConfigError, StreamSSMError
 #: A new command is a module in streamssm/commands/ with ``main(argv, prog) -> int`` and a row here.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("demo", "train, serve, stream and batch-infer a tiny model on built-in data, with plots"),
-    "info": ("info", "show versions, devices and which kernel backends run here"),
+    "info": ("info", "a model file's card (config, serving spec, size, fingerprint), or versions, devices and kernel backends"),
     "serve": ("serve", "serve a checkpoint over websockets to many concurrent streams"),
     "stream": ("stream", "stream a WAV/CSV/FASTA file to a running server and save the results"),
     "infer": ("infer", "run a checkpoint over zarr arrays (chunked, resumable, multi-device)"),
@@ -33,9 +33,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("fit", "evaluate a checkpoint on the validation split of a recipe"),
     "test": ("fit", "evaluate a checkpoint on the test split of a recipe"),
     "predict": ("fit", "run a trained model over a recipe's predict data"),
-    "export": ("export", "write a training checkpoint as one .safetensors file for serving"),
+    "export": ("export", "write a training checkpoint for serving: one .safetensors file, a Hugging Face folder or ONNX"),
     "import": ("import_weights", "convert a local pretrained Mamba / Mamba-2 folder to a .safetensors model"),
-    "generate": ("generate", "sample continuations of a prompt from a token language model"),
+    "generate": ("generate", "continue a prompt (DNA, audio, sensor series or token ids) with a trained model"),
     "make-data": ("make_data", "write the generated data the tiny recipes train on (runs/data/)"),
 }
 
