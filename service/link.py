@@ -15,7 +15,7 @@ import pickle
 import socket
 import struct
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, NoReturn
 
 from streamssm.errors import ProtocolError, StateError
 
@@ -35,7 +35,7 @@ def error_tuple(exc: BaseException) -> tuple:
     return ("other", f"{type(exc).__name__}: {exc}")
 
 
-def raise_error(error: tuple) -> None:
+def raise_error(error: tuple) -> NoReturn:
     kind, message = error[0], error[1]
     if kind == "protocol":
         raise ProtocolError(message, error[2], error[3])

@@ -32,6 +32,7 @@ import torch
 
 from streamssm.checkpoint import ServingBundle
 from streamssm.errors import ConfigError, StateError
+from streamssm.inference import ChunkResult
 
 from .backend import LocalBackend
 from .codec import ModelCodec
@@ -53,7 +54,7 @@ class _Relay:
         self.link, self.key, self.scheduler = link, key, scheduler
         self.sid = -1
 
-    def part(self, chunk: Chunk, result: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
+    def part(self, chunk: Chunk, result: ChunkResult) -> tuple[np.ndarray | None, np.ndarray | None]:
         """One model call's slice of the chunk: its raw (outputs, scores), encoded in the worker."""
         return (None if result.outputs is None else result.outputs.numpy(),
                 None if result.scores is None else result.scores.numpy())

@@ -57,6 +57,7 @@ from .protocol import (
     parse_start,
     result_bytes,
 )
+from .remote import WorkerBackend
 from .resume import Parked, owner_of
 from .session import Session, resume_settings
 
@@ -84,8 +85,8 @@ class StreamServer:
     Its sessions see it as a :class:`~streamssm.service.session.SessionHost`: ``config``,
     ``bundle``, ``codec``, ``scheduler``, ``store`` and :meth:`remember_failure`."""
 
-    def __init__(self, bundle: ServingBundle, config: ServeConfig | None = None, backend=None,
-                 reuse_port: bool = False):
+    def __init__(self, bundle: ServingBundle, config: ServeConfig | None = None,
+                 backend: LocalBackend | WorkerBackend | None = None, reuse_port: bool = False):
         self.config = config or ServeConfig()
         cfg = self.config
         self.bundle = bundle
