@@ -76,14 +76,15 @@ def time_training(arch: str, length: int, batch: int, mode: str, args) -> tuple[
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--configs", default="mamba:256:4,mamba2:256:4,mamba3:256:4,hybrid:256:4")
-    p.add_argument("--d-model", type=int, default=64)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--configs", default="mamba:256:4,mamba2:256:4,mamba3:256:4,hybrid:256:4",
+                   help="comma-separated arch:length:batch (arch: mamba, mamba2, mamba3, hybrid)")
+    p.add_argument("--d-model", type=int, default=64, help="model width")
+    p.add_argument("--layers", type=int, default=2, help="blocks")
+    p.add_argument("--steps", type=int, default=10, help="timed training steps (median reported)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (a compiled mode compiles in the first)")
     p.add_argument("--modes", default="eager,inductor", help="eager and torch.compile backends")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--out", default=None, help="also write the table to this markdown file")
     args = p.parse_args()
     table = Table(["config", "mode", "first step s", "ms/step", "tokens/s", "speedup"])
     for spec in args.configs.split(","):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session for the conv1d and Mamba-1 scan kernels (issue 25): GPU tests, then benchmarks.
 #
-#     bash benchmarks/gpu_kernels_session.sh            # under 6 min on an H100/H200 (limits 50+90+70+40+100 s)
+#     bash benchmarks/gpu_kernels_session.sh            # under 8 min on an H100/H200 (limits 150+90+70+40+100 s)
 #     MAMBA=1 bash benchmarks/gpu_kernels_session.sh    # + mamba-ssm's CUDA scan (builds it: ~4 min more)
 #
 # Run from the repository root with streamssm importable (pip install -e . or PYTHONPATH). The
@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 export TRITON_INTERPRET=0
 OUT=${OUT:-$(mktemp -d)}
 OLD_DIR=${OLD_DIR:-.peers/old_kernels}
-OLD_CONV_REV=${OLD_CONV_REV:-a078773~1}
+OLD_CONV_REV=${OLD_CONV_REV:-7db386b~1}  # the conv1d before the one-pass backward (2026-12-05)
 OLD_SCAN_REV=${OLD_SCAN_REV:-6cac510~1}
 mkdir -p "$OUT"
 if git rev-parse --git-dir >/dev/null 2>&1; then
@@ -31,7 +31,7 @@ peers=none
 scan_limit=$([ "${MAMBA:-0}" = 1 ] && echo 370 || echo 100)
 
 echo "== GPU tests: conv1d and Mamba-1 scan kernels vs float64 references (first calls compile and tune)"
-timeout 50 python -m pytest -q -p no:randomly -m gpu tests/test_conv1d_kernel.py 2>&1 | tail -n 15 | tee "$OUT/tests.txt"
+timeout 150 python -m pytest -q -p no:randomly -m gpu tests/test_conv1d_kernel.py -k "not int32 and not grid_axis" 2>&1 | tail -n 15 | tee "$OUT/tests.txt"
 timeout 90 python -m pytest -q -p no:randomly -m gpu tests/test_selective_scan_kernel.py 2>&1 | tail -n 15 \
     | tee -a "$OUT/tests.txt"
 
