@@ -11,7 +11,9 @@
 - :func:`quiet_lightning`: targeted filters for third-party messages that every run printed and
   that say nothing about the run: Lightning's ``💡 Tip`` advertisements, its own use of torch's
   deprecated ``LeafSpec`` (FutureWarning), and the predict loop's note that it cannot infer batch
-  indices (the zarr writer does not use them). Installed when :mod:`streamssm.tasks` is imported.
+  indices (the zarr writer does not use them), and the zero-length note on the empty validation
+  list a datamodule returns when there is no validation split. Installed when
+  :mod:`streamssm.tasks` is imported.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ LIGHTNING_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, r"lightning\.pytorch\.utilities\._pytree"),
     (r"Couldn't infer the batch indices fetched from your dataloader", UserWarning,
      r"lightning\.pytorch\.loops\.prediction_loop"),
+    # an empty list is how our datamodules say "no validation" (val_fraction 0, no val_path)
+    (r"Total length of `list` across ranks is zero\.", UserWarning, r""),
 )
 #: the loggers Lightning's rank-zero messages (tips included) go through: the last of the two
 #: modules imported points ``lightning_utilities``' rank-zero functions at its own

@@ -362,3 +362,23 @@ def test_training_curve_title_names_run_and_task_and_axes_state_units(tmp_path):
     fc = _metrics_dir(tmp_path / "fc", "epoch,step,train/loss,train/mse,train/mae", ["0,1,0.5,0.5,0.6"], "Forecaster")
     assert training_curve_figure(fc).axes[0].get_ylabel() == "MSE (training targets)"
     assert training_curve_figure(fc, title="mine").axes[0].get_title() == "mine"
+
+
+def test_the_empty_validation_list_is_not_warned_about_but_other_empty_loaders_are():
+    """With val_fraction 0 a datamodule returns [] (no validation): Lightning's zero-length note
+    on it says nothing; a zero-length DataLoader still gets it (that may be a mistake)."""
+    import warnings
+
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+    from lightning.pytorch.utilities.data import has_len_all_ranks
+    from torch.utils.data import DataLoader
+
+    from streamssm.lightning_ui import quiet_lightning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_lightning()
+        strategy = SingleDeviceStrategy(device="cpu")
+        has_len_all_ranks([], strategy)
+        has_len_all_ranks(DataLoader([]), strategy)
+    assert [str(w.message).split(" across")[0] for w in caught] == ["Total length of `DataLoader`"]
