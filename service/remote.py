@@ -32,7 +32,7 @@ from .link import Link, LinkClosed
 from .metrics import ServiceMetrics
 from .protocol import SERVICE_RESTART
 from .resume import Parked, TokenMint
-from .scheduler import Chunk, Deliver, Encoder, OnError, QueueSlots
+from .scheduler import Chunk, Deliver, Encoder, OnError, QueueSlots, StreamQueues
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def remote_exception(name: str, message: str) -> Exception:
     return type(name, (RuntimeError,), {})(message)
 
 
-class RemoteScheduler:
+class RemoteScheduler(StreamQueues):
     """The :class:`~streamssm.service.scheduler.Scheduler` interface over a link. Stream ids
     are this worker's keys (a reset keeps its key; the engine maps keys to pool rows)."""
 
@@ -84,32 +84,10 @@ class RemoteScheduler:
         self._streams[key] = _RemoteStream(encoder, deliver, on_error, QueueSlots(self.queue_depth))
         return key
 
-    def _get(self, key: int) -> _RemoteStream:
-        try:
-            return self._streams[key]
-        except KeyError:
-            raise StateError(f"unknown stream id {key}") from None
-
     async def submit(self, key: int, chunk: Chunk) -> None:
-        stream = self._get(key)
-        await stream.slots.acquire()
-        if stream.closing or stream.failed:
-            stream.slots.answered()
-            raise StateError(f"stream {key} is closing")
+        stream = await self._take_slot(key)
         stream.waiting[chunk.seq] = chunk
         self.link.send("submit", key, chunk.seq, chunk.start, chunk.x.numpy(), chunk.received)
-
-    def done(self, key: int) -> None:
-        stream = self._streams.get(key)
-        if stream is not None:
-            stream.slots.answered()
-
-    def unanswered(self, key: int) -> int:
-        stream = self._streams.get(key)
-        return 0 if stream is None else stream.slots.unanswered
-
-    async def drain(self, key: int) -> None:
-        await self._get(key).slots.drain()
 
     async def reset(self, key: int, computed: int) -> int:
         stream = self._get(key)

@@ -128,7 +128,46 @@ class _Stream:
         return sum(c.n for c in self.pending) - (self.pending[0].taken if self.pending else 0)
 
 
-class Scheduler:
+class StreamQueues:
+    """Streams by id, each with its :class:`QueueSlots`: the queue calls the sessions make, the
+    same on a :class:`Scheduler` and on a worker's
+    :class:`~streamssm.service.remote.RemoteScheduler`."""
+
+    _streams: dict[int, Any]  # id -> a stream with ``slots``
+
+    def _get(self, sid: int) -> Any:
+        try:
+            return self._streams[sid]
+        except KeyError:
+            raise StateError(f"unknown stream id {sid}") from None
+
+    async def _take_slot(self, sid: int) -> Any:
+        """Wait for a free queue slot of ``sid`` and take it; StateError when the stream is
+        closing or failed (also when that happened while it waited)."""
+        stream = self._get(sid)
+        await stream.slots.acquire()
+        if stream.closing or stream.failed:
+            stream.slots.answered()
+            raise StateError(f"stream {sid} is closing")
+        return stream
+
+    def done(self, sid: int) -> None:
+        """The result of one chunk of ``sid`` was sent (or dropped): free its queue slot."""
+        stream = self._streams.get(sid)
+        if stream is not None:
+            stream.slots.answered()
+
+    def unanswered(self, sid: int) -> int:
+        """Chunks of ``sid`` submitted whose results are not sent yet (0 for unknown streams)."""
+        stream = self._streams.get(sid)
+        return 0 if stream is None else stream.slots.unanswered
+
+    async def drain(self, sid: int) -> None:
+        """Wait until every submitted chunk of ``sid`` has been answered and sent."""
+        await self._get(sid).slots.drain()
+
+
+class Scheduler(StreamQueues):
     """Batches all live streams of one :class:`~streamssm.inference.Streamer`.
 
     ``slice_samples`` bounds the samples one stream contributes to one model call.
@@ -214,28 +253,9 @@ class Scheduler:
 
     async def submit(self, sid: int, chunk: Chunk) -> None:
         """Queue one chunk; waits while the stream already has ``queue_depth`` unanswered chunks."""
-        stream = self._get(sid)
-        await stream.slots.acquire()
-        if stream.closing or stream.failed:  # closed while we waited
-            stream.slots.answered()
-            raise StateError(f"stream {sid} is closing")
+        stream = await self._take_slot(sid)
         stream.pending.append(chunk)
         self._wakeup.set()
-
-    def done(self, sid: int) -> None:
-        """The result of one chunk of ``sid`` was sent (or dropped): free its queue slot."""
-        stream = self._streams.get(sid)
-        if stream is not None:
-            stream.slots.answered()
-
-    def unanswered(self, sid: int) -> int:
-        """Chunks of ``sid`` submitted whose results are not sent yet (0 for unknown streams)."""
-        stream = self._streams.get(sid)
-        return 0 if stream is None else stream.slots.unanswered
-
-    async def drain(self, sid: int) -> None:
-        """Wait until every submitted chunk of ``sid`` has been answered and sent."""
-        await self._get(sid).slots.drain()
 
     async def reset(self, sid: int, computed: int) -> int:
         """Zero the state of ``sid`` (its pool row closed and opened again, between two model
@@ -293,12 +313,6 @@ class Scheduler:
         if stream is None or stream.partial or stream.failed:
             return None
         return (self.streamer.snapshot(sid), *stream.computed)
-
-    def _get(self, sid: int) -> _Stream:
-        try:
-            return self._streams[sid]
-        except KeyError:
-            raise StateError(f"unknown stream id {sid}") from None
 
     # ------------------------------------------------------------------ the engine loop
 

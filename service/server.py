@@ -83,7 +83,8 @@ class StreamServer:
     with the model in this process; a ``serve --workers`` worker passes its link to the engine
     process, and ``reuse_port`` so that all workers listen on one port).
     Its sessions see it as a :class:`~streamssm.service.session.SessionHost`: ``config``,
-    ``bundle``, ``codec``, ``scheduler``, ``store`` and :meth:`remember_failure`."""
+    ``bundle``, ``codec``, ``scheduler``, ``store``, :meth:`sample_result_bytes` and
+    :meth:`remember_failure`."""
 
     def __init__(self, bundle: ServingBundle, config: ServeConfig | None = None,
                  backend: LocalBackend | WorkerBackend | None = None, reuse_port: bool = False):
@@ -226,18 +227,25 @@ class StreamServer:
 
     # -- websocket -------------------------------------------------------------------------------
 
+    @property
+    def _scored(self) -> bool:
+        """Whether results carry LM scores (a token language model)."""
+        cfg = self.bundle.config
+        return cfg.head == "lm" and cfg.input_kind == "tokens"
+
+    def sample_result_bytes(self, start: Start) -> int:
+        """Wire bytes of one sample's result for this stream's settings (results grow linearly)."""
+        return result_bytes(1, self.codec.output_dim, self._scored, start)
+
     def _needs_outputs(self, start: Start) -> bool:
         """Whether the stream's results need ChunkResult.outputs: False only for a token lm whose
         client asked for scores alone (the Streamer then copies no (n, o) distribution)."""
-        cfg = self.bundle.config
-        return "outputs" in start.include or cfg.head != "lm" or cfg.input_kind != "tokens"
+        return "outputs" in start.include or not self._scored
 
     def _slice_samples(self, start: Start) -> int:
         """Samples of this stream per model call: ``slice_samples``, fewer when each sample has
         more than 16 result values to compute and encode (a 256-way LM's JSON outputs)."""
-        cfg = self.bundle.config
-        scored = cfg.head == "lm" and cfg.input_kind == "tokens"
-        values = result_bytes(1, self.codec.output_dim, scored, start) // RESULT_VALUE_BYTES[start.results]
+        values = self.sample_result_bytes(start) // RESULT_VALUE_BYTES[start.results]
         budget = self.config.slice_samples * _VALUES_PER_SLICE_SAMPLE
         return max(1, min(self.config.slice_samples, budget // max(1, values)))
 

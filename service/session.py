@@ -46,7 +46,6 @@ from .protocol import (
     parse_control,
     parse_ping,
     ready_message,
-    result_bytes,
     result_piece,
 )
 from .resume import Parked, ResumeStore
@@ -59,13 +58,17 @@ _THREAD_DECODE_BYTES = 1 << 16  # frames at least this big are decoded off the e
 
 class SessionHost(Protocol):
     """What a session uses of its server: the loaded model and its settings, the shared
-    scheduler and resume store, and one call."""
+    scheduler and resume store, and two calls."""
 
     config: ServeConfig
     bundle: ServingBundle
     codec: ModelCodec
     scheduler: Scheduler
     store: ResumeStore
+
+    def sample_result_bytes(self, start: Start) -> int:
+        """Wire bytes of one sample's result for a stream started with ``start``."""
+        ...
 
     def remember_failure(self, token: str, exc: BaseException) -> None:
         """Record why the stream of ``token`` failed (its resume is refused with that reason)."""
@@ -90,8 +93,7 @@ class Session:
         self.replay: deque[tuple[int, str | bytes]] = deque(parked.replay if parked else ())
         self.replay_size = sum(len(m) for _, m in self.replay)
         self.resampler = server.codec.resampler(start)
-        scored = server.bundle.config.head == "lm" and server.bundle.config.input_kind == "tokens"
-        self._sample_result_bytes = result_bytes(1, server.codec.output_dim, scored, start)  # per sample: linear
+        self._sample_result_bytes = server.sample_result_bytes(start)
         self.resets: set[int] = set()  # seqs of resets in progress (their results are marked)
         self.resetting = False  # no write-ahead while a reset is between its result and the zeroing
         self.progress = asyncio.Event()  # set whenever done_seq grows
