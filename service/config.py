@@ -36,6 +36,8 @@ class ServeConfig:
     token: str | None = _option(None, "require 'Authorization: Bearer TOKEN' (or set STREAMSSM_TOKEN); "
                                       "null: no auth ('' is refused)")
     max_streams: int = _option(64, "concurrent streams (state pool size)")
+    max_pending: int = _option(256, "connections per process not yet streaming (handshakes, waiting for start); "
+                                    "past this the oldest is dropped, so idle sockets cannot lock clients out")
     max_frame_bytes: int = _option(1 << 20, "largest data frame accepted")
     max_result_bytes: int = _option(16 << 20, "largest result of one frame (protocol.result_bytes)")
     replay_bytes: int = _option(16 << 20, "unacknowledged results kept per stream for resume")
@@ -70,7 +72,7 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        positive = {"max_streams": 1, "max_frame_bytes": 64, "max_result_bytes": 1024, "replay_bytes": 0,
+        positive = {"max_streams": 1, "max_pending": 1, "max_frame_bytes": 64, "max_result_bytes": 1024, "replay_bytes": 0,
                     "slice_samples": 1, "queue_depth": 1, "workers": 1, "max_parked": 1, "max_parked_bytes": 1}
         for name, least in positive.items():
             if getattr(self, name) < least:

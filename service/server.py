@@ -38,6 +38,7 @@ from streamssm.errors import ConfigError, ProtocolError, StateError
 from streamssm.state import read_state_metadata
 
 from . import static
+from .admission import PendingConnections, raise_open_file_limit
 from .backend import LocalBackend
 from .codec import ModelCodec
 from .config import ServeConfig
@@ -101,6 +102,7 @@ class StreamServer:
         self._live: dict[str, Session] = {}  # resume token -> live session (of this process)
         self._tasks: list[asyncio.Task] = []
         self._owner = owner_of(cfg.token)
+        self.pending = PendingConnections(cfg.max_pending, on_drop=lambda: self.metrics.reject("pending_limit"))
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -110,6 +112,7 @@ class StreamServer:
             log.warning("serving on %s without --token: anyone who reaches this port can stream "
                         "(and read the scores); set --token and TLS", cfg.host)
         await self.backend.start()
+        raise_open_file_limit(cfg.max_pending + cfg.max_streams)
         ssl_ctx = None
         if cfg.certfile:
             ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -122,7 +125,7 @@ class StreamServer:
             self._handler, cfg.host, cfg.port, process_request=self._process_request,
             max_size=2 * cfg.max_frame_bytes, compression=None, ping_interval=cfg.ping_interval,
             ping_timeout=cfg.ping_interval, ssl=ssl_ctx, select_subprotocol=static.select_subprotocol,
-            reuse_port=self._reuse_port,
+            reuse_port=self._reuse_port, create_connection=self.pending.connection_class(),
         )
         loop = asyncio.get_running_loop()
         if self.store.enabled:
@@ -283,6 +286,7 @@ class StreamServer:
                 raise ProtocolError("start message too big", MESSAGE_TOO_BIG, "frame_too_big")
             start = parse_start(parse_control(first), self.codec.spec)
             session, resumed = await self._open(ws, start)  # registered: freed in finally, whatever happens
+            self.pending.discard(ws)
             try:
                 async with asyncio.timeout(self.config.idle_timeout):
                     await session.greet(start.ack, resumed)

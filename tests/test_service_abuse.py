@@ -6,7 +6,9 @@ wall-clock bounds (those are in benchmarks/bench_abuse.py)."""
 import asyncio
 import json
 import math
+import os
 import random
+import resource
 import socket
 import stat
 
@@ -21,6 +23,7 @@ from streamssm.checkpoint import export_safetensors, load_for_serving
 from streamssm.encoding import encode_bases
 from streamssm.errors import ConfigError
 from streamssm.models import ModelConfig, SSMModel
+from streamssm.service.admission import FILES_BESIDE_SOCKETS, raise_open_file_limit
 from streamssm.service.client import StreamClient
 from streamssm.service.server import ServeConfig, StreamServer
 from test_service_server import read_error
@@ -128,6 +131,49 @@ async def test_clients_that_abort_around_ready_or_mid_frame_leak_no_slot(ckpts):
         c, _ = await canary(srv.url, text)
         assert srv.scheduler.live == 0 and srv.streamer.live == 0
     assert_exact(ckpts["dna"], c, text)
+
+
+async def test_a_flood_of_idle_connections_cannot_lock_out_a_stream(ckpts):
+    """Sockets that never start a stream (raw TCP, or a websocket that sends nothing) beside a
+    canary, under a small open-file limit: before the pending cap they took every descriptor and
+    the canary's connection was never accepted; now the oldest pending ones are dropped."""
+    text = bases(60, seed=11)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    async with server(ckpts["dna"], max_pending=8, max_streams=4) as srv:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 200, hard))
+        raw, idle = [], []
+        try:
+            for _ in range(150):  # 150 client sockets here + 150 server sides > the 200 left
+                raw.append(await asyncio.open_connection("127.0.0.1", srv.port))
+            for _ in range(5):  # handshake done, no start
+                idle.append(await connect(srv.url))
+            c, _ = await asyncio.wait_for(canary(srv.url, text), TIMEOUT)
+            assert_exact(ckpts["dna"], c, text)
+            assert len(srv.pending) <= 8
+            dropped = 0
+            for reader, _ in raw:
+                dropped += await asyncio.wait_for(reader.read(1), TIMEOUT) == b""
+            assert dropped >= 150 - 8
+            metrics = srv.metrics.render().decode()
+            assert 'streamssm_rejected_total{reason="pending_limit"}' in metrics
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            for _, writer in raw:
+                writer.close()
+            for ws in idle:
+                await ws.close()
+
+
+def test_the_open_file_limit_is_raised_for_the_sockets_a_server_may_hold():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = len(os.listdir("/proc/self/fd")) + 10
+    resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+    try:
+        got = raise_open_file_limit(1000)
+        assert got == resource.getrlimit(resource.RLIMIT_NOFILE)[0] == min(1000 + FILES_BESIDE_SOCKETS, hard)
+        assert raise_open_file_limit(10) == got  # never lowered
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 async def test_open_cancelled_while_the_worker_opens_the_row_frees_it(ckpts):
