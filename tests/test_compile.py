@@ -142,6 +142,23 @@ def test_traced_mamba1_scan_matches_adaptive_pieces_under_huge_decays():
             assert_close(f"grad {name} scale {scale}", a, c, torch.float32)
 
 
+def test_traced_mamba1_scan_has_no_cumsum_over_its_pieces_decay_matrices():
+    """Inductor's C++ backend runs a cumsum as an ATen call: one over the pieces' (t, t) decay
+    matrices (piece x the scan's values) was ~45 % of a compiled Mamba training step on CPU
+    (issue 19). With fewer pieces than steps per piece, no traced cumsum is larger than the
+    per-step log-decays (b, d, n, l)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from streamssm.kernels.mamba1.chunked_torch import _scan_fixed_pieces
+
+    b, g, e, n, l, piece = 1, 1, 4, 3, 32, 8
+    leaves = [torch.rand(b, g, e, l), torch.randn(b, g, e, l), -torch.rand(g, e, n, 1), torch.randn(b, g, n, l),
+              torch.randn(b, g, n, l), torch.randn(b, g, e, n)]
+    graph = make_fx(lambda *t: _scan_fixed_pieces(*t, piece=piece))(*leaves).graph
+    sizes = [node.args[0].meta["val"].numel() for node in graph.nodes if node.target == torch.ops.aten.cumsum.default]
+    assert sizes and max(sizes) <= b * g * e * n * l, sizes
+
+
 @pytest.mark.slow  # inductor's C++ compile: minutes on a busy 2-core CPU
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
 def test_inductor_training_and_step_match_eager():
