@@ -17,8 +17,9 @@ must build a shared library); without one, ``resolve_engine`` logs a warning nam
 and the Streamer runs ``eager``. Compiling happens at the first call of each new kind of shape,
 or up front (``Streamer.capture``, ``streamssm serve --prepare``: every program a call of up to
 the pool's streams x :data:`PREPARE_MAX` samples needs, on the pool's scratch row so no stream's
-state is touched). After that, nothing compiles: a call no program covers runs eagerly (logged
-once) rather than stalling the caller for a compile (issue 19: 69 s in a server's hot path).
+state is touched). A longer segment runs as consecutive calls of at most PREPARE_MAX samples
+through the same programs. After that, nothing compiles: a call no program covers runs eagerly
+(logged once) rather than stalling the caller for a compile (issue 19: 69 s in a server's hot path).
 Outputs and states equal the eager engine's to fp32 tolerance (tests/test_compiled_cpu.py).
 """
 
@@ -39,8 +40,9 @@ from streamssm.state import ModelState
 
 log = logging.getLogger(__name__)
 
-#: :meth:`CompiledCalls.prepare` covers segments of 1..PREPARE_MAX samples (the service's slice,
-#: ServeConfig.slice_samples); a longer one after prepare runs eagerly unless it shares a program
+#: :meth:`CompiledCalls.prepare` compiles the programs of segments of 1..PREPARE_MAX samples; a
+#: longer segment runs as consecutive calls of at most PREPARE_MAX (a multiple of the SSD chunk
+#: size keeps the unsplit call's chunk boundaries)
 PREPARE_MAX = 256
 #: programs one CompiledCalls may compile (torch's default, 8, is fewer than the kinds of shape:
 #: the SSD compiles two per chunk count, times the stream counts that change a conv backend)
@@ -112,7 +114,19 @@ class CompiledCalls(EagerCalls):
         self._fell_back = False
 
     def __call__(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """x (b, l[, c]), rows (b,) -> raw outputs (b, l, o) (a new tensor)."""
+        """x (b, l[, c]), rows (b,) -> raw outputs (b, l, o) (a new tensor). A segment longer than
+        :data:`PREPARE_MAX` runs as consecutive calls of at most PREPARE_MAX samples (the pool
+        carries each stream's state from one to the next, as between a stream's chunks), so the
+        prepared programs cover every length (issue 19: the service's slices of up to 640 samples
+        ran eagerly, each call after a failed guard check, slower than the eager engine)."""
+        length = x.shape[1]
+        if length > PREPARE_MAX:
+            return torch.cat([self._segment(x[:, start:start + PREPARE_MAX], rows)
+                              for start in range(0, length, PREPARE_MAX)], dim=1)
+        return self._segment(x, rows)
+
+    def _segment(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """x (b, l[, c]) with l <= PREPARE_MAX, rows (b,) -> raw outputs (b, l, o)."""
         b = x.shape[0]
         if b == 1:  # torch specializes a size of 1: one stream runs as two, the second on the scratch row
             x = torch.cat([x, x.new_zeros(x.shape)])

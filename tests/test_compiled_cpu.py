@@ -81,19 +81,27 @@ def serve_like(streamer: Streamer, shapes: list[tuple[int, int]], seed: int) -> 
 @pytest.mark.slow  # inductor's C++ compile of ~5 programs
 def test_after_prepare_no_call_compiles(monkeypatch, caplog):
     """Issue 19: a served call of a shape the prepared programs missed compiled in the hot path
-    (69 s). After prepare, no call of 1..capacity streams x 1..PREPARE_MAX samples compiles, and a
-    longer one runs eagerly (logged once) instead of compiling; outputs equal eager's."""
+    (69 s). After prepare, no call of 1..capacity streams compiles: up to PREPARE_MAX samples it
+    runs a prepared program, a longer one runs as consecutive segments of at most PREPARE_MAX
+    through them (the service's 640-sample slices used to run eagerly after a failed guard check,
+    slower than the eager engine), and a call that no program covers anyway runs eagerly (logged
+    once) instead of compiling; outputs equal eager's."""
     monkeypatch.setattr(compiled_cpu, "PREPARE_MAX", 8)  # chunk_size 4: lengths 1, 2-3, 4, 5-7, 8
     eager = Streamer(tiny("mamba2-lm"), capacity=3)
     compiled = Streamer(tiny("mamba2-lm"), capacity=3, engine="compiled")
     assert compiled.capture() > 0
     graphs = compiled_graphs()
     shapes = [(b, n) for b in (1, 2, 3) for n in (1, 8, 6, 3, 2, 5, 4, 7)] + [(2, 1), (1, 6)]
-    assert_same(serve_like(eager, shapes, seed=1), serve_like(compiled, shapes, seed=1))
-    assert compiled_graphs() == graphs, "a call after prepare compiled a new program"
     with caplog.at_level(logging.WARNING, logger="streamssm.compiled_cpu"):
-        longer = [(3, 9), (2, 13), (1, 9)]  # 3 chunks and more: no program prepared
+        assert_same(serve_like(eager, shapes, seed=1), serve_like(compiled, shapes, seed=1))
+        longer = [(3, 9), (2, 13), (1, 9), (3, 24)]  # segments 8 + 1, 8 + 5, 8 + 8 + 8
         assert_same(serve_like(eager, longer, seed=2), serve_like(compiled, longer, seed=2))
+    assert compiled_graphs() == graphs, "a call after prepare compiled a new program"
+    assert "run eagerly" not in caplog.text
+    monkeypatch.setattr(compiled_cpu, "PREPARE_MAX", 16)  # 9..16 samples: one segment, no program
+    with caplog.at_level(logging.WARNING, logger="streamssm.compiled_cpu"):
+        uncovered = [(3, 9), (2, 13), (1, 9)]
+        assert_same(serve_like(eager, uncovered, seed=3), serve_like(compiled, uncovered, seed=3))
     assert compiled_graphs() == graphs, "a call after prepare compiled a new program"
     assert caplog.text.count("run eagerly") == 1 and "3 streams x 9 samples" in caplog.text
 
