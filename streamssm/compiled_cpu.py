@@ -89,6 +89,15 @@ def widths(capacity: int) -> list[int]:
     return out + [capacity] if capacity > 2 else out
 
 
+def program_options() -> dict[str, int]:
+    """Inductor options of the engine's programs: their OpenMP threads are torch's threads now.
+    Inductor bakes ``torch.get_num_threads()`` into the C++ (``omp parallel num_threads(n)``) but
+    its on-disk cache key leaves it out, so a process at ``serve --threads 1`` loaded the programs
+    another process compiled at 2 threads, whose parallel loops stall at their barriers when the
+    cores are shared (issue 19); ``cpp.threads`` is part of the key."""
+    return {"cpp.threads": torch.get_num_threads()}
+
+
 def compiled_available() -> bool:
     """True when the ``compiled`` engine can run here; else logs a warning naming the reason."""
     problem = compiler_problem()
@@ -109,7 +118,7 @@ class CompiledCalls(EagerCalls):
         self.scratch = capacity
         self.capacity = capacity
         # one graph for the whole call: a guard fails (and a fallback runs) before anything ran
-        self._compiled = torch.compile(self.run, fullgraph=True)
+        self._compiled = torch.compile(self.run, fullgraph=True, options=program_options())
         self._prepared = False  # after prepare(): never compile again (eager fallback instead)
         self._fell_back = False
 

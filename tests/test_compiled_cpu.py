@@ -3,6 +3,7 @@ eager engine's across random chunkings and stream churn, for Mamba, Mamba-2 and 
 compiling up front touches no stream; without a C++ compiler the Streamer warns and runs eager."""
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,6 +105,38 @@ def test_after_prepare_no_call_compiles(monkeypatch, caplog):
         assert_same(serve_like(eager, uncovered, seed=3), serve_like(compiled, uncovered, seed=3))
     assert compiled_graphs() == graphs, "a call after prepare compiled a new program"
     assert caplog.text.count("run eagerly") == 1 and "3 streams x 9 samples" in caplog.text
+
+
+def loaded_programs(cache: Path) -> dict[str, str]:
+    """Source of every module loaded so far from inductor's cache folder ``cache``, by path."""
+    import sys
+
+    return {m.__file__: Path(m.__file__).read_text() for m in list(sys.modules.values())
+            if (getattr(m, "__file__", None) or "").startswith(str(cache)) and m.__file__.endswith(".py")}
+
+
+@needs_compiler
+@pytest.mark.slow  # two cold inductor compiles
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs 2 torch threads")
+def test_programs_use_the_threads_torch_has(tmp_path, monkeypatch):
+    """Issue 19: inductor bakes the thread count into the C++ but leaves it out of its cache key,
+    so a process at 1 thread (``serve --threads 1``) ran the programs that another process had
+    compiled at 2 threads (parallel loops that stall at their barriers on shared cores)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # both compiles in this test
+    chunk = {0: torch.randint(0, 5, (64,)), 1: torch.randint(0, 5, (64,))}
+
+    def programs(threads: int) -> list[str]:
+        torch._dynamo.reset()
+        before = set(loaded_programs(tmp_path))
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # what inductor and the engine read
+        streamer = Streamer(tiny("mamba2-lm"), capacity=2, engine="compiled")
+        streamer.open(), streamer.open()
+        streamer.feed_many(chunk)
+        return [src for path, src in loaded_programs(tmp_path).items() if path not in before]
+
+    assert any("num_threads(2)" in src for src in programs(2))  # the shapes are large enough to run in parallel
+    one = programs(1)  # none new: the cache's 2-thread programs ran again
+    assert one and not any("num_threads(2)" in src for src in one)
 
 
 def compiler(path: str):
