@@ -264,14 +264,17 @@ class StreamServer:
             raise ProtocolError(f"no message for {idle:g} s", POLICY_VIOLATION, "idle_timeout") from None
 
     async def _fail(self, ws: ServerConnection, exc: ProtocolError) -> None:
-        """Send the JSON error, then close with its code."""
+        """Send the JSON error, then close with its code; a client that reads neither within
+        ``idle_timeout`` is cut off (the close handshake waits for the socket to drain)."""
         self.metrics.reject(exc.reason)
         log.info("closing connection with %d (%s): %s", exc.code, exc.reason, exc)
-        with contextlib.suppress(ConnectionClosed, TimeoutError):  # a client that does not read
+        try:
             async with asyncio.timeout(self.config.idle_timeout):
-                await ws.send(error_message(exc))
-        with contextlib.suppress(ConnectionClosed):
-            await ws.close(exc.code, close_reason(exc))
+                with contextlib.suppress(ConnectionClosed):
+                    await ws.send(error_message(exc))
+                    await ws.close(exc.code, close_reason(exc))
+        except TimeoutError:
+            ws.transport.abort()
 
     async def _handler(self, ws: ServerConnection) -> None:
         self.metrics.connection()

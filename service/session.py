@@ -335,8 +335,11 @@ class Session:
         if kind == "ack" and type(msg.get("seq")) is int:
             self.acknowledge(msg["seq"])
         elif kind == "ping":
+            pong = parse_ping(msg)
+            if self.connected and self.outbox.qsize() >= self.server.config.queue_depth:
+                await self._watched(self.outbox.join)  # a client that reads nothing: stop reading it
             if self.connected:
-                self.outbox.put_nowait((parse_ping(msg), False))
+                self.outbox.put_nowait((pong, False))
         elif kind == "reset" and set(msg) == {"type"}:
             await self._reset()
         else:

@@ -4,6 +4,7 @@ checked structurally (what the engine has or has not finished when something arr
 wall-clock bounds (those are in benchmarks/bench_abuse.py)."""
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -295,6 +296,43 @@ async def test_a_client_that_stops_reading_its_results_is_timed_out(ckpts, queue
                 await ws.send(bases(2000, seed))
             got = await timed_out(srv, ws)
     assert "has not read its results" in got["message"]
+
+
+async def test_pings_from_a_client_that_reads_no_pongs_are_held_back_not_queued(ckpts):
+    """Regression: every ping's pong went into an unbounded outbox while the client read nothing,
+    so a client sending pings with 4,000-digit ids grew the server by its upload rate (~110 MB in
+    8 s on loopback) until idle_timeout. Now a ping waits while the outbox holds queue_depth
+    messages (the socket stops being read), and the stream times out as one that reads nothing;
+    its close is bounded too (regression: with no keepalive pings the close handshake waited
+    forever for a socket that never drained, holding the stream's pool row)."""
+    ping = json.dumps({"type": "ping", "id": int("9" * 4000)})
+    text = bases(60, seed=5)
+    async with server(ckpts["dna"], idle_timeout=1.0, queue_depth=4) as srv:
+        async with slow_reader(srv) as ws:
+            await ws.send(START)
+            await ws.recv()
+            (session,) = srv._live.values()
+            session.ws.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            most = 0
+
+            async def flood():
+                for _ in range(2000):  # 8 MB of pings: the sends block once the server stops reading
+                    await ws.send(ping)
+
+            attack = asyncio.create_task(flood())
+            try:
+                while not attack.done() and srv._live.get(session.token) is session:
+                    most = max(most, session.outbox.qsize())
+                    await asyncio.sleep(0.001)
+                assert 'streamssm_rejected_total{reason="idle_timeout"} 1.0' in srv.metrics.render().decode()
+                await until(lambda: srv.scheduler.live == 0, "the attacker's row freed")
+                c, _ = await canary(srv.url, text)
+                assert_exact(ckpts["dna"], c, text)
+            finally:
+                attack.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+                    await attack
+    assert most <= 4 + 1, f"{most} messages queued for a client that reads nothing"
 
 
 async def test_a_resumed_client_that_reads_none_of_its_replay_is_timed_out(ckpts):
