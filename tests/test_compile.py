@@ -144,7 +144,7 @@ def test_traced_mamba1_scan_matches_adaptive_pieces_under_huge_decays():
 
 def test_traced_mamba1_scan_has_no_cumsum_over_its_pieces_decay_matrices():
     """Inductor's C++ backend runs a cumsum as an ATen call: one over the pieces' (t, t) decay
-    matrices (piece x the scan's values) was ~45 % of a compiled Mamba training step on CPU
+    matrices (piece x the scan's values) was ~30 % of a compiled Mamba training step on CPU
     (issue 19). With fewer pieces than steps per piece, no traced cumsum is larger than the
     per-step log-decays (b, d, n, l)."""
     from torch.fx.experimental.proxy_tensor import make_fx
