@@ -336,8 +336,7 @@ class Session:
             self.acknowledge(msg["seq"])
         elif kind == "ping":
             pong = parse_ping(msg)
-            if self.connected and self.outbox.qsize() >= self.server.config.queue_depth:
-                await self._watched(self.outbox.join)  # a client that reads nothing: stop reading it
+            await self._outbox_room()
             if self.connected:
                 self.outbox.put_nowait((pong, False))
         elif kind == "reset" and set(msg) == {"type"}:
@@ -389,8 +388,16 @@ class Session:
     async def _answer_here(self, seq: int, reset: bool = False) -> None:
         """Answer ``seq`` with a result of no samples, after every earlier result."""
         await self._caught_up(seq)
+        await self._outbox_room()
         self._answered(seq, join_result(seq, self.samples_in, self.server.codec.output_dim, [], self.start, reset),
                        slot=False)
+
+    async def _outbox_room(self) -> None:
+        """Before queueing a message no queue slot bounds (a pong, an empty result): while the
+        client has queue_depth messages unsent, wait for them (the socket is not read meanwhile;
+        a client that reads nothing times out as any other)."""
+        if self.connected and self.outbox.qsize() >= self.server.config.queue_depth:
+            await self._watched(self.outbox.join)
 
     async def _reset(self) -> None:
         """The state back to zero, as for a new stream; the reset takes the next seq. A resampled

@@ -298,36 +298,45 @@ async def test_a_client_that_stops_reading_its_results_is_timed_out(ckpts, queue
     assert "has not read its results" in got["message"]
 
 
-async def test_pings_from_a_client_that_reads_no_pongs_are_held_back_not_queued(ckpts):
-    """Regression: every ping's pong went into an unbounded outbox while the client read nothing,
-    so a client sending pings with 4,000-digit ids grew the server by its upload rate (~110 MB in
-    8 s on loopback) until idle_timeout. Now a ping waits while the outbox holds queue_depth
-    messages (the socket stops being read), and the stream times out as one that reads nothing;
-    its close is bounded too (regression: with no keepalive pings the close handshake waited
-    forever for a socket that never drained, holding the stream's pool row)."""
-    ping = json.dumps({"type": "ping", "id": int("9" * 4000)})
+SAMPLE_HELD_BY_THE_RESAMPLER = ("audio", {"type": "start", "format": "s16le", "sample_rate": 44100}, b"\x01\x00")
+
+
+@pytest.mark.parametrize("ckpt, start, message", [
+    ("dna", json.loads(START), json.dumps({"type": "ping", "id": int("9" * 4000)})),
+    SAMPLE_HELD_BY_THE_RESAMPLER,
+], ids=["pings", "frames-the-resampler-holds"])
+async def test_messages_answered_by_the_session_wait_for_a_client_that_reads_nothing(ckpts, ckpt, start, message):
+    """Regression: pongs and the empty results of frames a resampler holds whole (no model call,
+    so no queue slot) went into an unbounded outbox while the client read nothing: pings with
+    4,000-digit ids grew the server by its upload rate (~110 MB in 8 s on loopback) until
+    idle_timeout. Now they wait while the outbox holds queue_depth messages (the socket stops
+    being read), and the stream times out as one that reads nothing; its close is bounded too
+    (regression: with no keepalive pings the close handshake waited forever for a socket that
+    never drained, holding the stream's pool row)."""
     text = bases(60, seed=5)
-    async with server(ckpts["dna"], idle_timeout=1.0, queue_depth=4) as srv:
+    async with server(ckpts[ckpt], idle_timeout=1.0, queue_depth=4) as srv:
         async with slow_reader(srv) as ws:
-            await ws.send(START)
+            await ws.send(json.dumps(start))
             await ws.recv()
             (session,) = srv._live.values()
             session.ws.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
             most = 0
 
             async def flood():
-                for _ in range(2000):  # 8 MB of pings: the sends block once the server stops reading
-                    await ws.send(ping)
+                for _ in range(3000):  # the sends block once the server stops reading
+                    await ws.send(message)
 
             attack = asyncio.create_task(flood())
             try:
-                while not attack.done() and srv._live.get(session.token) is session:
-                    most = max(most, session.outbox.qsize())
-                    await asyncio.sleep(0.001)
+                async with asyncio.timeout(TIMEOUT):
+                    while srv._live.get(session.token) is session:
+                        most = max(most, session.outbox.qsize())
+                        await asyncio.sleep(0.001)
                 assert 'streamssm_rejected_total{reason="idle_timeout"} 1.0' in srv.metrics.render().decode()
                 await until(lambda: srv.scheduler.live == 0, "the attacker's row freed")
-                c, _ = await canary(srv.url, text)
-                assert_exact(ckpts["dna"], c, text)
+                if ckpt == "dna":
+                    c, _ = await canary(srv.url, text)
+                    assert_exact(ckpts["dna"], c, text)
             finally:
                 attack.cancel()
                 with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
