@@ -48,7 +48,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import Table, run_tag  # noqa: E402
 
-from streamssm.compiled_cpu import CompiledCalls  # noqa: E402
+from streamssm.compiled_cpu import CompiledCalls, program_options  # noqa: E402
 from streamssm.engine import EagerCalls  # noqa: E402
 from streamssm.kernels import selective_scan  # noqa: E402
 from streamssm.testing import assert_close  # noqa: E402
@@ -271,7 +271,7 @@ def _stream_fns(d_model: int, n_layers: int, streams: int,
             lambda model=model, pool=pool: model.step_pool(x_t, pool, rows))
         engines = {"eager": EagerCalls(model, pool), "compiled": CompiledCalls(model, pool, streams)}
         if fixed_shape:  # one program for exactly this shape (what a per-(bucket, length) engine compiles)
-            engines["compiled fixed-shape"] = torch.compile(engines["eager"].run, dynamic=False)
+            engines["compiled fixed-shape"] = torch.compile(engines["eager"].run, dynamic=False, options=program_options())
         for kind, call in engines.items():
             name = f"{block} engine {kind}"
             fns[name] = torch.no_grad()(lambda call=call: call(x, rows))
