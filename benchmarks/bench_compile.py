@@ -36,6 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import Table, report, run_tag  # noqa: E402
 
+from streamssm.compiled_cpu import program_options  # noqa: E402
 from streamssm.models import ModelConfig, SSMModel  # noqa: E402
 
 VOCAB = 5
@@ -62,9 +63,8 @@ def sync(device: str) -> None:
 def time_training(arch: str, length: int, batch: int, mode: str, args) -> tuple[float, float]:
     """(first step seconds, median ms per later step) of training in ``mode``."""
     model = build(arch, args.d_model, args.layers, args.device)
-    # on a CPU, inductor's C++ for this process's thread count (the option is part of inductor's
-    # cache key; torch's thread count is not: a cached 2-thread program would run at --threads 1)
-    options = {"cpp.threads": torch.get_num_threads()} if mode == "inductor" and args.device == "cpu" else None
+    # on a CPU, inductor's C++ for this process's thread count (the engine's program options)
+    options = program_options() if mode == "inductor" and args.device == "cpu" else None
     run = model if mode == "eager" else torch.compile(model, fullgraph=True, backend=mode, options=options)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(1)
