@@ -15,7 +15,8 @@ Times are medians of ``--calls`` calls after 2 warm-up calls, synchronized wall 
 ``--profile``: also the GPU kernels of the forward at the largest N (torch.profiler, 3 calls),
 by total GPU time: what bounds the stream count. ``--ssd-chunks 256,128,64``: also the forward at
 the largest N with each SSD chunk length (the result is the same for any chunk length; a 320-token
-call pads its last chunk of 256 to full size).
+call pads its last chunk of 256 to full size). ``--ssd-forwards auto,split``: each engine also with
+the SSD's split forward forced (``auto`` takes the one-pass inference forward where it pays).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import Table, report, run_tag  # noqa: E402
 
+import streamssm.kernels.library as lib  # noqa: E402
 from streamssm.inference import Streamer  # noqa: E402
 from streamssm.models import ModelConfig, SSMModel  # noqa: E402
 
@@ -97,6 +99,8 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=7)
     parser.add_argument("--engines", default="eager,graphs", help="Streamer engines to time, in one run")
     parser.add_argument("--out", default=None, help="also write the markdown table here")
+    parser.add_argument("--ssd-forwards", default="auto", help="SSD inference forwards to time: auto (fused where it "
+                        "pays), split (the training forward's kernels)")
     parser.add_argument("--profile", action="store_true", help="also profile the forward's kernels at the largest N")
     parser.add_argument("--ssd-chunks", default="", help="also time the forward at the largest N per SSD chunk length")
     args = parser.parse_args()
@@ -108,11 +112,14 @@ def main() -> int:
     torch.manual_seed(0)
     model = SSMModel(ModelConfig(**CONFIG))
     flops = matmul_flops_per_token(model)
-    table = Table(["streams", "engine", "feed_many ms", "real time", "stream capacity", "forward ms",
+    table = Table(["streams", "engine", "SSD forward", "feed_many ms", "real time", "stream capacity", "forward ms",
                    "engine / forward", "capture s", "forward Mtok/s", "forward TFLOP/s"])
-    kept = dict.fromkeys(args.engines.split(","), 0)
+    modes = args.ssd_forwards.split(",")
+    kept = {(e, m): 0 for e in args.engines.split(",") for m in modes}
+    auto_choice = lib.use_fused_forward
     for n in (int(s) for s in args.streams.split(",")):
-        for engine in kept:
+        for engine, mode in kept:
+            lib.use_fused_forward = auto_choice if mode == "auto" else (lambda seqs, heads, longest: False)
             streamer = Streamer(model, capacity=n, device="cuda", dtype=dtype, engine=engine)
             chunks = {streamer.open(): torch.randint(0, 256, (chunk,)) for _ in range(n)}
             feed = timed_ms(lambda: streamer.feed_many(chunks, outputs=False), args.calls)
@@ -120,15 +127,16 @@ def main() -> int:
             with torch.no_grad():
                 fwd = timed_ms(lambda: streamer.model(x), args.calls)
             capture_s = getattr(streamer._calls, "prepare_seconds", 0.0)  # graphs captured at first use
-            kept[engine] = n if feed <= args.chunk_ms else kept[engine]
-            table.add(**{"streams": n, "engine": engine, "feed_many ms": feed,
+            kept[engine, mode] = n if feed <= args.chunk_ms else kept[engine, mode]
+            table.add(**{"streams": n, "engine": engine, "SSD forward": mode, "feed_many ms": feed,
                          "real time": "yes" if feed <= args.chunk_ms else "no",
                          "stream capacity": round(n * args.chunk_ms / feed), "forward ms": fwd,
                          "engine / forward": f"{feed / fwd:.2f}x", "capture s": capture_s,
                          "forward Mtok/s": n * chunk / fwd / 1e3, "forward TFLOP/s": n * chunk * flops / fwd / 1e9})
-            print(f"N={n} {engine}: feed_many {feed:.2f} ms, forward {fwd:.2f} ms, capture {capture_s:.1f} s", flush=True)
+            print(f"N={n} {engine} {mode}: feed_many {feed:.2f} ms, forward {fwd:.2f} ms, capture {capture_s:.1f} s", flush=True)
             del streamer
             torch.cuda.empty_cache()
+    lib.use_fused_forward = auto_choice
     profiled = ""
     if args.profile:
         with torch.no_grad():

@@ -16,6 +16,7 @@ from streamssm.kernels.ssd import combined
 from streamssm.kernels.ssd.bmm_chunk import _chunk_cb_fwd, chunk_cb_ref
 from streamssm.kernels.ssd.chunks import chunk_layout
 from streamssm.kernels.ssd.chunked_torch import ssd_scan_chunked
+from streamssm.kernels.ssd.fused_fwd import ssd_fused_fwd, use_fused_forward
 from streamssm.kernels.ssd.reference import ssd_scan_ref
 from streamssm.testing import assert_close
 
@@ -118,9 +119,12 @@ def test_packed_equals_each_alone():
         assert_close(f"final[seq {i}]", f_i, final[i:i + 1], rtol=1e-5, atol=1e-5)
 
 
-def test_chunked_calls_carrying_state_equal_one_call():
+@pytest.mark.parametrize("path", ["split", "fused"])
+def test_chunked_calls_carrying_state_equal_one_call(path):
+    """Both forwards: the split one (inputs needing gradients) and the one-pass inference one."""
     b, l, h, p, g, n = 2, 40, 2, 8, 1, 8
     t = _inputs(b, l, h, p, g, n, D="h", z=True, bias=True, init=True)
+    t["x"].requires_grad_(path == "split")
     kw = dict(chunk_size=16, D=t["D"], dt_bias=t["dt_bias"], dt_softplus=True, return_final_state=True,
               backend="triton")
     y, final = ssd_scan(t["x"], t["dt"], t["A"], t["B"], t["C"], z=t["z"], initial_state=t["initial_state"], **kw)
@@ -129,8 +133,77 @@ def test_chunked_calls_carrying_state_equal_one_call():
         y_i, state = ssd_scan(t["x"][:, s:e], t["dt"][:, s:e], t["A"], t["B"][:, s:e], t["C"][:, s:e],
                               z=t["z"][:, s:e], initial_state=state, **kw)
         ys.append(y_i)
-    assert_close("y chunked", y, torch.cat(ys, dim=1), rtol=1e-5, atol=1e-5)
-    assert_close("final chunked", final, state, rtol=1e-5, atol=1e-5)
+    assert_close("y chunked", y.detach(), torch.cat(ys, dim=1).detach(), rtol=1e-5, atol=1e-5)
+    assert_close("final chunked", final.detach(), state.detach(), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- one-pass inference forward
+
+FUSED_CASES = {
+    # id: (b, l, h, p, g, n, options); lengths cross the kernel's chunks (32 tokens in the interpreter)
+    "B2-T150-H4-P8-G2-N8-Dhp-z-bias-h0": (2, 150, 4, 8, 2, 8, dict(D="hp", z=True, bias=True, init=True)),
+    "B1-T1-H2-P4-G1-N4-Dh": (1, 1, 2, 4, 1, 4, dict(D="h")),
+    "B2-T64-H2-P16-G1-N16-h0-nosoftplus": (2, 64, 2, 16, 1, 16, dict(D="h", init=True, softplus=False)),
+    "B1-T130-H3-P5-G3-N6-h0": (1, 130, 3, 5, 3, 6, dict(init=True)),
+}
+
+
+@pytest.mark.parametrize("case", list(FUSED_CASES), ids=list(FUSED_CASES))
+def test_fused_forward_matches_reference(case):
+    b, l, h, p, g, n, opts = FUSED_CASES[case]
+    softplus = opts.pop("softplus", True)
+    t = _inputs(b, l, h, p, g, n, softplus=softplus, **opts)
+    want = ssd_scan_ref(**t, dt_softplus=softplus, return_final_state=True)
+    got = ssd_fused_fwd(t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], t["z"], t["dt_bias"], t["initial_state"],
+                        softplus, None)
+    assert_close("y", want[0], got[0], torch.float32)
+    assert_close("final", want[1], got[1], torch.float32)
+
+
+def test_fused_forward_packed_sequences():
+    """Packed rows with an empty sequence, a 1-step one, one ending on a chunk edge and one
+    spanning three chunks: each equals the reference run alone (empty: final = initial)."""
+    bounds = [0, 5, 5, 6, 70, 200]
+    h, p, g, n = 2, 8, 1, 8
+    t = _inputs(1, bounds[-1], h, p, g, n, D="h", z=True, bias=True, init=True, rows=len(bounds) - 1)
+    y, final = ssd_fused_fwd(t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], t["z"], t["dt_bias"],
+                             t["initial_state"], True, torch.tensor(bounds, dtype=torch.int32))
+    for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+        seq = {k: (v[:, s:e] if k in ("x", "dt", "B", "C", "z") else v) for k, v in t.items()}
+        seq["initial_state"] = t["initial_state"][i:i + 1]
+        y_i, f_i = ssd_scan_ref(**seq, dt_softplus=True, return_final_state=True)
+        assert_close(f"y[seq {i}]", y_i, y[:, s:e], torch.float32)
+        assert_close(f"final[seq {i}]", f_i, final[i:i + 1], torch.float32)
+
+
+def test_inference_calls_take_the_fused_forward(monkeypatch):
+    """A call needing no gradient runs the one-pass forward (many streams, or short rows), one
+    needing them the split forward, a long few-stream call too; all three give the same result."""
+    import streamssm.kernels.library as lib
+
+    calls = []
+    for name in ("ssd_scan_infer", "ssd_scan_fwd"):
+        real = getattr(lib, name)
+        monkeypatch.setattr(lib, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    t = _inputs(2, 40, 2, 8, 1, 8, D="h", z=True, bias=True, init=True)
+    kw = dict(chunk_size=16, D=t["D"], z=t["z"], dt_bias=t["dt_bias"], dt_softplus=True,
+              return_final_state=True, backend="triton")
+    args = (t["x"], t["dt"], t["A"], t["B"], t["C"])
+    fused = ssd_scan(*args, initial_state=t["initial_state"], **kw)
+    split = ssd_scan(*args, initial_state=t["initial_state"].clone().requires_grad_(), **kw)
+    monkeypatch.setattr(lib, "use_fused_forward", lambda seqs, heads, longest: False)
+    long_few = ssd_scan(*args, initial_state=t["initial_state"], **kw)
+    assert calls == ["ssd_scan_infer", "ssd_scan_fwd", "ssd_scan_fwd"]
+    for name, a, b, c in zip(("y", "final"), fused, split, long_few):
+        assert_close(name, b.detach(), a, rtol=1e-5, atol=1e-5)
+        assert_close(name, c, a, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_forward_is_used_for_many_streams_or_short_rows():
+    assert use_fused_forward(384, 16, 320)  # serving: 384 streams x 16 heads
+    assert use_fused_forward(1, 8, 1024)  # one short stream
+    assert not use_fused_forward(1, 8, 1 << 20)  # S3: one million-step sequence, 8 heads
+    assert not use_fused_forward(8, 24, 4096)  # S1: 192 programs, 64 chunks each
 
 
 def test_chunked_float64_reference_matches_sequential():
@@ -224,15 +297,17 @@ SM90_COMPILE = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from streamssm.kernels.ssd import bmm_chunk, chunk_scan, chunk_scan_bwd
+from streamssm.kernels.ssd import bmm_chunk, chunk_scan, chunk_scan_bwd, fused_fwd
 
 SHAPE = dict(CHUNK=256, BLOCK_P=64, BLOCK_N=128, HAS_D=True, D_PER_P=False, HAS_Z=True)  # realtime / S1-S3 sizes
-INT = {"p_cstart": "*i64", "p_clen": "*i32"}
+INT = {"p_cstart": "*i64", "p_clen": "*i32", "p_bounds": "*i32"}
+FUSED = dict(HAS_BOUNDS=True, HAS_INIT=True, HAS_DT_BIAS=True, DT_SOFTPLUS=True)
 BWD = {"p_cb", "p_states", "p_dstates", "p_dt_out", "p_dA_cs", "p_D", "p_ddA_cs", "p_ddt", "p_ddA_last", "p_dD_part"}
 # per kernel: (meta-parameters, the pointers that stay fp32 in a bf16 run); the backward reads an fp32 CB
 for kernel, variants in (
         (bmm_chunk._chunk_cb_fwd_kernel, [({}, set()), ({}, {"p_cb"})]),
         (chunk_scan._chunk_scan_fwd_kernel, [({}, {"p_D", "p_dt_out", "p_dA_cs", "p_states"})]),
+        (fused_fwd._ssd_fused_fwd_kernel, [(FUSED, {"p_A", "p_D", "p_dt_bias", "p_init", "p_final"})]),
         (chunk_scan_bwd._chunk_scan_bwd_dc_kernel, [(dict(ATOMIC=False), BWD), (dict(ATOMIC=True), BWD | {"p_dC"})]),
         (chunk_scan_bwd._chunk_scan_bwd_dx_kernel, [(dict(ATOMIC=False), BWD), (dict(ATOMIC=True), BWD | {"p_dB"})])):
     fn = kernel.fn  # the JITFunction under the autotuner
@@ -248,9 +323,10 @@ for kernel, variants in (
 
 
 def test_kernels_compile_for_sm90():
-    """The chunk-scan kernels and the C.B kernel they read compile to sm_90 binaries in every
-    autotune config, bf16 and fp32, within the H100's shared memory (no GPU needed: Triton
-    cross-compiles with its bundled ptxas; the interpreter runs none of the GPU pipeline)."""
+    """The chunk-scan kernels, the C.B kernel they read and the one-pass forward compile to
+    sm_90 binaries in every autotune config, bf16 and fp32, within the H100's shared memory (no
+    GPU needed: Triton cross-compiles with its bundled ptxas; the interpreter runs none of the
+    GPU pipeline)."""
     import os
     import subprocess
     import sys
@@ -298,6 +374,25 @@ def test_gpu_matches_float64(case, dtype):
     errs = {k: _rel_err(ref[k], got[k]) for k in ref}
     bad = {k: e for k, e in errs.items() if not e < bound}
     assert not bad, f"relative L2 errors over {bound}: {bad} (all: {errs})"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("case", ["B384-T320-H16-P64-G1-N128", "B3-T1000-H8-P64-G2-N64", "B2-T4096-H8-P64-G1-N128"])
+def test_gpu_fused_forward_matches_float64(case, dtype):
+    """The one-pass inference forward vs the float64 chunked reference (relative L2): serving
+    rows, odd lengths with two groups, long rows."""
+    b, l, h, p, g, n = (int(part[1:]) for part in case.split("-"))
+    t = _inputs(b, l, h, p, g, n, D="h", z=True, bias=True, init=True, device="cuda", dtype=dtype)
+    y, final = ssd_fused_fwd(t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], t["z"], t["dt_bias"],
+                             t["initial_state"], True, None)
+    d = {k: (v.double() if v is not None else None) for k, v in t.items()}
+    y64, f64 = ssd_scan_chunked(d["x"], d["dt"], d["A"], d["B"], d["C"], chunk_size=256, D=d["D"], z=d["z"],
+                                dt_bias=d["dt_bias"], dt_softplus=True, initial_state=d["initial_state"],
+                                return_final_state=True, compute_dtype=torch.float64)
+    bound = 1e-4 if dtype == torch.float32 else 2e-2
+    errs = {"y": _rel_err(y64, y), "final": _rel_err(f64, final)}
+    assert max(errs.values()) < bound, errs
 
 
 @pytest.mark.gpu

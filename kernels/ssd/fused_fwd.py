@@ -1,0 +1,183 @@
+"""SSD forward in one pass for inference: each program carries its sequence's state through the
+chunks in registers, so no per-chunk state ever goes to memory.
+
+Shape legend: L packed tokens, H heads, G groups, P headdim, N dstate, S sequences, Q the
+kernel's chunk (``BLOCK_Q`` tokens, autotuned; results do not depend on it beyond rounding).
+
+The split forward (``combined.py``) writes each chunk's state (T, H, P, N) fp32, rewrites it in
+the state passing and reads it again in the chunk scan: with the models' 64-token chunks that
+is ~4 GB per layer at 384 streams x 320 samples, more traffic than everything else the layer
+moves. Here one program per (P block, head, sequence) walks the sequence's chunks in order;
+per chunk, with S the state entering it and Acs the in-chunk decay cumsum::
+
+    dt_t   = softplus(dt_t + dt_bias)                              (bias and softplus optional)
+    y_t    = exp(Acs_t) * S C_t + sum_{s <= t} (C_t . B_s) exp(Acs_t - Acs_s) dt_s x_s + D * x_t
+    out_t  = y_t * silu(z_t)                                       (when z is given)
+    S      = exp(Acs_last) * S + sum_s exp(Acs_last - Acs_s) dt_s x_s B_s^T
+
+Parallel over sequences x heads only, so it pays when there are many of them or the sequences
+are short (serving: hundreds of streams x a few chunks); long training-shape sequences keep the
+split forward (``use_fused_forward``). No backward: it keeps nothing for one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from streamssm.kernels._common import autotune_configs
+from streamssm.kernels._triton import silu, softplus
+from streamssm.kernels.ssd.chunk_state import dot_precision
+
+#: sequences x heads from which the fused forward is used at any length: about two programs per
+#: H100 SM (132); below it only short sequences (at most ``FUSED_MAX_SHORT_LEN`` tokens) use it
+FUSED_MIN_PROGRAMS = 256
+FUSED_MAX_SHORT_LEN = 1024
+
+#: (BLOCK_Q chunk tokens, BLOCK_P headdim slice, warps, stages): the (N, P) state, the (Q, N) C and
+#: B tiles and the (Q, Q) products share the registers (ptxas: 255 a thread at N = 128, some spills)
+_CONFIGS = [
+    triton.Config({"BLOCK_Q": bq, "BLOCK_P": bp}, num_warps=w, num_stages=st)
+    for bq, bp, w, st in [(64, 64, 8, 1), (64, 64, 4, 1), (32, 64, 4, 1), (32, 64, 8, 1), (64, 32, 4, 1),
+                          (32, 32, 4, 1), (64, 64, 8, 2), (32, 64, 4, 2)]
+]
+
+
+# interpreter: 32-token chunks and 16-wide headdim slices, so short test sequences cross both
+@triton.autotune(configs=autotune_configs(_CONFIGS, triton.Config({"BLOCK_Q": 32, "BLOCK_P": 16})),
+                 key=["P", "N", "HAS_Z", "HAS_INIT", "DOT_PREC", "work_log2"])
+@triton.jit
+def _ssd_fused_fwd_kernel(
+    # pointers
+    p_x,  # (L, H, P)
+    p_dt,  # (L, H) raw step sizes
+    p_A,  # (H,) fp32
+    p_B, p_C,  # (L, G, N)
+    p_D,  # (H,) or (H, P) fp32, or dummy
+    p_z,  # (L, H, P) or dummy
+    p_dt_bias,  # (H,) fp32 or dummy
+    p_init,  # (S, H, P, N) fp32 or dummy
+    p_out,  # (L, H, P) out
+    p_final,  # (S, H, P, N) fp32 out
+    p_bounds,  # (S + 1,) int token bounds of packed sequences, or dummy
+    # dimensions; work_log2 = round(log2(sequences x heads)) only keys the autotuning (a few
+    # streams and a thousand want different tiles)
+    seq_len, H, P, N, heads_per_group, work_log2,
+    # strides
+    s_x_l, s_x_h, s_x_p, s_dt_l, s_dt_h, s_b_l, s_b_g, s_b_n, s_c_l, s_c_g, s_c_n, s_z_l, s_z_h, s_z_p,
+    # meta-parameters
+    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BOUNDS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_D: tl.constexpr, D_PER_P: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    i_p, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_g = i_h // heads_per_group
+    if HAS_BOUNDS:
+        start = tl.load(p_bounds + i_s).to(tl.int64)
+        end = tl.load(p_bounds + i_s + 1).to(tl.int64)
+    else:
+        start = i_s.to(tl.int64) * seq_len
+        end = start + seq_len
+    o_q = tl.arange(0, BLOCK_Q)
+    o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    o_n = tl.arange(0, BLOCK_N)
+    m_p, m_n = o_p < P, o_n < N
+    m_np = m_n[:, None] & m_p[None, :]
+    # the state transposed, (BLOCK_N, BLOCK_P): both its products then need no transposition
+    o_state = ((i_s.to(tl.int64) * H + i_h) * P + o_p[None, :]) * N + o_n[:, None]
+    if HAS_INIT:
+        b_S = tl.load(p_init + o_state, mask=m_np, other=0.0)
+    else:
+        b_S = tl.zeros((BLOCK_N, BLOCK_P), dtype=tl.float32)
+    b_A = tl.load(p_A + i_h)
+    if HAS_DT_BIAS:
+        b_bias = tl.load(p_dt_bias + i_h)
+    if HAS_D:
+        if D_PER_P:
+            b_D = tl.load(p_D + i_h * P + o_p, mask=m_p, other=0.0)[None, :]
+        else:
+            b_D = tl.load(p_D + i_h)
+    causal = o_q[:, None] >= o_q[None, :]
+    # per-tile offsets stay int32 (64-bit pointer tiles cost two registers an element): the
+    # chunk's first token moves scalar base pointers instead
+    o_x = o_q[:, None] * s_x_l + o_p[None, :] * s_x_p  # (BLOCK_Q, BLOCK_P)
+    o_z = o_q[:, None] * s_z_l + o_p[None, :] * s_z_p
+    o_out = o_q[:, None] * (H * P) + o_p[None, :]
+    o_C = o_q[:, None] * s_c_l + o_n[None, :] * s_c_n  # (BLOCK_Q, BLOCK_N)
+    o_Bt = o_q[None, :] * s_b_l + o_n[:, None] * s_b_n  # (BLOCK_N, BLOCK_Q)
+    for t0 in range(start, end, BLOCK_Q):
+        m_q = o_q < end - t0
+        m_qp = m_q[:, None] & m_p[None, :]
+        b_dt = tl.load(p_dt + t0 * s_dt_l + i_h * s_dt_h + o_q * s_dt_l, mask=m_q, other=0.0).to(tl.float32)
+        if HAS_DT_BIAS:
+            b_dt += b_bias
+        if DT_SOFTPLUS:
+            b_dt = softplus(b_dt)
+        b_dt = tl.where(m_q, b_dt, 0.0)
+        b_acs = tl.cumsum(b_dt * b_A, axis=0)  # (BLOCK_Q,) flat past the sequence's end
+        a_last = tl.sum(b_dt * b_A, axis=0)
+        b_C = tl.load(p_C + t0 * s_c_l + i_g * s_c_g + o_C, mask=m_q[:, None] & m_n[None, :], other=0.0)
+        b_Bt = tl.load(p_B + t0 * s_b_l + i_g * s_b_g + o_Bt, mask=m_n[:, None] & m_q[None, :], other=0.0)
+        b_x = tl.load(p_x + t0 * s_x_l + i_h * s_x_h + o_x, mask=m_qp, other=0.0)
+        # state in the inputs' dtype for the product (bf16 runs: like the split forward; fp32: exact)
+        acc = tl.dot(b_C, b_S.to(b_C.dtype), input_precision=DOT_PREC) * tl.exp(b_acs)[:, None]
+        b_cb = tl.dot(b_C, b_Bt, input_precision=DOT_PREC)  # (t, s) fp32
+        b_cb *= tl.exp(tl.where(causal, b_acs[:, None] - b_acs[None, :], float("-inf"))) * b_dt[None, :]
+        acc += tl.dot(b_cb.to(b_x.dtype), b_x, input_precision=DOT_PREC)
+        if HAS_D:
+            acc += b_x.to(tl.float32) * b_D
+        if HAS_Z:
+            b_z = tl.load(p_z + t0 * s_z_l + i_h * s_z_h + o_z, mask=m_qp, other=0.0)
+            acc *= silu(b_z.to(tl.float32))
+        tl.store(p_out + t0 * (H * P) + i_h * P + o_out, acc.to(p_out.dtype.element_ty), mask=m_qp)
+        b_w = tl.exp(a_last - b_acs) * b_dt  # (BLOCK_Q,) 0 past the end (dt 0)
+        b_Bw = (b_Bt.to(tl.float32) * b_w[None, :]).to(b_x.dtype)
+        b_S = b_S * tl.exp(a_last) + tl.dot(b_Bw, b_x, input_precision=DOT_PREC)
+    tl.store(p_final + o_state, b_S, mask=m_np)
+
+
+def use_fused_forward(num_seqs: int, heads: int, longest: int) -> bool:
+    """Whether an inference call of ``num_seqs`` sequences (the longest ``longest`` tokens) of
+    ``heads`` heads takes the fused forward (see the thresholds above)."""
+    return num_seqs * heads >= FUSED_MIN_PROGRAMS or longest <= FUSED_MAX_SHORT_LEN
+
+
+def ssd_fused_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                  D: torch.Tensor | None, z: torch.Tensor | None, dt_bias: torch.Tensor | None,
+                  initial_state: torch.Tensor | None, dt_softplus: bool,
+                  cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, z (b, l, h, p); dt (b, l, h); B, C (b, l, g, n); initial_state (S, h, p, n) fp32 or
+    None; cu_seqlens (S + 1,) with b == 1, or None (S = b). Returns out (b, l, h, p) in x's dtype
+    (gated by silu(z) when given) and the final states (S, h, p, n) fp32. No host synchronisation
+    (CUDA-graph safe, packed sequences included)."""
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    L = b * l
+    x2, z2 = x.reshape(L, h, p), (z.reshape(L, h, p) if z is not None else None)
+    dt2, B2, C2 = dt.reshape(L, h), B.reshape(L, g, n), C.reshape(L, g, n)
+    seqs = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    out = torch.empty(L, h, p, device=x.device, dtype=x.dtype)
+    final = torch.empty(seqs, h, p, n, device=x.device, dtype=torch.float32)
+    init = initial_state.float().contiguous() if initial_state is not None else None
+    zz = z2 if z2 is not None else x2
+
+    def grid(meta):
+        return (triton.cdiv(p, meta["BLOCK_P"]), h, seqs)
+
+    _ssd_fused_fwd_kernel[grid](
+        x2, dt2, A.contiguous(), B2, C2, D.contiguous() if D is not None else A, zz,
+        dt_bias if dt_bias is not None else A, init if init is not None else final, out, final,
+        cu_seqlens if cu_seqlens is not None else final,
+        l, h, p, n, h // g, round(math.log2(seqs * h)) if seqs else 0,
+        x2.stride(0), x2.stride(1), x2.stride(2), dt2.stride(0), dt2.stride(1),
+        B2.stride(0), B2.stride(1), B2.stride(2), C2.stride(0), C2.stride(1), C2.stride(2),
+        zz.stride(0), zz.stride(1), zz.stride(2),
+        BLOCK_N=max(16, triton.next_power_of_2(n)),
+        HAS_BOUNDS=cu_seqlens is not None, HAS_INIT=init is not None, HAS_D=D is not None,
+        D_PER_P=D is not None and D.dim() == 2, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None,
+        DT_SOFTPLUS=dt_softplus, DOT_PREC=dot_precision(x.dtype),
+    )
+    return out.view(b, l, h, p), final
