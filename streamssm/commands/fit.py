@@ -15,6 +15,13 @@ refused with one error saying where they moved (:func:`reject_moved_keys`).
 Defaults added here: a CSVLogger under ``runs/`` (``metrics.csv``), the resolved config saved
 as ``config.yaml`` in the log directory and beside the checkpoints of every ModelCheckpoint
 with an explicit ``dirpath``, and, after ``fit``, ``training_curve.png`` in the log directory.
+
+Checkpoint folders (:func:`check_checkpoint_folders`): a new run does not start in a folder that
+holds an earlier run's checkpoints (the full recipes keep theirs in one folder,
+``runs/<recipe>/checkpoints``, so that ``--ckpt_path last`` continues a run); a resumed run says
+where its checkpoints go when that is another folder. Lightning's own warnings about those
+folders are replaced by these checks (``CHECKPOINT_FOLDER_WARNINGS``), and validate/test/predict,
+which write no checkpoints, do not show them.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,8 +39,10 @@ from typing import Any
 import yaml
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 from streamssm.datamodules import BaseDataModule
 from streamssm.errors import ConfigError
@@ -44,6 +54,10 @@ log = logging.getLogger(__name__)
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 #: the task arguments that moved into ``model.init_args.arch`` (issue 20)
 _MODEL_OPTION = re.compile(r"--model\.((?:init_args\.)?)(\w+)")
+#: Lightning's ModelCheckpoint warnings (message regex) that :func:`check_checkpoint_folders`
+#: replaces: a fit that resumes from another folder (and validate/test/predict, which save
+#: nothing) "won't reload" the earlier top-k record; a folder "exists and is not empty"
+CHECKPOINT_FOLDER_WARNINGS = (r"The dirpath has changed from", r"Checkpoint directory .* exists and is not empty")
 
 
 def _moved_in_model_section(section: Any, prefix: str) -> list[str]:
@@ -104,6 +118,73 @@ class SaveConfigBesideCheckpoints(SaveConfigCallback):
             self.parser.save(self.config, os.path.join(dirpath, self.config_filename), skip_none=False, overwrite=True)
 
 
+def checkpoint_folder(callback: ModelCheckpoint, trainer: pl.Trainer) -> Path:
+    """Where ``callback`` will save, before ``fit`` resolves it, by Lightning's documented rule:
+    its ``dirpath``; else ``<save_dir>/<name>/<version>/checkpoints`` of the first logger (a new
+    ``version_N`` unless the logger's version is fixed); else ``<default_root_dir>/checkpoints``."""
+    if callback.dirpath is not None:
+        return Path(callback.dirpath)
+    if not trainer.loggers:
+        return Path(trainer.default_root_dir) / "checkpoints"
+    logger = trainer.loggers[0]
+    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+    return Path(logger.save_dir or trainer.default_root_dir) / str(logger.name) / version / "checkpoints"
+
+
+@rank_zero_only
+def check_checkpoint_folders(trainer: pl.Trainer, ckpt_path: str | None) -> None:
+    """Before ``fit``: raise a ConfigError when a checkpoint folder holds ``.ckpt`` files and this
+    run does not continue from one of them (a new run would save among an earlier run's files:
+    Lightning then writes its last checkpoint as ``last-v1.ckpt``, leaves ``last.ckpt`` the earlier
+    run's, and keeps its top-k record over this run's files only); log where a resumed run's
+    checkpoints go when that is not the folder it resumes from. A ``ckpt_path`` that is no file
+    (``last`` resumes in each callback's own folder; ``hpc``, ``registry``, a wrong path) is left
+    to Lightning."""
+    if ckpt_path is not None and not Path(ckpt_path).is_file():
+        return
+    resumed = Path(ckpt_path).resolve().parent if ckpt_path is not None else None
+    for callback in trainer.checkpoint_callbacks:
+        if not isinstance(callback, ModelCheckpoint) or (callback.save_top_k == 0 and not callback.save_last):
+            continue
+        folder = checkpoint_folder(callback, trainer)
+        if resumed is not None and folder.resolve() == resumed:
+            continue
+        if resumed is not None:
+            log.info("resuming from %s: this run saves its checkpoints in %s (the earlier run's top-k record stays "
+                     "with it)", ckpt_path, _shown(folder))
+            continue
+        earlier = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+        if earlier:
+            names = sorted(p.name for p in earlier)
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            latest = folder / "last.ckpt" if (folder / "last.ckpt").is_file() else earlier[-1]
+            elsewhere = (f"--trainer.callbacks.dirpath {_shown(folder)}_2" if callback.dirpath is not None
+                         else "another logger version")
+            raise ConfigError(
+                f"checkpoint folder {_shown(folder)} already holds an earlier run's checkpoints ({shown}); a new run "
+                f"would save among them. Continue that run with --ckpt_path {_shown(latest)}, move the folder away, "
+                f"or give this run its own: {elsewhere}")
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the current folder when it lies inside it (how the recipes name it)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def this_runs_checkpoint(callback: Any) -> str:
+    """The best checkpoint this run saved, else its last one, else ''. A run resumed from another
+    folder inherits the earlier run's ``best_model_path`` (Lightning reloads it): that one is not
+    this run's."""
+    best, last = getattr(callback, "best_model_path", ""), getattr(callback, "last_model_path", "")
+    folder = getattr(callback, "dirpath", None)
+    if best and (folder is None or Path(best).resolve().parent == Path(folder).resolve()):
+        return best
+    return last or ""
+
+
 class StreamSSMCLI(LightningCLI):
     """LightningCLI with the streamssm defaults (see the module docstring).
 
@@ -125,6 +206,18 @@ class StreamSSMCLI(LightningCLI):
         super()._set_seed()
         return super().instantiate_trainer(**kwargs)
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run it with Lightning's checkpoint-folder warnings replaced (``CHECKPOINT_FOLDER_WARNINGS``:
+        :meth:`before_fit` checks the folders; the other subcommands save no checkpoints)."""
+        with warnings.catch_warnings():
+            for message in CHECKPOINT_FOLDER_WARNINGS:
+                warnings.filterwarnings("ignore", message=message, category=UserWarning,
+                                        module=r"lightning\.pytorch\.callbacks\.model_checkpoint")
+            super()._run_subcommand(subcommand)
+
+    def before_fit(self) -> None:
+        check_checkpoint_folders(self.trainer, self.config_init["fit"].get("ckpt_path"))
+
     def after_fit(self) -> None:
         trainer = self.trainer
         if not trainer.is_global_zero:
@@ -143,11 +236,9 @@ class StreamSSMCLI(LightningCLI):
                     else:
                         log.info("training curve: %s", png)
                 break
-        best = getattr(trainer.checkpoint_callback, "best_model_path", "") or getattr(
-            trainer.checkpoint_callback, "last_model_path", ""
-        )
-        if best:
-            log.info("checkpoint: %s", best)
+        saved = this_runs_checkpoint(trainer.checkpoint_callback)
+        if saved:
+            log.info("checkpoint: %s", saved)
 
 
 def build_cli(subcommand: str, argv: list[str]) -> StreamSSMCLI:
