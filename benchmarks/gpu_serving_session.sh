@@ -4,7 +4,7 @@
 # others' tables.
 #
 #     bash benchmarks/gpu_serving_session.sh tests     # ~6 min: GPU tests (SSD, serving kernels, conv1d, engines, workers)
-#     bash benchmarks/gpu_serving_session.sh kernels   # ~9 min: SSD S1-S3 vs mamba-ssm and fla; conv1d new vs old vs cuDNN
+#     bash benchmarks/gpu_serving_session.sh kernels   # ~10 min: SSD S1-S3 vs mamba-ssm and fla; SSD inference forward; conv1d vs cuDNN
 #     bash benchmarks/gpu_serving_session.sh serving   # ~10 min: engine, host cost, service (1 and 4 workers)
 #
 # Run from the repository root with streamssm importable and the peers under .peers/ (mamba-ssm
@@ -32,6 +32,8 @@ kernels() {
     echo "== SSD: ours vs mamba-ssm vs fla at S1-S3 (forward TFLOP/s and x byte floor), S1 kernel by kernel"
     timeout 300 python benchmarks/bench_ssd.py --shapes S1,S2,S3 --no-eager --verify-shapes S1 --profile S1 \
         --out "$OUT/ssd.md"
+    echo "== SSD inference forward: one-pass vs split vs mamba-ssm, serving rows (carried states) and S1/S2"
+    timeout 240 python benchmarks/bench_ssd_fused.py --shapes R1,R256,R384,R1024,S1,S2 --out "$OUT/ssd_fused.md"
     echo "== conv1d: the one-pass backward (both layouts) vs the one before and cuDNN; serving and long shapes"
     if git rev-parse --git-dir >/dev/null 2>&1; then
         mkdir -p "$(dirname "$OLD_CONV")" && git show 7db386b~1:kernels/conv1d/conv.py >"$OLD_CONV"
@@ -42,9 +44,9 @@ kernels() {
 }
 
 serving() {
-    echo "== engine: real-time 16 kHz streams, SSD chunk 256 vs 512 for the 320-token calls"
-    timeout 120 python benchmarks/bench_realtime.py --streams 384,512 --calls 5 --engines graphs --ssd-chunks 256,512 \
-        --profile --out "$OUT/realtime.md"
+    echo "== engine: real-time 16 kHz streams, the one-pass SSD inference forward vs the split one"
+    timeout 150 python benchmarks/bench_realtime.py --streams 384,512,1024 --calls 5 --engines graphs \
+        --ssd-forwards auto,split --profile --out "$OUT/realtime.md"
     echo "== engine host cost per call without the model (what runs serially with the GPU), 256-1024 streams"
     timeout 60 python benchmarks/bench_engine_host.py --device cuda --streams 256,512,1024 | tee "$OUT/engine_host.md"
     echo "== service: websocket clients at real-time pace (12 client processes), one process"
@@ -52,7 +54,7 @@ serving() {
         --clients 128,192 --client-procs 12 --seconds 3 --max-wall 120 --all --engine-only | tee "$OUT/service.md"
     echo "== service with 4 websocket worker processes (serve --workers 4): where one event loop stopped (~130)"
     timeout 220 python benchmarks/bench_service.py --model d512 --device cuda --dtype bfloat16 --engine graphs --prepare \
-        --workers 4 --clients 128,256,384 --client-procs 12 --seconds 3 --max-wall 180 --all | tee "$OUT/service_workers.md"
+        --workers 4 --clients 256,384,512 --client-procs 12 --seconds 3 --max-wall 180 --all | tee "$OUT/service_workers.md"
 }
 
 case "$part" in
