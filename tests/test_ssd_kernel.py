@@ -93,6 +93,9 @@ def test_non_contiguous_inputs():
     t["dt"] = t["dt"].transpose(0, 1).contiguous().transpose(0, 1)  # batch not outermost
     assert not (t["x"].is_contiguous() or t["B"].is_contiguous() or t["dt"].is_contiguous())
     _compare(want, _run("triton", t, 16))
+    fused = ssd_fused_fwd(t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], None, None, t["initial_state"], True, None)
+    assert_close("y (one-pass forward)", want["y"], fused[0], torch.float32)
+    assert_close("final (one-pass forward)", want["final"], fused[1], torch.float32)
 
 
 def test_packed_sequences_match_reference():
