@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -124,6 +125,37 @@ def test_fsdp_recipe_wraps_every_residual_block():
     assert recipe["trainer"].get("gradient_clip_val") is None
     ddp = yaml.safe_load((RECIPES / "dna_ddp.yaml").read_text())
     assert ddp["model"] == recipe["model"] and ddp["data"] == recipe["data"], "the two recipes train the same thing"
+
+
+def test_streamssm_fit_with_ddp_runs_to_the_end(tmp_path):
+    """`streamssm fit` over 2 CPU processes: every rank reaches the end and the resolved config
+    lands beside the checkpoints. Regression: the CLI's SaveConfigBesideCheckpoints read
+    ``trainer.log_dir`` (a broadcast under DDP) on rank 0 only, so rank 0 waited in it while rank 1
+    waited in the first gradient all-reduce: every multi-device `streamssm fit` hung at train start."""
+    from streamssm.datamodules import synthetic
+    from streamssm.datamodules.fasta import open_fasta
+
+    synthetic.write_fasta(tmp_path / "genome.fa", n_chrom=3, length=2000, seed=0)
+    open_fasta(tmp_path / "genome.fa").close()  # the index exists before the ranks open it
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_PORT", "LOCAL_RANK", "RANK", "WORLD_SIZE", "TRITON_INTERPRET")}
+    command = [sys.executable, "-m", "streamssm", "fit", "--config", str(RECIPES / "dna_tiny.yaml"),
+               "--data.init_args.fasta", "genome.fa", "--data.init_args.val_chroms", "[chr3]",
+               "--data.init_args.window", "64", "--data.init_args.samples_per_epoch", "64",
+               "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+               "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+               "--trainer.callbacks.dirpath", "ckpts", "--trainer.enable_progress_bar", "false"]
+    # its own session: on a hang, rank 1 (started by rank 0) is killed with it
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        raise AssertionError(f"streamssm fit with 2 DDP processes did not finish in 240 s:\n{output[-3000:]}")
+    assert proc.returncode == 0, output[-3000:]
+    assert (tmp_path / "ckpts" / "last.ckpt").is_file() and (tmp_path / "ckpts" / "config.yaml").is_file()
 
 
 if __name__ == "__main__":

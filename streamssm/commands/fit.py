@@ -107,9 +107,10 @@ class SaveConfigBesideCheckpoints(SaveConfigCallback):
     """Save ``config.yaml`` to the log directory and into each ModelCheckpoint ``dirpath``."""
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        log_dir_name = trainer.log_dir  # a broadcast from rank 0 under DDP/FSDP: every rank takes part
         if not trainer.is_global_zero:
             return
-        log_dir = Path(trainer.log_dir).resolve() if trainer.log_dir else None
+        log_dir = Path(log_dir_name).resolve() if log_dir_name else None
         for cb in trainer.checkpoint_callbacks:
             dirpath = getattr(cb, "dirpath", None)
             if not dirpath or (log_dir is not None and Path(dirpath).resolve() == log_dir):
