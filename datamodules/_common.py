@@ -1,11 +1,13 @@
 """Pieces shared by the datamodules: file resolution, split arithmetic, the epoch-keyed
-sampler behind seeded random windows, and the DataLoader boilerplate.
+samplers behind seeded random windows and shuffles, and the DataLoader boilerplate.
 
 Random windows are reproducible and differ per epoch without any state in the workers: the
 train sampler yields integer *keys* ``epoch * n + i`` (shuffled), and a dataset derives its
 window from ``numpy.random.default_rng([seed, key])``. Lightning calls ``set_epoch`` on the
 sampler (also through its ``DistributedSamplerWrapper``), so every rank and worker sees the
-same key stream and each key maps to one window.
+same key stream and each key maps to one window. The training loader is a
+``ResumableDataLoader``: its place in the epoch goes into checkpoints, and a run resumed from
+the middle of an epoch continues that epoch's order.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from streamssm.datamodules.resumable import ResumableDataLoader
 from streamssm.errors import ConfigError, DataFormatError
 from streamssm.serving import ServingSpec
 
@@ -132,11 +135,11 @@ class SpanSampler:
         return self._lengths[i] - self.need + 1
 
 
-class EpochKeySampler(Sampler[int]):
-    """Yields ``num_samples`` keys per epoch: a seeded permutation of ``epoch*n .. epoch*n+n-1``.
+class EpochShuffleSampler(Sampler[int]):
+    """Yields a seeded permutation of ``0 .. num_samples-1``, a different one each epoch.
 
-    Datasets map a key to a window with ``default_rng([seed, key])``, so windows are fresh
-    every epoch yet identical across runs, workers and ranks.
+    The order depends only on ``(seed, epoch)`` (Lightning calls ``set_epoch``), so it is the
+    same in every run, process and rank, and a resumed run can find its place in it.
     """
 
     def __init__(self, num_samples: int, seed: int = 0) -> None:
@@ -150,10 +153,24 @@ class EpochKeySampler(Sampler[int]):
     def __len__(self) -> int:
         return self.num_samples
 
-    def __iter__(self) -> Iterator[int]:
+    def _permutation(self) -> torch.Tensor:
+        """(num_samples,) int64: this epoch's order."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        base = self.epoch * self.num_samples
-        return iter((base + torch.randperm(self.num_samples, generator=g)).tolist())
+        return torch.randperm(self.num_samples, generator=g)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._permutation().tolist())
+
+
+class EpochKeySampler(EpochShuffleSampler):
+    """Yields ``num_samples`` keys per epoch: a seeded permutation of ``epoch*n .. epoch*n+n-1``.
+
+    Datasets map a key to a window with ``default_rng([seed, key])``, so windows are fresh
+    every epoch yet identical across runs, workers and ranks.
+    """
+
+    def __iter__(self) -> Iterator[int]:
+        return iter((self.epoch * self.num_samples + self._permutation()).tolist())
 
 
 class LazyHandleMixin:
@@ -232,16 +249,15 @@ class BaseDataModule(pl.LightningDataModule):
     collate_fn: Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]] | None = None
 
     def _loader(
-        self, split: str, sampler: Sampler | None = None, shuffle: bool = False, batch_size: int | None = None
+        self, split: str, sampler: EpochShuffleSampler | None = None, batch_size: int | None = None
     ) -> DataLoader:
-        ds = self._dataset(split)
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            ds,
+        """``split``'s samples in order, or in ``sampler``'s order (training): then a loader whose
+        place in the epoch is saved in checkpoints, so that a resumed run continues the epoch."""
+        loader_cls = DataLoader if sampler is None else ResumableDataLoader
+        return loader_cls(
+            self._dataset(split),
             batch_size=self.batch_size if batch_size is None else batch_size,
             sampler=sampler,
-            shuffle=shuffle if sampler is None else False,
-            generator=generator,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),  # no GPU: nothing to pin for (torch warns)
             persistent_workers=self.num_workers > 0,

@@ -619,10 +619,10 @@ class FastaDataModule(BaseDataModule):
         n = self.samples_per_epoch if isinstance(ds, RandomWindowDataset) else len(ds)
         return self._loader("train", sampler=EpochKeySampler(n, self.seed))
 
-    def _loader(self, split: str, sampler=None, shuffle: bool = False, batch_size: int | None = None):  # noqa: ANN001, ANN202
+    def _loader(self, split: str, sampler=None, batch_size: int | None = None):  # noqa: ANN001, ANN202
         """Whole regions (``whole_eval``) go one per batch: their lengths differ."""
         whole = isinstance(self._dataset(split), RegionDataset)
-        return super()._loader(split, sampler, shuffle, batch_size=1 if whole else batch_size)
+        return super()._loader(split, sampler, batch_size=1 if whole else batch_size)
 
     def predict_dataloader(self):  # noqa: ANN201 - DataLoader
         """The test windows when a test split exists, else the validation windows."""

@@ -44,6 +44,7 @@ from torch.utils.data import Dataset
 from streamssm.datamodules import ts_format
 from streamssm.datamodules._common import (
     BaseDataModule,
+    EpochShuffleSampler,
     check_fractions,
     check_positive,
     resolve_files,
@@ -573,7 +574,7 @@ class SensorDataModule(BaseDataModule):
         return {"val": self.val_fraction, "test": self.test_fraction}.get(split, 0.0)
 
     def train_dataloader(self):  # noqa: ANN201 - DataLoader
-        return self._loader("train", shuffle=True)
+        return self._loader("train", sampler=EpochShuffleSampler(len(self._dataset("train")), self.seed))
 
     def predict_dataloader(self):  # noqa: ANN201 - DataLoader
         """The test windows when a test split exists, else the validation windows."""

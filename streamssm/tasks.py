@@ -317,6 +317,17 @@ class SSMTask(pl.LightningModule):
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def on_train_start(self) -> None:
+        """Hand a resumed run's training-loader state (its place in the epoch) to the loader.
+
+        Lightning 2.6 does this when it builds the training loader, unless
+        ``estimated_stepping_batches`` (``configure_optimizers`` without ``max_steps``) built it
+        before the checkpoint was read; then the state was never handed over and the resumed
+        epoch started again from its first batch (Lightning issue #20550). Calling it again is a
+        no-op; ``ResumableDataLoader`` fixes its place at its first batch, after this hook.
+        """
+        self.trainer.fit_loop._load_combined_loader_states()
+
     # ---------------------------------------------------------------- steps
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """inputs (b, l) tokens or (b, l, c) values -> outputs (b, l, o)."""

@@ -69,8 +69,11 @@ def test_splits_by_time_do_not_leak(table):
     for split, lo, hi in (("train", 0, 420), ("val", 420, 540), ("test", 540, 600)):
         starts = dm._dataset(split).starts
         assert starts and all(lo <= s and s + 33 <= hi for s in starts)
-    loader = dm.train_dataloader()  # Lightning iterates one loader per epoch
-    orders = [[tuple(row) for b in loader for row in b["inputs"][:, 0].tolist()] for _ in range(2)]
+    loader = dm.train_dataloader()  # Lightning iterates one loader per epoch, calling set_epoch first
+    orders = []
+    for epoch in range(2):
+        loader.sampler.set_epoch(epoch)
+        orders.append([tuple(row) for b in loader for row in b["inputs"][:, 0].tolist()])
     assert sorted(orders[0]) == sorted(orders[1]) and orders[0] != orders[1]  # reshuffled each epoch
 
 
