@@ -205,8 +205,9 @@ def test_inference_calls_take_the_fused_forward(monkeypatch):
 def test_fused_forward_is_used_for_many_streams_or_short_rows():
     assert use_fused_forward(384, 16, 320)  # serving: 384 streams x 16 heads
     assert use_fused_forward(1, 8, 1024)  # one short stream
+    assert use_fused_forward(8, 24, 4096)  # S1: 192 sequence-heads of 4,096 tokens (measured faster)
+    assert not use_fused_forward(2, 32, 16384)  # S2: 64 sequence-heads of 16k tokens
     assert not use_fused_forward(1, 8, 1 << 20)  # S3: one million-step sequence, 8 heads
-    assert not use_fused_forward(8, 24, 4096)  # S1: 192 programs, 64 chunks each
 
 
 def test_chunked_float64_reference_matches_sequential():

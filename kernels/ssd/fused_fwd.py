@@ -32,9 +32,11 @@ from streamssm.kernels._common import autotune_configs
 from streamssm.kernels._triton import silu, softplus
 from streamssm.kernels.ssd.chunk_state import dot_precision
 
-#: sequences x heads from which the fused forward is used at any length: about two programs per
-#: H100 SM (132); below it only short sequences (at most ``FUSED_MAX_SHORT_LEN`` tokens) use it
-FUSED_MIN_PROGRAMS = 256
+#: sequences x heads from which the fused forward is used at any length; below it only short
+#: sequences (at most ``FUSED_MAX_SHORT_LEN`` tokens). H100 (bench_ssd_fused.py, 2026-12-06): at
+#: S1 (8 x 24 = 192 sequence-heads of 4,096 tokens) it took 0.50 ms vs the split forward's 0.65;
+#: S2 (64) and S3 (8) were not measured and keep the split forward
+FUSED_MIN_PROGRAMS = 128
 FUSED_MAX_SHORT_LEN = 1024
 
 #: (BLOCK_Q chunk tokens, BLOCK_P headdim slice, warps, stages): the (N, P) state, the (Q, N) C and
