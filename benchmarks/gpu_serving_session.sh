@@ -3,7 +3,8 @@
 # device call (<= 10 min); each command has its own time limit, so one that overruns leaves the
 # others' tables.
 #
-#     bash benchmarks/gpu_serving_session.sh tests     # ~6 min: GPU tests (SSD, serving kernels, conv1d, engines, workers)
+#     bash benchmarks/gpu_serving_session.sh tests     # ~9 min: GPU tests (SSD, serving kernels, engines, workers)
+#     bash benchmarks/gpu_serving_session.sh conv_tests  # ~8 min: conv1d GPU tests (cold autotuning)
 #     bash benchmarks/gpu_serving_session.sh kernels   # ~10 min: SSD S1-S3 vs mamba-ssm and fla; SSD inference forward; conv1d vs cuDNN
 #     bash benchmarks/gpu_serving_session.sh serving   # ~10 min: engine, host cost, service (1 and 4 workers)
 #
@@ -19,13 +20,17 @@ mkdir -p "$OUT"
 part=${1:-all}
 
 tests() {
-    echo "== GPU tests: SSD kernels vs float64, serving-path kernels, conv1d, graphs == eager, workers"
-    timeout 200 python -m pytest -q -p no:randomly -m gpu tests/test_ssd_kernel.py 2>&1 | tail -n 8 | tee "$OUT/tests.txt"
-    timeout 150 python -m pytest -q -p no:randomly -m gpu tests/test_conv1d_kernel.py -k "not int32 and not grid_axis" \
-        2>&1 | tail -n 8 | tee -a "$OUT/tests.txt"
+    echo "== GPU tests: SSD kernels (split and one-pass) vs float64, serving-path kernels, graphs == eager, workers"
+    timeout 320 python -m pytest -q -p no:randomly -m gpu tests/test_ssd_kernel.py 2>&1 | tail -n 8 | tee "$OUT/tests.txt"
     timeout 120 python -m pytest -q -p no:randomly -m gpu tests/test_gated_rms_norm_kernel.py tests/test_blocks_triton.py \
         tests/test_add_rms_norm_kernel.py tests/test_engines.py 2>&1 | tail -n 8 | tee -a "$OUT/tests.txt"
     timeout 90 python -m pytest -q -p no:randomly tests/test_service_workers.py 2>&1 | tail -n 4 | tee -a "$OUT/tests.txt"
+}
+
+conv_tests() {
+    echo "== GPU tests: conv1d vs float64 (cold autotuning of every config: ~5 min)"
+    timeout 450 python -m pytest -q -p no:randomly -m gpu tests/test_conv1d_kernel.py -k "not int32 and not grid_axis" \
+        2>&1 | tail -n 8 | tee "$OUT/conv_tests.txt"
 }
 
 kernels() {
@@ -59,9 +64,10 @@ serving() {
 
 case "$part" in
     tests) tests ;;
+    conv_tests) conv_tests ;;
     kernels) kernels ;;
     serving) serving ;;
-    all) tests; kernels; serving ;;
-    *) echo "usage: $0 [tests|kernels|serving|all]" >&2; exit 2 ;;
+    all) tests; conv_tests; kernels; serving ;;
+    *) echo "usage: $0 [tests|conv_tests|kernels|serving|all]" >&2; exit 2 ;;
 esac
 echo "== tables in $OUT"
