@@ -10,8 +10,9 @@ engine over a private socketpair each (:class:`~streamssm.service.link.Link`). B
 streams and token claims live here, a stream resumes on any worker.
 
 A worker that dies takes its connections with it (their streams are closed, not parked: the
-replay buffers were in that worker) and is started again; the other workers' streams are not
-touched. SIGTERM to this process: every worker closes its streams with 1012 and parks them
+replay buffers were in that worker; with a state dir their last write-ahead files stay, so their
+tokens resume from there as after a crash) and is started again; the other workers' streams are
+not touched. SIGTERM to this process: every worker closes its streams with 1012 and parks them
 (through this process), then exits; then the engine stops.
 """
 

@@ -2,7 +2,8 @@
 
 Streams through any worker equal the offline forward and share the engine's model calls; a
 stream resumes on whichever worker its reconnection lands on; a killed worker loses only its
-own streams (a canary on another worker stays exact) and is started again; health and metrics
+own streams (a canary on another worker stays exact; with a state dir they resume from their
+write-ahead) and is started again; health and metrics
 count the whole server; the CLI shuts down on SIGTERM with every stream parked, and a new
 server resumes them.
 """
@@ -133,6 +134,27 @@ async def test_a_killed_worker_loses_only_its_streams_and_comes_back(dna):
             await v.close()
     assert_exact(dna, bases, canary)
     assert after.results
+
+
+async def test_a_killed_workers_streams_resume_from_the_write_ahead_with_a_state_dir(dna, tmp_path):
+    """With --state-dir, a stream on a worker that dies (SIGKILL) is not lost: its client
+    reconnects (to any worker) and resumes from the stream's last write-ahead, as after a crash,
+    instead of 4410 ``stream_lost`` and a restart from its first chunk; results stay exact."""
+    bases = random_bases(60, seed=21)
+    async with workers(dna, state_dir=str(tmp_path / "state"), write_ahead_interval=0.2) as srv:
+        victim = StreamClient(srv.url, format="text", reconnect=20)
+        await victim.__aenter__()
+        await victim.send(bases[:30])
+        async with asyncio.timeout(TIMEOUT):
+            await victim._wait_until(lambda: not victim._pending and victim._saved_seq >= 0)
+        home = next(i for i, w in srv.workers.items() if w.relays)
+        srv.workers[home].process.send_signal(signal.SIGKILL)
+        await victim.send(bases[30:])
+        await victim.end(timeout=TIMEOUT)
+        await victim.close()
+    assert victim.reconnects >= 1
+    assert victim.ready.get("resumed") and victim.ready["next_seq"] > 0, victim.ready  # not a restart at 0
+    assert_exact(dna, bases, victim)
 
 
 async def test_a_server_that_cannot_start_says_why_and_leaves_nothing_running(dna, tmp_path):
