@@ -3,9 +3,8 @@
 Streams through any worker equal the offline forward and share the engine's model calls; a
 stream resumes on whichever worker its reconnection lands on; a killed worker loses only its
 own streams (a canary on another worker stays exact; with a state dir they resume from their
-write-ahead) and is started again; health and metrics
-count the whole server; the CLI shuts down on SIGTERM with every stream parked, and a new
-server resumes them.
+write-ahead) and is started again; health and metrics count the whole server; the CLI shuts
+down on SIGTERM with every stream parked, and a new server resumes them.
 """
 
 import asyncio

@@ -17,7 +17,9 @@ per chunk, with S the state entering it and Acs the in-chunk decay cumsum::
 
 Parallel over sequences x heads only, so it pays when there are many of them or the sequences
 are short (serving: hundreds of streams x a few chunks); long training-shape sequences keep the
-split forward (``use_fused_forward``). No backward: it keeps nothing for one.
+split forward (``use_fused_forward``). No backward: it keeps nothing for one. H100, bf16
+(``benchmarks/bench_ssd_fused.py``): 384 streams x 320 tokens with carried states in 1.06 ms,
+2.2x the split forward and 1.8-2.0x mamba-ssm's.
 """
 
 from __future__ import annotations
