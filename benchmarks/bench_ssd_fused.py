@@ -102,7 +102,8 @@ def main(argv=None) -> int:
             for pname, make in providers:
                 for chunk in chunks:
                     try:
-                        ms = time_graph(lambda: make(chunk)(t))
+                        run = make(chunk)
+                        ms = time_graph(lambda: run(t))
                         row = {"fwd ms graph": ms, "fused speed-up": f"{ms / t_fused:.2f}x", "Mtok/s": tokens / ms / 1e3}
                     except Exception as e:  # a peer failing must not stop the table
                         row = {"fwd ms graph": f"failed: {type(e).__name__}: {str(e)[:60]}"}

@@ -35,7 +35,7 @@ from streamssm.kernels.mamba1.scan import _as_groups, _selective_scan_bwd, _sele
 from streamssm.kernels.mamba1.step import selective_scan_step_triton
 from streamssm.kernels.mamba3.step import mamba3_step_triton
 from streamssm.kernels.ssd.combined import _ssd_scan_bwd, _ssd_scan_fwd
-from streamssm.kernels.ssd.fused_fwd import ssd_fused_fwd, use_fused_forward
+from streamssm.kernels.ssd.fused_fwd import num_sequences, ssd_fused_fwd, use_fused_forward
 from streamssm.kernels.ssd.step import ssd_step_triton
 
 Tensor = torch.Tensor
@@ -205,17 +205,16 @@ def ssd_scan_infer(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Te
 
 @register_fake("streamssm::ssd_scan_infer")
 def _(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, cu_seqlens):
-    seqs = x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    return x.new_empty(x.shape), x.new_empty(seqs, x.shape[2], x.shape[3], B.shape[3], dtype=F32)
+    return x.new_empty(x.shape), x.new_empty(num_sequences(x, cu_seqlens), x.shape[2], x.shape[3], B.shape[3],
+                                             dtype=F32)
 
 
 def ssd_scan_op(x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size, dt_softplus, cu_seqlens):
     """The SSD scan op; returns out (b, l, h, p), final (S, h, p, n) fp32. Calls that need no
     gradient take the one-pass forward when ``use_fused_forward`` says it pays (packed rows count
     their whole length as the longest sequence: no host read of cu_seqlens)."""
-    seqs = x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     if not _needs_grad(x, dt, A, B, C, D, z, dt_bias, initial_state) and use_fused_forward(
-            seqs, x.shape[2], x.shape[1]):
+            num_sequences(x, cu_seqlens), x.shape[2], x.shape[1]):
         return ssd_scan_infer(x, dt, A, B, C, D, z, dt_bias, initial_state, bool(dt_softplus), cu_seqlens)
     out, final, *_ = ssd_scan_fwd(x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size, bool(dt_softplus),
                                   cu_seqlens)

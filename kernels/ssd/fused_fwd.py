@@ -33,6 +33,7 @@ import triton.language as tl
 from streamssm.kernels._common import autotune_configs
 from streamssm.kernels._triton import silu, softplus
 from streamssm.kernels.ssd.chunk_state import dot_precision
+from streamssm.kernels.ssd.combined import _packed
 
 #: sequences x heads from which the fused forward is used at any length; below it only short
 #: sequences (at most ``FUSED_MAX_SHORT_LEN`` tokens). H100 (bench_ssd_fused.py, 2026-12-06): at
@@ -122,8 +123,9 @@ def _ssd_fused_fwd_kernel(
         if DT_SOFTPLUS:
             b_dt = softplus(b_dt)
         b_dt = tl.where(m_q, b_dt, 0.0)
-        b_acs = tl.cumsum(b_dt * b_A, axis=0)  # (BLOCK_Q,) flat past the sequence's end
-        a_last = tl.sum(b_dt * b_A, axis=0)
+        b_dA = b_dt * b_A
+        b_acs = tl.cumsum(b_dA, axis=0)  # (BLOCK_Q,) flat past the sequence's end
+        a_last = tl.sum(b_dA, axis=0)
         b_C = tl.load(p_C + t0 * s_c_l + i_g * s_c_g + o_C, mask=m_q[:, None] & m_n[None, :], other=0.0)
         b_Bt = tl.load(p_B + t0 * s_b_l + i_g * s_b_g + o_Bt, mask=m_n[:, None] & m_q[None, :], other=0.0)
         b_x = tl.load(p_x + t0 * s_x_l + i_h * s_x_h + o_x, mask=m_qp, other=0.0)
@@ -144,6 +146,11 @@ def _ssd_fused_fwd_kernel(
     tl.store(p_final + o_state, b_S, mask=m_np)
 
 
+def num_sequences(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
+    """S: the batch rows of x (b, l, ...), or the packed sequences of ``cu_seqlens`` (S + 1,)."""
+    return x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+
+
 def use_fused_forward(num_seqs: int, heads: int, longest: int) -> bool:
     """Whether an inference call of ``num_seqs`` sequences (the longest ``longest`` tokens) of
     ``heads`` heads takes the fused forward (see the thresholds above)."""
@@ -160,11 +167,9 @@ def ssd_fused_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.T
     (CUDA-graph safe, packed sequences included)."""
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
-    L = b * l
-    x2, z2 = x.reshape(L, h, p), (z.reshape(L, h, p) if z is not None else None)
-    dt2, B2, C2 = dt.reshape(L, h), B.reshape(L, g, n), C.reshape(L, g, n)
-    seqs = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    out = torch.empty(L, h, p, device=x.device, dtype=x.dtype)
+    x2, dt2, B2, C2, z2 = (_packed(t) for t in (x, dt, B, C, z))  # (L, h, p), (L, h), (L, g, n)
+    seqs = num_sequences(x, cu_seqlens)
+    out = torch.empty(b * l, h, p, device=x.device, dtype=x.dtype)
     final = torch.empty(seqs, h, p, n, device=x.device, dtype=torch.float32)
     init = initial_state.float().contiguous() if initial_state is not None else None
     zz = z2 if z2 is not None else x2
