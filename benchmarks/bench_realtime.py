@@ -1,4 +1,4 @@
-"""How many live 16 kHz streams one GPU keeps up with: ``Streamer.feed_many`` of N x 20 ms chunks.
+"""How many live 16 kHz streams one GPU keeps up with: ``Streamer.feed_batch`` (as the server calls it) of N x 20 ms chunks.
 
     python benchmarks/bench_realtime.py [--streams 64,128,256,512,1024,2048] [--chunk-ms 20]
                                         [--sample-rate 16000] [--dtype bfloat16] [--out table.md]
@@ -112,7 +112,7 @@ def main() -> int:
     torch.manual_seed(0)
     model = SSMModel(ModelConfig(**CONFIG))
     flops = matmul_flops_per_token(model)
-    table = Table(["streams", "engine", "SSD forward", "feed_many ms", "real time", "stream capacity", "forward ms",
+    table = Table(["streams", "engine", "SSD forward", "engine call ms", "real time", "stream capacity", "forward ms",
                    "engine / forward", "capture s", "forward Mtok/s", "forward TFLOP/s"])
     modes = args.ssd_forwards.split(",")
     kept = {(e, m): 0 for e in args.engines.split(",") for m in modes}
@@ -122,18 +122,18 @@ def main() -> int:
             lib.use_fused_forward = auto_choice if mode == "auto" else (lambda seqs, heads, longest: False)
             streamer = Streamer(model, capacity=n, device="cuda", dtype=dtype, engine=engine)
             chunks = {streamer.open(): torch.randint(0, 256, (chunk,)) for _ in range(n)}
-            feed = timed_ms(lambda: streamer.feed_many(chunks, outputs=False), args.calls)
+            feed = timed_ms(lambda: streamer.feed_batch(chunks, outputs=False), args.calls)
             x = torch.stack(list(chunks.values())).cuda()
             with torch.no_grad():
                 fwd = timed_ms(lambda: streamer.model(x), args.calls)
             capture_s = getattr(streamer._calls, "prepare_seconds", 0.0)  # graphs captured at first use
             kept[engine, mode] = n if feed <= args.chunk_ms else kept[engine, mode]
-            table.add(**{"streams": n, "engine": engine, "SSD forward": mode, "feed_many ms": feed,
+            table.add(**{"streams": n, "engine": engine, "SSD forward": mode, "engine call ms": feed,
                          "real time": "yes" if feed <= args.chunk_ms else "no",
                          "stream capacity": round(n * args.chunk_ms / feed), "forward ms": fwd,
                          "engine / forward": f"{feed / fwd:.2f}x", "capture s": capture_s,
                          "forward Mtok/s": n * chunk / fwd / 1e3, "forward TFLOP/s": n * chunk * flops / fwd / 1e9})
-            print(f"N={n} {engine} {mode}: feed_many {feed:.2f} ms, forward {fwd:.2f} ms, capture {capture_s:.1f} s", flush=True)
+            print(f"N={n} {engine} {mode}: engine call {feed:.2f} ms, forward {fwd:.2f} ms, capture {capture_s:.1f} s", flush=True)
             del streamer
             torch.cuda.empty_cache()
     lib.use_fused_forward = auto_choice

@@ -127,7 +127,7 @@ def server_cpu(pid: int) -> dict[str, float]:
 
 
 def engine_only(ckpt: Path, args) -> list[dict]:
-    """The Streamer alone (no websockets), as the server calls it (scores only): one feed_many of N
+    """The Streamer alone (no websockets), as the server calls it (scores only): one feed_batch of N
     streams x one chunk and of N streams x two chunks (a server behind by one chunk), median of 5."""
     import torch
 
@@ -151,7 +151,7 @@ def engine_only(ckpt: Path, args) -> list[dict]:
                 if args.device.startswith("cuda"):
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                streamer.feed_many(batch, outputs=False)  # returns CPU tensors: synchronizes
+                streamer.feed_batch(batch, outputs=False)  # returns CPU arrays: synchronizes
                 times.append(time.perf_counter() - t0)
             t = float(np.median(times[2:]))
             rows.append({"clients": n, "samples": chunks * chunk, "ms": t * 1000,
@@ -305,7 +305,7 @@ def main(argv=None) -> int:
     p.add_argument("--prepare", action="store_true",
                    help="serve --prepare: graphs captured / programs compiled before listening")
     p.add_argument("--max-wall", type=float, default=60.0, help="stop the sweep after this many seconds (server start-up not counted)")
-    p.add_argument("--engine-only", action="store_true", help="also time Streamer.feed_many alone, in-process")
+    p.add_argument("--engine-only", action="store_true", help="also time Streamer.feed_batch alone, in-process")
     p.add_argument("--workers", type=int, default=1, help="serve --workers (websocket front-end processes)")
     p.add_argument("--all", action="store_true", help="keep sweeping after the first N that is not real time")
     args = p.parse_args(argv)
@@ -336,7 +336,7 @@ def main(argv=None) -> int:
               f"{engine_loop_cell(r)} | "
               f"{r['engine_busy']:.0%} | {limit(r)} |")
     if args.engine_only:
-        print("\nengine alone (Streamer.feed_many as the server calls it, scores only, no websockets):")
+        print("\nengine alone (Streamer.feed_batch as the server calls it, scores only, no websockets):")
         print("| streams | samples per stream | ms per call | real-time streams this rate sustains |")
         print("|---|---|---|---|")
         for r in engine:

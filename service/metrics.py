@@ -28,7 +28,7 @@ class ServiceMetrics:
         self.batch_seconds = Histogram("streamssm_batch_seconds", "Wall time of one batched model call",
                                        buckets=_LATENCY_BUCKETS, registry=r)
         self.model_seconds = Counter("streamssm_model_seconds", "Engine-thread seconds in model calls "
-                                     "(Streamer.feed_many, device sync included)", registry=r)
+                                     "(Streamer.feed_batch, device sync included)", registry=r)
         self.encode_seconds = Counter("streamssm_encode_seconds", "Engine-thread seconds turning results into "
                                       "wire messages", registry=r)
         self.chunk_latency = Histogram("streamssm_chunk_latency_seconds",

@@ -33,13 +33,12 @@ import torch
 
 from streamssm.checkpoint import ServingBundle
 from streamssm.errors import ConfigError, StateError
-from streamssm.inference import ChunkResult
 
 from .backend import LocalBackend
 from .codec import ModelCodec
 from .config import ServeConfig
 from .link import Link, error_tuple
-from .scheduler import Chunk, Scheduler
+from .scheduler import Chunk, Scheduler, Slice
 
 log = logging.getLogger(__name__)
 START_TIMEOUT = 120.0  # seconds a worker may take to import torch and listen
@@ -55,10 +54,9 @@ class _Relay:
         self.link, self.key, self.scheduler = link, key, scheduler
         self.sid = -1
 
-    def part(self, chunk: Chunk, result: ChunkResult) -> tuple[np.ndarray | None, np.ndarray | None]:
+    def part(self, chunk: Chunk, result: Slice) -> tuple[np.ndarray | None, np.ndarray | None]:
         """One model call's slice of the chunk: its raw (outputs, scores), encoded in the worker."""
-        return (None if result.outputs is None else result.outputs.numpy(),
-                None if result.scores is None else result.scores.numpy())
+        return None if result.outputs is None else result.outputs.numpy(), result.scores
 
     def finish(self, chunk: Chunk, parts: list) -> list:
         return parts

@@ -26,13 +26,12 @@ import numpy as np
 import torch
 
 from streamssm.errors import ProtocolError, StateError
-from streamssm.inference import ChunkResult
 
 from .link import Link, LinkClosed
 from .metrics import ServiceMetrics
 from .protocol import SERVICE_RESTART
 from .resume import Parked, TokenMint
-from .scheduler import Chunk, Deliver, Encoder, OnError, QueueSlots, StreamQueues
+from .scheduler import Chunk, Deliver, Encoder, OnError, QueueSlots, Slice, StreamQueues
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +139,7 @@ class RemoteScheduler(StreamQueues):
             return
         chunk, raw, done = stream.encoding[0]
         outputs, scores = raw.pop(0)
-        res = ChunkResult(None if outputs is None else torch.from_numpy(outputs),
-                          None if scores is None else torch.from_numpy(scores))
+        res = Slice(None if outputs is None else torch.from_numpy(outputs), scores)
         try:
             done.append(stream.encoder.part(chunk, res))
             message = None if raw else stream.encoder.finish(chunk, done)

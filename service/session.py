@@ -29,7 +29,6 @@ from websockets.exceptions import ConnectionClosed
 
 from streamssm.checkpoint import ServingBundle
 from streamssm.errors import ProtocolError, StateError
-from streamssm.inference import ChunkResult
 
 from .codec import ModelCodec
 from .config import ServeConfig
@@ -49,7 +48,7 @@ from .protocol import (
     result_piece,
 )
 from .resume import Parked, ResumeStore
-from .scheduler import Chunk, Scheduler
+from .scheduler import Chunk, Scheduler, Slice
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -113,14 +112,14 @@ class Session:
 
     # -- called by the scheduler (engine thread) ---------------------------------------------
 
-    def part(self, chunk: Chunk, result: ChunkResult) -> tuple[ResultPiece, float, list | None]:
+    def part(self, chunk: Chunk, result: Slice) -> tuple[ResultPiece, float, list | None]:
         """One slice's results -> (encoded piece, sum of its scores, its last output row)."""
         codec, n = self.server.codec, (chunk.n if result.scores is None else int(result.scores.shape[0]))
         if result.outputs is None:  # scores only: result_piece reads just the shape (n, o)
             outputs = np.broadcast_to(np.float32(0), (n, self.server.codec.output_dim))
         else:
             outputs = codec.postprocess(result.outputs)
-        scores = None if result.scores is None else result.scores.numpy()
+        scores = result.scores
         score_sum = 0.0 if scores is None else float(scores.astype(np.float64).sum())
         last = outputs[-1].tolist() if codec.head != "lm" and len(outputs) else None
         return result_piece(outputs, scores, self.start), score_sum, last

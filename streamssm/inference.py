@@ -9,6 +9,7 @@ API (the service codes against it)::
     sid = s.open()                          # StateError("pool full ...") at capacity
     r = s.feed(sid, chunk)                  # ChunkResult for exactly the new samples
     rs = s.feed_many({sid: chunk, ...})     # one batched computation for all streams
+    b = s.feed_batch({sid: chunk, ...})     # the same, results left batched (BatchResult)
     blob = s.snapshot(sid)                  # safetensors bytes: state + last outputs + fingerprint
     sid2 = s.restore(blob)                  # StateError for a snapshot of another model
     s.close(sid); s.live                    # frees the row; number of open streams
@@ -47,6 +48,7 @@ import math
 from collections.abc import Collection
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -73,6 +75,28 @@ class ChunkResult:
 
     outputs: torch.Tensor | None  # (l, o) fp32 CPU; None when not asked for (feed_many(outputs=...))
     scores: torch.Tensor | None  # (l,) fp32 CPU, token lm only
+
+
+@dataclass
+class BatchResult:
+    """One batched call's results on the CPU, streams in call order: ``scores`` (b, L) float32
+    (token lm only; row i is valid up to ``lens[i]``), ``outputs`` (b', L, o) fp32 of the streams
+    that asked for them, ``output_row[i]`` stream i's row there (None: not asked)."""
+
+    ids: list[int]
+    lens: list[int]
+    scores: np.ndarray | None
+    outputs: torch.Tensor | None
+    output_row: list[int | None]
+
+    def chunk_results(self) -> dict[int, ChunkResult]:
+        """``{stream_id: ChunkResult}``, each cut to its stream's length (views, no copies)."""
+        uniform = len(set(self.lens)) <= 1
+        cut = (lambda t, n: t) if uniform else (lambda t, n: t[:n])
+        outs = [] if self.outputs is None else self.outputs.unbind(0)
+        scores = [None] * len(self.ids) if self.scores is None else torch.from_numpy(self.scores).unbind(0)
+        return {sid: ChunkResult(None if k is None else cut(outs[k], n), None if s is None else cut(s, n))
+                for sid, n, k, s in zip(self.ids, self.lens, self.output_row, scores)}
 
 
 class Streamer:
@@ -197,7 +221,6 @@ class Streamer:
         """Run one stream's chunk; see :meth:`feed_many`."""
         return self.feed_many({stream_id: chunk})[stream_id]
 
-    @torch.no_grad()
     def feed_many(self, chunks: dict[int, torch.Tensor],
                   outputs: bool | Collection[int] = True) -> dict[int, ChunkResult]:
         """Run the chunks of several streams as one batched computation.
@@ -208,8 +231,15 @@ class Streamer:
         and cost no (l, o) distribution on the CPU (their scores and state are the same).
         Returns ``{stream_id: ChunkResult}``.
         """
+        return self.feed_batch(chunks, outputs).chunk_results()
+
+    @torch.no_grad()
+    def feed_batch(self, chunks: dict[int, torch.Tensor],
+                   outputs: bool | Collection[int] = True) -> BatchResult:
+        """:meth:`feed_many`'s computation, its results left batched (no per-stream tensors:
+        what a server that encodes each stream's rows itself wants)."""
         if not chunks:
-            return {}
+            return BatchResult([], [], None, None, [])
         ids = list(chunks)
         rows = [self._row(sid) for sid in ids]
         xs = [self._check_chunk(sid, chunks[sid]) for sid in ids]
@@ -225,15 +255,13 @@ class Streamer:
         want = [outputs is True or (outputs is not False and sid in outputs) for sid in ids]
         y = self._run_segments(x, lens, slots)  # (b, L, o) raw fp32
         out, scores = self._finish(x, lens, slots, y, any(want))
-        # per-stream views: unbind once, and cut rows to their lengths only where they differ
-        cut = (lambda t, n: t) if len(set(lens)) == 1 else (lambda t, n: t[:n])
-        out_of: dict[int, torch.Tensor] = {}
+        output_row: list[int | None] = [None] * len(ids)
         if out is not None:
             keep = [i for i, w in enumerate(want) if w]
             out = out.cpu() if len(keep) == len(ids) else out[torch.tensor(keep, device=self.device)].cpu()
-            out_of = {i: cut(row, lens[i]) for i, row in zip(keep, out.unbind(0))}
-        score_rows = [None] * len(ids) if scores is None else [cut(row, n) for row, n in zip(scores.cpu().unbind(0), lens)]
-        return {sid: ChunkResult(out_of.get(i), score_rows[i]) for i, sid in enumerate(ids)}
+            for k, i in enumerate(keep):
+                output_row[i] = k
+        return BatchResult(ids, lens, None if scores is None else scores.cpu().numpy(), out, output_row)
 
     def _run_segments(self, x: torch.Tensor, lens: list[int], slots: torch.Tensor) -> torch.Tensor:
         """Raw fp32 model outputs y (b, L, o), by rounds over the distinct chunk lengths (rows

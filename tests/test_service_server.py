@@ -475,8 +475,8 @@ async def test_scheduler_batches_all_pending_streams_into_one_call(ckpts, batchi
 
     streamer = _streamer(ckpts["dna"])
     calls = []
-    real = streamer.feed_many
-    streamer.feed_many = lambda chunks: (calls.append(sorted(len(v) for v in chunks.values())), real(chunks))[1]
+    real = streamer.feed_batch
+    streamer.feed_batch = lambda chunks, outputs=True: (calls.append(sorted(len(v) for v in chunks.values())), real(chunks, outputs))[1]
     sched, sent = Scheduler(streamer, queue_depth=4, batching=batching), []
     await sched.start()
     try:
@@ -502,8 +502,8 @@ async def test_default_settings_run_a_20_ms_frame_of_every_stream_in_one_call(ck
 
     streamer = _streamer(ckpts["dna"])
     calls = []
-    real = streamer.feed_many
-    streamer.feed_many = lambda chunks: (calls.append(sorted(len(v) for v in chunks.values())), real(chunks))[1]
+    real = streamer.feed_batch
+    streamer.feed_batch = lambda chunks, outputs=True: (calls.append(sorted(len(v) for v in chunks.values())), real(chunks, outputs))[1]
     sched, sent = Scheduler(streamer, slice_samples=ServeConfig().slice_samples), []
     await sched.start()
     try:
@@ -527,8 +527,8 @@ async def test_batch_wait_lets_staggered_streams_share_one_call(ckpts):
 
     streamer = _streamer(ckpts["dna"])
     calls = []
-    real = streamer.feed_many
-    streamer.feed_many = lambda chunks: (calls.append(sorted(chunks)), real(chunks))[1]
+    real = streamer.feed_batch
+    streamer.feed_batch = lambda chunks, outputs=True: (calls.append(sorted(chunks)), real(chunks, outputs))[1]
     sched, sent = Scheduler(streamer, batch_wait=5.0), []
     await sched.start()
     try:
@@ -594,14 +594,14 @@ async def test_a_failing_stream_does_not_take_others_down(ckpts):
     await sched.start()
     try:
         good, bad = await _open(sched, sent, "good"), await _open(sched, sent, "bad")
-        real = streamer.feed_many
+        real = streamer.feed_batch
 
-        def flaky(chunks):  # the model call fails whenever the "bad" stream is in it
+        def flaky(chunks, outputs=True):  # the model call fails whenever the "bad" stream is in it
             if bad in chunks:
                 raise RuntimeError("device fault")
-            return real(chunks)
+            return real(chunks, outputs)
 
-        streamer.feed_many = flaky
+        streamer.feed_batch = flaky
         await sched.submit(good, Chunk(0, 0, torch.tensor([1, 2])))
         await sched.submit(bad, Chunk(0, 0, torch.tensor([3])))
         async with asyncio.timeout(TIMEOUT):
