@@ -4,7 +4,9 @@ one of a few fixed-shape programs (a captured CUDA graph: ``streamssm.cuda_graph
 
 A call of ``b`` streams over ``l`` samples is served by programs for (bucket ``B``, length ``L``):
 
-* ``B``: the smallest power of two >= b (capped at the pool capacity). The b real streams fill
+* ``B``: the smallest bucket >= b: powers of two up to 16, then two per octave (16, 24, 32, 48,
+  64, 96, ...), capped at the pool capacity, so padding wastes at most a third of a call's rows
+  past 16 streams (powers of two wasted up to half: 40 streams ran as 64). The b real streams fill
   the first b rows of the static inputs; the B - b padding rows read token 0 / zeros and point
   at the pool's scratch row (index ``capacity``, never handed to a stream), so padding never
   touches a stream's state.
@@ -47,6 +49,15 @@ def power_buckets(limit: int) -> list[int]:
     return out if out[-1] == limit else [*out, limit]
 
 
+def stream_buckets(limit: int) -> list[int]:
+    """1, 2, 4, 8, 16, then 24, 32, 48, 64, 96, ... (2^k and 1.5 * 2^k) below ``limit``, then ``limit``."""
+    out = [n for n in power_buckets(limit) if n <= 16]
+    while out[-1] < limit:
+        top = out[-1]  # 2^k -> 1.5 * 2^k -> 2^(k+1)
+        out.append(min(top * 3 // 2 if top & (top - 1) == 0 else top * 4 // 3, limit))
+    return out
+
+
 def split_length(length: int, lengths: list[int]) -> list[int]:
     """Cut ``length`` into pieces from ``lengths`` (sorted, containing 1), largest first."""
     pieces, left = [], length
@@ -75,7 +86,7 @@ class BucketedCalls(EagerCalls):
         self.max_tokens = max_tokens
         device = next(model.parameters()).device
         self.scratch = capacity
-        self.buckets = power_buckets(capacity)
+        self.buckets = stream_buckets(capacity)
         self.lengths = sorted(set(power_buckets(max_length)) | set(extra_lengths))
         b_max, l_max = self.buckets[-1], self.lengths[-1]
         cfg = model.cfg

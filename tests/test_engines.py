@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from streamssm.bucketed import BucketedCalls, power_buckets, split_length
+from streamssm.bucketed import BucketedCalls, power_buckets, split_length, stream_buckets
 from streamssm.errors import ConfigError
 from streamssm.inference import Streamer
 from streamssm.models import ModelConfig, SSMModel
@@ -85,6 +85,17 @@ def test_split_length_and_buckets():
     assert split_length(11, lengths) == [8, 3]
     assert split_length(7, lengths) == [4, 3]
     assert sum(split_length(13, lengths)) == 13 and split_length(0, lengths) == []
+
+
+def test_stream_buckets_pad_at_most_a_third_of_a_call_past_16_streams():
+    """Regression (GPU service, 256 clients on 4 workers): calls of ~40 streams ran as bucket 64
+    (powers of two), a third of the GPU's work on padding rows; the service then fell behind."""
+    buckets = stream_buckets(1024)
+    assert buckets[:8] == [1, 2, 4, 8, 16, 24, 32, 48] and buckets[-3:] == [512, 768, 1024]
+    for b in range(17, 1025):
+        bucket = next(n for n in buckets if n >= b)
+        assert (bucket - b) / bucket < 1 / 3, b
+    assert stream_buckets(5) == [1, 2, 4, 5] and stream_buckets(100)[-3:] == [64, 96, 100]
 
 
 @pytest.mark.parametrize("name", list(MODELS))
