@@ -8,10 +8,10 @@ over, delivery, queue slots).
                                            [--vocab 256] [--device cpu|cuda]
 
 Each round submits one chunk of ``samples`` tokens for every stream and waits until all are
-delivered (one feed_many per round, as the uniform batching of a steady real-time load).
+delivered (one model call per round, as the uniform batching of a steady real-time load).
 Streams are ``serve --workers`` streams (their results go to a link, encoded in the worker);
 the single-process server also encodes in the engine thread (bench_service's encode ms).
-Columns: ms per round, of which the engine thread's (feed_many + hand-over) and the rest (the
+Columns: ms per round, of which the engine thread's (launch + collect + hand-over) and the rest (the
 event loop: submit, gather, deliver), and both per stream. The stand-in returns a preallocated
 (b, l, vocab) zero tensor; the mu-law LM's scores (logsumexp over the vocab) still run, on the
 device. Best of 5 repeats. Absolute times are this host CPU's (the GPU server's host counts).
@@ -61,16 +61,17 @@ async def measure(streams: int, samples: int, rounds: int, vocab: int, device: s
         relays.append(relay)
     x = torch.randint(0, vocab, (samples,))
     engine = [0.0]
-    compute = sched._compute
 
-    def timed(batch, timing):
-        t0 = time.perf_counter()
-        try:
-            return compute(batch, timing)
-        finally:
-            engine[0] += time.perf_counter() - t0
+    def timed(step):
+        def run(*args):
+            t0 = time.perf_counter()
+            try:
+                return step(*args)
+            finally:
+                engine[0] += time.perf_counter() - t0
+        return run
 
-    sched._compute = timed
+    sched._launch, sched._collect = timed(sched._launch), timed(sched._collect)
 
     async def one_round(seq: int) -> None:
         for r in relays:

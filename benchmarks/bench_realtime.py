@@ -8,7 +8,9 @@ d_state 128, SSD chunk 256) as a mu-law audio LM (256 tokens), in ``--dtype``. E
 open streams one chunk of ``sample_rate * chunk_ms / 1000`` tokens through the chunked path
 (state gathered from the pool, model forward, state written back) and returns per-token
 scores only (``outputs=False``: what the service computes for clients that do not ask for
-distributions). N streams are real time when one call takes at most ``chunk_ms``. Also timed:
+distributions). ``engine call ms``: one call, waited for; ``pipelined ms``: per call of calls
+launched back to back, each one's results read after the next is launched (the service's engine
+loop); N streams are real time when a pipelined call takes at most ``chunk_ms``. Also timed:
 the bare model forward over the same (N, chunk) tokens from a zero state (the compute the
 engine cannot avoid), as ms, tokens/s and TFLOP/s of the matmuls (2 x matmul weights per token).
 Times are medians of ``--calls`` calls after 2 warm-up calls, synchronized wall clock.
@@ -51,6 +53,22 @@ def timed_ms(fn, calls: int) -> float:
         if i >= 2:
             times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times)
+
+
+def pipelined_ms(streamer: Streamer, chunks: dict, calls: int) -> float:
+    """ms per call of back-to-back calls, each one's results read after the next is launched (the
+    service engine's pipeline: the host work of one call overlaps the device work of the other)."""
+    streamer.launch(chunks, outputs=False).result()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    previous = None
+    for _ in range(calls):
+        pending = streamer.launch(chunks, outputs=False)
+        if previous is not None:
+            previous.result()
+        previous = pending
+    previous.result()
+    return 1e3 * (time.perf_counter() - t0) / calls
 
 
 def matmul_flops_per_token(model: SSMModel) -> float:
@@ -112,8 +130,8 @@ def main() -> int:
     torch.manual_seed(0)
     model = SSMModel(ModelConfig(**CONFIG))
     flops = matmul_flops_per_token(model)
-    table = Table(["streams", "engine", "SSD forward", "engine call ms", "real time", "stream capacity", "forward ms",
-                   "engine / forward", "capture s", "forward Mtok/s", "forward TFLOP/s"])
+    table = Table(["streams", "engine", "SSD forward", "engine call ms", "pipelined ms", "real time", "stream capacity",
+                   "forward ms", "engine / forward", "capture s", "forward Mtok/s", "forward TFLOP/s"])
     modes = args.ssd_forwards.split(",")
     kept = {(e, m): 0 for e in args.engines.split(",") for m in modes}
     auto_choice = lib.use_fused_forward
@@ -123,17 +141,18 @@ def main() -> int:
             streamer = Streamer(model, capacity=n, device="cuda", dtype=dtype, engine=engine)
             chunks = {streamer.open(): torch.randint(0, 256, (chunk,)) for _ in range(n)}
             feed = timed_ms(lambda: streamer.feed_batch(chunks, outputs=False), args.calls)
+            piped = pipelined_ms(streamer, chunks, 3 * args.calls)
             x = torch.stack(list(chunks.values())).cuda()
             with torch.no_grad():
                 fwd = timed_ms(lambda: streamer.model(x), args.calls)
             capture_s = getattr(streamer._calls, "prepare_seconds", 0.0)  # graphs captured at first use
-            kept[engine, mode] = n if feed <= args.chunk_ms else kept[engine, mode]
+            kept[engine, mode] = n if piped <= args.chunk_ms else kept[engine, mode]
             table.add(**{"streams": n, "engine": engine, "SSD forward": mode, "engine call ms": feed,
-                         "real time": "yes" if feed <= args.chunk_ms else "no",
-                         "stream capacity": round(n * args.chunk_ms / feed), "forward ms": fwd,
-                         "engine / forward": f"{feed / fwd:.2f}x", "capture s": capture_s,
+                         "pipelined ms": piped, "real time": "yes" if piped <= args.chunk_ms else "no",
+                         "stream capacity": round(n * args.chunk_ms / piped), "forward ms": fwd,
+                         "engine / forward": f"{piped / fwd:.2f}x", "capture s": capture_s,
                          "forward Mtok/s": n * chunk / fwd / 1e3, "forward TFLOP/s": n * chunk * flops / fwd / 1e9})
-            print(f"N={n} {engine} {mode}: engine call {feed:.2f} ms, forward {fwd:.2f} ms, capture {capture_s:.1f} s", flush=True)
+            print(f"N={n} {engine} {mode}: engine call {feed:.2f} ms, pipelined {piped:.2f} ms, forward {fwd:.2f} ms, capture {capture_s:.1f} s", flush=True)
             del streamer
             torch.cuda.empty_cache()
     lib.use_fused_forward = auto_choice
@@ -145,7 +164,7 @@ def main() -> int:
     if args.ssd_chunks:
         profiled += "\n\n" + ssd_chunk_table(model.to("cuda", dtype), x, args).markdown()
     text = (f"{run_tag()}\n4-layer d_model 512 Mamba-2 mu-law LM ({args.dtype}), {args.sample_rate} Hz streams fed "
-            f"{args.chunk_ms:g} ms chunks ({chunk} tokens), scores only; stream capacity = N x chunk / call time. "
+            f"{args.chunk_ms:g} ms chunks ({chunk} tokens), scores only; stream capacity = N x chunk / pipelined call time. "
             f"Largest N kept real time: {kept}.\n\n" + table.markdown() + profiled)
     report(text, args.out)
     return 0

@@ -1,13 +1,16 @@
-"""The engine: one loop that batches the pending work of all live streams into one
-``Streamer.feed_batch`` call, run in a single worker thread (model compute never runs on the
-event loop; the Streamer is touched by that one thread only, so it needs no lock).
+"""The engine: one loop that batches the pending work of all live streams into one model call
+(``Streamer.launch``), run in a single worker thread (model compute never runs on the event
+loop; the Streamer is touched by that one thread only, so it needs no lock). Calls are
+pipelined: call k + 1 is gathered and launched before call k is collected, so on a GPU the
+host's per-call work (validating, stacking, encoding) overlaps the device's.
 
 Per stream::
 
     submit(sid, chunk) --(bounded: waits while queue_depth chunks are unanswered)--> pending
     engine: take at most ``slice_samples`` samples of every stream's pending chunks (a large
             chunk is cut into slices computed in successive calls, interleaved with the other
-            streams) -> feed_batch (thread) -> encoder.part(slice) (thread)
+            streams) -> launch (thread) ... collect (thread, after the next launch)
+            -> encoder.part(slice) (thread)
             -> when a chunk's last slice is done: encoder.finish(chunk, parts) (thread)
             -> deliver(chunk, message) (loop)
     the connection's sender sends the message, then calls done(sid) to free one queue slot
@@ -19,7 +22,8 @@ result has been sent, so a client that sends faster than the model runs, or read
 slower than they come, is slowed; the engine itself never waits on any client. Lifecycle calls
 (open, restore, snapshot, close) go through the same single-thread executor, so they are
 ordered after any compute already submitted; ``close`` first lets the engine finish a chunk
-it has started, so a snapshot always lies on a chunk boundary.
+it has started and collect the calls that hold it, so a snapshot always lies on a chunk
+boundary of the delivered results.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import numpy as np
 import torch
 
 from streamssm.errors import ConfigError, StateError
-from streamssm.inference import Streamer
+from streamssm.inference import PendingBatch, Streamer
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +133,7 @@ class _Stream:
     progress: asyncio.Event = field(default_factory=asyncio.Event)  # set after each delivery
     computed: tuple[int, int] = (0, 0)  # (chunks, samples) whose results exist (worker thread)
     partial: bool = False  # a chunk is computed only in part (worker thread)
+    in_flight: int = 0  # launched model calls not yet collected that hold this stream's slices
 
     @property
     def backlog(self) -> int:
@@ -173,6 +178,18 @@ class StreamQueues:
     async def drain(self, sid: int) -> None:
         """Wait until every submitted chunk of ``sid`` has been answered and sent."""
         await self._get(sid).slots.drain()
+
+
+
+@dataclass
+class _Launched:
+    """One model call between its launch and its collection."""
+
+    batch: dict[int, Pieces]
+    t0: float  # perf_counter at launch
+    timing: list[float] = field(default_factory=lambda: [0.0, 0.0])  # engine-thread s: model, encoding
+    pending: PendingBatch | None = None
+    error: BaseException | None = None  # the launch failed (no state changed)
 
 
 class Scheduler(StreamQueues):
@@ -272,6 +289,9 @@ class Scheduler(StreamQueues):
         stream = self._get(sid)
         if stream.pending or stream.failed:
             raise StateError(f"stream {sid} cannot be reset with chunks pending or after a failure")
+        while stream.in_flight and not stream.failed:  # its last slices still to be collected
+            stream.progress.clear()
+            await stream.progress.wait()
         new = await self._call(self._reopen, sid)
         self._streams[new] = self._streams.pop(sid)
         stream.sid, stream.computed = new, (computed, stream.computed[1])
@@ -295,7 +315,9 @@ class Scheduler(StreamQueues):
             while len(stream.pending) > keep:
                 stream.pending.pop()
                 stream.slots.answered()
-            while stream.pending and not stream.failed:
+            # a snapshot waits for the started chunk and for any launched call that holds its
+            # slices (the pool row advances in launch order, the delivered results at collection)
+            while (stream.pending or (snapshot and stream.in_flight)) and not stream.failed:
                 stream.progress.clear()
                 self._wakeup.set()
                 await stream.progress.wait()
@@ -311,45 +333,84 @@ class Scheduler(StreamQueues):
 
     async def checkpoint(self, sid: int) -> tuple[bytes, int, int] | None:
         """A snapshot of a live stream with the (chunks, samples) it covers, taken between two
-        model calls; None when the stream is gone or in the middle of a chunk."""
+        model calls; None when the stream is gone, in the middle of a chunk or in a launched call
+        not yet collected."""
         if sid not in self._streams:
             return None
         return await self._call(self._checkpoint, sid)
 
     def _checkpoint(self, sid: int) -> tuple[bytes, int, int] | None:
         stream = self._streams.get(sid)
-        if stream is None or stream.partial or stream.failed:
+        if stream is None or stream.partial or stream.failed or stream.in_flight:
             return None
         return (self.streamer.snapshot(sid), *stream.computed)
 
     # ------------------------------------------------------------------ the engine loop
 
     async def _run(self) -> None:
+        """Gather, launch, and collect the previous call: call k + 1 is prepared and queued on the
+        device while call k runs, so the host's per-call work hides behind the device's (CUDA;
+        on the CPU a launch computes, and the pipeline only reorders the same work). Call k + 1
+        goes out early only while streams are backlogged (at least half as many have samples
+        pending as call k holds); otherwise the engine collects call k first and the streams'
+        next chunks gather into one larger call, as a call's fixed cost wants."""
+        in_flight: _Launched | None = None
         while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            if self.batch_wait > 0:
-                await self._wait_for_more()
-            batch = self._gather()
-            if not batch:
-                continue
-            t0 = time.perf_counter()
-            timing = [0.0, 0.0]  # engine-thread seconds: model calls, encoding
+            if in_flight is None:
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                if self.batch_wait > 0:
+                    await self._wait_for_more()
+            if in_flight is None or 2 * self._ready_streams() >= len(in_flight.batch):
+                batch = self._gather()
+            else:
+                batch = {}
+                self._wakeup.set()  # what is pending goes out right after the collection
+            launched = await self._launch_batch(batch) if batch else None
+            if in_flight is not None:
+                await self._land(in_flight)
+            if launched is not None and launched.error is not None:  # before any later call of its streams
+                await self._land(launched)
+                launched = None
+            in_flight = launched
+
+    async def _launch_batch(self, batch: dict[int, Pieces]) -> _Launched:
+        launched = _Launched(batch, time.perf_counter())
+        for sid in batch:
+            self._streams[sid].in_flight += 1
+        try:
+            launched.pending = await self._call(self._launch, batch, launched.timing)
+        except Exception as exc:  # noqa: BLE001 - a chunk failed validation: nothing ran; retried per stream
+            launched.error = exc
+        return launched
+
+    async def _land(self, launched: _Launched) -> None:
+        """Collect a launched call (or, when its launch failed, run its streams one by one so the
+        bad one fails alone), then deliver."""
+        batch, timing = launched.batch, launched.timing
+        if launched.error is None:
             try:
-                outcome = await self._call(self._compute, batch, timing)
-            except Exception:  # noqa: BLE001 - never let the engine die; isolate per stream below
-                log.exception("batched compute failed for %d streams; retrying them one by one", len(batch))
-                outcome = {}
-                for sid, pieces in batch.items():
-                    try:
-                        outcome.update(await self._call(self._compute, {sid: pieces}, timing))
-                    except Exception as exc:  # noqa: BLE001
-                        outcome[sid] = exc
-            self.batches += 1
-            if self.metrics is not None:
-                self.metrics.observe_batch(len(batch), sum(b - a for ps in batch.values() for _, a, b in ps),
-                                           time.perf_counter() - t0, *timing)
-            self._deliver(batch, outcome)
+                outcome = await self._call(self._collect, batch, launched.pending, timing)
+            except Exception as exc:  # noqa: BLE001 - the device call itself failed: all its streams
+                log.exception("batched compute failed for %d streams", len(batch))
+                outcome = dict.fromkeys(batch, exc)
+        else:
+            log.warning("batched compute failed for %d streams (%s); retrying them one by one", len(batch),
+                        launched.error)
+            outcome = {}
+            for sid, pieces in batch.items():
+                try:
+                    outcome.update(await self._call(self._compute, {sid: pieces}, timing))
+                except Exception as exc:  # noqa: BLE001
+                    outcome[sid] = exc
+        for sid in batch:
+            if (stream := self._streams.get(sid)) is not None:
+                stream.in_flight -= 1
+        self.batches += 1
+        if self.metrics is not None:
+            self.metrics.observe_batch(len(batch), sum(b - a for ps in batch.values() for _, a, b in ps),
+                                       time.perf_counter() - launched.t0, *timing)
+        self._deliver(batch, outcome)
 
     async def _wait_for_more(self) -> None:
         """Wait up to ``batch_wait`` seconds until every live stream has samples pending, so that
@@ -367,6 +428,9 @@ class Scheduler(StreamQueues):
             except TimeoutError:
                 return
             self._wakeup.clear()
+
+    def _ready_streams(self) -> int:
+        return sum(1 for s in self._streams.values() if s.pending and not s.failed)
 
     def _gather(self) -> dict[int, Pieces]:
         """Take at most ``slice_samples`` pending samples of every ready stream.
@@ -401,39 +465,55 @@ class Scheduler(StreamQueues):
                 self._wakeup.set()  # leftovers go in the next call
         return batch
 
-    def _compute(self, batch: dict[int, Pieces], timing: list[float]) -> dict[int, list[tuple[Chunk, Any]]]:
-        """Worker thread: one feed_batch over all streams (a stream's slices are concatenated in
-        time), then encode each slice and finish each chunk whose last slice this was. Adds the
-        seconds of the model call and of the encoding to ``timing`` [model, encode]."""
+    def _launch(self, batch: dict[int, Pieces], timing: list[float]) -> PendingBatch:
+        """Worker thread: one Streamer.launch over all streams (a stream's slices concatenated in
+        time). Adds its seconds to ``timing[0]``."""
         t0 = time.perf_counter()
         joined = {sid: torch.cat([c.x[a:b] for c, a, b in pieces]) if len(pieces) > 1 else _piece(*pieces[0])
                   for sid, pieces in batch.items()}
         want = {sid for sid in batch if (s := self._streams.get(sid)) is None or s.outputs}
-        res = self.streamer.feed_batch(joined, True if len(want) == len(batch) else want)
+        pending = self.streamer.launch(joined, True if len(want) == len(batch) else want)
+        timing[0] += time.perf_counter() - t0
+        return pending
+
+    def _collect(self, batch: dict[int, Pieces], pending: PendingBatch,
+                 timing: list[float]) -> dict[int, list[tuple[Chunk, Any]] | BaseException]:
+        """Worker thread: wait for a launched call, then encode each slice and finish each chunk
+        whose last slice this was (a stream whose encoder fails gets its exception, the others go
+        on). Adds the seconds of the wait to ``timing[0]`` and of the encoding to ``timing[1]``."""
+        t0 = time.perf_counter()
+        res = pending.result()
         t1 = time.perf_counter()
         rows = [] if res.outputs is None else res.outputs.unbind(0)
-        out: dict[int, list[tuple[Chunk, Any]]] = {}
+        out: dict[int, list[tuple[Chunk, Any]] | BaseException] = {}
         for (sid, pieces), k, score_row in zip(batch.items(), res.output_row,
                                                  res.scores if res.scores is not None else [None] * len(batch)):
             stream, finished, pos = self._streams.get(sid), [], 0
+            out[sid] = finished
             if stream is None:
-                out[sid] = finished
                 continue
             outputs = None if k is None else rows[k]
-            for chunk, a, b in pieces:  # numpy row slices: views, ~0.2 us each
-                part = Slice(None if outputs is None else outputs[pos:pos + b - a],
-                             None if score_row is None else score_row[pos:pos + b - a])
-                pos += b - a
-                chunk.parts.append(stream.encoder.part(chunk, part))
-                stream.partial = b < chunk.n
-                if not stream.partial:
-                    finished.append((chunk, stream.encoder.finish(chunk, chunk.parts)))
-                    chunk.parts = []
-                    stream.computed = (chunk.seq + 1, chunk.start + chunk.n)
-            out[sid] = finished
+            try:
+                for chunk, a, b in pieces:  # numpy row slices: views, ~0.2 us each
+                    part = Slice(None if outputs is None else outputs[pos:pos + b - a],
+                                 None if score_row is None else score_row[pos:pos + b - a])
+                    pos += b - a
+                    chunk.parts.append(stream.encoder.part(chunk, part))
+                    stream.partial = b < chunk.n
+                    if not stream.partial:
+                        finished.append((chunk, stream.encoder.finish(chunk, chunk.parts)))
+                        chunk.parts = []
+                        stream.computed = (chunk.seq + 1, chunk.start + chunk.n)
+            except Exception as exc:  # noqa: BLE001 - this stream's results cannot be encoded
+                log.exception("encoding the results of stream %d failed", sid)
+                out[sid] = exc
         timing[0] += t1 - t0
         timing[1] += time.perf_counter() - t1
         return out
+
+    def _compute(self, batch: dict[int, Pieces], timing: list[float]) -> dict[int, Any]:
+        """Worker thread: launch and collect at once (a failed call's streams, one by one)."""
+        return self._collect(batch, self._launch(batch, timing), timing)
 
     def _deliver(self, batch: dict[int, Pieces], outcome: dict[int, Any]) -> None:
         now = time.perf_counter()

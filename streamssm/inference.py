@@ -10,6 +10,7 @@ API (the service codes against it)::
     r = s.feed(sid, chunk)                  # ChunkResult for exactly the new samples
     rs = s.feed_many({sid: chunk, ...})     # one batched computation for all streams
     b = s.feed_batch({sid: chunk, ...})     # the same, results left batched (BatchResult)
+    p = s.launch({sid: chunk, ...})         # the same, not waiting for the device; p.result()
     blob = s.snapshot(sid)                  # safetensors bytes: state + last outputs + fingerprint
     sid2 = s.restore(blob)                  # StateError for a snapshot of another model
     s.close(sid); s.live                    # frees the row; number of open streams
@@ -98,6 +99,23 @@ class BatchResult:
         return {sid: ChunkResult(None if k is None else cut(outs[k], n), None if s is None else cut(s, n))
                 for sid, n, k, s in zip(self.ids, self.lens, self.output_row, scores)}
 
+
+
+@dataclass
+class PendingBatch:
+    """A launched :meth:`Streamer.launch`: its BatchResult once ``result()`` has waited for the
+    device (``done``; None on the CPU) to fill the scores (b, L) copy."""
+
+    batch: BatchResult
+    scores: torch.Tensor | None
+    done: torch.cuda.Event | None
+
+    def result(self) -> BatchResult:
+        if self.done is not None:
+            self.done.synchronize()
+        if self.scores is not None:
+            self.batch.scores = self.scores.numpy()
+        return self.batch
 
 class Streamer:
     """Many streams through one model over a preallocated state pool (module docstring).
@@ -233,13 +251,22 @@ class Streamer:
         """
         return self.feed_batch(chunks, outputs).chunk_results()
 
-    @torch.no_grad()
     def feed_batch(self, chunks: dict[int, torch.Tensor],
                    outputs: bool | Collection[int] = True) -> BatchResult:
         """:meth:`feed_many`'s computation, its results left batched (no per-stream tensors:
         what a server that encodes each stream's rows itself wants)."""
+        return self.launch(chunks, outputs).result()
+
+    @torch.no_grad()
+    def launch(self, chunks: dict[int, torch.Tensor],
+               outputs: bool | Collection[int] = True) -> PendingBatch:
+        """Queue :meth:`feed_batch`'s work and return without waiting for the device (CUDA: the
+        inputs and indices go up and the results come back by pinned, non-blocking copies, so the
+        host may prepare the next call while this one runs; the pool carries each stream's state
+        from call to call in launch order). ``PendingBatch.result()`` waits and returns the
+        BatchResult. Validation errors are raised here, before any state changes."""
         if not chunks:
-            return BatchResult([], [], None, None, [])
+            return PendingBatch(BatchResult([], [], None, None, []), None, None)
         ids = list(chunks)
         rows = [self._row(sid) for sid in ids]
         xs = [self._check_chunk(sid, chunks[sid]) for sid in ids]
@@ -250,18 +277,40 @@ class Streamer:
             x = torch.nn.utils.rnn.pad_sequence(xs, batch_first=True)  # (b, L) tokens | (b, L, c) values
         if self.cfg.input_kind == "tokens" and x.numel():
             self._check_token_range(ids, xs, x)
-        x = x.to(self.device)
-        slots = torch.tensor(rows, device=self.device, dtype=torch.long)
+        x = self._upload(x)
+        slots = self._index(rows)
         want = [outputs is True or (outputs is not False and sid in outputs) for sid in ids]
         y = self._run_segments(x, lens, slots)  # (b, L, o) raw fp32
         out, scores = self._finish(x, lens, slots, y, any(want))
         output_row: list[int | None] = [None] * len(ids)
         if out is not None:
             keep = [i for i, w in enumerate(want) if w]
-            out = out.cpu() if len(keep) == len(ids) else out[torch.tensor(keep, device=self.device)].cpu()
+            out = self._download(out if len(keep) == len(ids) else out[self._index(keep)])
             for k, i in enumerate(keep):
                 output_row[i] = k
-        return BatchResult(ids, lens, None if scores is None else scores.cpu().numpy(), out, output_row)
+        scores = None if scores is None else self._download(scores)
+        done = None
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        return PendingBatch(BatchResult(ids, lens, None, out, output_row), scores, done)
+
+    def _upload(self, t: torch.Tensor) -> torch.Tensor:
+        """A CPU tensor on the device without waiting for queued device work (a plain ``.to``
+        synchronizes the stream: the next call could not be prepared while one runs)."""
+        if self.device.type == "cuda" and t.device.type == "cpu":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    def _index(self, values: list[int]) -> torch.Tensor:
+        return self._upload(torch.tensor(values, dtype=torch.long))
+
+    def _download(self, t: torch.Tensor) -> torch.Tensor:
+        """A device tensor's copy on the CPU, filled asynchronously on CUDA (pinned)."""
+        if self.device.type != "cuda":
+            return t.cpu()
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return host.copy_(t, non_blocking=True)
 
     def _run_segments(self, x: torch.Tensor, lens: list[int], slots: torch.Tensor) -> torch.Tensor:
         """Raw fp32 model outputs y (b, L, o), by rounds over the distinct chunk lengths (rows
@@ -272,7 +321,7 @@ class Streamer:
         for end in sorted(set(lens) - {0}):
             live = [i for i, n in enumerate(lens) if n >= end]  # streams with samples in [start, end)
             every = len(live) == b
-            active = None if every else torch.tensor(live, device=self.device)
+            active = None if every else self._index(live)
             rows = slots if every else slots.index_select(0, active)
             xa = x[:, start:end] if every else x[active, start:end]
             out = self._calls(xa, rows).float()
@@ -297,8 +346,7 @@ class Streamer:
         last = None
         if fed:  # raw y at each fed stream's last sample, (b', o)
             every = len(fed) == len(lens) and len(set(lens)) == 1
-            last = y[:, -1] if every else y[torch.tensor(fed, device=self.device),
-                                            torch.tensor([lens[i] - 1 for i in fed], device=self.device)]
+            last = y[:, -1] if every else y[self._index(fed), self._index([lens[i] - 1 for i in fed])]
         scores = None
         if head == "lm" and self.cfg.input_kind == "tokens" and not y.shape[1]:
             scores = y.new_zeros(y.shape[0], 0)
@@ -312,7 +360,7 @@ class Streamer:
                 scores = torch.cat([scores, rest], dim=1)  # (b, L)
         if last is not None:
             self.last_output.index_copy_(0, slots if len(fed) == len(lens) else
-                                         slots.index_select(0, torch.tensor(fed, device=self.device)),
+                                         slots.index_select(0, self._index(fed)),
                                          head_output(head, last))
         return (head_output(head, y) if want else None), scores
 

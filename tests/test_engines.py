@@ -36,13 +36,14 @@ def sample(model: SSMModel, length: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randn(length, CHANNELS, generator=gen)
 
 
-def run_churn(streamer: Streamer, seed: int, rounds: int = 14) -> list:
+def run_churn(streamer: Streamer, seed: int, rounds: int = 14, pipelined: bool = False) -> list:
     """Feed random chunk lengths (0, 1, split and whole segments) to a changing set of streams;
-    returns everything observable: outputs, scores, snapshots."""
+    returns everything observable: outputs, scores, snapshots. ``pipelined``: each call's results
+    are read only after the next call is launched (as the service's engine does)."""
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     model = streamer.model
     live = [streamer.open() for _ in range(3)]
-    seen = []
+    seen, launched = [], None
     for step in range(rounds):
         if step % 4 == 3 and live:  # churn: close one, open one, move one through a snapshot
             streamer.close(live.pop(rng.randrange(len(live))))
@@ -55,17 +56,23 @@ def run_churn(streamer: Streamer, seed: int, rounds: int = 14) -> list:
         feed = rng.sample(live, rng.randint(1, len(live)))
         lengths = rng.choice([[1] * len(feed), [rng.choice([0, 1, 2, 3, 5, 11, 13]) for _ in feed], [6] * len(feed)])
         chunks = {sid: sample(model, n, gen) for sid, n in zip(feed, lengths)}
-        for sid, r in sorted(streamer.feed_many(chunks, outputs=set(feed[::2])).items()):
-            seen.append((sid, r.outputs, r.scores))
+        pending = streamer.launch(chunks, outputs=set(feed[::2]))
+        if not pipelined:
+            pending, launched = None, pending
+        if launched is not None:
+            seen.extend(sorted((sid, r.outputs, r.scores) for sid, r in launched.result().chunk_results().items()))
+        launched = pending
+    if launched is not None:
+        seen.extend(sorted((sid, r.outputs, r.scores) for sid, r in launched.result().chunk_results().items()))
     return seen
 
 
 def assert_same(a: list, b: list) -> None:
     rtol, atol = PARITY_FP32
+    # snapshots: the carried state shows in every later output; bytes may differ in rounding
+    a, b = ([x for x in seen if x[0] != "snapshot"] for seen in (a, b))
     assert len(a) == len(b)
     for x, y in zip(a, b):
-        if x[0] == "snapshot":
-            continue  # the carried state shows in every later output; bytes may differ in rounding
         assert x[0] == y[0]
         for want, got in zip(x[1:], y[1:]):
             assert (want is None) == (got is None)
@@ -189,6 +196,42 @@ def test_cuda_graphs_equal_eager_under_churn(name):
     assert graphs.engine == "graphs"
     assert_same(eager, run_churn(graphs, seed=4, rounds=20))
     assert graphs._calls.graphs, "no graph was captured"
+
+
+def test_pipelined_launches_equal_one_call_at_a_time():
+    """Reading a call's results after the next call is launched (the service's pipeline) changes
+    nothing: the pool carries each stream's state in launch order."""
+    one_by_one = run_churn(bucketed(Streamer(tiny("mamba2-lm"), capacity=5)), seed=3)
+    assert_same(one_by_one, run_churn(bucketed(Streamer(tiny("mamba2-lm"), capacity=5)), seed=3, pipelined=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("engine", ["graphs", "eager"])
+def test_cuda_pipelined_launches_equal_eager_one_at_a_time(engine):
+    eager = run_churn(Streamer(tiny("mamba2-lm"), capacity=5, device="cuda", engine="eager"), seed=5, rounds=20)
+    streamer = Streamer(tiny("mamba2-lm"), capacity=5, device="cuda", engine=engine)
+    assert_same(eager, run_churn(streamer, seed=5, rounds=20, pipelined=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["mamba2-lm", "hybrid-classifier"])
+def test_cuda_launch_never_waits_for_the_device(name):
+    """Streamer.launch queues its work without a synchronizing CUDA call (torch's sync debug
+    mode raises on one), for equal and ragged chunk lengths, so the host prepares the next call
+    while the device runs this one (a plain .to(device) of the inputs waited for the stream)."""
+    streamer = Streamer(tiny(name), capacity=6, device="cuda", engine="graphs")
+    gen = torch.Generator().manual_seed(0)
+    sids = [streamer.open() for _ in range(4)]
+    for lengths in ([8, 8, 8, 8], [3, 0, 8, 1]):
+        chunks = {sid: sample(streamer.model, n, gen) for sid, n in zip(sids, lengths)}
+        streamer.launch(chunks, outputs=set(sids[:2])).result()  # first use: capture, autotune
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            pending = streamer.launch(chunks, outputs=set(sids[:2]))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert pending.result().lens == lengths
 
 
 @pytest.mark.gpu

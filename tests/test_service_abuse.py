@@ -364,14 +364,14 @@ async def test_a_resumed_client_that_reads_none_of_its_replay_is_timed_out(ckpts
 
 async def test_engine_errors_reach_the_client_with_their_reason_also_on_resume(ckpts):
     async with server(ckpts["dna"]) as srv:
-        real = srv.streamer.feed_batch
+        real = srv.streamer.launch
 
         def flaky(chunks, outputs=True):
             if any(len(x) == 13 for x in chunks.values()):
                 raise RuntimeError("device fault 42")
             return real(chunks, outputs)
 
-        srv.streamer.feed_batch = flaky
+        srv.streamer.launch = flaky
         ws = await connect(srv.url)
         await ws.send(START)
         token = json.loads(await ws.recv())["resume"]

@@ -475,8 +475,8 @@ async def test_scheduler_batches_all_pending_streams_into_one_call(ckpts, batchi
 
     streamer = _streamer(ckpts["dna"])
     calls = []
-    real = streamer.feed_batch
-    streamer.feed_batch = lambda chunks, outputs=True: (calls.append(sorted(len(v) for v in chunks.values())), real(chunks, outputs))[1]
+    real = streamer.launch
+    streamer.launch = lambda chunks, outputs=True: (calls.append(sorted(len(v) for v in chunks.values())), real(chunks, outputs))[1]
     sched, sent = Scheduler(streamer, queue_depth=4, batching=batching), []
     await sched.start()
     try:
@@ -502,8 +502,8 @@ async def test_default_settings_run_a_20_ms_frame_of_every_stream_in_one_call(ck
 
     streamer = _streamer(ckpts["dna"])
     calls = []
-    real = streamer.feed_batch
-    streamer.feed_batch = lambda chunks, outputs=True: (calls.append(sorted(len(v) for v in chunks.values())), real(chunks, outputs))[1]
+    real = streamer.launch
+    streamer.launch = lambda chunks, outputs=True: (calls.append(sorted(len(v) for v in chunks.values())), real(chunks, outputs))[1]
     sched, sent = Scheduler(streamer, slice_samples=ServeConfig().slice_samples), []
     await sched.start()
     try:
@@ -527,8 +527,8 @@ async def test_batch_wait_lets_staggered_streams_share_one_call(ckpts):
 
     streamer = _streamer(ckpts["dna"])
     calls = []
-    real = streamer.feed_batch
-    streamer.feed_batch = lambda chunks, outputs=True: (calls.append(sorted(chunks)), real(chunks, outputs))[1]
+    real = streamer.launch
+    streamer.launch = lambda chunks, outputs=True: (calls.append(sorted(chunks)), real(chunks, outputs))[1]
     sched, sent = Scheduler(streamer, batch_wait=5.0), []
     await sched.start()
     try:
@@ -594,14 +594,14 @@ async def test_a_failing_stream_does_not_take_others_down(ckpts):
     await sched.start()
     try:
         good, bad = await _open(sched, sent, "good"), await _open(sched, sent, "bad")
-        real = streamer.feed_batch
+        real = streamer.launch
 
         def flaky(chunks, outputs=True):  # the model call fails whenever the "bad" stream is in it
             if bad in chunks:
                 raise RuntimeError("device fault")
             return real(chunks, outputs)
 
-        streamer.feed_batch = flaky
+        streamer.launch = flaky
         await sched.submit(good, Chunk(0, 0, torch.tensor([1, 2])))
         await sched.submit(bad, Chunk(0, 0, torch.tensor([3])))
         async with asyncio.timeout(TIMEOUT):
@@ -610,6 +610,204 @@ async def test_a_failing_stream_does_not_take_others_down(ckpts):
     finally:
         await sched.stop()
     assert sorted(sent, key=str) == sorted([("good", 0, 2), ("bad", "error", "RuntimeError")], key=str)
+
+
+class _LoggedCalls:
+    """Wraps a Streamer's launch: logs ("launch", k) and ("collect", k) for every call k, and
+    holds collection ``gate_at`` until ``gate`` is set (a call left in flight on purpose)."""
+
+    def __init__(self, streamer, gate_at=None):
+        import threading
+
+        self.events, self.real, self.gate_at, self.gate = [], streamer.launch, gate_at, threading.Event()
+        streamer.launch = self.launch
+
+    def launch(self, chunks, outputs=True):
+        k = sum(1 for e in self.events if e[0] == "launch")
+        self.events.append(("launch", k))
+        pending = self.real(chunks, outputs)
+        result = pending.result
+
+        def logged_result():
+            self.events.append(("collect", k))
+            if k == self.gate_at:
+                assert self.gate.wait(TIMEOUT)
+            return result()
+
+        pending.result = logged_result
+        return pending
+
+    async def reached(self, event) -> None:
+        async with asyncio.timeout(TIMEOUT):
+            while event not in self.events:
+                await asyncio.sleep(0.005)
+
+
+class _RowsEncoder:
+    """Scheduler encoder for tests: a chunk's message is its output rows (n, o)."""
+
+    def part(self, chunk, result):
+        return result.outputs.clone()
+
+    def finish(self, chunk, parts):
+        return torch.cat(parts)
+
+
+async def test_engine_launches_the_next_call_before_collecting_the_previous(ckpts):
+    """The engine pipelines its calls (on a GPU the host work of one overlaps the device work of
+    the other): a 10-token chunk in 4-token slices is launched, launched, collected, launched,
+    collected, collected, and its outputs equal one offline call."""
+    from streamssm.service.scheduler import Chunk, Scheduler
+
+    streamer, offline = _streamer(ckpts["dna"]), _streamer(ckpts["dna"])
+    calls = _LoggedCalls(streamer)
+    sched, sent = Scheduler(streamer, slice_samples=4), []
+    x = torch.tensor([0, 1, 2, 3, 4, 3, 2, 1, 0, 1])
+    await sched.start()
+    try:
+        sid = await sched.open(_RowsEncoder(), lambda chunk, rows: sent.append(rows), sent.append)
+        await sched.submit(sid, Chunk(0, 0, x))
+        async with asyncio.timeout(TIMEOUT):
+            while not sent:
+                await asyncio.sleep(0.01)
+    finally:
+        await sched.stop()
+    assert calls.events == [("launch", 0), ("launch", 1), ("collect", 0), ("launch", 2), ("collect", 1),
+                            ("collect", 2)]
+    expected = offline.feed(offline.open(), x).outputs
+    torch.testing.assert_close(sent[0], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backlogged, expected", [
+    (1, [("launch", 0), ("collect", 0), ("launch", 1), ("collect", 1)]),  # 1 of 4 streams: one bigger call later
+    (2, [("launch", 0), ("launch", 1), ("collect", 0), ("collect", 1)]),  # 2 of 4: launched before collecting
+])
+async def test_next_call_goes_out_early_only_while_streams_are_backlogged(ckpts, backlogged, expected):
+    from streamssm.service.scheduler import Chunk, Scheduler
+
+    streamer = _streamer(ckpts["dna"])
+    calls = _LoggedCalls(streamer)
+    sched, sent = Scheduler(streamer, queue_depth=4), []
+    await sched.start()
+    try:
+        sids = [await _open(sched, sent, i) for i in range(4)]
+        for i, sid in enumerate(sids):  # all queued before the engine runs
+            for seq in range(2 if i < backlogged else 1):
+                await sched.submit(sid, Chunk(seq, 3 * seq, torch.tensor([1, 2, 3])))
+        async with asyncio.timeout(TIMEOUT):
+            while len(sent) < 4 + backlogged:
+                await asyncio.sleep(0.01)
+    finally:
+        await sched.stop()
+    assert calls.events == expected
+
+
+async def test_snapshots_wait_for_launched_calls_to_be_collected(ckpts):
+    """Regression (pipelined engine): a stream's chunks can be computed by calls not yet
+    collected; a checkpoint then would cover chunks whose results were never delivered, and a
+    close with snapshot dropped the last results of a chunk it had waited for."""
+    from streamssm.service.scheduler import Chunk, Scheduler
+
+    streamer, offline = _streamer(ckpts["dna"]), _streamer(ckpts["dna"])
+    calls = _LoggedCalls(streamer, gate_at=0)
+    sched, sent = Scheduler(streamer, slice_samples=4), []
+    x = torch.tensor([0, 1, 2, 3, 4, 3, 2, 1])
+    await sched.start()
+    try:
+        sid = await sched.open(_RowsEncoder(), lambda chunk, rows: sent.append((chunk.seq, rows)), sent.append)
+        await sched.submit(sid, Chunk(0, 0, x[:4]))
+        await sched.submit(sid, Chunk(1, 4, x[4:]))
+        await calls.reached(("collect", 0))  # both chunks launched, neither collected
+        assert sched._checkpoint(sid) is None
+        closing = asyncio.ensure_future(sched.close(sid, snapshot=True))
+        await asyncio.sleep(0.05)
+        assert not closing.done()
+        calls.gate.set()
+        async with asyncio.timeout(TIMEOUT):
+            blob = await closing
+    finally:
+        calls.gate.set()
+        await sched.stop()
+    assert [seq for seq, _ in sent] == [0, 1]  # every result delivered before the snapshot
+    both = offline.open()
+    offline.feed(both, x)
+    resumed, nxt = offline.restore(blob), torch.tensor([2, 2, 4])
+    torch.testing.assert_close(offline.feed(resumed, nxt).outputs, offline.feed(both, nxt).outputs,
+                               rtol=1e-5, atol=1e-5)
+
+
+async def test_reset_waits_for_launched_calls_of_its_stream(ckpts):
+    """Regression (pipelined engine): a reset between a call's launch and its collection moved
+    the stream to a new id, and the collected results of its last chunk were dropped."""
+    from streamssm.service.scheduler import Chunk, Scheduler
+
+    streamer, offline = _streamer(ckpts["dna"]), _streamer(ckpts["dna"])
+    calls = _LoggedCalls(streamer, gate_at=0)
+    sched, sent = Scheduler(streamer, slice_samples=4), []
+    x = torch.tensor([0, 1, 2, 3, 4, 3, 2, 1])
+    await sched.start()
+    try:
+        sid = await sched.open(_RowsEncoder(), lambda chunk, rows: sent.append((chunk.seq, rows)), sent.append)
+        await sched.submit(sid, Chunk(0, 0, x))
+        await calls.reached(("collect", 0))  # the chunk's two slices launched, none collected
+        resetting = asyncio.ensure_future(sched.reset(sid, 1))
+        await asyncio.sleep(0.05)
+        assert not resetting.done()
+        calls.gate.set()
+        async with asyncio.timeout(TIMEOUT):
+            new = await resetting
+            await sched.submit(new, Chunk(1, 0, x))
+            while len(sent) < 2:
+                await asyncio.sleep(0.01)
+    finally:
+        calls.gate.set()
+        await sched.stop()
+    assert [seq for seq, _ in sent] == [0, 1]
+    torch.testing.assert_close(sent[1][1], offline.feed(offline.open(), x).outputs, rtol=1e-5, atol=1e-5)
+
+
+async def test_checkpoint_covers_exactly_the_delivered_chunks(ckpts):
+    from streamssm.service.scheduler import Chunk, Scheduler
+
+    streamer = _streamer(ckpts["dna"])
+    sched, sent = Scheduler(streamer, slice_samples=4), []
+    await sched.start()
+    try:
+        sid = await sched.open(_RowsEncoder(), lambda chunk, rows: sent.append(chunk.seq), sent.append)
+        for seq in range(3):
+            await sched.submit(sid, Chunk(seq, 4 * seq, torch.tensor([seq, 1, 2, 3])))
+        async with asyncio.timeout(TIMEOUT):
+            while len(sent) < 3:
+                await asyncio.sleep(0.01)
+        _, chunks, samples = await sched.checkpoint(sid)
+    finally:
+        await sched.stop()
+    assert (chunks, samples) == (3, 12)
+
+
+async def test_an_encoder_that_fails_fails_its_stream_only(ckpts):
+    from streamssm.service.scheduler import Chunk, Scheduler
+
+    class Broken(_RowsEncoder):
+        def part(self, chunk, result):
+            raise ValueError("cannot encode")
+
+    streamer = _streamer(ckpts["dna"])
+    sched, sent = Scheduler(streamer), []
+    await sched.start()
+    try:
+        good = await sched.open(_RowsEncoder(), lambda chunk, rows: sent.append(("good", rows.shape[0])),
+                                lambda exc: sent.append(("good", exc)))
+        bad = await sched.open(Broken(), lambda chunk, rows: sent.append(("bad", rows)),
+                               lambda exc: sent.append(("bad", type(exc).__name__)))
+        await sched.submit(good, Chunk(0, 0, torch.tensor([1, 2, 3])))
+        await sched.submit(bad, Chunk(0, 0, torch.tensor([1, 2, 3])))
+        async with asyncio.timeout(TIMEOUT):
+            while len(sent) < 2:
+                await asyncio.sleep(0.01)
+    finally:
+        await sched.stop()
+    assert sorted(sent, key=str) == [("bad", "ValueError"), ("good", 3)]
 
 
 def test_read_source_wav_and_csv(tmp_path):

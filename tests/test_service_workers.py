@@ -204,7 +204,7 @@ async def test_hostile_clients_and_a_failing_stream_leave_the_canary_exact(dna):
     bases = random_bases(100, seed=31).replace("N", "A")  # the canary sends no N
     start = json.dumps({"type": "start", "format": "text"})
     async with workers(dna, max_frame_bytes=4096) as srv:
-        real = srv.backend.streamer.feed_batch
+        real = srv.backend.streamer.launch
 
         poison = int(encode_bases("N")[0])
 
@@ -213,7 +213,7 @@ async def test_hostile_clients_and_a_failing_stream_leave_the_canary_exact(dna):
                 raise RuntimeError("device fault 42")
             return real(chunks, outputs)
 
-        srv.backend.streamer.feed_batch = flaky
+        srv.backend.streamer.launch = flaky
 
         async def attack(messages) -> tuple[dict, int, str]:
             async with connect(srv.url) as ws:
