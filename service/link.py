@@ -17,9 +17,27 @@ import struct
 from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
+import numpy as np
+
 from streamssm.errors import ProtocolError, StateError
 
 _HEADER = struct.Struct("!Q")  # bytes of the pickled batch that follows
+
+
+#: an array as it crosses a link: (its bytes, dtype character code (both ends run on one host), shape)
+PackedArray = tuple[bytearray, str, tuple[int, ...]]
+
+
+def pack_array(a: np.ndarray | None) -> PackedArray | None:
+    """An array for a link message: packing, pickling and unpacking cost ~3 us an array against
+    ~8 us for the array itself (numpy's reduce rebuilds it through a constructor call), once per
+    chunk and per result in the engine process."""
+    return None if a is None else (bytearray(np.ascontiguousarray(a).data), a.dtype.char, a.shape)
+
+
+def unpack_array(packed: PackedArray | None) -> np.ndarray | None:
+    """The (writable) array of :func:`pack_array`, without a copy."""
+    return None if packed is None else np.frombuffer(packed[0], dtype=packed[1]).reshape(packed[2])
 
 
 class LinkClosed(ConnectionError):

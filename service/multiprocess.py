@@ -28,7 +28,6 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from streamssm.checkpoint import ServingBundle
@@ -37,7 +36,7 @@ from streamssm.errors import ConfigError, StateError
 from .backend import LocalBackend
 from .codec import ModelCodec
 from .config import ServeConfig
-from .link import Link, error_tuple
+from .link import Link, PackedArray, error_tuple, pack_array, unpack_array
 from .scheduler import Chunk, Scheduler, Slice
 
 log = logging.getLogger(__name__)
@@ -54,9 +53,9 @@ class _Relay:
         self.link, self.key, self.scheduler = link, key, scheduler
         self.sid = -1
 
-    def part(self, chunk: Chunk, result: Slice) -> tuple[np.ndarray | None, np.ndarray | None]:
+    def part(self, chunk: Chunk, result: Slice) -> tuple[PackedArray | None, PackedArray | None]:
         """One model call's slice of the chunk: its raw (outputs, scores), encoded in the worker."""
-        return None if result.outputs is None else result.outputs.numpy(), result.scores
+        return pack_array(None if result.outputs is None else result.outputs.numpy()), pack_array(result.scores)
 
     def finish(self, chunk: Chunk, parts: list) -> list:
         return parts
@@ -277,12 +276,12 @@ class MultiProcessServer:
         self.backend.metrics.worker_streams.labels(worker=str(worker.index)).inc()
         self._broadcast_live()
 
-    async def _submit(self, worker: _Worker, key: int, seq: int, start: int, x: np.ndarray, received: float) -> None:
+    async def _submit(self, worker: _Worker, key: int, seq: int, start: int, x: PackedArray, received: float) -> None:
         relay = worker.relays.get(key)
         if relay is None:
             return
         with contextlib.suppress(StateError):  # closing or failed: the worker knows (or will) and answers
-            await self.scheduler.submit(relay.sid, Chunk(seq, start, torch.from_numpy(x), received))
+            await self.scheduler.submit(relay.sid, Chunk(seq, start, torch.from_numpy(unpack_array(x)), received))
 
     async def _reset(self, worker: _Worker, key: int, computed: int) -> None:
         relay = worker.relays[key]

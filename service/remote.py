@@ -22,12 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from streamssm.errors import ProtocolError, StateError
 
-from .link import Link, LinkClosed
+from .link import Link, LinkClosed, PackedArray, pack_array, unpack_array
 from .metrics import ServiceMetrics
 from .protocol import SERVICE_RESTART
 from .resume import Parked, TokenMint
@@ -86,7 +85,7 @@ class RemoteScheduler(StreamQueues):
     async def submit(self, key: int, chunk: Chunk) -> None:
         stream = await self._take_slot(key)
         stream.waiting[chunk.seq] = chunk
-        self.link.send("submit", key, chunk.seq, chunk.start, chunk.x.numpy(), chunk.received)
+        self.link.send("submit", key, chunk.seq, chunk.start, pack_array(chunk.x.numpy()), chunk.received)
 
     async def reset(self, key: int, computed: int) -> int:
         stream = self._get(key)
@@ -118,9 +117,9 @@ class RemoteScheduler(StreamQueues):
 
     # -- messages from the engine ---------------------------------------------------------
 
-    def result(self, key: int, seq: int, slices: list[tuple[np.ndarray | None, np.ndarray | None]]) -> None:
-        """One chunk's results, as the engine computed them (one (outputs, scores) pair per model
-        call): encoded here slice by slice, then delivered, in order."""
+    def result(self, key: int, seq: int, slices: list[tuple[PackedArray | None, PackedArray | None]]) -> None:
+        """One chunk's results, as the engine computed them (one packed (outputs, scores) pair per
+        model call): encoded here slice by slice, then delivered, in order."""
         stream = self._streams.get(key)
         chunk = None if stream is None else stream.waiting.pop(seq, None)
         if stream is None or chunk is None:
@@ -138,7 +137,7 @@ class RemoteScheduler(StreamQueues):
         if not stream.encoding or stream.failed:
             return
         chunk, raw, done = stream.encoding[0]
-        outputs, scores = raw.pop(0)
+        outputs, scores = (unpack_array(a) for a in raw.pop(0))
         res = Slice(None if outputs is None else torch.from_numpy(outputs), scores)
         try:
             done.append(stream.encoder.part(chunk, res))

@@ -21,6 +21,7 @@ import torch
 import pytest
 from streamssm.service.client import StreamClient
 from streamssm.service.config import ServeConfig
+from streamssm.service.link import pack_array
 from streamssm.service.multiprocess import MultiProcessServer
 from test_service_server import (
     _export,
@@ -67,6 +68,22 @@ def per_worker(metrics_text: str) -> dict[str, float]:
     """streamssm_worker_streams_total by worker index."""
     return {m[1]: float(m[2]) for m in re.finditer(r'streamssm_worker_streams_total\{worker="(\d+)"\} (\S+)',
                                                     metrics_text)}
+
+
+@pytest.mark.parametrize("array", [np.arange(6, dtype=np.int64), np.linspace(0, 1, 12, dtype=np.float32).reshape(4, 3),
+                                   np.arange(20, dtype=np.float32)[::2], np.zeros((0, 5), np.float32)])
+def test_arrays_cross_a_link_as_bytes_exactly(array):
+    """Link messages carry arrays as (bytes, dtype, shape) (numpy's own pickling cost ~3-5 us an
+    array in the engine process per chunk and per result): same values, dtype and shape back,
+    writable (torch.from_numpy warns on read-only arrays), strided views included."""
+    import pickle
+
+    from streamssm.service.link import unpack_array
+
+    back = unpack_array(pickle.loads(pickle.dumps(pack_array(array), protocol=5)))
+    assert back.dtype == array.dtype and back.shape == array.shape and np.array_equal(back, array)
+    assert back.flags.writeable
+    assert pack_array(None) is None and unpack_array(None) is None
 
 
 async def test_streams_through_workers_equal_offline_forward(dna):
@@ -391,7 +408,7 @@ async def test_a_worker_encodes_a_large_result_one_slice_per_loop_turn_and_deliv
     for seq in (0, 1):
         await sched.submit(keys["big"], Chunk(seq, 0, torch.zeros(6 if seq == 0 else 2, dtype=torch.long)))
     await sched.submit(keys["small"], Chunk(0, 0, torch.zeros(2, dtype=torch.long)))
-    slice_ = (None, np.zeros(2, np.float32))
+    slice_ = (None, pack_array(np.zeros(2, np.float32)))  # as the engine sends it
     sched.result(keys["big"], 0, [slice_, slice_, slice_])  # a 6-sample chunk computed in 3 model calls
     sched.result(keys["big"], 1, [slice_])  # the next chunk of the same stream: after chunk 0
     sched.result(keys["small"], 0, [slice_])  # another stream: not held by the big one
@@ -410,7 +427,7 @@ async def test_a_worker_closes_a_stream_only_after_delivering_what_its_snapshot_
     sched = RemoteScheduler(_Link(), queue_depth=4)
     key = await sched.open(_Encoder(log, "s"), lambda c, m: delivered.append((c.seq, m)), lambda exc: None)
     await sched.submit(key, Chunk(0, 0, torch.zeros(6, dtype=torch.long)))
-    sched.result(key, 0, [(None, np.zeros(3, np.float32))] * 2)
+    sched.result(key, 0, [(None, pack_array(np.zeros(3, np.float32)))] * 2)
     assert not delivered
     assert await sched.close(key, snapshot=True) == b"snapshot"
     assert delivered == [(0, 6)]  # encoded and delivered before close returned
