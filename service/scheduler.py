@@ -200,7 +200,7 @@ class Scheduler(StreamQueues):
     ``batch_wait`` (seconds): how long the idle engine may wait for the streams that have
     nothing pending before it calls the model (:meth:`_wait_for_more`; 0: it never waits).
     ``metrics`` (optional) receives ``observe_batch(streams, samples, seconds)`` and
-    ``observe_chunk(latency_s)`` calls on the event loop.
+    ``observe_chunks(latencies_s)`` calls on the event loop.
     """
 
     def __init__(self, streamer: Streamer, queue_depth: int = 8, metrics: Any = None,
@@ -516,7 +516,7 @@ class Scheduler(StreamQueues):
         return self._collect(batch, self._launch(batch, timing), timing)
 
     def _deliver(self, batch: dict[int, Pieces], outcome: dict[int, Any]) -> None:
-        now = time.perf_counter()
+        now, latencies = time.perf_counter(), []
         for sid, pieces in batch.items():
             stream = self._streams.get(sid)
             if stream is None:
@@ -531,7 +531,8 @@ class Scheduler(StreamQueues):
                 stream.on_error(got if got is not None else RuntimeError("no result"))
                 continue
             for chunk, message in got:
-                if self.metrics is not None:
-                    self.metrics.observe_chunk(now - chunk.received)
+                latencies.append(now - chunk.received)
                 stream.deliver(chunk, message)
             stream.progress.set()
+        if self.metrics is not None:
+            self.metrics.observe_chunks(latencies)

@@ -831,3 +831,29 @@ def test_read_source_wav_and_csv(tmp_path):
     (tmp_path / "x.txt").write_text("x")
     with pytest.raises(DataFormatError, match="unsupported"):
         read_source(tmp_path / "x.txt")
+
+
+def test_chunk_latency_histogram_fed_in_batches_reads_as_prometheus_own():
+    """The chunk-latency histogram takes one model call's latencies at once (the client library's
+    per-observation cost was ~3 us a chunk on the event loop); /metrics shows exactly what a
+    prometheus_client Histogram fed one value at a time shows (bounds hit exactly included)."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from streamssm.service.metrics import _LATENCY_BUCKETS, ServiceMetrics
+
+    values = [0.0004, 0.001, 0.0031, 0.02, 0.02, 0.7, 3.0, 12.5]
+    ours = ServiceMetrics()
+    ours.observe_chunks(values[:3])
+    ours.observe_chunks([])
+    ours.observe_chunks(values[3:])
+    registry = CollectorRegistry()
+    theirs = Histogram("streamssm_chunk_latency_seconds", "x", buckets=_LATENCY_BUCKETS, registry=registry)
+    for v in values:
+        theirs.observe(v)
+
+    def lines(text: bytes) -> list[str]:
+        return [ln for ln in text.decode().splitlines()
+                if ln.startswith("streamssm_chunk_latency_seconds_") and "_created" not in ln]
+
+    assert lines(ours.render()) == lines(generate_latest(registry)) and len(lines(ours.render())) == 15
+    assert "streamssm_chunks_total 8.0" in ours.render().decode()
