@@ -1,0 +1,136 @@
+"""Host CPU per chunk of the ``serve --workers`` engine process, without the model: what one
+Python process (one GIL) spends on every chunk between the worker links and the device.
+
+    python benchmarks/bench_engine_process.py [--streams 256,512] [--samples 320] [--workers 4]
+                                              [--rounds 30]
+
+The engine process runs as ``serve --workers`` runs it (MultiProcessServer: its worker links,
+relays, Scheduler and Streamer), with the model call replaced by a zero-time stand-in (the
+bench_engine_host.py one) and a 5-token DNA model, so the scores' logsumexp is negligible on the
+CPU. ``--workers`` fake worker processes each open their share of the streams over a real link
+and, per round, send one packed chunk of ``--samples`` tokens for each of their streams (as a
+worker forwards a client's frame) and wait for every result. Columns: engine-process CPU
+(all its threads: event loop + engine thread, process_time) per chunk; median wall ms per round
+(slowest worker). On the GPU server at 20 ms chunks, N clients need N x 50 chunks/s: the engine
+process stays real time while CPU us/chunk x N x 50 stays well under 1 s/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engine_host import stand_in  # noqa: E402
+
+from streamssm.checkpoint import export_safetensors, load_for_serving  # noqa: E402
+from streamssm.models import ModelConfig, SSMModel  # noqa: E402
+from streamssm.service.config import ServeConfig  # noqa: E402
+from streamssm.service.link import Link  # noqa: E402
+from streamssm.service.multiprocess import MultiProcessServer, _Worker  # noqa: E402
+
+VOCAB = 5
+
+FAKE_WORKER = r"""
+import asyncio, json, socket, sys, time
+import numpy as np
+from streamssm.service.link import Link, pack_array
+
+async def main(fd, first_key, streams, samples, rounds):
+    link = await Link.over(socket.socket(fileno=fd))
+    state = {"results": 0, "target": 0}
+    got = asyncio.Event()
+
+    async def read():
+        async for message in link.messages():
+            if message[0] == "result":
+                state["results"] += 1
+                if state["results"] >= state["target"]:
+                    got.set()
+
+    reader = asyncio.get_running_loop().create_task(read())
+    keys = range(first_key, first_key + streams)
+    for key in keys:
+        await link.call("open", key, None, False, None)
+    x = np.random.default_rng(first_key).integers(0, 5, samples).astype(np.int64)
+    times = []
+    for r in range(rounds):
+        state["target"] += streams
+        got.clear()
+        t0 = time.perf_counter()
+        for key in keys:  # a fresh packed array per chunk, as a worker sends its clients' frames
+            link.send("submit", key, r, r * samples, pack_array(x), time.perf_counter())
+        await got.wait()
+        times.append(time.perf_counter() - t0)
+    print(json.dumps(times), flush=True)
+    await link.close()
+    reader.cancel()
+
+asyncio.run(main(*map(int, sys.argv[1:])))
+"""
+
+
+async def measure(ckpt: Path, streams: int, samples: int, workers: int, rounds: int) -> dict:
+    cfg = ServeConfig(workers=workers, max_streams=streams, queue_depth=4, prepare=False)
+    server = MultiProcessServer(load_for_serving(ckpt), cfg)
+    await server.backend.start()
+    server.backend.streamer._calls = stand_in(VOCAB, streams, samples, "cpu")
+    loop = asyncio.get_running_loop()
+    share = [streams // workers + (i < streams % workers) for i in range(workers)]
+    cpu0 = time.process_time()
+    for i in range(workers):
+        ours, theirs = socket.socketpair()
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", FAKE_WORKER, str(theirs.fileno()), str(sum(share[:i])), str(share[i]),
+            str(samples), str(rounds), pass_fds=(theirs.fileno(),), stdout=asyncio.subprocess.PIPE)
+        theirs.close()
+        worker = _Worker(i, process, await Link.over(ours), loop.create_future())
+        worker.listening.set_result(None)
+        server.workers[i] = worker
+        worker.task = loop.create_task(server._serve(worker))
+    server._stopping = True  # a fake worker that ends is not started again
+    outs = [json.loads(await w.process.stdout.read()) for w in list(server.workers.values())]
+    cpu = time.process_time() - cpu0
+    for w in list(server.workers.values()):
+        await w.process.wait()
+        await w.task
+    await server.backend.stop()
+    rounds_ms = [1e3 * max(ts) for ts in zip(*outs)]
+    return {"streams": streams, "cpu_us": 1e6 * cpu / (streams * rounds), "round_ms": statistics.median(rounds_ms[2:])}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--streams", default="256,512")
+    p.add_argument("--samples", type=int, default=320)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=30)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        cfg = ModelConfig(block="mamba2", input_kind="tokens", vocab_size=VOCAB, head="lm", d_model=8, n_layers=1,
+                          d_state=8, headdim=4)
+        ckpt = export_safetensors(SSMModel(cfg), Path(tmp) / "dna.safetensors", spec={"modality": "dna"})
+        rows = [asyncio.run(measure(ckpt, int(n), args.samples, args.workers, args.rounds))
+                for n in args.streams.split(",")]
+    print(f"\nengine process of serve --workers {args.workers}, model replaced by a zero-time stand-in, "
+          f"{args.samples}-token chunks, {args.rounds} rounds")
+    print("| streams | engine process CPU us / chunk | ms / round (median) |")
+    print("|---|---|---|")
+    for r in rows:
+        print(f"| {r['streams']} | {r['cpu_us']:.1f} | {r['round_ms']:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
