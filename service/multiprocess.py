@@ -25,6 +25,7 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -210,7 +211,8 @@ class MultiProcessServer:
             async for message in worker.link.messages():
                 kind = message[0]
                 if kind == "submit":
-                    await self._submit(worker, *message[1:])
+                    if (waiting := self._submit(worker, *message[1:])) is not None:
+                        await waiting
                 elif kind == "call":
                     loop.create_task(self._answer(worker, *message[1:]))
                 elif kind == "release":
@@ -276,12 +278,22 @@ class MultiProcessServer:
         self.backend.metrics.worker_streams.labels(worker=str(worker.index)).inc()
         self._broadcast_live()
 
-    async def _submit(self, worker: _Worker, key: int, seq: int, start: int, x: PackedArray, received: float) -> None:
+    def _submit(self, worker: _Worker, key: int, seq: int, start: int, x: PackedArray,
+                received: float) -> Awaitable[None] | None:
+        """Queue a worker's chunk now when its stream has a free slot (the usual case: no
+        coroutine per chunk); otherwise the wait to await."""
         relay = worker.relays.get(key)
         if relay is None:
-            return
-        with contextlib.suppress(StateError):  # closing or failed: the worker knows (or will) and answers
-            await self.scheduler.submit(relay.sid, Chunk(seq, start, torch.from_numpy(unpack_array(x)), received))
+            return None
+        chunk = Chunk(seq, start, torch.from_numpy(unpack_array(x)), received)
+        try:
+            return None if self.scheduler.submit_nowait(relay.sid, chunk) else self._submit_later(relay, chunk)
+        except StateError:  # closing or failed: the worker knows (or will) and answers
+            return None
+
+    async def _submit_later(self, relay: _Relay, chunk: Chunk) -> None:
+        with contextlib.suppress(StateError):
+            await self.scheduler.submit(relay.sid, chunk)
 
     async def _reset(self, worker: _Worker, key: int, computed: int) -> None:
         relay = worker.relays[key]

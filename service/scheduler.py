@@ -93,29 +93,63 @@ Pieces = list[tuple[Chunk, int, int]]
 
 class QueueSlots:
     """One stream's queue: at most ``depth`` chunks unanswered (submitted, result not yet sent
-    or dropped). ``acquire`` waits for a free slot; ``answered`` frees slots."""
+    or dropped). ``acquire`` waits for a free slot (first come, first served), ``try_acquire``
+    takes one only if that needs no wait; ``answered`` frees slots. (A counter and a queue of
+    futures rather than an asyncio.Semaphore: the engine process takes a slot per chunk without
+    a coroutine.)"""
 
     def __init__(self, depth: int):
         self.depth = depth
         self.unanswered = 0
-        self._free = asyncio.Semaphore(depth)
+        self._waiters: deque[asyncio.Future] = deque()  # acquire() calls waiting for a slot, in order
+        self._drains: list[asyncio.Future] = []
+
+    def try_acquire(self) -> bool:
+        """Take a slot if one is free and nobody waits for one; False otherwise."""
+        if self.unanswered >= self.depth or self._waiters:
+            return False
+        self.unanswered += 1
+        return True
 
     async def acquire(self) -> None:
-        await self._free.acquire()
-        self.unanswered += 1
+        if self.try_acquire():
+            return
+        granted = asyncio.get_running_loop().create_future()
+        self._waiters.append(granted)
+        try:
+            await granted
+        except asyncio.CancelledError:
+            if granted.done() and not granted.cancelled():  # the slot came with the cancellation
+                self.answered()
+            elif granted in self._waiters:
+                self._waiters.remove(granted)
+            raise
 
     def answered(self, chunks: int = 1) -> None:
         """``chunks`` results were sent or dropped (or never queued): free their slots."""
         self.unanswered -= chunks
-        for _ in range(chunks):
-            self._free.release()
+        while self._waiters and self.unanswered < self.depth:
+            granted = self._waiters.popleft()
+            if not granted.done():
+                self.unanswered += 1  # the slot is the waiter's
+                granted.set_result(None)
+        if self.unanswered <= 0:
+            for drained in self._drains:
+                if not drained.done():
+                    drained.set_result(None)
+            self._drains.clear()
 
     async def drain(self) -> None:
         """Wait until every chunk submitted so far has been answered."""
-        for _ in range(self.depth):
-            await self._free.acquire()
-        for _ in range(self.depth):
-            self._free.release()
+        if self.unanswered <= 0:
+            return
+        drained = asyncio.get_running_loop().create_future()
+        self._drains.append(drained)
+        try:
+            await drained
+        finally:
+            if drained in self._drains:
+                self._drains.remove(drained)
 
 
 @dataclass
@@ -220,6 +254,10 @@ class Scheduler(StreamQueues):
         self.queue_depth = queue_depth
         self.metrics = metrics
         self._streams: dict[int, _Stream] = {}
+        #: streams that may have pending samples (set by submit; _gather drops those without), so
+        #: a call costs O(streams with work), not O(live streams): small calls over many streams
+        #: made the engine process's loop scan every stream per call
+        self._ready: dict[int, _Stream] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamssm-engine")
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -278,8 +316,24 @@ class Scheduler(StreamQueues):
 
     async def submit(self, sid: int, chunk: Chunk) -> None:
         """Queue one chunk; waits while the stream already has ``queue_depth`` unanswered chunks."""
-        stream = await self._take_slot(sid)
+        if not self.submit_nowait(sid, chunk):
+            self._queue(await self._take_slot(sid), chunk)
+
+    def submit_nowait(self, sid: int, chunk: Chunk) -> bool:
+        """Queue one chunk if the stream has a free queue slot now (True); False when the caller
+        must ``await submit`` instead (no coroutine on the engine process's per-chunk path).
+        StateError for an unknown, closing or failed stream."""
+        stream = self._get(sid)
+        if stream.closing or stream.failed:
+            raise StateError(f"stream {sid} is closing")
+        if not stream.slots.try_acquire():
+            return False
+        self._queue(stream, chunk)
+        return True
+
+    def _queue(self, stream: _Stream, chunk: Chunk) -> None:
         stream.pending.append(chunk)
+        self._ready[stream.sid] = stream
         self._wakeup.set()
 
     async def reset(self, sid: int, computed: int) -> int:
@@ -430,7 +484,7 @@ class Scheduler(StreamQueues):
             self._wakeup.clear()
 
     def _ready_streams(self) -> int:
-        return sum(1 for s in self._streams.values() if s.pending and not s.failed)
+        return len(self._ready)  # an upper bound: _gather drops the streams that left
 
     def _gather(self) -> dict[int, Pieces]:
         """Take at most ``slice_samples`` pending samples of every ready stream.
@@ -441,8 +495,12 @@ class Scheduler(StreamQueues):
         Streamer runs all streams in one round instead of one round per distinct length.
         A closing stream only gets the rest of a chunk already started.
         """
-        ready = [s for s in self._streams.values()
-                 if s.pending and not s.failed and (not s.closing or s.pending[0].taken)]
+        ready = []
+        for sid, stream in list(self._ready.items()):
+            if not stream.pending or stream.failed or self._streams.get(sid) is not stream:  # drained, closed, reset
+                del self._ready[sid]
+            elif not stream.closing or stream.pending[0].taken:
+                ready.append(stream)
         if not ready:
             return {}
         budget = self.slice_samples
@@ -461,7 +519,9 @@ class Scheduler(StreamQueues):
             while stream.pending and stream.pending[0].taken == stream.pending[0].n:
                 stream.pending.popleft()
             batch[stream.sid] = pieces
-            if stream.pending and not stream.closing:
+            if not stream.pending:
+                del self._ready[stream.sid]
+            elif not stream.closing:
                 self._wakeup.set()  # leftovers go in the next call
         return batch
 

@@ -857,3 +857,44 @@ def test_chunk_latency_histogram_fed_in_batches_reads_as_prometheus_own():
 
     assert lines(ours.render()) == lines(generate_latest(registry)) and len(lines(ours.render())) == 15
     assert "streamssm_chunks_total 8.0" in ours.render().decode()
+
+
+async def test_queue_slots_first_come_first_served_and_cancellation_safe():
+    """QueueSlots (a counter and futures, not an asyncio.Semaphore, so the engine process takes a
+    slot per chunk without a coroutine): at most depth unanswered; waiters served in order; a
+    waiter cancelled while waiting leaves no trace (a later caller still gets a free slot at
+    once), one cancelled just as its slot came hands the slot on; drain waits for every answer."""
+    from streamssm.service.scheduler import QueueSlots
+
+    slots, order = QueueSlots(2), []
+    assert slots.try_acquire() and slots.try_acquire() and not slots.try_acquire()
+
+    async def take(name):
+        await slots.acquire()
+        order.append(name)
+
+    first, second, third = (asyncio.ensure_future(take(n)) for n in ("first", "second", "third"))
+    await asyncio.sleep(0)
+    second.cancel()
+    await asyncio.sleep(0)
+    slots.answered()
+    await asyncio.sleep(0)
+    assert order == ["first"] and slots.unanswered == 2 and not slots.try_acquire()
+    slots.answered()
+    await asyncio.sleep(0)
+    assert order == ["first", "third"] and third.done()
+    # a waiter whose slot is granted in the same turn it is cancelled gives it back
+    late = asyncio.ensure_future(take("late"))
+    await asyncio.sleep(0)
+    slots.answered()  # grants "late" its slot ...
+    late.cancel()  # ... but it is cancelled before it runs
+    await asyncio.gather(late, return_exceptions=True)
+    assert order == ["first", "third"] and slots.unanswered == 1 and slots.try_acquire()
+    drained = asyncio.ensure_future(slots.drain())
+    await asyncio.sleep(0)
+    slots.answered()
+    await asyncio.sleep(0)
+    assert not drained.done()
+    slots.answered()
+    await asyncio.wait_for(drained, TIMEOUT)
+    assert slots.unanswered == 0 and first.done() and second.cancelled()

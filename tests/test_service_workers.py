@@ -140,8 +140,8 @@ async def test_a_killed_worker_loses_only_its_streams_and_comes_back(dna):
         await canary.end(timeout=TIMEOUT)
         await canary.close()
         async with asyncio.timeout(TIMEOUT):
-            while other not in srv.workers or not srv.workers[other].listening.done() or srv.scheduler.live > \
-                    len(victims) - 1:
+            while other not in srv.workers or srv.workers[other].process is dead or \
+                    not srv.workers[other].listening.done() or srv.scheduler.live > len(victims) - 1:
                 await asyncio.sleep(0.05)
         assert srv.workers[other].process.pid != dead.pid  # started again
         assert srv.scheduler.live == len(victims) - 1  # the dead worker's one stream freed its pool row
