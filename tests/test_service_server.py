@@ -702,19 +702,29 @@ async def test_next_call_goes_out_early_only_while_streams_are_backlogged(ckpts,
     assert calls.events == expected
 
 
-async def test_snapshots_wait_for_launched_calls_to_be_collected(ckpts):
-    """Regression (pipelined engine): a stream's chunks can be computed by calls not yet
-    collected; a checkpoint then would cover chunks whose results were never delivered, and a
-    close with snapshot dropped the last results of a chunk it had waited for."""
-    from streamssm.service.scheduler import Chunk, Scheduler
+async def _gated_stream(ckpts):
+    """A started Scheduler (4-token slices) whose first collection waits for ``calls.gate``, with
+    one stream open whose results go to ``sent`` as (seq, rows); and an offline streamer of the
+    same model. Returns (offline, calls, scheduler, stream id, sent)."""
+    from streamssm.service.scheduler import Scheduler
 
     streamer, offline = _streamer(ckpts["dna"]), _streamer(ckpts["dna"])
     calls = _LoggedCalls(streamer, gate_at=0)
     sched, sent = Scheduler(streamer, slice_samples=4), []
-    x = torch.tensor([0, 1, 2, 3, 4, 3, 2, 1])
     await sched.start()
+    sid = await sched.open(_RowsEncoder(), lambda chunk, rows: sent.append((chunk.seq, rows)), sent.append)
+    return offline, calls, sched, sid, sent
+
+
+async def test_snapshots_wait_for_launched_calls_to_be_collected(ckpts):
+    """Regression (pipelined engine): a stream's chunks can be computed by calls not yet
+    collected; a checkpoint then would cover chunks whose results were never delivered, and a
+    close with snapshot dropped the last results of a chunk it had waited for."""
+    from streamssm.service.scheduler import Chunk
+
+    offline, calls, sched, sid, sent = await _gated_stream(ckpts)
+    x = torch.tensor([0, 1, 2, 3, 4, 3, 2, 1])
     try:
-        sid = await sched.open(_RowsEncoder(), lambda chunk, rows: sent.append((chunk.seq, rows)), sent.append)
         await sched.submit(sid, Chunk(0, 0, x[:4]))
         await sched.submit(sid, Chunk(1, 4, x[4:]))
         await calls.reached(("collect", 0))  # both chunks launched, neither collected
@@ -739,15 +749,11 @@ async def test_snapshots_wait_for_launched_calls_to_be_collected(ckpts):
 async def test_reset_waits_for_launched_calls_of_its_stream(ckpts):
     """Regression (pipelined engine): a reset between a call's launch and its collection moved
     the stream to a new id, and the collected results of its last chunk were dropped."""
-    from streamssm.service.scheduler import Chunk, Scheduler
+    from streamssm.service.scheduler import Chunk
 
-    streamer, offline = _streamer(ckpts["dna"]), _streamer(ckpts["dna"])
-    calls = _LoggedCalls(streamer, gate_at=0)
-    sched, sent = Scheduler(streamer, slice_samples=4), []
+    offline, calls, sched, sid, sent = await _gated_stream(ckpts)
     x = torch.tensor([0, 1, 2, 3, 4, 3, 2, 1])
-    await sched.start()
     try:
-        sid = await sched.open(_RowsEncoder(), lambda chunk, rows: sent.append((chunk.seq, rows)), sent.append)
         await sched.submit(sid, Chunk(0, 0, x))
         await calls.reached(("collect", 0))  # the chunk's two slices launched, none collected
         resetting = asyncio.ensure_future(sched.reset(sid, 1))
