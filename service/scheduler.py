@@ -409,24 +409,32 @@ class Scheduler(StreamQueues):
         pending as call k holds); otherwise the engine collects call k first and the streams'
         next chunks gather into one larger call, as a call's fixed cost wants."""
         in_flight: _Launched | None = None
-        while True:
-            if in_flight is None:
-                await self._wakeup.wait()
-                self._wakeup.clear()
-                if self.batch_wait > 0:
-                    await self._wait_for_more()
-            if in_flight is None or 2 * self._ready_streams() >= len(in_flight.batch):
-                batch = self._gather()
-            else:
-                batch = {}
-                self._wakeup.set()  # what is pending goes out right after the collection
-            launched = await self._launch_batch(batch) if batch else None
-            if in_flight is not None:
-                await self._land(in_flight)
-            if launched is not None and launched.error is not None:  # before any later call of its streams
-                await self._land(launched)
-                launched = None
-            in_flight = launched
+        launched: _Launched | None = None
+        try:
+            while True:
+                if in_flight is None:
+                    await self._wakeup.wait()
+                    self._wakeup.clear()
+                    if self.batch_wait > 0:
+                        await self._wait_for_more()
+                if in_flight is None or 2 * self._ready_streams() >= len(in_flight.batch):
+                    batch = self._gather()
+                else:
+                    batch = {}
+                    self._wakeup.set()  # what is pending goes out right after the collection
+                launched = await self._launch_batch(batch) if batch else None
+                if in_flight is not None:
+                    await self._land(in_flight)
+                if launched is not None and launched.error is not None:  # before any later call of its streams
+                    await self._land(launched)
+                    launched = None
+                in_flight, launched = launched, None
+        finally:  # stopped: calls never collected hold no stream (a close waiting on them goes on)
+            for call in (in_flight, launched):
+                for sid in call.batch if call is not None else ():
+                    if (stream := self._streams.get(sid)) is not None:
+                        stream.in_flight = 0
+                        stream.progress.set()
 
     async def _launch_batch(self, batch: dict[int, Pieces]) -> _Launched:
         launched = _Launched(batch, time.perf_counter())

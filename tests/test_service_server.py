@@ -746,6 +746,27 @@ async def test_snapshots_wait_for_launched_calls_to_be_collected(ckpts):
                                rtol=1e-5, atol=1e-5)
 
 
+async def test_a_stopped_engine_leaves_no_close_waiting_on_its_launched_calls(ckpts):
+    """A close with snapshot waits for launched calls of its stream; when the engine loop is
+    stopped with such a call never collected, the close goes on instead of waiting forever."""
+    from streamssm.service.scheduler import Chunk
+
+    _, calls, sched, sid, _ = await _gated_stream(ckpts)
+    try:
+        await sched.submit(sid, Chunk(0, 0, torch.tensor([0, 1, 2, 3, 4, 3, 2, 1])))
+        await calls.reached(("collect", 0))
+        closing = asyncio.ensure_future(sched.close(sid, snapshot=True))
+        await asyncio.sleep(0.05)
+        assert not closing.done()
+        sched._task.cancel()
+        calls.gate.set()
+        async with asyncio.timeout(TIMEOUT):
+            assert await closing  # the snapshot of what the launched calls computed
+    finally:
+        calls.gate.set()
+        await sched.stop()
+
+
 async def test_reset_waits_for_launched_calls_of_its_stream(ckpts):
     """Regression (pipelined engine): a reset between a call's launch and its collection moved
     the stream to a new id, and the collected results of its last chunk were dropped."""
