@@ -813,28 +813,37 @@ async def test_checkpoint_covers_exactly_the_delivered_chunks(ckpts):
 
 
 async def test_an_encoder_that_fails_fails_its_stream_only(ckpts):
+    """Regression: an encoder that raised made the whole call fail and every stream of it run
+    again one by one, so the others' states advanced twice over the same chunk; now only the
+    stream whose results cannot be encoded fails, and the others' next results stay exact."""
     from streamssm.service.scheduler import Chunk, Scheduler
 
     class Broken(_RowsEncoder):
         def part(self, chunk, result):
             raise ValueError("cannot encode")
 
-    streamer = _streamer(ckpts["dna"])
+    streamer, offline = _streamer(ckpts["dna"]), _streamer(ckpts["dna"])
     sched, sent = Scheduler(streamer), []
+    x = torch.tensor([1, 2, 3, 0, 4, 4])
     await sched.start()
     try:
-        good = await sched.open(_RowsEncoder(), lambda chunk, rows: sent.append(("good", rows.shape[0])),
-                                lambda exc: sent.append(("good", exc)))
-        bad = await sched.open(Broken(), lambda chunk, rows: sent.append(("bad", rows)),
-                               lambda exc: sent.append(("bad", type(exc).__name__)))
-        await sched.submit(good, Chunk(0, 0, torch.tensor([1, 2, 3])))
-        await sched.submit(bad, Chunk(0, 0, torch.tensor([1, 2, 3])))
+        good = await sched.open(_RowsEncoder(), lambda chunk, rows: sent.append(("good", chunk.seq, rows)),
+                                lambda exc: sent.append(("good", "error", exc)))
+        bad = await sched.open(Broken(), lambda chunk, rows: sent.append(("bad", chunk.seq, rows)),
+                               lambda exc: sent.append(("bad", "error", type(exc).__name__)))
+        await sched.submit(good, Chunk(0, 0, x[:3]))
+        await sched.submit(bad, Chunk(0, 0, x[:3]))
         async with asyncio.timeout(TIMEOUT):
             while len(sent) < 2:
                 await asyncio.sleep(0.01)
+            await sched.submit(good, Chunk(1, 3, x[3:]))
+            while len(sent) < 3:
+                await asyncio.sleep(0.01)
     finally:
         await sched.stop()
-    assert sorted(sent, key=str) == [("bad", "ValueError"), ("good", 3)]
+    assert ("bad", "error", "ValueError") in sent
+    rows = torch.cat([r for name, seq, r in sorted((e for e in sent if e[0] == "good"), key=lambda e: e[1])])
+    torch.testing.assert_close(rows, offline.feed(offline.open(), x).outputs, rtol=1e-5, atol=1e-5)
 
 
 def test_read_source_wav_and_csv(tmp_path):
