@@ -2,12 +2,14 @@
 Python process (one GIL) spends on every chunk between the worker links and the device.
 
     python benchmarks/bench_engine_process.py [--streams 256,512] [--samples 320] [--workers 4]
-                                              [--rounds 30]
+                                              [--rounds 30] [--device cpu|cuda]
 
 The engine process runs as ``serve --workers`` runs it (MultiProcessServer: its worker links,
 relays, Scheduler and Streamer), with the model call replaced by a zero-time stand-in (the
-bench_engine_host.py one) and a 5-token DNA model, so the scores' logsumexp is negligible on the
-CPU. ``--workers`` fake worker processes each open their share of the streams over a real link
+bench_engine_host.py one) and a 5-token DNA model. ``--device cuda`` (on a GPU host: what the
+GPU server's engine process does) keeps the call's tensor work (scores, state bookkeeping) on the
+device, as asynchronous launches; on ``cpu`` that work runs on this process's CPU and counts
+(~10 us a chunk on the 2-core development machine). ``--workers`` fake worker processes each open their share of the streams over a real link
 and, per round, send one packed chunk of ``--samples`` tokens for each of their streams (as a
 worker forwards a client's frame) and wait for every result. Columns: engine-process CPU
 (all its threads: event loop + engine thread, process_time) per chunk; median wall ms per round
@@ -79,11 +81,12 @@ asyncio.run(main(*map(int, sys.argv[1:])))
 """
 
 
-async def measure(ckpt: Path, streams: int, samples: int, workers: int, rounds: int) -> dict:
-    cfg = ServeConfig(workers=workers, max_streams=streams, queue_depth=4, prepare=False)
+async def measure(ckpt: Path, streams: int, samples: int, workers: int, rounds: int, device: str) -> dict:
+    cfg = ServeConfig(workers=workers, max_streams=streams, queue_depth=4, prepare=False, device=device,
+                      engine="eager")
     server = MultiProcessServer(load_for_serving(ckpt), cfg)
     await server.backend.start()
-    server.backend.streamer._calls = stand_in(VOCAB, streams, samples, "cpu")
+    server.backend.streamer._calls = stand_in(VOCAB, streams, samples, device)
     loop = asyncio.get_running_loop()
     share = [streams // workers + (i < streams % workers) for i in range(workers)]
     cpu0 = time.process_time()
@@ -114,6 +117,7 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=320)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--device", default="cpu", help="where the call's tensor work runs (cuda: as on the GPU server)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -121,9 +125,9 @@ def main(argv=None) -> int:
         cfg = ModelConfig(block="mamba2", input_kind="tokens", vocab_size=VOCAB, head="lm", d_model=8, n_layers=1,
                           d_state=8, headdim=4)
         ckpt = export_safetensors(SSMModel(cfg), Path(tmp) / "dna.safetensors", spec={"modality": "dna"})
-        rows = [asyncio.run(measure(ckpt, int(n), args.samples, args.workers, args.rounds))
+        rows = [asyncio.run(measure(ckpt, int(n), args.samples, args.workers, args.rounds, args.device))
                 for n in args.streams.split(",")]
-    print(f"\nengine process of serve --workers {args.workers}, model replaced by a zero-time stand-in, "
+    print(f"\nengine process of serve --workers {args.workers} on {args.device}, model replaced by a zero-time stand-in, "
           f"{args.samples}-token chunks, {args.rounds} rounds")
     print("| streams | engine process CPU us / chunk | ms / round (median) |")
     print("|---|---|---|")

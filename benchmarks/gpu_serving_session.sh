@@ -51,15 +51,17 @@ kernels() {
 serving() {
     echo "== engine: real-time 16 kHz streams, the one-pass SSD inference forward vs the split one"
     timeout 150 python benchmarks/bench_realtime.py --streams 384,512,1024 --calls 5 --engines graphs \
-        --ssd-forwards auto,split --profile --out "$OUT/realtime.md"
+        --ssd-forwards auto --profile --out "$OUT/realtime.md"
     echo "== engine host cost per call without the model (what runs serially with the GPU), 256-1024 streams"
     timeout 60 python benchmarks/bench_engine_host.py --device cuda --streams 256,512,1024 | tee "$OUT/engine_host.md"
+    echo "== serve --workers engine process: CPU per chunk over real links, zero-time model (the GIL-bound limit)"
+    timeout 60 python benchmarks/bench_engine_process.py --device cuda --streams 256,512 --rounds 40 | tee "$OUT/engine_process.md"
     echo "== service: websocket clients at real-time pace (12 client processes), one process"
     timeout 170 python benchmarks/bench_service.py --model d512 --device cuda --dtype bfloat16 --engine graphs --prepare \
         --clients 128,192 --client-procs 12 --seconds 3 --max-wall 120 --all --engine-only | tee "$OUT/service.md"
-    echo "== service with 4 websocket worker processes (serve --workers 4): where one event loop stopped (~130)"
+    echo "== service with 4 websocket worker processes (serve --workers 4): 320 kept on 2026-12-06"
     timeout 220 python benchmarks/bench_service.py --model d512 --device cuda --dtype bfloat16 --engine graphs --prepare \
-        --workers 4 --clients 256,384,512 --client-procs 12 --seconds 3 --max-wall 180 --all | tee "$OUT/service_workers.md"
+        --workers 4 --clients 320,384,448 --client-procs 12 --seconds 3 --max-wall 180 --all | tee "$OUT/service_workers.md"
 }
 
 case "$part" in
