@@ -23,13 +23,17 @@ import argparse
 import asyncio
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from streamssm.inference import Streamer
-from streamssm.models import ModelConfig, SSMModel
-from streamssm.service.multiprocess import _Relay
-from streamssm.service.scheduler import Chunk, Scheduler
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import Table  # noqa: E402
+
+from streamssm.inference import Streamer  # noqa: E402
+from streamssm.models import ModelConfig, SSMModel  # noqa: E402
+from streamssm.service.multiprocess import _Relay  # noqa: E402
+from streamssm.service.scheduler import Chunk, Scheduler  # noqa: E402
 
 
 class _NullLink:
@@ -95,9 +99,9 @@ async def measure(streams: int, samples: int, rounds: int, vocab: int, device: s
         best = row if best is None or row < best else best
     await sched.stop()
     total, eng = best
-    return {"streams": streams, "samples": samples, "ms": 1e3 * total, "engine_ms": 1e3 * eng,
-            "loop_ms": 1e3 * (total - eng), "us_per_stream": 1e6 * total / streams,
-            "engine_us_per_stream": 1e6 * eng / streams}
+    return {"streams": streams, "samples": samples, "ms / round": 1e3 * total, "engine thread ms": 1e3 * eng,
+            "event loop ms": 1e3 * (total - eng), "us / stream": 1e6 * total / streams,
+            "engine thread us / stream": 1e6 * eng / streams}
 
 
 def main(argv=None) -> int:
@@ -109,15 +113,13 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     tag = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    rows = [asyncio.run(measure(int(n), args.samples, args.rounds, args.vocab, args.device))
-            for n in args.streams.split(",")]
+    table = Table(["streams", "samples", "ms / round", "engine thread ms", "event loop ms", "us / stream",
+                   "engine thread us / stream"])
+    for n in args.streams.split(","):
+        table.add(**asyncio.run(measure(int(n), args.samples, args.rounds, args.vocab, args.device)))
     print(f"\nengine host cost per call (model call replaced by a zero-time stand-in), {tag}, "
           f"{torch.get_num_threads()} torch threads, vocab {args.vocab}, best of 5 x {args.rounds} rounds")
-    print("| streams | samples | ms / round | engine thread ms | event loop ms | us / stream | engine thread us / stream |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['streams']} | {r['samples']} | {r['ms']:.2f} | {r['engine_ms']:.2f} | {r['loop_ms']:.2f} | "
-              f"{r['us_per_stream']:.1f} | {r['engine_us_per_stream']:.1f} |")
+    print(table.markdown())
     return 0
 
 

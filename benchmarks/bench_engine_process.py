@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import Table  # noqa: E402
 from bench_engine_host import stand_in  # noqa: E402
 
 from streamssm.checkpoint import export_safetensors, load_for_serving  # noqa: E402
@@ -108,7 +109,8 @@ async def measure(ckpt: Path, streams: int, samples: int, workers: int, rounds: 
         await w.task
     await server.backend.stop()
     rounds_ms = [1e3 * max(ts) for ts in zip(*outs)]
-    return {"streams": streams, "cpu_us": 1e6 * cpu / (streams * rounds), "round_ms": statistics.median(rounds_ms[2:])}
+    return {"streams": streams, "engine process CPU us / chunk": 1e6 * cpu / (streams * rounds),
+            "ms / round (median)": statistics.median(rounds_ms[2:])}
 
 
 def main(argv=None) -> int:
@@ -125,14 +127,12 @@ def main(argv=None) -> int:
         cfg = ModelConfig(block="mamba2", input_kind="tokens", vocab_size=VOCAB, head="lm", d_model=8, n_layers=1,
                           d_state=8, headdim=4)
         ckpt = export_safetensors(SSMModel(cfg), Path(tmp) / "dna.safetensors", spec={"modality": "dna"})
-        rows = [asyncio.run(measure(ckpt, int(n), args.samples, args.workers, args.rounds, args.device))
-                for n in args.streams.split(",")]
+        table = Table(["streams", "engine process CPU us / chunk", "ms / round (median)"])
+        for n in args.streams.split(","):
+            table.add(**asyncio.run(measure(ckpt, int(n), args.samples, args.workers, args.rounds, args.device)))
     print(f"\nengine process of serve --workers {args.workers} on {args.device}, model replaced by a zero-time stand-in, "
           f"{args.samples}-token chunks, {args.rounds} rounds")
-    print("| streams | engine process CPU us / chunk | ms / round (median) |")
-    print("|---|---|---|")
-    for r in rows:
-        print(f"| {r['streams']} | {r['cpu_us']:.1f} | {r['round_ms']:.2f} |")
+    print(table.markdown())
     return 0
 
 
