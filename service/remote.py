@@ -22,11 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from streamssm.errors import ProtocolError, StateError
 
-from .link import Link, LinkClosed, PackedArray, pack_array, unpack_array
+from .link import Link, LinkClosed, PackedArray, pack_array, unpack_array, unpack_tensor
 from .metrics import ServiceMetrics
 from .protocol import SERVICE_RESTART
 from .resume import Parked, TokenMint
@@ -137,8 +135,8 @@ class RemoteScheduler(StreamQueues):
         if not stream.encoding or stream.failed:
             return
         chunk, raw, done = stream.encoding[0]
-        outputs, scores = (unpack_array(a) for a in raw.pop(0))
-        res = Slice(None if outputs is None else torch.from_numpy(outputs), scores)
+        outputs, scores = raw.pop(0)
+        res = Slice(None if outputs is None else unpack_tensor(outputs), unpack_array(scores))
         try:
             done.append(stream.encoder.part(chunk, res))
             message = None if raw else stream.encoder.finish(chunk, done)
