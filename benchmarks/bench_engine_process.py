@@ -11,9 +11,10 @@ GPU server's engine process does) keeps the call's tensor work (scores, state bo
 device, as asynchronous launches; on ``cpu`` that work runs on this process's CPU and counts
 (~10 us a chunk on the 2-core development machine). ``--workers`` fake worker processes each open their share of the streams over a real link
 and, per round, send one packed chunk of ``--samples`` tokens for each of their streams (as a
-worker forwards a client's frame) and wait for every result. Columns: engine-process CPU
-(all its threads: event loop + engine thread, process_time) per chunk; median wall ms per round
-(slowest worker). On the GPU server at 20 ms chunks, N clients need N x 50 chunks/s: the engine
+worker forwards a client's frame) and wait for every result. Columns, over the rounds only (the
+streams already open): engine-process CPU per chunk (all its threads, process_time), of which
+its event loop's (link messages, submit, gather, deliver) and its engine thread's (launch,
+collect; thread CPU clocks); median wall ms per round (slowest worker). On the GPU server at 20 ms chunks, N clients need N x 50 chunks/s: the engine
 process stays real time while CPU us/chunk x N x 50 stays well under 1 s/s.
 """
 
@@ -65,6 +66,8 @@ async def main(fd, first_key, streams, samples, rounds):
     for key in keys:
         await link.call("open", key, None, False, None)
     x = np.random.default_rng(first_key).integers(0, 5, samples).astype(np.int64)
+    print("ready", flush=True)  # streams open: the measured rounds start on the bench's "go"
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     times = []
     for r in range(rounds):
         state["target"] += streams
@@ -90,26 +93,35 @@ async def measure(ckpt: Path, streams: int, samples: int, workers: int, rounds: 
     server.backend.streamer._calls = stand_in(VOCAB, streams, samples, device)
     loop = asyncio.get_running_loop()
     share = [streams // workers + (i < streams % workers) for i in range(workers)]
-    cpu0 = time.process_time()
     for i in range(workers):
         ours, theirs = socket.socketpair()
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-c", FAKE_WORKER, str(theirs.fileno()), str(sum(share[:i])), str(share[i]),
-            str(samples), str(rounds), pass_fds=(theirs.fileno(),), stdout=asyncio.subprocess.PIPE)
+            str(samples), str(rounds), pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE)
         theirs.close()
         worker = _Worker(i, process, await Link.over(ours), loop.create_future())
         worker.listening.set_result(None)
         server.workers[i] = worker
         worker.task = loop.create_task(server._serve(worker))
     server._stopping = True  # a fake worker that ends is not started again
+    for w in server.workers.values():
+        assert await w.process.stdout.readline() == b"ready\n"
+    engine_thread = time.pthread_getcpuclockid(next(iter(server.scheduler._executor._threads)).ident)
+    cpu0, loop0, thread0 = time.process_time(), time.thread_time(), time.clock_gettime(engine_thread)
+    for w in server.workers.values():
+        w.process.stdin.write(b"go\n")
     outs = [json.loads(await w.process.stdout.read()) for w in list(server.workers.values())]
-    cpu = time.process_time() - cpu0
+    cpu, on_loop = time.process_time() - cpu0, time.thread_time() - loop0
+    on_thread = time.clock_gettime(engine_thread) - thread0
     for w in list(server.workers.values()):
         await w.process.wait()
         await w.task
     await server.backend.stop()
     rounds_ms = [1e3 * max(ts) for ts in zip(*outs)]
-    return {"streams": streams, "engine process CPU us / chunk": 1e6 * cpu / (streams * rounds),
+    chunks = streams * rounds
+    return {"streams": streams, "engine process CPU us / chunk": 1e6 * cpu / chunks,
+            "event loop us / chunk": 1e6 * on_loop / chunks, "engine thread us / chunk": 1e6 * on_thread / chunks,
             "ms / round (median)": statistics.median(rounds_ms[2:])}
 
 
@@ -127,7 +139,8 @@ def main(argv=None) -> int:
         cfg = ModelConfig(block="mamba2", input_kind="tokens", vocab_size=VOCAB, head="lm", d_model=8, n_layers=1,
                           d_state=8, headdim=4)
         ckpt = export_safetensors(SSMModel(cfg), Path(tmp) / "dna.safetensors", spec={"modality": "dna"})
-        table = Table(["streams", "engine process CPU us / chunk", "ms / round (median)"])
+        table = Table(["streams", "engine process CPU us / chunk", "event loop us / chunk", "engine thread us / chunk",
+                       "ms / round (median)"])
         for n in args.streams.split(","):
             table.add(**asyncio.run(measure(ckpt, int(n), args.samples, args.workers, args.rounds, args.device)))
     print(f"\nengine process of serve --workers {args.workers} on {args.device}, model replaced by a zero-time stand-in, "
