@@ -59,7 +59,7 @@ def fused(t):
 def split(chunk: int):
     def run(t):
         out, final, *_ = lib.ssd_scan_fwd(t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], None, t["dt_bias"],
-                                          t["init"], chunk, True, None)
+                                          t["init"], chunk, True, None, None)
         return out, final
     return run
 

@@ -116,12 +116,15 @@ def ssd_scan(
     cu_seqlens: torch.Tensor | None = None,
     return_final_state: bool = False,
     backend: Backend = "auto",
+    input_weight: torch.Tensor | None = None,
 ):
     """Mamba-2 SSD scan (see ``ssd/reference.py`` for the recurrence).
 
     x, z: (b, l, h, p); dt: (b, l, h); A: (h,) fp32; B, C: (b, l, g, n); D: (h,) or (h, p) fp32;
     dt_bias: (h,) fp32; initial_state: (b, h, p, n) fp32, or (num_seqs, h, p, n) with
-    ``cu_seqlens`` (num_seqs + 1,) int (then b must be 1). Returns y (b, l, h, p) [, final_state].
+    ``cu_seqlens`` (num_seqs + 1,) int (then b must be 1). ``input_weight`` (b, l, h): the
+    weight of x_t B_t^T in the state update in place of dt_t (dt then sets only the decay; the
+    trapezoid of Mamba-3 needs it). Returns y (b, l, h, p) [, final_state].
 
     ``chunk_size`` (tokens per chunk) changes results only by rounding. Its default 256 is the
     API of DESIGN §2 and mamba_ssm's: on the GPU long chunks make the serial state passing
@@ -133,6 +136,7 @@ def ssd_scan(
     b, l, h, p = x.shape
     check_positive_length(op, "x", l)
     check_tensor(op, "dt", dt, (b, l, h), device=x.device)
+    check_tensor(op, "input_weight", input_weight, (b, l, h), device=x.device, optional=True)
     check_tensor(op, "A", A, (h,), FP32, device=x.device)
     check_tensor(op, "B", B, (b, l, None, None), device=x.device)
     g, n = B.shape[2], B.shape[3]
@@ -158,7 +162,8 @@ def ssd_scan(
     else:
         from streamssm.kernels.ssd.reference import ssd_scan_ref as impl
     return impl(x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
-                initial_state=initial_state, cu_seqlens=cu_seqlens, return_final_state=return_final_state)
+                initial_state=initial_state, cu_seqlens=cu_seqlens, return_final_state=return_final_state,
+                input_weight=input_weight)
 
 
 # ----------------------------------------------------------------------------- causal conv1d

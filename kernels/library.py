@@ -14,8 +14,8 @@ registered autograd formula whose backward is itself an op. The pure-PyTorch bac
     streamssm::ssd_step                    one Mamba-2 step, mutates ssm_state
     streamssm::mamba3_step                 one Mamba-3 step, mutates ssm_state and carry
 
-mamba3_scan has no op of its own: on the Triton backend it is two ssd_scan ops and PyTorch
-glue (mamba3/chunked.py). Op outputs cannot be None: an absent output is an empty (0,) tensor.
+mamba3_scan has no op of its own: on the Triton backend it is one ssd_scan op (with input
+weights) and PyTorch glue (mamba3/chunked.py). Op outputs cannot be None: an absent output is an empty (0,) tensor.
 The Python wrappers (``*_op``) take and return what the modules' ``*_triton`` functions do.
 The step ops take the arguments of their ``*_step_triton`` launchers; ``streamssm.kernels``
 calls them only while torch.compile/export traces (eager calls the launcher: a custom op's
@@ -137,16 +137,17 @@ def selective_scan_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initi
 @custom_op("streamssm::ssd_scan_fwd", mutates_args=())
 def ssd_scan_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
                  dt_bias: Tensor | None, initial_state: Tensor | None, chunk_size: int, dt_softplus: bool,
-                 cu_seqlens: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 cu_seqlens: Tensor | None, input_weight: Tensor | None
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns out (b, l, h, p), final (S, h, p, n) fp32 and the backward's dt_out, dA_cs
     (T, h, Q) fp32, chunk-entering states (T, h, p, n) fp32, ungated y (b*l, h, p) (empty without z)."""
     out, final, dt_out, dA_cs, states, y = _ssd_scan_fwd(x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size,
-                                                          dt_softplus, cu_seqlens)
+                                                          dt_softplus, cu_seqlens, input_weight)
     return out, final, dt_out, dA_cs, states, y if y is not None else _absent(out)
 
 
 @register_fake("streamssm::ssd_scan_fwd")
-def _(x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size, dt_softplus, cu_seqlens):
+def _(x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size, dt_softplus, cu_seqlens, input_weight):
     b, l, h, p = x.shape
     n = B.shape[3]
     if cu_seqlens is None:
@@ -163,33 +164,36 @@ def _(x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size, dt_softplus, cu_
 def ssd_scan_bwd(dout: Tensor, dfinal: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
                  D: Tensor | None, z: Tensor | None, dt_bias: Tensor | None, dt_out: Tensor, dA_cs: Tensor,
                  states: Tensor, y: Tensor, chunk_size: int, dt_softplus: bool, cu_seqlens: Tensor | None,
-                 has_init: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit in their inputs' dtypes (absent ones empty)."""
+                 has_init: bool, input_weight: Tensor | None
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit, dinput_weight in their inputs'
+    dtypes (absent ones empty)."""
     grads = _ssd_scan_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_out, dA_cs, states, _present(y),
-                          chunk_size, dt_softplus, cu_seqlens, has_init)
-    like = (x, dt, A, B, C, D, z, dt_bias, dfinal)
+                          chunk_size, dt_softplus, cu_seqlens, has_init, input_weight)
+    like = (x, dt, A, B, C, D, z, dt_bias, dfinal, input_weight)
     return tuple(_absent(x) if g is None else g.to(ref.dtype).contiguous() for g, ref in zip(grads, like))
 
 
 @register_fake("streamssm::ssd_scan_bwd")
 def _(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_out, dA_cs, states, y, chunk_size, dt_softplus, cu_seqlens,
-      has_init):
-    like = (x, dt, A, B, C, D, z, dt_bias, dfinal if has_init else None)
+      has_init, input_weight):
+    like = (x, dt, A, B, C, D, z, dt_bias, dfinal if has_init else None, input_weight)
     return tuple(x.new_empty(0) if t is None else t.new_empty(t.shape) for t in like)
 
 
 def _ssd_setup(ctx, inputs, output):
-    x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size, dt_softplus, cu_seqlens = inputs
-    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, cu_seqlens, *output[2:])
+    x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size, dt_softplus, cu_seqlens, input_weight = inputs
+    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, cu_seqlens, input_weight, *output[2:])
     ctx.chunk_size, ctx.dt_softplus, ctx.has_init = chunk_size, dt_softplus, initial_state is not None
 
 
 def _ssd_backward(ctx, dout, dfinal, *_kept):
-    x, dt, A, B, C, D, z, dt_bias, cu_seqlens, dt_out, dA_cs, states, y = ctx.saved_tensors
-    dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit = ssd_scan_bwd(
+    x, dt, A, B, C, D, z, dt_bias, cu_seqlens, input_weight, dt_out, dA_cs, states, y = ctx.saved_tensors
+    dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit, dw = ssd_scan_bwd(
         dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_out, dA_cs, states, y, ctx.chunk_size, ctx.dt_softplus,
-        cu_seqlens, ctx.has_init)
-    return (dx, ddt, dA, dB, dC, _present(dD), _present(dz), _present(ddt_bias), _present(dinit), None, None, None)
+        cu_seqlens, ctx.has_init, input_weight)
+    return (dx, ddt, dA, dB, dC, _present(dD), _present(dz), _present(ddt_bias), _present(dinit), None, None, None,
+            _present(dw))
 
 
 register_autograd("streamssm::ssd_scan_fwd", _ssd_backward, setup_context=_ssd_setup)
@@ -209,15 +213,17 @@ def _(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, cu_seqlens):
                                              dtype=F32)
 
 
-def ssd_scan_op(x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size, dt_softplus, cu_seqlens):
+def ssd_scan_op(x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size, dt_softplus, cu_seqlens,
+                input_weight=None):
     """The SSD scan op; returns out (b, l, h, p), final (S, h, p, n) fp32. Calls that need no
-    gradient take the one-pass forward when ``use_fused_forward`` says it pays (packed rows count
-    their whole length as the longest sequence: no host read of cu_seqlens)."""
-    if not _needs_grad(x, dt, A, B, C, D, z, dt_bias, initial_state) and use_fused_forward(
+    gradient and have no input weights take the one-pass forward when ``use_fused_forward`` says
+    it pays (packed rows count their whole length as the longest sequence: no host read of
+    cu_seqlens)."""
+    if input_weight is None and not _needs_grad(x, dt, A, B, C, D, z, dt_bias, initial_state) and use_fused_forward(
             num_sequences(x, cu_seqlens), x.shape[2], x.shape[1]):
         return ssd_scan_infer(x, dt, A, B, C, D, z, dt_bias, initial_state, bool(dt_softplus), cu_seqlens)
     out, final, *_ = ssd_scan_fwd(x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size, bool(dt_softplus),
-                                  cu_seqlens)
+                                  cu_seqlens, input_weight)
     return out, final
 
 

@@ -25,8 +25,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim
 
 
 def _inputs(b, l, h, p, g, n, *, D=None, z=False, bias=False, init=False, rows=None, device="cpu",
-            dtype=torch.float32, softplus=True):
-    """Random SSD inputs; dt is raw (softplus'd in the op) unless ``softplus`` is False."""
+            dtype=torch.float32, softplus=True, weight=False):
+    """Random SSD inputs; dt is raw (softplus'd in the op) unless ``softplus`` is False;
+    ``weight``: input weights apart from dt (Mamba-3's trapezoid)."""
     rows = b if rows is None else rows
     kw = dict(device=device, dtype=dtype)
     t = {
@@ -40,6 +41,8 @@ def _inputs(b, l, h, p, g, n, *, D=None, z=False, bias=False, init=False, rows=N
         "dt_bias": torch.randn(h, device=device) * 0.5 if bias else None,
         "initial_state": torch.randn(rows, h, p, n, device=device) if init else None,
     }
+    if weight:
+        t["input_weight"] = torch.rand(b, l, h, device=device) + 0.05
     return t
 
 
@@ -50,6 +53,7 @@ def _run(backend, t, chunk_size, softplus=True, cu_seqlens=None, seed=1):
         leaves["x"], leaves["dt"], leaves["A"], leaves["B"], leaves["C"], chunk_size=chunk_size,
         D=leaves["D"], z=leaves["z"], dt_bias=leaves["dt_bias"], dt_softplus=softplus,
         initial_state=leaves["initial_state"], cu_seqlens=cu_seqlens, return_final_state=True, backend=backend,
+        input_weight=leaves.get("input_weight"),
     )
     gen = torch.Generator(device=y.device).manual_seed(seed)
     dy = torch.randn(y.shape, generator=gen, device=y.device, dtype=y.dtype)
@@ -73,6 +77,9 @@ CASES = {
     "B1-T1-H2-P4-G1-N4-Q16-Dh": (1, 1, 2, 4, 1, 4, 16, dict(D="h")),
     "B2-T50-H2-P16-G1-N16-Q32-Dh-h0-nosoftplus": (2, 50, 2, 16, 1, 16, 32, dict(D="h", init=True, softplus=False)),
     "B1-T53-H3-P5-G3-N6-Q24-h0": (1, 53, 3, 5, 3, 6, 24, dict(init=True)),
+    "B2-T37-H4-P8-G2-N8-Q16-weight-bias-h0": (2, 37, 4, 8, 2, 8, 16, dict(D="h", z=True, bias=True, init=True,
+                                                                         weight=True)),
+    "B1-T19-H2-P4-G1-N4-Q8-weight-nosoftplus": (1, 19, 2, 4, 1, 4, 8, dict(weight=True, softplus=False)),
 }
 
 
@@ -105,6 +112,22 @@ def test_packed_sequences_match_reference():
     t = _inputs(1, bounds[-1], h, p, g, n, D="h", z=True, bias=True, init=True, rows=len(bounds) - 1)
     cu = torch.tensor(bounds, dtype=torch.int32)
     _compare(_run("reference", t, 16, cu_seqlens=cu), _run("triton", t, 16, cu_seqlens=cu))
+    t["input_weight"] = torch.rand(t["dt"].shape)
+    _compare(_run("reference", t, 16, cu_seqlens=cu), _run("torch", t, 16, cu_seqlens=cu))
+    _compare(_run("reference", t, 16, cu_seqlens=cu), _run("triton", t, 16, cu_seqlens=cu))
+
+
+def test_input_weight_replaces_dt_only_in_the_input_term():
+    """w = dt gives the plain scan; another w changes the outputs but leaves a zero-input
+    decay alone (the torch path: what the Triton cases are compared through the reference)."""
+    t = _inputs(2, 23, 2, 4, 1, 4, init=True, softplus=False)
+    base = _run("torch", t, 8, softplus=False)
+    same = _run("torch", dict(t, input_weight=t["dt"].clone()), 8, softplus=False)
+    assert_close("y (w = dt)", base["y"], same["y"], torch.float32)
+    assert_close("ddt (w = dt: ddt + dw)", base["ddt"], same["ddt"] + same["dinput_weight"], torch.float32)
+    zero = _run("torch", dict(t, input_weight=torch.zeros_like(t["dt"])), 8, softplus=False)
+    decay = torch.exp((t["dt"] * t["A"]).sum(1))  # (b, h): the initial state's decay over the call
+    assert_close("final (w = 0)", t["initial_state"] * decay[..., None, None], zero["final"], torch.float32)
 
 
 def test_packed_equals_each_alone():
@@ -295,6 +318,8 @@ def test_bad_inputs_raise_shape_error():
         ssd_scan(x[:1], dt[:1], A, B[:1], C[:1], cu_seqlens=torch.tensor([0, 3, 7]), backend="triton")
     with pytest.raises(ShapeError, match="D"):
         ssd_scan(x, dt, A, B, C, D=torch.randn(4, 3), backend="triton")
+    with pytest.raises(ShapeError, match="input_weight"):
+        ssd_scan(x, dt, A, B, C, input_weight=dt[:, :, :2], backend="triton")
 
 
 SM90_COMPILE = """

@@ -1,22 +1,25 @@
-"""Mamba-3 over a whole chunk of a stream, in parallel, through two SSD scans.
+"""Mamba-3 over a whole chunk of a stream, in parallel, through one SSD scan.
 
 The rotation folds into B and C. Measure angles from the start of the call,
 Theta_t = sum_{s<=t} dt_s theta_s, and write the state in the rotated frame
 S~_t = R_{Theta_t}^{-1} S_t. The recurrence of ``reference.py`` becomes a real one:
 
-    S~_t = alpha_t S~_{t-1} + dt_t (1 - lam_t) alpha_t x_{t-1} B~_{t-1}^T + dt_t lam_t x_t B~_t^T
+    S~_t = alpha_t S~_{t-1} + dt_t (1 - lam_t) alpha_t u_{t-1} + dt_t lam_t u_t,   u_t = x_t B~_t^T
     y_t  = S~_t C~_t + D x_t,          B~_t = R_{Theta_t}^{-1} B_t,  C~_t = R_{Theta_t}^{-1} C_t
 
-which is the sum of two SSD recurrences with the same decay (SSD adds dt_t x_t B_t^T per step):
+Its two input terms are one: with c_t = dt_{t+1} (1 - lam_{t+1}) (the next step's weight of
+u_t, divided by its decay) the shifted state T_t = S~_t + c_t u_t follows an SSD recurrence,
 
-    scan 1: inputs lam_t x_t,                 keys B~_t,      initial state S_0
-    scan 2: inputs (1 - lam_t) alpha_t x_{t-1}, keys B~_{t-1},  initial state 0
+    T_t = alpha_t T_{t-1} + w_t u_t,    w_t = dt_t lam_t + c_t,
+    y_t = T_t C~_t + (D - c_t C_t . B_t) x_t          (rotations keep C . B)
 
-x_{-1}, B_{-1} come from the carry; since Theta is 0 before the first step of the call, the
-carried B_{-1} is already in the call's frame, and S~_0 = S_0. The final state is rotated back,
-S_end = R_{Theta_end} (S~1_end + S~2_end). Both scans run through ``streamssm.kernels.ssd_scan``
-(Triton forward + backward on GPU), so gradients reach every input, carried state included.
-B and C become per head (the angle depends on each head's dt): groups = heads in the scans.
+so one ``ssd_scan`` with dt for the decay and w as its input weights computes it. The call's
+last step has no next step here: c_end = 0 makes T_end = S~_end, the state carried on. The start
+is T_{-1} = S_0 + dt_0 (1 - lam_0) x_{-1} B_{-1}^T with x_{-1}, B_{-1} from the carry (Theta is 0
+before the first step, so the carried B is already in the call's frame). The final state is
+rotated back, S_end = R_{Theta_end} T_end. ``ssd_scan`` runs Triton forward + backward on GPU,
+so gradients reach every input, carried state included. B and C become per head (the angle
+depends on each head's dt): groups = heads in the scan.
 """
 
 from __future__ import annotations
@@ -54,31 +57,31 @@ def mamba3_scan_chunked(
     dtf, lamf, xf = dt.float(), lam.float(), x.float()
     if initial_carry is None:
         initial_carry = x.new_zeros(b, h * p + g * n, dtype=torch.float32)
-    x_prev0, B_prev0 = split_carry(initial_carry.float(), h, p, g, n)
+    x_prev, B_prev = split_carry(initial_carry.float(), h, p, g, n)
     # Theta in float64, reduced mod 2 pi: in fp32 a Theta of 1e4 rad (a few thousand steps at
     # angles near pi) is off by ~1e-3 rad, and the relative angles Theta_t - Theta_s with it
     step_angle = dtf[..., None] * theta.float().repeat_interleave(rep, 2)
     angle = torch.cumsum(step_angle.double(), dim=1).remainder(2 * math.pi).float()  # (b, l, h, n/2)
     B_rot = rotate_pairs(B.float().repeat_interleave(rep, 2), -angle)  # (b, l, h, n)
     C_rot = rotate_pairs(C.float().repeat_interleave(rep, 2), -angle)
-    B_prev = torch.cat([B_prev0.repeat_interleave(rep, 1)[:, None], B_rot[:, :-1]], dim=1)  # B~_{t-1}
-    x_prev = torch.cat([x_prev0[:, None], xf[:, :-1]], dim=1)  # x_{t-1}
-    alpha = torch.exp(dtf * A.float())  # (b, l, h)
-    common = dict(chunk_size=chunk_size, return_final_state=True, backend=backend)
-    # scan operands in the input dtype (bf16 in training, as for SSD); angles, dt and states stay fp32
+    shifted = dtf * (1 - lamf)  # dt_t (1 - lam_t): c_{t-1}
+    c = F.pad(shifted[:, 1:], (0, 0, 0, 1))  # (b, l, h), c_end = 0
+    start = shifted[:, 0, :, None, None] * x_prev[..., None] * B_prev.repeat_interleave(rep, 1)[:, :, None, :]
+    state0 = start if initial_state is None else initial_state.float() + start  # T_{-1} (b, h, p, n)
+    # scan operands in the input dtype (bf16 in training, as for SSD); angles, dt, w and states stay fp32
     cdt = x.dtype
-    y1, s1 = ssd_scan((lamf[..., None] * xf).to(cdt), dtf, A.float(), B_rot.to(cdt), C_rot.to(cdt),
-                      initial_state=initial_state, **common)
-    y2, s2 = ssd_scan((((1 - lamf) * alpha)[..., None] * x_prev).to(cdt), dtf, A.float(), B_prev.to(cdt),
-                      C_rot.to(cdt), **common)
-    y = y1.float() + y2.float()
+    y, final = ssd_scan(x, dtf, A.float(), B_rot.to(cdt), C_rot.to(cdt), chunk_size=chunk_size,
+                        initial_state=state0, return_final_state=True, backend=backend, input_weight=dtf * lamf + c)
+    CB = (C.float() * B.float()).sum(-1).repeat_interleave(rep, 2)  # (b, l, h): C_t . B_t
+    skip = (-c * CB)[..., None]  # (b, l, h, 1): the shift's diagonal term, plus D
     if D is not None:
-        y = y + (D.float()[:, None] if D.dim() == 1 else D.float()) * xf
+        skip = skip + (D.float()[:, None] if D.dim() == 1 else D.float())
+    y = y.float() + skip * xf
     if z is not None:
         y = y * F.silu(z.float())
     y = y.to(x.dtype)
     if not return_final_state:
         return y
-    final_state = rotate_pairs(s1 + s2, angle[:, -1][:, :, None, :])
+    final_state = rotate_pairs(final, angle[:, -1][:, :, None, :])
     final_carry = torch.cat([xf[:, -1].flatten(1), B[:, -1].float().flatten(1)], dim=-1)
     return y, final_state, final_carry

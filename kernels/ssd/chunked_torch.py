@@ -7,9 +7,10 @@ Shape legend:
     n dstate, c chunks in a block, t = i = j steps in a chunk (``chunk_size``)
 
 Same recurrence as ``reference.py`` (per head a scalar decay a_t = dt_t A):
-    S_t = exp(a_t) S_{t-1} + dt_t x_t B_t^T,    y_t = S_t C_t + D x_t  [* silu(z_t)]
+    S_t = exp(a_t) S_{t-1} + w_t x_t B_t^T,    y_t = S_t C_t + D x_t  [* silu(z_t)]
+(w_t = dt_t, or the given input weight).
 
-With Lc the cumulative log-decay inside a chunk and X_j = dt_j x_j, one chunk is
+With Lc the cumulative log-decay inside a chunk and X_j = w_j x_j, one chunk is
     y_i  = sum_{j<=i} (C_i . B_j) exp(Lc_i - Lc_j) X_j      intra-chunk quadratic form
          + exp(Lc_i) C_i S_0                                 contribution of the carried state
     S_t' = exp(Lc_last) S_0 + sum_j exp(Lc_last - Lc_j) X_j B_j^T   state passed on
@@ -34,7 +35,7 @@ def _scan_block(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One block of whole chunks, in the compute dtype of its inputs.
 
-    X (b, c, t, g, q, p) = dt * x; a (b, c, t, g, q) = dt * A; B, C (b, c, t, g, n);
+    X (b, c, t, g, q, p) = w * x; a (b, c, t, g, q) = dt * A; B, C (b, c, t, g, n);
     state (b, g, q, p, n). Returns y (b, c, t, g, q, p) without the D term, and the state
     after the block.
     """
@@ -59,10 +60,11 @@ def _scan_block(
 
 def _ssd_rows(
     x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-    state: torch.Tensor, chunk_size: int,
+    state: torch.Tensor, chunk_size: int, w: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (b, l, h, p); dt (b, l, h) after bias/softplus and state (b, h, p, n), both in the compute
-    dtype; B, C (b, l, g, n). Returns y (b, l, h, p) in the compute dtype (no D/z) and the final state."""
+    """x (b, l, h, p); dt (b, l, h) after bias/softplus, input weights w (b, l, h) and state
+    (b, h, p, n), all in the compute dtype; B, C (b, l, g, n). Returns y (b, l, h, p) in the
+    compute dtype (no D/z) and the final state."""
     cd = dt.dtype
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
@@ -70,7 +72,7 @@ def _ssd_rows(
     t = min(chunk_size, l)
     chunks = -(-l // t)
     pad = chunks * t - l
-    X = F.pad(x.to(cd) * dt[..., None], (0, 0, 0, 0, 0, pad))  # (b, l', h, p); padded steps carry no input
+    X = F.pad(x.to(cd) * w[..., None], (0, 0, 0, 0, 0, pad))  # (b, l', h, p); padded steps carry no input
     a = F.pad(dt * A, (0, 0, 0, pad))  # (b, l', h); log-decay 0 on padded steps
     Bf = F.pad(B.to(cd), (0, 0, 0, 0, 0, pad)).reshape(b, chunks, t, g, n)
     Cf = F.pad(C.to(cd), (0, 0, 0, 0, 0, pad)).reshape(b, chunks, t, g, n)
@@ -105,10 +107,11 @@ def ssd_scan_chunked(
     cu_seqlens: torch.Tensor | None = None,
     return_final_state: bool = False,
     compute_dtype: torch.dtype | None = None,
+    input_weight: torch.Tensor | None = None,
 ):
     """SSD scan by the chunked algorithm (same contract as ``ssd_scan_ref``).
 
-    x, z: (b, l, h, p); dt: (b, l, h); A: (h,); B, C: (b, l, g, n); D: (h,) or (h, p);
+    x, z: (b, l, h, p); dt, input_weight: (b, l, h); A: (h,); B, C: (b, l, g, n); D: (h,) or (h, p);
     initial_state: (b, h, p, n), or (num_seqs, h, p, n) with ``cu_seqlens`` (num_seqs+1,)
     (then b == 1). The math runs in ``compute_dtype`` (default fp32, float64 for float64 x).
     Returns y (b, l, h, p) in x.dtype, or in ``compute_dtype`` when it is given
@@ -122,6 +125,7 @@ def ssd_scan_chunked(
         dtf = dtf + dt_bias.to(cd)
     if dt_softplus:
         dtf = F.softplus(dtf)
+    wf = dtf if input_weight is None else input_weight.to(cd)
     Af = A.to(cd)
     if cu_seqlens is None:
         state = (
@@ -129,7 +133,7 @@ def ssd_scan_chunked(
             if initial_state is not None
             else torch.zeros(b, h, p, n, device=x.device, dtype=cd)
         )
-        y, final = _ssd_rows(x, dtf, Af, B, C, state, chunk_size)
+        y, final = _ssd_rows(x, dtf, Af, B, C, state, chunk_size, wf)
     else:
         bounds = [int(v) for v in cu_seqlens.tolist()]
         ys, finals = [], []
@@ -142,7 +146,7 @@ def ssd_scan_chunked(
             if e == s:  # an empty sequence passes its initial state through
                 finals.append(state)
                 continue
-            y_i, state = _ssd_rows(x[:, s:e], dtf[:, s:e], Af, B[:, s:e], C[:, s:e], state, chunk_size)
+            y_i, state = _ssd_rows(x[:, s:e], dtf[:, s:e], Af, B[:, s:e], C[:, s:e], state, chunk_size, wf[:, s:e])
             ys.append(y_i)
             finals.append(state)
         y, final = torch.cat(ys, dim=1), torch.cat(finals, dim=0)

@@ -35,16 +35,17 @@ def _packed(t: torch.Tensor | None) -> torch.Tensor | None:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _ssd_scan_fwd(x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size, dt_softplus, cu_seqlens):
-    """Forward launches. Returns out (b, l, h, p) gated, final (S, h, p, n) fp32 and what the
-    backward keeps: dt_out, dA_cs (T, h, Q) fp32, the states entering each chunk (T, h, p, n)
-    fp32, and the ungated y (L, h, p) when z is given (else None)."""
+def _ssd_scan_fwd(x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size, dt_softplus, cu_seqlens, w=None):
+    """Forward launches (w (b, l, h): input weights in place of dt, or None). Returns out
+    (b, l, h, p) gated, final (S, h, p, n) fp32 and what the backward keeps: dt_out (the input
+    weights), dA_cs (T, h, Q) fp32, the states entering each chunk (T, h, p, n) fp32, and the
+    ungated y (L, h, p) when z is given (else None)."""
     b, l, h, p = x.shape
     layout = chunk_layout(b, l, chunk_size, cu_seqlens, x.device)
-    x2, dt2, B2, C2, z2 = (_packed(t) for t in (x, dt, B, C, z))  # (L, h, p), (L, h), (L, g, n)
+    x2, dt2, B2, C2, z2, w2 = (_packed(t) for t in (x, dt, B, C, z, w))  # (L, h, p), (L, h), (L, g, n)
     D2 = D.contiguous() if D is not None else None
     init = initial_state.float().contiguous() if initial_state is not None else None
-    dt_out, dA_cs = _chunk_cumsum_fwd(dt2, A.contiguous(), dt_bias, dt_softplus, layout)  # (T, h, Q)
+    dt_out, dA_cs = _chunk_cumsum_fwd(dt2, A.contiguous(), dt_bias, dt_softplus, layout, w2)  # (T, h, Q)
     states = _chunk_state_fwd(x2, B2, dt_out, dA_cs, layout)  # (T, h, p, n)
     final = _state_passing_fwd(states, dA_cs, init, layout)  # states: entering each chunk now
     cb = _chunk_cb_fwd(C2, B2, layout, x.dtype)  # (T, g, Q, Q)
@@ -53,12 +54,12 @@ def _ssd_scan_fwd(x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size, dt_s
 
 
 def _ssd_scan_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_out, dA_cs, prev_states, y, chunk_size,
-                  dt_softplus, cu_seqlens, has_init):
+                  dt_softplus, cu_seqlens, has_init, w=None):
     """Backward launches from the forward's kept tensors. Returns dx, ddt, dA, dB, dC, dD, dz,
-    ddt_bias, dinit shaped like their inputs (dz, dinit None without z, initial state)."""
+    ddt_bias, dinit, dw shaped like their inputs (dz, dinit, dw None without z, initial state, w)."""
     b, l, h, p = x.shape
     layout = chunk_layout(b, l, chunk_size, cu_seqlens, x.device)
-    x2, dt2, B2, C2, z2 = (_packed(t) for t in (x, dt, B, C, z))
+    x2, dt2, B2, C2, z2, w2 = (_packed(t) for t in (x, dt, B, C, z, w))
     D2 = D.contiguous() if D is not None else None
     L = x2.shape[0]
     dout = dout.reshape(L, h, p)
@@ -76,10 +77,10 @@ def _ssd_scan_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_out, dA_cs, pr
     cb = _chunk_cb_fwd(C2, B2, layout, torch.float32)  # (T, g, Q, Q): fp32 keeps dA accurate in bf16 runs
     dx, dB, dC, ddA_cs, ddt_direct, dD = _chunk_scan_bwd(
         x2, B2, C2, cb, dy, D2, dt_out, dA_cs, prev_states, dstates, ddA_last, layout)
-    ddt, dA, ddt_bias = _chunk_cumsum_bwd(ddA_cs, ddA_last, ddt_direct, dt2, A, dt_bias, dt_softplus,
-                                          dt_out, layout)
+    ddt, dA, ddt_bias, dw = _chunk_cumsum_bwd(ddA_cs, ddA_last, ddt_direct, dt2, A, dt_bias, dt_softplus,
+                                              dt_out, layout, w2)
     return (dx.view(x.shape), ddt.view(dt.shape), dA, dB.view(B.shape), dC.view(C.shape), dD, dz,
-            ddt_bias, dinit)
+            ddt_bias, dinit, None if dw is None else dw.view(w.shape))
 
 
 def ssd_scan_triton(
@@ -96,16 +97,18 @@ def ssd_scan_triton(
     initial_state: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     return_final_state: bool = False,
+    input_weight: torch.Tensor | None = None,
 ):
     """Mamba-2 SSD scan (semantics of ``ssd/reference.py``), differentiable in every tensor input.
 
-    x, z: (b, l, h, p); dt: (b, l, h); A: (h,) fp32; B, C: (b, l, g, n); D: (h,) or (h, p) fp32;
-    dt_bias: (h,) fp32; initial_state: (b, h, p, n) fp32, or (num_seqs, h, p, n) with
-    ``cu_seqlens`` (num_seqs + 1,) int (batch 1). Inputs are validated by
+    x, z: (b, l, h, p); dt, input_weight: (b, l, h); A: (h,) fp32; B, C: (b, l, g, n); D: (h,)
+    or (h, p) fp32; dt_bias: (h,) fp32; initial_state: (b, h, p, n) fp32, or (num_seqs, h, p, n)
+    with ``cu_seqlens`` (num_seqs + 1,) int (batch 1). Inputs are validated by
     ``streamssm.kernels.ssd_scan``. Returns y (b, l, h, p) in x's dtype [, final_state fp32
     shaped like initial_state].
     """
     from streamssm.kernels.library import ssd_scan_op
 
-    y, final = ssd_scan_op(x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size, dt_softplus, cu_seqlens)
+    y, final = ssd_scan_op(x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size, dt_softplus, cu_seqlens,
+                           input_weight)
     return (y, final) if return_final_state else y
