@@ -81,6 +81,21 @@ def time_graph(fn: Callable[[], object], warmup_calls: int = 3, rep: int = 100) 
     return ms
 
 
+def kernel_profile(fn: Callable[[], object], calls: int = 3, top: int = 15, warmup_calls: int = 2) -> str:
+    """torch.profiler's table of the GPU kernels of ``calls`` runs of ``fn`` (after
+    ``warmup_calls``), by total GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmup_calls):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70)
+
+
 def peak_memory_gib(fn: Callable[[], object]) -> float:
     """Peak memory allocated during ``fn()`` above what was allocated before it, in GiB."""
     torch.cuda.synchronize()

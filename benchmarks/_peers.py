@@ -51,6 +51,15 @@ def mamba2_module() -> type[nn.Module]:
     return Mamba2
 
 
+def mamba3_siso_combined():
+    """mamba-ssm's Triton Mamba-3 (SISO) scan with its autograd: ``mamba3_siso_combined(Q, K, V,
+    ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, ..., chunk_size)`` (Q = C, K = B, V = x)."""
+    import_mamba_ssm()
+    from mamba_ssm.ops.triton.mamba3.mamba3_siso_combined import mamba3_siso_combined as fn
+
+    return fn
+
+
 class PeerMamba2Model(nn.Module):
     """The model of ``ModelConfig(block="mamba2", ...)`` built from mamba-ssm ``Mamba2`` modules.
 

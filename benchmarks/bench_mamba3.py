@@ -1,8 +1,9 @@
-"""Mamba-3 vs Mamba-2: the layer (Mamba3Block vs Mamba2Block) and the op (mamba3_scan vs ssd_scan).
+"""Mamba-3 vs Mamba-2: the layer (Mamba3Block vs Mamba2Block) and the op (mamba3_scan vs ssd_scan),
+with mamba-ssm's Triton Mamba-3 (SISO) op beside ours.
 
 Run on a GPU:
 
-    python benchmarks/bench_mamba3.py [--shapes S1,S2,S3] [--levels layer,op] [--out results.md]
+    python benchmarks/bench_mamba3.py [--shapes S1,S2,S3] [--levels layer,op] [--peer] [--out results.md]
 
 Shapes S1-S3 of shared/BENCHMARKS.md mapped to blocks: d_inner = heads * headdim, expand 2
 (d_model = d_inner / 2), d_state = dstate, one group, chunk 256, batch and length as listed.
@@ -11,7 +12,10 @@ bf16 autocast, fp32 parameters. Op rows: bf16 x, B, C (and theta for Mamba-3); f
 (after softplus), A, D, lam; forward and forward+backward (gradients of every input). Times
 are medians after warm-up (``triton.testing.do_bench``, eager launches: what a training loop
 sees); peak memory is that of forward+backward above the inputs and parameters. Ratio =
-Mamba-3 time / Mamba-2 time (> 1: Mamba-3 is slower).
+Mamba-3 time / Mamba-2 time (> 1: Mamba-3 is slower). ``--peer``: op rows of mamba-ssm's
+``mamba3_siso_combined`` (from ``.peers/``; its tuned chunk 64, zero Q/K biases, our theta
+repeated per head as its angles) and of ours at chunk 64; "vs mamba-ssm" = its time / ours at
+the same chunk (> 1: ours is faster).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import SSD_SHAPES, peak_memory_gib, run_tag, time_eager  # noqa: E402
+from _harness import SSD_SHAPES, kernel_profile, peak_memory_gib, run_tag, time_eager  # noqa: E402
 
 from streamssm.kernels import mamba3_scan, ssd_scan  # noqa: E402
 from streamssm.layers import Mamba2Block, Mamba3Block  # noqa: E402
@@ -80,15 +84,32 @@ def op_inputs(shape: dict[str, int], device: torch.device, seed: int = 0) -> dic
     }
 
 
-def op_fns(kind: str, t: dict[str, torch.Tensor]) -> tuple[Callable[[], object], Callable[[], object]]:
-    """(forward, forward + backward with gradients of every floating input) of one op."""
+def peer_mamba3(d: dict[str, torch.Tensor], chunk: int) -> torch.Tensor:
+    """mamba-ssm's Mamba-3 (SISO) op on our inputs: Q = C, K = B, V = x; (b, h, l) decay, dt and
+    trapezoid weights; zero Q/K biases; theta of the one group as every head's angle rate."""
+    from _peers import mamba3_siso_combined
+
+    b, l, h, _ = d["x"].shape
+    n = d["B"].shape[-1]
+    heads_first = [v.transpose(1, 2).contiguous() for v in (d["dt"] * d["A"], d["dt"], d["lam"])]
+    bias = torch.zeros(h, n, device=d["x"].device)
+    angles = d["theta"].expand(b, l, h, n // 2)
+    return mamba3_siso_combined()(d["C"], d["B"], d["x"], *heads_first, bias, bias, angles, D=d["D"],
+                                  chunk_size=chunk)
+
+
+def op_fns(kind: str, t: dict[str, torch.Tensor], chunk: int = CHUNK) -> tuple[Callable[[], object], Callable[[], object]]:
+    """(forward, forward + backward with gradients of every floating input) of one op
+    (``kind``: mamba2, mamba3 or mamba-ssm, the peer's Mamba-3)."""
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in t.items()}
 
     def call(d):
         if kind == "mamba3":
             return mamba3_scan(d["x"], d["dt"], d["A"], d["B"], d["C"], d["lam"], d["theta"], D=d["D"],
-                               chunk_size=CHUNK, backend="triton")
-        return ssd_scan(d["x"], d["dt"], d["A"], d["B"], d["C"], chunk_size=CHUNK, D=d["D"], backend="triton")
+                               chunk_size=chunk, backend="triton")
+        if kind == "mamba-ssm":
+            return peer_mamba3(d, chunk)
+        return ssd_scan(d["x"], d["dt"], d["A"], d["B"], d["C"], chunk_size=chunk, D=d["D"], backend="triton")
 
     def fwd():
         with torch.no_grad():
@@ -111,14 +132,19 @@ def measure(fwd: Callable[[], object], fwd_bwd: Callable[[], object], warmup: in
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| level | shape | kernel | fwd ms | fwd+bwd ms | peak GiB fwd+bwd | tokens/s fwd+bwd | "
-            "fwd ratio m3/m2 | fwd+bwd ratio m3/m2 |")
+    head = ("| level | shape | kernel | chunk | fwd ms | fwd+bwd ms | peak GiB fwd+bwd | tokens/s fwd+bwd | "
+            "fwd ratio m3/m2 | fwd+bwd ratio m3/m2 | vs mamba-ssm fwd | vs mamba-ssm fwd+bwd |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    cols = ("fwd_ms", "fwd_bwd_ms")
     for r in rows:
-        base = next(b for b in rows if b["level"] == r["level"] and b["shape"] == r["shape"] and b["kernel"] == "mamba2")
-        ratios = [f"{r[c] / base[c]:.2f}x" for c in ("fwd_ms", "fwd_bwd_ms")]
-        lines.append(f"| {r['level']} | {r['shape']} | {r['kernel']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
-                     f"{r['peak_gib']:.2f} | {r['tokens'] / r['fwd_bwd_ms'] * 1e3:.3e} | {ratios[0]} | {ratios[1]} |")
+        same = [b for b in rows if b["level"] == r["level"] and b["shape"] == r["shape"]]
+        base = next(b for b in same if b["kernel"] == "mamba2")
+        peer = next((b for b in same if b["kernel"] == "mamba-ssm" and b["chunk"] == r["chunk"]), None)
+        ratios = [f"{r[c] / base[c]:.2f}x" for c in cols]
+        vs_peer = [f"{peer[c] / r[c]:.2f}x" if peer is not None and r["kernel"] == "mamba3" else "" for c in cols]
+        lines.append(f"| {r['level']} | {r['shape']} | {r['kernel']} | {r['chunk']} | {r['fwd_ms']:.3f} | "
+                     f"{r['fwd_bwd_ms']:.3f} | {r['peak_gib']:.2f} | {r['tokens'] / r['fwd_bwd_ms'] * 1e3:.3e} | "
+                     f"{' | '.join(ratios)} | {' | '.join(vs_peer)} |")
     return "\n".join(lines)
 
 
@@ -128,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", default="layer,op", help="layer, op or both")
     parser.add_argument("--warmup", type=int, default=10, help="do_bench warm-up time (ms)")
     parser.add_argument("--rep", type=int, default=100, help="do_bench measuring time (ms)")
+    parser.add_argument("--peer", action="store_true", help="op rows of mamba-ssm's Mamba-3 and ours at chunk 64")
+    parser.add_argument("--profile", default="", help="shapes whose Mamba-3 op fwd+bwd to profile kernel by kernel")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -142,16 +170,20 @@ def main(argv: list[str] | None = None) -> int:
             d_model = shape["heads"] * shape["headdim"] // EXPAND
             u = torch.randn(shape["batch"], shape["length"], d_model, device=device, requires_grad=True)
             for kind, block in layers.items():
-                rows.append(dict(level="layer", shape=name, kernel=kind, tokens=tokens,
+                rows.append(dict(level="layer", shape=name, kernel=kind, chunk=CHUNK, tokens=tokens,
                                  **measure(*layer_fns(block, u), args.warmup, args.rep)))
                 print(rows[-1], flush=True)
             del layers, u
         if "op" in args.levels:
             t = op_inputs(shape, device)
-            for kind in ("mamba2", "mamba3"):
-                rows.append(dict(level="op", shape=name, kernel=kind, tokens=tokens,
-                                 **measure(*op_fns(kind, t), args.warmup, args.rep)))
+            runs = [("mamba2", CHUNK), ("mamba3", CHUNK)] + ([("mamba3", 64), ("mamba-ssm", 64)] if args.peer else [])
+            for kind, chunk in runs:
+                rows.append(dict(level="op", shape=name, kernel=kind, chunk=chunk, tokens=tokens,
+                                 **measure(*op_fns(kind, t, chunk), args.warmup, args.rep)))
                 print(rows[-1], flush=True)
+                if kind != "mamba2" and name in args.profile.split(","):
+                    print(f"{name}: GPU kernels of 3 fwd+bwd of the {kind} op at chunk {chunk}:\n"
+                          + kernel_profile(op_fns(kind, t, chunk)[1], top=20), flush=True)
             del t
         torch.cuda.empty_cache()
     table = f"{run_tag()}\n\n{markdown(rows)}\n"

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import Table, report, run_tag  # noqa: E402
+from _harness import Table, kernel_profile, report, run_tag  # noqa: E402
 
 import streamssm.kernels.library as lib  # noqa: E402
 from streamssm.inference import Streamer  # noqa: E402
@@ -74,19 +74,6 @@ def pipelined_ms(streamer: Streamer, chunks: dict, calls: int) -> float:
 def matmul_flops_per_token(model: SSMModel) -> float:
     """2 x the weights of every Linear (encoder lookup and conv excluded)."""
     return 2.0 * sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-
-
-def kernel_profile(fn, calls: int = 3, top: int = 15) -> str:
-    """torch.profiler's table of the GPU kernels of ``calls`` runs of ``fn``, by total GPU time."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70)
 
 
 def ssd_chunk_table(model: SSMModel, x: torch.Tensor, args) -> Table:

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import COPY_TBPS, SSD_SHAPES, Table, peak_memory_gib, report, run_tag, time_eager, time_graph  # noqa: E402
+from _harness import (COPY_TBPS, SSD_SHAPES, Table, kernel_profile, peak_memory_gib, report, run_tag,  # noqa: E402
+                      time_eager, time_graph)
 from _peers import PEERS, import_mamba_ssm, stub_package  # noqa: E402
 
 from streamssm.kernels import ssd_scan  # noqa: E402
@@ -218,21 +219,6 @@ def measure(table: Table, shape_name: str, kernel: str, run, t: dict, names, tok
     torch.cuda.empty_cache()
 
 
-def _kernel_table(step, rows: int = 14) -> str:
-    """Per-kernel GPU time of 3 calls of ``step`` (torch profiler, after 2 warm-up calls)."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    for _ in range(2):
-        step()
-    torch.cuda.synchronize()
-    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=48)
-
-
 def profile(shape_name: str, t: dict, providers: dict) -> str:
     """Per-kernel GPU times: the forward of every provider (kernel by kernel against the peers),
     then our forward+backward; and the configs our autotuned kernels chose."""
@@ -240,11 +226,11 @@ def profile(shape_name: str, t: dict, providers: dict) -> str:
     for pname, (run, prep) in providers.items():
         pt = prep(t)
         with torch.no_grad():
-            parts.append(f"{shape_name} profile of {pname} forward (3 calls):\n{_kernel_table(functools.partial(run, pt), 10)}")
+            parts.append(f"{shape_name} profile of {pname} forward (3 calls):\n{kernel_profile(functools.partial(run, pt), top=10)}")
     leaves, params = with_grads(t, NAMES)
     dy = torch.randn_like(ours(leaves))
     parts.append(f"{shape_name} profile of ours fwd+bwd (3 steps):\n"
-                 f"{_kernel_table(lambda: torch.autograd.grad(ours(leaves), params, dy))}")
+                 f"{kernel_profile(lambda: torch.autograd.grad(ours(leaves), params, dy), top=14)}")
     from streamssm.kernels.ssd import bmm_chunk, chunk_scan, chunk_scan_bwd, chunk_state
 
     tuned = [bmm_chunk._chunk_cb_fwd_kernel, chunk_state._chunk_state_fwd_kernel, chunk_scan._chunk_scan_fwd_kernel,
