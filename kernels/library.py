@@ -8,14 +8,15 @@ registered autograd formula whose backward is itself an op. The pure-PyTorch bac
     streamssm::selective_scan_fwd / _bwd   Mamba-1 scan (mamba1/scan.py launchers)
     streamssm::ssd_scan_fwd / _bwd         Mamba-2 SSD (ssd/combined.py launch sequences)
     streamssm::ssd_scan_infer              Mamba-2 SSD forward in one pass, no gradients (ssd/fused_fwd.py)
+    streamssm::mamba3_rotary_fwd / _bwd    Mamba-3's B, C rotated into each head's frame (mamba3/rotary.py)
     streamssm::causal_conv1d_fwd / _bwd    causal depthwise conv (conv1d/conv.py launchers)
     streamssm::conv1d_step                 one conv step, mutates conv_state
     streamssm::selective_scan_step         one Mamba-1 step, mutates ssm_state
     streamssm::ssd_step                    one Mamba-2 step, mutates ssm_state
     streamssm::mamba3_step                 one Mamba-3 step, mutates ssm_state and carry
 
-mamba3_scan has no op of its own: on the Triton backend it is one ssd_scan op (with input
-weights) and PyTorch glue (mamba3/chunked.py). Op outputs cannot be None: an absent output is an empty (0,) tensor.
+mamba3_scan has no op of its own: on the Triton backend it is the rotary op, one ssd_scan op
+(with input weights) and elementwise PyTorch (mamba3/chunked.py). Op outputs cannot be None: an absent output is an empty (0,) tensor.
 The Python wrappers (``*_op``) take and return what the modules' ``*_triton`` functions do.
 The step ops take the arguments of their ``*_step_triton`` launchers; ``streamssm.kernels``
 calls them only while torch.compile/export traces (eager calls the launcher: a custom op's
@@ -33,6 +34,8 @@ from streamssm.kernels.conv1d.conv import _causal_conv1d_bwd, _causal_conv1d_fwd
 from streamssm.kernels.conv1d.step import conv1d_step_triton
 from streamssm.kernels.mamba1.scan import _as_groups, _selective_scan_bwd, _selective_scan_fwd
 from streamssm.kernels.mamba1.step import selective_scan_step_triton
+from streamssm.kernels.mamba3.rotary import BLOCK_L as ROTARY_TILE
+from streamssm.kernels.mamba3.rotary import mamba3_rotary_bwd_triton, mamba3_rotary_fwd_triton
 from streamssm.kernels.mamba3.step import mamba3_step_triton
 from streamssm.kernels.ssd.combined import _ssd_scan_bwd, _ssd_scan_fwd
 from streamssm.kernels.ssd.fused_fwd import num_sequences, ssd_fused_fwd, use_fused_forward
@@ -225,6 +228,56 @@ def ssd_scan_op(x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size, dt_sof
     out, final, *_ = ssd_scan_fwd(x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size, bool(dt_softplus),
                                   cu_seqlens, input_weight)
     return out, final
+
+
+# ----------------------------------------------------------------------------- Mamba-3 rotation
+
+
+@custom_op("streamssm::mamba3_rotary_fwd", mutates_args=())
+def mamba3_rotary_fwd(B: Tensor, C: Tensor, dt: Tensor, theta: Tensor,
+                      out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """B~, C~ (b, l, h, n) in out_dtype, final angle (b, h, n/2) fp32, tile angles (b, T, h, n/2) float64."""
+    return mamba3_rotary_fwd_triton(B, C, dt, theta, out_dtype)
+
+
+@register_fake("streamssm::mamba3_rotary_fwd")
+def _(B, C, dt, theta, out_dtype):
+    b, l, _, n = B.shape
+    h = dt.shape[2]
+    return (B.new_empty(b, l, h, n, dtype=out_dtype), B.new_empty(b, l, h, n, dtype=out_dtype),
+            B.new_empty(b, h, n // 2, dtype=F32), B.new_empty(b, -(-l // ROTARY_TILE), h, n // 2, dtype=torch.float64))
+
+
+@custom_op("streamssm::mamba3_rotary_bwd", mutates_args=())
+def mamba3_rotary_bwd(dBo: Tensor, dCo: Tensor, dangle_end: Tensor, B: Tensor, C: Tensor, dt: Tensor,
+                      theta: Tensor, enter: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients dB, dC, ddt, dtheta in their inputs' dtypes."""
+    return mamba3_rotary_bwd_triton(dBo, dCo, dangle_end, B, C, dt, theta, enter)
+
+
+@register_fake("streamssm::mamba3_rotary_bwd")
+def _(dBo, dCo, dangle_end, B, C, dt, theta, enter):
+    return B.new_empty(B.shape), C.new_empty(C.shape), dt.new_empty(dt.shape), theta.new_empty(theta.shape)
+
+
+def _rotary_setup(ctx, inputs, output):
+    B, C, dt, theta, _ = inputs
+    ctx.save_for_backward(B, C, dt, theta, output[3])
+
+
+def _rotary_backward(ctx, dBo, dCo, dangle_end, _denter):
+    B, C, dt, theta, enter = ctx.saved_tensors
+    return (*mamba3_rotary_bwd(dBo, dCo, dangle_end, B, C, dt, theta, enter), None)
+
+
+register_autograd("streamssm::mamba3_rotary_fwd", _rotary_backward, setup_context=_rotary_setup)
+
+
+def mamba3_rotary_op(B: Tensor, C: Tensor, dt: Tensor, theta: Tensor,
+                     out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """The rotation op, as ``mamba3/reference.mamba3_rotary_ref``: B~, C~, final angle."""
+    B_rot, C_rot, angle_end, _ = mamba3_rotary_fwd(B, C, dt, theta, out_dtype)
+    return B_rot, C_rot, angle_end
 
 
 # ----------------------------------------------------------------------------- causal conv1d

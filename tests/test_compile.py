@@ -277,6 +277,15 @@ def test_triton_scan_ops_pass_opcheck(op_name):
     torch.library.opcheck(op, args)
 
 
+def test_mamba3_rotary_op_passes_opcheck():
+    import streamssm.kernels.library as lib
+
+    b, l, g, h, n = 2, 70, 1, 2, 4  # two tiles
+    args = (torch.randn(b, l, g, n, requires_grad=True), torch.randn(b, l, g, n, requires_grad=True),
+            torch.rand(b, l, h, requires_grad=True), torch.randn(b, l, g, n // 2, requires_grad=True), torch.float32)
+    torch.library.opcheck(lib.mamba3_rotary_fwd, args)
+
+
 def test_triton_step_ops_pass_opcheck():
     import streamssm.kernels.library as lib
 

@@ -17,21 +17,20 @@ so one ``ssd_scan`` with dt for the decay and w as its input weights computes it
 last step has no next step here: c_end = 0 makes T_end = S~_end, the state carried on. The start
 is T_{-1} = S_0 + dt_0 (1 - lam_0) x_{-1} B_{-1}^T with x_{-1}, B_{-1} from the carry (Theta is 0
 before the first step, so the carried B is already in the call's frame). The final state is
-rotated back, S_end = R_{Theta_end} T_end. ``ssd_scan`` runs Triton forward + backward on GPU,
-so gradients reach every input, carried state included. B and C become per head (the angle
-depends on each head's dt): groups = heads in the scan.
+rotated back, S_end = R_{Theta_end} T_end. B and C become per head (the angle depends on each
+head's dt): groups = heads in the scan. On the Triton backend the rotation is one op
+(``rotary.py``: angles never reach memory) and ``ssd_scan`` runs Triton forward + backward, so
+gradients reach every input, carried state included.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 
 from streamssm.kernels import ssd_scan
 from streamssm.kernels._common import Backend
-from streamssm.kernels.mamba3.reference import rotate_pairs, split_carry
+from streamssm.kernels.mamba3.reference import mamba3_rotary_ref, rotate_pairs, split_carry
 
 
 def mamba3_scan_chunked(
@@ -54,34 +53,33 @@ def mamba3_scan_chunked(
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     rep = h // g
-    dtf, lamf, xf = dt.float(), lam.float(), x.float()
+    dtf, lamf = dt.float(), lam.float()
     if initial_carry is None:
         initial_carry = x.new_zeros(b, h * p + g * n, dtype=torch.float32)
     x_prev, B_prev = split_carry(initial_carry.float(), h, p, g, n)
-    # Theta in float64, reduced mod 2 pi: in fp32 a Theta of 1e4 rad (a few thousand steps at
-    # angles near pi) is off by ~1e-3 rad, and the relative angles Theta_t - Theta_s with it
-    step_angle = dtf[..., None] * theta.float().repeat_interleave(rep, 2)
-    angle = torch.cumsum(step_angle.double(), dim=1).remainder(2 * math.pi).float()  # (b, l, h, n/2)
-    B_rot = rotate_pairs(B.float().repeat_interleave(rep, 2), -angle)  # (b, l, h, n)
-    C_rot = rotate_pairs(C.float().repeat_interleave(rep, 2), -angle)
+    # scan operands in the input dtype (bf16 in training, as for SSD); angles, dt, w and states stay fp32
+    cdt = x.dtype
+    if backend == "triton":
+        from streamssm.kernels.library import mamba3_rotary_op as rotate
+    else:
+        rotate = mamba3_rotary_ref
+    B_rot, C_rot, angle_end = rotate(B, C, dtf, theta, cdt)  # (b, l, h, n), (b, h, n/2)
     shifted = dtf * (1 - lamf)  # dt_t (1 - lam_t): c_{t-1}
     c = F.pad(shifted[:, 1:], (0, 0, 0, 1))  # (b, l, h), c_end = 0
     start = shifted[:, 0, :, None, None] * x_prev[..., None] * B_prev.repeat_interleave(rep, 1)[:, :, None, :]
     state0 = start if initial_state is None else initial_state.float() + start  # T_{-1} (b, h, p, n)
-    # scan operands in the input dtype (bf16 in training, as for SSD); angles, dt, w and states stay fp32
-    cdt = x.dtype
-    y, final = ssd_scan(x, dtf, A.float(), B_rot.to(cdt), C_rot.to(cdt), chunk_size=chunk_size,
+    y, final = ssd_scan(x, dtf, A.float(), B_rot, C_rot, chunk_size=chunk_size,
                         initial_state=state0, return_final_state=True, backend=backend, input_weight=dtf * lamf + c)
     CB = (C.float() * B.float()).sum(-1).repeat_interleave(rep, 2)  # (b, l, h): C_t . B_t
     skip = (-c * CB)[..., None]  # (b, l, h, 1): the shift's diagonal term, plus D
     if D is not None:
         skip = skip + (D.float()[:, None] if D.dim() == 1 else D.float())
-    y = y.float() + skip * xf
+    y = torch.addcmul(y.float(), skip, x)
     if z is not None:
         y = y * F.silu(z.float())
     y = y.to(x.dtype)
     if not return_final_state:
         return y
-    final_state = rotate_pairs(final, angle[:, -1][:, :, None, :])
-    final_carry = torch.cat([xf[:, -1].flatten(1), B[:, -1].float().flatten(1)], dim=-1)
+    final_state = rotate_pairs(final, angle_end[:, :, None, :])
+    final_carry = torch.cat([x[:, -1].float().flatten(1), B[:, -1].float().flatten(1)], dim=-1)
     return y, final_state, final_carry

@@ -21,6 +21,8 @@ into chunks anywhere.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -31,6 +33,20 @@ def rotate_pairs(v: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     re, im = pairs[..., 0], pairs[..., 1]
     cos, sin = torch.cos(angle), torch.sin(angle)
     return torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1).flatten(-2)
+
+
+def mamba3_rotary_ref(B: torch.Tensor, C: torch.Tensor, dt: torch.Tensor, theta: torch.Tensor,
+                      out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """B, C (b, l, g, n) rotated into each head's frame, R(-Theta_t) with Theta_t = sum_{s<=t}
+    dt_s theta_s (mod 2 pi): B~, C~ (b, l, h, n) in ``out_dtype`` and the final angle (b, h, n/2)
+    fp32. dt (b, l, h) fp32; theta (b, l, g, n/2). Angles accumulate in float64: in fp32 a Theta
+    of 1e4 rad (a few thousand steps at angles near pi) is off by ~1e-3 rad."""
+    rep = dt.shape[2] // B.shape[2]
+    step = dt.float()[..., None] * theta.float().repeat_interleave(rep, 2)  # (b, l, h, n/2)
+    angle = torch.cumsum(step.double(), dim=1).remainder(2 * math.pi).float()
+    B_rot = rotate_pairs(B.float().repeat_interleave(rep, 2), -angle).to(out_dtype)
+    C_rot = rotate_pairs(C.float().repeat_interleave(rep, 2), -angle).to(out_dtype)
+    return B_rot, C_rot, angle[:, -1]
 
 
 def split_carry(carry: torch.Tensor, h: int, p: int, g: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,224 @@
+"""Triton rotation of Mamba-3's B and C into each head's rotating frame, forward and backward.
+
+Shape legend: b batch, l length, g groups of B/C, h heads (h % g == 0, head i reads group
+i // (h / g)), n dstate (even), k = n / 2 angles, T tiles of ``BLOCK_L`` steps.
+
+    Theta_t[h, k] = sum_{s <= t} dt_s[h] theta_s[g, k]             (mod 2 pi)
+    B~_t[h] = R(-Theta_t[h]) B_t[g],   C~_t[h] = R(-Theta_t[h]) C_t[g]   (pairs (2k, 2k+1) rotated)
+
+what ``mamba3/chunked.py`` feeds its SSD scan (reference: ``reference.mamba3_rotary_ref``). The
+PyTorch glue it replaces wrote the (b, l, h, k) angles in float64 and the rotated B/C in fp32
+before casting them (~80 % of a Mamba-3 training step at S1, by the profile). Here the angles
+never reach memory:
+
+    forward   1. each tile's angle sum per (b, h, k), in float64        (b, T, h, k)
+              2. (torch) exclusive cumsum over tiles, mod 2 pi: the angle entering each tile
+              3. per (tile, b, h): in-tile cumsum + the entering angle, cos/sin, rotate B and C
+    backward  1. per (tile, b, g): dB, dC (the heads of a group summed in registers: no atomics)
+                 and dTheta per head, with its tile sums              (b, l, h, k), (b, T, h, k)
+              2. (torch) suffix sums over tiles (plus the final angle's gradient)
+              3. per (tile, b, g): reverse in-tile cumsum -> d(step angle) -> ddt, dtheta
+
+The rows of dtheta / dB / dC of a group are written by one program, so every gradient is
+deterministic. Angles accumulate in float64 (the fp32 step angles dt * theta, as the reference)
+and are reduced mod 2 pi before their fp32 cos/sin.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_L = 64  # steps per tile
+TWO_PI = tl.constexpr(2 * math.pi)
+
+
+@triton.jit
+def _step_angles(p_dt, p_theta, i_b, i_t, i_h, i_g, L, H, G, K, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One tile's (BLOCK_L, BLOCK_K) fp32 step angles dt * theta of head i_h (0 outside), its dt
+    (BLOCK_L,) and theta, the tile's rows (int64, (BLOCK_L,)), the angle index and the row and
+    (row, angle) masks."""
+    o_l = i_t * BLOCK_L + tl.arange(0, BLOCK_L)
+    o_k = tl.arange(0, BLOCK_K)
+    m_l = o_l < L
+    m = m_l[:, None] & (o_k < K)[None, :]
+    rows = i_b * L + o_l.to(tl.int64)
+    b_dt = tl.load(p_dt + rows * H + i_h, mask=m_l, other=0.0).to(tl.float32)
+    b_th = tl.load(p_theta + (rows[:, None] * G + i_g) * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+    return b_dt[:, None] * b_th, b_dt, b_th, rows, o_k, m_l, m
+
+
+@triton.jit
+def _tile_angles(p_dt, p_theta, p_enter, i_b, i_t, i_h, i_g, L, H, G, K, T,
+                 BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Theta (BLOCK_L, BLOCK_K) fp32 in [0, 2 pi) of one tile of head i_h: the entering angle
+    plus the in-tile cumsum, in float64; and the tile's rows, angle index and mask."""
+    b_step, _, _, rows, o_k, _, m = _step_angles(p_dt, p_theta, i_b, i_t, i_h, i_g, L, H, G, K, BLOCK_L, BLOCK_K)
+    enter = tl.load(p_enter + ((i_b * T + i_t) * H + i_h) * K + o_k, mask=o_k < K, other=0.0)
+    angle = enter[None, :] + tl.cumsum(b_step.to(tl.float64), axis=0)
+    return (angle - TWO_PI * tl.floor(angle / TWO_PI)).to(tl.float32), rows, o_k, m
+
+
+@triton.jit
+def _rotary_tile_sums_kernel(p_dt, p_theta, p_sums, L, H, G, K, T,
+                             BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Grid (T, b * h): sums (b, T, h, k) float64 of each tile's step angles."""
+    i_t = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
+    b_step, _, _, _, o_k, _, _ = _step_angles(p_dt, p_theta, i_b, i_t, i_h, i_h // (H // G), L, H, G, K,
+                                           BLOCK_L, BLOCK_K)
+    tl.store(p_sums + ((i_b * T + i_t) * H + i_h) * K + o_k, tl.sum(b_step.to(tl.float64), axis=0), mask=o_k < K)
+
+
+@triton.jit
+def _load_pairs(p, offs, m):
+    """The (re, im) halves, fp32, of the pairs at element offsets ``offs`` (even) of ``p``."""
+    return tl.load(p + offs, mask=m, other=0.0).to(tl.float32), tl.load(p + offs + 1, mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_pairs(p, offs, re, im, m):
+    tl.store(p + offs, re.to(p.dtype.element_ty), mask=m)
+    tl.store(p + offs + 1, im.to(p.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _rotate_back(p_in, p_out, o_in, o_out, cos, sin, m):
+    """Rotate the pairs of ``p_in`` at ``o_in`` by -Theta into ``p_out`` at ``o_out``."""
+    re, im = _load_pairs(p_in, o_in, m)
+    _store_pairs(p_out, o_out, re * cos + im * sin, im * cos - re * sin, m)
+
+
+@triton.jit
+def _rotary_fwd_kernel(p_B, p_C, p_dt, p_theta, p_enter, p_Bo, p_Co, L, H, G, K, T,
+                       BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Grid (T, b * h): B~, C~ (b, l, h, n) of one tile and head: R(-Theta) of B, C (b, l, g, n)."""
+    i_t = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
+    i_g = i_h // (H // G)
+    angle, rows, o_k, m = _tile_angles(p_dt, p_theta, p_enter, i_b, i_t, i_h, i_g, L, H, G, K, T, BLOCK_L, BLOCK_K)
+    cos, sin = tl.cos(angle), tl.sin(angle)
+    o_in = (rows[:, None] * G + i_g) * 2 * K + 2 * o_k[None, :]
+    o_out = (rows[:, None] * H + i_h) * 2 * K + 2 * o_k[None, :]
+    _rotate_back(p_B, p_Bo, o_in, o_out, cos, sin, m)
+    _rotate_back(p_C, p_Co, o_in, o_out, cos, sin, m)
+
+
+@triton.jit
+def _rotary_bwd_dangle_kernel(p_B, p_C, p_dt, p_theta, p_enter, p_dBo, p_dCo, p_dB, p_dC, p_dangle, p_dsums,
+                              L, H, G, K, T, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Grid (T, b * g): dB, dC (b, l, g, n) of one tile and group (its heads summed here) and
+    each head's dTheta (b, l, h, k) fp32 with its tile sums (b, T, h, k) fp32."""
+    i_t = tl.program_id(0)
+    i_bg = tl.program_id(1)
+    i_b, i_g = (i_bg // G).to(tl.int64), i_bg % G
+    rep = H // G
+    o_l = i_t * BLOCK_L + tl.arange(0, BLOCK_L)
+    o_k = tl.arange(0, BLOCK_K)
+    m = (o_l < L)[:, None] & (o_k < K)[None, :]
+    rows = i_b * L + o_l.to(tl.int64)
+    o_in = (rows[:, None] * G + i_g) * 2 * K + 2 * o_k[None, :]
+    B_re, B_im = _load_pairs(p_B, o_in, m)
+    C_re, C_im = _load_pairs(p_C, o_in, m)
+    dB_re = tl.zeros([BLOCK_L, BLOCK_K], dtype=tl.float32)
+    dB_im = tl.zeros([BLOCK_L, BLOCK_K], dtype=tl.float32)
+    dC_re = tl.zeros([BLOCK_L, BLOCK_K], dtype=tl.float32)
+    dC_im = tl.zeros([BLOCK_L, BLOCK_K], dtype=tl.float32)
+    for j in range(rep):
+        i_h = i_g * rep + j
+        angle, _, _, _ = _tile_angles(p_dt, p_theta, p_enter, i_b, i_t, i_h, i_g, L, H, G, K, T, BLOCK_L, BLOCK_K)
+        cos, sin = tl.cos(angle), tl.sin(angle)
+        o_out = (rows[:, None] * H + i_h) * 2 * K + 2 * o_k[None, :]
+        gB_re, gB_im = _load_pairs(p_dBo, o_out, m)
+        gC_re, gC_im = _load_pairs(p_dCo, o_out, m)
+        # out = (re c + im s, im c - re s): d out / d Theta = (out_im, -out_re); dv = R(+Theta) g
+        dangle = (gB_re * (B_im * cos - B_re * sin) - gB_im * (B_re * cos + B_im * sin)
+                  + gC_re * (C_im * cos - C_re * sin) - gC_im * (C_re * cos + C_im * sin))
+        dB_re += gB_re * cos - gB_im * sin
+        dB_im += gB_re * sin + gB_im * cos
+        dC_re += gC_re * cos - gC_im * sin
+        dC_im += gC_re * sin + gC_im * cos
+        tl.store(p_dangle + (rows[:, None] * H + i_h) * K + o_k[None, :], dangle, mask=m)
+        tl.store(p_dsums + ((i_b * T + i_t) * H + i_h) * K + o_k, tl.sum(dangle, axis=0), mask=o_k < K)
+    _store_pairs(p_dB, o_in, dB_re, dB_im, m)
+    _store_pairs(p_dC, o_in, dC_re, dC_im, m)
+
+
+@triton.jit
+def _rotary_bwd_dstep_kernel(p_dt, p_theta, p_dangle, p_after, p_ddt, p_dtheta, L, H, G, K, T,
+                             BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Grid (T, b * g): d(step angle) = sum of dTheta from here on (reverse in-tile cumsum plus
+    the tiles after, ``p_after`` (b, T, h, k) fp32); then ddt (b, l, h) and dtheta (b, l, g, k)."""
+    i_t = tl.program_id(0)
+    i_bg = tl.program_id(1)
+    i_b, i_g = (i_bg // G).to(tl.int64), i_bg % G
+    rep = H // G
+    o_l = i_t * BLOCK_L + tl.arange(0, BLOCK_L)
+    o_k = tl.arange(0, BLOCK_K)
+    m = (o_l < L)[:, None] & (o_k < K)[None, :]
+    rows = i_b * L + o_l.to(tl.int64)
+    dtheta = tl.zeros([BLOCK_L, BLOCK_K], dtype=tl.float32)
+    for j in range(rep):
+        i_h = i_g * rep + j
+        _, b_dt, b_th, _, _, m_l, _ = _step_angles(p_dt, p_theta, i_b, i_t, i_h, i_g, L, H, G, K, BLOCK_L, BLOCK_K)
+        dangle = tl.load(p_dangle + (rows[:, None] * H + i_h) * K + o_k[None, :], mask=m, other=0.0)
+        after = tl.load(p_after + ((i_b * T + i_t) * H + i_h) * K + o_k, mask=o_k < K, other=0.0)
+        dstep = tl.where(m, tl.cumsum(dangle, axis=0, reverse=True) + after[None, :], 0.0)
+        tl.store(p_ddt + rows * H + i_h, tl.sum(dstep * b_th, axis=1).to(p_ddt.dtype.element_ty), mask=m_l)
+        dtheta += b_dt[:, None] * dstep
+    tl.store(p_dtheta + (rows[:, None] * G + i_g) * K + o_k[None, :], dtheta.to(p_dtheta.dtype.element_ty), mask=m)
+
+
+def _grid(L: int, rows: int) -> tuple[int, int]:
+    return triton.cdiv(L, BLOCK_L), rows
+
+
+def _block_k(K: int) -> int:
+    return max(2, triton.next_power_of_2(K))
+
+
+def mamba3_rotary_fwd_triton(B: torch.Tensor, C: torch.Tensor, dt: torch.Tensor, theta: torch.Tensor,
+                             out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """B, C (b, l, g, n); dt (b, l, h) fp32; theta (b, l, g, n/2). Returns B~, C~ (b, l, h, n) in
+    ``out_dtype``, the final angle (b, h, n/2) fp32 (mod 2 pi) and what the backward keeps: the
+    angle entering each tile (b, T, h, n/2) float64."""
+    B, C, dt, theta = (t.contiguous() for t in (B, C, dt, theta))
+    b, L, G, N = B.shape
+    H, K = dt.shape[2], N // 2
+    grid = _grid(L, b * H)
+    T = grid[0]
+    sums = torch.empty(b, T, H, K, device=B.device, dtype=torch.float64)
+    _rotary_tile_sums_kernel[grid](dt, theta, sums, L, H, G, K, T, BLOCK_L=BLOCK_L, BLOCK_K=_block_k(K))
+    through = sums.cumsum(1)
+    enter = (through - sums).remainder_(2 * math.pi)
+    Bo = torch.empty(b, L, H, N, device=B.device, dtype=out_dtype)
+    Co = torch.empty_like(Bo)
+    _rotary_fwd_kernel[grid](B, C, dt, theta, enter, Bo, Co, L, H, G, K, T, BLOCK_L=BLOCK_L, BLOCK_K=_block_k(K))
+    return Bo, Co, through[:, -1].remainder(2 * math.pi).float(), enter
+
+
+def mamba3_rotary_bwd_triton(dBo: torch.Tensor, dCo: torch.Tensor, dangle_end: torch.Tensor, B: torch.Tensor,
+                             C: torch.Tensor, dt: torch.Tensor, theta: torch.Tensor, enter: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dB, dC, ddt, dtheta) in their inputs' dtypes from those of B~, C~ (b, l, h, n)
+    and of the final angle (b, h, n/2)."""
+    B, C, dt, theta, dBo, dCo = (t.contiguous() for t in (B, C, dt, theta, dBo, dCo))
+    b, L, G, N = B.shape
+    H, K = dt.shape[2], N // 2
+    T = triton.cdiv(L, BLOCK_L)
+    dB, dC = torch.empty_like(B), torch.empty_like(C)
+    dangle = torch.empty(b, L, H, K, device=B.device, dtype=torch.float32)
+    dsums = torch.empty(b, T, H, K, device=B.device, dtype=torch.float32)
+    _rotary_bwd_dangle_kernel[_grid(L, b * G)](B, C, dt, theta, enter, dBo, dCo, dB, dC, dangle, dsums,
+                                               L, H, G, K, T, BLOCK_L=BLOCK_L, BLOCK_K=_block_k(K))
+    # the tiles after each one, and the final angle (the sum of every step's)
+    after = dsums.flip(1).cumsum(1).flip(1) - dsums + dangle_end.float()[:, None]
+    ddt, dtheta = torch.empty_like(dt), torch.empty_like(theta)
+    _rotary_bwd_dstep_kernel[_grid(L, b * G)](dt, theta, dangle, after, ddt, dtheta, L, H, G, K, T,
+                                              BLOCK_L=BLOCK_L, BLOCK_K=_block_k(K))
+    return dB, dC, ddt, dtheta

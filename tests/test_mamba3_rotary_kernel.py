@@ -1,0 +1,72 @@
+"""Triton rotation of Mamba-3's B and C (kernels/mamba3/rotary.py) vs its PyTorch reference
+(``mamba3_rotary_ref``): rotated B/C, final angle and the gradients of B, C, dt and theta, on CPU
+under TRITON_INTERPRET=1; on the GPU at a training size in fp32 and bf16."""
+
+import pytest
+import torch
+
+from streamssm.kernels.library import mamba3_rotary_op
+from streamssm.kernels.mamba3.reference import mamba3_rotary_ref
+from streamssm.kernels.mamba3.rotary import BLOCK_L
+from streamssm.testing import assert_close
+
+
+def make_inputs(b, l, g, h, n, seed=0, angle_scale=1.0, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    return dict(B=torch.randn(b, l, g, n, generator=gen), C=torch.randn(b, l, g, n, generator=gen),
+                dt=torch.rand(b, l, h, generator=gen) + 0.05,
+                theta=angle_scale * torch.randn(b, l, g, n // 2, generator=gen))
+
+
+def run(fn, inputs, out_dtype, device="cpu", seed=1):
+    """Outputs (B~, C~, final angle) and the gradients of every input under random output grads."""
+    leaves = {k: v.to(device).clone().requires_grad_(True) for k, v in inputs.items()}
+    outs = fn(leaves["B"], leaves["C"], leaves["dt"], leaves["theta"], out_dtype)
+    gen = torch.Generator().manual_seed(seed)
+    loss = sum((o.float() * torch.randn(o.shape, generator=gen).to(device)).sum() for o in outs)
+    loss.backward()
+    return dict(zip(("B_rot", "C_rot", "angle_end"), outs)) | {f"d{k}": v.grad for k, v in leaves.items()}
+
+
+@pytest.mark.parametrize("shape", [(2, 2 * BLOCK_L + 13, 2, 4, 6), (1, 5, 1, 3, 8), (1, BLOCK_L, 3, 3, 4)],
+                         ids=["tiles3-G2-H4", "short-G1-H3", "one-tile-G3-H3"])
+def test_triton_matches_reference_with_gradients(shape):
+    inputs = make_inputs(*shape)
+    want = run(mamba3_rotary_ref, inputs, torch.float32)
+    got = run(mamba3_rotary_op, inputs, torch.float32)
+    for name in want:
+        assert_close(name, want[name], got[name], torch.float32)
+
+
+def test_bf16_outputs():
+    """B~, C~ stored in bf16 (the SSD operands of a bf16 run; the interpreter's bf16 cast
+    truncates, the GPU's rounds), the final angle in fp32."""
+    inputs = make_inputs(1, 70, 1, 2, 4)
+    want = mamba3_rotary_ref(**inputs, out_dtype=torch.float32)
+    got = mamba3_rotary_op(**inputs, out_dtype=torch.bfloat16)
+    assert got[0].dtype == got[1].dtype == torch.bfloat16 and got[2].dtype == torch.float32
+    for name, a, b in zip(("B_rot", "C_rot"), want, got):
+        assert_close(name, a, b.float(), torch.bfloat16)
+
+
+def test_large_angles_accumulate_exactly():
+    """~300 rad per step over 3 tiles: 6e4 rad in all, where an fp32 sum is off by ~4e-3 rad;
+    float64 accumulation mod 2 pi keeps the fp32 accuracy of the reference."""
+    inputs = make_inputs(1, 3 * BLOCK_L, 1, 2, 4, seed=5)
+    inputs.update(dt=torch.ones_like(inputs["dt"]), theta=300 + inputs["theta"])
+    want = mamba3_rotary_ref(**inputs, out_dtype=torch.float32)
+    got = mamba3_rotary_op(**inputs, out_dtype=torch.float32)
+    for name, a, b in zip(("B_rot", "C_rot", "angle_end"), want, got):
+        assert_close(name, a, b, torch.float32, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpu_matches_reference(out_dtype):
+    """S1-like rows (h 24, one group, n 128) over 2,048 steps: outputs and gradients by relative L2."""
+    inputs = make_inputs(2, 2048, 1, 24, 128, seed=3)
+    want = run(mamba3_rotary_ref, inputs, out_dtype, device="cuda")
+    got = run(mamba3_rotary_op, inputs, out_dtype, device="cuda")
+    errs = {k: ((got[k].float() - v.float()).norm() / v.float().norm()).item() for k, v in want.items()}
+    bound = 1e-5 if out_dtype == torch.float32 else 5e-3
+    assert all(e < bound for e in errs.values()), errs
