@@ -181,9 +181,9 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(dict(level="op", shape=name, kernel=kind, chunk=chunk, tokens=tokens,
                                  **measure(*op_fns(kind, t, chunk), args.warmup, args.rep)))
                 print(rows[-1], flush=True)
-                if kind != "mamba2" and name in args.profile.split(","):
+                if (kind, chunk) in (("mamba3", CHUNK), ("mamba-ssm", 64)) and name in args.profile.split(","):
                     print(f"{name}: GPU kernels of 3 fwd+bwd of the {kind} op at chunk {chunk}:\n"
-                          + kernel_profile(op_fns(kind, t, chunk)[1], top=20), flush=True)
+                          + kernel_profile(op_fns(kind, t, chunk)[1], top=14), flush=True)
             del t
         torch.cuda.empty_cache()
     table = f"{run_tag()}\n\n{markdown(rows)}\n"
