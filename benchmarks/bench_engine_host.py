@@ -37,12 +37,19 @@ from streamssm.service.scheduler import Chunk, Scheduler  # noqa: E402
 
 
 class _NullLink:
-    """Where a relay's messages would go (to a worker): counted, dropped."""
+    """Where a relay's results would go (to a worker): queued as a Link queues them (the messages
+    of one event-loop iteration together), then dropped instead of sent."""
 
-    sent = 0
+    def __init__(self):
+        self._out: list[tuple] = []
 
     def send(self, *message) -> None:
-        self.sent += 1
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._out.clear)
+        self._out.append(message)
+
+    def last_queued(self, kind: str) -> tuple | None:
+        return self._out[-1] if self._out and self._out[-1][0] == kind else None
 
 
 def stand_in(vocab: int, streams: int, samples: int, device: str):

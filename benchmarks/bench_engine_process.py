@@ -47,7 +47,7 @@ VOCAB = 5
 FAKE_WORKER = r"""
 import asyncio, json, socket, sys, time
 import numpy as np
-from streamssm.service.link import Link, pack_array
+from streamssm.service.link import Link, queue_chunk
 
 async def main(fd, first_key, streams, samples, rounds):
     link = await Link.over(socket.socket(fileno=fd))
@@ -56,8 +56,8 @@ async def main(fd, first_key, streams, samples, rounds):
 
     async def read():
         async for message in link.messages():
-            if message[0] == "result":
-                state["results"] += 1
+            if message[0] == "results":
+                state["results"] += len(message[1])
                 if state["results"] >= state["target"]:
                     got.set()
 
@@ -73,8 +73,8 @@ async def main(fd, first_key, streams, samples, rounds):
         state["target"] += streams
         got.clear()
         t0 = time.perf_counter()
-        for key in keys:  # a fresh packed array per chunk, as a worker sends its clients' frames
-            link.send("submit", key, r, r * samples, pack_array(x), time.perf_counter())
+        for key in keys:  # as a worker sends its clients' frames (one message per loop iteration)
+            queue_chunk(link, key, r, r * samples, x, time.perf_counter())
         await got.wait()
         times.append(time.perf_counter() - t0)
     print(json.dumps(times), flush=True)

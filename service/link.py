@@ -25,36 +25,93 @@ from streamssm.errors import ProtocolError, StateError
 _HEADER = struct.Struct("!Q")  # bytes of the pickled batch that follows
 
 
-#: an array as it crosses a link: (its bytes, dtype character code (both ends run on one host), shape)
-PackedArray = tuple[bytearray, str, tuple[int, ...]]
+class ArrayBatch:
+    """Arrays that cross a link as one buffer: the chunks a worker submits in one event-loop
+    iteration, or the rows of one worker's streams that the engine's model calls computed. Pickled
+    as their concatenation (one bytearray) and their lengths, so the engine process pickles or
+    unpickles one buffer per message instead of one per chunk or per result. Unpickled as a
+    tuple of arrays (``tensors``: torch tensors) that are views of that buffer, writable, None
+    where ``items`` holds None. The arrays share their dtype and trailing shape (both ends run on
+    one host: raw bytes)."""
 
+    def __init__(self, tensors: bool = False):
+        self.tensors = tensors
+        self.items: list[np.ndarray | None] = []  # (l, ...) arrays or None, in order
 
-def pack_array(a: np.ndarray | None) -> PackedArray | None:
-    """An array for a link message: packing, pickling and unpacking cost ~3 us an array against
-    ~8 us for the array itself (numpy's reduce rebuilds it through a constructor call), once per
-    chunk and per result in the engine process."""
-    return None if a is None else (bytearray(np.ascontiguousarray(a).data), a.dtype.char, a.shape)
+    def add(self, a: np.ndarray) -> bool:
+        """Append ``a`` (l, ...) unless its dtype or trailing shape differ from the first array's
+        (False: the caller starts another batch)."""
+        first = next((b for b in self.items if b is not None), a)
+        if a.dtype != first.dtype or a.shape[1:] != first.shape[1:]:
+            return False
+        self.items.append(a)
+        return True
 
-
-def unpack_array(packed: PackedArray | None) -> np.ndarray | None:
-    """The (writable) array of :func:`pack_array`, without a copy."""
-    return None if packed is None else np.frombuffer(packed[0], dtype=packed[1]).reshape(packed[2])
+    def __reduce__(self) -> tuple:
+        arrays = [a for a in self.items if a is not None]
+        lengths = [-1 if a is None else len(a) for a in self.items]
+        first = arrays[0] if arrays else np.empty(0, np.float32)
+        data = bytearray(sum(a.nbytes for a in arrays))
+        if arrays:
+            np.concatenate(arrays, out=np.frombuffer(data, first.dtype).reshape(-1, *first.shape[1:]))
+        return _unpack_batch, (data, first.dtype.char, first.shape[1:], lengths, self.tensors)
 
 
 _TORCH_DTYPES: dict[str, torch.dtype] = {}  # numpy character code -> torch dtype
 
 
-def unpack_tensor(packed: PackedArray) -> torch.Tensor:
-    """The (writable) tensor of :func:`pack_array`'s array, sharing the message's buffer (one
-    torch.frombuffer: ~1.4 us against ~2.5 us through numpy and torch.from_numpy)."""
-    buffer, code, shape = packed
-    dtype = _TORCH_DTYPES.get(code)
-    if dtype is None:
-        dtype = _TORCH_DTYPES.setdefault(code, torch.from_numpy(np.empty(0, dtype=code)).dtype)
-    if not len(buffer):  # torch.frombuffer refuses an empty buffer
-        return torch.empty(shape, dtype=dtype)
-    flat = torch.frombuffer(buffer, dtype=dtype)
-    return flat if len(shape) == 1 else flat.view(shape)
+def _unpack_batch(data: bytearray, code: str, trailing: tuple[int, ...], lengths: list[int],
+                  tensors: bool) -> tuple[np.ndarray | torch.Tensor | None, ...]:
+    """An :class:`ArrayBatch` on the receiving end: views of ``data`` (length -1: None)."""
+    rows = [n for n in lengths if n >= 0]
+    if not rows:
+        return (None,) * len(lengths)
+    if tensors:
+        dtype = _TORCH_DTYPES.get(code)
+        if dtype is None:
+            dtype = _TORCH_DTYPES.setdefault(code, torch.from_numpy(np.empty(0, dtype=code)).dtype)
+        flat = (torch.frombuffer(data, dtype=dtype) if data  # torch.frombuffer refuses an empty buffer
+                else torch.empty(0, dtype=dtype)).view(sum(rows), *trailing)
+        views = iter(flat.split(rows))  # one call for all views: ~0.7 us a view against ~1.4 for frombuffer
+    else:
+        flat = np.frombuffer(data, dtype=code).reshape(sum(rows), *trailing)
+        views = iter(np.split(flat, np.cumsum(rows[:-1])))
+    return tuple(None if n < 0 else next(views) for n in lengths)
+
+
+def queue_chunk(link: Link, key: int, seq: int, start: int, x: np.ndarray, received: float) -> None:
+    """A worker's chunk ``x`` (l,) or (l, c) for stream ``key``, queued on ``link``: added to the
+    ``("chunks", keys, seqs, starts, received, xs)`` message queued last in this loop iteration,
+    or the first of a new one (``xs``: an :class:`ArrayBatch`, tensors on the engine's side)."""
+    message = link.last_queued("chunks")
+    if message is None or not message[5].add(x):
+        message = ("chunks", [], [], [], [], ArrayBatch(tensors=True))
+        message[5].add(x)
+        link.send(*message)
+    message[1].append(key)
+    message[2].append(seq)
+    message[3].append(start)
+    message[4].append(received)
+
+
+def queue_result(link: Link, key: int, seq: int, slices: list[tuple[np.ndarray | None, np.ndarray | None]]) -> None:
+    """One chunk's raw results for stream ``key``, one (outputs (n, o) | None, scores (n,) | None)
+    pair per model call, queued on ``link``: added to the ``("results", keys, seqs, counts,
+    outputs, scores)`` message queued last in this loop iteration, or the first of a new one
+    (``counts``: slices per chunk; ``outputs``, ``scores``: :class:`ArrayBatch` es of all slices in
+    order, outputs as tensors on the worker's side). Rows of one model's calls (float32, one
+    output width) join the batches unchecked."""
+    message = link.last_queued("results")
+    if message is None:
+        message = ("results", [], [], [], ArrayBatch(tensors=True), ArrayBatch())
+        link.send(*message)
+    message[1].append(key)
+    message[2].append(seq)
+    message[3].append(len(slices))
+    outputs, scores = message[4].items, message[5].items
+    for out, score in slices:
+        outputs.append(out)
+        scores.append(score)
 
 
 class LinkClosed(ConnectionError):
@@ -103,6 +160,13 @@ class Link:
         if not self._out:
             asyncio.get_running_loop().call_soon(self._flush)
         self._out.append(message)
+
+    def last_queued(self, kind: str) -> tuple | None:
+        """The message queued last in this loop iteration when it is a ``kind`` message, else
+        None: one that may still grow (it has not left, and no message queued after it would be
+        overtaken by what is added to it)."""
+        out = self._out
+        return out[-1] if out and out[-1][0] == kind else None
 
     def _flush(self) -> None:
         batch, self._out = self._out, []

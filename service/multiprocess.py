@@ -29,6 +29,8 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import torch
 
 from streamssm.checkpoint import ServingBundle
 from streamssm.errors import ConfigError, StateError
@@ -36,7 +38,7 @@ from streamssm.errors import ConfigError, StateError
 from .backend import LocalBackend
 from .codec import ModelCodec
 from .config import ServeConfig
-from .link import Link, PackedArray, error_tuple, pack_array, unpack_tensor
+from .link import Link, error_tuple, queue_result
 from .scheduler import Chunk, Scheduler, Slice
 
 log = logging.getLogger(__name__)
@@ -53,15 +55,17 @@ class _Relay:
         self.link, self.key, self.scheduler = link, key, scheduler
         self.sid = -1
 
-    def part(self, chunk: Chunk, result: Slice) -> tuple[PackedArray | None, PackedArray | None]:
-        """One model call's slice of the chunk: its raw (outputs, scores), encoded in the worker."""
-        return pack_array(None if result.outputs is None else result.outputs.numpy()), pack_array(result.scores)
+    def part(self, chunk: Chunk, result: Slice) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """One model call's slice of the chunk: its raw (outputs (n, o), scores (n,)), views of the
+        call's results (copied once per worker and call when the link's message is pickled),
+        encoded in the worker."""
+        return None if result.outputs is None else result.outputs.numpy(), result.scores
 
     def finish(self, chunk: Chunk, parts: list) -> list:
         return parts
 
     def deliver(self, chunk: Chunk, slices: list) -> None:
-        self.link.send("result", self.key, chunk.seq, slices)
+        queue_result(self.link, self.key, chunk.seq, slices)
         self.scheduler.done(self.sid)  # the worker holds the stream's real queue slot until it sends
 
     def on_error(self, exc: BaseException) -> None:
@@ -209,9 +213,11 @@ class MultiProcessServer:
         try:
             async for message in worker.link.messages():
                 kind = message[0]
-                if kind == "submit":
-                    if (waiting := self._submit(worker, *message[1:])) is not None:
-                        await waiting
+                if kind == "chunks":
+                    _, keys, seqs, starts, received, xs = message
+                    for key, seq, start, x, t in zip(keys, seqs, starts, xs, received):
+                        if (waiting := self._submit(worker, key, seq, start, x, t)) is not None:
+                            await waiting
                 elif kind == "call":
                     loop.create_task(self._answer(worker, *message[1:]))
                 elif kind == "release":
@@ -277,14 +283,14 @@ class MultiProcessServer:
         self.backend.metrics.worker_streams.labels(worker=str(worker.index)).inc()
         self._broadcast_live()
 
-    def _submit(self, worker: _Worker, key: int, seq: int, start: int, x: PackedArray,
+    def _submit(self, worker: _Worker, key: int, seq: int, start: int, x: torch.Tensor,
                 received: float) -> Awaitable[None] | None:
         """Queue a worker's chunk now when its stream has a free slot (the usual case: no
         coroutine per chunk); otherwise the wait to await."""
         relay = worker.relays.get(key)
         if relay is None:
             return None
-        chunk = Chunk(seq, start, unpack_tensor(x), received)
+        chunk = Chunk(seq, start, x, received)
         try:
             return None if self.scheduler.submit_nowait(relay.sid, chunk) else self._submit_later(relay, chunk)
         except StateError:  # closing or failed: the worker knows (or will) and answers

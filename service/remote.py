@@ -22,9 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from streamssm.errors import ProtocolError, StateError
 
-from .link import Link, LinkClosed, PackedArray, pack_array, unpack_array, unpack_tensor
+from .link import Link, LinkClosed, queue_chunk
 from .metrics import ServiceMetrics
 from .protocol import SERVICE_RESTART
 from .resume import Parked, TokenMint
@@ -41,7 +44,7 @@ class _RemoteStream:
     slots: QueueSlots
     waiting: dict[int, Chunk] = field(default_factory=dict)  # seq -> chunk sent, result not back yet
     #: results back, being encoded slice by slice, oldest first: (chunk, raw slices left, encoded slices)
-    encoding: deque[tuple[Chunk, list, list]] = field(default_factory=deque)
+    encoding: deque[tuple[Chunk, list[Slice], list]] = field(default_factory=deque)
     encoded: asyncio.Event = field(default_factory=asyncio.Event)  # set while ``encoding`` is empty
     closing: bool = False
     failed: bool = False
@@ -83,7 +86,7 @@ class RemoteScheduler(StreamQueues):
     async def submit(self, key: int, chunk: Chunk) -> None:
         stream = await self._take_slot(key)
         stream.waiting[chunk.seq] = chunk
-        self.link.send("submit", key, chunk.seq, chunk.start, pack_array(chunk.x.numpy()), chunk.received)
+        queue_chunk(self.link, key, chunk.seq, chunk.start, chunk.x.numpy(), chunk.received)
 
     async def reset(self, key: int, computed: int) -> int:
         stream = self._get(key)
@@ -115,14 +118,23 @@ class RemoteScheduler(StreamQueues):
 
     # -- messages from the engine ---------------------------------------------------------
 
-    def result(self, key: int, seq: int, slices: list[tuple[PackedArray | None, PackedArray | None]]) -> None:
-        """One chunk's results, as the engine computed them (one packed (outputs, scores) pair per
-        model call): encoded here slice by slice, then delivered, in order."""
+    def results(self, keys: list[int], seqs: list[int], counts: list[int],
+                outputs: tuple[torch.Tensor | None, ...], scores: tuple[np.ndarray | None, ...]) -> None:
+        """Chunks' results as the engine computed them (a ``results`` message of
+        :func:`~streamssm.service.link.queue_result`: chunk i of stream keys[i] took counts[i] model
+        calls, its slices' outputs (n, o) and scores (n,) next in ``outputs`` and ``scores``)."""
+        slices = map(Slice, outputs, scores)
+        for key, seq, count in zip(keys, seqs, counts):
+            self._result(key, seq, [next(slices) for _ in range(count)])
+
+    def _result(self, key: int, seq: int, slices: list[Slice]) -> None:
+        """One chunk's results, one Slice per model call: encoded here slice by slice, then
+        delivered, in order."""
         stream = self._streams.get(key)
         chunk = None if stream is None else stream.waiting.pop(seq, None)
         if stream is None or chunk is None:
             return
-        stream.encoding.append((chunk, list(slices), []))
+        stream.encoding.append((chunk, slices, []))
         stream.encoded.clear()
         if len(stream.encoding) == 1:
             self._encode(stream)
@@ -135,8 +147,7 @@ class RemoteScheduler(StreamQueues):
         if not stream.encoding or stream.failed:
             return
         chunk, raw, done = stream.encoding[0]
-        outputs, scores = raw.pop(0)
-        res = Slice(None if outputs is None else unpack_tensor(outputs), unpack_array(scores))
+        res = raw.pop(0)
         try:
             done.append(stream.encoder.part(chunk, res))
             message = None if raw else stream.encoder.finish(chunk, done)

@@ -47,8 +47,8 @@ async def run_worker(sock: socket.socket) -> bool:
         scheduler = backend.scheduler
         async for message in messages:
             kind = message[0]
-            if kind == "result":
-                scheduler.result(*message[1:])
+            if kind == "results":
+                scheduler.results(*message[1:])
             elif kind == "error":
                 scheduler.error(*message[1:])
             elif kind == "live":

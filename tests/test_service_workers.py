@@ -21,7 +21,7 @@ import torch
 import pytest
 from streamssm.service.client import StreamClient
 from streamssm.service.config import ServeConfig
-from streamssm.service.link import pack_array
+from streamssm.service.link import queue_result
 from streamssm.service.multiprocess import MultiProcessServer
 from test_service_server import (
     _export,
@@ -70,24 +70,37 @@ def per_worker(metrics_text: str) -> dict[str, float]:
                                                     metrics_text)}
 
 
-@pytest.mark.parametrize("array", [np.arange(6, dtype=np.int64), np.linspace(0, 1, 12, dtype=np.float32).reshape(4, 3),
-                                   np.arange(20, dtype=np.float32)[::2], np.zeros((0, 5), np.float32)])
-def test_arrays_cross_a_link_as_bytes_exactly(array):
-    """Link messages carry arrays as (bytes, dtype, shape) (numpy's own pickling cost ~3-5 us an
-    array in the engine process per chunk and per result): same values, dtype and shape back,
-    writable (torch.from_numpy warns on read-only arrays), strided views included."""
+ARRAYS = [np.arange(6, dtype=np.int64), np.linspace(0, 1, 12, dtype=np.float32).reshape(4, 3),
+          np.arange(20, dtype=np.float32)[::2], np.zeros((0, 5), np.float32)]
+
+
+@pytest.mark.parametrize("array", ARRAYS)
+@pytest.mark.parametrize("tensors", [False, True])
+def test_arrays_cross_a_link_as_one_buffer_exactly(array, tensors):
+    """Link messages carry a batch of arrays as one buffer (an array's own pickling costs ~3-5 us,
+    once per chunk and per result in the engine process): same values, dtype and shape back,
+    writable (torch.from_numpy warns on read-only arrays), strided views, empty arrays and None
+    included; an array of another dtype or trailing shape does not join the batch."""
     import pickle
 
-    from streamssm.service.link import unpack_array, unpack_tensor
+    from streamssm.service.link import ArrayBatch
 
-    packed = pickle.loads(pickle.dumps(pack_array(array), protocol=5))
-    back = unpack_array(packed)
-    assert back.dtype == array.dtype and back.shape == array.shape and np.array_equal(back, array)
-    assert back.flags.writeable
-    tensor = unpack_tensor(packed)  # the engine's chunks: straight to a tensor
-    assert tensor.numpy().dtype == array.dtype and tuple(tensor.shape) == array.shape
-    assert np.array_equal(tensor.numpy(), array)
-    assert pack_array(None) is None and unpack_array(None) is None
+    batch = ArrayBatch(tensors)
+    assert batch.add(array)
+    batch.items.append(None)  # as the engine's results hold a scores-only stream's outputs
+    assert batch.add(array[:0]) and batch.add(array)
+    assert not batch.add(array.astype(np.float64)) and not batch.add(np.zeros((len(array), 7), array.dtype))
+    back = pickle.loads(pickle.dumps(batch, protocol=5))
+    assert len(back) == 4 and back[1] is None
+    for got, want in zip((back[0], back[2], back[3]), (array, array[:0], array)):
+        assert isinstance(got, torch.Tensor if tensors else np.ndarray)
+        got = got.numpy() if tensors else got
+        assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want)
+        assert got.flags.writeable
+    assert pickle.loads(pickle.dumps(ArrayBatch(tensors))) == ()
+    only_none = ArrayBatch(tensors)
+    only_none.items.append(None)
+    assert pickle.loads(pickle.dumps(only_none)) == (None,)
 
 
 async def test_streams_through_workers_equal_offline_forward(dna):
@@ -382,9 +395,24 @@ class _Link:
     def send(self, *message):
         self.sent.append(message)
 
+    def last_queued(self, kind):
+        return self.sent[-1] if self.sent and self.sent[-1][0] == kind else None
+
     async def call(self, op, *args):
         self.sent.append((op, *args))
         return b"snapshot" if op == "close" else None
+
+
+def engine_results(*chunks):
+    """The worker's ``results(...)`` arguments for chunks computed by the engine, as its link
+    delivers them: ``chunks`` = (key, seq, samples of each model call's slice)."""
+    import pickle
+
+    link = _Link()
+    for key, seq, sizes in chunks:
+        queue_result(link, key, seq, [(None, np.zeros(n, np.float32)) for n in sizes])
+    (message,) = pickle.loads(pickle.dumps(link.sent, protocol=5))
+    return message[1:]
 
 
 class _Encoder:
@@ -412,10 +440,9 @@ async def test_a_worker_encodes_a_large_result_one_slice_per_loop_turn_and_deliv
     for seq in (0, 1):
         await sched.submit(keys["big"], Chunk(seq, 0, torch.zeros(6 if seq == 0 else 2, dtype=torch.long)))
     await sched.submit(keys["small"], Chunk(0, 0, torch.zeros(2, dtype=torch.long)))
-    slice_ = (None, pack_array(np.zeros(2, np.float32)))  # as the engine sends it
-    sched.result(keys["big"], 0, [slice_, slice_, slice_])  # a 6-sample chunk computed in 3 model calls
-    sched.result(keys["big"], 1, [slice_])  # the next chunk of the same stream: after chunk 0
-    sched.result(keys["small"], 0, [slice_])  # another stream: not held by the big one
+    sched.results(*engine_results((keys["big"], 0, [2, 2, 2]),  # a 6-sample chunk computed in 3 model calls
+                                  (keys["big"], 1, [2]),  # the next chunk of the same stream: after chunk 0
+                                  (keys["small"], 0, [2])))  # another stream: not held by the big one
     assert log == [("big", "part", 0, 2), ("small", "part", 0, 2)] and delivered == [("small", 0, 2)]
     for _ in range(4):
         await asyncio.sleep(0)
@@ -431,7 +458,7 @@ async def test_a_worker_closes_a_stream_only_after_delivering_what_its_snapshot_
     sched = RemoteScheduler(_Link(), queue_depth=4)
     key = await sched.open(_Encoder(log, "s"), lambda c, m: delivered.append((c.seq, m)), lambda exc: None)
     await sched.submit(key, Chunk(0, 0, torch.zeros(6, dtype=torch.long)))
-    sched.result(key, 0, [(None, pack_array(np.zeros(3, np.float32)))] * 2)
+    sched.results(*engine_results((key, 0, [3, 3])))
     assert not delivered
     assert await sched.close(key, snapshot=True) == b"snapshot"
     assert delivered == [(0, 6)]  # encoded and delivered before close returned
