@@ -7,7 +7,7 @@ import torch
 
 from streamssm.kernels.library import mamba3_rotary_op
 from streamssm.kernels.mamba3.reference import mamba3_rotary_ref
-from streamssm.kernels.mamba3.rotary import BLOCK_L
+from streamssm.kernels.mamba3.rotary import BLOCK_K, BLOCK_L
 from streamssm.testing import assert_close
 
 
@@ -28,8 +28,9 @@ def run(fn, inputs, out_dtype, device="cpu", seed=1):
     return dict(zip(("B_rot", "C_rot", "angle_end"), outs)) | {f"d{k}": v.grad for k, v in leaves.items()}
 
 
-@pytest.mark.parametrize("shape", [(2, 2 * BLOCK_L + 13, 2, 4, 6), (1, 5, 1, 3, 8), (1, BLOCK_L, 3, 3, 4)],
-                         ids=["tiles3-G2-H4", "short-G1-H3", "one-tile-G3-H3"])
+@pytest.mark.parametrize("shape", [(2, 2 * BLOCK_L + 13, 2, 4, 6), (1, 5, 1, 3, 8), (1, BLOCK_L, 3, 3, 4),
+                                   (1, BLOCK_L + 6, 1, 2, 2 * BLOCK_K + 8)],
+                         ids=["tiles3-G2-H4", "short-G1-H3", "one-tile-G3-H3", "angle-blocks2"])
 def test_triton_matches_reference_with_gradients(shape):
     inputs = make_inputs(*shape)
     want = run(mamba3_rotary_ref, inputs, torch.float32)

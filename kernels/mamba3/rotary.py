@@ -33,16 +33,19 @@ import triton
 import triton.language as tl
 
 BLOCK_L = 64  # steps per tile
+BLOCK_K = 16  # angles per program of the rotating kernels (64 x 64 fp32/fp64 tiles spilled registers: 4.4 ms
+              # for a 0.4 GB write at S1)
 TWO_PI = tl.constexpr(2 * math.pi)
 
 
 @triton.jit
-def _step_angles(p_dt, p_theta, i_b, i_t, i_h, i_g, L, H, G, K, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One tile's (BLOCK_L, BLOCK_K) fp32 step angles dt * theta of head i_h (0 outside), its dt
+def _step_angles(p_dt, p_theta, i_b, i_t, i_h, i_g, i_k, L, H, G, K, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One tile's (BLOCK_L, BLOCK_K) fp32 step angles dt * theta of head i_h and angle block i_k
+    (0 outside), its dt
     (BLOCK_L,) and theta, the tile's rows (int64, (BLOCK_L,)), the angle index and the row and
     (row, angle) masks."""
     o_l = i_t * BLOCK_L + tl.arange(0, BLOCK_L)
-    o_k = tl.arange(0, BLOCK_K)
+    o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
     m_l = o_l < L
     m = m_l[:, None] & (o_k < K)[None, :]
     rows = i_b * L + o_l.to(tl.int64)
@@ -52,11 +55,12 @@ def _step_angles(p_dt, p_theta, i_b, i_t, i_h, i_g, L, H, G, K, BLOCK_L: tl.cons
 
 
 @triton.jit
-def _tile_angles(p_dt, p_theta, p_enter, i_b, i_t, i_h, i_g, L, H, G, K, T,
+def _tile_angles(p_dt, p_theta, p_enter, i_b, i_t, i_h, i_g, i_k, L, H, G, K, T,
                  BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
     """Theta (BLOCK_L, BLOCK_K) fp32 in [0, 2 pi) of one tile of head i_h: the entering angle
     plus the in-tile cumsum, in float64; and the tile's rows, angle index and mask."""
-    b_step, _, _, rows, o_k, _, m = _step_angles(p_dt, p_theta, i_b, i_t, i_h, i_g, L, H, G, K, BLOCK_L, BLOCK_K)
+    b_step, _, _, rows, o_k, _, m = _step_angles(p_dt, p_theta, i_b, i_t, i_h, i_g, i_k, L, H, G, K, BLOCK_L,
+                                                 BLOCK_K)
     enter = tl.load(p_enter + ((i_b * T + i_t) * H + i_h) * K + o_k, mask=o_k < K, other=0.0)
     angle = enter[None, :] + tl.cumsum(b_step.to(tl.float64), axis=0)
     return (angle - TWO_PI * tl.floor(angle / TWO_PI)).to(tl.float32), rows, o_k, m
@@ -65,12 +69,12 @@ def _tile_angles(p_dt, p_theta, p_enter, i_b, i_t, i_h, i_g, L, H, G, K, T,
 @triton.jit
 def _rotary_tile_sums_kernel(p_dt, p_theta, p_sums, L, H, G, K, T,
                              BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Grid (T, b * h): sums (b, T, h, k) float64 of each tile's step angles."""
+    """Grid (T, b * h, angle blocks): sums (b, T, h, k) float64 of each tile's step angles."""
     i_t = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
-    b_step, _, _, _, o_k, _, _ = _step_angles(p_dt, p_theta, i_b, i_t, i_h, i_h // (H // G), L, H, G, K,
-                                           BLOCK_L, BLOCK_K)
+    b_step, _, _, _, o_k, _, _ = _step_angles(p_dt, p_theta, i_b, i_t, i_h, i_h // (H // G), tl.program_id(2),
+                                              L, H, G, K, BLOCK_L, BLOCK_K)
     tl.store(p_sums + ((i_b * T + i_t) * H + i_h) * K + o_k, tl.sum(b_step.to(tl.float64), axis=0), mask=o_k < K)
 
 
@@ -96,12 +100,14 @@ def _rotate_back(p_in, p_out, o_in, o_out, cos, sin, m):
 @triton.jit
 def _rotary_fwd_kernel(p_B, p_C, p_dt, p_theta, p_enter, p_Bo, p_Co, L, H, G, K, T,
                        BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Grid (T, b * h): B~, C~ (b, l, h, n) of one tile and head: R(-Theta) of B, C (b, l, g, n)."""
+    """Grid (T, b * h, angle blocks): B~, C~ (b, l, h, n) of one tile, head and block of angles:
+    R(-Theta) of B, C (b, l, g, n)."""
     i_t = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
     i_g = i_h // (H // G)
-    angle, rows, o_k, m = _tile_angles(p_dt, p_theta, p_enter, i_b, i_t, i_h, i_g, L, H, G, K, T, BLOCK_L, BLOCK_K)
+    angle, rows, o_k, m = _tile_angles(p_dt, p_theta, p_enter, i_b, i_t, i_h, i_g, tl.program_id(2), L, H, G, K, T,
+                                       BLOCK_L, BLOCK_K)
     cos, sin = tl.cos(angle), tl.sin(angle)
     o_in = (rows[:, None] * G + i_g) * 2 * K + 2 * o_k[None, :]
     o_out = (rows[:, None] * H + i_h) * 2 * K + 2 * o_k[None, :]
@@ -112,14 +118,16 @@ def _rotary_fwd_kernel(p_B, p_C, p_dt, p_theta, p_enter, p_Bo, p_Co, L, H, G, K,
 @triton.jit
 def _rotary_bwd_dangle_kernel(p_B, p_C, p_dt, p_theta, p_enter, p_dBo, p_dCo, p_dB, p_dC, p_dangle, p_dsums,
                               L, H, G, K, T, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Grid (T, b * g): dB, dC (b, l, g, n) of one tile and group (its heads summed here) and
-    each head's dTheta (b, l, h, k) fp32 with its tile sums (b, T, h, k) fp32."""
+    """Grid (T, b * g, angle blocks): dB, dC (b, l, g, n) of one tile, group (its heads summed
+    here) and block of angles, and each head's dTheta (b, l, h, k) fp32 with its tile sums
+    (b, T, h, k) fp32."""
     i_t = tl.program_id(0)
     i_bg = tl.program_id(1)
+    i_k = tl.program_id(2)
     i_b, i_g = (i_bg // G).to(tl.int64), i_bg % G
     rep = H // G
     o_l = i_t * BLOCK_L + tl.arange(0, BLOCK_L)
-    o_k = tl.arange(0, BLOCK_K)
+    o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
     m = (o_l < L)[:, None] & (o_k < K)[None, :]
     rows = i_b * L + o_l.to(tl.int64)
     o_in = (rows[:, None] * G + i_g) * 2 * K + 2 * o_k[None, :]
@@ -131,7 +139,8 @@ def _rotary_bwd_dangle_kernel(p_B, p_C, p_dt, p_theta, p_enter, p_dBo, p_dCo, p_
     dC_im = tl.zeros([BLOCK_L, BLOCK_K], dtype=tl.float32)
     for j in range(rep):
         i_h = i_g * rep + j
-        angle, _, _, _ = _tile_angles(p_dt, p_theta, p_enter, i_b, i_t, i_h, i_g, L, H, G, K, T, BLOCK_L, BLOCK_K)
+        angle, _, _, _ = _tile_angles(p_dt, p_theta, p_enter, i_b, i_t, i_h, i_g, i_k, L, H, G, K, T, BLOCK_L,
+                                      BLOCK_K)
         cos, sin = tl.cos(angle), tl.sin(angle)
         o_out = (rows[:, None] * H + i_h) * 2 * K + 2 * o_k[None, :]
         gB_re, gB_im = _load_pairs(p_dBo, o_out, m)
@@ -152,7 +161,7 @@ def _rotary_bwd_dangle_kernel(p_B, p_C, p_dt, p_theta, p_enter, p_dBo, p_dCo, p_
 @triton.jit
 def _rotary_bwd_dstep_kernel(p_dt, p_theta, p_dangle, p_after, p_ddt, p_dtheta, L, H, G, K, T,
                              BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Grid (T, b * g): d(step angle) = sum of dTheta from here on (reverse in-tile cumsum plus
+    """Grid (T, b * g, 1): d(step angle) = sum of dTheta from here on (reverse in-tile cumsum plus
     the tiles after, ``p_after`` (b, T, h, k) fp32); then ddt (b, l, h) and dtheta (b, l, g, k)."""
     i_t = tl.program_id(0)
     i_bg = tl.program_id(1)
@@ -165,7 +174,8 @@ def _rotary_bwd_dstep_kernel(p_dt, p_theta, p_dangle, p_after, p_ddt, p_dtheta, 
     dtheta = tl.zeros([BLOCK_L, BLOCK_K], dtype=tl.float32)
     for j in range(rep):
         i_h = i_g * rep + j
-        _, b_dt, b_th, _, _, m_l, _ = _step_angles(p_dt, p_theta, i_b, i_t, i_h, i_g, L, H, G, K, BLOCK_L, BLOCK_K)
+        _, b_dt, b_th, _, _, m_l, _ = _step_angles(p_dt, p_theta, i_b, i_t, i_h, i_g, 0, L, H, G, K, BLOCK_L,
+                                                   BLOCK_K)
         dangle = tl.load(p_dangle + (rows[:, None] * H + i_h) * K + o_k[None, :], mask=m, other=0.0)
         after = tl.load(p_after + ((i_b * T + i_t) * H + i_h) * K + o_k, mask=o_k < K, other=0.0)
         dstep = tl.where(m, tl.cumsum(dangle, axis=0, reverse=True) + after[None, :], 0.0)
@@ -174,12 +184,13 @@ def _rotary_bwd_dstep_kernel(p_dt, p_theta, p_dangle, p_after, p_ddt, p_dtheta, 
     tl.store(p_dtheta + (rows[:, None] * G + i_g) * K + o_k[None, :], dtheta.to(p_dtheta.dtype.element_ty), mask=m)
 
 
-def _grid(L: int, rows: int) -> tuple[int, int]:
-    return triton.cdiv(L, BLOCK_L), rows
-
-
 def _block_k(K: int) -> int:
+    """All K angles in one block (a power of two)."""
     return max(2, triton.next_power_of_2(K))
+
+
+def _grid(L: int, rows: int, K: int, block_k: int) -> tuple[int, int, int]:
+    return triton.cdiv(L, BLOCK_L), rows, triton.cdiv(K, block_k)
 
 
 def mamba3_rotary_fwd_triton(B: torch.Tensor, C: torch.Tensor, dt: torch.Tensor, theta: torch.Tensor,
@@ -190,15 +201,16 @@ def mamba3_rotary_fwd_triton(B: torch.Tensor, C: torch.Tensor, dt: torch.Tensor,
     B, C, dt, theta = (t.contiguous() for t in (B, C, dt, theta))
     b, L, G, N = B.shape
     H, K = dt.shape[2], N // 2
-    grid = _grid(L, b * H)
+    block_k = min(BLOCK_K, _block_k(K))
+    grid = _grid(L, b * H, K, block_k)
     T = grid[0]
     sums = torch.empty(b, T, H, K, device=B.device, dtype=torch.float64)
-    _rotary_tile_sums_kernel[grid](dt, theta, sums, L, H, G, K, T, BLOCK_L=BLOCK_L, BLOCK_K=_block_k(K))
+    _rotary_tile_sums_kernel[grid](dt, theta, sums, L, H, G, K, T, BLOCK_L=BLOCK_L, BLOCK_K=block_k)
     through = sums.cumsum(1)
     enter = (through - sums).remainder_(2 * math.pi)
     Bo = torch.empty(b, L, H, N, device=B.device, dtype=out_dtype)
     Co = torch.empty_like(Bo)
-    _rotary_fwd_kernel[grid](B, C, dt, theta, enter, Bo, Co, L, H, G, K, T, BLOCK_L=BLOCK_L, BLOCK_K=_block_k(K))
+    _rotary_fwd_kernel[grid](B, C, dt, theta, enter, Bo, Co, L, H, G, K, T, BLOCK_L=BLOCK_L, BLOCK_K=block_k)
     return Bo, Co, through[:, -1].remainder(2 * math.pi).float(), enter
 
 
@@ -214,11 +226,12 @@ def mamba3_rotary_bwd_triton(dBo: torch.Tensor, dCo: torch.Tensor, dangle_end: t
     dB, dC = torch.empty_like(B), torch.empty_like(C)
     dangle = torch.empty(b, L, H, K, device=B.device, dtype=torch.float32)
     dsums = torch.empty(b, T, H, K, device=B.device, dtype=torch.float32)
-    _rotary_bwd_dangle_kernel[_grid(L, b * G)](B, C, dt, theta, enter, dBo, dCo, dB, dC, dangle, dsums,
-                                               L, H, G, K, T, BLOCK_L=BLOCK_L, BLOCK_K=_block_k(K))
+    block_k = min(BLOCK_K, _block_k(K))
+    _rotary_bwd_dangle_kernel[_grid(L, b * G, K, block_k)](B, C, dt, theta, enter, dBo, dCo, dB, dC, dangle, dsums,
+                                                           L, H, G, K, T, BLOCK_L=BLOCK_L, BLOCK_K=block_k)
     # the tiles after each one, and the final angle (the sum of every step's)
     after = dsums.flip(1).cumsum(1).flip(1) - dsums + dangle_end.float()[:, None]
     ddt, dtheta = torch.empty_like(dt), torch.empty_like(theta)
-    _rotary_bwd_dstep_kernel[_grid(L, b * G)](dt, theta, dangle, after, ddt, dtheta, L, H, G, K, T,
-                                              BLOCK_L=BLOCK_L, BLOCK_K=_block_k(K))
+    _rotary_bwd_dstep_kernel[_grid(L, b * G, K, _block_k(K))](dt, theta, dangle, after, ddt, dtheta, L, H, G, K, T,
+                                                              BLOCK_L=BLOCK_L, BLOCK_K=_block_k(K), num_warps=8)
     return dB, dC, ddt, dtheta
