@@ -20,7 +20,8 @@ The one-step ops' "torch" is the in-place CPU steps (``*/step_cpu.py``: the pool
 updated in place when the rows are consecutive, else one gather and one scatter); "reference"
 and any traced call (torch.compile / torch.export fuse the functional references) run the
 vectorized single-step references. mamba3_scan's "torch" and "triton" both run
-``mamba3/chunked.py`` (two ssd_scan calls on that backend).
+``mamba3/chunked.py`` (B, C rotated per head, then one ssd_scan with input weights on that
+backend; the rotation is a Triton op on "triton", ``mamba3_rotary_ref`` on "torch").
 
 torch.compile / torch.export: the Triton paths are registered ``streamssm::`` ops
 (``kernels/library.py``), one graph node each; "torch" and "reference" are traced as plain
@@ -399,7 +400,7 @@ def mamba3_scan(
     x, z (b, l, h, p); dt, lam (b, l, h) with dt > 0 (softplus applied by the caller), lam in
     [0, 1]; A (h,) fp32; B, C (b, l, g, n), n even; theta (b, l, g, n/2) rad per unit dt;
     D (h,) or (h, p) fp32; initial_state (b, h, p, n) fp32; initial_carry (b, h*p + g*n) fp32.
-    ``chunk_size`` is the chunk of the two inner ssd_scan calls (64, as ``ModelConfig``).
+    ``chunk_size`` is the chunk of the inner ssd_scan call (64, as ``ModelConfig``).
     Returns y (b, l, h, p) [, final_state (b, h, p, n), final_carry (b, h*p + g*n)]."""
     op = "mamba3_scan"
     check_tensor(op, "x", x, (None, None, None, None))
