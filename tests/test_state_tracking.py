@@ -12,10 +12,11 @@ Both models get the same size and the same initialization of the shared paramete
 (theta still has to be learned from the input).
 
 Measured with this file's code (300 AdamW steps, batch 32, length 12; per-step accuracy at
-length 12 / at 24), seeds 0-7: Mamba-3 1.00 / 0.88-1.00 on every seed (0.94-1.00 before the scan
-became one SSD call with input weights: same math, other rounding, another training run),
-Mamba-2 0.72-0.76 / 0.60-0.63. The test runs seed 0 (Mamba-3 1.00 / 0.882, Mamba-2 0.703 /
-0.598), ~20 s on one thread.
+length 12 / at 24), seeds 0-7: Mamba-3 1.00 / 0.93-1.00 on every seed, Mamba-2 0.72-0.76 /
+0.60-0.63. The same math rounded otherwise trains otherwise: with the scan's skip term as a
+separate add (commit 9278ed1) seed 0 reached 0.882 at 24, before it 0.94-1.00 on every seed;
+hence the bound of 0.85. The test runs seed 0 (Mamba-3 1.00 / 0.991, Mamba-2 0.703 / 0.598),
+~20 s on one thread.
 """
 
 import math
