@@ -53,7 +53,7 @@ def make_inputs(shape: dict[str, int], seed: int = 0) -> dict[str, torch.Tensor]
 
 def fused(t):
     return lib.ssd_scan_infer(t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], None, t["dt_bias"], t["init"], True,
-                              None)
+                              None, None)
 
 
 def split(chunk: int):

@@ -205,13 +205,13 @@ register_autograd("streamssm::ssd_scan_fwd", _ssd_backward, setup_context=_ssd_s
 @custom_op("streamssm::ssd_scan_infer", mutates_args=())
 def ssd_scan_infer(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
                    dt_bias: Tensor | None, initial_state: Tensor | None, dt_softplus: bool,
-                   cu_seqlens: Tensor | None) -> tuple[Tensor, Tensor]:
+                   cu_seqlens: Tensor | None, input_weight: Tensor | None) -> tuple[Tensor, Tensor]:
     """The one-pass forward (ssd/fused_fwd.py): out (b, l, h, p), final (S, h, p, n) fp32; no gradients."""
-    return ssd_fused_fwd(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, cu_seqlens)
+    return ssd_fused_fwd(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, cu_seqlens, input_weight)
 
 
 @register_fake("streamssm::ssd_scan_infer")
-def _(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, cu_seqlens):
+def _(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, cu_seqlens, input_weight):
     return x.new_empty(x.shape), x.new_empty(num_sequences(x, cu_seqlens), x.shape[2], x.shape[3], B.shape[3],
                                              dtype=F32)
 
@@ -219,12 +219,12 @@ def _(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, cu_seqlens):
 def ssd_scan_op(x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size, dt_softplus, cu_seqlens,
                 input_weight=None):
     """The SSD scan op; returns out (b, l, h, p), final (S, h, p, n) fp32. Calls that need no
-    gradient and have no input weights take the one-pass forward when ``use_fused_forward`` says
-    it pays (packed rows count their whole length as the longest sequence: no host read of
-    cu_seqlens)."""
-    if input_weight is None and not _needs_grad(x, dt, A, B, C, D, z, dt_bias, initial_state) and use_fused_forward(
+    gradient take the one-pass forward when ``use_fused_forward`` says it pays (packed rows count
+    their whole length as the longest sequence: no host read of cu_seqlens)."""
+    if not _needs_grad(x, dt, A, B, C, D, z, dt_bias, initial_state, input_weight) and use_fused_forward(
             num_sequences(x, cu_seqlens), x.shape[2], x.shape[1]):
-        return ssd_scan_infer(x, dt, A, B, C, D, z, dt_bias, initial_state, bool(dt_softplus), cu_seqlens)
+        return ssd_scan_infer(x, dt, A, B, C, D, z, dt_bias, initial_state, bool(dt_softplus), cu_seqlens,
+                              input_weight)
     out, final, *_ = ssd_scan_fwd(x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size, bool(dt_softplus),
                                   cu_seqlens, input_weight)
     return out, final

@@ -271,9 +271,10 @@ def test_triton_scan_ops_pass_opcheck(op_name):
                 4, True, None, None)
         op = lib.ssd_scan_fwd
         no_grad = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-        torch.library.opcheck(lib.ssd_scan_infer, no_grad[:9] + no_grad[10:12])  # no chunk_size, no input weights
+        torch.library.opcheck(lib.ssd_scan_infer, no_grad[:9] + no_grad[10:])  # no chunk_size: its own
         input_weight = torch.rand(kw["dt"].shape, requires_grad=True)  # Mamba-3's trapezoid weights
         torch.library.opcheck(op, args[:-1] + (input_weight,))
+        torch.library.opcheck(lib.ssd_scan_infer, no_grad[:9] + no_grad[10:-1] + (input_weight.detach(),))
     torch.library.opcheck(op, args)
 
 

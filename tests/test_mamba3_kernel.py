@@ -48,6 +48,16 @@ def test_scan_matches_reference_with_gradients(backend, shape):
         assert_close(f"grad {name}", ref_grads[name], grads[name], torch.float32)
 
 
+def test_inference_call_matches_reference():
+    """Without gradients the Triton path's SSD is the one-pass forward (with input weights)."""
+    inputs = make_inputs(l=45)
+    with torch.no_grad():
+        want = mamba3_scan_ref(**inputs, return_final_state=True)
+        got = mamba3_scan(**inputs, return_final_state=True, chunk_size=16, backend="triton")
+    for name, a, b in zip(("y", "final_state", "final_carry"), want, got):
+        assert_close(name, a, b, torch.float32)
+
+
 def test_chunks_carrying_state_equal_one_call():
     inputs = make_inputs(l=17)
     full = mamba3_scan(**inputs, return_final_state=True, chunk_size=4)

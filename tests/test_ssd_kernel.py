@@ -171,6 +171,7 @@ FUSED_CASES = {
     "B1-T1-H2-P4-G1-N4-Dh": (1, 1, 2, 4, 1, 4, dict(D="h")),
     "B2-T64-H2-P16-G1-N16-h0-nosoftplus": (2, 64, 2, 16, 1, 16, dict(D="h", init=True, softplus=False)),
     "B1-T130-H3-P5-G3-N6-h0": (1, 130, 3, 5, 3, 6, dict(init=True)),
+    "B2-T70-H2-P8-G1-N8-weight-bias-h0": (2, 70, 2, 8, 1, 8, dict(D="h", z=True, bias=True, init=True, weight=True)),
 }
 
 
@@ -181,7 +182,7 @@ def test_fused_forward_matches_reference(case):
     t = _inputs(b, l, h, p, g, n, softplus=softplus, **opts)
     want = ssd_scan_ref(**t, dt_softplus=softplus, return_final_state=True)
     got = ssd_fused_fwd(t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], t["z"], t["dt_bias"], t["initial_state"],
-                        softplus, None)
+                        softplus, None, t.get("input_weight"))
     assert_close("y", want[0], got[0], torch.float32)
     assert_close("final", want[1], got[1], torch.float32)
 
@@ -330,13 +331,13 @@ from streamssm.kernels.ssd import bmm_chunk, chunk_scan, chunk_scan_bwd, fused_f
 
 SHAPE = dict(CHUNK=256, BLOCK_P=64, BLOCK_N=128, HAS_D=True, D_PER_P=False, HAS_Z=True)  # realtime / S1-S3 sizes
 INT = {"p_cstart": "*i64", "p_clen": "*i32", "p_bounds": "*i32"}
-FUSED = dict(HAS_BOUNDS=True, HAS_INIT=True, HAS_DT_BIAS=True, DT_SOFTPLUS=True)
+FUSED = dict(HAS_BOUNDS=True, HAS_INIT=True, HAS_DT_BIAS=True, DT_SOFTPLUS=True, HAS_W=True)
 BWD = {"p_cb", "p_states", "p_dstates", "p_dt_out", "p_dA_cs", "p_D", "p_ddA_cs", "p_ddt", "p_ddA_last", "p_dD_part"}
 # per kernel: (meta-parameters, the pointers that stay fp32 in a bf16 run); the backward reads an fp32 CB
 for kernel, variants in (
         (bmm_chunk._chunk_cb_fwd_kernel, [({}, set()), ({}, {"p_cb"})]),
         (chunk_scan._chunk_scan_fwd_kernel, [({}, {"p_D", "p_dt_out", "p_dA_cs", "p_states"})]),
-        (fused_fwd._ssd_fused_fwd_kernel, [(FUSED, {"p_A", "p_D", "p_dt_bias", "p_init", "p_final"})]),
+        (fused_fwd._ssd_fused_fwd_kernel, [(FUSED, {"p_A", "p_D", "p_dt_bias", "p_init", "p_final", "p_w"})]),
         (chunk_scan_bwd._chunk_scan_bwd_dc_kernel, [(dict(ATOMIC=False), BWD), (dict(ATOMIC=True), BWD | {"p_dC"})]),
         (chunk_scan_bwd._chunk_scan_bwd_dx_kernel, [(dict(ATOMIC=False), BWD), (dict(ATOMIC=True), BWD | {"p_dB"})])):
     fn = kernel.fn  # the JITFunction under the autotuner

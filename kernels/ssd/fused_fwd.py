@@ -60,6 +60,7 @@ def _ssd_fused_fwd_kernel(
     # pointers
     p_x,  # (L, H, P)
     p_dt,  # (L, H) raw step sizes
+    p_w,  # (L, H) input weights, or dummy (then the processed dt)
     p_A,  # (H,) fp32
     p_B, p_C,  # (L, G, N)
     p_D,  # (H,) or (H, P) fp32, or dummy
@@ -73,11 +74,12 @@ def _ssd_fused_fwd_kernel(
     # streams and a thousand want different tiles)
     seq_len, H, P, N, heads_per_group, work_log2,
     # strides
-    s_x_l, s_x_h, s_x_p, s_dt_l, s_dt_h, s_b_l, s_b_g, s_b_n, s_c_l, s_c_g, s_c_n, s_z_l, s_z_h, s_z_p,
+    s_x_l, s_x_h, s_x_p, s_dt_l, s_dt_h, s_w_l, s_w_h, s_b_l, s_b_g, s_b_n, s_c_l, s_c_g, s_c_n, s_z_l, s_z_h, s_z_p,
     # meta-parameters
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BOUNDS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_D: tl.constexpr, D_PER_P: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_W: tl.constexpr,
 ):
     i_p, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_g = i_h // heads_per_group
@@ -124,6 +126,10 @@ def _ssd_fused_fwd_kernel(
             b_dt = softplus(b_dt)
         b_dt = tl.where(m_q, b_dt, 0.0)
         b_dA = b_dt * b_A
+        if HAS_W:
+            b_in = tl.load(p_w + t0 * s_w_l + i_h * s_w_h + o_q * s_w_l, mask=m_q, other=0.0).to(tl.float32)
+        else:
+            b_in = b_dt
         b_acs = tl.cumsum(b_dA, axis=0)  # (BLOCK_Q,) flat past the sequence's end
         a_last = tl.sum(b_dA, axis=0)
         b_C = tl.load(p_C + t0 * s_c_l + i_g * s_c_g + o_C, mask=m_q[:, None] & m_n[None, :], other=0.0)
@@ -132,7 +138,7 @@ def _ssd_fused_fwd_kernel(
         # state in the inputs' dtype for the product (bf16 runs: like the split forward; fp32: exact)
         acc = tl.dot(b_C, b_S.to(b_C.dtype), input_precision=DOT_PREC) * tl.exp(b_acs)[:, None]
         b_cb = tl.dot(b_C, b_Bt, input_precision=DOT_PREC)  # (t, s) fp32
-        b_cb *= tl.exp(tl.where(causal, b_acs[:, None] - b_acs[None, :], float("-inf"))) * b_dt[None, :]
+        b_cb *= tl.exp(tl.where(causal, b_acs[:, None] - b_acs[None, :], float("-inf"))) * b_in[None, :]
         acc += tl.dot(b_cb.to(b_x.dtype), b_x, input_precision=DOT_PREC)
         if HAS_D:
             acc += b_x.to(tl.float32) * b_D
@@ -140,7 +146,7 @@ def _ssd_fused_fwd_kernel(
             b_z = tl.load(p_z + t0 * s_z_l + i_h * s_z_h + o_z, mask=m_qp, other=0.0)
             acc *= silu(b_z.to(tl.float32))
         tl.store(p_out + t0 * (H * P) + i_h * P + o_out, acc.to(p_out.dtype.element_ty), mask=m_qp)
-        b_w = tl.exp(a_last - b_acs) * b_dt  # (BLOCK_Q,) 0 past the end (dt 0)
+        b_w = tl.exp(a_last - b_acs) * b_in  # (BLOCK_Q,) 0 past the end (masked loads)
         b_Bw = (b_Bt.to(tl.float32) * b_w[None, :]).to(b_x.dtype)
         b_S = b_S * tl.exp(a_last) + tl.dot(b_Bw, b_x, input_precision=DOT_PREC)
     tl.store(p_final + o_state, b_S, mask=m_np)
@@ -160,34 +166,36 @@ def use_fused_forward(num_seqs: int, heads: int, longest: int) -> bool:
 def ssd_fused_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                   D: torch.Tensor | None, z: torch.Tensor | None, dt_bias: torch.Tensor | None,
                   initial_state: torch.Tensor | None, dt_softplus: bool,
-                  cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x, z (b, l, h, p); dt (b, l, h); B, C (b, l, g, n); initial_state (S, h, p, n) fp32 or
-    None; cu_seqlens (S + 1,) with b == 1, or None (S = b). Returns out (b, l, h, p) in x's dtype
+                  cu_seqlens: torch.Tensor | None,
+                  input_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, z (b, l, h, p); dt, input_weight (b, l, h); B, C (b, l, g, n); initial_state
+    (S, h, p, n) fp32 or None; cu_seqlens (S + 1,) with b == 1, or None (S = b). Returns out (b, l, h, p) in x's dtype
     (gated by silu(z) when given) and the final states (S, h, p, n) fp32. No host synchronisation
     (CUDA-graph safe, packed sequences included)."""
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
-    x2, dt2, B2, C2, z2 = (_packed(t) for t in (x, dt, B, C, z))  # (L, h, p), (L, h), (L, g, n)
+    x2, dt2, B2, C2, z2, w2 = (_packed(t) for t in (x, dt, B, C, z, input_weight))  # (L, h, p), (L, h), (L, g, n)
     seqs = num_sequences(x, cu_seqlens)
     out = torch.empty(b * l, h, p, device=x.device, dtype=x.dtype)
     final = torch.empty(seqs, h, p, n, device=x.device, dtype=torch.float32)
     init = initial_state.float().contiguous() if initial_state is not None else None
     zz = z2 if z2 is not None else x2
+    ww = w2 if w2 is not None else dt2
 
     def grid(meta):
         return (triton.cdiv(p, meta["BLOCK_P"]), h, seqs)
 
     _ssd_fused_fwd_kernel[grid](
-        x2, dt2, A.contiguous(), B2, C2, D.contiguous() if D is not None else A, zz,
+        x2, dt2, ww, A.contiguous(), B2, C2, D.contiguous() if D is not None else A, zz,
         dt_bias if dt_bias is not None else A, init if init is not None else final, out, final,
         cu_seqlens if cu_seqlens is not None else final,
         l, h, p, n, h // g, round(math.log2(seqs * h)) if seqs else 0,
-        x2.stride(0), x2.stride(1), x2.stride(2), dt2.stride(0), dt2.stride(1),
+        x2.stride(0), x2.stride(1), x2.stride(2), dt2.stride(0), dt2.stride(1), ww.stride(0), ww.stride(1),
         B2.stride(0), B2.stride(1), B2.stride(2), C2.stride(0), C2.stride(1), C2.stride(2),
         zz.stride(0), zz.stride(1), zz.stride(2),
         BLOCK_N=max(16, triton.next_power_of_2(n)),
         HAS_BOUNDS=cu_seqlens is not None, HAS_INIT=init is not None, HAS_D=D is not None,
         D_PER_P=D is not None and D.dim() == 2, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None,
-        DT_SOFTPLUS=dt_softplus, DOT_PREC=dot_precision(x.dtype),
+        DT_SOFTPLUS=dt_softplus, DOT_PREC=dot_precision(x.dtype), HAS_W=input_weight is not None,
     )
     return out.view(b, l, h, p), final
