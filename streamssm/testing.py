@@ -1,6 +1,11 @@
-"""Per-dtype tolerances and the one ``assert_close`` used by every kernel and parity test."""
+"""Per-dtype tolerances and the one ``assert_close`` used by every kernel and parity test; the
+runner of the kernels' sm_90 cross-compile scripts."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import torch
 
@@ -88,3 +93,12 @@ def assert_states_close(name: str, expected, actual, rtol: float | None = None, 
         for field, et, at in zip(type(e)._fields, e, a):
             assert et.dtype == at.dtype, f"{name} layer{i}.{field}: dtype {at.dtype}, expected {et.dtype}"
             assert_close(f"{name} layer{i}.{field}", et, at, rtol=rtol, atol=atol)
+
+
+def assert_script_compiles_for_sm90(script: str, *args: str) -> None:
+    """Run ``script`` (Python that calls ``triton.compile`` for an sm_90 target) in a fresh
+    interpreter with TRITON_INTERPRET=0: Triton cross-compiles with its bundled ptxas, no GPU
+    needed (the interpreter runs none of the GPU pipeline). Fails with the script's stderr."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]

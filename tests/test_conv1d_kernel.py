@@ -12,7 +12,7 @@ import torch
 from streamssm.errors import ShapeError
 from streamssm.kernels import causal_conv1d
 from streamssm.kernels.conv1d.reference import causal_conv1d_ref
-from streamssm.testing import assert_close
+from streamssm.testing import assert_close, assert_script_compiles_for_sm90
 
 
 def make_inputs(b, d, l, w, bias=True, init=True, dtype=torch.float32, device="cpu", seed=0):
@@ -328,11 +328,4 @@ def test_kernels_compile_for_sm90(kernel, unit_strides, layout):
     binary (no GPU needed: Triton cross-compiles with its bundled ptxas), bf16 in and out, width 4,
     every feature on: the GPU pipeline runs passes the interpreter never does (layouts of the
     time-contiguous backward's splits and joins, register allocation of the unrolled steps)."""
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    done = subprocess.run([sys.executable, "-c", SM90_COMPILE, kernel, unit_strides, *([layout] if layout else [])],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert_script_compiles_for_sm90(SM90_COMPILE, kernel, unit_strides, *([layout] if layout else []))

@@ -1,10 +1,6 @@
 """gated_rms_norm: the Triton kernel (CPU interpreter; CUDA when present) vs its reference, the
 dispatch (gradients and traced calls take the reference) and GatedRMSNorm through it."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -12,7 +8,7 @@ from streamssm.errors import ShapeError
 from streamssm.kernels.norm import gated_rms_norm
 from streamssm.kernels.norm.reference import gated_rms_norm_ref
 from streamssm.layers.norm import GatedRMSNorm
-from streamssm.testing import assert_close
+from streamssm.testing import assert_close, assert_script_compiles_for_sm90
 
 TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1.6e-2, 1.6e-2)}
 
@@ -92,9 +88,7 @@ for half, groups in (("*bf16", 1), ("*fp32", 2)):
 
 def test_kernel_compiles_for_sm90():
     """The kernel compiles to sm_90 binaries, bf16 and fp32 (Triton's bundled ptxas, no GPU)."""
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    done = subprocess.run([sys.executable, "-c", SM90_COMPILE], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert_script_compiles_for_sm90(SM90_COMPILE)
 
 
 @pytest.mark.gpu

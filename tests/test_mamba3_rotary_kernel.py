@@ -8,7 +8,7 @@ import torch
 from streamssm.kernels.library import mamba3_rotary_op
 from streamssm.kernels.mamba3.reference import mamba3_rotary_ref
 from streamssm.kernels.mamba3.rotary import BLOCK_K, BLOCK_L
-from streamssm.testing import assert_close
+from streamssm.testing import assert_close, assert_script_compiles_for_sm90
 
 
 def make_inputs(b, l, g, h, n, seed=0, angle_scale=1.0, device="cpu"):
@@ -71,3 +71,29 @@ def test_gpu_matches_reference(out_dtype):
     errs = {k: ((got[k].float() - v.float()).norm() / v.float().norm()).item() for k, v in want.items()}
     bound = 1e-5 if out_dtype == torch.float32 else 5e-3
     assert all(e < bound for e in errs.values()), errs
+
+
+SM90_COMPILE = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from streamssm.kernels.mamba3 import rotary
+
+INT = {"L", "H", "G", "K", "T"}
+F64 = {"p_sums", "p_enter"}  # the tile angles
+F32 = {"p_dt", "p_dangle", "p_dsums", "p_after", "p_ddt"}  # dt and the angle gradients stay fp32
+for kernel, warps in ((rotary._rotary_tile_sums_kernel, 4), (rotary._rotary_fwd_kernel, 4),
+                      (rotary._rotary_bwd_dangle_kernel, 4), (rotary._rotary_bwd_dstep_kernel, 8)):
+    fn = kernel
+    for half in ("*bf16", "*fp32"):
+        consts = {"BLOCK_L": rotary.BLOCK_L, "BLOCK_K": rotary.BLOCK_K if warps == 4 else 64}
+        sig = {a: "constexpr" if a in consts else "i32" if a in INT else "*fp64" if a in F64
+               else "*fp32" if a in F32 else half for a in fn.arg_names}
+        triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+"""
+
+
+def test_kernels_compile_for_sm90():
+    """Every rotation kernel compiles to an sm_90 binary, bf16 and fp32 B/C (float64 angle sums,
+    mod 2 pi by floor in float64), at the block sizes the launchers use."""
+    assert_script_compiles_for_sm90(SM90_COMPILE)

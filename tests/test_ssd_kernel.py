@@ -18,7 +18,7 @@ from streamssm.kernels.ssd.chunks import chunk_layout
 from streamssm.kernels.ssd.chunked_torch import ssd_scan_chunked
 from streamssm.kernels.ssd.fused_fwd import ssd_fused_fwd, use_fused_forward
 from streamssm.kernels.ssd.reference import ssd_scan_ref
-from streamssm.testing import assert_close
+from streamssm.testing import assert_close, assert_script_compiles_for_sm90
 
 # Triton's interpreter converts 1-element arrays to ints (loop bounds from loaded lengths)
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
@@ -357,13 +357,7 @@ def test_kernels_compile_for_sm90():
     sm_90 binaries in every autotune config, bf16 and fp32, within the H100's shared memory (no
     GPU needed: Triton cross-compiles with its bundled ptxas; the interpreter runs none of the
     GPU pipeline)."""
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    done = subprocess.run([sys.executable, "-c", SM90_COMPILE], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert_script_compiles_for_sm90(SM90_COMPILE)
 
 
 # ----------------------------------------------------------------------------- GPU (H100)
