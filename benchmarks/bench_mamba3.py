@@ -15,7 +15,8 @@ sees); peak memory is that of forward+backward above the inputs and parameters. 
 Mamba-3 time / Mamba-2 time (> 1: Mamba-3 is slower). ``--peer``: op rows of mamba-ssm's
 ``mamba3_siso_combined`` (from ``.peers/``; its tuned chunk 64, zero Q/K biases, our theta
 repeated per head as its angles) and of ours at chunk 64; "vs mamba-ssm" = its time / ours at
-the same chunk (> 1: ours is faster).
+the same chunk (> 1: ours is faster). "fwd x byte floor" (op rows): forward time over the least
+time to read Mamba-3's inputs once and write y once at the copy bandwidth (_harness.COPY_TBPS).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import SSD_SHAPES, kernel_profile, peak_memory_gib, run_tag, time_eager  # noqa: E402
+from _harness import COPY_TBPS, SSD_SHAPES, kernel_profile, peak_memory_gib, run_tag, time_eager  # noqa: E402
 
 from streamssm.kernels import mamba3_scan, ssd_scan  # noqa: E402
 from streamssm.layers import Mamba2Block, Mamba3Block  # noqa: E402
@@ -124,6 +125,12 @@ def op_fns(kind: str, t: dict[str, torch.Tensor], chunk: int = CHUNK) -> tuple[C
     return fwd, fwd_bwd
 
 
+def op_floor_ms(t: dict[str, torch.Tensor]) -> float:
+    """The op forward's least time at the copy bandwidth: its inputs read once, y written once."""
+    nbytes = sum(v.numel() * v.element_size() for v in t.values()) + t["x"].numel() * t["x"].element_size()
+    return nbytes / COPY_TBPS / 1e9
+
+
 def measure(fwd: Callable[[], object], fwd_bwd: Callable[[], object], warmup: int, rep: int) -> dict[str, float]:
     fwd_bwd()  # compile / autotune before timing
     fwd()
@@ -133,7 +140,7 @@ def measure(fwd: Callable[[], object], fwd_bwd: Callable[[], object], warmup: in
 
 def markdown(rows: list[dict]) -> str:
     head = ("| level | shape | kernel | chunk | fwd ms | fwd+bwd ms | peak GiB fwd+bwd | tokens/s fwd+bwd | "
-            "fwd ratio m3/m2 | fwd+bwd ratio m3/m2 | vs mamba-ssm fwd | vs mamba-ssm fwd+bwd |")
+            "fwd x byte floor | fwd ratio m3/m2 | fwd+bwd ratio m3/m2 | vs mamba-ssm fwd | vs mamba-ssm fwd+bwd |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     cols = ("fwd_ms", "fwd_bwd_ms")
     for r in rows:
@@ -142,9 +149,10 @@ def markdown(rows: list[dict]) -> str:
         peer = next((b for b in same if b["kernel"] == "mamba-ssm" and b["chunk"] == r["chunk"]), None)
         ratios = [f"{r[c] / base[c]:.2f}x" for c in cols]
         vs_peer = [f"{peer[c] / r[c]:.2f}x" if peer is not None and r["kernel"] == "mamba3" else "" for c in cols]
+        floor = f"{r['fwd_ms'] / r['floor_ms']:.1f}x" if "floor_ms" in r else ""
         lines.append(f"| {r['level']} | {r['shape']} | {r['kernel']} | {r['chunk']} | {r['fwd_ms']:.3f} | "
                      f"{r['fwd_bwd_ms']:.3f} | {r['peak_gib']:.2f} | {r['tokens'] / r['fwd_bwd_ms'] * 1e3:.3e} | "
-                     f"{' | '.join(ratios)} | {' | '.join(vs_peer)} |")
+                     f"{floor} | {' | '.join(ratios)} | {' | '.join(vs_peer)} |")
     return "\n".join(lines)
 
 
@@ -176,9 +184,10 @@ def main(argv: list[str] | None = None) -> int:
             del layers, u
         if "op" in args.levels:
             t = op_inputs(shape, device)
+            floor = op_floor_ms(t)
             runs = [("mamba2", CHUNK), ("mamba3", CHUNK)] + ([("mamba3", 64), ("mamba-ssm", 64)] if args.peer else [])
             for kind, chunk in runs:
-                rows.append(dict(level="op", shape=name, kernel=kind, chunk=chunk, tokens=tokens,
+                rows.append(dict(level="op", shape=name, kernel=kind, chunk=chunk, tokens=tokens, floor_ms=floor,
                                  **measure(*op_fns(kind, t, chunk), args.warmup, args.rep)))
                 print(rows[-1], flush=True)
                 if (kind, chunk) in (("mamba3", CHUNK), ("mamba-ssm", 64)) and name in args.profile.split(","):
