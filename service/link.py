@@ -23,6 +23,10 @@ import torch
 from streamssm.errors import ProtocolError, StateError
 
 _HEADER = struct.Struct("!Q")  # bytes of the pickled batch that follows
+#: bytes a link's reader may hold before it stops reading until they are consumed: above the
+#: batches of one loop iteration (~0.5 MB at 512 streams), whose reads paused and resumed the
+#: socket (two epoll_ctl calls) several times per batch at asyncio's default of 64 KiB
+_READ_LIMIT = 1 << 24
 
 
 class ArrayBatch:
@@ -149,7 +153,7 @@ class Link:
     @classmethod
     async def over(cls, sock: socket.socket) -> Link:
         """A link over a connected stream socket (one end of a socketpair)."""
-        reader, writer = await asyncio.open_connection(sock=sock)
+        reader, writer = await asyncio.open_connection(sock=sock, limit=_READ_LIMIT)
         return cls(reader, writer)
 
     def send(self, *message: Any) -> None:

@@ -172,7 +172,10 @@ class _Stream:
     @property
     def backlog(self) -> int:
         """Samples pending and not yet handed to the engine."""
-        return sum(c.n for c in self.pending) - (self.pending[0].taken if self.pending else 0)
+        pending = self.pending
+        if len(pending) == 1:  # the usual case, without a generator (once per stream and call)
+            return pending[0].n - pending[0].taken
+        return sum(c.n for c in pending) - (pending[0].taken if pending else 0)
 
 
 class StreamQueues:
