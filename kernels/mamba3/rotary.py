@@ -33,8 +33,8 @@ import triton
 import triton.language as tl
 
 BLOCK_L = 64  # steps per tile
-BLOCK_K = 16  # angles per program of the rotating kernels (64 x 64 fp32/fp64 tiles spilled registers: 4.4 ms
-              # for a 0.4 GB write at S1)
+BLOCK_K = 16  # angles per program of the rotating kernels (H100, S1: forward 0.66 / 0.63 / 1.54 ms and
+              # backward 1.29 / 1.41 / 3.96 ms at 16 / 32 / 64)
 TWO_PI = tl.constexpr(2 * math.pi)
 
 
@@ -58,12 +58,12 @@ def _step_angles(p_dt, p_theta, i_b, i_t, i_h, i_g, i_k, L, H, G, K, BLOCK_L: tl
 def _tile_angles(p_dt, p_theta, p_enter, i_b, i_t, i_h, i_g, i_k, L, H, G, K, T,
                  BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
     """Theta (BLOCK_L, BLOCK_K) fp32 in [0, 2 pi) of one tile of head i_h: the entering angle
-    plus the in-tile cumsum, in float64; and the tile's rows, angle index and mask."""
-    b_step, _, _, rows, o_k, _, m = _step_angles(p_dt, p_theta, i_b, i_t, i_h, i_g, i_k, L, H, G, K, BLOCK_L,
-                                                 BLOCK_K)
+    plus the in-tile cumsum, in float64; and the tile's rows and row mask."""
+    b_step, _, _, rows, o_k, m_l, _ = _step_angles(p_dt, p_theta, i_b, i_t, i_h, i_g, i_k, L, H, G, K, BLOCK_L,
+                                                   BLOCK_K)
     enter = tl.load(p_enter + ((i_b * T + i_t) * H + i_h) * K + o_k, mask=o_k < K, other=0.0)
     angle = enter[None, :] + tl.cumsum(b_step.to(tl.float64), axis=0)
-    return (angle - TWO_PI * tl.floor(angle / TWO_PI)).to(tl.float32), rows, o_k, m
+    return (angle - TWO_PI * tl.floor(angle / TWO_PI)).to(tl.float32), rows, m_l
 
 
 @triton.jit
@@ -78,23 +78,33 @@ def _rotary_tile_sums_kernel(p_dt, p_theta, p_sums, L, H, G, K, T,
     tl.store(p_sums + ((i_b * T + i_t) * H + i_h) * K + o_k, tl.sum(b_step.to(tl.float64), axis=0), mask=o_k < K)
 
 
+# Pairs move as whole rows of 2 * BLOCK_K elements, split into (re, im) in registers: loads and
+# stores of every other element left half-written sectors (S1 forward 3.5 ms for a 0.14 ms floor)
 @triton.jit
-def _load_pairs(p, offs, m):
-    """The (re, im) halves, fp32, of the pairs at element offsets ``offs`` (even) of ``p``."""
-    return tl.load(p + offs, mask=m, other=0.0).to(tl.float32), tl.load(p + offs + 1, mask=m, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _store_pairs(p, offs, re, im, m):
-    tl.store(p + offs, re.to(p.dtype.element_ty), mask=m)
-    tl.store(p + offs + 1, im.to(p.dtype.element_ty), mask=m)
+def _pairs_at(row_start, i_k, K, m_l, BLOCK_K: tl.constexpr):
+    """Element offsets (BLOCK_L, 2 BLOCK_K) of angle block i_k's pairs in the rows starting at
+    ``row_start`` (BLOCK_L,), and their mask."""
+    o_c = 2 * i_k * BLOCK_K + tl.arange(0, 2 * BLOCK_K)
+    return row_start[:, None] + o_c[None, :], m_l[:, None] & (o_c < 2 * K)[None, :]
 
 
 @triton.jit
-def _rotate_back(p_in, p_out, o_in, o_out, cos, sin, m):
+def _load_pairs(p, offs, m, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The (re, im) halves (BLOCK_L, BLOCK_K) fp32 of the pairs at ``offs`` (``_pairs_at``)."""
+    x = tl.load(p + offs, mask=m, other=0.0).to(tl.float32)
+    return tl.split(tl.reshape(x, (BLOCK_L, BLOCK_K, 2)))
+
+
+@triton.jit
+def _store_pairs(p, offs, re, im, m, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
+    tl.store(p + offs, tl.reshape(tl.join(re, im), (BLOCK_L, 2 * BLOCK_K)).to(p.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _rotate_back(p_in, p_out, o_in, o_out, cos, sin, m, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
     """Rotate the pairs of ``p_in`` at ``o_in`` by -Theta into ``p_out`` at ``o_out``."""
-    re, im = _load_pairs(p_in, o_in, m)
-    _store_pairs(p_out, o_out, re * cos + im * sin, im * cos - re * sin, m)
+    re, im = _load_pairs(p_in, o_in, m, BLOCK_L, BLOCK_K)
+    _store_pairs(p_out, o_out, re * cos + im * sin, im * cos - re * sin, m, BLOCK_L, BLOCK_K)
 
 
 @triton.jit
@@ -106,13 +116,13 @@ def _rotary_fwd_kernel(p_B, p_C, p_dt, p_theta, p_enter, p_Bo, p_Co, L, H, G, K,
     i_bh = tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
     i_g = i_h // (H // G)
-    angle, rows, o_k, m = _tile_angles(p_dt, p_theta, p_enter, i_b, i_t, i_h, i_g, tl.program_id(2), L, H, G, K, T,
-                                       BLOCK_L, BLOCK_K)
+    i_k = tl.program_id(2)
+    angle, rows, m_l = _tile_angles(p_dt, p_theta, p_enter, i_b, i_t, i_h, i_g, i_k, L, H, G, K, T, BLOCK_L, BLOCK_K)
     cos, sin = tl.cos(angle), tl.sin(angle)
-    o_in = (rows[:, None] * G + i_g) * 2 * K + 2 * o_k[None, :]
-    o_out = (rows[:, None] * H + i_h) * 2 * K + 2 * o_k[None, :]
-    _rotate_back(p_B, p_Bo, o_in, o_out, cos, sin, m)
-    _rotate_back(p_C, p_Co, o_in, o_out, cos, sin, m)
+    o_in, m = _pairs_at((rows * G + i_g) * 2 * K, i_k, K, m_l, BLOCK_K)
+    o_out, _ = _pairs_at((rows * H + i_h) * 2 * K, i_k, K, m_l, BLOCK_K)
+    _rotate_back(p_B, p_Bo, o_in, o_out, cos, sin, m, BLOCK_L, BLOCK_K)
+    _rotate_back(p_C, p_Co, o_in, o_out, cos, sin, m, BLOCK_L, BLOCK_K)
 
 
 @triton.jit
@@ -128,23 +138,23 @@ def _rotary_bwd_dangle_kernel(p_B, p_C, p_dt, p_theta, p_enter, p_dBo, p_dCo, p_
     rep = H // G
     o_l = i_t * BLOCK_L + tl.arange(0, BLOCK_L)
     o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    m = (o_l < L)[:, None] & (o_k < K)[None, :]
+    m_l = o_l < L
+    m = m_l[:, None] & (o_k < K)[None, :]
     rows = i_b * L + o_l.to(tl.int64)
-    o_in = (rows[:, None] * G + i_g) * 2 * K + 2 * o_k[None, :]
-    B_re, B_im = _load_pairs(p_B, o_in, m)
-    C_re, C_im = _load_pairs(p_C, o_in, m)
+    o_in, m2 = _pairs_at((rows * G + i_g) * 2 * K, i_k, K, m_l, BLOCK_K)
+    B_re, B_im = _load_pairs(p_B, o_in, m2, BLOCK_L, BLOCK_K)
+    C_re, C_im = _load_pairs(p_C, o_in, m2, BLOCK_L, BLOCK_K)
     dB_re = tl.zeros([BLOCK_L, BLOCK_K], dtype=tl.float32)
     dB_im = tl.zeros([BLOCK_L, BLOCK_K], dtype=tl.float32)
     dC_re = tl.zeros([BLOCK_L, BLOCK_K], dtype=tl.float32)
     dC_im = tl.zeros([BLOCK_L, BLOCK_K], dtype=tl.float32)
     for j in range(rep):
         i_h = i_g * rep + j
-        angle, _, _, _ = _tile_angles(p_dt, p_theta, p_enter, i_b, i_t, i_h, i_g, i_k, L, H, G, K, T, BLOCK_L,
-                                      BLOCK_K)
+        angle, _, _ = _tile_angles(p_dt, p_theta, p_enter, i_b, i_t, i_h, i_g, i_k, L, H, G, K, T, BLOCK_L, BLOCK_K)
         cos, sin = tl.cos(angle), tl.sin(angle)
-        o_out = (rows[:, None] * H + i_h) * 2 * K + 2 * o_k[None, :]
-        gB_re, gB_im = _load_pairs(p_dBo, o_out, m)
-        gC_re, gC_im = _load_pairs(p_dCo, o_out, m)
+        o_out, _ = _pairs_at((rows * H + i_h) * 2 * K, i_k, K, m_l, BLOCK_K)
+        gB_re, gB_im = _load_pairs(p_dBo, o_out, m2, BLOCK_L, BLOCK_K)
+        gC_re, gC_im = _load_pairs(p_dCo, o_out, m2, BLOCK_L, BLOCK_K)
         # out = (re c + im s, im c - re s): d out / d Theta = (out_im, -out_re); dv = R(+Theta) g
         dangle = (gB_re * (B_im * cos - B_re * sin) - gB_im * (B_re * cos + B_im * sin)
                   + gC_re * (C_im * cos - C_re * sin) - gC_im * (C_re * cos + C_im * sin))
@@ -154,8 +164,8 @@ def _rotary_bwd_dangle_kernel(p_B, p_C, p_dt, p_theta, p_enter, p_dBo, p_dCo, p_
         dC_im += gC_re * sin + gC_im * cos
         tl.store(p_dangle + (rows[:, None] * H + i_h) * K + o_k[None, :], dangle, mask=m)
         tl.store(p_dsums + ((i_b * T + i_t) * H + i_h) * K + o_k, tl.sum(dangle, axis=0), mask=o_k < K)
-    _store_pairs(p_dB, o_in, dB_re, dB_im, m)
-    _store_pairs(p_dC, o_in, dC_re, dC_im, m)
+    _store_pairs(p_dB, o_in, dB_re, dB_im, m2, BLOCK_L, BLOCK_K)
+    _store_pairs(p_dC, o_in, dC_re, dC_im, m2, BLOCK_L, BLOCK_K)
 
 
 @triton.jit
