@@ -29,6 +29,38 @@ from torch.utils.data import DataLoader
 log = logging.getLogger(__name__)
 
 
+def reopen_stopped_epoch(checkpoint: dict[str, Any]) -> None:
+    """Let a run resumed from ``checkpoint`` finish the epoch that ``max_steps`` stopped.
+
+    A fit stopped by ``max_steps`` in the middle of an epoch runs the epoch-end hooks, and the
+    checkpoints they save count that epoch as processed (``last.ckpt`` as completed too): the
+    resumed run started the next epoch and the stopped one's remaining batches were never
+    trained on. When the checkpoint's training loader (a :class:`ResumableDataLoader`) says it
+    stopped inside epoch ``e``, the fit loop's epoch progress is set back to "epoch ``e``
+    started", so the resumed run goes on at that loader's next batch. Called from the
+    LightningModule's ``on_load_checkpoint`` (before Lightning restores its loops from this dict).
+    """
+    fit = checkpoint.get("loops", {}).get("fit_loop", {})
+    loaders = fit.get("state_dict", {}).get("combined_loader")
+    progress = fit.get("epoch_progress")
+    if not loaders or len(loaders) != 1 or progress is None:
+        return
+    state = loaders[0]
+    if not isinstance(state, dict) or not isinstance(state.get("epoch"), int):
+        return
+    epoch, batches, num_batches = state["epoch"], state.get("batches", 0), state.get("num_batches", 0)
+    current = progress["current"]
+    if not 0 < batches < num_batches or current["processed"] <= epoch:
+        return  # a checkpoint from inside a running epoch, or from one that ended
+    started = {"ready": epoch + 1, "started": epoch + 1, "processed": epoch, "completed": epoch}
+    for key, value in started.items():
+        progress["total"][key] -= current[key] - value
+        current[key] = value
+    checkpoint["epoch"] = epoch
+    log.info("resuming epoch %d at batch %d of %d (the checkpointed run stopped inside it)", epoch, batches,
+             num_batches)
+
+
 class ResumableDataLoader(DataLoader):
     """A ``DataLoader`` (same arguments) with Lightning's ``state_dict``/``load_state_dict``.
 

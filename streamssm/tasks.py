@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from streamssm.checkpoint import CKPT_KEY, read_training_record, training_record
+from streamssm.datamodules.resumable import reopen_stopped_epoch
 from streamssm.errors import ConfigError, ShapeError
 from streamssm.lightning_ui import quiet_lightning, use_streamssm_callbacks
 from streamssm.models import ARCH_FIELDS, ArchConfig, HeadKind, InputKind, ModelConfig, SSMModel
@@ -279,6 +280,7 @@ class SSMTask(pl.LightningModule):
         checkpoint[CKPT_KEY] = training_record(model.cfg, self.serving_spec)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        reopen_stopped_epoch(checkpoint)
         record = read_training_record(checkpoint)
         cfg = ModelConfig.from_dict(record.config)
         if self.model is None:

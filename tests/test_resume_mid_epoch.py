@@ -48,14 +48,16 @@ def genome(tmp_path_factory) -> Path:
 
 
 def _fit(genome: Path, folder: Path, num_workers: int, *, max_steps: int = -1, max_epochs: int | None = None,
-         ckpt_path: str | None = None) -> tuple[dict[int, str], list[str]]:
-    """Train a tiny TokenLM, checkpointing every 4 steps into ``folder``; (batches seen, warnings)."""
+         ckpt_path: str | None = None, checkpoint: dict | None = None) -> tuple[dict[int, str], list[str]]:
+    """Train a tiny TokenLM, checkpointing into ``folder`` (every 4 steps, or ModelCheckpoint's
+    ``checkpoint`` arguments); (batches seen, warnings)."""
     pl.seed_everything(0, verbose=False)
     data = FastaDataModule(fasta=str(genome), window=32, val_chroms=["chr3"], samples_per_epoch=48, batch_size=8,
                            num_workers=num_workers, eval_windows=2)
     model = TokenLM(arch=ArchConfig(block="mamba2", d_model=16, n_layers=1, d_state=8, headdim=8, chunk_size=16))
     record = RecordBatches()
-    every_4 = ModelCheckpoint(dirpath=folder, filename="{step}", every_n_train_steps=4, save_top_k=-1)
+    every_4 = ModelCheckpoint(dirpath=folder, filename="{step}",
+                              **(dict(every_n_train_steps=4, save_top_k=-1) if checkpoint is None else checkpoint))
     trainer = pl.Trainer(accelerator="cpu", max_steps=max_steps, max_epochs=max_epochs, limit_val_batches=0,
                          callbacks=[record, every_4], logger=False, enable_progress_bar=False,
                          enable_model_summary=False)
@@ -88,6 +90,21 @@ def test_a_resumed_run_trains_on_the_batches_of_an_uninterrupted_one(genome, tmp
     # step 12 ends epoch 1: the resumed run starts epoch 2 at its first batch
     third, _ = _fit(genome, tmp_path / "third", num_workers, **limits, ckpt_path=str(tmp_path / "whole/step=12.ckpt"))
     assert third == after(12)
+
+
+@pytest.mark.parametrize("checkpoint", [dict(), dict(save_last=True, every_n_train_steps=4)], ids=["epoch-end", "last"])
+def test_a_run_stopped_by_max_steps_mid_epoch_resumes_that_epoch(genome, tmp_path, checkpoint):
+    """Defect: ``max_steps`` stopped a run 3 batches into a 6-batch epoch; the checkpoint its
+    epoch-end hooks saved (``step=3.ckpt``, or ``last.ckpt``) counted the epoch as done, and the
+    run resumed with a larger ``max_steps`` started epoch 1: epoch 0's last 3 batches were never
+    trained on and every later step saw another batch than an uninterrupted run."""
+    whole, _ = _fit(genome, tmp_path / "whole", 0, max_steps=16)
+    _fit(genome, tmp_path / "stopped", 0, max_steps=3, checkpoint=checkpoint)
+    saved = tmp_path / "stopped" / ("last.ckpt" if checkpoint else "step=3.ckpt")
+    state = torch.load(saved, weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert (state["epoch"], state["batches"], state["num_batches"]) == (0, 3, 6)
+    resumed, _ = _fit(genome, tmp_path / "resumed", 0, max_steps=16, ckpt_path=str(saved), checkpoint=checkpoint)
+    assert resumed == {s: digest for s, digest in whole.items() if s >= 3}
 
 
 def _digests(batches) -> list[list[int]]:
