@@ -8,7 +8,7 @@ i // (h / g)), n dstate (even), k = n / 2 angles, T tiles of ``BLOCK_L`` steps.
 
 what ``mamba3/chunked.py`` feeds its SSD scan (reference: ``reference.mamba3_rotary_ref``). The
 PyTorch glue it replaces wrote the (b, l, h, k) angles in float64 and the rotated B/C in fp32
-before casting them (~80 % of a Mamba-3 training step at S1, by the profile). Here the angles
+before casting them (~80 % of the Mamba-3 op's fwd+bwd at S1 on the H100). Here the angles
 never reach memory:
 
     forward   1. each tile's angle sum per (b, h, k), in float64        (b, T, h, k)
@@ -41,9 +41,8 @@ TWO_PI = tl.constexpr(2 * math.pi)
 @triton.jit
 def _step_angles(p_dt, p_theta, i_b, i_t, i_h, i_g, i_k, L, H, G, K, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
     """One tile's (BLOCK_L, BLOCK_K) fp32 step angles dt * theta of head i_h and angle block i_k
-    (0 outside), its dt
-    (BLOCK_L,) and theta, the tile's rows (int64, (BLOCK_L,)), the angle index and the row and
-    (row, angle) masks."""
+    (0 outside), its dt (BLOCK_L,) and theta, the tile's rows (int64, (BLOCK_L,)), the angle
+    index and the row and (row, angle) masks."""
     o_l = i_t * BLOCK_L + tl.arange(0, BLOCK_L)
     o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
     m_l = o_l < L
