@@ -85,17 +85,20 @@ def _unpack_batch(data: bytearray, code: str, trailing: tuple[int, ...], lengths
 
 def queue_chunk(link: Link, key: int, seq: int, start: int, x: np.ndarray, received: float) -> None:
     """A worker's chunk ``x`` (l,) or (l, c) for stream ``key``, queued on ``link``: added to the
-    ``("chunks", keys, seqs, starts, received, xs)`` message queued last in this loop iteration,
-    or the first of a new one (``xs``: an :class:`ArrayBatch`, tensors on the engine's side)."""
+    ``("chunks", keys, seqs, starts, received, lengths, xs)`` message queued last in this loop
+    iteration, or the first of a new one (``xs``: an :class:`ArrayBatch`, tensors on the engine's
+    side; ``lengths``: their l, so that the engine need not ask torch)."""
     message = link.last_queued("chunks")
-    if message is None or not message[5].add(x):
-        message = ("chunks", [], [], [], [], ArrayBatch(tensors=True))
-        message[5].add(x)
+    if message is None or not message[6].add(x):
+        message = ("chunks", [], [], [], [], [], ArrayBatch(tensors=True))
+        message[6].add(x)
         link.send(*message)
-    message[1].append(key)
-    message[2].append(seq)
-    message[3].append(start)
-    message[4].append(received)
+    _, keys, seqs, starts, times, lengths, _ = message
+    keys.append(key)
+    seqs.append(seq)
+    starts.append(start)
+    times.append(received)
+    lengths.append(len(x))
 
 
 def queue_result(link: Link, key: int, seq: int, slices: list[tuple[np.ndarray | None, np.ndarray | None]]) -> None:
@@ -109,13 +112,13 @@ def queue_result(link: Link, key: int, seq: int, slices: list[tuple[np.ndarray |
     if message is None:
         message = ("results", [], [], [], ArrayBatch(tensors=True), ArrayBatch())
         link.send(*message)
-    message[1].append(key)
-    message[2].append(seq)
-    message[3].append(len(slices))
-    outputs, scores = message[4].items, message[5].items
+    _, keys, seqs, counts, outputs, scores = message
+    keys.append(key)
+    seqs.append(seq)
+    counts.append(len(slices))
     for out, score in slices:
-        outputs.append(out)
-        scores.append(score)
+        outputs.items.append(out)
+        scores.items.append(score)
 
 
 class LinkClosed(ConnectionError):

@@ -214,9 +214,9 @@ class MultiProcessServer:
             async for message in worker.link.messages():
                 kind = message[0]
                 if kind == "chunks":
-                    _, keys, seqs, starts, received, xs = message
-                    for key, seq, start, x, t in zip(keys, seqs, starts, xs, received):
-                        if (waiting := self._submit(worker, key, seq, start, x, t)) is not None:
+                    _, keys, seqs, starts, received, lengths, xs = message
+                    for key, seq, start, x, t, n in zip(keys, seqs, starts, xs, received, lengths):
+                        if (waiting := self._submit(worker, key, seq, start, x, t, n)) is not None:
                             await waiting
                 elif kind == "call":
                     loop.create_task(self._answer(worker, *message[1:]))
@@ -284,13 +284,13 @@ class MultiProcessServer:
         self._broadcast_live()
 
     def _submit(self, worker: _Worker, key: int, seq: int, start: int, x: torch.Tensor,
-                received: float) -> Awaitable[None] | None:
-        """Queue a worker's chunk now when its stream has a free slot (the usual case: no
-        coroutine per chunk); otherwise the wait to await."""
+                received: float, n: int) -> Awaitable[None] | None:
+        """Queue a worker's chunk (``n`` samples) now when its stream has a free slot (the usual
+        case: no coroutine per chunk); otherwise the wait to await."""
         relay = worker.relays.get(key)
         if relay is None:
             return None
-        chunk = Chunk(seq, start, x, received)
+        chunk = Chunk(seq, start, x, received, n)
         try:
             return None if self.scheduler.submit_nowait(relay.sid, chunk) else self._submit_later(relay, chunk)
         except StateError:  # closing or failed: the worker knows (or will) and answers

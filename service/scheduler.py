@@ -46,20 +46,23 @@ from streamssm.inference import PendingBatch, Streamer
 log = logging.getLogger(__name__)
 
 
-@dataclass
 class Chunk:
-    """One received frame, already turned into model input ``x`` (tokens (l,) or values (l, c))."""
+    """One received frame, already turned into model input ``x`` (tokens (l,) or values (l, c)).
+    ``received``: perf_counter seconds (default: now); ``n``: samples in x (default: read from x;
+    the engine process has it from the worker's message). The engine process makes one per
+    chunk: with slots and ``n`` given, ~0.5 us against ~1.1 us for the dataclass this was."""
 
-    seq: int
-    start: int  # sample offset of x[0] in the stream
-    x: torch.Tensor
-    received: float = field(default_factory=time.perf_counter)
-    taken: int = 0  # samples handed to the engine so far (event loop)
-    parts: list[Any] = field(default_factory=list)  # encoded slices so far (worker thread)
-    n: int = field(init=False)  # samples in x
+    __slots__ = ("seq", "start", "x", "received", "taken", "parts", "n")
 
-    def __post_init__(self) -> None:
-        self.n = int(self.x.shape[0])
+    def __init__(self, seq: int, start: int, x: torch.Tensor, received: float | None = None,
+                 n: int | None = None):
+        self.seq = seq
+        self.start = start  # sample offset of x[0] in the stream
+        self.x = x
+        self.received = time.perf_counter() if received is None else received
+        self.n = int(x.shape[0]) if n is None else n
+        self.taken = 0  # samples handed to the engine so far (event loop)
+        self.parts: list[Any] = []  # encoded slices so far (worker thread)
 
 
 def _piece(chunk: Chunk, a: int, b: int) -> torch.Tensor:
