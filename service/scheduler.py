@@ -559,6 +559,7 @@ class Scheduler(StreamQueues):
         res = pending.result()
         t1 = time.perf_counter()
         rows = [] if res.outputs is None else res.outputs.unbind(0)
+        width = max(res.lens, default=0)  # samples in a result row
         out: dict[int, list[tuple[Chunk, Any]] | BaseException] = {}
         for (sid, pieces), k, score_row in zip(batch.items(), res.output_row,
                                                  res.scores if res.scores is not None else [None] * len(batch)):
@@ -568,10 +569,14 @@ class Scheduler(StreamQueues):
                 continue
             outputs = None if k is None else rows[k]
             try:
-                for chunk, a, b in pieces:  # numpy row slices: views, ~0.2 us each
-                    part = Slice(None if outputs is None else outputs[pos:pos + b - a],
-                                 None if score_row is None else score_row[pos:pos + b - a])
-                    pos += b - a
+                for chunk, a, b in pieces:
+                    n = b - a
+                    if pos == 0 and n == width:  # all of the row (uniform batching): no slicing
+                        part = Slice(outputs, score_row)
+                    else:  # views: ~0.2 us a numpy slice, ~1 us a tensor slice
+                        part = Slice(None if outputs is None else outputs[pos:pos + n],
+                                     None if score_row is None else score_row[pos:pos + n])
+                    pos += n
                     chunk.parts.append(stream.encoder.part(chunk, part))
                     stream.partial = b < chunk.n
                     if not stream.partial:
