@@ -74,10 +74,10 @@ def mamba3_scan_chunked(
     skip = (-c * CB)[..., None]  # (b, l, h, 1): the shift's diagonal term, plus D
     if D is not None:
         skip = skip + (D.float()[:, None] if D.dim() == 1 else D.float())
-    y = torch.addcmul(y.float(), skip, x)
+    # in the scan's dtype: one pass over (b, l, h, p) (fp32 math inside, one rounding of the sum)
+    y = torch.addcmul(y, skip.to(y.dtype), x)
     if z is not None:
-        y = y * F.silu(z.float())
-    y = y.to(x.dtype)
+        y = (y.float() * F.silu(z.float())).to(x.dtype)
     if not return_final_state:
         return y
     final_state = rotate_pairs(final, angle_end[:, :, None, :])
