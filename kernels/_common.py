@@ -19,7 +19,7 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 log = logging.getLogger(__name__)
-_logged_choices: set[tuple[str, str]] = set()
+_logged_choices: set[tuple[str, str]] = set()  # (backend, device type) already logged
 
 
 def interpreting() -> bool:
@@ -40,9 +40,9 @@ def choose_backend(op: str, backend: Backend, device: torch.device) -> Resolved:
     """
     if backend == "auto":
         choice: Resolved = "triton" if device.type == "cuda" else "torch"
-        if not torch.compiler.is_compiling() and (op, choice) not in _logged_choices:  # no log in traced code
-            _logged_choices.add((op, choice))
-            log.info("%s: using the %s backend on %s", op, choice, device.type)
+        if not torch.compiler.is_compiling() and (choice, device.type) not in _logged_choices:  # not traced code
+            _logged_choices.add((choice, device.type))  # once a process and device, not once an op
+            log.info("kernels: using the %s backend on %s (first op: %s)", choice, device.type, op)
         return choice
     if backend == "triton":
         if not triton_can_run(device):

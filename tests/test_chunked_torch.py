@@ -229,6 +229,19 @@ def test_auto_backend_on_cpu_is_torch():
         choose_backend("ssd_scan", "fast", torch.device("cpu"))
 
 
+def test_auto_backend_is_logged_once_a_device(monkeypatch, caplog):
+    """Every command used to log one line per op ("selective_scan: using the torch backend on
+    cpu", then ssd_scan, causal_conv1d, ...): four lines of noise for one fact."""
+    import streamssm.kernels._common as common
+
+    monkeypatch.setattr(common, "_logged_choices", set())
+    with caplog.at_level("INFO", logger=common.log.name):
+        for op in ("selective_scan", "ssd_scan", "causal_conv1d", "ssd_scan"):
+            choose_backend(op, "auto", torch.device("cpu"))
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["kernels: using the torch backend on cpu (first op: selective_scan)"]
+
+
 def test_public_ops_torch_backend_match_reference_backend():
     gen = torch.Generator().manual_seed(10)
     t = mamba1_inputs(1, 4, 11, 3, 2, gen)
