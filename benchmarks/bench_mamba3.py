@@ -99,7 +99,8 @@ def peer_mamba3(d: dict[str, torch.Tensor], chunk: int) -> torch.Tensor:
                                   chunk_size=chunk)
 
 
-def op_fns(kind: str, t: dict[str, torch.Tensor], chunk: int = CHUNK) -> tuple[Callable[[], object], Callable[[], object]]:
+def op_fns(kind: str, t: dict[str, torch.Tensor],
+           chunk: int = CHUNK) -> tuple[Callable[[], object], Callable[[], object]]:
     """(forward, forward + backward with gradients of every floating input) of one op
     (``kind``: mamba2, mamba3 or mamba-ssm, the peer's Mamba-3)."""
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in t.items()}
