@@ -5,7 +5,10 @@ goes out in one write: a batch, pickled and length-prefixed, over a socketpair t
 process made for that worker (nothing else can connect to it; both ends are this package's
 own processes). :meth:`Link.call` sends ``("call", id, op, args)`` and awaits the matching
 ``("reply", id, value, error)``; errors travel as :func:`error_tuple` and are raised again on
-the caller's side with their type, message, close code and reason.
+the caller's side with their type, message, close code and reason. A worker's chunks and the
+engine's results travel batched (:func:`queue_chunk`, :func:`queue_result`: added to the message
+queued last, so the order of messages stays): one message and one buffer (:class:`ArrayBatch`)
+per loop iteration, not one per chunk, in the engine process's per-chunk path.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from streamssm.errors import ProtocolError, StateError
 
 _HEADER = struct.Struct("!Q")  # bytes of the pickled batch that follows
 #: bytes a link's reader may hold before it stops reading until they are consumed: above the
-#: batches of one loop iteration (~0.5 MB at 512 streams), whose reads paused and resumed the
-#: socket (two epoll_ctl calls) several times per batch at asyncio's default of 64 KiB
+#: batches of one loop iteration (~0.3 MB of chunks at 512 streams over 4 workers), whose reads
+#: paused and resumed the socket (two epoll_ctl calls) several times per batch at asyncio's
+#: default of 64 KiB
 _READ_LIMIT = 1 << 24
 
 
@@ -76,7 +80,7 @@ def _unpack_batch(data: bytearray, code: str, trailing: tuple[int, ...], lengths
             dtype = _TORCH_DTYPES.setdefault(code, torch.from_numpy(np.empty(0, dtype=code)).dtype)
         flat = (torch.frombuffer(data, dtype=dtype) if data  # torch.frombuffer refuses an empty buffer
                 else torch.empty(0, dtype=dtype)).view(sum(rows), *trailing)
-        views = iter(flat.split(rows))  # one call for all views: ~0.7 us a view against ~1.4 for frombuffer
+        views = iter(flat.split(rows))  # one call makes every view
     else:
         flat = np.frombuffer(data, dtype=code).reshape(sum(rows), *trailing)
         views = iter(np.split(flat, np.cumsum(rows[:-1])))
