@@ -7,6 +7,9 @@
 #     bash benchmarks/gpu_serving_session.sh conv_tests  # ~8 min: conv1d GPU tests (cold autotuning)
 #     bash benchmarks/gpu_serving_session.sh kernels   # ~10 min: SSD S1-S3 vs mamba-ssm and fla; SSD inference forward; conv1d vs cuDNN
 #     bash benchmarks/gpu_serving_session.sh serving   # ~10 min: engine, host cost, service (1 and 4 workers)
+#     bash benchmarks/gpu_serving_session.sh mamba3    # ~9 min: Mamba-3 GPU tests; Mamba-3 vs Mamba-2 vs mamba-ssm
+#     BASE_SITE=/tmp/base_site bash benchmarks/gpu_serving_session.sh engine_pair
+#                                                      # ~3 min: engine-process CPU per chunk, a base install vs this tree
 #
 # Run from the repository root with streamssm importable and the peers under .peers/ (mamba-ssm
 # sdist, fla-core wheel). The conv1d kernel before today's backward is taken from git
@@ -64,12 +67,39 @@ serving() {
         --workers 4 --clients 320,384,448 --client-procs 12 --seconds 3 --max-wall 180 --all | tee "$OUT/service_workers.md"
 }
 
+mamba3() {
+    echo "== GPU tests: the rotation kernels and the Mamba-3 scan vs their references"
+    timeout 150 python -m pytest -q -p no:randomly -m gpu tests/test_mamba3_rotary_kernel.py tests/test_mamba3_kernel.py \
+        2>&1 | tail -n 6 | tee "$OUT/mamba3_tests.txt"
+    echo "== Mamba-3 vs Mamba-2 (layer and op) at S1/S2, rows as they come; then the op beside mamba-ssm's (its autotuning: minutes)"
+    timeout 150 python benchmarks/bench_mamba3.py --shapes S1,S2 --out "$OUT/mamba3.md" 2>&1 | grep -v Warning
+    timeout 240 python benchmarks/bench_mamba3.py --shapes S1 --levels op --peer --out "$OUT/mamba3_peer.md" 2>&1 | grep -v Warning
+}
+
+engine_pair() {
+    # BASE_SITE: an install of the code to compare (pip install --target); BASE_BENCH: its bench_engine_process.py,
+    # a path from the repository root
+    # (the link protocol changed with c57419b: a base before it needs the bench of its own time, eb3a832's)
+    : "${BASE_SITE:?engine_pair needs BASE_SITE, a pip --target install of the code to compare}"
+    local bench=${BASE_BENCH:-benchmarks/bench_engine_process.py} repo
+    repo=$(pwd)  # the base runs from /tmp: its fake workers (python -c) would import this tree from the cwd
+    for _ in 1 2; do
+        echo "== engine process, base ($BASE_SITE)"
+        (cd /tmp && PYTHONPATH="$BASE_SITE:$repo/benchmarks:${PYTHONPATH:-}" timeout 60 python "$repo/$bench" --device cuda \
+            --streams 256,512 --rounds 60)
+        echo "== engine process, this tree"
+        timeout 60 python benchmarks/bench_engine_process.py --device cuda --streams 256,512 --rounds 60
+    done | tee "$OUT/engine_pair.md"
+}
+
 case "$part" in
     tests) tests ;;
     conv_tests) conv_tests ;;
     kernels) kernels ;;
     serving) serving ;;
+    mamba3) mamba3 ;;
+    engine_pair) engine_pair ;;
     all) tests; conv_tests; kernels; serving ;;
-    *) echo "usage: $0 [tests|conv_tests|kernels|serving|all]" >&2; exit 2 ;;
+    *) echo "usage: $0 [tests|conv_tests|kernels|serving|mamba3|engine_pair|all]" >&2; exit 2 ;;
 esac
 echo "== tables in $OUT"
