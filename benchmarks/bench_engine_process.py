@@ -2,7 +2,7 @@
 Python process (one GIL) spends on every chunk between the worker links and the device.
 
     python benchmarks/bench_engine_process.py [--streams 256,512] [--samples 320] [--workers 4]
-                                              [--rounds 30] [--device cpu|cuda]
+                                              [--rounds 30] [--device cpu|cuda] [--pace-ms 0] [--flush-us 0]
 
 The engine process runs as ``serve --workers`` runs it (MultiProcessServer: its worker links,
 relays, Scheduler and Streamer), with the model call replaced by a zero-time stand-in (the
@@ -14,7 +14,11 @@ and, per round, send one packed chunk of ``--samples`` tokens for each of their 
 worker forwards a client's frame) and wait for every result. Columns, over the rounds only (the
 streams already open): engine-process CPU per chunk (all its threads, process_time), of which
 its event loop's (link messages, submit, gather, deliver) and its engine thread's (launch,
-collect; thread CPU clocks); median wall ms per round (slowest worker). On the GPU server at 20 ms chunks, N clients need N x 50 chunks/s: the engine
+collect; thread CPU clocks); median wall ms per round (slowest worker). A worker batches the
+chunks it forwards in one event-loop iteration (or within its link's flush delay, ``--flush-us``)
+into one link message. A real worker's frames arrive spread over time: ``--pace-ms 20`` spreads
+each fake worker's round over 20 ms, one chunk per loop iteration (as clients at real-time pace
+with random phases); 0 sends a round at once, in one message, which flatters the submit side. On the GPU server at 20 ms chunks, N clients need N x 50 chunks/s: the engine
 process stays real time while CPU us/chunk x N x 50 stays well under 1 s/s.
 """
 
@@ -41,6 +45,7 @@ from streamssm.models import ModelConfig, SSMModel  # noqa: E402
 from streamssm.service.config import ServeConfig  # noqa: E402
 from streamssm.service.link import Link  # noqa: E402
 from streamssm.service.multiprocess import MultiProcessServer, _Worker  # noqa: E402
+from streamssm.service.worker import CHUNK_FLUSH_DELAY  # noqa: E402
 
 VOCAB = 5
 
@@ -49,8 +54,8 @@ import asyncio, json, socket, sys, time
 import numpy as np
 from streamssm.service.link import Link, queue_chunk
 
-async def main(fd, first_key, streams, samples, rounds):
-    link = await Link.over(socket.socket(fileno=fd))
+async def main(fd, first_key, streams, samples, rounds, pace_us, flush_us):
+    link = await Link.over(socket.socket(fileno=fd), flush_delay=flush_us * 1e-6)
     state = {"results": 0, "target": 0}
     got = asyncio.Event()
 
@@ -73,7 +78,9 @@ async def main(fd, first_key, streams, samples, rounds):
         state["target"] += streams
         got.clear()
         t0 = time.perf_counter()
-        for key in keys:  # as a worker sends its clients' frames (one message per loop iteration)
+        for i, key in enumerate(keys):  # as a worker forwards its clients' frames
+            if pace_us:  # frame i of the round arrives at t0 + i / streams of the pace
+                await asyncio.sleep(max(0.0, t0 + pace_us * 1e-6 * i / streams - time.perf_counter()))
             queue_chunk(link, key, r, r * samples, x, time.perf_counter())
         await got.wait()
         times.append(time.perf_counter() - t0)
@@ -85,7 +92,8 @@ asyncio.run(main(*map(int, sys.argv[1:])))
 """
 
 
-async def measure(ckpt: Path, streams: int, samples: int, workers: int, rounds: int, device: str) -> dict:
+async def measure(ckpt: Path, streams: int, samples: int, workers: int, rounds: int, device: str,
+                  pace_us: int, flush_us: int) -> dict:
     cfg = ServeConfig(workers=workers, max_streams=streams, queue_depth=4, prepare=False, device=device,
                       engine="eager")
     server = MultiProcessServer(load_for_serving(ckpt), cfg)
@@ -97,7 +105,7 @@ async def measure(ckpt: Path, streams: int, samples: int, workers: int, rounds: 
         ours, theirs = socket.socketpair()
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-c", FAKE_WORKER, str(theirs.fileno()), str(sum(share[:i])), str(share[i]),
-            str(samples), str(rounds), pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.PIPE,
+            str(samples), str(rounds), str(pace_us), str(flush_us), pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE)
         theirs.close()
         worker = _Worker(i, process, await Link.over(ours), loop.create_future())
@@ -132,6 +140,10 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--device", default="cpu", help="where the call's tensor work runs (cuda: as on the GPU server)")
+    p.add_argument("--pace-ms", type=float, default=0.0,
+                   help="spread each fake worker's round over this many ms (0: all at once)")
+    p.add_argument("--flush-us", type=int, default=round(CHUNK_FLUSH_DELAY * 1e6),
+                   help="the fake workers' link flush delay (us; default: the real workers')")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -142,9 +154,11 @@ def main(argv=None) -> int:
         table = Table(["streams", "engine process CPU us / chunk", "event loop us / chunk", "engine thread us / chunk",
                        "ms / round (median)"])
         for n in args.streams.split(","):
-            table.add(**asyncio.run(measure(ckpt, int(n), args.samples, args.workers, args.rounds, args.device)))
+            table.add(**asyncio.run(measure(ckpt, int(n), args.samples, args.workers, args.rounds, args.device,
+                                            round(args.pace_ms * 1e3), args.flush_us)))
+    pace = f"rounds paced over {args.pace_ms:g} ms" if args.pace_ms else "rounds sent at once"
     print(f"\nengine process of serve --workers {args.workers} on {args.device}, model replaced by a zero-time stand-in, "
-          f"{args.samples}-token chunks, {args.rounds} rounds")
+          f"{args.samples}-token chunks, {args.rounds} rounds ({pace}, workers' flush delay {args.flush_us} us)")
     print(table.markdown())
     return 0
 

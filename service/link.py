@@ -150,32 +150,37 @@ def raise_error(error: tuple) -> NoReturn:
 class Link:
     """One end of a worker link: batched sends, request/reply calls, a message iterator."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, flush_delay: float = 0.0):
         self._reader, self._writer = reader, writer
+        self.flush_delay = flush_delay  # seconds queued messages wait to leave together (0: end of the iteration)
         self._out: list[tuple] = []
         self._calls: dict[int, asyncio.Future] = {}
         self._next_call = 0
         self.closed = False
 
     @classmethod
-    async def over(cls, sock: socket.socket) -> Link:
+    async def over(cls, sock: socket.socket, flush_delay: float = 0.0) -> Link:
         """A link over a connected stream socket (one end of a socketpair)."""
         reader, writer = await asyncio.open_connection(sock=sock, limit=_READ_LIMIT)
-        return cls(reader, writer)
+        return cls(reader, writer, flush_delay)
 
     def send(self, *message: Any) -> None:
-        """Queue one message; it leaves with the others queued in this loop iteration. Nothing
-        is sent once the link is closed (the other end is gone: nobody would read it)."""
+        """Queue one message; it leaves with the others queued in this loop iteration, or with
+        those queued within ``flush_delay`` seconds of the first. Nothing is sent once the link
+        is closed (the other end is gone: nobody would read it)."""
         if self.closed:
             return
         if not self._out:
-            asyncio.get_running_loop().call_soon(self._flush)
+            loop = asyncio.get_running_loop()
+            if self.flush_delay:
+                loop.call_later(self.flush_delay, self._flush)
+            else:
+                loop.call_soon(self._flush)
         self._out.append(message)
 
     def last_queued(self, kind: str) -> tuple | None:
-        """The message queued last in this loop iteration when it is a ``kind`` message, else
-        None: one that may still grow (it has not left, and no message queued after it would be
-        overtaken by what is added to it)."""
+        """The message queued last (not sent yet) when it is a ``kind`` message, else None: one
+        that may still grow (no message queued after it would be overtaken by what is added)."""
         out = self._out
         return out[-1] if out and out[-1][0] == kind else None
 

@@ -28,6 +28,8 @@ def test_bench_engine_host_reports_each_stream_count(capsys):
 def test_bench_engine_process_runs_fake_workers_over_real_links(capsys):
     import bench_engine_process
 
-    assert bench_engine_process.main(["--streams", "12", "--samples", "16", "--rounds", "3", "--workers", "2"]) == 0
-    rows = table_rows(capsys.readouterr().out)
-    assert len(rows) == 1 and rows[0][0] == 12 and rows[0][1] > 0 and rows[0][2] > 0
+    for pace in (["--pace-ms", "0"], ["--pace-ms", "5", "--flush-us", "500"]):  # at once; paced, delayed flushes
+        assert bench_engine_process.main(["--streams", "12", "--samples", "16", "--rounds", "3", "--workers", "2",
+                                          *pace]) == 0
+        rows = table_rows(capsys.readouterr().out)
+        assert len(rows) == 1 and rows[0][0] == 12 and rows[0][1] > 0 and rows[0][2] > 0
