@@ -87,8 +87,9 @@ engine_pair() {
         echo "== engine process, base ($BASE_SITE)"
         (cd /tmp && PYTHONPATH="$BASE_SITE:$repo/benchmarks:${PYTHONPATH:-}" timeout 60 python "$repo/$bench" --device cuda \
             --streams 256,512 --rounds 60)
-        echo "== engine process, this tree"
+        echo "== engine process, this tree (rounds at once, as the base's bench; then paced over 20 ms as real clients)"
         timeout 60 python benchmarks/bench_engine_process.py --device cuda --streams 256,512 --rounds 60
+        timeout 60 python benchmarks/bench_engine_process.py --device cuda --streams 256,512 --rounds 60 --pace-ms 20
     done | tee "$OUT/engine_pair.md"
 }
 
