@@ -220,7 +220,6 @@ class StreamQueues:
         await self._get(sid).slots.drain()
 
 
-
 @dataclass
 class _Launched:
     """One model call between its launch and its collection."""
@@ -423,7 +422,8 @@ class Scheduler(StreamQueues):
                     self._wakeup.clear()
                     if self.batch_wait > 0:
                         await self._wait_for_more()
-                if in_flight is None or 2 * self._ready_streams() >= len(in_flight.batch):
+                # len(_ready): an upper bound on the streams with samples pending (_gather drops those without)
+                if in_flight is None or 2 * len(self._ready) >= len(in_flight.batch):
                     batch = self._gather()
                 else:
                     batch = {}
@@ -496,9 +496,6 @@ class Scheduler(StreamQueues):
             except TimeoutError:
                 return
             self._wakeup.clear()
-
-    def _ready_streams(self) -> int:
-        return len(self._ready)  # an upper bound: _gather drops the streams that left
 
     def _gather(self) -> dict[int, Pieces]:
         """Take at most ``slice_samples`` pending samples of every ready stream.

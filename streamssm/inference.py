@@ -100,7 +100,6 @@ class BatchResult:
                 for sid, n, k, s in zip(self.ids, self.lens, self.output_row, scores)}
 
 
-
 @dataclass
 class PendingBatch:
     """A launched :meth:`Streamer.launch`: its BatchResult once ``result()`` has waited for the
@@ -116,6 +115,7 @@ class PendingBatch:
         if self.scores is not None:
             self.batch.scores = self.scores.numpy()
         return self.batch
+
 
 class Streamer:
     """Many streams through one model over a preallocated state pool (module docstring).
