@@ -93,9 +93,9 @@ asyncio.run(main(*map(int, sys.argv[1:])))
 
 
 async def measure(ckpt: Path, streams: int, samples: int, workers: int, rounds: int, device: str,
-                  pace_us: int, flush_us: int) -> dict:
+                  pace_us: int, flush_us: int, batch_wait: float) -> dict:
     cfg = ServeConfig(workers=workers, max_streams=streams, queue_depth=4, prepare=False, device=device,
-                      engine="eager")
+                      engine="eager", batch_wait=batch_wait)
     server = MultiProcessServer(load_for_serving(ckpt), cfg)
     await server.backend.start()
     server.backend.streamer._calls = stand_in(VOCAB, streams, samples, device)
@@ -117,11 +117,13 @@ async def measure(ckpt: Path, streams: int, samples: int, workers: int, rounds: 
         assert await w.process.stdout.readline() == b"ready\n"
     engine_thread = time.pthread_getcpuclockid(next(iter(server.scheduler._executor._threads)).ident)
     cpu0, loop0, thread0 = time.process_time(), time.thread_time(), time.clock_gettime(engine_thread)
+    calls0 = server.scheduler.batches
     for w in server.workers.values():
         w.process.stdin.write(b"go\n")
     outs = [json.loads(await w.process.stdout.read()) for w in list(server.workers.values())]
     cpu, on_loop = time.process_time() - cpu0, time.thread_time() - loop0
     on_thread = time.clock_gettime(engine_thread) - thread0
+    calls = server.scheduler.batches - calls0
     for w in list(server.workers.values()):
         await w.process.wait()
         await w.task
@@ -130,7 +132,7 @@ async def measure(ckpt: Path, streams: int, samples: int, workers: int, rounds: 
     chunks = streams * rounds
     return {"streams": streams, "engine process CPU us / chunk": 1e6 * cpu / chunks,
             "event loop us / chunk": 1e6 * on_loop / chunks, "engine thread us / chunk": 1e6 * on_thread / chunks,
-            "ms / round (median)": statistics.median(rounds_ms[2:])}
+            "model calls / round": calls / rounds, "ms / round (median)": statistics.median(rounds_ms[2:])}
 
 
 def main(argv=None) -> int:
@@ -144,6 +146,8 @@ def main(argv=None) -> int:
                    help="spread each fake worker's round over this many ms (0: all at once)")
     p.add_argument("--flush-us", type=int, default=round(CHUNK_FLUSH_DELAY * 1e6),
                    help="the fake workers' link flush delay (us; default: the real workers')")
+    p.add_argument("--batch-wait-ms", type=float, default=0.0,
+                   help="serve --batch-wait: how long the idle engine waits for more streams' chunks (ms)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -152,13 +156,13 @@ def main(argv=None) -> int:
                           d_state=8, headdim=4)
         ckpt = export_safetensors(SSMModel(cfg), Path(tmp) / "dna.safetensors", spec={"modality": "dna"})
         table = Table(["streams", "engine process CPU us / chunk", "event loop us / chunk", "engine thread us / chunk",
-                       "ms / round (median)"])
+                       "model calls / round", "ms / round (median)"])
         for n in args.streams.split(","):
             table.add(**asyncio.run(measure(ckpt, int(n), args.samples, args.workers, args.rounds, args.device,
-                                            round(args.pace_ms * 1e3), args.flush_us)))
+                                            round(args.pace_ms * 1e3), args.flush_us, args.batch_wait_ms * 1e-3)))
     pace = f"rounds paced over {args.pace_ms:g} ms" if args.pace_ms else "rounds sent at once"
     print(f"\nengine process of serve --workers {args.workers} on {args.device}, model replaced by a zero-time stand-in, "
-          f"{args.samples}-token chunks, {args.rounds} rounds ({pace}, workers' flush delay {args.flush_us} us)")
+          f"{args.samples}-token chunks, {args.rounds} rounds ({pace}, workers' flush delay {args.flush_us} us, batch wait {args.batch_wait_ms:g} ms)")
     print(table.markdown())
     return 0
 

@@ -3,18 +3,21 @@ with mamba-ssm's Triton Mamba-3 (SISO) op beside ours.
 
 Run on a GPU:
 
-    python benchmarks/bench_mamba3.py [--shapes S1,S2,S3] [--levels layer,op] [--peer] [--out results.md]
+    python benchmarks/bench_mamba3.py [--shapes S1,S2,S3] [--levels layer,op] [--chunks 256] [--peer]
+                                      [--out results.md]
 
 Shapes S1-S3 of shared/BENCHMARKS.md mapped to blocks: d_inner = heads * headdim, expand 2
-(d_model = d_inner / 2), d_state = dstate, one group, chunk 256, batch and length as listed.
+(d_model = d_inner / 2), d_state = dstate, one group, batch and length as listed; every row at each
+of ``--chunks`` (256: the bench's long-standing comparison; 64: the models' default and
+mamba-ssm's tuned Mamba-3 chunk).
 Layer rows: forward and forward+backward (gradients of the input and every parameter) under
 bf16 autocast, fp32 parameters. Op rows: bf16 x, B, C (and theta for Mamba-3); fp32 dt
 (after softplus), A, D, lam; forward and forward+backward (gradients of every input). Times
 are medians after warm-up (``triton.testing.do_bench``, eager launches: what a training loop
 sees); peak memory is that of forward+backward above the inputs and parameters. Ratio =
-Mamba-3 time / Mamba-2 time (> 1: Mamba-3 is slower). ``--peer``: op rows of mamba-ssm's
-``mamba3_siso_combined`` (from ``.peers/``; its tuned chunk 64, zero Q/K biases, our theta
-repeated per head as its angles) and of ours at chunk 64; "vs mamba-ssm" = its time / ours at
+Mamba-3 time / Mamba-2 time at the same chunk (> 1: Mamba-3 is slower). ``--peer``: op rows of
+mamba-ssm's ``mamba3_siso_combined`` (from ``.peers/``; its tuned chunk 64, zero Q/K biases, our
+theta repeated per head as its angles) and of ours at chunk 64; "vs mamba-ssm" = its time / ours at
 the same chunk (> 1: ours is faster). "fwd x byte floor" (op rows): forward time over the least
 time to read Mamba-3's inputs once and write y once at the copy bandwidth (_harness.COPY_TBPS).
 """
@@ -40,11 +43,11 @@ CHUNK = 256
 EXPAND = 2
 
 
-def build_layers(shape: dict[str, int], device: torch.device) -> dict[str, torch.nn.Module]:
+def build_layers(shape: dict[str, int], device: torch.device, chunk: int) -> dict[str, torch.nn.Module]:
     """Both blocks at the shape's width: d_inner = heads * headdim, d_model = d_inner / 2."""
     d_model = shape["heads"] * shape["headdim"] // EXPAND
     torch.manual_seed(0)
-    kw = dict(d_model=d_model, d_state=shape["dstate"], expand=EXPAND, headdim=shape["headdim"], chunk_size=CHUNK)
+    kw = dict(d_model=d_model, d_state=shape["dstate"], expand=EXPAND, headdim=shape["headdim"], chunk_size=chunk)
     return {"mamba2": Mamba2Block(ArchConfig(block="mamba2", **kw)).to(device),
             "mamba3": Mamba3Block(ArchConfig(block="mamba3", **kw)).to(device)}
 
@@ -100,7 +103,7 @@ def peer_mamba3(d: dict[str, torch.Tensor], chunk: int) -> torch.Tensor:
 
 
 def op_fns(kind: str, t: dict[str, torch.Tensor],
-           chunk: int = CHUNK) -> tuple[Callable[[], object], Callable[[], object]]:
+           chunk: int) -> tuple[Callable[[], object], Callable[[], object]]:
     """(forward, forward + backward with gradients of every floating input) of one op
     (``kind``: mamba2, mamba3 or mamba-ssm, the peer's Mamba-3)."""
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in t.items()}
@@ -146,9 +149,9 @@ def markdown(rows: list[dict]) -> str:
     cols = ("fwd_ms", "fwd_bwd_ms")
     for r in rows:
         same = [b for b in rows if b["level"] == r["level"] and b["shape"] == r["shape"]]
-        base = next(b for b in same if b["kernel"] == "mamba2")
+        base = next((b for b in same if b["kernel"] == "mamba2" and b["chunk"] == r["chunk"]), None)
         peer = next((b for b in same if b["kernel"] == "mamba-ssm" and b["chunk"] == r["chunk"]), None)
-        ratios = [f"{r[c] / base[c]:.2f}x" for c in cols]
+        ratios = [f"{r[c] / base[c]:.2f}x" if base is not None else "" for c in cols]
         vs_peer = [f"{peer[c] / r[c]:.2f}x" if peer is not None and r["kernel"] == "mamba3" else "" for c in cols]
         floor = f"{r['fwd_ms'] / r['floor_ms']:.1f}x" if "floor_ms" in r else ""
         lines.append(f"| {r['level']} | {r['shape']} | {r['kernel']} | {r['chunk']} | {r['fwd_ms']:.3f} | "
@@ -163,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", default="layer,op", help="layer, op or both")
     parser.add_argument("--warmup", type=int, default=10, help="do_bench warm-up time (ms)")
     parser.add_argument("--rep", type=int, default=100, help="do_bench measuring time (ms)")
+    parser.add_argument("--chunks", default=str(CHUNK), help="comma-separated chunk lengths of every row")
     parser.add_argument("--peer", action="store_true", help="op rows of mamba-ssm's Mamba-3 and ours at chunk 64")
     parser.add_argument("--profile", default="", help="shapes whose Mamba-3 op fwd+bwd to profile kernel by kernel")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
@@ -170,28 +174,30 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (the Triton kernels)")
     device = torch.device("cuda")
+    chunks = [int(c) for c in args.chunks.split(",")]
     rows = []
     for name in args.shapes.split(","):
         shape = SSD_SHAPES[name]
         tokens = shape["batch"] * shape["length"]
-        if "layer" in args.levels:
-            layers = build_layers(shape, device)
+        for chunk in chunks if "layer" in args.levels else ():
+            layers = build_layers(shape, device, chunk)
             d_model = shape["heads"] * shape["headdim"] // EXPAND
             u = torch.randn(shape["batch"], shape["length"], d_model, device=device, requires_grad=True)
             for kind, block in layers.items():
-                rows.append(dict(level="layer", shape=name, kernel=kind, chunk=CHUNK, tokens=tokens,
+                rows.append(dict(level="layer", shape=name, kernel=kind, chunk=chunk, tokens=tokens,
                                  **measure(*layer_fns(block, u), args.warmup, args.rep)))
                 print(rows[-1], flush=True)
             del layers, u
         if "op" in args.levels:
             t = op_inputs(shape, device)
             floor = op_floor_ms(t)
-            runs = [("mamba2", CHUNK), ("mamba3", CHUNK)] + ([("mamba3", 64), ("mamba-ssm", 64)] if args.peer else [])
+            runs = [(kind, chunk) for chunk in chunks for kind in ("mamba2", "mamba3")]
+            runs += [("mamba3", 64)] * (args.peer and 64 not in chunks) + [("mamba-ssm", 64)] * args.peer
             for kind, chunk in runs:
                 rows.append(dict(level="op", shape=name, kernel=kind, chunk=chunk, tokens=tokens, floor_ms=floor,
                                  **measure(*op_fns(kind, t, chunk), args.warmup, args.rep)))
                 print(rows[-1], flush=True)
-                if (kind, chunk) in (("mamba3", CHUNK), ("mamba-ssm", 64)) and name in args.profile.split(","):
+                if (kind, chunk) in (("mamba3", chunks[0]), ("mamba-ssm", 64)) and name in args.profile.split(","):
                     print(f"{name}: GPU kernels of 3 fwd+bwd of the {kind} op at chunk {chunk}:\n"
                           + kernel_profile(op_fns(kind, t, chunk)[1], top=14), flush=True)
             del t

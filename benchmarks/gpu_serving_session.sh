@@ -7,7 +7,8 @@
 #     bash benchmarks/gpu_serving_session.sh conv_tests  # ~8 min: conv1d GPU tests (cold autotuning)
 #     bash benchmarks/gpu_serving_session.sh kernels   # ~10 min: SSD S1-S3 vs mamba-ssm and fla; SSD inference forward; conv1d vs cuDNN
 #     bash benchmarks/gpu_serving_session.sh serving   # ~10 min: engine, host cost, service (1 and 4 workers)
-#     bash benchmarks/gpu_serving_session.sh mamba3    # ~9 min: Mamba-3 GPU tests; Mamba-3 vs Mamba-2 vs mamba-ssm
+#     bash benchmarks/gpu_serving_session.sh mamba3    # ~7 min: Mamba-3 GPU tests; Mamba-3 vs Mamba-2 at S1, chunk 64
+#     bash benchmarks/gpu_serving_session.sh mamba3_peer  # ~8 min: the op beside mamba-ssm's Mamba-3 (its autotuning: minutes)
 #     BASE_SITE=/tmp/base_site bash benchmarks/gpu_serving_session.sh engine_pair
 #                                                      # ~3 min: engine-process CPU per chunk, a base install vs this tree
 #
@@ -71,9 +72,14 @@ mamba3() {
     echo "== GPU tests: the rotation kernels and the Mamba-3 scan vs their references"
     timeout 150 python -m pytest -q -p no:randomly -m gpu tests/test_mamba3_rotary_kernel.py tests/test_mamba3_kernel.py \
         2>&1 | tail -n 6 | tee "$OUT/mamba3_tests.txt"
-    echo "== Mamba-3 vs Mamba-2 (layer and op) at S1/S2, rows as they come; then the op beside mamba-ssm's (its autotuning: minutes)"
-    timeout 150 python benchmarks/bench_mamba3.py --shapes S1,S2 --out "$OUT/mamba3.md" 2>&1 | grep -v Warning
-    timeout 240 python benchmarks/bench_mamba3.py --shapes S1 --levels op --peer --out "$OUT/mamba3_peer.md" 2>&1 | grep -v Warning
+    echo "== Mamba-3 vs Mamba-2 (layer and op) at S1, chunk 64 (the models'), rows as they come (first calls autotune: minutes)"
+    timeout 270 python benchmarks/bench_mamba3.py --shapes S1 --chunks 64 --out "$OUT/mamba3.md" 2>&1 | grep -E '^[{|]'
+}
+
+mamba3_peer() {
+    echo "== the Mamba-3 op beside mamba-ssm's at S1 and S2, chunk 64 (its autotuning ran past 240 s twice)"
+    timeout 480 python benchmarks/bench_mamba3.py --shapes S1,S2 --levels op --chunks 64 --peer \
+        --out "$OUT/mamba3_peer.md" 2>&1 | grep -E '^[{|]'
 }
 
 engine_pair() {
@@ -99,8 +105,9 @@ case "$part" in
     kernels) kernels ;;
     serving) serving ;;
     mamba3) mamba3 ;;
+    mamba3_peer) mamba3_peer ;;
     engine_pair) engine_pair ;;
     all) tests; conv_tests; kernels; serving ;;
-    *) echo "usage: $0 [tests|conv_tests|kernels|serving|mamba3|engine_pair|all]" >&2; exit 2 ;;
+    *) echo "usage: $0 [tests|conv_tests|kernels|serving|mamba3|mamba3_peer|engine_pair|all]" >&2; exit 2 ;;
 esac
 echo "== tables in $OUT"

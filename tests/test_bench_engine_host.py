@@ -28,8 +28,10 @@ def test_bench_engine_host_reports_each_stream_count(capsys):
 def test_bench_engine_process_runs_fake_workers_over_real_links(capsys):
     import bench_engine_process
 
-    for pace in (["--pace-ms", "0"], ["--pace-ms", "5", "--flush-us", "500"]):  # at once; paced, delayed flushes
+    for pace in (["--pace-ms", "0"], ["--pace-ms", "5", "--flush-us", "500"],  # at once; paced, delayed flushes
+                 ["--pace-ms", "5", "--batch-wait-ms", "2"]):  # the idle engine waiting for more streams
         assert bench_engine_process.main(["--streams", "12", "--samples", "16", "--rounds", "3", "--workers", "2",
                                           *pace]) == 0
         rows = table_rows(capsys.readouterr().out)
         assert len(rows) == 1 and rows[0][0] == 12 and rows[0][1] > 0 and rows[0][2] > 0
+        assert 1 <= rows[0][4] <= 12  # model calls a round: at least one, at most one per stream
