@@ -166,8 +166,9 @@ class Link:
 
     def send(self, *message: Any) -> None:
         """Queue one message; it leaves with the others queued in this loop iteration, or with
-        those queued within ``flush_delay`` seconds of the first. Nothing is sent once the link
-        is closed (the other end is gone: nobody would read it)."""
+        those queued within ``flush_delay`` seconds of the first (calls and replies: at the end of
+        the iteration). Nothing is sent once the link is closed (the other end is gone: nobody
+        would read it)."""
         if self.closed:
             return
         if not self._out:
@@ -177,6 +178,14 @@ class Link:
             else:
                 loop.call_soon(self._flush)
         self._out.append(message)
+
+    def _send_now(self, *message: Any) -> None:
+        """Queue ``message`` and flush at the end of this loop iteration even when the link
+        delays its flushes (calls and replies: a stream's open or close waits on them; only
+        the chunks' messages gain from waiting for more)."""
+        self.send(*message)
+        if self.flush_delay and self._out:
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def last_queued(self, kind: str) -> tuple | None:
         """The message queued last (not sent yet) when it is a ``kind`` message, else None: one
@@ -198,14 +207,14 @@ class Link:
         rid, self._next_call = self._next_call, self._next_call + 1
         future = asyncio.get_running_loop().create_future()
         self._calls[rid] = future
-        self.send("call", rid, op, args)
+        self._send_now("call", rid, op, args)
         try:
             return await future
         finally:
             self._calls.pop(rid, None)
 
     def reply(self, rid: int, value: Any = None, error: tuple | None = None) -> None:
-        self.send("reply", rid, value, error)
+        self._send_now("reply", rid, value, error)
 
     async def messages(self) -> AsyncIterator[tuple]:
         """Every message but replies (those resolve their calls), in order, until the other

@@ -96,6 +96,37 @@ async def test_a_flush_delay_sends_the_chunks_of_several_loop_turns_as_one_messa
     await receiver.close()
 
 
+async def test_a_flush_delay_does_not_hold_calls_and_replies():
+    """Defect: a worker link's flush delay (for its chunks) also held its control calls (open,
+    close, snapshot) and their replies, each up to the delay. A call on a link whose flushes
+    wait 30 s is answered at once; a chunk queued before it leaves with it, in order."""
+    import socket
+
+    from streamssm.service.link import Link, queue_chunk
+
+    a, b = socket.socketpair()
+    worker, engine = await Link.over(a, flush_delay=30.0), await Link.over(b, flush_delay=30.0)
+    seen = []
+
+    async def answer():
+        async for message in engine.messages():
+            seen.append(message[0])
+            if message[0] == "call":
+                engine.reply(message[1], sum(message[3]))
+
+    loop = asyncio.get_running_loop()
+    serving = loop.create_task(answer())
+    reading = loop.create_task(anext(worker.messages(), None))  # resolves the replies
+    queue_chunk(worker, 7, 0, 0, np.zeros(4, np.int64), 0.0)
+    async with asyncio.timeout(5):
+        assert await worker.call("add", 2, 3) == 5
+    assert seen == ["chunks", "call"]
+    await worker.close()
+    await serving
+    await engine.close()
+    assert await reading is None
+
+
 @pytest.mark.parametrize("array", ARRAYS)
 @pytest.mark.parametrize("tensors", [False, True])
 def test_arrays_cross_a_link_as_one_buffer_exactly(array, tensors):
