@@ -9,6 +9,7 @@
 #     bash benchmarks/gpu_serving_session.sh serving   # ~10 min: engine, host cost, service (1 and 4 workers)
 #     bash benchmarks/gpu_serving_session.sh mamba3    # ~7 min: Mamba-3 GPU tests; Mamba-3 vs Mamba-2 at S1, chunk 64
 #     bash benchmarks/gpu_serving_session.sh mamba3_peer  # ~8 min: the op beside mamba-ssm's Mamba-3 (its autotuning: minutes)
+#     bash benchmarks/gpu_serving_session.sh engine_knobs  # ~4 min: engine-process CPU per chunk (paced) vs streams, batch wait, flush delay
 #     BASE_SITE=/tmp/base_site bash benchmarks/gpu_serving_session.sh engine_pair
 #                                                      # ~3 min: engine-process CPU per chunk, a base install vs this tree
 #
@@ -82,6 +83,16 @@ mamba3_peer() {
         --out "$OUT/mamba3_peer.md" 2>&1 | grep -E '^[{|]'
 }
 
+engine_knobs() {
+    # paced arrival at 128 / 256 / 512 streams: what a model call costs the engine process (calls a round
+    # fall with --batch-wait-ms) against what an inbound message costs (messages fall with --flush-us)
+    for knobs in "--batch-wait-ms 0" "--batch-wait-ms 4" "--flush-us 2000" "--batch-wait-ms 0"; do
+        echo "== engine process, paced over 20 ms, $knobs"
+        timeout 50 python benchmarks/bench_engine_process.py --device cuda --streams 128,256,512 --rounds 60 \
+            --pace-ms 20 $knobs 2>&1 | grep -E '^[|]'
+    done | tee "$OUT/engine_knobs.md"
+}
+
 engine_pair() {
     # BASE_SITE: an install of the code to compare (pip install --target); BASE_BENCH: its bench_engine_process.py,
     # a path from the repository root
@@ -106,8 +117,9 @@ case "$part" in
     serving) serving ;;
     mamba3) mamba3 ;;
     mamba3_peer) mamba3_peer ;;
+    engine_knobs) engine_knobs ;;
     engine_pair) engine_pair ;;
     all) tests; conv_tests; kernels; serving ;;
-    *) echo "usage: $0 [tests|conv_tests|kernels|serving|mamba3|mamba3_peer|engine_pair|all]" >&2; exit 2 ;;
+    *) echo "usage: $0 [tests|conv_tests|kernels|serving|mamba3|mamba3_peer|engine_knobs|engine_pair|all]" >&2; exit 2 ;;
 esac
 echo "== tables in $OUT"
