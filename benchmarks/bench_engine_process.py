@@ -14,7 +14,9 @@ and, per round, send one packed chunk of ``--samples`` tokens for each of their 
 worker forwards a client's frame) and wait for every result. Columns, over the rounds only (the
 streams already open): engine-process CPU per chunk (all its threads, process_time), of which
 its event loop's (link messages, submit, gather, deliver) and its engine thread's (launch,
-collect; thread CPU clocks); median wall ms per round (slowest worker). A worker batches the
+collect; thread CPU clocks), the latter's CPU inside ``PendingBatch.result`` (waiting for the
+device: on CUDA a spinning wait that holds no GIL), model calls per round; median wall ms per
+round (slowest worker). A worker batches the
 chunks it forwards in one event-loop iteration (or within its link's flush delay, ``--flush-us``)
 into one link message. A real worker's frames arrive spread over time: ``--pace-ms 20`` spreads
 each fake worker's round over 20 ms, one chunk per loop iteration (as clients at real-time pace
@@ -41,6 +43,7 @@ from _harness import Table  # noqa: E402
 from bench_engine_host import stand_in  # noqa: E402
 
 from streamssm.checkpoint import export_safetensors, load_for_serving  # noqa: E402
+from streamssm.inference import PendingBatch  # noqa: E402
 from streamssm.models import ModelConfig, SSMModel  # noqa: E402
 from streamssm.service.config import ServeConfig  # noqa: E402
 from streamssm.service.link import Link  # noqa: E402
@@ -92,6 +95,32 @@ asyncio.run(main(*map(int, sys.argv[1:])))
 """
 
 
+class WaitClock:
+    """CPU seconds the engine thread spends inside ``PendingBatch.result`` (waiting for the device:
+    CUDA's default event synchronization spins, and the thread clock counts the spin although the
+    GIL is released meanwhile)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self._result = PendingBatch.result
+
+    def __enter__(self) -> WaitClock:
+        result = self._result
+
+        def timed(pending: PendingBatch):
+            t0 = time.thread_time()
+            try:
+                return result(pending)
+            finally:
+                self.seconds += time.thread_time() - t0
+
+        PendingBatch.result = timed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        PendingBatch.result = self._result
+
+
 async def measure(ckpt: Path, streams: int, samples: int, workers: int, rounds: int, device: str,
                   pace_us: int, flush_us: int, batch_wait: float) -> dict:
     cfg = ServeConfig(workers=workers, max_streams=streams, queue_depth=4, prepare=False, device=device,
@@ -118,9 +147,10 @@ async def measure(ckpt: Path, streams: int, samples: int, workers: int, rounds: 
     engine_thread = time.pthread_getcpuclockid(next(iter(server.scheduler._executor._threads)).ident)
     cpu0, loop0, thread0 = time.process_time(), time.thread_time(), time.clock_gettime(engine_thread)
     calls0 = server.scheduler.batches
-    for w in server.workers.values():
-        w.process.stdin.write(b"go\n")
-    outs = [json.loads(await w.process.stdout.read()) for w in list(server.workers.values())]
+    with WaitClock() as waits:
+        for w in server.workers.values():
+            w.process.stdin.write(b"go\n")
+        outs = [json.loads(await w.process.stdout.read()) for w in list(server.workers.values())]
     cpu, on_loop = time.process_time() - cpu0, time.thread_time() - loop0
     on_thread = time.clock_gettime(engine_thread) - thread0
     calls = server.scheduler.batches - calls0
@@ -132,6 +162,7 @@ async def measure(ckpt: Path, streams: int, samples: int, workers: int, rounds: 
     chunks = streams * rounds
     return {"streams": streams, "engine process CPU us / chunk": 1e6 * cpu / chunks,
             "event loop us / chunk": 1e6 * on_loop / chunks, "engine thread us / chunk": 1e6 * on_thread / chunks,
+            "of which waiting on the device": 1e6 * waits.seconds / chunks,
             "model calls / round": calls / rounds, "ms / round (median)": statistics.median(rounds_ms[2:])}
 
 
@@ -156,7 +187,7 @@ def main(argv=None) -> int:
                           d_state=8, headdim=4)
         ckpt = export_safetensors(SSMModel(cfg), Path(tmp) / "dna.safetensors", spec={"modality": "dna"})
         table = Table(["streams", "engine process CPU us / chunk", "event loop us / chunk", "engine thread us / chunk",
-                       "model calls / round", "ms / round (median)"])
+                       "of which waiting on the device", "model calls / round", "ms / round (median)"])
         for n in args.streams.split(","):
             table.add(**asyncio.run(measure(ckpt, int(n), args.samples, args.workers, args.rounds, args.device,
                                             round(args.pace_ms * 1e3), args.flush_us, args.batch_wait_ms * 1e-3)))
