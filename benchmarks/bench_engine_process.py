@@ -28,6 +28,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import cProfile
+import io
+import pstats
 import json
 import socket
 import statistics
@@ -122,7 +126,7 @@ class WaitClock:
 
 
 async def measure(ckpt: Path, streams: int, samples: int, workers: int, rounds: int, device: str,
-                  pace_us: int, flush_us: int, batch_wait: float) -> dict:
+                  pace_us: int, flush_us: int, batch_wait: float, profile: cProfile.Profile | None = None) -> dict:
     cfg = ServeConfig(workers=workers, max_streams=streams, queue_depth=4, prepare=False, device=device,
                       engine="eager", batch_wait=batch_wait)
     server = MultiProcessServer(load_for_serving(ckpt), cfg)
@@ -147,7 +151,7 @@ async def measure(ckpt: Path, streams: int, samples: int, workers: int, rounds: 
     engine_thread = time.pthread_getcpuclockid(next(iter(server.scheduler._executor._threads)).ident)
     cpu0, loop0, thread0 = time.process_time(), time.thread_time(), time.clock_gettime(engine_thread)
     calls0 = server.scheduler.batches
-    with WaitClock() as waits:
+    with WaitClock() as waits, (profile or contextlib.nullcontext()):  # cProfile: the event loop's thread only
         for w in server.workers.values():
             w.process.stdin.write(b"go\n")
         outs = [json.loads(await w.process.stdout.read()) for w in list(server.workers.values())]
@@ -177,6 +181,8 @@ def main(argv=None) -> int:
                    help="spread each fake worker's round over this many ms (0: all at once)")
     p.add_argument("--flush-us", type=int, default=round(CHUNK_FLUSH_DELAY * 1e6),
                    help="the fake workers' link flush delay (us; default: the real workers')")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="print the event loop's N costliest functions (cProfile, own time) over the rounds")
     p.add_argument("--batch-wait-ms", type=float, default=0.0,
                    help="serve --batch-wait: how long the idle engine waits for more streams' chunks (ms)")
     args = p.parse_args(argv)
@@ -189,8 +195,15 @@ def main(argv=None) -> int:
         table = Table(["streams", "engine process CPU us / chunk", "event loop us / chunk", "engine thread us / chunk",
                        "of which waiting on the device", "model calls / round", "ms / round (median)"])
         for n in args.streams.split(","):
+            profile = cProfile.Profile() if args.profile else None
             table.add(**asyncio.run(measure(ckpt, int(n), args.samples, args.workers, args.rounds, args.device,
-                                            round(args.pace_ms * 1e3), args.flush_us, args.batch_wait_ms * 1e-3)))
+                                            round(args.pace_ms * 1e3), args.flush_us, args.batch_wait_ms * 1e-3,
+                                            profile)))
+            if profile is not None:
+                text = io.StringIO()
+                pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(args.profile)
+                print(f"event loop of the engine process, {n} streams, {args.rounds} rounds "
+                      f"({int(n) * args.rounds} chunks):{text.getvalue()}")
     pace = f"rounds paced over {args.pace_ms:g} ms" if args.pace_ms else "rounds sent at once"
     print(f"\nengine process of serve --workers {args.workers} on {args.device}, model replaced by a zero-time stand-in, "
           f"{args.samples}-token chunks, {args.rounds} rounds ({pace}, workers' flush delay {args.flush_us} us, batch wait {args.batch_wait_ms:g} ms)")

@@ -91,6 +91,9 @@ engine_knobs() {
         timeout 50 python benchmarks/bench_engine_process.py --device cuda --streams 128,256,512 --rounds 60 \
             --pace-ms 20 $knobs 2>&1 | grep -E '^[|]'
     done | tee "$OUT/engine_knobs.md"
+    echo "== the engine process's event loop under cProfile (512 paced streams; 16 cores: wall ~ CPU)"
+    timeout 50 python benchmarks/bench_engine_process.py --device cuda --streams 512 --rounds 60 --pace-ms 20 \
+        --profile 30 2>&1 | grep -v Warning | tee -a "$OUT/engine_knobs.md"
 }
 
 engine_pair() {

@@ -29,10 +29,12 @@ def test_bench_engine_process_runs_fake_workers_over_real_links(capsys):
     import bench_engine_process
 
     for pace in (["--pace-ms", "0"], ["--pace-ms", "5", "--flush-us", "500"],  # at once; paced, delayed flushes
-                 ["--pace-ms", "5", "--batch-wait-ms", "2"]):  # the idle engine waiting for more streams
+                 ["--pace-ms", "5", "--batch-wait-ms", "2", "--profile", "4"]):  # the idle engine waiting; profiled
         assert bench_engine_process.main(["--streams", "12", "--samples", "16", "--rounds", "3", "--workers", "2",
                                           *pace]) == 0
-        rows = table_rows(capsys.readouterr().out)
+        out = capsys.readouterr().out
+        assert ("event loop of the engine process, 12 streams, 3 rounds (36 chunks)" in out) == ("--profile" in pace)
+        rows = table_rows(out.split("engine process of serve")[-1])
         assert len(rows) == 1 and rows[0][0] == 12 and rows[0][1] > 0 and rows[0][2] > 0
         assert 0 <= rows[0][4] < rows[0][3]  # waiting on the device: part of the engine thread's CPU
         assert 1 <= rows[0][5] <= 12  # model calls a round: at least one, at most one per stream
