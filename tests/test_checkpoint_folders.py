@@ -16,8 +16,9 @@ import warnings
 from pathlib import Path
 
 import pytest
+import yaml
 
-from streamssm.commands.fit import CHECKPOINT_FOLDER_WARNINGS, build_cli
+from streamssm.commands.fit import CHECKPOINT_FOLDER_WARNINGS, build_cli, main
 from streamssm.commands.make_data import make_data
 from streamssm.errors import ConfigError
 
@@ -32,6 +33,8 @@ SENSOR = ["--config", str(RECIPES / "sensor.yaml"), "--data.init_args.path", "ru
           "--model.init_args.arch.headdim", "8", *QUIET]
 #: recipes/dna_tiny.yaml (checkpoints in the logger's runs/dna_tiny/version_N/checkpoints)
 DNA_TINY = ["--config", str(RECIPES / "dna_tiny.yaml"), "--data.init_args.window", "64", *QUIET]
+#: the recipes whose ModelCheckpoint names its folder (the refusal then offers --trainer.callbacks.dirpath)
+OWN_FOLDER = [p for p in sorted(RECIPES.glob("*.yaml")) if "dirpath:" in p.read_text()]
 
 
 def _folder_warnings(record: list[warnings.WarningMessage]) -> list[str]:
@@ -86,3 +89,18 @@ def test_resuming_from_another_folder_and_evaluating_a_checkpoint_say_it_our_way
     for subcommand in ("validate", "test"):
         _, said = _run(subcommand, [*DNA_TINY, "--ckpt_path", ckpt, "--data.init_args.test_chroms", "[chr3]"])
         assert said == [], subcommand
+
+
+@pytest.mark.parametrize("recipe", OWN_FOLDER, ids=[p.stem for p in OWN_FOLDER])
+def test_the_refusals_other_folder_option_moves_each_recipes_checkpoints(recipe, capsys):
+    """The refusal's ``--trainer.callbacks.dirpath <folder>_2`` (and the README's) works on every
+    recipe. LightningCLI gives a ``--trainer.callbacks.X`` option to the last callback of the list:
+    recipes/dna.yaml listed a LearningRateMonitor after its ModelCheckpoint, and the suggested
+    command failed with "Option 'dirpath' is not accepted"."""
+    with pytest.raises(SystemExit) as exc:
+        main(["--config", str(recipe), "--trainer.callbacks.dirpath", "elsewhere", "--print_config"],
+             prog="streamssm fit")
+    assert exc.value.code == 0
+    callbacks = yaml.safe_load(capsys.readouterr().out)["trainer"]["callbacks"]
+    folders = [c["init_args"]["dirpath"] for c in callbacks if c["class_path"].endswith(".ModelCheckpoint")]
+    assert folders == ["elsewhere"]
