@@ -41,6 +41,15 @@ def test_readme_state_example_runs():
     exec(compile(block.group(1), "README.md", "exec"), {})
 
 
+def test_readme_kernel_example_runs():
+    """It called ``ssd_scan`` on names it never defined (NameError for a reader who ran it)."""
+    block = re.search(r"## Kernels\n\n```python\n(.*?)```", README, re.S)
+    assert block, "README lost its kernel example"
+    names: dict = {}
+    exec(compile(block.group(1), "README.md", "exec"), names)
+    assert names["y"].shape == names["x"].shape and names["h"].shape == names["h0"].shape
+
+
 def test_readme_links_exist():
     for target in re.findall(r"\]\(([^)#]+)\)", README):
         if not target.startswith("http"):
