@@ -61,7 +61,9 @@ def resolve_files(spec: str | Sequence[str], what: str, suffixes: Sequence[str])
         elif p.is_file():
             out.append(p)
         else:
-            raise DataFormatError(f"{what}: file {str(p)!r} does not exist")
+            if p.name.lower().endswith(lowered):  # named like one of its files
+                raise DataFormatError(f"{what}: file {str(p)!r} does not exist")
+            raise DataFormatError(f"{what}: {str(p)!r} does not exist (no such file or folder)")
     return out
 
 

@@ -121,6 +121,8 @@ def test_unreadable_and_missing_files(tmp_path, clips):
         make([str(clips / "clip_000.wav"), str(bad)])
     with pytest.raises(DataFormatError, match="does not exist"):
         make(str(tmp_path / "nothing.wav"))
+    with pytest.raises(DataFormatError, match=r"audio' does not exist \(no such file or folder\)"):
+        make(str(tmp_path / "audio"))  # a folder that is not there is not called a file
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataFormatError, match="holds no files"):
         make(str(tmp_path / "empty"))
