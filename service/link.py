@@ -154,6 +154,7 @@ class Link:
         self._reader, self._writer = reader, writer
         self.flush_delay = flush_delay  # seconds queued messages wait to leave together (0: end of the iteration)
         self._out: list[tuple] = []
+        self._flush_handle: asyncio.Handle | None = None  # the flush scheduled for what _out holds
         self._calls: dict[int, asyncio.Future] = {}
         self._next_call = 0
         self.closed = False
@@ -173,10 +174,8 @@ class Link:
             return
         if not self._out:
             loop = asyncio.get_running_loop()
-            if self.flush_delay:
-                loop.call_later(self.flush_delay, self._flush)
-            else:
-                loop.call_soon(self._flush)
+            self._flush_handle = (loop.call_later(self.flush_delay, self._flush) if self.flush_delay
+                                  else loop.call_soon(self._flush))
         self._out.append(message)
 
     def _send_now(self, *message: Any) -> None:
@@ -185,7 +184,8 @@ class Link:
         the chunks' messages gain from waiting for more)."""
         self.send(*message)
         if self.flush_delay and self._out:
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._flush_handle.cancel()
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
 
     def last_queued(self, kind: str) -> tuple | None:
         """The message queued last (not sent yet) when it is a ``kind`` message, else None: one
@@ -194,6 +194,9 @@ class Link:
         return out[-1] if out and out[-1][0] == kind else None
 
     def _flush(self) -> None:
+        if self._flush_handle is not None:  # flushed early (a call, close): its delayed flush would
+            self._flush_handle.cancel()  # cut short the delay of the next messages
+            self._flush_handle = None
         batch, self._out = self._out, []
         if batch and not self.closed:
             data = pickle.dumps(batch, protocol=5)

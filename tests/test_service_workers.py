@@ -127,6 +127,43 @@ async def test_a_flush_delay_does_not_hold_calls_and_replies():
     assert await reading is None
 
 
+async def test_messages_after_an_early_flush_wait_their_own_flush_delay():
+    """A call flushes a delayed link at once; the flush that was scheduled for the chunk queued
+    before it is cancelled, so a chunk queued later still waits its full delay (the stale timer
+    used to send it at the first chunk's deadline)."""
+    import socket
+
+    from streamssm.service.link import Link, queue_chunk
+
+    a, b = socket.socketpair()
+    worker, engine = await Link.over(a, flush_delay=1.0), await Link.over(b)
+    got = []
+
+    async def answer():
+        async for message in engine.messages():
+            got.append(message[0])
+            if message[0] == "call":
+                engine.reply(message[1], None)
+
+    loop = asyncio.get_running_loop()
+    serving = loop.create_task(answer())
+    reading = loop.create_task(anext(worker.messages(), None))
+    queue_chunk(worker, 7, 0, 0, np.zeros(4, np.int64), 0.0)  # its flush: due in 1 s
+    await worker.call("ping")  # leaves at once, with the chunk
+    await asyncio.sleep(0.6)
+    queue_chunk(worker, 7, 1, 4, np.zeros(4, np.int64), 0.0)  # due 1 s from now, not at the first's deadline
+    await asyncio.sleep(0.6)
+    assert got == ["chunks", "call"]
+    async with asyncio.timeout(5):
+        while len(got) < 3:
+            await asyncio.sleep(0.05)
+    assert got == ["chunks", "call", "chunks"]
+    await worker.close()
+    await serving
+    await engine.close()
+    assert await reading is None
+
+
 @pytest.mark.parametrize("array", ARRAYS)
 @pytest.mark.parametrize("tensors", [False, True])
 def test_arrays_cross_a_link_as_one_buffer_exactly(array, tensors):
