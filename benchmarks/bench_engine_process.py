@@ -2,7 +2,8 @@
 Python process (one GIL) spends on every chunk between the worker links and the device.
 
     python benchmarks/bench_engine_process.py [--streams 256,512] [--samples 320] [--workers 4]
-                                              [--rounds 30] [--device cpu|cuda] [--pace-ms 0] [--flush-us 0]
+                                              [--rounds 30] [--device cpu|cuda] [--pace-ms 0] [--flush-us 500]
+                                              [--batch-wait-ms 0] [--profile N]
 
 The engine process runs as ``serve --workers`` runs it (MultiProcessServer: its worker links,
 relays, Scheduler and Streamer), with the model call replaced by a zero-time stand-in (the
@@ -16,12 +17,14 @@ streams already open): engine-process CPU per chunk (all its threads, process_ti
 its event loop's (link messages, submit, gather, deliver) and its engine thread's (launch,
 collect; thread CPU clocks), the latter's CPU inside ``PendingBatch.result`` (waiting for the
 device: on CUDA a spinning wait that holds no GIL), model calls per round; median wall ms per
-round (slowest worker). A worker batches the
-chunks it forwards in one event-loop iteration (or within its link's flush delay, ``--flush-us``)
-into one link message. A real worker's frames arrive spread over time: ``--pace-ms 20`` spreads
-each fake worker's round over 20 ms, one chunk per loop iteration (as clients at real-time pace
-with random phases); 0 sends a round at once, in one message, which flatters the submit side. On the GPU server at 20 ms chunks, N clients need N x 50 chunks/s: the engine
-process stays real time while CPU us/chunk x N x 50 stays well under 1 s/s.
+round (slowest worker). A worker batches the chunks it forwards in one event-loop iteration
+(or within its link's flush delay, ``--flush-us``) into one link message. A real worker's frames
+arrive spread over time: ``--pace-ms 20`` spreads each fake worker's round over 20 ms, one chunk
+per loop iteration (as clients at real-time pace with random phases); 0 sends a round at once, in
+one message, which flatters the submit side. ``--batch-wait-ms``: the server's ``--batch-wait``;
+``--profile N``: the event loop's N costliest functions under cProfile over the rounds. On the
+GPU server at 20 ms chunks, N clients need N x 50 chunks/s: the engine process stays real time
+while CPU us/chunk x N x 50 stays well under 1 s/s.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ import asyncio
 import contextlib
 import cProfile
 import io
-import pstats
 import json
+import pstats
 import socket
 import statistics
 import sys

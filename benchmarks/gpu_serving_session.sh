@@ -85,7 +85,8 @@ mamba3_peer() {
 
 engine_knobs() {
     # paced arrival at 128 / 256 / 512 streams: what a model call costs the engine process (calls a round
-    # fall with --batch-wait-ms) against what an inbound message costs (messages fall with --flush-us)
+    # fall with --batch-wait-ms) against what an inbound message costs (messages fall with --flush-us);
+    # the baseline runs first and last (the host's drift between runs)
     for knobs in "--batch-wait-ms 0" "--batch-wait-ms 4" "--flush-us 2000" "--batch-wait-ms 0"; do
         echo "== engine process, paced over 20 ms, $knobs"
         timeout 50 python benchmarks/bench_engine_process.py --device cuda --streams 128,256,512 --rounds 60 \
