@@ -342,6 +342,8 @@ for kernel, variants in (
         (chunk_scan_bwd._chunk_scan_bwd_dx_kernel, [(dict(ATOMIC=False), BWD), (dict(ATOMIC=True), BWD | {"p_dB"})])):
     fn = kernel.fn  # the JITFunction under the autotuner
     for cfg in kernel.configs:  # every config autotuning may pick: one that fails to compile is silently dropped
+        if kernel.fn.__module__ == chunk_scan_bwd.__name__:  # dD_part has a row of partials per 32-row block
+            assert cfg.kwargs["BLOCK_T"] >= chunk_scan_bwd._GPU_MIN_BLOCK_T, (kernel.fn.__name__, cfg)
         for half, prec, (meta, fp32) in [("*bf16", "tf32", v) for v in variants] + [("*fp32", "ieee", variants[0])]:
             consts = {a: v for a, v in {**SHAPE, **meta, **cfg.kwargs, "DOT_PREC": prec}.items() if a in fn.arg_names}
             sig = {a: "constexpr" if a in consts else INT.get(a) or (
@@ -354,7 +356,8 @@ for kernel, variants in (
 
 def test_kernels_compile_for_sm90():
     """The chunk-scan kernels, the C.B kernel they read and the one-pass forward compile to
-    sm_90 binaries in every autotune config, bf16 and fp32, within the H100's shared memory (no
+    sm_90 binaries in every autotune config, bf16 and fp32, within the H100's shared memory, and
+    no backward config has fewer rows than dD_part's blocks assume (no
     GPU needed: Triton cross-compiles with its bundled ptxas; the interpreter runs none of the
     GPU pipeline)."""
     assert_script_compiles_for_sm90(SM90_COMPILE)

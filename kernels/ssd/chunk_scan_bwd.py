@@ -31,16 +31,26 @@ from streamssm.kernels.ssd.chunk_state import dot_precision
 from streamssm.kernels.ssd.chunks import ChunkLayout
 
 
-# (BLOCK_T rows of the program, BLOCK_I steps per inner-loop tile, warps, stages). 32-row tiles with
-# 8 warps do not spill on sm_90 at N <= 128 (ptxas -v); the others trade spills for two blocks per
-# SM; 64 rows feed Hopper's m64 warpgroup MMA. Autotuning reruns the kernels: the accumulated
-# outputs are restored. Interpreter: unequal tiles, so the tests cover both orders.
-_CONFIGS = [
-    triton.Config({"BLOCK_T": bt, "BLOCK_I": bi}, num_warps=w, num_stages=s)
-    for bt, bi, w, s in [(32, 32, 8, 2), (32, 32, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2)]
-]
+# (BLOCK_T rows of the program, BLOCK_I steps per inner-loop tile, warps, stages), per kernel. 32-row
+# tiles with 8 warps do not spill on sm_90 at N <= 128 (ptxas -v); the others trade spills for two
+# blocks per SM; 64 rows feed Hopper's m64 warpgroup MMA. The lists hold the best of a 54-config
+# sweep per kernel at S1 (H100, 2026-12-06, .peers/exp/ssd_bwd_sweep.py): dx 1.67 -> 1.28 ms with one
+# stage instead of two, dC 0.81 -> 0.77 ms with 16-step inner tiles and three stages; the earlier
+# shared list stays in both for other shapes. Every BLOCK_T >= _GPU_MIN_BLOCK_T.
+# Autotuning reruns the kernels: the accumulated outputs are restored. Interpreter: unequal tiles,
+# so the tests cover both orders.
+_SHARED = [(32, 32, 8, 2), (32, 32, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2)]
+_DC_TILES = _SHARED + [(64, 16, 4, 3), (64, 32, 4, 3), (128, 32, 8, 3)]
+_DX_TILES = _SHARED + [(64, 32, 4, 1), (128, 32, 8, 1), (64, 16, 4, 1)]
+
+
+def _configs(tiles: list[tuple[int, int, int, int]]) -> list:
+    return [triton.Config({"BLOCK_T": bt, "BLOCK_I": bi}, num_warps=w, num_stages=s) for bt, bi, w, s in tiles]
+
+
 _INTERPRET_CONFIG = triton.Config({"BLOCK_T": 16, "BLOCK_I": 32})
-_MIN_BLOCK_T = 16 if interpreting() else 32
+_GPU_MIN_BLOCK_T = 32  # the fewest rows of any GPU config: dD_part holds a row of partials per block
+_MIN_BLOCK_T = 16 if interpreting() else _GPU_MIN_BLOCK_T
 _KEY = ["H", "P", "N", "CHUNK", "heads_per_prog", "DOT_PREC", "ATOMIC"]
 
 
@@ -63,7 +73,7 @@ def _bwd_program(p_cstart, p_clen, P, N, heads_per_group, heads_per_prog,
             o_t, o_t < clen, o_p, o_p < P, o_n, o_n < N)
 
 
-@triton.autotune(configs=autotune_configs(_CONFIGS, _INTERPRET_CONFIG), key=_KEY,
+@triton.autotune(configs=autotune_configs(_configs(_DC_TILES), _INTERPRET_CONFIG), key=_KEY,
                  restore_value=["p_dC"])
 @triton.jit
 def _chunk_scan_bwd_dc_kernel(
@@ -130,7 +140,7 @@ def _chunk_scan_bwd_dc_kernel(
         tl.store(p_dC + o_dC, acc_dC.to(p_dC.dtype.element_ty), mask=m_tn)
 
 
-@triton.autotune(configs=autotune_configs(_CONFIGS, _INTERPRET_CONFIG), key=_KEY,
+@triton.autotune(configs=autotune_configs(_configs(_DX_TILES), _INTERPRET_CONFIG), key=_KEY,
                  restore_value=["p_ddA_cs", "p_ddA_last", "p_dB"], reset_to_zero=["p_dD_part"])
 @triton.jit
 def _chunk_scan_bwd_dx_kernel(
