@@ -3,7 +3,7 @@ Python process (one GIL) spends on every chunk between the worker links and the 
 
     python benchmarks/bench_engine_process.py [--streams 256,512] [--samples 320] [--workers 4]
                                               [--rounds 30] [--device cpu|cuda] [--pace-ms 0] [--flush-us 500]
-                                              [--batch-wait-ms 0] [--profile N]
+                                              [--batch-wait-ms 0] [--pipeline-fill 0.5] [--profile N]
 
 The engine process runs as ``serve --workers`` runs it (MultiProcessServer: its worker links,
 relays, Scheduler and Streamer), with the model call replaced by a zero-time stand-in (the
@@ -22,6 +22,7 @@ round (slowest worker). A worker batches the chunks it forwards in one event-loo
 arrive spread over time: ``--pace-ms 20`` spreads each fake worker's round over 20 ms, one chunk
 per loop iteration (as clients at real-time pace with random phases); 0 sends a round at once, in
 one message, which flatters the submit side. ``--batch-wait-ms``: the server's ``--batch-wait``;
+``--pipeline-fill``: the server's ``--pipeline-fill`` (on CUDA, where calls stay in flight);
 ``--profile N``: the event loop's N costliest functions under cProfile over the rounds. On the
 GPU server at 20 ms chunks, N clients need N x 50 chunks/s: the engine process stays real time
 while CPU us/chunk x N x 50 stays well under 1 s/s.
@@ -129,9 +130,10 @@ class WaitClock:
 
 
 async def measure(ckpt: Path, streams: int, samples: int, workers: int, rounds: int, device: str,
-                  pace_us: int, flush_us: int, batch_wait: float, profile: cProfile.Profile | None = None) -> dict:
+                  pace_us: int, flush_us: int, engine: dict, profile: cProfile.Profile | None = None) -> dict:
+    """One run; ``engine``: the ServeConfig settings of the engine under test (batch_wait, pipeline_fill)."""
     cfg = ServeConfig(workers=workers, max_streams=streams, queue_depth=4, prepare=False, device=device,
-                      engine="eager", batch_wait=batch_wait)
+                      engine="eager", **engine)
     server = MultiProcessServer(load_for_serving(ckpt), cfg)
     await server.backend.start()
     server.backend.streamer._calls = stand_in(VOCAB, streams, samples, device)
@@ -188,6 +190,8 @@ def main(argv=None) -> int:
                    help="print the event loop's N costliest functions (cProfile, own time) over the rounds")
     p.add_argument("--batch-wait-ms", type=float, default=0.0,
                    help="serve --batch-wait: how long the idle engine waits for more streams' chunks (ms)")
+    p.add_argument("--pipeline-fill", type=float, default=0.5,
+                   help="serve --pipeline-fill: streams pending per stream in flight before the next call goes out")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -200,8 +204,9 @@ def main(argv=None) -> int:
         for n in args.streams.split(","):
             profile = cProfile.Profile() if args.profile else None
             table.add(**asyncio.run(measure(ckpt, int(n), args.samples, args.workers, args.rounds, args.device,
-                                            round(args.pace_ms * 1e3), args.flush_us, args.batch_wait_ms * 1e-3,
-                                            profile)))
+                                            round(args.pace_ms * 1e3), args.flush_us,
+                                            dict(batch_wait=args.batch_wait_ms * 1e-3,
+                                                 pipeline_fill=args.pipeline_fill), profile)))
             if profile is not None:
                 text = io.StringIO()
                 pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(args.profile)
@@ -209,7 +214,8 @@ def main(argv=None) -> int:
                       f"({int(n) * args.rounds} chunks):{text.getvalue()}")
     pace = f"rounds paced over {args.pace_ms:g} ms" if args.pace_ms else "rounds sent at once"
     print(f"\nengine process of serve --workers {args.workers} on {args.device}, model replaced by a zero-time stand-in, "
-          f"{args.samples}-token chunks, {args.rounds} rounds ({pace}, workers' flush delay {args.flush_us} us, batch wait {args.batch_wait_ms:g} ms)")
+          f"{args.samples}-token chunks, {args.rounds} rounds ({pace}, workers' flush delay {args.flush_us} us, batch wait {args.batch_wait_ms:g} ms, "
+          f"pipeline fill {args.pipeline_fill:g})")
     print(table.markdown())
     return 0
 

@@ -83,7 +83,8 @@ def start_server(ckpt: Path, args) -> tuple[subprocess.Popen, int, list[str]]:
            "--queue-depth", "4", "--idle-timeout", "60", "--resume-ttl", "0"]
     cmd += ["--batching", args.batching, "--engine", args.engine, "--prepare", str(args.prepare).lower(),
             "--event-loop", args.event_loop, "--slice-samples", str(args.slice_samples),
-            "--batch-wait", str(args.batch_wait), "--workers", str(args.workers)]
+            "--batch-wait", str(args.batch_wait), "--pipeline-fill", str(args.pipeline_fill),
+            "--workers", str(args.workers)]
     if args.server_threads:
         cmd += ["--threads", str(args.server_threads)]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
@@ -321,6 +322,7 @@ def main(argv=None) -> int:
     p.add_argument("--event-loop", default="auto", choices=("auto", "asyncio", "uvloop"), help="serve --event-loop")
     p.add_argument("--slice-samples", type=int, default=640, help="serve --slice-samples")
     p.add_argument("--batch-wait", type=float, default=0.0, help="serve --batch-wait (seconds)")
+    p.add_argument("--pipeline-fill", type=float, default=0.5, help="serve --pipeline-fill")
     p.add_argument("--server-threads", type=int, default=None, help="torch threads of the server process")
     p.add_argument("--engine", default="auto", choices=("auto", "eager", "graphs", "compiled"),
                    help="the server's engine (serve --engine)")

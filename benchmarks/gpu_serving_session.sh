@@ -10,6 +10,7 @@
 #     bash benchmarks/gpu_serving_session.sh mamba3    # ~7 min: Mamba-3 GPU tests; Mamba-3 vs Mamba-2 at S1, chunk 64
 #     bash benchmarks/gpu_serving_session.sh mamba3_peer  # ~8 min: the op beside mamba-ssm's Mamba-3 (its autotuning: minutes)
 #     bash benchmarks/gpu_serving_session.sh engine_knobs  # ~4 min: engine-process CPU per chunk (paced) vs streams, batch wait, flush delay
+#     bash benchmarks/gpu_serving_session.sh pipeline_fill  # ~9 min: engine process and service --workers 4 vs --pipeline-fill
 #     BASE_SITE=/tmp/base_site bash benchmarks/gpu_serving_session.sh engine_pair
 #                                                      # ~3 min: engine-process CPU per chunk, a base install vs this tree
 #
@@ -97,6 +98,24 @@ engine_knobs() {
         --profile 30 2>&1 | grep -v Warning | tee -a "$OUT/engine_knobs.md"
 }
 
+pipeline_fill() {
+    # under load the engine is never idle, so --batch-wait never applies: the pipeline rule decides the
+    # calls' size (call k + 1 goes out while k runs once pipeline_fill x k's streams have samples pending);
+    # engine_knobs (2026-12-06): a call costs the engine process ~0.6 ms of host CPU, and the service at
+    # 320 clients ran ~35 streams a call
+    for fill in 0.5 1 2; do
+        echo "== engine process, paced over 20 ms, --pipeline-fill $fill"
+        timeout 40 python benchmarks/bench_engine_process.py --device cuda --streams 256,512 --rounds 60 \
+            --pace-ms 20 --pipeline-fill $fill 2>&1 | grep -E '^[|]'
+    done | tee "$OUT/pipeline_fill.md"
+    for fill in 0.5 1; do
+        echo "== service --workers 4, --pipeline-fill $fill"
+        timeout 230 python benchmarks/bench_service.py --model d512 --device cuda --dtype bfloat16 --engine graphs \
+            --prepare --workers 4 --clients 320,384 --repeats 2 --client-procs 12 --seconds 3 --max-wall 180 --all \
+            --pipeline-fill $fill | tee -a "$OUT/pipeline_fill.md"
+    done
+}
+
 engine_pair() {
     # BASE_SITE: an install of the code to compare (pip install --target); BASE_BENCH: its bench_engine_process.py,
     # a path from the repository root
@@ -122,8 +141,9 @@ case "$part" in
     mamba3) mamba3 ;;
     mamba3_peer) mamba3_peer ;;
     engine_knobs) engine_knobs ;;
+    pipeline_fill) pipeline_fill ;;
     engine_pair) engine_pair ;;
     all) tests; conv_tests; kernels; serving ;;
-    *) echo "usage: $0 [tests|conv_tests|kernels|serving|mamba3|mamba3_peer|engine_knobs|engine_pair|all]" >&2; exit 2 ;;
+    *) echo "usage: $0 [tests|conv_tests|kernels|serving|mamba3|mamba3_peer|engine_knobs|pipeline_fill|engine_pair|all]" >&2; exit 2 ;;
 esac
 echo "== tables in $OUT"

@@ -31,7 +31,7 @@ class LocalBackend:
         self.store = ResumeStore(cfg.resume_ttl, cfg.state_dir, cfg.max_parked, cfg.max_parked_bytes)
         self.streamer = Streamer(bundle.model, cfg.max_streams, cfg.device, DTYPES[cfg.dtype], cfg.engine)
         self.scheduler = Scheduler(self.streamer, cfg.queue_depth, self.metrics, cfg.batching, cfg.slice_samples,
-                                   cfg.batch_wait)
+                                   cfg.batch_wait, cfg.pipeline_fill)
         self.tokens = StreamTokens()
 
     async def start(self) -> None:

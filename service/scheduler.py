@@ -238,17 +238,25 @@ class Scheduler(StreamQueues):
     ``batching`` picks how many pending samples per stream one call takes (:meth:`_gather`).
     ``batch_wait`` (seconds): how long the idle engine may wait for the streams that have
     nothing pending before it calls the model (:meth:`_wait_for_more`; 0: it never waits).
+    ``pipeline_fill``: while a call is in flight, the next goes out before it is collected only
+    when at least ``pipeline_fill`` streams per stream of the call in flight have samples pending
+    (:meth:`_run`; 0.5: half as many). Larger: fewer, bigger calls while the device is busy (each
+    call costs the engine process a fixed share of host CPU); ``batch_wait`` never applies then.
     ``metrics`` (optional) receives ``observe_batch(streams, samples, seconds)`` and
     ``observe_chunks(latencies_s)`` calls on the event loop.
     """
 
     def __init__(self, streamer: Streamer, queue_depth: int = 8, metrics: Any = None,
-                 batching: str = "uniform", slice_samples: int = 640, batch_wait: float = 0.0):
+                 batching: str = "uniform", slice_samples: int = 640, batch_wait: float = 0.0,
+                 pipeline_fill: float = 0.5):
         if queue_depth < 1:
             raise ConfigError(f"queue_depth must be >= 1, got {queue_depth}")
         if not batch_wait >= 0:
             raise ConfigError(f"batch_wait must be >= 0 seconds, got {batch_wait}")
         self.batch_wait = batch_wait
+        if not pipeline_fill >= 0:
+            raise ConfigError(f"pipeline_fill must be >= 0, got {pipeline_fill}")
+        self.pipeline_fill = pipeline_fill
         if batching not in ("uniform", "greedy"):
             raise ConfigError(f"batching must be 'uniform' or 'greedy', got {batching!r}")
         if slice_samples < 1:
@@ -410,9 +418,9 @@ class Scheduler(StreamQueues):
         """Gather, launch, and collect the previous call: call k + 1 is prepared and queued on the
         device while call k runs, so the host's per-call work hides behind the device's (CUDA;
         on the CPU a launch computes, and the pipeline only reorders the same work). Call k + 1
-        goes out early only while streams are backlogged (at least half as many have samples
-        pending as call k holds); otherwise the engine collects call k first and the streams'
-        next chunks gather into one larger call, as a call's fixed cost wants."""
+        goes out early only while streams are backlogged (at least ``pipeline_fill`` times as many
+        have samples pending as call k holds); otherwise the engine collects call k first and the
+        streams' next chunks gather into one larger call, as a call's fixed cost wants."""
         in_flight: _Launched | None = None
         launched: _Launched | None = None
         try:
@@ -423,7 +431,7 @@ class Scheduler(StreamQueues):
                     if self.batch_wait > 0:
                         await self._wait_for_more()
                 # len(_ready): an upper bound on the streams with samples pending (_gather drops those without)
-                if in_flight is None or 2 * len(self._ready) >= len(in_flight.batch):
+                if in_flight is None or len(self._ready) >= self.pipeline_fill * len(in_flight.batch):
                     batch = self._gather()
                 else:
                     batch = {}

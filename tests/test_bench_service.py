@@ -26,7 +26,7 @@ def test_bench_service_repeats_each_n_over_real_websockets(capsys):
     import bench_service
 
     assert bench_service.main(["--model", "tiny", "--clients", "1,2", "--seconds", "1", "--repeats", "2",
-                               "--all", "--max-wall", "300"]) == 0
+                               "--all", "--max-wall", "300", "--pipeline-fill", "1"]) == 0  # serve takes it
     out = capsys.readouterr().out
     rows = [line.split("|")[1:4] for line in out.splitlines() if re.match(r"^\| \d", line)]
     assert [(int(n), int(run)) for n, run, _ in rows] == [(1, 1), (1, 2), (2, 1), (2, 2)]

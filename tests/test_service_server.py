@@ -557,6 +557,19 @@ def test_batch_wait_is_bounded():
         Scheduler(None, batch_wait=float("nan"))
 
 
+def test_pipeline_fill_is_bounded():
+    from streamssm.errors import ConfigError
+    from streamssm.service.config import ServeConfig
+    from streamssm.service.scheduler import Scheduler
+
+    for bad in (-0.5, 100.0, float("nan")):
+        with pytest.raises(ConfigError, match="pipeline_fill must be 0..64"):
+            ServeConfig(pipeline_fill=bad)
+    with pytest.raises(ConfigError, match="pipeline_fill must be >= 0"):
+        Scheduler(None, pipeline_fill=float("nan"))
+    assert ServeConfig(pipeline_fill=2.0).pipeline_fill == 2.0
+
+
 async def test_backpressure_slows_only_the_stream_that_does_not_drain(ckpts):
     from streamssm.service.scheduler import Chunk, Scheduler
 
@@ -678,16 +691,22 @@ async def test_engine_launches_the_next_call_before_collecting_the_previous(ckpt
     torch.testing.assert_close(sent[0], expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backlogged, expected", [
-    (1, [("launch", 0), ("collect", 0), ("launch", 1), ("collect", 1)]),  # 1 of 4 streams: one bigger call later
-    (2, [("launch", 0), ("launch", 1), ("collect", 0), ("collect", 1)]),  # 2 of 4: launched before collecting
+EARLY = [("launch", 0), ("launch", 1), ("collect", 0), ("collect", 1)]  # launched before collecting
+LATE = [("launch", 0), ("collect", 0), ("launch", 1), ("collect", 1)]  # collected first: one bigger call later
+
+
+@pytest.mark.parametrize("fill, backlogged, expected", [
+    (0.5, 1, LATE),  # the default: 1 of 4 streams is not enough
+    (0.5, 2, EARLY),  # 2 of 4 are
+    (1.0, 2, LATE),  # serve --pipeline-fill 1: as many streams as the call in flight holds
+    (1.0, 4, EARLY),
 ])
-async def test_next_call_goes_out_early_only_while_streams_are_backlogged(ckpts, backlogged, expected):
+async def test_next_call_goes_out_early_only_while_streams_are_backlogged(ckpts, fill, backlogged, expected):
     from streamssm.service.scheduler import Chunk, Scheduler
 
     streamer = _streamer(ckpts["dna"])
     calls = _LoggedCalls(streamer)
-    sched, sent = Scheduler(streamer, queue_depth=4), []
+    sched, sent = Scheduler(streamer, queue_depth=4, slice_samples=3, pipeline_fill=fill), []  # a chunk a call
     await sched.start()
     try:
         sids = [await _open(sched, sent, i) for i in range(4)]
