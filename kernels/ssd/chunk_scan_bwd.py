@@ -34,7 +34,7 @@ from streamssm.kernels.ssd.chunks import ChunkLayout
 # (BLOCK_T rows of the program, BLOCK_I steps per inner-loop tile, warps, stages), per kernel. 32-row
 # tiles with 8 warps do not spill on sm_90 at N <= 128 (ptxas -v); the others trade spills for two
 # blocks per SM; 64 rows feed Hopper's m64 warpgroup MMA. The lists hold the best of a 54-config
-# sweep per kernel at S1 (H100, 2026-12-06, .peers/exp/ssd_bwd_sweep.py): dx 1.67 -> 1.28 ms with one
+# sweep per kernel at S1 (H100, 2026-12-06, benchmarks/sweep_ssd_configs.py): dx 1.67 -> 1.28 ms with one
 # stage instead of two, dC 0.81 -> 0.77 ms with 16-step inner tiles and three stages; the earlier
 # shared list stays in both for other shapes. Every BLOCK_T >= _GPU_MIN_BLOCK_T.
 # Autotuning reruns the kernels: the accumulated outputs are restored. Interpreter: unequal tiles,
