@@ -143,7 +143,8 @@ class QueueSlots:
             self._drains.clear()
 
     async def drain(self) -> None:
-        """Wait until every chunk submitted so far has been answered."""
+        """Wait until no chunk is unanswered: chunks submitted meanwhile are waited for too, so
+        callers stop the submits first (a closing stream takes no more)."""
         if self.unanswered <= 0:
             return
         drained = asyncio.get_running_loop().create_future()
