@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rep", type=int, default=100, help="do_bench measuring time (ms)")
     parser.add_argument("--chunks", default=str(CHUNK), help="comma-separated chunk lengths of every row")
     parser.add_argument("--peer", action="store_true", help="op rows of mamba-ssm's Mamba-3 and ours at chunk 64")
-    parser.add_argument("--profile", default="", help="shapes whose Mamba-3 op fwd+bwd to profile kernel by kernel")
+    parser.add_argument("--profile", default="",
+                        help="shapes whose layer forwards (both blocks) and Mamba-3 op fwd+bwd to profile kernel by kernel")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -187,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(dict(level="layer", shape=name, kernel=kind, chunk=chunk, tokens=tokens,
                                  **measure(*layer_fns(block, u), args.warmup, args.rep)))
                 print(rows[-1], flush=True)
+                if chunk == chunks[0] and name in args.profile.split(","):
+                    print(f"{name}: GPU kernels of 3 forwards of the {kind} layer at chunk {chunk}:\n"
+                          + kernel_profile(layer_fns(block, u)[0], top=16), flush=True)
             del layers, u
         if "op" in args.levels:
             t = op_inputs(shape, device)
