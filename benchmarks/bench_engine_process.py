@@ -214,8 +214,8 @@ def main(argv=None) -> int:
                       f"({int(n) * args.rounds} chunks):{text.getvalue()}")
     pace = f"rounds paced over {args.pace_ms:g} ms" if args.pace_ms else "rounds sent at once"
     print(f"\nengine process of serve --workers {args.workers} on {args.device}, model replaced by a zero-time stand-in, "
-          f"{args.samples}-token chunks, {args.rounds} rounds ({pace}, workers' flush delay {args.flush_us} us, batch wait {args.batch_wait_ms:g} ms, "
-          f"pipeline fill {args.pipeline_fill:g})")
+          f"{args.samples}-token chunks, {args.rounds} rounds ({pace}, workers' flush delay {args.flush_us} us, "
+          f"batch wait {args.batch_wait_ms:g} ms, pipeline fill {args.pipeline_fill:g})")
     print(table.markdown())
     return 0
 

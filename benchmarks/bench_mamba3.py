@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunks", default=str(CHUNK), help="comma-separated chunk lengths of every row")
     parser.add_argument("--peer", action="store_true", help="op rows of mamba-ssm's Mamba-3 and ours at chunk 64")
     parser.add_argument("--profile", default="",
-                        help="shapes whose layer forwards (both blocks) and Mamba-3 op fwd+bwd to profile kernel by kernel")
+                        help="shapes whose layer forwards (both blocks) and Mamba-3 op fwd+bwd to profile, "
+                             "kernel by kernel")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

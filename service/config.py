@@ -89,7 +89,8 @@ class ServeConfig:
             problems.append(f"batch_wait must be 0..1 seconds (every stream waits it whenever one pauses), "
                             f"got {self.batch_wait}")
         if not 0 <= self.pipeline_fill <= 64:
-            problems.append(f"pipeline_fill must be 0..64 (streams pending per stream in flight), got {self.pipeline_fill}")
+            problems.append(f"pipeline_fill must be 0..64 (streams pending per stream in flight), "
+                            f"got {self.pipeline_fill}")
         if self.write_ahead_interval <= 0:
             problems.append(f"write_ahead_interval must be > 0 seconds, got {self.write_ahead_interval}")
         if self.token is not None and not self.token.strip():
