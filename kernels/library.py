@@ -164,23 +164,24 @@ def _(x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size, dt_softplus, cu_
 
 
 @custom_op("streamssm::ssd_scan_bwd", mutates_args=())
-def ssd_scan_bwd(dout: Tensor, dfinal: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+def ssd_scan_bwd(dout: Tensor, dfinal: Tensor | None, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
                  D: Tensor | None, z: Tensor | None, dt_bias: Tensor | None, dt_out: Tensor, dA_cs: Tensor,
                  states: Tensor, y: Tensor, chunk_size: int, dt_softplus: bool, cu_seqlens: Tensor | None,
                  has_init: bool, input_weight: Tensor | None
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit, dinput_weight in their inputs'
-    dtypes (absent ones empty)."""
+    """Gradients dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit (fp32), dinput_weight in their
+    inputs' dtypes (absent ones empty); ``dfinal`` None when the final state got no gradient."""
     grads = _ssd_scan_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_out, dA_cs, states, _present(y),
                           chunk_size, dt_softplus, cu_seqlens, has_init, input_weight)
-    like = (x, dt, A, B, C, D, z, dt_bias, dfinal, input_weight)
+    like = (x, dt, A, B, C, D, z, dt_bias, states, input_weight)
     return tuple(_absent(x) if g is None else g.to(ref.dtype).contiguous() for g, ref in zip(grads, like))
 
 
 @register_fake("streamssm::ssd_scan_bwd")
 def _(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_out, dA_cs, states, y, chunk_size, dt_softplus, cu_seqlens,
       has_init, input_weight):
-    like = (x, dt, A, B, C, D, z, dt_bias, dfinal if has_init else None, input_weight)
+    dinit = states.new_empty(num_sequences(x, cu_seqlens), *states.shape[1:]) if has_init else None
+    like = (x, dt, A, B, C, D, z, dt_bias, dinit, input_weight)
     return tuple(x.new_empty(0) if t is None else t.new_empty(t.shape) for t in like)
 
 
@@ -188,10 +189,16 @@ def _ssd_setup(ctx, inputs, output):
     x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size, dt_softplus, cu_seqlens, input_weight = inputs
     ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, cu_seqlens, input_weight, *output[2:])
     ctx.chunk_size, ctx.dt_softplus, ctx.has_init = chunk_size, dt_softplus, initial_state is not None
+    # gradients of unused outputs arrive as None, not zeros: the kept outputs (dt_out, dA_cs and
+    # the (T, h, p, n) fp32 states, 96 MiB at S1) never get one, and zeros of them lived through
+    # the whole backward (S1 fwd+bwd peak 0.446 -> 0.576 GiB with the fp32 C.B)
+    ctx.set_materialize_grads(False)
 
 
 def _ssd_backward(ctx, dout, dfinal, *_kept):
     x, dt, A, B, C, D, z, dt_bias, cu_seqlens, input_weight, dt_out, dA_cs, states, y = ctx.saved_tensors
+    if dout is None:  # only the final state was used
+        dout = torch.zeros_like(x)
     dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit, dw = ssd_scan_bwd(
         dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_out, dA_cs, states, y, ctx.chunk_size, ctx.dt_softplus,
         cu_seqlens, ctx.has_init, input_weight)

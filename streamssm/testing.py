@@ -1,13 +1,17 @@
 """Per-dtype tolerances and the one ``assert_close`` used by every kernel and parity test; the
-runner of the kernels' sm_90 cross-compile scripts."""
+runner of the kernels' sm_90 cross-compile scripts; the peak of tensor memory a call allocates."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import weakref
+from typing import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 #: (rtol, atol) per dtype of the *inputs* of the computation under test.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
@@ -102,3 +106,45 @@ def assert_script_compiles_for_sm90(script: str, *args: str) -> None:
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     done = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+class _LiveStorages(TorchDispatchMode):
+    """Bytes of the storages that ops create while active, each counted until it is freed
+    (a finalizer on its UntypedStorage); ``peak`` is the most alive at once. The project's
+    custom ops (``streamssm::``) run their implementation under the mode, so their temporaries
+    count too."""
+
+    def __init__(self, known: set[int]):
+        super().__init__()
+        self.known, self.live, self.now, self.peak = known, {}, 0, 0
+
+    def _freed(self, key: int) -> None:
+        self.now -= self.live.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "streamssm":
+            with self:
+                out = func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **kwargs)
+        else:
+            out = func(*args, **kwargs)
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = id(storage)
+                if key in self.known or key in self.live or storage.nbytes() == 0:
+                    continue
+                self.live[key] = storage.nbytes()
+                self.now += storage.nbytes()
+                self.peak = max(self.peak, self.now)
+                weakref.finalize(storage, self._freed, key)
+        return out
+
+
+def peak_bytes_allocated(fn: Callable[[], object], *existing: torch.Tensor) -> int:
+    """Peak bytes of CPU tensor storage alive at once during ``fn()`` that it allocated (storages
+    of ``existing`` tensors, e.g. the inputs, are not counted even when ``fn`` views them)."""
+    mode = _LiveStorages({id(t.untyped_storage()) for t in existing})
+    with mode:
+        fn()
+    return mode.peak

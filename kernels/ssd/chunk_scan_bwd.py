@@ -255,6 +255,9 @@ def _chunk_scan_bwd(x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, cb: torch
 
     x, dy (L, H, P); B, C (L, G, N); cb (T, G, Q, Q) from ``_chunk_cb_fwd``. Returns (dx, dB, dC,
     ddA_cs (T, H, Q), ddt_direct (T, H, Q), dD or None); ``ddA_last`` (T, H) gets the chunk-end terms added in place.
+    dB and dC are fp32 when a group's heads are split over programs (atomics), else in B's and C's
+    dtypes: the caller casts them once its own temporaries are freed, so that the casts' copies do
+    not add to the backward's peak memory (they did at S1: 16 MiB).
     """
     L, H, P = x.shape
     G, N = B.shape[1], B.shape[2]
@@ -293,8 +296,6 @@ def _chunk_scan_bwd(x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, cb: torch
         CHUNK=Q, BLOCK_P=block_p, BLOCK_N=block_n,
         HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, DOT_PREC=prec, ATOMIC=atomic,
     )
-    if atomic:
-        dB, dC = dB.to(B.dtype), dC.to(C.dtype)
     dD = None
     if D is not None:
         dD = dD_part.sum(0)  # (H, P)

@@ -56,7 +56,8 @@ def _ssd_scan_fwd(x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size, dt_s
 def _ssd_scan_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_out, dA_cs, prev_states, y, chunk_size,
                   dt_softplus, cu_seqlens, has_init, w=None):
     """Backward launches from the forward's kept tensors. Returns dx, ddt, dA, dB, dC, dD, dz,
-    ddt_bias, dinit, dw shaped like their inputs (dz, dinit, dw None without z, initial state, w)."""
+    ddt_bias, dinit, dw shaped like their inputs (dz, dinit, dw None without z, initial state, w);
+    dB and dC may be fp32 (the caller casts them, after this function's temporaries are freed)."""
     b, l, h, p = x.shape
     layout = chunk_layout(b, l, chunk_size, cu_seqlens, x.device)
     x2, dt2, B2, C2, z2, w2 = (_packed(t) for t in (x, dt, B, C, z, w))
