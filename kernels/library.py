@@ -82,11 +82,12 @@ def _(u, delta, A, B4, C4, D, z, delta_bias, softplus, initial_state, store_ckpt
 
 
 @custom_op("streamssm::selective_scan_bwd", mutates_args=())
-def selective_scan_bwd(dy: Tensor, dfinal: Tensor, u: Tensor, delta: Tensor, A: Tensor, B4: Tensor, C4: Tensor,
+def selective_scan_bwd(dy: Tensor, dfinal: Tensor | None, u: Tensor, delta: Tensor, A: Tensor, B4: Tensor, C4: Tensor,
                        D: Tensor | None, z: Tensor | None, delta_bias: Tensor | None, softplus: bool, ckpt: Tensor,
                        segments: int | None, chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                                                                   Tensor, Tensor, Tensor]:
-    """Gradients du, ddelta, dA, dB4, dC4 (fp32), dD, dz (empty without z), dbias, dh0."""
+    """Gradients du, ddelta, dA, dB4, dC4 (fp32), dD, dz (empty without z), dbias, dh0; ``dfinal``
+    None when the final state got no gradient."""
     du, ddelta, dA, dB4, dC4, dD, dz, dbias, dh0 = _selective_scan_bwd(
         dy, dfinal, u, delta, A, B4, C4, D, z, delta_bias, softplus, ckpt, segments, chunk)
     return du, ddelta, dA, dB4.contiguous(), dC4.contiguous(), dD, dz if dz is not None else _absent(du), dbias, dh0
@@ -107,10 +108,13 @@ def _selective_scan_setup(ctx, inputs, output):
     ctx.save_for_backward(u, delta, A, B4, C4, D, z, delta_bias, output[2])
     ctx.softplus, ctx.segments, ctx.chunk = softplus, segments, chunk
     ctx.has_h0 = initial_state is not None
+    ctx.set_materialize_grads(False)  # as _ssd_setup: no zeros of the kept checkpoints (b, l/chunk, d, n) fp32
 
 
 def _selective_scan_backward(ctx, dy, dfinal, _dckpt):
     u, delta, A, B4, C4, D, z, delta_bias, ckpt = ctx.saved_tensors
+    if dy is None:  # only the final state was used
+        dy = torch.zeros_like(u, memory_format=torch.contiguous_format)
     du, ddelta, dA, dB4, dC4, dD, dz, dbias, dh0 = selective_scan_bwd(
         dy, dfinal, u, delta, A, B4, C4, D, z, delta_bias, ctx.softplus, ckpt, ctx.segments, ctx.chunk)
     return (du, ddelta, dA, dB4.to(B4.dtype), dC4.to(C4.dtype), dD if D is not None else None, _present(dz),
