@@ -3,6 +3,7 @@ runner of the kernels' sm_90 cross-compile scripts; the peak of tensor memory a 
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -143,8 +144,19 @@ class _LiveStorages(TorchDispatchMode):
 
 def peak_bytes_allocated(fn: Callable[[], object], *existing: torch.Tensor) -> int:
     """Peak bytes of CPU tensor storage alive at once during ``fn()`` that it allocated (storages
-    of ``existing`` tensors, e.g. the inputs, are not counted even when ``fn`` views them)."""
+    of ``existing`` tensors, e.g. the inputs, are not counted even when ``fn`` views them).
+
+    Runs under Python's default collection thresholds: Triton's interpreter leaves each launch's
+    argument closures as cyclic garbage that holds the kernel's tensors until a collection, so the
+    peak depends on how often the collector runs (the service's engine raises the threshold
+    process-wide: ``LocalBackend.start``, and a service test before this one in the same process)."""
+    threshold = gc.get_threshold()
+    gc.collect()
+    gc.set_threshold(700, 10, 10)
     mode = _LiveStorages({id(t.untyped_storage()) for t in existing})
-    with mode:
-        fn()
+    try:
+        with mode:
+            fn()
+    finally:
+        gc.set_threshold(*threshold)
     return mode.peak
