@@ -11,6 +11,7 @@
 #     bash benchmarks/gpu_serving_session.sh mamba3_peer  # ~8 min: the op beside mamba-ssm's Mamba-3 (its autotuning: minutes)
 #     bash benchmarks/gpu_serving_session.sh engine_knobs  # ~4 min: engine-process CPU per chunk (paced) vs streams, batch wait, flush delay
 #     bash benchmarks/gpu_serving_session.sh pipeline_fill  # ~9 min: engine process and service --workers 4 vs --pipeline-fill
+#     bash benchmarks/gpu_serving_session.sh ssd_memory  # ~9 min: SSD S1/S2 and Mamba-1 M1 with peak memory, vs the peers
 #     BASE_SITE=/tmp/base_site bash benchmarks/gpu_serving_session.sh engine_pair
 #                                                      # ~3 min: engine-process CPU per chunk, a base install vs this tree
 #
@@ -98,6 +99,17 @@ engine_knobs() {
         --profile 30 2>&1 | grep -v Warning | tee -a "$OUT/engine_knobs.md"
 }
 
+ssd_memory() {
+    # after 8e77daf / eef81e3 (no zero gradients of the kept outputs): peak memory vs the peers, S1/S2 with
+    # the peers' rows (cold autotuning of 8 configs per SSD backward kernel: S1+S2 took > 250 s on 2026-12-06)
+    echo "== SSD: ours vs mamba-ssm vs fla at S1, S2 (graph), peak memory"
+    timeout 400 python benchmarks/bench_ssd.py --shapes S1,S2 --no-eager --out "$OUT/ssd_memory.md"
+    echo "== Mamba-1 scan at M1, peak memory (mamba-ssm CUDA's 0.290 GiB: benchmarks/README.md; MAMBA=1 builds it, ~4 min)"
+    local peers=none; [ "${MAMBA:-0}" = 1 ] && peers=mamba
+    timeout 150 python benchmarks/bench_selective_scan.py --shapes M1 --peers "$peers" --no-t32 --no-verify \
+        --out "$OUT/scan_memory.md"
+}
+
 pipeline_fill() {
     # under load the engine is never idle, so --batch-wait never applies: the pipeline rule decides the
     # calls' size (call k + 1 goes out while k runs once pipeline_fill x k's streams have samples pending);
@@ -142,8 +154,9 @@ case "$part" in
     mamba3_peer) mamba3_peer ;;
     engine_knobs) engine_knobs ;;
     pipeline_fill) pipeline_fill ;;
+    ssd_memory) ssd_memory ;;
     engine_pair) engine_pair ;;
     all) tests; conv_tests; kernels; serving ;;
-    *) echo "usage: $0 [tests|conv_tests|kernels|serving|mamba3|mamba3_peer|engine_knobs|pipeline_fill|engine_pair|all]" >&2; exit 2 ;;
+    *) echo "usage: $0 [tests|conv_tests|kernels|serving|mamba3|mamba3_peer|engine_knobs|pipeline_fill|ssd_memory|engine_pair|all]" >&2; exit 2 ;;
 esac
 echo "== tables in $OUT"
