@@ -66,18 +66,20 @@ def load_fla():
 # ----------------------------------------------------------------------------- inputs
 
 
-def make_inputs(shape: dict[str, int], seed: int = 0) -> dict[str, torch.Tensor]:
+def make_inputs(shape: dict[str, int], seed: int = 0, device: str = "cuda",
+                dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """x, dt, B, C in ``dtype``; A, D, dt_bias fp32 (one group)."""
     b, l, h, p, n = (shape[k] for k in ("batch", "length", "heads", "headdim", "dstate"))
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    bf = dict(device="cuda", dtype=torch.bfloat16)
-    dt_init = torch.exp(torch.rand(h, device="cuda", generator=g) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    g = torch.Generator(device=device).manual_seed(seed)
+    bf = dict(device=device, dtype=dtype)
+    dt_init = torch.exp(torch.rand(h, device=device, generator=g) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
     return {
         "x": torch.randn(b, l, h, p, generator=g, **bf),
-        "dt": (torch.randn(b, l, h, generator=g, device="cuda") * 0.5).bfloat16(),
-        "A": -torch.exp(torch.rand(h, device="cuda", generator=g) * math.log(16)),
+        "dt": (torch.randn(b, l, h, generator=g, device=device) * 0.5).to(dtype),
+        "A": -torch.exp(torch.rand(h, device=device, generator=g) * math.log(16)),
         "B": torch.randn(b, l, 1, n, generator=g, **bf),
         "C": torch.randn(b, l, 1, n, generator=g, **bf),
-        "D": torch.randn(h, device="cuda", generator=g),
+        "D": torch.randn(h, device=device, generator=g),
         "dt_bias": dt_init + torch.log(-torch.expm1(-dt_init)),  # inverse softplus
     }
 

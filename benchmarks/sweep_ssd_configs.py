@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 import sys
 import time
 from pathlib import Path
@@ -57,16 +56,6 @@ KERNELS = {
             {"BLOCK_M": (32,), "BLOCK_K": (16, 32), "num_warps": (4,), "num_stages": (1,)}),
 }
 TINY = dict(batch=1, length=128, heads=2, headdim=16, dstate=16)
-
-
-def tiny_inputs(shape: dict[str, int]) -> dict[str, torch.Tensor]:
-    """bench_ssd.make_inputs' tensors in fp32 on the CPU (the interpreter's run)."""
-    b, l, h, p, n = (shape[k] for k in ("batch", "length", "heads", "headdim", "dstate"))
-    g = torch.Generator().manual_seed(0)
-    return {"x": torch.randn(b, l, h, p, generator=g), "dt": torch.randn(b, l, h, generator=g) * 0.5,
-            "A": -torch.exp(torch.rand(h, generator=g) * math.log(16)),
-            "B": torch.randn(b, l, 1, n, generator=g), "C": torch.randn(b, l, 1, n, generator=g),
-            "D": torch.randn(h, generator=g), "dt_bias": torch.rand(h, generator=g) - 2.0}
 
 
 def make_step(t: dict[str, torch.Tensor], chunk: int):
@@ -201,7 +190,7 @@ def main(argv=None) -> int:
     if on_gpu:
         t, chunk, tol = make_inputs(SSD_SHAPES[args.shape]), 256, 3e-2
     else:
-        t, chunk, tol = tiny_inputs(TINY), 32, 1e-4
+        t, chunk, tol = make_inputs(TINY, device="cpu", dtype=torch.float32), 32, 1e-4
     step = make_step(t, chunk)
     ref = step()  # autotunes every kernel over its own _CONFIGS: the defaults
     if on_gpu:
