@@ -8,6 +8,7 @@ down on SIGTERM with every stream parked, and a new server resumes them.
 """
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -96,16 +97,16 @@ async def test_a_flush_delay_sends_the_chunks_of_several_loop_turns_as_one_messa
     await receiver.close()
 
 
-async def test_a_flush_delay_does_not_hold_calls_and_replies():
-    """Defect: a worker link's flush delay (for its chunks) also held its control calls (open,
-    close, snapshot) and their replies, each up to the delay. A call on a link whose flushes
-    wait 30 s is answered at once; a chunk queued before it leaves with it, in order."""
+@contextlib.asynccontextmanager
+async def _linked(worker_delay: float, engine_delay: float = 0.0):
+    """A worker link (flush delay ``worker_delay`` s) to an engine link that answers every call
+    with the sum of its arguments; yields (worker, kinds of the messages the engine got, in order)."""
     import socket
 
-    from streamssm.service.link import Link, queue_chunk
+    from streamssm.service.link import Link
 
     a, b = socket.socketpair()
-    worker, engine = await Link.over(a, flush_delay=30.0), await Link.over(b, flush_delay=30.0)
+    worker, engine = await Link.over(a, flush_delay=worker_delay), await Link.over(b, flush_delay=engine_delay)
     seen = []
 
     async def answer():
@@ -117,51 +118,43 @@ async def test_a_flush_delay_does_not_hold_calls_and_replies():
     loop = asyncio.get_running_loop()
     serving = loop.create_task(answer())
     reading = loop.create_task(anext(worker.messages(), None))  # resolves the replies
-    queue_chunk(worker, 7, 0, 0, np.zeros(4, np.int64), 0.0)
-    async with asyncio.timeout(5):
-        assert await worker.call("add", 2, 3) == 5
-    assert seen == ["chunks", "call"]
+    yield worker, seen
     await worker.close()
     await serving
     await engine.close()
     assert await reading is None
+
+
+async def test_a_flush_delay_does_not_hold_calls_and_replies():
+    """Defect: a worker link's flush delay (for its chunks) also held its control calls (open,
+    close, snapshot) and their replies, each up to the delay. A call on a link whose flushes
+    wait 30 s is answered at once; a chunk queued before it leaves with it, in order."""
+    from streamssm.service.link import queue_chunk
+
+    async with _linked(30.0, 30.0) as (worker, seen):
+        queue_chunk(worker, 7, 0, 0, np.zeros(4, np.int64), 0.0)
+        async with asyncio.timeout(5):
+            assert await worker.call("add", 2, 3) == 5
+        assert seen == ["chunks", "call"]
 
 
 async def test_messages_after_an_early_flush_wait_their_own_flush_delay():
     """A call flushes a delayed link at once; the flush that was scheduled for the chunk queued
     before it is cancelled, so a chunk queued later still waits its full delay (the stale timer
     used to send it at the first chunk's deadline)."""
-    import socket
+    from streamssm.service.link import queue_chunk
 
-    from streamssm.service.link import Link, queue_chunk
-
-    a, b = socket.socketpair()
-    worker, engine = await Link.over(a, flush_delay=1.0), await Link.over(b)
-    got = []
-
-    async def answer():
-        async for message in engine.messages():
-            got.append(message[0])
-            if message[0] == "call":
-                engine.reply(message[1], None)
-
-    loop = asyncio.get_running_loop()
-    serving = loop.create_task(answer())
-    reading = loop.create_task(anext(worker.messages(), None))
-    queue_chunk(worker, 7, 0, 0, np.zeros(4, np.int64), 0.0)  # its flush: due in 1 s
-    await worker.call("ping")  # leaves at once, with the chunk
-    await asyncio.sleep(0.6)
-    queue_chunk(worker, 7, 1, 4, np.zeros(4, np.int64), 0.0)  # due 1 s from now, not at the first's deadline
-    await asyncio.sleep(0.6)
-    assert got == ["chunks", "call"]
-    async with asyncio.timeout(5):
-        while len(got) < 3:
-            await asyncio.sleep(0.05)
-    assert got == ["chunks", "call", "chunks"]
-    await worker.close()
-    await serving
-    await engine.close()
-    assert await reading is None
+    async with _linked(1.0) as (worker, got):
+        queue_chunk(worker, 7, 0, 0, np.zeros(4, np.int64), 0.0)  # its flush: due in 1 s
+        await worker.call("ping")  # leaves at once, with the chunk
+        await asyncio.sleep(0.6)
+        queue_chunk(worker, 7, 1, 4, np.zeros(4, np.int64), 0.0)  # due 1 s from now, not at the first's deadline
+        await asyncio.sleep(0.6)
+        assert got == ["chunks", "call"]
+        async with asyncio.timeout(5):
+            while len(got) < 3:
+                await asyncio.sleep(0.05)
+        assert got == ["chunks", "call", "chunks"]
 
 
 @pytest.mark.parametrize("array", ARRAYS)
