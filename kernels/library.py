@@ -272,12 +272,19 @@ def _(dBo, dCo, dangle_end, B, C, dt, theta, enter):
 
 
 def _rotary_setup(ctx, inputs, output):
-    B, C, dt, theta, _ = inputs
+    B, C, dt, theta, out_dtype = inputs
     ctx.save_for_backward(B, C, dt, theta, output[3])
+    ctx.out_dtype = out_dtype
+    ctx.set_materialize_grads(False)  # no float64 zeros of the tile angles (b, T, h, n/2) kept for the backward
 
 
 def _rotary_backward(ctx, dBo, dCo, dangle_end, _denter):
     B, C, dt, theta, enter = ctx.saved_tensors
+    rotated = (*B.shape[:2], dt.shape[2], B.shape[3])  # (b, l, h, n)
+    # an unused output's gradient arrives as None: zeros for the kernel (the final angle's: (b, h, n/2))
+    dBo = B.new_zeros(rotated, dtype=ctx.out_dtype) if dBo is None else dBo
+    dCo = B.new_zeros(rotated, dtype=ctx.out_dtype) if dCo is None else dCo
+    dangle_end = dt.new_zeros(rotated[0], rotated[2], rotated[3] // 2, dtype=F32) if dangle_end is None else dangle_end
     return (*mamba3_rotary_bwd(dBo, dCo, dangle_end, B, C, dt, theta, enter), None)
 
 

@@ -148,8 +148,8 @@ def peak_bytes_allocated(fn: Callable[[], object], *existing: torch.Tensor) -> i
 
     Runs under Python's default collection thresholds: Triton's interpreter leaves each launch's
     argument closures as cyclic garbage that holds the kernel's tensors until a collection, so the
-    peak depends on how often the collector runs (the service's engine raises the threshold
-    process-wide: ``LocalBackend.start``, and a service test before this one in the same process)."""
+    peak depends on how often the collector runs (a serving backend raises the threshold while it
+    runs: ``service.backend.ServingCollector``)."""
     threshold = gc.get_threshold()
     gc.collect()
     gc.set_threshold(700, 10, 10)

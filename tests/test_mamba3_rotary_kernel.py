@@ -50,6 +50,21 @@ def test_bf16_outputs():
         assert_close(name, a, b.float(), torch.bfloat16)
 
 
+@pytest.mark.parametrize("used", ["B_rot", "C_rot", "angle_end"])
+def test_gradients_through_one_output_only(used):
+    """The other outputs unused: their gradients reach the backward as None (no zeros of them, nor
+    of the float64 tile angles kept for it, are materialized) and count as zero."""
+    inputs = make_inputs(1, BLOCK_L + 9, 1, 2, 6, seed=3)
+    grads = {}
+    for name, fn in (("reference", mamba3_rotary_ref), ("triton", mamba3_rotary_op)):
+        leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+        out = dict(zip(("B_rot", "C_rot", "angle_end"), fn(*leaves.values(), torch.float32)))[used]
+        (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(4))).sum().backward()
+        grads[name] = {k: torch.zeros_like(v) if v.grad is None else v.grad for k, v in leaves.items()}
+    for k in inputs:
+        assert_close(f"d{k}", grads["reference"][k], grads["triton"][k], torch.float32)
+
+
 def test_large_angles_accumulate_exactly():
     """~300 rad per step over 3 tiles: 6e4 rad in all, where an fp32 sum is off by ~4e-3 rad;
     float64 accumulation mod 2 pi keeps the fp32 accuracy of the reference."""

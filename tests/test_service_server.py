@@ -6,6 +6,7 @@ restart (state dir) gives the uninterrupted outputs; auth, health and metrics.
 """
 
 import asyncio
+import gc
 import json
 import math
 import os
@@ -324,6 +325,23 @@ async def test_health_metrics_and_auth(ckpts):
         assert value["streamssm_model_seconds_total"] + value["streamssm_encode_seconds_total"] \
             <= value["streamssm_batch_seconds_sum"]
         assert (await http_get(base + "/nope", {"Authorization": "Bearer s3cret"}))[0] == 404
+
+
+async def test_serving_leaves_the_embedding_processs_garbage_collector_as_it_was(ckpts):
+    """Serving freezes the objects alive at start and raises the young-collection threshold; two
+    servers in one process (overlapping) put both back when the last stops, even stopped twice."""
+    before = gc.get_threshold()
+    assert gc.get_freeze_count() == 0
+    first, second = server(ckpts["dna"]), server(ckpts["sensor"])
+    await first.start()
+    tuned = gc.get_threshold()
+    assert tuned[0] == 10_000 and gc.get_freeze_count() > 0
+    await second.start()
+    await first.stop()
+    await first.stop()
+    assert gc.get_threshold() == tuned and gc.get_freeze_count() > 0  # the second still serves
+    await second.stop()
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
 
 
 async def test_resume_after_disconnect_equals_uninterrupted(ckpts):
