@@ -2,6 +2,8 @@
 (``mamba3_rotary_ref``): rotated B/C, final angle and the gradients of B, C, dt and theta, on CPU
 under TRITON_INTERPRET=1; on the GPU at a training size in fp32 and bf16."""
 
+import math
+
 import pytest
 import torch
 
@@ -74,6 +76,27 @@ def test_large_angles_accumulate_exactly():
     got = mamba3_rotary_op(**inputs, out_dtype=torch.float32)
     for name, a, b in zip(("B_rot", "C_rot", "angle_end"), want, got):
         assert_close(name, a, b, torch.float32, rtol=1e-5, atol=1e-5)
+
+
+def test_cos_and_sin_accurate_in_every_quadrant():
+    """B = (1, 0) pairs rotate to (cos Theta, -sin Theta): against float64 cos/sin of the float64
+    angle sums, for angles of both signs, every quadrant, exact multiples of pi/4 (the quadrant
+    edges of the kernel's reduction) and |Theta| up to ~2.5e4 rad: within ~2 fp32 ulps of 1 (the angle
+    reduced in float64 to [-pi/4, pi/4] before it is rounded to fp32)."""
+    l = 3 * BLOCK_L
+    gen = torch.Generator().manual_seed(11)
+    steps = torch.cat([torch.full((BLOCK_L,), math.pi / 4), torch.full((BLOCK_L,), -math.pi / 4 - 1e-7),
+                       400 + 50 * torch.randn(BLOCK_L, generator=gen)])
+    theta = torch.stack([steps, -steps.flip(0)], -1)[None, :, None]  # (1, l, 1, 2)
+    pair = torch.tensor([1.0, 0.0]).repeat(2)
+    B = pair.expand(1, l, 1, 4).contiguous()
+    dt = torch.ones(1, l, 1)
+    B_rot, _, _ = mamba3_rotary_op(B, B, dt, theta, torch.float32)
+    angle = torch.cumsum((dt[..., None] * theta).double(), dim=1)  # (1, l, 1, 2)
+    assert angle.abs().max() > 2e4 and angle.min() < -2e4
+    got = B_rot.double().unflatten(-1, (2, 2))
+    err = torch.stack([got[..., 0] - angle.cos(), got[..., 1] + angle.sin()]).abs().max().item()
+    assert err < 1.5e-7, f"max |error| {err:.2e} of cos/sin"  # fp32 cos/sin of the angle mod 2 pi: 2.2e-7
 
 
 @pytest.mark.gpu

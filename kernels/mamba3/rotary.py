@@ -35,7 +35,12 @@ import triton.language as tl
 BLOCK_L = 64  # steps per tile
 BLOCK_K = 16  # angles per program of the rotating kernels (H100, S1: forward 0.66 / 0.63 / 1.54 ms and
               # backward 1.29 / 1.41 / 3.96 ms at 16 / 32 / 64)
-TWO_PI = tl.constexpr(2 * math.pi)
+HALF_PI = tl.constexpr(math.pi / 2)
+INV_HALF_PI = tl.constexpr(2 / math.pi)
+# Taylor coefficients of sin (r^3 .. r^9) and cos (r^2 .. r^10): on |r| <= pi/4 the first terms left
+# out are below 2e-9, under fp32's resolution
+SIN3, SIN5, SIN7, SIN9 = (tl.constexpr((-1) ** i / math.factorial(2 * i + 1)) for i in range(1, 5))
+COS2, COS4, COS6, COS8, COS10 = (tl.constexpr((-1) ** i / math.factorial(2 * i)) for i in range(1, 6))
 
 
 @triton.jit
@@ -54,15 +59,34 @@ def _step_angles(p_dt, p_theta, i_b, i_t, i_h, i_g, i_k, L, H, G, K, BLOCK_L: tl
 
 
 @triton.jit
-def _tile_angles(p_dt, p_theta, p_enter, i_b, i_t, i_h, i_g, i_k, L, H, G, K, T,
-                 BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Theta (BLOCK_L, BLOCK_K) fp32 in [0, 2 pi) of one tile of head i_h: the entering angle
+def _cos_sin(angle):
+    """cos and sin (fp32) of float64 angles of any size. The quadrant q and the remainder r in
+    [-pi/4, pi/4] of angle = q pi/2 + r in float64 (no division, no mod 2 pi first), then Taylor
+    polynomials of r in fp32, rotated to the quadrant: a few dozen instructions where libdevice's
+    cosf and sinf with a float64 mod 2 pi took ~100 (the rotation kernels were instruction-bound)."""
+    q = tl.floor(angle * INV_HALF_PI + 0.5)
+    r = (angle - q * HALF_PI).to(tl.float32)
+    quadrant = (q - 4.0 * tl.floor(q * 0.25)).to(tl.int32)
+    r2 = r * r
+    sin_r = r + r * r2 * (SIN3 + r2 * (SIN5 + r2 * (SIN7 + r2 * SIN9)))
+    cos_r = 1.0 + r2 * (COS2 + r2 * (COS4 + r2 * (COS6 + r2 * (COS8 + r2 * COS10))))
+    # cos(q pi/2 + r), sin(q pi/2 + r) for q = 0, 1, 2, 3: (c, s), (-s, c), (-c, -s), (s, -c)
+    odd = (quadrant & 1) == 1
+    cos = tl.where(odd, sin_r, cos_r)
+    sin = tl.where(odd, cos_r, sin_r)
+    return tl.where((quadrant == 1) | (quadrant == 2), -cos, cos), tl.where(quadrant >= 2, -sin, sin)
+
+
+@triton.jit
+def _tile_cos_sin(p_dt, p_theta, p_enter, i_b, i_t, i_h, i_g, i_k, L, H, G, K, T,
+                  BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
+    """cos and sin (BLOCK_L, BLOCK_K) fp32 of Theta over one tile of head i_h: the entering angle
     plus the in-tile cumsum, in float64; and the tile's rows and row mask."""
     b_step, _, _, rows, o_k, m_l, _ = _step_angles(p_dt, p_theta, i_b, i_t, i_h, i_g, i_k, L, H, G, K, BLOCK_L,
                                                    BLOCK_K)
     enter = tl.load(p_enter + ((i_b * T + i_t) * H + i_h) * K + o_k, mask=o_k < K, other=0.0)
-    angle = enter[None, :] + tl.cumsum(b_step.to(tl.float64), axis=0)
-    return (angle - TWO_PI * tl.floor(angle / TWO_PI)).to(tl.float32), rows, m_l
+    cos, sin = _cos_sin(enter[None, :] + tl.cumsum(b_step.to(tl.float64), axis=0))
+    return cos, sin, rows, m_l
 
 
 @triton.jit
@@ -116,8 +140,8 @@ def _rotary_fwd_kernel(p_B, p_C, p_dt, p_theta, p_enter, p_Bo, p_Co, L, H, G, K,
     i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
     i_g = i_h // (H // G)
     i_k = tl.program_id(2)
-    angle, rows, m_l = _tile_angles(p_dt, p_theta, p_enter, i_b, i_t, i_h, i_g, i_k, L, H, G, K, T, BLOCK_L, BLOCK_K)
-    cos, sin = tl.cos(angle), tl.sin(angle)
+    cos, sin, rows, m_l = _tile_cos_sin(p_dt, p_theta, p_enter, i_b, i_t, i_h, i_g, i_k, L, H, G, K, T, BLOCK_L,
+                                        BLOCK_K)
     o_in, m = _pairs_at((rows * G + i_g) * 2 * K, i_k, K, m_l, BLOCK_K)
     o_out, _ = _pairs_at((rows * H + i_h) * 2 * K, i_k, K, m_l, BLOCK_K)
     _rotate_back(p_B, p_Bo, o_in, o_out, cos, sin, m, BLOCK_L, BLOCK_K)
@@ -149,8 +173,8 @@ def _rotary_bwd_dangle_kernel(p_B, p_C, p_dt, p_theta, p_enter, p_dBo, p_dCo, p_
     dC_im = tl.zeros([BLOCK_L, BLOCK_K], dtype=tl.float32)
     for j in range(rep):
         i_h = i_g * rep + j
-        angle, _, _ = _tile_angles(p_dt, p_theta, p_enter, i_b, i_t, i_h, i_g, i_k, L, H, G, K, T, BLOCK_L, BLOCK_K)
-        cos, sin = tl.cos(angle), tl.sin(angle)
+        cos, sin, _, _ = _tile_cos_sin(p_dt, p_theta, p_enter, i_b, i_t, i_h, i_g, i_k, L, H, G, K, T, BLOCK_L,
+                                       BLOCK_K)
         o_out, _ = _pairs_at((rows * H + i_h) * 2 * K, i_k, K, m_l, BLOCK_K)
         gB_re, gB_im = _load_pairs(p_dBo, o_out, m2, BLOCK_L, BLOCK_K)
         gC_re, gC_im = _load_pairs(p_dCo, o_out, m2, BLOCK_L, BLOCK_K)
