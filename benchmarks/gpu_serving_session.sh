@@ -12,6 +12,7 @@
 #     bash benchmarks/gpu_serving_session.sh engine_knobs  # ~4 min: engine-process CPU per chunk (paced) vs streams, batch wait, flush delay
 #     bash benchmarks/gpu_serving_session.sh pipeline_fill  # ~9 min: engine process and service --workers 4 vs --pipeline-fill
 #     bash benchmarks/gpu_serving_session.sh ssd_memory  # ~9 min: SSD S1/S2 and Mamba-1 M1 with peak memory, vs the peers
+#     bash benchmarks/gpu_serving_session.sh rotary    # ~8 min: Mamba-3 GPU tests; rotation kernels vs 5de9c7b's, config sweep; Mamba-3 vs Mamba-2 layer
 #     BASE_SITE=/tmp/base_site bash benchmarks/gpu_serving_session.sh engine_pair
 #                                                      # ~3 min: engine-process CPU per chunk, a base install vs this tree
 #
@@ -23,6 +24,7 @@ cd "$(dirname "$0")/.."
 export TRITON_INTERPRET=0
 OUT=${OUT:-$(mktemp -d)}
 OLD_CONV=${OLD_CONV:-.peers/old_kernels/conv_7db386b.py}
+OLD_ROTARY=${OLD_ROTARY:-.peers/old_kernels/rotary_5de9c7b.py}
 mkdir -p "$OUT"
 part=${1:-all}
 
@@ -128,6 +130,23 @@ pipeline_fill() {
     done
 }
 
+rotary() {
+    # the rotation kernels before today's instruction diet (5de9c7b: libdevice cos/sin after a float64 division,
+    # int64 offsets per element) beside this tree's; then the Mamba-3 layer vs Mamba-2 (1.37x and 1.59x before)
+    echo "== GPU tests: the rotation kernels and the Mamba-3 scan vs their references"
+    timeout 150 python -m pytest -q -p no:randomly -m gpu tests/test_mamba3_rotary_kernel.py tests/test_mamba3_kernel.py \
+        2>&1 | tail -n 6 | tee "$OUT/rotary_tests.txt"
+    if git rev-parse --git-dir >/dev/null 2>&1; then
+        mkdir -p "$(dirname "$OLD_ROTARY")" && git show 5de9c7b:kernels/mamba3/rotary.py >"$OLD_ROTARY"
+    fi
+    echo "== rotation kernels: this tree vs 5de9c7b's, S1-S3; configs at S1, S3"
+    timeout 150 python benchmarks/bench_mamba3_rotary.py --shapes S1,S2,S3 --old "$OLD_ROTARY" --out "$OUT/rotary.md"
+    timeout 120 python benchmarks/bench_mamba3_rotary.py --shapes S1,S3 --sweep --out "$OUT/rotary_sweep.md" | tail -n 22
+    echo "== Mamba-3 vs Mamba-2 at S1, chunk 64, with the kernel profile"
+    timeout 200 python benchmarks/bench_mamba3.py --shapes S1 --chunks 64 --profile S1 --out "$OUT/mamba3.md" 2>&1 \
+        | grep -E '^[{|]' | head -n 40
+}
+
 engine_pair() {
     # BASE_SITE: an install of the code to compare (pip install --target); BASE_BENCH: its bench_engine_process.py,
     # a path from the repository root
@@ -155,8 +174,9 @@ case "$part" in
     engine_knobs) engine_knobs ;;
     pipeline_fill) pipeline_fill ;;
     ssd_memory) ssd_memory ;;
+    rotary) rotary ;;
     engine_pair) engine_pair ;;
     all) tests; conv_tests; kernels; serving ;;
-    *) echo "usage: $0 [tests|conv_tests|kernels|serving|mamba3|mamba3_peer|engine_knobs|pipeline_fill|ssd_memory|engine_pair|all]" >&2; exit 2 ;;
+    *) echo "usage: $0 [tests|conv_tests|kernels|serving|mamba3|mamba3_peer|engine_knobs|pipeline_fill|ssd_memory|rotary|engine_pair|all]" >&2; exit 2 ;;
 esac
 echo "== tables in $OUT"

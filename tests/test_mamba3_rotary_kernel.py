@@ -9,7 +9,7 @@ import torch
 
 from streamssm.kernels.library import mamba3_rotary_op
 from streamssm.kernels.mamba3.reference import mamba3_rotary_ref
-from streamssm.kernels.mamba3.rotary import BLOCK_K, BLOCK_L
+from streamssm.kernels.mamba3.rotary import BLOCK_L, BWD_CONFIG, FWD_CONFIG
 from streamssm.testing import assert_close, assert_script_compiles_for_sm90
 
 
@@ -31,7 +31,7 @@ def run(fn, inputs, out_dtype, device="cpu", seed=1):
 
 
 @pytest.mark.parametrize("shape", [(2, 2 * BLOCK_L + 13, 2, 4, 6), (1, 5, 1, 3, 8), (1, BLOCK_L, 3, 3, 4),
-                                   (1, BLOCK_L + 6, 1, 2, 2 * BLOCK_K + 8)],
+                                   (1, BLOCK_L + 6, 1, 2, 2 * max(FWD_CONFIG[0], BWD_CONFIG[0]) + 8)],
                          ids=["tiles3-G2-H4", "short-G1-H3", "one-tile-G3-H3", "angle-blocks2"])
 def test_triton_matches_reference_with_gradients(shape):
     inputs = make_inputs(*shape)
@@ -115,23 +115,36 @@ SM90_COMPILE = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+import re, subprocess, tempfile
+from pathlib import Path
 from streamssm.kernels.mamba3 import rotary
 
 INT = {"L", "H", "G", "K", "T"}
 F64 = {"p_sums", "p_enter"}  # the tile angles
 F32 = {"p_dt", "p_dangle", "p_dsums", "p_after", "p_ddt"}  # dt and the angle gradients stay fp32
-for kernel, warps in ((rotary._rotary_tile_sums_kernel, 4), (rotary._rotary_fwd_kernel, 4),
-                      (rotary._rotary_bwd_dangle_kernel, 4), (rotary._rotary_bwd_dstep_kernel, 8)):
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+for kernel, (block_k, warps) in ((rotary._rotary_tile_sums_kernel, (rotary.FWD_CONFIG[0], 4)),
+                                 (rotary._rotary_fwd_kernel, rotary.FWD_CONFIG),
+                                 (rotary._rotary_bwd_dangle_kernel, rotary.BWD_CONFIG),
+                                 (rotary._rotary_bwd_dstep_kernel, (64, 8))):
     fn = kernel
     for half in ("*bf16", "*fp32"):
-        consts = {"BLOCK_L": rotary.BLOCK_L, "BLOCK_K": rotary.BLOCK_K if warps == 4 else 64}
+        consts = {"BLOCK_L": rotary.BLOCK_L, "BLOCK_K": block_k}
         sig = {a: "constexpr" if a in consts else "i32" if a in INT else "*fp64" if a in F64
                else "*fp32" if a in F32 else half for a in fn.arg_names}
-        triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+        compiled = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": warps})
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(compiled.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        stack = int(re.search(r"STACK:(\d+)", usage).group(1))
+        assert stack == 0, f"{fn.__name__} ({half}, {block_k} angles, {warps} warps) spills registers: {usage}"
 """
 
 
 def test_kernels_compile_for_sm90():
-    """Every rotation kernel compiles to an sm_90 binary, bf16 and fp32 B/C (float64 angle sums,
-    mod 2 pi by floor in float64), at the block sizes the launchers use."""
+    """Every rotation kernel compiles to an sm_90 binary, bf16 and fp32 B/C (float64 angle sums),
+    at the block sizes and warps the launchers use, without spilling registers to local memory
+    (the dangle kernel did at 16 angles and 4 warps with int64 offsets per element)."""
     assert_script_compiles_for_sm90(SM90_COMPILE)

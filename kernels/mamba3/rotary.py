@@ -33,8 +33,13 @@ import triton
 import triton.language as tl
 
 BLOCK_L = 64  # steps per tile
-BLOCK_K = 16  # angles per program of the rotating kernels (H100, S1: forward 0.66 / 0.63 / 1.54 ms and
-              # backward 1.29 / 1.41 / 3.96 ms at 16 / 32 / 64)
+# (angles per program, warps) of the rotation (forward) and of the dangle kernel (backward): a thread
+# holds BLOCK_L x angles / (32 warps) elements, and the registers that go with them (sm_90 at 16
+# angles, 4 warps: forward 96, dangle 254). H100, S1, before the int32 in-tile offsets: forward
+# 0.66 / 0.63 / 1.54 ms and backward 1.29 / 1.41 / 3.96 ms at 16 / 32 / 64 angles (4 warps);
+# benchmarks/bench_mamba3_rotary.py --sweep times the others
+FWD_CONFIG = (16, 4)
+BWD_CONFIG = (16, 4)
 HALF_PI = tl.constexpr(math.pi / 2)
 INV_HALF_PI = tl.constexpr(2 / math.pi)
 # Taylor coefficients of sin (r^3 .. r^9) and cos (r^2 .. r^10): on |r| <= pi/4 the first terms left
@@ -43,19 +48,27 @@ SIN3, SIN5, SIN7, SIN9 = (tl.constexpr((-1) ** i / math.factorial(2 * i + 1)) fo
 COS2, COS4, COS6, COS8, COS10 = (tl.constexpr((-1) ** i / math.factorial(2 * i)) for i in range(1, 6))
 
 
+# Addresses: a tile's first row of the flattened (b * l) rows in int64 (a scalar per program), the
+# offsets inside the tile in int32: int64 offsets per element cost ~3 IMADs a multiply and their
+# registers (the dangle kernel spilled at 4 warps)
 @triton.jit
-def _step_angles(p_dt, p_theta, i_b, i_t, i_h, i_g, i_k, L, H, G, K, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
+def _tile(i_b, i_t, L, BLOCK_L: tl.constexpr):
+    """Tile i_t of batch row i_b (int64): its first row (int64 scalar), the rows in it (int32,
+    (BLOCK_L,)) and their mask."""
+    o_r = tl.arange(0, BLOCK_L)
+    return i_b * L + i_t * BLOCK_L, o_r, i_t * BLOCK_L + o_r < L
+
+
+@triton.jit
+def _step_angles(p_dt, p_theta, row0, o_r, m_l, i_h, i_g, i_k, H, G, K, BLOCK_K: tl.constexpr):
     """One tile's (BLOCK_L, BLOCK_K) fp32 step angles dt * theta of head i_h and angle block i_k
-    (0 outside), its dt (BLOCK_L,) and theta, the tile's rows (int64, (BLOCK_L,)), the angle
-    index and the row and (row, angle) masks."""
-    o_l = i_t * BLOCK_L + tl.arange(0, BLOCK_L)
+    (0 outside), its dt (BLOCK_L,) and theta, the angle index and the (row, angle) mask."""
     o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    m_l = o_l < L
     m = m_l[:, None] & (o_k < K)[None, :]
-    rows = i_b * L + o_l.to(tl.int64)
-    b_dt = tl.load(p_dt + rows * H + i_h, mask=m_l, other=0.0).to(tl.float32)
-    b_th = tl.load(p_theta + (rows[:, None] * G + i_g) * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
-    return b_dt[:, None] * b_th, b_dt, b_th, rows, o_k, m_l, m
+    b_dt = tl.load(p_dt + row0 * H + (o_r * H + i_h), mask=m_l, other=0.0).to(tl.float32)
+    b_th = tl.load(p_theta + row0 * G * K + (o_r[:, None] * (G * K) + i_g * K + o_k[None, :]), mask=m,
+                   other=0.0).to(tl.float32)
+    return b_dt[:, None] * b_th, b_dt, b_th, o_k, m
 
 
 @triton.jit
@@ -78,15 +91,13 @@ def _cos_sin(angle):
 
 
 @triton.jit
-def _tile_cos_sin(p_dt, p_theta, p_enter, i_b, i_t, i_h, i_g, i_k, L, H, G, K, T,
-                  BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
+def _tile_cos_sin(p_dt, p_theta, p_enter, row0, o_r, m_l, i_b, i_t, i_h, i_g, i_k, H, G, K, T,
+                  BLOCK_K: tl.constexpr):
     """cos and sin (BLOCK_L, BLOCK_K) fp32 of Theta over one tile of head i_h: the entering angle
-    plus the in-tile cumsum, in float64; and the tile's rows and row mask."""
-    b_step, _, _, rows, o_k, m_l, _ = _step_angles(p_dt, p_theta, i_b, i_t, i_h, i_g, i_k, L, H, G, K, BLOCK_L,
-                                                   BLOCK_K)
+    plus the in-tile cumsum, in float64."""
+    b_step, _, _, o_k, _ = _step_angles(p_dt, p_theta, row0, o_r, m_l, i_h, i_g, i_k, H, G, K, BLOCK_K)
     enter = tl.load(p_enter + ((i_b * T + i_t) * H + i_h) * K + o_k, mask=o_k < K, other=0.0)
-    cos, sin = _cos_sin(enter[None, :] + tl.cumsum(b_step.to(tl.float64), axis=0))
-    return cos, sin, rows, m_l
+    return _cos_sin(enter[None, :] + tl.cumsum(b_step.to(tl.float64), axis=0))
 
 
 @triton.jit
@@ -96,24 +107,26 @@ def _rotary_tile_sums_kernel(p_dt, p_theta, p_sums, L, H, G, K, T,
     i_t = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
-    b_step, _, _, _, o_k, _, _ = _step_angles(p_dt, p_theta, i_b, i_t, i_h, i_h // (H // G), tl.program_id(2),
-                                              L, H, G, K, BLOCK_L, BLOCK_K)
+    row0, o_r, m_l = _tile(i_b, i_t, L, BLOCK_L)
+    b_step, _, _, o_k, _ = _step_angles(p_dt, p_theta, row0, o_r, m_l, i_h, i_h // (H // G), tl.program_id(2),
+                                        H, G, K, BLOCK_K)
     tl.store(p_sums + ((i_b * T + i_t) * H + i_h) * K + o_k, tl.sum(b_step.to(tl.float64), axis=0), mask=o_k < K)
 
 
 # Pairs move as whole rows of 2 * BLOCK_K elements, split into (re, im) in registers: loads and
 # stores of every other element left half-written sectors (S1 forward 3.5 ms for a 0.14 ms floor)
 @triton.jit
-def _pairs_at(row_start, i_k, K, m_l, BLOCK_K: tl.constexpr):
-    """Element offsets (BLOCK_L, 2 BLOCK_K) of angle block i_k's pairs in the rows starting at
-    ``row_start`` (BLOCK_L,), and their mask."""
+def _pairs_at(o_r, m_l, width, col0, i_k, K, BLOCK_K: tl.constexpr):
+    """In-tile offsets (BLOCK_L, 2 BLOCK_K) int32 of angle block i_k's pairs in rows of ``width``
+    elements starting at column ``col0`` (a head's or a group's n), and their mask."""
     o_c = 2 * i_k * BLOCK_K + tl.arange(0, 2 * BLOCK_K)
-    return row_start[:, None] + o_c[None, :], m_l[:, None] & (o_c < 2 * K)[None, :]
+    return o_r[:, None] * width + col0 + o_c[None, :], m_l[:, None] & (o_c < 2 * K)[None, :]
 
 
 @triton.jit
 def _load_pairs(p, offs, m, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The (re, im) halves (BLOCK_L, BLOCK_K) fp32 of the pairs at ``offs`` (``_pairs_at``)."""
+    """The (re, im) halves (BLOCK_L, BLOCK_K) fp32 of the pairs at ``p + offs`` (``p``: the tile's
+    first row; ``offs``: ``_pairs_at``)."""
     x = tl.load(p + offs, mask=m, other=0.0).to(tl.float32)
     return tl.split(tl.reshape(x, (BLOCK_L, BLOCK_K, 2)))
 
@@ -140,12 +153,13 @@ def _rotary_fwd_kernel(p_B, p_C, p_dt, p_theta, p_enter, p_Bo, p_Co, L, H, G, K,
     i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
     i_g = i_h // (H // G)
     i_k = tl.program_id(2)
-    cos, sin, rows, m_l = _tile_cos_sin(p_dt, p_theta, p_enter, i_b, i_t, i_h, i_g, i_k, L, H, G, K, T, BLOCK_L,
-                                        BLOCK_K)
-    o_in, m = _pairs_at((rows * G + i_g) * 2 * K, i_k, K, m_l, BLOCK_K)
-    o_out, _ = _pairs_at((rows * H + i_h) * 2 * K, i_k, K, m_l, BLOCK_K)
-    _rotate_back(p_B, p_Bo, o_in, o_out, cos, sin, m, BLOCK_L, BLOCK_K)
-    _rotate_back(p_C, p_Co, o_in, o_out, cos, sin, m, BLOCK_L, BLOCK_K)
+    row0, o_r, m_l = _tile(i_b, i_t, L, BLOCK_L)
+    cos, sin = _tile_cos_sin(p_dt, p_theta, p_enter, row0, o_r, m_l, i_b, i_t, i_h, i_g, i_k, H, G, K, T, BLOCK_K)
+    o_in, m = _pairs_at(o_r, m_l, G * 2 * K, i_g * 2 * K, i_k, K, BLOCK_K)
+    o_out, _ = _pairs_at(o_r, m_l, H * 2 * K, i_h * 2 * K, i_k, K, BLOCK_K)
+    in0, out0 = row0 * G * 2 * K, row0 * H * 2 * K
+    _rotate_back(p_B + in0, p_Bo + out0, o_in, o_out, cos, sin, m, BLOCK_L, BLOCK_K)
+    _rotate_back(p_C + in0, p_Co + out0, o_in, o_out, cos, sin, m, BLOCK_L, BLOCK_K)
 
 
 @triton.jit
@@ -159,25 +173,24 @@ def _rotary_bwd_dangle_kernel(p_B, p_C, p_dt, p_theta, p_enter, p_dBo, p_dCo, p_
     i_k = tl.program_id(2)
     i_b, i_g = (i_bg // G).to(tl.int64), i_bg % G
     rep = H // G
-    o_l = i_t * BLOCK_L + tl.arange(0, BLOCK_L)
+    row0, o_r, m_l = _tile(i_b, i_t, L, BLOCK_L)
     o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    m_l = o_l < L
     m = m_l[:, None] & (o_k < K)[None, :]
-    rows = i_b * L + o_l.to(tl.int64)
-    o_in, m2 = _pairs_at((rows * G + i_g) * 2 * K, i_k, K, m_l, BLOCK_K)
-    B_re, B_im = _load_pairs(p_B, o_in, m2, BLOCK_L, BLOCK_K)
-    C_re, C_im = _load_pairs(p_C, o_in, m2, BLOCK_L, BLOCK_K)
+    o_in, m2 = _pairs_at(o_r, m_l, G * 2 * K, i_g * 2 * K, i_k, K, BLOCK_K)
+    in0, out0 = row0 * G * 2 * K, row0 * H * 2 * K
+    B_re, B_im = _load_pairs(p_B + in0, o_in, m2, BLOCK_L, BLOCK_K)
+    C_re, C_im = _load_pairs(p_C + in0, o_in, m2, BLOCK_L, BLOCK_K)
     dB_re = tl.zeros([BLOCK_L, BLOCK_K], dtype=tl.float32)
     dB_im = tl.zeros([BLOCK_L, BLOCK_K], dtype=tl.float32)
     dC_re = tl.zeros([BLOCK_L, BLOCK_K], dtype=tl.float32)
     dC_im = tl.zeros([BLOCK_L, BLOCK_K], dtype=tl.float32)
     for j in range(rep):
         i_h = i_g * rep + j
-        cos, sin, _, _ = _tile_cos_sin(p_dt, p_theta, p_enter, i_b, i_t, i_h, i_g, i_k, L, H, G, K, T, BLOCK_L,
-                                       BLOCK_K)
-        o_out, _ = _pairs_at((rows * H + i_h) * 2 * K, i_k, K, m_l, BLOCK_K)
-        gB_re, gB_im = _load_pairs(p_dBo, o_out, m2, BLOCK_L, BLOCK_K)
-        gC_re, gC_im = _load_pairs(p_dCo, o_out, m2, BLOCK_L, BLOCK_K)
+        cos, sin = _tile_cos_sin(p_dt, p_theta, p_enter, row0, o_r, m_l, i_b, i_t, i_h, i_g, i_k, H, G, K, T,
+                                 BLOCK_K)
+        o_out, _ = _pairs_at(o_r, m_l, H * 2 * K, i_h * 2 * K, i_k, K, BLOCK_K)
+        gB_re, gB_im = _load_pairs(p_dBo + out0, o_out, m2, BLOCK_L, BLOCK_K)
+        gC_re, gC_im = _load_pairs(p_dCo + out0, o_out, m2, BLOCK_L, BLOCK_K)
         # out = (re c + im s, im c - re s): d out / d Theta = (out_im, -out_re); dv = R(+Theta) g
         dangle = (gB_re * (B_im * cos - B_re * sin) - gB_im * (B_re * cos + B_im * sin)
                   + gC_re * (C_im * cos - C_re * sin) - gC_im * (C_re * cos + C_im * sin))
@@ -185,10 +198,10 @@ def _rotary_bwd_dangle_kernel(p_B, p_C, p_dt, p_theta, p_enter, p_dBo, p_dCo, p_
         dB_im += gB_re * sin + gB_im * cos
         dC_re += gC_re * cos - gC_im * sin
         dC_im += gC_re * sin + gC_im * cos
-        tl.store(p_dangle + (rows[:, None] * H + i_h) * K + o_k[None, :], dangle, mask=m)
+        tl.store(p_dangle + row0 * H * K + (o_r[:, None] * (H * K) + i_h * K + o_k[None, :]), dangle, mask=m)
         tl.store(p_dsums + ((i_b * T + i_t) * H + i_h) * K + o_k, tl.sum(dangle, axis=0), mask=o_k < K)
-    _store_pairs(p_dB, o_in, dB_re, dB_im, m2, BLOCK_L, BLOCK_K)
-    _store_pairs(p_dC, o_in, dC_re, dC_im, m2, BLOCK_L, BLOCK_K)
+    _store_pairs(p_dB + in0, o_in, dB_re, dB_im, m2, BLOCK_L, BLOCK_K)
+    _store_pairs(p_dC + in0, o_in, dC_re, dC_im, m2, BLOCK_L, BLOCK_K)
 
 
 @triton.jit
@@ -200,21 +213,22 @@ def _rotary_bwd_dstep_kernel(p_dt, p_theta, p_dangle, p_after, p_ddt, p_dtheta, 
     i_bg = tl.program_id(1)
     i_b, i_g = (i_bg // G).to(tl.int64), i_bg % G
     rep = H // G
-    o_l = i_t * BLOCK_L + tl.arange(0, BLOCK_L)
+    row0, o_r, m_l = _tile(i_b, i_t, L, BLOCK_L)
     o_k = tl.arange(0, BLOCK_K)
-    m = (o_l < L)[:, None] & (o_k < K)[None, :]
-    rows = i_b * L + o_l.to(tl.int64)
+    m = m_l[:, None] & (o_k < K)[None, :]
     dtheta = tl.zeros([BLOCK_L, BLOCK_K], dtype=tl.float32)
     for j in range(rep):
         i_h = i_g * rep + j
-        _, b_dt, b_th, _, _, m_l, _ = _step_angles(p_dt, p_theta, i_b, i_t, i_h, i_g, 0, L, H, G, K, BLOCK_L,
-                                                   BLOCK_K)
-        dangle = tl.load(p_dangle + (rows[:, None] * H + i_h) * K + o_k[None, :], mask=m, other=0.0)
+        _, b_dt, b_th, _, _ = _step_angles(p_dt, p_theta, row0, o_r, m_l, i_h, i_g, 0, H, G, K, BLOCK_K)
+        dangle = tl.load(p_dangle + row0 * H * K + (o_r[:, None] * (H * K) + i_h * K + o_k[None, :]), mask=m,
+                         other=0.0)
         after = tl.load(p_after + ((i_b * T + i_t) * H + i_h) * K + o_k, mask=o_k < K, other=0.0)
         dstep = tl.where(m, tl.cumsum(dangle, axis=0, reverse=True) + after[None, :], 0.0)
-        tl.store(p_ddt + rows * H + i_h, tl.sum(dstep * b_th, axis=1).to(p_ddt.dtype.element_ty), mask=m_l)
+        tl.store(p_ddt + row0 * H + (o_r * H + i_h), tl.sum(dstep * b_th, axis=1).to(p_ddt.dtype.element_ty),
+                 mask=m_l)
         dtheta += b_dt[:, None] * dstep
-    tl.store(p_dtheta + (rows[:, None] * G + i_g) * K + o_k[None, :], dtheta.to(p_dtheta.dtype.element_ty), mask=m)
+    tl.store(p_dtheta + row0 * G * K + (o_r[:, None] * (G * K) + i_g * K + o_k[None, :]),
+             dtheta.to(p_dtheta.dtype.element_ty), mask=m)
 
 
 def _block_k(K: int) -> int:
@@ -234,7 +248,7 @@ def mamba3_rotary_fwd_triton(B: torch.Tensor, C: torch.Tensor, dt: torch.Tensor,
     B, C, dt, theta = (t.contiguous() for t in (B, C, dt, theta))
     b, L, G, N = B.shape
     H, K = dt.shape[2], N // 2
-    block_k = min(BLOCK_K, _block_k(K))
+    block_k, warps = min(FWD_CONFIG[0], _block_k(K)), FWD_CONFIG[1]
     grid = _grid(L, b * H, K, block_k)
     T = grid[0]
     sums = torch.empty(b, T, H, K, device=B.device, dtype=torch.float64)
@@ -243,7 +257,8 @@ def mamba3_rotary_fwd_triton(B: torch.Tensor, C: torch.Tensor, dt: torch.Tensor,
     enter = (through - sums).remainder_(2 * math.pi)
     Bo = torch.empty(b, L, H, N, device=B.device, dtype=out_dtype)
     Co = torch.empty_like(Bo)
-    _rotary_fwd_kernel[grid](B, C, dt, theta, enter, Bo, Co, L, H, G, K, T, BLOCK_L=BLOCK_L, BLOCK_K=block_k)
+    _rotary_fwd_kernel[grid](B, C, dt, theta, enter, Bo, Co, L, H, G, K, T, BLOCK_L=BLOCK_L, BLOCK_K=block_k,
+                             num_warps=warps)
     return Bo, Co, through[:, -1].remainder(2 * math.pi).float(), enter
 
 
@@ -259,9 +274,10 @@ def mamba3_rotary_bwd_triton(dBo: torch.Tensor, dCo: torch.Tensor, dangle_end: t
     dB, dC = torch.empty_like(B), torch.empty_like(C)
     dangle = torch.empty(b, L, H, K, device=B.device, dtype=torch.float32)
     dsums = torch.empty(b, T, H, K, device=B.device, dtype=torch.float32)
-    block_k = min(BLOCK_K, _block_k(K))
+    block_k, warps = min(BWD_CONFIG[0], _block_k(K)), BWD_CONFIG[1]
     _rotary_bwd_dangle_kernel[_grid(L, b * G, K, block_k)](B, C, dt, theta, enter, dBo, dCo, dB, dC, dangle, dsums,
-                                                           L, H, G, K, T, BLOCK_L=BLOCK_L, BLOCK_K=block_k)
+                                                           L, H, G, K, T, BLOCK_L=BLOCK_L, BLOCK_K=block_k,
+                                                           num_warps=warps)
     # the tiles after each one, and the final angle (the sum of every step's)
     after = dsums.flip(1).cumsum(1).flip(1) - dsums + dangle_end.float()[:, None]
     ddt, dtheta = torch.empty_like(dt), torch.empty_like(theta)
