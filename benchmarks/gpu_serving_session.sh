@@ -28,6 +28,14 @@ OLD_ROTARY=${OLD_ROTARY:-.peers/old_kernels/rotary_5de9c7b.py}
 mkdir -p "$OUT"
 part=${1:-all}
 
+from_git() {
+    # an earlier version of a file (revision, path, where to write it) where this copy's git has that revision;
+    # otherwise the copy carried in .peers/ stays (the device's copy of the tree has a stale .git: a failed
+    # `git show` had emptied the carried file on 2026-12-06)
+    git cat-file -e "$1:$2" 2>/dev/null || return 0
+    mkdir -p "$(dirname "$3")" && git show "$1:$2" >"$3"
+}
+
 tests() {
     echo "== GPU tests: SSD kernels (split and one-pass) vs float64, serving-path kernels, graphs == eager, workers"
     timeout 320 python -m pytest -q -p no:randomly -m gpu tests/test_ssd_kernel.py 2>&1 | tail -n 8 | tee "$OUT/tests.txt"
@@ -49,9 +57,7 @@ kernels() {
     echo "== SSD inference forward: one-pass vs split vs mamba-ssm, serving rows (carried states) and S1/S2"
     timeout 240 python benchmarks/bench_ssd_fused.py --shapes R1,R256,R384,R1024,S1,S2 --out "$OUT/ssd_fused.md"
     echo "== conv1d: the one-pass backward (both layouts) vs the one before and cuDNN; serving and long shapes"
-    if git rev-parse --git-dir >/dev/null 2>&1; then
-        mkdir -p "$(dirname "$OLD_CONV")" && git show 7db386b~1:kernels/conv1d/conv.py >"$OLD_CONV"
-    fi
+    from_git 7db386b~1 kernels/conv1d/conv.py "$OLD_CONV"
     old=(); [ -s "$OLD_CONV" ] && old=(--old "$OLD_CONV")
     timeout 240 python benchmarks/bench_conv1d.py --shapes R2,L1,M1,S1 --layouts channel-last,time --state "${old[@]}" \
         --out "$OUT/conv1d.md"
@@ -136,9 +142,7 @@ rotary() {
     echo "== GPU tests: the rotation kernels and the Mamba-3 scan vs their references"
     timeout 150 python -m pytest -q -p no:randomly -m gpu tests/test_mamba3_rotary_kernel.py tests/test_mamba3_kernel.py \
         2>&1 | tail -n 6 | tee "$OUT/rotary_tests.txt"
-    if git rev-parse --git-dir >/dev/null 2>&1; then
-        mkdir -p "$(dirname "$OLD_ROTARY")" && git show 5de9c7b:kernels/mamba3/rotary.py >"$OLD_ROTARY"
-    fi
+    from_git 5de9c7b kernels/mamba3/rotary.py "$OLD_ROTARY"
     echo "== rotation kernels: this tree vs 5de9c7b's, S1-S3; configs at S1, S3"
     timeout 150 python benchmarks/bench_mamba3_rotary.py --shapes S1,S2,S3 --old "$OLD_ROTARY" --out "$OUT/rotary.md"
     timeout 120 python benchmarks/bench_mamba3_rotary.py --shapes S1,S3 --sweep --out "$OUT/rotary_sweep.md" | tail -n 22

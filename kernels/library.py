@@ -247,7 +247,7 @@ def ssd_scan_op(x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size, dt_sof
 @custom_op("streamssm::mamba3_rotary_fwd", mutates_args=())
 def mamba3_rotary_fwd(B: Tensor, C: Tensor, dt: Tensor, theta: Tensor,
                       out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """B~, C~ (b, l, h, n) in out_dtype, final angle (b, h, n/2) fp32, tile angles (b, T, h, n/2) float64."""
+    """B~, C~ (b, l, h, n) in out_dtype, final angle (b, h, n/2) fp32, tile angles (b, h, n/2, T) float64."""
     return mamba3_rotary_fwd_triton(B, C, dt, theta, out_dtype)
 
 
@@ -256,7 +256,7 @@ def _(B, C, dt, theta, out_dtype):
     b, l, _, n = B.shape
     h = dt.shape[2]
     return (B.new_empty(b, l, h, n, dtype=out_dtype), B.new_empty(b, l, h, n, dtype=out_dtype),
-            B.new_empty(b, h, n // 2, dtype=F32), B.new_empty(b, -(-l // ROTARY_TILE), h, n // 2, dtype=torch.float64))
+            B.new_empty(b, h, n // 2, dtype=F32), B.new_empty(b, h, n // 2, -(-l // ROTARY_TILE), dtype=torch.float64))
 
 
 @custom_op("streamssm::mamba3_rotary_bwd", mutates_args=())
@@ -275,7 +275,7 @@ def _rotary_setup(ctx, inputs, output):
     B, C, dt, theta, out_dtype = inputs
     ctx.save_for_backward(B, C, dt, theta, output[3])
     ctx.out_dtype = out_dtype
-    ctx.set_materialize_grads(False)  # no float64 zeros of the tile angles (b, T, h, n/2) kept for the backward
+    ctx.set_materialize_grads(False)  # no float64 zeros of the tile angles (b, h, n/2, T) kept for the backward
 
 
 def _rotary_backward(ctx, dBo, dCo, dangle_end, _denter):

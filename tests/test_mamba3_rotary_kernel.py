@@ -138,7 +138,7 @@ for kernel, (block_k, warps) in ((rotary._rotary_tile_sums_kernel, (rotary.FWD_C
             f.write(compiled.asm["cubin"])
             f.flush()
             usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-        stack = int(re.search(r"STACK:(\d+)", usage).group(1))
+        stack = int(re.search(r"STACK:([0-9]+)", usage).group(1))
         assert stack == 0, f"{fn.__name__} ({half}, {block_k} angles, {warps} warps) spills registers: {usage}"
 """
 

@@ -11,11 +11,11 @@ PyTorch glue it replaces wrote the (b, l, h, k) angles in float64 and the rotate
 before casting them (~80 % of the Mamba-3 op's fwd+bwd at S1 on the H100). Here the angles
 never reach memory:
 
-    forward   1. each tile's angle sum per (b, h, k), in float64        (b, T, h, k)
+    forward   1. each tile's angle sum per (b, h, k), in float64        (b, h, k, T)
               2. (torch) exclusive cumsum over tiles, mod 2 pi: the angle entering each tile
               3. per (tile, b, h): in-tile cumsum + the entering angle, cos/sin, rotate B and C
     backward  1. per (tile, b, g): dB, dC (the heads of a group summed in registers: no atomics)
-                 and dTheta per head, with its tile sums              (b, l, h, k), (b, T, h, k)
+                 and dTheta per head, with its tile sums              (b, l, h, k), (b, h, k, T)
               2. (torch) suffix sums over tiles (plus the final angle's gradient)
               3. per (tile, b, g): reverse in-tile cumsum -> d(step angle) -> ddt, dtheta
 
@@ -34,12 +34,12 @@ import triton.language as tl
 
 BLOCK_L = 64  # steps per tile
 # (angles per program, warps) of the rotation (forward) and of the dangle kernel (backward): a thread
-# holds BLOCK_L x angles / (32 warps) elements, and the registers that go with them (sm_90 at 16
-# angles, 4 warps: forward 96, dangle 254). H100, S1, before the int32 in-tile offsets: forward
-# 0.66 / 0.63 / 1.54 ms and backward 1.29 / 1.41 / 3.96 ms at 16 / 32 / 64 angles (4 warps);
-# benchmarks/bench_mamba3_rotary.py --sweep times the others
-FWD_CONFIG = (16, 4)
-BWD_CONFIG = (16, 4)
+# holds BLOCK_L x angles / (32 warps) elements, and the registers that go with them (sm_90, 16
+# angles: forward 96 at 4 warps, 48 at 8; dangle 254 / 158). H100, 2026-12-06
+# (bench_mamba3_rotary.py --sweep), forward / backward ms at S1: 16 x 8 0.454 / 0.777, 16 x 4
+# 0.556 / 0.988, 32 x 2 0.487 / 1.635, 8 x 4 0.766 / 0.975; at S3 16 x 8 was best for both too
+FWD_CONFIG = (16, 8)
+BWD_CONFIG = (16, 8)
 HALF_PI = tl.constexpr(math.pi / 2)
 INV_HALF_PI = tl.constexpr(2 / math.pi)
 # Taylor coefficients of sin (r^3 .. r^9) and cos (r^2 .. r^10): on |r| <= pi/4 the first terms left
@@ -96,21 +96,21 @@ def _tile_cos_sin(p_dt, p_theta, p_enter, row0, o_r, m_l, i_b, i_t, i_h, i_g, i_
     """cos and sin (BLOCK_L, BLOCK_K) fp32 of Theta over one tile of head i_h: the entering angle
     plus the in-tile cumsum, in float64."""
     b_step, _, _, o_k, _ = _step_angles(p_dt, p_theta, row0, o_r, m_l, i_h, i_g, i_k, H, G, K, BLOCK_K)
-    enter = tl.load(p_enter + ((i_b * T + i_t) * H + i_h) * K + o_k, mask=o_k < K, other=0.0)
+    enter = tl.load(p_enter + ((i_b * H + i_h) * K + o_k) * T + i_t, mask=o_k < K, other=0.0)
     return _cos_sin(enter[None, :] + tl.cumsum(b_step.to(tl.float64), axis=0))
 
 
 @triton.jit
 def _rotary_tile_sums_kernel(p_dt, p_theta, p_sums, L, H, G, K, T,
                              BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Grid (T, b * h, angle blocks): sums (b, T, h, k) float64 of each tile's step angles."""
+    """Grid (T, b * h, angle blocks): sums (b, h, k, T) float64 of each tile's step angles."""
     i_t = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
     row0, o_r, m_l = _tile(i_b, i_t, L, BLOCK_L)
     b_step, _, _, o_k, _ = _step_angles(p_dt, p_theta, row0, o_r, m_l, i_h, i_h // (H // G), tl.program_id(2),
                                         H, G, K, BLOCK_K)
-    tl.store(p_sums + ((i_b * T + i_t) * H + i_h) * K + o_k, tl.sum(b_step.to(tl.float64), axis=0), mask=o_k < K)
+    tl.store(p_sums + ((i_b * H + i_h) * K + o_k) * T + i_t, tl.sum(b_step.to(tl.float64), axis=0), mask=o_k < K)
 
 
 # Pairs move as whole rows of 2 * BLOCK_K elements, split into (re, im) in registers: loads and
@@ -167,7 +167,7 @@ def _rotary_bwd_dangle_kernel(p_B, p_C, p_dt, p_theta, p_enter, p_dBo, p_dCo, p_
                               L, H, G, K, T, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
     """Grid (T, b * g, angle blocks): dB, dC (b, l, g, n) of one tile, group (its heads summed
     here) and block of angles, and each head's dTheta (b, l, h, k) fp32 with its tile sums
-    (b, T, h, k) fp32."""
+    (b, h, k, T) fp32."""
     i_t = tl.program_id(0)
     i_bg = tl.program_id(1)
     i_k = tl.program_id(2)
@@ -199,7 +199,7 @@ def _rotary_bwd_dangle_kernel(p_B, p_C, p_dt, p_theta, p_enter, p_dBo, p_dCo, p_
         dC_re += gC_re * cos - gC_im * sin
         dC_im += gC_re * sin + gC_im * cos
         tl.store(p_dangle + row0 * H * K + (o_r[:, None] * (H * K) + i_h * K + o_k[None, :]), dangle, mask=m)
-        tl.store(p_dsums + ((i_b * T + i_t) * H + i_h) * K + o_k, tl.sum(dangle, axis=0), mask=o_k < K)
+        tl.store(p_dsums + ((i_b * H + i_h) * K + o_k) * T + i_t, tl.sum(dangle, axis=0), mask=o_k < K)
     _store_pairs(p_dB + in0, o_in, dB_re, dB_im, m2, BLOCK_L, BLOCK_K)
     _store_pairs(p_dC + in0, o_in, dC_re, dC_im, m2, BLOCK_L, BLOCK_K)
 
@@ -208,7 +208,7 @@ def _rotary_bwd_dangle_kernel(p_B, p_C, p_dt, p_theta, p_enter, p_dBo, p_dCo, p_
 def _rotary_bwd_dstep_kernel(p_dt, p_theta, p_dangle, p_after, p_ddt, p_dtheta, L, H, G, K, T,
                              BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
     """Grid (T, b * g, 1): d(step angle) = sum of dTheta from here on (reverse in-tile cumsum plus
-    the tiles after, ``p_after`` (b, T, h, k) fp32); then ddt (b, l, h) and dtheta (b, l, g, k)."""
+    the tiles after, ``p_after`` (b, h, k, T) fp32); then ddt (b, l, h) and dtheta (b, l, g, k)."""
     i_t = tl.program_id(0)
     i_bg = tl.program_id(1)
     i_b, i_g = (i_bg // G).to(tl.int64), i_bg % G
@@ -222,7 +222,7 @@ def _rotary_bwd_dstep_kernel(p_dt, p_theta, p_dangle, p_after, p_ddt, p_dtheta, 
         _, b_dt, b_th, _, _ = _step_angles(p_dt, p_theta, row0, o_r, m_l, i_h, i_g, 0, H, G, K, BLOCK_K)
         dangle = tl.load(p_dangle + row0 * H * K + (o_r[:, None] * (H * K) + i_h * K + o_k[None, :]), mask=m,
                          other=0.0)
-        after = tl.load(p_after + ((i_b * T + i_t) * H + i_h) * K + o_k, mask=o_k < K, other=0.0)
+        after = tl.load(p_after + ((i_b * H + i_h) * K + o_k) * T + i_t, mask=o_k < K, other=0.0)
         dstep = tl.where(m, tl.cumsum(dangle, axis=0, reverse=True) + after[None, :], 0.0)
         tl.store(p_ddt + row0 * H + (o_r * H + i_h), tl.sum(dstep * b_th, axis=1).to(p_ddt.dtype.element_ty),
                  mask=m_l)
@@ -244,22 +244,24 @@ def mamba3_rotary_fwd_triton(B: torch.Tensor, C: torch.Tensor, dt: torch.Tensor,
                              out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """B, C (b, l, g, n); dt (b, l, h) fp32; theta (b, l, g, n/2). Returns B~, C~ (b, l, h, n) in
     ``out_dtype``, the final angle (b, h, n/2) fp32 (mod 2 pi) and what the backward keeps: the
-    angle entering each tile (b, T, h, n/2) float64."""
+    angle entering each tile (b, h, n/2, T) float64."""
     B, C, dt, theta = (t.contiguous() for t in (B, C, dt, theta))
     b, L, G, N = B.shape
     H, K = dt.shape[2], N // 2
     block_k, warps = min(FWD_CONFIG[0], _block_k(K)), FWD_CONFIG[1]
     grid = _grid(L, b * H, K, block_k)
     T = grid[0]
-    sums = torch.empty(b, T, H, K, device=B.device, dtype=torch.float64)
+    # tiles last: torch scans an innermost dim in parallel, an outer one with a thread per column (S3, 16,384
+    # tiles: 6.4 ms of the forward's 9.8 on the H100 with tiles second)
+    sums = torch.empty(b, H, K, T, device=B.device, dtype=torch.float64)
     _rotary_tile_sums_kernel[grid](dt, theta, sums, L, H, G, K, T, BLOCK_L=BLOCK_L, BLOCK_K=block_k)
-    through = sums.cumsum(1)
+    through = sums.cumsum(-1)
     enter = (through - sums).remainder_(2 * math.pi)
     Bo = torch.empty(b, L, H, N, device=B.device, dtype=out_dtype)
     Co = torch.empty_like(Bo)
     _rotary_fwd_kernel[grid](B, C, dt, theta, enter, Bo, Co, L, H, G, K, T, BLOCK_L=BLOCK_L, BLOCK_K=block_k,
                              num_warps=warps)
-    return Bo, Co, through[:, -1].remainder(2 * math.pi).float(), enter
+    return Bo, Co, through[..., -1].remainder(2 * math.pi).float(), enter
 
 
 def mamba3_rotary_bwd_triton(dBo: torch.Tensor, dCo: torch.Tensor, dangle_end: torch.Tensor, B: torch.Tensor,
@@ -273,13 +275,13 @@ def mamba3_rotary_bwd_triton(dBo: torch.Tensor, dCo: torch.Tensor, dangle_end: t
     T = triton.cdiv(L, BLOCK_L)
     dB, dC = torch.empty_like(B), torch.empty_like(C)
     dangle = torch.empty(b, L, H, K, device=B.device, dtype=torch.float32)
-    dsums = torch.empty(b, T, H, K, device=B.device, dtype=torch.float32)
+    dsums = torch.empty(b, H, K, T, device=B.device, dtype=torch.float32)  # tiles last, as the forward's sums
     block_k, warps = min(BWD_CONFIG[0], _block_k(K)), BWD_CONFIG[1]
     _rotary_bwd_dangle_kernel[_grid(L, b * G, K, block_k)](B, C, dt, theta, enter, dBo, dCo, dB, dC, dangle, dsums,
                                                            L, H, G, K, T, BLOCK_L=BLOCK_L, BLOCK_K=block_k,
                                                            num_warps=warps)
     # the tiles after each one, and the final angle (the sum of every step's)
-    after = dsums.flip(1).cumsum(1).flip(1) - dsums + dangle_end.float()[:, None]
+    after = dsums.flip(-1).cumsum(-1).flip(-1) - dsums + dangle_end.float()[..., None]
     ddt, dtheta = torch.empty_like(dt), torch.empty_like(theta)
     _rotary_bwd_dstep_kernel[_grid(L, b * G, K, _block_k(K))](dt, theta, dangle, after, ddt, dtheta, L, H, G, K, T,
                                                               BLOCK_L=BLOCK_L, BLOCK_K=_block_k(K), num_warps=8)
