@@ -3,7 +3,7 @@ Python process (one GIL) spends on every chunk between the worker links and the 
 
     python benchmarks/bench_engine_process.py [--streams 256,512] [--samples 320] [--workers 4]
                                               [--rounds 30] [--device cpu|cuda] [--pace-ms 0] [--flush-us 500]
-                                              [--batch-wait-ms 0] [--pipeline-fill 0.5] [--profile N]
+                                              [--batch-wait-ms 0] [--pipeline-fill 1] [--profile N]
 
 The engine process runs as ``serve --workers`` runs it (MultiProcessServer: its worker links,
 relays, Scheduler and Streamer), with the model call replaced by a zero-time stand-in (the
@@ -190,7 +190,7 @@ def main(argv=None) -> int:
                    help="print the event loop's N costliest functions (cProfile, own time) over the rounds")
     p.add_argument("--batch-wait-ms", type=float, default=0.0,
                    help="serve --batch-wait: how long the idle engine waits for more streams' chunks (ms)")
-    p.add_argument("--pipeline-fill", type=float, default=0.5,
+    p.add_argument("--pipeline-fill", type=float, default=ServeConfig.pipeline_fill,
                    help="serve --pipeline-fill: streams pending per stream in flight before the next call goes out")
     args = p.parse_args(argv)
     torch.set_num_threads(1)

@@ -309,6 +309,8 @@ def sweep(ckpt: Path, args) -> list[dict]:
 
 
 def main(argv=None) -> int:
+    from streamssm.service.config import ServeConfig
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=[*sorted(MODELS), "demo"], default="tiny")
     p.add_argument("--device", default="cpu")
@@ -322,7 +324,7 @@ def main(argv=None) -> int:
     p.add_argument("--event-loop", default="auto", choices=("auto", "asyncio", "uvloop"), help="serve --event-loop")
     p.add_argument("--slice-samples", type=int, default=640, help="serve --slice-samples")
     p.add_argument("--batch-wait", type=float, default=0.0, help="serve --batch-wait (seconds)")
-    p.add_argument("--pipeline-fill", type=float, default=0.5, help="serve --pipeline-fill")
+    p.add_argument("--pipeline-fill", type=float, default=ServeConfig.pipeline_fill, help="serve --pipeline-fill")
     p.add_argument("--server-threads", type=int, default=None, help="torch threads of the server process")
     p.add_argument("--engine", default="auto", choices=("auto", "eager", "graphs", "compiled"),
                    help="the server's engine (serve --engine)")

@@ -241,7 +241,7 @@ class Scheduler(StreamQueues):
     nothing pending before it calls the model (:meth:`_wait_for_more`; 0: it never waits).
     ``pipeline_fill``: while a call is in flight, the next goes out before it is collected only
     when at least ``pipeline_fill`` streams per stream of the call in flight have samples pending
-    (:meth:`_run`; 0.5: half as many). Larger: fewer, bigger calls while the device is busy (each
+    (:meth:`_run`; 1: as many). Larger: fewer, bigger calls while the device is busy (each
     call costs the engine process a fixed share of host CPU); ``batch_wait`` never applies then.
     ``metrics`` (optional) receives ``observe_batch(streams, samples, seconds)`` and
     ``observe_chunks(latencies_s)`` calls on the event loop.
@@ -249,7 +249,7 @@ class Scheduler(StreamQueues):
 
     def __init__(self, streamer: Streamer, queue_depth: int = 8, metrics: Any = None,
                  batching: str = "uniform", slice_samples: int = 640, batch_wait: float = 0.0,
-                 pipeline_fill: float = 0.5):
+                 pipeline_fill: float = 1.0):
         if queue_depth < 1:
             raise ConfigError(f"queue_depth must be >= 1, got {queue_depth}")
         if not batch_wait >= 0:

@@ -35,7 +35,7 @@ def test_bench_engine_process_runs_fake_workers_over_real_links(capsys):
                                           *pace]) == 0
         out = capsys.readouterr().out
         assert ("event loop of the engine process, 12 streams, 3 rounds (36 chunks)" in out) == ("--profile" in pace)
-        assert f"pipeline fill {2 if '--pipeline-fill' in pace else 0.5:g})" in out
+        assert f"pipeline fill {2 if '--pipeline-fill' in pace else 1:g})" in out  # the server's default: 1
         rows = table_rows(out.split("engine process of serve")[-1])
         assert len(rows) == 1 and rows[0][0] == 12 and rows[0][1] > 0 and rows[0][2] > 0
         assert 0 <= rows[0][4] < rows[0][3]  # waiting on the device: part of the engine thread's CPU
