@@ -119,14 +119,14 @@ import re, subprocess, tempfile
 from pathlib import Path
 from streamssm.kernels.mamba3 import rotary
 
-INT = {"L", "H", "G", "K", "T"}
+INT = {"L", "H", "G", "K", "T", "ROWS"}
 F64 = {"p_sums", "p_enter"}  # the tile angles
 F32 = {"p_dt", "p_dangle", "p_dsums", "p_after", "p_ddt"}  # dt and the angle gradients stay fp32
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 for kernel, (block_k, warps) in ((rotary._rotary_tile_sums_kernel, (rotary.FWD_CONFIG[0], 4)),
                                  (rotary._rotary_fwd_kernel, rotary.FWD_CONFIG),
                                  (rotary._rotary_bwd_dangle_kernel, rotary.BWD_CONFIG),
-                                 (rotary._rotary_bwd_dstep_kernel, (64, 8))):
+                                 (rotary._rotary_bwd_dstep_kernel, rotary.DSTEP_CONFIG)):
     fn = kernel
     for half in ("*bf16", "*fp32"):
         consts = {"BLOCK_L": rotary.BLOCK_L, "BLOCK_K": block_k}

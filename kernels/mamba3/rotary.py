@@ -40,6 +40,10 @@ BLOCK_L = 64  # steps per tile
 # 0.556 / 0.988, 32 x 2 0.487 / 1.635, 8 x 4 0.766 / 0.975; at S3 16 x 8 was best for both too
 FWD_CONFIG = (16, 8)
 BWD_CONFIG = (16, 8)
+# the dstep kernel's: angle blocks split its grid (ddt summed over them after); all 64 angles of S1
+# in one program took 254 registers at 8 warps (one program an SM, 186 us at S1 on the H100); 16
+# angles x 8 warps: 78 (not yet timed on a GPU)
+DSTEP_CONFIG = (16, 8)
 HALF_PI = tl.constexpr(math.pi / 2)
 INV_HALF_PI = tl.constexpr(2 / math.pi)
 # Taylor coefficients of sin (r^3 .. r^9) and cos (r^2 .. r^10): on |r| <= pi/4 the first terms left
@@ -205,27 +209,29 @@ def _rotary_bwd_dangle_kernel(p_B, p_C, p_dt, p_theta, p_enter, p_dBo, p_dCo, p_
 
 
 @triton.jit
-def _rotary_bwd_dstep_kernel(p_dt, p_theta, p_dangle, p_after, p_ddt, p_dtheta, L, H, G, K, T,
+def _rotary_bwd_dstep_kernel(p_dt, p_theta, p_dangle, p_after, p_ddt, p_dtheta, L, H, G, K, T, ROWS,
                              BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Grid (T, b * g, 1): d(step angle) = sum of dTheta from here on (reverse in-tile cumsum plus
-    the tiles after, ``p_after`` (b, h, k, T) fp32); then ddt (b, l, h) and dtheta (b, l, g, k)."""
+    """Grid (T, b * g, angle blocks): d(step angle) = sum of dTheta from here on (reverse in-tile
+    cumsum plus the tiles after, ``p_after`` (b, h, k, T) fp32); then dtheta (b, l, g, k) and
+    each angle block's share of ddt, (angle blocks, b * l = ROWS, h) fp32."""
     i_t = tl.program_id(0)
     i_bg = tl.program_id(1)
+    i_k = tl.program_id(2)
     i_b, i_g = (i_bg // G).to(tl.int64), i_bg % G
     rep = H // G
     row0, o_r, m_l = _tile(i_b, i_t, L, BLOCK_L)
-    o_k = tl.arange(0, BLOCK_K)
+    o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
     m = m_l[:, None] & (o_k < K)[None, :]
+    p_ddt += (i_k * ROWS + row0) * H
     dtheta = tl.zeros([BLOCK_L, BLOCK_K], dtype=tl.float32)
     for j in range(rep):
         i_h = i_g * rep + j
-        _, b_dt, b_th, _, _ = _step_angles(p_dt, p_theta, row0, o_r, m_l, i_h, i_g, 0, H, G, K, BLOCK_K)
+        _, b_dt, b_th, _, _ = _step_angles(p_dt, p_theta, row0, o_r, m_l, i_h, i_g, i_k, H, G, K, BLOCK_K)
         dangle = tl.load(p_dangle + row0 * H * K + (o_r[:, None] * (H * K) + i_h * K + o_k[None, :]), mask=m,
                          other=0.0)
         after = tl.load(p_after + ((i_b * H + i_h) * K + o_k) * T + i_t, mask=o_k < K, other=0.0)
         dstep = tl.where(m, tl.cumsum(dangle, axis=0, reverse=True) + after[None, :], 0.0)
-        tl.store(p_ddt + row0 * H + (o_r * H + i_h), tl.sum(dstep * b_th, axis=1).to(p_ddt.dtype.element_ty),
-                 mask=m_l)
+        tl.store(p_ddt + o_r * H + i_h, tl.sum(dstep * b_th, axis=1), mask=m_l)
         dtheta += b_dt[:, None] * dstep
     tl.store(p_dtheta + row0 * G * K + (o_r[:, None] * (G * K) + i_g * K + o_k[None, :]),
              dtheta.to(p_dtheta.dtype.element_ty), mask=m)
@@ -282,7 +288,10 @@ def mamba3_rotary_bwd_triton(dBo: torch.Tensor, dCo: torch.Tensor, dangle_end: t
                                                            num_warps=warps)
     # the tiles after each one, and the final angle (the sum of every step's)
     after = dsums.flip(-1).cumsum(-1).flip(-1) - dsums + dangle_end.float()[..., None]
-    ddt, dtheta = torch.empty_like(dt), torch.empty_like(theta)
-    _rotary_bwd_dstep_kernel[_grid(L, b * G, K, _block_k(K))](dt, theta, dangle, after, ddt, dtheta, L, H, G, K, T,
-                                                              BLOCK_L=BLOCK_L, BLOCK_K=_block_k(K), num_warps=8)
-    return dB, dC, ddt, dtheta
+    block_k, warps = min(DSTEP_CONFIG[0], _block_k(K)), DSTEP_CONFIG[1]
+    grid = _grid(L, b * G, K, block_k)
+    ddt_parts = torch.empty(grid[2], b * L, H, device=B.device, dtype=torch.float32)  # per angle block
+    dtheta = torch.empty_like(theta)
+    _rotary_bwd_dstep_kernel[grid](dt, theta, dangle, after, ddt_parts, dtheta, L, H, G, K, T, b * L,
+                                   BLOCK_L=BLOCK_L, BLOCK_K=block_k, num_warps=warps)
+    return dB, dC, ddt_parts.sum(0).view_as(dt).to(dt.dtype), dtheta
