@@ -33,18 +33,21 @@ MAMBA1_SHAPES: dict[str, dict[str, int]] = {
 
 
 def run_tag() -> str:
-    """'<GPU name> · torch x · triton y · commit abc1234[+dirty]' (``STREAMSSM_COMMIT`` without git)."""
+    """'<GPU name> · torch x · triton y · commit abc1234[+dirty]': ``STREAMSSM_COMMIT`` where set (a
+    copy of the tree whose .git is not the code's, e.g. the device machine's), else git's."""
     import triton
 
     root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True).stdout.strip()
-        commit += "+dirty" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):  # e.g. a copy of the tree without .git
-        commit = os.environ.get("STREAMSSM_COMMIT", "unknown")
+    commit = os.environ.get("STREAMSSM_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                                    text=True, check=True).stdout.strip()
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                   capture_output=True, text=True).stdout.strip()
+            commit += "+dirty" if dirty else ""
+        except (OSError, subprocess.CalledProcessError):  # e.g. a copy of the tree without .git
+            commit = "unknown"
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return f"{gpu} · torch {torch.__version__} · triton {triton.__version__} · commit {commit}"
 
