@@ -84,10 +84,12 @@ class LocalBackend:
         await self.scheduler.start()
 
     async def stop(self) -> None:
-        await self.scheduler.stop()
-        if self._collector_tuned:
-            _SERVING_GC.leave()
-            self._collector_tuned = False
+        try:
+            await self.scheduler.stop()
+        finally:
+            if self._collector_tuned:
+                _SERVING_GC.leave()
+                self._collector_tuned = False
 
     async def counts(self) -> tuple[int, int]:
         """(live streams, parked streams)."""
