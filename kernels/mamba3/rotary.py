@@ -222,7 +222,7 @@ def _rotary_bwd_dstep_kernel(p_dt, p_theta, p_dangle, p_after, p_ddt, p_dtheta, 
     row0, o_r, m_l = _tile(i_b, i_t, L, BLOCK_L)
     o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
     m = m_l[:, None] & (o_k < K)[None, :]
-    p_ddt += (i_k * ROWS + row0) * H
+    p_ddt += (i_k.to(tl.int64) * ROWS + row0) * H
     dtheta = tl.zeros([BLOCK_L, BLOCK_K], dtype=tl.float32)
     for j in range(rep):
         i_h = i_g * rep + j
