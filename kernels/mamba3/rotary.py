@@ -20,8 +20,8 @@ never reach memory:
               3. per (tile, b, g): reverse in-tile cumsum -> d(step angle) -> ddt, dtheta
 
 The rows of dtheta / dB / dC of a group are written by one program, so every gradient is
-deterministic. Angles accumulate in float64 (the fp32 step angles dt * theta, as the reference)
-and are reduced mod 2 pi before their fp32 cos/sin.
+deterministic. Angles accumulate in float64 (the fp32 step angles dt * theta, as the reference);
+cos and sin come from their float64 reduction to [-pi/4, pi/4] (``_cos_sin``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import triton.language as tl
 
 BLOCK_L = 64  # steps per tile
 # (angles per program, warps) of the rotation (forward) and of the dangle kernel (backward): a thread
-# holds BLOCK_L x angles / (32 warps) elements, and the registers that go with them (sm_90, 16
+# holds BLOCK_L x angles / (32 x warps) elements, and the registers that go with them (sm_90, 16
 # angles: forward 96 at 4 warps, 48 at 8; dangle 254 / 158). H100, 2026-12-06
 # (bench_mamba3_rotary.py --sweep), forward / backward ms at S1: 16 x 8 0.454 / 0.777, 16 x 4
 # 0.556 / 0.988, 32 x 2 0.487 / 1.635, 8 x 4 0.766 / 0.975; at S3 16 x 8 was best for both too
