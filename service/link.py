@@ -14,6 +14,7 @@ per loop iteration, not one per chunk, in the engine process's per-chunk path.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import pickle
 import socket
 import struct
@@ -85,7 +86,8 @@ def _unpack_batch(data: bytearray, code: str, trailing: tuple[int, ...], lengths
         views = iter(flat.split_with_sizes(rows))
     else:
         flat = np.frombuffer(data, dtype=code).reshape(sum(rows), *trailing)
-        views = iter(np.split(flat, np.cumsum(rows[:-1])))
+        # slices: np.split costs 6-19 us a message of 1-16 arrays, slicing 0.8-3.7
+        views = iter([flat[end - n:end] for n, end in zip(rows, itertools.accumulate(rows))])
     return tuple(None if n < 0 else next(views) for n in lengths)
 
 
