@@ -64,6 +64,19 @@ def _tile(i_b, i_t, L, BLOCK_L: tl.constexpr):
 
 
 @triton.jit
+def _per_tile_at(i_b, i_t, i_h, o_k, H, K, T):
+    """Offsets (BLOCK_K,) of tile i_t's per-tile angle values of head i_h, angles ``o_k``, in the
+    (b, h, k, T) tables (tile sums, entering angles and their gradients: tiles last)."""
+    return ((i_b * H + i_h) * K + o_k) * T + i_t
+
+
+@triton.jit
+def _dangle_at(row0, o_r, i_h, o_k, H, K):
+    """Offsets (BLOCK_L, BLOCK_K) of a tile's rows of head i_h, angles ``o_k``, in dTheta (b, l, h, k)."""
+    return row0 * H * K + (o_r[:, None] * (H * K) + i_h * K + o_k[None, :])
+
+
+@triton.jit
 def _step_angles(p_dt, p_theta, row0, o_r, m_l, i_h, i_g, i_k, H, G, K, BLOCK_K: tl.constexpr):
     """One tile's (BLOCK_L, BLOCK_K) fp32 step angles dt * theta of head i_h and angle block i_k
     (0 outside), its dt (BLOCK_L,) and theta, the angle index and the (row, angle) mask."""
@@ -100,7 +113,7 @@ def _tile_cos_sin(p_dt, p_theta, p_enter, row0, o_r, m_l, i_b, i_t, i_h, i_g, i_
     """cos and sin (BLOCK_L, BLOCK_K) fp32 of Theta over one tile of head i_h: the entering angle
     plus the in-tile cumsum, in float64."""
     b_step, _, _, o_k, _ = _step_angles(p_dt, p_theta, row0, o_r, m_l, i_h, i_g, i_k, H, G, K, BLOCK_K)
-    enter = tl.load(p_enter + ((i_b * H + i_h) * K + o_k) * T + i_t, mask=o_k < K, other=0.0)
+    enter = tl.load(p_enter + _per_tile_at(i_b, i_t, i_h, o_k, H, K, T), mask=o_k < K, other=0.0)
     return _cos_sin(enter[None, :] + tl.cumsum(b_step.to(tl.float64), axis=0))
 
 
@@ -114,7 +127,8 @@ def _rotary_tile_sums_kernel(p_dt, p_theta, p_sums, L, H, G, K, T,
     row0, o_r, m_l = _tile(i_b, i_t, L, BLOCK_L)
     b_step, _, _, o_k, _ = _step_angles(p_dt, p_theta, row0, o_r, m_l, i_h, i_h // (H // G), tl.program_id(2),
                                         H, G, K, BLOCK_K)
-    tl.store(p_sums + ((i_b * H + i_h) * K + o_k) * T + i_t, tl.sum(b_step.to(tl.float64), axis=0), mask=o_k < K)
+    tl.store(p_sums + _per_tile_at(i_b, i_t, i_h, o_k, H, K, T), tl.sum(b_step.to(tl.float64), axis=0),
+             mask=o_k < K)
 
 
 # Pairs move as whole rows of 2 * BLOCK_K elements, split into (re, im) in registers: loads and
@@ -202,8 +216,8 @@ def _rotary_bwd_dangle_kernel(p_B, p_C, p_dt, p_theta, p_enter, p_dBo, p_dCo, p_
         dB_im += gB_re * sin + gB_im * cos
         dC_re += gC_re * cos - gC_im * sin
         dC_im += gC_re * sin + gC_im * cos
-        tl.store(p_dangle + row0 * H * K + (o_r[:, None] * (H * K) + i_h * K + o_k[None, :]), dangle, mask=m)
-        tl.store(p_dsums + ((i_b * H + i_h) * K + o_k) * T + i_t, tl.sum(dangle, axis=0), mask=o_k < K)
+        tl.store(p_dangle + _dangle_at(row0, o_r, i_h, o_k, H, K), dangle, mask=m)
+        tl.store(p_dsums + _per_tile_at(i_b, i_t, i_h, o_k, H, K, T), tl.sum(dangle, axis=0), mask=o_k < K)
     _store_pairs(p_dB + in0, o_in, dB_re, dB_im, m2, BLOCK_L, BLOCK_K)
     _store_pairs(p_dC + in0, o_in, dC_re, dC_im, m2, BLOCK_L, BLOCK_K)
 
@@ -227,9 +241,8 @@ def _rotary_bwd_dstep_kernel(p_dt, p_theta, p_dangle, p_after, p_ddt, p_dtheta, 
     for j in range(rep):
         i_h = i_g * rep + j
         _, b_dt, b_th, _, _ = _step_angles(p_dt, p_theta, row0, o_r, m_l, i_h, i_g, i_k, H, G, K, BLOCK_K)
-        dangle = tl.load(p_dangle + row0 * H * K + (o_r[:, None] * (H * K) + i_h * K + o_k[None, :]), mask=m,
-                         other=0.0)
-        after = tl.load(p_after + ((i_b * H + i_h) * K + o_k) * T + i_t, mask=o_k < K, other=0.0)
+        dangle = tl.load(p_dangle + _dangle_at(row0, o_r, i_h, o_k, H, K), mask=m, other=0.0)
+        after = tl.load(p_after + _per_tile_at(i_b, i_t, i_h, o_k, H, K, T), mask=o_k < K, other=0.0)
         dstep = tl.where(m, tl.cumsum(dangle, axis=0, reverse=True) + after[None, :], 0.0)
         tl.store(p_ddt + o_r * H + i_h, tl.sum(dstep * b_th, axis=1), mask=m_l)
         dtheta += b_dt[:, None] * dstep
@@ -237,13 +250,11 @@ def _rotary_bwd_dstep_kernel(p_dt, p_theta, p_dangle, p_after, p_ddt, p_dtheta, 
              dtheta.to(p_dtheta.dtype.element_ty), mask=m)
 
 
-def _block_k(K: int) -> int:
-    """All K angles in one block (a power of two)."""
-    return max(2, triton.next_power_of_2(K))
-
-
-def _grid(L: int, rows: int, K: int, block_k: int) -> tuple[int, int, int]:
-    return triton.cdiv(L, BLOCK_L), rows, triton.cdiv(K, block_k)
+def _launch(config: tuple[int, int], L: int, rows: int, K: int) -> tuple[tuple[int, int, int], int, int]:
+    """A kernel's grid (tiles, ``rows``, angle blocks), angles per program and warps from its
+    (angles, warps) config: at most all K angles in one block (a power of two)."""
+    block_k = min(config[0], max(2, triton.next_power_of_2(K)))
+    return (triton.cdiv(L, BLOCK_L), rows, triton.cdiv(K, block_k)), block_k, config[1]
 
 
 def mamba3_rotary_fwd_triton(B: torch.Tensor, C: torch.Tensor, dt: torch.Tensor, theta: torch.Tensor,
@@ -254,8 +265,7 @@ def mamba3_rotary_fwd_triton(B: torch.Tensor, C: torch.Tensor, dt: torch.Tensor,
     B, C, dt, theta = (t.contiguous() for t in (B, C, dt, theta))
     b, L, G, N = B.shape
     H, K = dt.shape[2], N // 2
-    block_k, warps = min(FWD_CONFIG[0], _block_k(K)), FWD_CONFIG[1]
-    grid = _grid(L, b * H, K, block_k)
+    grid, block_k, warps = _launch(FWD_CONFIG, L, b * H, K)
     T = grid[0]
     # tiles last: torch scans an innermost dim in parallel, an outer one with a thread per column (S3, 16,384
     # tiles: 6.4 ms of the forward's 9.8 on the H100 with tiles second)
@@ -282,14 +292,12 @@ def mamba3_rotary_bwd_triton(dBo: torch.Tensor, dCo: torch.Tensor, dangle_end: t
     dB, dC = torch.empty_like(B), torch.empty_like(C)
     dangle = torch.empty(b, L, H, K, device=B.device, dtype=torch.float32)
     dsums = torch.empty(b, H, K, T, device=B.device, dtype=torch.float32)  # tiles last, as the forward's sums
-    block_k, warps = min(BWD_CONFIG[0], _block_k(K)), BWD_CONFIG[1]
-    _rotary_bwd_dangle_kernel[_grid(L, b * G, K, block_k)](B, C, dt, theta, enter, dBo, dCo, dB, dC, dangle, dsums,
-                                                           L, H, G, K, T, BLOCK_L=BLOCK_L, BLOCK_K=block_k,
-                                                           num_warps=warps)
+    grid, block_k, warps = _launch(BWD_CONFIG, L, b * G, K)
+    _rotary_bwd_dangle_kernel[grid](B, C, dt, theta, enter, dBo, dCo, dB, dC, dangle, dsums, L, H, G, K, T,
+                                    BLOCK_L=BLOCK_L, BLOCK_K=block_k, num_warps=warps)
     # the tiles after each one, and the final angle (the sum of every step's)
     after = dsums.flip(-1).cumsum(-1).flip(-1) - dsums + dangle_end.float()[..., None]
-    block_k, warps = min(DSTEP_CONFIG[0], _block_k(K)), DSTEP_CONFIG[1]
-    grid = _grid(L, b * G, K, block_k)
+    grid, block_k, warps = _launch(DSTEP_CONFIG, L, b * G, K)
     ddt_parts = torch.empty(grid[2], b * L, H, device=B.device, dtype=torch.float32)  # per angle block
     dtheta = torch.empty_like(theta)
     _rotary_bwd_dstep_kernel[grid](dt, theta, dangle, after, ddt_parts, dtheta, L, H, G, K, T, b * L,
