@@ -6,14 +6,15 @@ the op's shapes, beside an earlier rotary.py (``--old``), with their byte floors
 
 Shapes S1-S3 of shared/BENCHMARKS.md as bench_mamba3 maps them: one group of B and C (bf16),
 rotated into every head's frame (B~, C~ (b, l, h, n) bf16); dt (b, l, h) fp32, theta (b, l, 1, n/2)
-bf16. Rows: forward (tile sums, their cumsum, the rotation) and backward (dangle kernel, suffix
-sums, dstep kernel), CUDA-graph medians (``_harness.time_graph``). "x byte floor": the time over
-the least time to move the kernel's bytes once at the copy bandwidth (forward: write B~ and C~, read
-B, C, dt, theta; backward: read dB~, dC~, B, C, dt, theta, write dB, dC, ddt, dtheta). "old / new"
-> 1: this tree is faster. Outputs of the old and new kernels are compared (per output, the max
-abs difference over the old's max abs value; the worst output's) so a faster kernel that is
-wrong shows. ``--sweep``: this tree's forward and backward at every (angles per program, warps) of
-SWEEP (``rotary.FWD_CONFIG`` / ``BWD_CONFIG`` set in turn), the launchers' choice marked.
+bf16. Rows per shape: forward (tile sums, their cumsum, the rotation) and backward (dangle
+kernel, suffix sums, dstep kernel) of each version, CUDA-graph medians (``_harness.time_graph``).
+"x byte floor": the time over the least time to move the kernel's bytes once at the copy bandwidth
+(forward: write B~ and C~, read B, C, dt, theta; backward: read dB~, dC~, B, C, dt, theta, write
+dB, dC, ddt, dtheta). "ms ratio" (old / new) > 1: this tree is faster. Outputs of the old and new
+kernels are compared (per output, the max abs difference over the old's max abs value; the worst
+output's) so a faster kernel that is wrong shows. ``--sweep``: this tree's forward and backward at
+every (angles per program, warps) of SWEEP (``rotary.FWD_CONFIG`` / ``BWD_CONFIG`` set in turn),
+the launchers' choice marked.
 """
 
 from __future__ import annotations
@@ -78,6 +79,19 @@ def kernel_calls(mod, t: dict[str, torch.Tensor]):
     return fwd, bwd, out
 
 
+def shape_inputs(shapes: list[str]):
+    """(shape, inputs) of each shape in turn, each freed before the next."""
+    for shape in shapes:
+        s = SSD_SHAPES[shape]
+        yield shape, make_inputs(s["batch"], s["length"], s["heads"], s["dstate"])
+        torch.cuda.empty_cache()
+
+
+def max_rel_diff(new: tuple[torch.Tensor, ...], old: tuple[torch.Tensor, ...]) -> float:
+    """The worst output's max |old - new| over its max |old|."""
+    return max(float((a.float() - b.float()).abs().max() / b.float().abs().max()) for a, b in zip(new, old))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="S1,S2,S3")
@@ -89,32 +103,19 @@ def main() -> int:
         print("bench_mamba3_rotary times GPU kernels: no CUDA device here", file=sys.stderr)
         return 1
     versions = [("new", rotary)] + ([("old", load_rotary(args.old))] if args.old else [])
-    table = Table(["shape", "kernel", "version", "ms", "x byte floor", "max |old - new| / max |old|"], ours="new")
-    for shape in args.shapes.split(","):
-        s = SSD_SHAPES[shape]
-        t = make_inputs(s["batch"], s["length"], s["heads"], s["dstate"])
-        results = {}
+    # "shape" names a shape and a kernel, "kernel" the version: the ratio column is old / new
+    table = Table(["shape", "kernel", "ms", "x byte floor", "max |old - new| / max |old|"], ratio_of=["ms"], ours="new")
+    for shape, t in shape_inputs(args.shapes.split(",")):
+        outputs = {}
         for version, mod in versions:
             fwd, bwd, out = kernel_calls(mod, t)
-            results[version] = (out, bwd())
+            outputs[version] = {"forward": out[:3], "backward": bwd()}
             for kernel, fn, backward in (("forward", fwd, False), ("backward", bwd, True)):
                 ms = time_graph(fn)
-                table.add(shape=shape, kernel=kernel, version=version, ms=ms,
-                          **{"x byte floor": ms / floor_ms(t, backward)})
-        if "old" in results:
-            (new_out, new_grads), (old_out, old_grads) = results["new"], results["old"]
-            for kernel, new, old in (("forward", new_out[:3], old_out[:3]), ("backward", new_grads, old_grads)):
-                diff = max(float((a.float() - b.float()).abs().max() / b.float().abs().max()) for a, b in zip(new, old))
-                for row in table.rows:
-                    if row["shape"] == shape and row["kernel"] == kernel and row["version"] == "old":
-                        row["max |old - new| / max |old|"] = diff
-        del t, results
-        torch.cuda.empty_cache()
-    for row in table.rows:  # old / new per shape and kernel
-        new = next(r for r in table.rows if r["shape"] == row["shape"] and r["kernel"] == row["kernel"]
-                   and r["version"] == "new")
-        row["old / new"] = row["ms"] / new["ms"] if row["version"] == "old" else None
-    table.columns.append("old / new")
+                diff = max_rel_diff(outputs["new"][kernel], outputs[version][kernel]) if version == "old" else None
+                table.add(shape=f"{shape} {kernel}", kernel=version, ms=ms,
+                          **{"x byte floor": ms / floor_ms(t, backward), "max |old - new| / max |old|": diff})
+        del t, outputs
     text = f"{run_tag()}\n\n{table.markdown()}"
     if args.sweep:
         text += "\n\n" + sweep(args.shapes.split(",")).markdown()
@@ -126,9 +127,7 @@ def sweep(shapes: list[str]) -> Table:
     """Forward and backward ms of this tree at each (angles, warps) of SWEEP."""
     table = Table(["shape", "angles x warps", "forward ms", "backward ms"])
     chosen = rotary.FWD_CONFIG, rotary.BWD_CONFIG
-    for shape in shapes:
-        s = SSD_SHAPES[shape]
-        t = make_inputs(s["batch"], s["length"], s["heads"], s["dstate"])
+    for shape, t in shape_inputs(shapes):
         for config in SWEEP:
             rotary.FWD_CONFIG = rotary.BWD_CONFIG = config
             fwd, bwd, _ = kernel_calls(rotary, t)
@@ -137,7 +136,6 @@ def sweep(shapes: list[str]) -> Table:
                                       "forward ms": time_graph(fwd), "backward ms": time_graph(bwd)})
         rotary.FWD_CONFIG, rotary.BWD_CONFIG = chosen
         del t
-        torch.cuda.empty_cache()
     return table
 
 
