@@ -84,6 +84,12 @@ def time_graph(fn: Callable[[], object], warmup_calls: int = 3, rep: int = 100) 
     return ms
 
 
+def max_rel_diff(ref: tuple[torch.Tensor, ...], got: tuple[torch.Tensor, ...]) -> float:
+    """The worst pair's max |got - ref| over its max |ref| (float64), over pairs of outputs."""
+    return max(float((g.double() - r.double()).abs().max() / r.double().abs().max().clamp_min(1e-30))
+               for r, g in zip(ref, got))
+
+
 def kernel_profile(fn: Callable[[], object], calls: int = 3, top: int = 15, warmup_calls: int = 2) -> str:
     """torch.profiler's table of the GPU kernels of ``calls`` runs of ``fn`` (after
     ``warmup_calls``), by total GPU time."""

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import COPY_TBPS, SSD_SHAPES, Table, report, run_tag, time_graph  # noqa: E402
+from _harness import COPY_TBPS, SSD_SHAPES, Table, max_rel_diff, report, run_tag, time_graph  # noqa: E402
 
 from streamssm.kernels.mamba3 import rotary  # noqa: E402
 
@@ -87,11 +87,6 @@ def shape_inputs(shapes: list[str]):
         torch.cuda.empty_cache()
 
 
-def max_rel_diff(new: tuple[torch.Tensor, ...], old: tuple[torch.Tensor, ...]) -> float:
-    """The worst output's max |old - new| over its max |old|."""
-    return max(float((a.float() - b.float()).abs().max() / b.float().abs().max()) for a, b in zip(new, old))
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="S1,S2,S3")
@@ -112,7 +107,7 @@ def main() -> int:
             outputs[version] = {"forward": out[:3], "backward": bwd()}
             for kernel, fn, backward in (("forward", fwd, False), ("backward", bwd, True)):
                 ms = time_graph(fn)
-                diff = max_rel_diff(outputs["new"][kernel], outputs[version][kernel]) if version == "old" else None
+                diff = max_rel_diff(outputs[version][kernel], outputs["new"][kernel]) if version == "old" else None
                 table.add(shape=f"{shape} {kernel}", kernel=version, ms=ms,
                           **{"x byte floor": ms / floor_ms(t, backward), "max |old - new| / max |old|": diff})
         del t, outputs

@@ -71,14 +71,14 @@ def make_inputs(shape: dict[str, int], seed: int = 0, device: str = "cuda",
     """x, dt, B, C in ``dtype``; A, D, dt_bias fp32 (one group)."""
     b, l, h, p, n = (shape[k] for k in ("batch", "length", "heads", "headdim", "dstate"))
     g = torch.Generator(device=device).manual_seed(seed)
-    bf = dict(device=device, dtype=dtype)
+    data = dict(device=device, dtype=dtype)
     dt_init = torch.exp(torch.rand(h, device=device, generator=g) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
     return {
-        "x": torch.randn(b, l, h, p, generator=g, **bf),
+        "x": torch.randn(b, l, h, p, generator=g, **data),
         "dt": (torch.randn(b, l, h, generator=g, device=device) * 0.5).to(dtype),
         "A": -torch.exp(torch.rand(h, device=device, generator=g) * math.log(16)),
-        "B": torch.randn(b, l, 1, n, generator=g, **bf),
-        "C": torch.randn(b, l, 1, n, generator=g, **bf),
+        "B": torch.randn(b, l, 1, n, generator=g, **data),
+        "C": torch.randn(b, l, 1, n, generator=g, **data),
         "D": torch.randn(h, device=device, generator=g),
         "dt_bias": dt_init + torch.log(-torch.expm1(-dt_init)),  # inverse softplus
     }

@@ -34,7 +34,7 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import SSD_SHAPES, time_eager  # noqa: E402
+from _harness import SSD_SHAPES, max_rel_diff, time_eager  # noqa: E402
 from bench_ssd import NAMES, make_inputs, with_grads  # noqa: E402
 
 from streamssm.kernels import ssd_scan  # noqa: E402
@@ -92,11 +92,6 @@ def label(cfg: triton.Config) -> str:
     return f"{tiles} w{cfg.num_warps} s{cfg.num_stages}"
 
 
-def max_rel(ref: tuple, got: tuple) -> float:
-    return max(float((g.double() - r.double()).abs().max() / r.double().abs().max().clamp_min(1e-30))
-               for r, g in zip(ref, got))
-
-
 def kernel_us(step, name: str, calls: int = 5) -> tuple[float, int]:
     """GPU µs per step of the kernels named ``name`` and their launches per step."""
     from torch.profiler import ProfilerActivity, profile
@@ -133,7 +128,7 @@ def sweep(name: str, step, ref: tuple, tol: float, on_gpu: bool, deadline: float
             began = time.time()
             try:
                 got = step()  # compiles, warms up
-                row["rel"] = max_rel(ref, got)
+                row["rel"] = max_rel_diff(ref, got)
                 if on_gpu:
                     row["us"], row["n"] = kernel_us(step, kname)
                     row["ms"] = time_eager(step)
