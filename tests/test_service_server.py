@@ -714,9 +714,9 @@ LATE = [("launch", 0), ("collect", 0), ("launch", 1), ("collect", 1)]  # collect
 
 
 @pytest.mark.parametrize("fill, backlogged, expected", [
-    (0.5, 1, LATE),  # the default: 1 of 4 streams is not enough
+    (0.5, 1, LATE),  # --pipeline-fill 0.5: 1 of 4 streams is not enough
     (0.5, 2, EARLY),  # 2 of 4 are
-    (1.0, 2, LATE),  # serve --pipeline-fill 1: as many streams as the call in flight holds
+    (1.0, 2, LATE),  # the default, 1: as many streams as the call in flight holds
     (1.0, 4, EARLY),
 ])
 async def test_next_call_goes_out_early_only_while_streams_are_backlogged(ckpts, fill, backlogged, expected):
