@@ -3,7 +3,7 @@ with mamba-ssm's Triton Mamba-3 (SISO) op beside ours.
 
 Run on a GPU:
 
-    python benchmarks/bench_mamba3.py [--shapes S1,S2,S3] [--levels layer,op] [--chunks 256] [--peer]
+    python benchmarks/bench_mamba3.py [--shapes S1,S2,S3] [--levels layer,op] [--chunks 256] [--peer] [--graphs]
                                       [--out results.md]
 
 Shapes S1-S3 of shared/BENCHMARKS.md mapped to blocks: d_inner = heads * headdim, expand 2
@@ -14,7 +14,8 @@ Layer rows: forward and forward+backward (gradients of the input and every param
 bf16 autocast, fp32 parameters. Op rows: bf16 x, B, C (and theta for Mamba-3); fp32 dt
 (after softplus), A, D, lam; forward and forward+backward (gradients of every input). Times
 are medians after warm-up (``triton.testing.do_bench``, eager launches: what a training loop
-sees); peak memory is that of forward+backward above the inputs and parameters. Ratio =
+sees; ``--graphs`` adds the medians of one CUDA-graph replay: the GPU's own time, without Python's
+launches); peak memory is that of forward+backward above the inputs and parameters. Ratio =
 Mamba-3 time / Mamba-2 time at the same chunk (> 1: Mamba-3 is slower). ``--peer``: op rows of
 mamba-ssm's ``mamba3_siso_combined`` (from ``.peers/``; its tuned chunk 64, zero Q/K biases, our
 theta repeated per head as its angles) and of ours at chunk 64; "vs mamba-ssm" = its time / ours at
@@ -33,7 +34,8 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import COPY_TBPS, SSD_SHAPES, kernel_profile, peak_memory_gib, run_tag, time_eager  # noqa: E402
+from _harness import (COPY_TBPS, SSD_SHAPES, kernel_profile, peak_memory_gib, run_tag,  # noqa: E402
+                      time_eager, time_graph)
 
 from streamssm.kernels import mamba3_scan, ssd_scan  # noqa: E402
 from streamssm.layers import Mamba2Block, Mamba3Block  # noqa: E402
@@ -135,18 +137,27 @@ def op_floor_ms(t: dict[str, torch.Tensor]) -> float:
     return nbytes / COPY_TBPS / 1e9
 
 
-def measure(fwd: Callable[[], object], fwd_bwd: Callable[[], object], warmup: int, rep: int) -> dict[str, float]:
+def measure(fwd: Callable[[], object], fwd_bwd: Callable[[], object], warmup: int, rep: int,
+            graphs: bool) -> dict[str, float]:
+    """Eager medians (ms) of the forward and forward+backward, peak memory (GiB), and with ``graphs``
+    the medians of one CUDA-graph replay of each (the GPU's time without Python's launches)."""
     fwd_bwd()  # compile / autotune before timing
     fwd()
-    return dict(fwd_ms=time_eager(fwd, warmup=warmup, rep=rep), fwd_bwd_ms=time_eager(fwd_bwd, warmup=warmup, rep=rep),
-                peak_gib=peak_memory_gib(fwd_bwd))
+    times = dict(fwd_ms=time_eager(fwd, warmup=warmup, rep=rep), fwd_bwd_ms=time_eager(fwd_bwd, warmup=warmup, rep=rep),
+                 peak_gib=peak_memory_gib(fwd_bwd))
+    if graphs:
+        times.update(fwd_graph_ms=time_graph(fwd, rep=rep), fwd_bwd_graph_ms=time_graph(fwd_bwd, rep=rep))
+    return times
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| level | shape | kernel | chunk | fwd ms | fwd+bwd ms | peak GiB fwd+bwd | tokens/s fwd+bwd | "
-            "fwd x byte floor | fwd ratio m3/m2 | fwd+bwd ratio m3/m2 | vs mamba-ssm fwd | vs mamba-ssm fwd+bwd |")
+    cols = ("fwd_ms", "fwd_bwd_ms") + ("fwd_graph_ms", "fwd_bwd_graph_ms") * ("fwd_graph_ms" in rows[0])
+    names = [c[:-3].replace("_bwd", "+bwd").replace("_graph", " graph") for c in cols]
+    head = ("| level | shape | kernel | chunk | " + " | ".join(f"{n} ms" for n in names)
+            + " | peak GiB fwd+bwd | tokens/s fwd+bwd | fwd x byte floor | "
+            + " | ".join(f"{n} ratio m3/m2" for n in names) + " | "
+            + " | ".join(f"vs mamba-ssm {n}" for n in names) + " |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    cols = ("fwd_ms", "fwd_bwd_ms")
     for r in rows:
         same = [b for b in rows if b["level"] == r["level"] and b["shape"] == r["shape"]]
         base = next((b for b in same if b["kernel"] == "mamba2" and b["chunk"] == r["chunk"]), None)
@@ -154,8 +165,9 @@ def markdown(rows: list[dict]) -> str:
         ratios = [f"{r[c] / base[c]:.2f}x" if base is not None else "" for c in cols]
         vs_peer = [f"{peer[c] / r[c]:.2f}x" if peer is not None and r["kernel"] == "mamba3" else "" for c in cols]
         floor = f"{r['fwd_ms'] / r['floor_ms']:.1f}x" if "floor_ms" in r else ""
-        lines.append(f"| {r['level']} | {r['shape']} | {r['kernel']} | {r['chunk']} | {r['fwd_ms']:.3f} | "
-                     f"{r['fwd_bwd_ms']:.3f} | {r['peak_gib']:.2f} | {r['tokens'] / r['fwd_bwd_ms'] * 1e3:.3e} | "
+        lines.append(f"| {r['level']} | {r['shape']} | {r['kernel']} | {r['chunk']} | "
+                     + " | ".join(f"{r[c]:.3f}" for c in cols)
+                     + f" | {r['peak_gib']:.2f} | {r['tokens'] / r['fwd_bwd_ms'] * 1e3:.3e} | "
                      f"{floor} | {' | '.join(ratios)} | {' | '.join(vs_peer)} |")
     return "\n".join(lines)
 
@@ -171,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="",
                         help="shapes whose layer forwards (both blocks) and Mamba-3 op fwd+bwd to profile, "
                              "kernel by kernel")
+    parser.add_argument("--graphs", action="store_true",
+                        help="also time one CUDA-graph replay of each forward and forward+backward")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -187,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             u = torch.randn(shape["batch"], shape["length"], d_model, device=device, requires_grad=True)
             for kind, block in layers.items():
                 rows.append(dict(level="layer", shape=name, kernel=kind, chunk=chunk, tokens=tokens,
-                                 **measure(*layer_fns(block, u), args.warmup, args.rep)))
+                                 **measure(*layer_fns(block, u), args.warmup, args.rep, args.graphs)))
                 print(rows[-1], flush=True)
                 if chunk == chunks[0] and name in args.profile.split(","):
                     print(f"{name}: GPU kernels of 3 forwards of the {kind} layer at chunk {chunk}:\n"
@@ -200,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             runs += [("mamba3", 64)] * (args.peer and 64 not in chunks) + [("mamba-ssm", 64)] * args.peer
             for kind, chunk in runs:
                 rows.append(dict(level="op", shape=name, kernel=kind, chunk=chunk, tokens=tokens, floor_ms=floor,
-                                 **measure(*op_fns(kind, t, chunk), args.warmup, args.rep)))
+                                 **measure(*op_fns(kind, t, chunk), args.warmup, args.rep, args.graphs)))
                 print(rows[-1], flush=True)
                 if (kind, chunk) in (("mamba3", chunks[0]), ("mamba-ssm", 64)) and name in args.profile.split(","):
                     print(f"{name}: GPU kernels of 3 fwd+bwd of the {kind} op at chunk {chunk}:\n"
