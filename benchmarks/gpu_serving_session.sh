@@ -87,7 +87,7 @@ mamba3() {
     done
     echo "== the kernel profile, its own process (timings after torch.profiler are not kept)"
     timeout 120 python benchmarks/bench_mamba3.py --shapes S1 --chunks 64 --profile S1 >"$OUT/mamba3_profile.txt" 2>&1
-    grep -E "GPU kernels|^ *(_|void|Self|Name|-)" "$OUT/mamba3_profile.txt" | head -n 70
+    sed -n '/GPU kernels/,/Self CUDA time total/p' "$OUT/mamba3_profile.txt" | cut -c1-150 | head -n 80
     echo "== GPU tests: the rotation kernels and the Mamba-3 scan vs their references (cold autotuning: minutes)"
     timeout 240 python -m pytest -q -p no:randomly -m gpu tests/test_mamba3_rotary_kernel.py tests/test_mamba3_kernel.py \
         2>&1 | tail -n 6 | tee "$OUT/mamba3_tests.txt"
