@@ -94,11 +94,13 @@ def _unpack_batch(data: bytearray, code: str, trailing: tuple[int, ...], lengths
 def queue_chunk(link: Link, key: int, seq: int, start: int, x: np.ndarray, received: float) -> None:
     """A worker's chunk ``x`` (l,) or (l, c) for stream ``key``, queued on ``link``: added to the
     ``("chunks", keys, seqs, starts, received, lengths, xs)`` message queued last in this loop
-    iteration, or the first of a new one (``xs``: an :class:`ArrayBatch`, tensors on the engine's
-    side; ``lengths``: their l, so that the engine need not ask torch)."""
+    iteration, or the first of a new one (``xs``: an :class:`ArrayBatch`, numpy views on the
+    engine's side: its event loop makes no torch call per message, each of which hands the GIL to
+    the engine thread and waits to get it back; the engine thread makes them tensors; ``lengths``:
+    their l)."""
     message = link.last_queued("chunks")
     if message is None or not message[6].add(x):
-        message = ("chunks", [], [], [], [], [], ArrayBatch(tensors=True))
+        message = ("chunks", [], [], [], [], [], ArrayBatch())
         message[6].add(x)
         link.send(*message)
     _, keys, seqs, starts, times, lengths, _ = message

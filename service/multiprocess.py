@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from streamssm.checkpoint import ServingBundle
 from streamssm.errors import ConfigError, StateError
@@ -283,7 +282,7 @@ class MultiProcessServer:
         self.backend.metrics.worker_streams.labels(worker=str(worker.index)).inc()
         self._broadcast_live()
 
-    def _submit(self, worker: _Worker, key: int, seq: int, start: int, x: torch.Tensor,
+    def _submit(self, worker: _Worker, key: int, seq: int, start: int, x: np.ndarray,
                 received: float, n: int) -> Awaitable[None] | None:
         """Queue a worker's chunk (``n`` samples) now when its stream has a free slot (the usual
         case: no coroutine per chunk); otherwise the wait to await."""

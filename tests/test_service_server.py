@@ -7,6 +7,7 @@ restart (state dir) gives the uninterrupted outputs; auth, health and metrics.
 
 import asyncio
 import gc
+import itertools
 import json
 import math
 import os
@@ -509,6 +510,47 @@ async def test_scheduler_batches_all_pending_streams_into_one_call(ckpts, batchi
         await sched.stop()
     assert calls == expected_calls
     assert sorted(sent) == sorted([(i, s, 1) for i in range(3) for s in range(i + 2)])
+
+
+class _RowsEncoder:
+    """Scheduler encoder for tests: a chunk's message is its output rows, (n, o)."""
+
+    def part(self, chunk, result):
+        return result.outputs.clone()
+
+    def finish(self, chunk, parts):
+        return torch.cat(parts)
+
+
+@pytest.mark.parametrize("as_numpy", [False, True])
+async def test_numpy_chunks_compute_as_tensor_chunks(ckpts, as_numpy):
+    """The serve --workers engine process queues numpy views of its link messages (no torch call
+    on its event loop): pieces cut from them and joined across chunks (greedy batching, 5-sample
+    slices over 3-, 4- and 7-sample chunks) give the outputs a Streamer fed the whole stream gives."""
+    from streamssm.service.scheduler import Chunk, Scheduler
+
+    lengths = (3, 4, 7, 1)
+    tokens = torch.randint(0, 5, (2, sum(lengths)), generator=torch.Generator().manual_seed(0))
+    streamer = _streamer(ckpts["dna"])
+    sched, sent = Scheduler(streamer, queue_depth=8, slice_samples=5), {}
+    await sched.start()
+    try:
+        sids = []
+        for i in range(2):
+            sids.append(await sched.open(_RowsEncoder(), lambda chunk, rows, i=i: sent.setdefault(i, []).append(rows),
+                                         lambda exc: sent.setdefault("error", exc)))
+        for sid, row in zip(sids, tokens):  # every chunk queued before the engine runs
+            for seq, (start, x) in enumerate(zip(itertools.accumulate((0,) + lengths), row.split(lengths))):
+                await sched.submit(sid, Chunk(seq, start, x.numpy().copy() if as_numpy else x.clone()))
+        async with asyncio.timeout(TIMEOUT):
+            while sum(len(v) for v in sent.values()) < 2 * len(lengths):
+                await asyncio.sleep(0.01)
+    finally:
+        await sched.stop()
+    reference = _streamer(ckpts["dna"])
+    for i, row in enumerate(tokens):
+        expected = reference.feed(reference.open(), row).outputs
+        torch.testing.assert_close(torch.cat(sent[i]), expected, rtol=1e-5, atol=1e-5)
 
 
 async def test_default_settings_run_a_20_ms_frame_of_every_stream_in_one_call(ckpts):
