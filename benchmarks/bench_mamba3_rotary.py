@@ -2,7 +2,7 @@
 the op's shapes, beside an earlier rotary.py (``--old``), with their byte floors.
 
     python benchmarks/bench_mamba3_rotary.py [--shapes S1,S2,S3] [--old path/to/earlier/rotary.py]
-                                             [--sweep] [--out table.md]
+                                             [--sweep] [--profile S1] [--out table.md]
 
 Shapes S1-S3 of shared/BENCHMARKS.md as bench_mamba3 maps them: one group of B and C (bf16),
 rotated into every head's frame (B~, C~ (b, l, h, n) bf16); dt (b, l, h) fp32, theta (b, l, 1, n/2)
@@ -14,7 +14,8 @@ dB, dC, ddt, dtheta). "ms ratio" (old / new) > 1: this tree is faster. Outputs o
 kernels are compared (per output, the max abs difference over the old's max abs value; the worst
 output's) so a faster kernel that is wrong shows. ``--sweep``: this tree's forward and backward at
 every (angles per program, warps) of SWEEP (``rotary.FWD_CONFIG`` / ``BWD_CONFIG`` set in turn),
-the launchers' choice marked.
+the launchers' choice marked. ``--profile``: at the listed shapes, each version's forward and
+backward kernel by kernel (torch.profiler, after every timing).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import COPY_TBPS, SSD_SHAPES, Table, max_rel_diff, report, run_tag, time_graph  # noqa: E402
+from _harness import (COPY_TBPS, SSD_SHAPES, Table, kernel_profile, max_rel_diff, report, run_tag,  # noqa: E402
+                      time_graph)
 
 from streamssm.kernels.mamba3 import rotary  # noqa: E402
 
@@ -92,6 +94,7 @@ def main() -> int:
     parser.add_argument("--shapes", default="S1,S2,S3")
     parser.add_argument("--old", default=None, help="an earlier rotary.py to time beside this tree's")
     parser.add_argument("--sweep", action="store_true", help="time every config of SWEEP")
+    parser.add_argument("--profile", default="", help="shapes whose kernels to profile, one by one")
     parser.add_argument("--out", default=None, help="also write the markdown table here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -114,6 +117,10 @@ def main() -> int:
     text = f"{run_tag()}\n\n{table.markdown()}"
     if args.sweep:
         text += "\n\n" + sweep(args.shapes.split(",")).markdown()
+    for shape, t in shape_inputs([s for s in args.profile.split(",") if s]):
+        for version, mod in versions:
+            for kernel, fn in zip(("forward", "backward"), kernel_calls(mod, t)):
+                text += f"\n\n{shape} {kernel}, {version}: GPU kernels of 3 calls\n" + kernel_profile(fn, top=8)
     report(text, args.out)
     return 0
 
