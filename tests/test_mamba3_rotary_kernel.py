@@ -9,7 +9,7 @@ import torch
 
 from streamssm.kernels.library import mamba3_rotary_op
 from streamssm.kernels.mamba3.reference import mamba3_rotary_ref
-from streamssm.kernels.mamba3.rotary import BLOCK_L, BWD_CONFIG, FWD_CONFIG
+from streamssm.kernels.mamba3.rotary import BLOCK_L, BWD_CONFIG, DSTEP_CONFIG, FWD_CONFIG
 from streamssm.testing import assert_close, assert_script_compiles_for_sm90
 
 
@@ -31,7 +31,7 @@ def run(fn, inputs, out_dtype, device="cpu", seed=1):
 
 
 @pytest.mark.parametrize("shape", [(2, 2 * BLOCK_L + 13, 2, 4, 6), (1, 5, 1, 3, 8), (1, BLOCK_L, 3, 3, 4),
-                                   (1, BLOCK_L + 6, 1, 2, 2 * max(FWD_CONFIG[0], BWD_CONFIG[0]) + 8)],
+                                   (1, BLOCK_L + 6, 1, 2, 2 * max(FWD_CONFIG[0], BWD_CONFIG[0], DSTEP_CONFIG[0]) + 8)],
                          ids=["tiles3-G2-H4", "short-G1-H3", "one-tile-G3-H3", "angle-blocks2"])
 def test_triton_matches_reference_with_gradients(shape):
     inputs = make_inputs(*shape)

@@ -40,10 +40,10 @@ BLOCK_L = 64  # steps per tile
 # 0.556 / 0.988, 32 x 2 0.487 / 1.635, 8 x 4 0.766 / 0.975; at S3 16 x 8 was best for both too
 FWD_CONFIG = (16, 8)
 BWD_CONFIG = (16, 8)
-# the dstep kernel's: angle blocks split its grid (ddt summed over them after); all 64 angles of S1
-# in one program took 254 registers at 8 warps (one program an SM, 186 us at S1 on the H100); 16
-# angles x 8 warps: 78 (not yet timed on a GPU)
-DSTEP_CONFIG = (16, 8)
+# the dstep kernel's: all angles in one program (up to 64: 255 registers at 8 warps, no spills).
+# Angle blocks may split its grid (ddt then summed over them after), but at S1 on the H100 16-angle
+# blocks (78 registers) took 230 us a call against 184 us for all 64 angles in one (2026-12-06)
+DSTEP_CONFIG = (64, 8)
 HALF_PI = tl.constexpr(math.pi / 2)
 INV_HALF_PI = tl.constexpr(2 / math.pi)
 # Taylor coefficients of sin (r^3 .. r^9) and cos (r^2 .. r^10): on |r| <= pi/4 the first terms left
@@ -302,4 +302,5 @@ def mamba3_rotary_bwd_triton(dBo: torch.Tensor, dCo: torch.Tensor, dangle_end: t
     dtheta = torch.empty_like(theta)
     _rotary_bwd_dstep_kernel[grid](dt, theta, dangle, after, ddt_parts, dtheta, L, H, G, K, T, b * L,
                                    BLOCK_L=BLOCK_L, BLOCK_K=block_k, num_warps=warps)
-    return dB, dC, ddt_parts.sum(0).view_as(dt).to(dt.dtype), dtheta
+    ddt = ddt_parts[0] if grid[2] == 1 else ddt_parts.sum(0)
+    return dB, dC, ddt.view_as(dt).to(dt.dtype), dtheta
