@@ -121,7 +121,8 @@ def ssd_scan(
 ):
     """Mamba-2 SSD scan (see ``ssd/reference.py`` for the recurrence).
 
-    x, z: (b, l, h, p); dt: (b, l, h); A: (h,) fp32; B, C: (b, l, g, n); D: (h,) or (h, p) fp32;
+    x, z: (b, l, h, p); dt: (b, l, h); A: (h,) fp32; B, C: (b, l, g, n); D: (h,), (h, p) or per
+    token (b, l, h) fp32 (the skip y += D x);
     dt_bias: (h,) fp32; initial_state: (b, h, p, n) fp32, or (num_seqs, h, p, n) with
     ``cu_seqlens`` (num_seqs + 1,) int (then b must be 1). ``input_weight`` (b, l, h): the
     weight of x_t B_t^T in the state update in place of dt_t (dt then sets only the decay; the

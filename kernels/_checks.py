@@ -22,10 +22,13 @@ def check_groups(op: str, name: str, M: torch.Tensor, channels: int, grouped_ran
         check_divisible(op, name + " groups", channels, M.shape[1])
 
 
-def check_D(op: str, D: torch.Tensor | None, h: int, p: int, device: torch.device) -> None:
-    """The skip weight of the head ops: (h,) or (h, p) fp32, optional."""
+def check_D(op: str, D: torch.Tensor | None, h: int, p: int, device: torch.device,
+            tokens: tuple[int, int] | None = None) -> None:
+    """The skip weight of the head ops: (h,) or (h, p) fp32, optional; with ``tokens`` (b, l) (the
+    SSD scan) also one per token, (b, l, h)."""
     if D is not None:
-        check_tensor(op, "D", D, (h,) if D.dim() == 1 else (h, p), FP32, device=device)
+        shape = (h,) if D.dim() == 1 else (*tokens, h) if D.dim() == 3 and tokens is not None else (h, p)
+        check_tensor(op, "D", D, shape, FP32, device=device)
 
 
 def check_mamba1_options(op: str, D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
@@ -40,10 +43,10 @@ def check_mamba1_options(op: str, D: torch.Tensor | None, z: torch.Tensor | None
 
 def check_ssd_options(op: str, D: torch.Tensor | None, z: torch.Tensor | None, dt_bias: torch.Tensor | None,
                       x_shape: tuple, device: torch.device) -> None:
-    """The optional inputs of ``ssd_scan`` and its step: D (h,) or (h, p) fp32; z like x,
-    (b, l, h, p) or (b, h, p); dt_bias (h,) fp32."""
+    """The optional inputs of ``ssd_scan`` and its step: D (h,) or (h, p) fp32, for the scan also
+    (b, l, h); z like x, (b, l, h, p) or (b, h, p); dt_bias (h,) fp32."""
     h, p = x_shape[-2], x_shape[-1]
-    check_D(op, D, h, p, device)
+    check_D(op, D, h, p, device, tuple(x_shape[:2]) if len(x_shape) == 4 else None)
     check_tensor(op, "z", z, x_shape, device=device, optional=True)
     check_tensor(op, "dt_bias", dt_bias, (h,), FP32, device=device, optional=True)
 

@@ -27,7 +27,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim
 def _inputs(b, l, h, p, g, n, *, D=None, z=False, bias=False, init=False, rows=None, device="cpu",
             dtype=torch.float32, softplus=True, weight=False):
     """Random SSD inputs; dt is raw (softplus'd in the op) unless ``softplus`` is False;
-    ``weight``: input weights apart from dt (Mamba-3's trapezoid)."""
+    ``weight``: input weights apart from dt (Mamba-3's trapezoid); D per head ("h"), per head and
+    channel ("hp") or per token ("token": Mamba-3's skip)."""
     rows = b if rows is None else rows
     kw = dict(device=device, dtype=dtype)
     t = {
@@ -36,7 +37,7 @@ def _inputs(b, l, h, p, g, n, *, D=None, z=False, bias=False, init=False, rows=N
         "A": -(torch.rand(h, device=device) * 2 + 0.2),
         "B": torch.randn(b, l, g, n, **kw),
         "C": torch.randn(b, l, g, n, **kw),
-        "D": None if D is None else torch.randn(*((h,) if D == "h" else (h, p)), device=device),
+        "D": None if D is None else torch.randn(*{"h": (h,), "hp": (h, p), "token": (b, l, h)}[D], device=device),
         "z": torch.randn(b, l, h, p, **kw) if z else None,
         "dt_bias": torch.randn(h, device=device) * 0.5 if bias else None,
         "initial_state": torch.randn(rows, h, p, n, device=device) if init else None,
@@ -80,6 +81,9 @@ CASES = {
     "B2-T37-H4-P8-G2-N8-Q16-weight-bias-h0": (2, 37, 4, 8, 2, 8, 16, dict(D="h", z=True, bias=True, init=True,
                                                                          weight=True)),
     "B1-T19-H2-P4-G1-N4-Q8-weight-nosoftplus": (1, 19, 2, 4, 1, 4, 8, dict(weight=True, softplus=False)),
+    "B2-T37-H4-P8-G2-N8-Q16-Dtoken-z-bias-h0": (2, 37, 4, 8, 2, 8, 16, dict(D="token", z=True, bias=True, init=True)),
+    "B2-T37-H4-P8-G1-N8-Q16-Dtoken-weight-h0": (2, 37, 4, 8, 1, 8, 16, dict(D="token", init=True, weight=True,
+                                                                           softplus=False)),
 }
 
 
@@ -149,11 +153,12 @@ def test_non_contiguous_inputs():
     assert_close("final (one-pass forward)", want["final"], fused[1], torch.float32)
 
 
-def test_packed_sequences_match_reference():
+@pytest.mark.parametrize("D", ["h", "token"])
+def test_packed_sequences_match_reference(D):
     """Packed rows with an empty sequence, a 1-step one and lengths that do not fill chunks."""
     bounds = [0, 5, 5, 6, 30, 47]
     h, p, g, n = 2, 8, 1, 8
-    t = _inputs(1, bounds[-1], h, p, g, n, D="h", z=True, bias=True, init=True, rows=len(bounds) - 1)
+    t = _inputs(1, bounds[-1], h, p, g, n, D=D, z=True, bias=True, init=True, rows=len(bounds) - 1)
     cu = torch.tensor(bounds, dtype=torch.int32)
     _compare(_run("reference", t, 16, cu_seqlens=cu), _run("triton", t, 16, cu_seqlens=cu))
     t["input_weight"] = torch.rand(t["dt"].shape)
@@ -216,6 +221,7 @@ FUSED_CASES = {
     "B2-T64-H2-P16-G1-N16-h0-nosoftplus": (2, 64, 2, 16, 1, 16, dict(D="h", init=True, softplus=False)),
     "B1-T130-H3-P5-G3-N6-h0": (1, 130, 3, 5, 3, 6, dict(init=True)),
     "B2-T70-H2-P8-G1-N8-weight-bias-h0": (2, 70, 2, 8, 1, 8, dict(D="h", z=True, bias=True, init=True, weight=True)),
+    "B2-T70-H4-P8-G2-N8-Dtoken-weight-z-h0": (2, 70, 4, 8, 2, 8, dict(D="token", z=True, init=True, weight=True)),
 }
 
 
@@ -231,16 +237,18 @@ def test_fused_forward_matches_reference(case):
     assert_close("final", want[1], got[1], torch.float32)
 
 
-def test_fused_forward_packed_sequences():
+@pytest.mark.parametrize("D", ["h", "token"])
+def test_fused_forward_packed_sequences(D):
     """Packed rows with an empty sequence, a 1-step one, one ending on a chunk edge and one
     spanning three chunks: each equals the reference run alone (empty: final = initial)."""
     bounds = [0, 5, 5, 6, 70, 200]
     h, p, g, n = 2, 8, 1, 8
-    t = _inputs(1, bounds[-1], h, p, g, n, D="h", z=True, bias=True, init=True, rows=len(bounds) - 1)
+    t = _inputs(1, bounds[-1], h, p, g, n, D=D, z=True, bias=True, init=True, rows=len(bounds) - 1)
     y, final = ssd_fused_fwd(t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], t["z"], t["dt_bias"],
                              t["initial_state"], True, torch.tensor(bounds, dtype=torch.int32))
     for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
-        seq = {k: (v[:, s:e] if k in ("x", "dt", "B", "C", "z") else v) for k, v in t.items()}
+        seq = {k: (v[:, s:e] if k in ("x", "dt", "B", "C", "z") or (k, D) == ("D", "token") else v)
+               for k, v in t.items()}
         seq["initial_state"] = t["initial_state"][i:i + 1]
         y_i, f_i = ssd_scan_ref(**seq, dt_softplus=True, return_final_state=True)
         assert_close(f"y[seq {i}]", y_i, y[:, s:e], torch.float32)
@@ -278,9 +286,10 @@ def test_fused_forward_is_used_for_many_streams_or_short_rows():
     assert not use_fused_forward(1, 8, 1 << 20)  # S3: one million-step sequence, 8 heads
 
 
-def test_chunked_float64_reference_matches_sequential():
+@pytest.mark.parametrize("D", ["hp", "token"])
+def test_chunked_float64_reference_matches_sequential(D):
     """The GPU tests' accurate reference: the chunked path in float64 (bf16 inputs promoted)."""
-    t = _inputs(2, 45, 4, 6, 2, 5, D="hp", z=True, bias=True, init=True)
+    t = _inputs(2, 45, 4, 6, 2, 5, D=D, z=True, bias=True, init=True)
     t64 = {k: v.double() for k, v in t.items()}
     kw = dict(D=t64["D"], z=t64["z"], dt_bias=t64["dt_bias"], dt_softplus=True, initial_state=t64["initial_state"],
               return_final_state=True)
@@ -363,6 +372,8 @@ def test_bad_inputs_raise_shape_error():
         ssd_scan(x[:1], dt[:1], A, B[:1], C[:1], cu_seqlens=torch.tensor([0, 3, 7]), backend="triton")
     with pytest.raises(ShapeError, match="D"):
         ssd_scan(x, dt, A, B, C, D=torch.randn(4, 3), backend="triton")
+    with pytest.raises(ShapeError, match=r"D.*\(2, 8, 4\)"):  # per token: (b, l, h)
+        ssd_scan(x, dt, A, B, C, D=torch.randn(2, 7, 4), backend="triton")
     with pytest.raises(ShapeError, match="input_weight"):
         ssd_scan(x, dt, A, B, C, input_weight=dt[:, :, :2], backend="triton")
 
@@ -373,7 +384,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from streamssm.kernels.ssd import bmm_chunk, chunk_scan, chunk_scan_bwd, fused_fwd
 
-SHAPE = dict(CHUNK=256, BLOCK_P=64, BLOCK_N=128, HAS_D=True, D_PER_P=False, HAS_Z=True)  # realtime / S1-S3 sizes
+SHAPE = dict(CHUNK=256, BLOCK_P=64, BLOCK_N=128, HAS_Z=True)  # realtime / S1-S3 sizes
 INT = {"p_cstart": "*i64", "p_clen": "*i32", "p_bounds": "*i32"}
 FUSED = dict(HAS_BOUNDS=True, HAS_INIT=True, HAS_DT_BIAS=True, DT_SOFTPLUS=True, HAS_W=True)
 BWD = {"p_cb", "p_states", "p_dstates", "p_dt_out", "p_dA_cs", "p_D", "p_ddA_cs", "p_ddt", "p_ddA_last", "p_dD_part"}
@@ -388,8 +399,11 @@ for kernel, variants in (
     for cfg in kernel.configs:  # every config autotuning may pick: one that fails to compile is silently dropped
         if kernel.fn.__module__ == chunk_scan_bwd.__name__:  # dD_part has a row of partials per 32-row block
             assert cfg.kwargs["BLOCK_T"] >= chunk_scan_bwd._GPU_MIN_BLOCK_T, (kernel.fn.__name__, cfg)
-        for half, prec, (meta, fp32) in [("*bf16", "tf32", v) for v in variants] + [("*fp32", "ieee", variants[0])]:
-            consts = {a: v for a, v in {**SHAPE, **meta, **cfg.kwargs, "DOT_PREC": prec}.items() if a in fn.arg_names}
+        # D per head (Mamba-2) in bf16 and fp32; per token (Mamba-3's skip) in bf16
+        runs = [("*bf16", "tf32", v, 1) for v in variants] + [("*fp32", "ieee", variants[0], 1)]
+        for half, prec, (meta, fp32), d_kind in runs + [("*bf16", "tf32", variants[0], 3)] * ("D_KIND" in fn.arg_names):
+            consts = {a: v for a, v in {**SHAPE, **meta, **cfg.kwargs, "DOT_PREC": prec, "D_KIND": d_kind}.items()
+                      if a in fn.arg_names}
             sig = {a: "constexpr" if a in consts else INT.get(a) or (
                    ("*fp32" if a in fp32 else half) if a.startswith("p_") else "i32") for a in fn.arg_names}
             binary = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),

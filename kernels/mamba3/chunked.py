@@ -13,7 +13,8 @@ u_t, divided by its decay) the shifted state T_t = S~_t + c_t u_t follows an SSD
     T_t = alpha_t T_{t-1} + w_t u_t,    w_t = dt_t lam_t + c_t,
     y_t = T_t C~_t + (D - c_t C_t . B_t) x_t          (rotations keep C . B)
 
-so one ``ssd_scan`` with dt for the decay and w as its input weights computes it. The call's
+so one ``ssd_scan`` with dt for the decay, w as its input weights and the skip
+D - c_t C_t . B_t as its per-token D (added inside the scan kernel) computes it. The call's
 last step has no next step here: c_end = 0 makes T_end = S~_end, the state carried on. The start
 is T_{-1} = S_0 + dt_0 (1 - lam_0) x_{-1} B_{-1}^T with x_{-1}, B_{-1} from the carry (Theta is 0
 before the first step, so the carried B is already in the call's frame). The final state is
@@ -68,16 +69,18 @@ def mamba3_scan_chunked(
     c = F.pad(shifted[:, 1:], (0, 0, 0, 1))  # (b, l, h), c_end = 0
     start = shifted[:, 0, :, None, None] * x_prev[..., None] * B_prev.repeat_interleave(rep, 1)[:, :, None, :]
     state0 = start if initial_state is None else initial_state.float() + start  # T_{-1} (b, h, p, n)
-    y, final = ssd_scan(x, dtf, A.float(), B_rot, C_rot, chunk_size=chunk_size,
-                        initial_state=state0, return_final_state=True, backend=backend, input_weight=dtf * lamf + c)
     CB = (C.float() * B.float()).sum(-1).repeat_interleave(rep, 2)  # (b, l, h): C_t . B_t
-    skip = (-c * CB)[..., None]  # (b, l, h, 1): the shift's diagonal term, plus D
-    if D is not None:
-        skip = skip + (D.float()[:, None] if D.dim() == 1 else D.float())
-    # in the scan's dtype: one pass over (b, l, h, p) (fp32 math inside, one rounding of the sum)
-    y = torch.addcmul(y, skip.to(y.dtype), x)
-    if z is not None:
-        y = (y.float() * F.silu(z.float())).to(x.dtype)
+    skip = -c * CB  # (b, l, h): the shift's diagonal term, a per-token D of the scan, plus D
+    per_channel = D is not None and D.dim() == 2  # D (h, p): added after the scan, then the gate
+    if D is not None and not per_channel:
+        skip = skip + D.float()
+    y, final = ssd_scan(x, dtf, A.float(), B_rot, C_rot, chunk_size=chunk_size, D=skip,
+                        z=None if per_channel else z, initial_state=state0, return_final_state=True,
+                        backend=backend, input_weight=dtf * lamf + c)
+    if per_channel:
+        y = torch.addcmul(y, D.to(y.dtype), x)
+        if z is not None:
+            y = (y.float() * F.silu(z.float())).to(x.dtype)
     if not return_final_state:
         return y
     final_state = rotate_pairs(final, angle_end[:, :, None, :])

@@ -22,6 +22,7 @@ from streamssm.kernels._common import autotune_configs
 from streamssm.kernels._triton import silu
 from streamssm.kernels.ssd.chunk_state import dot_precision
 from streamssm.kernels.ssd.chunks import ChunkLayout
+from streamssm.kernels.ssd.skip import skip_kind, skip_weight
 
 #: (BLOCK_T output rows, BLOCK_I source steps per inner-loop tile, warps, stages). Row tiles of 64+
 #: feed Hopper's warpgroup MMA (m64); the S1 forward with 32 x 32 tiles ran at half mamba-ssm's speed.
@@ -42,7 +43,7 @@ def _chunk_scan_fwd_kernel(
     p_C,  # (L, G, N)
     p_cb,  # (T, G, Q, Q) C_t . B_s, causal part (bmm_chunk.py)
     p_z,  # (L, H, P) or dummy
-    p_D,  # (H,) or (H, P) fp32, or dummy
+    p_D,  # (H,), (H, P) or (L, H) fp32 (skip.py), or dummy
     p_dt_out, p_dA_cs,  # (T, H, Q) fp32
     p_states,  # (T, H, P, N) fp32 states entering each chunk
     p_y,  # (L, H, P) out: ungated output
@@ -54,7 +55,7 @@ def _chunk_scan_fwd_kernel(
     s_x_l, s_x_h, s_x_p, s_c_l, s_c_g, s_c_n, s_z_l, s_z_h, s_z_p,
     # meta-parameters
     CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, DOT_PREC: tl.constexpr,
+    D_KIND: tl.constexpr, HAS_Z: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     i_c, i_h, i_tp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     num_pb = tl.cdiv(P, BLOCK_P)
@@ -93,13 +94,9 @@ def _chunk_scan_fwd_kernel(
                       mask=m_s[:, None] & m_p[None, :], other=0.0)  # (BLOCK_I, BLOCK_P)
         acc += tl.dot(b_cb.to(b_x.dtype), b_x, input_precision=DOT_PREC)
     m_tp = m_t[:, None] & m_p[None, :]
-    if HAS_D:
+    if D_KIND != 0:
         b_xt = tl.load(p_x + tok_t[:, None] * s_x_l + i_h * s_x_h + o_p[None, :] * s_x_p, mask=m_tp, other=0.0)
-        if D_PER_P:
-            b_D = tl.load(p_D + i_h * P + o_p, mask=m_p, other=0.0)[None, :]
-        else:
-            b_D = tl.load(p_D + i_h)
-        acc += b_xt.to(tl.float32) * b_D
+        acc += b_xt.to(tl.float32) * skip_weight(p_D, tok_t, m_t, i_h, o_p, m_p, H, P, D_KIND)
     o_y = tok_t[:, None] * (H * P) + i_h * P + o_p[None, :]
     tl.store(p_y + o_y, acc.to(p_y.dtype.element_ty), mask=m_tp)
     if HAS_Z:
@@ -131,7 +128,7 @@ def _chunk_scan_fwd(x: torch.Tensor, C: torch.Tensor, cb: torch.Tensor, z: torch
         x.stride(0), x.stride(1), x.stride(2),
         C.stride(0), C.stride(1), C.stride(2), zz.stride(0), zz.stride(1), zz.stride(2),
         CHUNK=layout.chunk_size, BLOCK_P=block_p, BLOCK_N=block_n,
-        HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, HAS_Z=z is not None,
+        D_KIND=skip_kind(D), HAS_Z=z is not None,
         DOT_PREC=dot_precision(x.dtype),
     )
     return y, out

@@ -29,6 +29,7 @@ import triton.language as tl
 from streamssm.kernels._common import autotune_configs, interpreting
 from streamssm.kernels.ssd.chunk_state import dot_precision
 from streamssm.kernels.ssd.chunks import ChunkLayout
+from streamssm.kernels.ssd.skip import PER_TOKEN, skip_kind, skip_weight
 
 
 # (BLOCK_T rows of the program, BLOCK_I steps per inner-loop tile, warps, stages), per kernel. 32-row
@@ -148,7 +149,7 @@ def _chunk_scan_bwd_dx_kernel(
     p_x,  # (L, H, P)
     p_B, p_C,  # (L, G, N)
     p_dy,  # (L, H, P) gradient of the ungated output
-    p_D,  # (H,) or (H, P) fp32, or dummy
+    p_D,  # (H,), (H, P) or (L, H) fp32 (skip.py), or dummy
     p_dt_out, p_dA_cs,  # (T, H, Q) fp32
     p_dstates,  # (T, H, P, N) fp32 gradient of the state leaving each chunk
     p_cb,  # (T, G, Q, Q) C_t . B_s, causal part (bmm_chunk.py)
@@ -157,7 +158,7 @@ def _chunk_scan_bwd_dx_kernel(
     p_ddA_cs,  # (T, H, Q) fp32 in/out: adds the s-indexed dAcs terms
     p_ddt,  # (T, H, Q) fp32 out: gradient of dt through the dt * x products
     p_ddA_last,  # (T, H) fp32, accumulated atomically
-    p_dD_part,  # (T * num_sb, H, P) fp32 out: partial sums of dy * x
+    p_dD_part,  # (T * num_sb, H, P) fp32 out: partial sums of dy * x; per-token D: (L, H), dD itself
     p_cstart, p_clen,
     # dimensions
     H, G, P, N, heads_per_group, heads_per_prog,
@@ -165,7 +166,7 @@ def _chunk_scan_bwd_dx_kernel(
     s_x_l, s_x_h, s_x_p, s_b_l, s_b_g, s_b_n, s_c_l, s_c_g, s_c_n, s_dy_l, s_dy_h, s_dy_p,
     # meta-parameters
     CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_D: tl.constexpr, D_PER_P: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC: tl.constexpr,
+    D_KIND: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC: tl.constexpr,
 ):
     i_c, clen, start, i_g, h0, s0, o_s, m_s, o_p, m_p, o_n, m_n = _bwd_program(
         p_cstart, p_clen, P, N, heads_per_group, heads_per_prog, BLOCK_T, BLOCK_P, BLOCK_N)
@@ -212,15 +213,15 @@ def _chunk_scan_bwd_dx_kernel(
             b_dacs -= tl.sum(b_g * b_dyx, axis=1) * b_dt_s
         tl.store(p_ddt + base + o_s, tl.sum(acc_dx * b_x.to(tl.float32), axis=1), mask=m_s)
         b_dx = acc_dx * b_dt_s[:, None]
-        if HAS_D:
+        if D_KIND != 0:
             b_dys = tl.load(p_dy + tok_s[:, None] * s_dy_l + i_h * s_dy_h + o_p[None, :] * s_dy_p,
                             mask=m_sp, other=0.0).to(tl.float32)
-            if D_PER_P:
-                b_dx += b_dys * tl.load(p_D + i_h * P + o_p, mask=m_p, other=0.0)[None, :]
+            b_dx += b_dys * skip_weight(p_D, tok_s, m_s, i_h, o_p, m_p, H, P, D_KIND)
+            if D_KIND == 3:  # the whole headdim is in this program: dD of each token, no partials
+                tl.store(p_dD_part + tok_s * H + i_h, tl.sum(b_dys * b_x.to(tl.float32), axis=1), mask=m_s)
             else:
-                b_dx += b_dys * tl.load(p_D + i_h)
-            o_part = ((i_c.to(tl.int64) * tl.num_programs(2) + tl.program_id(2)) * H + i_h) * P + o_p
-            tl.store(p_dD_part + o_part, tl.sum(b_dys * b_x.to(tl.float32), axis=0), mask=m_p)
+                o_part = ((i_c.to(tl.int64) * tl.num_programs(2) + tl.program_id(2)) * H + i_h) * P + o_p
+                tl.store(p_dD_part + o_part, tl.sum(b_dys * b_x.to(tl.float32), axis=0), mask=m_p)
         tl.store(p_dx + tok_s[:, None] * (H * P) + i_h * P + o_p[None, :], b_dx.to(p_dx.dtype.element_ty), mask=m_sp)
         b_prev = tl.load(p_ddA_cs + base + o_s, mask=m_s, other=0.0)
         tl.store(p_ddA_cs + base + o_s, b_prev + b_dacs, mask=m_s)
@@ -276,7 +277,13 @@ def _chunk_scan_bwd(x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, cb: torch
         dC = torch.empty(L, G, N, device=x.device, dtype=C.dtype)
     ddA_cs = torch.empty(T, H, Q, device=x.device, dtype=torch.float32)
     ddt = torch.empty_like(ddA_cs)
-    dD_part = torch.zeros(T * num_tb, H, P, device=x.device, dtype=torch.float32) if D is not None else ddt
+    kind = skip_kind(D)
+    if kind == PER_TOKEN:
+        dD_part = torch.empty(L, H, device=x.device, dtype=torch.float32)
+    elif D is not None:
+        dD_part = torch.zeros(T * num_tb, H, P, device=x.device, dtype=torch.float32)
+    else:
+        dD_part = ddt
     prec = dot_precision(x.dtype)
     strides = (x.stride(0), x.stride(1), x.stride(2), B.stride(0), B.stride(1), B.stride(2),
                C.stride(0), C.stride(1), C.stride(2), dy.stride(0), dy.stride(1), dy.stride(2))
@@ -294,10 +301,12 @@ def _chunk_scan_bwd(x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, cb: torch
         layout.starts, layout.lengths,
         H, G, P, N, heads_per_group, heads_per_prog, *strides,
         CHUNK=Q, BLOCK_P=block_p, BLOCK_N=block_n,
-        HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, DOT_PREC=prec, ATOMIC=atomic,
+        D_KIND=kind, DOT_PREC=prec, ATOMIC=atomic,
     )
     dD = None
-    if D is not None:
+    if kind == PER_TOKEN:
+        dD = dD_part  # (L, H)
+    elif D is not None:
         dD = dD_part.sum(0)  # (H, P)
         if D.dim() == 1:
             dD = dD.sum(-1)

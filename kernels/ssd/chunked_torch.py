@@ -111,7 +111,7 @@ def ssd_scan_chunked(
 ):
     """SSD scan by the chunked algorithm (same contract as ``ssd_scan_ref``).
 
-    x, z: (b, l, h, p); dt, input_weight: (b, l, h); A: (h,); B, C: (b, l, g, n); D: (h,) or (h, p);
+    x, z: (b, l, h, p); dt, input_weight: (b, l, h); A: (h,); B, C: (b, l, g, n); D: (h,), (h, p) or (b, l, h);
     initial_state: (b, h, p, n), or (num_seqs, h, p, n) with ``cu_seqlens`` (num_seqs+1,)
     (then b == 1). The math runs in ``compute_dtype`` (default fp32, float64 for float64 x).
     Returns y (b, l, h, p) in x.dtype, or in ``compute_dtype`` when it is given
@@ -152,7 +152,7 @@ def ssd_scan_chunked(
         y, final = torch.cat(ys, dim=1), torch.cat(finals, dim=0)
     if D is not None:
         Df = D.to(cd)
-        y = y + x.to(cd) * (Df[:, None] if Df.dim() == 1 else Df)
+        y = y + x.to(cd) * (Df[:, None] if Df.dim() == 1 else Df[..., None] if Df.dim() == 3 else Df)
     if z is not None:
         y = y * F.silu(z.to(cd))
     y = y.to(compute_dtype or x.dtype)

@@ -16,7 +16,6 @@ stores them in x's dtype).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from streamssm.kernels.ssd.bmm_chunk import _chunk_cb_fwd
 from streamssm.kernels.ssd.chunk_cumsum import _chunk_cumsum_bwd, _chunk_cumsum_fwd
@@ -24,6 +23,7 @@ from streamssm.kernels.ssd.chunk_scan import _chunk_scan_fwd
 from streamssm.kernels.ssd.chunk_scan_bwd import _chunk_scan_bwd
 from streamssm.kernels.ssd.chunk_state import _chunk_state_fwd
 from streamssm.kernels.ssd.chunks import chunk_layout
+from streamssm.kernels.ssd.skip import packed_skip
 from streamssm.kernels.ssd.state_passing import _state_passing_bwd, _state_passing_fwd
 
 
@@ -43,7 +43,7 @@ def _ssd_scan_fwd(x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size, dt_s
     b, l, h, p = x.shape
     layout = chunk_layout(b, l, chunk_size, cu_seqlens, x.device)
     x2, dt2, B2, C2, z2, w2 = (_packed(t) for t in (x, dt, B, C, z, w))  # (L, h, p), (L, h), (L, g, n)
-    D2 = D.contiguous() if D is not None else None
+    D2 = packed_skip(D)  # per token: (1, L, h)
     init = initial_state.float().contiguous() if initial_state is not None else None
     dt_out, dA_cs = _chunk_cumsum_fwd(dt2, A.contiguous(), dt_bias, dt_softplus, layout, w2)  # (T, h, Q)
     states = _chunk_state_fwd(x2, B2, dt_out, dA_cs, layout)  # (T, h, p, n)
@@ -61,7 +61,7 @@ def _ssd_scan_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_out, dA_cs, pr
     b, l, h, p = x.shape
     layout = chunk_layout(b, l, chunk_size, cu_seqlens, x.device)
     x2, dt2, B2, C2, z2, w2 = (_packed(t) for t in (x, dt, B, C, z, w))
-    D2 = D.contiguous() if D is not None else None
+    D2 = packed_skip(D)  # per token: (1, L, h)
     L = x2.shape[0]
     dout = dout.reshape(L, h, p)
     dz = None
@@ -80,7 +80,8 @@ def _ssd_scan_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_out, dA_cs, pr
         x2, B2, C2, cb, dy, D2, dt_out, dA_cs, prev_states, dstates, ddA_last, layout)
     ddt, dA, ddt_bias, dw = _chunk_cumsum_bwd(ddA_cs, ddA_last, ddt_direct, dt2, A, dt_bias, dt_softplus,
                                               dt_out, layout, w2)
-    return (dx.view(x.shape), ddt.view(dt.shape), dA, dB.view(B.shape), dC.view(C.shape), dD, dz,
+    return (dx.view(x.shape), ddt.view(dt.shape), dA, dB.view(B.shape), dC.view(C.shape),
+            None if dD is None else dD.view(D.shape), dz,
             ddt_bias, dinit, None if dw is None else dw.view(w.shape))
 
 
@@ -102,8 +103,8 @@ def ssd_scan_triton(
 ):
     """Mamba-2 SSD scan (semantics of ``ssd/reference.py``), differentiable in every tensor input.
 
-    x, z: (b, l, h, p); dt, input_weight: (b, l, h); A: (h,) fp32; B, C: (b, l, g, n); D: (h,)
-    or (h, p) fp32; dt_bias: (h,) fp32; initial_state: (b, h, p, n) fp32, or (num_seqs, h, p, n)
+    x, z: (b, l, h, p); dt, input_weight: (b, l, h); A: (h,) fp32; B, C: (b, l, g, n); D: (h,),
+    (h, p) or per token (b, l, h) fp32; dt_bias: (h,) fp32; initial_state: (b, h, p, n) fp32, or (num_seqs, h, p, n)
     with ``cu_seqlens`` (num_seqs + 1,) int (batch 1). Inputs are validated by
     ``streamssm.kernels.ssd_scan``. Returns y (b, l, h, p) in x's dtype [, final_state fp32
     shaped like initial_state].

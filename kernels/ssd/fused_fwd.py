@@ -34,6 +34,7 @@ from streamssm.kernels._common import autotune_configs
 from streamssm.kernels._triton import silu, softplus
 from streamssm.kernels.ssd.chunk_state import dot_precision
 from streamssm.kernels.ssd.combined import _packed
+from streamssm.kernels.ssd.skip import packed_skip, skip_kind, skip_weight
 
 #: sequences x heads from which the fused forward is used at any length; below it only short
 #: sequences (at most ``FUSED_MAX_SHORT_LEN`` tokens). H100 (bench_ssd_fused.py, 2026-12-06): at
@@ -63,7 +64,7 @@ def _ssd_fused_fwd_kernel(
     p_w,  # (L, H) input weights, or dummy (then the processed dt)
     p_A,  # (H,) fp32
     p_B, p_C,  # (L, G, N)
-    p_D,  # (H,) or (H, P) fp32, or dummy
+    p_D,  # (H,), (H, P) or (L, H) fp32 (skip.py), or dummy
     p_z,  # (L, H, P) or dummy
     p_dt_bias,  # (H,) fp32 or dummy
     p_init,  # (S, H, P, N) fp32 or dummy
@@ -77,7 +78,7 @@ def _ssd_fused_fwd_kernel(
     s_x_l, s_x_h, s_x_p, s_dt_l, s_dt_h, s_w_l, s_w_h, s_b_l, s_b_g, s_b_n, s_c_l, s_c_g, s_c_n, s_z_l, s_z_h, s_z_p,
     # meta-parameters
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BOUNDS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_D: tl.constexpr, D_PER_P: tl.constexpr,
+    HAS_BOUNDS: tl.constexpr, HAS_INIT: tl.constexpr, D_KIND: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, DOT_PREC: tl.constexpr,
     HAS_W: tl.constexpr,
 ):
@@ -103,11 +104,6 @@ def _ssd_fused_fwd_kernel(
     b_A = tl.load(p_A + i_h)
     if HAS_DT_BIAS:
         b_bias = tl.load(p_dt_bias + i_h)
-    if HAS_D:
-        if D_PER_P:
-            b_D = tl.load(p_D + i_h * P + o_p, mask=m_p, other=0.0)[None, :]
-        else:
-            b_D = tl.load(p_D + i_h)
     causal = o_q[:, None] >= o_q[None, :]
     # per-tile offsets stay int32 (64-bit pointer tiles cost two registers an element): the
     # chunk's first token moves scalar base pointers instead
@@ -140,8 +136,8 @@ def _ssd_fused_fwd_kernel(
         b_cb = tl.dot(b_C, b_Bt, input_precision=DOT_PREC)  # (t, s) fp32
         b_cb *= tl.exp(tl.where(causal, b_acs[:, None] - b_acs[None, :], float("-inf"))) * b_in[None, :]
         acc += tl.dot(b_cb.to(b_x.dtype), b_x, input_precision=DOT_PREC)
-        if HAS_D:
-            acc += b_x.to(tl.float32) * b_D
+        if D_KIND != 0:
+            acc += b_x.to(tl.float32) * skip_weight(p_D, t0 + o_q, m_q, i_h, o_p, m_p, H, P, D_KIND)
         if HAS_Z:
             b_z = tl.load(p_z + t0 * s_z_l + i_h * s_z_h + o_z, mask=m_qp, other=0.0)
             acc *= silu(b_z.to(tl.float32))
@@ -186,7 +182,7 @@ def ssd_fused_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.T
         return (triton.cdiv(p, meta["BLOCK_P"]), h, seqs)
 
     _ssd_fused_fwd_kernel[grid](
-        x2, dt2, ww, A.contiguous(), B2, C2, D.contiguous() if D is not None else A, zz,
+        x2, dt2, ww, A.contiguous(), B2, C2, packed_skip(D) if D is not None else A, zz,
         dt_bias if dt_bias is not None else A, init if init is not None else final, out, final,
         cu_seqlens if cu_seqlens is not None else final,
         l, h, p, n, h // g, round(math.log2(seqs * h)) if seqs else 0,
@@ -194,8 +190,8 @@ def ssd_fused_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.T
         B2.stride(0), B2.stride(1), B2.stride(2), C2.stride(0), C2.stride(1), C2.stride(2),
         zz.stride(0), zz.stride(1), zz.stride(2),
         BLOCK_N=max(16, triton.next_power_of_2(n)),
-        HAS_BOUNDS=cu_seqlens is not None, HAS_INIT=init is not None, HAS_D=D is not None,
-        D_PER_P=D is not None and D.dim() == 2, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None,
+        HAS_BOUNDS=cu_seqlens is not None, HAS_INIT=init is not None, D_KIND=skip_kind(D),
+        HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None,
         DT_SOFTPLUS=dt_softplus, DOT_PREC=dot_precision(x.dtype), HAS_W=input_weight is not None,
     )
     return out.view(b, l, h, p), final

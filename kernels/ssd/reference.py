@@ -33,7 +33,8 @@ def ssd_step_ref(
     dt_softplus: bool = False,
     input_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One time step. state (b, h, p, n) fp32; x, z (b, h, p); dt, input_weight (b, h); B, C (b, g, n).
+    """One time step. state (b, h, p, n) fp32; x, z (b, h, p); dt, input_weight (b, h); B, C (b, g, n);
+    D (h,), (h, p) or any factor that broadcasts against x (the scan's per-token D: (b, h, 1)).
 
     The math runs in fp32, or in float64 when x or state is float64 (an exact reference).
     Returns ``(y (b, h, p) in x.dtype, new_state (b, h, p, n) in that compute dtype)``;
@@ -61,11 +62,12 @@ def ssd_step_ref(
 
 
 def _ssd_scan_rows(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state, w):
-    """Loop ssd_step_ref over time for (b, l, ...) rows starting from ``state``."""
+    """Loop ssd_step_ref over time for (b, l, ...) rows starting from ``state``; a per-token D
+    (b, l, h) goes to each step as a (b, h, 1) factor of x."""
     ys = []
     for t in range(x.shape[1]):
         y_t, state = ssd_step_ref(
-            state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D=D,
+            state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D=D[:, t, :, None] if D is not None and D.dim() == 3 else D,
             z=None if z is None else z[:, t], dt_bias=dt_bias, dt_softplus=dt_softplus,
             input_weight=None if w is None else w[:, t],
         )
@@ -92,9 +94,10 @@ def ssd_scan_ref(
 ):
     """SSD by looping :func:`ssd_step_ref` over time (``chunk_size`` is ignored here).
 
-    x, z: (b, l, h, p); dt, input_weight: (b, l, h); A: (h,); B, C: (b, l, g, n); D: (h,) or (h, p);
-    initial_state: (b, h, p, n), or (num_seqs, h, p, n) with ``cu_seqlens`` (num_seqs+1,).
-    Returns y (b, l, h, p) [, final_state: same layout as initial_state, fp32 (float64 for float64 x)].
+    x, z: (b, l, h, p); dt, input_weight: (b, l, h); A: (h,); B, C: (b, l, g, n); D: (h,), (h, p)
+    or per token (b, l, h); initial_state: (b, h, p, n), or (num_seqs, h, p, n) with ``cu_seqlens``
+    (num_seqs+1,). Returns y (b, l, h, p) [, final_state: same layout as initial_state, fp32
+    (float64 for float64 x)].
     """
     b, l, h, p = x.shape
     n = B.shape[-1]
@@ -116,7 +119,7 @@ def ssd_scan_ref(
             else torch.zeros(1, h, p, n, device=x.device, dtype=cd)
         )
         y_i, state = _ssd_scan_rows(
-            x[:, s:e], dt[:, s:e], A, B[:, s:e], C[:, s:e], D,
+            x[:, s:e], dt[:, s:e], A, B[:, s:e], C[:, s:e], D[:, s:e] if D is not None and D.dim() == 3 else D,
             None if z is None else z[:, s:e], dt_bias, dt_softplus, state,
             None if input_weight is None else input_weight[:, s:e],
         )
