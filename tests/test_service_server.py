@@ -512,16 +512,6 @@ async def test_scheduler_batches_all_pending_streams_into_one_call(ckpts, batchi
     assert sorted(sent) == sorted([(i, s, 1) for i in range(3) for s in range(i + 2)])
 
 
-class _RowsEncoder:
-    """Scheduler encoder for tests: a chunk's message is its output rows, (n, o)."""
-
-    def part(self, chunk, result):
-        return result.outputs.clone()
-
-    def finish(self, chunk, parts):
-        return torch.cat(parts)
-
-
 @pytest.mark.parametrize("as_numpy", [False, True])
 async def test_numpy_chunks_compute_as_tensor_chunks(ckpts, as_numpy):
     """The serve --workers engine process queues numpy views of its link messages (no torch call
@@ -532,21 +522,20 @@ async def test_numpy_chunks_compute_as_tensor_chunks(ckpts, as_numpy):
     lengths = (3, 4, 7, 1)
     tokens = torch.randint(0, 5, (2, sum(lengths)), generator=torch.Generator().manual_seed(0))
     streamer = _streamer(ckpts["dna"])
-    sched, sent = Scheduler(streamer, queue_depth=8, slice_samples=5), {}
+    sched, sent, errors = Scheduler(streamer, queue_depth=8, slice_samples=5), {0: [], 1: []}, []
     await sched.start()
     try:
-        sids = []
-        for i in range(2):
-            sids.append(await sched.open(_RowsEncoder(), lambda chunk, rows, i=i: sent.setdefault(i, []).append(rows),
-                                         lambda exc: sent.setdefault("error", exc)))
+        sids = [await sched.open(_RowsEncoder(), lambda chunk, rows, i=i: sent[i].append(rows), errors.append)
+                for i in range(2)]
         for sid, row in zip(sids, tokens):  # every chunk queued before the engine runs
             for seq, (start, x) in enumerate(zip(itertools.accumulate((0,) + lengths), row.split(lengths))):
                 await sched.submit(sid, Chunk(seq, start, x.numpy().copy() if as_numpy else x.clone()))
         async with asyncio.timeout(TIMEOUT):
-            while sum(len(v) for v in sent.values()) < 2 * len(lengths):
+            while sum(len(v) for v in sent.values()) < 2 * len(lengths) and not errors:
                 await asyncio.sleep(0.01)
     finally:
         await sched.stop()
+    assert not errors
     reference = _streamer(ckpts["dna"])
     for i, row in enumerate(tokens):
         expected = reference.feed(reference.open(), row).outputs
