@@ -104,6 +104,8 @@ def _ssd_fused_fwd_kernel(
     b_A = tl.load(p_A + i_h)
     if HAS_DT_BIAS:
         b_bias = tl.load(p_dt_bias + i_h)
+    if D_KIND == 1 or D_KIND == 2:  # per head or channel: loaded once (the token arguments go unused)
+        b_D = skip_weight(p_D, o_q, o_q < 0, i_h, o_p, m_p, H, P, D_KIND)
     causal = o_q[:, None] >= o_q[None, :]
     # per-tile offsets stay int32 (64-bit pointer tiles cost two registers an element): the
     # chunk's first token moves scalar base pointers instead
@@ -136,8 +138,10 @@ def _ssd_fused_fwd_kernel(
         b_cb = tl.dot(b_C, b_Bt, input_precision=DOT_PREC)  # (t, s) fp32
         b_cb *= tl.exp(tl.where(causal, b_acs[:, None] - b_acs[None, :], float("-inf"))) * b_in[None, :]
         acc += tl.dot(b_cb.to(b_x.dtype), b_x, input_precision=DOT_PREC)
+        if D_KIND == 3:  # per token
+            b_D = skip_weight(p_D, t0 + o_q, m_q, i_h, o_p, m_p, H, P, D_KIND)
         if D_KIND != 0:
-            acc += b_x.to(tl.float32) * skip_weight(p_D, t0 + o_q, m_q, i_h, o_p, m_p, H, P, D_KIND)
+            acc += b_x.to(tl.float32) * b_D
         if HAS_Z:
             b_z = tl.load(p_z + t0 * s_z_l + i_h * s_z_h + o_z, mask=m_qp, other=0.0)
             acc *= silu(b_z.to(tl.float32))
