@@ -7,7 +7,7 @@
 #     bash benchmarks/gpu_serving_session.sh conv_tests  # ~8 min: conv1d GPU tests (cold autotuning)
 #     bash benchmarks/gpu_serving_session.sh kernels   # ~10 min: SSD S1-S3 vs mamba-ssm and fla; SSD inference forward; conv1d vs cuDNN
 #     bash benchmarks/gpu_serving_session.sh serving   # ~10 min: engine, host cost, service (1 and 4 workers)
-#     bash benchmarks/gpu_serving_session.sh mamba3    # ~9 min: Mamba-3 vs Mamba-2 at S1, chunk 64, eager + graphs, twice; profile; GPU tests
+#     bash benchmarks/gpu_serving_session.sh mamba3    # ~8 min: Mamba-3 vs Mamba-2 at S1, chunk 64, eager + graphs, twice; profile
 #     bash benchmarks/gpu_serving_session.sh mamba3_peer  # ~8 min: the op beside mamba-ssm's Mamba-3 (its autotuning: minutes)
 #     bash benchmarks/gpu_serving_session.sh engine_knobs  # ~4 min: engine-process CPU per chunk (paced) vs streams, batch wait, flush delay
 #     bash benchmarks/gpu_serving_session.sh pipeline_fill  # ~9 min: engine process and service --workers 4 vs --pipeline-fill
@@ -81,16 +81,13 @@ serving() {
 
 mamba3() {
     echo "== Mamba-3 vs Mamba-2 at S1, chunk 64, eager and CUDA graphs, twice (one run decides nothing: 8.9-10.4 ms)"
-    for run in 1 2; do
-        timeout 120 python benchmarks/bench_mamba3.py --shapes S1 --chunks 64 --graphs --out "$OUT/mamba3_$run.md" 2>&1 \
-            | grep -E '^[|]'
+    for run in 1 2; do  # the first autotunes every kernel (170 s did not suffice on a fresh machine)
+        timeout $((run == 1 ? 300 : 120)) python benchmarks/bench_mamba3.py --shapes S1 --chunks 64 --graphs \
+            --out "$OUT/mamba3_$run.md" 2>&1 | grep -E '^[|]'
     done
     echo "== the kernel profile, its own process (timings after torch.profiler are not kept)"
     timeout 120 python benchmarks/bench_mamba3.py --shapes S1 --chunks 64 --profile S1 >"$OUT/mamba3_profile.txt" 2>&1
     sed -n '/GPU kernels/,/Self CUDA time total/p' "$OUT/mamba3_profile.txt" | cut -c1-150 | head -n 80
-    echo "== GPU tests: the rotation kernels and the Mamba-3 scan vs their references (cold autotuning: minutes)"
-    timeout 240 python -m pytest -q -p no:randomly -m gpu tests/test_mamba3_rotary_kernel.py tests/test_mamba3_kernel.py \
-        2>&1 | tail -n 6 | tee "$OUT/mamba3_tests.txt"
 }
 
 mamba3_peer() {
