@@ -148,7 +148,8 @@ rotary() {
     from_git 5de9c7b kernels/mamba3/rotary.py "$OLD_ROTARY"
     echo "== rotation kernels: this tree vs 5de9c7b's, S1-S3; configs at S1, S3"
     timeout 150 python benchmarks/bench_mamba3_rotary.py --shapes S1,S2,S3 --old "$OLD_ROTARY" --out "$OUT/rotary.md"
-    timeout 120 python benchmarks/bench_mamba3_rotary.py --shapes S1,S3 --sweep --out "$OUT/rotary_sweep.md" | tail -n 22
+    timeout 150 python benchmarks/bench_mamba3_rotary.py --shapes S1,S3 --sweep --out "$OUT/rotary_sweep.md" \
+        | sed -n '/angles x warps/,$p'  # the sweep's table (its dstep rows made a fixed tail cut it short)
 }
 
 engine_pair() {

@@ -37,7 +37,9 @@ BLOCK_L = 64  # steps per tile
 # holds BLOCK_L x angles / (32 x warps) elements, and the registers that go with them (sm_90, 16
 # angles: forward 96 at 4 warps, 48 at 8; dangle 254 / 158). H100, 2026-12-06
 # (bench_mamba3_rotary.py --sweep), forward / backward ms at S1: 16 x 8 0.454 / 0.777, 16 x 4
-# 0.556 / 0.988, 32 x 2 0.487 / 1.635, 8 x 4 0.766 / 0.975; at S3 16 x 8 was best for both too
+# 0.556 / 0.988, 32 x 2 0.487 / 1.635, 8 x 4 0.766 / 0.975. At S3 (32 angles) after the tiles-last
+# sums 16 x 8 is best for the backward (4.38 ms), while the forward is faster at 32 x 4 (2.90 vs
+# 3.51 ms): one config for every shape, not yet keyed on the angle count
 FWD_CONFIG = (16, 8)
 BWD_CONFIG = (16, 8)
 # the dstep kernel's: all angles in one program (up to 64: 255 registers at 8 warps, no spills).
