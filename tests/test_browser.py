@@ -349,7 +349,7 @@ async def test_browser_audio_file_upload_equals_offline_forward(tmp_path):
     cfg = ServeConfig(port=0, token=TOKEN, ping_interval=None)
     async with chromium(tmp_path, None) as page, StreamServer(load_for_serving(ckpt), cfg) as srv:
         got, _ = await run_page(page, srv.port, "play", upload=clip)
-    assert len(floats(got["sent"])) >= round(0.5 * got["rate"])  # the whole clip (and the worklet's last quantum)
+    assert len(floats(got["sent"])) == round(0.5 * got["rate"])  # the whole clip: no sample lost, no padding
     assert_lm_results(ckpt, got)
 
 

@@ -148,7 +148,7 @@ async function beginAudio(token, kind, seconds) {
     source = ctx.createBufferSource();
     source.buffer = await ctx.decodeAudioData(await file.arrayBuffer()); // at the context's rate
     source.connect(ctx.destination); // heard while it streams
-    source.onended = () => app.stop();
+    capture.port.postMessage({ expect: source.buffer.length }); // the worklet finishes after the file's last sample
   }
   const span = Math.min(seconds, kind === "mic" ? PLOT_SECONDS : source.buffer.duration);
   const shown = Math.max(1, Math.round(span * app.info.sample_rate)); // results come at the model's rate
