@@ -42,6 +42,7 @@ import torch
 
 from streamssm.errors import ConfigError, StateError
 from streamssm.inference import PendingBatch, Streamer
+from streamssm.service.config import ServeConfig
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +175,8 @@ class _Stream:
     deliver: Deliver
     on_error: OnError
     slots: QueueSlots
-    outputs: bool = True  # False: the client wants scores only (Slice.outputs None)
-    slice_samples: int = 640  # this stream's samples per model call
+    outputs: bool  # False: the client wants scores only (Slice.outputs None)
+    slice_samples: int  # this stream's samples per model call
     pending: deque[Chunk] = field(default_factory=deque)
     closing: bool = False
     failed: bool = False
@@ -255,12 +256,12 @@ class Scheduler(StreamQueues):
     (:meth:`_run`; 1: as many). Larger: fewer, bigger calls while the device is busy (each
     call costs the engine process a fixed share of host CPU); ``batch_wait`` never applies then.
     ``metrics`` (optional) receives ``observe_batch(streams, samples, seconds)`` and
-    ``observe_chunks(latencies_s)`` calls on the event loop.
+    ``observe_chunks(latencies_s)`` calls on the event loop. Defaults: ``ServeConfig``'s.
     """
 
-    def __init__(self, streamer: Streamer, queue_depth: int = 8, metrics: Any = None,
-                 batching: str = "uniform", slice_samples: int = 640, batch_wait: float = 0.0,
-                 pipeline_fill: float = 1.0):
+    def __init__(self, streamer: Streamer, queue_depth: int = ServeConfig.queue_depth, metrics: Any = None,
+                 batching: str = ServeConfig.batching, slice_samples: int = ServeConfig.slice_samples,
+                 batch_wait: float = ServeConfig.batch_wait, pipeline_fill: float = ServeConfig.pipeline_fill):
         if queue_depth < 1:
             raise ConfigError(f"queue_depth must be >= 1, got {queue_depth}")
         if not batch_wait >= 0:

@@ -619,6 +619,17 @@ def test_pipeline_fill_is_bounded():
     assert ServeConfig(pipeline_fill=2.0).pipeline_fill == 2.0
 
 
+def test_scheduler_defaults_are_the_server_config_defaults():
+    """A Scheduler built from Python (benches, tests) batches as `streamssm serve` does by default:
+    its keyword defaults are ServeConfig's, not literals of its own that drift (pipeline_fill once did)."""
+    from streamssm.service.config import ServeConfig
+    from streamssm.service.scheduler import Scheduler
+
+    sched, cfg = Scheduler(None), ServeConfig()
+    for knob in ("queue_depth", "batching", "slice_samples", "batch_wait", "pipeline_fill"):
+        assert getattr(sched, knob) == getattr(cfg, knob), knob
+
+
 async def test_backpressure_slows_only_the_stream_that_does_not_drain(ckpts):
     from streamssm.service.scheduler import Chunk, Scheduler
 
