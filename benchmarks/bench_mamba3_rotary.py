@@ -6,15 +6,15 @@ the op's shapes, beside an earlier rotary.py (``--old``), with their byte floors
 
 Shapes S1-S3 of shared/BENCHMARKS.md as bench_mamba3 maps them: one group of B and C (bf16),
 rotated into every head's frame (B~, C~ (b, l, h, n) bf16); dt (b, l, h) fp32, theta (b, l, 1, n/2)
-bf16. Rows per shape: forward (tile sums, their cumsum, the rotation) and backward (dangle
-kernel, suffix sums, dstep kernel) of each version, CUDA-graph medians (``_harness.time_graph``).
+bf16. Rows per shape: forward (tile sums, their cumsum, the rotation) and backward (local
+kernel, suffix sums, after kernel; an earlier version's: dangle and dstep kernels) of each version, CUDA-graph medians (``_harness.time_graph``).
 "x byte floor": the time over the least time to move the kernel's bytes once at the copy bandwidth
 (forward: write B~ and C~, read B, C, dt, theta; backward: read dB~, dC~, B, C, dt, theta, write
 dB, dC, ddt, dtheta). "ms ratio" (old / new) > 1: this tree is faster. Outputs of the old and new
 kernels are compared (per output, the max abs difference over the old's max abs value; the worst
 output's) so a faster kernel that is wrong shows. ``--sweep``: this tree's forward and backward at
 every (angles per program, warps) of SWEEP (``rotary.FWD_CONFIG`` / ``BWD_CONFIG`` set in turn)
-and the backward at every DSTEP_SWEEP config of the dstep kernel, the launchers' choices marked.
+and the backward at every AFTER_SWEEP config of the after kernel, the launchers' choices marked.
 ``--profile``: at the listed shapes, each version's forward and backward kernel by kernel
 (torch.profiler, after every timing).
 """
@@ -35,8 +35,8 @@ from _harness import (COPY_TBPS, SSD_SHAPES, Table, kernel_profile, max_rel_diff
 from streamssm.kernels.mamba3 import rotary  # noqa: E402
 
 SWEEP = [(block_k, warps) for block_k in (8, 16, 32) for warps in (2, 4, 8)]
-# the dstep kernel: all 64 angles of S1 in one program need 8 warps (4 spill registers)
-DSTEP_SWEEP = [(16, 8), (32, 4), (32, 8), (64, 8)]
+# the after kernel: all 64 angles of S1 in one program need 8 warps (255 registers; at 4 they spill)
+AFTER_SWEEP = [(16, 4), (16, 8), (32, 4), (32, 8), (64, 8)]
 
 
 def load_rotary(path: str):
@@ -130,26 +130,26 @@ def main() -> int:
 
 def sweep(shapes: list[str]) -> Table:
     """Forward and backward ms of this tree at each (angles, warps) of SWEEP for the forward and
-    dangle kernels, then backward ms at each of DSTEP_SWEEP for the dstep kernel (the others at
+    local kernels, then backward ms at each of AFTER_SWEEP for the after kernel (the others at
     their chosen configs)."""
     table = Table(["shape", "kernels", "angles x warps", "forward ms", "backward ms"])
-    chosen = rotary.FWD_CONFIG, rotary.BWD_CONFIG, rotary.DSTEP_CONFIG
+    chosen = rotary.FWD_CONFIG, rotary.BWD_CONFIG, rotary.AFTER_CONFIG
     for shape, t in shape_inputs(shapes):
         for config in SWEEP:
             rotary.FWD_CONFIG = rotary.BWD_CONFIG = config
             fwd, bwd, _ = kernel_calls(rotary, t)
             mark = "".join(f" ({kind})" for kind, c in zip(("forward", "backward"), chosen) if c == config)
-            table.add(shape=shape, kernels="forward, dangle", **{"angles x warps": f"{config[0]} x {config[1]}{mark}",
+            table.add(shape=shape, kernels="forward, local", **{"angles x warps": f"{config[0]} x {config[1]}{mark}",
                                                                  "forward ms": time_graph(fwd),
                                                                  "backward ms": time_graph(bwd)})
         rotary.FWD_CONFIG, rotary.BWD_CONFIG = chosen[:2]
-        for config in DSTEP_SWEEP:
-            rotary.DSTEP_CONFIG = config
+        for config in AFTER_SWEEP:
+            rotary.AFTER_CONFIG = config
             _, bwd, _ = kernel_calls(rotary, t)
             mark = " (chosen)" if config == chosen[2] else ""
-            table.add(shape=shape, kernels="dstep", **{"angles x warps": f"{config[0]} x {config[1]}{mark}",
+            table.add(shape=shape, kernels="after", **{"angles x warps": f"{config[0]} x {config[1]}{mark}",
                                                        "backward ms": time_graph(bwd)})
-        rotary.DSTEP_CONFIG = chosen[2]
+        rotary.AFTER_CONFIG = chosen[2]
         del t
     return table
 

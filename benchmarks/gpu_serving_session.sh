@@ -149,7 +149,7 @@ rotary() {
     echo "== rotation kernels: this tree vs 5de9c7b's, S1-S3; configs at S1, S3"
     timeout 150 python benchmarks/bench_mamba3_rotary.py --shapes S1,S2,S3 --old "$OLD_ROTARY" --out "$OUT/rotary.md"
     timeout 150 python benchmarks/bench_mamba3_rotary.py --shapes S1,S3 --sweep --out "$OUT/rotary_sweep.md" \
-        | sed -n '/angles x warps/,$p'  # the sweep's table (its dstep rows made a fixed tail cut it short)
+        | sed -n '/angles x warps/,$p'  # the sweep's table (its after-kernel rows made a fixed tail cut it short)
 }
 
 engine_pair() {

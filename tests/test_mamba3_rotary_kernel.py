@@ -9,7 +9,7 @@ import torch
 
 from streamssm.kernels.library import mamba3_rotary_op
 from streamssm.kernels.mamba3.reference import mamba3_rotary_ref
-from streamssm.kernels.mamba3.rotary import BLOCK_L, BWD_CONFIG, DSTEP_CONFIG, FWD_CONFIG
+from streamssm.kernels.mamba3.rotary import BLOCK_L, AFTER_CONFIG, BWD_CONFIG, FWD_CONFIG
 from streamssm.testing import assert_close, assert_script_compiles_for_sm90
 
 
@@ -31,7 +31,7 @@ def run(fn, inputs, out_dtype, device="cpu", seed=1):
 
 
 @pytest.mark.parametrize("shape", [(2, 2 * BLOCK_L + 13, 2, 4, 6), (1, 5, 1, 3, 8), (1, BLOCK_L, 3, 3, 4),
-                                   (1, BLOCK_L + 6, 1, 2, 2 * max(FWD_CONFIG[0], BWD_CONFIG[0], DSTEP_CONFIG[0]) + 8)],
+                                   (1, BLOCK_L + 6, 1, 2, 2 * max(FWD_CONFIG[0], BWD_CONFIG[0], AFTER_CONFIG[0]) + 8)],
                          ids=["tiles3-G2-H4", "short-G1-H3", "one-tile-G3-H3", "angle-blocks2"])
 def test_triton_matches_reference_with_gradients(shape):
     inputs = make_inputs(*shape)
@@ -50,6 +50,21 @@ def test_bf16_outputs():
     assert got[0].dtype == got[1].dtype == torch.bfloat16 and got[2].dtype == torch.float32
     for name, a, b in zip(("B_rot", "C_rot"), want, got):
         assert_close(name, a, b.float(), torch.bfloat16)
+
+
+def test_bf16_inputs_gradients():
+    """B, C and theta in bf16 (dt fp32), as a bf16 run feeds them: the gradients come back in their
+    inputs' dtypes, dtheta summed in fp32 before its one cast (the in-tile and the tiles-after parts
+    of the step angles' gradient meet in an fp32 buffer of their own)."""
+    inputs = make_inputs(2, 2 * BLOCK_L + 5, 1, 3, 8, seed=6)
+    inputs = {k: v if k == "dt" else v.to(torch.bfloat16) for k, v in inputs.items()}
+    want = run(mamba3_rotary_ref, {k: v.float() for k, v in inputs.items()}, torch.float32)
+    got = run(mamba3_rotary_op, inputs, torch.float32)
+    for name in ("dB", "dC", "dtheta"):
+        assert got[name].dtype == torch.bfloat16, name
+        assert_close(name, want[name], got[name].float(), torch.bfloat16)
+    assert got["ddt"].dtype == torch.float32
+    assert_close("ddt", want["ddt"], got["ddt"], torch.float32)
 
 
 @pytest.mark.parametrize("used", ["B_rot", "C_rot", "angle_end"])
@@ -119,14 +134,14 @@ import re, subprocess, tempfile
 from pathlib import Path
 from streamssm.kernels.mamba3 import rotary
 
-INT = {"L", "H", "G", "K", "T", "ROWS"}
+INT = {"L", "H", "G", "K", "T", "ROWS", "LOCAL_PARTS"}
 F64 = {"p_sums", "p_enter"}  # the tile angles
-F32 = {"p_dt", "p_dangle", "p_dsums", "p_after", "p_ddt"}  # dt and the angle gradients stay fp32
+F32 = {"p_dt", "p_dsums", "p_after", "p_ddt", "p_ddt_local", "p_dtheta_local"}  # dt, the angle gradients: fp32
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 for kernel, (block_k, warps) in ((rotary._rotary_tile_sums_kernel, (rotary.FWD_CONFIG[0], 4)),
                                  (rotary._rotary_fwd_kernel, rotary.FWD_CONFIG),
-                                 (rotary._rotary_bwd_dangle_kernel, rotary.BWD_CONFIG),
-                                 (rotary._rotary_bwd_dstep_kernel, rotary.DSTEP_CONFIG)):
+                                 (rotary._rotary_bwd_local_kernel, rotary.BWD_CONFIG),
+                                 (rotary._rotary_bwd_after_kernel, rotary.AFTER_CONFIG)):
     fn = kernel
     for half in ("*bf16", "*fp32"):
         consts = {"BLOCK_L": rotary.BLOCK_L, "BLOCK_K": block_k}
@@ -146,5 +161,5 @@ for kernel, (block_k, warps) in ((rotary._rotary_tile_sums_kernel, (rotary.FWD_C
 def test_kernels_compile_for_sm90():
     """Every rotation kernel compiles to an sm_90 binary, bf16 and fp32 B/C (float64 angle sums),
     at the block sizes and warps the launchers use, without spilling registers to local memory
-    (the dangle kernel did at 16 angles and 4 warps with int64 offsets per element)."""
+    (the backward's first kernel did at 16 angles and 4 warps with int64 offsets per element)."""
     assert_script_compiles_for_sm90(SM90_COMPILE)

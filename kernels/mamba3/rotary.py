@@ -14,10 +14,15 @@ never reach memory:
     forward   1. each tile's angle sum per (b, h, k), in float64        (b, h, k, T)
               2. (torch) exclusive cumsum over tiles, mod 2 pi: the angle entering each tile
               3. per (tile, b, h): in-tile cumsum + the entering angle, cos/sin, rotate B and C
-    backward  1. per (tile, b, g): dB, dC (the heads of a group summed in registers: no atomics)
-                 and dTheta per head, with its tile sums              (b, l, h, k), (b, h, k, T)
-              2. (torch) suffix sums over tiles (plus the final angle's gradient)
-              3. per (tile, b, g): reverse in-tile cumsum -> d(step angle) -> ddt, dtheta
+    backward  1. per (tile, b, g): dB, dC (the heads of a group summed in registers: no atomics);
+                 dTheta per head, in registers only: its tile sums (b, h, k, T) and, from its
+                 reverse in-tile cumsum, the in-tile parts of dtheta (b, l, g, k) and ddt (b, l, h)
+              2. (torch) suffix sums over tiles (plus the final angle's gradient): ``after``
+              3. per (tile, b, g): what the tiles after add, dtheta += dt after, ddt += theta . after
+
+The step angle's gradient is linear in dTheta, d(step_t) = (sum over the tile's s >= t of
+dTheta_s) + after[tile], so step 1 takes the first term and step 3 the second: the (b, l, h, k)
+dTheta never reaches memory (it did until 2026-12-06: 0.2 GB written and read again at S1).
 
 The rows of dtheta / dB / dC of a group are written by one program, so every gradient is
 deterministic. Angles accumulate in float64 (the fp32 step angles dt * theta, as the reference);
@@ -33,19 +38,19 @@ import triton
 import triton.language as tl
 
 BLOCK_L = 64  # steps per tile
-# (angles per program, warps) of the rotation (forward) and of the dangle kernel (backward): a thread
+# (angles per program, warps) of the rotation (forward) and of the local kernel (backward): a thread
 # holds BLOCK_L x angles / (32 x warps) elements, and the registers that go with them (sm_90, 16
-# angles: forward 96 at 4 warps, 48 at 8; dangle 254 / 158). H100, 2026-12-06
+# angles: forward 96 at 4 warps, 48 at 8; the backward's, when it wrote dTheta, 254 / 158). H100, 2026-12-06
 # (bench_mamba3_rotary.py --sweep), forward / backward ms at S1: 16 x 8 0.454 / 0.777, 16 x 4
 # 0.556 / 0.988, 32 x 2 0.487 / 1.635, 8 x 4 0.766 / 0.975. At S3 (32 angles) after the tiles-last
 # sums 16 x 8 is best for the backward (4.38 ms), while the forward is faster at 32 x 4 (2.90 vs
 # 3.51 ms): one config for every shape, not yet keyed on the angle count
 FWD_CONFIG = (16, 8)
 BWD_CONFIG = (16, 8)
-# the dstep kernel's: all angles in one program (up to 64: 255 registers at 8 warps, no spills).
-# Angle blocks may split its grid (ddt then summed over them after), but at S1 on the H100 16-angle
-# blocks (78 registers) took 230 us a call against 184 us for all 64 angles in one (2026-12-06)
-DSTEP_CONFIG = (64, 8)
+# the after kernel's: all angles in one program (up to 64), so that one program sums a row's ddt.
+# Angle blocks may split its grid (ddt then summed over them after). Its forerunner, the dstep kernel
+# (it read dTheta back), took 184 us a call at S1 on the H100 this way and 230 us on 16-angle blocks
+AFTER_CONFIG = (64, 8)
 HALF_PI = tl.constexpr(math.pi / 2)
 INV_HALF_PI = tl.constexpr(2 / math.pi)
 # Taylor coefficients of sin (r^3 .. r^9) and cos (r^2 .. r^10): on |r| <= pi/4 the first terms left
@@ -56,7 +61,7 @@ COS2, COS4, COS6, COS8, COS10 = (tl.constexpr((-1) ** i / math.factorial(2 * i))
 
 # Addresses: a tile's first row of the flattened (b * l) rows in int64 (a scalar per program), the
 # offsets inside the tile in int32: int64 offsets per element cost ~3 IMADs a multiply and their
-# registers (the dangle kernel spilled at 4 warps)
+# registers (the backward's first kernel spilled at 4 warps)
 @triton.jit
 def _tile(i_b, i_t, L, BLOCK_L: tl.constexpr):
     """Tile i_t of batch row i_b (int64): its first row (int64 scalar), the rows in it (int32,
@@ -70,12 +75,6 @@ def _per_tile_at(i_b, i_t, i_h, o_k, H, K, T):
     """Offsets (BLOCK_K,) of tile i_t's per-tile angle values of head i_h, angles ``o_k``, in the
     (b, h, k, T) tables (tile sums, entering angles and their gradients: tiles last)."""
     return ((i_b * H + i_h) * K + o_k) * T + i_t
-
-
-@triton.jit
-def _dangle_at(row0, o_r, i_h, o_k, H, K):
-    """Offsets (BLOCK_L, BLOCK_K) of a tile's rows of head i_h, angles ``o_k``, in dTheta (b, l, h, k)."""
-    return row0 * H * K + (o_r[:, None] * (H * K) + i_h * K + o_k[None, :])
 
 
 @triton.jit
@@ -113,10 +112,11 @@ def _cos_sin(angle):
 def _tile_cos_sin(p_dt, p_theta, p_enter, row0, o_r, m_l, i_b, i_t, i_h, i_g, i_k, H, G, K, T,
                   BLOCK_K: tl.constexpr):
     """cos and sin (BLOCK_L, BLOCK_K) fp32 of Theta over one tile of head i_h: the entering angle
-    plus the in-tile cumsum, in float64."""
-    b_step, _, _, o_k, _ = _step_angles(p_dt, p_theta, row0, o_r, m_l, i_h, i_g, i_k, H, G, K, BLOCK_K)
+    plus the in-tile cumsum, in float64; and the tile's dt (BLOCK_L,) and theta (0 outside)."""
+    b_step, b_dt, b_th, o_k, _ = _step_angles(p_dt, p_theta, row0, o_r, m_l, i_h, i_g, i_k, H, G, K, BLOCK_K)
     enter = tl.load(p_enter + _per_tile_at(i_b, i_t, i_h, o_k, H, K, T), mask=o_k < K, other=0.0)
-    return _cos_sin(enter[None, :] + tl.cumsum(b_step.to(tl.float64), axis=0))
+    cos, sin = _cos_sin(enter[None, :] + tl.cumsum(b_step.to(tl.float64), axis=0))
+    return cos, sin, b_dt, b_th
 
 
 @triton.jit
@@ -174,7 +174,8 @@ def _rotary_fwd_kernel(p_B, p_C, p_dt, p_theta, p_enter, p_Bo, p_Co, L, H, G, K,
     i_g = i_h // (H // G)
     i_k = tl.program_id(2)
     row0, o_r, m_l = _tile(i_b, i_t, L, BLOCK_L)
-    cos, sin = _tile_cos_sin(p_dt, p_theta, p_enter, row0, o_r, m_l, i_b, i_t, i_h, i_g, i_k, H, G, K, T, BLOCK_K)
+    cos, sin, _, _ = _tile_cos_sin(p_dt, p_theta, p_enter, row0, o_r, m_l, i_b, i_t, i_h, i_g, i_k, H, G, K, T,
+                                   BLOCK_K)
     o_in, m = _pairs_at(o_r, m_l, G * 2 * K, i_g * 2 * K, i_k, K, BLOCK_K)
     o_out, _ = _pairs_at(o_r, m_l, H * 2 * K, i_h * 2 * K, i_k, K, BLOCK_K)
     in0, out0 = row0 * G * 2 * K, row0 * H * 2 * K
@@ -183,11 +184,13 @@ def _rotary_fwd_kernel(p_B, p_C, p_dt, p_theta, p_enter, p_Bo, p_Co, L, H, G, K,
 
 
 @triton.jit
-def _rotary_bwd_dangle_kernel(p_B, p_C, p_dt, p_theta, p_enter, p_dBo, p_dCo, p_dB, p_dC, p_dangle, p_dsums,
-                              L, H, G, K, T, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
+def _rotary_bwd_local_kernel(p_B, p_C, p_dt, p_theta, p_enter, p_dBo, p_dCo, p_dB, p_dC, p_dtheta, p_ddt, p_dsums,
+                             L, H, G, K, T, ROWS, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
     """Grid (T, b * g, angle blocks): dB, dC (b, l, g, n) of one tile, group (its heads summed
-    here) and block of angles, and each head's dTheta (b, l, h, k) fp32 with its tile sums
-    (b, h, k, T) fp32."""
+    here) and block of angles. Of each head's dTheta (in registers): its tile sums (b, h, k, T)
+    fp32 and, from its reverse in-tile cumsum D, the in-tile parts dtheta (b, l, g, k) fp32 =
+    sum over the heads of dt D and each angle block's ddt (angle blocks, b * l = ROWS, h) fp32 =
+    sum over its angles of D theta."""
     i_t = tl.program_id(0)
     i_bg = tl.program_id(1)
     i_k = tl.program_id(2)
@@ -195,7 +198,6 @@ def _rotary_bwd_dangle_kernel(p_B, p_C, p_dt, p_theta, p_enter, p_dBo, p_dCo, p_
     rep = H // G
     row0, o_r, m_l = _tile(i_b, i_t, L, BLOCK_L)
     o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    m = m_l[:, None] & (o_k < K)[None, :]
     o_in, m2 = _pairs_at(o_r, m_l, G * 2 * K, i_g * 2 * K, i_k, K, BLOCK_K)
     in0, out0 = row0 * G * 2 * K, row0 * H * 2 * K
     B_re, B_im = _load_pairs(p_B + in0, o_in, m2, BLOCK_L, BLOCK_K)
@@ -204,10 +206,12 @@ def _rotary_bwd_dangle_kernel(p_B, p_C, p_dt, p_theta, p_enter, p_dBo, p_dCo, p_
     dB_im = tl.zeros([BLOCK_L, BLOCK_K], dtype=tl.float32)
     dC_re = tl.zeros([BLOCK_L, BLOCK_K], dtype=tl.float32)
     dC_im = tl.zeros([BLOCK_L, BLOCK_K], dtype=tl.float32)
+    dtheta = tl.zeros([BLOCK_L, BLOCK_K], dtype=tl.float32)
+    p_ddt += (i_k.to(tl.int64) * ROWS + row0) * H
     for j in range(rep):
         i_h = i_g * rep + j
-        cos, sin = _tile_cos_sin(p_dt, p_theta, p_enter, row0, o_r, m_l, i_b, i_t, i_h, i_g, i_k, H, G, K, T,
-                                 BLOCK_K)
+        cos, sin, b_dt, b_th = _tile_cos_sin(p_dt, p_theta, p_enter, row0, o_r, m_l, i_b, i_t, i_h, i_g, i_k, H, G,
+                                             K, T, BLOCK_K)
         o_out, _ = _pairs_at(o_r, m_l, H * 2 * K, i_h * 2 * K, i_k, K, BLOCK_K)
         gB_re, gB_im = _load_pairs(p_dBo + out0, o_out, m2, BLOCK_L, BLOCK_K)
         gC_re, gC_im = _load_pairs(p_dCo + out0, o_out, m2, BLOCK_L, BLOCK_K)
@@ -218,18 +222,23 @@ def _rotary_bwd_dangle_kernel(p_B, p_C, p_dt, p_theta, p_enter, p_dBo, p_dCo, p_
         dB_im += gB_re * sin + gB_im * cos
         dC_re += gC_re * cos - gC_im * sin
         dC_im += gC_re * sin + gC_im * cos
-        tl.store(p_dangle + _dangle_at(row0, o_r, i_h, o_k, H, K), dangle, mask=m)
         tl.store(p_dsums + _per_tile_at(i_b, i_t, i_h, o_k, H, K, T), tl.sum(dangle, axis=0), mask=o_k < K)
+        d_step = tl.cumsum(dangle, axis=0, reverse=True)  # 0 outside the tile's rows and angles, as dangle
+        tl.store(p_ddt + o_r * H + i_h, tl.sum(d_step * b_th, axis=1), mask=m_l)
+        dtheta += b_dt[:, None] * d_step
     _store_pairs(p_dB + in0, o_in, dB_re, dB_im, m2, BLOCK_L, BLOCK_K)
     _store_pairs(p_dC + in0, o_in, dC_re, dC_im, m2, BLOCK_L, BLOCK_K)
+    tl.store(p_dtheta + row0 * G * K + (o_r[:, None] * (G * K) + i_g * K + o_k[None, :]), dtheta,
+             mask=m_l[:, None] & (o_k < K)[None, :])
 
 
 @triton.jit
-def _rotary_bwd_dstep_kernel(p_dt, p_theta, p_dangle, p_after, p_ddt, p_dtheta, L, H, G, K, T, ROWS,
-                             BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Grid (T, b * g, angle blocks): d(step angle) = sum of dTheta from here on (reverse in-tile
-    cumsum plus the tiles after, ``p_after`` (b, h, k, T) fp32); then dtheta (b, l, g, k) and
-    each angle block's share of ddt, (angle blocks, b * l = ROWS, h) fp32."""
+def _rotary_bwd_after_kernel(p_dt, p_theta, p_after, p_dtheta_local, p_ddt_local, LOCAL_PARTS, p_ddt, p_dtheta,
+                             L, H, G, K, T, ROWS, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Grid (T, b * g, angle blocks): the tiles after each one, ``p_after`` (b, h, k, T) fp32,
+    added to the local kernel's in-tile parts: dtheta (b, l, g, k) = ``p_dtheta_local`` (fp32; may be
+    ``p_dtheta`` itself) + sum over the heads of dt after; ddt (angle blocks, ROWS, h) fp32 = this
+    block's theta . after, plus (angle block 0) the ``LOCAL_PARTS`` blocks of ``p_ddt_local``."""
     i_t = tl.program_id(0)
     i_bg = tl.program_id(1)
     i_k = tl.program_id(2)
@@ -238,18 +247,22 @@ def _rotary_bwd_dstep_kernel(p_dt, p_theta, p_dangle, p_after, p_ddt, p_dtheta, 
     row0, o_r, m_l = _tile(i_b, i_t, L, BLOCK_L)
     o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
     m = m_l[:, None] & (o_k < K)[None, :]
+    o_theta = row0 * G * K + (o_r[:, None] * (G * K) + i_g * K + o_k[None, :])
+    b_th = tl.load(p_theta + o_theta, mask=m, other=0.0).to(tl.float32)  # the group's: once for all its heads
+    dtheta = tl.load(p_dtheta_local + o_theta, mask=m, other=0.0)
     p_ddt += (i_k.to(tl.int64) * ROWS + row0) * H
-    dtheta = tl.zeros([BLOCK_L, BLOCK_K], dtype=tl.float32)
+    p_ddt_local += row0 * H
     for j in range(rep):
         i_h = i_g * rep + j
-        _, b_dt, b_th, _, _ = _step_angles(p_dt, p_theta, row0, o_r, m_l, i_h, i_g, i_k, H, G, K, BLOCK_K)
-        dangle = tl.load(p_dangle + _dangle_at(row0, o_r, i_h, o_k, H, K), mask=m, other=0.0)
+        b_dt = tl.load(p_dt + row0 * H + (o_r * H + i_h), mask=m_l, other=0.0)
         after = tl.load(p_after + _per_tile_at(i_b, i_t, i_h, o_k, H, K, T), mask=o_k < K, other=0.0)
-        dstep = tl.where(m, tl.cumsum(dangle, axis=0, reverse=True) + after[None, :], 0.0)
-        tl.store(p_ddt + o_r * H + i_h, tl.sum(dstep * b_th, axis=1), mask=m_l)
-        dtheta += b_dt[:, None] * dstep
-    tl.store(p_dtheta + row0 * G * K + (o_r[:, None] * (G * K) + i_g * K + o_k[None, :]),
-             dtheta.to(p_dtheta.dtype.element_ty), mask=m)
+        ddt = tl.sum(b_th * after[None, :], axis=1)
+        if i_k == 0:
+            for i in range(LOCAL_PARTS):
+                ddt += tl.load(p_ddt_local + i * ROWS * H + o_r * H + i_h, mask=m_l, other=0.0)
+        tl.store(p_ddt + o_r * H + i_h, ddt, mask=m_l)
+        dtheta += b_dt[:, None] * after[None, :]
+    tl.store(p_dtheta + o_theta, dtheta.to(p_dtheta.dtype.element_ty), mask=m)
 
 
 def _launch(config: tuple[int, int], L: int, rows: int, K: int) -> tuple[tuple[int, int, int], int, int]:
@@ -292,17 +305,20 @@ def mamba3_rotary_bwd_triton(dBo: torch.Tensor, dCo: torch.Tensor, dangle_end: t
     H, K = dt.shape[2], N // 2
     T = triton.cdiv(L, BLOCK_L)
     dB, dC = torch.empty_like(B), torch.empty_like(C)
-    dangle = torch.empty(b, L, H, K, device=B.device, dtype=torch.float32)
     dsums = torch.empty(b, H, K, T, device=B.device, dtype=torch.float32)  # tiles last, as the forward's sums
+    f32 = dict(device=B.device, dtype=torch.float32)
     grid, block_k, warps = _launch(BWD_CONFIG, L, b * G, K)
-    _rotary_bwd_dangle_kernel[grid](B, C, dt, theta, enter, dBo, dCo, dB, dC, dangle, dsums, L, H, G, K, T,
-                                    BLOCK_L=BLOCK_L, BLOCK_K=block_k, num_warps=warps)
+    dtheta_local = torch.empty(theta.shape, **f32)  # the in-tile parts
+    ddt_local = torch.empty(grid[2], b * L, H, **f32)  # per angle block
+    _rotary_bwd_local_kernel[grid](B, C, dt, theta, enter, dBo, dCo, dB, dC, dtheta_local, ddt_local, dsums,
+                                   L, H, G, K, T, b * L, BLOCK_L=BLOCK_L, BLOCK_K=block_k, num_warps=warps)
     # the tiles after each one, and the final angle (the sum of every step's)
     after = dsums.flip(-1).cumsum(-1).flip(-1) - dsums + dangle_end.float()[..., None]
-    grid, block_k, warps = _launch(DSTEP_CONFIG, L, b * G, K)
-    ddt_parts = torch.empty(grid[2], b * L, H, device=B.device, dtype=torch.float32)  # per angle block
-    dtheta = torch.empty_like(theta)
-    _rotary_bwd_dstep_kernel[grid](dt, theta, dangle, after, ddt_parts, dtheta, L, H, G, K, T, b * L,
-                                   BLOCK_L=BLOCK_L, BLOCK_K=block_k, num_warps=warps)
+    local_parts = grid[2]
+    grid, block_k, warps = _launch(AFTER_CONFIG, L, b * G, K)
+    ddt_parts = torch.empty(grid[2], b * L, H, **f32)  # per angle block
+    dtheta = dtheta_local if theta.dtype == torch.float32 else torch.empty_like(theta)
+    _rotary_bwd_after_kernel[grid](dt, theta, after, dtheta_local, ddt_local, local_parts, ddt_parts, dtheta,
+                                   L, H, G, K, T, b * L, BLOCK_L=BLOCK_L, BLOCK_K=block_k, num_warps=warps)
     ddt = ddt_parts[0] if grid[2] == 1 else ddt_parts.sum(0)
     return dB, dC, ddt.view_as(dt).to(dt.dtype), dtheta
