@@ -78,15 +78,17 @@ def _per_tile_at(i_b, i_t, i_h, o_k, H, K, T):
 
 
 @triton.jit
-def _step_angles(p_dt, p_theta, row0, o_r, m_l, i_h, i_g, i_k, H, G, K, BLOCK_K: tl.constexpr):
-    """One tile's (BLOCK_L, BLOCK_K) fp32 step angles dt * theta of head i_h and angle block i_k
-    (0 outside), its dt (BLOCK_L,) and theta, the angle index and the (row, angle) mask."""
+def _group_angles_at(row0, o_r, m_l, i_g, i_k, G, K, BLOCK_K: tl.constexpr):
+    """Offsets (BLOCK_L, BLOCK_K) of a tile's rows of group i_g, angle block i_k, in the (b, l, g, k)
+    tensors (theta, dtheta), their mask and the angle index (BLOCK_K,)."""
     o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    m = m_l[:, None] & (o_k < K)[None, :]
-    b_dt = tl.load(p_dt + row0 * H + (o_r * H + i_h), mask=m_l, other=0.0).to(tl.float32)
-    b_th = tl.load(p_theta + row0 * G * K + (o_r[:, None] * (G * K) + i_g * K + o_k[None, :]), mask=m,
-                   other=0.0).to(tl.float32)
-    return b_dt[:, None] * b_th, b_dt, b_th, o_k, m
+    return row0 * G * K + (o_r[:, None] * (G * K) + i_g * K + o_k[None, :]), m_l[:, None] & (o_k < K)[None, :], o_k
+
+
+@triton.jit
+def _head_dt(p_dt, row0, o_r, m_l, i_h, H):
+    """dt (BLOCK_L,) fp32 of head i_h over a tile's rows (0 outside)."""
+    return tl.load(p_dt + row0 * H + (o_r * H + i_h), mask=m_l, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -109,28 +111,39 @@ def _cos_sin(angle):
 
 
 @triton.jit
-def _tile_cos_sin(p_dt, p_theta, p_enter, row0, o_r, m_l, i_b, i_t, i_h, i_g, i_k, H, G, K, T,
-                  BLOCK_K: tl.constexpr):
-    """cos and sin (BLOCK_L, BLOCK_K) fp32 of Theta over one tile of head i_h: the entering angle
-    plus the in-tile cumsum, in float64; and the tile's dt (BLOCK_L,) and theta (0 outside)."""
-    b_step, b_dt, b_th, o_k, _ = _step_angles(p_dt, p_theta, row0, o_r, m_l, i_h, i_g, i_k, H, G, K, BLOCK_K)
+def _tile_cos_sin(b_dt, b_th, p_enter, i_b, i_t, i_h, o_k, H, K, T):
+    """cos and sin (BLOCK_L, BLOCK_K) fp32 of Theta over one tile of head i_h from its dt (BLOCK_L,)
+    and the group's theta (BLOCK_L, BLOCK_K): the entering angle plus the in-tile cumsum, in float64."""
     enter = tl.load(p_enter + _per_tile_at(i_b, i_t, i_h, o_k, H, K, T), mask=o_k < K, other=0.0)
-    cos, sin = _cos_sin(enter[None, :] + tl.cumsum(b_step.to(tl.float64), axis=0))
-    return cos, sin, b_dt, b_th
+    return _cos_sin(enter[None, :] + tl.cumsum((b_dt[:, None] * b_th).to(tl.float64), axis=0))
+
+
+# Every kernel runs one (tile, b, group, angle block) and the group's heads in a loop: theta, B and C
+# are read once for all the heads that share them (one program per head read them H / G times)
+@triton.jit
+def _group_program(L, G, K, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's tile i_t, batch row i_b (int64) and group i_g; the tile's first row, rows and
+    mask (``_tile``); its offsets, mask and angles in the (b, l, g, k) tensors (``_group_angles_at``)."""
+    i_t = tl.program_id(0)
+    i_bg = tl.program_id(1)
+    i_b, i_g = (i_bg // G).to(tl.int64), i_bg % G
+    row0, o_r, m_l = _tile(i_b, i_t, L, BLOCK_L)
+    o_theta, m, o_k = _group_angles_at(row0, o_r, m_l, i_g, tl.program_id(2), G, K, BLOCK_K)
+    return i_t, i_b, i_g, row0, o_r, m_l, o_theta, m, o_k
 
 
 @triton.jit
 def _rotary_tile_sums_kernel(p_dt, p_theta, p_sums, L, H, G, K, T,
                              BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Grid (T, b * h, angle blocks): sums (b, h, k, T) float64 of each tile's step angles."""
-    i_t = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
-    row0, o_r, m_l = _tile(i_b, i_t, L, BLOCK_L)
-    b_step, _, _, o_k, _ = _step_angles(p_dt, p_theta, row0, o_r, m_l, i_h, i_h // (H // G), tl.program_id(2),
-                                        H, G, K, BLOCK_K)
-    tl.store(p_sums + _per_tile_at(i_b, i_t, i_h, o_k, H, K, T), tl.sum(b_step.to(tl.float64), axis=0),
-             mask=o_k < K)
+    """Grid (T, b * g, angle blocks): sums (b, h, k, T) float64 of each tile's step angles."""
+    i_t, i_b, i_g, row0, o_r, m_l, o_theta, m, o_k = _group_program(L, G, K, BLOCK_L, BLOCK_K)
+    b_th = tl.load(p_theta + o_theta, mask=m, other=0.0).to(tl.float32)
+    rep = H // G
+    for j in range(rep):
+        i_h = i_g * rep + j
+        b_step = _head_dt(p_dt, row0, o_r, m_l, i_h, H)[:, None] * b_th
+        tl.store(p_sums + _per_tile_at(i_b, i_t, i_h, o_k, H, K, T), tl.sum(b_step.to(tl.float64), axis=0),
+                 mask=o_k < K)
 
 
 # Pairs move as whole rows of 2 * BLOCK_K elements, split into (re, im) in registers: loads and
@@ -157,30 +170,24 @@ def _store_pairs(p, offs, re, im, m, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexp
 
 
 @triton.jit
-def _rotate_back(p_in, p_out, o_in, o_out, cos, sin, m, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Rotate the pairs of ``p_in`` at ``o_in`` by -Theta into ``p_out`` at ``o_out``."""
-    re, im = _load_pairs(p_in, o_in, m, BLOCK_L, BLOCK_K)
-    _store_pairs(p_out, o_out, re * cos + im * sin, im * cos - re * sin, m, BLOCK_L, BLOCK_K)
-
-
-@triton.jit
 def _rotary_fwd_kernel(p_B, p_C, p_dt, p_theta, p_enter, p_Bo, p_Co, L, H, G, K, T,
                        BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Grid (T, b * h, angle blocks): B~, C~ (b, l, h, n) of one tile, head and block of angles:
-    R(-Theta) of B, C (b, l, g, n)."""
-    i_t = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
-    i_g = i_h // (H // G)
+    """Grid (T, b * g, angle blocks): B~, C~ (b, l, h, n) of one tile, block of angles and every
+    head of a group: R(-Theta) of B, C (b, l, g, n)."""
+    i_t, i_b, i_g, row0, o_r, m_l, o_theta, m, o_k = _group_program(L, G, K, BLOCK_L, BLOCK_K)
+    b_th = tl.load(p_theta + o_theta, mask=m, other=0.0).to(tl.float32)
     i_k = tl.program_id(2)
-    row0, o_r, m_l = _tile(i_b, i_t, L, BLOCK_L)
-    cos, sin, _, _ = _tile_cos_sin(p_dt, p_theta, p_enter, row0, o_r, m_l, i_b, i_t, i_h, i_g, i_k, H, G, K, T,
-                                   BLOCK_K)
-    o_in, m = _pairs_at(o_r, m_l, G * 2 * K, i_g * 2 * K, i_k, K, BLOCK_K)
-    o_out, _ = _pairs_at(o_r, m_l, H * 2 * K, i_h * 2 * K, i_k, K, BLOCK_K)
+    o_in, m2 = _pairs_at(o_r, m_l, G * 2 * K, i_g * 2 * K, i_k, K, BLOCK_K)
     in0, out0 = row0 * G * 2 * K, row0 * H * 2 * K
-    _rotate_back(p_B + in0, p_Bo + out0, o_in, o_out, cos, sin, m, BLOCK_L, BLOCK_K)
-    _rotate_back(p_C + in0, p_Co + out0, o_in, o_out, cos, sin, m, BLOCK_L, BLOCK_K)
+    B_re, B_im = _load_pairs(p_B + in0, o_in, m2, BLOCK_L, BLOCK_K)
+    C_re, C_im = _load_pairs(p_C + in0, o_in, m2, BLOCK_L, BLOCK_K)
+    rep = H // G
+    for j in range(rep):
+        i_h = i_g * rep + j
+        cos, sin = _tile_cos_sin(_head_dt(p_dt, row0, o_r, m_l, i_h, H), b_th, p_enter, i_b, i_t, i_h, o_k, H, K, T)
+        o_out, _ = _pairs_at(o_r, m_l, H * 2 * K, i_h * 2 * K, i_k, K, BLOCK_K)
+        _store_pairs(p_Bo + out0, o_out, B_re * cos + B_im * sin, B_im * cos - B_re * sin, m2, BLOCK_L, BLOCK_K)
+        _store_pairs(p_Co + out0, o_out, C_re * cos + C_im * sin, C_im * cos - C_re * sin, m2, BLOCK_L, BLOCK_K)
 
 
 @triton.jit
@@ -191,13 +198,10 @@ def _rotary_bwd_local_kernel(p_B, p_C, p_dt, p_theta, p_enter, p_dBo, p_dCo, p_d
     fp32 and, from its reverse in-tile cumsum D, the in-tile parts dtheta (b, l, g, k) fp32 =
     sum over the heads of dt D and each angle block's ddt (angle blocks, b * l = ROWS, h) fp32 =
     sum over its angles of D theta."""
-    i_t = tl.program_id(0)
-    i_bg = tl.program_id(1)
+    i_t, i_b, i_g, row0, o_r, m_l, o_theta, m, o_k = _group_program(L, G, K, BLOCK_L, BLOCK_K)
+    b_th = tl.load(p_theta + o_theta, mask=m, other=0.0).to(tl.float32)
     i_k = tl.program_id(2)
-    i_b, i_g = (i_bg // G).to(tl.int64), i_bg % G
     rep = H // G
-    row0, o_r, m_l = _tile(i_b, i_t, L, BLOCK_L)
-    o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
     o_in, m2 = _pairs_at(o_r, m_l, G * 2 * K, i_g * 2 * K, i_k, K, BLOCK_K)
     in0, out0 = row0 * G * 2 * K, row0 * H * 2 * K
     B_re, B_im = _load_pairs(p_B + in0, o_in, m2, BLOCK_L, BLOCK_K)
@@ -210,8 +214,8 @@ def _rotary_bwd_local_kernel(p_B, p_C, p_dt, p_theta, p_enter, p_dBo, p_dCo, p_d
     p_ddt += (i_k.to(tl.int64) * ROWS + row0) * H
     for j in range(rep):
         i_h = i_g * rep + j
-        cos, sin, b_dt, b_th = _tile_cos_sin(p_dt, p_theta, p_enter, row0, o_r, m_l, i_b, i_t, i_h, i_g, i_k, H, G,
-                                             K, T, BLOCK_K)
+        b_dt = _head_dt(p_dt, row0, o_r, m_l, i_h, H)
+        cos, sin = _tile_cos_sin(b_dt, b_th, p_enter, i_b, i_t, i_h, o_k, H, K, T)
         o_out, _ = _pairs_at(o_r, m_l, H * 2 * K, i_h * 2 * K, i_k, K, BLOCK_K)
         gB_re, gB_im = _load_pairs(p_dBo + out0, o_out, m2, BLOCK_L, BLOCK_K)
         gC_re, gC_im = _load_pairs(p_dCo + out0, o_out, m2, BLOCK_L, BLOCK_K)
@@ -228,8 +232,7 @@ def _rotary_bwd_local_kernel(p_B, p_C, p_dt, p_theta, p_enter, p_dBo, p_dCo, p_d
         dtheta += b_dt[:, None] * d_step
     _store_pairs(p_dB + in0, o_in, dB_re, dB_im, m2, BLOCK_L, BLOCK_K)
     _store_pairs(p_dC + in0, o_in, dC_re, dC_im, m2, BLOCK_L, BLOCK_K)
-    tl.store(p_dtheta + row0 * G * K + (o_r[:, None] * (G * K) + i_g * K + o_k[None, :]), dtheta,
-             mask=m_l[:, None] & (o_k < K)[None, :])
+    tl.store(p_dtheta + o_theta, dtheta, mask=m)
 
 
 @triton.jit
@@ -239,22 +242,16 @@ def _rotary_bwd_after_kernel(p_dt, p_theta, p_after, p_dtheta_local, p_ddt_local
     added to the local kernel's in-tile parts: dtheta (b, l, g, k) = ``p_dtheta_local`` (fp32; may be
     ``p_dtheta`` itself) + sum over the heads of dt after; ddt (angle blocks, ROWS, h) fp32 = this
     block's theta . after, plus (angle block 0) the ``LOCAL_PARTS`` blocks of ``p_ddt_local``."""
-    i_t = tl.program_id(0)
-    i_bg = tl.program_id(1)
+    i_t, i_b, i_g, row0, o_r, m_l, o_theta, m, o_k = _group_program(L, G, K, BLOCK_L, BLOCK_K)
     i_k = tl.program_id(2)
-    i_b, i_g = (i_bg // G).to(tl.int64), i_bg % G
     rep = H // G
-    row0, o_r, m_l = _tile(i_b, i_t, L, BLOCK_L)
-    o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    m = m_l[:, None] & (o_k < K)[None, :]
-    o_theta = row0 * G * K + (o_r[:, None] * (G * K) + i_g * K + o_k[None, :])
     b_th = tl.load(p_theta + o_theta, mask=m, other=0.0).to(tl.float32)  # the group's: once for all its heads
     dtheta = tl.load(p_dtheta_local + o_theta, mask=m, other=0.0)
     p_ddt += (i_k.to(tl.int64) * ROWS + row0) * H
     p_ddt_local += row0 * H
     for j in range(rep):
         i_h = i_g * rep + j
-        b_dt = tl.load(p_dt + row0 * H + (o_r * H + i_h), mask=m_l, other=0.0)
+        b_dt = _head_dt(p_dt, row0, o_r, m_l, i_h, H)
         after = tl.load(p_after + _per_tile_at(i_b, i_t, i_h, o_k, H, K, T), mask=o_k < K, other=0.0)
         ddt = tl.sum(b_th * after[None, :], axis=1)
         if i_k == 0:
@@ -280,7 +277,7 @@ def mamba3_rotary_fwd_triton(B: torch.Tensor, C: torch.Tensor, dt: torch.Tensor,
     B, C, dt, theta = (t.contiguous() for t in (B, C, dt, theta))
     b, L, G, N = B.shape
     H, K = dt.shape[2], N // 2
-    grid, block_k, warps = _launch(FWD_CONFIG, L, b * H, K)
+    grid, block_k, warps = _launch(FWD_CONFIG, L, b * G, K)
     T = grid[0]
     # tiles last: torch scans an innermost dim in parallel, an outer one with a thread per column (S3, 16,384
     # tiles: 6.4 ms of the forward's 9.8 on the H100 with tiles second)
