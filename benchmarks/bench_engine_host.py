@@ -70,7 +70,7 @@ async def measure(streams: int, samples: int, rounds: int, vocab: int, device: s
         relay = _Relay(_NullLink(), len(relays), sched)
         relay.sid = await sched.open(relay, relay.deliver, relay.on_error, None, outputs=False)
         relays.append(relay)
-    x = torch.randint(0, vocab, (samples,))
+    x = torch.randint(0, vocab, (samples,)).numpy()  # the engine process's chunks: numpy views of link messages
     engine = [0.0]
 
     def timed(step):

@@ -117,6 +117,11 @@ class PendingBatch:
         return self.batch
 
 
+def _nothing_launched() -> PendingBatch:
+    """The launch of no streams."""
+    return PendingBatch(BatchResult([], [], None, None, []), None, None)
+
+
 class Streamer:
     """Many streams through one model over a preallocated state pool (module docstring).
 
@@ -266,15 +271,32 @@ class Streamer:
         from call to call in launch order). ``PendingBatch.result()`` waits and returns the
         BatchResult. Validation errors are raised here, before any state changes."""
         if not chunks:
-            return PendingBatch(BatchResult([], [], None, None, []), None, None)
+            return _nothing_launched()
         ids = list(chunks)
-        rows = [self._row(sid) for sid in ids]
         xs = [self._check_chunk(sid, chunks[sid]) for sid in ids]
         lens = [x.shape[0] for x in xs]
         if len(set(lens)) == 1:  # equal lengths (uniform batching): no padding
             x = torch.stack(xs)
         else:
             x = torch.nn.utils.rnn.pad_sequence(xs, batch_first=True)  # (b, L) tokens | (b, L, c) values
+        return self._launch(ids, x, lens, xs, outputs)
+
+    @torch.no_grad()
+    def launch_stacked(self, ids: list[int], x: torch.Tensor,
+                       outputs: bool | Collection[int] = True) -> PendingBatch:
+        """:meth:`launch` of chunks of one length that the caller stacked: x (b, l) tokens or (b, l, c)
+        values (c = 1: also (b, l)), row i stream ``ids[i]``. One validation and no tensor per
+        stream: the serving engine's call where its chunks arrive as one array each."""
+        if not ids:
+            return _nothing_launched()
+        x = self._check_stacked(ids, x)
+        return self._launch(ids, x, [x.shape[1]] * len(ids), x, outputs)
+
+    def _launch(self, ids: list[int], x: torch.Tensor, lens: list[int], xs, outputs: bool | Collection[int]
+                ) -> PendingBatch:
+        """launch's work from the padded input x (b, L) | (b, L, c) and each row's length (``xs``:
+        the rows, named in a token range error)."""
+        rows = [self._row(sid) for sid in ids]
         if self.cfg.input_kind == "tokens" and x.numel():
             self._check_token_range(ids, xs, x)
         x = self._upload(x)
@@ -387,6 +409,24 @@ class Streamer:
                 f"stream {sid}: value chunk must have shape (length, {c}) ({c} channels), got {tuple(chunk.shape)}"
             )
         return chunk.to(self.dtype)
+
+    def _check_stacked(self, ids: list[int], x) -> torch.Tensor:
+        """Stacked chunks of ``ids`` -> (b, l) long tokens or (b, l, c) values in the model dtype."""
+        cfg, b = self.cfg, len(ids)
+        if not isinstance(x, torch.Tensor):
+            raise ShapeError(f"stacked chunks must be a torch.Tensor, got {type(x).__name__}")
+        if cfg.input_kind == "tokens":
+            if x.dtype not in TOKEN_DTYPES or x.dim() != 2 or x.shape[0] != b:
+                raise ShapeError(f"stacked token chunks of {b} streams must be an integer tensor ({b}, length), "
+                                 f"got {x.dtype} {tuple(x.shape)}")
+            return x if x.dtype == torch.long else x.long()
+        c = cfg.input_dim
+        if x.dim() == 2 and c == 1:
+            x = x.unsqueeze(-1)
+        if not x.is_floating_point() or x.dim() != 3 or x.shape[0] != b or x.shape[2] != c:
+            raise ShapeError(f"stacked value chunks of {b} streams must be a float tensor ({b}, length, {c}), "
+                             f"got {x.dtype} {tuple(x.shape)}")
+        return x.to(self.dtype)
 
     def _check_token_range(self, ids: list[int], xs: list[torch.Tensor], x: torch.Tensor) -> None:
         vocab = self.cfg.vocab_size

@@ -516,26 +516,35 @@ async def test_scheduler_batches_all_pending_streams_into_one_call(ckpts, batchi
 async def test_numpy_chunks_compute_as_tensor_chunks(ckpts, as_numpy):
     """The serve --workers engine process queues numpy views of its link messages (no torch call
     on its event loop): pieces cut from them and joined across chunks (greedy batching, 5-sample
-    slices over 3-, 4- and 7-sample chunks) give the outputs a Streamer fed the whole stream gives."""
+    slices over 3- to 7-sample chunks) give the outputs a Streamer fed the whole stream gives,
+    whether a call's arrays go up stacked as one (equal lengths: ``Streamer.launch_stacked``) or
+    one by one (the last call: 3 samples of one stream beside 5 of the other)."""
     from streamssm.service.scheduler import Chunk, Scheduler
 
-    lengths = (3, 4, 7, 1)
-    tokens = torch.randint(0, 5, (2, sum(lengths)), generator=torch.Generator().manual_seed(0))
+    lengths = [(3, 4, 5, 1), (3, 4, 7, 1)]  # 13 and 15 samples: calls of 5 + 5, 5 + 5, 3 + 5
+    gen = torch.Generator().manual_seed(0)
+    tokens = [torch.randint(0, 5, (sum(ls),), generator=gen) for ls in lengths]
     streamer = _streamer(ckpts["dna"])
-    sched, sent, errors = Scheduler(streamer, queue_depth=8, slice_samples=5), {0: [], 1: []}, []
+    calls = []
+    launch, launch_stacked = streamer.launch, streamer.launch_stacked
+    streamer.launch = lambda chunks, outputs=True: (calls.append("each"), launch(chunks, outputs))[1]
+    streamer.launch_stacked = lambda ids, x, outputs=True: (calls.append("stacked"), launch_stacked(ids, x, outputs))[1]
+    sched = Scheduler(streamer, queue_depth=8, batching="greedy", slice_samples=5)
+    sent, errors = {0: [], 1: []}, []
     await sched.start()
     try:
         sids = [await sched.open(_RowsEncoder(), lambda chunk, rows, i=i: sent[i].append(rows), errors.append)
                 for i in range(2)]
-        for sid, row in zip(sids, tokens):  # every chunk queued before the engine runs
-            for seq, (start, x) in enumerate(zip(itertools.accumulate((0,) + lengths), row.split(lengths))):
-                await sched.submit(sid, Chunk(seq, start, x.numpy().copy() if as_numpy else x.clone()))
+        for sid, row, ls in zip(sids, tokens, lengths):  # every chunk queued before the engine runs (no await)
+            for seq, (start, x) in enumerate(zip(itertools.accumulate((0,) + ls), row.split(ls))):
+                assert sched.submit_nowait(sid, Chunk(seq, start, x.numpy().copy() if as_numpy else x.clone()))
         async with asyncio.timeout(TIMEOUT):
-            while sum(len(v) for v in sent.values()) < 2 * len(lengths) and not errors:
+            while sum(len(v) for v in sent.values()) < sum(map(len, lengths)) and not errors:
                 await asyncio.sleep(0.01)
     finally:
         await sched.stop()
     assert not errors
+    assert calls == (["stacked", "stacked", "each"] if as_numpy else ["each"] * 3)
     reference = _streamer(ckpts["dna"])
     for i, row in enumerate(tokens):
         expected = reference.feed(reference.open(), row).outputs

@@ -321,16 +321,23 @@ async def test_hostile_clients_and_a_failing_stream_leave_the_canary_exact(dna):
     bases = random_bases(100, seed=31).replace("N", "A")  # the canary sends no N
     start = json.dumps({"type": "start", "format": "text"})
     async with workers(dna, max_frame_bytes=4096) as srv:
-        real = srv.backend.streamer.launch
-
+        streamer = srv.backend.streamer
+        real, real_stacked = streamer.launch, streamer.launch_stacked
         poison = int(encode_bases("N")[0])
 
-        def flaky(chunks, outputs=True):  # the engine fails every call with an N (the attacker's) in it
-            if any(bool((x == poison).any()) for x in chunks.values()):
+        def fault_on_poison(xs) -> None:  # the engine fails every call with an N (the attacker's) in it
+            if any(bool((x == poison).any()) for x in xs):
                 raise RuntimeError("device fault 42")
+
+        def flaky(chunks, outputs=True):
+            fault_on_poison(chunks.values())
             return real(chunks, outputs)
 
-        srv.backend.streamer.launch = flaky
+        def flaky_stacked(ids, x, outputs=True):  # the engine process's calls: its chunks stacked
+            fault_on_poison([x])
+            return real_stacked(ids, x, outputs)
+
+        streamer.launch, streamer.launch_stacked = flaky, flaky_stacked
 
         async def attack(messages) -> tuple[dict, int, str]:
             async with connect(srv.url) as ws:

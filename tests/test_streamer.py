@@ -3,6 +3,7 @@
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -170,6 +171,43 @@ def test_bad_chunks_raise_and_leave_other_streams_untouched():
     with pytest.raises(StateError, match="unknown stream id 99"):
         streamer.feed_many({good: x[4:6], 99: x[:1]})
     check_stream("after errors", model, x, [first, streamer.feed(good, x[4:])])
+
+
+@pytest.mark.parametrize("head", ["lm", "regression"])
+def test_launch_stacked_equals_launch(head):
+    """Chunks of one length stacked by the caller (the serving engine's numpy arrays) compute as the
+    same chunks given one by one: outputs, scores and the state carried into the next call; only
+    the streams asked for get outputs."""
+    model = tiny_model("mamba2", head)
+    gen = torch.Generator().manual_seed(8)
+    xs = [make_stream(model, 10, gen) for _ in range(3)]
+    per_stream, stacked = Streamer(model, capacity=3), Streamer(model, capacity=3)
+    ids = [per_stream.open() for _ in xs]
+    assert [stacked.open() for _ in xs] == ids
+    for a, b in ((0, 6), (6, 10)):
+        want = per_stream.launch({sid: x[a:b] for sid, x in zip(ids, xs)}, {ids[0], ids[2]}).result()
+        got = stacked.launch_stacked(ids, torch.stack([x[a:b] for x in xs]), {ids[0], ids[2]}).result()
+        assert got.lens == want.lens and got.output_row == want.output_row == [0, None, 1]
+        torch.testing.assert_close(got.outputs, want.outputs, rtol=0, atol=0)
+        if head == "lm":
+            np.testing.assert_array_equal(got.scores, want.scores)
+
+
+def test_launch_stacked_names_a_bad_batch():
+    lm = Streamer(tiny_model("mamba", "lm"), capacity=2)
+    ids = [lm.open(), lm.open()]
+    for x, msg in ((torch.randn(2, 4), "integer tensor \\(2, length\\), got torch.float32"),
+                   (torch.zeros(3, 4, dtype=torch.long), "of 2 streams"),
+                   (torch.zeros(2, 4, 1, dtype=torch.long), "got torch.int64 \\(2, 4, 1\\)"),
+                   (np.zeros((2, 4), dtype=np.int64), "torch.Tensor, got ndarray"),
+                   (torch.tensor([[1, 2], [3, 9]]), r"stream 1: token ids must lie in \[0, 5\), got \[3, 9\]")):
+        with pytest.raises(ShapeError, match=msg):
+            lm.launch_stacked(ids, x)
+    values = Streamer(tiny_model("mamba2", "regression"), capacity=1)
+    sid = values.open()
+    with pytest.raises(ShapeError, match=f"float tensor \\(1, length, {CHANNELS}\\)"):
+        values.launch_stacked([sid], torch.randn(1, 4, CHANNELS + 1))
+    assert lm.launch_stacked([], torch.zeros(0, 0, dtype=torch.long)).result().ids == []
 
 
 def test_token_and_single_channel_chunks():
