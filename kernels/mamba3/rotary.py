@@ -40,16 +40,17 @@ import triton.language as tl
 BLOCK_L = 64  # steps per tile
 # (angles per program, warps) of the rotation (forward) and of the local kernel (backward): a thread
 # holds BLOCK_L x angles / (32 x warps) elements, and the registers that go with them (sm_90, 16
-# angles: forward 96 at 4 warps, 48 at 8; the backward's, when it wrote dTheta, 254 / 158). H100, 2026-12-06
-# (bench_mamba3_rotary.py --sweep), forward / backward ms at S1: 16 x 8 0.454 / 0.777, 16 x 4
-# 0.556 / 0.988, 32 x 2 0.487 / 1.635, 8 x 4 0.766 / 0.975. At S3 (32 angles) after the tiles-last
-# sums 16 x 8 is best for the backward (4.38 ms), while the forward is faster at 32 x 4 (2.90 vs
-# 3.51 ms): one config for every shape, not yet keyed on the angle count
+# angles at 8 warps, a program per group: forward 112, local 184). H100, 2026-12-06, S1
+# (bench_mamba3_rotary.py --sweep), forward / backward ms: 16 x 8 0.485 / 0.718, 16 x 4 0.629 /
+# 0.959, 16 x 2 0.598 / 1.018, 32 x 4 0.637 / 1.121, 8 x 4 0.740 / 0.727. At S3 (32 angles) the
+# forward was faster at 32 x 4 with a program per head (2.90 vs 3.51 ms); a program per group
+# takes 2.47 ms at 16 x 8 (not swept there yet): one config for every shape
 FWD_CONFIG = (16, 8)
 BWD_CONFIG = (16, 8)
 # the after kernel's: all angles in one program (up to 64), so that one program sums a row's ddt.
-# Angle blocks may split its grid (ddt then summed over them after). Its forerunner, the dstep kernel
-# (it read dTheta back), took 184 us a call at S1 on the H100 this way and 230 us on 16-angle blocks
+# Angle blocks may split its grid (ddt then summed over them after). S1, H100: 66 us a call (its
+# forerunner, the dstep kernel that read dTheta back, 184-207 us); the backward 0.717 ms at 64 x 8,
+# 0.710 / 0.728 / 0.734 / 0.737 at 32 x 4 / 32 x 8 / 16 x 8 / 16 x 4 (within the noise)
 AFTER_CONFIG = (64, 8)
 HALF_PI = tl.constexpr(math.pi / 2)
 INV_HALF_PI = tl.constexpr(2 / math.pi)
