@@ -84,8 +84,8 @@ def _joined(pieces: Pieces) -> torch.Tensor | np.ndarray:
 
 def _stacked(joined: list[torch.Tensor | np.ndarray]) -> torch.Tensor | None:
     """The streams' joined inputs as one (b, l[, c]) tensor when all are numpy arrays of one shape
-    (the engine process under uniform batching: one np.stack where a tensor per stream and a
-    torch.stack over them cost ~5 us a stream of the engine thread's host time); else None."""
+    (the engine process under uniform batching: one np.stack instead of a tensor per stream and a
+    torch.stack over them); else None."""
     first = joined[0]
     if not isinstance(first, np.ndarray) or any(not isinstance(x, np.ndarray) or x.shape != first.shape
                                                 for x in joined):
