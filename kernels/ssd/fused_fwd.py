@@ -34,7 +34,7 @@ from streamssm.kernels._common import autotune_configs
 from streamssm.kernels._triton import silu, softplus
 from streamssm.kernels.ssd.chunk_state import dot_precision
 from streamssm.kernels.ssd.combined import _packed
-from streamssm.kernels.ssd.skip import packed_skip, skip_kind, skip_weight
+from streamssm.kernels.ssd.skip import fixed_skip_weight, packed_skip, skip_kind, skip_weight
 
 #: sequences x heads from which the fused forward is used at any length; below it only short
 #: sequences (at most ``FUSED_MAX_SHORT_LEN`` tokens). H100 (bench_ssd_fused.py, 2026-12-06): at
@@ -104,8 +104,8 @@ def _ssd_fused_fwd_kernel(
     b_A = tl.load(p_A + i_h)
     if HAS_DT_BIAS:
         b_bias = tl.load(p_dt_bias + i_h)
-    if D_KIND == 1 or D_KIND == 2:  # per head or channel: loaded once (the token arguments go unused)
-        b_D = skip_weight(p_D, o_q, o_q < 0, i_h, o_p, m_p, H, P, D_KIND)
+    if D_KIND == 1 or D_KIND == 2:  # per head or channel: loaded once
+        b_D = fixed_skip_weight(p_D, i_h, o_p, m_p, P, D_KIND)
     causal = o_q[:, None] >= o_q[None, :]
     # per-tile offsets stay int32 (64-bit pointer tiles cost two registers an element): the
     # chunk's first token moves scalar base pointers instead

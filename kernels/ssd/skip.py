@@ -26,13 +26,22 @@ def packed_skip(D: torch.Tensor | None) -> torch.Tensor | None:
 
 
 @triton.jit
+def fixed_skip_weight(p_D, i_h, o_p, m_p, P, D_KIND: tl.constexpr):
+    """D of head ``i_h`` when it does not change with the token (D_KIND 1 or 2): a (1, channels)
+    row of channels ``o_p`` or a scalar; what a kernel may load once, before its token loop."""
+    if D_KIND == 2:
+        w = tl.load(p_D + i_h * P + o_p, mask=m_p, other=0.0)[None, :]
+    else:
+        w = tl.load(p_D + i_h)
+    return w
+
+
+@triton.jit
 def skip_weight(p_D, tok, m_tok, i_h, o_p, m_p, H, P, D_KIND: tl.constexpr):
     """D of head ``i_h`` for tokens ``tok`` (packed) and channels ``o_p``, broadcastable to
     (tokens, channels): a (tokens, 1) column, a (1, channels) row or a scalar."""
     if D_KIND == 3:
         w = tl.load(p_D + tok * H + i_h, mask=m_tok, other=0.0)[:, None]
-    elif D_KIND == 2:
-        w = tl.load(p_D + i_h * P + o_p, mask=m_p, other=0.0)[None, :]
     else:
-        w = tl.load(p_D + i_h)
+        w = fixed_skip_weight(p_D, i_h, o_p, m_p, P, D_KIND)
     return w
