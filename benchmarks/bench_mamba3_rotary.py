@@ -7,7 +7,8 @@ the op's shapes, beside an earlier rotary.py (``--old``), with their byte floors
 Shapes S1-S3 of shared/BENCHMARKS.md as bench_mamba3 maps them: one group of B and C (bf16),
 rotated into every head's frame (B~, C~ (b, l, h, n) bf16); dt (b, l, h) fp32, theta (b, l, 1, n/2)
 bf16. Rows per shape: forward (tile sums, their cumsum, the rotation) and backward (local
-kernel, suffix sums, after kernel; an earlier version's: dangle and dstep kernels) of each version, CUDA-graph medians (``_harness.time_graph``).
+kernel, suffix sums, after kernel; an earlier version's: dangle and dstep kernels) of each
+version, CUDA-graph medians (``_harness.time_graph``).
 "x byte floor": the time over the least time to move the kernel's bytes once at the copy bandwidth
 (forward: write B~ and C~, read B, C, dt, theta; backward: read dB~, dC~, B, C, dt, theta, write
 dB, dC, ddt, dtheta). "ms ratio" (old / new) > 1: this tree is faster. Outputs of the old and new
@@ -139,9 +140,9 @@ def sweep(shapes: list[str]) -> Table:
             rotary.FWD_CONFIG = rotary.BWD_CONFIG = config
             fwd, bwd, _ = kernel_calls(rotary, t)
             mark = "".join(f" ({kind})" for kind, c in zip(("forward", "backward"), chosen) if c == config)
-            table.add(shape=shape, kernels="forward, local", **{"angles x warps": f"{config[0]} x {config[1]}{mark}",
-                                                                 "forward ms": time_graph(fwd),
-                                                                 "backward ms": time_graph(bwd)})
+            table.add(shape=shape, kernels="forward, local",
+                      **{"angles x warps": f"{config[0]} x {config[1]}{mark}", "forward ms": time_graph(fwd),
+                         "backward ms": time_graph(bwd)})
         rotary.FWD_CONFIG, rotary.BWD_CONFIG = chosen[:2]
         for config in AFTER_SWEEP:
             rotary.AFTER_CONFIG = config
@@ -152,6 +153,7 @@ def sweep(shapes: list[str]) -> Table:
         rotary.AFTER_CONFIG = chosen[2]
         del t
     return table
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -171,6 +171,12 @@ def _store_pairs(p, offs, re, im, m, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexp
 
 
 @triton.jit
+def _store_rotated_back(p, offs, re, im, cos, sin, m, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The pairs (re, im) rotated by -Theta, stored at ``p + offs`` (``_store_pairs``)."""
+    _store_pairs(p, offs, re * cos + im * sin, im * cos - re * sin, m, BLOCK_L, BLOCK_K)
+
+
+@triton.jit
 def _rotary_fwd_kernel(p_B, p_C, p_dt, p_theta, p_enter, p_Bo, p_Co, L, H, G, K, T,
                        BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
     """Grid (T, b * g, angle blocks): B~, C~ (b, l, h, n) of one tile, block of angles and every
@@ -187,8 +193,8 @@ def _rotary_fwd_kernel(p_B, p_C, p_dt, p_theta, p_enter, p_Bo, p_Co, L, H, G, K,
         i_h = i_g * rep + j
         cos, sin = _tile_cos_sin(_head_dt(p_dt, row0, o_r, m_l, i_h, H), b_th, p_enter, i_b, i_t, i_h, o_k, H, K, T)
         o_out, _ = _pairs_at(o_r, m_l, H * 2 * K, i_h * 2 * K, i_k, K, BLOCK_K)
-        _store_pairs(p_Bo + out0, o_out, B_re * cos + B_im * sin, B_im * cos - B_re * sin, m2, BLOCK_L, BLOCK_K)
-        _store_pairs(p_Co + out0, o_out, C_re * cos + C_im * sin, C_im * cos - C_re * sin, m2, BLOCK_L, BLOCK_K)
+        _store_rotated_back(p_Bo + out0, o_out, B_re, B_im, cos, sin, m2, BLOCK_L, BLOCK_K)
+        _store_rotated_back(p_Co + out0, o_out, C_re, C_im, cos, sin, m2, BLOCK_L, BLOCK_K)
 
 
 @triton.jit
