@@ -2,6 +2,7 @@
 
     selective_scan   Mamba-1 scan          u, delta, z (b, d, l); B, C (b, n, l) | (b, g, n, l)
     ssd_scan         Mamba-2 chunked SSD   x, z (b, l, h, p); dt (b, l, h); B, C (b, l, g, n)
+    ssd_scan_pool    ssd_scan from and back into pool rows of states (the Streamer's chunked calls)
     causal_conv1d    depthwise causal conv x (b, d, l); weight (d, w)
     mamba3_scan      Mamba-3 (trapezoid,   x, z (b, l, h, p); dt, lam (b, l, h); B, C (b, l, g, n);
                      rotating state)       theta (b, l, g, n/2)
@@ -102,6 +103,25 @@ def selective_scan(
 # ----------------------------------------------------------------------------- Mamba-2 SSD
 
 
+def _check_ssd_scan(op: str, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                    C: torch.Tensor, chunk_size: int, D: torch.Tensor | None, z: torch.Tensor | None,
+                    dt_bias: torch.Tensor | None, input_weight: torch.Tensor | None) -> tuple[int, int, int, int, int]:
+    """Validates an SSD scan's inputs (shapes of :func:`ssd_scan`); returns b, l, h, p, n."""
+    check_tensor(op, "x", x, (None, None, None, None))
+    b, l, h, p = x.shape
+    check_positive_length(op, "x", l)
+    check_tensor(op, "dt", dt, (b, l, h), device=x.device)
+    check_tensor(op, "input_weight", input_weight, (b, l, h), device=x.device, optional=True)
+    check_tensor(op, "A", A, (h,), FP32, device=x.device)
+    check_tensor(op, "B", B, (b, l, None, None), device=x.device)
+    g, n = B.shape[2], B.shape[3]
+    check_divisible(op, "heads", h, g)
+    check_tensor(op, "C", C, (b, l, g, n), device=x.device)
+    check_ssd_options(op, D, z, dt_bias, (b, l, h, p), x.device)
+    check_chunk_size(op, chunk_size)
+    return b, l, h, p, n
+
+
 def ssd_scan(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -134,18 +154,7 @@ def ssd_scan(
     for short streaming chunks), so this default serves direct calls only.
     """
     op = "ssd_scan"
-    check_tensor(op, "x", x, (None, None, None, None))
-    b, l, h, p = x.shape
-    check_positive_length(op, "x", l)
-    check_tensor(op, "dt", dt, (b, l, h), device=x.device)
-    check_tensor(op, "input_weight", input_weight, (b, l, h), device=x.device, optional=True)
-    check_tensor(op, "A", A, (h,), FP32, device=x.device)
-    check_tensor(op, "B", B, (b, l, None, None), device=x.device)
-    g, n = B.shape[2], B.shape[3]
-    check_divisible(op, "heads", h, g)
-    check_tensor(op, "C", C, (b, l, g, n), device=x.device)
-    check_ssd_options(op, D, z, dt_bias, (b, l, h, p), x.device)
-    check_chunk_size(op, chunk_size)
+    b, l, h, p, n = _check_ssd_scan(op, x, dt, A, B, C, chunk_size, D, z, dt_bias, input_weight)
     rows = b
     if cu_seqlens is not None:
         check_tensor(op, "cu_seqlens", cu_seqlens, (None,), INDEX_DTYPES, device=x.device)
@@ -166,6 +175,44 @@ def ssd_scan(
     return impl(x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
                 initial_state=initial_state, cu_seqlens=cu_seqlens, return_final_state=return_final_state,
                 input_weight=input_weight)
+
+
+def ssd_scan_pool(
+    ssm_state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int = 256,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    state_indices: torch.Tensor | None = None,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """:func:`ssd_scan` of b sequences whose states live in a pool; **updates ``ssm_state``
+    (pool, h, p, n) fp32 in place**: row ``state_indices[i]`` (default i) is sequence i's initial
+    state and receives its final one. Other arguments as :func:`ssd_scan`; returns y (b, l, h, p).
+
+    On "triton" a call that wants no gradient and takes the one-pass forward reads and writes the
+    rows inside the kernel (``kernels/library.py: pool_forward_in_kernel``); any other call
+    gathers the rows, runs :func:`ssd_scan` and writes the final states back. Rows must be
+    distinct, except a scratch row whose contents nobody reads (padding)."""
+    op = "ssd_scan_pool"
+    b, l, h, p, n = _check_ssd_scan(op, x, dt, A, B, C, chunk_size, D, z, dt_bias, None)
+    check_tensor(op, "ssm_state", ssm_state, (None, h, p, n), FP32, device=x.device)
+    rows = pool_rows(op, ssm_state, b, state_indices)
+    if choose_backend(op, backend, x.device) == "triton":
+        from streamssm.kernels.library import pool_forward_in_kernel, ssd_scan_infer_pool
+
+        if pool_forward_in_kernel(x, dt, A, B, C, D, z, dt_bias, ssm_state):
+            return ssd_scan_infer_pool(x, dt, A, B, C, D, z, dt_bias, ssm_state, rows, bool(dt_softplus))
+    y, final = ssd_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, ssm_state.index_select(0, rows),
+                        return_final_state=True, backend=backend)
+    _update_pool(ssm_state, rows, final)
+    return y
 
 
 # ----------------------------------------------------------------------------- causal conv1d
@@ -508,5 +555,6 @@ __all__ = [
     "selective_scan",
     "selective_scan_step",
     "ssd_scan",
+    "ssd_scan_pool",
     "ssd_step",
 ]

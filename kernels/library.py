@@ -8,6 +8,7 @@ registered autograd formula whose backward is itself an op. The pure-PyTorch bac
     streamssm::selective_scan_fwd / _bwd   Mamba-1 scan (mamba1/scan.py launchers)
     streamssm::ssd_scan_fwd / _bwd         Mamba-2 SSD (ssd/combined.py launch sequences)
     streamssm::ssd_scan_infer              Mamba-2 SSD forward in one pass, no gradients (ssd/fused_fwd.py)
+    streamssm::ssd_scan_infer_pool         the same over pool rows of states, mutates state_pool
     streamssm::mamba3_rotary_fwd / _bwd    Mamba-3's B, C rotated into each head's frame (mamba3/rotary.py)
     streamssm::causal_conv1d_fwd / _bwd    causal depthwise conv (conv1d/conv.py launchers)
     streamssm::conv1d_step                 one conv step, mutates conv_state
@@ -225,6 +226,27 @@ def ssd_scan_infer(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Te
 def _(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, cu_seqlens, input_weight):
     return x.new_empty(x.shape), x.new_empty(num_sequences(x, cu_seqlens), x.shape[2], x.shape[3], B.shape[3],
                                              dtype=F32)
+
+
+@custom_op("streamssm::ssd_scan_infer_pool", mutates_args=("state_pool",))
+def ssd_scan_infer_pool(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
+                        dt_bias: Tensor | None, state_pool: Tensor, state_rows: Tensor, dt_softplus: bool) -> Tensor:
+    """The one-pass forward of b sequences starting from ``state_pool`` (R, h, p, n) fp32 rows
+    ``state_rows`` (b,) int64, their final states written over those rows; returns out (b, l, h, p)."""
+    return ssd_fused_fwd(x, dt, A, B, C, D, z, dt_bias, state_pool, dt_softplus, None, state_rows=state_rows)[0]
+
+
+@register_fake("streamssm::ssd_scan_infer_pool")
+def _(x, dt, A, B, C, D, z, dt_bias, state_pool, state_rows, dt_softplus):
+    return x.new_empty(x.shape)
+
+
+def pool_forward_in_kernel(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                           z: Tensor | None, dt_bias: Tensor | None, state_pool: Tensor) -> bool:
+    """Whether an SSD call over pool rows takes :func:`ssd_scan_infer_pool`: no gradient wanted,
+    the one-pass forward pays (``use_fused_forward``) and the pool is contiguous."""
+    return (not _needs_grad(x, dt, A, B, C, D, z, dt_bias, state_pool) and state_pool.is_contiguous()
+            and use_fused_forward(x.shape[0], x.shape[2], x.shape[1]))
 
 
 def ssd_scan_op(x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size, dt_softplus, cu_seqlens,

@@ -4,9 +4,9 @@ One call takes validated inputs ``x`` of ``b`` streams over a common segment of 
 (tokens (b, l) long, or values (b, l, c) in the model dtype) and the pool rows ``rows`` (b,)
 int64 of those streams, returns the raw head outputs (b, l, o) in the model dtype, and leaves
 each stream's new state in its pool row. ``l == 1`` goes through the in-place pool step
-(``Backbone.step_pool``); a longer segment through the chunked forward, the initial state
-gathered from the pool (``select_streams``) and the final state written back
-(``write_streams``).
+(``Backbone.step_pool``); a longer segment through the chunked forward from and back into the
+pool (``Backbone.forward_pool``: Mamba-2's SSM states are read and written in the one-pass
+kernel; other states are gathered and written back).
 
 Engines (``Streamer(engine=...)``):
     eager     :class:`EagerCalls`, this module: every call launches its kernels from Python
@@ -23,7 +23,7 @@ import torch
 
 from streamssm.errors import ConfigError
 from streamssm.models import SSMModel
-from streamssm.state import ModelState, select_streams, write_streams
+from streamssm.state import ModelState
 
 
 class EagerCalls:
@@ -49,9 +49,7 @@ class EagerCalls:
         h = m.encoder(x) if self._tokens else m.encoder(x.to(m.encoder.weight.dtype))
         if x.shape[1] == 1:
             return m.head(m.backbone.step_pool(h[:, 0], self.pool, rows)).unsqueeze(1)
-        h, new_state = m.backbone(h, select_streams(self.pool, rows))
-        write_streams(self.pool, rows, new_state)
-        return m.head(h)
+        return m.head(m.backbone.forward_pool(h, self.pool, rows))
 
 
 ENGINES = ("auto", "eager", "graphs", "compiled")

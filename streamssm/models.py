@@ -33,7 +33,7 @@ from streamssm.errors import ConfigError, ShapeError, StateError
 from streamssm.kernels import add_rms_norm
 from streamssm.layers import Mamba2Block, Mamba3Block, MambaBlock, RMSNorm
 from streamssm.layers.attention import SlidingWindowAttention
-from streamssm.state import LayerState, ModelState
+from streamssm.state import LayerState, ModelState, select_streams, write_streams
 
 BlockType = Literal["mamba", "mamba2", "mamba3"]
 InputKind = Literal["tokens", "continuous"]
@@ -296,6 +296,17 @@ class ResidualBlock(nn.Module):
         return x_t + self.mixer.step_pool(self.norm(x_t), pool, state_indices)
 
 
+def _mix_pool(mixer: nn.Module, u: torch.Tensor, pool: LayerState, rows: torch.Tensor) -> torch.Tensor:
+    """One mixer over pool rows ``rows`` (b,): its own ``forward_pool`` where it has one, else
+    the rows gathered, ``forward`` and the new states written back. u (b, l, d) -> (b, l, d)."""
+    own = getattr(mixer, "forward_pool", None)
+    if own is not None:
+        return own(u, pool, rows)
+    y, new_state = mixer(u, select_streams((pool,), rows)[0])
+    write_streams((pool,), rows, (new_state,))
+    return y
+
+
 class Backbone(nn.Module):
     """N residual blocks and a final norm over (b, l, d) features."""
 
@@ -373,6 +384,19 @@ class Backbone(nn.Module):
             x_t, s = layer.step(x_t, layer_state)
             new_state.append(s)
         return self.norm_f(x_t), tuple(new_state)
+
+    def forward_pool(self, x: torch.Tensor, pool: ModelState, state_indices: torch.Tensor) -> torch.Tensor:
+        """x (b, l, d) -> features (b, l, d); **updates the state pool** in place at rows
+        ``state_indices`` (b,) int64 (distinct, but for a scratch row nobody reads), leaving the
+        other rows untouched: :meth:`forward` from and back into the pool. Mixers with a
+        ``forward_pool`` of their own (Mamba-2) read and write the rows in their kernels; the
+        others' rows are gathered, run through ``forward`` and written back."""
+        if x.dim() != 3 or x.shape[1] == 0:
+            raise ShapeError(f"Backbone.forward_pool: x must be (batch, length>0, d_model), got {tuple(x.shape)}")
+        if len(pool) != len(self.layers):
+            raise StateError(f"state pool has {len(pool)} layers, the model has {len(self.layers)}")
+        return self._fused_residuals(x, lambda i, normed: _mix_pool(self.layers[i].mixer, normed, pool[i],
+                                                                    state_indices))
 
     def step_pool(self, x_t: torch.Tensor, pool: ModelState, state_indices: torch.Tensor) -> torch.Tensor:
         """x_t (b, d) -> features (b, d); **updates the state pool** (capacity rows) in place at

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from streamssm.errors import ShapeError
-from streamssm.kernels import ssd_scan
+from streamssm.kernels import ssd_scan, ssd_scan_pool
 from streamssm.kernels.ssd import combined
 from streamssm.kernels.ssd.bmm_chunk import _chunk_cb_fwd, chunk_cb_ref
 from streamssm.kernels.ssd.chunks import chunk_layout
@@ -278,6 +278,66 @@ def test_inference_calls_take_the_fused_forward(monkeypatch):
         assert_close(name, c, a, rtol=1e-5, atol=1e-5)
 
 
+def _pool_case(seed=4):
+    """A 5-row state pool and 3 sequences whose states live in rows 3, 0, 4 (1 and 2 idle)."""
+    torch.manual_seed(seed)
+    t = _inputs(3, 45, 4, 8, 2, 8, D="h", z=True, bias=True)
+    pool = torch.randn(5, 4, 8, 8)
+    return t, pool, torch.tensor([3, 0, 4])
+
+
+@pytest.mark.parametrize("path", ["in_kernel", "gathered", "torch", "reference"])
+def test_pool_forward_reads_and_writes_its_rows(path, monkeypatch):
+    """ssd_scan_pool equals ssd_scan from the gathered rows, its final states land in those rows
+    and the idle rows keep every bit: read and written by the one-pass kernel (no gradient), or
+    gathered and scattered (the split forward, the CPU backends)."""
+    import streamssm.kernels.library as lib
+
+    t, pool, rows = _pool_case()
+    args = (t["x"], t["dt"], t["A"], t["B"], t["C"])
+    kw = dict(chunk_size=16, D=t["D"], z=t["z"], dt_bias=t["dt_bias"], dt_softplus=True)
+    want_y, want_final = ssd_scan_ref(*args, initial_state=pool[rows], return_final_state=True, **kw)
+    calls = []
+    real = lib.ssd_scan_infer_pool
+    monkeypatch.setattr(lib, "ssd_scan_infer_pool", lambda *a: calls.append(a) or real(*a))
+    if path == "gathered":
+        monkeypatch.setattr(lib, "use_fused_forward", lambda seqs, heads, longest: False)
+    backend = {"in_kernel": "triton", "gathered": "triton"}.get(path, path)
+    got_pool = pool.clone()
+    y = ssd_scan_pool(got_pool, *args, state_indices=rows, backend=backend, **kw)
+    assert len(calls) == (path == "in_kernel")
+    assert_close("y", want_y, y, torch.float32)
+    assert_close("pool rows", want_final, got_pool[rows], torch.float32)
+    assert torch.equal(got_pool[[1, 2]], pool[[1, 2]])
+
+
+def test_pool_forward_without_indices_uses_one_row_per_sequence():
+    t, pool, _ = _pool_case()
+    pool = pool[:3].clone()
+    want_y, want_final = ssd_scan(t["x"], t["dt"], t["A"], t["B"], t["C"], 16, t["D"], t["z"], t["dt_bias"], True,
+                                  pool.clone(), return_final_state=True, backend="triton")
+    y = ssd_scan_pool(pool, t["x"], t["dt"], t["A"], t["B"], t["C"], 16, t["D"], t["z"], t["dt_bias"], True,
+                      backend="triton")
+    assert torch.equal(want_y, y) and torch.equal(want_final, pool)
+
+
+def test_pool_forward_bad_pool_or_rows_are_named():
+    t, pool, rows = _pool_case()
+    args = (t["x"], t["dt"], t["A"], t["B"], t["C"])
+    with pytest.raises(ShapeError, match="ssm_state"):
+        ssd_scan_pool(pool[:, :2], *args, state_indices=rows, backend="triton")
+    with pytest.raises(ShapeError, match="ssm_state"):
+        ssd_scan_pool(pool.double(), *args, state_indices=rows, backend="triton")
+    with pytest.raises(ShapeError, match="state_indices"):
+        ssd_scan_pool(pool, *args, state_indices=rows[:2], backend="triton")
+    with pytest.raises(ShapeError, match="state_indices"):
+        ssd_scan_pool(pool, *args, state_indices=rows.float(), backend="triton")
+    with pytest.raises(ShapeError, match="rows but the input batch is 3"):
+        ssd_scan_pool(pool, *args, backend="triton")
+    with pytest.raises(ShapeError, match="dt"):
+        ssd_scan_pool(pool, t["x"], t["dt"][:, :4], *args[2:], state_indices=rows, backend="triton")
+
+
 def test_fused_forward_is_used_for_many_streams_or_short_rows():
     assert use_fused_forward(384, 16, 320)  # serving: 384 streams x 16 heads
     assert use_fused_forward(1, 8, 1024)  # one short stream
@@ -385,8 +445,8 @@ from triton.compiler import ASTSource
 from streamssm.kernels.ssd import bmm_chunk, chunk_scan, chunk_scan_bwd, fused_fwd
 
 SHAPE = dict(CHUNK=256, BLOCK_P=64, BLOCK_N=128, HAS_Z=True)  # realtime / S1-S3 sizes
-INT = {"p_cstart": "*i64", "p_clen": "*i32", "p_bounds": "*i32"}
-FUSED = dict(HAS_BOUNDS=True, HAS_INIT=True, HAS_DT_BIAS=True, DT_SOFTPLUS=True, HAS_W=True)
+INT = {"p_cstart": "*i64", "p_clen": "*i32", "p_bounds": "*i32", "p_rows": "*i64"}
+FUSED = dict(HAS_BOUNDS=True, HAS_INIT=True, HAS_DT_BIAS=True, DT_SOFTPLUS=True, HAS_W=True, HAS_ROWS=True)
 BWD = {"p_cb", "p_states", "p_dstates", "p_dt_out", "p_dA_cs", "p_D", "p_ddA_cs", "p_ddt", "p_ddA_last", "p_dD_part"}
 # per kernel: (meta-parameters, the pointers that stay fp32 in a bf16 run); the backward reads an fp32 CB
 for kernel, variants in (
@@ -478,6 +538,27 @@ def test_gpu_fused_forward_matches_float64(case, dtype):
     bound = 1e-4 if dtype == torch.float32 else 2e-2
     errs = {"y": _rel_err(y64, y), "final": _rel_err(f64, final)}
     assert max(errs.values()) < bound, errs
+
+
+@pytest.mark.gpu
+def test_gpu_pool_forward_equals_gathered_forward_bit_for_bit():
+    """Serving rows (300 streams of a 400-row pool, bf16): the kernel reading and writing pool rows
+    gives exactly the one-pass forward of the gathered rows, and leaves the idle rows alone. Its
+    first call autotunes (a sequence x heads count no other test uses): the pool must come out of
+    the autotuner's reruns restored, then updated once."""
+    torch.manual_seed(5)
+    t = _inputs(300, 320, 16, 64, 1, 128, D="h", z=True, bias=True, device="cuda", dtype=torch.bfloat16)
+    pool = torch.randn(400, 16, 64, 128, device="cuda")
+    rows = torch.randperm(400, device="cuda")[:300]
+    args = (t["x"], t["dt"], t["A"], t["B"], t["C"])
+    got_pool = pool.clone()
+    y = ssd_scan_pool(got_pool, *args, 64, t["D"], t["z"], t["dt_bias"], True, state_indices=rows)
+    want_y, want_final = ssd_fused_fwd(*args, t["D"], t["z"], t["dt_bias"], pool[rows], True, None)
+    idle = torch.ones(400, dtype=torch.bool, device="cuda")
+    idle[rows] = False
+    assert torch.equal(want_y, y)
+    assert torch.equal(want_final, got_pool[rows])
+    assert torch.equal(pool[idle], got_pool[idle])
 
 
 @pytest.mark.gpu

@@ -53,9 +53,10 @@ _CONFIGS = [
 ]
 
 
-# interpreter: 32-token chunks and 16-wide headdim slices, so short test sequences cross both
+# interpreter: 32-token chunks and 16-wide headdim slices, so short test sequences cross both.
+# Autotuning reruns the kernel: a state pool updated in place (p_init is p_final) is restored.
 @triton.autotune(configs=autotune_configs(_CONFIGS, triton.Config({"BLOCK_Q": 32, "BLOCK_P": 16})),
-                 key=["P", "N", "HAS_Z", "HAS_INIT", "DOT_PREC", "work_log2"])
+                 key=["P", "N", "HAS_Z", "HAS_INIT", "DOT_PREC", "work_log2"], restore_value=["p_init"])
 @triton.jit
 def _ssd_fused_fwd_kernel(
     # pointers
@@ -67,10 +68,11 @@ def _ssd_fused_fwd_kernel(
     p_D,  # (H,), (H, P) or (L, H) fp32 (skip.py), or dummy
     p_z,  # (L, H, P) or dummy
     p_dt_bias,  # (H,) fp32 or dummy
-    p_init,  # (S, H, P, N) fp32 or dummy
+    p_init,  # (S, H, P, N) fp32, a state pool (R, H, P, N) fp32 with p_rows, or dummy
     p_out,  # (L, H, P) out
-    p_final,  # (S, H, P, N) fp32 out
+    p_final,  # (S, H, P, N) fp32 out, or the pool (p_init) with p_rows
     p_bounds,  # (S + 1,) int token bounds of packed sequences, or dummy
+    p_rows,  # (S,) int64 pool rows of the sequences' states, or dummy
     # dimensions; work_log2 = round(log2(sequences x heads)) only keys the autotuning (a few
     # streams and a thousand want different tiles)
     seq_len, H, P, N, heads_per_group, work_log2,
@@ -80,7 +82,7 @@ def _ssd_fused_fwd_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BOUNDS: tl.constexpr, HAS_INIT: tl.constexpr, D_KIND: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, DOT_PREC: tl.constexpr,
-    HAS_W: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_ROWS: tl.constexpr,
 ):
     i_p, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_g = i_h // heads_per_group
@@ -95,8 +97,12 @@ def _ssd_fused_fwd_kernel(
     o_n = tl.arange(0, BLOCK_N)
     m_p, m_n = o_p < P, o_n < N
     m_np = m_n[:, None] & m_p[None, :]
+    if HAS_ROWS:  # the sequence's state lives in a pool row, read here and overwritten at the end
+        i_row = tl.load(p_rows + i_s).to(tl.int64)
+    else:
+        i_row = i_s.to(tl.int64)
     # the state transposed, (BLOCK_N, BLOCK_P): both its products then need no transposition
-    o_state = ((i_s.to(tl.int64) * H + i_h) * P + o_p[None, :]) * N + o_n[:, None]
+    o_state = ((i_row * H + i_h) * P + o_p[None, :]) * N + o_n[:, None]
     if HAS_INIT:
         b_S = tl.load(p_init + o_state, mask=m_np, other=0.0)
     else:
@@ -167,18 +173,27 @@ def ssd_fused_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.T
                   D: torch.Tensor | None, z: torch.Tensor | None, dt_bias: torch.Tensor | None,
                   initial_state: torch.Tensor | None, dt_softplus: bool,
                   cu_seqlens: torch.Tensor | None,
-                  input_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  input_weight: torch.Tensor | None = None,
+                  state_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x, z (b, l, h, p); dt, input_weight (b, l, h); B, C (b, l, g, n); initial_state
     (S, h, p, n) fp32 or None; cu_seqlens (S + 1,) with b == 1, or None (S = b). Returns out (b, l, h, p) in x's dtype
     (gated by silu(z) when given) and the final states (S, h, p, n) fp32. No host synchronisation
-    (CUDA-graph safe, packed sequences included)."""
+    (CUDA-graph safe, packed sequences included).
+
+    With ``state_rows`` (S,) int64, ``initial_state`` is a contiguous fp32 state pool (R, h, p, n):
+    sequence s starts from row ``state_rows[s]`` and its final state overwrites that row in place
+    (no gather or scatter of the pool; the returned final states are the pool). The rows must be
+    distinct, except rows whose contents nobody reads (a scratch row for padding)."""
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     x2, dt2, B2, C2, z2, w2 = (_packed(t) for t in (x, dt, B, C, z, input_weight))  # (L, h, p), (L, h), (L, g, n)
     seqs = num_sequences(x, cu_seqlens)
     out = torch.empty(b * l, h, p, device=x.device, dtype=x.dtype)
-    final = torch.empty(seqs, h, p, n, device=x.device, dtype=torch.float32)
-    init = initial_state.float().contiguous() if initial_state is not None else None
+    if state_rows is not None:
+        init = final = initial_state
+    else:
+        final = torch.empty(seqs, h, p, n, device=x.device, dtype=torch.float32)
+        init = initial_state.float().contiguous() if initial_state is not None else None
     zz = z2 if z2 is not None else x2
     ww = w2 if w2 is not None else dt2
 
@@ -188,7 +203,7 @@ def ssd_fused_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.T
     _ssd_fused_fwd_kernel[grid](
         x2, dt2, ww, A.contiguous(), B2, C2, packed_skip(D) if D is not None else A, zz,
         dt_bias if dt_bias is not None else A, init if init is not None else final, out, final,
-        cu_seqlens if cu_seqlens is not None else final,
+        cu_seqlens if cu_seqlens is not None else final, state_rows if state_rows is not None else final,
         l, h, p, n, h // g, round(math.log2(seqs * h)) if seqs else 0,
         x2.stride(0), x2.stride(1), x2.stride(2), dt2.stride(0), dt2.stride(1), ww.stride(0), ww.stride(1),
         B2.stride(0), B2.stride(1), B2.stride(2), C2.stride(0), C2.stride(1), C2.stride(2),
@@ -197,5 +212,6 @@ def ssd_fused_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.T
         HAS_BOUNDS=cu_seqlens is not None, HAS_INIT=init is not None, D_KIND=skip_kind(D),
         HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None,
         DT_SOFTPLUS=dt_softplus, DOT_PREC=dot_precision(x.dtype), HAS_W=input_weight is not None,
+        HAS_ROWS=state_rows is not None,
     )
     return out.view(b, l, h, p), final

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from streamssm.kernels import causal_conv1d, conv1d_step, ssd_scan, ssd_step
+from streamssm.kernels import causal_conv1d, conv1d_step, ssd_scan, ssd_scan_pool, ssd_step
 from streamssm.layers._derived import Fp32Params
 from streamssm.layers._init import dt_bias_init
 from streamssm.layers.norm import GatedRMSNorm
@@ -71,24 +71,42 @@ class Mamba2Block(Fp32Params, nn.Module):
             C.reshape(*lead, self.ngroups, self.d_state),
         )
 
-    def forward(self, u: torch.Tensor, state: LayerState | None = None) -> tuple[torch.Tensor, LayerState]:
-        """u (b, l, d) -> (y (b, l, d), new state); ``state`` None: zero states (the kernels'
-        default: no zero tensors written and read)."""
-        b, l, _ = u.shape
+    def _conv_in(self, u: torch.Tensor, conv_state: torch.Tensor | None):
+        """u (b, l, d), entering conv state (b, cd, w-1) or None (zeros) -> z (b, l, e), x, B, C,
+        dt (b, l, h) and the conv state after the segment."""
         z, xbc, dt = self._split(self.in_proj(u))
         xbc, conv_state = causal_conv1d(
             xbc.transpose(1, 2), self.conv_weight, self.conv_bias,
-            initial_state=None if state is None else state.conv.to(xbc.dtype), activation="silu",
+            initial_state=None if conv_state is None else conv_state.to(xbc.dtype), activation="silu",
             return_final_state=True,
         )  # (b, cd, l)
-        x, B, C = self._split_xbc(xbc.transpose(1, 2))
-        y, ssm_state = ssd_scan(
-            x, dt, self._A(), B, C, chunk_size=self.chunk_size, D=self._fp32("D", self.D),
-            dt_bias=self._fp32("dt_bias", self.dt_bias), dt_softplus=True,
-            initial_state=None if state is None else state.ssm, return_final_state=True,
-        )  # (b, l, h, p)
-        y = self.norm(y.reshape(b, l, self.d_inner), z)
-        return self.out_proj(y), LayerState(conv_state, ssm_state)
+        return (z, *self._split_xbc(xbc.transpose(1, 2)), dt, conv_state)
+
+    def _ssd_options(self) -> dict:
+        return dict(chunk_size=self.chunk_size, D=self._fp32("D", self.D), dt_bias=self._fp32("dt_bias", self.dt_bias),
+                    dt_softplus=True)
+
+    def _out(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """y (b, l, h, p), z (b, l, e) -> (b, l, d)."""
+        b, l = z.shape[:2]
+        return self.out_proj(self.norm(y.reshape(b, l, self.d_inner), z))
+
+    def forward(self, u: torch.Tensor, state: LayerState | None = None) -> tuple[torch.Tensor, LayerState]:
+        """u (b, l, d) -> (y (b, l, d), new state); ``state`` None: zero states (the kernels'
+        default: no zero tensors written and read)."""
+        z, x, B, C, dt, conv_state = self._conv_in(u, None if state is None else state.conv)
+        y, ssm_state = ssd_scan(x, dt, self._A(), B, C, initial_state=None if state is None else state.ssm,
+                                return_final_state=True, **self._ssd_options())  # (b, l, h, p)
+        return self._out(y, z), LayerState(conv_state, ssm_state)
+
+    def forward_pool(self, u: torch.Tensor, pool: LayerState, state_indices: torch.Tensor) -> torch.Tensor:
+        """u (b, l, d) -> y (b, l, d); **updates ``pool`` in place** at rows ``state_indices`` (b,)
+        int64: the Streamer's chunked calls. The SSM states are read and written by the one-pass
+        kernel where it applies (``ssd_scan_pool``), never gathered into a (b, h, p, n) copy."""
+        z, x, B, C, dt, conv_state = self._conv_in(u, pool.conv.index_select(0, state_indices))
+        pool.conv.index_copy_(0, state_indices, conv_state.to(pool.conv.dtype))
+        y = ssd_scan_pool(pool.ssm, x, dt, self._A(), B, C, state_indices=state_indices, **self._ssd_options())
+        return self._out(y, z)
 
     def step(self, u_t: torch.Tensor, state: LayerState) -> tuple[torch.Tensor, LayerState]:
         """u_t (b, d) -> (y_t (b, d), new state); ``state`` is not modified."""
