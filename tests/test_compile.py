@@ -306,6 +306,35 @@ def test_triton_step_ops_pass_opcheck():
                                             torch.randn(b, 1, n // 2), torch.randn(h), torch.randn(b, h, p), rows))
 
 
+def test_pool_forward_op_passes_opcheck_and_compiles_fullgraph(monkeypatch):
+    """ssd_scan_infer_pool (the Streamer's chunked SSD, pool rows updated in place: a declared
+    mutation) passes opcheck, and the Mamba-2 block's forward_pool on the Triton ops compiled
+    fullgraph equals eager, the pool included."""
+    import streamssm.kernels as K
+    import streamssm.kernels.library as lib
+
+    b, l, h, p, g, n = 2, 11, 2, 4, 1, 4
+    torch.library.opcheck(lib.ssd_scan_infer_pool, (
+        torch.randn(b, l, h, p), torch.randn(b, l, h), -torch.rand(h), torch.randn(b, l, g, n),
+        torch.randn(b, l, g, n), torch.randn(h), torch.randn(b, l, h, p), torch.randn(h), torch.randn(4, h, p, n),
+        torch.tensor([3, 1]), True))
+    resolve = K.choose_backend
+    monkeypatch.setattr(K, "choose_backend", lambda op, backend, device: resolve(op, "triton", device))
+    model = tiny_model("mamba2").eval()
+    pool_e = random_state(model, 4)[0]
+    pool_c = type(pool_e)(*(t.clone() for t in pool_e))
+    mixer = model.backbone.layers[0].mixer
+    rows, x = torch.tensor([3, 0]), torch.randn(2, 9, 16)
+    before = pool_e.ssm.clone()
+    with torch.no_grad():
+        y0 = mixer.forward_pool(x, pool_e, rows)
+        y1 = torch.compile(mixer.forward_pool, fullgraph=True, backend="aot_eager")(x, pool_c, rows)
+    assert_close("forward_pool y", y0, y1, torch.float32)
+    for name, a, c in zip(("conv", "ssm"), pool_e, pool_c):
+        assert_close(f"pool {name}", a, c, torch.float32)
+    assert not torch.equal(pool_e.ssm[rows], before[rows])  # the rows did move
+
+
 def test_triton_scan_op_exports_as_one_node():
     """torch.export carries the registered op: the exported graph holds one SSD node (not a
     trace of its launches; without gradients the one-pass ssd_scan_infer) and runs to the same
