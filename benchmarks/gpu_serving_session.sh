@@ -26,9 +26,22 @@ export TRITON_INTERPRET=0
 # (the Mamba-3 layer bench's second run took 20 s instead of ~200, H100, 2026-12-06)
 export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}
 OUT=${OUT:-$(mktemp -d)}
+# ... and carried from one device machine to the next: the results in $AUTOTUNE_ARCHIVE (carry it with
+# the call) are unpacked into Triton's cache first, and on exit every result on this machine goes to
+# $OUT/triton_autotune.tar.gz (copy that to $AUTOTUNE_ARCHIVE for the next call). Triton keys a result by
+# the kernel's source, its key values, its configs, the Triton version and the GPU architecture (H100 and
+# H200 are both sm_90): a call then compiles only the chosen config of a kernel, and benchmarks none (the
+# mamba-ssm Mamba-3 peer's autotuning alone outlasted 200 s of a call at S1 on 2026-12-07)
+TRITON_CACHE=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
+AUTOTUNE_ARCHIVE=${AUTOTUNE_ARCHIVE:-.whl/triton_autotune.tar.gz}
+mkdir -p "$OUT" "$TRITON_CACHE"
+[ -s "$AUTOTUNE_ARCHIVE" ] && tar -xzf "$AUTOTUNE_ARCHIVE" -C "$TRITON_CACHE"
+save_autotuning() {
+    (cd "$TRITON_CACHE" && find . -name '*.autotune.json' | tar -czf "$OUT/triton_autotune.tar.gz" -T -)
+}
+trap save_autotuning EXIT
 OLD_CONV=${OLD_CONV:-.peers/old_kernels/conv_7db386b.py}
 OLD_ROTARY=${OLD_ROTARY:-.peers/old_kernels/rotary_5de9c7b.py}
-mkdir -p "$OUT"
 part=${1:-all}
 
 from_git() {
