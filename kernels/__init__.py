@@ -165,16 +165,21 @@ def ssd_scan(
             raise ShapeError(f"{op}: cu_seqlens must rise from 0 to the length {l}, got {bounds}")
         rows = len(bounds) - 1
     check_tensor(op, "initial_state", initial_state, (rows, h, p, n), FP32, device=x.device, optional=True)
-    choice = choose_backend(op, backend, x.device)
+    return _ssd_scan_impl(choose_backend(op, backend, x.device))(
+        x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+        initial_state=initial_state, cu_seqlens=cu_seqlens, return_final_state=return_final_state,
+        input_weight=input_weight)
+
+
+def _ssd_scan_impl(choice: str):
+    """The SSD scan of a resolved backend (validated inputs: ``ssd_scan``'s keywords)."""
     if choice == "triton":
         from streamssm.kernels.ssd.combined import ssd_scan_triton as impl
     elif choice == "torch":
         from streamssm.kernels.ssd.chunked_torch import ssd_scan_chunked as impl
     else:
         from streamssm.kernels.ssd.reference import ssd_scan_ref as impl
-    return impl(x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
-                initial_state=initial_state, cu_seqlens=cu_seqlens, return_final_state=return_final_state,
-                input_weight=input_weight)
+    return impl
 
 
 def ssd_scan_pool(
@@ -198,19 +203,22 @@ def ssd_scan_pool(
 
     On "triton" a call that wants no gradient and takes the one-pass forward reads and writes the
     rows inside the kernel (``kernels/library.py: pool_forward_in_kernel``); any other call
-    gathers the rows, runs :func:`ssd_scan` and writes the final states back. Rows must be
+    gathers the rows, runs the backend's scan and writes the final states back. Rows must be
     distinct, except a scratch row whose contents nobody reads (padding)."""
     op = "ssd_scan_pool"
     b, l, h, p, n = _check_ssd_scan(op, x, dt, A, B, C, chunk_size, D, z, dt_bias, None)
     check_tensor(op, "ssm_state", ssm_state, (None, h, p, n), FP32, device=x.device)
     rows = pool_rows(op, ssm_state, b, state_indices)
-    if choose_backend(op, backend, x.device) == "triton":
+    choice = choose_backend(op, backend, x.device)
+    if choice == "triton":
         from streamssm.kernels.library import pool_forward_in_kernel, ssd_scan_infer_pool
 
         if pool_forward_in_kernel(x, dt, A, B, C, D, z, dt_bias, ssm_state):
             return ssd_scan_infer_pool(x, dt, A, B, C, D, z, dt_bias, ssm_state, rows, bool(dt_softplus))
-    y, final = ssd_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, ssm_state.index_select(0, rows),
-                        return_final_state=True, backend=backend)
+    # validated above: the scan itself, not ssd_scan's checks again (the CPU engine's every call)
+    y, final = _ssd_scan_impl(choice)(x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias,
+                                      dt_softplus=dt_softplus, initial_state=ssm_state.index_select(0, rows),
+                                      return_final_state=True)
     _update_pool(ssm_state, rows, final)
     return y
 
