@@ -122,23 +122,24 @@ def _tile_cos_sin(b_dt, b_th, p_enter, i_b, i_t, i_h, o_k, H, K, T):
 # Every kernel runs one (tile, b, group, angle block) and the group's heads in a loop: theta, B and C
 # are read once for all the heads that share them (one program per head read them H / G times)
 @triton.jit
-def _group_program(L, G, K, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
+def _group_program(p_theta, L, G, K, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
     """This program's tile i_t, batch row i_b (int64) and group i_g; the tile's first row, rows and
-    mask (``_tile``); its offsets, mask and angles in the (b, l, g, k) tensors (``_group_angles_at``)."""
+    mask (``_tile``); its offsets, mask and angles in the (b, l, g, k) tensors (``_group_angles_at``);
+    the group's theta there (BLOCK_L, BLOCK_K) fp32, 0 outside: once for all its heads."""
     i_t = tl.program_id(0)
     i_bg = tl.program_id(1)
     i_b, i_g = (i_bg // G).to(tl.int64), i_bg % G
     row0, o_r, m_l = _tile(i_b, i_t, L, BLOCK_L)
     o_theta, m, o_k = _group_angles_at(row0, o_r, m_l, i_g, tl.program_id(2), G, K, BLOCK_K)
-    return i_t, i_b, i_g, row0, o_r, m_l, o_theta, m, o_k
+    b_th = tl.load(p_theta + o_theta, mask=m, other=0.0).to(tl.float32)
+    return i_t, i_b, i_g, row0, o_r, m_l, o_theta, m, o_k, b_th
 
 
 @triton.jit
 def _rotary_tile_sums_kernel(p_dt, p_theta, p_sums, L, H, G, K, T,
                              BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
     """Grid (T, b * g, angle blocks): sums (b, h, k, T) float64 of each tile's step angles."""
-    i_t, i_b, i_g, row0, o_r, m_l, o_theta, m, o_k = _group_program(L, G, K, BLOCK_L, BLOCK_K)
-    b_th = tl.load(p_theta + o_theta, mask=m, other=0.0).to(tl.float32)
+    i_t, i_b, i_g, row0, o_r, m_l, o_theta, m, o_k, b_th = _group_program(p_theta, L, G, K, BLOCK_L, BLOCK_K)
     rep = H // G
     for j in range(rep):
         i_h = i_g * rep + j
@@ -181,8 +182,7 @@ def _rotary_fwd_kernel(p_B, p_C, p_dt, p_theta, p_enter, p_Bo, p_Co, L, H, G, K,
                        BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
     """Grid (T, b * g, angle blocks): B~, C~ (b, l, h, n) of one tile, block of angles and every
     head of a group: R(-Theta) of B, C (b, l, g, n)."""
-    i_t, i_b, i_g, row0, o_r, m_l, o_theta, m, o_k = _group_program(L, G, K, BLOCK_L, BLOCK_K)
-    b_th = tl.load(p_theta + o_theta, mask=m, other=0.0).to(tl.float32)
+    i_t, i_b, i_g, row0, o_r, m_l, o_theta, m, o_k, b_th = _group_program(p_theta, L, G, K, BLOCK_L, BLOCK_K)
     i_k = tl.program_id(2)
     o_in, m2 = _pairs_at(o_r, m_l, G * 2 * K, i_g * 2 * K, i_k, K, BLOCK_K)
     in0, out0 = row0 * G * 2 * K, row0 * H * 2 * K
@@ -205,8 +205,7 @@ def _rotary_bwd_local_kernel(p_B, p_C, p_dt, p_theta, p_enter, p_dBo, p_dCo, p_d
     fp32 and, from its reverse in-tile cumsum D, the in-tile parts dtheta (b, l, g, k) fp32 =
     sum over the heads of dt D and each angle block's ddt (angle blocks, b * l = ROWS, h) fp32 =
     sum over its angles of D theta."""
-    i_t, i_b, i_g, row0, o_r, m_l, o_theta, m, o_k = _group_program(L, G, K, BLOCK_L, BLOCK_K)
-    b_th = tl.load(p_theta + o_theta, mask=m, other=0.0).to(tl.float32)
+    i_t, i_b, i_g, row0, o_r, m_l, o_theta, m, o_k, b_th = _group_program(p_theta, L, G, K, BLOCK_L, BLOCK_K)
     i_k = tl.program_id(2)
     rep = H // G
     o_in, m2 = _pairs_at(o_r, m_l, G * 2 * K, i_g * 2 * K, i_k, K, BLOCK_K)
@@ -249,10 +248,9 @@ def _rotary_bwd_after_kernel(p_dt, p_theta, p_after, p_dtheta_local, p_ddt_local
     added to the local kernel's in-tile parts: dtheta (b, l, g, k) = ``p_dtheta_local`` (fp32; may be
     ``p_dtheta`` itself) + sum over the heads of dt after; ddt (angle blocks, ROWS, h) fp32 = this
     block's theta . after, plus (angle block 0) the ``LOCAL_PARTS`` blocks of ``p_ddt_local``."""
-    i_t, i_b, i_g, row0, o_r, m_l, o_theta, m, o_k = _group_program(L, G, K, BLOCK_L, BLOCK_K)
+    i_t, i_b, i_g, row0, o_r, m_l, o_theta, m, o_k, b_th = _group_program(p_theta, L, G, K, BLOCK_L, BLOCK_K)
     i_k = tl.program_id(2)
     rep = H // G
-    b_th = tl.load(p_theta + o_theta, mask=m, other=0.0).to(tl.float32)  # the group's: once for all its heads
     dtheta = tl.load(p_dtheta_local + o_theta, mask=m, other=0.0)
     p_ddt += (i_k.to(tl.int64) * ROWS + row0) * H
     p_ddt_local += row0 * H
