@@ -11,6 +11,7 @@
 #     bash benchmarks/gpu_serving_session.sh mamba3_peer  # ~8 min: the op beside mamba-ssm's Mamba-3 (its autotuning: minutes)
 #     bash benchmarks/gpu_serving_session.sh engine_knobs  # ~4 min: engine-process CPU per chunk (paced) vs streams, batch wait, flush delay
 #     bash benchmarks/gpu_serving_session.sh pipeline_fill  # ~9 min: engine process and service --workers 4 vs --pipeline-fill
+#     bash benchmarks/gpu_serving_session.sh service_edge  # ~9 min: service --workers 4 at 384 and 448 clients, fill 1 and 2
 #     bash benchmarks/gpu_serving_session.sh ssd_memory  # ~9 min: SSD S1/S2 and Mamba-1 M1 with peak memory, vs the peers
 #     bash benchmarks/gpu_serving_session.sh rotary    # ~8 min: Mamba-3 GPU tests; rotation kernels vs 5de9c7b's, config sweep
 #     BASE_SITE=/tmp/base_site bash benchmarks/gpu_serving_session.sh engine_pair
@@ -155,6 +156,18 @@ pipeline_fill() {
     done
 }
 
+service_edge() {
+    # after the pool-row scan (da45bb4: the engine's chunked call 10 % shorter at 384 streams, bench_realtime):
+    # where the 4-worker service's edge lies now, at the default --pipeline-fill 1 and at 2 (fewer, larger calls:
+    # 125 streams a call took 5.6 ms of model time at 384 clients on 2026-12-06, one call of all 384 10.9 ms)
+    for fill in 1 2; do
+        echo "== service --workers 4, --pipeline-fill $fill"
+        timeout 270 python benchmarks/bench_service.py --model d512 --device cuda --dtype bfloat16 --engine graphs \
+            --prepare --workers 4 --clients 384,448 --repeats 2 --client-procs 12 --seconds 3 --max-wall 200 --all \
+            --pipeline-fill $fill | tee -a "$OUT/service_edge.md"
+    done
+}
+
 rotary() {
     # the rotation kernels before today's instruction diet (5de9c7b: libdevice cos/sin after a float64 division,
     # int64 offsets per element) beside this tree's; the Mamba-3 layer: part mamba3
@@ -194,10 +207,11 @@ case "$part" in
     mamba3_peer) mamba3_peer ;;
     engine_knobs) engine_knobs ;;
     pipeline_fill) pipeline_fill ;;
+    service_edge) service_edge ;;
     ssd_memory) ssd_memory ;;
     rotary) rotary ;;
     engine_pair) engine_pair ;;
     all) tests; conv_tests; kernels; serving ;;
-    *) echo "usage: $0 [tests|conv_tests|kernels|serving|mamba3|mamba3_peer|engine_knobs|pipeline_fill|ssd_memory|rotary|engine_pair|all]" >&2; exit 2 ;;
+    *) echo "usage: $0 [tests|conv_tests|kernels|serving|mamba3|mamba3_peer|engine_knobs|pipeline_fill|service_edge|ssd_memory|rotary|engine_pair|all]" >&2; exit 2 ;;
 esac
 echo "== tables in $OUT"

@@ -148,7 +148,9 @@ def ssd_scan(
     weight of x_t B_t^T in the state update in place of dt_t (dt then sets only the decay; the
     trapezoid of Mamba-3 needs it). Returns y (b, l, h, p) [, final_state].
 
-    ``chunk_size`` (tokens per chunk) changes results only by rounding. Its default 256 is the
+    ``chunk_size`` (tokens per chunk) changes results only by rounding; the "torch" backend picks
+    its own for a call that needs no gradient (``ssd/chunked_torch.py: inference_chunk_size``, up to
+    2x faster on a CPU). Its default 256 is the
     API of DESIGN §2 and mamba_ssm's: on the GPU long chunks make the serial state passing
     between chunks cheap. The models' blocks always pass ``ModelConfig.chunk_size`` (64, sized
     for short streaming chunks), so this default serves direct calls only.
@@ -176,7 +178,7 @@ def _ssd_scan_impl(choice: str):
     if choice == "triton":
         from streamssm.kernels.ssd.combined import ssd_scan_triton as impl
     elif choice == "torch":
-        from streamssm.kernels.ssd.chunked_torch import ssd_scan_chunked as impl
+        from streamssm.kernels.ssd.chunked_torch import ssd_scan_torch as impl
     else:
         from streamssm.kernels.ssd.reference import ssd_scan_ref as impl
     return impl

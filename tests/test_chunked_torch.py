@@ -12,7 +12,7 @@ from streamssm.kernels import selective_scan, ssd_scan
 from streamssm.kernels._common import choose_backend
 from streamssm.kernels.mamba1.chunked_torch import _ChunkedScanFn, selective_scan_chunked
 from streamssm.kernels.mamba1.reference import selective_scan_ref
-from streamssm.kernels.ssd.chunked_torch import ssd_scan_chunked
+from streamssm.kernels.ssd.chunked_torch import inference_chunk_size, ssd_scan_chunked
 from streamssm.kernels.ssd.reference import ssd_scan_ref
 from streamssm.testing import assert_close
 
@@ -216,6 +216,36 @@ def test_ssd_chunks_carry_state():
     y2, s2 = ssd_scan_chunked(**second, chunk_size=8, dt_softplus=True, return_final_state=True)
     assert_close("ssd split output", full, torch.cat([y1, y2], dim=1))
     assert_close("ssd split state", s_full, s2)
+
+
+def test_inference_chunk_size_follows_the_head_sizes():
+    """Small heads get short chunks, large states long ones, within [8, 128]."""
+    assert inference_chunk_size(16, 16, 6) == 16  # the demo's audio model (configured 64)
+    assert inference_chunk_size(64, 128, 16) == 32  # the 4 x d512 LM (configured 256)
+    assert inference_chunk_size(1, 1, 1) == 8
+    assert inference_chunk_size(4096, 4096, 1) == 128
+
+
+def test_torch_backend_chunks_by_head_size_without_gradients(monkeypatch):
+    """ssd_scan(backend="torch") runs at inference_chunk_size when nothing needs a gradient and at
+    the given chunk_size when something does; both match the configured chunk's results."""
+    import streamssm.kernels.ssd.chunked_torch as mod
+
+    used = []
+    rows = mod._ssd_rows
+    monkeypatch.setattr(mod, "_ssd_rows", lambda *a: used.append(a[6]) or rows(*a))
+    gen = torch.Generator().manual_seed(10)
+    t = ssd_inputs(2, 45, 4, 16, 1, 16, gen)  # p = n = 16, q = 4: 16-step chunks (3 of them, the last partial)
+    expected = ssd_scan_chunked(**t, chunk_size=64, dt_softplus=True, return_final_state=True)
+    used.clear()
+    with torch.no_grad():
+        got = ssd_scan(**t, chunk_size=64, dt_softplus=True, return_final_state=True, backend="torch")
+    assert used == [16]
+    assert_close("ssd inference chunks y", expected[0], got[0])
+    assert_close("ssd inference chunks state", expected[1], got[1])
+    leaves = {k: v.clone().requires_grad_(k == "x") for k, v in t.items()}
+    ssd_scan(**leaves, chunk_size=64, dt_softplus=True, return_final_state=True, backend="torch")
+    assert used == [16, 64]
 
 
 # ----------------------------------------------------------------------------- dispatch

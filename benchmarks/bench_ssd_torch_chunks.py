@@ -1,0 +1,92 @@
+"""The CPU engine's chunk length: a Streamer call (eager engine, the "torch" SSD backend) at the
+model's configured chunk_size vs at ``inference_chunk_size`` (what the backend now picks when no
+gradient is needed; kernels/ssd/chunked_torch.py).
+
+    python benchmarks/bench_ssd_torch_chunks.py [--shapes demo:16x160,demo:8x320,d512:16x320] [--threads 1]
+                                                [--repeats 12] [--out table.md]
+
+A shape is model:streams x samples; models: ``demo`` (the demo's audio model, Mamba-2 d48 x 2) and
+the bench_service.py ones (``tiny``, ``d512``), each a 256-token mu-law LM. One call =
+``Streamer.launch_stacked(...).result()`` over that many open streams; the two chunk lengths
+alternate call by call on the same Streamer (this machine's load drifts), medians after 2 warm-up
+pairs. "max abs diff": the largest difference of the two calls' log-probabilities on the same input
+and state (rounding only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import Table  # noqa: E402
+from bench_service import model_arch  # noqa: E402
+
+import streamssm.kernels.ssd.chunked_torch as chunked_torch  # noqa: E402
+from streamssm.inference import Streamer  # noqa: E402
+from streamssm.models import ModelConfig, SSMModel  # noqa: E402
+
+
+def bench_shape(model: str, streams: int, samples: int, repeats: int) -> dict:
+    torch.manual_seed(0)
+    cfg = ModelConfig(input_kind="tokens", vocab_size=256, head="lm", **model_arch(model))
+    streamer = Streamer(SSMModel(cfg), capacity=streams, engine="eager")
+    ids = [streamer.open() for _ in range(streams)]
+    x = torch.randint(0, 256, (streams, samples))
+    picked = chunked_torch.inference_chunk_size
+    choices = {"configured": lambda p, n, q: cfg.chunk_size, "picked": picked}
+    times: dict[str, list[float]] = {k: [] for k in choices}
+    outputs = {}
+    try:
+        for i in range(repeats + 2):
+            for name, choose in choices.items():
+                chunked_torch.inference_chunk_size = choose
+                snapshot = streamer.snapshot(ids[0])
+                t0 = time.perf_counter()
+                result = streamer.launch_stacked(ids, x).result()
+                if i >= 2:
+                    times[name].append(time.perf_counter() - t0)
+                outputs[name] = result.outputs[0]
+                streamer.close(ids[0])  # stream 0 back to the same state for the other choice
+                ids[0] = streamer.restore(snapshot)
+    finally:
+        chunked_torch.inference_chunk_size = picked
+    ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    headdim, dstate = cfg.headdim, cfg.d_state
+    return {"shape": f"{model}: {streams} x {samples}", "chunk configured": cfg.chunk_size,
+            "chunk picked": picked(headdim, dstate, cfg.nheads // cfg.ngroups),
+            "ms configured": ms["configured"], "ms picked": ms["picked"],
+            "speed-up": f"{ms['configured'] / ms['picked']:.2f}x",
+            "max abs diff": f"{(outputs['configured'] - outputs['picked']).abs().max().item():.1e}"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default="demo:16x160,demo:8x320,tiny:16x160,d512:16x320")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=12)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    table = Table(columns=["shape", "chunk configured", "chunk picked", "ms configured", "ms picked", "speed-up",
+                           "max abs diff"])
+    for spec in args.shapes.split(","):
+        model, size = spec.split(":")
+        streams, samples = (int(v) for v in size.split("x"))
+        table.add(**bench_shape(model, streams, samples, args.repeats))
+        print(table.rows[-1], flush=True)
+    text = (f"Streamer call on the CPU, eager engine, {args.threads} thread(s), median of {args.repeats}\n\n"
+            + table.markdown())
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
