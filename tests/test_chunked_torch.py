@@ -227,10 +227,13 @@ def test_inference_chunk_size_follows_the_head_sizes():
 
 
 def test_torch_backend_chunks_by_head_size_without_gradients(monkeypatch):
-    """ssd_scan(backend="torch") runs at inference_chunk_size when nothing needs a gradient and at
-    the given chunk_size when something does; both match the configured chunk's results."""
+    """Without the sequential C scan (no compiler), ssd_scan(backend="torch") runs at
+    inference_chunk_size when nothing needs a gradient and at the given chunk_size when something
+    does; both match the configured chunk's results."""
     import streamssm.kernels.ssd.chunked_torch as mod
+    import streamssm.kernels.ssd.scan_cpu as scan_cpu
 
+    monkeypatch.setattr(scan_cpu, "library", lambda: None)
     used = []
     rows = mod._ssd_rows
     monkeypatch.setattr(mod, "_ssd_rows", lambda *a: used.append(a[6]) or rows(*a))

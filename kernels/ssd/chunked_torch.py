@@ -119,6 +119,17 @@ def ssd_scan_chunked(
     Returns y (b, l, h, p) in x.dtype, or in ``compute_dtype`` when it is given
     [, final_state like initial_state in the compute dtype].
     """
+    def rows(x, dt, A, B, C, state, w):
+        return _ssd_rows(x, dt, A, B, C, state, chunk_size, w)
+
+    return scan_by_rows(rows, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqlens,
+                        return_final_state, compute_dtype, input_weight)
+
+
+def scan_by_rows(rows, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqlens, return_final_state,
+                 compute_dtype, input_weight):
+    """:func:`ssd_scan_chunked`'s work around ``rows(x, dt, A, B, C, state, w) -> (y, final state)``
+    (``_ssd_rows``' contract, no chunk size): step sizes, packed sequences, the D and z terms."""
     b, l, h, p = x.shape
     n = B.shape[-1]
     cd = compute_dtype or torch.promote_types(x.dtype, torch.float32)
@@ -135,7 +146,7 @@ def ssd_scan_chunked(
             if initial_state is not None
             else torch.zeros(b, h, p, n, device=x.device, dtype=cd)
         )
-        y, final = _ssd_rows(x, dtf, Af, B, C, state, chunk_size, wf)
+        y, final = rows(x, dtf, Af, B, C, state, wf)
     else:
         bounds = [int(v) for v in cu_seqlens.tolist()]
         ys, finals = [], []
@@ -148,7 +159,7 @@ def ssd_scan_chunked(
             if e == s:  # an empty sequence passes its initial state through
                 finals.append(state)
                 continue
-            y_i, state = _ssd_rows(x[:, s:e], dtf[:, s:e], Af, B[:, s:e], C[:, s:e], state, chunk_size, wf[:, s:e])
+            y_i, state = rows(x[:, s:e], dtf[:, s:e], Af, B[:, s:e], C[:, s:e], state, wf[:, s:e])
             ys.append(y_i)
             finals.append(state)
         y, final = torch.cat(ys, dim=1), torch.cat(finals, dim=0)
@@ -177,11 +188,23 @@ def inference_chunk_size(headdim: int, dstate: int, heads_per_group: int) -> int
 
 
 def ssd_scan_torch(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                   chunk_size: int = 256, **options) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """``ssd_scan``'s "torch" backend: :func:`ssd_scan_chunked` (same arguments), whose chunk length
-    is :func:`inference_chunk_size` when no input needs a gradient (results change only by
-    rounding) and ``chunk_size`` otherwise."""
-    tensors = (x, dt, A, B, C, *(v for v in options.values() if isinstance(v, torch.Tensor)))
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-        chunk_size = inference_chunk_size(x.shape[-1], B.shape[-1], x.shape[-2] // B.shape[-2])
-    return ssd_scan_chunked(x, dt, A, B, C, chunk_size, **options)
+                   chunk_size: int = 256, D: torch.Tensor | None = None, z: torch.Tensor | None = None,
+                   dt_bias: torch.Tensor | None = None, dt_softplus: bool = False,
+                   initial_state: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                   return_final_state: bool = False, input_weight: torch.Tensor | None = None):
+    """``ssd_scan``'s "torch" backend (:func:`ssd_scan_chunked`'s arguments). A call with gradients
+    runs the chunked scan at ``chunk_size``. One without runs the sequential scan in C on a CPU with
+    a C++ compiler (``scan_cpu.py``: 2-7x faster), else (no compiler, under ``torch.compile``,
+    float64) the chunked scan at :func:`inference_chunk_size`; results change only by rounding."""
+    from streamssm.kernels.ssd import scan_cpu
+
+    args = (x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqlens, return_final_state, None,
+            input_weight)
+    tensors = (t for t in (x, dt, A, B, C, D, z, dt_bias, initial_state, input_weight) if t is not None)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return ssd_scan_chunked(*args[:5], chunk_size, *args[5:])
+    p, n = x.shape[-1], B.shape[-1]
+    if (x.device.type == "cpu" and x.dtype != torch.float64 and not torch.compiler.is_compiling()
+            and scan_cpu.library() is not None):
+        return scan_by_rows(scan_cpu.ssd_rows_sequential, *args)
+    return ssd_scan_chunked(*args[:5], inference_chunk_size(p, n, x.shape[-2] // B.shape[-2]), *args[5:])

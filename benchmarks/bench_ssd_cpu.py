@@ -1,16 +1,17 @@
-"""The CPU engine's chunk length: a Streamer call (eager engine, the "torch" SSD backend) at the
-model's configured chunk_size vs at ``inference_chunk_size`` (what the backend now picks when no
-gradient is needed; kernels/ssd/chunked_torch.py).
+"""The CPU engine's SSD scan: a Streamer call (eager engine, the "torch" SSD backend) with the
+scan as it was (chunked at the model's configured chunk_size), chunked at ``inference_chunk_size``
+(kernels/ssd/chunked_torch.py: the fallback without a C++ compiler or under torch.compile) and
+sequential in C (kernels/ssd/scan_cpu.py: what a call without gradients runs now).
 
-    python benchmarks/bench_ssd_torch_chunks.py [--shapes demo:16x160,demo:8x320,d512:16x320] [--threads 1]
-                                                [--repeats 12] [--out table.md]
+    python benchmarks/bench_ssd_cpu.py [--shapes demo:16x160,demo:8x320,tiny:16x160,d512:16x320] [--threads 1]
+                                       [--repeats 12] [--out table.md]
 
 A shape is model:streams x samples; models: ``demo`` (the demo's audio model, Mamba-2 d48 x 2) and
 the bench_service.py ones (``tiny``, ``d512``), each a 256-token mu-law LM. One call =
-``Streamer.launch_stacked(...).result()`` over that many open streams; the two chunk lengths
-alternate call by call on the same Streamer (this machine's load drifts), medians after 2 warm-up
-pairs. "max abs diff": the largest difference of the two calls' log-probabilities on the same input
-and state (rounding only).
+``Streamer.launch_stacked(...).result()`` over that many open streams; the three scans alternate
+call by call on the same Streamer (this machine's load drifts), medians after 2 warm-up rounds.
+"max abs diff": the largest difference of a call's log-probabilities from the configured chunk's
+on the same input and state (rounding only).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from _harness import Table  # noqa: E402
 from bench_service import model_arch  # noqa: E402
 
 import streamssm.kernels.ssd.chunked_torch as chunked_torch  # noqa: E402
+import streamssm.kernels.ssd.scan_cpu as scan_cpu  # noqa: E402
 from streamssm.inference import Streamer  # noqa: E402
 from streamssm.models import ModelConfig, SSMModel  # noqa: E402
 
@@ -38,14 +40,17 @@ def bench_shape(model: str, streams: int, samples: int, repeats: int) -> dict:
     streamer = Streamer(SSMModel(cfg), capacity=streams, engine="eager")
     ids = [streamer.open() for _ in range(streams)]
     x = torch.randint(0, 256, (streams, samples))
-    picked = chunked_torch.inference_chunk_size
-    choices = {"configured": lambda p, n, q: cfg.chunk_size, "picked": picked}
+    picked, library = chunked_torch.inference_chunk_size, scan_cpu.library
+    if library() is None:
+        raise SystemExit("no C++ compiler: the sequential scan cannot run here")
+    choices = {"configured": (lambda p, n, q: cfg.chunk_size, lambda: None), "picked": (picked, lambda: None),
+               "sequential": (picked, library)}
     times: dict[str, list[float]] = {k: [] for k in choices}
     outputs = {}
     try:
         for i in range(repeats + 2):
-            for name, choose in choices.items():
-                chunked_torch.inference_chunk_size = choose
+            for name, (chunk, lib) in choices.items():
+                chunked_torch.inference_chunk_size, scan_cpu.library = chunk, lib
                 snapshot = streamer.snapshot(ids[0])
                 t0 = time.perf_counter()
                 result = streamer.launch_stacked(ids, x).result()
@@ -55,14 +60,15 @@ def bench_shape(model: str, streams: int, samples: int, repeats: int) -> dict:
                 streamer.close(ids[0])  # stream 0 back to the same state for the other choice
                 ids[0] = streamer.restore(snapshot)
     finally:
-        chunked_torch.inference_chunk_size = picked
+        chunked_torch.inference_chunk_size, scan_cpu.library = picked, library
     ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    headdim, dstate = cfg.headdim, cfg.d_state
+    ref = outputs["configured"]
     return {"shape": f"{model}: {streams} x {samples}", "chunk configured": cfg.chunk_size,
-            "chunk picked": picked(headdim, dstate, cfg.nheads // cfg.ngroups),
-            "ms configured": ms["configured"], "ms picked": ms["picked"],
-            "speed-up": f"{ms['configured'] / ms['picked']:.2f}x",
-            "max abs diff": f"{(outputs['configured'] - outputs['picked']).abs().max().item():.1e}"}
+            "chunk picked": picked(cfg.headdim, cfg.d_state, cfg.nheads // cfg.ngroups),
+            "ms configured": ms["configured"], "ms picked": ms["picked"], "ms sequential": ms["sequential"],
+            "speed-up picked": f"{ms['configured'] / ms['picked']:.2f}x",
+            "speed-up sequential": f"{ms['configured'] / ms['sequential']:.2f}x",
+            "max abs diff": ", ".join(f"{(outputs[k] - ref).abs().max().item():.1e}" for k in ("picked", "sequential"))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    table = Table(columns=["shape", "chunk configured", "chunk picked", "ms configured", "ms picked", "speed-up",
-                           "max abs diff"])
+    table = Table(columns=["shape", "chunk configured", "chunk picked", "ms configured", "ms picked", "ms sequential",
+                           "speed-up picked", "speed-up sequential", "max abs diff"])
     for spec in args.shapes.split(","):
         model, size = spec.split(":")
         streams, samples = (int(v) for v in size.split("x"))

@@ -1,0 +1,145 @@
+"""Sequential Mamba-2 (SSD) scan in C for the CPU: the "torch" backend's path for calls that need
+no gradient (serving, ``infer``, ``generate``, zarr inference).
+
+Shape legend: b batch, l length, h heads = g * r, p headdim, n dstate, g groups of B/C.
+
+Same recurrence as ``reference.py`` in fp32, one (p, n) state per (sequence, head) walked
+through time while it stays in L1:
+
+    S_t = exp(dt_t A) S_{t-1} + w_t x_t B_t^T,    y_t = S_t C_t        (D and z: by the caller)
+
+That is ~4 p n flops per token and head, where the chunked algorithm (``chunked_torch.py``)
+spends ~t (p + n / r) more on its (t, t) intra-chunk matrices and materialises every chunk's
+state through many small PyTorch ops. Measured on the 2-core development machine (2026-12-07,
+fp32, against the chunked scan at its best chunk length): 3.6-4.4x faster for p = n = 16 (the
+demo's audio model) and 3.1-3.7x for p = 64, n = 128 (the d512 LM) at 1 thread, 1.7-7.5x
+against the chunked scan on 2 threads (this one uses one). Gradients: the chunked scan.
+
+The C source is compiled once per machine with inductor's C++ compiler into
+``$XDG_CACHE_HOME/streamssm`` (~1 s), keyed by a hash of the source and flags, and called through
+ctypes, which releases the GIL during the call. Without a working compiler
+(:func:`streamssm.compiled_cpu.compiler_problem`) :func:`library` is None (logged once) and the
+chunked path runs instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_SOURCE = r"""
+#include <cmath>
+#include <cstdint>
+
+// x (b, l, h, p); dt, w (b, l, h); A (h); B, C (b, l, g, n); state (b, h, p, n), updated in place;
+// y (b, l, h, p) written. All fp32, contiguous.
+extern "C" void streamssm_ssd_scan_f32(int64_t b, int64_t l, int64_t h, int64_t p, int64_t n, int64_t g,
+                                       const float* x, const float* dt, const float* w, const float* A,
+                                       const float* B, const float* C, float* state, float* y) {
+    const int64_t r = h / g;
+    for (int64_t bi = 0; bi < b; ++bi) {
+        for (int64_t hi = 0; hi < h; ++hi) {
+            float* S = state + (bi * h + hi) * p * n;
+            const int64_t gi = hi / r;
+            const float a = A[hi];
+            for (int64_t t = 0; t < l; ++t) {
+                const int64_t tok = bi * l + t;
+                const float decay = std::exp(dt[tok * h + hi] * a);
+                const float wt = w[tok * h + hi];
+                const float* Bt = B + (tok * g + gi) * n;
+                const float* Ct = C + (tok * g + gi) * n;
+                const float* xt = x + (tok * h + hi) * p;
+                float* yt = y + (tok * h + hi) * p;
+                for (int64_t pi = 0; pi < p; ++pi) {
+                    float* row = S + pi * n;
+                    const float xv = wt * xt[pi];
+                    float acc = 0.f;
+                    for (int64_t ni = 0; ni < n; ++ni) {
+                        const float s = decay * row[ni] + xv * Bt[ni];
+                        row[ni] = s;
+                        acc += s * Ct[ni];
+                    }
+                    yt[pi] = acc;
+                }
+            }
+        }
+    }
+}
+"""
+#: -O3 with reassociation so the sum over n vectorizes; -march=native: the library is built on
+#: the machine that runs it
+_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
+          "-fno-trapping-math", "-shared", "-fPIC")
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "streamssm"
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled scan (built on first use, then loaded from the cache), or None where no C++
+    compiler builds it (logged once)."""
+    from streamssm.compiled_cpu import compiler_problem
+
+    problem = compiler_problem()
+    if problem is not None:
+        log.warning("the sequential CPU SSD scan is off (the chunked one runs): %s", problem)
+        return None
+    from torch._inductor import cpp_builder
+
+    cxx = cpp_builder.get_cpp_compiler()
+    key = hashlib.sha256((_SOURCE + " ".join(_FLAGS) + cxx).encode()).hexdigest()[:16]
+    path = _cache_dir() / f"ssd_scan_cpu_{key}.so"
+    if not path.exists():
+        try:
+            _build(cxx, path)
+        except (OSError, subprocess.SubprocessError) as err:
+            log.warning("the sequential CPU SSD scan is off (the chunked one runs): %s", err)
+            return None
+    lib = ctypes.CDLL(str(path))
+    fn = lib.streamssm_ssd_scan_f32
+    fn.restype = None
+    fn.argtypes = [ctypes.c_int64] * 6 + [ctypes.c_void_p] * 8
+    return lib
+
+
+def _build(cxx: str, path: Path) -> None:
+    """Compile the source to ``path`` (through a temporary file and a rename: processes that build
+    at once each get a whole library)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        src, out = Path(tmp) / "scan.cpp", Path(tmp) / path.name
+        src.write_text(_SOURCE)
+        done = subprocess.run([cxx, *_FLAGS, str(src), "-o", str(out)], capture_output=True, text=True,
+                              timeout=120, check=False)
+        if done.returncode != 0:
+            raise subprocess.SubprocessError(f"{cxx} failed: {done.stderr.strip()[-400:]}")
+        os.replace(out, path)
+
+
+def ssd_rows_sequential(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                        state: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``chunked_torch._ssd_rows``'s contract without chunks: x (b, l, h, p); dt (b, l, h) after
+    bias/softplus, w (b, l, h) and state (b, h, p, n) fp32; A (h,); B, C (b, l, g, n). Returns y
+    (b, l, h, p) fp32 (no D/z) and the final state (a new tensor: ``state`` is not changed).
+    Needs :func:`library`."""
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    f32 = torch.float32
+    x, dt, w, A, B, C = (t.to(f32).contiguous() for t in (x, dt, w, A, B, C))
+    final = state.to(f32, copy=True).contiguous()
+    y = torch.empty(b, l, h, p, dtype=f32)
+    library().streamssm_ssd_scan_f32(b, l, h, p, n, g, *(t.data_ptr() for t in (x, dt, w, A, B, C, final, y)))
+    return y, final

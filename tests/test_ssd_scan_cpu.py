@@ -1,0 +1,145 @@
+"""The sequential SSD scan in C (kernels/ssd/scan_cpu.py): the "torch" backend's path for calls
+without gradients on a CPU, against the sequential reference; its dispatch and its fallback."""
+
+import logging
+
+import pytest
+import torch
+
+import streamssm.kernels.ssd.scan_cpu as scan_cpu
+from streamssm.kernels import ssd_scan, ssd_scan_pool
+from streamssm.kernels.ssd.reference import ssd_scan_ref
+from streamssm.testing import assert_close
+
+needs_compiler = pytest.mark.skipif(scan_cpu.library() is None, reason="no C++ compiler builds the CPU scan here")
+
+
+def inputs(b, l, h, p, g, n, seed, rows=None):
+    gen = torch.Generator().manual_seed(seed)
+    return dict(
+        x=torch.randn(b, l, h, p, generator=gen),
+        dt=torch.randn(b, l, h, generator=gen) * 0.5 - 1.0,
+        A=-torch.rand(h, generator=gen) * 4 - 0.1,
+        B=torch.randn(b, l, g, n, generator=gen),
+        C=torch.randn(b, l, g, n, generator=gen),
+        D=torch.randn(h, generator=gen),
+        z=torch.randn(b, l, h, p, generator=gen),
+        dt_bias=torch.randn(h, generator=gen) * 0.1,
+        initial_state=torch.randn(rows or b, h, p, n, generator=gen),
+    )
+
+
+def spy_sequential(monkeypatch) -> list[tuple]:
+    """Record the x shapes the C scan runs on."""
+    calls = []
+    rows = scan_cpu.ssd_rows_sequential
+    monkeypatch.setattr(scan_cpu, "ssd_rows_sequential", lambda *a: calls.append(tuple(a[0].shape)) or rows(*a))
+    return calls
+
+
+@needs_compiler
+@pytest.mark.parametrize("b, l, h, p, g, n", [(2, 37, 4, 16, 2, 16), (1, 1, 3, 5, 1, 7), (3, 70, 6, 8, 3, 4)])
+def test_sequential_scan_matches_reference(monkeypatch, b, l, h, p, g, n):
+    """Outputs and final states (D, z, dt bias and softplus; groups; odd sizes; one step) equal the
+    sequential reference's; the caller's initial state is left as it was."""
+    calls = spy_sequential(monkeypatch)
+    t = inputs(b, l, h, p, g, n, seed=b * l)
+    before = t["initial_state"].clone()
+    expected = ssd_scan_ref(**t, dt_softplus=True, return_final_state=True)
+    with torch.no_grad():
+        got = ssd_scan(**t, chunk_size=16, dt_softplus=True, return_final_state=True, backend="torch")
+    assert calls == [(b, l, h, p)]
+    assert_close("sequential y", expected[0], got[0])
+    assert_close("sequential final state", expected[1], got[1])
+    assert torch.equal(t["initial_state"], before)
+
+
+@needs_compiler
+def test_sequential_scan_with_input_weights_and_packed_sequences(monkeypatch):
+    """Mamba-3's input weights in place of dt, and packed sequences (one C call each, an empty one
+    passing its state through)."""
+    calls = spy_sequential(monkeypatch)
+    t = inputs(1, 30, 4, 8, 1, 8, seed=3, rows=3)
+    w = torch.rand(1, 30, 4, generator=torch.Generator().manual_seed(4))
+    cu = torch.tensor([0, 12, 12, 30])
+    expected = ssd_scan_ref(**t, input_weight=w, cu_seqlens=cu, return_final_state=True)
+    with torch.no_grad():
+        got = ssd_scan(**t, chunk_size=8, input_weight=w, cu_seqlens=cu, return_final_state=True, backend="torch")
+    assert calls == [(1, 12, 4, 8), (1, 18, 4, 8)]
+    assert_close("packed y", expected[0], got[0])
+    assert_close("packed final states", expected[1], got[1])
+
+
+@needs_compiler
+def test_sequential_scan_reads_and_writes_pool_rows(monkeypatch):
+    """ssd_scan_pool on the CPU (the Streamer's chunked calls): the rows named scan sequentially,
+    the others stay bit for bit."""
+    calls = spy_sequential(monkeypatch)
+    t = inputs(3, 21, 4, 8, 2, 8, seed=5)
+    pool = torch.randn(6, 4, 8, 8)
+    rows = torch.tensor([4, 0, 2])
+    expected = ssd_scan_ref(**{**t, "initial_state": pool[rows]}, return_final_state=True)
+    kept = pool.clone()
+    y = ssd_scan_pool(pool, *(t[k] for k in ("x", "dt", "A", "B", "C")), chunk_size=8, D=t["D"], z=t["z"],
+                      dt_bias=t["dt_bias"], state_indices=rows, backend="torch")
+    assert calls == [(3, 21, 4, 8)]
+    assert_close("pool y", expected[0], y)
+    assert_close("pool rows", expected[1], pool[rows])
+    idle = torch.tensor([1, 3, 5])
+    assert torch.equal(pool[idle], kept[idle])
+
+
+@needs_compiler
+def test_gradients_take_the_chunked_scan(monkeypatch):
+    """A call with an input that needs a gradient runs the chunked scan (the C scan has no backward)."""
+    calls = spy_sequential(monkeypatch)
+    t = inputs(2, 9, 2, 4, 1, 4, seed=6)
+    t["B"].requires_grad_(True)
+    y = ssd_scan(**t, chunk_size=4, backend="torch")
+    y.sum().backward()
+    assert calls == [] and t["B"].grad is not None
+    with torch.no_grad():
+        ssd_scan(**t, chunk_size=4, backend="torch")
+    assert calls == [(2, 9, 2, 4)]
+
+
+def test_no_compiler_falls_back_to_the_chunked_scan(monkeypatch, caplog):
+    """Where no C++ compiler builds the library, library() is None (a warning names why) and calls
+    run the chunked scan, with the same results."""
+    import streamssm.compiled_cpu as compiled_cpu
+
+    monkeypatch.setattr(compiled_cpu, "compiler_problem", lambda: "no working C++ compiler among ['nope']")
+    scan_cpu.library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger=scan_cpu.__name__):
+            assert scan_cpu.library() is None
+        assert "no working C++ compiler" in caplog.text
+        calls = spy_sequential(monkeypatch)
+        t = inputs(2, 19, 2, 4, 1, 4, seed=7)
+        expected = ssd_scan_ref(**t, return_final_state=True)
+        with torch.no_grad():
+            got = ssd_scan(**t, chunk_size=4, return_final_state=True, backend="torch")
+        assert calls == []
+        assert_close("fallback y", expected[0], got[0])
+        assert_close("fallback final state", expected[1], got[1])
+    finally:
+        scan_cpu.library.cache_clear()
+
+
+@needs_compiler
+def test_library_is_built_once_into_the_cache(monkeypatch, tmp_path):
+    """The first use compiles into $XDG_CACHE_HOME/streamssm; a later process loads that file."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    scan_cpu.library.cache_clear()
+    try:
+        assert scan_cpu.library() is not None
+        built = list((tmp_path / "streamssm").glob("ssd_scan_cpu_*.so"))
+        assert len(built) == 1
+        stamp = built[0].stat().st_mtime_ns
+        scan_cpu.library.cache_clear()
+        monkeypatch.setattr(scan_cpu, "_build", lambda *a: pytest.fail("built again"))
+        assert scan_cpu.library() is not None
+        assert built[0].stat().st_mtime_ns == stamp
+    finally:
+        scan_cpu.library.cache_clear()
+
