@@ -3,7 +3,7 @@ Python process (one GIL) spends on every chunk between the worker links and the 
 
     python benchmarks/bench_engine_process.py [--streams 256,512] [--samples 320] [--workers 4]
                                               [--rounds 30] [--device cpu|cuda] [--pace-ms 0] [--flush-us 500]
-                                              [--batch-wait-ms 0] [--pipeline-fill 1] [--profile N]
+                                              [--batch-wait-ms 0] [--pipeline-fill 2] [--profile N]
 
 The engine process runs as ``serve --workers`` runs it (MultiProcessServer: its worker links,
 relays, Scheduler and Streamer), with the model call replaced by a zero-time stand-in (the

@@ -11,7 +11,8 @@
 #     bash benchmarks/gpu_serving_session.sh mamba3_peer  # ~8 min: the op beside mamba-ssm's Mamba-3 (its autotuning: minutes)
 #     bash benchmarks/gpu_serving_session.sh engine_knobs  # ~4 min: engine-process CPU per chunk (paced) vs streams, batch wait, flush delay
 #     bash benchmarks/gpu_serving_session.sh pipeline_fill  # ~9 min: engine process and service --workers 4 vs --pipeline-fill
-#     bash benchmarks/gpu_serving_session.sh service_edge  # ~9 min: service --workers 4 at 384 and 448 clients, fill 1 and 2
+#     bash benchmarks/gpu_serving_session.sh service_edge  # ~3 min: service --workers 4 at 384 and 448 clients, fill 1 and 2
+#     bash benchmarks/gpu_serving_session.sh service_400  # ~4 min: the same at 400-448 clients, fill 2 and 3
 #     bash benchmarks/gpu_serving_session.sh ssd_memory  # ~9 min: SSD S1/S2 and Mamba-1 M1 with peak memory, vs the peers
 #     bash benchmarks/gpu_serving_session.sh rotary    # ~8 min: Mamba-3 GPU tests; rotation kernels vs 5de9c7b's, config sweep
 #     BASE_SITE=/tmp/base_site bash benchmarks/gpu_serving_session.sh engine_pair
@@ -168,6 +169,18 @@ service_edge() {
     done
 }
 
+service_400() {
+    # service_edge (2026-12-07): --pipeline-fill 2 held 384 clients in 2 of 2 runs (fill 1: 1 of 2), 448 in
+    # neither; the 400 lies between: fill 2 and 3 at 400 and 416 / 448
+    for fill_clients in "2 400,416" "3 400,448"; do
+        set -- $fill_clients
+        echo "== service --workers 4, --pipeline-fill $1, clients $2"
+        timeout 200 python benchmarks/bench_service.py --model d512 --device cuda --dtype bfloat16 --engine graphs \
+            --prepare --workers 4 --clients "$2" --repeats 2 --client-procs 12 --seconds 3 --max-wall 150 --all \
+            --pipeline-fill "$1" | tee -a "$OUT/service_400.md"
+    done
+}
+
 rotary() {
     # the rotation kernels before today's instruction diet (5de9c7b: libdevice cos/sin after a float64 division,
     # int64 offsets per element) beside this tree's; the Mamba-3 layer: part mamba3
@@ -208,10 +221,11 @@ case "$part" in
     engine_knobs) engine_knobs ;;
     pipeline_fill) pipeline_fill ;;
     service_edge) service_edge ;;
+    service_400) service_400 ;;
     ssd_memory) ssd_memory ;;
     rotary) rotary ;;
     engine_pair) engine_pair ;;
     all) tests; conv_tests; kernels; serving ;;
-    *) echo "usage: $0 [tests|conv_tests|kernels|serving|mamba3|mamba3_peer|engine_knobs|pipeline_fill|service_edge|ssd_memory|rotary|engine_pair|all]" >&2; exit 2 ;;
+    *) echo "usage: $0 [tests|conv_tests|kernels|serving|mamba3|mamba3_peer|engine_knobs|pipeline_fill|service_edge|service_400|ssd_memory|rotary|engine_pair|all]" >&2; exit 2 ;;
 esac
 echo "== tables in $OUT"

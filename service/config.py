@@ -59,11 +59,12 @@ class ServeConfig:
     batch_wait: float = _option(0.0, "seconds the idle engine may wait for streams with nothing pending "
                                      "before a model call (0: never); on a CPU, where a call's fixed cost "
                                      "dominates, a few ms let staggered streams share one call")
-    pipeline_fill: float = _option(1.0, "while a model call is in flight, launch the next before collecting it "
-                                        "only when this many streams per stream of that call have samples "
-                                        "pending (larger: fewer, bigger calls; a call costs the engine ~0.6 ms "
-                                        "of host CPU on the H100 host, where 1 held 320 clients at p99 28 ms "
-                                        "and 0.5 did in one of two runs)")
+    pipeline_fill: float = _option(2.0, "while a model call is in flight, launch the next before collecting it "
+                                        "only when this many streams per stream of that call (or all live "
+                                        "streams) have samples pending (larger: fewer, bigger calls, which "
+                                        "cost the GPU less per "
+                                        "stream; on the H100 host 2 held 384 clients of the d512 LM at p99 "
+                                        "38-39 ms in two of two runs, 1 in one of two)")
     batching: Literal["uniform", "greedy"] = _option(
         "uniform", "chunks per stream per model call: equal counts (uniform) or all pending (greedy)")
     engine: Literal["auto", "eager", "graphs", "compiled"] = _option(

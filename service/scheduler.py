@@ -263,9 +263,10 @@ class Scheduler(StreamQueues):
     ``batch_wait`` (seconds): how long the idle engine may wait for the streams that have
     nothing pending before it calls the model (:meth:`_wait_for_more`; 0: it never waits).
     ``pipeline_fill``: while a call is in flight, the next goes out before it is collected only
-    when at least ``pipeline_fill`` streams per stream of the call in flight have samples pending
-    (:meth:`_run`; 1: as many). Larger: fewer, bigger calls while the device is busy (each
-    call costs the engine process a fixed share of host CPU); ``batch_wait`` never applies then.
+    when at least ``pipeline_fill`` streams per stream of the call in flight have samples pending,
+    or every live stream has (:meth:`_run`; 1: as many). Larger: fewer, bigger calls while the
+    device is busy (a bigger call costs the GPU less per stream, and each call costs the engine
+    process a fixed share of host CPU); ``batch_wait`` never applies then.
     ``metrics`` (optional) receives ``observe_batch(streams, samples, seconds)`` and
     ``observe_chunks(latencies_s)`` calls on the event loop. Defaults: ``ServeConfig``'s.
     """
@@ -443,8 +444,9 @@ class Scheduler(StreamQueues):
         device while call k runs, so the host's per-call work hides behind the device's (CUDA;
         on the CPU a launch computes, and the pipeline only reorders the same work). Call k + 1
         goes out early only while streams are backlogged (at least ``pipeline_fill`` times as many
-        have samples pending as call k holds); otherwise the engine collects call k first and the
-        streams' next chunks gather into one larger call, as a call's fixed cost wants."""
+        have samples pending as call k holds, or all live streams: waiting gathers no more); otherwise
+        the engine collects call k first and the streams' next chunks gather into one larger call, as
+        a call's fixed cost wants."""
         in_flight: _Launched | None = None
         launched: _Launched | None = None
         try:
@@ -455,7 +457,8 @@ class Scheduler(StreamQueues):
                     if self.batch_wait > 0:
                         await self._wait_for_more()
                 # len(_ready): an upper bound on the streams with samples pending (_gather drops those without)
-                if in_flight is None or len(self._ready) >= self.pipeline_fill * len(in_flight.batch):
+                if in_flight is None or len(self._ready) >= min(self.pipeline_fill * len(in_flight.batch),
+                                                                len(self._streams)):
                     batch = self._gather()
                 else:
                     batch = {}

@@ -29,13 +29,13 @@ def test_bench_engine_process_runs_fake_workers_over_real_links(capsys):
     import bench_engine_process
 
     for pace in (["--pace-ms", "0"],  # at once; paced, delayed flushes, bigger calls while one is in flight
-                 ["--pace-ms", "5", "--flush-us", "500", "--pipeline-fill", "2"],
+                 ["--pace-ms", "5", "--flush-us", "500", "--pipeline-fill", "1"],
                  ["--pace-ms", "5", "--batch-wait-ms", "2", "--profile", "4"]):  # the idle engine waiting; profiled
         assert bench_engine_process.main(["--streams", "12", "--samples", "16", "--rounds", "3", "--workers", "2",
                                           *pace]) == 0
         out = capsys.readouterr().out
         assert ("event loop of the engine process, 12 streams, 3 rounds (36 chunks)" in out) == ("--profile" in pace)
-        assert f"pipeline fill {2 if '--pipeline-fill' in pace else 1:g})" in out  # the server's default: 1
+        assert f"pipeline fill {1 if '--pipeline-fill' in pace else 2:g})" in out  # the server's default: 2
         rows = table_rows(out.split("engine process of serve")[-1])
         assert len(rows) == 1 and rows[0][0] == 12 and rows[0][1] > 0 and rows[0][2] > 0
         assert 0 <= rows[0][4] < rows[0][3]  # waiting on the device: part of the engine thread's CPU

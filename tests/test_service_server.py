@@ -767,8 +767,10 @@ LATE = [("launch", 0), ("collect", 0), ("launch", 1), ("collect", 1)]  # collect
 @pytest.mark.parametrize("fill, backlogged, expected", [
     (0.5, 1, LATE),  # --pipeline-fill 0.5: 1 of 4 streams is not enough
     (0.5, 2, EARLY),  # 2 of 4 are
-    (1.0, 2, LATE),  # the default, 1: as many streams as the call in flight holds
+    (1.0, 2, LATE),  # 1: as many streams as the call in flight holds
     (1.0, 4, EARLY),
+    (2.0, 2, LATE),  # the default, 2: twice as many ...
+    (2.0, 4, EARLY),  # ... or all live streams (4 of 4: waiting would gather no more)
 ])
 async def test_next_call_goes_out_early_only_while_streams_are_backlogged(ckpts, fill, backlogged, expected):
     from streamssm.service.scheduler import Chunk, Scheduler
