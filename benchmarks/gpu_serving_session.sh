@@ -157,28 +157,30 @@ pipeline_fill() {
     done
 }
 
+service_runs() {
+    # the service with 4 workers, 2 runs per client count: $1 the table under $OUT, then "fill clients" pairs
+    local table=$1 run
+    shift
+    for run in "$@"; do
+        set -- $run
+        echo "== service --workers 4, --pipeline-fill $1, clients $2"
+        timeout 270 python benchmarks/bench_service.py --model d512 --device cuda --dtype bfloat16 --engine graphs \
+            --prepare --workers 4 --clients "$2" --repeats 2 --client-procs 12 --seconds 3 --max-wall 200 --all \
+            --pipeline-fill "$1" | tee -a "$OUT/$table"
+    done
+}
+
 service_edge() {
     # after the pool-row scan (da45bb4: the engine's chunked call 10 % shorter at 384 streams, bench_realtime):
-    # where the 4-worker service's edge lies now, at the default --pipeline-fill 1 and at 2 (fewer, larger calls:
-    # 125 streams a call took 5.6 ms of model time at 384 clients on 2026-12-06, one call of all 384 10.9 ms)
-    for fill in 1 2; do
-        echo "== service --workers 4, --pipeline-fill $fill"
-        timeout 270 python benchmarks/bench_service.py --model d512 --device cuda --dtype bfloat16 --engine graphs \
-            --prepare --workers 4 --clients 384,448 --repeats 2 --client-procs 12 --seconds 3 --max-wall 200 --all \
-            --pipeline-fill $fill | tee -a "$OUT/service_edge.md"
-    done
+    # where the 4-worker service's edge lies now, at --pipeline-fill 1 and 2 (fewer, larger calls: 125 streams
+    # a call took 5.6 ms of model time at 384 clients on 2026-12-06, one call of all 384 10.9 ms)
+    service_runs service_edge.md "1 384,448" "2 384,448"
 }
 
 service_400() {
     # service_edge (2026-12-07): --pipeline-fill 2 held 384 clients in 2 of 2 runs (fill 1: 1 of 2), 448 in
     # neither; the 400 lies between: fill 2 and 3 at 400 and 416 / 448
-    for fill_clients in "2 400,416" "3 400,448"; do
-        set -- $fill_clients
-        echo "== service --workers 4, --pipeline-fill $1, clients $2"
-        timeout 200 python benchmarks/bench_service.py --model d512 --device cuda --dtype bfloat16 --engine graphs \
-            --prepare --workers 4 --clients "$2" --repeats 2 --client-procs 12 --seconds 3 --max-wall 150 --all \
-            --pipeline-fill "$1" | tee -a "$OUT/service_400.md"
-    done
+    service_runs service_400.md "2 400,416" "3 400,448"
 }
 
 rotary() {

@@ -14,7 +14,9 @@ Backends:
     "triton"     the Triton kernels; on CPU only in Triton's interpreter (``TRITON_INTERPRET=1``,
                  how the tests check them), otherwise it raises
     "torch"      the chunked pure-PyTorch paths (``mamba1/chunked_torch.py``,
-                 ``ssd/chunked_torch.py``; conv1d is ``F.conv1d``): the fast CPU path
+                 ``ssd/chunked_torch.py``; conv1d is ``F.conv1d``): the fast CPU path; calls
+                 without gradients run C kernels where a C++ compiler builds them
+                 (``ssd/scan_cpu.py``, fp32 ``conv1d/conv_cpu.py``; ``cpu_library.py``)
     "reference"  the sequential references, the spec (slow)
     "auto"       CUDA tensors -> "triton"; CPU tensors -> "torch"
 The one-step ops' "torch" is the in-place CPU steps (``*/step_cpu.py``: the pool's slice
@@ -26,7 +28,7 @@ backend; the rotation is a Triton op on "triton", ``mamba3_rotary_ref`` on "torc
 
 torch.compile / torch.export: the Triton paths are registered ``streamssm::`` ops
 (``kernels/library.py``), one graph node each; "torch" and "reference" are traced as plain
-PyTorch (no host sync, no logging while tracing).
+PyTorch (no host sync, no logging while tracing; the C kernels step aside).
 """
 
 from __future__ import annotations
@@ -148,9 +150,9 @@ def ssd_scan(
     weight of x_t B_t^T in the state update in place of dt_t (dt then sets only the decay; the
     trapezoid of Mamba-3 needs it). Returns y (b, l, h, p) [, final_state].
 
-    ``chunk_size`` (tokens per chunk) changes results only by rounding; the "torch" backend picks
-    its own for a call that needs no gradient (``ssd/chunked_torch.py: inference_chunk_size``, up to
-    2x faster on a CPU). Its default 256 is the
+    ``chunk_size`` (tokens per chunk) changes results only by rounding; the "torch" backend ignores
+    it for a call that needs no gradient (the sequential C scan, or the chunked one at
+    ``ssd/chunked_torch.py: inference_chunk_size``). Its default 256 is the
     API of DESIGN §2 and mamba_ssm's: on the GPU long chunks make the serial state passing
     between chunks cheap. The models' blocks always pass ``ModelConfig.chunk_size`` (64, sized
     for short streaming chunks), so this default serves direct calls only.
@@ -248,10 +250,16 @@ def causal_conv1d(
     check_conv_options(op, w, activation)
     check_tensor(op, "bias", bias, (d,), device=x.device, optional=True)
     check_tensor(op, "initial_state", initial_state, (b, d, w - 1), device=x.device, optional=True)
-    if choose_backend(op, backend, x.device) == "triton":
+    choice = choose_backend(op, backend, x.device)
+    if choice == "triton":
         from streamssm.kernels.conv1d.conv import causal_conv1d_triton as impl
-    else:  # "torch" and "reference": the reference is already one F.conv1d call
-        from streamssm.kernels.conv1d.reference import causal_conv1d_ref as impl
+    else:
+        from streamssm.kernels.conv1d import conv_cpu
+
+        if choice == "torch" and conv_cpu.applies(x, weight, bias, initial_state):  # fp32 CPU, no gradient
+            impl = conv_cpu.causal_conv1d_cpu
+        else:  # the reference is one F.conv1d call
+            from streamssm.kernels.conv1d.reference import causal_conv1d_ref as impl
     return impl(x, weight, bias=bias, initial_state=initial_state, activation=activation,
                 return_final_state=return_final_state)
 

@@ -6,27 +6,19 @@ import logging
 import pytest
 import torch
 
+import streamssm.kernels.cpu_library as cpu_library
 import streamssm.kernels.ssd.scan_cpu as scan_cpu
 from streamssm.kernels import ssd_scan, ssd_scan_pool
 from streamssm.kernels.ssd.reference import ssd_scan_ref
 from streamssm.testing import assert_close
+from test_chunked_torch import ssd_inputs
 
 needs_compiler = pytest.mark.skipif(scan_cpu.library() is None, reason="no C++ compiler builds the CPU scan here")
 
 
 def inputs(b, l, h, p, g, n, seed, rows=None):
-    gen = torch.Generator().manual_seed(seed)
-    return dict(
-        x=torch.randn(b, l, h, p, generator=gen),
-        dt=torch.randn(b, l, h, generator=gen) * 0.5 - 1.0,
-        A=-torch.rand(h, generator=gen) * 4 - 0.1,
-        B=torch.randn(b, l, g, n, generator=gen),
-        C=torch.randn(b, l, g, n, generator=gen),
-        D=torch.randn(h, generator=gen),
-        z=torch.randn(b, l, h, p, generator=gen),
-        dt_bias=torch.randn(h, generator=gen) * 0.1,
-        initial_state=torch.randn(rows or b, h, p, n, generator=gen),
-    )
+    """test_chunked_torch's SSD inputs (D per head, z, dt bias, initial states) from a seed."""
+    return ssd_inputs(b, l, h, p, g, n, torch.Generator().manual_seed(seed), rows=rows)
 
 
 def spy_sequential(monkeypatch) -> list[tuple]:
@@ -111,7 +103,7 @@ def test_no_compiler_falls_back_to_the_chunked_scan(monkeypatch, caplog):
     monkeypatch.setattr(compiled_cpu, "compiler_problem", lambda: "no working C++ compiler among ['nope']")
     scan_cpu.library.cache_clear()
     try:
-        with caplog.at_level(logging.WARNING, logger=scan_cpu.__name__):
+        with caplog.at_level(logging.WARNING, logger=cpu_library.__name__):
             assert scan_cpu.library() is None
         assert "no working C++ compiler" in caplog.text
         calls = spy_sequential(monkeypatch)
@@ -137,7 +129,7 @@ def test_library_is_built_once_into_the_cache(monkeypatch, tmp_path):
         assert len(built) == 1
         stamp = built[0].stat().st_mtime_ns
         scan_cpu.library.cache_clear()
-        monkeypatch.setattr(scan_cpu, "_build", lambda *a: pytest.fail("built again"))
+        monkeypatch.setattr(cpu_library, "_build", lambda *a: pytest.fail("built again"))
         assert scan_cpu.library() is not None
         assert built[0].stat().st_mtime_ns == stamp
     finally:

@@ -15,27 +15,19 @@ fp32, against the chunked scan at its best chunk length): 3.6-4.4x faster for p 
 demo's audio model) and 3.1-3.7x for p = 64, n = 128 (the d512 LM) at 1 thread, 1.7-7.5x
 against the chunked scan on 2 threads (this one uses one). Gradients: the chunked scan.
 
-The C source is compiled once per machine with inductor's C++ compiler into
-``$XDG_CACHE_HOME/streamssm`` (~1 s), keyed by a hash of the source and flags, and called through
-ctypes, which releases the GIL during the call. Without a working compiler
-(:func:`streamssm.compiled_cpu.compiler_problem`) :func:`library` is None (logged once) and the
-chunked path runs instead.
+The C source is compiled on first use and cached (``kernels/cpu_library.py``) and called through
+ctypes, which releases the GIL during the call. Without a working C++ compiler :func:`library`
+is None (logged once) and the chunked path runs instead.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
+from streamssm.kernels.cpu_library import build_library
 
 _SOURCE = r"""
 #include <cmath>
@@ -76,57 +68,18 @@ extern "C" void streamssm_ssd_scan_f32(int64_t b, int64_t l, int64_t h, int64_t 
     }
 }
 """
-#: -O3 with reassociation so the sum over n vectorizes; -march=native: the library is built on
-#: the machine that runs it
-_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
-          "-fno-trapping-math", "-shared", "-fPIC")
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root) / "streamssm"
 
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The compiled scan (built on first use, then loaded from the cache), or None where no C++
-    compiler builds it (logged once)."""
-    from streamssm.compiled_cpu import compiler_problem
-
-    problem = compiler_problem()
-    if problem is not None:
-        log.warning("the sequential CPU SSD scan is off (the chunked one runs): %s", problem)
-        return None
-    from torch._inductor import cpp_builder
-
-    cxx = cpp_builder.get_cpp_compiler()
-    key = hashlib.sha256((_SOURCE + " ".join(_FLAGS) + cxx).encode()).hexdigest()[:16]
-    path = _cache_dir() / f"ssd_scan_cpu_{key}.so"
-    if not path.exists():
-        try:
-            _build(cxx, path)
-        except (OSError, subprocess.SubprocessError) as err:
-            log.warning("the sequential CPU SSD scan is off (the chunked one runs): %s", err)
-            return None
-    lib = ctypes.CDLL(str(path))
-    fn = lib.streamssm_ssd_scan_f32
-    fn.restype = None
-    fn.argtypes = [ctypes.c_int64] * 6 + [ctypes.c_void_p] * 8
+    """The compiled scan (:func:`~streamssm.kernels.cpu_library.build_library`), or None where no
+    C++ compiler builds it."""
+    lib = build_library("ssd_scan_cpu", _SOURCE)
+    if lib is not None:
+        fn = lib.streamssm_ssd_scan_f32
+        fn.restype = None
+        fn.argtypes = [ctypes.c_int64] * 6 + [ctypes.c_void_p] * 8
     return lib
-
-
-def _build(cxx: str, path: Path) -> None:
-    """Compile the source to ``path`` (through a temporary file and a rename: processes that build
-    at once each get a whole library)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        src, out = Path(tmp) / "scan.cpp", Path(tmp) / path.name
-        src.write_text(_SOURCE)
-        done = subprocess.run([cxx, *_FLAGS, str(src), "-o", str(out)], capture_output=True, text=True,
-                              timeout=120, check=False)
-        if done.returncode != 0:
-            raise subprocess.SubprocessError(f"{cxx} failed: {done.stderr.strip()[-400:]}")
-        os.replace(out, path)
 
 
 def ssd_rows_sequential(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,

@@ -1,0 +1,67 @@
+"""C kernels for the CPU, built on first use with inductor's C++ compiler and loaded with ctypes.
+
+A kernel module gives its C++ source (functions ``extern "C"``) and gets a ``ctypes.CDLL`` from
+:func:`build_library`, or None where no C++ compiler builds it (logged once per library; its
+callers then run their PyTorch paths). A library is compiled once per machine into
+``$XDG_CACHE_HOME/streamssm`` (~1-2 s), named by a hash of its source, flags and compiler, so a
+changed source builds anew and concurrent processes (pytest workers, server workers) each find a
+whole file. ctypes releases the GIL for the length of a call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+#: -O3 with reassociation so float reductions vectorize; -march=native: the library is built on
+#: the machine that runs it
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
+         "-fno-trapping-math", "-shared", "-fPIC")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "streamssm"
+
+
+def build_library(name: str, source: str) -> ctypes.CDLL | None:
+    """``source`` compiled (or found in the cache) and loaded; None, with a warning naming the
+    reason, where no C++ compiler builds it."""
+    from streamssm.compiled_cpu import compiler_problem
+
+    problem = compiler_problem()
+    if problem is not None:
+        log.warning("the C kernels of %s are off (PyTorch runs instead): %s", name, problem)
+        return None
+    from torch._inductor import cpp_builder
+
+    cxx = cpp_builder.get_cpp_compiler()
+    key = hashlib.sha256((source + " ".join(FLAGS) + cxx).encode()).hexdigest()[:16]
+    path = cache_dir() / f"{name}_{key}.so"
+    if not path.exists():
+        try:
+            _build(cxx, source, path)
+        except (OSError, subprocess.SubprocessError) as err:
+            log.warning("the C kernels of %s are off (PyTorch runs instead): %s", name, err)
+            return None
+    return ctypes.CDLL(str(path))
+
+
+def _build(cxx: str, source: str, path: Path) -> None:
+    """Compile ``source`` to ``path`` through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        src, out = Path(tmp) / "kernel.cpp", Path(tmp) / path.name
+        src.write_text(source)
+        done = subprocess.run([cxx, *FLAGS, str(src), "-o", str(out)], capture_output=True, text=True,
+                              timeout=120, check=False)
+        if done.returncode != 0:
+            raise subprocess.SubprocessError(f"{cxx} failed: {done.stderr.strip()[-400:]}")
+        os.replace(out, path)
