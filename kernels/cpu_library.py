@@ -3,17 +3,21 @@
 A kernel module gives its C++ source (functions ``extern "C"``) and gets a ``ctypes.CDLL`` from
 :func:`build_library`, or None where no C++ compiler builds it (logged once per library; its
 callers then run their PyTorch paths). A library is compiled once per machine into
-``$XDG_CACHE_HOME/streamssm`` (~1-2 s), named by a hash of its source, flags and compiler, so a
-changed source builds anew and concurrent processes (pytest workers, server workers) each find a
-whole file. ctypes releases the GIL for the length of a call.
+``$XDG_CACHE_HOME/streamssm`` (~1-2 s), named by a hash of its source, flags, compiler and the
+CPU's instruction sets (it is built for this CPU: a home directory shared with another kind of
+machine gets a library of its own there), so a changed source builds anew and concurrent processes
+(pytest workers, server workers) each find a whole file. ctypes releases the GIL for the length of
+a call.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
+import platform
 import subprocess
 import tempfile
 from pathlib import Path
@@ -24,6 +28,19 @@ log = logging.getLogger(__name__)
 #: the machine that runs it
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
          "-fno-trapping-math", "-shared", "-fPIC")
+
+
+@functools.cache
+def cpu_identity() -> str:
+    """The architecture and, on Linux, the instruction-set flags of this CPU (what -march=native
+    compiles for)."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            flags = next((line for line in info if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return f"{platform.machine()} {flags.strip()}"
 
 
 def cache_dir() -> Path:
@@ -43,15 +60,15 @@ def build_library(name: str, source: str) -> ctypes.CDLL | None:
     from torch._inductor import cpp_builder
 
     cxx = cpp_builder.get_cpp_compiler()
-    key = hashlib.sha256((source + " ".join(FLAGS) + cxx).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\n".join([source, *FLAGS, cxx, cpu_identity()]).encode()).hexdigest()[:16]
     path = cache_dir() / f"{name}_{key}.so"
-    if not path.exists():
-        try:
+    try:
+        if not path.exists():
             _build(cxx, source, path)
-        except (OSError, subprocess.SubprocessError) as err:
-            log.warning("the C kernels of %s are off (PyTorch runs instead): %s", name, err)
-            return None
-    return ctypes.CDLL(str(path))
+        return ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError) as err:  # no writable cache, a failed build or load
+        log.warning("the C kernels of %s are off (PyTorch runs instead): %s", name, err)
+        return None
 
 
 def _build(cxx: str, source: str, path: Path) -> None:

@@ -116,22 +116,3 @@ def test_no_compiler_falls_back_to_the_chunked_scan(monkeypatch, caplog):
         assert_close("fallback final state", expected[1], got[1])
     finally:
         scan_cpu.library.cache_clear()
-
-
-@needs_compiler
-def test_library_is_built_once_into_the_cache(monkeypatch, tmp_path):
-    """The first use compiles into $XDG_CACHE_HOME/streamssm; a later process loads that file."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    scan_cpu.library.cache_clear()
-    try:
-        assert scan_cpu.library() is not None
-        built = list((tmp_path / "streamssm").glob("ssd_scan_cpu_*.so"))
-        assert len(built) == 1
-        stamp = built[0].stat().st_mtime_ns
-        scan_cpu.library.cache_clear()
-        monkeypatch.setattr(cpu_library, "_build", lambda *a: pytest.fail("built again"))
-        assert scan_cpu.library() is not None
-        assert built[0].stat().st_mtime_ns == stamp
-    finally:
-        scan_cpu.library.cache_clear()
-

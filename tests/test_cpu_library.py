@@ -1,0 +1,45 @@
+"""kernels/cpu_library.py: C kernels built on first use, cached, loaded; every failure on the way
+is a warning and None (the callers' PyTorch paths run), never an error."""
+
+import logging
+
+import pytest
+
+import streamssm.kernels.cpu_library as cpu_library
+from streamssm.compiled_cpu import compiler_problem
+
+SOURCE = 'extern "C" int streamssm_answer() { return 42; }\n'
+needs_compiler = pytest.mark.skipif(compiler_problem() is not None, reason="no C++ compiler here")
+
+
+@needs_compiler
+def test_builds_once_per_source_and_cpu(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cpu_library.build_library("answer", SOURCE).streamssm_answer() == 42
+    assert len(list((tmp_path / "streamssm").glob("answer_*.so"))) == 1
+    monkeypatch.setattr(cpu_library, "_build", lambda *a: pytest.fail("built again"))
+    assert cpu_library.build_library("answer", SOURCE).streamssm_answer() == 42  # from the cache
+    monkeypatch.undo()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(cpu_library, "cpu_identity", lambda: "another CPU")
+    assert cpu_library.build_library("answer", SOURCE).streamssm_answer() == 42
+    assert len(list((tmp_path / "streamssm").glob("answer_*.so"))) == 2  # a CPU of its own, a library of its own
+
+
+@needs_compiler
+@pytest.mark.parametrize("broken", ["cache is a file", "compile error", "corrupt library"])
+def test_failures_are_warnings(monkeypatch, tmp_path, caplog, broken):
+    source = SOURCE
+    if broken == "cache is a file":
+        (tmp_path / "file").write_text("")
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))
+    else:
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    if broken == "compile error":
+        source = "this is not C++"
+    if broken == "corrupt library":
+        monkeypatch.setattr(cpu_library, "_build", lambda cxx, src, path: path.parent.mkdir(parents=True) or
+                            path.write_bytes(b"not a shared object"))
+    with caplog.at_level(logging.WARNING, logger=cpu_library.__name__):
+        assert cpu_library.build_library("answer", source) is None
+    assert "the C kernels of answer are off" in caplog.text
