@@ -11,7 +11,9 @@ A shape is model:streams x samples; models: ``demo`` (the demo's audio model, Ma
 the bench_service.py ones (``tiny``, ``d512``), each a 256-token mu-law LM. One call =
 ``Streamer.launch_stacked(...).result()`` over that many open streams; the four variants alternate
 call by call on the same Streamer (this machine's load drifts), medians after 2 warm-up rounds.
-Speed-ups are against the first column.
+Speed-ups are against the first column. A shape of one sample (``demo:64x1``) times the pool
+step, where the chunk length plays no part and "sequential" is the SSD step through the C scan
+(kernels/ssd/step_cpu.py).
 "max abs diff": the largest difference of a call's log-probabilities from the configured chunk's
 on the same input and state (rounding only).
 """

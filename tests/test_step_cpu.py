@@ -9,6 +9,7 @@ starts later) and the gather/scatter path (permuted, a subset, a non-contiguous 
 import pytest
 import torch
 from streamssm.kernels import conv1d_step, selective_scan_step, ssd_step
+from streamssm.kernels.ssd import scan_cpu
 
 from streamssm.testing import PARITY_FP32, assert_close
 
@@ -65,7 +66,14 @@ def test_selective_scan_step_cpu(rows, groups, full):
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("d_shape", ["h", "hp", None])
 @pytest.mark.parametrize("has_z", [True, False])
-def test_ssd_step_cpu(rows, groups, d_shape, has_z):
+@pytest.mark.parametrize("c_scan", [True, False], ids=["C scan", "torch ops"])
+def test_ssd_step_cpu(monkeypatch, rows, groups, d_shape, has_z, c_scan):
+    """Both ways of the CPU step: the C scan one step long (where a compiler builds it) and the
+    in-place PyTorch ops."""
+    library, used = scan_cpu.library, []
+    if c_scan and library() is None:
+        pytest.skip("no C++ compiler builds the CPU scan here")
+    monkeypatch.setattr(scan_cpu, "library", lambda: used.append(1) or (library() if c_scan else None))
     h, p, n, b = 4, 6, 5, batch_of(rows)
     g = torch.Generator().manual_seed(groups)
     D = {"h": torch.randn(h, generator=g), "hp": torch.randn(h, p, generator=g), None: None}[d_shape]
@@ -77,6 +85,7 @@ def test_ssd_step_cpu(rows, groups, d_shape, has_z):
         B=B.view(b, groups, n), C=C.view(b, groups, n), D=D,
         z=torch.randn(b, h, p, generator=g) if has_z else None, dt_bias=torch.randn(h, generator=g), dt_softplus=True,
     )
+    assert used, "the CPU step did not ask for the C scan"
 
 
 @pytest.mark.parametrize("rows", ROWS.values(), ids=ROWS.keys())

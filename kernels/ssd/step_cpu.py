@@ -9,12 +9,17 @@ Same math as ``reference.py``'s :func:`ssd_step_ref` (the oracle) in fp32, with 
     state *= dA[..., None, None];  state += (dt * x)[..., None] * B   (B per group, broadcast)
     y      = (state * C) @ ones(n)                         (C per group; BLAS reduction over n,
                                                             faster here than a batched GEMV)
+
+Where a C++ compiler builds ``scan_cpu.py``'s library, a contiguous state takes its C scan one
+step long instead (one pass over the state where the ops above make four).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from streamssm.kernels.ssd import scan_cpu
 
 
 def ssd_step_cpu(
@@ -34,17 +39,24 @@ def ssd_step_cpu(
     B, C (b, g, n); D (h,) or (h, p) fp32. Returns y (b, h, p) in x.dtype."""
     b, h, p = x.shape
     g, n = B.shape[1], B.shape[2]
-    r = h // g
     xf, dtf = x.float(), dt.float()
     if dt_bias is not None:
         dtf = dtf + dt_bias
     if dt_softplus:
         dtf = F.softplus(dtf)
-    state.mul_(torch.exp(dtf * A)[..., None, None])
-    state_g = state.view(b, g, r, p, n)  # (b, g, r, p, n)
-    state_g.addcmul_((dtf[..., None] * xf).view(b, g, r, p, 1), B.float().reshape(b, g, 1, 1, n))
-    prod = torch.mul(state_g, C.float().reshape(b, g, 1, 1, n))  # (b, g, r, p, n)
-    y = torch.mv(prod.view(b * h * p, n), prod.new_ones(n)).view(b, h, p)  # sum over n
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, dt, B, C, D, z, dt_bias))
+    lib = None if grad or not state.is_contiguous() else scan_cpu.library()
+    if lib is not None:  # the sequential scan in C, one step long: one pass over the state
+        xf, dtf, Af, Bf, Cf = (t.float().contiguous() for t in (xf, dtf, A, B, C))
+        y = torch.empty(b, h, p)
+        lib.streamssm_ssd_scan_f32(b, 1, h, p, n, g, *(t.data_ptr() for t in (xf, dtf, dtf, Af, Bf, Cf, state, y)))
+    else:
+        r = h // g
+        state.mul_(torch.exp(dtf * A)[..., None, None])
+        state_g = state.view(b, g, r, p, n)  # (b, g, r, p, n)
+        state_g.addcmul_((dtf[..., None] * xf).view(b, g, r, p, 1), B.float().reshape(b, g, 1, 1, n))
+        prod = torch.mul(state_g, C.float().reshape(b, g, 1, 1, n))  # (b, g, r, p, n)
+        y = torch.mv(prod.view(b * h * p, n), prod.new_ones(n)).view(b, h, p)  # sum over n
     if D is not None:
         y.addcmul_(xf, D[:, None] if D.dim() == 1 else D)
     if z is not None:
