@@ -369,22 +369,28 @@ class Streamer:
         if fed:  # raw y at each fed stream's last sample, (b', o)
             every = len(fed) == len(lens) and len(set(lens)) == 1
             last = y[:, -1] if every else y[self._index(fed), self._index([lens[i] - 1 for i in fed])]
+        out = head_output(head, y) if want else None
         scores = None
         if head == "lm" and self.cfg.input_kind == "tokens" and not y.shape[1]:
             scores = y.new_zeros(y.shape[0], 0)
         elif head == "lm" and self.cfg.input_kind == "tokens":
-            # the first token under the stored log-probs; the others: log p(x_t | x_<t) = logit of
-            # x_t at step t-1 minus that step's logsumexp (no (b, L, o) log-softmax built)
+            # the first token under the stored log-probs; the others: log p(x_t | x_<t), read from the
+            # log-probs when they are built anyway, else the logit of x_t at step t-1 minus that
+            # step's logsumexp (no (b, L, o) log-softmax built for a scores-only call)
             scores = self.last_output.index_select(0, slots).gather(-1, x[:, :1])  # (b, 1)
             if y.shape[1] > 1:
-                prev = y[:, :-1]
-                rest = prev.gather(-1, x[:, 1:].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(prev, dim=-1)
+                nxt = x[:, 1:].unsqueeze(-1)
+                if out is not None:
+                    rest = out[:, :-1].gather(-1, nxt).squeeze(-1)
+                else:
+                    prev = y[:, :-1]
+                    rest = prev.gather(-1, nxt).squeeze(-1) - torch.logsumexp(prev, dim=-1)
                 scores = torch.cat([scores, rest], dim=1)  # (b, L)
         if last is not None:
             self.last_output.index_copy_(0, slots if len(fed) == len(lens) else
                                          slots.index_select(0, self._index(fed)),
                                          head_output(head, last))
-        return (head_output(head, y) if want else None), scores
+        return out, scores
 
     # ------------------------------------------------------------------ validation
 
