@@ -102,6 +102,16 @@ def selective_scan(
                 initial_state=initial_state, return_final_state=return_final_state)
 
 
+def load_cpu_kernels() -> bool:
+    """Build (the first time on a machine, ~2 s) and load the C kernels of the "torch" backend
+    (``ssd/scan_cpu.py``, ``conv1d/conv_cpu.py``), so that the first call using them does not pay
+    for it; True when both are there, False where no C++ compiler builds them (logged)."""
+    from streamssm.kernels.conv1d import conv_cpu
+    from streamssm.kernels.ssd import scan_cpu
+
+    return scan_cpu.library() is not None and conv_cpu.library() is not None
+
+
 # ----------------------------------------------------------------------------- Mamba-2 SSD
 
 

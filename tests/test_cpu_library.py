@@ -43,3 +43,26 @@ def test_failures_are_warnings(monkeypatch, tmp_path, caplog, broken):
     with caplog.at_level(logging.WARNING, logger=cpu_library.__name__):
         assert cpu_library.build_library("answer", source) is None
     assert "the C kernels of answer are off" in caplog.text
+
+
+@needs_compiler
+def test_a_cpu_streamer_builds_the_c_kernels_when_created(monkeypatch, tmp_path):
+    """The first Streamer on a CPU machine builds the libraries in its constructor (a server's
+    start-up), so its first model call does not stall for the compiler."""
+    from streamssm.inference import Streamer
+    from streamssm.kernels.conv1d import conv_cpu
+    from streamssm.kernels.ssd import scan_cpu
+    from streamssm.models import ModelConfig, SSMModel
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    for lib in (scan_cpu.library, conv_cpu.library):
+        lib.cache_clear()
+    try:
+        model = SSMModel(ModelConfig(input_kind="tokens", vocab_size=5, head="lm", block="mamba2", d_model=8,
+                                     n_layers=1, d_state=4, headdim=4, chunk_size=8))
+        Streamer(model, capacity=2)
+        built = sorted(f.name.split("_")[0] for f in (tmp_path / "streamssm").glob("*.so"))
+        assert built == ["causal", "ssd"]
+    finally:
+        for lib in (scan_cpu.library, conv_cpu.library):
+            lib.cache_clear()
