@@ -52,6 +52,7 @@ from streamssm.kernels._common import (
     check_positive_length,
     check_tensor,
     choose_backend,
+    needs_grad,
     pool_rows,
 )
 
@@ -564,8 +565,7 @@ def add_rms_norm(
     check_tensor(op, "x", x, (None, None))
     check_tensor(op, "y", y, tuple(x.shape), device=x.device)
     check_tensor(op, "weight", weight, (x.shape[1],), device=x.device)
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, y, weight))
-    if choose_backend(op, backend, x.device) == "triton" and not grad:
+    if choose_backend(op, backend, x.device) == "triton" and not needs_grad(x, y, weight):
         from streamssm.kernels.norm.add_rms_norm import add_rms_norm_triton
 
         return add_rms_norm_triton(x, y, weight, eps)

@@ -22,6 +22,12 @@ log = logging.getLogger(__name__)
 _logged_choices: set[tuple[str, str]] = set()  # (backend, device type) already logged
 
 
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether a call on these tensors (None: absent) records gradients: the forward-only kernels
+    (Triton inference paths, the C kernels of the CPU) step aside then."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def interpreting() -> bool:
     """True when Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

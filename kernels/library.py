@@ -31,6 +31,7 @@ import math
 import torch
 from torch.library import custom_op, register_autograd, register_fake
 
+from streamssm.kernels._common import needs_grad
 from streamssm.kernels.conv1d.conv import _causal_conv1d_bwd, _causal_conv1d_fwd, _empty_in_layout_of
 from streamssm.kernels.conv1d.step import conv1d_step_triton
 from streamssm.kernels.mamba1.scan import _as_groups, _selective_scan_bwd, _selective_scan_fwd
@@ -54,10 +55,6 @@ def _absent(like: Tensor) -> Tensor:
 def _present(t: Tensor | None) -> Tensor | None:
     """Back from :func:`_absent`: None for an empty stand-in."""
     return None if t is None or t.numel() == 0 else t
-
-
-def _needs_grad(*tensors: Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 # ----------------------------------------------------------------------------- Mamba-1 scan
@@ -133,7 +130,7 @@ def selective_scan_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initi
         g = math.lcm(B4.shape[1], C4.shape[1])  # divides d: one group count per program
         B4 = B4.repeat_interleave(g // B4.shape[1], dim=1)
         C4 = C4.repeat_interleave(g // C4.shape[1], dim=1)
-    store = _needs_grad(u, delta, A, B4, C4, D, z, delta_bias, initial_state)
+    store = needs_grad(u, delta, A, B4, C4, D, z, delta_bias, initial_state)
     y, final, _ = selective_scan_fwd(u, delta, A, B4, C4, D, z, delta_bias, bool(delta_softplus), initial_state,
                                      store, segments, chunk)
     return y, final
@@ -245,7 +242,7 @@ def pool_forward_in_kernel(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tenso
                            z: Tensor | None, dt_bias: Tensor | None, state_pool: Tensor) -> bool:
     """Whether an SSD call over pool rows takes :func:`ssd_scan_infer_pool`: no gradient wanted,
     the one-pass forward pays (``use_fused_forward``) and the pool is contiguous."""
-    return (not _needs_grad(x, dt, A, B, C, D, z, dt_bias, state_pool) and state_pool.is_contiguous()
+    return (not needs_grad(x, dt, A, B, C, D, z, dt_bias, state_pool) and state_pool.is_contiguous()
             and use_fused_forward(x.shape[0], x.shape[2], x.shape[1]))
 
 
@@ -254,7 +251,7 @@ def ssd_scan_op(x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size, dt_sof
     """The SSD scan op; returns out (b, l, h, p), final (S, h, p, n) fp32. Calls that need no
     gradient take the one-pass forward when ``use_fused_forward`` says it pays (packed rows count
     their whole length as the longest sequence: no host read of cu_seqlens)."""
-    if not _needs_grad(x, dt, A, B, C, D, z, dt_bias, initial_state, input_weight) and use_fused_forward(
+    if not needs_grad(x, dt, A, B, C, D, z, dt_bias, initial_state, input_weight) and use_fused_forward(
             num_sequences(x, cu_seqlens), x.shape[2], x.shape[1]):
         return ssd_scan_infer(x, dt, A, B, C, D, z, dt_bias, initial_state, bool(dt_softplus), cu_seqlens,
                               input_weight)

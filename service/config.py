@@ -62,9 +62,8 @@ class ServeConfig:
     pipeline_fill: float = _option(2.0, "while a model call is in flight, launch the next before collecting it "
                                         "only when this many streams per stream of that call (or all live "
                                         "streams) have samples pending (larger: fewer, bigger calls, which "
-                                        "cost the GPU less per "
-                                        "stream; on the H100 host 2 held 384 clients of the d512 LM at p99 "
-                                        "38-39 ms in two of two runs, 1 in one of two)")
+                                        "cost the GPU less per stream; on the H100 host 2 held 384 clients "
+                                        "of the d512 LM at p99 38-39 ms in two of two runs, 1 in one of two)")
     batching: Literal["uniform", "greedy"] = _option(
         "uniform", "chunks per stream per model call: equal counts (uniform) or all pending (greedy)")
     engine: Literal["auto", "eager", "graphs", "compiled"] = _option(

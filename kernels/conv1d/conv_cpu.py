@@ -19,6 +19,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from streamssm.kernels._common import needs_grad
 from streamssm.kernels.cpu_library import build_library
 
 _SOURCE = r"""
@@ -83,8 +84,7 @@ def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             initial_state: torch.Tensor | None) -> bool:
     """Whether a call runs here: fp32 CPU tensors, no gradient wanted, not traced, a compiler."""
     tensors = [t for t in (x, weight, bias, initial_state) if t is not None]
-    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and not needs_grad(*tensors)
             and not torch.compiler.is_compiling() and library() is not None)
 
 

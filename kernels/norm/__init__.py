@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from streamssm.errors import ShapeError
-from streamssm.kernels._common import Backend, choose_backend
+from streamssm.kernels._common import Backend, choose_backend, needs_grad
 from streamssm.kernels.norm.reference import gated_rms_norm_ref
 
 
@@ -23,8 +23,7 @@ def gated_rms_norm(y: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor
     if weight.shape != (d,) or groups <= 0 or d % groups:
         raise ShapeError(f"{op}: weight must have shape ({d},) and {d} channels split into {groups} groups, "
                          f"got weight {tuple(weight.shape)}")
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (y, z, weight))
-    if z is None or grad or torch.compiler.is_compiling() or choose_backend(op, backend, y.device) != "triton":
+    if z is None or needs_grad(y, z, weight) or torch.compiler.is_compiling() or choose_backend(op, backend, y.device) != "triton":
         return gated_rms_norm_ref(y, z, weight, eps, groups)
     from streamssm.kernels.norm.gated_rms_norm import gated_rms_norm_triton  # imports Triton
 

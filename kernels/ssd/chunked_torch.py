@@ -28,6 +28,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from streamssm.kernels._common import needs_grad
+
 #: Upper bound on the elements of one block's (b, h, c, t, t) decay matrix.
 _BLOCK_ELEMENTS = 1 << 22
 
@@ -200,8 +202,7 @@ def ssd_scan_torch(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.
 
     args = (x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqlens, return_final_state, None,
             input_weight)
-    tensors = (t for t in (x, dt, A, B, C, D, z, dt_bias, initial_state, input_weight) if t is not None)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if needs_grad(x, dt, A, B, C, D, z, dt_bias, initial_state, input_weight):
         return ssd_scan_chunked(*args[:5], chunk_size, *args[5:])
     p, n = x.shape[-1], B.shape[-1]
     if (x.device.type == "cpu" and x.dtype != torch.float64 and not torch.compiler.is_compiling()

@@ -82,17 +82,23 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+def scan_into(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, w: torch.Tensor, A: torch.Tensor,
+              B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """The C scan over ``state`` (b, h, p, n) fp32 contiguous, **updated in place**: x (b, l, h, p);
+    dt (b, l, h) after bias/softplus, w (b, l, h); A (h,); B, C (b, l, g, n), any float dtype and
+    layout. Returns y (b, l, h, p) fp32 (no D/z). Needs :func:`library`."""
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    x, dt, w, A, B, C = (t.float().contiguous() for t in (x, dt, w, A, B, C))
+    y = torch.empty(b, l, h, p)
+    library().streamssm_ssd_scan_f32(b, l, h, p, n, g, *(t.data_ptr() for t in (x, dt, w, A, B, C, state, y)))
+    return y
+
+
 def ssd_rows_sequential(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                         state: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``chunked_torch._ssd_rows``'s contract without chunks: x (b, l, h, p); dt (b, l, h) after
-    bias/softplus, w (b, l, h) and state (b, h, p, n) fp32; A (h,); B, C (b, l, g, n). Returns y
-    (b, l, h, p) fp32 (no D/z) and the final state (a new tensor: ``state`` is not changed).
-    Needs :func:`library`."""
-    b, l, h, p = x.shape
-    g, n = B.shape[2], B.shape[3]
-    f32 = torch.float32
-    x, dt, w, A, B, C = (t.to(f32).contiguous() for t in (x, dt, w, A, B, C))
-    final = state.to(f32, copy=True).contiguous()
-    y = torch.empty(b, l, h, p, dtype=f32)
-    library().streamssm_ssd_scan_f32(b, l, h, p, n, g, *(t.data_ptr() for t in (x, dt, w, A, B, C, final, y)))
-    return y, final
+    bias/softplus, w (b, l, h) and state (b, h, p, n); A (h,); B, C (b, l, g, n). Returns y
+    (b, l, h, p) fp32 (no D/z) and the final state (a new tensor: ``state`` is not changed)."""
+    final = state.to(torch.float32, copy=True).contiguous()
+    return scan_into(final, x, dt, w, A, B, C), final

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from streamssm.kernels._common import needs_grad
 from streamssm.kernels.ssd import scan_cpu
 
 
@@ -44,12 +45,9 @@ def ssd_step_cpu(
         dtf = dtf + dt_bias
     if dt_softplus:
         dtf = F.softplus(dtf)
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, dt, B, C, D, z, dt_bias))
-    lib = None if grad or not state.is_contiguous() else scan_cpu.library()
-    if lib is not None:  # the sequential scan in C, one step long: one pass over the state
-        xf, dtf, Af, Bf, Cf = (t.float().contiguous() for t in (xf, dtf, A, B, C))
-        y = torch.empty(b, h, p)
-        lib.streamssm_ssd_scan_f32(b, 1, h, p, n, g, *(t.data_ptr() for t in (xf, dtf, dtf, Af, Bf, Cf, state, y)))
+    if not needs_grad(x, dt, B, C, D, z, dt_bias) and state.is_contiguous() and scan_cpu.library() is not None:
+        # the sequential scan in C, one step long: one pass over the state
+        y = scan_cpu.scan_into(state, xf[:, None], dtf[:, None], dtf[:, None], A, B[:, None], C[:, None]).view(b, h, p)
     else:
         r = h // g
         state.mul_(torch.exp(dtf * A)[..., None, None])

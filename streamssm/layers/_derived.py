@@ -18,12 +18,14 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from streamssm.kernels._common import needs_grad
+
 _CACHE_ATTR = "_streamssm_fp32_cache"
 
 
 def cached_fp32(module: nn.Module, key: str, fn: Callable[[], torch.Tensor], *sources: torch.Tensor) -> torch.Tensor:
     """``fn()`` (a pure function of ``sources``), reused from ``module``'s cache when valid."""
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in sources)):
+    if torch.compiler.is_compiling() or needs_grad(*sources):
         return fn()  # compiled: traced into the graph (a few fused ops), no cache lookup to break it
     cache: dict = module.__dict__.setdefault(_CACHE_ATTR, {})
     hit = cache.get(key)
