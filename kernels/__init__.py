@@ -16,7 +16,8 @@ Backends:
     "torch"      the chunked pure-PyTorch paths (``mamba1/chunked_torch.py``,
                  ``ssd/chunked_torch.py``; conv1d is ``F.conv1d``): the fast CPU path; calls
                  without gradients run C kernels where a C++ compiler builds them
-                 (``ssd/scan_cpu.py``, fp32 ``conv1d/conv_cpu.py``; ``cpu_library.py``)
+                 (``ssd/scan_cpu.py``, fp32 ``conv1d/conv_cpu.py`` and ``norm/norm_cpu.py``;
+                 ``cpu_library.py``, ``cpu_math.py``)
     "reference"  the sequential references, the spec (slow)
     "auto"       CUDA tensors -> "triton"; CPU tensors -> "torch"
 The one-step ops' "torch" is the in-place CPU steps (``*/step_cpu.py``: the pool's slice
@@ -103,14 +104,22 @@ def selective_scan(
                 initial_state=initial_state, return_final_state=return_final_state)
 
 
-def load_cpu_kernels() -> bool:
-    """Build (the first time on a machine, ~2 s) and load the C kernels of the "torch" backend
-    (``ssd/scan_cpu.py``, ``conv1d/conv_cpu.py``), so that the first call using them does not pay
-    for it; True when both are there, False where no C++ compiler builds them (logged)."""
+def cpu_libraries() -> list:
+    """The ``library()`` functions of the C kernels of the "torch" backend (``ssd/scan_cpu.py``,
+    ``conv1d/conv_cpu.py``, ``norm/norm_cpu.py``, ``scores_cpu.py``)."""
+    from streamssm.kernels import scores_cpu
     from streamssm.kernels.conv1d import conv_cpu
+    from streamssm.kernels.norm import norm_cpu
     from streamssm.kernels.ssd import scan_cpu
 
-    return scan_cpu.library() is not None and conv_cpu.library() is not None
+    return [scan_cpu.library, conv_cpu.library, norm_cpu.library, scores_cpu.library]
+
+
+def load_cpu_kernels() -> bool:
+    """Build (the first time on a machine, ~2 s each) and load the C kernels of
+    :func:`cpu_libraries`, so that the first call using them does not pay for it; True when all are
+    there, False where no C++ compiler builds them (logged)."""
+    return all([library() is not None for library in cpu_libraries()])
 
 
 # ----------------------------------------------------------------------------- Mamba-2 SSD
@@ -230,6 +239,11 @@ def ssd_scan_pool(
 
         if pool_forward_in_kernel(x, dt, A, B, C, D, z, dt_bias, ssm_state):
             return ssd_scan_infer_pool(x, dt, A, B, C, D, z, dt_bias, ssm_state, rows, bool(dt_softplus))
+    if choice == "torch" and (D is None or D.dim() < 3) and ssm_state.is_contiguous():
+        from streamssm.kernels.ssd import scan_cpu
+
+        if scan_cpu.applies(ssm_state, x, dt, A, B, C, D, z, dt_bias):  # the rows scanned in place, in C
+            return scan_cpu.scan_into(ssm_state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, rows=rows).to(x.dtype)
     # validated above: the scan itself, not ssd_scan's checks again (the CPU engine's every call)
     y, final = _ssd_scan_impl(choice)(x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias,
                                       dt_softplus=dt_softplus, initial_state=ssm_state.index_select(0, rows),
@@ -559,16 +573,22 @@ def add_rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """h = x + y and RMSNorm(h) * weight in one pass (the step's layer epilogue).
 
-    x, y (b, d); weight (d,). Returns (h, normed), both (b, d) in x.dtype. Forward-only kernel:
-    calls that record gradients run the reference (``norm/reference.py``)."""
+    x, y (b, d); weight (d,). Returns (h, normed), both (b, d) in x.dtype. Forward-only kernels
+    (Triton; C for fp32 on the CPU, ``norm/norm_cpu.py``): calls that record gradients run the
+    reference (``norm/reference.py``)."""
     op = "add_rms_norm"
     check_tensor(op, "x", x, (None, None))
     check_tensor(op, "y", y, tuple(x.shape), device=x.device)
     check_tensor(op, "weight", weight, (x.shape[1],), device=x.device)
-    if choose_backend(op, backend, x.device) == "triton" and not needs_grad(x, y, weight):
+    choice = choose_backend(op, backend, x.device)
+    if choice == "triton" and not needs_grad(x, y, weight):
         from streamssm.kernels.norm.add_rms_norm import add_rms_norm_triton
 
         return add_rms_norm_triton(x, y, weight, eps)
+    from streamssm.kernels.norm import norm_cpu
+
+    if choice == "torch" and norm_cpu.applies(x, y, weight):  # fp32 CPU without gradients: C
+        return norm_cpu.add_rms_norm_cpu(x, y, weight, eps)
     from streamssm.kernels.norm.reference import add_rms_norm_ref
 
     return add_rms_norm_ref(x, y, weight, eps)

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from streamssm.checkpoint import model_fingerprint
 from streamssm.engine import make_calls, resolve_engine
 from streamssm.errors import ConfigError, ShapeError, StateError
-from streamssm.kernels import load_cpu_kernels
+from streamssm.kernels import load_cpu_kernels, scores_cpu
 from streamssm.models import SSMModel
 from streamssm.state import (
     LayerState,
@@ -385,6 +385,8 @@ class Streamer:
                 nxt = x[:, 1:].unsqueeze(-1)
                 if out is not None:
                     rest = out[:, :-1].gather(-1, nxt).squeeze(-1)
+                elif scores_cpu.applies(y):  # the same in C, one pass a row: the CPU engine
+                    rest = scores_cpu.token_log_probs_cpu(y[:, :-1], x[:, 1:])
                 else:
                     prev = y[:, :-1]
                     rest = prev.gather(-1, nxt).squeeze(-1) - torch.logsumexp(prev, dim=-1)

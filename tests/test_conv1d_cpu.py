@@ -31,7 +31,7 @@ def inputs(b, d, l, w, channel_last, seed):
 
 
 @needs_compiler
-@pytest.mark.parametrize("b, d, l, w", [(2, 5, 7, 4), (3, 8, 2, 4), (1, 3, 1, 2), (2, 6, 9, 3)])
+@pytest.mark.parametrize("b, d, l, w", [(2, 5, 7, 4), (3, 8, 2, 4), (1, 3, 1, 2), (2, 6, 9, 3), (2, 40, 5, 4)])
 @pytest.mark.parametrize("channel_last", [True, False])
 @pytest.mark.parametrize("with_state, with_bias, activation", [(True, True, "silu"), (False, False, None),
                                                                 (True, False, None), (False, True, "silu")])

@@ -50,19 +50,18 @@ def test_a_cpu_streamer_builds_the_c_kernels_when_created(monkeypatch, tmp_path)
     """The first Streamer on a CPU machine builds the libraries in its constructor (a server's
     start-up), so its first model call does not stall for the compiler."""
     from streamssm.inference import Streamer
-    from streamssm.kernels.conv1d import conv_cpu
-    from streamssm.kernels.ssd import scan_cpu
+    from streamssm.kernels import cpu_libraries
     from streamssm.models import ModelConfig, SSMModel
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    for lib in (scan_cpu.library, conv_cpu.library):
+    for lib in cpu_libraries():
         lib.cache_clear()
     try:
         model = SSMModel(ModelConfig(input_kind="tokens", vocab_size=5, head="lm", block="mamba2", d_model=8,
                                      n_layers=1, d_state=4, headdim=4, chunk_size=8))
         Streamer(model, capacity=2)
         built = sorted(f.name.split("_")[0] for f in (tmp_path / "streamssm").glob("*.so"))
-        assert built == ["causal", "ssd"]
+        assert built == ["causal", "norm", "scores", "ssd"]
     finally:
-        for lib in (scan_cpu.library, conv_cpu.library):
+        for lib in cpu_libraries():
             lib.cache_clear()

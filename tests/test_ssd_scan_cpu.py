@@ -24,18 +24,28 @@ def inputs(b, l, h, p, g, n, seed, rows=None):
 def spy_sequential(monkeypatch) -> list[tuple]:
     """Record the x shapes the C scan runs on."""
     calls = []
-    rows = scan_cpu.ssd_rows_sequential
-    monkeypatch.setattr(scan_cpu, "ssd_rows_sequential", lambda *a: calls.append(tuple(a[0].shape)) or rows(*a))
+    scan = scan_cpu.scan_into
+    monkeypatch.setattr(scan_cpu, "scan_into", lambda *a, **k: calls.append(tuple(a[1].shape)) or scan(*a, **k))
     return calls
 
 
 @needs_compiler
-@pytest.mark.parametrize("b, l, h, p, g, n", [(2, 37, 4, 16, 2, 16), (1, 1, 3, 5, 1, 7), (3, 70, 6, 8, 3, 4)])
-def test_sequential_scan_matches_reference(monkeypatch, b, l, h, p, g, n):
-    """Outputs and final states (D, z, dt bias and softplus; groups; odd sizes; one step) equal the
-    sequential reference's; the caller's initial state is left as it was."""
+@pytest.mark.parametrize("b, l, h, p, g, n, d_hp", [
+    (2, 37, 4, 16, 2, 16, False),  # the state in registers (n = 16, p = 16, >= 8 steps)
+    (1, 130, 2, 32, 1, 16, True),  # registers, two blocks of 16 channels, three blocks of steps
+    (2, 37, 2, 16, 1, 24, False),  # the transposed walk (>= 8 steps, n < 64), 16 channels a vector
+    (1, 1, 3, 5, 1, 7, True),  # one step: the state in place
+    (3, 70, 6, 8, 3, 4, False),  # transposed, channels one by one (p < 16); dt blocks of 64 and a rest
+    (1, 40, 2, 40, 1, 8, True),  # transposed, two vectors of channels and 8 more
+    (2, 20, 2, 33, 1, 64, False),  # a long state row (n >= 64): in place at 20 steps
+    (2, 4, 2, 16, 1, 16, False),  # a short segment (< 8 steps): in place
+])
+def test_sequential_scan_matches_reference(monkeypatch, b, l, h, p, g, n, d_hp):
+    """Outputs and final states (D per head or per channel, z, dt bias and softplus; groups; odd
+    sizes; one step; each way of walking the state) equal the sequential reference's; the caller's
+    initial state is left as it was."""
     calls = spy_sequential(monkeypatch)
-    t = inputs(b, l, h, p, g, n, seed=b * l)
+    t = ssd_inputs(b, l, h, p, g, n, torch.Generator().manual_seed(b * l), d_per_headdim=d_hp)
     before = t["initial_state"].clone()
     expected = ssd_scan_ref(**t, dt_softplus=True, return_final_state=True)
     with torch.no_grad():

@@ -1,11 +1,12 @@
 """Causal depthwise conv1d in C for the CPU: the "torch" backend's path for fp32 calls that need no
 gradient (the CPU engine's chunked calls), in place of ``reference.py``'s concatenation, F.conv1d
-(oneDNN's depthwise kernel ran at ~2 GFLOP/s at the engine's shapes) and SiLU.
+(oneDNN's depthwise kernel ran at ~2 GFLOP/s at the engine's shapes) and SiLU (``cpu_math.py``'s,
+in the same loop).
 
 Shape legend: b batch, d channels, l length, w kernel width (2..4).
 
 Same math as :func:`~streamssm.kernels.conv1d.reference.causal_conv1d_ref` in fp32: the window of
-step t reads the carried state for t + k < w - 1, the input after that; SiLU after, in place.
+step t reads the carried state for t + k < w - 1, the input after that; SiLU after.
 The input is read through its strides (the blocks pass a (b, d, l) view of a channel-last (b, l, d)
 tensor), the output is written channel-last (b, l, d) and returned as its (b, d, l) view, which
 is the layout the blocks transpose back to. Built and loaded by ``kernels/cpu_library.py``.
@@ -17,22 +18,20 @@ import ctypes
 import functools
 
 import torch
-import torch.nn.functional as F
 
-from streamssm.kernels._common import needs_grad
-from streamssm.kernels.cpu_library import build_library
+from streamssm.kernels.cpu_library import build_library, runs_in_c
+from streamssm.kernels.cpu_math import VECTOR_MATH
 
-_SOURCE = r"""
-#include <cstdint>
+_SOURCE = VECTOR_MATH + r"""
 
 // x (b, d, l) at strides (sb, sd, sl) elements; weight_t (w, d) (the weight transposed); bias (d) or
 // null; state (b, d, w-1) contiguous or null (zeros); y (b, l, d) contiguous; final (b, d, w-1)
-// contiguous or null. fp32. The loop over d is innermost: with the blocks' channel-last input
-// (sd = 1) every load is contiguous and the multiply-adds vectorize.
+// contiguous or null; silu nonzero: SiLU on the output. fp32. The loop over d is innermost: with the
+// blocks' channel-last input (sd = 1) every load is contiguous and the multiply-adds vectorize.
 extern "C" void streamssm_causal_conv1d_f32(int64_t b, int64_t d, int64_t l, int64_t w,
                                             const float* x, int64_t sb, int64_t sd, int64_t sl,
                                             const float* weight_t, const float* bias, const float* state,
-                                            float* y, float* final) {
+                                            int64_t silu, float* y, float* final) {
     const int64_t s = w - 1;
     for (int64_t bi = 0; bi < b; ++bi) {
         const float* xb = x + bi * sb;
@@ -54,6 +53,8 @@ extern "C" void streamssm_causal_conv1d_f32(int64_t b, int64_t d, int64_t l, int
                     for (int64_t di = 0; di < d; ++di) yt[di] += wk[di] * stb[di * s + s + src];
                 }
             }
+            if (silu)
+                for (int64_t di = 0; di < d; ++di) yt[di] = streamssm_silu(yt[di]);
         }
         if (final) {
             for (int64_t di = 0; di < d; ++di) {
@@ -76,16 +77,15 @@ def library() -> ctypes.CDLL | None:
     if lib is not None:
         fn = lib.streamssm_causal_conv1d_f32
         fn.restype = None
-        fn.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 5
+        fn.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + \
+            [ctypes.c_int64] + [ctypes.c_void_p] * 2
     return lib
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             initial_state: torch.Tensor | None) -> bool:
     """Whether a call runs here: fp32 CPU tensors, no gradient wanted, not traced, a compiler."""
-    tensors = [t for t in (x, weight, bias, initial_state) if t is not None]
-    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and not needs_grad(*tensors)
-            and not torch.compiler.is_compiling() and library() is not None)
+    return runs_in_c(library, (x, weight, bias, initial_state))
 
 
 def causal_conv1d_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -103,8 +103,6 @@ def causal_conv1d_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     final = torch.empty(b, d, w - 1) if return_final_state else None
     ptr = (lambda t: None if t is None else t.data_ptr())
     library().streamssm_causal_conv1d_f32(b, d, l, w, x.data_ptr(), *x.stride(), weight_t.data_ptr(), ptr(bias),
-                                          ptr(state), y.data_ptr(), ptr(final))
-    if activation == "silu":
-        F.silu(y, inplace=True)  # PyTorch's vectorized exp (a scalar one in the C loop cost more than the conv)
+                                          ptr(state), int(activation == "silu"), y.data_ptr(), ptr(final))
     y = y.transpose(1, 2)
     return (y, final) if return_final_state else y

@@ -196,8 +196,9 @@ def ssd_scan_torch(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.
                    return_final_state: bool = False, input_weight: torch.Tensor | None = None):
     """``ssd_scan``'s "torch" backend (:func:`ssd_scan_chunked`'s arguments). A call with gradients
     runs the chunked scan at ``chunk_size``. One without runs the sequential scan in C on a CPU with
-    a C++ compiler (``scan_cpu.py``: 2-7x faster), else (no compiler, under ``torch.compile``,
-    float64) the chunked scan at :func:`inference_chunk_size`; results change only by rounding."""
+    a C++ compiler (``scan_cpu.py``: 2-7x faster; D, z, dt bias and softplus inside it but for
+    packed sequences or a per-token D), else (no compiler, under ``torch.compile``, float64) the
+    chunked scan at :func:`inference_chunk_size`; results change only by rounding."""
     from streamssm.kernels.ssd import scan_cpu
 
     args = (x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqlens, return_final_state, None,
@@ -205,7 +206,12 @@ def ssd_scan_torch(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.
     if needs_grad(x, dt, A, B, C, D, z, dt_bias, initial_state, input_weight):
         return ssd_scan_chunked(*args[:5], chunk_size, *args[5:])
     p, n = x.shape[-1], B.shape[-1]
-    if (x.device.type == "cpu" and x.dtype != torch.float64 and not torch.compiler.is_compiling()
-            and scan_cpu.library() is not None):
-        return scan_by_rows(scan_cpu.ssd_rows_sequential, *args)
+    if scan_cpu.applies(x, dt, A, B, C, D, z, dt_bias, initial_state, input_weight):
+        if cu_seqlens is not None or (D is not None and D.dim() == 3):
+            return scan_by_rows(scan_cpu.ssd_rows_sequential, *args)
+        b, _, h, _ = x.shape
+        state = (torch.zeros(b, h, p, n) if initial_state is None
+                 else initial_state.to(torch.float32, copy=True).contiguous())
+        y = scan_cpu.scan_into(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, input_weight).to(x.dtype)
+        return (y, state) if return_final_state else y
     return ssd_scan_chunked(*args[:5], inference_chunk_size(p, n, x.shape[-2] // B.shape[-2]), *args[5:])

@@ -11,7 +11,8 @@ Same math as ``reference.py``'s :func:`ssd_step_ref` (the oracle) in fp32, with 
                                                             faster here than a batched GEMV)
 
 Where a C++ compiler builds ``scan_cpu.py``'s library, a contiguous state takes its C scan one
-step long instead (one pass over the state where the ops above make four).
+step long instead (one pass over the state where the ops above make four; dt bias, softplus, D and
+the gate inside it).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from streamssm.kernels._common import needs_grad
 from streamssm.kernels.ssd import scan_cpu
 
 
@@ -40,21 +40,22 @@ def ssd_step_cpu(
     B, C (b, g, n); D (h,) or (h, p) fp32. Returns y (b, h, p) in x.dtype."""
     b, h, p = x.shape
     g, n = B.shape[1], B.shape[2]
+    if state.is_contiguous() and scan_cpu.applies(state, x, dt, A, B, C, D, z, dt_bias):
+        # the sequential scan in C, one step long: one pass over the state, D and z inside
+        one = (lambda t: None if t is None else t[:, None])
+        y = scan_cpu.scan_into(state, one(x), one(dt), A, one(B), one(C), D, one(z), dt_bias, dt_softplus)
+        return y.view(b, h, p).to(x.dtype)
     xf, dtf = x.float(), dt.float()
     if dt_bias is not None:
         dtf = dtf + dt_bias
     if dt_softplus:
         dtf = F.softplus(dtf)
-    if not needs_grad(x, dt, B, C, D, z, dt_bias) and state.is_contiguous() and scan_cpu.library() is not None:
-        # the sequential scan in C, one step long: one pass over the state
-        y = scan_cpu.scan_into(state, xf[:, None], dtf[:, None], dtf[:, None], A, B[:, None], C[:, None]).view(b, h, p)
-    else:
-        r = h // g
-        state.mul_(torch.exp(dtf * A)[..., None, None])
-        state_g = state.view(b, g, r, p, n)  # (b, g, r, p, n)
-        state_g.addcmul_((dtf[..., None] * xf).view(b, g, r, p, 1), B.float().reshape(b, g, 1, 1, n))
-        prod = torch.mul(state_g, C.float().reshape(b, g, 1, 1, n))  # (b, g, r, p, n)
-        y = torch.mv(prod.view(b * h * p, n), prod.new_ones(n)).view(b, h, p)  # sum over n
+    r = h // g
+    state.mul_(torch.exp(dtf * A)[..., None, None])
+    state_g = state.view(b, g, r, p, n)  # (b, g, r, p, n)
+    state_g.addcmul_((dtf[..., None] * xf).view(b, g, r, p, 1), B.float().reshape(b, g, 1, 1, n))
+    prod = torch.mul(state_g, C.float().reshape(b, g, 1, 1, n))  # (b, g, r, p, n)
+    y = torch.mv(prod.view(b * h * p, n), prod.new_ones(n)).view(b, h, p)  # sum over n
     if D is not None:
         y.addcmul_(xf, D[:, None] if D.dim() == 1 else D)
     if z is not None:

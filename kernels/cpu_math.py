@@ -1,0 +1,82 @@
+"""Vectorizable exp, log, SiLU and softplus for the C kernels of the CPU: a C++ snippet their sources begin with.
+
+The C library's ``expf`` is a call per element, which the loops around it cannot vectorize
+without -ffast-math (glibc's vector variants), and -ffast-math would link GCC's crtfastmath into the
+process, flushing denormals for all of PyTorch. These are plain arithmetic the compiler vectorizes:
+Cody-Waite range reduction to r in [-ln 2 / 2, ln 2 / 2], a degree-6 polynomial for exp(r) (the
+Cephes coefficients) and 2^k put into the exponent bits; the input clamped to [-87, 88] (no
+infinities or denormals come out); log likewise (Cephes' mantissa polynomial; positive normal
+inputs). Errors against float64: ``tests/test_cpu_math.py``.
+"""
+
+VECTOR_MATH = r"""
+#include <cstdint>
+#include <cstring>
+
+static inline float streamssm_exp(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    const float k = x * 1.44269504088896341f;                       // x / ln 2
+    const int32_t e = (int32_t)(k + (k >= 0.0f ? 0.5f : -0.5f));     // round to nearest
+    const float ef = (float)e;
+    // x - e ln 2 with ln 2 in two parts, as fused multiply-adds: -fassociative-math (the libraries'
+    // flags) may not merge the parts back into one rounded product (1.6e-6 relative error at 88)
+    float r = __builtin_fmaf(ef, -0.693359375f, x);
+    r = __builtin_fmaf(ef, 2.12194440e-4f, r);
+    float q = 1.9875691500e-4f;
+    q = q * r + 1.3981999507e-3f;
+    q = q * r + 8.3334519073e-3f;
+    q = q * r + 4.1665795894e-2f;
+    q = q * r + 1.6666665459e-1f;
+    q = q * r + 5.0000001201e-1f;
+    q = q * r * r + r + 1.0f;
+    const int32_t bits = (e + 127) << 23;                            // 2^e
+    float scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    return q * scale;
+}
+
+static inline float streamssm_silu(float v) { return v / (1.0f + streamssm_exp(-v)); }
+
+// x > 0 and normal: x = m 2^e with m in [sqrt(1/2), sqrt(2)), log(m) by the Cephes polynomial
+static inline float streamssm_log(float x) {
+    int32_t bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    int32_t e = ((bits >> 23) & 0xff) - 126;
+    bits = (bits & 0x007fffff) | 0x3f000000;                         // m in [0.5, 1)
+    float m;
+    std::memcpy(&m, &bits, sizeof m);
+    const bool low = m < 0.707106781186547524f;
+    e = low ? e - 1 : e;
+    m = low ? m + m - 1.0f : m - 1.0f;
+    const float m2 = m * m;
+    float q = 7.0376836292e-2f;
+    q = q * m - 1.1514610310e-1f;
+    q = q * m + 1.1676998740e-1f;
+    q = q * m - 1.2420140846e-1f;
+    q = q * m + 1.4249322787e-1f;
+    q = q * m - 1.6668057665e-1f;
+    q = q * m + 2.0000714765e-1f;
+    q = q * m - 2.4999993993e-1f;
+    q = q * m + 3.3333331174e-1f;
+    const float ef = (float)e;
+    float r = q * m * m2 - 2.12194440e-4f * ef - 0.5f * m2;
+    return m + r + 0.693359375f * ef;
+}
+
+// PyTorch's softplus (threshold 20): log(1 + u), u = exp(v). For v <= 0 (u <= 1) as 2 atanh(s) with
+// s = u / (2 + u) <= 1/3 by its series (terms to s^17): 1 + u rounds away most of a small u, s does not
+static inline float streamssm_softplus(float v) {
+    const float u = streamssm_exp(v);
+    const float s = u / (2.0f + u), w = s * s;
+    float q = 1.0f / 17.0f;
+    q = q * w + 1.0f / 15.0f;
+    q = q * w + 1.0f / 13.0f;
+    q = q * w + 1.0f / 11.0f;
+    q = q * w + 1.0f / 9.0f;
+    q = q * w + 1.0f / 7.0f;
+    q = q * w + 1.0f / 5.0f;
+    q = q * w + 1.0f / 3.0f;
+    q = q * w + 1.0f;
+    return v > 20.0f ? v : (v > 0.0f ? streamssm_log(1.0f + u) : 2.0f * s * q);
+}
+"""
