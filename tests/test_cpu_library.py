@@ -6,10 +6,30 @@ import logging
 import pytest
 
 import streamssm.kernels.cpu_library as cpu_library
-from streamssm.compiled_cpu import compiler_problem
 
 SOURCE = 'extern "C" int streamssm_answer() { return 42; }\n'
-needs_compiler = pytest.mark.skipif(compiler_problem() is not None, reason="no C++ compiler here")
+needs_compiler = pytest.mark.skipif(cpu_library.compiler() is None, reason="no C++ compiler here")
+
+
+def test_compiler_lookup_and_none(monkeypatch, tmp_path, caplog):
+    """$CXX first, then c++ / g++ / clang++ on the PATH; with none of them the library is None and
+    the warning says so, without importing inductor."""
+    fake = tmp_path / "my-cxx"
+    fake.write_text("#!/bin/sh\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CXX", str(fake))
+    cpu_library.compiler.cache_clear()
+    try:
+        assert cpu_library.compiler() == str(fake)
+        monkeypatch.setenv("CXX", "no-such-compiler")
+        monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+        cpu_library.compiler.cache_clear()
+        assert cpu_library.compiler() is None
+        with caplog.at_level(logging.WARNING, logger=cpu_library.__name__):
+            assert cpu_library.build_library("answer", SOURCE) is None
+        assert "no C++ compiler ($CXX, c++, g++ or clang++ on the PATH)" in caplog.text
+    finally:
+        cpu_library.compiler.cache_clear()
 
 
 @needs_compiler
