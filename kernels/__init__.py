@@ -16,7 +16,8 @@ Backends:
     "torch"      the chunked pure-PyTorch paths (``mamba1/chunked_torch.py``,
                  ``ssd/chunked_torch.py``; conv1d is ``F.conv1d``): the fast CPU path; calls
                  without gradients run C kernels where a C++ compiler builds them
-                 (``ssd/scan_cpu.py``, fp32 ``conv1d/conv_cpu.py`` and ``norm/norm_cpu.py``;
+                 (``ssd/scan_cpu.py``, ``mamba1/scan_cpu.py``, fp32 ``conv1d/conv_cpu.py`` and
+                 ``norm/norm_cpu.py``;
                  ``cpu_library.py``, ``cpu_math.py``)
     "reference"  the sequential references, the spec (slow)
     "auto"       CUDA tensors -> "triton"; CPU tensors -> "torch"
@@ -97,7 +98,12 @@ def selective_scan(
     if choice == "triton":
         from streamssm.kernels.mamba1.scan import selective_scan_triton as impl
     elif choice == "torch":
-        from streamssm.kernels.mamba1.chunked_torch import selective_scan_chunked as impl
+        from streamssm.kernels.mamba1 import scan_cpu
+
+        if scan_cpu.applies(B, u, delta, A, C, D, z, delta_bias, initial_state):  # no gradient, CPU: C
+            impl = scan_cpu.selective_scan_cpu
+        else:
+            from streamssm.kernels.mamba1.chunked_torch import selective_scan_chunked as impl
     else:
         from streamssm.kernels.mamba1.reference import selective_scan_ref as impl
     return impl(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
@@ -106,13 +112,14 @@ def selective_scan(
 
 def cpu_libraries() -> list:
     """The ``library()`` functions of the C kernels of the "torch" backend (``ssd/scan_cpu.py``,
-    ``conv1d/conv_cpu.py``, ``norm/norm_cpu.py``, ``scores_cpu.py``)."""
+    ``mamba1/scan_cpu.py``, ``conv1d/conv_cpu.py``, ``norm/norm_cpu.py``, ``scores_cpu.py``)."""
     from streamssm.kernels import scores_cpu
     from streamssm.kernels.conv1d import conv_cpu
+    from streamssm.kernels.mamba1 import scan_cpu as selective_scan_cpu
     from streamssm.kernels.norm import norm_cpu
     from streamssm.kernels.ssd import scan_cpu
 
-    return [scan_cpu.library, conv_cpu.library, norm_cpu.library, scores_cpu.library]
+    return [scan_cpu.library, selective_scan_cpu.library, conv_cpu.library, norm_cpu.library, scores_cpu.library]
 
 
 def load_cpu_kernels() -> bool:

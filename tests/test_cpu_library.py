@@ -81,7 +81,7 @@ def test_a_cpu_streamer_builds_the_c_kernels_when_created(monkeypatch, tmp_path)
                                      n_layers=1, d_state=4, headdim=4, chunk_size=8))
         Streamer(model, capacity=2)
         built = sorted(f.name.split("_")[0] for f in (tmp_path / "streamssm").glob("*.so"))
-        assert built == ["causal", "norm", "scores", "ssd"]
+        assert built == ["causal", "norm", "scores", "selective", "ssd"]
     finally:
         for lib in cpu_libraries():
             lib.cache_clear()

@@ -1,0 +1,165 @@
+"""Sequential Mamba-1 selective scan in C for the CPU: the "torch" backend's path for calls that need
+no gradient (``infer``, ``generate``'s prompt, the serving engine's chunked calls, zarr inference) of
+Mamba-1 models, imported ones included.
+
+Shape legend: b batch, l length, d channels, n dstate, g groups of B/C.
+
+Same recurrence as ``reference.py`` in fp32, 16 channels at a time, their (16, n) state walked
+through time in vector registers (n <= 16) or an L1 buffer:
+
+    delta_t = softplus(delta_t + bias);  h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t
+    y_t = h_t C_t + D u_t;  y_t *= silu(z_t)
+
+The d n exponentials a step are the work (``cpu_math.py``'s exp, vectorized over the 16 channels);
+the chunked PyTorch scan (``chunked_torch.py``) spends ~10 ns a state update on this machine
+through its materialised (chunk, d, n) tensors. Gradients, grouped B/C whose groups split a block of
+16 channels, float64: the chunked scan. Built and loaded by ``kernels/cpu_library.py``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from streamssm.kernels._common import FLOAT_DTYPES
+from streamssm.kernels.cpu_library import build_library, runs_in_c
+from streamssm.kernels.cpu_math import VECTOR_MATH
+
+_SOURCE = VECTOR_MATH + r"""
+typedef float float16v __attribute__((vector_size(64)));  // 16 channels
+
+static inline float16v load16(const float* p, int64_t count) {  // count < 16: the rest zeros
+    float16v v = {};
+    std::memcpy(&v, p, count * sizeof(float));
+    return v;
+}
+
+static inline void store16(float* p, float16v v, int64_t count) { std::memcpy(p, &v, count * sizeof(float)); }
+
+// u, delta, z (b, l, d) at strides (su, sl) etc., channels contiguous; B, C (b, l, g, n) likewise;
+// A (d, n); D, bias (d) or null; state (b, d, n) fp32 contiguous, the initial state, updated in
+// place; y (b, l, d) contiguous. A block of 16 channels lies in one group of B/C (the caller's
+// check).
+extern "C" void streamssm_selective_scan_f32(
+        int64_t b, int64_t l, int64_t d, int64_t n, int64_t g,
+        const float* u, int64_t sub, int64_t sul, const float* delta, int64_t sdb, int64_t sdl,
+        const float* z, int64_t szb, int64_t szl, const float* Bm, int64_t sbb, int64_t sbl,
+        const float* Cm, int64_t scb, int64_t scl, const float* A, const float* D, const float* bias,
+        int64_t softplus, float* state, float* y) {
+    const int64_t per_group = d / g;
+    float16v S[256], Acol[256];  // the block's state and A, one vector of 16 channels per state column
+    for (int64_t bi = 0; bi < b; ++bi) {
+        for (int64_t c0 = 0; c0 < d; c0 += 16) {
+            const int64_t cnt = d - c0 < 16 ? d - c0 : 16;
+            float* St = state + (bi * d + c0) * n;
+            for (int64_t ni = 0; ni < n; ++ni) {
+                S[ni] = float16v{};
+                Acol[ni] = float16v{};
+                for (int64_t j = 0; j < cnt; ++j) {
+                    S[ni][j] = St[j * n + ni];
+                    Acol[ni][j] = A[(c0 + j) * n + ni];
+                }
+            }
+            const float16v Dv = D ? load16(D + c0, cnt) : float16v{};
+            const float16v bv = bias ? load16(bias + c0, cnt) : float16v{};
+            const int64_t gi = c0 / per_group;
+            for (int64_t t = 0; t < l; ++t) {
+                const float16v uv = load16(u + bi * sub + t * sul + c0, cnt);
+                float dl[16];
+                const float16v raw = load16(delta + bi * sdb + t * sdl + c0, cnt) + bv;
+                std::memcpy(dl, &raw, sizeof dl);
+                if (softplus)
+                    for (int j = 0; j < 16; ++j) dl[j] = streamssm_softplus(dl[j]);
+                float16v dv;
+                std::memcpy(&dv, dl, sizeof dv);
+                const float16v du = dv * uv;
+                const float* __restrict__ Bt = Bm + bi * sbb + t * sbl + gi * n;
+                const float* __restrict__ Ct = Cm + bi * scb + t * scl + gi * n;
+                float16v acc0 = {}, acc1 = {};
+                for (int64_t ni = 0; ni < n; ++ni) {
+                    const float16v arg = dv * Acol[ni];
+                    float e[16];
+                    std::memcpy(e, &arg, sizeof e);
+                    for (int j = 0; j < 16; ++j) e[j] = streamssm_exp(e[j]);
+                    float16v decay;
+                    std::memcpy(&decay, e, sizeof decay);
+                    S[ni] = decay * S[ni] + du * Bt[ni];
+                    if (ni & 1) acc1 += S[ni] * Ct[ni]; else acc0 += S[ni] * Ct[ni];
+                }
+                float16v out = acc0 + acc1 + Dv * uv;
+                if (z) {
+                    float zs[16];
+                    const float16v zv = load16(z + bi * szb + t * szl + c0, cnt);
+                    std::memcpy(zs, &zv, sizeof zs);
+                    for (int j = 0; j < 16; ++j) zs[j] = streamssm_silu(zs[j]);
+                    float16v gate;
+                    std::memcpy(&gate, zs, sizeof gate);
+                    out *= gate;
+                }
+                store16(y + (bi * l + t) * d + c0, out, cnt);
+            }
+            for (int64_t ni = 0; ni < n; ++ni)
+                for (int64_t j = 0; j < cnt; ++j) St[j * n + ni] = S[ni][j];
+        }
+    }
+}
+"""
+
+MAX_DSTATE = 256  # the kernel's state buffer: 256 vectors of 16 channels
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled scan, or None where no C++ compiler builds it."""
+    lib = build_library("selective_scan_cpu", _SOURCE)
+    if lib is not None:
+        fn = lib.streamssm_selective_scan_f32
+        fn.restype = None
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        fn.argtypes = [i64] * 5 + [ptr, i64, i64] * 5 + [ptr, ptr, ptr, i64, ptr, ptr]
+    return lib
+
+
+def applies(B: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
+    """Whether a call runs here: CPU, fp32/fp16/bf16, no gradient wanted, not traced, a compiler,
+    d_state <= 256, and B/C groups that do not split a block of 16 channels (B (b, n, l) or
+    (b, g, n, l) with d / g a multiple of 16)."""
+    d, n = tensors[0].shape[1], B.shape[-2]
+    groups_fit = B.dim() == 3 or B.shape[1] == 1 or (d // B.shape[1]) % 16 == 0
+    return groups_fit and n <= MAX_DSTATE and runs_in_c(library, (B, *tensors), FLOAT_DTYPES)
+
+
+def _channel_last(t: torch.Tensor | None) -> list:
+    """t (b, ..., l) -> [fp32 (b, l, ...) storage with its trailing dims contiguous, its (b, l)
+    strides]: the blocks' (b, d, l) views of channel-last tensors are read in place."""
+    if t is None:
+        return [None, 0, 0]
+    t = t.float().movedim(-1, 1)
+    if t.numel() == 0 or not t[0, 0].is_contiguous():
+        t = t.contiguous()
+    return [t, t.stride(0), t.stride(1)]
+
+
+def selective_scan_cpu(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                       D: torch.Tensor | None = None, z: torch.Tensor | None = None,
+                       delta_bias: torch.Tensor | None = None, delta_softplus: bool = False,
+                       initial_state: torch.Tensor | None = None, return_final_state: bool = False):
+    """``selective_scan``'s contract for :func:`applies` calls: u, delta, z (b, d, l); A (d, n);
+    B, C (b, n, l) or (b, g, n, l); D, delta_bias (d,); initial_state (b, d, n). Returns y (b, d, l)
+    in u.dtype (a view of a channel-last tensor) [, final_state (b, d, n) fp32]."""
+    b, d, l = u.shape
+    n = A.shape[1]
+    g = 1 if B.dim() == 3 else B.shape[1]
+    inputs = [_channel_last(t) for t in (u, delta, z, B, C)]  # the tensors stay referenced through the call
+    A, D, bias = (None if t is None else t.float().contiguous() for t in (A, D, delta_bias))
+    state = (torch.zeros(b, d, n) if initial_state is None
+             else initial_state.to(torch.float32, copy=True).contiguous())
+    y = torch.empty(b, l, d)
+    ptr = (lambda t: None if t is None else t.data_ptr())
+    library().streamssm_selective_scan_f32(b, l, d, n, g, *(v for t, sb, sl in inputs for v in (ptr(t), sb, sl)),
+                                           A.data_ptr(), ptr(D), ptr(bias), int(delta_softplus), state.data_ptr(),
+                                           y.data_ptr())
+    y = y.to(u.dtype).transpose(1, 2)
+    return (y, state) if return_final_state else y
