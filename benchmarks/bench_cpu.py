@@ -4,7 +4,9 @@
     python benchmarks/bench_cpu.py --suite targets [--configs T1,T2,T3] [--threads 2] [--repeats 3] [--fixed-shape]
 
 Providers (same process, same fp32 tensors; ``torch.set_num_threads(--threads)``):
-    ours     ``selective_scan(..., backend="torch")``: the chunked scan (kernels/mamba1/chunked_torch.py)
+    ours     ``selective_scan(..., backend="torch")``: forward (no gradient) the C scan
+             (kernels/mamba1/scan_cpu.py), forward + backward the chunked scan
+    chunked  the chunked scan's forward (kernels/mamba1/chunked_torch.py), the C scan's fallback
     mambapy  mamba.py 1.2 ``MambaBlock.selective_scan``: softplus(delta + bias), Blelloch ``pscan``
              over (b, l, d, n) (its training path on CPU), inputs pre-transposed to its layout
     ref      ``selective_scan(..., backend="reference")``: the sequential loop (forward only, and
@@ -51,6 +53,7 @@ from _harness import Table, run_tag  # noqa: E402
 from streamssm.compiled_cpu import CompiledCalls, program_options  # noqa: E402
 from streamssm.engine import EagerCalls  # noqa: E402
 from streamssm.kernels import selective_scan  # noqa: E402
+from streamssm.kernels.mamba1.chunked_torch import selective_scan_chunked  # noqa: E402
 from streamssm.testing import assert_close  # noqa: E402
 
 # name -> sizes; "ref": also time the sequential reference (forward)
@@ -77,6 +80,11 @@ def _inputs(batch: int, dim: int, length: int, dstate: int) -> dict[str, torch.T
 def _ours(t: dict, backend: str = "torch") -> torch.Tensor:
     return selective_scan(t["u"], t["delta"], t["A"], t["B"], t["C"], D=t["D"], delta_bias=t["delta_bias"],
                           delta_softplus=True, backend=backend)
+
+
+def _chunked(t: dict) -> torch.Tensor:
+    return selective_scan_chunked(t["u"], t["delta"], t["A"], t["B"], t["C"], D=t["D"], delta_bias=t["delta_bias"],
+                                  delta_softplus=True)
 
 
 def _mambapy_layout(t: dict) -> dict:
@@ -129,7 +137,7 @@ def bench_op(shapes: list[str], repeats: int, verify: bool) -> Table:
                 assert_close(f"{name} ours vs mambapy", _mambapy(m).transpose(1, 2), ours)
                 if s["ref"]:
                     assert_close(f"{name} ours vs reference", _ours(t, "reference"), ours)
-            fwd = {"ours": lambda: _ours(t), "mambapy": lambda: _mambapy(m)}
+            fwd = {"ours": lambda: _ours(t), "chunked": lambda: _chunked(t), "mambapy": lambda: _mambapy(m)}
             if s["ref"]:
                 fwd["ref"] = lambda: _ours(t, "reference")
             fwd_ms = _median_ms(fwd, repeats)
