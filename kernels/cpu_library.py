@@ -74,9 +74,14 @@ def compiler() -> str | None:
     return None
 
 
-def build_library(name: str, source: str) -> ctypes.CDLL | None:
-    """``source`` compiled (or found in the cache) and loaded; None, with a warning naming the
-    reason, where no C++ compiler builds it."""
+#: argument type codes of :func:`build_library`'s signatures
+ARG_TYPES = {"i": ctypes.c_int64, "f": ctypes.c_float, "p": ctypes.c_void_p}
+
+
+def build_library(name: str, source: str, functions: dict[str, str] | None = None) -> ctypes.CDLL | None:
+    """``source`` compiled (or found in the cache) and loaded, its ``functions`` (void, arguments
+    spelt one character each: i int64_t, f float, p pointer) given their ctypes signatures; None,
+    with a warning naming the reason, where no C++ compiler builds it."""
     cxx = compiler()
     if cxx is None:
         log.warning("the C kernels of %s are off (PyTorch runs instead): no C++ compiler ($CXX, c++, g++ or "
@@ -87,8 +92,12 @@ def build_library(name: str, source: str) -> ctypes.CDLL | None:
     try:
         if not path.exists():
             _build(cxx, source, path)
-        return ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError) as err:  # no writable cache, a failed build or load
+        lib = ctypes.CDLL(str(path))
+        for function, args in (functions or {}).items():
+            fn = getattr(lib, function)
+            fn.restype, fn.argtypes = None, [ARG_TYPES[code] for code in args]
+        return lib
+    except (OSError, AttributeError, subprocess.SubprocessError) as err:  # unwritable cache, failed build or load
         log.warning("the C kernels of %s are off (PyTorch runs instead): %s", name, err)
         return None
 

@@ -52,14 +52,7 @@ extern "C" void streamssm_token_log_probs_f32(int64_t b, int64_t t, int64_t o, c
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled scores, or None where no C++ compiler builds them."""
-    lib = build_library("scores_cpu", _SOURCE)
-    if lib is not None:
-        fn = lib.streamssm_token_log_probs_f32
-        fn.restype = None
-        fn.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p] + [ctypes.c_int64] * 2 + [ctypes.c_void_p] + \
-            [ctypes.c_int64] * 2 + [ctypes.c_void_p]
-    return lib
-
+    return build_library("scores_cpu", _SOURCE, {"streamssm_token_log_probs_f32": "iiipiipiip"})
 
 def applies(logits: torch.Tensor) -> bool:
     """Whether a call runs here: fp32 CPU logits, no gradient wanted, not traced, a compiler."""

@@ -27,7 +27,8 @@ def math_library():
 def apply(lib, name: str, x: torch.Tensor) -> torch.Tensor:
     x = x.float().contiguous()
     y = torch.empty_like(x)
-    getattr(lib, f"apply_{name}")(ctypes.c_int64(x.numel()), ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(y.data_ptr()))
+    fn = getattr(lib, f"apply_{name}")
+    fn(ctypes.c_int64(x.numel()), ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(y.data_ptr()))
     return y
 
 

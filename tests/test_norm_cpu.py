@@ -22,7 +22,8 @@ def spy(monkeypatch, name: str) -> list[tuple]:
 
 
 @needs_compiler
-@pytest.mark.parametrize("shape, groups", [((3, 16), 1), ((2, 5, 40), 1), ((2, 3, 96), 4), ((1, 7, 24), 3), ((0, 8), 2)])
+@pytest.mark.parametrize("shape, groups", [((3, 16), 1), ((2, 5, 40), 1), ((2, 3, 96), 4), ((1, 7, 24), 3),
+                                           ((0, 8), 2)])
 @pytest.mark.parametrize("gate", [True, False])
 def test_gated_norm_matches_reference(monkeypatch, shape, groups, gate):
     """Gate read in place from a strided slice (Mamba-2's in_proj), or none (the step's norm, its
@@ -70,6 +71,8 @@ def test_no_library_runs_the_reference(monkeypatch):
     """Where no C++ compiler builds the library, calls run the reference, with the same results."""
     monkeypatch.setattr(norm_cpu, "library", lambda: None)
     y, z, w = inputs((3, 2, 24))
-    assert_close("fallback gated", gated_rms_norm_ref(y, z, w, 1e-5, 2), gated_rms_norm(y, z, w, 1e-5, 2, backend="torch"))
+    assert_close("fallback gated", gated_rms_norm_ref(y, z, w, 1e-5, 2),
+                 gated_rms_norm(y, z, w, 1e-5, 2, backend="torch"))
     x2, y2 = y.reshape(-1, 24), z.reshape(-1, 24)
-    assert all(torch.equal(a, b) for a, b in zip(add_rms_norm_ref(x2, y2, w, 1e-5), add_rms_norm(x2, y2, w, 1e-5, backend="torch")))
+    got, want = add_rms_norm(x2, y2, w, 1e-5, backend="torch"), add_rms_norm_ref(x2, y2, w, 1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(want, got))

@@ -14,7 +14,8 @@ needs_compiler = pytest.mark.skipif(scan_cpu.library() is None, reason="no C++ c
 
 def spy(monkeypatch) -> list[tuple]:
     calls, fn = [], scan_cpu.selective_scan_cpu
-    monkeypatch.setattr(scan_cpu, "selective_scan_cpu", lambda u, *a, **k: calls.append(tuple(u.shape)) or fn(u, *a, **k))
+    monkeypatch.setattr(scan_cpu, "selective_scan_cpu",
+                        lambda u, *a, **k: calls.append(tuple(u.shape)) or fn(u, *a, **k))
     return calls
 
 

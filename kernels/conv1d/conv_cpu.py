@@ -73,14 +73,7 @@ extern "C" void streamssm_causal_conv1d_f32(int64_t b, int64_t d, int64_t l, int
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled conv, or None where no C++ compiler builds it."""
-    lib = build_library("causal_conv1d_cpu", _SOURCE)
-    if lib is not None:
-        fn = lib.streamssm_causal_conv1d_f32
-        fn.restype = None
-        fn.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + \
-            [ctypes.c_int64] + [ctypes.c_void_p] * 2
-    return lib
-
+    return build_library("causal_conv1d_cpu", _SOURCE, {"streamssm_causal_conv1d_f32": "iiiipiiipppipp"})
 
 def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             initial_state: torch.Tensor | None) -> bool:

@@ -113,14 +113,8 @@ MAX_DSTATE = 256  # the kernel's state buffer: 256 vectors of 16 channels
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled scan, or None where no C++ compiler builds it."""
-    lib = build_library("selective_scan_cpu", _SOURCE)
-    if lib is not None:
-        fn = lib.streamssm_selective_scan_f32
-        fn.restype = None
-        i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        fn.argtypes = [i64] * 5 + [ptr, i64, i64] * 5 + [ptr, ptr, ptr, i64, ptr, ptr]
-    return lib
-
+    return build_library("selective_scan_cpu", _SOURCE,
+                         {"streamssm_selective_scan_f32": "i" * 5 + "pii" * 5 + "pppipp"})
 
 def applies(B: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
     """Whether a call runs here: CPU, fp32/fp16/bf16, no gradient wanted, not traced, a compiler,

@@ -78,15 +78,8 @@ extern "C" void streamssm_add_rms_norm_f32(int64_t r, int64_t d, float eps, cons
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled norms, or None where no C++ compiler builds them."""
-    lib = build_library("norm_cpu", _SOURCE)
-    if lib is not None:
-        i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-        lib.streamssm_gated_rms_norm_f32.restype = None
-        lib.streamssm_gated_rms_norm_f32.argtypes = [i64, i64, i64, f32, ptr, i64, ptr, i64, ptr, ptr]
-        lib.streamssm_add_rms_norm_f32.restype = None
-        lib.streamssm_add_rms_norm_f32.argtypes = [i64, i64, f32, ptr, i64, ptr, i64, ptr, ptr, ptr]
-    return lib
-
+    return build_library("norm_cpu", _SOURCE, {"streamssm_gated_rms_norm_f32": "iiifpipipp",
+                                               "streamssm_add_rms_norm_f32": "iifpipippp"})
 
 def applies(*tensors: torch.Tensor | None) -> bool:
     """Whether a call on these tensors (None: absent) runs here: fp32 CPU, no gradient wanted, not

@@ -225,14 +225,7 @@ extern "C" void streamssm_ssd_scan_f32(
 def library() -> ctypes.CDLL | None:
     """The compiled scan (:func:`~streamssm.kernels.cpu_library.build_library`), or None where no
     C++ compiler builds it."""
-    lib = build_library("ssd_scan_cpu", _SOURCE)
-    if lib is not None:
-        fn = lib.streamssm_ssd_scan_f32
-        fn.restype = None
-        i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        fn.argtypes = [i64] * 6 + [ptr, i64, i64] * 5 + [ptr, ptr, i64, ptr, i64, ptr, i64, i64, ptr, ptr, ptr]
-    return lib
-
+    return build_library("ssd_scan_cpu", _SOURCE, {"streamssm_ssd_scan_f32": "i" * 6 + "pii" * 5 + "ppipipiippp"})
 
 def applies(*tensors: torch.Tensor | None) -> bool:
     """Whether a call on these tensors (None: absent) runs here: CPU, fp32/fp16/bf16, no gradient
