@@ -29,9 +29,9 @@ import torch
 log = logging.getLogger(__name__)
 
 #: -O3 with reassociation so float reductions vectorize; -march=native: the library is built on
-#: the machine that runs it
+#: the machine that runs it; -pthread: the scans' std::threads
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
-         "-fno-trapping-math", "-shared", "-fPIC")
+         "-fno-trapping-math", "-pthread", "-shared", "-fPIC")
 
 
 @functools.cache

@@ -1,4 +1,5 @@
-"""Vectorizable exp, log, SiLU and softplus for the C kernels of the CPU: a C++ snippet their sources begin with.
+"""Vectorizable exp, log, SiLU and softplus for the C kernels of the CPU (a C++ snippet their sources
+begin with), and a parallel for over std::threads for the scans.
 
 The C library's ``expf`` is a call per element, which the loops around it cannot vectorize
 without -ffast-math (glibc's vector variants), and -ffast-math would link GCC's crtfastmath into the
@@ -78,5 +79,35 @@ static inline float streamssm_softplus(float v) {
     q = q * w + 1.0f / 3.0f;
     q = q * w + 1.0f;
     return v > 20.0f ? v : (v > 0.0f ? streamssm_log(1.0f + u) : 2.0f * s * q);
+}
+"""
+
+
+PARALLEL_FOR = r"""
+#include <thread>
+#include <vector>
+
+// body(begin, end) over [0, count) split into contiguous ranges over up to `threads` threads (this
+// one included), each range at least ~1M flops (`flops_per_item` each) to pay for a thread's start
+// (~30 us); a thread that cannot start leaves its range to this one.
+template <class Body>
+static void streamssm_parallel_for(int64_t count, int64_t threads, int64_t flops_per_item, Body body) {
+    const int64_t min_items = (int64_t(1) << 20) / (flops_per_item > 0 ? flops_per_item : 1) + 1;
+    int64_t use = count / min_items < threads ? count / min_items : threads;
+    if (use <= 1) {
+        body(int64_t(0), count);
+        return;
+    }
+    std::vector<std::thread> pool;
+    for (int64_t k = 1; k < use; ++k) {
+        const int64_t lo = count * k / use, hi = count * (k + 1) / use;
+        try {
+            pool.emplace_back(body, lo, hi);
+        } catch (...) {
+            body(lo, hi);
+        }
+    }
+    body(int64_t(0), count / use);
+    for (auto& thread : pool) thread.join();
 }
 """

@@ -95,3 +95,19 @@ def test_no_library_runs_the_chunked_scan(monkeypatch):
     with torch.no_grad():
         assert_close("fallback", selective_scan_ref(**t), selective_scan(**t, backend="torch"))
     assert calls == []
+
+
+@needs_compiler
+def test_threads_give_the_same_bits():
+    """The (sequence, block of 16 channels) pairs split over torch's threads: the same bits as one."""
+    t = inputs(2, 64, 64, 16, seed=7)
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                results.append(selective_scan(**t, delta_softplus=True, return_final_state=True, backend="torch"))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(*results))

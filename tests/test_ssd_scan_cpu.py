@@ -124,3 +124,20 @@ def test_no_compiler_falls_back_to_the_chunked_scan(monkeypatch, caplog):
         assert_close("fallback final state", expected[1], got[1])
     finally:
         scan_cpu.library.cache_clear()
+
+
+@needs_compiler
+def test_threads_give_the_same_bits():
+    """The (sequence, head) pairs split over torch's threads (2 here, ~1M flops each): every pair is
+    computed as on one thread, so the results are bit for bit the same."""
+    t = inputs(2, 64, 8, 16, 2, 64, seed=8)
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                results.append(ssd_scan(**t, chunk_size=16, dt_softplus=True, return_final_state=True, backend="torch"))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(*results))

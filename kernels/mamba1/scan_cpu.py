@@ -5,7 +5,7 @@ Mamba-1 models, imported ones included.
 Shape legend: b batch, l length, d channels, n dstate, g groups of B/C.
 
 Same recurrence as ``reference.py`` in fp32, 16 channels at a time, their (16, n) state walked
-through time in vector registers (n <= 16) or an L1 buffer:
+through time in an L1 buffer:
 
     delta_t = softplus(delta_t + bias);  h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t
     y_t = h_t C_t + D u_t;  y_t *= silu(z_t)
@@ -13,7 +13,8 @@ through time in vector registers (n <= 16) or an L1 buffer:
 The d n exponentials a step are the work (``cpu_math.py``'s exp, vectorized over the 16 channels);
 the chunked PyTorch scan (``chunked_torch.py``) spends ~10 ns a state update on this machine
 through its materialised (chunk, d, n) tensors. Gradients, grouped B/C whose groups split a block of
-16 channels, float64: the chunked scan. Built and loaded by ``kernels/cpu_library.py``.
+16 channels, float64: the chunked scan. The (sequence, block) pairs split over
+``torch.get_num_threads()`` threads. Built and loaded by ``kernels/cpu_library.py``.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ import torch
 
 from streamssm.kernels._common import FLOAT_DTYPES
 from streamssm.kernels.cpu_library import build_library, runs_in_c
-from streamssm.kernels.cpu_math import VECTOR_MATH
+from streamssm.kernels.cpu_math import PARALLEL_FOR, VECTOR_MATH
 
-_SOURCE = VECTOR_MATH + r"""
+_SOURCE = VECTOR_MATH + PARALLEL_FOR + r"""
 typedef float float16v __attribute__((vector_size(64)));  // 16 channels
 
 static inline float16v load16(const float* p, int64_t count) {  // count < 16: the rest zeros
@@ -40,18 +41,20 @@ static inline void store16(float* p, float16v v, int64_t count) { std::memcpy(p,
 
 // u, delta, z (b, l, d) at strides (su, sl) etc., channels contiguous; B, C (b, l, g, n) likewise;
 // A (d, n); D, bias (d) or null; state (b, d, n) fp32 contiguous, the initial state, updated in
-// place; y (b, l, d) contiguous. A block of 16 channels lies in one group of B/C (the caller's
-// check).
+// place; y (b, l, d) contiguous; threads: at most this many. A block of 16 channels lies in one
+// group of B/C (the caller's check).
 extern "C" void streamssm_selective_scan_f32(
         int64_t b, int64_t l, int64_t d, int64_t n, int64_t g,
         const float* u, int64_t sub, int64_t sul, const float* delta, int64_t sdb, int64_t sdl,
         const float* z, int64_t szb, int64_t szl, const float* Bm, int64_t sbb, int64_t sbl,
         const float* Cm, int64_t scb, int64_t scl, const float* A, const float* D, const float* bias,
-        int64_t softplus, float* state, float* y) {
-    const int64_t per_group = d / g;
-    float16v S[256], Acol[256];  // the block's state and A, one vector of 16 channels per state column
-    for (int64_t bi = 0; bi < b; ++bi) {
-        for (int64_t c0 = 0; c0 < d; c0 += 16) {
+        int64_t softplus, float* state, float* y, int64_t threads) {
+    const int64_t per_group = d / g, blocks = (d + 15) / 16;
+    // the (sequence, block of 16 channels) pairs are independent: split over threads
+    streamssm_parallel_for(b * blocks, threads, 40 * 16 * l * n, [=](int64_t begin, int64_t end) {
+        float16v S[256], Acol[256];  // the block's state and A, a vector of 16 channels per state column
+        for (int64_t pair = begin; pair < end; ++pair) {
+            const int64_t bi = pair / blocks, c0 = pair % blocks * 16;
             const int64_t cnt = d - c0 < 16 ? d - c0 : 16;
             float* St = state + (bi * d + c0) * n;
             for (int64_t ni = 0; ni < n; ++ni) {
@@ -103,7 +106,7 @@ extern "C" void streamssm_selective_scan_f32(
             for (int64_t ni = 0; ni < n; ++ni)
                 for (int64_t j = 0; j < cnt; ++j) St[j * n + ni] = S[ni][j];
         }
-    }
+    });
 }
 """
 
@@ -114,7 +117,7 @@ MAX_DSTATE = 256  # the kernel's state buffer: 256 vectors of 16 channels
 def library() -> ctypes.CDLL | None:
     """The compiled scan, or None where no C++ compiler builds it."""
     return build_library("selective_scan_cpu", _SOURCE,
-                         {"streamssm_selective_scan_f32": "i" * 5 + "pii" * 5 + "pppipp"})
+                         {"streamssm_selective_scan_f32": "i" * 5 + "pii" * 5 + "pppippi"})
 
 def applies(B: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
     """Whether a call runs here: CPU, fp32/fp16/bf16, no gradient wanted, not traced, a compiler,
@@ -154,6 +157,6 @@ def selective_scan_cpu(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B:
     ptr = (lambda t: None if t is None else t.data_ptr())
     library().streamssm_selective_scan_f32(b, l, d, n, g, *(v for t, sb, sl in inputs for v in (ptr(t), sb, sl)),
                                            A.data_ptr(), ptr(D), ptr(bias), int(delta_softplus), state.data_ptr(),
-                                           y.data_ptr())
+                                           y.data_ptr(), torch.get_num_threads())
     y = y.to(u.dtype).transpose(1, 2)
     return (y, state) if return_final_state else y

@@ -12,8 +12,9 @@ That is ~4 p n flops per token and head, where the chunked algorithm (``chunked_
 spends ~t (p + n / r) more on its (t, t) intra-chunk matrices and materialises every chunk's
 state through many small PyTorch ops. Measured on the 2-core development machine (2026-12-07,
 fp32, against the chunked scan at its best chunk length): 3.6-4.4x faster for p = n = 16 (the
-demo's audio model) and 3.1-3.7x for p = 64, n = 128 (the d512 LM) at 1 thread, 1.7-7.5x
-against the chunked scan on 2 threads (this one uses one). Gradients: the chunked scan.
+demo's audio model) and 3.1-3.7x for p = 64, n = 128 (the d512 LM) at 1 thread; the (sequence,
+head) pairs split over ``torch.get_num_threads()`` threads where each gets ~1M flops or more.
+Gradients: the chunked scan.
 
 The C source is compiled on first use and cached (``kernels/cpu_library.py``) and called through
 ctypes, which releases the GIL during the call. Without a working C++ compiler :func:`library`
@@ -29,17 +30,16 @@ import torch
 
 from streamssm.kernels._common import FLOAT_DTYPES
 from streamssm.kernels.cpu_library import build_library, runs_in_c
-from streamssm.kernels.cpu_math import VECTOR_MATH
+from streamssm.kernels.cpu_math import PARALLEL_FOR, VECTOR_MATH
 
-_SOURCE = VECTOR_MATH + r"""
-#include <vector>
+_SOURCE = VECTOR_MATH + PARALLEL_FOR + r"""
 
 // One call: b sequences of l steps, h heads of p channels, B/C in g groups of n. Every input has its
 // two last dims contiguous and is read through its (batch, step) strides: x, z (b, l, h, p); dt, w
 // (b, l, h); B, C (b, l, g, n). dt is raw: dt_bias added and softplus applied here; w (the input's
 // weight) null: the processed dt. D (h) (d_per_channel 0) or (h, p) (1) or null; z null: no gate.
 // state (R, h, p, n) fp32 contiguous, updated in place at row rows[i] (rows null: row i) for
-// sequence i; y (b, l, h, p) contiguous, written.
+// sequence i; y (b, l, h, p) contiguous, written. threads: at most this many (torch's setting).
 //
 // A head's steps go in blocks of STEP_BLOCK: their step sizes and decays first (vectorized), then
 // one of three walks of the state through the block, then the D and z terms. The walks (chosen by
@@ -164,17 +164,19 @@ extern "C" void streamssm_ssd_scan_f32(
         const float* w, int64_t swb, int64_t swl, const float* Bm, int64_t sbb, int64_t sbl,
         const float* Cm, int64_t scb, int64_t scl, const float* A, const float* dt_bias, int64_t softplus,
         const float* D, int64_t d_per_channel, const float* z, int64_t szb, int64_t szl,
-        float* state, const int64_t* rows, float* y) {
+        float* state, const int64_t* rows, float* y, int64_t threads) {
     const int64_t r = h / g;
     const bool many = l >= TRANSPOSE_MIN_STEPS;
     const bool in_registers = many && n == 16 && p % 16 == 0;
     const bool transposed = many && !in_registers && n <= TRANSPOSE_MAX_DSTATE;
-    std::vector<float> scratch((transposed ? n * p + p : 0) + 2 * STEP_BLOCK);
-    float* __restrict__ weights = scratch.data();
-    float* __restrict__ decays = weights + STEP_BLOCK;
-    float* __restrict__ T = decays + STEP_BLOCK;  // transposed: (n, p), then p for the weighted input
-    for (int64_t bi = 0; bi < b; ++bi) {
-        for (int64_t hi = 0; hi < h; ++hi) {
+    // the (sequence, head) pairs are independent: split over threads
+    streamssm_parallel_for(b * h, threads, 4 * l * p * n, [=](int64_t begin, int64_t end) {
+        std::vector<float> scratch((transposed ? n * p + p : 0) + 2 * STEP_BLOCK);
+        float* __restrict__ weights = scratch.data();
+        float* __restrict__ decays = weights + STEP_BLOCK;
+        float* __restrict__ T = decays + STEP_BLOCK;  // transposed: (n, p), then p for the weighted input
+        for (int64_t pair = begin; pair < end; ++pair) {
+            const int64_t bi = pair / h, hi = pair % h;
             float* S = state + ((rows ? rows[bi] : bi) * h + hi) * p * n;
             if (transposed)
                 for (int64_t pi = 0; pi < p; ++pi)
@@ -216,7 +218,7 @@ extern "C" void streamssm_ssd_scan_f32(
                 for (int64_t pi = 0; pi < p; ++pi)
                     for (int64_t ni = 0; ni < n; ++ni) S[pi * n + ni] = T[ni * p + pi];
         }
-    }
+    });
 }
 """
 
@@ -225,7 +227,7 @@ extern "C" void streamssm_ssd_scan_f32(
 def library() -> ctypes.CDLL | None:
     """The compiled scan (:func:`~streamssm.kernels.cpu_library.build_library`), or None where no
     C++ compiler builds it."""
-    return build_library("ssd_scan_cpu", _SOURCE, {"streamssm_ssd_scan_f32": "i" * 6 + "pii" * 5 + "ppipipiippp"})
+    return build_library("ssd_scan_cpu", _SOURCE, {"streamssm_ssd_scan_f32": "i" * 6 + "pii" * 5 + "ppipipiipppi"})
 
 def applies(*tensors: torch.Tensor | None) -> bool:
     """Whether a call on these tensors (None: absent) runs here: CPU, fp32/fp16/bf16, no gradient
@@ -268,7 +270,7 @@ def scan_into(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.T
     library().streamssm_ssd_scan_f32(
         b, l, h, p, n, g, *(v for t, sb, sl in strided for v in (_ptr(t), sb, sl)), A.data_ptr(), _ptr(dt_bias),
         int(dt_softplus), _ptr(D), int(D is not None and D.dim() == 2), _ptr(z), szb, szl, state.data_ptr(),
-        _ptr(rows), y.data_ptr())
+        _ptr(rows), y.data_ptr(), torch.get_num_threads())
     return y
 
 
