@@ -17,8 +17,7 @@ Backends:
                  ``ssd/chunked_torch.py``; conv1d is ``F.conv1d``): the fast CPU path; calls
                  without gradients run C kernels where a C++ compiler builds them
                  (``ssd/scan_cpu.py``, ``mamba1/scan_cpu.py``, fp32 ``conv1d/conv_cpu.py`` and
-                 ``norm/norm_cpu.py``;
-                 ``cpu_library.py``, ``cpu_math.py``)
+                 ``norm/norm_cpu.py``; ``cpu_library.py``, ``cpu_math.py``)
     "reference"  the sequential references, the spec (slow)
     "auto"       CUDA tensors -> "triton"; CPU tensors -> "torch"
 The one-step ops' "torch" is the in-place CPU steps (``*/step_cpu.py``: the pool's slice
