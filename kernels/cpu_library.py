@@ -58,6 +58,23 @@ def runs_in_c(library: Callable[[], ctypes.CDLL | None], tensors: tuple[torch.Te
             and not torch.compiler.is_compiling() and library() is not None)
 
 
+def pointer(t: torch.Tensor | None) -> int | None:
+    """A tensor's data pointer for a C call; None (NULL) for an absent one."""
+    return None if t is None else t.data_ptr()
+
+
+def strided_rows(t: torch.Tensor | None) -> list:
+    """t (b, l, ...) -> [fp32 t with its trailing dims contiguous (copied only where they are not),
+    its (b, l) strides]: what the kernels read through; [None, 0, 0] for an absent one. Keep the
+    returned tensor referenced until the C call returns."""
+    if t is None:
+        return [None, 0, 0]
+    t = t.float()
+    if t.numel() == 0 or not t[0, 0].is_contiguous():
+        t = t.contiguous()
+    return [t, t.stride(0), t.stride(1)]
+
+
 def cache_dir() -> Path:
     root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(root) / "streamssm"

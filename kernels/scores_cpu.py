@@ -54,6 +54,7 @@ def library() -> ctypes.CDLL | None:
     """The compiled scores, or None where no C++ compiler builds them."""
     return build_library("scores_cpu", _SOURCE, {"streamssm_token_log_probs_f32": "iiipiipiip"})
 
+
 def applies(logits: torch.Tensor) -> bool:
     """Whether a call runs here: fp32 CPU logits, no gradient wanted, not traced, a compiler."""
     return runs_in_c(library, (logits,))

@@ -8,7 +8,8 @@ import os
 import subprocess
 import sys
 import weakref
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -68,6 +69,17 @@ def assert_close(
             f"(rtol={rtol}, atol={atol}); max abs err {max_abs:.3e}; worst at {where}: "
             f"expected {float(e[where]):.6g}, got {float(a[where]):.6g} (rel {rel:.3e})"
         )
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``threads`` for the block, then back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def run_in_chunks(model, x: torch.Tensor, cuts: list[int]):

@@ -7,7 +7,7 @@ import torch
 import streamssm.kernels.mamba1.scan_cpu as scan_cpu
 from streamssm.kernels import selective_scan
 from streamssm.kernels.mamba1.reference import selective_scan_ref
-from streamssm.testing import assert_close
+from streamssm.testing import assert_close, torch_threads
 
 needs_compiler = pytest.mark.skipif(scan_cpu.library() is None, reason="no C++ compiler builds the CPU scan here")
 
@@ -102,12 +102,7 @@ def test_threads_give_the_same_bits():
     """The (sequence, block of 16 channels) pairs split over torch's threads: the same bits as one."""
     t = inputs(2, 64, 64, 16, seed=7)
     results = []
-    before = torch.get_num_threads()
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            with torch.no_grad():
-                results.append(selective_scan(**t, delta_softplus=True, return_final_state=True, backend="torch"))
-    finally:
-        torch.set_num_threads(before)
+    for threads in (1, 2):
+        with torch_threads(threads), torch.no_grad():
+            results.append(selective_scan(**t, delta_softplus=True, return_final_state=True, backend="torch"))
     assert all(torch.equal(a, b) for a, b in zip(*results))

@@ -10,7 +10,7 @@ import streamssm.kernels.cpu_library as cpu_library
 import streamssm.kernels.ssd.scan_cpu as scan_cpu
 from streamssm.kernels import ssd_scan, ssd_scan_pool
 from streamssm.kernels.ssd.reference import ssd_scan_ref
-from streamssm.testing import assert_close
+from streamssm.testing import assert_close, torch_threads
 from test_chunked_torch import ssd_inputs
 
 needs_compiler = pytest.mark.skipif(scan_cpu.library() is None, reason="no C++ compiler builds the CPU scan here")
@@ -132,12 +132,7 @@ def test_threads_give_the_same_bits():
     computed as on one thread, so the results are bit for bit the same."""
     t = inputs(2, 64, 8, 16, 2, 64, seed=8)
     results = []
-    before = torch.get_num_threads()
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            with torch.no_grad():
-                results.append(ssd_scan(**t, chunk_size=16, dt_softplus=True, return_final_state=True, backend="torch"))
-    finally:
-        torch.set_num_threads(before)
+    for threads in (1, 2):
+        with torch_threads(threads), torch.no_grad():
+            results.append(ssd_scan(**t, chunk_size=16, dt_softplus=True, return_final_state=True, backend="torch"))
     assert all(torch.equal(a, b) for a, b in zip(*results))

@@ -19,7 +19,7 @@ import functools
 
 import torch
 
-from streamssm.kernels.cpu_library import build_library, runs_in_c
+from streamssm.kernels.cpu_library import build_library, pointer, runs_in_c
 from streamssm.kernels.cpu_math import VECTOR_MATH
 
 _SOURCE = VECTOR_MATH + r"""
@@ -75,6 +75,7 @@ def library() -> ctypes.CDLL | None:
     """The compiled conv, or None where no C++ compiler builds it."""
     return build_library("causal_conv1d_cpu", _SOURCE, {"streamssm_causal_conv1d_f32": "iiiipiiipppipp"})
 
+
 def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             initial_state: torch.Tensor | None) -> bool:
     """Whether a call runs here: fp32 CPU tensors, no gradient wanted, not traced, a compiler."""
@@ -94,8 +95,7 @@ def causal_conv1d_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     state = None if initial_state is None else initial_state.contiguous()
     y = torch.empty(b, l, d)
     final = torch.empty(b, d, w - 1) if return_final_state else None
-    ptr = (lambda t: None if t is None else t.data_ptr())
-    library().streamssm_causal_conv1d_f32(b, d, l, w, x.data_ptr(), *x.stride(), weight_t.data_ptr(), ptr(bias),
-                                          ptr(state), int(activation == "silu"), y.data_ptr(), ptr(final))
+    library().streamssm_causal_conv1d_f32(b, d, l, w, x.data_ptr(), *x.stride(), weight_t.data_ptr(), pointer(bias),
+                                          pointer(state), int(activation == "silu"), y.data_ptr(), pointer(final))
     y = y.transpose(1, 2)
     return (y, final) if return_final_state else y

@@ -25,7 +25,7 @@ import functools
 import torch
 
 from streamssm.kernels._common import FLOAT_DTYPES
-from streamssm.kernels.cpu_library import build_library, runs_in_c
+from streamssm.kernels.cpu_library import build_library, pointer, runs_in_c, strided_rows
 from streamssm.kernels.cpu_math import PARALLEL_FOR, VECTOR_MATH
 
 _SOURCE = VECTOR_MATH + PARALLEL_FOR + r"""
@@ -119,6 +119,7 @@ def library() -> ctypes.CDLL | None:
     return build_library("selective_scan_cpu", _SOURCE,
                          {"streamssm_selective_scan_f32": "i" * 5 + "pii" * 5 + "pppippi"})
 
+
 def applies(B: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
     """Whether a call runs here: CPU, fp32/fp16/bf16, no gradient wanted, not traced, a compiler,
     d_state <= 256, and B/C groups that do not split a block of 16 channels (B (b, n, l) or
@@ -126,17 +127,6 @@ def applies(B: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
     d, n = tensors[0].shape[1], B.shape[-2]
     groups_fit = B.dim() == 3 or B.shape[1] == 1 or (d // B.shape[1]) % 16 == 0
     return groups_fit and n <= MAX_DSTATE and runs_in_c(library, (B, *tensors), FLOAT_DTYPES)
-
-
-def _channel_last(t: torch.Tensor | None) -> list:
-    """t (b, ..., l) -> [fp32 (b, l, ...) storage with its trailing dims contiguous, its (b, l)
-    strides]: the blocks' (b, d, l) views of channel-last tensors are read in place."""
-    if t is None:
-        return [None, 0, 0]
-    t = t.float().movedim(-1, 1)
-    if t.numel() == 0 or not t[0, 0].is_contiguous():
-        t = t.contiguous()
-    return [t, t.stride(0), t.stride(1)]
 
 
 def selective_scan_cpu(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -149,14 +139,14 @@ def selective_scan_cpu(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B:
     b, d, l = u.shape
     n = A.shape[1]
     g = 1 if B.dim() == 3 else B.shape[1]
-    inputs = [_channel_last(t) for t in (u, delta, z, B, C)]  # the tensors stay referenced through the call
+    # (b, ..., l) -> (b, l, ...): the blocks' views of channel-last tensors are read in place
+    inputs = [strided_rows(None if t is None else t.movedim(-1, 1)) for t in (u, delta, z, B, C)]
     A, D, bias = (None if t is None else t.float().contiguous() for t in (A, D, delta_bias))
     state = (torch.zeros(b, d, n) if initial_state is None
              else initial_state.to(torch.float32, copy=True).contiguous())
     y = torch.empty(b, l, d)
-    ptr = (lambda t: None if t is None else t.data_ptr())
-    library().streamssm_selective_scan_f32(b, l, d, n, g, *(v for t, sb, sl in inputs for v in (ptr(t), sb, sl)),
-                                           A.data_ptr(), ptr(D), ptr(bias), int(delta_softplus), state.data_ptr(),
+    library().streamssm_selective_scan_f32(b, l, d, n, g, *(v for t, sb, sl in inputs for v in (pointer(t), sb, sl)),
+                                           A.data_ptr(), pointer(D), pointer(bias), int(delta_softplus), state.data_ptr(),
                                            y.data_ptr(), torch.get_num_threads())
     y = y.to(u.dtype).transpose(1, 2)
     return (y, state) if return_final_state else y

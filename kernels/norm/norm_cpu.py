@@ -20,7 +20,7 @@ import functools
 
 import torch
 
-from streamssm.kernels.cpu_library import build_library, runs_in_c
+from streamssm.kernels.cpu_library import build_library, pointer, runs_in_c
 from streamssm.kernels.cpu_math import VECTOR_MATH
 
 _SOURCE = VECTOR_MATH + r"""
@@ -81,6 +81,7 @@ def library() -> ctypes.CDLL | None:
     return build_library("norm_cpu", _SOURCE, {"streamssm_gated_rms_norm_f32": "iiifpipipp",
                                                "streamssm_add_rms_norm_f32": "iifpipippp"})
 
+
 def applies(*tensors: torch.Tensor | None) -> bool:
     """Whether a call on these tensors (None: absent) runs here: fp32 CPU, no gradient wanted, not
     traced, a compiler."""
@@ -102,7 +103,7 @@ def gated_rms_norm_cpu(y: torch.Tensor, z: torch.Tensor | None, weight: torch.Te
     out = torch.empty(yr.shape)
     weight = weight.contiguous()
     library().streamssm_gated_rms_norm_f32(yr.shape[0], yr.shape[1], groups, eps, yr.data_ptr(), yr.stride(0),
-                                           None if zr is None else zr.data_ptr(), 0 if zr is None else zr.stride(0),
+                                           pointer(zr), 0 if zr is None else zr.stride(0),
                                            weight.data_ptr(), out.data_ptr())
     return out.view(y.shape)
 

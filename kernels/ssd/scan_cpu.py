@@ -29,7 +29,7 @@ import functools
 import torch
 
 from streamssm.kernels._common import FLOAT_DTYPES
-from streamssm.kernels.cpu_library import build_library, runs_in_c
+from streamssm.kernels.cpu_library import build_library, pointer, runs_in_c, strided_rows
 from streamssm.kernels.cpu_math import PARALLEL_FOR, VECTOR_MATH
 
 _SOURCE = VECTOR_MATH + PARALLEL_FOR + r"""
@@ -229,25 +229,11 @@ def library() -> ctypes.CDLL | None:
     C++ compiler builds it."""
     return build_library("ssd_scan_cpu", _SOURCE, {"streamssm_ssd_scan_f32": "i" * 6 + "pii" * 5 + "ppipipiipppi"})
 
+
 def applies(*tensors: torch.Tensor | None) -> bool:
     """Whether a call on these tensors (None: absent) runs here: CPU, fp32/fp16/bf16, no gradient
     wanted, not traced, a compiler."""
     return runs_in_c(library, tensors, FLOAT_DTYPES)
-
-
-def _strided(t: torch.Tensor | None) -> list:
-    """t (b, l, ...) -> [fp32 t with its trailing dims contiguous (copied only where they are
-    not), its (b, l) strides], or [None, 0, 0]."""
-    if t is None:
-        return [None, 0, 0]
-    t = t.float()
-    if t.numel() == 0 or not t[0, 0].is_contiguous():
-        t = t.contiguous()
-    return [t, t.stride(0), t.stride(1)]
-
-
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
 
 
 def scan_into(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
@@ -262,15 +248,15 @@ def scan_into(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.T
     the D and z terms. Needs :func:`library`."""
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
-    strided = [_strided(t) for t in (x, dt, input_weight, B, C)]
+    strided = [strided_rows(t) for t in (x, dt, input_weight, B, C)]
     A, dt_bias, D = (None if t is None else t.float().contiguous() for t in (A, dt_bias, D))
-    z, szb, szl = _strided(z)
+    z, szb, szl = strided_rows(z)
     rows = None if rows is None else rows.to(torch.int64).contiguous()
     y = torch.empty(b, l, h, p)
     library().streamssm_ssd_scan_f32(
-        b, l, h, p, n, g, *(v for t, sb, sl in strided for v in (_ptr(t), sb, sl)), A.data_ptr(), _ptr(dt_bias),
-        int(dt_softplus), _ptr(D), int(D is not None and D.dim() == 2), _ptr(z), szb, szl, state.data_ptr(),
-        _ptr(rows), y.data_ptr(), torch.get_num_threads())
+        b, l, h, p, n, g, *(v for t, sb, sl in strided for v in (pointer(t), sb, sl)), A.data_ptr(), pointer(dt_bias),
+        int(dt_softplus), pointer(D), int(D is not None and D.dim() == 2), pointer(z), szb, szl, state.data_ptr(),
+        pointer(rows), y.data_ptr(), torch.get_num_threads())
     return y
 
 
