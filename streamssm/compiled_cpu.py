@@ -21,6 +21,13 @@ state is touched). A longer segment runs as consecutive calls of at most PREPARE
 through the same programs. After that, nothing compiles: a call no program covers runs eagerly
 (logged once) rather than stalling the caller for a compile (issue 19: 69 s in a server's hot path).
 Outputs and states equal the eager engine's to fp32 tolerance (tests/test_compiled_cpu.py).
+
+Since the eager engine's calls run C kernels (``kernels/cpu_library.py``: the scans, conv, norms,
+scores), which a traced call steps around, compiled chunked calls are the slower ones: the demo's
+audio model at 12 streams x 320 samples, 1 thread, 20.9 ms (median) compiled vs 10.3 ms eager
+(2026-12-07, after a 76 s first-call compile); its one-sample pool step is still ~1.1x faster
+compiled (``bench_cpu.py --suite targets``). Registering the C kernels as custom ops would let a
+traced call use them too.
 """
 
 from __future__ import annotations
