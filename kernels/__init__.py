@@ -99,7 +99,7 @@ def selective_scan(
     elif choice == "torch":
         from streamssm.kernels.mamba1 import scan_cpu
 
-        if scan_cpu.applies(B, u, delta, A, C, D, z, delta_bias, initial_state):  # no gradient, CPU: C
+        if scan_cpu.applies(u, B, delta, A, C, D, z, delta_bias, initial_state):  # no gradient, CPU: C
             impl = scan_cpu.selective_scan_cpu
         else:
             from streamssm.kernels.mamba1.chunked_torch import selective_scan_chunked as impl

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from typing import Callable
 import hashlib
 import logging
 import os
@@ -23,8 +22,11 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
+
+from streamssm.kernels._common import needs_grad
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +53,6 @@ def runs_in_c(library: Callable[[], ctypes.CDLL | None], tensors: tuple[torch.Te
               dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:
     """Whether a call on ``tensors`` (None: absent) takes a C kernel of ``library``: CPU tensors of
     ``dtypes``, no gradient wanted, not traced by torch.compile, and the library built."""
-    from streamssm.kernels._common import needs_grad
-
     present = [t for t in tensors if t is not None]
     return (all(t.device.type == "cpu" and t.dtype in dtypes for t in present) and not needs_grad(*present)
             and not torch.compiler.is_compiling() and library() is not None)

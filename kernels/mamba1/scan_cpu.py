@@ -120,13 +120,13 @@ def library() -> ctypes.CDLL | None:
                          {"streamssm_selective_scan_f32": "i" * 5 + "pii" * 5 + "pppippi"})
 
 
-def applies(B: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
-    """Whether a call runs here: CPU, fp32/fp16/bf16, no gradient wanted, not traced, a compiler,
-    d_state <= 256, and B/C groups that do not split a block of 16 channels (B (b, n, l) or
-    (b, g, n, l) with d / g a multiple of 16)."""
-    d, n = tensors[0].shape[1], B.shape[-2]
+def applies(u: torch.Tensor, B: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """Whether a call on u (b, d, l), B and ``others`` (None: absent) runs here: CPU, fp32/fp16/bf16,
+    no gradient wanted, not traced, a compiler, d_state <= 256, and B/C groups that do not split a
+    block of 16 channels (B (b, n, l) or (b, g, n, l) with d / g a multiple of 16)."""
+    d, n = u.shape[1], B.shape[-2]
     groups_fit = B.dim() == 3 or B.shape[1] == 1 or (d // B.shape[1]) % 16 == 0
-    return groups_fit and n <= MAX_DSTATE and runs_in_c(library, (B, *tensors), FLOAT_DTYPES)
+    return groups_fit and n <= MAX_DSTATE and runs_in_c(library, (u, B, *others), FLOAT_DTYPES)
 
 
 def selective_scan_cpu(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
