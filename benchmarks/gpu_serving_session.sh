@@ -8,7 +8,7 @@
 #     bash benchmarks/gpu_serving_session.sh kernels   # ~10 min: SSD S1-S3 vs mamba-ssm and fla; SSD inference forward; conv1d vs cuDNN
 #     bash benchmarks/gpu_serving_session.sh serving   # ~10 min: engine, host cost, service (1 and 4 workers)
 #     bash benchmarks/gpu_serving_session.sh mamba3    # ~8 min: Mamba-3 vs Mamba-2 at S1, chunk 64, eager + graphs, twice; profile
-#     bash benchmarks/gpu_serving_session.sh mamba3_peer  # ~8 min: the op beside mamba-ssm's Mamba-3 (its autotuning: minutes)
+#     [PEER_SHAPES=S3] bash benchmarks/gpu_serving_session.sh mamba3_peer  # ~8 min: the op beside mamba-ssm's Mamba-3 (S1,S2)
 #     bash benchmarks/gpu_serving_session.sh engine_knobs  # ~4 min: engine-process CPU per chunk (paced) vs streams, batch wait, flush delay
 #     bash benchmarks/gpu_serving_session.sh pipeline_fill  # ~9 min: engine process and service --workers 4 vs --pipeline-fill
 #     bash benchmarks/gpu_serving_session.sh service_edge  # ~3 min: service --workers 4 at 384 and 448 clients, fill 1 and 2
@@ -109,8 +109,10 @@ mamba3() {
 }
 
 mamba3_peer() {
-    echo "== the Mamba-3 op beside mamba-ssm's at S1 and S2, chunk 64 (its autotuning ran past 240 s twice)"
-    timeout 480 python benchmarks/bench_mamba3.py --shapes S1,S2 --levels op --chunks 64 --peer \
+    # PEER_SHAPES=S3 for the third shape (S1,S2 with the carried autotuning: ~4 min on 2026-12-07)
+    local shapes=${PEER_SHAPES:-S1,S2}
+    echo "== the Mamba-3 op beside mamba-ssm's at $shapes, chunk 64 (its cold autotuning ran past 240 s twice)"
+    timeout 480 python benchmarks/bench_mamba3.py --shapes "$shapes" --levels op --chunks 64 --peer \
         --out "$OUT/mamba3_peer.md" 2>&1 | grep -E '^[{|]'
 }
 
