@@ -14,6 +14,7 @@
 #     bash benchmarks/gpu_serving_session.sh service_edge  # ~3 min: service --workers 4 at 384 and 448 clients, fill 1 and 2
 #     bash benchmarks/gpu_serving_session.sh service_400  # ~4 min: the same at 400-448 clients, fill 2 and 3
 #     bash benchmarks/gpu_serving_session.sh ssd_memory  # ~9 min: SSD S1/S2 and Mamba-1 M1 with peak memory, vs the peers
+#     [BASE_WHEEL=w] bash benchmarks/gpu_serving_session.sh ssd_bwd  # ~10 min: SSD S1/S2 fwd+bwd (base, this, peers); tests
 #     bash benchmarks/gpu_serving_session.sh rotary    # ~8 min: Mamba-3 GPU tests; rotation kernels vs 5de9c7b's, config sweep
 #     BASE_SITE=/tmp/base_site bash benchmarks/gpu_serving_session.sh engine_pair
 #                                                      # ~3 min: engine-process CPU per chunk, a base install vs this tree
@@ -185,6 +186,24 @@ service_400() {
     service_runs service_400.md "2 400,416" "3 400,448"
 }
 
+ssd_bwd() {
+    # the SSD backward with K = dL/d(C_t . B_s) summed over a group's heads (one K.B and one K^T.C per group,
+    # not per head; dy . x^T once per head, not twice): this wheel against a base install ($BASE_WHEEL, e.g. the
+    # commit before) in the same call, then the peers; last the GPU tests vs float64 (cold autotuning: minutes)
+    if [ -s "${BASE_WHEEL:-}" ]; then
+        python -m pip install -q --no-index --no-deps --no-compile --target /tmp/base_site "$BASE_WHEEL" || return 1
+        echo "== SSD S1, S2 fwd+bwd, base install ($BASE_WHEEL)"
+        PYTHONPATH=/tmp/base_site:$PYTHONPATH timeout 120 python benchmarks/bench_ssd.py --shapes S1,S2 --no-eager \
+            --peers none --no-verify --out "$OUT/ssd_bwd_base.md" 2>&1 | grep -E '^[|]'
+    fi
+    echo "== SSD S1, S2 fwd+bwd, this wheel beside mamba-ssm and fla; S1 kernel by kernel"
+    timeout 270 python benchmarks/bench_ssd.py --shapes S1,S2 --no-eager --verify-shapes S1 --profile S1 \
+        --out "$OUT/ssd_bwd.md"
+    echo "== GPU tests: SSD vs float64 (bf16, fp32)"
+    timeout 150 python -m pytest -q -p no:randomly -m gpu tests/test_ssd_kernel.py \
+        -k "test_gpu_matches_float64 or test_gpu_packed_matches_reference" 2>&1 | tail -n 8 | tee "$OUT/ssd_tests.txt"
+}
+
 rotary() {
     # the rotation kernels before today's instruction diet (5de9c7b: libdevice cos/sin after a float64 division,
     # int64 offsets per element) beside this tree's; the Mamba-3 layer: part mamba3
@@ -227,9 +246,10 @@ case "$part" in
     service_edge) service_edge ;;
     service_400) service_400 ;;
     ssd_memory) ssd_memory ;;
+    ssd_bwd) ssd_bwd ;;
     rotary) rotary ;;
     engine_pair) engine_pair ;;
     all) tests; conv_tests; kernels; serving ;;
-    *) echo "usage: $0 [tests|conv_tests|kernels|serving|mamba3|mamba3_peer|engine_knobs|pipeline_fill|service_edge|service_400|ssd_memory|rotary|engine_pair|all]" >&2; exit 2 ;;
+    *) echo "usage: $0 [tests|conv_tests|kernels|serving|mamba3|mamba3_peer|engine_knobs|pipeline_fill|service_edge|service_400|ssd_memory|ssd_bwd|rotary|engine_pair|all]" >&2; exit 2 ;;
 esac
 echo "== tables in $OUT"

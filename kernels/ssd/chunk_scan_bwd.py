@@ -3,21 +3,24 @@
 Shape legend: L packed tokens, H heads, G groups, P headdim, N dstate, T chunks, Q chunk_size.
 Inputs per chunk c and head: dy (gradient of the ungated output), S_in = state entering the
 chunk, dS = gradient of the state leaving it (from the state-passing backward). With
-decay_ts = exp(Acs_t - Acs_s) for s <= t and M_ts = (C_t . B_s) decay_ts dt_s (dy_t . x_s)::
+decay_ts = exp(Acs_t - Acs_s) for s <= t, k_ts = decay_ts dt_s (dy_t . x_s) per head and
+K_ts = sum of k_ts over the heads of a group (dL/d(C_t . B_s))::
 
-    dC_t   = exp(Acs_t) dy_t S_in + sum_{s <= t} decay_ts dt_s (dy_t . x_s) B_s
+    dC_t   = sum_h exp(Acs_t) dy_t S_in + sum_{s <= t} K_ts B_s
+    dB_s   = sum_h exp(Acs_last - Acs_s) dt_s x_s dS + sum_{t >= s} K_ts C_t
     dx_s   = dt_s [sum_{t >= s} (C_t . B_s) decay_ts dy_t + exp(Acs_last - Acs_s) dS B_s] + D dy_s
-    dB_s   = dt_s [sum_{t >= s} decay_ts (dy_t . x_s) C_t + exp(Acs_last - Acs_s) x_s dS]
     ddt_s  = x_s . dx_s (without D) / dt_s                       (the dt * x products)
     dAcs_t = dy_t . (exp(Acs_t) S_in C_t) + sum_s M_ts - sum_t' M_t's - W_t,
-             W_s = exp(Acs_last - Acs_s) dt_s <dS, x_s B_s^T>,  and dAcs_last += sum_s W_s
+             M_ts = k_ts (C_t . B_s),  W_s = exp(Acs_last - Acs_s) dt_s <dS, x_s B_s^T>,  dAcs_last += sum_s W_s
 
-The products C_t . B_s are read from the per-chunk, per-group CB (T, G, Q, Q) of ``bmm_chunk.py``
-(recomputed for the backward by that one small kernel, so nothing O(L*G*Q) is kept between the
-passes). dC and dB sum over the heads of their group: each program loops over some of its group's
-heads and, where a group's heads are split over several programs (to fill the GPU), adds
-into an fp32 buffer with atomics. The dC kernel writes dAcs; the dx kernel, launched after
-it, adds its part.
+Two kernels over (chunk, group, BLOCK_T-row block). The dC kernel (rows t) walks the chunk's
+column tiles s and, inside, the group's heads: each head's k and M once, K summed over the heads
+in registers, so K·B (and later Kᵀ·C) is one product per group rather than one per head; it
+writes dC, K (T, G, Q, Q) fp32, the t-indexed dAcs terms, and adds the s-indexed ones atomically.
+The dx kernel (rows s) loops over the heads for dx, ddt, dD and the state parts of dB, then adds
+Kᵀ·C once. The products C_t . B_s are read from the per-chunk, per-group CB (T, G, Q, Q) of
+``bmm_chunk.py`` (recomputed for the backward). Where a group's heads are split over several
+programs (to fill the GPU), dB, dC and K are summed with fp32 atomics.
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ def _bwd_program(p_cstart, p_clen, P, N, heads_per_group, heads_per_prog,
 
 
 @triton.autotune(configs=autotune_configs(_configs(_DC_TILES), _INTERPRET_CONFIG), key=_KEY,
-                 restore_value=["p_dC"])
+                 restore_value=["p_dC", "p_dcb"], reset_to_zero=["p_ddA_col"])
 @triton.jit
 def _chunk_scan_bwd_dc_kernel(
     # pointers
@@ -85,8 +88,10 @@ def _chunk_scan_bwd_dc_kernel(
     p_dt_out, p_dA_cs,  # (T, H, Q) fp32
     p_states,  # (T, H, P, N) fp32 states entering each chunk
     p_cb,  # (T, G, Q, Q) C_t . B_s, causal part (bmm_chunk.py)
-    p_dC,  # (L, G, N) out, contiguous (fp32 and zeroed when ATOMIC)
-    p_ddA_cs,  # (T, H, Q) fp32 out: dAcs (in-chunk and S_in parts)
+    p_dC,  # (L, G, N) fp32 out (zeroed when ATOMIC)
+    p_dcb,  # (T, G, Q, Q) fp32 out: K, causal part (zeroed when ATOMIC)
+    p_ddA_row,  # (T, H, Q) fp32 out: the t-indexed dAcs terms
+    p_ddA_col,  # (T, H, Q) fp32, zeroed: the s-indexed in-chunk dAcs terms, added atomically
     p_cstart, p_clen,
     # dimensions
     H, G, P, N, heads_per_group, heads_per_prog,
@@ -94,7 +99,7 @@ def _chunk_scan_bwd_dc_kernel(
     s_x_l, s_x_h, s_x_p, s_b_l, s_b_g, s_b_n, s_c_l, s_c_g, s_c_n, s_dy_l, s_dy_h, s_dy_p,
     # meta-parameters
     CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PREC: tl.constexpr, ATOMIC: tl.constexpr,
+    BLOCK_H: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC: tl.constexpr,
 ):
     i_c, clen, start, i_g, h0, t0, o_t, m_t, o_p, m_p, o_n, m_n = _bwd_program(
         p_cstart, p_clen, P, N, heads_per_group, heads_per_prog, BLOCK_T, BLOCK_P, BLOCK_N)
@@ -102,43 +107,59 @@ def _chunk_scan_bwd_dc_kernel(
         return
     tok_t = start + o_t
     m_tn = m_t[:, None] & m_n[None, :]
+    m_tp = m_t[:, None] & m_p[None, :]
+    o_hh = tl.arange(0, BLOCK_H)
+    heads = (i_c.to(tl.int64) * H + h0) * CHUNK  # offset of the program's first head in the (T, H, Q) tables
     b_C = tl.load(p_C + tok_t[:, None] * s_c_l + i_g * s_c_g + o_n[None, :] * s_c_n, mask=m_tn, other=0.0)
-    p_cb_c = p_cb + (i_c.to(tl.int64) * G + i_g) * CHUNK * CHUNK + o_t[:, None] * CHUNK  # rows t
     acc_dC = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-    for hh in range(0, heads_per_prog):
+    acc_rows = tl.zeros((BLOCK_H, BLOCK_T), dtype=tl.float32)  # the t-indexed dAcs terms of each head
+    for hh in range(0, heads_per_prog):  # through the state entering the chunk
         i_h = h0 + hh
-        base = (i_c.to(tl.int64) * H + i_h) * CHUNK
-        b_acs_t = tl.load(p_dA_cs + base + o_t, mask=m_t, other=0.0)
-        b_dy = tl.load(p_dy + tok_t[:, None] * s_dy_l + i_h * s_dy_h + o_p[None, :] * s_dy_p,
-                       mask=m_t[:, None] & m_p[None, :], other=0.0)  # (BLOCK_T, BLOCK_P)
+        b_acs_t = tl.load(p_dA_cs + heads + hh * CHUNK + o_t, mask=m_t, other=0.0)
+        b_dy = tl.load(p_dy + tok_t[:, None] * s_dy_l + i_h * s_dy_h + o_p[None, :] * s_dy_p, mask=m_tp, other=0.0)
         b_S = tl.load(p_states + ((i_c.to(tl.int64) * H + i_h) * P + o_p[:, None]) * N + o_n[None, :],
                       mask=m_p[:, None] & m_n[None, :], other=0.0)  # (BLOCK_P, BLOCK_N)
         b_dcs = tl.dot(b_dy, b_S.to(b_dy.dtype), input_precision=DOT_PREC) * tl.exp(b_acs_t)[:, None]
-        b_dacs = tl.sum(b_dcs * b_C.to(tl.float32), axis=1)
+        acc_rows += tl.where(o_hh[:, None] == hh, tl.sum(b_dcs * b_C.to(tl.float32), axis=1)[None, :], 0.0)
         acc_dC += b_dcs
-        for s0 in range(0, tl.minimum(t0 + BLOCK_T, clen), BLOCK_I):
-            o_s = s0 + tl.arange(0, BLOCK_I)
-            m_s = o_s < clen
-            tok_s = start + o_s
-            b_xt = tl.load(p_x + tok_s[None, :] * s_x_l + i_h * s_x_h + o_p[:, None] * s_x_p,
-                           mask=m_p[:, None] & m_s[None, :], other=0.0)  # (BLOCK_P, BLOCK_I)
-            b_dyx = tl.dot(b_dy, b_xt.to(b_dy.dtype), input_precision=DOT_PREC)  # (t, s)
+    p_cb_c = (i_c.to(tl.int64) * G + i_g) * CHUNK * CHUNK + o_t[:, None] * CHUNK  # rows t of CB and K
+    for s0 in range(0, tl.minimum(t0 + BLOCK_T, clen), BLOCK_I):  # in-chunk: column tiles, then heads
+        o_s = s0 + tl.arange(0, BLOCK_I)
+        m_s = o_s < clen
+        tok_s = start + o_s
+        causal = (o_t[:, None] >= o_s[None, :]) & m_s[None, :]
+        b_cb = tl.load(p_cb + p_cb_c + o_s[None, :], mask=causal & m_t[:, None], other=0.0).to(tl.float32)
+        acc_k = tl.zeros((BLOCK_T, BLOCK_I), dtype=tl.float32)
+        for hh in range(0, heads_per_prog):
+            i_h = h0 + hh
+            base = heads + hh * CHUNK
+            b_acs_t = tl.load(p_dA_cs + base + o_t, mask=m_t, other=0.0)
             b_acs_s = tl.load(p_dA_cs + base + o_s, mask=m_s, other=0.0)
             b_dt_s = tl.load(p_dt_out + base + o_s, mask=m_s, other=0.0)
-            causal = (o_t[:, None] >= o_s[None, :]) & m_s[None, :]
-            b_k = b_dyx * tl.exp(tl.where(causal, b_acs_t[:, None] - b_acs_s[None, :], float("-inf")))
-            b_k *= b_dt_s[None, :]
-            b_Bs = tl.load(p_B + tok_s[:, None] * s_b_l + i_g * s_b_g + o_n[None, :] * s_b_n,
-                           mask=m_s[:, None] & m_n[None, :], other=0.0)  # (BLOCK_I, BLOCK_N)
-            acc_dC += tl.dot(b_k.to(b_Bs.dtype), b_Bs, input_precision=DOT_PREC)
-            b_cb = tl.load(p_cb_c + o_s[None, :], mask=causal & m_t[:, None], other=0.0)  # (t, s)
-            b_dacs += tl.sum(b_k * b_cb.to(tl.float32), axis=1)
-        tl.store(p_ddA_cs + base + o_t, b_dacs, mask=m_t)
+            b_dy = tl.load(p_dy + tok_t[:, None] * s_dy_l + i_h * s_dy_h + o_p[None, :] * s_dy_p,
+                           mask=m_tp, other=0.0)  # (BLOCK_T, BLOCK_P)
+            b_xt = tl.load(p_x + tok_s[None, :] * s_x_l + i_h * s_x_h + o_p[:, None] * s_x_p,
+                           mask=m_p[:, None] & m_s[None, :], other=0.0)  # (BLOCK_P, BLOCK_I)
+            b_k = tl.dot(b_dy, b_xt.to(b_dy.dtype), input_precision=DOT_PREC)  # (t, s): dy_t . x_s
+            b_k *= tl.exp(tl.where(causal, b_acs_t[:, None] - b_acs_s[None, :], float("-inf"))) * b_dt_s[None, :]
+            b_m = b_k * b_cb
+            acc_rows += tl.where(o_hh[:, None] == hh, tl.sum(b_m, axis=1)[None, :], 0.0)
+            tl.atomic_add(p_ddA_col + base + o_s, -tl.sum(b_m, axis=0), mask=m_s, sem="relaxed")
+            acc_k += b_k
+        b_Bs = tl.load(p_B + tok_s[:, None] * s_b_l + i_g * s_b_g + o_n[None, :] * s_b_n,
+                       mask=m_s[:, None] & m_n[None, :], other=0.0)  # (BLOCK_I, BLOCK_N)
+        acc_dC += tl.dot(acc_k.to(b_Bs.dtype), b_Bs, input_precision=DOT_PREC)
+        if ATOMIC:  # several programs share this group's heads
+            tl.atomic_add(p_dcb + p_cb_c + o_s[None, :], acc_k, mask=m_t[:, None] & m_s[None, :], sem="relaxed")
+        else:
+            tl.store(p_dcb + p_cb_c + o_s[None, :], acc_k, mask=m_t[:, None] & m_s[None, :])
+    tl.store(p_ddA_row + heads + o_hh[:, None] * CHUNK + o_t[None, :], acc_rows,
+             mask=(o_hh < heads_per_prog)[:, None] & m_t[None, :])
     o_dC = tok_t[:, None] * (G * N) + i_g * N + o_n[None, :]
-    if ATOMIC:  # several programs share this group's heads
+    if ATOMIC:
         tl.atomic_add(p_dC + o_dC, acc_dC, mask=m_tn, sem="relaxed")
     else:
-        tl.store(p_dC + o_dC, acc_dC.to(p_dC.dtype.element_ty), mask=m_tn)
+        tl.store(p_dC + o_dC, acc_dC, mask=m_tn)
 
 
 @triton.autotune(configs=autotune_configs(_configs(_DX_TILES), _INTERPRET_CONFIG), key=_KEY,
@@ -153,9 +174,11 @@ def _chunk_scan_bwd_dx_kernel(
     p_dt_out, p_dA_cs,  # (T, H, Q) fp32
     p_dstates,  # (T, H, P, N) fp32 gradient of the state leaving each chunk
     p_cb,  # (T, G, Q, Q) C_t . B_s, causal part (bmm_chunk.py)
+    p_dcb,  # (T, G, Q, Q) fp32 K from the dC kernel
     p_dx,  # (L, H, P) out, contiguous
     p_dB,  # (L, G, N) out, contiguous (fp32 and zeroed when ATOMIC)
-    p_ddA_cs,  # (T, H, Q) fp32 in/out: adds the s-indexed dAcs terms
+    p_ddA_cs,  # (T, H, Q) fp32 in: the dC kernel's t-indexed terms; out: dAcs
+    p_ddA_col,  # (T, H, Q) fp32 in: the dC kernel's s-indexed terms
     p_ddt,  # (T, H, Q) fp32 out: gradient of dt through the dt * x products
     p_ddA_last,  # (T, H) fp32, accumulated atomically
     p_dD_part,  # (T * num_sb, H, P) fp32 out: partial sums of dy * x; per-token D: (L, H), dD itself
@@ -176,7 +199,7 @@ def _chunk_scan_bwd_dx_kernel(
     m_sn = m_s[:, None] & m_n[None, :]
     m_sp = m_s[:, None] & m_p[None, :]
     b_B = tl.load(p_B + tok_s[:, None] * s_b_l + i_g * s_b_g + o_n[None, :] * s_b_n, mask=m_sn, other=0.0)
-    p_cb_c = p_cb + (i_c.to(tl.int64) * G + i_g) * CHUNK * CHUNK + o_s[:, None]  # columns s
+    p_cb_c = (i_c.to(tl.int64) * G + i_g) * CHUNK * CHUNK + o_s[:, None]  # columns s of CB and K
     acc_dB = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     for hh in range(0, heads_per_prog):
         i_h = h0 + hh
@@ -192,25 +215,16 @@ def _chunk_scan_bwd_dx_kernel(
         acc_dx = tl.dot(b_B, tl.trans(b_dS), input_precision=DOT_PREC) * b_wl[:, None]
         acc_dB += tl.dot(b_x.to(b_dS.dtype), b_dS, input_precision=DOT_PREC) * (b_wl * b_dt_s)[:, None]
         b_w = b_dt_s * tl.sum(b_x.to(tl.float32) * acc_dx, axis=1)
-        b_dacs = -b_w
         for t0 in range(s0, clen, BLOCK_I):
             o_t = t0 + tl.arange(0, BLOCK_I)
             m_t = o_t < clen
-            tok_t = start + o_t
-            b_dy = tl.load(p_dy + tok_t[:, None] * s_dy_l + i_h * s_dy_h + o_p[None, :] * s_dy_p,
+            b_dy = tl.load(p_dy + (start + o_t)[:, None] * s_dy_l + i_h * s_dy_h + o_p[None, :] * s_dy_p,
                            mask=m_t[:, None] & m_p[None, :], other=0.0)  # (BLOCK_I, BLOCK_P)
-            b_C = tl.load(p_C + tok_t[:, None] * s_c_l + i_g * s_c_g + o_n[None, :] * s_c_n,
-                          mask=m_t[:, None] & m_n[None, :], other=0.0)  # (BLOCK_I, BLOCK_N)
             b_acs_t = tl.load(p_dA_cs + base + o_t, mask=m_t, other=0.0)
             causal = (o_t[None, :] >= o_s[:, None]) & m_t[None, :]
             b_decay = tl.exp(tl.where(causal, b_acs_t[None, :] - b_acs_s[:, None], float("-inf")))  # (s, t)
-            b_cbt = tl.load(p_cb_c + o_t[None, :] * CHUNK, mask=causal & m_s[:, None], other=0.0)  # (s, t)
-            b_g = b_cbt.to(tl.float32) * b_decay
-            acc_dx += tl.dot(b_g.to(b_dy.dtype), b_dy, input_precision=DOT_PREC)
-            b_dyx = tl.dot(b_x.to(b_dy.dtype), tl.trans(b_dy), input_precision=DOT_PREC)  # (s, t)
-            b_hm = b_dyx * b_decay * b_dt_s[:, None]
-            acc_dB += tl.dot(b_hm.to(b_C.dtype), b_C, input_precision=DOT_PREC)
-            b_dacs -= tl.sum(b_g * b_dyx, axis=1) * b_dt_s
+            b_cbt = tl.load(p_cb + p_cb_c + o_t[None, :] * CHUNK, mask=causal & m_s[:, None], other=0.0)  # (s, t)
+            acc_dx += tl.dot((b_cbt.to(tl.float32) * b_decay).to(b_dy.dtype), b_dy, input_precision=DOT_PREC)
         tl.store(p_ddt + base + o_s, tl.sum(acc_dx * b_x.to(tl.float32), axis=1), mask=m_s)
         b_dx = acc_dx * b_dt_s[:, None]
         if D_KIND != 0:
@@ -223,9 +237,19 @@ def _chunk_scan_bwd_dx_kernel(
                 o_part = ((i_c.to(tl.int64) * tl.num_programs(2) + tl.program_id(2)) * H + i_h) * P + o_p
                 tl.store(p_dD_part + o_part, tl.sum(b_dys * b_x.to(tl.float32), axis=0), mask=m_p)
         tl.store(p_dx + tok_s[:, None] * (H * P) + i_h * P + o_p[None, :], b_dx.to(p_dx.dtype.element_ty), mask=m_sp)
-        b_prev = tl.load(p_ddA_cs + base + o_s, mask=m_s, other=0.0)
-        tl.store(p_ddA_cs + base + o_s, b_prev + b_dacs, mask=m_s)
+        b_terms = tl.load(p_ddA_cs + base + o_s, mask=m_s, other=0.0) + tl.load(p_ddA_col + base + o_s, mask=m_s,
+                                                                                 other=0.0)
+        tl.store(p_ddA_cs + base + o_s, b_terms - b_w, mask=m_s)
         tl.atomic_add(p_ddA_last + i_c.to(tl.int64) * H + i_h, tl.sum(b_w), sem="relaxed")
+    if h0 == i_g * heads_per_group:  # in-chunk dB_s = sum_t K_ts C_t: once per group, by its first head split
+        for t0 in range(s0, clen, BLOCK_I):
+            o_t = t0 + tl.arange(0, BLOCK_I)
+            m_t = o_t < clen
+            causal = (o_t[None, :] >= o_s[:, None]) & m_t[None, :]
+            b_kt = tl.load(p_dcb + p_cb_c + o_t[None, :] * CHUNK, mask=causal & m_s[:, None], other=0.0)  # (s, t)
+            b_C = tl.load(p_C + (start + o_t)[:, None] * s_c_l + i_g * s_c_g + o_n[None, :] * s_c_n,
+                          mask=m_t[:, None] & m_n[None, :], other=0.0)  # (BLOCK_I, BLOCK_N)
+            acc_dB += tl.dot(b_kt.to(b_C.dtype), b_C, input_precision=DOT_PREC)
     o_dB = tok_s[:, None] * (G * N) + i_g * N + o_n[None, :]
     if ATOMIC:  # several programs share this group's heads
         tl.atomic_add(p_dB + o_dB, acc_dB, mask=m_sn, sem="relaxed")
@@ -233,17 +257,16 @@ def _chunk_scan_bwd_dx_kernel(
         tl.store(p_dB + o_dB, acc_dB.to(p_dB.dtype.element_ty), mask=m_sn)
 
 
-
-
-def _heads_per_program(heads_per_group: int, programs: int, target: int = 2048) -> int:
+def _heads_per_program(heads_per_group: int, programs: int, target: int = 2048, most: int = 64) -> int:
     """Heads one program loops over: all of its group's, unless that leaves fewer than ``target``
-    programs; then the largest divisor that reaches it (dB/dC then summed with atomics)."""
+    programs or more than ``most`` heads (the dC kernel keeps a row of dAcs terms per head in
+    registers); then the largest divisor that meets both (dB, dC and K then summed with atomics)."""
     if interpreting():
         return max(1, heads_per_group // 2) if heads_per_group % 2 == 0 else heads_per_group
     best = 1
     for d in range(heads_per_group, 0, -1):
-        if heads_per_group % d == 0:
-            best = d
+        if heads_per_group % d == 0 and d <= most:
+            best = max(best, d)
             if programs * (heads_per_group // d) >= target:
                 return d
     return best
@@ -256,8 +279,8 @@ def _chunk_scan_bwd(x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, cb: torch
 
     x, dy (L, H, P); B, C (L, G, N); cb (T, G, Q, Q) from ``_chunk_cb_fwd``. Returns (dx, dB, dC,
     ddA_cs (T, H, Q), ddt_direct (T, H, Q), dD or None); ``ddA_last`` (T, H) gets the chunk-end terms added in place.
-    dB and dC are fp32 when a group's heads are split over programs (atomics), else in B's and C's
-    dtypes: the caller casts them once its own temporaries are freed, so that the casts' copies do
+    dC is fp32, and dB too when a group's heads are split over programs (atomics), else in B's
+    dtype: the caller casts them once its own temporaries are freed, so that the casts' copies do
     not add to the backward's peak memory (they did at S1: 16 MiB).
     """
     L, H, P = x.shape
@@ -268,20 +291,20 @@ def _chunk_scan_bwd(x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, cb: torch
     heads_per_group = H // G
     heads_per_prog = _heads_per_program(heads_per_group, T * G * num_tb)
     atomic = heads_per_prog < heads_per_group
+    f32 = dict(device=x.device, dtype=torch.float32)
+    new = torch.zeros if atomic else torch.empty
     dx = torch.empty(L, H, P, device=x.device, dtype=x.dtype)
-    if atomic:
-        dB = torch.zeros(L, G, N, device=x.device, dtype=torch.float32)
-        dC = torch.zeros(L, G, N, device=x.device, dtype=torch.float32)
-    else:
-        dB = torch.empty(L, G, N, device=x.device, dtype=B.dtype)
-        dC = torch.empty(L, G, N, device=x.device, dtype=C.dtype)
-    ddA_cs = torch.empty(T, H, Q, device=x.device, dtype=torch.float32)
+    dB = torch.zeros(L, G, N, **f32) if atomic else torch.empty(L, G, N, device=x.device, dtype=B.dtype)
+    dC = new(L, G, N, **f32)
+    dcb = new(T, G, Q, Q, **f32)  # K: dL/d(C_t . B_s) summed over each group's heads
+    ddA_cs = torch.empty(T, H, Q, **f32)
+    ddA_col = torch.zeros(T, H, Q, **f32)
     ddt = torch.empty_like(ddA_cs)
     kind = skip_kind(D)
     if kind == PER_TOKEN:
-        dD_part = torch.empty(L, H, device=x.device, dtype=torch.float32)
+        dD_part = torch.empty(L, H, **f32)
     elif D is not None:
-        dD_part = torch.zeros(T * num_tb, H, P, device=x.device, dtype=torch.float32)
+        dD_part = torch.zeros(T * num_tb, H, P, **f32)
     else:
         dD_part = ddt
     prec = dot_precision(x.dtype)
@@ -292,13 +315,14 @@ def _chunk_scan_bwd(x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, cb: torch
         return (T, G * (heads_per_group // heads_per_prog), triton.cdiv(Q, meta["BLOCK_T"]))
 
     _chunk_scan_bwd_dc_kernel[grid](
-        x, B, C, dy, dt_out, dA_cs, prev_states, cb, dC, ddA_cs, layout.starts, layout.lengths,
+        x, B, C, dy, dt_out, dA_cs, prev_states, cb, dC, dcb, ddA_cs, ddA_col, layout.starts, layout.lengths,
         H, G, P, N, heads_per_group, heads_per_prog, *strides,
-        CHUNK=Q, BLOCK_P=block_p, BLOCK_N=block_n, DOT_PREC=prec, ATOMIC=atomic,
+        CHUNK=Q, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_H=max(2, triton.next_power_of_2(heads_per_prog)),
+        DOT_PREC=prec, ATOMIC=atomic,
     )
     _chunk_scan_bwd_dx_kernel[grid](
-        x, B, C, dy, D if D is not None else ddt, dt_out, dA_cs, dstates, cb, dx, dB, ddA_cs, ddt, ddA_last, dD_part,
-        layout.starts, layout.lengths,
+        x, B, C, dy, D if D is not None else ddt, dt_out, dA_cs, dstates, cb, dcb, dx, dB, ddA_cs, ddA_col, ddt,
+        ddA_last, dD_part, layout.starts, layout.lengths,
         H, G, P, N, heads_per_group, heads_per_prog, *strides,
         CHUNK=Q, BLOCK_P=block_p, BLOCK_N=block_n,
         D_KIND=kind, DOT_PREC=prec, ATOMIC=atomic,
@@ -311,4 +335,3 @@ def _chunk_scan_bwd(x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, cb: torch
         if D.dim() == 1:
             dD = dD.sum(-1)
     return dx, dB, dC, ddA_cs, ddt, dD
-
