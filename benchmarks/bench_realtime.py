@@ -127,11 +127,11 @@ def main() -> int:
             lib.use_fused_forward = auto_choice if mode == "auto" else (lambda seqs, heads, longest: False)
             streamer = Streamer(model, capacity=n, device="cuda", dtype=dtype, engine=engine)
             chunks = {streamer.open(): torch.randint(0, 256, (chunk,)) for _ in range(n)}
-            feed = timed_ms(lambda: streamer.feed_batch(chunks, outputs=False), args.calls)
+            feed = timed_ms(lambda s=streamer: s.feed_batch(chunks, outputs=False), args.calls)
             piped = pipelined_ms(streamer, chunks, 3 * args.calls)
             x = torch.stack(list(chunks.values())).cuda()
             with torch.no_grad():
-                fwd = timed_ms(lambda: streamer.model(x), args.calls)
+                fwd = timed_ms(lambda s=streamer: s.model(x), args.calls)
             capture_s = getattr(streamer._calls, "prepare_seconds", 0.0)  # graphs captured at first use
             kept[engine, mode] = n if piped <= args.chunk_ms else kept[engine, mode]
             table.add(**{"streams": n, "engine": engine, "SSD forward": mode, "engine call ms": feed,

@@ -94,7 +94,7 @@ def main(argv=None) -> int:
             ref = split(chunks[0])(t)[0].float()
             got = fused(t)[0].float()
             err = float((got - ref).abs().max() / ref.abs().max())
-            t_fused = time_graph(lambda: fused(t))
+            t_fused = time_graph(lambda t=t: fused(t))
             table.add(shape=name, provider="ours fused", chunk=64, **{"fwd ms graph": t_fused, "fused speed-up": "1.00x",
                                                                         "Mtok/s": tokens / t_fused / 1e3,
                                                                         "max rel err": f"{err:.1e}"})
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
                 for chunk in chunks:
                     try:
                         run = make(chunk)
-                        ms = time_graph(lambda: run(t))
+                        ms = time_graph(lambda run=run, t=t: run(t))
                         row = {"fwd ms graph": ms, "fused speed-up": f"{ms / t_fused:.2f}x", "Mtok/s": tokens / ms / 1e3}
                     except Exception as e:  # a peer failing must not stop the table
                         row = {"fwd ms graph": f"failed: {type(e).__name__}: {str(e)[:60]}"}

@@ -280,7 +280,7 @@ def bench_model(batches: list[int]) -> None:
         t = {}
         diff = None
         with torch.no_grad():
-            fn = lambda: model.step_pool(x, pool, rows)
+            fn = lambda pool=pool: model.step_pool(x, pool, rows)
             t["ours_e"], t["ours_g"] = time_eager(fn), time_graph(fn)
             if peer is not None:
                 states = peer.init_states(b)
@@ -291,7 +291,7 @@ def bench_model(batches: list[int]) -> None:
         for engine in ("eager", "graphs"):
             streamer = Streamer(model, capacity=b, device="cuda", dtype=BF16, engine=engine)
             chunks = {streamer.open(): torch.randn(1, 1) for _ in range(b)}
-            feed[engine] = time_eager(lambda: streamer.feed_many(chunks))
+            feed[engine] = time_eager(lambda s=streamer: s.feed_many(chunks))
             del streamer
         print(f"| {b} | {fmt(t['ours_e'])} | {fmt(t['ours_g'])} | {fmt(t.get('peer_e'))} | {fmt(t.get('peer_g'))} "
               f"| {ratio(t.get('peer_e'), t['ours_e'])} | {ratio(t.get('peer_g'), t['ours_g'])} | {fmt(feed['eager'])} "

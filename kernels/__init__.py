@@ -109,23 +109,28 @@ def selective_scan(
                 initial_state=initial_state, return_final_state=return_final_state)
 
 
-def cpu_libraries() -> list:
+def cpu_libraries(block: str | None = None) -> list:
     """The ``library()`` functions of the C kernels of the "torch" backend (``ssd/scan_cpu.py``,
-    ``mamba1/scan_cpu.py``, ``conv1d/conv_cpu.py``, ``norm/norm_cpu.py``, ``scores_cpu.py``)."""
+    ``mamba1/scan_cpu.py``, ``conv1d/conv_cpu.py``, ``norm/norm_cpu.py``, ``scores_cpu.py``); with
+    ``block`` (a model's block type: ``mamba``, ``mamba2``, ``mamba3``) only those its layers call."""
     from streamssm.kernels import scores_cpu
     from streamssm.kernels.conv1d import conv_cpu
     from streamssm.kernels.mamba1 import scan_cpu as selective_scan_cpu
     from streamssm.kernels.norm import norm_cpu
     from streamssm.kernels.ssd import scan_cpu
 
-    return [scan_cpu.library, selective_scan_cpu.library, conv_cpu.library, norm_cpu.library, scores_cpu.library]
+    mixers = {"mamba": [selective_scan_cpu.library, conv_cpu.library], "mamba2": [scan_cpu.library, conv_cpu.library],
+              "mamba3": [scan_cpu.library]}  # Mamba-3 has no short conv
+    if block is None:
+        return [scan_cpu.library, selective_scan_cpu.library, conv_cpu.library, norm_cpu.library, scores_cpu.library]
+    return mixers[block] + [norm_cpu.library, scores_cpu.library]
 
 
-def load_cpu_kernels() -> bool:
-    """Build (the first time on a machine, ~2 s each) and load the C kernels of
-    :func:`cpu_libraries`, so that the first call using them does not pay for it; True when all are
-    there, False where no C++ compiler builds them (logged)."""
-    return all([library() is not None for library in cpu_libraries()])
+def load_cpu_kernels(block: str | None = None) -> bool:
+    """Build (the first time on a machine, ~1.5 s each) and load the C kernels of
+    :func:`cpu_libraries` (those of ``block``'s layers, or all), so that the first call using them
+    does not pay for it; True when all are there, False where no C++ compiler builds them (logged)."""
+    return all([library() is not None for library in cpu_libraries(block)])
 
 
 # ----------------------------------------------------------------------------- Mamba-2 SSD

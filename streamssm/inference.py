@@ -149,8 +149,8 @@ class Streamer:
         self.engine = resolve_engine(engine, self.device)
         # one more row than streams: the scratch row that the padding of fixed-shape calls writes
         self.pool: ModelState = self.model.init_state(capacity + 1, self.device, dtype)
-        if self.device.type == "cpu":  # the C kernels built now (server start-up), not in the first call
-            load_cpu_kernels()
+        if self.device.type == "cpu":  # the model's C kernels built now (server start-up), not in the first call
+            load_cpu_kernels(self.cfg.block)
         self._calls = make_calls(self.engine, self.model, self.pool, capacity)
         # per row: the last outputs (lm: log-probs of the next token; scores the next chunk's first token)
         self.last_output = torch.empty(capacity, self.out_dim, device=self.device, dtype=torch.float32)
