@@ -181,6 +181,31 @@ def test_input_weight_replaces_dt_only_in_the_input_term():
     assert_close("final (w = 0)", t["initial_state"] * decay[..., None, None], zero["final"], torch.float32)
 
 
+# training calls the one-pass forward takes (short sequences here): chunk sizes that are multiples
+# of its largest tile (the interpreter's: 32), chunk boundaries inside the sequences
+SAVING_CASES = {
+    "B2-T75-H4-P8-G2-N8-Q32-Dhp-z-bias-h0": (2, 75, 4, 8, 2, 8, 32, dict(D="hp", z=True, bias=True, init=True)),
+    "B1-T70-H2-P16-G1-N16-Q64-Dtoken-z-weight": (1, 70, 2, 16, 1, 16, 64, dict(D="token", z=True, weight=True)),
+    "B1-T100-H4-P8-G1-N8-Q32-packed-Dh-z-h0": (1, 100, 4, 8, 1, 8, 32, dict(D="h", z=True, init=True, rows=4)),
+}
+
+
+@pytest.mark.parametrize("case", list(SAVING_CASES), ids=list(SAVING_CASES))
+def test_training_forward_in_one_pass_matches_reference(case, monkeypatch):
+    """A training call with many sequences x heads, or short ones, runs the one-pass forward,
+    which also saves the states entering the backward's chunks (and, with z, the ungated
+    output): outputs, final states and every gradient equal the reference's, and that path ran."""
+    b, l, h, p, g, n, q, opts = SAVING_CASES[case]
+    cu = torch.tensor([0, 5, 40, 41, 100], dtype=torch.int32) if "packed" in case else None
+    t = _inputs(b, l, h, p, g, n, **opts)
+    want = _run("reference", t, q, cu_seqlens=cu)
+    taken = []
+    real = combined.ssd_fused_fwd_saving
+    monkeypatch.setattr(combined, "ssd_fused_fwd_saving", lambda *args: taken.append(args[-1]) or real(*args))
+    _compare(want, _run("triton", t, q, cu_seqlens=cu))
+    assert taken and taken[0].chunk_size == q
+
+
 def test_packed_equals_each_alone():
     bounds = [0, 11, 40]
     h, p, g, n = 2, 8, 1, 8
@@ -448,15 +473,18 @@ from streamssm.kernels.ssd import bmm_chunk, chunk_scan, chunk_scan_bwd, fused_f
 
 # realtime / S1-S3 sizes; BLOCK_H: the most heads a program of the dC kernel loops over
 SHAPE = dict(CHUNK=256, BLOCK_P=64, BLOCK_N=128, HAS_Z=True, BLOCK_H=64)
-INT = {"p_cstart": "*i64", "p_clen": "*i32", "p_bounds": "*i32", "p_rows": "*i64"}
-FUSED = dict(HAS_BOUNDS=True, HAS_INIT=True, HAS_DT_BIAS=True, DT_SOFTPLUS=True, HAS_W=True, HAS_ROWS=True)
-BWD = {"p_cb", "p_states", "p_dstates", "p_dt_out", "p_dA_cs", "p_D", "p_ddA_cs", "p_ddt", "p_ddA_last", "p_dD_part"}
+INT = {"p_cstart": "*i64", "p_clen": "*i32", "p_bounds": "*i32", "p_rows": "*i64", "p_seqoff": "*i32"}
+# the one-pass forward as a training forward (SAVE: the superset of the inference variant)
+FUSED = dict(HAS_BOUNDS=True, HAS_INIT=True, HAS_DT_BIAS=True, DT_SOFTPLUS=True, HAS_W=True, HAS_ROWS=True, SAVE=True)
+BWD = {"p_cb", "p_states", "p_dstates", "p_dt_out", "p_dA_cs", "p_D", "p_ddA_cs", "p_ddt", "p_ddA_last", "p_dD_part",
+       "p_dcb", "p_ddA_row", "p_ddA_col"}
 # per kernel: (meta-parameters, the pointers that stay fp32 in a bf16 run); the backward reads an fp32 CB
 for kernel, variants in (
         (bmm_chunk._chunk_cb_fwd_kernel, [({}, set()), ({}, {"p_cb"})]),
         (chunk_scan._chunk_scan_fwd_kernel, [({}, {"p_D", "p_dt_out", "p_dA_cs", "p_states"})]),
-        (fused_fwd._ssd_fused_fwd_kernel, [(FUSED, {"p_A", "p_D", "p_dt_bias", "p_init", "p_final", "p_w"})]),
-        (chunk_scan_bwd._chunk_scan_bwd_dc_kernel, [(dict(ATOMIC=False), BWD), (dict(ATOMIC=True), BWD | {"p_dC"})]),
+        (fused_fwd._ssd_fused_fwd_kernel,
+         [(FUSED, {"p_A", "p_D", "p_dt_bias", "p_init", "p_final", "p_w", "p_states"})]),
+        (chunk_scan_bwd._chunk_scan_bwd_dc_kernel, [(dict(ATOMIC=a), BWD | {"p_dC"}) for a in (False, True)]),
         (chunk_scan_bwd._chunk_scan_bwd_dx_kernel, [(dict(ATOMIC=False), BWD), (dict(ATOMIC=True), BWD | {"p_dB"})])):
     fn = kernel.fn  # the JITFunction under the autotuner
     for cfg in kernel.configs:  # every config autotuning may pick: one that fails to compile is silently dropped

@@ -60,3 +60,11 @@ def chunk_layout(batch: int, length: int, chunk_size: int, cu_seqlens: torch.Ten
         starts.to(device), lengths.to(device=device, dtype=torch.int32),
         seq_offsets.to(device=device, dtype=torch.int32), num_chunks, len(per_seq), q,
     )
+
+
+def packed_rows(t: torch.Tensor | None) -> torch.Tensor | None:
+    """(b, l, ...) -> (b*l, ...) as a view where possible; last dim made unit-stride."""
+    if t is None:
+        return None
+    t = t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
+    return t if t.stride(-1) == 1 else t.contiguous()

@@ -4,7 +4,8 @@
 Shape legend: b batch, l length, h heads, p headdim, g groups, n dstate; L = b*l packed
 tokens, T chunks, S sequences (b rows, or len(cu_seqlens) - 1 packed sequences).
 
-Forward: chunk_cumsum (dt, in-chunk decay cumsum) -> chunk_state (each chunk's own state)
+Forward: chunk_cumsum (dt, in-chunk decay cumsum), then either the one-pass forward saving the
+chunk states (ssd/fused_fwd.py; many sequences x heads) or: chunk_state (each chunk's own state)
 -> state_passing (states entering each chunk, final states) -> bmm_chunk (C_t . B_s once per
 chunk and group, (T, g, Q, Q)) -> chunk_scan (outputs, reading those products per head).
 Backward keeps the per-chunk entering states (T, h, p, n) fp32 and the (T, h, Q) dt/decay
@@ -22,30 +23,29 @@ from streamssm.kernels.ssd.chunk_cumsum import _chunk_cumsum_bwd, _chunk_cumsum_
 from streamssm.kernels.ssd.chunk_scan import _chunk_scan_fwd
 from streamssm.kernels.ssd.chunk_scan_bwd import _chunk_scan_bwd
 from streamssm.kernels.ssd.chunk_state import _chunk_state_fwd
-from streamssm.kernels.ssd.chunks import chunk_layout
+from streamssm.kernels.ssd.chunks import chunk_layout, packed_rows
+from streamssm.kernels.ssd.fused_fwd import saves_for_backward, ssd_fused_fwd_saving
 from streamssm.kernels.ssd.skip import packed_skip
 from streamssm.kernels.ssd.state_passing import _state_passing_bwd, _state_passing_fwd
-
-
-def _packed(t: torch.Tensor | None) -> torch.Tensor | None:
-    """(b, l, ...) -> (b*l, ...) as a view where possible; last dim made unit-stride."""
-    if t is None:
-        return None
-    t = t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _ssd_scan_fwd(x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size, dt_softplus, cu_seqlens, w=None):
     """Forward launches (w (b, l, h): input weights in place of dt, or None). Returns out
     (b, l, h, p) gated, final (S, h, p, n) fp32 and what the backward keeps: dt_out (the input
     weights), dA_cs (T, h, Q) fp32, the states entering each chunk (T, h, p, n) fp32, and the
-    ungated y (L, h, p) when z is given (else None)."""
+    ungated y (L, h, p) when z is given (else None). Where the one-pass forward pays
+    (``saves_for_backward``: many sequences x heads, or short ones) it computes out, final, the
+    states and y in one kernel; otherwise the split launches below."""
     b, l, h, p = x.shape
     layout = chunk_layout(b, l, chunk_size, cu_seqlens, x.device)
-    x2, dt2, B2, C2, z2, w2 = (_packed(t) for t in (x, dt, B, C, z, w))  # (L, h, p), (L, h), (L, g, n)
+    x2, dt2, B2, C2, z2, w2 = (packed_rows(t) for t in (x, dt, B, C, z, w))  # (L, h, p), (L, h), (L, g, n)
+    dt_out, dA_cs = _chunk_cumsum_fwd(dt2, A.contiguous(), dt_bias, dt_softplus, layout, w2)  # (T, h, Q)
+    if saves_for_backward(layout.num_seqs, h, l, chunk_size):
+        out, final, states, y = ssd_fused_fwd_saving(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus,
+                                                     cu_seqlens, w, layout)
+        return out, final, dt_out, dA_cs, states, y
     D2 = packed_skip(D)  # per token: (1, L, h)
     init = initial_state.float().contiguous() if initial_state is not None else None
-    dt_out, dA_cs = _chunk_cumsum_fwd(dt2, A.contiguous(), dt_bias, dt_softplus, layout, w2)  # (T, h, Q)
     states = _chunk_state_fwd(x2, B2, dt_out, dA_cs, layout)  # (T, h, p, n)
     final = _state_passing_fwd(states, dA_cs, init, layout)  # states: entering each chunk now
     cb = _chunk_cb_fwd(C2, B2, layout, x.dtype)  # (T, g, Q, Q)
@@ -60,7 +60,7 @@ def _ssd_scan_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_out, dA_cs, pr
     dB and dC may be fp32 (the caller casts them, after this function's temporaries are freed)."""
     b, l, h, p = x.shape
     layout = chunk_layout(b, l, chunk_size, cu_seqlens, x.device)
-    x2, dt2, B2, C2, z2, w2 = (_packed(t) for t in (x, dt, B, C, z, w))
+    x2, dt2, B2, C2, z2, w2 = (packed_rows(t) for t in (x, dt, B, C, z, w))
     D2 = packed_skip(D)  # per token: (1, L, h)
     L = x2.shape[0]
     dout = dout.reshape(L, h, p)

@@ -1,5 +1,7 @@
-"""SSD forward in one pass for inference: each program carries its sequence's state through the
-chunks in registers, so no per-chunk state ever goes to memory.
+"""SSD forward in one pass: each program carries its sequence's state through the chunks in
+registers, so no per-chunk state goes to memory for inference, and for training only the state
+entering each of the backward's chunks (written once, where the split forward writes, rewrites
+and reads it again).
 
 Shape legend: L packed tokens, H heads, G groups, P headdim, N dstate, S sequences, Q the
 kernel's chunk (``BLOCK_Q`` tokens, autotuned; results do not depend on it beyond rounding).
@@ -17,7 +19,8 @@ per chunk, with S the state entering it and Acs the in-chunk decay cumsum::
 
 Parallel over sequences x heads only, so it pays when there are many of them or the sequences
 are short (serving: hundreds of streams x a few chunks); long training-shape sequences keep the
-split forward (``use_fused_forward``). No backward: it keeps nothing for one. H100, bf16
+split forward (``use_fused_forward``). A training forward (``ssd_fused_fwd_saving``, SAVE) also
+writes the chunk states and the ungated output the backward of ``combined.py`` reads. H100, bf16
 (``benchmarks/bench_ssd_fused.py``): 384 streams x 320 tokens with carried states in 1.06 ms,
 2.2x the split forward and 1.8-2.0x mamba-ssm's.
 """
@@ -33,7 +36,7 @@ import triton.language as tl
 from streamssm.kernels._common import autotune_configs
 from streamssm.kernels._triton import silu, softplus
 from streamssm.kernels.ssd.chunk_state import dot_precision
-from streamssm.kernels.ssd.combined import _packed
+from streamssm.kernels.ssd.chunks import ChunkLayout, packed_rows
 from streamssm.kernels.ssd.skip import fixed_skip_weight, packed_skip, skip_kind, skip_weight
 
 #: sequences x heads from which the fused forward is used at any length; below it only short
@@ -56,7 +59,7 @@ _CONFIGS = [
 # interpreter: 32-token chunks and 16-wide headdim slices, so short test sequences cross both.
 # Autotuning reruns the kernel: a state pool updated in place (p_init is p_final) is restored.
 @triton.autotune(configs=autotune_configs(_CONFIGS, triton.Config({"BLOCK_Q": 32, "BLOCK_P": 16})),
-                 key=["P", "N", "HAS_Z", "HAS_INIT", "DOT_PREC", "work_log2"], restore_value=["p_init"])
+                 key=["P", "N", "HAS_Z", "HAS_INIT", "DOT_PREC", "SAVE", "work_log2"], restore_value=["p_init"])
 @triton.jit
 def _ssd_fused_fwd_kernel(
     # pointers
@@ -73,6 +76,9 @@ def _ssd_fused_fwd_kernel(
     p_final,  # (S, H, P, N) fp32 out, or the pool (p_init) with p_rows
     p_bounds,  # (S + 1,) int token bounds of packed sequences, or dummy
     p_rows,  # (S,) int64 pool rows of the sequences' states, or dummy
+    p_states,  # SAVE: (T, H, P, N) fp32 out, the state entering each CHUNK-token chunk; else dummy
+    p_seqoff,  # SAVE: (S + 1,) int32 first chunk of each sequence (chunks.py); else dummy
+    p_y,  # SAVE with z: (L, H, P) out, the ungated output; else dummy
     # dimensions; work_log2 = round(log2(sequences x heads)) only keys the autotuning (a few
     # streams and a thousand want different tiles)
     seq_len, H, P, N, heads_per_group, work_log2,
@@ -82,7 +88,7 @@ def _ssd_fused_fwd_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BOUNDS: tl.constexpr, HAS_INIT: tl.constexpr, D_KIND: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, DOT_PREC: tl.constexpr,
-    HAS_W: tl.constexpr, HAS_ROWS: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_ROWS: tl.constexpr, SAVE: tl.constexpr, CHUNK: tl.constexpr,
 ):
     i_p, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_g = i_h // heads_per_group
@@ -120,7 +126,13 @@ def _ssd_fused_fwd_kernel(
     o_out = o_q[:, None] * (H * P) + o_p[None, :]
     o_C = o_q[:, None] * s_c_l + o_n[None, :] * s_c_n  # (BLOCK_Q, BLOCK_N)
     o_Bt = o_q[None, :] * s_b_l + o_n[:, None] * s_b_n  # (BLOCK_N, BLOCK_Q)
+    if SAVE:
+        first_chunk = tl.load(p_seqoff + i_s).to(tl.int64)
     for t0 in range(start, end, BLOCK_Q):
+        if SAVE:  # for the backward (CHUNK is a multiple of BLOCK_Q): the state entering each of its chunks
+            if (t0 - start) % CHUNK == 0:
+                o_c = first_chunk + (t0 - start) // CHUNK
+                tl.store(p_states + ((o_c * H + i_h) * P + o_p[None, :]) * N + o_n[:, None], b_S, mask=m_np)
         m_q = o_q < end - t0
         m_qp = m_q[:, None] & m_p[None, :]
         b_dt = tl.load(p_dt + t0 * s_dt_l + i_h * s_dt_h + o_q * s_dt_l, mask=m_q, other=0.0).to(tl.float32)
@@ -149,6 +161,8 @@ def _ssd_fused_fwd_kernel(
         if D_KIND != 0:
             acc += b_x.to(tl.float32) * b_D
         if HAS_Z:
+            if SAVE:
+                tl.store(p_y + t0 * (H * P) + i_h * P + o_out, acc.to(p_y.dtype.element_ty), mask=m_qp)
             b_z = tl.load(p_z + t0 * s_z_l + i_h * s_z_h + o_z, mask=m_qp, other=0.0)
             acc *= silu(b_z.to(tl.float32))
         tl.store(p_out + t0 * (H * P) + i_h * P + o_out, acc.to(p_out.dtype.element_ty), mask=m_qp)
@@ -156,6 +170,10 @@ def _ssd_fused_fwd_kernel(
         b_Bw = (b_Bt.to(tl.float32) * b_w[None, :]).to(b_x.dtype)
         b_S = b_S * tl.exp(a_last) + tl.dot(b_Bw, b_x, input_precision=DOT_PREC)
     tl.store(p_final + o_state, b_S, mask=m_np)
+
+
+#: the largest chunk tile any config takes: a training forward's chunk size must be a multiple of it
+_LARGEST_TILE = max(config.kwargs["BLOCK_Q"] for config in _ssd_fused_fwd_kernel.configs)
 
 
 def num_sequences(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
@@ -167,6 +185,12 @@ def use_fused_forward(num_seqs: int, heads: int, longest: int) -> bool:
     """Whether an inference call of ``num_seqs`` sequences (the longest ``longest`` tokens) of
     ``heads`` heads takes the fused forward (see the thresholds above)."""
     return num_seqs * heads >= FUSED_MIN_PROGRAMS or longest <= FUSED_MAX_SHORT_LEN
+
+
+def saves_for_backward(num_seqs: int, heads: int, longest: int, chunk_size: int) -> bool:
+    """Whether a training forward takes the fused forward (saving the chunk states the backward
+    reads): where an inference call would, and every kernel tile divides ``chunk_size``."""
+    return chunk_size % _LARGEST_TILE == 0 and use_fused_forward(num_seqs, heads, longest)
 
 
 def ssd_fused_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -184,9 +208,28 @@ def ssd_fused_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.T
     sequence s starts from row ``state_rows[s]`` and its final state overwrites that row in place
     (no gather or scatter of the pool; the returned final states are the pool). The rows must be
     distinct, except rows whose contents nobody reads (a scratch row for padding)."""
+    out, final, _, _ = _launch(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, cu_seqlens, input_weight,
+                               state_rows, None)
+    return out, final
+
+
+def ssd_fused_fwd_saving(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                         D: torch.Tensor | None, z: torch.Tensor | None, dt_bias: torch.Tensor | None,
+                         initial_state: torch.Tensor | None, dt_softplus: bool, cu_seqlens: torch.Tensor | None,
+                         input_weight: torch.Tensor | None, layout: ChunkLayout
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`ssd_fused_fwd` for a training forward (see :func:`saves_for_backward`): also returns
+    what the split forward keeps for the backward, the states entering each of ``layout``'s chunks
+    (T, h, p, n) fp32 and, with z, the ungated output (b*l, h, p) (else None)."""
+    return _launch(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, cu_seqlens, input_weight, None, layout)
+
+
+def _launch(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, cu_seqlens, input_weight, state_rows,
+            layout: ChunkLayout | None):
+    """One launch of the kernel: out, final, and with ``layout`` the chunk states and ungated y."""
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
-    x2, dt2, B2, C2, z2, w2 = (_packed(t) for t in (x, dt, B, C, z, input_weight))  # (L, h, p), (L, h), (L, g, n)
+    x2, dt2, B2, C2, z2, w2 = (packed_rows(t) for t in (x, dt, B, C, z, input_weight))  # (L, h, p), (L, h), (L, g, n)
     seqs = num_sequences(x, cu_seqlens)
     out = torch.empty(b * l, h, p, device=x.device, dtype=x.dtype)
     if state_rows is not None:
@@ -194,6 +237,10 @@ def ssd_fused_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.T
     else:
         final = torch.empty(seqs, h, p, n, device=x.device, dtype=torch.float32)
         init = initial_state.float().contiguous() if initial_state is not None else None
+    states = y = None
+    if layout is not None:
+        states = torch.empty(layout.num_chunks, h, p, n, device=x.device, dtype=torch.float32)
+        y = torch.empty_like(out) if z is not None else None
     zz = z2 if z2 is not None else x2
     ww = w2 if w2 is not None else dt2
 
@@ -204,6 +251,8 @@ def ssd_fused_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.T
         x2, dt2, ww, A.contiguous(), B2, C2, packed_skip(D) if D is not None else A, zz,
         dt_bias if dt_bias is not None else A, init if init is not None else final, out, final,
         cu_seqlens if cu_seqlens is not None else final, state_rows if state_rows is not None else final,
+        states if states is not None else final, layout.seq_offsets if layout is not None else final,
+        y if y is not None else out,
         l, h, p, n, h // g, round(math.log2(seqs * h)) if seqs else 0,
         x2.stride(0), x2.stride(1), x2.stride(2), dt2.stride(0), dt2.stride(1), ww.stride(0), ww.stride(1),
         B2.stride(0), B2.stride(1), B2.stride(2), C2.stride(0), C2.stride(1), C2.stride(2),
@@ -212,6 +261,6 @@ def ssd_fused_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.T
         HAS_BOUNDS=cu_seqlens is not None, HAS_INIT=init is not None, D_KIND=skip_kind(D),
         HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None,
         DT_SOFTPLUS=dt_softplus, DOT_PREC=dot_precision(x.dtype), HAS_W=input_weight is not None,
-        HAS_ROWS=state_rows is not None,
+        HAS_ROWS=state_rows is not None, SAVE=layout is not None, CHUNK=layout.chunk_size if layout is not None else 1,
     )
-    return out.view(b, l, h, p), final
+    return out.view(b, l, h, p), final, states, y
