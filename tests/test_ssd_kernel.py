@@ -97,6 +97,16 @@ def test_matches_reference(case):
     _compare(_run("reference", t, q, softplus), _run("triton", t, q, softplus))
 
 
+def test_strong_decay_in_a_short_last_chunk():
+    """A chunk that decays by more than e^88 and ends short of a row block: the backward's rows
+    past its end (their Acs read as 0) must not reach the sums over rows (on the H100 the first
+    run of the head-summed backward gave NaN dA, ddt: 0 * inf in the column sums)."""
+    t = _inputs(1, 40, 2, 8, 1, 8, D="h", softplus=False)  # chunks of 32 and 8 tokens
+    t["dt"] = torch.rand_like(t["dt"]) * 2 + 5.0
+    t["A"] = torch.tensor([-2.5, -3.0])  # ~ -15 a token
+    _compare(_run("reference", t, 32, softplus=False), _run("triton", t, 32, softplus=False))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_forward_backward_peak_memory_within_budget(dtype):
     """The tensor memory alive at once in one fwd+bwd stays within what the backward needs at its

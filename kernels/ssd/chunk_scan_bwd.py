@@ -127,8 +127,10 @@ def _chunk_scan_bwd_dc_kernel(
         o_s = s0 + tl.arange(0, BLOCK_I)
         m_s = o_s < clen
         tok_s = start + o_s
-        causal = (o_t[:, None] >= o_s[None, :]) & m_s[None, :]
-        b_cb = tl.load(p_cb + p_cb_c + o_s[None, :], mask=causal & m_t[:, None], other=0.0).to(tl.float32)
+        # rows past the chunk's end masked too: their exp(Acs_t - Acs_s) (Acs_t read as 0) overflows to inf
+        # where the chunk decays by more than e^88, and their column sums would carry 0 * inf
+        causal = (o_t[:, None] >= o_s[None, :]) & m_s[None, :] & m_t[:, None]
+        b_cb = tl.load(p_cb + p_cb_c + o_s[None, :], mask=causal, other=0.0).to(tl.float32)
         acc_k = tl.zeros((BLOCK_T, BLOCK_I), dtype=tl.float32)
         for hh in range(0, heads_per_prog):
             i_h = h0 + hh
@@ -266,7 +268,7 @@ def _heads_per_program(heads_per_group: int, programs: int, target: int = 2048, 
     best = 1
     for d in range(heads_per_group, 0, -1):
         if heads_per_group % d == 0 and d <= most:
-            best = max(best, d)
+            best = d
             if programs * (heads_per_group // d) >= target:
                 return d
     return best
