@@ -259,12 +259,22 @@ def _chunk_scan_bwd_dx_kernel(
         tl.store(p_dB + o_dB, acc_dB.to(p_dB.dtype.element_ty), mask=m_sn)
 
 
-def _heads_per_program(heads_per_group: int, programs: int, target: int = 2048, most: int = 64) -> int:
+#: programs (32-row blocks x head splits) each kernel aims for before it splits a group's heads: the dC
+#: kernel's splits add K and dC with atomics (3 of every 4 of its fp32 atomics at S1 when split in two)
+DX_TARGET_PROGRAMS = 2048
+DC_TARGET_PROGRAMS = 1024
+
+
+def _heads_per_program(heads_per_group: int, programs: int, target: int, most: int = 64,
+                       interpreter_split_from: int = 2) -> int:
     """Heads one program loops over: all of its group's, unless that leaves fewer than ``target``
     programs or more than ``most`` heads (the dC kernel keeps a row of dAcs terms per head in
-    registers); then the largest divisor that meets both (dB, dC and K then summed with atomics)."""
+    registers); then the largest divisor that meets both, or the smallest one allowed (dB, dC and
+    K then summed with atomics). Interpreter: half of an even group of at least
+    ``interpreter_split_from`` heads, so that the tests meet each kernel's split and whole paths."""
     if interpreting():
-        return max(1, heads_per_group // 2) if heads_per_group % 2 == 0 else heads_per_group
+        split = heads_per_group % 2 == 0 and heads_per_group >= interpreter_split_from
+        return heads_per_group // 2 if split else heads_per_group
     best = 1
     for d in range(heads_per_group, 0, -1):
         if heads_per_group % d == 0 and d <= most:
@@ -281,8 +291,8 @@ def _chunk_scan_bwd(x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, cb: torch
 
     x, dy (L, H, P); B, C (L, G, N); cb (T, G, Q, Q) from ``_chunk_cb_fwd``. Returns (dx, dB, dC,
     ddA_cs (T, H, Q), ddt_direct (T, H, Q), dD or None); ``ddA_last`` (T, H) gets the chunk-end terms added in place.
-    dC is fp32, and dB too when a group's heads are split over programs (atomics), else in B's
-    dtype: the caller casts them once its own temporaries are freed, so that the casts' copies do
+    dC is fp32, and dB too when the dx kernel splits a group's heads over programs (atomics), else in
+    B's dtype: the caller casts them once its own temporaries are freed, so that the casts' copies do
     not add to the backward's peak memory (they did at S1: 16 MiB).
     """
     L, H, P = x.shape
@@ -291,12 +301,13 @@ def _chunk_scan_bwd(x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, cb: torch
     T, Q = layout.num_chunks, layout.chunk_size
     num_tb = triton.cdiv(Q, _MIN_BLOCK_T)  # most row blocks of any config
     heads_per_group = H // G
-    heads_per_prog = _heads_per_program(heads_per_group, T * G * num_tb)
-    atomic = heads_per_prog < heads_per_group
+    dc_heads = _heads_per_program(heads_per_group, T * G * num_tb, DC_TARGET_PROGRAMS, interpreter_split_from=4)
+    dx_heads = _heads_per_program(heads_per_group, T * G * num_tb, DX_TARGET_PROGRAMS)
+    dc_atomic, dx_atomic = dc_heads < heads_per_group, dx_heads < heads_per_group
     f32 = dict(device=x.device, dtype=torch.float32)
-    new = torch.zeros if atomic else torch.empty
+    new = torch.zeros if dc_atomic else torch.empty
     dx = torch.empty(L, H, P, device=x.device, dtype=x.dtype)
-    dB = torch.zeros(L, G, N, **f32) if atomic else torch.empty(L, G, N, device=x.device, dtype=B.dtype)
+    dB = torch.zeros(L, G, N, **f32) if dx_atomic else torch.empty(L, G, N, device=x.device, dtype=B.dtype)
     dC = new(L, G, N, **f32)
     dcb = new(T, G, Q, Q, **f32)  # K: dL/d(C_t . B_s) summed over each group's heads
     ddA_cs = torch.empty(T, H, Q, **f32)
@@ -313,21 +324,21 @@ def _chunk_scan_bwd(x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, cb: torch
     strides = (x.stride(0), x.stride(1), x.stride(2), B.stride(0), B.stride(1), B.stride(2),
                C.stride(0), C.stride(1), C.stride(2), dy.stride(0), dy.stride(1), dy.stride(2))
 
-    def grid(meta):
-        return (T, G * (heads_per_group // heads_per_prog), triton.cdiv(Q, meta["BLOCK_T"]))
+    def grid(heads_per_prog):
+        return lambda meta: (T, G * (heads_per_group // heads_per_prog), triton.cdiv(Q, meta["BLOCK_T"]))
 
-    _chunk_scan_bwd_dc_kernel[grid](
+    _chunk_scan_bwd_dc_kernel[grid(dc_heads)](
         x, B, C, dy, dt_out, dA_cs, prev_states, cb, dC, dcb, ddA_cs, ddA_col, layout.starts, layout.lengths,
-        H, G, P, N, heads_per_group, heads_per_prog, *strides,
-        CHUNK=Q, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_H=max(2, triton.next_power_of_2(heads_per_prog)),
-        DOT_PREC=prec, ATOMIC=atomic,
+        H, G, P, N, heads_per_group, dc_heads, *strides,
+        CHUNK=Q, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_H=max(2, triton.next_power_of_2(dc_heads)),
+        DOT_PREC=prec, ATOMIC=dc_atomic,
     )
-    _chunk_scan_bwd_dx_kernel[grid](
+    _chunk_scan_bwd_dx_kernel[grid(dx_heads)](
         x, B, C, dy, D if D is not None else ddt, dt_out, dA_cs, dstates, cb, dcb, dx, dB, ddA_cs, ddA_col, ddt,
         ddA_last, dD_part, layout.starts, layout.lengths,
-        H, G, P, N, heads_per_group, heads_per_prog, *strides,
+        H, G, P, N, heads_per_group, dx_heads, *strides,
         CHUNK=Q, BLOCK_P=block_p, BLOCK_N=block_n,
-        D_KIND=kind, DOT_PREC=prec, ATOMIC=atomic,
+        D_KIND=kind, DOT_PREC=prec, ATOMIC=dx_atomic,
     )
     dD = None
     if kind == PER_TOKEN:
