@@ -487,14 +487,15 @@ INT = {"p_cstart": "*i64", "p_clen": "*i32", "p_bounds": "*i32", "p_rows": "*i64
 # the one-pass forward as a training forward (SAVE: the superset of the inference variant)
 FUSED = dict(HAS_BOUNDS=True, HAS_INIT=True, HAS_DT_BIAS=True, DT_SOFTPLUS=True, HAS_W=True, HAS_ROWS=True, SAVE=True)
 BWD = {"p_cb", "p_states", "p_dstates", "p_dt_out", "p_dA_cs", "p_D", "p_ddA_cs", "p_ddt", "p_ddA_last", "p_dD_part",
-       "p_dcb", "p_ddA_row", "p_ddA_col"}
+       "p_ddA_row", "p_ddA_col"}  # and K (p_dcb) where the dC kernel adds it atomically
 # per kernel: (meta-parameters, the pointers that stay fp32 in a bf16 run); the backward reads an fp32 CB
 for kernel, variants in (
         (bmm_chunk._chunk_cb_fwd_kernel, [({}, set()), ({}, {"p_cb"})]),
         (chunk_scan._chunk_scan_fwd_kernel, [({}, {"p_D", "p_dt_out", "p_dA_cs", "p_states"})]),
         (fused_fwd._ssd_fused_fwd_kernel,
          [(FUSED, {"p_A", "p_D", "p_dt_bias", "p_init", "p_final", "p_w", "p_states"})]),
-        (chunk_scan_bwd._chunk_scan_bwd_dc_kernel, [(dict(ATOMIC=a), BWD | {"p_dC"}) for a in (False, True)]),
+        (chunk_scan_bwd._chunk_scan_bwd_dc_kernel, [(dict(ATOMIC=False), BWD | {"p_dC"}),
+                                                     (dict(ATOMIC=True), BWD | {"p_dC", "p_dcb"})]),
         (chunk_scan_bwd._chunk_scan_bwd_dx_kernel, [(dict(ATOMIC=False), BWD), (dict(ATOMIC=True), BWD | {"p_dB"})])):
     fn = kernel.fn  # the JITFunction under the autotuner
     for cfg in kernel.configs:  # every config autotuning may pick: one that fails to compile is silently dropped

@@ -89,7 +89,8 @@ def _chunk_scan_bwd_dc_kernel(
     p_states,  # (T, H, P, N) fp32 states entering each chunk
     p_cb,  # (T, G, Q, Q) C_t . B_s, causal part (bmm_chunk.py)
     p_dC,  # (L, G, N) fp32 out (zeroed when ATOMIC)
-    p_dcb,  # (T, G, Q, Q) fp32 out: K, causal part (zeroed when ATOMIC)
+    p_dcb,  # (T, G, Q, Q) out: K, causal part, in B's dtype (the products that read it take it so), fp32 and
+            # zeroed when ATOMIC
     p_ddA_row,  # (T, H, Q) fp32 out: the t-indexed dAcs terms
     p_ddA_col,  # (T, H, Q) fp32, zeroed: the s-indexed in-chunk dAcs terms, added atomically
     p_cstart, p_clen,
@@ -154,7 +155,7 @@ def _chunk_scan_bwd_dc_kernel(
         if ATOMIC:  # several programs share this group's heads
             tl.atomic_add(p_dcb + p_cb_c + o_s[None, :], acc_k, mask=m_t[:, None] & m_s[None, :], sem="relaxed")
         else:
-            tl.store(p_dcb + p_cb_c + o_s[None, :], acc_k, mask=m_t[:, None] & m_s[None, :])
+            tl.store(p_dcb + p_cb_c + o_s[None, :], acc_k.to(p_dcb.dtype.element_ty), mask=m_t[:, None] & m_s[None, :])
     tl.store(p_ddA_row + heads + o_hh[:, None] * CHUNK + o_t[None, :], acc_rows,
              mask=(o_hh < heads_per_prog)[:, None] & m_t[None, :])
     o_dC = tok_t[:, None] * (G * N) + i_g * N + o_n[None, :]
@@ -176,7 +177,7 @@ def _chunk_scan_bwd_dx_kernel(
     p_dt_out, p_dA_cs,  # (T, H, Q) fp32
     p_dstates,  # (T, H, P, N) fp32 gradient of the state leaving each chunk
     p_cb,  # (T, G, Q, Q) C_t . B_s, causal part (bmm_chunk.py)
-    p_dcb,  # (T, G, Q, Q) fp32 K from the dC kernel
+    p_dcb,  # (T, G, Q, Q) K from the dC kernel
     p_dx,  # (L, H, P) out, contiguous
     p_dB,  # (L, G, N) out, contiguous (fp32 and zeroed when ATOMIC)
     p_ddA_cs,  # (T, H, Q) fp32 in: the dC kernel's t-indexed terms; out: dAcs
@@ -305,11 +306,11 @@ def _chunk_scan_bwd(x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, cb: torch
     dx_heads = _heads_per_program(heads_per_group, T * G * num_tb, DX_TARGET_PROGRAMS)
     dc_atomic, dx_atomic = dc_heads < heads_per_group, dx_heads < heads_per_group
     f32 = dict(device=x.device, dtype=torch.float32)
-    new = torch.zeros if dc_atomic else torch.empty
     dx = torch.empty(L, H, P, device=x.device, dtype=x.dtype)
     dB = torch.zeros(L, G, N, **f32) if dx_atomic else torch.empty(L, G, N, device=x.device, dtype=B.dtype)
-    dC = new(L, G, N, **f32)
-    dcb = new(T, G, Q, Q, **f32)  # K: dL/d(C_t . B_s) summed over each group's heads
+    dC = (torch.zeros if dc_atomic else torch.empty)(L, G, N, **f32)
+    # K: dL/d(C_t . B_s) summed over each group's heads, in B's dtype as K.B and K^T.C read it (16 MiB less at S1)
+    dcb = torch.zeros(T, G, Q, Q, **f32) if dc_atomic else torch.empty(T, G, Q, Q, device=x.device, dtype=B.dtype)
     ddA_cs = torch.empty(T, H, Q, **f32)
     ddA_col = torch.zeros(T, H, Q, **f32)
     ddt = torch.empty_like(ddA_cs)
