@@ -78,7 +78,10 @@ static inline float streamssm_softplus(float v) {
     q = q * w + 1.0f / 5.0f;
     q = q * w + 1.0f / 3.0f;
     q = q * w + 1.0f;
-    return v > 20.0f ? v : (v > 0.0f ? streamssm_log(1.0f + u) : 2.0f * s * q);
+    // both branches computed, then selected: a loop over it vectorizes (a conditional call of the log did not)
+    const float large = streamssm_log(1.0f + u), small = 2.0f * s * q;
+    const float r = v > 0.0f ? large : small;
+    return v > 20.0f ? v : r;
 }
 """
 

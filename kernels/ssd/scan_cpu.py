@@ -187,10 +187,10 @@ extern "C" void streamssm_ssd_scan_f32(
             for (int64_t t0 = 0; t0 < l; t0 += STEP_BLOCK) {
                 const int64_t m = l - t0 < STEP_BLOCK ? l - t0 : STEP_BLOCK;
                 const float* dtb = dt + bi * sdb + t0 * sdl + hi;
-                for (int64_t k = 0; k < m; ++k) {
-                    const float v = dtb[k * sdl] + bias;
-                    weights[k] = softplus ? streamssm_softplus(v) : v;
-                }
+                if (softplus)  // a loop apiece: one with the condition inside does not vectorize
+                    for (int64_t k = 0; k < m; ++k) weights[k] = streamssm_softplus(dtb[k * sdl] + bias);
+                else
+                    for (int64_t k = 0; k < m; ++k) weights[k] = dtb[k * sdl] + bias;
                 for (int64_t k = 0; k < m; ++k) decays[k] = streamssm_exp(weights[k] * a);
                 if (w)
                     for (int64_t k = 0; k < m; ++k) weights[k] = w[bi * swb + (t0 + k) * swl + hi];
