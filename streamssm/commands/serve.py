@@ -27,6 +27,7 @@ import jsonargparse
 from streamssm.checkpoint import ServingBundle, load_for_serving, resolve_device
 from streamssm.commands.parsing import add_fields, build, config_parser, parse
 from streamssm.errors import ConfigError
+from streamssm.heap import keep_freed_memory
 from streamssm.service.config import ServeConfig
 from streamssm.service.multiprocess import MultiProcessServer
 from streamssm.service.server import StreamServer
@@ -106,6 +107,8 @@ def main(argv: list[str], prog: str = "streamssm serve") -> int:
     if not Path(args.checkpoint).is_file():
         raise ConfigError(f"--checkpoint {args.checkpoint!r} is not a file")
     loop_factory = event_loop_factory(args.event_loop)
+    if not keep_freed_memory():  # every model call's tensors from memory the process keeps (streamssm/heap.py)
+        log.info("not glibc: the C heap keeps its own thresholds")
     if args.threads:
         import torch
 
