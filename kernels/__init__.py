@@ -112,7 +112,8 @@ def selective_scan(
 def cpu_libraries(block: str | None = None) -> list:
     """The ``library()`` functions of the C kernels of the "torch" backend (``ssd/scan_cpu.py``,
     ``mamba1/scan_cpu.py``, ``conv1d/conv_cpu.py``, ``norm/norm_cpu.py``, ``scores_cpu.py``); with
-    ``block`` (a model's block type: ``mamba``, ``mamba2``, ``mamba3``) only those its layers call."""
+    ``block`` (a model's block type: ``mamba``, ``mamba2``, ``mamba3``) only those its layers call
+    (any other or None: all of them)."""
     from streamssm.kernels import scores_cpu
     from streamssm.kernels.conv1d import conv_cpu
     from streamssm.kernels.mamba1 import scan_cpu as selective_scan_cpu
@@ -121,9 +122,8 @@ def cpu_libraries(block: str | None = None) -> list:
 
     mixers = {"mamba": [selective_scan_cpu.library, conv_cpu.library], "mamba2": [scan_cpu.library, conv_cpu.library],
               "mamba3": [scan_cpu.library]}  # Mamba-3 has no short conv
-    if block is None:
-        return [scan_cpu.library, selective_scan_cpu.library, conv_cpu.library, norm_cpu.library, scores_cpu.library]
-    return mixers[block] + [norm_cpu.library, scores_cpu.library]
+    every_mixer = [scan_cpu.library, selective_scan_cpu.library, conv_cpu.library]
+    return mixers.get(block, every_mixer) + [norm_cpu.library, scores_cpu.library]
 
 
 def load_cpu_kernels(block: str | None = None) -> bool:

@@ -89,3 +89,12 @@ def test_a_cpu_streamer_builds_its_models_c_kernels_when_created(monkeypatch, tm
     finally:
         for lib in cpu_libraries():
             lib.cache_clear()
+
+
+def test_a_block_type_without_its_own_list_gets_every_library():
+    """``cpu_libraries`` of a block type it does not list (None, or one added later) is all five,
+    so no model starts without its kernels built."""
+    from streamssm.kernels import cpu_libraries
+
+    assert cpu_libraries("a-block-from-later") == cpu_libraries() and len(cpu_libraries()) == 5
+    assert set(cpu_libraries("mamba2")) < set(cpu_libraries())
