@@ -16,7 +16,8 @@ K_ts = sum of k_ts over the heads of a group (dL/d(C_t . B_s))::
 Two kernels over (chunk, group, BLOCK_T-row block). The dC kernel (rows t) walks the chunk's
 column tiles s and, inside, the group's heads: each head's k and M once, K summed over the heads
 in registers, so K·B (and later Kᵀ·C) is one product per group rather than one per head; it
-writes dC, K (T, G, Q, Q) fp32, the t-indexed dAcs terms, and adds the s-indexed ones atomically.
+writes dC, K (T, G, Q, Q; in B's dtype, fp32 where added atomically), the t-indexed dAcs terms,
+and adds the s-indexed ones atomically.
 The dx kernel (rows s) loops over the heads for dx, ddt, dD and the state parts of dB, then adds
 Kᵀ·C once. The products C_t . B_s are read from the per-chunk, per-group CB (T, G, Q, Q) of
 ``bmm_chunk.py`` (recomputed for the backward). Where a group's heads are split over several
@@ -152,10 +153,11 @@ def _chunk_scan_bwd_dc_kernel(
         b_Bs = tl.load(p_B + tok_s[:, None] * s_b_l + i_g * s_b_g + o_n[None, :] * s_b_n,
                        mask=m_s[:, None] & m_n[None, :], other=0.0)  # (BLOCK_I, BLOCK_N)
         acc_dC += tl.dot(acc_k.to(b_Bs.dtype), b_Bs, input_precision=DOT_PREC)
+        m_ts = m_t[:, None] & m_s[None, :]
         if ATOMIC:  # several programs share this group's heads
-            tl.atomic_add(p_dcb + p_cb_c + o_s[None, :], acc_k, mask=m_t[:, None] & m_s[None, :], sem="relaxed")
+            tl.atomic_add(p_dcb + p_cb_c + o_s[None, :], acc_k, mask=m_ts, sem="relaxed")
         else:
-            tl.store(p_dcb + p_cb_c + o_s[None, :], acc_k.to(p_dcb.dtype.element_ty), mask=m_t[:, None] & m_s[None, :])
+            tl.store(p_dcb + p_cb_c + o_s[None, :], acc_k.to(p_dcb.dtype.element_ty), mask=m_ts)
     tl.store(p_ddA_row + heads + o_hh[:, None] * CHUNK + o_t[None, :], acc_rows,
              mask=(o_hh < heads_per_prog)[:, None] & m_t[None, :])
     o_dC = tok_t[:, None] * (G * N) + i_g * N + o_n[None, :]

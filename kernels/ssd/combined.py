@@ -38,12 +38,13 @@ def _ssd_scan_fwd(x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size, dt_s
     states and y in one kernel; otherwise the split launches below."""
     b, l, h, p = x.shape
     layout = chunk_layout(b, l, chunk_size, cu_seqlens, x.device)
-    x2, dt2, B2, C2, z2, w2 = (packed_rows(t) for t in (x, dt, B, C, z, w))  # (L, h, p), (L, h), (L, g, n)
+    dt2, w2 = packed_rows(dt), packed_rows(w)  # (L, h)
     dt_out, dA_cs = _chunk_cumsum_fwd(dt2, A.contiguous(), dt_bias, dt_softplus, layout, w2)  # (T, h, Q)
-    if saves_for_backward(layout.num_seqs, h, l, chunk_size):
+    if saves_for_backward(layout.num_seqs, h, l, chunk_size):  # it packs its inputs itself
         out, final, states, y = ssd_fused_fwd_saving(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus,
                                                      cu_seqlens, w, layout)
         return out, final, dt_out, dA_cs, states, y
+    x2, B2, C2, z2 = (packed_rows(t) for t in (x, B, C, z))  # (L, h, p), (L, g, n)
     D2 = packed_skip(D)  # per token: (1, L, h)
     init = initial_state.float().contiguous() if initial_state is not None else None
     states = _chunk_state_fwd(x2, B2, dt_out, dA_cs, layout)  # (T, h, p, n)
