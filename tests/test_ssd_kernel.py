@@ -481,13 +481,13 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from streamssm.kernels.ssd import bmm_chunk, chunk_scan, chunk_scan_bwd, fused_fwd
 
-# realtime / S1-S3 sizes; BLOCK_H: the most heads a program of the dC kernel loops over
-SHAPE = dict(CHUNK=256, BLOCK_P=64, BLOCK_N=128, HAS_Z=True, BLOCK_H=64)
+# realtime / S1-S3 sizes
+SHAPE = dict(CHUNK=256, BLOCK_P=64, BLOCK_N=128, HAS_Z=True)
 INT = {"p_cstart": "*i64", "p_clen": "*i32", "p_bounds": "*i32", "p_rows": "*i64", "p_seqoff": "*i32"}
 # the one-pass forward as a training forward (SAVE: the superset of the inference variant)
 FUSED = dict(HAS_BOUNDS=True, HAS_INIT=True, HAS_DT_BIAS=True, DT_SOFTPLUS=True, HAS_W=True, HAS_ROWS=True, SAVE=True)
 BWD = {"p_cb", "p_states", "p_dstates", "p_dt_out", "p_dA_cs", "p_D", "p_ddA_cs", "p_ddt", "p_ddA_last", "p_dD_part",
-       "p_ddA_row", "p_ddA_col"}  # and K (p_dcb) where the dC kernel adds it atomically
+       "p_ddA_row"}  # and K (p_dcb) where the dC kernel adds it atomically
 # per kernel: (meta-parameters, the pointers that stay fp32 in a bf16 run); the backward reads an fp32 CB
 for kernel, variants in (
         (bmm_chunk._chunk_cb_fwd_kernel, [({}, set()), ({}, {"p_cb"})]),

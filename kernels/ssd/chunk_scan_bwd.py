@@ -10,16 +10,21 @@ K_ts = sum of k_ts over the heads of a group (dL/d(C_t . B_s))::
     dB_s   = sum_h exp(Acs_last - Acs_s) dt_s x_s dS + sum_{t >= s} K_ts C_t
     dx_s   = dt_s [sum_{t >= s} (C_t . B_s) decay_ts dy_t + exp(Acs_last - Acs_s) dS B_s] + D dy_s
     ddt_s  = x_s . dx_s (without D) / dt_s                       (the dt * x products)
-    dAcs_t = dy_t . (exp(Acs_t) S_in C_t) + sum_s M_ts - sum_t' M_t's - W_t,
-             M_ts = k_ts (C_t . B_s),  W_s = exp(Acs_last - Acs_s) dt_s <dS, x_s B_s^T>,  dAcs_last += sum_s W_s
+    dAcs_t = dy_t . (exp(Acs_t) S_in C_t) + sum_s M_ts - dt_t ddt_t,   M_ts = k_ts (C_t . B_s),
+    dAcs_last += sum_s W_s,   W_s = exp(Acs_last - Acs_s) dt_s <dS, x_s B_s^T>
+
+The s-indexed dAcs terms (sum_t M_ts + W_s) are dt_s ddt_s: x_s enters every output only as
+dt_s exp(-Acs_s) x_s, so d/dAcs_s of those terms is -dt_s d/ddt_s, and no kernel sums columns.
 
 Two kernels over (chunk, group, BLOCK_T-row block). The dC kernel (rows t) walks the chunk's
 column tiles s and, inside, the group's heads: each head's k and M once, K summed over the heads
 in registers, so K·B (and later Kᵀ·C) is one product per group rather than one per head; it
-writes dC, K (T, G, Q, Q; in B's dtype, fp32 where added atomically), the t-indexed dAcs terms,
-and adds the s-indexed ones atomically.
-The dx kernel (rows s) loops over the heads for dx, ddt, dD and the state parts of dB, then adds
-Kᵀ·C once. The products C_t . B_s are read from the per-chunk, per-group CB (T, G, Q, Q) of
+writes dC and K (T, G, Q, Q; in B's dtype, fp32 where added atomically) and adds the t-indexed
+dAcs terms atomically, per head and column tile (a register row per head spilled, 2026-12-07).
+Pointers are a scalar per chunk plus int32 offsets inside it: int64 pointer tensors held across
+the loops spilled both kernels (ptxas -v, sm_90).
+The dx kernel (rows s) loops over the heads for dx, ddt, dAcs, dD and the state parts of dB, then
+adds Kᵀ·C once. The products C_t . B_s are read from the per-chunk, per-group CB (T, G, Q, Q) of
 ``bmm_chunk.py`` (recomputed for the backward). Where a group's heads are split over several
 programs (to fill the GPU), dB, dC and K are summed with fp32 atomics.
 """
@@ -79,7 +84,7 @@ def _bwd_program(p_cstart, p_clen, P, N, heads_per_group, heads_per_prog,
 
 
 @triton.autotune(configs=autotune_configs(_configs(_DC_TILES), _INTERPRET_CONFIG), key=_KEY,
-                 restore_value=["p_dC", "p_dcb"], reset_to_zero=["p_ddA_col"])
+                 restore_value=["p_dC", "p_dcb"], reset_to_zero=["p_ddA_row"])
 @triton.jit
 def _chunk_scan_bwd_dc_kernel(
     # pointers
@@ -92,8 +97,7 @@ def _chunk_scan_bwd_dc_kernel(
     p_dC,  # (L, G, N) fp32 out (zeroed when ATOMIC)
     p_dcb,  # (T, G, Q, Q) out: K, causal part, in B's dtype (the products that read it take it so), fp32 and
             # zeroed when ATOMIC
-    p_ddA_row,  # (T, H, Q) fp32 out: the t-indexed dAcs terms
-    p_ddA_col,  # (T, H, Q) fp32, zeroed: the s-indexed in-chunk dAcs terms, added atomically
+    p_ddA_row,  # (T, H, Q) fp32, zeroed: the t-indexed dAcs terms, added atomically per head and column tile
     p_cstart, p_clen,
     # dimensions
     H, G, P, N, heads_per_group, heads_per_prog,
@@ -101,66 +105,67 @@ def _chunk_scan_bwd_dc_kernel(
     s_x_l, s_x_h, s_x_p, s_b_l, s_b_g, s_b_n, s_c_l, s_c_g, s_c_n, s_dy_l, s_dy_h, s_dy_p,
     # meta-parameters
     CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_H: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC: tl.constexpr,
+    DOT_PREC: tl.constexpr, ATOMIC: tl.constexpr,
 ):
     i_c, clen, start, i_g, h0, t0, o_t, m_t, o_p, m_p, o_n, m_n = _bwd_program(
         p_cstart, p_clen, P, N, heads_per_group, heads_per_prog, BLOCK_T, BLOCK_P, BLOCK_N)
     if t0 >= clen:
         return
-    tok_t = start + o_t
     m_tn = m_t[:, None] & m_n[None, :]
     m_tp = m_t[:, None] & m_p[None, :]
-    o_hh = tl.arange(0, BLOCK_H)
+    # scalar pointers to the chunk's first token (int64), then int32 offsets inside the chunk
+    p_x, p_dy = p_x + start * s_x_l, p_dy + start * s_dy_l
+    p_B, p_C = p_B + start * s_b_l + i_g * s_b_g, p_C + start * s_c_l + i_g * s_c_g
+    o_dy = o_t[:, None] * s_dy_l + o_p[None, :] * s_dy_p  # (BLOCK_T, BLOCK_P)
     heads = (i_c.to(tl.int64) * H + h0) * CHUNK  # offset of the program's first head in the (T, H, Q) tables
-    b_C = tl.load(p_C + tok_t[:, None] * s_c_l + i_g * s_c_g + o_n[None, :] * s_c_n, mask=m_tn, other=0.0)
+    p_dA_cs, p_dt_out, p_ddA_row = p_dA_cs + heads, p_dt_out + heads, p_ddA_row + heads
+    b_C = tl.load(p_C + o_t[:, None] * s_c_l + o_n[None, :] * s_c_n, mask=m_tn, other=0.0)
     acc_dC = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-    acc_rows = tl.zeros((BLOCK_H, BLOCK_T), dtype=tl.float32)  # the t-indexed dAcs terms of each head
-    for hh in range(0, heads_per_prog):  # through the state entering the chunk
+    for hh in tl.range(0, heads_per_prog, num_stages=1):  # through the state entering the chunk
         i_h = h0 + hh
-        b_acs_t = tl.load(p_dA_cs + heads + hh * CHUNK + o_t, mask=m_t, other=0.0)
-        b_dy = tl.load(p_dy + tok_t[:, None] * s_dy_l + i_h * s_dy_h + o_p[None, :] * s_dy_p, mask=m_tp, other=0.0)
+        b_acs_t = tl.load(p_dA_cs + hh * CHUNK + o_t, mask=m_t, other=0.0)
+        b_dy = tl.load(p_dy + i_h * s_dy_h + o_dy, mask=m_tp, other=0.0)
         b_S = tl.load(p_states + ((i_c.to(tl.int64) * H + i_h) * P + o_p[:, None]) * N + o_n[None, :],
                       mask=m_p[:, None] & m_n[None, :], other=0.0)  # (BLOCK_P, BLOCK_N)
         b_dcs = tl.dot(b_dy, b_S.to(b_dy.dtype), input_precision=DOT_PREC) * tl.exp(b_acs_t)[:, None]
-        acc_rows += tl.where(o_hh[:, None] == hh, tl.sum(b_dcs * b_C.to(tl.float32), axis=1)[None, :], 0.0)
+        tl.atomic_add(p_ddA_row + hh * CHUNK + o_t, tl.sum(b_dcs * b_C.to(tl.float32), axis=1), mask=m_t,
+                      sem="relaxed")
         acc_dC += b_dcs
-    p_cb_c = (i_c.to(tl.int64) * G + i_g) * CHUNK * CHUNK + o_t[:, None] * CHUNK  # rows t of CB and K
+    cb_g = (i_c.to(tl.int64) * G + i_g) * CHUNK * CHUNK  # this chunk's and group's CB and K
+    p_cb, p_dcb = p_cb + cb_g, p_dcb + cb_g
     for s0 in range(0, tl.minimum(t0 + BLOCK_T, clen), BLOCK_I):  # in-chunk: column tiles, then heads
         o_s = s0 + tl.arange(0, BLOCK_I)
         m_s = o_s < clen
-        tok_s = start + o_s
         # rows past the chunk's end masked too: their exp(Acs_t - Acs_s) (Acs_t read as 0) overflows to inf
-        # where the chunk decays by more than e^88, and their column sums would carry 0 * inf
+        # where the chunk decays by more than e^88, and 0 * inf would reach K
         causal = (o_t[:, None] >= o_s[None, :]) & m_s[None, :] & m_t[:, None]
-        b_cb = tl.load(p_cb + p_cb_c + o_s[None, :], mask=causal, other=0.0).to(tl.float32)
+        o_ts = o_t[:, None] * CHUNK + o_s[None, :]  # rows t, columns s of CB and K
+        b_cb = tl.load(p_cb + o_ts, mask=causal, other=0.0).to(tl.float32)
         acc_k = tl.zeros((BLOCK_T, BLOCK_I), dtype=tl.float32)
         for hh in range(0, heads_per_prog):
             i_h = h0 + hh
-            base = heads + hh * CHUNK
+            base = hh * CHUNK
             b_acs_t = tl.load(p_dA_cs + base + o_t, mask=m_t, other=0.0)
             b_acs_s = tl.load(p_dA_cs + base + o_s, mask=m_s, other=0.0)
             b_dt_s = tl.load(p_dt_out + base + o_s, mask=m_s, other=0.0)
-            b_dy = tl.load(p_dy + tok_t[:, None] * s_dy_l + i_h * s_dy_h + o_p[None, :] * s_dy_p,
-                           mask=m_tp, other=0.0)  # (BLOCK_T, BLOCK_P)
-            b_xt = tl.load(p_x + tok_s[None, :] * s_x_l + i_h * s_x_h + o_p[:, None] * s_x_p,
+            b_dy = tl.load(p_dy + i_h * s_dy_h + o_dy, mask=m_tp, other=0.0)  # (BLOCK_T, BLOCK_P)
+            b_xt = tl.load(p_x + i_h * s_x_h + o_s[None, :] * s_x_l + o_p[:, None] * s_x_p,
                            mask=m_p[:, None] & m_s[None, :], other=0.0)  # (BLOCK_P, BLOCK_I)
             b_k = tl.dot(b_dy, b_xt.to(b_dy.dtype), input_precision=DOT_PREC)  # (t, s): dy_t . x_s
             b_k *= tl.exp(tl.where(causal, b_acs_t[:, None] - b_acs_s[None, :], float("-inf"))) * b_dt_s[None, :]
             b_m = b_k * b_cb
-            acc_rows += tl.where(o_hh[:, None] == hh, tl.sum(b_m, axis=1)[None, :], 0.0)
-            tl.atomic_add(p_ddA_col + base + o_s, -tl.sum(b_m, axis=0), mask=m_s, sem="relaxed")
+            tl.atomic_add(p_ddA_row + base + o_t, tl.sum(b_m, axis=1), mask=m_t, sem="relaxed")
             acc_k += b_k
-        b_Bs = tl.load(p_B + tok_s[:, None] * s_b_l + i_g * s_b_g + o_n[None, :] * s_b_n,
+        b_Bs = tl.load(p_B + o_s[:, None] * s_b_l + o_n[None, :] * s_b_n,
                        mask=m_s[:, None] & m_n[None, :], other=0.0)  # (BLOCK_I, BLOCK_N)
         acc_dC += tl.dot(acc_k.to(b_Bs.dtype), b_Bs, input_precision=DOT_PREC)
         m_ts = m_t[:, None] & m_s[None, :]
         if ATOMIC:  # several programs share this group's heads
-            tl.atomic_add(p_dcb + p_cb_c + o_s[None, :], acc_k, mask=m_ts, sem="relaxed")
+            tl.atomic_add(p_dcb + o_ts, acc_k, mask=m_ts, sem="relaxed")
         else:
-            tl.store(p_dcb + p_cb_c + o_s[None, :], acc_k.to(p_dcb.dtype.element_ty), mask=m_ts)
-    tl.store(p_ddA_row + heads + o_hh[:, None] * CHUNK + o_t[None, :], acc_rows,
-             mask=(o_hh < heads_per_prog)[:, None] & m_t[None, :])
-    o_dC = tok_t[:, None] * (G * N) + i_g * N + o_n[None, :]
+            tl.store(p_dcb + o_ts, acc_k.to(p_dcb.dtype.element_ty), mask=m_ts)
+    p_dC += start * (G * N) + i_g * N
+    o_dC = o_t[:, None] * (G * N) + o_n[None, :]
     if ATOMIC:
         tl.atomic_add(p_dC + o_dC, acc_dC, mask=m_tn, sem="relaxed")
     else:
@@ -183,7 +188,6 @@ def _chunk_scan_bwd_dx_kernel(
     p_dx,  # (L, H, P) out, contiguous
     p_dB,  # (L, G, N) out, contiguous (fp32 and zeroed when ATOMIC)
     p_ddA_cs,  # (T, H, Q) fp32 in: the dC kernel's t-indexed terms; out: dAcs
-    p_ddA_col,  # (T, H, Q) fp32 in: the dC kernel's s-indexed terms
     p_ddt,  # (T, H, Q) fp32 out: gradient of dt through the dt * x products
     p_ddA_last,  # (T, H) fp32, accumulated atomically
     p_dD_part,  # (T * num_sb, H, P) fp32 out: partial sums of dy * x; per-token D: (L, H), dD itself
@@ -200,11 +204,16 @@ def _chunk_scan_bwd_dx_kernel(
         p_cstart, p_clen, P, N, heads_per_group, heads_per_prog, BLOCK_T, BLOCK_P, BLOCK_N)
     if s0 >= clen:
         return
-    tok_s = start + o_s
     m_sn = m_s[:, None] & m_n[None, :]
     m_sp = m_s[:, None] & m_p[None, :]
-    b_B = tl.load(p_B + tok_s[:, None] * s_b_l + i_g * s_b_g + o_n[None, :] * s_b_n, mask=m_sn, other=0.0)
-    p_cb_c = (i_c.to(tl.int64) * G + i_g) * CHUNK * CHUNK + o_s[:, None]  # columns s of CB and K
+    # scalar pointers to the chunk's first token (int64), then int32 offsets inside the chunk
+    p_x, p_dy, p_dx = p_x + start * s_x_l, p_dy + start * s_dy_l, p_dx + start * (H * P)
+    p_B, p_C = p_B + start * s_b_l + i_g * s_b_g, p_C + start * s_c_l + i_g * s_c_g
+    if D_KIND == 3:  # per token: (L, H)
+        p_D, p_dD_part = p_D + start * H, p_dD_part + start * H
+    b_B = tl.load(p_B + o_s[:, None] * s_b_l + o_n[None, :] * s_b_n, mask=m_sn, other=0.0)
+    cb_g = (i_c.to(tl.int64) * G + i_g) * CHUNK * CHUNK  # this chunk's and group's CB and K
+    p_cb, p_dcb = p_cb + cb_g, p_dcb + cb_g
     acc_dB = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     for hh in range(0, heads_per_prog):
         i_h = h0 + hh
@@ -212,7 +221,7 @@ def _chunk_scan_bwd_dx_kernel(
         b_acs_s = tl.load(p_dA_cs + base + o_s, mask=m_s, other=0.0)
         b_dt_s = tl.load(p_dt_out + base + o_s, mask=m_s, other=0.0)
         a_last = tl.load(p_dA_cs + base + clen - 1)
-        b_x = tl.load(p_x + tok_s[:, None] * s_x_l + i_h * s_x_h + o_p[None, :] * s_x_p, mask=m_sp, other=0.0)
+        b_x = tl.load(p_x + i_h * s_x_h + o_s[:, None] * s_x_l + o_p[None, :] * s_x_p, mask=m_sp, other=0.0)
         b_dS = tl.load(p_dstates + ((i_c.to(tl.int64) * H + i_h) * P + o_p[:, None]) * N + o_n[None, :],
                        mask=m_p[:, None] & m_n[None, :], other=0.0)  # (BLOCK_P, BLOCK_N)
         b_wl = tl.exp(tl.where(m_s, a_last - b_acs_s, float("-inf")))
@@ -223,39 +232,40 @@ def _chunk_scan_bwd_dx_kernel(
         for t0 in range(s0, clen, BLOCK_I):
             o_t = t0 + tl.arange(0, BLOCK_I)
             m_t = o_t < clen
-            b_dy = tl.load(p_dy + (start + o_t)[:, None] * s_dy_l + i_h * s_dy_h + o_p[None, :] * s_dy_p,
+            b_dy = tl.load(p_dy + i_h * s_dy_h + o_t[:, None] * s_dy_l + o_p[None, :] * s_dy_p,
                            mask=m_t[:, None] & m_p[None, :], other=0.0)  # (BLOCK_I, BLOCK_P)
             b_acs_t = tl.load(p_dA_cs + base + o_t, mask=m_t, other=0.0)
             causal = (o_t[None, :] >= o_s[:, None]) & m_t[None, :]
             b_decay = tl.exp(tl.where(causal, b_acs_t[None, :] - b_acs_s[:, None], float("-inf")))  # (s, t)
-            b_cbt = tl.load(p_cb + p_cb_c + o_t[None, :] * CHUNK, mask=causal & m_s[:, None], other=0.0)  # (s, t)
+            b_cbt = tl.load(p_cb + o_t[None, :] * CHUNK + o_s[:, None], mask=causal & m_s[:, None], other=0.0)  # (s, t)
             acc_dx += tl.dot((b_cbt.to(tl.float32) * b_decay).to(b_dy.dtype), b_dy, input_precision=DOT_PREC)
-        tl.store(p_ddt + base + o_s, tl.sum(acc_dx * b_x.to(tl.float32), axis=1), mask=m_s)
+        b_ddt = tl.sum(acc_dx * b_x.to(tl.float32), axis=1)
+        tl.store(p_ddt + base + o_s, b_ddt, mask=m_s)
         b_dx = acc_dx * b_dt_s[:, None]
         if D_KIND != 0:
-            b_dys = tl.load(p_dy + tok_s[:, None] * s_dy_l + i_h * s_dy_h + o_p[None, :] * s_dy_p,
+            b_dys = tl.load(p_dy + i_h * s_dy_h + o_s[:, None] * s_dy_l + o_p[None, :] * s_dy_p,
                             mask=m_sp, other=0.0).to(tl.float32)
-            b_dx += b_dys * skip_weight(p_D, tok_s, m_s, i_h, o_p, m_p, H, P, D_KIND)
+            b_dx += b_dys * skip_weight(p_D, o_s, m_s, i_h, o_p, m_p, H, P, D_KIND)
             if D_KIND == 3:  # the whole headdim is in this program: dD of each token, no partials
-                tl.store(p_dD_part + tok_s * H + i_h, tl.sum(b_dys * b_x.to(tl.float32), axis=1), mask=m_s)
+                tl.store(p_dD_part + o_s * H + i_h, tl.sum(b_dys * b_x.to(tl.float32), axis=1), mask=m_s)
             else:
                 o_part = ((i_c.to(tl.int64) * tl.num_programs(2) + tl.program_id(2)) * H + i_h) * P + o_p
                 tl.store(p_dD_part + o_part, tl.sum(b_dys * b_x.to(tl.float32), axis=0), mask=m_p)
-        tl.store(p_dx + tok_s[:, None] * (H * P) + i_h * P + o_p[None, :], b_dx.to(p_dx.dtype.element_ty), mask=m_sp)
-        b_terms = tl.load(p_ddA_cs + base + o_s, mask=m_s, other=0.0) + tl.load(p_ddA_col + base + o_s, mask=m_s,
-                                                                                 other=0.0)
-        tl.store(p_ddA_cs + base + o_s, b_terms - b_w, mask=m_s)
+        tl.store(p_dx + i_h * P + o_s[:, None] * (H * P) + o_p[None, :], b_dx.to(p_dx.dtype.element_ty), mask=m_sp)
+        b_rows = tl.load(p_ddA_cs + base + o_s, mask=m_s, other=0.0)
+        tl.store(p_ddA_cs + base + o_s, b_rows - b_dt_s * b_ddt, mask=m_s)  # the s-indexed terms: module docstring
         tl.atomic_add(p_ddA_last + i_c.to(tl.int64) * H + i_h, tl.sum(b_w), sem="relaxed")
     if h0 == i_g * heads_per_group:  # in-chunk dB_s = sum_t K_ts C_t: once per group, by its first head split
         for t0 in range(s0, clen, BLOCK_I):
             o_t = t0 + tl.arange(0, BLOCK_I)
             m_t = o_t < clen
             causal = (o_t[None, :] >= o_s[:, None]) & m_t[None, :]
-            b_kt = tl.load(p_dcb + p_cb_c + o_t[None, :] * CHUNK, mask=causal & m_s[:, None], other=0.0)  # (s, t)
-            b_C = tl.load(p_C + (start + o_t)[:, None] * s_c_l + i_g * s_c_g + o_n[None, :] * s_c_n,
+            b_kt = tl.load(p_dcb + o_t[None, :] * CHUNK + o_s[:, None], mask=causal & m_s[:, None], other=0.0)  # (s, t)
+            b_C = tl.load(p_C + o_t[:, None] * s_c_l + o_n[None, :] * s_c_n,
                           mask=m_t[:, None] & m_n[None, :], other=0.0)  # (BLOCK_I, BLOCK_N)
             acc_dB += tl.dot(b_kt.to(b_C.dtype), b_C, input_precision=DOT_PREC)
-    o_dB = tok_s[:, None] * (G * N) + i_g * N + o_n[None, :]
+    p_dB += start * (G * N) + i_g * N
+    o_dB = o_s[:, None] * (G * N) + o_n[None, :]
     if ATOMIC:  # several programs share this group's heads
         tl.atomic_add(p_dB + o_dB, acc_dB, mask=m_sn, sem="relaxed")
     else:
@@ -268,23 +278,16 @@ DX_TARGET_PROGRAMS = 2048
 DC_TARGET_PROGRAMS = 1024
 
 
-def _heads_per_program(heads_per_group: int, programs: int, target: int, most: int = 64,
-                       interpreter_split_from: int = 2) -> int:
+def _heads_per_program(heads_per_group: int, programs: int, target: int, interpreter_split_from: int = 2) -> int:
     """Heads one program loops over: all of its group's, unless that leaves fewer than ``target``
-    programs or more than ``most`` heads (the dC kernel keeps a row of dAcs terms per head in
-    registers); then the largest divisor that meets both, or the smallest one allowed (dB, dC and
-    K then summed with atomics). Interpreter: half of an even group of at least
-    ``interpreter_split_from`` heads, so that the tests meet each kernel's split and whole paths."""
+    programs; then the largest divisor that meets it, or 1 (dB, dC and K then summed with atomics).
+    Interpreter: half of an even group of at least ``interpreter_split_from`` heads, so that the
+    tests meet each kernel's split and whole paths."""
     if interpreting():
         split = heads_per_group % 2 == 0 and heads_per_group >= interpreter_split_from
         return heads_per_group // 2 if split else heads_per_group
-    best = 1
-    for d in range(heads_per_group, 0, -1):
-        if heads_per_group % d == 0 and d <= most:
-            best = d
-            if programs * (heads_per_group // d) >= target:
-                return d
-    return best
+    divisors = (d for d in range(heads_per_group, 0, -1) if heads_per_group % d == 0)
+    return next((d for d in divisors if programs * (heads_per_group // d) >= target), 1)
 
 
 def _chunk_scan_bwd(x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, cb: torch.Tensor, dy: torch.Tensor,
@@ -313,8 +316,7 @@ def _chunk_scan_bwd(x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, cb: torch
     dC = (torch.zeros if dc_atomic else torch.empty)(L, G, N, **f32)
     # K: dL/d(C_t . B_s) summed over each group's heads, in B's dtype as K.B and K^T.C read it (16 MiB less at S1)
     dcb = torch.zeros(T, G, Q, Q, **f32) if dc_atomic else torch.empty(T, G, Q, Q, device=x.device, dtype=B.dtype)
-    ddA_cs = torch.empty(T, H, Q, **f32)
-    ddA_col = torch.zeros(T, H, Q, **f32)
+    ddA_cs = torch.zeros(T, H, Q, **f32)
     ddt = torch.empty_like(ddA_cs)
     kind = skip_kind(D)
     if kind == PER_TOKEN:
@@ -331,13 +333,13 @@ def _chunk_scan_bwd(x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, cb: torch
         return lambda meta: (T, G * (heads_per_group // heads_per_prog), triton.cdiv(Q, meta["BLOCK_T"]))
 
     _chunk_scan_bwd_dc_kernel[grid(dc_heads)](
-        x, B, C, dy, dt_out, dA_cs, prev_states, cb, dC, dcb, ddA_cs, ddA_col, layout.starts, layout.lengths,
+        x, B, C, dy, dt_out, dA_cs, prev_states, cb, dC, dcb, ddA_cs, layout.starts, layout.lengths,
         H, G, P, N, heads_per_group, dc_heads, *strides,
-        CHUNK=Q, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_H=max(2, triton.next_power_of_2(dc_heads)),
+        CHUNK=Q, BLOCK_P=block_p, BLOCK_N=block_n,
         DOT_PREC=prec, ATOMIC=dc_atomic,
     )
     _chunk_scan_bwd_dx_kernel[grid(dx_heads)](
-        x, B, C, dy, D if D is not None else ddt, dt_out, dA_cs, dstates, cb, dcb, dx, dB, ddA_cs, ddA_col, ddt,
+        x, B, C, dy, D if D is not None else ddt, dt_out, dA_cs, dstates, cb, dcb, dx, dB, ddA_cs, ddt,
         ddA_last, dD_part, layout.starts, layout.lengths,
         H, G, P, N, heads_per_group, dx_heads, *strides,
         CHUNK=Q, BLOCK_P=block_p, BLOCK_N=block_n,
