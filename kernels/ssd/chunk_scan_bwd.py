@@ -10,11 +10,14 @@ K_ts = sum of k_ts over the heads of a group (dL/d(C_t . B_s))::
     dB_s   = sum_h exp(Acs_last - Acs_s) dt_s x_s dS + sum_{t >= s} K_ts C_t
     dx_s   = dt_s [sum_{t >= s} (C_t . B_s) decay_ts dy_t + exp(Acs_last - Acs_s) dS B_s] + D dy_s
     ddt_s  = x_s . dx_s (without D) / dt_s                       (the dt * x products)
-    dAcs_t = dy_t . (exp(Acs_t) S_in C_t) + sum_s M_ts - dt_t ddt_t,   M_ts = k_ts (C_t . B_s),
-    dAcs_last += sum_s W_s,   W_s = exp(Acs_last - Acs_s) dt_s <dS, x_s B_s^T>
+    dAcs_t = dy_t . (exp(Acs_t) S_in C_t) + sum_s M_ts - sum_t' M_t't - W_t,
+             M_ts = k_ts (C_t . B_s),  W_s = exp(Acs_last - Acs_s) dt_s <dS, x_s B_s^T>,  dAcs_last += sum_s W_s
 
-The s-indexed dAcs terms (sum_t M_ts + W_s) are dt_s ddt_s: x_s enters every output only as
-dt_s exp(-Acs_s) x_s, so d/dAcs_s of those terms is -dt_s d/ddt_s, and no kernel sums columns.
+The row sums of M (over s) come from the dC kernel, its column sums (over t) from the dx kernel,
+which recomputes x_s . dy_t for them: one product per tile, no cross-warp sums or atomics. The
+column terms equal dt_s ddt_s - W_s in exact arithmetic, but ddt's products read C_t . B_s decay_ts
+rounded to bf16, and the row and column sums cancel in dA: they must come from the same M (dA's
+error vs float64 was 5e-2 that way at S1, H100, 2026-12-07; 5e-4 from the same M).
 
 Two kernels over (chunk, group, BLOCK_T-row block). The dC kernel (rows t) walks the chunk's
 column tiles s and, inside, the group's heads: each head's k and M once, K summed over the heads
@@ -229,6 +232,7 @@ def _chunk_scan_bwd_dx_kernel(
         acc_dx = tl.dot(b_B, tl.trans(b_dS), input_precision=DOT_PREC) * b_wl[:, None]
         acc_dB += tl.dot(b_x.to(b_dS.dtype), b_dS, input_precision=DOT_PREC) * (b_wl * b_dt_s)[:, None]
         b_w = b_dt_s * tl.sum(b_x.to(tl.float32) * acc_dx, axis=1)
+        b_cols = tl.zeros((BLOCK_T,), dtype=tl.float32)  # sum_t M_ts / dt_s
         for t0 in range(s0, clen, BLOCK_I):
             o_t = t0 + tl.arange(0, BLOCK_I)
             m_t = o_t < clen
@@ -238,7 +242,10 @@ def _chunk_scan_bwd_dx_kernel(
             causal = (o_t[None, :] >= o_s[:, None]) & m_t[None, :]
             b_decay = tl.exp(tl.where(causal, b_acs_t[None, :] - b_acs_s[:, None], float("-inf")))  # (s, t)
             b_cbt = tl.load(p_cb + o_t[None, :] * CHUNK + o_s[:, None], mask=causal & m_s[:, None], other=0.0)  # (s, t)
-            acc_dx += tl.dot((b_cbt.to(tl.float32) * b_decay).to(b_dy.dtype), b_dy, input_precision=DOT_PREC)
+            b_cbt = b_cbt.to(tl.float32)
+            acc_dx += tl.dot((b_cbt * b_decay).to(b_dy.dtype), b_dy, input_precision=DOT_PREC)
+            b_kt = tl.dot(b_x.to(b_dy.dtype), tl.trans(b_dy), input_precision=DOT_PREC)  # (s, t): x_s . dy_t
+            b_cols += tl.sum(b_kt * b_decay * b_cbt, axis=1)
         b_ddt = tl.sum(acc_dx * b_x.to(tl.float32), axis=1)
         tl.store(p_ddt + base + o_s, b_ddt, mask=m_s)
         b_dx = acc_dx * b_dt_s[:, None]
@@ -253,7 +260,7 @@ def _chunk_scan_bwd_dx_kernel(
                 tl.store(p_dD_part + o_part, tl.sum(b_dys * b_x.to(tl.float32), axis=0), mask=m_p)
         tl.store(p_dx + i_h * P + o_s[:, None] * (H * P) + o_p[None, :], b_dx.to(p_dx.dtype.element_ty), mask=m_sp)
         b_rows = tl.load(p_ddA_cs + base + o_s, mask=m_s, other=0.0)
-        tl.store(p_ddA_cs + base + o_s, b_rows - b_dt_s * b_ddt, mask=m_s)  # the s-indexed terms: module docstring
+        tl.store(p_ddA_cs + base + o_s, b_rows - b_dt_s * b_cols - b_w, mask=m_s)
         tl.atomic_add(p_ddA_last + i_c.to(tl.int64) * H + i_h, tl.sum(b_w), sem="relaxed")
     if h0 == i_g * heads_per_group:  # in-chunk dB_s = sum_t K_ts C_t: once per group, by its first head split
         for t0 in range(s0, clen, BLOCK_I):
