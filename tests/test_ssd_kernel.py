@@ -487,7 +487,7 @@ INT = {"p_cstart": "*i64", "p_clen": "*i32", "p_bounds": "*i32", "p_rows": "*i64
 # the one-pass forward as a training forward (SAVE: the superset of the inference variant)
 FUSED = dict(HAS_BOUNDS=True, HAS_INIT=True, HAS_DT_BIAS=True, DT_SOFTPLUS=True, HAS_W=True, HAS_ROWS=True, SAVE=True)
 BWD = {"p_cb", "p_states", "p_dstates", "p_dt_out", "p_dA_cs", "p_D", "p_ddA_cs", "p_ddt", "p_ddA_last", "p_dD_part",
-       "p_ddA_row"}  # and K (p_dcb) where the dC kernel adds it atomically
+       "p_ddA_row", "p_ddA_col"}  # and K (p_dcb) where the dC kernel adds it atomically
 # per kernel: (meta-parameters, the pointers that stay fp32 in a bf16 run); the backward reads an fp32 CB
 for kernel, variants in (
         (bmm_chunk._chunk_cb_fwd_kernel, [({}, set()), ({}, {"p_cb"})]),

@@ -13,17 +13,16 @@ K_ts = sum of k_ts over the heads of a group (dL/d(C_t . B_s))::
     dAcs_t = dy_t . (exp(Acs_t) S_in C_t) + sum_s M_ts - sum_t' M_t't - W_t,
              M_ts = k_ts (C_t . B_s),  W_s = exp(Acs_last - Acs_s) dt_s <dS, x_s B_s^T>,  dAcs_last += sum_s W_s
 
-The row sums of M (over s) come from the dC kernel, its column sums (over t) from the dx kernel,
-which recomputes x_s . dy_t for them: one product per tile, no cross-warp sums or atomics. The
+Both sums of M (rows and columns) come from the one M of the dC kernel: they cancel in dA. The
 column terms equal dt_s ddt_s - W_s in exact arithmetic, but ddt's products read C_t . B_s decay_ts
-rounded to bf16, and the row and column sums cancel in dA: they must come from the same M (dA's
-error vs float64 was 5e-2 that way at S1, H100, 2026-12-07; 5e-4 from the same M).
+rounded to bf16 (dA's error vs float64 was 5e-2 that way at S1, H100, 2026-12-07; 1e-3 from one M),
+and recomputing x_s . dy_t in the dx kernel for them cost it 280 µs at S1.
 
 Two kernels over (chunk, group, BLOCK_T-row block). The dC kernel (rows t) walks the chunk's
 column tiles s and, inside, the group's heads: each head's k and M once, K summed over the heads
 in registers, so K·B (and later Kᵀ·C) is one product per group rather than one per head; it
-writes dC and K (T, G, Q, Q; in B's dtype, fp32 where added atomically) and adds the t-indexed
-dAcs terms atomically, per head and column tile (a register row per head spilled, 2026-12-07).
+writes dC and K (T, G, Q, Q; in B's dtype, fp32 where added atomically) and adds the dAcs terms
+atomically, per head and column tile (a register row per head spilled, 2026-12-07).
 Pointers are a scalar per chunk plus int32 offsets inside it: int64 pointer tensors held across
 the loops spilled both kernels (ptxas -v, sm_90).
 The dx kernel (rows s) loops over the heads for dx, ddt, dAcs, dD and the state parts of dB, then
@@ -87,7 +86,7 @@ def _bwd_program(p_cstart, p_clen, P, N, heads_per_group, heads_per_prog,
 
 
 @triton.autotune(configs=autotune_configs(_configs(_DC_TILES), _INTERPRET_CONFIG), key=_KEY,
-                 restore_value=["p_dC", "p_dcb"], reset_to_zero=["p_ddA_row"])
+                 restore_value=["p_dC", "p_dcb"], reset_to_zero=["p_ddA_row", "p_ddA_col"])
 @triton.jit
 def _chunk_scan_bwd_dc_kernel(
     # pointers
@@ -101,6 +100,7 @@ def _chunk_scan_bwd_dc_kernel(
     p_dcb,  # (T, G, Q, Q) out: K, causal part, in B's dtype (the products that read it take it so), fp32 and
             # zeroed when ATOMIC
     p_ddA_row,  # (T, H, Q) fp32, zeroed: the t-indexed dAcs terms, added atomically per head and column tile
+    p_ddA_col,  # (T, H, Q) fp32, zeroed: the s-indexed in-chunk dAcs terms, added atomically
     p_cstart, p_clen,
     # dimensions
     H, G, P, N, heads_per_group, heads_per_prog,
@@ -121,7 +121,7 @@ def _chunk_scan_bwd_dc_kernel(
     p_B, p_C = p_B + start * s_b_l + i_g * s_b_g, p_C + start * s_c_l + i_g * s_c_g
     o_dy = o_t[:, None] * s_dy_l + o_p[None, :] * s_dy_p  # (BLOCK_T, BLOCK_P)
     heads = (i_c.to(tl.int64) * H + h0) * CHUNK  # offset of the program's first head in the (T, H, Q) tables
-    p_dA_cs, p_dt_out, p_ddA_row = p_dA_cs + heads, p_dt_out + heads, p_ddA_row + heads
+    p_dA_cs, p_dt_out, p_ddA_row, p_ddA_col = p_dA_cs + heads, p_dt_out + heads, p_ddA_row + heads, p_ddA_col + heads
     b_C = tl.load(p_C + o_t[:, None] * s_c_l + o_n[None, :] * s_c_n, mask=m_tn, other=0.0)
     acc_dC = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     for hh in tl.range(0, heads_per_prog, num_stages=1):  # through the state entering the chunk
@@ -158,6 +158,7 @@ def _chunk_scan_bwd_dc_kernel(
             b_k *= tl.exp(tl.where(causal, b_acs_t[:, None] - b_acs_s[None, :], float("-inf"))) * b_dt_s[None, :]
             b_m = b_k * b_cb
             tl.atomic_add(p_ddA_row + base + o_t, tl.sum(b_m, axis=1), mask=m_t, sem="relaxed")
+            tl.atomic_add(p_ddA_col + base + o_s, -tl.sum(b_m, axis=0), mask=m_s, sem="relaxed")
             acc_k += b_k
         b_Bs = tl.load(p_B + o_s[:, None] * s_b_l + o_n[None, :] * s_b_n,
                        mask=m_s[:, None] & m_n[None, :], other=0.0)  # (BLOCK_I, BLOCK_N)
@@ -191,6 +192,7 @@ def _chunk_scan_bwd_dx_kernel(
     p_dx,  # (L, H, P) out, contiguous
     p_dB,  # (L, G, N) out, contiguous (fp32 and zeroed when ATOMIC)
     p_ddA_cs,  # (T, H, Q) fp32 in: the dC kernel's t-indexed terms; out: dAcs
+    p_ddA_col,  # (T, H, Q) fp32 in: the dC kernel's s-indexed terms
     p_ddt,  # (T, H, Q) fp32 out: gradient of dt through the dt * x products
     p_ddA_last,  # (T, H) fp32, accumulated atomically
     p_dD_part,  # (T * num_sb, H, P) fp32 out: partial sums of dy * x; per-token D: (L, H), dD itself
@@ -232,7 +234,6 @@ def _chunk_scan_bwd_dx_kernel(
         acc_dx = tl.dot(b_B, tl.trans(b_dS), input_precision=DOT_PREC) * b_wl[:, None]
         acc_dB += tl.dot(b_x.to(b_dS.dtype), b_dS, input_precision=DOT_PREC) * (b_wl * b_dt_s)[:, None]
         b_w = b_dt_s * tl.sum(b_x.to(tl.float32) * acc_dx, axis=1)
-        b_cols = tl.zeros((BLOCK_T,), dtype=tl.float32)  # sum_t M_ts / dt_s
         for t0 in range(s0, clen, BLOCK_I):
             o_t = t0 + tl.arange(0, BLOCK_I)
             m_t = o_t < clen
@@ -242,10 +243,7 @@ def _chunk_scan_bwd_dx_kernel(
             causal = (o_t[None, :] >= o_s[:, None]) & m_t[None, :]
             b_decay = tl.exp(tl.where(causal, b_acs_t[None, :] - b_acs_s[:, None], float("-inf")))  # (s, t)
             b_cbt = tl.load(p_cb + o_t[None, :] * CHUNK + o_s[:, None], mask=causal & m_s[:, None], other=0.0)  # (s, t)
-            b_cbt = b_cbt.to(tl.float32)
-            acc_dx += tl.dot((b_cbt * b_decay).to(b_dy.dtype), b_dy, input_precision=DOT_PREC)
-            b_kt = tl.dot(b_x.to(b_dy.dtype), tl.trans(b_dy), input_precision=DOT_PREC)  # (s, t): x_s . dy_t
-            b_cols += tl.sum(b_kt * b_decay * b_cbt, axis=1)
+            acc_dx += tl.dot((b_cbt.to(tl.float32) * b_decay).to(b_dy.dtype), b_dy, input_precision=DOT_PREC)
         b_ddt = tl.sum(acc_dx * b_x.to(tl.float32), axis=1)
         tl.store(p_ddt + base + o_s, b_ddt, mask=m_s)
         b_dx = acc_dx * b_dt_s[:, None]
@@ -259,8 +257,9 @@ def _chunk_scan_bwd_dx_kernel(
                 o_part = ((i_c.to(tl.int64) * tl.num_programs(2) + tl.program_id(2)) * H + i_h) * P + o_p
                 tl.store(p_dD_part + o_part, tl.sum(b_dys * b_x.to(tl.float32), axis=0), mask=m_p)
         tl.store(p_dx + i_h * P + o_s[:, None] * (H * P) + o_p[None, :], b_dx.to(p_dx.dtype.element_ty), mask=m_sp)
-        b_rows = tl.load(p_ddA_cs + base + o_s, mask=m_s, other=0.0)
-        tl.store(p_ddA_cs + base + o_s, b_rows - b_dt_s * b_cols - b_w, mask=m_s)
+        b_terms = tl.load(p_ddA_cs + base + o_s, mask=m_s, other=0.0) + tl.load(p_ddA_col + base + o_s, mask=m_s,
+                                                                                 other=0.0)
+        tl.store(p_ddA_cs + base + o_s, b_terms - b_w, mask=m_s)
         tl.atomic_add(p_ddA_last + i_c.to(tl.int64) * H + i_h, tl.sum(b_w), sem="relaxed")
     if h0 == i_g * heads_per_group:  # in-chunk dB_s = sum_t K_ts C_t: once per group, by its first head split
         for t0 in range(s0, clen, BLOCK_I):
@@ -324,6 +323,7 @@ def _chunk_scan_bwd(x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, cb: torch
     # K: dL/d(C_t . B_s) summed over each group's heads, in B's dtype as K.B and K^T.C read it (16 MiB less at S1)
     dcb = torch.zeros(T, G, Q, Q, **f32) if dc_atomic else torch.empty(T, G, Q, Q, device=x.device, dtype=B.dtype)
     ddA_cs = torch.zeros(T, H, Q, **f32)
+    ddA_col = torch.zeros(T, H, Q, **f32)
     ddt = torch.empty_like(ddA_cs)
     kind = skip_kind(D)
     if kind == PER_TOKEN:
@@ -340,13 +340,13 @@ def _chunk_scan_bwd(x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, cb: torch
         return lambda meta: (T, G * (heads_per_group // heads_per_prog), triton.cdiv(Q, meta["BLOCK_T"]))
 
     _chunk_scan_bwd_dc_kernel[grid(dc_heads)](
-        x, B, C, dy, dt_out, dA_cs, prev_states, cb, dC, dcb, ddA_cs, layout.starts, layout.lengths,
+        x, B, C, dy, dt_out, dA_cs, prev_states, cb, dC, dcb, ddA_cs, ddA_col, layout.starts, layout.lengths,
         H, G, P, N, heads_per_group, dc_heads, *strides,
         CHUNK=Q, BLOCK_P=block_p, BLOCK_N=block_n,
         DOT_PREC=prec, ATOMIC=dc_atomic,
     )
     _chunk_scan_bwd_dx_kernel[grid(dx_heads)](
-        x, B, C, dy, D if D is not None else ddt, dt_out, dA_cs, dstates, cb, dcb, dx, dB, ddA_cs, ddt,
+        x, B, C, dy, D if D is not None else ddt, dt_out, dA_cs, dstates, cb, dcb, dx, dB, ddA_cs, ddA_col, ddt,
         ddA_last, dD_part, layout.starts, layout.lengths,
         H, G, P, N, heads_per_group, dx_heads, *strides,
         CHUNK=Q, BLOCK_P=block_p, BLOCK_N=block_n,
