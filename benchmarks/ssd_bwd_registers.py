@@ -1,0 +1,92 @@
+"""Registers, spills and shared memory of the SSD backward kernels, per autotune config, on sm_90.
+
+No GPU needed: each config is cross-compiled with Triton's bundled ptxas (``-v``) at the
+benchmark sizes (chunk 256, headdim 64, dstate 128, bf16 inputs), as the GPU would build it.
+A kernel that spills (bytes of local memory per thread) or fills all 255 registers runs one
+block per SM: the SSD backward at S1 spilled 0.5-2 KB per thread in every config before
+2026-12-07 (int64 pointer tensors held across its loops)::
+
+    python benchmarks/ssd_bwd_registers.py                  # both kernels, every config
+    python benchmarks/ssd_bwd_registers.py --kernels dc --dstate 64
+
+Columns: registers per thread, spill store bytes, shared memory bytes, warpgroup (wgmma) and
+warp-level (mma.sync) MMA instructions in the PTX, layout conversions in the TTGIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ["TRITON_INTERPRET"] = "0"  # the GPU pipeline, before Triton is imported
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from streamssm.kernels.ssd import chunk_scan_bwd  # noqa: E402
+
+KERNELS = {"dc": chunk_scan_bwd._chunk_scan_bwd_dc_kernel, "dx": chunk_scan_bwd._chunk_scan_bwd_dx_kernel}
+# pointers that stay fp32 whatever the inputs' dtype (the others take it)
+FP32 = {"p_cb", "p_states", "p_dstates", "p_dt_out", "p_dA_cs", "p_D", "p_ddA_cs", "p_ddt", "p_ddA_last", "p_dD_part",
+        "p_ddA_row", "p_ddA_col", "p_dC"}
+INT = {"p_cstart": "*i64", "p_clen": "*i32"}
+
+
+def ptxas_report(ptx: str) -> tuple[int, int]:
+    """(registers per thread, spill store bytes) of ``ptx`` as ptxas -v reports them for sm_90a."""
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    try:
+        info = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
+                              capture_output=True, text=True, check=True).stderr
+    finally:
+        os.unlink(f.name)
+    return int(re.search(r"Used (\d+) registers", info)[1]), int(re.search(r"(\d+) bytes spill stores", info)[1])
+
+
+def report(kernel, config: triton.Config, chunk: int, headdim: int, dstate: int, dtype: str) -> dict:
+    """Compile ``kernel`` (an autotuner) in ``config`` for sm_90 and measure the binary."""
+    fn = kernel.fn
+    meta = {"CHUNK": chunk, "BLOCK_P": max(16, headdim), "BLOCK_N": max(16, dstate), "ATOMIC": False, "D_KIND": 1,
+            "DOT_PREC": "tf32" if dtype == "bf16" else "ieee", **config.kwargs}
+    consts = {a: v for a, v in meta.items() if a in fn.arg_names}
+    half = "*bf16" if dtype == "bf16" else "*fp32"
+    sig = {a: "constexpr" if a in consts else INT.get(a) or (
+           ("*fp32" if a in FP32 else half) if a.startswith("p_") else "i32") for a in fn.arg_names}
+    binary = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    regs, spill = ptxas_report(binary.asm["ptx"])
+    ptx = binary.asm["ptx"]
+    return {"regs": regs, "spill": spill, "smem": binary.metadata.shared, "wgmma": ptx.count("wgmma.mma_async"),
+            "mma": ptx.count("mma.sync"), "convert": binary.asm["ttgir"].count("ttg.convert_layout")}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kernels", default="dc,dx", help=f"of {', '.join(KERNELS)}")
+    ap.add_argument("--chunk", type=int, default=256)
+    ap.add_argument("--headdim", type=int, default=64)
+    ap.add_argument("--dstate", type=int, default=128)
+    ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    ap.add_argument("--configs", type=int, default=0, help="only the first N configs of each kernel (0: all)")
+    args = ap.parse_args(argv)
+    print(f"sm_90, chunk {args.chunk}, headdim {args.headdim}, dstate {args.dstate}, {args.dtype} inputs\n")
+    print("| kernel | T | I | warps | stages | regs | spill B | smem B | wgmma | mma.sync | convert_layout |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name in args.kernels.split(","):
+        configs = KERNELS[name].configs[:args.configs or None]
+        for cfg in configs:
+            r = report(KERNELS[name], cfg, args.chunk, args.headdim, args.dstate, args.dtype)
+            print(f"| {name} | {cfg.kwargs['BLOCK_T']} | {cfg.kwargs['BLOCK_I']} | {cfg.num_warps} | {cfg.num_stages} | "
+                  f"{r['regs']} | {r['spill']} | {r['smem']} | {r['wgmma']} | {r['mma']} | {r['convert']} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
