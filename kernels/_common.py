@@ -61,10 +61,19 @@ def choose_backend(op: str, backend: Backend, device: torch.device) -> Resolved:
     raise ConfigError(f"{op}: backend must be 'auto', 'triton', 'torch' or 'reference', got {backend!r}")
 
 
+#: set to ``0`` before the kernels are imported: every Triton kernel keeps only the first config of its
+#: list, so a GPU run compiles one config per kernel and key instead of autotuning them all (the GPU
+#: correctness tests: cold autotuning at each test shape took 150-320 s of a 600 s device call)
+AUTOTUNE_ENV = "STREAMSSM_AUTOTUNE"
+
+
 def autotune_configs(configs: Sequence, interpret_config=None) -> list:
-    """The autotune config list; a single config when interpreting (the interpreter cannot tune)."""
+    """The autotune config list; a single config when interpreting (the interpreter cannot tune):
+    ``interpret_config``, or the first; the first where ``STREAMSSM_AUTOTUNE=0``."""
     if interpreting():
         return [interpret_config if interpret_config is not None else configs[0]]
+    if os.environ.get(AUTOTUNE_ENV, "1") == "0":
+        return [configs[0]]
     return list(configs)
 
 
