@@ -24,7 +24,8 @@ in registers, so K·B (and later Kᵀ·C) is one product per group rather than o
 writes dC and K (T, G, Q, Q; in B's dtype, fp32 where added atomically) and adds the dAcs terms
 atomically, per head and column tile (a register row per head spilled, 2026-12-07).
 Pointers are a scalar per chunk plus int32 offsets inside it: int64 pointer tensors held across
-the loops spilled both kernels (ptxas -v, sm_90).
+the loops spilled both kernels (ptxas -v, sm_90); the dC kernel's loop over the state entering
+the chunk is not pipelined (prefetching the next head's fp32 state tile spilled its 8-warp configs).
 The dx kernel (rows s) loops over the heads for dx, ddt, dAcs, dD and the state parts of dB, then
 adds Kᵀ·C once. The products C_t . B_s are read from the per-chunk, per-group CB (T, G, Q, Q) of
 ``bmm_chunk.py`` (recomputed for the backward). Where a group's heads are split over several
