@@ -23,6 +23,11 @@
 # sdist, fla-core wheel). The conv1d kernel before today's backward is taken from git
 # (7db386b~1) or, in a copy without .git, from $OLD_CONV. First calls of the kernels autotune.
 set -u
+# a command that fails or times out (pytest, a bench, a grep that finds no table) is remembered, and
+# the script exits 1 naming its lines: its tables are written either way
+set -E -o pipefail
+failed=()
+trap 'failed+=("$LINENO")' ERR
 cd "$(dirname "$0")/.."
 export TRITON_INTERPRET=0
 # autotuning results kept on disk: a later process running the same kernel at the same key skips it
@@ -109,7 +114,7 @@ mamba3() {
     done
     echo "== the kernel profile, its own process (timings after torch.profiler are not kept)"
     timeout 120 python benchmarks/bench_mamba3.py --shapes S1 --chunks 64 --profile S1 >"$OUT/mamba3_profile.txt" 2>&1
-    sed -n '/GPU kernels/,/Self CUDA time total/p' "$OUT/mamba3_profile.txt" | cut -c1-150 | head -n 80
+    sed -n '/GPU kernels/,/Self CUDA time total/p' "$OUT/mamba3_profile.txt" | cut -c1-150 | sed -n '1,80p'  # reads to the end: no SIGPIPE under pipefail
 }
 
 mamba3_peer() {
@@ -257,3 +262,7 @@ case "$part" in
     *) echo "usage: $0 [tests|conv_tests|kernels|serving|mamba3|mamba3_peer|engine_knobs|pipeline_fill|service_edge|service_400|ssd_memory|ssd_bwd|rotary|engine_pair|all]" >&2; exit 2 ;;
 esac
 echo "== tables in $OUT"
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "== failed or timed out: the commands at lines ${failed[*]} of $0" >&2
+    exit 1
+fi

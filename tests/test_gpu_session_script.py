@@ -1,5 +1,6 @@
 """benchmarks/gpu_serving_session.sh carries Triton's autotuning results from one device call to
-the next: packed from the cache on exit, unpacked into an empty cache at the next start."""
+the next: packed from the cache on exit, unpacked into an empty cache at the next start; and its
+exit status says whether a command of the part failed."""
 
 from __future__ import annotations
 
@@ -38,3 +39,20 @@ def test_autotuning_results_survive_a_fresh_machine(tmp_path):
     assert (fresh / "ab12" / "_kernel.autotune.json").read_text() == '{"configs_timings": []}'
     with tarfile.open(tmp_path / "out2" / "triton_autotune.tar.gz") as tar:  # passed on again
         assert any(n.endswith("ab12/_kernel.autotune.json") for n in tar.getnames())
+
+
+@pytest.mark.parametrize("status", [0, 1])
+def test_exit_status_says_whether_a_command_failed(tmp_path, status):
+    """The ``tests`` part with ``python`` replaced by a stub that exits ``status``: the part's
+    pipelines (pytest | tail | tee) end 0 either way without pipefail; the script must not."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(f"#!/bin/sh\nexit {status}\n")
+    (bin_dir / "python").chmod(0o755)
+    out = tmp_path / "out"
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "OUT": str(out),
+           "TRITON_CACHE_DIR": str(tmp_path / "cache"), "AUTOTUNE_ARCHIVE": str(tmp_path / "absent.tar.gz")}
+    done = subprocess.run(["bash", str(SCRIPT), "tests"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == status, done.stderr
+    assert ("failed or timed out" in done.stderr) == bool(status)
+    assert (out / "tests.txt").exists()  # the tables are written either way
