@@ -10,7 +10,9 @@ q = C, k = B, v = x * dt, g = dt * A (per-head copies of B/C; D * x added outsid
 preparation is not timed). Each provider is timed forward and forward+backward (gradients of
 every input), eager and replayed from a CUDA graph; peak memory is that of forward+backward.
 "fwd TFLOP/s" counts the forward's matmul FLOPs (``forward_cost``), "fwd x floor" divides its time
-by the least bytes it must move at the copy bandwidth (_harness.COPY_TBPS).
+by the least bytes it must move at the copy bandwidth (_harness.COPY_TBPS); the fwd+bwd columns
+likewise (``train_cost``: 3x the forward's FLOPs, as for any chain of matmuls; the inputs read
+twice, dy read, the output and every gradient written once).
 ``--verify`` (default) checks our outputs and gradients against a float64 chunked reference
 (S3: outputs plus directional derivatives of each input by central differences in float64)
 and reports the peers' forward error for context.
@@ -194,9 +196,19 @@ def forward_cost(shape: dict[str, int], groups: int = 1) -> tuple[float, float]:
     return flops, tokens * 2 * (2 * h * p + h + 2 * groups * n)
 
 
+def train_cost(shape: dict[str, int], groups: int = 1) -> tuple[float, float]:
+    """(FLOPs, least bytes) of one SSD forward + backward at chunk CHUNK: 3x the forward's FLOPs
+    (each product's two gradient products); bytes in bf16: x, dt, B, C read by both passes, y
+    written, dy read, dx, ddt, dB, dC written."""
+    tokens, h, p, n = shape["batch"] * shape["length"], shape["heads"], shape["headdim"], shape["dstate"]
+    flops, _ = forward_cost(shape, groups)
+    return 3 * flops, tokens * 2 * (5 * h * p + 3 * h + 6 * groups * n)
+
+
 def measure(table: Table, shape_name: str, kernel: str, run, t: dict, names, tokens: int, eager: bool) -> None:
     row = {"shape": shape_name, "kernel": kernel}
     flops, nbytes = forward_cost(SSD_SHAPES[shape_name])
+    train_flops, train_bytes = train_cost(SSD_SHAPES[shape_name])
     try:
         with torch.no_grad():
             row["fwd ms graph"] = time_graph(lambda: run(t))
@@ -211,6 +223,8 @@ def measure(table: Table, shape_name: str, kernel: str, run, t: dict, names, tok
             return torch.autograd.grad(run(leaves), params, dy)
 
         row["fwd+bwd ms graph"] = time_graph(step)
+        row["fwd+bwd TFLOP/s"] = train_flops / row["fwd+bwd ms graph"] / 1e9
+        row["fwd+bwd x floor"] = row["fwd+bwd ms graph"] / (train_bytes / COPY_TBPS / 1e9)
         if eager:
             row["fwd+bwd ms eager"] = time_eager(step)
         row["peak GiB fwd+bwd"] = peak_memory_gib(step)
@@ -258,7 +272,7 @@ def main(argv=None) -> int:
         providers["fla"] = (fla(load_fla()), fla_inputs)
     table = Table(
         columns=["shape", "kernel", "fwd ms graph", "fwd TFLOP/s", "fwd x floor", "fwd ms eager", "fwd+bwd ms graph",
-                 "fwd+bwd ms eager", "Mtok/s fwd+bwd", "peak GiB fwd+bwd"],
+                 "fwd+bwd TFLOP/s", "fwd+bwd x floor", "fwd+bwd ms eager", "Mtok/s fwd+bwd", "peak GiB fwd+bwd"],
         ratio_of=["fwd ms graph", "fwd ms eager", "fwd+bwd ms graph", "fwd+bwd ms eager", "peak GiB fwd+bwd"],
     )
     notes = [run_tag()]
