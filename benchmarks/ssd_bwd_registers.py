@@ -25,11 +25,10 @@ import tempfile
 os.environ["TRITON_INTERPRET"] = "0"  # the GPU pipeline, before Triton is imported
 
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
 from streamssm.kernels.ssd import chunk_scan_bwd  # noqa: E402
+from streamssm.testing import compile_for_sm90  # noqa: E402
 
 KERNELS = {"dc": chunk_scan_bwd._chunk_scan_bwd_dc_kernel, "dx": chunk_scan_bwd._chunk_scan_bwd_dx_kernel}
 # pointers that stay fp32 whatever the inputs' dtype (the others take it)
@@ -55,14 +54,11 @@ def report(kernel, config: triton.Config, chunk: int, headdim: int, dstate: int,
     fn = kernel.fn
     meta = {"CHUNK": chunk, "BLOCK_P": max(16, headdim), "BLOCK_N": max(16, dstate), "ATOMIC": False, "D_KIND": 1,
             "DOT_PREC": "tf32" if dtype == "bf16" else "ieee", **config.kwargs}
-    consts = {a: v for a, v in meta.items() if a in fn.arg_names}
     half = "*bf16" if dtype == "bf16" else "*fp32"
-    sig = {a: "constexpr" if a in consts else INT.get(a) or (
-           ("*fp32" if a in FP32 else half) if a.startswith("p_") else "i32") for a in fn.arg_names}
-    binary = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": config.num_warps, "num_stages": config.num_stages})
-    regs, spill = ptxas_report(binary.asm["ptx"])
+    binary = compile_for_sm90(fn, meta, lambda a: INT.get(a) or ("*fp32" if a in FP32 else half),
+                              config.num_warps, config.num_stages)
     ptx = binary.asm["ptx"]
+    regs, spill = ptxas_report(ptx)
     return {"regs": regs, "spill": spill, "smem": binary.metadata.shared, "wgmma": ptx.count("wgmma.mma_async"),
             "mma": ptx.count("mma.sync"), "convert": binary.asm["ttgir"].count("ttg.convert_layout")}
 

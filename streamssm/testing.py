@@ -1,5 +1,6 @@
 """Per-dtype tolerances and the one ``assert_close`` used by every kernel and parity test; the
-runner of the kernels' sm_90 cross-compile scripts; the peak of tensor memory a call allocates."""
+sm_90 cross-compile of a kernel and the runner of the scripts that make them; the peak of tensor
+memory a call allocates."""
 
 from __future__ import annotations
 
@@ -110,6 +111,21 @@ def assert_states_close(name: str, expected, actual, rtol: float | None = None, 
         for field, et, at in zip(type(e)._fields, e, a):
             assert et.dtype == at.dtype, f"{name} layer{i}.{field}: dtype {at.dtype}, expected {et.dtype}"
             assert_close(f"{name} layer{i}.{field}", et, at, rtol=rtol, atol=atol)
+
+
+def compile_for_sm90(fn, consts: dict, pointer: Callable[[str], str], num_warps: int, num_stages: int = 3):
+    """``fn`` (a ``triton.jit`` function) compiled for an sm_90 target with Triton's bundled ptxas,
+    no GPU needed: the entries of ``consts`` that name its arguments are constexprs, every other
+    argument named ``p_...`` a pointer typed ``pointer(name)`` (e.g. ``"*bf16"``), the rest i32.
+    Call it with TRITON_INTERPRET=0 (a script run by :func:`assert_script_compiles_for_sm90`)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    consts = {a: v for a, v in consts.items() if a in fn.arg_names}
+    sig = {a: "constexpr" if a in consts else pointer(a) if a.startswith("p_") else "i32" for a in fn.arg_names}
+    return triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
 
 
 def assert_script_compiles_for_sm90(script: str, *args: str) -> None:

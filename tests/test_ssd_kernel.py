@@ -476,10 +476,8 @@ def test_bad_inputs_raise_shape_error():
 
 
 SM90_COMPILE = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from streamssm.kernels.ssd import bmm_chunk, chunk_scan, chunk_scan_bwd, fused_fwd
+from streamssm.testing import compile_for_sm90
 
 # realtime / S1-S3 sizes
 SHAPE = dict(CHUNK=256, BLOCK_P=64, BLOCK_N=128, HAS_Z=True)
@@ -504,12 +502,9 @@ for kernel, variants in (
         # D per head (Mamba-2) in bf16 and fp32; per token (Mamba-3's skip) in bf16
         runs = [("*bf16", "tf32", v, 1) for v in variants] + [("*fp32", "ieee", variants[0], 1)]
         for half, prec, (meta, fp32), d_kind in runs + [("*bf16", "tf32", variants[0], 3)] * ("D_KIND" in fn.arg_names):
-            consts = {a: v for a, v in {**SHAPE, **meta, **cfg.kwargs, "DOT_PREC": prec, "D_KIND": d_kind}.items()
-                      if a in fn.arg_names}
-            sig = {a: "constexpr" if a in consts else INT.get(a) or (
-                   ("*fp32" if a in fp32 else half) if a.startswith("p_") else "i32") for a in fn.arg_names}
-            binary = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
-                                    options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+            binary = compile_for_sm90(fn, {**SHAPE, **meta, **cfg.kwargs, "DOT_PREC": prec, "D_KIND": d_kind},
+                                      lambda a: INT.get(a) or ("*fp32" if a in fp32 else half),
+                                      cfg.num_warps, cfg.num_stages)
             assert binary.metadata.shared <= 227 * 1024, (fn.__name__, cfg, half, binary.metadata.shared)
 """
 
