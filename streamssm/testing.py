@@ -113,19 +113,26 @@ def assert_states_close(name: str, expected, actual, rtol: float | None = None, 
             assert_close(f"{name} layer{i}.{field}", et, at, rtol=rtol, atol=atol)
 
 
-def compile_for_sm90(fn, consts: dict, pointer: Callable[[str], str], num_warps: int, num_stages: int = 3):
+def compile_for_sm90(fn, consts: dict, pointer: Callable[[str], str], num_warps: int, num_stages: int = 3, *,
+                     scalars: dict[str, str] | None = None, aligned: bool = False, maxnreg: int | None = None):
     """``fn`` (a ``triton.jit`` function) compiled for an sm_90 target with Triton's bundled ptxas,
     no GPU needed: the entries of ``consts`` that name its arguments are constexprs, every other
-    argument named ``p_...`` a pointer typed ``pointer(name)`` (e.g. ``"*bf16"``), the rest i32.
-    Call it with TRITON_INTERPRET=0 (a script run by :func:`assert_script_compiles_for_sm90`)."""
+    argument named ``p_...`` a pointer typed ``pointer(name)`` (e.g. ``"*bf16"``), the rest typed
+    ``scalars[name]`` or i32. ``aligned``: every argument a multiple of 16 (as the vector loads of
+    aligned tensors see it); ``maxnreg`` caps the registers per thread. Call it with
+    TRITON_INTERPRET=0 (a script run by :func:`assert_script_compiles_for_sm90`)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     consts = {a: v for a, v in consts.items() if a in fn.arg_names}
-    sig = {a: "constexpr" if a in consts else pointer(a) if a.startswith("p_") else "i32" for a in fn.arg_names}
-    return triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+    scalars = scalars or {}
+    sig = {a: "constexpr" if a in consts else pointer(a) if a.startswith("p_") else scalars.get(a, "i32")
+           for a in fn.arg_names}
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in sig.items() if t != "constexpr"}
+    options = {"num_warps": num_warps, "num_stages": num_stages, **({"maxnreg": maxnreg} if maxnreg else {})}
+    return triton.compile(ASTSource(fn, sig, consts, attrs if aligned else None), target=GPUTarget("cuda", 90, 32),
+                          options=options)
 
 
 def assert_script_compiles_for_sm90(script: str, *args: str) -> None:

@@ -290,11 +290,8 @@ def test_gpu_channel_last_sequence_longer_than_the_grid_axis():
 SM90_COMPILE = """
 import sys
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
 from streamssm.kernels.conv1d import conv
+from streamssm.testing import compile_for_sm90
 
 kernel, unit_strides = getattr(conv, sys.argv[1]), sys.argv[2].split(",")
 fn = kernel.fn
@@ -304,15 +301,10 @@ configs = conv._configs(conv._BWD_TILES[channel_last["CHANNEL_LAST"]], (8, 8)) i
 for config in configs:
     consts = dict(W=4, HAS_INIT=True, HAS_BIAS=True, SILU=True, HAS_DFINAL=True, s_wk=1, **config.kwargs,
                   **channel_last, **dict.fromkeys(unit_strides, 1))
-    consts = {k: v for k, v in consts.items() if k in fn.arg_names}
-    sig = {a: "constexpr" if a in consts else ("*bf16" if a in half else "*fp32") if a.startswith("p_") else "i32"
-           for a in fn.arg_names}
-    cap = {"maxnreg": config.maxnreg} if config.maxnreg else {}
-    aligned = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in sig.items() if t != "constexpr"}
     # all multiples of 16 (the vector loads of the benchmarks), and for one config strides as they come
-    for attrs in (aligned, None) if config is configs[0] else (aligned,):
-        triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": config.num_warps, **cap})
+    for aligned in (True, False) if config is configs[0] else (True,):
+        compile_for_sm90(fn, consts, lambda a: "*bf16" if a in half else "*fp32", config.num_warps,
+                         aligned=aligned, maxnreg=config.maxnreg)
 """
 
 

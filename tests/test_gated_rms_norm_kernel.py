@@ -72,17 +72,12 @@ def test_shape_errors_name_the_problem():
 
 
 SM90_COMPILE = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from streamssm.kernels.norm.gated_rms_norm import _gated_rms_norm_kernel as kernel
+from streamssm.testing import compile_for_sm90
 
-fn = kernel
 for half, groups in (("*bf16", 1), ("*fp32", 2)):
-    consts = dict(TWO_ROUNDINGS=groups > 1, BLOCK_S=1024 // groups)
-    sig = {a: "constexpr" if a in consts else ("*fp32" if a == "p_w" else half) if a.startswith("p_")
-           else ("fp32" if a == "eps" else "i32") for a in fn.arg_names}
-    triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    compile_for_sm90(kernel, dict(TWO_ROUNDINGS=groups > 1, BLOCK_S=1024 // groups),
+                     lambda a: "*fp32" if a == "p_w" else half, 4, scalars={"eps": "fp32"})
 """
 
 

@@ -128,13 +128,11 @@ def test_gpu_matches_reference(out_dtype):
 
 SM90_COMPILE = """
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 import re, subprocess, tempfile
 from pathlib import Path
 from streamssm.kernels.mamba3 import rotary
+from streamssm.testing import compile_for_sm90
 
-INT = {"L", "H", "G", "K", "T", "ROWS", "LOCAL_PARTS"}
 F64 = {"p_sums", "p_enter"}  # the tile angles
 F32 = {"p_dt", "p_dsums", "p_after", "p_ddt", "p_ddt_local", "p_dtheta_local"}  # dt, the angle gradients: fp32
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -144,11 +142,8 @@ for kernel, (block_k, warps) in ((rotary._rotary_tile_sums_kernel, (rotary.FWD_C
                                  (rotary._rotary_bwd_after_kernel, rotary.AFTER_CONFIG)):
     fn = kernel
     for half in ("*bf16", "*fp32"):
-        consts = {"BLOCK_L": rotary.BLOCK_L, "BLOCK_K": block_k}
-        sig = {a: "constexpr" if a in consts else "i32" if a in INT else "*fp64" if a in F64
-               else "*fp32" if a in F32 else half for a in fn.arg_names}
-        compiled = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": warps})
+        compiled = compile_for_sm90(fn, {"BLOCK_L": rotary.BLOCK_L, "BLOCK_K": block_k},
+                                    lambda a: "*fp64" if a in F64 else "*fp32" if a in F32 else half, warps)
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(compiled.asm["cubin"])
             f.flush()

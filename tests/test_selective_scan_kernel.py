@@ -216,9 +216,8 @@ def test_gpu_bf16_error_within_twice_reference_error():
 
 SM90_COMPILE = """
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from streamssm.kernels.mamba1 import scan
+from streamssm.testing import compile_for_sm90
 
 half = {"p_u", "p_delta", "p_z", "p_y", "p_du", "p_ddelta", "p_dz", "p_dy"}
 base = dict(HAS_D=True, HAS_Z=False, HAS_BIAS=True, SOFTPLUS=True, T=64, TT=8, N_PAD=16, BLOCK_D=32,
@@ -230,10 +229,7 @@ for kernel, meta, prefetch in (
         (scan._selective_scan_adjoint_state_kernel, {}, False),
         (scan._selective_scan_state_passing_kernel, dict(REVERSE=True), False)):
     fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel  # the JITFunction
-    consts = {a: v for a, v in {**base, **meta}.items() if a in fn.arg_names}
-    sig = {a: "constexpr" if a in consts else ("*bf16" if a in half else "*fp32") if a.startswith("p_") else "i32"
-           for a in fn.arg_names}
-    binary = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
+    binary = compile_for_sm90(fn, {**base, **meta}, lambda a: "*bf16" if a in half else "*fp32", 1)
     assert ("prefetch.global.L1" in binary.asm["ptx"]) == prefetch, fn.__name__
 """
 
