@@ -14,7 +14,8 @@
 #     bash benchmarks/gpu_serving_session.sh service_edge  # ~3 min: service --workers 4 at 384 and 448 clients, fill 1 and 2
 #     bash benchmarks/gpu_serving_session.sh service_400  # ~4 min: the same at 400-448 clients, fill 2 and 3
 #     bash benchmarks/gpu_serving_session.sh ssd_memory  # ~9 min: SSD S1/S2 and Mamba-1 M1 with peak memory, vs the peers
-#     [BASE_WHEEL=w] bash benchmarks/gpu_serving_session.sh ssd_bwd  # ~9 min: SSD S1/S2 fwd+bwd (base, this, peers); tests
+#     [BASE_WHEELS='w1 w2'] [AB_SHAPES=S1] bash benchmarks/gpu_serving_session.sh ssd_bwd  # ~9 min: SSD S1/S2 fwd+bwd
+#                                                      # (base installs, this, peers); tests
 #     bash benchmarks/gpu_serving_session.sh rotary    # ~8 min: Mamba-3 GPU tests; rotation kernels vs 5de9c7b's, config sweep
 #     BASE_SITE=/tmp/base_site bash benchmarks/gpu_serving_session.sh engine_pair
 #                                                      # ~3 min: engine-process CPU per chunk, a base install vs this tree
@@ -195,15 +196,17 @@ service_400() {
 }
 
 ssd_bwd() {
-    # the SSD backward with K = dL/d(C_t . B_s) summed over a group's heads (one K.B and one K^T.C per group,
-    # not per head; dy . x^T once per head, not twice): this wheel against a base install ($BASE_WHEEL, e.g. the
-    # commit before) in the same call, then the peers; last the GPU tests vs float64 (cold autotuning: minutes)
-    if [ -s "${BASE_WHEEL:-}" ]; then
-        python -m pip install -q --no-index --no-deps --no-compile --target /tmp/base_site "$BASE_WHEEL" || return 1
-        echo "== SSD S1, S2 fwd+bwd, base install ($BASE_WHEEL)"
-        PYTHONPATH=/tmp/base_site:$PYTHONPATH timeout 120 python benchmarks/bench_ssd.py --shapes S1,S2 --no-eager \
-            --peers none --no-verify --out "$OUT/ssd_bwd_base.md" 2>&1 | grep -E '^[|]'
-    fi
+    # this tree's SSD backward against base installs in the same call: $BASE_WHEELS (space-separated; or one
+    # $BASE_WHEEL, e.g. the commit before) at $AB_SHAPES (default S1,S2; each new kernel source autotunes: ~60 s
+    # per shape), then this wheel beside the peers; last the GPU tests vs float64 (cold autotuning: minutes)
+    local wheel i=0
+    for wheel in ${BASE_WHEELS:-${BASE_WHEEL:-}}; do
+        i=$((i + 1))
+        python -m pip install -q --no-index --no-deps --no-compile --target "/tmp/base_site$i" "$wheel" || return 1
+        echo "== SSD ${AB_SHAPES:-S1,S2} fwd+bwd, base install $i ($wheel)"
+        PYTHONPATH=/tmp/base_site$i:$PYTHONPATH timeout 200 python benchmarks/bench_ssd.py --shapes "${AB_SHAPES:-S1,S2}" \
+            --no-eager --peers none --no-verify --out "$OUT/ssd_bwd_base$i.md" 2>&1 | grep -E '^[|]'
+    done
     echo "== SSD S1, S2 fwd+bwd, this wheel beside mamba-ssm and fla; S1 kernel by kernel"
     timeout 270 python benchmarks/bench_ssd.py --shapes S1,S2 --no-eager --verify-shapes S1 --profile S1 \
         --out "$OUT/ssd_bwd.md"
