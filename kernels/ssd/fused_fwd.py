@@ -47,12 +47,14 @@ FUSED_MIN_PROGRAMS = 128
 FUSED_MAX_SHORT_LEN = 1024
 
 #: (BLOCK_Q chunk tokens, BLOCK_P headdim slice, warps, stages): the (N, P) state, the (Q, N) C and
-#: B tiles and the (Q, Q) products share the registers. ptxas (sm_90, N = 128): no spills at
-#: (32, 32, 8 warps) and (32, 16, 4); 0.4-0.9 KB a thread at 64 x 64. Narrow P slices recompute C.B^T.
+#: B tiles and the (Q, Q) products share the registers. Narrow P slices recompute C.B^T. Spills per
+#: thread (benchmarks/ssd_registers.py, sm_90, N 128, training / serving variant): none at (32, 32, 8
+#: warps) and (32, 16, 4); 0.9-1.1 KB at (32, 64, 4), the autotuner's pick at S1 and at 2^8-2^13
+#: serving sequence-heads (H100, 2026-12-07), 0.16 KB at (32, 64, 8); 0.8-2.8 KB at 64 x 64.
 _CONFIGS = [
     triton.Config({"BLOCK_Q": bq, "BLOCK_P": bp}, num_warps=w, num_stages=st)
     for bq, bp, w, st in [(64, 64, 8, 1), (64, 32, 8, 1), (32, 32, 8, 1), (32, 16, 4, 1), (32, 64, 4, 1),
-                          (16, 32, 4, 1), (64, 64, 4, 1), (32, 32, 8, 2)]
+                          (16, 32, 4, 1), (64, 64, 4, 1), (32, 32, 8, 2), (32, 64, 8, 1), (16, 64, 4, 1)]
 ]
 
 
