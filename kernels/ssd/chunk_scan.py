@@ -57,7 +57,8 @@ def _chunk_scan_fwd_kernel(
     CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     D_KIND: tl.constexpr, HAS_Z: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    i_c, i_h, i_tp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # the chunks' last row blocks (the most work: rows t read columns s <= t) start first, not last
+    i_c, i_h, i_tp = tl.program_id(0), tl.program_id(1), tl.num_programs(2) - 1 - tl.program_id(2)
     num_pb = tl.cdiv(P, BLOCK_P)
     i_t, i_p = i_tp // num_pb, i_tp % num_pb
     clen = tl.load(p_clen + i_c)

@@ -69,16 +69,19 @@ _KEY = ["H", "P", "N", "CHUNK", "heads_per_prog", "DOT_PREC", "ATOMIC"]
 
 @triton.jit
 def _bwd_program(p_cstart, p_clen, P, N, heads_per_group, heads_per_prog,
-                 BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                 BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, LAST_BLOCKS_FIRST: tl.constexpr):
     """Grid (chunks, groups x head splits, BLOCK_T-step blocks of a chunk). Returns the chunk, its
     length and first token, the group, the first of the program's heads, the block's first step
     (past the chunk's end when the program has nothing to do), steps o_t (BLOCK_T,) and their
-    mask, o_p (BLOCK_P,), m_p, o_n (BLOCK_N,), m_n."""
+    mask, o_p (BLOCK_P,), m_p, o_n (BLOCK_N,), m_n. The GPU starts programs in grid order, the
+    block axis slowest: LAST_BLOCKS_FIRST gives the chunks' last blocks the first programs (the
+    dC kernel's work grows with the block, and the heaviest started last left a tail)."""
     i_c = tl.program_id(0)
     num_split = heads_per_group // heads_per_prog
     i_g, i_split = tl.program_id(1) // num_split, tl.program_id(1) % num_split
     clen = tl.load(p_clen + i_c)
-    t0 = tl.program_id(2) * BLOCK_T
+    i_b = tl.num_programs(2) - 1 - tl.program_id(2) if LAST_BLOCKS_FIRST else tl.program_id(2)
+    t0 = i_b * BLOCK_T
     o_t = t0 + tl.arange(0, BLOCK_T)
     o_p = tl.arange(0, BLOCK_P)
     o_n = tl.arange(0, BLOCK_N)
@@ -112,7 +115,7 @@ def _chunk_scan_bwd_dc_kernel(
     DOT_PREC: tl.constexpr, ATOMIC: tl.constexpr,
 ):
     i_c, clen, start, i_g, h0, t0, o_t, m_t, o_p, m_p, o_n, m_n = _bwd_program(
-        p_cstart, p_clen, P, N, heads_per_group, heads_per_prog, BLOCK_T, BLOCK_P, BLOCK_N)
+        p_cstart, p_clen, P, N, heads_per_group, heads_per_prog, BLOCK_T, BLOCK_P, BLOCK_N, True)
     if t0 >= clen:
         return
     m_tn = m_t[:, None] & m_n[None, :]
@@ -206,8 +209,8 @@ def _chunk_scan_bwd_dx_kernel(
     CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     D_KIND: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC: tl.constexpr,
 ):
-    i_c, clen, start, i_g, h0, s0, o_s, m_s, o_p, m_p, o_n, m_n = _bwd_program(
-        p_cstart, p_clen, P, N, heads_per_group, heads_per_prog, BLOCK_T, BLOCK_P, BLOCK_N)
+    i_c, clen, start, i_g, h0, s0, o_s, m_s, o_p, m_p, o_n, m_n = _bwd_program(  # its work shrinks with the block
+        p_cstart, p_clen, P, N, heads_per_group, heads_per_prog, BLOCK_T, BLOCK_P, BLOCK_N, False)
     if s0 >= clen:
         return
     m_sn = m_s[:, None] & m_n[None, :]
