@@ -38,7 +38,9 @@ def spy_sequential(monkeypatch) -> list[tuple]:
     (3, 70, 6, 8, 3, 4, False),  # transposed, channels one by one (p < 16); dt blocks of 64 and a rest
     (1, 40, 2, 40, 1, 8, True),  # transposed, two vectors of channels and 8 more
     (2, 20, 2, 33, 1, 64, False),  # a long state row (n >= 64): in place at 20 steps
-    (2, 4, 2, 16, 1, 16, False),  # a short segment (< 8 steps): in place
+    (2, 4, 2, 16, 1, 16, False),  # a short segment (< 8 steps), n = 16: rows of 16, summed by a tree
+    (3, 1, 2, 32, 1, 16, True),  # one step (the engine's), rows of 16, two blocks of 16 channels
+    (1, 3, 2, 24, 1, 16, False),  # n = 16 with p not a multiple of 16: in place
 ])
 def test_sequential_scan_matches_reference(monkeypatch, b, l, h, p, g, n, d_hp):
     """Outputs and final states (D per head or per channel, z, dt bias and softplus; groups; odd

@@ -48,7 +48,10 @@ _SOURCE = VECTOR_MATH + PARALLEL_FOR + r"""
 //               held in vector registers through the steps (the demo's p = n = 16);
 //   transposed  n < 64, >= 8 steps: the state transposed to (n, p) in a scratch buffer, 16 channels
 //               a vector, no horizontal sum per channel;
-//   in place    otherwise (the one-step calls, long state rows): rows of n, one sum per channel.
+//   rows of 16  n = 16, p a multiple of 16, < 8 steps (the engine's one-step calls): each state row one
+//               vector, the sums of 16 rows by one transposing tree (the in-place walk's per-row sums took
+//               5x the time of a pass over the state: 64 streams x 4 heads x 64 x 16, 102 -> 25 us);
+//   in place    otherwise (long state rows): rows of n, one sum per channel.
 constexpr int64_t STEP_BLOCK = 64;
 constexpr int64_t TRANSPOSE_MIN_STEPS = 8, TRANSPOSE_MAX_DSTATE = 63;
 
@@ -139,6 +142,47 @@ static inline void walk_transposed(int64_t n, int64_t p, float* __restrict__ T, 
     }
 }
 
+#if defined(__clang__) || __GNUC__ >= 12
+#define STREAMSSM_ROWS16 1
+// lane r of the result: the sum of the 16 lanes of v[r] (a tree of 15 vector adds and 30 shuffles)
+static inline float16v sum_rows16(const float16v* v) {
+    float16v a[8], c[4], d[2];
+    for (int i = 0; i < 8; ++i)  // lanes 0-7: 8 partial sums of row 2i, 8-15: of row 2i+1
+        a[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+             + __builtin_shufflevector(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    for (int i = 0; i < 4; ++i)  // 4 lanes a row: rows 4i .. 4i+3
+        c[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
+             + __builtin_shufflevector(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    for (int i = 0; i < 2; ++i)  // 2 lanes a row: rows 8i .. 8i+7
+        d[i] = __builtin_shufflevector(c[2 * i], c[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29)
+             + __builtin_shufflevector(c[2 * i], c[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    return __builtin_shufflevector(d[0], d[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
+         + __builtin_shufflevector(d[0], d[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+// n = 16: each state row (a channel's 16 columns) one vector, updated in place; y of 16 channels at once
+static inline void walk_rows16(int64_t p, float* __restrict__ S, const Steps& st) {
+    for (int64_t k = 0; k < st.m; ++k) {
+        const float16v Bv = load16(st.B + k * st.sb), Cv = load16(st.C + k * st.sc);
+        const float* __restrict__ xt = st.x + k * st.sx;
+        const float decay = st.decay[k], wk = st.weight[k];
+        for (int64_t c0 = 0; c0 < p; c0 += 16) {
+            float16v prod[16];
+            for (int r = 0; r < 16; ++r) {
+                float* __restrict__ row = S + (c0 + r) * 16;
+                const float16v s = decay * load16(row) + (wk * xt[c0 + r]) * Bv;
+                store16(row, s);
+                prod[r] = s * Cv;
+            }
+            store16(st.y + k * st.sy + c0, sum_rows16(prod));
+        }
+    }
+}
+#else
+#define STREAMSSM_ROWS16 0
+static inline void walk_rows16(int64_t, float*, const Steps&) {}
+#endif
+
 static inline void walk_in_place(int64_t n, int64_t p, float* __restrict__ S, const Steps& st) {
     for (int64_t k = 0; k < st.m; ++k) {
         const float* __restrict__ xt = st.x + k * st.sx;
@@ -169,6 +213,7 @@ extern "C" void streamssm_ssd_scan_f32(
     const bool many = l >= TRANSPOSE_MIN_STEPS;
     const bool in_registers = many && n == 16 && p % 16 == 0;
     const bool transposed = many && !in_registers && n <= TRANSPOSE_MAX_DSTATE;
+    const bool rows16 = STREAMSSM_ROWS16 && !many && n == 16 && p % 16 == 0;
     // the (sequence, head) pairs are independent: split over threads
     streamssm_parallel_for(b * h, threads, 4 * l * p * n, [=](int64_t begin, int64_t end) {
         std::vector<float> scratch((transposed ? n * p + p : 0) + 2 * STEP_BLOCK);
@@ -201,6 +246,8 @@ extern "C" void streamssm_ssd_scan_f32(
                     for (int64_t c0 = 0; c0 < p; c0 += 16) walk_registers(S + c0 * 16, st, c0);
                 else if (transposed)
                     walk_transposed(n, p, T, T + n * p, st);
+                else if (rows16)
+                    walk_rows16(p, S, st);
                 else
                     walk_in_place(n, p, S, st);
                 for (int64_t k = 0; k < m; ++k) {  // y += D x, y *= silu(z)
