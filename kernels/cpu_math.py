@@ -1,5 +1,6 @@
 """Vectorizable exp, log, SiLU and softplus for the C kernels of the CPU (a C++ snippet their sources
-begin with), and a parallel for over std::threads for the scans.
+begin with), a parallel for over std::threads for the scans, and the 16-lane vector type with a
+sum of 16 vectors' lanes (the one-step kernels' outputs).
 
 The C library's ``expf`` is a call per element, which the loops around it cannot vectorize
 without -ffast-math (glibc's vector variants), and -ffast-math would link GCC's crtfastmath into the
@@ -112,5 +113,56 @@ static void streamssm_parallel_for(int64_t count, int64_t threads, int64_t flops
     }
     body(int64_t(0), count / use);
     for (auto& thread : pool) thread.join();
+}
+"""
+
+ROWS16 = r"""
+typedef float float16v __attribute__((vector_size(64)));  // 16 floats: one AVX-512 register, two AVX2
+typedef int32_t int16v __attribute__((vector_size(64)));
+
+// streamssm_exp of 16 lanes in vector arithmetic (the same steps; where the scalar form sits in a loop
+// nest the compiler does not vectorize, this one is 1.4x faster than its loop over 16 floats)
+static inline float16v streamssm_exp16(float16v x) {
+    x = x < -87.0f ? -87.0f : x;
+    x = x > 88.0f ? 88.0f : x;
+    const float16v k = x * 1.44269504088896341f;
+    const int16v e = __builtin_convertvector(k + (k >= 0.0f ? 0.5f : -0.5f), int16v);
+    const float16v ef = __builtin_convertvector(e, float16v);
+    float16v r = ef * -0.693359375f + x;
+    r = ef * 2.12194440e-4f + r;
+    float16v q = r * 1.9875691500e-4f + 1.3981999507e-3f;
+    q = q * r + 8.3334519073e-3f;
+    q = q * r + 4.1665795894e-2f;
+    q = q * r + 1.6666665459e-1f;
+    q = q * r + 5.0000001201e-1f;
+    q = q * r * r + r + 1.0f;
+    const int16v bits = (e + 127) << 23;
+    float16v scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    return q * scale;
+}
+
+// lane r of the result: the sum of the 16 lanes of v[r]. One transposing tree of 15 vector adds and 30
+// shuffles where the compiler has __builtin_shufflevector (GCC >= 12, clang), else a sum per vector.
+static inline float16v streamssm_sum_rows16(const float16v* v) {
+#if defined(__clang__) || __GNUC__ >= 12
+    float16v a[8], c[4], d[2];
+    for (int i = 0; i < 8; ++i)  // lanes 0-7: 8 partial sums of row 2i, 8-15: of row 2i+1
+        a[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+             + __builtin_shufflevector(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    for (int i = 0; i < 4; ++i)  // 4 lanes a row: rows 4i .. 4i+3
+        c[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
+             + __builtin_shufflevector(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    for (int i = 0; i < 2; ++i)  // 2 lanes a row: rows 8i .. 8i+7
+        d[i] = __builtin_shufflevector(c[2 * i], c[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29)
+             + __builtin_shufflevector(c[2 * i], c[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    return __builtin_shufflevector(d[0], d[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
+         + __builtin_shufflevector(d[0], d[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+#else
+    float16v out = {};
+    for (int r = 0; r < 16; ++r)
+        for (int j = 0; j < 16; ++j) out[r] += v[r][j];
+    return out;
+#endif
 }
 """

@@ -1,11 +1,12 @@
 """The Mamba-1 selective scan in C (kernels/mamba1/scan_cpu.py): the "torch" backend's path for
-calls without gradients on a CPU, against the sequential reference; its dispatch and fallback."""
+calls without gradients on a CPU, chunked and one step, against the sequential reference; its
+dispatch and fallback."""
 
 import pytest
 import torch
 
 import streamssm.kernels.mamba1.scan_cpu as scan_cpu
-from streamssm.kernels import selective_scan
+from streamssm.kernels import selective_scan, selective_scan_step
 from streamssm.kernels.mamba1.reference import selective_scan_ref
 from streamssm.testing import assert_close, torch_threads
 
@@ -106,3 +107,55 @@ def test_threads_give_the_same_bits():
         with torch_threads(threads), torch.no_grad():
             results.append(selective_scan(**t, delta_softplus=True, return_final_state=True, backend="torch"))
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def step_spy(monkeypatch) -> list[tuple]:
+    calls, fn = [], scan_cpu.selective_scan_step_c
+    monkeypatch.setattr(scan_cpu, "selective_scan_step_c",
+                        lambda state, u, *a: calls.append(tuple(u.shape)) or fn(state, u, *a))
+    return calls
+
+
+@needs_compiler
+@pytest.mark.parametrize("d, n, groups, options", [
+    (32, 16, 0, True),  # two blocks of 16 channels, D, z, delta bias and softplus
+    (64, 32, 2, True),  # two groups of 32 channels, a state row of two vectors
+    (16, 16, 0, False),  # no D, z, bias or softplus
+])
+def test_c_steps_match_the_reference_and_the_c_scan(monkeypatch, d, n, groups, options):
+    """The C step (d and n multiples of 16), token by token on a pool updated in place, equals the
+    reference scan and the C scan over the whole sequence (to fp32 rounding)."""
+    calls = step_spy(monkeypatch)
+    b, l = 3, 6
+    t = inputs(b, l, d, n, groups, seed=d + n)
+    kw = dict(D=t["D"], z=t["z"], delta_bias=t["delta_bias"], delta_softplus=True) if options else {}
+    seq = dict(u=t["u"], delta=t["delta"], A=t["A"], B=t["B"], C=t["C"], initial_state=t["initial_state"])
+    want = selective_scan_ref(**seq, **kw, return_final_state=True)
+    with torch.no_grad():
+        scanned = selective_scan(**seq, **kw, return_final_state=True, backend="torch")
+        pool = t["initial_state"].clone()
+        ys = [selective_scan_step(pool, t["u"][..., i], t["delta"][..., i], t["A"], t["B"][..., i], t["C"][..., i],
+                                  **{**kw, **({"z": kw["z"][..., i]} if options else {})}, backend="torch")
+              for i in range(l)]
+    assert calls == [(b, d)] * l
+    y = torch.stack(ys, dim=-1)
+    for name, expected in (("reference", want), ("C scan", scanned)):
+        assert_close(f"stepped y vs the {name}", expected[0], y)
+        assert_close(f"stepped state vs the {name}", expected[1], pool)
+
+
+@needs_compiler
+def test_steps_that_do_not_suit_the_c_step_take_the_ops(monkeypatch):
+    """d or n not a multiple of 16, groups that split a block of 16 channels, bf16: the PyTorch ops
+    (the reference's results)."""
+    calls = step_spy(monkeypatch)
+    for d, n, groups, dtype in [(20, 16, 0, torch.float32), (32, 8, 0, torch.float32), (32, 16, 4, torch.float32),
+                                (32, 16, 0, torch.bfloat16)]:
+        t = inputs(2, 1, d, n, groups, seed=d)
+        args = [t[k][..., 0].to(dtype) for k in ("u", "delta")] + [t["A"]] + [t[k][..., 0].to(dtype) for k in "BC"]
+        pool, ref_pool = t["initial_state"].clone(), t["initial_state"].clone()
+        with torch.no_grad():
+            got = selective_scan_step(pool, *args, D=t["D"], delta_softplus=True, backend="torch")
+            want = selective_scan_step(ref_pool, *args, D=t["D"], delta_softplus=True, backend="reference")
+        assert_close(f"step d{d} n{n} g{groups} {dtype}", want, got, dtype)
+    assert calls == []

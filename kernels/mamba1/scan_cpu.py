@@ -26,10 +26,9 @@ import torch
 
 from streamssm.kernels._common import FLOAT_DTYPES
 from streamssm.kernels.cpu_library import build_library, pointer, runs_in_c, strided_rows
-from streamssm.kernels.cpu_math import PARALLEL_FOR, VECTOR_MATH
+from streamssm.kernels.cpu_math import PARALLEL_FOR, ROWS16, VECTOR_MATH
 
-_SOURCE = VECTOR_MATH + PARALLEL_FOR + r"""
-typedef float float16v __attribute__((vector_size(64)));  // 16 channels
+_SOURCE = VECTOR_MATH + PARALLEL_FOR + ROWS16 + r"""
 
 static inline float16v load16(const float* p, int64_t count) {  // count < 16: the rest zeros
     float16v v = {};
@@ -108,6 +107,63 @@ extern "C" void streamssm_selective_scan_f32(
         }
     });
 }
+
+// One step (the engine's step calls): u, delta, z (b, d) at batch strides, channels contiguous; B, C
+// (b, g, n) at batch strides; A (d, n); D, bias (d) or null; state (b, d, n) contiguous, updated in
+// place; y (b, d) contiguous. n and d multiples of 16, a block of 16 channels in one group. Each
+// channel's state row is n/16 vectors walked in place (no transposition: the scan's (16, n) block
+// costs more to transpose than one step), the 16 channels' outputs summed by one tree.
+extern "C" void streamssm_selective_step_f32(
+        int64_t b, int64_t d, int64_t n, int64_t g, const float* u, int64_t su, const float* delta, int64_t sd,
+        const float* z, int64_t sz, const float* Bm, int64_t sb, const float* Cm, int64_t sc, const float* A,
+        const float* D, const float* bias, int64_t softplus, float* state, float* y, int64_t threads) {
+    const int64_t per_group = d / g, blocks = d / 16;
+    streamssm_parallel_for(b * blocks, threads, 40 * 16 * n, [=](int64_t begin, int64_t end) {
+        for (int64_t pair = begin; pair < end; ++pair) {
+            const int64_t bi = pair / blocks, c0 = pair % blocks * 16;
+            const float* __restrict__ Bt = Bm + bi * sb + c0 / per_group * n;
+            const float* __restrict__ Ct = Cm + bi * sc + c0 / per_group * n;
+            const float* __restrict__ ub = u + bi * su + c0;
+            // a loop apiece: one with a condition inside does not vectorize (scalar softplus and SiLU of
+            // every channel cost more than the state's update)
+            float dl[16], du[16], gate[16];
+            for (int j = 0; j < 16; ++j) dl[j] = delta[bi * sd + c0 + j];
+            if (bias)
+                for (int j = 0; j < 16; ++j) dl[j] += bias[c0 + j];
+            if (softplus)
+                for (int j = 0; j < 16; ++j) dl[j] = streamssm_softplus(dl[j]);
+            for (int j = 0; j < 16; ++j) du[j] = dl[j] * ub[j];
+            if (z)
+                for (int j = 0; j < 16; ++j) gate[j] = streamssm_silu(z[bi * sz + c0 + j]);
+            float16v prod[16];
+            for (int r = 0; r < 16; ++r) {
+                float* __restrict__ row = state + (bi * d + c0 + r) * n;
+                const float* __restrict__ Ar = A + (c0 + r) * n;
+                float16v acc = {};
+                for (int64_t v = 0; v < n; v += 16) {
+                    float16v a, s, Bv, Cv;
+                    std::memcpy(&a, Ar + v, sizeof a);
+                    const float16v decay = streamssm_exp16(a * dl[r]);
+                    std::memcpy(&s, row + v, sizeof s);
+                    std::memcpy(&Bv, Bt + v, sizeof Bv);
+                    std::memcpy(&Cv, Ct + v, sizeof Cv);
+                    s = decay * s + du[r] * Bv;
+                    std::memcpy(row + v, &s, sizeof s);
+                    acc += s * Cv;
+                }
+                prod[r] = acc;
+            }
+            float out[16];
+            const float16v sums = streamssm_sum_rows16(prod);
+            std::memcpy(out, &sums, sizeof out);
+            if (D)
+                for (int j = 0; j < 16; ++j) out[j] += D[c0 + j] * ub[j];
+            if (z)
+                for (int j = 0; j < 16; ++j) out[j] *= gate[j];
+            std::memcpy(y + bi * d + c0, out, sizeof out);
+        }
+    });
+}
 """
 
 MAX_DSTATE = 256  # the kernel's state buffer: 256 vectors of 16 channels
@@ -117,7 +173,8 @@ MAX_DSTATE = 256  # the kernel's state buffer: 256 vectors of 16 channels
 def library() -> ctypes.CDLL | None:
     """The compiled scan, or None where no C++ compiler builds it."""
     return build_library("selective_scan_cpu", _SOURCE,
-                         {"streamssm_selective_scan_f32": "i" * 5 + "pii" * 5 + "pppippi"})
+                         {"streamssm_selective_scan_f32": "i" * 5 + "pii" * 5 + "pppippi",
+                          "streamssm_selective_step_f32": "iiii" + "pi" * 5 + "pppippi"})
 
 
 def applies(u: torch.Tensor, B: torch.Tensor, *others: torch.Tensor | None) -> bool:
@@ -150,3 +207,31 @@ def selective_scan_cpu(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B:
                                            y.data_ptr(), torch.get_num_threads())
     y = y.to(u.dtype).transpose(1, 2)
     return (y, state) if return_final_state else y
+
+
+def step_applies(state: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                 C: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """Whether one step runs in C: fp32 CPU tensors, no gradient, a contiguous state, d and n multiples
+    of 16 with a block of 16 channels in one group of B/C, channels and state columns contiguous."""
+    d, n = A.shape
+    g = 1 if B.dim() == 2 else B.shape[1]
+    rows_fit = all(t is None or t.stride(-1) == 1 for t in (u, delta, B, C, *others))
+    return (d % 16 == 0 and n % 16 == 0 and (d // g) % 16 == 0 and state.is_contiguous() and A.is_contiguous()
+            and rows_fit and runs_in_c(library, (state, u, delta, A, B, C, *others)))
+
+
+def selective_scan_step_c(state: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor,
+                          B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None,
+                          delta_bias: torch.Tensor | None, delta_softplus: bool) -> torch.Tensor:
+    """One step for :func:`step_applies` calls; **updates ``state`` (b, d, n) in place**. u, delta, z
+    (b, d); A (d, n); B, C (b, n) or (b, g, n); D, delta_bias (d,). Returns y (b, d) fp32."""
+    b, d = u.shape
+    n = A.shape[1]
+    g = 1 if B.dim() == 2 else B.shape[1]
+    D, bias = (None if t is None else t.contiguous() for t in (D, delta_bias))
+    y = torch.empty(b, d)
+    library().streamssm_selective_step_f32(
+        b, d, n, g, u.data_ptr(), u.stride(0), delta.data_ptr(), delta.stride(0), pointer(z),
+        0 if z is None else z.stride(0), B.data_ptr(), B.stride(0), C.data_ptr(), C.stride(0), A.data_ptr(),
+        pointer(D), pointer(bias), int(delta_softplus), state.data_ptr(), y.data_ptr(), torch.get_num_threads())
+    return y

@@ -10,6 +10,9 @@ a fresh mmap of page faults), and softplus and exp run through exp2/log2:
     tmp    = dt[..., None] * A * log2(e);  tmp = 2**tmp     (exp2: ~3x faster than exp here)
     state *= tmp;  state += (dt * u)[..., None] * B          (B broadcast over its group's channels)
     tmp    = state * C;  y = tmp @ ones(n)                   (BLAS reduction over n)
+
+fp32 calls whose sizes suit it (d and n multiples of 16) take the C step of ``scan_cpu.py`` instead:
+one pass over the state (64 streams x 256 channels x 16, 1 thread: 356 -> ~90 us, 2026-12-07).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from streamssm.kernels.mamba1 import scan_cpu
 
 LOG2E = 1.0 / math.log(2.0)
 LN2 = math.log(2.0)
@@ -49,6 +54,8 @@ def selective_scan_step_cpu(
     """One time step; **updates ``state`` (b, d, n) fp32, contiguous, in place** (a slice of
     the pool or a gathered copy). u, delta, z (b, d); A (d, n) fp32; B, C (b, n) or (b, g, n);
     D, delta_bias (d,) fp32. Returns y (b, d) in u.dtype."""
+    if scan_cpu.step_applies(state, u, delta, A, B, C, D, z, delta_bias):
+        return scan_cpu.selective_scan_step_c(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     b, d = u.shape
     n = A.shape[1]
     uf, dt = u.float(), delta.float()

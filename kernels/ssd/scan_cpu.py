@@ -30,9 +30,9 @@ import torch
 
 from streamssm.kernels._common import FLOAT_DTYPES
 from streamssm.kernels.cpu_library import build_library, pointer, runs_in_c, strided_rows
-from streamssm.kernels.cpu_math import PARALLEL_FOR, VECTOR_MATH
+from streamssm.kernels.cpu_math import PARALLEL_FOR, ROWS16, VECTOR_MATH
 
-_SOURCE = VECTOR_MATH + PARALLEL_FOR + r"""
+_SOURCE = VECTOR_MATH + PARALLEL_FOR + ROWS16 + r"""
 
 // One call: b sequences of l steps, h heads of p channels, B/C in g groups of n. Every input has its
 // two last dims contiguous and is read through its (batch, step) strides: x, z (b, l, h, p); dt, w
@@ -54,8 +54,6 @@ _SOURCE = VECTOR_MATH + PARALLEL_FOR + r"""
 //   in place    otherwise (long state rows): rows of n, one sum per channel.
 constexpr int64_t STEP_BLOCK = 64;
 constexpr int64_t TRANSPOSE_MIN_STEPS = 8, TRANSPOSE_MAX_DSTATE = 63;
-
-typedef float float16v __attribute__((vector_size(64)));  // 16 floats: one AVX-512 register, two AVX2
 
 struct Steps {  // one head's inputs over a block of m steps, each at its step stride
     int64_t m;
@@ -142,24 +140,6 @@ static inline void walk_transposed(int64_t n, int64_t p, float* __restrict__ T, 
     }
 }
 
-#if defined(__clang__) || __GNUC__ >= 12
-#define STREAMSSM_ROWS16 1
-// lane r of the result: the sum of the 16 lanes of v[r] (a tree of 15 vector adds and 30 shuffles)
-static inline float16v sum_rows16(const float16v* v) {
-    float16v a[8], c[4], d[2];
-    for (int i = 0; i < 8; ++i)  // lanes 0-7: 8 partial sums of row 2i, 8-15: of row 2i+1
-        a[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
-             + __builtin_shufflevector(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-    for (int i = 0; i < 4; ++i)  // 4 lanes a row: rows 4i .. 4i+3
-        c[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
-             + __builtin_shufflevector(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-    for (int i = 0; i < 2; ++i)  // 2 lanes a row: rows 8i .. 8i+7
-        d[i] = __builtin_shufflevector(c[2 * i], c[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29)
-             + __builtin_shufflevector(c[2 * i], c[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
-    return __builtin_shufflevector(d[0], d[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
-         + __builtin_shufflevector(d[0], d[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-}
-
 // n = 16: each state row (a channel's 16 columns) one vector, updated in place; y of 16 channels at once
 static inline void walk_rows16(int64_t p, float* __restrict__ S, const Steps& st) {
     for (int64_t k = 0; k < st.m; ++k) {
@@ -174,14 +154,10 @@ static inline void walk_rows16(int64_t p, float* __restrict__ S, const Steps& st
                 store16(row, s);
                 prod[r] = s * Cv;
             }
-            store16(st.y + k * st.sy + c0, sum_rows16(prod));
+            store16(st.y + k * st.sy + c0, streamssm_sum_rows16(prod));
         }
     }
 }
-#else
-#define STREAMSSM_ROWS16 0
-static inline void walk_rows16(int64_t, float*, const Steps&) {}
-#endif
 
 static inline void walk_in_place(int64_t n, int64_t p, float* __restrict__ S, const Steps& st) {
     for (int64_t k = 0; k < st.m; ++k) {
@@ -213,7 +189,7 @@ extern "C" void streamssm_ssd_scan_f32(
     const bool many = l >= TRANSPOSE_MIN_STEPS;
     const bool in_registers = many && n == 16 && p % 16 == 0;
     const bool transposed = many && !in_registers && n <= TRANSPOSE_MAX_DSTATE;
-    const bool rows16 = STREAMSSM_ROWS16 && !many && n == 16 && p % 16 == 0;
+    const bool rows16 = !many && n == 16 && p % 16 == 0;
     // the (sequence, head) pairs are independent: split over threads
     streamssm_parallel_for(b * h, threads, 4 * l * p * n, [=](int64_t begin, int64_t end) {
         std::vector<float> scratch((transposed ? n * p + p : 0) + 2 * STEP_BLOCK);
