@@ -50,7 +50,8 @@ _SOURCE = VECTOR_MATH + PARALLEL_FOR + ROWS16 + r"""
 //               a vector, no horizontal sum per channel;
 //   rows of 16  n = 16, p a multiple of 16, < 8 steps (the engine's one-step calls): each state row one
 //               vector, the sums of 16 rows by one transposing tree (the in-place walk's per-row sums took
-//               5x the time of a pass over the state: 64 streams x 4 heads x 64 x 16, 102 -> 25 us);
+//               5x the time of a pass over the state: 64 streams x 4 heads x 64 x 16, 1 thread, 102 -> 74 us
+//               a call, ~25 us of it Python's);
 //   in place    otherwise (long state rows): rows of n, one sum per channel.
 constexpr int64_t STEP_BLOCK = 64;
 constexpr int64_t TRANSPOSE_MIN_STEPS = 8, TRANSPOSE_MAX_DSTATE = 63;
