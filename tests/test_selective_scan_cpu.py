@@ -146,13 +146,16 @@ def test_c_steps_match_the_reference_and_the_c_scan(monkeypatch, d, n, groups, o
 
 @needs_compiler
 def test_steps_that_do_not_suit_the_c_step_take_the_ops(monkeypatch):
-    """d or n not a multiple of 16, groups that split a block of 16 channels, bf16: the PyTorch ops
-    (the reference's results)."""
+    """d or n not a multiple of 16, groups that split a block of 16 channels, B/C groups apart in
+    memory, bf16: the PyTorch ops (the reference's results)."""
     calls = step_spy(monkeypatch)
-    for d, n, groups, dtype in [(20, 16, 0, torch.float32), (32, 8, 0, torch.float32), (32, 16, 4, torch.float32),
-                                (32, 16, 0, torch.bfloat16)]:
+    for d, n, groups, dtype, spread in [(20, 16, 0, torch.float32, False), (32, 8, 0, torch.float32, False),
+                                        (32, 16, 4, torch.float32, False), (32, 16, 2, torch.float32, True),
+                                        (32, 16, 0, torch.bfloat16, False)]:
         t = inputs(2, 1, d, n, groups, seed=d)
         args = [t[k][..., 0].to(dtype) for k in ("u", "delta")] + [t["A"]] + [t[k][..., 0].to(dtype) for k in "BC"]
+        if spread:  # (b, g, n) views with their groups 2n apart
+            args[3:5] = [torch.cat([m, m], dim=-1)[..., :n] for m in args[3:5]]
         pool, ref_pool = t["initial_state"].clone(), t["initial_state"].clone()
         with torch.no_grad():
             got = selective_scan_step(pool, *args, D=t["D"], delta_softplus=True, backend="torch")

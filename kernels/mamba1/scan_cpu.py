@@ -212,10 +212,12 @@ def selective_scan_cpu(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B:
 def step_applies(state: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                  C: torch.Tensor, *others: torch.Tensor | None) -> bool:
     """Whether one step runs in C: fp32 CPU tensors, no gradient, a contiguous state, d and n multiples
-    of 16 with a block of 16 channels in one group of B/C, channels and state columns contiguous."""
+    of 16 with a block of 16 channels in one group of B/C, channels and state columns contiguous (and
+    B/C's groups one after another)."""
     d, n = A.shape
     g = 1 if B.dim() == 2 else B.shape[1]
     rows_fit = all(t is None or t.stride(-1) == 1 for t in (u, delta, B, C, *others))
+    rows_fit = rows_fit and (g == 1 or (B.stride(1) == n and C.stride(1) == n))
     return (d % 16 == 0 and n % 16 == 0 and (d // g) % 16 == 0 and state.is_contiguous() and A.is_contiguous()
             and rows_fit and runs_in_c(library, (state, u, delta, A, B, C, *others)))
 
