@@ -70,9 +70,20 @@ def strided_rows(t: torch.Tensor | None) -> list:
     if t is None:
         return [None, 0, 0]
     t = t.float()
-    if t.numel() == 0 or not t[0, 0].is_contiguous():
+    if t.numel() == 0 or not _trailing_contiguous(t):
         t = t.contiguous()
     return [t, t.stride(0), t.stride(1)]
+
+
+def _trailing_contiguous(t: torch.Tensor) -> bool:
+    """Whether t's dims after the first two are contiguous (as ``t[0, 0].is_contiguous()``, without
+    the view: ~2 us of a one-step call's ~25 us of Python)."""
+    expected = 1
+    for size, stride in zip(reversed(t.shape[2:]), reversed(t.stride()[2:])):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def cache_dir() -> Path:

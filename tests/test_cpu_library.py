@@ -1,9 +1,11 @@
 """kernels/cpu_library.py: C kernels built on first use, cached, loaded; every failure on the way
-is a warning and None (the callers' PyTorch paths run), never an error."""
+is a warning and None (the callers' PyTorch paths run), never an error; the inputs' row layout."""
 
+import itertools
 import logging
 
 import pytest
+import torch
 
 import streamssm.kernels.cpu_library as cpu_library
 
@@ -98,3 +100,16 @@ def test_a_block_type_without_its_own_list_gets_every_library():
 
     assert cpu_libraries("a-block-from-later") == cpu_libraries() and len(cpu_libraries()) == 5
     assert set(cpu_libraries("mamba2")) < set(cpu_libraries())
+
+
+def test_strided_rows_copies_exactly_what_is_not_contiguous_past_the_first_two_dims():
+    """strided_rows' check of the trailing dims agrees with ``t[0, 0].is_contiguous()`` over
+    permuted, sliced and size-1 layouts, and it copies only where that is False."""
+    for shape in [(3, 2, 4, 5), (2, 3, 1, 5), (2, 2, 4, 1), (2, 3, 4)]:
+        base = torch.randn(*shape)
+        for perm in itertools.permutations(range(len(shape))):
+            for t in (base.permute(*perm), base.permute(*perm)[..., ::2]):
+                assert cpu_library._trailing_contiguous(t) == t[0, 0].is_contiguous(), (shape, perm, t.stride())
+                kept, sb, sl = cpu_library.strided_rows(t)
+                assert (kept.data_ptr() == t.data_ptr()) == t[0, 0].is_contiguous()
+                assert torch.equal(kept, t) and (sb, sl) == kept.stride()[:2]
