@@ -76,7 +76,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not args.source.exists():
         ap.error(f"{args.source}: no such file or directory")
-    print("\n".join(table(args.source, [k for k in args.kernels.split(",") if k], args.top)))
+    try:
+        print("\n".join(table(args.source, [k for k in args.kernels.split(",") if k], args.top)))
+    except (tarfile.TarError, EOFError, OSError) as err:  # e.g. the empty archive of a run killed while writing it
+        ap.error(f"{args.source}: not a readable .tar.gz of autotuning results ({err})")
     return 0
 
 

@@ -46,7 +46,9 @@ AUTOTUNE_ARCHIVE=${AUTOTUNE_ARCHIVE:-.whl/triton_autotune.tar.gz}
 mkdir -p "$OUT" "$TRITON_CACHE"
 [ -s "$AUTOTUNE_ARCHIVE" ] && tar -xzf "$AUTOTUNE_ARCHIVE" -C "$TRITON_CACHE"
 save_autotuning() {
-    (cd "$TRITON_CACHE" && find . -name '*.autotune.json' | tar -czf "$OUT/triton_autotune.tar.gz" -T -)
+    # through a temporary name: a call killed at its limit while this ran left an empty archive (2026-12-07)
+    (cd "$TRITON_CACHE" && find . -name '*.autotune.json' | tar -czf "$OUT/triton_autotune.part" -T -) \
+        && mv "$OUT/triton_autotune.part" "$OUT/triton_autotune.tar.gz"
 }
 trap save_autotuning EXIT
 OLD_CONV=${OLD_CONV:-.peers/old_kernels/conv_7db386b.py}

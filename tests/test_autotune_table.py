@@ -47,3 +47,13 @@ def test_ranks_configs_per_kernel_and_key(tmp_path, capsys, as_dir):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| _")]
     # the dc kernel filtered out; the dtype left out of the key; the config that failed (inf) not ranked
     assert rows == ["| _dx_kernel | [24, 64, 'tf32'] | 64 x 32 w4s1: 300 · 32 x 32 w8s1: 900 | 32 x 32 w8s1: 900 | 3.00x |"]
+
+
+def test_an_unreadable_archive_is_a_clear_error(tmp_path, capsys):
+    """An empty file (the archive of a run killed while writing it) exits 2 naming the problem."""
+    empty = tmp_path / "triton_autotune.tar.gz"
+    empty.write_bytes(b"")
+    with pytest.raises(SystemExit) as exit_info:
+        autotune_table.main([str(empty)])
+    assert exit_info.value.code == 2
+    assert "not a readable .tar.gz of autotuning results" in capsys.readouterr().err
