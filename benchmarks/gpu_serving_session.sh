@@ -208,10 +208,12 @@ ssd_bwd() {
         echo "== SSD ${AB_SHAPES:-S1,S2} fwd+bwd, base install $i ($wheel)"
         PYTHONPATH=/tmp/base_site$i:$PYTHONPATH timeout 200 python benchmarks/bench_ssd.py --shapes "${AB_SHAPES:-S1,S2}" \
             --no-eager --peers none --no-verify --out "$OUT/ssd_bwd_base$i.md" 2>&1 | grep -E '^[|]'
+        save_autotuning  # after each run as well: a call killed at its limit brought none back (2026-12-07)
     done
     echo "== SSD S1, S2 fwd+bwd, this wheel beside mamba-ssm and fla; S1 kernel by kernel"
     timeout 270 python benchmarks/bench_ssd.py --shapes S1,S2 --no-eager --verify-shapes S1 --profile S1 \
         --out "$OUT/ssd_bwd.md"
+    save_autotuning
     echo "== GPU tests: SSD vs float64 (bf16, fp32)"
     # 150 s ran 1 to 6 of the 12 cases after a kernel change (cold autotuning at each test shape, 2026-12-07)
     timeout 300 python -m pytest -q -p no:randomly -m gpu tests/test_ssd_kernel.py \

@@ -29,6 +29,7 @@ def test_autotuning_results_survive_a_fresh_machine(tmp_path):
     (cache / "ab12" / "_kernel.cubin").write_bytes(b"\0" * 64)  # compiled code stays behind
     first = _run(out, cache, tmp_path / "absent.tar.gz")
     assert first.returncode == 2 and "usage" in first.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["triton_autotune.tar.gz"]  # written whole, then renamed
     with tarfile.open(out / "triton_autotune.tar.gz") as tar:
         assert sorted(Path(n).as_posix() for n in tar.getnames() if n.endswith(".json")) == [
             "ab12/_kernel.autotune.json"]
