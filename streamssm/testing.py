@@ -129,10 +129,10 @@ def compile_for_sm90(fn, consts: dict, pointer: Callable[[str], str], num_warps:
     scalars = scalars or {}
     sig = {a: "constexpr" if a in consts else pointer(a) if a.startswith("p_") else scalars.get(a, "i32")
            for a in fn.arg_names}
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in sig.items() if t != "constexpr"}
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in sig.items() if t != "constexpr"} \
+        if aligned else None
     options = {"num_warps": num_warps, "num_stages": num_stages, **({"maxnreg": maxnreg} if maxnreg else {})}
-    return triton.compile(ASTSource(fn, sig, consts, attrs if aligned else None), target=GPUTarget("cuda", 90, 32),
-                          options=options)
+    return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def assert_script_compiles_for_sm90(script: str, *args: str) -> None:

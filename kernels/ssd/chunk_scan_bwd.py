@@ -248,8 +248,7 @@ def _chunk_scan_bwd_dx_kernel(
             b_decay = tl.exp(tl.where(causal, b_acs_t[None, :] - b_acs_s[:, None], float("-inf")))  # (s, t)
             b_cbt = tl.load(p_cb + o_t[None, :] * CHUNK + o_s[:, None], mask=causal & m_s[:, None], other=0.0)  # (s, t)
             acc_dx += tl.dot((b_cbt.to(tl.float32) * b_decay).to(b_dy.dtype), b_dy, input_precision=DOT_PREC)
-        b_ddt = tl.sum(acc_dx * b_x.to(tl.float32), axis=1)
-        tl.store(p_ddt + base + o_s, b_ddt, mask=m_s)
+        tl.store(p_ddt + base + o_s, tl.sum(acc_dx * b_x.to(tl.float32), axis=1), mask=m_s)
         b_dx = acc_dx * b_dt_s[:, None]
         if D_KIND != 0:
             b_dys = tl.load(p_dy + i_h * s_dy_h + o_s[:, None] * s_dy_l + o_p[None, :] * s_dy_p,
