@@ -4,7 +4,8 @@ Run on a GPU (mamba-ssm's sdist unpacked under .peers/, its extension built on f
 sm_90 only; mambapy and einops importable):
 
     python benchmarks/bench_selective_scan.py [--shapes M1,M2,M3] [--peers mamba,mambapy,reference]
-                                              [--no-verify] [--no-t32] [--old path/to/earlier/scan.py]
+                                              [--no-verify] [--no-t32] [--segments 2,4,8]
+                                              [--old path/to/earlier/scan.py]
                                               [--out results.md]
 
 Shapes M1-M3 of shared/BENCHMARKS.md: bf16 u, delta, B, C (b, n, l); fp32 A = -(1..n) per
@@ -17,7 +18,8 @@ checks our output and final state against a float64 chunked scan (M3: with an in
 plus the backward against a run split into other time segments and directional derivatives of
 A, delta_bias and the initial state by float64 central differences), and our gradients against
 mamba-ssm's where it is built. ``--old`` also times the ``selective_scan_triton`` of an earlier
-scan.py (e.g. written out by ``git show REV:kernels/mamba1/scan.py``) on the same tensors.
+scan.py (e.g. written out by ``git show REV:kernels/mamba1/scan.py``) on the same tensors;
+``--segments`` times ours with time split into each given number of segments run in parallel.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ def load_mamba_cuda():
 
     Only the bf16 forward and bf16/real-weight backward sources are compiled; the other dtype
     instantiations stay unresolved, which a lazily bound import tolerates (they are never called).
+    A library built earlier and carried as ``.peers/ssbuild/selective_scan_cuda.so`` is imported
+    as it is (the build takes ~4 min on the device's 16 cores).
     """
     from torch.utils.cpp_extension import load
 
@@ -59,22 +63,28 @@ def load_mamba_cuda():
     cs = src / "csrc" / "selective_scan"
     build = PEERS / "ssbuild"
     build.mkdir(exist_ok=True)
+    prebuilt = build / "selective_scan_cuda.so"
     flags = sys.getdlopenflags()
     sys.setdlopenflags(os.RTLD_LAZY | os.RTLD_GLOBAL)
     try:
-        ext = load(
-            name="selective_scan_cuda",
-            sources=[str(cs / f) for f in ("selective_scan.cpp", "selective_scan_fwd_bf16.cu",
-                                           "selective_scan_bwd_bf16_real.cu")],
-            extra_cflags=["-O3", "-std=c++17"],
-            extra_cuda_cflags=["-O3", "-std=c++17", "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
-                               "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
-                               "-U__CUDA_NO_BFLOAT162_OPERATORS__", "-U__CUDA_NO_BFLOAT162_CONVERSIONS__",
-                               "--expt-relaxed-constexpr", "--expt-extended-lambda", "--use_fast_math",
-                               "-gencode", "arch=compute_90,code=sm_90", "--threads", "4"],
-            extra_include_paths=[str(cs)],
-            build_directory=str(build),
-        )
+        if prebuilt.exists():
+            spec = importlib.util.spec_from_file_location("selective_scan_cuda", prebuilt)
+            ext = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(ext)
+        else:
+            ext = load(
+                name="selective_scan_cuda",
+                sources=[str(cs / f) for f in ("selective_scan.cpp", "selective_scan_fwd_bf16.cu",
+                                               "selective_scan_bwd_bf16_real.cu")],
+                extra_cflags=["-O3", "-std=c++17"],
+                extra_cuda_cflags=["-O3", "-std=c++17", "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+                                   "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+                                   "-U__CUDA_NO_BFLOAT162_OPERATORS__", "-U__CUDA_NO_BFLOAT162_CONVERSIONS__",
+                                   "--expt-relaxed-constexpr", "--expt-extended-lambda", "--use_fast_math",
+                                   "-gencode", "arch=compute_90,code=sm_90", "--threads", "4"],
+                extra_include_paths=[str(cs)],
+                build_directory=str(build),
+            )
     finally:
         sys.setdlopenflags(flags)
     sys.modules["selective_scan_cuda"] = ext
@@ -116,6 +126,14 @@ def ours(t):
 def ours_chunk32(t):
     return selective_scan_triton(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], delta_bias=t["delta_bias"],
                                  delta_softplus=True, chunk=32)
+
+
+def ours_segments(segments: int):
+    """Ours with time split into a forced number of segments (default: chosen from the GPU size)."""
+    def run(t):
+        return selective_scan_triton(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"],
+                                     delta_bias=t["delta_bias"], delta_softplus=True, segments=segments)
+    return run
 
 
 def load_old(path: str):
@@ -315,6 +333,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-verify", action="store_true")
     ap.add_argument("--fd-inputs", default="A,delta_bias,h0", help="M3 directional-derivative checks")
     ap.add_argument("--no-t32", action="store_true", help="leave out our kernel at chunk length 32")
+    ap.add_argument("--segments", default="", help="also time ours at these forced time-segment counts, e.g. 2,4,8")
     ap.add_argument("--old", default=None, help="an earlier scan.py to time beside ours")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -346,6 +365,9 @@ def main(argv=None) -> int:
         print(table.rows[-1], flush=True)
         if not args.no_t32:
             measure(table, s, "ours T=32", ours_chunk32, t, tokens, floor)
+            print(table.rows[-1], flush=True)
+        for k in filter(None, args.segments.split(",")):
+            measure(table, s, f"ours S={k}", ours_segments(int(k)), t, tokens, floor)
             print(table.rows[-1], flush=True)
         if old is not None:
             notes.append(compare_old(s, t, old))

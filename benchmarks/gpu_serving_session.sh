@@ -16,6 +16,8 @@
 #     bash benchmarks/gpu_serving_session.sh ssd_memory  # ~9 min: SSD S1/S2 and Mamba-1 M1 with peak memory, vs the peers
 #     [BASE_WHEELS='w1 w2'] [AB_SHAPES=S1] bash benchmarks/gpu_serving_session.sh ssd_bwd  # ~9 min: SSD S1/S2 fwd+bwd
 #                                                      # (base installs, this, peers); tests
+#     [SEGMENTS=2,4,8] bash benchmarks/gpu_serving_session.sh scan  # ~9 min (~5 with mamba-ssm's library carried):
+#                                                      # Mamba-1 scan M1/M2 at forced time segments vs mamba-ssm CUDA; tests
 #     bash benchmarks/gpu_serving_session.sh rotary    # ~8 min: Mamba-3 GPU tests; rotation kernels vs 5de9c7b's, config sweep
 #     BASE_SITE=/tmp/base_site bash benchmarks/gpu_serving_session.sh engine_pair
 #                                                      # ~3 min: engine-process CPU per chunk, a base install vs this tree
@@ -220,6 +222,18 @@ ssd_bwd() {
         -k "test_gpu_matches_float64 or test_gpu_packed_matches_reference" 2>&1 | tail -n 8 | tee "$OUT/ssd_tests.txt"
 }
 
+scan() {
+    # the Mamba-1 scan at forced time-segment counts (more warps in flight) beside the default and mamba-ssm's CUDA
+    # scan: its library is built (~4 min) unless carried as .peers/ssbuild/selective_scan_cuda.so, and comes back
+    timeout 420 python benchmarks/bench_selective_scan.py --shapes "${SCAN_SHAPES:-M1,M2}" --peers mamba --no-t32 \
+        --no-verify --segments "${SEGMENTS:-2,4,8}" --out "$OUT/scan.md" 2>&1 | grep -E '^[{|]|unavailable'
+    local so=.peers/ssbuild/selective_scan_cuda.so
+    [ ! -f "$so" ] || strip --strip-debug -o "$OUT/selective_scan_cuda.so" "$so"
+    echo "== GPU tests: the Mamba-1 scan vs float64"
+    timeout 120 python -m pytest -q -p no:randomly -m gpu tests/test_selective_scan_kernel.py 2>&1 | tail -n 6 \
+        | tee "$OUT/scan_tests.txt"
+}
+
 rotary() {
     # the rotation kernels before today's instruction diet (5de9c7b: libdevice cos/sin after a float64 division,
     # int64 offsets per element) beside this tree's; the Mamba-3 layer: part mamba3
@@ -264,9 +278,10 @@ case "$part" in
     ssd_memory) ssd_memory ;;
     ssd_bwd) ssd_bwd ;;
     rotary) rotary ;;
+    scan) scan ;;
     engine_pair) engine_pair ;;
     all) tests; conv_tests; kernels; serving ;;
-    *) echo "usage: $0 [tests|conv_tests|kernels|serving|mamba3|mamba3_peer|engine_knobs|pipeline_fill|service_edge|service_400|ssd_memory|ssd_bwd|rotary|engine_pair|all]" >&2; exit 2 ;;
+    *) echo "usage: $0 [tests|conv_tests|kernels|serving|mamba3|mamba3_peer|engine_knobs|pipeline_fill|service_edge|service_400|ssd_memory|ssd_bwd|rotary|scan|engine_pair|all]" >&2; exit 2 ;;
 esac
 echo "== tables in $OUT"
 if [ ${#failed[@]} -gt 0 ]; then
