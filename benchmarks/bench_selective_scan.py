@@ -137,12 +137,36 @@ def ours_segments(segments: int):
 
 
 def load_old(path: str):
-    """A runner for the ``selective_scan_triton`` of an earlier scan.py, called like ``ours``."""
+    """A runner for the kernels of an earlier scan.py, called like ``ours``.
+
+    A scan.py whose ``selective_scan_triton`` goes through the registered op (which would run the
+    installed module's kernels) is run through its own launchers, in an autograd function here."""
     spec = importlib.util.spec_from_file_location("scan_old", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return lambda t: mod.selective_scan_triton(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"],
-                                               delta_bias=t["delta_bias"], delta_softplus=True)
+    if not hasattr(mod, "_selective_scan_bwd"):  # older files: an autograd function of their own
+        return lambda t: mod.selective_scan_triton(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"],
+                                                   delta_bias=t["delta_bias"], delta_softplus=True)
+    chunk = mod._chunk_len(None)
+
+    class OldScan(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, u, delta, A, B, C, D, delta_bias):
+            B4, C4 = mod._as_groups(B), mod._as_groups(C)
+            y, _, ckpt = mod._selective_scan_fwd(u, delta, A, B4, C4, D, None, delta_bias, True, None,
+                                                 any(ctx.needs_input_grad), None, chunk)
+            ctx.save_for_backward(u, delta, A, B4, C4, D, delta_bias, ckpt)
+            return y
+
+        @staticmethod
+        def backward(ctx, dy):
+            u, delta, A, B4, C4, D, delta_bias, ckpt = ctx.saved_tensors
+            du, ddelta, dA, dB4, dC4, dD, _, dbias, _ = mod._selective_scan_bwd(
+                dy, None, u, delta, A, B4, C4, D, None, delta_bias, True, ckpt, None, chunk)
+            shape = (B4.shape[0], -1, B4.shape[-1])  # (b, n, l) as the bench's B and C
+            return du, ddelta, dA, dB4.reshape(shape).to(B4.dtype), dC4.reshape(shape).to(C4.dtype), dD, dbias
+
+    return lambda t: OldScan.apply(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["delta_bias"])
 
 
 def reference(t):
