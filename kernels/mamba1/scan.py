@@ -413,7 +413,9 @@ def _selective_scan_bwd_kernel(
     # scratch (programs, T/TB, BLOCK_D, N_PAD), a slot per program; the n index is permuted
     # (5 n mod N_PAD) so that no axis looks contiguous and the state keeps its layout
     o_perm = tl.arange(0, BLOCK_D)[:, None] * N_PAD + (o_n * 5 % N_PAD)[None, :]
-    p_scratch += ((_program_slot(dim_per_group, BLOCK_D) * n_segments + pid_s) * (T // TB)) * (BLOCK_D * N_PAD) + o_perm
+    p_scratch += ((_program_slot(dim_per_group, BLOCK_D) * n_segments + pid_s) * (T // TB)) * (BLOCK_D * N_PAD)
+    p_tiles = p_scratch  # the program's first tile state: the reverse tiles prefetch theirs from here
+    p_scratch += o_perm
     q = tl.load(p_qend + o_seg * dim * dstate + o_dn, mask=m_dn, other=0.0)
     dA_acc = tl.zeros((BLOCK_D, N_PAD), dtype=tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -457,6 +459,10 @@ def _selective_scan_bwd_kernel(
                     tl.store(p_scratch + (k * (TT // TB) + j // TB) * (BLOCK_D * N_PAD), h)
                 Bj = tl.load(p_B + (tc + k * TT + j) * N_PAD + o_n)
                 h = tl.exp2(_column(dt, o_tt, j)[:, None] * A2) * h + _column(du, o_tt, j)[:, None] * Bj[None, :]
+        # the states the first PF_AHEAD reverse tiles start from (the later ones each prefetch their own)
+        if T // TB > PF_AHEAD:
+            prefetch_l1(p_tiles + (T // TB - PF_AHEAD) * (BLOCK_D * N_PAD), PF_AHEAD * BLOCK_D * N_PAD,
+                        PF_AHEAD * BLOCK_D * N_PAD // 32)
         # tiles in reverse: recompute the tile's states, then step the adjoint back through them
         for kk in range(T // TB):
             k = T // TB - 1 - kk
@@ -466,6 +472,9 @@ def _selective_scan_bwd_kernel(
             ts_pf = tl.maximum(ts - PF_AHEAD * TB, 0) * N_PAD
             prefetch_l1(p_B + ts_pf, TB * N_PAD, (TB * N_PAD + 31) // 32)
             prefetch_l1(p_C + ts_pf, TB * N_PAD, (TB * N_PAD + 31) // 32)
+            # and the state that tile starts from (written by the walk above: stores leave it in L2)
+            prefetch_l1(p_tiles + tl.maximum(k - PF_AHEAD, 0) * (BLOCK_D * N_PAD), BLOCK_D * N_PAD,
+                        BLOCK_D * N_PAD // 32)
             o_t = ts + o_tb
             m = m_d[:, None] & (o_t < length)[None, :]
             u = tl.load(p_u + o_t[None, :] * s_ul, mask=m, other=0.0).to(tl.float32)
