@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
 
 from streamssm.errors import ShapeError
 from streamssm.kernels import selective_scan
+from streamssm.kernels.mamba1 import scan
 from streamssm.kernels.mamba1.reference import selective_scan_ref
 from streamssm.kernels.mamba1.scan import selective_scan_triton
 from streamssm.testing import assert_close, assert_script_compiles_for_sm90
@@ -91,6 +93,21 @@ def test_half_precision_inputs_match_reference(segments):
     """16-bit u/delta/z: the forward walks 8 steps per tile (fp32: 4), over several tiles per chunk."""
     inputs = make_inputs(2, 4, 45, 3, dtype=torch.float16, seed=13)
     check_against_reference(inputs, dtype=torch.float16, segments=segments, chunk=16)
+
+
+def _force_channel_block(monkeypatch, block_d: int) -> None:
+    """Both walking kernels run with BLOCK_D = block_d (one warp), as if the autotuner had picked it."""
+    config = [triton.Config({"BLOCK_D": block_d}, num_warps=1, num_stages=1)]
+    monkeypatch.setattr(scan._selective_scan_fwd_kernel, "configs", config)
+    monkeypatch.setattr(scan._selective_scan_bwd_kernel, "configs", config)
+
+
+@pytest.mark.parametrize("block_d", [16, 8])
+def test_narrow_channel_blocks_match_reference(block_d, monkeypatch):
+    """The autotuner's BLOCK_D 16 / 8 configs (2 / 4 threads per channel on the GPU), forward and
+    backward: channels per group no multiple of the block, two groups, two time segments."""
+    _force_channel_block(monkeypatch, block_d)
+    check_against_reference(make_inputs(2, 20, 37, 4, groups=2, seed=21), segments=2)
 
 
 def test_chunked_calls_carrying_state_equal_one_call():
@@ -198,6 +215,15 @@ def test_gpu_realistic_sizes(dtype, segments, chunk):
     """b2 d256 l1000 n16, groups 2, z, D, bias, h0: kernel vs the reference on the same inputs."""
     inputs = make_inputs(2, 256, 1000, 16, groups=2, dtype=dtype, device="cuda", seed=11)
     check_against_reference(inputs, dtype=dtype, segments=segments, chunk=chunk)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_d", [32, 16, 8])
+def test_gpu_each_channel_block_matches_reference(block_d, monkeypatch):
+    """Every BLOCK_D the autotuner may pick, on the GPU, where it changes how threads share a channel."""
+    _force_channel_block(monkeypatch, block_d)
+    inputs = make_inputs(2, 96, 300, 16, groups=2, device="cuda", seed=14)
+    check_against_reference(inputs, segments=2)
 
 
 @pytest.mark.gpu

@@ -15,7 +15,10 @@ walks time step after step, as the CUDA kernel's threads do. u, delta, z come in
 tiles, TT consecutive steps per thread (one 16-byte load; TT = 8 for 16-bit inputs), loaded a
 tile ahead; inside a tile the steps are unrolled and a step's column is a register read
 (``_column``). B and C are copied once per call into fp32 rows (b, g, l, N_PAD), so that a
-step's B_t is one contiguous row every thread reads. Sums over n (y) stay in-thread.
+step's B_t is one contiguous row every thread reads. Sums over n (y) stay in-thread. The
+autotuner may also pick BLOCK_D 16 or 8 for a one-warp program: then 2 or 4 threads share a
+channel, each holding part of its states (a sum over n adds one or two shuffles), and the same
+channels run in 2x or 4x the warps at fewer registers each.
 When batch x channel blocks cannot give every SM sub-partition a warp (long sequences at
 small batch), time is also split into S segments: each segment's local end state is
 computed from zero (the forward kernel with STATE_ONLY), a short serial pass over segments
@@ -79,13 +82,19 @@ def _configs() -> list:
 
 
 def _bwd_configs() -> list:
-    """One channel per thread, one warp: the per-step sums over channels stay warp shuffles."""
-    return autotune_configs([triton.Config({"BLOCK_D": 32}, num_warps=1, num_stages=1)])
+    """One warp, so that the per-step sums over channels stay warp shuffles: a channel per thread
+    (BLOCK_D 32), or per 2 / 4 threads (16 / 8), each holding half / a quarter of its n states:
+    twice / four times the warps for the same channels, at fewer registers per thread (ptxas,
+    sm_90, n 16, bf16: 255 registers + 336 B spilled at 32; 249 and none at 16; 250 at 8)."""
+    return autotune_configs([triton.Config({"BLOCK_D": bd}, num_warps=1, num_stages=1) for bd in (32, 16, 8)])
 
 
 def _fwd_configs() -> list:
-    """One channel per thread (BLOCK_D = 32 x warps), the n states of a channel in its registers."""
-    configs = [triton.Config({"BLOCK_D": 32 * w}, num_warps=w, num_stages=1) for w in (1, 2)]
+    """A channel per thread (BLOCK_D = 32 x warps), the n states of a channel in its registers; or
+    a channel per 2 / 4 threads of one warp (BLOCK_D 16 / 8: 173 / 128 registers instead of 255),
+    which gives long sequences at small batch more warps in flight."""
+    configs = [triton.Config({"BLOCK_D": bd}, num_warps=w, num_stages=1)
+               for bd, w in ((32, 1), (64, 2), (16, 1), (8, 1))]
     return autotune_configs(configs, configs[0])
 
 
@@ -385,7 +394,8 @@ def _selective_scan_bwd_kernel(
     T: tl.constexpr, TT: tl.constexpr, TB: tl.constexpr, N_PAD: tl.constexpr, PF_AHEAD: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Gradients of one (batch, channel block, segment), one channel per thread, chunks in reverse.
+    """Gradients of one (batch, channel block, segment), chunks in reverse; a channel per thread
+    (per 2 / 4 threads at BLOCK_D 16 / 8).
 
     Per chunk: walk forward from its checkpoint, leaving the state at every TB-step tile start in
     scratch (b, S, T/TB, d, N_PAD); then per tile in reverse: recompute its TB states (kept in
@@ -462,7 +472,7 @@ def _selective_scan_bwd_kernel(
         # the states the first PF_AHEAD reverse tiles start from (the later ones each prefetch their own)
         if T // TB > PF_AHEAD:
             prefetch_l1(p_tiles + (T // TB - PF_AHEAD) * (BLOCK_D * N_PAD), PF_AHEAD * BLOCK_D * N_PAD,
-                        PF_AHEAD * BLOCK_D * N_PAD // 32)
+                        (PF_AHEAD * BLOCK_D * N_PAD + 31) // 32)
         # tiles in reverse: recompute the tile's states, then step the adjoint back through them
         for kk in range(T // TB):
             k = T // TB - 1 - kk
@@ -474,7 +484,7 @@ def _selective_scan_bwd_kernel(
             prefetch_l1(p_C + ts_pf, TB * N_PAD, (TB * N_PAD + 31) // 32)
             # and the state that tile starts from (written by the walk above: stores leave it in L2)
             prefetch_l1(p_tiles + tl.maximum(k - PF_AHEAD, 0) * (BLOCK_D * N_PAD), BLOCK_D * N_PAD,
-                        BLOCK_D * N_PAD // 32)
+                        (BLOCK_D * N_PAD + 31) // 32)
             o_t = ts + o_tb
             m = m_d[:, None] & (o_t < length)[None, :]
             u = tl.load(p_u + o_t[None, :] * s_ul, mask=m, other=0.0).to(tl.float32)
