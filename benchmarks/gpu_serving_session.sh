@@ -16,8 +16,8 @@
 #     bash benchmarks/gpu_serving_session.sh ssd_memory  # ~9 min: SSD S1/S2 and Mamba-1 M1 with peak memory, vs the peers
 #     [BASE_WHEELS='w1 w2'] [AB_SHAPES=S1] bash benchmarks/gpu_serving_session.sh ssd_bwd  # ~9 min: SSD S1/S2 fwd+bwd
 #                                                      # (base installs, this, peers); tests
-#     [SEGMENTS=2,4,8] [OLD_SCAN=f.py] bash benchmarks/gpu_serving_session.sh scan  # ~9 min (~5 with mamba-ssm's library carried):
-#                                                      # Mamba-1 scan M1/M2 at forced time segments vs mamba-ssm CUDA; tests
+#     [SEGMENTS=2,8] [OLD_SCAN=f.py] bash benchmarks/gpu_serving_session.sh scan  # ~9 min (~5 with mamba-ssm's library carried):
+#                                                      # Mamba-1 scan M1/M2 (at forced time segments) vs mamba-ssm CUDA; tests
 #     bash benchmarks/gpu_serving_session.sh rotary    # ~8 min: Mamba-3 GPU tests; rotation kernels vs 5de9c7b's, config sweep
 #     BASE_SITE=/tmp/base_site bash benchmarks/gpu_serving_session.sh engine_pair
 #                                                      # ~3 min: engine-process CPU per chunk, a base install vs this tree
@@ -223,16 +223,18 @@ ssd_bwd() {
 }
 
 scan() {
-    # the Mamba-1 scan at forced time-segment counts (more warps in flight) beside the default and mamba-ssm's CUDA
-    # scan: its library is built (~4 min) unless carried as .peers/ssbuild/selective_scan_cuda.so, and comes back
+    # the Mamba-1 scan (and at $SEGMENTS forced time-segment counts) beside mamba-ssm's CUDA scan: its library is
+    # built (~4 min) unless carried as .peers/ssbuild/selective_scan_cuda.so, and comes back (12 MiB)
     # (OLD_SCAN: an earlier scan.py, e.g. main's beside a branch's wheel, timed too)
-    local old=(); [ -z "${OLD_SCAN:-}" ] || old=(--old "$OLD_SCAN")
+    local old=() so=.peers/ssbuild/selective_scan_cuda.so built=1
+    [ -z "${OLD_SCAN:-}" ] || old=(--old "$OLD_SCAN")
+    [ ! -f "$so" ] || built=0
     timeout 420 python benchmarks/bench_selective_scan.py --shapes "${SCAN_SHAPES:-M1,M2}" --peers mamba --no-t32 \
-        --no-verify --segments "${SEGMENTS:-2,4,8}" "${old[@]}" --out "$OUT/scan.md" 2>&1 | grep -E '^[{|]|unavailable'
-    local so=.peers/ssbuild/selective_scan_cuda.so
-    [ ! -f "$so" ] || strip --strip-debug -o "$OUT/selective_scan_cuda.so" "$so"
+        --no-verify --segments "${SEGMENTS:-}" "${old[@]}" --out "$OUT/scan.md" 2>&1 | grep -E '^[{|]|unavailable'
+    [ "$built" = 0 ] || [ ! -f "$so" ] || strip --strip-debug -o "$OUT/selective_scan_cuda.so" "$so"
     echo "== GPU tests: the Mamba-1 scan vs float64"
-    timeout 120 python -m pytest -q -p no:randomly -m gpu tests/test_selective_scan_kernel.py 2>&1 | tail -n 6 \
+    # (120 s ran 5 of the 8 cases with cold compiles, 2026-12-07)
+    timeout 300 python -m pytest -q -p no:randomly -m gpu tests/test_selective_scan_kernel.py 2>&1 | tail -n 6 \
         | tee "$OUT/scan_tests.txt"
 }
 
