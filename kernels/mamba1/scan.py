@@ -35,18 +35,18 @@ the gradient of the initial state. Backward segments get their end adjoint from 
 passes ``_selective_scan_adjoint_state_kernel`` + state passing. dB_t, dC_t (summed over the
 warp's channels by shuffles) and dA, dD, d(delta_bias) are accumulated with fp32 atomics.
 
-Performance note (H100 80GB HBM3, Triton 3.6, 2026-11-26; bf16, no z, CUDA graph): fwd / fwd+bwd
-M1 1.57 / 9.10 ms (the former associative-scan kernels: 3.38 / 15.0), M2 2.69 / 12.8 (5.98 /
-22.5), M3 23.6 / 97.5 (54.6 / 200). The SASS is near one issue slot per exp2 (~135 instructions
-per step and warp for 16 exp2 in the forward), yet a step takes ~750 cycles: with one warp per
-SM sub-partition the latency of the per-step B/C row loads (L2, one step of lookahead) is not
-hidden. Hence the ``prefetch.global.L1`` hints (``prefetch_l1``, left out in the interpreter):
-the forward fetches the next tile's B/C rows while it walks the current one (an earlier patch
-of the same idea, same GPU: M1 fwd 1.59 -> 0.80 ms, fwd+bwd 9.14 -> 8.51); the backward fetches a
-chunk's B and C rows when it starts the chunk and each reverse tile's rows again a few tiles
-ahead (not yet measured). The backward (~7.5 ms at M1, ~3600 cycles per step against ~820
-instructions) is latency-bound the same way, and its reverse tiles spend ~40 % of their
-instructions on the shuffle sums of dB_t, dC_t over the warp's 32 channels.
+Performance note (H100 80GB HBM3, Triton 3.6; bf16, no z, CUDA graph; fwd / fwd+bwd ms):
+2026-12-07, mamba-ssm's CUDA scan in the same call: M1 0.766 / 5.83 (the one-channel-per-thread
+kernels before: 1.232 / 8.93; mamba-ssm 0.827 / 4.51), M2 1.462 / 8.78 (2.042 / 12.0; 1.360 /
+6.41). What paid: narrower one-warp programs (BLOCK_D 16 / 8), i.e. more warps in flight. A step
+of the walk is latency-bound, not issue-bound (M1 backward before: ~3600 cycles per step
+against ~820 instructions, ~40 % of them the shuffle sums of dB_t, dC_t), and at M1 batch x
+channel blocks gave each SM ~3 warps of 32 channels: at 16 channels a program the M1 backward
+kernel took 4.97 ms instead of 8.24 (8 channels: 7.70), the output pass of the forward 0.76 ms
+at 8 channels instead of 1.21. Forcing time segments instead (S = 2, 8: the same extra warps at
+the price of the segment passes) was slower at M1 and M2. The ``prefetch.global.L1`` hints
+(``prefetch_l1``, left out in the interpreter) fetch B/C rows a tile ahead (forward) or a few
+reverse tiles ahead (backward), and the state each reverse tile starts from.
 """
 
 from __future__ import annotations
