@@ -99,8 +99,11 @@ def selective_scan(
     elif choice == "torch":
         from streamssm.kernels.mamba1 import scan_cpu
 
-        if scan_cpu.applies(u, B, delta, A, C, D, z, delta_bias, initial_state):  # no gradient, CPU: C
-            impl = scan_cpu.selective_scan_cpu
+        if scan_cpu.applies(u, B, delta, A, C, D, z, delta_bias, initial_state, traced=True):  # no gradient, CPU: C
+            if torch.compiler.is_compiling():  # traced: the kernel's registered op
+                from streamssm.kernels.cpu_ops import selective_scan_op as impl
+            else:
+                impl = scan_cpu.selective_scan_cpu
         else:
             from streamssm.kernels.mamba1.chunked_torch import selective_scan_chunked as impl
     else:
@@ -253,8 +256,12 @@ def ssd_scan_pool(
     if choice == "torch" and (D is None or D.dim() < 3) and ssm_state.is_contiguous():
         from streamssm.kernels.ssd import scan_cpu
 
-        if scan_cpu.applies(ssm_state, x, dt, A, B, C, D, z, dt_bias):  # the rows scanned in place, in C
-            return scan_cpu.scan_into(ssm_state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, rows=rows).to(x.dtype)
+        if scan_cpu.applies(ssm_state, x, dt, A, B, C, D, z, dt_bias, traced=True):  # the rows scanned in place, in C
+            if torch.compiler.is_compiling():  # traced: the kernel's registered op
+                from streamssm.kernels.cpu_ops import ssd_scan_pool_cpu as scan
+            else:
+                scan = scan_cpu.scan_into
+            return scan(ssm_state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus), rows=rows).to(x.dtype)
     # validated above: the scan itself, not ssd_scan's checks again (the CPU engine's every call)
     y, final = _ssd_scan_impl(choice)(x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias,
                                       dt_softplus=dt_softplus, initial_state=ssm_state.index_select(0, rows),
@@ -292,8 +299,11 @@ def causal_conv1d(
     else:
         from streamssm.kernels.conv1d import conv_cpu
 
-        if choice == "torch" and conv_cpu.applies(x, weight, bias, initial_state):  # fp32 CPU, no gradient
-            impl = conv_cpu.causal_conv1d_cpu
+        if choice == "torch" and conv_cpu.applies(x, weight, bias, initial_state, traced=True):  # fp32 CPU, no gradient
+            if torch.compiler.is_compiling():  # traced: the kernel's registered op
+                from streamssm.kernels.cpu_ops import causal_conv1d_op as impl
+            else:
+                impl = conv_cpu.causal_conv1d_cpu
         else:  # the reference is one F.conv1d call
             from streamssm.kernels.conv1d.reference import causal_conv1d_ref as impl
     return impl(x, weight, bias=bias, initial_state=initial_state, activation=activation,
@@ -338,8 +348,9 @@ def _step_in_place(pool: torch.Tensor, rows: torch.Tensor, given: bool, step) ->
 
 
 def _use_reference(backend: Backend) -> bool:
-    """The one-step ops' "reference" backend, and any traced call (torch.compile / export: the
-    functional reference is what those graphs fuse), run the references; else the CPU steps."""
+    """The one-step ops' "reference" backend, and any traced call that takes no C kernel's op
+    (torch.compile / export: the functional reference is what those graphs fuse), run the
+    references; else the CPU steps."""
     return backend == "reference" or torch.compiler.is_compiling()
 
 
@@ -370,6 +381,13 @@ def conv1d_step(
         else:  # the launcher (same arguments): an op's Python dispatch costs several step kernels
             from streamssm.kernels.conv1d.step import conv1d_step_triton as impl
         return impl(x, conv_state, weight, bias, activation, rows)
+    if backend != "reference" and torch.compiler.is_compiling():
+        from streamssm.kernels.conv1d import conv_cpu
+
+        if conv_cpu.step_applies(conv_state, x, weight, bias, traced=True):  # traced: the C step's op
+            from streamssm.kernels.cpu_ops import conv1d_step_cpu
+
+            return conv1d_step_cpu(x, conv_state, weight, bias, activation, rows)
     if _use_reference(backend):
         from streamssm.kernels.conv1d.reference import conv1d_step_ref
 
@@ -418,6 +436,14 @@ def selective_scan_step(
         else:  # the launcher
             from streamssm.kernels.mamba1.step import selective_scan_step_triton as impl
         return impl(ssm_state, u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), rows)
+    if backend != "reference" and torch.compiler.is_compiling():
+        from streamssm.kernels.mamba1 import scan_cpu
+
+        if scan_cpu.step_applies(ssm_state, u, delta, A, B, C, D, z, delta_bias, traced=True):  # the C step's op
+            from streamssm.kernels.cpu_ops import selective_scan_step_cpu
+
+            return selective_scan_step_cpu(ssm_state, u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
+                                           rows).to(u.dtype)
     if _use_reference(backend):
         from streamssm.kernels.mamba1.reference import selective_scan_step_ref
 
@@ -466,6 +492,13 @@ def ssd_step(
         else:  # the launcher
             from streamssm.kernels.ssd.step import ssd_step_triton as impl
         return impl(ssm_state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus), rows)
+    if backend != "reference" and torch.compiler.is_compiling() and ssm_state.is_contiguous():
+        from streamssm.kernels.ssd import scan_cpu
+
+        if scan_cpu.applies(ssm_state, x, dt, A, B, C, D, z, dt_bias, traced=True):  # the C scan's op, one step
+            from streamssm.kernels.cpu_ops import ssd_step_op
+
+            return ssd_step_op(ssm_state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus), rows)
     if _use_reference(backend):
         from streamssm.kernels.ssd.reference import ssd_step_ref
 

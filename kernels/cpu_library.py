@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import importlib
 import logging
 import os
 import platform
@@ -50,12 +51,30 @@ def cpu_identity() -> str:
 
 
 def runs_in_c(library: Callable[[], ctypes.CDLL | None], tensors: tuple[torch.Tensor | None, ...],
-              dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:
+              dtypes: tuple[torch.dtype, ...] = (torch.float32,), traced_as: str | None = None) -> bool:
     """Whether a call on ``tensors`` (None: absent) takes a C kernel of ``library``: CPU tensors of
-    ``dtypes``, no gradient wanted, not traced by torch.compile, and the library built."""
+    ``dtypes``, no gradient wanted and the library built. While torch.compile traces, only a caller
+    that then calls the kernel's registered op (``kernels/cpu_ops.py``) gets True, naming the
+    kernel's module in ``traced_as`` (its ``__name__``: the library's availability is read once,
+    as a constant of the graph); never while torch.export traces non-strict, its default (the
+    exported graphs stay pure PyTorch: ONNX)."""
     present = [t for t in tensors if t is not None]
-    return (all(t.device.type == "cpu" and t.dtype in dtypes for t in present) and not needs_grad(*present)
-            and not torch.compiler.is_compiling() and library() is not None)
+    if not all(t.device.type == "cpu" and t.dtype in dtypes for t in present) or needs_grad(*present):
+        return False
+    if torch.compiler.is_compiling():
+        # torch.export's default (non-strict) trace runs this Python with is_exporting() true; Dynamo
+        # reads is_exporting() as true even under torch.compile, so a strict export is not told
+        # apart (the ONNX export records gradients, which no C kernel takes)
+        exporting = torch.compiler.is_exporting() and not torch.compiler.is_dynamo_compiling()
+        return traced_as is not None and not exporting and built(traced_as)
+    return library() is not None
+
+
+@torch.compiler.assume_constant_result
+def built(module: str) -> bool:
+    """Whether the library of kernel module ``module`` (its ``library()``) is built here; a constant
+    to torch.compile (which cannot trace the build)."""
+    return importlib.import_module(module).library() is not None
 
 
 def pointer(t: torch.Tensor | None) -> int | None:

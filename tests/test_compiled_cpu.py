@@ -1,19 +1,23 @@
 """The compiled CPU engine (streamssm.compiled_cpu): outputs, scores and carried states equal the
-eager engine's across random chunkings and stream churn, for Mamba, Mamba-2 and a hybrid;
+eager engine's across random chunkings and stream churn, for Mamba, Mamba-2 and a hybrid; its
+programs call the C kernels' ops (kernels/cpu_ops.py), one program for every chunk length;
 compiling up front touches no stream; without a C++ compiler the Streamer warns and runs eager."""
 
 import logging
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
-from test_engines import assert_same, run_churn, tiny
+from test_engines import MODELS, VOCAB, assert_same, run_churn, tiny
 
 from streamssm import compiled_cpu
 from streamssm.compiled_cpu import CompiledCalls, compiler_problem
 from streamssm.engine import resolve_engine
 from streamssm.errors import ConfigError
 from streamssm.inference import Streamer
+from streamssm.kernels import cpu_library
+from streamssm.models import ModelConfig, SSMModel
 from streamssm.testing import PARITY_FP32, assert_close
 
 needs_compiler = pytest.mark.skipif(compiler_problem() is not None, reason=f"no C++ compiler: {compiler_problem()}")
@@ -31,11 +35,22 @@ def compiled_graphs() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
+def n16(name: str) -> SSMModel:
+    """``tiny(name)`` with d_state 16: every C kernel applies (Mamba-1's step needs n % 16 == 0;
+    tiny's d_state 8 takes the references, eager and traced alike)."""
+    torch.manual_seed(0)
+    return SSMModel(ModelConfig(**dict(d_model=16, n_layers=2, d_state=16, headdim=8, chunk_size=4) | MODELS[name])).eval()
+
+
+MODEL_MAKERS = {"mamba-lm": tiny, "mamba2-lm": tiny, "hybrid-classifier": tiny, "mamba-lm-n16": lambda _: n16("mamba-lm"),
+                "mamba2-lm-n16": lambda _: n16("mamba2-lm")}
+
+
 @needs_compiler
-@pytest.mark.parametrize("name", ["mamba-lm", "mamba2-lm", "hybrid-classifier"])
+@pytest.mark.parametrize("name", MODEL_MAKERS)
 def test_compiled_equals_eager_under_churn(name):
-    eager = Streamer(tiny(name), capacity=4)
-    compiled = Streamer(tiny(name), capacity=4, engine="compiled")
+    eager = Streamer(MODEL_MAKERS[name](name), capacity=4)
+    compiled = Streamer(MODEL_MAKERS[name](name), capacity=4, engine="compiled")
     assert isinstance(compiled._calls, CompiledCalls)
     assert_same(run_churn(eager, seed=5, rounds=10), run_churn(compiled, seed=5, rounds=10))
     assert compiled_graphs() > 0, "nothing was compiled: the calls ran eagerly"
@@ -43,6 +58,46 @@ def test_compiled_equals_eager_under_churn(name):
     for i, (want, got) in enumerate(zip(eager.pool, compiled.pool)):  # the carried states, stream rows
         for field, a, b in zip(want._fields, want, got):
             assert_close(f"layer {i} {field}", a[:4], b[:4], rtol=rtol, atol=atol)
+
+
+@needs_compiler
+@pytest.mark.parametrize("block", ["mamba", "mamba2"])
+def test_compiled_calls_run_the_c_ops(block, monkeypatch):
+    """Issue 19: the traced calls ran the PyTorch references around the C kernels (slower than
+    eager). The compiled programs' steps and chunks run the C kernels, through their ops, once a
+    layer (counted at the kernels' wrappers, which the ops call)."""
+    from streamssm.kernels.conv1d import conv_cpu
+    from streamssm.kernels.mamba1 import scan_cpu as selective_cpu
+    from streamssm.kernels.ssd import scan_cpu as ssd_cpu
+
+    calls = Counter()
+
+    def counted(module, name):
+        run = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *args, **kwargs: calls.update([name]) or run(*args, **kwargs))
+
+    for module, name in [(conv_cpu, "conv1d_step_c"), (conv_cpu, "causal_conv1d_cpu"), (ssd_cpu, "scan_into"),
+                         (selective_cpu, "selective_scan_step_c"), (selective_cpu, "selective_scan_cpu")]:
+        counted(module, name)
+    streamer = Streamer(n16(f"{block}-lm"), capacity=3, engine="compiled")
+    rows, before = torch.tensor([2, 0]), compiled_graphs()
+    with torch.no_grad():
+        for length in (1, 5):  # the pool step, a chunk
+            streamer._calls(torch.randint(0, VOCAB, (2, length)), rows)
+    assert compiled_graphs() == before + 2, "the calls did not run compiled programs"
+    scans = {"mamba": ["selective_scan_step_c", "selective_scan_cpu"], "mamba2": ["scan_into"] * 2}[block]
+    assert calls == Counter(2 * ["conv1d_step_c", "causal_conv1d_cpu", *scans])  # two layers
+
+
+@needs_compiler
+def test_one_program_for_every_chunk_length(monkeypatch):
+    """With the C scan's op, no program branches on the length (the references' chunked SSD
+    compiled one per chunk count and "fills its last chunk"): prepare compiles the pool step and
+    one chunk program."""
+    monkeypatch.setattr(compiled_cpu, "PREPARE_MAX", 16)  # chunk_size 4: 4 chunk counts
+    streamer, before = Streamer(tiny("mamba2-lm"), capacity=3, engine="compiled"), compiled_graphs()
+    assert streamer.capture() > 0
+    assert compiled_graphs() == before + 2
 
 
 @needs_compiler
@@ -86,7 +141,9 @@ def test_after_prepare_no_call_compiles(monkeypatch, caplog):
     runs a prepared program, a longer one runs as consecutive segments of at most PREPARE_MAX
     through them (the service's 640-sample slices used to run eagerly after a failed guard check,
     slower than the eager engine), and a call that no program covers anyway runs eagerly (logged
-    once) instead of compiling; outputs equal eager's."""
+    once) instead of compiling; outputs equal eager's. Traced without the C kernels' ops (a
+    machine whose C kernels do not build): their references' programs branch on the length."""
+    monkeypatch.setattr(cpu_library, "built", lambda module: False)  # traced calls take the references
     monkeypatch.setattr(compiled_cpu, "PREPARE_MAX", 8)  # chunk_size 4: lengths 1, 2-3, 4, 5-7, 8
     eager = Streamer(tiny("mamba2-lm"), capacity=3)
     compiled = Streamer(tiny("mamba2-lm"), capacity=3, engine="compiled")

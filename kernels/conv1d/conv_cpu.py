@@ -71,13 +71,15 @@ extern "C" void streamssm_causal_conv1d_f32(int64_t b, int64_t d, int64_t l, int
 }
 
 // One step: x (b, d) at batch stride sxb (channels contiguous); weight_t (w, d); bias (d) or null; state
-// (b, d, w-1) contiguous, shifted left by one column in place with x as its last; y (b, d) contiguous.
+// (R, d, w-1) contiguous, its rows rows[0..b) (null: 0..b-1) shifted left by one column in place with x
+// as their last; y (b, d) contiguous.
 // S = w - 1 is a template argument, so that the state's interleaved columns vectorize.
 template <int S>
 static void conv1d_step(int64_t b, int64_t d, const float* __restrict__ x, int64_t sxb, const float* __restrict__ weight_t,
-                        const float* __restrict__ bias, float* __restrict__ state, int64_t silu, float* __restrict__ y) {
+                        const float* __restrict__ bias, float* __restrict__ state, const int64_t* rows, int64_t silu,
+                        float* __restrict__ y) {
     for (int64_t bi = 0; bi < b; ++bi) {
-        float* __restrict__ st = state + bi * d * S;
+        float* __restrict__ st = state + (rows ? rows[bi] : bi) * d * S;
         const float* __restrict__ xb = x + bi * sxb;
         float* __restrict__ yb = y + bi * d;
         for (int64_t di = 0; di < d; ++di) {
@@ -96,12 +98,12 @@ static void conv1d_step(int64_t b, int64_t d, const float* __restrict__ x, int64
 }
 
 extern "C" void streamssm_conv1d_step_f32(int64_t b, int64_t d, int64_t w, const float* x, int64_t sxb,
-                                          const float* weight_t, const float* bias, float* state, int64_t silu,
-                                          float* y) {
+                                          const float* weight_t, const float* bias, float* state,
+                                          const int64_t* rows, int64_t silu, float* y) {
     switch (w) {
-        case 2: conv1d_step<1>(b, d, x, sxb, weight_t, bias, state, silu, y); break;
-        case 3: conv1d_step<2>(b, d, x, sxb, weight_t, bias, state, silu, y); break;
-        default: conv1d_step<3>(b, d, x, sxb, weight_t, bias, state, silu, y); break;  // w = 4 (2..4 checked)
+        case 2: conv1d_step<1>(b, d, x, sxb, weight_t, bias, state, rows, silu, y); break;
+        case 3: conv1d_step<2>(b, d, x, sxb, weight_t, bias, state, rows, silu, y); break;
+        default: conv1d_step<3>(b, d, x, sxb, weight_t, bias, state, rows, silu, y); break;  // w = 4 (2..4 checked)
     }
 }
 """
@@ -111,13 +113,14 @@ extern "C" void streamssm_conv1d_step_f32(int64_t b, int64_t d, int64_t w, const
 def library() -> ctypes.CDLL | None:
     """The compiled conv and conv step, or None where no C++ compiler builds them."""
     return build_library("causal_conv1d_cpu", _SOURCE, {"streamssm_causal_conv1d_f32": "iiiipiiipppipp",
-                                                        "streamssm_conv1d_step_f32": "iiipippipp"})
+                                                        "streamssm_conv1d_step_f32": "iiipippppip"})
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-            initial_state: torch.Tensor | None) -> bool:
-    """Whether a call runs here: fp32 CPU tensors, no gradient wanted, not traced, a compiler."""
-    return runs_in_c(library, (x, weight, bias, initial_state))
+            initial_state: torch.Tensor | None, traced: bool = False) -> bool:
+    """Whether a call runs here: fp32 CPU tensors, no gradient wanted, a compiler; while traced,
+    only for a caller that then calls the registered op (``traced``, ``cpu_ops.causal_conv1d_cpu``)."""
+    return runs_in_c(library, (x, weight, bias, initial_state), traced_as=__name__ if traced else None)
 
 
 def causal_conv1d_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -139,20 +142,24 @@ def causal_conv1d_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return (y, final) if return_final_state else y
 
 
-def step_applies(conv_state: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether a step runs here: as :func:`applies`, with a contiguous state and channels contiguous in x."""
-    return conv_state.is_contiguous() and x.stride(1) == 1 and runs_in_c(library, (x, weight, bias, conv_state))
+def step_applies(conv_state: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 traced: bool = False) -> bool:
+    """Whether a step runs here: as :func:`applies` (``traced``: ``cpu_ops.conv1d_step_cpu``), with a
+    contiguous state and channels contiguous in x."""
+    return (conv_state.is_contiguous() and x.stride(1) == 1
+            and runs_in_c(library, (x, weight, bias, conv_state), traced_as=__name__ if traced else None))
 
 
 def conv1d_step_c(conv_state: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  activation: str | None) -> torch.Tensor:
-    """One step for :func:`step_applies` calls; **updates ``conv_state`` (b, d, w-1) in place**.
-    x (b, d); weight (d, w); bias (d,). Returns y (b, d)."""
+                  activation: str | None, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """One step for :func:`step_applies` calls; **updates ``conv_state`` (R, d, w-1) in place** at
+    rows ``rows`` (b,) int64 contiguous (None: rows 0..b-1). x (b, d); weight (d, w); bias (d,).
+    Returns y (b, d)."""
     b, d = x.shape
     w = weight.shape[1]
     weight_t = weight.t().contiguous()
     bias = None if bias is None else bias.contiguous()
     y = torch.empty(b, d)
     library().streamssm_conv1d_step_f32(b, d, w, x.data_ptr(), x.stride(0), weight_t.data_ptr(), pointer(bias),
-                                        conv_state.data_ptr(), int(activation == "silu"), y.data_ptr())
+                                        conv_state.data_ptr(), pointer(rows), int(activation == "silu"), y.data_ptr())
     return y

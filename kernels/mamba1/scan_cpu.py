@@ -109,14 +109,15 @@ extern "C" void streamssm_selective_scan_f32(
 }
 
 // One step (the engine's step calls): u, delta, z (b, d) at batch strides, channels contiguous; B, C
-// (b, g, n) at batch strides; A (d, n); D, bias (d) or null; state (b, d, n) contiguous, updated in
-// place; y (b, d) contiguous. n and d multiples of 16, a block of 16 channels in one group. Each
+// (b, g, n) at batch strides; A (d, n); D, bias (d) or null; state (R, d, n) contiguous, its rows
+// rows[0..b) (null: 0..b-1) updated in place; y (b, d) contiguous. n and d multiples of 16, a block of 16 channels in one group. Each
 // channel's state row is n/16 vectors walked in place (no transposition: the scan's (16, n) block
 // costs more to transpose than one step), the 16 channels' outputs summed by one tree.
 extern "C" void streamssm_selective_step_f32(
         int64_t b, int64_t d, int64_t n, int64_t g, const float* u, int64_t su, const float* delta, int64_t sd,
         const float* z, int64_t sz, const float* Bm, int64_t sb, const float* Cm, int64_t sc, const float* A,
-        const float* D, const float* bias, int64_t softplus, float* state, float* y, int64_t threads) {
+        const float* D, const float* bias, int64_t softplus, float* state, const int64_t* rows, float* y,
+        int64_t threads) {
     const int64_t per_group = d / g, blocks = d / 16;
     streamssm_parallel_for(b * blocks, threads, 40 * 16 * n, [=](int64_t begin, int64_t end) {
         for (int64_t pair = begin; pair < end; ++pair) {
@@ -137,7 +138,7 @@ extern "C" void streamssm_selective_step_f32(
                 for (int j = 0; j < 16; ++j) gate[j] = streamssm_silu(z[bi * sz + c0 + j]);
             float16v prod[16];
             for (int r = 0; r < 16; ++r) {
-                float* __restrict__ row = state + (bi * d + c0 + r) * n;
+                float* __restrict__ row = state + ((rows ? rows[bi] : bi) * d + c0 + r) * n;
                 const float* __restrict__ Ar = A + (c0 + r) * n;
                 float16v acc = {};
                 for (int64_t v = 0; v < n; v += 16) {
@@ -174,16 +175,18 @@ def library() -> ctypes.CDLL | None:
     """The compiled scan, or None where no C++ compiler builds it."""
     return build_library("selective_scan_cpu", _SOURCE,
                          {"streamssm_selective_scan_f32": "i" * 5 + "pii" * 5 + "pppippi",
-                          "streamssm_selective_step_f32": "iiii" + "pi" * 5 + "pppippi"})
+                          "streamssm_selective_step_f32": "iiii" + "pi" * 5 + "pppipppi"})
 
 
-def applies(u: torch.Tensor, B: torch.Tensor, *others: torch.Tensor | None) -> bool:
+def applies(u: torch.Tensor, B: torch.Tensor, *others: torch.Tensor | None, traced: bool = False) -> bool:
     """Whether a call on u (b, d, l), B and ``others`` (None: absent) runs here: CPU, fp32/fp16/bf16,
-    no gradient wanted, not traced, a compiler, d_state <= 256, and B/C groups that do not split a
-    block of 16 channels (B (b, n, l) or (b, g, n, l) with d / g a multiple of 16)."""
+    no gradient wanted, a compiler, d_state <= 256, and B/C groups that do not split a block of 16
+    channels (B (b, n, l) or (b, g, n, l) with d / g a multiple of 16); while traced, only for a
+    caller that then calls the registered op (``traced``: ``cpu_ops.selective_scan_cpu``)."""
     d, n = u.shape[1], B.shape[-2]
     groups_fit = B.dim() == 3 or B.shape[1] == 1 or (d // B.shape[1]) % 16 == 0
-    return groups_fit and n <= MAX_DSTATE and runs_in_c(library, (u, B, *others), FLOAT_DTYPES)
+    return groups_fit and n <= MAX_DSTATE and runs_in_c(library, (u, B, *others), FLOAT_DTYPES,
+                                                        traced_as=__name__ if traced else None)
 
 
 def selective_scan_cpu(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -210,23 +213,27 @@ def selective_scan_cpu(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B:
 
 
 def step_applies(state: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                 C: torch.Tensor, *others: torch.Tensor | None) -> bool:
+                 C: torch.Tensor, *others: torch.Tensor | None, traced: bool = False) -> bool:
     """Whether one step runs in C: fp32 CPU tensors, no gradient, a contiguous state, d and n multiples
     of 16 with a block of 16 channels in one group of B/C, channels and state columns contiguous (and
-    B/C's groups one after another)."""
+    B/C's groups one after another); while traced, only for a caller that then calls the registered
+    op (``traced``: ``cpu_ops.selective_scan_step_cpu``)."""
     d, n = A.shape
     g = 1 if B.dim() == 2 else B.shape[1]
     rows_fit = all(t is None or t.stride(-1) == 1 for t in (u, delta, B, C, *others))
     rows_fit = rows_fit and (g == 1 or (B.stride(1) == n and C.stride(1) == n))
     return (d % 16 == 0 and n % 16 == 0 and (d // g) % 16 == 0 and state.is_contiguous() and A.is_contiguous()
-            and rows_fit and runs_in_c(library, (state, u, delta, A, B, C, *others)))
+            and rows_fit and runs_in_c(library, (state, u, delta, A, B, C, *others),
+                                       traced_as=__name__ if traced else None))
 
 
 def selective_scan_step_c(state: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor,
                           B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None,
-                          delta_bias: torch.Tensor | None, delta_softplus: bool) -> torch.Tensor:
-    """One step for :func:`step_applies` calls; **updates ``state`` (b, d, n) in place**. u, delta, z
-    (b, d); A (d, n); B, C (b, n) or (b, g, n); D, delta_bias (d,). Returns y (b, d) fp32."""
+                          delta_bias: torch.Tensor | None, delta_softplus: bool,
+                          rows: torch.Tensor | None = None) -> torch.Tensor:
+    """One step for :func:`step_applies` calls; **updates ``state`` (R, d, n) in place** at rows
+    ``rows`` (b,) int64 contiguous (None: rows 0..b-1). u, delta, z (b, d); A (d, n); B, C (b, n) or
+    (b, g, n); D, delta_bias (d,). Returns y (b, d) fp32."""
     b, d = u.shape
     n = A.shape[1]
     g = 1 if B.dim() == 2 else B.shape[1]
@@ -235,5 +242,6 @@ def selective_scan_step_c(state: torch.Tensor, u: torch.Tensor, delta: torch.Ten
     library().streamssm_selective_step_f32(
         b, d, n, g, u.data_ptr(), u.stride(0), delta.data_ptr(), delta.stride(0), pointer(z),
         0 if z is None else z.stride(0), B.data_ptr(), B.stride(0), C.data_ptr(), C.stride(0), A.data_ptr(),
-        pointer(D), pointer(bias), int(delta_softplus), state.data_ptr(), y.data_ptr(), torch.get_num_threads())
+        pointer(D), pointer(bias), int(delta_softplus), state.data_ptr(), pointer(rows), y.data_ptr(),
+        torch.get_num_threads())
     return y

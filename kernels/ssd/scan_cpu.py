@@ -254,10 +254,11 @@ def library() -> ctypes.CDLL | None:
     return build_library("ssd_scan_cpu", _SOURCE, {"streamssm_ssd_scan_f32": "i" * 6 + "pii" * 5 + "ppipipiipppi"})
 
 
-def applies(*tensors: torch.Tensor | None) -> bool:
+def applies(*tensors: torch.Tensor | None, traced: bool = False) -> bool:
     """Whether a call on these tensors (None: absent) runs here: CPU, fp32/fp16/bf16, no gradient
-    wanted, not traced, a compiler."""
-    return runs_in_c(library, tensors, FLOAT_DTYPES)
+    wanted, a compiler; while traced, only for a caller that then calls the registered op
+    (``traced``: ``cpu_ops.ssd_scan_pool_cpu``)."""
+    return runs_in_c(library, tensors, FLOAT_DTYPES, traced_as=__name__ if traced else None)
 
 
 def scan_into(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
