@@ -22,14 +22,18 @@ Backends:
     "auto"       CUDA tensors -> "triton"; CPU tensors -> "torch"
 The one-step ops' "torch" is the in-place CPU steps (``*/step_cpu.py``: the pool's slice
 updated in place when the rows are consecutive, else one gather and one scatter); "reference"
-and any traced call (torch.compile / torch.export fuse the functional references) run the
-vectorized single-step references. mamba3_scan's "torch" and "triton" both run
+and a traced call that takes no C kernel (torch.compile / torch.export fuse the functional
+references) run the vectorized single-step references. mamba3_scan's "torch" and "triton" both run
 ``mamba3/chunked.py`` (B, C rotated per head, then one ssd_scan with input weights on that
 backend; the rotation is a Triton op on "triton", ``mamba3_rotary_ref`` on "torch").
 
 torch.compile / torch.export: the Triton paths are registered ``streamssm::`` ops
-(``kernels/library.py``), one graph node each; "torch" and "reference" are traced as plain
-PyTorch (no host sync, no logging while tracing; the C kernels step aside).
+(``kernels/library.py``), one graph node each; so are the C kernels of "torch" for torch.compile
+(``kernels/cpu_ops.py``: the conv and its step, the Mamba-1 scan and step, the SSD scan over pool
+rows and its step), called where an eager call takes them, with the pool and its rows in place of
+the eager steps' pool slice. The rest of "torch" and "reference" are traced as plain PyTorch (no
+host sync, no logging while tracing), and so is everything under torch.export (non-strict, its
+default: the ONNX export's graphs hold no custom op).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 torch.compile sees each op as one node (no graph break around a Triton launch) and
 torch.export carries it: every op has a fake (shape/dtype-only) implementation, the scans a
 registered autograd formula whose backward is itself an op. The pure-PyTorch backends
-("torch", "reference") are not ops: compile and export trace straight through them.
+("torch", "reference") are not ops: compile and export trace straight through them, but for
+the C kernels of "torch", which are ops of their own for torch.compile (``kernels/cpu_ops.py``).
 
     streamssm::selective_scan_fwd / _bwd   Mamba-1 scan (mamba1/scan.py launchers)
     streamssm::ssd_scan_fwd / _bwd         Mamba-2 SSD (ssd/combined.py launch sequences)

@@ -4,13 +4,18 @@ inductor's C++ backend.
 
 The stream count ``b`` and the segment length ``l`` are symbolic (marked dynamic; the pool's
 sizes stay fixed), so a server whose batches change size every call runs a bounded set of
-programs, not one per (bucket, length) as the CUDA graphs do. A program covers a range of shapes:
-torch specializes a size of 1 (so one stream runs as two, the second on the scratch row; l == 1
-is the pool step), the SSD's chunked scan one per chunk count and per "fills its last chunk", a
-conv backend per range of b: for the demo's audio model (chunk 64) and l <= 256, 9 programs per
-range of b. Traced whole, a layer's pool step (in_proj, conv step, SSM step, gate, out_proj,
-residual + norm) becomes a few fused C++ loops instead of ~20 eager ops; the pool rows are
-updated in place as in the eager call.
+programs, not one per (bucket, length) as the CUDA graphs do. The C kernels that the eager call
+runs (``kernels/cpu_library.py``: conv, conv step, the Mamba-1 and SSD scans and steps) are
+registered ops (``kernels/cpu_ops.py``), one graph node each, called where the eager call calls
+them and updating the pool rows in place as it does; the rest of a layer (in_proj, the dt/B/C
+projections, gate, norms, out_proj, residual) becomes a few fused C++ loops instead of ~20 eager
+ops. Torch specializes a size of 1 (so one stream runs as two, the second on the scratch row;
+l == 1 is the pool step), so a model whose kernels all run in C compiles two programs: the pool
+step and one chunk program for every length (the demo's audio model: 2 programs, prepared in
+18 s). Where a C kernel does not apply (its library not built; Mamba-1's step needs d and n
+multiples of 16) the graph traces its PyTorch reference, whose chunked SSD compiles one program
+per chunk count and per "fills its last chunk" (the demo's model, chunk 64, l <= 256: 9 per range
+of b; 17 programs and 98-443 s to prepare before the ops).
 
 The C++ toolchain is checked once per process (:func:`compiler_problem`: inductor's compiler
 must build a shared library); without one, ``resolve_engine`` logs a warning naming the reason
@@ -22,12 +27,16 @@ through the same programs. After that, nothing compiles: a call no program cover
 (logged once) rather than stalling the caller for a compile (issue 19: 69 s in a server's hot path).
 Outputs and states equal the eager engine's to fp32 tolerance (tests/test_compiled_cpu.py).
 
-Since the eager engine's calls run C kernels (``kernels/cpu_library.py``: the scans, conv, norms,
-scores), which a traced call steps around, compiled chunked calls are the slower ones: the demo's
-audio model at 12 streams x 320 samples, 1 thread, 20.9 ms (median) compiled vs 10.3 ms eager
-(2026-12-07, after a 76 s first-call compile); its one-sample pool step is still ~1.1x faster
-compiled (``bench_cpu.py --suite targets``). Registering the C kernels as custom ops would let a
-traced call use them too.
+Speed (2026-12-07, the 2-core development CPU, 1 thread, issue 19): before the ops a traced call
+stepped around the C kernels and ran the references, so the compiled engine was the slower one;
+now it runs the same kernels without the eager call's Python between them. The demo's audio model
+at 12 streams x 320 samples (engine alone, median of 15, alternated): compiled 16.6 -> 9.9 ms,
+eager 10.5-10.7 ms; the one-step call of 64 streams, d128 x 4 (``bench_cpu.py --suite targets
+--configs ''``, two alternated pairs): Mamba compiled 0.90-0.91x -> 1.05x eager's speed (3.09 /
+2.99 ms against eager's 3.25 / 3.13), Mamba-2 0.98-1.01x -> 1.11-1.18x (2.51 / 2.39 ms against
+2.78 / 2.82). The step is GEMM-bound (the linears ~1 ms of ~2.4) and the C kernels take most of
+the rest: compiling saves 0.15-0.43 ms a step, not the ~1 ms of Python once estimated, and Dynamo's
+guard check costs ~0.15 ms of every compiled call (profiled).
 """
 
 from __future__ import annotations
