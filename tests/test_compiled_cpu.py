@@ -39,11 +39,12 @@ def n16(name: str) -> SSMModel:
     """``tiny(name)`` with d_state 16: every C kernel applies (Mamba-1's step needs n % 16 == 0;
     tiny's d_state 8 takes the references, eager and traced alike)."""
     torch.manual_seed(0)
-    return SSMModel(ModelConfig(**dict(d_model=16, n_layers=2, d_state=16, headdim=8, chunk_size=4) | MODELS[name])).eval()
+    fields = dict(d_model=16, n_layers=2, d_state=16, headdim=8, chunk_size=4) | MODELS[name]
+    return SSMModel(ModelConfig(**fields)).eval()
 
 
-MODEL_MAKERS = {"mamba-lm": tiny, "mamba2-lm": tiny, "hybrid-classifier": tiny, "mamba-lm-n16": lambda _: n16("mamba-lm"),
-                "mamba2-lm-n16": lambda _: n16("mamba2-lm")}
+MODEL_MAKERS = {"mamba-lm": tiny, "mamba2-lm": tiny, "hybrid-classifier": tiny,
+                "mamba-lm-n16": lambda _: n16("mamba-lm"), "mamba2-lm-n16": lambda _: n16("mamba2-lm")}
 
 
 @needs_compiler

@@ -32,7 +32,8 @@ def conv_step_case(gen: torch.Generator) -> dict:
 def mamba1_step_case(gen: torch.Generator, groups: int = 2) -> dict:
     b, d, n = len(ROWS), 32, 16
     return dict(ssm_state=randn(POOL, d, n, gen=gen), u=randn(b, d, gen=gen), delta=randn(b, d, gen=gen),
-                A=-torch.rand(d, n, generator=gen) - 0.1, B=randn(b, groups, n, gen=gen), C=randn(b, groups, n, gen=gen),
+                A=-torch.rand(d, n, generator=gen) - 0.1, B=randn(b, groups, n, gen=gen),
+                C=randn(b, groups, n, gen=gen),
                 D=randn(d, gen=gen), z=randn(b, d, gen=gen), delta_bias=randn(d, gen=gen), delta_softplus=True,
                 rows=torch.tensor(ROWS))
 

@@ -110,9 +110,10 @@ extern "C" void streamssm_selective_scan_f32(
 
 // One step (the engine's step calls): u, delta, z (b, d) at batch strides, channels contiguous; B, C
 // (b, g, n) at batch strides; A (d, n); D, bias (d) or null; state (R, d, n) contiguous, its rows
-// rows[0..b) (null: 0..b-1) updated in place; y (b, d) contiguous. n and d multiples of 16, a block of 16 channels in one group. Each
-// channel's state row is n/16 vectors walked in place (no transposition: the scan's (16, n) block
-// costs more to transpose than one step), the 16 channels' outputs summed by one tree.
+// rows[0..b) (null: 0..b-1) updated in place; y (b, d) contiguous. n and d multiples of 16, a block of
+// 16 channels in one group. Each channel's state row is n/16 vectors walked in place (no transposition:
+// the scan's (16, n) block costs more to transpose than one step), the 16 channels' outputs summed by
+// one tree.
 extern "C" void streamssm_selective_step_f32(
         int64_t b, int64_t d, int64_t n, int64_t g, const float* u, int64_t su, const float* delta, int64_t sd,
         const float* z, int64_t sz, const float* Bm, int64_t sb, const float* Cm, int64_t sc, const float* A,
