@@ -20,8 +20,8 @@ mutating op cost ~17 us a call against ~6 here (a conv step over 64 streams x 25
 
 ``streamssm.kernels`` calls them only while torch.compile traces, for the calls whose eager form
 takes the same C kernel (the kernel modules' ``applies`` with ``traced=True``; never under
-torch.export, whose graphs stay pure PyTorch); an eager call calls the kernel directly (a custom
-op's Python dispatch costs ~10 us, a step kernel a few). The ops take the pool and its rows, where
+torch.export's default non-strict trace, whose graphs stay pure PyTorch for ONNX); an eager call
+calls the kernel directly (no dispatch: ~6 us a call). The ops take the pool and its rows, where
 the eager steps take the pool's slice (``kernels/__init__.py: _step_in_place``): a traced call
 cannot read the rows' values on the host. Outputs are fresh contiguous tensors: the chunked ops
 return y channel-last (b, l, d), the layout their kernels write, and their callers transpose it.
