@@ -39,8 +39,10 @@ def records(source: Path) -> Iterator[tuple[str, dict]]:
 
 
 def config_name(config: dict) -> str:
+    """e.g. "64 x 32 w4s1", with " r128" where the config caps the registers per thread (maxnreg)."""
     tile = " x ".join(str(v) for v in config["kwargs"].values())
-    return f"{tile} w{config['num_warps']}s{config['num_stages']}"
+    cap = f" r{config['maxnreg']}" if config.get("maxnreg") else ""
+    return f"{tile} w{config['num_warps']}s{config['num_stages']}{cap}"
 
 
 def ranked(result: dict) -> list[tuple[float, str]]:

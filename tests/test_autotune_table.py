@@ -49,6 +49,14 @@ def test_ranks_configs_per_kernel_and_key(tmp_path, capsys, as_dir):
     assert rows == ["| _dx_kernel | [24, 64, 'tf32'] | 64 x 32 w4s1: 300 · 32 x 32 w8s1: 900 | 32 x 32 w8s1: 900 | 3.00x |"]
 
 
+def test_configs_differing_only_in_their_register_cap_are_told_apart():
+    """Two BLOCK_D 8 configs, one capped at 128 registers (Triton writes maxnreg null when uncapped)."""
+    plain = {"kwargs": {"BLOCK_D": 8}, "num_warps": 1, "num_stages": 1, "maxnreg": None}
+    capped = dict(plain, maxnreg=128)
+    record = {"key": [1536], "configs_timings": [[plain, [7.7, 7.7, 7.7]], [capped, [5.2, 5.2, 5.2]]]}
+    assert [(round(us), name) for us, name in autotune_table.ranked(record)] == [(5200, "8 w1s1 r128"), (7700, "8 w1s1")]
+
+
 def test_an_unreadable_archive_is_a_clear_error(tmp_path, capsys):
     """An empty file (the archive of a run killed while writing it) exits 2 naming the problem."""
     empty = tmp_path / "triton_autotune.tar.gz"
