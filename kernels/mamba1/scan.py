@@ -35,15 +35,15 @@ the gradient of the initial state. Backward segments get their end adjoint from 
 passes ``_selective_scan_adjoint_state_kernel`` + state passing. dB_t, dC_t (summed over the
 warp's channels by shuffles) and dA, dD, d(delta_bias) are accumulated with fp32 atomics.
 
-Performance note (H100 80GB HBM3, Triton 3.6; bf16, no z, CUDA graph; fwd / fwd+bwd ms):
-2026-12-07, mamba-ssm's CUDA scan in the same call: M1 0.766 / 5.83 (the one-channel-per-thread
-kernels before: 1.232 / 8.93; mamba-ssm 0.827 / 4.51), M2 1.462 / 8.78 (2.042 / 12.0; 1.360 /
-6.41). What paid: narrower one-warp programs (BLOCK_D 16 / 8), i.e. more warps in flight. A step
-of the walk is latency-bound, not issue-bound (M1 backward before: ~3600 cycles per step
-against ~820 instructions, ~40 % of them the shuffle sums of dB_t, dC_t), and at M1 batch x
-channel blocks gave each SM ~3 warps of 32 channels: at 16 channels a program the M1 backward
-kernel took 4.97 ms instead of 8.24 (8 channels: 7.70), the output pass of the forward 0.76 ms
-at 8 channels instead of 1.21. Forcing time segments instead (S = 2, 8: the same extra warps at
+Performance note (H100 80GB HBM3, Triton 3.6; bf16, no z, CUDA graph; fwd / fwd+bwd ms): 2026-12-07,
+mamba-ssm's CUDA scan in the same call: M1 0.766 / 5.83 (the one-channel-per-thread kernels before:
+1.232 / 8.93; mamba-ssm 0.827 / 4.51), M2 1.462 / 8.78 (2.042 / 12.0; 1.360 / 6.41), M3 11.09 / 68.5
+(mamba-ssm 11.04 / 70.5: 1.03x fwd+bwd). What paid: narrower one-warp programs (BLOCK_D 16 / 8),
+i.e. more warps in flight. A step of the walk is latency-bound, not issue-bound (M1 backward before:
+~3600 cycles per step against ~820 instructions, ~40 % of them the shuffle sums of dB_t, dC_t), and
+at M1 batch x channel blocks gave each SM ~3 warps of 32 channels: at 16 channels a program the M1
+backward kernel took 4.97 ms instead of 8.24 (8 channels: 7.70), the output pass of the forward 0.76
+ms at 8 channels instead of 1.21. Forcing time segments instead (S = 2, 8: the same extra warps at
 the price of the segment passes) was slower at M1 and M2. The ``prefetch.global.L1`` hints
 (``prefetch_l1``, left out in the interpreter) fetch B/C rows a tile ahead (forward) or a few
 reverse tiles ahead (backward), and the state each reverse tile starts from.
