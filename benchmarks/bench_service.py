@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import multiprocessing as mp
 import os
 import random
@@ -193,6 +194,11 @@ def client_proc(url: str, n: int, seconds: float, chunk: int, rate: int, seed: i
         return await asyncio.gather(*(one_client(url, seconds, chunk, rate, rng.uniform(0, period), rng)
                                       for _ in range(n)), return_exceptions=True)
 
+    # the clients' process holds what the bench imported (torch, ~260k objects): a full collection
+    # in the send loop stalled every client for 0.1-0.15 s (send slip, 2026-12-07); frozen, the
+    # collector leaves them alone, as a real client's process would have nothing of the kind
+    gc.collect()
+    gc.freeze()
     results = asyncio.run(run())
     out.put([r if isinstance(r, dict) else {"error": repr(r)} for r in results])
 
