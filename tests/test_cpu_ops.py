@@ -90,26 +90,30 @@ def test_conv1d_step_op_equals_reference():
     check_pool("conv1d_step_cpu", pool, ref_pool, op_pool)
 
 
-@pytest.mark.parametrize("groups", [1, 2])
-def test_selective_scan_step_op_equals_reference(groups):
-    case = mamba1_step_case(torch.Generator().manual_seed(2), groups)
+def check_pool_op_against_reference(name: str, case: dict, reference, op) -> None:
+    """``op(pool, rows, inputs)`` and ``reference(pool, rows, inputs)`` on clones of the case's
+    ssm_state pool: equal outputs, and equal pools with the rows not stepped untouched."""
     pool, rows = case.pop("ssm_state"), case.pop("rows")
     ref_pool, op_pool = pool.clone(), pool.clone()
-    want = selective_scan_step(ref_pool, **case, state_indices=rows, backend="reference")
-    got = cpu_ops.selective_scan_step_cpu(op_pool, **case, rows=rows)
-    assert_close("selective_scan_step_cpu y", want, got, rtol=PARITY_FP32[0], atol=PARITY_FP32[1])
-    check_pool("selective_scan_step_cpu", pool, ref_pool, op_pool)
+    want, got = reference(ref_pool, rows, case), op(op_pool, rows, case)
+    assert_close(f"{name} y", want, got, rtol=PARITY_FP32[0], atol=PARITY_FP32[1])
+    check_pool(name, pool, ref_pool, op_pool)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_selective_scan_step_op_equals_reference(groups):
+    check_pool_op_against_reference(
+        "selective_scan_step_cpu", mamba1_step_case(torch.Generator().manual_seed(2), groups),
+        lambda pool, rows, c: selective_scan_step(pool, **c, state_indices=rows, backend="reference"),
+        lambda pool, rows, c: cpu_ops.selective_scan_step_cpu(pool, **c, rows=rows))
 
 
 @pytest.mark.parametrize("length", [1, 5])
 def test_ssd_scan_pool_op_equals_reference(length):
-    case = ssd_pool_case(torch.Generator().manual_seed(3), length)
-    pool, rows = case.pop("ssm_state"), case.pop("rows")
-    ref_pool, op_pool = pool.clone(), pool.clone()
-    want = ssd_scan_pool(ref_pool, **case, chunk_size=4, state_indices=rows, backend="reference")
-    got = cpu_ops.ssd_scan_pool_cpu(op_pool, **case, rows=rows)
-    assert_close("ssd_scan_pool_cpu y", want, got, rtol=PARITY_FP32[0], atol=PARITY_FP32[1])
-    check_pool("ssd_scan_pool_cpu", pool, ref_pool, op_pool)
+    check_pool_op_against_reference(
+        "ssd_scan_pool_cpu", ssd_pool_case(torch.Generator().manual_seed(3), length),
+        lambda pool, rows, c: ssd_scan_pool(pool, **c, chunk_size=4, state_indices=rows, backend="reference"),
+        lambda pool, rows, c: cpu_ops.ssd_scan_pool_cpu(pool, **c, rows=rows))
 
 
 def test_chunk_ops_equal_references():
