@@ -28,15 +28,16 @@ through the same programs. After that, nothing compiles: a call no program cover
 Outputs and states equal the eager engine's to fp32 tolerance (tests/test_compiled_cpu.py).
 
 Speed (2026-12-07, the 2-core development CPU, 1 thread, issue 19): before the ops a traced call
-stepped around the C kernels and ran the references, so the compiled engine was the slower one;
-now it runs the same kernels without the eager call's Python between them. The demo's audio model
-at 12 streams x 320 samples (engine alone, median of 15, alternated, two pairs): compiled 16.6 /
-17.9 -> 9.9 / 10.1 ms, eager 10.5 / 11.6 and 10.7 / 9.2 ms (now eager's speed); the one-step call of 64 streams, d128 x 4 (``bench_cpu.py --suite targets
---configs ''``, two alternated pairs): Mamba compiled 0.90-0.91x -> 1.05x eager's speed (3.09 /
-2.99 ms against eager's 3.25 / 3.13), Mamba-2 0.98-1.01x -> 1.11-1.18x (2.51 / 2.39 ms against
-2.78 / 2.82). The step is GEMM-bound (the linears ~1 ms of ~2.4) and the C kernels take most of
-the rest: compiling saves 0.15-0.43 ms a step, not the ~1 ms of Python once estimated, and Dynamo's
-guard check costs ~0.15 ms of every compiled call (profiled).
+stepped around the C kernels and ran the references, so the compiled engine was the slower one; now
+it runs the same kernels without the eager call's Python between them. The demo's audio model at 12
+streams x 320 samples (engine alone, median of 15, alternated, two pairs): compiled 16.6 / 17.9 ->
+9.9 / 10.1 ms, eager 10.5 / 11.6 and 10.7 / 9.2 ms (now eager's speed); the one-step call of 64
+streams, d128 x 4 (``bench_cpu.py --suite targets --configs ''``, two alternated pairs): Mamba
+compiled 0.90-0.91x -> 1.05x eager's speed (3.09 / 2.99 ms against eager's 3.25 / 3.13), Mamba-2
+0.98-1.01x -> 1.11-1.18x (2.51 / 2.39 ms against 2.78 / 2.82). The step is GEMM-bound (the linears
+~1 ms of ~2.4) and the C kernels take most of the rest: compiling saves 0.15-0.43 ms a step, not the
+~1 ms of Python once estimated, and Dynamo's guard check costs ~0.15 ms of every compiled call
+(profiled).
 """
 
 from __future__ import annotations
