@@ -194,9 +194,9 @@ def client_proc(url: str, n: int, seconds: float, chunk: int, rate: int, seed: i
         return await asyncio.gather(*(one_client(url, seconds, chunk, rate, rng.uniform(0, period), rng)
                                       for _ in range(n)), return_exceptions=True)
 
-    # the clients' process holds what the bench imported (torch, ~260k objects): a full collection
-    # in the send loop stalled every client for 0.1-0.15 s (send slip, 2026-12-07); frozen, the
-    # collector leaves them alone, as a real client's process would have nothing of the kind
+    # the clients' process holds what the bench imported (torch: ~160k objects, ~260k when torch._dynamo
+    # came along): a full collection in the send loop stalled every client for 0.1-0.15 s (send slip,
+    # 2026-12-07); frozen, the collector leaves them alone, as a real client's process would
     gc.collect()
     gc.freeze()
     results = asyncio.run(run())

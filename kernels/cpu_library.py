@@ -70,11 +70,16 @@ def runs_in_c(library: Callable[[], ctypes.CDLL | None], tensors: tuple[torch.Te
     return library() is not None
 
 
-@torch.compiler.assume_constant_result
 def built(module: str) -> bool:
     """Whether the library of kernel module ``module`` (its ``library()``) is built here; a constant
     to torch.compile (which cannot trace the build)."""
     return importlib.import_module(module).library() is not None
+
+
+# torch.compiler.assume_constant_result(built) without its ``import torch._dynamo``, which took 1.1-1.8 s
+# and ~100k objects into every process that runs a C kernel (CLI start-up; the service benchmark's
+# clients stalled in full collections of them): the decorator sets no more than this attribute
+built._dynamo_marked_constant = True
 
 
 def pointer(t: torch.Tensor | None) -> int | None:

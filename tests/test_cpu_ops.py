@@ -4,6 +4,9 @@ the step and pool ops over permuted rows equal the references and leave other ro
 a graph traced by torch.compile calls them exactly where an eager call takes the C kernels (no
 gradient; not under torch.export, whose graphs stay pure PyTorch)."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch._dynamo.testing
@@ -194,3 +197,14 @@ def test_exported_graphs_take_no_c_op():
     with torch.no_grad():
         program = torch.export.export(Step(m), (torch.randn(2, 16), state.conv.clone(), state.ssm.clone()))
     assert not any("streamssm" in str(node.target) for node in program.graph.nodes)
+
+
+def test_the_eager_path_does_not_import_dynamo():
+    """Marking the library check constant for torch.compile must not import torch._dynamo (1.1-1.8 s
+    and ~100k objects) into every process that runs the C kernels: the service benchmark's clients
+    stalled 0.1-0.15 s in full collections of them (2026-12-07)."""
+    code = ("import sys, torch; import streamssm.inference, streamssm.service.client; "
+            "from streamssm.kernels import cpu_library; from streamssm.kernels.ssd import scan_cpu; "
+            "assert scan_cpu.applies(torch.zeros(2, 3)) == (scan_cpu.library() is not None); "
+            "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
