@@ -82,6 +82,11 @@ def built(module: str) -> bool:
 built._dynamo_marked_constant = True
 
 
+def int64_rows(rows: torch.Tensor | None) -> torch.Tensor | None:
+    """Pool rows as the C kernels read them: int64, contiguous (None: rows 0..b-1, kept None)."""
+    return None if rows is None else rows.to(torch.int64).contiguous()
+
+
 def pointer(t: torch.Tensor | None) -> int | None:
     """A tensor's data pointer for a C call; None (NULL) for an absent one."""
     return None if t is None else t.data_ptr()

@@ -40,11 +40,6 @@ Tensor = torch.Tensor
 F32 = torch.float32
 
 
-def _rows(rows: Tensor) -> Tensor:
-    """Pool rows as the kernels read them: int64, contiguous."""
-    return rows.to(torch.int64).contiguous()
-
-
 def _last_contiguous(t: Tensor | None) -> Tensor | None:
     """t with its last dim contiguous (the step kernels read channels at stride 1, rows at a stride)."""
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
@@ -61,7 +56,7 @@ define("streamssm::conv1d_step_cpu",
 def _conv1d_step_cpu(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None,
                      rows: Tensor) -> Tensor:
     """x (b, d) fp32 -> y (b, d) fp32; conv_state (P, d, w-1) fp32 contiguous updated in place at rows (b,)."""
-    return conv_cpu.conv1d_step_c(conv_state, _last_contiguous(x), weight, bias, activation, rows=_rows(rows))
+    return conv_cpu.conv1d_step_c(conv_state, _last_contiguous(x), weight, bias, activation, rows=rows)
 
 
 @register_fake("streamssm::conv1d_step_cpu")
@@ -84,7 +79,7 @@ def _selective_scan_step_cpu(ssm_state: Tensor, u: Tensor, delta: Tensor, A: Ten
         B, C = (t if t.stride(1) == t.shape[2] and t.stride(2) == 1 else t.contiguous() for t in (B, C))
     u, delta, B, C, z = (_last_contiguous(t) for t in (u, delta, B, C, z))
     return selective_cpu.selective_scan_step_c(ssm_state, u, delta, A.contiguous(), B, C, D, z, delta_bias,
-                                               delta_softplus, rows=_rows(rows))
+                                               delta_softplus, rows=rows)
 
 
 @register_fake("streamssm::selective_scan_step_cpu")
@@ -102,7 +97,7 @@ def _ssd_scan_pool_cpu(ssm_state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
                        z: Tensor | None, dt_bias: Tensor | None, dt_softplus: bool, rows: Tensor) -> Tensor:
     """x, z (b, l, h, p) -> y (b, l, h, p) fp32 (D and the gate applied); ssm_state (P, h, p, n) fp32
     contiguous: row rows[i] is sequence i's initial state and receives its final one."""
-    return ssd_cpu.scan_into(ssm_state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, rows=_rows(rows))
+    return ssd_cpu.scan_into(ssm_state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, rows=rows)
 
 
 @register_fake("streamssm::ssd_scan_pool_cpu")

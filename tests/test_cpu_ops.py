@@ -199,6 +199,22 @@ def test_exported_graphs_take_no_c_op():
     assert not any("streamssm" in str(node.target) for node in program.graph.nodes)
 
 
+@pytest.mark.parametrize("op, make_case, pool_name", [
+    (cpu_ops.conv1d_step_cpu, conv_step_case, "conv_state"),
+    (cpu_ops.selective_scan_step_cpu, mamba1_step_case, "ssm_state"),
+    (cpu_ops.ssd_scan_pool_cpu, ssd_pool_case, "ssm_state")], ids=["conv_step", "mamba1_step", "ssd_pool"])
+def test_int32_rows_equal_int64_rows(op, make_case, pool_name):
+    """The C kernels take pool rows of any integer dtype (converted to int64 and held for the call)."""
+    case = make_case(torch.Generator().manual_seed(4))
+    pool = case.pop(pool_name)
+    runs = []
+    for dtype in (torch.int64, torch.int32):
+        state = pool.clone()
+        runs.append((op(**case | {pool_name: state, "rows": case["rows"].to(dtype)}), state))
+    (y64, pool64), (y32, pool32) = runs
+    assert torch.equal(y64, y32) and torch.equal(pool64, pool32)
+
+
 def test_the_eager_path_does_not_import_dynamo():
     """Marking the library check constant for torch.compile must not import torch._dynamo (1.1-1.8 s
     and ~100k objects) into every process that runs the C kernels: the service benchmark's clients

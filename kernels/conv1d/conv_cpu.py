@@ -21,7 +21,7 @@ import functools
 
 import torch
 
-from streamssm.kernels.cpu_library import build_library, pointer, runs_in_c
+from streamssm.kernels.cpu_library import build_library, int64_rows, pointer, runs_in_c
 from streamssm.kernels.cpu_math import VECTOR_MATH
 
 _SOURCE = VECTOR_MATH + r"""
@@ -153,12 +153,13 @@ def step_applies(conv_state: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
 def conv1d_step_c(conv_state: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   activation: str | None, rows: torch.Tensor | None = None) -> torch.Tensor:
     """One step for :func:`step_applies` calls; **updates ``conv_state`` (R, d, w-1) in place** at
-    rows ``rows`` (b,) int64 contiguous (None: rows 0..b-1). x (b, d); weight (d, w); bias (d,).
+    rows ``rows`` (b,) (None: rows 0..b-1). x (b, d); weight (d, w); bias (d,).
     Returns y (b, d)."""
     b, d = x.shape
     w = weight.shape[1]
     weight_t = weight.t().contiguous()
     bias = None if bias is None else bias.contiguous()
+    rows = int64_rows(rows)  # held for the call: a converted copy must outlive pointer()
     y = torch.empty(b, d)
     library().streamssm_conv1d_step_f32(b, d, w, x.data_ptr(), x.stride(0), weight_t.data_ptr(), pointer(bias),
                                         conv_state.data_ptr(), pointer(rows), int(activation == "silu"), y.data_ptr())

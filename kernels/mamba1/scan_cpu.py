@@ -25,7 +25,7 @@ import functools
 import torch
 
 from streamssm.kernels._common import FLOAT_DTYPES
-from streamssm.kernels.cpu_library import build_library, pointer, runs_in_c, strided_rows
+from streamssm.kernels.cpu_library import build_library, int64_rows, pointer, runs_in_c, strided_rows
 from streamssm.kernels.cpu_math import PARALLEL_FOR, ROWS16, VECTOR_MATH
 
 _SOURCE = VECTOR_MATH + PARALLEL_FOR + ROWS16 + r"""
@@ -233,12 +233,13 @@ def selective_scan_step_c(state: torch.Tensor, u: torch.Tensor, delta: torch.Ten
                           delta_bias: torch.Tensor | None, delta_softplus: bool,
                           rows: torch.Tensor | None = None) -> torch.Tensor:
     """One step for :func:`step_applies` calls; **updates ``state`` (R, d, n) in place** at rows
-    ``rows`` (b,) int64 contiguous (None: rows 0..b-1). u, delta, z (b, d); A (d, n); B, C (b, n) or
+    ``rows`` (b,) (None: rows 0..b-1). u, delta, z (b, d); A (d, n); B, C (b, n) or
     (b, g, n); D, delta_bias (d,). Returns y (b, d) fp32."""
     b, d = u.shape
     n = A.shape[1]
     g = 1 if B.dim() == 2 else B.shape[1]
     D, bias = (None if t is None else t.contiguous() for t in (D, delta_bias))
+    rows = int64_rows(rows)  # held for the call: a converted copy must outlive pointer()
     y = torch.empty(b, d)
     library().streamssm_selective_step_f32(
         b, d, n, g, u.data_ptr(), u.stride(0), delta.data_ptr(), delta.stride(0), pointer(z),

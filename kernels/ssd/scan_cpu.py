@@ -29,7 +29,7 @@ import functools
 import torch
 
 from streamssm.kernels._common import FLOAT_DTYPES
-from streamssm.kernels.cpu_library import build_library, pointer, runs_in_c, strided_rows
+from streamssm.kernels.cpu_library import build_library, int64_rows, pointer, runs_in_c, strided_rows
 from streamssm.kernels.cpu_math import PARALLEL_FOR, ROWS16, VECTOR_MATH
 
 _SOURCE = VECTOR_MATH + PARALLEL_FOR + ROWS16 + r"""
@@ -276,7 +276,7 @@ def scan_into(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.T
     strided = [strided_rows(t) for t in (x, dt, input_weight, B, C)]
     A, dt_bias, D = (None if t is None else t.float().contiguous() for t in (A, dt_bias, D))
     z, szb, szl = strided_rows(z)
-    rows = None if rows is None else rows.to(torch.int64).contiguous()
+    rows = int64_rows(rows)
     y = torch.empty(b, l, h, p)
     library().streamssm_ssd_scan_f32(
         b, l, h, p, n, g, *(v for t, sb, sl in strided for v in (pointer(t), sb, sl)), A.data_ptr(), pointer(dt_bias),
