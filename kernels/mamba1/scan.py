@@ -688,6 +688,8 @@ def _selective_scan_bwd(dy, dfinal, u, delta, A, B4, C4, D, z, delta_bias, softp
         )
     rows = n_chunks * T + 1
     Br, Cr = _bc_rows(B4, rows, n_pad), _bc_rows(C4, rows, n_pad)
+    # a slot of BLOCK_D channels per program, sized for 32: every BLOCK_D of _bwd_configs divides 32, so
+    # cdiv(d / g, BLOCK_D) * BLOCK_D <= cdiv(d / g, 32) * 32 channel slots per group
     scratch = torch.empty(b * g * triton.cdiv(d // g, 32) * S * (T // TB) * 32 * n_pad, **f32)
     du = torch.empty(b, d, l, device=u.device, dtype=u.dtype)
     ddelta = torch.empty(b, d, l, device=u.device, dtype=delta.dtype)
