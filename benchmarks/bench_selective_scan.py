@@ -123,16 +123,12 @@ def ours(t):
                           delta_softplus=True, backend="triton")
 
 
-def ours_chunk32(t):
-    return selective_scan_triton(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], delta_bias=t["delta_bias"],
-                                 delta_softplus=True, chunk=32)
-
-
-def ours_segments(segments: int):
-    """Ours with time split into a forced number of segments (default: chosen from the GPU size)."""
+def ours_with(**options):
+    """Ours with ``selective_scan_triton``'s options forced, e.g. ``chunk=32`` or ``segments=4`` (time split
+    into that many segments run in parallel; default: chosen from the GPU size)."""
     def run(t):
         return selective_scan_triton(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"],
-                                     delta_bias=t["delta_bias"], delta_softplus=True, segments=segments)
+                                     delta_bias=t["delta_bias"], delta_softplus=True, **options)
     return run
 
 
@@ -388,10 +384,10 @@ def main(argv=None) -> int:
         measure(table, s, "ours", ours, t, tokens, floor)
         print(table.rows[-1], flush=True)
         if not args.no_t32:
-            measure(table, s, "ours T=32", ours_chunk32, t, tokens, floor)
+            measure(table, s, "ours T=32", ours_with(chunk=32), t, tokens, floor)
             print(table.rows[-1], flush=True)
         for k in filter(None, args.segments.split(",")):
-            measure(table, s, f"ours S={k}", ours_segments(int(k)), t, tokens, floor)
+            measure(table, s, f"ours S={k}", ours_with(segments=int(k)), t, tokens, floor)
             print(table.rows[-1], flush=True)
         if old is not None:
             notes.append(compare_old(s, t, old))
