@@ -120,6 +120,9 @@ ROWS16 = r"""
 typedef float float16v __attribute__((vector_size(64)));  // 16 floats: one AVX-512 register, two AVX2
 typedef int32_t int16v __attribute__((vector_size(64)));
 
+static inline float16v load16(const float* p) { float16v v; std::memcpy(&v, p, sizeof v); return v; }
+static inline void store16(float* p, float16v v) { std::memcpy(p, &v, sizeof v); }
+
 // streamssm_exp of 16 lanes in vector arithmetic (the same steps; where the scalar form sits in a loop
 // nest the compiler does not vectorize, this one is 1.4x faster than its loop over 16 floats)
 static inline float16v streamssm_exp16(float16v x) {

@@ -143,21 +143,15 @@ extern "C" void streamssm_selective_step_f32(
                 const float* __restrict__ Ar = A + (c0 + r) * n;
                 float16v acc = {};
                 for (int64_t v = 0; v < n; v += 16) {
-                    float16v a, s, Bv, Cv;
-                    std::memcpy(&a, Ar + v, sizeof a);
-                    const float16v decay = streamssm_exp16(a * dl[r]);
-                    std::memcpy(&s, row + v, sizeof s);
-                    std::memcpy(&Bv, Bt + v, sizeof Bv);
-                    std::memcpy(&Cv, Ct + v, sizeof Cv);
-                    s = decay * s + du[r] * Bv;
-                    std::memcpy(row + v, &s, sizeof s);
-                    acc += s * Cv;
+                    const float16v decay = streamssm_exp16(load16(Ar + v) * dl[r]);
+                    const float16v s = decay * load16(row + v) + du[r] * load16(Bt + v);
+                    store16(row + v, s);
+                    acc += s * load16(Ct + v);
                 }
                 prod[r] = acc;
             }
             float out[16];
-            const float16v sums = streamssm_sum_rows16(prod);
-            std::memcpy(out, &sums, sizeof out);
+            store16(out, streamssm_sum_rows16(prod));
             if (D)
                 for (int j = 0; j < 16; ++j) out[j] += D[c0 + j] * ub[j];
             if (z)

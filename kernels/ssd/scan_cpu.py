@@ -66,9 +66,6 @@ struct Steps {  // one head's inputs over a block of m steps, each at its step s
     float* y; int64_t sy;                 // (m, p), written without D and z
 };
 
-static inline float16v load16(const float* p) { float16v v; std::memcpy(&v, p, sizeof v); return v; }
-static inline void store16(float* p, float16v v) { std::memcpy(p, &v, sizeof v); }
-
 // 16 channels (rows of S at stride 16) x 16 state columns in 16 vector registers through the block
 static inline void walk_registers(float* __restrict__ S, const Steps& st, int64_t c0) {
     float16v T[16];
