@@ -11,7 +11,8 @@ without a GPU::
 
 Columns: the kernel, its key values (dtypes left out), the fastest configs with their times
 (µs, the autotuner's median), the slowest, and how much slower the list's first config is than
-the winner. A config reads ``tile x tile wWARPS sSTAGES``.
+the winner. A config reads ``tile x tile wWARPS sSTAGES``, and `` rMAXNREG`` where it caps the
+registers per thread.
 """
 
 from __future__ import annotations
@@ -45,11 +46,16 @@ def config_name(config: dict) -> str:
     return f"{tile} w{config['num_warps']}s{config['num_stages']}{cap}"
 
 
+def microseconds(timing: list | float) -> float:
+    """A config's time as Triton records it (ms, or [median, p20, p80] ms) in µs: the median."""
+    return (timing[0] if isinstance(timing, list) else timing) * 1000.0
+
+
 def ranked(result: dict) -> list[tuple[float, str]]:
     """(µs, config) of every config tried, fastest first; a config that failed to run is left out."""
     rows = []
     for config, timing in result["configs_timings"]:
-        us = (timing[0] if isinstance(timing, list) else timing) * 1000.0
+        us = microseconds(timing)
         if us != float("inf"):
             rows.append((us, config_name(config)))
     return sorted(rows)
@@ -64,7 +70,7 @@ def table(source: Path, kernels: list[str], top: int) -> list[str]:
         if not times:
             continue
         key = [v for v in result["key"] if not (isinstance(v, str) and v.startswith("torch."))]
-        first_us = (lambda t: (t[0] if isinstance(t, list) else t) * 1000.0)(result["configs_timings"][0][1])
+        first_us = microseconds(result["configs_timings"][0][1])
         best = " · ".join(f"{c}: {us:.0f}" for us, c in times[:top])
         lines.append(f"| {name} | {key} | {best} | {times[-1][1]}: {times[-1][0]:.0f} | {first_us / times[0][0]:.2f}x |")
     return lines
