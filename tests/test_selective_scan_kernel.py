@@ -95,19 +95,31 @@ def test_half_precision_inputs_match_reference(segments):
     check_against_reference(inputs, dtype=torch.float16, segments=segments, chunk=16)
 
 
-def _force_channel_block(monkeypatch, block_d: int) -> None:
-    """Both walking kernels run with BLOCK_D = block_d (one warp), as if the autotuner had picked it."""
-    config = [triton.Config({"BLOCK_D": block_d}, num_warps=1, num_stages=1)]
-    monkeypatch.setattr(scan._selective_scan_fwd_kernel, "configs", config)
-    monkeypatch.setattr(scan._selective_scan_bwd_kernel, "configs", config)
+def _force_channel_block(monkeypatch, block_d: int, reverse_tile: int = 2) -> None:
+    """Both walking kernels run with BLOCK_D = block_d (one warp), the backward with reverse tiles of
+    ``reverse_tile`` steps, as if the autotuner had picked them."""
+    config = triton.Config({"BLOCK_D": block_d}, num_warps=1, num_stages=1)
+    monkeypatch.setattr(scan._selective_scan_fwd_kernel, "configs", [config])
+    monkeypatch.setattr(scan._selective_scan_bwd_kernel, "configs",
+                        [triton.Config({**config.kwargs, "TB": reverse_tile}, num_warps=1, num_stages=1)])
 
 
-@pytest.mark.parametrize("block_d", [16, 8])
-def test_narrow_channel_blocks_match_reference(block_d, monkeypatch):
-    """The autotuner's BLOCK_D 16 / 8 configs (2 / 4 threads per channel on the GPU), forward and
-    backward: channels per group no multiple of the block, two groups, two time segments."""
-    _force_channel_block(monkeypatch, block_d)
+@pytest.mark.parametrize("block_d, reverse_tile", [(16, 2), (8, 2), (32, 4)])
+def test_narrow_channel_blocks_match_reference(block_d, reverse_tile, monkeypatch):
+    """The autotuner's BLOCK_D 16 / 8 configs (2 / 4 threads per channel on the GPU) and its 4-step
+    reverse tiles, forward and backward: channels per group no multiple of the block, two groups,
+    two time segments, a length no multiple of the tiles."""
+    _force_channel_block(monkeypatch, block_d, reverse_tile)
     check_against_reference(make_inputs(2, 20, 37, 4, groups=2, seed=21), segments=2)
+
+
+def test_reverse_tiles_longer_than_walk_tiles_are_pruned():
+    """A 4-step reverse tile needs walk tiles of >= 4 steps (the walk leaves a state every TB steps
+    inside its tiles): at TT = 2 (chunk 2) only the 2-step configs remain."""
+    configs = [triton.Config({"BLOCK_D": 32, "TB": tb}) for tb in (2, 4)]
+    kept = scan._reverse_tiles_within_walk_tiles(configs, {}, TT=2, T=2)
+    assert [c.kwargs["TB"] for c in kept] == [2]
+    assert len(scan._reverse_tiles_within_walk_tiles(configs, {}, TT=8, T=64)) == 2
 
 
 def test_chunked_calls_carrying_state_equal_one_call():
@@ -218,10 +230,11 @@ def test_gpu_realistic_sizes(dtype, segments, chunk):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("block_d", [32, 16, 8])
-def test_gpu_each_channel_block_matches_reference(block_d, monkeypatch):
-    """Every BLOCK_D the autotuner may pick, on the GPU, where it changes how threads share a channel."""
-    _force_channel_block(monkeypatch, block_d)
+@pytest.mark.parametrize("block_d, reverse_tile", [(32, 2), (16, 2), (8, 2), (32, 4), (16, 4), (8, 4)])
+def test_gpu_each_channel_block_matches_reference(block_d, reverse_tile, monkeypatch):
+    """Every config the autotuner may pick for the backward (BLOCK_D, TB), on the GPU, where BLOCK_D
+    changes how threads share a channel."""
+    _force_channel_block(monkeypatch, block_d, reverse_tile)
     inputs = make_inputs(2, 96, 300, 16, groups=2, device="cuda", seed=14)
     check_against_reference(inputs, segments=2)
 

@@ -46,7 +46,8 @@ backward kernel took 4.97 ms instead of 8.24 (8 channels: 7.70), the output pass
 ms at 8 channels instead of 1.21. Forcing time segments instead (S = 2, 8: the same extra warps at
 the price of the segment passes) was slower at M1 and M2. The ``prefetch.global.L1`` hints
 (``prefetch_l1``, left out in the interpreter) fetch B/C rows a tile ahead (forward) or a few
-reverse tiles ahead (backward), and the state each reverse tile starts from.
+reverse tiles ahead (backward); prefetching the state each reverse tile starts from as well made
+no difference (M1 5.86 vs 5.83 ms fwd+bwd without, M2 8.78 vs 8.84; H100, 2026-12-07) and is gone.
 """
 
 from __future__ import annotations
@@ -85,8 +86,16 @@ def _bwd_configs() -> list:
     """One warp, so that the per-step sums over channels stay warp shuffles: a channel per thread
     (BLOCK_D 32), or per 2 / 4 threads (16 / 8), each holding half / a quarter of its n states:
     twice / four times the warps for the same channels, at fewer registers per thread (ptxas,
-    sm_90, n 16, bf16: 255 registers + 336 B spilled at 32; 249 and none at 16; 250 at 8)."""
-    return autotune_configs([triton.Config({"BLOCK_D": bd}, num_warps=1, num_stages=1) for bd in (32, 16, 8)])
+    sm_90, n 16, bf16: 255 registers + 336 B spilled at 32; 249 and none at 16; 250 at 8). TB: the
+    steps of a reverse tile, whose states and decays stay in registers (2 or 4)."""
+    return autotune_configs([triton.Config({"BLOCK_D": bd, "TB": tb}, num_warps=1, num_stages=1)
+                             for tb in (2, 4) for bd in (32, 16, 8)])
+
+
+def _reverse_tiles_within_walk_tiles(configs: list, named_args: dict, **kwargs) -> list:
+    """The backward's configs whose reverse tile (TB steps) fits in a walk tile (TT steps): the walk
+    leaves a state every TB steps inside its unrolled tiles."""
+    return [c for c in configs if c.kwargs["TB"] <= kwargs["TT"]]
 
 
 def _fwd_configs() -> list:
@@ -376,7 +385,8 @@ def _selective_scan_fwd_kernel(
         tl.store(p_out + pid_b * dim * dstate + o_dn, h, mask=m_dn)
 
 
-@triton.autotune(configs=_bwd_configs(), key=["dim", "dstate", "T", "TT", "TB", "HAS_Z"],
+@triton.autotune(configs=_bwd_configs(), key=["dim", "dstate", "T", "TT", "HAS_Z"],
+                 prune_configs_by={"early_config_prune": _reverse_tiles_within_walk_tiles},
                  reset_to_zero=["p_dA", "p_dB", "p_dC", "p_dD", "p_dbias"])
 @triton.jit
 def _selective_scan_bwd_kernel(
@@ -391,8 +401,8 @@ def _selective_scan_bwd_kernel(
     s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_Ad, s_An, s_Rb, s_Rg,
     # meta
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    T: tl.constexpr, TT: tl.constexpr, TB: tl.constexpr, N_PAD: tl.constexpr, PF_AHEAD: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    T: tl.constexpr, TT: tl.constexpr, N_PAD: tl.constexpr, PF_AHEAD: tl.constexpr,
+    BLOCK_D: tl.constexpr, TB: tl.constexpr,
 ):
     """Gradients of one (batch, channel block, segment), chunks in reverse; a channel per thread
     (per 2 / 4 threads at BLOCK_D 16 / 8).
@@ -424,7 +434,6 @@ def _selective_scan_bwd_kernel(
     # (5 n mod N_PAD) so that no axis looks contiguous and the state keeps its layout
     o_perm = tl.arange(0, BLOCK_D)[:, None] * N_PAD + (o_n * 5 % N_PAD)[None, :]
     p_scratch += ((_program_slot(dim_per_group, BLOCK_D) * n_segments + pid_s) * (T // TB)) * (BLOCK_D * N_PAD)
-    p_tiles = p_scratch  # the program's first tile state: the reverse tiles prefetch theirs from here
     p_scratch += o_perm
     q = tl.load(p_qend + o_seg * dim * dstate + o_dn, mask=m_dn, other=0.0)
     dA_acc = tl.zeros((BLOCK_D, N_PAD), dtype=tl.float32)
@@ -432,16 +441,19 @@ def _selective_scan_bwd_kernel(
     dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     o_tb = tl.arange(0, TB)
     o_tt = tl.arange(0, TT)
-    # loads one tile ahead: u, delta by TT steps forward (the chunk walks), dy, z by TB steps backward
+    # loads one tile ahead: u, delta by TT steps forward (the chunk walks, *_nx); u, delta, dy, z by TB
+    # steps backward (the reverse tiles, *_nb)
     o_nx = t0 + (c1 - 1 - c0) * T + o_tt
     m_nx = m_d[:, None] & (o_nx < length)[None, :]
     u_nx = tl.load(p_u + o_nx[None, :] * s_ul, mask=m_nx, other=0.0)
     dl_nx = tl.load(p_delta + o_nx[None, :] * s_dl, mask=m_nx, other=0.0)
     o_nb = t0 + (c1 - c0) * T - TB + o_tb
     m_nb = m_d[:, None] & (o_nb < length)[None, :]
-    dy_nx = tl.load(p_dy + o_nb[None, :], mask=m_nb, other=0.0)
+    u_nb = tl.load(p_u + o_nb[None, :] * s_ul, mask=m_nb, other=0.0)
+    dl_nb = tl.load(p_delta + o_nb[None, :] * s_dl, mask=m_nb, other=0.0)
+    dy_nb = tl.load(p_dy + o_nb[None, :], mask=m_nb, other=0.0)
     if HAS_Z:
-        z_nx = tl.load(p_z + o_nb[None, :] * s_zl, mask=m_nb, other=0.0)
+        z_nb = tl.load(p_z + o_nb[None, :] * s_zl, mask=m_nb, other=0.0)
     for i in range(0, c1 - c0):
         c = c1 - 1 - i
         tc = t0 + (c - c0) * T
@@ -469,10 +481,6 @@ def _selective_scan_bwd_kernel(
                     tl.store(p_scratch + (k * (TT // TB) + j // TB) * (BLOCK_D * N_PAD), h)
                 Bj = tl.load(p_B + (tc + k * TT + j) * N_PAD + o_n)
                 h = tl.exp2(_column(dt, o_tt, j)[:, None] * A2) * h + _column(du, o_tt, j)[:, None] * Bj[None, :]
-        # the states the first PF_AHEAD reverse tiles start from (the later ones each prefetch their own)
-        if T // TB > PF_AHEAD:
-            prefetch_l1(p_tiles + (T // TB - PF_AHEAD) * (BLOCK_D * N_PAD), PF_AHEAD * BLOCK_D * N_PAD,
-                        (PF_AHEAD * BLOCK_D * N_PAD + 31) // 32)
         # tiles in reverse: recompute the tile's states, then step the adjoint back through them
         for kk in range(T // TB):
             k = T // TB - 1 - kk
@@ -482,23 +490,23 @@ def _selective_scan_bwd_kernel(
             ts_pf = tl.maximum(ts - PF_AHEAD * TB, 0) * N_PAD
             prefetch_l1(p_B + ts_pf, TB * N_PAD, (TB * N_PAD + 31) // 32)
             prefetch_l1(p_C + ts_pf, TB * N_PAD, (TB * N_PAD + 31) // 32)
-            # and the state that tile starts from (written by the walk above: stores leave it in L2)
-            prefetch_l1(p_tiles + tl.maximum(k - PF_AHEAD, 0) * (BLOCK_D * N_PAD), BLOCK_D * N_PAD,
-                        (BLOCK_D * N_PAD + 31) // 32)
             o_t = ts + o_tb
             m = m_d[:, None] & (o_t < length)[None, :]
-            u = tl.load(p_u + o_t[None, :] * s_ul, mask=m, other=0.0).to(tl.float32)
-            raw = tl.load(p_delta + o_t[None, :] * s_dl, mask=m, other=0.0).to(tl.float32)
-            dy = dy_nx.to(tl.float32)
+            u = u_nb.to(tl.float32)
+            raw = dl_nb.to(tl.float32)
+            dy = dy_nb.to(tl.float32)
+            # next: the tile before (past the chunk start, the previous chunk's last)
             m_nb = m_d[:, None] & ((o_t - TB >= t0) & (o_t - TB < length))[None, :]
-            dy_nx = tl.load(p_dy + (o_t - TB)[None, :], mask=m_nb, other=0.0)
+            u_nb = tl.load(p_u + (o_t - TB)[None, :] * s_ul, mask=m_nb, other=0.0)
+            dl_nb = tl.load(p_delta + (o_t - TB)[None, :] * s_dl, mask=m_nb, other=0.0)
+            dy_nb = tl.load(p_dy + (o_t - TB)[None, :], mask=m_nb, other=0.0)
             if HAS_BIAS:
                 raw += bias[:, None]
             dt = _dt(raw, m, SOFTPLUS)
             du = dt * u
             if HAS_Z:
-                z = z_nx.to(tl.float32)
-                z_nx = tl.load(p_z + (o_t - TB)[None, :] * s_zl, mask=m_nb, other=0.0)
+                z = z_nb.to(tl.float32)
+                z_nb = tl.load(p_z + (o_t - TB)[None, :] * s_zl, mask=m_nb, other=0.0)
                 dye = dy * silu(z)
             else:
                 dye = dy
@@ -664,7 +672,6 @@ def _selective_scan_bwd(dy, dfinal, u, delta, A, B4, C4, D, z, delta_bias, softp
         segments = _num_segments(b, d, triton.cdiv(l, T), u.device, 32, WARPS_PER_SM)
     b, d, l, n, g, n_chunks, cps, S = _dims(u, A, B4, T, segments)
     n_pad = triton.next_power_of_2(n)
-    TB = min(T, 2)  # steps whose states the reverse walk keeps in registers
     f32 = dict(device=u.device, dtype=torch.float32)
     dy = dy.contiguous()
     zz = z if z is not None else u
@@ -688,9 +695,10 @@ def _selective_scan_bwd(dy, dfinal, u, delta, A, B4, C4, D, z, delta_bias, softp
         )
     rows = n_chunks * T + 1
     Br, Cr = _bc_rows(B4, rows, n_pad), _bc_rows(C4, rows, n_pad)
-    # a slot of BLOCK_D channels per program, sized for 32: every BLOCK_D of _bwd_configs divides 32, so
-    # cdiv(d / g, BLOCK_D) * BLOCK_D <= cdiv(d / g, 32) * 32 channel slots per group
-    scratch = torch.empty(b * g * triton.cdiv(d // g, 32) * S * (T // TB) * 32 * n_pad, **f32)
+    # a slot of BLOCK_D channels and T / TB tile states per program, sized for 32 and the shortest tile (2
+    # steps): every BLOCK_D of _bwd_configs divides 32, so cdiv(d / g, BLOCK_D) * BLOCK_D <= cdiv(d / g, 32) * 32
+    # channel slots per group
+    scratch = torch.empty(b * g * triton.cdiv(d // g, 32) * S * (T // 2) * 32 * n_pad, **f32)
     du = torch.empty(b, d, l, device=u.device, dtype=u.dtype)
     ddelta = torch.empty(b, d, l, device=u.device, dtype=delta.dtype)
     dz = torch.empty(b, d, l, device=u.device, dtype=z.dtype) if z is not None else du
@@ -705,7 +713,7 @@ def _selective_scan_bwd(dy, dfinal, u, delta, A, B4, C4, D, z, delta_bias, softp
         du, ddelta, dz, dA, dBr, dCr, dD, dbias, dh0, *dims,
         *u.stride(), *delta.stride(), *zz.stride(), *A.stride(), *Br.stride()[:2],
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
-        T=T, TT=_tile(T, u, delta, z), TB=TB, N_PAD=n_pad, PF_AHEAD=BWD_PREFETCH_TILES,
+        T=T, TT=_tile(T, u, delta, z), N_PAD=n_pad, PF_AHEAD=BWD_PREFETCH_TILES,
     )
     dB4 = dBr[:, :, :l, :n].transpose(2, 3)
     dC4 = dCr[:, :, :l, :n].transpose(2, 3)
