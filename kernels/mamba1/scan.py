@@ -87,9 +87,10 @@ def _bwd_configs() -> list:
     (BLOCK_D 32), or per 2 / 4 threads (16 / 8), each holding half / a quarter of its n states:
     twice / four times the warps for the same channels, at fewer registers per thread (ptxas,
     sm_90, n 16, bf16: 255 registers + 336 B spilled at 32; 249 and none at 16; 250 at 8). TB: the
-    steps of a reverse tile, whose states and decays stay in registers (2 or 4)."""
+    steps of a reverse tile, whose states and decays stay in registers, 2 x TB x BLOCK_D x N_PAD / 32
+    values per thread: up to BLOCK_D x TB = 128 (at 16 x 8 ptxas spills ~1 KB, at 32 x 4 ~1.4 KB)."""
     return autotune_configs([triton.Config({"BLOCK_D": bd, "TB": tb}, num_warps=1, num_stages=1)
-                             for tb in (2, 4) for bd in (32, 16, 8)])
+                             for tb in (2, 4, 8) for bd in (32, 16, 8) if bd * tb <= 128])
 
 
 def _reverse_tiles_within_walk_tiles(configs: list, named_args: dict, **kwargs) -> list:
@@ -414,6 +415,7 @@ def _selective_scan_bwd_kernel(
     qend (b, S, d, n): the adjoint after the segment's last step. dB, dC rows are summed over
     the block's channels, then added atomically.
     """
+    tl.static_assert(TB <= TT, "a reverse tile must fit in a walk tile (the walk leaves a state every TB steps)")
     pid_b, grp, pid_s, o_d, m_d, o_n, m_dn, o_dn, o_seg, c0, c1, t0 = _program_segment(
         dim_per_group, groups, dstate, n_chunks, chunks_per_seg, n_segments, T, N_PAD, BLOCK_D)
     A2, Dv, bias = _channel_params(p_A, p_D, p_bias, o_d, m_d, o_n, m_dn, s_Ad, s_An, HAS_D, HAS_BIAS, BLOCK_D)
