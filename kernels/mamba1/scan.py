@@ -36,9 +36,10 @@ passes ``_selective_scan_adjoint_state_kernel`` + state passing. dB_t, dC_t (sum
 warp's channels by shuffles) and dA, dD, d(delta_bias) are accumulated with fp32 atomics.
 
 Performance note (H100 80GB HBM3, Triton 3.6; bf16, no z, CUDA graph; fwd / fwd+bwd ms): 2026-12-07,
-mamba-ssm's CUDA scan in the same call: M1 0.766 / 5.83 (the one-channel-per-thread kernels before:
-1.232 / 8.93; mamba-ssm 0.827 / 4.51), M2 1.462 / 8.78 (2.042 / 12.0; 1.360 / 6.41), M3 11.09 / 68.5
-(mamba-ssm 11.04 / 70.5: 1.03x fwd+bwd). What paid: narrower one-warp programs (BLOCK_D 16 / 8),
+mamba-ssm's CUDA scan in the same call: M1 0.763 / 4.97 (mamba-ssm 0.827 / 4.46: 0.90x fwd+bwd), M2
+1.438 / 7.57 (1.358 / 6.45: 0.85x), M3 10.98 / 60.1 (10.94 / 69.1: 1.15x); the one-channel-per-thread
+kernels before: M1 1.232 / 8.93, M2 2.042 / 12.0. What paid: 4-step reverse tiles in the backward
+(M1 backward kernel 4.78 -> 4.14 ms at BLOCK_D 16), and narrower one-warp programs (BLOCK_D 16 / 8),
 i.e. more warps in flight. A step of the walk is latency-bound, not issue-bound (M1 backward before:
 ~3600 cycles per step against ~820 instructions, ~40 % of them the shuffle sums of dB_t, dC_t), and
 at M1 batch x channel blocks gave each SM ~3 warps of 32 channels: at 16 channels a program the M1
@@ -87,10 +88,11 @@ def _bwd_configs() -> list:
     (BLOCK_D 32), or per 2 / 4 threads (16 / 8), each holding half / a quarter of its n states:
     twice / four times the warps for the same channels, at fewer registers per thread (ptxas,
     sm_90, n 16, bf16: 255 registers + 336 B spilled at 32; 249 and none at 16; 250 at 8). TB: the
-    steps of a reverse tile, whose states and decays stay in registers, 2 x TB x BLOCK_D x N_PAD / 32
-    values per thread: up to BLOCK_D x TB = 128 (at 16 x 8 ptxas spills ~1 KB, at 32 x 4 ~1.4 KB)."""
+    steps of a reverse tile (2 or 4), whose states and decays stay in registers, 2 x TB x BLOCK_D x
+    N_PAD / 32 values per thread. 4 paid at every benchmark shape (H100: M1 backward 4.78 -> 4.14
+    ms at BLOCK_D 16); 8-step tiles spilled (16 x 8: ~1 KB) and lost (M1 5.50 ms at 8 x 8)."""
     return autotune_configs([triton.Config({"BLOCK_D": bd, "TB": tb}, num_warps=1, num_stages=1)
-                             for tb in (2, 4, 8) for bd in (32, 16, 8) if bd * tb <= 128])
+                             for tb in (2, 4) for bd in (32, 16, 8)])
 
 
 def _reverse_tiles_within_walk_tiles(configs: list, named_args: dict, **kwargs) -> list:
