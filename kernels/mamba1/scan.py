@@ -87,18 +87,19 @@ def _bwd_configs() -> list:
     """One warp, so that the per-step sums over channels stay warp shuffles: a channel per thread
     (BLOCK_D 32), or per 2 / 4 threads (16 / 8), each holding half / a quarter of its n states:
     twice / four times the warps for the same channels, at fewer registers per thread (ptxas,
-    sm_90, n 16, bf16: 255 registers + 336 B spilled at 32; 249 and none at 16; 250 at 8). TB: the
-    steps of a reverse tile (2 or 4), whose states and decays stay in registers, 2 x TB x BLOCK_D x
-    N_PAD / 32 values per thread. 4 paid at every benchmark shape (H100: M1 backward 4.78 -> 4.14
-    ms at BLOCK_D 16); 8-step tiles spilled (16 x 8: ~1 KB) and lost (M1 5.50 ms at 8 x 8)."""
-    return autotune_configs([triton.Config({"BLOCK_D": bd, "TB": tb}, num_warps=1, num_stages=1)
-                             for tb in (2, 4) for bd in (32, 16, 8)])
+    sm_90, n 16, bf16: 255 registers + 336 B spilled at 32; 249 and none at 16; 250 at 8)."""
+    return autotune_configs([triton.Config({"BLOCK_D": bd}, num_warps=1, num_stages=1) for bd in (32, 16, 8)])
 
 
-def _reverse_tiles_within_walk_tiles(configs: list, named_args: dict, **kwargs) -> list:
-    """The backward's configs whose reverse tile (TB steps) fits in a walk tile (TT steps): the walk
-    leaves a state every TB steps inside its unrolled tiles."""
-    return [c for c in configs if c.kwargs["TB"] <= kwargs["TT"]]
+def _reverse_tile(TT: int) -> int:
+    """Steps of the backward's reverse tiles (TB), whose states and decays stay in registers (2 x TB x
+    BLOCK_D x N_PAD / 32 values a thread): 4, or the walk tile TT where that is shorter (the walk
+    leaves a state every TB steps inside its tiles). Autotuned beside BLOCK_D on the H100
+    (2026-12-07), 4 steps beat 2 at every shape timed: the M1 backward kernel 4.14 ms against 4.78
+    at BLOCK_D 16, M2 4.50 / 5.45, M3 36.2 / 42.3, the best config at the GPU test shapes by 10-17 %;
+    8 steps spilled (16 x 8: ~1 KB) and lost (M1 5.50 ms at 8 x 8). A fixed TB halves the scratch of
+    tile states that had to be sized for the shortest tile on offer."""
+    return min(4, TT)
 
 
 def _fwd_configs() -> list:
@@ -388,8 +389,7 @@ def _selective_scan_fwd_kernel(
         tl.store(p_out + pid_b * dim * dstate + o_dn, h, mask=m_dn)
 
 
-@triton.autotune(configs=_bwd_configs(), key=["dim", "dstate", "T", "TT", "HAS_Z"],
-                 prune_configs_by={"early_config_prune": _reverse_tiles_within_walk_tiles},
+@triton.autotune(configs=_bwd_configs(), key=["dim", "dstate", "T", "TT", "TB", "HAS_Z"],
                  reset_to_zero=["p_dA", "p_dB", "p_dC", "p_dD", "p_dbias"])
 @triton.jit
 def _selective_scan_bwd_kernel(
@@ -404,8 +404,8 @@ def _selective_scan_bwd_kernel(
     s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_Ad, s_An, s_Rb, s_Rg,
     # meta
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    T: tl.constexpr, TT: tl.constexpr, N_PAD: tl.constexpr, PF_AHEAD: tl.constexpr,
-    BLOCK_D: tl.constexpr, TB: tl.constexpr,
+    T: tl.constexpr, TT: tl.constexpr, TB: tl.constexpr, N_PAD: tl.constexpr, PF_AHEAD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Gradients of one (batch, channel block, segment), chunks in reverse; a channel per thread
     (per 2 / 4 threads at BLOCK_D 16 / 8).
@@ -699,10 +699,11 @@ def _selective_scan_bwd(dy, dfinal, u, delta, A, B4, C4, D, z, delta_bias, softp
         )
     rows = n_chunks * T + 1
     Br, Cr = _bc_rows(B4, rows, n_pad), _bc_rows(C4, rows, n_pad)
-    # a slot of BLOCK_D channels and T / TB tile states per program, sized for 32 and the shortest tile (2
-    # steps): every BLOCK_D of _bwd_configs divides 32, so cdiv(d / g, BLOCK_D) * BLOCK_D <= cdiv(d / g, 32) * 32
-    # channel slots per group
-    scratch = torch.empty(b * g * triton.cdiv(d // g, 32) * S * (T // 2) * 32 * n_pad, **f32)
+    TT = _tile(T, u, delta, z)
+    TB = _reverse_tile(TT)
+    # a slot of BLOCK_D channels and T / TB tile states per program, sized for 32: every BLOCK_D of
+    # _bwd_configs divides 32, so cdiv(d / g, BLOCK_D) * BLOCK_D <= cdiv(d / g, 32) * 32 channel slots per group
+    scratch = torch.empty(b * g * triton.cdiv(d // g, 32) * S * (T // TB) * 32 * n_pad, **f32)
     du = torch.empty(b, d, l, device=u.device, dtype=u.dtype)
     ddelta = torch.empty(b, d, l, device=u.device, dtype=delta.dtype)
     dz = torch.empty(b, d, l, device=u.device, dtype=z.dtype) if z is not None else du
@@ -717,7 +718,7 @@ def _selective_scan_bwd(dy, dfinal, u, delta, A, B4, C4, D, z, delta_bias, softp
         du, ddelta, dz, dA, dBr, dCr, dD, dbias, dh0, *dims,
         *u.stride(), *delta.stride(), *zz.stride(), *A.stride(), *Br.stride()[:2],
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
-        T=T, TT=_tile(T, u, delta, z), N_PAD=n_pad, PF_AHEAD=BWD_PREFETCH_TILES,
+        T=T, TT=TT, TB=TB, N_PAD=n_pad, PF_AHEAD=BWD_PREFETCH_TILES,
     )
     dB4 = dBr[:, :, :l, :n].transpose(2, 3)
     dC4 = dCr[:, :, :l, :n].transpose(2, 3)
