@@ -22,18 +22,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import subprocess
 import sys
-import tempfile
 
 os.environ["TRITON_INTERPRET"] = "0"  # the GPU pipeline, before Triton is imported
 
 import triton  # noqa: E402
-from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 
 from streamssm.kernels.ssd import chunk_scan_bwd, fused_fwd  # noqa: E402
-from streamssm.testing import compile_for_sm90  # noqa: E402
+from streamssm.testing import compile_for_sm90, ptxas_report  # noqa: E402
 
 # pointers that stay fp32 whatever the inputs' dtype (the others take it), and the integer ones
 BWD_FP32 = {"p_cb", "p_states", "p_dstates", "p_dt_out", "p_dA_cs", "p_D", "p_ddA_cs", "p_ddt", "p_ddA_last",
@@ -50,18 +46,6 @@ KERNELS = {
     "fused_serve": (fused_fwd._ssd_fused_fwd_kernel, dict(_FUSED, SAVE=False, HAS_BOUNDS=True, HAS_INIT=True,
                                                            HAS_W=True, HAS_ROWS=True), FUSED_FP32),
 }
-
-
-def ptxas_report(ptx: str) -> tuple[int, int]:
-    """(registers per thread, spill store bytes) of ``ptx`` as ptxas -v reports them for sm_90a."""
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(ptx)
-    try:
-        info = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
-                              capture_output=True, text=True, check=True).stderr
-    finally:
-        os.unlink(f.name)
-    return int(re.search(r"Used (\d+) registers", info)[1]), int(re.search(r"(\d+) bytes spill stores", info)[1])
 
 
 def report(name: str, config: triton.Config, chunk: int, headdim: int, dstate: int, dtype: str) -> dict:

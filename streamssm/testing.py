@@ -135,6 +135,39 @@ def compile_for_sm90(fn, consts: dict, pointer: Callable[[str], str], num_warps:
     return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32), options=options)
 
 
+def ptxas_report(ptx: str) -> tuple[int, int]:
+    """(registers per thread, spill store bytes) of ``ptx`` as Triton's bundled ptxas -v reports
+    them for sm_90a."""
+    import re
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    try:
+        info = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
+                              capture_output=True, text=True, check=True).stderr
+    finally:
+        os.unlink(f.name)
+    return int(re.search(r"Used (\d+) registers", info)[1]), int(re.search(r"(\d+) bytes spill stores", info)[1])
+
+
+def sass_of(cubin: bytes) -> str:
+    """The SASS of a cubin (a compiled kernel's ``asm["cubin"]``) as Triton's bundled nvdisasm prints it."""
+    import tempfile
+
+    import triton
+
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        return subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+
+
 def assert_script_compiles_for_sm90(script: str, *args: str) -> None:
     """Run ``script`` (Python that calls ``triton.compile`` for an sm_90 target) in a fresh
     interpreter with TRITON_INTERPRET=0: Triton cross-compiles with its bundled ptxas, no GPU
