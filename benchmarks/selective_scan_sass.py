@@ -17,21 +17,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
-from collections import Counter
 
 os.environ["TRITON_INTERPRET"] = "0"  # the GPU pipeline, before Triton is imported
 
 from streamssm.kernels.mamba1 import scan  # noqa: E402
-from streamssm.testing import compile_for_sm90, ptxas_report, sass_of  # noqa: E402
+from streamssm.testing import compile_for_sm90, ptxas_report, sass_loops, sass_of  # noqa: E402
 
 HALF = {"p_u", "p_delta", "p_z", "p_y", "p_du", "p_ddelta", "p_dz", "p_dy"}
 # the SASS opcodes (before the first dot) of each column
 KINDS = {"SHFL": ("SHFL",), "MUFU": ("MUFU",), "fp32": ("FFMA", "FMUL", "FADD"), "LDG": ("LDG",),
          "REDG": ("REDG", "RED", "ATOMG"), "STS/LDS": ("STS", "LDS"), "BAR": ("BAR",), "LDL/STL": ("LDL", "STL")}
-_LABEL = re.compile(r"\s*\.(L_x_\d+):")
-_INSTRUCTION = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)(.*)")
 
 
 def compile_kernel(kernel: str, block_d: int, tb: int):
@@ -46,29 +42,6 @@ def compile_kernel(kernel: str, block_d: int, tb: int):
     return compile_for_sm90(fn, meta, lambda a: "*bf16" if a in HALF else "*fp32", 1, 1, aligned=True)
 
 
-def loops(sass: str, min_size: int = 100) -> list[Counter]:
-    """Opcode counts (before the first dot) of each loop of ``sass`` longer than ``min_size``
-    instructions, in the order their closing branches appear."""
-    labels, code, open_label = {}, [], None
-    for line in sass.splitlines():
-        if m := _LABEL.match(line):
-            open_label = m[1]
-            continue
-        if m := _INSTRUCTION.match(line):
-            address = int(m[1], 16)
-            if open_label is not None:
-                labels[open_label], open_label = address, None
-            code.append((address, m[2].split(".")[0], m[3]))
-    found = []
-    for address, opcode, operands in code:
-        target = re.search(r"(L_x_\d+)", operands) if opcode == "BRA" else None
-        if target and labels.get(target[1], address) < address:
-            body = [op for a, op, _ in code if labels[target[1]] <= a <= address]
-            if len(body) > min_size:
-                found.append(Counter(body))
-    return found
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kernel", choices=("bwd", "fwd"), default="bwd")
@@ -81,7 +54,7 @@ def main(argv=None) -> int:
     for block_d in (int(v) for v in args.block_d.split(",")):
         binary = compile_kernel(args.kernel, block_d, args.tb)
         regs, spill = ptxas_report(binary.asm["ptx"])
-        for i, ops in enumerate(loops(sass_of(binary.asm["cubin"]))):
+        for i, ops in enumerate(sass_loops(sass_of(binary.asm["cubin"]))):
             kinds = " | ".join(str(sum(ops[o] for o in opcodes)) for opcodes in KINDS.values())
             print(f"| {block_d} | {regs} | {spill} | {i} | {sum(ops.values())} | {kinds} |", flush=True)
     return 0

@@ -168,6 +168,33 @@ def sass_of(cubin: bytes) -> str:
         os.unlink(f.name)
 
 
+def sass_loops(sass: str, min_size: int = 100) -> list:
+    """Opcode counts (``collections.Counter``, opcodes cut at the first dot, predicated ones
+    included) of each loop of ``sass`` (nvdisasm's text) longer than ``min_size`` instructions: a
+    loop runs from a label to a branch back to it; in the order the branches appear."""
+    import re
+    from collections import Counter
+
+    labels, code, open_label = {}, [], None
+    for line in sass.splitlines():
+        if m := re.match(r"\s*\.(L_x_\d+):", line):
+            open_label = m[1]
+            continue
+        if m := re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)(.*)", line):
+            address = int(m[1], 16)
+            if open_label is not None:
+                labels[open_label], open_label = address, None
+            code.append((address, m[2].split(".")[0], m[3]))
+    found = []
+    for address, opcode, operands in code:
+        target = re.search(r"(L_x_\d+)", operands) if opcode == "BRA" else None
+        if target and labels.get(target[1], address) < address:
+            body = [op for a, op, _ in code if labels[target[1]] <= a <= address]
+            if len(body) > min_size:
+                found.append(Counter(body))
+    return found
+
+
 def assert_script_compiles_for_sm90(script: str, *args: str) -> None:
     """Run ``script`` (Python that calls ``triton.compile`` for an sm_90 target) in a fresh
     interpreter with TRITON_INTERPRET=0: Triton cross-compiles with its bundled ptxas, no GPU

@@ -1,14 +1,17 @@
 """benchmarks/selective_scan_sass.py cross-compiles the Mamba-1 scan kernels for sm_90 and counts the
-instructions of their loops (no GPU)."""
+instructions of their loops (no GPU), with streamssm.testing's sass_loops. The script runs in its own
+process: it sets TRITON_INTERPRET=0 for Triton's GPU pipeline, which imported here would switch this
+process's later tests off the interpreter."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+from streamssm.testing import sass_loops
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "selective_scan_sass.py"
 
@@ -25,19 +28,11 @@ SASS = """
 """
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("selective_scan_sass", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_loops_are_the_backward_branches_with_predicated_opcodes_counted():
     """The loop runs from its label to the branch back to it, predicated instructions included; a
     forward branch closes no loop."""
-    found = _module().loops(SASS, min_size=0)
-    assert found == [{"SHFL": 1, "FFMA": 1, "LDG": 1, "BRA": 1}]
-    assert _module().loops(SASS, min_size=4) == []
+    assert sass_loops(SASS, min_size=0) == [{"SHFL": 1, "FFMA": 1, "LDG": 1, "BRA": 1}]
+    assert sass_loops(SASS, min_size=4) == []
 
 
 def test_reports_each_loop_of_the_backward():
