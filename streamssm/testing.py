@@ -1,14 +1,17 @@
 """Per-dtype tolerances and the one ``assert_close`` used by every kernel and parity test; the
-sm_90 cross-compile of a kernel and the runner of the scripts that make them; the peak of tensor
-memory a call allocates."""
+sm_90 cross-compile of a kernel, the runner of the scripts that make them and what the binary holds
+(ptxas's registers and spills, the SASS and its loops); the peak of tensor memory a call allocates."""
 
 from __future__ import annotations
 
 import gc
 import os
+import re
 import subprocess
 import sys
+import tempfile
 import weakref
+from collections import Counter
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -135,46 +138,38 @@ def compile_for_sm90(fn, consts: dict, pointer: Callable[[str], str], num_warps:
     return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32), options=options)
 
 
+def _run_on_file(command: Callable[[str], list[str]], data: str | bytes, suffix: str) -> subprocess.CompletedProcess:
+    """``command(path)`` run (text output captured, failing on a non-zero exit) on ``data`` written to a
+    temporary file ``*suffix``, removed afterwards."""
+    with tempfile.NamedTemporaryFile("wb", suffix=suffix, delete=False) as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    try:
+        return subprocess.run(command(f.name), capture_output=True, text=True, check=True)
+    finally:
+        os.unlink(f.name)
+
+
 def ptxas_report(ptx: str) -> tuple[int, int]:
     """(registers per thread, spill store bytes) of ``ptx`` as Triton's bundled ptxas -v reports
     them for sm_90a."""
-    import re
-    import tempfile
-
     from triton.backends.nvidia.compiler import get_ptxas
 
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(ptx)
-    try:
-        info = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
-                              capture_output=True, text=True, check=True).stderr
-    finally:
-        os.unlink(f.name)
+    info = _run_on_file(lambda path: [get_ptxas(90).path, "-arch=sm_90a", "-v", path, "-o", os.devnull],
+                        ptx, ".ptx").stderr
     return int(re.search(r"Used (\d+) registers", info)[1]), int(re.search(r"(\d+) bytes spill stores", info)[1])
 
 
 def sass_of(cubin: bytes) -> str:
-    """The SASS of a cubin (a compiled kernel's ``asm["cubin"]``) as Triton's bundled nvdisasm prints it."""
-    import tempfile
+    """The SASS of a cubin (a compiled kernel's ``asm["cubin"]``) as Triton's nvdisasm prints it."""
+    from triton import knobs
 
-    import triton
-
-    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
-    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
-        f.write(cubin)
-    try:
-        return subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
-    finally:
-        os.unlink(f.name)
+    return _run_on_file(lambda path: [knobs.nvidia.nvdisasm.path, "-c", path], cubin, ".cubin").stdout
 
 
 def sass_loops(sass: str, min_size: int = 100) -> list:
     """Opcode counts (``collections.Counter``, opcodes cut at the first dot, predicated ones
     included) of each loop of ``sass`` (nvdisasm's text) longer than ``min_size`` instructions: a
     loop runs from a label to a branch back to it; in the order the branches appear."""
-    import re
-    from collections import Counter
-
     labels, code, open_label = {}, [], None
     for line in sass.splitlines():
         if m := re.match(r"\s*\.(L_x_\d+):", line):
