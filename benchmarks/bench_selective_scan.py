@@ -4,7 +4,7 @@ Run on a GPU (mamba-ssm's sdist unpacked under .peers/, its extension built on f
 sm_90 only; mambapy and einops importable):
 
     python benchmarks/bench_selective_scan.py [--shapes M1,M2,M3] [--peers mamba,mambapy,reference]
-                                              [--no-verify] [--no-t32] [--segments 2,4,8]
+                                              [--no-verify] [--chunks 32,128] [--segments 2,4,8]
                                               [--old path/to/earlier/scan.py]
                                               [--out results.md]
 
@@ -19,7 +19,9 @@ plus the backward against a run split into other time segments and directional d
 A, delta_bias and the initial state by float64 central differences), and our gradients against
 mamba-ssm's where it is built. ``--old`` also times the ``selective_scan_triton`` of an earlier
 scan.py (e.g. written out by ``git show REV:kernels/mamba1/scan.py``) on the same tensors;
-``--segments`` times ours with time split into each given number of segments run in parallel.
+``--segments`` times ours with time split into each given number of segments run in parallel;
+``--chunks`` times ours at each given chunk length T (the checkpoint interval: the backward's
+checkpoints and tile-state scratch, hence its peak memory, scale with l / T and S x T).
 """
 
 from __future__ import annotations
@@ -352,7 +354,7 @@ def main(argv=None) -> int:
     ap.add_argument("--peers", default="mamba,mambapy,reference")
     ap.add_argument("--no-verify", action="store_true")
     ap.add_argument("--fd-inputs", default="A,delta_bias,h0", help="M3 directional-derivative checks")
-    ap.add_argument("--no-t32", action="store_true", help="leave out our kernel at chunk length 32")
+    ap.add_argument("--chunks", default="", help="also time ours at these chunk lengths T, e.g. 32,128,256")
     ap.add_argument("--segments", default="", help="also time ours at these forced time-segment counts, e.g. 2,4,8")
     ap.add_argument("--old", default=None, help="an earlier scan.py to time beside ours")
     ap.add_argument("--out", type=Path, default=None)
@@ -383,8 +385,8 @@ def main(argv=None) -> int:
                 notes.append(line)
         measure(table, s, "ours", ours, t, tokens, floor)
         print(table.rows[-1], flush=True)
-        if not args.no_t32:
-            measure(table, s, "ours T=32", ours_with(chunk=32), t, tokens, floor)
+        for k in filter(None, args.chunks.split(",")):
+            measure(table, s, f"ours T={k}", ours_with(chunk=int(k)), t, tokens, floor)
             print(table.rows[-1], flush=True)
         for k in filter(None, args.segments.split(",")):
             measure(table, s, f"ours S={k}", ours_with(segments=int(k)), t, tokens, floor)

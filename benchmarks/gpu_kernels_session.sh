@@ -41,7 +41,7 @@ timeout 40 python benchmarks/bench_conv1d.py --shapes M1,S1 --layouts channel-la
     --out "$OUT/conv1d_channel_last.md"
 
 echo "== Mamba-1 selective scan: ours vs the old kernel (and mamba-ssm CUDA with MAMBA=1), M1/M2"
-timeout "$scan_limit" python benchmarks/bench_selective_scan.py --shapes M1,M2 --peers "$peers" --no-t32 \
+timeout "$scan_limit" python benchmarks/bench_selective_scan.py --shapes M1,M2 --peers "$peers" \
     "${old_scan[@]}" --out "$OUT/scan.md"
 
 echo; echo "================ summary ================"

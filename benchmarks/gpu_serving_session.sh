@@ -16,7 +16,7 @@
 #     bash benchmarks/gpu_serving_session.sh ssd_memory  # ~9 min: SSD S1/S2 and Mamba-1 M1 with peak memory, vs the peers
 #     [BASE_WHEELS='w1 w2'] [AB_SHAPES=S1] bash benchmarks/gpu_serving_session.sh ssd_bwd  # ~9 min: SSD S1/S2 fwd+bwd
 #                                                      # (base installs, this, peers); tests
-#     [SEGMENTS=2,8] [OLD_SCAN=f.py] bash benchmarks/gpu_serving_session.sh scan  # ~9 min (~5 with mamba-ssm's library carried):
+#     [SEGMENTS=2,8] [CHUNKS=128,256] [OLD_SCAN=f.py] bash benchmarks/gpu_serving_session.sh scan  # ~9 min (~5 with mamba-ssm's library carried):
 #                                                      # Mamba-1 scan M1/M2 (at forced time segments) vs mamba-ssm CUDA; tests
 #     bash benchmarks/gpu_serving_session.sh rotary    # ~8 min: Mamba-3 GPU tests; rotation kernels vs 5de9c7b's, config sweep
 #     BASE_SITE=/tmp/base_site bash benchmarks/gpu_serving_session.sh engine_pair
@@ -151,7 +151,7 @@ ssd_memory() {
     timeout 400 python benchmarks/bench_ssd.py --shapes S1,S2 --no-eager --out "$OUT/ssd_memory.md"
     echo "== Mamba-1 scan at M1, peak memory (mamba-ssm CUDA's 0.290 GiB: benchmarks/README.md; MAMBA=1 builds it, ~4 min)"
     local peers=none; [ "${MAMBA:-0}" = 1 ] && peers=mamba
-    timeout 150 python benchmarks/bench_selective_scan.py --shapes M1 --peers "$peers" --no-t32 --no-verify \
+    timeout 150 python benchmarks/bench_selective_scan.py --shapes M1 --peers "$peers" --no-verify \
         --out "$OUT/scan_memory.md"
 }
 
@@ -229,8 +229,8 @@ scan() {
     local old=() so=.peers/ssbuild/selective_scan_cuda.so built=1
     [ -z "${OLD_SCAN:-}" ] || old=(--old "$OLD_SCAN")
     [ ! -f "$so" ] || built=0
-    timeout 420 python benchmarks/bench_selective_scan.py --shapes "${SCAN_SHAPES:-M1,M2}" --peers mamba --no-t32 \
-        --no-verify --segments "${SEGMENTS:-}" "${old[@]}" --out "$OUT/scan.md" 2>&1 | grep -E '^[{|]|unavailable'
+    timeout 420 python benchmarks/bench_selective_scan.py --shapes "${SCAN_SHAPES:-M1,M2}" --peers mamba \
+        --no-verify --segments "${SEGMENTS:-}" --chunks "${CHUNKS:-}" "${old[@]}" --out "$OUT/scan.md" 2>&1 | grep -E '^[{|]|unavailable'
     [ "$built" = 0 ] || [ ! -f "$so" ] || strip --strip-debug -o "$OUT/selective_scan_cuda.so" "$so"
     echo "== GPU tests: the Mamba-1 scan vs float64"
     # (120 s ran 5 of the 8 cases with cold compiles, 2026-12-07)
