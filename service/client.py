@@ -98,8 +98,10 @@ class StreamClient:
     def __init__(self, url: str, *, format: str, sample_rate: int | None = None, channels: int = 1,
                  token: str | None = None, results: str = "json", include: tuple[str, ...] = ("outputs", "scores"),
                  window: int = 8, reconnect: int = 5, resume: str | None = None, open_timeout: float = 10.0,
-                 ssl: ssl_lib.SSLContext | None = None):
+                 ssl: ssl_lib.SSLContext | None = None, wait: float = 0.0):
         check_url(url)
+        if wait < 0:
+            raise ConfigError(f"wait must be >= 0 seconds, got {wait}")
         self.url, self.token, self.window, self.reconnect, self.ssl = url, token, window, reconnect, ssl
         self.start_msg: dict[str, Any] = {"type": "start", "version": PROTOCOL_VERSION, "format": format,
                                           "channels": channels, "results": results, "include": list(include)}
@@ -108,6 +110,7 @@ class StreamClient:
         self.format = format
         self.resume_token = resume
         self.open_timeout = open_timeout
+        self.wait = wait  # seconds a refused first connection is retried: a server still starting
         self.ready: dict[str, Any] = {}
         self.results: list[Result] = []
         self.latencies: list[float] = []  # seconds from sending a chunk to receiving its result
@@ -130,13 +133,15 @@ class StreamClient:
 
     async def __aenter__(self) -> StreamClient:
         try:
-            await self._connect()
+            await self._connect_waiting()
         except ssl_lib.SSLCertVerificationError as exc:
             raise ConfigError(f"the TLS certificate of {self.url} is not trusted ({exc.verify_message}): trust its "
                               f"CA or self-signed certificate (ssl=ssl.create_default_context(cafile=...), "
                               f"streamssm stream --cafile)") from exc
         except OSError as exc:  # refused, unknown host, TimeoutError
             why = "connection refused" if isinstance(exc, ConnectionRefusedError) else str(exc) or type(exc).__name__
+            if isinstance(exc, ConnectionRefusedError) and self.wait:
+                why += f" for {self.wait:g} s"
             raise ServerUnreachable(f"no server at {self.url} ({why}); start one with "
                                     f"`streamssm serve --checkpoint MODEL`") from exc
         except InvalidStatus as exc:
@@ -152,6 +157,18 @@ class StreamClient:
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
+
+    async def _connect_waiting(self) -> None:
+        """The first connection, retried every 0.1 s while it is refused, for up to ``wait`` seconds
+        (``streamssm serve &`` then ``streamssm stream`` at once: the server takes ~1.5 s to listen)."""
+        deadline = time.monotonic() + self.wait
+        while True:
+            try:
+                return await self._connect()
+            except ConnectionRefusedError:
+                if time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
     async def _connect(self) -> None:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
@@ -356,9 +373,10 @@ class StreamClient:
 
 
 async def server_sample_rate(url: str, *, format: str, sample_rate: int, channels: int = 1, token: str | None = None,
-                             ssl: ssl_lib.SSLContext | None = None) -> int | None:
+                             ssl: ssl_lib.SSLContext | None = None, wait: float = 0.0) -> int | None:
     """The sample rate of the server's model (None: it has none), read from the ``ready`` of a
-    stream opened and closed at once (it sends no data, so the server keeps nothing)."""
+    stream opened and closed at once (it sends no data, so the server keeps nothing); ``wait`` as
+    for :class:`StreamClient`."""
     async with StreamClient(url, format=format, sample_rate=sample_rate, channels=channels, token=token,
-                            reconnect=0, ssl=ssl) as probe:
+                            reconnect=0, ssl=ssl, wait=wait) as probe:
         return probe.ready.get("model_sample_rate")

@@ -72,13 +72,14 @@ def read_source(path: str | Path, *, record: str | None = None, columns: list[st
 
 async def stream_source(source: Source, url: str, *, chunk: int, token: str | None = None, realtime: bool = False,
                         results: str = "json", include: tuple[str, ...] = ("outputs", "scores"),
-                        progress: Any = None, ssl: Any = None) -> tuple[StreamClient, dict[str, Any]]:
+                        progress: Any = None, ssl: Any = None, wait: float = 0.0) -> tuple[StreamClient, dict[str, Any]]:
     """Stream a whole source in chunks of ``chunk`` samples; returns the client (results) and summary.
 
     ``realtime`` paces chunks at the source's sample rate; ``progress(samples_sent)`` is called
-    after each chunk; ``ssl``: the client's ``ssl.SSLContext`` for wss://."""
+    after each chunk; ``ssl``: the client's ``ssl.SSLContext`` for wss://; ``wait``: seconds a
+    refused connection is retried (a server still starting)."""
     client = StreamClient(url, format=source.format, sample_rate=source.sample_rate, channels=source.channels,
-                          token=token, results=results, include=include, ssl=ssl)
+                          token=token, results=results, include=include, ssl=ssl, wait=wait)
     async with client:
         t0, sent = time.perf_counter(), 0
         for piece in source.chunks(chunk):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
@@ -115,7 +116,17 @@ def export_safetensors(model: SSMModel, path: str | Path, spec: ServingSpec | Ma
         "versions": json.dumps(versions or package_versions()),
     }
     save_model(model, str(path), metadata=metadata)
+    give_default_mode(path)
     return path
+
+
+def give_default_mode(path: Path) -> None:
+    """Give a file the mode a plain ``open(path, "w")`` would (0666 less the umask): safetensors
+    0.8 writes through a private temporary file (0600) renamed into place, so an exported model
+    was unreadable to the group and others, unlike every other output."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 @dataclass

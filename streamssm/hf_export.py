@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from streamssm.checkpoint import ServingBundle, export_safetensors, load_for_serving
+from streamssm.checkpoint import ServingBundle, export_safetensors, give_default_mode, load_for_serving
 from streamssm.errors import ConfigError
 from streamssm.hf_import import HF_FIELDS, HF_MAMBA2_FIELDS, SERVING_KEY, hf_name
 from streamssm.models import ModelConfig, SSMModel
@@ -221,6 +221,7 @@ def export_hf(checkpoint: str | Path, folder: str | Path, license: str, overwrit
         layout = "transformers"
         config = hf_config(bundle.config)
         save_file(hf_state_dict(bundle.model), str(folder / "model.safetensors"), metadata={"format": "pt"})
+        give_default_mode(folder / "model.safetensors")
     if bundle.spec is not None:
         config[SERVING_KEY] = bundle.spec.to_dict()
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

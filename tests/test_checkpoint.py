@@ -1,6 +1,8 @@
 """Serving bundles: safetensors export and Lightning-style .ckpt load to the same model."""
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -56,6 +58,18 @@ def test_foreign_safetensors_is_refused(tmp_path):
     save_file({"w": torch.zeros(2)}, tmp_path / "x.safetensors")
     with pytest.raises(DataFormatError, match="not a streamssm export"):
         load_for_serving(tmp_path / "x.safetensors")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_an_export_gets_the_mode_of_the_umask(tmp_path, umask):
+    """Regression (README walk): safetensors wrote exports 0600 (its private temporary file renamed
+    into place), so a model exported for a server run by another user could not be read."""
+    old = os.umask(umask)
+    try:
+        path = export_safetensors(SSMModel(CFG), tmp_path / "m.safetensors", SERVING)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
 
 
 def test_checkpoint_without_streamssm_entry_is_refused(tmp_path):

@@ -100,9 +100,9 @@ def test_stream_without_a_server(capsys, tmp_path):
     csv = tmp_path / "x.csv"
     csv.write_text("a,b\n1,2\n3,4\n")
     url = f"ws://127.0.0.1:{_free_port()}/"
-    assert main(["stream", str(csv), "--url", url]) == 1
+    assert main(["stream", str(csv), "--url", url, "--wait", "0.3"]) == 1
     line = _one_error_line(capsys, "stream")
-    assert f"no server at {url}" in line and "streamssm serve" in line
+    assert f"no server at {url} (connection refused for 0.3 s)" in line and "streamssm serve" in line
 
 
 def test_stream_http_url_hints_ws(capsys, tmp_path):

@@ -5,6 +5,7 @@ made the client reconnect and resume, and the user read "resume token is unknown
 """
 
 import asyncio
+import socket
 
 import numpy as np
 import pytest
@@ -52,6 +53,40 @@ def test_no_server_names_the_url_and_how_to_start_one():
 
     with pytest.raises(ServerUnreachable, match=r"no server at ws://127.0.0.1:9/ .*streamssm serve"):
         asyncio.run(run())
+
+
+@pytest.mark.timeout(60)
+def test_a_client_waits_for_a_server_still_starting():
+    """Regression (README walk): `streamssm serve ... &` then `streamssm stream` at once was refused,
+    the server not yet listening. A client with ``wait`` retries until it is up."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    async def run() -> dict:
+        async def late_server() -> None:
+            await asyncio.sleep(0.6)  # several refused tries first
+            async with StreamServer(_bundle(), ServeConfig(host="127.0.0.1", port=port)):
+                await done.wait()
+
+        done = asyncio.Event()
+        server = asyncio.create_task(late_server())
+        try:
+            async with StreamClient(f"ws://127.0.0.1:{port}/", format="f32le", channels=2, wait=20) as client:
+                await client.send(np.zeros((8, 2), np.float32))
+                summary = await client.end(timeout=20)
+            assert len(client.results) == 1 and client.results[0].outputs.shape == (8, 2)
+            return summary
+        finally:
+            done.set()
+            await server
+
+    assert asyncio.run(run())["samples"] == 8
+
+
+def test_a_negative_wait_is_refused():
+    with pytest.raises(ConfigError, match="wait must be >= 0 seconds, got -1"):
+        StreamClient("ws://127.0.0.1:9/", format="f32le", wait=-1)
 
 
 @pytest.mark.timeout(60)

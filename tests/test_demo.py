@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from rich.progress import Progress
 
-from streamssm.commands.demo import main
+from streamssm.commands.demo import main, output_folder
 from streamssm.demo import QUICK, DemoParityError, max_difference, run_task
 
 
@@ -79,3 +79,12 @@ def test_surprisal_figure_units():
     assert bits_ax.get_lines()[0].get_xdata()[-1] == pytest.approx(799 / 8000)
     dna = surprisal_figure(bits, step_unit="base")
     assert dna.axes[0].get_xlabel() == "base" and dna.axes[0].get_ylabel() == "surprisal (bits per base)"
+
+
+def test_a_quick_run_leaves_a_full_runs_models_in_place(tmp_path, monkeypatch):
+    """Regression (README walk): `demo --quick` wrote ./demo_out/sensor/model.ckpt over the full run's
+    model that the README's `infer` example reads."""
+    monkeypatch.chdir(tmp_path)
+    assert output_folder(None, quick=False) == tmp_path / "demo_out"
+    assert output_folder(None, quick=True) == tmp_path / "demo_out" / "quick"
+    assert output_folder("elsewhere", quick=True) == tmp_path / "elsewhere"

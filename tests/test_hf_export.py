@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -111,6 +113,20 @@ def test_model_card_states_recorded_facts_only(tmp_path):
     export_safetensors(_model("mamba"), tmp_path / "bare.safetensors")
     bare = (export_hf(tmp_path / "bare.safetensors", tmp_path / "hub2", license="mit").folder / "README.md").read_text()
     assert "No metrics are recorded in the exported file." in bare and "Not recorded in the exported file." in bare
+
+
+@pytest.mark.parametrize("head_bias, layout", [(False, "transformers"), (True, "streamssm")])
+def test_exported_weights_get_the_mode_of_the_umask(tmp_path, head_bias, layout):
+    """Regression (README walk): the folder's model.safetensors was written 0600 (safetensors' private
+    temporary file renamed into place), its config.json and README.md 0644."""
+    export_safetensors(_model("mamba2", head_bias=head_bias), tmp_path / "m.safetensors", spec=DNA)
+    old = os.umask(0o022)
+    try:
+        done = export_hf(tmp_path / "m.safetensors", tmp_path / "hub", license="mit")
+    finally:
+        os.umask(old)
+    assert done.layout == layout
+    assert {stat.S_IMODE(f.stat().st_mode) for f in done.folder.iterdir()} == {0o644}
 
 
 def test_license_and_existing_folder_refused(tmp_path):

@@ -20,10 +20,16 @@ from streamssm.commands.parsing import ArgumentParser
 def build_parser(prog: str) -> ArgumentParser:
     p = ArgumentParser(prog=prog, description=demo_pipeline.__doc__.split("\n\n")[0])
     p.add_argument("--task", choices=(*demo_pipeline.TASK_NAMES, "all"), default="all", help="which demo to run (default: all)")
-    p.add_argument("--out", default="demo_out", help="output folder (default: ./demo_out)")
+    p.add_argument("--out", default=None, help="output folder (default: ./demo_out, or ./demo_out/quick with --quick, "
+                   "so a smoke run leaves a full run's models in place)")
     p.add_argument("--quick", action="store_true", help="a few training steps and a short stream (CI)")
     p.add_argument("--accelerator", default="auto", help="Lightning accelerator for training (auto|cpu|gpu)")
     return p
+
+
+def output_folder(out: str | None, quick: bool) -> Path:
+    """``--out``, else ./demo_out (./demo_out/quick for a ``--quick`` run), absolute."""
+    return Path(out or ("demo_out/quick" if quick else "demo_out")).resolve()
 
 
 def main(argv: list[str], prog: str = "streamssm demo") -> int:
@@ -34,7 +40,7 @@ def main(argv: list[str], prog: str = "streamssm demo") -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     size = demo_pipeline.QUICK if args.quick else demo_pipeline.FULL
     names = demo_pipeline.TASK_NAMES if args.task == "all" else (args.task,)
-    out_root = Path(args.out).resolve()
+    out_root = output_folder(args.out, args.quick)
     console = Console()
     rows = []
     started = time.perf_counter()

@@ -42,6 +42,8 @@ def build_parser(prog: str) -> ArgumentParser:
     p.add_argument("--resample", choices=("server", "client"), default="server",
                    help="who converts audio at another rate than the model's: the server (streaming), or this "
                         "client (the whole file, before streaming)")
+    p.add_argument("--wait", type=float, default=10.0, help="seconds to keep retrying a refused connection (a server "
+                   "still starting, as after `streamssm serve ... &`); 0: fail at once")
     p.add_argument("--cafile", default=None, help="wss://: trust this CA / self-signed certificate (PEM)")
     p.add_argument("--sample-rate", type=int, default=None, help="sample rate of a CSV (rows per second)")
     p.add_argument("--columns", default=None, help="comma-separated CSV columns (None: all numeric)")
@@ -61,7 +63,7 @@ def main(argv: list[str], prog: str = "streamssm stream") -> int:
     token = args.token or os.environ.get("STREAMSSM_TOKEN")
     tls = ssl.create_default_context(cafile=args.cafile) if args.cafile else None
     if args.resample == "client" and source.format != "text" and source.sample_rate:
-        source = asyncio.run(_resampled_here(source, args.url, token, tls))
+        source = asyncio.run(_resampled_here(source, args.url, token, tls, args.wait))
     chunk = args.chunk or (max(1, int(source.sample_rate * args.chunk_ms / 1000)) if source.sample_rate else 256)
     include = ("scores",) if args.scores_only else ("outputs", "scores")
     console = Console(stderr=True)
@@ -70,7 +72,7 @@ def main(argv: list[str], prog: str = "streamssm stream") -> int:
         task = bar.add_task("stream", total=len(source.data))
         client, summary = asyncio.run(stream_source(
             source, args.url, chunk=chunk, token=token, ssl=tls,
-            realtime=args.realtime, results="binary", include=include,
+            realtime=args.realtime, results="binary", include=include, wait=args.wait,
             progress=lambda n: bar.update(task, completed=n),
         ))
     lat = np.array(client.latencies) * 1000 if client.latencies else np.zeros(1)
@@ -85,10 +87,11 @@ def main(argv: list[str], prog: str = "streamssm stream") -> int:
     return 0
 
 
-async def _resampled_here(source: Source, url: str, token: str | None, tls: ssl.SSLContext | None) -> Source:
+async def _resampled_here(source: Source, url: str, token: str | None, tls: ssl.SSLContext | None,
+                          wait: float) -> Source:
     """The source resampled (whole, at once) to the server's model rate, if that differs."""
     rate = await server_sample_rate(url, format=source.format, sample_rate=source.sample_rate,
-                                    channels=source.channels, token=token, ssl=tls)
+                                    channels=source.channels, token=token, ssl=tls, wait=wait)
     if rate is None or rate == source.sample_rate:
         return source
     return dataclasses.replace(source, data=resample(source.data, source.sample_rate, rate), sample_rate=rate)
