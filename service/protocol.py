@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
 import struct
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -42,6 +43,9 @@ SAMPLE_BYTES = {"f32le": 4, "s16le": 2, "mulaw8": 1}
 #: input sample rates a resampled stream may declare (Hz)
 RESAMPLE_RATES = (1000, 768000)
 PING_ID_CHARS = 64  # longest string id a ping may carry (echoed in its pong)
+#: longest JSON control message (start, end, ack, ping, reset): the largest real one, a start with a
+#: resume token, is ~300 bytes; a megabyte of JSON parsed on the event loop stalled every stream
+MAX_CONTROL_BYTES = 8192
 RESULT_ENCODINGS = ("json", "binary")
 INCLUDE_FIELDS = ("outputs", "scores")
 #: every base letter a DNA model may read (ambiguity codes -> N); a model's own set is ServingSpec.accepted_bases
@@ -54,6 +58,7 @@ RESULT_VALUE_BYTES = {"json": 16, "binary": 4}
 
 # close codes (RFC 6455 / IANA), named as websockets.frames.CloseCode names them
 NORMAL_CLOSURE = 1000
+PROTOCOL_ERROR = 1002
 UNSUPPORTED_DATA = 1003
 INVALID_DATA = 1007
 POLICY_VIOLATION = 1008
@@ -123,7 +128,11 @@ class Result:
 
 
 def parse_control(text: str) -> dict[str, Any]:
-    """A JSON control message -> dict with a string ``type``; ProtocolError 1007/1008 otherwise."""
+    """A JSON control message -> dict with a string ``type``; ProtocolError 1007/1008 otherwise,
+    1009 ``control_too_big`` over MAX_CONTROL_BYTES characters (not parsed)."""
+    if len(text) > MAX_CONTROL_BYTES:
+        raise ProtocolError(f"control message of {len(text)} characters exceeds the limit of {MAX_CONTROL_BYTES}",
+                            MESSAGE_TOO_BIG, "control_too_big")
     try:
         msg = json.loads(text)
     except (ValueError, RecursionError) as exc:  # ValueError: also integers over int_max_str_digits
@@ -139,22 +148,22 @@ def parse_control(text: str) -> dict[str, Any]:
 def parse_start(msg: dict[str, Any], spec: StreamSpec) -> Start:
     """Validate a ``start`` message against the protocol and what the model accepts."""
     if msg.get("type") != "start":
-        raise ProtocolError(f'the first message must be {{"type": "start", ...}}, got type {msg.get("type")!r}',
+        raise ProtocolError(f'the first message must be {{"type": "start", ...}}, got type {_shown(msg.get("type"))}',
                             POLICY_VIOLATION, "bad_start")
     known = {"type", "version", "format", "sample_rate", "channels", "resume", "ack", "results", "include"}
     unknown = sorted(set(msg) - known)
     if unknown:
-        raise ProtocolError(f"start: unknown fields {unknown}; expected some of {sorted(known)}",
+        raise ProtocolError(f"start: unknown fields {_shown(unknown)}; expected some of {sorted(known)}",
                             POLICY_VIOLATION, "bad_start")
     version = msg.get("version", PROTOCOL_VERSION)
     if type(version) is not int or version != PROTOCOL_VERSION:  # 1.0 and true are not 1
-        raise ProtocolError(f"start: protocol version {version!r} is not supported; this server speaks {PROTOCOL_VERSION}",
+        raise ProtocolError(f"start: protocol version {_shown(version)} is not supported; this server speaks {PROTOCOL_VERSION}",
                             POLICY_VIOLATION, "bad_version")
     fmt = msg.get("format")
     if fmt not in FORMATS:
-        raise ProtocolError(f"start: format must be one of {list(FORMATS)}, got {fmt!r}", UNSUPPORTED_DATA, "bad_format")
+        raise ProtocolError(f"start: format must be one of {list(FORMATS)}, got {_shown(fmt)}", UNSUPPORTED_DATA, "bad_format")
     if fmt not in spec.formats:
-        raise ProtocolError(f"start: this model accepts formats {list(spec.formats)}, got {fmt!r}",
+        raise ProtocolError(f"start: this model accepts formats {list(spec.formats)}, got {_shown(fmt)}",
                             UNSUPPORTED_DATA, "bad_format")
     channels = _int_field(msg, "channels", 1, minimum=1, maximum=MAX_CHANNELS)
     sample_rate = msg.get("sample_rate")
@@ -182,11 +191,11 @@ def parse_start(msg: dict[str, Any], spec: StreamSpec) -> Start:
     ack = _int_field(msg, "ack", -1, minimum=-1)
     results = msg.get("results", "json")
     if results not in RESULT_ENCODINGS:
-        raise ProtocolError(f"start: results must be one of {list(RESULT_ENCODINGS)}, got {results!r}",
+        raise ProtocolError(f"start: results must be one of {list(RESULT_ENCODINGS)}, got {_shown(results)}",
                             POLICY_VIOLATION, "bad_start")
     include = msg.get("include", list(INCLUDE_FIELDS))
     if not isinstance(include, list) or not all(f in INCLUDE_FIELDS for f in include):
-        raise ProtocolError(f"start: include must be a list drawn from {list(INCLUDE_FIELDS)}, got {include!r}",
+        raise ProtocolError(f"start: include must be a list drawn from {list(INCLUDE_FIELDS)}, got {_shown(include)}",
                             POLICY_VIOLATION, "bad_start")
     return Start(fmt, sample_rate, channels, resume, ack, results, tuple(f for f in INCLUDE_FIELDS if f in include), version)
 
@@ -199,7 +208,7 @@ def parse_ping(msg: dict[str, Any]) -> str:
     if extra or not (ping_id is None or type(ping_id) is int
                      or (isinstance(ping_id, str) and len(ping_id) <= PING_ID_CHARS)):
         raise ProtocolError(f'ping: expected {{"type": "ping"}} with an optional "id" (an integer or a string of '
-                            f'at most {PING_ID_CHARS} characters), got {_preview(repr(msg))}',
+                            f'at most {PING_ID_CHARS} characters), got {_shown(msg)}',
                             POLICY_VIOLATION, "bad_message")
     return dumps({"type": "pong"} if ping_id is None else {"type": "pong", "id": ping_id})
 
@@ -425,10 +434,23 @@ def _int_field(msg: dict[str, Any], name: str, default: int | None, minimum: int
     if value is None:
         raise ProtocolError(f"start: {name} is required", POLICY_VIOLATION, f"bad_{name}")
     if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
-        raise ProtocolError(f"start: {name} must be an integer from {minimum} to {maximum}, got {_preview(repr(value))}",
+        raise ProtocolError(f"start: {name} must be an integer from {minimum} to {maximum}, got {_shown(value)}",
                             POLICY_VIOLATION, f"bad_{name}")
     return value
 
 
 def _preview(text: str, limit: int = 60) -> str:
     return repr(text[:limit] + ("..." if len(text) > limit else ""))
+
+
+#: the repr of client values quoted in errors: bounded in length, depth and items (a megabyte-long
+#: start field was echoed whole into the error message and the server's log)
+_CLIENT_REPR = reprlib.Repr()  # (keyword arguments only from Python 3.12)
+_CLIENT_REPR.maxlevel, _CLIENT_REPR.maxdict, _CLIENT_REPR.maxlist = 2, 4, 6
+_CLIENT_REPR.maxstring, _CLIENT_REPR.maxlong, _CLIENT_REPR.maxother = 60, 40, 60
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """A client's value as an error message quotes it: a repr of at most ``limit`` characters."""
+    text = _CLIENT_REPR.repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -44,8 +44,10 @@ from .codec import ModelCodec
 from .config import ServeConfig
 from .protocol import (
     INTERNAL_ERROR,
+    INVALID_DATA,
     MESSAGE_TOO_BIG,
     POLICY_VIOLATION,
+    PROTOCOL_ERROR,
     RESULT_VALUE_BYTES,
     SERVICE_RESTART,
     TRY_AGAIN_LATER,
@@ -300,8 +302,10 @@ class StreamServer:
         except ProtocolError as exc:
             park = exc.reason in _PARKED_REASONS
             await self._fail(ws, exc)
-        except ConnectionClosed:
-            pass
+        except ConnectionClosed as exc:
+            # the websocket layer's own protocol errors (a frame over twice --max-frame-bytes, invalid
+            # UTF-8, a bad opcode) close the stream as the server's checks do: not kept for resume
+            park = not _closed_for_protocol_error(exc)
         except Exception:  # noqa: BLE001 - a bug must not kill the server, only this connection
             log.exception("stream handler failed")
             await self._fail(ws, ProtocolError("internal server error", INTERNAL_ERROR, "internal_error"))
@@ -366,3 +370,11 @@ class StreamServer:
                                 TRY_AGAIN_LATER, "too_many_streams") from None
         self._live[token] = session
         return session
+
+
+def _closed_for_protocol_error(exc: ConnectionClosed) -> bool:
+    """Whether the websocket layer closed the connection itself for a protocol error of the client:
+    it sent a close (1002 protocol error, 1007 invalid data, 1009 message too big) before any came in."""
+    sent = exc.sent
+    return (sent is not None and sent.code in (PROTOCOL_ERROR, INVALID_DATA, MESSAGE_TOO_BIG)
+            and not exc.rcvd_then_sent)

@@ -53,6 +53,10 @@ from .scheduler import Chunk, Scheduler, Slice
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _THREAD_DECODE_BYTES = 1 << 16  # frames at least this big are decoded off the event loop
+#: control messages a second (and at once) a stream may send before the server stops reading its
+#: socket for a while: no queue slot bounds them, and each is parsed on the event loop (StreamClient
+#: sends one ack per 8 results and no pings of its own)
+CONTROL_RATE = 1000
 
 
 class SessionHost(Protocol):
@@ -104,11 +108,14 @@ class Session:
         self.failed = asyncio.Event()
         self.sender: asyncio.Task | None = None
         self._reader: asyncio.Task | None = None  # the handler's task while it waits in _watched()
-        self._interrupt: ProtocolError | None = None  # why the watchdog cancelled that wait
+        self._interrupt: ProtocolError | ConnectionClosed | None = None  # why that wait was cancelled
+        self._gone: ConnectionClosed | None = None  # how the connection closed (set by _notice_close)
+        self._close_watch: asyncio.Task | None = None
         self._watchdog: asyncio.TimerHandle | None = None  # the idle timer (armed by _watched())
         self.last_activity = time.monotonic()  # last message received or result sent
         self.send_started: float | None = None  # monotonic time of the send in progress
         self.written_seq = -1  # done_seq of the last write-ahead
+        self._control_tokens, self._control_at = float(CONTROL_RATE), time.monotonic()  # CONTROL_RATE's bucket
 
     # -- called by the scheduler (engine thread) ---------------------------------------------
 
@@ -203,6 +210,8 @@ class Session:
         that reads no results would otherwise hold forever)."""
         if self.failure is not None:
             raise self.failure_error()
+        if self._gone is not None:
+            raise self._gone
         if self._watchdog is None:
             self._watch(self.last_activity + self.server.config.idle_timeout)
         task = self._reader = asyncio.current_task()
@@ -220,7 +229,7 @@ class Session:
         finally:
             self._reader = None
 
-    def _interrupt_reader(self, why: ProtocolError) -> None:
+    def _interrupt_reader(self, why: ProtocolError | ConnectionClosed) -> None:
         """End the handler's wait in :meth:`_watched` with ``why`` (nothing when it is not waiting)."""
         if self._reader is not None and self._interrupt is None:
             self._interrupt = why
@@ -291,7 +300,17 @@ class Session:
             if seq > ack:
                 await self.ws.send(message)
         self.last_activity = time.monotonic()
-        self.sender = asyncio.get_running_loop().create_task(self._send_loop())
+        loop = asyncio.get_running_loop()
+        self.sender = loop.create_task(self._send_loop())
+        self._close_watch = loop.create_task(self._notice_close())
+
+    async def _notice_close(self) -> None:
+        """When the connection closes, end a wait of the handler's that is not on the socket (a
+        queue slot for its next chunk): a client that filled its queue and left kept its pool row and
+        the engine busy until every queued chunk was computed, when they are to be dropped."""
+        await self.ws.wait_closed()
+        self._gone = self.ws.protocol.close_exc
+        self._interrupt_reader(self._gone)
 
     @property
     def resumable(self) -> bool:
@@ -311,6 +330,7 @@ class Session:
             if isinstance(message, str) and message.startswith("{"):
                 if await self._control(parse_control(message)):
                     return
+                await self._pace_control()
                 continue
             if isinstance(message, str) and self.start.format != "text":
                 raise ProtocolError("text frame in a binary stream: text frames carry JSON control messages only",
@@ -346,6 +366,16 @@ class Session:
                                 POLICY_VIOLATION, "bad_message")
         return False
 
+    async def _pace_control(self) -> None:
+        """After a control message: a turn for the other streams (a control message awaits nothing
+        else and recv() returns buffered messages at once, so a client flooding acks or pings held the
+        event loop), and past CONTROL_RATE a second a pause in reading this socket (TCP then slows
+        the sender)."""
+        now = time.monotonic()
+        self._control_tokens = min(CONTROL_RATE, self._control_tokens + (now - self._control_at) * CONTROL_RATE) - 1
+        self._control_at = now
+        await asyncio.sleep(0 if self._control_tokens >= 0 else -self._control_tokens / CONTROL_RATE)
+
     def _take_seq(self) -> int:
         self.next_seq += 1
         return self.next_seq - 1
@@ -367,7 +397,7 @@ class Session:
             if self.failure is not None:
                 raise self.failure_error() from None
             raise
-        except (ProtocolError, asyncio.CancelledError):  # interrupted before it was queued: not taken
+        except (ProtocolError, ConnectionClosed, asyncio.CancelledError):  # interrupted before it was queued: not taken
             self.next_seq, self.samples_in = chunk.seq, chunk.start
             raise
 
@@ -468,10 +498,11 @@ class Session:
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
-        if self.sender is not None:
-            self.sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
-                await self.sender
+        for task in (self.sender, self._close_watch):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+                    await task
         self._disconnect()  # unsent results stay in the replay buffer
         if self.sid < 0:
             return

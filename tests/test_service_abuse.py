@@ -602,3 +602,134 @@ async def test_streams_with_many_result_values_get_smaller_slices(ckpts):
         json_out, scores = Start("s16le", 8000, 1), Start("s16le", 8000, 1, include=("scores",))
         binary = Start("s16le", 8000, 1, results="binary")
         assert (srv._slice_samples(json_out), srv._slice_samples(scores), srv._slice_samples(binary)) == (63, 1024, 63)
+
+
+# ----------------------------------------------------------------------------- 8. found by an attacker (2026-12-07)
+
+
+@pytest.mark.parametrize("start, code, reason", [
+    ({"type": "start", "format": "A" * 3000}, 1003, "bad_format"),  # a long field under the control limit
+    ({"type": "start", "format": "text", "include": list(range(500))}, 1008, "bad_start"),
+    ({"type": "start", "format": "A" * 1_000_000}, 1009, "control_too_big"),  # not even parsed
+    ({"type": "start", "format": "text", "pad": [[]] * 100_000}, 1009, "control_too_big"),
+])
+async def test_a_huge_start_field_is_not_echoed_into_the_error(ckpts, caplog, start, code, reason):
+    """Regression: a megabyte-long start field came back whole in the error message (and the server's
+    log line), and a megabyte of JSON was parsed on the event loop."""
+    async with server(ckpts["dna"]) as srv:
+        ws = await connect(srv.url, max_size=None)
+        await ws.send(json.dumps(start))
+        error, closed = await error_of(ws)
+    assert closed == code and error["reason"] == reason
+    assert len(error["message"]) < 300, error["message"][:400]
+    assert all(len(r.getMessage()) < 400 for r in caplog.records)
+
+
+async def test_a_large_control_message_mid_stream_is_refused(ckpts):
+    """Acks padded to a megabyte, back to back, each parsed on the event loop, held up every stream."""
+    async with server(ckpts["dna"]) as srv:
+        ws = await connect(srv.url, max_size=None)
+        await ws.send(START)
+        await ws.recv()
+        await ws.send(json.dumps({"type": "ack", "seq": 0, "pad": "x" * 10_000}))
+        error, closed = await error_of(ws)
+        assert closed == 1009 and error["reason"] == "control_too_big" and "limit of 8192" in error["message"]
+        text = bases(300, 11)
+        c, _ = await canary(srv.url, text)  # the server carries on
+    assert_exact(ckpts["dna"], c, text)
+
+
+async def test_a_control_flood_leaves_a_canary_exact(ckpts):
+    """A client sending acks and pings as fast as the socket takes them (no flow control applies to
+    them) beside a canary: the canary's results stay exact and the flooder's stream still ends cleanly."""
+    async with server(ckpts["dna"]) as srv:
+        flooder = await connect(srv.url, max_size=None)
+        await flooder.send(START)
+        await flooder.recv()
+
+        async def flood() -> None:
+            for i in range(3000):
+                await flooder.send('{"type":"ack","seq":-1}' if i % 2 else '{"type":"ping"}')
+            await flooder.send('{"type":"end"}')
+
+        async def drain() -> dict:
+            last = None
+            async for reply in flooder:
+                last = json.loads(reply)
+            return last
+
+        text = bases(400, 12)
+        _, summary, (c, _) = await asyncio.gather(flood(), drain(), canary(srv.url, text))
+    assert summary["type"] == "summary" and summary["chunks"] == 0
+    assert_exact(ckpts["dna"], c, text)
+
+
+@pytest.mark.parametrize("attack", ["invalid_utf8", "oversized_frame"])
+async def test_a_websocket_layer_protocol_error_is_not_parked(ckpts, tmp_path, attack):
+    """Regression: errors the websocket layer catches itself (1007 invalid UTF-8, 1009 a frame over
+    twice --max-frame-bytes) left the stream parked and resumable, unlike the same errors caught by the
+    server's checks (PROTOCOL.md: streams closed for a protocol error are not kept)."""
+    async with server(ckpts["dna"], state_dir=str(tmp_path), max_frame_bytes=1024) as srv:
+        ws = await connect(srv.url, max_size=None)
+        await ws.send(START)
+        await ws.recv()
+        await ws.send("ACGT")
+        await ws.recv()
+        if attack == "invalid_utf8":
+            await ws.send(b"AC\xffGT", text=True)  # a text frame that is not UTF-8
+        else:
+            await ws.send("A" * 4096)
+        _, closed = await error_of(ws)
+        assert closed == (1007 if attack == "invalid_utf8" else 1009)
+        await until(lambda: srv.scheduler.live == 0, "the stream closed")
+        await asyncio.sleep(0.2)  # parking would run in a thread after the row is freed
+        assert len(srv.store) == 0
+        # a client's own abort is still parked
+        ws = await connect(srv.url)
+        await ws.send(START)
+        await ws.recv()
+        await ws.send("ACGT")
+        await ws.recv()
+        ws.transport.abort()
+        await until(lambda: len(srv.store) == 1, "parked")
+
+
+async def test_control_messages_past_the_rate_pause_the_socket(ckpts, monkeypatch):
+    """Past CONTROL_RATE control messages a second the server stops reading the stream's socket for
+    a while (a lower bound on the flood's time, which sleeping guarantees: no wall-clock upper bound)."""
+    from streamssm.service import session
+
+    monkeypatch.setattr(session, "CONTROL_RATE", 100)
+    async with server(ckpts["dna"]) as srv:
+        ws = await connect(srv.url)
+        await ws.send(START)
+        await ws.recv()
+        t0 = asyncio.get_running_loop().time()
+        for i in range(300):
+            await ws.send(json.dumps({"type": "ping", "id": i}))
+        for i in range(300):
+            assert json.loads(await ws.recv()) == {"type": "pong", "id": i}
+        elapsed = asyncio.get_running_loop().time() - t0
+        await ws.send('{"type":"end"}')
+        assert json.loads(await ws.recv())["type"] == "summary"
+    assert elapsed >= 1.5  # 300 messages, a burst of 100, then 100 a second: 2 s
+
+
+async def test_a_client_that_fills_its_queue_and_leaves_frees_its_row_without_the_queued_chunks(ckpts):
+    """Regression: with every queue slot taken the handler waited for a slot, not on the socket, so a
+    client that queued large frames and dropped the connection kept its pool row (and the engine)
+    until every queued chunk was computed; chunks received but not started are to be dropped."""
+    async with server(ckpts["dna"], slice_samples=16, max_frame_bytes=1 << 16, queue_depth=2, resume_ttl=0) as srv:
+        ws = await connect(srv.url, max_size=None)
+        await ws.send(json.dumps({"type": "start", "format": "text", "include": ["scores"]}))
+        await ws.recv()
+        for k in range(4):  # 2 queued, the 3rd waits for a slot in the handler, the 4th in the socket
+            await ws.send(bases(4000, 20 + k))
+        await until(lambda: big_chunk(srv) is not None, "the first frame started")
+        first = big_chunk(srv)
+        ws.transport.abort()
+        await until(lambda: srv.scheduler.live == 0, "the stream closed")
+        assert first.taken < first.n, "the stream stayed open until its queued frames were computed"
+        text = bases(200, 13)
+        c, _ = await canary(srv.url, text)
+    assert_exact(ckpts["dna"], c, text)
