@@ -249,7 +249,9 @@ class ResumeStore:
         belongs to another bearer token (the message does not say which); ``STREAM_LOST``
         (4410, ``stream_lost``) when it was issued here but its state is gone (expired,
         evicted, or the server died before writing it)."""
-        unknown = ProtocolError("resume token is unknown or expired", POLICY_VIOLATION, "bad_resume")
+        # (an expired token of ours is stream_lost below: "expired" here misled a client into waiting)
+        unknown = ProtocolError("resume token was not issued by this server (or belongs to another bearer "
+                                "token); start a new stream without resume", POLICY_VIOLATION, "bad_resume")
         if not _TOKEN_RE.match(token) or not self.issued(token, owner):
             raise unknown
         with self._lock:

@@ -459,6 +459,8 @@ async def test_lost_stream_is_told_apart_from_an_invalid_token(ckpts, tmp_path):
             got, code = await error_of(ws)
             codes.append((code, got["reason"]))
     assert codes == [(4410, "stream_lost"), (1008, "bad_resume")]
+    # the forged token's message does not call it expired (an expired token of ours is stream_lost)
+    assert "expired" not in got["message"] and "not issued by this server" in got["message"]
 
 
 # ----------------------------------------------------------------------------- 5. parked streams
