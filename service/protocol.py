@@ -139,7 +139,7 @@ def parse_control(text: str) -> dict[str, Any]:
         raise ProtocolError(f"control message is not valid JSON: {exc}", INVALID_DATA, "bad_json") from None
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
         raise ProtocolError(
-            'control message must be a JSON object with a string "type", got ' + _preview(text),
+            'control message must be a JSON object with a string "type", got ' + _shown(text),
             POLICY_VIOLATION, "bad_message",
         )
     return msg
@@ -437,10 +437,6 @@ def _int_field(msg: dict[str, Any], name: str, default: int | None, minimum: int
         raise ProtocolError(f"start: {name} must be an integer from {minimum} to {maximum}, got {_shown(value)}",
                             POLICY_VIOLATION, f"bad_{name}")
     return value
-
-
-def _preview(text: str, limit: int = 60) -> str:
-    return repr(text[:limit] + ("..." if len(text) > limit else ""))
 
 
 #: the repr of client values quoted in errors: bounded in length, depth and items (a megabyte-long

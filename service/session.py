@@ -25,6 +25,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 import torch
 from websockets.asyncio.server import ServerConnection
+from websockets.protocol import State
 from websockets.exceptions import ConnectionClosed
 
 from streamssm.checkpoint import ServingBundle
@@ -109,7 +110,6 @@ class Session:
         self.sender: asyncio.Task | None = None
         self._reader: asyncio.Task | None = None  # the handler's task while it waits in _watched()
         self._interrupt: ProtocolError | ConnectionClosed | None = None  # why that wait was cancelled
-        self._gone: ConnectionClosed | None = None  # how the connection closed (set by _notice_close)
         self._close_watch: asyncio.Task | None = None
         self._watchdog: asyncio.TimerHandle | None = None  # the idle timer (armed by _watched())
         self.last_activity = time.monotonic()  # last message received or result sent
@@ -210,8 +210,8 @@ class Session:
         that reads no results would otherwise hold forever)."""
         if self.failure is not None:
             raise self.failure_error()
-        if self._gone is not None:
-            raise self._gone
+        if self.ws.state is State.CLOSED:  # a wait begun after the close (_notice_close missed it)
+            raise self.ws.protocol.close_exc
         if self._watchdog is None:
             self._watch(self.last_activity + self.server.config.idle_timeout)
         task = self._reader = asyncio.current_task()
@@ -309,8 +309,7 @@ class Session:
         queue slot for its next chunk): a client that filled its queue and left kept its pool row and
         the engine busy until every queued chunk was computed, when they are to be dropped."""
         await self.ws.wait_closed()
-        self._gone = self.ws.protocol.close_exc
-        self._interrupt_reader(self._gone)
+        self._interrupt_reader(self.ws.protocol.close_exc)
 
     @property
     def resumable(self) -> bool:
