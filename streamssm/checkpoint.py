@@ -124,9 +124,26 @@ def give_default_mode(path: Path) -> None:
     """Give a file the mode a plain ``open(path, "w")`` would (0666 less the umask): safetensors
     0.8 writes through a private temporary file (0600) renamed into place, so an exported model
     was unreadable to the group and others, unlike every other output."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+_PROC_STATUS = "/proc/self/status"  # Linux: the process's umask, among other things
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it where Linux shows it (/proc/self/status):
+    ``os.umask`` can only read it by setting it, process-wide, so a file another thread created
+    meanwhile would get mode 0666."""
+    try:
+        with open(_PROC_STATUS, encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    return umask
 
 
 @dataclass

@@ -61,12 +61,16 @@ def test_foreign_safetensors_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
-def test_an_export_gets_the_mode_of_the_umask(tmp_path, umask):
+@pytest.mark.parametrize("proc", [True, False])  # the umask read from /proc, or (elsewhere) set and restored
+def test_an_export_gets_the_mode_of_the_umask(tmp_path, monkeypatch, umask, proc):
     """Regression (README walk): safetensors wrote exports 0600 (its private temporary file renamed
     into place), so a model exported for a server run by another user could not be read."""
+    if not proc:
+        monkeypatch.setattr("streamssm.checkpoint._PROC_STATUS", str(tmp_path / "no-proc"))
     old = os.umask(umask)
     try:
         path = export_safetensors(SSMModel(CFG), tmp_path / "m.safetensors", SERVING)
+        assert os.umask(umask) == umask  # left as it was (the fallback sets and restores it)
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
