@@ -139,7 +139,7 @@ def parse_control(text: str) -> dict[str, Any]:
         raise ProtocolError(f"control message is not valid JSON: {exc}", INVALID_DATA, "bad_json") from None
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
         raise ProtocolError(
-            'control message must be a JSON object with a string "type", got ' + _shown(text),
+            'control message must be a JSON object with a string "type", got ' + quoted(text),
             POLICY_VIOLATION, "bad_message",
         )
     return msg
@@ -148,22 +148,22 @@ def parse_control(text: str) -> dict[str, Any]:
 def parse_start(msg: dict[str, Any], spec: StreamSpec) -> Start:
     """Validate a ``start`` message against the protocol and what the model accepts."""
     if msg.get("type") != "start":
-        raise ProtocolError(f'the first message must be {{"type": "start", ...}}, got type {_shown(msg.get("type"))}',
+        raise ProtocolError(f'the first message must be {{"type": "start", ...}}, got type {quoted(msg.get("type"))}',
                             POLICY_VIOLATION, "bad_start")
     known = {"type", "version", "format", "sample_rate", "channels", "resume", "ack", "results", "include"}
     unknown = sorted(set(msg) - known)
     if unknown:
-        raise ProtocolError(f"start: unknown fields {_shown(unknown)}; expected some of {sorted(known)}",
+        raise ProtocolError(f"start: unknown fields {quoted(unknown)}; expected some of {sorted(known)}",
                             POLICY_VIOLATION, "bad_start")
     version = msg.get("version", PROTOCOL_VERSION)
     if type(version) is not int or version != PROTOCOL_VERSION:  # 1.0 and true are not 1
-        raise ProtocolError(f"start: protocol version {_shown(version)} is not supported; this server speaks {PROTOCOL_VERSION}",
+        raise ProtocolError(f"start: protocol version {quoted(version)} is not supported; this server speaks {PROTOCOL_VERSION}",
                             POLICY_VIOLATION, "bad_version")
     fmt = msg.get("format")
     if fmt not in FORMATS:
-        raise ProtocolError(f"start: format must be one of {list(FORMATS)}, got {_shown(fmt)}", UNSUPPORTED_DATA, "bad_format")
+        raise ProtocolError(f"start: format must be one of {list(FORMATS)}, got {quoted(fmt)}", UNSUPPORTED_DATA, "bad_format")
     if fmt not in spec.formats:
-        raise ProtocolError(f"start: this model accepts formats {list(spec.formats)}, got {_shown(fmt)}",
+        raise ProtocolError(f"start: this model accepts formats {list(spec.formats)}, got {quoted(fmt)}",
                             UNSUPPORTED_DATA, "bad_format")
     channels = _int_field(msg, "channels", 1, minimum=1, maximum=MAX_CHANNELS)
     sample_rate = msg.get("sample_rate")
@@ -191,11 +191,11 @@ def parse_start(msg: dict[str, Any], spec: StreamSpec) -> Start:
     ack = _int_field(msg, "ack", -1, minimum=-1)
     results = msg.get("results", "json")
     if results not in RESULT_ENCODINGS:
-        raise ProtocolError(f"start: results must be one of {list(RESULT_ENCODINGS)}, got {_shown(results)}",
+        raise ProtocolError(f"start: results must be one of {list(RESULT_ENCODINGS)}, got {quoted(results)}",
                             POLICY_VIOLATION, "bad_start")
     include = msg.get("include", list(INCLUDE_FIELDS))
     if not isinstance(include, list) or not all(f in INCLUDE_FIELDS for f in include):
-        raise ProtocolError(f"start: include must be a list drawn from {list(INCLUDE_FIELDS)}, got {_shown(include)}",
+        raise ProtocolError(f"start: include must be a list drawn from {list(INCLUDE_FIELDS)}, got {quoted(include)}",
                             POLICY_VIOLATION, "bad_start")
     return Start(fmt, sample_rate, channels, resume, ack, results, tuple(f for f in INCLUDE_FIELDS if f in include), version)
 
@@ -208,7 +208,7 @@ def parse_ping(msg: dict[str, Any]) -> str:
     if extra or not (ping_id is None or type(ping_id) is int
                      or (isinstance(ping_id, str) and len(ping_id) <= PING_ID_CHARS)):
         raise ProtocolError(f'ping: expected {{"type": "ping"}} with an optional "id" (an integer or a string of '
-                            f'at most {PING_ID_CHARS} characters), got {_shown(msg)}',
+                            f'at most {PING_ID_CHARS} characters), got {quoted(msg)}',
                             POLICY_VIOLATION, "bad_message")
     return dumps({"type": "pong"} if ping_id is None else {"type": "pong", "id": ping_id})
 
@@ -434,7 +434,7 @@ def _int_field(msg: dict[str, Any], name: str, default: int | None, minimum: int
     if value is None:
         raise ProtocolError(f"start: {name} is required", POLICY_VIOLATION, f"bad_{name}")
     if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
-        raise ProtocolError(f"start: {name} must be an integer from {minimum} to {maximum}, got {_shown(value)}",
+        raise ProtocolError(f"start: {name} must be an integer from {minimum} to {maximum}, got {quoted(value)}",
                             POLICY_VIOLATION, f"bad_{name}")
     return value
 
@@ -446,7 +446,7 @@ _CLIENT_REPR.maxlevel, _CLIENT_REPR.maxdict, _CLIENT_REPR.maxlist = 2, 4, 6
 _CLIENT_REPR.maxstring, _CLIENT_REPR.maxlong, _CLIENT_REPR.maxother = 60, 40, 60
 
 
-def _shown(value: Any, limit: int = 80) -> str:
+def quoted(value: Any, limit: int = 80) -> str:
     """A client's value as an error message quotes it: a repr of at most ``limit`` characters."""
     text = _CLIENT_REPR.repr(value)
     return text if len(text) <= limit else text[:limit] + "..."

@@ -45,6 +45,7 @@ from .protocol import (
     join_result,
     parse_control,
     parse_ping,
+    quoted,
     ready_message,
     result_piece,
 )
@@ -347,10 +348,13 @@ class Session:
     async def _control(self, msg: dict[str, Any]) -> bool:
         """Act on a control message; True after ``end`` (the stream is over)."""
         kind = msg["type"]
-        if kind == "end":
+        if kind == "end" and set(msg) == {"type"}:
             await self._end()
             return True
-        if kind == "ack" and type(msg.get("seq")) is int:
+        if kind == "ack" and set(msg) == {"type", "seq"} and type(msg["seq"]) is int:
+            if msg["seq"] < -1:  # -1: none; beyond the last result is allowed (a resume from an older write-ahead)
+                raise ProtocolError(f"ack: seq must be -1 or a result's seq, got {quoted(msg['seq'])}",
+                                    POLICY_VIOLATION, "bad_message")
             self.acknowledge(msg["seq"])
         elif kind == "ping":
             pong = parse_ping(msg)
@@ -360,8 +364,9 @@ class Session:
         elif kind == "reset" and set(msg) == {"type"}:
             await self._reset()
         else:
-            raise ProtocolError(f'unexpected control message {_short(msg)} (expected {{"type": "end"}}, '
-                                '{"type": "ack", "seq": int}, {"type": "ping", "id"?}, {"type": "reset"} or data)',
+            raise ProtocolError(f'unexpected control message {quoted(msg)} (expected {{"type": "end"}}, '
+                                '{"type": "ack", "seq": int}, {"type": "ping", "id"?}, {"type": "reset"}, each with no '
+                                'other fields, or data)',
                                 POLICY_VIOLATION, "bad_message")
         return False
 
@@ -532,8 +537,3 @@ def resume_settings(start: Start) -> dict[str, Any]:
     """What a resume must repeat: the stream's input settings and its results encoding."""
     return {"format": start.format, "sample_rate": start.sample_rate, "channels": start.channels,
             "results": start.results, "include": list(start.include)}
-
-
-def _short(msg: dict[str, Any]) -> str:
-    text = dumps(msg)
-    return text if len(text) <= 80 else text[:77] + "..."

@@ -642,6 +642,29 @@ async def test_a_large_control_message_mid_stream_is_refused(ckpts):
     assert_exact(ckpts["dna"], c, text)
 
 
+@pytest.mark.parametrize("message, named", [
+    ({"type": "ack", "seq": -2}, "seq must be -1 or a result's seq, got -2"),
+    ({"type": "ack", "seq": 1, "pad": 0}, "unexpected control message"),
+    ({"type": "end", "reason": "done"}, "unexpected control message"),
+])
+async def test_a_negative_ack_or_a_control_message_with_extra_fields_is_refused(ckpts, message, named):
+    """Regression: an ack of seq -2 and ``end``/``ack`` with extra fields (a client's typo, or a field
+    it expects the server to act on) were taken silently; ``reset`` and ``ping`` already refused them."""
+    async with server(ckpts["dna"]) as srv:
+        ws = await connect(srv.url)
+        await ws.send(START)
+        await ws.recv()
+        for _ in range(2):
+            await ws.send("ACGT")
+            await ws.recv()
+        await ws.send(json.dumps(message))
+        error, closed = await error_of(ws)
+        assert closed == 1008 and error["reason"] == "bad_message" and named in error["message"], error
+        text = bases(60, 13)
+        c, _ = await canary(srv.url, text)
+    assert_exact(ckpts["dna"], c, text)
+
+
 async def test_a_control_flood_leaves_a_canary_exact(ckpts):
     """A client sending acks and pings as fast as the socket takes them (no flow control applies to
     them) beside a canary: the canary's results stay exact and the flooder's stream still ends cleanly."""
