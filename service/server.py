@@ -70,6 +70,18 @@ _PARKED_REASONS = ("idle_timeout",)  # protocol errors after which a stream is s
 _VALUES_PER_SLICE_SAMPLE = 16  # a stream's slice holds at most slice_samples x this many result values
 
 
+def _tls_context(cfg: ServeConfig) -> ssl.SSLContext | None:
+    """The server's TLS context for ``--certfile``/``--keyfile`` (None without them)."""
+    if not cfg.certfile:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(cfg.certfile, cfg.keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"TLS: cannot load certfile {cfg.certfile!r} with keyfile {cfg.keyfile!r}: {exc}") from exc
+    return ctx
+
+
 def _loopback(host: str) -> bool:
     if host in ("localhost", ""):
         return host == "localhost"
@@ -114,26 +126,22 @@ class StreamServer:
             log.warning("serving on %s without --token: anyone who reaches this port can stream "
                         "(and read the scores); set --token and TLS", cfg.host)
         await self.backend.start()
-        raise_open_file_limit(cfg.max_pending + cfg.max_streams)
-        ssl_ctx = None
-        if cfg.certfile:
-            ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            try:
-                ssl_ctx.load_cert_chain(cfg.certfile, cfg.keyfile)
-            except (OSError, ssl.SSLError) as exc:
-                raise ConfigError(f"TLS: cannot load certfile {cfg.certfile!r} with keyfile {cfg.keyfile!r}: "
-                                  f"{exc}") from exc
-        self._server = await serve(
-            self._handler, cfg.host, cfg.port, process_request=self._process_request,
-            max_size=2 * cfg.max_frame_bytes, compression=None, ping_interval=cfg.ping_interval,
-            ping_timeout=cfg.ping_interval, ssl=ssl_ctx, select_subprotocol=static.select_subprotocol,
-            reuse_port=self._reuse_port, create_connection=self.pending.connection_class(),
-        )
-        loop = asyncio.get_running_loop()
-        if self.store.enabled:
-            self._tasks.append(loop.create_task(self._sweep_loop()))
-            if self.store.state_dir is not None:
-                self._tasks.append(loop.create_task(self._write_ahead_loop()))
+        try:  # a failed start stops what it started (`async with` never reaches stop)
+            raise_open_file_limit(cfg.max_pending + cfg.max_streams)
+            self._server = await serve(
+                self._handler, cfg.host, cfg.port, process_request=self._process_request,
+                max_size=2 * cfg.max_frame_bytes, compression=None, ping_interval=cfg.ping_interval,
+                ping_timeout=cfg.ping_interval, ssl=_tls_context(cfg), select_subprotocol=static.select_subprotocol,
+                reuse_port=self._reuse_port, create_connection=self.pending.connection_class(),
+            )
+            loop = asyncio.get_running_loop()
+            if self.store.enabled:
+                self._tasks.append(loop.create_task(self._sweep_loop()))
+                if self.store.state_dir is not None:
+                    self._tasks.append(loop.create_task(self._write_ahead_loop()))
+        except BaseException:
+            await self.stop()
+            raise
         log.info("serving model %s (%s head) on %s", self.bundle.fingerprint, self.codec.head, self.url)
 
     async def stop(self) -> None:

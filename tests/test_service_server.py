@@ -13,8 +13,10 @@ import math
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 
@@ -27,6 +29,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from streamssm.checkpoint import export_safetensors, load_for_serving
 from streamssm.encoding import Normalizer, encode_bases, mu_law_encode
+from streamssm.errors import ConfigError
 from streamssm.models import ModelConfig, SSMModel
 from streamssm.service.client import StreamClient
 from streamssm.service.sources import read_source, stream_source
@@ -345,6 +348,27 @@ async def test_serving_leaves_the_embedding_processs_garbage_collector_as_it_was
     assert gc.get_threshold() == before and gc.get_freeze_count() == 0
 
 
+@pytest.mark.parametrize("failure", ["port_taken", "bad_tls"])
+async def test_a_server_that_fails_to_start_stops_what_it_started(ckpts, tmp_path, failure):
+    """Regression: a start that failed after the engine started (port in use, a TLS file missing)
+    left the engine thread running and the collector frozen, since ``async with`` calls no stop
+    when entering fails (Python 3.12's run of the suite then failed the collector test above)."""
+    def engines() -> int:
+        return sum(t.name.startswith("streamssm-engine") for t in threading.enumerate())
+
+    before, engines_before = gc.get_threshold(), engines()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        kw = ({"port": taken.getsockname()[1]} if failure == "port_taken"
+              else {"certfile": str(tmp_path / "missing.pem"), "keyfile": str(tmp_path / "missing.key")})
+        with pytest.raises(OSError if failure == "port_taken" else ConfigError):
+            async with server(ckpts["dna"], **kw):
+                pass
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+    assert engines() == engines_before
+
+
 async def test_resume_after_disconnect_equals_uninterrupted(ckpts):
     bases = random_bases(150, seed=21)
     cuts = random_cuts(len(bases), 22)
@@ -603,7 +627,6 @@ async def test_batch_wait_lets_staggered_streams_share_one_call(ckpts):
 
 
 def test_batch_wait_is_bounded():
-    from streamssm.errors import ConfigError
     from streamssm.service.config import ServeConfig
     from streamssm.service.scheduler import Scheduler
 
@@ -616,7 +639,6 @@ def test_batch_wait_is_bounded():
 
 
 def test_pipeline_fill_is_bounded():
-    from streamssm.errors import ConfigError
     from streamssm.service.config import ServeConfig
     from streamssm.service.scheduler import Scheduler
 
