@@ -42,7 +42,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 import pyfaidx
@@ -102,15 +102,21 @@ def validate_fasta(
     ``VALIDATE_BLOCK``; ``bytes.translate`` drops the plain bases and newlines of a block in one
     C pass, and only what remains (ambiguity codes, invalid bytes: usually nothing) is looked at.
     Raises ``DataFormatError`` naming the file, record, 0-based position and line of the first
-    character that is not a base (nor an allowed ambiguity code).
+    character that is not a base (nor an allowed ambiguity code), or saying that the ``.fai``
+    index does not fit the file (``_check_index_entry``).
     """
     bad_table = _invalid_table(ambiguous_as_n)
     found: Counter[str] = Counter()
+    index = fasta.faidx.index
     with open(path, "rb") as fh:
+        if index:
+            name, rec = max(index.items(), key=lambda kv: int(kv[1].offset))
+            _check_index_entry(fh, path, name, int(rec.offset), _record_bytes(rec), last=True)
         for name in names:
-            rec = fasta.faidx.index[name]
+            rec = index[name]
             lenc, lenb = int(rec.lenc), int(rec.lenb)
-            total = (rec.rlen // lenc) * lenb + rec.rlen % lenc if lenc else 0  # bytes of sequence lines
+            total = _record_bytes(rec)
+            _check_index_entry(fh, path, name, int(rec.offset), total)
             fh.seek(rec.offset)
             done = 0
             while done < total:
@@ -129,6 +135,40 @@ def validate_fasta(
                         found[chr(b).upper()] += int(seen[b])
                 done += len(block)
     return found
+
+
+def _record_bytes(rec: Any) -> int:
+    """Bytes of a ``.fai`` entry's sequence lines (line breaks inside the record included)."""
+    lenc, lenb = int(rec.lenc), int(rec.lenb)
+    return (rec.rlen // lenc) * lenb + rec.rlen % lenc if lenc else 0
+
+
+def _check_index_entry(fh: BinaryIO, path: str | Path, name: str, offset: int, total: int, last: bool = False) -> None:
+    """Raise ``DataFormatError`` unless the ``.fai`` entry of record ``name`` fits the file: its
+    sequence starts right after a ``>name`` header line and its ``total`` bytes are followed by a
+    line break then the next header or the end of the file. pyfaidx rebuilds an index older than
+    the FASTA only; a file replaced by one with an older time (``cp -p``, ``tar x``, ``rsync -t``)
+    kept an index that read other bases, or fewer, without a word. ``last``: the entry that
+    comes last in the file, after which only the end of the file may follow (not a record the
+    index does not know)."""
+    stale = (
+        f"FASTA file {str(path)!r}: record {name!r} is not where the index {path}.fai says (the index is "
+        f"stale: the FASTA changed after it was written); delete {path}.fai to rebuild it"
+    )
+    lo = max(0, offset - 1024)
+    fh.seek(lo)
+    before = fh.read(offset - lo)
+    if not before.endswith(b"\n"):
+        raise DataFormatError(stale)
+    cut = before.rfind(b"\n", 0, len(before) - 1)
+    if cut >= 0 or lo == 0:  # the whole header line is in view (a longer one's name is not checked)
+        header = before[cut + 1 :].decode("utf-8", "replace")
+        if not header.startswith(">") or header[1:].split()[:1] != [name]:
+            raise DataFormatError(stale)
+    fh.seek(offset + total)
+    after = fh.read(256).lstrip(b"\r\n\t ")
+    if after and (last or not after.startswith((b">", b";"))):  # after the last entry: the end of the file
+        raise DataFormatError(stale)
 
 
 def _raise_invalid(path: str | Path, name: str, char: str, pos: int, line: int, ambiguous_as_n: bool) -> None:
@@ -207,6 +247,11 @@ def open_fasta(path: str | Path, build_index: bool = True) -> pyfaidx.Fasta:
         ) from None
     except ValueError as exc:  # duplicate record names and similar content problems
         raise DataFormatError(f"FASTA file {str(path)!r} cannot be indexed: {exc}") from None
+    except RuntimeError as exc:  # pyfaidx's "Unhandled exception during fasta indexing": blank lines
+        raise DataFormatError(
+            f"FASTA file {str(path)!r} cannot be indexed (pyfaidx: {str(exc).split('Please report')[0]}); "
+            f"blank lines inside or after a record are the usual cause: remove them"
+        ) from None
     if fai.exists() and fai.stat().st_mtime_ns != before:
         log.info("wrote the FASTA index %s beside %s (pyfaidx; reused while the FASTA is unchanged)", fai, path)
     return fasta

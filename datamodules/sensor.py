@@ -69,18 +69,24 @@ def scan_table(path: Path) -> pl.LazyFrame:
     A CSV is checked first (``check_csv_rows``): every row has the header's field count and
     there is at least one data row.
     """
-    if path.suffix.lower() == ".ts":
+    suffix = path.suffix.lower()
+    if suffix == ".ts":
         return ts_format.ts_table(path).lazy()
+    if suffix not in TABLE_SUFFIXES:
+        raise DataFormatError(f"table {str(path)!r}: unknown suffix {path.suffix!r}; expected one of {list(TABLE_SUFFIXES)}")
     try:
-        if path.suffix.lower() == ".csv":
+        if suffix == ".csv":
             with open(path, "rb") as fh:
+                if b"\x00" in fh.read(4096):
+                    raise DataFormatError(f"table {str(path)!r} is not a text CSV file (binary content)")
+                fh.seek(0)
                 header = fh.readline()
             check_csv_rows(path, len(next(csv.reader([header.decode("utf-8", "replace")]), [])))
             lf = pl.scan_csv(path, try_parse_dates=True, infer_schema_length=10_000)
         else:
             lf = pl.scan_parquet(path)
         lf.collect_schema()
-    except (pl.exceptions.PolarsError, OSError) as exc:
+    except (pl.exceptions.PolarsError, OSError, csv.Error) as exc:
         raise DataFormatError(f"table {str(path)!r} cannot be read: {exc}") from None
     return lf
 
@@ -165,7 +171,7 @@ def numeric_text_columns(
     casts = []
     for c in text:
         n_num, n_given = stats[f"{c}\0num"], stats[f"{c}\0given"]
-        if n_num == 0:
+        if n_num == 0 and n_given > 0:  # a text column; an all-empty one is a numeric column of nulls
             continue
         if n_num < n_given:
             row, value = (
@@ -431,6 +437,8 @@ class SensorDataModule(BaseDataModule):
                     f"(targets are the next values of input channels)"
                 )
             self.target_index = [self.feature_names.index(c) for c in self.target_columns]
+        if self.time_column is not None and schema[self.time_column] == pl.String:
+            lf = self._numeric_time(lf)
         keep = [c for c in (series, self.time_column) if c] + self.feature_names
         keep += [self.label_column] if self.label_column else []
         lf = lf.select(keep).with_row_index(_ROW_COLUMN)
@@ -446,8 +454,24 @@ class SensorDataModule(BaseDataModule):
             raise DataFormatError(f"{self._source} holds no rows")
         return df, series
 
+    def _numeric_time(self, lf: pl.LazyFrame) -> pl.LazyFrame:
+        """A text ``time_column`` (polars read neither numbers nor dates in it) as Float64, or a
+        ``DataFormatError`` naming a value: sorting the text would order 't10' before 't2'."""
+        col = self.time_column
+        num = pl.col(col).str.strip_chars().cast(pl.Float64, strict=False)
+        bad = lf.with_row_index(_ROW_COLUMN).filter(pl.col(col).is_not_null() & num.is_null())
+        first = bad.select(_ROW_COLUMN, col).head(1).collect()
+        if first.height:
+            row, value = first.row(0)
+            raise DataFormatError(
+                f"time_column {col!r} of {self._source} holds text that is neither a number nor a date polars "
+                f"can parse ({value!r} at data row {row + 1}), so rows cannot be ordered by time; write numbers or "
+                f"ISO 8601 dates (2024-01-31 12:00:00), or leave time_column unset to keep the file order"
+            )
+        return lf.with_columns(num.alias(col))
+
     def _handle_missing(self, df: pl.DataFrame, series: str | None) -> pl.DataFrame:
-        for col in [c for c in (self.time_column, self.label_column) if c]:
+        for col in [c for c in (self.time_column, self.series_column, self.label_column) if c]:
             nulls = df[col].null_count()
             if nulls:
                 raise DataFormatError(f"column {col!r} has {nulls} missing value(s) in {self._source}")

@@ -249,6 +249,20 @@ class InputArray:
         )
 
 
+def _sample_rate(value: Any, where: str) -> float | None:
+    """An array's ``sample_rate`` attribute as Hz (None when absent); ``DataFormatError`` unless
+    it is a positive finite number."""
+    if value is None:
+        return None
+    try:
+        rate = float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else float("nan")
+    except ValueError:  # text that is not a number
+        rate = float("nan")
+    if not (np.isfinite(rate) and rate > 0):
+        raise DataFormatError(f"{where}: attribute sample_rate must be a positive number of Hz, got {value!r}")
+    return rate
+
+
 def open_inputs(
     spec: str | Path,
     has_channels: bool | None,
@@ -290,9 +304,10 @@ def open_inputs(
         time_chunk = int(arr.chunks[layout.time_axis])
         if int(arr.shape[layout.time_axis]) == 0:
             raise ShapeError(f"{where}: the time axis ({layout.time_axis}) is empty")
-        rate = dict(arr.attrs).get("sample_rate")
+        if layout.series_axis is not None and int(arr.shape[layout.series_axis]) == 0:
+            raise ShapeError(f"{where}: the series axis ({layout.series_axis}) is empty (shape {tuple(arr.shape)})")
         inputs.append(InputArray(name, store, tuple(int(n) for n in arr.shape), str(dtype), layout, time_chunk,
-                                 None if rate is None else float(rate)))
+                                 _sample_rate(dict(arr.attrs).get("sample_rate"), where)))
     return inputs
 
 

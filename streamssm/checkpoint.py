@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_model
 
 from streamssm.errors import ConfigError, DataFormatError
@@ -177,8 +177,12 @@ def read_model_file(path: str | Path, weights: bool = False) -> ModelFile:
                     raise DataFormatError(
                         f"{path} is a safetensors file but not a streamssm export (no streamssm metadata)")
                 state_dict = {k: f.get_tensor(k) for k in f.keys()} if weights else None
-        except (OSError, ValueError) as exc:  # safetensors' header errors
-            raise DataFormatError(f"cannot read {path} as safetensors: {exc}") from None
+        except DataFormatError:
+            raise
+        except (OSError, ValueError, SafetensorError) as exc:  # safetensors' header errors
+            raise DataFormatError(
+                f"cannot read {path} as safetensors (truncated, damaged or not a safetensors file): {exc}"
+            ) from None
         return ModelFile(path, "safetensors", json.loads(meta["config"]), as_spec(json.loads(meta.get("serving", "{}"))),
                          json.loads(meta.get("versions", "{}")), state_dict)
     try:

@@ -113,7 +113,9 @@ def read_state_metadata(source: bytes | str | os.PathLike[str]) -> dict[str, str
     else:
         with open(source, "rb") as f:
             head = f.read(8)
-            data = head + f.read(int.from_bytes(head, "little")) if len(head) == 8 else head
+            # at most the rest of the file: a damaged length field must not ask for exabytes
+            rest = max(0, os.fstat(f.fileno()).st_size - 8)
+            data = head + f.read(min(int.from_bytes(head, "little"), rest)) if len(head) == 8 else head
     if len(data) < 8:
         raise StateError(f"state bytes are not a valid safetensors blob: {len(data)} bytes, no header length")
     (n,) = struct.unpack("<Q", data[:8])

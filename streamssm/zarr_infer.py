@@ -44,6 +44,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import zarr
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from zarr.codecs import ZstdCodec
 
@@ -65,6 +66,9 @@ DEFAULT_CHUNK_STEPS = 65536
 
 
 # ------------------------------------------------------------------------------- raw -> model
+
+#: integer dtypes ``pcm_to_float`` scales (audio, and sensor arrays read with ``--integer-input pcm``)
+_PCM_DTYPES = tuple(np.dtype(d) for d in ("uint8", "int8", "int16", "int32"))
 
 
 class BatchEncoder:
@@ -108,6 +112,12 @@ class BatchEncoder:
             )
         if self.cfg.input_kind == "tokens" and self._row is None and np.dtype(inp.dtype).kind not in "iu":
             raise DataFormatError(f"input array {inp.store!r}: token models need integer ids, got {inp.dtype}")
+        pcm = self.modality == "audio" or self.integer_read(inp) == "pcm"
+        if pcm and np.dtype(inp.dtype).kind in "iu" and np.dtype(inp.dtype) not in _PCM_DTYPES:
+            raise DataFormatError(
+                f"input array {inp.store!r}: {inp.dtype} samples cannot be read as PCM (full scale known for "
+                f"{', '.join(str(d) for d in _PCM_DTYPES)}); convert the array to one of those or to float"
+            )
         if self.integer_read(inp) == "error":
             raise ConfigError(
                 f"input array {inp.store!r}: {inp.dtype} samples for a sensor model; integers are not scaled "
@@ -292,6 +302,11 @@ class ResumeRecords:
             raise StateError(
                 f"resume record {str(path)!r} belongs to model {meta.get('fingerprint')!r}, "
                 f"not {self.fingerprint!r}; pass --overwrite"
+            )
+        if not 0 <= next_chunk <= unit.n_chunks:
+            raise StateError(
+                f"resume record {str(path)!r} is corrupt: next chunk {next_chunk} is outside 0..{unit.n_chunks}; "
+                f"pass --overwrite"
             )
         return next_chunk
 
@@ -533,8 +548,11 @@ def prepare(
         encoder.check(inp)
     steps = chunk_steps if chunk_steps is not None else default_chunk_steps(inputs)
     out_path = Path(output).expanduser()
-    if out_path.resolve() == Path(input).expanduser().resolve():
+    in_path = Path(input).expanduser().resolve()
+    if out_path.resolve() == in_path:
         raise ConfigError(f"--output {str(output)!r} must differ from --input")
+    if out_path.resolve().is_relative_to(in_path):
+        raise ConfigError(f"--output {str(output)!r} lies inside the input {str(input)!r}; write it elsewhere")
     plan = OutputPlan(
         out_path, inputs,
         {"model_fingerprint": bundle.fingerprint, "config": bundle.config.to_dict(), "serving": bundle.spec.to_dict() if bundle.spec else {}},
@@ -571,6 +589,8 @@ def run_inference(
     (``status="complete"``, no Trainer started); SIGTERM stops after the current chunk
     (``status="interrupted"``) and a rerun resumes.
     """
+    if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
+        raise ConfigError(f"devices: expected an integer >= 1, got {devices!r}")
     bundle = load_for_serving(checkpoint, "cpu")
     datamodule, module, writer = prepare(bundle, input, output, **options)
     names = [inp.name for inp in writer.plan.inputs]
@@ -580,11 +600,15 @@ def run_inference(
         writer.plan.mark_complete(writer.records, datamodule.units)
         return InferenceResult(writer.plan.path, names, 0, 0.0, 0, status="complete")
     quiet_lightning()
-    trainer = pl.Trainer(
-        accelerator=accelerator, devices=devices, strategy="ddp" if devices > 1 else "auto",
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        use_distributed_sampler=False, callbacks=[writer, *callbacks],
-    )
+    try:
+        trainer = pl.Trainer(
+            accelerator=accelerator, devices=devices, strategy="ddp" if devices > 1 else "auto",
+            logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            use_distributed_sampler=False, callbacks=[writer, *callbacks],
+        )
+    except (MisconfigurationException, ModuleNotFoundError, ValueError, RuntimeError) as exc:
+        # no such accelerator here, too many devices, an unknown name: Lightning says which
+        raise ConfigError(f"--accelerator {accelerator} --devices {devices}: {exc}") from exc
     start = time.perf_counter()
     status = "done"
     try:

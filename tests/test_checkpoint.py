@@ -60,6 +60,14 @@ def test_foreign_safetensors_is_refused(tmp_path):
         load_for_serving(tmp_path / "x.safetensors")
 
 
+@pytest.mark.parametrize("content", [b"garbage\n", b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a"])
+def test_damaged_safetensors_is_a_data_format_error(tmp_path, content):
+    """Garbage, or a file cut inside its header, is named (safetensors raised its own error type)."""
+    (tmp_path / "m.safetensors").write_bytes(content)
+    with pytest.raises(DataFormatError, match="m.safetensors as safetensors"):
+        load_for_serving(tmp_path / "m.safetensors")
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 @pytest.mark.parametrize("proc", [True, False])  # the umask read from /proc, or (elsewhere) set and restored
 def test_an_export_gets_the_mode_of_the_umask(tmp_path, monkeypatch, umask, proc):

@@ -199,8 +199,9 @@ def test_prepare_data_builds_the_index_before_setup(genome, tmp_path):
         (bytes(range(256)) * 8, "not a text FASTA"),
         (b">c1\nACGT\n>c1\nACGT\n", "Duplicate"),
         (b"\x1f\x8b\x08\x00gzipped", "gzip"),
+        (b">c1\nACGT\n\n\n>c2\nACGT\n", "blank lines"),  # pyfaidx raised a RuntimeError
     ],
-    ids=["text", "ragged", "binary", "duplicate", "gzip"],
+    ids=["text", "ragged", "binary", "duplicate", "gzip", "blank-lines"],
 )
 def test_bad_files_raise_clear_errors(tmp_path, content, match):
     path = tmp_path / "bad.fa"
@@ -322,6 +323,27 @@ def test_iupac_codes_warn_with_counts_or_are_refused(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="streamssm.datamodules.fasta"):
         FastaDataModule(str(tmp_path / "clean.fa"), window=16, iupac="error").setup("fit")
     assert not caplog.records
+
+
+@pytest.mark.parametrize("changed", [
+    {"c1": "ACGT" * 25, "c2": "ACGT" * 50},  # c1 shorter: c2 moved
+    {"c1": "ACGT" * 60, "c2": "ACGT" * 50},  # c1 longer
+    {"c1": "ACGT" * 50, "c2": "ACGT" * 50, "c3": "ACGT" * 50},  # a record appended
+    {"x1": "ACGT" * 50, "c2": "ACGT" * 50},  # a record renamed
+], ids=["shorter", "longer", "appended", "renamed"])
+def test_stale_index_newer_than_the_fasta_is_refused(tmp_path, changed):
+    """pyfaidx rebuilds an index older than the FASTA only: a FASTA replaced by one with an
+    older time (cp -p, tar x) kept an index that read other bases, or not all, silently."""
+    path = tmp_path / "g.fa"
+    _write_lines(path, {"c1": "ACGT" * 50, "c2": "ACGT" * 50})
+    FastaDataModule(str(path), window=16).setup("fit")  # writes g.fa.fai
+    fai_time = os.stat(str(path) + ".fai").st_mtime
+    _write_lines(path, changed)
+    os.utime(path, (fai_time - 100, fai_time - 100))
+    with pytest.raises(DataFormatError, match=r"g\.fa.*index .*g\.fa\.fai.*stale.*delete"):
+        FastaDataModule(str(path), window=16).setup("fit")
+    os.remove(str(path) + ".fai")
+    FastaDataModule(str(path), window=16).setup("fit")  # rebuilt: fine
 
 
 def test_fai_index_written_beside_the_fasta_is_logged_once(genome, tmp_path, caplog):

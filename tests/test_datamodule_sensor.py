@@ -225,6 +225,49 @@ def test_nan_text_and_unparsable_values_name_row_and_column(tmp_path):
     assert make(junk, window=8, columns=["a"]).feature_names == ["a"]  # a column not chosen is not read
 
 
+def test_all_empty_column_is_missing_values_not_dropped(tmp_path):
+    """polars reads a CSV column with no value as text: it was silently left out of the features
+    (a Parquet column of nulls was an error)."""
+    path = tmp_path / "hole.csv"
+    path.write_text("a,b,c\n" + "".join(f"{i},,{i * 2}\n" for i in range(50)))
+    with pytest.raises(DataFormatError, match=r"missing values.*counts \{'b': 50\}"):
+        make(path, window=8)
+    with pytest.raises(DataFormatError, match=r"\['b'\] have no values at all"):
+        make(path, window=8, missing="fill")
+    assert make(path, window=8, columns=["a", "c"]).feature_names == ["a", "c"]
+
+
+def test_unreadable_tables_are_named_not_tracebacks(tmp_path):
+    """Binary bytes in a .csv raised the csv module's own error; a .txt/.tsv file was read as Parquet."""
+    binary = tmp_path / "bin.csv"
+    binary.write_bytes(b"a,b\n\x00\x01\r\x02\"\n\x03")
+    with pytest.raises(DataFormatError, match="bin.csv' is not a text CSV file"):
+        make(binary, window=8)
+    stray = tmp_path / "stray.csv"  # no NUL byte: the csv module reads the header and fails
+    stray.write_bytes(b"a\x01\rx,b\n1,2\n")
+    with pytest.raises(DataFormatError, match="stray.csv' cannot be read"):
+        make(stray, window=8)
+    tsv = tmp_path / "t.tsv"
+    tsv.write_text("a\tb\n1\t2\n")
+    with pytest.raises(DataFormatError, match=r"t.tsv': unknown suffix '.tsv'"):
+        make(tsv, window=8)
+
+
+def test_text_time_column_is_refused_and_null_series_ids_are_named(tmp_path):
+    """Time stamps polars cannot parse were sorted as text (t10 before t2), rows without a series id
+    formed one more series: both silently."""
+    path = tmp_path / "t.csv"
+    path.write_text("time,sid,a\n" + "".join(f"t{i},{'' if i == 5 else i % 2},{i}\n" for i in range(40)))
+    with pytest.raises(DataFormatError, match=r"time_column 'time'.*'t0' at data row 1"):
+        make(path, window=8, time_column="time")
+    with pytest.raises(DataFormatError, match=r"column 'sid' has 1 missing value"):
+        make(path, window=8, series_column="sid")
+    quoted = tmp_path / "q.csv"  # numbers in text are numbers
+    quoted.write_text("time,a\n" + "".join(f'" {39 - i}",{i}\n' for i in range(40)))
+    dm = make(quoted, window=8, time_column="time", normalize=False, val_fraction=0.0, test_fraction=0.0)
+    assert dm.values[:, 0].tolist() == list(range(39, -1, -1))
+
+
 def test_split_too_short_for_the_window_names_the_real_cause(tmp_path):
     """recipes/sensor.yaml on a short table: 'no val split is configured' although val_fraction was set."""
     path = tmp_path / "short.csv"

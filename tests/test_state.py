@@ -141,6 +141,15 @@ def test_read_state_metadata_refuses_malformed_headers(blob, problem):
         read_state_metadata(blob)
 
 
+def test_read_state_metadata_of_a_damaged_file_is_a_state_error(tmp_path):
+    """A file whose first 8 bytes are text reads as an enormous header length: refused as
+    truncated (it raised MemoryError reading that many bytes)."""
+    path = tmp_path / "r.safetensors"
+    path.write_bytes(b"garbage\n")
+    with pytest.raises(StateError, match="truncated"):
+        read_state_metadata(path)
+
+
 def test_a_header_without_metadata_has_none():
     assert read_state_metadata(header_blob(b"{}")) == {}
 

@@ -296,6 +296,41 @@ def test_bad_inputs_raise_and_write_nothing(tmp_path):
     assert not out.exists()
 
 
+def test_more_bad_inputs_raise_before_writing(tmp_path):
+    """An empty series axis (the error named the missing output before), a sample_rate attribute
+    that is not a number (raw ValueError/TypeError), integer samples with no known PCM scale
+    (failed mid-run after the output was made), bad --devices/--accelerator (raw Lightning
+    errors) and an output inside the input: each names the problem and writes nothing."""
+    _, ckpt = _continuous_model(tmp_path)
+    torch.manual_seed(4)
+    cfg = ModelConfig(block="mamba2", d_model=16, n_layers=1, input_kind="tokens", vocab_size=256, head="lm",
+                      headdim=8, chunk_size=16)
+    audio = export_safetensors(SSMModel(cfg).eval(), tmp_path / "audio.safetensors",
+                               spec={"modality": "audio", "sample_rate": 8000, "encoding": "mu_law"})
+    _write(tmp_path / "in.zarr", _series(np.random.default_rng(8), (2, 64, 3)), (1, 32, 3))
+    _write(tmp_path / "none.zarr", np.zeros((0, 64, 3), np.float32), (1, 32, 3))
+    _write(tmp_path / "rate.zarr", np.zeros(64, np.float32), (32,), attributes={"sample_rate": "16k"})
+    _write(tmp_path / "rates.zarr", np.zeros(64, np.float32), (32,), attributes={"sample_rate": [8000]})
+    _write(tmp_path / "i64.zarr", np.arange(64, dtype=np.int64), (32,), attributes={"sample_rate": 8000})
+    out = tmp_path / "out.zarr"
+    opts = dict(num_workers=0, accelerator="cpu")
+    cases = [
+        (ckpt, tmp_path / "none.zarr", {}, ShapeError, "series axis .* is empty"),
+        (audio, tmp_path / "rate.zarr", {}, DataFormatError, "sample_rate must be a positive number.*16k"),
+        (audio, tmp_path / "rates.zarr", {}, DataFormatError, "sample_rate must be a positive number"),
+        (audio, tmp_path / "i64.zarr", {}, DataFormatError, "i64.zarr.*int64 samples cannot be read as PCM"),
+        (ckpt, tmp_path / "in.zarr", {"devices": 0}, ConfigError, "devices: expected an integer >= 1"),
+        (ckpt, tmp_path / "in.zarr", {"accelerator": "nope"}, ConfigError, "--accelerator nope"),
+    ]
+    for model, spec, kw, err, match in cases:
+        with pytest.raises(err, match=match):
+            run_inference(model, spec, out, **{**opts, **kw})
+        assert not out.exists(), f"{spec} {kw}: output was written"
+    with pytest.raises(ConfigError, match="inside the input"):
+        run_inference(ckpt, tmp_path / "in.zarr", tmp_path / "in.zarr" / "out", **opts)
+    assert sorted(p.name for p in (tmp_path / "in.zarr").iterdir()) == ["c", "zarr.json"]
+
+
 def test_cli_reports_errors(tmp_path, capsys):
     from streamssm.cli import main
 
@@ -347,6 +382,36 @@ def test_resume_record_of_other_model_is_refused(tmp_path):
     other = ResumeRecords(writer.plan, "0" * 16)
     with pytest.raises(StateError, match="belongs to model"):
         other.start_chunk(dm.units[0])
+
+
+@pytest.mark.parametrize("damage", ["garbage", "next_chunk"])
+def test_damaged_resume_record_is_a_state_error(tmp_path, damage):
+    """A resume record of garbage bytes (MemoryError before) or naming a chunk past the end
+    (the rerun said 'already complete' before) is refused, naming the record."""
+    from streamssm.state import state_to_bytes
+
+    _, ckpt = _continuous_model(tmp_path)
+    _write(tmp_path / "in.zarr", _series(np.random.default_rng(11), (2, 64, 3)), (1, 32, 3))
+    opts = dict(chunk_steps=32, num_workers=0, accelerator="cpu")
+    run_inference(ckpt, tmp_path / "in.zarr", tmp_path / "out.zarr", **opts)
+    out = zarr.open_group(str(tmp_path / "out.zarr"), mode="r+")["in"]
+    del out.attrs["streamssm_complete"]
+    record = tmp_path / "out.zarr" / "in" / RESUME_DIR / "group-000000.safetensors"
+    if damage == "garbage":
+        record.write_bytes(b"garbage\n")
+    else:
+        from streamssm.state import read_state_metadata
+
+        meta = read_state_metadata(record)
+        record.write_bytes(state_to_bytes(_state_of(record), {**meta, "next_chunk": "999"}))
+    with pytest.raises(StateError, match="group-000000.safetensors.*corrupt"):
+        run_inference(ckpt, tmp_path / "in.zarr", tmp_path / "out.zarr", **opts)
+
+
+def _state_of(path: Path):
+    from streamssm.state import state_from_bytes
+
+    return state_from_bytes(path.read_bytes(), "cpu")
 
 
 @contextlib.contextmanager
