@@ -24,6 +24,12 @@ and its result is marked ``Result.reset``). A model whose rate differs from the 
 ``model_sample_rate``; a frame may get a result of n = 0 and the end one more result);
 :func:`server_sample_rate` asks a server for its model's rate, to resample on the client
 instead. ``ssl``: an ``ssl.SSLContext`` for wss:// (e.g. one trusting a self-signed certificate).
+
+The server's messages are checked, not trusted: a malformed message, a result out of order, for a
+chunk never sent, at the wrong stream offset or of the wrong shape is a ProtocolError naming it;
+no result for ``timeout`` seconds is a :class:`ServerTimeout`; messages over ``max_size`` bytes
+are refused unread; a close with a refusing code (not 1001/1006/1011..1014/4410) is raised, not
+resumed; and ``reconnect`` bounds the reconnections in a row that bring no new result.
 """
 
 from __future__ import annotations
@@ -45,13 +51,18 @@ from streamssm.checkpoint import read_model_file
 from streamssm.errors import ConfigError, DataFormatError, ProtocolError, StreamSSMError
 
 from .protocol import (
+    INTERNAL_ERROR,
+    INVALID_DATA,
+    MESSAGE_TOO_BIG,
     NORMAL_CLOSURE,
+    POLICY_VIOLATION,
     PROTOCOL_VERSION,
     SERVICE_RESTART,
     STREAM_LOST,
     TRY_AGAIN_LATER,
     Result,
     decode_result,
+    quoted,
 )
 
 log = logging.getLogger(__name__)
@@ -59,6 +70,16 @@ log = logging.getLogger(__name__)
 #: frame, a failed model call) is the server's answer and is raised with its text. Connections
 #: that close without an error message (1001, 1006, 1011 crash, 1012 restart) are resumed too.
 _RETRYABLE = {SERVICE_RESTART, TRY_AGAIN_LATER}
+#: close codes (without an error message) after which the client resumes: going away, a cut
+#: connection (1006: no close frame), a crash, a restart, try again later, a proxy's bad gateway, a
+#: lost stream; any other code (1002, 1003, 1007..1010, unknown application codes) says the
+#: connection itself was refused and is raised (resuming sent the same thing again, in a loop)
+_RESUMABLE_CLOSE = {None, 1001, 1006, INTERNAL_ERROR, SERVICE_RESTART, TRY_AGAIN_LATER, 1014, STREAM_LOST}
+#: the largest server message the client reads (bytes): a result is at most the server's
+#: --max-result-bytes (default 16 MiB, counted at 16 bytes a JSON value); larger messages are
+#: refused by the websocket layer instead of buffered whole (``StreamClient(max_size=...)``)
+MAX_MESSAGE_BYTES = 64 << 20
+_SHOWN_CHARS = 500  # longest server text (an error message) quoted in our errors
 
 
 def model_settings(model: str | Path) -> dict[str, Any]:
@@ -85,23 +106,47 @@ class ServerUnreachable(StreamSSMError, ConnectionError):
     """No server answers at the URL (connection refused, unknown host, timeout)."""
 
 
+class ServerTimeout(ProtocolError, TimeoutError):
+    """The server stopped answering: no ``ready``, result or summary within the client's timeout
+    (the connection stays open, so only a timeout tells a stuck server from a slow one)."""
+
+
+def _int(value: Any, minimum: int) -> bool:
+    """``value`` is a JSON integer (not a bool, not a float) >= ``minimum``."""
+    return type(value) is int and value >= minimum
+
+
 @dataclass
 class _Pending:
     seq: int
     frame: str | bytes
     sent_at: float = field(default_factory=time.perf_counter)
 
+    @property
+    def reset(self) -> bool:
+        """A reset (a control message: data frames, bases included, never start with "{")."""
+        return isinstance(self.frame, str) and self.frame.startswith("{")
+
 
 class StreamClient:
-    """One stream to a ``streamssm serve`` server (see the module docstring)."""
+    """One stream to a ``streamssm serve`` server (see the module docstring).
+
+    ``timeout``: seconds to wait for a result while chunks are unanswered before
+    :class:`ServerTimeout` (None: forever; a stuck server keeps answering websocket pings);
+    ``max_size``: the largest server message read, in bytes (None: any)."""
 
     def __init__(self, url: str, *, format: str, sample_rate: int | None = None, channels: int = 1,
                  token: str | None = None, results: str = "json", include: tuple[str, ...] = ("outputs", "scores"),
                  window: int = 8, reconnect: int = 5, resume: str | None = None, open_timeout: float = 10.0,
-                 ssl: ssl_lib.SSLContext | None = None, wait: float = 0.0):
+                 ssl: ssl_lib.SSLContext | None = None, wait: float = 0.0, timeout: float | None = 60.0,
+                 max_size: int | None = MAX_MESSAGE_BYTES):
         check_url(url)
         if wait < 0:
             raise ConfigError(f"wait must be >= 0 seconds, got {wait}")
+        if timeout is not None and not timeout > 0:
+            raise ConfigError(f"timeout must be > 0 seconds (None: wait forever), got {timeout}")
+        if window < 1:
+            raise ConfigError(f"window must be >= 1 unanswered chunks, got {window}")
         self.url, self.token, self.window, self.reconnect, self.ssl = url, token, window, reconnect, ssl
         self.start_msg: dict[str, Any] = {"type": "start", "version": PROTOCOL_VERSION, "format": format,
                                           "channels": channels, "results": results, "include": list(include)}
@@ -110,6 +155,7 @@ class StreamClient:
         self.format = format
         self.resume_token = resume
         self.open_timeout = open_timeout
+        self.timeout, self.max_size = timeout, max_size
         self.wait = wait  # seconds a refused first connection is retried: a server still starting
         self.ready: dict[str, Any] = {}
         self.results: list[Result] = []
@@ -123,9 +169,13 @@ class StreamClient:
         self._from_start = resume is None  # this object sent the stream from its first chunk
         self._next_seq = 0
         self._last_seq = -1
+        self._next_start: int | None = 0 if resume is None else None  # sample the next new result starts at
+        self._result_at = 0.0  # time.monotonic() of the last new result
+        self._tries = 0  # reconnections in a row without a new result: a server closing every one ends it
         self._reader: asyncio.Task | None = None
         self._changed = asyncio.Event()  # set whenever a result arrives or the reader stops
-        self._summary: asyncio.Future | None = None
+        self._summary: asyncio.Future | None = None  # set when end is sent
+        self._flushed = False  # the one result a resampled stream's end adds came
         self._error: BaseException | None = None
         self.reconnects = 0
 
@@ -134,6 +184,8 @@ class StreamClient:
     async def __aenter__(self) -> StreamClient:
         try:
             await self._connect_waiting()
+        except StreamSSMError:
+            raise  # ours already (a bad ready, the server's error, no ready in time): not "no server"
         except ssl_lib.SSLCertVerificationError as exc:
             raise ConfigError(f"the TLS certificate of {self.url} is not trusted ({exc.verify_message}): trust its "
                               f"CA or self-signed certificate (ssl=ssl.create_default_context(cafile=...), "
@@ -153,6 +205,10 @@ class StreamClient:
                                     f"{exc.response.body.decode(errors='replace').strip()}") from exc
         except InvalidHandshake as exc:
             raise ServerUnreachable(f"{self.url} is not a streamssm server: {exc}") from exc
+        except ConnectionClosed as exc:
+            code = exc.rcvd.code if exc.rcvd is not None else 1006
+            raise ProtocolError(f"{self.url} closed the connection before its ready message ({exc})", code,
+                                "closed") from exc
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -172,68 +228,177 @@ class StreamClient:
 
     async def _connect(self) -> None:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
-        self._ws = await connect(self.url, additional_headers=headers, open_timeout=self.open_timeout,
-                                 compression=None, max_size=None, ssl=self.ssl)
+        self._ws = ws = await connect(self.url, additional_headers=headers, open_timeout=self.open_timeout,
+                                      compression=None, max_size=self.max_size, ssl=self.ssl)
+        try:
+            await self._open(ws)
+        except Exception:
+            await ws.close()  # a refused or malformed start leaves no socket open
+            raise
+
+    async def _open(self, ws: ClientConnection) -> None:
+        """Send ``start``, check the ``ready`` answer, start the reader and resend what the server lacks."""
         start = dict(self.start_msg)
         if self.resume_token:
             start.update(resume=self.resume_token, ack=self._last_seq)
-        await self._ws.send(json.dumps(start))
-        reply = json.loads(await asyncio.wait_for(self._ws.recv(), self.open_timeout))
-        if reply.get("type") == "error":
-            raise ServerError(reply.get("message", ""), int(reply.get("code", 1008)), reply.get("reason", "error"))
-        if reply.get("type") != "ready":
-            raise ProtocolError(f"expected a ready message, got {reply!r}", 1008, "bad_ready")
-        server_next = int(reply["next_seq"])
-        if self._next_seq == 0 and server_next:  # a new client object resuming a stream by token
+        await ws.send(json.dumps(start))
+        try:
+            message = await asyncio.wait_for(ws.recv(), self.open_timeout)
+        except TimeoutError:
+            raise ServerTimeout(f"{self.url} accepted the connection but sent no ready message within "
+                                f"{self.open_timeout:g} s (open_timeout)", INTERNAL_ERROR, "no_ready") from None
+        except ConnectionClosed as exc:
+            raise self._too_big(exc) or exc
+        reply = self._decode(message) if isinstance(message, str) else message
+        if not isinstance(reply, dict):
+            raise ProtocolError(f"expected a ready message, got {quoted(reply)}", POLICY_VIOLATION, "bad_ready")
+        if reply["type"] == "error":
+            raise self._server_error(reply, POLICY_VIOLATION)
+        if reply["type"] != "ready":
+            raise ProtocolError(f"expected a ready message, got {quoted(reply)}", POLICY_VIOLATION, "bad_ready")
+        self._check_ready(reply)
+        server_next = reply["next_seq"]
+        if self.resume_token is None:
+            if server_next or reply.get("resumed"):
+                raise ProtocolError(f"the server answered a new stream with a resumed one's ready (next_seq "
+                                    f"{server_next}, resumed {quoted(reply.get('resumed'))})", POLICY_VIOLATION, "bad_ready")
+        elif not self.ready and not self._from_start:  # a new client object resuming a stream by token
             self._next_seq, self._last_seq = server_next, server_next - 1
+        elif server_next > self._next_seq:
+            raise ProtocolError(f"the server resumed the stream at chunk {server_next}, but this client sent only "
+                                f"chunks 0..{self._next_seq - 1}", POLICY_VIOLATION, "bad_ready")
         held = {**self._answered, **self._pending}
         missing = [seq for seq in range(server_next, self._next_seq) if seq not in held]
         if missing:
-            await self._ws.close()
             raise ProtocolError(f"the server resumed the stream at chunk {server_next}, but this client no longer "
                                 f"holds chunks {missing[0]}..{missing[-1]} (dropped as saved or answered); "
                                 f"send the stream again from the start", 1011, "chunks_missing")
         self.ready = reply
         self.resume_token = reply["resume"]
-        self.window = min(self.window, int(reply.get("queue_depth", self.window)))
+        self.window = min(self.window, reply.get("queue_depth", self.window))
         self._keep_answered = reply.get("saved_seq") is not None
         self._acked = self._last_seq if reply.get("resumed") else -1
-        self._saved(int(reply["saved_seq"]) if self._keep_answered else self._last_seq)
-        self._reader = asyncio.get_running_loop().create_task(self._read(self._ws))
+        self._saved(reply["saved_seq"] if self._keep_answered else self._last_seq)
+        self._reader = asyncio.get_running_loop().create_task(self._read(ws))
         for seq in range(server_next, self._next_seq):  # resend what the server has not computed
-            await self._ws.send(held[seq].frame)
+            await ws.send(held[seq].frame)
+
+    def _check_ready(self, reply: dict[str, Any]) -> None:
+        """ProtocolError naming each field of ``ready`` the client relies on that is missing or wrong
+        (a KeyError or a window of 0, which waited forever, otherwise)."""
+        token, saved, rate = reply.get("resume"), reply.get("saved_seq"), reply.get("model_sample_rate")
+        bad = [name for name, ok in (
+            ("resume", isinstance(token, str) and 16 <= len(token) <= 128),
+            ("next_seq", _int(reply.get("next_seq"), 0)),
+            ("queue_depth", "queue_depth" not in reply or _int(reply["queue_depth"], 1)),
+            ("saved_seq", saved is None or (_int(saved, -1) and _int(reply.get("next_seq"), saved + 1))),
+            ("output_dim", "output_dim" not in reply or _int(reply["output_dim"], 1)),
+            ("model_sample_rate", rate is None or _int(rate, 1)),
+            ("resumed", isinstance(reply.get("resumed", False), bool)),
+        ) if not ok]
+        if bad:
+            shown = ", ".join(f"{name}={quoted(reply.get(name, '(missing)'))}" for name in bad)
+            raise ProtocolError(f"the server's ready message has bad or missing fields: {shown}", POLICY_VIOLATION,
+                                "bad_ready")
+
+    def _server_error(self, msg: dict[str, Any], default_code: int) -> ServerError:
+        """The server's ``error`` message as a ServerError, whatever fields it lacks."""
+        code, reason, text = msg.get("code"), msg.get("reason"), msg.get("message")
+        code = code if _int(code, 1000) and code <= 4999 else default_code
+        reason = reason[:123] if isinstance(reason, str) and reason else "error"
+        if not isinstance(text, str) or not text:
+            text = f"the server sent an error without a message (code {code}, reason {reason!r})"
+        return ServerError(text[:_SHOWN_CHARS], code, reason)
+
+    def _too_big(self, exc: ConnectionClosed) -> ProtocolError | None:
+        """The error for a connection this client closed itself on a message over ``max_size``."""
+        if exc.sent is None or exc.sent.code != MESSAGE_TOO_BIG or (exc.rcvd is not None and exc.rcvd_then_sent):
+            return None
+        return ProtocolError(f"the server sent a message over max_size ({self.max_size} bytes): {exc.sent.reason}; "
+                             f"a server with a larger --max-result-bytes needs StreamClient(max_size=...)",
+                             MESSAGE_TOO_BIG, "message_too_big")
 
     async def _read(self, ws: ClientConnection) -> None:
         try:
             async for message in ws:
-                item = decode_result(message)
+                item = self._decode(message)
                 if isinstance(item, Result):
                     self._on_result(item)
-                elif item.get("type") == "saved":
-                    self._saved(int(item["seq"]))
-                    self._changed.set()
-                elif item.get("type") == "summary":
+                elif item["type"] == "saved":
+                    self._on_saved(item.get("seq"))
+                elif item["type"] == "summary":
                     if self._summary is not None and not self._summary.done():
                         self._summary.set_result(item)
-                elif item.get("type") == "error":
-                    self._error = ServerError(item.get("message", ""), int(item.get("code", 1011)), item.get("reason", ""))
-        except ConnectionClosed:
-            pass
-        self._changed.set()
+                elif item["type"] == "error":
+                    self._error = self._server_error(item, INTERNAL_ERROR)
+                    if self._error.code not in _RETRYABLE:
+                        break  # its final word, whether or not it closes
+        except ProtocolError as exc:  # the server broke the protocol: stop reading, raise it
+            self._error = exc
+            await ws.close(POLICY_VIOLATION if exc.code in (1005, 1006, 1015) else exc.code, exc.reason[:123])
+        except ConnectionClosed as exc:
+            self._error = self._too_big(exc) or self._error
+        finally:
+            self._changed.set()
+
+    def _decode(self, message: str | bytes) -> Result | dict[str, Any]:
+        """A server message -> a checked result or a control message dict; ProtocolError naming
+        what is wrong (a raw numpy/json/KeyError traceback killed the reader otherwise, and the
+        client waited forever)."""
+        try:
+            item = decode_result(message)
+        except ProtocolError as exc:
+            kind = "binary result frame" if isinstance(message, bytes) else "message"
+            raise ProtocolError(f"the server sent a bad {kind}: {exc}", INVALID_DATA, exc.reason) from None
+        if not isinstance(item, Result):
+            return item
+        o = self.ready.get("output_dim")
+        if item.n and item.outputs is not None and o is not None and item.outputs.shape[1] != o:
+            raise ProtocolError(f"result {item.seq}: {item.outputs.shape[1]} outputs per sample, but ready said "
+                                f"output_dim {o}", INVALID_DATA, "bad_result")
+        include = self.start_msg["include"]
+        if item.n and (("outputs" in include and item.outputs is None)
+                       or ("scores" in include and self.ready.get("head") == "lm" and item.scores is None)):
+            raise ProtocolError(f"result {item.seq} of {item.n} samples lacks the outputs or scores the stream asked "
+                                f"for ({include})", INVALID_DATA, "bad_result")
+        return item
 
     def _on_result(self, r: Result) -> None:
         if r.seq <= self._last_seq:
             return  # a replay of something we hold
+        flush = (r.seq == self._next_seq and self._summary is not None and self.ready.get("resample") is True
+                 and not self._flushed)
+        if r.seq >= self._next_seq and not flush:  # after end a resampled stream's flush takes the next seq
+            raise ProtocolError(f"result {r.seq} answers a chunk this client never sent (it sent chunks "
+                                f"0..{self._next_seq - 1})", POLICY_VIOLATION, "bad_result")
         if r.seq != self._last_seq + 1:
-            self._error = ProtocolError(f"result {r.seq} arrived after {self._last_seq}: results were lost",
-                                        1011, "lost_results")
-        self._last_seq = r.seq
-        p = self._pending.pop(r.seq, None)
+            raise ProtocolError(f"result {r.seq} arrived after {self._last_seq}: results were lost",
+                                1011, "lost_results")
+        if self._next_start is not None and r.start != self._next_start:
+            raise ProtocolError(f"result {r.seq} starts at sample {r.start}, but the results before it end at sample "
+                                f"{self._next_start}: samples were lost or repeated", INVALID_DATA, "bad_result")
+        if flush:
+            self._next_seq, self._flushed = self._next_seq + 1, True
+        p = None if flush else self._pending.pop(r.seq)
+        if p is not None and p.reset != r.reset:
+            raise ProtocolError(f"result {r.seq} is {'' if r.reset else 'not '}marked as a reset's answer, but "
+                                f"chunk {r.seq} was {'a reset' if p.reset else 'data'}", INVALID_DATA, "bad_result")
+        self._last_seq, self._next_start = r.seq, r.start + r.n
+        self._result_at, self._tries = time.monotonic(), 0
         if p is not None:
             self.latencies.append(time.perf_counter() - p.sent_at)
             if self._keep_answered and r.seq > self._saved_seq:
                 self._answered[r.seq] = p
         self.results.append(r)
+        self._changed.set()
+
+    def _on_saved(self, seq: Any) -> None:
+        """A ``saved`` message: it follows the results it covers, so its seq is one this client holds."""
+        if not _int(seq, -1) or seq > self._last_seq:
+            raise ProtocolError(f"saved message for chunk {quoted(seq)}, but this client holds results only up to "
+                                f"{self._last_seq} (saved comes after the results it covers)", POLICY_VIOLATION,
+                                "bad_saved")
+        self._saved(seq)
         self._changed.set()
 
     def _saved(self, seq: int) -> None:
@@ -254,10 +419,23 @@ class StreamClient:
         log.info("stream lost by the server: starting it again from chunk 0 (%d chunks)", self._next_seq)
         self.resume_token = None
 
-    async def _wait_until(self, condition) -> None:
+    async def _wait_until(self, condition, timeout: float | None = None) -> None:
+        """Wait until ``condition()`` holds; ServerTimeout when no new result came for ``timeout``
+        seconds of it (the server answers pings, so only this tells a stuck server)."""
+        began = time.monotonic()
         while not condition():
             self._changed.clear()
-            await self._changed.wait()
+            left = None if timeout is None else max(began, self._result_at) + timeout - time.monotonic()
+            if left is not None and left <= 0:
+                first = min(self._pending, default=None)
+                raise ServerTimeout(f"the server sent no result for {timeout:g} s while {len(self._pending)} chunk(s) "
+                                    f"wait for theirs (from seq {first}): it is stuck or overloaded "
+                                    f"(StreamClient(timeout=...) sets how long to wait)", INTERNAL_ERROR,
+                                    "result_timeout")
+            try:
+                await asyncio.wait_for(self._changed.wait(), left)
+            except TimeoutError:
+                pass
 
     async def _recover(self) -> None:
         """The connection is gone without a normal close: reconnect and resume, or raise."""
@@ -267,8 +445,13 @@ class StreamClient:
             raise self._error
         if code == NORMAL_CLOSURE or self.resume_token is None:
             raise ProtocolError(f"connection closed (code {code})", code or 1006, "closed")
-        for attempt in range(self.reconnect):
-            await asyncio.sleep(min(2.0, 0.05 * 2**attempt))
+        if self._error is None and code not in _RESUMABLE_CLOSE:
+            reason = ws.close_reason if ws is not None else ""
+            raise ServerError(f"the server closed the connection with code {code} ({quoted(reason)}) and no error "
+                              f"message: a refusal, not resumed", code, "closed")
+        while self._tries < self.reconnect:
+            await asyncio.sleep(min(2.0, 0.05 * 2**self._tries))
+            self._tries += 1  # back to 0 at the next new result
             try:
                 self._error = None
                 await self._connect()
@@ -282,7 +465,8 @@ class StreamClient:
                     raise
             except (OSError, ConnectionClosed, InvalidStatus, asyncio.TimeoutError):
                 continue
-        raise ProtocolError(f"could not resume the stream after {self.reconnect} attempts", 1006, "resume_failed")
+        raise ProtocolError(f"could not resume the stream: {self.reconnect} reconnection attempts in a row brought "
+                            f"no new result (last close code {code})", 1006, "resume_failed")
 
     # -- streaming -------------------------------------------------------------------------------
 
@@ -318,7 +502,7 @@ class StreamClient:
         while True:
             if self._error is not None and not (isinstance(self._error, ServerError) and self._error.code in _RETRYABLE):
                 raise self._error
-            await self._wait_until(lambda: len(self._pending) < self.window or self._reader.done())
+            await self._wait_until(lambda: len(self._pending) < self.window or self._reader.done(), self.timeout)
             if self._reader.done():
                 await self._recover()
                 continue
@@ -336,23 +520,35 @@ class StreamClient:
         return seq
 
     async def end(self, timeout: float = 60.0) -> dict[str, Any]:
-        """Wait for every result, send ``end`` and return the server's summary."""
-        async with asyncio.timeout(timeout):
-            while True:
-                await self._wait_until(lambda: not self._pending or self._reader.done())
-                if self._reader.done():
-                    await self._recover()
-                    continue
-                self._summary = asyncio.get_running_loop().create_future()
-                try:
-                    await self._ws.send(json.dumps({"type": "end"}))
-                except ConnectionClosed:
-                    await self._recover()
-                    continue
-                await asyncio.wait([self._summary, self._reader], return_when=asyncio.FIRST_COMPLETED)
-                if self._summary.done():
-                    return self._summary.result()
+        """Wait for every result, send ``end`` and return the server's summary (ServerTimeout
+        after ``timeout`` seconds)."""
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._end()
+        except TimeoutError as exc:
+            if isinstance(exc, ServerTimeout):
+                raise
+            why = (f"{len(self._pending)} chunk(s) still wait for their results" if self._pending
+                   else "the server sent no summary after end")
+            raise ServerTimeout(f"the stream did not end within {timeout:g} s: {why}", INTERNAL_ERROR,
+                                "end_timeout") from None
+
+    async def _end(self) -> dict[str, Any]:
+        while True:
+            await self._wait_until(lambda: not self._pending or self._reader.done(), self.timeout)
+            if self._reader.done():
                 await self._recover()
+                continue
+            self._summary = asyncio.get_running_loop().create_future()
+            try:
+                await self._ws.send(json.dumps({"type": "end"}))
+            except ConnectionClosed:
+                await self._recover()
+                continue
+            await asyncio.wait([self._summary, self._reader], return_when=asyncio.FIRST_COMPLETED)
+            if self._summary.done():
+                return self._summary.result()
+            await self._recover()
 
     async def close(self) -> None:
         if self._ws is not None:

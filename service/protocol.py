@@ -116,12 +116,12 @@ class Result:
     outputs: np.ndarray | None
     scores: np.ndarray | None
     reset: bool = False  # the answer to a reset: the stream's state is zero after it
+    n: int = -1  # samples (the server's count: a result with neither array has some too); -1: the arrays'
 
-    @property
-    def n(self) -> int:
-        if self.outputs is not None:
-            return int(self.outputs.shape[0])
-        return 0 if self.scores is None else int(self.scores.shape[0])
+    def __post_init__(self) -> None:
+        if self.n < 0:
+            self.n = int((self.outputs if self.outputs is not None else
+                          self.scores if self.scores is not None else np.empty(0)).shape[0])
 
 
 # ---------------------------------------------------------------------------- client -> server
@@ -395,7 +395,8 @@ def encode_result(seq: int, start_sample: int, outputs: np.ndarray, scores: np.n
 
 
 def decode_result(message: str | bytes) -> Result | dict[str, Any]:
-    """Client side: a server message -> :class:`Result` (result messages) or the parsed dict."""
+    """Client side: a server message -> :class:`Result` (result messages) or the parsed dict (a
+    JSON object with a string ``type``); ProtocolError 1007 naming what is malformed."""
     if isinstance(message, (bytes, bytearray, memoryview)):
         data = bytes(message)
         if len(data) < RESULT_HEADER.size or data[:4] != RESULT_MAGIC:
@@ -411,18 +412,35 @@ def decode_result(message: str | bytes) -> Result | dict[str, Any]:
             off += n * o * 4
         if flags & _HAS_SCORES:
             scores = np.frombuffer(data, dtype="<f4", count=n, offset=off)
-        return Result(seq, start_sample, outputs, scores, bool(flags & _RESET))
-    msg = json.loads(message)
-    if msg.get("type") != "result":
+        return Result(seq, start_sample, outputs, scores, bool(flags & _RESET), n)
+    try:
+        msg = json.loads(message)
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(f"the server sent a message that is not valid JSON ({exc}): {quoted(message)}",
+                            INVALID_DATA, "bad_json") from None
+    if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
+        raise ProtocolError(f'the server sent a message that is not a JSON object with a string "type": '
+                            f"{quoted(message)}", INVALID_DATA, "bad_message")
+    if msg["type"] != "result":
         return msg
-    outputs = msg.get("outputs")
-    scores = msg.get("scores")
-    return Result(
-        int(msg["seq"]), int(msg["start"]),
-        None if outputs is None else np.asarray(outputs, dtype=np.float32).reshape(int(msg["n"]), -1),
-        None if scores is None else np.asarray(scores, dtype=np.float32),
-        msg.get("reset") is True,
-    )
+    seq, start, n = msg.get("seq"), msg.get("start"), msg.get("n")
+    bad = [f"{k}={quoted(v)}" for k, v in (("seq", seq), ("start", start), ("n", n))
+           if type(v) is not int or v < 0]
+    if bad:
+        raise ProtocolError(f"result with bad or missing {', '.join(bad)} (integers >= 0)", INVALID_DATA, "bad_result")
+    try:
+        outputs = None if msg.get("outputs") is None else np.asarray(msg["outputs"], dtype=np.float32)
+        scores = None if msg.get("scores") is None else np.asarray(msg["scores"], dtype=np.float32)
+    except (ValueError, TypeError) as exc:
+        raise ProtocolError(f"result {seq}: outputs or scores are not arrays of numbers ({exc})",
+                            INVALID_DATA, "bad_result") from None
+    if outputs is not None and n == 0 and outputs.size == 0:
+        outputs = outputs.reshape(0, 0)
+    if outputs is not None and (outputs.ndim != 2 or outputs.shape[0] != n):
+        raise ProtocolError(f"result {seq}: outputs of shape {outputs.shape} for n={n} samples", INVALID_DATA, "bad_result")
+    if scores is not None and scores.shape != (n,):
+        raise ProtocolError(f"result {seq}: scores of shape {scores.shape} for n={n} samples", INVALID_DATA, "bad_result")
+    return Result(seq, start, outputs, scores, msg.get("reset") is True, n)
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -5,17 +5,19 @@ made the client reconnect and resume, and the user read "resume token is unknown
 """
 
 import asyncio
+import json
 import socket
 
 import numpy as np
 import pytest
 import torch
+from websockets.asyncio.server import serve
 
 from streamssm.checkpoint import ServingBundle
-from streamssm.errors import ConfigError, ShapeError
+from streamssm.errors import ConfigError, ProtocolError, ShapeError
 from streamssm.models import ModelConfig, SSMModel
 from streamssm.serving import ServingSpec
-from streamssm.service.client import ServerError, ServerUnreachable, StreamClient
+from streamssm.service.client import ServerError, ServerTimeout, ServerUnreachable, StreamClient
 from streamssm.service.server import ServeConfig, StreamServer
 
 SENSOR = {"modality": "sensor", "channels": ["a", "b"], "mean": [0.0, 0.0], "std": [1.0, 1.0]}
@@ -98,3 +100,171 @@ def test_a_missing_token_is_one_clear_error():
 
     with pytest.raises(ConfigError, match="wants a bearer token .*--token or STREAMSSM_TOKEN"):
         asyncio.run(run())
+
+
+# ------------------------------------------------------------------------------ hostile servers
+# A buggy server, or a proxy between, must not make the client hang, loop, keep a message of any
+# size or take a wrong result: each case is one clear error (audit of the client side).
+
+READY = {"type": "ready", "version": 1, "resume": "T" * 43, "model": "f" * 16, "head": "regression",
+         "output_dim": 2, "next_seq": 0, "samples": 0, "resumed": False, "queue_depth": 8, "saved_seq": None,
+         "format": "f32le", "sample_rate": None, "channels": 2, "results": "json",
+         "include": ["outputs", "scores"], "model_sample_rate": None, "resample": False, "downmix": None}
+GUARD = 10.0  # seconds a case may take; the defects waited forever
+
+
+def _result(seq: int, start: int, n: int, **fields) -> str:
+    return json.dumps({"type": "result", "seq": seq, "start": start, "n": n, "outputs": [[0.5, 0.5]] * n} | fields)
+
+
+async def _against(handler, body=None, **kw) -> StreamClient:
+    """Run ``body(client)`` (default: send three chunks of 4 samples, end) against a fake server."""
+    async def default(c: StreamClient) -> None:
+        for _ in range(3):
+            await c.send(np.zeros((4, 2), np.float32))
+        await c.end(timeout=GUARD / 2)
+
+    async with serve(handler, "127.0.0.1", 0) as srv:
+        url = f"ws://127.0.0.1:{srv.sockets[0].getsockname()[1]}/"
+        client = StreamClient(url, format="f32le", channels=2, open_timeout=2, **({"reconnect": 3} | kw))
+        async with asyncio.timeout(GUARD):
+            async with client:
+                await (body or default)(client)
+    return client
+
+
+def _after_ready(*messages, ready=READY):
+    """A server that answers start with ``ready``, the first chunk with ``messages``, then nothing."""
+    async def handler(ws) -> None:
+        await ws.recv()
+        await ws.send(ready if isinstance(ready, str) else json.dumps(ready))
+        await ws.recv()
+        for m in messages:
+            await ws.send(m)
+        await ws.wait_closed()  # silent from here on
+    return handler
+
+
+@pytest.mark.parametrize("message,named", [
+    ("{nope", "not valid JSON"),
+    ("[1]", 'not a JSON object with a string "type"'),
+    (json.dumps({"type": "result", "start": 0, "n": 4}), "bad or missing seq=None"),
+    (_result("0", 0, 4), "seq='0'"),
+    (_result(0, 0, -4), "n=-4"),
+    (_result(0, 0, 3, outputs=[[1, 2]] * 4), r"outputs of shape \(4, 2\) for n=3"),
+    (_result(0, 0, 2, outputs=[["a", "b"]] * 2), "not arrays of numbers"),
+    (_result(0, 0, 4, outputs=[[1, 2, 3]] * 4), "3 outputs per sample, but ready said output_dim 2"),
+    (_result(0, 0, 4, scores=[1.0]), r"scores of shape \(1,\) for n=4"),
+    (_result(0, 7, 4), "starts at sample 7, but the results before it end at sample 0"),
+    (_result(0, 0, 4, reset=True), "marked as a reset's answer, but chunk 0 was data"),
+    (_result(1, 0, 4), "result 1 answers a chunk this client never sent"),
+    (b"XXXX" + bytes(24), "bad binary result frame.*bad magic"),
+    (b"SSR1" + bytes(24) + b"\0", "bad binary result frame.*header says 28"),
+    ('{"type": "saved", "seq": 5}', "saved message for chunk 5, but this client holds results only up to -1"),
+])
+async def test_a_malformed_or_wrong_result_is_a_named_error_not_a_hang(message, named):
+    """Regression: a result the client could not decode killed its reader task with a raw
+    traceback nobody awaited, and send/end waited forever; a result for a chunk never sent, at the
+    wrong offset or of the wrong width was kept as if right."""
+    async def body(c: StreamClient) -> None:
+        await c.send(np.zeros((4, 2), np.float32))
+        await c.end(timeout=GUARD / 2)
+
+    with pytest.raises(ProtocolError, match=named):
+        await _against(_after_ready(message), body)
+
+
+@pytest.mark.parametrize("ready,named", [
+    ("{nope", "not valid JSON"),
+    (READY | {"next_seq": "0"}, "next_seq='0'"),
+    ({k: v for k, v in READY.items() if k != "resume"}, r"resume='\(missing\)'"),
+    (READY | {"queue_depth": 0}, "queue_depth=0"),  # a window of 0 waited forever
+    (READY | {"model_sample_rate": "fast"}, "model_sample_rate='fast'"),
+    (READY | {"next_seq": 5}, "answered a new stream with a resumed one's ready"),  # numbered chunks from 5
+])
+async def test_a_bad_ready_is_a_named_error(ready, named):
+    with pytest.raises(ProtocolError, match=named) as info:
+        await _against(_after_ready(ready=ready))
+    assert info.value.reason in ("bad_ready", "bad_json")
+
+
+async def test_an_error_without_fields_still_says_what_came():
+    with pytest.raises(ServerError, match="the server sent an error without a message") as info:
+        await _against(_after_ready(ready='{"type": "error", "code": "abc"}'))
+    assert info.value.code == 1008
+
+
+async def test_a_server_that_sends_no_ready_times_out_and_is_not_called_absent():
+    async def handler(ws) -> None:
+        await ws.wait_closed()  # never a ready
+
+    with pytest.raises(ServerTimeout, match="accepted the connection but sent no ready message within 2 s"):
+        await _against(handler)
+
+
+async def test_a_server_that_stops_answering_times_out_in_send_and_end():
+    """Regression: send() waited forever for a free window slot (the server still answers pings)."""
+    async def fill(c: StreamClient) -> None:
+        for _ in range(20):
+            await c.send(np.zeros((4, 2), np.float32))
+
+    with pytest.raises(ServerTimeout, match="no result for 0.5 s while 8 chunk"):
+        await _against(_after_ready(), fill, timeout=0.5)
+
+    async def never_summarizes(ws) -> None:
+        await ws.recv()
+        await ws.send(json.dumps(READY))
+        async for m in ws:
+            if isinstance(m, bytes):
+                await ws.send(_result(0, 0, 4))
+
+    async def one(c: StreamClient) -> None:
+        await c.send(np.zeros((4, 2), np.float32))
+        await c.end(timeout=0.5)
+
+    with pytest.raises(ServerTimeout, match="did not end within 0.5 s: the server sent no summary"):
+        await _against(never_summarizes, one)
+
+
+async def test_a_server_that_closes_every_connection_does_not_resume_forever():
+    """Regression: each _recover had its own `reconnect` attempts, and a connection that got as far
+    as ready counted as resumed: a server closing every one with 1012 was reconnected to forever."""
+    connections = 0
+
+    async def handler(ws) -> None:
+        nonlocal connections
+        connections += 1
+        await ws.recv()
+        await ws.send(json.dumps(READY | {"resumed": connections > 1}))
+        await asyncio.sleep(0.05)
+        await ws.close(1012)
+
+    with pytest.raises(ProtocolError, match="3 reconnection attempts in a row brought no new result") as info:
+        await _against(handler, reconnect=3)
+    assert info.value.reason == "resume_failed" and connections == 4
+
+
+async def test_a_refusing_close_code_without_a_message_is_raised_not_resumed():
+    """Regression: a close with 1008 (or a code the client does not know) and no error message was
+    resumed, and the same frames sent again: a loop until end's timeout."""
+    connections = 0
+
+    async def handler(ws) -> None:
+        nonlocal connections
+        connections += 1
+        await ws.recv()
+        await ws.send(json.dumps(READY | {"resumed": connections > 1}))
+        await ws.recv()
+        await ws.close(4000, "proxy says no")
+
+    with pytest.raises(ServerError, match="closed the connection with code 4000 \\('proxy says no'\\)") as info:
+        await _against(handler)
+    assert info.value.code == 4000 and connections == 1
+
+
+async def test_a_message_over_max_size_is_refused_not_buffered():
+    """Regression: the client connected with max_size=None, so a server's 1 GB frame was read whole."""
+    big = _result(0, 0, 400)
+    with pytest.raises(ProtocolError, match=r"message over max_size \(1000 bytes\).*StreamClient\(max_size=") as info:
+        await _against(_after_ready(big), max_size=1000)
+    assert info.value.code == 1009
