@@ -204,7 +204,9 @@ class Link:
             self._flush_handle.cancel()  # cut short the delay of the next messages
             self._flush_handle = None
         batch, self._out = self._out, []
-        if batch and not self.closed:
+        # the other process gone, its EOF not read yet (the reader busy): uvloop raises on a write to the
+        # closed transport (an error logged per flush), asyncio drops it; nobody would read it anyway
+        if batch and not self.closed and not self._writer.transport.is_closing():
             data = pickle.dumps(batch, protocol=5)
             self._writer.write(_HEADER.pack(len(data)) + data)
 

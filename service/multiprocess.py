@@ -37,12 +37,17 @@ from streamssm.errors import ConfigError, StateError
 from .backend import LocalBackend
 from .codec import ModelCodec
 from .config import ServeConfig
-from .link import Link, error_tuple, queue_result
+from .link import Link, LinkClosed, error_tuple, queue_result
 from .scheduler import Chunk, Scheduler, Slice
 
 log = logging.getLogger(__name__)
 START_TIMEOUT = 120.0  # seconds a worker may take to import torch and listen
 STOP_TIMEOUT = 30.0  # seconds a worker may take to park its streams and exit
+WATCHDOG_INTERVAL = 5.0  # seconds between the engine's pings of each serving worker
+#: seconds a worker may take to answer a ping; a worker that does not (stopped, stuck) is killed and
+#: started again: it would hold its streams' pool rows and leave the connections the kernel hands it
+#: (its share of every new one) hanging for good. Its loop answers within milliseconds even under load
+WATCHDOG_TIMEOUT = 20.0
 _COUNTS = ("connection", "resume", "reject")  # the metrics calls workers forward
 
 
@@ -79,7 +84,9 @@ class _Worker:
     listening: asyncio.Future
     relays: dict[int, _Relay] = field(default_factory=dict)  # the worker's stream keys
     claims: set[str] = field(default_factory=set)  # tokens its connections hold
+    calls: set[asyncio.Task] = field(default_factory=set)  # its calls (and discards) being answered
     task: asyncio.Task | None = None
+    watchdog: asyncio.Task | None = None
 
 
 def reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
@@ -115,6 +122,7 @@ class MultiProcessServer:
         self._placeholder: socket.socket | None = None
         self._stopping = False
         self._respawns: set[asyncio.Task] = set()
+        self.watchdog_interval, self.watchdog_timeout = WATCHDOG_INTERVAL, WATCHDOG_TIMEOUT
         #: what a worker may call: op -> handler(worker, *args)
         self._ops = {"open": self._open, "reset": self._reset, "close": self._close, "checkpoint": self._checkpoint,
                      "claim": self._claim, "counts": lambda worker: self.backend.counts(),
@@ -191,6 +199,24 @@ class MultiProcessServer:
         except TimeoutError:
             process.kill()
             raise ConfigError(f"worker {index} did not start listening in {START_TIMEOUT:g} s") from None
+        worker.watchdog = asyncio.get_running_loop().create_task(self._watch(worker))
+
+    async def _watch(self, worker: _Worker) -> None:
+        """Ping a serving worker every ``watchdog_interval`` s; kill it when it does not answer in
+        ``watchdog_timeout`` s (its link's end then starts it again, as for a crash)."""
+        while not worker.link.closed and not self._stopping:
+            await asyncio.sleep(self.watchdog_interval)
+            try:
+                await asyncio.wait_for(worker.link.call("ping"), self.watchdog_timeout)
+            except LinkClosed:
+                return
+            except TimeoutError:
+                if worker.link.closed or self._stopping:
+                    return
+                log.error("worker %d did not answer for %g s (stopped or stuck): killed, to be started again",
+                          worker.index, self.watchdog_timeout)
+                worker.process.kill()
+                return
 
     async def _respawn(self, index: int) -> None:
         delay = 1.0
@@ -218,7 +244,7 @@ class MultiProcessServer:
                         if (waiting := self._submit(worker, key, seq, start, x, t, n)) is not None:
                             await waiting
                 elif kind == "call":
-                    loop.create_task(self._answer(worker, *message[1:]))
+                    self._track(worker, loop.create_task(self._answer(worker, *message[1:])))
                 elif kind == "release":
                     self.tokens.release(message[1])
                     worker.claims.discard(message[1])
@@ -227,7 +253,7 @@ class MultiProcessServer:
                 elif kind == "count" and message[1] in _COUNTS:
                     getattr(self.backend.metrics, message[1])(*message[2:])
                 elif kind == "discard":
-                    loop.create_task(self._close(worker, message[1], False))
+                    self._track(worker, loop.create_task(self._close(worker, message[1], False)))
                 elif kind == "listening" and not worker.listening.done():
                     worker.listening.set_result(message[1])
                 elif kind == "failed" and not worker.listening.done():
@@ -239,8 +265,13 @@ class MultiProcessServer:
         """A worker's link ended: close its streams, release its tokens, reap it; start it again
         if it had been serving (one that failed to start is the starter's to retry)."""
         was_serving = worker.listening.done() and worker.listening.exception() is None
+        if worker.watchdog is not None:
+            worker.watchdog.cancel()
         if not worker.listening.done():
             worker.listening.set_exception(ConfigError(f"worker {worker.index} exited before listening"))
+        # its calls still running (an open waiting behind a model call, a claim) finish first: what
+        # they open or claim is freed below, not leaked (a pool row, a token busy for good)
+        await asyncio.gather(*worker.calls, return_exceptions=True)
         for key in list(worker.relays):
             with contextlib.suppress(StateError):
                 await self._close(worker, key, False)
@@ -254,6 +285,11 @@ class MultiProcessServer:
             task = asyncio.get_running_loop().create_task(self._respawn(worker.index))
             self._respawns.add(task)
             task.add_done_callback(self._respawns.discard)
+
+    @staticmethod
+    def _track(worker: _Worker, task: asyncio.Task) -> None:
+        worker.calls.add(task)
+        task.add_done_callback(worker.calls.discard)
 
     async def _answer(self, worker: _Worker, rid: int, op: str, args: tuple) -> None:
         try:

@@ -60,6 +60,8 @@ async def run_worker(sock: socket.socket) -> bool:
                 scheduler.live = message[1]
             elif kind == "stop":
                 stop.set()
+            elif kind == "call" and message[2] == "ping":  # the engine's watchdog: this loop still turns
+                link.reply(message[1])
         scheduler.engine_lost()
         stop.set()
 

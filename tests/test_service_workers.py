@@ -157,6 +157,34 @@ async def test_messages_after_an_early_flush_wait_their_own_flush_delay():
         assert got == ["chunks", "call", "chunks"]
 
 
+def test_a_link_whose_other_process_died_drops_what_it_sends_under_uvloop():
+    """Defect: the engine kept sending (results, ``live``) to a dead worker until its link's reader
+    saw the EOF; under uvloop (serve's default loop) each flush after the first failed write raised
+    RuntimeError (an "Exception in callback Link._flush" traceback per flush in the engine's log,
+    on every worker death under load). A link to a dead process drops what it sends, quietly."""
+    import socket
+
+    import uvloop
+
+    from streamssm.service.link import Link
+
+    errors = []
+
+    async def main():
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: errors.append(ctx.get("exception")))
+        a, b = socket.socketpair()
+        link = await Link.over(a)
+        b.close()  # the worker is gone; nothing has read the link's EOF yet
+        for _ in range(3):
+            link.send("live", 1)
+            await asyncio.sleep(0.05)
+        await link.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
+    assert errors == []
+
+
 @pytest.mark.parametrize("array", ARRAYS)
 @pytest.mark.parametrize("tensors", [False, True])
 def test_arrays_cross_a_link_as_one_buffer_exactly(array, tensors):
@@ -252,6 +280,35 @@ async def test_a_killed_worker_loses_only_its_streams_and_comes_back(dna):
     assert after.results
 
 
+async def test_a_frozen_worker_is_killed_and_started_again(dna):
+    """Defect: a worker that stopped answering (SIGSTOP, a stuck loop) stayed in place for good: the
+    kernel kept handing it its share of new connections, which hung (7 of 10 in one trial), and its
+    streams kept their pool rows. The engine's watchdog kills a worker that does not
+    answer its ping in time; it is started again like a crashed one."""
+    bases = random_bases(30, seed=17)
+    srv = workers(dna)
+    srv.watchdog_interval, srv.watchdog_timeout = 0.2, 1.0
+    async with srv:
+        async with connect(srv.url) as ws:  # a stream, so that the frozen worker holds a pool row
+            await ws.send(json.dumps({"type": "start", "format": "text"}))
+            await ws.recv()
+            frozen = next(w for w in srv.workers.values() if w.relays)
+            frozen.process.send_signal(signal.SIGSTOP)
+            try:
+                deadline = time.monotonic() + 20
+                while (again := srv.workers.get(frozen.index)) is None or again is frozen or \
+                        not again.listening.done():
+                    assert time.monotonic() < deadline, "the frozen worker is still in place"
+                    await asyncio.sleep(0.05)
+            finally:
+                if frozen.process.returncode is None:
+                    frozen.process.send_signal(signal.SIGCONT)
+            assert frozen.process.returncode == -signal.SIGKILL and srv.scheduler.live == 0
+        runs = await asyncio.gather(*(stream_dna(srv.url, bases, seed=i, open_timeout=5) for i in range(6)))
+    for client, _ in runs:  # every connection opened, whichever worker the kernel chose
+        assert_exact(dna, bases, client)
+
+
 async def test_a_killed_workers_streams_resume_from_the_write_ahead_with_a_state_dir(dna, tmp_path):
     """With --state-dir, a stream on a worker that dies (SIGKILL) is not lost: its client
     reconnects (to any worker) and resumes from the stream's last write-ahead, as after a crash,
@@ -315,6 +372,62 @@ async def test_max_streams_holds_across_workers(dna):
                 await asyncio.sleep(0.02)
         client, _ = await stream_dna(srv.url, random_bases(20, seed=3), seed=4)  # the rows came back
     assert client.results
+
+
+@pytest.mark.parametrize("held", ["open", "claim"])
+async def test_a_worker_that_dies_during_an_open_or_claim_leaks_neither(dna, held):
+    """Defect: the engine freed a dead worker's streams and claims as soon as its link ended, while
+    its calls still ran (an open waits behind the model call in progress): the stream they opened
+    kept its pool row for good (max_streams one lower, /healthz live_streams never 0), the token
+    they claimed answered stream_busy for good. Both are freed once the calls finish."""
+    start = {"type": "start", "format": "text"}
+    async with workers(dna, max_streams=4) as srv:
+        if held == "claim":  # a parked stream whose resume is being claimed
+            async with connect(srv.url) as ws:
+                await ws.send(json.dumps(start))
+                token = json.loads(await ws.recv())["resume"]
+                await ws.send("ACGT")
+                await ws.recv()
+                ws.transport.abort()
+            async with asyncio.timeout(TIMEOUT):
+                while srv.scheduler.live or not len(srv.store):
+                    await asyncio.sleep(0.02)
+            start["resume"], start["ack"] = token, 0
+        entered, release, answered = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        callers = []
+        real = srv._ops[held]
+
+        async def held_call(worker, *args):
+            callers.append(worker)
+            entered.set()
+            await release.wait()  # the engine is busy with a model call meanwhile
+            try:
+                return await real(worker, *args)
+            finally:
+                answered.set()
+
+        srv._ops[held] = held_call
+        async with connect(srv.url) as ws:
+            await ws.send(json.dumps(start))
+            async with asyncio.timeout(TIMEOUT):
+                await entered.wait()
+                callers[0].process.send_signal(signal.SIGKILL)
+                while not callers[0].link.closed:
+                    await asyncio.sleep(0.02)
+                await asyncio.sleep(0.2)  # the engine has dealt with the dead worker's link
+                release.set()
+                srv._ops[held] = real
+                await answered.wait()
+        deadline = time.monotonic() + 5
+        while srv.scheduler.live and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert srv.scheduler.live == 0  # the stream opened for the dead worker freed its pool row
+        health = json.loads((await http_get(srv.url.replace("ws://", "http://") + "healthz"))[2])
+        assert health["live_streams"] == 0
+        if held == "claim":  # the token is free again: its stream resumes
+            async with connect(srv.url) as ws:
+                await ws.send(json.dumps(start))
+                assert json.loads(await ws.recv())["type"] == "ready"
 
 
 async def test_hostile_clients_and_a_failing_stream_leave_the_canary_exact(dna):
