@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import math
 import os
 import sys
@@ -145,11 +146,13 @@ def load_old(path: str):
     if not hasattr(mod, "_selective_scan_bwd"):  # older files: an autograd function of their own
         return lambda t: mod.selective_scan_triton(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"],
                                                    delta_bias=t["delta_bias"], delta_softplus=True)
-    chunk = mod._chunk_len(None)
+    # its default chunk length (since 2026-12-07 a function of the sequence length)
+    takes_length = len(inspect.signature(mod._chunk_len).parameters) > 1
 
     class OldScan(torch.autograd.Function):
         @staticmethod
         def forward(ctx, u, delta, A, B, C, D, delta_bias):
+            ctx.chunk = chunk = mod._chunk_len(None, u.shape[-1]) if takes_length else mod._chunk_len(None)
             B4, C4 = mod._as_groups(B), mod._as_groups(C)
             y, _, ckpt = mod._selective_scan_fwd(u, delta, A, B4, C4, D, None, delta_bias, True, None,
                                                  any(ctx.needs_input_grad), None, chunk)
@@ -160,7 +163,7 @@ def load_old(path: str):
         def backward(ctx, dy):
             u, delta, A, B4, C4, D, delta_bias, ckpt = ctx.saved_tensors
             du, ddelta, dA, dB4, dC4, dD, _, dbias, _ = mod._selective_scan_bwd(
-                dy, None, u, delta, A, B4, C4, D, None, delta_bias, True, ckpt, None, chunk)
+                dy, None, u, delta, A, B4, C4, D, None, delta_bias, True, ckpt, None, ctx.chunk)
             shape = (B4.shape[0], -1, B4.shape[-1])  # (b, n, l) as the bench's B and C
             return du, ddelta, dA, dB4.reshape(shape).to(B4.dtype), dC4.reshape(shape).to(C4.dtype), dD, dbias
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import triton
 
-from streamssm.errors import ShapeError
+from streamssm.errors import ConfigError, ShapeError
 from streamssm.kernels import selective_scan
 from streamssm.kernels.mamba1 import scan
 from streamssm.kernels.mamba1.reference import selective_scan_ref
@@ -217,6 +217,17 @@ def test_bad_input_raises_shape_error(bad, message):
         selective_scan(**inputs, backend="triton")
 
 
+def test_default_chunk_length_grows_for_long_sequences(monkeypatch):
+    """On the GPU T is 64, and 256 from CHUNK_LONG_FROM steps (measured faster and smaller at M2/M3,
+    slower at M1: scan.py); a given chunk is kept; the interpreter's small T regardless of length."""
+    assert scan._chunk_len(None, 10**6) == scan.CHUNK_INTERPRET  # the interpreter (CI)
+    monkeypatch.setattr(scan, "interpreting", lambda: False)
+    assert [scan._chunk_len(None, l) for l in (1, 4096, 16383, 16384, 2**20)] == [64, 64, 64, 256, 256]
+    assert scan._chunk_len(128, 2**20) == 128
+    with pytest.raises(ConfigError, match="power of two"):
+        scan._chunk_len(96, 10)
+
+
 # ----------------------------------------------------------------------------- GPU
 
 
@@ -227,6 +238,14 @@ def test_gpu_realistic_sizes(dtype, segments, chunk):
     """b2 d256 l1000 n16, groups 2, z, D, bias, h0: kernel vs the reference on the same inputs."""
     inputs = make_inputs(2, 256, 1000, 16, groups=2, dtype=dtype, device="cuda", seed=11)
     check_against_reference(inputs, dtype=dtype, segments=segments, chunk=chunk)
+
+
+@pytest.mark.gpu
+def test_gpu_long_sequence_default_chunk():
+    """A sequence of CHUNK_LONG_FROM steps takes the long chunk (256) by default: vs the reference."""
+    inputs = make_inputs(1, 64, scan.CHUNK_LONG_FROM, 16, dtype=torch.bfloat16, device="cuda", seed=12)
+    assert scan._chunk_len(None, scan.CHUNK_LONG_FROM) == scan.CHUNK_LONG
+    check_against_reference(inputs, dtype=torch.bfloat16)
 
 
 @pytest.mark.gpu
