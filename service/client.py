@@ -62,6 +62,7 @@ from .protocol import (
     TRY_AGAIN_LATER,
     Result,
     decode_result,
+    json_int,
     quoted,
 )
 
@@ -109,11 +110,6 @@ class ServerUnreachable(StreamSSMError, ConnectionError):
 class ServerTimeout(ProtocolError, TimeoutError):
     """The server stopped answering: no ``ready``, result or summary within the client's timeout
     (the connection stays open, so only a timeout tells a stuck server from a slow one)."""
-
-
-def _int(value: Any, minimum: int) -> bool:
-    """``value`` is a JSON integer (not a bool, not a float) >= ``minimum``."""
-    return type(value) is int and value >= minimum
 
 
 @dataclass
@@ -250,11 +246,9 @@ class StreamClient:
         except ConnectionClosed as exc:
             raise self._too_big(exc) or exc
         reply = self._decode(message) if isinstance(message, str) else message
-        if not isinstance(reply, dict):
-            raise ProtocolError(f"expected a ready message, got {quoted(reply)}", POLICY_VIOLATION, "bad_ready")
-        if reply["type"] == "error":
+        if isinstance(reply, dict) and reply["type"] == "error":
             raise self._server_error(reply, POLICY_VIOLATION)
-        if reply["type"] != "ready":
+        if not isinstance(reply, dict) or reply["type"] != "ready":
             raise ProtocolError(f"expected a ready message, got {quoted(reply)}", POLICY_VIOLATION, "bad_ready")
         self._check_ready(reply)
         server_next = reply["next_seq"]
@@ -289,11 +283,11 @@ class StreamClient:
         token, saved, rate = reply.get("resume"), reply.get("saved_seq"), reply.get("model_sample_rate")
         bad = [name for name, ok in (
             ("resume", isinstance(token, str) and 16 <= len(token) <= 128),
-            ("next_seq", _int(reply.get("next_seq"), 0)),
-            ("queue_depth", "queue_depth" not in reply or _int(reply["queue_depth"], 1)),
-            ("saved_seq", saved is None or (_int(saved, -1) and _int(reply.get("next_seq"), saved + 1))),
-            ("output_dim", "output_dim" not in reply or _int(reply["output_dim"], 1)),
-            ("model_sample_rate", rate is None or _int(rate, 1)),
+            ("next_seq", json_int(reply.get("next_seq"), 0)),
+            ("queue_depth", "queue_depth" not in reply or json_int(reply["queue_depth"], 1)),
+            ("saved_seq", saved is None or (json_int(saved, -1) and json_int(reply.get("next_seq"), saved + 1))),
+            ("output_dim", "output_dim" not in reply or json_int(reply["output_dim"], 1)),
+            ("model_sample_rate", rate is None or json_int(rate, 1)),
             ("resumed", isinstance(reply.get("resumed", False), bool)),
         ) if not ok]
         if bad:
@@ -304,7 +298,7 @@ class StreamClient:
     def _server_error(self, msg: dict[str, Any], default_code: int) -> ServerError:
         """The server's ``error`` message as a ServerError, whatever fields it lacks."""
         code, reason, text = msg.get("code"), msg.get("reason"), msg.get("message")
-        code = code if _int(code, 1000) and code <= 4999 else default_code
+        code = code if json_int(code, 1000) and code <= 4999 else default_code
         reason = reason[:123] if isinstance(reason, str) and reason else "error"
         if not isinstance(text, str) or not text:
             text = f"the server sent an error without a message (code {code}, reason {reason!r})"
@@ -394,7 +388,7 @@ class StreamClient:
 
     def _on_saved(self, seq: Any) -> None:
         """A ``saved`` message: it follows the results it covers, so its seq is one this client holds."""
-        if not _int(seq, -1) or seq > self._last_seq:
+        if not json_int(seq, -1) or seq > self._last_seq:
             raise ProtocolError(f"saved message for chunk {quoted(seq)}, but this client holds results only up to "
                                 f"{self._last_seq} (saved comes after the results it covers)", POLICY_VIOLATION,
                                 "bad_saved")

@@ -424,8 +424,7 @@ def decode_result(message: str | bytes) -> Result | dict[str, Any]:
     if msg["type"] != "result":
         return msg
     seq, start, n = msg.get("seq"), msg.get("start"), msg.get("n")
-    bad = [f"{k}={quoted(v)}" for k, v in (("seq", seq), ("start", start), ("n", n))
-           if type(v) is not int or v < 0]
+    bad = [f"{k}={quoted(v)}" for k, v in (("seq", seq), ("start", start), ("n", n)) if not json_int(v, 0)]
     if bad:
         raise ProtocolError(f"result with bad or missing {', '.join(bad)} (integers >= 0)", INVALID_DATA, "bad_result")
     try:
@@ -451,7 +450,7 @@ def _int_field(msg: dict[str, Any], name: str, default: int | None, minimum: int
     value = msg.get(name, default)
     if value is None:
         raise ProtocolError(f"start: {name} is required", POLICY_VIOLATION, f"bad_{name}")
-    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+    if not json_int(value, minimum) or value > maximum:
         raise ProtocolError(f"start: {name} must be an integer from {minimum} to {maximum}, got {quoted(value)}",
                             POLICY_VIOLATION, f"bad_{name}")
     return value
@@ -462,6 +461,11 @@ def _int_field(msg: dict[str, Any], name: str, default: int | None, minimum: int
 _CLIENT_REPR = reprlib.Repr()  # (keyword arguments only from Python 3.12)
 _CLIENT_REPR.maxlevel, _CLIENT_REPR.maxdict, _CLIENT_REPR.maxlist = 2, 4, 6
 _CLIENT_REPR.maxstring, _CLIENT_REPR.maxlong, _CLIENT_REPR.maxother = 60, 40, 60
+
+
+def json_int(value: Any, minimum: int) -> bool:
+    """``value`` is a JSON integer (not a bool, not a float) >= ``minimum``."""
+    return type(value) is int and value >= minimum
 
 
 def quoted(value: Any, limit: int = 80) -> str:
