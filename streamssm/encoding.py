@@ -168,6 +168,10 @@ def mu_law_decode(tokens: torch.Tensor, channels: int = 256) -> torch.Tensor:
     return AF.mu_law_decoding(tokens.to(torch.float32), channels)
 
 
+#: the integer PCM dtypes :func:`pcm_to_float` knows the full scale of
+PCM_DTYPES = tuple(np.dtype(d) for d in ("uint8", "int8", "int16", "int32"))
+
+
 def pcm_to_float(samples: torch.Tensor | np.ndarray) -> torch.Tensor:
     """Integer PCM (int8/int16/int32/uint8) or float samples -> float32 in [-1, 1] (same shape)."""
     arr = samples if isinstance(samples, torch.Tensor) else torch.as_tensor(np.asarray(samples))

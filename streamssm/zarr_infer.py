@@ -49,7 +49,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from zarr.codecs import ZstdCodec
 
 from streamssm.checkpoint import ServingBundle, load_for_serving
-from streamssm.encoding import SensorIntegers
+from streamssm.encoding import PCM_DTYPES, SensorIntegers
 from streamssm.datamodules.zarr import InputArray, MissingChunks, Unit, ZarrDataModule, open_inputs
 from streamssm.errors import ConfigError, DataFormatError, ShapeError, StateError
 from streamssm.lightning_ui import quiet_lightning
@@ -66,9 +66,6 @@ DEFAULT_CHUNK_STEPS = 65536
 
 
 # ------------------------------------------------------------------------------- raw -> model
-
-#: integer dtypes ``pcm_to_float`` scales (audio, and sensor arrays read with ``--integer-input pcm``)
-_PCM_DTYPES = tuple(np.dtype(d) for d in ("uint8", "int8", "int16", "int32"))
 
 
 class BatchEncoder:
@@ -113,10 +110,10 @@ class BatchEncoder:
         if self.cfg.input_kind == "tokens" and self._row is None and np.dtype(inp.dtype).kind not in "iu":
             raise DataFormatError(f"input array {inp.store!r}: token models need integer ids, got {inp.dtype}")
         pcm = self.modality == "audio" or self.integer_read(inp) == "pcm"
-        if pcm and np.dtype(inp.dtype).kind in "iu" and np.dtype(inp.dtype) not in _PCM_DTYPES:
+        if pcm and np.dtype(inp.dtype).kind in "iu" and np.dtype(inp.dtype) not in PCM_DTYPES:
             raise DataFormatError(
                 f"input array {inp.store!r}: {inp.dtype} samples cannot be read as PCM (full scale known for "
-                f"{', '.join(str(d) for d in _PCM_DTYPES)}); convert the array to one of those or to float"
+                f"{', '.join(str(d) for d in PCM_DTYPES)}); convert the array to one of those or to float"
             )
         if self.integer_read(inp) == "error":
             raise ConfigError(
