@@ -1,7 +1,7 @@
 """CPU benchmark of ``Streamer.feed_many`` per call: this tree against a base commit, same run.
 
     python benchmarks/bench_streamer.py [--base 6762ade~1] [--streams 1,16,64] [--chunks 1,320]
-                                        [--threads 2] [--repeats 3]
+                                        [--threads 2] [--repeats 3] [--host-only]
 
 Model: a small mu-law LM (Mamba-2, d_model 64, 2 layers, d_state 32, headdim 32, vocab 256;
 fp32, CPU, ``torch.set_num_threads(--threads)``). Each call feeds every one of S open streams a
@@ -16,7 +16,10 @@ each child's fastest timed call (after 2 warm-up calls; at least 5 calls or 0.3 
 call, not the median: on a shared 2-core machine most calls are preempted, the minimum is what
 the code costs. Speedup = before / after (> 1: faster now). ``aten ops``: the ATen operators one
 call dispatches (S=16; counted with a TorchDispatchMode), a load-independent measure of the
-per-call host work.
+per-call host work. ``--host-only``: the model call replaced by a zero-time stand-in (a view of one
+zero (S, L, 256) tensor, as bench_engine_host.py's), so what is timed is the Streamer's own work
+per call (checks, stacking, indices, scores, results per stream): the host overhead that runs
+serially with a GPU's graph replay.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL = dict(block="mamba2", d_model=64, n_layers=2, d_state=32, headdim=32, chunk_size=64, vocab_size=256)
 
 
-def worker(streams: list[int], chunks: list[int], threads: int, variants: list[str]) -> dict[str, float]:
+def worker(streams: list[int], chunks: list[int], threads: int, variants: list[str], host_only: bool) -> dict[str, float]:
     """In a child process: ms per feed_many call for each (variant, streams, chunk)."""
     import torch
 
@@ -51,6 +54,9 @@ def worker(streams: list[int], chunks: list[int], threads: int, variants: list[s
         for length in chunks:
             for variant in variants:
                 streamer = Streamer(model, s)
+                if host_only:
+                    zeros = torch.zeros(s, length, MODEL["vocab_size"])
+                    streamer._calls = lambda x, rows, zeros=zeros: zeros[: x.shape[0], : x.shape[1]]
                 ids = [streamer.open() for _ in range(s)]
                 kwargs = {"outputs": False} if variant == "scores" else {}
                 data = [{i: torch.randint(0, 256, (length,), generator=gen) for i in ids} for _ in range(4)]
@@ -98,7 +104,7 @@ def child(path: Path | None, args, variants: list[str]) -> dict[str, float]:
     if path is not None:
         env["PYTHONPATH"] = str(path)
     cmd = [sys.executable, __file__, "--worker", ",".join(variants), "--streams", args.streams,
-           "--chunks", args.chunks, "--threads", str(args.threads)]
+           "--chunks", args.chunks, "--threads", str(args.threads)] + ["--host-only"] * args.host_only
     if path is not None:
         cmd += ["--expect-root", str(path)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, cwd=tempfile.gettempdir())
@@ -112,6 +118,7 @@ def main() -> None:
     parser.add_argument("--chunks", default="1,320")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--host-only", action="store_true", help="the model call replaced by a zero-time stand-in")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--expect-root", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -121,7 +128,7 @@ def main() -> None:
 
         if args.expect_root and not streamssm.__file__.startswith(args.expect_root):
             raise SystemExit(f"base tree not imported: streamssm from {streamssm.__file__}")
-        print(json.dumps(worker(streams, chunks, args.threads, args.worker.split(","))))
+        print(json.dumps(worker(streams, chunks, args.threads, args.worker.split(","), args.host_only)))
         return
     runs: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -131,7 +138,8 @@ def main() -> None:
                 for key, ms in child(path, args, variants).items():
                     runs.setdefault(key, []).append(ms)
     rev = subprocess.run(["git", "rev-parse", "--short", args.base], cwd=ROOT, capture_output=True, text=True).stdout
-    print(f"feed_many ms/call, CPU {args.threads} threads, model {MODEL}, base {args.base} ({rev.strip()}), "
+    what = "host work only (model call: a zero-time stand-in)" if args.host_only else f"model {MODEL}"
+    print(f"feed_many ms/call, CPU {args.threads} threads, {what}, base {args.base} ({rev.strip()}), "
           f"median of {args.repeats} interleaved runs")
     print("| streams | chunk | before ms | after ms | scores-only ms | speedup after | speedup scores-only "
           "| aten ops before / after / scores-only |")

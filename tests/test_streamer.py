@@ -162,6 +162,7 @@ def test_bad_chunks_raise_and_leave_other_streams_untouched():
     bad_chunks = [
         (torch.randn(3, CHANNELS + 1), "3 channels"),
         (torch.randint(0, 3, (3, CHANNELS)), "float"),
+        (torch.randint(0, 3, (2, CHANNELS)), "float"),  # the shape of the good chunk: stacking would promote it
         (torch.randn(2, 3, CHANNELS), "shape"),
         ([1.0, 2.0], "torch.Tensor"),
     ]
@@ -191,6 +192,31 @@ def test_launch_stacked_equals_launch(head):
         torch.testing.assert_close(got.outputs, want.outputs, rtol=0, atol=0)
         if head == "lm":
             np.testing.assert_array_equal(got.scores, want.scores)
+
+
+@pytest.mark.parametrize("head", ["lm", "regression"])
+def test_chunks_of_one_shape_are_checked_once_and_compute_as_checked_one_by_one(head, monkeypatch):
+    """feed_many's steady state (every chunk a tensor of one dtype and shape) stacks and checks
+    them as one batch, no check per chunk; outputs, scores and carried state equal the per-chunk
+    path's (forced here), call after call."""
+    model = tiny_model("mamba2", head)
+    gen = torch.Generator().manual_seed(9)
+    xs = [make_stream(model, 10, gen) for _ in range(3)]
+    one_by_one, batched = Streamer(model, capacity=3), Streamer(model, capacity=3)
+    monkeypatch.setattr(one_by_one, "_stack_uniform", lambda chunks: None)
+    ids = [one_by_one.open() for _ in xs]
+    assert [batched.open() for _ in xs] == ids
+    checked = []
+    real = batched._check_chunk
+    monkeypatch.setattr(batched, "_check_chunk", lambda sid, chunk: checked.append(sid) or real(sid, chunk))
+    for a, b in ((0, 6), (6, 7), (7, 10)):
+        want = one_by_one.feed_many({sid: x[a:b] for sid, x in zip(ids, xs)})
+        got = batched.feed_many({sid: x[a:b] for sid, x in zip(ids, xs)})
+        for sid in ids:
+            torch.testing.assert_close(got[sid].outputs, want[sid].outputs, rtol=0, atol=0)
+            if head == "lm":
+                torch.testing.assert_close(got[sid].scores, want[sid].scores, rtol=0, atol=0)
+    assert not checked, "a uniform batch was checked chunk by chunk"
 
 
 def test_launch_stacked_names_a_bad_batch():
