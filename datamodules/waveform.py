@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import soundfile as sf
 import torch
 import torchaudio.functional as AF
 from torch.utils.data import Dataset
@@ -41,6 +40,7 @@ from streamssm.datamodules._common import (
     split_points,
     tile_starts,
 )
+from streamssm.audio_io import read_audio
 from streamssm.encoding import mu_law_encode
 from streamssm.errors import ConfigError, DataFormatError
 from streamssm.serving import ServingSpec
@@ -48,22 +48,6 @@ from streamssm.serving import ServingSpec
 log = logging.getLogger(__name__)
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aif", ".aiff", ".au", ".caf", ".w64", ".rf64")
-
-
-def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
-    """Decode an audio file with soundfile: ``(samples (frames, channels) float32, sample_rate)``.
-
-    Raises ``DataFormatError`` naming the file when it cannot be decoded or holds no samples.
-    """
-    try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    except (sf.SoundFileError, RuntimeError, TypeError) as exc:
-        raise DataFormatError(f"audio file {str(path)!r} cannot be read: {exc}") from None
-    if data.shape[0] == 0:
-        raise DataFormatError(f"audio file {str(path)!r} holds no samples")
-    if not np.isfinite(data).all():
-        raise DataFormatError(f"audio file {str(path)!r} contains NaN or infinite samples")
-    return data, int(rate)
 
 
 class CropDataset(Dataset):

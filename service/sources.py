@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from streamssm.audio_io import read_audio
 from streamssm.errors import DataFormatError
 
 from .client import StreamClient
@@ -45,9 +46,7 @@ def read_source(path: str | Path, *, record: str | None = None, columns: list[st
         raise DataFormatError(f"{str(path)!r} is not a file")
     suffix = path.suffix.lower()
     if suffix in AUDIO_SUFFIXES:
-        import soundfile as sf
-
-        samples, rate = sf.read(str(path), dtype="float32", always_2d=True)  # (l, c)
+        samples, rate = read_audio(path)  # (l, c)
         return Source(samples, fmt or "f32le", int(rate), int(samples.shape[1]))
     if suffix == ".csv":
         import polars as pl

@@ -2,7 +2,8 @@
 
 Shape legend: l prompt / history steps, n samples, t new steps, c channels.
 
-- :func:`read_wav` / :func:`write_wav`: soundfile, float32 (l, c) / (l,) in [-1, 1].
+- :func:`write_wav`: soundfile, float32 (l, c) / (l,) in [-1, 1] (prompts are read by
+  ``audio_io.read_audio``).
 - :func:`read_history` / :func:`write_forecast`: CSV or Parquet (by suffix) through polars; the
   history's columns are the model's channel names.
 - :func:`audio_figure` / :func:`rollout_figure`: the prompt and what the model made of it (matplotlib,
@@ -24,19 +25,6 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 TABLE_SUFFIXES = (".csv", ".parquet")
-
-
-def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
-    """A WAV/FLAC file -> (samples (l, c) float32 in [-1, 1], sample rate in Hz)."""
-    import soundfile as sf
-
-    try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    except (RuntimeError, sf.LibsndfileError) as exc:
-        raise DataFormatError(f"cannot read {path} as audio: {exc}") from None
-    if data.shape[0] == 0:
-        raise DataFormatError(f"{path}: no audio samples")
-    return data, int(rate)
 
 
 def write_wav(path: str | Path, wave: np.ndarray, sample_rate: int) -> Path:

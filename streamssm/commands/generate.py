@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from streamssm.audio_io import read_audio
 from streamssm.checkpoint import ServingBundle, load_for_serving
 from streamssm.commands.parsing import ArgumentParser
 from streamssm.encoding import decode_bases, encode_bases
@@ -33,7 +34,6 @@ from streamssm.generate_io import (
     TABLE_SUFFIXES,
     audio_figure,
     read_history,
-    read_wav,
     rollout_figure,
     save_figure,
     write_forecast,
@@ -59,7 +59,7 @@ def _check_output(output: str, suffixes: tuple[str, ...], what: str) -> Path:
 def _audio(bundle: ServingBundle, args: argparse.Namespace, sampling: SamplingConfig) -> str:
     out = _check_output(args.output, AUDIO_SUFFIXES, "audio")
     spec = bundle.spec
-    wave, rate = read_wav(args.prompt)
+    wave, rate = read_audio(args.prompt)
     prompt, new = continue_audio(bundle.model, spec, torch.from_numpy(wave), rate, args.length, args.samples,
                                  sampling, args.seed)
     prompt, new = prompt.numpy(), new.numpy()
@@ -76,7 +76,7 @@ def _rollout(bundle: ServingBundle, args: argparse.Namespace) -> str:
     spec = bundle.spec
     if spec.modality == "audio":  # float audio: WAV in, WAV out
         out = _check_output(args.output, AUDIO_SUFFIXES, "float audio")
-        wave, rate = read_wav(args.prompt)
+        wave, rate = read_audio(args.prompt)
         if rate != spec.sample_rate:
             raise ConfigError(f"--prompt: {args.prompt} is at {rate} Hz; this float audio model reads {spec.sample_rate} Hz")
         history = wave.mean(1, keepdims=True) if spec.mono else wave
