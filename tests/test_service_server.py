@@ -208,6 +208,33 @@ async def test_audio_s16le_mu_law_scores_only(ckpts):
     assert summary["bits_per_token"] == pytest.approx(-expected.astype(np.float64).mean() / math.log(2), rel=1e-4)
 
 
+async def test_float_audio_at_integer_scale_is_refused_while_a_canary_streams(ckpts):
+    """f32le frames holding PCM values (a client that forgot to scale int16) would all be clipped
+    to +-1 by the mu-law encoding: the stream gets 1007 bad_samples naming the peak; overs that
+    stay below the refusal peak are taken; a canary on s16le streams on, exact."""
+    rng = np.random.default_rng(4)
+    pcm = (np.sin(np.arange(400) / 5.0) * 12000 + rng.normal(size=400) * 300).astype(np.int16)
+    start = json.dumps({"type": "start", "format": "f32le", "sample_rate": 8000})
+    async with server(ckpts["audio"]) as srv:
+        async with StreamClient(srv.url, format="s16le", sample_rate=8000, results="binary", include=("scores",)) as canary:
+            await canary.send(pcm[:200])
+            got = await expect_error(srv.url, [start, pcm.astype("<f4").tobytes()], 1007)
+            assert got["reason"] == "bad_samples" and "reaches 1" in got["message"] and "1/32768" in got["message"]
+            async with StreamClient(srv.url, format="f32le", sample_rate=8000, results="binary",
+                                    include=("scores",)) as hot:
+                await hot.send(np.array([0.5, 1.5, -1.9, 0.0], np.float32))
+                assert (await hot.end(timeout=TIMEOUT))["chunks"] == 1
+            await canary.send(pcm[200:])
+            await canary.end(timeout=TIMEOUT)
+    tokens = mu_law_encode(torch.from_numpy(pcm.astype(np.float32) / 32768.0))
+    model = load_for_serving(ckpts["audio"]).model
+    with torch.no_grad():
+        logp = F.log_softmax(model(tokens.unsqueeze(0))[0][0].float(), -1)
+    prev = torch.cat([torch.full((1, 256), -math.log(256)), logp[:-1]])
+    np.testing.assert_allclose(canary.scores(), prev.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).numpy(),
+                               rtol=1e-5, atol=1e-5)
+
+
 async def test_bad_clients_get_errors_while_good_streams_continue(ckpts):
     bases = random_bases(120, seed=7)
     async with server(ckpts["sensor"], max_frame_bytes=4096, idle_timeout=1.0) as sensor_srv, \
