@@ -322,6 +322,7 @@ class StreamClient:
                     self._on_saved(item.get("seq"))
                 elif item["type"] == "summary":
                     if self._summary is not None and not self._summary.done():
+                        self._check_summary(item)
                         self._summary.set_result(item)
                 elif item["type"] == "error":
                     self._error = self._server_error(item, INTERNAL_ERROR)
@@ -334,6 +335,17 @@ class StreamClient:
             self._error = self._too_big(exc) or self._error
         finally:
             self._changed.set()
+
+    def _check_summary(self, summary: dict[str, Any]) -> None:
+        """The summary counts what this client received: every chunk's result (``chunks``) and the
+        samples up to the end of the last one (``samples``; unknown when resumed by token with no
+        new result yet)."""
+        chunks, samples = summary.get("chunks"), summary.get("samples")
+        want_samples = self._next_start if self._next_start is not None else samples
+        if not (json_int(chunks, 0) and json_int(samples, 0)) or (chunks, samples) != (self._last_seq + 1, want_samples):
+            raise ProtocolError(f"the summary counts {quoted(chunks)} chunks and {quoted(samples)} samples, but this "
+                                f"client received results for {self._last_seq + 1} chunks ending at sample "
+                                f"{self._next_start}", INVALID_DATA, "bad_summary")
 
     def _decode(self, message: str | bytes) -> Result | dict[str, Any]:
         """A server message -> a checked result or a control message dict; ProtocolError naming

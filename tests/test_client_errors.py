@@ -174,6 +174,37 @@ async def test_a_malformed_or_wrong_result_is_a_named_error_not_a_hang(message, 
         await _against(_after_ready(message), body)
 
 
+def _summarizing(summary: dict):
+    """A server that answers each chunk of 4 samples in order, then ``end`` with ``summary``."""
+    async def handler(ws) -> None:
+        await ws.recv()
+        await ws.send(json.dumps(READY))
+        seq = 0
+        async for m in ws:
+            if isinstance(m, bytes):
+                await ws.send(_result(seq, 4 * seq, 4))
+                seq += 1
+            elif json.loads(m)["type"] == "end":
+                await ws.send(json.dumps({"type": "summary"} | summary))
+    return handler
+
+
+@pytest.mark.parametrize("summary,named", [
+    ({"chunks": 2, "samples": 8}, "counts 2 chunks and 8 samples, but this client received results for 3 chunks "
+                                  "ending at sample 12"),
+    ({"chunks": 3, "samples": 13}, "counts 3 chunks and 13 samples"),
+    ({"chunks": "3", "samples": 12}, "counts '3' chunks"),
+    ({}, "counts None chunks and None samples"),
+])
+async def test_a_summary_that_disagrees_with_the_results_is_a_named_error(summary, named):
+    """Regression: the summary was returned as the server sent it, whatever it counted."""
+    with pytest.raises(ProtocolError, match=named) as info:
+        await _against(_summarizing(summary))
+    assert info.value.reason == "bad_summary"
+    client = await _against(_summarizing({"chunks": 3, "samples": 12, "forecast": [0.5, 0.5]}))
+    assert len(client.results) == 3
+
+
 @pytest.mark.parametrize("ready,named", [
     ("{nope", "not valid JSON"),
     (READY | {"next_seq": "0"}, "next_seq='0'"),
