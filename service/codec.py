@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from streamssm.audio_io import SCALE_ERROR_PEAK
 from streamssm.checkpoint import ServingBundle
 from streamssm.errors import ConfigError, DataFormatError, ProtocolError, ShapeError
 from streamssm.serving import ServingSpec
@@ -87,11 +86,6 @@ class ModelCodec:
             check_frame(frame, start)  # one lookup per sample: the event loop's cheapest path
             return torch.from_numpy(self._code_table(start)[np.frombuffer(frame, CODE_DTYPES[start.format])])
         x = decode_samples(frame, start, nan_policy)  # (l, c) float32
-        if self.modality == "audio" and start.format == "f32le" and len(x):
-            peak = float(np.abs(x).max())
-            if peak > SCALE_ERROR_PEAK:  # mu-law would clip it all to +-1: PCM values sent as floats
-                raise ProtocolError(f"f32le audio samples lie in [-1, 1]; this frame reaches {peak:.6g} (integer PCM "
-                                    f"sent as floats? scale it by 1/32768, or send s16le)", INVALID_DATA, "bad_samples")
         if self.downmix(start):
             x = torch.from_numpy(x).mean(dim=1, keepdim=True).numpy()  # (l, 1), as AudioEncoder mixes
         if resampler is not None:

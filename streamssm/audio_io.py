@@ -15,20 +15,18 @@ from pathlib import Path
 
 import numpy as np
 
+from streamssm.encoding import AUDIO_SCALE_LIMIT
 from streamssm.errors import DataFormatError
 
 log = logging.getLogger(__name__)
 
-#: a float file whose samples reach beyond this is taken to be at the wrong scale and refused
-SCALE_ERROR_PEAK = 2.0
-
 
 def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
     """Decode an audio file: ``(samples (frames, channels) float32 in [-1, 1] but for overs
-    below SCALE_ERROR_PEAK, sample_rate in Hz)``.
+    below AUDIO_SCALE_LIMIT, sample_rate in Hz)``.
 
     Raises ``DataFormatError`` naming the file when it cannot be decoded, holds no samples or
-    non-finite ones, or its samples reach past ``SCALE_ERROR_PEAK``; warns when some exceed 1.
+    non-finite ones, or its samples reach past ``AUDIO_SCALE_LIMIT``; warns when some exceed 1.
     """
     import soundfile as sf
 
@@ -41,7 +39,7 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
     if not np.isfinite(data).all():
         raise DataFormatError(f"audio file {str(path)!r} contains NaN or infinite samples")
     peak = float(np.abs(data).max())
-    if peak > SCALE_ERROR_PEAK:
+    if peak > AUDIO_SCALE_LIMIT:
         raise DataFormatError(
             f"audio file {str(path)!r}: its float samples reach {peak:.6g}, far outside [-1, 1]; it looks "
             f"written at integer scale: rescale it to [-1, 1] (16-bit scale: divide by 32768)")

@@ -280,8 +280,15 @@ class DnaEncoder:
         return encode_bases(raw, self.ambiguous_as_n)
 
 
+#: float audio reaching past this is at the wrong scale (16-bit PCM values as floats, as some tools
+#: write them): refused, since the mu-law encoding would clip all of it to +-1; overs below it are
+#: clipped (mastering overs, resampling ringing)
+AUDIO_SCALE_LIMIT = 2.0
+
+
 class AudioEncoder:
-    """Audio samples (l,) or (l, c) float in [-1, 1] or int PCM -> model input.
+    """Audio samples (l,) or (l, c) float in [-1, 1] or int PCM -> model input; float samples
+    past ``AUDIO_SCALE_LIMIT`` raise ``DataFormatError``.
 
     mu-law: LongTensor (l,) (mono, mixed down if needed); float: FloatTensor (l, c). Pass
     ``sample_rate`` when the raw audio was recorded at another rate: it is resampled first.
@@ -305,6 +312,10 @@ class AudioEncoder:
         if self.mono and x.shape[1] > 1:
             x = x.mean(dim=1, keepdim=True)  # as the waveform datamodule mixed its training files
         x = _as_2d_samples(x, self.channels, "audio input")
+        peak = float(x.abs().max()) if x.numel() else 0.0
+        if peak > AUDIO_SCALE_LIMIT:  # mu-law would clip it all to +-1
+            raise DataFormatError(f"audio input: float samples reach {peak:.6g}, far outside [-1, 1] (integer PCM "
+                                  f"given as floats? scale it by 1/32768 for 16-bit)")
         if sample_rate is not None and int(sample_rate) != self.sample_rate:
             x = AF.resample(x.T.contiguous(), int(sample_rate), self.sample_rate).T.contiguous()
         if self.encoding == "mu_law":

@@ -210,8 +210,8 @@ async def test_audio_s16le_mu_law_scores_only(ckpts):
 
 async def test_float_audio_at_integer_scale_is_refused_while_a_canary_streams(ckpts):
     """f32le frames holding PCM values (a client that forgot to scale int16) would all be clipped
-    to +-1 by the mu-law encoding: the stream gets 1007 bad_samples naming the peak; overs that
-    stay below the refusal peak are taken; a canary on s16le streams on, exact."""
+    to +-1 by the mu-law encoding: the stream gets 1007 bad_samples naming the peak (AudioEncoder's
+    check); overs that stay below the limit are taken; a canary on s16le streams on, exact."""
     rng = np.random.default_rng(4)
     pcm = (np.sin(np.arange(400) / 5.0) * 12000 + rng.normal(size=400) * 300).astype(np.int16)
     start = json.dumps({"type": "start", "format": "f32le", "sample_rate": 8000})
@@ -219,7 +219,7 @@ async def test_float_audio_at_integer_scale_is_refused_while_a_canary_streams(ck
         async with StreamClient(srv.url, format="s16le", sample_rate=8000, results="binary", include=("scores",)) as canary:
             await canary.send(pcm[:200])
             got = await expect_error(srv.url, [start, pcm.astype("<f4").tobytes()], 1007)
-            assert got["reason"] == "bad_samples" and "reaches 1" in got["message"] and "1/32768" in got["message"]
+            assert got["reason"] == "bad_samples" and "reach 1" in got["message"] and "1/32768" in got["message"]
             async with StreamClient(srv.url, format="f32le", sample_rate=8000, results="binary",
                                     include=("scores",)) as hot:
                 await hot.send(np.array([0.5, 1.5, -1.9, 0.0], np.float32))

@@ -160,6 +160,11 @@ def test_mono_audio_mu_law(tmp_path):
     with pytest.raises(ConfigError, match="sample_rate 16000 Hz.*8000 Hz"):
         run_inference(ckpt, tmp_path / "rec16k.zarr", tmp_path / "out16k.zarr", num_workers=0, accelerator="cpu")
     assert not (tmp_path / "out16k.zarr").exists()
+    # 16-bit PCM values stored as floats: the mu-law encoding would clip every sample to +-1
+    _write(tmp_path / "loud.zarr", wave * 32768, (64,), attributes={"sample_rate": 8000})
+    with pytest.raises(DataFormatError, match=r"reach 1638.*1/32768"):
+        run_inference(ckpt, tmp_path / "loud.zarr", tmp_path / "loud_out.zarr", chunk_steps=64, num_workers=0,
+                      accelerator="cpu")
 
 
 # ----------------------------------------------------------------------------- resume
