@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from streamssm.checkpoint import ServingBundle
+from streamssm.encoding import N_TOKEN
 from streamssm.errors import ConfigError, DataFormatError, ProtocolError, ShapeError
 from streamssm.serving import ServingSpec
 
@@ -46,6 +47,9 @@ class ModelCodec:
     classes: list[str]
     _encode: Callable[..., torch.Tensor]
     _postprocess: Callable[[torch.Tensor], torch.Tensor]
+    #: the input token whose scores the summary's average leaves out, as training did (a DNA model
+    #: trained with mask_n: N), else None
+    unscored_token: int | None = None
     #: format -> model input of every sample code (see _code_table)
     _code_tables: dict[str, np.ndarray] = field(default_factory=dict, init=False, repr=False)
 
@@ -59,8 +63,9 @@ class ModelCodec:
             )
         cfg = bundle.config
         serving = serving.for_model(cfg)  # load_for_serving did this too; a hand-built bundle may not have
+        unscored = N_TOKEN if serving.modality == "dna" and serving.option("mask_n", False) else None
         return cls(stream_spec(serving), cfg.head, cfg.resolved_output_dim, serving.modality, list(serving.classes),
-                   serving.encoder(), serving.output_decoder())
+                   serving.encoder(), serving.output_decoder(), unscored)
 
     def downmix(self, start: Start) -> str | None:
         """How the stream's channels become the model's: ``"mean"`` (a mono model, more than one

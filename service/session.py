@@ -94,7 +94,8 @@ class Session:
         self.samples_in = parked.samples if parked else 0  # sample offset of the next frame
         self.done_seq = self.next_seq  # chunks whose results exist
         self.done_samples = self.samples_in
-        self.stats: dict[str, Any] = dict(parked.stats) if parked else {"log_likelihood": 0.0, "last": None}
+        self.stats: dict[str, Any] = dict(parked.stats) if parked else {"log_likelihood": 0.0, "scored": 0, "last": None}
+        self.stats.setdefault("scored", self.done_samples)  # parked by a server that counted every sample
         self.replay: deque[tuple[int, str | bytes]] = deque(parked.replay if parked else ())
         self.replay_size = sum(len(m) for _, m in self.replay)
         self.resampler = server.codec.resampler(start)
@@ -120,30 +121,40 @@ class Session:
 
     # -- called by the scheduler (engine thread) ---------------------------------------------
 
-    def part(self, chunk: Chunk, result: Slice) -> tuple[ResultPiece, float, list | None]:
-        """One slice's results -> (encoded piece, sum of its scores, its last output row)."""
+    def part(self, chunk: Chunk, result: Slice) -> tuple[ResultPiece, np.ndarray | None, list | None]:
+        """One slice's results -> (encoded piece, its scores, its last output row)."""
         codec, n = self.server.codec, (chunk.n if result.scores is None else int(result.scores.shape[0]))
         if result.outputs is None:  # scores only: result_piece reads just the shape (n, o)
             outputs = np.broadcast_to(np.float32(0), (n, self.server.codec.output_dim))
         else:
             outputs = codec.postprocess(result.outputs)
-        scores = result.scores
-        score_sum = 0.0 if scores is None else float(scores.astype(np.float64).sum())
         last = outputs[-1].tolist() if codec.head != "lm" and len(outputs) else None
-        return result_piece(outputs, scores, self.start), score_sum, last
+        return result_piece(outputs, result.scores, self.start), result.scores, last
 
-    def finish(self, chunk: Chunk, parts: list) -> tuple[str | bytes, float, list | None]:
-        """All slices of a chunk -> (its wire message, sum of its scores, its last output row)."""
-        message = join_result(chunk.seq, chunk.start, self.server.codec.output_dim, [p for p, _, _ in parts], self.start,
+    def finish(self, chunk: Chunk, parts: list) -> tuple[str | bytes, float, int, list | None]:
+        """All slices of a chunk -> (its wire message, the sum of its scores and how many it sums,
+        its last output row). The sum leaves out the samples training left out of its loss
+        (``codec.unscored_token``: N bases of a DNA model trained with mask_n), so the summary's
+        bits per token are the test metric's."""
+        codec = self.server.codec
+        message = join_result(chunk.seq, chunk.start, codec.output_dim, [p for p, _, _ in parts], self.start,
                               reset=chunk.seq in self.resets)
-        return message, sum(s for _, s, _ in parts), parts[-1][2] if parts else None
+        scores = [s for _, s, _ in parts if s is not None]
+        scored, score_sum = 0, 0.0
+        if scores:
+            scores = np.concatenate(scores).astype(np.float64)
+            if codec.unscored_token is not None:
+                scores = scores[np.asarray(chunk.x)[: len(scores)] != codec.unscored_token]
+            scored, score_sum = len(scores), float(scores.sum())
+        return message, score_sum, scored, parts[-1][2] if parts else None
 
     # -- called by the scheduler (event loop) ------------------------------------------------
 
-    def deliver(self, chunk: Chunk, done: tuple[str | bytes, float, list | None]) -> None:
-        message, score_sum, last = done
+    def deliver(self, chunk: Chunk, done: tuple[str | bytes, float, int, list | None]) -> None:
+        message, score_sum, scored, last = done
         self.done_samples = chunk.start + chunk.n
         self.stats["log_likelihood"] += score_sum
+        self.stats["scored"] += scored
         if last is not None:  # the summary's last forecast / probabilities
             self.stats["last"] = last
         self._answered(chunk.seq, message, slot=True)
@@ -481,9 +492,11 @@ class Session:
         head, codec = self.server.codec.head, self.server.codec
         out: dict[str, Any] = {"type": "summary", "chunks": self.done_seq, "samples": self.done_samples}
         last = self.stats.get("last")
-        if head == "lm" and self.done_samples:
-            ll = self.stats["log_likelihood"]
-            out.update(log_likelihood=ll, bits_per_token=-ll / self.done_samples / 0.6931471805599453)
+        if head == "lm":
+            ll, scored = self.stats["log_likelihood"], self.stats["scored"]
+            out["scored"] = scored  # the tokens in the average (a mask_n DNA model leaves N out, as its test/bpt)
+            if scored:
+                out.update(log_likelihood=ll, bits_per_token=-ll / scored / 0.6931471805599453)
         elif head == "classifier" and last is not None:
             label = max(range(len(last)), key=last.__getitem__)
             out.update(probabilities=last, label=codec.classes[label] if label < len(codec.classes) else label)

@@ -24,7 +24,7 @@ from streamssm.checkpoint import load_for_serving
 from streamssm.commands.export import main as export_main
 from streamssm.commands.fit import build_cli
 from streamssm.commands.make_data import make_data
-from streamssm.encoding import Normalizer
+from streamssm.encoding import Normalizer, mu_law_decode
 from streamssm.inference import head_output
 from streamssm.service.client import StreamClient, model_settings
 from streamssm.service.config import ServeConfig
@@ -88,9 +88,12 @@ def _held_out(fit) -> tuple[np.ndarray | str, Normalizer | None]:
     if name == "DnaLabelsDataModule":  # one whole held-out record
         item = dm.split_items["test"][0]
         return read_source(dm.files[item.file], record=item.chrom).data[item.start:item.end], None
-    if name == "WaveformDataModule":
-        file, lo, _ = dm.split_ranges["val"][0]
-        return np.asarray(dm.audio[file][lo:lo + HELD_OUT], np.float32), None
+    if name == "WaveformDataModule":  # a mu-law datamodule holds tokens: back to audio (the service
+        file, lo, _ = dm.split_ranges["val"][0]  # refuses float audio at token scale, 0..255)
+        held = dm.audio[file][lo:lo + HELD_OUT]
+        if dm.encoding == "mu_law":
+            held = mu_law_decode(torch.from_numpy(held.astype(np.int64)), dm.quantization_channels).numpy()
+        return np.asarray(held, np.float32), None
     s, _ = dm.split_rows["test"][0]
     raw = read_source(dm.path, columns=list(dm.feature_names)).data[s:s + HELD_OUT]
     idx = dm.target_index or list(range(len(dm.feature_names)))

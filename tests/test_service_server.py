@@ -208,6 +208,29 @@ async def test_audio_s16le_mu_law_scores_only(ckpts):
     assert summary["bits_per_token"] == pytest.approx(-expected.astype(np.float64).mean() / math.log(2), rel=1e-4)
 
 
+async def test_the_summary_averages_the_tokens_training_scored(ckpts, tmp_path):
+    """Regression (README walk): a DNA model trained with mask_n (its test/bpt leaves N bases out)
+    summarized a streamed chromosome over every base, N included (1.77 vs test/bpt 1.70 bits). The
+    summary now leaves out what training left out and says how many tokens it averages; a model
+    without mask_n still averages every token."""
+    torch.manual_seed(1)  # the "dna" fixture's weights, with mask_n recorded
+    cfg = ModelConfig(block="mamba2", input_kind="tokens", vocab_size=5, head="lm", d_model=16, n_layers=2, d_state=8,
+                      headdim=8, chunk_size=4)
+    masked = export_safetensors(SSMModel(cfg).eval(), tmp_path / "masked.safetensors",
+                                spec={"modality": "dna", "mask_n": True})
+    bases = random_bases(150, seed=12)
+    keep = np.array([b != "N" for b in bases])
+    assert 0 < (~keep).sum() < len(bases)
+    for ckpt, scored in ((masked, keep), (ckpts["dna"], np.ones(len(bases), bool))):
+        async with server(ckpt) as srv:
+            client, summary = await stream_dna(srv.url, bases, seed=13)
+        _, scores = offline_dna(ckpt, bases)
+        np.testing.assert_allclose(client.scores(), scores, atol=2e-5, rtol=0)  # every base still scored
+        assert summary["scored"] == int(scored.sum())
+        want = -scores[scored].astype(np.float64).mean() / math.log(2)
+        assert summary["bits_per_token"] == pytest.approx(want, rel=1e-4)
+
+
 async def test_float_audio_at_integer_scale_is_refused_while_a_canary_streams(ckpts):
     """f32le frames holding PCM values (a client that forgot to scale int16) would all be clipped
     to +-1 by the mu-law encoding: the stream gets 1007 bad_samples naming the peak (AudioEncoder's
