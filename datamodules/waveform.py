@@ -220,7 +220,7 @@ class WaveformDataModule(BaseDataModule):
                 )
             wave = torch.from_numpy(np.ascontiguousarray(data.T))  # (c, frames)
             data = AF.resample(wave, rate, int(self.sample_rate)).T.contiguous().numpy()
-            log.info("resampled %s from %d Hz to %d Hz", path, rate, self.sample_rate)
+            self._resampled.append((path, rate))
         if self.encoding == "mu_law":
             tokens = mu_law_encode(torch.from_numpy(np.ascontiguousarray(data[:, 0])), self.quantization_channels)
             dtype = np.uint8 if self.quantization_channels <= 256 else np.int32
@@ -230,7 +230,12 @@ class WaveformDataModule(BaseDataModule):
     def _load(self) -> None:
         self.paths = resolve_files(self.files, "files", AUDIO_SUFFIXES)
         self._mixed: list[tuple[Path, int]] = []
+        self._resampled: list[tuple[Path, int]] = []
         audio = [self._decode(p) for p in self.paths]
+        if self._resampled:  # one line for all of them (a folder of clips gave one line each)
+            rates = ", ".join(f"{r} Hz" for r in sorted({r for _, r in self._resampled}))
+            log.info("resampled %d audio file(s) from %s to %d Hz (first: %s)", len(self._resampled), rates,
+                     self.sample_rate, self._resampled[0][0])
         if self._mixed:
             path, channels = self._mixed[0]
             log.warning("mixed %d multichannel audio file(s) down to mono (first: %s, %d channels); set "

@@ -85,6 +85,9 @@ def test_resuming_from_another_folder_and_evaluating_a_checkpoint_say_it_our_way
     assert "this run saves its checkpoints in runs/dna_tiny/version_1/checkpoints" in caplog.text
     reported = re.findall(r"checkpoint: (\S+)", caplog.text)
     assert reported and "version_1" in reported[-1], caplog.text  # not the first run's best checkpoint
+    # ... and the last.ckpt the README's next commands take (README walk: only the best was named)
+    assert any("checkpoint: " in line and "version_1/checkpoints/last.ckpt" in line
+               for line in caplog.text.splitlines()), caplog.text
 
     for subcommand in ("validate", "test"):
         _, said = _run(subcommand, [*DNA_TINY, "--ckpt_path", ckpt, "--data.init_args.test_chroms", "[chr3]"])

@@ -1,5 +1,7 @@
 """WaveformDataModule on tiny generated WAV files: mu-law / float crops, resampling, splits, errors."""
 
+import logging
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -94,6 +96,15 @@ def test_rate_mismatch_resample_or_refuse(tmp_path):
         make(files, on_rate_mismatch="error", crop=32, val_fraction=0.0)
     adopt = make(files[::-1], sample_rate=None, encoding="float", crop=32, val_fraction=0.0)
     assert adopt.serving_spec().sample_rate == 16000 and adopt.audio[1].shape == (1600, 1)
+
+
+def test_resampled_files_are_reported_in_one_line(tmp_path, caplog):
+    """README walk: a folder of 8 kHz clips for a 16 kHz recipe logged one line per clip."""
+    synthetic.write_wav_folder(tmp_path, n_files=4, seconds=0.1, sample_rate=8000, seed=0)
+    with caplog.at_level(logging.INFO, logger="streamssm.datamodules.waveform"):
+        make(str(tmp_path), sample_rate=16000, crop=32, val_fraction=0.0)
+    lines = [r.getMessage() for r in caplog.records if "resampled" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("resampled 4 audio file(s) from 8000 Hz to 16000 Hz"), lines
 
 
 def test_file_split_and_time_split_do_not_leak(clips):

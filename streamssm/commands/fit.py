@@ -237,8 +237,11 @@ class StreamSSMCLI(LightningCLI):
                     else:
                         log.info("training curve: %s", png)
                 break
-        saved = this_runs_checkpoint(trainer.checkpoint_callback)
-        if saved:
+        callback = trainer.checkpoint_callback
+        saved, last = this_runs_checkpoint(callback), getattr(callback, "last_model_path", "")
+        if saved and last and Path(last) != Path(saved):  # the README's commands take last.ckpt
+            log.info("checkpoint: %s (best by %s); last: %s", saved, getattr(callback, "monitor", None), last)
+        elif saved:
             log.info("checkpoint: %s", saved)
 
 
