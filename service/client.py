@@ -137,7 +137,7 @@ class StreamClient:
                  ssl: ssl_lib.SSLContext | None = None, wait: float = 0.0, timeout: float | None = 60.0,
                  max_size: int | None = MAX_MESSAGE_BYTES):
         check_url(url)
-        if wait < 0:
+        if not wait >= 0:  # (NaN retried forever)
             raise ConfigError(f"wait must be >= 0 seconds, got {wait}")
         if timeout is not None and not timeout > 0:
             raise ConfigError(f"timeout must be > 0 seconds (None: wait forever), got {timeout}")

@@ -74,8 +74,8 @@ class ModelCodec:
 
     def resampler(self, start: Start) -> StreamResampler | None:
         """A stream's resampler when its rate differs from the model's (after the mix-down), else None."""
-        if start.format == "text" or start.sample_rate in (None, self.spec.sample_rate):
-            return None
+        if start.format == "text" or not self.spec.resample or start.sample_rate in (None, self.spec.sample_rate):
+            return None  # (a sensor model without a rate takes the client's as information)
         assert self.spec.sample_rate is not None and start.sample_rate is not None  # parse_start checked
         return StreamResampler(start.sample_rate, self.spec.sample_rate, 1 if self.downmix(start) else start.channels)
 

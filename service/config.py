@@ -84,6 +84,8 @@ class ServeConfig:
         for name, least in positive.items():
             if getattr(self, name) < least:
                 problems.append(f"{name} must be >= {least}, got {getattr(self, name)}")
+        if not 0 <= self.port <= 65535:  # the OS took 99999 as 99999 mod 65536, a port nobody asked for
+            problems.append(f"port must be 0..65535 (0: any free port), got {self.port}")
         if self.idle_timeout <= 0:
             problems.append(f"idle_timeout must be > 0 seconds, got {self.idle_timeout}")
         if self.resume_ttl < 0:

@@ -105,6 +105,28 @@ def test_stream_without_a_server(capsys, tmp_path):
     assert f"no server at {url} (connection refused for 0.3 s)" in line and "streamssm serve" in line
 
 
+@pytest.mark.parametrize("options,named", [
+    (["--chunk", "-5"], "--chunk must be >= 1 samples, got -5"),  # streamed nothing, rc 0
+    (["--chunk", "0"], "--chunk must be >= 1 samples, got 0"),  # silently the default
+    (["--chunk-ms", "0"], "--chunk-ms must be a positive number of milliseconds, got 0.0"),
+    (["--chunk-ms", "nan"], "--chunk-ms must be a positive number of milliseconds, got nan"),
+    (["--out", "saved"], "--out names the .npz file to save, got 'saved'"),  # numpy wrote saved.npz
+    (["--wait", "nan"], "wait must be >= 0 seconds, got nan"),  # retried forever
+])
+def test_stream_options_out_of_range_are_refused_before_streaming(options, named, capsys, tmp_path):
+    """CLI audit: each of these streamed something else than asked, or nothing, without a word."""
+    csv = tmp_path / "x.csv"
+    csv.write_text("a,b\n1,2\n3,4\n")
+    assert main(["stream", str(csv), "--url", f"ws://127.0.0.1:{_free_port()}/", *options]) == 2
+    assert named in _one_error_line(capsys, "stream")
+
+
+def test_serve_refuses_a_port_outside_the_range(capsys, model_file):
+    """CLI audit: --port 99999 listened on 99999 mod 65536."""
+    assert main(["serve", "--checkpoint", str(model_file), "--port", "99999"]) == 2
+    assert "port must be 0..65535 (0: any free port), got 99999" in _one_error_line(capsys, "serve")
+
+
 def test_stream_http_url_hints_ws(capsys, tmp_path):
     assert main(["stream", str(tmp_path / "x.csv"), "--url", "http://127.0.0.1:8765/"]) == 2
     assert "use ws://" in _one_error_line(capsys, "stream")

@@ -175,10 +175,14 @@ async def test_concurrent_streams_equal_offline_forward(ckpts):
     assert batches < chunks  # chunks of several streams shared model calls
 
 
-async def test_sensor_regression_binary_results_in_raw_units(ckpts):
+@pytest.mark.parametrize("rate", [None, 100])
+async def test_sensor_regression_binary_results_in_raw_units(ckpts, rate):
+    """``rate``: the client says its rows come at 100 Hz (``streamssm stream sensors.csv
+    --sample-rate 100``, the stream command's own example) to a model trained without a rate:
+    taken as information (regression, CLI audit: an AssertionError in the codec, 1011)."""
     values = np.random.default_rng(0).normal(size=(37, 3)).astype(np.float32) * 2 + 1
     async with server(ckpts["sensor"]) as srv:
-        async with StreamClient(srv.url, format="f32le", channels=3, results="binary") as c:
+        async with StreamClient(srv.url, format="f32le", channels=3, results="binary", sample_rate=rate) as c:
             for a, b in random_cuts(len(values), 5):
                 await c.send(values[a:b])
             summary = await c.end(timeout=TIMEOUT)

@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from streamssm.commands.parsing import ArgumentParser
+from streamssm.errors import ConfigError
 from streamssm.service.client import check_url, server_sample_rate
 from streamssm.service.resample import resample
 from streamssm.service.sources import Source, read_source, stream_source
@@ -57,6 +58,12 @@ def build_parser(prog: str) -> ArgumentParser:
 def main(argv: list[str], prog: str = "streamssm stream") -> int:
     args = build_parser(prog).parse_args(argv)
     check_url(args.url)
+    if args.chunk is not None and args.chunk < 1:  # -5 streamed nothing and reported success
+        raise ConfigError(f"--chunk must be >= 1 samples, got {args.chunk}")
+    if not 0 < args.chunk_ms < float("inf"):  # 0, negative and NaN became 1-sample chunks
+        raise ConfigError(f"--chunk-ms must be a positive number of milliseconds, got {args.chunk_ms}")
+    if args.out and not args.out.endswith(".npz"):  # numpy would save NAME.npz and the summary name NAME
+        raise ConfigError(f"--out names the .npz file to save, got {args.out!r}")
     source = read_source(args.file, record=args.record, sample_rate=args.sample_rate,
                          columns=args.columns.split(",") if args.columns else None,
                          fmt="s16le" if args.s16 else None)
