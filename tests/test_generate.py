@@ -182,7 +182,14 @@ def test_cli_audio_writes_wavs_at_the_model_rate_and_a_plot(tmp_path, capsys):
         assert (info.samplerate, info.channels, info.frames) == (8000, 1, 800 + 40)
     assert (tmp_path / "c.png").stat().st_size > 0 and "2 WAV file(s)" in capsys.readouterr().out
     first = sf.read(tmp_path / "c_0.wav")[0]
-    assert main(args) == 0 and (sf.read(tmp_path / "c_0.wav")[0] == first).all()  # seeded
+    # CLI audit: an existing output (a training clip, the prompt itself) was replaced silently
+    assert main(args) == 2 and "c_0.wav exists; pass --overwrite" in capsys.readouterr().err
+    assert (sf.read(tmp_path / "c_0.wav")[0] == first).all()
+    assert main([*args, "--overwrite"]) == 0 and (sf.read(tmp_path / "c_0.wav")[0] == first).all()  # seeded
+    prompt = sf.read(tmp_path / "p.wav")[0]
+    mine = [*args[:-4], "--samples", "1", "--output", str(tmp_path / "p.wav"), "--overwrite"]
+    assert main(mine) == 2 and "p.wav is the prompt" in capsys.readouterr().err
+    assert (sf.read(tmp_path / "p.wav")[0] == prompt).all()
 
 
 def test_cli_sensor_rollout_table_equals_forecast(forecaster, tmp_path, capsys):

@@ -56,14 +56,26 @@ def _check_output(output: str, suffixes: tuple[str, ...], what: str) -> Path:
     return Path(output)
 
 
+def _check_free(paths: list[Path], args: argparse.Namespace) -> None:
+    """Refuse to write over the prompt file, and over any existing file without ``--overwrite``
+    (CLI audit: a training clip or FASTA given as --output was replaced silently)."""
+    prompt = Path(args.prompt)
+    for path in paths:
+        if path.exists() and prompt.is_file() and path.resolve() == prompt.resolve():
+            raise ConfigError(f"--output: {path} is the prompt; write the continuation to another file")
+        if path.exists() and not args.overwrite:
+            raise ConfigError(f"--output: {path} exists; pass --overwrite to replace it")
+
+
 def _audio(bundle: ServingBundle, args: argparse.Namespace, sampling: SamplingConfig) -> str:
     out = _check_output(args.output, AUDIO_SUFFIXES, "audio")
+    paths = [out] if args.samples == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(args.samples)]
+    _check_free([*paths, out.with_suffix(".png")], args)
     spec = bundle.spec
     wave, rate = read_audio(args.prompt)
     prompt, new = continue_audio(bundle.model, spec, torch.from_numpy(wave), rate, args.length, args.samples,
                                  sampling, args.seed)
     prompt, new = prompt.numpy(), new.numpy()
-    paths = [out] if args.samples == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(args.samples)]
     for path, row in zip(paths, new):
         write_wav(path, np.concatenate([prompt, row]), spec.sample_rate)
     png = save_figure(audio_figure(prompt, new, spec.sample_rate, f"{Path(args.prompt).name} continued"),
@@ -85,6 +97,7 @@ def _rollout(bundle: ServingBundle, args: argparse.Namespace) -> str:
         out = _check_output(args.output, TABLE_SUFFIXES, "sensor")
         names = spec.channel_names
         history = read_history(args.prompt, names)
+    _check_free([out, out.with_suffix(".png")], args)
     pred = forecast(bundle.model, spec, torch.from_numpy(history), args.length).double().numpy()
     if spec.modality == "audio":
         write_wav(out, np.concatenate([history, pred]), spec.sample_rate)
@@ -98,6 +111,7 @@ def _rollout(bundle: ServingBundle, args: argparse.Namespace) -> str:
 def _tokens(bundle: ServingBundle, args: argparse.Namespace, sampling: SamplingConfig) -> str:
     dna = bundle.spec is not None and bundle.spec.modality == "dna"
     out = _check_output(args.output, (".fasta", ".fa") if dna else (".npy",), "DNA" if dna else "token")
+    _check_free([out], args)
     prompt = encode_bases(args.prompt) if dna else _prompt_ids(args.prompt)
     tokens = generate(bundle.model, prompt, args.length, args.samples, sampling, args.seed).cpu()
     if dna:
@@ -122,6 +136,7 @@ def main(argv: list[str], prog: str = "streamssm generate") -> int:
                         help="random seed: the same seed draws the same samples (default: none, a new draw each run)")
     parser.add_argument("--output", required=True, help=".fasta (DNA), .npy (token ids), .wav (audio), "
                                                           ".csv/.parquet (sensor); plots go beside it as .png")
+    parser.add_argument("--overwrite", action="store_true", help="replace output files that exist (never the prompt)")
     args = parser.parse_args(argv)
     bundle = load_for_serving(args.checkpoint)
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
