@@ -51,12 +51,17 @@ def read_source(path: str | Path, *, record: str | None = None, columns: list[st
     if suffix == ".csv":
         import polars as pl
 
-        frame = pl.read_csv(path)
+        from streamssm.datamodules.sensor import scan_table  # the training tables' reader: bad files named
+
+        frame = scan_table(path).collect()
         names = columns or [n for n, t in frame.schema.items() if t.is_numeric()]
         missing = [n for n in names if n not in frame.columns]
         if missing or not names:
             raise DataFormatError(f"{path}: columns {missing or names} not found; the file has {frame.columns}")
-        values = frame.select(names).to_numpy().astype(np.float32)  # (l, c)
+        try:
+            values = frame.select([pl.col(n).cast(pl.Float64) for n in names]).to_numpy().astype(np.float32)  # (l, c)
+        except pl.exceptions.PolarsError as exc:
+            raise DataFormatError(f"{path}: columns {names} are not numeric: {exc}") from None
         return Source(values, "f32le", sample_rate, len(names))
     if suffix in FASTA_SUFFIXES:
         import pyfaidx

@@ -41,8 +41,8 @@ class SamplingConfig:
     top_p: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ConfigError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got {self}")
+        if not 0 <= self.temperature < float("inf") or self.top_k < 0 or not 0 < self.top_p <= 1:  # (NaN: sampling failed)
+            raise ConfigError(f"need a finite temperature >= 0, top_k >= 0, 0 < top_p <= 1; got {self}")
 
 
 def _nucleus(sorted_probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -103,6 +103,8 @@ def _check_counts(length: int, samples: int) -> None:
 
 
 def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    if seed is not None and not 0 <= seed < 2**64:  # (torch's own error: "Overflow when unpacking long long")
+        raise ConfigError(f"seed must be 0..2**64-1, got {seed}")
     return None if seed is None else torch.Generator(device=device).manual_seed(seed)
 
 

@@ -51,7 +51,9 @@ def read_history(path: str | Path, channels: tuple[str, ...]) -> np.ndarray:
     kind = _table_kind(path, "--prompt")
     if not path.is_file():
         raise DataFormatError(f"--prompt: {str(path)!r} does not exist")
-    frame = pl.read_csv(path) if kind == "csv" else pl.read_parquet(path)
+    from streamssm.datamodules.sensor import scan_table
+
+    frame = scan_table(path).collect()  # the training tables' reader: empty, ragged, binary, mislabeled files named
     missing = [c for c in channels if c not in frame.columns]
     if missing:
         raise DataFormatError(f"{path}: the model reads columns {list(channels)}; missing {missing} "

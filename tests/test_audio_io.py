@@ -67,3 +67,4 @@ def test_a_stream_source_that_is_not_audio_is_named(tmp_path):
     empty = _wav(tmp_path / "empty.wav", np.zeros(0, np.float32), "FLOAT")
     with pytest.raises(DataFormatError, match="holds no samples"):
         read_source(empty)
+

@@ -3,6 +3,8 @@ defaults), and every command's errors go through one path: one line, a hint, exi
 
 from pathlib import Path
 
+import re
+
 import pytest
 
 from streamssm.cli import COMMANDS, main
@@ -119,6 +121,25 @@ def test_stream_options_out_of_range_are_refused_before_streaming(options, named
     csv.write_text("a,b\n1,2\n3,4\n")
     assert main(["stream", str(csv), "--url", f"ws://127.0.0.1:{_free_port()}/", *options]) == 2
     assert named in _one_error_line(capsys, "stream")
+
+
+@pytest.mark.parametrize("argv,named", [
+    (["make-data", "dna", "--seed", "-5"], r"--seed must be 0..2\*\*32-1, got -5"),
+    (["serve", "--checkpoint", "MODEL", "--threads", "-3"], "--threads must be >= 1"),
+    (["generate", "--checkpoint", "MODEL", "--prompt", "1,2", "--length", "3", "--output", "OUT.npy",
+      "--temperature", "nan"], "need a finite temperature >= 0"),
+    (["generate", "--checkpoint", "LM", "--prompt", "1,2", "--length", "3", "--output", "OUT.npy",
+      "--seed", "99999999999999999999999"], "seed must be 0..2\\*\\*64-1"),
+])
+def test_numbers_out_of_range_are_one_error_line(argv, named, capsys, model_file, tmp_path, monkeypatch):
+    """CLI audit: each raised a numpy / torch traceback (NaN temperature: in the sampling)."""
+    monkeypatch.chdir(tmp_path)
+    lm = export_safetensors(SSMModel(ModelConfig(block="mamba", d_model=8, n_layers=1, vocab_size=5)),
+                            tmp_path / "lm.safetensors")
+    names = {"MODEL": str(model_file), "LM": str(lm), "OUT.npy": str(tmp_path / "out.npy")}
+    argv = [names.get(a, a) for a in argv]
+    assert main(argv) == 2
+    assert re.search(named, _one_error_line(capsys, argv[0]))
 
 
 def test_serve_refuses_a_port_outside_the_range(capsys, model_file):

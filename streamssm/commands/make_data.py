@@ -26,6 +26,9 @@ def make_data(kind: str, out: str | Path = DEFAULT_OUT, seed: int = 0) -> Path:
     """Write the tiny data set ``kind`` (dna | waveform | sensor | dna_labels) under ``out``; returns its path."""
     from streamssm.datamodules import synthetic
 
+    if not 0 <= seed < 2**32:  # (numpy's "expected non-negative integer")
+        raise ConfigError(f"--seed must be 0..2**32-1, got {seed}")
+
     target = Path(out) / FILES[kind]
     if kind == "dna":
         return synthetic.write_fasta(target, n_chrom=4, length=30_000, seed=seed)

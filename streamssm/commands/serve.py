@@ -109,6 +109,8 @@ def main(argv: list[str], prog: str = "streamssm serve") -> int:
     loop_factory = event_loop_factory(args.event_loop)
     if not keep_freed_memory():  # every model call's tensors from memory the process keeps (streamssm/heap.py)
         log.info("not glibc: the C heap keeps its own thresholds")
+    if args.threads is not None and args.threads < 1:  # (-3: torch's RuntimeError; 0 was ignored)
+        raise ConfigError(f"--threads must be >= 1 (or null: one per core), got {args.threads}")
     if args.threads:
         import torch
 
