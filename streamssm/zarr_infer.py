@@ -230,11 +230,21 @@ class OutputPlan:
         return entries
 
     def check_existing(self, overwrite: bool) -> None:
-        """Refuse an output that is not ours, or (without ``overwrite``) one made by another
-        model or with other settings."""
-        if not self.path.exists() or not self._ours() or overwrite:
+        """Refuse an output that is not ours, one that holds other inputs' outputs of another
+        model (a group is one model's outputs; ``overwrite`` touches only this run's arrays), or
+        (without ``overwrite``) this run's arrays made by another model or with other settings."""
+        if not self.path.exists() or not self._ours():
             return
         root = zarr.open_group(str(self.path), mode="r")
+        mine, model = {inp.name for inp in self.inputs}, self.bundle_info["model_fingerprint"]
+        others = sorted(name for name, arr in root.arrays() if name not in mine
+                        and dict(arr.attrs).get("streamssm", {}).get("model_fingerprint") != model)
+        if others:
+            raise ConfigError(
+                f"output {str(self.path)!r} holds {others[:5]} made by another model; one output group holds one "
+                f"model's outputs: use another --output")
+        if overwrite:
+            return
         for inp in self.inputs:
             if inp.name not in root:
                 continue
@@ -248,12 +258,14 @@ class OutputPlan:
                 )
 
     def create(self, overwrite: bool) -> None:
-        """Create (or reopen) the output arrays; rank 0 only. ``overwrite`` removes only the
-        entries :meth:`_ours` recognizes (never the folder or anything else in it)."""
+        """Create (or reopen) the output arrays; rank 0 only. ``overwrite`` removes only this
+        run's arrays among the entries :meth:`_ours` recognizes (never the folder, other
+        inputs' outputs or anything else in it)."""
         if overwrite and self.path.exists():
+            mine = {inp.name for inp in self.inputs}
             for name in self._ours():
-                target = self.path / name
-                shutil.rmtree(target) if target.is_dir() else target.unlink()
+                if name in mine:
+                    shutil.rmtree(self.path / name)
         root = zarr.open_group(str(self.path), mode="a")
         if dict(root.attrs).get(ROOT_MARK) != FORMAT:
             root.attrs[ROOT_MARK] = FORMAT

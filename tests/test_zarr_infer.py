@@ -269,6 +269,30 @@ def test_refuses_output_of_another_model_unless_overwrite(tmp_path):
     assert_close("overwritten by model b", torch.from_numpy(_offline(model_b, x)), torch.from_numpy(out), torch.float32)
 
 
+def test_one_group_holds_one_models_outputs_and_overwrite_replaces_only_this_runs(tmp_path):
+    """CLI audit: a second input run by another model into the same group was added beside the
+    first model's array (a group of mixed models), and --overwrite with the second input removed
+    the first input's output too."""
+    model_a, ckpt_a = _continuous_model(tmp_path, seed=0)
+    _, ckpt_b = _continuous_model(tmp_path, seed=1)
+    x, y = (_series(np.random.default_rng(s), (2, 64, 3)) for s in (31, 32))
+    _write(tmp_path / "first.zarr", x, (1, 32, 3))
+    _write(tmp_path / "second.zarr", y, (1, 32, 3))
+    opts = dict(chunk_steps=32, batch_series=2, num_workers=0, accelerator="cpu")
+    out = tmp_path / "out.zarr"
+    run_inference(ckpt_a, tmp_path / "first.zarr", out, **opts)
+    before = _store_bytes(out / "first")
+    for overwrite in (False, True):
+        with pytest.raises(ConfigError, match=r"holds \['first'\] made by another model.*another --output"):
+            run_inference(ckpt_b, tmp_path / "second.zarr", out, overwrite=overwrite, **opts)
+    assert "second" not in zarr.open_group(str(out), mode="r")
+    run_inference(ckpt_a, tmp_path / "second.zarr", out, **opts)  # the same model: added beside
+    run_inference(ckpt_a, tmp_path / "second.zarr", out, overwrite=True, **opts)  # replaces only "second"
+    assert _store_bytes(out / "first") == before
+    got = zarr.open_group(str(out), mode="r")["second"][:]
+    assert_close("second", torch.from_numpy(_offline(model_a, y)), torch.from_numpy(got), torch.float32)
+
+
 # -------------------------------------------------------------------------- bad input
 
 
