@@ -199,16 +199,28 @@ def _metric_lines(facts: dict[str, Any]) -> list[str]:
     return out or ["No metrics are recorded in the exported file."]
 
 
+#: what an export writes into its folder
+HF_FILES = ("README.md", "config.json", "model.safetensors")
+
+
 def export_hf(checkpoint: str | Path, folder: str | Path, license: str, overwrite: bool = False) -> HfExport:
     """Write ``folder`` (config.json, model.safetensors, README.md) from a ``.ckpt`` / ``.safetensors``.
 
     ``license``: the weights' license identifier for the card (e.g. ``apache-2.0``), from the
-    user. Refuses a non-empty folder unless ``overwrite``."""
+    user. Refuses a folder holding anything but an earlier export's ``HF_FILES``, and that one
+    unless ``overwrite``."""
     folder = Path(folder)
     if not license or not license.strip():
         raise ConfigError("--license: give the license of these weights for the model card (e.g. apache-2.0, mit)")
-    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not overwrite)):
-        raise ConfigError(f"--output: {str(folder)!r} exists and is not an empty folder; pass --overwrite to write into it")
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"--output: {str(folder)!r} exists and is not a folder")
+    held = sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+    others = [name for name in held if name not in HF_FILES]
+    if others:  # --overwrite wrote into any folder: a project's README.md, a data folder
+        raise ConfigError(f"--output: {str(folder)!r} holds files an export does not write ({others[:5]}); "
+                          f"--overwrite replaces only an earlier export ({', '.join(HF_FILES)}): choose another folder")
+    if held and not overwrite:
+        raise ConfigError(f"--output: {str(folder)!r} holds an earlier export; pass --overwrite to replace it")
     bundle = load_for_serving(checkpoint, device="cpu")
     reasons = transformers_blockers(bundle.model)
     folder.mkdir(parents=True, exist_ok=True)

@@ -133,11 +133,20 @@ def test_license_and_existing_folder_refused(tmp_path):
     export_safetensors(_model("mamba"), tmp_path / "m.safetensors")
     with pytest.raises(ConfigError, match="--license"):
         export_hf(tmp_path / "m.safetensors", tmp_path / "hub", license=" ")
-    (tmp_path / "hub").mkdir()
-    (tmp_path / "hub" / "old.txt").write_text("x")
-    with pytest.raises(ConfigError, match="--overwrite"):
+    # CLI audit: --overwrite wrote into any folder (a data folder; `--output .` replaced a project's README.md)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "README.md").write_text("my notes")
+    (tmp_path / "data" / "genome.fa").write_text(">c\nACGT\n")
+    for overwrite in (False, True):
+        with pytest.raises(ConfigError, match=r"holds files an export does not write \(\['genome.fa'\]\)"):
+            export_hf(tmp_path / "m.safetensors", tmp_path / "data", license="mit", overwrite=overwrite)
+    assert (tmp_path / "data" / "README.md").read_text() == "my notes"
+    assert export_hf(tmp_path / "m.safetensors", tmp_path / "hub", license="mit").layout == "transformers"
+    with pytest.raises(ConfigError, match="holds an earlier export; pass --overwrite"):
         export_hf(tmp_path / "m.safetensors", tmp_path / "hub", license="mit")
     assert export_hf(tmp_path / "m.safetensors", tmp_path / "hub", license="mit", overwrite=True).layout == "transformers"
+    with pytest.raises(ConfigError, match="exists and is not a folder"):
+        export_hf(tmp_path / "m.safetensors", tmp_path / "m.safetensors", license="mit", overwrite=True)
 
 
 def test_cli_export_hf(tmp_path, capsys):
