@@ -161,6 +161,10 @@ class ModelFile:
     state_dict: dict[str, torch.Tensor] | None = None
 
 
+#: suffixes read as Lightning checkpoints (torch.load); anything but these and .safetensors is refused
+CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")
+
+
 def read_model_file(path: str | Path, weights: bool = False) -> ModelFile:
     """Read a ``.safetensors`` export or a Lightning ``.ckpt`` of a streamssm task.
 
@@ -183,12 +187,22 @@ def read_model_file(path: str | Path, weights: bool = False) -> ModelFile:
             raise DataFormatError(
                 f"cannot read {path} as safetensors (truncated, damaged or not a safetensors file): {exc}"
             ) from None
-        return ModelFile(path, "safetensors", json.loads(meta["config"]), as_spec(json.loads(meta.get("serving", "{}"))),
-                         json.loads(meta.get("versions", "{}")), state_dict)
+        try:  # metadata a hand-made or damaged file may lack or garble (a KeyError traceback before)
+            config, serving, versions = (json.loads(meta[k]) if k in meta else default
+                                         for k, default in (("config", None), ("serving", {}), ("versions", {})))
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise DataFormatError(f"{path}: its streamssm metadata is not valid JSON ({exc})") from None
+        if not isinstance(config, dict):
+            raise DataFormatError(f"{path}: its streamssm metadata has no model config; export it again")
+        return ModelFile(path, "safetensors", config, as_spec(serving), versions, state_dict)
+    if path.suffix not in CHECKPOINT_SUFFIXES:  # torch.load's errors on a CSV or FASTA misled (CLI audit)
+        raise DataFormatError(f"{path} is not a model file: expected a .safetensors export or a Lightning "
+                              f"checkpoint ({', '.join(CHECKPOINT_SUFFIXES)})")
     try:
         ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise DataFormatError(f"cannot load checkpoint {path} safely (weights_only): {exc}") from exc
+        raise DataFormatError(f"cannot load checkpoint {path} safely (weights_only): {str(exc) or type(exc).__name__}; "
+                              f"is it a Lightning checkpoint of a streamssm task?") from exc
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ConfigError(f"{path} is not a Lightning checkpoint of a streamssm task (no state_dict)")
     record = read_training_record(ckpt, where=str(path))

@@ -90,6 +90,25 @@ def test_checkpoint_without_streamssm_entry_is_refused(tmp_path):
         load_for_serving(tmp_path / "plain.ckpt")
 
 
+def test_files_that_are_not_model_files_are_named(tmp_path):
+    """CLI audit: a CSV or FASTA went to torch.load (its advice: weights_only=False), an empty
+    .ckpt gave an empty reason, and a safetensors file with streamssm metadata but no config a
+    KeyError traceback."""
+    (tmp_path / "table.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(DataFormatError, match=r"table.csv is not a model file: expected a .safetensors export"):
+        load_for_serving(tmp_path / "table.csv")
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    with pytest.raises(DataFormatError, match=r"empty.ckpt safely.*: \w+.*Lightning checkpoint"):
+        load_for_serving(tmp_path / "empty.ckpt")
+    tensors = {"w": torch.zeros(2)}
+    save_file(tensors, tmp_path / "noconfig.safetensors", metadata={"format": "streamssm"})
+    with pytest.raises(DataFormatError, match="has no model config"):
+        load_for_serving(tmp_path / "noconfig.safetensors")
+    save_file(tensors, tmp_path / "garbled.safetensors", metadata={"format": "streamssm", "config": "{nope"})
+    with pytest.raises(DataFormatError, match="metadata is not valid JSON"):
+        load_for_serving(tmp_path / "garbled.safetensors")
+
+
 def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
     path = export_safetensors(SSMModel(CFG), tmp_path / "m.safetensors")
     other = json.dumps(ModelConfig(**(CFG.to_dict() | {"d_model": 8})).to_dict())
