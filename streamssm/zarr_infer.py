@@ -508,7 +508,8 @@ class InferenceResult:
     """What a run did, as seen by one process (``rank``); totals cover every rank.
 
     ``status``: "done" (this run finished the output), "complete" (it was finished already:
-    nothing computed) or "interrupted" (SIGTERM; rerun the same command to resume).
+    nothing computed), "interrupted" (SIGTERM) or "cancelled" (Ctrl-C); after either, rerun
+    the same command to resume.
     """
 
     output: Path
@@ -625,6 +626,10 @@ def run_inference(
     except Interrupted as exc:
         log.info("%s", exc)
         status = "interrupted"
+    except SystemExit:  # Ctrl-C: Lightning tears down (the queued writes finish), then exits 1
+        if not trainer.interrupted:
+            raise
+        status = "cancelled"
     seconds = time.perf_counter() - start
     return InferenceResult(writer.plan.path, names, todo, seconds, writer.chunks_written, status=status,
                            rank=trainer.global_rank, world_size=trainer.world_size)

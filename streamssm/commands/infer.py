@@ -111,11 +111,12 @@ def main(argv: list[str], prog: str = "streamssm infer") -> int:
     result = run_inference(cfg.checkpoint, cfg.input, cfg.output, devices=cfg.devices, accelerator=cfg.accelerator,
                            callbacks=[StepsProgress(disable=True if cfg.no_progress else None)], **options)
     arrays = ", ".join(result.arrays)
-    if result.status == "interrupted":
+    if result.status in ("interrupted", "cancelled"):  # SIGTERM / Ctrl-C (Lightning exited 1 without a word)
+        by = signal.SIGTERM if result.status == "interrupted" else signal.SIGINT
         if result.rank == 0:
-            print(f"{prog}: stopped by SIGTERM; finished chunks are kept in {result.output}; rerun the same "
+            print(f"{prog}: stopped by {by.name}; finished chunks are kept in {result.output}; rerun the same "
                   f"command to resume", file=sys.stderr)
-        return 128 + signal.SIGTERM
+        return 128 + by
     if result.rank != 0:  # DDP: rank 0 reports for everyone
         return 0
     if result.status == "complete":
