@@ -78,6 +78,8 @@ def describe_error(exc: BaseException) -> tuple[str, int] | None:
             return f"{cause.strerror or cause}; pick another port with --port", 2
         where = f": {cause.filename}" if cause.filename else ""
         return f"{cause.strerror or cause}{where}", 1
+    if type(cause).__name__ == "MisconfigurationException":  # Lightning's refusal of a --trainer.* setting
+        return f"Lightning: {' '.join(str(cause).split())}", 2
     return None
 
 

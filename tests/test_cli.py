@@ -182,6 +182,18 @@ def test_fit_instantiation_error_is_unwrapped(capsys, tmp_path, monkeypatch):
     assert _one_error_line(capsys, "fit").startswith("streamssm fit: error: TokenLM: warmup_steps must be >= 0")
 
 
+@pytest.mark.parametrize("flag", [["--trainer.max_steps", "-5"], ["--trainer.devices", "0"]])
+def test_a_trainer_setting_lightning_refuses_is_one_line(flag, capsys, tmp_path, monkeypatch):
+    """CLI audit: Lightning's MisconfigurationException came out as a traceback."""
+    from streamssm.commands.make_data import make_data
+
+    _logs_to_this_stderr(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    make_data("dna")
+    assert main(["fit", "--config", str(ROOT / "recipes" / "dna_tiny.yaml"), *flag, "--trainer.logger", "false"]) == 2
+    assert "streamssm fit: error: Lightning: `" in _one_error_line(capsys, "fit")
+
+
 @pytest.mark.parametrize("flags, code, says", [
     (["--data.init_args.fasta", "nope.fa"], 1, "fasta: file 'nope.fa' does not exist"),
     (["--model.init_args.arch.d_model", "-4"], 2, "d_model must be positive, got -4"),
