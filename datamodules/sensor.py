@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -89,6 +90,21 @@ def scan_table(path: Path) -> pl.LazyFrame:
     except (pl.exceptions.PolarsError, OSError, csv.Error) as exc:
         raise DataFormatError(f"table {str(path)!r} cannot be read: {exc}") from None
     return lf
+
+
+def read_numeric_columns(path: Path, names: Sequence[str] | None) -> tuple[np.ndarray, list[str]]:
+    """The ``names`` columns (None: every numeric one) of a CSV/Parquet table read by
+    :func:`scan_table` -> ((l, c) float64 rows, the column names); ``DataFormatError`` naming
+    missing or non-numeric columns (``stream`` sources, ``generate`` history prompts)."""
+    frame = scan_table(path).collect()
+    names = list(names) if names else [n for n, t in frame.schema.items() if t.is_numeric()]
+    missing = [n for n in names if n not in frame.columns]
+    if missing or not names:
+        raise DataFormatError(f"{path}: columns {missing or names} not found; the table has {frame.columns}")
+    try:
+        return frame.select([pl.col(n).cast(pl.Float64) for n in names]).to_numpy(), names
+    except pl.exceptions.PolarsError as exc:
+        raise DataFormatError(f"{path}: columns {names} are not numeric: {exc}") from None
 
 
 def _ragged(path: Path, line: int, fields: int, expected: int) -> DataFormatError:

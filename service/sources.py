@@ -49,20 +49,10 @@ def read_source(path: str | Path, *, record: str | None = None, columns: list[st
         samples, rate = read_audio(path)  # (l, c)
         return Source(samples, fmt or "f32le", int(rate), int(samples.shape[1]))
     if suffix == ".csv":
-        import polars as pl
+        from streamssm.datamodules.sensor import read_numeric_columns  # the training tables' reader: bad files named
 
-        from streamssm.datamodules.sensor import scan_table  # the training tables' reader: bad files named
-
-        frame = scan_table(path).collect()
-        names = columns or [n for n, t in frame.schema.items() if t.is_numeric()]
-        missing = [n for n in names if n not in frame.columns]
-        if missing or not names:
-            raise DataFormatError(f"{path}: columns {missing or names} not found; the file has {frame.columns}")
-        try:
-            values = frame.select([pl.col(n).cast(pl.Float64) for n in names]).to_numpy().astype(np.float32)  # (l, c)
-        except pl.exceptions.PolarsError as exc:
-            raise DataFormatError(f"{path}: columns {names} are not numeric: {exc}") from None
-        return Source(values, "f32le", sample_rate, len(names))
+        values, names = read_numeric_columns(path, columns)  # (l, c)
+        return Source(values.astype(np.float32), "f32le", sample_rate, len(names))
     if suffix in FASTA_SUFFIXES:
         import pyfaidx
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streamssm.encoding import AUDIO_SCALE_LIMIT
+from streamssm.encoding import check_audio_scale
 from streamssm.errors import DataFormatError
 
 log = logging.getLogger(__name__)
@@ -39,10 +39,7 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
     if not np.isfinite(data).all():
         raise DataFormatError(f"audio file {str(path)!r} contains NaN or infinite samples")
     peak = float(np.abs(data).max())
-    if peak > AUDIO_SCALE_LIMIT:
-        raise DataFormatError(
-            f"audio file {str(path)!r}: its float samples reach {peak:.6g}, far outside [-1, 1]; it looks "
-            f"written at integer scale: rescale it to [-1, 1] (16-bit scale: divide by 32768)")
+    check_audio_scale(peak, f"audio file {str(path)!r}")
     if peak > 1.0:
         over = int((np.abs(data) > 1.0).sum())
         log.warning("audio file %r: %d of %d samples exceed [-1, 1] (peak %.4g); a mu-law model clips them",

@@ -38,6 +38,8 @@ __all__ = [
     "mu_law_encode",
     "mu_law_decode",
     "pcm_to_float",
+    "AUDIO_SCALE_LIMIT",
+    "check_audio_scale",
     "Normalizer",
     "DnaEncoder",
     "AudioEncoder",
@@ -286,6 +288,14 @@ class DnaEncoder:
 AUDIO_SCALE_LIMIT = 2.0
 
 
+def check_audio_scale(peak: float, what: str) -> None:
+    """Raise ``DataFormatError`` naming ``what`` when float audio's ``peak`` (largest absolute
+    sample) reaches past ``AUDIO_SCALE_LIMIT``."""
+    if peak > AUDIO_SCALE_LIMIT:  # mu-law would clip it all to +-1
+        raise DataFormatError(f"{what}: its float samples reach {peak:.6g}, far outside [-1, 1]; it looks like PCM at "
+                              f"integer scale: rescale it to [-1, 1] (16-bit: multiply by 1/32768, i.e. divide by 32768)")
+
+
 class AudioEncoder:
     """Audio samples (l,) or (l, c) float in [-1, 1] or int PCM -> model input; float samples
     past ``AUDIO_SCALE_LIMIT`` raise ``DataFormatError``.
@@ -312,10 +322,7 @@ class AudioEncoder:
         if self.mono and x.shape[1] > 1:
             x = x.mean(dim=1, keepdim=True)  # as the waveform datamodule mixed its training files
         x = _as_2d_samples(x, self.channels, "audio input")
-        peak = float(x.abs().max()) if x.numel() else 0.0
-        if peak > AUDIO_SCALE_LIMIT:  # mu-law would clip it all to +-1
-            raise DataFormatError(f"audio input: float samples reach {peak:.6g}, far outside [-1, 1] (integer PCM "
-                                  f"given as floats? scale it by 1/32768 for 16-bit)")
+        check_audio_scale(float(x.abs().max()) if x.numel() else 0.0, "audio input")
         if sample_rate is not None and int(sample_rate) != self.sample_rate:
             x = AF.resample(x.T.contiguous(), int(sample_rate), self.sample_rate).T.contiguous()
         if self.encoding == "mu_law":

@@ -45,23 +45,13 @@ def _table_kind(path: Path, what: str) -> str:
 
 def read_history(path: str | Path, channels: tuple[str, ...]) -> np.ndarray:
     """The ``channels`` columns of a CSV/Parquet table -> (l, c) float64 rows (nulls refused)."""
-    import polars as pl
+    from streamssm.datamodules.sensor import read_numeric_columns  # the training tables' reader: bad files named
 
     path = Path(path)
-    kind = _table_kind(path, "--prompt")
+    _table_kind(path, "--prompt")
     if not path.is_file():
         raise DataFormatError(f"--prompt: {str(path)!r} does not exist")
-    from streamssm.datamodules.sensor import scan_table
-
-    frame = scan_table(path).collect()  # the training tables' reader: empty, ragged, binary, mislabeled files named
-    missing = [c for c in channels if c not in frame.columns]
-    if missing:
-        raise DataFormatError(f"{path}: the model reads columns {list(channels)}; missing {missing} "
-                              f"(the table has {frame.columns})")
-    try:
-        rows = frame.select([pl.col(c).cast(pl.Float64) for c in channels]).to_numpy()
-    except pl.exceptions.PolarsError as exc:
-        raise DataFormatError(f"{path}: columns {list(channels)} are not numeric: {exc}") from None
+    rows, _ = read_numeric_columns(path, channels)
     if rows.shape[0] == 0 or not np.isfinite(rows).all():
         raise DataFormatError(f"{path}: the history must have at least one row and no missing/NaN values")
     return rows

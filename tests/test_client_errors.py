@@ -257,40 +257,37 @@ async def test_a_server_that_stops_answering_times_out_in_send_and_end():
         await _against(never_summarizes, one)
 
 
+def _closing(code: int, reason: str = "", after_chunk: bool = False):
+    """A server that answers each start with ready (resumed after the first connection), then
+    closes with ``code``: after 50 ms, or once the first chunk came (``after_chunk``). Returns
+    the handler and a list whose one item counts the connections."""
+    connections = [0]
+
+    async def handler(ws) -> None:
+        connections[0] += 1
+        await ws.recv()
+        await ws.send(json.dumps(READY | {"resumed": connections[0] > 1}))
+        await (ws.recv() if after_chunk else asyncio.sleep(0.05))
+        await ws.close(code, reason)
+    return handler, connections
+
+
 async def test_a_server_that_closes_every_connection_does_not_resume_forever():
     """Regression: each _recover had its own `reconnect` attempts, and a connection that got as far
     as ready counted as resumed: a server closing every one with 1012 was reconnected to forever."""
-    connections = 0
-
-    async def handler(ws) -> None:
-        nonlocal connections
-        connections += 1
-        await ws.recv()
-        await ws.send(json.dumps(READY | {"resumed": connections > 1}))
-        await asyncio.sleep(0.05)
-        await ws.close(1012)
-
+    handler, connections = _closing(1012)
     with pytest.raises(ProtocolError, match="3 reconnection attempts in a row brought no new result") as info:
         await _against(handler, reconnect=3)
-    assert info.value.reason == "resume_failed" and connections == 4
+    assert info.value.reason == "resume_failed" and connections == [4]
 
 
 async def test_a_refusing_close_code_without_a_message_is_raised_not_resumed():
     """Regression: a close with 1008 (or a code the client does not know) and no error message was
     resumed, and the same frames sent again: a loop until end's timeout."""
-    connections = 0
-
-    async def handler(ws) -> None:
-        nonlocal connections
-        connections += 1
-        await ws.recv()
-        await ws.send(json.dumps(READY | {"resumed": connections > 1}))
-        await ws.recv()
-        await ws.close(4000, "proxy says no")
-
+    handler, connections = _closing(4000, "proxy says no", after_chunk=True)
     with pytest.raises(ServerError, match="closed the connection with code 4000 \\('proxy says no'\\)") as info:
         await _against(handler)
-    assert info.value.code == 4000 and connections == 1
+    assert info.value.code == 4000 and connections == [1]
 
 
 async def test_a_message_over_max_size_is_refused_not_buffered():
