@@ -240,7 +240,8 @@ class StreamSSMCLI(LightningCLI):
         callback = trainer.checkpoint_callback
         saved, last = this_runs_checkpoint(callback), getattr(callback, "last_model_path", "")
         if saved and last and Path(last) != Path(saved):  # the README's commands take last.ckpt
-            log.info("checkpoint: %s (best by %s); last: %s", saved, getattr(callback, "monitor", None), last)
+            monitor = getattr(callback, "monitor", None)
+            log.info("checkpoint: %s%s; last: %s", saved, f" (best by {monitor})" if monitor else "", last)
         elif saved:
             log.info("checkpoint: %s", saved)
 
